@@ -1,0 +1,298 @@
+"""Apply a ruleset to the kernel, atomically, and flush exactly what nfgate installed.
+
+Backends:
+- ``nft``: ``nft -f`` of the rendered table, which creates, deletes and
+  redefines ``table inet nfgate`` in one transaction.
+- ``iptables``: iptables-nft (xt compat) through ``iptables-restore --noflush``,
+  one COMMIT per table, for IPv4 and IPv6; on a failure part-way, the tables
+  are put back from the snapshot taken just before.
+- ``iptables-legacy``: the same through the legacy tools.
+
+``auto`` picks nft unless the ruleset queues packets and the kernel lacks
+nft's ``queue`` expression (CONFIG_NFT_QUEUE off, as on our machines); then
+iptables-nft, whose xt NFQUEUE target works there. The probe is ``nft -c``,
+which asks the kernel without committing anything.
+
+Flush finds nfgate's objects by name (``table inet nfgate``, chains
+``NFGATE-*`` and the jumps to them) in every backend, so it needs no state
+file and also cleans up after a backend switch. Nothing else is touched.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from firewall.errors import KernelError, UsageError
+from firewall.rules import iptables as ipt
+from firewall.rules import nft
+from firewall.rules.model import Ruleset
+
+BACKENDS = ("nft", "iptables", "iptables-legacy")
+TOOL_TIMEOUT = 30.0  # seconds for one nft/iptables call; they answer in milliseconds
+
+_NFT_QUEUE_PROBE = """table inet nfgate_probe {
+\tchain probe {
+\t\ttype filter hook prerouting priority raw; policy accept;
+\t\tmeta l4proto udp queue num 0 bypass
+\t}
+}
+"""
+
+
+@dataclass
+class Choice:
+    backend: str
+    reason: str
+
+
+@dataclass
+class Report:
+    backend: str
+    actions: list[str] = field(default_factory=list)
+
+
+def _run(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
+    tool = argv[0]
+    if shutil.which(tool) is None:
+        package = "nftables" if tool == "nft" else "iptables"
+        raise KernelError(f"{tool} not found: install Debian's {package} package (scripts/setup does)")
+    try:
+        return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=TOOL_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise KernelError(f"{' '.join(argv)} did not answer within {TOOL_TIMEOUT:.0f} s") from None
+
+
+def nft_has_queue() -> bool:
+    """Ask the kernel whether it knows nft's queue expression, committing nothing."""
+    if shutil.which("nft") is None:
+        return False
+    return _run(["nft", "-c", "-f", "-"], _NFT_QUEUE_PROBE).returncode == 0
+
+
+def choose(wanted: str, rs: Ruleset) -> Choice:
+    if wanted not in ("auto", *BACKENDS):
+        raise UsageError(f"unknown backend {wanted!r} (auto, {', '.join(BACKENDS)})")
+    if wanted != "auto":
+        return Choice(wanted, "asked for")
+    if not rs.has_queue():
+        return Choice("nft", "no gateway queues in this ruleset")
+    if nft_has_queue():
+        return Choice("nft", "the kernel has nft's queue expression")
+    return Choice(
+        "iptables",
+        "the kernel lacks nft's queue expression (CONFIG_NFT_QUEUE off): "
+        "using iptables-nft, whose xt NFQUEUE target works",
+    )
+
+
+def apply(rs: Ruleset, backend: str, dry_run: bool = False) -> Report:
+    report = Report(backend)
+    if backend == "nft":
+        text = nft.render(rs)
+        if dry_run:
+            report.actions.append("would run: nft -f - <<EOF\n" + text + "EOF")
+        else:
+            result = _run(["nft", "-f", "-"], text)
+            if result.returncode != 0:
+                raise KernelError(_nft_refusal(result.stderr))
+            report.actions.append(f"nft: replaced table inet {nft.TABLE} ({_count(rs)})")
+    else:
+        _apply_iptables(rs, backend, dry_run, report)
+    if not dry_run:
+        # A backend switch must not leave the old rules working beside the new ones.
+        for other in BACKENDS:
+            if other != backend:
+                report.actions += remove(other)
+    return report
+
+
+def flush() -> list[str]:
+    actions: list[str] = []
+    for backend in BACKENDS:
+        actions += remove(backend)
+    return actions or ["nothing of nfgate's was installed"]
+
+
+def remove(backend: str) -> list[str]:
+    if backend == "nft":
+        if shutil.which("nft") is None:
+            return []
+        if _run(["nft", "list", "table", "inet", nft.TABLE]).returncode != 0:
+            return []
+        result = _run(["nft", "delete", "table", "inet", nft.TABLE])
+        if result.returncode != 0:
+            raise KernelError(f"nft refused to delete table inet {nft.TABLE}: {result.stderr.strip()}")
+        return [f"nft: deleted table inet {nft.TABLE}"]
+    actions = []
+    for version in (4, 6):
+        tools = _Tools(backend, version)
+        if not tools.available():
+            continue
+        state = _saved(tools)
+        text = "".join(_removal(name, t) for name, t in state.items() if t.chains)
+        if text:
+            tools.restore(text)
+            actions.append(f"{tools.restore_tool}: removed NFGATE chains from {', '.join(n for n, t in state.items() if t.chains)}")
+    return actions
+
+
+# ---- iptables ---------------------------------------------------------------------------
+
+
+class _Tools:
+    def __init__(self, backend: str, version: int):
+        prefix = "iptables" if version == 4 else "ip6tables"
+        variant = "legacy" if backend == "iptables-legacy" else "nft"
+        self.backend = backend
+        self.version = version
+        self.restore_tool = f"{prefix}-{variant}-restore"
+        self.save_tool = f"{prefix}-{variant}-save"
+
+    def available(self) -> bool:
+        if shutil.which(self.save_tool) is None:
+            return False
+        if self.backend == "iptables-legacy":
+            # Reading legacy tables loads their modules; if none are loaded in
+            # this namespace, nfgate cannot have installed anything there.
+            names = Path("/proc/net/ip_tables_names" if self.version == 4 else "/proc/net/ip6_tables_names")
+            return names.exists() and names.read_text().strip() != ""
+        return True
+
+    def save(self) -> str:
+        result = _run([self.save_tool])
+        if result.returncode != 0:
+            raise KernelError(f"{self.save_tool} failed: {result.stderr.strip()}")
+        return result.stdout
+
+    def restore(self, text: str, test: bool = False, noflush: bool = True) -> None:
+        argv = [self.restore_tool] + (["--noflush"] if noflush else []) + (["--test"] if test else [])
+        result = _run(argv, text)
+        if result.returncode != 0:
+            raise KernelError(f"{self.restore_tool} refused the ruleset: {_first_lines(result.stderr)}")
+
+
+@dataclass
+class _SavedTable:
+    chains: list[str] = field(default_factory=list)  # NFGATE-* chains present
+    jumps: list[tuple[str, str]] = field(default_factory=list)  # (built-in, NFGATE chain), with repeats
+
+
+_JUMP = re.compile(r"^-A (\S+) -j (NFGATE-\S+)$")
+
+
+def _saved(tools: _Tools) -> dict[str, _SavedTable]:
+    """nfgate's chains and the plain jumps to them, per table, from *-save output."""
+    tables: dict[str, _SavedTable] = {}
+    current = None
+    for line in tools.save().splitlines():
+        if line.startswith("*"):
+            current = tables.setdefault(line[1:], _SavedTable())
+        elif current is None:
+            continue
+        elif line.startswith(":NFGATE-"):
+            current.chains.append(line[1:].split()[0])
+        else:
+            m = _JUMP.match(line)
+            if m and not m.group(1).startswith("NFGATE-"):
+                current.jumps.append((m.group(1), m.group(2)))
+    return tables
+
+
+def _removal(name: str, saved: _SavedTable) -> str:
+    lines = [f"*{name}"]
+    lines += [f"-D {builtin} -j {chain}" for builtin, chain in saved.jumps]
+    lines += [f":{c} - [0:0]" for c in saved.chains]  # flush, freeing references between them
+    lines += [f"-X {c}" for c in saved.chains]
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def _apply_iptables(rs: Ruleset, backend: str, dry_run: bool, report: Report) -> None:
+    plans: list[tuple[_Tools, str, str]] = []  # (tools, restore text, snapshot)
+    for version in (4, 6):
+        tools = _Tools(backend, version)
+        if shutil.which(tools.restore_tool) is None:
+            raise KernelError(f"{tools.restore_tool} not found: install Debian's iptables package")
+        snapshot = tools.save()
+        saved = _saved(tools)
+        new = ipt.render_tables(rs, version)
+        blocks = []
+        for table in new:
+            have = saved.get(table.name, _SavedTable())
+            stale = [c for c in have.chains if c not in table.chains]
+            present = set(have.jumps)
+            # A jump we would keep but that appears twice (someone re-ran a
+            # restore by hand) is cut back to one.
+            extra = [j for j in have.jumps if j in table.jumps]
+            extra = [j for i, j in enumerate(extra) if j in extra[:i]]
+            stale_jumps = [j for j in have.jumps if j[1] in stale] + extra
+            text = table.text(present_jumps=present, delete=stale)
+            if stale_jumps:
+                dels = "".join(f"-D {b} -j {c}\n" for b, c in stale_jumps)
+                text = text.replace("\n", "\n" + dels, 1)
+            blocks.append(text)
+        for name, have in saved.items():
+            if have.chains and name not in {t.name for t in new}:
+                blocks.append(_removal(name, have))
+        plans.append((tools, "".join(blocks), snapshot))
+
+    if dry_run:
+        for tools, text, _ in plans:
+            report.actions.append(f"would run: {tools.restore_tool} --noflush <<EOF\n{text}EOF")
+        return
+    for tools, text, _ in plans:
+        if text:
+            tools.restore(text, test=True)
+    applied: list[tuple[_Tools, str]] = []
+    for tools, text, snapshot in plans:
+        if not text:
+            continue
+        try:
+            tools.restore(text)
+        except KernelError:
+            # iptables-restore commits table by table: put back every table
+            # this apply may have changed, then raise the kernel's refusal.
+            for done, snap in reversed(applied + [(tools, snapshot)]):
+                _restore_snapshot(done, snap)
+            raise
+        applied.append((tools, snapshot))
+        report.actions.append(f"{tools.restore_tool}: installed NFGATE chains ({_count(rs)})")
+
+
+def _restore_snapshot(tools: _Tools, snapshot: str) -> None:
+    """Best effort: the original error is the one the operator needs to see."""
+    try:
+        before = set(re.findall(r"^\*(\S+)", snapshot, re.M))
+        tools.restore(snapshot, noflush=False)
+        for name, have in _saved(tools).items():
+            if name not in before and have.chains:
+                tools.restore(_removal(name, have))
+    except KernelError:
+        pass
+
+
+# ---- helpers -----------------------------------------------------------------------------
+
+
+def _count(rs: Ruleset) -> str:
+    rules = sum(len(c.rules) for c in rs.chains)
+    return f"{rules} rules in {len(rs.chains)} chains"
+
+
+def _first_lines(text: str, n: int = 4) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return " | ".join(lines[:n]) or "(no message)"
+
+
+def _nft_refusal(stderr: str) -> str:
+    msg = f"the kernel refused the nft ruleset, nothing was changed: {_first_lines(stderr)}"
+    if "queue" in stderr and "No such file or directory" in stderr:
+        msg += (
+            " -- this kernel lacks nft's queue expression (CONFIG_NFT_QUEUE);"
+            " use --backend iptables or --backend auto"
+        )
+    return msg

@@ -1,0 +1,210 @@
+"""The ``nfgate`` command line.
+
+Exit codes: 0 ok, 1 runtime failure (kernel refused, missing privilege or
+tool), 2 usage or config error. Errors are one line each, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from firewall.errors import EXIT_USAGE, NfgateError, PrivilegeError
+
+DEFAULT_CONFIG = "/etc/nfgate/nfgate.toml"
+
+
+def require_root(what: str) -> None:
+    """Stop with one line when a command that changes the kernel runs unprivileged."""
+    if os.geteuid() != 0:
+        raise PrivilegeError(f"{what}: needs root (run it with sudo)")
+
+
+class NfgateGroup(click.Group):
+    """Turns NfgateError into one line on stderr and its exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except NfgateError as err:
+            click.echo(f"nfgate: {err}", err=True)
+            ctx.exit(err.exit_code)
+
+
+@click.group(cls=NfgateGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="nfgate")
+def main() -> None:
+    """nfgate: a router firewall whose gateways check what packet filters cannot.
+
+    Exit codes: 0 ok, 1 runtime failure, 2 usage or config error.
+    """
+
+
+config_option = click.option(
+    "-c",
+    "--config",
+    "config_path",
+    default=DEFAULT_CONFIG,
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="The nfgate TOML config.",
+)
+
+
+def _load(config_path: str):
+    from firewall.config import load
+
+    return load(config_path)
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def check(config_path: str, as_json: bool) -> None:
+    """Validate the config and print a summary.
+
+    Every problem is reported at once, each with its key path and line.
+
+    \b
+    Examples:
+      nfgate check
+      nfgate check -c examples/office.toml --json
+    """
+    from firewall.rules import build
+
+    config = _load(config_path)
+    rs = build(config)
+    summary = {
+        "config": config_path,
+        "zones": {z.name: list(z.interfaces) for z in config.zones.values()},
+        "policy": {"input": config.policy.input, "forward": config.policy.forward, "output": config.policy.output},
+        "rules": len(config.rules),
+        "port_forwards": len(config.nat.forwards),
+        "masquerade": list(config.nat.masquerade),
+        "queues": list(config.processor.queues),
+        "fail_mode": config.processor.fail_mode,
+        "gateways": [
+            {"name": g.name, "kind": g.kind, "listen_port": g.listen_port, "selectors": len(g.traffic)}
+            for g in config.gateways
+        ],
+        "chains": len(rs.chains),
+        "kernel_rules": sum(len(c.rules) for c in rs.chains),
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"{config_path}: ok")
+    for name, ifs in summary["zones"].items():
+        click.echo(f"  zone {name}: {', '.join(ifs)}")
+    p = summary["policy"]
+    click.echo(f"  policy: input {p['input']}, forward {p['forward']}, output {p['output']}")
+    click.echo(
+        f"  {summary['rules']} rules, {summary['port_forwards']} port forwards, "
+        f"masquerade on {', '.join(summary['masquerade']) or 'none'}"
+    )
+    for g in summary["gateways"]:
+        click.echo(f"  gateway {g['name']} ({g['kind']}), port {g['listen_port']}, {g['selectors']} selectors")
+    if config.gateways:
+        click.echo(f"  processor: queues {summary['queues']}, fail {summary['fail_mode']}")
+    click.echo(f"  renders to {summary['kernel_rules']} rules in {summary['chains']} chains")
+
+
+@main.command()
+@config_option
+@click.option(
+    "-f",
+    "--format",
+    "fmt",
+    type=click.Choice(["nft", "iptables", "ip6tables"]),
+    default="nft",
+    show_default=True,
+    help="nft: for nft -f; iptables / ip6tables: for *tables-restore --noflush.",
+)
+def rules(config_path: str, fmt: str) -> None:
+    """Print the ruleset nfgate would install, for review.
+
+    The nft text replaces nfgate's table atomically when loaded with nft -f;
+    the iptables text is for iptables-restore --noflush on a router that has
+    no nfgate chains yet (nfgate apply handles re-applying).
+
+    \b
+    Examples:
+      nfgate rules -c examples/home.toml
+      nfgate rules -c examples/mail.toml --format iptables > mail.rules
+    """
+    from firewall.rules import build, iptables, nft
+
+    rs = build(_load(config_path))
+    if fmt == "nft":
+        click.echo(nft.render(rs), nl=False)
+    else:
+        click.echo(iptables.render(rs, 4 if fmt == "iptables" else 6), nl=False)
+
+
+@main.command()
+@config_option
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "nft", "iptables", "iptables-legacy"]),
+    default="auto",
+    show_default=True,
+    help="auto: nft, unless the ruleset queues and the kernel lacks nft's queue expression.",
+)
+@click.option("--dry-run", is_flag=True, help="Show what would be loaded; change nothing.")
+def apply(config_path: str, backend: str, dry_run: bool) -> None:
+    """Install the ruleset atomically, replacing nfgate's previous one.
+
+    On a refusal the previous ruleset stays in place and the kernel's message
+    is printed. Rules that nfgate did not install are never touched.
+
+    \b
+    Examples:
+      sudo nfgate apply
+      sudo nfgate apply --backend iptables --dry-run
+      sudo ip netns exec router nfgate apply -c lab.toml
+    """
+    from firewall import backend as be
+    from firewall.rules import build
+
+    if not dry_run:
+        require_root("apply")
+    rs = build(_load(config_path))
+    choice = be.choose(backend, rs)
+    click.echo(f"backend: {choice.backend} ({choice.reason})")
+    report = be.apply(rs, choice.backend, dry_run=dry_run)
+    for line in report.actions:
+        click.echo(line)
+
+
+@main.command()
+def flush() -> None:
+    """Remove everything nfgate installed, and nothing else.
+
+    Finds nfgate's objects by name in every backend (table inet nfgate, chains
+    NFGATE-* and the jumps to them), so it needs no config.
+
+    \b
+    Examples:
+      sudo nfgate flush
+      sudo ip netns exec router nfgate flush
+    """
+    from firewall import backend as be
+
+    require_root("flush")
+    for line in be.flush():
+        click.echo(line)
+
+
+def _register() -> None:
+    from firewall.lab.cli import lab
+
+    main.add_command(lab)
+
+
+_register()
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""``nfgate lab``: build, inspect, use and remove a lab of network namespaces.
+
+A thin layer over ``firewall.lab.netns``: it resolves names and prefixes,
+checks for root, and prints. Errors are NfgateError subclasses, which
+``firewall.cli`` turns into one line and an exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+
+import click
+
+from firewall.errors import KernelError, UsageError
+from firewall.lab import netns
+from firewall.lab.topology import list_topologies, load_topology, topologies_dir
+
+_PREFIX_HELP = "Namespace prefix; namespaces are PREFIX-HOST. Default: nfg-TOPOLOGY."
+
+
+def _root(what: str) -> None:
+    # Imported here: firewall.cli imports this module to register the group.
+    from firewall.cli import require_root
+
+    require_root(what)
+
+
+@click.group("lab")
+def lab() -> None:
+    """Build and use a lab of network namespaces.
+
+    Each host of a topology (vagrant/topologies/*.json) becomes a namespace
+    PREFIX-HOST, linked by veth pairs; nothing appears in the root namespace.
+
+    \b
+    Example:
+      nfgate lab up basic
+      nfgate lab exec ext -- ping -c1 203.0.113.1
+      nfgate lab down basic
+    """
+
+
+@lab.command("list")
+def list_cmd() -> None:
+    """List the topologies that `lab up` can build.
+
+    \b
+    Example:
+      nfgate lab list
+      NFGATE_TOPOLOGIES=./mine nfgate lab list
+    """
+    names = list_topologies()
+    if not names:
+        raise UsageError(f"no topologies in {topologies_dir()}")
+    for name in names:
+        topo = load_topology(name)
+        click.echo(f"{name:<12} hosts: {', '.join(topo.host_names):<20} {topo.description}")
+
+
+@lab.command("up")
+@click.argument("topology", default="basic")
+@click.option("--prefix", "-p", help=_PREFIX_HELP)
+def up_cmd(topology: str, prefix: str | None) -> None:
+    """Build TOPOLOGY (a name from `lab list`, or a path to a .json file).
+
+    \b
+    Example:
+      nfgate lab up                  # basic, as nfg-basic-ext, -router, -lan
+      nfgate lab up nat-tunnel
+      nfgate lab up basic --prefix t1
+    """
+    _root("lab up")
+    topo = load_topology(topology)
+    built = netns.Lab(topo, prefix).up()
+    hosts = ", ".join(f"{h} ({built.ns(h)})" for h in topo.host_names)
+    click.echo(f"lab {built.prefix} up: {hosts}")
+    first = topo.host_names[0]
+    click.echo(f"try: nfgate lab exec --prefix {built.prefix} {first} -- ip -brief address")
+
+
+@lab.command("down")
+@click.argument("topology", default="basic")
+@click.option("--prefix", "-p", help=_PREFIX_HELP)
+def down_cmd(topology: str, prefix: str | None) -> None:
+    """Remove a lab: kill what runs inside it and delete its namespaces.
+
+    Removes every PREFIX-* namespace, so it also clears a half-built lab.
+
+    \b
+    Example:
+      nfgate lab down                # the basic lab, nfg-basic-*
+      nfgate lab down nat-tunnel
+      nfgate lab down --prefix t1
+    """
+    _root("lab down")
+    if prefix is None:
+        prefix = netns.default_prefix(load_topology(topology))
+    removed = netns.cleanup(prefix)
+    if removed:
+        click.echo(f"lab {prefix} down: removed {', '.join(removed)}")
+    else:
+        click.echo(f"lab {prefix}: nothing to remove")
+
+
+@lab.command("status")
+@click.option("--prefix", "-p", help="Show only this lab. Default: every lab (nfg*).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: {prefix: {host: {...}}}.")
+def status_cmd(prefix: str | None, as_json: bool) -> None:
+    """Show the labs that are up: hosts, interfaces, addresses, routes.
+
+    \b
+    Example:
+      nfgate lab status
+      nfgate lab status --prefix nfg-basic --json
+    """
+    _root("lab status")
+    if prefix is not None:
+        netns.check_prefix(prefix)
+    labs = netns.status(prefix)
+    if as_json:
+        click.echo(json.dumps(labs, indent=2, sort_keys=True))
+        return
+    if not labs:
+        click.echo(f"no lab {prefix} is up" if prefix else "no lab is up")
+        return
+    for lab_prefix, hosts in sorted(labs.items()):
+        click.echo(f"lab {lab_prefix}")
+        for host, info in sorted(hosts.items()):
+            click.echo(f"  {host} ({info['namespace']})")
+            for iface in info["interfaces"]:
+                if iface["ifname"] == "lo":
+                    continue
+                addrs = " ".join(iface["addresses"]) or "-"
+                click.echo(f"    {iface['ifname']:<10} {iface['state']:<8} {addrs}")
+            for route in info["routes"]:
+                if route["via"] is None:
+                    continue  # connected routes repeat the addresses above
+                click.echo(f"    route {route['to']} via {route['via']} dev {route['dev']}")
+
+
+@lab.command(
+    "exec",
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+)
+@click.argument("host")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--prefix", "-p", help="The lab to use. Default: the only lab that has HOST.")
+@click.pass_context
+def exec_cmd(ctx: click.Context, host: str, command: tuple[str, ...], prefix: str | None) -> None:
+    """Run COMMAND inside HOST's namespace; exit with its exit code.
+
+    Put `--` before COMMAND so that its options stay its own.
+
+    \b
+    Example:
+      nfgate lab exec ext -- ping -c1 203.0.113.1
+      nfgate lab exec --prefix t1 lan -- ip route
+      nfgate lab exec router -- nft list ruleset
+    """
+    _root("lab exec")
+    # Option parsing stops at HOST, so click hands a `--` after it through.
+    if command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise UsageError("lab exec: no command after HOST (e.g. nfgate lab exec ext -- ip address)")
+    name = _find_namespace(host, prefix)
+    try:
+        proc = subprocess.run(["ip", "netns", "exec", name, *command], check=False)
+    except FileNotFoundError:
+        raise KernelError("lab exec: the iproute2 'ip' tool is missing (apt-get install iproute2)") from None
+    # A signal death is reported the way a shell does: 128 + the signal number.
+    code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+    if proc.returncode < 0:
+        click.echo(f"nfgate: {command[0]} killed by {signal.Signals(-proc.returncode).name}", err=True)
+    ctx.exit(code)
+
+
+def _find_namespace(host: str, prefix: str | None) -> str:
+    """The namespace of HOST: in the given lab, or in the only lab that has it."""
+    if prefix is not None:
+        netns.check_prefix(prefix)
+        name = netns.namespace_name(prefix, host)
+        if name not in netns.lab_namespaces(prefix):
+            up = [netns.split_namespace(n)[1] for n in netns.lab_namespaces(prefix)]  # type: ignore[index]
+            hint = f"its hosts: {', '.join(up)}" if up else f"is it up? nfgate lab up --prefix {prefix}"
+            raise UsageError(f"lab {prefix} has no host {host!r} ({hint})")
+        return name
+    matches = [n for n in netns.lab_namespaces() if netns.split_namespace(n)[1] == host]  # type: ignore[index]
+    if not matches:
+        raise UsageError(f"no lab has a host {host!r} (is a lab up? nfgate lab status)")
+    if len(matches) > 1:
+        prefixes = ", ".join(netns.split_namespace(n)[0] for n in matches)  # type: ignore[index]
+        raise UsageError(f"host {host!r} is in several labs ({prefixes}): pick one with --prefix")
+    return matches[0]

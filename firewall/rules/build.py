@@ -1,0 +1,349 @@
+"""Build the rule model from a validated config.
+
+The layout (docs/datapath.md explains it, hook by hook):
+
+- ``raw_prerouting`` (raw, priority -300, before conntrack): only packets that
+  can belong to a gateway flow are queued (DESIGN invariant 1): the selectors'
+  requests, the servers' replies, and whatever comes back from the blind track
+  to the firewall-side pool. A packet the processor rewrote comes back with the
+  ``rewritten`` mark (NF_REPEAT) and is NOTRACKed here, so conntrack never sees
+  a tuple the processor is about to change (invariant 3), and it is never
+  queued again (invariant 4). A packet the processor hands back untouched gets
+  the ``passed`` mark and goes on to conntrack like any other.
+- ``dstnat`` / ``srcnat``: port forwards and masquerade.
+- ``input``, ``forward``, ``output``: the stateful filter, with one regular
+  chain per zone pair holding the config's ``[[rule]]`` entries in order.
+
+With several queues, each flow must reach the one processor instance that
+holds its binding, on both legs and in both directions. Requests are steered
+by the low bits of the client's address and replies by the same bits of their
+destination (the client), so a port forward's reply, whose source differs
+from the request's destination, still meets its instance; traffic from the
+blind track is steered by the firewall-side pool slice, and replies to the
+processor's own SNAT by the SNAT port slice.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Iterable
+
+from firewall.config import Config, bucket_count
+from firewall.config.model import ROUTER, FilterRule, PortRange, Traffic
+from firewall.rules.model import (
+    Accept,
+    Addr,
+    AddrBits,
+    Chain,
+    CtDnat,
+    CtState,
+    Dnat,
+    Drop,
+    DstLocal,
+    Family,
+    Hook,
+    IcmpType,
+    InIface,
+    InZone,
+    Jump,
+    Kind,
+    Mark,
+    Masquerade,
+    Notrack,
+    OutIface,
+    OutZone,
+    Port,
+    Proto,
+    Queue,
+    Reject,
+    Ruleset,
+)
+
+ICMP_ERRORS = ("destination-unreachable", "time-exceeded", "parameter-problem")
+ICMPV6_ERRORS = ("destination-unreachable", "packet-too-big", "time-exceeded", "parameter-problem")
+# RFC 4890 section 4.4.1: neighbour discovery must reach the router itself.
+ICMPV6_ND = ("nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert")
+
+
+def build(config: Config) -> Ruleset:
+    rs = Ruleset(zones={z.name: z.interfaces for z in config.zones.values()}, chains=[])
+    rs.source = str(config.path) if config.path else ""
+    if config.gateways:
+        _raw(config, rs)
+    _nat(config, rs)
+    _filter(config, rs)
+    return rs
+
+
+# ---- raw: steering gateway flows into the queues --------------------------------
+
+
+def _raw(config: Config, rs: Ruleset) -> None:
+    proc = config.processor
+    marks = proc.marks
+    link = config.gateway_link
+    raw = Chain("raw_prerouting", Kind.RAW, Hook.PREROUTING)
+    rs.chains.append(raw)
+    raw.add(
+        [Mark(marks.mask, marks.rewritten)],
+        [Notrack(), Accept()],
+        "processor rewrote this packet: keep it from conntrack and from the queue",
+        Family.V4,
+    )
+    raw.add([Mark(marks.mask, marks.passed)], [Accept()], "processor passed this packet on unchanged", Family.V4)
+
+    bypass = proc.fail_mode == "open"
+    queues = proc.queues
+    buckets = bucket_count(len(queues))
+
+    def steer(name: str, comment: str, slices: list[list]) -> Jump | Queue:
+        """One queue: queue directly. Several: a chain of rules, ``len(slices) // buckets``
+        consecutive rules for each slice; slice b goes to queue b % instances."""
+        if len(queues) == 1:
+            return Queue(queues[0], bypass)
+        chain = Chain(name, Kind.RAW)
+        rs.chains.append(chain)
+        per_slice = len(slices) // buckets
+        for i, matches in enumerate(slices):
+            b = i // per_slice
+            q = queues[b % len(queues)]
+            chain.add(matches, [Queue(q, bypass)], f"{comment}: slice {b} -> queue {q}", Family.V4)
+        return Jump(name)
+
+    low_bits = buckets - 1
+    by_src = steer(
+        "steer_client_src",
+        "request, by the client's address",
+        [[AddrBits("src", low_bits, b)] for b in range(buckets)],
+    )
+    by_dst = steer(
+        "steer_client_dst",
+        "reply, by the client's address",
+        [[AddrBits("dst", low_bits, b)] for b in range(buckets)],
+    )
+    pool = proc.pools.firewall_side
+    sub = pool.prefixlen + (buckets - 1).bit_length()
+    by_pool = steer(
+        "steer_pool",
+        "from the blind track, by firewall-side pool slice",
+        [[Addr("dst", (net,))] for net in pool.subnets(new_prefix=sub)],
+    )
+    protos = sorted({t.proto for gw in config.gateways for t in gw.traffic})
+    by_snat = steer(
+        "steer_snat",
+        "reply to the processor's SNAT, by port slice",
+        [
+            [Proto(p), Port("dst", (rng,))]
+            for rng in port_slices(proc.pools.snat_ports, buckets)
+            for p in protos
+        ],
+    )
+
+    raw.add(
+        [InIface(link.router_if), Addr("dst", (pool,))],
+        [by_pool],
+        "gateway_link: a gateway's output to the firewall-side pool",
+        Family.V4,
+    )
+    masq = set(config.nat.masquerade)
+    for gw in config.gateways:
+        for t in gw.traffic:
+            tag = f"{t.source} gateway {gw.name} ({gw.kind})"
+            raw.add(_selector(t, reply=False), [by_src], f"{tag}: request", Family.V4)
+            if t.to_zone == ROUTER:
+                continue  # the gateway terminates the flow: no server replies
+            if t.to_zone in masq:
+                # Outbound through masquerade: the processor SNATs leg B itself
+                # (NOTRACKed packets get no kernel NAT), so replies come to its port.
+                matches = _selector(t, reply=True) + [Port("dst", (proc.pools.snat_ports,))]
+                raw.add(matches, [by_snat], f"{tag}: reply to SNAT", Family.V4)
+            else:
+                raw.add(_selector(t, reply=True), [by_dst], f"{tag}: reply", Family.V4)
+
+
+def port_slices(rng: PortRange, buckets: int) -> list[PortRange]:
+    """Split a port range into ``buckets`` contiguous slices (the last takes the rest)."""
+    size = len(rng) // buckets
+    out = []
+    for b in range(buckets):
+        first = rng.first + b * size
+        last = rng.last if b == buckets - 1 else first + size - 1
+        out.append(PortRange(first, last))
+    return out
+
+
+def _selector(t: Traffic, reply: bool) -> list:
+    """The raw-table match for a gateway selector: ingress zone, protocol, port.
+
+    Raw prerouting runs before routing, so the 'to' zone cannot be matched
+    here; the processor checks it (seed fig. 6a step 602) and passes what does
+    not belong to the gateway back to the kernel with the ``passed`` mark.
+    """
+    zone = t.to_zone if reply else t.from_zone
+    matches: list = [InZone(zone), Proto(t.proto)]
+    client, server = (t.daddr, t.saddr) if reply else (t.saddr, t.daddr)
+    if client:
+        matches.append(Addr("src", client))
+    if server:
+        matches.append(Addr("dst", server))
+    matches.append(Port("src" if reply else "dst", t.ports))
+    return matches
+
+
+# ---- nat ---------------------------------------------------------------------------
+
+
+def _nat(config: Config, rs: Ruleset) -> None:
+    if config.nat.forwards:
+        dst = Chain("dstnat", Kind.NAT, Hook.PREROUTING)
+        rs.chains.append(dst)
+        for f in config.nat.forwards:
+            matches: list = [InZone(f.from_zone), DstLocal(), Proto(f.proto)]
+            if f.saddr:
+                matches.append(Addr("src", f.saddr))
+            matches.append(Port("dst", (f.ports,)))
+            target = None if f.to_port is None else PortRange(f.to_port, f.to_port)
+            dst.add(matches, [Dnat(f.to_addr, target)], f"{f.source} forward {f.name}", Family.V4)
+    if config.nat.masquerade:
+        src = Chain("srcnat", Kind.NAT, Hook.POSTROUTING)
+        rs.chains.append(src)
+        snat = config.processor.pools.snat_ports
+        for zone in config.nat.masquerade:
+            tag = f"nat.masquerade {zone}"
+            if config.gateways:
+                # Keep the kernel's masquerade ports clear of the processor's SNAT pool.
+                below = PortRange(1024, snat.first - 1)
+                for proto in ("tcp", "udp"):
+                    src.add(
+                        [OutZone(zone), Proto(proto)],
+                        [Masquerade(below)],
+                        f"{tag}: {proto} below processor.pools.snat_ports",
+                        Family.V4,
+                    )
+            src.add([OutZone(zone)], [Masquerade()], tag, Family.V4)
+
+
+# ---- filter ------------------------------------------------------------------------
+
+
+def _filter(config: Config, rs: Ruleset) -> None:
+    pol = config.policy
+    marks = config.processor.marks
+    link = config.gateway_link
+    gateways = bool(config.gateways)
+
+    inp = Chain("input", Kind.FILTER, Hook.INPUT, pol.input)
+    fwd = Chain("forward", Kind.FILTER, Hook.FORWARD, pol.forward)
+    out = Chain("output", Kind.FILTER, Hook.OUTPUT, pol.output)
+    rs.chains += [inp, fwd, out]
+
+    inp.add([InIface("lo")], [Accept()], "loopback")
+    out.add([OutIface("lo")], [Accept()], "loopback")
+    if gateways:
+        fwd.add(
+            [Mark(marks.mask, marks.rewritten)],
+            [Accept()],
+            "processor rewrote or restored this packet after its policy check",
+            Family.V4,
+        )
+    for chain in (inp, fwd, out):
+        _stateful(chain, config)
+    if pol.icmp_essential:
+        for chain in (inp, fwd, out):
+            chain.add([Proto("icmp"), IcmpType(ICMP_ERRORS)], [Accept()], "policy.icmp_essential", Family.V4)
+            chain.add([Proto("icmpv6"), IcmpType(ICMPV6_ERRORS)], [Accept()], "policy.icmp_essential", Family.V6)
+        for chain in (inp, out):
+            chain.add([Proto("icmpv6"), IcmpType(ICMPV6_ND)], [Accept()], "policy.icmp_essential: RFC 4890 ND", Family.V6)
+    for zone in pol.ping_from:
+        inp.add([InZone(zone), Proto("icmp"), IcmpType(("echo-request",))], [Accept()], f"policy.ping_from {zone}", Family.V4)
+        inp.add([InZone(zone), Proto("icmpv6"), IcmpType(("echo-request",))], [Accept()], f"policy.ping_from {zone}", Family.V6)
+
+    if gateways:
+        # The blind track carries signalling to the processor and nothing else
+        # to the router itself (DESIGN invariant 5).
+        sig = config.signalling.port
+        inp.add(
+            [InIface(link.router_if), Addr("dst", (ipaddress.ip_network(link.router_address.ip),)), Proto("udp"), Port("dst", (PortRange(sig, sig),))],
+            [Accept()],
+            "signalling from the gateways",
+            Family.V4,
+        )
+        out.add([OutIface(link.router_if), Proto("udp")], [Accept()], "signalling to the gateways", Family.V4)
+
+    for f in config.nat.forwards:
+        matches: list = [InZone(f.from_zone), CtDnat(), Addr("dst", (ipaddress.ip_network(f.to_addr),)), Proto(f.proto)]
+        if f.saddr:
+            matches.append(Addr("src", f.saddr))
+        matches.append(Port("dst", (f.target_ports,)))
+        fwd.add(matches, [Accept()], f"{f.source} forward {f.name}", Family.V4)
+
+    if gateways and config.processor.fail_mode == "open":
+        # With the processor gone, the queue rules' bypass hands these packets
+        # to the kernel unchanged and tracked: let them through directly.
+        for gw in config.gateways:
+            for t in gw.traffic:
+                if t.to_zone == ROUTER:
+                    continue
+                matches = [InZone(t.from_zone), OutZone(t.to_zone)] + _selector(t, reply=False)[1:]
+                fwd.add(matches, [Accept()], f"{t.source} gateway {gw.name}: fail open", Family.V4)
+
+    _zone_chains(config, rs, inp, fwd, out)
+
+    for chain, key in ((inp, "input"), (fwd, "forward"), (out, "output")):
+        if chain.policy == "drop":
+            chain.add([], [Drop()], f"policy.{key} = drop")
+
+
+def _stateful(chain: Chain, config: Config) -> None:
+    pol = config.policy
+    if pol.established_related:
+        chain.add([CtState(("established", "related"))], [Accept()], "policy.established_related")
+    if pol.drop_invalid:
+        chain.add([CtState(("invalid",))], [Drop()], "policy.drop_invalid")
+
+
+def _zone_chains(config: Config, rs: Ruleset, inp: Chain, fwd: Chain, out: Chain) -> None:
+    """One regular chain per (from, to) pair that has rules, in config order."""
+    pairs: dict[tuple[str, str], list[FilterRule]] = {}
+    for rule in config.rules:
+        pairs.setdefault((rule.from_zone, rule.to_zone), []).append(rule)
+    for (src, dst), rules in pairs.items():
+        if dst == ROUTER:
+            name, parent, matches = f"in_{src}", inp, [InZone(src)]
+        elif src == ROUTER:
+            name, parent, matches = f"out_{dst}", out, [OutZone(dst)]
+        else:
+            name, parent, matches = f"fwd_{src}_{dst}", fwd, [InZone(src), OutZone(dst)]
+        chain = Chain(name, Kind.FILTER)
+        rs.chains.append(chain)
+        parent.add(matches, [Jump(name)], f"rules from {src} to {dst}")
+        for rule in rules:
+            for family, matches_ in _rule_matches(rule):
+                verdict = {"accept": Accept(), "drop": Drop(), "reject": Reject()}[rule.action]
+                label = f"{rule.source} {rule.name}".strip()
+                chain.add(matches_, [verdict], label, family)
+
+
+def _rule_matches(rule: FilterRule) -> Iterable[tuple[Family, list]]:
+    """Split a rule by IP version where its addresses or protocol demand it."""
+    versions = {n.version for n in rule.saddr + rule.daddr}
+    if rule.proto == "icmp":
+        versions = {4}
+    elif rule.proto == "icmpv6":
+        versions = {6}
+    for version in sorted(versions) or [None]:
+        matches: list = []
+        if rule.proto != "any":
+            matches.append(Proto(rule.proto))
+        saddr = tuple(n for n in rule.saddr if version is None or n.version == version)
+        daddr = tuple(n for n in rule.daddr if version is None or n.version == version)
+        if rule.saddr and not saddr or rule.daddr and not daddr:
+            continue  # this IP version has no addresses on one side: nothing to match
+        if saddr:
+            matches.append(Addr("src", saddr))
+        if daddr:
+            matches.append(Addr("dst", daddr))
+        if rule.ports:
+            matches.append(Port("dst", rule.ports))
+        family = Family.BOTH if version is None else (Family.V4 if version == 4 else Family.V6)
+        yield family, matches

@@ -1,0 +1,222 @@
+"""The rule model: what nfgate installs, independent of nftables or iptables.
+
+A ``Ruleset`` is a list of chains. A base chain names its hook and its kind
+(``raw``, ``nat`` or ``filter``), which fixes the priority in nftables and the
+table in iptables. Each ``Rule`` is a tuple of matches and a tuple of
+statements, the last of which may end evaluation. Both renderers read only
+this model, so the two renderings cannot drift apart in meaning; the renderer
+tests hold them to that.
+
+Rules carry a ``comment`` naming the config entry they come from, so an
+operator reading ``nft list ruleset`` or ``iptables-save`` can find the line
+that made a rule.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from enum import Enum
+
+from firewall.config.model import PortRange
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Family(Enum):
+    """Which IP versions a rule applies to. ``BOTH`` renders once in nft's inet
+    table and twice for iptables (iptables-restore and ip6tables-restore)."""
+
+    BOTH = "both"
+    V4 = "ipv4"
+    V6 = "ipv6"
+
+    def includes(self, version: int) -> bool:
+        return self is Family.BOTH or (self is Family.V4) == (version == 4)
+
+
+class Hook(Enum):
+    PREROUTING = "prerouting"
+    INPUT = "input"
+    FORWARD = "forward"
+    OUTPUT = "output"
+    POSTROUTING = "postrouting"
+
+
+class Kind(Enum):
+    """nft chain type and priority; iptables table."""
+
+    RAW = "raw"
+    NAT = "nat"
+    FILTER = "filter"
+
+
+# ---- matches -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InZone:
+    zone: str
+
+
+@dataclass(frozen=True)
+class OutZone:
+    zone: str
+
+
+@dataclass(frozen=True)
+class InIface:
+    name: str
+
+
+@dataclass(frozen=True)
+class OutIface:
+    name: str
+
+
+@dataclass(frozen=True)
+class Proto:
+    name: str  # tcp, udp, icmp, icmpv6
+
+
+@dataclass(frozen=True)
+class Addr:
+    """Source ('src') or destination ('dst') within any of the networks.
+    All networks are of one IP version; the builder splits mixed lists."""
+
+    direction: str
+    nets: tuple[IPNetwork, ...]
+
+
+@dataclass(frozen=True)
+class AddrBits:
+    """(address & mask) == value: steers a flow to the processor instance that
+    owns it by the low bits of one of its addresses."""
+
+    direction: str
+    mask: int
+    value: int
+
+
+@dataclass(frozen=True)
+class Port:
+    direction: str  # 'src' or 'dst'
+    ranges: tuple[PortRange, ...]
+
+
+@dataclass(frozen=True)
+class CtState:
+    states: tuple[str, ...]  # established, related, invalid, new, untracked
+
+
+@dataclass(frozen=True)
+class CtDnat:
+    """The connection was destination-NATed (a port forward)."""
+
+
+@dataclass(frozen=True)
+class DstLocal:
+    """The destination is one of the router's own addresses (port forwards)."""
+
+
+@dataclass(frozen=True)
+class Mark:
+    mask: int
+    value: int
+
+
+@dataclass(frozen=True)
+class IcmpType:
+    types: tuple[str, ...]  # nft names; the iptables renderer maps them
+
+
+Match = InZone | OutZone | InIface | OutIface | Proto | Addr | AddrBits | Port | CtState | CtDnat | DstLocal | Mark | IcmpType
+
+
+# ---- statements ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Accept:
+    pass
+
+
+@dataclass(frozen=True)
+class Drop:
+    pass
+
+
+@dataclass(frozen=True)
+class Reject:
+    pass
+
+
+@dataclass(frozen=True)
+class Jump:
+    chain: str
+
+
+@dataclass(frozen=True)
+class Notrack:
+    """Not terminal: conntrack skips the packet (DESIGN invariant 3)."""
+
+
+@dataclass(frozen=True)
+class Masquerade:
+    ports: PortRange | None = None  # needs a tcp/udp Proto match when set
+
+
+@dataclass(frozen=True)
+class Dnat:
+    addr: ipaddress.IPv4Address
+    ports: PortRange | None = None
+
+
+@dataclass(frozen=True)
+class Queue:
+    num: int
+    bypass: bool
+
+
+Statement = Accept | Drop | Reject | Jump | Notrack | Masquerade | Dnat | Queue
+TERMINAL = (Accept, Drop, Reject, Jump, Masquerade, Dnat, Queue)
+
+
+@dataclass(frozen=True)
+class Rule:
+    matches: tuple[Match, ...]
+    statements: tuple[Statement, ...]
+    comment: str
+    family: Family = Family.BOTH
+
+
+@dataclass
+class Chain:
+    name: str  # nft name, lower_snake; iptables gets NFGATE-UPPER-KEBAB
+    kind: Kind
+    hook: Hook | None = None  # None: a regular chain reached by Jump
+    policy: str = "accept"  # base chains only
+    rules: list[Rule] = field(default_factory=list)
+
+    def add(self, matches, statements, comment: str, family: Family = Family.BOTH) -> None:
+        self.rules.append(Rule(tuple(matches), tuple(statements), comment, family))
+
+
+@dataclass
+class Ruleset:
+    zones: dict[str, tuple[str, ...]]  # zone -> interfaces (nft named sets)
+    chains: list[Chain]
+    source: str = ""  # the config file, for the header comment
+
+    def chain(self, name: str) -> Chain:
+        for chain in self.chains:
+            if chain.name == name:
+                return chain
+        raise KeyError(name)
+
+    def has_queue(self) -> bool:
+        return any(isinstance(s, Queue) for c in self.chains for r in c.rules for s in r.statements)
+
+
+def iptables_chain_name(name: str) -> str:
+    return "NFGATE-" + name.upper().replace("_", "-")

@@ -1,0 +1,181 @@
+"""Render the rule model as nftables text: one ``table inet nfgate``.
+
+The output starts by creating and deleting the table, then defines it whole,
+so ``nft -f`` of it replaces nfgate's rules in one transaction whether or not
+they were loaded before, and touches no other table. Every rule has a
+counter and a comment naming the config entry it comes from. Order is the
+model's order, so the text is deterministic (golden tests rely on it).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from firewall.rules.model import (
+    Accept,
+    Addr,
+    AddrBits,
+    Chain,
+    CtDnat,
+    CtState,
+    Dnat,
+    Drop,
+    DstLocal,
+    Family,
+    IcmpType,
+    InIface,
+    InZone,
+    Jump,
+    Kind,
+    Mark,
+    Masquerade,
+    Notrack,
+    OutIface,
+    OutZone,
+    Port,
+    Proto,
+    Queue,
+    Reject,
+    Rule,
+    Ruleset,
+)
+
+TABLE = "nfgate"
+FAMILY = "inet"
+
+_PRIORITY = {
+    (Kind.RAW, "prerouting"): "raw",
+    (Kind.NAT, "prerouting"): "dstnat",
+    (Kind.NAT, "postrouting"): "srcnat",
+    (Kind.FILTER, "input"): "filter",
+    (Kind.FILTER, "forward"): "filter",
+    (Kind.FILTER, "output"): "filter",
+}
+
+
+def render(rs: Ruleset) -> str:
+    out = [
+        "#!/usr/sbin/nft -f",
+        f"# nfgate ruleset{' from ' + rs.source if rs.source else ''}.",
+        "# Generated: change the config and run `nfgate apply`, do not edit.",
+        "# The next two lines make this file replace the table atomically.",
+        f"table {FAMILY} {TABLE}",
+        f"delete table {FAMILY} {TABLE}",
+        "",
+        f"table {FAMILY} {TABLE} {{",
+    ]
+    for zone, interfaces in rs.zones.items():
+        elements = ", ".join(_quote(i) for i in interfaces)
+        out += [
+            f"\tset zone_{zone} {{",
+            "\t\ttype ifname",
+            f'\t\tcomment "zones.{zone}.interfaces"',
+            f"\t\telements = {{ {elements} }}",
+            "\t}",
+            "",
+        ]
+    for chain in rs.chains:
+        out += _chain(chain)
+        out.append("")
+    if out[-1] == "":
+        out.pop()
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+def _chain(chain: Chain) -> list[str]:
+    lines = [f"\tchain {chain.name} {{"]
+    if chain.hook is not None:
+        kind = "nat" if chain.kind is Kind.NAT else "filter"
+        prio = _PRIORITY[(chain.kind, chain.hook.value)]
+        lines.append(f"\t\ttype {kind} hook {chain.hook.value} priority {prio}; policy {chain.policy};")
+    for rule in chain.rules:
+        lines.append("\t\t" + render_rule(rule))
+    lines.append("\t}")
+    return lines
+
+
+def render_rule(rule: Rule) -> str:
+    proto = next((m.name for m in rule.matches if isinstance(m, Proto)), None)
+    implied = any(isinstance(m, (Port, IcmpType)) for m in rule.matches)
+    parts: list[str] = []
+    if rule.family is not Family.BOTH and proto not in ("icmp", "icmpv6"):
+        parts.append(f"meta nfproto {rule.family.value}")
+    for m in rule.matches:
+        if isinstance(m, Proto) and implied:
+            continue  # "tcp dport 25" and "icmp type ..." already say the protocol
+        parts.append(_match(m, proto))
+    parts.append("counter")
+    for s in rule.statements:
+        parts.append(_statement(s, proto))
+    parts.append(f"comment {_quote(rule.comment[:127])}")
+    return " ".join(parts)
+
+
+def _match(m, proto: str | None) -> str:
+    match m:
+        case InZone(zone):
+            return f"iifname @zone_{zone}"
+        case OutZone(zone):
+            return f"oifname @zone_{zone}"
+        case InIface(name):
+            return f"iifname {_quote(name)}"
+        case OutIface(name):
+            return f"oifname {_quote(name)}"
+        case Proto(name):
+            return f"meta l4proto {name}"
+        case Addr(direction, nets):
+            family = "ip" if nets[0].version == 4 else "ip6"
+            return f"{family} {direction[0]}addr {_set([_net(n) for n in nets])}"
+        case AddrBits(direction, mask, value):
+            return (
+                f"ip {direction[0]}addr & {ipaddress.IPv4Address(mask)}"
+                f" == {ipaddress.IPv4Address(value)}"
+            )
+        case Port(direction, ranges):
+            return f"{proto} {direction[0]}port {_set([str(r) for r in ranges])}"
+        case CtState(states):
+            return f"ct state {','.join(states)}"
+        case CtDnat():
+            return "ct status dnat"
+        case DstLocal():
+            return "fib daddr type local"
+        case Mark(mask, value):
+            return f"meta mark & {mask:#010x} == {value:#010x}"
+        case IcmpType(types):
+            return f"{proto} type {_set(list(types))}"
+    raise TypeError(f"nft renderer: unknown match {m!r}")
+
+
+def _statement(s, proto: str | None) -> str:
+    match s:
+        case Accept():
+            return "accept"
+        case Drop():
+            return "drop"
+        case Reject():
+            return "reject with tcp reset" if proto == "tcp" else "reject"
+        case Jump(chain):
+            return f"jump {chain}"
+        case Notrack():
+            return "notrack"
+        case Masquerade(ports):
+            return "masquerade" if ports is None else f"masquerade to :{ports}"
+        case Dnat(addr, ports):
+            return f"dnat ip to {addr}" + (f":{ports}" if ports else "")
+        case Queue(num, bypass):
+            return f"queue num {num}" + (" bypass" if bypass else "")
+    raise TypeError(f"nft renderer: unknown statement {s!r}")
+
+
+def _set(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
+
+
+def _net(n) -> str:
+    return str(n.network_address) if n.prefixlen == n.max_prefixlen else str(n)
+
+
+def _quote(text: str) -> str:
+    # Config names are restricted to [A-Za-z0-9_.-]; this keeps comments safe too.
+    return '"' + text.replace('"', "'") + '"'

@@ -1,0 +1,125 @@
+"""Fixtures shared by the whole suite: labs of network namespaces, and root checks.
+
+- Tests marked ``netns`` are skipped, with the reason, when not run as root
+  or when the iproute2 ``ip`` tool is missing.
+- ``lab_factory("basic")`` builds a topology with a unique prefix
+  (``nfgt`` + 5 hex digits) and removes it when the test ends, passed or
+  failed, or when the build itself failed half way.
+- At the end of the session, any ``nfgt*`` lab still present whose owner is
+  this session or a dead one is removed. Engineers run suites side by side on
+  one machine, so a lab that belongs to another live pytest is left alone:
+  each prefix records its owner's pid in ``/run/nfgate-test-labs/<prefix>``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from firewall.lab.netns import Lab, cleanup, lab_namespaces, split_namespace
+from firewall.lab.topology import Topology, load_topology
+
+TEST_PREFIX = "nfgt"
+OWNERS = Path("/run/nfgate-test-labs")
+
+
+def _netns_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "netns test: needs root to build network namespaces (run scripts/test as root)"
+    if shutil.which("ip") is None:
+        return "netns test: needs the iproute2 'ip' tool (apt-get install iproute2)"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = _netns_unavailable()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if "netns" in item.keywords:
+            item.add_marker(skip)
+
+
+def _claim(prefix: str) -> None:
+    OWNERS.mkdir(mode=0o700, exist_ok=True)
+    (OWNERS / prefix).write_text(f"{os.getpid()}\n")
+
+
+def _release(prefix: str) -> None:
+    (OWNERS / prefix).unlink(missing_ok=True)
+
+
+def _orphaned(prefix: str) -> bool:
+    """True if the lab belongs to this session, to a dead one, or to nobody we know."""
+    try:
+        pid = int((OWNERS / prefix).read_text().strip())
+    except (OSError, ValueError):
+        return True
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    # A recycled pid makes us keep a dead session's lab: a leak, never a
+    # lab pulled from under a live test.
+    return False
+
+
+def new_test_prefix() -> str:
+    return f"{TEST_PREFIX}{secrets.token_hex(3)[:5]}"
+
+
+@pytest.fixture
+def lab_factory(request: pytest.FixtureRequest) -> Callable[..., Lab]:
+    """``lab_factory(topology="basic", prefix=None) -> Lab`` that is up.
+
+    ``topology`` is a name, a path or a Topology. The lab is removed at
+    teardown even if the test, or ``up()`` itself, fails.
+    """
+
+    def make(topology: str | os.PathLike[str] | Topology = "basic", prefix: str | None = None) -> Lab:
+        topo = topology if isinstance(topology, Topology) else load_topology(topology)
+        lab = Lab(topo, prefix or new_test_prefix())
+        _claim(lab.prefix)
+
+        def finalize() -> None:
+            try:
+                lab.down()
+            finally:
+                _release(lab.prefix)
+
+        # Registered before up(), so that a half-built lab is removed too.
+        request.addfinalizer(finalize)
+        return lab.up()
+
+    return make
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if os.geteuid() != 0:
+        return
+    prefixes = set()
+    for name in lab_namespaces():
+        parts = split_namespace(name)
+        if parts and parts[0].startswith(TEST_PREFIX):
+            prefixes.add(parts[0])
+    for prefix in sorted(prefixes):
+        if _orphaned(prefix):
+            try:
+                cleanup(prefix)
+            finally:
+                _release(prefix)
+    # Owner files of crashed sessions whose namespaces are already gone.
+    if OWNERS.is_dir():
+        for path in OWNERS.iterdir():
+            if path.name not in prefixes and _orphaned(path.name):
+                _release(path.name)

@@ -1,0 +1,226 @@
+"""Config loading and validation: examples load; each kind of mistake gets one
+clear problem with its key path (and line); all problems come at once."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from firewall.config import ConfigError, PortRange, load, loads
+from firewall.errors import UsageError
+
+EXAMPLES = sorted((Path(__file__).parents[2] / "examples").glob("*.toml"))
+
+BASE = """
+[zones.wan]
+interfaces = ["wan0"]
+
+[zones.lan]
+interfaces = ["lan0"]
+"""
+
+
+def problems(text: str) -> list[tuple[str, str, int | None]]:
+    with pytest.raises(ConfigError) as info:
+        loads(text)
+    return [(p.path, p.reason, p.line) for p in info.value.problems]
+
+
+def line_of(text: str, needle: str, nth: int = 1) -> int:
+    hits = [i for i, line in enumerate(text.splitlines(), start=1) if needle in line]
+    return hits[nth - 1]
+
+
+def only(text: str) -> tuple[str, str, int | None]:
+    found = problems(text)
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_examples_load(path: Path) -> None:
+    config = load(path)
+    assert {"wan", "lan"} <= set(config.zones)
+
+
+def test_examples_are_the_three_the_docs_promise() -> None:
+    assert [p.stem for p in EXAMPLES] == ["home", "mail", "office"]
+
+
+def test_defaults() -> None:
+    config = loads(BASE)
+    assert config.policy.input == "drop" and config.policy.forward == "drop"
+    assert config.processor.fail_mode == "closed"
+    assert config.processor.queues == (0,)
+    assert config.gateway_link.router_address == ipaddress.IPv4Interface("172.31.255.1/30")
+    assert config.gateways == ()
+
+
+def test_unknown_key() -> None:
+    text = BASE + "\n[policy]\nfail_mode = 'open'\n"
+    path, reason, line = only(text)
+    assert (path, reason) == ("policy.fail_mode", "unknown key")
+    assert line == line_of(text, "fail_mode")
+
+
+def test_wrong_type() -> None:
+    path, reason, _ = only(BASE + "\n[processor]\nfail_mode = 1\n")
+    assert path == "processor.fail_mode"
+    assert "not one of 'open', 'closed'" in reason
+    path, reason, _ = only(BASE + "\n[signalling]\nport = 'x'\n")
+    assert (path, reason) == ("signalling.port", "expected an integer, got a string")
+
+
+def test_overlapping_port_ranges_in_one_list() -> None:
+    text = BASE + "\n[[rule]]\nfrom = 'lan'\nto = 'wan'\nproto = 'tcp'\nports = ['1000-2000', 1500]\n"
+    path, reason, line = only(text)
+    assert path == "rule[0].ports"
+    assert reason == "port ranges 1000-2000 and 1500 overlap"
+    assert line == line_of(text, "ports =")
+
+
+GATEWAY = """
+[[gateway]]
+name = "{name}"
+kind = "tcp-relay"
+[[gateway.traffic]]
+from = "{zone}"
+to = "lan"
+proto = "tcp"
+ports = {ports}
+"""
+
+
+def test_overlapping_gateway_selectors() -> None:
+    text = BASE + GATEWAY.format(name="a", zone="wan", ports="'20-30'") + GATEWAY.format(name="b", zone="wan", ports="25")
+    path, reason, line = only(text)
+    assert path == "gateway[1].traffic[0].ports"
+    assert reason.startswith("overlaps gateway[0].traffic[0]")
+    assert line == line_of(text, "ports =", nth=2)
+
+
+def test_gateway_bound_to_missing_zone() -> None:
+    text = BASE + GATEWAY.format(name="a", zone="dmz", ports="25")
+    path, reason, line = only(text)
+    assert path == "gateway[0].traffic[0].from"
+    assert reason == "zone 'dmz' does not exist (known: lan, wan)"
+    assert line == line_of(text, 'from = "dmz"')
+
+
+def test_mark_bits_overlapping() -> None:
+    text = BASE + "\n[processor.marks]\nrewritten = '0x00010000'\npassed = '0x00030000'\n"
+    path, reason, _ = only(text)
+    assert path == "processor.marks.passed"
+    assert "overlaps rewritten" in reason
+
+
+def test_mark_outside_mask() -> None:
+    text = BASE + "\n[processor.marks]\nmask = '0xff'\nrewritten = '0x100'\npassed = '0x2'\n"
+    path, reason, _ = only(text)
+    assert path == "processor.marks.rewritten"
+    assert "outside mask" in reason
+
+
+@pytest.mark.parametrize("queues", ["[65536]", "[-1]", "[]", "[1, 1]"])
+def test_queue_numbers(queues: str) -> None:
+    path, reason, _ = only(BASE + f"\n[processor]\nqueues = {queues}\n")
+    assert path.startswith("processor.queues")
+    assert any(word in reason for word in ("out of range", "at least one", "appears twice"))
+
+
+def test_all_problems_at_once() -> None:
+    text = "colour = 'red'\n" + BASE + "\n[processor]\nqueues = [70000]\nfail_mode = 'ajar'\n" + GATEWAY.format(
+        name="a", zone="dmz", ports="0"
+    )
+    paths = sorted(p for p, _, _ in problems(text))
+    assert paths == sorted(
+        ["colour", "processor.queues[0]", "processor.fail_mode", "gateway[0].traffic[0].from", "gateway[0].traffic[0].ports"]
+    )
+
+
+def test_toml_syntax_error_has_line() -> None:
+    text = BASE + "\n[policy\n"
+    path, reason, _ = only(text)
+    assert path == "(toml)"
+    assert f"line {line_of(text, '[policy')}" in reason
+
+
+def test_interface_in_two_zones() -> None:
+    path, reason, _ = only('[zones.wan]\ninterfaces = ["eth0"]\n[zones.lan]\ninterfaces = ["eth0"]\n')
+    assert path == "zones.lan.interfaces"
+    assert "already in zone 'wan'" in reason
+
+
+def test_zone_name_rules() -> None:
+    path, reason, _ = only('[zones.router]\ninterfaces = ["eth0"]\n')
+    assert path == "zones.router"
+    assert "not 'router'" in reason
+
+
+def test_gateway_kind_protocol() -> None:
+    text = BASE + GATEWAY.replace("tcp-relay", "rtp").format(name="a", zone="wan", ports="5004")
+    path, reason, _ = only(text)
+    assert path == "gateway[0].traffic[0].proto"
+    assert reason == "a rtp gateway takes udp, not tcp"
+
+
+def test_gateway_settings_are_per_kind() -> None:
+    text = BASE + GATEWAY.format(name="a", zone="wan", ports="25") + "[gateway.settings]\nmax_connections = 0\nspeed = 3\n"
+    found = problems(text)
+    assert ("gateway[0].settings.max_connections", "0 is out of range (1 to 1000000)") in [(p, r) for p, r, _ in found]
+    assert ("gateway[0].settings.speed", "unknown key") in [(p, r) for p, r, _ in found]
+
+
+def test_gateway_listen_ports_default_and_clash() -> None:
+    text = BASE + GATEWAY.format(name="a", zone="wan", ports="25") + GATEWAY.format(name="b", zone="wan", ports="26")
+    config = loads(text)
+    assert [g.listen_port for g in config.gateways] == [20000, 20001]
+    clash = text.replace('name = "b"', 'name = "b"\nlisten_port = 20000')
+    path, reason, _ = only(clash)
+    assert path == "gateway[1].listen_port"
+
+
+def test_port_forward_parsing_and_overlap() -> None:
+    text = BASE + (
+        "\n[[nat.forward]]\nfrom = 'wan'\nproto = 'tcp'\nport = 8080\nto = '192.168.1.10:80'\n"
+        "\n[[nat.forward]]\nfrom = 'wan'\nproto = 'tcp'\nport = '8000-8100'\nto = '192.168.1.11'\n"
+    )
+    path, reason, _ = only(text)
+    assert path == "nat.forward[1].port"
+    assert "overlaps nat.forward[0]" in reason
+    ok = loads(text.replace("'8000-8100'", "'9000-9100'"))
+    assert ok.nat.forwards[0].target_ports == PortRange(80, 80)
+    assert ok.nat.forwards[1].target_ports == PortRange(9000, 9100)
+
+
+def test_pool_must_cover_every_queue() -> None:
+    text = BASE + "\n[processor]\nqueues = [0, 1, 2]\n[processor.pools]\nfirewall_side = '172.31.254.0/31'\n"
+    path, reason, _ = only(text)
+    assert path == "processor.pools.firewall_side"
+    assert "fewer than 4 addresses for 3 queues" in reason
+
+
+def test_blind_track_not_in_a_zone() -> None:
+    text = BASE.replace('["lan0"]', '["lan0", "nfg-gw0"]')
+    path, reason, _ = only(text)
+    assert path == "gateway_link.router_if"
+
+
+def test_missing_file_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="no such config file"):
+        load(tmp_path / "absent.toml")
+
+
+def test_no_traceback_from_cli(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from firewall.cli import main
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text(BASE + "\n[processor]\nqueues = [70000]\n")
+    result = CliRunner().invoke(main, ["check", "-c", str(bad)])
+    assert result.exit_code == 2
+    assert f"processor.queues[0] (line {line_of(bad.read_text(), 'queues')}): 70000 is out of range (0 to 65535)" in result.output
+    assert "Traceback" not in result.output
