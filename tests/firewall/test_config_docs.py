@@ -1,0 +1,62 @@
+"""docs/config.md names every key the loader accepts, with the default the code uses."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from firewall.config import model
+from firewall.config.settings import KIND_SETTINGS
+
+DOC = (Path(__file__).parents[2] / "docs" / "config.md").read_text()
+
+SECTIONS = {
+    "[policy]": model.Policy,
+    "[processor.marks]": model.Marks,
+    "[processor.timeouts]": model.Timeouts,
+    "[processor.pools]": model.Pools,
+    "[gateway_link]": model.GatewayLink,
+    "[signalling]": model.Signalling,
+}
+
+
+def section(header: str) -> str:
+    start = DOC.index(f"## `{header}`") if f"## `{header}`" in DOC else DOC.index(f"### `{header}`")
+    end = DOC.find("\n## ", start + 1)
+    return DOC[start : end if end > 0 else None]
+
+
+def documented(text: str) -> dict[str, str]:
+    """key -> default cell, from the tables of a section."""
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\| `(\w+)` \| ([^|]+) \|", text, re.M)}
+
+
+@pytest.mark.parametrize("header", SECTIONS)
+def test_every_key_and_default_is_documented(header: str) -> None:
+    rows = documented(section(header))
+    for f in dataclasses.fields(SECTIONS[header]):
+        assert f.name in rows, f"{header} {f.name} is missing from docs/config.md"
+        default = f.default
+        shown = rows[f.name].strip("`").strip('"')
+        if isinstance(default, bool):
+            assert shown == str(default).lower()
+        elif f.name in ("mask", "rewritten", "passed"):
+            assert int(shown, 16) == default
+        elif isinstance(default, tuple):
+            assert shown == "[]" and default == ()
+        elif isinstance(default, (int, float)):
+            assert float(shown) == float(default), (header, f.name)
+        else:
+            assert shown == str(default), (header, f.name)
+
+
+def test_gateway_settings_are_documented() -> None:
+    text = section("[[gateway]]")
+    for kind, schema in KIND_SETTINGS.items():
+        for key, setting in schema.items():
+            row = re.search(rf"^\| `{key}` \| `([^`]+)` \|", text[text.index(f"`{kind}`:") :], re.M)
+            assert row, f"{kind}.{key} is missing from docs/config.md"
+            assert float(row.group(1)) == float(setting.default)
