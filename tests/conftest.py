@@ -5,6 +5,9 @@
 - ``lab_factory("basic")`` builds a topology with a unique prefix
   (``nfgt`` + 5 hex digits) and removes it when the test ends, passed or
   failed, or when the build itself failed half way.
+- ``module_lab_factory`` is the same with labs shared by a whole module.
+- ``lab_prefix`` is such a prefix on its own, for a lab built another way
+  (say ``nfgate lab up --prefix``), removed the same way.
 - At the end of the session, any ``nfgt*`` lab still present whose owner is
   this session or a dead one is removed. Engineers run suites side by side on
   one machine, so a lab that belongs to another live pytest is left alone:
@@ -79,13 +82,23 @@ def new_test_prefix() -> str:
 
 
 @pytest.fixture
-def lab_factory(request: pytest.FixtureRequest) -> Callable[..., Lab]:
-    """``lab_factory(topology="basic", prefix=None) -> Lab`` that is up.
+def lab_prefix(request: pytest.FixtureRequest) -> str:
+    """A fresh ``nfgt*`` prefix owned by this session, for labs built some other
+    way (``nfgate lab up --prefix``); whatever uses it is removed at teardown."""
+    prefix = new_test_prefix()
+    _claim(prefix)
 
-    ``topology`` is a name, a path or a Topology. The lab is removed at
-    teardown even if the test, or ``up()`` itself, fails.
-    """
+    def finalize() -> None:
+        try:
+            cleanup(prefix)
+        finally:
+            _release(prefix)
 
+    request.addfinalizer(finalize)
+    return prefix
+
+
+def _factory(request: pytest.FixtureRequest) -> Callable[..., Lab]:
     def make(topology: str | os.PathLike[str] | Topology = "basic", prefix: str | None = None) -> Lab:
         topo = topology if isinstance(topology, Topology) else load_topology(topology)
         lab = Lab(topo, prefix or new_test_prefix())
@@ -102,6 +115,23 @@ def lab_factory(request: pytest.FixtureRequest) -> Callable[..., Lab]:
         return lab.up()
 
     return make
+
+
+@pytest.fixture
+def lab_factory(request: pytest.FixtureRequest) -> Callable[..., Lab]:
+    """``lab_factory(topology="basic", prefix=None) -> Lab`` that is up.
+
+    ``topology`` is a name, a path or a Topology. The lab is removed at
+    teardown even if the test, or ``up()`` itself, fails.
+    """
+    return _factory(request)
+
+
+@pytest.fixture(scope="module")
+def module_lab_factory(request: pytest.FixtureRequest) -> Callable[..., Lab]:
+    """``lab_factory`` whose labs live until the module's last test: for
+    read-only checks that can share one lab."""
+    return _factory(request)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

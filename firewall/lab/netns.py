@@ -155,7 +155,11 @@ def cleanup(prefix: str | None = None) -> list[str]:
     """
     if prefix is not None:
         check_prefix(prefix)
-    names = lab_namespaces(prefix)
+    return remove_namespaces(lab_namespaces(prefix))
+
+
+def remove_namespaces(names: list[str]) -> list[str]:
+    """Kill the processes inside the named namespaces, then remove them; return those removed."""
     if not names:
         return []
     # A process left inside keeps the namespace (and its veths) alive after the
@@ -176,14 +180,16 @@ def cleanup(prefix: str | None = None) -> list[str]:
                     what="killed processes in the lab to exit",
                 )
             except TimeoutError:
-                pass  # reported below if removal fails; a D-state process is the kernel's business
+                # Stuck in the kernel (D state). The names go anyway; the
+                # namespace itself lives on until that process dies.
+                pass
     removed, failed = [], []
     for name in names:
         try:
             pr_netns.remove(name)
             removed.append(name)
         except FileNotFoundError:
-            removed.append(name)
+            pass  # removed meanwhile by someone else
         except OSError as err:
             failed.append(f"{name}: {err.strerror or err}")
     if failed:
@@ -194,7 +200,8 @@ def cleanup(prefix: str | None = None) -> list[str]:
 def inspect_namespace(name: str) -> dict[str, Any]:
     """Interfaces (state, addresses) and main-table routes inside one namespace."""
     try:
-        ipr = IPRoute(netns=name, flags=0)
+        # groups=0: a one-off dump needs no multicast notifications queued up.
+        ipr = IPRoute(netns=name, flags=0, groups=0)
     except FileNotFoundError:
         return {"present": False, "interfaces": [], "routes": []}
     with ipr:
@@ -307,6 +314,7 @@ class Lab:
         self.topology = topology
         self.prefix = check_prefix(prefix if prefix is not None else default_prefix(topology))
         self._procs: list[subprocess.Popen] = []
+        self._created: list[str] = []
         self._step = ""
 
     def __repr__(self) -> str:
@@ -343,11 +351,14 @@ class Lab:
                 f"lab {self.prefix} is already up ({', '.join(present)}); "
                 f"remove it with: nfgate lab down --prefix {self.prefix}"
             )
+        self._created = []
         try:
             self._build()
         except BaseException as err:
             try:
-                self._teardown()
+                # Only what this call made: a namespace that appeared meanwhile
+                # under the same prefix is someone else's.
+                self._teardown(self._created)
             except NfgateError:
                 pass  # the build error is the one worth reporting
             if isinstance(err, LabCommandError):
@@ -374,11 +385,12 @@ class Lab:
         for host in topo.host_names:
             self._step = f"creating namespace {self.ns(host)}"
             pr_netns.create(self.ns(host))
+            self._created.append(self.ns(host))
         with ExitStack() as stack:
             ipr = {}
             for host in topo.host_names:
                 self._step = f"opening netlink in {self.ns(host)}"
-                ipr[host] = stack.enter_context(IPRoute(netns=self.ns(host), flags=0))
+                ipr[host] = stack.enter_context(IPRoute(netns=self.ns(host), flags=0, groups=0))
                 ipr[host].link("set", index=ipr[host].link_lookup(ifname="lo")[0], state="up")
             for host in topo.hosts:
                 self._sysctls(host, early=True)
@@ -453,6 +465,12 @@ class Lab:
             pairs.append(("net.ipv4.ip_forward", "1" if host.forwarding else "0"))
             if Path("/proc/sys/net/ipv6").is_dir():
                 pairs.append(("net.ipv6.conf.all.forwarding", "1" if host.forwarding else "0"))
+                # Duplicate address detection keeps link-local addresses
+                # tentative for a second or two, and IPv6 forwarding fails
+                # until it ends; every address in a lab is ours, so skip it.
+                # A host's own sysctls come later and can turn it back on.
+                pairs.append(("net.ipv6.conf.all.accept_dad", "0"))
+                pairs.append(("net.ipv6.conf.default.accept_dad", "0"))
         for key, value in host.sysctls:
             parts = key.split(".")
             per_interface = len(parts) > 3 and parts[2] in ("conf", "neigh") and parts[3] in ifnames
@@ -574,14 +592,14 @@ class Lab:
 
         Idempotent; returns the namespaces it removed.
         """
-        return self._teardown()
+        return self._teardown(lab_namespaces(self.prefix))
 
-    def _teardown(self) -> list[str]:
+    def _teardown(self, names: list[str]) -> list[str]:
         for proc in self._procs:
             if proc.poll() is None:
                 proc.terminate()
         try:
-            return cleanup(self.prefix)
+            return remove_namespaces(names)
         finally:
             # Reap our children so none lingers as a zombie; cleanup() has
             # already killed anything that ignored TERM.

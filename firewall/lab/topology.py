@@ -4,7 +4,8 @@ One topology file drives the netns lab (``firewall.lab.netns``), the pytest
 fixtures and, later, the Vagrant VMs. The files are JSON, not TOML, so that a
 Vagrantfile can read them with Ruby's standard library.
 
-Schema (``vagrant/topologies/<name>.json``)::
+Schema (``vagrant/topologies/<name>.json``; the ``#`` notes are not part of it,
+JSON has no comments)::
 
     {
       "name": "basic",                  # optional; defaults to the file's stem

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,19 +27,10 @@ pytestmark = pytest.mark.netns
 
 
 @pytest.fixture(scope="module")
-def router(request):
-    """One basic lab for the module: checks do not change its state (nft -c),
-    or undo what they load (iptables)."""
-    from tests.conftest import _claim, _release, new_test_prefix
-
-    from firewall.lab.netns import Lab
-    from firewall.lab.topology import load_topology
-
-    lab = Lab(load_topology("basic"), new_test_prefix())
-    _claim(lab.prefix)
-    request.addfinalizer(lambda: (lab.down(), _release(lab.prefix)))
-    lab.up()
-    return lab
+def router(module_lab_factory):
+    """One basic lab for the module: the checks do not change its state (nft -c)
+    or load into namespaces of their own (iptables)."""
+    return module_lab_factory("basic")
 
 
 @pytest.mark.parametrize("example", EXAMPLES)
@@ -64,9 +56,8 @@ def test_nft_kernel_check_catches_a_bad_rule(router) -> None:
 @pytest.mark.parametrize("example", EXAMPLES)
 def test_iptables_rendering_loads(router, example: str, variant: str) -> None:
     rs = build(load(ROOT / "examples" / f"{example}.toml"))
+    # A namespace of the lab's own prefix, so the lab's teardown removes it too.
     ns = f"{router.prefix}-{example[:4]}{variant[:3]}"
-    import subprocess
-
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
         for version, tool in ((4, "iptables"), (6, "ip6tables")):
