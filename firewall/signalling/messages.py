@@ -1,0 +1,401 @@
+"""The signalling messages as values, and the rules about what they may say.
+
+Every message is a frozen dataclass whose constructor checks its fields, so a
+message that exists is one the codec can encode: a bad value is the caller's
+bug and raises ``ValueError`` or ``TypeError`` at construction (STYLE.md,
+"errors say whose fault they are"). The decoder builds messages through the
+same constructors and turns those exceptions into a ``MALFORMED`` refusal.
+
+Addresses are ``ipaddress.IPv4Address`` values: the double NAT is NAT44
+(DESIGN invariant 2). The wire keeps a family byte so that IPv6 can be added
+without a new header.
+
+Field names follow ``firewall.flows.Binding.record()``: ``client`` C:c,
+``original_dst`` S':s' (what the client addressed: the router for a port
+forward), ``server`` S:s, ``firewall_side`` F:f, ``ag`` G:g.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import ClassVar, Iterable, Union
+
+from firewall.config import NAME as GATEWAY_NAME_PATTERN
+
+U64_MAX = (1 << 64) - 1
+PORT_MAX = 0xFFFF
+
+# A gateway name travels in a fixed 32-byte field: the config's NAME pattern
+# allows 1-32 characters of [A-Za-z0-9_.-], so every configured name fits.
+GATEWAY_NAME_SIZE = 32
+_GATEWAY_NAME = re.compile(GATEWAY_NAME_PATTERN)
+
+# A flow id is the NFQUEUE number (u16 in the kernel's nfqnl_msg_config_cmd)
+# above a per-instance serial, so ids from different processor instances
+# never collide and a gateway can tell which instance a flow belongs to.
+FLOW_ID_QUEUE_BITS = 16
+FLOW_ID_SERIAL_BITS = 48
+FLOW_ID_SERIAL_MAX = (1 << FLOW_ID_SERIAL_BITS) - 1
+
+# The longest a dynamic rule may wait for its flow. A rule is an opening in
+# the filter; one that outlives the session that asked for it is a hole.
+# FTP data connections and RTCP open within seconds of being announced; an
+# hour covers a slow client and is still bounded. The wire field is a u16.
+MAX_RULE_TTL = 3600
+RULE_TTL_FIELD_MAX = 0xFFFF
+
+# The pull half of the seed's hybrid scheme ("Out-of-band signalling"): a
+# gateway that cannot place a connection waits ``query_timeout`` for the
+# push, then sends a QUERY, and again every ``query_timeout``, at most this
+# many times, before it gives the connection up. Bounded, so a flow whose
+# binding is gone cannot hold a gateway slot for long.
+MAX_QUERY_ATTEMPTS = 3
+
+
+class Role(enum.Enum):
+    """The two ends of signalling. Each message type is sent by exactly one."""
+
+    PROCESSOR = "processor"
+    GATEWAY = "gateway"  # the gateways' shared deNAT/reNAT layer
+
+
+class MsgType(enum.IntEnum):
+    """The type byte of the header."""
+
+    NEW_FLOW = 1
+    QUERY = 2
+    ANSWER = 3
+    NOT_FOUND = 4
+    FLOW_END = 5
+    RULE_REQUEST = 6
+    RULE_ACK = 7
+    RULE_REFUSED = 8
+    RULE_END = 9
+
+
+# Who sends what. A receiver refuses a type its peer never sends, so a
+# message cannot be reflected back at the role that produced it.
+SENDER_OF: dict[MsgType, Role] = {
+    MsgType.NEW_FLOW: Role.PROCESSOR,
+    MsgType.QUERY: Role.GATEWAY,
+    MsgType.ANSWER: Role.PROCESSOR,
+    MsgType.NOT_FOUND: Role.PROCESSOR,
+    MsgType.FLOW_END: Role.PROCESSOR,
+    MsgType.RULE_REQUEST: Role.GATEWAY,
+    MsgType.RULE_ACK: Role.PROCESSOR,
+    MsgType.RULE_REFUSED: Role.PROCESSOR,
+    MsgType.RULE_END: Role.PROCESSOR,
+}
+
+
+class Proto(enum.IntEnum):
+    """Transport, as its IP protocol number (equal to ``firewall.packet.TCP``/``UDP``)."""
+
+    TCP = 6
+    UDP = 17
+
+
+class Family(enum.IntEnum):
+    """Address family of every address in one body. Only IPv4 is defined."""
+
+    IPV4 = 4
+
+
+class FlowEndReason(enum.IntEnum):
+    FIN = 1  # FIN both ways on both legs
+    RST = 2
+    IDLE = 3  # the flow table's idle timeout
+    POLICY = 4  # the processor ended it: config reload, operator, shutdown
+
+
+class RuleMode(enum.IntEnum):
+    REDIRECT = 1  # the processor redirects the new flow into the asking gateway
+    ALLOW = 2  # the kernel carries the new flow; no gateway sees it
+
+
+class RuleRefusal(enum.IntEnum):
+    """Why the processor refused a RULE_REQUEST (the RULE_REFUSED reason byte)."""
+
+    NOT_EXACT = 1  # a wildcard address, or a destination port 0
+    THIRD_PARTY = 2  # an address that is not a party of the requesting flow
+    UNKNOWN_FLOW = 3  # the requesting flow id has no binding (any more)
+    LIMIT = 4  # too many rules for this flow or in all
+    BAD_TTL = 5  # ttl 0, or above the processor's maximum
+    POLICY = 6  # the config does not allow this rule (e.g. ALLOW for this gateway)
+
+
+class RuleEndReason(enum.IntEnum):
+    USED = 1  # a one-shot rule matched its flow
+    EXPIRED = 2  # the ttl ran out
+    FLOW_ENDED = 3  # the requesting flow ended, and its rules with it
+
+
+def _check_u64(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= U64_MAX:
+        raise ValueError(f"{name} must be an int in 0..2**64-1, got {value!r}")
+
+
+def _coerce(obj: object, name: str, kind: type[enum.IntEnum]) -> None:
+    """Turn a plain int (say ``flows.Binding.proto``) into its enum, or raise."""
+    value = getattr(obj, name)
+    if not isinstance(value, kind):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be a {kind.__name__}, got {value!r}")
+        object.__setattr__(obj, name, kind(value))  # ValueError for an unknown number
+
+
+def make_flow_id(queue: int, serial: int) -> int:
+    """The flow id of the ``serial``-th flow of the instance bound to NFQUEUE ``queue``."""
+    if not 0 <= queue < 1 << FLOW_ID_QUEUE_BITS:
+        raise ValueError(f"queue {queue} is not a u16")
+    if not 0 <= serial <= FLOW_ID_SERIAL_MAX:
+        raise ValueError(f"serial {serial} does not fit in {FLOW_ID_SERIAL_BITS} bits")
+    return queue << FLOW_ID_SERIAL_BITS | serial
+
+
+def flow_id_queue(flow_id: int) -> int:
+    """The NFQUEUE number of the processor instance that made ``flow_id``."""
+    return flow_id >> FLOW_ID_SERIAL_BITS
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """An IPv4 address and a port."""
+
+    address: ipaddress.IPv4Address
+    port: int
+
+    def __post_init__(self) -> None:
+        if type(self.address) is not ipaddress.IPv4Address:
+            raise TypeError(f"address must be an IPv4Address, got {self.address!r}")
+        if not isinstance(self.port, int) or isinstance(self.port, bool) or not 0 <= self.port <= PORT_MAX:
+            raise ValueError(f"port must be 0..65535, got {self.port!r}")
+
+    def __str__(self) -> str:
+        return f"{self.address}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class FlowInfo:
+    """What a gateway needs to know about one redirected flow (NEW_FLOW and ANSWER).
+
+    The gateway sees a connection F:f -> G:g; this gives it the tuple the
+    client used (C:c -> S':s') and the server behind it (S:s).
+    """
+
+    flow_id: int
+    proto: Proto
+    gateway: str
+    client: Endpoint
+    original_dst: Endpoint
+    server: Endpoint
+    firewall_side: Endpoint
+    ag: Endpoint
+
+    def __post_init__(self) -> None:
+        _check_u64("flow_id", self.flow_id)
+        _coerce(self, "proto", Proto)
+        if not isinstance(self.gateway, str) or not _GATEWAY_NAME.fullmatch(self.gateway):
+            raise ValueError(f"gateway name {self.gateway!r} is not 1-32 characters of [A-Za-z0-9_.-]")
+        for name in ("client", "original_dst", "server", "firewall_side", "ag"):
+            if not isinstance(getattr(self, name), Endpoint):
+                raise TypeError(f"{name} must be an Endpoint")
+
+
+def _check_endpoints(obj: object, *names: str) -> None:
+    for name in names:
+        if not isinstance(getattr(obj, name), Endpoint):
+            raise TypeError(f"{name} must be an Endpoint")
+
+
+@dataclass(frozen=True, slots=True)
+class NewFlow:
+    """Processor -> gateway, pushed (in ``copies`` copies) when a flow is redirected."""
+
+    TYPE: ClassVar[MsgType] = MsgType.NEW_FLOW
+    flow: FlowInfo
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.flow, FlowInfo):
+            raise TypeError("flow must be a FlowInfo")
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """Gateway -> processor: who is the flow F:f -> G:g of ``proto``? (the seed's pull)"""
+
+    TYPE: ClassVar[MsgType] = MsgType.QUERY
+    query_id: int
+    proto: Proto
+    firewall_side: Endpoint
+    ag: Endpoint
+
+    def __post_init__(self) -> None:
+        _check_u64("query_id", self.query_id)
+        _coerce(self, "proto", Proto)
+        _check_endpoints(self, "firewall_side", "ag")
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """Processor -> gateway: the flow a QUERY asked about."""
+
+    TYPE: ClassVar[MsgType] = MsgType.ANSWER
+    query_id: int
+    flow: FlowInfo
+
+    def __post_init__(self) -> None:
+        _check_u64("query_id", self.query_id)
+        if not isinstance(self.flow, FlowInfo):
+            raise TypeError("flow must be a FlowInfo")
+
+
+@dataclass(frozen=True, slots=True)
+class NotFound:
+    """Processor -> gateway: no binding for the queried tuple; echoes the query."""
+
+    TYPE: ClassVar[MsgType] = MsgType.NOT_FOUND
+    query_id: int
+    proto: Proto
+    firewall_side: Endpoint
+    ag: Endpoint
+
+    def __post_init__(self) -> None:
+        _check_u64("query_id", self.query_id)
+        _coerce(self, "proto", Proto)
+        _check_endpoints(self, "firewall_side", "ag")
+
+
+@dataclass(frozen=True, slots=True)
+class FlowEnd:
+    """Processor -> gateway: the binding is gone; F:f may be reused for another flow."""
+
+    TYPE: ClassVar[MsgType] = MsgType.FLOW_END
+    flow_id: int
+    reason: FlowEndReason
+
+    def __post_init__(self) -> None:
+        _check_u64("flow_id", self.flow_id)
+        _coerce(self, "reason", FlowEndReason)
+
+
+@dataclass(frozen=True, slots=True)
+class RuleRequest:
+    """Gateway -> processor: open a dynamic rule for one new flow src -> dst.
+
+    The seed's "Dynamic changes in packet processing": FTP's data connection,
+    RTP's RTCP port. ``src.port`` 0 means any source port; everything else is
+    exact (see ``rule_request_problem``).
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.RULE_REQUEST
+    request_id: int
+    flow_id: int
+    proto: Proto
+    src: Endpoint
+    dst: Endpoint
+    ttl: int
+    mode: RuleMode
+    one_shot: bool
+
+    def __post_init__(self) -> None:
+        _check_u64("request_id", self.request_id)
+        _check_u64("flow_id", self.flow_id)
+        _coerce(self, "proto", Proto)
+        _coerce(self, "mode", RuleMode)
+        _check_endpoints(self, "src", "dst")
+        if not isinstance(self.ttl, int) or isinstance(self.ttl, bool) or not 0 <= self.ttl <= RULE_TTL_FIELD_MAX:
+            raise ValueError(f"ttl must be 0..{RULE_TTL_FIELD_MAX} seconds, got {self.ttl!r}")
+        if not isinstance(self.one_shot, bool):
+            raise TypeError(f"one_shot must be a bool, got {self.one_shot!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class RuleAck:
+    """Processor -> gateway: the rule is in place until ``expires_ms`` (Unix ms)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.RULE_ACK
+    request_id: int
+    rule_id: int
+    expires_ms: int
+
+    def __post_init__(self) -> None:
+        _check_u64("request_id", self.request_id)
+        _check_u64("rule_id", self.rule_id)
+        _check_u64("expires_ms", self.expires_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class RuleRefused:
+    """Processor -> gateway: no rule, and why."""
+
+    TYPE: ClassVar[MsgType] = MsgType.RULE_REFUSED
+    request_id: int
+    reason: RuleRefusal
+
+    def __post_init__(self) -> None:
+        _check_u64("request_id", self.request_id)
+        _coerce(self, "reason", RuleRefusal)
+
+
+@dataclass(frozen=True, slots=True)
+class RuleEnd:
+    """Processor -> gateway: a rule it acknowledged is gone."""
+
+    TYPE: ClassVar[MsgType] = MsgType.RULE_END
+    rule_id: int
+    reason: RuleEndReason
+
+    def __post_init__(self) -> None:
+        _check_u64("rule_id", self.rule_id)
+        _coerce(self, "reason", RuleEndReason)
+
+
+Message = Union[NewFlow, Query, Answer, NotFound, FlowEnd, RuleRequest, RuleAck, RuleRefused, RuleEnd]
+MESSAGE_CLASSES: dict[MsgType, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (NewFlow, Query, Answer, NotFound, FlowEnd, RuleRequest, RuleAck, RuleRefused, RuleEnd)
+}
+
+
+def _one_host(address: ipaddress.IPv4Address) -> bool:
+    # 0.0.0.0 means "any", 255.255.255.255 and multicast mean "many": none
+    # names one peer, so none may open a hole in the filter.
+    return not (address.is_unspecified or address.is_multicast or address == ipaddress.IPv4Address(0xFFFFFFFF))
+
+
+def rule_request_problem(request: RuleRequest, *, max_ttl: int = MAX_RULE_TTL) -> RuleRefusal | None:
+    """The refusal a request earns on its own, before the processor looks at its state.
+
+    Exact means: both addresses name one host; the destination port is a
+    real port; the source port is a real port or 0 for "any". The source port
+    is the one the gateway cannot know in advance (an FTP server's active data
+    connection may come from any port, a passive-mode client's always does);
+    the destination is what the gateway read in the protocol (PORT, PASV,
+    the RTP port + 1), so it is always known.
+    """
+    if not (_one_host(request.src.address) and _one_host(request.dst.address)) or request.dst.port == 0:
+        return RuleRefusal.NOT_EXACT
+    if not 1 <= request.ttl <= max_ttl:
+        return RuleRefusal.BAD_TTL
+    return None
+
+
+def names_third_party(
+    request: RuleRequest, flow: FlowInfo, local: Iterable[ipaddress.IPv4Address] = ()
+) -> bool:
+    """Whether the request names a host that is not a party of ``flow``.
+
+    One end must be the client (or one of the router's ``local`` addresses,
+    which stand in for it behind masquerade); the other must be the server
+    (S, or S' that the client addressed). Either end may be the source. A
+    request for anything else is an FTP-bounce style hole (RFC 2577 section 3)
+    and is refused THIRD_PARTY.
+    """
+    client_side = {flow.client.address, *local}
+    server_side = {flow.server.address, flow.original_dst.address}
+    src, dst = request.src.address, request.dst.address
+    return not ((src in client_side and dst in server_side) or (src in server_side and dst in client_side))
