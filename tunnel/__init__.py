@@ -1,3 +1,21 @@
 """nfgate's NAT-traversal tunnel: mediation system, control server, and the
 channel protocol between them (seed 000_893168e991dbb348.txt).
+
+The protocol is specified in docs/tunnel-protocol.md. Its logic is sans-IO
+(DESIGN.md invariant 9): bytes and datagrams go in, commands and events come
+out, and a thin asyncio layer carries the commands out.
+
+- ``frames``: the TCP channel's frames, ``encode_frame`` and ``FrameDecoder``.
+- ``wire``: field encodings shared by the frames (addresses, text, ints).
+- ``datagrams``: the UDP channels' authenticated datagrams and ``ReplayWindow``.
+- ``errors``: ``ErrorCode``, and ``ProtocolError`` (peer's fault) versus
+  ``LocalProtocolError`` (caller's bug) and ``LimitError``.
+- ``states``: the channel and port state machines, as tables.
+- ``settings``: every timer and limit, with defaults (``MediatorSettings``,
+  ``ServerSettings``, ``MediatorLimits``).
+- ``policy``: verdict hooks: the mediator's allow-list, the server's login.
+- ``commands``: what the cores return: commands to carry out, events to note.
+- ``channel``: what both cores share (decoding, state moves, closing).
+- ``mediator_core``: ``MediatorCore``, the mediation system's side.
+- ``server_core``: ``ServerSession``, the control server's side of one mediator.
 """

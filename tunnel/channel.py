@@ -1,0 +1,166 @@
+"""What both ends of the TCP channel share: decoding, states, closing.
+
+``ChannelCore`` feeds received bytes to a ``FrameDecoder``, moves the channel
+state through the table in tunnel/states.py *before* acting on each frame,
+and turns a peer's protocol error into BYE plus a close. The mediator and
+server cores subclass it and supply the handlers and the teardown.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Callable, Container
+from typing import Any, Generic, TypeVar
+
+from tunnel.commands import ChannelClosed, CloseChannel, SendFrame
+from tunnel.errors import ErrorCode, LocalProtocolError, ProtocolError
+from tunnel.frames import (
+    MIN_MAX_FRAME_SIZE, Bye, Data, Frame, FrameDecoder, FrameType, IPAddress,
+    data_chunk_size,
+)
+from tunnel.states import Local, Trigger
+
+S = TypeVar("S", bound=enum.Enum)
+
+MAX_ID = (1 << 32) - 1
+
+
+class IdAllocator:
+    """u32 ids from 1 up, never 0, never one still in use after wrapping."""
+
+    def __init__(self) -> None:
+        self._next = 1
+        self.wrapped = False
+
+    def new(self, in_use: Container[int]) -> int:
+        while True:
+            candidate = self._next
+            self._next = candidate + 1 if candidate < MAX_ID else 1
+            if candidate == MAX_ID:
+                self.wrapped = True
+            if candidate not in in_use:
+                return candidate
+
+    def issued(self, value: int) -> bool:
+        """Could ``value`` have come from this allocator?"""
+        return self.wrapped or 1 <= value < self._next
+
+
+class ChannelCore(abc.ABC, Generic[S]):
+    """Decoder, state table and closing rules of one end of a TCP channel."""
+
+    def __init__(
+        self,
+        state: S,
+        transitions: dict[S, dict[Trigger, S]],
+        closed: S,
+        versions: tuple[int, ...],
+        max_frame_size: int,
+    ) -> None:
+        self._state = state
+        self._transitions = transitions
+        self._closed = closed
+        self._versions = versions
+        self._decoder = FrameDecoder(max_frame_size, versions)
+        self._version: int | None = None
+        self._peer_max_frame = MIN_MAX_FRAME_SIZE
+        self._last_received = 0.0
+        self._handlers: dict[FrameType, Callable[[Any, float], list[Any]]] = {}
+
+    @property
+    def state(self) -> S:
+        """The channel state (see tunnel/states.py)."""
+        return self._state
+
+    @property
+    def version(self) -> int | None:
+        """The negotiated protocol version, once there is one."""
+        return self._version
+
+    @property
+    def closed(self) -> bool:
+        return self._state == self._closed
+
+    def _move(self, trigger: Trigger) -> None:
+        target = self._transitions[self._state].get(trigger)
+        if target is None:
+            if isinstance(trigger, FrameType):
+                raise ProtocolError(
+                    ErrorCode.UNEXPECTED_FRAME, f"{trigger.name} not allowed in {self._state.value}"
+                )
+            raise LocalProtocolError(f"{trigger.value} not allowed in {self._state.value}")
+        self._state = target
+
+    def _negotiated(self, version: int, peer_max_frame: int) -> None:
+        self._version = version
+        self._decoder.version = version
+        self._peer_max_frame = peer_max_frame
+
+    def _send(self, frame: Frame) -> SendFrame:
+        return SendFrame(frame, self._version if self._version is not None else max(self._versions))
+
+    def _data_frames(
+        self, port_id: int, address: IPAddress, port: int, data: bytes, *, stream: bool
+    ) -> list[SendFrame]:
+        """DATA frames for ``data``: a stream is cut to the peer's max frame
+        size, a datagram must fit in one frame (it cannot be split)."""
+        chunk = data_chunk_size(self._peer_max_frame, address)
+        if stream and not data:
+            return []
+        if len(data) <= chunk:
+            return [self._send(Data(port_id, address, port, data))]
+        if not stream:
+            raise LocalProtocolError(f"a {len(data)}-byte datagram does not fit in a frame")
+        return [
+            self._send(Data(port_id, address, port, data[i : i + chunk]))
+            for i in range(0, len(data), chunk)
+        ]
+
+    def _receive(self, data: bytes, now: float) -> list[Any]:
+        if self.closed:
+            return []
+        self._decoder.feed(data)
+        out: list[Any] = []
+        while not self.closed:
+            try:
+                frame = self._decoder.next_frame()
+                if frame is None:
+                    break
+                self._last_received = now
+                self._move(frame.TYPE)
+                out += self._handlers[frame.TYPE](frame, now)
+            except ProtocolError as err:
+                out += self._fault(err.code, err.message)
+                break
+        return out
+
+    def _fault(self, code: ErrorCode, message: str) -> list[Any]:
+        """Close because the peer broke the protocol or went silent."""
+        self._move(Local.FAULT)
+        return [self._send(Bye(code, message)), *self._teardown(code, message, by_peer=False)]
+
+    def _on_bye(self, frame: Bye, now: float) -> list[Any]:
+        return self._teardown(frame.code, frame.message, by_peer=True)
+
+    def _close(self, code: ErrorCode, message: str, *, send_bye: bool) -> list[Any]:
+        if self.closed:
+            return []
+        self._move(Local.CLOSE)
+        head: list[Any] = [self._send(Bye(code, message))] if send_bye else []
+        return head + self._teardown(code, message, by_peer=False)
+
+    def channel_lost(self, message: str = "channel lost") -> list[Any]:
+        """The I/O layer lost the TCP channel (EOF, reset, TLS error)."""
+        if self.closed:
+            return []
+        self._move(Local.CLOSE)
+        return self._teardown(None, message, by_peer=True)
+
+    def _teardown(self, code: ErrorCode | None, message: str, *, by_peer: bool) -> list[Any]:
+        """Release everything; the state is already the closed one."""
+        return [*self._release(), CloseChannel(), ChannelClosed(code, message, by_peer)]
+
+    @abc.abstractmethod
+    def _release(self) -> list[Any]:
+        """Forget the session's ports; commands to close their sockets."""

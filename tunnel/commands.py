@@ -1,0 +1,288 @@
+"""What the cores hand to the I/O layer: commands to carry out, events to note.
+
+The cores do no I/O (DESIGN.md invariant 9). Every call returns a list of
+these values, in the order they must be carried out; the asyncio layer
+executes the commands and reports the results back (mitmproxy's
+``SendData``/``OpenConnection``/``CloseConnection``, in our vocabulary).
+
+Commands (do something): ``SendFrame``, ``CloseChannel``; on the mediator
+``OpenSocket``, ``ConnectSocket``, ``ListenSocket``, ``CloseSocket``,
+``ShutdownSocket``, ``AbortSocket``, ``WriteStream``, ``SendTo``,
+``SendChannel``; on the server ``SendDatagram``.
+
+Events (something happened, decide or log): ``ChannelClosed`` and
+``RelayFailed`` on both; on the mediator ``Ready``, ``Refused``, ``UdpChannelDead``; on the server
+``SessionReady``, ``PortOpened``, ``RequestAcked``, ``RequestFailed``,
+``Received``, ``ConnectionAccepted``, ``PeerFin``,
+``PeerReset``, ``LimitExceeded``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tunnel.errors import ErrorCode
+from tunnel.frames import PROTOCOL_VERSION, Frame, IPAddress, IPInterface, Proto, encode_frame
+from tunnel.policy import Op
+
+# -- both sides ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SendFrame:
+    """Write ``frame`` on the TCP (TLS) channel; ``data`` is its encoding."""
+
+    frame: Frame
+    version: int = PROTOCOL_VERSION
+
+    @property
+    def data(self) -> bytes:
+        return encode_frame(self.frame, self.version)
+
+
+@dataclass(frozen=True)
+class CloseChannel:
+    """Close the TCP channel (after flushing what was sent before)."""
+
+
+@dataclass(frozen=True)
+class ChannelClosed:
+    """The channel is over. ``code`` is None when it was lost without a BYE."""
+
+    code: ErrorCode | None
+    message: str
+    by_peer: bool
+
+
+@dataclass(frozen=True)
+class RelayFailed:
+    """The peer could not take a DATA/FIN/RST/ACCEPTED for ``port_id``
+    (an ERR with request id 0): log it; the port may have just closed."""
+
+    port_id: int
+    code: ErrorCode
+    message: str = ""
+
+
+# -- mediator: commands -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OpenSocket:
+    """Bind a ``proto`` socket on address:port and report ``opened``/``failed``.
+
+    ``mandatory`` False: bind the first free port from ``port`` up (port 0:
+    any port), as the seed's "desired" number. ``redirect``: a UDP port whose
+    datagrams go over a UDP channel; also open that channel's socket to the
+    server's service port, and report success only when both are up.
+    """
+
+    port_id: int
+    proto: Proto
+    address: IPAddress
+    port: int
+    mandatory: bool
+    redirect: bool = False
+
+
+@dataclass(frozen=True)
+class ConnectSocket:
+    """Connect TCP port ``port_id`` to address:port; ``connected``/``failed``."""
+
+    port_id: int
+    address: IPAddress
+    port: int
+
+
+@dataclass(frozen=True)
+class ListenSocket:
+    """Make TCP port ``port_id`` listen; ``listening``/``failed``."""
+
+    port_id: int
+
+
+@dataclass(frozen=True)
+class CloseSocket:
+    """Close ``port_id`` (and its UDP channel socket); no result expected."""
+
+    port_id: int
+
+
+@dataclass(frozen=True)
+class ShutdownSocket:
+    """Half-close TCP connection ``port_id`` (shutdown SHUT_WR): relays FIN."""
+
+    port_id: int
+
+
+@dataclass(frozen=True)
+class AbortSocket:
+    """Reset TCP connection ``port_id`` (SO_LINGER 0, then close): relays RST."""
+
+    port_id: int
+
+
+@dataclass(frozen=True)
+class WriteStream:
+    """Write ``data`` to TCP connection ``port_id``."""
+
+    port_id: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class SendTo:
+    """Send a datagram from UDP port ``port_id`` to a private address:port."""
+
+    port_id: int
+    address: IPAddress
+    port: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class SendChannel:
+    """Send ``data`` (an authenticated datagram) on ``port_id``'s UDP channel."""
+
+    port_id: int
+    data: bytes
+
+
+# -- mediator: events ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ready:
+    """INIT_OK received: the channel is up in ``version``."""
+
+    session_id: int
+    version: int
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The owner's allow-list refused a request: log it (ERR NOT_ALLOWED sent)."""
+
+    op: Op
+    address: IPAddress
+    port: int
+    proto: Proto
+
+
+@dataclass(frozen=True)
+class UdpChannelDead:
+    """No datagram on ``port_id``'s channel for the dead-peer time.
+
+    The NAT mapping has probably gone: reopen the channel's socket from a new
+    source port. The server learns the new address from the next
+    authenticated datagram.
+    """
+
+    port_id: int
+
+
+# -- server: commands ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SendDatagram:
+    """Send ``data`` from the service port to a mediator's channel address."""
+
+    address: IPAddress
+    port: int
+    data: bytes
+
+
+# -- server: events -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SessionReady:
+    """HELLO accepted: the mediator, its environment and the version."""
+
+    session_id: int
+    identity: str
+    service: str
+    interfaces: tuple[IPInterface, ...]
+    version: int
+
+
+@dataclass(frozen=True)
+class PortOpened:
+    """OPEN_PORT/REDIRECT_PORT ``request_id`` succeeded."""
+
+    request_id: int
+    port_id: int
+    port: int
+
+
+@dataclass(frozen=True)
+class RequestAcked:
+    """CONNECT/LISTEN/CLOSE ``request_id`` on ``port_id`` succeeded."""
+
+    request_id: int
+    port_id: int
+
+
+@dataclass(frozen=True)
+class RequestFailed:
+    """Request ``request_id`` failed with ``code``."""
+
+    request_id: int
+    port_id: int
+    code: ErrorCode
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Received:
+    """A packet (or stream bytes) from address:port arrived at ``port_id``."""
+
+    port_id: int
+    address: IPAddress
+    port: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ConnectionAccepted:
+    """A private host connected to listening ``listen_id``; it is ``conn_id``."""
+
+    listen_id: int
+    conn_id: int
+    address: IPAddress
+    port: int
+
+
+@dataclass(frozen=True)
+class PeerFin:
+    """The private end of connection ``port_id`` sent FIN."""
+
+    port_id: int
+
+
+@dataclass(frozen=True)
+class PeerReset:
+    """Connection ``port_id`` was reset on the private side."""
+
+    port_id: int
+
+
+@dataclass(frozen=True)
+class LimitExceeded:
+    """The mediator pushed past a limit; ``port_id`` is being closed."""
+
+    port_id: int
+    message: str = field(default="")
+
+
+MediatorOutput = (
+    SendFrame | CloseChannel | ChannelClosed | OpenSocket | ConnectSocket | ListenSocket
+    | CloseSocket | ShutdownSocket | AbortSocket | WriteStream | SendTo | SendChannel
+    | Ready | Refused | UdpChannelDead | RelayFailed
+)
+ServerOutput = (
+    SendFrame | CloseChannel | ChannelClosed | SendDatagram | SessionReady | PortOpened
+    | RequestAcked | RequestFailed | RelayFailed | Received | ConnectionAccepted
+    | PeerFin | PeerReset | LimitExceeded
+)

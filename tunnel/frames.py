@@ -1,0 +1,622 @@
+"""Binary frames of the tunnel's TCP channel, and a streaming decoder.
+
+The seed leaves the syntax open: "Only the semantics of this protocol are
+described here, the syntax being left to the discretion of the producers of
+the service" (seed, just before "1. Open, redirect, and close port
+requests"). This module is nfgate's syntax; docs/tunnel-protocol.md is its
+specification, with byte offsets and examples.
+
+Every frame is a 12-byte header and a body::
+
+    0  version  u8     protocol version the body is encoded in
+    1  type     u8     FrameType
+    2  flags    u16    reserved, must be 0
+    4  request  u32    request id; a reply carries its request's id
+    8  length   u32    body length in bytes
+
+All integers are big-endian. The header layout is frozen across versions, and
+so are the bodies of HELLO and INIT_ERR, so that any two implementations can
+always negotiate, or say why they cannot.
+
+``FrameDecoder`` takes arbitrary chunks of the (decrypted) byte stream and
+returns whole frames. On bad input it raises ``ProtocolError`` carrying the
+code for the BYE that answers it, and nothing else: the hypothesis test in
+tests/tunnel/test_frames.py holds it to that.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import struct
+from dataclasses import dataclass, field
+from typing import ClassVar, Iterator
+
+from tunnel.errors import ErrorCode, LocalProtocolError, ProtocolError
+from tunnel.wire import IPAddress, IPInterface, Proto, Reader, Writer, check_range
+
+__all__ = [
+    "PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "HEADER_SIZE", "MAX_UDP_PAYLOAD",
+    "MIN_MAX_FRAME_SIZE", "DEFAULT_MAX_FRAME_SIZE", "UDP_KEY_SIZE", "VERSION_INDEPENDENT",
+    "FrameType", "Role", "Proto", "IPAddress", "IPInterface", "Frame", "Hello", "InitOk",
+    "InitErr", "OpenPort", "RedirectPort", "ConnectPort", "ListenPort", "ClosePort",
+    "UdpKey", "Opened", "Ack", "Err", "Data", "EventAccepted", "EventFin", "EventRst",
+    "Keepalive", "KeepaliveAck", "Bye", "FRAME_CLASSES", "encode_frame",
+    "data_chunk_size", "FrameDecoder",
+]
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
+
+HEADER = struct.Struct("!BBHII")
+HEADER_SIZE = HEADER.size  # 12
+
+# The largest UDP payload (65535) must fit in one DATA frame: a datagram
+# relayed over the TCP channel cannot be split (seed, "Packet relay").
+MAX_UDP_PAYLOAD = 65535
+DATA_OVERHEAD = 4 + 1 + 16 + 2  # port id, family, IPv6 address, port
+MIN_MAX_FRAME_SIZE = HEADER_SIZE + DATA_OVERHEAD + MAX_UDP_PAYLOAD  # 65570
+DEFAULT_MAX_FRAME_SIZE = 131072
+
+UDP_KEY_SIZE = 32  # HMAC-SHA256 key for the UDP channels
+
+
+class FrameType(enum.IntEnum):
+    """The frame types of protocol version 1."""
+
+    HELLO = 0x01
+    INIT_OK = 0x02
+    INIT_ERR = 0x03
+    OPEN_PORT = 0x10
+    REDIRECT_PORT = 0x11
+    CONNECT = 0x12
+    LISTEN = 0x13
+    CLOSE = 0x14
+    UDP_KEY = 0x15
+    OPENED = 0x20
+    ACK = 0x21
+    ERR = 0x22
+    DATA = 0x30
+    EVENT_ACCEPTED = 0x31
+    EVENT_FIN = 0x32
+    EVENT_RST = 0x33
+    KEEPALIVE = 0x40
+    KEEPALIVE_ACK = 0x41
+    BYE = 0x50
+
+
+# Readable whatever the header's version says: the negotiation frames.
+VERSION_INDEPENDENT = frozenset({FrameType.HELLO, FrameType.INIT_ERR})
+
+
+class Role(enum.Enum):
+    """How a frame uses the request id (checked by encoder and decoder)."""
+
+    REQUEST = "request"  # request id != 0, answered by a reply with the same id
+    REPLY = "reply"  # request id != 0, the id of the request it answers
+    UNSOLICITED = "unsolicited"  # request id == 0
+    ANY = "any"  # ERR, INIT_ERR: a reply, or 0 when they answer no request
+
+
+@dataclass(frozen=True)
+class Frame(abc.ABC):
+    """One frame. ``request_id`` is the header's request id (see ``Role``)."""
+
+    TYPE: ClassVar[FrameType]
+    ROLE: ClassVar[Role]
+    request_id: int = field(default=0, kw_only=True)
+
+    @abc.abstractmethod
+    def _write(self, w: Writer) -> None:
+        """Append the body's fields."""
+
+    @classmethod
+    @abc.abstractmethod
+    def _read(cls, r: Reader, request_id: int) -> Frame:
+        """Parse the body's fields (the caller checks for trailing bytes)."""
+
+
+@dataclass(frozen=True)
+class Hello(Frame):
+    """Mediator -> server, first frame: who it is and what it has.
+
+    The seed's initialization: the mediator informs the server "about its
+    state and about its environment ... IP address, subnetwork mask, etc.,
+    through authentication or identification, to a description of the service
+    that it wishes to use" (seed, Figure 2 description). ``keepalive_ms`` and
+    ``max_frame_size`` tell the server the mediator's keepalive interval (for
+    dead-peer detection) and the largest frame it accepts.
+    """
+
+    TYPE = FrameType.HELLO
+    ROLE = Role.REQUEST
+    versions: tuple[int, ...]
+    identity: str
+    token: bytes
+    service: str
+    interfaces: tuple[IPInterface, ...]
+    keepalive_ms: int
+    max_frame_size: int
+
+    def _write(self, w: Writer) -> None:
+        w.versions(self.versions)
+        w.u32(self.keepalive_ms, "keepalive_ms")
+        w.u32(self.max_frame_size, "max_frame_size")
+        w.text(self.identity, "identity")
+        w.blob(self.token, "token")
+        w.text(self.service, "service")
+        w.u8(len(self.interfaces), "len(interfaces)")
+        for interface in self.interfaces:
+            w.interface(interface)
+
+    @classmethod
+    def _read(cls, r: Reader, request_id: int) -> Hello:
+        versions = r.versions()
+        keepalive_ms = r.u32()
+        max_frame_size = r.u32()
+        identity = r.text()
+        token = r.blob()
+        service = r.text()
+        interfaces = tuple(r.interface() for _ in range(r.u8()))
+        return cls(
+            versions, identity, token, service, interfaces, keepalive_ms, max_frame_size,
+            request_id=request_id,
+        )
+
+
+@dataclass(frozen=True)
+class InitOk(Frame):
+    """Server -> mediator: HELLO accepted; ``version`` is used from now on."""
+
+    TYPE = FrameType.INIT_OK
+    ROLE = Role.REPLY
+    version: int
+    session_id: int
+    max_frame_size: int
+
+    def _write(self, w: Writer) -> None:
+        w.u8(self.version, "version")
+        w.u32(self.session_id, "session_id")
+        w.u32(self.max_frame_size, "max_frame_size")
+
+    @classmethod
+    def _read(cls, r: Reader, request_id: int) -> InitOk:
+        return cls(r.u8(), r.u32(), r.u32(), request_id=request_id)
+
+
+@dataclass(frozen=True)
+class InitErr(Frame):
+    """Server -> mediator: HELLO refused; ``versions`` are the server's own.
+
+    Request id 0 when it answers something other than a HELLO (a frame sent
+    before HELLO, or no HELLO in time): before negotiation INIT_ERR is the one
+    refusal that any version can read.
+    """
+
+    TYPE = FrameType.INIT_ERR
+    ROLE = Role.ANY
+    code: ErrorCode
+    message: str
+    versions: tuple[int, ...]
+
+    def _write(self, w: Writer) -> None:
+        w.u16(self.code, "code")
+        w.versions(self.versions)
+        w.text(self.message, "message")
+
+    @classmethod
+    def _read(cls, r: Reader, request_id: int) -> InitErr:
+        code = r.code()
+        versions = r.versions()
+        return cls(code, r.text(), versions, request_id=request_id)
+
+
+@dataclass(frozen=True)
+class OpenPort(Frame):
+    """Server -> mediator: open ``proto`` port ``port`` on ``address``.
+
+    ``mandatory`` False is the seed's "desired" number: "the first free port
+    starting from the number requested is assigned" (seed, "Open port").
+    """
+
+    TYPE = FrameType.OPEN_PORT
+    ROLE = Role.REQUEST
+    proto: Proto
+    address: IPAddress
+    port: int
+    mandatory: bool
+
+    def _write(self, w: Writer) -> None:
+        w.u8(self.proto, "proto")
+        w.u8(int(self.mandatory), "mandatory")
+        w.address(self.address)
+        w.u16(self.port, "port")
+
+    @classmethod
+    def _read(cls, r: Reader, request_id: int) -> OpenPort:
+        proto = r.proto()
+        mandatory = r.flag()
+        return cls(proto, r.address(), r.u16(), mandatory, request_id=request_id)
+
+
+@dataclass(frozen=True)
+class RedirectPort(Frame):
+    """Server -> mediator: open UDP ``port`` and relay it over a UDP channel.
+
+    Redirect exists so that UDP traffic keeps "the UDP as the underlying
+    transport layer" instead of inheriting TCP's retransmission delay (seed,
+    "Redirect port").
+    """
+
+    TYPE = FrameType.REDIRECT_PORT
+    ROLE = Role.REQUEST
+    address: IPAddress
+    port: int
+    mandatory: bool
+
+    def _write(self, w: Writer) -> None:
+        w.u8(int(self.mandatory), "mandatory")
+        w.address(self.address)
+        w.u16(self.port, "port")
+
+    @classmethod
+    def _read(cls, r: Reader, request_id: int) -> RedirectPort:
+        mandatory = r.flag()
+        return cls(r.address(), r.u16(), mandatory, request_id=request_id)
+
+
+@dataclass(frozen=True)
+class ConnectPort(Frame):
+    """Server -> mediator: connect opened TCP port ``port_id`` to address:port."""
+
+    TYPE = FrameType.CONNECT
+    ROLE = Role.REQUEST
+    port_id: int
+    address: IPAddress
+    port: int
+
+    def _write(self, w: Writer) -> None:
+        w.u32(self.port_id, "port_id")
+        w.address(self.address)
+        w.u16(self.port, "port")
+
+    @classmethod
+    def _read(cls, r: Reader, request_id: int) -> ConnectPort:
+        return cls(r.u32(), r.address(), r.u16(), request_id=request_id)
+
+
+@dataclass(frozen=True)
+class _PortIdOnly(Frame):
+    port_id: int
+
+    def _write(self, w: Writer) -> None:
+        w.u32(self.port_id, "port_id")
+
+    @classmethod
+    def _read(cls, r: Reader, request_id: int) -> Frame:
+        return cls(r.u32(), request_id=request_id)
+
+
+@dataclass(frozen=True)
+class ListenPort(_PortIdOnly):
+    """Server -> mediator: make opened TCP port ``port_id`` a server port."""
+
+    TYPE = FrameType.LISTEN
+    ROLE = Role.REQUEST
+
+
+@dataclass(frozen=True)
+class ClosePort(_PortIdOnly):
+    """Server -> mediator: close port or connection ``port_id``."""
+
+    TYPE = FrameType.CLOSE
+    ROLE = Role.REQUEST
+
+
+@dataclass(frozen=True)
+class UdpKey(Frame):
+    """Server -> mediator: the key that authenticates the UDP channels.
+
+    It travels over the TLS channel, so the UDP channels get the TCP
+    channel's authentication without a handshake of their own.
+    """
+
+    TYPE = FrameType.UDP_KEY
+    ROLE = Role.REQUEST
+    key_id: int
+    key: bytes
+
+    def _write(self, w: Writer) -> None:
+        w.u32(self.key_id, "key_id")
+        w.blob(self.key, "key")
+
+    @classmethod
+    def _read(cls, r: Reader, request_id: int) -> UdpKey:
+        return cls(r.u32(), r.blob(), request_id=request_id)
+
+
+@dataclass(frozen=True)
+class Opened(Frame):
+    """Mediator -> server: reply to OPEN_PORT/REDIRECT_PORT (id, port given)."""
+
+    TYPE = FrameType.OPENED
+    ROLE = Role.REPLY
+    port_id: int
+    port: int
+
+    def _write(self, w: Writer) -> None:
+        w.u32(self.port_id, "port_id")
+        w.u16(self.port, "port")
+
+    @classmethod
+    def _read(cls, r: Reader, request_id: int) -> Opened:
+        return cls(r.u32(), r.u16(), request_id=request_id)
+
+
+@dataclass(frozen=True)
+class Ack(Frame):
+    """Reply: the request succeeded (the seed's "acknowledgement code")."""
+
+    TYPE = FrameType.ACK
+    ROLE = Role.REPLY
+
+    def _write(self, w: Writer) -> None:
+        return None
+
+    @classmethod
+    def _read(cls, r: Reader, request_id: int) -> Ack:
+        return cls(request_id=request_id)
+
+
+@dataclass(frozen=True)
+class Err(Frame):
+    """Reply: the request failed with ``code`` ("or an error code").
+
+    With request id 0 it reports on a DATA, EVENT_FIN or EVENT_RST frame
+    (which have no id) for port ``port_id``.
+    """
+
+    TYPE = FrameType.ERR
+    ROLE = Role.ANY
+    code: ErrorCode
+    port_id: int = 0
+    message: str = ""
+
+    def _write(self, w: Writer) -> None:
+        w.u16(self.code, "code")
+        w.u32(self.port_id, "port_id")
+        w.text(self.message, "message")
+
+    @classmethod
+    def _read(cls, r: Reader, request_id: int) -> Err:
+        return cls(r.code(), r.u32(), r.text(), request_id=request_id)
+
+
+@dataclass(frozen=True)
+class Data(Frame):
+    """Either way: one packet (UDP) or a piece of the stream (TCP).
+
+    Server -> mediator: send ``payload`` from port ``port_id`` to
+    address:port. Mediator -> server: ``payload`` arrived at ``port_id`` from
+    address:port (seed, "Packet relay").
+    """
+
+    TYPE = FrameType.DATA
+    ROLE = Role.UNSOLICITED
+    port_id: int
+    address: IPAddress
+    port: int
+    payload: bytes
+
+    def _write(self, w: Writer) -> None:
+        w.u32(self.port_id, "port_id")
+        w.address(self.address)
+        w.u16(self.port, "port")
+        w.raw(self.payload)
+
+    @classmethod
+    def _read(cls, r: Reader, request_id: int) -> Data:
+        return cls(r.u32(), r.address(), r.u16(), r.rest(), request_id=request_id)
+
+
+@dataclass(frozen=True)
+class EventAccepted(Frame):
+    """Mediator -> server: a private host connected to listening ``port_id``.
+
+    The seed's first relayed event, "corresponding to the sequence SYN,
+    SYN/ACK, ACK" (seed, "Event relay"). ``conn_id`` names the new connection.
+    """
+
+    TYPE = FrameType.EVENT_ACCEPTED
+    ROLE = Role.UNSOLICITED
+    port_id: int
+    conn_id: int
+    address: IPAddress
+    port: int
+
+    def _write(self, w: Writer) -> None:
+        w.u32(self.port_id, "port_id")
+        w.u32(self.conn_id, "conn_id")
+        w.address(self.address)
+        w.u16(self.port, "port")
+
+    @classmethod
+    def _read(cls, r: Reader, request_id: int) -> EventAccepted:
+        return cls(r.u32(), r.u32(), r.address(), r.u16(), request_id=request_id)
+
+
+@dataclass(frozen=True)
+class EventFin(_PortIdOnly):
+    """Either way: the sender's side of TCP connection ``port_id`` sent FIN."""
+
+    TYPE = FrameType.EVENT_FIN
+    ROLE = Role.UNSOLICITED
+
+
+@dataclass(frozen=True)
+class EventRst(_PortIdOnly):
+    """Either way: TCP connection ``port_id`` was reset (RST)."""
+
+    TYPE = FrameType.EVENT_RST
+    ROLE = Role.UNSOLICITED
+
+
+@dataclass(frozen=True)
+class _Empty(Frame):
+    def _write(self, w: Writer) -> None:
+        return None
+
+    @classmethod
+    def _read(cls, r: Reader, request_id: int) -> Frame:
+        return cls(request_id=request_id)
+
+
+@dataclass(frozen=True)
+class Keepalive(_Empty):
+    """The seed's "maintain channel packet"; the receiver answers at once."""
+
+    TYPE = FrameType.KEEPALIVE
+    ROLE = Role.REQUEST
+
+
+@dataclass(frozen=True)
+class KeepaliveAck(_Empty):
+    """Answer to KEEPALIVE; proves the peer alive (dead-peer detection)."""
+
+    TYPE = FrameType.KEEPALIVE_ACK
+    ROLE = Role.REPLY
+
+
+@dataclass(frozen=True)
+class Bye(Frame):
+    """Either way, last frame: why the sender closes the channel."""
+
+    TYPE = FrameType.BYE
+    ROLE = Role.UNSOLICITED
+    code: ErrorCode
+    message: str = ""
+
+    def _write(self, w: Writer) -> None:
+        w.u16(self.code, "code")
+        w.text(self.message, "message")
+
+    @classmethod
+    def _read(cls, r: Reader, request_id: int) -> Bye:
+        return cls(r.code(), r.text(), request_id=request_id)
+
+
+FRAME_CLASSES: dict[FrameType, type[Frame]] = {
+    cls.TYPE: cls
+    for cls in (
+        Hello, InitOk, InitErr, OpenPort, RedirectPort, ConnectPort, ListenPort,
+        ClosePort, UdpKey, Opened, Ack, Err, Data, EventAccepted, EventFin,
+        EventRst, Keepalive, KeepaliveAck, Bye,
+    )
+}
+
+
+def _check_request_id(role: Role, request_id: int) -> str | None:
+    """Why ``request_id`` is wrong for a frame of ``role``, or None."""
+    if role in (Role.REQUEST, Role.REPLY) and request_id == 0:
+        return f"a {role.value} needs a request id"
+    if role is Role.UNSOLICITED and request_id != 0:
+        return "an unsolicited frame carries request id 0"
+    return None
+
+
+def encode_frame(frame: Frame, version: int = PROTOCOL_VERSION) -> bytes:
+    """The bytes of ``frame``, header included, in protocol ``version``."""
+    problem = _check_request_id(frame.ROLE, frame.request_id)
+    if problem is not None:
+        raise LocalProtocolError(f"{frame.TYPE.name}: {problem}")
+    w = Writer()
+    frame._write(w)
+    body = b"".join(w.parts)
+    check_range("version", version, 8)
+    check_range("request_id", frame.request_id, 32)
+    check_range("length", len(body), 32)
+    return HEADER.pack(version, frame.TYPE, 0, frame.request_id, len(body)) + body
+
+
+def data_chunk_size(max_frame_size: int, address: IPAddress) -> int:
+    """The largest DATA payload that fits a frame of ``max_frame_size``."""
+    return max_frame_size - HEADER_SIZE - (4 + 1 + address.max_prefixlen // 8 + 2)
+
+
+class FrameDecoder:
+    """Turns a byte stream into frames, whatever the chunking.
+
+    ``versions`` are the versions accepted before negotiation; once the
+    session has one, set ``version`` and every frame but HELLO and INIT_ERR
+    must carry exactly it. ``max_frame_size`` bounds header plus body, and a
+    header announcing more is refused at once, before its body is buffered.
+    After a ``ProtocolError`` the decoder keeps raising it: framing is lost.
+    """
+
+    def __init__(
+        self,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        versions: tuple[int, ...] = SUPPORTED_VERSIONS,
+    ) -> None:
+        if max_frame_size < HEADER_SIZE:
+            raise ValueError(f"max_frame_size {max_frame_size} is below the header size")
+        self.max_frame_size = max_frame_size
+        self.versions = frozenset(versions)
+        self.version: int | None = None
+        self._buffer = bytearray()
+        self._error: ProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a returned frame."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> None:
+        """Buffer ``data``; frames come out of ``next_frame``."""
+        self._buffer += data
+
+    def next_frame(self) -> Frame | None:
+        """The next whole frame, or None until more bytes arrive."""
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._next_frame()
+        except ProtocolError as err:
+            self._error = err
+            raise
+
+    def __iter__(self) -> Iterator[Frame]:
+        while (frame := self.next_frame()) is not None:
+            yield frame
+
+    def _next_frame(self) -> Frame | None:
+        if len(self._buffer) < HEADER_SIZE:
+            return None
+        version, type_value, flags, request_id, length = HEADER.unpack_from(self._buffer)
+        if type_value not in VERSION_INDEPENDENT:
+            wanted = self.versions if self.version is None else {self.version}
+            if version not in wanted:
+                raise ProtocolError(
+                    ErrorCode.UNSUPPORTED_VERSION, f"frame in version {version}"
+                )
+        if type_value not in FrameType._value2member_map_:
+            raise ProtocolError(ErrorCode.UNKNOWN_FRAME, f"frame type {type_value:#04x}")
+        cls = FRAME_CLASSES[FrameType(type_value)]
+        if flags != 0:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"reserved flags {flags:#06x} set")
+        if HEADER_SIZE + length > self.max_frame_size:
+            raise ProtocolError(
+                ErrorCode.FRAME_TOO_LARGE,
+                f"{HEADER_SIZE + length} bytes > max frame size {self.max_frame_size}",
+            )
+        problem = _check_request_id(cls.ROLE, request_id)
+        if problem is not None:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{cls.TYPE.name}: {problem}")
+        if len(self._buffer) < HEADER_SIZE + length:
+            return None
+        body = bytes(self._buffer[HEADER_SIZE : HEADER_SIZE + length])
+        del self._buffer[: HEADER_SIZE + length]
+        reader = Reader(body)
+        frame = cls._read(reader, request_id)
+        reader.end()
+        return frame

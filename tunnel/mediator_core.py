@@ -1,0 +1,602 @@
+"""The mediation system's side of the tunnel, sans-IO.
+
+Theory of operation
+-------------------
+
+The mediation system "makes its TCP/UDP/IP interface available to the
+terminal 5 via a control server 4" (seed, Figure 1 description). This core
+is that system's protocol logic. It never touches a socket or a clock:
+
+1. The I/O layer connects to the server's service port (TLS), then calls
+   ``channel_up(now)``; the core answers with HELLO (identity, token, wanted
+   service, addresses and netmasks: the seed's initialization).
+2. Bytes from the channel go to ``receive_data(bytes, now)``. Each server
+   request is checked -- port state table (tunnel/states.py), the owner's
+   allow-list ``policy``, the settings' limits -- and either refused at once
+   with ERR, or turned into a command (``OpenSocket``, ``ConnectSocket``...)
+   for the I/O layer.
+3. The I/O layer reports each command's result: ``opened``, ``connected``,
+   ``listening`` or ``failed``; the core answers the pending request.
+4. What the sockets see goes to ``received``, ``accepted``, ``fin`` and
+   ``reset``; the core relays it (seed, "Packet and event relay"). Datagrams
+   of a redirected port go over its UDP channel, authenticated.
+5. ``tick(now)`` sends the keepalives and detects a dead server;
+   ``next_deadline()`` says when to call it next (seed, "Maintain channel").
+
+Every call returns the list of commands and events to carry out, in order.
+A missing ``policy`` refuses everything: the server gets NOT_ALLOWED.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from tunnel.channel import ChannelCore, IdAllocator
+from tunnel.commands import (
+    AbortSocket, CloseSocket, ConnectSocket, ListenSocket, MediatorOutput,
+    OpenSocket, Ready, Refused, RelayFailed, SendChannel, SendTo, ShutdownSocket,
+    UdpChannelDead, WriteStream,
+)
+from tunnel.datagrams import (
+    Datagram, DatagramError, DatagramType, DropReason, ReplayWindow, encode_datagram,
+    verify_datagram,
+)
+from tunnel.errors import ErrorCode, LocalProtocolError, ProtocolError
+from tunnel.frames import (
+    MIN_MAX_FRAME_SIZE, UDP_KEY_SIZE, Ack, ClosePort, ConnectPort, Data, Err, EventAccepted,
+    EventFin, EventRst, Frame, FrameType, Hello, InitErr, InitOk, IPAddress, IPInterface,
+    Keepalive, KeepaliveAck, ListenPort, Opened, OpenPort, Proto, RedirectPort, UdpKey,
+)
+from tunnel.policy import Op, Policy
+from tunnel.settings import MediatorSettings
+from tunnel.states import MEDIATOR_TRANSITIONS, Local, MediatorState, PortOp, PortState, port_op
+
+
+Out = list[MediatorOutput]
+
+
+@dataclass(frozen=True)
+class MediatorIdentity:
+    """Who the mediator is and what it has (sent in HELLO)."""
+
+    identity: str
+    token: bytes
+    service: str
+    interfaces: tuple[IPInterface, ...] = ()
+
+
+@dataclass
+class _Port:
+    """One port or connection id, as the mediator sees it."""
+
+    port_id: int
+    proto: Proto
+    state: PortState
+    address: IPAddress  # local address
+    port: int  # local port (requested until opened)
+    redirect: bool = False
+    pending: int = 0  # request id waiting for a socket result
+    peer: tuple[IPAddress, int] | None = None  # TCP: the connected private end
+    shut: bool = False  # the server's FIN was relayed (no more DATA)
+    # UDP channel of a redirected port
+    send_seq: int = 0
+    window: ReplayWindow | None = None
+    next_keepalive: float = 0.0
+    last_received: float = 0.0
+
+
+@dataclass
+class _Key:
+    key_id: int
+    key: bytes = field(repr=False)
+
+
+class MediatorCore(ChannelCore[MediatorState]):
+    """The mediation system's protocol state machine (one TCP channel)."""
+
+    def __init__(
+        self,
+        identity: MediatorIdentity,
+        settings: MediatorSettings | None = None,
+        policy: Policy | None = None,
+    ) -> None:
+        self.settings = settings or MediatorSettings()
+        super().__init__(
+            MediatorState.CONNECTING, MEDIATOR_TRANSITIONS, MediatorState.CLOSED,
+            self.settings.versions, self.settings.max_frame_size,
+        )
+        self.identity = identity
+        self.policy = policy
+        self.session_id: int | None = None
+        self.dropped: Counter[DropReason] = Counter()
+        """Datagrams dropped, by reason (DESIGN.md invariant 10)."""
+        self.accepts_refused = 0
+        """Accepted connections closed because ``max_ports`` was reached."""
+        self._ports: dict[int, _Port] = {}
+        self._port_ids = IdAllocator()
+        self._request_ids = IdAllocator()
+        self._pending: dict[int, int] = {}  # server request id -> port id
+        # Our KEEPALIVE ids not yet answered, oldest first; only the last
+        # ``dead_after`` are remembered, so the set stays bounded even if a
+        # server that sends other frames never answers them.
+        self._keepalives: dict[int, None] = {}
+        self._hello_id = 0
+        self._init_deadline = 0.0
+        self._next_keepalive = 0.0
+        self._key: _Key | None = None
+        self._handlers = {
+            FrameType.INIT_OK: self._on_init_ok,
+            FrameType.INIT_ERR: self._on_init_err,
+            FrameType.OPEN_PORT: self._on_open,
+            FrameType.REDIRECT_PORT: self._on_redirect,
+            FrameType.CONNECT: self._on_connect,
+            FrameType.LISTEN: self._on_listen,
+            FrameType.CLOSE: self._on_close,
+            FrameType.UDP_KEY: self._on_udp_key,
+            FrameType.DATA: self._on_data,
+            FrameType.EVENT_FIN: self._on_fin,
+            FrameType.EVENT_RST: self._on_rst,
+            FrameType.KEEPALIVE: self._on_keepalive,
+            FrameType.KEEPALIVE_ACK: self._on_keepalive_ack,
+            FrameType.ERR: self._on_err,
+            FrameType.BYE: self._on_bye,
+        }
+
+    # -- the channel -----------------------------------------------------------
+
+    def channel_up(self, now: float) -> Out:
+        """The TCP (TLS) channel to the service port is up: say HELLO."""
+        self._move(Local.CHANNEL_UP)
+        self._hello_id = self._request_ids.new(())
+        self._init_deadline = now + self.settings.init_timeout
+        self._last_received = now
+        hello = Hello(
+            self.settings.versions, self.identity.identity, self.identity.token,
+            self.identity.service, self.identity.interfaces,
+            round(self.settings.keepalive_interval * 1000), self.settings.max_frame_size,
+            request_id=self._hello_id,
+        )
+        return [self._send(hello)]
+
+    def receive_data(self, data: bytes, now: float) -> Out:
+        """Bytes from the TCP channel (any chunking)."""
+        if self._state is MediatorState.CONNECTING:
+            raise LocalProtocolError("receive_data before channel_up")
+        return self._receive(data, now)
+
+    def close(
+        self, code: ErrorCode = ErrorCode.NORMAL, message: str = ""
+    ) -> Out:
+        """Close the channel ourselves: BYE, then every socket."""
+        return self._close(code, message, send_bye=self._state is not MediatorState.CONNECTING)
+
+    def tick(self, now: float) -> Out:
+        """Send the keepalives that are due; close if the server is dead."""
+        if self._state is MediatorState.INIT_SENT and now >= self._init_deadline:
+            return self._fault(ErrorCode.TIMEOUT, "no INIT_OK in time")
+        if self._state is not MediatorState.READY:
+            return []
+        interval = self.settings.keepalive_interval
+        silence = interval * self.settings.dead_after
+        if now >= self._last_received + silence:
+            return self._fault(ErrorCode.TIMEOUT, f"nothing from the server for {silence:g} s")
+        out: Out = []
+        if now >= self._next_keepalive:
+            request_id = self._request_ids.new(self._keepalives)
+            self._keepalives[request_id] = None
+            if len(self._keepalives) > self.settings.dead_after:
+                del self._keepalives[next(iter(self._keepalives))]
+            self._next_keepalive = now + interval
+            out.append(self._send(Keepalive(request_id=request_id)))
+        for port in self._channels():
+            if now >= port.last_received + silence:
+                port.last_received = now
+                out.append(UdpChannelDead(port.port_id))
+            if now >= port.next_keepalive:
+                out.append(self._channel_keepalive(port, now))
+        return out
+
+    def next_deadline(self) -> float | None:
+        """When ``tick`` must be called next (None: no timer running)."""
+        if self._state is MediatorState.INIT_SENT:
+            return self._init_deadline
+        if self._state is not MediatorState.READY:
+            return None
+        silence = self.settings.keepalive_interval * self.settings.dead_after
+        times = [self._next_keepalive, self._last_received + silence]
+        for port in self._channels():
+            times += [port.next_keepalive, port.last_received + silence]
+        return min(times)
+
+    # -- replies and refusals --------------------------------------------------
+
+    def _reply(self, frame: Frame) -> Out:
+        return [self._send(frame)]
+
+    def _err(self, request: Frame, code: ErrorCode, message: str, port_id: int = 0) -> Out:
+        return [self._send(Err(code, port_id, message, request_id=request.request_id))]
+
+    def _allowed(self, op: Op, address: IPAddress, port: int, proto: Proto) -> bool:
+        return self.policy is not None and self.policy.check(op, address, port, proto)
+
+    def _refuse(
+        self, request_id: int, op: Op, address: IPAddress, port: int, proto: Proto, port_id: int = 0
+    ) -> Out:
+        message = f"{op.value} {proto.name} {address}:{port} is not allowed"
+        return [
+            Refused(op, address, port, proto),
+            self._send(Err(ErrorCode.NOT_ALLOWED, port_id, message, request_id=request_id)),
+        ]
+
+    def _check_request_id(self, request: Frame) -> None:
+        if request.request_id in self._pending:
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST, f"request id {request.request_id} is still pending"
+            )
+
+    # -- handshake ---------------------------------------------------------------
+
+    def _on_init_ok(self, frame: InitOk, now: float) -> Out:
+        if frame.request_id != self._hello_id:
+            raise ProtocolError(ErrorCode.UNEXPECTED_FRAME, "INIT_OK does not answer our HELLO")
+        if frame.version not in self.settings.versions:
+            raise ProtocolError(
+                ErrorCode.UNSUPPORTED_VERSION, f"server chose version {frame.version}"
+            )
+        if frame.max_frame_size < MIN_MAX_FRAME_SIZE:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "server's max frame size is too small")
+        self._negotiated(frame.version, frame.max_frame_size)
+        self.session_id = frame.session_id
+        self._next_keepalive = now + self.settings.keepalive_interval
+        return [Ready(frame.session_id, frame.version)]
+
+    def _on_init_err(self, frame: InitErr, now: float) -> Out:
+        return self._teardown(frame.code, frame.message, by_peer=True)
+
+    # -- requests (seed, "1. Open, redirect, and close port requests") ---------
+
+    def _open(
+        self, frame: OpenPort | RedirectPort, proto: Proto, op: Op, redirect: bool
+    ) -> Out:
+        self._check_request_id(frame)
+        if frame.mandatory and frame.port == 0:
+            return self._err(frame, ErrorCode.BAD_REQUEST, "a mandatory port needs a number")
+        if len(self._ports) >= self.settings.max_ports:
+            return self._err(frame, ErrorCode.LIMIT, f"max_ports {self.settings.max_ports} reached")
+        if len(self._pending) >= self.settings.max_pending:
+            return self._err(frame, ErrorCode.LIMIT, f"max_pending {self.settings.max_pending} reached")
+        # Port 0 names no port yet; the assigned one is checked in opened().
+        if frame.port != 0 and not self._allowed(op, frame.address, frame.port, proto):
+            return self._refuse(frame.request_id, op, frame.address, frame.port, proto)
+        port_id = self._port_ids.new(self._ports)
+        self._ports[port_id] = _Port(
+            port_id, proto, PortState.OPENING, frame.address, frame.port,
+            redirect=redirect, pending=frame.request_id,
+        )
+        self._pending[frame.request_id] = port_id
+        return [OpenSocket(port_id, proto, frame.address, frame.port, frame.mandatory, redirect)]
+
+    def _on_open(self, frame: OpenPort, now: float) -> Out:
+        return self._open(frame, frame.proto, Op.OPEN, redirect=False)
+
+    def _on_redirect(self, frame: RedirectPort, now: float) -> Out:
+        if self._key is None:
+            return self._err(frame, ErrorCode.WRONG_STATE, "no UDP_KEY yet: no UDP channel")
+        return self._open(frame, Proto.UDP, Op.REDIRECT, redirect=True)
+
+    def _port_for(
+        self, request: Frame, port_id: int, op: PortOp
+    ) -> tuple[_Port | None, Out]:
+        """The port ``op`` applies to, or the ERR that refuses it."""
+        reply_id = request.request_id
+        port = self._ports.get(port_id)
+        if port is None or port.state is PortState.OPENING:
+            message = f"no port {port_id}"
+            return None, [self._send(Err(ErrorCode.NO_SUCH_ID, port_id, message, request_id=reply_id))]
+        if port_op(port.proto, port.state, op) is None or (op is PortOp.DATA and port.shut):
+            message = f"cannot {op.value} {port.proto.name} port {port_id} in {port.state.value}"
+            return None, [self._send(Err(ErrorCode.WRONG_STATE, port_id, message, request_id=reply_id))]
+        return port, []
+
+    def _on_connect(self, frame: ConnectPort, now: float) -> Out:
+        self._check_request_id(frame)
+        port, refusal = self._port_for(frame, frame.port_id, PortOp.CONNECT)
+        if port is None:
+            return refusal
+        if frame.port == 0:
+            return self._err(frame, ErrorCode.BAD_REQUEST, "cannot connect to port 0", port.port_id)
+        if not self._allowed(Op.CONNECT, frame.address, frame.port, Proto.TCP):
+            return self._refuse(
+                frame.request_id, Op.CONNECT, frame.address, frame.port, Proto.TCP, port.port_id
+            )
+        if len(self._pending) >= self.settings.max_pending:
+            return self._err(frame, ErrorCode.LIMIT, "max_pending reached", port.port_id)
+        port.state, port.pending = PortState.CONNECTING, frame.request_id
+        port.peer = (frame.address, frame.port)
+        self._pending[frame.request_id] = port.port_id
+        return [ConnectSocket(port.port_id, frame.address, frame.port)]
+
+    def _on_listen(self, frame: ListenPort, now: float) -> Out:
+        self._check_request_id(frame)
+        port, refusal = self._port_for(frame, frame.port_id, PortOp.LISTEN)
+        if port is None:
+            return refusal
+        if not self._allowed(Op.LISTEN, port.address, port.port, Proto.TCP):
+            return self._refuse(
+                frame.request_id, Op.LISTEN, port.address, port.port, Proto.TCP, port.port_id
+            )
+        if len(self._pending) >= self.settings.max_pending:
+            return self._err(frame, ErrorCode.LIMIT, "max_pending reached", port.port_id)
+        port.state, port.pending = PortState.LISTEN_PENDING, frame.request_id
+        self._pending[frame.request_id] = port.port_id
+        return [ListenSocket(port.port_id)]
+
+    def _on_close(self, frame: ClosePort, now: float) -> Out:
+        port, refusal = self._port_for(frame, frame.port_id, PortOp.CLOSE)
+        if port is None:
+            return refusal
+        out: Out = []
+        if port.pending:
+            # The pending CONNECT/LISTEN can no longer succeed: answer it first.
+            del self._pending[port.pending]
+            cancelled = Err(ErrorCode.CANCELLED, port.port_id, "port closed", request_id=port.pending)
+            out.append(self._send(cancelled))
+        del self._ports[port.port_id]
+        return out + [CloseSocket(port.port_id), self._send(Ack(request_id=frame.request_id))]
+
+    def _on_udp_key(self, frame: UdpKey, now: float) -> Out:
+        if len(frame.key) != UDP_KEY_SIZE:
+            return self._err(frame, ErrorCode.BAD_REQUEST, f"a UDP key is {UDP_KEY_SIZE} bytes")
+        self._key = _Key(frame.key_id, frame.key)
+        for port in self._channels():  # a new key starts every channel afresh
+            port.send_seq = 0
+            port.window = ReplayWindow(self.settings.replay_window)
+        return [self._send(Ack(request_id=frame.request_id))]
+
+    # -- relay from the server (seed, "2. Packet and event relay") -------------
+
+    def _on_data(self, frame: Data, now: float) -> Out:
+        port, refusal = self._port_for(frame, frame.port_id, PortOp.DATA)
+        if port is None:
+            return refusal
+        if port.proto is Proto.TCP:
+            if port.peer != (frame.address, frame.port):
+                message = "not this connection's peer"
+                return self._err(frame, ErrorCode.BAD_REQUEST, message, port.port_id)
+            return [WriteStream(port.port_id, frame.payload)]
+        return self._send_to(port, frame.address, frame.port, frame.payload)
+
+    def _send_to(self, port: _Port, address: IPAddress, dport: int, payload: bytes) -> Out:
+        if not self._allowed(Op.SEND, address, dport, Proto.UDP):
+            return self._refuse(0, Op.SEND, address, dport, Proto.UDP, port.port_id)
+        return [SendTo(port.port_id, address, dport, payload)]
+
+    def _on_fin(self, frame: EventFin, now: float) -> Out:
+        port, refusal = self._port_for(frame, frame.port_id, PortOp.FIN)
+        if port is None:
+            return refusal
+        if port.shut:
+            return self._err(frame, ErrorCode.WRONG_STATE, "FIN already relayed", port.port_id)
+        port.shut = True
+        return [ShutdownSocket(port.port_id)]
+
+    def _on_rst(self, frame: EventRst, now: float) -> Out:
+        port, refusal = self._port_for(frame, frame.port_id, PortOp.RST)
+        if port is None:
+            return refusal
+        port.state = PortState.RESET
+        return [AbortSocket(port.port_id)]
+
+    def _on_keepalive(self, frame: Keepalive, now: float) -> Out:
+        return self._reply(KeepaliveAck(request_id=frame.request_id))
+
+    def _on_keepalive_ack(self, frame: KeepaliveAck, now: float) -> Out:
+        if frame.request_id not in self._keepalives:
+            raise ProtocolError(ErrorCode.UNEXPECTED_FRAME, "KEEPALIVE_ACK for no KEEPALIVE")
+        del self._keepalives[frame.request_id]
+        return []
+
+    def _on_err(self, frame: Err, now: float) -> Out:
+        # Our only requests are HELLO (answered by INIT_*) and KEEPALIVE
+        # (answered by KEEPALIVE_ACK): an ERR can only report on a relayed frame.
+        if frame.request_id != 0:
+            raise ProtocolError(ErrorCode.UNEXPECTED_FRAME, "ERR answers no request of ours")
+        return [RelayFailed(frame.port_id, frame.code, frame.message)]
+
+    # -- results of commands -------------------------------------------------------
+
+    def _result_port(self, port_id: int, *states: PortState) -> _Port | None:
+        """The port a socket result is about; None if it was closed since."""
+        if not self._port_ids.issued(port_id):
+            raise LocalProtocolError(f"port id {port_id} was never issued")
+        port = self._ports.get(port_id)
+        if port is not None and port.state not in states:
+            raise LocalProtocolError(f"port {port_id} is {port.state.value}, not {states}")
+        return port
+
+    def _finish(self, port: _Port, state: PortState) -> int:
+        request_id, port.pending, port.state = port.pending, 0, state
+        del self._pending[request_id]
+        return request_id
+
+    def opened(self, port_id: int, port: int, now: float) -> Out:
+        """``OpenSocket(port_id)`` succeeded; ``port`` is the one bound."""
+        record = self._result_port(port_id, PortState.OPENING)
+        if record is None:
+            return [CloseSocket(port_id)]
+        if not 0 < port < 65536:
+            raise LocalProtocolError(f"bound port {port} out of range")
+        op = Op.REDIRECT if record.redirect else Op.OPEN
+        if port != record.port and not self._allowed(op, record.address, port, record.proto):
+            request_id = self._finish(record, PortState.CLOSED)
+            del self._ports[port_id]
+            refusal = self._refuse(request_id, op, record.address, port, record.proto)
+            return [CloseSocket(port_id), *refusal]
+        record.port = port
+        if not record.redirect:
+            request_id = self._finish(record, PortState.OPEN)
+            return [self._send(Opened(port_id, port, request_id=request_id))]
+        request_id = self._finish(record, PortState.REDIRECTED)
+        record.window = ReplayWindow(self.settings.replay_window)
+        record.last_received = now
+        # A first keepalive opens the NAT mapping, so the server learns where
+        # the channel comes from before it has anything to send on it.
+        return [
+            self._send(Opened(port_id, port, request_id=request_id)),
+            self._channel_keepalive(record, now),
+        ]
+
+    def connected(self, port_id: int) -> Out:
+        """``ConnectSocket(port_id)`` succeeded."""
+        port = self._result_port(port_id, PortState.CONNECTING)
+        if port is None:
+            return [CloseSocket(port_id)]
+        return [self._send(Ack(request_id=self._finish(port, PortState.CONNECTED)))]
+
+    def listening(self, port_id: int) -> Out:
+        """``ListenSocket(port_id)`` succeeded."""
+        port = self._result_port(port_id, PortState.LISTEN_PENDING)
+        if port is None:
+            return [CloseSocket(port_id)]
+        return [self._send(Ack(request_id=self._finish(port, PortState.LISTENING)))]
+
+    def failed(self, port_id: int, code: ErrorCode, message: str = "") -> Out:
+        """A pending Open/Connect/ListenSocket failed with ``code``.
+
+        A failed open forgets the id (the server never learnt it); a failed
+        connect or listen leaves the port open and undedicated, so the I/O
+        layer must keep (or rebind) its socket on the same address and port.
+        """
+        port = self._result_port(
+            port_id, PortState.OPENING, PortState.CONNECTING, PortState.LISTEN_PENDING
+        )
+        if port is None:
+            return []
+        if port.state is PortState.OPENING:
+            request_id = self._finish(port, PortState.CLOSED)
+            del self._ports[port_id]
+            return [self._send(Err(code, 0, message, request_id=request_id))]
+        port.peer = None
+        request_id = self._finish(port, PortState.OPEN)
+        return [self._send(Err(code, port_id, message, request_id=request_id))]
+
+    # -- what the sockets see --------------------------------------------------------
+
+    def _live(self, port_id: int) -> _Port | None:
+        if not self._port_ids.issued(port_id):
+            raise LocalProtocolError(f"port id {port_id} was never issued")
+        return self._ports.get(port_id)
+
+    def received(self, port_id: int, address: IPAddress, port: int, data: bytes) -> Out:
+        """``data`` arrived at ``port_id`` from address:port; relay it."""
+        record = self._live(port_id)
+        if record is None or self.closed:
+            return []
+        if record.state is PortState.CONNECTED:
+            return list(self._data_frames(port_id, address, port, data, stream=True))
+        if record.state is PortState.OPEN and record.proto is Proto.UDP:
+            return list(self._data_frames(port_id, address, port, data, stream=False))
+        if record.state is PortState.REDIRECTED and self._key is not None:
+            datagram = Datagram(
+                DatagramType.DATA, self._key.key_id, port_id, record.send_seq, False,
+                address, port, data,
+            )
+            record.send_seq += 1
+            return [SendChannel(port_id, encode_datagram(datagram, self._key.key))]
+        raise LocalProtocolError(f"port {port_id} in {record.state.value} cannot receive")
+
+    def accepted(
+        self, listen_id: int, address: IPAddress, port: int
+    ) -> tuple[int | None, Out]:
+        """A private host connected to listening ``listen_id``.
+
+        Returns the new connection's id, or None: then close the new socket
+        (the listener was closed meanwhile, or ``max_ports`` is reached).
+        """
+        listener = self._live(listen_id)
+        if listener is None or self.closed:
+            return None, []
+        if listener.state is not PortState.LISTENING:
+            raise LocalProtocolError(f"port {listen_id} is not listening")
+        if len(self._ports) >= self.settings.max_ports:
+            self.accepts_refused += 1
+            return None, []
+        conn_id = self._port_ids.new(self._ports)
+        self._ports[conn_id] = _Port(
+            conn_id, Proto.TCP, PortState.CONNECTED, listener.address, listener.port,
+            peer=(address, port),
+        )
+        return conn_id, [self._send(EventAccepted(listen_id, conn_id, address, port))]
+
+    def fin(self, port_id: int) -> Out:
+        """The private end of connection ``port_id`` sent FIN (EOF)."""
+        record = self._live(port_id)
+        if record is None or self.closed or record.state is not PortState.CONNECTED:
+            return []
+        return [self._send(EventFin(port_id))]
+
+    def reset(self, port_id: int) -> Out:
+        """Connection ``port_id`` was reset (RST) or failed."""
+        record = self._live(port_id)
+        if record is None or self.closed or record.state is not PortState.CONNECTED:
+            return []
+        record.state = PortState.RESET
+        return [self._send(EventRst(port_id))]
+
+    # -- UDP channels -----------------------------------------------------------------
+
+    def _channels(self) -> list[_Port]:
+        return [p for p in self._ports.values() if p.state is PortState.REDIRECTED]
+
+    def _channel_keepalive(self, port: _Port, now: float) -> SendChannel:
+        assert self._key is not None  # a redirect is refused without a key
+        datagram = Datagram(
+            DatagramType.KEEPALIVE, self._key.key_id, port.port_id, port.send_seq, False
+        )
+        port.send_seq += 1
+        port.next_keepalive = now + self.settings.keepalive_interval
+        return SendChannel(port.port_id, encode_datagram(datagram, self._key.key))
+
+    def receive_datagram(self, raw: bytes, now: float) -> Out:
+        """A datagram from the server on a UDP channel: check it, relay it.
+
+        A datagram that fails a check is dropped and counted in ``dropped``.
+        """
+        try:
+            return self._receive_datagram(raw, now)
+        except DatagramError as err:
+            self.dropped[err.reason] += 1
+            return []
+
+    def _receive_datagram(self, raw: bytes, now: float) -> Out:
+        if self._key is None or self._state is not MediatorState.READY:
+            raise DatagramError(DropReason.UNKNOWN_KEY)
+        datagram = verify_datagram(raw, self._key.key, self._key.key_id, from_server=True)
+        port = self._ports.get(datagram.channel_id)
+        if port is None or port.state is not PortState.REDIRECTED or port.window is None:
+            raise DatagramError(DropReason.UNKNOWN_CHANNEL)
+        if not port.window.accept(datagram.seq):
+            raise DatagramError(DropReason.REPLAY)
+        port.last_received = now
+        if datagram.type is DatagramType.KEEPALIVE_ACK:
+            return []
+        if datagram.type is not DatagramType.DATA or datagram.address is None:
+            raise DatagramError(DropReason.UNEXPECTED_TYPE)
+        return self._send_to(port, datagram.address, datagram.port, datagram.data)
+
+    # -- closing ------------------------------------------------------------------------
+
+    def _release(self) -> Out:
+        out: Out = [CloseSocket(port_id) for port_id in sorted(self._ports)]
+        self._ports.clear()
+        self._pending.clear()
+        self._keepalives.clear()
+        self._key = None
+        return out
+
+    @property
+    def ports(self) -> dict[int, tuple[Proto, PortState]]:
+        """Live ids: transport and state (for status displays and tests)."""
+        return {p.port_id: (p.proto, p.state) for p in self._ports.values()}
+

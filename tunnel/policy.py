@@ -1,0 +1,97 @@
+"""Verdict hooks the cores call: the mediator's allow-list, the server's login.
+
+Policy is separate from protocol (STYLE.md, after aiosmtpd handlers): a core
+asks a hook for a verdict, and a missing hook means the safe default --
+refuse. The seed wants the tunnel to simplify "the security strategy applied
+at the boundary of the private network, without compromising it" (seed,
+statement of the problem); the owner's allow-list is how the mediator keeps
+that promise when the server asks it to reach into the private network.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from tunnel.frames import Hello, IPAddress, Proto
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Op(enum.Enum):
+    """What the server asks the mediator to do with an address and port."""
+
+    OPEN = "open"  # bind a local port (address is one of the mediator's)
+    REDIRECT = "redirect"  # bind a local UDP port and relay it over UDP
+    CONNECT = "connect"  # connect to a private host
+    LISTEN = "listen"  # accept connections on a local port
+    SEND = "send"  # send a UDP datagram to a private host
+
+
+class Policy(Protocol):
+    """The mediator's allow-list hook."""
+
+    def check(self, op: Op, address: IPAddress, port: int, proto: Proto) -> bool:
+        """True if the owner allows ``op`` on address:port over ``proto``."""
+        ...
+
+
+class Authenticator(Protocol):
+    """The server's login hook: does this HELLO identify a known mediator?"""
+
+    def authenticate(self, hello: Hello) -> bool:
+        """True if identity, token and service are acceptable."""
+        ...
+
+
+def _plain(address: IPAddress) -> IPAddress:
+    """``::ffff:a.b.c.d`` is a.b.c.d (STYLE.md: compare values, not strings)."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Allow ``ops`` over ``protos`` to ``network`` ports first..last."""
+
+    network: IPNetwork
+    first_port: int = 1
+    last_port: int = 65535
+    protos: frozenset[Proto] = frozenset({Proto.TCP, Proto.UDP})
+    ops: frozenset[Op] = frozenset(Op)
+
+    def matches(self, op: Op, address: IPAddress, port: int, proto: Proto) -> bool:
+        return (
+            op in self.ops
+            and proto in self.protos
+            and self.first_port <= port <= self.last_port
+            and address.version == self.network.version
+            and address in self.network
+        )
+
+
+class AllowList:
+    """A ``Policy`` from rules: allowed if any rule matches, else refused."""
+
+    def __init__(self, rules: Iterable[Rule]) -> None:
+        self.rules = tuple(rules)
+
+    def check(self, op: Op, address: IPAddress, port: int, proto: Proto) -> bool:
+        address = _plain(address)
+        return any(rule.matches(op, address, port, proto) for rule in self.rules)
+
+
+class TokenAuthenticator:
+    """An ``Authenticator`` from identity -> token, compared in constant time."""
+
+    def __init__(self, tokens: Mapping[str, bytes]) -> None:
+        self.tokens = dict(tokens)
+
+    def authenticate(self, hello: Hello) -> bool:
+        expected = self.tokens.get(hello.identity)
+        return expected is not None and hmac.compare_digest(expected, hello.token)
