@@ -5,6 +5,10 @@
   text or as iptables-restore input.
 - ``backend``: detect what the kernel supports, apply a ruleset atomically,
   flush exactly what nfgate installed.
+- ``packet``: parse and rewrite IPv4 TCP/UDP headers in place with RFC 1624
+  incremental checksums (the processor's hot path; no scapy).
+- ``pools``: O(1) allocation of the double NAT's endpoints, sliced per instance.
+- ``flows``: bindings and the flow table, with expiry by TCP state and idle time.
 - ``signalling``: the authenticated UDP protocol between the processor and
   the gateways' deNAT/reNAT layer (docs/signalling.md).
 - ``lab``: topologies as data, built as network namespaces with pyroute2.

@@ -62,6 +62,7 @@ ZONE_NAME = r"[a-z][a-z0-9]{0,7}"  # short: iptables chain names are NFGATE-FWD-
 NAME = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,31}"
 NETNS = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,31}"
 MAX_QUEUES = 64
+MAX_POOL_ADDRESSES = 65536  # firewall.pools indexes addresses in 16 bits
 
 
 class ConfigError(UsageError):
@@ -345,6 +346,9 @@ def _processor(t: Table, problems: Problems) -> Processor:
     fw = pt.take("firewall_side", network, dp.firewall_side)
     if fw is not None and fw.version != 4:
         problems.add(f"{pt.path}.firewall_side", "the firewall-side pool is IPv4")
+        fw = None
+    elif fw is not None and fw.num_addresses > MAX_POOL_ADDRESSES:
+        problems.add(f"{pt.path}.firewall_side", f"{fw} is larger than /16: at most {MAX_POOL_ADDRESSES} addresses")
         fw = None
     pool_ports = pt.take("ports", single_range, dp.ports)
     snat_ports = pt.take("snat_ports", single_range, dp.snat_ports)

@@ -202,6 +202,12 @@ def test_pool_must_cover_every_queue() -> None:
     assert "fewer than 4 addresses for 3 queues" in reason
 
 
+def test_pool_size_limit() -> None:
+    path, reason, _ = only(BASE + "\n[processor.pools]\nfirewall_side = '10.0.0.0/15'\n")
+    assert path == "processor.pools.firewall_side"
+    assert "larger than /16" in reason
+
+
 def test_blind_track_not_in_a_zone() -> None:
     text = BASE.replace('["lan0"]', '["lan0", "nfg-gw0"]')
     path, reason, _ = only(text)
