@@ -163,6 +163,8 @@ def _build(doc: dict[str, Any], path: Path | None, problems: Problems) -> Config
     _check_gateways(gateways, problems)
     _check_forwards(nat.forwards, problems)
     _check_buckets(processor, problems)
+    if signalling.port is not None and signalling.port + len(processor.queues) - 1 > 65535:
+        problems.add("signalling.port", f"processor instance i listens on port + i: {len(processor.queues)} queues need ports up to 65535")
     return Config(
         path=path,
         zones=zones,

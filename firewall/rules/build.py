@@ -59,6 +59,8 @@ from firewall.rules.model import (
     Ruleset,
 )
 
+DYN_REDIRECT = "dyn_redirect"
+DYN_ALLOW = "dyn_allow"
 ICMP_ERRORS = ("destination-unreachable", "time-exceeded", "parameter-problem")
 ICMPV6_ERRORS = ("destination-unreachable", "packet-too-big", "time-exceeded", "parameter-problem")
 # RFC 4890 section 4.4.1: neighbour discovery must reach the router itself.
@@ -91,6 +93,10 @@ def _raw(config: Config, rs: Ruleset) -> None:
         Family.V4,
     )
     raw.add([Mark(marks.mask, marks.passed)], [Accept()], "processor passed this packet on unchanged", Family.V4)
+    # Filled at run time by the processor with exact, short-lived rules that a
+    # gateway asked for (seed, "Dynamic changes in packet processing").
+    rs.chains.append(Chain(DYN_REDIRECT, Kind.RAW))
+    raw.add([], [Jump(DYN_REDIRECT)], "dynamic rules: redirect into a gateway", Family.V4)
 
     bypass = proc.fail_mode == "open"
     queues = proc.queues
@@ -159,6 +165,13 @@ def _raw(config: Config, rs: Ruleset) -> None:
                 raw.add(matches, [by_snat], f"{tag}: reply to SNAT", Family.V4)
             else:
                 raw.add(_selector(t, reply=True), [by_dst], f"{tag}: reply", Family.V4)
+
+
+def signalling_ports(config: Config) -> PortRange:
+    """Processor instance i listens on signalling.port + i, so a gateway's query
+    or rule request reaches the instance that owns the flow."""
+    first = config.signalling.port
+    return PortRange(first, first + len(config.processor.queues) - 1)
 
 
 def port_slices(rng: PortRange, buckets: int) -> list[PortRange]:
@@ -248,6 +261,9 @@ def _filter(config: Config, rs: Ruleset) -> None:
         )
     for chain in (inp, fwd, out):
         _stateful(chain, config)
+    if gateways:
+        rs.chains.append(Chain(DYN_ALLOW, Kind.FILTER))
+        fwd.add([], [Jump(DYN_ALLOW)], "dynamic rules: allowed by a gateway", Family.V4)
     if pol.icmp_essential:
         for chain in (inp, fwd, out):
             chain.add([Proto("icmp"), IcmpType(ICMP_ERRORS)], [Accept()], "policy.icmp_essential", Family.V4)
@@ -261,9 +277,9 @@ def _filter(config: Config, rs: Ruleset) -> None:
     if gateways:
         # The blind track carries signalling to the processor and nothing else
         # to the router itself (DESIGN invariant 5).
-        sig = config.signalling.port
+        sig = signalling_ports(config)
         inp.add(
-            [InIface(link.router_if), Addr("dst", (ipaddress.ip_network(link.router_address.ip),)), Proto("udp"), Port("dst", (PortRange(sig, sig),))],
+            [InIface(link.router_if), Addr("dst", (ipaddress.ip_network(link.router_address.ip),)), Proto("udp"), Port("dst", (sig,))],
             [Accept()],
             "signalling from the gateways",
             Family.V4,
