@@ -198,6 +198,99 @@ def flush() -> None:
         click.echo(line)
 
 
+@main.command()
+@config_option
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "nft", "iptables", "iptables-legacy"]),
+    default="auto",
+    show_default=True,
+    help="As for nfgate apply.",
+)
+def run(config_path: str, backend: str) -> None:
+    """Run the firewall in the foreground: rules, processors, gateways.
+
+    Creates the gateway namespace and its blind-track link, applies the
+    rules, starts one packet processor per queue and one process per
+    gateway, and restarts any that dies. SIGTERM or Ctrl-C stops them all
+    and removes everything nfgate installed. scripts/nfgate.service runs it
+    under systemd.
+
+    \b
+    Examples:
+      sudo nfgate run
+      sudo nfgate run -c /etc/nfgate/office.toml --backend iptables
+    """
+    from firewall.supervisor import Supervisor
+
+    require_root("run")
+    Supervisor(_load(config_path), config_path, backend).run()
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+def status(config_path: str, as_json: bool) -> None:
+    """Show the running firewall: processes, flows, pools, counters.
+
+    Reads the supervisor's root-only control socket (supervisor.control_socket).
+
+    \b
+    Examples:
+      sudo nfgate status
+      sudo nfgate status --json | jq .processors
+    """
+    from firewall.supervisor import query
+
+    require_root("status")
+    data = query(_load(config_path), "status")
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"backend: {data.get('backend')}")
+    click.echo(f"{'process':<24} {'pid':>7} {'state':<11} {'restarts':>8} {'uptime':>9}")
+    for p in data.get("processes", []):
+        pid = p["pid"] if p["pid"] is not None else "-"
+        click.echo(f"{p['name']:<24} {pid:>7} {p['state']:<11} {p['restarts']:>8} {p['uptime']:>8.1f}s")
+    for name, stats in sorted(data.get("processors", {}).items()):
+        click.echo(f"{name}:")
+        for key, value in _flatten(stats):
+            click.echo(f"  {key} = {value}")
+
+
+def _flatten(obj, prefix: str = ""):
+    if isinstance(obj, dict):
+        for key in sorted(obj):
+            yield from _flatten(obj[key], f"{prefix}.{key}" if prefix else str(key))
+    else:
+        yield prefix, obj
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the bindings as JSON.")
+def flows(config_path: str, as_json: bool) -> None:
+    """List the live gateway flows with their original and translated tuples.
+
+    \b
+    Examples:
+      sudo nfgate flows
+      sudo nfgate flows --json
+    """
+    from firewall.supervisor import query
+
+    require_root("flows")
+    data = query(_load(config_path), "flows")
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    if not data:
+        click.echo("no gateway flows")
+        return
+    for flow in data:
+        click.echo(" ".join(f"{k}={v}" for k, v in flow.items()))
+
+
 def _register() -> None:
     from firewall.lab.cli import lab
 

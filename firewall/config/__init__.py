@@ -32,6 +32,7 @@ from firewall.config.model import (
     Pools,
     Processor,
     Signalling,
+    Supervisor,
     Timeouts,
     Traffic,
     Zone,
@@ -159,6 +160,7 @@ def _build(doc: dict[str, Any], path: Path | None, problems: Problems) -> Config
     link = _gateway_link(top.table("gateway_link"), zones, processor, problems)
     signalling = _signalling(top.table("signalling"))
     gateways = tuple(_gateway(t, i, zones, link) for i, t in enumerate(top.tables("gateway")))
+    supervisor = _supervisor(top.table("supervisor"))
     top.finish()
     _check_gateways(gateways, problems)
     _check_forwards(nat.forwards, problems)
@@ -175,6 +177,7 @@ def _build(doc: dict[str, Any], path: Path | None, problems: Problems) -> Config
         gateway_link=link,
         signalling=signalling,
         gateways=tuple(g for g in gateways if g is not None),
+        supervisor=supervisor,
     )
 
 
@@ -421,6 +424,21 @@ def _signalling(t: Table) -> Signalling:
     )
     t.finish()
     return sig
+
+
+def _supervisor(t: Table) -> Supervisor:
+    d = Supervisor()
+    sup = Supervisor(
+        control_socket=Path(t.take("control_socket", string(r"/.+", "an absolute path"), str(d.control_socket)) or d.control_socket),
+        restart_initial=t.take("restart_initial", number(0.01, 60), d.restart_initial),
+        restart_max=t.take("restart_max", number(0.1, 3600), d.restart_max),
+        stable_after=t.take("stable_after", number(1, 86400), d.stable_after),
+        stop_timeout=t.take("stop_timeout", number(0.1, 120), d.stop_timeout),
+    )
+    t.finish()
+    if None not in (sup.restart_initial, sup.restart_max) and sup.restart_initial > sup.restart_max:
+        t.problems.add(f"{t.path}.restart_max", "must be at least restart_initial")
+    return sup
 
 
 def _gateway(t: Table, index: int, zones: dict[str, Zone], link: GatewayLink) -> Gateway | None:

@@ -141,6 +141,15 @@ class Signalling:
 
 
 @dataclass(frozen=True)
+class Supervisor:
+    control_socket: Path = Path("/run/nfgate/control.sock")
+    restart_initial: float = 0.2
+    restart_max: float = 30.0
+    stable_after: float = 60.0
+    stop_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
 class Traffic:
     """Which traffic a gateway takes: the seed's fig. 6a step 602 selector."""
 
@@ -174,6 +183,7 @@ class Config:
     gateway_link: GatewayLink
     signalling: Signalling
     gateways: tuple[Gateway, ...]
+    supervisor: Supervisor = field(default_factory=Supervisor)
 
     def zone_of(self, ifname: str) -> str | None:
         for zone in self.zones.values():

@@ -20,6 +20,7 @@ SECTIONS = {
     "[processor.pools]": model.Pools,
     "[gateway_link]": model.GatewayLink,
     "[signalling]": model.Signalling,
+    "[supervisor]": model.Supervisor,
 }
 
 

@@ -1,0 +1,355 @@
+"""``nfgate run``: bring the whole firewall up, keep it up, take it down cleanly.
+
+Start-up, in this order, so that no packet is queued before someone listens
+(or, in fail-open mode, so that the bypass covers the gap):
+
+1. the signalling key (created root-only on first start);
+2. the blind track: the gateway namespace and its veth link (firewall.gwlink);
+3. the ruleset (firewall.backend, ``--backend`` as for ``nfgate apply``);
+4. one processor process per queue, in the router's namespace;
+5. one process per gateway, in the gateway namespace (``ip netns exec``).
+
+Each process is isolated (DESIGN invariant 6): when one dies, only it is
+restarted, after ``supervisor.restart_initial`` seconds, doubling with each
+crash in a row up to ``restart_max``; a process that ran ``stable_after``
+seconds starts again from the shortest wait. The processor and the other
+gateways never notice.
+
+The loop is single-threaded: signals (SIGCHLD, SIGTERM, SIGINT) wake it
+through ``signal.set_wakeup_fd``; the control socket is served from the same
+loop, each request with a short timeout so that a stuck client cannot stall
+the supervisor. On SIGTERM or SIGINT everything started is stopped and
+everything installed is removed: processes, ruleset, blind track, socket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from firewall import backend as be
+from firewall import gwlink
+from firewall.config import Config
+from firewall.errors import KernelError
+from firewall.rules import build
+from firewall.signalling import load_or_create_key
+
+CLIENT_TIMEOUT = 1.0  # seconds a control-socket client gets to send its request
+PROCESSOR_TIMEOUT = 1.0  # seconds a processor's control socket gets to answer
+REQUEST_MAX = 4096  # bytes of one control request
+
+
+@dataclass
+class Child:
+    """One supervised process."""
+
+    name: str
+    kind: str  # "processor" or "gateway"
+    argv: list[str]
+    control: Path | None = None  # the processor's own control socket
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+    restarts: int = 0
+    streak: int = 0  # crashes in a row without a stable run
+    next_start: float | None = None
+    last_exit: int | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def describe(self, now: float) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "pid": self.proc.pid if self.running else None,
+            "state": "running" if self.running else ("restarting" if self.next_start else "stopped"),
+            "restarts": self.restarts,
+            "uptime": round(now - self.started, 1) if self.running else 0.0,
+            "last_exit": self.last_exit,
+        }
+
+
+def processor_control(config: Config, queue: int) -> Path:
+    return config.supervisor.control_socket.parent / f"processor-{queue}.sock"
+
+
+def children_for(config: Config, config_path: str) -> list[Child]:
+    py = sys.executable
+    out = []
+    for i, queue in enumerate(config.processor.queues):
+        control = processor_control(config, queue)
+        argv = [py, "-m", "firewall.processor", "--config", config_path, "--instance", str(i), "--control", str(control)]
+        out.append(Child(f"processor-{queue}", "processor", argv, control))
+    for gw in config.gateways:
+        argv = ["ip", "netns", "exec", config.gateway_link.netns, py, "-m", "gateways", "--config", config_path, "--gateway", gw.name]
+        out.append(Child(f"gateway-{gw.name}", "gateway", argv))
+    return out
+
+
+def ask(path: Path, request: dict[str, Any], timeout: float = PROCESSOR_TIMEOUT) -> Any:
+    """One JSON request over a unix socket, one JSON answer until EOF."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(path))
+        s.sendall(json.dumps(request).encode() + b"\n")
+        chunks = []
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return json.loads(b"".join(chunks))
+
+
+class Supervisor:
+    def __init__(
+        self,
+        config: Config,
+        config_path: str,
+        backend: str = "auto",
+        children: list[Child] | None = None,
+        log: Callable[[str], None] | None = None,
+    ):
+        self.config = config
+        self.config_path = config_path
+        self.backend_wanted = backend
+        self.backend: str | None = None
+        self.children = children if children is not None else children_for(config, config_path)
+        self.log = log or (lambda line: print(f"nfgate run: {line}", file=sys.stderr, flush=True))
+        self.started = time.time()
+        self.stopping = False
+        self._installed: list[str] = []
+
+    # -- bringing up --------------------------------------------------------
+
+    def setup(self) -> None:
+        cfg = self.config
+        load_or_create_key(cfg.signalling.key_file)
+        cfg.supervisor.control_socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if cfg.gateways:
+            gwlink.create(cfg.gateway_link)
+            self._installed.append("gwlink")
+            self.log(f"blind track up: {cfg.gateway_link.router_if} <-> {cfg.gateway_link.netns}")
+        rs = build(cfg)
+        choice = be.choose(self.backend_wanted, rs)
+        self._installed.append("rules")
+        report = be.apply(rs, choice.backend)
+        self.backend = choice.backend
+        self.log(f"rules applied with {choice.backend} ({choice.reason})")
+        for line in report.actions:
+            self.log(line)
+
+    def _start(self, child: Child, now: float) -> None:
+        child.next_start = None
+        try:
+            child.proc = subprocess.Popen(child.argv, stdin=subprocess.DEVNULL)
+        except OSError as err:
+            self.log(f"{child.name}: cannot start: {err}")
+            self._schedule(child, now)
+            return
+        child.started = now
+        self.log(f"{child.name}: started, pid {child.proc.pid}")
+
+    def _schedule(self, child: Child, now: float) -> None:
+        sup = self.config.supervisor
+        if now - child.started >= sup.stable_after:
+            child.streak = 0
+        delay = min(sup.restart_max, sup.restart_initial * (2**child.streak))
+        child.streak += 1
+        child.next_start = now + delay
+        self.log(f"{child.name}: restarting in {delay:.1f}s")
+
+    def _reap(self, now: float) -> None:
+        for child in self.children:
+            if child.proc is None or child.next_start is not None:
+                continue
+            code = child.proc.poll()
+            if code is None:
+                continue
+            child.last_exit = code
+            child.restarts += 1
+            self.log(f"{child.name}: exited with {code}")
+            self._schedule(child, now)
+
+    # -- the loop -------------------------------------------------------------
+
+    def run(self) -> None:
+        """Set up, supervise until SIGTERM/SIGINT, then tear down. Raises NfgateError on set-up failure."""
+        rfd, wfd = socket.socketpair()
+        rfd.setblocking(False)
+        wfd.setblocking(False)
+        old_wakeup = signal.set_wakeup_fd(wfd.fileno())
+        handlers = {}
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            handlers[sig] = signal.signal(sig, self._on_signal)
+        server = None
+        try:
+            self.setup()
+            server = self._control_server()
+            now = time.monotonic()
+            for child in self.children:
+                self._start(child, now)
+            self._loop(rfd, server)
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            self.stop(server)
+            rfd.close()
+            wfd.close()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.stopping = True
+
+    def _loop(self, wake: socket.socket, server: socket.socket) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(wake, selectors.EVENT_READ, "wake")
+        sel.register(server, selectors.EVENT_READ, "control")
+        while not self.stopping:
+            now = time.monotonic()
+            due = [c.next_start for c in self.children if c.next_start is not None]
+            timeout = max(0.0, min(due) - now) if due else 1.0
+            for key, _ in sel.select(min(timeout, 1.0)):
+                if key.data == "wake":
+                    try:
+                        while wake.recv(512):
+                            pass
+                    except BlockingIOError:
+                        pass
+                else:
+                    self._serve_one(server)
+            now = time.monotonic()
+            self._reap(now)
+            for child in self.children:
+                if child.next_start is not None and child.next_start <= now and not self.stopping:
+                    self._start(child, now)
+        sel.close()
+
+    # -- control socket ---------------------------------------------------------
+
+    def _control_server(self) -> socket.socket:
+        path = self.config.supervisor.control_socket
+        path.unlink(missing_ok=True)
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # root-only from the first instant, not after a chmod
+        try:
+            server.bind(str(path))
+        finally:
+            os.umask(old)
+        server.listen(8)
+        server.setblocking(False)
+        return server
+
+    def _serve_one(self, server: socket.socket) -> None:
+        try:
+            conn, _ = server.accept()
+        except BlockingIOError:
+            return
+        with conn:
+            conn.settimeout(CLIENT_TIMEOUT)
+            try:
+                data = b""
+                while b"\n" not in data and len(data) < REQUEST_MAX:
+                    chunk = conn.recv(REQUEST_MAX)
+                    if not chunk:
+                        break
+                    data += chunk
+                request = json.loads(data or b"{}")
+                answer = self.answer(request)
+            except (OSError, ValueError) as err:
+                answer = {"error": f"bad request: {err}"}
+            try:
+                conn.sendall(json.dumps(answer).encode())
+            except OSError:
+                pass
+
+    def answer(self, request: dict[str, Any]) -> Any:
+        cmd = request.get("cmd") if isinstance(request, dict) else None
+        if cmd == "status":
+            return self.status()
+        if cmd == "flows":
+            return self.flows()
+        return {"error": f"unknown command {cmd!r} (status, flows)"}
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        processors = {}
+        for child in self.children:
+            if child.control is not None:
+                processors[child.name] = self._ask_processor(child, {"cmd": "stats"})
+        return {
+            "backend": self.backend,
+            "since": self.started,
+            "processes": [c.describe(now) for c in self.children],
+            "processors": processors,
+        }
+
+    def flows(self) -> list[Any]:
+        out: list[Any] = []
+        for child in self.children:
+            if child.control is not None:
+                answer = self._ask_processor(child, {"cmd": "flows"})
+                if isinstance(answer, list):
+                    out += answer
+        return out
+
+    def _ask_processor(self, child: Child, request: dict[str, Any]) -> Any:
+        if not child.running:
+            return {"error": "not running"}
+        try:
+            return ask(child.control, request)
+        except (OSError, ValueError) as err:
+            return {"error": f"no answer: {err}"}
+
+    # -- taking down ----------------------------------------------------------------
+
+    def stop(self, server: socket.socket | None = None) -> None:
+        timeout = self.config.supervisor.stop_timeout
+        for child in self.children:
+            child.next_start = None
+            if child.running:
+                child.proc.terminate()
+        deadline = time.monotonic() + timeout
+        for child in self.children:
+            if child.proc is None:
+                continue
+            try:
+                child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.log(f"{child.name}: no exit {timeout:.0f}s after SIGTERM: killing")
+                child.proc.kill()
+                child.proc.wait(timeout=timeout)
+        if server is not None:
+            server.close()
+            self.config.supervisor.control_socket.unlink(missing_ok=True)
+        if "rules" in self._installed:
+            for line in be.flush():
+                self.log(line)
+        if "gwlink" in self._installed:
+            gwlink.remove(self.config.gateway_link)
+            self.log("blind track removed")
+        self._installed.clear()
+
+
+def query(config: Config, cmd: str) -> Any:
+    """What ``nfgate status`` / ``nfgate flows`` ask the running supervisor."""
+    path = config.supervisor.control_socket
+    try:
+        return ask(path, {"cmd": cmd}, timeout=5.0)
+    except FileNotFoundError:
+        raise KernelError(f"nfgate is not running here (no control socket {path})") from None
+    except ConnectionRefusedError:
+        raise KernelError(f"nfgate is not answering on {path} (stale socket?)") from None
+    except (OSError, ValueError) as err:
+        raise KernelError(f"cannot read status from {path}: {err}") from None

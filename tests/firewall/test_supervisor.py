@@ -1,0 +1,105 @@
+"""The supervisor: restart with backoff, isolation, control socket, clean stop.
+
+The processes it supervises are stand-ins here; the end-to-end tests of
+`nfgate run` with the real processor and gateways live beside the processor's.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from firewall.config import loads
+from firewall.lab.wait import wait_for
+from firewall.supervisor import Child, Supervisor, ask
+
+HERE = Path(__file__).parent
+
+CONFIG = """
+[zones.wan]
+interfaces = ["wan0"]
+[zones.lan]
+interfaces = ["lan0"]
+[gateway_link]
+netns = "{gwns}"
+[signalling]
+key_file = "{tmp}/signalling.key"
+[supervisor]
+control_socket = "{tmp}/control.sock"
+restart_initial = 0.2
+restart_max = 1.6
+stable_after = 30
+stop_timeout = 2
+[[gateway]]
+name = "relay"
+kind = "tcp-relay"
+[[gateway.traffic]]
+from = "wan"
+to = "lan"
+proto = "tcp"
+ports = 8443
+"""
+
+
+def test_backoff_doubles_and_resets() -> None:
+    config = loads(CONFIG.format(gwns="x", tmp="/tmp"))
+    child = Child("c", "gateway", ["true"], started=99.0)  # crashes one second after each start
+    sup = Supervisor(config, "c.toml", children=[child], log=lambda line: None)
+    delays = []
+    for _ in range(6):
+        sup._schedule(child, now=100.0)
+        delays.append(round(child.next_start - 100.0, 2))
+    assert delays == [0.2, 0.4, 0.8, 1.6, 1.6, 1.6]
+    child.started = 0.0
+    sup._schedule(child, now=100.0)  # it had run 100 s > stable_after: back to the shortest wait
+    assert round(child.next_start - 100.0, 2) == 0.2
+
+
+@pytest.mark.netns
+def test_restart_isolation_and_clean_stop(lab_factory, tmp_path: Path) -> None:
+    lab = lab_factory("basic")
+    gwns = f"{lab.prefix}-gw"
+    path = tmp_path / "nfgate.toml"
+    path.write_text(CONFIG.format(gwns=gwns, tmp=tmp_path))
+    control = tmp_path / "control.sock"
+    log = open(tmp_path / "run.log", "w")
+    sup = lab.popen("router", [sys.executable, str(HERE / "supervised.py"), str(path), "2"], stdout=log, stderr=subprocess.STDOUT)
+
+    def status():
+        return ask(control, {"cmd": "status"})
+
+    def pids():
+        return {p["name"]: p["pid"] for p in status()["processes"]}
+
+    first = wait_for(lambda: all(pids().values()) and pids(), timeout=10, what="both stand-ins running", ignore=(OSError, ValueError))
+    assert oct(control.stat().st_mode & 0o777) == "0o600"
+    assert Path("/run/netns", gwns).exists()
+    assert "NFGATE-RAW-PREROUTING" in lab.run("router", ["iptables-nft-save"]).stdout
+
+    os.kill(first["standin-0"], signal.SIGKILL)
+    again = wait_for(
+        lambda: (p := pids())["standin-0"] not in (None, first["standin-0"]) and p,
+        timeout=2.0,
+        interval=0.05,
+        what="standin-0 restarted within 2 s",
+        ignore=(OSError, ValueError),
+    )
+    assert again["standin-1"] == first["standin-1"]  # the sibling never noticed
+    described = {p["name"]: p for p in status()["processes"]}
+    assert described["standin-0"]["restarts"] == 1 and described["standin-0"]["last_exit"] == -9
+    assert ask(control, {"cmd": "nonsense"}) == {"error": "unknown command 'nonsense' (status, flows)"}
+
+    sup.terminate()
+    assert sup.wait(timeout=15) == 0
+    for pid in again.values():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not control.exists()
+    assert not Path("/run/netns", gwns).exists()
+    assert "NFGATE" not in lab.run("router", ["iptables-nft-save"]).stdout
+    assert "nfgate" not in lab.run("router", ["nft", "list", "tables"]).stdout
