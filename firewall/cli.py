@@ -54,6 +54,15 @@ config_option = click.option(
 )
 
 
+backend_option = click.option(
+    "--backend",
+    type=click.Choice(["auto", "nft", "iptables", "iptables-legacy"]),
+    default="auto",
+    show_default=True,
+    help="auto: nft, unless the ruleset queues and the kernel lacks nft's queue expression.",
+)
+
+
 def _load(config_path: str):
     from firewall.config import load
 
@@ -146,13 +155,7 @@ def rules(config_path: str, fmt: str) -> None:
 
 @main.command()
 @config_option
-@click.option(
-    "--backend",
-    type=click.Choice(["auto", "nft", "iptables", "iptables-legacy"]),
-    default="auto",
-    show_default=True,
-    help="auto: nft, unless the ruleset queues and the kernel lacks nft's queue expression.",
-)
+@backend_option
 @click.option("--dry-run", is_flag=True, help="Show what would be loaded; change nothing.")
 def apply(config_path: str, backend: str, dry_run: bool) -> None:
     """Install the ruleset atomically, replacing nfgate's previous one.
@@ -200,13 +203,7 @@ def flush() -> None:
 
 @main.command()
 @config_option
-@click.option(
-    "--backend",
-    type=click.Choice(["auto", "nft", "iptables", "iptables-legacy"]),
-    default="auto",
-    show_default=True,
-    help="As for nfgate apply.",
-)
+@backend_option
 def run(config_path: str, backend: str) -> None:
     """Run the firewall in the foreground: rules, processors, gateways.
 
