@@ -1,5 +1,22 @@
 """nfgate's user-mode application gateways and the deNAT/reNAT layer they share.
 
 Each gateway runs as its own process in the gateway network namespace, at the
-end of the blind-track link from the router (DESIGN.md, "The parts").
+end of the blind-track link from the router (DESIGN.md, "The parts"), and
+sees a redirected flow as a connection from a firewall-side endpoint F:f to
+its own G:g. The layer tells it the flow's original tuple, learnt by
+signalling with the packet processor (docs/signalling.md), and leg B leaves
+by connecting back to F:f, where the processor restores it (docs/datapath.md).
+
+- ``layer/``: the deNAT/reNAT layer (the seed's "Signalling in general"):
+  ``core`` (sans-IO flow table, push/pull lookups, rule requests) and its
+  ``outputs``,
+  ``instances`` (which processor instance owns a flow, where each listens),
+  ``endpoint`` (``GatewayLayer``, the asyncio adapter, leg B),
+  ``events`` (one log line per event, text or JSON).
+- ``tcp_relay``: the ``tcp-relay`` kind: relays TCP both ways with
+  half-close, resets and limits, and logs each connection's real addresses.
+- ``udp_relay``: the ``udp-relay`` kind: the same for UDP flows, one leg B
+  socket per flow.
+- ``__main__``: ``python -m gateways --config PATH --gateway NAME
+  [--log-json]``, one gateway process, as the supervisor starts it.
 """

@@ -165,8 +165,7 @@ def _build(doc: dict[str, Any], path: Path | None, problems: Problems) -> Config
     _check_gateways(gateways, problems)
     _check_forwards(nat.forwards, problems)
     _check_buckets(processor, problems)
-    if signalling.port is not None and signalling.port + len(processor.queues) - 1 > 65535:
-        problems.add("signalling.port", f"processor instance i listens on port + i: {len(processor.queues)} queues need ports up to 65535")
+    _check_signalling_ports(signalling, processor, gateways, problems)
     return Config(
         path=path,
         zones=zones,
@@ -381,6 +380,20 @@ def _check_buckets(processor: Processor, problems: Problems) -> None:
         )
     if len(processor.pools.snat_ports) < buckets:
         problems.add("processor.pools.snat_ports", f"needs at least {buckets} ports")
+
+
+def _check_signalling_ports(signalling: Signalling, processor: Processor, gateways, problems: Problems) -> None:
+    """Processor instance i and gateway k listen on signalling.port + i / + k."""
+    if signalling.port is None:
+        return
+    live = [g for g in gateways if g is not None]
+    span = max(len(processor.queues), len(live), 1)
+    if signalling.port + span - 1 > 65535:
+        problems.add("signalling.port", f"{span} processors or gateways need ports {signalling.port} to {signalling.port + span - 1}")
+    taken = range(signalling.port, signalling.port + len(live))
+    for g in live:
+        if g.listen_port in taken:
+            problems.add(f"{g.source}.listen_port", f"{g.listen_port} is a gateway signalling port ({taken.start}-{taken.stop - 1})")
 
 
 def bucket_count(instances: int) -> int:

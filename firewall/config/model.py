@@ -195,6 +195,18 @@ class Config:
     def has_gateways(self) -> bool:
         return bool(self.gateways)
 
+    def processor_signalling_port(self, instance: int) -> int:
+        """Processor instance i listens on router_address:(signalling.port + i)."""
+        return self.signalling.port + instance
+
+    def gateway_signalling_port(self, name: str) -> int:
+        """Gateway k (its index here) listens on gateway_address:(signalling.port + k):
+        each gateway is its own process, and a UDP port delivers to one socket."""
+        for index, gateway in enumerate(self.gateways):
+            if gateway.name == name:
+                return self.signalling.port + index
+        raise KeyError(name)
+
 
 def addresses_family(nets: tuple[IPNetwork | IPAddress, ...]) -> set[int]:
     return {n.version for n in nets}

@@ -168,10 +168,9 @@ def _raw(config: Config, rs: Ruleset) -> None:
 
 
 def signalling_ports(config: Config) -> PortRange:
-    """Processor instance i listens on signalling.port + i, so a gateway's query
-    or rule request reaches the instance that owns the flow."""
-    first = config.signalling.port
-    return PortRange(first, first + len(config.processor.queues) - 1)
+    """The processors' signalling ports on the router address (docs/datapath.md)."""
+    first = config.processor_signalling_port(0)
+    return PortRange(first, config.processor_signalling_port(len(config.processor.queues) - 1))
 
 
 def port_slices(rng: PortRange, buckets: int) -> list[PortRange]:

@@ -230,3 +230,14 @@ def test_no_traceback_from_cli(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert f"processor.queues[0] (line {line_of(bad.read_text(), 'queues')}): 70000 is out of range (0 to 65535)" in result.output
     assert "Traceback" not in result.output
+
+
+def test_signalling_ports_per_process() -> None:
+    text = BASE + GATEWAY.format(name="a", zone="wan", ports="25") + GATEWAY.format(name="b", zone="wan", ports="26")
+    config = loads(text + "\n[processor]\nqueues = [3, 4, 5]\n")
+    assert [config.processor_signalling_port(i) for i in range(3)] == [7500, 7501, 7502]
+    assert [config.gateway_signalling_port(g) for g in ("a", "b")] == [7500, 7501]
+    clash = text.replace('name = "b"', 'name = "b"\nlisten_port = 7501')
+    path, reason, _ = only(clash)
+    assert path == "gateway[1].listen_port"
+    assert reason == "7501 is a gateway signalling port (7500-7501)"

@@ -1,0 +1,468 @@
+"""The asyncio side of the deNAT/reNAT layer: one UDP socket, timers, futures, leg B.
+
+``GatewayLayer`` carries out what ``LayerCore`` decides and makes no
+protocol decisions of its own (STYLE.md: "a single small server loop carries
+out the commands"). It gives a gateway four things:
+
+- ``attach(proto, F:f, G:g)``: the original tuple of the connection the
+  gateway just accepted, held until the gateway releases it; ``Hold.ended``
+  is set (and ``on_end`` called) when the processor ends the flow, so the
+  gateway closes it. ``lookup`` is the same without holding.
+- ``open_tcp(flow)`` / ``open_udp(flow, ...)``: leg B, the seed's "swap"
+  ("Packet restoration"): a new socket on the gateway address connects to
+  F:f, and the processor restores it to C:c -> S:s. Every leg B has its own
+  ephemeral port, because the processor tells the legs of one binding apart
+  by the gateway's port (docs/datapath.md, step 4).
+- ``request_rule(...)``: a dynamic rule, or ``RuleRefusedError``.
+- ``counters``: everything the core counted.
+
+The event loop never blocks: the socket is non-blocking, every wait is a
+future resolved by a datagram or a timer, and a datagram that makes the core
+fail is counted and dropped rather than taking the endpoint down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import socket
+import time
+from typing import Any, Callable, TypeVar
+
+from firewall.config.model import Signalling
+from firewall.signalling import Endpoint, FlowInfo, Proto, RuleAck, RuleEndReason, RuleMode, RuleRefusal
+from gateways.layer.core import LayerCore
+from gateways.layer.outputs import (
+    EndCause,
+    FlowGone,
+    FlowKey,
+    FlowKnown,
+    FlowNotKnown,
+    Output,
+    RuleAnswered,
+    RuleGone,
+    RuleUnanswered,
+    Send,
+    describe,
+    flow_key,
+)
+from gateways.layer.events import EventLog
+from gateways.layer.instances import ProcessorInstances
+
+# The signalling socket's receive buffer. The processor pushes ``copies``
+# datagrams per new flow back to back; the kernel's default (rmem_default,
+# about 200 KiB of skb truesize) holds a few hundred small datagrams, a burst
+# of under a hundred flows. 1 MiB holds several thousand; what still
+# overflows is recovered by the pull. As root the buffer is forced past
+# rmem_max (SO_RCVBUFFORCE); otherwise the kernel caps it there.
+SIGNALLING_RCVBUF = 1 << 20
+
+# StreamReader's buffer on leg B: the same 64 KiB as asyncio's default, named
+# because the relays size their reads to it.
+STREAM_LIMIT = 1 << 16
+
+
+class FlowUnknown(Exception):
+    """No original tuple for a connection: no push, no answer, or NOT_FOUND. Close it."""
+
+    def __init__(self, key: FlowKey, why: str) -> None:
+        self.key = key
+        self.why = why
+        super().__init__(f"{describe(key)}: {why}")
+
+
+class RuleError(Exception):
+    """A dynamic rule was not granted."""
+
+
+class RuleRefusedError(RuleError):
+    """The processor (or the layer itself, ``local``) refused a rule request."""
+
+    def __init__(self, reason: RuleRefusal, *, local: bool = False) -> None:
+        self.reason = reason
+        self.local = local
+        super().__init__(f"rule refused: {reason.name}{' (before asking)' if local else ''}")
+
+
+class RuleNoAnswer(RuleError):
+    """The processor did not answer a rule request, resends included."""
+
+
+RuleEndCallback = Callable[[RuleEndReason], None]
+FlowEndCallback = Callable[[EndCause], None]
+P = TypeVar("P", bound=asyncio.DatagramProtocol)
+
+
+class Hold:
+    """A connection's claim on a flow. Release it when the connection closes."""
+
+    __slots__ = ("flow", "ended", "cause", "_on_end", "_layer", "_released")
+
+    def __init__(self, layer: "GatewayLayer", flow: FlowInfo, on_end: FlowEndCallback | None) -> None:
+        self.flow = flow
+        self.ended = asyncio.Event()
+        self.cause: EndCause | None = None
+        self._on_end = on_end
+        self._layer = layer
+        self._released = False
+
+    def _end(self, cause: EndCause) -> None:
+        if self.cause is not None:
+            return
+        self.cause = cause
+        self.ended.set()
+        if self._on_end is not None:
+            self._on_end(cause)
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._layer._release(self)
+
+    def __enter__(self) -> "Hold":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class _Waiter:
+    __slots__ = ("future", "claim", "on_end")
+
+    def __init__(self, future: asyncio.Future[Any], claim: bool, on_end: FlowEndCallback | None) -> None:
+        self.future = future
+        self.claim = claim
+        self.on_end = on_end
+
+
+class _Protocol(asyncio.DatagramProtocol):
+    def __init__(self, layer: "GatewayLayer") -> None:
+        self._layer = layer
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self._layer._on_datagram(data)
+
+    def error_received(self, exc: Exception) -> None:
+        self._layer.core.counters["signalling.socket_errors"] += 1
+
+
+class GatewayLayer:
+    """The signalling endpoint of one gateway process (docs/signalling.md)."""
+
+    def __init__(
+        self,
+        key: bytes,
+        *,
+        listen: Endpoint,
+        instances: ProcessorInstances,
+        gateway: str | None = None,
+        query_timeout: float = Signalling.query_timeout,
+        replay_window: float = Signalling.replay_window,
+        log: EventLog | None = None,
+        clock: Callable[[], float] = time.time,
+        **core_options: Any,
+    ) -> None:
+        self.listen = listen
+        self.gateway_address = listen.address
+        self._clock = clock
+        self._log = log
+        # The core (and its Guard) exists before the socket is bound.
+        self.core = LayerCore(
+            key,
+            instances,
+            now=clock(),
+            gateway=gateway,
+            query_timeout=query_timeout,
+            replay_window=replay_window,
+            **core_options,
+        )
+        self._transport: asyncio.DatagramTransport | None = None
+        self._closed = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._waiters: dict[FlowKey, list[_Waiter]] = {}
+        self._holds: dict[FlowKey, set[Hold]] = {}
+        self._rule_futures: dict[int, tuple[asyncio.Future[RuleAck], RuleEndCallback | None]] = {}
+        self._rule_ends: dict[int, RuleEndCallback] = {}
+        self.on_rule_end: Callable[[int, RuleEndReason], None] | None = None
+
+    # ---- life cycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind the signalling socket. OSError if the address is not here (wrong netns)."""
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            _grow_receive_buffer(sock)
+            sock.bind((str(self.listen.address), self.listen.port))
+            sock.setblocking(False)
+            transport, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        self._transport = transport
+        port = transport.get_extra_info("sockname")[1]
+        self.listen = Endpoint(self.listen.address, port)  # the real port, if 0 was asked for
+
+    async def close(self) -> None:
+        """Stop: nothing more is sent or received; whoever still waits is told so."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+        for key, waiters in list(self._waiters.items()):
+            for w in waiters:
+                if not w.future.done():
+                    w.future.set_exception(FlowUnknown(key, "the gateway is stopping"))
+        self._waiters.clear()
+        for future, _ in self._rule_futures.values():
+            if not future.done():
+                future.set_exception(RuleNoAnswer("the gateway is stopping"))
+        self._rule_futures.clear()
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return {k: v for k, v in sorted(self.core.counters.items()) if v}
+
+    # ---- flows ------------------------------------------------------------------------------
+
+    async def lookup(self, proto: Proto, fw_endpoint: Endpoint, ag_endpoint: Endpoint) -> FlowInfo:
+        """The original tuple of the flow F:f -> G:g. Raises ``FlowUnknown``."""
+        result = await self._find((Proto(proto), fw_endpoint, ag_endpoint), claim=False, on_end=None)
+        assert isinstance(result, FlowInfo)
+        return result
+
+    async def attach(
+        self,
+        proto: Proto,
+        fw_endpoint: Endpoint,
+        ag_endpoint: Endpoint,
+        *,
+        on_end: FlowEndCallback | None = None,
+    ) -> Hold:
+        """Look the flow up and hold it until ``Hold.release()``. Raises ``FlowUnknown``.
+
+        The claim is taken the moment the flow is known, so a FLOW_END that
+        arrives before the caller resumes still reaches it.
+        """
+        result = await self._find((Proto(proto), fw_endpoint, ag_endpoint), claim=True, on_end=on_end)
+        assert isinstance(result, Hold)
+        return result
+
+    async def _find(self, key: FlowKey, *, claim: bool, on_end: FlowEndCallback | None) -> FlowInfo | Hold:
+        if self._closed:
+            raise FlowUnknown(key, "the gateway is stopping")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        waiter = _Waiter(future, claim, on_end)
+        self._waiters.setdefault(key, []).append(waiter)
+        self._dispatch(self.core.lookup(key, self._clock()))
+        self._arm()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                result = future.result()
+                if isinstance(result, Hold):
+                    result.release()
+            else:
+                self._drop_waiter(key, waiter)
+            raise
+
+    def _drop_waiter(self, key: FlowKey, waiter: _Waiter) -> None:
+        waiters = self._waiters.get(key)
+        if waiters is None or waiter not in waiters:
+            return
+        waiters.remove(waiter)
+        if not waiters:
+            del self._waiters[key]
+            self.core.abandon(key)
+            self._arm()
+
+    def _release(self, hold: Hold) -> None:
+        key = flow_key(hold.flow)
+        holds = self._holds.get(key)
+        if holds is not None:
+            holds.discard(hold)
+            if not holds:
+                del self._holds[key]
+        self.core.release(hold.flow, self._clock())
+        self._arm()
+
+    # ---- leg B --------------------------------------------------------------------------------
+
+    async def open_tcp(
+        self, flow: FlowInfo, *, connect_timeout: float, limit: int = STREAM_LIMIT
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Leg B: connect from the gateway address to F:f. TimeoutError or OSError on failure."""
+        fw = flow.firewall_side
+        return await asyncio.wait_for(
+            asyncio.open_connection(
+                str(fw.address), fw.port, local_addr=(str(self.gateway_address), 0), limit=limit
+            ),
+            connect_timeout,
+        )
+
+    async def open_udp(
+        self, flow: FlowInfo, protocol_factory: Callable[[], P]
+    ) -> tuple[asyncio.DatagramTransport, P]:
+        """Leg B for one UDP flow: a fresh socket on the gateway address, connected to F:f."""
+        fw = flow.firewall_side
+        loop = asyncio.get_running_loop()
+        return await loop.create_datagram_endpoint(
+            protocol_factory,
+            local_addr=(str(self.gateway_address), 0),
+            remote_addr=(str(fw.address), fw.port),
+        )
+
+    # ---- rules --------------------------------------------------------------------------------
+
+    async def request_rule(
+        self,
+        flow: FlowInfo,
+        proto: Proto,
+        src: Endpoint,
+        dst: Endpoint,
+        ttl: int,
+        mode: RuleMode,
+        one_shot: bool,
+        *,
+        on_end: RuleEndCallback | None = None,
+    ) -> RuleAck:
+        """Ask the flow's processor instance for a dynamic rule (seed: "Dynamic changes in
+        packet processing"). Raises ``RuleRefusedError`` or ``RuleNoAnswer``."""
+        if self._closed:
+            raise RuleNoAnswer("the gateway is stopping")
+        future: asyncio.Future[RuleAck] = asyncio.get_running_loop().create_future()
+        request_id, outputs = self.core.request_rule(flow, proto, src, dst, ttl, mode, one_shot, self._clock())
+        self._rule_futures[request_id] = (future, on_end)
+        self._dispatch(outputs)
+        self._arm()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if not future.done() or future.cancelled():
+                self._rule_futures.pop(request_id, None)
+                self.core.cancel_rule(request_id)
+            self._rule_ends.pop(request_id, None)
+            raise
+
+    # ---- the machinery ------------------------------------------------------------------------
+
+    def _on_datagram(self, data: bytes) -> None:
+        try:
+            self._dispatch(self.core.receive(data, self._clock()))
+        except Exception as exc:  # a bug here must not stop the signalling of every other flow
+            self.core.counters["signalling.internal_errors"] += 1
+            if self._log is not None:
+                self._log.emit("internal_error", logging.ERROR, where="signalling", error=repr(exc))
+        self._arm()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        try:
+            self._dispatch(self.core.tick(self._clock()))
+        except Exception as exc:
+            self.core.counters["signalling.internal_errors"] += 1
+            if self._log is not None:
+                self._log.emit("internal_error", logging.ERROR, where="timers", error=repr(exc))
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._closed:
+            return
+        now = self._clock()
+        deadline = self.core.next_deadline(now)
+        if deadline == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = deadline
+        if deadline is not None:
+            self._timer = asyncio.get_running_loop().call_later(max(0.0, deadline - now), self._on_timer)
+
+    def _dispatch(self, outputs: list[Output]) -> None:
+        for out in outputs:
+            if isinstance(out, Send):
+                self._send(out)
+            elif isinstance(out, FlowKnown):
+                self._resolve(out)
+            elif isinstance(out, FlowNotKnown):
+                for w in self._waiters.pop(out.key, []):
+                    if not w.future.done():
+                        w.future.set_exception(FlowUnknown(out.key, out.why))
+            elif isinstance(out, FlowGone):
+                for hold in list(self._holds.get(flow_key(out.flow), ())):
+                    if hold.flow.flow_id == out.flow.flow_id:
+                        hold._end(out.cause)
+            elif isinstance(out, RuleAnswered):
+                self._rule_answered(out)
+            elif isinstance(out, RuleUnanswered):
+                future, _ = self._rule_futures.pop(out.request_id, (None, None))
+                if future is not None and not future.done():
+                    future.set_exception(RuleNoAnswer(f"no answer to rule request {out.request_id}"))
+            elif isinstance(out, RuleGone):
+                callback = self._rule_ends.pop(out.request_id, None)
+                if callback is not None:
+                    callback(out.reason)
+                if self.on_rule_end is not None:
+                    self.on_rule_end(out.rule_id, out.reason)
+
+    def _send(self, out: Send) -> None:
+        if self._transport is None:
+            self.core.counters["signalling.send_errors"] += 1
+            return
+        try:
+            self._transport.sendto(out.data, (str(out.to.address), out.to.port))
+        except OSError:
+            self.core.counters["signalling.send_errors"] += 1
+
+    def _resolve(self, out: FlowKnown) -> None:
+        for w in self._waiters.pop(out.key, []):
+            if w.future.done():
+                continue
+            if not w.claim:
+                w.future.set_result(out.flow)
+                continue
+            hold = Hold(self, out.flow, w.on_end)
+            # Cannot fail: the flow was known a moment ago, in this same call.
+            self.core.claim(out.flow)
+            self._holds.setdefault(out.key, set()).add(hold)
+            w.future.set_result(hold)
+
+    def _rule_answered(self, out: RuleAnswered) -> None:
+        future, on_end = self._rule_futures.pop(out.request_id, (None, None))
+        if future is None or future.done():
+            return
+        reply = out.reply
+        if isinstance(reply, RuleAck):
+            if on_end is not None:
+                self._rule_ends[out.request_id] = on_end
+            future.set_result(reply)
+        else:
+            future.set_exception(RuleRefusedError(reply.reason, local=out.local))
+
+
+def endpoint_of(address: Any) -> Endpoint | None:
+    """An ``Endpoint`` from a socket address tuple (peername, recvfrom), or None (not IPv4, or gone)."""
+    try:
+        return Endpoint(ipaddress.IPv4Address(address[0]), int(address[1]))
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _grow_receive_buffer(sock: socket.socket) -> None:
+    force = getattr(socket, "SO_RCVBUFFORCE", None)
+    if force is not None and os.geteuid() == 0:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, SIGNALLING_RCVBUF)
+            return
+        except OSError:
+            pass  # no CAP_NET_ADMIN in this namespace: the capped size below
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SIGNALLING_RCVBUF)
