@@ -165,6 +165,19 @@ def _raw(config: Config, rs: Ruleset) -> None:
                 raw.add(matches, [by_snat], f"{tag}: reply to SNAT", Family.V4)
             else:
                 raw.add(_selector(t, reply=True), [by_dst], f"{tag}: reply", Family.V4)
+            # A port forward on the selector's port sends the flow to its target,
+            # whose replies come from the target's port, not the one the client used.
+            for f in _forwards_under(config, t):
+                matches = [InZone(t.to_zone), Proto(t.proto), Addr("src", (ipaddress.ip_network(f.to_addr),)), Port("src", (f.target_ports,))]
+                raw.add(matches, [by_dst], f"{tag}: reply from {f.source} target", Family.V4)
+
+
+def _forwards_under(config: Config, t: Traffic):
+    """Port forwards that take some of a selector's requests to a different port."""
+    for f in config.nat.forwards:
+        if f.from_zone == t.from_zone and f.proto == t.proto and any(f.ports.overlaps(p) for p in t.ports):
+            if f.target_ports != f.ports or t.saddr or t.daddr:
+                yield f
 
 
 def signalling_ports(config: Config) -> PortRange:
