@@ -1,0 +1,510 @@
+"""The packet processor's decisions: pure code, no sockets, no clock, no kernel.
+
+Theory of operation (the seed's figs. 6a-6c, "Connection identification" and
+"Packet restoration"; docs/datapath.md walks one flow through it).
+``ProcessorCore.handle`` takes one queued packet and returns a verdict;
+whatever else it wants done (datagrams to send, kernel rules to change) it
+appends to ``outbox`` and ``rules.kernel_ops``, and the runner carries that
+out. Route lookups, interface names and the router's own addresses come in
+as plain callables, so tests drive the whole core with crafted bytes
+(DESIGN invariant 9, applied to the processor).
+
+Per packet:
+
+- From the blind track (fig. 6c): restored through the binding its
+  destination F:f names (leg A's reply, or leg B), or dropped: nothing else
+  may cross from the gateways.
+- From outside with a binding (fig. 6b, step 612): rewritten to its target.
+- From outside without one (fig. 6a): a dynamic REDIRECT expectation
+  (``rulebook``) takes it first. Then the selector of step 602: ingress zone,
+  protocol, port, addresses. No selector means a reply rule queued a packet
+  of a flow the kernel owns: ``PASS``. The server is the port forward's
+  target when the client addressed the router, else the destination; a route
+  lookup for it gives the to-zone, which raw prerouting cannot match. Another
+  zone: ``PASS``, for every packet of such a flow (the rules cannot tell them
+  apart, so all of them come here). The selector's zone: TCP must be a bare
+  SYN (step 604) or the packet is dropped as "not a new flow"; then a binding
+  (with SNAT through a masqueraded zone: NOTRACKed packets get no kernel NAT),
+  the NEW_FLOW push ahead of the verdict (steps 605-606), and the rewrite.
+
+Every rewrite returns ``REPEAT`` with the ``rewritten`` mark: raw prerouting
+runs again, NOTRACKs the packet and never queues it again (invariants 3, 4).
+``handle`` never raises for any bytes (invariant 10); a packet it cannot use
+is dropped and counted by reason.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, NamedTuple
+
+from firewall.config import Config
+from firewall.config.model import ROUTER, Gateway, PortForward, PortRange, Traffic
+from firewall.flows import AgEndpoint, Binding, Direction, FlowState, FlowTable
+from firewall.flows import Refusal as TableRefusal
+from firewall.flows import flow_key, fw_key
+from firewall.packet import ACK, FIN, RST, SYN, TCP, UDP, Drop, Packet, parse, rewrite
+from firewall.pools import EndpointPool, SliceBy, Slicing
+from firewall.processor.rulebook import RuleBook
+from firewall.signalling import (
+    Answer,
+    Encoder,
+    Endpoint,
+    FlowEnd,
+    FlowEndReason,
+    FlowInfo,
+    Guard,
+    Message,
+    NewFlow,
+    NotFound,
+    Proto,
+    Query,
+    Received,
+    RuleRequest,
+    make_flow_id,
+)
+
+# Verdicts of ``handle``; the runner turns them into NFQUEUE verdicts.
+DROP = 0
+PASS = 1  # mark ``passed``, NF_ACCEPT: the kernel carries it (fig. 6a step 603)
+REPEAT = 2  # new payload, mark ``rewritten``, NF_REPEAT: raw NOTRACKs it
+
+# Kinds whose protocol also uses the port ``step`` above the selected one, so
+# the processor expects that flow itself (seed, "Dynamic changes": "the packet
+# processor part may by itself deduce the other port number(s)"): RTP data on
+# N, RTCP on N+1 (RFC 3550 section 11).
+ADJACENT_PORTS: dict[str, int] = {"rtp": 1}
+ADJACENT_TTL = 30.0  # seconds the adjacent flow may take to start
+
+IFACE_CACHE_SECONDS = 10.0  # how long an ifindex -> zone answer is trusted
+
+_SYN_FLAGS = SYN | ACK | RST | FIN
+_BLIND = "\0blind"  # the class of the blind-track ifindex; no zone can have this name
+_UNKNOWN = "\0unknown"
+_MALFORMED = {reason: f"drop.malformed.{reason.name.lower()}" for reason in Drop}
+_C2A = Direction.CLIENT_TO_AG
+_RST_BITS = FlowState.RST_A | FlowState.RST_B
+_PROTO = {"tcp": TCP, "udp": UDP}
+_PROTO_NAME = {TCP: "tcp", UDP: "udp"}
+_IP = ipaddress.IPv4Address
+
+Verdict = tuple[int, bytes | None, int]  # (DROP|PASS|REPEAT, new payload, mark)
+
+
+class Route(NamedTuple):
+    """What a route lookup says about a destination."""
+
+    local: bool  # one of the router's own addresses
+    ifname: str | None  # the output interface
+    prefsrc: int | None  # the source the router would use: W, for SNAT
+
+
+class SnatPools:
+    """W:w for leg B through masquerade: one port-sliced pool per egress address.
+
+    ``FlowTable`` draws from one SNAT pool; this stands in for it so that a
+    router with several wan addresses SNATs each flow to the address its
+    route leaves by: ``prefer(W)`` before ``FlowTable.open`` picks it. A pool
+    appears on first use, so an address that changes (DHCP) gets a new one.
+    Slices are port slices, contiguous, as the kernel's ``steer_snat`` rules
+    cut them.
+    """
+
+    def __init__(self, ports: PortRange, instance: int, instances: int) -> None:
+        self._ports = ports
+        self._instance = instance
+        self._instances = instances
+        self._pools: dict[int, EndpointPool] = {}
+        self._want: EndpointPool | None = None
+
+    def prefer(self, addr: int) -> None:
+        pool = self._pools.get(addr)
+        if pool is None:
+            pool = self._pools[addr] = EndpointPool(
+                [_IP(addr)], self._ports, instance=self._instance, instances=self._instances,
+                slice_by=SliceBy.PORT, slicing=Slicing.CONTIGUOUS,
+            )
+        self._want = pool
+
+    def allocate(self) -> tuple[int, int] | None:
+        if self._want is None:
+            raise ValueError("SnatPools.allocate before prefer(): no egress address chosen")
+        return self._want.allocate()
+
+    def release(self, addr: int, port: int) -> None:
+        self._pools[addr].release(addr, port)
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        return {str(_IP(a)): pool_stats(p) for a, p in self._pools.items()}
+
+
+def pool_stats(pool: EndpointPool) -> dict[str, int]:
+    return {"used": len(pool), "capacity": pool.capacity, "exhausted": pool.exhausted}
+
+
+def _nets(nets: Iterable[Any]) -> tuple[tuple[int, int], ...]:
+    return tuple((int(n.network_address), int(n.netmask)) for n in nets)
+
+
+def _in(addr: int, nets: tuple[tuple[int, int], ...]) -> bool:
+    return any(addr & mask == net for net, mask in nets)
+
+
+@dataclass(frozen=True, slots=True)
+class _Selector:
+    """A gateway traffic selector, precomputed to match ints."""
+
+    traffic: Traffic
+    gateway: Gateway
+    ag: AgEndpoint
+    ports: tuple[tuple[int, int], ...]
+    saddr: tuple[tuple[int, int], ...]
+    daddr: tuple[tuple[int, int], ...]
+
+    def matches(self, src: int, dst: int, dport: int) -> bool:
+        # The same fields, and the same addresses, as the queue rule (rules.build._selector).
+        return (
+            any(first <= dport <= last for first, last in self.ports)
+            and (not self.saddr or _in(src, self.saddr))
+            and (not self.daddr or _in(dst, self.daddr))
+        )
+
+
+class ProcessorCore:
+    """One processor instance's state and decisions (module docstring)."""
+
+    def __init__(
+        self,
+        config: Config,
+        instance: int,
+        encoder: Encoder,
+        guard: Guard,
+        *,
+        route: Callable[[int], Route | None],
+        ifname: Callable[[int], str | None],
+        local_addresses: Callable[[], Iterable[ipaddress.IPv4Address]],
+        now: float,
+        wall: float,
+        push: bool = True,
+    ) -> None:
+        proc = config.processor
+        queues = proc.queues
+        if not 0 <= instance < len(queues):
+            raise ValueError(f"instance {instance}: processor.queues has {len(queues)} entries")
+        self.config = config
+        self.queue = queues[instance]
+        self.encoder = encoder
+        self.guard = guard
+        self.push = push  # False only in tests: the gateway layer must then pull
+        self._route = route
+        self._ifname = ifname
+        self.local_addresses = local_addresses
+        self._now = now  # the monotonic time of the event being handled
+        self.wall_offset = wall - now
+        self._keep = ~proc.marks.mask & 0xFFFFFFFF
+        self._rewritten = proc.marks.rewritten
+        self._passed = proc.marks.passed
+        self.fw_pool = EndpointPool(
+            proc.pools.firewall_side, proc.pools.ports, instance=instance, instances=len(queues),
+            slice_by=SliceBy.ADDRESS, slicing=Slicing.CONTIGUOUS,
+        )
+        self.snat_pools = SnatPools(proc.pools.snat_ports, instance, len(queues))
+        # SnatPools has the two methods FlowTable uses of its SNAT pool.
+        self.table = FlowTable(proc.timeouts, self.fw_pool, self.snat_pools, now=now)  # type: ignore[arg-type]
+        link = config.gateway_link
+        self.gateway_address = str(link.gateway_address.ip)
+        # Each gateway is its own process on its own signalling port (docs/datapath.md,
+        # "Signalling ports"): a flow's pushes go to the gateway it belongs to.
+        self.gateway_peers = {g.name: (self.gateway_address, config.gateway_signalling_port(g.name)) for g in config.gateways}
+        self._copies = config.signalling.copies
+        self._masq = frozenset(config.nat.masquerade)
+        self._zone_of_if = {i: z.name for z in config.zones.values() for i in z.interfaces}
+        self._selectors: dict[tuple[str, int], list[_Selector]] = {}
+        for gw in config.gateways:
+            ag = AgEndpoint.of(gw.name, link.gateway_address.ip, gw.listen_port)
+            for t in gw.traffic:
+                ports = tuple((r.first, r.last) for r in t.ports)
+                sel = _Selector(t, gw, ag, ports, _nets(t.saddr), _nets(t.daddr))
+                self._selectors.setdefault((t.from_zone, _PROTO[t.proto]), []).append(sel)
+        self._forwards: dict[tuple[str, int], list[tuple[PortForward, tuple[tuple[int, int], ...]]]] = {}
+        for f in config.nat.forwards:
+            self._forwards.setdefault((f.from_zone, _PROTO[f.proto]), []).append((f, _nets(f.saddr)))
+        self._iface: dict[int, str | None] = {}
+        self._iface_until = now + IFACE_CACHE_SECONDS
+
+        self.outbox: list[tuple[bytes, tuple[str, int]]] = []
+        self.counters: Counter[str] = Counter()
+        self.queued = 0  # the two hottest counters live outside the Counter
+        self.repeated = 0
+        self._serial = itertools.count(1)
+        self._flows: dict[int, Binding] = {}  # flow id -> binding
+        self._flow_of: dict[int, int] = {}  # binding.client_key -> flow id
+        self.rules = RuleBook(self)
+
+    # ---- packets ----------------------------------------------------------------------
+
+    def handle(self, payload: bytes, mark: int, indev: int, now: float) -> Verdict:
+        """The verdict for one queued packet; see the module docstring."""
+        self.queued += 1
+        pkt = parse(payload)
+        if type(pkt) is not Packet:
+            return self._drop(_MALFORMED[pkt], mark)  # type: ignore[index]
+        if pkt.more_fragments:
+            # The kernel reassembles before raw; the rest of a lone first
+            # fragment could never follow its rewritten head.
+            return self._drop("drop.fragment", mark)
+        where = self._iface.get(indev, _UNKNOWN)
+        if where is _UNKNOWN:
+            where = self._classify(indev)
+        table = self.table
+        if where == _BLIND:
+            hit = table.match_gateway(pkt)
+            if hit is None:
+                return self._drop("drop.gateway_without_binding", mark)
+        else:
+            recycled = table.recycled
+            hit = table.match_outside(pkt)
+            if hit is None:
+                self._now = now
+                if table.recycled != recycled:
+                    # A new SYN replaced a closing binding on the same tuple.
+                    fid = self._flow_of.get(flow_key(pkt.proto, pkt.src, pkt.sport, pkt.dst, pkt.dport))
+                    if fid is not None:
+                        self._end(fid, FlowEndReason.FIN)
+                return self._new(payload, pkt, mark, where, now)
+        return self._rewrite(payload, pkt, hit[0], hit[1], mark, now)
+
+    def _rewrite(self, payload: bytes, pkt: Packet, b: Binding, d: Direction, mark: int, now: float) -> Verdict:
+        buf = bytearray(payload)
+        src, sport, dst, dport = b.target(d)
+        rewrite(buf, pkt.l4, pkt.proto, src, sport, dst, dport)
+        self.table.seen(b, d, pkt.flags, now)
+        self.repeated += 1
+        return REPEAT, bytes(buf), (mark & self._keep) | self._rewritten
+
+    def _drop(self, why: str, mark: int) -> Verdict:
+        self.counters[why] += 1
+        self.counters["verdict.drop"] += 1
+        return DROP, None, mark
+
+    def _pass(self, why: str, mark: int) -> Verdict:
+        self.counters[why] += 1
+        self.counters["verdict.pass"] += 1
+        return PASS, None, (mark & self._keep) | self._passed
+
+    def _classify(self, indev: int) -> str | None:
+        name = self._ifname(indev)
+        where = _BLIND if name == self.config.gateway_link.router_if else self._zone_of_if.get(name or "")
+        self._iface[indev] = where
+        return where
+
+    def _zone(self, route: Route) -> str | None:
+        return ROUTER if route.local else self._zone_of_if.get(route.ifname or "")
+
+    def snat_address(self, server: int) -> int | None:
+        """W, when the route to ``server`` leaves through a masqueraded zone; else None."""
+        route = self._route(server)
+        if route is None or self._zone(route) not in self._masq:
+            return None
+        return route.prefsrc
+
+    def _new(self, payload: bytes, pkt: Packet, mark: int, zone: str | None, now: float) -> Verdict:
+        proto, src, sport, dst, dport, flags = pkt[:6]
+        first = proto != TCP or flags & _SYN_FLAGS == SYN
+        if first and self.rules.expect:
+            rule = self.rules.expected(proto, src, sport, dst, dport, now)
+            if rule is not None:
+                route = self._route(rule.server[0])
+                if route is None:
+                    return self._drop("drop.no_route", mark)
+                b = self._open(pkt, rule.gateway, rule.server, route, now)
+                if isinstance(b, str):
+                    return self._drop(b, mark)
+                self.rules.redirected(rule, self._register(b), b)
+                return self._rewrite(payload, pkt, b, _C2A, mark, now)
+        sel = None
+        for candidate in self._selectors.get((zone, proto), ()):  # type: ignore[arg-type]
+            if candidate.matches(src, dst, dport):
+                sel = candidate
+                break
+        if sel is None:
+            return self._pass("passed.not_a_selector", mark)
+        route = self._route(dst)
+        server = None
+        if route is not None and route.local:
+            server = self._forward_target(zone, proto, src, dport)  # type: ignore[arg-type]
+            if server is not None:
+                route = self._route(server[0])
+        if route is None:
+            return self._pass("passed.no_route", mark)
+        if self._zone(route) != sel.traffic.to_zone:
+            return self._pass("passed.other_zone", mark)  # fig. 6a: not this gateway's direction
+        if not first:
+            return self._drop("drop.not_new_flow", mark)
+        b = self._open(pkt, sel.ag, server, route, now)
+        if isinstance(b, str):
+            return self._drop(b, mark)
+        fid = self._register(b)
+        step = ADJACENT_PORTS.get(sel.gateway.kind)
+        if step is not None:
+            self.rules.adjacent(fid, b, step, now, ADJACENT_TTL)
+        return self._rewrite(payload, pkt, b, _C2A, mark, now)
+
+    def _forward_target(self, zone: str, proto: int, src: int, dport: int) -> tuple[int, int] | None:
+        """The port forward's S:s for a client that addressed the router, as the DNAT rule has it."""
+        for f, saddr in self._forwards.get((zone, proto), ()):
+            if f.ports.first <= dport <= f.ports.last and (not saddr or _in(src, saddr)):
+                return int(f.to_addr), dport if f.to_port is None else f.to_port
+        return None
+
+    def _open(self, pkt: Packet, ag: AgEndpoint, server: tuple[int, int] | None, route: Route, now: float) -> Binding | str:
+        """A binding for a new flow, or the counter name of why not."""
+        snat = self._zone(route) in self._masq
+        if snat:
+            if route.prefsrc is None:
+                return "drop.no_source_address"
+            self.snat_pools.prefer(route.prefsrc)
+        if server == (pkt.dst, pkt.dport):
+            server = None
+        b = self.table.open(pkt.proto, pkt.src, pkt.sport, pkt.dst, pkt.dport, ag, now, server=server, snat=snat)
+        if isinstance(b, TableRefusal):
+            return f"drop.refused.{b.name.lower()}"
+        return b
+
+    def _register(self, b: Binding) -> int:
+        fid = make_flow_id(self.queue, next(self._serial))
+        self._flows[fid] = b
+        self._flow_of[b.client_key] = fid
+        self.counters["flows.opened"] += 1
+        if self.push:
+            # Ahead of the verdict, so the push races ahead of the first packet.
+            msg = NewFlow(self.flow_info(fid, b))
+            datagrams = self.encoder.encode_copies(msg, self._wall(), self._copies)
+            peer = self.gateway_peers[b.gateway.name]
+            self.outbox += [(d, peer) for d in datagrams]
+            self.counters["signalling.sent.new_flow"] += 1
+            self.counters["signalling.copies"] += len(datagrams)
+        else:
+            self.counters["signalling.push_skipped"] += 1
+        return fid
+
+    def binding(self, fid: int) -> Binding | None:
+        return self._flows.get(fid)
+
+    def flow_info(self, fid: int, b: Binding) -> FlowInfo:
+        """What the gateway layer is told about a flow (NEW_FLOW, ANSWER)."""
+        def ep(pair: tuple[int, int]) -> Endpoint:
+            return Endpoint(_IP(pair[0]), pair[1])
+
+        g = b.gateway
+        return FlowInfo(fid, Proto(b.proto), g.name, ep(b.client), ep(b.original_dst), ep(b.server),
+                        ep(b.firewall_side), ep((g.addr, g.port)))
+
+    def _end(self, fid: int, reason: FlowEndReason) -> None:
+        """Everything that goes with a binding the table no longer holds."""
+        b = self._flows.pop(fid)
+        del self._flow_of[b.client_key]
+        self.counters[f"flows.ended.{reason.name.lower()}"] += 1
+        self.send(FlowEnd(fid, reason), self.gateway_peers[b.gateway.name])
+        self.rules.flow_ended(fid)
+
+    # ---- time -------------------------------------------------------------------------
+
+    def tick(self, now: float, wall: float) -> None:
+        """About once a second: expiry of flows, rules and cached replies."""
+        self._now = now
+        self.wall_offset = wall - now
+        for b in self.table.expire(now):
+            if b.state & _RST_BITS:
+                reason = FlowEndReason.RST
+            elif b.closing:
+                reason = FlowEndReason.FIN
+            else:
+                reason = FlowEndReason.IDLE
+            self._end(self._flow_of[b.client_key], reason)
+        self.rules.tick(now)
+        if now >= self._iface_until:
+            self._iface.clear()  # interfaces come and go: the blind track is recreated on restarts
+            self._iface_until = now + IFACE_CACHE_SECONDS
+
+    def kernel_done(self, token: int, ok: bool, now: float, counts: dict[str, int] | None = None) -> None:
+        """The runner finished ``rules.kernel_ops`` entry ``token``."""
+        self._now = now
+        self.rules.kernel_done(token, ok, now, counts)
+
+    # ---- signalling -------------------------------------------------------------------
+
+    def datagram(self, data: bytes, source: tuple[str, int], now: float) -> None:
+        """One datagram from the signalling socket: checked, then answered or acted on."""
+        self._now = now
+        if source[0] != self.gateway_address:
+            self.counters["signalling.refused.wrong_source"] += 1
+            return
+        got = self.guard.check(data, self._wall())
+        if not isinstance(got, Received):
+            self.counters[f"signalling.refused.{got.name.lower()}"] += 1
+            return
+        self.counters["signalling.received"] += 1
+        msg = got.message
+        if isinstance(msg, Query):
+            self._query(msg, source)
+        elif isinstance(msg, RuleRequest):
+            self.rules.request(got, msg, source, now)
+
+    def _query(self, q: Query, source: tuple[str, int]) -> None:
+        key = fw_key(q.proto, int(q.firewall_side.address), q.firewall_side.port)
+        b = self.table.by_key(key)
+        if b is not None and b.fw == key and (b.gateway.addr, b.gateway.port) == (int(q.ag.address), q.ag.port):
+            self.counters["queries.answered"] += 1
+            self.send(Answer(q.query_id, self.flow_info(self._flow_of[b.client_key], b)), source)
+        else:
+            self.counters["queries.not_found"] += 1
+            self.send(NotFound(q.query_id, q.proto, q.firewall_side, q.ag), source)
+
+    def send(self, msg: Message, to: tuple[str, int]) -> None:
+        """Queue one message for ``to``: a request's source, or a gateway's signalling port."""
+        self.outbox.append((self.encoder.encode(msg, self._wall()), to))
+        self.counters[f"signalling.sent.{msg.TYPE.name.lower()}"] += 1
+
+    def _wall(self) -> float:
+        # Messages carry the wall clock of the event that made them.
+        return self._now + self.wall_offset
+
+    # ---- reports ----------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        counters = dict(self.counters)
+        counters["queued"] = self.queued  # every packet the queue delivered
+        counters["verdict.repeat"] = self.repeated
+        return {
+            "queue": self.queue,
+            "counters": dict(sorted(counters.items())),
+            "flows": len(self.table),
+            "flows_per_gateway": self.table.per_gateway(),
+            "rules": len(self.rules),
+            "kernel_ops_in_flight": self.rules.in_flight,
+            "pools": {"firewall_side": pool_stats(self.fw_pool), "snat": self.snat_pools.stats()},
+        }
+
+    def flows(self, now: float, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` live bindings as JSON values: ``Binding.record()``, addresses as strings."""
+        out = []
+        wall = now + self.wall_offset
+        for fid, b in itertools.islice(self._flows.items(), limit):
+            rec = b.record()
+            for key in ("client", "original_dst", "server", "firewall_side", "ag", "snat"):
+                if rec[key] is not None:
+                    rec[key] = f"{rec[key][0]}:{rec[key][1]}"
+            rec["proto"] = _PROTO_NAME.get(rec["proto"], str(rec["proto"]))
+            rec["state"] = [str(s.name).lower() for s in FlowState if rec["state"] & s]
+            rec["flow_id"] = fid
+            rec["queue"] = self.queue
+            rec["age"] = round(now - b.created, 1)
+            rec["idle"] = round(now - b.last_seen, 1)
+            rec["created"] = round(wall - (now - b.created), 3)  # Unix seconds
+            rec["last_seen"] = round(wall - (now - b.last_seen), 3)
+            out.append(rec)
+        return out

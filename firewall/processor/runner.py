@@ -1,0 +1,474 @@
+"""The processor's event loop: one NFQUEUE, the signalling socket, the control socket and a tick.
+
+One thread and one ``selectors`` loop (the seed's packet processor part, one
+per queue; docs/datapath.md, "Queue numbers and steering"). Everything it
+does is short and non-blocking, so packets never wait behind anything but
+other packets:
+
+- the queue's netlink socket is read in batches of ``QUEUE_BATCH``
+  messages, so a flood cannot starve signalling, expiry or the control
+  socket; each packet goes through ``ProcessorCore.handle``, and any datagram
+  the core queued (the NEW_FLOW push) is sent before the verdict;
+- signalling is UDP on ``gateway_link.router_address``, port
+  ``signalling.port`` + instance, bound with IP_FREEBIND so the processor can
+  start before the blind track exists; sends never wait (DESIGN invariant 6):
+  a datagram the kernel will not take at once is counted and dropped, and
+  the gateway's pull covers it;
+- kernel rule changes run as child processes the loop polls
+  (``firewall.processor.dynamic``);
+- the control socket (unix, mode 0600) answers one JSON request per
+  connection, reading and writing without blocking.
+
+Nothing raised while handling a packet leaves the callback (netfilterqueue
+would lose the verdict): it is counted as ``drop.internal`` and the packet
+dropped. An error in any other handler is logged and counted, and the loop
+goes on.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import stat
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from netfilterqueue import NetfilterQueue, Packet
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from firewall.config import Config
+from firewall.errors import KernelError, PrivilegeError
+from firewall.processor.core import DROP, PASS, ProcessorCore, Route
+from firewall.processor.dynamic import KernelRules
+from firewall.signalling import MAX_DATAGRAM, Encoder, Guard, Role, load_or_create_key
+
+log = logging.getLogger("nfgate.processor")
+
+TICK = 1.0  # seconds between expiry runs; FlowTable counts whole seconds
+# The kernel's queue for us: packets it holds while we are busy. The default
+# (1024) is 15 ms at 69k pps; a burst of new flows (a route lookup each)
+# must not overflow it, since an overflow drops. 16384 queued skbs pin at
+# most about 40 MB of kernel memory with 1500-byte packets.
+QUEUE_MAXLEN = 16384
+QUEUE_SOCKET_BUFFER = 32 * 1024 * 1024  # bytes of netlink receive buffer: the same packets, copied
+QUEUE_BATCH = 512  # packets handled before the loop looks at its other sockets
+QUEUE_COPY_RANGE = 0xFFFF  # whole packets (netfilterqueue caps this at its 4016-byte buffer)
+SIGNALLING_BUFFER = 4 * 1024 * 1024  # receive and send buffer: bursts of pushes and queries
+SIGNALLING_BATCH = 256  # datagrams read before the loop moves on
+KERNEL_POLL_INTERVAL = 0.005  # seconds between looks at a running iptables/nft child
+ROUTE_CACHE_SECONDS = 2.0  # a route lookup costs ~0.2 ms; routes change rarely
+ROUTE_CACHE_SIZE = 65536  # entries, then the cache starts over
+LOCAL_ADDRESS_SECONDS = 5.0  # how long the router's address list is reused
+ERROR_LOG_INTERVAL = 10.0  # seconds between tracebacks of one kind; all are counted
+CONTROL_MAX_REQUEST = 4096  # bytes: a request is one small JSON object
+CONTROL_MAX_CLIENTS = 16
+CONTROL_TIMEOUT = 5.0  # seconds a control connection may take
+FLOWS_LIMIT = 10000  # bindings listed by {"cmd": "flows"} unless it asks for another limit (stats has the total)
+FLOWS_LIMIT_MAX = 1_000_000
+RTN_LOCAL = 2  # rtm_type of a route to one of our own addresses
+# Linux values that Python's socket module does not export.
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)  # root may exceed net.core.[rw]mem_max
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+
+_COUNTED_ERRORS = (errno.EAGAIN, errno.ENOBUFS)
+
+
+def default_control_path(queue: int) -> Path:
+    return Path(f"/run/nfgate/processor-{queue}.sock")
+
+
+class Routes:
+    """Route lookups for the core, cached per destination for ``ROUTE_CACHE_SECONDS``."""
+
+    def __init__(self, ipr: IPRoute, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ipr = ipr
+        self._clock = clock
+        self._cache: dict[int, tuple[float, Route | None]] = {}
+        self._names: dict[int, str | None] = {}
+        self._local: tuple[float, list[ipaddress.IPv4Address]] = (0.0, [])
+
+    def __call__(self, dst: int) -> Route | None:
+        now = self._clock()
+        hit = self._cache.get(dst)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        route: Route | None
+        try:
+            msg = self._ipr.route("get", dst=str(ipaddress.IPv4Address(dst)))[0]
+        except (NetlinkError, IndexError):
+            route = None
+        else:
+            prefsrc = msg.get("RTA_PREFSRC")
+            route = Route(
+                msg["type"] == RTN_LOCAL,
+                self.ifname(msg.get("RTA_OIF")),
+                int(ipaddress.IPv4Address(prefsrc)) if prefsrc else None,
+            )
+        if len(self._cache) >= ROUTE_CACHE_SIZE:
+            self._cache.clear()
+        self._cache[dst] = (now + ROUTE_CACHE_SECONDS, route)
+        return route
+
+    def ifname(self, index: int | None) -> str | None:
+        if index is None:
+            return None
+        try:
+            return socket.if_indextoname(index)
+        except OSError:
+            return None
+
+    def local_addresses(self) -> list[ipaddress.IPv4Address]:
+        now = self._clock()
+        if self._local[0] <= now:
+            addrs = [ipaddress.IPv4Address(a.get("IFA_ADDRESS")) for a in self._ipr.get_addr(family=socket.AF_INET)]
+            self._local = (now + LOCAL_ADDRESS_SECONDS, addrs)
+        return self._local[1]
+
+
+class _Batch:
+    """The queue's netlink socket as ``NetfilterQueue.run_socket`` reads it, but
+    "would block" after ``QUEUE_BATCH`` messages: run_socket loops until EAGAIN,
+    and a queue that never empties must not keep the loop from its other work."""
+
+    def __init__(self, sock: socket.socket, overflow: Callable[[], None]) -> None:
+        self._sock = sock
+        self._overflow = overflow
+        self.left = 0
+
+    def recv(self, size: int) -> bytes:
+        if self.left <= 0:
+            raise BlockingIOError(errno.EAGAIN, "batch done")
+        self.left -= 1
+        try:
+            return self._sock.recv(size)
+        except OSError as err:
+            if err.errno == errno.ENOBUFS:
+                self._overflow()  # the kernel dropped queued packets: our buffer was full
+            raise
+
+
+class _Control:
+    """One control connection: a request in, a JSON answer out, then closed."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline
+        self.inbox = b""
+        self.outbox = b""
+
+
+class Runner:
+    """One processor instance, bound to ``config.processor.queues[instance]``."""
+
+    def __init__(self, config: Config, instance: int, *, control_path: Path | None = None, push: bool = True) -> None:
+        self.config = config
+        self.instance = instance
+        self.queue = config.processor.queues[instance]
+        self.control_path = control_path or default_control_path(self.queue)
+        self.push = push
+        self._stop = False
+        self._sel = selectors.DefaultSelector()
+        self._clients: dict[int, _Control] = {}
+        self._quiet_until: dict[str, float] = {}
+        self.started = time.monotonic()
+
+    # ---- set-up -----------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until SIGTERM or SIGINT; then unbind, remove our rules, close. Returns 0."""
+        if os.geteuid() != 0:
+            raise PrivilegeError("processor: needs root (NFQUEUE, netlink, iptables/nft)")
+        cfg = self.config
+        key = load_or_create_key(cfg.signalling.key_file)  # before anything else, as keyfile asks
+        # The Guard exists before the socket: nothing sent before it existed is accepted.
+        guard = Guard(key, Role.PROCESSOR, now=time.time(), replay_window=cfg.signalling.replay_window)
+        self.kernel = KernelRules(self.queue)
+        stale = self.kernel.remove_all()
+        self.ipr = IPRoute()
+        self.routes = Routes(self.ipr)
+        self.core = ProcessorCore(
+            cfg, self.instance, Encoder(key, Role.PROCESSOR), guard,
+            route=self.routes, ifname=self.routes.ifname, local_addresses=self.routes.local_addresses,
+            now=time.monotonic(), wall=time.time(), push=self.push,
+        )
+        if stale:
+            self.core.counters["kernel.stale_rules_removed"] += stale
+        self._handle = self.core.handle
+        self._now = time.monotonic()
+        try:
+            self._open_sockets()
+            log.info(
+                "queue %d: signalling %s:%d, control %s, dynamic rules via %s%s",
+                self.queue, cfg.gateway_link.router_address.ip, cfg.processor_signalling_port(self.instance),
+                self.control_path, self.kernel.backend or "(no nfgate ruleset found yet)",
+                "" if self.push else ", TEST: NEW_FLOW pushes skipped",
+            )
+            self._loop()
+        finally:
+            self._close()
+        return 0
+
+    def _open_sockets(self) -> None:
+        cfg = self.config
+        self.nfq = NetfilterQueue()
+        try:
+            self.nfq.bind(self.queue, self._on_packet, max_len=QUEUE_MAXLEN, range=QUEUE_COPY_RANGE,
+                          sock_len=QUEUE_SOCKET_BUFFER)
+        except OSError as err:
+            raise KernelError(f"processor: cannot bind NFQUEUE {self.queue} ({err}); is another processor bound to it?") from None
+        qsock = socket.socket(fileno=os.dup(self.nfq.get_fd()))
+        qsock.setblocking(False)
+        self._qsock = qsock
+        self._batch = _Batch(qsock, self._overflowed)
+        self._sel.register(qsock, selectors.EVENT_READ, self._on_queue)
+
+        sig = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sig.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+        sig.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, SIGNALLING_BUFFER)
+        sig.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SIGNALLING_BUFFER)
+        sig.setblocking(False)
+        sig.bind((str(cfg.gateway_link.router_address.ip), cfg.processor_signalling_port(self.instance)))
+        self.sig = sig
+        self._sigbuf = bytearray(MAX_DATAGRAM)
+        self._sel.register(sig, selectors.EVENT_READ, self._on_signalling)
+
+        path = self.control_path
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if path.is_socket():
+            path.unlink()  # a predecessor's; the supervisor runs one processor per queue
+        ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # 0600 from the start: no window with a wider mode
+        try:
+            ctl.bind(str(path))
+        finally:
+            os.umask(old)
+        os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+        ctl.listen(CONTROL_MAX_CLIENTS)
+        ctl.setblocking(False)
+        self.ctl = ctl
+        self._sel.register(ctl, selectors.EVENT_READ, self._on_control_accept)
+
+        self._wake_r, self._wake_w = socket.socketpair()
+        for s in (self._wake_r, self._wake_w):
+            s.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._stop = True
+
+    def _close(self) -> None:
+        nfq = getattr(self, "nfq", None)
+        if nfq is not None:
+            nfq.unbind()  # with fail_mode open the kernel now bypasses us; closed drops
+        removed = self.kernel.remove_all()
+        log.info("queue %d: stopped; removed %d dynamic rules", self.queue, removed)
+        signal.set_wakeup_fd(-1)
+        for conn in list(self._clients.values()):
+            conn.sock.close()
+        for name in ("_qsock", "sig", "ctl", "_wake_r", "_wake_w"):
+            sock = getattr(self, name, None)
+            if sock is not None:
+                sock.close()
+        if getattr(self, "ctl", None) is not None and self.control_path.is_socket():
+            self.control_path.unlink()
+        self.ipr.close()
+        self._sel.close()
+
+    # ---- the loop ---------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        next_tick = time.monotonic() + TICK
+        while not self._stop:
+            timeout = max(0.0, next_tick - time.monotonic())
+            if self.kernel.busy:
+                timeout = min(timeout, KERNEL_POLL_INTERVAL)
+            for key, _ in self._sel.select(timeout):
+                try:
+                    key.data(key.fileobj)
+                except Exception:  # noqa: BLE001 - one bad event must not stop the processor
+                    self._internal("internal.loop", "an event")
+            now = time.monotonic()
+            for op, ok, counts in self.kernel.collect(now):
+                self.core.kernel_done(op.token, ok, now, counts)
+            if now >= next_tick:
+                self.core.tick(now, time.time())
+                self._expire_clients(now)
+                next_tick = now + TICK
+            self._flush()
+
+    def _flush(self) -> None:
+        """Send what the core queued and hand its kernel operations on."""
+        core = self.core
+        if core.outbox:
+            self._send_outbox()
+        ops = core.rules.kernel_ops
+        if ops:
+            for op in ops:
+                self.kernel.submit(op)
+            ops.clear()
+            for op, ok, counts in self.kernel.collect(time.monotonic()):
+                core.kernel_done(op.token, ok, time.monotonic(), counts)
+
+    def _send_outbox(self) -> None:
+        core = self.core
+        sendto = self.sig.sendto
+        for data, peer in core.outbox:
+            try:
+                sendto(data, peer)
+            except OSError as err:
+                # Never wait for a gateway: the pull (QUERY) covers a lost push.
+                reason = "buffer_full" if err.errno in _COUNTED_ERRORS else "error"
+                core.counters[f"signalling.send_failed.{reason}"] += 1
+        core.outbox.clear()
+
+    def _on_queue(self, sock: socket.socket) -> None:
+        # One clock read per batch: a batch takes milliseconds, and the flow
+        # table counts whole seconds.
+        self._now = time.monotonic()
+        self._batch.left = QUEUE_BATCH
+        self.nfq.run_socket(self._batch)  # type: ignore[arg-type]  # it only calls recv()
+
+    def _overflowed(self) -> None:
+        self.core.counters["queue.overflow"] += 1
+
+    def _on_packet(self, pkt: Packet) -> None:
+        try:
+            verdict, payload, mark = self._handle(pkt.get_payload(), pkt.get_mark(), pkt.indev, self._now)
+            if self.core.outbox:
+                self._send_outbox()  # the push goes out before the packet it describes
+            if verdict == DROP:
+                pkt.drop()
+            elif verdict == PASS:
+                pkt.set_mark(mark)
+                pkt.accept()
+            else:
+                pkt.set_payload(payload)  # type: ignore[arg-type]  # REPEAT always carries bytes
+                pkt.set_mark(mark)
+                pkt.repeat()
+        except Exception:  # noqa: BLE001 - never raise out of the queue callback
+            self._internal("drop.internal", "a packet")
+            try:
+                pkt.drop()
+            except Exception:  # noqa: BLE001 - the verdict may already be set
+                pass
+
+    def _internal(self, counter: str, what: str) -> None:
+        """Count a bug's hit; log its traceback at most every ``ERROR_LOG_INTERVAL``
+        (at 100k packets a second, a traceback per packet would be its own outage)."""
+        self.core.counters[counter] += 1
+        now = time.monotonic()
+        if now >= self._quiet_until.get(counter, 0.0):
+            self._quiet_until[counter] = now + ERROR_LOG_INTERVAL
+            log.exception("queue %d: error handling %s (%s so far)", self.queue, what, self.core.counters[counter])
+
+    def _on_signalling(self, sock: socket.socket) -> None:
+        buf = self._sigbuf
+        now = time.monotonic()
+        for _ in range(SIGNALLING_BATCH):
+            try:
+                size, source = sock.recvfrom_into(buf)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.core.counters["signalling.receive_error"] += 1
+                return
+            self.core.datagram(bytes(buf[:size]), source, now)
+
+    def _on_wake(self, sock: socket.socket) -> None:
+        try:
+            while sock.recv(64):
+                pass
+        except BlockingIOError:
+            pass
+
+    # ---- control ----------------------------------------------------------------------
+
+    def _on_control_accept(self, sock: socket.socket) -> None:
+        try:
+            conn, _ = sock.accept()
+        except BlockingIOError:
+            return
+        if len(self._clients) >= CONTROL_MAX_CLIENTS:
+            conn.close()
+            self.core.counters["control.refused"] += 1
+            return
+        conn.setblocking(False)
+        self._clients[conn.fileno()] = _Control(conn, time.monotonic() + CONTROL_TIMEOUT)
+        self._sel.register(conn, selectors.EVENT_READ, self._on_control_read)
+
+    def _on_control_read(self, sock: socket.socket) -> None:
+        client = self._clients[sock.fileno()]
+        try:
+            chunk = sock.recv(CONTROL_MAX_REQUEST)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+            client.inbox = b""
+        client.inbox += chunk
+        if chunk and b"\n" not in client.inbox and len(client.inbox) <= CONTROL_MAX_REQUEST:
+            return  # more to come
+        self.core.counters["control.requests"] += 1
+        answer = self._answer(client.inbox.split(b"\n", 1)[0])
+        client.outbox = json.dumps(answer, separators=(",", ":")).encode() + b"\n"
+        self._sel.modify(sock, selectors.EVENT_WRITE, self._on_control_write)
+
+    def _on_control_write(self, sock: socket.socket) -> None:
+        client = self._clients[sock.fileno()]
+        try:
+            sent = sock.send(client.outbox)
+        except BlockingIOError:
+            return
+        except OSError:
+            sent = len(client.outbox)
+        client.outbox = client.outbox[sent:]
+        if not client.outbox:
+            self._drop_client(sock)
+
+    def _drop_client(self, sock: socket.socket) -> None:
+        self._clients.pop(sock.fileno(), None)
+        self._sel.unregister(sock)
+        sock.close()
+
+    def _expire_clients(self, now: float) -> None:
+        for client in [c for c in self._clients.values() if c.deadline <= now]:
+            self.core.counters["control.timed_out"] += 1
+            self._drop_client(client.sock)
+
+    def _answer(self, raw: bytes) -> dict[str, Any] | list[dict[str, Any]]:
+        try:
+            request = json.loads(raw)
+            cmd = request["cmd"]
+        except (ValueError, TypeError, KeyError):
+            self.core.counters["control.bad_request"] += 1
+            return {"error": 'send one JSON object per connection: {"cmd": "stats"} or {"cmd": "flows"}'}
+        now = time.monotonic()
+        if cmd == "stats":
+            return {
+                **self.core.stats(),
+                "instance": self.instance,
+                "pid": os.getpid(),
+                "uptime": round(now - self.started, 1),
+                "sender_id": f"{self.core.encoder.sender_id:#018x}",
+                "backend": self.kernel.backend,
+                "push": self.push,
+            }
+        if cmd == "flows":
+            limit = request.get("limit", FLOWS_LIMIT)
+            if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= FLOWS_LIMIT_MAX:
+                return {"error": f"limit must be an integer 0..{FLOWS_LIMIT_MAX}"}
+            return self.core.flows(now, limit)  # a list, as the supervisor merges them
+        self.core.counters["control.bad_request"] += 1
+        return {"error": f"unknown command {cmd!r}: stats or flows"}

@@ -1,0 +1,250 @@
+"""The processor in a lab router: real packets through NFQUEUE, the blind track and a stand-in gateway.
+
+The basic lab (ext - router - lan), nfgate applied with the iptables backend
+(this kernel has no nft queue), a tcp-relay gateway on wan -> lan tcp 8443
+port-forwarded to lan:443 and lan -> wan tcp 9000, an ftp-kind gateway on
+wan 2121 (for dynamic rules), the processor for queue 0 and the stand-in
+gateway layer of processor_gateway.py. Every wait polls with a bound.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from scapy.layers.inet import IP, TCP
+
+from firewall.config.model import PortRange
+from firewall.lab.wait import wait_for
+from firewall.processor.dynamic import KernelRules
+from firewall.processor.rulebook import KernelOp, KernelRule
+from firewall.rules.model import Accept, Addr, CtState, Family, Port, Proto, Queue, Rule
+from tests.firewall.processor_harness import CLIENT, EXT, LAN, WAN, Harness, Server
+
+pytestmark = pytest.mark.netns
+
+
+@pytest.fixture
+def rig(lab_factory: Any, tmp_path: Path) -> Iterator[Harness]:
+    lab = lab_factory("basic")
+    harness = Harness(lab, tmp_path)
+    try:
+        yield harness
+    finally:
+        harness.close()
+
+
+def started(rig: Harness, *processor_args: str) -> Harness:
+    rig.start_processor(*processor_args)
+    rig.start_gateway()
+    return rig
+
+
+def test_inbound_and_outbound_flows_through_the_gateway(rig: Harness) -> None:
+    started(rig)
+    https = Server(rig.lab, "lan", 443)
+    outside = Server(rig.lab, "ext", 9000)
+
+    # ext -> the router's 8443: relayed to lan:443, which sees the real client.
+    assert rig.many("ext", WAN, 8443, 1)["replies"] == 1
+    assert https.peers() == [EXT]
+    flow = rig.event("flow", gateway="relay")
+    assert flow["via"] == "push"
+    assert flow["client"].startswith(f"{EXT}:") and flow["original_dst"] == f"{WAN}:8443"
+    assert flow["server"] == f"{LAN}:443"
+
+    # lan -> ext:9000: ext sees the router's address (the processor's SNAT), and
+    # the gateway learned lan's private tuple.
+    assert rig.many("lan", EXT, 9000, 1)["replies"] == 1
+    assert outside.peers() == [WAN]
+    flow = rig.event("flow", gateway="relay", server=f"{EXT}:9000")
+    assert flow["client"].startswith(f"{LAN}:")
+    # Invariant 3: conntrack saw neither leg of either flow.
+    tracked = rig.conntrack()
+    assert "dport=7500" in tracked, tracked  # the listing works: signalling is the kernel's
+    assert "dport=8443" not in tracked and "dport=443" not in tracked and "dport=9000" not in tracked, tracked
+    stats = rig.stats()
+    assert stats["counters"]["flows.opened"] == 2
+    assert stats["counters"]["signalling.copies"] == 6  # 3 copies of each push
+    assert stats["counters"].get("verdict.drop", 0) == 0, stats["counters"]
+
+
+def test_many_concurrent_connections_map_right_and_their_bindings_go(rig: Harness) -> None:
+    started(rig)
+    https = Server(rig.lab, "lan", 443)
+    count = 60
+    result = rig.many("ext", WAN, 8443, count)
+    assert result == {"connected": count, "replies": count, "errors": []}  # each got its own line back
+    assert https.peers(count) == [EXT] * count
+    assert len({rig.event("flow")["firewall_side"] for _ in range(count)}) == count  # unique F:f
+    # FIN both ways on both legs, then tcp_closing (1 s): every binding and pool entry goes.
+    wait_for(lambda: rig.control({"cmd": "flows"}) == [] and rig.stats()["flows"] == 0, timeout=15, interval=0.2,
+             what="all bindings to expire")
+    stats = rig.stats()
+    assert stats["pools"]["firewall_side"]["used"] == 0
+    assert stats["counters"]["flows.ended.fin"] == count
+
+
+def test_traffic_without_a_gateway_never_reaches_the_processor(rig: Harness) -> None:
+    started(rig)
+    Server(rig.lab, "lan", 80)
+    outside = Server(rig.lab, "ext", 9001)
+    before = rig.counter("queued")
+    assert rig.many("ext", WAN, 8080, 5)["replies"] == 5  # the kernel's port forward
+    assert rig.many("lan", EXT, 9001, 5)["replies"] == 5  # the kernel's masquerade
+    assert outside.peers(5) == [WAN] * 5
+    assert rig.counter("queued") == before
+
+
+def test_garbage_is_dropped_and_counted_and_service_goes_on(rig: Harness) -> None:
+    started(rig)
+    Server(rig.lab, "lan", 443)
+    crafted = [
+        IP(src=EXT, dst=WAN) / TCP(sport=33333, dport=8443, flags="S", dataofs=15),  # header past the end
+        IP(src=EXT, dst=WAN) / TCP(sport=33334, dport=8443, flags="A"),  # mid-stream, no binding
+        IP(src=EXT, dst=WAN) / TCP(sport=33335, dport=8443, flags="SF"),  # not a new flow either
+    ]
+    rig.lab.run("ext", [sys.executable, CLIENT, "raw", WAN, *(bytes(p).hex() for p in crafted)])
+    wait_for(lambda: rig.counter("drop.malformed.bad_tcp_offset") == 1 and rig.counter("drop.not_new_flow") == 2,
+             timeout=5, interval=0.05, what="the crafted packets to be counted")
+    assert rig.processor is not None and rig.processor.poll() is None
+    assert rig.many("ext", WAN, 8443, 3)["replies"] == 3
+
+
+def test_gateway_learns_flows_by_query_when_pushes_are_lost(rig: Harness) -> None:
+    started(rig, "--test-skip-pushes")
+    https = Server(rig.lab, "lan", 443)
+    assert rig.many("ext", WAN, 8443, 3)["replies"] == 3
+    assert https.peers(3) == [EXT] * 3
+    for _ in range(3):
+        assert rig.event("flow")["via"] == "query"
+    counters = rig.stats()["counters"]
+    assert counters["signalling.push_skipped"] == 3 and counters["queries.answered"] >= 3
+
+
+def test_spoofed_and_replayed_signalling_is_refused(rig: Harness) -> None:
+    started(rig)
+    rig.command(cmd="forge")
+    rig.command(cmd="replay")
+    rig.command(cmd="stale")
+    wait_for(lambda: all(rig.counter(f"signalling.refused.{r}") == 1 for r in ("bad_mac", "replay", "stale")),
+             timeout=5, interval=0.05, what="the refusals to be counted")
+    assert rig.counter("queries.not_found") == 1  # the honest query of "replay", once
+    assert rig.events is not None
+    events = rig.events
+
+    def answers() -> list[str]:
+        return [e for e in (json.loads(line)["event"] for line in events.drain()) if e in ("not_found", "answer")]
+
+    assert wait_for(answers, timeout=5, interval=0.05, what="the answer to the honest query") == ["not_found"]
+
+
+def test_dynamic_rules_redirect_and_allow_one_flow_each(rig: Harness) -> None:
+    started(rig)
+    Server(rig.lab, "lan", 2121)
+    data = Server(rig.lab, "lan", 50000)
+    allowed = Server(rig.lab, "lan", 2122)
+    control = rig.lab.popen("ext", [sys.executable, "-u", CLIENT, "hold", WAN, "2121"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    ftp = rig.event("flow", gateway="ftp")
+    # What `nfgate flows` shows of it: original and translated tuples.
+    (listed,) = rig.control({"cmd": "flows"})
+    assert (listed["gateway"], listed["client"], listed["original_dst"], listed["server"]) == (
+        "ftp", ftp["client"], f"{WAN}:2121", f"{LAN}:2121")
+    assert listed["firewall_side"] == ftp["firewall_side"] and listed["proto"] == "tcp"
+
+    # REDIRECT: the client's next connection to the router's 50000 goes into the ftp gateway.
+    rig.command(cmd="rule", request_id=1, flow_id=ftp["flow_id"], src=f"{EXT}:0", dst=f"{WAN}:50000")
+    ack = rig.event("rule_ack", request_id=1)
+    assert len([r for r in rig.dynamic_rules() if "NFQUEUE" in r]) == 2
+    assert rig.many("ext", WAN, 50000, 1)["replies"] == 1
+    assert data.peers() == [EXT]
+    redirected = rig.event("flow", gateway="ftp", server=f"{LAN}:50000")
+    assert redirected["original_dst"] == f"{WAN}:50000"
+    rig.event("rule_end", rule_id=ack["rule_id"], reason="USED")
+    assert rig.refused("ext", WAN, 50000)  # one-shot: the next is the kernel's, which drops it
+
+    # ALLOW: the kernel carries one new flow ext -> lan:2122, then the rule is gone.
+    rig.lab.run("ext", ["ip", "route", "add", "192.168.1.0/24", "via", WAN])
+    rig.command(cmd="rule", request_id=2, flow_id=ftp["flow_id"], src=f"{EXT}:0", dst=f"{LAN}:2122", mode="allow")
+    ack = rig.event("rule_ack", request_id=2)
+    assert rig.many("ext", LAN, 2122, 1)["replies"] == 1
+    assert allowed.peers() == [EXT]
+    rig.event("rule_end", rule_id=ack["rule_id"], reason="USED")
+    assert not any("ACCEPT" in r for r in rig.dynamic_rules())
+    assert rig.refused("ext", LAN, 2122)
+
+    # An FTP bounce is refused; a rule still waiting dies with its flow.
+    rig.command(cmd="rule", request_id=3, flow_id=ftp["flow_id"], src=f"{EXT}:0", dst="198.51.100.99:25")
+    rig.event("rule_refused", request_id=3, reason="THIRD_PARTY")
+    rig.command(cmd="rule", request_id=4, flow_id=ftp["flow_id"], src=f"{EXT}:0", dst=f"{WAN}:50001")
+    ack = rig.event("rule_ack", request_id=4)
+    control.stdin.close()  # type: ignore[union-attr]
+    control.wait(timeout=10)
+    rig.event("rule_end", rule_id=ack["rule_id"], reason="FLOW_ENDED", timeout=15)
+
+    assert rig.stop_processor() == 0
+    assert rig.dynamic_rules() == []  # what the processor installed is gone with it
+
+
+def test_fail_modes_with_the_processor_stopped(rig: Harness) -> None:
+    started(rig)
+    https = Server(rig.lab, "lan", 443)
+    assert rig.many("ext", WAN, 8443, 1)["replies"] == 1
+    assert rig.stop_processor() == 0
+    # closed: nobody bound to the queue, the kernel drops the gateway's traffic.
+    assert rig.refused("ext", WAN, 8443)
+    # open: the queue rules' bypass lets the kernel carry it straight to the server.
+    rig.apply("open")
+    assert rig.many("ext", WAN, 8443, 1)["replies"] == 1
+    assert https.peers(2) == [EXT, EXT]
+
+
+def test_with_the_real_gateway_layer(rig: Harness) -> None:
+    """The same two directions through gateways/ (python -m gateways, tcp-relay)."""
+    rig.start_processor()
+    rig.start_real_gateway("relay")
+    https = Server(rig.lab, "lan", 443)
+    outside = Server(rig.lab, "ext", 9000)
+    assert rig.many("ext", WAN, 8443, 5)["replies"] == 5
+    assert https.peers(5) == [EXT] * 5
+    assert rig.many("lan", EXT, 9000, 5)["replies"] == 5
+    assert outside.peers(5) == [WAN] * 5
+    counters = rig.stats()["counters"]
+    assert counters["flows.opened"] == 10 and counters.get("verdict.drop", 0) == 0, counters
+
+
+def test_nft_dynamic_rules_by_handle(lab_factory: Any) -> None:
+    """The nft backend's path: this kernel lacks nft's queue, so a hand-made
+    ``table inet nfgate`` with the two dynamic chains stands in for an applied one."""
+    lab = lab_factory("basic")
+    router = lab.ns("router")
+    lab.run("router", ["nft", "add table inet nfgate; add chain inet nfgate dyn_redirect; add chain inet nfgate dyn_allow"])
+    kernel = KernelRules(7, netns=router)
+    assert kernel.detect() == "nft"
+    tag = "nfgate-dyn q7 k1"
+    matches = (Proto("tcp"), Addr("src", (ipaddress.IPv4Network(EXT),)), Port("dst", (PortRange(2122, 2122),)), CtState(("new",)))
+    allow = KernelRule(tag, "dyn_allow", Rule(matches, (Accept(),), tag, Family.V4))
+    redirect = KernelRule("nfgate-dyn q7 k2", "dyn_redirect", Rule(matches[:3], (Queue(7, False),), "nfgate-dyn q7 k2", Family.V4))
+
+    def run(op: KernelOp) -> tuple[bool, dict[str, int] | None]:
+        kernel.submit(op)
+        done = wait_for(lambda: kernel.collect(time.monotonic()), timeout=10, interval=0.01, what="nft")
+        assert [d[0] for d in done] == [op]
+        return done[0][1], done[0][2]
+
+    assert run(KernelOp(1, True, (allow,))) == (True, None)
+    assert tag in lab.run("router", ["nft", "list", "chain", "inet", "nfgate", "dyn_allow"]).stdout
+    assert run(KernelOp(2, False, (), poll=True)) == (True, {tag: 0})
+    assert run(KernelOp(3, True, (redirect,)))[0] is False  # no nft queue on this kernel
+    assert run(KernelOp(4, False, (allow,))) == (True, None)
+    assert tag not in lab.run("router", ["nft", "list", "chain", "inet", "nfgate", "dyn_allow"]).stdout
+    assert run(KernelOp(5, True, (allow,))) == (True, None)
+    assert KernelRules(7, netns=router).remove_all() == 1  # a successor clears what it finds
+    assert "nfgate-dyn" not in lab.run("router", ["nft", "list", "table", "inet", "nfgate"]).stdout
