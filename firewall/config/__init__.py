@@ -317,6 +317,15 @@ def _processor(t: Table, problems: Problems) -> Processor:
             problems.add(f"{t.path}.queues", f"at most {MAX_QUEUES} queues")
         unique(queues, f"{t.path}.queues", "queue", problems)
     fail_mode = t.take("fail_mode", choice("open", "closed"), d.fail_mode)
+    tuning = {
+        "queue_maxlen": t.take("queue_maxlen", integer(64, 1 << 20), d.queue_maxlen),
+        "queue_buffer": t.take("queue_buffer", integer(1 << 16, 1 << 30), d.queue_buffer),
+        "queue_batch": t.take("queue_batch", integer(1, 65536), d.queue_batch),
+        "route_cache": t.take("route_cache", number(0, 3600), d.route_cache),
+        "max_rules": t.take("max_rules", integer(0, 1 << 20), d.max_rules),
+        "max_rules_per_flow": t.take("max_rules_per_flow", integer(0, 1024), d.max_rules_per_flow),
+        "adjacent_ttl": t.take("adjacent_ttl", number(1, 3600), d.adjacent_ttl),
+    }
 
     mt = t.table("marks")
     dm = Marks()
@@ -364,6 +373,7 @@ def _processor(t: Table, problems: Problems) -> Processor:
     return Processor(
         queues=queues or d.queues,
         fail_mode=fail_mode or d.fail_mode,
+        **{k: (v if v is not None else getattr(d, k)) for k, v in tuning.items()},
         marks=marks,
         timeouts=timeouts,
         pools=Pools(fw or dp.firewall_side, pool_ports or dp.ports, snat_ports or dp.snat_ports),
@@ -434,6 +444,7 @@ def _signalling(t: Table) -> Signalling:
         copies=t.take("copies", integer(1, 10), d.copies),
         query_timeout=t.take("query_timeout", number(0.01, 30), d.query_timeout),
         replay_window=t.take("replay_window", number(0.1, 300), d.replay_window),
+        socket_buffer=t.take("socket_buffer", integer(1 << 16, 1 << 28), d.socket_buffer),
     )
     t.finish()
     return sig

@@ -116,6 +116,13 @@ class Pools:
 class Processor:
     queues: tuple[int, ...] = (0,)
     fail_mode: str = "closed"
+    queue_maxlen: int = 16384
+    queue_buffer: int = 32 * 1024 * 1024
+    queue_batch: int = 512
+    route_cache: float = 2.0
+    max_rules: int = 1024
+    max_rules_per_flow: int = 8
+    adjacent_ttl: float = 30.0
     marks: Marks = field(default_factory=Marks)
     timeouts: Timeouts = field(default_factory=Timeouts)
     pools: Pools = field(default_factory=Pools)
@@ -138,6 +145,7 @@ class Signalling:
     copies: int = 3
     query_timeout: float = 0.5
     replay_window: float = 5.0
+    socket_buffer: int = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)

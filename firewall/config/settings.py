@@ -48,7 +48,26 @@ KIND_SETTINGS: dict[str, dict[str, Setting]] = {
     "rtp": {},
     "tcp-relay": _RELAY_TCP,
     "udp-relay": _RELAY_UDP,
-    "tunnel": {},
+    "tunnel": {
+        "service_port": Setting(integer(1, 65535), 7443, "the port mediators connect to (TCP channel and UDP channels)"),
+        "publish_first": Setting(integer(0, 65535), 0, "first public port a mediator may publish by default (0: none)"),
+        "publish_last": Setting(integer(0, 65535), 0, "last public port a mediator may publish by default"),
+        "max_ports": Setting(integer(0, 65535), 16, "ports one mediator may have open (opened plus redirected)"),
+        "max_connections": Setting(integer(0, 1_000_000), 64, "TCP connections one mediator may relay at once"),
+        "max_pending": Setting(integer(1, 65535), 32, "requests to one mediator waiting for an answer"),
+        "bytes_per_second": Setting(number(1024, 1e12), 125_000_000, "relay rate per mediator, both directions together"),
+        "burst_bytes": Setting(number(65536, 1e12), 4_194_304, "bytes a mediator may relay at full speed before the rate applies"),
+        "hello_timeout": Setting(number(0.1, 600), 10.0, "seconds a new channel may take to send HELLO"),
+        "dead_after": Setting(integer(1, 100), 3, "keepalive intervals without a frame before a mediator is dead"),
+        "min_keepalive_interval": Setting(number(0.1, 3600), 1.0, "shortest keepalive interval a mediator may announce"),
+        "max_keepalive_interval": Setting(number(0.1, 86400), 600.0, "longest keepalive interval a mediator may announce"),
+        "request_timeout": Setting(number(0.1, 600), 10.0, "seconds to wait for a mediator's answer (and for a reconnect)"),
+        "udp_idle_timeout": Setting(number(1, 86400), 60.0, "seconds without a datagram before a published UDP flow ends"),
+        "max_channels": Setting(integer(1, 1_000_000), 4096, "TCP channels at once, authenticated or not"),
+        "tls_read_buffer": Setting(integer(16384, 1 << 20), 65536, "bytes of read buffer each TLS channel keeps"),
+        "republish_initial": Setting(number(0.01, 3600), 1.0, "first retry delay of a publication that could not start"),
+        "republish_max": Setting(number(0.01, 86400), 60.0, "longest retry delay of such a publication"),
+    },
 }
 
 

@@ -77,7 +77,6 @@ REPEAT = 2  # new payload, mark ``rewritten``, NF_REPEAT: raw NOTRACKs it
 # processor part may by itself deduce the other port number(s)"): RTP data on
 # N, RTCP on N+1 (RFC 3550 section 11).
 ADJACENT_PORTS: dict[str, int] = {"rtp": 1}
-ADJACENT_TTL = 30.0  # seconds the adjacent flow may take to start
 
 IFACE_CACHE_SECONDS = 10.0  # how long an ifindex -> zone answer is trusted
 
@@ -350,7 +349,7 @@ class ProcessorCore:
         fid = self._register(b)
         step = ADJACENT_PORTS.get(sel.gateway.kind)
         if step is not None:
-            self.rules.adjacent(fid, b, step, now, ADJACENT_TTL)
+            self.rules.adjacent(fid, b, step, now, self.config.processor.adjacent_ttl)
         return self._rewrite(payload, pkt, b, _C2A, mark, now)
 
     def _forward_target(self, zone: str, proto: int, src: int, dport: int) -> tuple[int, int] | None:

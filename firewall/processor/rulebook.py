@@ -67,8 +67,6 @@ RULE_MODES: dict[str, frozenset[RuleMode]] = {
     "ftp": frozenset({RuleMode.REDIRECT, RuleMode.ALLOW}),
     "rtp": frozenset({RuleMode.REDIRECT, RuleMode.ALLOW}),
 }
-MAX_RULES_PER_FLOW = 8  # an FTP session has one data connection at a time; RTP two ports
-MAX_RULES = 1024  # per instance; each is a kernel rule or two that new flows are matched against
 MAX_KERNEL_OPS_IN_FLIGHT = 256  # tool runs queued; beyond this requests are refused LIMIT
 
 # A repeated (sender, request id) gets the first reply again; the gateway
@@ -146,6 +144,8 @@ class RuleBook:
         self.expect: dict[tuple[int, int, int, int], list[DynRule]] = {}
         self._bypass = core.config.processor.fail_mode == "open"
         self._snat_ports = core.config.processor.pools.snat_ports
+        self._max_rules = core.config.processor.max_rules
+        self._max_per_flow = core.config.processor.max_rules_per_flow
         self._kind = {g.name: g.kind for g in core.config.gateways}
         self._rules: dict[int, DynRule] = {}  # rule id -> live rule
         self._rules_of: dict[int, list[DynRule]] = {}  # flow id -> its live rules
@@ -199,8 +199,8 @@ class RuleBook:
         if req.mode not in RULE_MODES.get(self._kind[b.gateway.name], frozenset()):
             return RuleRefusal.POLICY
         if (
-            len(self._rules_of.get(req.flow_id, ())) >= MAX_RULES_PER_FLOW
-            or len(self._rules) >= MAX_RULES
+            len(self._rules_of.get(req.flow_id, ())) >= self._max_per_flow
+            or len(self._rules) >= self._max_rules
             or self.in_flight >= MAX_KERNEL_OPS_IN_FLIGHT
         ):
             return RuleRefusal.LIMIT
@@ -279,7 +279,7 @@ class RuleBook:
         (ca, _), (oa, op), (sa, sp) = b.client, b.original_dst, b.server
         if op + step > 0xFFFF or sp + step > 0xFFFF:
             return
-        if len(self._rules) >= MAX_RULES or self.in_flight >= MAX_KERNEL_OPS_IN_FLIGHT:
+        if len(self._rules) >= self._max_rules or self.in_flight >= MAX_KERNEL_OPS_IN_FLIGHT:
             self.core.counters["rules.adjacent_skipped"] += 1
             return
         rule = self._make(RuleMode.REDIRECT, b.proto, ca, 0, oa, op + step, fid, b, (sa, sp + step),

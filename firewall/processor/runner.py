@@ -5,7 +5,7 @@ per queue; docs/datapath.md, "Queue numbers and steering"). Everything it
 does is short and non-blocking, so packets never wait behind anything but
 other packets:
 
-- the queue's netlink socket is read in batches of ``QUEUE_BATCH``
+- the queue's netlink socket is read in batches of ``processor.queue_batch``
   messages, so a flood cannot starve signalling, expiry or the control
   socket; each packet goes through ``ProcessorCore.handle``, and any datagram
   the core queued (the NEW_FLOW push) is sent before the verdict;
@@ -57,14 +57,9 @@ TICK = 1.0  # seconds between expiry runs; FlowTable counts whole seconds
 # (1024) is 15 ms at 69k pps; a burst of new flows (a route lookup each)
 # must not overflow it, since an overflow drops. 16384 queued skbs pin at
 # most about 40 MB of kernel memory with 1500-byte packets.
-QUEUE_MAXLEN = 16384
-QUEUE_SOCKET_BUFFER = 32 * 1024 * 1024  # bytes of netlink receive buffer: the same packets, copied
-QUEUE_BATCH = 512  # packets handled before the loop looks at its other sockets
 QUEUE_COPY_RANGE = 0xFFFF  # whole packets (netfilterqueue caps this at its 4016-byte buffer)
-SIGNALLING_BUFFER = 4 * 1024 * 1024  # receive and send buffer: bursts of pushes and queries
 SIGNALLING_BATCH = 256  # datagrams read before the loop moves on
 KERNEL_POLL_INTERVAL = 0.005  # seconds between looks at a running iptables/nft child
-ROUTE_CACHE_SECONDS = 2.0  # a route lookup costs ~0.2 ms; routes change rarely
 ROUTE_CACHE_SIZE = 65536  # entries, then the cache starts over
 LOCAL_ADDRESS_SECONDS = 5.0  # how long the router's address list is reused
 ERROR_LOG_INTERVAL = 10.0  # seconds between tracebacks of one kind; all are counted
@@ -87,10 +82,12 @@ def default_control_path(queue: int) -> Path:
 
 
 class Routes:
-    """Route lookups for the core, cached per destination for ``ROUTE_CACHE_SECONDS``."""
+    """Route lookups for the core, cached per destination for ``processor.route_cache``
+    seconds: a lookup costs ~0.2 ms and routes change rarely."""
 
-    def __init__(self, ipr: IPRoute, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, ipr: IPRoute, cache_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._ipr = ipr
+        self.cache_seconds = cache_seconds
         self._clock = clock
         self._cache: dict[int, tuple[float, Route | None]] = {}
         self._names: dict[int, str | None] = {}
@@ -115,7 +112,7 @@ class Routes:
             )
         if len(self._cache) >= ROUTE_CACHE_SIZE:
             self._cache.clear()
-        self._cache[dst] = (now + ROUTE_CACHE_SECONDS, route)
+        self._cache[dst] = (now + self.cache_seconds, route)
         return route
 
     def ifname(self, index: int | None) -> str | None:
@@ -136,7 +133,7 @@ class Routes:
 
 class _Batch:
     """The queue's netlink socket as ``NetfilterQueue.run_socket`` reads it, but
-    "would block" after ``QUEUE_BATCH`` messages: run_socket loops until EAGAIN,
+    "would block" after ``processor.queue_batch`` messages: run_socket loops until EAGAIN,
     and a queue that never empties must not keep the loop from its other work."""
 
     def __init__(self, sock: socket.socket, overflow: Callable[[], None]) -> None:
@@ -194,7 +191,7 @@ class Runner:
         self.kernel = KernelRules(self.queue)
         stale = self.kernel.remove_all()
         self.ipr = IPRoute()
-        self.routes = Routes(self.ipr)
+        self.routes = Routes(self.ipr, config.processor.route_cache)
         self.core = ProcessorCore(
             cfg, self.instance, Encoder(key, Role.PROCESSOR), guard,
             route=self.routes, ifname=self.routes.ifname, local_addresses=self.routes.local_addresses,
@@ -221,8 +218,8 @@ class Runner:
         cfg = self.config
         self.nfq = NetfilterQueue()
         try:
-            self.nfq.bind(self.queue, self._on_packet, max_len=QUEUE_MAXLEN, range=QUEUE_COPY_RANGE,
-                          sock_len=QUEUE_SOCKET_BUFFER)
+            self.nfq.bind(self.queue, self._on_packet, max_len=cfg.processor.queue_maxlen, range=QUEUE_COPY_RANGE,
+                          sock_len=cfg.processor.queue_buffer)
         except OSError as err:
             raise KernelError(f"processor: cannot bind NFQUEUE {self.queue} ({err}); is another processor bound to it?") from None
         qsock = socket.socket(fileno=os.dup(self.nfq.get_fd()))
@@ -233,8 +230,8 @@ class Runner:
 
         sig = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sig.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
-        sig.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, SIGNALLING_BUFFER)
-        sig.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SIGNALLING_BUFFER)
+        sig.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, cfg.signalling.socket_buffer)
+        sig.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, cfg.signalling.socket_buffer)
         sig.setblocking(False)
         sig.bind((str(cfg.gateway_link.router_address.ip), cfg.processor_signalling_port(self.instance)))
         self.sig = sig
@@ -337,7 +334,7 @@ class Runner:
         # One clock read per batch: a batch takes milliseconds, and the flow
         # table counts whole seconds.
         self._now = time.monotonic()
-        self._batch.left = QUEUE_BATCH
+        self._batch.left = self.config.processor.queue_batch
         self.nfq.run_socket(self._batch)  # type: ignore[arg-type]  # it only calls recv()
 
     def _overflowed(self) -> None:

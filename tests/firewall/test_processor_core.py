@@ -25,7 +25,10 @@ from scapy.packet import Raw
 from firewall.config import loads
 from firewall.processor.core import DROP, PASS, REPEAT, ProcessorCore, Route
 from firewall.processor.dynamic import _ipt_specs
-from firewall.processor.rulebook import MAX_RULES_PER_FLOW, KernelOp
+from firewall.config.model import Processor
+from firewall.processor.rulebook import KernelOp
+
+MAX_RULES_PER_FLOW = Processor().max_rules_per_flow
 from firewall.rules import nft
 from firewall.rules.model import Queue
 from firewall.signalling import (
