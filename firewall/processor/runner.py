@@ -191,7 +191,7 @@ class Runner:
         self.kernel = KernelRules(self.queue)
         stale = self.kernel.remove_all()
         self.ipr = IPRoute()
-        self.routes = Routes(self.ipr, config.processor.route_cache)
+        self.routes = Routes(self.ipr, self.config.processor.route_cache)
         self.core = ProcessorCore(
             cfg, self.instance, Encoder(key, Role.PROCESSOR), guard,
             route=self.routes, ifname=self.routes.ifname, local_addresses=self.routes.local_addresses,
