@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from firewall.errors import EXIT_USAGE, NfgateError, PrivilegeError
+from firewall.errors import NfgateError, PrivilegeError
 
 DEFAULT_CONFIG = "/etc/nfgate/nfgate.toml"
 
@@ -290,8 +290,10 @@ def flows(config_path: str, as_json: bool) -> None:
 
 def _register() -> None:
     from firewall.lab.cli import lab
+    from tunnel.cli import tunnel
 
     main.add_command(lab)
+    main.add_command(tunnel)
 
 
 _register()

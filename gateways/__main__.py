@@ -159,6 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load(args.config)
         gateway = find_gateway(config, args.gateway)
+        if gateway.kind == "tunnel":
+            # The tunnel's control server is a gateway of its own kind: it
+            # terminates the mediators' channels itself (tunnel/service.py).
+            from tunnel.service import run_gateway
+
+            run_gateway(config, gateway, log_json=args.log_json)
+            return EXIT_OK
         if gateway.kind not in KINDS:
             raise UsageError(f"gateway {gateway.name!r}: kind {gateway.kind} is not built yet")
         key = load_or_create_key(config.signalling.key_file)

@@ -18,4 +18,23 @@ out, and a thin asyncio layer carries the commands out.
 - ``channel``: what both cores share (decoding, state moves, closing).
 - ``mediator_core``: ``MediatorCore``, the mediation system's side.
 - ``server_core``: ``ServerSession``, the control server's side of one mediator.
+
+The asyncio layers around the cores, and how they are run:
+
+- ``tls``: keys, self-signed certificates, pins (SHA-256 of the DER), contexts.
+- ``pacing``: reconnect ``Backoff`` (bounded, full jitter) and the bytes/s
+  ``TokenBucket``.
+- ``aio``: flow-control and reset helpers both ends share.
+- ``events``: one log line per event, text or JSON.
+- ``config``: the standalone TOML files (server, mediators, mediator).
+- ``mediator``: ``Mediator``, the mediation system: channel, sockets, reconnects.
+- ``session``: ``Session``, the server's side of one channel, with awaitable requests.
+- ``publish``: publications: public TCP connections and UDP flows relayed
+  through the tunnel.
+- ``server``: ``TunnelServer`` (sessions, mediator records, publications,
+  operator operations) and ``StandaloneFrontend``.
+- ``gateway``: ``GatewayFrontend``, the server as the ``tunnel`` gateway kind.
+- ``operator``: the root-only control socket and its client.
+- ``service``: ``run_server``, ``run_mediator``, ``run_gateway``.
+- ``cli``: the ``nfgate tunnel`` command group (``python -m tunnel.cli``).
 """

@@ -497,6 +497,12 @@ class ServerSession(ChannelCore[ServerState]):
         self._key = None
         return []
 
+    def channel_address(self, port_id: int) -> tuple[IPAddress, int] | None:
+        """Where ``port_id``'s UDP channel comes from, once an authenticated
+        datagram has shown it (until then ``send`` uses DATA frames)."""
+        remote = self._remotes.get(port_id)
+        return remote.source if remote is not None else None
+
     @property
     def ports(self) -> dict[int, tuple[Proto, PortState]]:
         """The mirror of the mediator's usable ids (not those being closed)."""

@@ -1,0 +1,184 @@
+"""Scripted peers for the tunnel's netns tests, run inside a namespace.
+
+    netpeer.py tcp-serve HOST PORT STEP...   accept one connection, run the steps
+    netpeer.py tcp-client HOST PORT STEP...  connect, run the steps
+    netpeer.py udp-echo HOST PORT            answer every datagram; one JSON line each
+    netpeer.py udp-client HOST PORT COUNT WAIT [SIZE [LPORT]]
+                                             send COUNT datagrams one by one (from
+                                             local port LPORT, if given), each
+                                             waiting up to WAIT s for its echo
+    netpeer.py udp-flood HOST PORT SECONDS SIZE
+                                             send as fast as possible; count echoes
+
+TCP steps: ``send:TEXT``, ``recv:N`` (exactly N bytes), ``recv-eof`` (until
+EOF or reset), ``shut`` (shutdown SHUT_WR: a FIN), ``rst`` (SO_LINGER 0 and
+close: an RST), ``close``. The script prints one JSON object at the end:
+``{"got": "...", "end": "eof" | "reset" | "open", "ready": port}``; a
+server prints ``{"listening": port}`` first. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import sys
+import time
+
+TIMEOUT = 15.0
+
+
+def _steps(sock: socket.socket, steps: list[str]) -> dict[str, object]:
+    got = b""
+    end = "open"
+    for step in steps:
+        verb, _, arg = step.partition(":")
+        try:
+            if verb == "send":
+                sock.sendall(arg.encode())
+            elif verb == "recv":
+                want = int(arg)
+                while len(got) < want:
+                    chunk = sock.recv(want - len(got))
+                    if not chunk:
+                        end = "eof"
+                        break
+                    got += chunk
+            elif verb == "recv-eof":
+                while True:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        end = "eof"
+                        break
+                    got += chunk
+            elif verb == "shut":
+                sock.shutdown(socket.SHUT_WR)
+            elif verb == "rst":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+                end = "reset-sent"
+            elif verb == "close":
+                sock.close()
+            else:
+                raise SystemExit(f"unknown step {step!r}")
+        except ConnectionResetError:
+            end = "reset"
+            break
+        except TimeoutError:
+            end = "timeout"
+            break
+    return {"got": got.decode(errors="replace"), "end": end}
+
+
+def tcp_serve(host: str, port: int, steps: list[str]) -> None:
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(8)
+    listener.settimeout(TIMEOUT)
+    print(json.dumps({"listening": listener.getsockname()[1]}), flush=True)
+    conn, _ = listener.accept()
+    conn.settimeout(TIMEOUT)
+    print(json.dumps(_steps(conn, steps)), flush=True)
+
+
+def tcp_client(host: str, port: int, steps: list[str]) -> None:
+    sock = socket.create_connection((host, port), timeout=TIMEOUT)
+    sock.settimeout(TIMEOUT)
+    print(json.dumps(_steps(sock, steps)), flush=True)
+
+
+def udp_echo(host: str, port: int) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((host, port))
+    print(json.dumps({"listening": sock.getsockname()[1]}), flush=True)
+    count = 0
+    while True:
+        data, addr = sock.recvfrom(65535)
+        count += 1
+        sock.sendto(data, addr)
+        print(json.dumps({"rx": count, "from": f"{addr[0]}:{addr[1]}", "size": len(data)}), flush=True)
+
+
+def udp_client(host: str, port: int, count: int, wait: float, size: int = 32, lport: int = 0) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("", lport))
+    sock.connect((host, port))
+    received = 0
+    extra = 0
+    for i in range(count):
+        payload = (b"%08d" % i).ljust(size, b".")
+        sock.send(payload)
+        deadline = time.monotonic() + wait
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            try:
+                data = sock.recv(65535)
+            except (TimeoutError, ConnectionRefusedError):
+                break
+            if data == payload:
+                received += 1
+                break
+            extra += 1
+    # Anything more that arrives shortly after is a duplicate (a replay let through).
+    sock.settimeout(0.3)
+    try:
+        while sock.recv(65535):
+            extra += 1
+    except (TimeoutError, ConnectionRefusedError):
+        pass
+    print(json.dumps({"sent": count, "received": received, "extra": extra}), flush=True)
+
+
+def udp_flood(host: str, port: int, seconds: float, size: int) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sock.connect((host, port))
+    sock.setblocking(False)
+    payload = b"x" * size
+    sent = received = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for _ in range(64):
+            try:
+                sock.send(payload)
+                sent += 1
+            except BlockingIOError:
+                break
+        while True:
+            try:
+                sock.recv(65535)
+                received += 1
+            except (BlockingIOError, ConnectionRefusedError):
+                break
+    drain = time.monotonic() + 1.0
+    sock.setblocking(True)
+    while (left := drain - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            sock.recv(65535)
+            received += 1
+        except (TimeoutError, ConnectionRefusedError):
+            break
+    print(json.dumps({"sent": sent, "received": received, "seconds": seconds}), flush=True)
+
+
+def main(argv: list[str]) -> None:
+    mode, host, port = argv[0], argv[1], int(argv[2])
+    if mode == "tcp-serve":
+        tcp_serve(host, port, argv[3:])
+    elif mode == "tcp-client":
+        tcp_client(host, port, argv[3:])
+    elif mode == "udp-echo":
+        udp_echo(host, port)
+    elif mode == "udp-client":
+        udp_client(host, port, int(argv[3]), float(argv[4]), *(int(a) for a in argv[5:7]))
+    elif mode == "udp-flood":
+        udp_flood(host, port, float(argv[3]), int(argv[4]))
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,208 @@
+"""The ``tunnel`` gateway kind: one port, flows routed by their original destination.
+
+The deNAT/reNAT layer is replaced by a fake that knows, for each
+firewall-side source port, which original destination port the flow had;
+everything else (TLS, the mediator, the relays) is real, on 127.0.0.2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from firewall.config import loads
+from firewall.errors import UsageError
+from tests.tunnel.loopback import TOKEN, WAIT, echo_server, udp_echo, until, write_files
+from tunnel import tls
+from tunnel.config import MediatorConfig, load_mediators
+from tunnel.events import EventLog
+from tunnel.frames import Proto
+from tunnel.gateway import GatewayFrontend
+from tunnel.mediator import Mediator
+from tunnel.policy import Op, Rule
+from tunnel.server import OperatorError, TunnelServer
+from tunnel.service import gateway_server_config, run_gateway
+from tests.tunnel.loopback import FAST_RECONNECT
+
+CONFIG = """
+[zones.wan]
+interfaces = ["wan0"]
+
+[zones.lan]
+interfaces = ["lan0"]
+
+[gateway_link]
+router_address = "127.0.0.1/30"
+gateway_address = "127.0.0.2/30"
+port_base = {port}
+
+[[gateway]]
+name = "tun"
+kind = "tunnel"
+
+[gateway.settings]
+service_port = 7443
+publish_first = 8000
+publish_last = 9999
+request_timeout = 3
+
+[[gateway.traffic]]
+from = "wan"
+to = "router"
+proto = "tcp"
+ports = [7443, "8000-8099"]
+
+[[gateway.traffic]]
+from = "wan"
+to = "router"
+proto = "udp"
+ports = [7443, "9000-9099"]
+"""
+
+
+class FakeLayer:
+    """Original destination port by firewall-side source port; the rest is the service port."""
+
+    def __init__(self) -> None:
+        self.routes: dict[int, int] = {}
+        self.released = 0
+        self.started = self.closed = False
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def close(self) -> None:
+        self.closed = True
+
+    async def attach(self, proto: Any, fw: Any, ag: Any, on_end: Any = None) -> Any:
+        port = self.routes.get(fw.port, 7443)
+        flow = SimpleNamespace(client=f"203.0.113.9:{fw.port}", original_dst=SimpleNamespace(port=port))
+        layer = self
+
+        class Hold:
+            def __init__(self) -> None:
+                self.flow = flow
+
+            def release(self) -> None:
+                layer.released += 1
+
+        return Hold()
+
+
+def _gateway_port() -> int:
+    for _ in range(100):
+        tcp = socket.socket()
+        tcp.bind(("127.0.0.2", 0))
+        port = tcp.getsockname()[1]
+        udp = socket.socket(type=socket.SOCK_DGRAM)
+        try:
+            udp.bind(("127.0.0.2", port))
+            return port
+        except OSError:
+            continue
+        finally:
+            tcp.close()
+            udp.close()
+    raise RuntimeError("no free port")
+
+
+def _bound_socket(kind: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, kind)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def test_flows_are_routed_by_their_original_destination(tmp_path: Path) -> None:
+    listen = _gateway_port()
+    config = loads(CONFIG.format(port=listen))
+    gateway = config.gateways[0]
+    assert gateway.listen_port == listen
+    pin = write_files(tmp_path)
+    server_config = dataclasses.replace(
+        gateway_server_config(config, gateway), cert=tmp_path / "server.crt", key=tmp_path / "server.key",
+        mediators_file=tmp_path / "mediators.toml", control_socket=tmp_path / "c.sock", state_file=None,
+    )
+    layer = FakeLayer()
+
+    async def main() -> None:
+        frontend = GatewayFrontend(config, gateway, b"k" * 32, layer_factory=lambda: layer)
+        server = TunnelServer(server_config, load_mediators(server_config.mediators_file, server_config), frontend,
+                              EventLog("server"))
+        await server.start()
+        stop = asyncio.Event()
+        mediator = Mediator(MediatorConfig(
+            identity="m1", token=TOKEN.encode(), server="127.0.0.2", pin=tls.parse_pin(pin), service_port=listen,
+            interfaces=(ipaddress.ip_interface("127.0.0.1/8"),), reconnect=FAST_RECONNECT,
+            allow=(Rule(ipaddress.ip_network("127.0.0.0/8"), ops=frozenset({Op.CONNECT, Op.SEND})),),
+        ), EventLog("mediator"))
+        task = asyncio.get_running_loop().create_task(mediator.run(stop))
+        loop = asyncio.get_running_loop()
+        try:
+            session = await server.wait_session("m1", WAIT)
+            assert session is not None and session.peer.startswith("203.0.113.9:")  # the flow's real client
+            _, target = await echo_server()
+            echo, udp_target = await udp_echo()
+            from tunnel.publish import PublishSpec
+
+            local = ipaddress.ip_address("127.0.0.1")
+            await server.publish(PublishSpec("m1", Proto.TCP, 8080, local, target))
+            await server.publish(PublishSpec("m1", Proto.UDP, 9000, local, udp_target))
+            with pytest.raises(OperatorError, match=r"not in any \[\[gateway.traffic\]\]"):
+                await server.publish(PublishSpec("m1", Proto.TCP, 8200, local, target))
+
+            client = _bound_socket(socket.SOCK_STREAM)
+            layer.routes[client.getsockname()[1]] = 8080
+            client.setblocking(False)
+            await loop.sock_connect(client, ("127.0.0.2", listen))
+            await loop.sock_sendall(client, b"through the gateway")
+            assert await asyncio.wait_for(loop.sock_recv(client, 100), WAIT) == b"through the gateway"
+            client.close()
+
+            datagrams = _bound_socket(socket.SOCK_DGRAM)
+            layer.routes[datagrams.getsockname()[1]] = 9000
+            datagrams.setblocking(False)
+            datagrams.connect(("127.0.0.2", listen))
+            datagrams.send(b"udp through the gateway")
+            assert await asyncio.wait_for(loop.sock_recv(datagrams, 100), WAIT) == b"udp through the gateway"
+            assert server.records["m1"].counters["udp_via_channel_out"] == 1
+            datagrams.close()
+
+            stray = _bound_socket(socket.SOCK_STREAM)
+            layer.routes[stray.getsockname()[1]] = 8081  # steered, but not published
+            stray.setblocking(False)
+            await loop.sock_connect(stray, ("127.0.0.2", listen))
+            with pytest.raises(ConnectionError):
+                while await asyncio.wait_for(loop.sock_recv(stray, 100), WAIT):
+                    pass
+                raise ConnectionResetError("closed")
+            stray.close()
+            await until(lambda: frontend.counters["tcp_not_routed"] == 1, what="the stray to be counted")
+            assert len(echo.received) == 1
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, WAIT)
+            await server.close()
+        assert layer.closed
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_run_gateway_reports_missing_files_in_one_line(tmp_path: Path) -> None:
+    config = loads(CONFIG.format(port=20000))
+    with pytest.raises(UsageError, match=r"mediators file /etc/nfgate/tunnel/tun/mediators.toml: no such file|"
+                                         r"mediators file .*: "):
+        run_gateway(config, config.gateways[0])
+
+
+def test_publish_range_must_not_run_backwards() -> None:
+    config = loads(CONFIG.format(port=20000).replace("publish_first = 8000", "publish_first = 9999")
+                   .replace("publish_last = 9999", "publish_last = 8000"))
+    with pytest.raises(UsageError, match="publish_first 9999 is above publish_last 8000"):
+        gateway_server_config(config, config.gateways[0])

@@ -1,0 +1,336 @@
+"""The asyncio mediator and control server end to end, on 127.0.0.1 in one loop."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import logging
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from tests.tunnel.loopback import TOKEN, WAIT, echo_server, loopback, udp_echo, until
+from tunnel import tls
+from tunnel.errors import ErrorCode
+from tunnel.frames import Proto
+from tunnel.operator import ControlError
+from tunnel.policy import Op, Rule
+
+
+def run(coro: object) -> None:
+    asyncio.run(asyncio.wait_for(coro, 60))  # type: ignore[arg-type]
+
+
+async def _fetch(port: int, payload: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(payload)
+    await writer.drain()
+    writer.write_eof()
+    got = bytearray()
+    while data := await asyncio.wait_for(reader.read(1 << 20), WAIT):
+        got += data
+    writer.close()
+    return bytes(got)
+
+
+def test_tcp_publish_relays_both_ways_with_half_close(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with loopback(tmp_path) as lb:
+            lb.start_mediator()
+            await lb.session()
+            _, target = await echo_server()
+            public = 0
+            result = await lb.ask(cmd="publish", mediator="m1", proto="tcp", public=(public := _free()),
+                                  address="127.0.0.1", port=target)
+            assert result["state"] == "published"
+            payload = os.urandom(3_000_000)
+            got = await _fetch(public, payload)
+            assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+            # Both FINs relayed: the port is closed on both ends afterwards.
+            await until(lambda: not lb.server.records["m1"].session.core.ports, what="the relay's port to close")
+            listing = await lb.ask(cmd="list")
+            (pub,) = listing["published"]
+            assert pub["counters"]["connections"] == 1 and pub["counters"]["bytes_in"] == len(payload)
+
+    run(main())
+
+
+def _free() -> int:
+    from tests.tunnel.loopback import free_port
+
+    return free_port()
+
+
+def test_udp_publish_travels_over_the_udp_channel(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with loopback(tmp_path) as lb:
+            lb.start_mediator()
+            await lb.session()
+            echo, target = await udp_echo()
+            public = _free()
+            await lb.ask(cmd="publish", mediator="m1", proto="udp", public=public, address="127.0.0.1", port=target)
+            loop = asyncio.get_running_loop()
+            client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            client.setblocking(False)
+            client.connect(("127.0.0.1", public))
+            try:
+                for i in range(20):
+                    client.send(b"ping %d" % i)
+                    data = await asyncio.wait_for(loop.sock_recv(client, 2048), WAIT)
+                    assert data == b"ping %d" % i
+            finally:
+                client.close()
+            counters = lb.server.records["m1"].counters
+            assert counters["udp_via_channel_out"] == 20 and counters["udp_via_channel_in"] == 20
+            assert counters["udp_via_frames_out"] == 0 and counters["udp_via_frames_in"] == 0
+            assert len(echo.received) == 20
+
+    run(main())
+
+
+def test_raw_requests_and_the_owners_refusals(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        async with loopback(tmp_path) as lb:
+            lb.start_mediator(allow=(Rule(ipaddress.ip_network("127.0.0.2/32"), ops=frozenset({Op.CONNECT})),))
+            await lb.session()
+            _, target = await echo_server()
+            opened = await lb.ask(cmd="open", mediator="m1", proto="tcp", address="127.0.0.1", port=0)
+            assert opened["port_id"] >= 1 and opened["port"] > 0
+            with pytest.raises(ControlError) as refused:
+                await lb.ask(cmd="connect", mediator="m1", port_id=opened["port_id"], address="127.0.0.1", port=target)
+            assert refused.value.code == "NOT_ALLOWED"
+            await lb.ask(cmd="close", mediator="m1", port_id=opened["port_id"])
+
+            busy = socket.socket()
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            taken = busy.getsockname()[1]
+            try:
+                with pytest.raises(ControlError) as in_use:
+                    await lb.ask(cmd="open", mediator="m1", proto="tcp", address="127.0.0.1", port=taken,
+                                 mandatory=True)
+                assert in_use.value.code == "PORT_IN_USE"
+                desired = await lb.ask(cmd="open", mediator="m1", proto="tcp", address="127.0.0.1", port=taken)
+                assert desired["port"] > taken  # "the first free port starting from the number requested"
+                with pytest.raises(ControlError) as no_address:
+                    await lb.ask(cmd="open", mediator="m1", proto="udp", address="192.0.2.1", port=0)
+                assert no_address.value.code == "NO_SUCH_ADDRESS"
+            finally:
+                busy.close()
+
+    with caplog.at_level(logging.INFO, logger="nfgate.tunnel"):
+        run(main())
+    refusals = [r for r in caplog.records if getattr(r, "event", "") == "refused"]
+    assert refusals and refusals[0].fields["op"] == "connect" and refusals[0].levelno == logging.WARNING
+
+
+def test_wrong_token_is_refused_and_never_gets_a_session(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        async with loopback(tmp_path) as lb:
+            mediator = lb.start_mediator(token=b"not-the-right-token-at-all")
+            await until(lambda: mediator.counters["attempts"] >= 2, what="a retry after AUTH_FAILED")
+            assert lb.server.records["m1"].connects == 0
+            assert mediator.session_id is None
+
+    with caplog.at_level(logging.INFO, logger="nfgate.tunnel"):
+        run(main())
+    ends = [r for r in caplog.records if getattr(r, "event", "") == "session_end"]
+    assert ends and ends[0].fields["code"] == "AUTH_FAILED"
+    assert "wrong token" in ends[0].fields["reason"]
+
+
+def test_server_not_matching_the_pin_never_sees_the_token(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with loopback(tmp_path) as lb:
+            other = tls.write_identity(tmp_path / "other.crt", tmp_path / "other.key", "impostor")
+            mediator = lb.start_mediator(pin=tls.parse_pin(other))
+            await until(lambda: mediator.counters["pin_mismatch"] >= 2, what="two refused handshakes")
+            # The mediator hung up right after TLS: the server never got a HELLO.
+            assert all(s.core.hello is None for s in lb.server.sessions.values())
+            assert lb.server.records["m1"].connects == 0
+
+    run(main())
+
+
+def test_mediator_reconnects_and_publications_work_again(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with loopback(tmp_path) as lb:
+            mediator = lb.start_mediator()
+            first = await lb.session()
+            _, target = await echo_server()
+            public = _free()
+            await lb.ask(cmd="publish", mediator="m1", proto="tcp", public=public, address="127.0.0.1", port=target)
+            assert await _fetch(public, b"one") == b"one"
+            first.transport.abort()  # the channel breaks under the mediator
+            await until(lambda: lb.server.records["m1"].connects == 2, what="the reconnect")
+            assert (await lb.session()).session_id != first.session_id
+            assert await _fetch(public, b"two") == b"two"
+            assert mediator.counters["sessions"] == 2
+
+    run(main())
+
+
+def test_limit_on_connections_resets_the_public_client(tmp_path: Path) -> None:
+    mediators = f'[mediator.m1]\ntoken = "{TOKEN}"\npublish_ports = ["1024-65535"]\nmax_connections = 1\n'
+
+    async def main() -> None:
+        async with loopback(tmp_path, mediators) as lb:
+            lb.start_mediator()
+            await lb.session()
+            _, target = await echo_server()
+            public = _free()
+            await lb.ask(cmd="publish", mediator="m1", proto="tcp", public=public, address="127.0.0.1", port=target)
+            r1, w1 = await asyncio.open_connection("127.0.0.1", public)
+            w1.write(b"first")
+            assert await asyncio.wait_for(r1.readexactly(5), WAIT) == b"first"
+            r2, w2 = await asyncio.open_connection("127.0.0.1", public)
+            with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+                w2.write(b"second")
+                await asyncio.wait_for(r2.readexactly(6), WAIT)
+            pub = lb.server.publications[(Proto.TCP, public)]
+            assert pub.counters["refused"] == 1
+            w1.close()
+            w2.close()
+
+    run(main())
+
+
+def test_bytes_per_second_limit_paces_the_relay(tmp_path: Path) -> None:
+    rate = 2_000_000
+    mediators = (
+        f'[mediator.m1]\ntoken = "{TOKEN}"\npublish_ports = ["1024-65535"]\n'
+        f"bytes_per_second = {rate}\nburst_bytes = 65536\n"
+    )
+
+    async def main() -> None:
+        async with loopback(tmp_path, mediators) as lb:
+            lb.start_mediator()
+            await lb.session()
+            _, target = await echo_server()
+            public = _free()
+            await lb.ask(cmd="publish", mediator="m1", proto="tcp", public=public, address="127.0.0.1", port=target)
+            payload = os.urandom(1_000_000)  # 2 MB through the bucket: 1 MB each way
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            assert await _fetch(public, payload) == payload
+            elapsed = loop.time() - started
+            # (2 MB - burst) / 2 MB/s is 0.97 s; the last reads of each
+            # direction (up to 256 KiB) pass before their debt is waited for.
+            # Unlimited, this takes about 0.03 s.
+            assert 0.6 <= elapsed < 3.0, elapsed
+
+    run(main())
+
+
+def test_client_certificate_required_by_the_mediators_file(tmp_path: Path) -> None:
+    async def main() -> None:
+        cert, key = tmp_path / "m1.crt", tmp_path / "m1.key"
+        tls.write_identity(cert, key, "m1")
+        mediators = f'[mediator.m1]\ntoken = "{TOKEN}"\nclient_cert = "{cert}"\n'
+        async with loopback(tmp_path, mediators) as lb:
+            without = lb.start_mediator()
+            await until(lambda: without.counters["attempts"] >= 2, what="a refused attempt")
+            assert lb.server.records["m1"].connects == 0
+            await lb.stop_mediator(without)
+            lb.start_mediator(client_cert=cert, client_key=key)
+            assert (await lb.session()).identity == "m1"
+
+    run(main())
+
+
+def test_control_socket_refuses_bad_requests(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with loopback(tmp_path) as lb:
+            for request, message in (
+                ({"cmd": "nope"}, "unknown command"),
+                ({"cmd": "open", "mediator": "m1"}, "missing argument"),
+                ({"cmd": "list", "extra": 1}, "unknown argument"),
+                ({"cmd": "open", "mediator": "m1", "proto": "sctp", "address": "1.2.3.4", "port": 1}, "'tcp' or 'udp'"),
+                ({"cmd": "close", "mediator": "m1", "port_id": 1}, "not connected"),
+                ({"cmd": "publish", "mediator": "zz", "proto": "tcp", "public": 9, "address": "1.2.3.4", "port": 1},
+                 "no mediator"),
+            ):
+                with pytest.raises(ControlError, match=message):
+                    await lb.ask(**request)
+            assert (await lb.ask(cmd="list"))["mediators"][0]["state"] == "disconnected"
+
+    run(main())
+
+
+def test_publish_refusals(tmp_path: Path) -> None:
+    mediators = f'[mediator.m1]\ntoken = "{TOKEN}"\npublish_ports = ["20000-20010"]\n'
+
+    async def main() -> None:
+        async with loopback(tmp_path, mediators) as lb:
+            with pytest.raises(ControlError, match="may not publish port 30000") as err:
+                await lb.ask(cmd="publish", mediator="m1", proto="tcp", public=30000, address="127.0.0.1", port=80)
+            assert err.value.code == "NOT_ALLOWED"
+            busy = socket.socket()
+            busy.bind(("127.0.0.1", 20005))
+            busy.listen()
+            try:
+                with pytest.raises(ControlError, match="cannot listen on public port 20005"):
+                    await lb.ask(cmd="publish", mediator="m1", proto="tcp", public=20005, address="127.0.0.1", port=80)
+            finally:
+                busy.close()
+            await lb.ask(cmd="publish", mediator="m1", proto="tcp", public=20006, address="127.0.0.1", port=80)
+            with pytest.raises(ControlError, match="already published"):
+                await lb.ask(cmd="publish", mediator="m1", proto="tcp", public=20006, address="127.0.0.1", port=81)
+            await lb.ask(cmd="unpublish", mediator="m1", proto="tcp", public=20006)
+            assert not lb.server.publications
+
+    run(main())
+
+
+def test_publications_survive_a_server_restart_through_the_state_file(tmp_path: Path) -> None:
+    async def main() -> None:
+        state = tmp_path / "state" / "publish.json"
+        public = _free()
+        async with loopback(tmp_path, state_file=state) as lb:
+            await lb.ask(cmd="publish", mediator="m1", proto="udp", public=public, address="127.0.0.1", port=9)
+        async with loopback(tmp_path, state_file=state) as lb:
+            await until(lambda: lb.server.publications.get((Proto.UDP, public)) is not None
+                        and lb.server.publications[(Proto.UDP, public)].state == "published", what="the restore")
+
+    run(main())
+
+
+def test_mediator_stop_sends_bye_normal(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        async with loopback(tmp_path) as lb:
+            mediator = lb.start_mediator()
+            await lb.session()
+            await lb.stop_mediator(mediator)
+            await until(lambda: lb.server.records["m1"].session is None, what="the session to end")
+
+    with caplog.at_level(logging.INFO, logger="nfgate.tunnel"):
+        run(main())
+    ends = [r for r in caplog.records if getattr(r, "event", "") == "session_end"]
+    assert ends[-1].fields["code"] == ErrorCode.NORMAL.name and ends[-1].fields["by_mediator"] is True
+
+
+def test_a_restored_publication_whose_port_is_taken_is_retried_with_backoff(tmp_path: Path) -> None:
+    from tunnel.pacing import BackoffSettings
+
+    async def main() -> None:
+        state = tmp_path / "publish.json"
+        public = _free()
+        fast = BackoffSettings(initial=0.05, maximum=0.2)
+        async with loopback(tmp_path, state_file=state, republish=fast) as lb:
+            await lb.ask(cmd="publish", mediator="m1", proto="tcp", public=public, address="127.0.0.1", port=9)
+        squatter = socket.socket()
+        squatter.bind(("127.0.0.1", public))
+        squatter.listen()
+        try:
+            async with loopback(tmp_path, state_file=state, republish=fast) as lb:
+                pub = lb.server.publications[(Proto.TCP, public)]
+                await until(lambda: pub.state.startswith("bind failed"), what="a failed bind")
+                squatter.close()
+                await until(lambda: pub.state == "published", what="the retry to bind")
+        finally:
+            squatter.close()
+
+    run(main())

@@ -1,0 +1,169 @@
+"""Small socket and asyncio helpers of the tunnel's I/O layers.
+
+- ``ReadGate``: a transport's reading is paused while *any* reason holds
+  (the TLS channel is full, the rate limit is in debt, the peer is slow), and
+  resumes only when the last one clears. Without it, one reason's resume
+  would undo another's pause and the buffers would grow without bound.
+- ``reset``: close a TCP transport with RST (SO_LINGER 0), which is how a
+  relayed EVENT_RST is carried out (seed, "Event relay": "destruction
+  (message TCP RST) of a TCP connection").
+- ``bind_socket``: the mediator's OpenSocket, with the seed's "desired" and
+  "mandatory" port numbers and the errors mapped to protocol codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from tunnel.errors import ErrorCode
+from tunnel.frames import IPAddress, Proto
+
+# SO_LINGER on, 0 seconds: close() sends RST and drops unsent data.
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class ReadGate:
+    """Pause a transport's reading while any named reason holds."""
+
+    __slots__ = ("transport", "reasons")
+
+    def __init__(self, transport: asyncio.BaseTransport | None = None) -> None:
+        self.transport = transport
+        self.reasons: set[str] = set()
+
+    def attach(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        if self.reasons:
+            self._apply(True)
+
+    def pause(self, reason: str) -> None:
+        was_open = not self.reasons
+        self.reasons.add(reason)
+        if was_open:
+            self._apply(True)
+
+    def resume(self, reason: str) -> None:
+        if reason not in self.reasons:
+            return
+        self.reasons.discard(reason)
+        if not self.reasons:
+            self._apply(False)
+
+    def _apply(self, pause: bool) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        try:
+            if pause:
+                transport.pause_reading()  # type: ignore[attr-defined]
+            else:
+                transport.resume_reading()  # type: ignore[attr-defined]
+        except (AttributeError, RuntimeError):
+            pass  # closed meanwhile, or a transport that cannot pause
+
+
+def settle_pause(transport: asyncio.BaseTransport) -> None:
+    """Make a pause done in ``connection_made`` stick.
+
+    On Python 3.11 a new socket transport registers its reader *after*
+    ``connection_made`` has run, and ``pause_reading`` there only sets a
+    flag: reading goes on. On the next loop iteration the reader exists, so
+    un-pausing and pausing again removes it for real. One read may still
+    land in ``data_received`` before that: callers keep it until they are
+    ready for it.
+    """
+
+    def settle() -> None:
+        if transport.is_closing() or transport.is_reading():  # type: ignore[attr-defined]
+            return  # closed, or already resumed on purpose
+        transport.resume_reading()  # type: ignore[attr-defined]
+        transport.pause_reading()  # type: ignore[attr-defined]
+
+    asyncio.get_running_loop().call_soon(settle)
+
+
+def reset(transport: asyncio.BaseTransport | None) -> None:
+    """Abort a TCP transport with RST instead of FIN."""
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:
+            pass  # already closed: abort() below is all that is left
+    transport.abort()  # type: ignore[attr-defined]
+
+
+def peer_of(transport: asyncio.BaseTransport) -> tuple[IPAddress, int] | None:
+    """The transport's peer as an address value and a port."""
+    return address_pair(transport.get_extra_info("peername"))
+
+
+def address_pair(sockaddr: Any) -> tuple[IPAddress, int] | None:
+    """``("10.0.0.1", 80)`` (or a 4-tuple for IPv6) as (address, port)."""
+    if not sockaddr or not isinstance(sockaddr, tuple) or len(sockaddr) < 2:
+        return None
+    try:
+        address: IPAddress = ipaddress.ip_address(sockaddr[0].split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address, int(sockaddr[1])
+
+
+def family_of(address: IPAddress) -> socket.AddressFamily:
+    return socket.AF_INET6 if address.version == 6 else socket.AF_INET
+
+
+def cancel_all(tasks: set[asyncio.Task[Any]]) -> None:
+    for task in list(tasks):
+        task.cancel()
+    tasks.clear()
+
+
+def bind_socket(proto: Proto, address: IPAddress, port: int, mandatory: bool, probes: int) -> socket.socket:
+    """A non-blocking socket bound as OpenSocket asks (seed, "Open port").
+
+    A *desired* port takes "the first free port starting from the number
+    requested", trying at most ``probes`` numbers; a *mandatory* one is that
+    port or nothing. Raises ``BindError`` with the protocol's code.
+    """
+    kind = socket.SOCK_STREAM if proto is Proto.TCP else socket.SOCK_DGRAM
+    if mandatory or port == 0:
+        candidates: range | list[int] = [port]
+    else:
+        candidates = range(port, min(65536, port + probes))
+    for number in candidates:
+        sock = socket.socket(family_of(address), kind)
+        try:
+            sock.setblocking(False)
+            sock.bind((str(address), number))
+            return sock
+        except OSError as err:
+            sock.close()
+            if err.errno == errno.EADDRINUSE and not mandatory:
+                continue
+            raise BindError.of(err, address, number, mandatory) from None
+    raise BindError(ErrorCode.NO_FREE_PORT, f"no free {proto.name} port on {address} from {port} ({probes} tried)")
+
+
+@dataclass
+class BindError(Exception):
+    code: ErrorCode
+    message: str
+
+    @classmethod
+    def of(cls, err: OSError, address: IPAddress, port: int, mandatory: bool) -> BindError:
+        if err.errno == errno.EADDRINUSE:
+            return cls(ErrorCode.PORT_IN_USE if mandatory else ErrorCode.NO_FREE_PORT, f"{address}:{port} is in use")
+        if err.errno == errno.EADDRNOTAVAIL:
+            return cls(ErrorCode.NO_SUCH_ADDRESS, f"{address} is not an address of the mediator")
+        return cls(ErrorCode.INTERNAL, f"bind {address}:{port}: {err.strerror or err}")

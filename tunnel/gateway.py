@@ -1,0 +1,334 @@
+"""The control server as nfgate's ``tunnel`` gateway: one port, routed by original destination.
+
+"In nfgate the tunnel is one more gateway service" (DESIGN.md). Under
+``nfgate run`` the processor double-NATs every packet of the gateway's
+``[[gateway.traffic]]`` (``to = "router"``: the service port, TCP and UDP,
+and the publishable public ports) into the gateway's single port G:g, from a
+firewall-side endpoint F:f unique per flow (DESIGN.md invariant 2). The
+server cannot tell a mediator's channel from a technician's connection by
+the port it arrives on, so ``GatewayFrontend`` asks the deNAT/reNAT layer
+for each flow's original destination (``attach``: the seed's out-of-band
+signalling) and routes it:
+
+- original port = ``service_port``, TCP: TLS, then a mediator channel;
+- original port = ``service_port``, UDP: a UDP channel datagram;
+- a published TCP or UDP port: that publication;
+- anything else: reset (TCP) or dropped and counted (UDP).
+
+Replies leave G:g towards F:f, where the processor restores the original
+addresses (the seed's "swap"). A flow that the processor ends (FLOW_END) is
+aborted here too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import socket
+from collections import Counter, deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from tunnel.aio import reset
+from tunnel.frames import IPAddress, Proto
+from tunnel.server import ChannelProtocol
+
+if TYPE_CHECKING:
+    from firewall.config import Config
+    from firewall.config.model import Gateway
+    from tunnel.publish import Publication
+    from tunnel.server import TunnelServer
+
+# Datagrams of one new flow held while its original destination is looked up
+# (bounded by the layer's query timeout); more are dropped and counted.
+MAX_QUEUED_DATAGRAMS = 32
+# Live UDP flows this gateway routes at once (channels and publication
+# clients); each costs a small record until the processor ends the flow.
+MAX_UDP_ROUTES = 65536
+LISTEN_BACKLOG = 1024  # many mediators reconnect at once after the NAT in front of them reboots
+ACCEPT_PAUSE = 0.1  # seconds to wait when out of file descriptors before accepting again
+
+
+class _Held(asyncio.Protocol):
+    """Delegates to ``inner``; releases the layer's hold when the connection ends."""
+
+    def __init__(self, inner: asyncio.Protocol, hold: Any) -> None:
+        self.inner = inner
+        self.hold = hold
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self.inner.connection_lost(exc)
+        finally:
+            self.hold.release()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+class _UdpRoute:
+    __slots__ = ("kind", "publication", "hold", "queue")
+
+    def __init__(self) -> None:
+        self.kind = "lookup"  # lookup, channel, publication, drop
+        self.publication: Publication | None = None
+        self.hold: Any = None
+        self.queue: deque[bytes] = deque()
+
+
+class _UdpIntake(asyncio.DatagramProtocol):
+    def __init__(self, frontend: GatewayFrontend) -> None:
+        self.frontend = frontend
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.frontend.datagram(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        self.frontend.counters["udp_errors"] += 1
+
+
+class GatewayFrontend:
+    """Routes the gateway port's flows to the channel or to a publication."""
+
+    def __init__(
+        self, config: Config, gateway: Gateway, key: bytes, layer_factory: Callable[[], Any] | None = None
+    ) -> None:
+        self.config = config
+        self.gateway = gateway
+        self.key = key
+        self.layer_factory = layer_factory or self._make_layer
+        self.layer: Any = None
+        self.server: TunnelServer | None = None
+        self.counters: Counter[str] = Counter()
+        self.tcp: socket.socket | None = None
+        self.udp: asyncio.DatagramTransport | None = None
+        self.routes: dict[tuple[str, int], _UdpRoute] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def _make_layer(self) -> Any:
+        from gateways.layer import EventLog as LayerLog
+        from gateways.layer import GatewayLayer, ProcessorInstances
+        from gateways.layer.instances import layer_endpoint
+
+        return GatewayLayer(
+            self.key, listen=layer_endpoint(self.config, self.gateway.name),
+            instances=ProcessorInstances.from_config(self.config), gateway=self.gateway.name,
+            query_timeout=self.config.signalling.query_timeout,
+            replay_window=self.config.signalling.replay_window, log=LayerLog(self.gateway.name),
+        )
+
+    @property
+    def address(self) -> IPAddress:
+        return self.config.gateway_link.gateway_address.ip
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def start(self, server: TunnelServer) -> None:
+        self.server = server
+        loop = asyncio.get_running_loop()
+        self.layer = self.layer_factory()
+        await self.layer.start()
+        host, port = str(self.address), self.gateway.listen_port
+        # Accepted by hand, not by create_server: not one byte may be read
+        # before the flow is routed, so a TLS ClientHello reaches TLS whole.
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((host, port))
+            listener.listen(LISTEN_BACKLOG)
+            listener.setblocking(False)
+        except OSError:
+            listener.close()
+            raise
+        self.tcp = listener
+        self.spawn(self._accept_loop(listener))
+        self.udp, _ = await loop.create_datagram_endpoint(lambda: _UdpIntake(self), local_addr=(host, port))
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(listener)
+            except OSError as err:
+                self.counters["accept_errors"] += 1
+                if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    await asyncio.sleep(ACCEPT_PAUSE)  # out of descriptors: let some close
+                continue
+            sock.setblocking(False)
+            self.spawn(self.route_tcp(sock))
+
+    def _steered(self, proto: Proto, port: int) -> bool:
+        name = proto.name.lower()
+        return any(
+            t.proto == name and any(r.first <= port <= r.last for r in t.ports) for t in self.gateway.traffic
+        )
+
+    async def bind(self, publication: Publication) -> None:
+        """Nothing to bind: the processor brings the port's traffic here, if
+        a [[gateway.traffic]] selector names it."""
+        spec = publication.spec
+        if not self._steered(spec.proto, spec.public_port):
+            raise OSError(
+                errno.EADDRNOTAVAIL,
+                f"{spec.proto.name.lower()} port {spec.public_port} is not in any [[gateway.traffic]]"
+                f" of {self.gateway.name}",
+            )
+
+    def send_datagram(self, data: bytes, address: IPAddress, port: int) -> None:
+        if self.udp is not None:
+            self.udp.sendto(data, (str(address), port))
+
+    async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tcp is not None:
+            self.tcp.close()
+        if self.udp is not None:
+            self.udp.close()
+        for route in self.routes.values():
+            if route.hold is not None:
+                route.hold.release()
+        self.routes.clear()
+        if self.layer is not None:
+            await self.layer.close()
+
+    # -- TCP ---------------------------------------------------------------------------------
+
+    async def route_tcp(self, sock: socket.socket) -> None:
+        from firewall.signalling import Proto as SignallingProto
+        from gateways.layer import FlowUnknown
+        from gateways.layer.endpoint import endpoint_of
+
+        server = self.server
+        assert server is not None
+        loop = asyncio.get_running_loop()
+        try:
+            fw, ag = endpoint_of(sock.getpeername()), endpoint_of(sock.getsockname())
+        except OSError:
+            fw = ag = None
+        if fw is None or ag is None:
+            sock.close()  # reset before we looked at it
+            return
+        box: dict[str, Any] = {}
+
+        def ended(cause: Any) -> None:  # the processor ended the flow
+            transport = box.get("transport")
+            if transport is not None:
+                reset(transport)
+            else:
+                sock.close()
+
+        try:
+            hold = await self.layer.attach(SignallingProto.TCP, fw, ag, on_end=ended)
+        except FlowUnknown as err:
+            self.counters["tcp_unknown_flow"] += 1
+            server.log.warn("unknown_flow", via=str(fw), reason=err.why)
+            sock.close()
+            return
+        except asyncio.CancelledError:
+            sock.close()
+            raise
+        port = hold.flow.original_dst.port
+        publication = server.publications.get((Proto.TCP, port))
+        if port == server.config.service_port:
+            inner: asyncio.Protocol = ChannelProtocol(server, peer=str(hold.flow.client))
+            ssl_args: dict[str, Any] = {
+                "ssl": server.tls_context, "ssl_handshake_timeout": server.config.handshake_timeout,
+            }
+        elif publication is not None:
+            inner, ssl_args = publication.tcp_protocol(), {}
+        else:
+            self.counters["tcp_not_routed"] += 1
+            hold.release()
+            sock.close()
+            return
+        try:
+            box["transport"], _ = await loop.connect_accepted_socket(lambda: _Held(inner, hold), sock, **ssl_args)
+        except (OSError, TimeoutError) as err:
+            # A failed TLS handshake: the mediator (or a scanner) never got in.
+            self.counters["tls_failed"] += 1
+            server.log.warn("tls_failed", peer=str(hold.flow.client), reason=str(err) or type(err).__name__)
+            hold.release()
+            sock.close()
+
+    # -- UDP ---------------------------------------------------------------------------------
+
+    def datagram(self, data: bytes, addr: Any) -> None:
+        key = (str(addr[0]), int(addr[1]))
+        route = self.routes.get(key)
+        if route is None:
+            if len(self.routes) >= MAX_UDP_ROUTES:
+                self.counters["udp_dropped_routes_full"] += 1
+                return
+            route = self.routes[key] = _UdpRoute()
+            self.spawn(self._lookup(key, route))
+        self._deliver(key, route, data)
+
+    def _deliver(self, key: tuple[str, int], route: _UdpRoute, data: bytes) -> None:
+        server = self.server
+        assert server is not None
+        if route.kind == "lookup":
+            if len(route.queue) < MAX_QUEUED_DATAGRAMS:
+                route.queue.append(data)
+            else:
+                self.counters["udp_dropped_queue_full"] += 1
+        elif route.kind == "channel":
+            server.service_datagram(data, (ipaddress.ip_address(key[0]), key[1]))
+        elif route.kind == "publication" and route.publication is not None:
+            udp = self.udp
+            pub = route.publication
+            pub.datagram(data, (ipaddress.ip_address(key[0]), key[1]),
+                         lambda payload: udp.sendto(payload, key) if udp is not None else None)
+        else:
+            self.counters["udp_dropped_not_routed"] += 1
+
+    async def _lookup(self, key: tuple[str, int], route: _UdpRoute) -> None:
+        from firewall.signalling import Endpoint
+        from firewall.signalling import Proto as SignallingProto
+        from gateways.layer import FlowUnknown
+
+        server = self.server
+        assert server is not None
+        fw = Endpoint(ipaddress.IPv4Address(key[0]), key[1])
+        ag = Endpoint(ipaddress.IPv4Address(str(self.address)), self.gateway.listen_port)
+        try:
+            hold = await self.layer.attach(SignallingProto.UDP, fw, ag, on_end=lambda cause: self._ended(key, route))
+        except FlowUnknown:
+            self.counters["udp_unknown_flow"] += 1
+            if self.routes.get(key) is route:
+                del self.routes[key]  # its next datagram asks again
+            return
+        route.hold = hold
+        port = hold.flow.original_dst.port
+        if port == server.config.service_port:
+            route.kind = "channel"
+        elif (Proto.UDP, port) in server.publications:
+            route.kind, route.publication = "publication", server.publications[(Proto.UDP, port)]
+        else:
+            route.kind = "drop"
+        queued, route.queue = route.queue, deque()
+        for data in queued:
+            self._deliver(key, route, data)
+
+    def _ended(self, key: tuple[str, int], route: _UdpRoute) -> None:
+        if self.routes.get(key) is route:
+            del self.routes[key]
+        if route.hold is not None:
+            route.hold.release()
+

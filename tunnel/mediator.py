@@ -1,0 +1,664 @@
+"""The mediation system: asyncio around ``MediatorCore``, with reconnects.
+
+"To be initialized, the mediation system 2 connects to a fixed port of the
+control server 4 via a TCP channel" (seed, Figure 2 description), and from
+then on makes "its TCP/UDP/IP interface available" to the server. This
+module is the I/O half of that: it makes no protocol decision (DESIGN.md
+invariant 9). ``Mediator.run`` keeps one channel up at a time:
+
+1. TCP to the server's service port, TLS, then the **pin check** -- before
+   anything is sent, so a server that is not the pinned one never sees the
+   token (tunnel/tls.py).
+2. ``channel_up``; then every core output is carried out in order:
+   ``OpenSocket`` binds (and, for a redirect, opens the UDP channel socket
+   "connected" to the service port), ``ConnectSocket`` connects,
+   ``ListenSocket`` accepts, and so on. Results go back to the core.
+3. On loss (EOF, reset, BYE, dead server) every socket of the session is
+   closed, and the next attempt comes after a bounded exponential backoff
+   with jitter (tunnel/pacing.py). The server re-issues what it publishes.
+
+Flow control: the TCP channel carries every relayed connection, and the
+protocol has no per-connection window. When the channel's send buffer is
+full, reading stops on every private connection; when one private host reads
+too slowly, reading stops on the channel. That is head-of-line blocking, the
+price of the seed's single TCP channel, and it never loses or reorders data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tunnel import tls
+from tunnel.aio import (
+    BindError, ReadGate, address_pair, bind_socket, cancel_all, family_of, reset, settle_pause,
+)
+from tunnel.commands import (
+    AbortSocket, ChannelClosed, CloseChannel, CloseSocket, ConnectSocket, ListenSocket,
+    MediatorOutput, OpenSocket, Ready, Refused, RelayFailed, SendChannel, SendFrame, SendTo,
+    ShutdownSocket, UdpChannelDead, WriteStream,
+)
+from tunnel.config import MediatorConfig
+from tunnel.errors import ErrorCode
+from tunnel.events import EventLog
+from tunnel.frames import IPAddress, IPInterface, Proto
+from tunnel.mediator_core import MediatorCore, MediatorIdentity
+from tunnel.pacing import Backoff
+from tunnel.policy import AllowList, Op, Rule
+
+LISTEN_BACKLOG = 128  # what a small private service needs; the kernel caps it at somaxconn
+
+
+class ChannelFailure(Exception):
+    """One attempt to bring the channel up failed (logged, then retried)."""
+
+
+@dataclass
+class _PortIO:
+    """The sockets behind one port id."""
+
+    port_id: int
+    proto: Proto
+    address: IPAddress
+    port: int = 0
+    sock: socket.socket | None = None  # bound, not yet connected or listening
+    transport: asyncio.BaseTransport | None = None
+    server: asyncio.AbstractServer | None = None
+    channel: asyncio.DatagramTransport | None = None  # a redirect's UDP channel
+    gate: ReadGate = field(default_factory=ReadGate)
+    task: asyncio.Task[None] | None = None
+
+
+class Mediator:
+    """Keeps the tunnel to the control server up, and serves it."""
+
+    def __init__(self, config: MediatorConfig, log: EventLog | None = None) -> None:
+        self.config = config
+        self.log = log or EventLog("mediator")
+        self.backoff = Backoff(config.reconnect)
+        self.counters: Counter[str] = Counter()
+        self.session: _Session | None = None
+        self.session_id: int | None = None
+
+    def stats(self) -> dict[str, Any]:
+        dropped = self.session.core.dropped if self.session is not None else Counter()
+        return {
+            "session": self.session_id,
+            "counters": dict(sorted(self.counters.items())),
+            "dropped": {r.value: n for r, n in dropped.items()},
+        }
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Connect, serve, and reconnect until ``stop`` is set."""
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            started = loop.time()
+            ready = False
+            try:
+                ready = await self._serve_once(stop)
+            except ChannelFailure as err:
+                self.counters["attempts_failed"] += 1
+                self.log.warn("channel_failed", server=self.config.server, reason=str(err))
+            except Exception as err:  # noqa: BLE001 - a bug must not end the tunnel for good
+                self.counters["internal_errors"] += 1
+                self.log.emit("internal_error", logging.ERROR, error=repr(err))
+            if stop.is_set():
+                break
+            if ready:
+                self.backoff.succeeded(loop.time() - started)
+            delay = self.backoff.next_delay()
+            self.log.emit("reconnect", delay=delay, failures=self.backoff.failures)
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except TimeoutError:
+                pass
+
+    async def _serve_once(self, stop: asyncio.Event) -> bool:
+        """One channel, from connect to loss; True if it reached READY."""
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        context = tls.client_context(cfg.client_cert, cfg.client_key)
+        self.counters["attempts"] += 1
+        protocol = _ChannelProtocol()
+        try:
+            transport, _ = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: protocol, cfg.server, cfg.service_port, ssl=context,
+                    ssl_handshake_timeout=cfg.channel_timeout,
+                ),
+                cfg.channel_timeout,
+            )
+        except (OSError, TimeoutError) as err:
+            raise ChannelFailure(f"connect {cfg.server}:{cfg.service_port}: {err}") from None
+        try:
+            tls.check_server_pin(transport.get_extra_info("ssl_object"), cfg.pin)
+        except tls.PinMismatch as err:
+            transport.abort()
+            self.counters["pin_mismatch"] += 1
+            raise ChannelFailure(str(err)) from None
+        local = address_pair(transport.get_extra_info("sockname"))
+        remote = address_pair(transport.get_extra_info("peername"))
+        assert local is not None and remote is not None
+        # pyroute2's netlink must not run on this thread's event loop.
+        interfaces = cfg.interfaces or (await loop.run_in_executor(None, _interface_of, local[0]),)
+        session = _Session(self, transport, remote[0], interfaces)
+        self.session = session
+        session.start()  # HELLO first: the core takes no bytes before channel_up
+        protocol.attach(session)
+        stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+        try:
+            waiting: set[asyncio.Future[Any]] = {session.done, stopping}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if stop.is_set() and not session.done.done():
+                session.run(session.core.close(ErrorCode.NORMAL, "mediator stopping"))
+                try:
+                    await asyncio.wait_for(asyncio.shield(session.done), cfg.channel_timeout)
+                except TimeoutError:
+                    transport.abort()
+        finally:
+            stopping.cancel()
+            session.shutdown()
+        return session.ready
+
+
+def _interface_of(address: IPAddress) -> IPInterface:
+    """The address the channel leaves from, with its prefix from the kernel."""
+    try:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            for msg in ipr.get_addr(family=family_of(address)):
+                if msg.get_attr("IFA_ADDRESS") == str(address) or msg.get_attr("IFA_LOCAL") == str(address):
+                    return ipaddress.ip_interface(f"{address}/{msg['prefixlen']}")
+    except Exception:  # noqa: BLE001 - netlink is a nicety here; the host route is always right
+        pass
+    return ipaddress.ip_interface(f"{address}/{address.max_prefixlen}")
+
+
+class _ChannelProtocol(asyncio.Protocol):
+    """The TLS channel's byte stream, handed to the session once it exists."""
+
+    def __init__(self) -> None:
+        self.session: _Session | None = None
+        self._early: list[bytes] = []
+        self._lost: str | None = None
+
+    def attach(self, session: _Session) -> None:
+        self.session = session
+        for data in self._early:
+            session.on_data(data)
+        self._early.clear()
+        if self._lost is not None:
+            session.on_lost(self._lost)
+
+    def data_received(self, data: bytes) -> None:
+        if self.session is None:
+            self._early.append(data)
+        else:
+            self.session.on_data(data)
+
+    def eof_received(self) -> bool:
+        self._report("server closed the channel")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._report(f"channel lost: {exc}" if exc else "channel closed")
+
+    def _report(self, why: str) -> None:
+        if self.session is None:
+            self._lost = self._lost or why
+        else:
+            self.session.on_lost(why)
+
+    def pause_writing(self) -> None:
+        if self.session is not None:
+            self.session.channel_full(True)
+
+    def resume_writing(self) -> None:
+        if self.session is not None:
+            self.session.channel_full(False)
+
+
+class _Session:
+    """One channel's core and sockets; discarded when the channel ends."""
+
+    def __init__(
+        self, mediator: Mediator, transport: asyncio.Transport, server: IPAddress, interfaces: tuple[IPInterface, ...]
+    ) -> None:
+        cfg = mediator.config
+        self.mediator = mediator
+        self.log = mediator.log
+        self.counters = mediator.counters
+        self.transport = transport
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        rules = list(cfg.allow)
+        if cfg.client_ports is not None:
+            # Binding a client port reaches nobody; what it then connects to
+            # or sends to is checked by the owner's own rules.
+            rules += [
+                Rule(
+                    ipaddress.ip_network(i.ip), cfg.client_ports.first, cfg.client_ports.last,
+                    ops=frozenset({Op.OPEN, Op.REDIRECT}),
+                )
+                for i in interfaces
+            ]
+        identity = MediatorIdentity(cfg.identity, cfg.token, cfg.service, interfaces)
+        self.core = MediatorCore(identity, cfg.protocol, AllowList(rules))
+        self.ports: dict[int, _PortIO] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.done: asyncio.Future[None] = self.loop.create_future()
+        self.ready = False
+        self.channel_gate = ReadGate(transport)
+        self._channel_full = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            SendFrame: self._send_frame, CloseChannel: self._close_channel,
+            ChannelClosed: self._channel_closed, OpenSocket: self._open, ConnectSocket: self._connect,
+            ListenSocket: self._listen, CloseSocket: self._close_socket, ShutdownSocket: self._shutdown,
+            AbortSocket: self._abort, WriteStream: self._write, SendTo: self._send_to,
+            SendChannel: self._send_channel, Ready: self._ready, Refused: self._refused,
+            UdpChannelDead: self._channel_dead, RelayFailed: self._relay_failed,
+        }
+
+    # -- driving the core ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self.run(self.core.channel_up(self.loop.time()))
+
+    def run(self, outputs: list[MediatorOutput]) -> None:
+        """Carry out the core's outputs, in order, then re-arm the timer."""
+        for out in outputs:
+            self._handlers[type(out)](out)
+        self._arm()
+
+    def _arm(self) -> None:
+        deadline = self.core.next_deadline()
+        if deadline == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = None if deadline is None else self.loop.call_at(deadline, self._tick)
+
+    def _tick(self) -> None:
+        self._timer, self._timer_at = None, None
+        self.run(self.core.tick(self.loop.time()))
+
+    def on_data(self, data: bytes) -> None:
+        self.counters["bytes_from_server"] += len(data)
+        self.run(self.core.receive_data(data, self.loop.time()))
+
+    def on_lost(self, why: str) -> None:
+        self.run(self.core.channel_lost(why))
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def shutdown(self) -> None:
+        """Whatever the way out, no socket or timer of this session survives it."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        cancel_all(self.tasks)
+        for port_id in list(self.ports):
+            self._drop(port_id)
+        if not self.transport.is_closing():
+            self.transport.abort()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    # -- channel ------------------------------------------------------------------------
+
+    def _send_frame(self, out: SendFrame) -> None:
+        data = out.data
+        self.counters["bytes_to_server"] += len(data)
+        self.transport.write(data)
+
+    def _close_channel(self, out: CloseChannel) -> None:
+        self.transport.close()
+
+    def _channel_closed(self, out: ChannelClosed) -> None:
+        code = out.code.name if out.code is not None else None
+        self.log.emit("closed", code=code, reason=out.message, by_server=out.by_peer)
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def _ready(self, out: Ready) -> None:
+        self.ready = True
+        self.mediator.session_id = out.session_id
+        self.counters["sessions"] += 1
+        self.log.emit("ready", session=out.session_id, version=out.version, server=self.server)
+
+    def _refused(self, out: Refused) -> None:
+        # The owner's allow-list said no: the line an owner audits.
+        self.counters["refused"] += 1
+        self.log.warn("refused", op=out.op, proto=out.proto.name, address=out.address, port=out.port)
+
+    def _relay_failed(self, out: RelayFailed) -> None:
+        self.counters["relay_failed"] += 1
+        if out.port_id in self.ports:  # frames in flight to a port that just ended are only counted
+            self.log.emit("relay_failed", port=out.port_id, code=out.code, reason=out.message)
+
+    def channel_full(self, full: bool) -> None:
+        """The TLS channel's send buffer crossed its high (low) water mark."""
+        self._channel_full = full
+        for io in self.ports.values():
+            if io.proto is Proto.TCP and io.transport is not None:
+                (io.gate.pause if full else io.gate.resume)("channel")
+
+    def conn_full(self, port_id: int, full: bool) -> None:
+        """A private host reads slowly: stop reading the channel until it catches up."""
+        (self.channel_gate.pause if full else self.channel_gate.resume)(f"port {port_id}")
+
+    # -- ports --------------------------------------------------------------------------
+
+    def _open(self, out: OpenSocket) -> None:
+        io = _PortIO(out.port_id, out.proto, out.address)
+        self.ports[out.port_id] = io
+        io.task = self._spawn(self._open_task(io, out))
+
+    async def _open_task(self, io: _PortIO, out: OpenSocket) -> None:
+        cfg = self.mediator.config
+        try:
+            sock = bind_socket(out.proto, out.address, out.port, out.mandatory, cfg.max_port_probes)
+        except BindError as err:
+            self.ports.pop(io.port_id, None)
+            self.run(self.core.failed(io.port_id, err.code, err.message))
+            return
+        io.port = sock.getsockname()[1]
+        try:
+            if out.proto is Proto.UDP:
+                io.transport, _ = await self.loop.create_datagram_endpoint(
+                    lambda: _UdpPort(self, io.port_id), sock=sock
+                )
+            else:
+                io.sock = sock
+            if out.redirect:
+                io.channel = await self._open_channel(io.port_id, out.address)
+        except OSError as err:
+            self._drop(io.port_id)
+            self.run(self.core.failed(io.port_id, ErrorCode.INTERNAL, f"{err.strerror or err}"))
+            return
+        self.run(self.core.opened(io.port_id, io.port, self.loop.time()))
+
+    async def _open_channel(self, port_id: int, local: IPAddress) -> asyncio.DatagramTransport:
+        """The redirect's UDP channel: "any port of the system 2" to the service
+        port (seed, Figure 1 description), connected so only the server's
+        datagrams are taken."""
+        cfg = self.mediator.config
+        transport, _ = await self.loop.create_datagram_endpoint(
+            lambda: _ChannelDatagrams(self, port_id),
+            remote_addr=(str(self.server), cfg.service_port),
+            family=family_of(self.server),
+        )
+        return transport
+
+    def _channel_dead(self, out: UdpChannelDead) -> None:
+        io = self.ports.get(out.port_id)
+        if io is None or io.channel is None:
+            return
+        self.counters["channels_reopened"] += 1
+        self.log.emit("channel_reopen", port=out.port_id)
+        io.channel.close()
+        io.channel = None
+
+        async def reopen() -> None:
+            try:
+                channel = await self._open_channel(out.port_id, io.address)
+            except OSError as err:
+                self.log.warn("channel_reopen_failed", port=out.port_id, reason=str(err))
+                return
+            if self.ports.get(out.port_id) is io:
+                io.channel = channel
+            else:
+                channel.close()
+
+        self._spawn(reopen())
+
+    def _connect(self, out: ConnectSocket) -> None:
+        io = self.ports[out.port_id]
+        io.task = self._spawn(self._connect_task(io, out))
+
+    async def _connect_task(self, io: _PortIO, out: ConnectSocket) -> None:
+        cfg = self.mediator.config
+        sock = io.sock
+        if sock is None:  # a failed connect closed it: bind again, same address and port
+            try:
+                sock = bind_socket(Proto.TCP, io.address, io.port, True, 1)
+            except BindError as err:
+                self.run(self.core.failed(io.port_id, err.code, err.message))
+                return
+        io.sock = None
+        try:
+            await asyncio.wait_for(self.loop.sock_connect(sock, (str(out.address), out.port)), cfg.connect_timeout)
+            conn = _TcpConn(self, io.port_id)
+            io.transport, _ = await self.loop.create_connection(lambda: conn, sock=sock)
+        except (OSError, TimeoutError) as err:
+            sock.close()
+            why = "timed out" if isinstance(err, TimeoutError) else (err.strerror or str(err))
+            try:
+                io.sock = bind_socket(Proto.TCP, io.address, io.port, True, 1)
+            except BindError:
+                io.sock = None  # rebound at the next CONNECT or LISTEN
+            self.run(self.core.failed(io.port_id, ErrorCode.CONNECT_FAILED, f"{out.address}:{out.port}: {why}"))
+            return
+        if io.transport.is_closing():  # reset before the core even heard of it
+            io.transport = None
+            self.run(self.core.failed(io.port_id, ErrorCode.CONNECT_FAILED, f"{out.address}:{out.port}: reset"))
+            return
+        self.counters["connects"] += 1
+        self.run(self.core.connected(io.port_id))
+        conn.start()
+
+    def _listen(self, out: ListenSocket) -> None:
+        io = self.ports[out.port_id]
+        io.task = self._spawn(self._listen_task(io))
+
+    async def _listen_task(self, io: _PortIO) -> None:
+        try:
+            sock = io.sock or bind_socket(Proto.TCP, io.address, io.port, True, 1)
+            io.sock = None
+            sock.listen(LISTEN_BACKLOG)
+            io.server = await self.loop.create_server(lambda: _TcpConn(self, None, listen_id=io.port_id), sock=sock)
+        except BindError as err:
+            self.run(self.core.failed(io.port_id, err.code, err.message))
+            return
+        except OSError as err:
+            self.run(self.core.failed(io.port_id, ErrorCode.INTERNAL, f"listen: {err.strerror or err}"))
+            return
+        self.run(self.core.listening(io.port_id))
+
+    def accepted(self, listen_id: int, conn: _TcpConn, transport: asyncio.Transport) -> int | None:
+        peer = address_pair(transport.get_extra_info("peername"))
+        if peer is None:
+            return None
+        conn_id, outs = self.core.accepted(listen_id, *peer)
+        if conn_id is not None:
+            io = _PortIO(conn_id, Proto.TCP, peer[0], transport=transport, gate=ReadGate(transport))
+            if self._channel_full:
+                io.gate.pause("channel")
+            self.ports[conn_id] = io
+            self.counters["accepted"] += 1
+        self.run(outs)
+        return conn_id
+
+    def _drop(self, port_id: int) -> None:
+        io = self.ports.pop(port_id, None)
+        if io is None:
+            return
+        if io.task is not None and not io.task.done():
+            io.task.cancel()
+        for closable in (io.transport, io.channel, io.server, io.sock):
+            if closable is not None:
+                closable.close()
+        self.channel_gate.resume(f"port {port_id}")
+
+    def _close_socket(self, out: CloseSocket) -> None:
+        self._drop(out.port_id)
+
+    def _shutdown(self, out: ShutdownSocket) -> None:
+        io = self.ports.get(out.port_id)
+        if io is not None and isinstance(io.transport, asyncio.Transport) and io.transport.can_write_eof():
+            io.transport.write_eof()
+
+    def _abort(self, out: AbortSocket) -> None:
+        io = self.ports.get(out.port_id)
+        if io is not None:
+            reset(io.transport)
+            io.transport = None
+
+    def _write(self, out: WriteStream) -> None:
+        io = self.ports.get(out.port_id)
+        if io is not None and isinstance(io.transport, asyncio.Transport) and not io.transport.is_closing():
+            self.counters["bytes_to_private"] += len(out.data)
+            io.transport.write(out.data)
+
+    def _send_to(self, out: SendTo) -> None:
+        io = self.ports.get(out.port_id)
+        if io is not None and io.proto is Proto.UDP and io.transport is not None:
+            self.counters["datagrams_to_private"] += 1
+            io.transport.sendto(out.data, (str(out.address), out.port))  # type: ignore[attr-defined]
+
+    def _send_channel(self, out: SendChannel) -> None:
+        io = self.ports.get(out.port_id)
+        if io is not None and io.channel is not None:
+            self.counters["channel_datagrams_out"] += 1
+            io.channel.sendto(out.data)
+
+    # -- what the sockets report ----------------------------------------------------------
+
+    def received(self, port_id: int, peer: tuple[IPAddress, int], data: bytes) -> None:
+        if port_id in self.ports:
+            self.run(self.core.received(port_id, peer[0], peer[1], data))
+
+    def channel_datagram(self, data: bytes) -> None:
+        self.counters["channel_datagrams_in"] += 1
+        self.run(self.core.receive_datagram(data, self.loop.time()))
+
+    def fin(self, port_id: int) -> None:
+        if port_id in self.ports:
+            self.run(self.core.fin(port_id))
+
+    def lost(self, port_id: int, exc: Exception | None) -> None:
+        io = self.ports.get(port_id)
+        if io is None:
+            return
+        io.transport = None
+        self.channel_gate.resume(f"port {port_id}")  # a dead socket holds the channel no more
+        if exc is not None:
+            self.run(self.core.reset(port_id))
+
+
+class _TcpConn(asyncio.Protocol):
+    """One private TCP connection: a client port, or one accepted by a listener."""
+
+    def __init__(self, session: _Session, port_id: int | None, listen_id: int | None = None) -> None:
+        self.session = session
+        self.port_id = port_id
+        self.listen_id = listen_id
+        self.peer: tuple[IPAddress, int] | None = None
+        self.transport: asyncio.Transport | None = None
+        self.started = listen_id is not None
+        self.early: list[bytes] = []  # read before the core knew the connection
+        self.early_eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.peer = address_pair(transport.get_extra_info("peername"))
+        if self.listen_id is not None:
+            self.port_id = self.session.accepted(self.listen_id, self, transport)
+            if self.port_id is None:
+                transport.abort()
+        else:
+            # A client port reads only once the core knows it is connected.
+            transport.pause_reading()
+            settle_pause(transport)
+
+    def start(self) -> None:
+        io = self.session.ports.get(self.port_id or 0)
+        if io is None or self.transport is None:
+            return
+        self.started = True
+        early, self.early = self.early, []
+        for data in early:
+            self.data_received(data)
+        if self.early_eof:
+            self.eof_received()
+        io.gate.attach(self.transport)
+        if self.session._channel_full:
+            io.gate.pause("channel")
+        if not io.gate.reasons:
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.started:
+            self.early.append(data)
+            return
+        if self.port_id is not None and self.peer is not None:
+            self.session.counters["bytes_from_private"] += len(data)
+            self.session.received(self.port_id, self.peer, data)
+
+    def eof_received(self) -> bool:
+        if not self.started:
+            self.early_eof = True
+        elif self.port_id is not None:
+            self.session.fin(self.port_id)
+        return True  # half-closed: the other direction may still carry data
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.port_id is not None:
+            self.session.lost(self.port_id, exc)
+
+    def pause_writing(self) -> None:
+        if self.port_id is not None:
+            self.session.conn_full(self.port_id, True)
+
+    def resume_writing(self) -> None:
+        if self.port_id is not None:
+            self.session.conn_full(self.port_id, False)
+
+
+class _UdpPort(asyncio.DatagramProtocol):
+    """An opened or redirected UDP port on the private network."""
+
+    def __init__(self, session: _Session, port_id: int) -> None:
+        self.session = session
+        self.port_id = port_id
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        peer = address_pair(addr)
+        if peer is not None:
+            self.session.counters["datagrams_from_private"] += 1
+            self.session.received(self.port_id, peer, data)
+
+    def error_received(self, exc: Exception) -> None:
+        # An ICMP error for an earlier sendto: UDP has no one to report it to.
+        self.session.counters["udp_errors"] += 1
+
+
+class _ChannelDatagrams(asyncio.DatagramProtocol):
+    """A redirect's UDP channel to the service port."""
+
+    def __init__(self, session: _Session, port_id: int) -> None:
+        self.session = session
+        self.port_id = port_id
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.session.channel_datagram(data)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable while the server restarts: the dead-channel
+        # timer, not one ICMP message, decides to reopen.
+        self.session.counters["channel_errors"] += 1

@@ -1,0 +1,430 @@
+"""Publishing a private service on a public port of the control server.
+
+The seed's help-desk case: "a technician on a public network verify and
+correct a faulty equipment configuration via an HTTP connection", without
+the customer "personally creating a route" (seed, on the help service).
+``nfgate tunnel publish MEDIATOR --to 192.168.1.10:80 --public 8080`` makes
+the server listen on public port 8080 and relay each connection through the
+tunnel:
+
+- **TCP**: per public connection, OPEN_PORT (a client port on the
+  mediator's address facing the target) then CONNECT to the target; bytes go
+  as DATA frames, FIN and RST as events, both ways (seed, "Packet and event
+  relay").
+- **UDP** (``--udp``): per public client, REDIRECT_PORT, so that the
+  target's answers come back over that port's UDP channel and keep "the UDP
+  as the underlying transport layer" (seed, "Redirect port"); the server
+  sends to the target over the same channel. A datagram from anyone but the
+  target is dropped and counted.
+
+The publication belongs to the server and is keyed by the mediator's
+identity, so it outlives the mediator's channel: a public client that comes
+while the mediator is reconnecting waits for it (``request_timeout``), and
+live UDP flows get new redirects on the new session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from tunnel.aio import ReadGate, address_pair, reset, settle_pause
+from tunnel.errors import LimitError
+from tunnel.frames import IPAddress, Proto
+
+if TYPE_CHECKING:
+    from tunnel.server import TunnelServer
+    from tunnel.session import Session
+
+Reply = Callable[[bytes], None]
+
+
+class RequestRefused(Exception):
+    """A request to the mediator failed; ``code`` is the protocol's error name.
+
+    ``local``: the server refused it before sending (the port's state, a
+    closed channel), rather than the mediator answering ERR.
+    """
+
+    def __init__(self, code: str, message: str, local: bool = False) -> None:
+        super().__init__(f"{code}: {message}" if message else code)
+        self.code = code
+        self.message = message
+        self.local = local
+
+
+@dataclass(frozen=True)
+class PublishSpec:
+    """What the operator asked: public proto/port -> mediator's private target."""
+
+    identity: str
+    proto: Proto
+    public_port: int
+    target: IPAddress
+    target_port: int
+
+    def key(self) -> tuple[Proto, int]:
+        return (self.proto, self.public_port)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mediator": self.identity, "proto": self.proto.name.lower(), "public": self.public_port,
+            "to": f"{self.target}:{self.target_port}",
+        }
+
+
+class Publication:
+    """A live publish: its listener (if the frontend binds one) and relays."""
+
+    def __init__(self, server: TunnelServer, spec: PublishSpec) -> None:
+        self.server = server
+        self.spec = spec
+        self.log = server.log
+        self.loop = asyncio.get_running_loop()
+        self.counters: Counter[str] = Counter()
+        self.state = "new"
+        self.listener: Any = None  # set by the frontend that binds it
+        self.connections: set[PublicConnection] = set()
+        self.flows: dict[tuple[IPAddress, int], UdpFlow] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+        if spec.proto is Proto.UDP:
+            self._arm_sweeper()
+
+    def describe(self) -> dict[str, Any]:
+        active = len(self.connections) if self.spec.proto is Proto.TCP else len(self.flows)
+        return {**self.spec.to_json(), "state": self.state, "active": active, "counters": dict(self.counters)}
+
+    def spawn(self, coro: Any) -> asyncio.Task[None]:
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def close(self) -> None:
+        """Unpublished or stopping: every relay of it ends (RST for TCP)."""
+        self.state = "closed"
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        for conn in list(self.connections):
+            conn.abort("unpublished")
+        for flow in list(self.flows.values()):
+            flow.end("unpublished")
+        for task in list(self.tasks):
+            task.cancel()
+
+    async def session(self) -> Session | None:
+        """The mediator's live session; waits for a reconnect up to request_timeout."""
+        return await self.server.wait_session(self.spec.identity, self.server.config.request_timeout)
+
+    def session_ready(self, session: Session) -> None:
+        """A new session of our mediator: UDP flows still alive get redirects again."""
+        for flow in self.flows.values():
+            if flow.port_id is None and flow.opening is None:
+                flow.open()
+
+    # -- TCP ---------------------------------------------------------------------------
+
+    def tcp_protocol(self) -> PublicConnection:
+        return PublicConnection(self)
+
+    # -- UDP ---------------------------------------------------------------------------
+
+    def datagram(self, data: bytes, client: tuple[IPAddress, int], reply: Reply) -> None:
+        """A datagram from a public client (any frontend)."""
+        self.counters["datagrams_in"] += 1
+        flow = self.flows.get(client)
+        if flow is None:
+            if len(self.flows) >= self.max_flows:
+                # Each flow costs a mediator port: beyond its limit, drop
+                # quietly (a log line per spoofed source would be a flood).
+                self.counters["dropped_flows_full"] += 1
+                return
+            flow = self.flows[client] = UdpFlow(self, client, reply)
+            self.counters["flows"] += 1
+            flow.open()
+        flow.to_target(data)
+
+    @property
+    def max_flows(self) -> int:
+        record = self.server.records.get(self.spec.identity)
+        return record.entry.limits.max_ports if record is not None else 0
+
+    def _arm_sweeper(self) -> None:
+        period = max(0.5, self.server.config.udp_idle_timeout / 4)
+        self._sweeper = self.loop.call_later(period, self._sweep)
+
+    def _sweep(self) -> None:
+        horizon = self.loop.time() - self.server.config.udp_idle_timeout
+        for flow in [f for f in self.flows.values() if f.last < horizon]:
+            flow.end("idle")
+        if self.state != "closed":
+            self._arm_sweeper()
+
+
+class PublicConnection(asyncio.Protocol):
+    """One public TCP connection, relayed to the target through the tunnel."""
+
+    def __init__(self, publication: Publication) -> None:
+        self.pub = publication
+        self.transport: asyncio.Transport | None = None
+        self.gate = ReadGate()
+        self.client: tuple[IPAddress, int] | None = None
+        self.session: Session | None = None
+        self.port_id: int | None = None
+        self.fin_out = False  # the public client's FIN was relayed
+        self.fin_in = False  # the target's FIN was relayed to the client
+        self.done = False
+        self.task: asyncio.Task[None] | None = None
+        self.bytes_in = self.bytes_out = 0
+        self.attached = False
+        self.early: list[bytes] = []  # read before the tunnel side existed
+        self.early_eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.gate.attach(transport)
+        self.gate.pause("attach")  # nothing more is read before the tunnel side exists
+        settle_pause(transport)
+        self.client = address_pair(transport.get_extra_info("peername"))
+        self.pub.connections.add(self)
+        self.pub.counters["connections"] += 1
+        self.task = self.pub.spawn(self._attach())
+
+    async def _attach(self) -> None:
+        spec = self.pub.spec
+        session = await self.pub.session()
+        if session is None:
+            self._refuse("no_mediator", f"mediator {spec.identity} is not connected")
+            return
+        try:
+            local = session.local_address_for(spec.target)
+            opened = await session.open_port(Proto.TCP, local, 0)
+            self.session, self.port_id = session, opened.port_id
+            session.set_owner(opened.port_id, self)
+            await session.connect(opened.port_id, spec.target, spec.target_port)
+        except (RequestRefused, LimitError, TimeoutError) as err:
+            self._refuse("refused", str(err) or "no answer from the mediator in time")
+            return
+        session.add_reader(self.gate)
+        self.pub.log.emit(
+            "connection", public=spec.public_port, client=_fmt(self.client),
+            to=f"{spec.target}:{spec.target_port}", mediator=spec.identity, port=self.port_id,
+        )
+        self.attached = True
+        early, self.early = self.early, []
+        for data in early:
+            self.data_received(data)
+        if self.early_eof:
+            self.eof_received()
+        self.gate.resume("attach")
+
+    def _refuse(self, event: str, why: str) -> None:
+        self.pub.counters["refused"] += 1
+        self.pub.log.warn(event, public=self.pub.spec.public_port, client=_fmt(self.client), reason=why)
+        self.done = True
+        if self.session is not None and self.port_id is not None:
+            self.session.close_soon(self.port_id)
+        reset(self.transport)
+
+    def _release(self, why: str) -> None:
+        """The relay is over (once): free the mediator's port, say why."""
+        if self.done:
+            return
+        self.done = True
+        if self.session is not None and self.port_id is not None:
+            self.session.remove_reader(self.gate)
+            # A slow client that had paused the channel must not keep it paused.
+            self.session.channel_gate.resume(f"public {id(self)}")
+            self.session.close_soon(self.port_id)
+        self.pub.log.emit(
+            "connection_end", public=self.pub.spec.public_port, client=_fmt(self.client), port=self.port_id,
+            reason=why, bytes_in=self.bytes_in, bytes_out=self.bytes_out,
+        )
+
+    def data_received(self, data: bytes) -> None:
+        if not self.attached:
+            self.early.append(data)
+            return
+        if self.session is None or self.port_id is None or self.done:
+            return
+        spec = self.pub.spec
+        self.bytes_in += len(data)
+        self.pub.counters["bytes_in"] += len(data)
+        self.session.send(self.port_id, spec.target, spec.target_port, data)
+        delay = self.session.bucket.take(len(data), self.pub.loop.time())
+        if delay > 0:
+            # Over the mediator's bytes/s: stop reading until the debt is paid.
+            self.gate.pause("rate")
+            self.pub.loop.call_later(delay, self.gate.resume, "rate")
+
+    def eof_received(self) -> bool:
+        if not self.attached:
+            self.early_eof = True
+            return True
+        if self.session is not None and self.port_id is not None and not self.done:
+            self.session.fin(self.port_id)
+            self.fin_out = True
+            self._maybe_finish()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pub.connections.discard(self)
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        if not self.done and self.session is not None and self.port_id is not None:
+            # Gone without both FINs: the target must not wait for more.
+            self.session.reset(self.port_id)
+        self._release(f"client reset ({exc})" if exc else "client closed")
+
+    def pause_writing(self) -> None:
+        if self.session is not None:
+            self.session.channel_gate.pause(f"public {id(self)}")
+
+    def resume_writing(self) -> None:
+        if self.session is not None:
+            self.session.channel_gate.resume(f"public {id(self)}")
+
+    # -- from the tunnel -------------------------------------------------------------------
+
+    def on_received(self, address: IPAddress, port: int, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.bytes_out += len(data)
+            self.pub.counters["bytes_out"] += len(data)
+            self.transport.write(data)
+
+    def on_fin(self) -> None:
+        self.fin_in = True
+        if self.transport is not None and not self.transport.is_closing() and self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._maybe_finish()
+
+    def on_reset(self) -> None:
+        self.pub.counters["resets_from_target"] += 1
+        self._release("target reset")
+        reset(self.transport)
+
+    def on_accepted(self, conn_id: int, address: IPAddress, port: int) -> None:
+        raise AssertionError("a client port never accepts")
+
+    def on_gone(self, why: str) -> None:
+        self.abort(why)
+
+    def abort(self, why: str) -> None:
+        self._release(why)
+        reset(self.transport)
+
+    def _maybe_finish(self) -> None:
+        if self.fin_in and self.fin_out and not self.done:
+            self._release("closed both ways")
+            if self.transport is not None:
+                self.transport.close()
+
+
+class UdpFlow:
+    """One public UDP client of a publication, on its own redirected port."""
+
+    def __init__(self, pub: Publication, client: tuple[IPAddress, int], reply: Reply) -> None:
+        self.pub = pub
+        self.client = client
+        self.reply = reply
+        self.port_id: int | None = None
+        self.session: Session | None = None
+        self.ready = False
+        self.opening: asyncio.Task[None] | None = None
+        self.queue: deque[bytes] = deque()
+        self.last = pub.loop.time()
+
+    def open(self) -> None:
+        self.opening = self.pub.spawn(self._open())
+
+    async def _open(self) -> None:
+        spec = self.pub.spec
+        try:
+            session = await self.pub.session()
+            if session is None:
+                raise RequestRefused("NO_MEDIATOR", f"mediator {spec.identity} is not connected", local=True)
+            opened = await session.redirect_port(session.local_address_for(spec.target), 0)
+            self.session, self.port_id = session, opened.port_id
+            session.set_owner(opened.port_id, self)
+            # Until the mediator's first channel datagram shows its NAT'd
+            # address, the server could only answer over the TCP channel.
+            await session.wait_channel(opened.port_id, self.pub.server.config.channel_wait)
+        except (RequestRefused, LimitError, TimeoutError) as err:
+            self.pub.counters["refused"] += 1
+            self.pub.log.warn("flow_refused", public=spec.public_port, client=_fmt(self.client), reason=str(err))
+            self.end("refused", close_port=False)
+            return
+        finally:
+            self.opening = None
+        self.ready = True
+        self.pub.log.emit("flow", public=spec.public_port, client=_fmt(self.client), port=self.port_id)
+        while self.queue:
+            self._send(self.queue.popleft())
+
+    def to_target(self, data: bytes) -> None:
+        self.last = self.pub.loop.time()
+        if self.ready:
+            self._send(data)
+        elif len(self.queue) < self.pub.server.config.udp_queue:
+            self.queue.append(data)
+        else:
+            self.pub.counters["dropped_queue_full"] += 1
+
+    def _send(self, data: bytes) -> None:
+        session, port_id = self.session, self.port_id
+        if session is None or port_id is None or session.closed:
+            self.pub.counters["dropped_no_session"] += 1
+            return
+        if not session.bucket.try_take(len(data), self.pub.loop.time()):
+            self.pub.counters["dropped_rate"] += 1
+            return
+        spec = self.pub.spec
+        session.send(port_id, spec.target, spec.target_port, data)
+
+    def on_received(self, address: IPAddress, port: int, data: bytes) -> None:
+        spec = self.pub.spec
+        if (address, port) != (spec.target, spec.target_port):
+            self.pub.counters["dropped_not_target"] += 1
+            return
+        if self.session is not None and not self.session.bucket.try_take(len(data), self.pub.loop.time()):
+            self.pub.counters["dropped_rate"] += 1
+            return
+        self.last = self.pub.loop.time()
+        self.pub.counters["datagrams_out"] += 1
+        self.reply(data)
+
+    def on_fin(self) -> None:
+        return None  # UDP has no FIN
+
+    def on_reset(self) -> None:
+        return None
+
+    def on_accepted(self, conn_id: int, address: IPAddress, port: int) -> None:
+        raise AssertionError("a UDP port never accepts")
+
+    def on_gone(self, why: str) -> None:
+        """The session ended: a new one re-issues the redirect (``session_ready``)."""
+        self.session, self.port_id, self.ready = None, None, False
+
+    def end(self, why: str, close_port: bool = True) -> None:
+        if self.pub.flows.get(self.client) is self:
+            del self.pub.flows[self.client]
+        if self.opening is not None and self.opening is not asyncio.current_task():
+            self.opening.cancel()
+        if close_port and self.session is not None and self.port_id is not None:
+            self.session.close_soon(self.port_id)
+        self.session, self.port_id, self.ready = None, None, False
+        self.queue.clear()
+        self.pub.log.emit("flow_end", public=self.pub.spec.public_port, client=_fmt(self.client), reason=why)
+
+
+def _fmt(pair: tuple[IPAddress, int] | None) -> str:
+    return f"{pair[0]}:{pair[1]}" if pair else "-"

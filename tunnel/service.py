@@ -1,0 +1,212 @@
+"""Running the tunnel's two roles: standalone, and as the ``tunnel`` gateway kind.
+
+- ``run_server(config)`` / ``run_mediator(config)``: ``nfgate tunnel server``
+  and ``nfgate tunnel mediator``, in the foreground until SIGTERM or SIGINT.
+- ``run_gateway(config, gateway)``: what ``python -m gateways`` calls for a
+  ``[[gateway]]`` of kind ``tunnel``. Under ``nfgate run`` the processor
+  steers the gateway's ``[[gateway.traffic]]`` (``to = "router"``) into the
+  gateway's one port; the ``GatewayFrontend`` asks the deNAT/reNAT layer for
+  each flow's original destination port and routes it: the service port to
+  the channel (TLS), a published port to its publication. Its settings are
+  ``[gateway.settings]`` (docs/config.md); its files live in
+  ``/etc/nfgate/tunnel/<gateway name>/`` (server.crt, server.key,
+  mediators.toml), its control socket next to the supervisor's, as
+  ``tunnel-<gateway name>.sock``.
+
+A problem the operator can fix is an NfgateError with one line, never a
+traceback (DESIGN.md invariant 10).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import resource
+import signal
+from collections.abc import Callable, Coroutine, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from firewall.errors import KernelError, UsageError
+from tunnel.config import TUNNEL_DIR, MediatorConfig, RateLimit, ServerConfig, load_mediators
+from tunnel.events import EventLog, configure
+from tunnel.mediator import Mediator
+from tunnel.operator import ControlSocket
+from tunnel.pacing import BackoffSettings
+from tunnel.server import StandaloneFrontend, TunnelServer
+from tunnel.settings import MediatorLimits, ServerSettings
+
+if TYPE_CHECKING:
+    from firewall.config import Config
+    from firewall.config.model import Gateway
+
+STATE_DIR = Path("/var/lib/nfgate")
+
+
+async def _until_signalled(log: EventLog, stats: Callable[[], dict[str, Any]]) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, lambda: log.emit("stats", **stats()))
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            loop.remove_signal_handler(sig)
+
+
+def raise_file_limit() -> int:
+    """Raise the soft limit on open files to the hard one; return it.
+
+    Each mediator costs the server a socket (two with UDP channels in use),
+    and systemd's default soft limit of 1024 would cap a server at about a
+    thousand mediators however much memory it has.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass  # keep what we have; max_channels still bounds the channels
+    return soft
+
+
+async def serve(server: TunnelServer, log: EventLog) -> None:
+    """Start ``server`` and its control socket; serve until SIGTERM/SIGINT."""
+    cfg = server.config
+    files = raise_file_limit()
+    try:
+        await server.start()
+    except OSError as err:
+        where = f"{cfg.listen}:{cfg.service_port}"
+        raise KernelError(f"tunnel server: cannot listen on {where}: {err.strerror or err}") from None
+    control = ControlSocket(server, cfg.control_socket)
+    try:
+        await control.start()
+    except OSError as err:
+        await server.close()
+        raise KernelError(f"tunnel server: control socket {cfg.control_socket}: {err.strerror or err}") from None
+    log.emit(
+        "ready", service=f"{cfg.listen}:{cfg.service_port}", mediators=len(server.mediators),
+        control=str(cfg.control_socket), published=len(server.publications), open_files=files,
+    )
+    try:
+        await _until_signalled(log, lambda: {"counters": dict(server.counters), "sessions": len(server.sessions)})
+    finally:
+        log.emit("stopping", sessions=len(server.sessions))
+        control.close()
+        await server.close()
+
+
+def _run(coro: Coroutine[Any, Any, None]) -> None:
+    try:
+        asyncio.run(coro)
+    except KeyboardInterrupt:  # a second Ctrl-C while stopping
+        pass
+
+
+def run_server(config: ServerConfig, log: EventLog | None = None) -> None:
+    """``nfgate tunnel server``: the standalone control server, in the foreground."""
+    log = log or EventLog("server")
+    mediators = load_mediators(config.mediators_file, config)
+    _run(serve(TunnelServer(config, mediators, StandaloneFrontend(), log), log))
+
+
+def run_mediator(config: MediatorConfig, log: EventLog | None = None) -> None:
+    """``nfgate tunnel mediator``: keep the tunnel up until SIGTERM or SIGINT."""
+    log = log or EventLog("mediator")
+
+    async def main() -> None:
+        mediator = Mediator(config, log)
+        stop = asyncio.Event()
+        runner = asyncio.get_running_loop().create_task(mediator.run(stop))
+        log.emit("started", identity=config.identity, server=f"{config.server}:{config.service_port}")
+        try:
+            await _until_signalled(log, mediator.stats)
+        finally:
+            stop.set()
+            await runner
+            log.emit("stats", **mediator.stats())
+
+    _run(main())
+
+
+# -- the gateway kind ---------------------------------------------------------------------
+
+
+def gateway_server_config(config: Config, gateway: Gateway) -> ServerConfig:
+    """The control server's config for ``[[gateway]]`` ``gateway`` of kind tunnel."""
+    s: Mapping[str, Any] = gateway.settings
+    base = TUNNEL_DIR / gateway.name
+    first, last = int(s["publish_first"]), int(s["publish_last"])
+    from firewall.config import PortRange
+
+    if first > last:
+        raise UsageError(f"{gateway.source}.settings: publish_first {first} is above publish_last {last}")
+    return ServerConfig(
+        listen=config.gateway_link.gateway_address.ip,
+        service_port=int(s["service_port"]),
+        public_address=config.gateway_link.gateway_address.ip,
+        cert=base / "server.crt",
+        key=base / "server.key",
+        mediators_file=base / "mediators.toml",
+        control_socket=config.supervisor.control_socket.parent / f"tunnel-{gateway.name}.sock",
+        state_file=STATE_DIR / f"tunnel-{gateway.name}.json",
+        protocol=ServerSettings(
+            hello_timeout=float(s["hello_timeout"]),
+            dead_after=int(s["dead_after"]),
+            min_keepalive_interval=float(s["min_keepalive_interval"]),
+            max_keepalive_interval=float(s["max_keepalive_interval"]),
+        ),
+        limits=MediatorLimits(
+            max_ports=int(s["max_ports"]), max_connections=int(s["max_connections"]),
+            max_pending=int(s["max_pending"]),
+        ),
+        rate=RateLimit(float(s["bytes_per_second"]), float(s["burst_bytes"])),
+        publish_ports=(PortRange(first, last),) if first else (),
+        request_timeout=float(s["request_timeout"]),
+        udp_idle_timeout=float(s["udp_idle_timeout"]),
+        max_channels=int(s["max_channels"]),
+        tls_read_buffer=int(s["tls_read_buffer"]),
+        republish=BackoffSettings(float(s["republish_initial"]), float(s["republish_max"])),
+    )
+
+
+def run_gateway(config: Config, gateway: Gateway, *, log_json: bool = False, log: EventLog | None = None) -> None:
+    """Run the control server as gateway ``gateway`` until SIGTERM or SIGINT.
+
+    Called by ``python -m gateways`` for kind ``tunnel``, inside the gateway
+    namespace: ``run_gateway(config, gateway, log_json=args.log_json)``.
+    Blocks (it runs its own event loop) and returns after a clean stop.
+    Raises NfgateError (one line) for what the operator can fix: a missing
+    certificate, key or mediators file, a port that will not bind.
+    """
+    from firewall.signalling import load_or_create_key
+    from tunnel.gateway import GatewayFrontend
+
+    if gateway.kind != "tunnel":
+        raise UsageError(f"gateway {gateway.name!r} is a {gateway.kind} gateway, not tunnel")
+    if log is None:
+        configure(json_lines=log_json)
+        log = EventLog(f"tunnel:{gateway.name}")
+    server_config = gateway_server_config(config, gateway)
+    mediators = load_mediators(server_config.mediators_file, server_config)
+    key = load_or_create_key(config.signalling.key_file)
+    frontend = GatewayFrontend(config, gateway, key)
+    _run(serve(TunnelServer(server_config, mediators, frontend, log), log))
+
+
+def parse_endpoint(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """``10.0.0.1:80`` or ``[fd00::1]:80`` (UsageError with the reason)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise UsageError(f"{text!r}: expected ADDRESS:PORT, e.g. 192.168.1.10:80 or [fd00::1]:80")
+    try:
+        address = ipaddress.ip_address(host[1:-1] if host.startswith("[") and host.endswith("]") else host)
+    except ValueError:
+        raise UsageError(f"{text!r}: {host!r} is not an IP address") from None
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UsageError(f"{text!r}: {port!r} is not a port (0 to 65535)")
+    return address, int(port)

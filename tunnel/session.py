@@ -1,0 +1,421 @@
+"""One mediator's TCP channel on the control server: asyncio around ``ServerSession``.
+
+The server core decides; this class carries its outputs out, in order, and
+turns its request/reply events into awaitable calls for the publications and
+the operator (``await session.open_port(...)`` returns the ``PortOpened``
+or raises ``RequestRefused`` with the mediator's error code). Relayed
+packets and events go to the *owner* of each port id: a public connection,
+a UDP flow, or nobody for the operator's raw ports (then they are counted
+and dropped, and a connection accepted on a raw listener is closed).
+
+Counters say which socket carried each relayed UDP datagram -- the UDP
+channel or a DATA frame on the TCP channel -- because redirect exists so
+that UDP keeps "the UDP as the underlying transport layer" (seed, "Redirect
+port"), and the operator must be able to see that it does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from tunnel.aio import ReadGate
+from tunnel.commands import (
+    ChannelClosed, CloseChannel, ConnectionAccepted, LimitExceeded, PeerFin, PeerReset, PortOpened,
+    Received, RelayFailed, RequestAcked, RequestFailed, SendDatagram, SendFrame, ServerOutput, SessionReady,
+)
+from tunnel.errors import ErrorCode, LocalProtocolError
+from tunnel.frames import Data, Hello, IPAddress, Proto
+from tunnel.policy import TokenAuthenticator
+from tunnel.publish import RequestRefused
+from tunnel.pacing import TokenBucket
+from tunnel.server_core import ServerSession
+from tunnel.states import PortState
+from tunnel.tls import pin_matches
+
+if TYPE_CHECKING:
+    from tunnel.server import MediatorRecord, TunnelServer
+
+
+class PortOwner(Protocol):
+    """Who gets what the mediator relays for one port id."""
+
+    def on_received(self, address: IPAddress, port: int, data: bytes) -> None: ...
+    def on_fin(self) -> None: ...
+    def on_reset(self) -> None: ...
+    def on_accepted(self, conn_id: int, address: IPAddress, port: int) -> None: ...
+    def on_gone(self, why: str) -> None: ...
+
+
+class SessionAuthenticator:
+    """Token (constant time) and, if the mediators file names one, client certificate."""
+
+    def __init__(self, server: TunnelServer, peer_cert: bytes | None) -> None:
+        self.server = server
+        self.peer_cert = peer_cert
+        self.reason = ""
+
+    def authenticate(self, hello: Hello) -> bool:
+        entry = self.server.mediators.get(hello.identity)
+        tokens = {hello.identity: entry.token} if entry is not None else {}
+        if not TokenAuthenticator(tokens).authenticate(hello):
+            self.reason = "unknown identity or wrong token"
+            return False
+        assert entry is not None
+        if entry.client_cert is not None:
+            wanted = self.server.client_cert_digest(entry.identity)
+            if wanted is None or not pin_matches(self.peer_cert, wanted):
+                self.reason = "client certificate missing or not the one configured"
+                return False
+        return True
+
+
+class Session:
+    """The server's side of one TCP channel."""
+
+    def __init__(
+        self, server: TunnelServer, transport: asyncio.Transport, peer: str, session_id: int, peer_cert: bytes | None
+    ) -> None:
+        self.server = server
+        self.log = server.log
+        self.transport = transport
+        self.peer = peer
+        self.loop = asyncio.get_running_loop()
+        self.auth = SessionAuthenticator(server, peer_cert)
+        self.core = ServerSession(
+            session_id, self.loop.time(), settings=server.config.protocol,
+            limits=server.config.limits, authenticator=self.auth,
+        )
+        self.session_id = session_id
+        self.identity: str | None = None
+        self.record: MediatorRecord | None = None  # set when HELLO is accepted
+        self.started = self.loop.time()
+        self.closed = False
+        self.channel_gate = ReadGate(transport)
+        self.owners: dict[int, PortOwner] = {}
+        self.raw_ports: set[int] = set()
+        self._readers: set[ReadGate] = set()
+        self._full = False
+        self._futures: dict[int, asyncio.Future[Any]] = {}
+        self._channel_waiters: dict[int, asyncio.Future[None]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            SendFrame: self._send_frame, CloseChannel: self._close_channel, ChannelClosed: self._channel_closed,
+            SendDatagram: self._send_datagram, SessionReady: self._ready, PortOpened: self._answer,
+            RequestAcked: self._answer, RequestFailed: self._answer, Received: self._received,
+            ConnectionAccepted: self._accepted, PeerFin: self._peer_fin, PeerReset: self._peer_reset,
+            LimitExceeded: self._limit, RelayFailed: self._relay_failed,
+        }
+        self._via_channel = False
+
+    # -- driving the core ------------------------------------------------------------------
+
+    def run(self, outputs: list[ServerOutput]) -> None:
+        for out in outputs:
+            self._handlers[type(out)](out)
+        self._arm()
+
+    def _arm(self) -> None:
+        deadline = self.core.next_deadline()
+        if deadline == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = None if deadline is None else self.loop.call_at(deadline, self._tick)
+
+    def _tick(self) -> None:
+        self._timer, self._timer_at = None, None
+        self.run(self.core.tick(self.loop.time()))
+
+    def on_data(self, data: bytes) -> None:
+        self._count("bytes_from_mediator", len(data))
+        self.run(self.core.receive_data(data, self.loop.time()))
+
+    def on_datagram(self, raw: bytes, source: tuple[IPAddress, int]) -> None:
+        self._via_channel = True
+        try:
+            self.run(self.core.receive_datagram(raw, source, self.loop.time()))
+        finally:
+            self._via_channel = False
+        if self._channel_waiters:
+            for port_id, waiter in list(self._channel_waiters.items()):
+                if self.core.channel_address(port_id) is not None:
+                    del self._channel_waiters[port_id]
+                    if not waiter.done():
+                        waiter.set_result(None)
+
+    def on_lost(self, why: str) -> None:
+        self.run(self.core.channel_lost(why))
+
+    def close(self, code: ErrorCode = ErrorCode.NORMAL, why: str = "") -> None:
+        self.run(self.core.close(code, why))
+
+    @property
+    def bucket(self) -> TokenBucket:
+        """The mediator's bytes/s bucket (a session is used only once READY)."""
+        assert self.record is not None, "session used before READY"
+        return self.record.bucket
+
+    def _count(self, key: str, n: int = 1) -> None:
+        if self.record is not None:
+            self.record.counters[key] += n
+
+    # -- outputs ---------------------------------------------------------------------------
+
+    def _send_frame(self, out: SendFrame) -> None:
+        data = out.data
+        if isinstance(out.frame, Data) and self._proto(out.frame.port_id) is Proto.UDP:
+            self._count("udp_via_frames_out")
+        self._count("bytes_to_mediator", len(data))
+        if not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _close_channel(self, out: CloseChannel) -> None:
+        self.transport.close()
+
+    def _channel_closed(self, out: ChannelClosed) -> None:
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        code = out.code.name if out.code is not None else None
+        reason = out.message
+        if out.code is ErrorCode.AUTH_FAILED and self.auth.reason:
+            reason = f"{out.message}: {self.auth.reason}"
+        level_warn = out.code not in (None, ErrorCode.NORMAL)
+        (self.log.warn if level_warn else self.log.emit)(
+            "session_end", session=self.session_id, mediator=self.identity, peer=self.peer,
+            code=code, reason=reason, by_mediator=out.by_peer,
+        )
+        for future in list(self._futures.values()) + list(self._channel_waiters.values()):
+            if not future.done():
+                lost = RequestRefused("CHANNEL_LOST", f"the mediator's channel closed: {reason}", local=True)
+                future.set_exception(lost)
+        self._futures.clear()
+        self._channel_waiters.clear()
+        owners, self.owners = self.owners, {}
+        for owner in owners.values():
+            owner.on_gone("the mediator's channel closed")
+        self.server.session_ended(self)
+
+    def _send_datagram(self, out: SendDatagram) -> None:
+        self._count("channel_datagrams_out")
+        if not self._via_channel:
+            self._count("udp_via_channel_out")
+        self.server.send_datagram(out.data, out.address, out.port)
+
+    def _ready(self, out: SessionReady) -> None:
+        self.identity = out.identity
+        self.server.session_ready(self, out)
+
+    def _answer(self, out: PortOpened | RequestAcked | RequestFailed) -> None:
+        future = self._futures.pop(out.request_id, None)
+        if future is not None and not future.done():
+            if isinstance(out, RequestFailed):
+                future.set_exception(RequestRefused(out.code.name, out.message))
+            else:
+                future.set_result(out)
+        elif isinstance(out, PortOpened):
+            # Nobody waits any more (timed out): do not leak the mediator's port.
+            self.close_soon(out.port_id)
+
+    def _received(self, out: Received) -> None:
+        if self._proto(out.port_id) is Proto.UDP:
+            self._count("udp_via_channel_in" if self._via_channel else "udp_via_frames_in")
+        owner = self.owners.get(out.port_id)
+        if owner is None:
+            self._count("dropped_no_owner")
+            return
+        if self.record is not None and self._proto(out.port_id) is Proto.TCP:
+            delay = self.record.bucket.take(len(out.data), self.loop.time())
+            if delay > 0:
+                self.channel_gate.pause("rate")
+                self.loop.call_later(delay, self.channel_gate.resume, "rate")
+        owner.on_received(out.address, out.port, out.data)
+
+    def _accepted(self, out: ConnectionAccepted) -> None:
+        owner = self.owners.get(out.listen_id)
+        if owner is None:
+            # A raw listener has no consumer for connections: say so, close it.
+            self.log.emit("accepted_closed", mediator=self.identity, listener=out.listen_id, conn=out.conn_id,
+                          peer=f"{out.address}:{out.port}")
+            self.close_soon(out.conn_id)
+            return
+        owner.on_accepted(out.conn_id, out.address, out.port)
+
+    def _peer_fin(self, out: PeerFin) -> None:
+        owner = self.owners.get(out.port_id)
+        if owner is not None:
+            owner.on_fin()
+
+    def _peer_reset(self, out: PeerReset) -> None:
+        owner = self.owners.get(out.port_id)
+        if owner is not None:
+            owner.on_reset()
+
+    def _limit(self, out: LimitExceeded) -> None:
+        self.log.warn("limit", mediator=self.identity, port=out.port_id, reason=out.message)
+
+    def _relay_failed(self, out: RelayFailed) -> None:
+        self._count("relay_failed")
+        owner = self.owners.pop(out.port_id, None)
+        if owner is None:
+            # The rest of the frames that were in flight when the port
+            # ended: counted, not logged one line each.
+            return
+        self.log.emit("relay_failed", mediator=self.identity, port=out.port_id, code=out.code, reason=out.message)
+        owner.on_gone(f"{out.code.name}: {out.message}")
+
+    def _proto(self, port_id: int) -> Proto | None:
+        entry = self.core.ports.get(port_id)
+        return entry[0] if entry is not None else None
+
+    # -- flow control -------------------------------------------------------------------------
+
+    def channel_full(self, full: bool) -> None:
+        """The TLS channel's send buffer crossed its high (low) water mark."""
+        self._full = full
+        for gate in self._readers:
+            (gate.pause if full else gate.resume)("channel")
+
+    def add_reader(self, gate: ReadGate) -> None:
+        self._readers.add(gate)
+        if self._full:
+            gate.pause("channel")
+
+    def remove_reader(self, gate: ReadGate) -> None:
+        self._readers.discard(gate)
+        gate.resume("channel")
+
+    # -- requests ------------------------------------------------------------------------------
+
+    async def _request(self, issued: tuple[int, list[ServerOutput]]) -> Any:
+        request_id, outputs = issued
+        future: asyncio.Future[Any] = self.loop.create_future()
+        self._futures[request_id] = future
+        self.run(outputs)
+        try:
+            return await asyncio.wait_for(future, self.server.config.request_timeout)
+        finally:
+            self._futures.pop(request_id, None)
+
+    def _checked(self, make: Callable[[], tuple[int, list[ServerOutput]]]) -> tuple[int, list[ServerOutput]]:
+        if self.closed:
+            raise RequestRefused("CHANNEL_LOST", "the mediator's channel is closed", local=True)
+        try:
+            return make()
+        except LocalProtocolError as err:
+            raise RequestRefused("WRONG_STATE", err.message, local=True) from None
+
+    async def open_port(self, proto: Proto, address: IPAddress, port: int, mandatory: bool = False) -> PortOpened:
+        issue = lambda: self.core.open_port(proto, address, port, mandatory=mandatory)  # noqa: E731
+        opened: PortOpened = await self._request(self._checked(issue))
+        return opened
+
+    async def redirect_port(self, address: IPAddress, port: int, mandatory: bool = False) -> PortOpened:
+        if not self.server.config.protocol.udp_channels:
+            why = "UDP channels are off on this server (protocol.udp_channels)"
+            raise RequestRefused("WRONG_STATE", why, local=True)
+        issue = lambda: self.core.redirect_port(address, port, mandatory=mandatory)  # noqa: E731
+        opened: PortOpened = await self._request(self._checked(issue))
+        return opened
+
+    async def connect(self, port_id: int, address: IPAddress, port: int) -> RequestAcked:
+        acked: RequestAcked = await self._request(self._checked(lambda: self.core.connect(port_id, address, port)))
+        return acked
+
+    async def listen(self, port_id: int) -> RequestAcked:
+        acked: RequestAcked = await self._request(self._checked(lambda: self.core.listen(port_id)))
+        return acked
+
+    async def close_port(self, port_id: int) -> RequestAcked:
+        self.owners.pop(port_id, None)
+        acked: RequestAcked = await self._request(self._checked(lambda: self.core.close_port(port_id)))
+        return acked
+
+    def close_soon(self, port_id: int) -> None:
+        """Close ``port_id`` without waiting for the answer (a relay ended)."""
+        self.owners.pop(port_id, None)
+        self.raw_ports.discard(port_id)
+        if self.closed or port_id not in self.core.ports:
+            return
+        try:
+            _, outputs = self.core.close_port(port_id)
+        except LocalProtocolError:
+            return  # already closing
+        self.run(outputs)
+
+    def set_owner(self, port_id: int, owner: PortOwner) -> None:
+        self.owners[port_id] = owner
+
+    async def wait_channel(self, port_id: int, timeout: float) -> None:
+        """Wait until ``port_id``'s UDP channel has shown its address (or ``timeout``)."""
+        if self.core.channel_address(port_id) is not None or timeout <= 0:
+            return
+        waiter = self._channel_waiters.setdefault(port_id, self.loop.create_future())
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except TimeoutError:
+            self._count("channel_wait_timeouts")
+        finally:
+            self._channel_waiters.pop(port_id, None)
+
+    # -- relay ---------------------------------------------------------------------------------
+
+    def send(self, port_id: int, address: IPAddress, port: int, data: bytes) -> None:
+        if self.closed or self.core.ports.get(port_id, (None, None))[1] not in (
+            PortState.CONNECTED, PortState.OPEN, PortState.REDIRECTED,
+        ):
+            self._count("dropped_port_gone")
+            return
+        self.run(self.core.send(port_id, address, port, data))
+
+    def fin(self, port_id: int) -> None:
+        if not self.closed and self.core.ports.get(port_id, (None, None))[1] is PortState.CONNECTED:
+            self.run(self.core.fin(port_id))
+
+    def reset(self, port_id: int) -> None:
+        if not self.closed and self.core.ports.get(port_id, (None, None))[1] is PortState.CONNECTED:
+            self.run(self.core.reset(port_id))
+
+    def local_address_for(self, target: IPAddress) -> IPAddress:
+        """The mediator address facing ``target``: the interface whose network
+        holds it, else its first address of the same family (HELLO's list)."""
+        hello = self.core.hello
+        interfaces = hello.interfaces if hello is not None else ()
+        for iface in interfaces:
+            if target.version == iface.version and target in iface.network:
+                return iface.ip
+        for iface in interfaces:
+            if target.version == iface.version:
+                return iface.ip
+        raise RequestRefused(
+            "NO_SUCH_ADDRESS", f"mediator {self.identity} announced no IPv{target.version} address", local=True
+        )
+
+    def describe(self) -> dict[str, Any]:
+        hello = self.core.hello
+        ports = []
+        for port_id, (proto, state) in sorted(self.core.ports.items()):
+            owner = self.owners.get(port_id)
+            kind = "raw" if port_id in self.raw_ports else type(owner).__name__ if owner is not None else "-"
+            channel = self.core.channel_address(port_id)
+            ports.append({
+                "id": port_id, "proto": proto.name.lower(), "state": state.value, "owner": kind,
+                **({"channel": f"{channel[0]}:{channel[1]}"} if channel else {}),
+            })
+        return {
+            "session": self.session_id,
+            "peer": self.peer,
+            "state": self.core.state.value,
+            "version": self.core.version,
+            "service": hello.service if hello else None,
+            "interfaces": [str(i) for i in hello.interfaces] if hello else [],
+            "keepalive": hello.keepalive_ms / 1000 if hello else None,
+            "uptime": round(self.loop.time() - self.started, 1),
+            "ports": ports,
+            "dropped": {r.value: n for r, n in self.core.dropped.items()},
+        }
