@@ -41,7 +41,6 @@ from firewall.config.reader import (
     Problem,
     Problems,
     Table,
-    address,
     bitmask,
     boolean,
     choice,

@@ -1,0 +1,156 @@
+"""`nfgate run` in a basic lab, for tests/firewall/test_run_netns.py and scripts/bench.
+
+The config forwards tcp 8443 (to lan:443) and udp 5353 (to lan:5353) through
+the tcp-relay and udp-relay gateways, tcp 8080 (to lan:80) through the kernel
+alone, and relays lan's outbound tcp 9000 with masquerade.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from firewall.lab.wait import wait_for
+from firewall.supervisor import ask
+
+NETPROBE = str(Path(__file__).parents[1] / "netprobe.py")
+
+CONFIG = """
+[zones.wan]
+interfaces = ["wan0"]
+
+[zones.lan]
+interfaces = ["lan0"]
+
+[policy]
+ping_from = ["lan"]
+
+[[rule]]
+name = "lan-out"
+from = "lan"
+to = "wan"
+
+[nat]
+masquerade = ["wan"]
+
+[[nat.forward]]
+name = "relayed"
+from = "wan"
+proto = "tcp"
+port = 8443
+to = "192.168.1.10:443"
+
+[[nat.forward]]
+name = "plain"
+from = "wan"
+proto = "tcp"
+port = 8080
+to = "192.168.1.10:80"
+
+[[nat.forward]]
+name = "dns"
+from = "wan"
+proto = "udp"
+port = 5353
+to = "192.168.1.10"
+
+[processor]
+queues = {queues}
+fail_mode = "closed"
+
+[processor.timeouts]
+tcp_closing = 1
+udp_idle = 5
+
+[gateway_link]
+netns = "{gwns}"
+
+[signalling]
+key_file = "{tmp}/signalling.key"
+
+[supervisor]
+control_socket = "{tmp}/run/control.sock"
+restart_initial = 0.2
+stop_timeout = 8
+
+[[gateway]]
+name = "relay"
+kind = "tcp-relay"
+
+[[gateway.traffic]]
+from = "wan"
+to = "lan"
+proto = "tcp"
+ports = 8443
+
+[[gateway.traffic]]
+from = "lan"
+to = "wan"
+proto = "tcp"
+ports = 9000
+
+[[gateway]]
+name = "dns"
+kind = "udp-relay"
+
+[[gateway.traffic]]
+from = "wan"
+to = "lan"
+proto = "udp"
+ports = 5353
+"""
+
+
+class Server:
+    """An echo server (tests/netprobe.py) in a lab host; ``next_peer()`` is who it saw."""
+
+    def __init__(self, lab, host: str, port: int, proto: str = "tcp"):
+        self.proc = lab.popen(host, [sys.executable, "-u", NETPROBE, "serve", proto, str(port)], stdout=subprocess.PIPE, text=True)
+        lab.wait_listening(host, port, proto)
+
+    def next_peer(self, timeout: float = 5.0) -> str:
+        line = wait_for(self.proc.stdout.readline, timeout=timeout, what="the server to report a peer")
+        return line.split()[1]
+
+
+def probe(lab, host: str, dst: str, port: int, proto: str = "tcp", timeout: float = 3.0) -> bool:
+    argv = [sys.executable, NETPROBE, "probe", proto, dst, str(port), str(timeout)]
+    return lab.run(host, argv, check=False, timeout=timeout + 10).returncode == 0
+
+
+class Running:
+    """`nfgate run` in the lab router, its log, and its control socket."""
+
+    def __init__(self, lab, tmp: Path, queues: str = "[0]"):
+        self.lab = lab
+        self.gwns = f"{lab.prefix}-gw"
+        self.path = tmp / "nfgate.toml"
+        self.path.write_text(CONFIG.format(gwns=self.gwns, tmp=tmp, queues=queues))
+        self.control = tmp / "run" / "control.sock"
+        self.log_path = tmp / "run.log"
+        self.log = open(self.log_path, "w")
+        argv = [sys.executable, "-m", "firewall.cli", "run", "-c", str(self.path), "--backend", "iptables"]
+        self.proc = lab.popen("router", argv, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for(self.ready, timeout=20, interval=0.1, what="nfgate run to start every process")
+
+    def ask(self, cmd: str):
+        return ask(self.control, {"cmd": cmd})
+
+    def processes(self) -> dict[str, dict]:
+        return {p["name"]: p for p in self.ask("status")["processes"]}
+
+    def ready(self) -> bool:
+        try:
+            procs = self.processes()
+        except (OSError, ValueError):
+            return False
+        return all(p["state"] == "running" for p in procs.values()) and "ready" in self.log_path.read_text()
+
+    def text(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=30)
