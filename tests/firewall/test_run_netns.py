@@ -38,6 +38,12 @@ def test_relays_both_directions_restart_and_clean_stop(lab_factory, tmp_path: Pa
     # Outbound through the relay and the processor's SNAT: ext sees the router's address.
     assert probe(lab, "lan", "203.0.113.10", 9000)
     assert outside.next_peer() == "203.0.113.1"
+    # ... while the relay learned the client's private tuple by signalling.
+    assert wait_for(
+        lambda: re.search(r"relay open .*client=192\.168\.1\.10:\d+ original_dst=203\.0\.113\.10:9000", run.text()),
+        timeout=5,
+        what="the relay's log line for the outbound flow",
+    )
     # UDP through the udp-relay.
     assert probe(lab, "ext", "203.0.113.1", 5353, "udp")
 
@@ -96,4 +102,7 @@ def test_concurrent_connections_map_and_release(lab_factory, tmp_path: Path) -> 
     processors = run.ask("status")["processors"]
     for name in ("processor-0", "processor-1"):
         assert processors[name]["counters"]["queued"] > 0, name  # each instance took its clients
+        pools = processors[name]["pools"]
+        assert pools["firewall_side"]["used"] == 0, (name, pools)  # every endpoint back in the pool
+        assert all(p["used"] == 0 for p in pools["snat"].values()), (name, pools)
     assert run.stop() == 0
