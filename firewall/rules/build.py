@@ -170,6 +170,10 @@ def _raw(config: Config, rs: Ruleset) -> None:
             for f in _forwards_under(config, t):
                 matches = [InZone(t.to_zone), Proto(t.proto), Addr("src", (ipaddress.ip_network(f.to_addr),)), Port("src", (f.target_ports,))]
                 raw.add(matches, [by_dst], f"{tag}: reply from {f.source} target", Family.V4)
+    # A steering chain no selector needs (say, SNAT steering without a
+    # masqueraded 'to' zone) would only be noise for the reviewer.
+    used = {s.chain for r in raw.rules for s in r.statements if isinstance(s, Jump)}
+    rs.chains = [c for c in rs.chains if not c.name.startswith("steer_") or c.name in used]
 
 
 def _forwards_under(config: Config, t: Traffic):
