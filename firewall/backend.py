@@ -132,7 +132,7 @@ def remove(backend: str) -> list[str]:
         tools = _Tools(backend, version)
         if not tools.available():
             continue
-        state = _saved(tools)
+        state = _saved(tools.save())
         text = "".join(_removal(name, t) for name, t in state.items() if t.chains)
         if text:
             tools.restore(text)
@@ -184,11 +184,11 @@ class _SavedTable:
 _JUMP = re.compile(r"^-A (\S+) -j (NFGATE-\S+)$")
 
 
-def _saved(tools: _Tools) -> dict[str, _SavedTable]:
+def _saved(text: str) -> dict[str, _SavedTable]:
     """nfgate's chains and the plain jumps to them, per table, from *-save output."""
     tables: dict[str, _SavedTable] = {}
     current = None
-    for line in tools.save().splitlines():
+    for line in text.splitlines():
         if line.startswith("*"):
             current = tables.setdefault(line[1:], _SavedTable())
         elif current is None:
@@ -218,7 +218,7 @@ def _apply_iptables(rs: Ruleset, backend: str, dry_run: bool, report: Report) ->
         if shutil.which(tools.restore_tool) is None:
             raise KernelError(f"{tools.restore_tool} not found: install Debian's iptables package")
         snapshot = tools.save()
-        saved = _saved(tools)
+        saved = _saved(snapshot)
         new = ipt.render_tables(rs, version)
         blocks = []
         for table in new:
@@ -230,11 +230,7 @@ def _apply_iptables(rs: Ruleset, backend: str, dry_run: bool, report: Report) ->
             extra = [j for j in have.jumps if j in table.jumps]
             extra = [j for i, j in enumerate(extra) if j in extra[:i]]
             stale_jumps = [j for j in have.jumps if j[1] in stale] + extra
-            text = table.text(present_jumps=present, delete=stale)
-            if stale_jumps:
-                dels = "".join(f"-D {b} -j {c}\n" for b, c in stale_jumps)
-                text = text.replace("\n", "\n" + dels, 1)
-            blocks.append(text)
+            blocks.append(table.text(present_jumps=present, delete=stale, drop_jumps=stale_jumps))
         for name, have in saved.items():
             if have.chains and name not in {t.name for t in new}:
                 blocks.append(_removal(name, have))
@@ -268,7 +264,7 @@ def _restore_snapshot(tools: _Tools, snapshot: str) -> None:
     try:
         before = set(re.findall(r"^\*(\S+)", snapshot, re.M))
         tools.restore(snapshot, noflush=False)
-        for name, have in _saved(tools).items():
+        for name, have in _saved(tools.save()).items():
             if name not in before and have.chains:
                 tools.restore(_removal(name, have))
     except KernelError:

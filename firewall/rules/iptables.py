@@ -74,9 +74,16 @@ class TableText:
     jumps: list[tuple[str, str]] = field(default_factory=list)  # (built-in chain, NFGATE chain)
     rules: list[str] = field(default_factory=list)  # "-A NFGATE-X ..." lines
 
-    def text(self, present_jumps: set[tuple[str, str]] = frozenset(), delete: list[str] = ()) -> str:
-        """The restore block; ``present_jumps`` are left alone, ``delete`` are stale chains."""
+    def text(
+        self,
+        present_jumps: set[tuple[str, str]] = frozenset(),
+        delete: list[str] = (),
+        drop_jumps: list[tuple[str, str]] = (),
+    ) -> str:
+        """The restore block. ``present_jumps`` are left alone; ``drop_jumps``
+        (one line per occurrence) and the chains in ``delete`` are removed."""
         lines = [f"*{self.name}"]
+        lines += [f"-D {builtin} -j {chain}" for builtin, chain in drop_jumps]
         lines += [f":{c} - [0:0]" for c in self.chains]
         lines += [f":{c} - [0:0]" for c in delete]  # flushing them first frees their references
         lines += self.rules

@@ -284,3 +284,30 @@ def test_needs_root_says_so_in_one_line(command: list[str]) -> None:
     )
     assert result.returncode == 1
     assert result.stderr.strip() == f"nfgate: {' '.join(command)}: needs root (run it with sudo)"
+
+
+@pytest.mark.parametrize("backend", ["iptables", "iptables-legacy"])
+def test_reapply_drops_stale_chains_and_duplicate_jumps(lab_factory, backend: str) -> None:
+    """A different config leaves no chain of the old one behind, and a jump
+    someone duplicated by hand is cut back to one."""
+    lab = lab_factory("basic")
+    root = Path(__file__).parents[2] / "examples"
+    save = "iptables-legacy-save" if backend == "iptables-legacy" else "iptables-nft-save"
+    tool = "iptables-legacy" if backend == "iptables-legacy" else "iptables-nft"
+
+    def chains() -> set[str]:
+        return set(re.findall(r"^:(NFGATE-\S+)", lab.run("router", [save]).stdout, re.M))
+
+    assert nfgate(lab, "apply", "-c", str(root / "office.toml"), "--backend", backend).returncode == 0
+    assert "NFGATE-STEER-SNAT" in chains()
+    lab.run("router", [tool, "-I", "INPUT", "-j", "NFGATE-INPUT"])  # a second jump, by hand
+    result = nfgate(lab, "apply", "-c", str(root / "home.toml"), "--backend", backend)
+    assert result.returncode == 0, result.stderr
+    from firewall.config import load
+    from firewall.rules import build
+    from firewall.rules.model import iptables_chain_name
+
+    wanted = {iptables_chain_name(c.name) for c in build(load(root / "home.toml")).chains}
+    assert chains() == wanted
+    jumps = re.findall(r"^-A INPUT -j NFGATE-INPUT$", lab.run("router", [save, "-t", "filter"]).stdout, re.M)
+    assert len(jumps) == 1
