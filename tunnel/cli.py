@@ -212,6 +212,10 @@ def list_cmd(socket_path: str, as_json: bool) -> None:
         click.echo(json.dumps(data, indent=2))
         return
     click.echo(f"service {data['service']}, {data['channels']} channels, up {data['uptime']:.0f} s")
+    frontend = data.get("frontend")
+    if frontend:  # the tunnel gateway kind under nfgate run
+        counted = ", ".join(f"{k} {v}" for k, v in frontend["counters"].items()) or "nothing refused"
+        click.echo(f"gateway {frontend['gateway']}: steered flows arrive at {frontend['listen']}; {counted}")
     for m in data["mediators"]:
         session = m["session"]
         where = f"session {session['session']} from {session['peer']}" if session else "-"

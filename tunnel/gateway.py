@@ -30,6 +30,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from firewall.config.model import ROUTER
 from tunnel.aio import reset
 from tunnel.frames import IPAddress, Proto
 from tunnel.server import ChannelProtocol
@@ -48,6 +49,32 @@ MAX_QUEUED_DATAGRAMS = 32
 MAX_UDP_ROUTES = 65536
 LISTEN_BACKLOG = 1024  # many mediators reconnect at once after the NAT in front of them reboots
 ACCEPT_PAUSE = 0.1  # seconds to wait when out of file descriptors before accepting again
+
+
+def steered(gateway: Gateway, proto: str, port: int) -> bool:
+    """Does a ``[[gateway.traffic]]`` selector of ``gateway`` (``to = "router"``)
+    bring ``proto`` ``port`` to it?"""
+    return any(
+        t.to_zone == ROUTER and t.proto == proto and any(r.first <= port <= r.last for r in t.ports)
+        for t in gateway.traffic
+    )
+
+
+def unsteered(gateway: Gateway, proto: str, first: int, last: int) -> list[str]:
+    """The parts of ``first``-``last`` that no selector brings for ``proto``, as ranges."""
+    covered = sorted(
+        (max(r.first, first), min(r.last, last))
+        for t in gateway.traffic if t.to_zone == ROUTER and t.proto == proto
+        for r in t.ports if r.first <= last and r.last >= first
+    )
+    gaps, at = [], first
+    for lo, hi in covered:
+        if lo > at:
+            gaps.append(f"{at}" if lo - 1 == at else f"{at}-{lo - 1}")
+        at = max(at, hi + 1)
+    if at <= last:
+        gaps.append(f"{at}" if at == last else f"{at}-{last}")
+    return gaps
 
 
 class _Held(asyncio.Protocol):
@@ -173,17 +200,11 @@ class GatewayFrontend:
             sock.setblocking(False)
             self.spawn(self.route_tcp(sock))
 
-    def _steered(self, proto: Proto, port: int) -> bool:
-        name = proto.name.lower()
-        return any(
-            t.proto == name and any(r.first <= port <= r.last for r in t.ports) for t in self.gateway.traffic
-        )
-
     async def bind(self, publication: Publication) -> None:
         """Nothing to bind: the processor brings the port's traffic here, if
         a [[gateway.traffic]] selector names it."""
         spec = publication.spec
-        if not self._steered(spec.proto, spec.public_port):
+        if not steered(self.gateway, spec.proto.name.lower(), spec.public_port):
             raise OSError(
                 errno.EADDRNOTAVAIL,
                 f"{spec.proto.name.lower()} port {spec.public_port} is not in any [[gateway.traffic]]"
@@ -193,6 +214,19 @@ class GatewayFrontend:
     def send_datagram(self, data: bytes, address: IPAddress, port: int) -> None:
         if self.udp is not None:
             self.udp.sendto(data, (str(address), port))
+
+    def describe(self) -> dict[str, Any]:
+        """For ``tunnel list`` and the ``ready`` line: where the steered flows
+        arrive, and what was refused or dropped on the way in."""
+        service = self.server.config.service_port if self.server is not None else None
+        return {
+            # The service port on whichever router address a selector steers here.
+            "service": f"*:{service}",
+            "gateway": self.gateway.name,
+            "listen": f"{self.address}:{self.gateway.listen_port}",
+            "udp_routes": len(self.routes),
+            "counters": dict(sorted(self.counters.items())),
+        }
 
     async def close(self) -> None:
         for task in list(self.tasks):
@@ -252,7 +286,8 @@ class GatewayFrontend:
                 "ssl": server.tls_context, "ssl_handshake_timeout": server.config.handshake_timeout,
             }
         elif publication is not None:
-            inner, ssl_args = publication.tcp_protocol(), {}
+            origin = (hold.flow.client.address, hold.flow.client.port)
+            inner, ssl_args = publication.tcp_protocol(origin), {}
         else:
             self.counters["tcp_not_routed"] += 1
             hold.release()
@@ -293,8 +328,10 @@ class GatewayFrontend:
         elif route.kind == "publication" and route.publication is not None:
             udp = self.udp
             pub = route.publication
+            client = route.hold.flow.client
             pub.datagram(data, (ipaddress.ip_address(key[0]), key[1]),
-                         lambda payload: udp.sendto(payload, key) if udp is not None else None)
+                         lambda payload: udp.sendto(payload, key) if udp is not None else None,
+                         origin=(client.address, client.port))
         else:
             self.counters["udp_dropped_not_routed"] += 1
 

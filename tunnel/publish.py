@@ -131,13 +131,20 @@ class Publication:
 
     # -- TCP ---------------------------------------------------------------------------
 
-    def tcp_protocol(self) -> PublicConnection:
-        return PublicConnection(self)
+    def tcp_protocol(self, origin: tuple[IPAddress, int] | None = None) -> PublicConnection:
+        """A protocol for one public connection. ``origin``: the client's real
+        address when the socket's peer is not it (the gateway kind, where
+        the peer is the processor's firewall-side endpoint), for the logs."""
+        return PublicConnection(self, origin)
 
     # -- UDP ---------------------------------------------------------------------------
 
-    def datagram(self, data: bytes, client: tuple[IPAddress, int], reply: Reply) -> None:
-        """A datagram from a public client (any frontend)."""
+    def datagram(
+        self, data: bytes, client: tuple[IPAddress, int], reply: Reply, origin: tuple[IPAddress, int] | None = None,
+    ) -> None:
+        """A datagram from a public client (any frontend). ``client`` keys the
+        flow; ``origin`` is the client's real address if that is not it (the
+        gateway kind), for the logs."""
         self.counters["datagrams_in"] += 1
         flow = self.flows.get(client)
         if flow is None:
@@ -146,7 +153,7 @@ class Publication:
                 # quietly (a log line per spoofed source would be a flood).
                 self.counters["dropped_flows_full"] += 1
                 return
-            flow = self.flows[client] = UdpFlow(self, client, reply)
+            flow = self.flows[client] = UdpFlow(self, client, reply, origin)
             self.counters["flows"] += 1
             flow.open()
         flow.to_target(data)
@@ -171,8 +178,9 @@ class Publication:
 class PublicConnection(asyncio.Protocol):
     """One public TCP connection, relayed to the target through the tunnel."""
 
-    def __init__(self, publication: Publication) -> None:
+    def __init__(self, publication: Publication, origin: tuple[IPAddress, int] | None = None) -> None:
         self.pub = publication
+        self.origin = origin
         self.transport: asyncio.Transport | None = None
         self.gate = ReadGate()
         self.client: tuple[IPAddress, int] | None = None
@@ -193,7 +201,7 @@ class PublicConnection(asyncio.Protocol):
         self.gate.attach(transport)
         self.gate.pause("attach")  # nothing more is read before the tunnel side exists
         settle_pause(transport)
-        self.client = address_pair(transport.get_extra_info("peername"))
+        self.client = self.origin or address_pair(transport.get_extra_info("peername"))
         self.pub.connections.add(self)
         self.pub.counters["connections"] += 1
         self.task = self.pub.spawn(self._attach())
@@ -331,9 +339,13 @@ class PublicConnection(asyncio.Protocol):
 class UdpFlow:
     """One public UDP client of a publication, on its own redirected port."""
 
-    def __init__(self, pub: Publication, client: tuple[IPAddress, int], reply: Reply) -> None:
+    def __init__(
+        self, pub: Publication, client: tuple[IPAddress, int], reply: Reply,
+        origin: tuple[IPAddress, int] | None = None,
+    ) -> None:
         self.pub = pub
         self.client = client
+        self.shown = origin or client  # who the logs name
         self.reply = reply
         self.port_id: int | None = None
         self.session: Session | None = None
@@ -359,13 +371,13 @@ class UdpFlow:
             await session.wait_channel(opened.port_id, self.pub.server.config.channel_wait)
         except (RequestRefused, LimitError, TimeoutError) as err:
             self.pub.counters["refused"] += 1
-            self.pub.log.warn("flow_refused", public=spec.public_port, client=_fmt(self.client), reason=str(err))
+            self.pub.log.warn("flow_refused", public=spec.public_port, client=_fmt(self.shown), reason=str(err))
             self.end("refused", close_port=False)
             return
         finally:
             self.opening = None
         self.ready = True
-        self.pub.log.emit("flow", public=spec.public_port, client=_fmt(self.client), port=self.port_id)
+        self.pub.log.emit("flow", public=spec.public_port, client=_fmt(self.shown), port=self.port_id)
         while self.queue:
             self._send(self.queue.popleft())
 
@@ -423,7 +435,7 @@ class UdpFlow:
             self.session.close_soon(self.port_id)
         self.session, self.port_id, self.ready = None, None, False
         self.queue.clear()
-        self.pub.log.emit("flow_end", public=self.pub.spec.public_port, client=_fmt(self.client), reason=why)
+        self.pub.log.emit("flow_end", public=self.pub.spec.public_port, client=_fmt(self.shown), reason=why)
 
 
 def _fmt(pair: tuple[IPAddress, int] | None) -> str:

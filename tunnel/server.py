@@ -417,13 +417,16 @@ class TunnelServer:
                 "session": session.describe() if session is not None else None,
                 "counters": dict(sorted(record.counters.items())),
             })
+        frontend = getattr(self.frontend, "describe", None)
+        described = frontend() if frontend else {}
         return {
-            "service": f"{self.config.listen}:{self.config.service_port}",
+            "service": described.get("service", f"{self.config.listen}:{self.config.service_port}"),
             "uptime": round(time.time() - self.started, 1),
             "channels": self.channels,
             "counters": dict(sorted(self.counters.items())),
             "mediators": mediators,
             "published": [p.describe() for p in sorted(self.publications.values(), key=lambda p: p.spec.key())],
+            **({"frontend": described} if described else {}),
         }
 
 

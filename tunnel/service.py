@@ -9,9 +9,12 @@
   each flow's original destination port and routes it: the service port to
   the channel (TLS), a published port to its publication. Its settings are
   ``[gateway.settings]`` (docs/config.md); its files live in
-  ``/etc/nfgate/tunnel/<gateway name>/`` (server.crt, server.key,
-  mediators.toml), its control socket next to the supervisor's, as
-  ``tunnel-<gateway name>.sock``.
+  ``tunnel/<gateway name>/`` next to the nfgate config
+  (``/etc/nfgate/tunnel/<gateway name>/`` for the default config:
+  server.crt, server.key, mediators.toml), its control socket next to the
+  supervisor's, as ``tunnel-<gateway name>.sock``, its publications in
+  ``$STATE_DIRECTORY`` (systemd's ``StateDirectory=``) or
+  ``/var/lib/nfgate``, as ``tunnel-<gateway name>.json``.
 
 A problem the operator can fix is an NfgateError with one line, never a
 traceback (DESIGN.md invariant 10).
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import resource
 import signal
 from collections.abc import Callable, Coroutine, Mapping
@@ -28,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from firewall.errors import KernelError, UsageError
-from tunnel.config import TUNNEL_DIR, MediatorConfig, RateLimit, ServerConfig, load_mediators
+from tunnel.config import TUNNEL_DIR, MediatorConfig, MediatorEntry, RateLimit, ServerConfig, load_mediators
 from tunnel.events import EventLog, configure
 from tunnel.mediator import Mediator
 from tunnel.operator import ControlSocket
@@ -41,6 +45,7 @@ if TYPE_CHECKING:
     from firewall.config.model import Gateway
 
 STATE_DIR = Path("/var/lib/nfgate")
+STATE_DIR_ENV = "STATE_DIRECTORY"  # what systemd's StateDirectory= sets
 
 
 async def _until_signalled(log: EventLog, stats: Callable[[], dict[str, Any]]) -> None:
@@ -88,12 +93,23 @@ async def serve(server: TunnelServer, log: EventLog) -> None:
     except OSError as err:
         await server.close()
         raise KernelError(f"tunnel server: control socket {cfg.control_socket}: {err.strerror or err}") from None
+    describe = getattr(server.frontend, "describe", None)
+    where = {"service": f"{cfg.listen}:{cfg.service_port}"}
+    if describe:
+        where.update((k, v) for k, v in describe().items() if k in ("service", "gateway", "listen"))
     log.emit(
-        "ready", service=f"{cfg.listen}:{cfg.service_port}", mediators=len(server.mediators),
+        "ready", **where, mediators=len(server.mediators),
         control=str(cfg.control_socket), published=len(server.publications), open_files=files,
     )
+
+    def stats() -> dict[str, Any]:
+        out: dict[str, Any] = {"counters": dict(server.counters), "sessions": len(server.sessions)}
+        if describe:
+            out["frontend"] = describe()["counters"]
+        return out
+
     try:
-        await _until_signalled(log, lambda: {"counters": dict(server.counters), "sessions": len(server.sessions)})
+        await _until_signalled(log, stats)
     finally:
         log.emit("stopping", sessions=len(server.sessions))
         control.close()
@@ -136,10 +152,79 @@ def run_mediator(config: MediatorConfig, log: EventLog | None = None) -> None:
 # -- the gateway kind ---------------------------------------------------------------------
 
 
+def gateway_files_dir(config: Config, gateway: Gateway) -> Path:
+    """Where gateway ``gateway`` keeps server.crt, server.key and mediators.toml.
+
+    ``tunnel/<name>/`` next to the nfgate config: ``/etc/nfgate/tunnel/<name>/``
+    for the default ``/etc/nfgate/nfgate.toml``, so a second config (a lab, a
+    test, a staging router) brings its own keys and mediators along.
+    """
+    if config.path is None:
+        return TUNNEL_DIR / gateway.name
+    return Path(os.path.abspath(config.path)).parent / "tunnel" / gateway.name
+
+
+def state_dir() -> Path:
+    """Where the gateway kind keeps its publications: ``$STATE_DIRECTORY``
+    (the first, when systemd's ``StateDirectory=`` names several) if it is
+    absolute, else ``/var/lib/nfgate``."""
+    first = os.environ.get(STATE_DIR_ENV, "").split(":")[0]
+    return Path(first) if first.startswith("/") else STATE_DIR
+
+
+def check_steering(gateway: Gateway, service_port: int) -> None:
+    """Refuse (one line) a tunnel gateway that could never work as configured.
+
+    Its selectors are what the kernel steers to it (docs/tunnel-protocol.md
+    section 19): every one must end at the router (the server terminates the
+    flows), and the service port must be among them for TCP (the channel) and
+    UDP (the UDP channels).
+    """
+    from firewall.config.model import ROUTER
+    from tunnel.gateway import steered
+
+    for t in gateway.traffic:
+        if t.to_zone != ROUTER:
+            raise UsageError(
+                f"{t.source}.to: a tunnel gateway terminates its traffic itself: "
+                f'use to = "router", not {t.to_zone!r}'
+            )
+    missing = [p for p in ("tcp", "udp") if not steered(gateway, p, service_port)]
+    if missing:
+        lost = "mediators could not connect" if "tcp" in missing else "UDP channels could not reach it"
+        raise UsageError(
+            f"{gateway.source}: service_port {service_port} ({' and '.join(missing)}) is in no"
+            f" [[gateway.traffic]] of {gateway.name}: {lost}; add it to a selector's ports"
+        )
+
+
+def warn_unsteered(
+    gateway: Gateway, server_config: ServerConfig, mediators: Mapping[str, MediatorEntry], log: EventLog
+) -> None:
+    """One warning per publishable range that no selector brings here.
+
+    A publication there would be refused (``GatewayFrontend.bind``); the
+    operator sees why at start-up rather than at the first ``publish``.
+    """
+    from tunnel.gateway import unsteered
+
+    ranges = set(server_config.publish_ports)
+    for entry in mediators.values():
+        ranges.update(entry.publish_ports)
+    for rng in sorted(ranges):
+        for proto in ("tcp", "udp"):
+            gaps = unsteered(gateway, proto, rng.first, rng.last)
+            if gaps:
+                log.warn(
+                    "publish_unsteered", proto=proto, publishable=str(rng), unsteered=",".join(gaps),
+                    reason="no [[gateway.traffic]] brings these ports here: publishing them is refused",
+                )
+
+
 def gateway_server_config(config: Config, gateway: Gateway) -> ServerConfig:
     """The control server's config for ``[[gateway]]`` ``gateway`` of kind tunnel."""
     s: Mapping[str, Any] = gateway.settings
-    base = TUNNEL_DIR / gateway.name
+    base = gateway_files_dir(config, gateway)
     first, last = int(s["publish_first"]), int(s["publish_last"])
     from firewall.config import PortRange
 
@@ -153,7 +238,7 @@ def gateway_server_config(config: Config, gateway: Gateway) -> ServerConfig:
         key=base / "server.key",
         mediators_file=base / "mediators.toml",
         control_socket=config.supervisor.control_socket.parent / f"tunnel-{gateway.name}.sock",
-        state_file=STATE_DIR / f"tunnel-{gateway.name}.json",
+        state_file=state_dir() / f"tunnel-{gateway.name}.json",
         protocol=ServerSettings(
             hello_timeout=float(s["hello_timeout"]),
             dead_after=int(s["dead_after"]),
@@ -192,7 +277,9 @@ def run_gateway(config: Config, gateway: Gateway, *, log_json: bool = False, log
         configure(json_lines=log_json)
         log = EventLog(f"tunnel:{gateway.name}")
     server_config = gateway_server_config(config, gateway)
+    check_steering(gateway, server_config.service_port)
     mediators = load_mediators(server_config.mediators_file, server_config)
+    warn_unsteered(gateway, server_config, mediators, log)
     key = load_or_create_key(config.signalling.key_file)
     frontend = GatewayFrontend(config, gateway, key)
     _run(serve(TunnelServer(server_config, mediators, frontend, log), log))

@@ -155,9 +155,15 @@ def _raw(config: Config, rs: Ruleset) -> None:
     for gw in config.gateways:
         for t in gw.traffic:
             tag = f"{t.source} gateway {gw.name} ({gw.kind})"
-            raw.add(_selector(t, reply=False), [by_src], f"{tag}: request", Family.V4)
             if t.to_zone == ROUTER:
-                continue  # the gateway terminates the flow: no server replies
+                # The gateway terminates the flow (the tunnel's server): only a
+                # packet for one of the router's own addresses can be its, and
+                # that, unlike the to-zone, raw can see. Routed traffic on these
+                # ports stays in the kernel. No server, so no reply rule.
+                matches = _selector(t, reply=False) + [DstLocal()]
+                raw.add(matches, [by_src], f"{tag}: request to the router", Family.V4)
+                continue
+            raw.add(_selector(t, reply=False), [by_src], f"{tag}: request", Family.V4)
             if t.to_zone in masq:
                 # Outbound through masquerade: the processor SNATs leg B itself
                 # (NOTRACKed packets get no kernel NAT), so replies come to its port.

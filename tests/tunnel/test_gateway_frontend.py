@@ -19,16 +19,19 @@ import pytest
 
 from firewall.config import loads
 from firewall.errors import UsageError
+from firewall.signalling import Endpoint
 from tests.tunnel.loopback import TOKEN, WAIT, echo_server, udp_echo, until, write_files
 from tunnel import tls
 from tunnel.config import MediatorConfig, load_mediators
 from tunnel.events import EventLog
 from tunnel.frames import Proto
-from tunnel.gateway import GatewayFrontend
+from tunnel.gateway import GatewayFrontend, steered, unsteered
 from tunnel.mediator import Mediator
 from tunnel.policy import Op, Rule
 from tunnel.server import OperatorError, TunnelServer
-from tunnel.service import gateway_server_config, run_gateway
+from tunnel.service import (
+    check_steering, gateway_files_dir, gateway_server_config, run_gateway, state_dir, warn_unsteered,
+)
 from tests.tunnel.loopback import FAST_RECONNECT
 
 CONFIG = """
@@ -83,7 +86,8 @@ class FakeLayer:
 
     async def attach(self, proto: Any, fw: Any, ag: Any, on_end: Any = None) -> Any:
         port = self.routes.get(fw.port, 7443)
-        flow = SimpleNamespace(client=f"203.0.113.9:{fw.port}", original_dst=SimpleNamespace(port=port))
+        client = Endpoint(ipaddress.IPv4Address("203.0.113.9"), fw.port)
+        flow = SimpleNamespace(client=client, original_dst=SimpleNamespace(port=port))
         layer = self
 
         class Hold:
@@ -206,3 +210,77 @@ def test_publish_range_must_not_run_backwards() -> None:
                    .replace("publish_last = 9999", "publish_last = 8000"))
     with pytest.raises(UsageError, match="publish_first 9999 is above publish_last 8000"):
         gateway_server_config(config, config.gateways[0])
+
+
+def test_files_live_next_to_the_config_and_state_follows_systemd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = CONFIG.format(port=20000)
+    config = loads(text, tmp_path / "nfgate.toml")
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    server = gateway_server_config(config, config.gateways[0])
+    assert (server.cert, server.key, server.mediators_file) == (
+        tmp_path / "tunnel/tun/server.crt", tmp_path / "tunnel/tun/server.key", tmp_path / "tunnel/tun/mediators.toml",
+    )
+    assert server.state_file == Path("/var/lib/nfgate/tunnel-tun.json")
+    # The default config, /etc/nfgate/nfgate.toml, keeps the documented place.
+    assert gateway_files_dir(loads(text), config.gateways[0]) == Path("/etc/nfgate/tunnel/tun")
+    assert gateway_files_dir(loads(text, Path("/etc/nfgate/nfgate.toml")), config.gateways[0]) == Path("/etc/nfgate/tunnel/tun")
+    # systemd's StateDirectory= (the first of several; a relative one is ignored).
+    monkeypatch.setenv("STATE_DIRECTORY", f"{tmp_path}/state:/var/lib/other")
+    assert gateway_server_config(config, config.gateways[0]).state_file == tmp_path / "state/tunnel-tun.json"
+    monkeypatch.setenv("STATE_DIRECTORY", "relative")
+    assert state_dir() == Path("/var/lib/nfgate")
+
+
+def test_service_port_must_be_steered_both_ways_and_to_the_router() -> None:
+    config = loads(CONFIG.format(port=20000))
+    gateway = config.gateways[0]
+    check_steering(gateway, 7443)  # the test config steers it: tcp and udp
+    with pytest.raises(UsageError, match=r"service_port 7444 \(tcp and udp\) is in no \[\[gateway.traffic\]\] of tun"):
+        check_steering(gateway, 7444)
+    udp_only = loads(CONFIG.format(port=20000).replace('ports = [7443, "8000-8099"]', 'ports = ["8000-8099"]'))
+    with pytest.raises(UsageError, match=r"service_port 7443 \(tcp\) is in no"):
+        check_steering(udp_only.gateways[0], 7443)
+    to_lan = loads(CONFIG.format(port=20000).replace('to = "router"\nproto = "udp"', 'to = "lan"\nproto = "udp"'))
+    with pytest.raises(UsageError, match=r'gateway\[0\].traffic\[1\].to: a tunnel gateway terminates .* use to = "router"'):
+        check_steering(to_lan.gateways[0], 7443)
+    assert not steered(to_lan.gateways[0], "udp", 9000)  # a selector elsewhere brings nothing here
+
+
+def test_unsteered_publishable_ports_are_named() -> None:
+    gateway = loads(CONFIG.format(port=20000)).gateways[0]  # tcp 8000-8099, udp 9000-9099 of 8000-9999
+    assert unsteered(gateway, "tcp", 8000, 8099) == []
+    assert unsteered(gateway, "tcp", 8000, 9999) == ["8100-9999"]
+    assert unsteered(gateway, "udp", 8000, 9999) == ["8000-8999", "9100-9999"]
+    assert unsteered(gateway, "udp", 8999, 9100) == ["8999", "9100"]
+    events: list[tuple[str, dict[str, Any]]] = []
+
+    class Log:
+        def warn(self, event: str, **fields: Any) -> None:
+            events.append((event, fields))
+
+    config = loads(CONFIG.format(port=20000))
+    warn_unsteered(gateway, gateway_server_config(config, gateway), {}, Log())  # type: ignore[arg-type]
+    assert [(f["proto"], f["publishable"], f["unsteered"]) for _, f in events] == [
+        ("tcp", "8000-9999", "8100-9999"), ("udp", "8000-9999", "8000-8999,9100-9999"),
+    ]
+
+
+def test_the_rules_queue_only_packets_for_the_router_itself() -> None:
+    """A terminating gateway's selector queues what is addressed to one of
+    the router's own addresses (raw sees that, not the to-zone), and no
+    replies: routed traffic on the same ports stays in the kernel."""
+    from firewall.rules import build, iptables, nft
+    from firewall.rules.model import DstLocal, Port, Queue
+
+    rs = build(loads(CONFIG.format(port=20000)))
+    raw = rs.chain("raw_prerouting")
+    steered_rules = [r for r in raw.rules if "gateway tun" in r.comment]
+    assert [r.comment for r in steered_rules] == [
+        "gateway[0].traffic[0] gateway tun (tunnel): request to the router",
+        "gateway[0].traffic[1] gateway tun (tunnel): request to the router",
+    ]
+    for rule in steered_rules:
+        assert DstLocal() in rule.matches and isinstance(rule.statements[0], Queue)
+        assert [m.direction for m in rule.matches if isinstance(m, Port)] == ["dst"]
+    assert "fib daddr type local counter queue num 0" in nft.render(rs)
+    assert "-m addrtype --dst-type LOCAL -m comment --comment \"gateway[0].traffic[0]" in iptables.render(rs, 4)
