@@ -11,7 +11,8 @@ router's own source address, so the router's end gets ``rp_filter = 0`` and
 ``accept_local = 1`` (docs/datapath.md, "The blind-track interface"). The
 kernel applies the stricter of the interface's and ``all``'s rp_filter, so a
 strict ``all`` setting is refused with the sysctl to change rather than
-changed behind the operator's back.
+changed behind the operator's back; so is a router that does not forward
+IPv4 (``net.ipv4.ip_forward``), since every gateway flow crosses the link.
 
 Everything here runs ``ip`` in the router's namespace (the current one, or
 ``router_netns`` for a lab) and in the gateway namespace by name.
@@ -53,6 +54,13 @@ def exists(link: GatewayLink, router_netns: str | None = None) -> bool:
 
 def create(link: GatewayLink, router_netns: str | None = None) -> None:
     """Create the namespace and the link; replaces a stale link of the same name."""
+    if _sysctl(router_netns, "net.ipv4.ip_forward") != "1":
+        # Even a flow that "ends at the router" (a tunnel's service port) is
+        # forwarded: the gateway sits in its own namespace behind the link.
+        raise KernelError(
+            "gateway link: net.ipv4.ip_forward is 0; gateways sit behind the blind track, "
+            "so the router must forward IPv4: set it to 1"
+        )
     if _sysctl(router_netns, "net.ipv4.conf.all.rp_filter") == "1":
         raise KernelError(
             "gateway link: net.ipv4.conf.all.rp_filter is 1 (strict), which drops restored packets "
@@ -65,6 +73,7 @@ def create(link: GatewayLink, router_netns: str | None = None) -> None:
     _ip(router_netns, "link", "add", link.router_if, "type", "veth", "peer", "name", link.gateway_if, "netns", link.netns)
     _sysctl(router_netns, f"net.ipv4.conf.{link.router_if}.rp_filter", "0")
     _sysctl(router_netns, f"net.ipv4.conf.{link.router_if}.accept_local", "1")
+    _sysctl(router_netns, f"net.ipv4.conf.{link.router_if}.forwarding", "1")
     _ip(router_netns, "address", "add", str(link.router_address), "dev", link.router_if)
     _ip(router_netns, "link", "set", link.router_if, "up")
     _ip(link.netns, "link", "set", "lo", "up")

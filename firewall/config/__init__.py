@@ -496,7 +496,24 @@ def _gateway(t: Table, index: int, zones: dict[str, Zone], link: GatewayLink) ->
     t.finish()
     if None in (name, kind, listen_port, settings):
         return None
+    if kind == "tunnel":
+        _check_tunnel(t, traffic, settings["service_port"])
     return Gateway(t.path, name, kind, listen_port, tuple(traffic), settings)
+
+
+def _check_tunnel(t: Table, traffic: list[Traffic], service_port: int) -> None:
+    """The tunnel's control server terminates its flows (docs/tunnel-protocol.md
+    section 19): every selector ends at the router, and the service port must
+    reach it over TCP (the channel) and UDP (the UDP channels)."""
+    for item in traffic:
+        if item.to_zone != ROUTER:
+            t.problems.add(f"{item.source}.to", "a tunnel gateway terminates its flows: 'to' must be \"router\"")
+    for proto in ("tcp", "udp"):
+        if not any(s.proto == proto and any(r.first <= service_port <= r.last for r in s.ports) for s in traffic):
+            t.problems.add(
+                f"{t.path}.traffic",
+                f"no {proto} selector brings settings.service_port {service_port} to the tunnel gateway",
+            )
 
 
 def _check_gateways(gateways: tuple[Gateway | None, ...], problems: Problems) -> None:

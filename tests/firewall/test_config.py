@@ -241,3 +241,28 @@ def test_signalling_ports_per_process() -> None:
     path, reason, _ = only(clash)
     assert path == "gateway[1].listen_port"
     assert reason == "7501 is a gateway signalling port (7500-7501)"
+
+
+TUNNEL = """
+[[gateway]]
+name = "tunnel"
+kind = "tunnel"
+[[gateway.traffic]]
+from = "wan"
+to = "{to}"
+proto = "tcp"
+ports = 7443
+"""
+
+
+def test_tunnel_gateway_needs_its_service_port_steered() -> None:
+    found = problems(BASE + TUNNEL.format(to="router"))
+    assert [(p, r) for p, r, _ in found] == [
+        ("gateway[0].traffic", "no udp selector brings settings.service_port 7443 to the tunnel gateway")
+    ]
+    found = problems(BASE + TUNNEL.format(to="lan"))
+    assert ("gateway[0].traffic[0].to", "a tunnel gateway terminates its flows: 'to' must be \"router\"") in [
+        (p, r) for p, r, _ in found
+    ]
+    both = BASE + TUNNEL.format(to="router") + '[[gateway.traffic]]\nfrom = "wan"\nto = "router"\nproto = "udp"\nports = 7443\n'
+    assert loads(both).gateways[0].kind == "tunnel"

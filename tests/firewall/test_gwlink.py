@@ -48,3 +48,22 @@ def test_strict_rp_filter_is_refused_not_changed(lab_factory) -> None:
         gwlink.create(link, lab.ns("router"))
     assert lab.run("router", ["sysctl", "-n", "net.ipv4.conf.all.rp_filter"]).stdout.strip() == "1"
     assert not gwlink.exists(link, lab.ns("router"))
+
+
+def test_a_router_that_does_not_forward_is_refused(lab_factory) -> None:
+    lab = lab_factory("basic")
+    lab.run("router", ["sysctl", "-qw", "net.ipv4.ip_forward=0"])
+    link = link_for(lab)
+    with pytest.raises(KernelError, match="net.ipv4.ip_forward is 0"):
+        gwlink.create(link, lab.ns("router"))
+    assert not gwlink.exists(link, lab.ns("router"))
+
+
+def test_blind_track_forwards(lab_factory) -> None:
+    lab = lab_factory("basic")
+    link = link_for(lab)
+    gwlink.create(link, lab.ns("router"))
+    try:
+        assert lab.run("router", ["sysctl", "-n", "net.ipv4.conf.nfg-gw0.forwarding"]).stdout.strip() == "1"
+    finally:
+        gwlink.remove(link, lab.ns("router"))
