@@ -17,6 +17,10 @@ by connecting back to F:f, where the processor restores it (docs/datapath.md).
   half-close, resets and limits, and logs each connection's real addresses.
 - ``udp_relay``: the ``udp-relay`` kind: the same for UDP flows, one leg B
   socket per flow.
+- ``ftp/``: the ``ftp`` kind (docs/ftp.md): a sans-IO control-channel core
+  (``core``, ``commands``, ``parse``) that asks the processor for exact,
+  one-shot data-port rules, its asyncio adapter (``gateway``), and the relay
+  for inspected data connections (``data``).
 - ``__main__``: ``python -m gateways --config PATH --gateway NAME
   [--log-json]``, one gateway process, as the supervisor starts it.
 """

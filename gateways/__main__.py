@@ -35,6 +35,7 @@ from firewall.config import Config, load
 from firewall.config.model import Gateway
 from firewall.errors import EXIT_OK, NfgateError, UsageError
 from firewall.signalling import Endpoint, load_or_create_key
+from gateways.ftp import FtpGateway
 from gateways.layer import EventLog, GatewayLayer, ProcessorInstances
 from gateways.layer.events import configure
 from gateways.layer.instances import layer_endpoint
@@ -71,6 +72,8 @@ KINDS: dict[str, RelayFactory] = {
     "udp-relay": lambda layer, gw, listen, log: UdpRelay(
         layer, listen=listen, settings=UdpRelaySettings.from_settings(gw.settings), log=log
     ),
+    # FTP with dynamic data-port rules (issue 4): gateways/ftp/, docs/ftp.md.
+    "ftp": FtpGateway.for_gateway,
 }
 
 

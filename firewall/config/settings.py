@@ -8,11 +8,12 @@ later issue declare their keys with that issue.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
-from firewall.config.reader import Problems, Table, integer, number
+from firewall.config.reader import Problems, Table, choice, integer, listof, number, string
 
 
 @dataclass(frozen=True)
@@ -42,9 +43,48 @@ _RELAY_UDP = {
     "idle_timeout": Setting(number(1, 86400), 60.0, "seconds without a datagram before the flow ends"),
 }
 
+
+def _ipv4_or_empty(value: Any, path: str, problems: Problems) -> str | None:
+    if value == "":
+        return value
+    if not isinstance(value, str):
+        problems.add(path, f"expected an IPv4 address string, got {type(value).__name__}")
+        return None
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError:
+        problems.add(path, f"{value!r} is not an IPv4 address")
+        return None
+    return value
+
+
+_FTP_VERB = string(r"[A-Za-z]{3,4}", "an FTP command (3 or 4 letters, RFC 959 section 5.3.1)")
+
+# The FTP gateway (gateways/ftp/, docs/ftp.md, with the RFC behind each limit).
+_FTP = {
+    "data_channel": Setting(choice("allow", "inspect"), "allow",
+                            "allow: the kernel carries data connections where it can; inspect: all through the gateway"),
+    "data_rule_ttl": Setting(integer(1, 3600), 15, "seconds a data-port rule waits for its one connection"),
+    "masquerade_address": Setting(_ipv4_or_empty, "", "the router's address that servers see for clients behind masquerade (active mode)"),
+    "auth_tls": Setting(choice("refuse", "allow"), "refuse", "refuse: AUTH answered 534 and hidden from FEAT; allow: opaque after 234"),
+    "allow_commands": Setting(listof(_FTP_VERB), (), "verbs added to the default allow-list"),
+    "deny_commands": Setting(listof(_FTP_VERB), (), "verbs removed from the allow-list"),
+    "max_line_length": Setting(integer(64, 65536), 2048, "bytes of one command or reply line, line end excluded (RFC 959 section 5.3 sets no bound)"),
+    "max_username_length": Setting(integer(1, 4096), 256, "bytes of a USER argument (RFC 2577 section 9: overflows in servers)"),
+    "max_password_length": Setting(integer(1, 4096), 256, "bytes of a PASS argument (RFC 2577 section 9)"),
+    "max_bad_commands": Setting(integer(0, 1000), 5, "refused commands answered; the next one closes the session (aiosmtpd's rule)"),
+    "max_login_failures": Setting(integer(1, 100), 3, "failed logins (530 to PASS) before the session is closed (RFC 2577 section 5)"),
+    "max_transfer_bytes": Setting(integer(0, 1 << 62), 0, "inspect: bytes one data connection may carry (0: no limit)"),
+    "content_hook": Setting(string(r"([A-Za-z_][\w.]*:[A-Za-z_]\w*)?", "module:function"), "",
+                            "inspect: module:function given each data connection's bytes"),
+    "max_sessions": Setting(integer(1, 1_000_000), 256, "concurrent control sessions; more are refused (RST)"),
+    "idle_timeout": Setting(number(1, 86400), 900.0, "seconds without control traffic before the session is closed"),
+    "connect_timeout": Setting(number(0.1, 300), 10.0, "seconds to open a connection to the server"),
+}
+
 KIND_SETTINGS: dict[str, dict[str, Setting]] = {
     "smtp": {},
-    "ftp": {},
+    "ftp": _FTP,
     "rtp": {},
     "tcp-relay": _RELAY_TCP,
     "udp-relay": _RELAY_UDP,

@@ -63,4 +63,14 @@ def test_gateway_settings_are_documented() -> None:
         for key, setting in schema.items():
             row = re.search(rf"^\| `{key}` \| `([^`]+)` \|", text[text.index(f"`{kind}`:") :], re.M)
             assert row, f"{kind}.{key} is missing from docs/config.md"
-            assert float(row.group(1)) == float(setting.default)
+            if isinstance(setting.default, (str, tuple)):
+                assert row.group(1) == shown_as(setting.default), (kind, key)
+            else:
+                assert float(row.group(1)) == float(setting.default), (kind, key)
+
+
+def shown_as(default: str | tuple) -> str:
+    """How docs/config.md writes a string or list default: as TOML."""
+    if isinstance(default, str):
+        return f'"{default}"'
+    return "[" + ", ".join(f'"{v}"' for v in default) + "]"

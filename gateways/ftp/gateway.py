@@ -1,0 +1,513 @@
+"""The ``ftp`` gateway kind: the asyncio adapter around ``FtpControl`` (docs/ftp.md).
+
+It makes no protocol decision (STYLE.md): it carries out what the core says.
+Everything arrives on one listener G:g, because a REDIRECT rule sends its
+data connection into the gateway that asked for it (firewall/processor/
+rulebook.py). So, per accepted connection F:f -> G:g:
+
+1. ``GatewayLayer.attach``: the original tuple (client C:c, original
+   destination S':s', server S:s), or a reset.
+2. If (C, S':s') is a data connection this gateway expects (a REDIRECT rule
+   it asked for), it is relayed (``data.relay``), with inspection in inspect
+   mode; the expectation is used up.
+3. Else, if s' is one of the gateway's selector ports, it is a control
+   session: leg B to the server, and the core between the two legs. The
+   core's ``RequestRule`` becomes ``GatewayLayer.request_rule`` (exact
+   addresses, one-shot, ``data_rule_ttl``), and the core hears the answer.
+4. Anything else is reset and counted (``refused.unexpected_flow``).
+
+Rules end by themselves: when used (one-shot), at their TTL, or when the
+control connection's binding ends (RULE_END FLOW_ENDED); the gateway's own
+expectations end with them, and with the session.
+
+Who the server sees as the client (for PORT/EPRT) cannot be told by
+signalling: the flow's tuple carries the client's real address, not the
+masquerade address. ``masquerade_address`` is that address, and a session
+that was not port-forwarded (S' = S) is taken to come from behind the
+masquerade when it is set (docs/ftp.md, "Active mode behind masquerade").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from firewall.config.model import Gateway
+from firewall.config.settings import KIND_SETTINGS
+from firewall.signalling import Endpoint, FlowInfo, Proto, RuleEndReason, RuleMode
+from gateways.ftp.commands import allowed_commands
+from gateways.ftp.core import (
+    Close,
+    DataChannel,
+    Direction,
+    Event,
+    FtpControl,
+    Opaque,
+    Output,
+    Parties,
+    Policy,
+    RequestRule,
+    ToClient,
+    ToServer,
+)
+from gateways.ftp.data import DATA_CHUNK, ContentHook, Transfer, load_hook, relay
+from gateways.layer import EventLog, FlowUnknown, GatewayLayer, Hold, RuleError
+from gateways.layer.endpoint import endpoint_of
+from gateways.tcp_relay import reset
+
+_DEFAULTS = KIND_SETTINGS["ftp"]
+
+CONTROL_CHUNK = 1 << 14  # control lines are short; a read never needs more
+
+# How long an expectation outlives its rule's TTL: the RULE_END USED of a
+# REDIRECT can overtake the connection's accept by a few milliseconds.
+EXPECT_GRACE = 5.0
+
+CLOSE_FLUSH_TIMEOUT = 5.0
+
+# Which events are worth a log line of their own (the rest are only counted).
+_LOGGED = ("refused.", "rule.", "data.", "auth_tls.")
+
+
+def _d(key: str) -> Any:
+    return _DEFAULTS[key].default
+
+
+@dataclass(frozen=True)
+class FtpSettings:
+    """The ftp keys of ``[gateway.settings]``; defaults as in the config schema."""
+
+    data_channel: str = _d("data_channel")
+    data_rule_ttl: int = _d("data_rule_ttl")
+    masquerade_address: str = _d("masquerade_address")
+    auth_tls: str = _d("auth_tls")
+    allow_commands: tuple[str, ...] = _d("allow_commands")
+    deny_commands: tuple[str, ...] = _d("deny_commands")
+    max_line_length: int = _d("max_line_length")
+    max_username_length: int = _d("max_username_length")
+    max_password_length: int = _d("max_password_length")
+    max_bad_commands: int = _d("max_bad_commands")
+    max_login_failures: int = _d("max_login_failures")
+    max_transfer_bytes: int = _d("max_transfer_bytes")
+    content_hook: str = _d("content_hook")
+    max_sessions: int = _d("max_sessions")
+    idle_timeout: float = _d("idle_timeout")
+    connect_timeout: float = _d("connect_timeout")
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> "FtpSettings":
+        return cls(**{k: settings[k] for k in _DEFAULTS if k in settings})
+
+    def policy(self) -> Policy:
+        return Policy(
+            data_channel=DataChannel(self.data_channel),
+            auth_tls=self.auth_tls == "allow",
+            allowed=allowed_commands(self.allow_commands, self.deny_commands),
+            max_line_length=self.max_line_length,
+            max_username_length=self.max_username_length,
+            max_password_length=self.max_password_length,
+            max_bad_commands=self.max_bad_commands,
+            max_login_failures=self.max_login_failures,
+        )
+
+    @property
+    def masquerade(self) -> ipaddress.IPv4Address | None:
+        return ipaddress.IPv4Address(self.masquerade_address) if self.masquerade_address else None
+
+
+def parties_of(flow: FlowInfo, masquerade: ipaddress.IPv4Address | None) -> Parties:
+    """The session's parties from its signalled tuple (module docstring for ``client_seen_as``)."""
+    forwarded = flow.original_dst != flow.server
+    seen_as = masquerade if masquerade is not None and not forwarded else flow.client.address
+    return Parties(flow.client.address, flow.server.address, flow.original_dst.address, seen_as)
+
+
+ExpectKey = tuple[ipaddress.IPv4Address, Endpoint]  # (source address, destination) of a data connection
+
+
+class _Expectation:
+    __slots__ = ("key", "session", "rule", "timer")
+
+    def __init__(self, key: ExpectKey, session: "_Session", rule: RequestRule) -> None:
+        self.key = key
+        self.session = session
+        self.rule = rule
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class FtpGateway:
+    """The ftp gateway: an asyncio server on G:g in front of a ``GatewayLayer``."""
+
+    def __init__(
+        self,
+        layer: GatewayLayer,
+        *,
+        listen: Endpoint,
+        settings: FtpSettings,
+        log: EventLog,
+        control_ports: frozenset[int] | None = None,
+        hook: ContentHook | None = None,
+    ) -> None:
+        self.layer = layer
+        self.listen = listen
+        self.settings = settings
+        self.policy = settings.policy()
+        self.log = log
+        self.control_ports = control_ports  # None: every port is a control port (tests)
+        self.hook = hook
+        self.counters: Counter[str] = Counter()
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sessions: set[_Session] = set()
+        self._data = 0
+        self._expected: dict[ExpectKey, _Expectation] = {}
+
+    @classmethod
+    def for_gateway(cls, layer: GatewayLayer, gw: Gateway, listen: Endpoint, log: EventLog) -> "FtpGateway":
+        """The gateway as ``python -m gateways`` runs it: settings and selector ports from the config."""
+        settings = FtpSettings.from_settings(gw.settings)
+        ports = frozenset(p for t in gw.traffic for r in t.ports for p in range(r.first, r.last + 1))
+        return cls(layer, listen=listen, settings=settings, log=log, control_ports=ports,
+                   hook=load_hook(settings.content_hook))
+
+    @property
+    def active(self) -> int:
+        """Control sessions and relayed data connections now open."""
+        return len(self._sessions) + self._data
+
+    @property
+    def expected(self) -> int:
+        """Data connections the gateway waits for (REDIRECT rules it holds)."""
+        return len(self._expected)
+
+    async def start(self) -> None:
+        """Listen on G:g. OSError if the address is not here."""
+        self._server = await asyncio.start_server(
+            self._on_connection, str(self.listen.address), self.listen.port, limit=DATA_CHUNK, backlog=socket.SOMAXCONN
+        )
+        port = self._server.sockets[0].getsockname()[1]
+        self.listen = Endpoint(self.listen.address, port)
+
+    async def close(self, grace: float) -> None:
+        """Stop accepting; let sessions and transfers finish for up to ``grace`` seconds, then reset them."""
+        if self._server is not None:
+            self._server.close()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=CLOSE_FLUSH_TIMEOUT)
+
+    # ---- expectations ------------------------------------------------------------------------
+
+    def _expect(self, session: "_Session", rule: RequestRule) -> _Expectation:
+        key = (rule.src.address, rule.dst)
+        old = self._expected.pop(key, None)
+        if old is not None and old.timer is not None:
+            old.timer.cancel()
+        exp = _Expectation(key, session, rule)
+        self._expected[key] = exp
+        delay = self.settings.data_rule_ttl + EXPECT_GRACE
+        exp.timer = asyncio.get_running_loop().call_later(delay, self._unexpect, exp, "expired")
+        return exp
+
+    def _unexpect(self, exp: _Expectation, why: str) -> None:
+        if self._expected.get(exp.key) is exp:
+            del self._expected[exp.key]
+            self.counters[f"expectations.ended.{why}"] += 1
+        if exp.timer is not None:
+            exp.timer.cancel()
+            exp.timer = None
+
+    def _claim(self, flow: FlowInfo) -> _Expectation | None:
+        exp = self._expected.get((flow.client.address, flow.original_dst))
+        if exp is None or exp.session.done:
+            return None
+        self._unexpect(exp, "used")
+        return exp
+
+    # ---- connections ---------------------------------------------------------------------------
+
+    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._serve(reader, writer)
+        except Exception as exc:  # a bug in one connection must not take the gateway down
+            self.counters["errors.internal"] += 1
+            self.log.emit("error", logging.ERROR, error=repr(exc))
+            reset(writer)
+        finally:
+            self._tasks.discard(task)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        fw = endpoint_of(writer.get_extra_info("peername"))
+        ag = endpoint_of(writer.get_extra_info("sockname"))
+        if fw is None or ag is None:
+            self.counters["closed.gone"] += 1
+            writer.transport.abort()
+            return
+        try:
+            hold = await self.layer.attach(Proto.TCP, fw, ag)
+        except FlowUnknown as exc:
+            self.counters["closed.unknown_flow"] += 1
+            self.log.emit("unknown_flow", via=fw, to=ag, why=exc.why)
+            reset(writer)
+            return
+        except asyncio.CancelledError:
+            reset(writer)
+            raise
+        with hold:
+            flow = hold.flow
+            exp = self._claim(flow)
+            if exp is not None:
+                await self._transfer(exp, hold, reader, writer)
+            elif self.control_ports is not None and flow.original_dst.port not in self.control_ports:
+                self.counters["refused.unexpected_flow"] += 1
+                self.log.emit("refused", reason="unexpected_flow", client=flow.client, original_dst=flow.original_dst)
+                reset(writer)
+            elif len(self._sessions) >= self.settings.max_sessions:
+                self.counters["refused.max_sessions"] += 1
+                self.log.emit("refused", reason="max_sessions", client=flow.client, limit=self.settings.max_sessions)
+                reset(writer)
+            else:
+                session = _Session(self, hold, reader, writer)
+                self._sessions.add(session)
+                try:
+                    await session.run()
+                finally:
+                    self._sessions.discard(session)
+                    for key in [k for k, e in self._expected.items() if e.session is session]:
+                        self._unexpect(self._expected[key], "session_ended")
+
+    async def _transfer(
+        self, exp: _Expectation, hold: Hold, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """One data connection of a session, redirected here by its rule."""
+        flow, rule, session = hold.flow, exp.rule, exp.session
+        self._data += 1
+        self.counters["data.accepted"] += 1
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        fields: dict[str, Any] = {"session": f"{session.flow.flow_id:#x}", "direction": rule.direction.value,
+                                  "client": flow.client, "server": flow.server, "inspect": rule.inspect}
+        try:
+            try:
+                b = await self.layer.open_tcp(flow, connect_timeout=self.settings.connect_timeout, limit=DATA_CHUNK)
+            except (OSError, asyncio.TimeoutError) as exc:
+                self.counters["data.connect_failed"] += 1
+                self.log.emit("data", reason="connect_failed", detail=repr(exc), **fields)
+                reset(writer)
+                return
+            passive = rule.direction is Direction.PASSIVE
+            inspector = None
+            if rule.inspect and self.hook is not None:
+                parties = session.parties
+                try:
+                    inspector = self.hook(Transfer(rule.direction.value, parties.client, parties.server, flow))
+                except Exception as exc:  # a broken hook stops the transfer: nothing passes unchecked
+                    self.counters["data.hook_failed"] += 1
+                    self.log.emit("data", logging.ERROR, reason="hook_failed", detail=repr(exc), **fields)
+                    reset(writer)
+                    reset(b[1])
+                    return
+            outcome = await relay(
+                (reader, writer), b,
+                a_is_client=passive,
+                max_bytes=self.settings.max_transfer_bytes if rule.inspect else 0,
+                inspector=inspector,
+                idle_timeout=self.settings.idle_timeout,
+                ended=hold.ended,
+                touch=session.touch,
+            )
+            self.counters[f"data.closed.{outcome.reason}"] += 1
+            self.counters["bytes.data_to_client"] += outcome.to_client
+            self.counters["bytes.data_to_server"] += outcome.to_server
+            level = logging.WARNING if outcome.reason in ("limit", "hook") else logging.INFO
+            self.log.emit("data", level, reason=outcome.reason, to_client=outcome.to_client,
+                          to_server=outcome.to_server, duration=loop.time() - started, **fields)
+        finally:
+            self._data -= 1
+
+
+class _Session:
+    """One control connection: two legs and the core between them."""
+
+    def __init__(self, gw: FtpGateway, hold: Hold, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.gw = gw
+        self.hold = hold
+        self.flow = hold.flow
+        self.parties = parties_of(self.flow, gw.settings.masquerade)
+        self.core = FtpControl(self.parties, gw.policy)
+        self.a_reader, self.a_writer = reader, writer
+        self.b_writer: asyncio.StreamWriter | None = None
+        self.done = False
+        self.reason = ""
+        self._closing = asyncio.Event()
+        self._rule_tasks: set[asyncio.Task[None]] = set()
+        self._last = asyncio.get_running_loop().time()
+        self._reset = False
+
+    def touch(self) -> None:
+        self._last = asyncio.get_running_loop().time()
+
+    async def run(self) -> None:
+        gw, flow = self.gw, self.flow
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        gw.counters["sessions.opened"] += 1
+        ident = f"{flow.flow_id:#x}"
+        gw.log.emit("open", session=ident, client=flow.client, original_dst=flow.original_dst,
+                    server=flow.server, client_seen_as=self.parties.client_seen_as)
+        try:
+            try:
+                b_reader, self.b_writer = await gw.layer.open_tcp(flow, connect_timeout=gw.settings.connect_timeout)
+            except (OSError, asyncio.TimeoutError) as exc:
+                self.reason = "connect_failed"
+                gw.log.emit("close", session=ident, reason=self.reason, detail=repr(exc))
+                reset(self.a_writer)
+                return
+            await self._serve(b_reader)
+        finally:
+            self.done = True
+            for task in self._rule_tasks:
+                task.cancel()
+            if self._rule_tasks:
+                await asyncio.gather(*self._rule_tasks, return_exceptions=True)
+            gw.counters[f"sessions.closed.{self.reason or 'error'}"] += 1
+            if self.b_writer is not None:
+                gw.log.emit("close", session=ident, reason=self.reason or "error", duration=loop.time() - started)
+
+    async def _serve(self, b_reader: asyncio.StreamReader) -> None:
+        assert self.b_writer is not None
+        core = self.core
+        pumps = {
+            asyncio.create_task(self._pump(self.a_reader, core.client_data, core.client_eof, "client")),
+            asyncio.create_task(self._pump(b_reader, core.server_data, core.server_eof, "server")),
+        }
+        watchers = {
+            asyncio.create_task(self._closing.wait()),
+            asyncio.create_task(self.hold.ended.wait()),
+            asyncio.create_task(self._idle()),
+        }
+        pending = pumps | watchers
+        try:
+            while not self._closing.is_set() and pumps & pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if self.hold.ended.is_set() and not self._closing.is_set():
+                    self._end("flow_end", reset=True)
+                for task in done & pumps:
+                    if task.exception() is not None:
+                        raise task.exception()  # type: ignore[misc]
+        except BaseException:
+            self.reason = self.reason or ("shutdown" if asyncio.current_task().cancelling() else "error")  # type: ignore[union-attr]
+            self._reset = True
+            raise
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            await self._close_legs()
+
+    async def _pump(self, reader: asyncio.StreamReader, feed: Any, eof: Any, peer: str) -> None:
+        while not self._closing.is_set():
+            try:
+                data = await reader.read(CONTROL_CHUNK)
+            except OSError:
+                self._end(f"{peer}_reset", reset=True)
+                return
+            if not data:
+                await self._do(eof())
+                return
+            self.touch()
+            await self._do(feed(data))
+
+    async def _idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        idle = self.gw.settings.idle_timeout
+        while (remaining := self._last + idle - loop.time()) > 0:
+            await asyncio.sleep(remaining)
+        self.gw.log.emit("idle", session=f"{self.flow.flow_id:#x}", seconds=idle)
+        await self._do([ToClient(b"421 Idle timeout; closing.\r\n"), Close("idle")])
+
+    def _end(self, reason: str, *, reset: bool = False) -> None:
+        if not self._closing.is_set():
+            self.reason = reason
+            self._reset = reset
+            self._closing.set()
+
+    async def _do(self, outputs: list[Output]) -> None:
+        """Carry out the core's outputs, in order."""
+        assert self.b_writer is not None
+        gw = self.gw
+        for out in outputs:
+            if isinstance(out, ToClient):
+                self.a_writer.write(out.data)
+            elif isinstance(out, ToServer):
+                self.b_writer.write(out.data)
+            elif isinstance(out, RequestRule):
+                task = asyncio.create_task(self._request(out))
+                self._rule_tasks.add(task)
+                task.add_done_callback(self._rule_tasks.discard)
+            elif isinstance(out, Event):
+                gw.counters[out.name] += 1
+                if out.name.startswith(_LOGGED):
+                    level = logging.WARNING if out.name.startswith("refused.") else logging.INFO
+                    gw.log.emit(out.name, level, session=f"{self.flow.flow_id:#x}", **out.fields)
+            elif isinstance(out, Opaque):
+                self.a_writer.write(out.to_client)
+                self.b_writer.write(out.to_server)
+            elif isinstance(out, Close):
+                self._end(out.reason.replace(" ", "_"))
+        for w in (self.a_writer, self.b_writer):
+            try:
+                await w.drain()
+            except OSError:
+                self._end("client_reset" if w is self.a_writer else "server_reset", reset=True)
+                return
+
+    async def _request(self, rule: RequestRule) -> None:
+        gw = self.gw
+        exp = gw._expect(self, rule) if rule.mode is RuleMode.REDIRECT else None
+        ttl = gw.settings.data_rule_ttl
+
+        def ended(reason: RuleEndReason) -> None:
+            gw.counters[f"rules.ended.{reason.name.lower()}"] += 1
+            if exp is not None and reason is not RuleEndReason.USED:
+                gw._unexpect(exp, reason.name.lower())
+
+        try:
+            await gw.layer.request_rule(self.flow, Proto.TCP, rule.src, rule.dst, ttl, rule.mode, True, on_end=ended)
+            granted = True
+        except RuleError as exc:
+            granted = False
+            gw.counters["rules.not_granted"] += 1
+            gw.log.emit("rule.not_granted", logging.WARNING, session=f"{self.flow.flow_id:#x}",
+                        src=rule.src, dst=rule.dst, why=str(exc))
+            if exp is not None:
+                gw._unexpect(exp, "refused")
+        if not self._closing.is_set():
+            await self._do(self.core.rule_answered(rule.token, granted))
+
+    async def _close_legs(self) -> None:
+        writers = [w for w in (self.a_writer, self.b_writer) if w is not None]
+        if self._reset:
+            for w in writers:
+                reset(w)
+            return
+        for w in writers:
+            with contextlib.suppress(OSError):
+                w.close()
+        for w in writers:
+            try:
+                await asyncio.wait_for(w.wait_closed(), CLOSE_FLUSH_TIMEOUT)
+            except (OSError, asyncio.TimeoutError):
+                w.transport.abort()

@@ -1,0 +1,284 @@
+"""FTP under `nfgate run` in the basic lab, with real peers: for tests/gateways/test_ftp_netns.py and the bench.
+
+ext (203.0.113.10, wan side) - router (wan0 203.0.113.1, lan0 192.168.1.1) -
+lan (192.168.1.10). The router's policy drops everything it was not told to
+pass: no static rule lets lan reach wan or wan reach lan, so a data
+connection crosses only by the dynamic rule the ftp gateway asked for.
+
+- inbound: wan tcp 21 is port-forwarded to lan:21, through the ftp gateway
+  (selector wan -> lan tcp 21); vsftpd runs in lan.
+- outbound: lan -> wan tcp 21 through the same gateway, with masquerade;
+  vsftpd runs in ext. ``masquerade_address`` is the router's wan address, so
+  active mode works from behind the masquerade.
+
+``Vsftpd`` runs a private vsftpd (PEERS.md: ``seccomp_sandbox=NO``,
+``listen=YES``, ``background=NO``) with anonymous download and upload in
+``<root>/pub``. ``curl``, ``lftp`` and ``ftplib`` run the clients the issue
+names, each in one mode, and return the exit status and output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from firewall.lab.wait import wait_for
+from firewall.supervisor import ask
+
+EXT = "203.0.113.10"
+EXT2 = "203.0.113.11"  # a third host on the wan side
+WAN = "203.0.113.1"
+LAN = "192.168.1.10"
+LAN2 = "192.168.1.11"  # a third host on the lan side
+
+CONFIG = """
+[zones.wan]
+interfaces = ["wan0"]
+networks = ["203.0.113.0/24"]
+
+[zones.lan]
+interfaces = ["lan0"]
+networks = ["192.168.1.0/24"]
+
+[policy]
+forward = "drop"
+input = "drop"
+
+[nat]
+masquerade = ["wan"]
+
+[[nat.forward]]
+name = "ftp-in"
+from = "wan"
+proto = "tcp"
+port = 21
+to = "192.168.1.10:21"
+
+[processor]
+queues = [0]
+fail_mode = "closed"
+
+[processor.timeouts]
+tcp_closing = 1
+
+[gateway_link]
+netns = "{gwns}"
+
+[signalling]
+key_file = "{tmp}/signalling.key"
+
+[supervisor]
+control_socket = "{tmp}/run/control.sock"
+restart_initial = 0.2
+stop_timeout = 8
+
+[[gateway]]
+name = "ftp"
+kind = "ftp"
+
+[[gateway.traffic]]
+from = "wan"
+to = "lan"
+proto = "tcp"
+ports = 21
+
+[[gateway.traffic]]
+from = "lan"
+to = "wan"
+proto = "tcp"
+ports = 21
+
+[gateway.settings]
+data_channel = "{data_channel}"
+masquerade_address = "203.0.113.1"
+data_rule_ttl = 10
+"""
+
+VSFTPD = """
+listen=YES
+listen_ipv6=NO
+background=NO
+seccomp_sandbox=NO
+anonymous_enable=YES
+local_enable=NO
+no_anon_password=YES
+anon_root={root}
+write_enable=YES
+anon_upload_enable=YES
+anon_other_write_enable=YES
+anon_umask=022
+connect_from_port_20=YES
+pasv_min_port=50000
+pasv_max_port=50999
+secure_chroot_dir={empty}
+xferlog_enable=NO
+dual_log_enable=NO
+max_per_ip=0
+max_clients=0
+"""
+
+MB = 1 << 20
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def make_file(path: Path, size: int) -> str:
+    """``size`` random bytes at ``path``; returns their sha256."""
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            chunk = os.urandom(min(left, 1 << 20))
+            f.write(chunk)
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
+
+
+class Vsftpd:
+    """A private vsftpd in a lab host; anonymous, files in ``root/pub`` (writable by user ftp)."""
+
+    def __init__(self, lab: Any, host: str, tmp: Path, listen_address: str | None = None) -> None:
+        self.root = tmp / f"ftp-{host}"
+        self.pub = self.root / "pub"
+        empty = tmp / f"ftp-{host}-empty"
+        for d in (self.root, self.pub, empty):
+            d.mkdir(parents=True, exist_ok=True)
+        os.chmod(tmp, 0o755)
+        os.chmod(self.root, 0o555)  # vsftpd refuses an anonymous root the ftp user can write
+        os.chmod(self.pub, 0o777)
+        conf = tmp / f"vsftpd-{host}.conf"
+        conf.write_text(VSFTPD.format(root=self.root, empty=empty) + (f"listen_address={listen_address}\n" if listen_address else ""))
+        self.log = open(tmp / f"vsftpd-{host}.log", "w")
+        self.proc = lab.popen(host, ["vsftpd", str(conf)], stdout=self.log, stderr=subprocess.STDOUT)
+        lab.wait_listening(host, 21)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+class FtpRunning:
+    """`nfgate run` with the ftp gateway in the lab router; its log and control socket."""
+
+    def __init__(self, lab: Any, tmp: Path, data_channel: str = "allow") -> None:
+        self.lab = lab
+        self.gwns = f"{lab.prefix}-gw"
+        self.path = tmp / "nfgate.toml"
+        self.path.write_text(CONFIG.format(gwns=self.gwns, tmp=tmp, data_channel=data_channel))
+        self.control = tmp / "run" / "control.sock"
+        self.log_path = tmp / "run.log"
+        self.log = open(self.log_path, "w")
+        argv = [sys.executable, "-m", "firewall.cli", "run", "-c", str(self.path), "--backend", "iptables"]
+        self.proc = lab.popen("router", argv, stdout=self.log, stderr=subprocess.STDOUT)
+        try:
+            wait_for(self.ready, timeout=30, interval=0.1, what="nfgate run to start every process")
+        except BaseException:
+            self.stop()
+            raise
+
+    def ask(self, cmd: str) -> Any:
+        return ask(self.control, {"cmd": cmd})
+
+    def ready(self) -> bool:
+        try:
+            procs = self.ask("status")["processes"]
+        except (OSError, ValueError):
+            return False
+        return all(p["state"] == "running" for p in procs) and "ready" in self.text()
+
+    def text(self) -> str:
+        return self.log_path.read_text()
+
+    def processor_rules(self) -> int:
+        return int(self.ask("status")["processors"]["processor-0"]["rules"])
+
+    def kernel_rules(self) -> list[str]:
+        """The dynamic rules in the kernel (their comments carry ``nfgate-dyn``)."""
+        out = self.lab.run("router", ["iptables-nft-save"]).stdout
+        return [line for line in out.splitlines() if "nfgate-dyn" in line]
+
+    def clean(self) -> bool:
+        """No FTP rule or expectation left: none in the processor, none in the kernel."""
+        return self.processor_rules() == 0 and not self.kernel_rules()
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+# ---- clients -----------------------------------------------------------------------------------
+
+CURL_MODES = {
+    "epsv": [],
+    "pasv": ["--disable-epsv"],
+    "eprt": ["-P", "-"],
+    "port": ["-P", "-", "--disable-eprt"],
+}
+
+
+def curl(lab: Any, host: str, server: str, mode: str, *, get: str | None = None, out: Path | None = None,
+         put: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    argv = ["curl", "-sS", "--max-time", str(int(timeout)), "--connect-timeout", "10", *CURL_MODES[mode]]
+    if get is not None:
+        assert out is not None
+        argv += ["-o", str(out), f"ftp://{server}/pub/{get}"]
+    else:
+        assert put is not None
+        argv += ["-T", str(put), f"ftp://{server}/pub/"]
+    return lab.run(host, argv, check=False, timeout=timeout + 10)
+
+
+def lftp(lab: Any, host: str, server: str, commands: str, *, passive: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    settings = (
+        f"set ftp:passive-mode {'on' if passive else 'off'}; set net:max-retries 1; set net:timeout 10; "
+        "set net:reconnect-interval-base 1; set xfer:clobber on; set cmd:fail-exit yes; "
+    )
+    argv = ["lftp", "-u", "anonymous,", "-e", settings + commands + "; bye", f"ftp://{server}"]
+    return lab.run(host, argv, check=False, timeout=timeout)
+
+
+FTPLIB = r"""
+import ftplib, sys
+server, mode, op, remote, local = sys.argv[1:6]
+ftp = ftplib.FTP(server, timeout=20)
+ftp.login()
+ftp.set_pasv(mode == "pasv")
+if op == "get":
+    with open(local, "wb") as f:
+        ftp.retrbinary("RETR pub/" + remote, f.write, blocksize=1 << 20)
+else:
+    with open(local, "rb") as f:
+        ftp.storbinary("STOR pub/" + remote, f, blocksize=1 << 20)
+ftp.quit()
+"""
+
+
+def ftplib_transfer(lab: Any, host: str, server: str, mode: str, op: str, remote: str, local: Path,
+                    timeout: float = 60) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-c", FTPLIB, server, mode, op, remote, str(local)]
+    return lab.run(host, argv, check=False, timeout=timeout)

@@ -1,0 +1,253 @@
+"""The ftp gateway under `nfgate run` with real peers in the basic lab (tests/gateways/ftp_netns.py).
+
+vsftpd in lan behind the port forward (inbound) and in ext (outbound, the
+client behind masquerade); curl, lftp and Python's ftplib as clients, in
+every mode they have; then the attacks of the issue against the running
+gateway. The router's policy drops what no rule passes, so every data
+connection that works crossed by the dynamic rule the gateway asked for.
+After each test no FTP rule is left, in the processor or in the kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+import pytest
+
+from firewall.lab.wait import wait_for
+from tests.gateways.ftp_netns import (
+    CURL_MODES,
+    EXT,
+    EXT2,
+    MB,
+    WAN,
+    FtpRunning,
+    Vsftpd,
+    curl,
+    ftplib_transfer,
+    lftp,
+    make_file,
+    sha256,
+)
+
+pytestmark = pytest.mark.netns
+
+ATTACKS = str(Path(__file__).with_name("ftp_attacks.py"))
+BIG = 50 * MB  # the issue's size for the client matrix
+SMALL = 256 * 1024
+
+
+def requests(run: FtpRunning) -> int:
+    """Rule requests the processor has received so far."""
+    return int(run.ask("status")["processors"]["processor-0"]["counters"].get("rules.requests", 0))
+
+
+def attack(lab: Any, host: str, case: str, server: str, *args: str) -> dict[str, Any]:
+    result = lab.run(host, [sys.executable, ATTACKS, "client", case, server, *args], check=False, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout)
+
+
+def clean(run: FtpRunning) -> None:
+    wait_for(run.clean, timeout=20, interval=0.2, what="no FTP rule left in the processor or the kernel")
+
+
+def rig(lab: Any, tmp: Path, data_channel: str) -> SimpleNamespace:
+    lab.run("ext", ["ip", "address", "add", f"{EXT2}/24", "dev", "eth0"])
+    inbound = Vsftpd(lab, "lan", tmp)
+    outbound = Vsftpd(lab, "ext", tmp, listen_address=EXT)  # EXT2:21 stays free for the fake servers
+    up = tmp / "upload.bin"
+    r = SimpleNamespace(lab=lab, tmp=tmp, inbound=inbound, outbound=outbound, up=up, run=None)
+    try:
+        r.run = FtpRunning(lab, tmp, data_channel)
+        wait_for(lambda: "rules" in r.run.ask("status")["processors"]["processor-0"], timeout=10,
+                 what="the processor to answer")
+    except BaseException:
+        inbound.stop()
+        outbound.stop()
+        raise
+    return r
+
+
+def unrig(r: SimpleNamespace) -> None:
+    if r.run is not None:
+        r.run.stop()
+    r.inbound.stop()
+    r.outbound.stop()
+
+
+@pytest.fixture(scope="module")
+def allow(module_lab_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
+    """One lab and one `nfgate run` (data_channel = "allow") for the module's tests."""
+    r = rig(module_lab_factory("basic"), tmp_path_factory.mktemp("ftp"), "allow")
+    try:
+        yield r
+    finally:
+        unrig(r)
+
+
+def matrix(r: SimpleNamespace, size: int, cases: list[tuple[str, str, str]]) -> list[str]:
+    """Run (client, mode, get|put) in both directions; return what failed, with its output."""
+    digests = {
+        "in": make_file(r.inbound.pub / "big.bin", size),
+        "out": make_file(r.outbound.pub / "big.bin", size),
+    }
+    up_digest = make_file(r.up, size)
+    failures = []
+    for direction, host, server, ftpd in (("in", "ext", WAN, r.inbound), ("out", "lan", EXT, r.outbound)):
+        for tool, mode, op in cases:
+            tag = f"{direction}-{tool}-{mode}-{op}"
+            local = r.tmp / f"{tag}.bin"
+            remote = ftpd.pub / f"{tag}.bin"
+            if tool == "curl":
+                res = curl(r.lab, host, server, mode, get="big.bin", out=local) if op == "get" else curl(
+                    r.lab, host, server, mode, put=r.up)
+                remote = ftpd.pub / r.up.name
+            elif tool == "ftplib":
+                res = ftplib_transfer(r.lab, host, server, mode, op, "big.bin" if op == "get" else remote.name,
+                                      local if op == "get" else r.up)
+            else:
+                cmd = f"get pub/big.bin -o {local}" if op == "get" else f"put {r.up} -o pub/{remote.name}"
+                res = lftp(r.lab, host, server, cmd, passive=mode == "passive")
+            if op == "get":
+                ok = local.exists() and sha256(local) == digests[direction]
+                local.unlink(missing_ok=True)
+            else:
+                ok = remote.exists() and sha256(remote) == up_digest
+                remote.unlink(missing_ok=True)
+            if res.returncode != 0 or not ok:
+                failures.append(f"{tag}: exit {res.returncode}, intact {ok}: {res.stdout[-300:]} {res.stderr[-300:]}")
+    return failures
+
+
+CLIENTS = (
+    [("curl", mode, op) for mode in CURL_MODES for op in ("get", "put")]
+    + [("lftp", mode, op) for mode in ("passive", "active") for op in ("get", "put")]
+    + [("ftplib", mode, op) for mode in ("pasv", "port") for op in ("get", "put")]
+)
+
+
+def test_every_client_and_mode_moves_50_mb_intact_in_both_nat_directions(allow: SimpleNamespace) -> None:
+    """curl (EPSV, PASV, EPRT, PORT), lftp (passive, active) and ftplib (PASV, PORT) download and upload
+    50 MB through the gateway, inbound behind the port forward and outbound behind masquerade."""
+    run = allow.run
+    failures = matrix(allow, BIG, CLIENTS)
+    assert not failures, "\n".join(failures) + "\n" + run.text()[-3000:]
+    text = run.text()
+    # Inbound passive needed the router's address in the 227 (the gateway relays it);
+    # outbound active needed the masquerade address in the PORT (relayed too).
+    assert "direction=passive src=203.0.113.10:0 dst=203.0.113.1:" in text
+    assert "direction=active src=203.0.113.10:0 dst=203.0.113.1:" in text
+    assert "mode=ALLOW" in text  # the others ran at kernel speed
+    clean(run)
+
+
+def test_227_is_rewritten_for_ftplib(allow: SimpleNamespace) -> None:
+    """ftplib uses the 227's address (curl does not, PEERS.md): the lan server's address never reaches it."""
+    make_file(allow.inbound.pub / "small.bin", SMALL)
+    got = attack(allow.lab, "ext", "replies", WAN, "PASV")
+    assert got["replies"][0].startswith("227 Entering Passive Mode (203,0,113,1,")
+    clean(allow.run)
+
+
+def test_bounce_privileged_and_malformed_ports_are_refused(allow: SimpleNamespace) -> None:
+    run = allow.run
+    before = requests(run)
+    got = attack(allow.lab, "ext", "replies", WAN,
+                 "PORT 198,51,100,99,195,80",  # a third host: the bounce (RFC 2577 section 3)
+                 "EPRT |1|192.168.1.10|50000|",  # the server itself
+                 "PORT 203,0,113,10,0,25",  # a privileged port
+                 "PORT 203,0,113,10,300,1",  # a value past 255
+                 "EPRT |2|::1|50000|",  # family mismatch
+                 "PORT 203,0,113,10,195")  # five fields: the 6th bad command, one past max_bad_commands
+    codes = [reply[:3] for reply in got["replies"]]
+    assert codes == ["501", "501", "501", "501", "522", "421"], got
+    assert requests(run) == before
+    assert "refused.bounce" in run.text() and "refused.privileged_port" in run.text()
+    clean(run)
+
+
+def test_a_port_line_split_across_segments_still_works(allow: SimpleNamespace) -> None:
+    digest = make_file(allow.inbound.pub / "small.bin", SMALL)
+    got = attack(allow.lab, "ext", "split-port", WAN, EXT)
+    assert got["port"].startswith("200") and got["retr"].startswith("150") and got["done"].startswith("226"), got
+    assert got["sha256"] == digest
+    assert got["data_peer"] == WAN  # through the kernel's masquerade, by the ALLOW rule
+    clean(allow.run)
+
+
+def test_a_data_connection_from_a_third_host_is_refused(allow: SimpleNamespace) -> None:
+    digest = make_file(allow.inbound.pub / "small.bin", SMALL)
+    got = attack(allow.lab, "ext", "third-host", WAN, EXT, EXT2)
+    assert got["intruder_connected"] is False, got
+    assert got["client_connected"] is True and got["sha256"] == digest, got
+    clean(allow.run)
+
+
+def test_a_second_connection_on_a_one_shot_rule_is_refused(allow: SimpleNamespace) -> None:
+    digest = make_file(allow.inbound.pub / "small.bin", SMALL)
+    got = attack(allow.lab, "ext", "second-connection", WAN, EXT)
+    assert got["client_connected"] is True and got["intruder_connected"] is False, got
+    assert got["sha256"] == digest and got["done"].startswith("226"), got
+    clean(allow.run)
+
+
+def fake_server(r: SimpleNamespace, mode: str) -> subprocess.Popen:
+    proc = r.lab.popen("ext", [sys.executable, "-u", ATTACKS, "server", mode, EXT2], stdout=subprocess.PIPE, text=True)
+    assert wait_for(proc.stdout.readline, timeout=10, what="the fake server") == "ready\n"
+    return proc
+
+
+def test_227_with_a_foreign_address_is_not_acted_on(allow: SimpleNamespace) -> None:
+    run = allow.run
+    proc = fake_server(allow, "foreign-227")
+    try:
+        before = requests(run)
+        got = attack(allow.lab, "lan", "pasv", EXT2)
+        assert got["pasv"].startswith("425 "), got
+        assert got["after"].startswith("200"), got  # the session goes on
+        assert requests(run) == before
+        assert "refused.foreign_227" in run.text()
+    finally:
+        proc.kill()
+        proc.wait()
+    clean(run)
+
+
+def test_commands_before_the_greeting_open_nothing(allow: SimpleNamespace) -> None:
+    run = allow.run
+    proc = fake_server(allow, "hold-greeting")
+    try:
+        before = requests(run)
+        got = attack(allow.lab, "lan", "before-greeting", EXT2, "192.168.1.10")
+        assert got["received"] == "421 Wait for the server's greeting; closing.\r\n", got
+        # The server never saw the PORT: the gateway closed before passing anything on.
+        report = json.loads(wait_for(proc.stdout.readline, timeout=10, what="the fake server's report"))
+        assert report["early"] == ""
+        assert requests(run) == before
+    finally:
+        proc.kill()
+        proc.wait()
+    clean(run)
+
+
+def test_inspect_mode_in_both_directions(lab_factory: Any, tmp_path: Path) -> None:
+    """data_channel = "inspect": every data connection goes through the gateway, in every mode."""
+    r = rig(lab_factory("basic"), tmp_path, "inspect")
+    try:
+        cases = [("curl", "epsv", "get"), ("curl", "eprt", "put"), ("curl", "pasv", "put"), ("curl", "port", "get"),
+                 ("lftp", "passive", "put"), ("lftp", "active", "get"), ("ftplib", "pasv", "get"), ("ftplib", "port", "put")]
+        failures = matrix(r, 8 * MB, cases)
+        assert not failures, "\n".join(failures) + "\n" + r.run.text()[-3000:]
+        text = r.run.text()
+        assert "mode=ALLOW" not in text
+        assert text.count(" data reason=done ") == 2 * len(cases), text[-3000:]
+        assert "inspect=True" in text and "inspect=False" not in text
+        clean(r.run)
+    finally:
+        unrig(r)
