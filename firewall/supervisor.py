@@ -39,7 +39,7 @@ from typing import Any, Callable
 from firewall import backend as be
 from firewall import gwlink
 from firewall.config import Config
-from firewall.errors import KernelError
+from firewall.errors import KernelError, UsageError
 from firewall.rules import build
 from firewall.signalling import load_or_create_key
 
@@ -134,6 +134,11 @@ class Supervisor:
 
     def setup(self) -> None:
         cfg = self.config
+        from gateways.__main__ import runnable
+
+        missing = [f"{g.name} ({g.kind})" for g in cfg.gateways if not runnable(g.kind)]
+        if missing:
+            raise UsageError(f"this version cannot run gateway kind{'s' if len(missing) > 1 else ''}: {', '.join(missing)}")
         load_or_create_key(cfg.signalling.key_file)
         cfg.supervisor.control_socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if cfg.gateways:

@@ -156,6 +156,13 @@ async def serve(config: Config, gateway: Gateway, key: bytes, log: EventLog) -> 
         log.emit("stats", **_stats(layer, relay))
 
 
+def runnable(kind: str) -> bool:
+    """Whether this version can run a gateway of ``kind`` (the supervisor asks
+    before it starts anything, so a config naming a kind not built yet fails
+    once, in one line, instead of restarting forever)."""
+    return kind == "tunnel" or kind in KINDS
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure(json_lines=args.log_json)
