@@ -8,12 +8,11 @@ later issue declare their keys with that issue.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
-from firewall.config.reader import Problems, Table, choice, integer, listof, number, string
+from firewall.config.reader import Problems, Table, choice, integer, join, listof, number, string
 
 
 @dataclass(frozen=True)
@@ -44,28 +43,13 @@ _RELAY_UDP = {
 }
 
 
-def _ipv4_or_empty(value: Any, path: str, problems: Problems) -> str | None:
-    if value == "":
-        return value
-    if not isinstance(value, str):
-        problems.add(path, f"expected an IPv4 address string, got {type(value).__name__}")
-        return None
-    try:
-        ipaddress.IPv4Address(value)
-    except ValueError:
-        problems.add(path, f"{value!r} is not an IPv4 address")
-        return None
-    return value
-
-
 _FTP_VERB = string(r"[A-Za-z]{3,4}", "an FTP command (3 or 4 letters, RFC 959 section 5.3.1)")
 
 # The FTP gateway (gateways/ftp/, docs/ftp.md, with the RFC behind each limit).
 _FTP = {
     "data_channel": Setting(choice("allow", "inspect"), "allow",
-                            "allow: the kernel carries data connections where it can; inspect: all through the gateway"),
+                            "allow: the kernel carries every data connection (the processor translates the router's address); inspect: all through the gateway"),
     "data_rule_ttl": Setting(integer(1, 3600), 15, "seconds a data-port rule waits for its one connection"),
-    "masquerade_address": Setting(_ipv4_or_empty, "", "the router's address that servers see for clients behind masquerade (active mode)"),
     "auth_tls": Setting(choice("refuse", "allow"), "refuse", "refuse: AUTH answered 534 and hidden from FEAT; allow: opaque after 234"),
     "allow_commands": Setting(listof(_FTP_VERB), (), "verbs added to the default allow-list"),
     "deny_commands": Setting(listof(_FTP_VERB), (), "verbs removed from the allow-list"),
@@ -111,9 +95,23 @@ KIND_SETTINGS: dict[str, dict[str, Setting]] = {
 }
 
 
+# Keys a kind once took, with what to do instead: refused with that reason,
+# which says more than "unknown key".
+REMOVED_SETTINGS: dict[str, dict[str, str]] = {
+    "ftp": {
+        "masquerade_address": "no longer a setting: the processor tells the gateway the address it SNATs "
+                              "each session to (signalling's snat field); delete this line",
+    },
+}
+
+
 def read_settings(kind: str, table: Table) -> Mapping[str, Any] | None:
     schema = KIND_SETTINGS[kind]
     values = {key: table.take(key, s.convert, s.default) for key, s in schema.items()}
+    for key, why in REMOVED_SETTINGS.get(kind, {}).items():
+        if table.has(key):
+            table.taken.add(key)
+            table.problems.add(join(table.path, key), why)
     table.finish()
     if any(v is None for v in values.values()):
         return None

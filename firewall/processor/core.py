@@ -15,8 +15,11 @@ Per packet:
   destination F:f names (leg A's reply, or leg B), or dropped: nothing else
   may cross from the gateways.
 - From outside with a binding (fig. 6b, step 612): rewritten to its target.
-- From outside without one (fig. 6a): a dynamic REDIRECT expectation
-  (``rulebook``) takes it first. Then the selector of step 602: ingress zone,
+- From outside without one (fig. 6a): a dynamic rule (``rulebook``) takes
+  it first: a REDIRECT expectation opens a binding into the gateway; the
+  SYN of a TCP ALLOW's flow is passed to the kernel, which carries the
+  flow, and a one-shot ALLOW is used up (later SYNs of other connections
+  are dropped until its rules are gone). Then the selector of step 602: ingress zone,
   protocol, port, addresses. No selector means a reply rule queued a packet
   of a flow the kernel owns: ``PASS``. The server is the port forward's
   target when the client addressed the router, else the destination; a route
@@ -63,6 +66,7 @@ from firewall.signalling import (
     Proto,
     Query,
     Received,
+    RuleMode,
     RuleRequest,
     make_flow_id,
 )
@@ -313,8 +317,20 @@ class ProcessorCore:
     def _new(self, payload: bytes, pkt: Packet, mark: int, zone: str | None, now: float) -> Verdict:
         proto, src, sport, dst, dport, flags = pkt[:6]
         first = proto != TCP or flags & _SYN_FLAGS == SYN
-        if first and self.rules.expect:
+        if first and (self.rules.expect or self.rules.spent):
+            again = self.rules.spent_verdict(proto, src, sport, dst, dport)
+            if again:  # a retransmitted SYN of the connection a one-shot ALLOW let through
+                return self._pass("passed.allowed", mark)
             rule = self.rules.expected(proto, src, sport, dst, dport, now)
+            if rule is not None and rule.mode is RuleMode.ALLOW:
+                # A TCP ALLOW's SYN (rulebook, "watched"): the kernel carries the flow,
+                # through the rule's DNAT and accept; the processor only counts its use.
+                self.rules.allowed(rule, sport, now)
+                return self._pass("passed.allowed", mark)
+            if again is False:  # another connection on a used one-shot ALLOW
+                return self._drop("drop.rule_used", mark)
+            if rule is None and self.rules.watched(proto, src, sport, dst, dport):
+                return self._drop("drop.rule_expired", mark)  # its TTL ran out; the tick retires it
             if rule is not None:
                 route = self._route(rule.server[0])
                 if route is None:
@@ -400,7 +416,7 @@ class ProcessorCore:
 
         g = b.gateway
         return FlowInfo(fid, Proto(b.proto), g.name, ep(b.client), ep(b.original_dst), ep(b.server),
-                        ep(b.firewall_side), ep((g.addr, g.port)))
+                        ep(b.firewall_side), ep((g.addr, g.port)), ep(b.visible_client) if b.snat else None)
 
     def _end(self, fid: int, reason: FlowEndReason) -> None:
         """Everything that goes with a binding the table no longer holds."""

@@ -1,8 +1,9 @@
 """Carry out the rule book's kernel operations with the backend nfgate applied.
 
-The processor puts exact, short-lived rules into the two chains ``nfgate
+The processor puts exact, short-lived rules into the three chains ``nfgate
 apply`` leaves empty for it (docs/datapath.md, "Dynamic rules"):
-``dyn_redirect`` (raw) and ``dyn_allow`` (forward). Which tools to use
+``dyn_redirect`` (raw), ``dyn_dnat`` (nat prerouting) and ``dyn_allow``
+(forward). Which tools to use
 depends on how the ruleset was applied, so it is detected, not configured:
 ``table inet nfgate`` present means nft; ``NFGATE-DYN-REDIRECT`` in
 iptables-nft means iptables; in iptables-legacy, iptables-legacy. The rules
@@ -12,8 +13,13 @@ same code as the static ruleset, so the two cannot disagree on syntax.
 - nft: ``nft -e -a -f -`` adds and echoes each rule with its handle, which
   is what ``delete rule ... handle N`` needs later.
 - iptables: ``iptables[-legacy]-restore --noflush`` with ``-A`` lines, and
-  the same lines with ``-D`` to delete: one table commit per operation, so an
-  operation's rules go in together or not at all.
+  the same lines with ``-D`` to delete: one table commit per table of an
+  operation, so an operation's rules in one table go in together or not at
+  all. A TCP ALLOW spans up to three tables, added raw, nat, filter and
+  removed the other way round: if a later commit failed, what went in
+  stays alone (a queue rule the processor answers, or a DNAT that nothing
+  accepts) until the instance removes its rules by tag at exit or at its
+  next start.
 - Every rule's comment is its tag, ``nfgate-dyn q<queue> k<serial>``, so at
   start and at exit an instance finds and removes exactly its own rules
   (a crashed predecessor's too), and reads the packet counters of its ALLOW
@@ -43,7 +49,7 @@ from typing import IO, Callable
 
 from firewall.rules import iptables as ipt
 from firewall.rules import nft
-from firewall.rules.build import DYN_ALLOW, DYN_REDIRECT
+from firewall.rules.build import DYN_ALLOW, DYN_DNAT, DYN_REDIRECT
 from firewall.rules.model import Chain, Kind, Ruleset, iptables_chain_name
 from firewall.processor.rulebook import TAG_PREFIX, KernelOp, KernelRule
 
@@ -53,7 +59,8 @@ TOOL_TIMEOUT = 10.0  # seconds for one tool run; they answer in milliseconds
 XTABLES_WAIT = 5  # seconds iptables may wait for the xtables lock held by another run
 REDETECT_SECONDS = 5.0  # how often to look again for an applied ruleset while none is found
 
-_KIND = {DYN_REDIRECT: Kind.RAW, DYN_ALLOW: Kind.FILTER}
+_KIND = {DYN_REDIRECT: Kind.RAW, DYN_DNAT: Kind.NAT, DYN_ALLOW: Kind.FILTER}
+DYN_CHAINS = (DYN_REDIRECT, DYN_DNAT, DYN_ALLOW)
 _NFT_HANDLE = re.compile(r'comment "([^"]+)".*# handle (\d+)\s*$')
 _IPT_COUNTS = re.compile(r'--comment "?(' + re.escape(TAG_PREFIX) + r' q\d+ k\d+)"?.* -c (\d+) (\d+)')
 
@@ -242,7 +249,10 @@ class KernelRules:
 
     def _ipt_change(self, rules: tuple[KernelRule, ...], verb: str) -> _Plan:
         tables: dict[str, list[str]] = {}
-        for r in rules:
+        # One commit per table, in rule order to add and in reverse to remove:
+        # a unit's raw rule (the SYNs to the processor) is in before, and out
+        # after, the DNAT and the accept it guards.
+        for r in rules if verb == "-A" else reversed(rules):
             if verb == "-A":
                 table, specs = _ipt_specs(r)
                 self._ipt_lines[r.tag] = (table, specs)
@@ -296,7 +306,7 @@ class KernelRules:
             return 0
         if self.backend == "nft":
             text = ""
-            for chain in (DYN_REDIRECT, DYN_ALLOW):
+            for chain in DYN_CHAINS:
                 listing = self._run(["nft", "-j", "list", "chain", nft.FAMILY, nft.TABLE, chain])
                 if listing.returncode != 0:
                     continue
@@ -310,7 +320,8 @@ class KernelRules:
             return removed
         removed = 0
         restore = ""
-        for chain in (DYN_REDIRECT, DYN_ALLOW):
+        # filter, nat, raw: the queue rule that guards a DNAT and an accept goes last.
+        for chain in reversed(DYN_CHAINS):
             table = _KIND[chain].value
             name = iptables_chain_name(chain)
             listing = self._run([self._tool("iptables"), "-w", str(XTABLES_WAIT), "-t", table, "-S", name])

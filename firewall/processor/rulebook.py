@@ -18,12 +18,36 @@ seed's "Dynamic changes in packet processing" the requirement.
   its wider rules go. The kernel applies the operations in order, so the
   flow's own rules are in before the expectation's leave.
 - ALLOW: one ``ct state new`` accept rule in ``dyn_allow``; the kernel
-  carries the flow and conntrack its replies. Use is seen in the rule's
-  packet counter, polled each tick while an acknowledged ALLOW exists, so a
-  one-shot ALLOW ends within one tick of its first packet: inside that tick
-  another new connection from the same exact source address to the same
-  destination port could pass too. Polling keeps the kernel rule a plain
-  accept, and costs one tool run a second only while such rules exist.
+  carries the flow and conntrack its replies. When the destination is the
+  router's own address standing in for a party of the asking flow (the port
+  forward's S' for its server S, with the client as the source; the flow's
+  SNAT address W for its client C, with the server as the source), the
+  accept is preceded by an exact DNAT in ``dyn_dnat`` (src -> W:p becomes
+  src -> party:p, the port kept), and it is for the translated tuple and
+  asks ``ct status dnat``, so it admits only what the DNAT made. A rule's
+  kernel rules are one unit: they go in and out together, in one operation. The flow is then an ordinary
+  tracked connection: kernel speed, replies un-NATed by conntrack. A
+  router address that stands for nobody of the flow (another local
+  address, or the right one with the wrong source) is refused THIRD_PARTY:
+  the translation target always comes from the binding, never from the
+  request.
+- Use of a TCP ALLOW is seen, and one-shot enforced, by the processor
+  itself: a third rule in ``dyn_redirect`` queues the expected flow's SYNs
+  (only those: SYN without ACK, FIN or RST) to this instance, which
+  passes the first one unchanged (the ``passed`` mark: conntrack, the DNAT
+  and the accept then take it like any packet) and ends a one-shot rule
+  there (RULE_END USED). The kernel rules stay ``USED_GRACE`` seconds more,
+  so that a retransmitted SYN of that same connection (same source port)
+  is passed too, while a SYN from any other source port is dropped: one
+  connection, exactly. Then all of the unit goes, in one operation (with
+  iptables the raw rule last, so no SYN can reach the DNAT or the accept
+  without passing the processor). One packet per data connection crosses
+  into user space; the rest is the kernel's.
+- A UDP ALLOW has no first packet to tell apart: its use is seen in the
+  accept rule's packet counter, polled each tick while such a rule exists,
+  so a one-shot UDP ALLOW ends within one tick of its first packet (inside
+  that tick another flow from the same exact source address to the same
+  port could pass too).
 - Every rule ends on first use (one-shot), at its TTL, or with its flow
   (RULE_END FLOW_ENDED).
 """
@@ -39,8 +63,8 @@ from typing import TYPE_CHECKING, Any
 from firewall.config.model import PortRange
 from firewall.flows import AgEndpoint, Binding
 from firewall.packet import TCP, UDP
-from firewall.rules.build import DYN_ALLOW, DYN_REDIRECT
-from firewall.rules.model import Accept, Addr, CtState, Family, Port, Queue, Rule
+from firewall.rules.build import DYN_ALLOW, DYN_DNAT, DYN_REDIRECT
+from firewall.rules.model import Accept, Addr, CtDnat, CtState, Dnat, Family, Port, Queue, Rule, TcpSyn
 from firewall.rules.model import Proto as ProtoMatch
 from firewall.signalling import (
     Received,
@@ -68,6 +92,10 @@ RULE_MODES: dict[str, frozenset[RuleMode]] = {
     "rtp": frozenset({RuleMode.REDIRECT, RuleMode.ALLOW}),
 }
 MAX_KERNEL_OPS_IN_FLIGHT = 256  # tool runs queued; beyond this requests are refused LIMIT
+# How long a used one-shot TCP ALLOW stays in the kernel, passing SYN
+# retransmissions of its one connection (Linux resends a SYN after 1 s, then
+# 3 s) and dropping any other connection's SYN.
+USED_GRACE = 3.0
 
 # A repeated (sender, request id) gets the first reply again; the gateway
 # retries within a few query timeouts, so a minute is plenty.
@@ -84,7 +112,7 @@ class KernelRule:
     """One exact rule in a dynamic chain; ``tag``, its comment, names it in the kernel."""
 
     tag: str
-    chain: str  # DYN_REDIRECT or DYN_ALLOW
+    chain: str  # DYN_REDIRECT, DYN_DNAT or DYN_ALLOW
     rule: Rule
 
 
@@ -111,7 +139,7 @@ class DynRule:
     dport: int
     owner: int  # flow id of the flow it belongs to
     gateway: AgEndpoint
-    server: tuple[int, int]  # REDIRECT: where leg B goes
+    server: tuple[int, int]  # REDIRECT: where leg B goes; ALLOW: where the kernel's DNAT sends it (or dst)
     one_shot: bool
     expires: float  # monotonic seconds
     expires_ms: int  # the same moment, Unix ms, for RULE_ACK
@@ -119,6 +147,19 @@ class DynRule:
     reply_to: tuple[int, int] | None = None  # (sender, request id)
     acked: bool = False
     ended: RuleEndReason | None = None
+    watched: bool = False  # a TCP ALLOW: its SYNs are queued to the processor (``allowed``)
+
+
+@dataclass(slots=True, eq=False)
+class Spent:
+    """A one-shot TCP ALLOW after its first SYN: its kernel rules wait ``USED_GRACE`` before they go."""
+
+    key: tuple[int, int, int, int]  # (proto, src, dst, dport), as the expectation index
+    sport: int  # the source port of the one connection it let through
+    owner: int
+    kernel: tuple[KernelRule, ...]
+    remove_at: float
+    removing: bool = False
 
 
 def exact_matches(proto: int, src: int, sport: int | None, dst: int, dport: int | PortRange | None) -> list[Any]:
@@ -142,6 +183,7 @@ class RuleBook:
         self.queue = core.queue
         self.kernel_ops: list[KernelOp] = []
         self.expect: dict[tuple[int, int, int, int], list[DynRule]] = {}
+        self.spent: dict[tuple[int, int, int, int], list[Spent]] = {}
         self._bypass = core.config.processor.fail_mode == "open"
         self._snat_ports = core.config.processor.pools.snat_ports
         self._max_rules = core.config.processor.max_rules
@@ -194,8 +236,20 @@ class RuleBook:
         b = core.binding(req.flow_id) if flow_id_queue(req.flow_id) == self.queue else None
         if b is None:
             return RuleRefusal.UNKNOWN_FLOW
-        if names_third_party(req, core.flow_info(req.flow_id, b), core.local_addresses()):
+        local = list(core.local_addresses())
+        if names_third_party(req, core.flow_info(req.flow_id, b), local):
             return RuleRefusal.THIRD_PARTY
+        src, dst = int(req.src.address), int(req.dst.address)
+        if req.mode is RuleMode.ALLOW:
+            target = self._allow_target(b, src, dst)
+            if target is None and any(int(a) == dst for a in local):
+                # The router's address standing in for nobody: an accept in the
+                # forward chain could never match it, and a translation to
+                # anything the binding does not name would be a bounce.
+                return RuleRefusal.THIRD_PARTY
+            server = (target if target is not None else dst, req.dst.port)
+        else:
+            server = self._server_for(b, dst, req.dst.port)
         if req.mode not in RULE_MODES.get(self._kind[b.gateway.name], frozenset()):
             return RuleRefusal.POLICY
         if (
@@ -204,8 +258,6 @@ class RuleBook:
             or self.in_flight >= MAX_KERNEL_OPS_IN_FLIGHT
         ):
             return RuleRefusal.LIMIT
-        src, dst = int(req.src.address), int(req.dst.address)
-        server = self._server_for(b, dst, req.dst.port)
         return self._make(req.mode, req.proto, src, req.src.port, dst, req.dst.port, req.flow_id, b,
                           server, req.one_shot, req.ttl, now)
 
@@ -223,15 +275,45 @@ class RuleBook:
             return b.client[0], dport
         return dst, dport
 
+    @staticmethod
+    def _allow_target(b: Binding, src: int, dst: int) -> int | None:
+        """The party of ``b`` that the router's address ``dst`` stands for, for a flow from ``src``; else None.
+
+        Only the two stand-ins the binding itself made: the port forward's
+        address S' that the client addressed, for the server S (inbound
+        passive FTP: the client connects to S'); and the address W the
+        processor SNATs the flow to, for the client C (outbound active FTP:
+        the server connects to W). The source must be the other party.
+        """
+        (ca, _), (oa, _), (sa, _) = b.client, b.original_dst, b.server
+        if dst == oa and oa != sa and src == ca:
+            return sa
+        if b.snat and dst == b.visible_client[0] and src == sa:
+            return ca
+        return None
+
     def _make(
         self, mode: RuleMode, proto: int, src: int, sport: int, dst: int, dport: int, owner: int,
         b: Binding, server: tuple[int, int], one_shot: bool, ttl: int, now: float,
     ) -> DynRule:
         core = self.core
         rule_id = make_flow_id(self.queue, next(self._serial))
-        if mode is RuleMode.ALLOW:
+        kernel: tuple[KernelRule, ...]
+        if mode is RuleMode.ALLOW and server[0] != dst:
+            # The router's address to the party it stands for, and the accept
+            # for the translated tuple only. The nat rule comes before the
+            # filter rule: with iptables each table is its own commit, and a
+            # DNAT alone admits nothing.
+            target = PortRange(dport, dport)
+            kernel = (
+                self._kernel_rule(DYN_DNAT, exact_matches(proto, src, sport, dst, dport),
+                                  Dnat(ipaddress.IPv4Address(server[0]), target)),
+                self._kernel_rule(DYN_ALLOW, exact_matches(proto, src, sport, server[0], dport)
+                                  + [CtState(("new",)), CtDnat()], Accept()),
+            )
+        elif mode is RuleMode.ALLOW:
             matches = exact_matches(proto, src, sport, dst, dport) + [CtState(("new",))]
-            kernel: tuple[KernelRule, ...] = (self._kernel_rule(DYN_ALLOW, matches, Accept()),)
+            kernel = (self._kernel_rule(DYN_ALLOW, matches, Accept()),)
         else:
             # The expected flow, and its replies: from the server to the client
             # or, through masquerade, to the router's address in the SNAT range.
@@ -243,9 +325,13 @@ class RuleBook:
                 self._redirect(exact_matches(proto, src, sport, dst, dport)),
                 self._redirect(exact_matches(proto, server[0], server[1], *reply_to)),
             )
+        watched = mode is RuleMode.ALLOW and proto == TCP
+        if watched:
+            # Its SYNs to this instance, first of the unit (raw: before conntrack and the DNAT).
+            kernel = (self._redirect(exact_matches(proto, src, sport, dst, dport) + [TcpSyn()]), *kernel)
         expires_ms = round((now + core.wall_offset + ttl) * 1000)
         return DynRule(rule_id, mode, proto, src, sport, dst, dport, owner, b.gateway, server,
-                       one_shot, now + ttl, expires_ms, kernel)
+                       one_shot, now + ttl, expires_ms, kernel, watched=watched)
 
     def _redirect(self, matches: list[Any]) -> KernelRule:
         return self._kernel_rule(DYN_REDIRECT, matches, Queue(self.queue, self._bypass))
@@ -257,7 +343,7 @@ class RuleBook:
     def _add(self, rule: DynRule) -> None:
         self._rules[rule.rule_id] = rule
         self._rules_of.setdefault(rule.owner, []).append(rule)
-        if rule.mode is RuleMode.REDIRECT:
+        if rule.mode is RuleMode.REDIRECT or rule.watched:
             self.expect.setdefault((rule.proto, rule.src, rule.dst, rule.dport), []).append(rule)
 
     def _reply(self, key: tuple[int, int], msg: RuleAck | RuleRefused, to: tuple[str, int], now: float) -> None:
@@ -295,6 +381,32 @@ class RuleBook:
                 return rule
         return None
 
+    def allowed(self, rule: DynRule, sport: int, now: float) -> None:
+        """The first SYN of a watched ALLOW's flow: it passes; a one-shot rule is used up (module docstring)."""
+        self.core.counters["rules.allowed_flows"] += 1
+        if not rule.one_shot:
+            return
+        self._retire(rule, RuleEndReason.USED, keep_kernel=True)
+        key = (rule.proto, rule.src, rule.dst, rule.dport)
+        self.spent.setdefault(key, []).append(Spent(key, sport, rule.owner, rule.kernel, now + USED_GRACE))
+
+    def spent_verdict(self, proto: int, src: int, sport: int, dst: int, dport: int) -> bool | None:
+        """For a SYN that a used one-shot ALLOW's rules queued: True if it is its connection's
+        (a retransmission), False if it is another connection's; None if no such rule."""
+        spent = self.spent.get((proto, src, dst, dport))
+        if not spent:
+            return None
+        return any(s.sport == sport for s in spent)
+
+    def watched(self, proto: int, src: int, sport: int, dst: int, dport: int) -> bool:
+        """Whether a watched ALLOW, live or past its TTL but not yet retired, names this flow."""
+        return any(r.watched and (r.sport == 0 or r.sport == sport) for r in self.expect.get((proto, src, dst, dport), ()))
+
+    def _unspend(self, spent: Spent) -> None:
+        if not spent.removing:
+            spent.removing = True
+            self._kernel(False, spent.kernel, ("unspent", spent))
+
     def redirected(self, rule: DynRule, fid: int, b: Binding) -> None:
         """An expected flow got binding ``b``: give it exact rules of its own, and end a one-shot."""
         proto, (ca, cp), (oa, op), (sa, sp), (va, vp) = b.proto, b.client, b.original_dst, b.server, b.visible_client
@@ -311,14 +423,17 @@ class RuleBook:
     def flow_ended(self, fid: int) -> None:
         for rule in self._rules_of.pop(fid, ()):
             self._retire(rule, RuleEndReason.FLOW_ENDED)
+        for spent in [s for group in self.spent.values() for s in group if s.owner == fid]:
+            self._unspend(spent)
         mine = self._flow_kernel.pop(fid, None)
         if mine:
             self._kernel(False, mine)
 
-    def _retire(self, rule: DynRule, reason: RuleEndReason | None) -> None:
+    def _retire(self, rule: DynRule, reason: RuleEndReason | None, keep_kernel: bool = False) -> None:
         """End a live rule: out of the indexes and the kernel; RULE_END once acknowledged.
 
-        ``reason`` None: it never started (the kernel refused it).
+        ``reason`` None: it never started (the kernel refused it). ``keep_kernel``:
+        its kernel rules stay, and a ``Spent`` takes them over.
         """
         if self._rules.pop(rule.rule_id, None) is None:
             return
@@ -328,13 +443,14 @@ class RuleBook:
         siblings = self._rules_of.get(rule.owner)
         if siblings is not None and rule in siblings:
             siblings.remove(rule)
-        if rule.mode is RuleMode.REDIRECT:
+        if rule.mode is RuleMode.REDIRECT or rule.watched:
             key = (rule.proto, rule.src, rule.dst, rule.dport)
             waiting = self.expect[key]
             waiting.remove(rule)
             if not waiting:
                 del self.expect[key]
-        self._kernel(False, rule.kernel)
+        if not keep_kernel:
+            self._kernel(False, rule.kernel)
         if reason is not None and rule.acked and rule.reply_to is not None:
             self.core.send(RuleEnd(rule.rule_id, reason), self.core.gateway_peers[rule.gateway.name])
 
@@ -343,16 +459,23 @@ class RuleBook:
     def tick(self, now: float) -> None:
         for rule in [r for r in self._rules.values() if r.expires <= now]:
             self._retire(rule, RuleEndReason.EXPIRED)
+        for spent in [s for group in self.spent.values() for s in group if s.remove_at <= now]:
+            self._unspend(spent)
         while self._replies:
             key, (at, _) = next(iter(self._replies.items()))
             if at > now - REPLY_CACHE_SECONDS:
                 break
             del self._replies[key]
-        if not self._polling and any(r.mode is RuleMode.ALLOW and r.acked for r in self._rules.values()):
+        if not self._polling and any(self._polled(r) for r in self._rules.values()):
             self._polling = True
             token = next(self._tokens)
             self._ops[token] = ("poll",)
             self.kernel_ops.append(KernelOp(token, False, (), poll=True))
+
+    @staticmethod
+    def _polled(rule: DynRule) -> bool:
+        """An acknowledged ALLOW whose use only its packet counter can show (UDP)."""
+        return rule.mode is RuleMode.ALLOW and rule.acked and not rule.watched
 
     def _kernel(self, add: bool, rules: tuple[KernelRule, ...], purpose: tuple[Any, ...] = ("rules",)) -> None:
         token = next(self._tokens)
@@ -360,7 +483,11 @@ class RuleBook:
         self.kernel_ops.append(KernelOp(token, add, rules))
 
     def kernel_done(self, token: int, ok: bool, now: float, counts: dict[str, int] | None = None) -> None:
-        """A ``KernelOp`` finished; ``counts`` are DYN_ALLOW's packets by tag, for a poll."""
+        """A ``KernelOp`` finished; ``counts`` are DYN_ALLOW's packets by tag, for a poll.
+
+        A polled (UDP) ALLOW's use is its accept rule's counter; whatever else
+        is in its ``kernel`` tuple (a DNAT) is removed with it.
+        """
         purpose = self._ops.pop(token, None)
         if purpose is None:
             return
@@ -370,11 +497,19 @@ class RuleBook:
             counters["kernel.failed"] += 1
         if purpose[0] == "poll":
             self._polling = False
-            for rule in [r for r in self._rules.values() if r.mode is RuleMode.ALLOW and r.acked]:
+            for rule in [r for r in self._rules.values() if self._polled(r)]:
                 if ok and counts and any(counts.get(k.tag, 0) for k in rule.kernel):
                     counters["rules.allowed_flows"] += 1
                     if rule.one_shot:
                         self._retire(rule, RuleEndReason.USED)
+        elif purpose[0] == "unspent":
+            # Gone from the kernel (or never there): its SYNs no longer come here.
+            spent = purpose[1]
+            group = self.spent.get(spent.key, [])
+            if spent in group:
+                group.remove(spent)
+                if not group:
+                    del self.spent[spent.key]
         elif purpose[0] == "ack":
             rule, source = purpose[1], purpose[2]
             key = rule.reply_to
@@ -387,6 +522,8 @@ class RuleBook:
                 self._reply(key, RuleRefused(key[1], RuleRefusal.UNKNOWN_FLOW), source, now)
             else:
                 rule.acked = True
+                if rule.mode is RuleMode.ALLOW and rule.server[0] != rule.dst:
+                    counters["rules.translated"] += 1  # an ALLOW with its DNAT
                 self._reply(key, RuleAck(key[1], rule.rule_id, rule.expires_ms), source, now)
                 if rule.ended is not None:  # used or expired while it was being installed
                     self.core.send(RuleEnd(rule.rule_id, rule.ended), self.core.gateway_peers[rule.gateway.name])

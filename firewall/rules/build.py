@@ -10,7 +10,10 @@ The layout (docs/datapath.md explains it, hook by hook):
   a tuple the processor is about to change (invariant 3), and it is never
   queued again (invariant 4). A packet the processor hands back untouched gets
   the ``passed`` mark and goes on to conntrack like any other.
-- ``dstnat`` / ``srcnat``: port forwards and masquerade.
+- ``dstnat`` / ``srcnat``: port forwards and masquerade. With gateways,
+  ``dstnat`` exists even without port forwards: its first rule jumps to
+  ``dyn_dnat``, where the processor translates the router's address for a
+  flow a gateway asked the kernel to carry (an ALLOW rule).
 - ``input``, ``forward``, ``output``: the stateful filter, with one regular
   chain per zone pair holding the config's ``[[rule]]`` entries in order.
 
@@ -60,6 +63,7 @@ from firewall.rules.model import (
 )
 
 DYN_REDIRECT = "dyn_redirect"
+DYN_DNAT = "dyn_dnat"
 DYN_ALLOW = "dyn_allow"
 ICMP_ERRORS = ("destination-unreachable", "time-exceeded", "parameter-problem")
 ICMPV6_ERRORS = ("destination-unreachable", "packet-too-big", "time-exceeded", "parameter-problem")
@@ -229,9 +233,16 @@ def _selector(t: Traffic, reply: bool) -> list:
 
 
 def _nat(config: Config, rs: Ruleset) -> None:
-    if config.nat.forwards:
+    if config.nat.forwards or config.gateways:
         dst = Chain("dstnat", Kind.NAT, Hook.PREROUTING)
         rs.chains.append(dst)
+        if config.gateways:
+            # Filled at run time by the processor: the exact DNAT that goes with an
+            # ALLOW rule whose destination is the router's address standing in
+            # for a party (docs/datapath.md, "Dynamic rules"). First, so that no
+            # port forward can take the flow before it.
+            rs.chains.append(Chain(DYN_DNAT, Kind.NAT))
+            dst.add([], [Jump(DYN_DNAT)], "dynamic rules: the router's address to the party it stands for", Family.V4)
         for f in config.nat.forwards:
             matches: list = [InZone(f.from_zone), DstLocal(), Proto(f.proto)]
             if f.saddr:

@@ -44,6 +44,7 @@ from firewall.rules.model import (
     Reject,
     Rule,
     Ruleset,
+    TcpSyn,
     iptables_chain_name,
 )
 
@@ -164,6 +165,8 @@ def _match(m, proto: str | None, rs: Ruleset, version: int) -> list[str]:
             return [f"-m conntrack --ctstate {','.join(s.upper() for s in states)}"]
         case CtDnat():
             return ["-m conntrack --ctstate DNAT"]
+        case TcpSyn():
+            return ["--syn"]
         case DstLocal():
             return ["-m addrtype --dst-type LOCAL"]
         case Mark(mask, value):

@@ -115,6 +115,12 @@ class CtDnat:
 
 
 @dataclass(frozen=True)
+class TcpSyn:
+    """A TCP SYN, with none of ACK, FIN, RST: the first packet of a connection (and its
+    retransmissions). iptables' ``--syn``; the processor's own test of a new flow."""
+
+
+@dataclass(frozen=True)
 class DstLocal:
     """The destination is one of the router's own addresses (port forwards)."""
 
@@ -130,7 +136,10 @@ class IcmpType:
     types: tuple[str, ...]  # nft names; the iptables renderer maps them
 
 
-Match = InZone | OutZone | InIface | OutIface | Proto | Addr | AddrBits | Port | CtState | CtDnat | DstLocal | Mark | IcmpType
+Match = (
+    InZone | OutZone | InIface | OutIface | Proto | Addr | AddrBits | Port | CtState | CtDnat | TcpSyn | DstLocal | Mark
+    | IcmpType
+)
 
 
 # ---- statements ----------------------------------------------------------------

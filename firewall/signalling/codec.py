@@ -51,7 +51,10 @@ from firewall.signalling.messages import (
     RuleRequest,
 )
 
-VERSION = 1
+# 2: NEW_FLOW and ANSWER carry the flow's SNAT endpoint (``snat``). A body
+# layout changed, so the version did: a peer of version 1 is refused
+# BAD_VERSION, which names the cause, instead of TOO_SHORT or MALFORMED.
+VERSION = 2
 KEY_SIZE = 32  # HMAC-SHA256's block-internal strength is 256 bits; a longer key adds nothing (RFC 2104 s.3)
 
 # HMAC-SHA256 truncated to 128 bits. RFC 2104 section 5 recommends keeping
@@ -115,6 +118,8 @@ FLOW_FIELDS: tuple[Field, ...] = (
     *_endpoint_fields("server", "S, the real server", "s"),
     *_endpoint_fields("firewall_side", "F, from the processor's pool: the source the gateway sees", "f"),
     *_endpoint_fields("ag", "G, the gateway's listen address", "g"),
+    *_endpoint_fields("snat", "W, what the server sees as the client when the processor SNATs the flow "
+                      "(masquerade); 0.0.0.0: no SNAT, the server sees C", "w; 0 with no SNAT"),
 )
 _TUPLE_FIELDS: tuple[Field, ...] = (
     _PROTO,
@@ -182,6 +187,9 @@ def _ep(endpoint: Endpoint) -> tuple[bytes, int]:
     return endpoint.address.packed, endpoint.port
 
 
+_NO_ENDPOINT = (bytes(4), 0)  # an optional endpoint that is absent: 0.0.0.0:0
+
+
 def _flow_values(flow: FlowInfo) -> tuple[Any, ...]:
     return (
         flow.flow_id,
@@ -193,6 +201,7 @@ def _flow_values(flow: FlowInfo) -> tuple[Any, ...]:
         *_ep(flow.server),
         *_ep(flow.firewall_side),
         *_ep(flow.ag),
+        *(_ep(flow.snat) if flow.snat is not None else _NO_ENDPOINT),
     )
 
 
@@ -217,6 +226,8 @@ def _flow(v: tuple[Any, ...]) -> FlowInfo:
         server=Endpoint(_IPv4(v[8]), v[9]),
         firewall_side=Endpoint(_IPv4(v[10]), v[11]),
         ag=Endpoint(_IPv4(v[12]), v[13]),
+        # All zeros: no SNAT. Anything else must be a whole W:w, or FlowInfo refuses it.
+        snat=None if (v[14], v[15]) == _NO_ENDPOINT else Endpoint(_IPv4(v[14]), v[15]),
     )
 
 

@@ -76,22 +76,36 @@ SMTP_FLOW = FlowInfo(
     firewall_side=Endpoint(_ip("172.31.254.9"), 1024),
     ag=Endpoint(_ip("172.31.255.2"), 20000),
 )
-# An FTP gateway's control flow whose client chose passive mode: the data
-# connection comes from the client, any port, to the port the PASV reply named.
-FTP_FLOW_ID = make_flow_id(1, 8)
+# An FTP control flow from a lan client behind masquerade to a server on the
+# internet: the processor SNATs leg B to the router's W:w, and says so.
+FTP_FLOW = FlowInfo(
+    flow_id=make_flow_id(1, 8),
+    proto=Proto.TCP,
+    gateway="ftp",
+    client=Endpoint(_ip("192.168.1.11"), 40100),
+    original_dst=Endpoint(_ip("198.51.100.20"), 21),
+    server=Endpoint(_ip("198.51.100.20"), 21),
+    firewall_side=Endpoint(_ip("172.31.254.9"), 1026),
+    ag=Endpoint(_ip("172.31.255.2"), 20021),
+    snat=Endpoint(_ip("203.0.113.1"), 63500),
+)
+FTP_FLOW_ID = FTP_FLOW.flow_id
 RULE_ID = 77
 
 EXAMPLES: tuple[tuple[str, Message], ...] = (
-    ("the SMTP flow of docs/datapath.md, pushed", NewFlow(SMTP_FLOW)),
-    ("the gateway asks about F 172.31.254.9:1024 -> G 172.31.255.2:20000",
-     Query(1, Proto.TCP, SMTP_FLOW.firewall_side, SMTP_FLOW.ag)),
-    ("the processor answers query 1", Answer(1, SMTP_FLOW)),
+    ("the SMTP flow of docs/datapath.md, pushed; a port forward, so no SNAT (zeros)", NewFlow(SMTP_FLOW)),
+    ("the ftp gateway asks about F 172.31.254.9:1026 -> G 172.31.255.2:20021",
+     Query(1, Proto.TCP, FTP_FLOW.firewall_side, FTP_FLOW.ag)),
+    ("the processor answers query 1: a lan client behind masquerade, SNATed to 203.0.113.1:63500",
+     Answer(1, FTP_FLOW)),
     ("no binding for F 172.31.254.9:1025",
      NotFound(2, Proto.TCP, Endpoint(_ip("172.31.254.9"), 1025), SMTP_FLOW.ag)),
     ("the SMTP flow ended with FIN both ways", FlowEnd(SMTP_FLOW.flow_id, FlowEndReason.FIN)),
-    ("an FTP gateway asks for the passive-mode data connection, any source port, once",
-     RuleRequest(5, FTP_FLOW_ID, Proto.TCP, Endpoint(_ip("198.51.100.7"), 0),
-                 Endpoint(_ip("203.0.113.1"), 50000), 30, RuleMode.REDIRECT, True)),
+    ("in allow mode, the ftp gateway asks for the active-mode data connection of that client: from the "
+     "server, any source port, once, to the router's address it announced in the PORT; the processor "
+     "translates it to the client (192.168.1.11:50000) in the kernel",
+     RuleRequest(5, FTP_FLOW_ID, Proto.TCP, Endpoint(FTP_FLOW.server.address, 0),
+                 Endpoint(_ip("203.0.113.1"), 50000), 30, RuleMode.ALLOW, True)),
     ("request 5 granted for 30 s", RuleAck(5, RULE_ID, int(EXAMPLE_NOW * 1000) + 30_000)),
     ("request 6 named a third host (an FTP bounce)", RuleRefused(6, RuleRefusal.THIRD_PARTY)),
     ("rule 77 matched its one flow", RuleEnd(RULE_ID, RuleEndReason.USED)),

@@ -12,7 +12,8 @@ without a new header.
 
 Field names follow ``firewall.flows.Binding.record()``: ``client`` C:c,
 ``original_dst`` S':s' (what the client addressed: the router for a port
-forward), ``server`` S:s, ``firewall_side`` F:f, ``ag`` G:g.
+forward), ``server`` S:s, ``firewall_side`` F:f, ``ag`` G:g, ``snat`` W:w
+(what the server sees as the client, when the processor SNATs leg B).
 """
 
 from __future__ import annotations
@@ -183,7 +184,11 @@ class FlowInfo:
     """What a gateway needs to know about one redirected flow (NEW_FLOW and ANSWER).
 
     The gateway sees a connection F:f -> G:g; this gives it the tuple the
-    client used (C:c -> S':s') and the server behind it (S:s).
+    client used (C:c -> S':s'), the server behind it (S:s), and, when the
+    processor SNATs leg B (a masqueraded to-zone), the router's W:w that the
+    server sees as the client (``snat``; None when the server sees C:c
+    itself). An FTP gateway announces W in active mode from behind the
+    masquerade, and the processor maps W back to C.
     """
 
     flow_id: int
@@ -194,6 +199,7 @@ class FlowInfo:
     server: Endpoint
     firewall_side: Endpoint
     ag: Endpoint
+    snat: Endpoint | None = None
 
     def __post_init__(self) -> None:
         _check_u64("flow_id", self.flow_id)
@@ -203,6 +209,12 @@ class FlowInfo:
         for name in ("client", "original_dst", "server", "firewall_side", "ag"):
             if not isinstance(getattr(self, name), Endpoint):
                 raise TypeError(f"{name} must be an Endpoint")
+        if self.snat is not None:
+            if not isinstance(self.snat, Endpoint):
+                raise TypeError("snat must be an Endpoint or None")
+            # On the wire "none" is all zeros, so a real W:w has neither zero.
+            if not _one_host(self.snat.address) or self.snat.port == 0:
+                raise ValueError(f"snat {self.snat} is not one host and port")
 
 
 def _check_endpoints(obj: object, *names: str) -> None:

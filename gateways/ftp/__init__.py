@@ -9,6 +9,9 @@ connection.
   command and reply lines; Telnet IAC removal.
 - ``commands``: the command table (argument, login, role, help) and the
   default allow-list.
+- ``model``: the core's values: ``Parties``, ``Policy``, and its outputs
+  (``ToClient``, ``ToServer``, ``RequestRule``, ``Opaque``, ``Close``,
+  ``Event``).
 - ``core``: ``FtpControl``, the sans-IO control channel: bytes from each peer
   in; bytes out, ``RequestRule``, ``Opaque``, ``Close``, ``Event``.
 - ``data``: relaying the data connections redirected into the gateway, with
@@ -17,7 +20,8 @@ connection.
   sessions and the data connections they expect) and ``FtpSettings``.
 """
 
-from gateways.ftp.core import DataChannel, Direction, FtpControl, Parties, Policy
+from gateways.ftp.core import FtpControl
+from gateways.ftp.model import DataChannel, Direction, Parties, Policy
 from gateways.ftp.gateway import FtpGateway, FtpSettings
 
 __all__ = ["DataChannel", "Direction", "FtpControl", "FtpGateway", "FtpSettings", "Parties", "Policy"]

@@ -6,8 +6,8 @@ Theory of operation
 ``FtpControl`` sits between an FTP client and its server, one instance per
 control connection. It does no I/O (DESIGN invariant 9, STYLE.md after h11):
 ``client_data`` / ``server_data`` / ``client_eof`` / ``server_eof`` /
-``rule_answered`` go in, and each returns a list of outputs, which a thin
-adapter carries out in order:
+``rule_answered`` go in, and each returns a list of outputs (``model``,
+re-exported here), which a thin adapter carries out in order:
 
 - ``ToClient`` / ``ToServer``: bytes for a peer;
 - ``RequestRule``: ask the processor for a dynamic rule for one data
@@ -20,8 +20,14 @@ adapter carries out in order:
 The addresses it needs are the session's ``Parties``, which the gateway
 layer learnt by signalling: the client's real address C, the server's S, the
 address the client connected to S' (the router, through a port forward), and
-the address the server sees as the client (C, or the router's through
-masquerade).
+the address the server sees as the client (C, or the router's W that the
+processor SNATs the session to behind masquerade: signalling's ``snat``).
+
+Which rule a data connection gets: in ``allow`` mode an ALLOW in every case,
+and the kernel carries it; where the connecting peer was told the router's
+address (inbound passive: S' for S; outbound active: W for C) the processor
+adds the DNAT back to the real party itself. In ``inspect`` mode a REDIRECT,
+so the connection comes through the gateway.
 
 The dialogue, in order (RFC 959 section 5.4, lock-step with pipelining):
 
@@ -57,14 +63,26 @@ a data-port reply) is bounded by ``MAX_BACKLOG``.
 from __future__ import annotations
 
 import enum
-import ipaddress
 import itertools
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Union
+from dataclasses import dataclass
+from typing import Any
 
 from firewall.signalling import Endpoint, RuleMode
-from gateways.ftp.commands import COMMANDS, SECURITY_FEATURES, Arg, Role, allowed_commands, spec_of
+from gateways.ftp.commands import COMMANDS, SECURITY_FEATURES, Arg, Role, spec_of
+from gateways.ftp.model import (
+    Close,
+    DataChannel,
+    Direction,
+    Event,
+    Opaque,
+    Output,
+    Parties,
+    Policy,
+    RequestRule,
+    ToClient,
+    ToServer,
+)
 from gateways.ftp.parse import (
     Malformed,
     ends_reply,
@@ -100,96 +118,6 @@ MAX_HELD_REPLY_LINES = 16
 FIRST_DATA_PORT = 1024
 
 CRLF = b"\r\n"
-
-
-class DataChannel(enum.Enum):
-    """How data connections cross the router (``data_channel`` setting)."""
-
-    ALLOW = "allow"  # the kernel carries it where it can: full speed
-    INSPECT = "inspect"  # always through the gateway: size limit and content hook
-
-
-class Direction(enum.Enum):
-    PASSIVE = "passive"  # the client connects to the server (PASV, EPSV)
-    ACTIVE = "active"  # the server connects to the client (PORT, EPRT)
-
-
-@dataclass(frozen=True)
-class Parties:
-    """Who is who in one control session, from signalling (never from the protocol)."""
-
-    client: ipaddress.IPv4Address  # C, the client's real address
-    server: ipaddress.IPv4Address  # S, the server's real address
-    client_addressed: ipaddress.IPv4Address  # S', what the client connected to
-    client_seen_as: ipaddress.IPv4Address | None  # C, or the masquerade address; None: unknown
-
-
-@dataclass(frozen=True)
-class Policy:
-    """The core's settings (``FtpSettings`` builds one from ``[gateway.settings]``)."""
-
-    data_channel: DataChannel = DataChannel.ALLOW
-    auth_tls: bool = False  # False: AUTH is refused (534) and hidden from FEAT
-    allowed: frozenset[str] = field(default_factory=allowed_commands)
-    max_line_length: int = 2048
-    max_username_length: int = 256
-    max_password_length: int = 256
-    max_bad_commands: int = 5
-    max_login_failures: int = 3
-
-
-# ---- outputs --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ToClient:
-    data: bytes
-
-
-@dataclass(frozen=True)
-class ToServer:
-    data: bytes
-
-
-@dataclass(frozen=True)
-class RequestRule:
-    """Ask for one data connection src -> dst; answer with ``rule_answered(token, granted)``.
-
-    ``mode`` ALLOW: the kernel carries it. REDIRECT: it comes into the
-    gateway (as a connection from src to dst), which relays it, and
-    inspects it when ``inspect`` is set.
-    """
-
-    token: int
-    direction: Direction
-    src: Endpoint  # port 0: any
-    dst: Endpoint  # also what the connecting peer is told (the PORT or 227 address and port)
-    mode: RuleMode
-    inspect: bool
-
-
-@dataclass(frozen=True)
-class Opaque:
-    """AUTH succeeded: relay bytes unchanged from now on, starting with these."""
-
-    to_server: bytes
-    to_client: bytes
-
-
-@dataclass(frozen=True)
-class Close:
-    reason: str
-
-
-@dataclass(frozen=True)
-class Event:
-    """Something to count and log: ``name`` is the counter, ``fields`` the log line's details."""
-
-    name: str
-    fields: dict[str, Any] = field(default_factory=dict)
-
-
-Output = Union[ToClient, ToServer, RequestRule, Opaque, Close, Event]
 
 
 # ---- state -----------------------------------------------------------------------------
@@ -431,8 +359,7 @@ class FtpControl:
         announce = Endpoint(p.client_seen_as, at.port)
         # The server connects to what it is told; the processor maps the
         # router's address back to the client, keeping the port.
-        needs_nat = p.client_seen_as != p.client
-        plan = _Plan(Direction.ACTIVE, Endpoint(p.server, 0), announce, self._mode(needs_nat))
+        plan = _Plan(Direction.ACTIVE, Endpoint(p.server, 0), announce, self._mode())
         text = f"PORT {format_port(announce)}" if verb == "PORT" else f"EPRT {format_eprt(announce)}"
         self._pending.append(_Pending(verb, Role.PORT, plan))
         self._setups += 1
@@ -473,11 +400,11 @@ class FtpControl:
             self._setups += 1  # the login state decides how later lines are checked
         self._to_server(verb.encode("ascii") + (b" " + arg if arg is not None else b"") + CRLF)
 
-    def _mode(self, needs_nat: bool) -> RuleMode:
-        """ALLOW only where the kernel can carry the data connection as it is."""
-        if self.policy.data_channel is DataChannel.ALLOW and not needs_nat:
-            return RuleMode.ALLOW
-        return RuleMode.REDIRECT
+    def _mode(self) -> RuleMode:
+        """ALLOW: the kernel carries the data connection, translating the router's
+        address where the peer was told it (the processor's DNAT); REDIRECT: the
+        gateway relays and inspects it."""
+        return RuleMode.ALLOW if self.policy.data_channel is DataChannel.ALLOW else RuleMode.REDIRECT
 
     # ---- server lines --------------------------------------------------------------------
 
@@ -636,8 +563,7 @@ class FtpControl:
         # The client connects to the address it already uses for the control
         # connection (S'); the processor maps it to the server, keeping the port.
         announce = Endpoint(p.client_addressed, port)
-        needs_nat = p.client_addressed != p.server
-        plan = _Plan(Direction.PASSIVE, Endpoint(p.client, 0), announce, self._mode(needs_nat))
+        plan = _Plan(Direction.PASSIVE, Endpoint(p.client, 0), announce, self._mode())
         self._ask(plan, format_229(port) if pending.role is Role.EPSV else format_227(announce))
         return True
 

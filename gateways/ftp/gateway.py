@@ -20,11 +20,15 @@ Rules end by themselves: when used (one-shot), at their TTL, or when the
 control connection's binding ends (RULE_END FLOW_ENDED); the gateway's own
 expectations end with them, and with the session.
 
-Who the server sees as the client (for PORT/EPRT) cannot be told by
-signalling: the flow's tuple carries the client's real address, not the
-masquerade address. ``masquerade_address`` is that address, and a session
-that was not port-forwarded (S' = S) is taken to come from behind the
-masquerade when it is set (docs/ftp.md, "Active mode behind masquerade").
+Who the server sees as the client (for PORT/EPRT) comes from signalling:
+the flow's ``snat`` W:w when the processor SNATs the session (a masqueraded
+to-zone), else the client's own address (docs/ftp.md, "Active mode behind
+masquerade").
+
+In allow mode every data connection is an ALLOW rule: the kernel carries it,
+and no expectation is kept here; where the peer that connects was told the
+router's address, the processor installs the DNAT to the real party with
+the accept. In inspect mode it is a REDIRECT, expected here and relayed.
 """
 
 from __future__ import annotations
@@ -85,7 +89,6 @@ class FtpSettings:
 
     data_channel: str = _d("data_channel")
     data_rule_ttl: int = _d("data_rule_ttl")
-    masquerade_address: str = _d("masquerade_address")
     auth_tls: str = _d("auth_tls")
     allow_commands: tuple[str, ...] = _d("allow_commands")
     deny_commands: tuple[str, ...] = _d("deny_commands")
@@ -116,15 +119,11 @@ class FtpSettings:
             max_login_failures=self.max_login_failures,
         )
 
-    @property
-    def masquerade(self) -> ipaddress.IPv4Address | None:
-        return ipaddress.IPv4Address(self.masquerade_address) if self.masquerade_address else None
 
-
-def parties_of(flow: FlowInfo, masquerade: ipaddress.IPv4Address | None) -> Parties:
-    """The session's parties from its signalled tuple (module docstring for ``client_seen_as``)."""
-    forwarded = flow.original_dst != flow.server
-    seen_as = masquerade if masquerade is not None and not forwarded else flow.client.address
+def parties_of(flow: FlowInfo) -> Parties:
+    """The session's parties from its signalled tuple: the server sees the client as
+    the processor's SNAT address when there is one, else as itself."""
+    seen_as = flow.snat.address if flow.snat is not None else flow.client.address
     return Parties(flow.client.address, flow.server.address, flow.original_dst.address, seen_as)
 
 
@@ -345,7 +344,7 @@ class _Session:
         self.gw = gw
         self.hold = hold
         self.flow = hold.flow
-        self.parties = parties_of(self.flow, gw.settings.masquerade)
+        self.parties = parties_of(self.flow)
         self.core = FtpControl(self.parties, gw.policy)
         self.a_reader, self.a_writer = reader, writer
         self.b_writer: asyncio.StreamWriter | None = None

@@ -9,9 +9,11 @@ packet processor part regarding signalling", so that the gateway proper can
 process a connection "as if it had received it directly from its original
 source". A gateway accepts a connection from F:f on G:g; ``LayerCore`` says
 which original tuple that is (``FlowInfo``: client C:c, original
-destination S':s', server S:s), and the gateway opens leg B by connecting
-back to F:f, the seed's "switching" of source and destination ("Packet
-restoration"), which the processor then restores.
+destination S':s', server S:s, and ``snat``, the router's W:w that the
+server sees as the client when the processor SNATs leg B, or None), and
+the gateway opens leg B by connecting back to F:f, the seed's "switching"
+of source and destination ("Packet restoration"), which the processor then
+restores.
 
 How a flow becomes known: the seed's hybrid scheme ("Out-of-band
 signalling"): "the transmitting party sends one or more signalling messages

@@ -75,6 +75,7 @@ def flow_fields(flow: FlowInfo) -> dict[str, Any]:
         "flow_id": flow.flow_id, "gateway": flow.gateway, "client": str(flow.client),
         "original_dst": str(flow.original_dst), "server": str(flow.server),
         "firewall_side": str(flow.firewall_side), "ag": str(flow.ag),
+        "snat": str(flow.snat) if flow.snat is not None else None,
     }
 
 

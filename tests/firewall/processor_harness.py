@@ -204,7 +204,7 @@ class Harness:
 
     def dynamic_rules(self) -> list[str]:
         out = []
-        for table, chain in (("raw", "NFGATE-DYN-REDIRECT"), ("filter", "NFGATE-DYN-ALLOW")):
+        for table, chain in (("raw", "NFGATE-DYN-REDIRECT"), ("nat", "NFGATE-DYN-DNAT"), ("filter", "NFGATE-DYN-ALLOW")):
             listing = self.lab.run("router", ["iptables-nft", "-t", table, "-S", chain]).stdout
             out += [line for line in listing.splitlines() if line.startswith("-A ")]
         return out

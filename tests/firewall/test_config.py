@@ -173,6 +173,14 @@ def test_gateway_settings_are_per_kind() -> None:
     assert ("gateway[0].settings.speed", "unknown key") in [(p, r) for p, r, _ in found]
 
 
+def test_a_removed_setting_says_what_replaced_it() -> None:
+    text = BASE + GATEWAY.format(name="ftp", zone="wan", ports="21").replace("tcp-relay", "ftp")
+    text += '[gateway.settings]\nmasquerade_address = "203.0.113.1"\n'
+    path, reason, line = only(text)
+    assert path == "gateway[0].settings.masquerade_address" and line == line_of(text, "masquerade_address")
+    assert reason.startswith("no longer a setting: the processor tells the gateway the address it SNATs")
+
+
 def test_gateway_listen_ports_default_and_clash() -> None:
     text = BASE + GATEWAY.format(name="a", zone="wan", ports="25") + GATEWAY.format(name="b", zone="wan", ports="26")
     config = loads(text)

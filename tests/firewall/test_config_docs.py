@@ -69,6 +69,22 @@ def test_gateway_settings_are_documented() -> None:
                 assert float(row.group(1)) == float(setting.default), (kind, key)
 
 
+def test_no_gateway_setting_is_documented_that_the_loader_refuses() -> None:
+    """The converse: a key removed from a kind (ftp's masquerade_address) leaves its doc row too."""
+    text = section("[[gateway]]")
+    for kind, schema in KIND_SETTINGS.items():
+        if not schema:
+            continue
+        after = text[text.index(f"`{kind}`:") :].splitlines()
+        start = next(i for i, line in enumerate(after) if line.startswith("| key |"))
+        rows = []
+        for line in after[start + 2 :]:
+            if not line.startswith("| `"):
+                break
+            rows.append(line.split("`")[1])
+        assert rows and set(rows) <= set(schema), (kind, sorted(set(rows) - set(schema)))
+
+
 def shown_as(default: str | tuple) -> str:
     """How docs/config.md writes a string or list default: as TOML."""
     if isinstance(default, str):

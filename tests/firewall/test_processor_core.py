@@ -30,6 +30,7 @@ from firewall.processor.rulebook import KernelOp
 
 MAX_RULES_PER_FLOW = Processor().max_rules_per_flow
 from firewall.rules import nft
+from firewall.rules.model import Proto as ProtoMatch
 from firewall.rules.model import Queue
 from firewall.signalling import (
     Answer,
@@ -118,6 +119,11 @@ listen_port = 20021
 [[gateway.traffic]]
 from = "wan"
 to = "lan"
+proto = "tcp"
+ports = 21
+[[gateway.traffic]]
+from = "lan"
+to = "wan"
 proto = "tcp"
 ports = 21
 
@@ -546,28 +552,86 @@ def test_rule_requests_refused_in_the_documented_order() -> None:
     assert len(rig.core.rules) == 0 and rig.core.rules.expect == {}
 
 
-def test_allow_rule_ends_when_its_counter_moves_and_rules_die_with_their_flow() -> None:
+def test_tcp_allow_passes_its_first_syn_and_exactly_one_connection() -> None:
+    """Inbound active mode: the server connects to the client, which the kernel carries as it is.
+    The SYNs of the expected flow come to the processor (only those), which lets one connection through."""
     rig = Rig()
     ftp = ftp_session(rig)
-    rig.ask(request(rig, ftp.flow_id, S, 20, C, 6000, mode=RuleMode.ALLOW))  # active-mode data
+    rig.ask(request(rig, ftp.flow_id, S, 0, C, 6000, mode=RuleMode.ALLOW))
     (op,) = rig.kernel()
-    tag = op.rules[0].tag
-    assert _ipt_specs(op.rules[0]) == ("filter", [
-        f'NFGATE-DYN-ALLOW -p tcp -s {S} --sport 20 -d {C} --dport 6000 -m conntrack --ctstate NEW '
-        f'-m comment --comment "{tag}" -j ACCEPT'])
+    watch, accept = op.rules
+    assert _ipt_specs(watch) == ("raw", [
+        f'NFGATE-DYN-REDIRECT -p tcp -s {S} -d {C} --dport 6000 --syn -m comment --comment "{watch.tag}" '
+        f'-j NFQUEUE --queue-num 0'])
+    assert nft.render_rule(watch.rule) == (
+        f'meta nfproto ipv4 ip saddr {S} ip daddr {C} tcp dport 6000 tcp flags & (fin | syn | rst | ack) == syn counter '
+        f'queue num 0 comment "{watch.tag}"')
+    assert _ipt_specs(accept) == ("filter", [
+        f'NFGATE-DYN-ALLOW -p tcp -s {S} -d {C} --dport 6000 -m conntrack --ctstate NEW '
+        f'-m comment --comment "{accept.tag}" -j ACCEPT'])
+    (ack,) = rig.messages()
+    rig.tick(1)
+    assert rig.core.rules.kernel_ops == []  # no counter to poll: the SYN says when it is used
+    # The first SYN passes unchanged (conntrack and the accept take it); the rule is used up.
+    assert rig.send(tcp(S, 20, C, 6000, "S"), LAN0) == (PASS, None, QOS | 0x00020000)
+    assert rig.messages() == [RuleEnd(ack.rule_id, RuleEndReason.USED)]
+    assert len(rig.core.rules) == 0 and rig.core.counters["rules.allowed_flows"] == 1
+    # Its retransmission passes too; any other connection's SYN is dropped while the rules remain.
+    assert rig.send(tcp(S, 20, C, 6000, "S"), LAN0)[0] == PASS
+    assert rig.send(tcp(S, 21, C, 6000, "S"), LAN0)[0] == DROP
+    assert rig.core.counters["drop.rule_used"] == 1
+    assert rig.core.rules.kernel_ops == []
+    rig.tick(3)  # USED_GRACE: then the unit goes, all of it
+    (removal,) = rig.kernel()
+    assert not removal.add and removal.rules == op.rules
+    assert rig.core.rules.spent == {}
+    # With the rules gone, nothing of the rule is left in the processor either.
+    assert rig.send(tcp(S, 22, C, 6000, "S"), LAN0) == (PASS, None, QOS | 0x00020000)
+    assert rig.core.counters["passed.not_a_selector"] == 1
+
+
+def test_a_used_allow_leaves_the_kernel_with_its_flow_before_its_grace() -> None:
+    rig = Rig()
+    ftp = ftp_session(rig)
+    rig.ask(request(rig, ftp.flow_id, C, 0, W, 50000, mode=RuleMode.ALLOW))
+    (op,) = rig.kernel()
+    rig.messages()
+    assert rig.send(tcp(C, 45000, W, 50000, "S"), WAN0)[0] == PASS
+    rig.core.rules.flow_ended(ftp.flow_id)  # the control connection ends within USED_GRACE
+    (removal,) = rig.kernel()
+    assert not removal.add and removal.rules == op.rules and rig.core.rules.spent == {}
+    rig.tick(3)
+    assert [o for o in rig.kernel() if not o.poll] == []  # removed once
+
+
+def test_udp_allow_rule_ends_when_its_counter_moves() -> None:
+    """A UDP flow has no SYN to watch: its ALLOW's use is its packet counter, polled each tick."""
+    rig = Rig()
+    rig.rewritten(udp(S, 4000, C, 10050), LAN0)  # an RTP flow, lan to ext
+    (rtp,) = rig.messages()
+    rig.kernel()  # the processor's own adjacent-port expectation
+    rig.ask(RuleRequest(1, rtp.flow.flow_id, Proto.UDP, Endpoint(ipaddress.IPv4Address(C), 7000),
+                        Endpoint(ipaddress.IPv4Address(S), 7001), 30, RuleMode.ALLOW, True))
+    (op,) = rig.kernel()
+    (rule,) = op.rules
+    tag = rule.tag
+    assert rule.rule.matches[0] == ProtoMatch("udp") and rule.chain == "dyn_allow"  # no SYN to watch
     (ack,) = rig.messages()
     rig.tick(1)
     (poll,) = rig.core.rules.kernel_ops
     assert poll.poll
     rig.kernel(counts={tag: 0})
-    assert rig.messages() == [] and len(rig.core.rules) == 1
+    assert rig.messages() == [] and len(rig.core.rules) == 2
     rig.tick(1)
     rig.kernel(counts={tag: 1})
     assert rig.messages() == [RuleEnd(ack.rule_id, RuleEndReason.USED)]
     (removal,) = rig.kernel()
     assert not removal.add and removal.rules == op.rules
 
-    # Unused rules end with the flow that asked for them; and at their TTL.
+
+def test_rules_die_with_their_flow_and_at_their_ttl() -> None:
+    rig = Rig()
+    ftp = ftp_session(rig)
     rig.ask(request(rig, ftp.flow_id, C, 0, W, 50001, rid=2, ttl=60))
     rig.ask(request(rig, ftp.flow_id, C, 0, W, 50002, rid=3, ttl=2))
     rig.kernel()
@@ -577,6 +641,91 @@ def test_allow_rule_ends_when_its_counter_moves_and_rules_die_with_their_flow() 
     rig.tick(10)  # the ftp control connection's handshake never finished
     assert rig.messages() == [FlowEnd(ftp.flow_id, FlowEndReason.IDLE), RuleEnd(acks[0].rule_id, RuleEndReason.FLOW_ENDED)]
     assert len(rig.core.rules) == 0
+
+
+def allow_unit(rig: Rig, req: RuleRequest) -> tuple[KernelOp, RuleAck]:
+    """Ask for a translated ALLOW; return its one kernel operation and the ACK that follows it."""
+    assert rig.ask(req) == []  # no ACK before the kernel has both rules
+    (op,) = rig.core.rules.kernel_ops
+    rig.kernel()
+    (ack,) = rig.messages()
+    assert isinstance(ack, RuleAck) and rig.core.counters["rules.translated"] == 1
+    return op, ack
+
+
+def test_allow_to_the_port_forward_address_is_a_dnat_and_an_accept_in_one_unit() -> None:
+    """Inbound PASV in allow mode: the client was told W:p; the kernel carries C -> W:p to S:p."""
+    rig = Rig()
+    ftp = ftp_session(rig)
+    op, ack = allow_unit(rig, request(rig, ftp.flow_id, C, 0, W, 50000, mode=RuleMode.ALLOW))
+    assert op.add and [r.chain for r in op.rules] == ["dyn_redirect", "dyn_dnat", "dyn_allow"]  # raw, nat, filter
+    watch, dnat, accept = op.rules
+    assert _ipt_specs(watch)[1][0].startswith(f"NFGATE-DYN-REDIRECT -p tcp -s {C} -d {W} --dport 50000 --syn ")
+    assert _ipt_specs(dnat) == ("nat", [
+        f'NFGATE-DYN-DNAT -p tcp -s {C} -d {W} --dport 50000 -m comment --comment "{dnat.tag}" '
+        f'-j DNAT --to-destination {S}:50000'])
+    # The accept is for the translated tuple only, and only once it was translated.
+    assert _ipt_specs(accept) == ("filter", [
+        f'NFGATE-DYN-ALLOW -p tcp -s {C} -d {S} --dport 50000 -m conntrack --ctstate NEW '
+        f'-m conntrack --ctstate DNAT -m comment --comment "{accept.tag}" -j ACCEPT'])
+    assert nft.render_rule(dnat.rule) == (
+        f'meta nfproto ipv4 ip saddr {C} ip daddr {W} tcp dport 50000 counter dnat ip to {S}:50000 comment "{dnat.tag}"')
+    assert nft.render_rule(accept.rule) == (
+        f'meta nfproto ipv4 ip saddr {C} ip daddr {S} tcp dport 50000 ct state new ct status dnat counter accept '
+        f'comment "{accept.tag}"')
+    # One-shot: the first SYN passes to the kernel (which translates it), untouched; a second
+    # connection's is dropped; after USED_GRACE the DNAT goes with the accept, in one removal.
+    assert rig.send(tcp(C, 45000, W, 50000, "S"), WAN0) == (PASS, None, QOS | 0x00020000)
+    assert rig.messages() == [RuleEnd(ack.rule_id, RuleEndReason.USED)]
+    assert rig.send(tcp(C, 45001, W, 50000, "S"), WAN0)[0] == DROP
+    assert rig.core.rules.kernel_ops == [] and len(rig.core.rules) == 0
+    rig.tick(3)
+    (removal,) = rig.kernel()
+    assert not removal.add and removal.rules == (watch, dnat, accept)
+    assert rig.core.counters["rules.allowed_flows"] == 1 and rig.core.rules.spent == {}
+
+
+def test_allow_to_the_snat_address_is_translated_to_the_client() -> None:
+    """Outbound PORT in allow mode: NEW_FLOW says W:w; the server connects to W:p, which is C:p."""
+    rig = Rig()
+    rig.rewritten(tcp(S, 41000, C, 21, "S"), LAN0)  # lan client S to the ext ftp server C
+    (push,) = rig.messages()
+    flow = push.flow
+    assert flow.gateway == "ftp" and flow.client == Endpoint(ipaddress.IPv4Address(S), 41000)
+    assert flow.snat is not None and str(flow.snat.address) == W and flow.snat.port >= 61000
+    op, ack = allow_unit(rig, request(rig, flow.flow_id, C, 0, W, 50001, mode=RuleMode.ALLOW, ttl=5))
+    _, dnat, accept = op.rules
+    assert _ipt_specs(dnat)[1][0].endswith(f"-j DNAT --to-destination {S}:50001")
+    assert _ipt_specs(accept)[1][0].startswith(f"NFGATE-DYN-ALLOW -p tcp -s {C} -d {S} --dport 50001 ")
+    # Unused, it ends at its TTL, both rules together.
+    rig.now += 5  # past its TTL, before the tick retires it: its SYNs no longer pass
+    assert rig.send(tcp(C, 20, W, 50001, "S"), WAN0)[0] == DROP
+    assert rig.core.counters["drop.rule_expired"] == 1
+    rig.tick(0)
+    assert rig.messages() == [RuleEnd(ack.rule_id, RuleEndReason.EXPIRED)]
+    removals = [o for o in rig.kernel() if not o.add and not o.poll]
+    assert [o.rules for o in removals] == [op.rules]
+
+
+def test_allow_to_a_router_address_that_stands_for_no_party_is_refused() -> None:
+    rig = Rig()
+    ftp = ftp_session(rig)  # inbound, port-forwarded: W stands for the server, and only toward the client
+    rig.rewritten(tcp(S, 41000, C, 21, "S"), LAN0)
+    outbound = rig.messages()[0].flow  # SNATed: W stands for the client, and only toward the server
+    cases = [
+        request(rig, ftp.flow_id, S, 0, W, 6000, rid=1, mode=RuleMode.ALLOW),  # the server to W: no SNAT here
+        request(rig, outbound.flow_id, C, 0, L, 6000, rid=2, mode=RuleMode.ALLOW),  # another router address
+        request(rig, outbound.flow_id, C, 0, "10.0.0.1", 6000, rid=3, mode=RuleMode.ALLOW),  # and another
+    ]
+    for req in cases:
+        assert rig.ask(req) == [RuleRefused(req.request_id, RuleRefusal.THIRD_PARTY)]
+    assert rig.core.rules.kernel_ops == [] and len(rig.core.rules) == 0
+    # The same address asked the right way round is granted; REDIRECT keeps its own mapping.
+    assert rig.ask(request(rig, outbound.flow_id, C, 0, W, 6000, rid=4, mode=RuleMode.ALLOW)) == []
+    assert rig.ask(request(rig, outbound.flow_id, C, 0, W, 6001, rid=5)) == []
+    allow, redirect = rig.core.rules.kernel_ops
+    assert [r.chain for r in allow.rules] == ["dyn_redirect", "dyn_dnat", "dyn_allow"]
+    assert [r.chain for r in redirect.rules] == ["dyn_redirect", "dyn_redirect"]
 
 
 def test_adjacent_port_is_expected_by_the_processor_itself() -> None:

@@ -24,7 +24,7 @@ from firewall.config.model import PortRange
 from firewall.lab.wait import wait_for
 from firewall.processor.dynamic import KernelRules
 from firewall.processor.rulebook import KernelOp, KernelRule
-from firewall.rules.model import Accept, Addr, CtState, Family, Port, Proto, Queue, Rule
+from firewall.rules.model import Accept, Addr, CtDnat, CtState, Dnat, Family, Port, Proto, Queue, Rule, TcpSyn
 from tests.firewall.processor_harness import CLIENT, EXT, LAN, WAN, Harness, Server
 
 pytestmark = pytest.mark.netns
@@ -58,6 +58,7 @@ def test_inbound_and_outbound_flows_through_the_gateway(rig: Harness) -> None:
     assert flow["via"] == "push"
     assert flow["client"].startswith(f"{EXT}:") and flow["original_dst"] == f"{WAN}:8443"
     assert flow["server"] == f"{LAN}:443"
+    assert flow["snat"] is None  # a port forward: the server sees the client itself
 
     # lan -> ext:9000: ext sees the router's address (the processor's SNAT), and
     # the gateway learned lan's private tuple.
@@ -65,6 +66,8 @@ def test_inbound_and_outbound_flows_through_the_gateway(rig: Harness) -> None:
     assert outside.peers() == [WAN]
     flow = rig.event("flow", gateway="relay", server=f"{EXT}:9000")
     assert flow["client"].startswith(f"{LAN}:")
+    # ...and the address the processor SNATs it to, which ext saw: NEW_FLOW's snat.
+    assert flow["snat"].startswith(f"{WAN}:") and int(flow["snat"].rsplit(":", 1)[1]) >= 61000
     # Invariant 3: conntrack saw neither leg of either flow.
     tracked = rig.conntrack()
     assert "dport=7500" in tracked, tracked  # the listing works: signalling is the kernel's
@@ -170,15 +173,40 @@ def test_dynamic_rules_redirect_and_allow_one_flow_each(rig: Harness) -> None:
     rig.event("rule_end", rule_id=ack["rule_id"], reason="USED")
     assert rig.refused("ext", WAN, 50000)  # one-shot: the next is the kernel's, which drops it
 
-    # ALLOW: the kernel carries one new flow ext -> lan:2122, then the rule is gone.
+    # ALLOW: the kernel carries one new flow ext -> lan:2122 (its SYN shows the processor the
+    # use), a second connection is dropped, and then the rules are gone.
     rig.lab.run("ext", ["ip", "route", "add", "192.168.1.0/24", "via", WAN])
     rig.command(cmd="rule", request_id=2, flow_id=ftp["flow_id"], src=f"{EXT}:0", dst=f"{LAN}:2122", mode="allow")
     ack = rig.event("rule_ack", request_id=2)
     assert rig.many("ext", LAN, 2122, 1)["replies"] == 1
     assert allowed.peers() == [EXT]
     rig.event("rule_end", rule_id=ack["rule_id"], reason="USED")
-    assert not any("ACCEPT" in r for r in rig.dynamic_rules())
     assert rig.refused("ext", LAN, 2122)
+    assert rig.counter("drop.rule_used") >= 1
+    wait_for(lambda: rig.dynamic_rules() == [], timeout=10, interval=0.1, what="the used rule's kernel rules to go")
+    assert rig.refused("ext", LAN, 2122)
+
+    # ALLOW to the router's address (the port forward's, which the client addressed): the
+    # kernel translates W:50002 to lan:50002 and carries the flow; nothing is queued for it.
+    translated = Server(rig.lab, "lan", 50002)
+    rig.command(cmd="rule", request_id=5, flow_id=ftp["flow_id"], src=f"{EXT}:0", dst=f"{WAN}:50002", mode="allow")
+    ack = rig.event("rule_ack", request_id=5)
+    rules = rig.dynamic_rules()
+    assert [r.split()[1] for r in rules] == ["NFGATE-DYN-REDIRECT", "NFGATE-DYN-DNAT", "NFGATE-DYN-ALLOW"], rules
+    assert "--tcp-flags FIN,SYN,RST,ACK SYN" in rules[0] and f"--to-destination {LAN}:50002" in rules[1] and "--ctstate DNAT" in rules[2]
+    queued = rig.counter("queued")
+    assert rig.many("ext", WAN, 50002, 1)["replies"] == 1
+    assert translated.peers() == [EXT]  # the lan server sees the real client
+    assert rig.counter("queued") - queued <= 2  # its SYN (a retransmission at most): the kernel carried it
+    tracked = [line for line in rig.conntrack().splitlines() if "dport=50002" in line]
+    assert any(f"dst={WAN}" in t and f"src={LAN}" in t for t in tracked), tracked  # conntrack's DNAT
+    rig.event("rule_end", rule_id=ack["rule_id"], reason="USED")
+    assert rig.refused("ext", WAN, 50002)  # one connection: the next SYN is dropped
+    wait_for(lambda: rig.dynamic_rules() == [], timeout=10, interval=0.1, what="the DNAT to go with the accept")
+    assert rig.refused("ext", WAN, 50002)
+    # A router address that stands for no party of the flow is refused.
+    rig.command(cmd="rule", request_id=6, flow_id=ftp["flow_id"], src=f"{LAN}:0", dst=f"{WAN}:50003", mode="allow")
+    rig.event("rule_refused", request_id=6, reason="THIRD_PARTY")
 
     # An FTP bounce is refused; a rule still waiting dies with its flow.
     rig.command(cmd="rule", request_id=3, flow_id=ftp["flow_id"], src=f"{EXT}:0", dst="198.51.100.99:25")
@@ -225,7 +253,10 @@ def test_nft_dynamic_rules_by_handle(lab_factory: Any) -> None:
     ``table inet nfgate`` with the two dynamic chains stands in for an applied one."""
     lab = lab_factory("basic")
     router = lab.ns("router")
-    lab.run("router", ["nft", "add table inet nfgate; add chain inet nfgate dyn_redirect; add chain inet nfgate dyn_allow"])
+    lab.run("router", ["nft", "add table inet nfgate; add chain inet nfgate dyn_redirect; add chain inet nfgate dyn_allow; "
+                       "add chain inet nfgate dyn_dnat; "
+                       "add chain inet nfgate dstnat { type nat hook prerouting priority dstnat; }; "
+                       "add rule inet nfgate dstnat jump dyn_dnat"])
     kernel = KernelRules(7, netns=router)
     assert kernel.detect() == "nft"
     tag = "nfgate-dyn q7 k1"
@@ -243,8 +274,23 @@ def test_nft_dynamic_rules_by_handle(lab_factory: Any) -> None:
     assert tag in lab.run("router", ["nft", "list", "chain", "inet", "nfgate", "dyn_allow"]).stdout
     assert run(KernelOp(2, False, (), poll=True)) == (True, {tag: 0})
     assert run(KernelOp(3, True, (redirect,)))[0] is False  # no nft queue on this kernel
+    # The SYN match of a TCP ALLOW's queue rule, which nft must take (here with accept for the queue).
+    syn = KernelRule("nfgate-dyn q7 k9", "dyn_redirect", Rule(matches[:3] + (TcpSyn(),), (Accept(),), "nfgate-dyn q7 k9", Family.V4))
+    assert run(KernelOp(9, True, (syn,))) == (True, None)
+    assert "tcp flags syn / fin,syn,rst,ack" in lab.run("router", ["nft", "list", "chain", "inet", "nfgate", "dyn_redirect"]).stdout
+    assert run(KernelOp(10, False, (syn,))) == (True, None)
     assert run(KernelOp(4, False, (allow,))) == (True, None)
     assert tag not in lab.run("router", ["nft", "list", "chain", "inet", "nfgate", "dyn_allow"]).stdout
+    # A translated ALLOW: the DNAT and its accept in one transaction, by handle, both ways.
+    dnat = KernelRule("nfgate-dyn q7 k3", "dyn_dnat", Rule(matches[:3] + (Addr("dst", (ipaddress.IPv4Network(WAN),)),),
+                      (Dnat(ipaddress.IPv4Address(LAN), PortRange(2122, 2122)),), "nfgate-dyn q7 k3", Family.V4))
+    accept = KernelRule("nfgate-dyn q7 k4", "dyn_allow", Rule(matches + (CtDnat(),), (Accept(),), "nfgate-dyn q7 k4", Family.V4))
+    assert run(KernelOp(6, True, (dnat, accept))) == (True, None)
+    listed = lab.run("router", ["nft", "list", "table", "inet", "nfgate"]).stdout
+    assert f"dnat ip to {LAN}:2122" in listed and "ct status dnat" in listed
+    assert run(KernelOp(7, False, (dnat, accept))) == (True, None)
+    assert "nfgate-dyn" not in lab.run("router", ["nft", "list", "table", "inet", "nfgate"]).stdout
     assert run(KernelOp(5, True, (allow,))) == (True, None)
-    assert KernelRules(7, netns=router).remove_all() == 1  # a successor clears what it finds
+    assert run(KernelOp(8, True, (dnat,))) == (True, None)
+    assert KernelRules(7, netns=router).remove_all() == 2  # a successor clears what it finds, in every chain
     assert "nfgate-dyn" not in lab.run("router", ["nft", "list", "table", "inet", "nfgate"]).stdout

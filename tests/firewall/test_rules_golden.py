@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from firewall.config import load
+from firewall.config import load, loads
 from firewall.rules import build, iptables, nft
 
 ROOT = Path(__file__).parents[2]
@@ -52,3 +52,36 @@ def test_every_rule_says_where_it_comes_from(example: str) -> None:
 def test_rendering_is_deterministic() -> None:
     assert rendered("office", "nft") == rendered("office", "nft")
     assert rendered("office", "iptables") == rendered("office", "iptables")
+
+
+GATEWAY_ONLY = """
+[zones.wan]
+interfaces = ["wan0"]
+[zones.lan]
+interfaces = ["lan0"]
+
+[[gateway]]
+name = "ftp"
+kind = "ftp"
+[[gateway.traffic]]
+from = "lan"
+to = "wan"
+proto = "tcp"
+ports = 21
+"""
+
+
+def test_dynamic_chains_exist_whenever_there_are_gateways() -> None:
+    """No port forward, no masquerade: the processor still has its three dynamic chains,
+    dyn_dnat reached first from a nat prerouting base chain."""
+    rs = build(loads(GATEWAY_ONLY))
+    dstnat = rs.chain("dstnat")
+    assert dstnat.hook is not None and dstnat.hook.value == "prerouting"
+    assert [s.chain for r in dstnat.rules[:1] for s in r.statements] == ["dyn_dnat"]
+    for name in ("dyn_redirect", "dyn_dnat", "dyn_allow"):
+        assert rs.chain(name).rules == []
+    text = iptables.render(rs, 4)
+    assert "-A NFGATE-DSTNAT -m comment" in text and "-j NFGATE-DYN-DNAT" in text
+    # Without gateways nothing of it is rendered.
+    plain = build(loads(GATEWAY_ONLY.split("[[gateway]]")[0]))
+    assert not any(c.name.startswith("dyn_") or c.name == "dstnat" for c in plain.chains)

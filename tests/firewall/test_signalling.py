@@ -142,6 +142,19 @@ def test_gateway_names_are_the_configs_names() -> None:
             FlowInfo(**{**_fields(FLOW), "gateway": bad})
 
 
+def test_snat_is_a_whole_endpoint_or_none() -> None:
+    ftp = examples.FTP_FLOW
+    assert ftp.snat is not None and FLOW.snat is None
+    assert _round_trip(NewFlow(ftp)) == NewFlow(ftp) and _round_trip(Answer(3, FLOW)) == Answer(3, FLOW)
+    # On the wire "none" is all zeros, so neither zero can be part of a real W:w.
+    for bad in (Endpoint(ip("0.0.0.0"), 0), Endpoint(ip("203.0.113.1"), 0), Endpoint(ip("0.0.0.0"), 61000),
+                Endpoint(ip("255.255.255.255"), 61000)):
+        with pytest.raises(ValueError):
+            FlowInfo(**{**_fields(ftp), "snat": bad})
+    with pytest.raises(TypeError):
+        FlowInfo(**{**_fields(ftp), "snat": ("203.0.113.1", 61000)})
+
+
 def test_flow_ids_carry_the_queue() -> None:
     fid = make_flow_id(65535, (1 << 48) - 1)
     assert fid == (1 << 64) - 1 and flow_id_queue(fid) == 65535
@@ -176,7 +189,9 @@ addresses = st.integers(0, (1 << 32) - 1).map(ipaddress.IPv4Address)
 endpoints = st.builds(Endpoint, addresses, st.integers(0, 65535))
 u64 = st.integers(0, (1 << 64) - 1)
 names = st.from_regex(NAME, fullmatch=True)
-flows = st.builds(FlowInfo, u64, st.sampled_from(Proto), names, endpoints, endpoints, endpoints, endpoints, endpoints)
+hosts = addresses.filter(lambda a: not (a.is_unspecified or a.is_multicast or int(a) == 0xFFFFFFFF))
+snats = st.none() | st.builds(Endpoint, hosts, st.integers(1, 65535))
+flows = st.builds(FlowInfo, u64, st.sampled_from(Proto), names, endpoints, endpoints, endpoints, endpoints, endpoints, snats)
 any_message = st.one_of(
     st.builds(NewFlow, flows),
     st.builds(Query, u64, st.sampled_from(Proto), endpoints, endpoints),
@@ -236,7 +251,9 @@ def test_header_checks() -> None:
     data = bytearray(encoder_for(NewFlow(FLOW)).encode(NewFlow(FLOW), T0))
     guard = guard_for(NewFlow(FLOW))
     assert guard.check(bytes(MIN_MESSAGE_SIZE - 1), T0) is Refusal.TOO_SHORT
-    assert guard.check(bytes([2]) + bytes(data[1:]), T0) is Refusal.BAD_VERSION
+    assert VERSION == 2  # 2: NEW_FLOW and ANSWER carry snat (docs/signalling.md, "Versions")
+    for version in (VERSION - 1, VERSION + 1):
+        assert guard.check(bytes([version]) + bytes(data[1:]), T0) is Refusal.BAD_VERSION
     assert guard.check(bytes(data[:1]) + bytes([0]) + bytes(data[2:]), T0) is Refusal.UNKNOWN_TYPE
     assert guard.check(bytes(data[:1]) + bytes([200]) + bytes(data[2:]), T0) is Refusal.UNKNOWN_TYPE
     data[2] = MAX_COPIES
@@ -406,6 +423,9 @@ def _body(message: Message) -> bytearray:
         (MsgType.NEW_FLOW, 10, 0),  # empty gateway name
         (MsgType.NEW_FLOW, 10 + 31, ord("x")),  # "smtp-in", NULs, then x
         (MsgType.NEW_FLOW, 10 + 2, 0xE9),  # not ASCII
+        (MsgType.NEW_FLOW, 72 + 3, 1),  # snat 0.0.0.1:0: an address without a port
+        (MsgType.NEW_FLOW, 76 + 1, 1),  # snat 0.0.0.0:1: a port without an address
+        (MsgType.NEW_FLOW, 72, 0xE0),  # snat 224.0.0.0:0: multicast
         (MsgType.FLOW_END, 8, 0),  # reason 0
         (MsgType.RULE_REQUEST, 18, 3),  # mode 3
         (MsgType.RULE_REQUEST, 19, 2),  # a reserved flag bit

@@ -160,6 +160,7 @@ class FakeProcessor:
         original_dst: Endpoint = ORIGINAL_DST,
         server: Endpoint = SERVER,
         gateway: str = "relay",
+        snat: Endpoint | None = None,
         push: bool = True,
     ) -> FlowInfo:
         """Make a binding for F:f -> G:g, and push it unless pushes are dropped."""
@@ -173,6 +174,7 @@ class FakeProcessor:
             server=server,
             firewall_side=fw,
             ag=ag,
+            snat=snat,
         )
         self.flows[flow.flow_id] = flow
         if push and not self.drop_pushes:

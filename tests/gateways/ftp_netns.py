@@ -8,8 +8,9 @@ connection crosses only by the dynamic rule the ftp gateway asked for.
 - inbound: wan tcp 21 is port-forwarded to lan:21, through the ftp gateway
   (selector wan -> lan tcp 21); vsftpd runs in lan.
 - outbound: lan -> wan tcp 21 through the same gateway, with masquerade;
-  vsftpd runs in ext. ``masquerade_address`` is the router's wan address, so
-  active mode works from behind the masquerade.
+  vsftpd runs in ext. The processor SNATs the control flow to the router's
+  wan address and says so in NEW_FLOW (``snat``), so active mode works from
+  behind the masquerade.
 
 ``Vsftpd`` runs a private vsftpd (PEERS.md: ``seccomp_sandbox=NO``,
 ``listen=YES``, ``background=NO``) with anonymous download and upload in
@@ -95,7 +96,6 @@ ports = 21
 
 [gateway.settings]
 data_channel = "{data_channel}"
-masquerade_address = "203.0.113.1"
 data_rule_ttl = 10
 """
 
@@ -209,6 +209,23 @@ class FtpRunning:
 
     def processor_rules(self) -> int:
         return int(self.ask("status")["processors"]["processor-0"]["rules"])
+
+    def queued(self) -> int:
+        """Packets the kernel has queued to the processor so far."""
+        return int(self.ask("status")["processors"]["processor-0"]["counters"].get("queued", 0))
+
+    def granted(self) -> list[dict[str, str]]:
+        """The gateway's ``rule.granted`` log lines, as their fields (direction, src, dst, mode)."""
+        out = []
+        for line in self.text().splitlines():
+            if " rule.granted " in line:
+                out.append(dict(part.split("=", 1) for part in line.split() if "=" in part))
+        return out
+
+    def conntrack(self, port: int) -> list[str]:
+        """The router's conntrack entries of TCP connections with ``port`` as a port, one a line."""
+        out = self.lab.run("router", ["conntrack", "-L", "-p", "tcp"], check=False).stdout
+        return [line for line in out.splitlines() if f"port={port} " in line]
 
     def kernel_rules(self) -> list[str]:
         """The dynamic rules in the kernel (their comments carry ``nfgate-dyn``)."""

@@ -61,7 +61,9 @@ def no_events(outputs: list) -> list:
 
 
 def test_playbook_inbound_pasv() -> None:
-    """Inbound passive: the lan server's private 227 address becomes the router's, after the rule."""
+    """Inbound passive: the lan server's private 227 address becomes the router's, after the rule.
+
+    allow mode: an ALLOW to the router's address, which the processor translates to the server."""
     c = FtpControl(INBOUND)
     assert c.client_data(b"") == []
     assert c.server_data(b"220 (vsFTPd 3.0.3)\r\n") == [ToClient(b"220 (vsFTPd 3.0.3)\r\n")]
@@ -71,7 +73,7 @@ def test_playbook_inbound_pasv() -> None:
     assert no_events(c.server_data(b"230 Login successful.\r\n")) == [ToClient(b"230 Login successful.\r\n")]
     assert c.client_data(b"pasv\r\n") == [ToServer(b"PASV\r\n")]
     out = c.server_data(b"227 Entering Passive Mode (192,168,1,10,195,80).\r\n")
-    assert out == [RequestRule(1, Direction.PASSIVE, ep(C_EXT, 0), ep(W, 50000), RuleMode.REDIRECT, False)]
+    assert out == [RequestRule(1, Direction.PASSIVE, ep(C_EXT, 0), ep(W, 50000), RuleMode.ALLOW, False)]
     assert c.waiting_for_rule == 1
     assert c.rule_answered(2, True) == []  # not the token it waits for
     assert no_events(c.rule_answered(1, True)) == [ToClient(b"227 Entering Passive Mode (203,0,113,1,195,80).\r\n")]
@@ -87,14 +89,14 @@ def test_playbook_inbound_pasv() -> None:
 
 
 def test_playbook_outbound_active_port() -> None:
-    """Outbound active: the client's private PORT becomes the masquerade address; the rule comes only after 200."""
+    """Outbound active: the client's private PORT becomes the router's SNAT address; the rule comes only after 200."""
     d = logged_in(OUTBOUND)
     c = d.core
     assert c.client_data(b"PORT 192,168,1,10,195,81\r\n") == [ToServer(b"PORT 203,0,113,1,195,81\r\n")]
     # A pipelined RETR waits: the server must not connect before the rule is in.
     assert c.client_data(b"RETR f\r\n") == []
     out = c.server_data(b"200 PORT command successful. Consider using PASV.\r\n")
-    assert out == [RequestRule(1, Direction.ACTIVE, ep(S_EXT, 0), ep(W, 50001), RuleMode.REDIRECT, False)]
+    assert out == [RequestRule(1, Direction.ACTIVE, ep(S_EXT, 0), ep(W, 50001), RuleMode.ALLOW, False)]
     assert no_events(c.rule_answered(1, True)) == [
         ToClient(b"200 PORT command successful. Consider using PASV.\r\n"),
         ToServer(b"RETR f\r\n"),
@@ -124,6 +126,33 @@ def test_inspect_mode_redirects_every_data_connection() -> None:
     c.client_data(b"PASV\r\n")
     (rule,) = c.server_data(b"227 Entering Passive Mode (203,0,113,10,195,84).\r\n")
     assert rule == RequestRule(1, Direction.PASSIVE, ep(C_LAN, 0), ep(S_EXT, 50004), RuleMode.REDIRECT, True)
+    c = logged_in(INBOUND, Policy(data_channel=DataChannel.INSPECT)).core
+    c.client_data(b"PASV\r\n")
+    (rule,) = c.server_data(b"227 Entering Passive Mode (192,168,1,10,195,85).\r\n")
+    assert rule == RequestRule(1, Direction.PASSIVE, ep(C_EXT, 0), ep(W, 50005), RuleMode.REDIRECT, True)
+
+
+@pytest.mark.parametrize("parties", [INBOUND, OUTBOUND], ids=["inbound", "outbound"])
+def test_allow_mode_allows_every_data_connection(parties: Parties) -> None:
+    """All four cases, each verb: ALLOW, and the address announced is the one the rule names."""
+    client = parties.client
+    port_arg = ",".join(str(client).split(".")).encode()
+    steps = [
+        (b"PASV", b"227 Entering Passive Mode (%s,195,80).\r\n" % ",".join(str(parties.server).split(".")).encode()),
+        (b"EPSV", b"229 Entering Extended Passive Mode (|||50001|)\r\n"),
+        (b"PORT %s,195,82" % port_arg, b"200 PORT command successful.\r\n"),
+        (b"EPRT |1|%s|50003|" % str(client).encode(), b"200 EPRT command successful.\r\n"),
+    ]
+    d = logged_in(parties)
+    for line, reply in steps:
+        d.client(line + b"\r\n")
+        d.server(reply)
+    assert [(r.direction, r.src, r.dst, r.mode) for r in d.t.rules] == [
+        (Direction.PASSIVE, ep(client, 0), ep(parties.client_addressed, 50000), RuleMode.ALLOW),
+        (Direction.PASSIVE, ep(client, 0), ep(parties.client_addressed, 50001), RuleMode.ALLOW),
+        (Direction.ACTIVE, ep(parties.server, 0), ep(parties.client_seen_as, 50002), RuleMode.ALLOW),
+        (Direction.ACTIVE, ep(parties.server, 0), ep(parties.client_seen_as, 50003), RuleMode.ALLOW),
+    ]
 
 
 def test_refused_rule_gives_425_and_the_session_goes_on() -> None:
@@ -187,8 +216,8 @@ def test_dialogue_transcripts() -> None:
         b"PORT 203,0,113,1,195,81", b"STOR up.bin", b"EPRT |1|203.0.113.1|50002|", b"LIST", b""
     ]
     assert [(r.src, r.dst, r.mode) for r in t.rules] == [
-        (ep(S_EXT, 0), ep(W, 50001), RuleMode.REDIRECT),
-        (ep(S_EXT, 0), ep(W, 50002), RuleMode.REDIRECT),
+        (ep(S_EXT, 0), ep(W, 50001), RuleMode.ALLOW),
+        (ep(S_EXT, 0), ep(W, 50002), RuleMode.ALLOW),
     ]
     t = run(DIALOGUES["feat-and-refusals"][1])
     assert t.client_lines() == [

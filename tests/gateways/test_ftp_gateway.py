@@ -43,7 +43,8 @@ class World:
         sock, fw = fw_socket(socket.SOCK_STREAM)
         self.servers.append(await tcp_server_at(fw, ftp))
         info = self.fake.new_flow(Proto.TCP, fw, self.gw.listen, gateway="ftp", client=flow.get("client", C),
-                                  original_dst=flow.get("original_dst", W), server=flow.get("server", S))
+                                  original_dst=flow.get("original_dst", W), server=flow.get("server", S),
+                                  snat=flow.get("snat"))
         reader, writer = await tcp_connect_from(sock, self.gw.listen)
         self.writers.append(writer)
         client = LineClient(reader, writer)
@@ -86,21 +87,25 @@ async def world(
                 server.close()
 
 
-def test_pasv_asks_for_an_exact_one_shot_rule_before_the_client_sees_227(log) -> None:
+@pytest.mark.parametrize("mode", ["allow", "inspect"])
+def test_pasv_asks_for_an_exact_one_shot_rule_before_the_client_sees_227(mode: str, log) -> None:
+    """Inbound passive: the client is told the router's address. allow: the kernel carries the
+    connection (the processor translates W to S), so nothing is expected here; inspect: it comes here."""
     async def main() -> None:
-        async with world() as w:
+        async with world(FtpSettings(data_channel=mode)) as w:
             server = MiniFtp(S.address)
             w.fake.drop_rule_requests = 1  # the first request is lost; the layer's resend is answered
             client, info = await w.login(server)
             client.writer.write(b"PASV\r\n")
             await wait_until(lambda: w.fake.rule_requests, what="the rule request")
             (_, req), = w.fake.rule_requests
+            wanted = RuleMode.ALLOW if mode == "allow" else RuleMode.REDIRECT
             assert (req.flow_id, req.src, req.dst, req.mode, req.one_shot, req.ttl) == (
-                info.flow_id, Endpoint(C.address, 0), Endpoint(W.address, PASV_PORT), RuleMode.REDIRECT, True, 15)
+                info.flow_id, Endpoint(C.address, 0), Endpoint(W.address, PASV_PORT), wanted, True, 15)
             with pytest.raises(asyncio.TimeoutError):
                 await client.line(timeout=0.3)  # no 227 yet: the rule is not in place
             assert await client.line(timeout=10) == b"227 Entering Passive Mode (203,0,113,1,195,80)."
-            assert w.gw.expected == 1
+            assert w.gw.expected == (mode == "inspect")
             assert await client.send(b"QUIT") == b"221 Goodbye."
             await wait_until(lambda: w.gw.active == 0, what="the session to end")
             assert w.gw.expected == 0  # the session's expectations end with it
@@ -110,12 +115,11 @@ def test_pasv_asks_for_an_exact_one_shot_rule_before_the_client_sees_227(log) ->
     assert [e["reason"] for e in events(log, "close")] == ["server_closed"]
 
 
-@pytest.mark.parametrize("inspect", [False, True])
-def test_passive_data_connection_is_relayed_intact(inspect: bool, log) -> None:
+def test_passive_data_connection_is_relayed_intact(log) -> None:
     payload = os.urandom(3 * MB + 17)
 
     async def main() -> None:
-        async with world(FtpSettings(data_channel="inspect" if inspect else "allow")) as w:
+        async with world(FtpSettings(data_channel="inspect")) as w:
             client, _ = await w.login(MiniFtp(S.address))
             assert (await client.send(b"PASV")).startswith(b"227")
 
@@ -137,7 +141,24 @@ def test_passive_data_connection_is_relayed_intact(inspect: bool, log) -> None:
 
     run(main())
     (data,) = events(log, "data")
-    assert data["to_client"] == len(payload) and data["reason"] == "done" and data["inspect"] is inspect
+    assert data["to_client"] == len(payload) and data["reason"] == "done" and data["inspect"] is True
+
+
+def test_allow_mode_expects_nothing_so_a_redirected_data_connection_is_reset() -> None:
+    """In allow mode the kernel carries every data connection: one that reaches the gateway anyway
+    (nothing asked for it) is not a data connection of the session."""
+    async def main() -> None:
+        async with world() as w:
+            client, _ = await w.login(MiniFtp(S.address))
+            assert (await client.send(b"PASV")).startswith(b"227")
+            assert w.fake.rule_requests[-1][1].mode is RuleMode.ALLOW and w.gw.expected == 0
+            r, _ = await w.data(Endpoint(C.address, 40001), Endpoint(W.address, PASV_PORT),
+                                Endpoint(S.address, PASV_PORT), lambda r, w: None)
+            with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+                await asyncio.wait_for(r.readexactly(1), 5)
+            assert w.gw.counters["refused.unexpected_flow"] == 1 and w.gw.counters["data.accepted"] == 0
+
+    run(main())
 
 
 def test_a_connection_neither_control_nor_expected_is_reset(log) -> None:
@@ -242,7 +263,7 @@ def test_refused_rule_gives_425() -> None:
 
 def test_rule_end_expired_drops_the_expectation() -> None:
     async def main() -> None:
-        async with world() as w:
+        async with world(FtpSettings(data_channel="inspect")) as w:
             client, _ = await w.login(MiniFtp(S.address))
             assert (await client.send(b"PASV")).startswith(b"227")
             assert w.gw.expected == 1
@@ -257,22 +278,46 @@ def test_rule_end_expired_drops_the_expectation() -> None:
     run(main())
 
 
-def test_outbound_active_announces_the_masquerade_address() -> None:
+@pytest.mark.parametrize("mode", ["allow", "inspect"])
+def test_outbound_active_announces_the_snat_address(mode: str) -> None:
+    """The processor says which address it SNATs the session to (NEW_FLOW's snat): the PORT names it,
+    and the rule is for it; in allow mode the processor translates it back to the client in the kernel."""
+    lan_client = Endpoint(A("192.168.1.10"), 40000)
+    ext_server = Endpoint(A("203.0.113.10"), 21)
+    router = Endpoint(A("203.0.113.1"), 61000)
+    rule_mode = RuleMode.ALLOW if mode == "allow" else RuleMode.REDIRECT
+
+    async def main() -> None:
+        async with world(FtpSettings(data_channel=mode)) as w:
+            server = MiniFtp(ext_server.address)
+            client, _ = await w.login(server, client=lan_client, original_dst=ext_server, server=ext_server,
+                                      snat=router)
+            assert await client.send(b"PORT 192,168,1,10,195,81") == b"200 PORT command successful."
+            assert server.lines[-1] == b"PORT 203,0,113,1,195,81"
+            (_, req), = w.fake.rule_requests
+            assert (req.src, req.dst, req.mode) == (Endpoint(ext_server.address, 0), Endpoint(router.address, 50001),
+                                                    rule_mode)
+            assert await client.send(b"PASV") == b"227 Entering Passive Mode (203,0,113,10,195,80)."
+            assert w.fake.rule_requests[-1][1].mode is rule_mode
+            assert w.gw.expected == (2 if mode == "inspect" else 0)
+
+    run(main())
+
+
+def test_without_snat_active_mode_announces_the_clients_own_address() -> None:
+    """A routed network (no masquerade): the processor signals no snat; the server is told the client itself."""
     lan_client = Endpoint(A("192.168.1.10"), 40000)
     ext_server = Endpoint(A("203.0.113.10"), 21)
 
     async def main() -> None:
-        async with world(FtpSettings(masquerade_address="203.0.113.1")) as w:
+        async with world() as w:
             server = MiniFtp(ext_server.address)
             client, _ = await w.login(server, client=lan_client, original_dst=ext_server, server=ext_server)
             assert await client.send(b"PORT 192,168,1,10,195,81") == b"200 PORT command successful."
-            assert server.lines[-1] == b"PORT 203,0,113,1,195,81"
+            assert server.lines[-1] == b"PORT 192,168,1,10,195,81"
             (_, req), = w.fake.rule_requests
-            assert (req.src, req.dst, req.mode) == (Endpoint(ext_server.address, 0), Endpoint(A("203.0.113.1"), 50001),
-                                                    RuleMode.REDIRECT)
-            # Passive from the same client goes through the kernel: nothing to translate.
-            assert await client.send(b"PASV") == b"227 Entering Passive Mode (203,0,113,10,195,80)."
-            assert w.fake.rule_requests[-1][1].mode is RuleMode.ALLOW
+            assert (req.src, req.dst, req.mode) == (Endpoint(ext_server.address, 0), Endpoint(lan_client.address, 50001),
+                                                    RuleMode.ALLOW)
 
     run(main())
 
@@ -382,23 +427,22 @@ def test_a_content_hook_that_cannot_load_is_one_line(tmp_path: Path) -> None:
 def test_settings_defaults_are_the_core_defaults() -> None:
     """``Policy()``'s defaults (the core's, for tests) are the config schema's."""
     assert FtpSettings().policy() == Policy()
-    s = FtpSettings.from_settings({"allow_commands": ("site",), "deny_commands": ("DELE",), "auth_tls": "allow",
-                                   "masquerade_address": "203.0.113.1"})
+    s = FtpSettings.from_settings({"allow_commands": ("site",), "deny_commands": ("DELE",), "auth_tls": "allow"})
     policy = s.policy()
     assert "SITE" in policy.allowed and "DELE" not in policy.allowed and policy.auth_tls
-    assert s.masquerade == A("203.0.113.1")
 
 
 def test_parties_from_signalling() -> None:
-    """Port-forwarded sessions keep the client's address; others take the masquerade address when it is set."""
-    w = A("203.0.113.1")
+    """The server sees the client as the processor's SNAT address when signalling gives one, else as itself."""
     forwarded = FlowInfo(1, Proto.TCP, "ftp", C, W, S, Endpoint(A("172.31.254.1"), 1024), Endpoint(GATEWAY, 20000))
-    assert parties_of(forwarded, w) == Parties(C.address, S.address, W.address, C.address)
+    assert parties_of(forwarded) == Parties(C.address, S.address, W.address, C.address)
     lan = Endpoint(A("192.168.1.10"), 40000)
     ext = Endpoint(A("198.51.100.7"), 21)
-    outbound = FlowInfo(2, Proto.TCP, "ftp", lan, ext, ext, Endpoint(A("172.31.254.1"), 1025), Endpoint(GATEWAY, 20000))
-    assert parties_of(outbound, w).client_seen_as == w
-    assert parties_of(outbound, None).client_seen_as == lan.address
+    routed = FlowInfo(2, Proto.TCP, "ftp", lan, ext, ext, Endpoint(A("172.31.254.1"), 1025), Endpoint(GATEWAY, 20000))
+    assert parties_of(routed) == Parties(lan.address, ext.address, ext.address, lan.address)
+    masqueraded = FlowInfo(**{**{f: getattr(routed, f) for f in FlowInfo.__dataclass_fields__},
+                              "snat": Endpoint(A("203.0.113.1"), 61000)})
+    assert parties_of(masqueraded).client_seen_as == A("203.0.113.1")
 
 
 @pytest.mark.parametrize("extra, reason", [(0, "done"), (1, "limit")])

@@ -5,7 +5,11 @@ client behind masquerade); curl, lftp and Python's ftplib as clients, in
 every mode they have; then the attacks of the issue against the running
 gateway. The router's policy drops what no rule passes, so every data
 connection that works crossed by the dynamic rule the gateway asked for.
-After each test no FTP rule is left, in the processor or in the kernel.
+In allow mode every data connection is carried by the kernel, translated by
+the processor's dynamic DNAT where the peer was told the router's address:
+the processor's queue sees none of its packets, and conntrack tracks it.
+After each test no FTP rule is left, in the processor or in the kernel
+(filter, DNAT, or the processor's expectations).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from tests.gateways.ftp_netns import (
     CURL_MODES,
     EXT,
     EXT2,
+    LAN,
     MB,
     WAN,
     FtpRunning,
@@ -91,8 +96,17 @@ def allow(module_lab_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> 
         unrig(r)
 
 
-def matrix(r: SimpleNamespace, size: int, cases: list[tuple[str, str, str]]) -> list[str]:
-    """Run (client, mode, get|put) in both directions; return what failed, with its output."""
+# A relayed 50 MB transfer puts tens of thousands of segments through the queue (every
+# data packet, on both legs); a session whose data the kernel carries queues only its
+# control dialogue and the data connection's SYN: 43-84 packets here (lftp says most),
+# whatever the size of the file.
+CONTROL_ONLY = 300
+
+
+def matrix(r: SimpleNamespace, size: int, cases: list[tuple[str, str, str]],
+           queued: dict[str, int] | None = None) -> list[str]:
+    """Run (client, mode, get|put) in both directions; return what failed, with its output.
+    ``queued``, if given, gets the packets each run put through the processor's queue."""
     digests = {
         "in": make_file(r.inbound.pub / "big.bin", size),
         "out": make_file(r.outbound.pub / "big.bin", size),
@@ -104,6 +118,7 @@ def matrix(r: SimpleNamespace, size: int, cases: list[tuple[str, str, str]]) -> 
             tag = f"{direction}-{tool}-{mode}-{op}"
             local = r.tmp / f"{tag}.bin"
             remote = ftpd.pub / f"{tag}.bin"
+            before = r.run.queued()
             if tool == "curl":
                 res = curl(r.lab, host, server, mode, get="big.bin", out=local) if op == "get" else curl(
                     r.lab, host, server, mode, put=r.up)
@@ -120,6 +135,8 @@ def matrix(r: SimpleNamespace, size: int, cases: list[tuple[str, str, str]]) -> 
             else:
                 ok = remote.exists() and sha256(remote) == up_digest
                 remote.unlink(missing_ok=True)
+            if queued is not None:
+                queued[tag] = r.run.queued() - before
             if res.returncode != 0 or not ok:
                 failures.append(f"{tag}: exit {res.returncode}, intact {ok}: {res.stdout[-300:]} {res.stderr[-300:]}")
     return failures
@@ -134,16 +151,69 @@ CLIENTS = (
 
 def test_every_client_and_mode_moves_50_mb_intact_in_both_nat_directions(allow: SimpleNamespace) -> None:
     """curl (EPSV, PASV, EPRT, PORT), lftp (passive, active) and ftplib (PASV, PORT) download and upload
-    50 MB through the gateway, inbound behind the port forward and outbound behind masquerade."""
+    50 MB through the gateway, inbound behind the port forward and outbound behind masquerade; in allow
+    mode the kernel carries every data connection, so the processor's queue sees only the control dialogues."""
     run = allow.run
-    failures = matrix(allow, BIG, CLIENTS)
+    queued: dict[str, int] = {}
+    failures = matrix(allow, BIG, CLIENTS, queued)
     assert not failures, "\n".join(failures) + "\n" + run.text()[-3000:]
     text = run.text()
-    # Inbound passive needed the router's address in the 227 (the gateway relays it);
-    # outbound active needed the masquerade address in the PORT (relayed too).
+    # Inbound passive needed the router's address in the 227; outbound active the router's
+    # SNAT address (NEW_FLOW's snat) in the PORT: both ALLOW now, translated by the processor.
     assert "direction=passive src=203.0.113.10:0 dst=203.0.113.1:" in text
     assert "direction=active src=203.0.113.10:0 dst=203.0.113.1:" in text
-    assert "mode=ALLOW" in text  # the others ran at kernel speed
+    modes = {g["mode"] for g in run.granted()}
+    assert modes == {"ALLOW"}, modes
+    assert " data reason=" not in text  # the gateway relayed no data connection
+    assert all(n < CONTROL_ONLY for n in queued.values()), queued
+    clean(run)
+
+
+def tracked(run: FtpRunning, port: int) -> list[tuple[list[str], list[str]]]:
+    """(original, reply) of each conntrack entry with ``port``, as [src, dst, sport, dport] each."""
+    out = []
+    for entry in run.conntrack(port):
+        fields = [f.split("=", 1)[1] for f in entry.split() if f.split("=", 1)[0] in ("src", "dst", "sport", "dport")]
+        out.append((fields[:4], fields[4:8]))
+    return out
+
+
+# (direction, curl mode, the connecting peer, the address it was told, where the kernel delivers it)
+FOUR_CASES = [
+    ("in", "pasv", EXT, WAN, LAN),  # the client was told W (the port forward): DNAT to the lan server
+    ("in", "port", LAN, EXT, EXT),  # the lan server connects out to the client: masquerade only
+    ("out", "pasv", LAN, EXT, EXT),  # the lan client connects out to the server: masquerade only
+    ("out", "port", EXT, WAN, LAN),  # the server was told W (the SNAT address): DNAT to the lan client
+]
+
+
+@pytest.mark.parametrize("direction, mode, peer, told, delivered", FOUR_CASES,
+                         ids=[f"{c[0]}bound-{c[1]}" for c in FOUR_CASES])
+def test_allow_mode_data_connections_are_the_kernels(allow: SimpleNamespace, direction: str, mode: str, peer: str,
+                                                    told: str, delivered: str) -> None:
+    """Each of the four cases: a 50 MB download queues no more packets than a 256 KiB one (only the
+    control dialogue is the processor's), conntrack tracks the data connection, with the DNAT where
+    the peer was told the router's address, and no rule is left after the session."""
+    run = allow.run
+    host, server, ftpd = ("ext", WAN, allow.inbound) if direction == "in" else ("lan", EXT, allow.outbound)
+    queued = {}
+    for name, size in (("small", SMALL), ("big", BIG)):
+        digest = make_file(ftpd.pub / f"{name}.bin", size)
+        local = allow.tmp / f"{direction}-{mode}-{name}.bin"
+        before = run.queued()
+        res = curl(allow.lab, host, server, mode, get=f"{name}.bin", out=local)
+        queued[name] = run.queued() - before
+        assert res.returncode == 0 and sha256(local) == digest, res.stderr
+        local.unlink()
+    grant = run.granted()[-1]
+    assert grant["mode"] == "ALLOW" and grant["dst"].rsplit(":", 1)[0] == told, grant
+    port = int(grant["dst"].rsplit(":", 1)[1])
+    assert queued["big"] - queued["small"] < 20, queued  # 50 MB is some 36,000 segments; here 0 or 1 more
+    # The data connection as conntrack has it (in TIME_WAIT after the transfer): the peer to the
+    # address it was told, answered from where the kernel delivered it (the DNAT, or none).
+    entries = tracked(run, port)
+    assert any(o[0] == peer and o[1] == told and o[3] == str(port) and r[0] == delivered and r[2] == str(port)
+               for o, r in entries), entries
     clean(run)
 
 

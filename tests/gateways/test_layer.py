@@ -15,6 +15,7 @@ from firewall.config import load
 from firewall.pools import EndpointPool, SliceBy, Slicing
 from firewall.signalling import (
     MAX_QUERY_ATTEMPTS,
+    VERSION,
     Answer,
     Encoder,
     Endpoint,
@@ -286,7 +287,9 @@ def test_forged_altered_stale_replayed_and_misdirected_datagrams_are_refused_and
     altered = good[:-1] + bytes([good[-1] ^ 1])
     stale = p.push(flow(serial=5), T0 - 60, copies=1)[0]
     reflected = Encoder(KEY, Role.GATEWAY).encode(Query(1, Proto.TCP, fw(9), AG), T0)
-    for data in (forged, altered, stale, reflected, b"", b"\x01" * 2000, good, good):
+    oversized = bytes([VERSION]) + b"\x01" * 1999
+    old_version = bytes([VERSION - 1]) + good[1:]  # a peer left on the previous layout
+    for data in (forged, altered, stale, reflected, b"", oversized, old_version, good, good):
         assert c.receive(data, T0) == []
     refused = {k: v for k, v in c.counters.items() if k.startswith("signalling.refused.")}
     assert refused == {
@@ -295,6 +298,7 @@ def test_forged_altered_stale_replayed_and_misdirected_datagrams_are_refused_and
         "signalling.refused.WRONG_DIRECTION": 1,
         "signalling.refused.TOO_SHORT": 1,
         "signalling.refused.MALFORMED": 1,  # a NEW_FLOW header on 2000 bytes
+        "signalling.refused.BAD_VERSION": 1,
         "signalling.refused.REPLAY": 1,
     }
     assert c.flows == 1 and c.counters["signalling.accepted"] == 1

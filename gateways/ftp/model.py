@@ -1,0 +1,113 @@
+"""The FTP core's vocabulary: what goes in (``Parties``, ``Policy``) and what comes out (the outputs).
+
+``FtpControl`` (``core``) is a sans-IO state machine; these are the plain
+values it is built from and the commands it hands its adapter (``gateway``),
+which carries them out in order:
+
+- ``ToClient`` / ``ToServer``: bytes for a peer;
+- ``RequestRule``: ask the processor for a dynamic rule for one data
+  connection; its answer goes back in through ``FtpControl.rule_answered``;
+- ``Opaque``: AUTH TLS succeeded; from now on relay bytes unchanged;
+- ``Close``: close both connections (after sending what came before);
+- ``Event``: something to count and log (a refusal, a rule).
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from firewall.signalling import Endpoint, RuleMode
+from gateways.ftp.commands import allowed_commands
+
+
+class DataChannel(enum.Enum):
+    """How data connections cross the router (``data_channel`` setting)."""
+
+    ALLOW = "allow"  # the kernel carries it (translated where the peer was told the router's address): full speed
+    INSPECT = "inspect"  # always through the gateway: size limit and content hook
+
+
+class Direction(enum.Enum):
+    PASSIVE = "passive"  # the client connects to the server (PASV, EPSV)
+    ACTIVE = "active"  # the server connects to the client (PORT, EPRT)
+
+
+@dataclass(frozen=True)
+class Parties:
+    """Who is who in one control session, from signalling (never from the protocol)."""
+
+    client: ipaddress.IPv4Address  # C, the client's real address
+    server: ipaddress.IPv4Address  # S, the server's real address
+    client_addressed: ipaddress.IPv4Address  # S', what the client connected to
+    client_seen_as: ipaddress.IPv4Address | None  # C, or the router's SNAT address W; None: unknown
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The core's settings (``FtpSettings`` builds one from ``[gateway.settings]``)."""
+
+    data_channel: DataChannel = DataChannel.ALLOW
+    auth_tls: bool = False  # False: AUTH is refused (534) and hidden from FEAT
+    allowed: frozenset[str] = field(default_factory=allowed_commands)
+    max_line_length: int = 2048
+    max_username_length: int = 256
+    max_password_length: int = 256
+    max_bad_commands: int = 5
+    max_login_failures: int = 3
+
+
+# ---- outputs --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ToClient:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ToServer:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class RequestRule:
+    """Ask for one data connection src -> dst; answer with ``rule_answered(token, granted)``.
+
+    ``mode`` ALLOW: the kernel carries it. REDIRECT: it comes into the
+    gateway (as a connection from src to dst), which relays it, and
+    inspects it when ``inspect`` is set.
+    """
+
+    token: int
+    direction: Direction
+    src: Endpoint  # port 0: any
+    dst: Endpoint  # also what the connecting peer is told (the PORT or 227 address and port)
+    mode: RuleMode
+    inspect: bool
+
+
+@dataclass(frozen=True)
+class Opaque:
+    """AUTH succeeded: relay bytes unchanged from now on, starting with these."""
+
+    to_server: bytes
+    to_client: bytes
+
+
+@dataclass(frozen=True)
+class Close:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something to count and log: ``name`` is the counter, ``fields`` the log line's details."""
+
+    name: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+Output = Union[ToClient, ToServer, RequestRule, Opaque, Close, Event]
