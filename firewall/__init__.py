@@ -11,6 +11,8 @@
 - ``flows``: bindings and the flow table, with expiry by TCP state and idle time.
 - ``signalling``: the authenticated UDP protocol between the processor and
   the gateways' deNAT/reNAT layer (docs/signalling.md).
+- ``eventlog``: the one-line-per-event log format (text or JSON) that the
+  gateways and the tunnel share.
 - ``lab``: topologies as data, built as network namespaces with pyroute2.
 - ``cli``: the ``nfgate`` command.
 """
