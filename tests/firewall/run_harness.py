@@ -121,19 +121,27 @@ def probe(lab, host: str, dst: str, port: int, proto: str = "tcp", timeout: floa
 
 
 class Running:
-    """`nfgate run` in the lab router, its log, and its control socket."""
+    """`nfgate run` in the lab router, its log, and its control socket.
 
-    def __init__(self, lab, tmp: Path, queues: str = "[0]"):
+    ``config`` is a template: ``{gwns}`` and ``{tmp}`` are filled in, and so
+    is each of ``fields`` (this module's CONFIG takes ``queues``).
+    """
+
+    def __init__(self, lab, tmp: Path, queues: str = "[0]", config: str = CONFIG, **fields: str):
         self.lab = lab
         self.gwns = f"{lab.prefix}-gw"
         self.path = tmp / "nfgate.toml"
-        self.path.write_text(CONFIG.format(gwns=self.gwns, tmp=tmp, queues=queues))
+        self.path.write_text(config.format(gwns=self.gwns, tmp=tmp, queues=queues, **fields))
         self.control = tmp / "run" / "control.sock"
         self.log_path = tmp / "run.log"
         self.log = open(self.log_path, "w")
         argv = [sys.executable, "-m", "firewall.cli", "run", "-c", str(self.path), "--backend", "iptables"]
         self.proc = lab.popen("router", argv, stdout=self.log, stderr=subprocess.STDOUT)
-        wait_for(self.ready, timeout=20, interval=0.1, what="nfgate run to start every process")
+        try:
+            wait_for(self.ready, timeout=30, interval=0.1, what="nfgate run to start every process")
+        except BaseException:
+            self.stop()
+            raise
 
     def ask(self, cmd: str):
         return ask(self.control, {"cmd": cmd})
@@ -151,6 +159,13 @@ class Running:
     def text(self) -> str:
         return self.log_path.read_text()
 
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=30)
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode

@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from firewall.lab.wait import wait_for
-from firewall.supervisor import ask
+from tests.firewall.run_harness import Running
 
 EXT = "203.0.113.10"
 EXT2 = "203.0.113.11"  # a third host on the wan side
@@ -175,37 +173,11 @@ class Vsftpd:
         self.log.close()
 
 
-class FtpRunning:
+class FtpRunning(Running):
     """`nfgate run` with the ftp gateway in the lab router; its log and control socket."""
 
     def __init__(self, lab: Any, tmp: Path, data_channel: str = "allow") -> None:
-        self.lab = lab
-        self.gwns = f"{lab.prefix}-gw"
-        self.path = tmp / "nfgate.toml"
-        self.path.write_text(CONFIG.format(gwns=self.gwns, tmp=tmp, data_channel=data_channel))
-        self.control = tmp / "run" / "control.sock"
-        self.log_path = tmp / "run.log"
-        self.log = open(self.log_path, "w")
-        argv = [sys.executable, "-m", "firewall.cli", "run", "-c", str(self.path), "--backend", "iptables"]
-        self.proc = lab.popen("router", argv, stdout=self.log, stderr=subprocess.STDOUT)
-        try:
-            wait_for(self.ready, timeout=30, interval=0.1, what="nfgate run to start every process")
-        except BaseException:
-            self.stop()
-            raise
-
-    def ask(self, cmd: str) -> Any:
-        return ask(self.control, {"cmd": cmd})
-
-    def ready(self) -> bool:
-        try:
-            procs = self.ask("status")["processes"]
-        except (OSError, ValueError):
-            return False
-        return all(p["state"] == "running" for p in procs) and "ready" in self.text()
-
-    def text(self) -> str:
-        return self.log_path.read_text()
+        super().__init__(lab, tmp, config=CONFIG, data_channel=data_channel)
 
     def processor_rules(self) -> int:
         return int(self.ask("status")["processors"]["processor-0"]["rules"])
@@ -235,17 +207,6 @@ class FtpRunning:
     def clean(self) -> bool:
         """No FTP rule or expectation left: none in the processor, none in the kernel."""
         return self.processor_rules() == 0 and not self.kernel_rules()
-
-    def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
 
 
 # ---- clients -----------------------------------------------------------------------------------
