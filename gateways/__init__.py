@@ -13,6 +13,8 @@ by connecting back to F:f, where the processor restores it (docs/datapath.md).
   ``instances`` (which processor instance owns a flow, where each listens),
   ``endpoint`` (``GatewayLayer``, the asyncio adapter, leg B),
   ``events`` (one log line per event, text or JSON).
+- ``tcp_server``: what every TCP gateway shares: listening on G:g, a task per
+  connection, errors contained, bounded close, ``reset``.
 - ``tcp_relay``: the ``tcp-relay`` kind: relays TCP both ways with
   half-close, resets and limits, and logs each connection's real addresses.
 - ``udp_relay``: the ``udp-relay`` kind: the same for UDP flows, one leg B

@@ -28,12 +28,7 @@ Limits come from the gateway's ``[gateway.settings]`` (firewall/config/settings.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
-import logging
-import socket
-import struct
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -41,16 +36,12 @@ from firewall.config.settings import KIND_SETTINGS
 from firewall.signalling import Endpoint, Proto
 from gateways.layer import EventLog, FlowUnknown, GatewayLayer, Hold
 from gateways.layer.endpoint import STREAM_LIMIT, endpoint_of
+from gateways.tcp_server import CLOSE_FLUSH_TIMEOUT, TcpGateway, reset
 
 # One read's worth: the StreamReader buffer size, so a read never waits for
 # more than the reader can hold, and a full buffer is one write downstream.
 READ_CHUNK = STREAM_LIMIT
 
-# How long a closing leg may take to flush what is buffered for it before it
-# is dropped; a peer that stopped reading must not keep a slot forever.
-CLOSE_FLUSH_TIMEOUT = 5.0
-
-_LINGER_RESET = struct.pack("ii", 1, 0)  # l_onoff=1, l_linger=0: close() sends RST
 _DEFAULTS = KIND_SETTINGS["tcp-relay"]
 
 
@@ -65,15 +56,6 @@ class TcpRelaySettings:
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> "TcpRelaySettings":
         return cls(**{k: settings[k] for k in ("max_connections", "idle_timeout", "connect_timeout") if k in settings})
-
-
-def reset(writer: asyncio.StreamWriter) -> None:
-    """Close with RST: what a TCP peer sees when a connection is refused or aborted."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    writer.transport.abort()
 
 
 class _Leg(enum.Enum):
@@ -94,8 +76,10 @@ class _Connection:
         self.down = 0  # server -> client bytes
 
 
-class TcpRelay:
+class TcpRelay(TcpGateway):
     """The tcp-relay gateway: an asyncio server on G:g in front of a ``GatewayLayer``."""
+
+    read_limit = STREAM_LIMIT
 
     def __init__(
         self,
@@ -105,13 +89,8 @@ class TcpRelay:
         settings: TcpRelaySettings,
         log: EventLog,
     ) -> None:
-        self.layer = layer
-        self.listen = listen
+        super().__init__(layer, listen=listen, log=log)
         self.settings = settings
-        self.log = log
-        self.counters: Counter[str] = Counter()
-        self._server: asyncio.AbstractServer | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
         self._active = 0
 
     @property
@@ -119,43 +98,7 @@ class TcpRelay:
         """Connections accepted and not yet closed (those over the limit never count)."""
         return self._active
 
-    async def start(self) -> None:
-        """Listen on G:g. OSError if the address is not here."""
-        self._server = await asyncio.start_server(
-            self._on_connection,
-            str(self.listen.address),
-            self.listen.port,
-            limit=STREAM_LIMIT,
-            backlog=socket.SOMAXCONN,
-        )
-        port = self._server.sockets[0].getsockname()[1]
-        self.listen = Endpoint(self.listen.address, port)
-
-    async def close(self, grace: float) -> None:
-        """Stop accepting; let live connections finish for up to ``grace`` seconds, then reset them."""
-        if self._server is not None:
-            self._server.close()
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=grace)
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=CLOSE_FLUSH_TIMEOUT)
-
     # ---- one connection -------------------------------------------------------------------
-
-    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            await self._serve(reader, writer)
-        except Exception as exc:  # a bug in one connection must not take the gateway down
-            self.counters["errors.internal"] += 1
-            self.log.emit("error", logging.ERROR, error=repr(exc))
-            reset(writer)
-        finally:
-            self._tasks.discard(task)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         fw = endpoint_of(writer.get_extra_info("peername"))

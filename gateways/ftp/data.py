@@ -32,7 +32,7 @@ from typing import Callable
 
 from firewall.errors import UsageError
 from firewall.signalling import FlowInfo
-from gateways.tcp_relay import reset
+from gateways.tcp_server import reset
 
 # One read: a quarter MiB keeps the per-chunk Python cost small against the
 # bytes moved, and bounds what one connection buffers.

@@ -37,8 +37,6 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import socket
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -63,7 +61,7 @@ from gateways.ftp.core import (
 from gateways.ftp.data import DATA_CHUNK, ContentHook, Transfer, load_hook, relay
 from gateways.layer import EventLog, FlowUnknown, GatewayLayer, Hold, RuleError
 from gateways.layer.endpoint import endpoint_of
-from gateways.tcp_relay import reset
+from gateways.tcp_server import CLOSE_FLUSH_TIMEOUT, TcpGateway, reset
 
 _DEFAULTS = KIND_SETTINGS["ftp"]
 
@@ -73,7 +71,6 @@ CONTROL_CHUNK = 1 << 14  # control lines are short; a read never needs more
 # REDIRECT can overtake the connection's accept by a few milliseconds.
 EXPECT_GRACE = 5.0
 
-CLOSE_FLUSH_TIMEOUT = 5.0
 
 # Which events are worth a log line of their own (the rest are only counted).
 _LOGGED = ("refused.", "rule.", "data.", "auth_tls.")
@@ -140,8 +137,10 @@ class _Expectation:
         self.timer: asyncio.TimerHandle | None = None
 
 
-class FtpGateway:
+class FtpGateway(TcpGateway):
     """The ftp gateway: an asyncio server on G:g in front of a ``GatewayLayer``."""
+
+    read_limit = DATA_CHUNK
 
     def __init__(
         self,
@@ -153,16 +152,11 @@ class FtpGateway:
         control_ports: frozenset[int] | None = None,
         hook: ContentHook | None = None,
     ) -> None:
-        self.layer = layer
-        self.listen = listen
+        super().__init__(layer, listen=listen, log=log)
         self.settings = settings
         self.policy = settings.policy()
-        self.log = log
         self.control_ports = control_ports  # None: every port is a control port (tests)
         self.hook = hook
-        self.counters: Counter[str] = Counter()
-        self._server: asyncio.AbstractServer | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
         self._sessions: set[_Session] = set()
         self._data = 0
         self._expected: dict[ExpectKey, _Expectation] = {}
@@ -184,25 +178,6 @@ class FtpGateway:
     def expected(self) -> int:
         """Data connections the gateway waits for (REDIRECT rules it holds)."""
         return len(self._expected)
-
-    async def start(self) -> None:
-        """Listen on G:g. OSError if the address is not here."""
-        self._server = await asyncio.start_server(
-            self._on_connection, str(self.listen.address), self.listen.port, limit=DATA_CHUNK, backlog=socket.SOMAXCONN
-        )
-        port = self._server.sockets[0].getsockname()[1]
-        self.listen = Endpoint(self.listen.address, port)
-
-    async def close(self, grace: float) -> None:
-        """Stop accepting; let sessions and transfers finish for up to ``grace`` seconds, then reset them."""
-        if self._server is not None:
-            self._server.close()
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=grace)
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=CLOSE_FLUSH_TIMEOUT)
 
     # ---- expectations ------------------------------------------------------------------------
 
@@ -233,19 +208,6 @@ class FtpGateway:
         return exp
 
     # ---- connections ---------------------------------------------------------------------------
-
-    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            await self._serve(reader, writer)
-        except Exception as exc:  # a bug in one connection must not take the gateway down
-            self.counters["errors.internal"] += 1
-            self.log.emit("error", logging.ERROR, error=repr(exc))
-            reset(writer)
-        finally:
-            self._tasks.discard(task)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         fw = endpoint_of(writer.get_extra_info("peername"))
