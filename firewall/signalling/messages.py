@@ -236,10 +236,9 @@ class NewFlow:
 
 
 @dataclass(frozen=True, slots=True)
-class Query:
-    """Gateway -> processor: who is the flow F:f -> G:g of ``proto``? (the seed's pull)"""
+class _TupleQuestion:
+    """The fields a QUERY asks with and a NOT_FOUND echoes."""
 
-    TYPE: ClassVar[MsgType] = MsgType.QUERY
     query_id: int
     proto: Proto
     firewall_side: Endpoint
@@ -249,6 +248,13 @@ class Query:
         _check_u64("query_id", self.query_id)
         _coerce(self, "proto", Proto)
         _check_endpoints(self, "firewall_side", "ag")
+
+
+@dataclass(frozen=True, slots=True)
+class Query(_TupleQuestion):
+    """Gateway -> processor: who is the flow F:f -> G:g of ``proto``? (the seed's pull)"""
+
+    TYPE: ClassVar[MsgType] = MsgType.QUERY
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,19 +272,10 @@ class Answer:
 
 
 @dataclass(frozen=True, slots=True)
-class NotFound:
+class NotFound(_TupleQuestion):
     """Processor -> gateway: no binding for the queried tuple; echoes the query."""
 
     TYPE: ClassVar[MsgType] = MsgType.NOT_FOUND
-    query_id: int
-    proto: Proto
-    firewall_side: Endpoint
-    ag: Endpoint
-
-    def __post_init__(self) -> None:
-        _check_u64("query_id", self.query_id)
-        _coerce(self, "proto", Proto)
-        _check_endpoints(self, "firewall_side", "ag")
 
 
 @dataclass(frozen=True, slots=True)
