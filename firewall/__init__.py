@@ -8,7 +8,7 @@
 - ``packet``: parse and rewrite IPv4 TCP/UDP headers in place with RFC 1624
   incremental checksums (the processor's hot path; no scapy).
 - ``pools``: O(1) allocation of the double NAT's endpoints, sliced per instance.
-- ``flows``: bindings and the flow table, with expiry by TCP state and idle time.
+- ``flows``: bindings and the binding table; a binding lives as long as its conntrack entries.
 - ``signalling``: the authenticated UDP protocol between the processor and
   the gateways' deNAT/reNAT layer (docs/signalling.md).
 - ``eventlog``: the one-line-per-event log format (text or JSON) that the

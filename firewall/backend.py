@@ -13,9 +13,15 @@ nft's ``queue`` expression (CONFIG_NFT_QUEUE off, as on our machines); then
 iptables-nft, whose xt NFQUEUE target works there. The probe is ``nft -c``,
 which asks the kernel without committing anything.
 
-Flush finds nfgate's objects by name (``table inet nfgate``, chains
-``NFGATE-*`` and the jumps to them) in every backend, so it needs no state
-file and also cleans up after a backend switch. Nothing else is touched.
+With gateways, the binding table (``table ip nfgate_bind``, the NAT maps
+through which the kernel carries gateway flows: ``firewall.rules.bind``) is
+native nftables with every backend: in the same ``nft -f`` transaction as
+the nft ruleset, or loaded by ``nft -f`` just before the iptables tables.
+
+Flush finds nfgate's objects by name (``table inet nfgate``, ``table ip
+nfgate_bind``, chains ``NFGATE-*`` and the jumps to them) in every backend,
+so it needs no state file and also cleans up after a backend switch.
+Nothing else is touched.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from firewall.errors import KernelError, UsageError
+from firewall.rules import bind
 from firewall.rules import iptables as ipt
 from firewall.rules import nft
 from firewall.rules.model import Ruleset
@@ -89,19 +96,27 @@ def choose(wanted: str, rs: Ruleset) -> Choice:
     )
 
 
+def _nft_load(text: str, dry_run: bool, report: Report, done: str) -> None:
+    if dry_run:
+        report.actions.append("would run: nft -f - <<EOF\n" + text + "EOF")
+        return
+    result = _run(["nft", "-f", "-"], text)
+    if result.returncode != 0:
+        raise KernelError(_nft_refusal(result.stderr))
+    report.actions.append(done)
+
+
 def apply(rs: Ruleset, backend: str, dry_run: bool = False) -> Report:
     report = Report(backend)
     if backend == "nft":
-        text = nft.render(rs)
-        if dry_run:
-            report.actions.append("would run: nft -f - <<EOF\n" + text + "EOF")
-        else:
-            result = _run(["nft", "-f", "-"], text)
-            if result.returncode != 0:
-                raise KernelError(_nft_refusal(result.stderr))
-            report.actions.append(f"nft: replaced table inet {nft.TABLE} ({_count(rs)})")
+        _nft_load(nft.render(rs), dry_run, report, f"nft: replaced table inet {nft.TABLE} ({_count(rs)})")
     else:
+        if rs.bind is not None:
+            _nft_load(bind.render(*rs.bind), dry_run, report,
+                      f"nft: replaced table {bind.FAMILY} {bind.TABLE} (the gateway flows' NAT maps)")
         _apply_iptables(rs, backend, dry_run, report)
+    if not dry_run and rs.bind is None:
+        report.actions += _remove_bind()
     if not dry_run:
         # A backend switch must not leave the old rules working beside the new ones.
         for other in BACKENDS:
@@ -114,7 +129,18 @@ def flush() -> list[str]:
     actions: list[str] = []
     for backend in BACKENDS:
         actions += remove(backend)
+    actions += _remove_bind()
     return actions or ["nothing of nfgate's was installed"]
+
+
+def _remove_bind() -> list[str]:
+    """The binding table belongs to every backend: only flush, or a ruleset without gateways, removes it."""
+    if shutil.which("nft") is None or _run(["nft", "list", "table", bind.FAMILY, bind.TABLE]).returncode != 0:
+        return []
+    result = _run(["nft", "delete", "table", bind.FAMILY, bind.TABLE])
+    if result.returncode != 0:
+        raise KernelError(f"nft refused to delete table {bind.FAMILY} {bind.TABLE}: {result.stderr.strip()}")
+    return [f"nft: deleted table {bind.FAMILY} {bind.TABLE}"]
 
 
 def remove(backend: str) -> list[str]:

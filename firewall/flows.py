@@ -1,59 +1,48 @@
-"""The double-NAT flow table: one ``Binding`` per redirected flow, found in O(1) from any packet.
+"""The double-NAT binding table: one ``Binding`` per gateway flow, found in O(1).
 
-Theory of operation (DESIGN invariant 2; the seed's "Connection
-identification" and "Packet restoration" sections). A client C:c opens a flow
-to S:s (or to R:r, a port forward whose real target is S:s). The processor
-gives it a binding and NATs each packet twice:
+Theory of operation (DESIGN invariants 2 and 3; the seed's "Connection
+identification" and "Packet restoration"). A client C:c opens a flow to S:s
+(or to R:r, a port forward whose real target is S:s). The processor gives it
+a binding; the kernel carries both legs through the binding table's NAT maps
+(``firewall.rules.bind``), keyed by each connection's original tuple:
 
-====================  ====================  ===========================
-direction             arrives as            leaves as (``target``)
-====================  ====================  ===========================
-``CLIENT_TO_AG``      C:c -> S:s (R:r)      F:f -> G:g   (leg A, into the AG)
-``AG_TO_CLIENT``      G:g -> F:f            S:s (R:r) -> C:c
-``AG_TO_SERVER``      G:e -> F:f            C:c (W:w) -> S:s  (leg B)
-``SERVER_TO_AG``      S:s -> C:c (W:w)      F:f -> G:e
-====================  ====================  ===========================
+==========  ======================  =====================================
+connection  original tuple          translated to (``leg_a`` / ``leg_b``)
+==========  ======================  =====================================
+leg A       C:c -> S:s (R:r)        F:f -> G:g   (into the AG)
+leg B       G:e -> F:f              C:c (W:w) -> S:s  (the swap, to the server)
+==========  ======================  =====================================
 
+Replies follow each connection's reply tuple: conntrack un-NATs them.
 F:f comes from the firewall-side pool and is unique per binding, which is
 what makes the 4-tuple the AG sees unique (the seed's answer to the "ftp1 /
-ftp2" confusion). G:g is the AG's listen endpoint. G:e is the AG's own
-ephemeral port for leg B: the seed's "swap" has the AG address F:f, and the
-processor learns e from the first such packet that is not from G:g. W:w is
-the router's wan address and a port from the SNAT pool, used when leg B
-leaves through masquerade (NOTRACKed packets get no kernel NAT).
+ftp2" confusion). G:g is the AG's listen endpoint; G:e the AG's own port for
+leg B, learnt from leg B's first packet. W:w is the router's address and a
+port from the SNAT pool, used when leg B leaves through masquerade (the
+binding's own SNAT takes the place of the masquerade for that connection).
 
-Keys. Every binding is indexed under exactly three ints in one dict:
+Keys. Every binding is indexed under three ints in one dict:
 
-- ``client_key = flow_key(proto, C, c, S|R, s|r)``: what the client sends;
-- ``server_key = flow_key(proto, S, s, C|W, c|w)``: what the server sends;
-- ``fw = fw_key(proto, F, f)``: both AG directions; the source port then
-  tells leg A (g) from leg B (e), so e needs no key of its own.
+- ``client_key = flow_key(proto, C, c, S|R, s|r)``: leg A's original tuple;
+- ``server_key = flow_key(proto, S, s, C|W, c|w)``: leg B's reply tuple, so no
+  two bindings can make the server see the same connection;
+- ``fw = fw_key(proto, F, f)``: leg B's destination; its source port is e.
 
 ``flow_key`` packs proto(8) src(32) dst(32) sport(16) dport(16) into one int
 of >= 2**96; ``fw_key`` packs proto(8) addr(32) port(16) below 2**56, so the
-kinds cannot collide and one lookup per packet finds binding and direction.
-The binding stores the same int objects the dict holds, and reads its
-addresses back out of them, so a key costs no memory twice. A binding is a
-plain record (ints, one shared ``AgEndpoint``), enough for a later issue to
-install it as kernel NAT; ``Binding.record()`` spells it out.
+kinds cannot collide. The binding stores the same int objects the dict
+holds, and reads its addresses back out of them.
 
-Expiry. Conntrack never sees these flows (they are NOTRACKed after the
-rewrite, DESIGN invariant 3), so the table keeps the TCP state it needs to
-let go: a leg is done after FIN both ways or an RST; when both legs are done
-(or leg A is and leg B never started) the flow is closing and gets the short
-``tcp_closing`` timeout. Until the client's first ACK a TCP flow has the
-``tcp_handshake`` timeout (a SYN flood must not pin pool entries for an
-hour), then ``tcp_idle``; UDP has ``udp_idle``. All are idle timeouts: a
-packet restarts them. Times are whole seconds ("ticks").
-
-A timer wheel keeps ``expire`` from scanning the table: one bucket per tick,
-each a circular doubly-linked ring threaded through the bindings' own
-``_prev``/``_next`` slots, so a binding is unlinked in O(1) when removed or
-moved and a dead binding is never kept alive by a far-future bucket. A packet
-only stores ``last_seen``; the bucket a binding sits in is a lower bound of
-its deadline, re-checked when the bucket comes due (lazy re-check), and moved
-early only when the deadline shrinks (entering closing). Each binding is
-touched O(1) times per timeout period.
+Lifetime is conntrack's (invariant 3): a binding ends when the kernel has
+destroyed leg A's connection and leg B's (or leg B never started). The
+processor learns that from ctnetlink destroy events (``leg_gone``). A first
+packet the kernel drops after the processor's verdict, before conntrack
+confirms its connection, makes no event; so a binding whose leg A has not
+shown itself alive (leg B's arrival is proof enough) is due for a check
+against conntrack ``confirm`` seconds after it opened. A timer wheel holds
+those checks, one bucket per second: each a circular doubly-linked ring
+threaded through the bindings' own ``_prev``/``_next`` slots, so a binding
+leaves it in O(1) and ``due`` never scans the table.
 """
 
 from __future__ import annotations
@@ -65,7 +54,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from firewall.config.model import Timeouts
-from firewall.packet import ACK, FIN, RST, SYN, TCP, Packet
 from firewall.pools import EndpointPool
 
 M16 = 0xFFFF
@@ -82,26 +70,12 @@ def fw_key(proto: int, addr: int, port: int) -> int:
     return proto << 48 | addr << 16 | port
 
 
-class Direction(enum.IntEnum):
-    """Which of the four packet paths of a binding a packet is on (table above)."""
-
-    CLIENT_TO_AG = 0
-    AG_TO_CLIENT = 1
-    AG_TO_SERVER = 2
-    SERVER_TO_AG = 3
-
-
 class FlowState(enum.IntFlag):
-    """The bits of ``Binding.state``. Stored as a plain int below 256, which
-    CPython shares, so the state costs a binding nothing but its slot."""
+    """The bits of ``Binding.state``, a plain int below 256 (CPython shares those)."""
 
-    FIN_FROM_CLIENT = 1
-    FIN_FROM_AG_A = 2  # the AG's FIN to the client, leg A
-    FIN_FROM_AG_B = 4  # the AG's FIN to the server, leg B
-    FIN_FROM_SERVER = 8
-    RST_A = 16
-    RST_B = 32
-    ESTABLISHED = 64  # the client ACKed the AG's SYN-ACK
+    A_ALIVE = 1  # leg A's connection is confirmed: its end comes as a destroy event
+    A_GONE = 2  # conntrack destroyed leg A's connection
+    B_GONE = 4  # conntrack destroyed leg B's connection
     SNAT = 128  # leg B uses W:w from the SNAT pool
 
 
@@ -114,25 +88,10 @@ class Refusal(enum.Enum):
     CONFLICT = "another binding already uses one of this flow's tuples"
 
 
-_C2A = Direction.CLIENT_TO_AG
-_A2C = Direction.AG_TO_CLIENT
-_A2S = Direction.AG_TO_SERVER
-_S2A = Direction.SERVER_TO_AG
-
-_FIN_BIT = (1, 2, 4, 8)  # FIN_FROM_* by Direction
-_RST_BIT = (16, 16, 32, 32)  # RST_A or RST_B by Direction
-_LEG_A_FINS = 3
-_LEG_B_FINS = 12
-_LEG_B_BITS = 4 | 8 | 32
-_ESTABLISHED = 64
+_A_ALIVE = 1
+_A_GONE = 2
+_B_GONE = 4
 _SNAT = 128
-_SYN_ACK_RST = SYN | ACK | RST
-
-
-def _closing(state: int, leg_b_started: bool) -> bool:
-    leg_a = state & 16 or state & _LEG_A_FINS == _LEG_A_FINS
-    leg_b = not leg_b_started or state & 32 or state & _LEG_B_FINS == _LEG_B_FINS
-    return bool(leg_a and leg_b)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +125,7 @@ class _Ring:
 class Binding:
     """One double-NATed flow. Addresses and ports are read out of the packed keys.
 
-    Build one with ``FlowTable.open``; ``created``/``last_seen`` are ticks
+    Build one with ``FlowTable.open``; ``created`` and ``check_at`` are ticks
     (whole seconds of the clock the table is given).
     """
 
@@ -175,7 +134,7 @@ class Binding:
     fw: int
     gateway: AgEndpoint
     created: int
-    last_seen: int
+    check_at: int
     ag_eport: int | None = None
     state: int = 0
     _prev: Any = field(default=None, repr=False)
@@ -222,28 +181,26 @@ class Binding:
         return bool(self.state & _SNAT)
 
     @property
-    def established(self) -> bool:
-        return bool(self.state & _ESTABLISHED)
+    def ended(self) -> bool:
+        """Both legs are gone in the kernel (or leg A is and leg B never started)."""
+        st = self.state
+        return bool(st & _A_GONE and (self.ag_eport is None or st & _B_GONE))
 
-    @property
-    def closing(self) -> bool:
-        return self.fw >> 48 == TCP and _closing(self.state, self.ag_eport is not None)
+    def leg_a(self) -> tuple[tuple[int, int, int, int], tuple[int, int], tuple[int, int]]:
+        """(original tuple, DNAT to G:g, SNAT to F:f) of leg A, for the NAT maps."""
+        k = self.client_key
+        g = self.gateway
+        f = self.fw
+        return (k >> 64 & M32, k >> 16 & M16, k >> 32 & M32, k & M16), (g.addr, g.port), (f >> 16 & M32, f & M16)
 
-    def target(self, direction: Direction) -> tuple[int, int, int, int]:
-        """(src, sport, dst, dport) to rewrite a packet on ``direction`` to."""
-        if direction == _C2A:
-            f = self.fw
-            g = self.gateway
-            return f >> 16 & M32, f & M16, g.addr, g.port
-        if direction == _S2A:
-            e = self.ag_eport
-            if e is None:
-                raise ValueError("no leg B yet: the AG has not opened its connection to F:f")
-            f = self.fw
-            return f >> 16 & M32, f & M16, self.gateway.addr, e
-        # The two restorations send the key of the opposite direction back, swapped.
-        k = self.client_key if direction == _A2C else self.server_key
-        return k >> 32 & M32, k & M16, k >> 64 & M32, k >> 16 & M16
+    def leg_b(self) -> tuple[tuple[int, int, int, int], tuple[int, int], tuple[int, int]]:
+        """(original tuple, DNAT to S:s, SNAT to C:c or W:w) of leg B, once G:e is known."""
+        e = self.ag_eport
+        if e is None:
+            raise ValueError("no leg B yet: the AG has not opened its connection to F:f")
+        f = self.fw
+        k = self.server_key
+        return (self.gateway.addr, e, f >> 16 & M32, f & M16), (k >> 64 & M32, k >> 16 & M16), (k >> 32 & M32, k & M16)
 
     def record(self) -> dict[str, Any]:
         """The binding as plain values: for logs, signalling, or installing as kernel NAT."""
@@ -263,7 +220,6 @@ class Binding:
             "ag_eport": self.ag_eport,
             "snat": ep(self.visible_client) if self.snat else None,
             "created": self.created,
-            "last_seen": self.last_seen,
             "state": FlowState(self.state),
         }
 
@@ -276,7 +232,7 @@ def _ticks(seconds: float) -> int:
 
 
 class FlowTable:
-    """Bindings by key, their pool entries, and their expiry.
+    """Bindings by key, their pool entries, and their confirmation checks.
 
     ``fw_pool`` supplies F:f (and should be this instance's slice);
     ``snat_pool``, if given, supplies W:w for ``open(..., snat=True)``.
@@ -291,41 +247,30 @@ class FlowTable:
         *,
         now: float = 0.0,
     ) -> None:
-        self._t_tcp_idle = _ticks(timeouts.tcp_idle)
-        self._t_closing = _ticks(timeouts.tcp_closing)
-        self._t_handshake = _ticks(timeouts.tcp_handshake)
-        self._t_udp_idle = _ticks(timeouts.udp_idle)
+        self._t_confirm = _ticks(timeouts.confirm)
         self._fw_pool = fw_pool
         self._snat_pool = snat_pool
         self._index: dict[int, Binding] = {}
         self._wheel: dict[int, _Ring] = {}
         self._tick = int(now)
-        self._next_tick = self._tick  # the first wheel bucket expire() has not emptied
+        self._next_tick = self._tick  # the first wheel bucket due() has not emptied
         self._per_gateway: dict[str, int] = {}
         self._count = 0
-        self.recycled = 0  # closing bindings replaced by a new SYN on the same tuple
 
     # ---- clock and wheel ------------------------------------------------------------
 
     def _clock(self, now: float) -> int:
-        # Reuse one int object per second: every binding touched in that second
+        # Reuse one int object per second: every binding made in that second
         # then shares it instead of holding its own.
         t = int(now)
         if t > self._tick:
             self._tick = t
         return self._tick
 
-    def _timeout(self, b: Binding) -> int:
-        if b.fw >> 48 != TCP:
-            return self._t_udp_idle
-        st = b.state
-        if _closing(st, b.ag_eport is not None):
-            return self._t_closing
-        return self._t_tcp_idle if st & _ESTABLISHED else self._t_handshake
-
     def _schedule(self, b: Binding, deadline: int) -> None:
         if deadline < self._next_tick:
             deadline = self._next_tick
+        b.check_at = deadline
         head = self._wheel.get(deadline)
         if head is None:
             head = self._wheel[deadline] = _Ring()
@@ -337,6 +282,8 @@ class FlowTable:
 
     @staticmethod
     def _unlink(b: Binding) -> None:
+        if b._prev is None:
+            return
         prev, nxt = b._prev, b._next
         prev._next = nxt
         nxt._prev = prev
@@ -399,11 +346,12 @@ class FlowTable:
             return Refusal.CONFLICT
         return b
 
-    def create(self, b: Binding) -> bool:
+    def create(self, b: Binding, *, check: bool = True) -> bool:
         """Register a binding under its three keys; False (and nothing changed) if one is taken.
 
-        The binding's F:f (and W:w with SNAT) must have come from this table's
-        pools: ``remove`` gives them back.
+        The binding's F:f (and W:w with SNAT) must be in use in this table's
+        pools (``open`` allocates them, ``claim`` after a restart): ``remove``
+        gives them back. ``check`` schedules its confirmation check.
         """
         index = self._index
         k1, k4, kf = b.client_key, b.server_key, b.fw
@@ -417,7 +365,22 @@ class FlowTable:
         name = b.gateway.name
         self._per_gateway[name] = self._per_gateway.get(name, 0) + 1
         self._count += 1
-        self._schedule(b, b.last_seen + self._timeout(b))
+        if check:
+            self._schedule(b, b.created + self._t_confirm)
+        return True
+
+    def claim(self, b: Binding) -> bool:
+        """Register a binding found alive in conntrack (after a restart): its F:f
+        becomes in use again. False if it, or one of its keys, is taken. Its
+        W:w, with SNAT, the caller has in use already (``remove`` releases it).
+        """
+        f = b.fw
+        fw_ep = (f >> 16 & M32, f & M16)
+        if not self._fw_pool.owns(*fw_ep) or self._fw_pool.in_use(*fw_ep):
+            return False
+        if not self.create(b, check=False):
+            return False
+        self._fw_pool.claim(*fw_ep)
         return True
 
     def remove(self, b: Binding) -> bool:
@@ -443,129 +406,62 @@ class FlowTable:
         self._count -= 1
         return True
 
-    def expire(self, now: float) -> list[Binding]:
-        """Remove and return every binding idle past its timeout at ``now``.
+    def due(self, now: float) -> list[Binding]:
+        """Bindings whose confirmation check is due at ``now``; they leave the wheel.
 
         Costs O(buckets due + bindings in them), never a scan of the table.
         """
         t = self._clock(now)
-        gone: list[Binding] = []
+        out: list[Binding] = []
         start = self._next_tick
         if start > t:
-            return gone
+            return out
         wheel = self._wheel
         # After a long pause, visit the buckets that exist rather than every second.
-        due = range(start, t + 1) if t - start < len(wheel) else sorted(k for k in wheel if k <= t)
+        ticks = range(start, t + 1) if t - start < len(wheel) else sorted(k for k in wheel if k <= t)
         self._next_tick = t + 1
-        for tick in due:
+        for tick in ticks:
             head = wheel.pop(tick, None)
             if head is None:
                 continue
             b = head._next
             while b is not head:
                 nxt = b._next
-                deadline = b.last_seen + self._timeout(b)
-                if deadline <= t:
-                    self.remove(b)
-                    gone.append(b)
-                else:
-                    self._unlink(b)
-                    self._schedule(b, deadline)
+                b._prev = b._next = None
+                out.append(b)
                 b = nxt
-        return gone
+        return out
 
-    # ---- per-packet lookups ---------------------------------------------------------
+    def recheck(self, b: Binding, now: float) -> None:
+        """Check ``b`` again ``confirm`` seconds from ``now`` (its leg B started unconfirmed)."""
+        self._unlink(b)
+        self._schedule(b, self._clock(now) + self._t_confirm)
+
+    def confirmed(self, b: Binding) -> None:
+        """Leg A is alive in conntrack: from now on its destroy event ends it."""
+        b.state |= _A_ALIVE
+        self._unlink(b)
+
+    # ---- lookups --------------------------------------------------------------------
 
     def by_key(self, key: int) -> Binding | None:
         """The binding indexed under a ``flow_key`` or ``fw_key``."""
         return self._index.get(key)
 
-    def match_outside(self, pkt: Packet) -> tuple[Binding, Direction] | None:
-        """A packet from a client or a server (not from the blind track): its binding and direction.
+    def by_client(self, proto: int, src: int, sport: int, dst: int, dport: int) -> Binding | None:
+        """The binding whose leg A has this original tuple."""
+        b = self._index.get(proto << 96 | src << 64 | dst << 32 | sport << 16 | dport)
+        return b if b is not None and b.client_key == proto << 96 | src << 64 | dst << 32 | sport << 16 | dport else None
 
-        A bare SYN on the tuple of a closing binding is a new connection that
-        reuses the client's port (RFC 9293 3.10.7.4 lets TIME-WAIT accept it):
-        the old binding is removed and None returned, so the caller opens a
-        fresh one with a fresh F:f.
-        """
-        proto, src, sport, dst, dport, flags, _, _, _ = pkt
-        k = proto << 96 | src << 64 | dst << 32 | sport << 16 | dport
-        b = self._index.get(k)
-        if b is None:
-            return None
-        if k == b.client_key:
-            if proto == TCP and flags & _SYN_ACK_RST == SYN and _closing(b.state, b.ag_eport is not None):
-                self.remove(b)
-                self.recycled += 1
-                return None
-            return b, _C2A
-        # The server can only answer once the AG has opened leg B.
-        if b.ag_eport is None:
-            return None
-        return b, _S2A
-
-    def match_gateway(self, pkt: Packet) -> tuple[Binding, Direction] | None:
-        """A packet from the blind track to F:f: its binding and direction.
-
-        From G:g it is leg A's reply. From any other port of G it is leg B: the
-        first such packet (a bare SYN for TCP) teaches the binding G:e. A TCP
-        leg B that is done may be replaced by a new SYN from another port (the
-        AG retrying the server).
-        """
-        proto, src, sport, dst, dport, flags, _, _, _ = pkt
-        b = self._index.get(proto << 48 | dst << 16 | dport)
-        if b is None:
-            return None
-        gw = b.gateway
-        if src != gw.addr:
-            return None
-        if sport == gw.port:
-            return b, _A2C
-        e = b.ag_eport
-        if sport == e:
-            return b, _A2S
-        if proto == TCP:
-            if flags & _SYN_ACK_RST != SYN:
-                return None
-            st = b.state
-            if e is not None and not (st & 32 or st & _LEG_B_FINS == _LEG_B_FINS):
-                return None
-        elif e is not None:
-            return None
-        self.learn_ag_port(b, sport)
-        return b, _A2S
+    def by_firewall_side(self, proto: int, addr: int, port: int) -> Binding | None:
+        """The binding whose F:f this is."""
+        return self._index.get(proto << 48 | addr << 16 | port)
 
     def learn_ag_port(self, b: Binding, port: int) -> None:
-        """Record G:e, the AG's leg-B port, starting leg B's TCP state afresh."""
+        """Record G:e, the AG's leg-B port; a new leg B starts with no destroy seen."""
         b.ag_eport = port
-        b.state &= ~_LEG_B_BITS
-
-    def seen(self, b: Binding, direction: Direction, flags: int, now: float) -> None:
-        """Note a packet of ``b``: restart its idle timer and track TCP FIN/RST/handshake.
-
-        ``flags`` is ``Packet.flags`` (0 for UDP).
-        """
-        t = int(now)
-        if t > self._tick:
-            self._tick = t
-        b.last_seen = self._tick
-        if not flags & (FIN | RST) and (direction != _C2A or b.state & _ESTABLISHED or not flags & ACK):
-            return
-        st = old = b.state
-        if flags & FIN:
-            st |= _FIN_BIT[direction]
-        if flags & RST:
-            st |= _RST_BIT[direction]
-        if direction == _C2A and flags & (ACK | SYN) == ACK:
-            st |= _ESTABLISHED
-        if st == old:
-            return
-        b.state = st
-        started = b.ag_eport is not None
-        if _closing(st, started) and not _closing(old, started) and b._prev is not None:
-            # The deadline shrank: move the binding to an earlier bucket now.
-            self._unlink(b)
-            self._schedule(b, self._tick + self._t_closing)
+        b.state = (b.state & ~_B_GONE) | _A_ALIVE  # leg A reached the AG: it is confirmed
+        self._unlink(b)
 
     # ---- counts ---------------------------------------------------------------------
 

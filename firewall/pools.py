@@ -177,9 +177,12 @@ class EndpointPool:
 
     def allocate(self) -> tuple[int, int] | None:
         """A free endpoint (address, port) of this slice, or None when all are in use."""
-        if self._fresh < self._capacity:
+        bits = self._bits
+        while self._fresh < self._capacity:
             i = self._fresh
             self._fresh = i + 1
+            if not bits[i >> 3] & (1 << (i & 7)):
+                break  # not claimed after a restart
         else:
             free = self._free
             head = self._head
@@ -196,6 +199,18 @@ class EndpointPool:
         self._used += 1
         a = self._a
         return self._addrs[i % a], self._ports[i // a]
+
+    def claim(self, addr: int, port: int) -> None:
+        """Mark one endpoint of this slice in use without ``allocate``: a binding
+        the kernel still carries when a processor starts. Only before anything
+        was released (the endpoint must not sit in the free list; ``allocate``
+        skips claimed ones among those it has never handed out). ValueError if
+        it is not a free endpoint of this slice."""
+        i = self._index(addr, port)
+        if i < 0 or i < self._fresh or self._bits[i >> 3] & (1 << (i & 7)):
+            raise ValueError(f"{ipaddress.IPv4Address(addr)}:{port} is not a never-used endpoint of this pool")
+        self._bits[i >> 3] |= 1 << (i & 7)
+        self._used += 1
 
     def release(self, addr: int, port: int) -> None:
         """Give back an endpoint that ``allocate`` handed out; ValueError if it is not in use."""

@@ -1,20 +1,26 @@
 #!/usr/bin/env python3
-"""Measure the processor's pure building blocks: memory per binding, ns per packet.
+"""Measure the processor's pure building blocks: memory per binding, ns per first packet.
 
-What it prints:
+Datapath v2: the kernel carries every packet of a gateway flow; the processor
+sees only each connection's first packet, makes or finds the binding, and
+hands the kernel the leg's NAT (``Binding.leg_a`` / ``leg_b``). What it prints:
 
 - bytes per binding (tracemalloc) for a FlowTable of N flows, each as the
   processor would hold it mid-life: leg B opened (G:e learned), half of them
   with SNAT, created over 100 seconds. This counts the Binding, the ints it
   owns, the index dict entries, the wheel, and the pools' growth; not the
   pools' fixed tables, which do not grow with flows.
-- ns per call, best of several runs, for ``rewrite`` (TCP and UDP), ``parse``,
-  pool ``allocate``+``release``, and the whole pure per-packet path (parse,
-  match, target, rewrite, seen) in each of the four directions.
+- ns per call, best of several runs, for ``parse``, pool
+  ``allocate``+``release``, and the pure first-packet decisions on a table of
+  10,000 bindings: leg A (parse, ``by_client`` miss, ``open``, ``leg_a``; the
+  binding is removed again in the same call so the table keeps its size, and
+  the figure includes that ``remove``) and leg B (parse,
+  ``by_firewall_side``, ``learn_ag_port``, ``leg_b``). The per-packet rewrite
+  of datapath v1 is gone with it: no later packet reaches Python.
 
 Why: DESIGN invariant 2 asks for a million concurrent bindings and the issue
 targets <= 400 bytes each; invariant 8 keeps the hot path on bytes, and this
-says what that costs. Run: ``.venv/bin/python scripts/bench_bindings.py``.
+says what a new flow costs. Run: ``.venv/bin/python scripts/bench_bindings.py``.
 """
 
 from __future__ import annotations
@@ -32,8 +38,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from firewall.config.model import Timeouts  # noqa: E402
-from firewall.flows import AgEndpoint, Binding, Direction, FlowTable  # noqa: E402
-from firewall.packet import ACK, TCP, UDP, Packet, parse, rewrite  # noqa: E402
+from firewall.flows import AgEndpoint, Binding, FlowTable  # noqa: E402
+from firewall.packet import ACK, SYN, TCP, UDP, Packet, parse  # noqa: E402
 from firewall.pools import EndpointPool, SliceBy  # noqa: E402
 
 NET = ipaddress.IPv4Network("172.31.254.0/28")
@@ -57,8 +63,7 @@ def fill(table: FlowTable, n: int, start: float = 1000.0) -> list[Binding]:
             TCP, CLIENTS + i // 200, 20000 + i % 200, SERVERS + i % 100, 25, GW, now, snat=i % 2 == 0
         )
         assert isinstance(b, Binding), b
-        table.learn_ag_port(b, 32768 + i % 28000)
-        table.seen(b, Direction.CLIENT_TO_AG, ACK, now)
+        table.learn_ag_port(b, 32768 + i % 28000)  # leg B started: out of the confirmation wheel
         made.append(b)
     return made
 
@@ -120,40 +125,46 @@ def _checksum(data: bytes) -> int:
     return ~s & 0xFFFF
 
 
-def per_packet_path() -> dict[str, float]:
-    """parse + match + target + rewrite + seen, per direction, on one binding."""
+def first_packet_path() -> dict[str, float]:
+    """The pure decision for a connection's first packet, per leg, on a table of 10,000."""
     fw, snat = pools()
     table = FlowTable(Timeouts(), fw, snat, now=1000.0)
     fill(table, 10_000)
     c, s = CLIENTS + 999_000, SERVERS + 7
-    b = table.open(TCP, c, 40000, s, 25, GW, 1000.0, snat=True)
+    b = table.open(TCP, c + 1, 40000, s, 25, GW, 1000.0, snat=True)
     assert isinstance(b, Binding)
-    (f_addr, f), (w_addr, w) = b.firewall_side, b.visible_client
-    table.learn_ag_port(b, 47000)
-    wire = {
-        "client -> AG": (packet(TCP, c, 40000, s, 25), False),
-        "AG -> client": (packet(TCP, GW.addr, GW.port, f_addr, f), True),
-        "AG -> server": (packet(TCP, GW.addr, 47000, f_addr, f), True),
-        "server -> AG": (packet(TCP, s, 25, w_addr, w), False),
-    }
+    f_addr, f = b.firewall_side
+    syn_a = packet(TCP, c, 40000, s, 25, SYN)
+    syn_b = packet(TCP, GW.addr, 47000, f_addr, f, SYN)
 
-    def one(original: bytearray, from_ag: bool) -> None:
-        buf = bytearray(original)  # NFQUEUE hands a fresh buffer per packet too
+    def leg_a(buf: bytes) -> None:
         p = parse(buf)
         if p.__class__ is not Packet:
             raise AssertionError(p)
-        hit = table.match_gateway(p) if from_ag else table.match_outside(p)  # type: ignore[arg-type]
-        if hit is None:
-            raise AssertionError("no binding")
-        bb, d = hit
-        rewrite(buf, p.l4, p.proto, *bb.target(d))  # type: ignore[union-attr]
-        table.seen(bb, d, p.flags, 1000.5)  # type: ignore[union-attr]
+        proto, src, sport, dst, dport = p[:5]  # type: ignore[index]
+        if table.by_client(proto, src, sport, dst, dport) is not None:
+            raise AssertionError("already bound")
+        nb = table.open(proto, src, sport, dst, dport, GW, 1000.5, snat=True)
+        if nb.__class__ is not Binding:
+            raise AssertionError(nb)
+        nb.leg_a()  # type: ignore[union-attr]
+        table.remove(nb)  # type: ignore[arg-type]
 
-    copy = best_ns("bytearray(x)", {"x": wire["client -> AG"][0]})
-    out = {}
-    for name, (buf, from_ag) in wire.items():
-        out[name] = best_ns("one(buf, from_ag)", {"one": one, "buf": buf, "from_ag": from_ag}) - copy
-    return out
+    def leg_b(buf: bytes) -> None:
+        p = parse(buf)
+        if p.__class__ is not Packet:
+            raise AssertionError(p)
+        proto, src, sport, dst, dport = p[:5]  # type: ignore[index]
+        hit = table.by_firewall_side(proto, dst, dport)
+        if hit is None or src != hit.gateway.addr:
+            raise AssertionError("no binding")
+        table.learn_ag_port(hit, sport)
+        hit.leg_b()
+
+    return {
+        "leg A (parse+by_client+open+leg_a+remove)": best_ns("leg_a(buf)", {"leg_a": leg_a, "buf": bytes(syn_a)}),
+        "leg B (parse+by_firewall_side+learn_ag_port+leg_b)": best_ns("leg_b(buf)", {"leg_b": leg_b, "buf": bytes(syn_b)}),
+    }
 
 
 def main() -> None:
@@ -166,25 +177,15 @@ def main() -> None:
     for n in args.flows:
         print(f"bytes per binding at {n:>9,}: {bytes_per_binding(n):7.1f}")
 
-    tcp = packet(TCP, 0x0A000001, 40000, 0xCB007119, 25)
-    udp = packet(UDP, 0x0A000001, 5353, 0x09090909, 53)
-    env = {"rewrite": rewrite, "parse": parse, "tcp": tcp, "udp": udp}
-    # Alternate between two tuples so every call really changes the packet.
-    for name, buf, proto in (("TCP", tcp, TCP), ("UDP", udp, UDP)):
-        env["buf"], env["proto"] = buf, proto
-        two = best_ns(
-            "rewrite(buf, 20, proto, 0xAC1FFE03, 41000, 0xAC1FFF02, 20025);"
-            "rewrite(buf, 20, proto, 0x0A000001, 40000, 0xCB007119, 25)",
-            env,
-        )
-        print(f"rewrite {name}: {two / 2:6.0f} ns/packet")
+    env = {"parse": parse, "tcp": bytes(packet(TCP, 0x0A000001, 40000, 0xCB007119, 25, SYN)),
+           "udp": bytes(packet(UDP, 0x0A000001, 5353, 0x09090909, 53))}
     print(f"parse TCP:   {best_ns('parse(tcp)', env):6.0f} ns/packet")
     print(f"parse UDP:   {best_ns('parse(udp)', env):6.0f} ns/packet")
     fw, _ = pools()
     pair = best_ns("pool.release(*pool.allocate())", {"pool": fw})
     print(f"pool allocate+release: {pair:6.0f} ns")
-    for name, ns in per_packet_path().items():
-        print(f"whole pure path, {name}: {ns:6.0f} ns/packet (parse+match+target+rewrite+seen)")
+    for name, ns in first_packet_path().items():
+        print(f"first packet, {name}: {ns:6.0f} ns")
 
 
 if __name__ == "__main__":

@@ -344,12 +344,14 @@ def _processor(t: Table, problems: Problems) -> Processor:
 
     tt = t.table("timeouts")
     dt = Timeouts()
-    seconds = number(1, 7 * 86400)
+    for gone in ("tcp_idle", "tcp_closing", "tcp_handshake", "udp_idle"):
+        if tt.has(gone):
+            tt.taken.add(gone)
+            problems.add(f"{tt.path}.{gone}", "no longer a setting: the kernel carries gateway flows, and conntrack's own timeouts end them (docs/datapath.md)")
     timeouts = Timeouts(
-        tcp_idle=tt.take("tcp_idle", seconds, dt.tcp_idle),
-        tcp_closing=tt.take("tcp_closing", seconds, dt.tcp_closing),
-        tcp_handshake=tt.take("tcp_handshake", seconds, dt.tcp_handshake),
-        udp_idle=tt.take("udp_idle", seconds, dt.udp_idle),
+        confirm=tt.take("confirm", number(1, 600), dt.confirm),
+        nat_element=tt.take("nat_element", number(1, 600), dt.nat_element),
+        reap=tt.take("reap", number(0.1, 600), dt.reap),
     )
     tt.finish()
 

@@ -99,10 +99,9 @@ class Marks:
 
 @dataclass(frozen=True)
 class Timeouts:
-    tcp_idle: float = 3600.0
-    tcp_closing: float = 30.0
-    tcp_handshake: float = 30.0
-    udp_idle: float = 60.0
+    confirm: float = 5.0
+    nat_element: float = 10.0
+    reap: float = 1.0
 
 
 @dataclass(frozen=True)

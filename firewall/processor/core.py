@@ -1,37 +1,40 @@
 """The packet processor's decisions: pure code, no sockets, no clock, no kernel.
 
 Theory of operation (the seed's figs. 6a-6c, "Connection identification" and
-"Packet restoration"; docs/datapath.md walks one flow through it).
-``ProcessorCore.handle`` takes one queued packet and returns a verdict;
-whatever else it wants done (datagrams to send, kernel rules to change) it
-appends to ``outbox`` and ``rules.kernel_ops``, and the runner carries that
-out. Route lookups, interface names and the router's own addresses come in
-as plain callables, so tests drive the whole core with crafted bytes
-(DESIGN invariant 9, applied to the processor).
+"Packet restoration"; docs/datapath.md walks one flow through it). Only the
+first packet of a connection reaches the processor (mangle prerouting, after
+conntrack, ``ct state new``); the kernel carries the rest (DESIGN invariant
+3). ``ProcessorCore.handle`` takes one such packet and returns a verdict;
+whatever else it wants done it appends to ``outbox`` (datagrams),
+``nat_ops`` (binding-table elements, written before the verdict) and
+``rules.kernel_ops`` (dynamic rules), and the runner carries that out.
+Route lookups, interface names, the router's own addresses and conntrack
+look-ups come in as plain callables, so tests drive the whole core with
+crafted bytes (DESIGN invariant 9, applied to the processor).
 
 Per packet:
 
-- From the blind track (fig. 6c): restored through the binding its
-  destination F:f names (leg A's reply, or leg B), or dropped: nothing else
-  may cross from the gateways.
-- From outside with a binding (fig. 6b, step 612): rewritten to its target.
-- From outside without one (fig. 6a): a dynamic rule (``rulebook``) takes
-  it first: a REDIRECT expectation opens a binding into the gateway; the
-  SYN of a TCP ALLOW's flow is passed to the kernel, which carries the
-  flow, and a one-shot ALLOW is used up (later SYNs of other connections
-  are dropped until its rules are gone). Then the selector of step 602: ingress zone,
-  protocol, port, addresses. No selector means a reply rule queued a packet
-  of a flow the kernel owns: ``PASS``. The server is the port forward's
-  target when the client addressed the router, else the destination; a route
-  lookup for it gives the to-zone, which raw prerouting cannot match. Another
-  zone: ``PASS``, for every packet of such a flow (the rules cannot tell them
-  apart, so all of them come here). The selector's zone: TCP must be a bare
-  SYN (step 604) or the packet is dropped as "not a new flow"; then a binding
-  (with SNAT through a masqueraded zone: NOTRACKed packets get no kernel NAT),
-  the NEW_FLOW push ahead of the verdict (steps 605-606), and the rewrite.
+- Impossible sources (martians, the router's own addresses) are dropped
+  before anything else: no binding, no signalling.
+- From the blind track (fig. 6c): a gateway's new connection to F:f is leg B
+  of the binding F:f names; its NAT (G:e -> F:f becomes C:c -> S:s) goes into
+  the maps. Anything else from the gateways is dropped.
+- From outside (fig. 6a): a dynamic rule (``rulebook``) takes it first: a
+  REDIRECT expectation opens a binding into the gateway; the SYN of a TCP
+  ALLOW's flow is passed to the kernel, which carries the flow, and a
+  one-shot ALLOW is used up. Then the selector of step 602: ingress zone,
+  protocol, port, addresses. No selector: ``PASS``. The server is the port
+  forward's target when the client addressed the router, else the
+  destination; a route lookup for it gives the to-zone, which prerouting
+  cannot match. Another zone: ``PASS``. The selector's zone: TCP must be a
+  bare SYN (step 604) or the packet is dropped as "not a new flow"; then a
+  binding, the NEW_FLOW push ahead of the verdict (steps 605-606), and leg
+  A's NAT into the maps.
 
-Every rewrite returns ``REPEAT`` with the ``rewritten`` mark: raw prerouting
-runs again, NOTRACKs the packet and never queues it again (invariants 3, 4).
+A bound packet is accepted with the ``rewritten`` mark (the forward chain
+admits it; the binding table copies it to the connection's mark). A binding
+ends when conntrack has destroyed its connections (``conntrack_destroyed``,
+from ctnetlink events), or when a check finds them gone (``tick``).
 ``handle`` never raises for any bytes (invariant 10); a packet it cannot use
 is dropped and counted by reason.
 """
@@ -46,12 +49,13 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 from firewall.config import Config
 from firewall.config.model import ROUTER, Gateway, PortForward, PortRange, Traffic
-from firewall.flows import AgEndpoint, Binding, Direction, FlowState, FlowTable
+from firewall.flows import AgEndpoint, Binding, FlowState, FlowTable
 from firewall.flows import Refusal as TableRefusal
 from firewall.flows import flow_key, fw_key
-from firewall.packet import ACK, FIN, RST, SYN, TCP, UDP, Drop, Packet, parse, rewrite
+from firewall.packet import SYN, TCP, UDP, ACK, FIN, RST, Drop, Packet, parse
 from firewall.pools import EndpointPool, SliceBy, Slicing
 from firewall.processor.rulebook import RuleBook
+from firewall.rules.bind import DNAT_MAP, SNAT_MAP
 from firewall.signalling import (
     Answer,
     Encoder,
@@ -71,10 +75,10 @@ from firewall.signalling import (
     make_flow_id,
 )
 
-# Verdicts of ``handle``; the runner turns them into NFQUEUE verdicts.
+# Verdicts of ``handle``; the runner turns them into NFQUEUE verdicts. Both
+# accepts continue at the next hook, so no packet is ever queued twice.
 DROP = 0
-PASS = 1  # mark ``passed``, NF_ACCEPT: the kernel carries it (fig. 6a step 603)
-REPEAT = 2  # new payload, mark ``rewritten``, NF_REPEAT: raw NOTRACKs it
+PASS = 1  # NF_ACCEPT with the mark ``handle`` returns: ``passed`` or ``rewritten``
 
 # Kinds whose protocol also uses the port ``step`` above the selected one, so
 # the processor expects that flow itself (seed, "Dynamic changes": "the packet
@@ -88,13 +92,19 @@ _SYN_FLAGS = SYN | ACK | RST | FIN
 _BLIND = "\0blind"  # the class of the blind-track ifindex; no zone can have this name
 _UNKNOWN = "\0unknown"
 _MALFORMED = {reason: f"drop.malformed.{reason.name.lower()}" for reason in Drop}
-_C2A = Direction.CLIENT_TO_AG
-_RST_BITS = FlowState.RST_A | FlowState.RST_B
+_A_GONE = int(FlowState.A_GONE)
+_B_GONE = int(FlowState.B_GONE)
+_A_ALIVE = int(FlowState.A_ALIVE)
+# Sources no packet may carry (RFC 1122 3.2.1.3, RFC 5735): "this network",
+# loopback, multicast and the reserved class E, which includes broadcast.
+MARTIANS = tuple((int(n.network_address), int(n.netmask)) for n in map(ipaddress.IPv4Network, ("0.0.0.0/8", "127.0.0.0/8", "224.0.0.0/3")))
 _PROTO = {"tcp": TCP, "udp": UDP}
 _PROTO_NAME = {TCP: "tcp", UDP: "udp"}
 _IP = ipaddress.IPv4Address
 
-Verdict = tuple[int, bytes | None, int]  # (DROP|PASS|REPEAT, new payload, mark)
+Verdict = tuple[int, None, int]  # (DROP|PASS, unused, mark)
+NatOp = tuple[str, str, tuple[int, int, int, int], tuple[int, int]]  # (map, proto, key, value)
+CtLookup = Callable[[int, int, int, int, int], bool]  # (proto, src, sport, dst, dport) -> alive
 
 
 class Route(NamedTuple):
@@ -139,6 +149,16 @@ class SnatPools:
 
     def release(self, addr: int, port: int) -> None:
         self._pools[addr].release(addr, port)
+
+    def claim(self, addr: int, port: int) -> bool:
+        """Mark W:w in use (a binding adopted at start); False if it cannot be this instance's."""
+        self.prefer(addr)
+        pool = self._want
+        assert pool is not None
+        if not pool.owns(addr, port) or pool.in_use(addr, port):
+            return False
+        pool.claim(addr, port)
+        return True
 
     def stats(self) -> dict[str, dict[str, int]]:
         return {str(_IP(a)): pool_stats(p) for a, p in self._pools.items()}
@@ -189,6 +209,7 @@ class ProcessorCore:
         route: Callable[[int], Route | None],
         ifname: Callable[[int], str | None],
         local_addresses: Callable[[], Iterable[ipaddress.IPv4Address]],
+        conntrack: CtLookup,
         now: float,
         wall: float,
         push: bool = True,
@@ -205,6 +226,11 @@ class ProcessorCore:
         self._route = route
         self._ifname = ifname
         self.local_addresses = local_addresses
+        self._alive = conntrack
+        self._local: frozenset[int] = frozenset()
+        self._local_until = now - 1.0
+        self.nat_ops: list[NatOp] = []
+        self._nat_timeout = proc.timeouts.nat_element
         self._now = now  # the monotonic time of the event being handled
         self.wall_offset = wall - now
         self._keep = ~proc.marks.mask & 0xFFFFFFFF
@@ -226,8 +252,10 @@ class ProcessorCore:
         self._masq = frozenset(config.nat.masquerade)
         self._zone_of_if = {i: z.name for z in config.zones.values() for i in z.interfaces}
         self._selectors: dict[tuple[str, int], list[_Selector]] = {}
+        self._agents: dict[tuple[int, int], AgEndpoint] = {}
         for gw in config.gateways:
             ag = AgEndpoint.of(gw.name, link.gateway_address.ip, gw.listen_port)
+            self._agents[(ag.addr, ag.port)] = ag
             for t in gw.traffic:
                 ports = tuple((r.first, r.last) for r in t.ports)
                 sel = _Selector(t, gw, ag, ports, _nets(t.saddr), _nets(t.daddr))
@@ -241,7 +269,7 @@ class ProcessorCore:
         self.outbox: list[tuple[bytes, tuple[str, int]]] = []
         self.counters: Counter[str] = Counter()
         self.queued = 0  # the two hottest counters live outside the Counter
-        self.repeated = 0
+        self.bound = 0
         self._serial = itertools.count(1)
         self._flows: dict[int, Binding] = {}  # flow id -> binding
         self._flow_of: dict[int, int] = {}  # binding.client_key -> flow id
@@ -256,37 +284,57 @@ class ProcessorCore:
         if type(pkt) is not Packet:
             return self._drop(_MALFORMED[pkt], mark)  # type: ignore[index]
         if pkt.more_fragments:
-            # The kernel reassembles before raw; the rest of a lone first
-            # fragment could never follow its rewritten head.
+            # Conntrack reassembles before mangle: a lone fragment here is broken.
             return self._drop("drop.fragment", mark)
+        self._now = now
         where = self._iface.get(indev, _UNKNOWN)
         if where is _UNKNOWN:
             where = self._classify(indev)
-        table = self.table
         if where == _BLIND:
-            hit = table.match_gateway(pkt)
-            if hit is None:
-                return self._drop("drop.gateway_without_binding", mark)
-        else:
-            recycled = table.recycled
-            hit = table.match_outside(pkt)
-            if hit is None:
-                self._now = now
-                if table.recycled != recycled:
-                    # A new SYN replaced a closing binding on the same tuple.
-                    fid = self._flow_of.get(flow_key(pkt.proto, pkt.src, pkt.sport, pkt.dst, pkt.dport))
-                    if fid is not None:
-                        self._end(fid, FlowEndReason.FIN)
-                return self._new(payload, pkt, mark, where, now)
-        return self._rewrite(payload, pkt, hit[0], hit[1], mark, now)
+            return self._leg_b(pkt, mark, now)
+        src = pkt.src
+        if _in(src, MARTIANS) or src == 0xFFFFFFFF:
+            return self._drop("drop.martian", mark)
+        if src in self._local_set(now):
+            return self._drop("drop.own_address", mark)
+        return self._new(pkt, mark, where, now)
 
-    def _rewrite(self, payload: bytes, pkt: Packet, b: Binding, d: Direction, mark: int, now: float) -> Verdict:
-        buf = bytearray(payload)
-        src, sport, dst, dport = b.target(d)
-        rewrite(buf, pkt.l4, pkt.proto, src, sport, dst, dport)
-        self.table.seen(b, d, pkt.flags, now)
-        self.repeated += 1
-        return REPEAT, bytes(buf), (mark & self._keep) | self._rewritten
+    def _local_set(self, now: float) -> frozenset[int]:
+        if now >= self._local_until:
+            self._local = frozenset(int(a) for a in self.local_addresses())
+            self._local_until = now + IFACE_CACHE_SECONDS
+        return self._local
+
+    def _bound(self, mark: int) -> Verdict:
+        self.bound += 1
+        return PASS, None, (mark & self._keep) | self._rewritten
+
+    def _nat(self, proto: int, leg: tuple[tuple[int, int, int, int], tuple[int, int], tuple[int, int]]) -> None:
+        key, dnat, snat = leg
+        name = _PROTO_NAME[proto]
+        self.nat_ops.append((DNAT_MAP, name, key, dnat))
+        self.nat_ops.append((SNAT_MAP, name, key, snat))
+
+    def _leg_b(self, pkt: Packet, mark: int, now: float) -> Verdict:
+        """A gateway's new connection to F:f: leg B of that binding (the seed's swap)."""
+        proto, src, sport, dst, dport, flags = pkt[:6]
+        b = self.table.by_firewall_side(proto, dst, dport)
+        if b is None or src != b.gateway.addr or sport == b.gateway.port:
+            # G:g -> F:f is leg A's reply, which conntrack carries: never new.
+            return self._drop("drop.gateway_without_binding", mark)
+        if proto == TCP and flags & _SYN_FLAGS != SYN:
+            return self._drop("drop.not_new_flow", mark)
+        e = b.ag_eport
+        if e != sport:
+            if b.state & _A_GONE:
+                return self._drop("drop.flow_ended", mark)  # the client has gone
+            if e is not None and not b.state & _B_GONE:
+                f = b.firewall_side
+                if self._alive(proto, src, e, f[0], f[1]):
+                    return self._drop("drop.leg_b_busy", mark)  # one leg B at a time
+            self.table.learn_ag_port(b, sport)
+        self._nat(proto, b.leg_b())
+        return self._bound(mark)
 
     def _drop(self, why: str, mark: int) -> Verdict:
         self.counters[why] += 1
@@ -307,16 +355,22 @@ class ProcessorCore:
     def _zone(self, route: Route) -> str | None:
         return ROUTER if route.local else self._zone_of_if.get(route.ifname or "")
 
-    def snat_address(self, server: int) -> int | None:
-        """W, when the route to ``server`` leaves through a masqueraded zone; else None."""
-        route = self._route(server)
-        if route is None or self._zone(route) not in self._masq:
-            return None
-        return route.prefsrc
-
-    def _new(self, payload: bytes, pkt: Packet, mark: int, zone: str | None, now: float) -> Verdict:
+    def _new(self, pkt: Packet, mark: int, zone: str | None, now: float) -> Verdict:
         proto, src, sport, dst, dport, flags = pkt[:6]
         first = proto != TCP or flags & _SYN_FLAGS == SYN
+        old = self.table.by_client(proto, src, sport, dst, dport)
+        if old is not None and self._alive(proto, src, sport, dst, dport):
+            # Its connection is in conntrack, with its NAT: a packet of it that
+            # conntrack still calls new (the rules return confirmed connections,
+            # so this is rare). It belongs to the binding it has.
+            self.counters["passed.bound_again"] += 1
+            return self._bound(mark)
+        if old is not None:
+            # A new connection on the tuple of a binding: the old connection is
+            # gone (a SYN ended its TIME-WAIT, or its first packet never made it
+            # into conntrack). Its binding goes with it; this one gets a fresh F:f.
+            self._end(self._flow_of[old.client_key], FlowEndReason.FIN if proto == TCP else FlowEndReason.IDLE)
+            self.counters["flows.replaced"] += 1
         if first and (self.rules.expect or self.rules.spent):
             again = self.rules.spent_verdict(proto, src, sport, dst, dport)
             if again:  # a retransmitted SYN of the connection a one-shot ALLOW let through
@@ -339,7 +393,8 @@ class ProcessorCore:
                 if isinstance(b, str):
                     return self._drop(b, mark)
                 self.rules.redirected(rule, self._register(b), b)
-                return self._rewrite(payload, pkt, b, _C2A, mark, now)
+                self._nat(proto, b.leg_a())
+                return self._bound(mark)
         sel = None
         for candidate in self._selectors.get((zone, proto), ()):  # type: ignore[arg-type]
             if candidate.matches(src, dst, dport):
@@ -366,7 +421,20 @@ class ProcessorCore:
         step = ADJACENT_PORTS.get(sel.gateway.kind)
         if step is not None:
             self.rules.adjacent(fid, b, step, now, self.config.processor.adjacent_ttl)
-        return self._rewrite(payload, pkt, b, _C2A, mark, now)
+        self._nat(proto, b.leg_a())
+        return self._bound(mark)
+
+    def _forward_target_any(self, proto: int, src: int, dst: int, dport: int) -> tuple[int, int] | None:
+        """A port forward's S:s for a flow whose ingress zone is unknown (adoption)."""
+        route = self._route(dst)
+        if route is None or not route.local:
+            return None
+        for zone, p in self._forwards:
+            if p == proto:
+                target = self._forward_target(zone, proto, src, dport)
+                if target is not None:
+                    return target
+        return None
 
     def _forward_target(self, zone: str, proto: int, src: int, dport: int) -> tuple[int, int] | None:
         """The port forward's S:s for a client that addressed the router, as the DNAT rule has it."""
@@ -389,10 +457,12 @@ class ProcessorCore:
             return f"drop.refused.{b.name.lower()}"
         return b
 
-    def _register(self, b: Binding) -> int:
+    def _register(self, b: Binding, push: bool = True) -> int:
         fid = make_flow_id(self.queue, next(self._serial))
         self._flows[fid] = b
         self._flow_of[b.client_key] = fid
+        if not push:
+            return fid
         self.counters["flows.opened"] += 1
         if self.push:
             # Ahead of the verdict, so the push races ahead of the first packet.
@@ -419,9 +489,10 @@ class ProcessorCore:
                         ep(b.firewall_side), ep((g.addr, g.port)), ep(b.visible_client) if b.snat else None)
 
     def _end(self, fid: int, reason: FlowEndReason) -> None:
-        """Everything that goes with a binding the table no longer holds."""
+        """Everything that goes with the end of a binding."""
         b = self._flows.pop(fid)
         del self._flow_of[b.client_key]
+        self.table.remove(b)
         self.counters[f"flows.ended.{reason.name.lower()}"] += 1
         self.send(FlowEnd(fid, reason), self.gateway_peers[b.gateway.name])
         self.rules.flow_ended(fid)
@@ -429,21 +500,127 @@ class ProcessorCore:
     # ---- time -------------------------------------------------------------------------
 
     def tick(self, now: float, wall: float) -> None:
-        """About once a second: expiry of flows, rules and cached replies."""
+        """About once a second: confirmation checks, rules and cached replies."""
         self._now = now
         self.wall_offset = wall - now
-        for b in self.table.expire(now):
-            if b.state & _RST_BITS:
-                reason = FlowEndReason.RST
-            elif b.closing:
-                reason = FlowEndReason.FIN
+        table = self.table
+        for b in table.due(now):
+            self.counters["conntrack.checks"] += 1
+            key = b.leg_a()[0]
+            if self._alive(b.proto, *key):
+                table.confirmed(b)
             else:
-                reason = FlowEndReason.IDLE
-            self._end(self._flow_of[b.client_key], reason)
+                # Its first packet never made it into conntrack: no event will come.
+                self.counters["conntrack.never_confirmed"] += 1
+                self.leg_gone(b, leg_a=True, now=now)
         self.rules.tick(now)
         if now >= self._iface_until:
             self._iface.clear()  # interfaces come and go: the blind track is recreated on restarts
             self._iface_until = now + IFACE_CACHE_SECONDS
+
+    # ---- conntrack ----------------------------------------------------------------------
+
+    def conntrack_destroyed(self, proto: int, orig: tuple[int, int, int, int], reply: tuple[int, int, int, int], now: float) -> None:
+        """Conntrack destroyed a connection with our mark: the end of one leg.
+
+        ``orig``/``reply`` are (src, sport, dst, dport) of its two tuples; the
+        reply tuple tells a leg A of this binding from an older connection that
+        had the same client tuple (a replaced binding).
+        """
+        src, sport, dst, dport = orig
+        b = self.table.by_client(proto, src, sport, dst, dport)
+        if b is not None:
+            g = b.gateway
+            if reply[:2] == (g.addr, g.port) and reply[2:] == b.firewall_side:
+                self.leg_gone(b, leg_a=True, now=now)
+                return
+        b = self.table.by_firewall_side(proto, dst, dport)
+        if b is not None and (src, sport) == (b.gateway.addr, b.ag_eport):
+            self.leg_gone(b, leg_a=False, now=now)
+            return
+        self.counters["conntrack.destroy_unknown"] += 1
+
+    def leg_gone(self, b: Binding, *, leg_a: bool, now: float) -> None:
+        """One leg of ``b`` is gone from conntrack; the binding ends with its last one."""
+        b.state |= _A_GONE if leg_a else _B_GONE
+        if not b.ended and leg_a and not b.state & _B_GONE:
+            # Leg B started, but did its first packet make it into conntrack?
+            key = b.leg_b()[0]
+            if not self._alive(b.proto, *key):
+                b.state |= _B_GONE
+        if b.ended:
+            self._end(self._flow_of[b.client_key], FlowEndReason.FIN if b.proto == TCP else FlowEndReason.IDLE)
+
+    def adopt(self, connections: Iterable[Any], now: float) -> int:
+        """Rebuild the bindings the kernel carried across a restart; how many.
+
+        ``connections`` are conntrack's entries with nfgate's mark
+        (``kernel.Connection``): a leg A answers from G:g to an F:f of this
+        instance's slice, a leg B goes from G:e to one. Their pool entries are
+        claimed, so no new flow can be given an F:f or W:w that is still in use.
+        """
+        agents = self._agents
+        legs_a: dict[tuple[int, int, int], Any] = {}
+        legs_b: dict[tuple[int, int, int], Any] = {}
+        for c in connections:
+            rsrc, rsport, rdst, rdport = c.reply
+            if self.fw_pool.owns(rdst, rdport) and (rsrc, rsport) in agents:
+                legs_a[(c.proto, rdst, rdport)] = c
+            elif self.fw_pool.owns(c.orig[2], c.orig[3]):
+                legs_b[(c.proto, c.orig[2], c.orig[3])] = c
+        adopted = 0
+        for (proto, f, fport), a in legs_a.items():
+            src, sport, dst, dport = a.orig
+            ag = agents[(a.reply[0], a.reply[1])]
+            leg_b = legs_b.get((proto, f, fport))
+            if leg_b is not None and leg_b.orig[0] == ag.addr:
+                server, seen_as = leg_b.reply[:2], leg_b.reply[2:]
+            else:
+                leg_b = None
+                server = self._forward_target_any(proto, src, dst, dport) or (dst, dport)
+                seen_as = (src, sport)
+            state = int(FlowState.A_ALIVE)
+            snat = seen_as != (src, sport)
+            if leg_b is None:
+                route = self._route(server[0])
+                if route is not None and self._zone(route) in self._masq and route.prefsrc is not None:
+                    self.snat_pools.prefer(route.prefsrc)
+                    got = self.snat_pools.allocate()
+                    if got is None:
+                        self.counters["conntrack.adopt_conflict"] += 1
+                        continue
+                    seen_as, snat = got, True
+            elif snat and not self.snat_pools.claim(*seen_as):
+                self.counters["conntrack.adopt_conflict"] += 1
+                continue
+            if snat:
+                state |= int(FlowState.SNAT)
+            t = int(now)
+            b = Binding(
+                flow_key(proto, src, sport, dst, dport),
+                flow_key(proto, server[0], server[1], seen_as[0], seen_as[1]),
+                fw_key(proto, f, fport), ag, t, t,
+                leg_b.orig[1] if leg_b is not None else None, state,
+            )
+            if not self.table.claim(b):
+                if snat:
+                    self.snat_pools.release(*seen_as)
+                self.counters["conntrack.adopt_conflict"] += 1
+                continue
+            self._register(b, push=False)
+            adopted += 1
+        self.counters["flows.adopted"] += adopted
+        return adopted
+
+    def resync(self, connections: Iterable[Any], now: float) -> None:
+        """Conntrack events were lost: end every binding whose connections are gone."""
+        alive = {(c.proto, *c.orig) for c in connections}
+        for b in list(self._flows.values()):
+            if (b.proto, *b.leg_a()[0]) not in alive and b.state & _A_ALIVE:
+                self.leg_gone(b, leg_a=True, now=now)
+            elif b.ag_eport is not None and (b.proto, *b.leg_b()[0]) not in alive and b.state & _A_GONE:
+                self.leg_gone(b, leg_a=False, now=now)
+        self.counters["conntrack.resyncs"] += 1
 
     def kernel_done(self, token: int, ok: bool, now: float, counts: dict[str, int] | None = None) -> None:
         """The runner finished ``rules.kernel_ops`` entry ``token``."""
@@ -493,7 +670,7 @@ class ProcessorCore:
     def stats(self) -> dict[str, Any]:
         counters = dict(self.counters)
         counters["queued"] = self.queued  # every packet the queue delivered
-        counters["verdict.repeat"] = self.repeated
+        counters["verdict.bound"] = self.bound
         return {
             "queue": self.queue,
             "counters": dict(sorted(counters.items())),
@@ -504,8 +681,10 @@ class ProcessorCore:
             "pools": {"firewall_side": pool_stats(self.fw_pool), "snat": self.snat_pools.stats()},
         }
 
-    def flows(self, now: float, limit: int) -> list[dict[str, Any]]:
-        """Up to ``limit`` live bindings as JSON values: ``Binding.record()``, addresses as strings."""
+    def flows(self, now: float, limit: int, acct: dict[tuple[int, ...], tuple[int, int]] | None = None) -> list[dict[str, Any]]:
+        """Up to ``limit`` live bindings as JSON values: ``Binding.record()``, addresses as
+        strings, and each leg's packets and bytes from ``acct`` (conntrack's accounting,
+        by original tuple) where given."""
         out = []
         wall = now + self.wall_offset
         for fid, b in itertools.islice(self._flows.items(), limit):
@@ -518,8 +697,11 @@ class ProcessorCore:
             rec["flow_id"] = fid
             rec["queue"] = self.queue
             rec["age"] = round(now - b.created, 1)
-            rec["idle"] = round(now - b.last_seen, 1)
             rec["created"] = round(wall - (now - b.created), 3)  # Unix seconds
-            rec["last_seen"] = round(wall - (now - b.last_seen), 3)
+            if acct is not None:
+                legs = [(b.proto, *b.leg_a()[0])] + ([(b.proto, *b.leg_b()[0])] if b.ag_eport is not None else [])
+                for name, key in zip(("leg_a", "leg_b"), legs):
+                    packets, count = acct.get(key, (0, 0))
+                    rec[f"{name}_packets"], rec[f"{name}_bytes"] = packets, count
             out.append(rec)
         return out

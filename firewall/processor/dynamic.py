@@ -2,7 +2,7 @@
 
 The processor puts exact, short-lived rules into the three chains ``nfgate
 apply`` leaves empty for it (docs/datapath.md, "Dynamic rules"):
-``dyn_redirect`` (raw), ``dyn_dnat`` (nat prerouting) and ``dyn_allow``
+``dyn_redirect`` (mangle), ``dyn_dnat`` (nat prerouting) and ``dyn_allow``
 (forward). Which tools to use
 depends on how the ruleset was applied, so it is detected, not configured:
 ``table inet nfgate`` present means nft; ``NFGATE-DYN-REDIRECT`` in
@@ -15,7 +15,7 @@ same code as the static ruleset, so the two cannot disagree on syntax.
 - iptables: ``iptables[-legacy]-restore --noflush`` with ``-A`` lines, and
   the same lines with ``-D`` to delete: one table commit per table of an
   operation, so an operation's rules in one table go in together or not at
-  all. A TCP ALLOW spans up to three tables, added raw, nat, filter and
+  all. A TCP ALLOW spans up to three tables, added mangle, nat, filter and
   removed the other way round: if a later commit failed, what went in
   stays alone (a queue rule the processor answers, or a DNAT that nothing
   accepts) until the instance removes its rules by tag at exit or at its
@@ -59,7 +59,7 @@ TOOL_TIMEOUT = 10.0  # seconds for one tool run; they answer in milliseconds
 XTABLES_WAIT = 5  # seconds iptables may wait for the xtables lock held by another run
 REDETECT_SECONDS = 5.0  # how often to look again for an applied ruleset while none is found
 
-_KIND = {DYN_REDIRECT: Kind.RAW, DYN_DNAT: Kind.NAT, DYN_ALLOW: Kind.FILTER}
+_KIND = {DYN_REDIRECT: Kind.MANGLE, DYN_DNAT: Kind.NAT, DYN_ALLOW: Kind.FILTER}
 DYN_CHAINS = (DYN_REDIRECT, DYN_DNAT, DYN_ALLOW)
 _NFT_HANDLE = re.compile(r'comment "([^"]+)".*# handle (\d+)\s*$')
 _IPT_COUNTS = re.compile(r'--comment "?(' + re.escape(TAG_PREFIX) + r' q\d+ k\d+)"?.* -c (\d+) (\d+)')
@@ -128,14 +128,14 @@ class KernelRules:
         self.backend = None
         if shutil.which("nft") and self._run(["nft", "list", "chain", "inet", nft.TABLE, DYN_REDIRECT]).returncode == 0:
             self.backend = "nft"
-        elif self._run(["iptables-nft", "-t", "raw", "-S", iptables_chain_name(DYN_REDIRECT)]).returncode == 0:
+        elif self._run(["iptables-nft", "-t", "mangle", "-S", iptables_chain_name(DYN_REDIRECT)]).returncode == 0:
             self.backend = "iptables"
         else:
             # Reading legacy tables loads their modules; if none is loaded in
             # this namespace, nfgate cannot have applied a legacy ruleset.
             names = self._run(["cat", "/proc/net/ip_tables_names"]).stdout.split()
             chain = iptables_chain_name(DYN_REDIRECT)
-            if "raw" in names and self._run(["iptables-legacy", "-t", "raw", "-S", chain]).returncode == 0:
+            if "mangle" in names and self._run(["iptables-legacy", "-t", "mangle", "-S", chain]).returncode == 0:
                 self.backend = "iptables-legacy"
         return self.backend
 
@@ -250,7 +250,7 @@ class KernelRules:
     def _ipt_change(self, rules: tuple[KernelRule, ...], verb: str) -> _Plan:
         tables: dict[str, list[str]] = {}
         # One commit per table, in rule order to add and in reverse to remove:
-        # a unit's raw rule (the SYNs to the processor) is in before, and out
+        # a unit's mangle rule (the SYNs to the processor) is in before, and out
         # after, the DNAT and the accept it guards.
         for r in rules if verb == "-A" else reversed(rules):
             if verb == "-A":
@@ -320,7 +320,7 @@ class KernelRules:
             return removed
         removed = 0
         restore = ""
-        # filter, nat, raw: the queue rule that guards a DNAT and an accept goes last.
+        # filter, nat, mangle: the queue rule that guards a DNAT and an accept goes last.
         for chain in reversed(DYN_CHAINS):
             table = _KIND[chain].value
             name = iptables_chain_name(chain)

@@ -10,13 +10,12 @@ seed's "Dynamic changes in packet processing" the requirement.
   gets the first reply again, re-encoded (the same bytes would be a replay).
   RULE_ACK goes out only when the kernel has the rule: it promises that the
   rule is in place.
-- REDIRECT: an expectation here, plus two kernel rules in ``dyn_redirect``
-  that queue the expected flow and its replies to this instance (the static
-  rules know neither port). The first packet gets a binding to the asking
-  flow's gateway and two exact rules of its own, owned by that binding and
-  removed when it ends; a one-shot expectation then ends (RULE_END USED) and
-  its wider rules go. The kernel applies the operations in order, so the
-  flow's own rules are in before the expectation's leave.
+- REDIRECT: an expectation here, plus one kernel rule in ``dyn_redirect``
+  that queues the expected flow's first packet to this instance (the static
+  rules know neither port). That packet gets a binding to the asking flow's
+  gateway, and the kernel carries the flow from there (its NAT is in
+  conntrack, docs/datapath.md); a one-shot expectation then ends (RULE_END
+  USED) and its rule goes.
 - ALLOW: one ``ct state new`` accept rule in ``dyn_allow``; the kernel
   carries the flow and conntrack its replies. When the destination is the
   router's own address standing in for a party of the asking flow (the port
@@ -40,7 +39,7 @@ seed's "Dynamic changes in packet processing" the requirement.
   so that a retransmitted SYN of that same connection (same source port)
   is passed too, while a SYN from any other source port is dropped: one
   connection, exactly. Then all of the unit goes, in one operation (with
-  iptables the raw rule last, so no SYN can reach the DNAT or the accept
+  iptables the mangle rule last, so no SYN can reach the DNAT or the accept
   without passing the processor). One packet per data connection crosses
   into user space; the rest is the kernel's.
 - A UDP ALLOW has no first packet to tell apart: its use is seen in the
@@ -191,7 +190,6 @@ class RuleBook:
         self._kind = {g.name: g.kind for g in core.config.gateways}
         self._rules: dict[int, DynRule] = {}  # rule id -> live rule
         self._rules_of: dict[int, list[DynRule]] = {}  # flow id -> its live rules
-        self._flow_kernel: dict[int, tuple[KernelRule, ...]] = {}  # flow id -> its own exact rules
         self._ops: dict[int, tuple[Any, ...]] = {}  # token -> what its completion means
         self._tokens = itertools.count(1)
         self._tags = itertools.count(1)
@@ -315,19 +313,12 @@ class RuleBook:
             matches = exact_matches(proto, src, sport, dst, dport) + [CtState(("new",))]
             kernel = (self._kernel_rule(DYN_ALLOW, matches, Accept()),)
         else:
-            # The expected flow, and its replies: from the server to the client
-            # or, through masquerade, to the router's address in the SNAT range.
-            reply_to: tuple[int, int | PortRange | None] = (src, sport or None)
-            egress = core.snat_address(server[0])
-            if egress is not None:
-                reply_to = (egress, self._snat_ports)
-            kernel = (
-                self._redirect(exact_matches(proto, src, sport, dst, dport)),
-                self._redirect(exact_matches(proto, server[0], server[1], *reply_to)),
-            )
+            # The expected flow's first packet; conntrack carries the rest of
+            # it, and its replies, through the binding it gets.
+            kernel = (self._redirect(exact_matches(proto, src, sport, dst, dport)),)
         watched = mode is RuleMode.ALLOW and proto == TCP
         if watched:
-            # Its SYNs to this instance, first of the unit (raw: before conntrack and the DNAT).
+            # Its SYNs to this instance, first of the unit (mangle: before the DNAT).
             kernel = (self._redirect(exact_matches(proto, src, sport, dst, dport) + [TcpSyn()]), *kernel)
         expires_ms = round((now + core.wall_offset + ttl) * 1000)
         return DynRule(rule_id, mode, proto, src, sport, dst, dport, owner, b.gateway, server,
@@ -408,14 +399,7 @@ class RuleBook:
             self._kernel(False, spent.kernel, ("unspent", spent))
 
     def redirected(self, rule: DynRule, fid: int, b: Binding) -> None:
-        """An expected flow got binding ``b``: give it exact rules of its own, and end a one-shot."""
-        proto, (ca, cp), (oa, op), (sa, sp), (va, vp) = b.proto, b.client, b.original_dst, b.server, b.visible_client
-        mine = (
-            self._redirect(exact_matches(proto, ca, cp, oa, op)),
-            self._redirect(exact_matches(proto, sa, sp, va, vp)),
-        )
-        self._flow_kernel[fid] = mine
-        self._kernel(True, mine)
+        """An expected flow got binding ``b`` (the kernel carries it from here); end a one-shot."""
         self.core.counters["rules.redirected_flows"] += 1
         if rule.one_shot:
             self._retire(rule, RuleEndReason.USED)
@@ -425,9 +409,6 @@ class RuleBook:
             self._retire(rule, RuleEndReason.FLOW_ENDED)
         for spent in [s for group in self.spent.values() for s in group if s.owner == fid]:
             self._unspend(spent)
-        mine = self._flow_kernel.pop(fid, None)
-        if mine:
-            self._kernel(False, mine)
 
     def _retire(self, rule: DynRule, reason: RuleEndReason | None, keep_kernel: bool = False) -> None:
         """End a live rule: out of the indexes and the kernel; RULE_END once acknowledged.

@@ -7,14 +7,20 @@ other packets:
 
 - the queue's netlink socket is read in batches of ``processor.queue_batch``
   messages, so a flood cannot starve signalling, expiry or the control
-  socket; each packet goes through ``ProcessorCore.handle``, and any datagram
-  the core queued (the NEW_FLOW push) is sent before the verdict;
+  socket; each packet goes through ``ProcessorCore.handle``; then, for the
+  whole batch, the binding elements the core made go into the kernel's NAT
+  maps in one transaction (``kernel.NatWriter``), the datagrams it queued
+  (the NEW_FLOW pushes) are sent, and only then the verdicts are given, so
+  conntrack NATs each first packet and the push races ahead of it;
+- conntrack destroy events (``kernel.Conntrack``) end bindings; at start the
+  processor adopts the bindings the kernel still carries (a restart cuts no
+  established flow), and after lost events it compares with a dump;
 - signalling is UDP on ``gateway_link.router_address``, port
   ``signalling.port`` + instance, bound with IP_FREEBIND so the processor can
   start before the blind track exists; sends never wait (DESIGN invariant 6):
   a datagram the kernel will not take at once is counted and dropped, and
   the gateway's pull covers it;
-- kernel rule changes run as child processes the loop polls
+- dynamic rule changes run as child processes the loop polls
   (``firewall.processor.dynamic``);
 - the control socket (unix, mode 0600) answers one JSON request per
   connection, reading and writing without blocking.
@@ -48,6 +54,7 @@ from firewall.config import Config
 from firewall.errors import KernelError, PrivilegeError
 from firewall.processor.core import DROP, PASS, ProcessorCore, Route
 from firewall.processor.dynamic import KernelRules
+from firewall.processor.kernel import Conntrack, NatWriter, queue_counters
 from firewall.signalling import MAX_DATAGRAM, Encoder, Guard, Role, load_or_create_key
 
 log = logging.getLogger("nfgate.processor")
@@ -190,23 +197,30 @@ class Runner:
         guard = Guard(key, Role.PROCESSOR, now=time.time(), replay_window=cfg.signalling.replay_window)
         self.kernel = KernelRules(self.queue)
         stale = self.kernel.remove_all()
+        self.nat = NatWriter(cfg.processor.timeouts.nat_element)
+        if not self.nat.table_present():
+            raise KernelError("processor: the binding table (table ip nfgate_bind) is not loaded: run `nfgate apply` first")
+        marks = cfg.processor.marks
+        self.ct = Conntrack(marks.mask, marks.rewritten)
         self.ipr = IPRoute()
         self.routes = Routes(self.ipr, self.config.processor.route_cache)
         self.core = ProcessorCore(
             cfg, self.instance, Encoder(key, Role.PROCESSOR), guard,
             route=self.routes, ifname=self.routes.ifname, local_addresses=self.routes.local_addresses,
-            now=time.monotonic(), wall=time.time(), push=self.push,
+            conntrack=self.ct.alive, now=time.monotonic(), wall=time.time(), push=self.push,
         )
         if stale:
             self.core.counters["kernel.stale_rules_removed"] += stale
+        # Before the queue is bound: no new flow may be given an F:f still in use.
+        adopted = self.core.adopt(self.ct.ours(), time.monotonic())
         self._handle = self.core.handle
         self._now = time.monotonic()
         try:
             self._open_sockets()
             log.info(
-                "queue %d: signalling %s:%d, control %s, dynamic rules via %s%s",
+                "queue %d: signalling %s:%d, control %s, %d bindings adopted from conntrack, dynamic rules via %s%s",
                 self.queue, cfg.gateway_link.router_address.ip, cfg.processor_signalling_port(self.instance),
-                self.control_path, self.kernel.backend or "(no nfgate ruleset found yet)",
+                self.control_path, adopted, self.kernel.backend or "(no nfgate ruleset found yet)",
                 "" if self.push else ", TEST: NEW_FLOW pushes skipped",
             )
             self._loop()
@@ -226,7 +240,9 @@ class Runner:
         qsock.setblocking(False)
         self._qsock = qsock
         self._batch = _Batch(qsock, self._overflowed)
+        self._pending: list[tuple[Packet, int, int, int, int]] = []
         self._sel.register(qsock, selectors.EVENT_READ, self._on_queue)
+        self._sel.register(self.ct.open_events(), selectors.EVENT_READ, self._on_conntrack)
 
         sig = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sig.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
@@ -280,6 +296,7 @@ class Runner:
                 sock.close()
         if getattr(self, "ctl", None) is not None and self.control_path.is_socket():
             self.control_path.unlink()
+        self.ct.close()
         self.ipr.close()
         self._sel.close()
 
@@ -287,6 +304,7 @@ class Runner:
 
     def _loop(self) -> None:
         next_tick = time.monotonic() + TICK
+        next_reap = next_tick
         while not self._stop:
             timeout = max(0.0, next_tick - time.monotonic())
             if self.kernel.busy:
@@ -299,6 +317,9 @@ class Runner:
             now = time.monotonic()
             for op, ok, counts in self.kernel.collect(now):
                 self.core.kernel_done(op.token, ok, now, counts)
+            if now >= next_reap:
+                self._reap()
+                next_reap = now + self.config.processor.timeouts.reap
             if now >= next_tick:
                 self.core.tick(now, time.time())
                 self._expire_clients(now)
@@ -331,35 +352,72 @@ class Runner:
         core.outbox.clear()
 
     def _on_queue(self, sock: socket.socket) -> None:
-        # One clock read per batch: a batch takes milliseconds, and the flow
-        # table counts whole seconds.
+        # One clock read per batch: a batch takes milliseconds.
         self._now = time.monotonic()
         self._batch.left = self.config.processor.queue_batch
-        self.nfq.run_socket(self._batch)  # type: ignore[arg-type]  # it only calls recv()
+        try:
+            self.nfq.run_socket(self._batch)  # type: ignore[arg-type]  # it only calls recv()
+        finally:
+            self._settle()
 
     def _overflowed(self) -> None:
         self.core.counters["queue.overflow"] += 1
 
     def _on_packet(self, pkt: Packet) -> None:
+        """Decide now, give the verdict in ``_settle``, after the batch's NAT elements are in."""
+        core = self.core
+        start = len(core.nat_ops)
         try:
-            verdict, payload, mark = self._handle(pkt.get_payload(), pkt.get_mark(), pkt.indev, self._now)
-            if self.core.outbox:
-                self._send_outbox()  # the push goes out before the packet it describes
-            if verdict == DROP:
-                pkt.drop()
-            elif verdict == PASS:
-                pkt.set_mark(mark)
-                pkt.accept()
-            else:
-                pkt.set_payload(payload)  # type: ignore[arg-type]  # REPEAT always carries bytes
-                pkt.set_mark(mark)
-                pkt.repeat()
+            verdict, _, mark = self._handle(pkt.get_payload(), pkt.get_mark(), pkt.indev, self._now)
         except Exception:  # noqa: BLE001 - never raise out of the queue callback
             self._internal("drop.internal", "a packet")
+            verdict, mark = DROP, 0
+            del core.nat_ops[start:]
+        self._pending.append((pkt, verdict, mark, start, len(core.nat_ops)))
+
+    def _settle(self) -> None:
+        pending = self._pending
+        if not pending:
+            return
+        core = self.core
+        ops = core.nat_ops
+        try:
+            written = self.nat.write(ops)
+        except Exception:  # noqa: BLE001 - a packet without its NAT is dropped, never let through
+            self._internal("nat.write_error", "binding elements")
+            written = [False] * len(ops)
+        ops.clear()
+        if core.outbox:
+            self._send_outbox()  # the push goes out before the packet it describes
+        for pkt, verdict, mark, start, end in pending:
             try:
-                pkt.drop()
-            except Exception:  # noqa: BLE001 - the verdict may already be set
-                pass
+                if verdict == PASS and all(written[start:end]):
+                    pkt.set_mark(mark)
+                    pkt.accept()
+                else:
+                    if verdict == PASS:
+                        core.counters["drop.nat_write_failed"] += 1
+                    pkt.drop()
+            except Exception:  # noqa: BLE001 - one packet's verdict must not lose the others'
+                self._internal("verdict.error", "a verdict")
+        pending.clear()
+
+    def _reap(self) -> None:
+        if len(self.core.table):
+            try:
+                self.ct.reap(self.config.processor.marks.passed)
+            except Exception:  # noqa: BLE001 - bindings then end at the kernel's own pace
+                self._internal("conntrack.reap_error", "a conntrack reap")
+
+    def _on_conntrack(self, sock: socket.socket) -> None:
+        now = time.monotonic()
+        gone, lost = self.ct.destroyed()
+        core = self.core
+        for conn in gone:
+            core.conntrack_destroyed(conn.proto, conn.orig, conn.reply, now)
+        if lost:
+            core.counters["conntrack.events_lost"] += 1
+            core.resync(self.ct.ours(), now)
 
     def _internal(self, counter: str, what: str) -> None:
         """Count a bug's hit; log its traceback at most every ``ERROR_LOG_INTERVAL``
@@ -453,8 +511,10 @@ class Runner:
             return {"error": 'send one JSON object per connection: {"cmd": "stats"} or {"cmd": "flows"}'}
         now = time.monotonic()
         if cmd == "stats":
+            stats = self.core.stats()
+            stats["counters"].update(queue_counters(self.queue))
             return {
-                **self.core.stats(),
+                **stats,
                 "instance": self.instance,
                 "pid": os.getpid(),
                 "uptime": round(now - self.started, 1),
@@ -466,6 +526,7 @@ class Runner:
             limit = request.get("limit", FLOWS_LIMIT)
             if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= FLOWS_LIMIT_MAX:
                 return {"error": f"limit must be an integer 0..{FLOWS_LIMIT_MAX}"}
-            return self.core.flows(now, limit)  # a list, as the supervisor merges them
+            acct = {(c.proto, *c.orig): (c.packets, c.bytes) for c in self.ct.ours()}
+            return self.core.flows(now, limit, acct)  # a list, as the supervisor merges them
         self.core.counters["control.bad_request"] += 1
         return {"error": f"unknown command {cmd!r}: stats or flows"}

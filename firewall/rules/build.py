@@ -2,14 +2,16 @@
 
 The layout (docs/datapath.md explains it, hook by hook):
 
-- ``raw_prerouting`` (raw, priority -300, before conntrack): only packets that
-  can belong to a gateway flow are queued (DESIGN invariant 1): the selectors'
-  requests, the servers' replies, and whatever comes back from the blind track
-  to the firewall-side pool. A packet the processor rewrote comes back with the
-  ``rewritten`` mark (NF_REPEAT) and is NOTRACKed here, so conntrack never sees
-  a tuple the processor is about to change (invariant 3), and it is never
-  queued again (invariant 4). A packet the processor hands back untouched gets
-  the ``passed`` mark and goes on to conntrack like any other.
+- ``mangle_prerouting`` (mangle, priority -150: after conntrack, before NAT):
+  only the first packet of a connection that can belong to a gateway flow is
+  queued (DESIGN invariant 1): a selector's request, and a gateway's new
+  connection to the firewall-side pool (leg B). ``ct state new`` is part of
+  every queue rule, so an established gateway flow never leaves the kernel:
+  the processor writes the flow's binding into the NAT maps of the binding
+  table (``firewall.rules.bind``) before its verdict, and conntrack NATs that
+  packet and every later one, in both directions (invariant 3). The
+  processor's verdict continues at the next hook, so no packet is queued
+  twice (invariant 4).
 - ``dstnat`` / ``srcnat``: port forwards and masquerade. With gateways,
   ``dstnat`` exists even without port forwards: its first rule jumps to
   ``dyn_dnat``, where the processor translates the router's address for a
@@ -18,12 +20,9 @@ The layout (docs/datapath.md explains it, hook by hook):
   chain per zone pair holding the config's ``[[rule]]`` entries in order.
 
 With several queues, each flow must reach the one processor instance that
-holds its binding, on both legs and in both directions. Requests are steered
-by the low bits of the client's address and replies by the same bits of their
-destination (the client), so a port forward's reply, whose source differs
-from the request's destination, still meets its instance; traffic from the
-blind track is steered by the firewall-side pool slice, and replies to the
-processor's own SNAT by the SNAT port slice.
+holds its binding. Requests are steered by the low bits of the client's
+address; a gateway's leg B by the firewall-side pool slice it connects to.
+Replies are never queued: conntrack carries them.
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ from firewall.rules.model import (
     Addr,
     AddrBits,
     Chain,
+    CtConfirmed,
     CtDnat,
     CtState,
     Dnat,
@@ -52,13 +52,13 @@ from firewall.rules.model import (
     Kind,
     Mark,
     Masquerade,
-    Notrack,
     OutIface,
     OutZone,
     Port,
     Proto,
     Queue,
     Reject,
+    Return,
     Ruleset,
 )
 
@@ -75,32 +75,33 @@ def build(config: Config) -> Ruleset:
     rs = Ruleset(zones={z.name: z.interfaces for z in config.zones.values()}, chains=[])
     rs.source = str(config.path) if config.path else ""
     if config.gateways:
-        _raw(config, rs)
+        marks = config.processor.marks
+        rs.bind = (marks.mask, marks.rewritten)
+        _steer(config, rs)
     _nat(config, rs)
     _filter(config, rs)
     return rs
 
 
-# ---- raw: steering gateway flows into the queues --------------------------------
+# ---- mangle: steering the first packet of gateway flows into the queues ----------
 
 
-def _raw(config: Config, rs: Ruleset) -> None:
+def _steer(config: Config, rs: Ruleset) -> None:
     proc = config.processor
-    marks = proc.marks
     link = config.gateway_link
-    raw = Chain("raw_prerouting", Kind.RAW, Hook.PREROUTING)
-    rs.chains.append(raw)
-    raw.add(
-        [Mark(marks.mask, marks.rewritten)],
-        [Notrack(), Accept()],
-        "processor rewrote this packet: keep it from conntrack and from the queue",
-        Family.V4,
-    )
-    raw.add([Mark(marks.mask, marks.passed)], [Accept()], "processor passed this packet on unchanged", Family.V4)
+    chain = Chain("mangle_prerouting", Kind.MANGLE, Hook.PREROUTING)
+    rs.chains.append(chain)
+    # Only a connection's first packet can open a binding; the kernel carries
+    # the rest. A return, not an accept, leaves the operator's own rules in the
+    # built-in chain (iptables) to run.
+    chain.add([CtState(("established", "related", "invalid", "untracked"))], [Return()], "conntrack carries established flows", Family.V4)
+    # A retransmitted SYN, or a second datagram before any reply, is still
+    # "new" to conntrack, but its connection already carries its NAT.
+    chain.add([CtConfirmed()], [Return()], "conntrack carries a connection after its first packet", Family.V4)
     # Filled at run time by the processor with exact, short-lived rules that a
     # gateway asked for (seed, "Dynamic changes in packet processing").
-    rs.chains.append(Chain(DYN_REDIRECT, Kind.RAW))
-    raw.add([], [Jump(DYN_REDIRECT)], "dynamic rules: redirect into a gateway", Family.V4)
+    rs.chains.append(Chain(DYN_REDIRECT, Kind.MANGLE))
+    chain.add([], [Jump(DYN_REDIRECT)], "dynamic rules: redirect into a gateway", Family.V4)
 
     bypass = proc.fail_mode == "open"
     queues = proc.queues
@@ -111,13 +112,13 @@ def _raw(config: Config, rs: Ruleset) -> None:
         consecutive rules for each slice; slice b goes to queue b % instances."""
         if len(queues) == 1:
             return Queue(queues[0], bypass)
-        chain = Chain(name, Kind.RAW)
-        rs.chains.append(chain)
+        sub = Chain(name, Kind.MANGLE)
+        rs.chains.append(sub)
         per_slice = len(slices) // buckets
         for i, matches in enumerate(slices):
             b = i // per_slice
             q = queues[b % len(queues)]
-            chain.add(matches, [Queue(q, bypass)], f"{comment}: slice {b} -> queue {q}", Family.V4)
+            sub.add(matches, [Queue(q, bypass)], f"{comment}: slice {b} -> queue {q}", Family.V4)
         return Jump(name)
 
     low_bits = buckets - 1
@@ -126,72 +127,30 @@ def _raw(config: Config, rs: Ruleset) -> None:
         "request, by the client's address",
         [[AddrBits("src", low_bits, b)] for b in range(buckets)],
     )
-    by_dst = steer(
-        "steer_client_dst",
-        "reply, by the client's address",
-        [[AddrBits("dst", low_bits, b)] for b in range(buckets)],
-    )
     pool = proc.pools.firewall_side
-    sub = pool.prefixlen + (buckets - 1).bit_length()
+    sub_prefix = pool.prefixlen + (buckets - 1).bit_length()
     by_pool = steer(
         "steer_pool",
         "from the blind track, by firewall-side pool slice",
-        [[Addr("dst", (net,))] for net in pool.subnets(new_prefix=sub)],
+        [[Addr("dst", (net,))] for net in pool.subnets(new_prefix=sub_prefix)],
     )
-    protos = sorted({t.proto for gw in config.gateways for t in gw.traffic})
-    by_snat = steer(
-        "steer_snat",
-        "reply to the processor's SNAT, by port slice",
-        [
-            [Proto(p), Port("dst", (rng,))]
-            for rng in port_slices(proc.pools.snat_ports, buckets)
-            for p in protos
-        ],
-    )
-
-    raw.add(
+    chain.add(
         [InIface(link.router_if), Addr("dst", (pool,))],
         [by_pool],
-        "gateway_link: a gateway's output to the firewall-side pool",
+        "gateway_link: a gateway's new connection to the firewall-side pool (leg B)",
         Family.V4,
     )
-    masq = set(config.nat.masquerade)
     for gw in config.gateways:
         for t in gw.traffic:
             tag = f"{t.source} gateway {gw.name} ({gw.kind})"
             if t.to_zone == ROUTER:
                 # The gateway terminates the flow (the tunnel's server): only a
-                # packet for one of the router's own addresses can be its, and
-                # that, unlike the to-zone, raw can see. Routed traffic on these
-                # ports stays in the kernel. No server, so no reply rule.
-                matches = _selector(t, reply=False) + [DstLocal()]
-                raw.add(matches, [by_src], f"{tag}: request to the router", Family.V4)
+                # packet for one of the router's own addresses can be its.
+                # Routed traffic on these ports stays in the kernel.
+                matches = _selector(t) + [DstLocal()]
+                chain.add(matches, [by_src], f"{tag}: request to the router", Family.V4)
                 continue
-            raw.add(_selector(t, reply=False), [by_src], f"{tag}: request", Family.V4)
-            if t.to_zone in masq:
-                # Outbound through masquerade: the processor SNATs leg B itself
-                # (NOTRACKed packets get no kernel NAT), so replies come to its port.
-                matches = _selector(t, reply=True) + [Port("dst", (proc.pools.snat_ports,))]
-                raw.add(matches, [by_snat], f"{tag}: reply to SNAT", Family.V4)
-            else:
-                raw.add(_selector(t, reply=True), [by_dst], f"{tag}: reply", Family.V4)
-            # A port forward on the selector's port sends the flow to its target,
-            # whose replies come from the target's port, not the one the client used.
-            for f in _forwards_under(config, t):
-                matches = [InZone(t.to_zone), Proto(t.proto), Addr("src", (ipaddress.ip_network(f.to_addr),)), Port("src", (f.target_ports,))]
-                raw.add(matches, [by_dst], f"{tag}: reply from {f.source} target", Family.V4)
-    # A steering chain no selector needs (say, SNAT steering without a
-    # masqueraded 'to' zone) would only be noise for the reviewer.
-    used = {s.chain for r in raw.rules for s in r.statements if isinstance(s, Jump)}
-    rs.chains = [c for c in rs.chains if not c.name.startswith("steer_") or c.name in used]
-
-
-def _forwards_under(config: Config, t: Traffic):
-    """Port forwards that take some of a selector's requests to a different port."""
-    for f in config.nat.forwards:
-        if f.from_zone == t.from_zone and f.proto == t.proto and any(f.ports.overlaps(p) for p in t.ports):
-            if f.target_ports != f.ports or t.saddr or t.daddr:
-                yield f
+            chain.add(_selector(t), [by_src], f"{tag}: request", Family.V4)
 
 
 def signalling_ports(config: Config) -> PortRange:
@@ -211,21 +170,19 @@ def port_slices(rng: PortRange, buckets: int) -> list[PortRange]:
     return out
 
 
-def _selector(t: Traffic, reply: bool) -> list:
-    """The raw-table match for a gateway selector: ingress zone, protocol, port.
+def _selector(t: Traffic) -> list:
+    """The prerouting match for a gateway selector's requests: ingress zone, protocol, port.
 
-    Raw prerouting runs before routing, so the 'to' zone cannot be matched
-    here; the processor checks it (seed fig. 6a step 602) and passes what does
-    not belong to the gateway back to the kernel with the ``passed`` mark.
+    Prerouting runs before routing, so the 'to' zone cannot be matched here;
+    the processor checks it (seed fig. 6a step 602) and passes what does not
+    belong to the gateway back to the kernel.
     """
-    zone = t.to_zone if reply else t.from_zone
-    matches: list = [InZone(zone), Proto(t.proto)]
-    client, server = (t.daddr, t.saddr) if reply else (t.saddr, t.daddr)
-    if client:
-        matches.append(Addr("src", client))
-    if server:
-        matches.append(Addr("dst", server))
-    matches.append(Port("src" if reply else "dst", t.ports))
+    matches: list = [InZone(t.from_zone), Proto(t.proto)]
+    if t.saddr:
+        matches.append(Addr("src", t.saddr))
+    if t.daddr:
+        matches.append(Addr("dst", t.daddr))
+    matches.append(Port("dst", t.ports))
     return matches
 
 
@@ -289,7 +246,7 @@ def _filter(config: Config, rs: Ruleset) -> None:
         fwd.add(
             [Mark(marks.mask, marks.rewritten)],
             [Accept()],
-            "processor rewrote or restored this packet after its policy check",
+            "first packet of a gateway flow: the processor checked the policy and bound it",
             Family.V4,
         )
     for chain in (inp, fwd, out):
@@ -333,7 +290,7 @@ def _filter(config: Config, rs: Ruleset) -> None:
             for t in gw.traffic:
                 if t.to_zone == ROUTER:
                     continue
-                matches = [InZone(t.from_zone), OutZone(t.to_zone)] + _selector(t, reply=False)[1:]
+                matches = [InZone(t.from_zone), OutZone(t.to_zone)] + _selector(t)[1:]
                 fwd.add(matches, [Accept()], f"{t.source} gateway {gw.name}: fail open", Family.V4)
 
     _zone_chains(config, rs, inp, fwd, out)

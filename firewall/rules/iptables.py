@@ -1,6 +1,6 @@
 """Render the rule model for iptables-restore --noflush (IPv4) and ip6tables-restore.
 
-nfgate's chains are named ``NFGATE-*`` and live in the raw, nat and filter
+nfgate's chains are named ``NFGATE-*`` and live in the mangle, nat and filter
 tables; the built-in chains only get one jump to each of nfgate's base chains,
 at position 1. Nothing else in a built-in chain is touched, and no built-in
 policy is changed: nfgate's "policy drop" is the last rule of its own chain.
@@ -22,6 +22,7 @@ from firewall.rules.model import (
     Accept,
     Addr,
     AddrBits,
+    CtConfirmed,
     CtDnat,
     CtState,
     Dnat,
@@ -35,7 +36,7 @@ from firewall.rules.model import (
     Kind,
     Mark,
     Masquerade,
-    Notrack,
+    Return,
     OutIface,
     OutZone,
     Port,
@@ -48,7 +49,7 @@ from firewall.rules.model import (
     iptables_chain_name,
 )
 
-TABLE_ORDER = ("raw", "nat", "filter")
+TABLE_ORDER = ("mangle", "nat", "filter")
 MULTIPORT_MAX = 15  # xt_multiport: at most 15 ports, a range counting as two
 
 # nft's ICMPv6 type names -> ip6tables' names
@@ -59,7 +60,7 @@ _ICMPV6 = {
     "nd-neighbor-advert": "neighbour-advertisement",
 }
 _BUILTIN = {
-    ("raw", "prerouting"): "PREROUTING",
+    ("mangle", "prerouting"): "PREROUTING",
     ("nat", "prerouting"): "PREROUTING",
     ("nat", "postrouting"): "POSTROUTING",
     ("filter", "input"): "INPUT",
@@ -161,6 +162,8 @@ def _match(m, proto: str | None, rs: Ruleset, version: int) -> list[str]:
             return [f"{flag} {ipaddress.IPv4Address(value)}/{ipaddress.IPv4Address(mask)}"]
         case Port(direction, ranges):
             return _ports(direction, ranges)
+        case CtConfirmed():
+            return ["-m conntrack --ctstatus CONFIRMED"]
         case CtState(states):
             return [f"-m conntrack --ctstate {','.join(s.upper() for s in states)}"]
         case CtDnat():
@@ -196,12 +199,12 @@ def _ports(direction: str, ranges) -> list[str]:
 
 
 def _targets(rule: Rule, proto: str | None, version: int) -> list[str]:
-    """iptables allows one target per rule: a non-terminal NOTRACK becomes its own line."""
+    """The rule's targets, one per iptables line."""
     out = []
     for s in rule.statements:
         match s:
-            case Notrack():
-                out.append("CT --notrack")
+            case Return():
+                out.append("RETURN")
             case Accept():
                 out.append("ACCEPT")
             case Drop():

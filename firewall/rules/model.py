@@ -1,7 +1,7 @@
 """The rule model: what nfgate installs, independent of nftables or iptables.
 
 A ``Ruleset`` is a list of chains. A base chain names its hook and its kind
-(``raw``, ``nat`` or ``filter``), which fixes the priority in nftables and the
+(``mangle``, ``nat`` or ``filter``), which fixes the priority in nftables and the
 table in iptables. Each ``Rule`` is a tuple of matches and a tuple of
 statements, the last of which may end evaluation. Both renderers read only
 this model, so the two renderings cannot drift apart in meaning; the renderer
@@ -46,7 +46,7 @@ class Hook(Enum):
 class Kind(Enum):
     """nft chain type and priority; iptables table."""
 
-    RAW = "raw"
+    MANGLE = "mangle"
     NAT = "nat"
     FILTER = "filter"
 
@@ -115,6 +115,12 @@ class CtDnat:
 
 
 @dataclass(frozen=True)
+class CtConfirmed:
+    """The connection is in conntrack's table: a packet of it already went
+    through. Until its reply comes, conntrack still calls it ``new``."""
+
+
+@dataclass(frozen=True)
 class TcpSyn:
     """A TCP SYN, with none of ACK, FIN, RST: the first packet of a connection (and its
     retransmissions). iptables' ``--syn``; the processor's own test of a new flow."""
@@ -137,7 +143,7 @@ class IcmpType:
 
 
 Match = (
-    InZone | OutZone | InIface | OutIface | Proto | Addr | AddrBits | Port | CtState | CtDnat | TcpSyn | DstLocal | Mark
+    InZone | OutZone | InIface | OutIface | Proto | Addr | AddrBits | Port | CtState | CtDnat | CtConfirmed | TcpSyn | DstLocal | Mark
     | IcmpType
 )
 
@@ -166,8 +172,9 @@ class Jump:
 
 
 @dataclass(frozen=True)
-class Notrack:
-    """Not terminal: conntrack skips the packet (DESIGN invariant 3)."""
+class Return:
+    """Back to the calling chain (in a base chain: its policy). Unlike an accept,
+    it leaves the rest of the built-in iptables chain, the operator's, alone."""
 
 
 @dataclass(frozen=True)
@@ -187,8 +194,8 @@ class Queue:
     bypass: bool
 
 
-Statement = Accept | Drop | Reject | Jump | Notrack | Masquerade | Dnat | Queue
-TERMINAL = (Accept, Drop, Reject, Jump, Masquerade, Dnat, Queue)
+Statement = Accept | Drop | Reject | Jump | Return | Masquerade | Dnat | Queue
+TERMINAL = (Accept, Drop, Reject, Jump, Return, Masquerade, Dnat, Queue)
 
 
 @dataclass(frozen=True)
@@ -216,6 +223,9 @@ class Ruleset:
     zones: dict[str, tuple[str, ...]]  # zone -> interfaces (nft named sets)
     chains: list[Chain]
     source: str = ""  # the config file, for the header comment
+    # (mask, mark) of bound gateway flows: with gateways, the binding table
+    # (firewall.rules.bind) goes with the ruleset, whatever the backend.
+    bind: tuple[int, int] | None = None
 
     def chain(self, name: str) -> Chain:
         for chain in self.chains:

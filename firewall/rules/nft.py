@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import ipaddress
 
+from firewall.rules import bind
 from firewall.rules.model import (
     Accept,
     Addr,
     AddrBits,
     Chain,
+    CtConfirmed,
     CtDnat,
     CtState,
     Dnat,
@@ -29,7 +31,7 @@ from firewall.rules.model import (
     Kind,
     Mark,
     Masquerade,
-    Notrack,
+    Return,
     OutIface,
     OutZone,
     Port,
@@ -45,7 +47,7 @@ TABLE = "nfgate"
 FAMILY = "inet"
 
 _PRIORITY = {
-    (Kind.RAW, "prerouting"): "raw",
+    (Kind.MANGLE, "prerouting"): "mangle",
     (Kind.NAT, "prerouting"): "dstnat",
     (Kind.NAT, "postrouting"): "srcnat",
     (Kind.FILTER, "input"): "filter",
@@ -81,7 +83,10 @@ def render(rs: Ruleset) -> str:
     if out[-1] == "":
         out.pop()
     out.append("}")
-    return "\n".join(out) + "\n"
+    text = "\n".join(out) + "\n"
+    if rs.bind is not None:
+        text += "\n" + bind.render(*rs.bind)
+    return text
 
 
 def _chain(chain: Chain) -> list[str]:
@@ -135,6 +140,8 @@ def _match(m, proto: str | None) -> str:
             )
         case Port(direction, ranges):
             return f"{proto} {direction[0]}port {_set([str(r) for r in ranges])}"
+        case CtConfirmed():
+            return "ct status confirmed"
         case CtState(states):
             return f"ct state {','.join(states)}"
         case CtDnat():
@@ -160,8 +167,8 @@ def _statement(s, proto: str | None) -> str:
             return "reject with tcp reset" if proto == "tcp" else "reject"
         case Jump(chain):
             return f"jump {chain}"
-        case Notrack():
-            return "notrack"
+        case Return():
+            return "return"
         case Masquerade(ports):
             return "masquerade" if ports is None else f"masquerade to :{ports}"
         case Dnat(addr, ports):

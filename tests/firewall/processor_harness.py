@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
+from tests.conntrack import fast_conntrack
 from firewall import gwlink
 from firewall.config.model import GatewayLink
 from firewall.lab.wait import wait_for
@@ -76,11 +77,6 @@ to = "192.168.1.10"
 
 [processor]
 fail_mode = "{fail_mode}"
-
-[processor.timeouts]
-tcp_closing = 1
-tcp_handshake = 5
-udp_idle = 5
 
 [gateway_link]
 netns = "{netns}"
@@ -188,6 +184,7 @@ class Harness:
         self.gateway: subprocess.Popen[str] | None = None
         self.events: Lines | None = None
         gwlink.create(self.link, lab.ns("router"))
+        fast_conntrack(lab)
         load_or_create_key(self.key)  # the stand-in reads it; the processor would create it too
         self.apply(fail_mode)
 
@@ -204,7 +201,7 @@ class Harness:
 
     def dynamic_rules(self) -> list[str]:
         out = []
-        for table, chain in (("raw", "NFGATE-DYN-REDIRECT"), ("nat", "NFGATE-DYN-DNAT"), ("filter", "NFGATE-DYN-ALLOW")):
+        for table, chain in (("mangle", "NFGATE-DYN-REDIRECT"), ("nat", "NFGATE-DYN-DNAT"), ("filter", "NFGATE-DYN-ALLOW")):
             listing = self.lab.run("router", ["iptables-nft", "-t", table, "-S", chain]).stdout
             out += [line for line in listing.splitlines() if line.startswith("-A ")]
         return out

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conntrack import fast_conntrack
 from firewall.lab.wait import wait_for
 from firewall.supervisor import ask
 
@@ -59,10 +60,6 @@ to = "192.168.1.10"
 [processor]
 queues = {queues}
 fail_mode = "closed"
-
-[processor.timeouts]
-tcp_closing = 1
-udp_idle = 5
 
 [gateway_link]
 netns = "{gwns}"
@@ -136,6 +133,7 @@ class Running:
         self.log_path = tmp / "run.log"
         self.log = open(self.log_path, "w")
         argv = [sys.executable, "-m", "firewall.cli", "run", "-c", str(self.path), "--backend", "iptables"]
+        fast_conntrack(lab)
         self.proc = lab.popen("router", argv, stdout=self.log, stderr=subprocess.STDOUT)
         try:
             wait_for(self.ready, timeout=30, interval=0.1, what="nfgate run to start every process")

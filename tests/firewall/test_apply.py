@@ -299,7 +299,7 @@ def test_reapply_drops_stale_chains_and_duplicate_jumps(lab_factory, backend: st
         return set(re.findall(r"^:(NFGATE-\S+)", lab.run("router", [save]).stdout, re.M))
 
     assert nfgate(lab, "apply", "-c", str(root / "office.toml"), "--backend", backend).returncode == 0
-    assert "NFGATE-STEER-SNAT" in chains()
+    assert "NFGATE-STEER-POOL" in chains()
     lab.run("router", [tool, "-I", "INPUT", "-j", "NFGATE-INPUT"])  # a second jump, by hand
     result = nfgate(lab, "apply", "-c", str(root / "home.toml"), "--backend", backend)
     assert result.returncode == 0, result.stderr

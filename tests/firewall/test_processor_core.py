@@ -1,18 +1,28 @@
-"""firewall.processor.core: playbooks of packets and messages through the pure processor.
+"""firewall.processor.core: playbooks of first packets, conntrack events and messages through the pure processor.
 
-Each test states the packets in (as the wire carries them, built with scapy)
-and the verdict, bytes, mark and signalling out. Routes, interface names and
-the router's addresses are plain functions of a fake router:
+Datapath v2: only the first packet of each connection is queued (after
+conntrack, ``ct state new``). Each test states the packets in (as the wire
+carries them, built with scapy), the conntrack the fake kernel has, and what
+comes out: the verdict and mark, the binding-table NAT elements
+(``core.nat_ops``, shown as ``Leg``s: original tuple -> DNAT, SNAT), the
+signalling the gateways receive, and the kernel rule operations. Routes,
+interface names, the router's addresses and conntrack look-ups are plain
+functions of a fake router:
 
     ext 203.0.113.10 --- wan0 203.0.113.1 [router] lan0 192.168.1.1 --- lan 192.168.1.10
                                           |  dmz0 10.0.0.1 --- 10.0.0.0/24
                                           nfg-gw0 172.31.255.1 --- gateways 172.31.255.2
+
+The firewall-side pool is 172.31.254.0/28 x 1024-65535 and hands out
+172.31.254.0:1024, 172.31.254.1:1024, ... in that order; the SNAT pool W x
+61000-65535 hands out 61000 first.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+import json
+from typing import Any, NamedTuple
 
 import pytest
 from hypothesis import given, settings
@@ -22,14 +32,16 @@ from scapy.layers.inet import TCP as ScapyTCP
 from scapy.layers.inet import UDP as ScapyUDP
 from scapy.packet import Raw
 
-from firewall.config import loads
-from firewall.processor.core import DROP, PASS, REPEAT, ProcessorCore, Route
-from firewall.processor.dynamic import _ipt_specs
+from firewall.config import ConfigError, loads
 from firewall.config.model import Processor
+from firewall.packet import TCP as TCP_PROTO
+from firewall.packet import UDP as UDP_PROTO
+from firewall.processor.core import DROP, PASS, ProcessorCore, Route
+from firewall.processor.dynamic import _ipt_specs
+from firewall.processor.kernel import Connection
 from firewall.processor.rulebook import KernelOp
-
-MAX_RULES_PER_FLOW = Processor().max_rules_per_flow
 from firewall.rules import nft
+from firewall.rules.bind import DNAT_MAP, SNAT_MAP
 from firewall.rules.model import Proto as ProtoMatch
 from firewall.rules.model import Queue
 from firewall.signalling import (
@@ -54,10 +66,14 @@ from firewall.signalling import (
     RuleRequest,
 )
 
+MAX_RULES_PER_FLOW = Processor().max_rules_per_flow
+
 KEY = bytes(range(32))
 T0 = 1000.0  # monotonic
 WALL0 = 1_700_000_000.0
-MARK = 0x00010000
+MASK = 0x00FF0000
+MARK = 0x00010000  # rewritten: a bound first packet
+PASSED = 0x00020000
 QOS = 0x00000007  # a bit outside nfgate's mask: must survive every verdict
 
 C = "203.0.113.10"  # ext client
@@ -66,8 +82,11 @@ S = "192.168.1.10"  # lan server
 L = "192.168.1.1"  # router lan
 G = "172.31.255.2"  # gateways
 R = "172.31.255.1"  # router, blind track
+F0 = ("172.31.254.0", 1024)  # the firewall-side pool's first endpoint
+F1 = ("172.31.254.1", 1024)  # and its second
 IF = {2: "wan0", 3: "lan0", 4: "nfg-gw0", 5: "dmz0", 1: "lo"}
 WAN0, LAN0, BLIND, DMZ0 = 2, 3, 4, 5
+PEER = {"relay": (G, 7500), "ftp": (G, 7501), "rtp": (G, 7502)}  # each gateway's signalling port
 
 CONFIG = """
 [zones.wan]
@@ -91,10 +110,8 @@ port = 21
 to = "192.168.1.10"
 
 [processor.timeouts]
-tcp_idle = 100
-tcp_closing = 5
-tcp_handshake = 10
-udp_idle = 20
+confirm = 5
+nat_element = 10
 {pools}
 
 [[gateway]]
@@ -143,6 +160,18 @@ def ip(s: str) -> int:
     return int(ipaddress.IPv4Address(s))
 
 
+def ep(addr: str, port: int) -> Endpoint:
+    return Endpoint(ipaddress.IPv4Address(addr), port)
+
+
+def pair(e: Endpoint) -> tuple[str, int]:
+    return str(e.address), e.port
+
+
+def ints(t: tuple[str, int, str, int]) -> tuple[int, int, int, int]:
+    return ip(t[0]), t[1], ip(t[2]), t[3]
+
+
 def route(dst: int) -> Route | None:
     a = ipaddress.IPv4Address(dst)
     if str(a) in (W, L, R, "10.0.0.1"):
@@ -156,31 +185,88 @@ def route(dst: int) -> Route | None:
     return Route(False, "wan0", ip(W))
 
 
+class Leg(NamedTuple):
+    """A pair of binding-table elements: the connection's original tuple, its DNAT and its SNAT."""
+
+    proto: str
+    key: tuple[str, int, str, int]
+    dnat: tuple[str, int]
+    snat: tuple[str, int]
+
+
+def legs(ops: list[Any]) -> list[Leg]:
+    """``core.nat_ops`` read back: each leg is a DNAT_MAP element then a SNAT_MAP one, same key."""
+    assert len(ops) % 2 == 0, ops
+    s = lambda a: str(ipaddress.IPv4Address(a))  # noqa: E731
+    out = []
+    for (m1, p1, k1, v1), (m2, p2, k2, v2) in zip(ops[::2], ops[1::2]):
+        assert (m1, m2) == (DNAT_MAP, SNAT_MAP) and p1 == p2 and k1 == k2, ops
+        out.append(Leg(p1, (s(k1[0]), k1[1], s(k1[2]), k1[3]), (s(v1[0]), v1[1]), (s(v2[0]), v2[1])))
+    return out
+
+
 class Rig:
-    """A core with a fake router around it, and the gateway layer's end of signalling."""
+    """A core with a fake router and a fake conntrack around it, and the gateway layer's end of signalling."""
 
     def __init__(self, pools: str = "", push: bool = True) -> None:
         self.config = loads(CONFIG.replace("{pools}", pools))
+        self.alive: set[tuple[int, ...]] = set()  # (proto, src, sport, dst, dport): conntrack's original tuples
+        self.lookups: list[tuple[int, ...]] = []
+        self.local = [W, L, R, "10.0.0.1"]
         self.core = ProcessorCore(
             self.config, 0, Encoder(KEY, Role.PROCESSOR), Guard(KEY, Role.PROCESSOR, now=WALL0),
             route=route, ifname=IF.get,
-            local_addresses=lambda: [ipaddress.IPv4Address(a) for a in (W, L, R, "10.0.0.1")],
-            now=T0, wall=WALL0, push=push,
+            local_addresses=lambda: [ipaddress.IPv4Address(a) for a in self.local],
+            conntrack=self.conntrack, now=T0, wall=WALL0, push=push,
         )
         self.gw_guard = Guard(KEY, Role.GATEWAY, now=WALL0)
         self.gw_encoder = Encoder(KEY, Role.GATEWAY)
         self.now = T0
 
-    def send(self, pkt: Any, indev: int, mark: int = QOS) -> tuple[int, Any, int]:
-        verdict, payload, out_mark = self.core.handle(bytes(pkt), mark, indev, self.now)
-        return verdict, (IP(payload) if payload is not None else None), out_mark
+    # ---- the fake kernel ----------------------------------------------------------------
 
-    def rewritten(self, pkt: Any, indev: int) -> Any:
-        verdict, out, mark = self.send(pkt, indev)
-        assert verdict == REPEAT, self.core.counters
-        assert mark == QOS | MARK
-        assert_checksums(out)
+    def conntrack(self, proto: int, src: int, sport: int, dst: int, dport: int) -> bool:
+        self.lookups.append((proto, src, sport, dst, dport))
+        return (proto, src, sport, dst, dport) in self.alive
+
+    def confirm(self, leg: Leg) -> None:
+        """Conntrack now has this leg's connection."""
+        self.alive.add((PROTO[leg.proto], *ints(leg.key)))
+
+    def forget(self, leg: Leg) -> None:
+        self.alive.discard((PROTO[leg.proto], *ints(leg.key)))
+
+    def destroyed(self, proto: str, orig: tuple[str, int, str, int], reply: tuple[str, int, str, int]) -> None:
+        """A ctnetlink destroy event for a connection with nfgate's mark."""
+        self.alive.discard((PROTO[proto], *ints(orig)))
+        self.core.conntrack_destroyed(PROTO[proto], ints(orig), ints(reply), self.now)
+
+    # ---- packets ------------------------------------------------------------------------
+
+    def send(self, pkt: Any, indev: int, mark: int = QOS) -> tuple[int, Any, int]:
+        return self.core.handle(bytes(pkt), mark, indev, self.now)
+
+    def ops(self) -> list[Leg]:
+        out = legs(self.core.nat_ops)
+        self.core.nat_ops.clear()
         return out
+
+    def bound(self, pkt: Any, indev: int, mark: int = QOS) -> Leg:
+        """A first packet the processor bound: PASS with the ``rewritten`` mark, and one leg's NAT."""
+        verdict, payload, out_mark = self.send(pkt, indev, mark)
+        assert verdict == PASS and payload is None, dict(self.core.counters)
+        assert out_mark == (mark & ~MASK & 0xFFFFFFFF) | MARK
+        (leg,) = self.ops()
+        return leg
+
+    def dropped(self, pkt: Any, indev: int, why: str) -> None:
+        """A packet dropped for ``why``: its mark untouched, no NAT, no signalling."""
+        before = self.core.counters[why]
+        assert self.send(pkt, indev) == (DROP, None, QOS), dict(self.core.counters)
+        assert self.core.counters[why] == before + 1, dict(self.core.counters)
+        assert self.core.nat_ops == [] and self.core.outbox == []
+
+    # ---- signalling ---------------------------------------------------------------------
 
     def received(self) -> list[tuple[Any, tuple[str, int]]]:
         """What the gateway layer got since last asked (duplicates folded by its Guard)."""
@@ -212,18 +298,10 @@ class Rig:
         self.core.tick(self.now, self.now - T0 + WALL0)
 
 
-def assert_checksums(pkt: Any) -> None:
-    fresh = IP(bytes(pkt))
-    l4 = fresh.payload
-    sent_ip, sent_l4 = fresh.chksum, l4.chksum
-    del fresh.chksum
-    del l4.chksum
-    again = IP(bytes(fresh))
-    assert again.chksum == sent_ip
-    assert again.payload.chksum == sent_l4
+PROTO = {"tcp": TCP_PROTO, "udp": UDP_PROTO}
 
 
-def tcp(src: str, sport: int, dst: str, dport: int, flags: str = "A", data: bytes = b"") -> Any:
+def tcp(src: str, sport: int, dst: str, dport: int, flags: str = "S", data: bytes = b"") -> Any:
     pkt = IP(src=src, dst=dst) / ScapyTCP(sport=sport, dport=dport, flags=flags, seq=1000, ack=2000)
     return pkt / Raw(data) if data else pkt
 
@@ -232,20 +310,27 @@ def udp(src: str, sport: int, dst: str, dport: int, data: bytes = b"x") -> Any:
     return IP(src=src, dst=dst) / ScapyUDP(sport=sport, dport=dport) / Raw(data)
 
 
-def ends(pkt: Any) -> tuple[str, int, str, int]:
-    return pkt.src, pkt.payload.sport, pkt.dst, pkt.payload.dport
-
-
-def open_inbound(rig: Rig, sport: int = 40000, port: int = 8443) -> tuple[Any, Any]:
-    """C SYN to the router's port: rewritten into the gateway, pushed first. (push, F:f)"""
-    out = rig.rewritten(tcp(C, sport, W, port, "S"), WAN0)
+def open_inbound(rig: Rig, sport: int = 40000, port: int = 8443) -> tuple[Any, Leg]:
+    """C's SYN to the router's port: leg A into the gateway, pushed first. (flow info, leg A)"""
+    leg = rig.bound(tcp(C, sport, W, port, "S"), WAN0)
     pushes = rig.received()
     assert len(pushes) == 1 and isinstance(pushes[0][0], NewFlow)
     flow = pushes[0][0].flow
     # To the signalling port of the gateway the flow belongs to: 7500 + its index.
-    assert pushes[0][1] == (G, {"relay": 7500, "ftp": 7501}[flow.gateway])
-    assert ends(out) == (str(flow.firewall_side.address), flow.firewall_side.port, G, flow.ag.port)
-    return flow, out
+    assert pushes[0][1] == PEER[flow.gateway]
+    assert leg == Leg("tcp", (C, sport, W, port), pair(flow.ag), pair(flow.firewall_side))
+    return flow, leg
+
+
+def leg_b(rig: Rig, flow: Any, eport: int) -> Leg:
+    """The gateway's SYN from G:eport to the flow's F:f on the blind track: leg B."""
+    F, f = pair(flow.firewall_side)
+    return rig.bound(tcp(G, eport, F, f, "S"), BLIND)
+
+
+def reply_a(flow: Any) -> tuple[str, int, str, int]:
+    """Leg A's reply tuple in conntrack: G:g -> F:f."""
+    return (*pair(flow.ag), *pair(flow.firewall_side))
 
 
 # ---- the two legs ---------------------------------------------------------------------
@@ -253,76 +338,123 @@ def open_inbound(rig: Rig, sport: int = 40000, port: int = 8443) -> tuple[Any, A
 
 def test_port_forward_flow_through_both_legs() -> None:
     rig = Rig()
-    flow, syn = open_inbound(rig)
+    flow, a = open_inbound(rig)
     assert rig.core.counters["signalling.copies"] == 3  # signalling.copies, back to back
-    assert (flow.gateway, flow.ag) == ("relay", Endpoint(ipaddress.IPv4Address(G), 20000))
+    assert (flow.gateway, flow.ag) == ("relay", ep(G, 20000))
     assert str(flow.client) == f"{C}:40000"
     assert str(flow.original_dst) == f"{W}:8443"
-    assert str(flow.server) == f"{S}:443"  # the port forward's target, done by the processor
-    F, f = str(flow.firewall_side.address), flow.firewall_side.port
-    assert ipaddress.IPv4Address(F) in ipaddress.IPv4Network("172.31.254.0/28")
-    assert syn.payload.flags == "S"
-
-    # Leg A: the gateway's SYN-ACK, restored: the client sees the router's address.
-    out = rig.rewritten(tcp(G, 20000, F, f, "SA"), BLIND)
-    assert ends(out) == (W, 8443, C, 40000)
-    # The client's ACK and data: into the gateway.
-    out = rig.rewritten(tcp(C, 40000, W, 8443, "A", b"hello"), WAN0)
-    assert ends(out) == (F, f, G, 20000) and bytes(out.payload.payload) == b"hello"
+    assert str(flow.server) == f"{S}:443"  # the port forward's target, done by the binding
+    assert flow.snat is None
+    # Leg A: C:40000 -> W:8443 becomes F:f -> G:20000, F:f the pool's first endpoint.
+    assert a == Leg("tcp", (C, 40000, W, 8443), (G, 20000), F0)
 
     # Leg B: the gateway swaps to F:f from its own port e; the server sees the real client.
-    out = rig.rewritten(tcp(G, 51000, F, f, "S"), BLIND)
-    assert ends(out) == (C, 40000, S, 443)
-    out = rig.rewritten(tcp(S, 443, C, 40000, "SA"), LAN0)
-    assert ends(out) == (F, f, G, 51000)
-    out = rig.rewritten(tcp(G, 51000, F, f, "A", b"data"), BLIND)
-    assert ends(out) == (C, 40000, S, 443)
-    assert rig.received() == []  # one push per flow, not per packet
-    assert len(rig.core.table) == 1
+    b = leg_b(rig, flow, 51000)
+    assert b == Leg("tcp", (G, 51000, *F0), (S, 443), (C, 40000))
+    # A retransmission of leg B's SYN (no reply yet: conntrack still calls it new) gets the same elements.
+    assert leg_b(rig, flow, 51000) == b
+    assert rig.received() == []  # one push per flow
+    assert len(rig.core.table) == 1 and rig.core.stats()["counters"]["verdict.bound"] == 3
 
 
-def test_outbound_flow_is_snatted_by_the_processor() -> None:
+def test_the_mark_keeps_the_bits_outside_nfgates_mask() -> None:
     rig = Rig()
-    out = rig.rewritten(tcp(S, 5555, C, 9000, "S"), LAN0)
-    (msg, _), = rig.received()
+    verdict, _, mark = rig.send(tcp(C, 40000, W, 8443), WAN0, mark=0x12FF0007)
+    assert (verdict, mark) == (PASS, 0x12010007)
+    verdict, _, mark = rig.send(tcp(C, 40000, W, 22), WAN0, mark=0x12FF0007)  # not a selector
+    assert (verdict, mark) == (PASS, 0x12020007)
+    verdict, _, mark = rig.send(tcp(C, 40001, W, 8443, "A"), WAN0, mark=0x12FF0007)
+    assert (verdict, mark) == (DROP, 0x12FF0007)  # a drop leaves the mark alone
+
+
+def test_outbound_flow_is_snatted_by_the_binding() -> None:
+    rig = Rig()
+    a = rig.bound(tcp(S, 5555, C, 9000, "S"), LAN0)
+    ((msg, peer),) = rig.received()
     flow = msg.flow
+    assert peer == PEER["relay"]
     assert (str(flow.client), str(flow.server), str(flow.original_dst)) == (f"{S}:5555", f"{C}:9000", f"{C}:9000")
-    F, f = str(flow.firewall_side.address), flow.firewall_side.port
-    assert ends(out) == (F, f, G, 20000)
-    out = rig.rewritten(tcp(G, 20000, F, f, "SA"), BLIND)
-    assert ends(out) == (C, 9000, S, 5555)
-    # Leg B leaves through masquerade: the router's address, a port of the SNAT pool.
-    out = rig.rewritten(tcp(G, 52000, F, f, "S"), BLIND)
-    src, w, dst, dport = ends(out)
-    assert (src, dst, dport) == (W, C, 9000) and 61000 <= w <= 65535
-    out = rig.rewritten(tcp(C, 9000, W, w, "SA"), WAN0)
-    assert ends(out) == (F, f, G, 52000)
+    # The route to C leaves through masquerade: leg B gets W and the SNAT pool's first port.
+    assert flow.snat == ep(W, 61000)
+    assert a == Leg("tcp", (S, 5555, C, 9000), (G, 20000), F0)
+    b = leg_b(rig, flow, 52000)
+    assert b == Leg("tcp", (G, 52000, *F0), (C, 9000), (W, 61000))
     assert rig.core.stats()["pools"]["snat"] == {W: {"used": 1, "capacity": 4536, "exhausted": 0}}
 
 
 def test_not_a_selector_and_wrong_zone_pass_to_the_kernel() -> None:
     rig = Rig()
-    # A reply-rule match for a flow the kernel owns (dmz -> lan:8443 replies from lan).
-    verdict, out, mark = rig.send(tcp(S, 8443, "10.0.0.5", 3333, "SA"), LAN0)
-    assert (verdict, out, mark) == (PASS, None, QOS | 0x00020000)
-    # lan -> dmz:9000: the selector is lan -> wan, so every packet of it passes.
+    # lan -> dmz:3333 is no selector.
+    assert rig.send(tcp(S, 8443, "10.0.0.5", 3333, "SA"), LAN0) == (PASS, None, QOS | PASSED)
+    # lan -> dmz:9000: the selector is lan -> wan, so it passes whatever its flags.
     for flags in ("S", "A", "FA"):
-        assert rig.send(tcp(S, 6000, "10.0.0.5", 9000, flags), LAN0)[0] == PASS
+        assert rig.send(tcp(S, 6000, "10.0.0.5", 9000, flags), LAN0) == (PASS, None, QOS | PASSED)
     # Port 9000 is a selector from lan, not from wan.
     assert rig.send(tcp(C, 7000, W, 9000, "S"), WAN0)[0] == PASS
     c = rig.core.counters
     assert (c["passed.not_a_selector"], c["passed.other_zone"], c["verdict.pass"]) == (2, 3, 5)
-    assert len(rig.core.table) == 0 and rig.received() == []
+    assert len(rig.core.table) == 0 and rig.received() == [] and rig.core.nat_ops == []
 
 
-def test_mid_stream_without_binding_is_dropped_and_counted() -> None:
+def test_non_first_packets_and_gateway_packets_without_a_binding_are_dropped() -> None:
     rig = Rig()
+    # A selector's packet that is not a bare SYN cannot open a flow.
     for flags in ("A", "PA", "SA", "R", "SF"):
-        assert rig.send(tcp(S, 5555, C, 9000, flags), LAN0)[0] == DROP
-    assert rig.core.counters["drop.not_new_flow"] == 5
-    # And from the blind track, to an F:f nobody holds.
-    assert rig.send(tcp(G, 20000, "172.31.254.3", 2000, "SA"), BLIND)[0] == DROP
-    assert rig.core.counters["drop.gateway_without_binding"] == 1
+        rig.dropped(tcp(S, 5555, C, 9000, flags), LAN0, "drop.not_new_flow")
+    # From the blind track, to an F:f nobody holds.
+    rig.dropped(tcp(G, 51000, "172.31.254.3", 2000, "S"), BLIND, "drop.gateway_without_binding")
+    flow, _ = open_inbound(rig)
+    F, f = pair(flow.firewall_side)
+    # G:g -> F:f is leg A's reply, which conntrack carries: never a new connection.
+    rig.dropped(tcp(G, 20000, F, f, "S"), BLIND, "drop.gateway_without_binding")
+    rig.dropped(tcp(G, 20000, F, f, "SA"), BLIND, "drop.gateway_without_binding")
+    # Another host on the blind track, and another F:f.
+    rig.dropped(tcp("172.31.255.3", 51000, F, f, "S"), BLIND, "drop.gateway_without_binding")
+    rig.dropped(tcp(G, 51000, F, f + 1, "S"), BLIND, "drop.gateway_without_binding")
+    # Leg B must start with a bare SYN.
+    rig.dropped(tcp(G, 51000, F, f, "A"), BLIND, "drop.not_new_flow")
+    assert rig.core.table.by_firewall_side(TCP_PROTO, ip(F), f).ag_eport is None
+    assert rig.core.counters["drop.gateway_without_binding"] == 5 and rig.core.counters["verdict.drop"] == 11
+
+
+# ---- impossible sources -----------------------------------------------------------------
+
+
+MARTIANS = ["0.0.0.0", "0.1.2.3", "127.0.0.1", "127.255.255.254", "224.0.0.251", "239.255.255.250",
+            "240.0.0.1", "255.255.255.255"]
+
+
+def test_martian_sources_are_dropped_before_anything_else() -> None:
+    rig = Rig()
+    for src in MARTIANS:
+        rig.dropped(tcp(src, 40000, W, 8443, "S"), WAN0, "drop.martian")  # a selector's SYN
+        rig.dropped(udp(src, 4000, C, 10050), LAN0, "drop.martian")  # a UDP selector
+        rig.dropped(tcp(src, 40000, W, 22, "S"), WAN0, "drop.martian")  # no selector: not even passed
+        rig.dropped(tcp(src, 40000, W, 8443, "A"), WAN0, "drop.martian")  # and before "not new"
+    assert rig.core.counters["drop.martian"] == 4 * len(MARTIANS)
+    assert len(rig.core.table) == 0 and len(rig.core.fw_pool) == 0 and rig.core.counters["flows.opened"] == 0
+    # Just outside those ranges: ordinary clients, bound.
+    for n, src in enumerate(["1.0.0.1", "126.255.255.255", "128.0.0.1", "223.255.255.255"]):
+        assert rig.bound(tcp(src, 40000, W, 8443, "S"), WAN0).key == (src, 40000, W, 8443)
+    assert len(rig.messages()) == 4
+
+
+def test_the_routers_own_addresses_are_not_a_source_from_outside() -> None:
+    rig = Rig()
+    for src in (W, L, R, "10.0.0.1"):
+        rig.dropped(tcp(src, 40000, W, 8443, "S"), WAN0, "drop.own_address")
+        rig.dropped(tcp(src, 5555, C, 9000, "S"), LAN0, "drop.own_address")
+    assert len(rig.core.table) == 0 and rig.core.counters["flows.opened"] == 0
+    # The address list is read at most every 10 seconds.
+    rig.local.append("203.0.113.77")
+    rig.now += 9
+    rig.bound(tcp("203.0.113.77", 40000, W, 8443, "S"), WAN0)
+    rig.messages()
+    rig.now += 1
+    rig.dropped(tcp("203.0.113.77", 40001, W, 8443, "S"), WAN0, "drop.own_address")
+
+
+# ---- malformed input -------------------------------------------------------------------
 
 
 GARBAGE = {
@@ -349,80 +481,336 @@ def test_garbage_is_dropped_and_counted_by_reason() -> None:
     first_fragment = bytes(IP(flags="MF", src=C, dst=W) / ScapyTCP(dport=8443, flags="S"))
     assert rig.core.handle(first_fragment, 0, WAN0, T0)[0] == DROP
     assert rig.core.counters["drop.fragment"] == 1
+    assert rig.core.nat_ops == [] and len(rig.core.table) == 0
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=80), st.sampled_from([WAN0, LAN0, BLIND, 99]))
 def test_handle_never_raises(data: bytes, indev: int) -> None:
     rig = Rig()
-    verdict, _, _ = rig.core.handle(data, 0, indev, T0)
-    assert verdict in (DROP, PASS, REPEAT)
+    verdict, payload, _ = rig.core.handle(data, 0, indev, T0)
+    assert verdict in (DROP, PASS) and payload is None
+    legs(rig.core.nat_ops)  # whole legs only
+    assert len(rig.core.nat_ops) == (2 if verdict == PASS and rig.core.bound else 0)
 
 
-# ---- pools and expiry -----------------------------------------------------------------
+# ---- one leg B at a time ----------------------------------------------------------------
+
+
+def test_a_second_leg_b_waits_until_conntrack_has_lost_the_first() -> None:
+    rig = Rig()
+    flow, _ = open_inbound(rig)
+    first = leg_b(rig, flow, 51000)
+    rig.confirm(first)  # conntrack has G:51000 -> F:f
+    rig.lookups.clear()
+    rig.dropped(tcp(G, 51001, *F0, "S"), BLIND, "drop.leg_b_busy")
+    assert rig.lookups == [(TCP_PROTO, ip(G), 51000, ip(F0[0]), F0[1])]
+    b = rig.core.table.by_firewall_side(TCP_PROTO, ip(F0[0]), F0[1])
+    assert b.ag_eport == 51000
+    # The first leg B is gone without an event reaching us (its SYN was never answered): the new one takes over.
+    rig.forget(first)
+    assert leg_b(rig, flow, 51001) == Leg("tcp", (G, 51001, *F0), (S, 443), (C, 40000))
+    assert b.ag_eport == 51001
+    # The old leg B's destroy event is then not this binding's.
+    rig.destroyed("tcp", (G, 51000, *F0), (S, 443, C, 40000))
+    assert rig.core.counters["conntrack.destroy_unknown"] == 1 and b in rig.core.table
+    # Once the current leg B's destroy is seen, another may start without a look-up.
+    rig.destroyed("tcp", (G, 51001, *F0), (S, 443, C, 40000))
+    rig.lookups.clear()
+    assert leg_b(rig, flow, 51002).key == (G, 51002, *F0)
+    assert rig.lookups == [] and rig.messages() == []
+
+
+def test_no_new_leg_b_once_leg_a_is_gone() -> None:
+    rig = Rig()
+    flow, a = open_inbound(rig)
+    rig.confirm(a)
+    b = leg_b(rig, flow, 51000)
+    rig.confirm(b)
+    rig.destroyed("tcp", a.key, reply_a(flow))  # the client has gone; leg B lives on
+    assert rig.messages() == [] and len(rig.core.table) == 1
+    rig.dropped(tcp(G, 51001, *F0, "S"), BLIND, "drop.flow_ended")
+    assert leg_b(rig, flow, 51000) == b  # its own SYN again is still leg B's
+    rig.destroyed("tcp", b.key, (S, 443, C, 40000))
+    assert rig.messages() == [FlowEnd(flow.flow_id, FlowEndReason.FIN)]
+
+
+# ---- a new connection on a bound client tuple -------------------------------------------
+
+
+def test_a_new_first_packet_on_a_bound_tuple_replaces_the_binding() -> None:
+    """RFC 9293 3.10.7.4: a client may reuse its port; the old connection is gone from conntrack."""
+    rig = Rig()
+    old, a = open_inbound(rig)
+    assert a.snat == F0
+    a2 = rig.bound(tcp(C, 40000, W, 8443, "S"), WAN0)  # the same client port again
+    end, push = rig.messages()
+    assert end == FlowEnd(old.flow_id, FlowEndReason.FIN)  # the old one's end goes first
+    new = push.flow
+    assert new.flow_id != old.flow_id and pair(new.firewall_side) == F1
+    assert a2 == Leg("tcp", (C, 40000, W, 8443), (G, 20000), F1)
+    assert rig.core.counters["flows.replaced"] == 1 and rig.core.counters["flows.ended.fin"] == 1
+    assert len(rig.core.table) == 1 and len(rig.core.fw_pool) == 1
+    # The old connection's destroy event names the old F:f: not the new binding's end.
+    rig.destroyed("tcp", (C, 40000, W, 8443), (G, 20000, *F0))
+    assert rig.core.counters["conntrack.destroy_unknown"] == 1
+    assert len(rig.core.table) == 1 and rig.messages() == []
+    # Its own destroy event ends it.
+    rig.destroyed("tcp", (C, 40000, W, 8443), (G, 20000, *F1))
+    assert rig.messages() == [FlowEnd(new.flow_id, FlowEndReason.FIN)]
+
+
+def test_a_udp_flow_replaced_ends_idle() -> None:
+    rig = Rig()
+    rig.bound(udp(S, 4000, C, 10050), LAN0)
+    (first,) = rig.messages()
+    rig.bound(udp(S, 4000, C, 10050), LAN0)
+    end, push = rig.messages()
+    assert end == FlowEnd(first.flow.flow_id, FlowEndReason.IDLE) and isinstance(push, NewFlow)
+    assert rig.core.stats()["pools"]["snat"][W]["used"] == 1  # the old W:w went back
+
+
+def test_a_retransmitted_first_packet_keeps_its_binding() -> None:
+    """Conntrack calls every packet of a connection ``new`` until it has seen a reply, so the
+    steering rules queue a retransmitted SYN too. The kernel has already NATed that connection
+    to F0 (NAT runs once per connection): the binding must stay as it is."""
+    rig = Rig()
+    flow, a = open_inbound(rig)
+    rig.confirm(a)  # the first SYN made it into conntrack
+    verdict, _, mark = rig.send(tcp(C, 40000, W, 8443, "S"), WAN0)
+    assert (verdict, mark) == (PASS, QOS | MARK)
+    assert rig.messages() == []  # no FLOW_END, no second NEW_FLOW
+    assert rig.core.table.by_firewall_side(TCP_PROTO, ip(F0[0]), F0[1]) is not None
+
+
+# ---- lifetime: conntrack's destroy events ------------------------------------------------
+
+
+def test_leg_a_alone_ends_the_binding_when_leg_b_never_started() -> None:
+    rig = Rig()
+    flow, a = open_inbound(rig)
+    rig.confirm(a)
+    rig.destroyed("tcp", a.key, reply_a(flow))
+    assert rig.received() == [(FlowEnd(flow.flow_id, FlowEndReason.FIN), PEER["relay"])]
+    assert len(rig.core.table) == 0 and len(rig.core.fw_pool) == 0
+    assert rig.core.counters["flows.ended.fin"] == 1
+    assert rig.core.binding(flow.flow_id) is None
+
+
+@pytest.mark.parametrize("first", ["a", "b"])
+def test_the_binding_ends_with_the_last_of_its_two_legs(first: str) -> None:
+    rig = Rig()
+    flow, a = open_inbound(rig, port=21)  # the ftp gateway: its FLOW_END goes to 7501
+    b = leg_b(rig, flow, 51000)
+    rig.confirm(a)
+    rig.confirm(b)
+    events = {"a": ("tcp", a.key, reply_a(flow)), "b": ("tcp", b.key, (S, 21, C, 40000))}
+    rig.destroyed(*events[first])
+    assert rig.received() == [] and len(rig.core.table) == 1
+    rig.destroyed(*events["b" if first == "a" else "a"])
+    assert rig.received() == [(FlowEnd(flow.flow_id, FlowEndReason.FIN), PEER["ftp"])]
+    assert len(rig.core.table) == 0 and len(rig.core.fw_pool) == 0
+
+
+def test_leg_a_gone_and_leg_b_never_confirmed_ends_the_binding() -> None:
+    """Leg B's first packet was dropped after the verdict: no event will ever come for it."""
+    rig = Rig()
+    flow, a = open_inbound(rig)
+    b = leg_b(rig, flow, 51000)
+    rig.confirm(a)  # leg B is not in conntrack
+    rig.lookups.clear()
+    rig.destroyed("tcp", a.key, reply_a(flow))
+    assert rig.lookups == [(TCP_PROTO, *ints(b.key))]
+    assert rig.messages() == [FlowEnd(flow.flow_id, FlowEndReason.FIN)]
+
+
+def test_a_snatted_udp_flow_gives_both_pools_back_and_ends_idle() -> None:
+    rig = Rig()
+    a = rig.bound(udp(S, 4000, C, 10050), LAN0)
+    (push,) = rig.messages()
+    flow = push.flow
+    (adjacent,) = rig.kernel()  # the processor's own expectation for RTCP on 10051
+    assert flow.snat == ep(W, 61000)
+    b = rig.bound(udp(G, 39000, *pair(flow.firewall_side)), BLIND)
+    assert b == Leg("udp", (G, 39000, *F0), (C, 10050), (W, 61000))
+    rig.confirm(a)
+    rig.confirm(b)
+    rig.destroyed("udp", b.key, (C, 10050, W, 61000))
+    rig.destroyed("udp", a.key, (G, 20040, *F0))
+    assert rig.received() == [(FlowEnd(flow.flow_id, FlowEndReason.IDLE), PEER["rtp"])]
+    assert len(rig.core.fw_pool) == 0 and rig.core.stats()["pools"]["snat"][W]["used"] == 0
+    assert rig.core.counters["flows.ended.idle"] == 1
+    # Its expectation goes with it (the processor's own: no RULE_END to send).
+    (removal,) = rig.kernel()
+    assert not removal.add and removal.rules == adjacent.rules and len(rig.core.rules) == 0
+
+
+def test_destroy_events_that_name_no_binding_are_counted() -> None:
+    rig = Rig()
+    flow, a = open_inbound(rig)
+    rig.destroyed("tcp", (C, 1, S, 80), (S, 80, C, 1))  # some other connection with our mark
+    rig.destroyed("udp", a.key, reply_a(flow))  # the right tuple, the wrong protocol
+    rig.destroyed("tcp", a.key, (G, 20021, *F0))  # another gateway's reply tuple
+    rig.destroyed("tcp", (G, 51000, *F0), (S, 443, C, 40000))  # a leg B that never was
+    assert rig.core.counters["conntrack.destroy_unknown"] == 4
+    assert len(rig.core.table) == 1 and rig.messages() == []
+
+
+# ---- lifetime: the confirmation check -----------------------------------------------------
+
+
+def test_a_binding_conntrack_never_confirmed_ends_at_its_check() -> None:
+    rig = Rig()
+    lost, _ = open_inbound(rig, sport=40000)  # its SYN is dropped after the verdict: not in conntrack
+    kept, a = open_inbound(rig, sport=40001)
+    rig.confirm(a)
+    rig.tick(1)
+    proven, _ = open_inbound(rig, sport=40002)  # opened at T0+1; leg B proves leg A
+    leg_b(rig, proven, 51000)
+    rig.lookups.clear()
+    rig.tick(3)  # T0+4
+    assert rig.core.counters["conntrack.checks"] == 0 and rig.lookups == []
+    rig.tick(1)  # T0+5: confirm seconds after the first two opened
+    assert rig.lookups == [(TCP_PROTO, ip(C), 40000, ip(W), 8443), (TCP_PROTO, ip(C), 40001, ip(W), 8443)]
+    assert rig.received() == [(FlowEnd(lost.flow_id, FlowEndReason.FIN), PEER["relay"])]
+    c = rig.core.counters
+    assert (c["conntrack.checks"], c["conntrack.never_confirmed"]) == (2, 1)
+    assert len(rig.core.table) == 2 and len(rig.core.fw_pool) == 2
+    # Confirmed ones are not checked again; their end comes as a destroy event.
+    rig.tick(100)
+    assert c["conntrack.checks"] == 2 and rig.messages() == []
+    (rec_kept,) = [r for r in rig.core.flows(rig.now, 10) if r["flow_id"] == kept.flow_id]
+    assert rec_kept["state"] == ["a_alive"]
+    rig.destroyed("tcp", a.key, reply_a(kept))
+    assert rig.messages() == [FlowEnd(kept.flow_id, FlowEndReason.FIN)]
+
+
+# ---- restarts: adopt and resync -----------------------------------------------------------
+
+
+def conn(proto: str, orig: tuple[str, int, str, int], reply: tuple[str, int, str, int], packets: int = 0,
+         count: int = 0) -> Connection:
+    return Connection(PROTO[proto], ints(orig), ints(reply), packets, count)
+
+
+def test_adopt_rebuilds_bindings_and_claims_their_endpoints() -> None:
+    rig = Rig()  # a processor starting while the kernel carries a flow of its predecessor
+    carried = [
+        conn("tcp", (C, 40000, W, 8443), (G, 20000, *F0)),  # leg A: answered by G:g to F0
+        conn("tcp", (G, 51000, *F0), (S, 443, C, 40000)),  # leg B: G:e to F0
+        conn("tcp", (C, 1, S, 80), (S, 80, C, 1)),  # not a gateway's
+        conn("tcp", (C, 2, W, 8443), (G, 20000, "172.31.254.200", 1024)),  # not this instance's pool
+    ]
+    assert rig.core.adopt(carried, rig.now) == 1
+    assert rig.core.counters["flows.adopted"] == 1
+    assert rig.received() == [] and rig.core.counters["flows.opened"] == 0  # nothing to push: the gateway knows it
+    assert rig.core.stats()["pools"]["firewall_side"]["used"] == 1
+    (rec,) = rig.core.flows(rig.now, 10)
+    assert (rec["client"], rec["original_dst"], rec["server"], rec["firewall_side"]) == (
+        f"{C}:40000", f"{W}:8443", f"{S}:443", "172.31.254.0:1024")
+    assert rec["gateway"] == "relay" and rec["ag_eport"] == 51000 and rec["state"] == ["a_alive"]
+    assert rec["snat"] is None and rec["flow_id"] > 0
+    # A new flow never gets the adopted F:f.
+    _, a = open_inbound(rig, sport=40001)
+    assert a.snat == F1
+    # The gateway's pull finds the adopted flow.
+    (answer,) = rig.ask(Query(7, Proto.TCP, ep(*F0), ep(G, 20000)))
+    assert isinstance(answer, Answer) and str(answer.flow.client) == f"{C}:40000" and str(answer.flow.server) == f"{S}:443"
+    # It is confirmed (no check) and ends with its legs' destroy events.
+    rig.alive.add((TCP_PROTO, *ints((G, 51000, *F0))))
+    rig.tick(10)
+    assert rig.core.counters["conntrack.checks"] == 1  # only the new flow's
+    rig.messages()
+    rig.destroyed("tcp", (C, 40000, W, 8443), (G, 20000, *F0))
+    assert rig.messages() == []
+    rig.destroyed("tcp", (G, 51000, *F0), (S, 443, C, 40000))
+    assert rig.messages() == [FlowEnd(rec["flow_id"], FlowEndReason.FIN)]
+    assert rig.core.stats()["pools"]["firewall_side"]["used"] == 0
+
+
+def test_adopt_without_leg_b_finds_the_port_forward_target() -> None:
+    rig = Rig()
+    assert rig.core.adopt([conn("tcp", (C, 40000, W, 8443), (G, 20000, *F0))], rig.now) == 1
+    (rec,) = rig.core.flows(rig.now, 10)
+    assert rec["server"] == f"{S}:443" and rec["ag_eport"] is None
+    # Leg B after the restart: to the forward's target, as the client.
+    flow = rig.core.flow_info(rec["flow_id"], rig.core.binding(rec["flow_id"]))
+    assert leg_b(rig, flow, 51000) == Leg("tcp", (G, 51000, *F0), (S, 443), (C, 40000))
+    # Adopting the same connection again (a second start) conflicts and changes nothing.
+    assert rig.core.adopt([conn("tcp", (C, 40000, W, 8443), (G, 20000, *F0))], rig.now) == 0
+    assert rig.core.counters["conntrack.adopt_conflict"] == 1 and len(rig.core.table) == 1
+
+
+def test_adopt_a_snatted_flow() -> None:
+    rig = Rig()
+    carried = [
+        conn("tcp", (S, 5555, C, 9000), (G, 20000, *F0)),
+        conn("tcp", (G, 52000, *F0), (C, 9000, W, 61000)),  # leg B left as W:61000
+    ]
+    assert rig.core.adopt(carried, rig.now) == 1
+    (rec,) = rig.core.flows(rig.now, 10)
+    assert rec["snat"] == f"{W}:61000" and rec["state"] == ["a_alive", "snat"]
+    rig.bound(tcp(S, 5556, C, 9000, "S"), LAN0)
+    (push,) = rig.messages()
+    assert push.flow.snat == ep(W, 61001)  # never the adopted W:w
+
+
+def test_adopt_without_leg_b_of_a_masqueraded_flow_still_snats_leg_b() -> None:
+    rig = Rig()
+    assert rig.core.adopt([conn("tcp", (S, 5555, C, 9000), (G, 20000, *F0))], rig.now) == 1
+    (rec,) = rig.core.flows(rig.now, 10)
+    flow = rig.core.flow_info(rec["flow_id"], rig.core.binding(rec["flow_id"]))
+    b = leg_b(rig, flow, 52000)
+    assert b.dnat == (C, 9000) and b.snat[0] == W  # what a binding made before the restart gives leg B
+
+
+def test_resync_ends_the_bindings_whose_connections_are_gone() -> None:
+    rig = Rig()
+    kept, ka = open_inbound(rig, sport=40000)
+    kb = leg_b(rig, kept, 51000)
+    gone, ga = open_inbound(rig, sport=40001)
+    leg_b(rig, gone, 51001)  # its legs are both gone from conntrack, their events lost
+    fresh, fa = open_inbound(rig, sport=40002)  # not yet confirmed: its check will say
+    half, ha = open_inbound(rig, sport=40003)
+    hb = leg_b(rig, half, 51003)
+    for leg in (ka, kb, ha, hb):
+        rig.confirm(leg)
+    rig.destroyed("tcp", ha.key, reply_a(half))  # leg A's end was seen, then leg B's event was lost
+    rig.forget(hb)
+    assert rig.messages() == []
+    dump = [conn("tcp", ka.key, reply_a(kept)), conn("tcp", kb.key, (S, 443, C, 40000))]
+    rig.core.resync(dump, rig.now)
+    assert sorted(m.flow_id for m in rig.messages()) == sorted([gone.flow_id, half.flow_id])
+    assert rig.core.counters["conntrack.resyncs"] == 1
+    assert sorted(r["flow_id"] for r in rig.core.flows(rig.now, 10)) == sorted([kept.flow_id, fresh.flow_id])
+    assert len(rig.core.fw_pool) == 2
+
+
+# ---- pools ---------------------------------------------------------------------------------
 
 
 def test_pool_exhaustion_drops_and_counts() -> None:
     rig = Rig('[processor.pools]\nfirewall_side = "172.31.254.0/32"\nports = "40000-40001"\n')
     for sport in (1, 2):
-        rig.rewritten(tcp(C, 30000 + sport, W, 8443, "S"), WAN0)
-    assert rig.send(tcp(C, 30003, W, 8443, "S"), WAN0)[0] == DROP
-    assert rig.core.counters["drop.refused.fw_pool_exhausted"] == 1
+        rig.bound(tcp(C, 30000 + sport, W, 8443, "S"), WAN0)
+    rig.received()
+    rig.dropped(tcp(C, 30003, W, 8443, "S"), WAN0, "drop.refused.fw_pool_exhausted")
     stats = rig.core.stats()["pools"]["firewall_side"]
     assert stats == {"used": 2, "capacity": 2, "exhausted": 1}
 
     snat = Rig('[processor.pools]\nsnat_ports = "64000-64000"\n')
-    snat.rewritten(tcp(S, 1, C, 9000, "S"), LAN0)
-    assert snat.send(tcp(S, 2, C, 9000, "S"), LAN0)[0] == DROP
-    assert snat.core.counters["drop.refused.snat_pool_exhausted"] == 1
+    a = snat.bound(tcp(S, 1, C, 9000, "S"), LAN0)
+    (first,) = snat.messages()
+    assert first.flow.snat == ep(W, 64000)
+    snat.dropped(tcp(S, 2, C, 9000, "S"), LAN0, "drop.refused.snat_pool_exhausted")
     assert len(snat.core.fw_pool) == 1  # the F:f of the refused flow went back
-
-
-def test_expiry_releases_pool_entries_and_signals_flow_end() -> None:
-    rig = Rig()
-    flow, _ = open_inbound(rig)
-    rig.rewritten(udp(S, 4000, C, 10000), LAN0)  # an RTP flow, SNATed
-    rig.messages()
-    rig.kernel()  # (its adjacent-port expectation)
-    assert len(rig.core.fw_pool) == 2 and rig.core.stats()["pools"]["snat"][W]["used"] == 1
-    rig.tick(9)
-    assert len(rig.core.table) == 2 and rig.messages() == []
-    rig.tick(2)  # tcp_handshake 10 s: the half-open TCP flow goes
-    assert rig.messages() == [FlowEnd(flow.flow_id, FlowEndReason.IDLE)]
-    rig.tick(10)  # udp_idle 20 s
-    (end,) = rig.messages()
-    assert isinstance(end, FlowEnd) and end.reason is FlowEndReason.IDLE
-    assert len(rig.core.table) == 0 and len(rig.core.fw_pool) == 0
-    assert sum(s["used"] for s in rig.core.snat_pools.stats().values()) == 0
-    assert rig.core.counters["flows.ended.idle"] == 2
-
-    # FIN both ways on both legs: FLOW_END FIN after tcp_closing.
-    flow, _ = open_inbound(rig, sport=40001)
-    F, f = str(flow.firewall_side.address), flow.firewall_side.port
-    rig.rewritten(tcp(G, 20000, F, f, "SA"), BLIND)
-    rig.rewritten(tcp(C, 40001, W, 8443, "A"), WAN0)
-    rig.rewritten(tcp(G, 50001, F, f, "S"), BLIND)
-    rig.rewritten(tcp(S, 443, C, 40001, "SA"), LAN0)
-    for pkt, dev in ((tcp(C, 40001, W, 8443, "FA"), WAN0), (tcp(G, 20000, F, f, "FA"), BLIND),
-                     (tcp(G, 50001, F, f, "FA"), BLIND), (tcp(S, 443, C, 40001, "FA"), LAN0)):
-        rig.rewritten(pkt, dev)
-    rig.tick(6)
-    assert rig.messages() == [FlowEnd(flow.flow_id, FlowEndReason.FIN)]
-    assert len(rig.core.fw_pool) == 0
-
-
-def test_new_syn_on_a_closing_flow_replaces_it() -> None:
-    """RFC 9293 3.10.7.4: a client may reuse its port while the old connection closes."""
-    rig = Rig()
-    old, _ = open_inbound(rig)
-    F, f = str(old.firewall_side.address), old.firewall_side.port
-    rig.rewritten(tcp(C, 40000, W, 8443, "R"), WAN0)  # leg A reset; leg B never started: closing
-    rig.rewritten(tcp(C, 40000, W, 8443, "S"), WAN0)  # the same client port again
-    end, push = rig.messages()
-    assert end == FlowEnd(old.flow_id, FlowEndReason.FIN)  # the old one's end goes first
-    new = push.flow
-    assert new.flow_id != old.flow_id and (str(new.firewall_side.address), new.firewall_side.port) != (F, f)
-    assert rig.core.counters["flows.ended.fin"] == 1 and len(rig.core.table) == 1
+    # When the first flow ends, its W:w serves the next.
+    snat.confirm(a)
+    snat.destroyed("tcp", a.key, reply_a(first.flow))
+    snat.messages()
+    snat.bound(tcp(S, 3, C, 9000, "S"), LAN0)
+    (third,) = snat.messages()
+    assert third.flow.snat == ep(W, 64000)
 
 
 # ---- signalling -----------------------------------------------------------------------
@@ -430,10 +818,10 @@ def test_new_syn_on_a_closing_flow_replaces_it() -> None:
 
 def test_query_answers_what_the_table_holds() -> None:
     rig = Rig(push=False)
-    out = rig.rewritten(tcp(C, 40000, W, 8443, "S"), WAN0)
+    a = rig.bound(tcp(C, 40000, W, 8443, "S"), WAN0)
     assert rig.received() == [] and rig.core.counters["signalling.push_skipped"] == 1
-    F, f = ipaddress.IPv4Address(out.src), out.payload.sport
-    gw = Endpoint(ipaddress.IPv4Address(G), 20000)
+    F, f = ipaddress.IPv4Address(a.snat[0]), a.snat[1]
+    gw = ep(G, 20000)
     (answer,) = rig.ask(Query(7, Proto.TCP, Endpoint(F, f), gw))
     assert isinstance(answer, Answer) and answer.query_id == 7
     assert str(answer.flow.client) == f"{C}:40000" and str(answer.flow.server) == f"{S}:443"
@@ -446,8 +834,7 @@ def test_query_answers_what_the_table_holds() -> None:
 
 def test_forged_replayed_and_misdirected_signalling_is_refused() -> None:
     rig = Rig()
-    query = Query(1, Proto.TCP, Endpoint(ipaddress.IPv4Address("172.31.254.1"), 1024),
-                  Endpoint(ipaddress.IPv4Address(G), 20000))
+    query = Query(1, Proto.TCP, ep("172.31.254.1", 1024), ep(G, 20000))
     data = rig.gw_encoder.encode(query, WALL0)
     rig.core.datagram(data, (G, 7500), T0)
     rig.core.datagram(data, (G, 7500), T0)  # the same bytes again
@@ -467,15 +854,15 @@ def test_forged_replayed_and_misdirected_signalling_is_refused() -> None:
 
 
 def ftp_session(rig: Rig) -> Any:
-    flow, _ = open_inbound(rig, sport=41000, port=21)
+    flow, a = open_inbound(rig, sport=41000, port=21)
     assert flow.gateway == "ftp" and str(flow.server) == f"{S}:21"
+    rig.confirm(a)  # the control connection is in conntrack: its check keeps it
     return flow
 
 
 def request(rig: Rig, flow_id: int, src: str, sport: int, dst: str, dport: int, *, rid: int = 1,
             mode: RuleMode = RuleMode.REDIRECT, ttl: int = 30, one_shot: bool = True) -> RuleRequest:
-    return RuleRequest(rid, flow_id, Proto.TCP, Endpoint(ipaddress.IPv4Address(src), sport),
-                       Endpoint(ipaddress.IPv4Address(dst), dport), ttl, mode, one_shot)
+    return RuleRequest(rid, flow_id, Proto.TCP, ep(src, sport), ep(dst, dport), ttl, mode, one_shot)
 
 
 def test_redirect_rule_is_acked_when_installed_and_takes_its_flow() -> None:
@@ -485,15 +872,13 @@ def test_redirect_rule_is_acked_when_installed_and_takes_its_flow() -> None:
     req = request(rig, ftp.flow_id, C, 0, W, 50000)
     assert rig.ask(req) == []  # no ACK before the kernel has the rule
     (op,) = rig.core.rules.kernel_ops
-    assert op.add and len(op.rules) == 2
-    lines = [spec for r in op.rules for spec in _ipt_specs(r)[1]]
-    tag0, tag1 = op.rules[0].tag, op.rules[1].tag
-    assert lines == [
-        f'NFGATE-DYN-REDIRECT -p tcp -s {C} -d {W} --dport 50000 -m comment --comment "{tag0}" -j NFQUEUE --queue-num 0',
-        f'NFGATE-DYN-REDIRECT -p tcp -s {S} --sport 50000 -d {C} -m comment --comment "{tag1}" -j NFQUEUE --queue-num 0',
-    ]
-    assert nft.render_rule(op.rules[0].rule) == (
-        f'meta nfproto ipv4 ip saddr {C} ip daddr {W} tcp dport 50000 counter queue num 0 comment "{tag0}"'
+    assert op.add and len(op.rules) == 1  # the expected flow's first packet only: conntrack carries its replies
+    (rule,) = op.rules
+    assert _ipt_specs(rule) == ("mangle", [
+        f'NFGATE-DYN-REDIRECT -p tcp -s {C} -d {W} --dport 50000 -m comment --comment "{rule.tag}" -j NFQUEUE --queue-num 0',
+    ])
+    assert nft.render_rule(rule.rule) == (
+        f'meta nfproto ipv4 ip saddr {C} ip daddr {W} tcp dport 50000 counter queue num 0 comment "{rule.tag}"'
     )
     assert rig.ask(req) == []  # a retry while it installs: nothing new, nothing twice
     rig.kernel()
@@ -504,26 +889,24 @@ def test_redirect_rule_is_acked_when_installed_and_takes_its_flow() -> None:
     assert rig.core.counters["rules.repeated"] == 2 and len(rig.core.rules) == 1
 
     # The data connection arrives: a new binding into the ftp gateway, to the real server.
-    out = rig.rewritten(tcp(C, 45000, W, 50000, "S"), WAN0)
+    a = rig.bound(tcp(C, 45000, W, 50000, "S"), WAN0)
     new, end = rig.messages()
     assert isinstance(new, NewFlow) and new.flow.gateway == "ftp"
     assert (str(new.flow.client), str(new.flow.original_dst), str(new.flow.server)) == (
         f"{C}:45000", f"{W}:50000", f"{S}:50000")
     assert end == RuleEnd(ack.rule_id, RuleEndReason.USED)
-    assert ends(out)[2:] == (G, 20021)
-    add_own, remove_expectation = rig.kernel()
-    assert add_own.add and not remove_expectation.add
-    assert remove_expectation.rules == op.rules  # after the flow's own rules are in
-    own = [spec for r in add_own.rules for spec in _ipt_specs(r)[1]]
-    assert own[0].startswith(f"NFGATE-DYN-REDIRECT -p tcp -s {C} --sport 45000 -d {W} --dport 50000 ")
-    assert own[1].startswith(f"NFGATE-DYN-REDIRECT -p tcp -s {S} --sport 50000 -d {C} --dport 45000 ")
+    assert a == Leg("tcp", (C, 45000, W, 50000), (G, 20021), F1)
+    # Its leg B goes to the real server.
+    assert leg_b(rig, new.flow, 46000) == Leg("tcp", (G, 46000, *F1), (S, 50000), (C, 45000))
+    (remove_expectation,) = rig.kernel()  # the kernel carries the flow: no rules of its own
+    assert not remove_expectation.add and remove_expectation.rules == op.rules
     # One-shot: a second connection is not the gateway's any more.
-    assert rig.send(tcp(C, 45001, W, 50000, "S"), WAN0)[0] == PASS
-    # The flow's own rules go when it ends.
-    rig.tick(11)
-    assert {type(m) for m in rig.messages()} == {FlowEnd}
-    removals = rig.kernel()
-    assert any(o.rules == add_own.rules and not o.add for o in removals)
+    assert rig.send(tcp(C, 45001, W, 50000, "S"), WAN0) == (PASS, None, QOS | PASSED)
+    assert rig.core.nat_ops == []
+    # Its end is conntrack's.
+    rig.destroyed("tcp", a.key, (G, 20021, *F1))
+    assert rig.messages() == [FlowEnd(new.flow.flow_id, FlowEndReason.FIN)]
+    assert rig.kernel() == []
 
 
 def test_rule_requests_refused_in_the_documented_order() -> None:
@@ -552,6 +935,15 @@ def test_rule_requests_refused_in_the_documented_order() -> None:
     assert len(rig.core.rules) == 0 and rig.core.rules.expect == {}
 
 
+def test_a_request_for_an_ended_flow_is_unknown() -> None:
+    rig = Rig()
+    ftp = ftp_session(rig)
+    rig.destroyed("tcp", (C, 41000, W, 21), (G, 20021, *F0))
+    assert rig.messages() == [FlowEnd(ftp.flow_id, FlowEndReason.FIN)]
+    req = request(rig, ftp.flow_id, C, 0, W, 50000)
+    assert rig.ask(req) == [RuleRefused(1, RuleRefusal.UNKNOWN_FLOW)]
+
+
 def test_tcp_allow_passes_its_first_syn_and_exactly_one_connection() -> None:
     """Inbound active mode: the server connects to the client, which the kernel carries as it is.
     The SYNs of the expected flow come to the processor (only those), which lets one connection through."""
@@ -560,7 +952,7 @@ def test_tcp_allow_passes_its_first_syn_and_exactly_one_connection() -> None:
     rig.ask(request(rig, ftp.flow_id, S, 0, C, 6000, mode=RuleMode.ALLOW))
     (op,) = rig.kernel()
     watch, accept = op.rules
-    assert _ipt_specs(watch) == ("raw", [
+    assert _ipt_specs(watch) == ("mangle", [
         f'NFGATE-DYN-REDIRECT -p tcp -s {S} -d {C} --dport 6000 --syn -m comment --comment "{watch.tag}" '
         f'-j NFQUEUE --queue-num 0'])
     assert nft.render_rule(watch.rule) == (
@@ -573,20 +965,20 @@ def test_tcp_allow_passes_its_first_syn_and_exactly_one_connection() -> None:
     rig.tick(1)
     assert rig.core.rules.kernel_ops == []  # no counter to poll: the SYN says when it is used
     # The first SYN passes unchanged (conntrack and the accept take it); the rule is used up.
-    assert rig.send(tcp(S, 20, C, 6000, "S"), LAN0) == (PASS, None, QOS | 0x00020000)
+    assert rig.send(tcp(S, 20, C, 6000, "S"), LAN0) == (PASS, None, QOS | PASSED)
+    assert rig.core.nat_ops == []  # no binding: the kernel carries it
     assert rig.messages() == [RuleEnd(ack.rule_id, RuleEndReason.USED)]
     assert len(rig.core.rules) == 0 and rig.core.counters["rules.allowed_flows"] == 1
     # Its retransmission passes too; any other connection's SYN is dropped while the rules remain.
     assert rig.send(tcp(S, 20, C, 6000, "S"), LAN0)[0] == PASS
-    assert rig.send(tcp(S, 21, C, 6000, "S"), LAN0)[0] == DROP
-    assert rig.core.counters["drop.rule_used"] == 1
+    rig.dropped(tcp(S, 21, C, 6000, "S"), LAN0, "drop.rule_used")
     assert rig.core.rules.kernel_ops == []
     rig.tick(3)  # USED_GRACE: then the unit goes, all of it
     (removal,) = rig.kernel()
     assert not removal.add and removal.rules == op.rules
     assert rig.core.rules.spent == {}
     # With the rules gone, nothing of the rule is left in the processor either.
-    assert rig.send(tcp(S, 22, C, 6000, "S"), LAN0) == (PASS, None, QOS | 0x00020000)
+    assert rig.send(tcp(S, 22, C, 6000, "S"), LAN0) == (PASS, None, QOS | PASSED)
     assert rig.core.counters["passed.not_a_selector"] == 1
 
 
@@ -595,9 +987,12 @@ def test_a_used_allow_leaves_the_kernel_with_its_flow_before_its_grace() -> None
     ftp = ftp_session(rig)
     rig.ask(request(rig, ftp.flow_id, C, 0, W, 50000, mode=RuleMode.ALLOW))
     (op,) = rig.kernel()
-    rig.messages()
+    (ack,) = rig.messages()
     assert rig.send(tcp(C, 45000, W, 50000, "S"), WAN0)[0] == PASS
-    rig.core.rules.flow_ended(ftp.flow_id)  # the control connection ends within USED_GRACE
+    assert rig.messages() == [RuleEnd(ack.rule_id, RuleEndReason.USED)]
+    # The control connection ends within USED_GRACE.
+    rig.destroyed("tcp", (C, 41000, W, 21), (G, 20021, *F0))
+    assert rig.messages() == [FlowEnd(ftp.flow_id, FlowEndReason.FIN)]
     (removal,) = rig.kernel()
     assert not removal.add and removal.rules == op.rules and rig.core.rules.spent == {}
     rig.tick(3)
@@ -607,11 +1002,10 @@ def test_a_used_allow_leaves_the_kernel_with_its_flow_before_its_grace() -> None
 def test_udp_allow_rule_ends_when_its_counter_moves() -> None:
     """A UDP flow has no SYN to watch: its ALLOW's use is its packet counter, polled each tick."""
     rig = Rig()
-    rig.rewritten(udp(S, 4000, C, 10050), LAN0)  # an RTP flow, lan to ext
+    rig.bound(udp(S, 4000, C, 10050), LAN0)  # an RTP flow, lan to ext
     (rtp,) = rig.messages()
     rig.kernel()  # the processor's own adjacent-port expectation
-    rig.ask(RuleRequest(1, rtp.flow.flow_id, Proto.UDP, Endpoint(ipaddress.IPv4Address(C), 7000),
-                        Endpoint(ipaddress.IPv4Address(S), 7001), 30, RuleMode.ALLOW, True))
+    rig.ask(RuleRequest(1, rtp.flow.flow_id, Proto.UDP, ep(C, 7000), ep(S, 7001), 30, RuleMode.ALLOW, True))
     (op,) = rig.kernel()
     (rule,) = op.rules
     tag = rule.tag
@@ -638,9 +1032,22 @@ def test_rules_die_with_their_flow_and_at_their_ttl() -> None:
     acks = rig.messages()
     rig.tick(2)
     assert rig.messages() == [RuleEnd(acks[1].rule_id, RuleEndReason.EXPIRED)]
-    rig.tick(10)  # the ftp control connection's handshake never finished
-    assert rig.messages() == [FlowEnd(ftp.flow_id, FlowEndReason.IDLE), RuleEnd(acks[0].rule_id, RuleEndReason.FLOW_ENDED)]
+    rig.tick(10)  # the control connection is confirmed: its check keeps it
+    assert rig.messages() == []
+    rig.destroyed("tcp", (C, 41000, W, 21), (G, 20021, *F0))
+    assert rig.messages() == [FlowEnd(ftp.flow_id, FlowEndReason.FIN), RuleEnd(acks[0].rule_id, RuleEndReason.FLOW_ENDED)]
     assert len(rig.core.rules) == 0
+
+
+def test_rules_die_with_a_flow_conntrack_never_confirmed() -> None:
+    rig = Rig()
+    flow, a = open_inbound(rig, sport=41000, port=21)
+    rig.ask(request(rig, flow.flow_id, C, 0, W, 50001, ttl=60))
+    rig.kernel()
+    (ack,) = rig.messages()
+    rig.tick(5)
+    assert rig.messages() == [FlowEnd(flow.flow_id, FlowEndReason.FIN), RuleEnd(ack.rule_id, RuleEndReason.FLOW_ENDED)]
+    assert rig.core.counters["conntrack.never_confirmed"] == 1
 
 
 def allow_unit(rig: Rig, req: RuleRequest) -> tuple[KernelOp, RuleAck]:
@@ -658,7 +1065,7 @@ def test_allow_to_the_port_forward_address_is_a_dnat_and_an_accept_in_one_unit()
     rig = Rig()
     ftp = ftp_session(rig)
     op, ack = allow_unit(rig, request(rig, ftp.flow_id, C, 0, W, 50000, mode=RuleMode.ALLOW))
-    assert op.add and [r.chain for r in op.rules] == ["dyn_redirect", "dyn_dnat", "dyn_allow"]  # raw, nat, filter
+    assert op.add and [r.chain for r in op.rules] == ["dyn_redirect", "dyn_dnat", "dyn_allow"]  # mangle, nat, filter
     watch, dnat, accept = op.rules
     assert _ipt_specs(watch)[1][0].startswith(f"NFGATE-DYN-REDIRECT -p tcp -s {C} -d {W} --dport 50000 --syn ")
     assert _ipt_specs(dnat) == ("nat", [
@@ -675,9 +1082,9 @@ def test_allow_to_the_port_forward_address_is_a_dnat_and_an_accept_in_one_unit()
         f'comment "{accept.tag}"')
     # One-shot: the first SYN passes to the kernel (which translates it), untouched; a second
     # connection's is dropped; after USED_GRACE the DNAT goes with the accept, in one removal.
-    assert rig.send(tcp(C, 45000, W, 50000, "S"), WAN0) == (PASS, None, QOS | 0x00020000)
+    assert rig.send(tcp(C, 45000, W, 50000, "S"), WAN0) == (PASS, None, QOS | PASSED)
     assert rig.messages() == [RuleEnd(ack.rule_id, RuleEndReason.USED)]
-    assert rig.send(tcp(C, 45001, W, 50000, "S"), WAN0)[0] == DROP
+    rig.dropped(tcp(C, 45001, W, 50000, "S"), WAN0, "drop.rule_used")
     assert rig.core.rules.kernel_ops == [] and len(rig.core.rules) == 0
     rig.tick(3)
     (removal,) = rig.kernel()
@@ -688,19 +1095,19 @@ def test_allow_to_the_port_forward_address_is_a_dnat_and_an_accept_in_one_unit()
 def test_allow_to_the_snat_address_is_translated_to_the_client() -> None:
     """Outbound PORT in allow mode: NEW_FLOW says W:w; the server connects to W:p, which is C:p."""
     rig = Rig()
-    rig.rewritten(tcp(S, 41000, C, 21, "S"), LAN0)  # lan client S to the ext ftp server C
+    a = rig.bound(tcp(S, 41000, C, 21, "S"), LAN0)  # lan client S to the ext ftp server C
+    rig.confirm(a)
     (push,) = rig.messages()
     flow = push.flow
-    assert flow.gateway == "ftp" and flow.client == Endpoint(ipaddress.IPv4Address(S), 41000)
-    assert flow.snat is not None and str(flow.snat.address) == W and flow.snat.port >= 61000
+    assert flow.gateway == "ftp" and flow.client == ep(S, 41000)
+    assert flow.snat == ep(W, 61000)
     op, ack = allow_unit(rig, request(rig, flow.flow_id, C, 0, W, 50001, mode=RuleMode.ALLOW, ttl=5))
     _, dnat, accept = op.rules
     assert _ipt_specs(dnat)[1][0].endswith(f"-j DNAT --to-destination {S}:50001")
     assert _ipt_specs(accept)[1][0].startswith(f"NFGATE-DYN-ALLOW -p tcp -s {C} -d {S} --dport 50001 ")
     # Unused, it ends at its TTL, both rules together.
     rig.now += 5  # past its TTL, before the tick retires it: its SYNs no longer pass
-    assert rig.send(tcp(C, 20, W, 50001, "S"), WAN0)[0] == DROP
-    assert rig.core.counters["drop.rule_expired"] == 1
+    rig.dropped(tcp(C, 20, W, 50001, "S"), WAN0, "drop.rule_expired")
     rig.tick(0)
     assert rig.messages() == [RuleEnd(ack.rule_id, RuleEndReason.EXPIRED)]
     removals = [o for o in rig.kernel() if not o.add and not o.poll]
@@ -710,7 +1117,7 @@ def test_allow_to_the_snat_address_is_translated_to_the_client() -> None:
 def test_allow_to_a_router_address_that_stands_for_no_party_is_refused() -> None:
     rig = Rig()
     ftp = ftp_session(rig)  # inbound, port-forwarded: W stands for the server, and only toward the client
-    rig.rewritten(tcp(S, 41000, C, 21, "S"), LAN0)
+    rig.bound(tcp(S, 41000, C, 21, "S"), LAN0)
     outbound = rig.messages()[0].flow  # SNATed: W stands for the client, and only toward the server
     cases = [
         request(rig, ftp.flow_id, S, 0, W, 6000, rid=1, mode=RuleMode.ALLOW),  # the server to W: no SNAT here
@@ -725,73 +1132,218 @@ def test_allow_to_a_router_address_that_stands_for_no_party_is_refused() -> None
     assert rig.ask(request(rig, outbound.flow_id, C, 0, W, 6001, rid=5)) == []
     allow, redirect = rig.core.rules.kernel_ops
     assert [r.chain for r in allow.rules] == ["dyn_redirect", "dyn_dnat", "dyn_allow"]
-    assert [r.chain for r in redirect.rules] == ["dyn_redirect", "dyn_redirect"]
+    assert [r.chain for r in redirect.rules] == ["dyn_redirect"]
+    # The redirected flow, when it comes, goes to the client the router's address stands for.
+    rig.kernel()
+    rig.messages()
+    data = rig.bound(tcp(C, 45000, W, 6001, "S"), WAN0)
+    new, _ = rig.messages()
+    assert str(new.flow.server) == f"{S}:6001" and data.dnat == (G, 20021)
 
 
 def test_adjacent_port_is_expected_by_the_processor_itself() -> None:
     rig = Rig()
-    rig.rewritten(udp(S, 4000, C, 10050), LAN0)  # RTP from lan to ext port 10050
+    rig.bound(udp(S, 4000, C, 10050), LAN0)  # RTP from lan to ext port 10050
     (rtp,) = rig.messages()
     (op,) = rig.kernel()
     assert rig.core.counters["rules.adjacent"] == 1 and rig.messages() == []  # no ACK: nobody asked
-    specs = [s for r in op.rules for s in _ipt_specs(r)[1]]
-    assert specs[0].startswith(f"NFGATE-DYN-REDIRECT -p udp -s {S} -d {C} --dport 10051 ")
-    # Replies to the RTCP flow come back to the router's address, in the SNAT range.
-    assert specs[1].startswith(f"NFGATE-DYN-REDIRECT -p udp -s {C} --sport 10051 -d {W} --dport 61000:65535 ")
+    (spec,) = [s for r in op.rules for s in _ipt_specs(r)[1]]  # the first packet only: no reply rule
+    assert spec.startswith(f"NFGATE-DYN-REDIRECT -p udp -s {S} -d {C} --dport 10051 ")
     assert isinstance(op.rules[0].rule.statements[0], Queue)
     # RTCP from the next source port to the next destination port: the same gateway.
-    out = rig.rewritten(udp(S, 4001, C, 10051), LAN0)
+    a = rig.bound(udp(S, 4001, C, 10051), LAN0)
     (rtcp,) = rig.messages()
-    assert rtcp.flow.gateway == rtp.flow.gateway == "rtp" and ends(out)[2:] == (G, 20040)
-    assert str(rtcp.flow.server) == f"{C}:10051"
+    assert rtcp.flow.gateway == rtp.flow.gateway == "rtp"
+    assert a == Leg("udp", (S, 4001, C, 10051), (G, 20040), F1)
+    assert str(rtcp.flow.server) == f"{C}:10051" and rtcp.flow.snat == ep(W, 61001)
     assert rig.core.counters["rules.ended.used"] == 1
 
 
-def test_flow_listing_and_stats_are_plain_json() -> None:
-    import json
+# ---- reports ----------------------------------------------------------------------------
 
+
+def test_flow_listing_and_stats_are_plain_json() -> None:
     rig = Rig()
     flow, _ = open_inbound(rig)
     rig.tick(3)
     (rec,) = rig.core.flows(rig.now, 10)
     assert rec["client"] == f"{C}:40000" and rec["server"] == f"{S}:443" and rec["original_dst"] == f"{W}:8443"
+    assert rec["firewall_side"] == "172.31.254.0:1024" and rec["ag"] == f"{G}:20000"
     assert rec["gateway"] == "relay" and rec["flow_id"] == flow.flow_id and rec["age"] == 3.0
-    assert rec["proto"] == "tcp" and rec["state"] == []
+    assert rec["proto"] == "tcp" and rec["state"] == [] and rec["queue"] == 0
+    assert rec["created"] == WALL0
+    assert "leg_a_packets" not in rec  # no accounting asked for
     stats = rig.core.stats()
     assert stats["flows"] == 1 and stats["flows_per_gateway"] == {"relay": 1}
-    assert stats["counters"]["queued"] == 1 and stats["counters"]["verdict.repeat"] == 1
+    assert stats["counters"]["queued"] == 1 and stats["counters"]["verdict.bound"] == 1
+    assert stats["pools"]["firewall_side"] == {"used": 1, "capacity": 16 * 64512, "exhausted": 0}
     json.dumps(rec), json.dumps(stats)
+    assert rig.core.flows(rig.now, 0) == []
+
+
+def test_flow_listing_adds_each_legs_accounting() -> None:
+    rig = Rig()
+    both, a = open_inbound(rig, sport=40000)
+    b = leg_b(rig, both, 51000)
+    only_a, a2 = open_inbound(rig, sport=40001)
+    acct = {
+        (TCP_PROTO, *ints(a.key)): (10, 1000),
+        (TCP_PROTO, *ints(b.key)): (5, 500),
+        (TCP_PROTO, ip(C), 1, ip(S), 80): (99, 9999),  # not a leg of ours
+    }
+    recs = {r["flow_id"]: r for r in rig.core.flows(rig.now, 10, acct)}
+    rb, ra = recs[both.flow_id], recs[only_a.flow_id]
+    assert (rb["leg_a_packets"], rb["leg_a_bytes"], rb["leg_b_packets"], rb["leg_b_bytes"]) == (10, 1000, 5, 500)
+    assert (ra["leg_a_packets"], ra["leg_a_bytes"]) == (0, 0)  # not in the dump (yet)
+    assert "leg_b_packets" not in ra and "leg_b_bytes" not in ra  # no leg B
+    json.dumps(list(recs.values()))
+
+
+# ---- config -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gone", ["tcp_idle", "tcp_closing", "tcp_handshake", "udp_idle"])
+def test_per_packet_timeouts_are_no_longer_settings(gone: str) -> None:
+    text = CONFIG.replace("{pools}", "").replace("confirm = 5", f"confirm = 5\n{gone} = 100")
+    with pytest.raises(ConfigError, match=f"{gone}.*no longer a setting"):
+        loads(text)
+
+
+# ---- the runner's queue callback ----------------------------------------------------------
+
+
+class FakePacket:
+    """What netfilterqueue hands the callback; records the verdict in a shared event log."""
+
+    def __init__(self, payload: bytes, log: list[Any], indev: int = WAN0, mark: int = QOS) -> None:
+        self.payload, self.log, self.indev, self.mark = payload, log, indev, mark
+
+    def get_payload(self) -> bytes:
+        return self.payload
+
+    def get_mark(self) -> int:
+        return self.mark
+
+    def set_mark(self, mark: int) -> None:
+        self.log.append(("mark", mark))
+
+    def accept(self) -> None:
+        self.log.append(("accept", self.payload))
+
+    def drop(self) -> None:
+        self.log.append(("drop", self.payload))
+
+
+class FakeNat:
+    def __init__(self, log: list[Any], result: Any = None) -> None:
+        self.log, self.result = log, result
+
+    def write(self, ops: list[Any]) -> list[bool]:
+        self.log.append(("nat", legs(list(ops))))
+        if isinstance(self.result, Exception):
+            raise self.result
+        return [True] * len(ops) if self.result is None else self.result
+
+
+class FakeSock:
+    def __init__(self, log: list[Any]) -> None:
+        self.log = log
+
+    def sendto(self, data: bytes, peer: tuple[str, int]) -> None:
+        self.log.append(("sent", peer))
+
+
+def runner_for(rig: Rig, log: list[Any], nat_result: Any = None) -> Any:
+    from firewall.processor.runner import Runner
+
+    runner = Runner(rig.config, 0)
+    runner._sel.close()  # the loop's selector: not used here
+    runner.core = rig.core
+    runner._handle = rig.core.handle
+    runner._now = T0
+    runner._pending = []
+    runner.nat = FakeNat(log, nat_result)
+    runner.sig = FakeSock(log)
+    return runner
+
+
+def test_runner_writes_the_batchs_nat_and_push_before_the_verdicts() -> None:
+    rig = Rig()
+    log: list[Any] = []
+    runner = runner_for(rig, log)
+    syn = bytes(tcp(C, 40000, W, 8443, "S"))
+    ack = bytes(tcp(C, 40001, W, 8443, "A"))
+    runner._on_packet(FakePacket(syn, log))
+    runner._on_packet(FakePacket(ack, log))
+    assert log == []  # nothing before the batch is settled
+    runner._settle()
+    assert log == [
+        ("nat", [Leg("tcp", (C, 40000, W, 8443), (G, 20000), F0)]),
+        *[("sent", PEER["relay"])] * 3,  # the NEW_FLOW push, its copies
+        ("mark", QOS | MARK), ("accept", syn),
+        ("drop", ack),
+    ]
+    assert rig.core.nat_ops == [] and rig.core.outbox == [] and runner._pending == []
+
+
+@pytest.mark.parametrize("result", [[False, True], OSError("netlink")])
+def test_runner_drops_a_bound_packet_whose_nat_was_not_written(result: Any) -> None:
+    rig = Rig()
+    log: list[Any] = []
+    runner = runner_for(rig, log, result)
+    syn = bytes(tcp(C, 40000, W, 8443, "S"))
+    other = bytes(tcp(C, 40000, W, 22, "S"))  # not a selector: passed, no NAT needed
+    runner._on_packet(FakePacket(syn, log))
+    runner._on_packet(FakePacket(other, log))
+    runner._settle()
+    assert ("drop", syn) in log and ("accept", other) in log and ("accept", syn) not in log
+    assert rig.core.counters["drop.nat_write_failed"] == 1
+    assert rig.core.counters["nat.write_error"] == (1 if isinstance(result, Exception) else 0)
+    assert rig.core.nat_ops == []
 
 
 def test_runner_callback_never_raises() -> None:
-    """Whatever goes wrong inside the queue callback, the packet is dropped and counted."""
-    from firewall.processor.runner import Runner
-
-    class FakePacket:
-        indev = WAN0
-        verdicts: list[str] = []
-
-        def get_payload(self) -> bytes:
-            return bytes(tcp(C, 1, W, 8443, "S"))
-
-        def get_mark(self) -> int:
-            return 0
-
-        def drop(self) -> None:
-            self.verdicts.append("drop")
-
+    """Whatever goes wrong inside the queue callback, the packet is dropped and counted,
+    and NAT elements it had already made are not written."""
     rig = Rig()
-    runner = Runner(rig.config, 0)
-    runner.core = rig.core
-    runner._handle = lambda *a: 1 / 0  # type: ignore[assignment]
-    runner._now = T0
-    pkt = FakePacket()
-    runner._on_packet(pkt)  # type: ignore[arg-type]
-    assert pkt.verdicts == ["drop"] and rig.core.counters["drop.internal"] == 1
+    log: list[Any] = []
+    runner = runner_for(rig, log)
+
+    def broken(payload: bytes, mark: int, indev: int, now: float) -> Any:
+        rig.core.nat_ops.append((DNAT_MAP, "tcp", (1, 2, 3, 4), (5, 6)))  # half a leg, then a bug
+        raise ZeroDivisionError
+
+    runner._handle = broken
+    good = bytes(tcp(C, 40000, W, 8443, "S"))
+    runner._on_packet(FakePacket(b"broken", log))
+    assert rig.core.nat_ops == [] and rig.core.counters["drop.internal"] == 1
+    runner._handle = rig.core.handle
+    runner._on_packet(FakePacket(good, log))
+    runner._settle()
+    assert log[0] == ("nat", [Leg("tcp", (C, 40000, W, 8443), (G, 20000), F0)])
+    assert ("drop", b"broken") in log and ("accept", good) in log
+
+
+def test_runner_one_failing_verdict_does_not_lose_the_others() -> None:
+    rig = Rig()
+    log: list[Any] = []
+    runner = runner_for(rig, log)
+
+    class Unlucky(FakePacket):
+        def accept(self) -> None:
+            raise OSError("gone")
+
+    first = bytes(tcp(C, 40000, W, 22, "S"))
+    second = bytes(tcp(C, 40001, W, 22, "S"))
+    runner._on_packet(Unlucky(first, log))
+    runner._on_packet(FakePacket(second, log))
+    runner._settle()
+    assert ("accept", second) in log and rig.core.counters["verdict.error"] == 1
 
 
 def test_instance_must_name_a_queue() -> None:
     config = loads(CONFIG.replace("{pools}", ""))
     with pytest.raises(ValueError, match="processor.queues has 1 entries"):
         ProcessorCore(config, 1, Encoder(KEY, Role.PROCESSOR), Guard(KEY, Role.PROCESSOR, now=WALL0),
-                      route=route, ifname=IF.get, local_addresses=list, now=T0, wall=WALL0)
+                      route=route, ifname=IF.get, local_addresses=list, conntrack=lambda *t: False,
+                      now=T0, wall=WALL0)

@@ -79,7 +79,7 @@ def test_restart_isolation_and_clean_stop(lab_factory, tmp_path: Path) -> None:
     first = wait_for(lambda: all(pids().values()) and pids(), timeout=10, what="both stand-ins running", ignore=(OSError, ValueError))
     assert oct(control.stat().st_mode & 0o777) == "0o600"
     assert Path("/run/netns", gwns).exists()
-    assert "NFGATE-RAW-PREROUTING" in lab.run("router", ["iptables-nft-save"]).stdout
+    assert "NFGATE-MANGLE-PREROUTING" in lab.run("router", ["iptables-nft-save"]).stdout
 
     os.kill(first["standin-0"], signal.SIGKILL)
     again = wait_for(

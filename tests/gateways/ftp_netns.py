@@ -62,9 +62,6 @@ to = "192.168.1.10:21"
 queues = [0]
 fail_mode = "closed"
 
-[processor.timeouts]
-tcp_closing = 1
-
 [gateway_link]
 netns = "{gwns}"
 

@@ -28,6 +28,7 @@ from firewall.config import load
 from firewall.lab.netns import Lab
 from firewall.lab.wait import wait_for
 from firewall.supervisor import ask
+from tests.conntrack import fast_conntrack
 from tests.tunnel.netns_harness import REPO, SERVICE_PORT, TOKENS, TunnelLab, _table
 
 GATEWAY = "tunnel"
@@ -42,10 +43,6 @@ interfaces = ["eth0"]
 [processor]
 queues = {queues}
 fail_mode = "closed"
-
-[processor.timeouts]
-tcp_closing = 2
-udp_idle = 30
 
 [gateway_link]
 netns = "{gwns}"
@@ -129,6 +126,7 @@ class GatewayModeLab:
         # the router" is forwarded once rewritten: eth0 -> blind track, and its
         # answers back (docs/datapath.md, "Gateways that terminate a flow").
         self.lab.run("pub", ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        fast_conntrack(self.lab, "pub")
         env = {**os.environ, "STATE_DIRECTORY": str(self.state)}
         argv = [sys.executable, "-m", "firewall.cli", "run", "-c", str(self.config), "--backend", "iptables"]
         log = open(self.log_path, "wb")

@@ -267,14 +267,15 @@ def test_unsteered_publishable_ports_are_named() -> None:
 
 def test_the_rules_queue_only_packets_for_the_router_itself() -> None:
     """A terminating gateway's selector queues what is addressed to one of
-    the router's own addresses (raw sees that, not the to-zone), and no
-    replies: routed traffic on the same ports stays in the kernel."""
+    the router's own addresses (prerouting sees that, not the to-zone), and
+    only first packets: routed traffic on the same ports, and every later
+    packet, stay in the kernel."""
     from firewall.rules import build, iptables, nft
     from firewall.rules.model import DstLocal, Port, Queue
 
     rs = build(loads(CONFIG.format(port=20000)))
-    raw = rs.chain("raw_prerouting")
-    steered_rules = [r for r in raw.rules if "gateway tun" in r.comment]
+    mangle = rs.chain("mangle_prerouting")
+    steered_rules = [r for r in mangle.rules if "gateway tun" in r.comment]
     assert [r.comment for r in steered_rules] == [
         "gateway[0].traffic[0] gateway tun (tunnel): request to the router",
         "gateway[0].traffic[1] gateway tun (tunnel): request to the router",
@@ -283,4 +284,5 @@ def test_the_rules_queue_only_packets_for_the_router_itself() -> None:
         assert DstLocal() in rule.matches and isinstance(rule.statements[0], Queue)
         assert [m.direction for m in rule.matches if isinstance(m, Port)] == ["dst"]
     assert "fib daddr type local counter queue num 0" in nft.render(rs)
+    assert "ct status confirmed counter return" in nft.render(rs)
     assert "-m addrtype --dst-type LOCAL -m comment --comment \"gateway[0].traffic[0]" in iptables.render(rs, 4)

@@ -117,6 +117,8 @@ def _value(left: object, pkt: Datagram) -> object:
         raise Unknown(f"bitwise and on {left}")
     if isinstance(left, dict) and "ct" in left and left["ct"].get("key") == "state":
         return "new"
+    if isinstance(left, dict) and "ct" in left and left["ct"].get("key") == "status":
+        return ""  # a connection's first packet: not confirmed yet, nor NATed
     raise Unknown(f"match on {json.dumps(left)}")
 
 

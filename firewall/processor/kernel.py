@@ -1,0 +1,252 @@
+"""The processor's in-process kernel interfaces: NAT map elements, conntrack, queue counters.
+
+- ``NatWriter`` writes binding elements into the binding table's maps
+  (``firewall.rules.bind``) through libnftables' JSON API (Debian's
+  python3-nftables), in-process: one netlink transaction for all the
+  elements of a batch of queued packets, before their verdicts. ``add``
+  refuses a key that is already there with another value (EEXIST), which a
+  replaced binding's element can be until its timeout: then that element is
+  deleted and added again, alone.
+- ``Conntrack`` answers "is this connection alive?" (a ctnetlink GET), lists
+  the connections with nfgate's mark (a dump filtered in the kernel, at start
+  and after a lost event), has the kernel reap expired connections (``reap``)
+  and reads destroy events from a netlink socket of its own that the
+  processor's loop polls. Messages are decoded with
+  pyroute2's ctnetlink classes; an event's mark is read first with a cheap
+  walk over its attributes, so other connections' events cost almost
+  nothing.
+- ``queue_counters`` reads the kernel's per-queue drop counters from
+  ``/proc/net/netfilter/nfnetlink_queue``.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import nftables
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple, NFCTSocket, nfct_msg
+
+from firewall.errors import KernelError
+from firewall.processor.core import NatOp
+from firewall.rules import bind
+
+NETLINK_NETFILTER = 12
+NFNLGRP_CONNTRACK_DESTROY = 3
+IPCTNL_MSG_CT_DELETE = 2  # the message type of a destroy event
+CTA_MARK = 8
+NLA_TYPE_MASK = 0x3FFF
+NAT_ATTEMPTS = 3  # tries for one element that collides with an ended binding's
+EVENT_BUFFER = 8 << 20  # bytes of kernel buffer for destroy events (SO_RCVBUFFORCE)
+EVENT_READ_BATCH = 64  # recv() calls per wake-up, so a storm of events cannot starve packets
+QUEUE_PROC = Path("/proc/net/netfilter/nfnetlink_queue")
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+_PROTO = {6: "tcp", 17: "udp"}
+
+
+class NatWriter:
+    """Adds binding elements to the binding table, in-process."""
+
+    def __init__(self, timeout: float) -> None:
+        self._nft = nftables.Nftables()
+        self._nft.set_json_output(True)
+        self._timeout = timeout
+
+    def _cmd(self, commands: list[dict[str, Any]]) -> tuple[bool, str]:
+        rc, _, err = self._nft.json_cmd({"nftables": commands})
+        return rc == 0, err
+
+    def write(self, ops: list[NatOp]) -> list[bool]:
+        """Write every element; True per op that is in the kernel now."""
+        if not ops:
+            return []
+        by_map: dict[str, list[Any]] = {}
+        for name, proto, key, value in ops:
+            by_map.setdefault(name, []).append(bind.element(proto, key, value, self._timeout))
+        ok, _ = self._cmd([bind.add_elements(name, elems) for name, elems in by_map.items()])
+        if ok:
+            return [True] * len(ops)
+        return [self._one(op) for op in ops]
+
+    def _one(self, op: NatOp) -> bool:
+        name, proto, key, value = op
+        elem = bind.element(proto, key, value, self._timeout)
+        add = bind.add_elements(name, [elem])
+        for attempt in range(NAT_ATTEMPTS):
+            if self._cmd([add])[0]:
+                return True
+            # Another value under this key: an ended binding's element, not yet
+            # timed out. An element that is just expiring can refuse both the
+            # add (EEXIST) and the delete (ENOENT) for a moment: try again.
+            delete = {"delete": {"element": {"family": bind.FAMILY, "table": bind.TABLE, "name": name,
+                                             "elem": [elem[0]["elem"]["val"]]}}}
+            if self._cmd([delete, add])[0]:
+                return True
+        return False
+
+    def table_present(self) -> bool:
+        return self._cmd([{"list": {"table": {"family": bind.FAMILY, "name": bind.TABLE}}}])[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """One conntrack entry as the processor needs it."""
+
+    proto: int
+    orig: tuple[int, int, int, int]  # src, sport, dst, dport
+    reply: tuple[int, int, int, int]
+    packets: int = 0  # both directions, with nf_conntrack_acct
+    bytes: int = 0
+
+
+def _tuple(msg: Any, attr: str) -> tuple[int, tuple[int, int, int, int]] | None:
+    t = msg.get_attr(attr)
+    if t is None:
+        return None
+    ip = t.get_attr("CTA_TUPLE_IP")
+    pr = t.get_attr("CTA_TUPLE_PROTO")
+    if ip is None or pr is None:
+        return None
+    src, dst = ip.get_attr("CTA_IP_V4_SRC"), ip.get_attr("CTA_IP_V4_DST")
+    proto = pr.get_attr("CTA_PROTO_NUM")
+    if src is None or dst is None or proto not in _PROTO:
+        return None
+    a = struct.unpack("!I", socket.inet_aton(src))[0]
+    b = struct.unpack("!I", socket.inet_aton(dst))[0]
+    return proto, (a, pr.get_attr("CTA_PROTO_SRC_PORT") or 0, b, pr.get_attr("CTA_PROTO_DST_PORT") or 0)
+
+
+def connection(msg: Any) -> Connection | None:
+    """A decoded ctnetlink message as a ``Connection`` (TCP/UDP over IPv4 only)."""
+    orig = _tuple(msg, "CTA_TUPLE_ORIG")
+    reply = _tuple(msg, "CTA_TUPLE_REPLY")
+    if orig is None or reply is None:
+        return None
+    packets = count = 0
+    for attr in ("CTA_COUNTERS_ORIG", "CTA_COUNTERS_REPLY"):
+        c = msg.get_attr(attr)
+        if c is not None:
+            packets += c.get_attr("CTA_COUNTERS_PACKETS") or 0
+            count += c.get_attr("CTA_COUNTERS_BYTES") or 0
+    return Connection(orig[0], orig[1], reply[1], packets, count)
+
+
+def _mark_of(data: bytes, off: int, end: int) -> int | None:
+    """CTA_MARK of one ctnetlink message, by walking its top-level attributes."""
+    pos = off + 16 + 4  # nlmsghdr, nfgenmsg
+    while pos + 4 <= end:
+        length, kind = struct.unpack_from("=HH", data, pos)
+        if length < 4:
+            return None
+        if kind & NLA_TYPE_MASK == CTA_MARK and length >= 8:
+            return struct.unpack_from("!I", data, pos + 4)[0]
+        pos += (length + 3) & ~3
+    return None
+
+
+class Conntrack:
+    """Look-ups, filtered dumps and destroy events; ``mask``/``mark`` select nfgate's connections."""
+
+    def __init__(self, mask: int, mark: int) -> None:
+        self.mask = mask
+        self.mark = mark
+        self._ct = NFCTSocket()
+        self.events: socket.socket | None = None
+
+    def open_events(self) -> socket.socket:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, EVENT_BUFFER)
+            sock.bind((0, 1 << (NFNLGRP_CONNTRACK_DESTROY - 1)))
+        except OSError as err:
+            sock.close()
+            raise KernelError(f"processor: cannot listen to conntrack events ({err})") from None
+        sock.setblocking(False)
+        self.events = sock
+        return sock
+
+    def alive(self, proto: int, src: int, sport: int, dst: int, dport: int) -> bool:
+        """Whether conntrack has a connection with this original tuple."""
+        ip = socket.inet_ntoa
+        tup = NFCTAttrTuple(saddr=ip(struct.pack("!I", src)), daddr=ip(struct.pack("!I", dst)), proto=proto, sport=sport, dport=dport)
+        try:
+            return bool(self._ct.entry("get", tuple_orig=tup))
+        except NetlinkError as err:
+            if err.code == errno.ENOENT:
+                return False
+            raise
+
+    def ours(self) -> Iterator[Connection]:
+        """Every connection with nfgate's mark (the kernel filters the dump)."""
+        for msg in self._ct.dump(mark=self.mark, mark_mask=self.mask):
+            conn = connection(msg)
+            if conn is not None:
+                yield conn
+
+    def reap(self, passed: int) -> None:
+        """Make the kernel destroy expired connections now, so their events come.
+
+        Conntrack removes an expired entry when a packet, its garbage
+        collector (which in a quiet table runs up to a minute apart) or a
+        dump comes across it; a dump evicts every expired entry it walks
+        past, whatever its filter. The filter here (nfgate's two packet-mark
+        bits at once, which no connection of nfgate's carries) keeps the
+        answer empty: the kernel walks the table, Python reads almost nothing.
+        """
+        for _ in self._ct.dump(mark=self.mark | passed, mark_mask=self.mask):
+            pass
+
+    def destroyed(self) -> tuple[list[Connection], bool]:
+        """Destroy events waiting on the socket: (ours, lost) where ``lost`` says
+        the kernel dropped events (ENOBUFS): the caller must compare with a dump."""
+        assert self.events is not None
+        out: list[Connection] = []
+        for _ in range(EVENT_READ_BATCH):
+            try:
+                data = self.events.recv(1 << 16)
+            except BlockingIOError:
+                return out, False
+            except OSError as err:
+                if err.errno == errno.ENOBUFS:
+                    return out, True
+                raise
+            off = 0
+            while off + 16 <= len(data):
+                length, kind = struct.unpack_from("=IH", data, off)
+                if length < 16:
+                    break
+                end = off + length
+                if kind & 0xFF == IPCTNL_MSG_CT_DELETE:
+                    mark = _mark_of(data, off, end)
+                    if mark is not None and mark & self.mask == self.mark:
+                        msg = nfct_msg(data[off:end])
+                        msg.decode()
+                        conn = connection(msg)
+                        if conn is not None:
+                            out.append(conn)
+                off += (length + 3) & ~3
+        return out, False
+
+    def close(self) -> None:
+        if self.events is not None:
+            self.events.close()
+        self._ct.close()
+
+
+def queue_counters(queue: int) -> dict[str, int]:
+    """The kernel's counters for one queue: packets it dropped because the queue
+    was full (``queue_dropped``) or our socket's buffer was (``user_dropped``)."""
+    try:
+        lines = QUEUE_PROC.read_text().splitlines()
+    except OSError:
+        return {}
+    for line in lines:
+        f = line.split()
+        if len(f) >= 7 and f[0] == str(queue):
+            return {"queue.kernel.waiting": int(f[2]), "queue.kernel.dropped_full": int(f[5]), "queue.kernel.dropped_buffer": int(f[6])}
+    return {}
