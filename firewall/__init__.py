@@ -13,6 +13,8 @@
   the gateways' deNAT/reNAT layer (docs/signalling.md).
 - ``eventlog``: the one-line-per-event log format (text or JSON) that the
   gateways and the tunnel share.
+- ``replay``: the one sliding ``ReplayWindow`` (RFC 4303 section 3.4.3) behind
+  the signalling Guard and the tunnel's UDP channels.
 - ``lab``: topologies as data, built as network namespaces with pyroute2.
 - ``cli``: the ``nfgate`` command.
 """

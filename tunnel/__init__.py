@@ -7,7 +7,8 @@ out, and a thin asyncio layer carries the commands out.
 
 - ``frames``: the TCP channel's frames, ``encode_frame`` and ``FrameDecoder``.
 - ``wire``: field encodings shared by the frames (addresses, text, ints).
-- ``datagrams``: the UDP channels' authenticated datagrams and ``ReplayWindow``.
+- ``datagrams``: the UDP channels' authenticated datagrams (their replay window
+  is ``firewall.replay``).
 - ``errors``: ``ErrorCode``, and ``ProtocolError`` (peer's fault) versus
   ``LocalProtocolError`` (caller's bug) and ``LimitError``.
 - ``states``: the channel and port state machines, as tables.
