@@ -15,6 +15,8 @@
   gateways and the tunnel share.
 - ``replay``: the one sliding ``ReplayWindow`` (RFC 4303 section 3.4.3) behind
   the signalling Guard and the tunnel's UDP channels.
+- ``drive``: ``CoreDriver``, which carries out a sans-IO core's outputs and
+  keeps its timer, for the gateways' layer and the tunnel's two ends.
 - ``lab``: topologies as data, built as network namespaces with pyroute2.
 - ``cli``: the ``nfgate`` command.
 """

@@ -198,7 +198,7 @@ class TunnelServer:
         session = Session(self, transport, peer, session_id, cert)
         self.sessions[session_id] = session
         self.counters["channels"] += 1
-        session.run([])  # arms the hello timeout
+        session.driver.arm()  # the hello timeout
         return session
 
     def session_ready(self, session: Session, event: SessionReady) -> None:

@@ -1,9 +1,11 @@
 """One mediator's TCP channel on the control server: asyncio around ``ServerSession``.
 
-The server core decides; this class carries its outputs out, in order, and
-turns its request/reply events into awaitable calls for the publications and
-the operator (``await session.open_port(...)`` returns the ``PortOpened``
-or raises ``RequestRefused`` with the mediator's error code). Relayed
+The server core decides; this class carries its outputs out, in order
+(through the shared ``CoreDriver``, firewall/drive.py, which also keeps the
+core's timer), and turns its request/reply events into awaitable calls for
+the publications and the operator (``await session.open_port(...)``
+returns the ``PortOpened`` or raises ``RequestRefused`` with the mediator's
+error code). Relayed
 packets and events go to the *owner* of each port id: a public connection,
 a UDP flow, or nobody for the operator's raw ports (then they are counted
 and dropped, and a connection accepted on a raw listener is closed).
@@ -20,6 +22,7 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from firewall.drive import CoreDriver
 from tunnel.aio import ReadGate
 from tunnel.commands import (
     ChannelClosed, CloseChannel, ConnectionAccepted, LimitExceeded, PeerFin, PeerReset, PortOpened,
@@ -99,45 +102,29 @@ class Session:
         self._full = False
         self._futures: dict[int, asyncio.Future[Any]] = {}
         self._channel_waiters: dict[int, asyncio.Future[None]] = {}
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
-        self._handlers: dict[type, Callable[[Any], None]] = {
+        handlers = {
             SendFrame: self._send_frame, CloseChannel: self._close_channel, ChannelClosed: self._channel_closed,
             SendDatagram: self._send_datagram, SessionReady: self._ready, PortOpened: self._answer,
             RequestAcked: self._answer, RequestFailed: self._answer, Received: self._received,
             ConnectionAccepted: self._accepted, PeerFin: self._peer_fin, PeerReset: self._peer_reset,
             LimitExceeded: self._limit, RelayFailed: self._relay_failed,
         }
+        core = self.core
+        self.driver = CoreDriver(
+            handlers, tick=core.tick, deadline=lambda now: core.next_deadline(), clock=self.loop.time
+        )
         self._via_channel = False
 
     # -- driving the core ------------------------------------------------------------------
 
-    def run(self, outputs: list[ServerOutput]) -> None:
-        for out in outputs:
-            self._handlers[type(out)](out)
-        self._arm()
-
-    def _arm(self) -> None:
-        deadline = self.core.next_deadline()
-        if deadline == self._timer_at:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = deadline
-        self._timer = None if deadline is None else self.loop.call_at(deadline, self._tick)
-
-    def _tick(self) -> None:
-        self._timer, self._timer_at = None, None
-        self.run(self.core.tick(self.loop.time()))
-
     def on_data(self, data: bytes) -> None:
         self._count("bytes_from_mediator", len(data))
-        self.run(self.core.receive_data(data, self.loop.time()))
+        self.driver.run(self.core.receive_data(data, self.loop.time()))
 
     def on_datagram(self, raw: bytes, source: tuple[IPAddress, int]) -> None:
         self._via_channel = True
         try:
-            self.run(self.core.receive_datagram(raw, source, self.loop.time()))
+            self.driver.run(self.core.receive_datagram(raw, source, self.loop.time()))
         finally:
             self._via_channel = False
         if self._channel_waiters:
@@ -148,10 +135,10 @@ class Session:
                         waiter.set_result(None)
 
     def on_lost(self, why: str) -> None:
-        self.run(self.core.channel_lost(why))
+        self.driver.run(self.core.channel_lost(why))
 
     def close(self, code: ErrorCode = ErrorCode.NORMAL, why: str = "") -> None:
-        self.run(self.core.close(code, why))
+        self.driver.run(self.core.close(code, why))
 
     @property
     def bucket(self) -> TokenBucket:
@@ -178,9 +165,7 @@ class Session:
 
     def _channel_closed(self, out: ChannelClosed) -> None:
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.driver.close()
         code = out.code.name if out.code is not None else None
         reason = out.message
         if out.code is ErrorCode.AUTH_FAILED and self.auth.reason:
@@ -296,7 +281,7 @@ class Session:
         request_id, outputs = issued
         future: asyncio.Future[Any] = self.loop.create_future()
         self._futures[request_id] = future
-        self.run(outputs)
+        self.driver.run(outputs)
         try:
             return await asyncio.wait_for(future, self.server.config.request_timeout)
         finally:
@@ -346,7 +331,7 @@ class Session:
             _, outputs = self.core.close_port(port_id)
         except LocalProtocolError:
             return  # already closing
-        self.run(outputs)
+        self.driver.run(outputs)
 
     def set_owner(self, port_id: int, owner: PortOwner) -> None:
         self.owners[port_id] = owner
@@ -371,15 +356,15 @@ class Session:
         ):
             self._count("dropped_port_gone")
             return
-        self.run(self.core.send(port_id, address, port, data))
+        self.driver.run(self.core.send(port_id, address, port, data))
 
     def fin(self, port_id: int) -> None:
         if not self.closed and self.core.ports.get(port_id, (None, None))[1] is PortState.CONNECTED:
-            self.run(self.core.fin(port_id))
+            self.driver.run(self.core.fin(port_id))
 
     def reset(self, port_id: int) -> None:
         if not self.closed and self.core.ports.get(port_id, (None, None))[1] is PortState.CONNECTED:
-            self.run(self.core.reset(port_id))
+            self.driver.run(self.core.reset(port_id))
 
     def local_address_for(self, target: IPAddress) -> IPAddress:
         """The mediator address facing ``target``: the interface whose network
