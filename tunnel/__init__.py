@@ -35,7 +35,8 @@ The asyncio layers around the cores, and how they are run:
 - ``server``: ``TunnelServer`` (sessions, mediator records, publications,
   operator operations) and ``StandaloneFrontend``.
 - ``gateway``: ``GatewayFrontend``, the server as the ``tunnel`` gateway kind.
-- ``operator``: the root-only control socket and its client.
+- ``operator``: the operator's commands, served on nfgate's root-only control
+  socket (``firewall.control``, which also has the client).
 - ``service``: ``run_server``, ``run_mediator``, ``run_gateway``.
 - ``cli``: the ``nfgate tunnel`` command group (``python -m tunnel.cli``).
 """

@@ -26,6 +26,7 @@ from firewall.errors import EXIT_USAGE, KernelError, NfgateError, PrivilegeError
 DEFAULT_SOCKET = "/run/nfgate/tunnel.sock"
 SOCKET_ENV = "NFGATE_TUNNEL_SOCKET"
 TOKEN_BYTES = 32  # 256 bits, printed URL-safe (43 characters)
+ASK_TIMEOUT = 60.0  # seconds to wait for an answer: longer than any request_timeout a server uses
 
 
 class _TunnelGroup(click.Group):
@@ -167,12 +168,12 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print the an
 
 
 def _ask(socket_path: str, request: dict[str, Any]) -> Any:
-    from tunnel.operator import ControlError, ask
+    from firewall.control import ControlError, ask
 
     _require_root(str(request["cmd"]))
     path = Path(socket_path)
     try:
-        return ask(path, request)
+        return ask(path, request, ASK_TIMEOUT)
     except FileNotFoundError:
         raise KernelError(f"no tunnel server is running here (no control socket {path})") from None
     except ConnectionRefusedError:

@@ -34,6 +34,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from firewall.control import ControlError
 from tunnel import tls
 from tunnel.aio import address_pair, family_of
 from tunnel.commands import SessionReady
@@ -49,12 +50,8 @@ from tunnel.session import Session
 MAX_SESSION_ID = (1 << 32) - 1
 
 
-class OperatorError(Exception):
+class OperatorError(ControlError):
     """An operator request that cannot be done; the message is the one line shown."""
-
-    def __init__(self, message: str, code: str = "") -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass

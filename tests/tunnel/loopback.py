@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from firewall.control import ask
 from tunnel import tls
 from tunnel.config import MediatorConfig, ServerConfig, load_mediators
 from tunnel.events import EventLog
 from tunnel.mediator import Mediator
-from tunnel.operator import ControlSocket, ask
+from tunnel.operator import ControlSocket
 from tunnel.pacing import BackoffSettings
 from tunnel.policy import Op, Rule
 from tunnel.server import StandaloneFrontend, TunnelServer

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from firewall.control import ControlError
 from tests.tunnel.loopback import TOKEN, WAIT, echo_server, loopback, udp_echo, until
 from tunnel import tls
 from tunnel.errors import ErrorCode
 from tunnel.frames import Proto
-from tunnel.operator import ControlError
 from tunnel.policy import Op, Rule
 
 
