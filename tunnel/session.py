@@ -19,8 +19,10 @@ port"), and the operator must be able to see that it does.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from firewall.drive import CoreDriver
 from tunnel.aio import ReadGate
@@ -28,17 +30,40 @@ from tunnel.commands import (
     ChannelClosed, CloseChannel, ConnectionAccepted, LimitExceeded, PeerFin, PeerReset, PortOpened,
     Received, RelayFailed, RequestAcked, RequestFailed, SendDatagram, SendFrame, ServerOutput, SessionReady,
 )
-from tunnel.errors import ErrorCode, LocalProtocolError
+from tunnel.config import MediatorEntry, ServerConfig
+from tunnel.errors import ErrorCode, LocalProtocolError, RequestRefused
+from tunnel.events import EventLog
 from tunnel.frames import Data, Hello, IPAddress, Proto
-from tunnel.policy import TokenAuthenticator
-from tunnel.publish import RequestRefused
 from tunnel.pacing import TokenBucket
+from tunnel.policy import TokenAuthenticator
 from tunnel.server_core import ServerSession
 from tunnel.states import PortState
 from tunnel.tls import pin_matches
 
-if TYPE_CHECKING:
-    from tunnel.server import MediatorRecord, TunnelServer
+class SessionHost(Protocol):
+    """What a session needs of its server (``TunnelServer``, tunnel/server.py)."""
+
+    log: EventLog
+    config: ServerConfig
+    mediators: dict[str, MediatorEntry]
+
+    def client_cert_digest(self, identity: str) -> bytes | None: ...
+    def session_ready(self, session: Session, event: SessionReady) -> None: ...
+    def session_ended(self, session: Session) -> None: ...
+    def send_datagram(self, data: bytes, address: IPAddress, port: int) -> None: ...
+
+
+@dataclass
+class MediatorRecord:
+    """What the server keeps about one mediator identity, across its sessions."""
+
+    entry: MediatorEntry
+    bucket: TokenBucket
+    counters: Counter[str] = field(default_factory=Counter)
+    session: Session | None = None
+    connects: int = 0
+    since: float = 0.0  # wall clock of the last connect or loss
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class PortOwner(Protocol):
@@ -54,7 +79,7 @@ class PortOwner(Protocol):
 class SessionAuthenticator:
     """Token (constant time) and, if the mediators file names one, client certificate."""
 
-    def __init__(self, server: TunnelServer, peer_cert: bytes | None) -> None:
+    def __init__(self, server: SessionHost, peer_cert: bytes | None) -> None:
         self.server = server
         self.peer_cert = peer_cert
         self.reason = ""
@@ -78,7 +103,7 @@ class Session:
     """The server's side of one TCP channel."""
 
     def __init__(
-        self, server: TunnelServer, transport: asyncio.Transport, peer: str, session_id: int, peer_cert: bytes | None
+        self, server: SessionHost, transport: asyncio.Transport, peer: str, session_id: int, peer_cert: bytes | None
     ) -> None:
         self.server = server
         self.log = server.log
