@@ -36,10 +36,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from pyroute2 import IPRoute
+
 from firewall.drive import CoreDriver
 from tunnel import tls
 from tunnel.aio import (
-    BindError, ReadGate, address_pair, bind_socket, cancel_all, family_of, reset, settle_pause,
+    BindError, ReadGate, address_pair, bind_socket, cancel_all, family_of, reset, run_main, settle_pause,
+    until_signalled,
 )
 from tunnel.commands import (
     AbortSocket, ChannelClosed, CloseChannel, CloseSocket, ConnectSocket, ListenSocket,
@@ -172,8 +175,6 @@ class Mediator:
 def _interface_of(address: IPAddress) -> IPInterface:
     """The address the channel leaves from, with its prefix from the kernel."""
     try:
-        from pyroute2 import IPRoute
-
         with IPRoute() as ipr:
             for msg in ipr.get_addr(family=family_of(address)):
                 if msg.get_attr("IFA_ADDRESS") == str(address) or msg.get_attr("IFA_LOCAL") == str(address):
@@ -645,3 +646,22 @@ class _ChannelDatagrams(asyncio.DatagramProtocol):
         # ICMP port unreachable while the server restarts: the dead-channel
         # timer, not one ICMP message, decides to reopen.
         self.session.counters["channel_errors"] += 1
+
+
+def run_mediator(config: MediatorConfig, log: EventLog | None = None) -> None:
+    """``nfgate tunnel mediator``: keep the tunnel up until SIGTERM or SIGINT."""
+    log = log or EventLog("mediator")
+
+    async def main() -> None:
+        mediator = Mediator(config, log)
+        stop = asyncio.Event()
+        runner = asyncio.get_running_loop().create_task(mediator.run(stop))
+        log.emit("started", identity=config.identity, server=f"{config.server}:{config.service_port}")
+        try:
+            await until_signalled(log, mediator.stats)
+        finally:
+            stop.set()
+            await runner
+            log.emit("stats", **mediator.stats())
+
+    run_main(main())
