@@ -13,6 +13,12 @@
   the gateways' deNAT/reNAT layer (docs/signalling.md).
 - ``eventlog``: the one-line-per-event log format (text or JSON) that the
   gateways and the tunnel share.
+- ``replay``: the one sliding ``ReplayWindow`` (RFC 4303 section 3.4.3) behind
+  the signalling Guard and the tunnel's UDP channels.
+- ``drive``: ``CoreDriver``, which carries out a sans-IO core's outputs and
+  keeps its timer, for the gateways' layer and the tunnel's two ends.
+- ``control``: the one JSON control socket (root-only unix socket, one request
+  and one answer per connection, commands as data) and its client ``ask``.
 - ``lab``: topologies as data, built as network namespaces with pyroute2.
 - ``cli``: the ``nfgate`` command.
 """

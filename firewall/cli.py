@@ -1,4 +1,8 @@
-"""The ``nfgate`` command line.
+"""The ``nfgate`` command line: the one place that hosts every command group.
+
+``nfgate lab`` (firewall/lab/cli.py) and ``nfgate tunnel`` (tunnel/cli.py)
+are added here; they import nothing of this module, so that the packages
+below the command line never import it back.
 
 Exit codes: 0 ok, 1 runtime failure (kernel refused, missing privilege or
 tool), 2 usage or config error. Errors are one line each, never a traceback.
@@ -7,20 +11,19 @@ tool), 2 usage or config error. Errors are one line each, never a traceback.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import click
 
-from firewall.errors import NfgateError, PrivilegeError
+from firewall import backend as be
+from firewall.config import load
+from firewall.errors import NfgateError, require_root
+from firewall.lab.cli import lab
+from firewall.rules import build, iptables, nft
+from firewall.supervisor import Supervisor, query
+from tunnel.cli import tunnel
 
 DEFAULT_CONFIG = "/etc/nfgate/nfgate.toml"
-
-
-def require_root(what: str) -> None:
-    """Stop with one line when a command that changes the kernel runs unprivileged."""
-    if os.geteuid() != 0:
-        raise PrivilegeError(f"{what}: needs root (run it with sudo)")
 
 
 class NfgateGroup(click.Group):
@@ -63,12 +66,6 @@ backend_option = click.option(
 )
 
 
-def _load(config_path: str):
-    from firewall.config import load
-
-    return load(config_path)
-
-
 @main.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
@@ -82,9 +79,7 @@ def check(config_path: str, as_json: bool) -> None:
       nfgate check
       nfgate check -c examples/office.toml --json
     """
-    from firewall.rules import build
-
-    config = _load(config_path)
+    config = load(config_path)
     rs = build(config)
     summary = {
         "config": config_path,
@@ -144,9 +139,7 @@ def rules(config_path: str, fmt: str) -> None:
       nfgate rules -c examples/home.toml
       nfgate rules -c examples/mail.toml --format iptables > mail.rules
     """
-    from firewall.rules import build, iptables, nft
-
-    rs = build(_load(config_path))
+    rs = build(load(config_path))
     if fmt == "nft":
         click.echo(nft.render(rs), nl=False)
     else:
@@ -169,12 +162,9 @@ def apply(config_path: str, backend: str, dry_run: bool) -> None:
       sudo nfgate apply --backend iptables --dry-run
       sudo ip netns exec router nfgate apply -c lab.toml
     """
-    from firewall import backend as be
-    from firewall.rules import build
-
     if not dry_run:
         require_root("apply")
-    rs = build(_load(config_path))
+    rs = build(load(config_path))
     choice = be.choose(backend, rs)
     click.echo(f"backend: {choice.backend} ({choice.reason})")
     report = be.apply(rs, choice.backend, dry_run=dry_run)
@@ -194,8 +184,6 @@ def flush() -> None:
       sudo nfgate flush
       sudo ip netns exec router nfgate flush
     """
-    from firewall import backend as be
-
     require_root("flush")
     for line in be.flush():
         click.echo(line)
@@ -218,10 +206,8 @@ def run(config_path: str, backend: str) -> None:
       sudo nfgate run
       sudo nfgate run -c /etc/nfgate/office.toml --backend iptables
     """
-    from firewall.supervisor import Supervisor
-
     require_root("run")
-    Supervisor(_load(config_path), config_path, backend).run()
+    Supervisor(load(config_path), config_path, backend).run()
 
 
 @main.command()
@@ -237,10 +223,8 @@ def status(config_path: str, as_json: bool) -> None:
       sudo nfgate status
       sudo nfgate status --json | jq .processors
     """
-    from firewall.supervisor import query
-
     require_root("status")
-    data = query(_load(config_path), "status")
+    data = query(load(config_path), "status")
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -274,10 +258,8 @@ def flows(config_path: str, as_json: bool) -> None:
       sudo nfgate flows
       sudo nfgate flows --json
     """
-    from firewall.supervisor import query
-
     require_root("flows")
-    data = query(_load(config_path), "flows")
+    data = query(load(config_path), "flows")
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -288,15 +270,8 @@ def flows(config_path: str, as_json: bool) -> None:
         click.echo(" ".join(f"{k}={v}" for k, v in flow.items()))
 
 
-def _register() -> None:
-    from firewall.lab.cli import lab
-    from tunnel.cli import tunnel
-
-    main.add_command(lab)
-    main.add_command(tunnel)
-
-
-_register()
+main.add_command(lab)
+main.add_command(tunnel)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

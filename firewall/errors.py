@@ -7,6 +7,8 @@ line per config problem) by the CLI.
 
 from __future__ import annotations
 
+import os
+
 EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -34,3 +36,9 @@ class KernelError(NfgateError):
     """The kernel, or a tool that talks to it, refused something."""
 
     exit_code = EXIT_RUNTIME
+
+
+def require_root(what: str) -> None:
+    """Stop with one line when a command that changes the kernel runs unprivileged."""
+    if os.geteuid() != 0:
+        raise PrivilegeError(f"{what}: needs root (run it with sudo)")

@@ -24,5 +24,7 @@ by connecting back to F:f, where the processor restores it (docs/datapath.md).
   one-shot data-port rules, its asyncio adapter (``gateway``), and the relay
   for inspected data connections (``data``).
 - ``__main__``: ``python -m gateways --config PATH --gateway NAME
-  [--log-json]``, one gateway process, as the supervisor starts it.
+  [--log-json]``, one gateway process, as the supervisor starts it: the
+  launcher that knows every kind, the ``tunnel`` kind included
+  (``tunnel.service.run_gateway``). Nothing in this package imports it.
 """

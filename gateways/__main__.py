@@ -41,6 +41,7 @@ from gateways.layer.events import configure
 from gateways.layer.instances import layer_endpoint
 from gateways.tcp_relay import TcpRelay, TcpRelaySettings
 from gateways.udp_relay import UdpRelay, UdpRelaySettings
+from tunnel.service import run_gateway
 
 PROG = "python -m gateways"
 
@@ -172,8 +173,6 @@ def main(argv: list[str] | None = None) -> int:
         if gateway.kind == "tunnel":
             # The tunnel's control server is a gateway of its own kind: it
             # terminates the mediators' channels itself (tunnel/service.py).
-            from tunnel.service import run_gateway
-
             run_gateway(config, gateway, log_json=args.log_json)
             return EXIT_OK
         if gateway.kind not in KINDS:

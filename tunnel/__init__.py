@@ -7,7 +7,8 @@ out, and a thin asyncio layer carries the commands out.
 
 - ``frames``: the TCP channel's frames, ``encode_frame`` and ``FrameDecoder``.
 - ``wire``: field encodings shared by the frames (addresses, text, ints).
-- ``datagrams``: the UDP channels' authenticated datagrams and ``ReplayWindow``.
+- ``datagrams``: the UDP channels' authenticated datagrams (their replay window
+  is ``firewall.replay``).
 - ``errors``: ``ErrorCode``, and ``ProtocolError`` (peer's fault) versus
   ``LocalProtocolError`` (caller's bug) and ``LimitError``.
 - ``states``: the channel and port state machines, as tables.
@@ -21,20 +22,23 @@ out, and a thin asyncio layer carries the commands out.
 
 The asyncio layers around the cores, and how they are run:
 
-- ``tls``: keys, self-signed certificates, pins (SHA-256 of the DER), contexts.
+- ``tls``: pins (SHA-256 of the DER) and TLS contexts.
+- ``keygen``: keys and self-signed certificates (``nfgate tunnel keygen``).
 - ``pacing``: reconnect ``Backoff`` (bounded, full jitter) and the bytes/s
   ``TokenBucket``.
 - ``aio``: flow-control and reset helpers both ends share.
 - ``events``: one log line per event, text or JSON.
 - ``config``: the standalone TOML files (server, mediators, mediator).
-- ``mediator``: ``Mediator``, the mediation system: channel, sockets, reconnects.
+- ``mediator``: ``Mediator``, the mediation system: channel, sockets, reconnects;
+  ``run_mediator``.
 - ``session``: ``Session``, the server's side of one channel, with awaitable requests.
 - ``publish``: publications: public TCP connections and UDP flows relayed
   through the tunnel.
 - ``server``: ``TunnelServer`` (sessions, mediator records, publications,
   operator operations) and ``StandaloneFrontend``.
 - ``gateway``: ``GatewayFrontend``, the server as the ``tunnel`` gateway kind.
-- ``operator``: the root-only control socket and its client.
-- ``service``: ``run_server``, ``run_mediator``, ``run_gateway``.
+- ``operator``: the operator's commands, served on nfgate's root-only control
+  socket (``firewall.control``, which also has the client).
+- ``service``: ``run_server``, ``run_gateway``.
 - ``cli``: the ``nfgate tunnel`` command group (``python -m tunnel.cli``).
 """

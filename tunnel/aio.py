@@ -9,6 +9,8 @@
   (message TCP RST) of a TCP connection").
 - ``bind_socket``: the mediator's OpenSocket, with the seed's "desired" and
   "mandatory" port numbers and the errors mapped to protocol codes.
+- ``until_signalled`` and ``run_main``: how both roles run in the foreground
+  until SIGTERM or SIGINT, with a ``stats`` line on SIGUSR1.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import signal
 import socket
 import struct
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from tunnel.errors import ErrorCode
+from tunnel.events import EventLog
 from tunnel.frames import IPAddress, Proto
 
 # SO_LINGER on, 0 seconds: close() sends RST and drops unsent data.
@@ -167,3 +172,25 @@ class BindError(Exception):
         if err.errno == errno.EADDRNOTAVAIL:
             return cls(ErrorCode.NO_SUCH_ADDRESS, f"{address} is not an address of the mediator")
         return cls(ErrorCode.INTERNAL, f"bind {address}:{port}: {err.strerror or err}")
+
+
+async def until_signalled(log: EventLog, stats: Callable[[], dict[str, Any]]) -> None:
+    """Wait for SIGTERM or SIGINT; on SIGUSR1 log ``stats()`` as a ``stats`` line."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, lambda: log.emit("stats", **stats()))
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            loop.remove_signal_handler(sig)
+
+
+def run_main(coro: Coroutine[Any, Any, None]) -> None:
+    """``asyncio.run(coro)``, quiet about a second Ctrl-C while stopping."""
+    try:
+        asyncio.run(coro)
+    except KeyboardInterrupt:  # a second Ctrl-C while stopping
+        pass

@@ -1,8 +1,8 @@
 """``nfgate tunnel``: run the tunnel's roles, make its keys, and operate it.
 
-The lead wires this group into ``nfgate`` with
-``from tunnel.cli import tunnel; main.add_command(tunnel)``. Until then,
-``python -m tunnel.cli ...`` runs it on its own.
+``nfgate``'s command line (firewall/cli.py, the one place that hosts every
+group) adds this group as ``nfgate tunnel``; ``python -m tunnel.cli ...``
+runs it on its own.
 
 Exit codes as for ``nfgate``: 0 ok, 1 runtime failure (the mediator or the
 kernel refused, a missing privilege), 2 usage or config error. Errors are
@@ -13,7 +13,6 @@ traceback (DESIGN.md invariant 10).
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import sys
 from pathlib import Path
@@ -21,11 +20,19 @@ from typing import Any
 
 import click
 
-from firewall.errors import EXIT_USAGE, KernelError, NfgateError, PrivilegeError, UsageError
+from firewall.control import ControlError, ask
+from firewall.errors import EXIT_USAGE, KernelError, NfgateError, PrivilegeError, UsageError, require_root
+from tunnel.config import load_mediator, load_server
+from tunnel.events import configure
+from tunnel.keygen import write_identity
+from tunnel.mediator import run_mediator
+from tunnel.service import parse_endpoint, run_server
+from tunnel.tls import file_pin
 
 DEFAULT_SOCKET = "/run/nfgate/tunnel.sock"
 SOCKET_ENV = "NFGATE_TUNNEL_SOCKET"
 TOKEN_BYTES = 32  # 256 bits, printed URL-safe (43 characters)
+ASK_TIMEOUT = 60.0  # seconds to wait for an answer: longer than any request_timeout a server uses
 
 
 class _TunnelGroup(click.Group):
@@ -37,11 +44,6 @@ class _TunnelGroup(click.Group):
         except NfgateError as err:
             click.echo(f"nfgate: {err}", err=True)
             ctx.exit(err.exit_code)
-
-
-def _require_root(what: str) -> None:
-    if os.geteuid() != 0:
-        raise PrivilegeError(f"tunnel {what}: needs root (run it with sudo)")
 
 
 @click.group("tunnel", cls=_TunnelGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -79,10 +81,6 @@ def server(config_path: str, log_json: bool) -> None:
       sudo nfgate tunnel server --config /etc/nfgate/tunnel-server.toml
       sudo nfgate tunnel server -c server.toml --log-json
     """
-    from tunnel.config import load_server
-    from tunnel.events import configure
-    from tunnel.service import run_server
-
     configure(log_json)
     run_server(load_server(config_path))
 
@@ -102,10 +100,6 @@ def mediator(config_path: str, log_json: bool) -> None:
     Examples:
       sudo nfgate tunnel mediator --config /etc/nfgate/tunnel-mediator.toml
     """
-    from tunnel.config import load_mediator
-    from tunnel.events import configure
-    from tunnel.service import run_mediator
-
     configure(log_json)
     run_mediator(load_mediator(config_path))
 
@@ -127,8 +121,6 @@ def keygen(cert: str, key: str, name: str, days: int, force: bool) -> None:
       sudo nfgate tunnel keygen
       nfgate tunnel keygen --cert m1.crt --key m1.key --name help-desk-1
     """
-    from tunnel.tls import write_identity
-
     click.echo(write_identity(Path(cert), Path(key), name, days, force))
 
 
@@ -141,8 +133,6 @@ def pin(cert: str) -> None:
     Example:
       nfgate tunnel pin /etc/nfgate/tunnel/server.crt
     """
-    from tunnel.tls import file_pin
-
     click.echo(file_pin(Path(cert)))
 
 
@@ -167,12 +157,10 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print the an
 
 
 def _ask(socket_path: str, request: dict[str, Any]) -> Any:
-    from tunnel.operator import ControlError, ask
-
-    _require_root(str(request["cmd"]))
+    require_root(f"tunnel {request['cmd']}")
     path = Path(socket_path)
     try:
-        return ask(path, request)
+        return ask(path, request, ASK_TIMEOUT)
     except FileNotFoundError:
         raise KernelError(f"no tunnel server is running here (no control socket {path})") from None
     except ConnectionRefusedError:
@@ -186,8 +174,6 @@ def _ask(socket_path: str, request: dict[str, Any]) -> Any:
 
 
 def _endpoint(text: str) -> tuple[str, int]:
-    from tunnel.service import parse_endpoint
-
     address, port = parse_endpoint(text)
     return str(address), port
 

@@ -1,4 +1,4 @@
-"""Datagrams of the tunnel's UDP channels: format, HMAC, replay window.
+"""Datagrams of the tunnel's UDP channels: format and HMAC.
 
 "The tunnel 6 consists of a TCP channel and where applicable a plurality of
 UDP channels between any port of the system 2 and the service port of the
@@ -9,8 +9,9 @@ using the UDP" (seed, "Redirect port"), and the server's answers.
 UDP has no TLS around it, so every datagram is authenticated on its own: an
 HMAC-SHA256 tag, truncated to 16 bytes, over header and payload, with the key
 the server sent in UDP_KEY over the TLS channel. A sequence number and a
-sliding ``ReplayWindow`` refuse replays; a direction flag stops a datagram
-from being reflected back to its sender. Layout (big-endian)::
+sliding ``ReplayWindow`` (firewall/replay.py) refuse replays; a direction
+flag stops a datagram from being reflected back to its sender. Layout
+(big-endian)::
 
     0  version   u8    1
     1  type      u8    DatagramType
@@ -44,7 +45,7 @@ DGRAM_HEADER_SIZE = DGRAM_HEADER.size  # 20
 TAG_SIZE = 16
 MIN_DATAGRAM_SIZE = DGRAM_HEADER_SIZE + TAG_SIZE
 FLAG_FROM_SERVER = 0x01
-DEFAULT_REPLAY_WINDOW = 1024
+DEFAULT_REPLAY_WINDOW = 1024  # sequence numbers per channel and direction
 MAX_SEQ = (1 << 64) - 1
 
 
@@ -161,45 +162,3 @@ def verify_datagram(raw: bytes, key: bytes, key_id: int, *, from_server: bool) -
         raise DatagramError(DropReason.MALFORMED, "bad address in DATA")
     port = int.from_bytes(rest[:2], "big")
     return Datagram(dtype, got_key_id, channel, seq, from_server, address, port, rest[2:])
-
-
-class ReplayWindow:
-    """Sliding bitmap of the last ``size`` sequence numbers seen.
-
-    The IPsec anti-replay scheme (RFC 4303 section 3.4.3): a number above the
-    highest seen slides the window; one inside it is accepted once; one older
-    than the window is refused, since it can no longer be told from a replay.
-    A window, not a strict counter, because UDP may reorder.
-    """
-
-    def __init__(self, size: int = DEFAULT_REPLAY_WINDOW) -> None:
-        if size < 1:
-            raise ValueError("replay window size must be at least 1")
-        self.size = size
-        self.highest = -1
-        self._bits = 0  # bit i set: highest - i was seen
-        self._mask = (1 << size) - 1
-
-    def check(self, seq: int) -> bool:
-        """Would ``seq`` be accepted? (Does not record it.)"""
-        if seq > self.highest:
-            return True
-        offset = self.highest - seq
-        if offset >= self.size:
-            return False
-        return not (self._bits >> offset) & 1
-
-    def update(self, seq: int) -> None:
-        """Record ``seq`` as seen (call only after ``check`` and the tag)."""
-        if seq > self.highest:
-            self._bits = ((self._bits << (seq - self.highest)) | 1) & self._mask
-            self.highest = seq
-        else:
-            self._bits |= 1 << (self.highest - seq)
-
-    def accept(self, seq: int) -> bool:
-        """``check`` then ``update``: True if ``seq`` is new."""
-        if not self.check(seq):
-            return False
-        self.update(seq)
-        return True

@@ -13,6 +13,8 @@ Errors say whose fault they are (STYLE.md, after h11):
   sent anywhere.
 - ``LimitError``: the server's own application asked for more than the
   per-mediator limits allow. It is refused before anything is sent.
+- ``RequestRefused``: a request the server made of a mediator failed: the
+  mediator answered ERR, or the server refused it before sending (``local``).
 """
 
 from __future__ import annotations
@@ -76,3 +78,17 @@ class LimitError(TunnelError):
 
     def __init__(self, message: str) -> None:
         super().__init__(ErrorCode.LIMIT, message)
+
+
+class RequestRefused(Exception):
+    """A request to the mediator failed; ``code`` is the protocol's error name.
+
+    ``local``: the server refused it before sending (the port's state, a
+    closed channel), rather than the mediator answering ERR.
+    """
+
+    def __init__(self, code: str, message: str, local: bool = False) -> None:
+        super().__init__(f"{code}: {message}" if message else code)
+        self.code = code
+        self.message = message
+        self.local = local

@@ -31,6 +31,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from firewall.config.model import ROUTER
+from firewall.signalling import Endpoint
+from firewall.signalling import Proto as SignallingProto
+from gateways.layer import EventLog as LayerLog
+from gateways.layer import FlowUnknown, GatewayLayer, ProcessorInstances
+from gateways.layer.endpoint import endpoint_of
+from gateways.layer.instances import layer_endpoint
 from tunnel.aio import reset
 from tunnel.frames import IPAddress, Proto
 from tunnel.server import ChannelProtocol
@@ -145,11 +151,7 @@ class GatewayFrontend:
         self.routes: dict[tuple[str, int], _UdpRoute] = {}
         self.tasks: set[asyncio.Task[None]] = set()
 
-    def _make_layer(self) -> Any:
-        from gateways.layer import EventLog as LayerLog
-        from gateways.layer import GatewayLayer, ProcessorInstances
-        from gateways.layer.instances import layer_endpoint
-
+    def _make_layer(self) -> GatewayLayer:
         return GatewayLayer(
             self.key, listen=layer_endpoint(self.config, self.gateway.name),
             instances=ProcessorInstances.from_config(self.config), gateway=self.gateway.name,
@@ -245,10 +247,6 @@ class GatewayFrontend:
     # -- TCP ---------------------------------------------------------------------------------
 
     async def route_tcp(self, sock: socket.socket) -> None:
-        from firewall.signalling import Proto as SignallingProto
-        from gateways.layer import FlowUnknown
-        from gateways.layer.endpoint import endpoint_of
-
         server = self.server
         assert server is not None
         loop = asyncio.get_running_loop()
@@ -336,10 +334,6 @@ class GatewayFrontend:
             self.counters["udp_dropped_not_routed"] += 1
 
     async def _lookup(self, key: tuple[str, int], route: _UdpRoute) -> None:
-        from firewall.signalling import Endpoint
-        from firewall.signalling import Proto as SignallingProto
-        from gateways.layer import FlowUnknown
-
         server = self.server
         assert server is not None
         fw = Endpoint(ipaddress.IPv4Address(key[0]), key[1])

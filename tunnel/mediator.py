@@ -4,7 +4,9 @@
 control server 4 via a TCP channel" (seed, Figure 2 description), and from
 then on makes "its TCP/UDP/IP interface available" to the server. This
 module is the I/O half of that: it makes no protocol decision (DESIGN.md
-invariant 9). ``Mediator.run`` keeps one channel up at a time:
+invariant 9), and the shared ``CoreDriver`` (firewall/drive.py) carries the
+core's outputs out and keeps its timer. ``Mediator.run`` keeps one channel up
+at a time:
 
 1. TCP to the server's service port, TLS, then the **pin check** -- before
    anything is sent, so a server that is not the pinned one never sees the
@@ -31,17 +33,20 @@ import ipaddress
 import logging
 import socket
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pyroute2 import IPRoute
+
+from firewall.drive import CoreDriver
 from tunnel import tls
 from tunnel.aio import (
-    BindError, ReadGate, address_pair, bind_socket, cancel_all, family_of, reset, settle_pause,
+    BindError, ReadGate, address_pair, bind_socket, cancel_all, family_of, reset, run_main, settle_pause,
+    until_signalled,
 )
 from tunnel.commands import (
     AbortSocket, ChannelClosed, CloseChannel, CloseSocket, ConnectSocket, ListenSocket,
-    MediatorOutput, OpenSocket, Ready, Refused, RelayFailed, SendChannel, SendFrame, SendTo,
+    OpenSocket, Ready, Refused, RelayFailed, SendChannel, SendFrame, SendTo,
     ShutdownSocket, UdpChannelDead, WriteStream,
 )
 from tunnel.config import MediatorConfig
@@ -156,7 +161,7 @@ class Mediator:
             waiting: set[asyncio.Future[Any]] = {session.done, stopping}
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             if stop.is_set() and not session.done.done():
-                session.run(session.core.close(ErrorCode.NORMAL, "mediator stopping"))
+                session.driver.run(session.core.close(ErrorCode.NORMAL, "mediator stopping"))
                 try:
                     await asyncio.wait_for(asyncio.shield(session.done), cfg.channel_timeout)
                 except TimeoutError:
@@ -170,8 +175,6 @@ class Mediator:
 def _interface_of(address: IPAddress) -> IPInterface:
     """The address the channel leaves from, with its prefix from the kernel."""
     try:
-        from pyroute2 import IPRoute
-
         with IPRoute() as ipr:
             for msg in ipr.get_addr(family=family_of(address)):
                 if msg.get_attr("IFA_ADDRESS") == str(address) or msg.get_attr("IFA_LOCAL") == str(address):
@@ -257,9 +260,7 @@ class _Session:
         self.ready = False
         self.channel_gate = ReadGate(transport)
         self._channel_full = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
-        self._handlers: dict[type, Callable[[Any], None]] = {
+        handlers = {
             SendFrame: self._send_frame, CloseChannel: self._close_channel,
             ChannelClosed: self._channel_closed, OpenSocket: self._open, ConnectSocket: self._connect,
             ListenSocket: self._listen, CloseSocket: self._close_socket, ShutdownSocket: self._shutdown,
@@ -267,45 +268,28 @@ class _Session:
             SendChannel: self._send_channel, Ready: self._ready, Refused: self._refused,
             UdpChannelDead: self._channel_dead, RelayFailed: self._relay_failed,
         }
+        core = self.core
+        self.driver = CoreDriver(
+            handlers, tick=core.tick, deadline=lambda now: core.next_deadline(), clock=self.loop.time
+        )
 
     # -- driving the core ---------------------------------------------------------------
 
     def start(self) -> None:
-        self.run(self.core.channel_up(self.loop.time()))
-
-    def run(self, outputs: list[MediatorOutput]) -> None:
-        """Carry out the core's outputs, in order, then re-arm the timer."""
-        for out in outputs:
-            self._handlers[type(out)](out)
-        self._arm()
-
-    def _arm(self) -> None:
-        deadline = self.core.next_deadline()
-        if deadline == self._timer_at:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = deadline
-        self._timer = None if deadline is None else self.loop.call_at(deadline, self._tick)
-
-    def _tick(self) -> None:
-        self._timer, self._timer_at = None, None
-        self.run(self.core.tick(self.loop.time()))
+        self.driver.run(self.core.channel_up(self.loop.time()))
 
     def on_data(self, data: bytes) -> None:
         self.counters["bytes_from_server"] += len(data)
-        self.run(self.core.receive_data(data, self.loop.time()))
+        self.driver.run(self.core.receive_data(data, self.loop.time()))
 
     def on_lost(self, why: str) -> None:
-        self.run(self.core.channel_lost(why))
+        self.driver.run(self.core.channel_lost(why))
         if not self.done.done():
             self.done.set_result(None)
 
     def shutdown(self) -> None:
         """Whatever the way out, no socket or timer of this session survives it."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.driver.close()
         cancel_all(self.tasks)
         for port_id in list(self.ports):
             self._drop(port_id)
@@ -374,7 +358,7 @@ class _Session:
             sock = bind_socket(out.proto, out.address, out.port, out.mandatory, cfg.max_port_probes)
         except BindError as err:
             self.ports.pop(io.port_id, None)
-            self.run(self.core.failed(io.port_id, err.code, err.message))
+            self.driver.run(self.core.failed(io.port_id, err.code, err.message))
             return
         io.port = sock.getsockname()[1]
         try:
@@ -388,9 +372,9 @@ class _Session:
                 io.channel = await self._open_channel(io.port_id, out.address)
         except OSError as err:
             self._drop(io.port_id)
-            self.run(self.core.failed(io.port_id, ErrorCode.INTERNAL, f"{err.strerror or err}"))
+            self.driver.run(self.core.failed(io.port_id, ErrorCode.INTERNAL, f"{err.strerror or err}"))
             return
-        self.run(self.core.opened(io.port_id, io.port, self.loop.time()))
+        self.driver.run(self.core.opened(io.port_id, io.port, self.loop.time()))
 
     async def _open_channel(self, port_id: int, local: IPAddress) -> asyncio.DatagramTransport:
         """The redirect's UDP channel: "any port of the system 2" to the service
@@ -437,7 +421,7 @@ class _Session:
             try:
                 sock = bind_socket(Proto.TCP, io.address, io.port, True, 1)
             except BindError as err:
-                self.run(self.core.failed(io.port_id, err.code, err.message))
+                self.driver.run(self.core.failed(io.port_id, err.code, err.message))
                 return
         io.sock = None
         try:
@@ -451,14 +435,14 @@ class _Session:
                 io.sock = bind_socket(Proto.TCP, io.address, io.port, True, 1)
             except BindError:
                 io.sock = None  # rebound at the next CONNECT or LISTEN
-            self.run(self.core.failed(io.port_id, ErrorCode.CONNECT_FAILED, f"{out.address}:{out.port}: {why}"))
+            self.driver.run(self.core.failed(io.port_id, ErrorCode.CONNECT_FAILED, f"{out.address}:{out.port}: {why}"))
             return
         if io.transport.is_closing():  # reset before the core even heard of it
             io.transport = None
-            self.run(self.core.failed(io.port_id, ErrorCode.CONNECT_FAILED, f"{out.address}:{out.port}: reset"))
+            self.driver.run(self.core.failed(io.port_id, ErrorCode.CONNECT_FAILED, f"{out.address}:{out.port}: reset"))
             return
         self.counters["connects"] += 1
-        self.run(self.core.connected(io.port_id))
+        self.driver.run(self.core.connected(io.port_id))
         conn.start()
 
     def _listen(self, out: ListenSocket) -> None:
@@ -472,12 +456,12 @@ class _Session:
             sock.listen(LISTEN_BACKLOG)
             io.server = await self.loop.create_server(lambda: _TcpConn(self, None, listen_id=io.port_id), sock=sock)
         except BindError as err:
-            self.run(self.core.failed(io.port_id, err.code, err.message))
+            self.driver.run(self.core.failed(io.port_id, err.code, err.message))
             return
         except OSError as err:
-            self.run(self.core.failed(io.port_id, ErrorCode.INTERNAL, f"listen: {err.strerror or err}"))
+            self.driver.run(self.core.failed(io.port_id, ErrorCode.INTERNAL, f"listen: {err.strerror or err}"))
             return
-        self.run(self.core.listening(io.port_id))
+        self.driver.run(self.core.listening(io.port_id))
 
     def accepted(self, listen_id: int, conn: _TcpConn, transport: asyncio.Transport) -> int | None:
         peer = address_pair(transport.get_extra_info("peername"))
@@ -490,7 +474,7 @@ class _Session:
                 io.gate.pause("channel")
             self.ports[conn_id] = io
             self.counters["accepted"] += 1
-        self.run(outs)
+        self.driver.run(outs)
         return conn_id
 
     def _drop(self, port_id: int) -> None:
@@ -540,15 +524,15 @@ class _Session:
 
     def received(self, port_id: int, peer: tuple[IPAddress, int], data: bytes) -> None:
         if port_id in self.ports:
-            self.run(self.core.received(port_id, peer[0], peer[1], data))
+            self.driver.run(self.core.received(port_id, peer[0], peer[1], data))
 
     def channel_datagram(self, data: bytes) -> None:
         self.counters["channel_datagrams_in"] += 1
-        self.run(self.core.receive_datagram(data, self.loop.time()))
+        self.driver.run(self.core.receive_datagram(data, self.loop.time()))
 
     def fin(self, port_id: int) -> None:
         if port_id in self.ports:
-            self.run(self.core.fin(port_id))
+            self.driver.run(self.core.fin(port_id))
 
     def lost(self, port_id: int, exc: Exception | None) -> None:
         io = self.ports.get(port_id)
@@ -557,7 +541,7 @@ class _Session:
         io.transport = None
         self.channel_gate.resume(f"port {port_id}")  # a dead socket holds the channel no more
         if exc is not None:
-            self.run(self.core.reset(port_id))
+            self.driver.run(self.core.reset(port_id))
 
 
 class _TcpConn(asyncio.Protocol):
@@ -662,3 +646,22 @@ class _ChannelDatagrams(asyncio.DatagramProtocol):
         # ICMP port unreachable while the server restarts: the dead-channel
         # timer, not one ICMP message, decides to reopen.
         self.session.counters["channel_errors"] += 1
+
+
+def run_mediator(config: MediatorConfig, log: EventLog | None = None) -> None:
+    """``nfgate tunnel mediator``: keep the tunnel up until SIGTERM or SIGINT."""
+    log = log or EventLog("mediator")
+
+    async def main() -> None:
+        mediator = Mediator(config, log)
+        stop = asyncio.Event()
+        runner = asyncio.get_running_loop().create_task(mediator.run(stop))
+        log.emit("started", identity=config.identity, server=f"{config.server}:{config.service_port}")
+        try:
+            await until_signalled(log, mediator.stats)
+        finally:
+            stop.set()
+            await runner
+            log.emit("stats", **mediator.stats())
+
+    run_main(main())

@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from firewall.replay import ReplayWindow
 from tunnel.channel import ChannelCore, IdAllocator
 from tunnel.commands import (
     AbortSocket, CloseSocket, ConnectSocket, ListenSocket, MediatorOutput,
@@ -39,7 +40,7 @@ from tunnel.commands import (
     UdpChannelDead, WriteStream,
 )
 from tunnel.datagrams import (
-    Datagram, DatagramError, DatagramType, DropReason, ReplayWindow, encode_datagram,
+    Datagram, DatagramError, DatagramType, DropReason, encode_datagram,
     verify_datagram,
 )
 from tunnel.errors import ErrorCode, LocalProtocolError, ProtocolError

@@ -29,31 +29,26 @@ import asyncio
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from tunnel.aio import ReadGate, address_pair, reset, settle_pause
-from tunnel.errors import LimitError
+from tunnel.config import ServerConfig
+from tunnel.errors import LimitError, RequestRefused
+from tunnel.events import EventLog
 from tunnel.frames import IPAddress, Proto
-
-if TYPE_CHECKING:
-    from tunnel.server import TunnelServer
-    from tunnel.session import Session
+from tunnel.session import MediatorRecord, Session
 
 Reply = Callable[[bytes], None]
 
 
-class RequestRefused(Exception):
-    """A request to the mediator failed; ``code`` is the protocol's error name.
+class PublishHost(Protocol):
+    """What a publication needs of its server (``TunnelServer``, tunnel/server.py)."""
 
-    ``local``: the server refused it before sending (the port's state, a
-    closed channel), rather than the mediator answering ERR.
-    """
+    log: EventLog
+    config: ServerConfig
+    records: dict[str, MediatorRecord]
 
-    def __init__(self, code: str, message: str, local: bool = False) -> None:
-        super().__init__(f"{code}: {message}" if message else code)
-        self.code = code
-        self.message = message
-        self.local = local
+    async def wait_session(self, identity: str, timeout: float) -> Session | None: ...
 
 
 @dataclass(frozen=True)
@@ -79,7 +74,7 @@ class PublishSpec:
 class Publication:
     """A live publish: its listener (if the frontend binds one) and relays."""
 
-    def __init__(self, server: TunnelServer, spec: PublishSpec) -> None:
+    def __init__(self, server: PublishHost, spec: PublishSpec) -> None:
         self.server = server
         self.spec = spec
         self.log = server.log

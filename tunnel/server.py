@@ -11,9 +11,10 @@ core (tunnel/server_core.py, one ``ServerSession`` per channel):
   found with ``peek_key_id`` before it is verified). When a mediator's
   HELLO is accepted, its previous session, if the server had not yet noticed
   it was dead, is closed: the newer one is where the mediator is.
-- **Mediator records.** One per identity of the mediators file, living
-  across sessions: limits, the bytes/s token bucket, counters, and the
-  publications (the publish state is the server's, keyed by identity).
+- **Mediator records** (``MediatorRecord``, tunnel/session.py). One per
+  identity of the mediators file, living across sessions: limits, the
+  bytes/s token bucket, counters, and the publications (the publish state
+  is the server's, keyed by identity).
 - **Frontends.** How traffic reaches the server: standalone
   (``StandaloneFrontend``: its own TLS listener and UDP socket on the
   service port, and one listener per publication) or as the ``tunnel``
@@ -25,49 +26,35 @@ core (tunnel/server_core.py, one ``ServerSession`` per channel):
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
+import hashlib
+import ipaddress
 import json
 import os
 import secrets
 import ssl
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from firewall.control import ControlError
 from tunnel import tls
 from tunnel.aio import address_pair, family_of
 from tunnel.commands import SessionReady
 from tunnel.config import MediatorEntry, ServerConfig
 from tunnel.datagrams import peek_key_id
-from tunnel.errors import ErrorCode, LimitError
+from tunnel.errors import ErrorCode, LimitError, RequestRefused
 from tunnel.events import EventLog
 from tunnel.frames import IPAddress, Proto
 from tunnel.pacing import Backoff, TokenBucket
-from tunnel.publish import Publication, PublishSpec, RequestRefused
-from tunnel.session import Session
+from tunnel.publish import Publication, PublishSpec
+from tunnel.session import MediatorRecord, Session
 
 MAX_SESSION_ID = (1 << 32) - 1
 
 
-class OperatorError(Exception):
+class OperatorError(ControlError):
     """An operator request that cannot be done; the message is the one line shown."""
-
-    def __init__(self, message: str, code: str = "") -> None:
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass
-class MediatorRecord:
-    """What the server keeps about one mediator identity, across its sessions."""
-
-    entry: MediatorEntry
-    bucket: TokenBucket
-    counters: Counter[str] = field(default_factory=Counter)
-    session: Session | None = None
-    connects: int = 0
-    since: float = 0.0  # wall clock of the last connect or loss
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Frontend(Protocol):
@@ -198,7 +185,7 @@ class TunnelServer:
         session = Session(self, transport, peer, session_id, cert)
         self.sessions[session_id] = session
         self.counters["channels"] += 1
-        session.run([])  # arms the hello timeout
+        session.driver.arm()  # the hello timeout
         return session
 
     def session_ready(self, session: Session, event: SessionReady) -> None:
@@ -439,20 +426,14 @@ def set_tls_read_buffer(size: int) -> None:
     per-connection knob, so this sets the class attribute; a tunnel server
     process runs nothing else that uses TLS.
     """
-    import asyncio.sslproto
-
     asyncio.sslproto.SSLProtocol.max_size = size
 
 
 def _digest(der: bytes) -> bytes:
-    import hashlib
-
     return hashlib.sha256(der).digest()
 
 
 def _spec_from_json(item: dict[str, Any]) -> PublishSpec:
-    import ipaddress
-
     host, _, port = str(item["to"]).rpartition(":")
     return PublishSpec(
         str(item["mediator"]), Proto[str(item["proto"]).upper()], int(item["public"]),

@@ -45,6 +45,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from firewall.replay import ReplayWindow
 from tunnel.channel import ChannelCore, IdAllocator
 from tunnel.commands import (
     ConnectionAccepted, LimitExceeded, PeerFin, PeerReset,
@@ -52,7 +53,7 @@ from tunnel.commands import (
     ServerOutput, SessionReady,
 )
 from tunnel.datagrams import (
-    Datagram, DatagramError, DatagramType, DropReason, ReplayWindow, encode_datagram,
+    Datagram, DatagramError, DatagramType, DropReason, encode_datagram,
     verify_datagram,
 )
 from tunnel.errors import ErrorCode, LimitError, LocalProtocolError, ProtocolError

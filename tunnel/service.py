@@ -1,7 +1,8 @@
 """Running the tunnel's two roles: standalone, and as the ``tunnel`` gateway kind.
 
-- ``run_server(config)`` / ``run_mediator(config)``: ``nfgate tunnel server``
-  and ``nfgate tunnel mediator``, in the foreground until SIGTERM or SIGINT.
+- ``run_server(config)``: ``nfgate tunnel server``, in the foreground until
+  SIGTERM or SIGINT (``nfgate tunnel mediator`` is ``run_mediator`` in
+  tunnel/mediator.py, so that a gateway process never loads the mediator).
 - ``run_gateway(config, gateway)``: what ``python -m gateways`` calls for a
   ``[[gateway]]`` of kind ``tunnel``. Under ``nfgate run`` the processor
   steers the gateway's ``[[gateway.traffic]]`` (``to = "router"``) into the
@@ -22,19 +23,21 @@ traceback (DESIGN.md invariant 10).
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import os
 import resource
-import signal
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from firewall.config import PortRange
+from firewall.config.model import ROUTER
 from firewall.errors import KernelError, UsageError
-from tunnel.config import TUNNEL_DIR, MediatorConfig, MediatorEntry, RateLimit, ServerConfig, load_mediators
+from firewall.signalling import load_or_create_key
+from tunnel.aio import run_main, until_signalled
+from tunnel.config import TUNNEL_DIR, MediatorEntry, RateLimit, ServerConfig, load_mediators
 from tunnel.events import EventLog, configure
-from tunnel.mediator import Mediator
+from tunnel.gateway import GatewayFrontend, steered, unsteered
 from tunnel.operator import ControlSocket
 from tunnel.pacing import BackoffSettings
 from tunnel.server import StandaloneFrontend, TunnelServer
@@ -46,19 +49,6 @@ if TYPE_CHECKING:
 
 STATE_DIR = Path("/var/lib/nfgate")
 STATE_DIR_ENV = "STATE_DIRECTORY"  # what systemd's StateDirectory= sets
-
-
-async def _until_signalled(log: EventLog, stats: Callable[[], dict[str, Any]]) -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGUSR1, lambda: log.emit("stats", **stats()))
-    try:
-        await stop.wait()
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-            loop.remove_signal_handler(sig)
 
 
 def raise_file_limit() -> int:
@@ -109,44 +99,18 @@ async def serve(server: TunnelServer, log: EventLog) -> None:
         return out
 
     try:
-        await _until_signalled(log, stats)
+        await until_signalled(log, stats)
     finally:
         log.emit("stopping", sessions=len(server.sessions))
         control.close()
         await server.close()
 
 
-def _run(coro: Coroutine[Any, Any, None]) -> None:
-    try:
-        asyncio.run(coro)
-    except KeyboardInterrupt:  # a second Ctrl-C while stopping
-        pass
-
-
 def run_server(config: ServerConfig, log: EventLog | None = None) -> None:
     """``nfgate tunnel server``: the standalone control server, in the foreground."""
     log = log or EventLog("server")
     mediators = load_mediators(config.mediators_file, config)
-    _run(serve(TunnelServer(config, mediators, StandaloneFrontend(), log), log))
-
-
-def run_mediator(config: MediatorConfig, log: EventLog | None = None) -> None:
-    """``nfgate tunnel mediator``: keep the tunnel up until SIGTERM or SIGINT."""
-    log = log or EventLog("mediator")
-
-    async def main() -> None:
-        mediator = Mediator(config, log)
-        stop = asyncio.Event()
-        runner = asyncio.get_running_loop().create_task(mediator.run(stop))
-        log.emit("started", identity=config.identity, server=f"{config.server}:{config.service_port}")
-        try:
-            await _until_signalled(log, mediator.stats)
-        finally:
-            stop.set()
-            await runner
-            log.emit("stats", **mediator.stats())
-
-    _run(main())
+    run_main(serve(TunnelServer(config, mediators, StandaloneFrontend(), log), log))
 
 
 # -- the gateway kind ---------------------------------------------------------------------
@@ -180,9 +144,6 @@ def check_steering(gateway: Gateway, service_port: int) -> None:
     flows), and the service port must be among them for TCP (the channel) and
     UDP (the UDP channels).
     """
-    from firewall.config.model import ROUTER
-    from tunnel.gateway import steered
-
     for t in gateway.traffic:
         if t.to_zone != ROUTER:
             raise UsageError(
@@ -206,8 +167,6 @@ def warn_unsteered(
     A publication there would be refused (``GatewayFrontend.bind``); the
     operator sees why at start-up rather than at the first ``publish``.
     """
-    from tunnel.gateway import unsteered
-
     ranges = set(server_config.publish_ports)
     for entry in mediators.values():
         ranges.update(entry.publish_ports)
@@ -226,8 +185,6 @@ def gateway_server_config(config: Config, gateway: Gateway) -> ServerConfig:
     s: Mapping[str, Any] = gateway.settings
     base = gateway_files_dir(config, gateway)
     first, last = int(s["publish_first"]), int(s["publish_last"])
-    from firewall.config import PortRange
-
     if first > last:
         raise UsageError(f"{gateway.source}.settings: publish_first {first} is above publish_last {last}")
     return ServerConfig(
@@ -268,9 +225,6 @@ def run_gateway(config: Config, gateway: Gateway, *, log_json: bool = False, log
     Raises NfgateError (one line) for what the operator can fix: a missing
     certificate, key or mediators file, a port that will not bind.
     """
-    from firewall.signalling import load_or_create_key
-    from tunnel.gateway import GatewayFrontend
-
     if gateway.kind != "tunnel":
         raise UsageError(f"gateway {gateway.name!r} is a {gateway.kind} gateway, not tunnel")
     if log is None:
@@ -282,7 +236,7 @@ def run_gateway(config: Config, gateway: Gateway, *, log_json: bool = False, log
     warn_unsteered(gateway, server_config, mediators, log)
     key = load_or_create_key(config.signalling.key_file)
     frontend = GatewayFrontend(config, gateway, key)
-    _run(serve(TunnelServer(server_config, mediators, frontend, log), log))
+    run_main(serve(TunnelServer(server_config, mediators, frontend, log), log))
 
 
 def parse_endpoint(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:

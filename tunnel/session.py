@@ -1,9 +1,11 @@
 """One mediator's TCP channel on the control server: asyncio around ``ServerSession``.
 
-The server core decides; this class carries its outputs out, in order, and
-turns its request/reply events into awaitable calls for the publications and
-the operator (``await session.open_port(...)`` returns the ``PortOpened``
-or raises ``RequestRefused`` with the mediator's error code). Relayed
+The server core decides; this class carries its outputs out, in order
+(through the shared ``CoreDriver``, firewall/drive.py, which also keeps the
+core's timer), and turns its request/reply events into awaitable calls for
+the publications and the operator (``await session.open_port(...)``
+returns the ``PortOpened`` or raises ``RequestRefused`` with the mediator's
+error code). Relayed
 packets and events go to the *owner* of each port id: a public connection,
 a UDP flow, or nobody for the operator's raw ports (then they are counted
 and dropped, and a connection accepted on a raw listener is closed).
@@ -17,25 +19,51 @@ port"), and the operator must be able to see that it does.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
+from firewall.drive import CoreDriver
 from tunnel.aio import ReadGate
 from tunnel.commands import (
     ChannelClosed, CloseChannel, ConnectionAccepted, LimitExceeded, PeerFin, PeerReset, PortOpened,
     Received, RelayFailed, RequestAcked, RequestFailed, SendDatagram, SendFrame, ServerOutput, SessionReady,
 )
-from tunnel.errors import ErrorCode, LocalProtocolError
+from tunnel.config import MediatorEntry, ServerConfig
+from tunnel.errors import ErrorCode, LocalProtocolError, RequestRefused
+from tunnel.events import EventLog
 from tunnel.frames import Data, Hello, IPAddress, Proto
-from tunnel.policy import TokenAuthenticator
-from tunnel.publish import RequestRefused
 from tunnel.pacing import TokenBucket
+from tunnel.policy import TokenAuthenticator
 from tunnel.server_core import ServerSession
 from tunnel.states import PortState
 from tunnel.tls import pin_matches
 
-if TYPE_CHECKING:
-    from tunnel.server import MediatorRecord, TunnelServer
+class SessionHost(Protocol):
+    """What a session needs of its server (``TunnelServer``, tunnel/server.py)."""
+
+    log: EventLog
+    config: ServerConfig
+    mediators: dict[str, MediatorEntry]
+
+    def client_cert_digest(self, identity: str) -> bytes | None: ...
+    def session_ready(self, session: Session, event: SessionReady) -> None: ...
+    def session_ended(self, session: Session) -> None: ...
+    def send_datagram(self, data: bytes, address: IPAddress, port: int) -> None: ...
+
+
+@dataclass
+class MediatorRecord:
+    """What the server keeps about one mediator identity, across its sessions."""
+
+    entry: MediatorEntry
+    bucket: TokenBucket
+    counters: Counter[str] = field(default_factory=Counter)
+    session: Session | None = None
+    connects: int = 0
+    since: float = 0.0  # wall clock of the last connect or loss
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class PortOwner(Protocol):
@@ -51,7 +79,7 @@ class PortOwner(Protocol):
 class SessionAuthenticator:
     """Token (constant time) and, if the mediators file names one, client certificate."""
 
-    def __init__(self, server: TunnelServer, peer_cert: bytes | None) -> None:
+    def __init__(self, server: SessionHost, peer_cert: bytes | None) -> None:
         self.server = server
         self.peer_cert = peer_cert
         self.reason = ""
@@ -75,7 +103,7 @@ class Session:
     """The server's side of one TCP channel."""
 
     def __init__(
-        self, server: TunnelServer, transport: asyncio.Transport, peer: str, session_id: int, peer_cert: bytes | None
+        self, server: SessionHost, transport: asyncio.Transport, peer: str, session_id: int, peer_cert: bytes | None
     ) -> None:
         self.server = server
         self.log = server.log
@@ -99,45 +127,29 @@ class Session:
         self._full = False
         self._futures: dict[int, asyncio.Future[Any]] = {}
         self._channel_waiters: dict[int, asyncio.Future[None]] = {}
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
-        self._handlers: dict[type, Callable[[Any], None]] = {
+        handlers = {
             SendFrame: self._send_frame, CloseChannel: self._close_channel, ChannelClosed: self._channel_closed,
             SendDatagram: self._send_datagram, SessionReady: self._ready, PortOpened: self._answer,
             RequestAcked: self._answer, RequestFailed: self._answer, Received: self._received,
             ConnectionAccepted: self._accepted, PeerFin: self._peer_fin, PeerReset: self._peer_reset,
             LimitExceeded: self._limit, RelayFailed: self._relay_failed,
         }
+        core = self.core
+        self.driver = CoreDriver(
+            handlers, tick=core.tick, deadline=lambda now: core.next_deadline(), clock=self.loop.time
+        )
         self._via_channel = False
 
     # -- driving the core ------------------------------------------------------------------
 
-    def run(self, outputs: list[ServerOutput]) -> None:
-        for out in outputs:
-            self._handlers[type(out)](out)
-        self._arm()
-
-    def _arm(self) -> None:
-        deadline = self.core.next_deadline()
-        if deadline == self._timer_at:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = deadline
-        self._timer = None if deadline is None else self.loop.call_at(deadline, self._tick)
-
-    def _tick(self) -> None:
-        self._timer, self._timer_at = None, None
-        self.run(self.core.tick(self.loop.time()))
-
     def on_data(self, data: bytes) -> None:
         self._count("bytes_from_mediator", len(data))
-        self.run(self.core.receive_data(data, self.loop.time()))
+        self.driver.run(self.core.receive_data(data, self.loop.time()))
 
     def on_datagram(self, raw: bytes, source: tuple[IPAddress, int]) -> None:
         self._via_channel = True
         try:
-            self.run(self.core.receive_datagram(raw, source, self.loop.time()))
+            self.driver.run(self.core.receive_datagram(raw, source, self.loop.time()))
         finally:
             self._via_channel = False
         if self._channel_waiters:
@@ -148,10 +160,10 @@ class Session:
                         waiter.set_result(None)
 
     def on_lost(self, why: str) -> None:
-        self.run(self.core.channel_lost(why))
+        self.driver.run(self.core.channel_lost(why))
 
     def close(self, code: ErrorCode = ErrorCode.NORMAL, why: str = "") -> None:
-        self.run(self.core.close(code, why))
+        self.driver.run(self.core.close(code, why))
 
     @property
     def bucket(self) -> TokenBucket:
@@ -178,9 +190,7 @@ class Session:
 
     def _channel_closed(self, out: ChannelClosed) -> None:
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.driver.close()
         code = out.code.name if out.code is not None else None
         reason = out.message
         if out.code is ErrorCode.AUTH_FAILED and self.auth.reason:
@@ -296,7 +306,7 @@ class Session:
         request_id, outputs = issued
         future: asyncio.Future[Any] = self.loop.create_future()
         self._futures[request_id] = future
-        self.run(outputs)
+        self.driver.run(outputs)
         try:
             return await asyncio.wait_for(future, self.server.config.request_timeout)
         finally:
@@ -346,7 +356,7 @@ class Session:
             _, outputs = self.core.close_port(port_id)
         except LocalProtocolError:
             return  # already closing
-        self.run(outputs)
+        self.driver.run(outputs)
 
     def set_owner(self, port_id: int, owner: PortOwner) -> None:
         self.owners[port_id] = owner
@@ -371,15 +381,15 @@ class Session:
         ):
             self._count("dropped_port_gone")
             return
-        self.run(self.core.send(port_id, address, port, data))
+        self.driver.run(self.core.send(port_id, address, port, data))
 
     def fin(self, port_id: int) -> None:
         if not self.closed and self.core.ports.get(port_id, (None, None))[1] is PortState.CONNECTED:
-            self.run(self.core.fin(port_id))
+            self.driver.run(self.core.fin(port_id))
 
     def reset(self, port_id: int) -> None:
         if not self.closed and self.core.ports.get(port_id, (None, None))[1] is PortState.CONNECTED:
-            self.run(self.core.reset(port_id))
+            self.driver.run(self.core.reset(port_id))
 
     def local_address_for(self, target: IPAddress) -> IPAddress:
         """The mediator address facing ``target``: the interface whose network

@@ -1,4 +1,4 @@
-"""TLS for the tunnel's TCP channel: keys, certificates, pins, contexts.
+"""TLS for the tunnel's TCP channel: pins and contexts.
 
 The seed lets the mediator "inform the server 4 about its state and about its
 environment ... through authentication or identification" (seed, Figure 2
@@ -15,17 +15,13 @@ impersonate, so the TCP channel runs TLS 1.3 and:
   constant time, tunnel/policy.py) and, where the mediators file names one,
   by a client certificate compared the same way.
 
-``nfgate tunnel keygen`` makes the server's key (EC P-256: small, fast
-handshakes for many mediators) and a self-signed certificate, and prints the
-pin to put in each mediator's config.
+``nfgate tunnel keygen`` makes the keys and certificates (tunnel/keygen.py).
 """
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import hmac
-import os
 import re
 import ssl
 from pathlib import Path
@@ -36,7 +32,6 @@ PIN_PREFIX = "sha256:"
 PIN_RE = re.compile(r"^(?:sha256:)?((?:[0-9a-fA-F]{2}:?){31}[0-9a-fA-F]{2})$")
 # Both ends are nfgate: nothing older than TLS 1.3 needs to be spoken.
 MIN_TLS = ssl.TLSVersion.TLSv1_3
-DEFAULT_CERT_DAYS = 3650  # a pinned certificate is replaced by re-pinning, not by expiry
 
 
 class PinMismatch(Exception):
@@ -152,63 +147,3 @@ def client_context(cert: Path | None = None, key: Path | None = None) -> ssl.SSL
     if cert is not None and key is not None:
         _load_chain(context, cert, key, "client certificate")
     return context
-
-
-def generate(common_name: str, days: int = DEFAULT_CERT_DAYS) -> tuple[bytes, bytes]:
-    """A new EC P-256 key and a self-signed certificate: (key PEM, cert PEM)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        # An hour of slack for a peer whose clock is a little behind.
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(common_name)]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
-
-
-def write_identity(
-    cert_path: Path, key_path: Path, common_name: str, days: int = DEFAULT_CERT_DAYS, force: bool = False
-) -> str:
-    """Write a new key (mode 0600) and certificate; return the pin.
-
-    Refuses to overwrite either file without ``force``: replacing a pinned
-    certificate cuts every mediator off until it is re-pinned.
-    """
-    if not force:
-        for path in (cert_path, key_path):
-            if path.exists():
-                raise UsageError(f"{path} exists (pass --force to replace it; every mediator must then be re-pinned)")
-    if not 1 <= days <= 36500:
-        raise UsageError(f"--days {days}: use 1 to 36500")
-    key_pem, cert_pem = generate(common_name, days)
-    try:
-        for path in (cert_path, key_path):
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # The key is never readable by others, not even between open and chmod.
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(key_pem)
-        cert_path.write_bytes(cert_pem)
-    except OSError as err:
-        raise UsageError(f"keygen: {err.filename}: {err.strerror or err}") from None
-    return fingerprint(ssl.PEM_cert_to_DER_cert(cert_pem.decode()))

@@ -13,18 +13,11 @@ import subprocess
 
 import click
 
-from firewall.errors import KernelError, UsageError
+from firewall.errors import KernelError, UsageError, require_root
 from firewall.lab import netns
 from firewall.lab.topology import list_topologies, load_topology, topologies_dir
 
 _PREFIX_HELP = "Namespace prefix; namespaces are PREFIX-HOST. Default: nfg-TOPOLOGY."
-
-
-def _root(what: str) -> None:
-    # Imported here: firewall.cli imports this module to register the group.
-    from firewall.cli import require_root
-
-    require_root(what)
 
 
 @click.group("lab")
@@ -71,7 +64,7 @@ def up_cmd(topology: str, prefix: str | None) -> None:
       nfgate lab up nat-tunnel
       nfgate lab up basic --prefix t1
     """
-    _root("lab up")
+    require_root("lab up")
     topo = load_topology(topology)
     built = netns.Lab(topo, prefix).up()
     hosts = ", ".join(f"{h} ({built.ns(h)})" for h in topo.host_names)
@@ -94,7 +87,7 @@ def down_cmd(topology: str, prefix: str | None) -> None:
       nfgate lab down nat-tunnel
       nfgate lab down --prefix t1
     """
-    _root("lab down")
+    require_root("lab down")
     if prefix is None:
         prefix = netns.default_prefix(load_topology(topology))
     removed = netns.cleanup(prefix)
@@ -115,7 +108,7 @@ def status_cmd(prefix: str | None, as_json: bool) -> None:
       nfgate lab status
       nfgate lab status --prefix nfg-basic --json
     """
-    _root("lab status")
+    require_root("lab status")
     if prefix is not None:
         netns.check_prefix(prefix)
     labs = netns.status(prefix)
@@ -159,7 +152,7 @@ def exec_cmd(ctx: click.Context, host: str, command: tuple[str, ...], prefix: st
       nfgate lab exec --prefix t1 lan -- ip route
       nfgate lab exec router -- nft list ruleset
     """
-    _root("lab exec")
+    require_root("lab exec")
     # Option parsing stops at HOST, so click hands a `--` after it through.
     if command[0] == "--":
         command = command[1:]

@@ -1,8 +1,9 @@
 """The asyncio side of the deNAT/reNAT layer: one UDP socket, timers, futures, leg B.
 
-``GatewayLayer`` carries out what ``LayerCore`` decides and makes no
-protocol decisions of its own (STYLE.md: "a single small server loop carries
-out the commands"). It gives a gateway four things:
+``GatewayLayer`` carries out what ``LayerCore`` decides, through the shared
+core driver (``firewall.drive``), and makes no protocol decisions of its own
+(STYLE.md: "a single small server loop carries out the commands"). It gives
+a gateway four things:
 
 - ``attach(proto, F:f, G:g)``: the original tuple of the connection the
   gateway just accepted, held until the gateway releases it; ``Hold.ended``
@@ -32,6 +33,7 @@ import time
 from typing import Any, Callable, TypeVar
 
 from firewall.config.model import Signalling
+from firewall.drive import CoreDriver
 from firewall.signalling import Endpoint, FlowInfo, Proto, RuleAck, RuleEndReason, RuleMode, RuleRefusal
 from gateways.layer.core import LayerCore
 from gateways.layer.outputs import (
@@ -40,7 +42,6 @@ from gateways.layer.outputs import (
     FlowKey,
     FlowKnown,
     FlowNotKnown,
-    Output,
     RuleAnswered,
     RuleGone,
     RuleUnanswered,
@@ -180,8 +181,17 @@ class GatewayLayer:
         )
         self._transport: asyncio.DatagramTransport | None = None
         self._closed = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self._driver = CoreDriver(
+            {
+                Send: self._send, FlowKnown: self._resolve, FlowNotKnown: self._not_known,
+                FlowGone: self._gone, RuleAnswered: self._rule_answered,
+                RuleUnanswered: self._rule_unanswered, RuleGone: self._rule_gone,
+            },
+            tick=self.core.tick,
+            deadline=self.core.next_deadline,
+            clock=clock,
+            on_error=lambda exc: self._internal_error("timers", exc),
+        )
         self._waiters: dict[FlowKey, list[_Waiter]] = {}
         self._holds: dict[FlowKey, set[Hold]] = {}
         self._rule_futures: dict[int, tuple[asyncio.Future[RuleAck], RuleEndCallback | None]] = {}
@@ -209,9 +219,7 @@ class GatewayLayer:
     async def close(self) -> None:
         """Stop: nothing more is sent or received; whoever still waits is told so."""
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._driver.close()
         if self._transport is not None:
             self._transport.close()
             self._transport = None
@@ -260,8 +268,7 @@ class GatewayLayer:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         waiter = _Waiter(future, claim, on_end)
         self._waiters.setdefault(key, []).append(waiter)
-        self._dispatch(self.core.lookup(key, self._clock()))
-        self._arm()
+        self._driver.run(self.core.lookup(key, self._clock()))
         try:
             return await future
         except asyncio.CancelledError:
@@ -281,7 +288,7 @@ class GatewayLayer:
         if not waiters:
             del self._waiters[key]
             self.core.abandon(key)
-            self._arm()
+            self._driver.arm()
 
     def _release(self, hold: Hold) -> None:
         key = flow_key(hold.flow)
@@ -291,7 +298,7 @@ class GatewayLayer:
             if not holds:
                 del self._holds[key]
         self.core.release(hold.flow, self._clock())
-        self._arm()
+        self._driver.arm()
 
     # ---- leg B --------------------------------------------------------------------------------
 
@@ -340,8 +347,7 @@ class GatewayLayer:
         future: asyncio.Future[RuleAck] = asyncio.get_running_loop().create_future()
         request_id, outputs = self.core.request_rule(flow, proto, src, dst, ttl, mode, one_shot, self._clock())
         self._rule_futures[request_id] = (future, on_end)
-        self._dispatch(outputs)
-        self._arm()
+        self._driver.run(outputs)
         try:
             return await future
         except asyncio.CancelledError:
@@ -355,64 +361,15 @@ class GatewayLayer:
 
     def _on_datagram(self, data: bytes) -> None:
         try:
-            self._dispatch(self.core.receive(data, self._clock()))
+            self._driver.run(self.core.receive(data, self._clock()))
         except Exception as exc:  # a bug here must not stop the signalling of every other flow
-            self.core.counters["signalling.internal_errors"] += 1
-            if self._log is not None:
-                self._log.emit("internal_error", logging.ERROR, where="signalling", error=repr(exc))
-        self._arm()
+            self._internal_error("signalling", exc)
+            self._driver.arm()
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
-        try:
-            self._dispatch(self.core.tick(self._clock()))
-        except Exception as exc:
-            self.core.counters["signalling.internal_errors"] += 1
-            if self._log is not None:
-                self._log.emit("internal_error", logging.ERROR, where="timers", error=repr(exc))
-        self._arm()
-
-    def _arm(self) -> None:
-        if self._closed:
-            return
-        now = self._clock()
-        deadline = self.core.next_deadline(now)
-        if deadline == self._timer_at:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._timer_at = deadline
-        if deadline is not None:
-            self._timer = asyncio.get_running_loop().call_later(max(0.0, deadline - now), self._on_timer)
-
-    def _dispatch(self, outputs: list[Output]) -> None:
-        for out in outputs:
-            if isinstance(out, Send):
-                self._send(out)
-            elif isinstance(out, FlowKnown):
-                self._resolve(out)
-            elif isinstance(out, FlowNotKnown):
-                for w in self._waiters.pop(out.key, []):
-                    if not w.future.done():
-                        w.future.set_exception(FlowUnknown(out.key, out.why))
-            elif isinstance(out, FlowGone):
-                for hold in list(self._holds.get(flow_key(out.flow), ())):
-                    if hold.flow.flow_id == out.flow.flow_id:
-                        hold._end(out.cause)
-            elif isinstance(out, RuleAnswered):
-                self._rule_answered(out)
-            elif isinstance(out, RuleUnanswered):
-                future, _ = self._rule_futures.pop(out.request_id, (None, None))
-                if future is not None and not future.done():
-                    future.set_exception(RuleNoAnswer(f"no answer to rule request {out.request_id}"))
-            elif isinstance(out, RuleGone):
-                callback = self._rule_ends.pop(out.request_id, None)
-                if callback is not None:
-                    callback(out.reason)
-                if self.on_rule_end is not None:
-                    self.on_rule_end(out.rule_id, out.reason)
+    def _internal_error(self, where: str, exc: Exception) -> None:
+        self.core.counters["signalling.internal_errors"] += 1
+        if self._log is not None:
+            self._log.emit("internal_error", logging.ERROR, where=where, error=repr(exc))
 
     def _send(self, out: Send) -> None:
         if self._transport is None:
@@ -422,6 +379,16 @@ class GatewayLayer:
             self._transport.sendto(out.data, (str(out.to.address), out.to.port))
         except OSError:
             self.core.counters["signalling.send_errors"] += 1
+
+    def _not_known(self, out: FlowNotKnown) -> None:
+        for w in self._waiters.pop(out.key, []):
+            if not w.future.done():
+                w.future.set_exception(FlowUnknown(out.key, out.why))
+
+    def _gone(self, out: FlowGone) -> None:
+        for hold in list(self._holds.get(flow_key(out.flow), ())):
+            if hold.flow.flow_id == out.flow.flow_id:
+                hold._end(out.cause)
 
     def _resolve(self, out: FlowKnown) -> None:
         for w in self._waiters.pop(out.key, []):
@@ -447,6 +414,18 @@ class GatewayLayer:
             future.set_result(reply)
         else:
             future.set_exception(RuleRefusedError(reply.reason, local=out.local))
+
+    def _rule_unanswered(self, out: RuleUnanswered) -> None:
+        future, _ = self._rule_futures.pop(out.request_id, (None, None))
+        if future is not None and not future.done():
+            future.set_exception(RuleNoAnswer(f"no answer to rule request {out.request_id}"))
+
+    def _rule_gone(self, out: RuleGone) -> None:
+        callback = self._rule_ends.pop(out.request_id, None)
+        if callback is not None:
+            callback(out.reason)
+        if self.on_rule_end is not None:
+            self.on_rule_end(out.rule_id, out.reason)
 
 
 def endpoint_of(address: Any) -> Endpoint | None:

@@ -371,6 +371,17 @@ def test_sequence_window_slides() -> None:
     assert isinstance(guard.check(late, T0), Received)  # 11 > 15 - 8: late but in the window
 
 
+def test_a_jump_to_the_last_sequence_number_leaves_the_window_working() -> None:
+    message = FlowEnd(1, FlowEndReason.IDLE)
+    guard = guard_for(message)
+    first = encoder_for(message, first_seq=1).encode(message, T0)
+    last = encoder_for(message, first_seq=2**64 - 1).encode(message, T0)
+    assert isinstance(guard.check(first, T0), Received)
+    assert isinstance(guard.check(last, T0), Received)
+    assert guard.check(last, T0) is Refusal.REPLAY
+    assert guard.check(first, T0) is Refusal.REPLAY  # far behind the window now
+
+
 def test_sender_table_is_bounded_and_eviction_is_safe() -> None:
     message = FlowEnd(1, FlowEndReason.FIN)
     guard = guard_for(message, max_senders=4)

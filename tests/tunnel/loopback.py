@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunnel import tls
+from firewall.control import ask
+from tunnel import keygen, tls
 from tunnel.config import MediatorConfig, ServerConfig, load_mediators
 from tunnel.events import EventLog
 from tunnel.mediator import Mediator
-from tunnel.operator import ControlSocket, ask
+from tunnel.operator import ControlSocket
 from tunnel.pacing import BackoffSettings
 from tunnel.policy import Op, Rule
 from tunnel.server import StandaloneFrontend, TunnelServer
@@ -52,7 +53,7 @@ def free_port() -> int:
 
 def write_files(directory: Path, mediators: str | None = None) -> str:
     """Server key, certificate and mediators file; returns the pin."""
-    pin = tls.write_identity(directory / "server.crt", directory / "server.key", "loopback", force=True)
+    pin = keygen.write_identity(directory / "server.crt", directory / "server.key", "loopback", force=True)
     path = directory / "mediators.toml"
     path.write_text(
         mediators

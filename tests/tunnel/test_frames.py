@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tunnel.datagrams import (
-    Datagram, DatagramError, DatagramType, DropReason, ReplayWindow, encode_datagram,
+    Datagram, DatagramError, DatagramType, DropReason, encode_datagram,
     peek_key_id, verify_datagram,
 )
 from tunnel.errors import ErrorCode, LocalProtocolError, ProtocolError
@@ -339,37 +339,6 @@ def test_wrong_key_id_direction_and_malformed() -> None:
     assert drop(raw[:35]) is DropReason.MALFORMED
     assert drop(b"\x02" + raw[1:]) is DropReason.MALFORMED
     assert peek_key_id(raw[:35]) is None
-
-
-def test_replayed_and_too_old_refused() -> None:
-    window = ReplayWindow(64)
-    assert window.accept(5)
-    assert not window.accept(5)  # replay
-    assert window.accept(3)  # late but inside the window
-    assert not window.accept(3)
-    assert window.accept(100)  # slides: 100 - 64 = 36 is now the oldest refused
-    assert not window.accept(36)
-    assert window.accept(37)
-    assert not window.accept(5)  # too old
-    assert window.check(99) and not window.check(100)
-
-
-def test_window_starts_at_zero() -> None:
-    window = ReplayWindow(4)
-    assert window.accept(0) and not window.accept(0)
-    assert window.accept(4) and not window.check(0) and window.check(1)
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.integers(1, 70), st.lists(st.integers(0, 200), max_size=60))
-def test_replay_window_model(size: int, seqs: list[int]) -> None:
-    window = ReplayWindow(size)
-    seen: set[int] = set()
-    for seq in seqs:
-        expected = seq not in seen and (not seen or seq > max(seen) - size)
-        assert window.accept(seq) is expected
-        if expected:
-            seen.add(seq)
 
 
 @settings(max_examples=500, deadline=None)

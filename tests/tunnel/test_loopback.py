@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from firewall.control import ControlError
 from tests.tunnel.loopback import TOKEN, WAIT, echo_server, loopback, udp_echo, until
-from tunnel import tls
+from tunnel import keygen, tls
 from tunnel.errors import ErrorCode
 from tunnel.frames import Proto
-from tunnel.operator import ControlError
 from tunnel.policy import Op, Rule
 
 
@@ -145,7 +145,7 @@ def test_wrong_token_is_refused_and_never_gets_a_session(tmp_path: Path, caplog:
 def test_server_not_matching_the_pin_never_sees_the_token(tmp_path: Path) -> None:
     async def main() -> None:
         async with loopback(tmp_path) as lb:
-            other = tls.write_identity(tmp_path / "other.crt", tmp_path / "other.key", "impostor")
+            other = keygen.write_identity(tmp_path / "other.crt", tmp_path / "other.key", "impostor")
             mediator = lb.start_mediator(pin=tls.parse_pin(other))
             await until(lambda: mediator.counters["pin_mismatch"] >= 2, what="two refused handshakes")
             # The mediator hung up right after TLS: the server never got a HELLO.
@@ -228,7 +228,7 @@ def test_bytes_per_second_limit_paces_the_relay(tmp_path: Path) -> None:
 def test_client_certificate_required_by_the_mediators_file(tmp_path: Path) -> None:
     async def main() -> None:
         cert, key = tmp_path / "m1.crt", tmp_path / "m1.key"
-        tls.write_identity(cert, key, "m1")
+        keygen.write_identity(cert, key, "m1")
         mediators = f'[mediator.m1]\ntoken = "{TOKEN}"\nclient_cert = "{cert}"\n'
         async with loopback(tmp_path, mediators) as lb:
             without = lb.start_mediator()

@@ -12,21 +12,21 @@ from pathlib import Path
 import pytest
 
 from firewall.errors import UsageError
-from tunnel import tls
+from tunnel import keygen, tls
 
 
 def test_keygen_writes_a_private_key_and_returns_the_certificates_pin(tmp_path: Path) -> None:
-    pin = tls.write_identity(tmp_path / "d" / "s.crt", tmp_path / "d" / "s.key", "srv")
+    pin = keygen.write_identity(tmp_path / "d" / "s.crt", tmp_path / "d" / "s.key", "srv")
     assert stat.S_IMODE((tmp_path / "d" / "s.key").stat().st_mode) == 0o600
     der = tls.read_pem_certificate(tmp_path / "d" / "s.crt")
     assert pin == "sha256:" + hashlib.sha256(der).hexdigest() == tls.file_pin(tmp_path / "d" / "s.crt")
 
 
 def test_keygen_never_overwrites_without_force(tmp_path: Path) -> None:
-    first = tls.write_identity(tmp_path / "s.crt", tmp_path / "s.key", "srv")
+    first = keygen.write_identity(tmp_path / "s.crt", tmp_path / "s.key", "srv")
     with pytest.raises(UsageError, match="exists"):
-        tls.write_identity(tmp_path / "s.crt", tmp_path / "s.key", "srv")
-    assert tls.write_identity(tmp_path / "s.crt", tmp_path / "s.key", "srv", force=True) != first
+        keygen.write_identity(tmp_path / "s.crt", tmp_path / "s.key", "srv")
+    assert keygen.write_identity(tmp_path / "s.crt", tmp_path / "s.key", "srv", force=True) != first
 
 
 @pytest.mark.parametrize("form", ["sha256:{h}", "{h}", "{H}", "sha256:{c}", "  {h}\n"])
@@ -53,8 +53,8 @@ def test_pin_comparison() -> None:
 def test_missing_or_mismatched_files_are_one_line_usage_errors(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="no such file"):
         tls.server_context(tmp_path / "none.crt", tmp_path / "none.key")
-    tls.write_identity(tmp_path / "a.crt", tmp_path / "a.key", "a")
-    tls.write_identity(tmp_path / "b.crt", tmp_path / "b.key", "b")
+    keygen.write_identity(tmp_path / "a.crt", tmp_path / "a.key", "a")
+    keygen.write_identity(tmp_path / "b.crt", tmp_path / "b.key", "b")
     with pytest.raises(UsageError, match="not a matching certificate and key"):
         tls.server_context(tmp_path / "a.crt", tmp_path / "b.key")
     (tmp_path / "junk.crt").write_text("junk")
@@ -83,8 +83,8 @@ def _handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> ssl.SS
 
 
 def test_the_pin_is_the_only_trust_and_tls_is_13(tmp_path: Path) -> None:
-    pin = tls.write_identity(tmp_path / "s.crt", tmp_path / "s.key", "srv")
-    other = tls.write_identity(tmp_path / "o.crt", tmp_path / "o.key", "other")
+    pin = keygen.write_identity(tmp_path / "s.crt", tmp_path / "s.key", "srv")
+    other = keygen.write_identity(tmp_path / "o.crt", tmp_path / "o.key", "other")
     client = _handshake(tls.server_context(tmp_path / "s.crt", tmp_path / "s.key"), tls.client_context())
     try:
         assert client.version() == "TLSv1.3"

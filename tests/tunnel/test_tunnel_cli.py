@@ -13,9 +13,10 @@ from typing import Any, Iterator
 import pytest
 from click.testing import CliRunner
 
+from firewall.control import BadRequest, parse_request
 from tests.tunnel.loopback import WAIT, echo_server, loopback
 from tunnel.cli import tunnel
-from tunnel.operator import COMMANDS, _Bad, parse_request
+from tunnel.operator import COMMANDS
 
 REPO = Path(__file__).parents[2]
 
@@ -111,7 +112,8 @@ def test_operator_commands_against_a_server(running: dict[str, Any]) -> None:
 
 def test_every_command_checks_its_arguments() -> None:
     assert set(COMMANDS) == {"list", "open", "redirect", "connect", "listen", "close", "publish", "unpublish"}
-    command, args = parse_request({"cmd": "open", "mediator": "m", "proto": "udp", "address": "::1", "port": 0})
+    request = {"cmd": "open", "mediator": "m", "proto": "udp", "address": "::1", "port": 0}
+    command, args = parse_request(COMMANDS, request)
     assert args["mandatory"] is False and str(args["address"]) == "::1"
     for bad in (
         [], {"cmd": 1}, {"cmd": "open", "mediator": "", "proto": "tcp", "address": "1.2.3.4", "port": 1},
@@ -120,8 +122,8 @@ def test_every_command_checks_its_arguments() -> None:
         {"cmd": "publish", "mediator": "m", "proto": "tcp", "public": 0, "address": "1.2.3.4", "port": 1},
         {"cmd": "open", "mediator": "m", "proto": "tcp", "address": "1.2.3.4", "port": 1, "mandatory": "yes"},
     ):
-        with pytest.raises(_Bad):
-            parse_request(bad)
+        with pytest.raises(BadRequest):
+            parse_request(COMMANDS, bad)
 
 
 def test_server_without_its_certificate_fails_in_one_line(tmp_path: Path) -> None:

@@ -1,0 +1,121 @@
+"""The one core driver (firewall/drive.py): outputs in order, one timer at the core's deadline, ticks."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import pytest
+
+from firewall.drive import CoreDriver
+
+
+@dataclass(frozen=True)
+class Say:
+    text: str
+
+
+@dataclass(frozen=True)
+class Unknown:
+    pass
+
+
+class ToyCore:
+    """Says "tick" once at each deadline in ``due`` (loop time), then has none."""
+
+    def __init__(self, due: list[float], fail: bool = False) -> None:
+        self.due = due
+        self.fail = fail
+        self.asked: list[float] = []
+
+    def next_deadline(self, now: float) -> float | None:
+        self.asked.append(now)
+        return self.due[0] if self.due else None
+
+    def tick(self, now: float) -> list[Say]:
+        if self.fail:
+            raise RuntimeError("a bug in the core")
+        out = []
+        while self.due and self.due[0] <= now:
+            out.append(Say(f"tick {self.due.pop(0):.2f}"))
+        return out
+
+
+def driver_for(core: ToyCore, said: list[str], **kw: object) -> CoreDriver:
+    loop = asyncio.get_running_loop()
+    return CoreDriver(
+        {Say: lambda out: said.append(out.text)},
+        tick=core.tick, deadline=core.next_deadline, clock=loop.time, **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_outputs_in_order_then_the_timer_ticks_each_deadline() -> None:
+    async def main() -> None:
+        t0 = asyncio.get_running_loop().time()
+        core = ToyCore([t0 + 0.02, t0 + 0.04])
+        said: list[str] = []
+        driver = driver_for(core, said)
+        driver.run([Say("a"), Say("b")])
+        assert said == ["a", "b"]
+        for _ in range(100):  # bounded poll, not a sleep that guesses
+            if len(said) == 4:
+                break
+            await asyncio.sleep(0.01)
+        assert said == ["a", "b", f"tick {t0 + 0.02:.2f}", f"tick {t0 + 0.04:.2f}"]
+        assert driver._timer is None  # no deadline left: no timer
+
+    asyncio.run(main())
+
+
+def test_an_unchanged_deadline_keeps_the_timer() -> None:
+    async def main() -> None:
+        t0 = asyncio.get_running_loop().time()
+        driver = driver_for(ToyCore([t0 + 60]), [])
+        driver.arm()
+        timer = driver._timer
+        driver.run([])
+        assert driver._timer is timer is not None
+        driver.close()
+
+    asyncio.run(main())
+
+
+def test_close_cancels_the_timer_and_arms_nothing_again() -> None:
+    async def main() -> None:
+        t0 = asyncio.get_running_loop().time()
+        said: list[str] = []
+        driver = driver_for(ToyCore([t0 + 0.01]), said)
+        driver.arm()
+        driver.close()
+        driver.run([Say("after close")])
+        await asyncio.sleep(0.03)
+        assert said == ["after close"] and driver._timer is None
+
+    asyncio.run(main())
+
+
+def test_an_output_without_a_handler_is_a_bug() -> None:
+    async def main() -> None:
+        driver = driver_for(ToyCore([]), [])
+        with pytest.raises(KeyError):
+            driver.run([Unknown()])
+
+    asyncio.run(main())
+
+
+def test_on_error_takes_a_failing_tick_and_the_timer_stays_armed() -> None:
+    async def main() -> None:
+        t0 = asyncio.get_running_loop().time()
+        core = ToyCore([t0 + 0.01], fail=True)
+        errors: list[Exception] = []
+        driver = driver_for(core, [], on_error=errors.append)
+        driver.arm()
+        for _ in range(100):
+            if errors:
+                break
+            await asyncio.sleep(0.01)
+        assert isinstance(errors[0], RuntimeError)
+        assert driver._timer is not None  # the deadline is still there, so is the timer
+        driver.close()
+
+    asyncio.run(main())
