@@ -6,12 +6,14 @@ A subclass implements ``_serve(sock)`` for one accepted connection (leg A
 from the firewall-side endpoint F:f, a non-blocking socket it owns) and
 relays it (``gateways.relay``) or wraps it in streams.
 
-Descriptors: a spliced relay holds six (two sockets, two pipes). When
-accept fails for want of descriptors or memory, the ``Acceptor`` stops
-accepting for ``ACCEPT_PAUSE`` seconds, counts it, and says so in one log
-line (at most one per ``ACCEPT_LOG_INTERVAL``), where asyncio's own server
-would log a traceback per attempt; the connections wait in the listen
-backlog meanwhile.
+Descriptors: a spliced relay holds six (two sockets, two pipes), so a
+gateway raises its soft ``RLIMIT_NOFILE`` to the hard limit when it starts
+(``raise_file_limit``; ``LimitNOFILE=`` in scripts/nfgate.service sets the
+hard one). When accept fails for want of descriptors or memory anyway, the
+``Acceptor`` stops accepting for ``ACCEPT_PAUSE`` seconds, counts it, and
+says so in one log line (at most one per ``ACCEPT_LOG_INTERVAL``), where
+asyncio's own server would log a traceback per attempt; the connections
+wait in the listen backlog meanwhile.
 """
 
 from __future__ import annotations
@@ -52,6 +54,23 @@ def reset(writer: asyncio.StreamWriter) -> None:
     if sock is not None:
         arm_reset(sock)
     writer.transport.abort()
+
+
+def raise_file_limit() -> int:
+    """Raise the soft limit on open files to the hard one; return the soft limit now in force.
+
+    systemd's default soft limit, 1024, would cap a relay at about 170
+    spliced connections (six descriptors each), and a tunnel server at about
+    a thousand mediators (a socket or two each), however much memory there is.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass  # keep what we have: the Acceptor copes with running out
+    return soft
 
 
 class Acceptor:

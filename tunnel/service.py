@@ -25,13 +25,13 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
-import resource
 import signal
 from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from firewall.errors import KernelError, UsageError
+from gateways.tcp_server import raise_file_limit
 from tunnel.config import TUNNEL_DIR, MediatorConfig, MediatorEntry, RateLimit, ServerConfig, load_mediators
 from tunnel.events import EventLog, configure
 from tunnel.mediator import Mediator
@@ -59,23 +59,6 @@ async def _until_signalled(log: EventLog, stats: Callable[[], dict[str, Any]]) -
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
-
-
-def raise_file_limit() -> int:
-    """Raise the soft limit on open files to the hard one; return it.
-
-    Each mediator costs the server a socket (two with UDP channels in use),
-    and systemd's default soft limit of 1024 would cap a server at about a
-    thousand mediators however much memory it has.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass  # keep what we have; max_channels still bounds the channels
-    return soft
 
 
 async def serve(server: TunnelServer, log: EventLog) -> None:
