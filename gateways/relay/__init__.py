@@ -3,7 +3,9 @@
 Every gateway that passes a TCP stream on unchanged or inspected (tcp-relay,
 FTP data connections) relays it through this package, so half-close, reset,
 idle and limits are decided in one place (STYLE.md, "Relays are sans-IO
-too").
+too"). The tunnel's published TCP ports take the core alone
+(tunnel/publish.py): their leg B is a port on the tunnel's channel, not a
+socket the driver could splice into.
 
 - ``core``: ``RelayCore``: events in (``DataReceived``, ``Spliced``,
   ``DataSent``, ``FinReceived``, ``ResetReceived``, ``Tick``, ``Abort``),
