@@ -247,6 +247,9 @@ class FtpGateway(TcpGateway):
                 self._sessions.add(session)
                 try:
                     await session.run()
+                except BaseException:
+                    reset(writer)  # the transport owns the socket now: it closes it, not the caller
+                    raise
                 finally:
                     self._sessions.discard(session)
                     for key in [k for k, e in self._expected.items() if e.session is session]:
