@@ -13,16 +13,22 @@ by connecting back to F:f, where the processor restores it (docs/datapath.md).
   ``instances`` (which processor instance owns a flow, where each listens),
   ``endpoint`` (``GatewayLayer``, the asyncio adapter, leg B),
   ``events`` (one log line per event, text or JSON).
-- ``tcp_server``: what every TCP gateway shares: listening on G:g, a task per
-  connection, errors contained, bounded close, ``reset``.
-- ``tcp_relay``: the ``tcp-relay`` kind: relays TCP both ways with
-  half-close, resets and limits, and logs each connection's real addresses.
+- ``relay/``: relaying a TCP stream between leg A and leg B: a sans-IO
+  ``core`` (data, backpressure, half-close, resets, idle, byte limits, the
+  inspection hook) and the one asyncio ``driver`` that carries it out, with
+  ``os.splice`` where nothing inspects the bytes.
+- ``tcp_server``: what every TCP gateway shares: listening on G:g (pausing
+  when out of descriptors), a task per connection, errors contained,
+  bounded close, ``reset``.
+- ``tcp_relay``: the ``tcp-relay`` kind: relays TCP both ways (``relay/``)
+  and logs each connection's real addresses.
 - ``udp_relay``: the ``udp-relay`` kind: the same for UDP flows, one leg B
   socket per flow.
 - ``ftp/``: the ``ftp`` kind (docs/ftp.md): a sans-IO control-channel core
   (``core``, ``commands``, ``parse``) that asks the processor for exact,
-  one-shot data-port rules, its asyncio adapter (``gateway``), and the relay
-  for inspected data connections (``data``).
+  one-shot data-port rules, its asyncio adapter (``gateway``), and what its
+  data connections add to ``relay/`` (``data``: the size limit and the
+  content hook of inspect mode).
 - ``__main__``: ``python -m gateways --config PATH --gateway NAME
   [--log-json]``, one gateway process, as the supervisor starts it: the
   launcher that knows every kind, the ``tunnel`` kind included

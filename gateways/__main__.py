@@ -6,7 +6,9 @@ nothing else (DESIGN invariant 6):
 
     ip netns exec nfgate-gw python -m gateways --config /etc/nfgate/nfgate.toml --gateway nas-log
 
-The process loads the config, finds its gateway, loads the signalling key
+The process raises its soft limit on open files to the hard one (a relayed
+connection holds up to six descriptors: gateways/tcp_server.py), loads the
+config, finds its gateway, loads the signalling key
 (``load_or_create_key``: the supervisor has created it already, and the
 process only reads it), binds the layer's signalling socket and the
 gateway's listener on the gateway address, logs ``ready``, and serves until
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import resource
 import signal
 import sys
 from collections import Counter
@@ -40,6 +43,7 @@ from gateways.layer import EventLog, GatewayLayer, ProcessorInstances
 from gateways.layer.events import configure
 from gateways.layer.instances import layer_endpoint
 from gateways.tcp_relay import TcpRelay, TcpRelaySettings
+from gateways.tcp_server import raise_file_limit
 from gateways.udp_relay import UdpRelay, UdpRelaySettings
 from tunnel.service import run_gateway
 
@@ -100,7 +104,11 @@ def find_gateway(config: Config, name: str) -> Gateway:
 
 def _stats(layer: GatewayLayer, relay: Relay) -> dict[str, object]:
     relay_counters = {k: v for k, v in sorted(relay.counters.items()) if v}
-    return {"active": relay.active, "layer": layer.counters, "relay": relay_counters}
+    stats: dict[str, object] = {"active": relay.active, "layer": layer.counters, "relay": relay_counters}
+    buffered = getattr(relay, "buffered", None)  # TCP kinds: bytes their relays hold now
+    if buffered is not None:
+        stats["buffered"] = buffered
+    return stats
 
 
 async def serve(config: Config, gateway: Gateway, key: bytes, log: EventLog) -> None:
@@ -145,6 +153,7 @@ async def serve(config: Config, gateway: Gateway, key: bytes, log: EventLog) -> 
         listen=relay.listen,
         signalling=layer.listen,
         processor=f"{config.gateway_link.router_address.ip}:{config.signalling.port}+{len(config.processor.queues)}",
+        open_files=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
     )
     try:
         await stop.wait()
@@ -167,6 +176,7 @@ def runnable(kind: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure(json_lines=args.log_json)
+    raise_file_limit()
     try:
         config = load(args.config)
         gateway = find_gateway(config, args.gateway)

@@ -37,6 +37,7 @@ from gateways.layer import EventLog as LayerLog
 from gateways.layer import FlowUnknown, GatewayLayer, ProcessorInstances
 from gateways.layer.endpoint import endpoint_of
 from gateways.layer.instances import layer_endpoint
+from gateways.tcp_server import Acceptor, listen_socket
 from tunnel.aio import reset
 from tunnel.frames import IPAddress, Proto
 from tunnel.server import ChannelProtocol
@@ -54,7 +55,6 @@ MAX_QUEUED_DATAGRAMS = 32
 # clients); each costs a small record until the processor ends the flow.
 MAX_UDP_ROUTES = 65536
 LISTEN_BACKLOG = 1024  # many mediators reconnect at once after the NAT in front of them reboots
-ACCEPT_PAUSE = 0.1  # seconds to wait when out of file descriptors before accepting again
 
 
 def steered(gateway: Gateway, proto: str, port: int) -> bool:
@@ -146,7 +146,7 @@ class GatewayFrontend:
         self.layer: Any = None
         self.server: TunnelServer | None = None
         self.counters: Counter[str] = Counter()
-        self.tcp: socket.socket | None = None
+        self.tcp: Acceptor | None = None
         self.udp: asyncio.DatagramTransport | None = None
         self.routes: dict[tuple[str, int], _UdpRoute] = {}
         self.tasks: set[asyncio.Task[None]] = set()
@@ -173,34 +173,13 @@ class GatewayFrontend:
         loop = asyncio.get_running_loop()
         self.layer = self.layer_factory()
         await self.layer.start()
-        host, port = str(self.address), self.gateway.listen_port
+        port = self.gateway.listen_port
         # Accepted by hand, not by create_server: not one byte may be read
         # before the flow is routed, so a TLS ClientHello reaches TLS whole.
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((host, port))
-            listener.listen(LISTEN_BACKLOG)
-            listener.setblocking(False)
-        except OSError:
-            listener.close()
-            raise
-        self.tcp = listener
-        self.spawn(self._accept_loop(listener))
-        self.udp, _ = await loop.create_datagram_endpoint(lambda: _UdpIntake(self), local_addr=(host, port))
-
-    async def _accept_loop(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                sock, _ = await loop.sock_accept(listener)
-            except OSError as err:
-                self.counters["accept_errors"] += 1
-                if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    await asyncio.sleep(ACCEPT_PAUSE)  # out of descriptors: let some close
-                continue
-            sock.setblocking(False)
-            self.spawn(self.route_tcp(sock))
+        # The Acceptor pauses, with one log line, when out of descriptors.
+        listener = listen_socket(Endpoint(self.address, port), LISTEN_BACKLOG)
+        self.tcp = Acceptor(listener, lambda sock: self.spawn(self.route_tcp(sock)), server.log, self.counters)
+        self.udp, _ = await loop.create_datagram_endpoint(lambda: _UdpIntake(self), local_addr=(str(self.address), port))
 
     async def bind(self, publication: Publication) -> None:
         """Nothing to bind: the processor brings the port's traffic here, if

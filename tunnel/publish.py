@@ -31,6 +31,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from gateways.relay.core import (
+    Abort, Close, DataReceived, DataSent, Done, Event, FinReceived, HalfClose, Limits, RelayCore, Reset,
+    ResetReceived, SendData, Side,
+)
 from tunnel.aio import ReadGate, address_pair, reset, settle_pause
 from tunnel.config import ServerConfig
 from tunnel.errors import LimitError, RequestRefused
@@ -39,6 +43,8 @@ from tunnel.frames import IPAddress, Proto
 from tunnel.session import MediatorRecord, Session
 
 Reply = Callable[[bytes], None]
+
+NAMES = {Side.A: "client", Side.B: "target"}  # leg A: the public client; leg B: the mediator's port
 
 
 class PublishHost(Protocol):
@@ -171,7 +177,16 @@ class Publication:
 
 
 class PublicConnection(asyncio.Protocol):
-    """One public TCP connection, relayed to the target through the tunnel."""
+    """One public TCP connection, relayed to the target through the tunnel.
+
+    Half-close and resets are decided by the relay core every TCP gateway
+    shares (``gateways.relay.core``): leg A is the public client's
+    connection, leg B the mediator's port to the target. Only the core is
+    shared, not its socket driver: leg B is not a socket but a port
+    multiplexed on the TLS channel, written as DATA frames and paced by the
+    channel's gate and the mediator's rate, so each chunk is "sent" once
+    framed, and its FIN and RST are EVENT_FIN and EVENT_RST.
+    """
 
     def __init__(self, publication: Publication, origin: tuple[IPAddress, int] | None = None) -> None:
         self.pub = publication
@@ -181,14 +196,22 @@ class PublicConnection(asyncio.Protocol):
         self.client: tuple[IPAddress, int] | None = None
         self.session: Session | None = None
         self.port_id: int | None = None
-        self.fin_out = False  # the public client's FIN was relayed
-        self.fin_in = False  # the target's FIN was relayed to the client
+        self.relay = RelayCore(Limits(), publication.loop.time(), names=NAMES)
         self.done = False
         self.task: asyncio.Task[None] | None = None
-        self.bytes_in = self.bytes_out = 0
         self.attached = False
         self.early: list[bytes] = []  # read before the tunnel side existed
         self.early_eof = False
+
+    @property
+    def bytes_in(self) -> int:
+        """From the public client to the target."""
+        return self.relay.received(Side.A)
+
+    @property
+    def bytes_out(self) -> int:
+        """From the target to the public client."""
+        return self.relay.received(Side.B)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -237,7 +260,7 @@ class PublicConnection(asyncio.Protocol):
             self.session.close_soon(self.port_id)
         reset(self.transport)
 
-    def _release(self, why: str) -> None:
+    def _release(self, outcome: Done) -> None:
         """The relay is over (once): free the mediator's port, say why."""
         if self.done:
             return
@@ -247,10 +270,57 @@ class PublicConnection(asyncio.Protocol):
             # A slow client that had paused the channel must not keep it paused.
             self.session.channel_gate.resume(f"public {id(self)}")
             self.session.close_soon(self.port_id)
+        detail = {"detail": outcome.detail} if outcome.detail else {}
         self.pub.log.emit(
             "connection_end", public=self.pub.spec.public_port, client=_fmt(self.client), port=self.port_id,
-            reason=why, bytes_in=self.bytes_in, bytes_out=self.bytes_out,
+            reason=outcome.reason, bytes_in=self.bytes_in, bytes_out=self.bytes_out, **detail,
         )
+
+    def _handle(self, event: Event) -> None:
+        """Carry out the relay core's commands for ``event``, in order."""
+        pending = [event]
+        while pending:
+            for command in self.relay.handle(pending.pop(0), self.pub.loop.time()):
+                if isinstance(command, SendData):
+                    pending.append(self._send(command))
+                elif isinstance(command, HalfClose):
+                    if command.side is Side.B:
+                        if self.session is not None and self.port_id is not None:
+                            self.session.fin(self.port_id)
+                    elif self._writable() and self.transport.can_write_eof():  # type: ignore[union-attr]
+                        self.transport.write_eof()  # type: ignore[union-attr]
+                elif isinstance(command, Reset):
+                    if command.side is Side.A:
+                        reset(self.transport)
+                    elif self.session is not None and self.port_id is not None:
+                        # A no-op where the target's own RST or the session's end came first.
+                        self.session.reset(self.port_id)
+                elif isinstance(command, Close):
+                    if command.side is Side.A and self.transport is not None:
+                        self.transport.close()
+                elif isinstance(command, Done):
+                    self._release(command)
+
+    def _send(self, command: SendData) -> DataSent:
+        """Leg A's bytes become DATA frames on the port; leg B's go to the client's transport.
+        Either is taken at once: backpressure is the channel's gate, not the core's."""
+        if command.side is Side.B:
+            assert self.session is not None and self.port_id is not None
+            spec = self.pub.spec
+            self.pub.counters["bytes_in"] += len(command.data)
+            self.session.send(self.port_id, spec.target, spec.target_port, command.data)
+            delay = self.session.bucket.take(len(command.data), self.pub.loop.time())
+            if delay > 0:
+                # Over the mediator's bytes/s: stop reading until the debt is paid.
+                self.gate.pause("rate")
+                self.pub.loop.call_later(delay, self.gate.resume, "rate")
+        elif self._writable():
+            self.pub.counters["bytes_out"] += len(command.data)
+            self.transport.write(command.data)  # type: ignore[union-attr]
+        return DataSent(command.side, len(command.data))
+
+    def _writable(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
 
     def data_received(self, data: bytes) -> None:
         if not self.attached:
@@ -258,34 +328,23 @@ class PublicConnection(asyncio.Protocol):
             return
         if self.session is None or self.port_id is None or self.done:
             return
-        spec = self.pub.spec
-        self.bytes_in += len(data)
-        self.pub.counters["bytes_in"] += len(data)
-        self.session.send(self.port_id, spec.target, spec.target_port, data)
-        delay = self.session.bucket.take(len(data), self.pub.loop.time())
-        if delay > 0:
-            # Over the mediator's bytes/s: stop reading until the debt is paid.
-            self.gate.pause("rate")
-            self.pub.loop.call_later(delay, self.gate.resume, "rate")
+        self._handle(DataReceived(Side.A, data))
 
     def eof_received(self) -> bool:
         if not self.attached:
             self.early_eof = True
             return True
         if self.session is not None and self.port_id is not None and not self.done:
-            self.session.fin(self.port_id)
-            self.fin_out = True
-            self._maybe_finish()
+            self._handle(FinReceived(Side.A))
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.pub.connections.discard(self)
         if self.task is not None and not self.task.done():
             self.task.cancel()
-        if not self.done and self.session is not None and self.port_id is not None:
+        if not self.done:
             # Gone without both FINs: the target must not wait for more.
-            self.session.reset(self.port_id)
-        self._release(f"client reset ({exc})" if exc else "client closed")
+            self._handle(ResetReceived(Side.A))
 
     def pause_writing(self) -> None:
         if self.session is not None:
@@ -298,21 +357,14 @@ class PublicConnection(asyncio.Protocol):
     # -- from the tunnel -------------------------------------------------------------------
 
     def on_received(self, address: IPAddress, port: int, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.bytes_out += len(data)
-            self.pub.counters["bytes_out"] += len(data)
-            self.transport.write(data)
+        self._handle(DataReceived(Side.B, data))
 
     def on_fin(self) -> None:
-        self.fin_in = True
-        if self.transport is not None and not self.transport.is_closing() and self.transport.can_write_eof():
-            self.transport.write_eof()
-        self._maybe_finish()
+        self._handle(FinReceived(Side.B))
 
     def on_reset(self) -> None:
         self.pub.counters["resets_from_target"] += 1
-        self._release("target reset")
-        reset(self.transport)
+        self._handle(ResetReceived(Side.B))
 
     def on_accepted(self, conn_id: int, address: IPAddress, port: int) -> None:
         raise AssertionError("a client port never accepts")
@@ -321,14 +373,7 @@ class PublicConnection(asyncio.Protocol):
         self.abort(why)
 
     def abort(self, why: str) -> None:
-        self._release(why)
-        reset(self.transport)
-
-    def _maybe_finish(self) -> None:
-        if self.fin_in and self.fin_out and not self.done:
-            self._release("closed both ways")
-            if self.transport is not None:
-                self.transport.close()
+        self._handle(Abort(why))
 
 
 class UdpFlow:

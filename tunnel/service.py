@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import resource
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +33,7 @@ from firewall.config import PortRange
 from firewall.config.model import ROUTER
 from firewall.errors import KernelError, UsageError
 from firewall.signalling import load_or_create_key
+from gateways.tcp_server import raise_file_limit
 from tunnel.aio import run_main, until_signalled
 from tunnel.config import TUNNEL_DIR, MediatorEntry, RateLimit, ServerConfig, load_mediators
 from tunnel.events import EventLog, configure
@@ -49,23 +49,6 @@ if TYPE_CHECKING:
 
 STATE_DIR = Path("/var/lib/nfgate")
 STATE_DIR_ENV = "STATE_DIRECTORY"  # what systemd's StateDirectory= sets
-
-
-def raise_file_limit() -> int:
-    """Raise the soft limit on open files to the hard one; return it.
-
-    Each mediator costs the server a socket (two with UDP channels in use),
-    and systemd's default soft limit of 1024 would cap a server at about a
-    thousand mediators however much memory it has.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass  # keep what we have; max_channels still bounds the channels
-    return soft
 
 
 async def serve(server: TunnelServer, log: EventLog) -> None:

@@ -62,7 +62,7 @@ _FTP = {
     "content_hook": Setting(string(r"([A-Za-z_][\w.]*:[A-Za-z_]\w*)?", "module:function"), "",
                             "inspect: module:function given each data connection's bytes"),
     "max_sessions": Setting(integer(1, 1_000_000), 256, "concurrent control sessions; more are refused (RST)"),
-    "idle_timeout": Setting(number(1, 86400), 900.0, "seconds without control traffic before the session is closed"),
+    "idle_timeout": Setting(number(1, 86400), 900.0, "seconds without traffic before a session is closed, or a relayed data connection reset"),
     "connect_timeout": Setting(number(0.1, 300), 10.0, "seconds to open a connection to the server"),
 }
 

@@ -3,11 +3,11 @@
 A data connection reaches the gateway when its rule was a REDIRECT: always
 in ``inspect`` mode, and in ``allow`` mode when the kernel cannot carry it as
 it is (its destination is the router's address standing in for a party, so
-it needs the double NAT of the processor). ``relay`` copies it both ways,
-half-close carried across, like tcp-relay. In inspect mode two checks apply
-on the way (the seed's "Dynamic changes": "for example in order to check for
-viruses that might come embedded in a file transferred over the ftp data
-channel"):
+it needs the double NAT of the processor). It is relayed by
+``gateways.relay`` like any TCP stream (spliced in the kernel when no hook
+looks at it), with two checks in inspect mode (the seed's "Dynamic
+changes": "for example in order to check for viruses that might come
+embedded in a file transferred over the ftp data channel"):
 
 - ``max_transfer_bytes``: past it both legs are reset, so the peers see an
   aborted transfer (the server answers 426 on the control channel);
@@ -17,14 +17,17 @@ channel"):
   False to stop the transfer (both legs reset). A hook that raises stops
   the transfer too: a broken check must not let data through unchecked.
 
+An idle data connection is reset, not closed with a FIN: in stream mode a
+FIN ends the file (RFC 959 section 3.4.1), so it would pass off a truncated
+file as complete.
+
 The hook is policy and the relay is mechanism (STYLE.md, "Policy is separate
-from protocol"): no hook configured means no content check.
+from protocol"): no hook configured means no content check. ``data_core``
+puts the settings and the hook's inspector in the relay core's terms.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import importlib
 import ipaddress
 from dataclasses import dataclass
@@ -32,13 +35,8 @@ from typing import Callable
 
 from firewall.errors import UsageError
 from firewall.signalling import FlowInfo
-from gateways.tcp_server import reset
-
-# One read: a quarter MiB keeps the per-chunk Python cost small against the
-# bytes moved, and bounds what one connection buffers.
-DATA_CHUNK = 1 << 18
-
-CLOSE_FLUSH_TIMEOUT = 5.0
+from gateways import relay
+from gateways.relay import Limits, RelayCore, Side, Verdict
 
 
 @dataclass(frozen=True)
@@ -69,106 +67,34 @@ def load_hook(path: str) -> ContentHook | None:
     return hook  # type: ignore[no-any-return]
 
 
-@dataclass
-class Outcome:
-    reason: str  # done, limit, hook, client_reset, server_reset, idle, flow_end
-    to_client: int = 0
-    to_server: int = 0
+def _names(passive: bool) -> dict[Side, str]:
+    """Each leg's FTP party: in passive mode the client connected (leg A), in active mode the server."""
+    return {Side.A: "client", Side.B: "server"} if passive else {Side.A: "server", Side.B: "client"}
 
 
-class _Stop(Exception):
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
+def data_core(
+    now: float, *, passive: bool, max_bytes: int, idle_timeout: float, inspector: Inspector | None
+) -> RelayCore:
+    """The relay core of one data connection; its legs are named by FTP party (``client_reset``)."""
+    inspectors: dict[Side, relay.Inspector] = {}
+    if inspector is not None:
+        for side, party in _names(passive).items():
+            inspectors[side] = _verdicts(inspector, toward_client=party == "server")
+    # reset_on_idle: a FIN would end the file (module docstring).
+    limits = Limits(idle_timeout=idle_timeout, max_bytes=max_bytes, reset_on_idle=True)
+    return RelayCore(limits, now, inspectors=inspectors, names=_names(passive))
 
 
-async def relay(
-    a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-    b: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-    *,
-    a_is_client: bool,
-    max_bytes: int,
-    inspector: Inspector | None,
-    idle_timeout: float,
-    ended: asyncio.Event,
-    touch: Callable[[], None],
-) -> Outcome:
-    """Copy between leg A and leg B until both directions end or a check stops it; close both."""
-    outcome = Outcome("done")
-    loop = asyncio.get_running_loop()
-    last = [loop.time()]
+def _verdicts(inspector: Inspector, *, toward_client: bool) -> relay.Inspector:
+    """The FTP inspector (chunk, toward client) -> bool as the relay core's chunk -> Verdict."""
 
-    async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter, toward_client: bool) -> None:
-        while True:
-            try:
-                data = await src.read(DATA_CHUNK)
-            except OSError:
-                raise _Stop("server_reset" if toward_client else "client_reset") from None
-            if not data:
-                break
-            last[0] = loop.time()
-            touch()
-            if toward_client:
-                outcome.to_client += len(data)
-            else:
-                outcome.to_server += len(data)
-            if max_bytes and outcome.to_client + outcome.to_server > max_bytes:
-                raise _Stop("limit")
-            if inspector is not None:
-                try:
-                    go_on = inspector(data, toward_client)
-                except Exception:
-                    go_on = False
-                if not go_on:
-                    raise _Stop("hook")
-            try:
-                dst.write(data)
-                await dst.drain()
-            except OSError:
-                raise _Stop("client_reset" if toward_client else "server_reset") from None
-        if dst.can_write_eof():
-            with contextlib.suppress(OSError):
-                dst.write_eof()
+    def inspect(chunk: bytes) -> Verdict:
+        return Verdict.PASS if inspector(chunk, toward_client) else Verdict.CLOSE
 
-    async def idle() -> None:
-        while (remaining := last[0] + idle_timeout - loop.time()) > 0:
-            await asyncio.sleep(remaining)
-        raise _Stop("idle")
+    return inspect
 
-    async def flow_end() -> None:
-        await ended.wait()
-        raise _Stop("flow_end")
 
-    (a_reader, a_writer), (b_reader, b_writer) = a, b
-    # Toward the FTP client: from B to A in passive mode (A is the client), from A to B in active mode.
-    copies = {
-        asyncio.create_task(copy(a_reader, b_writer, toward_client=not a_is_client)),
-        asyncio.create_task(copy(b_reader, a_writer, toward_client=a_is_client)),
-    }
-    watchers = {asyncio.create_task(idle()), asyncio.create_task(flow_end())}
-    pending = copies | watchers
-    try:
-        while copies & pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                exc = task.exception()
-                if isinstance(exc, _Stop):
-                    outcome.reason = exc.reason
-                    raise exc
-                if exc is not None:
-                    raise exc
-    except _Stop:
-        reset(a_writer)
-        reset(b_writer)
-        return outcome
-    finally:
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-    for w in (a_writer, b_writer):
-        w.close()
-    for w in (a_writer, b_writer):
-        try:
-            await asyncio.wait_for(w.wait_closed(), CLOSE_FLUSH_TIMEOUT)
-        except (OSError, asyncio.TimeoutError):
-            w.transport.abort()
-    return outcome
+def transferred(core: RelayCore, passive: bool) -> tuple[int, int]:
+    """(bytes toward the FTP client, bytes toward the FTP server) the core counted."""
+    server, client = (Side.B, Side.A) if passive else (Side.A, Side.B)
+    return core.received(server), core.received(client)

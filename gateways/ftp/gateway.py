@@ -8,8 +8,8 @@ rulebook.py). So, per accepted connection F:f -> G:g:
 1. ``GatewayLayer.attach``: the original tuple (client C:c, original
    destination S':s', server S:s), or a reset.
 2. If (C, S':s') is a data connection this gateway expects (a REDIRECT rule
-   it asked for), it is relayed (``data.relay``), with inspection in inspect
-   mode; the expectation is used up.
+   it asked for), it is relayed (``gateways.relay``, with ``data``'s core:
+   inspection in inspect mode); the expectation is used up.
 3. Else, if s' is one of the gateway's selector ports, it is a control
    session: leg B to the server, and the core between the two legs. The
    core's ``RequestRule`` becomes ``GatewayLayer.request_rule`` (exact
@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import socket
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -58,9 +59,10 @@ from gateways.ftp.core import (
     ToClient,
     ToServer,
 )
-from gateways.ftp.data import DATA_CHUNK, ContentHook, Transfer, load_hook, relay
+from gateways.ftp.data import ContentHook, Transfer, data_core, load_hook, transferred
 from gateways.layer import EventLog, FlowUnknown, GatewayLayer, Hold, RuleError
 from gateways.layer.endpoint import endpoint_of
+from gateways.relay import RelayCore, reset_socket
 from gateways.tcp_server import CLOSE_FLUSH_TIMEOUT, TcpGateway, reset
 
 _DEFAULTS = KIND_SETTINGS["ftp"]
@@ -138,9 +140,7 @@ class _Expectation:
 
 
 class FtpGateway(TcpGateway):
-    """The ftp gateway: an asyncio server on G:g in front of a ``GatewayLayer``."""
-
-    read_limit = DATA_CHUNK
+    """The ftp gateway: a listener on G:g in front of a ``GatewayLayer``."""
 
     def __init__(
         self,
@@ -209,49 +209,53 @@ class FtpGateway(TcpGateway):
 
     # ---- connections ---------------------------------------------------------------------------
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        fw = endpoint_of(writer.get_extra_info("peername"))
-        ag = endpoint_of(writer.get_extra_info("sockname"))
+    async def _serve(self, sock: socket.socket) -> None:
+        try:
+            fw, ag = endpoint_of(sock.getpeername()), endpoint_of(sock.getsockname())
+        except OSError:
+            fw = ag = None
         if fw is None or ag is None:
             self.counters["closed.gone"] += 1
-            writer.transport.abort()
+            sock.close()
             return
         try:
             hold = await self.layer.attach(Proto.TCP, fw, ag)
         except FlowUnknown as exc:
             self.counters["closed.unknown_flow"] += 1
             self.log.emit("unknown_flow", via=fw, to=ag, why=exc.why)
-            reset(writer)
+            reset_socket(sock)
             return
         except asyncio.CancelledError:
-            reset(writer)
+            reset_socket(sock)
             raise
         with hold:
             flow = hold.flow
             exp = self._claim(flow)
             if exp is not None:
-                await self._transfer(exp, hold, reader, writer)
+                await self._transfer(exp, hold, sock)
             elif self.control_ports is not None and flow.original_dst.port not in self.control_ports:
                 self.counters["refused.unexpected_flow"] += 1
                 self.log.emit("refused", reason="unexpected_flow", client=flow.client, original_dst=flow.original_dst)
-                reset(writer)
+                reset_socket(sock)
             elif len(self._sessions) >= self.settings.max_sessions:
                 self.counters["refused.max_sessions"] += 1
                 self.log.emit("refused", reason="max_sessions", client=flow.client, limit=self.settings.max_sessions)
-                reset(writer)
+                reset_socket(sock)
             else:
+                reader, writer = await asyncio.open_connection(sock=sock)
                 session = _Session(self, hold, reader, writer)
                 self._sessions.add(session)
                 try:
                     await session.run()
+                except BaseException:
+                    reset(writer)  # the transport owns the socket now: it closes it, not the caller
+                    raise
                 finally:
                     self._sessions.discard(session)
                     for key in [k for k, e in self._expected.items() if e.session is session]:
                         self._unexpect(self._expected[key], "session_ended")
 
-    async def _transfer(
-        self, exp: _Expectation, hold: Hold, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def _transfer(self, exp: _Expectation, hold: Hold, a: socket.socket) -> None:
         """One data connection of a session, redirected here by its rule."""
         flow, rule, session = hold.flow, exp.rule, exp.session
         self._data += 1
@@ -262,11 +266,11 @@ class FtpGateway(TcpGateway):
                                   "client": flow.client, "server": flow.server, "inspect": rule.inspect}
         try:
             try:
-                b = await self.layer.open_tcp(flow, connect_timeout=self.settings.connect_timeout, limit=DATA_CHUNK)
+                b = await self.layer.connect_tcp(flow, connect_timeout=self.settings.connect_timeout)
             except (OSError, asyncio.TimeoutError) as exc:
                 self.counters["data.connect_failed"] += 1
                 self.log.emit("data", reason="connect_failed", detail=repr(exc), **fields)
-                reset(writer)
+                reset_socket(a)
                 return
             passive = rule.direction is Direction.PASSIVE
             inspector = None
@@ -277,24 +281,26 @@ class FtpGateway(TcpGateway):
                 except Exception as exc:  # a broken hook stops the transfer: nothing passes unchecked
                     self.counters["data.hook_failed"] += 1
                     self.log.emit("data", logging.ERROR, reason="hook_failed", detail=repr(exc), **fields)
-                    reset(writer)
-                    reset(b[1])
+                    reset_socket(a)
+                    reset_socket(b)
                     return
-            outcome = await relay(
-                (reader, writer), b,
-                a_is_client=passive,
-                max_bytes=self.settings.max_transfer_bytes if rule.inspect else 0,
-                inspector=inspector,
-                idle_timeout=self.settings.idle_timeout,
-                ended=hold.ended,
-                touch=session.touch,
-            )
+            core = data_core(loop.time(), passive=passive, inspector=inspector,
+                             max_bytes=self.settings.max_transfer_bytes if rule.inspect else 0,
+                             idle_timeout=self.settings.idle_timeout)
+            session.transfers.add(core)
+            try:
+                outcome = await self._relay_legs(core, a, b, hold)
+            finally:
+                session.transfers.discard(core)
+                session.touch()  # the control session's idle time runs from the transfer's end
+            to_client, to_server = transferred(core, passive)
             self.counters[f"data.closed.{outcome.reason}"] += 1
-            self.counters["bytes.data_to_client"] += outcome.to_client
-            self.counters["bytes.data_to_server"] += outcome.to_server
+            self.counters["bytes.data_to_client"] += to_client
+            self.counters["bytes.data_to_server"] += to_server
             level = logging.WARNING if outcome.reason in ("limit", "hook") else logging.INFO
-            self.log.emit("data", level, reason=outcome.reason, to_client=outcome.to_client,
-                          to_server=outcome.to_server, duration=loop.time() - started, **fields)
+            detail = {"detail": outcome.detail} if outcome.detail else {}
+            self.log.emit("data", level, reason=outcome.reason, to_client=to_client,
+                          to_server=to_server, duration=loop.time() - started, **detail, **fields)
         finally:
             self._data -= 1
 
@@ -316,9 +322,15 @@ class _Session:
         self._rule_tasks: set[asyncio.Task[None]] = set()
         self._last = asyncio.get_running_loop().time()
         self._reset = False
+        # Its data connections now relayed: while bytes move on them, the
+        # control connection is quiet but not idle.
+        self.transfers: set[RelayCore] = set()
 
     def touch(self) -> None:
         self._last = asyncio.get_running_loop().time()
+
+    def last_activity(self) -> float:
+        return max([self._last, *(core.last for core in self.transfers)])
 
     async def run(self) -> None:
         gw, flow = self.gw, self.flow
@@ -394,7 +406,7 @@ class _Session:
     async def _idle(self) -> None:
         loop = asyncio.get_running_loop()
         idle = self.gw.settings.idle_timeout
-        while (remaining := self._last + idle - loop.time()) > 0:
+        while (remaining := self.last_activity() + idle - loop.time()) > 0:
             await asyncio.sleep(remaining)
         self.gw.log.emit("idle", session=f"{self.flow.flow_id:#x}", seconds=idle)
         await self._do([ToClient(b"421 Idle timeout; closing.\r\n"), Close("idle")])

@@ -18,9 +18,9 @@ Modules:
 - ``instances``: ``ProcessorInstances``: where each processor instance
   listens, and which one owns a flow (pool slice of F, or the flow id).
 - ``endpoint``: ``GatewayLayer``, the asyncio adapter: the signalling
-  socket, timers, ``attach``/``lookup``, leg B (``open_tcp``, ``open_udp``),
-  ``request_rule``; the errors a gateway handles (``FlowUnknown``,
-  ``RuleRefusedError``, ``RuleNoAnswer``).
+  socket, timers, ``attach``/``lookup``, leg B (``connect_tcp``,
+  ``open_tcp``, ``open_udp``), ``request_rule``; the errors a gateway
+  handles (``FlowUnknown``, ``RuleRefusedError``, ``RuleNoAnswer``).
 - ``events``: ``EventLog``, one log line per event, as text or JSON lines.
 """
 

@@ -9,7 +9,8 @@ a gateway four things:
   gateway just accepted, held until the gateway releases it; ``Hold.ended``
   is set (and ``on_end`` called) when the processor ends the flow, so the
   gateway closes it. ``lookup`` is the same without holding.
-- ``open_tcp(flow)`` / ``open_udp(flow, ...)``: leg B, the seed's "swap"
+- ``connect_tcp(flow)`` (a socket) / ``open_tcp(flow)`` (streams) /
+  ``open_udp(flow, ...)``: leg B, the seed's "swap"
   ("Packet restoration"): a new socket on the gateway address connects to
   F:f, and the processor restores it to C:c -> S:s. Every leg B has its own
   ephemeral port, because the processor tells the legs of one binding apart
@@ -60,8 +61,8 @@ from gateways.layer.instances import ProcessorInstances
 # rmem_max (SO_RCVBUFFORCE); otherwise the kernel caps it there.
 SIGNALLING_RCVBUF = 1 << 20
 
-# StreamReader's buffer on leg B: the same 64 KiB as asyncio's default, named
-# because the relays size their reads to it.
+# StreamReader's buffer on a leg B read as streams (FTP control): asyncio's
+# default 64 KiB.
 STREAM_LIMIT = 1 << 16
 
 
@@ -302,17 +303,27 @@ class GatewayLayer:
 
     # ---- leg B --------------------------------------------------------------------------------
 
+    async def connect_tcp(self, flow: FlowInfo, *, connect_timeout: float) -> socket.socket:
+        """Leg B: a non-blocking socket on the gateway address, connected to F:f.
+        TimeoutError or OSError on failure."""
+        fw = flow.firewall_side
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.bind((str(self.gateway_address), 0))
+            loop = asyncio.get_running_loop()
+            await asyncio.wait_for(loop.sock_connect(sock, (str(fw.address), fw.port)), connect_timeout)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
     async def open_tcp(
         self, flow: FlowInfo, *, connect_timeout: float, limit: int = STREAM_LIMIT
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """Leg B: connect from the gateway address to F:f. TimeoutError or OSError on failure."""
-        fw = flow.firewall_side
-        return await asyncio.wait_for(
-            asyncio.open_connection(
-                str(fw.address), fw.port, local_addr=(str(self.gateway_address), 0), limit=limit
-            ),
-            connect_timeout,
-        )
+        """Leg B as streams (``connect_tcp``), for a gateway that reads a protocol on it."""
+        sock = await self.connect_tcp(flow, connect_timeout=connect_timeout)
+        return await asyncio.open_connection(sock=sock, limit=limit)
 
     async def open_udp(
         self, flow: FlowInfo, protocol_factory: Callable[[], P]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import resource
 import socket
 import sys
 from pathlib import Path
@@ -81,12 +82,19 @@ def write_config(tmp_path: Path, *, port: int, kind: str = "tcp-relay", name: st
     return path
 
 
-async def start_gateway(config: Path, name: str = "relay") -> asyncio.subprocess.Process:
+async def start_gateway(config: Path, name: str = "relay", *, files: int | None = None) -> asyncio.subprocess.Process:
+    """``python -m gateways`` for gateway ``name``; ``files``: its soft and hard RLIMIT_NOFILE."""
+
+    def limit_files() -> None:
+        if files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
+
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateways", "--config", str(config), "--gateway", name, "--log-json",
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
         cwd=Path(__file__).resolve().parents[2],
+        preexec_fn=limit_files if files is not None else None,
     )
 
 

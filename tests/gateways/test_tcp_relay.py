@@ -396,6 +396,73 @@ def test_the_gateway_process_relays_logs_stats_on_sigusr1_and_stops_on_sigterm(t
     run(main())
 
 
+def test_out_of_descriptors_the_gateway_pauses_accepting_with_one_line_and_recovers(tmp_path: Path) -> None:
+    """An EMFILE storm: with 32 descriptors (8 in use at rest, 6 per spliced connection) and
+    24 clients at once, accept fails; the gateway pauses, says so once, serves what it can,
+    and accepts again when the storm has passed."""
+    files, storm = 32, 24
+
+    async def main() -> None:
+        fake = FakeProcessor(load_or_create_key(tmp_path / "keys" / "signalling.key"))
+        await fake.start()
+        assert fake.base_port is not None
+        config = write_config(tmp_path, port=fake.base_port)
+        proc = await start_gateway(config, files=files)  # soft = hard: raising cannot help
+        seen: list[dict[str, Any]] = []
+        servers: list[asyncio.AbstractServer] = []
+        clients: list[asyncio.StreamWriter] = []
+
+        async def client() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            sock, fw = fw_socket(socket.SOCK_STREAM)
+            servers.append(await tcp_server_at(fw, echo))
+            fake.new_flow(Proto.TCP, fw, listen)
+            reader, writer = await tcp_connect_from(sock, listen)
+            clients.append(writer)
+            return reader, writer
+
+        try:
+            ready = await next_event(proc, "ready", seen)
+            assert ready["open_files"] == files
+            fake.layer_address = Endpoint(GATEWAY, fake.base_port)
+            listen = Endpoint(GATEWAY, int(ready["listen"].rsplit(":", 1)[1]))
+            for _ in range(storm):
+                _, writer = await client()
+                writer.write(b"ping")
+            paused = await next_event(proc, "accept_paused", seen)
+            assert paused["error"] == "EMFILE" and paused["open_files_limit"] == files
+
+            for writer in clients:  # the storm passes
+                writer.transport.abort()
+            for attempt in range(100):  # bounded: the backlog is served first, then us
+                reader, writer = await client()
+                writer.write(b"after the storm")
+                writer.write_eof()
+                try:
+                    if await asyncio.wait_for(reader.read(), 10) == b"after the storm":
+                        break
+                except ConnectionResetError:
+                    pass  # reset while descriptors were still short: try again
+            else:
+                raise AssertionError("the gateway never accepted again")
+
+            proc.send_signal(signal.SIGUSR1)
+            stats = await next_event(proc, "stats", seen)
+            assert stats["relay"]["accept.paused"] >= 1
+            assert [e["event"] for e in seen].count("accept_paused") == 1  # one line, however many pauses
+            assert not [e for e in seen if e["event"] == "error"]
+        finally:
+            for writer in clients:
+                writer.transport.abort()
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            for server in servers:
+                server.close()
+            fake.close()
+
+    run(main(), timeout=120)
+
+
 @pytest.mark.parametrize(
     ("kind", "name", "asked", "code", "message"),
     [

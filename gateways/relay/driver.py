@@ -1,0 +1,327 @@
+"""The one asyncio loop that carries out ``RelayCore``'s commands on two TCP sockets.
+
+``await Relay(core, a, b).run(hold)`` relays until the core says ``Done``
+and returns it; cancelled, it resets both legs first, and either way both
+sockets are closed when it returns. It makes no decision
+of its own (STYLE.md, "Relays are sans-IO too"): it reads when
+``core.wants_read`` says so, writes what the core says, and reports back
+what the kernel did. Everything runs from the event loop's readiness
+callbacks (``add_reader``/``add_writer``): no task per direction, no
+StreamReader buffer.
+
+Two byte paths, chosen per direction:
+
+- splice, where the core inspects nothing: ``os.splice`` moves the bytes
+  socket -> pipe -> socket inside the kernel, never copied into Python.
+  Each direction has its own pipe, grown with ``F_SETPIPE_SZ`` to
+  ``PIPE_SIZE`` (capped at /proc/sys/fs/pipe-max-size); if the kernel
+  refuses the size the pipe keeps its default (64 KiB), and if no pipe can
+  be had (out of descriptors) the direction is copied instead.
+- copy, where an inspector must see the bytes: ``recv`` of up to
+  ``CHUNK`` bytes, the inspector, ``send``. Nothing else runs per chunk.
+
+Backpressure comes from the core: a leg is read only while nothing read
+from it is unsent, so a peer that stops reading leaves at most one pipeful
+(or one chunk) per direction in the relay, and the kernel's full buffers
+push back on the sender (a full pipe is what stops splice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import functools
+import os
+import socket
+import struct
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from gateways.layer import Hold
+from gateways.relay.core import (
+    TICK,
+    Abort,
+    Close,
+    Command,
+    DataReceived,
+    DataSent,
+    Done,
+    Event,
+    FinReceived,
+    HalfClose,
+    RelayCore,
+    Reset,
+    ResetReceived,
+    SendData,
+    SendSpliced,
+    Side,
+    Spliced,
+)
+
+# One read of an inspected direction: a quarter MiB keeps the per-chunk
+# Python cost (the inspector's call) small against the bytes moved.
+CHUNK = 1 << 18
+
+# Each spliced direction's pipe: 1 MiB, the kernel's default pipe-max-size.
+# A pipeful is what one splice moves, so larger means fewer wake-ups per
+# byte; it is also the most one direction holds for a peer that stops
+# reading. The pages are the socket buffers' own, taken by reference.
+PIPE_SIZE = 1 << 20
+PIPE_MAX_SIZE = Path("/proc/sys/fs/pipe-max-size")
+
+_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+_LINGER_RESET = struct.pack("ii", 1, 0)  # l_onoff=1, l_linger=0: close() sends RST
+
+
+def arm_reset(sock: Any) -> None:
+    """Make the next close of ``sock`` send RST (a socket, or asyncio's TransportSocket)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
+def reset_socket(sock: socket.socket) -> None:
+    """Close with RST: what a TCP peer sees when a connection is refused or aborted."""
+    arm_reset(sock)
+    sock.close()
+
+
+@functools.cache
+def pipe_size() -> int:
+    """``PIPE_SIZE``, or less if the kernel allows less to an unprivileged pipe."""
+    try:
+        return min(PIPE_SIZE, int(PIPE_MAX_SIZE.read_text()))
+    except (OSError, ValueError):
+        return PIPE_SIZE
+
+
+def open_pipe() -> tuple[int, int, int] | None:
+    """A non-blocking pipe (read end, write end, capacity), or None when out of descriptors."""
+    try:
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        capacity = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, pipe_size())
+    except OSError:
+        # EPERM past the user's pipe-user-pages-soft: the default size still works.
+        capacity = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+    return r, w, capacity
+
+
+class _Leg:
+    """One socket, and the pipe that bytes read from it go through (if spliced)."""
+
+    __slots__ = ("side", "sock", "fd", "pipe_r", "pipe_w", "capacity", "unsent", "spliced", "reading", "writing", "open")
+
+    def __init__(self, side: Side, sock: socket.socket, pipe: tuple[int, int, int] | None) -> None:
+        self.side = side
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.pipe_r, self.pipe_w, self.capacity = pipe if pipe is not None else (-1, -1, CHUNK)
+        self.unsent: memoryview | None = None  # bytes for this leg not yet written (copy path)
+        self.spliced = 0  # bytes for this leg waiting in the other leg's pipe
+        self.reading = False
+        self.writing = False
+        self.open = True
+
+
+class Relay:
+    """Carries out one ``RelayCore``'s commands on leg A and leg B."""
+
+    def __init__(self, core: RelayCore, a: socket.socket, b: socket.socket, *, splice: bool = True) -> None:
+        self.core = core
+        self.loop = asyncio.get_running_loop()
+        legs = {}
+        for side, sock in ((Side.A, a), (Side.B, b)):
+            sock.setblocking(False)
+            # Whatever the peer sends is passed on at once, as asyncio's transports did.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            pipe = open_pipe() if splice and not core.inspects(side) else None
+            legs[side] = _Leg(side, sock, pipe)
+        self._legs = legs
+        self._queue: deque[Event] = deque()
+        self._busy = False
+        self._done: asyncio.Future[Done] = self.loop.create_future()
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def spliced(self) -> dict[Side, bool]:
+        """Which directions (by the leg they come from) move by splice."""
+        return {side: leg.pipe_r >= 0 for side, leg in self._legs.items()}
+
+    async def run(self, hold: Hold | None = None) -> Done:
+        """Relay until the core is done; ``hold.ended`` (the processor ended the flow) aborts it."""
+        watch: asyncio.Future[Any] | None = None
+        if hold is not None:
+            watch = asyncio.ensure_future(hold.ended.wait())
+            watch.add_done_callback(lambda t: t.cancelled() or self.abort("flow_end", _cause(hold)))
+        try:
+            self._arm()
+            self._feed_all()
+            return await self._done
+        except asyncio.CancelledError:
+            self.abort("shutdown")
+            raise
+        finally:
+            if watch is not None:
+                watch.cancel()
+            self._release()
+
+    def abort(self, reason: str, detail: str = "") -> None:
+        """End the relay from outside: both legs are reset."""
+        self._feed(Abort(reason, detail))
+
+    # ---- the machinery -------------------------------------------------------------------------
+
+    def _feed(self, event: Event) -> None:
+        self._queue.append(event)
+        self._feed_all()
+
+    def _feed_all(self) -> None:
+        """Hand queued events to the core and carry out its commands; they may queue more."""
+        if self._busy:
+            return  # the loop below, further up the stack, takes it
+        self._busy = True
+        try:
+            queue, core, now = self._queue, self.core, self.loop.time()
+            while queue:
+                for command in core.handle(queue.popleft(), now):
+                    self._do(command)
+        finally:
+            self._busy = False
+        self._watch()
+
+    def _do(self, command: Command) -> None:
+        leg = self._legs[command.side] if not isinstance(command, Done) else None
+        if isinstance(command, SendSpliced):
+            assert leg is not None
+            leg.spliced += command.size
+            self._flush(leg)
+        elif isinstance(command, SendData):
+            assert leg is not None
+            data = memoryview(command.data)
+            leg.unsent = data if not leg.unsent else memoryview(bytes(leg.unsent) + command.data)
+            self._flush(leg)
+        elif isinstance(command, HalfClose):
+            assert leg is not None
+            try:
+                leg.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                self._queue.append(ResetReceived(leg.side))
+        elif isinstance(command, Close):
+            assert leg is not None
+            self._close(leg, reset=False)
+        elif isinstance(command, Reset):
+            assert leg is not None
+            self._close(leg, reset=True)
+        elif isinstance(command, Done):
+            if not self._done.done():
+                self._done.set_result(command)
+
+    def _on_readable(self, leg: _Leg) -> None:
+        event: Event
+        try:
+            if leg.pipe_w >= 0:
+                size = os.splice(leg.fd, leg.pipe_w, leg.capacity, flags=_SPLICE_FLAGS)
+                event = Spliced(leg.side, size) if size else FinReceived(leg.side)
+            else:
+                data = leg.sock.recv(leg.capacity)
+                event = DataReceived(leg.side, data) if data else FinReceived(leg.side)
+        except (BlockingIOError, InterruptedError):
+            return  # woken for nothing; epoll says so again when there is something
+        except OSError:
+            event = ResetReceived(leg.side)
+        self._feed(event)
+
+    def _on_writable(self, leg: _Leg) -> None:
+        self._flush(leg)
+        self._feed_all()
+
+    def _flush(self, leg: _Leg) -> None:
+        """Write what is due to ``leg`` until the kernel takes no more; report what it took."""
+        sent = 0
+        try:
+            if leg.spliced:
+                source = self._legs[leg.side.other].pipe_r
+                while leg.spliced:
+                    n = os.splice(source, leg.fd, leg.spliced, flags=_SPLICE_FLAGS)
+                    if not n:
+                        break  # cannot happen while the pipe holds bytes; never spin on it
+                    leg.spliced -= n
+                    sent += n
+            elif leg.unsent:
+                while leg.unsent:
+                    n = leg.sock.send(leg.unsent)
+                    leg.unsent = leg.unsent[n:]
+                    sent += n
+        except (BlockingIOError, InterruptedError):
+            pass  # the socket's buffer is full: add_writer below
+        except OSError:
+            leg.spliced, leg.unsent = 0, None
+            self._queue.append(ResetReceived(leg.side))
+        if sent:
+            self._queue.append(DataSent(leg.side, sent))
+        due = bool(leg.spliced or leg.unsent)
+        if due != leg.writing and leg.open:
+            leg.writing = due
+            if due:
+                self.loop.add_writer(leg.fd, self._on_writable, leg)
+            else:
+                self.loop.remove_writer(leg.fd)
+
+    def _watch(self) -> None:
+        """Read exactly the legs the core wants read."""
+        core = self.core
+        for leg in self._legs.values():
+            want = leg.open and core.wants_read(leg.side)
+            if want != leg.reading:
+                leg.reading = want
+                if want:
+                    self.loop.add_reader(leg.fd, self._on_readable, leg)
+                else:
+                    self.loop.remove_reader(leg.fd)
+
+    def _arm(self) -> None:
+        deadline = self.core.deadline()
+        if deadline is not None:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._feed(TICK)
+        self._arm()
+
+    def _close(self, leg: _Leg, *, reset: bool) -> None:
+        if not leg.open:
+            return
+        leg.open = False
+        if leg.reading:
+            self.loop.remove_reader(leg.fd)
+            leg.reading = False
+        if leg.writing:
+            self.loop.remove_writer(leg.fd)
+            leg.writing = False
+        if reset:
+            reset_socket(leg.sock)
+        else:
+            leg.sock.close()
+
+    def _release(self) -> None:
+        """After the end, or a bug: no leg stays open, no pipe, no timer."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for leg in self._legs.values():
+            self._close(leg, reset=True)
+            for fd in (leg.pipe_r, leg.pipe_w):
+                if fd >= 0:
+                    os.close(fd)
+            leg.pipe_r = leg.pipe_w = -1
+
+
+def _cause(hold: Hold) -> str:
+    return hold.cause.value if hold.cause is not None else ""
+
