@@ -5,8 +5,8 @@
   text or as iptables-restore input.
 - ``backend``: detect what the kernel supports, apply a ruleset atomically,
   flush exactly what nfgate installed.
-- ``packet``: parse and rewrite IPv4 TCP/UDP headers in place with RFC 1624
-  incremental checksums (the processor's hot path; no scapy).
+- ``packet``: parse IPv4 TCP/UDP headers from bytes (the processor's
+  per-packet code; no scapy).
 - ``pools``: O(1) allocation of the double NAT's endpoints, sliced per instance.
 - ``flows``: bindings and the binding table; a binding lives as long as its conntrack entries.
 - ``signalling``: the authenticated UDP protocol between the processor and

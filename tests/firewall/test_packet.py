@@ -1,9 +1,7 @@
-"""firewall.packet: parse and in-place rewrite, checked against scapy.
+"""firewall.packet: parse, checked against scapy.
 
-scapy builds the packets and recomputes checksums from scratch; ``rewrite``
-must agree with it byte for byte (RFC 1624 eqn. 3 gives the canonical value,
-not just an equivalent one), change nothing but the tuple and the two
-checksums, and ``parse`` must answer every malformed input with a reason.
+scapy builds the packets; ``parse`` must read their fields, and answer every
+malformed input with a reason.
 """
 
 from __future__ import annotations
@@ -11,17 +9,16 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP, UDP, IPOption_NOP
 from scapy.packet import Raw
 
 from firewall import packet as pk
-from firewall.packet import Drop, Packet, parse, rewrite
+from firewall.packet import Drop, Packet, parse
 
 addrs = st.integers(0, 0xFFFFFFFF)
 ports = st.integers(0, 0xFFFF)
-tuples = st.tuples(addrs, ports, addrs, ports)
 
 
 def _ip(a: int) -> str:
@@ -60,119 +57,6 @@ def tcp_packets(draw: st.DrawFn) -> IP:
 def udp_packets(draw: st.DrawFn) -> IP:
     dgram = UDP(sport=draw(ports), dport=draw(ports))
     return draw(ip_headers()) / dgram / Raw(draw(st.binary(max_size=80)))
-
-
-def _fresh(buf: bytes) -> tuple[int, int]:
-    """Both checksums as scapy computes them from scratch for these bytes."""
-    p = IP(buf)
-    del p[IP].chksum
-    del p[IP].payload.chksum
-    q = IP(bytes(p))
-    return q[IP].chksum, q[IP].payload.chksum
-
-
-def _changed(l4: int, proto: int) -> set[int]:
-    csum = l4 + (pk.TCP_CHECKSUM if proto == pk.TCP else pk.UDP_CHECKSUM)
-    return {10, 11, *range(12, 20), *range(l4, l4 + 4), csum, csum + 1}
-
-
-def _check_rewrite(packet: IP, new: tuple[int, int, int, int]) -> bytearray:
-    original = bytes(packet)
-    buf = bytearray(original)
-    p = parse(buf)
-    assert isinstance(p, Packet)
-    rewrite(buf, p.l4, p.proto, *new)
-    src, sport, dst, dport = new
-    again = parse(buf)
-    assert isinstance(again, Packet)
-    assert (again.src, again.sport, again.dst, again.dport) == new
-    ip_csum, l4_csum = struct.unpack_from("!H", buf, 10)[0], struct.unpack_from(
-        "!H", buf, p.l4 + (16 if p.proto == pk.TCP else 6)
-    )[0]
-    assert (ip_csum, l4_csum) == _fresh(bytes(buf))
-    keep = _changed(p.l4, p.proto)
-    assert [b for i, b in enumerate(buf) if i not in keep] == [b for i, b in enumerate(original) if i not in keep]
-    return buf
-
-
-# ---- rewrite against scapy ------------------------------------------------------------
-
-
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(tcp_packets(), tuples)
-def test_tcp_rewrite_checksums_match_a_fresh_computation(packet: IP, new: tuple[int, int, int, int]) -> None:
-    _check_rewrite(packet, new)
-
-
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(udp_packets(), tuples)
-def test_udp_rewrite_checksums_match_a_fresh_computation(packet: IP, new: tuple[int, int, int, int]) -> None:
-    _check_rewrite(packet, new)
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.one_of(tcp_packets(), udp_packets()), tuples)
-def test_rewrite_there_and_back_restores_every_byte(packet: IP, new: tuple[int, int, int, int]) -> None:
-    original = bytes(packet)
-    buf = bytearray(original)
-    p = parse(buf)
-    assert isinstance(p, Packet)
-    rewrite(buf, p.l4, p.proto, *new)
-    rewrite(buf, p.l4, p.proto, p.src, p.sport, p.dst, p.dport)
-    assert bytes(buf) == original
-
-
-@settings(max_examples=100, deadline=None)
-@given(udp_packets(), tuples)
-def test_udp_checksum_zero_means_none_and_stays_zero(packet: IP, new: tuple[int, int, int, int]) -> None:
-    packet[UDP].chksum = 0
-    buf = bytearray(bytes(packet))
-    p = parse(buf)
-    assert isinstance(p, Packet)
-    rewrite(buf, p.l4, p.proto, *new)
-    assert buf[p.l4 + 6 : p.l4 + 8] == b"\x00\x00"
-    assert IP(bytes(buf))[IP].chksum == _fresh(bytes(buf))[0]
-
-
-def _find_port_giving_checksum(packet: IP, field: int) -> tuple[bytearray, Packet, int]:
-    """Rewrite ``packet`` to a fixed tuple, trying destination ports until the
-    transport checksum field reads ``field``."""
-    original = bytes(packet)
-    for dport in range(1, 0x10000):
-        buf = bytearray(original)
-        p = parse(buf)
-        assert isinstance(p, Packet)
-        rewrite(buf, p.l4, p.proto, 0x0A000001, 4242, 0xAC1FFE01, dport)
-        off = p.l4 + (16 if p.proto == pk.TCP else 6)
-        if struct.unpack_from("!H", buf, off)[0] == field:
-            return buf, p, dport
-    raise AssertionError("no port gives that checksum")
-
-
-def test_udp_sum_of_zero_is_sent_as_ffff() -> None:
-    packet = IP(src="192.0.2.1", dst="198.51.100.7") / UDP(sport=5060, dport=5060) / Raw(b"INVITE")
-    buf, p, _ = _find_port_giving_checksum(packet, 0xFFFF)
-    # scapy, from scratch, also turns the computed 0 into 0xFFFF (RFC 768).
-    assert _fresh(bytes(buf))[1] == 0xFFFF
-    # And an incoming 0xFFFF is a real checksum: it updates like any other.
-    _check_rewrite(IP(bytes(buf)), (0x01020304, 1, 0x05060708, 2))
-
-
-def test_tcp_checksum_of_zero_stays_zero() -> None:
-    packet = IP(src="192.0.2.1", dst="198.51.100.7") / TCP(sport=40000, dport=25, flags="S")
-    buf, p, _ = _find_port_giving_checksum(packet, 0)
-    assert _fresh(bytes(buf))[1] == 0
-    _check_rewrite(IP(bytes(buf)), (0x01020304, 1, 0x05060708, 2))
-
-
-def test_bytes_after_the_total_length_are_left_alone() -> None:
-    packet = IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1, dport=2) / Raw(b"x" * 10)
-    buf = bytearray(bytes(packet) + b"\xee" * 7)
-    p = parse(buf)
-    assert isinstance(p, Packet) and p.length == len(buf) - 7
-    rewrite(buf, p.l4, p.proto, 3, 4, 5, 6)
-    assert buf[-7:] == b"\xee" * 7
-    assert _fresh(bytes(buf[:-7])) == struct.unpack_from("!H", buf, 10) + struct.unpack_from("!H", buf, 26)
 
 
 # ---- parse --------------------------------------------------------------------------
@@ -214,7 +98,7 @@ def test_garbage_never_raises(raw: bytes) -> None:
     got = parse(bytearray(raw))
     assert isinstance(got, (Packet, Drop))
     if isinstance(got, Packet):
-        rewrite(bytearray(raw), got.l4, got.proto, 1, 2, 3, 4)
+        assert got.l4 + (20 if got.proto == pk.TCP else 8) <= got.length <= len(raw)
 
 
 @settings(max_examples=500, deadline=None)
@@ -228,7 +112,7 @@ def test_garbage_behind_a_plausible_ipv4_header_never_raises(raw: bytes, proto: 
     got = parse(buf)
     assert isinstance(got, (Packet, Drop))
     if isinstance(got, Packet):
-        rewrite(buf, got.l4, got.proto, 1, 2, 3, 4)
+        assert got.l4 == ihl * 4 and got.proto == proto
 
 
 def _tcp(**ip: object) -> bytearray:
