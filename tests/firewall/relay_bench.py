@@ -1,22 +1,35 @@
-"""TCP through `nfgate run`'s tcp-relay against the kernel's own port forward, in one run.
+"""The datapath against its baselines, in one run on the basic lab.
 
-    sudo .venv/bin/python -m tests.firewall.relay_bench [--seconds 5] [--connect-seconds 3]
+    sudo .venv/bin/python -m tests.firewall.relay_bench [--seconds 5] [--connect-seconds 3] [--installs 200]
 
-Not a test (nothing is asserted): figures for ``scripts/bench processor`` and
-docs/benchmarks.md. The basic lab runs nfgate with tests/firewall/run_harness.py's
-config: ext -> router:8443 is port-forwarded to lan:443 through the tcp-relay
-(queued, double-NATed, relayed in user space), ext -> router:8080 is
-port-forwarded to lan:80 by the kernel alone, in the same ruleset. Each figure
-is measured on both paths back to back and printed with the ratio:
+Not a test (nothing is asserted): the figures for ``scripts/bench processor``
+and docs/benchmarks.md. The basic lab (ext - router - lan) runs nfgate with
+tests/firewall/run_harness.py's config: ext -> router:8443 is port-forwarded
+to lan:443 through the tcp-relay (first packet queued, the rest carried by
+conntrack into and out of the relay), ext -> router:8080 is port-forwarded to
+lan:80 by the kernel alone, in the same ruleset. Each figure is measured with
+its baseline back to back and printed with the ratio:
 
-- bulk: iperf3, one TCP stream, ``seconds`` long (received bits/s);
-- new connections/s: 8 client threads in ext against a threaded echo server, each connecting, sending 4
-  bytes, reading the echo and closing, for ``connect-seconds``.
+- no gateway: iperf3 lan -> ext, one TCP stream, with `nfgate run` up (the
+  ruleset's masquerade and stateful filter) against the same stream through
+  the same router with no rules at all, measured before nfgate starts;
+- bulk: iperf3 ext -> lan, one TCP stream, ``seconds`` long (received
+  bits/s), through the tcp-relay against the kernel's own port forward, and
+  against a socat relay (``TCP-LISTEN,fork`` to the same server) in the same
+  gateway namespace, reached by a plain DNAT;
+- new connections/s: 8 client threads in ext against a threaded echo server,
+  each connecting, sending 4 bytes, reading the echo and closing, for
+  ``connect-seconds``, through the relay and through the kernel;
+- installs/s: binding elements written by the processor's ``NatWriter``
+  (libnftables, in-process), one transaction each and 100 per transaction,
+  and dynamic rules (``KernelRules``: one tool process per operation) added
+  and removed, in the lab router.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import subprocess
 import sys
@@ -24,9 +37,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from firewall.config.model import PortRange
 from firewall.lab.netns import Lab
 from firewall.lab.topology import load_topology
+from firewall.lab.wait import wait_for
+from firewall.processor.rulebook import KernelRule
+from firewall.rules.build import DYN_ALLOW
+from firewall.rules.model import Accept, Addr, CtState, Family, Port, Proto, Rule
 from tests.firewall.run_harness import Running
+
+WAN, EXT, LAN, GW = "203.0.113.1", "203.0.113.10", "192.168.1.10", "172.31.255.2"
+SOCAT_PORT, SOCAT_PUBLIC = 7000, 8081
 
 ECHO = r"""
 import socketserver, sys
@@ -48,61 +69,151 @@ def worker(i):
     while time.monotonic() < stop:
         with socket.create_connection((host, port), timeout=5) as s:
             s.sendall(b"ping")
-            if s.recv(64) == b"echo:ping":
-                done[i] += 1
-threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+            s.recv(64)
+        done[i] += 1
 start = time.monotonic()
+threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
 for t in threads: t.start()
 for t in threads: t.join()
 print(sum(done) / (time.monotonic() - start))
 """
 
+# Runs inside the lab router: element writes and dynamic-rule operations per second.
+INSTALLS = r"""
+import json, sys, time
+from firewall.processor.kernel import NatWriter
+from firewall.processor.dynamic import KernelRules
+from firewall.processor.rulebook import KernelOp
+from tests.firewall.relay_bench import kernel_rule
+n = int(sys.argv[1])
+w = NatWriter(10)
+ops = [("leg_dnat", "tcp", (0x0A000001, 1024 + i, 0x0A000002, 80), (0xAC1FFF02, 20000)) for i in range(2000)]
+t = time.perf_counter()
+for op in ops:
+    assert w.write([op]) == [True]
+single = len(ops) / (time.perf_counter() - t)
+ops = [("leg_snat", "tcp", (0x0A000001, 1024 + i, 0x0A000002, 80), (0xAC1FFE00, 1024 + i)) for i in range(2000)]
+t = time.perf_counter()
+for k in range(0, len(ops), 100):
+    assert all(w.write(ops[k:k + 100]))
+batched = len(ops) / (time.perf_counter() - t)
+kr = KernelRules(0)
+kr.detect()
+t = time.perf_counter()
+for i in range(n):
+    for add in (True, False):
+        kr.submit(KernelOp(2 * i + add, add, (kernel_rule(i),)))
+        deadline = time.monotonic() + 10
+        while kr.busy and time.monotonic() < deadline:
+            kr.collect(time.monotonic())
+            time.sleep(0.001)
+rules_per_s = 2 * n / (time.perf_counter() - t)
+print(json.dumps({"elements_single": single, "elements_batched": batched, "rule_ops": rules_per_s, "backend": kr.backend}))
+"""
 
-def iperf(lab, port: int, seconds: float) -> float:
-    argv = ["iperf3", "-c", "203.0.113.1", "-p", str(port), "-t", str(seconds), "-J"]
-    out = lab.run("ext", argv, timeout=seconds + 30).stdout
+
+def kernel_rule(i: int) -> KernelRule:
+    """An exact accept like an FTP data connection's, the ``i``-th of the run."""
+    matches = (Proto("tcp"), Addr("src", (ipaddress.ip_network(EXT),)), Addr("dst", (ipaddress.ip_network(LAN),)),
+               Port("dst", (PortRange(30000 + i, 30000 + i),)), CtState(("new",)))
+    return KernelRule(f"nfgate-dyn q0 k{i}", DYN_ALLOW, Rule(matches, (Accept(),), f"nfgate-dyn q0 k{i}", Family.V4))
+
+
+def iperf(lab, client: str, server: str, port: int, seconds: float) -> float:
+    argv = ["iperf3", "-c", server, "-p", str(port), "-t", str(seconds), "-J"]
+    out = lab.run(client, argv, timeout=seconds + 30).stdout
     return json.loads(out)["end"]["sum_received"]["bits_per_second"]
 
 
 def connections(lab, port: int, seconds: float) -> float:
-    out = lab.run("ext", [sys.executable, "-c", CONNECTOR, "203.0.113.1", str(port), str(seconds)], timeout=seconds + 60)
+    out = lab.run("ext", [sys.executable, "-c", CONNECTOR, WAN, str(port), str(seconds)], timeout=seconds + 60)
     return float(out.stdout)
+
+
+def iperf_servers(lab, host: str, ports: tuple[int, ...]) -> list[subprocess.Popen]:
+    procs = [lab.popen(host, ["iperf3", "-s", "-p", str(p)], stdout=subprocess.DEVNULL) for p in ports]
+    for p in ports:
+        lab.wait_listening(host, p)
+    return procs
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.terminate()
+        p.wait(timeout=10)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--connect-seconds", type=float, default=3.0)
+    parser.add_argument("--installs", type=int, default=200, help="dynamic rules added and removed")
     args = parser.parse_args()
     lab = Lab(load_topology("basic"), f"nfgr{int(time.time()) % 100000:05d}").up()
     try:
+        # Plain forwarding, no rules: ext needs a route back to lan, which the lab leaves out on purpose.
+        lab.run("ext", ["ip", "route", "add", "192.168.1.0/24", "via", WAN])
+        servers = iperf_servers(lab, "ext", (5201,))
+        plain = iperf(lab, "lan", EXT, 5201, args.seconds)
         with tempfile.TemporaryDirectory() as tmp:
             run = Running(lab, Path(tmp))
             try:
-                servers = [lab.popen("lan", ["iperf3", "-s", "-p", str(p)], stdout=subprocess.DEVNULL) for p in (443, 80)]
-                for p in (443, 80):
-                    lab.wait_listening("lan", p)
-                relay_bps, kernel_bps = iperf(lab, 8443, args.seconds), iperf(lab, 8080, args.seconds)
-                for s in servers:
-                    s.terminate()
-                    s.wait(timeout=10)
+                ruled = iperf(lab, "lan", EXT, 5201, args.seconds)
+                stop(servers)
+                servers = iperf_servers(lab, "lan", (443, 80))
+                relay = iperf(lab, "ext", WAN, 8443, args.seconds)
+                kernel = iperf(lab, "ext", WAN, 8080, args.seconds)
+                socat = socat_relay(lab, run, args.seconds)
+                stop(servers)
                 for p in (443, 80):
                     lab.popen("lan", [sys.executable, "-c", ECHO, str(p)])
                     lab.wait_listening("lan", p)
                 relay_cps = connections(lab, 8443, args.connect_seconds)
                 kernel_cps = connections(lab, 8080, args.connect_seconds)
+                installs = json.loads(lab.run("router", [sys.executable, "-c", INSTALLS, str(args.installs)], timeout=600,
+                                              cwd=str(Path(__file__).parents[2])).stdout)
             finally:
                 run.stop()
     finally:
         lab.down()
-    print(json.dumps({
-        "tcp_bulk_relay_gbit": round(relay_bps / 1e9, 3),
-        "tcp_bulk_kernel_gbit": round(kernel_bps / 1e9, 3),
-        "ratio_bulk_relay_to_kernel": round(relay_bps / kernel_bps, 3),
+    out = {
+        "no_gateway_with_nfgate_gbit": round(ruled / 1e9, 2),
+        "no_gateway_no_rules_gbit": round(plain / 1e9, 2),
+        "ratio_no_gateway": round(ruled / plain, 3),
+        "tcp_bulk_relay_gbit": round(relay / 1e9, 2),
+        "tcp_bulk_kernel_gbit": round(kernel / 1e9, 2),
+        "ratio_bulk_relay_to_kernel": round(relay / kernel, 3),
+        "tcp_bulk_socat_gbit": round(socat / 1e9, 2),
+        "ratio_bulk_relay_to_socat": round(relay / socat, 3),
         "new_conn_relay_per_s": round(relay_cps),
         "new_conn_kernel_per_s": round(kernel_cps),
         "ratio_conn_relay_to_kernel": round(relay_cps / kernel_cps, 3),
-    }, indent=2))
+        "binding_elements_per_s_single": round(installs["elements_single"]),
+        "binding_elements_per_s_batched_100": round(installs["elements_batched"]),
+        "dynamic_rule_ops_per_s": round(installs["rule_ops"], 1),
+        "dynamic_rule_backend": installs["backend"],
+    }
+    print(json.dumps(out, indent=2))
+
+
+def socat_relay(lab, run: Running, seconds: float) -> float:
+    """iperf3 ext -> W:8081 -> DNAT -> socat in the gateway namespace -> lan:443."""
+    pid = run.processes()["gateway-relay"]["pid"]
+    gwns = ["nsenter", "-t", str(pid), "-n"]
+    socat = subprocess.Popen([*gwns, "socat", f"TCP-LISTEN:{SOCAT_PORT},fork,reuseaddr", f"TCP:{LAN}:443"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: f":{SOCAT_PORT} " in subprocess.run([*gwns, "ss", "-ltn"], capture_output=True, text=True).stdout,
+                 timeout=5, what="socat to listen")
+        # The bench's own way in and out of the gateway namespace, in the lab router only.
+        lab.run("router", ["iptables", "-t", "nat", "-I", "PREROUTING", "-p", "tcp", "--dport", str(SOCAT_PUBLIC),
+                           "-j", "DNAT", "--to-destination", f"{GW}:{SOCAT_PORT}"])
+        for way in ("-i", "-o"):
+            lab.run("router", ["iptables", "-I", "FORWARD", way, "nfg-gw0", "-j", "ACCEPT"])
+        return iperf(lab, "ext", WAN, SOCAT_PUBLIC, seconds)
+    finally:
+        socat.terminate()
+        socat.wait(timeout=10)
 
 
 if __name__ == "__main__":
