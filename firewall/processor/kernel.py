@@ -54,7 +54,6 @@ class NatWriter:
 
     def __init__(self, timeout: float) -> None:
         self._nft = nftables.Nftables()
-        self._nft.set_json_output(True)
         self._timeout = timeout
 
     def _cmd(self, commands: list[dict[str, Any]]) -> tuple[bool, str]:
