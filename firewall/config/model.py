@@ -122,6 +122,7 @@ class Processor:
     max_rules: int = 1024
     max_rules_per_flow: int = 8
     adjacent_ttl: float = 30.0
+    conntrack_accounting: bool = True
     marks: Marks = field(default_factory=Marks)
     timeouts: Timeouts = field(default_factory=Timeouts)
     pools: Pools = field(default_factory=Pools)

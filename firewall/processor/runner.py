@@ -82,6 +82,7 @@ SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)  # root may exceed net.co
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 _COUNTED_ERRORS = (errno.EAGAIN, errno.ENOBUFS)
+ACCT_SYSCTL = Path("/proc/sys/net/netfilter/nf_conntrack_acct")
 
 
 def default_control_path(queue: int) -> Path:
@@ -211,6 +212,8 @@ class Runner:
         )
         if stale:
             self.core.counters["kernel.stale_rules_removed"] += stale
+        if cfg.processor.conntrack_accounting:
+            self._accounting_on()
         # Before the queue is bound: no new flow may be given an F:f still in use.
         adopted = self.core.adopt(self.ct.ours(), time.monotonic())
         self._handle = self.core.handle
@@ -227,6 +230,16 @@ class Runner:
         finally:
             self._close()
         return 0
+
+    def _accounting_on(self) -> None:
+        """Conntrack's per-connection counters, for ``nfgate flows`` (processor.conntrack_accounting)."""
+        try:
+            if ACCT_SYSCTL.read_text().strip() != "1":
+                ACCT_SYSCTL.write_text("1\n")
+                log.info("queue %d: turned on conntrack accounting (%s = 1, processor.conntrack_accounting)",
+                         self.queue, ACCT_SYSCTL)
+        except OSError as err:
+            log.warning("queue %d: cannot turn on conntrack accounting (%s): nfgate flows counts nothing", self.queue, err)
 
     def _open_sockets(self) -> None:
         cfg = self.config

@@ -84,6 +84,8 @@ def test_kill_9_of_the_processor_cuts_no_established_flow(lab_factory, tmp_path:
     line = wait_for(client.stdout.readline, timeout=30, what="the download to reach 10 MB")  # type: ignore[union-attr]
     assert line.startswith("paused"), line
     (flow,) = run.ask("flows")
+    # conntrack's accounting, per leg (processor.conntrack_accounting): 10 MB through each so far.
+    assert flow["leg_a_bytes"] >= 10 << 20 and flow["leg_b_bytes"] >= 10 << 20, flow
     old = processor(run)["pid"]
     os.kill(old, signal.SIGKILL)
     wait_for(lambda: processor(run).get("pid") not in (None, old), timeout=10, interval=0.1,
