@@ -124,7 +124,7 @@ class Running:
     is each of ``fields`` (this module's CONFIG takes ``queues``).
     """
 
-    def __init__(self, lab, tmp: Path, queues: str = "[0]", config: str = CONFIG, **fields: str):
+    def __init__(self, lab, tmp: Path, queues: str = "[0]", config: str = CONFIG, backend: str = "iptables", **fields: str):
         self.lab = lab
         self.gwns = f"{lab.prefix}-gw"
         self.path = tmp / "nfgate.toml"
@@ -132,7 +132,7 @@ class Running:
         self.control = tmp / "run" / "control.sock"
         self.log_path = tmp / "run.log"
         self.log = open(self.log_path, "w")
-        argv = [sys.executable, "-m", "firewall.cli", "run", "-c", str(self.path), "--backend", "iptables"]
+        argv = [sys.executable, "-m", "firewall.cli", "run", "-c", str(self.path), "--backend", backend]
         fast_conntrack(lab)
         self.proc = lab.popen("router", argv, stdout=self.log, stderr=subprocess.STDOUT)
         try:

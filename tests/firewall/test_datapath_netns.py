@@ -73,6 +73,16 @@ def test_an_established_flow_never_reaches_the_processor(lab_factory, tmp_path: 
     assert counter(run, "verdict.bound") == 2
 
 
+def test_legacy_steering_with_the_nft_binding_table(lab_factory, tmp_path: Path) -> None:
+    """iptables-legacy steers the first packet (xt NFQUEUE), nf_tables' maps carry the NAT beside it."""
+    lab = lab_factory("basic")
+    serve(lab)
+    run = running(lab, tmp_path, backend="iptables-legacy")
+    assert "NFGATE-MANGLE-PREROUTING" in lab.run("router", ["iptables-legacy-save", "-t", "mangle"]).stdout
+    assert fetch(lab, 20)
+    assert 2 <= counter(run, "queued") <= 4
+
+
 def test_kill_9_of_the_processor_cuts_no_established_flow(lab_factory, tmp_path: Path) -> None:
     """A 100 MB download survives the processor's SIGKILL: the kernel holds the flow, the new
     processor adopts its binding from conntrack, and new flows work again after the restart."""
