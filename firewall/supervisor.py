@@ -16,16 +16,15 @@ seconds starts again from the shortest wait. The processor and the other
 gateways never notice.
 
 The loop is single-threaded: signals (SIGCHLD, SIGTERM, SIGINT) wake it
-through ``signal.set_wakeup_fd``; the control socket is served from the same
-loop, each request with a short timeout so that a stuck client cannot stall
-the supervisor. On SIGTERM or SIGINT everything started is stopped and
-everything installed is removed: processes, ruleset, blind track, socket.
+through ``signal.set_wakeup_fd``; the control socket (``firewall.control``:
+``status`` and ``flows``) is served from the same loop without blocking, so
+that a stuck client cannot stall the supervisor. On SIGTERM or SIGINT
+everything started is stopped and everything installed is removed:
+processes, ruleset, blind track, socket.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import selectors
 import signal
 import socket
@@ -39,11 +38,13 @@ from typing import Any, Callable
 from firewall import backend as be
 from firewall import gwlink
 from firewall.config import Config
+from firewall.control import Command, ControlError, ControlServer, SelectorLoop, ask
 from firewall.errors import KernelError, UsageError
 from firewall.rules import build
 from firewall.signalling import load_or_create_key
+from gateways.__main__ import runnable
 
-CLIENT_TIMEOUT = 1.0  # seconds a control-socket client gets to send its request
+CLIENT_TIMEOUT = 1.0  # seconds a control-socket client gets to send its request, and to read the answer
 PROCESSOR_TIMEOUT = 1.0  # seconds a processor's control socket gets to answer
 REQUEST_MAX = 4096  # bytes of one control request
 
@@ -96,19 +97,13 @@ def children_for(config: Config, config_path: str) -> list[Child]:
     return out
 
 
-def ask(path: Path, request: dict[str, Any], timeout: float = PROCESSOR_TIMEOUT) -> Any:
-    """One JSON request over a unix socket, one JSON answer until EOF."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(str(path))
-        s.sendall(json.dumps(request).encode() + b"\n")
-        chunks = []
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    return json.loads(b"".join(chunks))
+def _drain(wake: socket.socket) -> None:
+    """Empty the wake-up socket: the signal handlers have already run."""
+    try:
+        while wake.recv(512):
+            pass
+    except BlockingIOError:
+        pass
 
 
 class Supervisor:
@@ -128,14 +123,13 @@ class Supervisor:
         self.log = log or (lambda line: print(f"nfgate run: {line}", file=sys.stderr, flush=True))
         self.started = time.time()
         self.stopping = False
+        self.control: ControlServer[Supervisor] | None = None
         self._installed: list[str] = []
 
     # -- bringing up --------------------------------------------------------
 
     def setup(self) -> None:
         cfg = self.config
-        from gateways.__main__ import runnable
-
         missing = [f"{g.name} ({g.kind})" for g in cfg.gateways if not runnable(g.kind)]
         if missing:
             raise UsageError(f"this version cannot run gateway kind{'s' if len(missing) > 1 else ''}: {', '.join(missing)}")
@@ -193,23 +187,30 @@ class Supervisor:
         rfd, wfd = socket.socketpair()
         rfd.setblocking(False)
         wfd.setblocking(False)
+        sel = selectors.DefaultSelector()
+        sel.register(rfd, selectors.EVENT_READ, _drain)
         old_wakeup = signal.set_wakeup_fd(wfd.fileno())
         handlers = {}
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             handlers[sig] = signal.signal(sig, self._on_signal)
-        server = None
         try:
             self.setup()
-            server = self._control_server()
+            self.control = ControlServer(
+                self.config.supervisor.control_socket, COMMANDS, self, timeout=CLIENT_TIMEOUT, request_max=REQUEST_MAX,
+                warn=lambda event, **fields: self.log(" ".join([event, *(f"{k}={v}" for k, v in fields.items())])),
+            )
+            self.control.open()
+            self.control.attach(SelectorLoop(sel))
             now = time.monotonic()
             for child in self.children:
                 self._start(child, now)
-            self._loop(rfd, server)
+            self._loop(sel)
         finally:
             signal.set_wakeup_fd(old_wakeup)
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
-            self.stop(server)
+            self.stop()
+            sel.close()
             rfd.close()
             wfd.close()
 
@@ -217,75 +218,23 @@ class Supervisor:
         if signum in (signal.SIGTERM, signal.SIGINT):
             self.stopping = True
 
-    def _loop(self, wake: socket.socket, server: socket.socket) -> None:
-        sel = selectors.DefaultSelector()
-        sel.register(wake, selectors.EVENT_READ, "wake")
-        sel.register(server, selectors.EVENT_READ, "control")
+    def _loop(self, sel: selectors.BaseSelector) -> None:
+        assert self.control is not None
         while not self.stopping:
             now = time.monotonic()
             due = [c.next_start for c in self.children if c.next_start is not None]
             timeout = max(0.0, min(due) - now) if due else 1.0
-            for key, _ in sel.select(min(timeout, 1.0)):
-                if key.data == "wake":
-                    try:
-                        while wake.recv(512):
-                            pass
-                    except BlockingIOError:
-                        pass
-                else:
-                    self._serve_one(server)
+            # Wake at least every CLIENT_TIMEOUT: the control socket's timeouts are swept here.
+            for key, _ in sel.select(min(timeout, CLIENT_TIMEOUT)):
+                key.data(key.fileobj)
             now = time.monotonic()
+            self.control.expire(now)
             self._reap(now)
             for child in self.children:
                 if child.next_start is not None and child.next_start <= now and not self.stopping:
                     self._start(child, now)
-        sel.close()
 
     # -- control socket ---------------------------------------------------------
-
-    def _control_server(self) -> socket.socket:
-        path = self.config.supervisor.control_socket
-        path.unlink(missing_ok=True)
-        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)  # root-only from the first instant, not after a chmod
-        try:
-            server.bind(str(path))
-        finally:
-            os.umask(old)
-        server.listen(8)
-        server.setblocking(False)
-        return server
-
-    def _serve_one(self, server: socket.socket) -> None:
-        try:
-            conn, _ = server.accept()
-        except BlockingIOError:
-            return
-        with conn:
-            conn.settimeout(CLIENT_TIMEOUT)
-            try:
-                data = b""
-                while b"\n" not in data and len(data) < REQUEST_MAX:
-                    chunk = conn.recv(REQUEST_MAX)
-                    if not chunk:
-                        break
-                    data += chunk
-                request = json.loads(data or b"{}")
-                answer = self.answer(request)
-            except (OSError, ValueError) as err:
-                answer = {"error": f"bad request: {err}"}
-            try:
-                conn.sendall(json.dumps(answer).encode())
-            except OSError:
-                pass
-
-    def answer(self, request: dict[str, Any]) -> Any:
-        cmd = request.get("cmd") if isinstance(request, dict) else None
-        if cmd == "status":
-            return self.status()
-        if cmd == "flows":
-            return self.flows()
-        return {"error": f"unknown command {cmd!r} (status, flows)"}
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -313,13 +262,15 @@ class Supervisor:
         if not child.running:
             return {"error": "not running"}
         try:
-            return ask(child.control, request)
+            return ask(child.control, request, PROCESSOR_TIMEOUT)
+        except ControlError as err:
+            return {"error": str(err)}
         except (OSError, ValueError) as err:
             return {"error": f"no answer: {err}"}
 
     # -- taking down ----------------------------------------------------------------
 
-    def stop(self, server: socket.socket | None = None) -> None:
+    def stop(self) -> None:
         timeout = self.config.supervisor.stop_timeout
         for child in self.children:
             child.next_start = None
@@ -335,9 +286,9 @@ class Supervisor:
                 self.log(f"{child.name}: no exit {timeout:.0f}s after SIGTERM: killing")
                 child.proc.kill()
                 child.proc.wait(timeout=timeout)
-        if server is not None:
-            server.close()
-            self.config.supervisor.control_socket.unlink(missing_ok=True)
+        if self.control is not None:
+            self.control.close()
+            self.control = None
         if "rules" in self._installed:
             for line in be.flush():
                 self.log(line)
@@ -347,14 +298,22 @@ class Supervisor:
         self._installed.clear()
 
 
+COMMANDS: dict[str, Command[Supervisor]] = {
+    "status": Command(lambda s, a: s.status(), help="the processes, and each processor's stats"),
+    "flows": Command(lambda s, a: s.flows(), help="every processor's live bindings"),
+}
+
+
 def query(config: Config, cmd: str) -> Any:
     """What ``nfgate status`` / ``nfgate flows`` ask the running supervisor."""
     path = config.supervisor.control_socket
     try:
-        return ask(path, {"cmd": cmd}, timeout=5.0)
+        return ask(path, {"cmd": cmd})
     except FileNotFoundError:
         raise KernelError(f"nfgate is not running here (no control socket {path})") from None
     except ConnectionRefusedError:
         raise KernelError(f"nfgate is not answering on {path} (stale socket?)") from None
+    except ControlError as err:
+        raise KernelError(f"nfgate on {path}: {err}") from None
     except (OSError, ValueError) as err:
         raise KernelError(f"cannot read status from {path}: {err}") from None

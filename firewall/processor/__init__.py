@@ -30,7 +30,10 @@ Modules:
   socket and a 1 s tick.
 - ``__main__``: ``python -m firewall.processor --config PATH --instance I``.
 
-The control socket (``/run/nfgate/processor-<queue>.sock``, mode 0600)
-takes one JSON object per connection: ``{"cmd": "stats"}`` (counters, pool
-use, flows per gateway) or ``{"cmd": "flows", "limit": N}`` (live bindings).
+The control socket (``/run/nfgate/processor-<queue>.sock``, mode 0600) is
+nfgate's one control socket (``firewall.control``, whose docstring gives the
+wire format): ``{"cmd": "stats"}`` (counters, pool use, flows per gateway)
+or ``{"cmd": "flows", "limit": N}`` (live bindings; N up to
+``runner.FLOWS_LIMIT_MAX``, ``runner.FLOWS_LIMIT`` if not given). The
+supervisor asks it for ``nfgate status`` and ``nfgate flows``.
 """

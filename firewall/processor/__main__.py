@@ -18,7 +18,9 @@ from pathlib import Path
 
 import click
 
+from firewall.config import load
 from firewall.errors import NfgateError, UsageError
+from firewall.processor.runner import Runner
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,9 +41,6 @@ def main(config_path: str, instance: int, control: str | None, test_skip_pushes:
     """Bind one NFQUEUE and double-NAT the gateway flows it carries (docs/datapath.md)."""
     logging.basicConfig(level=logging.INFO, format="nfgate processor: %(message)s", stream=sys.stderr)
     try:
-        from firewall.config import load
-        from firewall.processor.runner import Runner
-
         config = load(config_path)
         if not config.gateways:
             raise UsageError(f"{config_path}: no [[gateway]] configured: there is nothing to process")

@@ -24,8 +24,8 @@ other packets:
   the gateway's pull covers it;
 - dynamic rule changes run as child processes the loop polls
   (``firewall.processor.dynamic``);
-- the control socket (unix, mode 0600) answers one JSON request per
-  connection, reading and writing without blocking.
+- the control socket (``firewall.control``: unix, mode 0600) answers
+  ``stats`` and ``flows`` on the same selector, without blocking.
 
 Nothing raised while handling a packet leaves the callback (netfilterqueue
 would lose the verdict): it is counted as ``drop.internal`` and the packet
@@ -37,13 +37,11 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import json
 import logging
 import os
 import selectors
 import signal
 import socket
-import stat
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -53,6 +51,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from firewall.config import Config
+from firewall.control import BadRequest, Command, ControlServer, SelectorLoop
 from firewall.errors import KernelError, PrivilegeError
 from firewall.processor.core import DROP, PASS, ProcessorCore, Route
 from firewall.processor.dynamic import KernelRules
@@ -163,14 +162,17 @@ class _Batch:
             raise
 
 
-class _Control:
-    """One control connection: a request in, a JSON answer out, then closed."""
+def _limit(value: Any, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= FLOWS_LIMIT_MAX:
+        raise BadRequest(f"{name} must be an integer 0..{FLOWS_LIMIT_MAX}")
+    return value
 
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        self.sock = sock
-        self.deadline = deadline
-        self.inbox = b""
-        self.outbox = b""
+
+COMMANDS: dict[str, Command[Runner]] = {
+    "stats": Command(lambda r, a: r.stats(), help="counters, pool use, flows per gateway"),
+    "flows": Command(lambda r, a: r.flows(a["limit"]), optional={"limit": (_limit, FLOWS_LIMIT)},
+                     help="the live bindings, at most limit of them"),
+}
 
 
 class Runner:
@@ -184,7 +186,8 @@ class Runner:
         self.push = push
         self._stop = False
         self._sel = selectors.DefaultSelector()
-        self._clients: dict[int, _Control] = {}
+        self.control = ControlServer(self.control_path, COMMANDS, self, timeout=CONTROL_TIMEOUT,
+                                     max_clients=CONTROL_MAX_CLIENTS, request_max=CONTROL_MAX_REQUEST)
         self._quiet_until: dict[str, float] = {}
         self.started = time.monotonic()
 
@@ -271,21 +274,8 @@ class Runner:
         self._sigbuf = bytearray(MAX_DATAGRAM)
         self._sel.register(sig, selectors.EVENT_READ, self._on_signalling)
 
-        path = self.control_path
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if path.is_socket():
-            path.unlink()  # a predecessor's; the supervisor runs one processor per queue
-        ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)  # 0600 from the start: no window with a wider mode
-        try:
-            ctl.bind(str(path))
-        finally:
-            os.umask(old)
-        os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
-        ctl.listen(CONTROL_MAX_CLIENTS)
-        ctl.setblocking(False)
-        self.ctl = ctl
-        self._sel.register(ctl, selectors.EVENT_READ, self._on_control_accept)
+        self.control.open()
+        self.control.attach(SelectorLoop(self._sel))
 
         self._wake_r, self._wake_w = socket.socketpair()
         for s in (self._wake_r, self._wake_w):
@@ -305,14 +295,11 @@ class Runner:
         removed = self.kernel.remove_all()
         log.info("queue %d: stopped; removed %d dynamic rules", self.queue, removed)
         signal.set_wakeup_fd(-1)
-        for conn in list(self._clients.values()):
-            conn.sock.close()
-        for name in ("_qsock", "sig", "ctl", "_wake_r", "_wake_w"):
+        self.control.close()
+        for name in ("_qsock", "sig", "_wake_r", "_wake_w"):
             sock = getattr(self, name, None)
             if sock is not None:
                 sock.close()
-        if getattr(self, "ctl", None) is not None and self.control_path.is_socket():
-            self.control_path.unlink()
         self.ct.close()
         self.ipr.close()
         self._sel.close()
@@ -342,7 +329,7 @@ class Runner:
                 next_reap = now + self.config.processor.timeouts.reap
             if now >= next_tick:
                 self.core.tick(now, time.time())
-                self._expire_clients(now)
+                self.control.expire(now)
                 next_tick = now + TICK
             self._flush()
 
@@ -481,83 +468,20 @@ class Runner:
 
     # ---- control ----------------------------------------------------------------------
 
-    def _on_control_accept(self, sock: socket.socket) -> None:
-        try:
-            conn, _ = sock.accept()
-        except BlockingIOError:
-            return
-        if len(self._clients) >= CONTROL_MAX_CLIENTS:
-            conn.close()
-            self.core.counters["control.refused"] += 1
-            return
-        conn.setblocking(False)
-        self._clients[conn.fileno()] = _Control(conn, time.monotonic() + CONTROL_TIMEOUT)
-        self._sel.register(conn, selectors.EVENT_READ, self._on_control_read)
+    def stats(self) -> dict[str, Any]:
+        stats = self.core.stats()
+        stats["counters"].update(queue_counters(self.queue))
+        stats["counters"].update({f"control.{name}": n for name, n in self.control.counters.items()})
+        return {
+            **stats,
+            "instance": self.instance,
+            "pid": os.getpid(),
+            "uptime": round(time.monotonic() - self.started, 1),
+            "sender_id": f"{self.core.encoder.sender_id:#018x}",
+            "backend": self.kernel.backend,
+            "push": self.push,
+        }
 
-    def _on_control_read(self, sock: socket.socket) -> None:
-        client = self._clients[sock.fileno()]
-        try:
-            chunk = sock.recv(CONTROL_MAX_REQUEST)
-        except BlockingIOError:
-            return
-        except OSError:
-            chunk = b""
-            client.inbox = b""
-        client.inbox += chunk
-        if chunk and b"\n" not in client.inbox and len(client.inbox) <= CONTROL_MAX_REQUEST:
-            return  # more to come
-        self.core.counters["control.requests"] += 1
-        answer = self._answer(client.inbox.split(b"\n", 1)[0])
-        client.outbox = json.dumps(answer, separators=(",", ":")).encode() + b"\n"
-        self._sel.modify(sock, selectors.EVENT_WRITE, self._on_control_write)
-
-    def _on_control_write(self, sock: socket.socket) -> None:
-        client = self._clients[sock.fileno()]
-        try:
-            sent = sock.send(client.outbox)
-        except BlockingIOError:
-            return
-        except OSError:
-            sent = len(client.outbox)
-        client.outbox = client.outbox[sent:]
-        if not client.outbox:
-            self._drop_client(sock)
-
-    def _drop_client(self, sock: socket.socket) -> None:
-        self._clients.pop(sock.fileno(), None)
-        self._sel.unregister(sock)
-        sock.close()
-
-    def _expire_clients(self, now: float) -> None:
-        for client in [c for c in self._clients.values() if c.deadline <= now]:
-            self.core.counters["control.timed_out"] += 1
-            self._drop_client(client.sock)
-
-    def _answer(self, raw: bytes) -> dict[str, Any] | list[dict[str, Any]]:
-        try:
-            request = json.loads(raw)
-            cmd = request["cmd"]
-        except (ValueError, TypeError, KeyError):
-            self.core.counters["control.bad_request"] += 1
-            return {"error": 'send one JSON object per connection: {"cmd": "stats"} or {"cmd": "flows"}'}
-        now = time.monotonic()
-        if cmd == "stats":
-            stats = self.core.stats()
-            stats["counters"].update(queue_counters(self.queue))
-            return {
-                **stats,
-                "instance": self.instance,
-                "pid": os.getpid(),
-                "uptime": round(now - self.started, 1),
-                "sender_id": f"{self.core.encoder.sender_id:#018x}",
-                "backend": self.kernel.backend,
-                "push": self.push,
-            }
-        if cmd == "flows":
-            limit = request.get("limit", FLOWS_LIMIT)
-            if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= FLOWS_LIMIT_MAX:
-                return {"error": f"limit must be an integer 0..{FLOWS_LIMIT_MAX}"}
-            acct = {(c.proto, *c.orig): (c.packets, c.bytes) for c in self.ct.ours()}
-            return self.core.flows(now, limit, acct)  # a list, as the supervisor merges them
-        self.core.counters["control.bad_request"] += 1
-        return {"error": f"unknown command {cmd!r}: stats or flows"}
+    def flows(self, limit: int) -> list[dict[str, Any]]:
+        acct = {(c.proto, *c.orig): (c.packets, c.bytes) for c in self.ct.ours()}
+        return self.core.flows(time.monotonic(), limit, acct)  # a list, as the supervisor merges them

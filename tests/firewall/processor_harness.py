@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ from typing import Any, Callable
 from tests.conntrack import fast_conntrack
 from firewall import gwlink
 from firewall.config.model import GatewayLink
+from firewall.control import ask
 from firewall.lab.wait import wait_for
 from firewall.signalling import load_or_create_key
 
@@ -238,14 +238,7 @@ class Harness:
             self.processor = None
 
     def control(self, request: dict[str, Any]) -> Any:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(5)
-            s.connect(str(self.control_path))
-            s.sendall(json.dumps(request).encode() + b"\n")
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-        return json.loads(data)
+        return ask(self.control_path, request)
 
     def stats(self) -> dict[str, Any]:
         return self.control({"cmd": "stats"})

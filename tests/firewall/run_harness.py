@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from tests.conntrack import fast_conntrack
+from firewall.control import ask
 from firewall.lab.wait import wait_for
-from firewall.supervisor import ask
 
 NETPROBE = str(Path(__file__).parents[1] / "netprobe.py")
 

@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -58,10 +58,13 @@ COMMANDS: dict[str, Command[Target]] = {
 
 
 @contextmanager
-def selector_server(path: Path, **options: Any) -> Iterator[ControlServer[Target]]:
-    """A server on a selector loop of its own thread, as the processor and the supervisor run one."""
+def selector_server(
+    path: Path, commands: Mapping[str, Command[Any]] = COMMANDS, target: Any = None, **options: Any,
+) -> Iterator[ControlServer[Any]]:
+    """A server (of ``Target`` by default) on a selector loop of its own thread, as the processor
+    and the supervisor run one."""
     selector = selectors.DefaultSelector()
-    server = ControlServer(path, COMMANDS, Target(), **options)
+    server = ControlServer(path, commands, Target() if target is None else target, **options)
     server.open()
     server.attach(SelectorLoop(selector))
     stop = threading.Event()

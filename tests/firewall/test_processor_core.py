@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import pytest
@@ -34,12 +36,14 @@ from scapy.packet import Raw
 
 from firewall.config import ConfigError, loads
 from firewall.config.model import Processor
+from firewall.control import ControlError, ask
 from firewall.packet import TCP as TCP_PROTO
 from firewall.packet import UDP as UDP_PROTO
 from firewall.processor.core import DROP, PASS, ProcessorCore, Route
 from firewall.processor.dynamic import _ipt_specs
 from firewall.processor.kernel import Connection
 from firewall.processor.rulebook import KernelOp
+from firewall.processor.runner import COMMANDS, CONTROL_MAX_REQUEST, FLOWS_LIMIT_MAX
 from firewall.rules import nft
 from firewall.rules.bind import DNAT_MAP, SNAT_MAP
 from firewall.rules.model import Proto as ProtoMatch
@@ -65,6 +69,7 @@ from firewall.signalling import (
     RuleRefused,
     RuleRequest,
 )
+from tests.firewall.test_control import selector_server
 
 MAX_RULES_PER_FLOW = Processor().max_rules_per_flow
 
@@ -1339,6 +1344,35 @@ def test_runner_one_failing_verdict_does_not_lose_the_others() -> None:
     runner._on_packet(FakePacket(second, log))
     runner._settle()
     assert ("accept", second) in log and rig.core.counters["verdict.error"] == 1
+
+
+class NoConntrack:
+    def ours(self) -> list[Connection]:
+        return []
+
+
+def test_runner_answers_stats_and_flows_on_its_control_socket(tmp_path: Path) -> None:
+    rig = Rig()
+    log: list[Any] = []
+    runner = runner_for(rig, log)
+    runner.kernel = SimpleNamespace(backend="nft")
+    runner.ct = NoConntrack()
+    runner._on_packet(FakePacket(bytes(tcp(C, 40000, W, 8443, "S")), log))
+    runner._settle()
+    path = tmp_path / "processor-0.sock"
+    with selector_server(path, COMMANDS, runner, request_max=CONTROL_MAX_REQUEST) as server:
+        runner.control = server
+        stats = ask(path, {"cmd": "stats"})
+        assert (stats["instance"], stats["backend"], stats["push"], stats["flows"]) == (0, "nft", True, 1)
+        assert stats["counters"]["control.requests"] == 1 and stats["counters"]["verdict.bound"] == 1
+        (flow,) = ask(path, {"cmd": "flows"})
+        assert (flow["client"], flow["original_dst"], flow["proto"]) == (f"{C}:40000", f"{W}:8443", "tcp")
+        assert ask(path, {"cmd": "flows", "limit": 0}) == []
+        for limit in (-1, FLOWS_LIMIT_MAX + 1, True, "5"):
+            with pytest.raises(ControlError, match=f"limit must be an integer 0..{FLOWS_LIMIT_MAX}"):
+                ask(path, {"cmd": "flows", "limit": limit})
+        with pytest.raises(ControlError, match="unknown command 'nope' \\(one of stats, flows\\)"):
+            ask(path, {"cmd": "nope"})
 
 
 def test_instance_must_name_a_queue() -> None:

@@ -11,12 +11,20 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+from firewall import supervisor
+from firewall.cli import main
 from firewall.config import loads
+from firewall.control import Command, ControlError, ask
+from firewall.errors import KernelError
 from firewall.lab.wait import wait_for
-from firewall.supervisor import Child, Supervisor, ask
+from firewall.processor import runner
+from firewall.supervisor import Child, Supervisor, query
+from tests.firewall.test_control import selector_server
 
 HERE = Path(__file__).parent
 
@@ -60,6 +68,65 @@ def test_backoff_doubles_and_resets() -> None:
     assert round(child.next_start - 100.0, 2) == 0.2
 
 
+class Processor:
+    """What the processor's command table calls on its ``Runner``."""
+
+    def __init__(self, flows: list[dict[str, Any]]) -> None:
+        self._flows = flows
+
+    def stats(self) -> dict[str, Any]:
+        return {"counters": {"queued": 3}, "flows": len(self._flows)}
+
+    def flows(self, limit: int) -> list[dict[str, Any]]:
+        return self._flows[:limit]
+
+
+BUSY = {"stats": Command(lambda p, a: _busy()), "flows": Command(lambda p, a: _busy())}
+
+
+def _busy() -> Any:
+    raise ControlError("busy")
+
+
+def test_status_and_flows_gather_every_processors_answer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the supervisor's control socket, as `nfgate status` and `nfgate flows` ask."""
+    monkeypatch.setattr("firewall.cli.require_root", lambda what: None)  # the socket's own mode is the guard here
+    path = tmp_path / "nfgate.toml"
+    path.write_text(CONFIG.format(gwns="x", tmp=tmp_path))
+    config = loads(path.read_text())
+    sleeper = subprocess.Popen(["sleep", "60"])
+    names = ["processor-0", "processor-1", "processor-2", "processor-3"]
+    children = [Child(name, "processor", [], tmp_path / f"{name}.sock", proc=sleeper) for name in names]
+    children[3].proc = None  # never started
+    sup = Supervisor(config, str(path), children=children, log=lambda line: None)
+    flow = {"gateway": "relay", "proto": "tcp", "client": "203.0.113.10:40000"}
+    try:
+        with (
+            selector_server(tmp_path / "processor-0.sock", runner.COMMANDS, Processor([flow])),
+            selector_server(tmp_path / "processor-1.sock", BUSY),  # processor-2 has no socket
+            selector_server(config.supervisor.control_socket, supervisor.COMMANDS, sup),
+        ):
+            status = query(config, "status")
+            assert [p["name"] for p in status["processes"]] == names
+            assert status["processors"]["processor-0"] == {"counters": {"queued": 3}, "flows": 1}
+            assert status["processors"]["processor-1"] == {"error": "busy"}
+            assert status["processors"]["processor-2"]["error"].startswith("no answer: ")
+            assert status["processors"]["processor-3"] == {"error": "not running"}
+            assert query(config, "flows") == [flow]
+            with pytest.raises(KernelError, match="unknown command 'nonsense'"):
+                query(config, "nonsense")
+            shown = CliRunner().invoke(main, ["flows", "-c", str(path)])
+            assert shown.output == "gateway=relay proto=tcp client=203.0.113.10:40000\n"
+            shown = CliRunner().invoke(main, ["status", "-c", str(path)])
+            assert "processor-0:\n  counters.queued = 3\n  flows = 1\n" in shown.output
+            assert "processor-3:\n  error = not running\n" in shown.output
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with pytest.raises(KernelError, match="nfgate is not running here"):
+        query(config, "status")
+
+
 @pytest.mark.netns
 def test_restart_isolation_and_clean_stop(lab_factory, tmp_path: Path) -> None:
     lab = lab_factory("basic")
@@ -92,7 +159,8 @@ def test_restart_isolation_and_clean_stop(lab_factory, tmp_path: Path) -> None:
     assert again["standin-1"] == first["standin-1"]  # the sibling never noticed
     described = {p["name"]: p for p in status()["processes"]}
     assert described["standin-0"]["restarts"] == 1 and described["standin-0"]["last_exit"] == -9
-    assert ask(control, {"cmd": "nonsense"}) == {"error": "unknown command 'nonsense' (status, flows)"}
+    with pytest.raises(ControlError, match=r"unknown command 'nonsense' \(one of status, flows\)"):
+        ask(control, {"cmd": "nonsense"})
 
     sup.terminate()
     assert sup.wait(timeout=15) == 0

@@ -27,7 +27,7 @@ from typing import Any
 from firewall.config import load
 from firewall.lab.netns import Lab
 from firewall.lab.wait import wait_for
-from firewall.supervisor import ask
+from firewall.control import ask
 from tests.conntrack import fast_conntrack
 from tests.tunnel.netns_harness import REPO, SERVICE_PORT, TOKENS, TunnelLab, _table
 
