@@ -325,7 +325,6 @@ def _processor(t: Table, problems: Problems) -> Processor:
         "max_rules_per_flow": t.take("max_rules_per_flow", integer(0, 1024), d.max_rules_per_flow),
         "adjacent_ttl": t.take("adjacent_ttl", number(1, 3600), d.adjacent_ttl),
         "conntrack_accounting": t.take("conntrack_accounting", boolean, d.conntrack_accounting),
-        "nat_batch_window": t.take("nat_batch_window", number(0, 0.1), d.nat_batch_window),
     }
 
     mt = t.table("marks")

@@ -123,7 +123,6 @@ class Processor:
     max_rules_per_flow: int = 8
     adjacent_ttl: float = 30.0
     conntrack_accounting: bool = True
-    nat_batch_window: float = 0.002
     marks: Marks = field(default_factory=Marks)
     timeouts: Timeouts = field(default_factory=Timeouts)
     pools: Pools = field(default_factory=Pools)

@@ -7,13 +7,11 @@ other packets:
 
 - the queue's netlink socket is read in batches of ``processor.queue_batch``
   messages, so a flood cannot starve signalling, expiry or the control
-  socket; each packet goes through ``ProcessorCore.handle``; then, for all
-  the packets that came within ``processor.nat_batch_window`` (or a full
-  batch), the binding elements the core made go into the kernel's NAT maps
-  in one transaction (``kernel.NatWriter``: a commit costs about a
-  millisecond whatever it carries), the datagrams it queued (the NEW_FLOW
-  pushes) are sent, and only then the verdicts are given, so conntrack NATs
-  each first packet and the push races ahead of it;
+  socket; each packet goes through ``ProcessorCore.handle``; then, for the
+  whole batch, the binding elements the core made go into the kernel's NAT
+  maps in one transaction (``kernel.NatWriter``), the datagrams it queued
+  (the NEW_FLOW pushes) are sent, and only then the verdicts are given, so
+  conntrack NATs each first packet and the push races ahead of it;
 - conntrack destroy events (``kernel.Conntrack``) end bindings; at start the
   processor adopts the bindings the kernel still carries (a restart cuts no
   established flow), and after lost events it compares with a dump;
@@ -259,8 +257,6 @@ class Runner:
         self._qsock = qsock
         self._batch = _Batch(qsock, self._overflowed)
         self._pending: list[tuple[Packet, int, int, int, int]] = []
-        self._pending_since: float | None = None  # when the oldest packet without a verdict came
-        self._window = cfg.processor.nat_batch_window
         self._sel.register(qsock, selectors.EVENT_READ, self._on_queue)
         self._sel.register(self.ct.open_events(), selectors.EVENT_READ, self._on_conntrack)
 
@@ -313,15 +309,12 @@ class Runner:
             timeout = max(0.0, next_tick - time.monotonic())
             if self.kernel.busy:
                 timeout = min(timeout, KERNEL_POLL_INTERVAL)
-            if self._pending_since is not None:
-                timeout = min(timeout, max(0.0, self._pending_since + self._window - time.monotonic()))
             for key, _ in self._sel.select(timeout):
                 try:
                     key.data(key.fileobj)
                 except Exception:  # noqa: BLE001 - one bad event must not stop the processor
                     self._internal("internal.loop", "an event")
             now = time.monotonic()
-            self._settle_if_due(now)
             for op, ok, counts in self.kernel.collect(now):
                 self.core.kernel_done(op.token, ok, now, counts)
             if now >= next_reap:
@@ -365,10 +358,7 @@ class Runner:
         try:
             self.nfq.run_socket(self._batch)  # type: ignore[arg-type]  # it only calls recv()
         finally:
-            if self._pending:
-                if self._pending_since is None:
-                    self._pending_since = self._now
-                self._settle_if_due(self._now)
+            self._settle()
 
     def _overflowed(self) -> None:
         self.core.counters["queue.overflow"] += 1
@@ -385,16 +375,8 @@ class Runner:
             del core.nat_ops[start:]
         self._pending.append((pkt, verdict, mark, start, len(core.nat_ops)))
 
-    def _settle_if_due(self, now: float) -> None:
-        """Settle when the window is over or the batch is full: one binding-table
-        commit for every first packet that came in meanwhile."""
-        since = self._pending_since
-        if since is not None and (now - since >= self._window or len(self._pending) >= self.config.processor.queue_batch):
-            self._settle()
-
     def _settle(self) -> None:
         pending = self._pending
-        self._pending_since = None
         if not pending:
             return
         core = self.core
