@@ -6,13 +6,14 @@ belongs to no zone; the gateway end has the gateway address and a default
 route back to the router, so everything a gateway sends goes back through the
 processor.
 
-Restored packets enter the router on this link carrying the client's or the
-router's own source address, so the router's end gets ``rp_filter = 0`` and
-``accept_local = 1`` (docs/datapath.md, "The blind-track interface"). The
-kernel applies the stricter of the interface's and ``all``'s rp_filter, so a
-strict ``all`` setting is refused with the sysctl to change rather than
-changed behind the operator's back; so is a router that does not forward
-IPv4 (``net.ipv4.ip_forward``), since every gateway flow crosses the link.
+Everything that enters the router on this link comes from the gateway
+address: conntrack translates it after the routing decision (to the client
+or the server) and at postrouting, so the reverse-path filter sees the
+gateway's own address and may be as strict as the operator likes
+(docs/datapath.md, "The blind-track interface"). A router that does not
+forward IPv4 (``net.ipv4.ip_forward``) is refused with the sysctl to change,
+never changed behind the operator's back: every gateway flow crosses the
+link.
 
 Everything here runs ``ip`` in the router's namespace (the current one, or
 ``router_netns`` for a lab) and in the gateway namespace by name.
@@ -61,18 +62,11 @@ def create(link: GatewayLink, router_netns: str | None = None) -> None:
             "gateway link: net.ipv4.ip_forward is 0; gateways sit behind the blind track, "
             "so the router must forward IPv4: set it to 1"
         )
-    if _sysctl(router_netns, "net.ipv4.conf.all.rp_filter") == "1":
-        raise KernelError(
-            "gateway link: net.ipv4.conf.all.rp_filter is 1 (strict), which drops restored packets "
-            "on the blind track; set it to 2 (loose) or 0"
-        )
     if exists(link, router_netns):
         remove(link, router_netns)
     if not Path("/run/netns", link.netns).exists():
         subprocess.run(["ip", "netns", "add", link.netns], check=True, capture_output=True, timeout=TIMEOUT)
     _ip(router_netns, "link", "add", link.router_if, "type", "veth", "peer", "name", link.gateway_if, "netns", link.netns)
-    _sysctl(router_netns, f"net.ipv4.conf.{link.router_if}.rp_filter", "0")
-    _sysctl(router_netns, f"net.ipv4.conf.{link.router_if}.accept_local", "1")
     _sysctl(router_netns, f"net.ipv4.conf.{link.router_if}.forwarding", "1")
     _ip(router_netns, "address", "add", str(link.router_address), "dev", link.router_if)
     _ip(router_netns, "link", "set", link.router_if, "up")

@@ -73,6 +73,23 @@ def test_an_established_flow_never_reaches_the_processor(lab_factory, tmp_path: 
     assert counter(run, "verdict.bound") == 2
 
 
+def test_a_strict_reverse_path_filter_carries_gateway_flows(lab_factory, tmp_path: Path) -> None:
+    """rp_filter = 1 everywhere on the router: inbound (port forward) and outbound (masquerade)
+    relayed flows still work, since the blind track only ever carries the gateway's address."""
+    lab = lab_factory("basic")
+    serve(lab)
+    lab.run("router", ["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1", "net.ipv4.conf.default.rp_filter=1"])
+    outside = lab.popen("ext", [sys.executable, "-u", BULK, "serve", "9000"], stdout=subprocess.PIPE, text=True)
+    lab.wait_listening("ext", 9000, "tcp")
+    run = running(lab, tmp_path)
+    assert lab.run("router", ["sysctl", "-n", "net.ipv4.conf.nfg-gw0.rp_filter"]).stdout.strip() == "1"
+    assert fetch(lab, 5)
+    got = lab.run("lan", [sys.executable, BULK, "get", EXT, "9000", "5"], check=False, timeout=120)
+    assert got.returncode == 0 and "intact" in got.stdout, got.stdout + got.stderr
+    assert counter(run, "flows.opened") == 2 and counter(run, "verdict.drop") == 0
+    outside.terminate()
+
+
 def test_legacy_steering_with_the_nft_binding_table(lab_factory, tmp_path: Path) -> None:
     """iptables-legacy steers the first packet (xt NFQUEUE), nf_tables' maps carry the NAT beside it."""
     lab = lab_factory("basic")
