@@ -199,6 +199,9 @@ class Runner:
         key = load_or_create_key(cfg.signalling.key_file)  # before anything else, as keyfile asks
         # The Guard exists before the socket: nothing sent before it existed is accepted.
         guard = Guard(key, Role.PROCESSOR, now=time.time(), replay_window=cfg.signalling.replay_window)
+        # The queue first: a second processor started for a queue that has
+        # one must fail before it touches that one's rules or bindings.
+        self._bind_queue()
         self.kernel = KernelRules(self.queue)
         stale = self.kernel.remove_all()
         self.nat = NatWriter(cfg.processor.timeouts.nat_element)
@@ -217,7 +220,7 @@ class Runner:
             self.core.counters["kernel.stale_rules_removed"] += stale
         if cfg.processor.conntrack_accounting:
             self._accounting_on()
-        # Before the queue is bound: no new flow may be given an F:f still in use.
+        # Before the queue is read: no new flow may be given an F:f still in use.
         adopted = self.core.adopt(self.ct.ours(), time.monotonic())
         self._handle = self.core.handle
         self._now = time.monotonic()
@@ -244,14 +247,18 @@ class Runner:
         except OSError as err:
             log.warning("queue %d: cannot turn on conntrack accounting (%s): nfgate flows counts nothing", self.queue, err)
 
-    def _open_sockets(self) -> None:
+    def _bind_queue(self) -> None:
         cfg = self.config
-        self.nfq = NetfilterQueue()
+        nfq = NetfilterQueue()
         try:
-            self.nfq.bind(self.queue, self._on_packet, max_len=cfg.processor.queue_maxlen, range=QUEUE_COPY_RANGE,
-                          sock_len=cfg.processor.queue_buffer)
+            nfq.bind(self.queue, self._on_packet, max_len=cfg.processor.queue_maxlen, range=QUEUE_COPY_RANGE,
+                     sock_len=cfg.processor.queue_buffer)
         except OSError as err:
             raise KernelError(f"processor: cannot bind NFQUEUE {self.queue} ({err}); is another processor bound to it?") from None
+        self.nfq = nfq  # bound: from here on this instance owns the queue's rules
+
+    def _open_sockets(self) -> None:
+        cfg = self.config
         qsock = socket.socket(fileno=os.dup(self.nfq.get_fd()))
         qsock.setblocking(False)
         self._qsock = qsock
@@ -285,13 +292,13 @@ class Runner:
         self._stop = True
 
     def _close(self) -> None:
-        nfq = getattr(self, "nfq", None)
-        if nfq is not None:
-            nfq.unbind()  # with fail_mode open the kernel now bypasses us; closed drops
+        self.nfq.unbind()  # with fail_mode open the kernel now bypasses us; closed drops
         removed = self.kernel.remove_all()
         log.info("queue %d: stopped; removed %d dynamic rules", self.queue, removed)
         signal.set_wakeup_fd(-1)
-        self.control.close()
+        control = getattr(self, "control", None)
+        if control is not None:
+            control.close()
         for name in ("_qsock", "sig", "_wake_r", "_wake_w"):
             sock = getattr(self, name, None)
             if sock is not None:

@@ -130,6 +130,30 @@ def test_garbage_is_dropped_and_counted_and_service_goes_on(rig: Harness) -> Non
     assert rig.many("ext", WAN, 8443, 3)["replies"] == 3
 
 
+def test_a_second_processor_for_the_same_queue_changes_nothing(rig: Harness) -> None:
+    """Started beside a running one, it fails in one line before it touches the
+    first one's dynamic rules, bindings or queue; the first goes on serving."""
+    started(rig)
+    Server(rig.lab, "lan", 443)
+    Server(rig.lab, "lan", 2121)
+    control = rig.lab.popen("ext", [sys.executable, "-u", CLIENT, "hold", WAN, "2121"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    ftp = rig.event("flow", gateway="ftp")
+    rig.command(cmd="rule", request_id=1, flow_id=ftp["flow_id"], src=f"{EXT}:0", dst=f"{WAN}:50000")
+    rig.event("rule_ack", request_id=1)
+    rules = rig.dynamic_rules()
+    assert len(rules) == 1
+    second = rig.lab.run("router", [sys.executable, "-m", "firewall.processor", "--config", rig.config, "--instance", "0",
+                                    "--control", rig.tmp / "second.sock"], check=False, timeout=30)
+    assert second.returncode == 1
+    assert "cannot bind NFQUEUE 0" in second.stderr and "Traceback" not in second.stderr, second.stderr
+    assert rig.dynamic_rules() == rules
+    assert rig.control({"cmd": "flows"})[0]["flow_id"] == ftp["flow_id"]
+    assert rig.many("ext", WAN, 8443, 3)["replies"] == 3
+    control.stdin.close()  # type: ignore[union-attr]
+    control.wait(timeout=10)
+
+
 def test_martian_and_own_address_sources_open_nothing(rig: Harness) -> None:
     """Impossible sources are dropped and counted before any binding or signalling."""
     started(rig)
