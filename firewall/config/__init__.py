@@ -329,19 +329,39 @@ def _processor(t: Table, problems: Problems) -> Processor:
 
     mt = t.table("marks")
     dm = Marks()
-    marks = Marks(
-        mask=mt.take("mask", bitmask, dm.mask),
-        rewritten=mt.take("rewritten", bitmask, dm.rewritten),
-        passed=mt.take("passed", bitmask, dm.passed),
-    )
+    names = ("rewritten", "passed", "allowed", "expect")
+    given = {k: mt.take(k, bitmask, getattr(dm, k)) for k in ("mask", "rewritten", "passed")}
+    mask, used = given["mask"], (given["rewritten"] or 0) | (given["passed"] or 0)
+    if mask is not None and not mt.has("allowed"):
+        # Not given: the lowest bit of the mask that nothing else takes, and
+        # every bit left for expect, so a config that sets only its mask,
+        # rewritten and passed still gets valid ones.
+        free = mask & ~used
+        given["allowed"] = free & -free
+    else:
+        given["allowed"] = mt.take("allowed", bitmask, dm.allowed)
+    if mask is not None and not mt.has("expect"):
+        given["expect"] = mask & ~used & ~(given["allowed"] or 0)
+    else:
+        given["expect"] = mt.take("expect", bitmask, dm.expect)
+    marks = Marks(**given)
     mt.finish()
-    if None not in (marks.mask, marks.rewritten, marks.passed):
-        for key in ("rewritten", "passed"):
+    if None not in given.values():
+        seen: dict[str, int] = {}
+        for key in names:
             bits = getattr(marks, key)
+            other = next((k for k, b in seen.items() if b & bits), None)
             if bits & ~marks.mask:
                 problems.add(f"{mt.path}.{key}", f"{bits:#010x} has bits outside mask {marks.mask:#010x}")
-        if marks.rewritten & marks.passed:
-            problems.add(f"{mt.path}.passed", f"{marks.passed:#010x} overlaps rewritten {marks.rewritten:#010x}")
+            elif other is not None:
+                problems.add(f"{mt.path}.{key}", f"{bits:#010x} overlaps {other} {seen[other]:#010x}")
+            elif not bits:
+                problems.add(f"{mt.path}.{key}", f"needs at least one bit of mask {marks.mask:#010x}")
+            seen[key] = bits
+        numbered = (1 << bin(marks.expect).count("1")) - 1
+        if marks.expect and queues and numbered < len(queues):
+            problems.add(f"{mt.path}.expect", f"{marks.expect:#010x} numbers at most {numbered} processor "
+                         f"instances, and processor.queues has {len(queues)}: give the mask more bits")
 
     tt = t.table("timeouts")
     dt = Timeouts()

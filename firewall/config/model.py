@@ -95,6 +95,21 @@ class Marks:
     mask: int = 0x00FF0000
     rewritten: int = 0x00010000
     passed: int = 0x00020000
+    allowed: int = 0x00040000
+    expect: int = 0x00F80000
+
+    def expect_value(self, instance: int) -> int:
+        """The ``expect`` bits that send a packet to processor instance ``instance``:
+        ``instance + 1`` spread over the field's bits, lowest first."""
+        n, out, bit = instance + 1, 0, 1
+        while n:
+            while not self.expect & bit:
+                bit <<= 1
+            if n & 1:
+                out |= bit
+            n >>= 1
+            bit <<= 1
+        return out
 
 
 @dataclass(frozen=True)

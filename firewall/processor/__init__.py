@@ -18,11 +18,8 @@ Modules:
 - ``rulebook``: ``RuleBook``, the pure state of dynamic rules (gateway rule
   requests, the processor's own adjacent-port expectations), and the
   ``KernelRule``/``KernelOp`` values it asks the kernel for.
-- ``dynamic``: ``KernelRules``, which detects the applied backend (nft,
-  iptables-nft, iptables-legacy) and carries the kernel operations out with
-  its tools, without blocking the loop.
-- ``kernel``: in-process kernel interfaces: ``NatWriter`` (binding elements
-  through libnftables' JSON API), ``Conntrack`` (look-ups, filtered dumps,
+- ``kernel``: in-process kernel interfaces: ``NatWriter`` (binding and
+  dynamic-rule elements through libnftables' JSON API), ``Conntrack`` (look-ups, filtered dumps,
   reaping, destroy events through pyroute2's ctnetlink messages) and the
   kernel's queue counters.
 - ``runner``: ``Runner``, the single-threaded ``selectors`` loop over the

@@ -219,6 +219,7 @@ class ProcessorCore:
         if not 0 <= instance < len(queues):
             raise ValueError(f"instance {instance}: processor.queues has {len(queues)} entries")
         self.config = config
+        self.instance = instance
         self.queue = queues[instance]
         self.encoder = encoder
         self.guard = guard
@@ -622,10 +623,10 @@ class ProcessorCore:
                 self.leg_gone(b, leg_a=False, now=now)
         self.counters["conntrack.resyncs"] += 1
 
-    def kernel_done(self, token: int, ok: bool, now: float, counts: dict[str, int] | None = None) -> None:
+    def kernel_done(self, token: int, ok: bool, now: float) -> None:
         """The runner finished ``rules.kernel_ops`` entry ``token``."""
         self._now = now
-        self.rules.kernel_done(token, ok, now, counts)
+        self.rules.kernel_done(token, ok, now)
 
     # ---- signalling -------------------------------------------------------------------
 

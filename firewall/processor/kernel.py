@@ -36,6 +36,7 @@ from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple, nfct_msg
 
 from firewall.errors import KernelError
 from firewall.processor.core import NatOp
+from firewall.processor.rulebook import KernelOp
 from firewall.rules import bind
 
 NETLINK_NETFILTER = 12
@@ -55,7 +56,7 @@ _PROTO = {6: "tcp", 17: "udp"}
 
 
 class NatWriter:
-    """Adds binding elements to the binding table, in-process."""
+    """Adds binding elements, and dynamic rules' elements, to the binding table, in-process."""
 
     def __init__(self, timeout: float) -> None:
         self._nft = nftables.Nftables()
@@ -92,6 +93,31 @@ class NatWriter:
             if self._cmd([delete, add])[0]:
                 return True
         return False
+
+    def apply(self, op: KernelOp) -> bool:
+        """Add or remove a dynamic rule's elements (``rulebook.KernelOp``) in one transaction.
+
+        A removal whose elements are gone already (the ruleset was applied
+        again, which empties the sets) is done element by element, and what
+        is missing is not an error.
+        """
+        by_name: dict[str, list[Any]] = {}
+        for r in op.rules:
+            by_name.setdefault(r.name, []).append(bind.element(r.key[0], r.key[1:], r.value, None))
+        verb = "add" if op.add else "delete"
+        ok, _ = self._cmd([bind.elements(verb, name, elems) for name, elems in by_name.items()])
+        if ok or op.add:
+            return ok
+        for name, elems in by_name.items():
+            for elem in elems:
+                self._cmd([bind.elements("delete", name, [elem])])
+        return True
+
+    def flush_instance(self, instance: int) -> None:
+        """Empty a processor instance's dynamic sets: what a predecessor left, or ours at exit."""
+        self._cmd([{"flush": {"set" if kind != "dnat" else "map": {"family": bind.FAMILY, "table": bind.TABLE,
+                                                                  "name": bind.dyn_name(kind, instance, any_port)}}}
+                   for kind in bind.DYN_KINDS for any_port in (False, True)])
 
     def table_present(self) -> bool:
         return self._cmd([{"list": {"table": {"family": bind.FAMILY, "name": bind.TABLE}}}])[0]

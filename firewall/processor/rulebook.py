@@ -1,8 +1,10 @@
-"""Dynamic rules: what a gateway asked for, what the processor expects, and the kernel rules behind them.
+"""Dynamic rules: what a gateway asked for, what the processor expects, and the kernel elements behind them.
 
-Pure, like ``core``: the ``RuleBook`` decides and queues ``KernelOp``s; the
-runner has ``firewall.processor.dynamic`` carry them out and reports back
-with ``kernel_done``. docs/signalling.md (RULE_REQUEST) is the contract; the
+Pure, like ``core``: the ``RuleBook`` decides and queues ``KernelOp``s, each
+adding or removing elements of the binding table's dynamic sets and maps
+(``firewall.rules.bind``; docs/datapath.md, "Dynamic rules"); the runner
+writes them in-process (``firewall.processor.kernel``) and reports back with
+``kernel_done``. docs/signalling.md (RULE_REQUEST) is the contract; the
 seed's "Dynamic changes in packet processing" the requirement.
 
 - A request is checked in the document's order (NOT_EXACT/BAD_TTL,
@@ -10,61 +12,49 @@ seed's "Dynamic changes in packet processing" the requirement.
   gets the first reply again, re-encoded (the same bytes would be a replay).
   RULE_ACK goes out only when the kernel has the rule: it promises that the
   rule is in place.
-- REDIRECT: an expectation here, plus one kernel rule in ``dyn_redirect``
-  that queues the expected flow's first packet to this instance (the static
-  rules know neither port). That packet gets a binding to the asking flow's
-  gateway, and the kernel carries the flow from there (its NAT is in
-  conntrack, docs/datapath.md); a one-shot expectation then ends (RULE_END
-  USED) and its rule goes.
-- ALLOW: one ``ct state new`` accept rule in ``dyn_allow``; the kernel
+- Every rule has an ``expect`` element of this instance: the expected flow's
+  first packet (for TCP, its SYN) is marked for this instance's queue (the
+  static rules know neither port). A rule with source port 0 lives in the
+  ``_any`` sets, matching any source port.
+- REDIRECT: that first packet gets a binding to the asking flow's gateway,
+  and the kernel carries the flow from there; a one-shot expectation then
+  ends (RULE_END USED) and its elements go.
+- ALLOW: an ``allow`` element too: the forward hook marks the flow's new
+  connection ``allowed``, which the static forward rule accepts; the kernel
   carries the flow and conntrack its replies. When the destination is the
   router's own address standing in for a party of the asking flow (the port
   forward's S' for its server S, with the client as the source; the flow's
-  SNAT address W for its client C, with the server as the source), the
-  accept is preceded by an exact DNAT in ``dyn_dnat`` (src -> W:p becomes
-  src -> party:p, the port kept), and it is for the translated tuple and
-  asks ``ct status dnat``, so it admits only what the DNAT made. A rule's
-  kernel rules are one unit: they go in and out together, in one operation. The flow is then an ordinary
-  tracked connection: kernel speed, replies un-NATed by conntrack. A
-  router address that stands for nobody of the flow (another local
-  address, or the right one with the wrong source) is refused THIRD_PARTY:
-  the translation target always comes from the binding, never from the
-  request.
-- Use of a TCP ALLOW is seen, and one-shot enforced, by the processor
-  itself: a third rule in ``dyn_redirect`` queues the expected flow's SYNs
-  (only those: SYN without ACK, FIN or RST) to this instance, which
-  passes the first one unchanged (the ``passed`` mark: conntrack, the DNAT
-  and the accept then take it like any packet) and ends a one-shot rule
-  there (RULE_END USED). The kernel rules stay ``USED_GRACE`` seconds more,
-  so that a retransmitted SYN of that same connection (same source port)
-  is passed too, while a SYN from any other source port is dropped: one
-  connection, exactly. Then all of the unit goes, in one operation (with
-  iptables the mangle rule last, so no SYN can reach the DNAT or the accept
-  without passing the processor). One packet per data connection crosses
-  into user space; the rest is the kernel's.
-- A UDP ALLOW has no first packet to tell apart: its use is seen in the
-  accept rule's packet counter, polled each tick while such a rule exists,
-  so a one-shot UDP ALLOW ends within one tick of its first packet (inside
-  that tick another flow from the same exact source address to the same
-  port could pass too).
+  SNAT address W for its client C, with the server as the source), a
+  ``dnat`` element translates it (src -> W:p becomes src -> party:p, the
+  port kept), and the accept is an ``allow_dnat`` element for the
+  translated tuple, which asks ``ct status dnat``: it admits only what the
+  DNAT made. A router address that stands for nobody of the flow is refused
+  THIRD_PARTY: the translation target always comes from the binding, never
+  from the request. A rule's elements are one unit: they go in and out
+  together, in one transaction.
+- Use of an ALLOW, TCP or UDP, is seen, and one-shot enforced, by the
+  processor itself: its first packet comes here and is passed unchanged
+  (the ``passed`` mark: conntrack, the DNAT and the accept then take it like
+  any packet), which ends a one-shot rule (RULE_END USED). The elements stay
+  ``USED_GRACE`` seconds more, so that a retransmitted SYN of that same
+  connection (same source port) is passed too, while another source port's
+  first packet is dropped: one connection, exactly. Later packets of the
+  connection are conntrack's. One packet per data connection crosses into
+  user space.
 - Every rule ends on first use (one-shot), at its TTL, or with its flow
   (RULE_END FLOW_ENDED).
 """
 
 from __future__ import annotations
 
-import ipaddress
 import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from firewall.config.model import PortRange
 from firewall.flows import AgEndpoint, Binding
 from firewall.packet import TCP, UDP
-from firewall.rules.build import DYN_ALLOW, DYN_DNAT, DYN_REDIRECT
-from firewall.rules.model import Accept, Addr, CtDnat, CtState, Dnat, Family, Port, Queue, Rule, TcpSyn
-from firewall.rules.model import Proto as ProtoMatch
+from firewall.rules.bind import dyn_name
 from firewall.signalling import (
     Received,
     RuleAck,
@@ -90,7 +80,7 @@ RULE_MODES: dict[str, frozenset[RuleMode]] = {
     "ftp": frozenset({RuleMode.REDIRECT, RuleMode.ALLOW}),
     "rtp": frozenset({RuleMode.REDIRECT, RuleMode.ALLOW}),
 }
-MAX_KERNEL_OPS_IN_FLIGHT = 256  # tool runs queued; beyond this requests are refused LIMIT
+MAX_KERNEL_OPS_IN_FLIGHT = 256  # operations not yet carried out; beyond this requests are refused LIMIT
 # How long a used one-shot TCP ALLOW stays in the kernel, passing SYN
 # retransmissions of its one connection (Linux resends a SYN after 1 s, then
 # 3 s) and dropping any other connection's SYN.
@@ -101,28 +91,30 @@ USED_GRACE = 3.0
 REPLY_CACHE_SIZE = 4096
 REPLY_CACHE_SECONDS = 60.0
 
-TAG_PREFIX = "nfgate-dyn"  # kernel rule comments: "nfgate-dyn q<queue> k<serial>"
-
 _PROTO_NAME = {TCP: "tcp", UDP: "udp"}
 
 
 @dataclass(frozen=True, slots=True)
 class KernelRule:
-    """One exact rule in a dynamic chain; ``tag``, its comment, names it in the kernel."""
+    """One element of a dynamic set or map of the binding table (firewall.rules.bind).
 
-    tag: str
-    chain: str  # DYN_REDIRECT, DYN_DNAT or DYN_ALLOW
-    rule: Rule
+    ``key`` is (proto name, src, sport, dst, dport), or (proto name, src,
+    dst, dport) in an ``_any`` set (any source port); ``value`` the DNAT
+    target address of a ``dnat`` map's element, else None.
+    """
+
+    name: str
+    key: tuple[Any, ...]
+    value: tuple[int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class KernelOp:
-    """Add or remove rules in one transaction, or (``poll``) read DYN_ALLOW's packet counters."""
+    """Add or remove elements in one transaction."""
 
     token: int
     add: bool
     rules: tuple[KernelRule, ...] = ()
-    poll: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -146,7 +138,7 @@ class DynRule:
     reply_to: tuple[int, int] | None = None  # (sender, request id)
     acked: bool = False
     ended: RuleEndReason | None = None
-    watched: bool = False  # a TCP ALLOW: its SYNs are queued to the processor (``allowed``)
+    watched: bool = False  # an ALLOW: its flows' first packets are queued to the processor (``allowed``)
 
 
 @dataclass(slots=True, eq=False)
@@ -161,25 +153,13 @@ class Spent:
     removing: bool = False
 
 
-def exact_matches(proto: int, src: int, sport: int | None, dst: int, dport: int | PortRange | None) -> list[Any]:
-    """Rule-model matches for one source host:port (0/None: any) to one destination host:port(s)."""
-    m: list[Any] = [ProtoMatch(_PROTO_NAME[proto]), Addr("src", (ipaddress.IPv4Network(src),))]
-    if sport:
-        m.append(Port("src", (PortRange(sport, sport),)))
-    m.append(Addr("dst", (ipaddress.IPv4Network(dst),)))
-    if isinstance(dport, PortRange):
-        m.append(Port("dst", (dport,)))
-    elif dport:
-        m.append(Port("dst", (PortRange(dport, dport),)))
-    return m
-
-
 class RuleBook:
     """The dynamic rules of one processor instance (module docstring)."""
 
     def __init__(self, core: ProcessorCore) -> None:
         self.core = core
         self.queue = core.queue
+        self.instance = core.instance
         self.kernel_ops: list[KernelOp] = []
         self.expect: dict[tuple[int, int, int, int], list[DynRule]] = {}
         self.spent: dict[tuple[int, int, int, int], list[Spent]] = {}
@@ -192,9 +172,7 @@ class RuleBook:
         self._rules_of: dict[int, list[DynRule]] = {}  # flow id -> its live rules
         self._ops: dict[int, tuple[Any, ...]] = {}  # token -> what its completion means
         self._tokens = itertools.count(1)
-        self._tags = itertools.count(1)
         self._serial = itertools.count(1)
-        self._polling = False
         self._replies: OrderedDict[tuple[int, int], tuple[float, RuleAck | RuleRefused | None]] = OrderedDict()
 
     @property
@@ -298,38 +276,27 @@ class RuleBook:
         rule_id = make_flow_id(self.queue, next(self._serial))
         kernel: tuple[KernelRule, ...]
         if mode is RuleMode.ALLOW and server[0] != dst:
-            # The router's address to the party it stands for, and the accept
-            # for the translated tuple only. The nat rule comes before the
-            # filter rule: with iptables each table is its own commit, and a
-            # DNAT alone admits nothing.
-            target = PortRange(dport, dport)
-            kernel = (
-                self._kernel_rule(DYN_DNAT, exact_matches(proto, src, sport, dst, dport),
-                                  Dnat(ipaddress.IPv4Address(server[0]), target)),
-                self._kernel_rule(DYN_ALLOW, exact_matches(proto, src, sport, server[0], dport)
-                                  + [CtState(("new",)), CtDnat()], Accept()),
-            )
+            # The router's address to the party it stands for, port kept, and
+            # the accept for the translated tuple only, after that DNAT.
+            kernel = (self._element("dnat", proto, src, sport, dst, dport, (server[0],)),
+                      self._element("allow_dnat", proto, src, sport, server[0], dport))
         elif mode is RuleMode.ALLOW:
-            matches = exact_matches(proto, src, sport, dst, dport) + [CtState(("new",))]
-            kernel = (self._kernel_rule(DYN_ALLOW, matches, Accept()),)
+            kernel = (self._element("allow", proto, src, sport, dst, dport),)
         else:
-            # The expected flow's first packet; conntrack carries the rest of
-            # it, and its replies, through the binding it gets.
-            kernel = (self._redirect(exact_matches(proto, src, sport, dst, dport)),)
-        watched = mode is RuleMode.ALLOW and proto == TCP
-        if watched:
-            # Its SYNs to this instance, first of the unit (mangle: before the DNAT).
-            kernel = (self._redirect(exact_matches(proto, src, sport, dst, dport) + [TcpSyn()]), *kernel)
+            kernel = ()
+        # The flow's first packet comes to this instance: a REDIRECT's to be
+        # bound into the gateway, an ALLOW's so that its use is seen, exactly.
+        kernel = (self._element("expect", proto, src, sport, dst, dport), *kernel)
+        watched = mode is RuleMode.ALLOW
         expires_ms = round((now + core.wall_offset + ttl) * 1000)
         return DynRule(rule_id, mode, proto, src, sport, dst, dport, owner, b.gateway, server,
                        one_shot, now + ttl, expires_ms, kernel, watched=watched)
 
-    def _redirect(self, matches: list[Any]) -> KernelRule:
-        return self._kernel_rule(DYN_REDIRECT, matches, Queue(self.queue, self._bypass))
-
-    def _kernel_rule(self, chain: str, matches: list[Any], verdict: Any) -> KernelRule:
-        tag = f"{TAG_PREFIX} q{self.queue} k{next(self._tags)}"
-        return KernelRule(tag, chain, Rule(tuple(matches), (verdict,), tag, Family.V4))
+    def _element(self, kind: str, proto: int, src: int, sport: int, dst: int, dport: int,
+                 value: tuple[int] | None = None) -> KernelRule:
+        name = dyn_name(kind, self.instance, not sport)
+        key = (_PROTO_NAME[proto], src, sport, dst, dport) if sport else (_PROTO_NAME[proto], src, dst, dport)
+        return KernelRule(name, key, value)
 
     def _add(self, rule: DynRule) -> None:
         self._rules[rule.rule_id] = rule
@@ -447,28 +414,14 @@ class RuleBook:
             if at > now - REPLY_CACHE_SECONDS:
                 break
             del self._replies[key]
-        if not self._polling and any(self._polled(r) for r in self._rules.values()):
-            self._polling = True
-            token = next(self._tokens)
-            self._ops[token] = ("poll",)
-            self.kernel_ops.append(KernelOp(token, False, (), poll=True))
-
-    @staticmethod
-    def _polled(rule: DynRule) -> bool:
-        """An acknowledged ALLOW whose use only its packet counter can show (UDP)."""
-        return rule.mode is RuleMode.ALLOW and rule.acked and not rule.watched
 
     def _kernel(self, add: bool, rules: tuple[KernelRule, ...], purpose: tuple[Any, ...] = ("rules",)) -> None:
         token = next(self._tokens)
         self._ops[token] = purpose
         self.kernel_ops.append(KernelOp(token, add, rules))
 
-    def kernel_done(self, token: int, ok: bool, now: float, counts: dict[str, int] | None = None) -> None:
-        """A ``KernelOp`` finished; ``counts`` are DYN_ALLOW's packets by tag, for a poll.
-
-        A polled (UDP) ALLOW's use is its accept rule's counter; whatever else
-        is in its ``kernel`` tuple (a DNAT) is removed with it.
-        """
+    def kernel_done(self, token: int, ok: bool, now: float) -> None:
+        """A ``KernelOp`` finished."""
         purpose = self._ops.pop(token, None)
         if purpose is None:
             return
@@ -476,14 +429,7 @@ class RuleBook:
         counters["kernel.ops"] += 1
         if not ok:
             counters["kernel.failed"] += 1
-        if purpose[0] == "poll":
-            self._polling = False
-            for rule in [r for r in self._rules.values() if self._polled(r)]:
-                if ok and counts and any(counts.get(k.tag, 0) for k in rule.kernel):
-                    counters["rules.allowed_flows"] += 1
-                    if rule.one_shot:
-                        self._retire(rule, RuleEndReason.USED)
-        elif purpose[0] == "unspent":
+        if purpose[0] == "unspent":
             # Gone from the kernel (or never there): its SYNs no longer come here.
             spent = purpose[1]
             group = self.spent.get(spent.key, [])

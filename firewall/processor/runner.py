@@ -20,8 +20,8 @@ other packets:
   start before the blind track exists; sends never wait (DESIGN invariant 6):
   a datagram the kernel will not take at once is counted and dropped, and
   the gateway's pull covers it;
-- dynamic rule changes run as child processes the loop polls
-  (``firewall.processor.dynamic``);
+- dynamic rules are elements of the binding table's sets, written
+  in-process by the same ``kernel.NatWriter``, one transaction each;
 - the control socket (``firewall.control``: unix, mode 0600) answers
   ``stats`` and ``flows`` on the same selector, without blocking.
 
@@ -52,7 +52,6 @@ from firewall.config import Config
 from firewall.control import BadRequest, Command, ControlServer, SelectorLoop
 from firewall.errors import KernelError, PrivilegeError
 from firewall.processor.core import DROP, PASS, ProcessorCore, Route
-from firewall.processor.dynamic import KernelRules
 from firewall.processor.kernel import Conntrack, NatWriter, queue_counters
 from firewall.signalling import MAX_DATAGRAM, Encoder, Guard, Role, load_or_create_key
 
@@ -65,7 +64,6 @@ TICK = 1.0  # seconds between expiry runs; FlowTable counts whole seconds
 # most about 40 MB of kernel memory with 1500-byte packets.
 QUEUE_COPY_RANGE = 0xFFFF  # whole packets (netfilterqueue caps this at its 4016-byte buffer)
 SIGNALLING_BATCH = 256  # datagrams read before the loop moves on
-KERNEL_POLL_INTERVAL = 0.005  # seconds between looks at a running iptables/nft child
 ROUTE_CACHE_SIZE = 65536  # entries, then the cache starts over
 LOCAL_ADDRESS_SECONDS = 5.0  # how long the router's address list is reused
 ERROR_LOG_INTERVAL = 10.0  # seconds between tracebacks of one kind; all are counted
@@ -202,11 +200,10 @@ class Runner:
         # The queue first: a second processor started for a queue that has
         # one must fail before it touches that one's rules or bindings.
         self._bind_queue()
-        self.kernel = KernelRules(self.queue)
-        stale = self.kernel.remove_all()
         self.nat = NatWriter(cfg.processor.timeouts.nat_element)
         if not self.nat.table_present():
             raise KernelError("processor: the binding table (table ip nfgate_bind) is not loaded: run `nfgate apply` first")
+        self.nat.flush_instance(self.instance)  # a predecessor's dynamic rules: nobody answers for them now
         marks = cfg.processor.marks
         self.ct = Conntrack(marks.mask, marks.rewritten)
         self.ipr = IPRoute()
@@ -216,8 +213,6 @@ class Runner:
             route=self.routes, ifname=self.routes.ifname, local_addresses=self.routes.local_addresses,
             conntrack=self.ct.alive, now=time.monotonic(), wall=time.time(), push=self.push,
         )
-        if stale:
-            self.core.counters["kernel.stale_rules_removed"] += stale
         if cfg.processor.conntrack_accounting:
             self._accounting_on()
         # Before the queue is read: no new flow may be given an F:f still in use.
@@ -227,9 +222,9 @@ class Runner:
         try:
             self._open_sockets()
             log.info(
-                "queue %d: signalling %s:%d, control %s, %d bindings adopted from conntrack, dynamic rules via %s%s",
+                "queue %d: signalling %s:%d, control %s, %d bindings adopted from conntrack%s",
                 self.queue, cfg.gateway_link.router_address.ip, cfg.processor_signalling_port(self.instance),
-                self.control_path, adopted, self.kernel.backend or "(no nfgate ruleset found yet)",
+                self.control_path, adopted,
                 "" if self.push else ", TEST: NEW_FLOW pushes skipped",
             )
             self._loop()
@@ -293,8 +288,10 @@ class Runner:
 
     def _close(self) -> None:
         self.nfq.unbind()  # with fail_mode open the kernel now bypasses us; closed drops
-        removed = self.kernel.remove_all()
-        log.info("queue %d: stopped; removed %d dynamic rules", self.queue, removed)
+        nat = getattr(self, "nat", None)
+        if nat is not None:
+            nat.flush_instance(self.instance)
+        log.info("queue %d: stopped; its dynamic rules removed", self.queue)
         signal.set_wakeup_fd(-1)
         control = getattr(self, "control", None)
         if control is not None:
@@ -314,16 +311,12 @@ class Runner:
         next_reap = next_tick
         while not self._stop:
             timeout = max(0.0, next_tick - time.monotonic())
-            if self.kernel.busy:
-                timeout = min(timeout, KERNEL_POLL_INTERVAL)
             for key, _ in self._sel.select(timeout):
                 try:
                     key.data(key.fileobj)
                 except Exception:  # noqa: BLE001 - one bad event must not stop the processor
                     self._internal("internal.loop", "an event")
             now = time.monotonic()
-            for op, ok, counts in self.kernel.collect(now):
-                self.core.kernel_done(op.token, ok, now, counts)
             if now >= next_reap:
                 self._reap()
                 next_reap = now + self.config.processor.timeouts.reap
@@ -339,12 +332,15 @@ class Runner:
         if core.outbox:
             self._send_outbox()
         ops = core.rules.kernel_ops
-        if ops:
-            for op in ops:
-                self.kernel.submit(op)
-            ops.clear()
-            for op, ok, counts in self.kernel.collect(time.monotonic()):
-                core.kernel_done(op.token, ok, time.monotonic(), counts)
+        while ops:
+            # In order, in-process: a transaction each, well under a millisecond.
+            op = ops.pop(0)
+            try:
+                ok = self.nat.apply(op)
+            except Exception:  # noqa: BLE001 - counted; the rule is refused or retired
+                self._internal("kernel.error", "a dynamic rule")
+                ok = False
+            core.kernel_done(op.token, ok, time.monotonic())
 
     def _send_outbox(self) -> None:
         core = self.core
@@ -467,7 +463,6 @@ class Runner:
             "pid": os.getpid(),
             "uptime": round(time.monotonic() - self.started, 1),
             "sender_id": f"{self.core.encoder.sender_id:#018x}",
-            "backend": self.kernel.backend,
             "push": self.push,
         }
 

@@ -37,6 +37,8 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+from firewall.config.model import Marks
+
 FAMILY = "ip"
 TABLE = "nfgate_bind"
 DNAT_MAP = "leg_dnat"
@@ -50,8 +52,26 @@ _ORIGINAL = "meta l4proto . ct original ip saddr . ct original proto-src . ct or
 _PROTOS = ("tcp", "udp")
 
 
-def render(mask: int, mark: int) -> str:
+# Dynamic rules (docs/datapath.md, "Dynamic rules"), per processor instance i,
+# each in an exact-source-port flavour and an "_any" one (any source port):
+# expect_i: the first packet of a flow a gateway asked for goes to instance i
+#   (REDIRECT, and the watched first packet of an ALLOW);
+# dnat_i: the router's address to the party it stands for (ALLOW), port kept;
+# allow_i / allow_dnat_i: the flow the kernel carries (after that DNAT).
+_EXACT = "inet_proto . ipv4_addr . inet_service . ipv4_addr . inet_service"
+_ANY = "inet_proto . ipv4_addr . ipv4_addr . inet_service"
+_PACKET = "meta l4proto . ip saddr . th sport . ip daddr . th dport"
+_PACKET_ANY = "meta l4proto . ip saddr . ip daddr . th dport"
+DYN_KINDS = ("expect", "dnat", "allow", "allow_dnat")
+
+
+def dyn_name(kind: str, instance: int, any_port: bool) -> str:
+    return f"{kind}_{instance}" + ("_any" if any_port else "")
+
+
+def render(marks: Marks, instances: int) -> str:
     """The table as ``nft -f`` input that replaces any previous one atomically."""
+    mask, mark = marks.mask, marks.rewritten
     keep = ~mask & 0xFFFFFFFF
     lines = [
         "# nfgate binding table: the kernel carries gateway flows (firewall/rules/bind.py).",
@@ -69,7 +89,32 @@ def render(mask: int, mark: int) -> str:
             "\t}",
             "",
         ]
+    for i in range(instances):
+        for kind in DYN_KINDS:
+            for any_port in (False, True):
+                value = " : ipv4_addr" if kind == "dnat" else ""
+                lines += [
+                    f"\t{'map' if value else 'set'} {dyn_name(kind, i, any_port)} {{",
+                    f"\t\ttype {_ANY if any_port else _EXACT}{value}",
+                    f'\t\tcomment "dynamic rules of processor instance {i}"',
+                    "\t}",
+                    "",
+                ]
     lines += [
+        "\tchain expect {",
+        "\t\ttype filter hook prerouting priority mangle - 5; policy accept;",
+        "\t\tct state established,related,invalid,untracked return",
+        "\t\tct status confirmed return",
+        '\t\tmeta l4proto tcp tcp flags & (fin | syn | rst | ack) != syn return comment "a TCP flow begins with a SYN"',
+    ]
+    for i in range(instances):
+        value = marks.expect_value(i)
+        for any_port in (False, True):
+            key = _PACKET_ANY if any_port else _PACKET
+            lines.append(f"\t\t{key} @{dyn_name('expect', i, any_port)} meta mark set meta mark & {~marks.expect & 0xFFFFFFFF:#010x} | {value:#010x}")
+    lines += [
+        "\t}",
+        "",
         "\tchain dstnat {",
         f"\t\ttype nat hook prerouting priority dstnat - {PRIORITY_OFFSET}; policy accept;",
         f"\t\tmeta mark & {mask:#010x} == {mark:#010x} ct mark set ct mark & {keep:#010x} | {mark:#010x} "
@@ -77,6 +122,10 @@ def render(mask: int, mark: int) -> str:
     ]
     for proto in _PROTOS:
         lines.append(f"\t\tmeta l4proto {proto} dnat ip to {_ORIGINAL} map @{DNAT_MAP}")
+    for i in range(instances):
+        for any_port in (False, True):
+            key = _PACKET_ANY if any_port else _PACKET
+            lines.append(f"\t\tdnat ip to {key} map @{dyn_name('dnat', i, any_port)}")
     lines += [
         "\t}",
         "",
@@ -85,20 +134,42 @@ def render(mask: int, mark: int) -> str:
     ]
     for proto in _PROTOS:
         lines.append(f"\t\tmeta l4proto {proto} snat ip to {_ORIGINAL} map @{SNAT_MAP}")
+    lines += [
+        "\t}",
+        "",
+        "\tchain allow {",
+        "\t\ttype filter hook forward priority filter - 5; policy accept;",
+        "\t\tct state != new return",
+    ]
+    for i in range(instances):
+        for any_port in (False, True):
+            key = _PACKET_ANY if any_port else _PACKET
+            lines.append(f"\t\t{key} @{dyn_name('allow', i, any_port)} meta mark set meta mark | {marks.allowed:#010x}")
+            lines.append(f"\t\tct status dnat {key} @{dyn_name('allow_dnat', i, any_port)} meta mark set meta mark | {marks.allowed:#010x}")
     lines += ["\t}", "}"]
     return "\n".join(lines) + "\n"
 
 
-def element(proto: str, key: tuple[int, int, int, int], value: tuple[int, int], timeout: float) -> list[Any]:
-    """One map element in libnftables' JSON: ``[{"elem": {"val": KEY, "timeout": s}}, VALUE]``."""
-    src, sport, dst, dport = key
+def element(proto: str, key: tuple[int, ...], value: tuple[int, ...] | None, timeout: float | None) -> Any:
+    """One set or map element in libnftables' JSON. ``key`` is (src, sport, dst, dport),
+    or (src, dst, dport) for an any-port set; ``value`` an address, or an address and port."""
     ip = ipaddress.IPv4Address
-    return [
-        {"elem": {"val": {"concat": [proto, str(ip(src)), sport, str(ip(dst)), dport]}, "timeout": max(1, round(timeout))}},
-        {"concat": [str(ip(value[0])), value[1]]},
-    ]
+    if len(key) == 4:
+        src, sport, dst, dport = key
+        val: Any = {"concat": [proto, str(ip(src)), sport, str(ip(dst)), dport]}
+    else:
+        src, dst, dport = key
+        val = {"concat": [proto, str(ip(src)), str(ip(dst)), dport]}
+    elem: Any = {"elem": {"val": val, "timeout": max(1, round(timeout))}} if timeout is not None else val
+    if value is None:
+        return elem
+    return [elem, {"concat": [str(ip(value[0])), value[1]]} if len(value) == 2 else str(ip(value[0]))]
 
 
-def add_elements(name: str, elements: list[Any]) -> dict[str, Any]:
-    """A libnftables JSON command adding (or refreshing) ``elements`` in map ``name``."""
-    return {"add": {"element": {"family": FAMILY, "table": TABLE, "name": name, "elem": elements}}}
+def elements(op: str, name: str, elems: list[Any]) -> dict[str, Any]:
+    """A libnftables JSON command: ``op`` ("add" or "delete") ``elems`` in set or map ``name``."""
+    return {op: {"element": {"family": FAMILY, "table": TABLE, "name": name, "elem": elems}}}
+
+
+def add_elements(name: str, elems: list[Any]) -> dict[str, Any]:
+    return elements("add", name, elems)

@@ -12,10 +12,12 @@ The layout (docs/datapath.md explains it, hook by hook):
   packet and every later one, in both directions (invariant 3). The
   processor's verdict continues at the next hook, so no packet is queued
   twice (invariant 4).
-- ``dstnat`` / ``srcnat``: port forwards and masquerade. With gateways,
-  ``dstnat`` exists even without port forwards: its first rule jumps to
-  ``dyn_dnat``, where the processor translates the router's address for a
-  flow a gateway asked the kernel to carry (an ALLOW rule).
+- ``dstnat`` / ``srcnat``: port forwards and masquerade.
+- Dynamic rules (what gateways ask for) are elements of the binding table's
+  sets; the binding table's own chains mark the packets they name, and the
+  static rules here act on the marks: ``expect`` bits send a flow's first
+  packet to the processor instance that made the rule, ``allowed`` accepts
+  a new connection in forward.
 - ``input``, ``forward``, ``output``: the stateful filter, with one regular
   chain per zone pair holding the config's ``[[rule]]`` entries in order.
 
@@ -62,9 +64,6 @@ from firewall.rules.model import (
     Ruleset,
 )
 
-DYN_REDIRECT = "dyn_redirect"
-DYN_DNAT = "dyn_dnat"
-DYN_ALLOW = "dyn_allow"
 ICMP_ERRORS = ("destination-unreachable", "time-exceeded", "parameter-problem")
 ICMPV6_ERRORS = ("destination-unreachable", "packet-too-big", "time-exceeded", "parameter-problem")
 # RFC 4890 section 4.4.1: neighbour discovery must reach the router itself.
@@ -76,7 +75,7 @@ def build(config: Config) -> Ruleset:
     rs.source = str(config.path) if config.path else ""
     if config.gateways:
         marks = config.processor.marks
-        rs.bind = (marks.mask, marks.rewritten)
+        rs.bind = (marks, len(config.processor.queues))
         _steer(config, rs)
     _nat(config, rs)
     _filter(config, rs)
@@ -98,13 +97,15 @@ def _steer(config: Config, rs: Ruleset) -> None:
     # A retransmitted SYN, or a second datagram before any reply, is still
     # "new" to conntrack, but its connection already carries its NAT.
     chain.add([CtConfirmed()], [Return()], "conntrack carries a connection after its first packet", Family.V4)
-    # Filled at run time by the processor with exact, short-lived rules that a
-    # gateway asked for (seed, "Dynamic changes in packet processing").
-    rs.chains.append(Chain(DYN_REDIRECT, Kind.MANGLE))
-    chain.add([], [Jump(DYN_REDIRECT)], "dynamic rules: redirect into a gateway", Family.V4)
-
     bypass = proc.fail_mode == "open"
     queues = proc.queues
+    # The first packet of a flow a gateway asked for (seed, "Dynamic changes
+    # in packet processing"): the binding table's expect chain marked it for
+    # the instance that holds the rule.
+    marks = proc.marks
+    for i, q in enumerate(queues):
+        chain.add([Mark(marks.expect, marks.expect_value(i))], [Queue(q, bypass)],
+                  f"dynamic rules: a flow a gateway asked for, to processor instance {i}", Family.V4)
     buckets = bucket_count(len(queues))
 
     def steer(name: str, comment: str, slices: list[list]) -> Jump | Queue:
@@ -190,16 +191,9 @@ def _selector(t: Traffic) -> list:
 
 
 def _nat(config: Config, rs: Ruleset) -> None:
-    if config.nat.forwards or config.gateways:
+    if config.nat.forwards:
         dst = Chain("dstnat", Kind.NAT, Hook.PREROUTING)
         rs.chains.append(dst)
-        if config.gateways:
-            # Filled at run time by the processor: the exact DNAT that goes with an
-            # ALLOW rule whose destination is the router's address standing in
-            # for a party (docs/datapath.md, "Dynamic rules"). First, so that no
-            # port forward can take the flow before it.
-            rs.chains.append(Chain(DYN_DNAT, Kind.NAT))
-            dst.add([], [Jump(DYN_DNAT)], "dynamic rules: the router's address to the party it stands for", Family.V4)
         for f in config.nat.forwards:
             matches: list = [InZone(f.from_zone), DstLocal(), Proto(f.proto)]
             if f.saddr:
@@ -252,8 +246,8 @@ def _filter(config: Config, rs: Ruleset) -> None:
     for chain in (inp, fwd, out):
         _stateful(chain, config)
     if gateways:
-        rs.chains.append(Chain(DYN_ALLOW, Kind.FILTER))
-        fwd.add([], [Jump(DYN_ALLOW)], "dynamic rules: allowed by a gateway", Family.V4)
+        fwd.add([Mark(marks.allowed, marks.allowed), CtState(("new",))], [Accept()],
+                "dynamic rules: a flow a gateway asked the kernel to carry", Family.V4)
     if pol.icmp_essential:
         for chain in (inp, fwd, out):
             chain.add([Proto("icmp"), IcmpType(ICMP_ERRORS)], [Accept()], "policy.icmp_essential", Family.V4)

@@ -18,7 +18,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from enum import Enum
 
-from firewall.config.model import PortRange
+from firewall.config.model import Marks, PortRange
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -223,9 +223,9 @@ class Ruleset:
     zones: dict[str, tuple[str, ...]]  # zone -> interfaces (nft named sets)
     chains: list[Chain]
     source: str = ""  # the config file, for the header comment
-    # (mask, mark) of bound gateway flows: with gateways, the binding table
+    # (marks, processor instances): with gateways, the binding table
     # (firewall.rules.bind) goes with the ruleset, whatever the backend.
-    bind: tuple[int, int] | None = None
+    bind: tuple[Marks, int] | None = None
 
     def chain(self, name: str) -> Chain:
         for chain in self.chains:

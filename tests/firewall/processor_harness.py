@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
+from tests.bindtable import dynamic_elements
 from tests.conntrack import fast_conntrack
 from firewall import gwlink
 from firewall.config.model import GatewayLink
@@ -200,11 +201,8 @@ class Harness:
         assert result.returncode == 0, result.stderr
 
     def dynamic_rules(self) -> list[str]:
-        out = []
-        for table, chain in (("mangle", "NFGATE-DYN-REDIRECT"), ("nat", "NFGATE-DYN-DNAT"), ("filter", "NFGATE-DYN-ALLOW")):
-            listing = self.lab.run("router", ["iptables-nft", "-t", table, "-S", chain]).stdout
-            out += [line for line in listing.splitlines() if line.startswith("-A ")]
-        return out
+        """The dynamic rules' elements in the binding table, ``"<set>: <element>"`` each."""
+        return dynamic_elements(self.lab)
 
     # ---- the processor ----------------------------------------------------------------
 

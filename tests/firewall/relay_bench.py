@@ -22,8 +22,8 @@ its baseline back to back and printed with the ratio:
   ``connect-seconds``, through the relay and through the kernel;
 - installs/s: binding elements written by the processor's ``NatWriter``
   (libnftables, in-process), one transaction each and 100 per transaction,
-  and dynamic rules (``KernelRules``: one tool process per operation) added
-  and removed, in the lab router.
+  and dynamic rules (a translated ALLOW's three elements, one transaction)
+  added and removed, in the lab router.
 """
 
 from __future__ import annotations
@@ -37,13 +37,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from firewall.config.model import PortRange
 from firewall.lab.netns import Lab
 from firewall.lab.topology import load_topology
 from firewall.lab.wait import wait_for
 from firewall.processor.rulebook import KernelRule
-from firewall.rules.build import DYN_ALLOW
-from firewall.rules.model import Accept, Addr, CtState, Family, Port, Proto, Rule
 from tests.firewall.run_harness import Running
 
 WAN, EXT, LAN, GW = "203.0.113.1", "203.0.113.10", "192.168.1.10", "172.31.255.2"
@@ -82,7 +79,6 @@ print(sum(done) / (time.monotonic() - start))
 INSTALLS = r"""
 import json, sys, time
 from firewall.processor.kernel import NatWriter
-from firewall.processor.dynamic import KernelRules
 from firewall.processor.rulebook import KernelOp
 from tests.firewall.relay_bench import kernel_rule
 n = int(sys.argv[1])
@@ -97,26 +93,21 @@ t = time.perf_counter()
 for k in range(0, len(ops), 100):
     assert all(w.write(ops[k:k + 100]))
 batched = len(ops) / (time.perf_counter() - t)
-kr = KernelRules(0)
-kr.detect()
 t = time.perf_counter()
 for i in range(n):
-    for add in (True, False):
-        kr.submit(KernelOp(2 * i + add, add, (kernel_rule(i),)))
-        deadline = time.monotonic() + 10
-        while kr.busy and time.monotonic() < deadline:
-            kr.collect(time.monotonic())
-            time.sleep(0.001)
+    unit = kernel_rule(i)
+    assert w.apply(KernelOp(2 * i, True, unit)) and w.apply(KernelOp(2 * i + 1, False, unit))
 rules_per_s = 2 * n / (time.perf_counter() - t)
-print(json.dumps({"elements_single": single, "elements_batched": batched, "rule_ops": rules_per_s, "backend": kr.backend}))
+print(json.dumps({"elements_single": single, "elements_batched": batched, "rule_ops": rules_per_s}))
 """
 
 
-def kernel_rule(i: int) -> KernelRule:
-    """An exact accept like an FTP data connection's, the ``i``-th of the run."""
-    matches = (Proto("tcp"), Addr("src", (ipaddress.ip_network(EXT),)), Addr("dst", (ipaddress.ip_network(LAN),)),
-               Port("dst", (PortRange(30000 + i, 30000 + i),)), CtState(("new",)))
-    return KernelRule(f"nfgate-dyn q0 k{i}", DYN_ALLOW, Rule(matches, (Accept(),), f"nfgate-dyn q0 k{i}", Family.V4))
+def kernel_rule(i: int) -> tuple[KernelRule, ...]:
+    """The elements of a translated ALLOW like an FTP data connection's, the ``i``-th of the run."""
+    ext, wan, lan = (int(ipaddress.IPv4Address(a)) for a in (EXT, WAN, LAN))
+    port = 30000 + i
+    return (KernelRule("expect_0_any", ("tcp", ext, wan, port)), KernelRule("dnat_0_any", ("tcp", ext, wan, port), (lan,)),
+            KernelRule("allow_dnat_0_any", ("tcp", ext, lan, port)))
 
 
 def iperf(lab, client: str, server: str, port: int, seconds: float) -> float:
@@ -191,7 +182,6 @@ def main() -> None:
         "binding_elements_per_s_single": round(installs["elements_single"]),
         "binding_elements_per_s_batched_100": round(installs["elements_batched"]),
         "dynamic_rule_ops_per_s": round(installs["rule_ops"], 1),
-        "dynamic_rule_backend": installs["backend"],
     }
     print(json.dumps(out, indent=2))
 

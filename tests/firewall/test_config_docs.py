@@ -47,7 +47,7 @@ def test_every_key_and_default_is_documented(header: str) -> None:
         shown = rows[f.name].strip("`").strip('"')
         if isinstance(default, bool):
             assert shown == str(default).lower()
-        elif f.name in ("mask", "rewritten", "passed"):
+        elif f.name in ("mask", "rewritten", "passed", "allowed", "expect"):
             assert int(shown, 16) == default
         elif isinstance(default, tuple):
             assert shown == str(list(default)), (header, f.name)

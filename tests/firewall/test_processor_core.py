@@ -23,7 +23,6 @@ from __future__ import annotations
 import ipaddress
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import pytest
@@ -40,14 +39,10 @@ from firewall.control import ControlError, ask
 from firewall.packet import TCP as TCP_PROTO
 from firewall.packet import UDP as UDP_PROTO
 from firewall.processor.core import DROP, PASS, ProcessorCore, Route
-from firewall.processor.dynamic import _ipt_specs
 from firewall.processor.kernel import Connection
-from firewall.processor.rulebook import KernelOp
+from firewall.processor.rulebook import KernelOp, KernelRule
 from firewall.processor.runner import COMMANDS, CONTROL_MAX_REQUEST, FLOWS_LIMIT_MAX
-from firewall.rules import nft
 from firewall.rules.bind import DNAT_MAP, SNAT_MAP
-from firewall.rules.model import Proto as ProtoMatch
-from firewall.rules.model import Queue
 from firewall.signalling import (
     Answer,
     Encoder,
@@ -290,12 +285,12 @@ class Rig:
         self.core.datagram(self.gw_encoder.encode(msg, self.now - T0 + WALL0), (G, 7500), self.now)
         return self.messages()
 
-    def kernel(self, ok: bool = True, counts: dict[str, int] | None = None) -> list[KernelOp]:
+    def kernel(self, ok: bool = True) -> list[KernelOp]:
         """Complete every queued kernel operation; return them."""
         ops = list(self.core.rules.kernel_ops)
         self.core.rules.kernel_ops.clear()
         for op in ops:
-            self.core.kernel_done(op.token, ok, self.now, counts)
+            self.core.kernel_done(op.token, ok, self.now)
         return ops
 
     def tick(self, seconds: float) -> None:
@@ -879,12 +874,7 @@ def test_redirect_rule_is_acked_when_installed_and_takes_its_flow() -> None:
     (op,) = rig.core.rules.kernel_ops
     assert op.add and len(op.rules) == 1  # the expected flow's first packet only: conntrack carries its replies
     (rule,) = op.rules
-    assert _ipt_specs(rule) == ("mangle", [
-        f'NFGATE-DYN-REDIRECT -p tcp -s {C} -d {W} --dport 50000 -m comment --comment "{rule.tag}" -j NFQUEUE --queue-num 0',
-    ])
-    assert nft.render_rule(rule.rule) == (
-        f'meta nfproto ipv4 ip saddr {C} ip daddr {W} tcp dport 50000 counter queue num 0 comment "{rule.tag}"'
-    )
+    assert rule == KernelRule("expect_0_any", ("tcp", ip(C), ip(W), 50000))  # any source port
     assert rig.ask(req) == []  # a retry while it installs: nothing new, nothing twice
     rig.kernel()
     (ack,) = rig.messages()
@@ -957,15 +947,8 @@ def test_tcp_allow_passes_its_first_syn_and_exactly_one_connection() -> None:
     rig.ask(request(rig, ftp.flow_id, S, 0, C, 6000, mode=RuleMode.ALLOW))
     (op,) = rig.kernel()
     watch, accept = op.rules
-    assert _ipt_specs(watch) == ("mangle", [
-        f'NFGATE-DYN-REDIRECT -p tcp -s {S} -d {C} --dport 6000 --syn -m comment --comment "{watch.tag}" '
-        f'-j NFQUEUE --queue-num 0'])
-    assert nft.render_rule(watch.rule) == (
-        f'meta nfproto ipv4 ip saddr {S} ip daddr {C} tcp dport 6000 tcp flags & (fin | syn | rst | ack) == syn counter '
-        f'queue num 0 comment "{watch.tag}"')
-    assert _ipt_specs(accept) == ("filter", [
-        f'NFGATE-DYN-ALLOW -p tcp -s {S} -d {C} --dport 6000 -m conntrack --ctstate NEW '
-        f'-m comment --comment "{accept.tag}" -j ACCEPT'])
+    assert watch == KernelRule("expect_0_any", ("tcp", ip(S), ip(C), 6000))  # its first packet comes here
+    assert accept == KernelRule("allow_0_any", ("tcp", ip(S), ip(C), 6000))
     (ack,) = rig.messages()
     rig.tick(1)
     assert rig.core.rules.kernel_ops == []  # no counter to poll: the SYN says when it is used
@@ -1001,29 +984,25 @@ def test_a_used_allow_leaves_the_kernel_with_its_flow_before_its_grace() -> None
     (removal,) = rig.kernel()
     assert not removal.add and removal.rules == op.rules and rig.core.rules.spent == {}
     rig.tick(3)
-    assert [o for o in rig.kernel() if not o.poll] == []  # removed once
+    assert rig.kernel() == []  # removed once
 
 
-def test_udp_allow_rule_ends_when_its_counter_moves() -> None:
-    """A UDP flow has no SYN to watch: its ALLOW's use is its packet counter, polled each tick."""
+def test_udp_allow_passes_its_first_datagram_and_exactly_one_flow() -> None:
+    """A UDP ALLOW's first datagram comes to the processor like a TCP SYN: one flow, exactly."""
     rig = Rig()
     rig.bound(udp(S, 4000, C, 10050), LAN0)  # an RTP flow, lan to ext
     (rtp,) = rig.messages()
     rig.kernel()  # the processor's own adjacent-port expectation
     rig.ask(RuleRequest(1, rtp.flow.flow_id, Proto.UDP, ep(C, 7000), ep(S, 7001), 30, RuleMode.ALLOW, True))
     (op,) = rig.kernel()
-    (rule,) = op.rules
-    tag = rule.tag
-    assert rule.rule.matches[0] == ProtoMatch("udp") and rule.chain == "dyn_allow"  # no SYN to watch
+    assert op.rules == (KernelRule("expect_0", ("udp", ip(C), 7000, ip(S), 7001)),
+                        KernelRule("allow_0", ("udp", ip(C), 7000, ip(S), 7001)))
     (ack,) = rig.messages()
     rig.tick(1)
-    (poll,) = rig.core.rules.kernel_ops
-    assert poll.poll
-    rig.kernel(counts={tag: 0})
-    assert rig.messages() == [] and len(rig.core.rules) == 2
-    rig.tick(1)
-    rig.kernel(counts={tag: 1})
+    assert rig.core.rules.kernel_ops == []  # nothing to poll
+    assert rig.send(udp(C, 7000, S, 7001), WAN0) == (PASS, None, QOS | PASSED)
     assert rig.messages() == [RuleEnd(ack.rule_id, RuleEndReason.USED)]
+    rig.tick(3)
     (removal,) = rig.kernel()
     assert not removal.add and removal.rules == op.rules
 
@@ -1070,21 +1049,11 @@ def test_allow_to_the_port_forward_address_is_a_dnat_and_an_accept_in_one_unit()
     rig = Rig()
     ftp = ftp_session(rig)
     op, ack = allow_unit(rig, request(rig, ftp.flow_id, C, 0, W, 50000, mode=RuleMode.ALLOW))
-    assert op.add and [r.chain for r in op.rules] == ["dyn_redirect", "dyn_dnat", "dyn_allow"]  # mangle, nat, filter
     watch, dnat, accept = op.rules
-    assert _ipt_specs(watch)[1][0].startswith(f"NFGATE-DYN-REDIRECT -p tcp -s {C} -d {W} --dport 50000 --syn ")
-    assert _ipt_specs(dnat) == ("nat", [
-        f'NFGATE-DYN-DNAT -p tcp -s {C} -d {W} --dport 50000 -m comment --comment "{dnat.tag}" '
-        f'-j DNAT --to-destination {S}:50000'])
-    # The accept is for the translated tuple only, and only once it was translated.
-    assert _ipt_specs(accept) == ("filter", [
-        f'NFGATE-DYN-ALLOW -p tcp -s {C} -d {S} --dport 50000 -m conntrack --ctstate NEW '
-        f'-m conntrack --ctstate DNAT -m comment --comment "{accept.tag}" -j ACCEPT'])
-    assert nft.render_rule(dnat.rule) == (
-        f'meta nfproto ipv4 ip saddr {C} ip daddr {W} tcp dport 50000 counter dnat ip to {S}:50000 comment "{dnat.tag}"')
-    assert nft.render_rule(accept.rule) == (
-        f'meta nfproto ipv4 ip saddr {C} ip daddr {S} tcp dport 50000 ct state new ct status dnat counter accept '
-        f'comment "{accept.tag}"')
+    assert op.add and watch == KernelRule("expect_0_any", ("tcp", ip(C), ip(W), 50000))
+    assert dnat == KernelRule("dnat_0_any", ("tcp", ip(C), ip(W), 50000), (ip(S),))  # the port is kept
+    # The accept is for the translated tuple only, and only once it was translated (its set asks ct status dnat).
+    assert accept == KernelRule("allow_dnat_0_any", ("tcp", ip(C), ip(S), 50000))
     # One-shot: the first SYN passes to the kernel (which translates it), untouched; a second
     # connection's is dropped; after USED_GRACE the DNAT goes with the accept, in one removal.
     assert rig.send(tcp(C, 45000, W, 50000, "S"), WAN0) == (PASS, None, QOS | PASSED)
@@ -1108,14 +1077,14 @@ def test_allow_to_the_snat_address_is_translated_to_the_client() -> None:
     assert flow.snat == ep(W, 61000)
     op, ack = allow_unit(rig, request(rig, flow.flow_id, C, 0, W, 50001, mode=RuleMode.ALLOW, ttl=5))
     _, dnat, accept = op.rules
-    assert _ipt_specs(dnat)[1][0].endswith(f"-j DNAT --to-destination {S}:50001")
-    assert _ipt_specs(accept)[1][0].startswith(f"NFGATE-DYN-ALLOW -p tcp -s {C} -d {S} --dport 50001 ")
+    assert dnat == KernelRule("dnat_0_any", ("tcp", ip(C), ip(W), 50001), (ip(S),))
+    assert accept == KernelRule("allow_dnat_0_any", ("tcp", ip(C), ip(S), 50001))
     # Unused, it ends at its TTL, both rules together.
     rig.now += 5  # past its TTL, before the tick retires it: its SYNs no longer pass
     rig.dropped(tcp(C, 20, W, 50001, "S"), WAN0, "drop.rule_expired")
     rig.tick(0)
     assert rig.messages() == [RuleEnd(ack.rule_id, RuleEndReason.EXPIRED)]
-    removals = [o for o in rig.kernel() if not o.add and not o.poll]
+    removals = [o for o in rig.kernel() if not o.add]
     assert [o.rules for o in removals] == [op.rules]
 
 
@@ -1136,8 +1105,8 @@ def test_allow_to_a_router_address_that_stands_for_no_party_is_refused() -> None
     assert rig.ask(request(rig, outbound.flow_id, C, 0, W, 6000, rid=4, mode=RuleMode.ALLOW)) == []
     assert rig.ask(request(rig, outbound.flow_id, C, 0, W, 6001, rid=5)) == []
     allow, redirect = rig.core.rules.kernel_ops
-    assert [r.chain for r in allow.rules] == ["dyn_redirect", "dyn_dnat", "dyn_allow"]
-    assert [r.chain for r in redirect.rules] == ["dyn_redirect"]
+    assert [r.name for r in allow.rules] == ["expect_0_any", "dnat_0_any", "allow_dnat_0_any"]
+    assert [r.name for r in redirect.rules] == ["expect_0_any"]
     # The redirected flow, when it comes, goes to the client the router's address stands for.
     rig.kernel()
     rig.messages()
@@ -1152,9 +1121,7 @@ def test_adjacent_port_is_expected_by_the_processor_itself() -> None:
     (rtp,) = rig.messages()
     (op,) = rig.kernel()
     assert rig.core.counters["rules.adjacent"] == 1 and rig.messages() == []  # no ACK: nobody asked
-    (spec,) = [s for r in op.rules for s in _ipt_specs(r)[1]]  # the first packet only: no reply rule
-    assert spec.startswith(f"NFGATE-DYN-REDIRECT -p udp -s {S} -d {C} --dport 10051 ")
-    assert isinstance(op.rules[0].rule.statements[0], Queue)
+    assert op.rules == (KernelRule("expect_0_any", ("udp", ip(S), ip(C), 10051)),)  # the first packet only
     # RTCP from the next source port to the next destination port: the same gateway.
     a = rig.bound(udp(S, 4001, C, 10051), LAN0)
     (rtcp,) = rig.messages()
@@ -1355,7 +1322,7 @@ def test_runner_answers_stats_and_flows_on_its_control_socket(tmp_path: Path) ->
     rig = Rig()
     log: list[Any] = []
     runner = runner_for(rig, log)
-    runner.kernel = SimpleNamespace(backend="nft")
+
     runner.ct = NoConntrack()
     runner._on_packet(FakePacket(bytes(tcp(C, 40000, W, 8443, "S")), log))
     runner._settle()
@@ -1363,7 +1330,7 @@ def test_runner_answers_stats_and_flows_on_its_control_socket(tmp_path: Path) ->
     with selector_server(path, COMMANDS, runner, request_max=CONTROL_MAX_REQUEST) as server:
         runner.control = server
         stats = ask(path, {"cmd": "stats"})
-        assert (stats["instance"], stats["backend"], stats["push"], stats["flows"]) == (0, "nft", True, 1)
+        assert (stats["instance"], stats["push"], stats["flows"]) == (0, True, 1)
         assert stats["counters"]["control.requests"] == 1 and stats["counters"]["verdict.bound"] == 1
         (flow,) = ask(path, {"cmd": "flows"})
         assert (flow["client"], flow["original_dst"], flow["proto"]) == (f"{C}:40000", f"{W}:8443", "tcp")

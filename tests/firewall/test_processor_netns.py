@@ -9,22 +9,17 @@ gateway layer of processor_gateway.py. Every wait polls with a bound.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 from scapy.layers.inet import IP, TCP
 
-from firewall.config.model import PortRange
 from firewall.lab.wait import wait_for
-from firewall.processor.dynamic import KernelRules
-from firewall.processor.rulebook import KernelOp, KernelRule
-from firewall.rules.model import Accept, Addr, CtDnat, CtState, Dnat, Family, Port, Proto, Queue, Rule, TcpSyn
+from tests.bindtable import dynamic_elements
 from tests.firewall.processor_harness import CLIENT, EXT, LAN, WAN, Harness, Server
 
 pytestmark = pytest.mark.netns
@@ -215,7 +210,7 @@ def test_dynamic_rules_redirect_and_allow_one_flow_each(rig: Harness) -> None:
     # REDIRECT: the client's next connection to the router's 50000 goes into the ftp gateway.
     rig.command(cmd="rule", request_id=1, flow_id=ftp["flow_id"], src=f"{EXT}:0", dst=f"{WAN}:50000")
     ack = rig.event("rule_ack", request_id=1)
-    assert len([r for r in rig.dynamic_rules() if "NFQUEUE" in r]) == 1  # its first packet; conntrack carries the rest
+    assert [r.split(":")[0] for r in rig.dynamic_rules()] == ["expect_0_any"]  # its first packet; conntrack carries the rest
     assert rig.many("ext", WAN, 50000, 1)["replies"] == 1
     assert data.peers() == [EXT]
     redirected = rig.event("flow", gateway="ftp", server=f"{LAN}:50000")
@@ -242,8 +237,9 @@ def test_dynamic_rules_redirect_and_allow_one_flow_each(rig: Harness) -> None:
     rig.command(cmd="rule", request_id=5, flow_id=ftp["flow_id"], src=f"{EXT}:0", dst=f"{WAN}:50002", mode="allow")
     ack = rig.event("rule_ack", request_id=5)
     rules = rig.dynamic_rules()
-    assert [r.split()[1] for r in rules] == ["NFGATE-DYN-REDIRECT", "NFGATE-DYN-DNAT", "NFGATE-DYN-ALLOW"], rules
-    assert "--tcp-flags FIN,SYN,RST,ACK SYN" in rules[0] and f"--to-destination {LAN}:50002" in rules[1] and "--ctstate DNAT" in rules[2]
+    assert sorted(r.split(":")[0] for r in rules) == ["allow_dnat_0_any", "dnat_0_any", "expect_0_any"], rules
+    (dnat,) = [r for r in rules if r.startswith("dnat_0_any")]
+    assert f'"{LAN}"' in dnat and f'"{WAN}"' in dnat and "50002" in dnat
     queued = rig.counter("queued")
     assert rig.many("ext", WAN, 50002, 1)["replies"] == 1
     assert translated.peers() == [EXT]  # the lan server sees the real client
@@ -298,49 +294,30 @@ def test_with_the_real_gateway_layer(rig: Harness) -> None:
     assert counters["flows.opened"] == 10 and counters.get("verdict.drop", 0) == 0, counters
 
 
-def test_nft_dynamic_rules_by_handle(lab_factory: Any) -> None:
-    """The nft backend's path: this kernel lacks nft's queue, so a hand-made
-    ``table inet nfgate`` with the two dynamic chains stands in for an applied one."""
+def test_dynamic_rule_elements_in_process(lab_factory: Any) -> None:
+    """The writer the processor uses for dynamic rules, against the binding table in a lab
+    router: a translated ALLOW's elements in one transaction both ways, a removal of what is
+    already gone, and a successor's flush of what a predecessor left."""
     lab = lab_factory("basic")
-    router = lab.ns("router")
-    lab.run("router", ["nft", "add table inet nfgate; add chain inet nfgate dyn_redirect; add chain inet nfgate dyn_allow; "
-                       "add chain inet nfgate dyn_dnat; "
-                       "add chain inet nfgate dstnat { type nat hook prerouting priority dstnat; }; "
-                       "add rule inet nfgate dstnat jump dyn_dnat"])
-    kernel = KernelRules(7, netns=router)
-    assert kernel.detect() == "nft"
-    tag = "nfgate-dyn q7 k1"
-    matches = (Proto("tcp"), Addr("src", (ipaddress.IPv4Network(EXT),)), Port("dst", (PortRange(2122, 2122),)), CtState(("new",)))
-    allow = KernelRule(tag, "dyn_allow", Rule(matches, (Accept(),), tag, Family.V4))
-    redirect = KernelRule("nfgate-dyn q7 k2", "dyn_redirect", Rule(matches[:3], (Queue(7, False),), "nfgate-dyn q7 k2", Family.V4))
-
-    def run(op: KernelOp) -> tuple[bool, dict[str, int] | None]:
-        kernel.submit(op)
-        done = wait_for(lambda: kernel.collect(time.monotonic()), timeout=10, interval=0.01, what="nft")
-        assert [d[0] for d in done] == [op]
-        return done[0][1], done[0][2]
-
-    assert run(KernelOp(1, True, (allow,))) == (True, None)
-    assert tag in lab.run("router", ["nft", "list", "chain", "inet", "nfgate", "dyn_allow"]).stdout
-    assert run(KernelOp(2, False, (), poll=True)) == (True, {tag: 0})
-    assert run(KernelOp(3, True, (redirect,)))[0] is False  # no nft queue on this kernel
-    # The SYN match of a TCP ALLOW's queue rule, which nft must take (here with accept for the queue).
-    syn = KernelRule("nfgate-dyn q7 k9", "dyn_redirect", Rule(matches[:3] + (TcpSyn(),), (Accept(),), "nfgate-dyn q7 k9", Family.V4))
-    assert run(KernelOp(9, True, (syn,))) == (True, None)
-    assert "tcp flags syn / fin,syn,rst,ack" in lab.run("router", ["nft", "list", "chain", "inet", "nfgate", "dyn_redirect"]).stdout
-    assert run(KernelOp(10, False, (syn,))) == (True, None)
-    assert run(KernelOp(4, False, (allow,))) == (True, None)
-    assert tag not in lab.run("router", ["nft", "list", "chain", "inet", "nfgate", "dyn_allow"]).stdout
-    # A translated ALLOW: the DNAT and its accept in one transaction, by handle, both ways.
-    dnat = KernelRule("nfgate-dyn q7 k3", "dyn_dnat", Rule(matches[:3] + (Addr("dst", (ipaddress.IPv4Network(WAN),)),),
-                      (Dnat(ipaddress.IPv4Address(LAN), PortRange(2122, 2122)),), "nfgate-dyn q7 k3", Family.V4))
-    accept = KernelRule("nfgate-dyn q7 k4", "dyn_allow", Rule(matches + (CtDnat(),), (Accept(),), "nfgate-dyn q7 k4", Family.V4))
-    assert run(KernelOp(6, True, (dnat, accept))) == (True, None)
-    listed = lab.run("router", ["nft", "list", "table", "inet", "nfgate"]).stdout
-    assert f"dnat ip to {LAN}:2122" in listed and "ct status dnat" in listed
-    assert run(KernelOp(7, False, (dnat, accept))) == (True, None)
-    assert "nfgate-dyn" not in lab.run("router", ["nft", "list", "table", "inet", "nfgate"]).stdout
-    assert run(KernelOp(5, True, (allow,))) == (True, None)
-    assert run(KernelOp(8, True, (dnat,))) == (True, None)
-    assert KernelRules(7, netns=router).remove_all() == 2  # a successor clears what it finds, in every chain
-    assert "nfgate-dyn" not in lab.run("router", ["nft", "list", "table", "inet", "nfgate"]).stdout
+    repo = Path(__file__).parents[2]
+    lab.run("router", [sys.executable, "-m", "firewall.cli", "apply", "-c", repo / "examples" / "office.toml", "--backend", "iptables"],
+            cwd=repo)
+    script = f"""
+import ipaddress, json
+from firewall.processor.kernel import NatWriter
+from firewall.processor.rulebook import KernelOp, KernelRule
+ext, wan, lan = (int(ipaddress.IPv4Address(a)) for a in ("{EXT}", "{WAN}", "{LAN}"))
+w = NatWriter(10)
+unit = (KernelRule("expect_1_any", ("tcp", ext, wan, 2122)),
+        KernelRule("dnat_1_any", ("tcp", ext, wan, 2122), (lan,)),
+        KernelRule("allow_dnat_1_any", ("tcp", ext, lan, 2122)))
+print(json.dumps([w.apply(KernelOp(1, True, unit)), w.apply(KernelOp(2, False, unit)), w.apply(KernelOp(3, False, unit)),
+                  w.apply(KernelOp(4, True, unit))]))
+"""
+    got = lab.run("router", [sys.executable, "-c", script], cwd=repo)
+    assert json.loads(got.stdout) == [True, True, True, True]
+    left = dynamic_elements(lab)
+    assert sorted(r.split(":")[0] for r in left) == ["allow_dnat_1_any", "dnat_1_any", "expect_1_any"]
+    lab.run("router", [sys.executable, "-c", "from firewall.processor.kernel import NatWriter; NatWriter(10).flush_instance(1)"],
+            cwd=repo)
+    assert dynamic_elements(lab) == []

@@ -15,6 +15,7 @@ import pytest
 
 from firewall.config import load, loads
 from firewall.rules import build, iptables, nft
+from firewall.rules.model import Mark, Queue
 
 ROOT = Path(__file__).parents[2]
 GOLDEN = Path(__file__).parent / "golden"
@@ -71,17 +72,19 @@ ports = 21
 """
 
 
-def test_dynamic_chains_exist_whenever_there_are_gateways() -> None:
-    """No port forward, no masquerade: the processor still has its three dynamic chains,
-    dyn_dnat reached first from a nat prerouting base chain."""
-    rs = build(loads(GATEWAY_ONLY))
-    dstnat = rs.chain("dstnat")
-    assert dstnat.hook is not None and dstnat.hook.value == "prerouting"
-    assert [s.chain for r in dstnat.rules[:1] for s in r.statements] == ["dyn_dnat"]
-    for name in ("dyn_redirect", "dyn_dnat", "dyn_allow"):
-        assert rs.chain(name).rules == []
-    text = iptables.render(rs, 4)
-    assert "-A NFGATE-DSTNAT -m comment" in text and "-j NFGATE-DYN-DNAT" in text
+def test_dynamic_rules_are_marks_whenever_there_are_gateways() -> None:
+    """No port forward, no masquerade: the static rules still act on the marks the
+    binding table's dynamic sets give (docs/datapath.md, "Dynamic rules")."""
+    config = loads(GATEWAY_ONLY)
+    rs = build(config)
+    marks = config.processor.marks
+    mangle = rs.chain("mangle_prerouting")
+    assert any(Mark(marks.expect, marks.expect_value(0)) in r.matches and isinstance(r.statements[0], Queue)
+               for r in mangle.rules)
+    forward = rs.chain("forward")
+    assert any(Mark(marks.allowed, marks.allowed) in r.matches for r in forward.rules)
+    text = nft.render(rs)
+    assert "set expect_0 {" in text and "map dnat_0_any {" in text and "set allow_dnat_0 {" in text
     # Without gateways nothing of it is rendered.
     plain = build(loads(GATEWAY_ONLY.split("[[gateway]]")[0]))
-    assert not any(c.name.startswith("dyn_") or c.name == "dstnat" for c in plain.chains)
+    assert plain.bind is None and "nfgate_bind" not in nft.render(plain)

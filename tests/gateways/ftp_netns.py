@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tests.bindtable import dynamic_elements
 from tests.firewall.run_harness import Running
 
 EXT = "203.0.113.10"
@@ -197,9 +198,8 @@ class FtpRunning(Running):
         return [line for line in out.splitlines() if f"port={port} " in line]
 
     def kernel_rules(self) -> list[str]:
-        """The dynamic rules in the kernel (their comments carry ``nfgate-dyn``)."""
-        out = self.lab.run("router", ["iptables-nft-save"]).stdout
-        return [line for line in out.splitlines() if "nfgate-dyn" in line]
+        """The dynamic rules' elements in the binding table."""
+        return dynamic_elements(self.lab)
 
     def clean(self) -> bool:
         """No FTP rule or expectation left: none in the processor, none in the kernel."""
