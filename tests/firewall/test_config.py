@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from firewall.config import ConfigError, PortRange, load, loads
+from firewall.config.model import Marks
 from firewall.errors import UsageError
 
 EXAMPLES = sorted((Path(__file__).parents[2] / "examples").glob("*.toml"))
@@ -274,3 +275,24 @@ def test_tunnel_gateway_needs_its_service_port_steered() -> None:
     ]
     both = BASE + TUNNEL.format(to="router") + '[[gateway.traffic]]\nfrom = "wan"\nto = "router"\nproto = "udp"\nports = 7443\n'
     assert loads(both).gateways[0].kind == "tunnel"
+
+
+def test_expect_bits_number_the_instances() -> None:
+    marks = Marks()
+    assert [marks.expect_value(i) for i in range(4)] == [0x00080000, 0x00100000, 0x00180000, 0x00200000]
+    spread = Marks(mask=0xFF, rewritten=0x01, passed=0x02, allowed=0x04, expect=0x28)  # two bits, apart
+    assert [spread.expect_value(i) for i in range(3)] == [0x08, 0x20, 0x28]
+
+
+def test_marks_not_given_are_derived_from_the_mask() -> None:
+    cfg = loads(BASE + "\n[processor]\nqueues = [0, 1, 2]\n[processor.marks]\nmask = '0x3f000000'\n"
+                "rewritten = '0x01000000'\npassed = '0x02000000'\n")
+    marks = cfg.processor.marks
+    assert (marks.allowed, marks.expect) == (0x04000000, 0x38000000)
+
+
+def test_too_few_expect_bits_for_the_queues_is_refused() -> None:
+    text = BASE + "\n[processor]\nqueues = [0, 1]\n[processor.marks]\nmask = '0x0f'\nrewritten = '0x1'\npassed = '0x2'\n"
+    path, reason, _ = only(text)
+    assert path == "processor.marks.expect"
+    assert "numbers at most 1 processor instances" in reason and "give the mask more bits" in reason

@@ -174,11 +174,12 @@ class Vsftpd:
 class FtpRunning(Running):
     """`nfgate run` with the ftp gateway in the lab router; its log and control socket."""
 
-    def __init__(self, lab: Any, tmp: Path, data_channel: str = "allow") -> None:
-        super().__init__(lab, tmp, config=CONFIG, data_channel=data_channel)
+    def __init__(self, lab: Any, tmp: Path, data_channel: str = "allow", queues: str = "[0]") -> None:
+        super().__init__(lab, tmp, config=CONFIG.replace("queues = [0]", f"queues = {queues}"), data_channel=data_channel)
 
     def processor_rules(self) -> int:
-        return int(self.ask("status")["processors"]["processor-0"]["rules"])
+        """Dynamic rules every processor instance holds."""
+        return sum(int(p["rules"]) for p in self.ask("status")["processors"].values())
 
     def queued(self) -> int:
         """Packets the kernel has queued to the processor so far."""

@@ -321,3 +321,32 @@ def test_inspect_mode_in_both_directions(lab_factory: Any, tmp_path: Path) -> No
         clean(r.run)
     finally:
         unrig(r)
+
+
+def test_two_processor_instances_each_steer_their_own_data_connections(lab_factory: Any, tmp_path: Path) -> None:
+    """processor.queues = [0, 1]: a client whose address ends in 0 is instance 0's, one ending in
+    1 instance 1's; each instance's data-connection rules bring the first packet to itself (the
+    expect mark bits name it), passive and active, and leave nothing behind."""
+    lab = lab_factory("basic")
+    lab.run("ext", ["ip", "address", "add", f"{EXT2}/24", "dev", "eth0"])
+    inbound = Vsftpd(lab, "lan", tmp_path)
+    run = FtpRunning(lab, tmp_path, "allow", queues="[0, 1]")
+    try:
+        wait_for(lambda: all("counters" in p for p in run.ask("status")["processors"].values()), timeout=10,
+                 what="both processors to answer")
+        digest = make_file(inbound.pub / "small.bin", SMALL)
+        for source in (EXT, EXT2):
+            for mode in ("epsv", "port"):
+                out = tmp_path / f"{source}-{mode}.bin"
+                argv = ["curl", "-sS", "--max-time", "30", "--interface", source, *CURL_MODES[mode], "-o", str(out),
+                        f"ftp://{WAN}/pub/small.bin"]
+                res = lab.run("ext", argv, check=False, timeout=45)
+                assert res.returncode == 0 and sha256(out) == digest, (source, mode, res.stderr, run.text()[-2000:])
+        processors = run.ask("status")["processors"]
+        for name in ("processor-0", "processor-1"):
+            counters = processors[name]["counters"]
+            assert counters.get("rules.acked", 0) == 2 and counters.get("rules.allowed_flows", 0) == 2, (name, counters)
+        clean(run)
+    finally:
+        run.stop()
+        inbound.stop()
