@@ -45,7 +45,6 @@ from firewall.rules.model import (
     Reject,
     Rule,
     Ruleset,
-    TcpSyn,
     iptables_chain_name,
 )
 
@@ -168,8 +167,6 @@ def _match(m, proto: str | None, rs: Ruleset, version: int) -> list[str]:
             return [f"-m conntrack --ctstate {','.join(s.upper() for s in states)}"]
         case CtDnat():
             return ["-m conntrack --ctstate DNAT"]
-        case TcpSyn():
-            return ["--syn"]
         case DstLocal():
             return ["-m addrtype --dst-type LOCAL"]
         case Mark(mask, value):

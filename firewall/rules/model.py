@@ -121,12 +121,6 @@ class CtConfirmed:
 
 
 @dataclass(frozen=True)
-class TcpSyn:
-    """A TCP SYN, with none of ACK, FIN, RST: the first packet of a connection (and its
-    retransmissions). iptables' ``--syn``; the processor's own test of a new flow."""
-
-
-@dataclass(frozen=True)
 class DstLocal:
     """The destination is one of the router's own addresses (port forwards)."""
 
@@ -143,7 +137,7 @@ class IcmpType:
 
 
 Match = (
-    InZone | OutZone | InIface | OutIface | Proto | Addr | AddrBits | Port | CtState | CtDnat | CtConfirmed | TcpSyn | DstLocal | Mark
+    InZone | OutZone | InIface | OutIface | Proto | Addr | AddrBits | Port | CtState | CtDnat | CtConfirmed | DstLocal | Mark
     | IcmpType
 )
 

@@ -40,7 +40,6 @@ from firewall.rules.model import (
     Reject,
     Rule,
     Ruleset,
-    TcpSyn,
 )
 
 TABLE = "nfgate"
@@ -103,7 +102,7 @@ def _chain(chain: Chain) -> list[str]:
 
 def render_rule(rule: Rule) -> str:
     proto = next((m.name for m in rule.matches if isinstance(m, Proto)), None)
-    implied = any(isinstance(m, (Port, IcmpType, TcpSyn)) for m in rule.matches)
+    implied = any(isinstance(m, (Port, IcmpType)) for m in rule.matches)
     parts: list[str] = []
     if rule.family is not Family.BOTH and proto not in ("icmp", "icmpv6"):
         parts.append(f"meta nfproto {rule.family.value}")
@@ -146,8 +145,6 @@ def _match(m, proto: str | None) -> str:
             return f"ct state {','.join(states)}"
         case CtDnat():
             return "ct status dnat"
-        case TcpSyn():
-            return "tcp flags & (fin | syn | rst | ack) == syn"
         case DstLocal():
             return "fib daddr type local"
         case Mark(mask, value):
