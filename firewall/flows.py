@@ -432,11 +432,6 @@ class FlowTable:
                 b = nxt
         return out
 
-    def recheck(self, b: Binding, now: float) -> None:
-        """Check ``b`` again ``confirm`` seconds from ``now`` (its leg B started unconfirmed)."""
-        self._unlink(b)
-        self._schedule(b, self._clock(now) + self._t_confirm)
-
     def confirmed(self, b: Binding) -> None:
         """Leg A is alive in conntrack: from now on its destroy event ends it."""
         b.state |= _A_ALIVE

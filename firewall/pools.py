@@ -32,8 +32,7 @@ Why it is built this way:
   belongs to instance ``b % instances``. A value's bucket depends on
   ``Slicing``: ``LOW_BITS`` takes ``value & (buckets - 1)``;
   ``CONTIGUOUS`` splits the range into ``buckets`` consecutive blocks (the
-  last takes the remainder), as ``firewall.rules.build.port_slices`` and
-  ``IPv4Network.subnets`` do. The pool and the steering rules must use the
+  last takes the remainder), as ``IPv4Network.subnets`` does. The pool and the steering rules must use the
   same scheme. Only one dimension is sliced: the address for the
   firewall-side pool (its prefix has many addresses), the port for SNAT
   (usually one wan address).
@@ -84,7 +83,7 @@ def _buckets_of(count: int, values: list[int], buckets: int, slicing: Slicing) -
         mask = buckets - 1
         return [v & mask for v in values]
     # CONTIGUOUS: blocks of count // buckets by position, the last block takes
-    # the rest (with fewer values than buckets, all of them), as port_slices does.
+    # the rest (with fewer values than buckets, all of them).
     size = count // buckets
     if size == 0:
         return [buckets - 1] * count

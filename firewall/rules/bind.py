@@ -69,6 +69,13 @@ def dyn_name(kind: str, instance: int, any_port: bool) -> str:
     return f"{kind}_{instance}" + ("_any" if any_port else "")
 
 
+def _dynamic(kind: str, instances: int):
+    """(instance, packet key expression, set name) of every ``kind`` set, exact and ``_any``."""
+    for i in range(instances):
+        for any_port in (False, True):
+            yield i, _PACKET_ANY if any_port else _PACKET, dyn_name(kind, i, any_port)
+
+
 def render(marks: Marks, instances: int) -> str:
     """The table as ``nft -f`` input that replaces any previous one atomically."""
     mask, mark = marks.mask, marks.rewritten
@@ -107,11 +114,8 @@ def render(marks: Marks, instances: int) -> str:
         "\t\tct status confirmed return",
         '\t\tmeta l4proto tcp tcp flags & (fin | syn | rst | ack) != syn return comment "a TCP flow begins with a SYN"',
     ]
-    for i in range(instances):
-        value = marks.expect_value(i)
-        for any_port in (False, True):
-            key = _PACKET_ANY if any_port else _PACKET
-            lines.append(f"\t\t{key} @{dyn_name('expect', i, any_port)} meta mark set meta mark & {~marks.expect & 0xFFFFFFFF:#010x} | {value:#010x}")
+    for i, key, name in _dynamic("expect", instances):
+        lines.append(f"\t\t{key} @{name} meta mark set meta mark & {~marks.expect & 0xFFFFFFFF:#010x} | {marks.expect_value(i):#010x}")
     lines += [
         "\t}",
         "",
@@ -122,10 +126,8 @@ def render(marks: Marks, instances: int) -> str:
     ]
     for proto in _PROTOS:
         lines.append(f"\t\tmeta l4proto {proto} dnat ip to {_ORIGINAL} map @{DNAT_MAP}")
-    for i in range(instances):
-        for any_port in (False, True):
-            key = _PACKET_ANY if any_port else _PACKET
-            lines.append(f"\t\tdnat ip to {key} map @{dyn_name('dnat', i, any_port)}")
+    for _, key, name in _dynamic("dnat", instances):
+        lines.append(f"\t\tdnat ip to {key} map @{name}")
     lines += [
         "\t}",
         "",
@@ -141,11 +143,11 @@ def render(marks: Marks, instances: int) -> str:
         "\t\ttype filter hook forward priority filter - 5; policy accept;",
         "\t\tct state != new return",
     ]
-    for i in range(instances):
-        for any_port in (False, True):
-            key = _PACKET_ANY if any_port else _PACKET
-            lines.append(f"\t\t{key} @{dyn_name('allow', i, any_port)} meta mark set meta mark | {marks.allowed:#010x}")
-            lines.append(f"\t\tct status dnat {key} @{dyn_name('allow_dnat', i, any_port)} meta mark set meta mark | {marks.allowed:#010x}")
+    allowed = f"meta mark set meta mark | {marks.allowed:#010x}"
+    for _, key, name in _dynamic("allow", instances):
+        lines.append(f"\t\t{key} @{name} {allowed}")
+    for _, key, name in _dynamic("allow_dnat", instances):
+        lines.append(f"\t\tct status dnat {key} @{name} {allowed}")
     lines += ["\t}", "}"]
     return "\n".join(lines) + "\n"
 

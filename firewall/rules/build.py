@@ -160,17 +160,6 @@ def signalling_ports(config: Config) -> PortRange:
     return PortRange(first, config.processor_signalling_port(len(config.processor.queues) - 1))
 
 
-def port_slices(rng: PortRange, buckets: int) -> list[PortRange]:
-    """Split a port range into ``buckets`` contiguous slices (the last takes the rest)."""
-    size = len(rng) // buckets
-    out = []
-    for b in range(buckets):
-        first = rng.first + b * size
-        last = rng.last if b == buckets - 1 else first + size - 1
-        out.append(PortRange(first, last))
-    return out
-
-
 def _selector(t: Traffic) -> list:
     """The prerouting match for a gateway selector's requests: ingress zone, protocol, port.
 

@@ -197,14 +197,6 @@ def test_confirmed_or_leg_b_takes_a_binding_out_of_the_wheel() -> None:
     assert table.due(T0 + 5) == [c]
 
 
-def test_recheck_schedules_the_check_again_from_now() -> None:
-    table = make_table()
-    b = opened(table, TCP, C, 40014, S, 25, SMTP, T0)
-    table.recheck(b, T0 + 3)
-    assert table.due(T0 + 5) == [] and b.check_at == int(T0) + 8
-    assert table.due(T0 + 8) == [b]
-
-
 def test_removed_bindings_are_never_due() -> None:
     table = make_table()
     a = opened(table, TCP, C, 40015, S, 25, SMTP, T0)
