@@ -90,6 +90,21 @@ def test_a_strict_reverse_path_filter_carries_gateway_flows(lab_factory, tmp_pat
     outside.terminate()
 
 
+def test_ipv6_to_a_gateway_port_never_reaches_the_processor(lab_factory, tmp_path: Path) -> None:
+    """The gateways are IPv4: a TCP SYN over IPv6 to the relayed port is the kernel's
+    (filtered by the IPv6 ruleset), never queued, never bound."""
+    lab = lab_factory("basic")
+    lab.run("router", ["ip", "-6", "address", "add", "fd00:77::1/64", "dev", "wan0", "nodad"])
+    lab.run("ext", ["ip", "-6", "address", "add", "fd00:77::10/64", "dev", "eth0", "nodad"])
+    run = running(lab, tmp_path)
+    before = counter(run, "queued")
+    probe = ("import socket\ns = socket.socket(socket.AF_INET6)\ns.settimeout(2)\n"
+             "try:\n    s.connect(('fd00:77::1', 8443)); print('connected')\nexcept OSError as e:\n    print('refused', e)")
+    out = lab.run("ext", [sys.executable, "-c", probe], timeout=20).stdout
+    assert out.startswith("refused"), out
+    assert counter(run, "queued") == before and processor(run)["flows"] == 0
+
+
 def test_legacy_steering_with_the_nft_binding_table(lab_factory, tmp_path: Path) -> None:
     """iptables-legacy steers the first packet (xt NFQUEUE), nf_tables' maps carry the NAT beside it."""
     lab = lab_factory("basic")
