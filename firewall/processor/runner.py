@@ -197,15 +197,20 @@ class Runner:
         key = load_or_create_key(cfg.signalling.key_file)  # before anything else, as keyfile asks
         # The Guard exists before the socket: nothing sent before it existed is accepted.
         guard = Guard(key, Role.PROCESSOR, now=time.time(), replay_window=cfg.signalling.replay_window)
-        # The queue first: a second processor started for a queue that has
+        marks = cfg.processor.marks
+        self.ct = Conntrack(marks.mask, marks.rewritten)
+        # Listening before any packet can be bound: the kernel only gives a
+        # connection destroy events if someone listened when it was created
+        # (nf_conntrack_events = 2, the default), and a first packet queued
+        # before this would make a binding that never ends.
+        self.ct.open_events()
+        # The queue next: a second processor started for a queue that has
         # one must fail before it touches that one's rules or bindings.
         self._bind_queue()
         self.nat = NatWriter(cfg.processor.timeouts.nat_element)
         if not self.nat.table_present():
             raise KernelError("processor: the binding table (table ip nfgate_bind) is not loaded: run `nfgate apply` first")
         self.nat.flush_instance(self.instance)  # a predecessor's dynamic rules: nobody answers for them now
-        marks = cfg.processor.marks
-        self.ct = Conntrack(marks.mask, marks.rewritten)
         self.ipr = IPRoute()
         self.routes = Routes(self.ipr, self.config.processor.route_cache)
         self.core = ProcessorCore(
@@ -260,7 +265,7 @@ class Runner:
         self._batch = _Batch(qsock, self._overflowed)
         self._pending: list[tuple[Packet, int, int, int, int]] = []
         self._sel.register(qsock, selectors.EVENT_READ, self._on_queue)
-        self._sel.register(self.ct.open_events(), selectors.EVENT_READ, self._on_conntrack)
+        self._sel.register(self.ct.events, selectors.EVENT_READ, self._on_conntrack)
 
         sig = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sig.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
