@@ -41,7 +41,6 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from firewall.config.model import Gateway
 from firewall.config.settings import KIND_SETTINGS
 from firewall.signalling import Endpoint, FlowInfo, Proto, RuleEndReason, RuleMode
 from gateways.ftp.commands import allowed_commands
@@ -60,6 +59,7 @@ from gateways.ftp.core import (
     ToServer,
 )
 from gateways.ftp.data import ContentHook, Transfer, data_core, load_hook, transferred
+from gateways.manifest import Manifest
 from gateways.layer import EventLog, FlowUnknown, GatewayLayer, Hold, RuleError
 from gateways.layer.endpoint import endpoint_of
 from gateways.relay import RelayCore, reset_socket
@@ -162,8 +162,8 @@ class FtpGateway(TcpGateway):
         self._expected: dict[ExpectKey, _Expectation] = {}
 
     @classmethod
-    def for_gateway(cls, layer: GatewayLayer, gw: Gateway, listen: Endpoint, log: EventLog) -> "FtpGateway":
-        """The gateway as ``python -m gateways`` runs it: settings and selector ports from the config."""
+    def for_gateway(cls, layer: GatewayLayer, gw: Manifest, listen: Endpoint, log: EventLog) -> "FtpGateway":
+        """The gateway as ``python -m gateways`` runs it: settings and selector ports from its manifest."""
         settings = FtpSettings.from_settings(gw.settings)
         ports = frozenset(p for t in gw.traffic for r in t.ports for p in range(r.first, r.last + 1))
         return cls(layer, listen=listen, settings=settings, log=log, control_ports=ports,
