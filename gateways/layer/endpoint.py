@@ -361,8 +361,19 @@ class GatewayLayer:
         packet processing"). Raises ``RuleRefusedError`` or ``RuleNoAnswer``."""
         if self._closed:
             raise RuleNoAnswer("the gateway is stopping")
+        return await self._answer(*self.core.request_rule(flow, proto, src, dst, ttl, mode, one_shot, self._clock()),
+                                  on_end)
+
+    async def request_offload(self, flow: FlowInfo) -> RuleAck:
+        """Ask the flow's processor instance to let the kernel carry the flow without the gateway;
+        FLOW_END OFFLOADED follows the ack. Raises ``RuleRefusedError`` or ``RuleNoAnswer``."""
+        if self._closed:
+            raise RuleNoAnswer("the gateway is stopping")
+        return await self._answer(*self.core.request_offload(flow, self._clock()), None)
+
+    async def _answer(self, request_id: int, outputs: list[Any], on_end: RuleEndCallback | None) -> RuleAck:
+        """Send a rule or offload request and wait for its answer (resends are the core's)."""
         future: asyncio.Future[RuleAck] = asyncio.get_running_loop().create_future()
-        request_id, outputs = self.core.request_rule(flow, proto, src, dst, ttl, mode, one_shot, self._clock())
         self._rule_futures[request_id] = (future, on_end)
         self._driver.run(outputs)
         try:
@@ -372,23 +383,6 @@ class GatewayLayer:
                 self._rule_futures.pop(request_id, None)
                 self.core.cancel_rule(request_id)
             self._rule_ends.pop(request_id, None)
-            raise
-
-    async def request_offload(self, flow: FlowInfo) -> RuleAck:
-        """Ask the flow's processor instance to let the kernel carry the flow without the gateway;
-        FLOW_END OFFLOADED follows the ack. Raises ``RuleRefusedError`` or ``RuleNoAnswer``."""
-        if self._closed:
-            raise RuleNoAnswer("the gateway is stopping")
-        future: asyncio.Future[RuleAck] = asyncio.get_running_loop().create_future()
-        request_id, outputs = self.core.request_offload(flow, self._clock())
-        self._rule_futures[request_id] = (future, None)
-        self._driver.run(outputs)
-        try:
-            return await future
-        except asyncio.CancelledError:
-            if not future.done() or future.cancelled():
-                self._rule_futures.pop(request_id, None)
-                self.core.cancel_rule(request_id)
             raise
 
     # ---- the machinery ------------------------------------------------------------------------
