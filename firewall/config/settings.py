@@ -36,10 +36,12 @@ _RELAY_TCP = {
     "max_connections": Setting(integer(1, 1_000_000), 1024, "concurrent connections; more are refused (RST)"),
     "idle_timeout": Setting(number(1, 86400), 300.0, "seconds without data in either direction before closing"),
     "connect_timeout": Setting(number(0.1, 300), 10.0, "seconds to open leg B to the server"),
+    "mode": Setting(choice("relay", "log-only"), "relay", "relay: every connection through the gateway; log-only: the kernel carries it, the gateway logs it"),
 }
 _RELAY_UDP = {
     "max_flows": Setting(integer(1, 1_000_000), 4096, "concurrent UDP flows; more are dropped"),
     "idle_timeout": Setting(number(1, 86400), 60.0, "seconds without a datagram before the flow ends"),
+    "offload_after": Setting(integer(0, 1_000_000), 0, "datagrams relayed each way before the flow is handed to the kernel (0: never)"),
 }
 
 
