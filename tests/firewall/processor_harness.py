@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from tests.bindtable import dynamic_elements
 from tests.conntrack import fast_conntrack
+from tests.gateways.process import write_manifest
 from firewall import gwlink
 from firewall.config.model import GatewayLink
 from firewall.control import ask
@@ -259,9 +260,10 @@ class Harness:
 
     def start_real_gateway(self, name: str) -> None:
         """The gateway layer of gateways/ (``python -m gateways``) instead of the stand-in."""
+        manifest = write_manifest(self.config, name)  # what nfgate run would give it
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.gwns, sys.executable, "-u", "-m", "gateways", "--config", str(self.config),
-             "--gateway", name, "--log-json"],
+            ["ip", "netns", "exec", self.gwns, sys.executable, "-u", "-m", "gateways", "--manifest", str(manifest),
+             "--log-json"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
         proc.stdout = proc.stderr  # its events are JSON lines on stderr
