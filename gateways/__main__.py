@@ -42,9 +42,9 @@ from gateways.ftp import FtpGateway
 from gateways.layer import EventLog, GatewayLayer, ProcessorInstances
 from gateways.layer.events import configure
 from gateways.layer.instances import layer_endpoint
-from gateways.tcp_relay import TcpRelay, TcpRelaySettings
+from gateways.tcp_relay import TcpRelay
 from gateways.tcp_server import raise_file_limit
-from gateways.udp_relay import UdpRelay, UdpRelaySettings
+from gateways.udp_relay import UdpRelay
 from tunnel.service import run_gateway
 
 PROG = "python -m gateways"
@@ -72,10 +72,10 @@ RelayFactory = Callable[[GatewayLayer, Gateway, Endpoint, EventLog], Relay]
 
 KINDS: dict[str, RelayFactory] = {
     "tcp-relay": lambda layer, gw, listen, log: TcpRelay(
-        layer, listen=listen, settings=TcpRelaySettings.from_settings(gw.settings), log=log
+        layer, listen=listen, settings=gw.settings, log=log
     ),
     "udp-relay": lambda layer, gw, listen, log: UdpRelay(
-        layer, listen=listen, settings=UdpRelaySettings.from_settings(gw.settings), log=log
+        layer, listen=listen, settings=gw.settings, log=log
     ),
     # FTP with dynamic data-port rules (issue 4): gateways/ftp/, docs/ftp.md.
     "ftp": FtpGateway.for_gateway,

@@ -30,7 +30,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from firewall.config.model import ROUTER
+from firewall.fields import ROUTER
 from firewall.signalling import Endpoint
 from firewall.signalling import Proto as SignallingProto
 from gateways.layer import EventLog as LayerLog
