@@ -16,6 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pydantic.json_schema import GenerateJsonSchema
+
 from firewall.config.model import MAX_QUEUES, Config, PortRange, bucket_count
 from firewall.config.settings import GATEWAY_KINDS
 from firewall.errors import UsageError
@@ -27,9 +29,6 @@ __all__ = [
     "Config", "ConfigError", "MAX_QUEUES", "NAME", "PortRange", "Problem", "bucket_count", "load", "loads",
     "locate", "schema",
 ]
-
-SCHEMA_ID = "https://nfgate.invalid/schema/nfgate.toml.json"
-
 
 def load(path: str | Path) -> Config:
     path = Path(path)
@@ -54,9 +53,18 @@ def loads(text: str, path: Path | None = None) -> Config:
     return config.model_copy(update={"path": path})
 
 
+class _TomlDefaults(GenerateJsonSchema):
+    """Defaults shown as the TOML writes them: a port range as "1024-65535"."""
+
+    def encode_default(self, dft: Any) -> Any:
+        if isinstance(dft, PortRange):
+            return str(dft)
+        return super().encode_default(dft)
+
+
 def schema() -> dict[str, Any]:
     """The JSON Schema (Draft 2020-12) of nfgate.toml, with the TOML's key names."""
-    out = {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID}
-    out.update(Config.model_json_schema(by_alias=True, mode="validation"))
+    out = {"$schema": GenerateJsonSchema.schema_dialect}
+    out.update(Config.model_json_schema(by_alias=True, mode="validation", schema_generator=_TomlDefaults))
     out["title"] = "nfgate.toml"
     return out

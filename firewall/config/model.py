@@ -491,7 +491,8 @@ Gateways = Annotated[Tables(AnyGateway, "gateway"), _sources("gateway", "traffic
 class Config(Frozen):
     path: SkipJsonSchema[Path | None] = None
     zones: Annotated[dict[ZoneName, Zone], BeforeValidator(_named), AfterValidator(_zones)] = Field(
-        description="[zones.NAME]: the zones and their interfaces")
+        description="[zones.NAME]: the zones and their interfaces",
+        json_schema_extra={"additionalProperties": False})  # a zone's name is its key: 1-8 of a-z 0-9
     policy: Policy = Field(default_factory=Policy, description="[policy]: the default verdicts")
     rules: Rules = Field(
         (), alias="rule", description="[[rule]]: filter rules")
