@@ -19,6 +19,9 @@
   keeps its timer, for the gateways' layer and the tunnel's two ends.
 - ``control``: the one JSON control socket (root-only unix socket, one request
   and one answer per connection, commands as data) and its client ``ask``.
+- ``namespaces``: the pyroute2 steps shared by the lab and ``gwlink`` (the
+  blind track): veth pairs into a namespace, addresses, routes, sysctls inside
+  a namespace, and the processes inside one.
 - ``lab``: topologies as data, built as network namespaces with pyroute2.
 - ``cli``: the ``nfgate`` command.
 """

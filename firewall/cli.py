@@ -16,9 +16,10 @@ import sys
 import click
 
 from firewall import backend as be
+from firewall import manifests
 from firewall.config import load
 from firewall.config import schema as config_schema
-from firewall.errors import NfgateError, require_root
+from firewall.errors import NfgateError, UsageError, require_root
 from firewall.lab.cli import lab
 from firewall.rules import build, iptables, nft
 from firewall.supervisor import Supervisor, query
@@ -171,6 +172,28 @@ def apply(config_path: str, backend: str, dry_run: bool) -> None:
     report = be.apply(rs, choice.backend, dry_run=dry_run)
     for line in report.actions:
         click.echo(line)
+
+
+@main.command()
+@config_option
+@click.argument("gateway")
+def manifest(config_path: str, gateway: str) -> None:
+    """Print the manifest nfgate run gives gateway GATEWAY (docs/manifest.md).
+
+    A gateway process reads only its manifest. To run one by hand, in the
+    gateway namespace:
+
+    \b
+      nfgate manifest -c /etc/nfgate/nfgate.toml nas-log > /run/nfgate/gateway-nas-log.json
+      ip netns exec nfgate-gw python -m gateways --manifest /run/nfgate/gateway-nas-log.json
+    """
+    config = load(config_path)
+    for gw in config.gateways:
+        if gw.name == gateway:
+            click.echo(manifests.manifest_for(config, gw).to_json(), nl=False)
+            return
+    known = ", ".join(g.name for g in config.gateways) or "none"
+    raise UsageError(f"no gateway named {gateway!r} in {config_path} (configured: {known})")
 
 
 @main.command()

@@ -15,46 +15,82 @@ forward IPv4 (``net.ipv4.ip_forward``) is refused with the sysctl to change,
 never changed behind the operator's back: every gateway flow crosses the
 link.
 
-Everything here runs ``ip`` in the router's namespace (the current one, or
-``router_netns`` for a lab) and in the gateway namespace by name.
+The track is described with the lab's topology data (two ``Endpoint``s and a
+default ``Route``) and built by the same netlink steps as a lab's links
+(``firewall.namespaces``, on pyroute2), in the router's namespace (the
+current one, or ``router_netns`` for a lab) and in the gateway namespace.
 """
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
+import errno
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from ipaddress import IPv4Network
 
+from pyroute2 import netns as pr_netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+from firewall import namespaces
 from firewall.config.model import GatewayLink
 from firewall.errors import KernelError
+from firewall.lab.topology import Endpoint, Route
 
-TIMEOUT = 10.0
+# How long the gateway namespace's processes get to die after SIGKILL.
+KILL_TIMEOUT = 3.0
+# The hosts of the track's two ends in the topology data; their namespaces are
+# ``router_netns`` and ``link.netns``.
+ROUTER, GATEWAY = "router", "gateway"
 
 
-def _ip(router_netns: str | None, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    argv = ["ip"] + (["-n", router_netns] if router_netns else []) + list(args)
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT)
-    if check and result.returncode != 0:
-        raise KernelError(f"gateway link: `{' '.join(argv)}` failed: {result.stderr.strip()}")
-    return result
+def endpoints(link: GatewayLink) -> tuple[Endpoint, Endpoint]:
+    """The router's end and the gateway's end of the track, as topology data."""
+    return (
+        Endpoint(ROUTER, link.router_if, (link.router_address,)),
+        Endpoint(GATEWAY, link.gateway_if, (link.gateway_address,)),
+    )
+
+
+def default_route(link: GatewayLink) -> Route:
+    """The gateway namespace's only route: everything back through the router."""
+    return Route(GATEWAY, IPv4Network("0.0.0.0/0"), via=link.router_address.ip)
+
+
+@contextmanager
+def _step(what: str) -> Iterator[None]:
+    """Report a kernel refusal as a KernelError that names the step."""
+    try:
+        yield
+    except NetlinkError as err:
+        raise KernelError(f"gateway link: {what}: {err.args[1] if len(err.args) > 1 else err}") from None
+    except OSError as err:
+        where = f" ({os.fsdecode(err.filename)})" if err.filename else ""
+        raise KernelError(f"gateway link: {what}: {err.strerror or err}{where}") from None
 
 
 def _sysctl(netns: str | None, key: str, value: str | None = None) -> str:
     """Read ``key``, or write ``value`` to it, in a namespace (None: the current one)."""
-    prefix = ["ip", "netns", "exec", netns] if netns else []
-    args = ["sysctl", "-n", key] if value is None else ["sysctl", "-qw", f"{key}={value}"]
-    result = subprocess.run(prefix + args, capture_output=True, text=True, timeout=TIMEOUT)
-    # procps sysctl can exit 0 on a write error, so stderr counts as failure too.
-    if result.returncode != 0 or result.stderr.strip():
-        raise KernelError(f"gateway link: sysctl {key}: {result.stderr.strip() or 'failed'}")
-    return result.stdout.strip()
+    with _step(f"sysctl {key}"):
+        return namespaces.sysctl(netns, key, value)
 
 
 def exists(link: GatewayLink, router_netns: str | None = None) -> bool:
-    return _ip(router_netns, "link", "show", link.router_if, check=False).returncode == 0
+    try:
+        with namespaces.netlink(router_netns) as ipr:
+            return namespaces.has_link(ipr, link.router_if)
+    except FileNotFoundError:
+        return False  # no router namespace, so no link in it
 
 
 def create(link: GatewayLink, router_netns: str | None = None) -> None:
-    """Create the namespace and the link; replaces a stale link of the same name."""
+    """Create the namespace and the link, replacing what is left of an earlier one.
+
+    A link of the router end's name (of any kind) and a namespace of the
+    gateway's name are ours by the config: both go first, and whatever still
+    runs in that namespace is killed. A failure removes what this call built.
+    """
     if _sysctl(router_netns, "net.ipv4.ip_forward") != "1":
         # Even a flow that "ends at the router" (a tunnel's service port) is
         # forwarded: the gateway sits in its own namespace behind the link.
@@ -62,25 +98,52 @@ def create(link: GatewayLink, router_netns: str | None = None) -> None:
             "gateway link: net.ipv4.ip_forward is 0; gateways sit behind the blind track, "
             "so the router must forward IPv4: set it to 1"
         )
-    if exists(link, router_netns):
-        remove(link, router_netns)
-    if not Path("/run/netns", link.netns).exists():
-        subprocess.run(["ip", "netns", "add", link.netns], check=True, capture_output=True, timeout=TIMEOUT)
-    _ip(router_netns, "link", "add", link.router_if, "type", "veth", "peer", "name", link.gateway_if, "netns", link.netns)
-    _sysctl(router_netns, f"net.ipv4.conf.{link.router_if}.forwarding", "1")
-    _ip(router_netns, "address", "add", str(link.router_address), "dev", link.router_if)
-    _ip(router_netns, "link", "set", link.router_if, "up")
-    _ip(link.netns, "link", "set", "lo", "up")
-    _ip(link.netns, "address", "add", str(link.gateway_address), "dev", link.gateway_if)
-    _ip(link.netns, "link", "set", link.gateway_if, "up")
-    _ip(link.netns, "route", "add", "default", "via", str(link.router_address.ip))
+    remove(link, router_netns)
+    with _step(f"creating namespace {link.netns}"):
+        pr_netns.create(link.netns)
+    try:
+        _build(link, router_netns)
+    except BaseException:
+        try:
+            remove(link, router_netns)
+        except KernelError:
+            pass  # the build error is the one worth reporting
+        raise
+
+
+def _build(link: GatewayLink, router_netns: str | None) -> None:
+    router_end, gateway_end = endpoints(link)
+    with _step(f"opening netlink in {router_netns or 'the router namespace'}"):
+        router = namespaces.netlink(router_netns)
+    with router:
+        with _step(f"opening netlink in {link.netns}"):
+            gateway = namespaces.netlink(link.netns)
+        with gateway:
+            with _step(f"veth {link.router_if} <-> {link.netns}:{link.gateway_if}"):
+                namespaces.add_veth(router, link.router_if, link.gateway_if, link.netns)
+            _sysctl(router_netns, f"net.ipv4.conf.{link.router_if}.forwarding", "1")
+            with _step(f"address {link.router_address} on {link.router_if}"):
+                namespaces.configure(router, router_end)
+            with _step(f"lo in {link.netns}"):
+                namespaces.set_up(gateway, "lo")
+            with _step(f"address {link.gateway_address} on {link.netns}:{link.gateway_if}"):
+                namespaces.configure(gateway, gateway_end)
+            with _step(f"default route via {link.router_address.ip} in {link.netns}"):
+                namespaces.add_route(gateway, default_route(link))
 
 
 def remove(link: GatewayLink, router_netns: str | None = None) -> None:
     """Remove the link and the namespace, killing what still runs inside. Idempotent."""
-    _ip(router_netns, "link", "del", link.router_if, check=False)
-    if Path("/run/netns", link.netns).exists():
-        pids = subprocess.run(["ip", "netns", "pids", link.netns], capture_output=True, text=True, timeout=TIMEOUT)
-        for pid in pids.stdout.split():
-            subprocess.run(["kill", "-KILL", pid], capture_output=True, timeout=TIMEOUT)
-        subprocess.run(["ip", "netns", "del", link.netns], capture_output=True, timeout=TIMEOUT)
+    try:
+        with namespaces.netlink(router_netns) as ipr:
+            namespaces.delete_link(ipr, link.router_if)
+    except FileNotFoundError:
+        pass  # no router namespace (a lab already down): no link either
+    except NetlinkError as err:
+        if err.code != errno.ENODEV:  # gone meanwhile
+            raise KernelError(f"gateway link: deleting {link.router_if}: {err.args[1]}") from None
+    # The gateways get no TERM here: the supervisor has stopped its own, and
+    # anything left is a leftover that must not keep the old namespace alive.
+    namespaces.stop_inside([link.netns], (signal.SIGKILL,), KILL_TIMEOUT)
+    with _step(f"removing namespace {link.netns}"):
+        namespaces.remove_namespace(link.netns)

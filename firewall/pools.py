@@ -90,6 +90,22 @@ def _buckets_of(count: int, values: list[int], buckets: int, slicing: Slicing) -
     return [min(i // size, buckets - 1) for i in range(count)]
 
 
+def address_slices(pool: ipaddress.IPv4Network, instances: int) -> list[tuple[ipaddress.IPv4Network, ...]]:
+    """The subnets of ``pool`` each instance allocates F from, by ``Slicing.CONTIGUOUS``.
+
+    The pool is a network (a power of two of addresses) and ``bucket_count``
+    is a power of two, so the contiguous blocks are exactly its subnets one
+    level per halving down; block ``b`` belongs to instance ``b % instances``,
+    as in ``EndpointPool``. The supervisor hands these to the gateways in
+    their manifests (gateways/manifest.py), so nobody else derives them.
+    """
+    buckets = bucket_count(instances)
+    if pool.num_addresses < buckets:
+        raise ValueError(f"{pool} has fewer than {buckets} addresses for {instances} instances")
+    blocks = list(pool.subnets(prefixlen_diff=buckets.bit_length() - 1))
+    return [tuple(b for k, b in enumerate(blocks) if k % instances == i) for i in range(instances)]
+
+
 class EndpointPool:
     """Unique (address, port) endpoints from ``addresses`` x ``ports``, this instance's slice only.
 

@@ -7,7 +7,9 @@ Start-up, in this order, so that no packet is queued before someone listens
 2. the blind track: the gateway namespace and its veth link (firewall.gwlink);
 3. the ruleset (firewall.backend, ``--backend`` as for ``nfgate apply``);
 4. one processor process per queue, in the router's namespace;
-5. one process per gateway, in the gateway namespace (``ip netns exec``).
+5. one process per gateway, in the gateway namespace (``ip netns exec``),
+   each given its manifest (firewall.manifests, written root-only next to
+   the control socket before any gateway starts): a gateway reads nothing else.
 
 Each process is isolated (DESIGN invariant 6): when one dies, only it is
 restarted, after ``supervisor.restart_initial`` seconds, doubling with each
@@ -20,7 +22,7 @@ through ``signal.set_wakeup_fd``; the control socket (``firewall.control``:
 ``status`` and ``flows``) is served from the same loop without blocking, so
 that a stuck client cannot stall the supervisor. On SIGTERM or SIGINT
 everything started is stopped and everything installed is removed:
-processes, ruleset, blind track, socket.
+processes, ruleset, blind track, manifests, socket.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from typing import Any, Callable
 
 from firewall import backend as be
 from firewall import gwlink
+from firewall import manifests
 from firewall.config import Config
 from firewall.control import Command, ControlError, ControlServer, SelectorLoop, ask
 from firewall.errors import KernelError, UsageError
@@ -91,8 +94,10 @@ def children_for(config: Config, config_path: str) -> list[Child]:
         control = processor_control(config, queue)
         argv = [py, "-m", "firewall.processor", "--config", config_path, "--instance", str(i), "--control", str(control)]
         out.append(Child(f"processor-{queue}", "processor", argv, control))
+    run_dir = config.supervisor.control_socket.parent
     for gw in config.gateways:
-        argv = ["ip", "netns", "exec", config.gateway_link.netns, py, "-m", "gateways", "--config", config_path, "--gateway", gw.name]
+        manifest = manifests.manifest_path(run_dir, gw.name)
+        argv = ["ip", "netns", "exec", config.gateway_link.netns, py, "-m", "gateways", "--manifest", str(manifest)]
         out.append(Child(f"gateway-{gw.name}", "gateway", argv))
     return out
 
@@ -134,7 +139,10 @@ class Supervisor:
         if missing:
             raise UsageError(f"this version cannot run gateway kind{'s' if len(missing) > 1 else ''}: {', '.join(missing)}")
         load_or_create_key(cfg.signalling.key_file)
-        cfg.supervisor.control_socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        run_dir = cfg.supervisor.control_socket.parent
+        run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._installed.append("manifests")
+        manifests.write_all(cfg, run_dir)
         if cfg.gateways:
             gwlink.create(cfg.gateway_link)
             self._installed.append("gwlink")
@@ -295,6 +303,10 @@ class Supervisor:
         if "gwlink" in self._installed:
             gwlink.remove(self.config.gateway_link)
             self.log("blind track removed")
+        if "manifests" in self._installed:
+            run_dir = self.config.supervisor.control_socket.parent
+            for gw in self.config.gateways:
+                manifests.manifest_path(run_dir, gw.name).unlink(missing_ok=True)
         self._installed.clear()
 
 

@@ -1,14 +1,18 @@
-"""``python -m gateways --config PATH --gateway NAME [--log-json]``: run one gateway.
+"""``python -m gateways --manifest PATH [--log-json]``: run one gateway.
 
 The supervisor starts one such process per configured gateway, inside the
 gateway network namespace, so that a crash takes down one gateway and
 nothing else (DESIGN invariant 6):
 
-    ip netns exec nfgate-gw python -m gateways --config /etc/nfgate/nfgate.toml --gateway nas-log
+    ip netns exec nfgate-gw python -m gateways --manifest /run/nfgate/gateway-nas-log.json
+
+The manifest (gateways/manifest.py, docs/manifest.md) is all the process
+reads: the supervisor writes it from the router's config. To run a gateway
+by hand, write one with ``nfgate manifest NAME > FILE``.
 
 The process raises its soft limit on open files to the hard one (a relayed
-connection holds up to six descriptors: gateways/tcp_server.py), loads the
-config, finds its gateway, loads the signalling key
+connection holds up to six descriptors: gateways/tcp_server.py), reads its
+manifest, loads the signalling key
 (``load_or_create_key``: the supervisor has created it already, and the
 process only reads it), binds the layer's signalling socket and the
 gateway's listener on the gateway address, logs ``ready``, and serves until
@@ -19,8 +23,8 @@ time.
 
 Every event is one line on stderr (``--log-json``: one JSON object per line).
 A problem the operator can fix is one line and an exit code, never a
-traceback (DESIGN invariant 10): 2 for a bad config, an unknown gateway or a
-kind that is not built yet; 1 for a runtime failure (an unsafe key file, an
+traceback (DESIGN invariant 10): 2 for a bad manifest or a kind that is not
+built yet; 1 for a runtime failure (an unsafe key file, an
 address that is not in this namespace).
 """
 
@@ -34,17 +38,16 @@ import sys
 from collections import Counter
 from typing import Callable, Protocol
 
-from firewall.config import Config, load
-from firewall.config.model import Gateway
 from firewall.errors import EXIT_OK, NfgateError, UsageError
 from firewall.signalling import Endpoint, load_or_create_key
+from gateways import manifest as mf
 from gateways.ftp import FtpGateway
-from gateways.layer import EventLog, GatewayLayer, ProcessorInstances
+from gateways.layer import EventLog, GatewayLayer
 from gateways.layer.events import configure
-from gateways.layer.instances import layer_endpoint
-from gateways.tcp_relay import TcpRelay
+from gateways.manifest import Manifest
+from gateways.tcp_relay import TcpRelay, TcpRelaySettings
 from gateways.tcp_server import raise_file_limit
-from gateways.udp_relay import UdpRelay
+from gateways.udp_relay import UdpRelay, UdpRelaySettings
 from tunnel.service import run_gateway
 
 PROG = "python -m gateways"
@@ -68,14 +71,14 @@ class Relay(Protocol):
     async def close(self, grace: float) -> None: ...
 
 
-RelayFactory = Callable[[GatewayLayer, Gateway, Endpoint, EventLog], Relay]
+RelayFactory = Callable[[GatewayLayer, Manifest, Endpoint, EventLog], Relay]
 
 KINDS: dict[str, RelayFactory] = {
     "tcp-relay": lambda layer, gw, listen, log: TcpRelay(
-        layer, listen=listen, settings=gw.settings, log=log
+        layer, listen=listen, settings=TcpRelaySettings.model_validate(gw.settings), log=log
     ),
     "udp-relay": lambda layer, gw, listen, log: UdpRelay(
-        layer, listen=listen, settings=gw.settings, log=log
+        layer, listen=listen, settings=UdpRelaySettings.model_validate(gw.settings), log=log
     ),
     # FTP with dynamic data-port rules (issue 4): gateways/ftp/, docs/ftp.md.
     "ftp": FtpGateway.for_gateway,
@@ -88,18 +91,9 @@ class RuntimeFailure(NfgateError):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=PROG, description="Run one nfgate gateway in the current network namespace.")
-    parser.add_argument("--config", required=True, help="the nfgate TOML config")
-    parser.add_argument("--gateway", required=True, help="the name of the [[gateway]] to run")
+    parser.add_argument("--manifest", required=True, help="the gateway's manifest (nfgate run writes it; nfgate manifest NAME prints one)")
     parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     return parser.parse_args(argv)
-
-
-def find_gateway(config: Config, name: str) -> Gateway:
-    for gateway in config.gateways:
-        if gateway.name == name:
-            return gateway
-    known = ", ".join(g.name for g in config.gateways) or "none"
-    raise UsageError(f"no gateway named {name!r} in {config.path} (configured: {known})")
 
 
 def _stats(layer: GatewayLayer, relay: Relay) -> dict[str, object]:
@@ -111,28 +105,15 @@ def _stats(layer: GatewayLayer, relay: Relay) -> dict[str, object]:
     return stats
 
 
-async def serve(config: Config, gateway: Gateway, key: bytes, log: EventLog) -> None:
-    """Run ``gateway`` until SIGTERM or SIGINT."""
-    factory = KINDS[gateway.kind]
-    try:
-        signalling = layer_endpoint(config, gateway.name)
-    except ValueError:
-        raise UsageError(
-            f"signalling.port {config.signalling.port} + gateway index leaves the port range; lower signalling.port"
-        ) from None
-    listen = Endpoint(config.gateway_link.gateway_address.ip, gateway.listen_port)
-    layer = GatewayLayer(
-        key,
-        listen=signalling,
-        instances=ProcessorInstances.from_config(config),
-        gateway=gateway.name,
-        query_timeout=config.signalling.query_timeout,
-        replay_window=config.signalling.replay_window,
-        log=log,
-    )
-    relay = factory(layer, gateway, listen, log)
-    netns = config.gateway_link.netns
-    for what, where, start in (("signalling", signalling, layer.start), (gateway.kind, listen, relay.start)):
+async def serve(manifest: Manifest, key: bytes, log: EventLog) -> None:
+    """Run the gateway ``manifest`` describes until SIGTERM or SIGINT."""
+    factory = KINDS[manifest.kind]
+    signalling = manifest.signalling.listen.endpoint
+    listen = manifest.listen.endpoint
+    layer = GatewayLayer.from_manifest(manifest, key, log)
+    relay = factory(layer, manifest, listen, log)
+    netns = manifest.netns
+    for what, where, start in (("signalling", signalling, layer.start), (manifest.kind, listen, relay.start)):
         try:
             await start()
         except OSError as exc:
@@ -149,10 +130,10 @@ async def serve(config: Config, gateway: Gateway, key: bytes, log: EventLog) -> 
     loop.add_signal_handler(signal.SIGUSR1, lambda: log.emit("stats", **_stats(layer, relay)))
     log.emit(
         "ready",
-        kind=gateway.kind,
+        kind=manifest.kind,
         listen=relay.listen,
         signalling=layer.listen,
-        processor=f"{config.gateway_link.router_address.ip}:{config.signalling.port}+{len(config.processor.queues)}",
+        processor=",".join(str(layer.core.instances.endpoint(i)) for i in range(len(layer.core.instances))),
         open_files=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
     )
     try:
@@ -178,17 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     configure(json_lines=args.log_json)
     raise_file_limit()
     try:
-        config = load(args.config)
-        gateway = find_gateway(config, args.gateway)
-        if gateway.kind == "tunnel":
+        manifest = mf.load(args.manifest)
+        if manifest.kind == "tunnel":
             # The tunnel's control server is a gateway of its own kind: it
             # terminates the mediators' channels itself (tunnel/service.py).
-            run_gateway(config, gateway, log_json=args.log_json)
+            run_gateway(manifest, log_json=args.log_json)
             return EXIT_OK
-        if gateway.kind not in KINDS:
-            raise UsageError(f"gateway {gateway.name!r}: kind {gateway.kind} is not built yet")
-        key = load_or_create_key(config.signalling.key_file)
-        asyncio.run(serve(config, gateway, key, EventLog(gateway.name)))
+        if manifest.kind not in KINDS:
+            raise UsageError(f"gateway {manifest.name!r}: kind {manifest.kind} is not built yet")
+        key = load_or_create_key(manifest.signalling.key_file)
+        asyncio.run(serve(manifest, key, EventLog(manifest.name)))
     except NfgateError as err:
         print(f"{PROG}: {err}", file=sys.stderr)
         return err.exit_code

@@ -84,4 +84,4 @@ class FtpSettings(Frozen):
         900.0, description="seconds without traffic before a session is closed, or a relayed data connection reset")
     connect_timeout: Number(0.1, 300) = Field(10.0, description="seconds to open a connection to the server")
 
-    masquerade_address: GoneMasquerade = Field(None, repr=False)
+    masquerade_address: GoneMasquerade = Field(None, repr=False, exclude=True)

@@ -189,6 +189,18 @@ def test_gateways_and_tunnel_never_import_the_router_internals() -> None:
     assert [m for m in loaded if m.startswith(ROUTER_INTERNALS)] == []
 
 
+def test_gateways_and_tunnel_never_import_the_config() -> None:
+    """A gateway reads its manifest, and validates its settings with its own
+    model (gateways/settings.py, tunnel/settings.py); the tunnel's own files
+    are read with the shared field types (firewall.fields)."""
+    static = [
+        f"{imp.module}:{imp.line} imports {imp.target}"
+        for imp in project_imports()
+        if imp.module.split(".")[0] in ("gateways", "tunnel") and imp.target.startswith("firewall.config")
+    ]
+    assert static == []
+
+
 def test_only_the_command_line_hosts_the_command_groups() -> None:
     """firewall/cli.py is the composition root: ``nfgate lab``, ``nfgate tunnel``
     and the gateway launcher are hosted by it, or run on their own, and never

@@ -30,21 +30,18 @@ from collections import Counter, deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from firewall.fields import ROUTER
 from firewall.signalling import Endpoint
 from firewall.signalling import Proto as SignallingProto
 from gateways.layer import EventLog as LayerLog
-from gateways.layer import FlowUnknown, GatewayLayer, ProcessorInstances
+from gateways.layer import FlowUnknown, GatewayLayer
 from gateways.layer.endpoint import endpoint_of
-from gateways.layer.instances import layer_endpoint
+from gateways.manifest import Manifest
 from gateways.tcp_server import Acceptor, listen_socket
 from tunnel.aio import reset
 from tunnel.frames import IPAddress, Proto
 from tunnel.server import ChannelProtocol
 
 if TYPE_CHECKING:
-    from firewall.config import Config
-    from firewall.config.model import Gateway
     from tunnel.publish import Publication
     from tunnel.server import TunnelServer
 
@@ -57,20 +54,20 @@ MAX_UDP_ROUTES = 65536
 LISTEN_BACKLOG = 1024  # many mediators reconnect at once after the NAT in front of them reboots
 
 
-def steered(gateway: Gateway, proto: str, port: int) -> bool:
+def steered(gateway: Manifest, proto: str, port: int) -> bool:
     """Does a ``[[gateway.traffic]]`` selector of ``gateway`` (``to = "router"``)
     bring ``proto`` ``port`` to it?"""
     return any(
-        t.to_zone == ROUTER and t.proto == proto and any(r.first <= port <= r.last for r in t.ports)
+        t.terminates and t.proto == proto and any(r.first <= port <= r.last for r in t.ports)
         for t in gateway.traffic
     )
 
 
-def unsteered(gateway: Gateway, proto: str, first: int, last: int) -> list[str]:
+def unsteered(gateway: Manifest, proto: str, first: int, last: int) -> list[str]:
     """The parts of ``first``-``last`` that no selector brings for ``proto``, as ranges."""
     covered = sorted(
         (max(r.first, first), min(r.last, last))
-        for t in gateway.traffic if t.to_zone == ROUTER and t.proto == proto
+        for t in gateway.traffic if t.terminates and t.proto == proto
         for r in t.ports if r.first <= last and r.last >= first
     )
     gaps, at = [], first
@@ -137,9 +134,8 @@ class GatewayFrontend:
     """Routes the gateway port's flows to the channel or to a publication."""
 
     def __init__(
-        self, config: Config, gateway: Gateway, key: bytes, layer_factory: Callable[[], Any] | None = None
+        self, gateway: Manifest, key: bytes, layer_factory: Callable[[], Any] | None = None
     ) -> None:
-        self.config = config
         self.gateway = gateway
         self.key = key
         self.layer_factory = layer_factory or self._make_layer
@@ -152,16 +148,11 @@ class GatewayFrontend:
         self.tasks: set[asyncio.Task[None]] = set()
 
     def _make_layer(self) -> GatewayLayer:
-        return GatewayLayer(
-            self.key, listen=layer_endpoint(self.config, self.gateway.name),
-            instances=ProcessorInstances.from_config(self.config), gateway=self.gateway.name,
-            query_timeout=self.config.signalling.query_timeout,
-            replay_window=self.config.signalling.replay_window, log=LayerLog(self.gateway.name),
-        )
+        return GatewayLayer.from_manifest(self.gateway, self.key, LayerLog(self.gateway.name))
 
     @property
     def address(self) -> IPAddress:
-        return self.config.gateway_link.gateway_address.ip
+        return self.gateway.listen.address
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -173,7 +164,7 @@ class GatewayFrontend:
         loop = asyncio.get_running_loop()
         self.layer = self.layer_factory()
         await self.layer.start()
-        port = self.gateway.listen_port
+        port = self.gateway.listen.port
         # Accepted by hand, not by create_server: not one byte may be read
         # before the flow is routed, so a TLS ClientHello reaches TLS whole.
         # The Acceptor pauses, with one log line, when out of descriptors.
@@ -204,7 +195,7 @@ class GatewayFrontend:
             # The service port on whichever router address a selector steers here.
             "service": f"*:{service}",
             "gateway": self.gateway.name,
-            "listen": f"{self.address}:{self.gateway.listen_port}",
+            "listen": f"{self.address}:{self.gateway.listen.port}",
             "udp_routes": len(self.routes),
             "counters": dict(sorted(self.counters.items())),
         }
@@ -316,7 +307,7 @@ class GatewayFrontend:
         server = self.server
         assert server is not None
         fw = Endpoint(ipaddress.IPv4Address(key[0]), key[1])
-        ag = Endpoint(ipaddress.IPv4Address(str(self.address)), self.gateway.listen_port)
+        ag = Endpoint(ipaddress.IPv4Address(str(self.address)), self.gateway.listen.port)
         try:
             hold = await self.layer.attach(SignallingProto.UDP, fw, ag, on_end=lambda cause: self._ended(key, route))
         except FlowUnknown:

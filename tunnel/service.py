@@ -3,8 +3,8 @@
 - ``run_server(config)``: ``nfgate tunnel server``, in the foreground until
   SIGTERM or SIGINT (``nfgate tunnel mediator`` is ``run_mediator`` in
   tunnel/mediator.py, so that a gateway process never loads the mediator).
-- ``run_gateway(config, gateway)``: what ``python -m gateways`` calls for a
-  ``[[gateway]]`` of kind ``tunnel``. Under ``nfgate run`` the processor
+- ``run_gateway(manifest)``: what ``python -m gateways`` calls for a
+  ``[[gateway]]`` of kind ``tunnel``, with its manifest (gateways/manifest.py). Under ``nfgate run`` the processor
   steers the gateway's ``[[gateway.traffic]]`` (``to = "router"``) into the
   gateway's one port; the ``GatewayFrontend`` asks the deNAT/reNAT layer for
   each flow's original destination port and routes it: the service port to
@@ -27,24 +27,21 @@ import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from firewall.errors import KernelError, UsageError
-from firewall.fields import ROUTER, PortRange
+from firewall.fields import PortRange
 from firewall.signalling import load_or_create_key
+from gateways.manifest import Manifest
 from gateways.tcp_server import raise_file_limit
 from tunnel.aio import run_main, until_signalled
-from tunnel.config import TUNNEL_DIR, MediatorEntry, RateLimit, ServerConfig, load_mediators
+from tunnel.config import MediatorEntry, RateLimit, ServerConfig, load_mediators
 from tunnel.events import EventLog, configure
 from tunnel.gateway import GatewayFrontend, steered, unsteered
 from tunnel.operator import ControlSocket
 from tunnel.pacing import BackoffSettings
 from tunnel.server import StandaloneFrontend, TunnelServer
 from tunnel.settings import MediatorLimits, ServerSettings, TunnelGatewaySettings
-
-if TYPE_CHECKING:
-    from firewall.config import Config
-    from firewall.config.model import Gateway
 
 STATE_DIR = Path("/var/lib/nfgate")
 STATE_DIR_ENV = "STATE_DIRECTORY"  # what systemd's StateDirectory= sets
@@ -98,16 +95,15 @@ def run_server(config: ServerConfig, log: EventLog | None = None) -> None:
 # -- the gateway kind ---------------------------------------------------------------------
 
 
-def gateway_files_dir(config: Config, gateway: Gateway) -> Path:
+def gateway_files_dir(gateway: Manifest) -> Path:
     """Where gateway ``gateway`` keeps server.crt, server.key and mediators.toml.
 
-    ``tunnel/<name>/`` next to the nfgate config: ``/etc/nfgate/tunnel/<name>/``
-    for the default ``/etc/nfgate/nfgate.toml``, so a second config (a lab, a
-    test, a staging router) brings its own keys and mediators along.
+    ``tunnel/<name>/`` next to the nfgate config (the manifest's
+    ``config_dir``): ``/etc/nfgate/tunnel/<name>/`` for the default
+    ``/etc/nfgate/nfgate.toml``, so a second config (a lab, a test, a staging
+    router) brings its own keys and mediators along.
     """
-    if config.path is None:
-        return TUNNEL_DIR / gateway.name
-    return Path(os.path.abspath(config.path)).parent / "tunnel" / gateway.name
+    return gateway.config_dir / "tunnel" / gateway.name
 
 
 def state_dir() -> Path:
@@ -118,7 +114,7 @@ def state_dir() -> Path:
     return Path(first) if first.startswith("/") else STATE_DIR
 
 
-def check_steering(gateway: Gateway, service_port: int) -> None:
+def check_steering(gateway: Manifest, service_port: int) -> None:
     """Refuse (one line) a tunnel gateway that could never work as configured.
 
     Its selectors are what the kernel steers to it (docs/tunnel-protocol.md
@@ -127,7 +123,7 @@ def check_steering(gateway: Gateway, service_port: int) -> None:
     UDP (the UDP channels).
     """
     for t in gateway.traffic:
-        if t.to_zone != ROUTER:
+        if not t.terminates:
             raise UsageError(
                 f"{t.source}.to: a tunnel gateway terminates its traffic itself: "
                 f'use to = "router", not {t.to_zone!r}'
@@ -142,7 +138,7 @@ def check_steering(gateway: Gateway, service_port: int) -> None:
 
 
 def warn_unsteered(
-    gateway: Gateway, server_config: ServerConfig, mediators: Mapping[str, MediatorEntry], log: EventLog
+    gateway: Manifest, server_config: ServerConfig, mediators: Mapping[str, MediatorEntry], log: EventLog
 ) -> None:
     """One warning per publishable range that no selector brings here.
 
@@ -162,21 +158,21 @@ def warn_unsteered(
                 )
 
 
-def gateway_server_config(config: Config, gateway: Gateway) -> ServerConfig:
+def gateway_server_config(gateway: Manifest) -> ServerConfig:
     """The control server's config for ``[[gateway]]`` ``gateway`` of kind tunnel."""
-    s: TunnelGatewaySettings = gateway.settings
-    base = gateway_files_dir(config, gateway)
+    s = TunnelGatewaySettings.model_validate(gateway.settings)  # the manifest's JSON values
+    base = gateway_files_dir(gateway)
     first, last = s.publish_first, s.publish_last
     if first > last:
         raise UsageError(f"{gateway.source}.settings: publish_first {first} is above publish_last {last}")
     return ServerConfig(
-        listen=config.gateway_link.gateway_address.ip,
+        listen=gateway.listen.address,
         service_port=s.service_port,
-        public_address=config.gateway_link.gateway_address.ip,
+        public_address=gateway.listen.address,
         cert=base / "server.crt",
         key=base / "server.key",
         mediators_file=base / "mediators.toml",
-        control_socket=config.supervisor.control_socket.parent / f"tunnel-{gateway.name}.sock",
+        control_socket=gateway.run_dir / f"tunnel-{gateway.name}.sock",
         state_file=state_dir() / f"tunnel-{gateway.name}.json",
         protocol=ServerSettings(
             hello_timeout=s.hello_timeout,
@@ -195,11 +191,11 @@ def gateway_server_config(config: Config, gateway: Gateway) -> ServerConfig:
     )
 
 
-def run_gateway(config: Config, gateway: Gateway, *, log_json: bool = False, log: EventLog | None = None) -> None:
+def run_gateway(gateway: Manifest, *, log_json: bool = False, log: EventLog | None = None) -> None:
     """Run the control server as gateway ``gateway`` until SIGTERM or SIGINT.
 
     Called by ``python -m gateways`` for kind ``tunnel``, inside the gateway
-    namespace: ``run_gateway(config, gateway, log_json=args.log_json)``.
+    namespace: ``run_gateway(manifest, log_json=args.log_json)``.
     Blocks (it runs its own event loop) and returns after a clean stop.
     Raises NfgateError (one line) for what the operator can fix: a missing
     certificate, key or mediators file, a port that will not bind.
@@ -209,12 +205,12 @@ def run_gateway(config: Config, gateway: Gateway, *, log_json: bool = False, log
     if log is None:
         configure(json_lines=log_json)
         log = EventLog(f"tunnel:{gateway.name}")
-    server_config = gateway_server_config(config, gateway)
+    server_config = gateway_server_config(gateway)
     check_steering(gateway, server_config.service_port)
     mediators = load_mediators(server_config.mediators_file, server_config)
     warn_unsteered(gateway, server_config, mediators, log)
-    key = load_or_create_key(config.signalling.key_file)
-    frontend = GatewayFrontend(config, gateway, key)
+    key = load_or_create_key(gateway.signalling.key_file)
+    frontend = GatewayFrontend(gateway, key)
     run_main(serve(TunnelServer(server_config, mediators, frontend, log), log))
 
 

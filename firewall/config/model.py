@@ -271,10 +271,10 @@ class Timeouts(Frozen):
     confirm: Number(1, 600) = Field(5.0, description="seconds a queued first packet waits for the gateway's binding")
     nat_element: Number(1, 600) = Field(10.0, description="seconds a NAT set element lives unconfirmed")
     reap: Number(0.1, 600) = Field(1.0, description="seconds between sweeps of expired bindings")
-    tcp_idle: GONE_TIMEOUT = Field(None, repr=False)
-    tcp_closing: GONE_TIMEOUT = Field(None, repr=False)
-    tcp_handshake: GONE_TIMEOUT = Field(None, repr=False)
-    udp_idle: GONE_TIMEOUT = Field(None, repr=False)
+    tcp_idle: GONE_TIMEOUT = Field(None, repr=False, exclude=True)
+    tcp_closing: GONE_TIMEOUT = Field(None, repr=False, exclude=True)
+    tcp_handshake: GONE_TIMEOUT = Field(None, repr=False, exclude=True)
+    udp_idle: GONE_TIMEOUT = Field(None, repr=False, exclude=True)
 
 
 def _firewall_side(net: IPNetwork) -> ipaddress.IPv4Network:

@@ -3,7 +3,8 @@
 Each host of a ``Topology`` becomes a namespace named ``<prefix>-<host>``.
 Netlink work (veth pairs, addresses, routes) goes through pyroute2's
 ``IPRoute(netns=...)``, which opens a socket inside the namespace without
-moving the caller. Everything else runs as ``ip netns exec NS argv...``:
+moving the caller; the steps themselves are ``firewall.namespaces``, which the
+blind track (``firewall.gwlink``) shares. Everything else runs as ``ip netns exec NS argv...``:
 sysctls, the topology's set-up commands, and whatever a test or an operator
 asks for.
 
@@ -28,7 +29,7 @@ import shlex
 import signal
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from socket import AF_INET, AF_INET6
@@ -37,13 +38,12 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 
+from firewall import namespaces
 from firewall.errors import KernelError, NfgateError, PrivilegeError, UsageError
 from firewall.lab.topology import HOST_RE, Host, Topology
 from firewall.lab.wait import wait_for
 
-NETNS_DIR = Path(pr_netns.NETNS_RUN_DIR)
 # Namespaces whose name starts with this "look like ours" when no prefix is given.
 OWN_PREFIX = "nfg"
 PREFIX_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
@@ -108,44 +108,6 @@ def lab_namespaces(prefix: str | None = None) -> list[str]:
     return sorted(names)
 
 
-def namespace_pids(names: Iterable[str]) -> dict[str, list[int]]:
-    """The processes inside each named namespace (what ``ip netns pids`` reports)."""
-    inodes: dict[tuple[int, int], str] = {}
-    for name in names:
-        try:
-            st = os.stat(NETNS_DIR / name)
-        except FileNotFoundError:
-            continue
-        inodes[(st.st_dev, st.st_ino)] = name
-    found: dict[str, list[int]] = {name: [] for name in inodes.values()}
-    if not inodes:
-        return found
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            st = os.stat(f"/proc/{entry.name}/ns/net")
-        except OSError:
-            # Gone meanwhile, a zombie, or a kernel thread: none can hold a lab.
-            continue
-        name = inodes.get((st.st_dev, st.st_ino))
-        if name is not None:
-            found[name].append(int(entry.name))
-    return found
-
-
-def _kill_all(names: list[str], sig: int) -> int:
-    count = 0
-    for pids in namespace_pids(names).values():
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-                count += 1
-            except ProcessLookupError:
-                pass
-    return count
-
-
 def cleanup(prefix: str | None = None) -> list[str]:
     """Kill what runs inside a lab's namespaces and remove them; return the names removed.
 
@@ -162,34 +124,15 @@ def remove_namespaces(names: list[str]) -> list[str]:
     """Kill the processes inside the named namespaces, then remove them; return those removed."""
     if not names:
         return []
-    # A process left inside keeps the namespace (and its veths) alive after the
-    # name is gone, so stop them first: TERM, then KILL for the stubborn.
-    if _kill_all(names, signal.SIGTERM):
-        try:
-            wait_for(
-                lambda: not any(namespace_pids(names).values()),
-                timeout=KILL_TIMEOUT,
-                what="processes in the lab to exit",
-            )
-        except TimeoutError:
-            _kill_all(names, signal.SIGKILL)
-            try:
-                wait_for(
-                    lambda: not any(namespace_pids(names).values()),
-                    timeout=KILL_TIMEOUT,
-                    what="killed processes in the lab to exit",
-                )
-            except TimeoutError:
-                # Stuck in the kernel (D state). The names go anyway; the
-                # namespace itself lives on until that process dies.
-                pass
+    # TERM first, so that a lab's programs may tidy up; KILL for the stubborn.
+    # One stuck in the kernel (D state) keeps its namespace alive after the
+    # name goes, but the name goes anyway.
+    namespaces.stop_inside(names, (signal.SIGTERM, signal.SIGKILL), KILL_TIMEOUT)
     removed, failed = [], []
     for name in names:
         try:
-            pr_netns.remove(name)
-            removed.append(name)
-        except FileNotFoundError:
-            pass  # removed meanwhile by someone else
+            if namespaces.remove_namespace(name):
+                removed.append(name)
         except OSError as err:
             failed.append(f"{name}: {err.strerror or err}")
     if failed:
@@ -200,8 +143,7 @@ def remove_namespaces(names: list[str]) -> list[str]:
 def inspect_namespace(name: str) -> dict[str, Any]:
     """Interfaces (state, addresses) and main-table routes inside one namespace."""
     try:
-        # groups=0: a one-off dump needs no multicast notifications queued up.
-        ipr = IPRoute(netns=name, flags=0, groups=0)
+        ipr = namespaces.netlink(name)
     except FileNotFoundError:
         return {"present": False, "interfaces": [], "routes": []}
     with ipr:
@@ -390,8 +332,8 @@ class Lab:
             ipr = {}
             for host in topo.host_names:
                 self._step = f"opening netlink in {self.ns(host)}"
-                ipr[host] = stack.enter_context(IPRoute(netns=self.ns(host), flags=0, groups=0))
-                ipr[host].link("set", index=ipr[host].link_lookup(ifname="lo")[0], state="up")
+                ipr[host] = stack.enter_context(namespaces.netlink(self.ns(host)))
+                namespaces.set_up(ipr[host], "lo")
             for host in topo.hosts:
                 self._sysctls(host, early=True)
             for i, link in enumerate(topo.links):
@@ -403,25 +345,11 @@ class Lab:
                 # would be 2 in fresh namespaces): when a veth's ifindex equals its
                 # peer's, linkwatch treats carrier-on as non-urgent and delays it
                 # (and the qdisc activation that lets packets pass) by up to 1 s.
-                ipr[a.host].link(
-                    "add",
-                    index=VETH_INDEX_BASE + i,
-                    ifname=a.ifname,
-                    kind="veth",
-                    peer={"ifname": b.ifname, "net_ns_fd": self.ns(b.host)},
-                )
+                namespaces.add_veth(ipr[a.host], a.ifname, b.ifname, self.ns(b.host), index=VETH_INDEX_BASE + i)
             for i, link in enumerate(topo.links):
                 for side, ep in (("a", link.a), ("b", link.b)):
                     self._step = f"links[{i}].{side}: addresses of {ep.host}:{ep.ifname}"
-                    index = ipr[ep.host].link_lookup(ifname=ep.ifname)[0]
-                    for addr in ep.addresses:
-                        # IPv6 duplicate address detection would keep the address
-                        # unusable for a second or two; the lab's addresses are ours.
-                        flags = IFA_F_NODAD if addr.version == 6 else 0
-                        ipr[ep.host].addr(
-                            "add", index=index, address=str(addr.ip), prefixlen=addr.network.prefixlen, flags=flags
-                        )
-                    ipr[ep.host].link("set", index=index, state="up")
+                    namespaces.configure(ipr[ep.host], ep)
             for host in topo.hosts:
                 self._sysctls(host, early=False)
             for host in topo.host_names:
@@ -429,16 +357,7 @@ class Lab:
                 self._wait_links_up(ipr[host], [ep.ifname for ep in topo.endpoints(host)])
             for i, route in enumerate(topo.routes):
                 self._step = f"routes[{i}]: {route.to} in {route.host}"
-                spec: dict[str, Any] = {
-                    "family": AF_INET6 if route.to.version == 6 else AF_INET,
-                    "dst": str(route.to.network_address),
-                    "dst_len": route.to.prefixlen,
-                }
-                if route.via is not None:
-                    spec["gateway"] = str(route.via)
-                if route.dev is not None:
-                    spec["oif"] = ipr[route.host].link_lookup(ifname=route.dev)[0]
-                ipr[route.host].route("add", **spec)
+                namespaces.add_route(ipr[route.host], route)
         for host in topo.hosts:
             for j, argv in enumerate(host.commands):
                 self._step = f"commands.{host.name}[{j}]"

@@ -38,7 +38,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
-from typing import Any, Protocol
+from typing import Any
 
 from firewall.signalling import Endpoint, FlowInfo, Proto, RuleEndReason, RuleMode
 from gateways.ftp.core import (
@@ -55,6 +55,7 @@ from gateways.ftp.core import (
     ToServer,
 )
 from gateways.ftp.data import ContentHook, Transfer, data_core, load_hook, transferred
+from gateways.manifest import Manifest
 from gateways.layer import EventLog, FlowUnknown, GatewayLayer, Hold, RuleError
 from gateways.layer.endpoint import endpoint_of
 from gateways.relay import RelayCore, reset_socket
@@ -92,13 +93,6 @@ class _Expectation:
         self.timer: asyncio.TimerHandle | None = None
 
 
-class Configured(Protocol):
-    """What ``for_gateway`` reads of a config's ``[[gateway]]`` of kind ftp."""
-
-    settings: Any  # FtpSettings
-    traffic: tuple[Any, ...]  # each with .ports, PortRanges
-
-
 class FtpGateway(TcpGateway):
     """The ftp gateway: a listener on G:g in front of a ``GatewayLayer``."""
 
@@ -122,9 +116,9 @@ class FtpGateway(TcpGateway):
         self._expected: dict[ExpectKey, _Expectation] = {}
 
     @classmethod
-    def for_gateway(cls, layer: GatewayLayer, gw: Configured, listen: Endpoint, log: EventLog) -> "FtpGateway":
-        """The gateway as ``python -m gateways`` runs it: settings and selector ports from the config."""
-        settings: FtpSettings = gw.settings
+    def for_gateway(cls, layer: GatewayLayer, gw: Manifest, listen: Endpoint, log: EventLog) -> "FtpGateway":
+        """The gateway as ``python -m gateways`` runs it: settings and selector ports from its manifest."""
+        settings = FtpSettings.model_validate(gw.settings)
         ports = frozenset(p for t in gw.traffic for r in t.ports for p in range(r.first, r.last + 1))
         return cls(layer, listen=listen, settings=settings, log=log, control_ports=ports,
                    hook=load_hook(settings.content_hook))

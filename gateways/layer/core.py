@@ -69,7 +69,6 @@ from __future__ import annotations
 import heapq
 from collections import Counter, OrderedDict
 
-from firewall.config.model import Signalling
 from firewall.signalling import (
     MAX_QUERY_ATTEMPTS,
     Answer,
@@ -197,8 +196,8 @@ class LayerCore:
         *,
         now: float,
         gateway: str | None = None,
-        query_timeout: float = Signalling().query_timeout,
-        replay_window: float = Signalling().replay_window,
+        query_timeout: float,
+        replay_window: float,
         unclaimed_ttl: float = UNCLAIMED_FLOW_TTL,
         max_unclaimed: int = MAX_UNCLAIMED_FLOWS,
         sender_id: int | None = None,

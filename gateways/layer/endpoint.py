@@ -33,7 +33,6 @@ import socket
 import time
 from typing import Any, Callable, TypeVar
 
-from firewall.config.model import Signalling
 from firewall.drive import CoreDriver
 from firewall.signalling import Endpoint, FlowInfo, Proto, RuleAck, RuleEndReason, RuleMode, RuleRefusal
 from gateways.layer.core import LayerCore
@@ -52,6 +51,7 @@ from gateways.layer.outputs import (
 )
 from gateways.layer.events import EventLog
 from gateways.layer.instances import ProcessorInstances
+from gateways.manifest import Manifest
 
 # The signalling socket's receive buffer. The processor pushes ``copies``
 # datagrams per new flow back to back; the kernel's default (rmem_default,
@@ -160,8 +160,8 @@ class GatewayLayer:
         listen: Endpoint,
         instances: ProcessorInstances,
         gateway: str | None = None,
-        query_timeout: float = Signalling().query_timeout,
-        replay_window: float = Signalling().replay_window,
+        query_timeout: float,
+        replay_window: float,
         log: EventLog | None = None,
         clock: Callable[[], float] = time.time,
         **core_options: Any,
@@ -233,6 +233,21 @@ class GatewayLayer:
             if not future.done():
                 future.set_exception(RuleNoAnswer("the gateway is stopping"))
         self._rule_futures.clear()
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, key: bytes, log: EventLog | None = None, **options: Any) -> "GatewayLayer":
+        """The layer of the gateway ``manifest`` describes (not started yet)."""
+        sig = manifest.signalling
+        return cls(
+            key,
+            listen=sig.listen.endpoint,
+            instances=ProcessorInstances.from_spec(manifest.processor),
+            gateway=manifest.name,
+            query_timeout=sig.query_timeout,
+            replay_window=sig.replay_window,
+            log=log,
+            **options,
+        )
 
     @property
     def counters(self) -> dict[str, int]:

@@ -2,20 +2,52 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from pyroute2 import netns as pr_netns
+from pyroute2.netlink.exceptions import NetlinkError
 
-from firewall import gwlink
+from firewall import gwlink, namespaces
 from firewall.config.model import GatewayLink
 from firewall.errors import KernelError
+from tests.firewall.test_lab import read_line
 
 pytestmark = pytest.mark.netns
 
 
 def link_for(lab) -> GatewayLink:
     return GatewayLink(netns=f"{lab.prefix}-gw")
+
+
+@contextmanager
+def deaf_to_sigterm(netns: str) -> Iterator[subprocess.Popen]:
+    """A process inside ``netns`` that ignores SIGTERM, started behind gwlink's back."""
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", netns, sys.executable, "-c",
+         "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert read_line(proc) == "ready"
+        assert namespaces.namespace_pids([netns])[netns] == [proc.pid]
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def link_kind(netns: str, ifname: str) -> str:
+    with namespaces.netlink(netns) as ipr:
+        (found,) = ipr.link("get", index=ipr.link_lookup(ifname=ifname)[0])
+    return found.get_attr("IFLA_LINKINFO").get_attr("IFLA_INFO_KIND")
 
 
 def test_create_use_remove(lab_factory) -> None:
@@ -29,6 +61,9 @@ def test_create_use_remove(lab_factory) -> None:
     assert ping.returncode == 0
     route = subprocess.run(["ip", "-n", link.netns, "route", "show", "default"], capture_output=True, text=True).stdout
     assert "via 172.31.255.1" in route
+    # A namespace that `ip netns` lists and enters, like one made by `ip netns add`.
+    assert link.netns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert link_kind(router, link.router_if) == "veth"
     # Creating again replaces the link instead of failing.
     gwlink.create(link, router)
     gwlink.remove(link, router)
@@ -54,3 +89,57 @@ def test_blind_track_forwards(lab_factory) -> None:
         assert lab.run("router", ["sysctl", "-n", "net.ipv4.conf.nfg-gw0.forwarding"]).stdout.strip() == "1"
     finally:
         gwlink.remove(link, lab.ns("router"))
+
+
+def test_create_replaces_a_stale_namespace_and_kills_what_runs_in_it(lab_factory) -> None:
+    # Left by a supervisor that died: the namespace, with a gateway still in it.
+    lab = lab_factory("basic")
+    link = link_for(lab)
+    pr_netns.create(link.netns)
+    with deaf_to_sigterm(link.netns) as leftover:
+        gwlink.create(link, lab.ns("router"))
+        assert leftover.wait(timeout=5) == -signal.SIGKILL
+    assert namespaces.namespace_pids([link.netns])[link.netns] == []
+    assert lab.ping("router", link.gateway_address.ip)
+
+
+def test_create_replaces_another_kind_of_link_with_the_router_end_name(lab_factory) -> None:
+    lab = lab_factory("basic")
+    link = link_for(lab)
+    lab.run("router", ["ip", "link", "add", link.router_if, "type", "bridge"])
+    gwlink.create(link, lab.ns("router"))
+    assert link_kind(lab.ns("router"), link.router_if) == "veth"
+    assert lab.ping("router", link.gateway_address.ip)
+
+
+def test_remove_kills_a_process_deaf_to_sigterm(lab_factory) -> None:
+    lab = lab_factory("basic")
+    link = link_for(lab)
+    gwlink.create(link, lab.ns("router"))
+    with deaf_to_sigterm(link.netns) as stubborn:
+        gwlink.remove(link, lab.ns("router"))
+        assert stubborn.wait(timeout=5) == -signal.SIGKILL
+    assert not gwlink.exists(link, lab.ns("router"))
+    assert link.netns not in pr_netns.listnetns()
+
+
+def test_a_failed_create_names_the_step_and_leaves_nothing(lab_factory, monkeypatch) -> None:
+    lab = lab_factory("basic")
+    link = link_for(lab)
+
+    def refused(ipr, route) -> None:
+        raise NetlinkError(17, "File exists")
+
+    monkeypatch.setattr(namespaces, "add_route", refused)
+    with pytest.raises(KernelError, match=r"^gateway link: default route via 172\.31\.255\.1 in .*-gw: File exists$"):
+        gwlink.create(link, lab.ns("router"))
+    assert not gwlink.exists(link, lab.ns("router"))
+    assert link.netns not in pr_netns.listnetns()
+
+
+def test_an_unknown_router_namespace_is_named() -> None:
+    link = GatewayLink(netns="nfgt-absent-gw")
+    with pytest.raises(KernelError, match="sysctl net.ipv4.ip_forward: No such file or directory .*/nfgt-absent-router"):
+        gwlink.create(link, "nfgt-absent-router")
+    assert not gwlink.exists(link, "nfgt-absent-router")
+    gwlink.remove(link, "nfgt-absent-router")  # nothing to remove, no error

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from firewall import namespaces
 from firewall.errors import KernelError, UsageError
 from firewall.lab import netns
 from firewall.lab.cli import lab as lab_group
@@ -196,7 +197,7 @@ def test_down_kills_what_runs_inside_and_removes_everything(lab_factory, root_wa
     )
     try:
         assert read_line(stubborn) == "ready"
-        assert netns.namespace_pids([lab.ns("ext")])[lab.ns("ext")] == [stubborn.pid]
+        assert namespaces.namespace_pids([lab.ns("ext")])[lab.ns("ext")] == [stubborn.pid]
 
         assert lab.down() == sorted(lab.namespaces)
         assert lab_namespaces(lab.prefix) == []

@@ -20,7 +20,7 @@ import itertools
 import random
 import time
 from collections import Counter
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from firewall.signalling import (
     Answer,
@@ -44,7 +44,9 @@ from firewall.signalling import (
     RuleRequest,
     make_flow_id,
 )
+from firewall.pools import address_slices
 from gateways.layer import GatewayLayer, ProcessorInstances
+from gateways.manifest import InstanceSpec
 from tests.gateways.loopback import GATEWAY, POOL, ROUTER
 
 KEY = bytes(range(32))
@@ -75,6 +77,16 @@ class _Instance(asyncio.DatagramProtocol):
         assert self.transport is not None
         self.fake.sent.append(data)
         self.transport.sendto(data, to)
+
+
+def instances_of(
+    router: ipaddress.IPv4Address, base_port: int, queues: Sequence[int], pool: ipaddress.IPv4Network
+) -> ProcessorInstances:
+    """What a manifest tells a gateway of processor instances on ``base_port + i``
+    that own ``pool``'s contiguous slices, as the supervisor writes them."""
+    slices = address_slices(pool, len(queues))
+    specs = [InstanceSpec(queue=q, port=base_port + i, slices=slices[i]) for i, q in enumerate(queues)]
+    return ProcessorInstances(router, pool, specs)
 
 
 class FakeProcessor:
@@ -143,7 +155,7 @@ class FakeProcessor:
     def instances(self) -> ProcessorInstances:
         """What the layer is told about this processor."""
         assert self.base_port is not None
-        return ProcessorInstances(ROUTER, self.base_port, self.queues, self.pool)
+        return instances_of(ROUTER, self.base_port, self.queues, self.pool)
 
     def sender_id(self, index: int = 0) -> int:
         return self._instances[index].encoder.sender_id
@@ -265,7 +277,7 @@ async def rig(
         instances=fake.instances,
         gateway=gateway,
         query_timeout=query_timeout,
-        **layer_options,
+        **{"replay_window": 5.0, **layer_options},
     )
     try:
         await layer.start()

@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from firewall import manifests
+from firewall.config import load
 from firewall.signalling import load_or_create_key
 from tests.gateways.loopback import GATEWAY, ROUTER
 
@@ -82,15 +84,30 @@ def write_config(tmp_path: Path, *, port: int, kind: str = "tcp-relay", name: st
     return path
 
 
+def write_manifest(config: Path, name: str) -> Path:
+    """The manifest of gateway ``name``, as ``nfgate run`` writes it, next to ``config``."""
+    cfg = load(config)
+    gateway = next(g for g in cfg.gateways if g.name == name)
+    path = manifests.manifest_path(config.parent, name)
+    manifests.write(manifests.manifest_for(cfg, gateway), path)
+    return path
+
+
 async def start_gateway(config: Path, name: str = "relay", *, files: int | None = None) -> asyncio.subprocess.Process:
-    """``python -m gateways`` for gateway ``name``; ``files``: its soft and hard RLIMIT_NOFILE."""
+    """``python -m gateways`` for gateway ``name`` of ``config``, given the
+    manifest the supervisor would write; ``files``: its soft and hard RLIMIT_NOFILE."""
+    return await start_with_manifest(write_manifest(config, name), files=files)
+
+
+async def start_with_manifest(manifest: Path, *, files: int | None = None) -> asyncio.subprocess.Process:
+    """``python -m gateways --manifest manifest --log-json``."""
 
     def limit_files() -> None:
         if files is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
 
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateways", "--config", str(config), "--gateway", name, "--log-json",
+        sys.executable, "-m", "gateways", "--manifest", str(manifest), "--log-json",
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
         cwd=Path(__file__).resolve().parents[2],
@@ -109,9 +126,10 @@ async def next_event(proc: asyncio.subprocess.Process, name: str, seen: list[dic
     raise AssertionError(f"the gateway exited before {name!r}; it said: {seen}")
 
 
-async def exit_of(config: Path, name: str = "relay") -> tuple[int, list[str]]:
-    """Run the gateway process to its exit (killed if it outlives the bound): code, stderr lines."""
-    proc = await start_gateway(config, name)
+async def exit_of(config: Path, name: str = "relay", *, manifest: Path | None = None) -> tuple[int, list[str]]:
+    """Run the gateway process to its exit (killed if it outlives the bound): code, stderr lines.
+    ``manifest``: start it with that file as it stands instead of writing one from ``config``."""
+    proc = await (start_with_manifest(manifest) if manifest is not None else start_gateway(config, name))
     try:
         _, err = await asyncio.wait_for(proc.communicate(), 20)
     finally:

@@ -40,9 +40,9 @@ from firewall.signalling import (
 )
 from gateways.layer import EndCause, FlowUnknown, ProcessorInstances, RuleNoAnswer, RuleRefusedError, flow_key
 from gateways.layer.core import MAX_RULE_ATTEMPTS, RULE_END_GRACE, LayerCore
-from gateways.layer.instances import layer_endpoint
 from gateways.layer.outputs import FlowGone, FlowKnown, FlowNotKnown, RuleAnswered, RuleGone, RuleUnanswered, Send
-from tests.gateways.fake_processor import CLIENT, KEY, ORIGINAL_DST, SERVER, rig
+from firewall import manifests
+from tests.gateways.fake_processor import CLIENT, KEY, ORIGINAL_DST, SERVER, instances_of, rig
 from tests.gateways.loopback import GATEWAY, run, wait_until
 
 T0 = 1_700_000_000.0
@@ -52,7 +52,7 @@ ROUTER = IP("172.31.255.1")
 AG = Endpoint(IP("172.31.255.2"), 20000)
 POOL = ipaddress.IPv4Network("172.31.254.0/28")
 QUEUES = (3, 7)  # two instances: F .0-.7 belong to queue 3 (port 7500), .8-.15 to queue 7 (7501)
-INSTANCES = ProcessorInstances(ROUTER, 7500, QUEUES, POOL)
+INSTANCES = instances_of(ROUTER, 7500, QUEUES, POOL)
 OTHER_KEY = bytes(range(1, 33))
 
 
@@ -97,7 +97,7 @@ class Processor:
 
 
 def core(**kw: object) -> LayerCore:
-    options: dict[str, object] = dict(now=T0 - 1, gateway="relay", query_timeout=QT)
+    options: dict[str, object] = dict(now=T0 - 1, gateway="relay", query_timeout=QT, replay_window=5.0)
     options.update(kw)
     return LayerCore(KEY, INSTANCES, **options)  # type: ignore[arg-type]
 
@@ -119,7 +119,7 @@ def sends(outputs: list[object]) -> list[Send]:
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8])
 def test_owner_of_f_is_the_instance_whose_contiguous_pool_slice_holds_it(n: int) -> None:
     pool = ipaddress.IPv4Network("10.9.0.0/27")
-    inst = ProcessorInstances(ROUTER, 7500, tuple(range(10, 10 + n)), pool)
+    inst = instances_of(ROUTER, 7500, tuple(range(10, 10 + n)), pool)
     pools = [
         EndpointPool(pool, range(1024, 1026), instance=i, instances=n, slice_by=SliceBy.ADDRESS, slicing=Slicing.CONTIGUOUS)
         for i in range(n)
@@ -140,11 +140,12 @@ def test_rule_requests_go_to_the_instance_in_the_flow_id() -> None:
 def test_the_example_configs_place_every_gateway_and_instance_on_its_own_port() -> None:
     root = Path(__file__).resolve().parents[2]
     office = load(root / "examples" / "office.toml")
-    assert [layer_endpoint(office, g.name) for g in office.gateways] == [
+    written = [manifests.manifest_for(office, g) for g in office.gateways]
+    assert [m.signalling.listen.endpoint for m in written] == [
         Endpoint(IP("172.31.255.2"), 7500),
         Endpoint(IP("172.31.255.2"), 7501),
     ]
-    instances = ProcessorInstances.from_config(office)
+    instances = ProcessorInstances.from_spec(written[0].processor)
     assert [instances.endpoint(i) for i in range(len(instances))] == [
         Endpoint(IP("172.31.255.1"), 7500),
         Endpoint(IP("172.31.255.1"), 7501),
@@ -152,9 +153,8 @@ def test_the_example_configs_place_every_gateway_and_instance_on_its_own_port() 
     assert instances.for_firewall_side(IP("172.31.254.3")).port == 7500
     assert instances.for_firewall_side(IP("172.31.254.20")).port == 7501  # the upper half of its /27
     home = load(root / "examples" / "home.toml")
-    assert layer_endpoint(home, "nas-log") == Endpoint(IP("172.31.255.2"), home.signalling.port)
-    with pytest.raises(KeyError):
-        layer_endpoint(home, "nope")
+    (nas_log,) = [manifests.manifest_for(home, g) for g in home.gateways if g.name == "nas-log"]
+    assert nas_log.signalling.listen.endpoint == Endpoint(IP("172.31.255.2"), home.signalling.port)
 
 
 # ---- push ---------------------------------------------------------------------------------------

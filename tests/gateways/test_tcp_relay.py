@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import contextlib
 import hashlib
 import ipaddress
@@ -29,7 +30,9 @@ from tests.gateways.loopback import (
     tcp_server_at,
     wait_until,
 )
-from tests.gateways.process import events, exit_of, foreign_address, free_port, next_event, start_gateway, write_config
+from tests.gateways.process import (
+    events, exit_of, foreign_address, free_port, next_event, start_gateway, write_config, write_manifest,
+)
 
 MB = 1 << 20
 
@@ -463,20 +466,37 @@ def test_out_of_descriptors_the_gateway_pauses_accepting_with_one_line_and_recov
     run(main(), timeout=120)
 
 
+def test_the_gateway_process_refuses_a_kind_not_built_with_one_line(tmp_path: Path) -> None:
+    config = write_config(tmp_path, port=free_port(GATEWAY), kind="smtp", name="mail")
+    returncode, lines = run(exit_of(config, "mail"))
+    assert returncode == 2
+    assert len(lines) == 1 and "gateway 'mail': kind smtp is not built yet" in lines[0] and "Traceback" not in lines[0]
+
+
 @pytest.mark.parametrize(
-    ("kind", "name", "asked", "code", "message"),
+    ("spoil", "message"),
     [
-        ("smtp", "mail", "mail", 2, "gateway 'mail': kind smtp is not built yet"),
-        ("tcp-relay", "relay", "nope", 2, "no gateway named 'nope'"),
+        (lambda doc: None, "cannot read the gateway manifest"),
+        (lambda doc: doc.update(version=99), "manifest version 99, this gateway reads version 1"),
+        (lambda doc: doc.pop("processor"), "processor: Field required"),
+        (lambda doc: doc["listen"].update(port="eighty"), "listen.port:"),
+        (lambda doc: doc.update(extra=1), "extra: Extra inputs are not permitted"),
+        (lambda doc: "not json {", "not a JSON gateway manifest"),
     ],
 )
-def test_the_gateway_process_refuses_with_one_line(
-    tmp_path: Path, kind: str, name: str, asked: str, code: int, message: str
-) -> None:
-    config = write_config(tmp_path, port=free_port(GATEWAY), kind=kind, name=name)
-    returncode, lines = run(exit_of(config, asked))
-    assert returncode == code
-    assert len(lines) == 1 and message in lines[0] and "Traceback" not in lines[0]
+def test_a_manifest_it_cannot_use_is_refused_in_one_line(tmp_path: Path, spoil: Any, message: str) -> None:
+    """A missing, foreign (another release's), truncated or tampered manifest:
+    exit 2 with one line naming the problem, never a traceback or a half start."""
+    path = write_manifest(write_config(tmp_path, port=free_port(GATEWAY)), "relay")
+    doc = json.loads(path.read_text())
+    spoilt = spoil(doc)
+    if message.startswith("cannot read"):
+        path.unlink()
+    else:
+        path.write_text(spoilt if isinstance(spoilt, str) else json.dumps(doc))
+    returncode, lines = run(exit_of(tmp_path, manifest=path))
+    assert returncode == 2
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in lines[0], lines
 
 
 def test_outside_the_gateway_namespace_the_process_says_so(tmp_path: Path) -> None:

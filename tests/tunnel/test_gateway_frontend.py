@@ -17,9 +17,11 @@ from typing import Any
 
 import pytest
 
+from firewall import manifests
 from firewall.config import ConfigError, loads
 from firewall.errors import UsageError
 from firewall.signalling import Endpoint
+from gateways.manifest import Manifest
 from tests.tunnel.loopback import TOKEN, WAIT, echo_server, udp_echo, until, write_files
 from tunnel import tls
 from tunnel.config import MediatorConfig, load_mediators
@@ -100,6 +102,12 @@ class FakeLayer:
         return Hold()
 
 
+def manifest_of(text: str, path: Path | None = None) -> Manifest:
+    """The manifest nfgate run would give the config's first gateway."""
+    config = loads(text, path)
+    return manifests.manifest_for(config, config.gateways[0])
+
+
 def _gateway_port() -> int:
     for _ in range(100):
         tcp = socket.socket()
@@ -125,18 +133,17 @@ def _bound_socket(kind: int) -> socket.socket:
 
 def test_flows_are_routed_by_their_original_destination(tmp_path: Path) -> None:
     listen = _gateway_port()
-    config = loads(CONFIG.format(port=listen))
-    gateway = config.gateways[0]
-    assert gateway.listen_port == listen
+    gateway = manifest_of(CONFIG.format(port=listen))
+    assert gateway.listen.port == listen
     pin = write_files(tmp_path)
     server_config = dataclasses.replace(
-        gateway_server_config(config, gateway), cert=tmp_path / "server.crt", key=tmp_path / "server.key",
+        gateway_server_config(gateway), cert=tmp_path / "server.crt", key=tmp_path / "server.key",
         mediators_file=tmp_path / "mediators.toml", control_socket=tmp_path / "c.sock", state_file=None,
     )
     layer = FakeLayer()
 
     async def main() -> None:
-        frontend = GatewayFrontend(config, gateway, b"k" * 32, layer_factory=lambda: layer)
+        frontend = GatewayFrontend(gateway, b"k" * 32, layer_factory=lambda: layer)
         server = TunnelServer(server_config, load_mediators(server_config.mediators_file, server_config), frontend,
                               EventLog("server"))
         await server.start()
@@ -199,41 +206,40 @@ def test_flows_are_routed_by_their_original_destination(tmp_path: Path) -> None:
 
 
 def test_run_gateway_reports_missing_files_in_one_line(tmp_path: Path) -> None:
-    config = loads(CONFIG.format(port=20000))
+    gateway = manifest_of(CONFIG.format(port=20000))
     with pytest.raises(UsageError, match=r"mediators file /etc/nfgate/tunnel/tun/mediators.toml: no such file|"
                                          r"mediators file .*: "):
-        run_gateway(config, config.gateways[0])
+        run_gateway(gateway)
 
 
 def test_publish_range_must_not_run_backwards() -> None:
-    config = loads(CONFIG.format(port=20000).replace("publish_first = 8000", "publish_first = 9999")
-                   .replace("publish_last = 9999", "publish_last = 8000"))
+    gateway = manifest_of(CONFIG.format(port=20000).replace("publish_first = 8000", "publish_first = 9999")
+                          .replace("publish_last = 9999", "publish_last = 8000"))
     with pytest.raises(UsageError, match="publish_first 9999 is above publish_last 8000"):
-        gateway_server_config(config, config.gateways[0])
+        gateway_server_config(gateway)
 
 
 def test_files_live_next_to_the_config_and_state_follows_systemd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     text = CONFIG.format(port=20000)
-    config = loads(text, tmp_path / "nfgate.toml")
+    gateway = manifest_of(text, tmp_path / "nfgate.toml")
     monkeypatch.delenv("STATE_DIRECTORY", raising=False)
-    server = gateway_server_config(config, config.gateways[0])
+    server = gateway_server_config(gateway)
     assert (server.cert, server.key, server.mediators_file) == (
         tmp_path / "tunnel/tun/server.crt", tmp_path / "tunnel/tun/server.key", tmp_path / "tunnel/tun/mediators.toml",
     )
     assert server.state_file == Path("/var/lib/nfgate/tunnel-tun.json")
     # The default config, /etc/nfgate/nfgate.toml, keeps the documented place.
-    assert gateway_files_dir(loads(text), config.gateways[0]) == Path("/etc/nfgate/tunnel/tun")
-    assert gateway_files_dir(loads(text, Path("/etc/nfgate/nfgate.toml")), config.gateways[0]) == Path("/etc/nfgate/tunnel/tun")
+    assert gateway_files_dir(manifest_of(text)) == Path("/etc/nfgate/tunnel/tun")
+    assert gateway_files_dir(manifest_of(text, Path("/etc/nfgate/nfgate.toml"))) == Path("/etc/nfgate/tunnel/tun")
     # systemd's StateDirectory= (the first of several; a relative one is ignored).
     monkeypatch.setenv("STATE_DIRECTORY", f"{tmp_path}/state:/var/lib/other")
-    assert gateway_server_config(config, config.gateways[0]).state_file == tmp_path / "state/tunnel-tun.json"
+    assert gateway_server_config(gateway).state_file == tmp_path / "state/tunnel-tun.json"
     monkeypatch.setenv("STATE_DIRECTORY", "relative")
     assert state_dir() == Path("/var/lib/nfgate")
 
 
 def test_service_port_must_be_steered_both_ways_and_to_the_router() -> None:
-    config = loads(CONFIG.format(port=20000))
-    gateway = config.gateways[0]
+    gateway = manifest_of(CONFIG.format(port=20000))
     check_steering(gateway, 7443)  # the test config steers it: tcp and udp
     assert steered(gateway, "tcp", 7443) and steered(gateway, "udp", 7443)
     assert not steered(gateway, "tcp", 7444)
@@ -247,7 +253,7 @@ def test_service_port_must_be_steered_both_ways_and_to_the_router() -> None:
 
 
 def test_unsteered_publishable_ports_are_named() -> None:
-    gateway = loads(CONFIG.format(port=20000)).gateways[0]  # tcp 8000-8099, udp 9000-9099 of 8000-9999
+    gateway = manifest_of(CONFIG.format(port=20000))  # tcp 8000-8099, udp 9000-9099 of 8000-9999
     assert unsteered(gateway, "tcp", 8000, 8099) == []
     assert unsteered(gateway, "tcp", 8000, 9999) == ["8100-9999"]
     assert unsteered(gateway, "udp", 8000, 9999) == ["8000-8999", "9100-9999"]
@@ -258,8 +264,7 @@ def test_unsteered_publishable_ports_are_named() -> None:
         def warn(self, event: str, **fields: Any) -> None:
             events.append((event, fields))
 
-    config = loads(CONFIG.format(port=20000))
-    warn_unsteered(gateway, gateway_server_config(config, gateway), {}, Log())  # type: ignore[arg-type]
+    warn_unsteered(gateway, gateway_server_config(gateway), {}, Log())  # type: ignore[arg-type]
     assert [(f["proto"], f["publishable"], f["unsteered"]) for _, f in events] == [
         ("tcp", "8000-9999", "8100-9999"), ("udp", "8000-9999", "8000-8999,9100-9999"),
     ]

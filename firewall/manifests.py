@@ -1,0 +1,92 @@
+"""The gateways' manifests, written from the router's config (gateways/manifest.py is the format).
+
+``manifest_for(config, gateway)`` is everything gateway ``gateway`` is told;
+``write_all(config, directory)`` writes one root-only file per gateway,
+``gateway-<name>.json``, each replaced atomically, and returns their paths.
+The supervisor calls it before it starts the gateways; ``nfgate manifest
+NAME`` prints one, for running a gateway by hand.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from firewall.config import Config
+from firewall.config.model import ROUTER, Gateway
+from firewall.pools import address_slices
+from gateways.manifest import (
+    MANIFEST_VERSION,
+    Address,
+    InstanceSpec,
+    Manifest,
+    PortSpan,
+    ProcessorSpec,
+    Selector,
+    SignallingSpec,
+)
+
+DEFAULT_CONFIG_DIR = Path("/etc/nfgate")
+
+
+def manifest_for(config: Config, gateway: Gateway) -> Manifest:
+    link, sig, proc = config.gateway_link, config.signalling, config.processor
+    slices = address_slices(proc.pools.firewall_side, len(proc.queues))
+    return Manifest(
+        version=MANIFEST_VERSION,
+        name=gateway.name,
+        kind=gateway.kind,
+        source=gateway.source,
+        netns=link.netns,
+        listen=Address(address=link.gateway_address.ip, port=gateway.listen_port),
+        signalling=SignallingSpec(
+            listen=Address(address=link.gateway_address.ip, port=config.gateway_signalling_port(gateway.name)),
+            key_file=sig.key_file,
+            query_timeout=sig.query_timeout,
+            replay_window=sig.replay_window,
+        ),
+        processor=ProcessorSpec(
+            address=link.router_address.ip,
+            pool=proc.pools.firewall_side,
+            instances=tuple(
+                InstanceSpec(queue=q, port=config.processor_signalling_port(i), slices=slices[i])
+                for i, q in enumerate(proc.queues)
+            ),
+        ),
+        traffic=tuple(
+            Selector(
+                source=t.source, proto=t.proto, from_zone=t.from_zone, to_zone=t.to_zone,
+                terminates=t.to_zone == ROUTER, ports=tuple(PortSpan(first=r.first, last=r.last) for r in t.ports),
+            )
+            for t in gateway.traffic
+        ),
+        config_dir=Path(os.path.abspath(config.path)).parent if config.path is not None else DEFAULT_CONFIG_DIR,
+        run_dir=config.supervisor.control_socket.parent,
+        settings=_json_settings(gateway),
+    )
+
+
+def _json_settings(gateway: Gateway) -> dict:
+    """The kind's settings model as JSON values; the gateway validates them with the same model."""
+    return gateway.settings.model_dump(mode="json")
+
+
+def manifest_path(directory: Path, name: str) -> Path:
+    return directory / f"gateway-{name}.json"
+
+
+def write(manifest: Manifest, path: Path) -> None:
+    """Write ``manifest`` to ``path``, root-only, replacing any old one atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as f:
+        f.write(manifest.to_json())
+    os.replace(tmp, path)
+
+
+def write_all(config: Config, directory: Path) -> dict[str, Path]:
+    paths = {}
+    for gateway in config.gateways:
+        path = manifest_path(directory, gateway.name)
+        write(manifest_for(config, gateway), path)
+        paths[gateway.name] = path
+    return paths
