@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, PlainValidator, ValidationInfo, WithJsonSchema
+from pydantic import (
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, PlainValidator, ValidationInfo, WithJsonSchema, model_validator,
+)
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
@@ -152,19 +154,39 @@ def _address(value: Any) -> IPAddress:
         fail(f"{value!r} is not an IP address")
 
 
-def _ipv4_interface(value: Any) -> ipaddress.IPv4Interface:
-    """An IPv4 address with its prefix length, e.g. "172.31.255.1/30"."""
-    if not isinstance(value, str) or "/" not in value:
-        fail(f"expected an IPv4 address with prefix length like '10.0.0.1/30', got {value!r}")
-    try:
-        return ipaddress.IPv4Interface(value)
-    except ValueError:
-        fail(f"{value!r} is not an IPv4 address with prefix length")
+def interface(parse: Any, expected: str, what: str) -> Any:
+    """An address with its prefix length ("172.31.255.1/30"), read by ``parse``."""
+
+    def check(value: Any) -> Any:
+        if not isinstance(value, str) or "/" not in value:
+            fail(f"expected {expected}, got {value!r}")
+        try:
+            return parse(value)
+        except ValueError:
+            fail(f"{value!r} is not {what}")
+
+    return check
+
+
+def ordered(low: str, high: str, table: str) -> Any:
+    """A model check: key ``high`` of ``[table]`` is at least key ``low``."""
+
+    def check(self: Any, info: ValidationInfo) -> Any:
+        if getattr(self, low) > getattr(self, high):
+            report(info, f"{table}.{high}", f"must be at least {low}")
+        return self
+
+    return model_validator(mode="after")(check)
 
 
 Network = typed(_network, {"type": "string", "description": "an address or prefix, e.g. 10.0.0.0/8"}, IPNetwork)
 Address = typed(_address, {"type": "string", "description": "an IPv4 or IPv6 address"}, IPAddress)
-IPv4Iface = typed(_ipv4_interface, {"type": "string", "pattern": "/"}, ipaddress.IPv4Interface)
+IPv4Iface = typed(
+    interface(ipaddress.IPv4Interface, "an IPv4 address with prefix length like '10.0.0.1/30'",
+              "an IPv4 address with prefix length"),
+    {"type": "string", "pattern": "/"},
+    ipaddress.IPv4Interface,
+)
 
 
 def bitmask(value: Any) -> int:

@@ -28,7 +28,7 @@ from pydantic import AfterValidator, Field, ValidationInfo, model_validator
 from firewall.errors import UsageError
 from firewall.fields import (
     AbsPath, Address, Bool, Choice, Frozen, Int, ListOf, Network, Number, PortRange, Ports,
-    String, Tables, absolute_path, fail, port_range, report, typed,
+    String, Tables, absolute_path, fail, interface, ordered, port_range, report, typed,
 )
 from firewall.problems import ConfigError, Problem, kind_of, located, parse_toml, validate
 from tunnel.frames import MIN_MAX_FRAME_SIZE, IPAddress, IPInterface, Proto
@@ -213,15 +213,6 @@ def _pin(value: Any) -> bytes:
         fail(f"{err} (print it with: nfgate tunnel pin SERVER.crt)")
 
 
-def _interface_any(value: Any) -> IPInterface:
-    if not isinstance(value, str) or "/" not in value:
-        fail(f"expected an address with its prefix length like '10.77.0.10/24', got {value!r}")
-    try:
-        return ipaddress.ip_interface(value)
-    except ValueError:
-        fail(f"{value!r} is not an address with prefix length")
-
-
 def _or_none(check: Any) -> Any:
     """``""`` for none, else ``check``'s value."""
     return lambda value: None if value == "" else check(value)
@@ -229,7 +220,12 @@ def _or_none(check: Any) -> Any:
 
 Token = typed(_token, {"type": "string"}, bytes)
 Pin = typed(_pin, {"type": "string"}, bytes)
-InterfaceAny = typed(_interface_any, {"type": "string"}, IPInterface)
+InterfaceAny = typed(
+    interface(ipaddress.ip_interface, "an address with its prefix length like '10.77.0.10/24'",
+              "an address with prefix length"),
+    {"type": "string"},
+    IPInterface,
+)
 OptionalPath = typed(_or_none(absolute_path), {"type": "string"}, Path)
 ClientPorts = typed(_or_none(port_range), {"type": ["string", "integer"]}, PortRange)
 Identity = String(IDENTITY, "an identity (1-64 of letters, digits, _ . -)")
@@ -266,11 +262,7 @@ class _ServerTable(Frozen):
     republish_initial: Number(0.01, 3600) = _SERVER.republish.initial
     republish_max: Number(0.01, 86400) = _SERVER.republish.maximum
 
-    @model_validator(mode="after")
-    def _check(self, info: ValidationInfo) -> "_ServerTable":
-        if self.republish_initial > self.republish_max:
-            report(info, "server.republish_max", "must be at least republish_initial")
-        return self
+    _republish = ordered("republish_initial", "republish_max", "server")
 
 
 class _ServerProtocol(Frozen):
@@ -413,11 +405,7 @@ class _MediatorTable(Frozen):
                 report(info, "mediator.client_key", "client_cert and client_key go together")
         return data
 
-    @model_validator(mode="after")
-    def _check(self, info: ValidationInfo) -> "_MediatorTable":
-        if self.reconnect_initial > self.reconnect_max:
-            report(info, "mediator.reconnect_max", "must be at least reconnect_initial")
-        return self
+    _reconnect = ordered("reconnect_initial", "reconnect_max", "mediator")
 
 
 class _MediatorProtocol(Frozen):

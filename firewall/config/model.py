@@ -34,7 +34,7 @@ from pydantic_core import PydanticCustomError
 from firewall.config.settings import KINDS
 from firewall.fields import (
     NAME, ROUTER, AbsPath, Bitmask, Bool, Choice, Frozen, IfName, Int, IPNetwork, IPv4Iface, ListOf, Name,
-    Network, Number, PortRange, Ports, Removed, SinglePortRange, String, Tables, bitmask, fail, report, typed, unique,
+    Network, Number, PortRange, Ports, Removed, SinglePortRange, String, Tables, bitmask, fail, ordered, report, typed, unique,
 )
 
 PROTOS = ("tcp", "udp", "icmp", "icmpv6", "any")
@@ -380,11 +380,7 @@ class Supervisor(Frozen):
     stable_after: Number(1, 86400) = Field(60.0, description="seconds up after which the delay starts over")
     stop_timeout: Number(0.1, 120) = Field(5.0, description="seconds a process has to stop before it is killed")
 
-    @model_validator(mode="after")
-    def _check(self, info: ValidationInfo) -> "Supervisor":
-        if self.restart_initial > self.restart_max:
-            report(info, "supervisor.restart_max", "must be at least restart_initial")
-        return self
+    _restart = ordered("restart_initial", "restart_max", "supervisor")
 
 
 class Traffic(Frozen):

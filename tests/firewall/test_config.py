@@ -10,6 +10,7 @@ import pytest
 
 from firewall.config import ConfigError, PortRange, load, loads
 from firewall.config.model import Marks
+from firewall.config.settings import KINDS
 from firewall.errors import UsageError
 
 EXAMPLES = sorted((Path(__file__).parents[2] / "examples").glob("*.toml"))
@@ -301,8 +302,6 @@ def test_too_few_expect_bits_for_the_queues_is_refused() -> None:
 def test_gateway_settings_travel_as_json_and_back() -> None:
     """The manifest carries a gateway's settings as JSON values; the gateway
     validates them with the same model (a removed key is not among them)."""
-    from firewall.config.settings import KINDS
-
     text = BASE + GATEWAY.format(name="ftp", zone="wan", ports="21").replace("tcp-relay", "ftp")
     text += '[gateway.settings]\nallow_commands = ["SITE"]\nidle_timeout = 60\n'
     settings = loads(text).gateways[0].settings

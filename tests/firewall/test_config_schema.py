@@ -17,24 +17,14 @@ from click.testing import CliRunner
 from jsonschema import Draft202012Validator
 
 from firewall.cli import main
+from tests.firewall.test_config import BASE as CONFIG_BASE
+from tests.firewall.test_config import GATEWAY
 
 ROOT = Path(__file__).parents[2]
 CONFIGS = sorted((ROOT / "examples").glob("*.toml")) + sorted((ROOT / "examples" / "lab").glob("*.toml"))
 
-BASE = """
-[zones.wan]
-interfaces = ["wan0"]
-[zones.lan]
-interfaces = ["lan0"]
-[[gateway]]
-name = "relay"
-kind = "tcp-relay"
-[[gateway.traffic]]
-from = "wan"
-to = "lan"
-proto = "tcp"
-ports = ["8000-8080", 25]
-[gateway.settings]
+# A tcp-relay gateway with a setting: every part the schema describes by kind.
+BASE = CONFIG_BASE + GATEWAY.format(name="relay", zone="wan", ports='["8000-8080", 25]') + """[gateway.settings]
 max_connections = 10
 """
 
