@@ -24,6 +24,13 @@ Per connection (leg A accepted on G:g from F:f):
 5. One ``close`` line: bytes each way, duration, reason.
 
 Limits come from the gateway's ``[gateway.settings]`` (``TcpRelaySettings``, gateways/settings.py).
+
+With ``mode = "log-only"`` the processor never sends a connection here: it
+passes each one's first packet to the kernel, which carries the connection,
+and reports its end with conntrack's counters (docs/datapath.md, "Log-only
+gateways"). The gateway logs one ``flow`` line per connection: the client's
+tuple, the server, the reason, and packets and bytes each way (IP headers
+included, as conntrack counts them).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from typing import Any
 
 from firewall.signalling import Endpoint, Proto
 from gateways.layer import EventLog, FlowUnknown, GatewayLayer, Hold
+from gateways.layer.outputs import LoggedFlowEnded
 from gateways.layer.endpoint import endpoint_of
 from gateways.relay import Limits, RelayCore, Side, reset_socket
 from gateways.settings import TcpRelaySettings
@@ -57,11 +65,26 @@ class TcpRelay(TcpGateway):
         super().__init__(layer, listen=listen, log=log)
         self.settings = settings
         self._active = 0
+        if settings.mode == "log-only":
+            layer.on_logged_end = self._logged_end
 
     @property
     def active(self) -> int:
         """Connections accepted and not yet closed (those over the limit never count)."""
         return self._active
+
+    def _logged_end(self, out: LoggedFlowEnded) -> None:
+        """A connection the kernel carried (log-only) is over: its one line."""
+        flow, counters = out.flow, out.counters
+        self.counters["flows.logged"] += 1
+        fields: dict[str, Any] = {}
+        if counters is not None:
+            self.counters["bytes.up"] += counters.bytes_up
+            self.counters["bytes.down"] += counters.bytes_down
+            fields = {"packets_up": counters.packets_up, "bytes_up": counters.bytes_up,
+                      "packets_down": counters.packets_down, "bytes_down": counters.bytes_down}
+        self.log.emit("flow", flow=f"{flow.flow_id:#x}", client=flow.client, original_dst=flow.original_dst,
+                      server=flow.server, reason=out.cause.value, **fields)
 
     # ---- one connection -------------------------------------------------------------------
 

@@ -18,6 +18,12 @@ identification": F:f is unique per flow).
   it logs one ``open`` and one ``close`` line, with datagrams and bytes each way.
 - At most ``max_flows`` flows; a datagram that would start one more is
   dropped and counted.
+- ``offload_after`` N > 0: once N datagrams have crossed each way, the
+  relay asks the processor to hand the flow to the kernel
+  (``GatewayLayer.request_offload``, docs/datapath.md "Offload"); the
+  processor's FLOW_END OFFLOADED then closes it (reason ``offloaded``), and
+  its later datagrams never reach the gateway. A refusal is logged
+  (``offload_refused``) and the flow goes on through the relay.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from collections import Counter, deque
 from typing import Any
 
 from firewall.signalling import Endpoint, Proto
-from gateways.layer import EndCause, EventLog, FlowUnknown, GatewayLayer, Hold
+from gateways.layer import EndCause, EventLog, FlowUnknown, GatewayLayer, Hold, RuleError
 from gateways.layer.endpoint import endpoint_of
 from gateways.settings import UdpRelaySettings
 
@@ -52,7 +58,7 @@ class _State(enum.Enum):
 class _Flow:
     __slots__ = (
         "fw", "state", "queue", "hold", "leg_b", "started", "last",
-        "up", "down", "datagrams_up", "datagrams_down", "timer", "task",
+        "up", "down", "datagrams_up", "datagrams_down", "timer", "task", "offload",
     )
 
     def __init__(self, fw: Endpoint, now: float) -> None:
@@ -67,6 +73,7 @@ class _Flow:
         self.datagrams_up = self.datagrams_down = 0
         self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
+        self.offload: asyncio.Task[None] | None = None  # the OFFLOAD_REQUEST, once asked
 
 
 class _ListenProtocol(asyncio.DatagramProtocol):
@@ -186,6 +193,7 @@ class UdpRelay:
         self._transport.sendto(data, (str(flow.fw.address), flow.fw.port))
         flow.down += len(data)
         flow.datagrams_down += 1
+        self._maybe_offload(flow)
 
     def _send_up(self, flow: _Flow, data: bytes) -> None:
         assert flow.leg_b is not None
@@ -195,6 +203,23 @@ class UdpRelay:
         flow.leg_b.sendto(data)
         flow.up += len(data)
         flow.datagrams_up += 1
+        self._maybe_offload(flow)
+
+    def _maybe_offload(self, flow: _Flow) -> None:
+        after = self.settings.offload_after
+        if after and flow.offload is None and min(flow.datagrams_up, flow.datagrams_down) >= after:
+            flow.offload = asyncio.create_task(self._offload(flow))
+
+    async def _offload(self, flow: _Flow) -> None:
+        assert flow.hold is not None
+        info = flow.hold.flow
+        try:
+            await self.layer.request_offload(info)
+        except RuleError as exc:
+            self.counters["offload.refused"] += 1
+            self.log.emit("offload_refused", flow=f"{info.flow_id:#x}", why=str(exc))
+            return
+        self.counters["offload.acked"] += 1  # FLOW_END OFFLOADED closes the flow
 
     # ---- one flow ---------------------------------------------------------------------------
 
@@ -255,7 +280,10 @@ class UdpRelay:
             self._arm_idle(flow)  # data came meanwhile: wait for the new deadline
 
     def _ended(self, flow: _Flow, cause: EndCause) -> None:
-        self._close(flow, "flow_end", cause.value)
+        if cause is EndCause.OFFLOADED:
+            self._close(flow, "offloaded", "the kernel carries the flow")
+        else:
+            self._close(flow, "flow_end", cause.value)
 
     def _forget(self, flow: _Flow) -> None:
         """Drop a flow that never opened, without a close line (it had no open line)."""
@@ -278,6 +306,8 @@ class UdpRelay:
             flow.task.cancel()  # still looking up: nobody waits for the answer
         if flow.leg_b is not None:
             flow.leg_b.close()
+        if flow.offload is not None and flow.offload is not asyncio.current_task():
+            flow.offload.cancel()
         dropped = len(flow.queue)
         flow.queue.clear()
         if flow.hold is None:

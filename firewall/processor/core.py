@@ -34,7 +34,17 @@ Per packet:
 A bound packet is accepted with the ``rewritten`` mark (the forward chain
 admits it; the binding table copies it to the connection's mark). A binding
 ends when conntrack has destroyed its connections (``conntrack_destroyed``,
-from ctnetlink events), or when a check finds them gone (``tick``).
+from ctnetlink events), or when a check finds them gone (``tick``), or when
+its gateway hands it to the kernel (``offloaded``, OFFLOAD_REQUEST): its NAT
+elements and both legs' connections go (``unbind_ops``, ``ct_deletes``,
+carried out by the runner), and a one-shot ALLOW takes the flow's next packet.
+
+A log-only gateway's flow gets no binding (``_logged``): its first packet is
+accepted with the ``rewritten`` mark too, unchanged, so the forward chain
+admits it and conntrack marks it as nfgate's, and the kernel carries it to
+the server (the ruleset's port forward, masquerade). The gateway gets
+NEW_FLOW with no F:f, and, when conntrack destroys the connection, FLOW_END
+with the kernel's counters.
 ``handle`` never raises for any bytes (invariant 10); a packet it cannot use
 is dropped and counted by reason.
 """
@@ -43,7 +53,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, NamedTuple
 
@@ -57,7 +67,9 @@ from firewall.pools import EndpointPool, SliceBy, Slicing
 from firewall.processor.rulebook import RuleBook
 from firewall.rules.bind import DNAT_MAP, SNAT_MAP
 from firewall.signalling import (
+    NO_COUNTERS,
     Answer,
+    Counters,
     Encoder,
     Endpoint,
     FlowEnd,
@@ -67,6 +79,7 @@ from firewall.signalling import (
     Message,
     NewFlow,
     NotFound,
+    OffloadRequest,
     Proto,
     Query,
     Received,
@@ -87,6 +100,10 @@ PASS = 1  # NF_ACCEPT with the mark ``handle`` returns: ``passed`` or ``rewritte
 ADJACENT_PORTS: dict[str, int] = {"rtp": 1}
 
 IFACE_CACHE_SECONDS = 10.0  # how long an ifindex -> zone answer is trusted
+# Log-only flows tracked at once (about 200 bytes each); beyond, a flow still
+# passes, and its gateway is not told (``flows.logged_untracked``).
+MAX_LOGGED_FLOWS = 1 << 20
+NO_ENDPOINT = Endpoint(ipaddress.IPv4Address(0), 0)  # NEW_FLOW's F:f of a flow without a binding
 
 _SYN_FLAGS = SYN | ACK | RST | FIN
 _BLIND = "\0blind"  # the class of the blind-track ifindex; no zone can have this name
@@ -104,6 +121,7 @@ _IP = ipaddress.IPv4Address
 
 Verdict = tuple[int, None, int]  # (DROP|PASS, unused, mark)
 NatOp = tuple[str, str, tuple[int, int, int, int], tuple[int, int]]  # (map, proto, key, value)
+CtKey = tuple[int, int, int, int, int]  # (proto, src, sport, dst, dport): a connection's original tuple
 CtLookup = Callable[[int, int, int, int, int], bool]  # (proto, src, sport, dst, dport) -> alive
 
 
@@ -186,6 +204,7 @@ class _Selector:
     ports: tuple[tuple[int, int], ...]
     saddr: tuple[tuple[int, int], ...]
     daddr: tuple[tuple[int, int], ...]
+    log_only: bool  # the gateway only logs its flows: the kernel carries them, unbound
 
     def matches(self, src: int, dst: int, dport: int) -> bool:
         # The same fields, and the same addresses, as the queue rule (rules.build._selector).
@@ -231,6 +250,8 @@ class ProcessorCore:
         self._local: frozenset[int] = frozenset()
         self._local_until = now - 1.0
         self.nat_ops: list[NatOp] = []
+        self.unbind_ops: list[NatOp] = []  # binding elements to delete (an offloaded flow's)
+        self.ct_deletes: list[CtKey] = []  # conntrack entries to delete, after ``unbind_ops``
         self._nat_timeout = proc.timeouts.nat_element
         self._now = now  # the monotonic time of the event being handled
         self.wall_offset = wall - now
@@ -259,7 +280,8 @@ class ProcessorCore:
             self._agents[(ag.addr, ag.port)] = ag
             for t in gw.traffic:
                 ports = tuple((r.first, r.last) for r in t.ports)
-                sel = _Selector(t, gw, ag, ports, _nets(t.saddr), _nets(t.daddr))
+                log_only = getattr(gw.settings, "mode", None) == "log-only"
+                sel = _Selector(t, gw, ag, ports, _nets(t.saddr), _nets(t.daddr), log_only)
                 self._selectors.setdefault((t.from_zone, _PROTO[t.proto]), []).append(sel)
         self._forwards: dict[tuple[str, int], list[tuple[PortForward, tuple[tuple[int, int], ...]]]] = {}
         for f in config.nat.forwards:
@@ -274,6 +296,10 @@ class ProcessorCore:
         self._serial = itertools.count(1)
         self._flows: dict[int, Binding] = {}  # flow id -> binding
         self._flow_of: dict[int, int] = {}  # binding.client_key -> flow id
+        # Log-only flows: original tuple -> (flow id, gateway name); their first
+        # packets wait in ``_logged_due`` for the confirmation check.
+        self._logged: dict[CtKey, tuple[int, str]] = {}
+        self._logged_due: deque[tuple[float, CtKey, int]] = deque()
         self.rules = RuleBook(self)
 
     # ---- packets ----------------------------------------------------------------------
@@ -415,6 +441,8 @@ class ProcessorCore:
             return self._pass("passed.other_zone", mark)  # fig. 6a: not this gateway's direction
         if not first:
             return self._drop("drop.not_new_flow", mark)
+        if sel.log_only:
+            return self._log_only(pkt, sel, server, mark, now)
         b = self._open(pkt, sel.ag, server, route, now)
         if isinstance(b, str):
             return self._drop(b, mark)
@@ -424,6 +452,42 @@ class ProcessorCore:
             self.rules.adjacent(fid, b, step, now, self.config.processor.adjacent_ttl)
         self._nat(proto, b.leg_a())
         return self._bound(mark)
+
+    def _log_only(self, pkt: Packet, sel: _Selector, server: tuple[int, int] | None, mark: int, now: float) -> Verdict:
+        """A log-only gateway's flow: no binding; the kernel carries it, and conntrack's end reports it."""
+        proto, src, sport, dst, dport = pkt[:5]
+        key = (proto, src, sport, dst, dport)
+        old = self._logged.pop(key, None)
+        if old is not None:
+            # A new connection on the tuple of a logged one (a SYN that ended its TIME-WAIT).
+            self._end_logged(key, old, NO_COUNTERS)
+            self.counters["flows.replaced"] += 1
+        self.counters["verdict.logged"] += 1
+        verdict = (PASS, None, (mark & self._keep) | self._rewritten)
+        if len(self._logged) >= MAX_LOGGED_FLOWS:
+            self.counters["flows.logged_untracked"] += 1
+            return verdict
+        fid = make_flow_id(self.queue, next(self._serial))
+        gw = sel.gateway
+        self._logged[key] = (fid, gw.name)
+        self._logged_due.append((now + self.config.processor.timeouts.confirm, key, fid))
+        self.counters["flows.logged"] += 1
+        s = server or (dst, dport)
+        info = FlowInfo(fid, Proto(proto), gw.name, Endpoint(_IP(src), sport), Endpoint(_IP(dst), dport),
+                        Endpoint(_IP(s[0]), s[1]), NO_ENDPOINT, Endpoint(_IP(sel.ag.addr), sel.ag.port))
+        self._push(info, gw.name)
+        return verdict
+
+    def _end_logged(self, key: CtKey, entry: tuple[int, str], counters: Counters) -> None:
+        fid, gateway = entry
+        self.counters["flows.ended.logged"] += 1
+        reason = FlowEndReason.FIN if key[0] == TCP else FlowEndReason.IDLE
+        self.send(FlowEnd(fid, reason, counters), self.gateway_peers[gateway])
+
+    @property
+    def watching(self) -> bool:
+        """Whether conntrack holds connections whose end the processor waits for."""
+        return bool(len(self.table) or self._logged)
 
     def _forward_target_any(self, proto: int, src: int, dst: int, dport: int) -> tuple[int, int] | None:
         """A port forward's S:s for a flow whose ingress zone is unknown (adoption)."""
@@ -465,17 +529,19 @@ class ProcessorCore:
         if not push:
             return fid
         self.counters["flows.opened"] += 1
+        self._push(self.flow_info(fid, b), b.gateway.name)
+        return fid
+
+    def _push(self, info: FlowInfo, gateway: str) -> None:
         if self.push:
             # Ahead of the verdict, so the push races ahead of the first packet.
-            msg = NewFlow(self.flow_info(fid, b))
-            datagrams = self.encoder.encode_copies(msg, self._wall(), self._copies)
-            peer = self.gateway_peers[b.gateway.name]
+            datagrams = self.encoder.encode_copies(NewFlow(info), self._wall(), self._copies)
+            peer = self.gateway_peers[gateway]
             self.outbox += [(d, peer) for d in datagrams]
             self.counters["signalling.sent.new_flow"] += 1
             self.counters["signalling.copies"] += len(datagrams)
         else:
             self.counters["signalling.push_skipped"] += 1
-        return fid
 
     def binding(self, fid: int) -> Binding | None:
         return self._flows.get(fid)
@@ -498,6 +564,22 @@ class ProcessorCore:
         self.send(FlowEnd(fid, reason), self.gateway_peers[b.gateway.name])
         self.rules.flow_ended(fid)
 
+    def offloaded(self, fid: int) -> None:
+        """The kernel has the offloaded flow's ALLOW (rulebook): the binding goes, and
+        with it everything that still sends the flow into the gateway."""
+        b = self._flows[fid]
+        name = _PROTO_NAME[b.proto]
+        legs = [b.leg_a()]
+        if b.ag_eport is not None:
+            legs.append(b.leg_b())
+        for key, dnat, snat in legs:
+            # Deleted before the connections: an element still there would
+            # bind the flow's next packet into the gateway again.
+            self.unbind_ops += [(DNAT_MAP, name, key, dnat), (SNAT_MAP, name, key, snat)]
+            self.ct_deletes.append((b.proto, *key))
+        self.counters["flows.offloaded"] += 1
+        self._end(fid, FlowEndReason.OFFLOADED)
+
     # ---- time -------------------------------------------------------------------------
 
     def tick(self, now: float, wall: float) -> None:
@@ -515,19 +597,33 @@ class ProcessorCore:
                 self.counters["conntrack.never_confirmed"] += 1
                 self.leg_gone(b, leg_a=True, now=now)
         self.rules.tick(now)
+        due = self._logged_due
+        while due and due[0][0] <= now:
+            _, key, fid = due.popleft()
+            entry = self._logged.get(key)
+            if entry is not None and entry[0] == fid and not self._alive(*key):
+                # Its first packet never made it into conntrack: no event will come.
+                self.counters["conntrack.never_confirmed"] += 1
+                self._end_logged(key, self._logged.pop(key), NO_COUNTERS)
         if now >= self._iface_until:
             self._iface.clear()  # interfaces come and go: the blind track is recreated on restarts
             self._iface_until = now + IFACE_CACHE_SECONDS
 
     # ---- conntrack ----------------------------------------------------------------------
 
-    def conntrack_destroyed(self, proto: int, orig: tuple[int, int, int, int], reply: tuple[int, int, int, int], now: float) -> None:
-        """Conntrack destroyed a connection with our mark: the end of one leg.
+    def conntrack_destroyed(self, proto: int, orig: tuple[int, int, int, int], reply: tuple[int, int, int, int], now: float,
+                            counters: Counters = NO_COUNTERS) -> None:
+        """Conntrack destroyed a connection with our mark: the end of one leg, or of a logged flow.
 
         ``orig``/``reply`` are (src, sport, dst, dport) of its two tuples; the
         reply tuple tells a leg A of this binding from an older connection that
-        had the same client tuple (a replaced binding).
+        had the same client tuple (a replaced binding). ``counters`` are the
+        connection's, for a logged flow's FLOW_END.
         """
+        logged = self._logged.pop((proto, *orig), None)
+        if logged is not None:
+            self._end_logged((proto, *orig), logged, counters)
+            return
         src, sport, dst, dport = orig
         b = self.table.by_client(proto, src, sport, dst, dport)
         if b is not None:
@@ -616,6 +712,8 @@ class ProcessorCore:
     def resync(self, connections: Iterable[Any], now: float) -> None:
         """Conntrack events were lost: end every binding whose connections are gone."""
         alive = {(c.proto, *c.orig) for c in connections}
+        for key in [k for k in self._logged if k not in alive]:
+            self._end_logged(key, self._logged.pop(key), NO_COUNTERS)
         for b in list(self._flows.values()):
             if (b.proto, *b.leg_a()[0]) not in alive and b.state & _A_ALIVE:
                 self.leg_gone(b, leg_a=True, now=now)
@@ -646,6 +744,8 @@ class ProcessorCore:
             self._query(msg, source)
         elif isinstance(msg, RuleRequest):
             self.rules.request(got, msg, source, now)
+        elif isinstance(msg, OffloadRequest):
+            self.rules.offload(got, msg, source, now)
 
     def _query(self, q: Query, source: tuple[str, int]) -> None:
         key = fw_key(q.proto, int(q.firewall_side.address), q.firewall_side.port)
@@ -676,6 +776,7 @@ class ProcessorCore:
             "queue": self.queue,
             "counters": dict(sorted(counters.items())),
             "flows": len(self.table),
+            "logged_flows": len(self._logged),
             "flows_per_gateway": self.table.per_gateway(),
             "rules": len(self.rules),
             "kernel_ops_in_flight": self.rules.in_flight,

@@ -7,7 +7,8 @@
   refuses a key that is already there with another value (EEXIST), which a
   replaced binding's element can be until its timeout: then that element is
   deleted and added again, alone.
-- ``Conntrack`` answers "is this connection alive?" (a ctnetlink GET), lists
+- ``Conntrack`` answers "is this connection alive?" (a ctnetlink GET),
+  deletes a connection (an offloaded flow's legs), lists
   the connections with nfgate's mark (a dump filtered in the kernel, at start
   and after a lost event), has the kernel reap expired connections (``reap``)
   and reads destroy events from a netlink socket of its own that the
@@ -38,6 +39,7 @@ from firewall.errors import KernelError
 from firewall.processor.core import NatOp
 from firewall.processor.rulebook import KernelOp
 from firewall.rules import bind
+from firewall.signalling import NO_COUNTERS, Counters
 
 NETLINK_NETFILTER = 12
 NFNLGRP_CONNTRACK_DESTROY = 3
@@ -94,6 +96,16 @@ class NatWriter:
                 return True
         return False
 
+    def delete(self, ops: list[NatOp]) -> None:
+        """Delete binding elements; one that is gone already (timed out) is no error."""
+        if not ops:
+            return
+        elems = [(name, bind.element(proto, key, None, None)) for name, proto, key, _ in ops]
+        if self._cmd([bind.elements("delete", name, [e]) for name, e in elems])[0]:
+            return
+        for name, e in elems:
+            self._cmd([bind.elements("delete", name, [e])])
+
     def apply(self, op: KernelOp) -> bool:
         """Add or remove a dynamic rule's elements (``rulebook.KernelOp``) in one transaction.
 
@@ -130,8 +142,15 @@ class Connection:
     proto: int
     orig: tuple[int, int, int, int]  # src, sport, dst, dport
     reply: tuple[int, int, int, int]
-    packets: int = 0  # both directions, with nf_conntrack_acct
-    bytes: int = 0
+    counters: Counters = NO_COUNTERS  # each direction, with nf_conntrack_acct
+
+    @property
+    def packets(self) -> int:
+        return self.counters.packets_up + self.counters.packets_down
+
+    @property
+    def bytes(self) -> int:
+        return self.counters.bytes_up + self.counters.bytes_down
 
 
 def _tuple(msg: Any, attr: str) -> tuple[int, tuple[int, int, int, int]] | None:
@@ -157,13 +176,11 @@ def connection(msg: Any) -> Connection | None:
     reply = _tuple(msg, "CTA_TUPLE_REPLY")
     if orig is None or reply is None:
         return None
-    packets = count = 0
+    values = []
     for attr in ("CTA_COUNTERS_ORIG", "CTA_COUNTERS_REPLY"):
         c = msg.get_attr(attr)
-        if c is not None:
-            packets += c.get_attr("CTA_COUNTERS_PACKETS") or 0
-            count += c.get_attr("CTA_COUNTERS_BYTES") or 0
-    return Connection(orig[0], orig[1], reply[1], packets, count)
+        values += [0, 0] if c is None else [c.get_attr("CTA_COUNTERS_PACKETS") or 0, c.get_attr("CTA_COUNTERS_BYTES") or 0]
+    return Connection(orig[0], orig[1], reply[1], Counters(*values))
 
 
 def _mark_of(data: bytes, off: int, end: int) -> int | None:
@@ -210,15 +227,15 @@ class Conntrack:
         self.events = sock
         return sock
 
-    def _request(self, msg: Any, flags: int) -> Iterator[tuple[int, bytes]]:
-        """Send one ctnetlink GET; yield (type, bytes) of each answer until it is done.
+    def _request(self, msg: Any, flags: int, kind: int = IPCTNL_MSG_CT_GET) -> Iterator[tuple[int, bytes]]:
+        """Send one ctnetlink request (a GET unless ``kind`` says); yield (type, bytes) of each answer until it is done.
 
         A NLMSG_ERROR with code 0 (the ack) or NLMSG_DONE ends it; another
         error code ends it too, yielded as (NLMSG_ERROR, its 4-byte code).
         """
         self._seq += 1
         seq = self._seq
-        msg["header"]["type"] = NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET
+        msg["header"]["type"] = NFNL_SUBSYS_CTNETLINK << 8 | kind
         msg["header"]["flags"] = NLM_F_REQUEST | flags
         msg["header"]["sequence_number"] = seq
         msg["nfgen_family"] = socket.AF_INET
@@ -243,12 +260,27 @@ class Conntrack:
                 yield kind, body
         raise KernelError("processor: conntrack did not finish answering a request")
 
-    def alive(self, proto: int, src: int, sport: int, dst: int, dport: int) -> bool:
-        """Whether conntrack has a connection with this original tuple."""
+    @staticmethod
+    def _tuple_msg(proto: int, src: int, sport: int, dst: int, dport: int) -> Any:
         ip = socket.inet_ntoa
         tup = NFCTAttrTuple(saddr=ip(struct.pack("!I", src)), daddr=ip(struct.pack("!I", dst)), proto=proto, sport=sport, dport=dport)
+        return nfct_msg.create_from(tuple_orig=tup)
+
+    def delete(self, proto: int, src: int, sport: int, dst: int, dport: int) -> bool:
+        """Delete the connection with this original tuple; False if there was none."""
+        for kind, body in self._request(self._tuple_msg(proto, src, sport, dst, dport), NLM_F_ACK, IPCTNL_MSG_CT_DELETE):
+            if kind == NLMSG_ERROR:
+                code = -struct.unpack("=i", body)[0]
+                if code == errno.ENOENT:
+                    return False
+                if code:
+                    raise KernelError(f"processor: conntrack delete failed ({os.strerror(code)})")
+        return True
+
+    def alive(self, proto: int, src: int, sport: int, dst: int, dport: int) -> bool:
+        """Whether conntrack has a connection with this original tuple."""
         found = False
-        for kind, body in self._request(nfct_msg.create_from(tuple_orig=tup), NLM_F_ACK):
+        for kind, body in self._request(self._tuple_msg(proto, src, sport, dst, dport), NLM_F_ACK):
             if kind == NLMSG_ERROR:
                 code = -struct.unpack("=i", body)[0]
                 if code not in (0, errno.ENOENT):

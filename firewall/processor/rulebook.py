@@ -43,6 +43,14 @@ seed's "Dynamic changes in packet processing" the requirement.
   user space.
 - Every rule ends on first use (one-shot), at its TTL, or with its flow
   (RULE_END FLOW_ENDED).
+- Offload (OFFLOAD_REQUEST; docs/datapath.md, "Offload") is the same ALLOW,
+  made by the processor for a flow the gateway has seen enough of: exact
+  (the client's own source port) and one-shot, for the flow's original
+  tuple C:c -> S':s', with the DNAT to S:s where S' stands in for the
+  server. It belongs to no flow (its binding goes as soon as the kernel
+  has the rule: ``ProcessorCore.offloaded``), so it ends on use or at
+  ``OFFLOAD_TTL``. TCP is refused NOT_UDP: the gateway terminated both
+  connections, and two TCP connections cannot become one mid-stream.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ from firewall.flows import AgEndpoint, Binding
 from firewall.packet import TCP, UDP
 from firewall.rules.bind import dyn_name
 from firewall.signalling import (
+    OffloadRequest,
     Received,
     RuleAck,
     RuleEnd,
@@ -80,6 +89,15 @@ RULE_MODES: dict[str, frozenset[RuleMode]] = {
     "ftp": frozenset({RuleMode.REDIRECT, RuleMode.ALLOW}),
     "rtp": frozenset({RuleMode.REDIRECT, RuleMode.ALLOW}),
 }
+# Which gateway kinds may hand a verified flow to the kernel (OFFLOAD_REQUEST).
+# A relay that has seen enough of a UDP flow, and RTP once a stream is
+# validated, lose nothing by leaving it to conntrack.
+OFFLOAD_KINDS: frozenset[str] = frozenset({"udp-relay", "rtp"})
+# How long an offloaded flow's ALLOW waits for the client's next datagram.
+# Conntrack's own UDP timeout (30 s by default) is how long a quiet flow
+# lives anyway; a flow that stays quiet longer is selected and bound again,
+# into the gateway, like any new one.
+OFFLOAD_TTL = 30
 MAX_KERNEL_OPS_IN_FLIGHT = 256  # operations not yet carried out; beyond this requests are refused LIMIT
 # How long a used one-shot TCP ALLOW stays in the kernel, passing SYN
 # retransmissions of its one connection (Linux resends a SYN after 1 s, then
@@ -100,12 +118,12 @@ class KernelRule:
 
     ``key`` is (proto name, src, sport, dst, dport), or (proto name, src,
     dst, dport) in an ``_any`` set (any source port); ``value`` the DNAT
-    target address of a ``dnat`` map's element, else None.
+    target (address, port) of a ``dnat`` map's element, else None.
     """
 
     name: str
     key: tuple[Any, ...]
-    value: tuple[int] | None = None
+    value: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +146,7 @@ class DynRule:
     sport: int  # 0: any
     dst: int
     dport: int
-    owner: int  # flow id of the flow it belongs to
+    owner: int  # flow id of the flow it belongs to; NO_OWNER for an offload's
     gateway: AgEndpoint
     server: tuple[int, int]  # REDIRECT: where leg B goes; ALLOW: where the kernel's DNAT sends it (or dst)
     one_shot: bool
@@ -147,10 +165,14 @@ class Spent:
 
     key: tuple[int, int, int, int]  # (proto, src, dst, dport), as the expectation index
     sport: int  # the source port of the one connection it let through
+    any_port: bool  # the rule named any source port: another port's first packet is its too
     owner: int
     kernel: tuple[KernelRule, ...]
     remove_at: float
     removing: bool = False
+
+
+NO_OWNER = 0  # flow ids start at serial 1: no flow has this id
 
 
 class RuleBook:
@@ -168,12 +190,15 @@ class RuleBook:
         self._max_rules = core.config.processor.max_rules
         self._max_per_flow = core.config.processor.max_rules_per_flow
         self._kind = {g.name: g.kind for g in core.config.gateways}
+        # A gateway's requests come from its own signalling port (docs/datapath.md, "Signalling ports").
+        self._gateway_at = {peer: name for name, peer in core.gateway_peers.items()}
         self._rules: dict[int, DynRule] = {}  # rule id -> live rule
         self._rules_of: dict[int, list[DynRule]] = {}  # flow id -> its live rules
         self._ops: dict[int, tuple[Any, ...]] = {}  # token -> what its completion means
         self._tokens = itertools.count(1)
         self._serial = itertools.count(1)
         self._replies: OrderedDict[tuple[int, int], tuple[float, RuleAck | RuleRefused | None]] = OrderedDict()
+        self._offloading: set[int] = set()  # flow ids whose offload's rule is being installed
 
     @property
     def in_flight(self) -> int:
@@ -202,6 +227,46 @@ class RuleBook:
         self._replies[key] = (now, None)
         self._add(made)
         self._kernel(True, made.kernel, ("ack", made, source))
+
+    def offload(self, got: Received, req: OffloadRequest, source: tuple[str, int], now: float) -> None:
+        """OFFLOAD_REQUEST: an exact one-shot ALLOW for the flow; the binding goes once the kernel has it."""
+        core = self.core
+        key = (got.sender, req.request_id)
+        cached = self._replies.get(key)
+        if cached is not None:
+            core.counters["offload.repeated"] += 1
+            if cached[1] is not None:
+                core.send(cached[1], source)
+            return
+        core.counters["offload.requests"] += 1
+        made = self._check_offload(req, source, now)
+        if isinstance(made, RuleRefusal):
+            core.counters[f"offload.refused.{made.name.lower()}"] += 1
+            self._reply(key, RuleRefused(req.request_id, made), source, now)
+            return
+        made.reply_to = key
+        self._replies[key] = (now, None)
+        self._add(made)
+        self._kernel(True, made.kernel, ("offload", made, source, req.flow_id))
+
+    def _check_offload(self, req: OffloadRequest, source: tuple[str, int], now: float) -> DynRule | RuleRefusal:
+        """docs/signalling.md, "Offload", in its order: the rule, or the first refusal."""
+        core = self.core
+        b = core.binding(req.flow_id) if flow_id_queue(req.flow_id) == self.queue else None
+        if b is None or req.flow_id in self._offloading:
+            return RuleRefusal.UNKNOWN_FLOW
+        if self._gateway_at.get(source) != b.gateway.name:
+            return RuleRefusal.OTHER_GATEWAY
+        if b.proto != UDP:
+            return RuleRefusal.NOT_UDP
+        if self._kind[b.gateway.name] not in OFFLOAD_KINDS:
+            return RuleRefusal.POLICY
+        if len(self._rules) >= self._max_rules or self.in_flight >= MAX_KERNEL_OPS_IN_FLIGHT:
+            return RuleRefusal.LIMIT
+        (ca, cp), (oa, op) = b.client, b.original_dst
+        self._offloading.add(req.flow_id)
+        # The client's tuple exactly, as it addressed the server; the server it reaches.
+        return self._make(RuleMode.ALLOW, b.proto, ca, cp, oa, op, NO_OWNER, b, b.server, True, OFFLOAD_TTL, now)
 
     def _check(self, req: RuleRequest, now: float) -> DynRule | RuleRefusal:
         """The checks of docs/signalling.md, in its order: the rule, or the first refusal."""
@@ -275,11 +340,12 @@ class RuleBook:
         core = self.core
         rule_id = make_flow_id(self.queue, next(self._serial))
         kernel: tuple[KernelRule, ...]
-        if mode is RuleMode.ALLOW and server[0] != dst:
-            # The router's address to the party it stands for, port kept, and
+        if mode is RuleMode.ALLOW and server != (dst, dport):
+            # The router's address to the party it stands for (an FTP rule keeps
+            # the port; an offloaded port forward's flow goes to its S:s), and
             # the accept for the translated tuple only, after that DNAT.
-            kernel = (self._element("dnat", proto, src, sport, dst, dport, (server[0],)),
-                      self._element("allow_dnat", proto, src, sport, server[0], dport))
+            kernel = (self._element("dnat", proto, src, sport, dst, dport, server),
+                      self._element("allow_dnat", proto, src, sport, *server))
         elif mode is RuleMode.ALLOW:
             kernel = (self._element("allow", proto, src, sport, dst, dport),)
         else:
@@ -293,7 +359,7 @@ class RuleBook:
                        one_shot, now + ttl, expires_ms, kernel, watched=watched)
 
     def _element(self, kind: str, proto: int, src: int, sport: int, dst: int, dport: int,
-                 value: tuple[int] | None = None) -> KernelRule:
+                 value: tuple[int, int] | None = None) -> KernelRule:
         name = dyn_name(kind, self.instance, not sport)
         key = (_PROTO_NAME[proto], src, sport, dst, dport) if sport else (_PROTO_NAME[proto], src, dst, dport)
         return KernelRule(name, key, value)
@@ -346,12 +412,14 @@ class RuleBook:
             return
         self._retire(rule, RuleEndReason.USED, keep_kernel=True)
         key = (rule.proto, rule.src, rule.dst, rule.dport)
-        self.spent.setdefault(key, []).append(Spent(key, sport, rule.owner, rule.kernel, now + USED_GRACE))
+        spent = Spent(key, sport, rule.sport == 0, rule.owner, rule.kernel, now + USED_GRACE)
+        self.spent.setdefault(key, []).append(spent)
 
     def spent_verdict(self, proto: int, src: int, sport: int, dst: int, dport: int) -> bool | None:
-        """For a SYN that a used one-shot ALLOW's rules queued: True if it is its connection's
-        (a retransmission), False if it is another connection's; None if no such rule."""
-        spent = self.spent.get((proto, src, dst, dport))
+        """For a first packet that a used one-shot ALLOW's rules name: True if it is its connection's
+        (a retransmission), False if it is another connection's; None if no such rule. A rule with
+        an exact source port names no other port's packet."""
+        spent = [s for s in self.spent.get((proto, src, dst, dport), ()) if s.any_port or s.sport == sport]
         if not spent:
             return None
         return any(s.sport == sport for s in spent)
@@ -437,6 +505,24 @@ class RuleBook:
                 group.remove(spent)
                 if not group:
                     del self.spent[spent.key]
+        elif purpose[0] == "offload":
+            rule, source, fid = purpose[1], purpose[2], purpose[3]
+            self._offloading.discard(fid)
+            key = rule.reply_to
+            if not ok:
+                counters["rules.install_failed"] += 1
+                self._retire(rule, None)
+                self._reply(key, RuleRefused(key[1], RuleRefusal.LIMIT), source, now)
+            elif self.core.binding(fid) is None:
+                # It ended while its rule went in: nothing left to offload.
+                self._retire(rule, None)
+                self._reply(key, RuleRefused(key[1], RuleRefusal.UNKNOWN_FLOW), source, now)
+            else:
+                rule.acked = True
+                self._reply(key, RuleAck(key[1], rule.rule_id, rule.expires_ms), source, now)
+                self.core.offloaded(fid)
+                if rule.ended is not None:
+                    self.core.send(RuleEnd(rule.rule_id, rule.ended), self.core.gateway_peers[rule.gateway.name])
         elif purpose[0] == "ack":
             rule, source = purpose[1], purpose[2]
             key = rule.reply_to

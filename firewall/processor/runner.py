@@ -332,10 +332,9 @@ class Runner:
             self._flush()
 
     def _flush(self) -> None:
-        """Send what the core queued and hand its kernel operations on."""
+        """Hand the core's kernel operations on, then send what it queued (replies
+        to those operations included: a RULE_ACK promises the rule is in place)."""
         core = self.core
-        if core.outbox:
-            self._send_outbox()
         ops = core.rules.kernel_ops
         while ops:
             # In order, in-process: a transaction each, well under a millisecond.
@@ -346,6 +345,26 @@ class Runner:
                 self._internal("kernel.error", "a dynamic rule")
                 ok = False
             core.kernel_done(op.token, ok, time.monotonic())
+        if core.unbind_ops or core.ct_deletes:
+            self._unbind()
+        if core.outbox:
+            self._send_outbox()
+
+    def _unbind(self) -> None:
+        """An offloaded flow's binding elements, then its connections: from here its
+        next packet is new to conntrack, and its ALLOW takes it."""
+        core = self.core
+        try:
+            self.nat.delete(core.unbind_ops)
+        except Exception:  # noqa: BLE001 - the elements time out on their own
+            self._internal("nat.delete_error", "binding elements")
+        core.unbind_ops.clear()
+        for key in core.ct_deletes:
+            try:
+                self.ct.delete(*key)
+            except Exception:  # noqa: BLE001 - the connection then ends at conntrack's pace
+                self._internal("conntrack.delete_error", "a conntrack delete")
+        core.ct_deletes.clear()
 
     def _send_outbox(self) -> None:
         core = self.core
@@ -411,7 +430,7 @@ class Runner:
         pending.clear()
 
     def _reap(self) -> None:
-        if len(self.core.table):
+        if self.core.watching:
             try:
                 self.ct.reap(self.config.processor.marks.passed)
             except Exception:  # noqa: BLE001 - bindings then end at the kernel's own pace
@@ -422,7 +441,7 @@ class Runner:
         gone, lost = self.ct.destroyed()
         core = self.core
         for conn in gone:
-            core.conntrack_destroyed(conn.proto, conn.orig, conn.reply, now)
+            core.conntrack_destroyed(conn.proto, conn.orig, conn.reply, now, conn.counters)
         if lost:
             core.counters["conntrack.events_lost"] += 1
             core.resync(self.ct.ours(), now)

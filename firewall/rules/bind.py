@@ -56,7 +56,8 @@ _PROTOS = ("tcp", "udp")
 # each in an exact-source-port flavour and an "_any" one (any source port):
 # expect_i: the first packet of a flow a gateway asked for goes to instance i
 #   (REDIRECT, and the watched first packet of an ALLOW);
-# dnat_i: the router's address to the party it stands for (ALLOW), port kept;
+# dnat_i: the router's address to the party it stands for (ALLOW: FTP keeps
+#   the port; an offloaded flow goes to its port forward's S:s);
 # allow_i / allow_dnat_i: the flow the kernel carries (after that DNAT).
 _EXACT = "inet_proto . ipv4_addr . inet_service . ipv4_addr . inet_service"
 _ANY = "inet_proto . ipv4_addr . ipv4_addr . inet_service"
@@ -99,7 +100,7 @@ def render(marks: Marks, instances: int) -> str:
     for i in range(instances):
         for kind in DYN_KINDS:
             for any_port in (False, True):
-                value = " : ipv4_addr" if kind == "dnat" else ""
+                value = " : ipv4_addr . inet_service" if kind == "dnat" else ""
                 lines += [
                     f"\t{'map' if value else 'set'} {dyn_name(kind, i, any_port)} {{",
                     f"\t\ttype {_ANY if any_port else _EXACT}{value}",
@@ -127,7 +128,8 @@ def render(marks: Marks, instances: int) -> str:
     for proto in _PROTOS:
         lines.append(f"\t\tmeta l4proto {proto} dnat ip to {_ORIGINAL} map @{DNAT_MAP}")
     for _, key, name in _dynamic("dnat", instances):
-        lines.append(f"\t\tdnat ip to {key} map @{name}")
+        for proto in _PROTOS:  # a DNAT with a port needs the protocol in its rule
+            lines.append(f"\t\tmeta l4proto {proto} dnat ip to {key} map @{name}")
     lines += [
         "\t}",
         "",

@@ -26,7 +26,8 @@ signalling" and "Connection identification"; DESIGN invariants 2 and 5):
 - Signalling runs both ways ("not necessarily unidirectional"): a gateway asks
   for dynamic rules (RULE_REQUEST; the seed's "Dynamic changes in packet
   processing": FTP data, RTCP) and the processor acknowledges, refuses, and
-  later ends them.
+  later ends them; and a gateway that has seen enough of a UDP flow asks
+  the processor to hand it to the kernel (OFFLOAD_REQUEST).
 - Every datagram is versioned and carries sender id, sequence number,
   timestamp and an HMAC-SHA256 tag; ``Guard`` refuses anything forged,
   altered, stale or replayed, and folds the redundant copies.
@@ -60,7 +61,9 @@ from firewall.signalling.keyfile import KeyFileError, load_key, load_or_create_k
 from firewall.signalling.messages import (
     MAX_QUERY_ATTEMPTS,
     MAX_RULE_TTL,
+    NO_COUNTERS,
     Answer,
+    Counters,
     Endpoint,
     FlowEnd,
     FlowEndReason,
@@ -69,6 +72,7 @@ from firewall.signalling.messages import (
     MsgType,
     NewFlow,
     NotFound,
+    OffloadRequest,
     Proto,
     Query,
     Role,
@@ -89,8 +93,8 @@ __all__ = [
     "HEADER_SIZE", "KEY_SIZE", "MAC_SIZE", "MAX_COPIES", "MAX_DATAGRAM", "MAX_MESSAGE_SIZE",
     "MAX_QUERY_ATTEMPTS", "MAX_RULE_TTL", "MAX_SENDERS", "SEQ_WINDOW", "VERSION",
     "Encoder", "Guard", "Received", "Refusal", "KeyFileError", "load_key", "load_or_create_key",
-    "Answer", "Endpoint", "FlowEnd", "FlowEndReason", "FlowInfo", "Message", "MsgType", "NewFlow",
-    "NotFound", "Proto", "Query", "Role", "RuleAck", "RuleEnd", "RuleEndReason", "RuleMode",
+    "NO_COUNTERS", "Answer", "Counters", "Endpoint", "FlowEnd", "FlowEndReason", "FlowInfo", "Message", "MsgType", "NewFlow",
+    "NotFound", "OffloadRequest", "Proto", "Query", "Role", "RuleAck", "RuleEnd", "RuleEndReason", "RuleMode",
     "RuleRefusal", "RuleRefused", "RuleRequest",
     "flow_id_queue", "make_flow_id", "names_third_party", "rule_request_problem",
 ]

@@ -35,6 +35,7 @@ from firewall.signalling.messages import (
     SENDER_OF,
     U64_MAX,
     Answer,
+    Counters,
     Endpoint,
     Family,
     FlowEnd,
@@ -43,6 +44,7 @@ from firewall.signalling.messages import (
     MsgType,
     NewFlow,
     NotFound,
+    OffloadRequest,
     Query,
     Role,
     RuleAck,
@@ -51,10 +53,11 @@ from firewall.signalling.messages import (
     RuleRequest,
 )
 
-# 2: NEW_FLOW and ANSWER carry the flow's SNAT endpoint (``snat``). A body
-# layout changed, so the version did: a peer of version 1 is refused
+# 2: NEW_FLOW and ANSWER carry the flow's SNAT endpoint (``snat``). 3:
+# FLOW_END carries conntrack's counters; OFFLOAD_REQUEST is new. A body
+# layout changed, so the version did: a peer of an older version is refused
 # BAD_VERSION, which names the cause, instead of TOO_SHORT or MALFORMED.
-VERSION = 2
+VERSION = 3
 KEY_SIZE = 32  # HMAC-SHA256's block-internal strength is 256 bits; a longer key adds nothing (RFC 2104 s.3)
 
 # HMAC-SHA256 truncated to 128 bits. RFC 2104 section 5 recommends keeping
@@ -138,7 +141,11 @@ BODY_FIELDS: dict[MsgType, tuple[Field, ...]] = {
     MsgType.NOT_FOUND: (_QUERY_ID, *_TUPLE_FIELDS),
     MsgType.FLOW_END: (
         Field("flow_id", "Q", "the flow that ended"),
-        Field("reason", "B", "1 FIN, 2 RST, 3 IDLE, 4 POLICY"),
+        Field("reason", "B", "1 FIN, 2 RST, 3 IDLE, 4 POLICY, 5 OFFLOADED"),
+        Field("packets_up", "Q", "conntrack's packets from the client (a flow without a binding: log-only); else 0"),
+        Field("bytes_up", "Q", "its bytes, IP headers included"),
+        Field("packets_down", "Q", "packets to the client"),
+        Field("bytes_down", "Q", "their bytes"),
     ),
     MsgType.RULE_REQUEST: (
         _REQUEST_ID,
@@ -158,11 +165,16 @@ BODY_FIELDS: dict[MsgType, tuple[Field, ...]] = {
     ),
     MsgType.RULE_REFUSED: (
         _REQUEST_ID,
-        Field("reason", "B", "1 NOT_EXACT, 2 THIRD_PARTY, 3 UNKNOWN_FLOW, 4 LIMIT, 5 BAD_TTL, 6 POLICY"),
+        Field("reason", "B", "1 NOT_EXACT, 2 THIRD_PARTY, 3 UNKNOWN_FLOW, 4 LIMIT, 5 BAD_TTL, 6 POLICY, "
+              "7 NOT_UDP, 8 OTHER_GATEWAY"),
     ),
     MsgType.RULE_END: (
         _RULE_ID,
         Field("reason", "B", "1 USED, 2 EXPIRED, 3 FLOW_ENDED"),
+    ),
+    MsgType.OFFLOAD_REQUEST: (
+        _REQUEST_ID,
+        Field("flow_id", "Q", "the flow to hand to the kernel: one of the asking gateway's"),
     ),
 }
 BODY: dict[MsgType, struct.Struct] = {
@@ -272,22 +284,25 @@ _TO_VALUES: dict[MsgType, Callable[[Any], tuple[Any, ...]]] = {
     MsgType.QUERY: _tuple_values,
     MsgType.ANSWER: lambda m: (m.query_id, *_flow_values(m.flow)),
     MsgType.NOT_FOUND: _tuple_values,
-    MsgType.FLOW_END: lambda m: (m.flow_id, m.reason),
+    MsgType.FLOW_END: lambda m: (m.flow_id, m.reason, m.counters.packets_up, m.counters.bytes_up,
+                                 m.counters.packets_down, m.counters.bytes_down),
     MsgType.RULE_REQUEST: _rule_request_values,
     MsgType.RULE_ACK: lambda m: (m.request_id, m.rule_id, m.expires_ms),
     MsgType.RULE_REFUSED: lambda m: (m.request_id, m.reason),
     MsgType.RULE_END: lambda m: (m.rule_id, m.reason),
+    MsgType.OFFLOAD_REQUEST: lambda m: (m.request_id, m.flow_id),
 }
 _FROM_VALUES: dict[MsgType, Callable[[tuple[Any, ...]], Message]] = {
     MsgType.NEW_FLOW: lambda v: NewFlow(_flow(v)),
     MsgType.QUERY: _query,
     MsgType.ANSWER: lambda v: Answer(v[0], _flow(v[1:])),
     MsgType.NOT_FOUND: _not_found,
-    MsgType.FLOW_END: lambda v: FlowEnd(v[0], v[1]),
+    MsgType.FLOW_END: lambda v: FlowEnd(v[0], v[1], Counters(*v[2:])),
     MsgType.RULE_REQUEST: _rule_request,
     MsgType.RULE_ACK: lambda v: RuleAck(v[0], v[1], v[2]),
     MsgType.RULE_REFUSED: lambda v: RuleRefused(v[0], v[1]),
     MsgType.RULE_END: lambda v: RuleEnd(v[0], v[1]),
+    MsgType.OFFLOAD_REQUEST: lambda v: OffloadRequest(v[0], v[1]),
 }
 
 

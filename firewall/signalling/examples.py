@@ -32,6 +32,7 @@ from firewall.signalling.messages import (
     MESSAGE_CLASSES,
     SENDER_OF,
     Answer,
+    Counters,
     Endpoint,
     FlowEnd,
     FlowEndReason,
@@ -40,6 +41,7 @@ from firewall.signalling.messages import (
     MsgType,
     NewFlow,
     NotFound,
+    OffloadRequest,
     Proto,
     Query,
     Role,
@@ -100,7 +102,9 @@ EXAMPLES: tuple[tuple[str, Message], ...] = (
      Answer(1, FTP_FLOW)),
     ("no binding for F 172.31.254.9:1025",
      NotFound(2, Proto.TCP, Endpoint(_ip("172.31.254.9"), 1025), SMTP_FLOW.ag)),
-    ("the SMTP flow ended with FIN both ways", FlowEnd(SMTP_FLOW.flow_id, FlowEndReason.FIN)),
+    ("the SMTP flow's gateway is a log-only tcp-relay: the kernel carried the flow, and its "
+     "connection ended with FIN both ways after 1 MiB down; conntrack's counters",
+     FlowEnd(SMTP_FLOW.flow_id, FlowEndReason.FIN, Counters(372, 19460, 738, 1087616))),
     ("in allow mode, the ftp gateway asks for the active-mode data connection of that client: from the "
      "server, any source port, once, to the router's address it announced in the PORT; the processor "
      "translates it to the client (192.168.1.11:50000) in the kernel",
@@ -109,6 +113,8 @@ EXAMPLES: tuple[tuple[str, Message], ...] = (
     ("request 5 granted for 30 s", RuleAck(5, RULE_ID, int(EXAMPLE_NOW * 1000) + 30_000)),
     ("request 6 named a third host (an FTP bounce)", RuleRefused(6, RuleRefusal.THIRD_PARTY)),
     ("rule 77 matched its one flow", RuleEnd(RULE_ID, RuleEndReason.USED)),
+    ("a udp-relay has relayed enough of its flow 0x0001000000000009 and hands it to the kernel",
+     OffloadRequest(7, make_flow_id(1, 9))),
 )
 
 

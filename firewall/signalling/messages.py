@@ -75,6 +75,7 @@ class MsgType(enum.IntEnum):
     RULE_ACK = 7
     RULE_REFUSED = 8
     RULE_END = 9
+    OFFLOAD_REQUEST = 10
 
 
 # Who sends what. A receiver refuses a type its peer never sends, so a
@@ -89,6 +90,7 @@ SENDER_OF: dict[MsgType, Role] = {
     MsgType.RULE_ACK: Role.PROCESSOR,
     MsgType.RULE_REFUSED: Role.PROCESSOR,
     MsgType.RULE_END: Role.PROCESSOR,
+    MsgType.OFFLOAD_REQUEST: Role.GATEWAY,
 }
 
 
@@ -110,6 +112,7 @@ class FlowEndReason(enum.IntEnum):
     RST = 2
     IDLE = 3  # the flow table's idle timeout
     POLICY = 4  # the processor ended it: config reload, operator, shutdown
+    OFFLOADED = 5  # the gateway asked (OFFLOAD_REQUEST): the kernel carries the flow from its next packet
 
 
 class RuleMode(enum.IntEnum):
@@ -125,7 +128,9 @@ class RuleRefusal(enum.IntEnum):
     UNKNOWN_FLOW = 3  # the requesting flow id has no binding (any more)
     LIMIT = 4  # too many rules for this flow or in all
     BAD_TTL = 5  # ttl 0, or above the processor's maximum
-    POLICY = 6  # the config does not allow this rule (e.g. ALLOW for this gateway)
+    POLICY = 6  # the config does not allow this rule (e.g. ALLOW for this gateway), or offload for this kind
+    NOT_UDP = 7  # OFFLOAD_REQUEST for a TCP flow: a terminated TCP relay cannot be spliced mid-stream
+    OTHER_GATEWAY = 8  # OFFLOAD_REQUEST for a flow that belongs to another gateway
 
 
 class RuleEndReason(enum.IntEnum):
@@ -279,16 +284,43 @@ class NotFound(_TupleQuestion):
 
 
 @dataclass(frozen=True, slots=True)
+class Counters:
+    """The kernel's packets and bytes of one connection, each way (conntrack accounting).
+
+    ``up`` is the client's direction (the original tuple), ``down`` the replies.
+    """
+
+    packets_up: int = 0
+    bytes_up: int = 0
+    packets_down: int = 0
+    bytes_down: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("packets_up", "bytes_up", "packets_down", "bytes_down"):
+            _check_u64(name, getattr(self, name))
+
+
+NO_COUNTERS = Counters()
+
+
+@dataclass(frozen=True, slots=True)
 class FlowEnd:
-    """Processor -> gateway: the binding is gone; F:f may be reused for another flow."""
+    """Processor -> gateway: the binding is gone; F:f may be reused for another flow.
+
+    ``counters`` are conntrack's for a flow the kernel carried without a
+    binding (a log-only gateway's); zeros otherwise.
+    """
 
     TYPE: ClassVar[MsgType] = MsgType.FLOW_END
     flow_id: int
     reason: FlowEndReason
+    counters: Counters = NO_COUNTERS
 
     def __post_init__(self) -> None:
         _check_u64("flow_id", self.flow_id)
         _coerce(self, "reason", FlowEndReason)
+        if not isinstance(self.counters, Counters):
+            raise TypeError("counters must be Counters")
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,10 +395,28 @@ class RuleEnd:
         _coerce(self, "reason", RuleEndReason)
 
 
-Message = Union[NewFlow, Query, Answer, NotFound, FlowEnd, RuleRequest, RuleAck, RuleRefused, RuleEnd]
+@dataclass(frozen=True, slots=True)
+class OffloadRequest:
+    """Gateway -> processor: let the kernel carry this flow end to end, without the gateway.
+
+    Answered like a RULE_REQUEST: RULE_ACK (the exact one-shot ALLOW that
+    takes the flow's next packet; RULE_END USED when it came), then FLOW_END
+    OFFLOADED; or RULE_REFUSED.
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.OFFLOAD_REQUEST
+    request_id: int
+    flow_id: int
+
+    def __post_init__(self) -> None:
+        _check_u64("request_id", self.request_id)
+        _check_u64("flow_id", self.flow_id)
+
+
+Message = Union[NewFlow, Query, Answer, NotFound, FlowEnd, RuleRequest, RuleAck, RuleRefused, RuleEnd, OffloadRequest]
 MESSAGE_CLASSES: dict[MsgType, type[Message]] = {
     cls.TYPE: cls
-    for cls in (NewFlow, Query, Answer, NotFound, FlowEnd, RuleRequest, RuleAck, RuleRefused, RuleEnd)
+    for cls in (NewFlow, Query, Answer, NotFound, FlowEnd, RuleRequest, RuleAck, RuleRefused, RuleEnd, OffloadRequest)
 }
 
 

@@ -41,7 +41,14 @@ not receive any signalling message within a certain time".
    RULE_REFUSED, at most ``MAX_RULE_ATTEMPTS`` sends (the processor answers a
    repeated request id with its first reply). RULE_END of an acknowledged
    rule comes out as ``RuleGone``.
-6. ``tick(now)`` runs the timers; ``next_deadline()`` says when it is due.
+6. ``request_offload(flow, now)``: OFFLOAD_REQUEST, resent and answered like
+   a rule request (RULE_ACK or RULE_REFUSED); then FLOW_END OFFLOADED ends
+   the flow like any FLOW_END.
+7. A NEW_FLOW without F:f (all zeros) is a flow the kernel carries with no
+   binding (a log-only gateway's): it is kept by flow id, apart from the
+   table, until its FLOW_END, which comes out as ``LoggedFlowEnded`` with
+   conntrack's counters.
+8. ``tick(now)`` runs the timers; ``next_deadline()`` says when it is due.
 
 Memory is bounded whatever the processor sends: flows held by a connection
 are bounded by the gateway's own connection limit; the others expire
@@ -79,6 +86,7 @@ from firewall.signalling import (
     Guard,
     NewFlow,
     NotFound,
+    OffloadRequest,
     Proto,
     Query,
     Received,
@@ -101,6 +109,7 @@ from gateways.layer.outputs import (
     FlowKey,
     FlowKnown,
     FlowNotKnown,
+    LoggedFlowEnded,
     Output,
     RuleAnswered,
     RuleGone,
@@ -167,7 +176,7 @@ class _Lookup:
 class _RuleWait:
     __slots__ = ("message", "to", "attempts", "deadline")
 
-    def __init__(self, message: RuleRequest, to: Endpoint, deadline: float) -> None:
+    def __init__(self, message: RuleRequest | OffloadRequest, to: Endpoint, deadline: float) -> None:
         self.message = message
         self.to = to
         self.attempts = 1
@@ -219,6 +228,7 @@ class LayerCore:
         self._by_id: dict[int, FlowKey] = {}
         self._unclaimed: OrderedDict[FlowKey, float] = OrderedDict()  # key -> expiry, oldest first
         self._queue_sender: dict[int, tuple[int, int]] = {}  # queue -> (sender, newest timestamp ms)
+        self._logged: OrderedDict[int, _Entry] = OrderedDict()  # flow id -> a flow without a binding
 
         self._lookups: dict[FlowKey, _Lookup] = {}
         self._query_keys: dict[int, FlowKey] = {}
@@ -311,6 +321,19 @@ class LayerCore:
         self.counters["rules.requested"] += 1
         return request_id, [self._send(wait.to, message, now, "rules.sent")]
 
+    def request_offload(self, flow: FlowInfo, now: float) -> tuple[int, list[Output]]:
+        """Ask the flow's processor instance to hand the flow to the kernel; the request id and what to do now."""
+        request_id = self._new_id()
+        message = OffloadRequest(request_id, flow.flow_id)
+        if len(self._rule_waits) >= MAX_PENDING_RULES:
+            self.counters["offload.refused_local.LIMIT"] += 1
+            return request_id, [RuleAnswered(request_id, RuleRefused(request_id, RuleRefusal.LIMIT), local=True)]
+        wait = _RuleWait(message, self.instances.for_flow(flow), now + self.query_timeout)
+        self._rule_waits[request_id] = wait
+        self._arm(wait.deadline, _RULE, request_id)
+        self.counters["offload.requested"] += 1
+        return request_id, [self._send(wait.to, message, now, "offload.sent")]
+
     def cancel_rule(self, request_id: int) -> None:
         """Nobody waits for the answer to ``request_id`` any more."""
         if self._rule_waits.pop(request_id, None) is not None:
@@ -356,7 +379,23 @@ class LayerCore:
         if out is None:
             return []
         self.counters["pushes.received"] += 1
+        if flow.firewall_side.port == 0:
+            return out + self._learn_logged(flow, received.sender)
         return out + self._learn(flow, received.sender, now, "push")
+
+    def _learn_logged(self, flow: FlowInfo, sender: int) -> list[Output]:
+        """A flow the kernel carries with no binding: kept by flow id until its FLOW_END."""
+        if flow.flow_id in self._logged:
+            self.counters["pushes.repeated"] += 1
+            return []
+        self._logged[flow.flow_id] = _Entry(flow, sender)
+        self.counters["flows.logged"] += 1
+        out: list[Output] = []
+        while len(self._logged) > self.max_unclaimed:
+            _, oldest = self._logged.popitem(last=False)
+            self.counters["flows.evicted"] += 1
+            out.append(LoggedFlowEnded(oldest.flow, EndCause.IDLE, None))
+        return out
 
     def _on_answer(self, received: Received, message: Answer, now: float) -> list[Output]:
         key = self._query_keys.get(message.query_id)
@@ -388,6 +427,11 @@ class LayerCore:
         out = self._note_sender(received, message.flow_id)
         if out is None:
             return []
+        logged = self._logged.get(message.flow_id)
+        if logged is not None and logged.sender == received.sender:
+            del self._logged[message.flow_id]
+            self.counters[f"flows.ended.{message.reason.name}"] += 1
+            return out + [LoggedFlowEnded(logged.flow, EndCause.of(message.reason), message.counters)]
         key = self._by_id.get(message.flow_id)
         entry = self._flows.get(key) if key is not None else None
         if entry is None or entry.sender != received.sender:
@@ -503,11 +547,12 @@ class LayerCore:
         self._arm(wait.deadline, _RULE, request_id)
         # Same request id, new sequence number: the processor answers a
         # repeated id with its first reply instead of making a second rule.
-        return [self._send(wait.to, wait.message, now, "rules.sent")]
+        counter = "offload.sent" if isinstance(wait.message, OffloadRequest) else "rules.sent"
+        return [self._send(wait.to, wait.message, now, counter)]
 
     # ---- internals ------------------------------------------------------------------------
 
-    def _send(self, to: Endpoint, message: Query | RuleRequest, now: float, counter: str) -> Send:
+    def _send(self, to: Endpoint, message: Query | RuleRequest | OffloadRequest, now: float, counter: str) -> Send:
         self.counters[counter] += 1
         return Send(to, self._encoder.encode(message, now))
 
@@ -548,6 +593,12 @@ class LayerCore:
             if entry.sender != received.sender and flow_id_queue(entry.flow.flow_id) == queue:
                 self.counters["flows.restarted"] += 1
                 out += self._remove(key, EndCause.RESTARTED)
+        for flow_id, entry in list(self._logged.items()):
+            if entry.sender != received.sender and flow_id_queue(flow_id) == queue:
+                # The kernel still carries it; nobody will report its end.
+                del self._logged[flow_id]
+                self.counters["flows.restarted"] += 1
+                out.append(LoggedFlowEnded(entry.flow, EndCause.RESTARTED, None))
         return out
 
     def _learn(self, flow: FlowInfo, sender: int, now: float, via: str) -> list[Output]:

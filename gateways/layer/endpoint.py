@@ -15,7 +15,10 @@ a gateway four things:
   F:f, and the processor restores it to C:c -> S:s. Every leg B has its own
   ephemeral port, because the processor tells the legs of one binding apart
   by the gateway's port (docs/datapath.md, step 4).
-- ``request_rule(...)``: a dynamic rule, or ``RuleRefusedError``.
+- ``request_rule(...)``: a dynamic rule, or ``RuleRefusedError``;
+  ``request_offload(flow)``: the same for handing a flow to the kernel.
+- ``on_logged_end``: called with each ``LoggedFlowEnded`` (a log-only
+  gateway's flows, which only the kernel carried).
 - ``counters``: everything the core counted.
 
 The event loop never blocks: the socket is non-blocking, every wait is a
@@ -42,6 +45,7 @@ from gateways.layer.outputs import (
     FlowKey,
     FlowKnown,
     FlowNotKnown,
+    LoggedFlowEnded,
     RuleAnswered,
     RuleGone,
     RuleUnanswered,
@@ -187,6 +191,7 @@ class GatewayLayer:
                 Send: self._send, FlowKnown: self._resolve, FlowNotKnown: self._not_known,
                 FlowGone: self._gone, RuleAnswered: self._rule_answered,
                 RuleUnanswered: self._rule_unanswered, RuleGone: self._rule_gone,
+                LoggedFlowEnded: self._logged_end,
             },
             tick=self.core.tick,
             deadline=self.core.next_deadline,
@@ -198,6 +203,7 @@ class GatewayLayer:
         self._rule_futures: dict[int, tuple[asyncio.Future[RuleAck], RuleEndCallback | None]] = {}
         self._rule_ends: dict[int, RuleEndCallback] = {}
         self.on_rule_end: Callable[[int, RuleEndReason], None] | None = None
+        self.on_logged_end: Callable[[LoggedFlowEnded], None] | None = None
 
     # ---- life cycle -----------------------------------------------------------------------
 
@@ -370,8 +376,19 @@ class GatewayLayer:
         packet processing"). Raises ``RuleRefusedError`` or ``RuleNoAnswer``."""
         if self._closed:
             raise RuleNoAnswer("the gateway is stopping")
+        return await self._answer(*self.core.request_rule(flow, proto, src, dst, ttl, mode, one_shot, self._clock()),
+                                  on_end)
+
+    async def request_offload(self, flow: FlowInfo) -> RuleAck:
+        """Ask the flow's processor instance to let the kernel carry the flow without the gateway;
+        FLOW_END OFFLOADED follows the ack. Raises ``RuleRefusedError`` or ``RuleNoAnswer``."""
+        if self._closed:
+            raise RuleNoAnswer("the gateway is stopping")
+        return await self._answer(*self.core.request_offload(flow, self._clock()), None)
+
+    async def _answer(self, request_id: int, outputs: list[Any], on_end: RuleEndCallback | None) -> RuleAck:
+        """Send a rule or offload request and wait for its answer (resends are the core's)."""
         future: asyncio.Future[RuleAck] = asyncio.get_running_loop().create_future()
-        request_id, outputs = self.core.request_rule(flow, proto, src, dst, ttl, mode, one_shot, self._clock())
         self._rule_futures[request_id] = (future, on_end)
         self._driver.run(outputs)
         try:
@@ -445,6 +462,10 @@ class GatewayLayer:
         future, _ = self._rule_futures.pop(out.request_id, (None, None))
         if future is not None and not future.done():
             future.set_exception(RuleNoAnswer(f"no answer to rule request {out.request_id}"))
+
+    def _logged_end(self, out: LoggedFlowEnded) -> None:
+        if self.on_logged_end is not None:
+            self.on_logged_end(out)
 
     def _rule_gone(self, out: RuleGone) -> None:
         callback = self._rule_ends.pop(out.request_id, None)

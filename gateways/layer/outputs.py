@@ -4,7 +4,8 @@ The core never does I/O; each call returns a list of these outputs and the
 asyncio adapter (``gateways.layer.endpoint``) carries them out: ``Send`` a
 datagram, resolve or fail the lookups of a tuple (``FlowKnown``,
 ``FlowNotKnown``), close the connections that hold a flow (``FlowGone``),
-and settle rule requests (``RuleAnswered``, ``RuleUnanswered``, ``RuleGone``).
+settle rule and offload requests (``RuleAnswered``, ``RuleUnanswered``,
+``RuleGone``), and log a flow that only the kernel carried (``LoggedFlowEnded``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import enum
 from dataclasses import dataclass
 from typing import Union
 
-from firewall.signalling import Endpoint, FlowEndReason, FlowInfo, Proto, RuleAck, RuleEndReason, RuleRefused
+from firewall.signalling import Counters, Endpoint, FlowEndReason, FlowInfo, Proto, RuleAck, RuleEndReason, RuleRefused
 
 FlowKey = tuple[Proto, Endpoint, Endpoint]
 """(proto, F:f, G:g): what a gateway sees on accept() or recvfrom(), unique per flow."""
@@ -28,6 +29,7 @@ class EndCause(enum.Enum):
     POLICY = "policy"
     REPLACED = "replaced"  # a newer NEW_FLOW took its tuple: the binding is gone
     RESTARTED = "restarted"  # its processor instance restarted: the binding is gone
+    OFFLOADED = "offloaded"  # the gateway asked: the kernel carries the flow from here
 
     @classmethod
     def of(cls, reason: FlowEndReason) -> "EndCause":
@@ -94,7 +96,20 @@ class RuleGone:
     reason: RuleEndReason
 
 
-Output = Union[Send, FlowKnown, FlowNotKnown, FlowGone, RuleAnswered, RuleUnanswered, RuleGone]
+@dataclass(frozen=True, slots=True)
+class LoggedFlowEnded:
+    """A flow the kernel carried without the gateway (log-only) is over: log it.
+
+    ``counters`` are conntrack's (FLOW_END), None when the flow's processor
+    instance restarted and nobody will report them.
+    """
+
+    flow: FlowInfo
+    cause: EndCause
+    counters: Counters | None
+
+
+Output = Union[Send, FlowKnown, FlowNotKnown, FlowGone, RuleAnswered, RuleUnanswered, RuleGone, LoggedFlowEnded]
 
 
 def flow_key(flow: FlowInfo) -> FlowKey:

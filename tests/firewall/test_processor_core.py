@@ -45,6 +45,7 @@ from firewall.processor.runner import COMMANDS, CONTROL_MAX_REQUEST, FLOWS_LIMIT
 from firewall.rules.bind import DNAT_MAP, SNAT_MAP
 from firewall.signalling import (
     Answer,
+    Counters,
     Encoder,
     Endpoint,
     FlowEnd,
@@ -208,8 +209,8 @@ def legs(ops: list[Any]) -> list[Leg]:
 class Rig:
     """A core with a fake router and a fake conntrack around it, and the gateway layer's end of signalling."""
 
-    def __init__(self, pools: str = "", push: bool = True) -> None:
-        self.config = loads(CONFIG.replace("{pools}", pools))
+    def __init__(self, pools: str = "", push: bool = True, extra: str = "") -> None:
+        self.config = loads(CONFIG.replace("{pools}", pools) + extra)
         self.alive: set[tuple[int, ...]] = set()  # (proto, src, sport, dst, dport): conntrack's original tuples
         self.lookups: list[tuple[int, ...]] = []
         self.local = [W, L, R, "10.0.0.1"]
@@ -236,10 +237,11 @@ class Rig:
     def forget(self, leg: Leg) -> None:
         self.alive.discard((PROTO[leg.proto], *ints(leg.key)))
 
-    def destroyed(self, proto: str, orig: tuple[str, int, str, int], reply: tuple[str, int, str, int]) -> None:
+    def destroyed(self, proto: str, orig: tuple[str, int, str, int], reply: tuple[str, int, str, int],
+                  counters: Counters = Counters()) -> None:
         """A ctnetlink destroy event for a connection with nfgate's mark."""
         self.alive.discard((PROTO[proto], *ints(orig)))
-        self.core.conntrack_destroyed(PROTO[proto], ints(orig), ints(reply), self.now)
+        self.core.conntrack_destroyed(PROTO[proto], ints(orig), ints(reply), self.now, counters)
 
     # ---- packets ------------------------------------------------------------------------
 
@@ -281,8 +283,9 @@ class Rig:
     def messages(self) -> list[Any]:
         return [m for m, _ in self.received()]
 
-    def ask(self, msg: Any) -> list[Any]:
-        self.core.datagram(self.gw_encoder.encode(msg, self.now - T0 + WALL0), (G, 7500), self.now)
+    def ask(self, msg: Any, source: tuple[str, int] = (G, 7500)) -> list[Any]:
+        """``msg`` from a gateway's signalling port (the relay's unless ``source`` says); the replies."""
+        self.core.datagram(self.gw_encoder.encode(msg, self.now - T0 + WALL0), source, self.now)
         return self.messages()
 
     def kernel(self, ok: bool = True) -> list[KernelOp]:
@@ -690,7 +693,7 @@ def test_a_binding_conntrack_never_confirmed_ends_at_its_check() -> None:
 
 def conn(proto: str, orig: tuple[str, int, str, int], reply: tuple[str, int, str, int], packets: int = 0,
          count: int = 0) -> Connection:
-    return Connection(PROTO[proto], ints(orig), ints(reply), packets, count)
+    return Connection(PROTO[proto], ints(orig), ints(reply), Counters(packets, count))
 
 
 def test_adopt_rebuilds_bindings_and_claims_their_endpoints() -> None:
@@ -1051,7 +1054,7 @@ def test_allow_to_the_port_forward_address_is_a_dnat_and_an_accept_in_one_unit()
     op, ack = allow_unit(rig, request(rig, ftp.flow_id, C, 0, W, 50000, mode=RuleMode.ALLOW))
     watch, dnat, accept = op.rules
     assert op.add and watch == KernelRule("expect_0_any", ("tcp", ip(C), ip(W), 50000))
-    assert dnat == KernelRule("dnat_0_any", ("tcp", ip(C), ip(W), 50000), (ip(S),))  # the port is kept
+    assert dnat == KernelRule("dnat_0_any", ("tcp", ip(C), ip(W), 50000), (ip(S), 50000))  # the port is kept
     # The accept is for the translated tuple only, and only once it was translated (its set asks ct status dnat).
     assert accept == KernelRule("allow_dnat_0_any", ("tcp", ip(C), ip(S), 50000))
     # One-shot: the first SYN passes to the kernel (which translates it), untouched; a second
@@ -1077,7 +1080,7 @@ def test_allow_to_the_snat_address_is_translated_to_the_client() -> None:
     assert flow.snat == ep(W, 61000)
     op, ack = allow_unit(rig, request(rig, flow.flow_id, C, 0, W, 50001, mode=RuleMode.ALLOW, ttl=5))
     _, dnat, accept = op.rules
-    assert dnat == KernelRule("dnat_0_any", ("tcp", ip(C), ip(W), 50001), (ip(S),))
+    assert dnat == KernelRule("dnat_0_any", ("tcp", ip(C), ip(W), 50001), (ip(S), 50001))
     assert accept == KernelRule("allow_dnat_0_any", ("tcp", ip(C), ip(S), 50001))
     # Unused, it ends at its TTL, both rules together.
     rig.now += 5  # past its TTL, before the tick retires it: its SYNs no longer pass

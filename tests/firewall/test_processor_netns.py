@@ -309,7 +309,7 @@ from firewall.processor.rulebook import KernelOp, KernelRule
 ext, wan, lan = (int(ipaddress.IPv4Address(a)) for a in ("{EXT}", "{WAN}", "{LAN}"))
 w = NatWriter(10)
 unit = (KernelRule("expect_1_any", ("tcp", ext, wan, 2122)),
-        KernelRule("dnat_1_any", ("tcp", ext, wan, 2122), (lan,)),
+        KernelRule("dnat_1_any", ("tcp", ext, wan, 2122), (lan, 2122)),
         KernelRule("allow_dnat_1_any", ("tcp", ext, lan, 2122)))
 print(json.dumps([w.apply(KernelOp(1, True, unit)), w.apply(KernelOp(2, False, unit)), w.apply(KernelOp(3, False, unit)),
                   w.apply(KernelOp(4, True, unit))]))

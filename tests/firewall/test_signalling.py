@@ -19,6 +19,7 @@ from firewall.signalling import (
     MAX_DATAGRAM,
     MAX_MESSAGE_SIZE,
     Answer,
+    Counters,
     Encoder,
     Endpoint,
     FlowEnd,
@@ -30,6 +31,7 @@ from firewall.signalling import (
     MsgType,
     NewFlow,
     NotFound,
+    OffloadRequest,
     Proto,
     Query,
     Received,
@@ -197,7 +199,7 @@ any_message = st.one_of(
     st.builds(Query, u64, st.sampled_from(Proto), endpoints, endpoints),
     st.builds(Answer, u64, flows),
     st.builds(NotFound, u64, st.sampled_from(Proto), endpoints, endpoints),
-    st.builds(FlowEnd, u64, st.sampled_from(FlowEndReason)),
+    st.builds(FlowEnd, u64, st.sampled_from(FlowEndReason), st.builds(Counters, u64, u64, u64, u64)),
     st.builds(
         RuleRequest, u64, u64, st.sampled_from(Proto), endpoints, endpoints,
         st.integers(0, 65535), st.sampled_from(RuleMode), st.booleans(),
@@ -205,6 +207,7 @@ any_message = st.one_of(
     st.builds(RuleAck, u64, u64, u64),
     st.builds(RuleRefused, u64, st.sampled_from(RuleRefusal)),
     st.builds(RuleEnd, u64, st.sampled_from(RuleEndReason)),
+    st.builds(OffloadRequest, u64, u64),
 )
 
 
@@ -251,7 +254,7 @@ def test_header_checks() -> None:
     data = bytearray(encoder_for(NewFlow(FLOW)).encode(NewFlow(FLOW), T0))
     guard = guard_for(NewFlow(FLOW))
     assert guard.check(bytes(MIN_MESSAGE_SIZE - 1), T0) is Refusal.TOO_SHORT
-    assert VERSION == 2  # 2: NEW_FLOW and ANSWER carry snat (docs/signalling.md, "Versions")
+    assert VERSION == 3  # 3: FLOW_END carries counters, OFFLOAD_REQUEST (docs/signalling.md, "Versions")
     for version in (VERSION - 1, VERSION + 1):
         assert guard.check(bytes([version]) + bytes(data[1:]), T0) is Refusal.BAD_VERSION
     assert guard.check(bytes(data[:1]) + bytes([0]) + bytes(data[2:]), T0) is Refusal.UNKNOWN_TYPE
@@ -438,9 +441,11 @@ def _body(message: Message) -> bytearray:
         (MsgType.NEW_FLOW, 76 + 1, 1),  # snat 0.0.0.0:1: a port without an address
         (MsgType.NEW_FLOW, 72, 0xE0),  # snat 224.0.0.0:0: multicast
         (MsgType.FLOW_END, 8, 0),  # reason 0
+        (MsgType.FLOW_END, 8, 6),  # reason 6: none yet
         (MsgType.RULE_REQUEST, 18, 3),  # mode 3
         (MsgType.RULE_REQUEST, 19, 2),  # a reserved flag bit
         (MsgType.RULE_REFUSED, 8, 99),
+        (MsgType.RULE_REFUSED, 8, 9),  # one past OTHER_GATEWAY
         (MsgType.RULE_END, 8, 4),
     ],
 )

@@ -17,6 +17,7 @@ from firewall.signalling import (
     MAX_QUERY_ATTEMPTS,
     VERSION,
     Answer,
+    Counters,
     Encoder,
     Endpoint,
     FlowEnd,
@@ -25,6 +26,7 @@ from firewall.signalling import (
     Guard,
     NewFlow,
     NotFound,
+    OffloadRequest,
     Proto,
     Query,
     Received,
@@ -40,7 +42,9 @@ from firewall.signalling import (
 )
 from gateways.layer import EndCause, FlowUnknown, ProcessorInstances, RuleNoAnswer, RuleRefusedError, flow_key
 from gateways.layer.core import MAX_RULE_ATTEMPTS, RULE_END_GRACE, LayerCore
-from gateways.layer.outputs import FlowGone, FlowKnown, FlowNotKnown, RuleAnswered, RuleGone, RuleUnanswered, Send
+from gateways.layer.outputs import (
+    FlowGone, FlowKnown, FlowNotKnown, LoggedFlowEnded, RuleAnswered, RuleGone, RuleUnanswered, Send,
+)
 from firewall import manifests
 from tests.gateways.fake_processor import CLIENT, KEY, ORIGINAL_DST, SERVER, instances_of, rig
 from tests.gateways.loopback import GATEWAY, run, wait_until
@@ -364,6 +368,46 @@ def test_unclaimed_flows_expire_and_are_evicted_beyond_the_bound_but_held_ones_s
     assert c.next_deadline(T0 + 11) == T0 + 21
     c.tick(T0 + 21)
     assert c.flows == 0
+
+
+# ---- offload and flows without a binding -----------------------------------------------------------
+
+
+def test_an_offload_request_is_answered_like_a_rule_and_flow_end_offloaded_ends_the_flow() -> None:
+    c, p, f = core(), Processor(), flow(host=12, proto=Proto.UDP)
+    feed(c, p.push(f))
+    assert c.claim(f)
+    request_id, (send,) = c.request_offload(f, T0)
+    assert isinstance(send, Send) and send.to == Endpoint(ROUTER, 7501)  # the flow's instance
+    assert p.read(send).message == OffloadRequest(request_id, f.flow_id)
+    (resent,) = c.tick(T0 + QT)  # silence: the same request id again
+    assert p.read(resent, T0 + QT).message == OffloadRequest(request_id, f.flow_id)
+    ack = RuleAck(request_id, 78, int((T0 + 30) * 1000))
+    assert feed(c, [p.msg(ack)]) == [RuleAnswered(request_id, ack)]
+    assert feed(c, [p.msg(FlowEnd(f.flow_id, FlowEndReason.OFFLOADED))]) == [FlowGone(f, EndCause.OFFLOADED)]
+    assert c.flows == 0 and c.counters["offload.sent"] == 2
+    request_id, _ = c.request_offload(f, T0)
+    refused = RuleRefused(request_id, RuleRefusal.UNKNOWN_FLOW)
+    assert feed(c, [p.msg(refused, T0 + 0.1)], T0 + 0.1) == [RuleAnswered(request_id, refused)]
+
+
+def test_a_flow_without_a_binding_is_kept_by_id_and_its_end_carries_the_kernels_counters() -> None:
+    c, p = core(max_unclaimed=2), Processor()
+    no_fw = Endpoint(IP("0.0.0.0"), 0)
+    logged = [flow(serial=n, firewall_side=no_fw) for n in (1, 2, 3)]
+    out = feed(c, p.push(logged[0]) + p.push(logged[1]))
+    assert out == [] and c.flows == 0  # not in the table: no connection will come from 0.0.0.0:0
+    counters = Counters(5, 300, 4, 5000)
+    assert feed(c, [p.msg(FlowEnd(logged[0].flow_id, FlowEndReason.FIN, counters))]) == [
+        LoggedFlowEnded(logged[0], EndCause.FIN, counters)
+    ]
+    # Bounded: beyond max_unclaimed the oldest is logged without counters.
+    feed(c, p.push(logged[2]))
+    assert feed(c, p.push(flow(serial=4, firewall_side=no_fw))) == [LoggedFlowEnded(logged[1], EndCause.IDLE, None)]
+    # A new process for the queue: the kernel still carries them, nobody will report their end.
+    new = Processor(sender_id=9)
+    out = feed(c, new.push(flow(host=9, port=2000, serial=1), T0 + 1), T0 + 1)
+    assert [(type(o), o.cause) for o in out] == [(LoggedFlowEnded, EndCause.RESTARTED)] * 2  # type: ignore[attr-defined]
 
 
 # ---- rules ----------------------------------------------------------------------------------------

@@ -1,0 +1,234 @@
+"""The processor core's offload (OFFLOAD_REQUEST) and log-only flows, with crafted packets.
+
+The rig of test_processor_core.py, with two more gateways: a udp-relay
+``dns`` behind a port forward that changes the port (the router's udp 5353
+to lan:53), and a log-only tcp-relay ``logger`` (the router's tcp 8080 to
+lan:80, and lan's outbound tcp 9001).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from firewall.processor import rulebook
+from firewall.processor.core import DROP, PASS
+from firewall.processor.rulebook import KernelRule
+from firewall.rules.bind import DNAT_MAP, SNAT_MAP
+from firewall.signalling import (
+    Counters,
+    FlowEnd,
+    FlowEndReason,
+    NewFlow,
+    OffloadRequest,
+    RuleAck,
+    RuleEnd,
+    RuleEndReason,
+    RuleRefusal,
+    RuleRefused,
+)
+from tests.firewall.test_processor_core import (
+    BLIND, C, G, LAN0, MARK, MASK, PASSED, QOS, S, W, WAN0, Leg, Rig, ip, ints, open_inbound, pair, tcp, udp,
+)
+
+EXTRA = """
+[[nat.forward]]
+from = "wan"
+proto = "udp"
+port = 5353
+to = "192.168.1.10:53"
+[[nat.forward]]
+from = "wan"
+proto = "tcp"
+port = 8080
+to = "192.168.1.10:80"
+
+[[gateway]]
+name = "dns"
+kind = "udp-relay"
+listen_port = 20053
+[gateway.settings]
+offload_after = 3
+[[gateway.traffic]]
+from = "wan"
+to = "lan"
+proto = "udp"
+ports = 5353
+
+[[gateway]]
+name = "logger"
+kind = "tcp-relay"
+listen_port = 20080
+[gateway.settings]
+mode = "log-only"
+[[gateway.traffic]]
+from = "wan"
+to = "lan"
+proto = "tcp"
+ports = 8080
+[[gateway.traffic]]
+from = "lan"
+to = "wan"
+proto = "tcp"
+ports = 9001
+"""
+DNS = (G, 7503)  # the signalling ports of the gateways, by index
+LOGGER = (G, 7504)
+FTP = (G, 7501)
+C2 = "203.0.113.11"
+
+
+def udp_flow(rig: Rig, sport: int = 5000) -> tuple[Any, Leg, Leg]:
+    """C:sport -> W:5353 into the dns gateway, and the gateway's leg B: both in conntrack."""
+    leg_a = rig.bound(udp(C, sport, W, 5353), WAN0)
+    ((push, peer),) = rig.received()
+    assert isinstance(push, NewFlow) and peer == DNS
+    flow = push.flow
+    F, f = pair(flow.firewall_side)
+    leg_b = rig.bound(udp(G, 51000, F, f), BLIND)
+    assert leg_b.dnat == (S, 53)
+    rig.confirm(leg_a)
+    rig.confirm(leg_b)
+    return flow, leg_a, leg_b
+
+
+def passed(rig: Rig, pkt: Any) -> None:
+    assert rig.send(pkt, WAN0) == (PASS, None, (QOS & ~MASK) | PASSED), dict(rig.core.counters)
+    assert rig.core.nat_ops == []
+
+
+def test_an_offloaded_udp_flow_leaves_the_gateway_for_an_exact_allow() -> None:
+    rig = Rig(extra=EXTRA)
+    flow, leg_a, leg_b = udp_flow(rig)
+    assert rig.ask(OffloadRequest(1, flow.flow_id), DNS) == []  # nothing before the kernel has the ALLOW
+    (op,) = rig.core.rules.kernel_ops
+    # The client's own tuple, exactly (its source port too), as it addressed the router; the
+    # DNAT to the port forward's S:s, and the accept for that translated tuple only.
+    assert op.add and op.rules == (
+        KernelRule("expect_0", ("udp", ip(C), 5000, ip(W), 5353)),
+        KernelRule("dnat_0", ("udp", ip(C), 5000, ip(W), 5353), (ip(S), 53)),
+        KernelRule("allow_dnat_0", ("udp", ip(C), 5000, ip(S), 53)),
+    )
+    assert rig.core.flows(rig.now, 10) != [] and rig.core.ct_deletes == []  # the binding still carries it
+    rig.kernel()
+    ack, end = rig.messages()
+    assert isinstance(ack, RuleAck) and ack.request_id == 1
+    assert end == FlowEnd(flow.flow_id, FlowEndReason.OFFLOADED)
+    # Its NAT elements and both legs' connections go, in that order (the runner), and so does the binding.
+    name = "udp"
+    assert rig.core.unbind_ops == [
+        (DNAT_MAP, name, ints(leg_a.key), (ip(leg_a.dnat[0]), leg_a.dnat[1])),
+        (SNAT_MAP, name, ints(leg_a.key), (ip(leg_a.snat[0]), leg_a.snat[1])),
+        (DNAT_MAP, name, ints(leg_b.key), (ip(leg_b.dnat[0]), leg_b.dnat[1])),
+        (SNAT_MAP, name, ints(leg_b.key), (ip(leg_b.snat[0]), leg_b.snat[1])),
+    ]
+    assert rig.core.ct_deletes == [(17, *ints(leg_a.key)), (17, *ints(leg_b.key))]
+    stats = rig.core.stats()
+    assert stats["flows"] == 0 and stats["pools"]["firewall_side"]["used"] == 0
+    assert stats["counters"]["flows.offloaded"] == 1
+    rig.alive.clear()
+
+    # The next datagram is new to conntrack: its ALLOW passes it unchanged, once.
+    passed(rig, udp(C, 5000, W, 5353))
+    ((used, peer),) = rig.received()
+    assert used == RuleEnd(ack.rule_id, RuleEndReason.USED) and peer == DNS
+    # Another source port of the client is not this flow: bound into the gateway as a new one,
+    # and so is another client on the same port.
+    rig.bound(udp(C, 5001, W, 5353), WAN0)
+    rig.bound(udp(C2, 5000, W, 5353), WAN0)
+    assert [type(m) for m in rig.messages()] == [NewFlow, NewFlow]
+    assert rig.core.stats()["counters"].get("drop.rule_used", 0) == 0
+    # Nor does the gateway's leg B reach the server any more.
+    F, f = pair(flow.firewall_side)
+    rig.dropped(udp(G, 51000, F, f), BLIND, "drop.gateway_without_binding")
+
+
+def test_offload_requests_refused_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    rig = Rig(extra=EXTRA)
+    flow, _, _ = udp_flow(rig)
+    relay, _ = open_inbound(rig, sport=40000, port=8443)  # a tcp-relay's TCP flow
+
+    def refused(req: OffloadRequest, source: tuple[str, int], reason: RuleRefusal) -> None:
+        assert rig.ask(req, source) == [RuleRefused(req.request_id, reason)]
+        assert rig.core.rules.kernel_ops == [] and rig.core.ct_deletes == [] and rig.core.stats()["flows"] == 2
+
+    refused(OffloadRequest(1, flow.flow_id + 1000), DNS, RuleRefusal.UNKNOWN_FLOW)
+    refused(OffloadRequest(2, flow.flow_id), FTP, RuleRefusal.OTHER_GATEWAY)  # the ftp gateway asks for dns's flow
+    refused(OffloadRequest(3, relay.flow_id), (G, 7500), RuleRefusal.NOT_UDP)
+    monkeypatch.setattr(rulebook, "OFFLOAD_KINDS", frozenset({"rtp"}))
+    refused(OffloadRequest(4, flow.flow_id), DNS, RuleRefusal.POLICY)
+    monkeypatch.undo()
+    counters = rig.core.stats()["counters"]
+    assert counters["offload.refused.unknown_flow"] == counters["offload.refused.other_gateway"] == 1
+    assert counters["offload.refused.not_udp"] == counters["offload.refused.policy"] == 1
+
+    # A replayed datagram is refused by the Guard, answered nothing.
+    data = rig.gw_encoder.encode(OffloadRequest(5, flow.flow_id), rig.now - 1000.0 + 1_700_000_000.0)
+    rig.core.datagram(data, DNS, rig.now)
+    rig.core.datagram(data, DNS, rig.now)
+    assert rig.core.counters["signalling.refused.replay"] == 1
+    rig.kernel()
+    assert [type(m) for m in rig.messages()] == [RuleAck, FlowEnd]
+    # The same request id again gets the first reply; a new one finds no flow to offload.
+    (again,) = rig.ask(OffloadRequest(5, flow.flow_id), DNS)
+    assert isinstance(again, RuleAck) and rig.core.rules.kernel_ops == []
+    assert rig.ask(OffloadRequest(6, flow.flow_id), DNS) == [RuleRefused(6, RuleRefusal.UNKNOWN_FLOW)]
+    # While one offload's rule goes in, a second request for the flow is refused.
+    other, _, _ = udp_flow(rig, sport=5002)
+    assert rig.ask(OffloadRequest(7, other.flow_id), DNS) == []
+    assert rig.ask(OffloadRequest(8, other.flow_id), DNS) == [RuleRefused(8, RuleRefusal.UNKNOWN_FLOW)]
+
+
+def test_an_offload_whose_flow_ended_meanwhile_is_refused() -> None:
+    rig = Rig(extra=EXTRA)
+    flow, leg_a, leg_b = udp_flow(rig)
+    assert rig.ask(OffloadRequest(1, flow.flow_id), DNS) == []
+    rig.destroyed("udp", leg_a.key, (leg_a.dnat[0], leg_a.dnat[1], *leg_a.snat))
+    rig.destroyed("udp", leg_b.key, (S, 53, *leg_b.snat))
+    assert rig.messages() == [FlowEnd(flow.flow_id, FlowEndReason.IDLE)]
+    (op,) = rig.kernel()
+    assert rig.messages() == [RuleRefused(1, RuleRefusal.UNKNOWN_FLOW)]
+    (removal,) = rig.kernel()
+    assert not removal.add and removal.rules == op.rules and rig.core.ct_deletes == []
+
+
+def test_log_only_flows_pass_unbound_and_end_with_conntracks_counters() -> None:
+    rig = Rig(extra=EXTRA)
+    syn = tcp(C, 40000, W, 8080, "S")
+    # Accepted with the rewritten mark (the forward chain admits it, conntrack marks it as
+    # nfgate's), unchanged: no NAT element, no pool entry.
+    assert rig.send(syn, WAN0) == (PASS, None, (QOS & ~MASK) | MARK)
+    assert rig.core.nat_ops == []
+    ((push, peer),) = rig.received()
+    assert peer == LOGGER and isinstance(push, NewFlow)
+    flow = push.flow
+    assert (str(flow.client), str(flow.original_dst), str(flow.server)) == (f"{C}:40000", f"{W}:8080", f"{S}:80")
+    assert str(flow.firewall_side) == "0.0.0.0:0" and flow.snat is None
+    stats = rig.core.stats()
+    assert stats["flows"] == 0 and stats["logged_flows"] == 1 and stats["pools"]["firewall_side"]["used"] == 0
+    # Outbound too; a mid-stream packet is still no new flow.
+    assert rig.send(tcp(S, 41000, C, 9001, "S"), LAN0)[0] == PASS
+    (outbound,) = rig.messages()
+    rig.dropped(tcp(C, 40001, W, 8080, "A"), WAN0, "drop.not_new_flow")
+
+    # The confirmation checks: the inbound one is in conntrack; the outbound one never made
+    # it there (the kernel dropped its SYN after the verdict), so no event will end it: the check does.
+    rig.alive.add((6, *ints((C, 40000, W, 8080))))
+    rig.tick(10)
+    assert rig.messages() == [FlowEnd(outbound.flow.flow_id, FlowEndReason.FIN)]
+    counters = Counters(10, 600, 20, 1_050_000)
+    rig.destroyed("tcp", (C, 40000, W, 8080), (S, 80, C, 40000), counters)
+    assert rig.messages() == [FlowEnd(flow.flow_id, FlowEndReason.FIN, counters)]
+    assert rig.core.stats()["logged_flows"] == 0 and not rig.core.watching
+
+
+def test_a_log_only_flow_replaced_on_its_tuple_ends_first() -> None:
+    rig = Rig(extra=EXTRA)
+    syn = tcp(C, 40000, W, 8080, "S")
+    rig.send(syn, WAN0)
+    (first,) = rig.messages()
+    rig.send(syn, WAN0)  # a SYN that ended the old connection's TIME-WAIT
+    end, second = rig.messages()
+    assert end == FlowEnd(first.flow.flow_id, FlowEndReason.FIN) and second.flow.flow_id != first.flow.flow_id
+    assert rig.send(tcp(C, 40000, W, 8080, "S"), WAN0)[0] != DROP
