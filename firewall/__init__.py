@@ -1,6 +1,12 @@
 """nfgate's router side.
 
-- ``config``: load and validate the TOML config (every error with its key path).
+- ``config``: load and validate the TOML config (every error with its key
+  path): pydantic models, and ``nfgate config schema``'s JSON Schema.
+- ``fields``: the field types every TOML file's models share (ports, ranges,
+  networks, marks, bounded numbers), each with its one-line refusal and its
+  JSON Schema; ``problems``: pydantic's errors as key paths and those
+  reasons (``Problem``, ``ConfigError``); ``locate``: a key path's line.
+  Neither imports ``config``: the gateways and the tunnel use them.
 - ``rules``: one typed rule model built from the config, rendered as nftables
   text or as iptables-restore input.
 - ``backend``: detect what the kernel supports, apply a ruleset atomically,

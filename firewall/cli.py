@@ -18,6 +18,7 @@ import click
 from firewall import backend as be
 from firewall import manifests
 from firewall.config import load
+from firewall.config import schema as config_schema
 from firewall.errors import NfgateError, UsageError, require_root
 from firewall.lab.cli import lab
 from firewall.rules import build, iptables, nft
@@ -291,6 +292,27 @@ def flows(config_path: str, as_json: bool) -> None:
         return
     for flow in data:
         click.echo(" ".join(f"{k}={v}" for k, v in flow.items()))
+
+
+@main.group("config")
+def config_group() -> None:
+    """The config file itself: its JSON Schema, for editors and CI."""
+
+
+@config_group.command()
+def schema() -> None:
+    """Print the JSON Schema (Draft 2020-12) of nfgate.toml.
+
+    It names every key with its type, bounds, default and meaning, as the
+    TOML writes them; editors check and complete the file with it
+    (docs/config.md, "Editing with the schema"). `nfgate check` still has
+    the last word: the checks across keys (zones, overlaps) are not in it.
+
+    \b
+    Examples:
+      nfgate config schema > nfgate.schema.json
+    """
+    click.echo(json.dumps(config_schema(), indent=2))
 
 
 main.add_command(lab)

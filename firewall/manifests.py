@@ -67,10 +67,8 @@ def manifest_for(config: Config, gateway: Gateway) -> Manifest:
 
 
 def _json_settings(gateway: Gateway) -> dict:
-    dump = getattr(gateway.settings, "model_dump", None)
-    if dump is not None:
-        return dump(mode="json")
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in gateway.settings.items()}
+    """The kind's settings model as JSON values; the gateway validates them with the same model."""
+    return gateway.settings.model_dump(mode="json")
 
 
 def manifest_path(directory: Path, name: str) -> Path:

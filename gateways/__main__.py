@@ -75,10 +75,10 @@ RelayFactory = Callable[[GatewayLayer, Manifest, Endpoint, EventLog], Relay]
 
 KINDS: dict[str, RelayFactory] = {
     "tcp-relay": lambda layer, gw, listen, log: TcpRelay(
-        layer, listen=listen, settings=TcpRelaySettings.from_settings(gw.settings), log=log
+        layer, listen=listen, settings=TcpRelaySettings.model_validate(gw.settings), log=log
     ),
     "udp-relay": lambda layer, gw, listen, log: UdpRelay(
-        layer, listen=listen, settings=UdpRelaySettings.from_settings(gw.settings), log=log
+        layer, listen=listen, settings=UdpRelaySettings.model_validate(gw.settings), log=log
     ),
     # FTP with dynamic data-port rules (issue 4): gateways/ftp/, docs/ftp.md.
     "ftp": FtpGateway.for_gateway,

@@ -23,7 +23,7 @@ Per connection (leg A accepted on G:g from F:f):
    nothing more can pass).
 5. One ``close`` line: bytes each way, duration, reason.
 
-Limits come from the gateway's ``[gateway.settings]`` (firewall/config/settings.py).
+Limits come from the gateway's ``[gateway.settings]`` (``TcpRelaySettings``, gateways/settings.py).
 
 With ``mode = "log-only"`` the processor never sends a connection here: it
 passes each one's first packet to the kernel, which carries the connection,
@@ -37,36 +37,18 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
-from firewall.config.settings import KIND_SETTINGS
 from firewall.signalling import Endpoint, Proto
 from gateways.layer import EventLog, FlowUnknown, GatewayLayer, Hold
 from gateways.layer.outputs import LoggedFlowEnded
 from gateways.layer.endpoint import endpoint_of
 from gateways.relay import Limits, RelayCore, Side, reset_socket
+from gateways.settings import TcpRelaySettings
 from gateways.tcp_server import TcpGateway
-
-_DEFAULTS = KIND_SETTINGS["tcp-relay"]
 
 # Leg A comes from the client (through F:f), leg B goes to the server.
 NAMES = {Side.A: "client", Side.B: "server"}
-
-
-@dataclass(frozen=True)
-class TcpRelaySettings:
-    """The tcp-relay keys of ``[gateway.settings]``; defaults as in the config schema."""
-
-    max_connections: int = _DEFAULTS["max_connections"].default
-    idle_timeout: float = _DEFAULTS["idle_timeout"].default
-    connect_timeout: float = _DEFAULTS["connect_timeout"].default
-    mode: str = _DEFAULTS["mode"].default
-
-    @classmethod
-    def from_settings(cls, settings: Mapping[str, Any]) -> "TcpRelaySettings":
-        keys = ("max_connections", "idle_timeout", "connect_timeout", "mode")
-        return cls(**{k: settings[k] for k in keys if k in settings})
 
 
 class TcpRelay(TcpGateway):

@@ -31,13 +31,12 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections import Counter, deque
-from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
-from firewall.config.settings import KIND_SETTINGS
 from firewall.signalling import Endpoint, Proto
 from gateways.layer import EndCause, EventLog, FlowUnknown, GatewayLayer, Hold, RuleError
 from gateways.layer.endpoint import endpoint_of
+from gateways.settings import UdpRelaySettings
 
 # Datagrams of one flow held while its original tuple is looked up (at most
 # four query_timeouts). A client sending faster than that during the first
@@ -48,22 +47,6 @@ MAX_QUEUED_DATAGRAMS = 32
 # (sendto would block). Beyond it datagrams are dropped and counted: UDP has
 # no backpressure, and an unbounded buffer is a memory leak in waiting.
 MAX_SEND_BUFFER = 1 << 20
-
-_DEFAULTS = KIND_SETTINGS["udp-relay"]
-
-
-@dataclass(frozen=True)
-class UdpRelaySettings:
-    """The udp-relay keys of ``[gateway.settings]``; defaults as in the config schema."""
-
-    max_flows: int = _DEFAULTS["max_flows"].default
-    idle_timeout: float = _DEFAULTS["idle_timeout"].default
-    offload_after: int = _DEFAULTS["offload_after"].default
-
-    @classmethod
-    def from_settings(cls, settings: Mapping[str, Any]) -> "UdpRelaySettings":
-        return cls(**{k: settings[k] for k in ("max_flows", "idle_timeout", "offload_after") if k in settings})
-
 
 class _State(enum.Enum):
     LOOKUP = "lookup"

@@ -2,10 +2,12 @@
 
 ``nfgate tunnel server --config FILE`` and ``nfgate tunnel mediator --config
 FILE`` read these; docs/tunnel-protocol.md section 16 is their reference.
-They are read with firewall/config/reader.py's ``Table``, so every problem is
-reported at once with its key path and line, and an unknown key is an error
-(a misspelt ``keepalive_interval`` silently falling back to its default is how
-a NAT mapping ends up timing out).
+Each file is validated by pydantic models with nfgate's shared field types
+(``firewall.fields``), so every problem is reported at once with its key path
+and line, and an unknown key is an error (a misspelt ``keepalive_interval``
+silently falling back to its default is how a NAT mapping ends up timing
+out). What the cores take stays the dataclasses below; the models' defaults
+are theirs.
 
 Secrets (tokens) live in files that only root can read: the mediators file on
 the server, and ``token_file`` (or the config itself, for an inline token) on
@@ -17,23 +19,22 @@ from __future__ import annotations
 import ipaddress
 import os
 import stat
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from firewall.config import ConfigError, PortRange, ports, single_range
-from firewall.config.locate import locate
-from firewall.config.reader import (
-    Problem, Problems, Table, address, boolean, choice, integer, listof, network, number, string,
-)
+from pydantic import AfterValidator, Field, ValidationInfo, model_validator
+
 from firewall.errors import UsageError
-from tunnel.frames import DEFAULT_MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE, IPAddress, IPInterface, Proto
+from firewall.fields import (
+    AbsPath, Address, Bool, Choice, Frozen, Int, ListOf, Network, Number, PortRange, Ports,
+    String, Tables, absolute_path, fail, interface, ordered, port_range, report, typed,
+)
+from firewall.problems import ConfigError, Problem, kind_of, located, parse_toml, validate
+from tunnel.frames import MIN_MAX_FRAME_SIZE, IPAddress, IPInterface, Proto
 from tunnel.pacing import BackoffSettings
 from tunnel.policy import Op, Rule
-from tunnel.settings import (
-    DEFAULT_DEAD_AFTER, DEFAULT_KEEPALIVE_INTERVAL, MediatorLimits, MediatorSettings, ServerSettings,
-)
+from tunnel.settings import MediatorLimits, MediatorSettings, ServerSettings
 from tunnel.tls import parse_pin
 
 TUNNEL_DIR = Path("/etc/nfgate/tunnel")
@@ -112,187 +113,6 @@ class ServerConfig:
     """Retries of a publish whose public port could not be bound."""
 
 
-def _secret_file_problem(path: Path) -> str | None:
-    """Why ``path`` is unsafe for secrets, or None."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return "no such file"
-    except OSError as err:
-        return f"cannot read it ({err.strerror})"
-    if st.st_uid not in (0, os.geteuid()):
-        return f"owned by uid {st.st_uid}, not root; chown root {path}"
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o077:
-        return f"mode {mode:04o} gives group or others access to its secrets; chmod 600 {path}"
-    return None
-
-
-def _read_toml(path: Path, what: str) -> tuple[dict[str, Any], str]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such {what} file") from None
-    except PermissionError:
-        raise UsageError(f"{path}: cannot read the {what} file (permission denied)") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"{path}: cannot read the {what} file ({err})") from None
-    try:
-        return tomllib.loads(text), text
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(path, [Problem("(toml)", str(err))]) from None
-
-
-def _finish(path: Path, text: str, problems: Problems) -> None:
-    if problems:
-        raise ConfigError(path, [Problem(p.path, p.reason, locate(text, p.path)) for p in problems])
-
-
-def _path(value: Any, where: str, problems: Problems) -> Path | None:
-    text = string(r"/.+", "an absolute path")(value, where, problems)
-    return Path(text) if text is not None else None
-
-
-def _optional_path(value: Any, where: str, problems: Problems) -> Path | None | str:
-    if value == "":
-        return ""
-    return _path(value, where, problems)
-
-
-def _protocol_server(t: Table) -> ServerSettings | None:
-    d = ServerSettings()
-    values = dict(
-        hello_timeout=t.take("hello_timeout", number(0.1, 600), d.hello_timeout),
-        dead_after=t.take("dead_after", integer(1, 100), d.dead_after),
-        min_keepalive_interval=t.take("min_keepalive_interval", number(0.1, 3600), d.min_keepalive_interval),
-        max_keepalive_interval=t.take("max_keepalive_interval", number(0.1, 86400), d.max_keepalive_interval),
-        max_frame_size=t.take("max_frame_size", integer(MIN_MAX_FRAME_SIZE, 16 << 20), d.max_frame_size),
-        replay_window=t.take("replay_window", integer(1, 1 << 16), d.replay_window),
-        udp_channels=t.take("udp_channels", boolean, d.udp_channels),
-    )
-    t.finish()
-    if None in values.values():
-        return None
-    try:
-        return ServerSettings(**values)
-    except ValueError as err:
-        t.problems.add(t.path, str(err))
-        return None
-
-
-def _limits(t: Table, base: MediatorLimits, base_rate: RateLimit) -> tuple[MediatorLimits, RateLimit] | None:
-    values = dict(
-        max_ports=t.take("max_ports", integer(0, 65535), base.max_ports),
-        max_connections=t.take("max_connections", integer(0, 1_000_000), base.max_connections),
-        max_pending=t.take("max_pending", integer(1, 65535), base.max_pending),
-    )
-    rate = dict(
-        bytes_per_second=t.take("bytes_per_second", number(1024, 1e12), base_rate.bytes_per_second),
-        burst_bytes=t.take("burst_bytes", number(65536, 1e12), base_rate.burst_bytes),
-    )
-    if None in values.values() or None in rate.values():
-        return None
-    return MediatorLimits(**values), RateLimit(**rate)
-
-
-def load_server(path: str | Path) -> ServerConfig:
-    """Read and check a standalone server TOML (``ConfigError`` lists every problem)."""
-    path = Path(path)
-    doc, text = _read_toml(path, "tunnel server config")
-    problems = Problems()
-    top = Table(doc, "", problems)
-    s = top.table("server")
-    d = ServerConfig()
-    state = s.take("state_file", _optional_path, "")
-    values: dict[str, Any] = dict(
-        listen=s.take("listen", address, d.listen),
-        service_port=s.take("service_port", integer(1, 65535), d.service_port),
-        public_address=s.take("public_address", address, d.public_address),
-        cert=s.take("cert", _path, d.cert),
-        key=s.take("key", _path, d.key),
-        mediators_file=s.take("mediators", _path, d.mediators_file),
-        control_socket=s.take("control_socket", _path, d.control_socket),
-        request_timeout=s.take("request_timeout", number(0.1, 600), d.request_timeout),
-        handshake_timeout=s.take("handshake_timeout", number(0.1, 600), d.handshake_timeout),
-        udp_idle_timeout=s.take("udp_idle_timeout", number(1, 86400), d.udp_idle_timeout),
-        channel_wait=s.take("channel_wait", number(0, 60), d.channel_wait),
-        udp_queue=s.take("udp_queue", integer(1, 65536), d.udp_queue),
-        max_channels=s.take("max_channels", integer(1, 1_000_000), d.max_channels),
-        tls_read_buffer=s.take("tls_read_buffer", integer(16384, 1 << 20), d.tls_read_buffer),
-    )
-    initial = s.take("republish_initial", number(0.01, 3600), d.republish.initial)
-    maximum = s.take("republish_max", number(0.01, 86400), d.republish.maximum)
-    s.finish()
-    protocol = _protocol_server(top.table("protocol"))
-    lt = top.table("limits")
-    limits = _limits(lt, d.limits, d.rate)
-    publish = lt.take("publish_ports", _ports_or_empty, ())
-    lt.finish()
-    top.finish()
-    if initial is not None and maximum is not None and initial > maximum:
-        problems.add("server.republish_max", "must be at least republish_initial")
-    _finish(path, text, problems)
-    assert protocol is not None and limits is not None and state is not None
-    return ServerConfig(
-        **values,
-        state_file=None if state == "" else state,
-        protocol=protocol,
-        limits=limits[0],
-        rate=limits[1],
-        publish_ports=publish,
-        republish=BackoffSettings(initial=initial, maximum=maximum),
-    )
-
-
-def _ports_or_empty(value: Any, where: str, problems: Problems) -> tuple[PortRange, ...] | None:
-    if value == []:
-        return ()
-    return ports(value, where, problems)
-
-
-def _token(value: Any, where: str, problems: Problems) -> bytes | None:
-    text = string()(value, where, problems)
-    if text is None:
-        return None
-    token: bytes = text.encode()
-    if not MIN_TOKEN <= len(token) <= MAX_TOKEN:
-        problems.add(where, f"a token is {MIN_TOKEN} to {MAX_TOKEN} bytes (make one with: nfgate tunnel token)")
-        return None
-    return token
-
-
-def load_mediators(path: str | Path, config: ServerConfig) -> dict[str, MediatorEntry]:
-    """The mediators file: identity -> token, publishable ports, limits.
-
-    Refused unless only root can read it (it holds every mediator's token).
-    """
-    path = Path(path)
-    unsafe = _secret_file_problem(path)
-    if unsafe is not None:
-        raise UsageError(f"mediators file {path}: {unsafe}")
-    doc, text = _read_toml(path, "mediators")
-    problems = Problems()
-    top = Table(doc, "", problems)
-    table = top.table("mediator")
-    entries: dict[str, MediatorEntry] = {}
-    for identity in list(table.data):
-        where = f"mediator.{identity}"
-        t = table.table(identity)
-        if string(IDENTITY)(identity, where, Problems()) is None:
-            problems.add(where, f"{identity!r} is not an identity (1-64 of letters, digits, _ . -)")
-        token = t.take("token", _token)
-        publish = t.take("publish_ports", _ports_or_empty, config.publish_ports)
-        cert = t.take("client_cert", _path, None)
-        limits = _limits(t, config.limits, config.rate)
-        t.finish()
-        if token is None or publish is None or limits is None:
-            continue
-        entries[identity] = MediatorEntry(identity, token, publish, limits[0], limits[1], cert)
-    top.finish()
-    _finish(path, text, problems)
-    return entries
-
-
 # -- the mediator --------------------------------------------------------------------
 
 
@@ -331,141 +151,335 @@ _PROTO_NAMES: dict[str, frozenset[Proto]] = {
 }
 
 
-def _allow_rules(t: Table) -> tuple[Rule, ...] | None:
-    """One [[allow]] entry: a rule per port range."""
-    net = t.take("to", network)
-    port_ranges = t.take("ports", ports, (PortRange(1, 65535),))
-    proto = t.take("proto", choice(*_PROTO_NAMES), "any")
-    ops = t.take("ops", listof(choice(*OP_NAMES)), ("connect", "send"))
-    t.finish()
-    if None in (net, port_ranges, proto, ops):
-        return None
-    if not ops:
-        t.problems.add(f"{t.path}.ops", "list at least one of " + ", ".join(OP_NAMES))
-        return None
-    return tuple(
-        Rule(net, r.first, r.last, _PROTO_NAMES[proto], frozenset(OP_NAMES[o] for o in ops)) for r in port_ranges
-    )
-
-
-def _interface_any(value: Any, where: str, problems: Problems) -> IPInterface | None:
-    if not isinstance(value, str) or "/" not in value:
-        problems.add(where, f"expected an address with its prefix length like '10.77.0.10/24', got {value!r}")
-        return None
+def _secret_file_problem(path: Path) -> str | None:
+    """Why ``path`` is unsafe for secrets, or None."""
     try:
-        return ipaddress.ip_interface(value)
-    except ValueError:
-        problems.add(where, f"{value!r} is not an address with prefix length")
-        return None
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as err:
+        return f"cannot read it ({err.strerror})"
+    if st.st_uid not in (0, os.geteuid()):
+        return f"owned by uid {st.st_uid}, not root; chown root {path}"
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        return f"mode {mode:04o} gives group or others access to its secrets; chmod 600 {path}"
+    return None
 
 
-def _pin(value: Any, where: str, problems: Problems) -> bytes | None:
-    text = string()(value, where, problems)
-    if text is None:
-        return None
+def _read(path: Path, what: str) -> tuple[dict[str, Any], str]:
     try:
-        return parse_pin(text)
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such {what} file") from None
+    except PermissionError:
+        raise UsageError(f"{path}: cannot read the {what} file (permission denied)") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path}: cannot read the {what} file ({err})") from None
+    return parse_toml(text, path), text
+
+
+def _checked(path: Path, text: str, model: type[Frozen], doc: Any) -> Any:
+    value, problems = validate(model, doc, {})
+    if problems:
+        raise ConfigError(path, located(text, problems))
+    return value
+
+
+# ---- field types ----------------------------------------------------------------------
+
+
+def _token_problem(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return f"expected a string, got {kind_of(value)}"
+    if not MIN_TOKEN <= len(value.encode()) <= MAX_TOKEN:
+        return f"a token is {MIN_TOKEN} to {MAX_TOKEN} bytes (make one with: nfgate tunnel token)"
+    return None
+
+
+def _token(value: Any) -> bytes:
+    problem = _token_problem(value)
+    if problem:
+        fail(problem)
+    return value.encode()
+
+
+def _pin(value: Any) -> bytes:
+    if not isinstance(value, str):
+        fail(f"expected a string, got {kind_of(value)}")
+    try:
+        return parse_pin(value)
     except ValueError as err:
-        problems.add(where, f"{err} (print it with: nfgate tunnel pin SERVER.crt)")
-        return None
+        fail(f"{err} (print it with: nfgate tunnel pin SERVER.crt)")
 
 
-def _protocol_mediator(t: Table) -> MediatorSettings | None:
-    d = MediatorSettings()
-    values = dict(
-        keepalive_interval=t.take("keepalive_interval", number(0.1, 86400), DEFAULT_KEEPALIVE_INTERVAL),
-        dead_after=t.take("dead_after", integer(1, 100), DEFAULT_DEAD_AFTER),
-        init_timeout=t.take("init_timeout", number(0.1, 600), d.init_timeout),
-        max_frame_size=t.take("max_frame_size", integer(MIN_MAX_FRAME_SIZE, 16 << 20), DEFAULT_MAX_FRAME_SIZE),
-        max_ports=t.take("max_ports", integer(1, 1 << 20), d.max_ports),
-        max_pending=t.take("max_pending", integer(1, 65535), d.max_pending),
-        replay_window=t.take("replay_window", integer(1, 1 << 16), d.replay_window),
+def _or_none(check: Any) -> Any:
+    """``""`` for none, else ``check``'s value."""
+    return lambda value: None if value == "" else check(value)
+
+
+Token = typed(_token, {"type": "string"}, bytes)
+Pin = typed(_pin, {"type": "string"}, bytes)
+InterfaceAny = typed(
+    interface(ipaddress.ip_interface, "an address with its prefix length like '10.77.0.10/24'",
+              "an address with prefix length"),
+    {"type": "string"},
+    IPInterface,
+)
+OptionalPath = typed(_or_none(absolute_path), {"type": "string"}, Path)
+ClientPorts = typed(_or_none(port_range), {"type": ["string", "integer"]}, PortRange)
+Identity = String(IDENTITY, "an identity (1-64 of letters, digits, _ . -)")
+Host = String(r"[A-Za-z0-9_.:\-]{1,253}", "a host name or address")
+Service = String(r".{0,255}", "at most 255 characters")
+ProtoName = Choice(*("tcp", "udp", "any"))
+OpNames = Annotated[ListOf(Choice(*OP_NAMES)), AfterValidator(lambda ops: ops or fail("list at least one of " + ", ".join(OP_NAMES)))]
+
+
+# ---- the server -----------------------------------------------------------------------
+
+_SERVER = ServerConfig()
+_PROTOCOL = ServerSettings()
+_LIMITS = MediatorLimits()
+_RATE = RateLimit()
+
+
+class _ServerTable(Frozen):
+    listen: Address = _SERVER.listen
+    service_port: Int(1, 65535) = _SERVER.service_port
+    public_address: Address = _SERVER.public_address
+    cert: AbsPath = _SERVER.cert
+    key: AbsPath = _SERVER.key
+    mediators: AbsPath = _SERVER.mediators_file
+    control_socket: AbsPath = _SERVER.control_socket
+    state_file: OptionalPath = _SERVER.state_file
+    request_timeout: Number(0.1, 600) = _SERVER.request_timeout
+    handshake_timeout: Number(0.1, 600) = _SERVER.handshake_timeout
+    udp_idle_timeout: Number(1, 86400) = _SERVER.udp_idle_timeout
+    channel_wait: Number(0, 60) = _SERVER.channel_wait
+    udp_queue: Int(1, 65536) = _SERVER.udp_queue
+    max_channels: Int(1, 1_000_000) = _SERVER.max_channels
+    tls_read_buffer: Int(16384, 1 << 20) = _SERVER.tls_read_buffer
+    republish_initial: Number(0.01, 3600) = _SERVER.republish.initial
+    republish_max: Number(0.01, 86400) = _SERVER.republish.maximum
+
+    _republish = ordered("republish_initial", "republish_max", "server")
+
+
+class _ServerProtocol(Frozen):
+    hello_timeout: Number(0.1, 600) = _PROTOCOL.hello_timeout
+    dead_after: Int(1, 100) = _PROTOCOL.dead_after
+    min_keepalive_interval: Number(0.1, 3600) = _PROTOCOL.min_keepalive_interval
+    max_keepalive_interval: Number(0.1, 86400) = _PROTOCOL.max_keepalive_interval
+    max_frame_size: Int(MIN_MAX_FRAME_SIZE, 16 << 20) = _PROTOCOL.max_frame_size
+    replay_window: Int(1, 1 << 16) = _PROTOCOL.replay_window
+    udp_channels: Bool = _PROTOCOL.udp_channels
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> "_ServerProtocol":
+        try:
+            ServerSettings(**self.model_dump())
+        except ValueError as err:
+            report(info, "protocol", str(err))
+        return self
+
+
+class _Limits(Frozen):
+    """What one mediator may have; in the mediators file, unset means the server's."""
+
+    max_ports: Int(0, 65535) = _LIMITS.max_ports
+    max_connections: Int(0, 1_000_000) = _LIMITS.max_connections
+    max_pending: Int(1, 65535) = _LIMITS.max_pending
+    bytes_per_second: Number(1024, 1e12) = _RATE.bytes_per_second
+    burst_bytes: Number(65536, 1e12) = _RATE.burst_bytes
+
+    def limits(self, base: "_Limits") -> tuple[MediatorLimits, RateLimit]:
+        """Each key given here, or ``base``'s."""
+        def v(key: str) -> Any:
+            return getattr(self if key in self.model_fields_set else base, key)
+
+        return (MediatorLimits(v("max_ports"), v("max_connections"), v("max_pending")),
+                RateLimit(v("bytes_per_second"), v("burst_bytes")))
+
+
+class _ServerLimits(_Limits):
+    publish_ports: Ports = ()
+
+
+class _ServerFile(Frozen):
+    server: _ServerTable = Field(default_factory=_ServerTable)
+    protocol: _ServerProtocol = Field(default_factory=_ServerProtocol)
+    limits: _ServerLimits = Field(default_factory=_ServerLimits)
+
+
+def load_server(path: str | Path) -> ServerConfig:
+    """Read and check a standalone server TOML (``ConfigError`` lists every problem)."""
+    path = Path(path)
+    doc, text = _read(path, "tunnel server config")
+    f: _ServerFile = _checked(path, text, _ServerFile, doc)
+    s = f.server
+    limits, rate = f.limits.limits(f.limits)
+    return ServerConfig(
+        listen=s.listen, service_port=s.service_port, public_address=s.public_address, cert=s.cert, key=s.key,
+        mediators_file=s.mediators, control_socket=s.control_socket, state_file=s.state_file,
+        protocol=ServerSettings(**f.protocol.model_dump()),
+        limits=limits,
+        rate=rate,
+        publish_ports=f.limits.publish_ports,
+        request_timeout=s.request_timeout, handshake_timeout=s.handshake_timeout,
+        udp_idle_timeout=s.udp_idle_timeout, channel_wait=s.channel_wait, udp_queue=s.udp_queue,
+        max_channels=s.max_channels, tls_read_buffer=s.tls_read_buffer,
+        republish=BackoffSettings(initial=s.republish_initial, maximum=s.republish_max),
     )
-    t.finish()
-    if None in values.values():
-        return None
-    return MediatorSettings(**values)
 
 
-def _read_token_file(path: Path, where: str, problems: Problems) -> bytes | None:
+# ---- the mediators file ---------------------------------------------------------------
+
+
+class _MediatorEntry(_Limits):
+    token: Token
+    publish_ports: Ports = ()
+    client_cert: AbsPath = None
+
+
+class _MediatorsFile(Frozen):
+    mediator: dict[Identity, _MediatorEntry] = {}
+
+
+def load_mediators(path: str | Path, config: ServerConfig) -> dict[str, MediatorEntry]:
+    """The mediators file: identity -> token, publishable ports, limits.
+
+    Refused unless only root can read it (it holds every mediator's token).
+    """
+    path = Path(path)
     unsafe = _secret_file_problem(path)
     if unsafe is not None:
-        problems.add(where, f"{path}: {unsafe}")
-        return None
+        raise UsageError(f"mediators file {path}: {unsafe}")
+    doc, text = _read(path, "mediators")
+    f: _MediatorsFile = _checked(path, text, _MediatorsFile, doc)
+    base = _Limits(max_ports=config.limits.max_ports, max_connections=config.limits.max_connections,
+                   max_pending=config.limits.max_pending, bytes_per_second=config.rate.bytes_per_second,
+                   burst_bytes=config.rate.burst_bytes)
+    entries = {}
+    for identity, e in f.mediator.items():
+        publish = e.publish_ports if "publish_ports" in e.model_fields_set else config.publish_ports
+        limits, rate = e.limits(base)
+        entries[identity] = MediatorEntry(identity, e.token, publish, limits, rate, e.client_cert)
+    return entries
+
+
+# ---- the mediator ---------------------------------------------------------------------
+
+_MEDIATOR = MediatorSettings()
+_BACKOFF = BackoffSettings()
+
+
+class _MediatorTable(Frozen):
+    identity: Identity
+    token: Token = None
+    token_file: AbsPath = None
+    server: Host
+    server_pin: Pin
+    service_port: Int(1, 65535) = DEFAULT_SERVICE_PORT
+    service: Service = ""
+    interfaces: ListOf(InterfaceAny) = ()
+    client_cert: AbsPath = None
+    client_key: AbsPath = None
+    client_ports: ClientPorts = DEFAULT_CLIENT_PORTS
+    connect_timeout: Number(0.1, 600) = 10.0
+    channel_timeout: Number(0.1, 600) = 10.0
+    max_port_probes: Int(1, 65535) = 1024
+    reconnect_initial: Number(0.01, 3600) = _BACKOFF.initial
+    reconnect_max: Number(0.01, 86400) = _BACKOFF.maximum
+    reconnect_stable: Number(0, 86400) = _BACKOFF.stable_after
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pairs(cls, data: Any, info: ValidationInfo) -> Any:
+        """Keys that go one without the other, or together, whatever their values."""
+        if isinstance(data, dict):
+            if "token" in data and "token_file" in data:
+                report(info, "mediator.token", "give token or token_file, not both")
+            elif "token" not in data and "token_file" not in data:
+                report(info, "mediator.token_file", "is required")
+            if ("client_cert" in data) != ("client_key" in data):
+                report(info, "mediator.client_key", "client_cert and client_key go together")
+        return data
+
+    _reconnect = ordered("reconnect_initial", "reconnect_max", "mediator")
+
+
+class _MediatorProtocol(Frozen):
+    keepalive_interval: Number(0.1, 86400) = _MEDIATOR.keepalive_interval
+    dead_after: Int(1, 100) = _MEDIATOR.dead_after
+    init_timeout: Number(0.1, 600) = _MEDIATOR.init_timeout
+    max_frame_size: Int(MIN_MAX_FRAME_SIZE, 16 << 20) = _MEDIATOR.max_frame_size
+    max_ports: Int(1, 1 << 20) = _MEDIATOR.max_ports
+    max_pending: Int(1, 65535) = _MEDIATOR.max_pending
+    replay_window: Int(1, 1 << 16) = _MEDIATOR.replay_window
+
+
+class _Allow(Frozen):
+    """One [[allow]] entry: a rule per port range."""
+
+    to: Network
+    ports: Ports = (PortRange(1, 65535),)
+    proto: ProtoName = "any"
+    ops: OpNames = ("connect", "send")
+
+    def rules(self) -> tuple[Rule, ...]:
+        ops = frozenset(OP_NAMES[o] for o in self.ops)
+        return tuple(Rule(self.to, r.first, r.last, _PROTO_NAMES[self.proto], ops) for r in self.ports)
+
+
+class _MediatorFile(Frozen):
+    mediator: _MediatorTable
+    protocol: _MediatorProtocol = Field(default_factory=_MediatorProtocol)
+    allow: Tables(_Allow, "allow") = ()
+
+
+def _read_token_file(path: Path) -> bytes | str:
+    """The token, or why not."""
+    unsafe = _secret_file_problem(path)
+    if unsafe is not None:
+        return f"{path}: {unsafe}"
     try:
         text = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as err:
-        problems.add(where, f"{path}: cannot read it ({err})")
-        return None
-    return _token(text, where, problems)
+        return f"{path}: cannot read it ({err})"
+    return _token_problem(text) or text.encode()
 
 
 def load_mediator(path: str | Path) -> MediatorConfig:
     """Read and check a mediator TOML (``ConfigError`` lists every problem)."""
     path = Path(path)
-    doc, text = _read_toml(path, "tunnel mediator config")
-    problems = Problems()
-    top = Table(doc, "", problems)
-    m = top.table("mediator", required=True)
-    identity = m.take("identity", string(IDENTITY, "an identity (1-64 of letters, digits, _ . -)"))
-    token: bytes | None = None
-    if m.has("token") and m.has("token_file"):
-        problems.add("mediator.token", "give token or token_file, not both")
-    elif m.has("token"):
-        token = m.take("token", _token)
+    doc, text = _read(path, "tunnel mediator config")
+    f: _MediatorFile = _checked(path, text, _MediatorFile, doc)
+    m = f.mediator
+    if m.token is not None:
         unsafe = _secret_file_problem(path)
-        if unsafe is not None and token is not None:
-            problems.add("mediator.token", f"an inline token needs a root-only config: {unsafe}")
+        if unsafe is not None:
+            raise ConfigError(path, located(text, [Problem("mediator.token", f"an inline token needs a root-only config: {unsafe}")]))
+        token = m.token
     else:
-        token_path = m.take("token_file", _path)
-        if token_path is not None:
-            token = _read_token_file(token_path, "mediator.token_file", problems)
-    m.taken.update({"token", "token_file"})
-    d_ports = DEFAULT_CLIENT_PORTS
-    client_ports = m.take("client_ports", _client_ports, d_ports)
-    values: dict[str, Any] = dict(
-        server=m.take("server", string(r"[A-Za-z0-9_.:\-]{1,253}", "a host name or address")),
-        pin=m.take("server_pin", _pin),
-        service_port=m.take("service_port", integer(1, 65535), DEFAULT_SERVICE_PORT),
-        service=m.take("service", string(r".{0,255}", "at most 255 characters"), ""),
-        interfaces=m.take("interfaces", listof(_interface_any), ()),
-        client_cert=m.take("client_cert", _path, None),
-        client_key=m.take("client_key", _path, None),
-        connect_timeout=m.take("connect_timeout", number(0.1, 600), 10.0),
-        channel_timeout=m.take("channel_timeout", number(0.1, 600), 10.0),
-        max_port_probes=m.take("max_port_probes", integer(1, 65535), 1024),
-    )
-    b = BackoffSettings()
-    initial = m.take("reconnect_initial", number(0.01, 3600), b.initial)
-    maximum = m.take("reconnect_max", number(0.01, 86400), b.maximum)
-    stable = m.take("reconnect_stable", number(0, 86400), b.stable_after)
-    m.finish()
-    protocol = _protocol_mediator(top.table("protocol"))
-    rules: list[Rule] = []
-    for t in top.tables("allow"):
-        made = _allow_rules(t)
-        if made is not None:
-            rules.extend(made)
-    top.finish()
-    if (values["client_cert"] is None) != (values["client_key"] is None):
-        problems.add("mediator.client_key", "client_cert and client_key go together")
-    if initial is not None and maximum is not None and initial > maximum:
-        problems.add("mediator.reconnect_max", "must be at least reconnect_initial")
-    _finish(path, text, problems)
-    assert identity is not None and token is not None and protocol is not None
+        read = _read_token_file(m.token_file)
+        if isinstance(read, str):
+            raise ConfigError(path, located(text, [Problem("mediator.token_file", read)]))
+        token = read
     return MediatorConfig(
-        identity=identity,
+        identity=m.identity,
         token=token,
-        protocol=protocol,
-        allow=tuple(rules),
-        client_ports=None if client_ports == "" else client_ports,
-        reconnect=BackoffSettings(initial=initial, maximum=maximum, stable_after=stable),
-        **values,
+        server=m.server,
+        pin=m.server_pin,
+        service_port=m.service_port,
+        service=m.service,
+        interfaces=m.interfaces,
+        client_cert=m.client_cert,
+        client_key=m.client_key,
+        protocol=MediatorSettings(**f.protocol.model_dump()),
+        allow=tuple(rule for entry in f.allow for rule in entry.rules()),
+        client_ports=m.client_ports,
+        connect_timeout=m.connect_timeout,
+        channel_timeout=m.channel_timeout,
+        max_port_probes=m.max_port_probes,
+        reconnect=BackoffSettings(initial=m.reconnect_initial, maximum=m.reconnect_max, stable_after=m.reconnect_stable),
     )
-
-
-def _client_ports(value: Any, where: str, problems: Problems) -> PortRange | str | None:
-    if value == "":
-        return ""
-    return single_range(value, where, problems)
-

@@ -10,8 +10,9 @@ The socket, its wire format and who may ask (root, or the user the server
 runs as: publishing a private service on a public port is exactly what an
 attacker on the server host would want) are nfgate's one control socket,
 ``firewall.control``. This module is the tunnel's table of commands: each
-names its arguments and their converters; one generic check runs before the
-handler, and an unknown command or argument is refused.
+names its arguments and their converters (pydantic types, strictly
+validated, each refusal one line naming the argument); one generic check
+runs before the handler, and an unknown command or argument is refused.
 """
 
 from __future__ import annotations
@@ -19,42 +20,45 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from firewall.control import BadRequest, Command, ControlServer, flag, text
+from pydantic import AfterValidator, Field, TypeAdapter, ValidationError
+
+from firewall.control import BadRequest, Command, ControlServer, Converter, flag, text
 from tunnel.events import EventLog
 from tunnel.frames import Proto
 from tunnel.publish import PublishSpec
 from tunnel.server import TunnelServer
 
 
-def _port(value: Any, name: str, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 65535:
-        raise BadRequest(f"{name} must be a port number ({low} to 65535)")
-    return value
+def _checked(kind: Any, reason: str) -> Converter:
+    """A converter that validates with pydantic (strictly: no string is a
+    port, no boolean a number) and refuses with ``reason``, formatted with the
+    argument's ``name`` and ``value``."""
+    adapter = TypeAdapter(kind)
+
+    def convert(value: Any, name: str) -> Any:
+        try:
+            return adapter.validate_python(value, strict=True)
+        except ValidationError:
+            raise BadRequest(reason.format(name=name, value=value)) from None
+
+    return convert
 
 
-def _port_or_zero(value: Any, name: str) -> int:
-    return _port(value, name, 0)
-
-
-def _port_id(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**32:
-        raise BadRequest(f"{name} must be a port id (a positive integer)")
-    return value
+_port = _checked(Annotated[int, Field(ge=1, le=65535)], "{name} must be a port number (1 to 65535)")
+_port_or_zero = _checked(Annotated[int, Field(ge=0, le=65535)], "{name} must be a port number (0 to 65535)")
+_port_id = _checked(Annotated[int, Field(gt=0, lt=2**32)], "{name} must be a port id (a positive integer)")
+_proto_name = _checked(Literal["tcp", "udp"], "{name} must be 'tcp' or 'udp'")
+_ip = _checked(Annotated[str, AfterValidator(ipaddress.ip_address)], "{name}: {value!r} is not an IP address")
 
 
 def _address(value: Any, name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    try:
-        return ipaddress.ip_address(text(value, name))
-    except ValueError:
-        raise BadRequest(f"{name}: {value!r} is not an IP address") from None
+    return _ip(text(value, name), name)
 
 
 def _proto(value: Any, name: str) -> Proto:
-    if value not in ("tcp", "udp"):
-        raise BadRequest(f"{name} must be 'tcp' or 'udp'")
-    return Proto[value.upper()]
+    return Proto[_proto_name(value, name).upper()]
 
 
 MANDATORY = {"mandatory": (flag, False)}

@@ -29,8 +29,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from firewall.config import PortRange
 from firewall.errors import KernelError, UsageError
+from firewall.fields import PortRange
 from firewall.signalling import load_or_create_key
 from gateways.manifest import Manifest
 from gateways.tcp_server import raise_file_limit
@@ -41,7 +41,7 @@ from tunnel.gateway import GatewayFrontend, steered, unsteered
 from tunnel.operator import ControlSocket
 from tunnel.pacing import BackoffSettings
 from tunnel.server import StandaloneFrontend, TunnelServer
-from tunnel.settings import MediatorLimits, ServerSettings
+from tunnel.settings import MediatorLimits, ServerSettings, TunnelGatewaySettings
 
 STATE_DIR = Path("/var/lib/nfgate")
 STATE_DIR_ENV = "STATE_DIRECTORY"  # what systemd's StateDirectory= sets
@@ -160,14 +160,14 @@ def warn_unsteered(
 
 def gateway_server_config(gateway: Manifest) -> ServerConfig:
     """The control server's config for ``[[gateway]]`` ``gateway`` of kind tunnel."""
-    s: Mapping[str, Any] = gateway.settings
+    s = TunnelGatewaySettings.model_validate(gateway.settings)  # the manifest's JSON values
     base = gateway_files_dir(gateway)
-    first, last = int(s["publish_first"]), int(s["publish_last"])
+    first, last = s.publish_first, s.publish_last
     if first > last:
         raise UsageError(f"{gateway.source}.settings: publish_first {first} is above publish_last {last}")
     return ServerConfig(
         listen=gateway.listen.address,
-        service_port=int(s["service_port"]),
+        service_port=s.service_port,
         public_address=gateway.listen.address,
         cert=base / "server.crt",
         key=base / "server.key",
@@ -175,22 +175,19 @@ def gateway_server_config(gateway: Manifest) -> ServerConfig:
         control_socket=gateway.run_dir / f"tunnel-{gateway.name}.sock",
         state_file=state_dir() / f"tunnel-{gateway.name}.json",
         protocol=ServerSettings(
-            hello_timeout=float(s["hello_timeout"]),
-            dead_after=int(s["dead_after"]),
-            min_keepalive_interval=float(s["min_keepalive_interval"]),
-            max_keepalive_interval=float(s["max_keepalive_interval"]),
+            hello_timeout=s.hello_timeout,
+            dead_after=s.dead_after,
+            min_keepalive_interval=s.min_keepalive_interval,
+            max_keepalive_interval=s.max_keepalive_interval,
         ),
-        limits=MediatorLimits(
-            max_ports=int(s["max_ports"]), max_connections=int(s["max_connections"]),
-            max_pending=int(s["max_pending"]),
-        ),
-        rate=RateLimit(float(s["bytes_per_second"]), float(s["burst_bytes"])),
+        limits=MediatorLimits(max_ports=s.max_ports, max_connections=s.max_connections, max_pending=s.max_pending),
+        rate=RateLimit(s.bytes_per_second, s.burst_bytes),
         publish_ports=(PortRange(first, last),) if first else (),
-        request_timeout=float(s["request_timeout"]),
-        udp_idle_timeout=float(s["udp_idle_timeout"]),
-        max_channels=int(s["max_channels"]),
-        tls_read_buffer=int(s["tls_read_buffer"]),
-        republish=BackoffSettings(float(s["republish_initial"]), float(s["republish_max"])),
+        request_timeout=s.request_timeout,
+        udp_idle_timeout=s.udp_idle_timeout,
+        max_channels=s.max_channels,
+        tls_read_buffer=s.tls_read_buffer,
+        republish=BackoffSettings(s.republish_initial, s.republish_max),
     )
 
 

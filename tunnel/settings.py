@@ -1,14 +1,19 @@
 """Every limit and timer of the tunnel protocol, as named settings.
 
 Each value is a field with its default and the reason for it. The cores take
-these dataclasses; the config layer (a later part) maps the TOML onto them,
-so a core never reads the config (STYLE.md, "Policy is separate").
+these dataclasses; the config layer (tunnel/config.py, and
+``TunnelGatewaySettings``, the tunnel gateway's ``[gateway.settings]``) maps
+the TOML onto them, so a core never reads the config (STYLE.md, "Policy is
+separate").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pydantic import Field
+
+from firewall.fields import Frozen, Int, Number
 from tunnel.datagrams import DEFAULT_REPLAY_WINDOW
 from tunnel.frames import DEFAULT_MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE, SUPPORTED_VERSIONS
 
@@ -115,3 +120,32 @@ class MediatorLimits:
     def __post_init__(self) -> None:
         if self.max_ports < 0 or self.max_connections < 0 or self.max_pending < 1:
             raise ValueError("limits must be non-negative (max_pending at least 1)")
+
+
+class TunnelGatewaySettings(Frozen):
+    """The tunnel kind's ``[gateway.settings]``: the control server run as a
+    gateway (docs/config.md; ``tunnel.service`` maps them onto ``ServerConfig``)."""
+
+    service_port: Int(1, 65535) = Field(7443, description="the port mediators connect to (TCP channel and UDP channels)")
+    publish_first: Int(0, 65535) = Field(0, description="first public port a mediator may publish by default (0: none)")
+    publish_last: Int(0, 65535) = Field(0, description="last public port a mediator may publish by default")
+    max_ports: Int(0, 65535) = Field(16, description="ports one mediator may have open (opened plus redirected)")
+    max_connections: Int(0, 1_000_000) = Field(64, description="TCP connections one mediator may relay at once")
+    max_pending: Int(1, 65535) = Field(32, description="requests to one mediator waiting for an answer")
+    bytes_per_second: Number(1024, 1e12) = Field(125_000_000, description="relay rate per mediator, both directions together")
+    burst_bytes: Number(65536, 1e12) = Field(
+        4_194_304, description="bytes a mediator may relay at full speed before the rate applies")
+    hello_timeout: Number(0.1, 600) = Field(10.0, description="seconds a new channel may take to send HELLO")
+    dead_after: Int(1, 100) = Field(3, description="keepalive intervals without a frame before a mediator is dead")
+    min_keepalive_interval: Number(0.1, 3600) = Field(
+        1.0, description="shortest keepalive interval a mediator may announce")
+    max_keepalive_interval: Number(0.1, 86400) = Field(
+        600.0, description="longest keepalive interval a mediator may announce")
+    request_timeout: Number(0.1, 600) = Field(
+        10.0, description="seconds to wait for a mediator's answer (and for a reconnect)")
+    udp_idle_timeout: Number(1, 86400) = Field(
+        60.0, description="seconds without a datagram before a published UDP flow ends")
+    max_channels: Int(1, 1_000_000) = Field(4096, description="TCP channels at once, authenticated or not")
+    tls_read_buffer: Int(16384, 1 << 20) = Field(65536, description="bytes of read buffer each TLS channel keeps")
+    republish_initial: Number(0.01, 3600) = Field(1.0, description="first retry delay of a publication that could not start")
+    republish_max: Number(0.01, 86400) = Field(60.0, description="longest retry delay of such a publication")

@@ -1,81 +1,168 @@
-"""The validated config as frozen dataclasses.
+"""The config as frozen pydantic models: what the TOML may say, and what it means.
 
 Everything downstream (rule builder, processor, gateways) reads these, never
-the raw TOML. Addresses are ``ipaddress`` values, ports are ``PortRange``s,
-and every entry that ends up in a rule keeps ``source``: the key path it came
-from, which the renderers put in the rule's comment for ops review.
+the raw TOML. The models validate the TOML too: each field's type
+(``firewall.fields``) checks its value, defaults are written once, here,
+and ``Field(description=...)`` is each key's one-line meaning in the JSON
+Schema (``nfgate config schema``). The TOML's names stay the TOML's: ``from``
+and ``to`` are ``from_zone`` and ``to_zone`` by alias, ``[[rule]]`` is
+``rules``, ``[[gateway]]`` is ``gateways``.
+
+Addresses are ``ipaddress`` values, ports are ``PortRange``s, and every
+entry that ends up in a rule keeps ``source``: the key path it came from,
+which the renderers put in the rule's comment for ops review. The loader
+(``firewall.config``) sets ``source`` and each zone's ``name``; neither is
+a TOML key.
+
+Checks across the fields of one table run in its ``model_validator``;
+those across tables in ``Config``'s. They ``report`` into the validation
+context, so one run says every problem; a zone reference is checked against
+the context's ``zones``.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Literal, Union
 
-from firewall.config.reader import IPAddress, IPNetwork
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, create_model, model_validator
+from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import PydanticCustomError
 
-ROUTER = "router"  # the pseudo-zone for the firewall itself (input/output)
-GATEWAY_KINDS = ("smtp", "ftp", "rtp", "tcp-relay", "udp-relay", "tunnel")
+from firewall.config.settings import KINDS
+from firewall.fields import (
+    NAME, ROUTER, AbsPath, Bitmask, Bool, Choice, Frozen, IfName, Int, IPNetwork, IPv4Iface, ListOf, Name,
+    Network, Number, PortRange, Ports, Removed, SinglePortRange, String, Tables, bitmask, fail, ordered, report, typed, unique,
+)
+
 PROTOS = ("tcp", "udp", "icmp", "icmpv6", "any")
+ZONE_NAME = r"[a-z][a-z0-9]{0,7}"  # short: iptables chain names are NFGATE-FWD-<zone>-<zone>, max 28
+NETNS = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,31}"
+MAX_QUEUES = 64
+MAX_POOL_ADDRESSES = 65536  # firewall.pools indexes addresses in 16 bits
 
 
-@dataclass(frozen=True, order=True)
-class PortRange:
-    first: int
-    last: int
+def ZoneRef(allow_router: bool) -> Any:
+    """A zone's name, checked against the zones the context names."""
 
-    def __str__(self) -> str:
-        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+    def check(value: Any, info: ValidationInfo) -> str:
+        if value == ROUTER and allow_router:
+            return value
+        zones = (info.context or {}).get("zones")
+        if not isinstance(value, str) or (zones is not None and value not in zones):
+            known = ", ".join(sorted(zones or ())) + (", router" if allow_router else "")
+            fail(f"zone {value!r} does not exist (known: {known})")
+        return value
 
-    def __len__(self) -> int:
-        return self.last - self.first + 1
-
-    def overlaps(self, other: "PortRange") -> bool:
-        return self.first <= other.last and other.first <= self.last
-
-
-@dataclass(frozen=True)
-class Zone:
-    name: str
-    interfaces: tuple[str, ...]
-    networks: tuple[IPNetwork, ...] = ()
+    return typed(check, {"type": "string"}, str)
 
 
-@dataclass(frozen=True)
-class Policy:
-    input: str = "drop"
-    forward: str = "drop"
-    output: str = "accept"
-    established_related: bool = True
-    drop_invalid: bool = True
-    icmp_essential: bool = True
-    ping_from: tuple[str, ...] = ()
+def _zone_name(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(ZONE_NAME, value) or value == ROUTER:
+        fail(f"zone name {value!r} must be 1-8 lowercase letters/digits, not 'router'")
+    return value
 
 
-@dataclass(frozen=True)
-class FilterRule:
-    source: str
-    name: str
-    from_zone: str
-    to_zone: str
-    proto: str = "any"
-    ports: tuple[PortRange, ...] = ()
-    saddr: tuple[IPNetwork, ...] = ()
-    daddr: tuple[IPNetwork, ...] = ()
-    action: str = "accept"
+ZoneName = typed(_zone_name, {"type": "string", "pattern": f"^{ZONE_NAME}$"}, str)
+Zones = ZoneRef(False)
+ZonesOrRouter = ZoneRef(True)
+Verdict = Choice("accept", "drop")
+Proto = Choice(*PROTOS)
+TcpUdp = Choice("tcp", "udp")
+Action = Choice("accept", "drop", "reject")
+FailMode = Choice("open", "closed")
+Netns = String(NETNS, "a namespace name")
+ForwardName = String(NAME, "a name")
+Addresses = ListOf(Network, allow_scalar=True)
+Source = SkipJsonSchema[str]
+GONE_TIMEOUT = Removed("no longer a setting: the kernel carries gateway flows, and conntrack's own timeouts end them (docs/datapath.md)")
 
 
-@dataclass(frozen=True)
-class PortForward:
-    source: str
-    name: str
-    from_zone: str
-    proto: str
-    ports: PortRange
-    to_addr: ipaddress.IPv4Address
-    to_port: int | None = None  # None: keep the port (required for a range)
-    saddr: tuple[IPNetwork, ...] = ()
+def _target(value: Any) -> tuple[ipaddress.IPv4Address, int | None]:
+    """"192.168.1.10" or "192.168.1.10:80": port forwards are IPv4 (NAT44)."""
+    if not isinstance(value, str):
+        fail(f"expected 'address' or 'address:port', got {value!r}")
+    host, sep, port = value.partition(":")
+    try:
+        addr = ipaddress.IPv4Address(host)
+    except ValueError:
+        fail(f"{host!r} is not an IPv4 address")
+    if not sep:
+        return addr, None
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        fail(f"{port!r} is not a port (1 to 65535)")
+    return addr, int(port)
+
+
+Target = typed(_target, {"type": "string", "description": "address or address:port"}, tuple)
+
+
+class Zone(Frozen):
+    name: Source = ""
+    interfaces: Annotated[ListOf(IfName), AfterValidator(lambda v: v or fail("a zone needs at least one interface"))] = (
+        Field(description="the interfaces in the zone"))
+    networks: ListOf(Network) = Field((), description="addresses or prefixes of the zone (documentation and checks)")
+
+
+class Policy(Frozen):
+    input: Verdict = Field("drop", description="traffic to the router")
+    forward: Verdict = Field("drop", description="traffic through the router")
+    output: Verdict = Field("accept", description="traffic from the router")
+    established_related: Bool = Field(True, description="accept packets of connections already accepted")
+    drop_invalid: Bool = Field(True, description="drop packets conntrack calls invalid")
+    icmp_essential: Bool = Field(True, description="accept the ICMP errors path MTU discovery and others need")
+    ping_from: ListOf(Zones) = Field((), description="zones that may ping the router")
+
+
+def _check_proto_fields(info: ValidationInfo, where: str, proto: str, ports: tuple, nets: tuple) -> None:
+    if proto not in ("tcp", "udp") and ports:
+        report(info, f"{where}.ports", f"ports need proto 'tcp' or 'udp', not {proto!r}")
+    if proto == "icmp" and any(n.version == 6 for n in nets):
+        report(info, where, "proto 'icmp' is IPv4; use 'icmpv6' for IPv6 addresses")
+    if proto == "icmpv6" and any(n.version == 4 for n in nets):
+        report(info, where, "proto 'icmpv6' is IPv6; use 'icmp' for IPv4 addresses")
+
+
+class FilterRule(Frozen):
+    source: Source = ""
+    name: Name = Field("", description="a name for the rule's comment")
+    from_zone: ZonesOrRouter = Field(alias="from", description="the zone the traffic comes from, or router")
+    to_zone: ZonesOrRouter = Field(alias="to", description="the zone the traffic goes to, or router")
+    proto: Proto = Field("any", description="the protocol")
+    ports: Ports = Field((), description="destination ports: 25, \"1000-2000\", or an array of those (tcp, udp)")
+    saddr: Addresses = Field((), description="source addresses or prefixes")
+    daddr: Addresses = Field((), description="destination addresses or prefixes")
+    action: Action = Field("accept", description="what to do with matching traffic")
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> "FilterRule":
+        if self.from_zone == ROUTER and self.to_zone == ROUTER:
+            report(info, self.source, "'from' and 'to' cannot both be 'router'")
+        _check_proto_fields(info, self.source, self.proto, self.ports, self.saddr + self.daddr)
+        if self.saddr and self.daddr and {n.version for n in self.saddr}.isdisjoint({n.version for n in self.daddr}):
+            report(info, self.source, "saddr and daddr are of different IP versions: the rule could never match")
+        return self
+
+
+class PortForward(Frozen):
+    source: Source = ""
+    name: ForwardName = Field("", description="a name for the rule's comment")
+    from_zone: Zones = Field(alias="from", description="the zone the connections come from")
+    proto: TcpUdp = Field(description="the protocol")
+    ports: SinglePortRange = Field(alias="port", description="the router's port, or a range \"first-last\"")
+    to: Target = Field(description="\"address\" or \"address:port\" (IPv4); a range keeps its ports")
+    saddr: Addresses = Field((), description="source addresses or prefixes allowed")
+
+    @property
+    def to_addr(self) -> ipaddress.IPv4Address:
+        return self.to[0]
+
+    @property
+    def to_port(self) -> int | None:
+        """None: keep the port (required for a range)."""
+        return self.to[1]
 
     @property
     def target_ports(self) -> PortRange:
@@ -83,20 +170,50 @@ class PortForward:
             return self.ports
         return PortRange(self.to_port, self.to_port)
 
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> "PortForward":
+        if self.to_port is not None and len(self.ports) > 1:
+            report(info, f"{self.source}.to", "a port range forwards to the same ports: leave the port out of 'to'")
+        return self
 
-@dataclass(frozen=True)
-class Nat:
-    masquerade: tuple[str, ...] = ()
-    forwards: tuple[PortForward, ...] = ()
+
+def _place(items: Any, where: str, info: ValidationInfo, nested: str | None) -> Any:
+    if not isinstance(items, list):
+        return items  # Tables says what is wrong
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, dict):
+            if "source" in item:
+                report(info, f"{where}[{i}].source", "unknown key")
+            item = {**item, "source": f"{where}[{i}]"}
+            if nested:
+                if nested in item:
+                    item[nested] = _place(item[nested], f"{where}[{i}].{nested}", info, None)
+        out.append(item)
+    return out
 
 
-@dataclass(frozen=True)
-class Marks:
-    mask: int = 0x00FF0000
-    rewritten: int = 0x00010000
-    passed: int = 0x00020000
-    allowed: int = 0x00040000
-    expect: int = 0x00F80000
+def _sources(where: str, nested: str | None = None) -> Any:
+    """Give each table of an array its key path as ``source``, and the tables
+    of its ``nested`` array theirs."""
+    return BeforeValidator(lambda items, info: _place(items, where, info, nested))
+
+
+Forwards = Annotated[Tables(PortForward, "nat.forward"), _sources("nat.forward")]
+
+
+class Nat(Frozen):
+    masquerade: ListOf(Zones) = Field((), description="zones whose outgoing traffic takes the router's address")
+    forwards: Forwards = Field(
+        (), alias="forward", description="port forwards ([[nat.forward]])")
+
+
+class Marks(Frozen):
+    mask: Bitmask = Field(0x00FF0000, description="the conntrack mark bits nfgate owns")
+    rewritten: Bitmask = Field(0x00010000, description="the processor rewrote this flow")
+    passed: Bitmask = Field(0x00020000, description="the processor passed this flow unchanged")
+    allowed: Bitmask = Field(0x00040000, description="a dynamic rule allowed this flow (default: the lowest free bit of mask)")
+    expect: Bitmask = Field(0x00F80000, description="which processor instance expects this flow (default: the bits of mask left)")
 
     def expect_value(self, instance: int) -> int:
         """The ``expect`` bits that send a packet to processor instance ``instance``:
@@ -111,102 +228,277 @@ class Marks:
             bit <<= 1
         return out
 
+    @model_validator(mode="before")
+    @classmethod
+    def _derive(cls, data: Any) -> Any:
+        """``allowed`` not given: the lowest bit of the mask that nothing else
+        takes; ``expect`` not given: every bit left. So a config that sets only
+        its mask, rewritten and passed still gets valid ones."""
+        if not isinstance(data, dict) or ("allowed" in data and "expect" in data):
+            return data
+        try:
+            given = {k: bitmask(data[k]) if k in data else cls.model_fields[k].default for k in ("mask", "rewritten", "passed")}
+            allowed = bitmask(data["allowed"]) if "allowed" in data else None
+        except PydanticCustomError:
+            return data  # the field says what is wrong
+        free = given["mask"] & ~(given["rewritten"] | given["passed"])
+        derived = dict(data)
+        if allowed is None:
+            allowed = derived["allowed"] = free & -free
+        if "expect" not in data:
+            derived["expect"] = free & ~allowed
+        return derived
 
-@dataclass(frozen=True)
-class Timeouts:
-    confirm: float = 5.0
-    nat_element: float = 10.0
-    reap: float = 1.0
-
-
-@dataclass(frozen=True)
-class Pools:
-    firewall_side: ipaddress.IPv4Network = ipaddress.IPv4Network("172.31.254.0/28")
-    ports: PortRange = PortRange(1024, 65535)
-    snat_ports: PortRange = PortRange(61000, 65535)
-
-
-@dataclass(frozen=True)
-class Processor:
-    queues: tuple[int, ...] = (0,)
-    fail_mode: str = "closed"
-    queue_maxlen: int = 16384
-    queue_buffer: int = 32 * 1024 * 1024
-    queue_batch: int = 512
-    route_cache: float = 2.0
-    max_rules: int = 1024
-    max_rules_per_flow: int = 8
-    adjacent_ttl: float = 30.0
-    conntrack_accounting: bool = True
-    marks: Marks = field(default_factory=Marks)
-    timeouts: Timeouts = field(default_factory=Timeouts)
-    pools: Pools = field(default_factory=Pools)
-
-
-@dataclass(frozen=True)
-class GatewayLink:
-    netns: str = "nfgate-gw"
-    router_if: str = "nfg-gw0"
-    gateway_if: str = "nfg-gw1"
-    router_address: ipaddress.IPv4Interface = ipaddress.IPv4Interface("172.31.255.1/30")
-    gateway_address: ipaddress.IPv4Interface = ipaddress.IPv4Interface("172.31.255.2/30")
-    port_base: int = 20000
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> "Marks":
+        marks = self
+        seen: dict[str, int] = {}
+        for key in ("rewritten", "passed", "allowed", "expect"):
+            bits = getattr(marks, key)
+            other = next((k for k, b in seen.items() if b & bits), None)
+            where = f"processor.marks.{key}"
+            if bits & ~marks.mask:
+                report(info, where, f"{bits:#010x} has bits outside mask {marks.mask:#010x}")
+            elif other is not None:
+                report(info, where, f"{bits:#010x} overlaps {other} {seen[other]:#010x}")
+            elif not bits:
+                report(info, where, f"needs at least one bit of mask {marks.mask:#010x}")
+            seen[key] = bits
+        return self
 
 
-@dataclass(frozen=True)
-class Signalling:
-    port: int = 7500
-    key_file: Path = Path("/etc/nfgate/signalling.key")
-    copies: int = 3
-    query_timeout: float = 0.5
-    replay_window: float = 5.0
-    socket_buffer: int = 4 * 1024 * 1024
+class Timeouts(Frozen):
+    confirm: Number(1, 600) = Field(5.0, description="seconds a queued first packet waits for the gateway's binding")
+    nat_element: Number(1, 600) = Field(10.0, description="seconds a NAT set element lives unconfirmed")
+    reap: Number(0.1, 600) = Field(1.0, description="seconds between sweeps of expired bindings")
+    tcp_idle: GONE_TIMEOUT = Field(None, repr=False, exclude=True)
+    tcp_closing: GONE_TIMEOUT = Field(None, repr=False, exclude=True)
+    tcp_handshake: GONE_TIMEOUT = Field(None, repr=False, exclude=True)
+    udp_idle: GONE_TIMEOUT = Field(None, repr=False, exclude=True)
 
 
-@dataclass(frozen=True)
-class Supervisor:
-    control_socket: Path = Path("/run/nfgate/control.sock")
-    restart_initial: float = 0.2
-    restart_max: float = 30.0
-    stable_after: float = 60.0
-    stop_timeout: float = 5.0
+def _firewall_side(net: IPNetwork) -> ipaddress.IPv4Network:
+    if net.version != 4:
+        fail("the firewall-side pool is IPv4")
+    if net.num_addresses > MAX_POOL_ADDRESSES:
+        fail(f"{net} is larger than /16: at most {MAX_POOL_ADDRESSES} addresses")
+    return net
 
 
-@dataclass(frozen=True)
-class Traffic:
+def _above_well_known(rng: PortRange) -> PortRange:
+    if rng.first < 1024:
+        fail(f"{rng} reaches below 1024: keep the pools off well-known ports")
+    return rng
+
+
+PoolPorts = Annotated[SinglePortRange, AfterValidator(_above_well_known)]
+
+
+class Pools(Frozen):
+    firewall_side: Annotated[Network, AfterValidator(_firewall_side)] = Field(
+        ipaddress.IPv4Network("172.31.254.0/28"), description="the addresses the processor translates gateway flows to (IPv4, at most /16)")
+    ports: PoolPorts = Field(PortRange(1024, 65535), description="the ports of those addresses")
+    snat_ports: PoolPorts = Field(PortRange(61000, 65535), description="the ports the processor's SNAT takes")
+
+
+def _queues(queues: tuple[int, ...]) -> tuple[int, ...]:
+    if not queues:
+        fail("give at least one queue number")
+    if len(queues) > MAX_QUEUES:
+        fail(f"at most {MAX_QUEUES} queues")
+    return unique(queues, "queue")
+
+
+def bucket_count(instances: int) -> int:
+    """The power of two >= instances: steering matches the low bits of a value."""
+    return 1 << max(0, (instances - 1).bit_length())
+
+
+class Processor(Frozen):
+    queues: Annotated[ListOf(Int(0, 65535), allow_scalar=True), AfterValidator(_queues)] = Field(
+        (0,), description="the NFQUEUE numbers, one processor instance each")
+    fail_mode: FailMode = Field("closed", description="closed: drop what no processor takes; open: let it pass")
+    queue_maxlen: Int(64, 1 << 20) = Field(16384, description="packets a queue holds before the kernel acts on fail_mode")
+    queue_buffer: Int(1 << 16, 1 << 30) = Field(32 * 1024 * 1024, description="bytes of the netlink socket buffer")
+    queue_batch: Int(1, 65536) = Field(512, description="packets read per wake-up")
+    route_cache: Number(0, 3600) = Field(2.0, description="seconds a route lookup is cached")
+    max_rules: Int(0, 1 << 20) = Field(1024, description="dynamic rules at once")
+    max_rules_per_flow: Int(0, 1024) = Field(8, description="dynamic rules one gateway flow may ask for")
+    adjacent_ttl: Number(1, 3600) = Field(30.0, description="seconds an adjacent-connection rule lives unused")
+    conntrack_accounting: Bool = Field(True, description="turn on conntrack's byte and packet counters")
+    marks: Marks = Field(default_factory=Marks, description="[processor.marks]")
+    timeouts: Timeouts = Field(default_factory=Timeouts, description="[processor.timeouts]")
+    pools: Pools = Field(default_factory=Pools, description="[processor.pools]")
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> "Processor":
+        marks, queues = self.marks, self.queues
+        numbered = (1 << bin(marks.expect).count("1")) - 1
+        if marks.expect and numbered < len(queues):
+            report(info, "processor.marks.expect", f"{marks.expect:#010x} numbers at most {numbered} processor "
+                   f"instances, and processor.queues has {len(queues)}: give the mask more bits")
+        # Each processor instance owns the pool addresses whose low bits pick it.
+        buckets = bucket_count(len(queues))
+        if self.pools.firewall_side.num_addresses < buckets:
+            report(info, "processor.pools.firewall_side",
+                   f"{self.pools.firewall_side} has fewer than {buckets} addresses for {len(queues)} queues")
+        if len(self.pools.snat_ports) < buckets:
+            report(info, "processor.pools.snat_ports", f"needs at least {buckets} ports")
+        return self
+
+
+class GatewayLink(Frozen):
+    netns: Netns = Field("nfgate-gw", description="the gateways' network namespace")
+    router_if: IfName = Field("nfg-gw0", description="the router's end of the blind track")
+    gateway_if: IfName = Field("nfg-gw1", description="the gateways' end of the blind track")
+    router_address: IPv4Iface = Field(ipaddress.IPv4Interface("172.31.255.1/30"), description="the router's address on it")
+    gateway_address: IPv4Iface = Field(ipaddress.IPv4Interface("172.31.255.2/30"), description="the gateways' address on it")
+    port_base: Int(1024, 65000) = Field(20000, description="gateway k listens on port_base + k unless it sets listen_port")
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> "GatewayLink":
+        if self.router_address.network != self.gateway_address.network:
+            report(info, "gateway_link.gateway_address", "must be in the same subnet as router_address")
+        elif self.router_address.ip == self.gateway_address.ip:
+            report(info, "gateway_link.gateway_address", "must differ from router_address")
+        return self
+
+
+class Signalling(Frozen):
+    port: Int(1, 65535) = Field(7500, description="processor instance i and gateway k listen on port + i / + k")
+    key_file: AbsPath = Field(Path("/etc/nfgate/signalling.key"), description="the shared key (made if missing)")
+    copies: Int(1, 10) = Field(3, description="copies of each message (UDP may lose one)")
+    query_timeout: Number(0.01, 30) = Field(0.5, description="seconds a gateway waits for an answer before asking again")
+    replay_window: Number(0.1, 300) = Field(5.0, description="seconds a message is accepted after it was sent")
+    socket_buffer: Int(1 << 16, 1 << 28) = Field(4 * 1024 * 1024, description="bytes of each signalling socket's buffers")
+
+
+class Supervisor(Frozen):
+    control_socket: AbsPath = Field(Path("/run/nfgate/control.sock"), description="the operator's control socket")
+    restart_initial: Number(0.01, 60) = Field(0.2, description="first delay before restarting a failed process")
+    restart_max: Number(0.1, 3600) = Field(30.0, description="longest delay between restarts")
+    stable_after: Number(1, 86400) = Field(60.0, description="seconds up after which the delay starts over")
+    stop_timeout: Number(0.1, 120) = Field(5.0, description="seconds a process has to stop before it is killed")
+
+    _restart = ordered("restart_initial", "restart_max", "supervisor")
+
+
+class Traffic(Frozen):
     """Which traffic a gateway takes: the seed's fig. 6a step 602 selector."""
 
-    source: str
-    from_zone: str
-    to_zone: str
-    proto: str
-    ports: tuple[PortRange, ...]
-    saddr: tuple[IPNetwork, ...] = ()
-    daddr: tuple[IPNetwork, ...] = ()
+    source: Source = ""
+    from_zone: Zones = Field(alias="from", description="the zone the traffic comes from")
+    to_zone: ZonesOrRouter = Field(alias="to", description="the zone it goes to, or router")
+    proto: TcpUdp = Field(description="the protocol (the kind says which it takes)")
+    ports: Ports = Field(description="destination ports: 25, \"1000-2000\", or an array of those")
+    saddr: Addresses = Field((), description="source addresses or prefixes (IPv4)")
+    daddr: Addresses = Field((), description="destination addresses or prefixes (IPv4)")
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> "Traffic":
+        if self.from_zone == self.to_zone:
+            report(info, self.source, "'from' and 'to' are the same zone: the router never sees that traffic")
+        for nets, key in ((self.saddr, "saddr"), (self.daddr, "daddr")):
+            if any(n.version != 4 for n in nets):
+                report(info, f"{self.source}.{key}", "gateway traffic is IPv4 (the processor's double NAT is NAT44)")
+        return self
 
 
-@dataclass(frozen=True)
-class Gateway:
-    source: str
-    name: str
-    kind: str
-    listen_port: int
-    traffic: tuple[Traffic, ...]
-    settings: Mapping[str, Any]
+Selectors = Tables(Traffic, "gateway.traffic")
 
 
-@dataclass(frozen=True)
-class Config:
-    path: Path | None
-    zones: Mapping[str, Zone]
-    policy: Policy
-    rules: tuple[FilterRule, ...]
-    nat: Nat
-    processor: Processor
-    gateway_link: GatewayLink
-    signalling: Signalling
-    gateways: tuple[Gateway, ...]
-    supervisor: Supervisor = field(default_factory=Supervisor)
+class Gateway(Frozen):
+    """One ``[[gateway]]``; ``settings`` is its kind's settings model."""
+
+    source: Source = ""
+    name: Name = Field(description="the gateway's name (signalling carries it)")
+    kind: str = Field(description="the kind of gateway")
+    listen_port: Int(1024, 65535) = Field(None, description="the gateway's port G:g (default: gateway_link.port_base + its index)")
+    traffic: Selectors = Field(
+        (), description="the traffic the gateway takes ([[gateway.traffic]])")
+    settings: Any = None
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> "Gateway":
+        protos = KINDS[self.kind][0]
+        if not self.traffic:
+            report(info, f"{self.source}.traffic", "a gateway needs at least one [[gateway.traffic]] selector")
+        for item in self.traffic:
+            if item.proto not in protos:
+                report(info, f"{item.source}.proto", f"a {self.kind} gateway takes {' or '.join(protos)}, not {item.proto}")
+        if self.kind == "tunnel":
+            _check_tunnel(info, self)
+        return self
+
+
+def _check_tunnel(info: ValidationInfo, gateway: Gateway) -> None:
+    """The tunnel's control server terminates its flows (docs/tunnel-protocol.md
+    section 19): every selector ends at the router, and the service port must
+    reach it over TCP (the channel) and UDP (the UDP channels)."""
+    service_port = gateway.settings.service_port
+    for item in gateway.traffic:
+        if item.to_zone != ROUTER:
+            report(info, f"{item.source}.to", "a tunnel gateway terminates its flows: 'to' must be \"router\"")
+    for proto in ("tcp", "udp"):
+        if not any(s.proto == proto and any(r.first <= service_port <= r.last for r in s.ports) for s in gateway.traffic):
+            report(info, f"{gateway.source}.traffic",
+                   f"no {proto} selector brings settings.service_port {service_port} to the tunnel gateway")
+
+
+def _kind_model(kind: str, settings: type) -> type[Gateway]:
+    """The ``[[gateway]]`` of one kind: ``kind`` is its tag, ``settings`` its model."""
+    return create_model(
+        "Gateway_" + kind.replace("-", "_"),
+        __base__=Gateway,
+        __doc__=f"A [[gateway]] of kind {kind}.",
+        kind=(Literal[kind], Field(description="the kind of gateway")),  # type: ignore[valid-type]
+        settings=(settings, Field(default_factory=settings, description=f"the {kind} gateway's settings")),
+    )
+
+
+KIND_GATEWAYS = {kind: _kind_model(kind, model) for kind, (_, model) in KINDS.items()}
+AnyGateway = Annotated[Union[tuple(KIND_GATEWAYS.values())], Field(discriminator="kind")]  # type: ignore[valid-type]
+
+
+def _zones(zones: dict[str, Any]) -> dict[str, Any]:
+    if not zones:
+        fail("define at least one zone, e.g. [zones.wan] and [zones.lan]")
+    return zones
+
+
+def _named(value: Any, info: ValidationInfo) -> Any:
+    """Give each zone its name (the table's key)."""
+    if not isinstance(value, dict):
+        return value
+    out = {}
+    for name, table in value.items():
+        if isinstance(table, dict):
+            if "name" in table:
+                report(info, f"zones.{name}.name", "unknown key")
+            table = {**table, "name": name}
+        out[name] = table
+    return out
+
+
+Rules = Annotated[Tables(FilterRule, "rule"), _sources("rule")]
+Gateways = Annotated[Tables(AnyGateway, "gateway"), _sources("gateway", "traffic")]
+
+
+class Config(Frozen):
+    path: SkipJsonSchema[Path | None] = None
+    zones: Annotated[dict[ZoneName, Zone], BeforeValidator(_named), AfterValidator(_zones)] = Field(
+        description="[zones.NAME]: the zones and their interfaces",
+        json_schema_extra={"additionalProperties": False})  # a zone's name is its key: 1-8 of a-z 0-9
+    policy: Policy = Field(default_factory=Policy, description="[policy]: the default verdicts")
+    rules: Rules = Field(
+        (), alias="rule", description="[[rule]]: filter rules")
+    nat: Nat = Field(default_factory=Nat, description="[nat]: masquerading and port forwards")
+    processor: Processor = Field(default_factory=Processor, description="[processor]: the packet processor")
+    gateway_link: GatewayLink = Field(default_factory=GatewayLink, description="[gateway_link]: the blind track")
+    signalling: Signalling = Field(default_factory=Signalling, description="[signalling]")
+    gateways: Gateways = Field(
+        (), alias="gateway", description="[[gateway]]: the gateways")
+    supervisor: Supervisor = Field(default_factory=Supervisor, description="[supervisor]")
 
     def zone_of(self, ifname: str) -> str | None:
         for zone in self.zones.values():
@@ -230,6 +522,99 @@ class Config:
                 return self.signalling.port + index
         raise KeyError(name)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _listen_ports(cls, data: Any) -> Any:
+        """A gateway's listen_port defaults to gateway_link.port_base + its index."""
+        if not isinstance(data, dict) or not isinstance(data.get("gateway"), list):
+            return data
+        link = data.get("gateway_link")
+        base = link.get("port_base") if isinstance(link, dict) else None
+        if not isinstance(base, int) or isinstance(base, bool):
+            base = GatewayLink.model_fields["port_base"].default  # or its problem is reported there
+        gateways = [
+            {**g, "listen_port": base + i} if isinstance(g, dict) and "listen_port" not in g else g
+            for i, g in enumerate(data["gateway"])
+        ]
+        return {**data, "gateway": gateways}
 
-def addresses_family(nets: tuple[IPNetwork | IPAddress, ...]) -> set[int]:
-    return {n.version for n in nets}
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> "Config":
+        _check_zones(info, self)
+        _check_link(info, self)
+        _check_gateways(info, self.gateways)
+        _check_forwards(info, self.nat.forwards)
+        _check_signalling_ports(info, self)
+        return self
+
+
+def _check_zones(info: ValidationInfo, config: Config) -> None:
+    owner: dict[str, str] = {}
+    for zone in config.zones.values():
+        for ifname in zone.interfaces:
+            if ifname in owner:
+                report(info, f"zones.{zone.name}.interfaces", f"interface {ifname!r} is already in zone {owner[ifname]!r}")
+            owner[ifname] = zone.name
+
+
+def _check_link(info: ValidationInfo, config: Config) -> None:
+    link, pool = config.gateway_link, config.processor.pools.firewall_side
+    for zone in config.zones.values():
+        if link.router_if in zone.interfaces:
+            report(info, "gateway_link.router_if", f"{link.router_if!r} is in zone {zone.name!r}: the blind track is in no zone")
+    if link.router_address.network.overlaps(pool):
+        report(info, "gateway_link.router_address", f"overlaps processor.pools.firewall_side {pool}")
+
+
+def _check_signalling_ports(info: ValidationInfo, config: Config) -> None:
+    """Processor instance i and gateway k listen on signalling.port + i / + k."""
+    port, gateways = config.signalling.port, config.gateways
+    span = max(len(config.processor.queues), len(gateways), 1)
+    if port + span - 1 > 65535:
+        report(info, "signalling.port", f"{span} processors or gateways need ports {port} to {port + span - 1}")
+    taken = range(port, port + len(gateways))
+    for g in gateways:
+        if g.listen_port in taken:
+            report(info, f"{g.source}.listen_port", f"{g.listen_port} is a gateway signalling port ({taken.start}-{taken.stop - 1})")
+
+
+def _check_gateways(info: ValidationInfo, gateways: tuple[Gateway, ...]) -> None:
+    names: set[str] = set()
+    for g in gateways:
+        if g.name in names:
+            report(info, "gateway", f"gateway name {g.name} appears twice")
+        names.add(g.name)
+    ports_seen: dict[int, str] = {}
+    for g in gateways:
+        if g.listen_port in ports_seen:
+            report(info, f"{g.source}.listen_port", f"{g.listen_port} is already used by {ports_seen[g.listen_port]}")
+        ports_seen[g.listen_port] = g.source
+    selectors = [s for g in gateways for s in g.traffic]
+    for i, a in enumerate(selectors):
+        for b in selectors[i + 1:]:
+            if _selectors_overlap(a, b):
+                report(info, f"{b.source}.ports",
+                       f"overlaps {a.source} ({a.proto} {', '.join(map(str, a.ports))} from {a.from_zone}): "
+                       "a packet could belong to two gateways")
+
+
+def _selectors_overlap(a: Traffic, b: Traffic) -> bool:
+    if a.proto != b.proto or a.from_zone != b.from_zone:
+        return False
+    if not any(x.overlaps(y) for x in a.ports for y in b.ports):
+        return False
+    # The queue rule can only see the ingress zone (raw prerouting runs before
+    # routing), so two selectors from one zone on one port clash even if their
+    # 'to' zones differ, unless addresses keep them apart.
+    for mine, theirs in ((a.saddr, b.saddr), (a.daddr, b.daddr)):
+        if mine and theirs and not any(x.overlaps(y) for x in mine for y in theirs):
+            return False
+    return True
+
+
+def _check_forwards(info: ValidationInfo, forwards: tuple[PortForward, ...]) -> None:
+    for i, a in enumerate(forwards):
+        for b in forwards[i + 1:]:
+            if a.from_zone == b.from_zone and a.proto == b.proto and a.ports.overlaps(b.ports):
+                report(info, f"{b.source}.port", f"{b.proto} {b.ports} overlaps {a.source} ({a.ports})")
+

@@ -280,7 +280,7 @@ class ProcessorCore:
             self._agents[(ag.addr, ag.port)] = ag
             for t in gw.traffic:
                 ports = tuple((r.first, r.last) for r in t.ports)
-                log_only = gw.settings.get("mode") == "log-only"
+                log_only = getattr(gw.settings, "mode", None) == "log-only"
                 sel = _Selector(t, gw, ag, ports, _nets(t.saddr), _nets(t.daddr), log_only)
                 self._selectors.setdefault((t.from_zone, _PROTO[t.proto]), []).append(sel)
         self._forwards: dict[tuple[str, int], list[tuple[PortForward, tuple[tuple[int, int], ...]]]] = {}

@@ -73,7 +73,7 @@ from firewall.signalling.codec import (
 )
 from firewall.signalling.messages import SENDER_OF, Message, MsgType, Role
 
-DEFAULT_REPLAY_WINDOW = Signalling.replay_window  # seconds, the config's default
+DEFAULT_REPLAY_WINDOW = Signalling().replay_window  # seconds, the config's default
 
 # How far behind its newest sequence number a sender's message may arrive.
 # Over the blind-track veth datagrams arrive in the order sent; the window

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar, Iterable, Union
 
-from firewall.config import NAME as GATEWAY_NAME_PATTERN
+from firewall.fields import NAME as GATEWAY_NAME_PATTERN
 
 U64_MAX = (1 << 64) - 1
 PORT_MAX = 0xFFFF

@@ -17,11 +17,13 @@ connection.
 - ``data``: relaying the data connections redirected into the gateway, with
   inspect mode's size limit and content hook.
 - ``gateway``: ``FtpGateway``, the asyncio adapter (one listener for control
-  sessions and the data connections they expect) and ``FtpSettings``.
+  sessions and the data connections they expect); its ``[gateway.settings]``
+  are ``FtpSettings`` (gateways/settings.py).
 """
 
 from gateways.ftp.core import FtpControl
 from gateways.ftp.model import DataChannel, Direction, Parties, Policy
-from gateways.ftp.gateway import FtpGateway, FtpSettings
+from gateways.ftp.gateway import FtpGateway
+from gateways.settings import FtpSettings
 
 __all__ = ["DataChannel", "Direction", "FtpControl", "FtpGateway", "FtpSettings", "Parties", "Policy"]

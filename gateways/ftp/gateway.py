@@ -38,15 +38,11 @@ import contextlib
 import ipaddress
 import logging
 import socket
-from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
-from firewall.config.settings import KIND_SETTINGS
 from firewall.signalling import Endpoint, FlowInfo, Proto, RuleEndReason, RuleMode
-from gateways.ftp.commands import allowed_commands
 from gateways.ftp.core import (
     Close,
-    DataChannel,
     Direction,
     Event,
     FtpControl,
@@ -63,9 +59,8 @@ from gateways.manifest import Manifest
 from gateways.layer import EventLog, FlowUnknown, GatewayLayer, Hold, RuleError
 from gateways.layer.endpoint import endpoint_of
 from gateways.relay import RelayCore, reset_socket
+from gateways.settings import FtpSettings
 from gateways.tcp_server import CLOSE_FLUSH_TIMEOUT, TcpGateway, reset
-
-_DEFAULTS = KIND_SETTINGS["ftp"]
 
 CONTROL_CHUNK = 1 << 14  # control lines are short; a read never needs more
 
@@ -76,47 +71,6 @@ EXPECT_GRACE = 5.0
 
 # Which events are worth a log line of their own (the rest are only counted).
 _LOGGED = ("refused.", "rule.", "data.", "auth_tls.")
-
-
-def _d(key: str) -> Any:
-    return _DEFAULTS[key].default
-
-
-@dataclass(frozen=True)
-class FtpSettings:
-    """The ftp keys of ``[gateway.settings]``; defaults as in the config schema."""
-
-    data_channel: str = _d("data_channel")
-    data_rule_ttl: int = _d("data_rule_ttl")
-    auth_tls: str = _d("auth_tls")
-    allow_commands: tuple[str, ...] = _d("allow_commands")
-    deny_commands: tuple[str, ...] = _d("deny_commands")
-    max_line_length: int = _d("max_line_length")
-    max_username_length: int = _d("max_username_length")
-    max_password_length: int = _d("max_password_length")
-    max_bad_commands: int = _d("max_bad_commands")
-    max_login_failures: int = _d("max_login_failures")
-    max_transfer_bytes: int = _d("max_transfer_bytes")
-    content_hook: str = _d("content_hook")
-    max_sessions: int = _d("max_sessions")
-    idle_timeout: float = _d("idle_timeout")
-    connect_timeout: float = _d("connect_timeout")
-
-    @classmethod
-    def from_settings(cls, settings: Mapping[str, Any]) -> "FtpSettings":
-        return cls(**{k: settings[k] for k in _DEFAULTS if k in settings})
-
-    def policy(self) -> Policy:
-        return Policy(
-            data_channel=DataChannel(self.data_channel),
-            auth_tls=self.auth_tls == "allow",
-            allowed=allowed_commands(self.allow_commands, self.deny_commands),
-            max_line_length=self.max_line_length,
-            max_username_length=self.max_username_length,
-            max_password_length=self.max_password_length,
-            max_bad_commands=self.max_bad_commands,
-            max_login_failures=self.max_login_failures,
-        )
 
 
 def parties_of(flow: FlowInfo) -> Parties:
@@ -154,7 +108,7 @@ class FtpGateway(TcpGateway):
     ) -> None:
         super().__init__(layer, listen=listen, log=log)
         self.settings = settings
-        self.policy = settings.policy()
+        self.policy = Policy.of(settings)
         self.control_ports = control_ports  # None: every port is a control port (tests)
         self.hook = hook
         self._sessions: set[_Session] = set()
@@ -164,7 +118,7 @@ class FtpGateway(TcpGateway):
     @classmethod
     def for_gateway(cls, layer: GatewayLayer, gw: Manifest, listen: Endpoint, log: EventLog) -> "FtpGateway":
         """The gateway as ``python -m gateways`` runs it: settings and selector ports from its manifest."""
-        settings = FtpSettings.from_settings(gw.settings)
+        settings = FtpSettings.model_validate(gw.settings)
         ports = frozenset(p for t in gw.traffic for r in t.ports for p in range(r.first, r.last + 1))
         return cls(layer, listen=listen, settings=settings, log=log, control_ports=ports,
                    hook=load_hook(settings.content_hook))

@@ -21,6 +21,7 @@ from typing import Any, Union
 
 from firewall.signalling import Endpoint, RuleMode
 from gateways.ftp.commands import allowed_commands
+from gateways.settings import FtpSettings
 
 
 class DataChannel(enum.Enum):
@@ -45,18 +46,35 @@ class Parties:
     client_seen_as: ipaddress.IPv4Address | None  # C, or the router's SNAT address W; None: unknown
 
 
+_DEFAULTS = FtpSettings()
+
+
 @dataclass(frozen=True)
 class Policy:
-    """The core's settings (``FtpSettings`` builds one from ``[gateway.settings]``)."""
+    """The core's settings: ``Policy.of`` an ``FtpSettings`` (``[gateway.settings]``);
+    ``Policy()`` is what the default settings give."""
 
-    data_channel: DataChannel = DataChannel.ALLOW
-    auth_tls: bool = False  # False: AUTH is refused (534) and hidden from FEAT
+    data_channel: DataChannel = DataChannel(_DEFAULTS.data_channel)
+    auth_tls: bool = _DEFAULTS.auth_tls == "allow"  # False: AUTH is refused (534) and hidden from FEAT
     allowed: frozenset[str] = field(default_factory=allowed_commands)
-    max_line_length: int = 2048
-    max_username_length: int = 256
-    max_password_length: int = 256
-    max_bad_commands: int = 5
-    max_login_failures: int = 3
+    max_line_length: int = _DEFAULTS.max_line_length
+    max_username_length: int = _DEFAULTS.max_username_length
+    max_password_length: int = _DEFAULTS.max_password_length
+    max_bad_commands: int = _DEFAULTS.max_bad_commands
+    max_login_failures: int = _DEFAULTS.max_login_failures
+
+    @classmethod
+    def of(cls, settings: FtpSettings) -> "Policy":
+        return cls(
+            data_channel=DataChannel(settings.data_channel),
+            auth_tls=settings.auth_tls == "allow",
+            allowed=allowed_commands(settings.allow_commands, settings.deny_commands),
+            max_line_length=settings.max_line_length,
+            max_username_length=settings.max_username_length,
+            max_password_length=settings.max_password_length,
+            max_bad_commands=settings.max_bad_commands,
+            max_login_failures=settings.max_login_failures,
+        )
 
 
 # ---- outputs --------------------------------------------------------------------------

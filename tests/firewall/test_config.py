@@ -10,6 +10,7 @@ import pytest
 
 from firewall.config import ConfigError, PortRange, load, loads
 from firewall.config.model import Marks
+from firewall.config.settings import KINDS
 from firewall.errors import UsageError
 
 EXAMPLES = sorted((Path(__file__).parents[2] / "examples").glob("*.toml"))
@@ -296,3 +297,15 @@ def test_too_few_expect_bits_for_the_queues_is_refused() -> None:
     path, reason, _ = only(text)
     assert path == "processor.marks.expect"
     assert "numbers at most 1 processor instances" in reason and "give the mask more bits" in reason
+
+
+def test_gateway_settings_travel_as_json_and_back() -> None:
+    """The manifest carries a gateway's settings as JSON values; the gateway
+    validates them with the same model (a removed key is not among them)."""
+    text = BASE + GATEWAY.format(name="ftp", zone="wan", ports="21").replace("tcp-relay", "ftp")
+    text += '[gateway.settings]\nallow_commands = ["SITE"]\nidle_timeout = 60\n'
+    settings = loads(text).gateways[0].settings
+    assert settings.allow_commands == ("SITE",) and settings.idle_timeout == 60.0
+    assert "masquerade_address" not in settings.model_dump(mode="json")
+    for value in [model() for _, model in KINDS.values()] + [settings]:
+        assert type(value).model_validate(value.model_dump(mode="json")) == value

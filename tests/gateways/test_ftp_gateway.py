@@ -424,11 +424,9 @@ def test_a_content_hook_that_cannot_load_is_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1 and "content_hook 'no_such_module:scan': cannot load it" in lines[0]
 
 
-def test_settings_defaults_are_the_core_defaults() -> None:
-    """``Policy()``'s defaults (the core's, for tests) are the config schema's."""
-    assert FtpSettings().policy() == Policy()
-    s = FtpSettings.from_settings({"allow_commands": ("site",), "deny_commands": ("DELE",), "auth_tls": "allow"})
-    policy = s.policy()
+def test_settings_make_the_core_policy() -> None:
+    s = FtpSettings(allow_commands=("site",), deny_commands=("DELE",), auth_tls="allow")
+    policy = Policy.of(s)
     assert "SITE" in policy.allowed and "DELE" not in policy.allowed and policy.auth_tls
 
 

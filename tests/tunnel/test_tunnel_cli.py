@@ -126,6 +126,23 @@ def test_every_command_checks_its_arguments() -> None:
             parse_request(COMMANDS, bad)
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"port": "80"}, "port must be a port number (0 to 65535)"),
+        ({"port": 65536}, "port must be a port number (0 to 65535)"),
+        ({"proto": "sctp"}, "proto must be 'tcp' or 'udp'"),
+        ({"address": "10.0.0.999"}, "address: '10.0.0.999' is not an IP address"),
+        ({"mandatory": 1}, "mandatory must be true or false"),
+    ],
+)
+def test_an_argument_refused_says_which_and_why(change: dict[str, object], message: str) -> None:
+    request = {"cmd": "open", "mediator": "m", "proto": "tcp", "address": "10.0.0.1", "port": 80, **change}
+    with pytest.raises(BadRequest) as info:
+        parse_request(COMMANDS, request)
+    assert str(info.value) == message
+
+
 def test_server_without_its_certificate_fails_in_one_line(tmp_path: Path) -> None:
     mediators = tmp_path / "mediators.toml"
     mediators.write_text('[mediator.m1]\ntoken = "0123456789abcdef0123"\n')
