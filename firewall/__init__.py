@@ -1,7 +1,9 @@
 """nfgate's router side.
 
 - ``config``: load and validate the TOML config (every error with its key
-  path): pydantic models, and ``nfgate config schema``'s JSON Schema.
+  path): pydantic models, and ``nfgate config schema``'s JSON Schema. What
+  a gateway kind accepts comes from the kind registry (``gateways.kinds``);
+  nothing in ``firewall/`` names a kind.
 - ``fields``: the field types every TOML file's models share (ports, ranges,
   networks, marks, bounded numbers), each with its one-line refusal and its
   JSON Schema; ``problems``: pydantic's errors as key paths and those
@@ -25,6 +27,15 @@
   keeps its timer, for the gateways' layer and the tunnel's two ends.
 - ``control``: the one JSON control socket (root-only unix socket, one request
   and one answer per connection, commands as data) and its client ``ask``.
+- ``manifests``: each gateway's manifest, written from the config
+  (docs/manifest.md; the format is ``gateways.manifest``).
+- ``supervisor``: ``nfgate run``: blind track, rules, manifests, processors and
+  gateways, restarts, the control socket.
+- ``gwlink``: the blind track (the gateway namespace and its veth link).
+- ``processor``: the packet processor: the first packet of each gateway flow
+  (``core``, ``rulebook``), the kernel's maps and conntrack (``kernel``),
+  the queue loop (``runner``).
+- ``errors``: the error classes and their exit codes.
 - ``namespaces``: the pyroute2 steps shared by the lab and ``gwlink`` (the
   blind track): veth pairs into a namespace, addresses, routes, sysctls inside
   a namespace, and the processes inside one.

@@ -45,7 +45,7 @@ from firewall.control import Command, ControlError, ControlServer, SelectorLoop,
 from firewall.errors import KernelError, UsageError
 from firewall.rules import build
 from firewall.signalling import load_or_create_key
-from gateways.__main__ import runnable
+from gateways.kinds import KINDS
 
 CLIENT_TIMEOUT = 1.0  # seconds a control-socket client gets to send its request, and to read the answer
 PROCESSOR_TIMEOUT = 1.0  # seconds a processor's control socket gets to answer
@@ -135,7 +135,7 @@ class Supervisor:
 
     def setup(self) -> None:
         cfg = self.config
-        missing = [f"{g.name} ({g.kind})" for g in cfg.gateways if not runnable(g.kind)]
+        missing = [f"{g.name} ({g.kind})" for g in cfg.gateways if not KINDS[g.kind].built]
         if missing:
             raise UsageError(f"this version cannot run gateway kind{'s' if len(missing) > 1 else ''}: {', '.join(missing)}")
         load_or_create_key(cfg.signalling.key_file)

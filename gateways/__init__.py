@@ -7,6 +7,11 @@ its own G:g. The layer tells it the flow's original tuple, learnt by
 signalling with the packet processor (docs/signalling.md), and leg B leaves
 by connecting back to F:f, where the processor restores it (docs/datapath.md).
 
+- ``kind``: what a gateway kind declares (``Kind``), and ``kinds``: the
+  registry, one line per kind. The config, the processor, the supervisor and
+  ``__main__`` read it; adding a kind is its module and one line there.
+- ``manifest``: the gateway's manifest, all a gateway process reads
+  (docs/manifest.md).
 - ``layer/``: the deNAT/reNAT layer (the seed's "Signalling in general"):
   ``core`` (sans-IO flow table, push/pull lookups, rule requests) and its
   ``outputs``,
@@ -20,17 +25,19 @@ by connecting back to F:f, where the processor restores it (docs/datapath.md).
 - ``tcp_server``: what every TCP gateway shares: listening on G:g (pausing
   when out of descriptors), a task per connection, errors contained,
   bounded close, ``reset``.
-- ``tcp_relay``: the ``tcp-relay`` kind: relays TCP both ways (``relay/``)
-  and logs each connection's real addresses.
+- ``tcp_relay``: the ``tcp-relay`` kind (its settings and ``KIND`` too):
+  relays TCP both ways (``relay/``) and logs each connection's real
+  addresses, or only logs them (``mode = "log-only"``).
 - ``udp_relay``: the ``udp-relay`` kind: the same for UDP flows, one leg B
-  socket per flow.
-- ``ftp/``: the ``ftp`` kind (docs/ftp.md): a sans-IO control-channel core
+  socket per flow, handed to the kernel after ``offload_after`` datagrams.
+- ``ftp/``: the ``ftp`` kind (docs/ftp.md; ``kind``: its settings and
+  declaration): a sans-IO control-channel core
   (``core``, ``commands``, ``parse``) that asks the processor for exact,
   one-shot data-port rules, its asyncio adapter (``gateway``), and what its
   data connections add to ``relay/`` (``data``: the size limit and the
   content hook of inspect mode).
-- ``__main__``: ``python -m gateways --config PATH --gateway NAME
-  [--log-json]``, one gateway process, as the supervisor starts it: the
-  launcher that knows every kind, the ``tunnel`` kind included
-  (``tunnel.service.run_gateway``). Nothing in this package imports it.
+- ``__main__``: ``python -m gateways --manifest PATH [--log-json]``, one
+  gateway process, as the supervisor starts it: it runs the entry point its
+  kind declares, the ``tunnel`` kind's included (``tunnel.service.run_gateway``).
+  Nothing in this package imports it.
 """

@@ -41,14 +41,11 @@ from typing import Callable, Protocol
 from firewall.errors import EXIT_OK, NfgateError, UsageError
 from firewall.signalling import Endpoint, load_or_create_key
 from gateways import manifest as mf
-from gateways.ftp import FtpGateway
+from gateways.kinds import KINDS
 from gateways.layer import EventLog, GatewayLayer
 from gateways.layer.events import configure
 from gateways.manifest import Manifest
-from gateways.tcp_relay import TcpRelay, TcpRelaySettings
 from gateways.tcp_server import raise_file_limit
-from gateways.udp_relay import UdpRelay, UdpRelaySettings
-from tunnel.service import run_gateway
 
 PROG = "python -m gateways"
 
@@ -71,18 +68,7 @@ class Relay(Protocol):
     async def close(self, grace: float) -> None: ...
 
 
-RelayFactory = Callable[[GatewayLayer, Manifest, Endpoint, EventLog], Relay]
-
-KINDS: dict[str, RelayFactory] = {
-    "tcp-relay": lambda layer, gw, listen, log: TcpRelay(
-        layer, listen=listen, settings=TcpRelaySettings.model_validate(gw.settings), log=log
-    ),
-    "udp-relay": lambda layer, gw, listen, log: UdpRelay(
-        layer, listen=listen, settings=UdpRelaySettings.model_validate(gw.settings), log=log
-    ),
-    # FTP with dynamic data-port rules (issue 4): gateways/ftp/, docs/ftp.md.
-    "ftp": FtpGateway.for_gateway,
-}
+RelayFactory = Callable[[GatewayLayer, Manifest, Endpoint, EventLog], Relay]  # a Kind's ``gateway``
 
 
 class RuntimeFailure(NfgateError):
@@ -105,9 +91,8 @@ def _stats(layer: GatewayLayer, relay: Relay) -> dict[str, object]:
     return stats
 
 
-async def serve(manifest: Manifest, key: bytes, log: EventLog) -> None:
-    """Run the gateway ``manifest`` describes until SIGTERM or SIGINT."""
-    factory = KINDS[manifest.kind]
+async def serve(manifest: Manifest, key: bytes, log: EventLog, factory: RelayFactory) -> None:
+    """Run the gateway ``manifest`` describes, made by ``factory``, until SIGTERM or SIGINT."""
     signalling = manifest.signalling.listen.endpoint
     listen = manifest.listen.endpoint
     layer = GatewayLayer.from_manifest(manifest, key, log)
@@ -147,28 +132,24 @@ async def serve(manifest: Manifest, key: bytes, log: EventLog) -> None:
         log.emit("stats", **_stats(layer, relay))
 
 
-def runnable(kind: str) -> bool:
-    """Whether this version can run a gateway of ``kind`` (the supervisor asks
-    before it starts anything, so a config naming a kind not built yet fails
-    once, in one line, instead of restarting forever)."""
-    return kind == "tunnel" or kind in KINDS
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure(json_lines=args.log_json)
     raise_file_limit()
     try:
         manifest = mf.load(args.manifest)
-        if manifest.kind == "tunnel":
-            # The tunnel's control server is a gateway of its own kind: it
-            # terminates the mediators' channels itself (tunnel/service.py).
-            run_gateway(manifest, log_json=args.log_json)
-            return EXIT_OK
         if manifest.kind not in KINDS:
+            raise UsageError(f"gateway {manifest.name!r}: this version knows no kind {manifest.kind}")
+        kind = KINDS[manifest.kind]
+        if not kind.built:
             raise UsageError(f"gateway {manifest.name!r}: kind {manifest.kind} is not built yet")
+        if kind.standalone:
+            # A kind that runs its whole process itself (the tunnel's control
+            # server terminates the mediators' channels: tunnel/service.py).
+            kind.entry()(manifest, log_json=args.log_json)
+            return EXIT_OK
         key = load_or_create_key(manifest.signalling.key_file)
-        asyncio.run(serve(manifest, key, EventLog(manifest.name)))
+        asyncio.run(serve(manifest, key, EventLog(manifest.name), kind.entry()))
     except NfgateError as err:
         print(f"{PROG}: {err}", file=sys.stderr)
         return err.exit_code

@@ -23,7 +23,7 @@ Per connection (leg A accepted on G:g from F:f):
    nothing more can pass).
 5. One ``close`` line: bytes each way, duration, reason.
 
-Limits come from the gateway's ``[gateway.settings]`` (``TcpRelaySettings``, gateways/settings.py).
+Limits come from the gateway's ``[gateway.settings]`` (``TcpRelaySettings``, below, with the kind's declaration ``KIND``).
 
 With ``mode = "log-only"`` the processor never sends a connection here: it
 passes each one's first packet to the kernel, which carries the connection,
@@ -39,16 +39,41 @@ import asyncio
 import socket
 from typing import Any
 
+from pydantic import Field
+
+from firewall.fields import Choice, Frozen, Int, Number
 from firewall.signalling import Endpoint, Proto
+from gateways.kind import Kind
+from gateways.manifest import Manifest
 from gateways.layer import EventLog, FlowUnknown, GatewayLayer, Hold
 from gateways.layer.outputs import LoggedFlowEnded
 from gateways.layer.endpoint import endpoint_of
 from gateways.relay import Limits, RelayCore, Side, reset_socket
-from gateways.settings import TcpRelaySettings
 from gateways.tcp_server import TcpGateway
 
 # Leg A comes from the client (through F:f), leg B goes to the server.
 NAMES = {Side.A: "client", Side.B: "server"}
+
+
+
+RelayMode = Choice("relay", "log-only")
+
+
+class TcpRelaySettings(Frozen):
+    """The tcp-relay keys of ``[gateway.settings]``."""
+
+    max_connections: Int(1, 1_000_000) = Field(1024, description="concurrent connections; more are refused (RST)")
+    idle_timeout: Number(1, 86400) = Field(300.0, description="seconds without data in either direction before closing")
+    connect_timeout: Number(0.1, 300) = Field(10.0, description="seconds to open leg B to the server")
+    mode: RelayMode = Field(
+        "relay", description="relay: every connection through the gateway; log-only: the kernel carries it, "
+        "the gateway logs it (docs/datapath.md, \"Log-only gateways\")")
+
+
+KIND = Kind(
+    "tcp-relay", ("tcp",), TcpRelaySettings, gateway="gateways.tcp_relay:TcpRelay.for_gateway",
+    log_only=lambda settings: settings.mode == "log-only",
+)
 
 
 class TcpRelay(TcpGateway):
@@ -67,6 +92,12 @@ class TcpRelay(TcpGateway):
         self._active = 0
         if settings.mode == "log-only":
             layer.on_logged_end = self._logged_end
+
+
+    @classmethod
+    def for_gateway(cls, layer: GatewayLayer, manifest: Manifest, listen: Endpoint, log: EventLog) -> "TcpRelay":
+        """The gateway as ``python -m gateways`` runs it: settings from its manifest."""
+        return cls(layer, listen=listen, settings=TcpRelaySettings.model_validate(manifest.settings), log=log)
 
     @property
     def active(self) -> int:

@@ -33,10 +33,14 @@ import enum
 from collections import Counter, deque
 from typing import Any
 
+from pydantic import Field
+
+from firewall.fields import Frozen, Int, Number
 from firewall.signalling import Endpoint, Proto
+from gateways.kind import Kind
+from gateways.manifest import Manifest
 from gateways.layer import EndCause, EventLog, FlowUnknown, GatewayLayer, Hold, RuleError
 from gateways.layer.endpoint import endpoint_of
-from gateways.settings import UdpRelaySettings
 
 # Datagrams of one flow held while its original tuple is looked up (at most
 # four query_timeouts). A client sending faster than that during the first
@@ -47,6 +51,19 @@ MAX_QUEUED_DATAGRAMS = 32
 # (sendto would block). Beyond it datagrams are dropped and counted: UDP has
 # no backpressure, and an unbounded buffer is a memory leak in waiting.
 MAX_SEND_BUFFER = 1 << 20
+
+
+class UdpRelaySettings(Frozen):
+    """The udp-relay keys of ``[gateway.settings]``."""
+
+    max_flows: Int(1, 1_000_000) = Field(4096, description="concurrent UDP flows; more are dropped")
+    idle_timeout: Number(1, 86400) = Field(60.0, description="seconds without a datagram before the flow ends")
+    offload_after: Int(0, 1_000_000) = Field(
+        0, description="datagrams relayed each way before the flow is handed to the kernel (0: never)")
+
+
+KIND = Kind("udp-relay", ("udp",), UdpRelaySettings, gateway="gateways.udp_relay:UdpRelay.for_gateway", offload=True)
+
 
 class _State(enum.Enum):
     LOOKUP = "lookup"
@@ -120,6 +137,11 @@ class UdpRelay:
         self._transport: asyncio.DatagramTransport | None = None
         self._flows: dict[Endpoint, _Flow] = {}
 
+
+    @classmethod
+    def for_gateway(cls, layer: GatewayLayer, manifest: Manifest, listen: Endpoint, log: EventLog) -> "UdpRelay":
+        """The gateway as ``python -m gateways`` runs it: settings from its manifest."""
+        return cls(layer, listen=listen, settings=UdpRelaySettings.model_validate(manifest.settings), log=log)
     @property
     def active(self) -> int:
         """Flows held (looking up, or open)."""

@@ -191,14 +191,27 @@ def test_gateways_and_tunnel_never_import_the_router_internals() -> None:
 
 def test_gateways_and_tunnel_never_import_the_config() -> None:
     """A gateway reads its manifest, and validates its settings with its own
-    model (gateways/settings.py, tunnel/settings.py); the tunnel's own files
-    are read with the shared field types (firewall.fields)."""
+    model (its kind's module: gateways/kind.py); the tunnel's own files are
+    read with the shared field types (firewall.fields)."""
     static = [
         f"{imp.module}:{imp.line} imports {imp.target}"
         for imp in project_imports()
         if imp.module.split(".")[0] in ("gateways", "tunnel") and imp.target.startswith("firewall.config")
     ]
     assert static == []
+
+
+def test_the_signalling_contract_imports_neither_config_nor_gateways() -> None:
+    """firewall/signalling/ is the wire contract between the two sides: it
+    stands on its own, checked statically and in a fresh interpreter."""
+    static = [
+        f"{imp.module}:{imp.line} imports {imp.target}"
+        for imp in project_imports()
+        if imp.module.startswith("firewall.signalling") and imp.target.startswith(("firewall.config", "gateways", "tunnel"))
+    ]
+    assert static == []
+    loaded = fresh_import(["firewall.signalling"])
+    assert [m for m in loaded if m.startswith(("firewall.config", "gateways", "tunnel"))] == []
 
 
 def test_only_the_command_line_hosts_the_command_groups() -> None:

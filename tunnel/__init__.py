@@ -36,7 +36,8 @@ The asyncio layers around the cores, and how they are run:
   through the tunnel.
 - ``server``: ``TunnelServer`` (sessions, mediator records, publications,
   operator operations) and ``StandaloneFrontend``.
-- ``gateway``: ``GatewayFrontend``, the server as the ``tunnel`` gateway kind.
+- ``gateway``: ``GatewayFrontend``, the server as the ``tunnel`` gateway kind;
+  ``kind``: that kind's declaration (gateways/kind.py).
 - ``operator``: the operator's commands, served on nfgate's root-only control
   socket (``firewall.control``, which also has the client).
 - ``service``: ``run_server``, ``run_gateway``.

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic.json_schema import GenerateJsonSchema
 
 from firewall.config.model import MAX_QUEUES, Config, PortRange, bucket_count
-from firewall.config.settings import GATEWAY_KINDS
+from gateways.kinds import KINDS
 from firewall.errors import UsageError
 from firewall.fields import NAME
 from firewall.locate import locate
@@ -47,7 +47,7 @@ def loads(text: str, path: Path | None = None) -> Config:
     doc = parse_toml(text, path)
     zones = doc.get("zones")
     context: dict[str, Any] = {"zones": tuple(zones) if isinstance(zones, dict) else ()}
-    config, problems = validate(Config, doc, context, tags=GATEWAY_KINDS)
+    config, problems = validate(Config, doc, context, tags=KINDS.names())
     if problems:
         raise ConfigError(path, located(text, problems))
     return config.model_copy(update={"path": path})

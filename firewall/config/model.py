@@ -31,7 +31,8 @@ from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, cre
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
-from firewall.config.settings import KINDS
+from firewall.signalling.guard import DEFAULT_REPLAY_WINDOW
+from gateways.kinds import KINDS
 from firewall.fields import (
     NAME, ROUTER, AbsPath, Bitmask, Bool, Choice, Frozen, IfName, Int, IPNetwork, IPv4Iface, ListOf, Name,
     Network, Number, PortRange, Ports, Removed, SinglePortRange, String, Tables, bitmask, fail, ordered, report, typed, unique,
@@ -369,7 +370,7 @@ class Signalling(Frozen):
     key_file: AbsPath = Field(Path("/etc/nfgate/signalling.key"), description="the shared key (made if missing)")
     copies: Int(1, 10) = Field(3, description="copies of each message (UDP may lose one)")
     query_timeout: Number(0.01, 30) = Field(0.5, description="seconds a gateway waits for an answer before asking again")
-    replay_window: Number(0.1, 300) = Field(5.0, description="seconds a message is accepted after it was sent")
+    replay_window: Number(0.1, 300) = Field(DEFAULT_REPLAY_WINDOW, description="seconds a message is accepted after it was sent")
     socket_buffer: Int(1 << 16, 1 << 28) = Field(4 * 1024 * 1024, description="bytes of each signalling socket's buffers")
 
 
@@ -420,29 +421,17 @@ class Gateway(Frozen):
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> "Gateway":
-        protos = KINDS[self.kind][0]
+        kind = KINDS[self.kind]
         if not self.traffic:
             report(info, f"{self.source}.traffic", "a gateway needs at least one [[gateway.traffic]] selector")
         for item in self.traffic:
-            if item.proto not in protos:
-                report(info, f"{item.source}.proto", f"a {self.kind} gateway takes {' or '.join(protos)}, not {item.proto}")
-        if self.kind == "tunnel":
-            _check_tunnel(info, self)
+            if item.proto not in kind.protos:
+                report(info, f"{item.source}.proto", f"a {self.kind} gateway takes {' or '.join(kind.protos)}, not {item.proto}")
+            if kind.terminates and item.to_zone != ROUTER:
+                report(info, f"{item.source}.to", f"a {self.kind} gateway terminates its flows: 'to' must be \"router\"")
+        for path, reason in kind.check(self) if kind.check is not None else ():
+            report(info, path, reason)
         return self
-
-
-def _check_tunnel(info: ValidationInfo, gateway: Gateway) -> None:
-    """The tunnel's control server terminates its flows (docs/tunnel-protocol.md
-    section 19): every selector ends at the router, and the service port must
-    reach it over TCP (the channel) and UDP (the UDP channels)."""
-    service_port = gateway.settings.service_port
-    for item in gateway.traffic:
-        if item.to_zone != ROUTER:
-            report(info, f"{item.source}.to", "a tunnel gateway terminates its flows: 'to' must be \"router\"")
-    for proto in ("tcp", "udp"):
-        if not any(s.proto == proto and any(r.first <= service_port <= r.last for r in s.ports) for s in gateway.traffic):
-            report(info, f"{gateway.source}.traffic",
-                   f"no {proto} selector brings settings.service_port {service_port} to the tunnel gateway")
 
 
 def _kind_model(kind: str, settings: type) -> type[Gateway]:
@@ -456,7 +445,7 @@ def _kind_model(kind: str, settings: type) -> type[Gateway]:
     )
 
 
-KIND_GATEWAYS = {kind: _kind_model(kind, model) for kind, (_, model) in KINDS.items()}
+KIND_GATEWAYS = {kind.name: _kind_model(kind.name, kind.settings) for kind in KINDS}
 AnyGateway = Annotated[Union[tuple(KIND_GATEWAYS.values())], Field(discriminator="kind")]  # type: ignore[valid-type]
 
 

@@ -66,6 +66,7 @@ from firewall.packet import SYN, TCP, UDP, ACK, FIN, RST, Drop, Packet, parse
 from firewall.pools import EndpointPool, SliceBy, Slicing
 from firewall.processor.rulebook import RuleBook
 from firewall.rules.bind import DNAT_MAP, SNAT_MAP
+from gateways.kinds import KINDS
 from firewall.signalling import (
     NO_COUNTERS,
     Answer,
@@ -93,11 +94,6 @@ from firewall.signalling import (
 DROP = 0
 PASS = 1  # NF_ACCEPT with the mark ``handle`` returns: ``passed`` or ``rewritten``
 
-# Kinds whose protocol also uses the port ``step`` above the selected one, so
-# the processor expects that flow itself (seed, "Dynamic changes": "the packet
-# processor part may by itself deduce the other port number(s)"): RTP data on
-# N, RTCP on N+1 (RFC 3550 section 11).
-ADJACENT_PORTS: dict[str, int] = {"rtp": 1}
 
 IFACE_CACHE_SECONDS = 10.0  # how long an ifindex -> zone answer is trusted
 # Log-only flows tracked at once (about 200 bytes each); beyond, a flow still
@@ -280,7 +276,7 @@ class ProcessorCore:
             self._agents[(ag.addr, ag.port)] = ag
             for t in gw.traffic:
                 ports = tuple((r.first, r.last) for r in t.ports)
-                log_only = getattr(gw.settings, "mode", None) == "log-only"
+                log_only = KINDS[gw.kind].log_only(gw.settings)
                 sel = _Selector(t, gw, ag, ports, _nets(t.saddr), _nets(t.daddr), log_only)
                 self._selectors.setdefault((t.from_zone, _PROTO[t.proto]), []).append(sel)
         self._forwards: dict[tuple[str, int], list[tuple[PortForward, tuple[tuple[int, int], ...]]]] = {}
@@ -447,7 +443,11 @@ class ProcessorCore:
         if isinstance(b, str):
             return self._drop(b, mark)
         fid = self._register(b)
-        step = ADJACENT_PORTS.get(sel.gateway.kind)
+        # A kind whose protocol also uses the port ``step`` above the selected
+        # one: the processor expects that flow itself (seed, "Dynamic changes":
+        # "the packet processor part may by itself deduce the other port
+        # number(s)"): RTP data on N, RTCP on N+1 (RFC 3550 section 11).
+        step = KINDS[sel.gateway.kind].adjacent_port
         if step is not None:
             self.rules.adjacent(fid, b, step, now, self.config.processor.adjacent_ttl)
         self._nat(proto, b.leg_a())

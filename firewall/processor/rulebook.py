@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING, Any
 from firewall.flows import AgEndpoint, Binding
 from firewall.packet import TCP, UDP
 from firewall.rules.bind import dyn_name
+from gateways.kinds import KINDS
 from firewall.signalling import (
     OffloadRequest,
     Received,
@@ -82,17 +83,10 @@ from firewall.signalling import (
 if TYPE_CHECKING:
     from firewall.processor.core import ProcessorCore
 
-# Which dynamic rules each gateway kind may ask for (the POLICY check). FTP
-# needs its data connections, RTP its control port; a relay, SMTP or the
-# tunnel has no protocol reason to open a second flow.
-RULE_MODES: dict[str, frozenset[RuleMode]] = {
-    "ftp": frozenset({RuleMode.REDIRECT, RuleMode.ALLOW}),
-    "rtp": frozenset({RuleMode.REDIRECT, RuleMode.ALLOW}),
-}
-# Which gateway kinds may hand a verified flow to the kernel (OFFLOAD_REQUEST).
-# A relay that has seen enough of a UDP flow, and RTP once a stream is
-# validated, lose nothing by leaving it to conntrack.
-OFFLOAD_KINDS: frozenset[str] = frozenset({"udp-relay", "rtp"})
+# Which dynamic rules a gateway may ask for (the POLICY check), and whether it
+# may offload (OFFLOAD_REQUEST), is its kind's (gateways/kind.py: rule_modes,
+# offload): FTP needs its data connections, RTP its control port; a relay,
+# SMTP or the tunnel has no protocol reason to open a second flow.
 # How long an offloaded flow's ALLOW waits for the client's next datagram.
 # Conntrack's own UDP timeout (30 s by default) is how long a quiet flow
 # lives anyway; a flow that stays quiet longer is selected and bound again,
@@ -189,7 +183,7 @@ class RuleBook:
         self._snat_ports = core.config.processor.pools.snat_ports
         self._max_rules = core.config.processor.max_rules
         self._max_per_flow = core.config.processor.max_rules_per_flow
-        self._kind = {g.name: g.kind for g in core.config.gateways}
+        self._kind = {g.name: KINDS[g.kind] for g in core.config.gateways}
         # A gateway's requests come from its own signalling port (docs/datapath.md, "Signalling ports").
         self._gateway_at = {peer: name for name, peer in core.gateway_peers.items()}
         self._rules: dict[int, DynRule] = {}  # rule id -> live rule
@@ -259,7 +253,7 @@ class RuleBook:
             return RuleRefusal.OTHER_GATEWAY
         if b.proto != UDP:
             return RuleRefusal.NOT_UDP
-        if self._kind[b.gateway.name] not in OFFLOAD_KINDS:
+        if not self._kind[b.gateway.name].offload:
             return RuleRefusal.POLICY
         if len(self._rules) >= self._max_rules or self.in_flight >= MAX_KERNEL_OPS_IN_FLIGHT:
             return RuleRefusal.LIMIT
@@ -291,7 +285,7 @@ class RuleBook:
             server = (target if target is not None else dst, req.dst.port)
         else:
             server = self._server_for(b, dst, req.dst.port)
-        if req.mode not in RULE_MODES.get(self._kind[b.gateway.name], frozenset()):
+        if req.mode not in self._kind[b.gateway.name].rule_modes:
             return RuleRefusal.POLICY
         if (
             len(self._rules_of.get(req.flow_id, ())) >= self._max_per_flow

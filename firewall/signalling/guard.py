@@ -56,7 +56,6 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from firewall.config.model import Signalling
 from firewall.replay import ReplayWindow
 from firewall.signalling.codec import (
     COPY_OFFSET,
@@ -73,7 +72,7 @@ from firewall.signalling.codec import (
 )
 from firewall.signalling.messages import SENDER_OF, Message, MsgType, Role
 
-DEFAULT_REPLAY_WINDOW = Signalling().replay_window  # seconds, the config's default
+DEFAULT_REPLAY_WINDOW = 5.0  # seconds; the default of the config's signalling.replay_window
 
 # How far behind its newest sequence number a sender's message may arrive.
 # Over the blind-track veth datagrams arrive in the order sent; the window

@@ -18,12 +18,12 @@ connection.
   inspect mode's size limit and content hook.
 - ``gateway``: ``FtpGateway``, the asyncio adapter (one listener for control
   sessions and the data connections they expect); its ``[gateway.settings]``
-  are ``FtpSettings`` (gateways/settings.py).
+  are ``FtpSettings`` (gateways/ftp/kind.py, with the kind's declaration).
 """
 
 from gateways.ftp.core import FtpControl
 from gateways.ftp.model import DataChannel, Direction, Parties, Policy
 from gateways.ftp.gateway import FtpGateway
-from gateways.settings import FtpSettings
+from gateways.ftp.kind import FtpSettings
 
 __all__ = ["DataChannel", "Direction", "FtpControl", "FtpGateway", "FtpSettings", "Parties", "Policy"]

@@ -59,7 +59,7 @@ from gateways.manifest import Manifest
 from gateways.layer import EventLog, FlowUnknown, GatewayLayer, Hold, RuleError
 from gateways.layer.endpoint import endpoint_of
 from gateways.relay import RelayCore, reset_socket
-from gateways.settings import FtpSettings
+from gateways.ftp.kind import FtpSettings
 from gateways.tcp_server import CLOSE_FLUSH_TIMEOUT, TcpGateway, reset
 
 CONTROL_CHUNK = 1 << 14  # control lines are short; a read never needs more

@@ -21,7 +21,7 @@ from typing import Any, Union
 
 from firewall.signalling import Endpoint, RuleMode
 from gateways.ftp.commands import allowed_commands
-from gateways.settings import FtpSettings
+from gateways.ftp.kind import FtpSettings
 
 
 class DataChannel(enum.Enum):

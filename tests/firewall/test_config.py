@@ -10,7 +10,7 @@ import pytest
 
 from firewall.config import ConfigError, PortRange, load, loads
 from firewall.config.model import Marks
-from firewall.config.settings import KINDS
+from gateways.kinds import KINDS
 from firewall.errors import UsageError
 
 EXAMPLES = sorted((Path(__file__).parents[2] / "examples").glob("*.toml"))
@@ -307,5 +307,5 @@ def test_gateway_settings_travel_as_json_and_back() -> None:
     settings = loads(text).gateways[0].settings
     assert settings.allow_commands == ("SITE",) and settings.idle_timeout == 60.0
     assert "masquerade_address" not in settings.model_dump(mode="json")
-    for value in [model() for _, model in KINDS.values()] + [settings]:
+    for value in [kind.settings() for kind in KINDS] + [settings]:
         assert type(value).model_validate(value.model_dump(mode="json")) == value

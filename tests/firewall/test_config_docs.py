@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from firewall.config import model
-from firewall.config.settings import KINDS
+from gateways.kinds import KINDS
 
 DOC = (Path(__file__).parents[2] / "docs" / "config.md").read_text()
 
@@ -72,7 +72,7 @@ def test_every_key_and_default_is_documented(header: str) -> None:
 
 def test_gateway_settings_are_documented() -> None:
     text = section("[[gateway]]")
-    for kind, (_, settings) in KINDS.items():
+    for kind, settings in ((k.name, k.settings) for k in KINDS):
         for key, default in keys(settings).items():
             row = re.search(rf"^\| `{key}` \| `([^`]+)` \|", text[text.index(f"`{kind}`:") :], re.M)
             assert row, f"{kind}.{key} is missing from docs/config.md"
@@ -85,7 +85,7 @@ def test_gateway_settings_are_documented() -> None:
 def test_no_gateway_setting_is_documented_that_the_loader_refuses() -> None:
     """The converse: a key removed from a kind (ftp's masquerade_address) leaves its doc row too."""
     text = section("[[gateway]]")
-    for kind, (_, settings) in KINDS.items():
+    for kind, settings in ((k.name, k.settings) for k in KINDS):
         schema = keys(settings)
         if not schema:
             continue

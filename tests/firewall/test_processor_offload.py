@@ -8,11 +8,12 @@ lan:80, and lan's outbound tcp 9001).
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any
 
 import pytest
 
-from firewall.processor import rulebook
 from firewall.processor.core import DROP, PASS
 from firewall.processor.rulebook import KernelRule
 from firewall.rules.bind import DNAT_MAP, SNAT_MAP
@@ -156,7 +157,8 @@ def test_offload_requests_refused_change_nothing(monkeypatch: pytest.MonkeyPatch
     refused(OffloadRequest(1, flow.flow_id + 1000), DNS, RuleRefusal.UNKNOWN_FLOW)
     refused(OffloadRequest(2, flow.flow_id), FTP, RuleRefusal.OTHER_GATEWAY)  # the ftp gateway asks for dns's flow
     refused(OffloadRequest(3, relay.flow_id), (G, 7500), RuleRefusal.NOT_UDP)
-    monkeypatch.setattr(rulebook, "OFFLOAD_KINDS", frozenset({"rtp"}))
+    # A kind that may not offload (its declaration says so: gateways/kind.py).
+    monkeypatch.setitem(rig.core.rules._kind, "dns", dataclasses.replace(rig.core.rules._kind["dns"], offload=False))
     refused(OffloadRequest(4, flow.flow_id), DNS, RuleRefusal.POLICY)
     monkeypatch.undo()
     counters = rig.core.stats()["counters"]

@@ -1,16 +1,8 @@
-"""Each gateway kind's ``[gateway.settings]``: one pydantic model per kind.
+"""The ftp gateway kind: its settings and its declaration (gateways/kind.py).
 
-A model's fields are the keys the kind accepts, each with its default and
-its one-line meaning (docs/config.md lists the same; the JSON Schema of
-``nfgate config schema`` carries them). A key a kind does not declare is
-refused like any unknown key. The config loader validates a gateway's
-settings with its kind's model; the manifest carries them as JSON values,
-and the gateway validates those with the same model.
-
-The models live here, not beside their gateways (``tcp_relay``, ``ftp/``),
-because the router's config loader imports them, and the gateway modules
-import the deNAT/reNAT layer, which imports the config: beside them they
-would close an import circle. Each gateway module re-exports its own.
+``FtpSettings`` are the ftp keys of ``[gateway.settings]`` (docs/ftp.md and
+docs/config.md, with the RFC behind each limit); ``gateways.ftp.model.Policy``
+takes its defaults from them.
 """
 
 from __future__ import annotations
@@ -18,38 +10,8 @@ from __future__ import annotations
 from pydantic import Field
 
 from firewall.fields import Choice, Frozen, Int, ListOf, Number, Removed, String
-
-
-class SmtpSettings(Frozen):
-    """The smtp gateway takes no settings yet (its gateway comes with a later issue)."""
-
-
-class RtpSettings(Frozen):
-    """The rtp gateway takes no settings yet (its gateway comes with a later issue)."""
-
-
-RelayMode = Choice("relay", "log-only")
-
-
-class TcpRelaySettings(Frozen):
-    """The tcp-relay keys of ``[gateway.settings]``."""
-
-    max_connections: Int(1, 1_000_000) = Field(1024, description="concurrent connections; more are refused (RST)")
-    idle_timeout: Number(1, 86400) = Field(300.0, description="seconds without data in either direction before closing")
-    connect_timeout: Number(0.1, 300) = Field(10.0, description="seconds to open leg B to the server")
-    mode: RelayMode = Field(
-        "relay", description="relay: every connection through the gateway; log-only: the kernel carries it, "
-        "the gateway logs it (docs/datapath.md, \"Log-only gateways\")")
-
-
-class UdpRelaySettings(Frozen):
-    """The udp-relay keys of ``[gateway.settings]``."""
-
-    max_flows: Int(1, 1_000_000) = Field(4096, description="concurrent UDP flows; more are dropped")
-    idle_timeout: Number(1, 86400) = Field(60.0, description="seconds without a datagram before the flow ends")
-    offload_after: Int(0, 1_000_000) = Field(
-        0, description="datagrams relayed each way before the flow is handed to the kernel (0: never)")
-
+from firewall.signalling import RuleMode
+from gateways.kind import Kind
 
 FtpVerb = String(r"[A-Za-z]{3,4}", "an FTP command (3 or 4 letters, RFC 959 section 5.3.1)")
 DataChannel = Choice("allow", "inspect")
@@ -94,3 +56,10 @@ class FtpSettings(Frozen):
     connect_timeout: Number(0.1, 300) = Field(10.0, description="seconds to open a connection to the server")
 
     masquerade_address: GoneMasquerade = Field(None, repr=False, exclude=True)
+
+
+KIND = Kind(
+    "ftp", ("tcp",), FtpSettings, gateway="gateways.ftp.gateway:FtpGateway.for_gateway",
+    # Its data connections: through the gateway (inspect) or the kernel (allow).
+    rule_modes=frozenset({RuleMode.REDIRECT, RuleMode.ALLOW}),
+)

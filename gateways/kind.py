@@ -1,0 +1,109 @@
+"""What a gateway kind is: one declaration that the whole router reads.
+
+A kind declares, in the module that implements it, one ``Kind``:
+
+- ``name``: what ``[[gateway]] kind = ...`` says;
+- ``protos``: the transport protocols its ``[[gateway.traffic]]`` selectors may name;
+- ``terminates``: every selector must end at the router (``to = "router"``):
+  the gateway is the flows' end, not a relay towards a server;
+- ``settings``: the pydantic model of its ``[gateway.settings]``, defaults
+  and one-line meanings written once (they are the JSON Schema's too);
+- ``check``: problems of a whole ``[[gateway]]`` that no one field shows
+  (the tunnel's service port must be steered to it), as (key path, reason);
+- ``rule_modes``: the dynamic rules (RULE_REQUEST modes) it may ask the
+  processor for; anything else is refused POLICY;
+- ``adjacent_port``: with each redirected flow on port N the processor also
+  opens N + this for the same endpoints (RTP's RTCP), or None;
+- ``offload``: it may hand a verified UDP flow to the kernel (OFFLOAD_REQUEST);
+- ``log_only``: given its settings, whether the processor lets its flows
+  pass unbound and only tells the gateway of them (tcp-relay ``mode = "log-only"``);
+- ``gateway``: its process entry point, ``"module:attribute"``, loaded only
+  in the gateway process: a factory ``(layer, manifest, listen, log) ->
+  relay`` run by ``python -m gateways`` on the shared deNAT/reNAT layer, or,
+  with ``standalone``, a ``run(manifest, *, log_json)`` that runs the whole
+  process itself (the tunnel). None: the config accepts the kind, and
+  ``nfgate run`` refuses it in one line (its gateway is not built yet).
+
+``gateways.kinds`` registers every kind, one line each. The config (its
+``[[gateway]]`` models and checks), the processor (rule policy, adjacent
+ports, offload, log-only), the supervisor and ``python -m gateways`` read
+the registry and nothing else about kinds.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from firewall.signalling import RuleMode
+
+# (key path, reason): one problem a kind's ``check`` reports about a [[gateway]].
+Problem = tuple[str, str]
+
+
+def _never(settings: Any) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    protos: tuple[str, ...]
+    settings: type[BaseModel]
+    gateway: str | None
+    standalone: bool = False
+    terminates: bool = False
+    check: Callable[[Any], Iterable[Problem]] | None = None
+    rule_modes: frozenset[RuleMode] = frozenset()
+    adjacent_port: int | None = None
+    offload: bool = False
+    log_only: Callable[[Any], bool] = _never
+
+    def __post_init__(self) -> None:
+        if not self.protos or not set(self.protos) <= {"tcp", "udp"}:
+            raise ValueError(f"kind {self.name}: protos must be tcp and/or udp, got {self.protos!r}")
+        if self.gateway is not None and ":" not in self.gateway:
+            raise ValueError(f"kind {self.name}: gateway must be 'module:attribute', got {self.gateway!r}")
+
+    @property
+    def built(self) -> bool:
+        return self.gateway is not None
+
+    def entry(self) -> Any:
+        """The entry point, imported now (in the gateway process)."""
+        if self.gateway is None:
+            raise LookupError(f"kind {self.name} is not built yet")
+        module, _, attribute = self.gateway.partition(":")
+        target: Any = importlib.import_module(module)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+        return target
+
+
+class Registry:
+    """Every gateway kind, by name, in registration order."""
+
+    def __init__(self) -> None:
+        self._kinds: dict[str, Kind] = {}
+
+    def register(self, kind: Kind) -> Kind:
+        if kind.name in self._kinds:
+            raise ValueError(f"gateway kind {kind.name!r} is registered twice")
+        self._kinds[kind.name] = kind
+        return kind
+
+    def __getitem__(self, name: str) -> Kind:
+        return self._kinds[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._kinds
+
+    def __iter__(self):
+        return iter(self._kinds.values())
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._kinds)
