@@ -29,6 +29,10 @@ by connecting back to F:f, where the processor restores it (docs/datapath.md).
   one-shot data-port rules, its asyncio adapter (``gateway``), and what its
   data connections add to ``relay/`` (``data``: the size limit and the
   content hook of inspect mode).
+- ``smtp/``: the ``smtp`` kind (docs/smtp.md): a sans-IO SMTP core
+  (``core``, ``state``, ``commands``, ``lines``, ``data``) between client and
+  server, its policy hooks (``policy``), its settings model (``settings``)
+  and its asyncio adapter (``gateway``).
 - ``__main__``: ``python -m gateways --config PATH --gateway NAME
   [--log-json]``, one gateway process, as the supervisor starts it: the
   launcher that knows every kind, the ``tunnel`` kind included

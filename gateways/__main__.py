@@ -45,6 +45,7 @@ from gateways.ftp import FtpGateway
 from gateways.layer import EventLog, GatewayLayer
 from gateways.layer.events import configure
 from gateways.manifest import Manifest
+from gateways.smtp.gateway import SmtpGateway
 from gateways.tcp_relay import TcpRelay, TcpRelaySettings
 from gateways.tcp_server import raise_file_limit
 from gateways.udp_relay import UdpRelay, UdpRelaySettings
@@ -82,6 +83,8 @@ KINDS: dict[str, RelayFactory] = {
     ),
     # FTP with dynamic data-port rules (issue 4): gateways/ftp/, docs/ftp.md.
     "ftp": FtpGateway.for_gateway,
+    # SMTP checked against RFC 5321 (issue 10): gateways/smtp/, docs/smtp.md.
+    "smtp": SmtpGateway.for_gateway,
 }
 
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
-from firewall.config.reader import Problems, Table, choice, integer, join, listof, number, string
+from firewall.config.reader import Problems, Table, boolean, choice, integer, join, listof, number, string
+from gateways.smtp.settings import ADDRESS_PATTERN, DOMAIN_PATTERN, KNOWN_EXTENSIONS, SmtpSettings
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,43 @@ _FTP = {
     "connect_timeout": Setting(number(0.1, 300), 10.0, "seconds to open a connection to the server"),
 }
 
+
+def _smtp(key: str, convert: Callable[[Any, str, Problems], Any]) -> Setting:
+    """One smtp key: its converter here, its default and meaning from ``SmtpSettings``."""
+    field = SmtpSettings.model_fields[key]
+    return Setting(convert, field.default, field.description or "")
+
+
+# The smtp gateway (gateways/smtp/, docs/smtp.md): a thin mirror of SmtpSettings, one line per key.
+_DOMAIN = string(DOMAIN_PATTERN, "a mail domain (example.com), its subdomains (.example.com) or *")
+_ADDRESS = string(ADDRESS_PATTERN, "an address (user@example.com) or a domain")
+_SMTP = {
+    "starttls": _smtp("starttls", choice("strip", "terminate", "passthrough")),
+    "tls_certificate": _smtp("tls_certificate", string()),
+    "tls_key": _smtp("tls_key", string()),
+    "extensions": _smtp("extensions", listof(choice(*KNOWN_EXTENSIONS))),
+    "allow_vrfy": _smtp("allow_vrfy", boolean),
+    "allow_expn": _smtp("allow_expn", boolean),
+    "max_command_line": _smtp("max_command_line", integer(512, 65536)),
+    "max_text_line": _smtp("max_text_line", integer(1000, 1_000_000)),
+    "max_reply_line": _smtp("max_reply_line", integer(512, 65536)),
+    "max_message_size": _smtp("max_message_size", integer(1024, 1 << 40)),
+    "max_recipients": _smtp("max_recipients", integer(1, 100_000)),
+    "max_messages": _smtp("max_messages", integer(1, 1_000_000)),
+    "max_bad_commands": _smtp("max_bad_commands", integer(0, 1000)),
+    "idle_timeout": _smtp("idle_timeout", number(1, 86400)),
+    "session_timeout": _smtp("session_timeout", number(1, 604800)),
+    "connect_timeout": _smtp("connect_timeout", number(0.1, 300)),
+    "max_sessions": _smtp("max_sessions", integer(1, 1_000_000)),
+    "max_sessions_per_client": _smtp("max_sessions_per_client", integer(1, 1_000_000)),
+    "sender_domains": _smtp("sender_domains", listof(_DOMAIN)),
+    "recipient_domains": _smtp("recipient_domains", listof(_DOMAIN)),
+    "reject_senders": _smtp("reject_senders", listof(_ADDRESS)),
+    "reject_recipients": _smtp("reject_recipients", listof(_ADDRESS)),
+}
+
 KIND_SETTINGS: dict[str, dict[str, Setting]] = {
-    "smtp": {},
+    "smtp": _SMTP,
     "ftp": _FTP,
     "rtp": {},
     "tcp-relay": _RELAY_TCP,

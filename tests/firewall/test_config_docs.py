@@ -63,7 +63,9 @@ def test_gateway_settings_are_documented() -> None:
         for key, setting in schema.items():
             row = re.search(rf"^\| `{key}` \| `([^`]+)` \|", text[text.index(f"`{kind}`:") :], re.M)
             assert row, f"{kind}.{key} is missing from docs/config.md"
-            if isinstance(setting.default, (str, tuple)):
+            if isinstance(setting.default, bool):
+                assert row.group(1) == str(setting.default).lower(), (kind, key)
+            elif isinstance(setting.default, (str, tuple)):
                 assert row.group(1) == shown_as(setting.default), (kind, key)
             else:
                 assert float(row.group(1)) == float(setting.default), (kind, key)
