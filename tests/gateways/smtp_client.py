@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import resource
 import smtplib
 import socket
 import sys
@@ -29,7 +30,8 @@ def send(host: str, sender: str, rcpt: str, mode: str, messages: list[bytes]) ->
     smtp = None
     for msg in messages:
         if smtp is None:
-            smtp = smtplib.SMTP(host, 25, timeout=60)
+            name, _, port = host.partition(":")
+            smtp = smtplib.SMTP(name, int(port or 25), timeout=60)
             smtp.ehlo("client.example.org")
         options = ["BODY=8BITMIME"] if re.search(rb"[\x80-\xff]", msg) else []
         refused = smtp.sendmail(sender, [rcpt], msg, mail_options=options)
@@ -103,6 +105,8 @@ def _eof(sock: socket.socket) -> bool:
 
 
 def idle(host: str, count: int, seconds: float) -> dict:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     socks = []
     for _ in range(count):
         s = socket.create_connection((host, 25), timeout=30)
