@@ -43,9 +43,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from firewall.signalling import Endpoint, FlowInfo, Proto
-from gateways.layer import EventLog, FlowUnknown, GatewayLayer, Hold
-from gateways.layer.endpoint import endpoint_of
+from firewall.signalling import Endpoint, FlowInfo
+from gateways.layer import EventLog, GatewayLayer, Hold
 from gateways.manifest import Manifest
 from gateways.relay import reset_socket
 from gateways.relay.driver import arm_reset
@@ -104,24 +103,9 @@ class SmtpGateway(TcpGateway):
         return len(self._sessions)
 
     async def _serve(self, sock: socket.socket) -> None:
-        try:
-            fw, ag = endpoint_of(sock.getpeername()), endpoint_of(sock.getsockname())
-        except OSError:
-            fw = ag = None
-        if fw is None or ag is None:
-            self.counters["closed.gone"] += 1
-            sock.close()
+        hold = await self._attach(sock)
+        if hold is None:
             return
-        try:
-            hold = await self.layer.attach(Proto.TCP, fw, ag)
-        except FlowUnknown as exc:
-            self.counters["closed.unknown_flow"] += 1
-            self.log.emit("unknown_flow", via=fw, to=ag, why=exc.why)
-            reset_socket(sock)
-            return
-        except asyncio.CancelledError:
-            reset_socket(sock)
-            raise
         with hold:
             flow = hold.flow
             address = flow.client.address
