@@ -36,6 +36,10 @@ by connecting back to F:f, where the processor restores it (docs/datapath.md).
   one-shot data-port rules, its asyncio adapter (``gateway``), and what its
   data connections add to ``relay/`` (``data``: the size limit and the
   content hook of inspect mode).
+- ``smtp/``: the ``smtp`` kind (docs/smtp.md): a sans-IO SMTP core
+  (``core``, ``state``, ``commands``, ``lines``, ``data``) between client and
+  server, its policy hooks (``policy``), its settings model and declaration (``settings``)
+  and its asyncio adapter (``gateway``).
 - ``__main__``: ``python -m gateways --manifest PATH [--log-json]``, one
   gateway process, as the supervisor starts it: it runs the entry point its
   kind declares, the ``tunnel`` kind's included (``tunnel.service.run_gateway``).

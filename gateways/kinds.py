@@ -11,6 +11,7 @@ from firewall.signalling import RuleMode
 from gateways import tcp_relay, udp_relay
 from gateways.ftp import kind as ftp
 from gateways.kind import Kind, Registry
+from gateways.smtp import settings as smtp
 from tunnel import kind as tunnel
 
 
@@ -23,10 +24,10 @@ KINDS.register(tcp_relay.KIND)
 KINDS.register(udp_relay.KIND)
 KINDS.register(ftp.KIND)
 KINDS.register(tunnel.KIND)
-# Kinds the config accepts whose gateways are not built yet: nfgate check
-# passes them, nfgate run refuses them in one line. Each line gives way to
-# its gateway's own registration when that lands.
-KINDS.register(Kind("smtp", ("tcp",), NoSettings, gateway=None))
+KINDS.register(smtp.KIND)
+# A kind the config accepts whose gateway is not built yet: nfgate check
+# passes it, nfgate run refuses it in one line. The line gives way to its
+# gateway's own registration when that lands.
 # The processor opens RTCP's port beside each RTP flow already (adjacent_port).
 KINDS.register(Kind("rtp", ("udp",), NoSettings, gateway=None, adjacent_port=1, offload=True,
                     rule_modes=frozenset({RuleMode.REDIRECT, RuleMode.ALLOW})))

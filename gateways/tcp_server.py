@@ -28,8 +28,9 @@ from collections import Counter
 from collections.abc import Callable
 
 from firewall.eventlog import EventLog as AnyEventLog
-from firewall.signalling import Endpoint
-from gateways.layer import EventLog, GatewayLayer, Hold
+from firewall.signalling import Endpoint, Proto
+from gateways.layer import EventLog, FlowUnknown, GatewayLayer, Hold
+from gateways.layer.endpoint import endpoint_of
 from gateways.relay import Done, Relay, RelayCore, reset_socket
 from gateways.relay.driver import arm_reset
 
@@ -201,6 +202,29 @@ class TcpGateway(abc.ABC):
             self.counters["errors.internal"] += 1
             self.log.emit("error", logging.ERROR, error=repr(exc))
             reset_socket(sock)
+
+    async def _attach(self, sock: socket.socket) -> Hold | None:
+        """The flow of an accepted connection (``GatewayLayer.attach``), or None when
+        there is none to serve: the peer is gone (closed) or the flow unknown (reset);
+        both counted, the second logged."""
+        try:
+            fw, ag = endpoint_of(sock.getpeername()), endpoint_of(sock.getsockname())
+        except OSError:
+            fw = ag = None
+        if fw is None or ag is None:
+            self.counters["closed.gone"] += 1
+            sock.close()
+            return None
+        try:
+            return await self.layer.attach(Proto.TCP, fw, ag)
+        except FlowUnknown as exc:
+            self.counters["closed.unknown_flow"] += 1
+            self.log.emit("unknown_flow", via=fw, to=ag, why=exc.why)
+            reset_socket(sock)
+            return None
+        except asyncio.CancelledError:
+            reset_socket(sock)  # stopping before the flow was known
+            raise
 
     async def _relay_legs(self, core: RelayCore, a: socket.socket, b: socket.socket, hold: Hold) -> Done:
         """Relay leg A and leg B as ``core`` decides (``gateways.relay``); both are closed after."""

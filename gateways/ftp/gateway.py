@@ -56,8 +56,7 @@ from gateways.ftp.core import (
 )
 from gateways.ftp.data import ContentHook, Transfer, data_core, load_hook, transferred
 from gateways.manifest import Manifest
-from gateways.layer import EventLog, FlowUnknown, GatewayLayer, Hold, RuleError
-from gateways.layer.endpoint import endpoint_of
+from gateways.layer import EventLog, GatewayLayer, Hold, RuleError
 from gateways.relay import RelayCore, reset_socket
 from gateways.ftp.kind import FtpSettings
 from gateways.tcp_server import CLOSE_FLUSH_TIMEOUT, TcpGateway, reset
@@ -164,24 +163,9 @@ class FtpGateway(TcpGateway):
     # ---- connections ---------------------------------------------------------------------------
 
     async def _serve(self, sock: socket.socket) -> None:
-        try:
-            fw, ag = endpoint_of(sock.getpeername()), endpoint_of(sock.getsockname())
-        except OSError:
-            fw = ag = None
-        if fw is None or ag is None:
-            self.counters["closed.gone"] += 1
-            sock.close()
+        hold = await self._attach(sock)
+        if hold is None:
             return
-        try:
-            hold = await self.layer.attach(Proto.TCP, fw, ag)
-        except FlowUnknown as exc:
-            self.counters["closed.unknown_flow"] += 1
-            self.log.emit("unknown_flow", via=fw, to=ag, why=exc.why)
-            reset_socket(sock)
-            return
-        except asyncio.CancelledError:
-            reset_socket(sock)
-            raise
         with hold:
             flow = hold.flow
             exp = self._claim(flow)

@@ -76,7 +76,9 @@ def test_gateway_settings_are_documented() -> None:
         for key, default in keys(settings).items():
             row = re.search(rf"^\| `{key}` \| `([^`]+)` \|", text[text.index(f"`{kind}`:") :], re.M)
             assert row, f"{kind}.{key} is missing from docs/config.md"
-            if isinstance(default, (str, tuple)):
+            if isinstance(default, bool):
+                assert row.group(1) == str(default).lower(), (kind, key)
+            elif isinstance(default, (str, tuple)):
                 assert row.group(1) == shown_as(default), (kind, key)
             else:
                 assert float(row.group(1)) == float(default), (kind, key)

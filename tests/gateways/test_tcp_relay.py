@@ -467,10 +467,10 @@ def test_out_of_descriptors_the_gateway_pauses_accepting_with_one_line_and_recov
 
 
 def test_the_gateway_process_refuses_a_kind_not_built_with_one_line(tmp_path: Path) -> None:
-    config = write_config(tmp_path, port=free_port(GATEWAY), kind="smtp", name="mail")
-    returncode, lines = run(exit_of(config, "mail"))
+    config = write_config(tmp_path, port=free_port(GATEWAY), kind="rtp", name="voice")
+    returncode, lines = run(exit_of(config, "voice"))
     assert returncode == 2
-    assert len(lines) == 1 and "gateway 'mail': kind smtp is not built yet" in lines[0] and "Traceback" not in lines[0]
+    assert len(lines) == 1 and "gateway 'voice': kind rtp is not built yet" in lines[0] and "Traceback" not in lines[0]
 
 
 @pytest.mark.parametrize(

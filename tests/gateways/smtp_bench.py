@@ -1,0 +1,192 @@
+"""SMTP through the smtp gateway against the kernel alone and Debian's proxsmtpd, in one run.
+
+    sudo .venv/bin/python -m tests.gateways.smtp_bench [--count 1000] [--anchor-count 1000] [--idle 1000]
+
+Not a test (nothing is asserted): figures for ``scripts/bench smtp`` and
+docs/benchmarks.md. One basic lab, a private Postfix in lan (as the netns
+tests run it), smtplib in ext sending ``count`` messages of about 2 KB to
+bob@example.com, one connection per message (``each``) and all in one
+session (``session``). Three paths, set up one after the other on the
+router:
+
+- ``direct``: no nfgate; iptables DNAT of wan:25 to lan:25, masquerade,
+  forward accept: the kernel alone.
+- ``proxsmtpd``: no firewall; Debian's proxsmtpd on the router as a plain
+  relay (no filter command) on wan:10025 to lan:25 (PEERS.md: its
+  transparent mode crashes on this kernel), ``anchor-count`` messages.
+- ``gateway``: ``nfgate run`` with the smtp gateway (tests/gateways/
+  smtp_netns.py's config).
+
+Then ``idle`` sessions are opened through the gateway and held; the
+gateway's resident memory before and while they are held gives its memory
+per session. Postfix would need a process per session, so a tiny greeter
+(a 220, then silence) stands in for it in lan for this part.
+
+Figures are messages per second; ratios are gateway / baseline (1.0: as
+fast as the kernel alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from firewall.lab.netns import Lab
+from firewall.lab.topology import load_topology
+from firewall.lab.wait import wait_for
+from tests.gateways.smtp_netns import LAN, WAN, Postfix, SmtpRunning, client
+
+DIRECT = """*nat
+:PREROUTING ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+-A PREROUTING -i wan0 -p tcp --dport 25 -j DNAT --to-destination 192.168.1.10:25
+-A POSTROUTING -o wan0 -j MASQUERADE
+COMMIT
+*filter
+:FORWARD ACCEPT [0:0]
+COMMIT
+"""
+
+PROXSMTPD = """Listen: 203.0.113.1:10025
+OutAddress: 192.168.1.10:25
+MaxConnections: 2000
+TimeOut: 180
+User: nobody
+"""
+
+GREETER = r"""
+import asyncio, resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (8192, 8192))
+async def greet(r, w):
+    w.write(b"220 greeter ESMTP\r\n")
+    await r.read()
+    w.close()
+async def main():
+    s = await asyncio.start_server(greet, sys.argv[1], 25, backlog=4096)
+    await s.serve_forever()
+asyncio.run(main())
+"""
+
+
+def load(lab: Lab, server: str, mode: str, count: int, port: int = 25) -> float:
+    """Messages per second for ``count`` messages from ext to ``server``."""
+    host = server if port == 25 else f"{server}:{port}"
+    result = client(lab, "ext", "load", host, "alice@example.org", "bob@example.com", mode, str(count), "2000",
+                    timeout=1800)
+    if result.returncode != 0:
+        raise RuntimeError(result.stdout + result.stderr)
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    return out["sent"] / out["seconds"]
+
+
+def delivered(pf: Postfix, n: int) -> None:
+    pf.wait_count(n, timeout=600)
+    pf.clear()
+
+
+def gateway_pid(tmp: Path) -> int:
+    """The smtp-in gateway process: the one whose manifest is in this run's directory."""
+    manifest = str(tmp / "run" / "gateway-smtp-in.json").encode()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if manifest in cmd and b"gateways" in cmd:
+                return int(proc.name)
+    raise RuntimeError(f"no gateway process with {manifest.decode()}")
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--anchor-count", type=int, default=1000, help="messages through proxsmtpd (about 85 ms each)")
+    parser.add_argument("--idle", type=int, default=1000)
+    args = parser.parse_args(argv)
+    lab = Lab(load_topology("basic"), f"nfgb{int(time.time()) % 100000:05d}")
+    tmp = Path(tempfile.mkdtemp(prefix="nfgate-smtp-bench-"))
+    figures: dict[str, Any] = {}
+    lab.up()
+    pf = None
+    try:
+        lab.run("router", ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        pf = Postfix(lab, "lan", tmp, LAN, "example.com")
+        for mode in ("each", "session"):
+            lab.run("router", ["iptables-restore"], input=DIRECT, text=True)
+            figures[f"direct_{mode}"] = load(lab, WAN, mode, args.count)
+            delivered(pf, args.count)
+            lab.run("router", ["iptables", "-t", "nat", "-F"])
+        conf = tmp / "proxsmtpd.conf"
+        conf.write_text(PROXSMTPD)
+        prox = lab.popen("router", ["proxsmtpd", "-d", "0", "-f", str(conf)], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.STDOUT)
+        try:
+            lab.wait_listening("router", 10025)
+            for mode in ("each", "session"):
+                figures[f"proxsmtpd_{mode}"] = load(lab, WAN, mode, args.anchor_count, port=10025)
+                delivered(pf, args.anchor_count)
+        finally:
+            prox.terminate()
+            prox.wait()
+        lab.run("router", ["iptables", "-F"])
+        run = SmtpRunning(lab, tmp)
+        try:
+            wait_for(lambda: "smtp-in" in run.text() and " ready " in run.text(), timeout=30, what="the gateway")
+            for mode in ("each", "session"):
+                figures[f"gateway_{mode}"] = load(lab, WAN, mode, args.count)
+                delivered(pf, args.count)
+            pf.stop()
+            pf = None
+            greeter = lab.popen("lan", [sys.executable, "-c", GREETER, LAN])
+            try:
+                lab.wait_listening("lan", 25)
+                pid = gateway_pid(tmp)
+                before = rss_kb(pid)
+                holder = lab.popen("ext", [sys.executable, str(Path(__file__).with_name("smtp_client.py")),
+                                           "idle", WAN, str(args.idle), "20"], stdout=subprocess.PIPE, text=True)
+                line = wait_for(holder.stdout.readline, timeout=120, what="the idle sessions")
+                greeted = json.loads(line)["greeted"]
+                held = rss_kb(pid)
+                holder.wait(timeout=60)
+                figures["idle_sessions"] = greeted
+                figures["gateway_rss_kb_before"] = before
+                figures["gateway_rss_kb_held"] = held
+                figures["kb_per_session"] = round((held - before) / max(greeted, 1), 2)
+            finally:
+                greeter.kill()
+                greeter.wait()
+        finally:
+            run.stop()
+    finally:
+        if pf is not None:
+            pf.stop()
+        lab.down()
+    for mode in ("each", "session"):
+        figures[f"ratio_gateway_direct_{mode}"] = round(figures[f"gateway_{mode}"] / figures[f"direct_{mode}"], 3)
+        figures[f"ratio_proxsmtpd_direct_{mode}"] = round(figures[f"proxsmtpd_{mode}"] / figures[f"direct_{mode}"], 3)
+    print(f"messages: {args.count} (proxsmtpd {args.anchor_count}), about 2 KB each; msgs/s")
+    for mode in ("each", "session"):
+        print(f"  {mode:8} direct {figures[f'direct_{mode}']:8.1f}  gateway {figures[f'gateway_{mode}']:8.1f}"
+              f"  proxsmtpd {figures[f'proxsmtpd_{mode}']:8.1f}  gateway/direct {figures[f'ratio_gateway_direct_{mode}']:.2f}"
+              f"  proxsmtpd/direct {figures[f'ratio_proxsmtpd_direct_{mode}']:.2f}")
+    print(f"  idle sessions held: {figures['idle_sessions']}; gateway RSS {figures['gateway_rss_kb_before']} KB -> "
+          f"{figures['gateway_rss_kb_held']} KB: {figures['kb_per_session']} KB per session")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

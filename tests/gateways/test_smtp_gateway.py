@@ -1,0 +1,140 @@
+"""The smtp gateway on loopback, against a fake processor and a scripted server: the adapter carries out the core."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import socket
+from typing import Any, AsyncIterator
+
+from firewall.signalling import Endpoint, Proto
+from gateways.layer import EventLog
+from gateways.smtp.gateway import SmtpGateway
+from gateways.smtp.settings import SmtpSettings
+from tests.gateways.fake_processor import rig
+from tests.gateways.process import events
+from tests.gateways.loopback import GATEWAY, fw_socket, run, tcp_connect_from, tcp_server_at, wait_until
+
+A = ipaddress.IPv4Address
+C = Endpoint(A("203.0.113.10"), 40000)
+W = Endpoint(A("203.0.113.1"), 25)
+S = Endpoint(A("192.168.1.10"), 25)
+
+
+class MiniMta:
+    """A scripted SMTP server: records what it got; one message per DATA."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.messages: list[bytes] = []
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(b"220 mini ESMTP\r\n")
+            while line := await reader.readline():
+                self.received += line
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    writer.write(b"250-mini\r\n250-PIPELINING\r\n250 SIZE 100000\r\n")
+                elif verb == b"DATA":
+                    writer.write(b"354 go\r\n")
+                    await writer.drain()
+                    body = bytearray()
+                    while (ln := await reader.readline()) not in (b".\r\n", b""):
+                        body += ln
+                    self.messages.append(bytes(body))
+                    writer.write(b"250 queued\r\n")
+                elif verb == b"QUIT":
+                    writer.write(b"221 bye\r\n")
+                    await writer.drain()
+                    break
+                else:
+                    writer.write(b"250 ok\r\n")
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+
+@contextlib.asynccontextmanager
+async def world(settings: SmtpSettings) -> AsyncIterator[tuple[Any, SmtpGateway]]:
+    async with rig(gateway="smtp", query_timeout=0.5) as (fake, layer):
+        gw = SmtpGateway(layer, listen=Endpoint(GATEWAY, 0), settings=settings, log=EventLog("smtp"))
+        await gw.start()
+        try:
+            yield fake, gw
+        finally:
+            await gw.close(grace=1.0)
+
+
+async def connect(fake: Any, gw: SmtpGateway, mta: MiniMta) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Any]:
+    sock, fw = fw_socket(socket.SOCK_STREAM)
+    server = await tcp_server_at(fw, mta)
+    fake.new_flow(Proto.TCP, fw, gw.listen, gateway="smtp", client=C, original_dst=W, server=S)
+    reader, writer = await tcp_connect_from(sock, gw.listen)
+    return reader, writer, server
+
+
+async def reply(reader: asyncio.StreamReader) -> bytes:
+    while True:
+        line = await asyncio.wait_for(reader.readline(), 5)
+        if line[3:4] != b"-":
+            return line
+
+
+def test_a_message_passes_with_the_original_tuple_logged(log) -> None:
+    async def main() -> None:
+        async with world(SmtpSettings(recipient_domains=("example.com",))) as (fake, gw):
+            mta = MiniMta()
+            reader, writer, server = await connect(fake, gw, mta)
+            assert (await reply(reader)).startswith(b"220")
+            writer.write(b"EHLO c\r\n")
+            assert (await reply(reader)) == b"250 SIZE 100000\r\n"
+            writer.write(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+            assert [await reply(reader) for _ in range(3)] == [b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n"]
+            writer.write(b"Subject: x\r\n\r\n..dot\r\n.\r\nQUIT\r\n")
+            assert [await reply(reader) for _ in range(2)] == [b"250 queued\r\n", b"221 bye\r\n"]
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            assert mta.messages == [b"Subject: x\r\n\r\n..dot\r\n"]
+            await wait_until(lambda: gw.active == 0, what="the session to end")
+            assert gw.counters["message.accepted"] == 1 and gw.counters["sessions.closed.quit"] == 1
+            writer.close()
+            server.close()
+
+    run(main())
+    opened, = events(log, "open")
+    assert (opened["client"], opened["original_dst"], opened["server"]) == (str(C), str(W), str(S))
+
+
+def test_the_idle_timeout_says_421_and_closes(log) -> None:
+    async def main() -> None:
+        async with world(SmtpSettings(idle_timeout=1)) as (fake, gw):
+            reader, writer, server = await connect(fake, gw, MiniMta())
+            assert (await reply(reader)).startswith(b"220")
+            assert await asyncio.wait_for(reader.read(), 5) == b"421 4.4.2 Idle timeout; closing\r\n"
+            assert gw.counters["closed.idle_timeout"] == 1
+            closed, = events(log, "closed.idle_timeout")
+            assert closed["client"] == str(C)
+            writer.close()
+            server.close()
+
+    run(main())
+
+
+def test_sessions_past_the_per_client_limit_get_421() -> None:
+    async def main() -> None:
+        async with world(SmtpSettings(max_sessions_per_client=1)) as (fake, gw):
+            mta = MiniMta()
+            r1, w1, s1 = await connect(fake, gw, mta)
+            assert (await reply(r1)).startswith(b"220")
+            r2, w2, s2 = await connect(fake, gw, mta)
+            assert await asyncio.wait_for(r2.read(), 5) == b"421 4.7.0 Too many sessions from your address; try again later\r\n"
+            assert gw.counters["refused.max_sessions_per_client"] == 1
+            for w in (w1, w2):
+                w.close()
+            for s in (s1, s2):
+                s.close()
+
+    run(main())

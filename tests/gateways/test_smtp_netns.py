@@ -1,0 +1,190 @@
+"""The smtp gateway under `nfgate run` with real peers in the basic lab (tests/gateways/smtp_netns.py).
+
+A private Postfix in lan behind the port forward (inbound, through
+``smtp-in``) and one in ext (outbound from lan through masquerade, through
+``smtp-out``); swaks and Python's smtplib as clients. The stored messages
+are compared byte for byte with what was sent, minus the trace headers the
+MTA adds. Then the attacks of the issue against the running gateway, each
+with the reply or close it must get; Postfix runs with its defaults, which
+are open to SMTP smuggling (PEERS.md), so no second message proves the
+gateway's protection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+import pytest
+
+from firewall.lab.wait import wait_for
+from tests.gateways.smtp_netns import EXT, LAN, WAN, Postfix, SmtpRunning, client, stored_body
+
+pytestmark = pytest.mark.netns
+
+MB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def mail(module_lab_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
+    """One lab, a Postfix at each end and one `nfgate run` for the module's tests."""
+    lab = module_lab_factory("basic")
+    tmp = tmp_path_factory.mktemp("smtp")
+    inbound = Postfix(lab, "lan", tmp, LAN, "example.com")
+    r = SimpleNamespace(lab=lab, tmp=tmp, inbound=inbound, outbound=None, run=None)
+    try:
+        r.outbound = Postfix(lab, "ext", tmp, EXT, "example.net")
+        r.run = SmtpRunning(lab, tmp, idle=3)
+        yield r
+    finally:
+        if r.run is not None:
+            r.run.stop()
+        if r.outbound is not None:
+            r.outbound.stop()
+        inbound.stop()
+
+
+def message(tmp: Path, name: str, body: bytes) -> Path:
+    path = tmp / name
+    path.write_bytes(b"From: alice@example.org\r\nTo: bob@example.com\r\nSubject: " + name.encode() + b"\r\n\r\n" + body)
+    return path
+
+
+def sent_ok(result: Any) -> dict:
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_smtplib_messages_arrive_byte_identical(mail: SimpleNamespace) -> None:
+    """Pipelined smtplib sessions: 8BITMIME, lines starting with '.', a 10 MB message."""
+    mail.inbound.clear()
+    dots = message(mail.tmp, "dots", b".starts with a dot\r\n..two dots\r\n.\r\nx\r\n. \r\nend\r\n")
+    eight = message(mail.tmp, "eight", "Grüße, naïve café\r\n".encode() * 10)
+    line = os.urandom(36).hex().encode() + b"\r\n"  # 74-byte lines
+    big = message(mail.tmp, "big", line * (10 * MB // len(line)))
+    files = [dots, eight, big]
+    out = sent_ok(client(mail.lab, "ext", "send", WAN, "alice@example.org", "bob@example.com", "session", *map(str, files)))
+    assert out["sent"] == 3
+    mail.inbound.wait_count(3)
+    stored = {m.split(b"Subject: ", 1)[1].split(b"\n", 1)[0]: m for m in mail.inbound.messages()}
+    for f in files:
+        assert stored_body(stored[f.name.encode()]) == f.read_bytes(), f.name
+
+
+def test_a_hundred_messages_in_one_session_and_swaks(mail: SimpleNamespace) -> None:
+    mail.inbound.clear()
+    out = sent_ok(client(mail.lab, "ext", "load", WAN, "alice@example.org", "bob@example.com", "session", "100", "2000"))
+    assert out["sent"] == 100
+    swaks = mail.lab.run("ext", ["swaks", "--server", WAN, "--from", "carol@example.org", "--to", "bob@example.com",
+                                 "--pipeline", "--header", "Subject: swaks", "--body", ".dot line\n..two\nplain"],
+                         check=False, timeout=60)
+    assert swaks.returncode == 0, swaks.stdout + swaks.stderr
+    mail.inbound.wait_count(101)
+    bodies = [stored_body(m) for m in mail.inbound.messages()]
+    assert sum(1 for b in bodies if b.startswith(b"Subject: load ")) == 100
+    sw = next(b for b in bodies if b"Subject: swaks" in b)
+    assert b"\r\n\r\n.dot line\r\n..two\r\nplain\r\n" in sw
+
+
+def test_outbound_from_lan_through_masquerade(mail: SimpleNamespace) -> None:
+    mail.outbound.clear()
+    msg = message(mail.tmp, "outbound", b"from the lan\r\n")
+    sent_ok(client(mail.lab, "lan", "send", EXT, "alice@example.com", "dave@example.net", "each", str(msg)))
+    mail.outbound.wait_count(1)
+    assert stored_body(mail.outbound.messages()[0]) == msg.read_bytes()
+    assert "client=unknown[203.0.113.1]" in mail.outbound.log.read_text()  # the MTA saw the router's address
+    # A sender outside example.com may not send out.
+    bad = client(mail.lab, "lan", "send", EXT, "mallory@evil.org", "dave@example.net", "each", str(msg))
+    assert bad.returncode != 0 and "Sender domain not allowed here" in bad.stderr
+
+
+def raw(mail: SimpleNamespace, *steps: bytes, host: str = "ext", server: str = WAN) -> str:
+    result = client(mail.lab, host, "raw", server, *(s.hex() for s in steps), timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout)["received"]
+
+
+EHLO = b"EHLO attacker.example.org\r\n"
+ENVELOPE = b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n"
+SMUGGLED = (b"MAIL FROM:<admin@example.com>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n"
+            b"From: admin@example.com\r\nSubject: SMUGGLED\r\n\r\nspoofed\r\n")
+
+
+@pytest.mark.parametrize("end", [b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r", b"\r\n.\r\r\n", b"\r.\r\n", b"\n.\r\r\n"], ids=repr)
+def test_smuggling_never_makes_a_second_message(mail: SimpleNamespace, end: bytes) -> None:
+    mail.inbound.clear()
+    got = raw(mail, EHLO, ENVELOPE, b"Subject: real\r\n\r\nreal" + end + SMUGGLED + b".\r\n")
+    assert "554 5.6.0 Bare CR or LF in message content; message refused" in got
+    # Postfix got no end of data, so it stored nothing; its log says the client went away mid-DATA.
+    wait_for(lambda: "lost connection after DATA" in mail.inbound.log.read_text(), timeout=10, what="Postfix to see the abort")
+    assert mail.inbound.count() == 0
+    assert "SMUGGLED" not in mail.inbound.log.read_text()
+
+
+def test_the_same_smuggling_without_the_gateway_does_make_a_second_message(mail: SimpleNamespace) -> None:
+    """The control: straight from the router to Postfix (no gateway), the bare-LF end works on it."""
+    mail.inbound.clear()
+    raw(mail, EHLO, ENVELOPE, b"Subject: real\r\n\r\nreal\n.\n" + SMUGGLED + b".\r\n", host="router", server=LAN)
+    mail.inbound.wait_count(2)
+    assert any(b"SMUGGLED" in m for m in mail.inbound.messages())
+
+
+def test_starttls_with_commands_pipelined_after_it(mail: SimpleNamespace) -> None:
+    got = raw(mail, EHLO, b"STARTTLS\r\nMAIL FROM:<alice@example.org>\r\n")
+    assert "STARTTLS" not in got.split("\r\n250 ", 1)[0].split("220 ", 1)[1]  # not offered in strip mode
+    assert got.endswith("554 5.5.0 Commands pipelined after STARTTLS; closing\r\n")
+
+
+def test_limits_and_relay_against_the_running_gateway(mail: SimpleNamespace) -> None:
+    long_line = raw(mail, EHLO, b"NOOP " + b"x" * 600 + b"\r\n")
+    assert "500 5.5.6 Line too long" in long_line
+    rcpts = b"".join(b"RCPT TO:<r%d@example.com>\r\n" % i for i in range(101))
+    many = raw(mail, EHLO, b"MAIL FROM:<alice@example.org>\r\n" + rcpts)
+    assert many.count("250 2.1.5 Ok") == 100 and "452 4.5.3 Too many recipients" in many
+    size = raw(mail, EHLO, b"MAIL FROM:<alice@example.org> SIZE=20971521\r\n")
+    assert "552 5.3.4 Message size exceeds fixed maximum message size" in size
+    relay = raw(mail, EHLO, b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<someone@elsewhere.net>\r\n")
+    assert "550 5.7.1 Relay access denied" in relay
+    unknown = raw(mail, EHLO, b"XYZZY\r\n" * 5, b"XYZZY\r\n")
+    assert unknown.count("500 5.5.2") == 5 and unknown.endswith("421 4.7.0 Too many errors; closing\r\n")
+    garbage = raw(mail, EHLO, b"\x00\x01\xff garbage\r\n", b"MA\x00IL FROM:<a@b.c>\r\n")
+    assert garbage.count("500 5.5.2 Syntax error, command unrecognized") == 2
+
+
+def test_a_silent_client_gets_the_idle_timeout(mail: SimpleNamespace) -> None:
+    got = raw(mail, EHLO, b"")  # then silence, until the gateway speaks
+    assert got.endswith("421 4.4.2 Idle timeout; closing\r\n")
+
+
+def test_a_server_that_breaks_the_reply_rules(mail: SimpleNamespace) -> None:
+    """A fake server in lan (Postfix stopped for it) with a bare-LF reply, then an over-long one."""
+    mail.inbound.stop()
+    try:
+        for bad in (b"250 ok\n", b"250 " + b"x" * 600 + b"\r\n"):
+            fake = mail.lab.popen("lan", ["python3", "-c", FAKE_SERVER, LAN, bad.hex()])
+            try:
+                mail.lab.wait_listening("lan", 25)
+                got = raw(mail, EHLO)
+                assert got.endswith("421 4.4.0 The server's reply was refused; closing\r\n"), got
+            finally:
+                fake.kill()
+                fake.wait()
+    finally:
+        mail.inbound = Postfix(mail.lab, "lan", mail.tmp, LAN, "example.com")
+
+
+FAKE_SERVER = r"""
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 25)); s.listen(4)
+while True:
+    c, _ = s.accept()
+    c.sendall(b"220 fake ESMTP\r\n")
+    c.recv(512)
+    c.sendall(bytes.fromhex(sys.argv[2]))
+    c.recv(512)
+    c.close()
+"""
