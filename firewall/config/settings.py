@@ -12,7 +12,10 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
+from pydantic import BaseModel, ValidationError
+
 from firewall.config.reader import Problems, Table, choice, integer, join, listof, number, string
+from gateways.rtp.settings import RtpSettings
 
 
 @dataclass(frozen=True)
@@ -66,10 +69,26 @@ _FTP = {
     "connect_timeout": Setting(number(0.1, 300), 10.0, "seconds to open a connection to the server"),
 }
 
+def _field(model: type[BaseModel], key: str) -> Callable[[Any, str, Problems], Any]:
+    """A converter that checks one key by a kind's pydantic settings model."""
+    def convert(value: Any, path: str, problems: Problems) -> Any:
+        try:
+            return getattr(model.model_validate({key: value}), key)
+        except ValidationError as err:
+            problems.add(path, err.errors()[0]["msg"])
+            return None
+    return convert
+
+
+def from_model(model: type[BaseModel]) -> dict[str, Setting]:
+    """A kind's settings as this module declares them, mirrored from its frozen pydantic model."""
+    return {key: Setting(_field(model, key), f.default, f.description or "") for key, f in model.model_fields.items()}
+
+
 KIND_SETTINGS: dict[str, dict[str, Setting]] = {
     "smtp": {},
     "ftp": _FTP,
-    "rtp": {},
+    "rtp": from_model(RtpSettings),  # gateways/rtp/settings.py, docs/rtp.md
     "tcp-relay": _RELAY_TCP,
     "udp-relay": _RELAY_UDP,
     "tunnel": {
