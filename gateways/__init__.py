@@ -29,6 +29,10 @@ by connecting back to F:f, where the processor restores it (docs/datapath.md).
   one-shot data-port rules, its asyncio adapter (``gateway``), and what its
   data connections add to ``relay/`` (``data``: the size limit and the
   content hook of inspect mode).
+- ``rtp/``: the ``rtp`` kind (docs/rtp.md): RTP/RTCP checks (``parse``),
+  the kind's settings model (``settings``), a sans-IO core of streams,
+  latching, limits and adjacent-port rule requests (``core``) and its
+  asyncio adapter (``gateway``).
 - ``__main__``: ``python -m gateways --config PATH --gateway NAME
   [--log-json]``, one gateway process, as the supervisor starts it: the
   launcher that knows every kind, the ``tunnel`` kind included

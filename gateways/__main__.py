@@ -45,6 +45,7 @@ from gateways.ftp import FtpGateway
 from gateways.layer import EventLog, GatewayLayer
 from gateways.layer.events import configure
 from gateways.manifest import Manifest
+from gateways.rtp.gateway import RtpGateway
 from gateways.tcp_relay import TcpRelay, TcpRelaySettings
 from gateways.tcp_server import raise_file_limit
 from gateways.udp_relay import UdpRelay, UdpRelaySettings
@@ -82,6 +83,8 @@ KINDS: dict[str, RelayFactory] = {
     ),
     # FTP with dynamic data-port rules (issue 4): gateways/ftp/, docs/ftp.md.
     "ftp": FtpGateway.for_gateway,
+    # RTP/RTCP with adjacent-port rules (issue 11): gateways/rtp/, docs/rtp.md.
+    "rtp": RtpGateway.for_gateway,
 }
 
 
