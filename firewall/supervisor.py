@@ -42,10 +42,9 @@ from firewall import gwlink
 from firewall import manifests
 from firewall.config import Config
 from firewall.control import Command, ControlError, ControlServer, SelectorLoop, ask
-from firewall.errors import KernelError, UsageError
+from firewall.errors import KernelError
 from firewall.rules import build
 from firewall.signalling import load_or_create_key
-from gateways.kinds import KINDS
 
 CLIENT_TIMEOUT = 1.0  # seconds a control-socket client gets to send its request, and to read the answer
 PROCESSOR_TIMEOUT = 1.0  # seconds a processor's control socket gets to answer
@@ -135,9 +134,6 @@ class Supervisor:
 
     def setup(self) -> None:
         cfg = self.config
-        missing = [f"{g.name} ({g.kind})" for g in cfg.gateways if not KINDS[g.kind].built]
-        if missing:
-            raise UsageError(f"this version cannot run gateway kind{'s' if len(missing) > 1 else ''}: {', '.join(missing)}")
         load_or_create_key(cfg.signalling.key_file)
         run_dir = cfg.supervisor.control_socket.parent
         run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

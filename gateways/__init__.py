@@ -40,6 +40,10 @@ by connecting back to F:f, where the processor restores it (docs/datapath.md).
   (``core``, ``state``, ``commands``, ``lines``, ``data``) between client and
   server, its policy hooks (``policy``), its settings model and declaration (``settings``)
   and its asyncio adapter (``gateway``).
+- ``rtp/``: the ``rtp`` kind (docs/rtp.md): RTP/RTCP checks (``parse``),
+  the kind's settings model and declaration (``settings``), a sans-IO core of streams,
+  latching, limits and adjacent-port rule requests (``core``) and its
+  asyncio adapter (``gateway``).
 - ``__main__``: ``python -m gateways --manifest PATH [--log-json]``, one
   gateway process, as the supervisor starts it: it runs the entry point its
   kind declares, the ``tunnel`` kind's included (``tunnel.service.run_gateway``).

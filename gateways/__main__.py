@@ -141,8 +141,6 @@ def main(argv: list[str] | None = None) -> int:
         if manifest.kind not in KINDS:
             raise UsageError(f"gateway {manifest.name!r}: this version knows no kind {manifest.kind}")
         kind = KINDS[manifest.kind]
-        if not kind.built:
-            raise UsageError(f"gateway {manifest.name!r}: kind {manifest.kind} is not built yet")
         if kind.standalone:
             # A kind that runs its whole process itself (the tunnel's control
             # server terminates the mediators' channels: tunnel/service.py).

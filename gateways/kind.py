@@ -12,8 +12,9 @@ A kind declares, in the module that implements it, one ``Kind``:
   (the tunnel's service port must be steered to it), as (key path, reason);
 - ``rule_modes``: the dynamic rules (RULE_REQUEST modes) it may ask the
   processor for; anything else is refused POLICY;
-- ``adjacent_port``: with each redirected flow on port N the processor also
-  opens N + this for the same endpoints (RTP's RTCP), or None;
+- ``adjacent_port``: given its settings, the step from a redirected flow's
+  port N to the port the processor also opens for the same endpoints (RTP's
+  RTCP on N + 1), or None;
 - ``offload``: it may hand a verified UDP flow to the kernel (OFFLOAD_REQUEST);
 - ``log_only``: given its settings, whether the processor lets its flows
   pass unbound and only tells the gateway of them (tcp-relay ``mode = "log-only"``);
@@ -21,8 +22,7 @@ A kind declares, in the module that implements it, one ``Kind``:
   in the gateway process: a factory ``(layer, manifest, listen, log) ->
   relay`` run by ``python -m gateways`` on the shared deNAT/reNAT layer, or,
   with ``standalone``, a ``run(manifest, *, log_json)`` that runs the whole
-  process itself (the tunnel). None: the config accepts the kind, and
-  ``nfgate run`` refuses it in one line (its gateway is not built yet).
+  process itself (the tunnel).
 
 ``gateways.kinds`` registers every kind, one line each. The config (its
 ``[[gateway]]`` models and checks), the processor (rule policy, adjacent
@@ -49,34 +49,32 @@ def _never(settings: Any) -> bool:
     return False
 
 
+def _no_port(settings: Any) -> int | None:
+    return None
+
+
 @dataclass(frozen=True)
 class Kind:
     name: str
     protos: tuple[str, ...]
     settings: type[BaseModel]
-    gateway: str | None
+    gateway: str
     standalone: bool = False
     terminates: bool = False
     check: Callable[[Any], Iterable[Problem]] | None = None
     rule_modes: frozenset[RuleMode] = frozenset()
-    adjacent_port: int | None = None
+    adjacent_port: Callable[[Any], int | None] = _no_port
     offload: bool = False
     log_only: Callable[[Any], bool] = _never
 
     def __post_init__(self) -> None:
         if not self.protos or not set(self.protos) <= {"tcp", "udp"}:
             raise ValueError(f"kind {self.name}: protos must be tcp and/or udp, got {self.protos!r}")
-        if self.gateway is not None and ":" not in self.gateway:
+        if ":" not in self.gateway:
             raise ValueError(f"kind {self.name}: gateway must be 'module:attribute', got {self.gateway!r}")
-
-    @property
-    def built(self) -> bool:
-        return self.gateway is not None
 
     def entry(self) -> Any:
         """The entry point, imported now (in the gateway process)."""
-        if self.gateway is None:
-            raise LookupError(f"kind {self.name} is not built yet")
         module, _, attribute = self.gateway.partition(":")
         target: Any = importlib.import_module(module)
         for part in attribute.split("."):

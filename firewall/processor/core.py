@@ -201,6 +201,7 @@ class _Selector:
     saddr: tuple[tuple[int, int], ...]
     daddr: tuple[tuple[int, int], ...]
     log_only: bool  # the gateway only logs its flows: the kernel carries them, unbound
+    adjacent: int | None  # the kind's adjacent-port step (RTP's RTCP): the processor opens it itself
 
     def matches(self, src: int, dst: int, dport: int) -> bool:
         # The same fields, and the same addresses, as the queue rule (rules.build._selector).
@@ -276,8 +277,9 @@ class ProcessorCore:
             self._agents[(ag.addr, ag.port)] = ag
             for t in gw.traffic:
                 ports = tuple((r.first, r.last) for r in t.ports)
-                log_only = KINDS[gw.kind].log_only(gw.settings)
-                sel = _Selector(t, gw, ag, ports, _nets(t.saddr), _nets(t.daddr), log_only)
+                kind = KINDS[gw.kind]
+                sel = _Selector(t, gw, ag, ports, _nets(t.saddr), _nets(t.daddr),
+                                kind.log_only(gw.settings), kind.adjacent_port(gw.settings))
                 self._selectors.setdefault((t.from_zone, _PROTO[t.proto]), []).append(sel)
         self._forwards: dict[tuple[str, int], list[tuple[PortForward, tuple[tuple[int, int], ...]]]] = {}
         for f in config.nat.forwards:
@@ -443,12 +445,14 @@ class ProcessorCore:
         if isinstance(b, str):
             return self._drop(b, mark)
         fid = self._register(b)
-        # A kind whose protocol also uses the port ``step`` above the selected
+        # A kind whose protocol also uses the port ``step`` beside the selected
         # one: the processor expects that flow itself (seed, "Dynamic changes":
         # "the packet processor part may by itself deduce the other port
-        # number(s)"): RTP data on N, RTCP on N+1 (RFC 3550 section 11).
-        step = KINDS[sel.gateway.kind].adjacent_port
+        # number(s)"): RTP data on even N, RTCP on N+1 (RFC 3550 section 11);
+        # a flow on the odd port (RTCP seen first) gets N below it.
+        step = sel.adjacent
         if step is not None:
+            step = -step if dport % 2 else step
             self.rules.adjacent(fid, b, step, now, self.config.processor.adjacent_ttl)
         self._nat(proto, b.leg_a())
         return self._bound(mark)

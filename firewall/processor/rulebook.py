@@ -379,9 +379,9 @@ class RuleBook:
     # ---- expectations -----------------------------------------------------------------
 
     def adjacent(self, fid: int, b: Binding, step: int, now: float, ttl: float) -> None:
-        """The processor's own one-shot REDIRECT for the port ``step`` above this flow's."""
+        """The processor's own one-shot REDIRECT for the port ``step`` beside this flow's (above or below)."""
         (ca, _), (oa, op), (sa, sp) = b.client, b.original_dst, b.server
-        if op + step > 0xFFFF or sp + step > 0xFFFF:
+        if not (0 < op + step <= 0xFFFF and 0 < sp + step <= 0xFFFF):
             return
         if len(self._rules) >= self._max_rules or self.in_flight >= MAX_KERNEL_OPS_IN_FLIGHT:
             self.core.counters["rules.adjacent_skipped"] += 1

@@ -41,6 +41,7 @@ from firewall.rules.model import (
     Chain,
     CtConfirmed,
     CtDnat,
+    CtMark,
     CtState,
     Dnat,
     Drop,
@@ -230,6 +231,14 @@ def _filter(config: Config, rs: Ruleset) -> None:
             [Mark(marks.mask, marks.rewritten)],
             [Accept()],
             "first packet of a gateway flow: the processor checked the policy and bound it",
+            Family.V4,
+        )
+        # A UDP flow that no reply has answered yet (one-way media) stays
+        # "new" to conntrack, so established does not cover its later packets.
+        fwd.add(
+            [CtMark(marks.rewritten, marks.rewritten)],
+            [Accept()],
+            "later packets of a gateway flow before its first reply (one-way UDP): the processor bound it",
             Family.V4,
         )
     for chain in (inp, fwd, out):

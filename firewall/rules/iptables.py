@@ -23,6 +23,7 @@ from firewall.rules.model import (
     Addr,
     AddrBits,
     CtConfirmed,
+    CtMark,
     CtDnat,
     CtState,
     Dnat,
@@ -171,6 +172,8 @@ def _match(m, proto: str | None, rs: Ruleset, version: int) -> list[str]:
             return ["-m addrtype --dst-type LOCAL"]
         case Mark(mask, value):
             return [f"-m mark --mark {value:#x}/{mask:#x}"]
+        case CtMark(mask, value):
+            return [f"-m connmark --mark {value:#x}/{mask:#x}"]
         case IcmpType(types):
             if proto == "icmp":
                 return [f"--icmp-type {t}" for t in types]

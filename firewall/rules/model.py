@@ -132,13 +132,21 @@ class Mark:
 
 
 @dataclass(frozen=True)
+class CtMark:
+    """The connection's mark (the binding table copies a bound flow's ``rewritten`` bit into it)."""
+
+    mask: int
+    value: int
+
+
+@dataclass(frozen=True)
 class IcmpType:
     types: tuple[str, ...]  # nft names; the iptables renderer maps them
 
 
 Match = (
     InZone | OutZone | InIface | OutIface | Proto | Addr | AddrBits | Port | CtState | CtDnat | CtConfirmed | DstLocal | Mark
-    | IcmpType
+    | CtMark | IcmpType
 )
 
 

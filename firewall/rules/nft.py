@@ -18,6 +18,7 @@ from firewall.rules.model import (
     AddrBits,
     Chain,
     CtConfirmed,
+    CtMark,
     CtDnat,
     CtState,
     Dnat,
@@ -149,6 +150,8 @@ def _match(m, proto: str | None) -> str:
             return "fib daddr type local"
         case Mark(mask, value):
             return f"meta mark & {mask:#010x} == {value:#010x}"
+        case CtMark(mask, value):
+            return f"ct mark & {mask:#010x} == {value:#010x}"
         case IcmpType(types):
             return f"{proto} type {_set(list(types))}"
     raise TypeError(f"nft renderer: unknown match {m!r}")

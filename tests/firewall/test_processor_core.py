@@ -20,6 +20,8 @@ The firewall-side pool is 172.31.254.0/28 x 1024-65535 and hands out
 
 from __future__ import annotations
 
+import dataclasses
+
 import ipaddress
 import json
 from pathlib import Path
@@ -149,6 +151,8 @@ ports = 21
 name = "rtp"
 kind = "rtp"
 listen_port = 20040
+[gateway.settings]
+adjacent = "processor"  # RTCP's port opened by the processor itself
 [[gateway.traffic]]
 from = "lan"
 to = "wan"
@@ -996,6 +1000,9 @@ def test_udp_allow_passes_its_first_datagram_and_exactly_one_flow() -> None:
     rig.bound(udp(S, 4000, C, 10050), LAN0)  # an RTP flow, lan to ext
     (rtp,) = rig.messages()
     rig.kernel()  # the processor's own adjacent-port expectation
+    # A UDP kind that may ask for ALLOW (rtp asks for REDIRECT only: gateways/rtp/settings.py).
+    kind = rig.core.rules._kind["rtp"]
+    rig.core.rules._kind["rtp"] = dataclasses.replace(kind, rule_modes=kind.rule_modes | {RuleMode.ALLOW})
     rig.ask(RuleRequest(1, rtp.flow.flow_id, Proto.UDP, ep(C, 7000), ep(S, 7001), 30, RuleMode.ALLOW, True))
     (op,) = rig.kernel()
     assert op.rules == (KernelRule("expect_0", ("udp", ip(C), 7000, ip(S), 7001)),

@@ -171,16 +171,3 @@ def test_restart_isolation_and_clean_stop(lab_factory, tmp_path: Path) -> None:
     assert not Path("/run/netns", gwns).exists()
     assert "NFGATE" not in lab.run("router", ["iptables-nft-save"]).stdout
     assert "nfgate" not in lab.run("router", ["nft", "list", "tables"]).stdout
-
-
-def test_a_gateway_kind_not_built_yet_is_refused_before_anything_starts(tmp_path: Path) -> None:
-    text = (CONFIG.format(gwns="never-made", tmp=tmp_path).replace('kind = "tcp-relay"', 'kind = "rtp"')
-            .replace('proto = "tcp"', 'proto = "udp"'))
-    config = loads(text)
-    sup = Supervisor(config, "c.toml", children=[], log=lambda line: None)
-    from firewall.errors import UsageError
-
-    with pytest.raises(UsageError, match=r"cannot run gateway kind: relay \(rtp\)"):
-        sup.setup()
-    assert not Path("/run/netns/never-made").exists()
-    assert not (tmp_path / "signalling.key").exists()

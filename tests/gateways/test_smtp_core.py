@@ -351,7 +351,7 @@ def test_policy_of_settings_relays_only_named_domains() -> None:
 
 def test_the_config_takes_the_kinds_model_and_refuses_in_its_words() -> None:
     """The smtp kind's declaration is what nfgate check reads (gateways/kinds.py)."""
-    assert KINDS["smtp"].settings is SmtpSettings and KINDS["smtp"].built
+    assert KINDS["smtp"].settings is SmtpSettings and KINDS["smtp"].entry().__name__ == "for_gateway"
     with pytest.raises(ValidationError, match="is not a mail domain"):
         SmtpSettings.model_validate({"recipient_domains": ["not a domain"]})
     with pytest.raises(ValidationError, match=r"511 is out of range \(512 to 65536\)"):

@@ -466,13 +466,6 @@ def test_out_of_descriptors_the_gateway_pauses_accepting_with_one_line_and_recov
     run(main(), timeout=120)
 
 
-def test_the_gateway_process_refuses_a_kind_not_built_with_one_line(tmp_path: Path) -> None:
-    config = write_config(tmp_path, port=free_port(GATEWAY), kind="rtp", name="voice")
-    returncode, lines = run(exit_of(config, "voice"))
-    assert returncode == 2
-    assert len(lines) == 1 and "gateway 'voice': kind rtp is not built yet" in lines[0] and "Traceback" not in lines[0]
-
-
 @pytest.mark.parametrize(
     ("spoil", "message"),
     [
@@ -481,6 +474,7 @@ def test_the_gateway_process_refuses_a_kind_not_built_with_one_line(tmp_path: Pa
         (lambda doc: doc.pop("processor"), "processor: Field required"),
         (lambda doc: doc["listen"].update(port="eighty"), "listen.port:"),
         (lambda doc: doc.update(extra=1), "extra: Extra inputs are not permitted"),
+        (lambda doc: doc.update(kind="fax"), "gateway 'relay': this version knows no kind fax"),
         (lambda doc: "not json {", "not a JSON gateway manifest"),
     ],
 )

@@ -1,0 +1,374 @@
+"""The RTP gateway's decisions: sans-IO, one call per datagram, outputs as data.
+
+Theory of operation (docs/rtp.md walks a call through it). The processor
+double-NATs each UDP flow it redirects into the gateway (docs/datapath.md)
+and tells the layer its original tuple: client C:c, original destination
+S':p, server S. ``RtpCore`` gets that tuple when a flow is attached
+(``flow_opened``), every datagram of it in either direction (``datagram``:
+``None`` to relay it, else the reason to drop it, counted), the processor's
+FLOW_END (``flow_gone``), the answers and ends of the rules it asked for,
+and the clock (``tick``). What it wants done beyond a verdict it appends to
+``outbox``: ``RequestRule``, ``EndFlow``, ``Event``.
+
+- A **stream** is the media of one destination port pair S':N/N+1 (N even,
+  RFC 3550 section 11): RTP on N, RTCP on N+1, or both on N (rtcp-mux, RFC
+  5761: told apart by the second octet). A flow's role is its original
+  destination port's parity.
+- **Validation** (``parse``): every datagram is checked before anything
+  else happens to it: RTP header, RTCP compound, payload type, feedback.
+- **Latching.** A flow joins a stream only by a valid datagram from its
+  client. The first such flow creates the stream and latches it to its
+  client's address (and port: the other flow of the stream must come from
+  the port next to it, ``rtcp_source_port``). While the stream lives, a flow
+  from any other address, or a second flow for a role already held, is
+  refused: its datagrams are dropped (``not_latched``), however valid. Each
+  flow's endpoints are the processor's (signalling): conntrack delivers a
+  flow's datagrams only from its own 5-tuple, so the latch is never
+  re-learned from whoever sends (the RTP Bleed class: a relay that takes
+  the source of the latest packet as the peer's new address).
+- **SSRC**: the first RTP SSRC of each direction is the stream's; another
+  one is dropped, or taken over and counted (``ssrc_change``).
+- **Limits**: per stream and direction a token bucket of datagrams
+  (``max_packet_rate``, ``max_packet_burst``); after ``no_media_timeout``
+  without a valid RTP datagram either way the stream ends: its flows are
+  ended (``EndFlow``; their datagrams are dropped until the processor ends
+  the binding) and no rule is asked for it again.
+- **Adjacent port** (``adjacent = "gateway"``): a stream that holds only
+  one of its two flows, and has shown no rtcp-mux, asks for a one-shot
+  REDIRECT rule for the other (C -> S':N+1 for RTP first, C -> S':N for
+  RTCP first), on behalf of the flow it holds, so that the other flow also
+  crosses the gateway; when the rule expires unused and the stream still
+  lives, it asks again; a refused rule is not asked again. The processor
+  ends it with the owner flow (RULE_END FLOW_ENDED). With ``adjacent =
+  "processor"`` the core asks for nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import itertools
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from firewall.signalling import Endpoint, FlowInfo, RuleEndReason
+from gateways.rtp.parse import Problem, is_rtcp, parse_rtcp, parse_rtp
+from gateways.rtp.settings import Policy
+
+UP, DOWN = 0, 1  # client -> server (leg A in), server -> client (leg B in)
+MAX_PORT = 0xFFFF
+
+StreamKey = tuple[ipaddress.IPv4Address, int]  # (S', N even)
+
+
+class Role(enum.Enum):
+    RTP = "rtp"
+    RTCP = "rtcp"
+
+    def other(self) -> "Role":
+        return Role.RTCP if self is Role.RTP else Role.RTP
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRule:
+    """Ask the processor for a one-shot REDIRECT of the UDP flow src -> dst, owned by ``owner``."""
+
+    token: int
+    owner: FlowInfo
+    src: Endpoint  # port 0: any
+    dst: Endpoint
+    ttl: int
+
+
+@dataclass(frozen=True, slots=True)
+class EndFlow:
+    """Stop relaying the flow from F:f (its stream ended); its datagrams are dropped from now on."""
+
+    fw: Endpoint
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Something worth a log line."""
+
+    name: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+Output = RequestRule | EndFlow | Event
+
+
+class _Bucket:
+    """A token bucket of datagrams: ``burst`` at most, ``rate`` per second."""
+
+    __slots__ = ("tokens", "at")
+
+    def __init__(self, burst: int, now: float) -> None:
+        self.tokens = float(burst)
+        self.at = now
+
+    def take(self, now: float, rate: float, burst: int) -> bool:
+        tokens = min(float(burst), self.tokens + (now - self.at) * rate)
+        self.at = now
+        if tokens < 1.0:
+            self.tokens = tokens
+            return False
+        self.tokens = tokens - 1.0
+        return True
+
+
+class Stream:
+    """The media of one destination port pair, latched to one client."""
+
+    __slots__ = ("key", "client", "flows", "ports", "ssrc", "buckets", "mux", "started", "last_media",
+                 "rule", "rule_failed", "ended", "datagrams", "octets")
+
+    def __init__(self, key: StreamKey, client: ipaddress.IPv4Address, burst: int, now: float) -> None:
+        self.key = key
+        self.client = client
+        self.flows: dict[Role, _Flow] = {}
+        self.ports: dict[Role, int] = {}  # the client's port per role, kept after its flow ends
+        self.ssrc: list[int | None] = [None, None]
+        self.buckets = (_Bucket(burst, now), _Bucket(burst, now))
+        self.mux = False
+        self.started = now
+        self.last_media = now
+        self.rule: int | None = None  # token of the rule asked for or granted, until its end
+        self.rule_failed = False
+        self.ended = False
+        self.datagrams = [0, 0]
+        self.octets = [0, 0]
+
+
+class _Flow:
+    __slots__ = ("info", "role", "stream", "ended", "refused")
+
+    def __init__(self, info: FlowInfo, role: Role) -> None:
+        self.info = info
+        self.role = role
+        self.stream: Stream | None = None
+        self.ended: str | None = None  # why it relays no more
+        self.refused = False  # a datagram of it was refused by the latch (logged once)
+
+
+class RtpCore:
+    """Streams, latching, limits and adjacent-port rules of one rtp gateway (module docstring)."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.flows: dict[Endpoint, _Flow] = {}
+        self.streams: dict[StreamKey, Stream] = {}
+        self.outbox: list[Output] = []
+        self.counters: Counter[str] = Counter()
+        self._tokens = itertools.count(1)
+        self._rules: dict[int, Stream] = {}
+
+    # ---- flows ---------------------------------------------------------------------------
+
+    def flow_opened(self, info: FlowInfo) -> None:
+        """The layer knows the flow from F:f: its datagrams may now be judged."""
+        role = Role.RTCP if info.original_dst.port & 1 else Role.RTP
+        self.flows[info.firewall_side] = _Flow(info, role)
+
+    def flow_gone(self, fw: Endpoint, now: float) -> None:
+        """The processor ended the flow's binding (FLOW_END), or the gateway forgets it."""
+        flow = self.flows.pop(fw, None)
+        if flow is None or flow.stream is None:
+            return
+        stream = flow.stream
+        if stream.flows.get(flow.role) is flow:
+            del stream.flows[flow.role]
+        if stream.ended:
+            return
+        if flow.role is Role.RTP or not stream.flows:
+            self._end(stream, "flow_end", now)
+        else:
+            self._rule_step(stream)  # RTCP's binding ended while RTP goes on: open its port again
+
+    # ---- datagrams -----------------------------------------------------------------------
+
+    def datagram(self, fw: Endpoint, up: bool, data: bytes, now: float) -> str | None:
+        """None: relay it; else the reason it is dropped (counted as ``dropped.<reason>``)."""
+        flow = self.flows.get(fw)
+        if flow is None:
+            return self._drop("unknown_flow")
+        if flow.ended is not None:
+            return self._drop("stream_ended")
+        policy = self.policy
+        if flow.role is Role.RTP and not is_rtcp(data):
+            rtcp = False
+            got: Any = parse_rtp(data, policy.payload_types)
+        else:
+            rtcp = True
+            got = parse_rtcp(data, policy.rtcp_feedback)
+        if isinstance(got, Problem):
+            return self._drop(got.value)
+        stream = flow.stream
+        joined = stream is None
+        if stream is None:
+            stream = self._latch(flow, up, now)
+            if stream is None:
+                return self._drop("not_latched")
+        d = UP if up else DOWN
+        if not stream.buckets[d].take(now, policy.max_packet_rate, policy.max_packet_burst):
+            return self._drop("rate")
+        if not rtcp:
+            ssrc = got[0]
+            known = stream.ssrc[d]
+            if known != ssrc:
+                if known is not None:
+                    if not policy.ssrc_change:
+                        return self._drop("ssrc_changed")
+                    self.counters["ssrc.changed"] += 1
+                    self._event("ssrc.changed", stream, direction="up" if up else "down",
+                                old=f"{known:#010x}", new=f"{ssrc:#010x}")
+                stream.ssrc[d] = ssrc
+            stream.last_media = now
+            self.counters["relayed.rtp"] += 1
+        else:
+            if flow.role is Role.RTP and not stream.mux:
+                stream.mux = True
+                self.counters["streams.rtcp_mux"] += 1
+                self._event("rtcp_mux", stream)
+            self.counters["relayed.rtcp"] += 1
+        stream.datagrams[d] += 1
+        stream.octets[d] += len(data)
+        if joined:
+            # Asked for once this datagram is judged: if it was RTCP on the
+            # RTP port, the stream is multiplexed and needs no second rule.
+            self._rule_step(stream)
+        return None
+
+    def _drop(self, reason: str) -> str:
+        self.counters[f"dropped.{reason}"] += 1
+        return reason
+
+    def _latch(self, flow: _Flow, up: bool, now: float) -> Stream | None:
+        """The stream a flow's first valid datagram puts it in, or None (refused)."""
+        info = flow.info
+        if not up:
+            return None  # the server speaks first on a flow no stream holds: nothing to answer
+        key = (info.original_dst.address, info.original_dst.port & ~1)
+        stream = self.streams.get(key)
+        if stream is None:
+            stream = Stream(key, info.client.address, self.policy.max_packet_burst, now)
+            self.streams[key] = stream
+            self._join(stream, flow)
+            self.counters["streams.opened"] += 1
+            self._event("stream.open", stream, flow=f"{info.flow_id:#x}", first=flow.role.value,
+                        client=info.client, server=info.server)
+            return stream
+        why = self._refusal(stream, flow)
+        if why is not None:
+            if not flow.refused:
+                flow.refused = True
+                self.counters["flows.refused"] += 1
+                self._event("refused", stream, reason=why, flow=f"{info.flow_id:#x}", client=info.client,
+                            latched=stream.client)
+            return None
+        self._join(stream, flow)
+        self._event("stream.join", stream, flow=f"{info.flow_id:#x}", role=flow.role.value, client=info.client)
+        return stream
+
+    def _refusal(self, stream: Stream, flow: _Flow) -> str | None:
+        info = flow.info
+        if info.client.address != stream.client:
+            return "other_address"
+        if flow.role in stream.flows:
+            return "role_taken"
+        if self.policy.rtcp_plus_one:
+            other = stream.ports.get(flow.role.other())
+            step = 1 if flow.role is Role.RTCP else -1
+            if other is not None and info.client.port != other + step:
+                return "other_port"
+        return None
+
+    @staticmethod
+    def _join(stream: Stream, flow: _Flow) -> None:
+        flow.stream = stream
+        stream.flows[flow.role] = flow
+        stream.ports[flow.role] = flow.info.client.port
+
+    # ---- adjacent-port rules ---------------------------------------------------------------
+
+    def _rule_step(self, stream: Stream) -> None:
+        policy = self.policy
+        if (not policy.adjacent_by_gateway or stream.ended or stream.mux or stream.rule is not None
+                or stream.rule_failed or len(stream.flows) != 1):
+            return
+        (role, owner), = stream.flows.items()
+        address, base = stream.key
+        cport = owner.info.client.port
+        if role is Role.RTP:
+            dport, sport = base + 1, cport + 1
+        else:
+            dport, sport = base, cport - 1
+        if not policy.rtcp_plus_one:
+            sport = 0
+        elif not 0 < sport <= MAX_PORT:
+            self.counters["rules.no_source_port"] += 1
+            return
+        token = next(self._tokens)
+        stream.rule = token
+        self._rules[token] = stream
+        self.counters["rules.requested"] += 1
+        self.outbox.append(RequestRule(token, owner.info, Endpoint(stream.client, sport), Endpoint(address, dport),
+                                       policy.adjacent_rule_ttl))
+
+    def rule_answered(self, token: int, granted: bool, why: str = "") -> None:
+        """The processor granted the rule, or it was refused or went unanswered (not asked again)."""
+        stream = self._rules.get(token)
+        if stream is None:
+            return
+        if granted:
+            self.counters["rules.granted"] += 1
+            return
+        del self._rules[token]
+        self.counters["rules.not_granted"] += 1
+        if stream.rule == token:
+            stream.rule = None
+            stream.rule_failed = True
+            self._event("rule.not_granted", stream, why=why)
+
+    def rule_ended(self, token: int, reason: RuleEndReason) -> None:
+        """RULE_END: used, expired, or gone with its owner flow."""
+        stream = self._rules.pop(token, None)
+        if stream is None:
+            return
+        self.counters[f"rules.ended.{reason.name.lower()}"] += 1
+        if stream.rule == token:
+            stream.rule = None
+            if reason is not RuleEndReason.USED:  # used: its flow is on its way
+                self._rule_step(stream)
+
+    # ---- time --------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """End the streams whose media stopped ``no_media_timeout`` ago."""
+        limit = now - self.policy.no_media_timeout
+        for stream in [s for s in self.streams.values() if s.last_media <= limit]:
+            self._end(stream, "no_media", now)
+
+    def shutdown(self, now: float) -> None:
+        for stream in list(self.streams.values()):
+            self._end(stream, "shutdown", now)
+
+    def _end(self, stream: Stream, reason: str, now: float) -> None:
+        if stream.ended:
+            return
+        stream.ended = True
+        if self.streams.get(stream.key) is stream:
+            del self.streams[stream.key]
+        for flow in stream.flows.values():
+            flow.ended = reason
+            self.outbox.append(EndFlow(flow.info.firewall_side, reason))
+        self.counters[f"streams.ended.{reason}"] += 1
+        self._event("stream.close", stream, reason=reason, duration=round(now - stream.started, 3),
+                    datagrams_up=stream.datagrams[UP], datagrams_down=stream.datagrams[DOWN],
+                    bytes_up=stream.octets[UP], bytes_down=stream.octets[DOWN], rtcp_mux=stream.mux)
+
+    def _event(self, name: str, stream: Stream, **fields: Any) -> None:
+        address, base = stream.key
+        self.outbox.append(Event(name, {"stream": f"{address}:{base}", **fields}))

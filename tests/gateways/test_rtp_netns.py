@@ -1,0 +1,173 @@
+"""The rtp gateway under `nfgate run` with real peers in the basic lab (tests/gateways/rtp_netns.py).
+
+ffmpeg streams PCMU over RTP from ext, with RTCP on the next port, to an
+ffmpeg in lan that reads an SDP and decodes all of it; then hostile and
+odd senders (tests/gateways/rtp_peers.py) against the same running
+gateways: a third host on the stream's ports, broken headers, an SSRC change
+under each setting, an rtcp-mux stream, and the adjacent rule's end after a
+stream stops. One lab and one `nfgate run` serve the whole module; each test
+has its own port pair, so no stream of one test latches another's.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from types import SimpleNamespace
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from firewall.lab.wait import wait_for
+from tests.gateways.rtp_netns import EXT, EXT2, SDP, WAN, RtpRunning, Sink, send
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg (apt-get install ffmpeg)"),
+]
+
+SECONDS = 6  # of audio streamed by ffmpeg
+
+
+@pytest.fixture(scope="module")
+def rig(module_lab_factory: Callable[..., Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
+    lab = module_lab_factory("basic")
+    lab.run("ext", ["ip", "address", "add", f"{EXT2}/24", "dev", "eth0"])
+    tmp = tmp_path_factory.mktemp("rtp")
+    run = RtpRunning(lab, tmp)
+    try:
+        yield SimpleNamespace(lab=lab, tmp=tmp, run=run)
+    finally:
+        run.stop()
+
+
+def sources(got: list[list[Any]]) -> set[str]:
+    return {source.split(":")[0] for source, _, _ in got}
+
+
+def test_ffmpeg_rtp_with_rtcp_crosses_the_gateway_and_decodes_whole(rig: SimpleNamespace) -> None:
+    lab, tmp, run = rig.lab, rig.tmp, rig.run
+    sdp = tmp / "stream.sdp"
+    sdp.write_text(SDP.format(sender=EXT, port=5004))
+    out = tmp / "received.wav"
+    log = open(tmp / "ffmpeg-receiver.log", "w")
+    receiver = lab.popen("lan", ["ffmpeg", "-nostdin", "-hide_banner", "-y", "-protocol_whitelist", "file,udp,rtp",
+                                 "-i", str(sdp), "-c:a", "pcm_s16le", str(out)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        lab.wait_listening("lan", 5004, "udp", timeout=10)
+        sender = lab.run("ext", [
+            "ffmpeg", "-nostdin", "-hide_banner", "-re", "-f", "lavfi", "-i", f"sine=frequency=440:duration={SECONDS}",
+            "-c:a", "pcm_mulaw", "-ar", "8000", "-ac", "1", "-frame_size", "160", "-f", "rtp",
+            f"rtp://{WAN}:5004?pkt_size=172",
+        ], check=False, timeout=60)
+        assert sender.returncode == 0, sender.stderr
+        # The receiver has everything once the stream is over; wait until the file stops growing.
+        sizes: list[int] = []
+
+        def settled() -> bool:
+            sizes.append(out.stat().st_size if out.exists() else -1)
+            return len(sizes) > 3 and sizes[-1] > 0 and len(set(sizes[-4:])) == 1
+
+        wait_for(settled, timeout=20, interval=0.25, what="the receiver to write everything")
+    finally:
+        if receiver.poll() is None:
+            receiver.terminate()  # ffmpeg finishes the file (the WAV header's sizes) on SIGTERM
+            try:
+                receiver.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                receiver.kill()
+                receiver.wait()
+        log.close()
+    probe = lab.run("lan", ["ffprobe", "-v", "error", "-show_entries", "format=duration", "-of", "csv=p=0", str(out)])
+    duration = float(probe.stdout)
+    assert SECONDS - 0.1 <= duration <= SECONDS + 0.1, (duration, (tmp / "ffmpeg-receiver.log").read_text())
+    samples = out.stat().st_size - 44  # a canonical WAV header
+    assert abs(samples - SECONDS * 8000 * 2) <= 2 * 160 * 2, samples  # within two 20 ms packets
+    counters = run.counters()
+    # ffmpeg sends a sender report to port + 1 first, then about every 5 s: validated on the way.
+    assert counters.get("relayed.rtcp", 0) >= 1, counters
+    assert counters.get("relayed.rtp", 0) >= SECONDS * 50, counters
+    assert not any(k.startswith(("dropped.rtp", "dropped.rtcp", "dropped.not_latched")) for k in counters), counters
+    # Whichever flow came first, the gateway asked for the other port, exactly: the sender's other port.
+    granted = run.events("rule.granted")
+    assert any(f"dst={WAN}:500{n}" in line and f"src={EXT}:" in line for line in granted for n in (4, 5)), granted
+
+
+def test_a_third_host_and_broken_headers_get_nothing_through(rig: SimpleNamespace) -> None:
+    lab, run = rig.lab, rig.run
+    before = run.counters()
+    sink = Sink(lab, 5010, 5011)
+    try:
+        assert send(lab, EXT, 41000, 5010, "rtp*25@0x1") == 25  # the stream, latched to EXT:41000
+        # The third host, on the RTP port (same SSRC, as an injector would) and on the RTCP port.
+        assert send(lab, EXT2, 41000, 5010, "rtp*10@0x1") == 10
+        assert send(lab, EXT2, 41001, 5011, "rr*5") == 5
+        # The latched sender's broken datagrams, then its real RTCP on the next port, then more media.
+        assert send(lab, EXT, 41000, 5010, "v1*3 trunc*3 rtp*25@0x1") == 31
+        assert send(lab, EXT, 41001, 5011, "rr*3") == 3
+        got = sink.result()
+    finally:
+        sink.stop()
+    assert len(got[5010]) == 50 and sources(got[5010]) == {EXT}, got[5010][-5:]
+    assert [kind for _, kind, _ in got[5011]] == ["rtcp"] * 3 and sources(got[5011]) == {EXT}, got[5011]
+    after = run.counters()
+
+    def more(key: str) -> int:
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert more("dropped.not_latched") == 15, after
+    assert more("dropped.rtp.version") == 3 and more("dropped.rtp.truncated") == 3, after
+    refused = [line for line in run.events("refused") if "stream=203.0.113.1:5010" in line]
+    assert len(refused) == 2 and all(f"client={EXT2}:" in line and "reason=other_address" in line for line in refused)
+
+
+def test_an_ssrc_change_is_dropped_or_taken_as_set(rig: SimpleNamespace) -> None:
+    lab, run = rig.lab, rig.run
+    sink = Sink(lab, 5020, 5040)
+    try:
+        plan = "rtp*10@0xA rtp*10@0xB rtp*5@0xA"
+        assert send(lab, EXT, 42000, 5020, plan) == 25  # ssrc_change = "drop"
+        assert send(lab, EXT, 42000, 5040, plan) == 25  # ssrc_change = "allow"
+        got = sink.result()
+    finally:
+        sink.stop()
+    assert [ssrc for _, _, ssrc in got[5020]] == [0xA] * 15
+    assert [ssrc for _, _, ssrc in got[5040]] == [0xA] * 10 + [0xB] * 10 + [0xA] * 5
+    assert run.counters()["dropped.ssrc_changed"] == 10
+    assert run.counters("rtp-allow")["ssrc.changed"] == 2
+    assert len(run.events("ssrc.changed", "rtp-allow")) == 2
+
+
+def test_the_adjacent_rule_lives_while_media_flows_and_goes_after_the_no_media_timeout(rig: SimpleNamespace) -> None:
+    lab, run = rig.lab, rig.run
+    sink = Sink(lab, 5020, idle=1.0)
+    try:
+        assert send(lab, EXT, 42100, 5020, "rtp*10@0xA") == 10  # a stream with no RTCP yet (after the SSRC test's end)
+        # The gateway's rule for RTCP: exactly from the sender's next port to the next port.
+        wait_for(lambda: any("42101" in e for e in run.rules_for(5021)), timeout=5, interval=0.05,
+                 what="the adjacent rule in the kernel")
+        # Longer than adjacent_rule_ttl: the rule is asked for again while the media goes on.
+        assert send(lab, EXT, 42100, 5020, "rtp*200@0xA") == 200
+        assert any("42101" in e for e in run.rules_for(5021)), run.rules_for(5021)
+        sink.result()
+    finally:
+        sink.stop()
+    wait_for(lambda: any("stream=203.0.113.1:5020" in line and "reason=no_media" in line
+                         for line in run.events("stream.close")), timeout=10, interval=0.1, what="the no-media end")
+    wait_for(lambda: not run.rules_for(5021), timeout=10, interval=0.2, what="the adjacent rule to go")
+    asked = [line for line in run.events("rule.granted") if f"dst={WAN}:5021" in line and "src=203.0.113.10:42101" in line]
+    assert len(asked) >= 2, asked  # renewed at least once while the stream lived
+
+
+def test_an_rtcp_mux_stream_crosses_on_one_port_and_needs_no_second_rule(rig: SimpleNamespace) -> None:
+    lab, run = rig.lab, rig.run
+    sink = Sink(lab, 5030, 5031)
+    try:
+        assert send(lab, EXT, 43000, 5030, "rr*1 rtp*10@0x5 rr*2 rtp*5@0x5") == 18
+        got = sink.result()
+    finally:
+        sink.stop()
+    assert [kind for _, kind, _ in got[5030]] == ["rtcp"] + ["rtp"] * 10 + ["rtcp"] * 2 + ["rtp"] * 5
+    assert got[5031] == []
+    assert any("stream=203.0.113.1:5030" in line for line in run.events("rtcp_mux"))
+    assert not [line for line in run.events("rule.granted") if f"dst={WAN}:5031" in line]
