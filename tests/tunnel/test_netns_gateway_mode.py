@@ -24,6 +24,7 @@ import pytest
 
 from firewall.lab.netns import Lab
 from firewall.lab.wait import wait_for
+from tests.conntrack import fast_conntrack
 from tests.tunnel.gwmode_harness import GATEWAY, UNSTEERED, GatewayModeLab
 from tests.tunnel.netns_harness import NAT_WAN, PRIV, PUB, SERVICE_PORT
 
@@ -135,12 +136,26 @@ def test_nfgate_status_shows_the_tunnel_gateway(gm: GatewayModeLab) -> None:
     assert int(line.split()[1]) == gm.gateway_pid()
 
 
+@pytest.fixture
+def udp_outlives_recovery(gm: GatewayModeLab) -> Iterator[None]:
+    """The public UDP client's binding must outlive a restart however long a
+    loaded machine takes: conntrack's UDP timeout above the recovery bound
+    for one test, then the module's short ones again."""
+    longer = int(RECOVERY_BOUND) + 30
+    fast_conntrack(gm.lab, "pub", nf_conntrack_udp_timeout=longer, nf_conntrack_udp_timeout_stream=longer)
+    yield
+    fast_conntrack(gm.lab, "pub")
+
+
+@pytest.mark.usefixtures("udp_outlives_recovery")
 def test_sigkill_restart_mediator_reconnects_and_publications_come_back(gm: GatewayModeLab) -> None:
     state = gm.state / f"tunnel-{GATEWAY}.json"
     saved = {(p["proto"], p["public"]) for p in json.loads(state.read_text())}
     assert saved == {("tcp", HTTP_PUBLIC), ("udp", ECHO_PUBLIC)}
     mediator = next(p for p in gm.tl.procs if p.name == "m1")
     sessions = len(mediator.events("ready"))
+    # One exchange now, so the binding is fresh when the kill comes.
+    assert gm.tl.run_peer("nat", "udp-client", PUB, ECHO_PUBLIC, 1, 2.0, 32, UDP_CLIENT_PORT)["received"] == 1
     before = gm.processes()
     old = before[f"gateway-{GATEWAY}"]
     killed, killed_wall = time.monotonic(), time.time()
