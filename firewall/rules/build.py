@@ -190,7 +190,7 @@ def _admit(config: Config, rs: Ruleset, t: Traffic, name: str, to_queue: Jump | 
     rs.chains.append(chain)
     if t.to_zone != ROUTER:
         for f in config.nat.forwards:
-            if f.from_zone != t.from_zone or f.proto != t.proto:
+            if f.from_zone != t.from_zone or f.proto != t.proto or not any(f.ports.overlaps(p) for p in t.ports):
                 continue
             matches: list = [DstLocal(), Proto(f.proto)]
             if f.saddr:
