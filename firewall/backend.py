@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from firewall.errors import KernelError, UsageError
@@ -106,8 +106,16 @@ def _nft_load(text: str, dry_run: bool, report: Report, done: str) -> None:
     report.actions.append(done)
 
 
-def apply(rs: Ruleset, backend: str, dry_run: bool = False) -> Report:
+def apply(rs: Ruleset, backend: str, dry_run: bool = False, keep_bind: bool = False) -> Report:
+    """Install ``rs``; ``keep_bind``: leave an existing binding table (its bindings and
+    dynamic rules) as it is, as ``nfgate reload`` does under running processors."""
     report = Report(backend)
+    if keep_bind and rs.bind is not None and not dry_run and bind_present():
+        rs = replace(rs, bind=None)
+        report.actions.append(f"nft: kept table {bind.FAMILY} {bind.TABLE} (bindings and dynamic rules)")
+        keep = True
+    else:
+        keep = False
     if backend == "nft":
         _nft_load(nft.render(rs), dry_run, report, f"nft: replaced table inet {nft.TABLE} ({_count(rs)})")
     else:
@@ -115,7 +123,7 @@ def apply(rs: Ruleset, backend: str, dry_run: bool = False) -> Report:
             _nft_load(bind.render(*rs.bind), dry_run, report,
                       f"nft: replaced table {bind.FAMILY} {bind.TABLE} (the gateway flows' NAT maps)")
         _apply_iptables(rs, backend, dry_run, report)
-    if not dry_run and rs.bind is None:
+    if not dry_run and rs.bind is None and not keep:
         report.actions += _remove_bind()
     if not dry_run:
         # A backend switch must not leave the old rules working beside the new ones.
@@ -123,6 +131,20 @@ def apply(rs: Ruleset, backend: str, dry_run: bool = False) -> Report:
             if other != backend:
                 report.actions += remove(other)
     return report
+
+
+def installed() -> bool:
+    """Whether any of nfgate's rules are in the kernel, in any backend."""
+    if bind_present():
+        return True
+    if shutil.which("nft") is not None and _run(["nft", "list", "table", "inet", nft.TABLE]).returncode == 0:
+        return True
+    for backend in ("iptables", "iptables-legacy"):
+        for version in (4, 6):
+            tools = _Tools(backend, version)
+            if tools.available() and any(t.chains for t in _saved(tools.save()).values()):
+                return True
+    return False
 
 
 def flush() -> list[str]:
@@ -133,9 +155,13 @@ def flush() -> list[str]:
     return actions or ["nothing of nfgate's was installed"]
 
 
+def bind_present() -> bool:
+    return shutil.which("nft") is not None and _run(["nft", "list", "table", bind.FAMILY, bind.TABLE]).returncode == 0
+
+
 def _remove_bind() -> list[str]:
     """The binding table belongs to every backend: only flush, or a ruleset without gateways, removes it."""
-    if shutil.which("nft") is None or _run(["nft", "list", "table", bind.FAMILY, bind.TABLE]).returncode != 0:
+    if not bind_present():
         return []
     result = _run(["nft", "delete", "table", bind.FAMILY, bind.TABLE])
     if result.returncode != 0:

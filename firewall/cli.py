@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import click
 
 from firewall import backend as be
-from firewall import manifests
-from firewall.config import load
+from firewall import confirm as confirming
+from firewall import manifests, state
+from firewall.config import Config, load
 from firewall.config import schema as config_schema
-from firewall.errors import NfgateError, UsageError, require_root
+from firewall.errors import EXIT_USAGE, NfgateError, UsageError, require_root
+from firewall.hazards import hazards
 from firewall.lab.cli import lab
 from firewall.rules import build, iptables, nft
-from firewall.supervisor import Supervisor, query
+from firewall.supervisor import Supervisor, children_for, query
 from tunnel.cli import tunnel
 
 DEFAULT_CONFIG = "/etc/nfgate/nfgate.toml"
@@ -68,20 +71,33 @@ backend_option = click.option(
 )
 
 
+def _environment(config: Config, config_path: str) -> None:
+    """What the config may not name on this machine (``state.foreign_netns``): an error, as the config's own."""
+    foreign = state.foreign_netns(config)
+    if foreign is not None:
+        raise UsageError(f"{config_path}: 1 problem\n  gateway_link.netns: {foreign}")
+
+
 @main.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def check(config_path: str, as_json: bool) -> None:
-    """Validate the config and print a summary.
+@click.option("--strict", is_flag=True, help="Exit 2 on warnings too.")
+def check(config_path: str, as_json: bool, strict: bool) -> None:
+    """Validate the config and print a summary, with warnings for dangerous configs.
 
     Every problem is reported at once, each with its key path and line.
+    Warnings (a lockout, a selector wider than its rules, IPv6 that would
+    skip a gateway) leave the exit code 0, unless --strict.
 
     \b
     Examples:
       nfgate check
+      nfgate check --strict
       nfgate check -c examples/office.toml --json
     """
     config = load(config_path)
+    _environment(config, config_path)
+    warnings = [str(h) for h in hazards(config)]
     rs = build(config)
     summary = {
         "config": config_path,
@@ -98,9 +114,12 @@ def check(config_path: str, as_json: bool) -> None:
         ],
         "chains": len(rs.chains),
         "kernel_rules": sum(len(c.rules) for c in rs.chains),
+        "warnings": warnings,
     }
     if as_json:
         click.echo(json.dumps(summary, indent=2))
+        if strict and warnings:
+            sys.exit(EXIT_USAGE)
         return
     click.echo(f"{config_path}: ok")
     for name, ifs in summary["zones"].items():
@@ -116,6 +135,11 @@ def check(config_path: str, as_json: bool) -> None:
     if config.gateways:
         click.echo(f"  processor: queues {summary['queues']}, fail {summary['fail_mode']}")
     click.echo(f"  renders to {summary['kernel_rules']} rules in {summary['chains']} chains")
+    for line in warnings:
+        click.echo(f"warning: {line}", err=True)
+    if strict and warnings:
+        click.echo(f"nfgate: {len(warnings)} warning{'s' if len(warnings) != 1 else ''} (--strict)", err=True)
+        sys.exit(EXIT_USAGE)
 
 
 @main.command()
@@ -152,26 +176,69 @@ def rules(config_path: str, fmt: str) -> None:
 @config_option
 @backend_option
 @click.option("--dry-run", is_flag=True, help="Show what would be loaded; change nothing.")
-def apply(config_path: str, backend: str, dry_run: bool) -> None:
+@click.option("--confirm", "confirm_after", type=click.FloatRange(1, 3600), default=None, metavar="SECONDS",
+              help="Roll back to the previous ruleset unless `nfgate confirm` comes within SECONDS.")
+def apply(config_path: str, backend: str, dry_run: bool, confirm_after: float | None) -> None:
     """Install the ruleset atomically, replacing nfgate's previous one.
 
     On a refusal the previous ruleset stays in place and the kernel's message
-    is printed. Rules that nfgate did not install are never touched.
+    is printed. Rules that nfgate did not install are never touched. While
+    nfgate run is up, use nfgate reload instead. With --confirm, a timer
+    puts the previous ruleset back after SECONDS unless nfgate confirm comes
+    first: for changes made over SSH.
 
     \b
     Examples:
       sudo nfgate apply
+      sudo nfgate apply --confirm 60 && sudo nfgate confirm
       sudo nfgate apply --backend iptables --dry-run
       sudo ip netns exec router nfgate apply -c lab.toml
     """
     if not dry_run:
         require_root("apply")
-    rs = build(load(config_path))
+    config = load(config_path)
+    for line in hazards(config):
+        click.echo(f"warning: {line}", err=True)
+    rs = build(config)
     choice = be.choose(backend, rs)
     click.echo(f"backend: {choice.backend} ({choice.reason})")
-    report = be.apply(rs, choice.backend, dry_run=dry_run)
+    if dry_run:
+        for line in be.apply(rs, choice.backend, dry_run=True).actions:
+            click.echo(line)
+        return
+    pid = state.running_pid(config)
+    if pid is not None:
+        raise UsageError(f"nfgate run is up here (pid {pid}): use nfgate reload, which keeps its bindings")
+    previous = None
+    if confirm_after is not None:
+        if confirming.pending(config) is not None:
+            raise UsageError("an apply --confirm is pending: nfgate confirm it, or wait for its rollback")
+        previous = state.applied(config)
+        if previous is None and be.installed():
+            raise UsageError("--confirm needs the ruleset to roll back to, and nfgate has no record of the one "
+                             "installed: apply it once without --confirm")
+    report = be.apply(rs, choice.backend)
     for line in report.actions:
         click.echo(line)
+    state.record_applied(config, config.path.read_text() if config.path else "", choice.backend)
+    if confirm_after is not None:
+        deadline, timer = confirming.arm(config, confirm_after, previous)
+        when = time.strftime("%H:%M:%S", time.localtime(deadline))
+        to = "the previous ruleset" if previous else "no rules (nfgate flush)"
+        click.echo(f"rolls back to {to} at {when} unless `nfgate confirm` comes first (timer pid {timer})")
+
+
+@main.command("confirm")
+@config_option
+def confirm_command(config_path: str) -> None:
+    """Keep the ruleset of a pending nfgate apply --confirm.
+
+    \b
+    Examples:
+      sudo nfgate confirm
+    """
+    require_root("confirm")
+    click.echo(confirming.confirm(load(config_path)))
 
 
 @main.command()
@@ -198,10 +265,12 @@ def manifest(config_path: str, gateway: str) -> None:
 
 @main.command()
 def flush() -> None:
-    """Remove everything nfgate installed, and nothing else.
+    """Remove everything nfgate installed, and nothing else: the router is open after it.
 
     Finds nfgate's objects by name in every backend (table inet nfgate, chains
-    NFGATE-* and the jumps to them), so it needs no config.
+    NFGATE-* and the jumps to them), so it needs no config. It is the only
+    command that removes the static rules: nfgate run leaves them in place
+    when it stops.
 
     \b
     Examples:
@@ -209,8 +278,11 @@ def flush() -> None:
       sudo ip netns exec router nfgate flush
     """
     require_root("flush")
-    for line in be.flush():
+    lines = be.flush()
+    for line in lines:
         click.echo(line)
+    if lines != ["nothing of nfgate's was installed"]:
+        click.echo("flushed: every nfgate rule is gone, the filter and NAT too; the kernel's own chain policies apply")
 
 
 @main.command()
@@ -221,9 +293,12 @@ def run(config_path: str, backend: str) -> None:
 
     Creates the gateway namespace and its blind-track link, applies the
     rules, starts one packet processor per queue and one process per
-    gateway, and restarts any that dies. SIGTERM or Ctrl-C stops them all
-    and removes everything nfgate installed. scripts/nfgate.service runs it
-    under systemd.
+    gateway, and restarts any that dies. One instance at a time: a second
+    one refuses and names the first one's pid. SIGHUP reloads the config
+    (as nfgate reload). SIGTERM or Ctrl-C stops the processes and removes
+    the blind track; the static rules stay, the steering stops per
+    processor.fail_mode (nfgate flush removes everything).
+    scripts/nfgate.service runs it under systemd.
 
     \b
     Examples:
@@ -232,6 +307,34 @@ def run(config_path: str, backend: str) -> None:
     """
     require_root("run")
     Supervisor(load(config_path), config_path, backend).run()
+
+
+@main.command()
+@config_option
+def reload(config_path: str) -> None:
+    """Apply the config file again under the running nfgate run, without cuts.
+
+    Refuses a bad config (every problem with its key path) and keeps the old
+    rules. Else applies the rules atomically, keeps the bindings and dynamic
+    rules, restarts only the gateways whose settings changed (and the
+    processors only if theirs did), and keeps their live flows. SIGHUP to
+    nfgate run does the same (systemctl reload nfgate).
+
+    \b
+    Examples:
+      sudo nfgate reload
+    """
+    require_root("reload")
+    config = load(config_path)
+    for line in hazards(config):
+        click.echo(f"warning: {line}", err=True)
+    # Each child may take stop_timeout to stop, twice (SIGTERM, SIGKILL), and each tool call its own.
+    timeout = config.supervisor.stop_timeout * 2 * (len(children_for(config, config_path)) + 1) + 4 * be.TOOL_TIMEOUT
+    result = query(config, "reload", timeout, refused=UsageError)
+    for line in result.get("actions", []):
+        click.echo(line)
+    for key in ("restarted", "started", "stopped"):
+        click.echo(f"{key}: {', '.join(result.get(key) or []) or 'nothing'}")
 
 
 @main.command()

@@ -394,6 +394,8 @@ class Traffic(Frozen):
     ports: Ports = Field(description="destination ports: 25, \"1000-2000\", or an array of those")
     saddr: Addresses = Field((), description="source addresses or prefixes (IPv4)")
     daddr: Addresses = Field((), description="destination addresses or prefixes (IPv4)")
+    allow: Bool = Field(False, description="the selector admits its traffic itself, as an accept [[rule]] would; "
+                        "false: the filter's rules decide what reaches the gateway")
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> "Traffic":
@@ -534,7 +536,17 @@ class Config(Frozen):
         _check_gateways(info, self.gateways)
         _check_forwards(info, self.nat.forwards)
         _check_signalling_ports(info, self)
+        _check_snat_ports(info, self)
         return self
+
+
+def _check_snat_ports(info: ValidationInfo, config: Config) -> None:
+    """The kernel's masquerade takes the ports below the processor's SNAT pool (rules.build)."""
+    snat = config.processor.pools.snat_ports
+    if config.gateways and config.nat.masquerade and snat.first <= 1024:
+        report(info, "processor.pools.snat_ports",
+               f"{snat} leaves nat.masquerade no ports below it (masquerade takes 1024 to {snat.first - 1}): "
+               "start the pool higher, e.g. \"61000-65535\"")
 
 
 def _check_zones(info: ValidationInfo, config: Config) -> None:

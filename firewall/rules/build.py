@@ -71,13 +71,19 @@ ICMPV6_ERRORS = ("destination-unreachable", "packet-too-big", "time-exceeded", "
 ICMPV6_ND = ("nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert")
 
 
-def build(config: Config) -> Ruleset:
+def build(config: Config, stopped: bool = False) -> Ruleset:
+    """The ruleset of ``config``; ``stopped``: as it stays while ``nfgate run`` is not running.
+
+    Stopped, the static rules (filter, NAT, port forwards) are the same and
+    only the steering changes, per ``processor.fail_mode``: what would be
+    queued is dropped (closed) or left to the filter (open).
+    """
     rs = Ruleset(zones={z.name: z.interfaces for z in config.zones.values()}, chains=[])
     rs.source = str(config.path) if config.path else ""
     if config.gateways:
         marks = config.processor.marks
         rs.bind = (marks, len(config.processor.queues))
-        _steer(config, rs)
+        _steer(config, rs, stopped)
     _nat(config, rs)
     _filter(config, rs)
     return rs
@@ -86,7 +92,7 @@ def build(config: Config) -> Ruleset:
 # ---- mangle: steering the first packet of gateway flows into the queues ----------
 
 
-def _steer(config: Config, rs: Ruleset) -> None:
+def _steer(config: Config, rs: Ruleset, stopped: bool) -> None:
     proc = config.processor
     link = config.gateway_link
     chain = Chain("mangle_prerouting", Kind.MANGLE, Hook.PREROUTING)
@@ -100,27 +106,35 @@ def _steer(config: Config, rs: Ruleset) -> None:
     chain.add([CtConfirmed()], [Return()], "conntrack carries a connection after its first packet", Family.V4)
     bypass = proc.fail_mode == "open"
     queues = proc.queues
+    # Stopped, nobody listens on the queues: say in the ruleset what the
+    # kernel would do anyway (drop without bypass, pass with it).
+
+    def send(q: int) -> Queue | Drop | Return:
+        if not stopped:
+            return Queue(q, bypass)
+        return Return() if bypass else Drop()
+
     # The first packet of a flow a gateway asked for (seed, "Dynamic changes
     # in packet processing"): the binding table's expect chain marked it for
     # the instance that holds the rule.
     marks = proc.marks
     for i, q in enumerate(queues):
-        chain.add([Mark(marks.expect, marks.expect_value(i))], [Queue(q, bypass)],
+        chain.add([Mark(marks.expect, marks.expect_value(i))], [send(q)],
                   f"dynamic rules: a flow a gateway asked for, to processor instance {i}", Family.V4)
     buckets = bucket_count(len(queues))
 
-    def steer(name: str, comment: str, slices: list[list]) -> Jump | Queue:
-        """One queue: queue directly. Several: a chain of rules, ``len(slices) // buckets``
+    def steer(name: str, comment: str, slices: list[list]) -> Jump | Queue | Drop | Return:
+        """One queue (or stopped): queue directly. Several: a chain of rules, ``len(slices) // buckets``
         consecutive rules for each slice; slice b goes to queue b % instances."""
-        if len(queues) == 1:
-            return Queue(queues[0], bypass)
+        if len(queues) == 1 or stopped:
+            return send(queues[0])
         sub = Chain(name, Kind.MANGLE)
         rs.chains.append(sub)
         per_slice = len(slices) // buckets
         for i, matches in enumerate(slices):
             b = i // per_slice
             q = queues[b % len(queues)]
-            sub.add(matches, [Queue(q, bypass)], f"{comment}: slice {b} -> queue {q}", Family.V4)
+            sub.add(matches, [send(q)], f"{comment}: slice {b} -> queue {q}", Family.V4)
         return Jump(name)
 
     low_bits = buckets - 1
@@ -142,17 +156,63 @@ def _steer(config: Config, rs: Ruleset) -> None:
         "gateway_link: a gateway's new connection to the firewall-side pool (leg B)",
         Family.V4,
     )
-    for gw in config.gateways:
-        for t in gw.traffic:
+    for g, gw in enumerate(config.gateways):
+        for i, t in enumerate(gw.traffic):
             tag = f"{t.source} gateway {gw.name} ({gw.kind})"
+            matches = _selector(t)
+            what = "request"
             if t.to_zone == ROUTER:
                 # The gateway terminates the flow (the tunnel's server): only a
                 # packet for one of the router's own addresses can be its.
                 # Routed traffic on these ports stays in the kernel.
-                matches = _selector(t) + [DstLocal()]
-                chain.add(matches, [by_src], f"{tag}: request to the router", Family.V4)
+                matches.append(DstLocal())
+                what = "request to the router"
+            if t.allow:
+                chain.add(matches, [by_src], f"{tag}: {what}, admitted by the selector (allow = true)", Family.V4)
                 continue
-            chain.add(_selector(t), [by_src], f"{tag}: request", Family.V4)
+            admit = _admit(config, rs, t, f"admit_g{g}_{i}", by_src)
+            chain.add(matches, [Jump(admit)], f"{tag}: {what}, if the filter admits it", Family.V4)
+
+
+def _admit(config: Config, rs: Ruleset, t: Traffic, name: str, to_queue: Jump | Queue | Drop | Return) -> str:
+    """The filter's verdict on a selector's first packets, before they are queued.
+
+    The seed's processor filters first and redirects what passes (fig. 6a):
+    a selector says which traffic goes through a gateway, the [[rule]]s and
+    port forwards say which traffic may pass at all. The chain holds, in the
+    filter's own order, the port forwards and the rules of the selector's
+    zone pair that can match it: an accept queues the packet, a drop or
+    reject returns it to the kernel's filter, which drops or rejects it; the
+    chain's end is the pair's policy. So ``nfgate rules`` shows what a
+    selector admits, rule by rule.
+    """
+    chain = Chain(name, Kind.MANGLE)
+    rs.chains.append(chain)
+    if t.to_zone != ROUTER:
+        for f in config.nat.forwards:
+            if f.from_zone != t.from_zone or f.proto != t.proto or not any(f.ports.overlaps(p) for p in t.ports):
+                continue
+            matches: list = [DstLocal(), Proto(f.proto)]
+            if f.saddr:
+                matches.append(Addr("src", f.saddr))
+            matches.append(Port("dst", (f.ports,)))
+            chain.add(matches, [to_queue], f"{t.source} admitted by {f.source} forward {f.name}", Family.V4)
+    for rule in config.rules:
+        if (rule.from_zone, rule.to_zone) != (t.from_zone, t.to_zone) or rule.proto not in ("any", t.proto):
+            continue
+        for family, matches in _rule_matches(rule):
+            if family is Family.V6:
+                continue  # gateway traffic is IPv4
+            label = f"{rule.source} {rule.name}".strip()
+            if rule.action == "accept":
+                chain.add(matches, [to_queue], f"{t.source} admitted by {label}", Family.V4)
+            else:
+                chain.add(matches, [Return()], f"{t.source} refused by {label}: the filter {rule.action}s it", Family.V4)
+    policy = config.policy.input if t.to_zone == ROUTER else config.policy.forward
+    key = "input" if t.to_zone == ROUTER else "forward"
+    if policy == "accept":
+        chain.add([], [to_queue], f"{t.source} admitted by policy.{key} = accept", Family.V4)
+    return name
 
 
 def signalling_ports(config: Config) -> PortRange:
@@ -277,11 +337,12 @@ def _filter(config: Config, rs: Ruleset) -> None:
 
     if gateways and config.processor.fail_mode == "open":
         # With the processor gone, the queue rules' bypass hands these packets
-        # to the kernel unchanged and tracked: let them through directly.
+        # to the kernel unchanged and tracked: what a selector admits by its
+        # own allow passes directly.
         for gw in config.gateways:
             for t in gw.traffic:
-                if t.to_zone == ROUTER:
-                    continue
+                if t.to_zone == ROUTER or not t.allow:
+                    continue  # without allow, the filter's own rules already decide
                 matches = [InZone(t.from_zone), OutZone(t.to_zone)] + _selector(t)[1:]
                 fwd.add(matches, [Accept()], f"{t.source} gateway {gw.name}: fail open", Family.V4)
 

@@ -124,15 +124,16 @@ class Running:
     is each of ``fields`` (this module's CONFIG takes ``queues``).
     """
 
-    def __init__(self, lab, tmp: Path, queues: str = "[0]", config: str = CONFIG, backend: str = "iptables", **fields: str):
+    def __init__(self, lab, tmp: Path, queues: str = "[0]", config: str = CONFIG, backend: str = "iptables",
+                 wrap: tuple[str, ...] = (), log_name: str = "run.log", **fields: str):
         self.lab = lab
         self.gwns = f"{lab.prefix}-gw"
         self.path = tmp / "nfgate.toml"
         self.path.write_text(config.format(gwns=self.gwns, tmp=tmp, queues=queues, **fields))
         self.control = tmp / "run" / "control.sock"
-        self.log_path = tmp / "run.log"
+        self.log_path = tmp / log_name
         self.log = open(self.log_path, "w")
-        argv = [sys.executable, "-m", "firewall.cli", "run", "-c", str(self.path), "--backend", backend]
+        argv = [*wrap, sys.executable, "-m", "firewall.cli", "run", "-c", str(self.path), "--backend", backend]
         fast_conntrack(lab)
         self.proc = lab.popen("router", argv, stdout=self.log, stderr=subprocess.STDOUT)
         try:

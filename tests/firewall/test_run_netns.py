@@ -72,7 +72,9 @@ def test_relays_both_directions_restart_and_clean_stop(lab_factory, tmp_path: Pa
 
     assert run.stop() == 0
     assert not Path("/run/netns", run.gwns).exists()
-    assert "NFGATE" not in lab.run("router", ["iptables-nft-save"]).stdout
+    saved = lab.run("router", ["iptables-nft-save"]).stdout
+    # The static rules stay; the steering is stopped (fail closed: dropped, never queued).
+    assert "NFGATE-FORWARD" in saved and "NFQUEUE" not in saved, saved
     assert not run.control.exists()
 
 

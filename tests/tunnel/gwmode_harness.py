@@ -74,12 +74,14 @@ from = "wan"
 to = "router"
 proto = "tcp"
 ports = [{service_port}, "{first}-{last}"]
+allow = true
 
 [[gateway.traffic]]
 from = "wan"
 to = "router"
 proto = "udp"
 ports = [{service_port}, "{first}-{last}"]
+allow = true
 """
 
 

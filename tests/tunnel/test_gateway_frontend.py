@@ -63,12 +63,14 @@ from = "wan"
 to = "router"
 proto = "tcp"
 ports = [7443, "8000-8099"]
+allow = true
 
 [[gateway.traffic]]
 from = "wan"
 to = "router"
 proto = "udp"
 ports = [7443, "9000-9099"]
+allow = true
 """
 
 
@@ -282,8 +284,8 @@ def test_the_rules_queue_only_packets_for_the_router_itself() -> None:
     mangle = rs.chain("mangle_prerouting")
     steered_rules = [r for r in mangle.rules if "gateway tun" in r.comment]
     assert [r.comment for r in steered_rules] == [
-        "gateway[0].traffic[0] gateway tun (tunnel): request to the router",
-        "gateway[0].traffic[1] gateway tun (tunnel): request to the router",
+        "gateway[0].traffic[0] gateway tun (tunnel): request to the router, admitted by the selector (allow = true)",
+        "gateway[0].traffic[1] gateway tun (tunnel): request to the router, admitted by the selector (allow = true)",
     ]
     for rule in steered_rules:
         assert DstLocal() in rule.matches and isinstance(rule.statements[0], Queue)

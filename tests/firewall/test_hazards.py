@@ -1,0 +1,115 @@
+"""`nfgate check`'s warnings and the errors of issue 12 (6 and 7 are also netns tests), and the unit file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from firewall.cli import main
+from firewall.config import ConfigError, loads
+from firewall.hazards import hazards
+from firewall.rules import build
+from firewall.rules.model import Drop, Queue, Return
+
+REPO = Path(__file__).parents[2]
+
+BASE = """
+[zones.wan]
+interfaces = ["wan0"]
+
+[zones.lan]
+interfaces = ["lan0"]
+"""
+
+SSH = """
+[[rule]]
+from = "lan"
+to = "router"
+proto = "tcp"
+ports = 22
+"""
+
+GATEWAY = """
+[nat]
+masquerade = ["wan"]
+
+[[gateway]]
+name = "relay"
+kind = "tcp-relay"
+
+[[gateway.traffic]]
+from = "lan"
+to = "wan"
+proto = "tcp"
+ports = 9000
+"""
+
+
+def paths(text: str) -> list[str]:
+    return [h.path for h in hazards(loads(text))]
+
+
+def test_input_drop_without_management_access_warns() -> None:
+    assert paths(BASE) == ["policy.input"]
+    assert paths(BASE + SSH) == []
+    assert paths(BASE + '[policy]\ninput = "accept"\n') == []
+
+
+def test_a_selector_wider_than_its_rules_warns_and_admits_nothing() -> None:
+    config = loads(BASE + SSH + GATEWAY)
+    assert [h.path for h in hazards(config)] == ["gateway[0].traffic[0]"]
+    assert build(config).chain("admit_g0_0").rules == []
+    allowed = BASE + SSH + '[[rule]]\nfrom = "lan"\nto = "wan"\nproto = "tcp"\nports = "9000-9001"\nsaddr = ["10.0.0.0/8"]\n' + GATEWAY
+    assert paths(allowed) == ["gateway[0].traffic[0]"]  # the rule takes only some clients
+    assert paths(BASE + SSH + GATEWAY + "allow = true\n") == []
+
+
+def test_ipv6_that_skips_a_gateway_warns() -> None:
+    everything = '[[rule]]\nname = "out"\nfrom = "lan"\nto = "wan"\n'
+    assert paths(BASE + SSH + everything + GATEWAY) == ["gateway[0].traffic[0]"]
+    assert "IPv6" in str(hazards(loads(BASE + SSH + everything + GATEWAY))[0])
+    no_v6 = '[[rule]]\nfrom = "lan"\nto = "wan"\nproto = "tcp"\nports = 9000\nsaddr = ["::/0"]\naction = "drop"\n'
+    assert paths(BASE + SSH + no_v6 + everything + GATEWAY) == []
+
+
+def test_check_strict_exits_2_on_warnings(tmp_path: Path) -> None:
+    path = tmp_path / "nfgate.toml"
+    path.write_text(BASE + '[supervisor]\ncontrol_socket = "' + str(tmp_path / "run" / "c.sock") + '"\n')
+    runner = CliRunner()
+    loose = runner.invoke(main, ["check", "-c", str(path)])
+    assert loose.exit_code == 0 and "warning: policy.input" in loose.stderr
+    strict = runner.invoke(main, ["check", "--strict", "-c", str(path)])
+    assert strict.exit_code == 2
+
+
+@pytest.mark.parametrize("example", ["home.toml", "mail.toml", "office.toml", "lab/basic.toml"])
+def test_the_examples_have_no_warnings(example: str) -> None:
+    assert hazards(loads((REPO / "examples" / example).read_text())) == []
+
+
+def test_a_snat_pool_that_leaves_masquerade_no_ports_is_an_error() -> None:
+    with pytest.raises(ConfigError) as err:
+        loads(BASE + SSH + GATEWAY + '[processor.pools]\nsnat_ports = "1024-2000"\n')
+    assert "processor.pools.snat_ports" in str(err.value)
+    loads(BASE + SSH + GATEWAY + '[processor.pools]\nsnat_ports = "2000-3000"\n')
+
+
+def test_stopped_steering_follows_the_fail_mode() -> None:
+    for mode, stopped in (("closed", Drop), ("open", Return)):
+        config = loads(BASE + SSH + GATEWAY + f'[processor]\nfail_mode = "{mode}"\n')
+        rs = build(config, stopped=True)
+        statements = [s for c in rs.chains for r in c.rules for s in r.statements]
+        assert not any(isinstance(s, Queue) for s in statements)
+        assert any(isinstance(s, stopped) for s in rs.chain("mangle_prerouting").rules[2].statements)
+        assert [c.name for c in rs.chains if c.hook] == [c.name for c in build(config).chains if c.hook]
+
+
+def test_the_unit_runs_before_the_network_and_reloads() -> None:
+    unit = (REPO / "scripts" / "nfgate.service").read_text()
+    assert "Before=network-pre.target" in unit and "Wants=network-pre.target" in unit
+    assert "After=network-pre.target" not in unit
+    assert "ExecReload=/opt/nfgate/.venv/bin/nfgate reload" in unit
+    assert "KillMode=mixed" in unit
+    assert "LimitNOFILE=1048576" in unit
