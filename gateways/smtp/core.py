@@ -194,9 +194,13 @@ class SmtpRelay:
             self._event("tls.started")
         return self._take()
 
-    def tls_failed(self, why: str) -> list[Output]:
+    def tls_failed(self, why: str, leg: str = "client") -> list[Output]:
+        """Terminate mode: a handshake failed. Towards the server, the client is
+        still in plaintext waiting for its 220: it hears why (421)."""
         if self.state is not State.CLOSED:
-            self._event("tls.failed", detail=why)
+            self._event("tls.failed", leg=leg, detail=why)
+            if leg == "server":
+                self._to_client(TLS_FAILED.wire())
             self._close("tls_failed")
         return self._take()
 
@@ -607,7 +611,7 @@ class SmtpRelay:
         self.state = State.TLS
         self._held = None
         if self.policy.starttls == "passthrough":
-            self._event("tls.passthrough")
+            self._event("tls.passthrough", inspection="off")  # docs/smtp.md: what passthrough gives up
             self._to_client(wire)
             self._out.append(Opaque())
         else:

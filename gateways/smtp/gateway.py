@@ -28,8 +28,8 @@ connection to the server has ``connect_timeout``.
 STARTTLS (``starttls``): strip (the core refuses it), passthrough (after
 the core's ``Opaque`` the legs relay bytes unchanged: no inspection), and
 terminate (``StartTls``: TLS to the server, then the 220 and TLS to the
-client with ``tls_certificate``; the server's certificate is not checked:
-it is the protected server, reached over the router's own links).
+client with ``tls_certificate``; the server's certificate is checked only
+against ``tls_server_ca``, if set: ``tls_contexts``).
 """
 
 from __future__ import annotations
@@ -68,15 +68,24 @@ def _nodelay(sock: Any) -> None:
 
 
 def tls_contexts(settings: SmtpSettings, config_dir: Path | None) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
-    """(server-side context for clients, client-side context towards the server) in terminate mode."""
+    """(server-side context for clients, client-side context towards the server) in terminate mode.
+
+    Towards the server TLS is opportunistic by default (RFC 7435, and what
+    MTAs do among themselves, RFC 3207 section 4.1): encrypted, the
+    certificate not checked. With ``tls_server_ca`` its chain must lead to
+    that CA, and with ``tls_server_name`` it must name that host too."""
     if settings.starttls != "terminate":
         return None, None
     base = config_dir if config_dir is not None else Path(".")
     to_clients = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     to_clients.load_cert_chain(base / settings.tls_certificate, base / settings.tls_key)
-    to_server = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    to_server.check_hostname = False
-    to_server.verify_mode = ssl.CERT_NONE
+    if settings.tls_server_ca:
+        to_server = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(base / settings.tls_server_ca))
+        to_server.check_hostname = bool(settings.tls_server_name)
+    else:
+        to_server = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        to_server.check_hostname = False
+        to_server.verify_mode = ssl.CERT_NONE
     return to_clients, to_server
 
 
@@ -299,15 +308,19 @@ class _Session:
         loop = asyncio.get_running_loop()
         gw = self.gw
         assert gw.tls_to_server is not None and gw.tls_to_clients is not None
+        name = gw.settings.tls_server_name or None
+        leg = "server"
         try:
             assert self.a.transport is not None and self.b.transport is not None
             self.b.transport = await loop.start_tls(self.b.transport, self.b, gw.tls_to_server,  # type: ignore[assignment]
+                                                    server_hostname=name,
                                                     ssl_handshake_timeout=gw.settings.connect_timeout)
+            leg = "client"
             self.a.transport.write(reply)
             self.a.transport = await loop.start_tls(self.a.transport, self.a, gw.tls_to_clients,  # type: ignore[assignment]
                                                     server_side=True, ssl_handshake_timeout=gw.settings.connect_timeout)
         except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
-            self._do(self.core.tls_failed(repr(exc)))
+            self._do(self.core.tls_failed(repr(exc), leg))
             return
         self._do(self.core.tls_started())
 

@@ -39,6 +39,12 @@ class SmtpSettings(Frozen):
         "legs with tls_certificate; passthrough: bytes only after STARTTLS (no inspection)")
     tls_certificate: String() = Field("", description="terminate: PEM certificate chain shown to clients (relative to the config's directory)")
     tls_key: String() = Field("", description="terminate: PEM private key of tls_certificate")
+    tls_server_ca: String() = Field(
+        "", description="terminate: PEM CA file the server's certificate must chain to; empty: not verified "
+        "(opportunistic TLS, as between MTAs, RFC 7435)")
+    tls_server_name: String() = Field(
+        "", description="terminate, with tls_server_ca: the name the server's certificate must carry (also sent as SNI); "
+        "empty: the chain alone is checked")
     extensions: ListOf(Extension) = Field(
         ("SIZE", "8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES"),
         description="EHLO keywords passed on when the server offers them (SIZE, 8BITMIME, PIPELINING, "

@@ -3,6 +3,9 @@
     smtp_client.py send HOST SENDER RECIPIENT (session|each) FILE...
         smtplib: send each file's bytes as one message, all in one session
         or one connection each; prints {"sent": n, "seconds": s}.
+    smtp_client.py sendtls HOST CAFILE SENDER RECIPIENT (session|each) FILE...
+        the same after STARTTLS, the server's certificate checked against
+        CAFILE (not its name); prints its subject's commonName as "peer" too.
     smtp_client.py load HOST SENDER RECIPIENT (session|each) COUNT SIZE
         the same with COUNT generated messages of SIZE bytes (the bench).
     smtp_client.py raw HOST HEX...
@@ -20,19 +23,28 @@ import re
 import resource
 import smtplib
 import socket
+import ssl
 import sys
 import time
 
 
-def send(host: str, sender: str, rcpt: str, mode: str, messages: list[bytes]) -> dict:
+def send(host: str, sender: str, rcpt: str, mode: str, messages: list[bytes], cafile: str | None = None) -> dict:
     start = time.monotonic()
     sent = 0
     smtp = None
+    peer = None
     for msg in messages:
         if smtp is None:
             name, _, port = host.partition(":")
             smtp = smtplib.SMTP(name, int(port or 25), timeout=60)
             smtp.ehlo("client.example.org")
+            if cafile is not None:
+                context = ssl.create_default_context(cafile=cafile)
+                context.check_hostname = False
+                smtp.starttls(context=context)
+                smtp.ehlo("client.example.org")
+                subject = dict(kv for rdn in smtp.sock.getpeercert()["subject"] for kv in rdn)
+                peer = subject["commonName"]
         options = ["BODY=8BITMIME"] if re.search(rb"[\x80-\xff]", msg) else []
         refused = smtp.sendmail(sender, [rcpt], msg, mail_options=options)
         assert not refused, refused
@@ -42,7 +54,10 @@ def send(host: str, sender: str, rcpt: str, mode: str, messages: list[bytes]) ->
             smtp = None
     if smtp is not None:
         smtp.quit()
-    return {"sent": sent, "seconds": time.monotonic() - start}
+    out = {"sent": sent, "seconds": time.monotonic() - start}
+    if cafile is not None:
+        out["peer"] = peer
+    return out
 
 
 def load(host: str, sender: str, rcpt: str, mode: str, count: int, size: int) -> dict:
@@ -124,6 +139,9 @@ def main(argv: list[str]) -> None:
     if cmd == "send":
         sender, rcpt, mode, *files = rest
         out = send(host, sender, rcpt, mode, [open(f, "rb").read() for f in files])
+    elif cmd == "sendtls":
+        cafile, sender, rcpt, mode, *files = rest
+        out = send(host, sender, rcpt, mode, [open(f, "rb").read() for f in files], cafile)
     elif cmd == "load":
         sender, rcpt, mode, count, size = rest
         out = load(host, sender, rcpt, mode, int(count), int(size))

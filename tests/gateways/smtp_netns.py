@@ -152,7 +152,7 @@ smtpd_peername_lookup = no
 class Postfix:
     """A private Postfix in a lab host, receiving ``domain`` into ``inbox`` (a Maildir)."""
 
-    def __init__(self, lab: Any, host: str, tmp: Path, address: str, domain: str) -> None:
+    def __init__(self, lab: Any, host: str, tmp: Path, address: str, domain: str, extra: str = "") -> None:
         self.lab, self.host = lab, host
         # Postfix's daemons run as user postfix and must reach these
         # directories: pytest's tmp (mode 0700 up the tree) will not do.
@@ -168,7 +168,7 @@ class Postfix:
         self.log = root / "maillog"
         (self.conf / "main.cf").write_text(MAIN_CF.format(
             queue=queue, data=data, mail=mail, hostname=f"mx.{domain}", domain=domain, address=address,
-            uid=pw.pw_uid, gid=pw.pw_gid, log=self.log, root=root))
+            uid=pw.pw_uid, gid=pw.pw_gid, log=self.log, root=root) + extra.format(root=root))
         master = []
         for line in Path("/etc/postfix/master.cf").read_text().splitlines():
             fields = line.split()

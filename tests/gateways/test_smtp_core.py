@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from gateways.kinds import KINDS
 from gateways.smtp.core import MAX_BACKLOG, SmtpRelay
-from gateways.smtp.model import Policy
+from gateways.smtp.model import Close, Policy, ToClient
 from gateways.smtp.policy import policy_of
 from gateways.smtp.settings import SmtpSettings
 from tests.gateways.smtp_dialogue import ANY, EHLO_REPLY, GREETING, play, session, strict_line_ends
@@ -255,6 +255,17 @@ def test_starttls_terminate_hands_over_and_forgets_the_session() -> None:
     core.tls_started()
     assert core.offered == frozenset()
     assert core.client_data(b"MAIL FROM:<a@b.c>\r\n")[-1].data.startswith(b"503")  # EHLO again first
+
+
+def test_a_failed_handshake_towards_the_server_tells_the_client() -> None:
+    policy = Policy(recipient=ANY, starttls="terminate", tls_available=True)
+    for leg, told in (("server", b"421 4.7.0 TLS towards the server failed; closing\r\n"), ("client", b"")):
+        core = SmtpRelay(policy)
+        for side, data in session(("c", b"STARTTLS\r\n"), ("s", b"220 2.0.0 Ready\r\n")):
+            (core.client_data if side == "c" else core.server_data)(data)
+        out = core.tls_failed("certificate verify failed", leg)
+        assert [o.data for o in out if isinstance(o, ToClient)] == ([told] if told else [])
+        assert isinstance(out[-1], Close) and core.closed
 
 
 def test_server_plaintext_after_its_220_is_refused() -> None:

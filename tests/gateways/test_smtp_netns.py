@@ -44,7 +44,7 @@ def mail(module_lab_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> I
             r.run.stop()
         if r.outbound is not None:
             r.outbound.stop()
-        inbound.stop()
+        r.inbound.stop()  # the one running now: a test may have started a new one
 
 
 def message(tmp: Path, name: str, body: bytes) -> Path:
