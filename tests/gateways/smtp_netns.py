@@ -59,6 +59,15 @@ proto = "tcp"
 port = 25
 to = "192.168.1.10:25"
 
+# The filter decides what reaches a gateway (docs/datapath.md): lan may send
+# mail out, and smtp-out checks it on the way.
+[[rule]]
+name = "mail-out"
+from = "lan"
+to = "wan"
+proto = "tcp"
+ports = 25
+
 [processor]
 queues = [0]
 fail_mode = "closed"
