@@ -113,6 +113,8 @@ class MediatorCore(ChannelCore[MediatorState]):
         self.dropped: Counter[DropReason] = Counter()
         """Datagrams dropped, by reason (DESIGN.md invariant 10)."""
         self.accepts_refused = 0
+        self.late_keepalive_acks = 0
+        """Answers to keepalives older than the last ``dead_after`` (ignored)."""
         """Accepted connections closed because ``max_ports`` was reached."""
         self._ports: dict[int, _Port] = {}
         self._port_ids = IdAllocator()
@@ -393,10 +395,17 @@ class MediatorCore(ChannelCore[MediatorState]):
         return self._reply(KeepaliveAck(request_id=frame.request_id))
 
     def _on_keepalive_ack(self, frame: KeepaliveAck, now: float) -> Out:
-        if frame.request_id not in self._keepalives:
-            raise ProtocolError(ErrorCode.UNEXPECTED_FRAME, "KEEPALIVE_ACK for no KEEPALIVE")
-        del self._keepalives[frame.request_id]
-        return []
+        if frame.request_id in self._keepalives:
+            del self._keepalives[frame.request_id]
+            return []
+        # Our only requests are HELLO and KEEPALIVE, so an issued id that is
+        # not HELLO's is a keepalive we stopped remembering: its answer is
+        # late (a busy channel), which proves the server alive, never a
+        # protocol error (issue 14 B). An id we never issued is one.
+        if frame.request_id != self._hello_id and self._request_ids.issued(frame.request_id):
+            self.late_keepalive_acks += 1
+            return []
+        raise ProtocolError(ErrorCode.UNEXPECTED_FRAME, "KEEPALIVE_ACK for no KEEPALIVE")
 
     def _on_err(self, frame: Err, now: float) -> Out:
         # Our only requests are HELLO (answered by INIT_*) and KEEPALIVE

@@ -202,6 +202,7 @@ class PublicConnection(asyncio.Protocol):
         self.attached = False
         self.early: list[bytes] = []  # read before the tunnel side existed
         self.early_eof = False
+        self.error = ""  # the client's socket error that ended the relay, if one did
 
     @property
     def bytes_in(self) -> int:
@@ -270,36 +271,52 @@ class PublicConnection(asyncio.Protocol):
             # A slow client that had paused the channel must not keep it paused.
             self.session.channel_gate.resume(f"public {id(self)}")
             self.session.close_soon(self.port_id)
-        detail = {"detail": outcome.detail} if outcome.detail else {}
+        detail = {"detail": outcome.detail or self.error} if outcome.detail or self.error else {}
         self.pub.log.emit(
             "connection_end", public=self.pub.spec.public_port, client=_fmt(self.client), port=self.port_id,
             reason=outcome.reason, bytes_in=self.bytes_in, bytes_out=self.bytes_out, **detail,
         )
 
     def _handle(self, event: Event) -> None:
-        """Carry out the relay core's commands for ``event``, in order."""
+        """Carry out the relay core's commands for ``event``, in order.
+
+        Containment: a socket call that fails on the client's leg (a write
+        or shutdown on a connection the client has reset: ENOTCONN, EPIPE)
+        is that leg's reset, fed back to the core, so it ends this relay
+        only. Nothing of it reaches the channel that called us."""
         pending = [event]
         while pending:
             for command in self.relay.handle(pending.pop(0), self.pub.loop.time()):
-                if isinstance(command, SendData):
-                    pending.append(self._send(command))
-                elif isinstance(command, HalfClose):
-                    if command.side is Side.B:
-                        if self.session is not None and self.port_id is not None:
-                            self.session.fin(self.port_id)
-                    elif self._writable() and self.transport.can_write_eof():  # type: ignore[union-attr]
-                        self.transport.write_eof()  # type: ignore[union-attr]
-                elif isinstance(command, Reset):
-                    if command.side is Side.A:
-                        reset(self.transport)
-                    elif self.session is not None and self.port_id is not None:
-                        # A no-op where the target's own RST or the session's end came first.
-                        self.session.reset(self.port_id)
-                elif isinstance(command, Close):
-                    if command.side is Side.A and self.transport is not None:
-                        self.transport.close()
-                elif isinstance(command, Done):
-                    self._release(command)
+                try:
+                    follow = self._carry_out(command)
+                except OSError as err:
+                    self.pub.counters["client_errors"] += 1
+                    self.error = err.strerror or str(err)
+                    follow = ResetReceived(Side.A)
+                if follow is not None:
+                    pending.append(follow)
+
+    def _carry_out(self, command: Any) -> Event | None:
+        if isinstance(command, SendData):
+            return self._send(command)
+        if isinstance(command, HalfClose):
+            if command.side is Side.B:
+                if self.session is not None and self.port_id is not None:
+                    self.session.fin(self.port_id)
+            elif self._writable() and self.transport.can_write_eof():  # type: ignore[union-attr]
+                self.transport.write_eof()  # type: ignore[union-attr]
+        elif isinstance(command, Reset):
+            if command.side is Side.A:
+                reset(self.transport)
+            elif self.session is not None and self.port_id is not None:
+                # A no-op where the target's own RST or the session's end came first.
+                self.session.reset(self.port_id)
+        elif isinstance(command, Close):
+            if command.side is Side.A and self.transport is not None:
+                self.transport.close()
+        elif isinstance(command, Done):
+            self._release(command)
+        return None
 
     def _send(self, command: SendData) -> DataSent:
         """Leg A's bytes become DATA frames on the port; leg B's go to the client's transport.

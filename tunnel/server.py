@@ -83,7 +83,11 @@ class ChannelProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.session is not None:
-            self.session.on_data(data)
+            try:
+                self.session.on_data(data)
+            except Exception as err:  # noqa: BLE001 - ours, not the mediator's: say so, and end the channel cleanly
+                self.server.counters["internal_errors"] += 1
+                self.session.close(ErrorCode.INTERNAL, f"server error: {err!r}")
 
     def eof_received(self) -> bool:
         if self.session is not None:

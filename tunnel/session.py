@@ -244,7 +244,24 @@ class Session:
             if delay > 0:
                 self.channel_gate.pause("rate")
                 self.loop.call_later(delay, self.channel_gate.resume, "rate")
-        owner.on_received(out.address, out.port, out.data)
+        self._contained(out.port_id, owner, lambda: owner.on_received(out.address, out.port, out.data))
+
+    def _contained(self, port_id: int, owner: PortOwner, call: Callable[[], None]) -> None:
+        """Hand one relayed event to its port's owner. Containment: whatever
+        goes wrong there (a socket the public client reset, a bug) ends that
+        relay only, never the channel the event came in on (issue 14 A)."""
+        try:
+            call()
+        except Exception as err:  # noqa: BLE001 - one connection's failure is not the channel's
+            self._count("relay_errors")
+            self.log.warn("relay_error", mediator=self.identity, port=port_id, error=repr(err))
+            if self.owners.get(port_id) is owner:
+                self.reset(port_id)
+                self.close_soon(port_id)
+            try:
+                owner.on_gone(f"relay error: {err!r}")
+            except Exception:  # noqa: BLE001 - it already failed once; the port is closed either way
+                pass
 
     def _accepted(self, out: ConnectionAccepted) -> None:
         owner = self.owners.get(out.listen_id)
@@ -254,17 +271,17 @@ class Session:
                           peer=f"{out.address}:{out.port}")
             self.close_soon(out.conn_id)
             return
-        owner.on_accepted(out.conn_id, out.address, out.port)
+        self._contained(out.listen_id, owner, lambda: owner.on_accepted(out.conn_id, out.address, out.port))
 
     def _peer_fin(self, out: PeerFin) -> None:
         owner = self.owners.get(out.port_id)
         if owner is not None:
-            owner.on_fin()
+            self._contained(out.port_id, owner, owner.on_fin)
 
     def _peer_reset(self, out: PeerReset) -> None:
         owner = self.owners.get(out.port_id)
         if owner is not None:
-            owner.on_reset()
+            self._contained(out.port_id, owner, owner.on_reset)
 
     def _limit(self, out: LimitExceeded) -> None:
         self.log.warn("limit", mediator=self.identity, port=out.port_id, reason=out.message)

@@ -531,7 +531,11 @@ def test_unanswered_keepalives_are_remembered_up_to_dead_after() -> None:
         feed(core, Keepalive(request_id=100 + step), now=25.0 * step)
         assert core.tick(25.0 * step + 0.5) == out(Keepalive(request_id=step + 1))
     assert feed(core, KeepaliveAck(request_id=3), now=101.0) == []
-    assert feed(core, KeepaliveAck(request_id=2), now=101.0) == closed_by_us(
+    # Id 2 was forgotten: its answer is late, not a protocol error (issue 14 B).
+    assert feed(core, KeepaliveAck(request_id=2), now=101.0) == []
+    assert core.late_keepalive_acks == 1 and core.state is MediatorState.READY
+    # The HELLO's id, and an id never issued, are still protocol errors.
+    assert feed(core, KeepaliveAck(request_id=1), now=101.0) == closed_by_us(
         ErrorCode.UNEXPECTED_FRAME, "KEEPALIVE_ACK for no KEEPALIVE"
     )
 
@@ -556,6 +560,47 @@ def test_unknown_keepalive_ack_is_unexpected() -> None:
     assert feed(core, KeepaliveAck(request_id=77)) == closed_by_us(
         ErrorCode.UNEXPECTED_FRAME, "KEEPALIVE_ACK for no KEEPALIVE"
     )
+
+
+# -- containment (issue 14 A): a peer that resets at every step --------------------
+
+
+@pytest.mark.parametrize("step", ["opening", "connecting", "connected", "fin_out", "fin_in", "both_fins"])
+def test_a_connection_reset_at_any_step_ends_only_that_connection(step: str) -> None:
+    """The private end fails at each step of a connection's life while the
+    server's frames for it are still in flight: each is answered for that
+    port (ERR or ACK), never with BYE, and a second connection relays on."""
+    core = ready()
+    other = open_tcp(core, 9090, request_id=50)
+    feed(core, ConnectPort(other, WEB, 80, request_id=51))
+    core.connected(other)
+    [opening] = feed(core, OpenPort(Proto.TCP, ME, 8080, False, request_id=2))
+    assert isinstance(opening, OpenSocket)
+    port_id = opening.port_id
+    if step == "opening":
+        assert core.failed(port_id, ErrorCode.INTERNAL, "reset") == out(Err(ErrorCode.INTERNAL, 0, "reset", request_id=2))
+    else:
+        core.opened(port_id, 8080, 1.0)
+        feed(core, ConnectPort(port_id, WEB, 80, request_id=3))
+        if step == "connecting":
+            core.failed(port_id, ErrorCode.CONNECT_FAILED, "reset")
+        else:
+            core.connected(port_id)
+            if step in ("fin_out", "both_fins"):
+                core.fin(port_id)
+            if step in ("fin_in", "both_fins"):
+                feed(core, EventFin(port_id))
+            core.reset(port_id)
+    in_flight = (Data(port_id, WEB, 80, b"late"), EventFin(port_id), EventRst(port_id))
+    for frame in in_flight:
+        for answer in feed(core, frame):
+            assert isinstance(answer, SendFrame) and isinstance(answer.frame, Err)
+            assert answer.frame.port_id == port_id
+    answers = feed(core, ClosePort(port_id, request_id=7))
+    assert all(isinstance(a, (SendFrame, CloseSocket)) and not isinstance(getattr(a, "frame", None), Bye)
+               for a in answers)
+    assert core.state is MediatorState.READY
+    assert feed(core, Data(other, WEB, 80, b"still here")) == [WriteStream(other, b"still here")]
 
 
 # -- closing -------------------------------------------------------------------------------
