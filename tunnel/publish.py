@@ -7,8 +7,9 @@ the customer "personally creating a route" (seed, on the help service).
 the server listen on public port 8080 and relay each connection through the
 tunnel:
 
-- **TCP**: per public connection, OPEN_PORT (a client port on the
-  mediator's address facing the target) then CONNECT to the target; bytes go
+- **TCP**: per public connection, OPEN_CONNECT (version 2: a client port on
+  the mediator's address facing the target, connected, in one round trip;
+  version 1: OPEN_PORT then CONNECT); bytes go
   as DATA frames, FIN and RST as events, both ways (seed, "Packet and event
   relay").
 - **UDP** (``--udp``): per public client, REDIRECT_PORT, so that the
@@ -233,10 +234,16 @@ class PublicConnection(asyncio.Protocol):
             return
         try:
             local = session.local_address_for(spec.target)
-            opened = await session.open_port(Proto.TCP, local, 0)
-            self.session, self.port_id = session, opened.port_id
-            session.set_owner(opened.port_id, self)
-            await session.connect(opened.port_id, spec.target, spec.target_port)
+            if session.core.pipelines_connect:
+                # Version 2: OPEN_CONNECT, one round trip (issue 14, latency).
+                opened = await session.open_connect(local, spec.target, spec.target_port)
+                self.session, self.port_id = session, opened.port_id
+                session.set_owner(opened.port_id, self)
+            else:
+                opened = await session.open_port(Proto.TCP, local, 0)
+                self.session, self.port_id = session, opened.port_id
+                session.set_owner(opened.port_id, self)
+                await session.connect(opened.port_id, spec.target, spec.target_port)
         except (RequestRefused, LimitError, TimeoutError) as err:
             self._refuse("refused", str(err) or "no answer from the mediator in time")
             return

@@ -354,6 +354,18 @@ class Session:
         acked: RequestAcked = await self._request(self._checked(lambda: self.core.connect(port_id, address, port)))
         return acked
 
+    async def open_connect(self, local: IPAddress, address: IPAddress, port: int) -> PortOpened:
+        """Version 2: a client port connected to address:port, in one round trip."""
+        issue = lambda: self.core.open_connect(local, address, port)  # noqa: E731
+        opened: PortOpened = await self._request(self._checked(issue))
+        return opened
+
+    async def check_target(self, proto: Proto, address: IPAddress, port: int) -> RequestAcked:
+        """Version 2: the mediator's allow-list verdict on a target (raises ``RequestRefused``)."""
+        issue = lambda: self.core.check_target(proto, address, port)  # noqa: E731
+        acked: RequestAcked = await self._request(self._checked(issue))
+        return acked
+
     async def listen(self, port_id: int) -> RequestAcked:
         acked: RequestAcked = await self._request(self._checked(lambda: self.core.listen(port_id)))
         return acked
