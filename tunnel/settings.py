@@ -20,11 +20,17 @@ from tunnel.frames import DEFAULT_MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE, SUPPORTED_
 # Seed, "3. Maintain channel": the client sends a maintain channel packet
 # "before the end of the TTL of the channel in question". RFC 4787 REQ-5 asks
 # NATs to keep a UDP mapping for 2 minutes, but many home NATs drop it after
-# 30 s; 25 s stays under that (it is also WireGuard's persistent keepalive).
-DEFAULT_KEEPALIVE_INTERVAL = 25.0
-# Declared dead after this many intervals without a frame: one lost keepalive
-# (or its ACK) is tolerated, a peer that has vanished is noticed in 75 s.
-DEFAULT_DEAD_AFTER = 3
+# 30 s, carrier-grade NATs sooner, and our own lab's NAT after 5 s (UDP) and
+# 10 s (TCP established): 25 s failed there, silently (issue 14 E). Until the
+# mediator learns the path's lifetime, the default is a floor that holds
+# behind all of these: 2 s, at 12 bytes per interval on the TCP channel and
+# 36 per UDP channel. The server's ``min_keepalive_interval`` (1 s) is the
+# floor a mediator may announce, ``max_keepalive_interval`` (600 s) the ceiling.
+DEFAULT_KEEPALIVE_INTERVAL = 2.0
+# Declared dead after this many intervals without a frame. A busy channel
+# delays answers (issue 14 B: a late ACK is no error), so a margin of several
+# intervals: a peer that has vanished is noticed in 10 s at the default.
+DEFAULT_DEAD_AFTER = 5
 # Concurrent ports per mediator: "in the hundreds", bounded by memory
 # (about 2.5 KB of Python state per idle relayed connection on the server,
 # plus the kernel's socket buffers; docs/benchmarks.md) and by the mediator's
@@ -147,7 +153,7 @@ class TunnelGatewaySettings(Frozen):
     burst_bytes: Number(65536, 1e12) = Field(
         4_194_304, description="bytes a mediator may relay at full speed before the rate applies")
     hello_timeout: Number(0.1, 600) = Field(10.0, description="seconds a new channel may take to send HELLO")
-    dead_after: Int(1, 100) = Field(3, description="keepalive intervals without a frame before a mediator is dead")
+    dead_after: Int(1, 100) = Field(DEFAULT_DEAD_AFTER, description="keepalive intervals without a frame before a mediator is dead")
     min_keepalive_interval: Number(0.1, 3600) = Field(
         1.0, description="shortest keepalive interval a mediator may announce")
     max_keepalive_interval: Number(0.1, 86400) = Field(

@@ -34,6 +34,8 @@ KEY = bytes(range(32))
 IDENTITY = MediatorIdentity("mediator-7", b"secret", "web-help", (IPv4Interface("192.168.1.2/24"),))
 # The owner allows the LAN, every port but 22 (ssh stays private).
 POLICY = AllowList([Rule(LAN, 1, 21), Rule(LAN, 23, 65535)])
+# The playbooks' timers: version 1's 25 s interval and 3 intervals to a dead peer.
+S25 = MediatorSettings(keepalive_interval=25.0, dead_after=3)
 
 
 def out(*frames: Frame) -> list[SendFrame]:
@@ -45,7 +47,7 @@ def feed(core: MediatorCore, *frames: Frame, now: float = 1.0) -> list[object]:
 
 
 def ready(settings: MediatorSettings | None = None, policy: AllowList | None = POLICY) -> MediatorCore:
-    core = MediatorCore(IDENTITY, settings, policy)
+    core = MediatorCore(IDENTITY, settings or S25, policy)
     core.channel_up(0.0)
     assert feed(core, InitOk(1, 7, 131072, request_id=1), now=0.5) == [Ready(7, 1)]
     return core
@@ -75,7 +77,7 @@ def closed_by_us(code: ErrorCode, message: str, *closes: int) -> list[object]:
 
 
 def test_init() -> None:
-    core = MediatorCore(IDENTITY, policy=POLICY)
+    core = MediatorCore(IDENTITY, S25, POLICY)
     assert core.state is MediatorState.CONNECTING
     hello = Hello(
         (1, 2), "mediator-7", b"secret", "web-help", (IPv4Interface("192.168.1.2/24"),),
@@ -91,7 +93,7 @@ def test_init() -> None:
 
 
 def test_init_refused() -> None:
-    core = MediatorCore(IDENTITY, policy=POLICY)
+    core = MediatorCore(IDENTITY, S25, POLICY)
     core.channel_up(0.0)
     assert feed(core, InitErr(ErrorCode.AUTH_FAILED, "unknown identity", (1,), request_id=1)) == [
         CloseChannel(), ChannelClosed(ErrorCode.AUTH_FAILED, "unknown identity", True),
@@ -101,7 +103,7 @@ def test_init_refused() -> None:
 
 
 def test_init_timeout() -> None:
-    core = MediatorCore(IDENTITY, policy=POLICY)
+    core = MediatorCore(IDENTITY, S25, POLICY)
     core.channel_up(0.0)
     assert core.tick(9.99) == []
     [bye, *rest] = core.tick(10.0)
@@ -138,7 +140,7 @@ def test_frame_in_another_version_after_negotiation() -> None:
 
 
 def test_request_before_init_ok_is_unexpected() -> None:
-    core = MediatorCore(IDENTITY, policy=POLICY)
+    core = MediatorCore(IDENTITY, S25, POLICY)
     core.channel_up(0.0)
     [bye, *_] = feed(core, OpenPort(Proto.TCP, ME, 80, False, request_id=2))
     assert bye == SendFrame(Bye(ErrorCode.UNEXPECTED_FRAME, "OPEN_PORT not allowed in INIT_SENT"), 2)
@@ -343,7 +345,7 @@ def test_close_cancels_the_pending_request() -> None:
 
 
 def test_large_stream_is_cut_to_the_servers_frame_size() -> None:
-    core = MediatorCore(IDENTITY, policy=POLICY)
+    core = MediatorCore(IDENTITY, S25, POLICY)
     core.channel_up(0.0)
     feed(core, InitOk(1, 7, MIN_MAX_FRAME_SIZE, request_id=1))
     port_id = open_tcp(core)
@@ -648,7 +650,7 @@ def test_local_close_and_channel_lost() -> None:
 
 
 def test_local_misuse_raises() -> None:
-    core = MediatorCore(IDENTITY, policy=POLICY)
+    core = MediatorCore(IDENTITY, S25, POLICY)
     with pytest.raises(LocalProtocolError):
         core.receive_data(b"", 0.0)
     core = ready()
@@ -677,7 +679,7 @@ def script() -> bytes:
 
 
 def run(chunks: list[bytes]) -> list[object]:
-    core = MediatorCore(IDENTITY, policy=POLICY)
+    core = MediatorCore(IDENTITY, S25, POLICY)
     core.channel_up(0.0)
     result: list[object] = []
     for chunk in chunks:

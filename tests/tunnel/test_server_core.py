@@ -24,7 +24,7 @@ from tunnel.frames import (
 from tunnel.mediator_core import MediatorCore, MediatorIdentity
 from tunnel.policy import AllowList, Rule, TokenAuthenticator
 from tunnel.server_core import ServerSession
-from tunnel.settings import MediatorLimits, ServerSettings
+from tunnel.settings import MediatorLimits, MediatorSettings, ServerSettings
 from tunnel.states import PortState, ServerState
 
 ME = IPv4Address("192.168.1.2")
@@ -47,6 +47,7 @@ def feed(session: ServerSession, *frames: Frame, now: float = 1.0) -> list[objec
 
 def new_session(**kw: object) -> ServerSession:
     kw.setdefault("authenticator", AUTH)
+    kw.setdefault("settings", ServerSettings(dead_after=3))  # the playbooks' timers
     return ServerSession(7, 0.0, random_bytes=lambda n: KEY[:n], **kw)  # type: ignore[arg-type]
 
 
@@ -420,6 +421,7 @@ class Pair:
     def __init__(self, service: str = "web-help") -> None:
         self.mediator = MediatorCore(
             MediatorIdentity("mediator-7", b"secret", service, IFACES),
+            MediatorSettings(keepalive_interval=25.0, dead_after=3),
             policy=AllowList([Rule(ip_network("192.168.1.0/24"))]),
         )
         self.server = new_session()
