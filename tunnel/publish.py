@@ -236,9 +236,7 @@ class PublicConnection(asyncio.Protocol):
             local = session.local_address_for(spec.target)
             if session.core.pipelines_connect:
                 # Version 2: OPEN_CONNECT, one round trip (issue 14, latency).
-                opened = await session.open_connect(local, spec.target, spec.target_port)
-                self.session, self.port_id = session, opened.port_id
-                session.set_owner(opened.port_id, self)
+                await session.open_connect(local, spec.target, spec.target_port, self)
             else:
                 opened = await session.open_port(Proto.TCP, local, 0)
                 self.session, self.port_id = session, opened.port_id
@@ -393,6 +391,10 @@ class PublicConnection(asyncio.Protocol):
     def on_accepted(self, conn_id: int, address: IPAddress, port: int) -> None:
         raise AssertionError("a client port never accepts")
 
+    def on_opened(self, session: Session, port_id: int) -> None:
+        """OPEN_CONNECT answered: ours from now on, before ``_attach`` resumes."""
+        self.session, self.port_id = session, port_id
+
     def on_gone(self, why: str) -> None:
         self.abort(why)
 
@@ -485,6 +487,9 @@ class UdpFlow:
 
     def on_accepted(self, conn_id: int, address: IPAddress, port: int) -> None:
         raise AssertionError("a UDP port never accepts")
+
+    def on_opened(self, session: Session, port_id: int) -> None:
+        return None  # a flow's port comes from REDIRECT_PORT
 
     def on_gone(self, why: str) -> None:
         """The session ended: a new one re-issues the redirect (``session_ready``)."""

@@ -74,6 +74,7 @@ class PortOwner(Protocol):
     def on_reset(self) -> None: ...
     def on_accepted(self, conn_id: int, address: IPAddress, port: int) -> None: ...
     def on_gone(self, why: str) -> None: ...
+    def on_opened(self, session: Session, port_id: int) -> None: ...
 
 
 class SessionAuthenticator:
@@ -126,6 +127,7 @@ class Session:
         self._readers: set[ReadGate] = set()
         self._full = False
         self._futures: dict[int, asyncio.Future[Any]] = {}
+        self._owners_at_open: dict[int, PortOwner] = {}  # OPEN_CONNECT request id -> its port's owner
         self._channel_waiters: dict[int, asyncio.Future[None]] = {}
         handlers = {
             SendFrame: self._send_frame, CloseChannel: self._close_channel, ChannelClosed: self._channel_closed,
@@ -223,6 +225,10 @@ class Session:
 
     def _answer(self, out: PortOpened | RequestAcked | RequestFailed) -> None:
         future = self._futures.pop(out.request_id, None)
+        owner = self._owners_at_open.pop(out.request_id, None)
+        if owner is not None and isinstance(out, PortOpened) and future is not None and not future.done():
+            self.owners[out.port_id] = owner
+            owner.on_opened(self, out.port_id)
         if future is not None and not future.done():
             if isinstance(out, RequestFailed):
                 future.set_exception(RequestRefused(out.code.name, out.message))
@@ -354,10 +360,18 @@ class Session:
         acked: RequestAcked = await self._request(self._checked(lambda: self.core.connect(port_id, address, port)))
         return acked
 
-    async def open_connect(self, local: IPAddress, address: IPAddress, port: int) -> PortOpened:
-        """Version 2: a client port connected to address:port, in one round trip."""
-        issue = lambda: self.core.open_connect(local, address, port)  # noqa: E731
-        opened: PortOpened = await self._request(self._checked(issue))
+    async def open_connect(self, local: IPAddress, address: IPAddress, port: int, owner: PortOwner) -> PortOpened:
+        """Version 2: a client port connected to address:port, in one round trip.
+
+        ``owner`` owns the port from the OPENED on, before this coroutine
+        resumes: the target's first bytes and its FIN may come in the same
+        read as the OPENED, and must not find the port without an owner."""
+        request_id, outputs = self._checked(lambda: self.core.open_connect(local, address, port))
+        self._owners_at_open[request_id] = owner
+        try:
+            opened: PortOpened = await self._request((request_id, outputs))
+        finally:
+            self._owners_at_open.pop(request_id, None)
         return opened
 
     async def check_target(self, proto: Proto, address: IPAddress, port: int) -> RequestAcked:

@@ -95,3 +95,29 @@ def test_clients_that_reset_at_every_step_never_end_the_channel(tmp_path: Path) 
             await until(lambda: not session.core.ports, what="every relay's port to close")
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_target_that_speaks_first_and_closes_reaches_the_client(tmp_path: Path) -> None:
+    """OPEN_CONNECT: the target's banner and FIN can come in the same read as
+    the OPENED; the port already has its owner then, so nothing is dropped."""
+
+    async def banner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 banner\r\n")
+        writer.write_eof()
+        await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        async with loopback(tmp_path) as lb:
+            lb.start_mediator()
+            await lb.session()
+            server = await asyncio.start_server(banner, "127.0.0.1", 0)
+            public = free_port()
+            await lb.ask(cmd="publish", mediator="m1", proto="tcp", public=public, address="127.0.0.1",
+                         port=server.sockets[0].getsockname()[1])
+            for _ in range(20):
+                reader, writer = await asyncio.open_connection("127.0.0.1", public)
+                assert await asyncio.wait_for(reader.read(), WAIT) == b"220 banner\r\n"
+                writer.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
