@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import resource
 import signal
 import socket
 import struct
@@ -188,8 +189,25 @@ async def until_signalled(log: EventLog, stats: Callable[[], dict[str, Any]]) ->
             loop.remove_signal_handler(sig)
 
 
+def raise_nofile() -> int:
+    """Raise the soft limit on open files to the hard one; returns it.
+
+    Every relayed connection is a socket on each end, and a systemd unit
+    without ``LimitNOFILE`` starts with a soft limit of 1024: the defaults'
+    ``max_ports`` (settings.py) would meet EMFILE first."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError):
+            return soft
+    return hard
+
+
 def run_main(coro: Coroutine[Any, Any, None]) -> None:
-    """``asyncio.run(coro)``, quiet about a second Ctrl-C while stopping."""
+    """``asyncio.run(coro)``, quiet about a second Ctrl-C while stopping,
+    with the soft limit on open files raised first (``raise_nofile``)."""
+    raise_nofile()
     try:
         asyncio.run(coro)
     except KeyboardInterrupt:  # a second Ctrl-C while stopping

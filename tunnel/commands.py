@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tunnel.errors import ErrorCode
-from tunnel.frames import PROTOCOL_VERSION, Frame, IPAddress, IPInterface, Proto, encode_frame
+from tunnel.frames import BASE_VERSION, Frame, IPAddress, IPInterface, Proto, encode_frame
 from tunnel.policy import Op
 
 # -- both sides ---------------------------------------------------------------
@@ -33,7 +33,7 @@ class SendFrame:
     """Write ``frame`` on the TCP (TLS) channel; ``data`` is its encoding."""
 
     frame: Frame
-    version: int = PROTOCOL_VERSION
+    version: int = BASE_VERSION
 
     @property
     def data(self) -> bytes:

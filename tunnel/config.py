@@ -54,8 +54,9 @@ OP_NAMES = {op.value: op for op in Op}
 class RateLimit:
     """The server relay's bytes/s for one mediator, both directions together."""
 
-    bytes_per_second: float = 125_000_000.0
-    """1 Gbit/s: far above a home uplink, so the default bounds only abuse."""
+    bytes_per_second: float = 0.0
+    """0: no cap (issue 14 E: a default cap is a ceiling nobody asked for).
+    Set it to bound what one mediator may take of the server's uplink."""
     burst_bytes: float = 4_194_304.0
     """What may pass at full speed before the rate applies (4 MiB)."""
 
@@ -109,7 +110,7 @@ class ServerConfig:
     asyncio's default is 256 KiB, most of an idle mediator's cost on the
     server; 64 KiB costs about a fifth of the throughput of one busy
     channel (docs/tunnel-protocol.md section 21)."""
-    republish: BackoffSettings = field(default_factory=BackoffSettings)
+    republish: BackoffSettings = field(default_factory=lambda: BackoffSettings(maximum=60.0))
     """Retries of a publish whose public port could not be bound."""
 
 
@@ -289,7 +290,7 @@ class _Limits(Frozen):
     max_ports: Int(0, 65535) = _LIMITS.max_ports
     max_connections: Int(0, 1_000_000) = _LIMITS.max_connections
     max_pending: Int(1, 65535) = _LIMITS.max_pending
-    bytes_per_second: Number(1024, 1e12) = _RATE.bytes_per_second
+    bytes_per_second: Number(0, 1e12) = _RATE.bytes_per_second
     burst_bytes: Number(65536, 1e12) = _RATE.burst_bytes
 
     def limits(self, base: "_Limits") -> tuple[MediatorLimits, RateLimit]:

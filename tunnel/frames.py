@@ -40,13 +40,16 @@ __all__ = [
     "MIN_MAX_FRAME_SIZE", "DEFAULT_MAX_FRAME_SIZE", "UDP_KEY_SIZE", "VERSION_INDEPENDENT",
     "FrameType", "Role", "Proto", "IPAddress", "IPInterface", "Frame", "Hello", "InitOk",
     "InitErr", "OpenPort", "RedirectPort", "ConnectPort", "ListenPort", "ClosePort",
-    "UdpKey", "Opened", "Ack", "Err", "Data", "EventAccepted", "EventFin", "EventRst",
+    "BASE_VERSION", "UdpKey", "OpenConnect", "CheckTarget", "SINCE_VERSION", "Opened", "Ack", "Err", "Data", "EventAccepted", "EventFin", "EventRst",
     "Keepalive", "KeepaliveAck", "Bye", "FRAME_CLASSES", "encode_frame",
     "data_chunk_size", "FrameDecoder",
 ]
 
-PROTOCOL_VERSION = 1
-SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
+PROTOCOL_VERSION = 2  # the highest this code speaks
+SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2)
+# The version a frame is encoded in when the caller names none: the cores
+# always name the negotiated one; the codec's tests and examples use this.
+BASE_VERSION = 1
 
 HEADER = struct.Struct("!BBHII")
 HEADER_SIZE = HEADER.size  # 12
@@ -62,7 +65,7 @@ UDP_KEY_SIZE = 32  # HMAC-SHA256 key for the UDP channels
 
 
 class FrameType(enum.IntEnum):
-    """The frame types of protocol version 1."""
+    """The frame types of protocol versions 1 and 2 (``SINCE_VERSION``)."""
 
     HELLO = 0x01
     INIT_OK = 0x02
@@ -73,6 +76,8 @@ class FrameType(enum.IntEnum):
     LISTEN = 0x13
     CLOSE = 0x14
     UDP_KEY = 0x15
+    OPEN_CONNECT = 0x16  # version 2
+    CHECK_TARGET = 0x17  # version 2
     OPENED = 0x20
     ACK = 0x21
     ERR = 0x22
@@ -87,6 +92,8 @@ class FrameType(enum.IntEnum):
 
 # Readable whatever the header's version says: the negotiation frames.
 VERSION_INDEPENDENT = frozenset({FrameType.HELLO, FrameType.INIT_ERR})
+# Frame types that a version introduced; before it they are UNKNOWN_FRAME.
+SINCE_VERSION = {FrameType.OPEN_CONNECT: 2, FrameType.CHECK_TARGET: 2}
 
 
 class Role(enum.Enum):
@@ -283,6 +290,52 @@ class ConnectPort(Frame):
     @classmethod
     def _read(cls, r: Reader, request_id: int) -> ConnectPort:
         return cls(r.u32(), r.address(), r.u16(), request_id=request_id)
+
+
+@dataclass(frozen=True)
+class OpenConnect(Frame):
+    """Server -> mediator (version 2): open a TCP client port on ``local``
+    (any port) and connect it to target:port, in one request. Answered by
+    OPENED once connected, or ERR (port id 0): one round trip per new public
+    connection instead of OPEN_PORT's and CONNECT's two."""
+
+    TYPE = FrameType.OPEN_CONNECT
+    ROLE = Role.REQUEST
+    local: IPAddress
+    address: IPAddress
+    port: int
+
+    def _write(self, w: Writer) -> None:
+        w.address(self.local)
+        w.address(self.address)
+        w.u16(self.port, "port")
+
+    @classmethod
+    def _read(cls, r: Reader, request_id: int) -> OpenConnect:
+        return cls(r.address(), r.address(), r.u16(), request_id=request_id)
+
+
+@dataclass(frozen=True)
+class CheckTarget(Frame):
+    """Server -> mediator (version 2): would the owner's allow-list let the
+    server relay to target:port (TCP: connect, UDP: send)? ACK or ERR
+    NOT_ALLOWED with the mediator's reason; nothing is opened. A publish
+    asks it first, so a target the mediator refuses is refused at once."""
+
+    TYPE = FrameType.CHECK_TARGET
+    ROLE = Role.REQUEST
+    proto: Proto
+    address: IPAddress
+    port: int
+
+    def _write(self, w: Writer) -> None:
+        w.u8(self.proto, "proto")
+        w.address(self.address)
+        w.u16(self.port, "port")
+
+    @classmethod
+    def _read(cls, r: Reader, request_id: int) -> CheckTarget:
+        return cls(r.proto(), r.address(), r.u16(), request_id=request_id)
 
 
 @dataclass(frozen=True)
@@ -509,7 +562,7 @@ FRAME_CLASSES: dict[FrameType, type[Frame]] = {
     cls.TYPE: cls
     for cls in (
         Hello, InitOk, InitErr, OpenPort, RedirectPort, ConnectPort, ListenPort,
-        ClosePort, UdpKey, Opened, Ack, Err, Data, EventAccepted, EventFin,
+        ClosePort, UdpKey, OpenConnect, CheckTarget, Opened, Ack, Err, Data, EventAccepted, EventFin,
         EventRst, Keepalive, KeepaliveAck, Bye,
     )
 }
@@ -524,11 +577,13 @@ def _check_request_id(role: Role, request_id: int) -> str | None:
     return None
 
 
-def encode_frame(frame: Frame, version: int = PROTOCOL_VERSION) -> bytes:
+def encode_frame(frame: Frame, version: int = BASE_VERSION) -> bytes:
     """The bytes of ``frame``, header included, in protocol ``version``."""
     problem = _check_request_id(frame.ROLE, frame.request_id)
     if problem is not None:
         raise LocalProtocolError(f"{frame.TYPE.name}: {problem}")
+    if version < SINCE_VERSION.get(frame.TYPE, 0):
+        raise LocalProtocolError(f"{frame.TYPE.name} does not exist in version {version}")
     w = Writer()
     frame._write(w)
     body = b"".join(w.parts)
@@ -602,6 +657,8 @@ class FrameDecoder:
         if type_value not in FrameType._value2member_map_:
             raise ProtocolError(ErrorCode.UNKNOWN_FRAME, f"frame type {type_value:#04x}")
         cls = FRAME_CLASSES[FrameType(type_value)]
+        if version < SINCE_VERSION.get(cls.TYPE, 0):
+            raise ProtocolError(ErrorCode.UNKNOWN_FRAME, f"frame type {type_value:#04x} in version {version}")
         if flags != 0:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"reserved flags {flags:#06x} set")
         if HEADER_SIZE + length > self.max_frame_size:

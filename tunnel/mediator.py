@@ -280,7 +280,12 @@ class _Session:
 
     def on_data(self, data: bytes) -> None:
         self.counters["bytes_from_server"] += len(data)
-        self.driver.run(self.core.receive_data(data, self.loop.time()))
+        try:
+            self.driver.run(self.core.receive_data(data, self.loop.time()))
+        except Exception as err:  # noqa: BLE001 - ours, not the server's: say so, and end the channel cleanly
+            self.counters["internal_errors"] += 1
+            self.log.emit("internal_error", logging.ERROR, error=repr(err))
+            self.driver.run(self.core.close(ErrorCode.INTERNAL, f"mediator error: {err!r}"))
 
     def on_lost(self, why: str) -> None:
         self.driver.run(self.core.channel_lost(why))
@@ -493,8 +498,25 @@ class _Session:
 
     def _shutdown(self, out: ShutdownSocket) -> None:
         io = self.ports.get(out.port_id)
-        if io is not None and isinstance(io.transport, asyncio.Transport) and io.transport.can_write_eof():
-            io.transport.write_eof()
+        if io is None or not isinstance(io.transport, asyncio.Transport) or io.transport.is_closing():
+            return
+        try:
+            if io.transport.can_write_eof():
+                io.transport.write_eof()
+        except OSError:
+            # The private host reset it meanwhile (ENOTCONN): that
+            # connection's reset, never the channel's (issue 14 A).
+            self._socket_failed(out.port_id)
+
+    def _socket_failed(self, port_id: int) -> None:
+        """A call on one private socket failed: reset that connection alone."""
+        self.counters["socket_errors"] += 1
+        io = self.ports.get(port_id)
+        if io is not None:
+            reset(io.transport)
+            io.transport = None
+        self.channel_gate.resume(f"port {port_id}")
+        self.driver.run(self.core.reset(port_id))
 
     def _abort(self, out: AbortSocket) -> None:
         io = self.ports.get(out.port_id)
@@ -506,7 +528,10 @@ class _Session:
         io = self.ports.get(out.port_id)
         if io is not None and isinstance(io.transport, asyncio.Transport) and not io.transport.is_closing():
             self.counters["bytes_to_private"] += len(out.data)
-            io.transport.write(out.data)
+            try:
+                io.transport.write(out.data)
+            except OSError:  # not raised by asyncio's transports today; contained all the same
+                self._socket_failed(out.port_id)
 
     def _send_to(self, out: SendTo) -> None:
         io = self.ports.get(out.port_id)

@@ -48,6 +48,7 @@ from tunnel.frames import (
     MIN_MAX_FRAME_SIZE, UDP_KEY_SIZE, Ack, ClosePort, ConnectPort, Data, Err, EventAccepted,
     EventFin, EventRst, Frame, FrameType, Hello, InitErr, InitOk, IPAddress, IPInterface,
     Keepalive, KeepaliveAck, ListenPort, Opened, OpenPort, Proto, RedirectPort, UdpKey,
+    CheckTarget, OpenConnect,
 )
 from tunnel.policy import Op, Policy
 from tunnel.settings import MediatorSettings
@@ -80,6 +81,7 @@ class _Port:
     pending: int = 0  # request id waiting for a socket result
     peer: tuple[IPAddress, int] | None = None  # TCP: the connected private end
     shut: bool = False  # the server's FIN was relayed (no more DATA)
+    connect_to: tuple[IPAddress, int] | None = None  # OPEN_CONNECT's target: OPENED comes once connected
     # UDP channel of a redirected port
     send_seq: int = 0
     window: ReplayWindow | None = None
@@ -113,6 +115,8 @@ class MediatorCore(ChannelCore[MediatorState]):
         self.dropped: Counter[DropReason] = Counter()
         """Datagrams dropped, by reason (DESIGN.md invariant 10)."""
         self.accepts_refused = 0
+        self.late_keepalive_acks = 0
+        """Answers to keepalives older than the last ``dead_after`` (ignored)."""
         """Accepted connections closed because ``max_ports`` was reached."""
         self._ports: dict[int, _Port] = {}
         self._port_ids = IdAllocator()
@@ -135,6 +139,8 @@ class MediatorCore(ChannelCore[MediatorState]):
             FrameType.LISTEN: self._on_listen,
             FrameType.CLOSE: self._on_close,
             FrameType.UDP_KEY: self._on_udp_key,
+            FrameType.OPEN_CONNECT: self._on_open_connect,
+            FrameType.CHECK_TARGET: self._on_check_target,
             FrameType.DATA: self._on_data,
             FrameType.EVENT_FIN: self._on_fin,
             FrameType.EVENT_RST: self._on_rst,
@@ -286,14 +292,40 @@ class MediatorCore(ChannelCore[MediatorState]):
             return self._err(frame, ErrorCode.WRONG_STATE, "no UDP_KEY yet: no UDP channel")
         return self._open(frame, Proto.UDP, Op.REDIRECT, redirect=True)
 
+    def _on_open_connect(self, frame: OpenConnect, now: float) -> Out:
+        """Version 2: OPEN_PORT (TCP, any port) and CONNECT in one request."""
+        self._check_request_id(frame)
+        if frame.port == 0:
+            return self._err(frame, ErrorCode.BAD_REQUEST, "cannot connect to port 0")
+        if len(self._ports) >= self.settings.max_ports:
+            return self._err(frame, ErrorCode.LIMIT, f"max_ports {self.settings.max_ports} reached")
+        if len(self._pending) >= self.settings.max_pending:
+            return self._err(frame, ErrorCode.LIMIT, f"max_pending {self.settings.max_pending} reached")
+        if not self._allowed(Op.CONNECT, frame.address, frame.port, Proto.TCP):
+            return self._refuse(frame.request_id, Op.CONNECT, frame.address, frame.port, Proto.TCP)
+        port_id = self._port_ids.new(self._ports)
+        self._ports[port_id] = _Port(
+            port_id, Proto.TCP, PortState.OPENING, frame.local, 0, pending=frame.request_id,
+            connect_to=(frame.address, frame.port),
+        )
+        self._pending[frame.request_id] = port_id
+        return [OpenSocket(port_id, Proto.TCP, frame.local, 0, False, False)]
+
+    def _on_check_target(self, frame: CheckTarget, now: float) -> Out:
+        """Version 2: the allow-list's verdict on a target, nothing opened."""
+        op = Op.CONNECT if frame.proto is Proto.TCP else Op.SEND
+        if not self._allowed(op, frame.address, frame.port, frame.proto):
+            return self._refuse(frame.request_id, op, frame.address, frame.port, frame.proto)
+        return self._reply(Ack(request_id=frame.request_id))
+
     def _port_for(
         self, request: Frame, port_id: int, op: PortOp
     ) -> tuple[_Port | None, Out]:
         """The port ``op`` applies to, or the ERR that refuses it."""
         reply_id = request.request_id
         port = self._ports.get(port_id)
-        if port is None or port.state is PortState.OPENING:
-            message = f"no port {port_id}"
+        if port is None or port.state is PortState.OPENING or port.connect_to is not None:
+            message = f"no port {port_id}"  # not announced yet (OPENED not sent)
             return None, [self._send(Err(ErrorCode.NO_SUCH_ID, port_id, message, request_id=reply_id))]
         if port_op(port.proto, port.state, op) is None or (op is PortOp.DATA and port.shut):
             message = f"cannot {op.value} {port.proto.name} port {port_id} in {port.state.value}"
@@ -393,10 +425,17 @@ class MediatorCore(ChannelCore[MediatorState]):
         return self._reply(KeepaliveAck(request_id=frame.request_id))
 
     def _on_keepalive_ack(self, frame: KeepaliveAck, now: float) -> Out:
-        if frame.request_id not in self._keepalives:
-            raise ProtocolError(ErrorCode.UNEXPECTED_FRAME, "KEEPALIVE_ACK for no KEEPALIVE")
-        del self._keepalives[frame.request_id]
-        return []
+        if frame.request_id in self._keepalives:
+            del self._keepalives[frame.request_id]
+            return []
+        # Our only requests are HELLO and KEEPALIVE, so an issued id that is
+        # not HELLO's is a keepalive we stopped remembering: its answer is
+        # late (a busy channel), which proves the server alive, never a
+        # protocol error (issue 14 B). An id we never issued is one.
+        if frame.request_id != self._hello_id and self._request_ids.issued(frame.request_id):
+            self.late_keepalive_acks += 1
+            return []
+        raise ProtocolError(ErrorCode.UNEXPECTED_FRAME, "KEEPALIVE_ACK for no KEEPALIVE")
 
     def _on_err(self, frame: Err, now: float) -> Out:
         # Our only requests are HELLO (answered by INIT_*) and KEEPALIVE
@@ -435,6 +474,10 @@ class MediatorCore(ChannelCore[MediatorState]):
             refusal = self._refuse(request_id, op, record.address, port, record.proto)
             return [CloseSocket(port_id), *refusal]
         record.port = port
+        if record.connect_to is not None:
+            # OPEN_CONNECT: the port is announced only once it is connected.
+            record.state, record.peer = PortState.CONNECTING, record.connect_to
+            return [ConnectSocket(port_id, *record.connect_to)]
         if not record.redirect:
             request_id = self._finish(record, PortState.OPEN)
             return [self._send(Opened(port_id, port, request_id=request_id))]
@@ -453,6 +496,9 @@ class MediatorCore(ChannelCore[MediatorState]):
         port = self._result_port(port_id, PortState.CONNECTING)
         if port is None:
             return [CloseSocket(port_id)]
+        if port.connect_to is not None:
+            port.connect_to = None
+            return [self._send(Opened(port_id, port.port, request_id=self._finish(port, PortState.CONNECTED)))]
         return [self._send(Ack(request_id=self._finish(port, PortState.CONNECTED)))]
 
     def listening(self, port_id: int) -> Out:
@@ -478,6 +524,11 @@ class MediatorCore(ChannelCore[MediatorState]):
             request_id = self._finish(port, PortState.CLOSED)
             del self._ports[port_id]
             return [self._send(Err(code, 0, message, request_id=request_id))]
+        if port.connect_to is not None:
+            # OPEN_CONNECT: the server never learnt the id; the socket goes too.
+            request_id = self._finish(port, PortState.CLOSED)
+            del self._ports[port_id]
+            return [CloseSocket(port_id), self._send(Err(code, 0, message, request_id=request_id))]
         port.peer = None
         request_id = self._finish(port, PortState.OPEN)
         return [self._send(Err(code, port_id, message, request_id=request_id))]

@@ -29,12 +29,14 @@ class BackoffSettings:
 
     initial: float = 1.0
     """Seconds before the first retry (before jitter)."""
-    maximum: float = 60.0
+    maximum: float = 10.0
     """Longest wait between retries: a mediator whose server came back is
-    back within this, whatever happened before."""
-    stable_after: float = 30.0
-    """Seconds a connection must have lasted for the next failure to start
-    again from ``initial`` (a flapping link keeps backing off)."""
+    back within this, whatever happened before (issue 14 C: a minute's cap
+    kept a service down 30-59 s after one lost channel)."""
+    stable_after: float = 0.0
+    """Seconds a successful session must have lasted for the next failure to
+    start again from ``initial``. 0: any session that reached READY resets
+    it; the jitter's floor still spaces retries by ``initial``/2."""
 
     def __post_init__(self) -> None:
         if not 0 < self.initial <= self.maximum:
@@ -88,8 +90,10 @@ class TokenBucket:
     """
 
     def __init__(self, rate: float, burst: float, now: float) -> None:
-        if rate <= 0 or burst <= 0:
-            raise ValueError("rate and burst must be positive")
+        """``rate`` 0: no limit (every ``take`` is free)."""
+        if rate < 0 or burst <= 0:
+            raise ValueError("rate must not be negative, and burst must be positive")
+        self.unlimited = rate == 0
         self.rate = float(rate)
         self.burst = float(burst)
         self.tokens = float(burst)
@@ -102,12 +106,16 @@ class TokenBucket:
 
     def take(self, amount: int, now: float) -> float:
         """Take ``amount`` bytes; the seconds to pause before reading more."""
+        if self.unlimited:
+            return 0.0
         self._refill(now)
         self.tokens -= amount
         return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
 
     def try_take(self, amount: int, now: float) -> bool:
         """Take ``amount`` bytes only if the bucket holds them."""
+        if self.unlimited:
+            return True
         self._refill(now)
         if self.tokens < amount:
             return False
@@ -116,5 +124,7 @@ class TokenBucket:
 
     def delay(self, now: float) -> float:
         """Seconds until the bucket is out of debt (0 if it is not)."""
+        if self.unlimited:
+            return 0.0
         self._refill(now)
         return 0.0 if self.tokens >= 0 else -self.tokens / self.rate

@@ -7,8 +7,9 @@ the customer "personally creating a route" (seed, on the help service).
 the server listen on public port 8080 and relay each connection through the
 tunnel:
 
-- **TCP**: per public connection, OPEN_PORT (a client port on the
-  mediator's address facing the target) then CONNECT to the target; bytes go
+- **TCP**: per public connection, OPEN_CONNECT (version 2: a client port on
+  the mediator's address facing the target, connected, in one round trip;
+  version 1: OPEN_PORT then CONNECT); bytes go
   as DATA frames, FIN and RST as events, both ways (seed, "Packet and event
   relay").
 - **UDP** (``--udp``): per public client, REDIRECT_PORT, so that the
@@ -202,6 +203,7 @@ class PublicConnection(asyncio.Protocol):
         self.attached = False
         self.early: list[bytes] = []  # read before the tunnel side existed
         self.early_eof = False
+        self.error = ""  # the client's socket error that ended the relay, if one did
 
     @property
     def bytes_in(self) -> int:
@@ -232,10 +234,14 @@ class PublicConnection(asyncio.Protocol):
             return
         try:
             local = session.local_address_for(spec.target)
-            opened = await session.open_port(Proto.TCP, local, 0)
-            self.session, self.port_id = session, opened.port_id
-            session.set_owner(opened.port_id, self)
-            await session.connect(opened.port_id, spec.target, spec.target_port)
+            if session.core.pipelines_connect:
+                # Version 2: OPEN_CONNECT, one round trip (issue 14, latency).
+                await session.open_connect(local, spec.target, spec.target_port, self)
+            else:
+                opened = await session.open_port(Proto.TCP, local, 0)
+                self.session, self.port_id = session, opened.port_id
+                session.set_owner(opened.port_id, self)
+                await session.connect(opened.port_id, spec.target, spec.target_port)
         except (RequestRefused, LimitError, TimeoutError) as err:
             self._refuse("refused", str(err) or "no answer from the mediator in time")
             return
@@ -270,36 +276,52 @@ class PublicConnection(asyncio.Protocol):
             # A slow client that had paused the channel must not keep it paused.
             self.session.channel_gate.resume(f"public {id(self)}")
             self.session.close_soon(self.port_id)
-        detail = {"detail": outcome.detail} if outcome.detail else {}
+        detail = {"detail": outcome.detail or self.error} if outcome.detail or self.error else {}
         self.pub.log.emit(
             "connection_end", public=self.pub.spec.public_port, client=_fmt(self.client), port=self.port_id,
             reason=outcome.reason, bytes_in=self.bytes_in, bytes_out=self.bytes_out, **detail,
         )
 
     def _handle(self, event: Event) -> None:
-        """Carry out the relay core's commands for ``event``, in order."""
+        """Carry out the relay core's commands for ``event``, in order.
+
+        Containment: a socket call that fails on the client's leg (a write
+        or shutdown on a connection the client has reset: ENOTCONN, EPIPE)
+        is that leg's reset, fed back to the core, so it ends this relay
+        only. Nothing of it reaches the channel that called us."""
         pending = [event]
         while pending:
             for command in self.relay.handle(pending.pop(0), self.pub.loop.time()):
-                if isinstance(command, SendData):
-                    pending.append(self._send(command))
-                elif isinstance(command, HalfClose):
-                    if command.side is Side.B:
-                        if self.session is not None and self.port_id is not None:
-                            self.session.fin(self.port_id)
-                    elif self._writable() and self.transport.can_write_eof():  # type: ignore[union-attr]
-                        self.transport.write_eof()  # type: ignore[union-attr]
-                elif isinstance(command, Reset):
-                    if command.side is Side.A:
-                        reset(self.transport)
-                    elif self.session is not None and self.port_id is not None:
-                        # A no-op where the target's own RST or the session's end came first.
-                        self.session.reset(self.port_id)
-                elif isinstance(command, Close):
-                    if command.side is Side.A and self.transport is not None:
-                        self.transport.close()
-                elif isinstance(command, Done):
-                    self._release(command)
+                try:
+                    follow = self._carry_out(command)
+                except OSError as err:
+                    self.pub.counters["client_errors"] += 1
+                    self.error = err.strerror or str(err)
+                    follow = ResetReceived(Side.A)
+                if follow is not None:
+                    pending.append(follow)
+
+    def _carry_out(self, command: Any) -> Event | None:
+        if isinstance(command, SendData):
+            return self._send(command)
+        if isinstance(command, HalfClose):
+            if command.side is Side.B:
+                if self.session is not None and self.port_id is not None:
+                    self.session.fin(self.port_id)
+            elif self._writable() and self.transport.can_write_eof():  # type: ignore[union-attr]
+                self.transport.write_eof()  # type: ignore[union-attr]
+        elif isinstance(command, Reset):
+            if command.side is Side.A:
+                reset(self.transport)
+            elif self.session is not None and self.port_id is not None:
+                # A no-op where the target's own RST or the session's end came first.
+                self.session.reset(self.port_id)
+        elif isinstance(command, Close):
+            if command.side is Side.A and self.transport is not None:
+                self.transport.close()
+        elif isinstance(command, Done):
+            self._release(command)
+        return None
 
     def _send(self, command: SendData) -> DataSent:
         """Leg A's bytes become DATA frames on the port; leg B's go to the client's transport.
@@ -368,6 +390,10 @@ class PublicConnection(asyncio.Protocol):
 
     def on_accepted(self, conn_id: int, address: IPAddress, port: int) -> None:
         raise AssertionError("a client port never accepts")
+
+    def on_opened(self, session: Session, port_id: int) -> None:
+        """OPEN_CONNECT answered: ours from now on, before ``_attach`` resumes."""
+        self.session, self.port_id = session, port_id
 
     def on_gone(self, why: str) -> None:
         self.abort(why)
@@ -461,6 +487,9 @@ class UdpFlow:
 
     def on_accepted(self, conn_id: int, address: IPAddress, port: int) -> None:
         raise AssertionError("a UDP port never accepts")
+
+    def on_opened(self, session: Session, port_id: int) -> None:
+        return None  # a flow's port comes from REDIRECT_PORT
 
     def on_gone(self, why: str) -> None:
         """The session ended: a new one re-issues the redirect (``session_ready``)."""

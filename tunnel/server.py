@@ -83,7 +83,11 @@ class ChannelProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.session is not None:
-            self.session.on_data(data)
+            try:
+                self.session.on_data(data)
+            except Exception as err:  # noqa: BLE001 - ours, not the mediator's: say so, and end the channel cleanly
+                self.server.counters["internal_errors"] += 1
+                self.session.close(ErrorCode.INTERNAL, f"server error: {err!r}")
 
     def eof_received(self) -> bool:
         if self.session is not None:
@@ -206,6 +210,8 @@ class TunnelServer:
         for pub in self.publications.values():
             if pub.spec.identity == event.identity:
                 pub.session_ready(session)
+                if session.core.pipelines_connect:
+                    pub.spawn(self._recheck(pub, session))
 
     def session_ended(self, session: Session) -> None:
         self.sessions.pop(session.session_id, None)
@@ -317,6 +323,7 @@ class TunnelServer:
                 f"{spec.proto.name.lower()} port {spec.public_port} is already published for {existing.spec.identity}",
                 "PORT_IN_USE",
             )
+        await self._check_target(record, spec)
         pub = Publication(self, spec)
         try:
             await self.frontend.bind(pub)
@@ -329,6 +336,30 @@ class TunnelServer:
         self._save_state()
         self.log.emit("published", **spec.to_json())
         return pub.describe()
+
+    async def _check_target(self, record: MediatorRecord, spec: PublishSpec) -> None:
+        """Issue 14 G: a target the mediator's allow-list refuses is refused at
+        publish time, with the mediator's reason (CHECK_TARGET, version 2).
+        A mediator that is not connected is asked when it connects
+        (``_recheck``)."""
+        session = record.session
+        if session is None or session.closed or not session.core.pipelines_connect:
+            return
+        await self._ask(session.check_target(spec.proto, spec.target, spec.target_port))
+
+    async def _recheck(self, pub: Publication, session: Session) -> None:
+        """A publication made while its mediator was away: ask now, and say so if refused."""
+        try:
+            await session.check_target(pub.spec.proto, pub.spec.target, pub.spec.target_port)
+        except RequestRefused as err:
+            if not err.local:
+                pub.state = f"refused by the mediator: {err}"
+                self.log.warn("publish_refused", **pub.spec.to_json(), reason=str(err))
+                return
+        except (LimitError, TimeoutError):
+            return
+        if pub.state.startswith("refused"):
+            pub.state = "published"
 
     async def unpublish(self, identity: str, proto: Proto, public_port: int) -> dict[str, Any]:
         pub = self.publications.get((proto, public_port))

@@ -61,7 +61,7 @@ from tunnel.frames import (
     MAX_UDP_PAYLOAD, MIN_MAX_FRAME_SIZE, UDP_KEY_SIZE, Ack, ClosePort, ConnectPort, Data,
     Err, EventAccepted, EventFin, EventRst, Frame, FrameType, Hello, InitErr, InitOk,
     IPAddress, Keepalive, KeepaliveAck, ListenPort, Opened, OpenPort, Proto, RedirectPort,
-    UdpKey,
+    UdpKey, OpenConnect, CheckTarget,
 )
 from tunnel.policy import Authenticator
 from tunnel.settings import MediatorLimits, ServerSettings
@@ -94,6 +94,7 @@ class _Pending:
     kind: FrameType
     port_id: int = 0
     proto: Proto = Proto.TCP
+    peer: tuple[IPAddress, int] | None = None  # OPEN_CONNECT's target
 
 
 class ServerSession(ChannelCore[ServerState]):
@@ -227,12 +228,45 @@ class ServerSession(ChannelCore[ServerState]):
     # -- requests ------------------------------------------------------------------
 
     def _ports_in_use(self) -> int:
-        opens = (FrameType.OPEN_PORT, FrameType.REDIRECT_PORT)
+        opens = (FrameType.OPEN_PORT, FrameType.REDIRECT_PORT, FrameType.OPEN_CONNECT)
         opening = sum(p.kind in opens for p in self._pending.values())
         return opening + sum(r.is_port for r in self._remotes.values())
 
     def _connections_in_use(self) -> int:
-        return sum(r.connection for r in self._remotes.values())
+        opening = sum(p.kind is FrameType.OPEN_CONNECT for p in self._pending.values())
+        return opening + sum(r.connection for r in self._remotes.values())
+
+    def _needs_version(self, version: int, what: str) -> None:
+        if self._state is ServerState.READY and (self._version or 0) < version:
+            raise LocalProtocolError(f"{what} needs protocol version {version} (session speaks {self._version})")
+
+    def open_connect(self, local: IPAddress, address: IPAddress, port: int) -> Issued:
+        """Version 2: a TCP client port on the mediator's ``local`` address,
+        connected to private address:port, in one request (one round trip per
+        new public connection). Answered by ``PortOpened`` (the port is then
+        CONNECTED) or ``RequestFailed``."""
+        self._needs_version(2, "OPEN_CONNECT")
+        if self._state is ServerState.READY:
+            self._check_ports()
+            if self._connections_in_use() >= self.limits.max_connections:
+                raise LimitError(f"max_connections {self.limits.max_connections} reached")
+        return self._issue(
+            lambda rid: OpenConnect(local, address, port, request_id=rid),
+            _Pending(FrameType.OPEN_CONNECT, peer=(address, port)),
+        )
+
+    def check_target(self, proto: Proto, address: IPAddress, port: int) -> Issued:
+        """Version 2: would the mediator relay to address:port? ``RequestAcked``
+        or ``RequestFailed`` (NOT_ALLOWED with the mediator's reason)."""
+        self._needs_version(2, "CHECK_TARGET")
+        return self._issue(
+            lambda rid: CheckTarget(proto, address, port, request_id=rid), _Pending(FrameType.CHECK_TARGET, proto=proto),
+        )
+
+    @property
+    def pipelines_connect(self) -> bool:
+        """OPEN_CONNECT and CHECK_TARGET exist in this session (version 2)."""
+        return (self._version or 0) >= 2
 
     def _issue(
         self, frame_for: Callable[[int], Frame], pending: _Pending, *, limited: bool = True
@@ -355,10 +389,15 @@ class ServerSession(ChannelCore[ServerState]):
         return pending
 
     def _on_opened(self, frame: Opened, now: float) -> Out:
-        pending = self._answered(frame, FrameType.OPEN_PORT, FrameType.REDIRECT_PORT)
+        pending = self._answered(frame, FrameType.OPEN_PORT, FrameType.REDIRECT_PORT, FrameType.OPEN_CONNECT)
         if frame.port_id == 0 or frame.port_id in self._remotes or frame.port == 0:
             message = f"OPENED with port id {frame.port_id} port {frame.port}"
             raise ProtocolError(ErrorCode.BAD_REQUEST, message)
+        if pending.kind is FrameType.OPEN_CONNECT:
+            self._remotes[frame.port_id] = _Remote(
+                frame.port_id, Proto.TCP, PortState.CONNECTED, is_port=True, connection=True, peer=pending.peer,
+            )
+            return [PortOpened(frame.request_id, frame.port_id, frame.port)]
         redirect = pending.kind is FrameType.REDIRECT_PORT
         self._remotes[frame.port_id] = _Remote(
             frame.port_id, pending.proto, PortState.REDIRECTED if redirect else PortState.OPEN,
@@ -368,7 +407,7 @@ class ServerSession(ChannelCore[ServerState]):
 
     def _on_ack(self, frame: Ack, now: float) -> Out:
         pending = self._answered(
-            frame, FrameType.CONNECT, FrameType.LISTEN, FrameType.CLOSE, FrameType.UDP_KEY
+            frame, FrameType.CONNECT, FrameType.LISTEN, FrameType.CLOSE, FrameType.UDP_KEY, FrameType.CHECK_TARGET,
         )
         if pending.kind is FrameType.UDP_KEY:
             return []
@@ -386,7 +425,7 @@ class ServerSession(ChannelCore[ServerState]):
             return [RelayFailed(frame.port_id, frame.code, frame.message)]
         pending = self._answered(
             frame, FrameType.OPEN_PORT, FrameType.REDIRECT_PORT, FrameType.CONNECT,
-            FrameType.LISTEN, FrameType.CLOSE, FrameType.UDP_KEY,
+            FrameType.LISTEN, FrameType.CLOSE, FrameType.UDP_KEY, FrameType.OPEN_CONNECT, FrameType.CHECK_TARGET,
         )
         remote = self._remotes.get(pending.port_id)
         if pending.kind is FrameType.UDP_KEY:

@@ -74,6 +74,7 @@ class PortOwner(Protocol):
     def on_reset(self) -> None: ...
     def on_accepted(self, conn_id: int, address: IPAddress, port: int) -> None: ...
     def on_gone(self, why: str) -> None: ...
+    def on_opened(self, session: Session, port_id: int) -> None: ...
 
 
 class SessionAuthenticator:
@@ -126,6 +127,7 @@ class Session:
         self._readers: set[ReadGate] = set()
         self._full = False
         self._futures: dict[int, asyncio.Future[Any]] = {}
+        self._owners_at_open: dict[int, PortOwner] = {}  # OPEN_CONNECT request id -> its port's owner
         self._channel_waiters: dict[int, asyncio.Future[None]] = {}
         handlers = {
             SendFrame: self._send_frame, CloseChannel: self._close_channel, ChannelClosed: self._channel_closed,
@@ -223,6 +225,10 @@ class Session:
 
     def _answer(self, out: PortOpened | RequestAcked | RequestFailed) -> None:
         future = self._futures.pop(out.request_id, None)
+        owner = self._owners_at_open.pop(out.request_id, None)
+        if owner is not None and isinstance(out, PortOpened) and future is not None and not future.done():
+            self.owners[out.port_id] = owner
+            owner.on_opened(self, out.port_id)
         if future is not None and not future.done():
             if isinstance(out, RequestFailed):
                 future.set_exception(RequestRefused(out.code.name, out.message))
@@ -244,7 +250,24 @@ class Session:
             if delay > 0:
                 self.channel_gate.pause("rate")
                 self.loop.call_later(delay, self.channel_gate.resume, "rate")
-        owner.on_received(out.address, out.port, out.data)
+        self._contained(out.port_id, owner, lambda: owner.on_received(out.address, out.port, out.data))
+
+    def _contained(self, port_id: int, owner: PortOwner, call: Callable[[], None]) -> None:
+        """Hand one relayed event to its port's owner. Containment: whatever
+        goes wrong there (a socket the public client reset, a bug) ends that
+        relay only, never the channel the event came in on (issue 14 A)."""
+        try:
+            call()
+        except Exception as err:  # noqa: BLE001 - one connection's failure is not the channel's
+            self._count("relay_errors")
+            self.log.warn("relay_error", mediator=self.identity, port=port_id, error=repr(err))
+            if self.owners.get(port_id) is owner:
+                self.reset(port_id)
+                self.close_soon(port_id)
+            try:
+                owner.on_gone(f"relay error: {err!r}")
+            except Exception:  # noqa: BLE001 - it already failed once; the port is closed either way
+                pass
 
     def _accepted(self, out: ConnectionAccepted) -> None:
         owner = self.owners.get(out.listen_id)
@@ -254,17 +277,17 @@ class Session:
                           peer=f"{out.address}:{out.port}")
             self.close_soon(out.conn_id)
             return
-        owner.on_accepted(out.conn_id, out.address, out.port)
+        self._contained(out.listen_id, owner, lambda: owner.on_accepted(out.conn_id, out.address, out.port))
 
     def _peer_fin(self, out: PeerFin) -> None:
         owner = self.owners.get(out.port_id)
         if owner is not None:
-            owner.on_fin()
+            self._contained(out.port_id, owner, owner.on_fin)
 
     def _peer_reset(self, out: PeerReset) -> None:
         owner = self.owners.get(out.port_id)
         if owner is not None:
-            owner.on_reset()
+            self._contained(out.port_id, owner, owner.on_reset)
 
     def _limit(self, out: LimitExceeded) -> None:
         self.log.warn("limit", mediator=self.identity, port=out.port_id, reason=out.message)
@@ -335,6 +358,26 @@ class Session:
 
     async def connect(self, port_id: int, address: IPAddress, port: int) -> RequestAcked:
         acked: RequestAcked = await self._request(self._checked(lambda: self.core.connect(port_id, address, port)))
+        return acked
+
+    async def open_connect(self, local: IPAddress, address: IPAddress, port: int, owner: PortOwner) -> PortOpened:
+        """Version 2: a client port connected to address:port, in one round trip.
+
+        ``owner`` owns the port from the OPENED on, before this coroutine
+        resumes: the target's first bytes and its FIN may come in the same
+        read as the OPENED, and must not find the port without an owner."""
+        request_id, outputs = self._checked(lambda: self.core.open_connect(local, address, port))
+        self._owners_at_open[request_id] = owner
+        try:
+            opened: PortOpened = await self._request((request_id, outputs))
+        finally:
+            self._owners_at_open.pop(request_id, None)
+        return opened
+
+    async def check_target(self, proto: Proto, address: IPAddress, port: int) -> RequestAcked:
+        """Version 2: the mediator's allow-list verdict on a target (raises ``RequestRefused``)."""
+        issue = lambda: self.core.check_target(proto, address, port)  # noqa: E731
+        acked: RequestAcked = await self._request(self._checked(issue))
         return acked
 
     async def listen(self, port_id: int) -> RequestAcked:

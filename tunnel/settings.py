@@ -20,11 +20,22 @@ from tunnel.frames import DEFAULT_MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE, SUPPORTED_
 # Seed, "3. Maintain channel": the client sends a maintain channel packet
 # "before the end of the TTL of the channel in question". RFC 4787 REQ-5 asks
 # NATs to keep a UDP mapping for 2 minutes, but many home NATs drop it after
-# 30 s; 25 s stays under that (it is also WireGuard's persistent keepalive).
-DEFAULT_KEEPALIVE_INTERVAL = 25.0
-# Declared dead after this many intervals without a frame: one lost keepalive
-# (or its ACK) is tolerated, a peer that has vanished is noticed in 75 s.
-DEFAULT_DEAD_AFTER = 3
+# 30 s, carrier-grade NATs sooner, and our own lab's NAT after 5 s (UDP) and
+# 10 s (TCP established): 25 s failed there, silently (issue 14 E). Until the
+# mediator learns the path's lifetime, the default is a floor that holds
+# behind all of these: 2 s, at 12 bytes per interval on the TCP channel and
+# 36 per UDP channel. The server's ``min_keepalive_interval`` (1 s) is the
+# floor a mediator may announce, ``max_keepalive_interval`` (600 s) the ceiling.
+DEFAULT_KEEPALIVE_INTERVAL = 2.0
+# Declared dead after this many intervals without a frame. A busy channel
+# delays answers (issue 14 B: a late ACK is no error), so a margin of several
+# intervals: a peer that has vanished is noticed in 10 s at the default.
+DEFAULT_DEAD_AFTER = 5
+# Concurrent ports per mediator: "in the hundreds", bounded by memory
+# (about 2.5 KB of Python state per idle relayed connection on the server,
+# plus the kernel's socket buffers; docs/benchmarks.md) and by the mediator's
+# file descriptors, whose soft limit both roles raise to the hard one.
+DEFAULT_MAX_PORTS = 1024
 
 
 def _check_common(versions: tuple[int, ...], max_frame_size: int, dead_after: int) -> None:
@@ -53,9 +64,10 @@ class MediatorSettings:
     """Seconds to wait for INIT_OK/INIT_ERR after HELLO."""
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     """Largest frame (header + body) accepted from the server."""
-    max_ports: int = 1024
-    """Live port and connection ids at once; protects the mediator's host."""
-    max_pending: int = 64
+    max_ports: int = 4 * DEFAULT_MAX_PORTS
+    """Live port and connection ids at once; protects the mediator's host.
+    Above the server's default ``max_ports``, so the server's limit binds first."""
+    max_pending: int = 256
     """Server requests waiting for a socket result at once (open, connect...)."""
     replay_window: int = DEFAULT_REPLAY_WINDOW
     """Width of the anti-replay window of each UDP channel."""
@@ -110,12 +122,17 @@ class MediatorLimits:
     cannot overshoot.
     """
 
-    max_ports: int = 16
-    """Ports opened or redirected (OPEN_PORT + REDIRECT_PORT)."""
-    max_connections: int = 64
+    max_ports: int = DEFAULT_MAX_PORTS
+    """Ports opened or redirected (OPEN_PORT + REDIRECT_PORT). Each public
+    TCP connection of a publication takes one, so this is also how many
+    clients a published service may have at once (issue 14 E: 16 reset the
+    17th). A relayed connection costs the mediator one socket and the
+    stream's window of buffer at most (docs/benchmarks.md has the figure)."""
+    max_connections: int = DEFAULT_MAX_PORTS
     """TCP connections: connected ports plus accepted connections."""
-    max_pending: int = 32
-    """Requests sent and not yet answered."""
+    max_pending: int = 256
+    """Requests sent and not yet answered: a burst of new public connections
+    waits on these (one request each, section 17)."""
 
     def __post_init__(self) -> None:
         if self.max_ports < 0 or self.max_connections < 0 or self.max_pending < 1:
@@ -129,14 +146,14 @@ class TunnelGatewaySettings(Frozen):
     service_port: Int(1, 65535) = Field(7443, description="the port mediators connect to (TCP channel and UDP channels)")
     publish_first: Int(0, 65535) = Field(0, description="first public port a mediator may publish by default (0: none)")
     publish_last: Int(0, 65535) = Field(0, description="last public port a mediator may publish by default")
-    max_ports: Int(0, 65535) = Field(16, description="ports one mediator may have open (opened plus redirected)")
-    max_connections: Int(0, 1_000_000) = Field(64, description="TCP connections one mediator may relay at once")
-    max_pending: Int(1, 65535) = Field(32, description="requests to one mediator waiting for an answer")
-    bytes_per_second: Number(1024, 1e12) = Field(125_000_000, description="relay rate per mediator, both directions together")
+    max_ports: Int(0, 65535) = Field(DEFAULT_MAX_PORTS, description="ports one mediator may have open (opened plus redirected)")
+    max_connections: Int(0, 1_000_000) = Field(DEFAULT_MAX_PORTS, description="TCP connections one mediator may relay at once")
+    max_pending: Int(1, 65535) = Field(256, description="requests to one mediator waiting for an answer")
+    bytes_per_second: Number(0, 1e12) = Field(0, description="relay rate per mediator, both directions together (0: no cap)")
     burst_bytes: Number(65536, 1e12) = Field(
         4_194_304, description="bytes a mediator may relay at full speed before the rate applies")
     hello_timeout: Number(0.1, 600) = Field(10.0, description="seconds a new channel may take to send HELLO")
-    dead_after: Int(1, 100) = Field(3, description="keepalive intervals without a frame before a mediator is dead")
+    dead_after: Int(1, 100) = Field(DEFAULT_DEAD_AFTER, description="keepalive intervals without a frame before a mediator is dead")
     min_keepalive_interval: Number(0.1, 3600) = Field(
         1.0, description="shortest keepalive interval a mediator may announce")
     max_keepalive_interval: Number(0.1, 86400) = Field(

@@ -68,6 +68,7 @@ _MEDIATOR_READY_FRAMES = (
     FrameType.CLOSE, FrameType.UDP_KEY, FrameType.DATA, FrameType.EVENT_FIN,
     FrameType.EVENT_RST, FrameType.KEEPALIVE, FrameType.KEEPALIVE_ACK,
     FrameType.ERR,  # request id 0 only: the server could not take a relayed frame
+    FrameType.OPEN_CONNECT, FrameType.CHECK_TARGET,  # version 2 (the decoder refuses them in 1)
 )
 _SERVER_READY_FRAMES = (
     FrameType.OPENED, FrameType.ACK, FrameType.ERR, FrameType.DATA,

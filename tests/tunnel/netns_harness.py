@@ -188,7 +188,8 @@ class TunnelLab:
                 "server_pin": pin or self.pin, "service": "netns-test", "reconnect_initial": 0.2,
                 "reconnect_max": 1.0, **mediator,
             })
-            + _table("protocol", {"keepalive_interval": 2.0, **(protocol or {})})
+            # A protocol key set to None is left out: the mediator's own default.
+            + _table("protocol", {k: v for k, v in {"keepalive_interval": 2.0, **(protocol or {})}.items() if v is not None})
             + "".join(_table("[allow]", rule) for rule in rules)
         )
         proc = self._start("priv", [sys.executable, "-m", "tunnel.cli", "mediator", "-c", config, "--log-json"], identity)

@@ -9,6 +9,9 @@
                                              waiting up to WAIT s for its echo
     netpeer.py udp-flood HOST PORT SECONDS SIZE
                                              send as fast as possible; count echoes
+    netpeer.py rst-flood HOST PORT SECONDS   connect, send a request, reset (RST),
+                                             over and over, at every step of the
+                                             answer; count the connections
 
 TCP steps: ``send:TEXT``, ``recv:N`` (exactly N bytes), ``recv-eof`` (until
 EOF or reset), ``shut`` (shutdown SHUT_WR: a FIN), ``rst`` (SO_LINGER 0 and
@@ -164,6 +167,33 @@ def udp_flood(host: str, port: int, seconds: float, size: int) -> None:
     print(json.dumps({"sent": sent, "received": received, "seconds": seconds}), flush=True)
 
 
+def rst_flood(host: str, port: int, seconds: float) -> None:
+    """Request-then-RST clients, one after another, resetting before the
+    answer, after its first byte, and after all of it (issue 14 A)."""
+    request = b"GET /index.html HTTP/1.0\r\n\r\n"
+    done = errors = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        sock = socket.socket()
+        sock.settimeout(2.0)
+        try:
+            sock.connect((host, port))
+            sock.sendall(request)
+            step = done % 3
+            if step == 1:
+                sock.recv(1)
+            elif step == 2:
+                while sock.recv(65536):
+                    pass
+        except OSError:
+            errors += 1
+        finally:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        done += 1
+    print(json.dumps({"connections": done, "errors": errors}), flush=True)
+
+
 def main(argv: list[str]) -> None:
     mode, host, port = argv[0], argv[1], int(argv[2])
     if mode == "tcp-serve":
@@ -176,6 +206,8 @@ def main(argv: list[str]) -> None:
         udp_client(host, port, int(argv[3]), float(argv[4]), *(int(a) for a in argv[5:7]))
     elif mode == "udp-flood":
         udp_flood(host, port, float(argv[3]), int(argv[4]))
+    elif mode == "rst-flood":
+        rst_flood(host, port, float(argv[3]))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

@@ -18,7 +18,7 @@ from tunnel.frames import (
     FRAME_CLASSES, HEADER_SIZE, MIN_MAX_FRAME_SIZE, Ack, Bye, ClosePort, ConnectPort, Data,
     Err, EventAccepted, EventFin, EventRst, Frame, FrameDecoder, FrameType, Hello, InitErr,
     InitOk, Keepalive, KeepaliveAck, ListenPort, Opened, OpenPort, Proto, RedirectPort,
-    UdpKey, data_chunk_size, encode_frame,
+    SINCE_VERSION, CheckTarget, OpenConnect, UdpKey, data_chunk_size, encode_frame,
 )
 
 V4 = IPv4Address("192.168.1.10")
@@ -43,6 +43,10 @@ SAMPLES: list[Frame] = [
     ListenPort(1, request_id=6),
     ClosePort(1, request_id=7),
     UdpKey(7, KEY, request_id=8),
+    OpenConnect(IPv4Address("192.168.1.2"), V4, 80, request_id=10),
+    OpenConnect(IPv6Address("fd00::2"), V6, 443, request_id=11),
+    CheckTarget(Proto.TCP, V4, 80, request_id=12),
+    CheckTarget(Proto.UDP, V6, 5060, request_id=13),
     Opened(1, 8080, request_id=2),
     Ack(request_id=5),
     Err(ErrorCode.PORT_IN_USE, 0, "8080 is taken", request_id=2),
@@ -58,7 +62,12 @@ SAMPLES: list[Frame] = [
     Bye(ErrorCode.NORMAL, "bye"),
     Bye(ErrorCode.TIMEOUT, "\u00e9t\u00e9 \u2603"),
 ]
-STREAM = b"".join(encode_frame(f) for f in SAMPLES)
+def version_of(frame: Frame) -> int:
+    """The first version that has the frame's type (the codec's default, 1, for the rest)."""
+    return SINCE_VERSION.get(frame.TYPE, 1)
+
+
+STREAM = b"".join(encode_frame(f, version_of(f)) for f in SAMPLES)
 
 
 def decode_all(data: bytes, decoder: FrameDecoder | None = None) -> list[Frame]:
@@ -80,8 +89,8 @@ def test_samples_cover_every_frame_type() -> None:
 
 @pytest.mark.parametrize("frame", SAMPLES, ids=lambda f: type(f).__name__)
 def test_round_trip(frame: Frame) -> None:
-    raw = encode_frame(frame)
-    assert raw[0] == 1 and raw[1] == frame.TYPE
+    raw = encode_frame(frame, version_of(frame))
+    assert raw[0] == version_of(frame) and raw[1] == frame.TYPE
     assert int.from_bytes(raw[8:12], "big") == len(raw) - HEADER_SIZE
     assert decode_all(raw) == [frame]
 
@@ -158,7 +167,21 @@ def test_unknown_frame_type() -> None:
 
 
 def test_unsupported_version() -> None:
-    assert refused(encode_frame(Keepalive(request_id=1), version=2)) is ErrorCode.UNSUPPORTED_VERSION
+    assert refused(encode_frame(Keepalive(request_id=1), version=3)) is ErrorCode.UNSUPPORTED_VERSION
+
+
+@pytest.mark.parametrize("frame", [f for f in SAMPLES if f.TYPE in SINCE_VERSION], ids=lambda f: type(f).__name__)
+def test_a_frame_type_does_not_exist_before_its_version(frame: Frame) -> None:
+    """Version 2's requests are UNKNOWN_FRAME in a version-1 session, and cannot be encoded in it."""
+    v2 = encode_frame(frame, 2)
+    decoder = FrameDecoder()
+    decoder.version = 1
+    decoder.feed(b"\x01" + v2[1:])
+    with pytest.raises(ProtocolError) as info:
+        decoder.next_frame()
+    assert info.value.code is ErrorCode.UNKNOWN_FRAME
+    with pytest.raises(LocalProtocolError):
+        encode_frame(frame, 1)
 
 
 def test_negotiation_frames_are_read_in_any_version() -> None:
@@ -249,7 +272,7 @@ def drain(decoder: FrameDecoder, chunks: list[bytes]) -> None:
         for chunk in chunks:
             decoder.feed(chunk)
             for frame in decoder:
-                assert decode_all(encode_frame(frame)) == [frame]
+                assert decode_all(encode_frame(frame, version_of(frame))) == [frame]
     except ProtocolError as err:
         assert isinstance(err.code, ErrorCode)
 
@@ -281,7 +304,7 @@ def test_fuzz_valid_header_random_body(type_: FrameType, request_id: int, body: 
 @settings(max_examples=300, deadline=None)
 @given(st.sampled_from(SAMPLES), st.integers(0, 200), st.integers(0, 255))
 def test_fuzz_mutated_samples(frame: Frame, position: int, value: int) -> None:
-    raw = bytearray(encode_frame(frame))
+    raw = bytearray(encode_frame(frame, version_of(frame)))
     raw[position % len(raw)] = value
     drain(FrameDecoder(), [bytes(raw)])
 

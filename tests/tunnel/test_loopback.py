@@ -285,6 +285,30 @@ def test_publish_refusals(tmp_path: Path) -> None:
     run(main())
 
 
+def test_a_target_the_mediator_refuses_is_refused_at_publish_time(tmp_path: Path) -> None:
+    """Issue 14 G: CHECK_TARGET before the publish, with the mediator's reason;
+    a publication made while the mediator was away is checked when it comes."""
+    mediators = f'[mediator.m1]\ntoken = "{TOKEN}"\npublish_ports = ["1024-65535"]\n'
+    only_10 = (Rule(ipaddress.ip_network("127.0.0.10/32"), ops=frozenset({Op.CONNECT, Op.SEND})),)
+
+    async def main() -> None:
+        async with loopback(tmp_path, mediators) as lb:
+            early = _free()
+            await lb.ask(cmd="publish", mediator="m1", proto="udp", public=early, address="127.0.0.1", port=53)
+            lb.start_mediator(allow=only_10)
+            await lb.session()
+            for proto, port in (("tcp", 80), ("udp", 53)):
+                with pytest.raises(ControlError, match=f"refused by the mediator: NOT_ALLOWED: .* 127.0.0.1:{port} is not allowed") as err:
+                    await lb.ask(cmd="publish", mediator="m1", proto=proto, public=_free(), address="127.0.0.1", port=port)
+                assert err.value.code == "NOT_ALLOWED"
+            await lb.ask(cmd="publish", mediator="m1", proto="tcp", public=_free(), address="127.0.0.10", port=80)
+            listing = await until(lambda: lb.server.publications[(Proto.UDP, early)].state.startswith("refused"),
+                                  what="the early publication to be checked")
+            assert listing
+
+    run(main())
+
+
 def test_publications_survive_a_server_restart_through_the_state_file(tmp_path: Path) -> None:
     async def main() -> None:
         state = tmp_path / "state" / "publish.json"

@@ -34,6 +34,8 @@ KEY = bytes(range(32))
 IDENTITY = MediatorIdentity("mediator-7", b"secret", "web-help", (IPv4Interface("192.168.1.2/24"),))
 # The owner allows the LAN, every port but 22 (ssh stays private).
 POLICY = AllowList([Rule(LAN, 1, 21), Rule(LAN, 23, 65535)])
+# The playbooks' timers: version 1's 25 s interval and 3 intervals to a dead peer.
+S25 = MediatorSettings(keepalive_interval=25.0, dead_after=3)
 
 
 def out(*frames: Frame) -> list[SendFrame]:
@@ -45,7 +47,7 @@ def feed(core: MediatorCore, *frames: Frame, now: float = 1.0) -> list[object]:
 
 
 def ready(settings: MediatorSettings | None = None, policy: AllowList | None = POLICY) -> MediatorCore:
-    core = MediatorCore(IDENTITY, settings, policy)
+    core = MediatorCore(IDENTITY, settings or S25, policy)
     core.channel_up(0.0)
     assert feed(core, InitOk(1, 7, 131072, request_id=1), now=0.5) == [Ready(7, 1)]
     return core
@@ -75,14 +77,15 @@ def closed_by_us(code: ErrorCode, message: str, *closes: int) -> list[object]:
 
 
 def test_init() -> None:
-    core = MediatorCore(IDENTITY, policy=POLICY)
+    core = MediatorCore(IDENTITY, S25, POLICY)
     assert core.state is MediatorState.CONNECTING
     hello = Hello(
-        (1,), "mediator-7", b"secret", "web-help", (IPv4Interface("192.168.1.2/24"),),
+        (1, 2), "mediator-7", b"secret", "web-help", (IPv4Interface("192.168.1.2/24"),),
         25000, 131072, request_id=1,
     )
     [send] = core.channel_up(0.0)
-    assert send == SendFrame(hello) and send.data == encode_frame(hello)
+    # Before negotiation, in the highest version it speaks.
+    assert send == SendFrame(hello, 2) and send.data == encode_frame(hello, 2)
     assert core.state is MediatorState.INIT_SENT and core.next_deadline() == 10.0
     assert feed(core, InitOk(1, 7, 131072, request_id=1), now=0.5) == [Ready(7, 1)]
     assert core.state is MediatorState.READY and core.session_id == 7 and core.version == 1
@@ -90,7 +93,7 @@ def test_init() -> None:
 
 
 def test_init_refused() -> None:
-    core = MediatorCore(IDENTITY, policy=POLICY)
+    core = MediatorCore(IDENTITY, S25, POLICY)
     core.channel_up(0.0)
     assert feed(core, InitErr(ErrorCode.AUTH_FAILED, "unknown identity", (1,), request_id=1)) == [
         CloseChannel(), ChannelClosed(ErrorCode.AUTH_FAILED, "unknown identity", True),
@@ -100,10 +103,12 @@ def test_init_refused() -> None:
 
 
 def test_init_timeout() -> None:
-    core = MediatorCore(IDENTITY, policy=POLICY)
+    core = MediatorCore(IDENTITY, S25, POLICY)
     core.channel_up(0.0)
     assert core.tick(9.99) == []
-    assert core.tick(10.0) == closed_by_us(ErrorCode.TIMEOUT, "no INIT_OK in time")
+    [bye, *rest] = core.tick(10.0)
+    assert bye == SendFrame(Bye(ErrorCode.TIMEOUT, "no INIT_OK in time"), 2)
+    assert rest == closed_by_us(ErrorCode.TIMEOUT, "no INIT_OK in time")[1:]
 
 
 def test_version_mismatch_answered_by_init_err() -> None:
@@ -135,10 +140,10 @@ def test_frame_in_another_version_after_negotiation() -> None:
 
 
 def test_request_before_init_ok_is_unexpected() -> None:
-    core = MediatorCore(IDENTITY, policy=POLICY)
+    core = MediatorCore(IDENTITY, S25, POLICY)
     core.channel_up(0.0)
     [bye, *_] = feed(core, OpenPort(Proto.TCP, ME, 80, False, request_id=2))
-    assert bye == SendFrame(Bye(ErrorCode.UNEXPECTED_FRAME, "OPEN_PORT not allowed in INIT_SENT"))
+    assert bye == SendFrame(Bye(ErrorCode.UNEXPECTED_FRAME, "OPEN_PORT not allowed in INIT_SENT"), 2)
 
 
 # -- open port (seed, "Open port") ------------------------------------------------
@@ -340,7 +345,7 @@ def test_close_cancels_the_pending_request() -> None:
 
 
 def test_large_stream_is_cut_to_the_servers_frame_size() -> None:
-    core = MediatorCore(IDENTITY, policy=POLICY)
+    core = MediatorCore(IDENTITY, S25, POLICY)
     core.channel_up(0.0)
     feed(core, InitOk(1, 7, MIN_MAX_FRAME_SIZE, request_id=1))
     port_id = open_tcp(core)
@@ -531,7 +536,11 @@ def test_unanswered_keepalives_are_remembered_up_to_dead_after() -> None:
         feed(core, Keepalive(request_id=100 + step), now=25.0 * step)
         assert core.tick(25.0 * step + 0.5) == out(Keepalive(request_id=step + 1))
     assert feed(core, KeepaliveAck(request_id=3), now=101.0) == []
-    assert feed(core, KeepaliveAck(request_id=2), now=101.0) == closed_by_us(
+    # Id 2 was forgotten: its answer is late, not a protocol error (issue 14 B).
+    assert feed(core, KeepaliveAck(request_id=2), now=101.0) == []
+    assert core.late_keepalive_acks == 1 and core.state is MediatorState.READY
+    # The HELLO's id, and an id never issued, are still protocol errors.
+    assert feed(core, KeepaliveAck(request_id=1), now=101.0) == closed_by_us(
         ErrorCode.UNEXPECTED_FRAME, "KEEPALIVE_ACK for no KEEPALIVE"
     )
 
@@ -556,6 +565,47 @@ def test_unknown_keepalive_ack_is_unexpected() -> None:
     assert feed(core, KeepaliveAck(request_id=77)) == closed_by_us(
         ErrorCode.UNEXPECTED_FRAME, "KEEPALIVE_ACK for no KEEPALIVE"
     )
+
+
+# -- containment (issue 14 A): a peer that resets at every step --------------------
+
+
+@pytest.mark.parametrize("step", ["opening", "connecting", "connected", "fin_out", "fin_in", "both_fins"])
+def test_a_connection_reset_at_any_step_ends_only_that_connection(step: str) -> None:
+    """The private end fails at each step of a connection's life while the
+    server's frames for it are still in flight: each is answered for that
+    port (ERR or ACK), never with BYE, and a second connection relays on."""
+    core = ready()
+    other = open_tcp(core, 9090, request_id=50)
+    feed(core, ConnectPort(other, WEB, 80, request_id=51))
+    core.connected(other)
+    [opening] = feed(core, OpenPort(Proto.TCP, ME, 8080, False, request_id=2))
+    assert isinstance(opening, OpenSocket)
+    port_id = opening.port_id
+    if step == "opening":
+        assert core.failed(port_id, ErrorCode.INTERNAL, "reset") == out(Err(ErrorCode.INTERNAL, 0, "reset", request_id=2))
+    else:
+        core.opened(port_id, 8080, 1.0)
+        feed(core, ConnectPort(port_id, WEB, 80, request_id=3))
+        if step == "connecting":
+            core.failed(port_id, ErrorCode.CONNECT_FAILED, "reset")
+        else:
+            core.connected(port_id)
+            if step in ("fin_out", "both_fins"):
+                core.fin(port_id)
+            if step in ("fin_in", "both_fins"):
+                feed(core, EventFin(port_id))
+            core.reset(port_id)
+    in_flight = (Data(port_id, WEB, 80, b"late"), EventFin(port_id), EventRst(port_id))
+    for frame in in_flight:
+        for answer in feed(core, frame):
+            assert isinstance(answer, SendFrame) and isinstance(answer.frame, Err)
+            assert answer.frame.port_id == port_id
+    answers = feed(core, ClosePort(port_id, request_id=7))
+    assert all(isinstance(a, (SendFrame, CloseSocket)) and not isinstance(getattr(a, "frame", None), Bye)
+               for a in answers)
+    assert core.state is MediatorState.READY
+    assert feed(core, Data(other, WEB, 80, b"still here")) == [WriteStream(other, b"still here")]
 
 
 # -- closing -------------------------------------------------------------------------------
@@ -600,7 +650,7 @@ def test_local_close_and_channel_lost() -> None:
 
 
 def test_local_misuse_raises() -> None:
-    core = MediatorCore(IDENTITY, policy=POLICY)
+    core = MediatorCore(IDENTITY, S25, POLICY)
     with pytest.raises(LocalProtocolError):
         core.receive_data(b"", 0.0)
     core = ready()
@@ -629,7 +679,7 @@ def script() -> bytes:
 
 
 def run(chunks: list[bytes]) -> list[object]:
-    core = MediatorCore(IDENTITY, policy=POLICY)
+    core = MediatorCore(IDENTITY, S25, POLICY)
     core.channel_up(0.0)
     result: list[object] = []
     for chunk in chunks:

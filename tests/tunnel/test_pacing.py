@@ -71,6 +71,22 @@ def test_token_bucket_debt_gives_the_pause_that_keeps_the_average() -> None:
     assert not bucket.try_take(1, 0.5)  # UDP is refused while in debt
 
 
-def test_token_bucket_needs_positive_rate_and_burst() -> None:
+def test_token_bucket_needs_a_rate_not_below_zero_and_a_positive_burst() -> None:
     with pytest.raises(ValueError):
-        TokenBucket(0, 1, 0.0)
+        TokenBucket(-1, 1, 0.0)
+    with pytest.raises(ValueError):
+        TokenBucket(1000, 0, 0.0)
+
+
+def test_token_bucket_rate_zero_is_no_cap() -> None:
+    """The default (issue 14 E): no bandwidth cap unless one is configured."""
+    bucket = TokenBucket(0, 1, 0.0)
+    assert bucket.take(10**12, 0.0) == 0.0 and bucket.try_take(10**9, 0.0) and bucket.delay(0.0) == 0.0
+
+
+def test_backoff_defaults_reset_on_any_successful_session_and_cap_at_ten_seconds() -> None:
+    """Issue 14 C: after a lost channel the mediator is back within initial, never a minute."""
+    backoff = Backoff(rand=lambda: 0.999999)
+    assert [round(backoff.next_delay(), 3) for _ in range(6)] == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    backoff.succeeded(0.1)  # a session reached READY, however briefly
+    assert round(backoff.next_delay(), 3) == 1.0

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tunnel.commands import (
-    ChannelClosed, CloseChannel, ConnectionAccepted, ConnectSocket, LimitExceeded, OpenSocket,
+    ChannelClosed, CloseChannel, CloseSocket, ConnectionAccepted, ConnectSocket, LimitExceeded, OpenSocket,
     PeerFin, PeerReset, PortOpened, Received, RelayFailed, RequestAcked, RequestFailed,
     SendChannel, SendDatagram, SendFrame, SendTo, SessionReady, WriteStream,
 )
@@ -24,7 +24,7 @@ from tunnel.frames import (
 from tunnel.mediator_core import MediatorCore, MediatorIdentity
 from tunnel.policy import AllowList, Rule, TokenAuthenticator
 from tunnel.server_core import ServerSession
-from tunnel.settings import MediatorLimits, ServerSettings
+from tunnel.settings import MediatorLimits, MediatorSettings, ServerSettings
 from tunnel.states import PortState, ServerState
 
 ME = IPv4Address("192.168.1.2")
@@ -47,6 +47,7 @@ def feed(session: ServerSession, *frames: Frame, now: float = 1.0) -> list[objec
 
 def new_session(**kw: object) -> ServerSession:
     kw.setdefault("authenticator", AUTH)
+    kw.setdefault("settings", ServerSettings(dead_after=3))  # the playbooks' timers
     return ServerSession(7, 0.0, random_bytes=lambda n: KEY[:n], **kw)  # type: ignore[arg-type]
 
 
@@ -72,7 +73,7 @@ def connected(session: ServerSession, port_id: int) -> None:
 
 def refused_init(code: ErrorCode, message: str, request_id: int = 1) -> list[object]:
     return [
-        SendFrame(InitErr(code, message, (1,), request_id=request_id)),
+        SendFrame(InitErr(code, message, (1, 2), request_id=request_id), 2),
         CloseChannel(), ChannelClosed(code, message, False),
     ]
 
@@ -120,13 +121,13 @@ def test_no_authenticator_refuses_everyone() -> None:
 
 
 def test_version_mismatch() -> None:
-    """A future mediator speaking only version 2 gets INIT_ERR, in a frame it can read."""
+    """A future mediator speaking only version 3 gets INIT_ERR, in a frame it can read."""
     session = new_session()
-    hello_v2 = Hello((2,), "mediator-7", b"secret", "web-help", (), 25000, 131072, request_id=1)
-    result = session.receive_data(encode_frame(hello_v2, version=2), 0.5)
-    assert result == refused_init(ErrorCode.UNSUPPORTED_VERSION, "no common version (offered 2)")
+    hello_v3 = Hello((3,), "mediator-7", b"secret", "web-help", (), 25000, 131072, request_id=1)
+    result = session.receive_data(encode_frame(hello_v3, version=3), 0.5)
+    assert result == refused_init(ErrorCode.UNSUPPORTED_VERSION, "no common version (offered 3)")
     first = result[0]
-    assert isinstance(first, SendFrame) and first.data[:2] == b"\x01\x03"
+    assert isinstance(first, SendFrame) and first.data[:2] == b"\x02\x03"
 
 
 def test_highest_common_version_is_chosen() -> None:
@@ -420,6 +421,7 @@ class Pair:
     def __init__(self, service: str = "web-help") -> None:
         self.mediator = MediatorCore(
             MediatorIdentity("mediator-7", b"secret", service, IFACES),
+            MediatorSettings(keepalive_interval=25.0, dead_after=3),
             policy=AllowList([Rule(ip_network("192.168.1.0/24"))]),
         )
         self.server = new_session()
@@ -448,9 +450,44 @@ class Pair:
 
     def start(self) -> None:
         events = self.up(self.mediator.channel_up(self.now))
-        assert events[-1] == SessionReady(7, "mediator-7", self.mediator.identity.service, IFACES, 1)
+        assert events[-1] == SessionReady(7, "mediator-7", self.mediator.identity.service, IFACES, 2)
         assert self.up(self.down(events)) == []  # INIT_OK, UDP_KEY -> ACK
         assert self.mediator.state.value == self.server.state.value == "READY"
+
+
+def test_both_cores_connect_in_one_round_trip_and_check_a_target() -> None:
+    """Version 2 (issue 14): OPEN_CONNECT is one request per new public
+    connection, and CHECK_TARGET gives the owner's verdict before a publish."""
+    pair = Pair()
+    pair.start()
+    request_id, commands = pair.server.check_target(Proto.TCP, WEB, 80)
+    assert pair.up(pair.down(commands)) == [RequestAcked(request_id, 0)]
+    request_id, commands = pair.server.check_target(Proto.UDP, IPv4Address("10.9.9.9"), 53)
+    refusal = pair.up(pair.down(commands))
+    assert refusal == [RequestFailed(request_id, 0, ErrorCode.NOT_ALLOWED, "send UDP 10.9.9.9:53 is not allowed")]
+    request_id, commands = pair.server.open_connect(ME, WEB, 80)
+    # One frame down; the mediator binds, then connects, and answers once.
+    assert pair.up(pair.down(commands)) == []
+    assert pair.done[-1] == ConnectSocket(1, WEB, 80)
+    assert pair.up(pair.mediator.connected(1)) == [PortOpened(request_id, 1, 40000)]
+    assert pair.server.ports[1] == (Proto.TCP, PortState.CONNECTED)
+    assert pair.down(pair.server.send(1, WEB, 80, b"GET /")) == [WriteStream(1, b"GET /")]
+    # A failed connect forgets the id on both ends: the server never learnt it.
+    request_id, commands = pair.server.open_connect(ME, WEB, 81)
+    pair.up(pair.down(commands))
+    failed = pair.mediator.failed(2, ErrorCode.CONNECT_FAILED, "refused")
+    assert failed[0] == CloseSocket(2)
+    assert pair.up(failed) == [RequestFailed(request_id, 0, ErrorCode.CONNECT_FAILED, "refused")]
+    assert 2 not in pair.server.ports and 2 not in pair.mediator.ports
+
+
+def test_version_1_sessions_have_no_open_connect() -> None:
+    session = ready()
+    assert not session.pipelines_connect
+    with pytest.raises(LocalProtocolError):
+        session.open_connect(ME, WEB, 80)
+    with pytest.raises(LocalProtocolError):
+        session.check_target(Proto.TCP, WEB, 80)
 
 
 def test_both_cores_publish_a_web_server() -> None:

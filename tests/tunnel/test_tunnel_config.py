@@ -47,7 +47,7 @@ def test_documented_examples_load(tmp_path: Path) -> None:
     assert mediators["branch-office"].publish_ports == server.publish_ports  # the server's default
     _write(tmp_path / "token", "x" * 32 + "\n")
     mediator = load_mediator(_write(tmp_path / "med.toml", documented("mediator").replace("/etc/nfgate/tunnel/", f"{tmp_path}/")))
-    assert mediator.token == b"x" * 32 and mediator.protocol.keepalive_interval == 25
+    assert mediator.token == b"x" * 32 and mediator.protocol.keepalive_interval == 2
     assert [(r.network, r.first_port, r.protos, r.ops) for r in mediator.allow] == [
         (ipaddress.ip_network("192.168.1.10/32"), 80, frozenset({Proto.TCP}), frozenset({Op.CONNECT})),
         (ipaddress.ip_network("192.168.1.20/32"), 5060, frozenset({Proto.UDP}), frozenset({Op.SEND})),
