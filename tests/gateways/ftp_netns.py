@@ -59,6 +59,15 @@ proto = "tcp"
 port = 21
 to = "192.168.1.10:21"
 
+# The filter decides what reaches a gateway (docs/datapath.md): lan may use
+# FTP servers outside, and the ftp gateway checks the sessions.
+[[rule]]
+name = "ftp-out"
+from = "lan"
+to = "wan"
+proto = "tcp"
+ports = 21
+
 [processor]
 queues = [0]
 fail_mode = "closed"

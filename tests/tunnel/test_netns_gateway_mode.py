@@ -215,5 +215,7 @@ def test_routed_traffic_on_a_steered_port_stays_in_the_kernel(gm: GatewayModeLab
 def test_clean_stop(gm: GatewayModeLab) -> None:
     assert gm.stop() == 0, gm.text()[-2000:]
     assert not os.path.exists(f"/run/netns/{gm.gwns}")
-    assert "NFGATE" not in gm.lab.run("pub", ["iptables-nft-save"]).stdout
+    # The static rules stay; the steering is stopped (fail closed: dropped, never queued).
+    saved = gm.lab.run("pub", ["iptables-nft-save"]).stdout
+    assert "NFGATE-INPUT" in saved and "NFQUEUE" not in saved, saved
     assert not gm.tl.socket.exists()
