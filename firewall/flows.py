@@ -76,6 +76,7 @@ class FlowState(enum.IntFlag):
     A_ALIVE = 1  # leg A's connection is confirmed: its end comes as a destroy event
     A_GONE = 2  # conntrack destroyed leg A's connection
     B_GONE = 4  # conntrack destroyed leg B's connection
+    LEG_B_AHEAD = 8  # leg B's elements went into the kernel with leg A's (firewall.rules.bind, legb_*)
     SNAT = 128  # leg B uses W:w from the SNAT pool
 
 

@@ -61,7 +61,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, NamedTuple
 
-from firewall.config import Config
+from firewall.config import Config, bucket_count
 from firewall.config.model import ROUTER
 from firewall.flows import AgEndpoint, Binding, FlowState, FlowTable
 from firewall.flows import Refusal as TableRefusal
@@ -69,9 +69,9 @@ from firewall.flows import flow_key, fw_key
 from firewall.packet import SYN, TCP, UDP, ACK, FIN, RST, Drop, Packet, parse
 from firewall.pools import EndpointPool, SliceBy, Slicing, SnatPools, pool_stats
 from firewall.processor.logged import CtKey, Ending, LoggedFlows
-from firewall.processor.policy import MARTIANS, Policy, Selector, inside
+from firewall.processor.policy import MARTIANS, Policy, Selector, inside, nets
 from firewall.processor.rulebook import Command, KernelOp, Offloaded, RuleBook, Send
-from firewall.rules.bind import DNAT_MAP, SNAT_MAP
+from firewall.rules.bind import DNAT_MAP, LEGB_DNAT_MAP, LEGB_SNAT_MAP, SNAT_MAP
 from firewall.signalling import (
     NO_COUNTERS,
     Answer,
@@ -110,10 +110,11 @@ _MALFORMED = {reason: f"drop.malformed.{reason.name.lower()}" for reason in Drop
 _A_GONE = int(FlowState.A_GONE)
 _B_GONE = int(FlowState.B_GONE)
 _A_ALIVE = int(FlowState.A_ALIVE)
+_AHEAD = int(FlowState.LEG_B_AHEAD)
 _PROTO_NAME = {TCP: "tcp", UDP: "udp"}
 _IP = ipaddress.IPv4Address
 
-NatOp = tuple[str, str, tuple[int, int, int, int], tuple[int, int]]  # (map, proto, key, value)
+NatOp = tuple[str, str, tuple[int, ...], tuple[int, int]]  # (map, proto, key, value)
 # (DROP|PASS, the binding-table elements to write before the verdict, mark)
 Verdict = tuple[int, tuple[NatOp, ...], int]
 CtLookup = Callable[[int, int, int, int, int], bool]  # (proto, src, sport, dst, dport) -> alive
@@ -177,7 +178,10 @@ class ProcessorCore:
         self._local: frozenset[int] = frozenset()
         self._local_until = now - 1.0
         self._out = Outputs()
-        self._nat_timeout = proc.timeouts.nat_element
+        # How long after its binding opened leg B's first packet still finds the
+        # elements written with leg A's (their timeout, less a second for the
+        # whole-second clock of ``Binding.created`` and one for the kernel's rounding).
+        self._ahead_for = proc.timeouts.nat_element - 2
         self._now = now  # the monotonic time of the event being handled
         self.wall_offset = wall - now
         self._keep = ~proc.marks.mask & 0xFFFFFFFF
@@ -188,6 +192,9 @@ class ProcessorCore:
             slice_by=SliceBy.ADDRESS, slicing=Slicing.CONTIGUOUS,
         )
         self.snat_pools = SnatPools(proc.pools.snat_ports, instance, len(queues))
+        self._fw_net = nets([proc.pools.firewall_side])
+        self._instances = len(queues)
+        self._client_bits = bucket_count(len(queues)) - 1  # the low bits steer_client_src reads
         # SnatPools has the two methods FlowTable uses of its SNAT pool.
         self.table = FlowTable(proc.timeouts, self.fw_pool, self.snat_pools, now=now)  # type: ignore[arg-type]
         link = config.gateway_link
@@ -274,6 +281,17 @@ class ProcessorCore:
         name = _PROTO_NAME[proto]
         return PASS, ((DNAT_MAP, name, key, dnat), (SNAT_MAP, name, key, snat)), (mark & self._keep) | self._rewritten
 
+    def _bound_a(self, mark: int, b: Binding, route: Route) -> Verdict:
+        """Leg A's first packet bound: its elements, and leg B's keyed by (G, F, f) ahead of
+        it (``LEG_B_AHEAD``), in the same transaction; a flow the router terminates has no leg B."""
+        verdict = self._bound(mark, b.proto, b.leg_a())
+        if route.local:
+            return verdict
+        b.state |= _AHEAD
+        name = _PROTO_NAME[b.proto]
+        key = (b.gateway.addr, *b.firewall_side)
+        return PASS, (*verdict[1], (LEGB_DNAT_MAP, name, key, b.server), (LEGB_SNAT_MAP, name, key, b.visible_client)), verdict[2]
+
     def _leg_b(self, pkt: Packet, mark: int, now: float) -> Verdict:
         """A gateway's new connection to F:f: leg B of that binding (the seed's swap)."""
         proto, src, sport, dst, dport, flags = pkt[:6]
@@ -292,6 +310,8 @@ class ProcessorCore:
                 if self._alive(proto, src, e, f[0], f[1]):
                     return self._drop("drop.leg_b_busy", mark)  # one leg B at a time
             self.table.learn_ag_port(b, sport)
+        if b.state & _AHEAD and now - b.created < self._ahead_for:
+            return self._bound(mark, proto, None)  # its elements went in with leg A's: no transaction
         return self._bound(mark, proto, b.leg_b())
 
     def _drop(self, why: str, mark: int) -> Verdict:
@@ -351,7 +371,7 @@ class ProcessorCore:
                 if isinstance(b, str):
                     return self._drop(b, mark)
                 self._carry(self.rules.redirected(rule, self._register(b), b))
-                return self._bound(mark, proto, b.leg_a())
+                return self._bound_a(mark, b, route)
         sel = self.policy.selector(zone, proto, src, dst, dport)
         if sel is None:
             return self._pass("passed.not_a_selector", mark)
@@ -382,7 +402,7 @@ class ProcessorCore:
         if step is not None:
             step = -step if dport % 2 else step
             self._carry(self.rules.adjacent(fid, b, step, now, self._wall(), self.config.processor.adjacent_ttl))
-        return self._bound(mark, proto, b.leg_a())
+        return self._bound_a(mark, b, route)
 
     def _log_only(self, pkt: Packet, sel: Selector, server: tuple[int, int] | None, mark: int, now: float) -> Verdict:
         """A log-only gateway's flow: no binding; the kernel carries it, and conntrack's end reports it."""
@@ -487,6 +507,8 @@ class ProcessorCore:
             # bind the flow's next packet into the gateway again.
             self._out.unbind += [(DNAT_MAP, name, key, dnat), (SNAT_MAP, name, key, snat)]
             self._out.ct_deletes.append((b.proto, *key))
+        ahead = (b.gateway.addr, *b.firewall_side)
+        self._out.unbind += [(LEGB_DNAT_MAP, name, ahead, b.server), (LEGB_SNAT_MAP, name, ahead, b.visible_client)]
         self.counters["flows.offloaded"] += 1
         self._end(fid, FlowEndReason.OFFLOADED)
 
@@ -557,16 +579,22 @@ class ProcessorCore:
         (``kernel.Connection``): a leg A answers from G:g to an F:f of this
         instance's slice, a leg B goes from G:e to one. Their pool entries are
         claimed, so no new flow can be given an F:f or W:w that is still in use.
+        Any other is a log-only gateway's flow (``logged``), if a log-only
+        selector names it and its client is steered to this instance.
         """
         agents = self.policy.agents
         legs_a: dict[tuple[int, int, int], Any] = {}
         legs_b: dict[tuple[int, int, int], Any] = {}
+        others = []
         for c in connections:
             rsrc, rsport, rdst, rdport = c.reply
             if self.fw_pool.owns(rdst, rdport) and (rsrc, rsport) in agents:
                 legs_a[(c.proto, rdst, rdport)] = c
             elif self.fw_pool.owns(c.orig[2], c.orig[3]):
                 legs_b[(c.proto, c.orig[2], c.orig[3])] = c
+            elif (rsrc, rsport) not in agents and not inside(c.orig[2], self._fw_net):
+                others.append(c)
+        self._adopt_logged(others, now)
         adopted = 0
         for (proto, f, fport), a in legs_a.items():
             src, sport, dst, dport = a.orig
@@ -610,6 +638,23 @@ class ProcessorCore:
             adopted += 1
         self.counters["flows.adopted"] += adopted
         return adopted
+
+    def _adopt_logged(self, connections: list[Any], now: float) -> None:
+        """Log-only flows the kernel carried across a restart: tracked again and pushed
+        again under new flow ids (the only ones this instance can end)."""
+        for c in connections:
+            src, sport, dst, dport = c.orig
+            if (src & self._client_bits) % self._instances != self.instance:
+                continue  # steered to another instance (steer_client_src)
+            found = self.policy.log_only_selectors(c.proto, src, dst, dport)
+            if not found:
+                continue
+            key = (c.proto, *c.orig)
+            server = self._forward_target_any(c.proto, src, dst, dport)
+            info = self._logged_info(key, found[0], server)
+            if self.logged.adopt(key, info, now):
+                self.counters["flows.adopted_logged"] += 1
+                self._push(info, found[0].gateway.name)
 
     def resync(self, connections: Iterable[Any], now: float) -> None:
         """Conntrack events were lost: end every binding whose connections are gone."""
@@ -687,7 +732,7 @@ class ProcessorCore:
     def flows(self, now: float, limit: int, acct: dict[tuple[int, ...], tuple[int, int]] | None = None) -> list[dict[str, Any]]:
         """Up to ``limit`` live bindings as JSON values: ``Binding.record()``, addresses as
         strings, and each leg's packets and bytes from ``acct`` (conntrack's accounting,
-        by original tuple) where given."""
+        by original tuple) where given; then the log-only flows (``LoggedFlows.records``)."""
         out = []
         wall = now + self.wall_offset
         for fid, b in itertools.islice(self._flows.items(), limit):
@@ -696,7 +741,7 @@ class ProcessorCore:
                 if rec[key] is not None:
                     rec[key] = f"{rec[key][0]}:{rec[key][1]}"
             rec["proto"] = _PROTO_NAME.get(rec["proto"], str(rec["proto"]))
-            rec["state"] = [str(s.name).lower() for s in FlowState if rec["state"] & s]
+            rec["state"] = [str(s.name).lower() for s in FlowState if rec["state"] & s and s is not FlowState.LEG_B_AHEAD]
             rec["flow_id"] = fid
             rec["queue"] = self.queue
             rec["age"] = round(now - b.created, 1)
@@ -707,4 +752,4 @@ class ProcessorCore:
                     packets, count = acct.get(key, (0, 0))
                     rec[f"{name}_packets"], rec[f"{name}_bytes"] = packets, count
             out.append(rec)
-        return out
+        return out + self.logged.records(now, wall, self.queue, limit - len(out), acct)

@@ -24,9 +24,10 @@ Pure: no sockets, no clock. Whatever must be sent comes back as
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from firewall.packet import TCP
 from firewall.signalling import NO_COUNTERS, Counters, FlowEnd, FlowEndReason, FlowInfo
@@ -112,6 +113,25 @@ class LoggedFlows:
             return False
         self._flows[key] = LoggedFlow(info, now, adopted=True)
         return True
+
+    def records(self, now: float, wall: float, queue: int, limit: int,
+                acct: dict[tuple[int, ...], tuple[int, int]] | None) -> list[dict[str, Any]]:
+        """Up to ``limit`` flows as ``nfgate flows`` lists them, beside the bindings: no F:f,
+        no leg B; the one connection's packets and bytes from ``acct`` where given."""
+        out = []
+        for key, flow in itertools.islice(self._flows.items(), max(0, limit)):
+            i = flow.info
+            rec: dict[str, Any] = {
+                "proto": i.proto.name.lower(), "client": str(i.client), "original_dst": str(i.original_dst),
+                "server": str(i.server), "firewall_side": None, "gateway": i.gateway, "ag": str(i.ag),
+                "ag_eport": None, "snat": None, "state": ["logged", "adopted"] if flow.adopted else ["logged"],
+                "flow_id": i.flow_id, "queue": queue, "age": round(now - flow.created, 1),
+                "created": round(wall - (now - flow.created), 3),
+            }
+            if acct is not None:
+                rec["leg_a_packets"], rec["leg_a_bytes"] = acct.get(key, (0, 0))
+            out.append(rec)
+        return out
 
     def _ending(self, key: CtKey, flow: LoggedFlow, counters: Counters) -> Ending:
         self.counters["flows.ended.logged"] += 1
