@@ -61,15 +61,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, NamedTuple
 
-from firewall.config import Config, bucket_count
+from firewall.config import Config
 from firewall.config.model import ROUTER
 from firewall.flows import AgEndpoint, Binding, FlowState, FlowTable
 from firewall.flows import Refusal as TableRefusal
 from firewall.flows import flow_key, fw_key
 from firewall.packet import SYN, TCP, UDP, ACK, FIN, RST, Drop, Packet, parse
 from firewall.pools import EndpointPool, SliceBy, Slicing, SnatPools, pool_stats
-from firewall.processor.logged import CtKey, Ending, LoggedFlows
-from firewall.processor.policy import MARTIANS, Policy, Selector, inside, nets
+from firewall.processor.logged import CtKey, Ending, LoggedFlows, flow_info
+from firewall.processor.policy import MARTIANS, Policy, Selector, inside
 from firewall.processor.rulebook import Command, KernelOp, Offloaded, RuleBook, Send
 from firewall.rules.bind import DNAT_MAP, LEGB_DNAT_MAP, LEGB_SNAT_MAP, SNAT_MAP
 from firewall.signalling import (
@@ -77,7 +77,6 @@ from firewall.signalling import (
     Answer,
     Counters,
     Encoder,
-    Endpoint,
     FlowEnd,
     FlowEndReason,
     FlowInfo,
@@ -86,7 +85,6 @@ from firewall.signalling import (
     NewFlow,
     NotFound,
     OffloadRequest,
-    Proto,
     Query,
     Received,
     RuleMode,
@@ -101,7 +99,6 @@ PASS = 1  # NF_ACCEPT with the mark ``handle`` returns: ``passed`` or ``rewritte
 
 
 IFACE_CACHE_SECONDS = 10.0  # how long an ifindex -> zone answer is trusted
-NO_ENDPOINT = Endpoint(ipaddress.IPv4Address(0), 0)  # NEW_FLOW's F:f of a flow without a binding
 
 _SYN_FLAGS = SYN | ACK | RST | FIN
 _BLIND = "\0blind"  # the class of the blind-track ifindex; no zone can have this name
@@ -112,7 +109,6 @@ _B_GONE = int(FlowState.B_GONE)
 _A_ALIVE = int(FlowState.A_ALIVE)
 _AHEAD = int(FlowState.LEG_B_AHEAD)
 _PROTO_NAME = {TCP: "tcp", UDP: "udp"}
-_IP = ipaddress.IPv4Address
 
 NatOp = tuple[str, str, tuple[int, ...], tuple[int, int]]  # (map, proto, key, value)
 # (DROP|PASS, the binding-table elements to write before the verdict, mark)
@@ -192,9 +188,6 @@ class ProcessorCore:
             slice_by=SliceBy.ADDRESS, slicing=Slicing.CONTIGUOUS,
         )
         self.snat_pools = SnatPools(proc.pools.snat_ports, instance, len(queues))
-        self._fw_net = nets([proc.pools.firewall_side])
-        self._instances = len(queues)
-        self._client_bits = bucket_count(len(queues)) - 1  # the low bits steer_client_src reads
         # SnatPools has the two methods FlowTable uses of its SNAT pool.
         self.table = FlowTable(proc.timeouts, self.fw_pool, self.snat_pools, now=now)  # type: ignore[arg-type]
         link = config.gateway_link
@@ -218,7 +211,7 @@ class ProcessorCore:
         self.logged = LoggedFlows(proc.timeouts.confirm, self.counters)
         self.rules = RuleBook(
             config, instance, self.queue, counters=self.counters, gateway_peers=self.gateway_peers,
-            binding=self.binding, flow_info=self.flow_info, local_addresses=local_addresses,
+            binding=self.binding, local_addresses=local_addresses,
         )
 
     def take(self) -> Outputs:
@@ -414,17 +407,10 @@ class ProcessorCore:
         if self.logged.full:
             self.counters["flows.logged_untracked"] += 1
             return verdict
-        info = self._logged_info(key, sel, server)
+        info = flow_info(make_flow_id(self.queue, next(self._serial)), key, sel, server)
         self.logged.add(key, info, now)
         self._push(info, sel.gateway.name)
         return verdict
-
-    def _logged_info(self, key: CtKey, sel: Selector, server: tuple[int, int] | None) -> FlowInfo:
-        proto, src, sport, dst, dport = key
-        s = server or (dst, dport)
-        return FlowInfo(make_flow_id(self.queue, next(self._serial)), Proto(proto), sel.gateway.name,
-                        Endpoint(_IP(src), sport), Endpoint(_IP(dst), dport), Endpoint(_IP(s[0]), s[1]),
-                        NO_ENDPOINT, Endpoint(_IP(sel.ag.addr), sel.ag.port))
 
     @property
     def watching(self) -> bool:
@@ -459,7 +445,7 @@ class ProcessorCore:
         if not push:
             return fid
         self.counters["flows.opened"] += 1
-        self._push(self.flow_info(fid, b), b.gateway.name)
+        self._push(b.info(fid), b.gateway.name)
         return fid
 
     def _push(self, info: FlowInfo, gateway: str) -> None:
@@ -475,15 +461,6 @@ class ProcessorCore:
 
     def binding(self, fid: int) -> Binding | None:
         return self._flows.get(fid)
-
-    def flow_info(self, fid: int, b: Binding) -> FlowInfo:
-        """What the gateway layer is told about a flow (NEW_FLOW, ANSWER)."""
-        def ep(pair: tuple[int, int]) -> Endpoint:
-            return Endpoint(_IP(pair[0]), pair[1])
-
-        g = b.gateway
-        return FlowInfo(fid, Proto(b.proto), g.name, ep(b.client), ep(b.original_dst), ep(b.server),
-                        ep(b.firewall_side), ep((g.addr, g.port)), ep(b.visible_client) if b.snat else None)
 
     def _end(self, fid: int, reason: FlowEndReason) -> None:
         """Everything that goes with the end of a binding."""
@@ -592,7 +569,7 @@ class ProcessorCore:
                 legs_a[(c.proto, rdst, rdport)] = c
             elif self.fw_pool.owns(c.orig[2], c.orig[3]):
                 legs_b[(c.proto, c.orig[2], c.orig[3])] = c
-            elif (rsrc, rsport) not in agents and not inside(c.orig[2], self._fw_net):
+            elif not self.policy.gateway_leg(c.orig, c.reply):
                 others.append(c)
         self._adopt_logged(others, now)
         adopted = 0
@@ -640,21 +617,18 @@ class ProcessorCore:
         return adopted
 
     def _adopt_logged(self, connections: list[Any], now: float) -> None:
-        """Log-only flows the kernel carried across a restart: tracked again and pushed
-        again under new flow ids (the only ones this instance can end)."""
+        """Log-only flows the kernel carried across a restart: tracked and pushed again
+        under new flow ids (the only ones this instance can end)."""
         for c in connections:
-            src, sport, dst, dport = c.orig
-            if (src & self._client_bits) % self._instances != self.instance:
-                continue  # steered to another instance (steer_client_src)
-            found = self.policy.log_only_selectors(c.proto, src, dst, dport)
-            if not found:
-                continue
+            src, _, dst, dport = c.orig
+            sel = self.policy.log_only_selector(c.proto, src, dst, dport)
+            if sel is None or self.policy.client_instance(src) != self.instance:
+                continue  # not a log-only flow, or steered to another instance
             key = (c.proto, *c.orig)
-            server = self._forward_target_any(c.proto, src, dst, dport)
-            info = self._logged_info(key, found[0], server)
+            info = flow_info(make_flow_id(self.queue, next(self._serial)), key, sel, self._forward_target_any(c.proto, src, dst, dport))
             if self.logged.adopt(key, info, now):
                 self.counters["flows.adopted_logged"] += 1
-                self._push(info, found[0].gateway.name)
+                self._push(info, sel.gateway.name)
 
     def resync(self, connections: Iterable[Any], now: float) -> None:
         """Conntrack events were lost: end every binding whose connections are gone."""
@@ -698,7 +672,7 @@ class ProcessorCore:
         b = self.table.by_key(key)
         if b is not None and b.fw == key and (b.gateway.addr, b.gateway.port) == (int(q.ag.address), q.ag.port):
             self.counters["queries.answered"] += 1
-            self.send(Answer(q.query_id, self.flow_info(self._flow_of[b.client_key], b)), source)
+            self.send(Answer(q.query_id, b.info(self._flow_of[b.client_key])), source)
         else:
             self.counters["queries.not_found"] += 1
             self.send(NotFound(q.query_id, q.proto, q.firewall_side, q.ag), source)
@@ -730,26 +704,11 @@ class ProcessorCore:
         }
 
     def flows(self, now: float, limit: int, acct: dict[tuple[int, ...], tuple[int, int]] | None = None) -> list[dict[str, Any]]:
-        """Up to ``limit`` live bindings as JSON values: ``Binding.record()``, addresses as
-        strings, and each leg's packets and bytes from ``acct`` (conntrack's accounting,
-        by original tuple) where given; then the log-only flows (``LoggedFlows.records``)."""
+        """Up to ``limit`` live flows as JSON values: the bindings (``Binding.listing``, with
+        ``acct``, conntrack's accounting by original tuple, where given), then the log-only
+        flows (``LoggedFlows.records``)."""
         out = []
         wall = now + self.wall_offset
         for fid, b in itertools.islice(self._flows.items(), limit):
-            rec = b.record()
-            for key in ("client", "original_dst", "server", "firewall_side", "ag", "snat"):
-                if rec[key] is not None:
-                    rec[key] = f"{rec[key][0]}:{rec[key][1]}"
-            rec["proto"] = _PROTO_NAME.get(rec["proto"], str(rec["proto"]))
-            rec["state"] = [str(s.name).lower() for s in FlowState if rec["state"] & s and s is not FlowState.LEG_B_AHEAD]
-            rec["flow_id"] = fid
-            rec["queue"] = self.queue
-            rec["age"] = round(now - b.created, 1)
-            rec["created"] = round(wall - (now - b.created), 3)  # Unix seconds
-            if acct is not None:
-                legs = [(b.proto, *b.leg_a()[0])] + ([(b.proto, *b.leg_b()[0])] if b.ag_eport is not None else [])
-                for name, key in zip(("leg_a", "leg_b"), legs):
-                    packets, count = acct.get(key, (0, 0))
-                    rec[f"{name}_packets"], rec[f"{name}_bytes"] = packets, count
-            out.append(rec)
+            out.append({**b.listing(now, wall, acct), "flow_id": fid, "queue": self.queue})
         return out + self.logged.records(now, wall, self.queue, limit - len(out), acct)

@@ -24,13 +24,15 @@ Pure: no sockets, no clock. Whatever must be sent comes back as
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from firewall.packet import TCP
-from firewall.signalling import NO_COUNTERS, Counters, FlowEnd, FlowEndReason, FlowInfo
+from firewall.processor.policy import Selector
+from firewall.signalling import NO_COUNTERS, Counters, Endpoint, FlowEnd, FlowEndReason, FlowInfo, Proto
 
 # Log-only flows tracked at once (about 300 bytes each); beyond, a flow still
 # passes, and its gateway is not told (``flows.logged_untracked``).
@@ -38,6 +40,16 @@ MAX_LOGGED_FLOWS = 1 << 20
 
 CtKey = tuple[int, int, int, int, int]  # (proto, src, sport, dst, dport): a connection's original tuple
 Ending = tuple[FlowEnd, str]  # FLOW_END and the gateway it goes to
+NO_ENDPOINT = Endpoint(ipaddress.IPv4Address(0), 0)  # NEW_FLOW's F:f of a flow without a binding
+
+
+def flow_info(flow_id: int, key: CtKey, sel: Selector, server: tuple[int, int] | None) -> FlowInfo:
+    """NEW_FLOW's flow for a log-only connection: no F:f; the server is the port forward's, or its destination."""
+    ip = ipaddress.IPv4Address
+    proto, src, sport, dst, dport = key
+    s = server or (dst, dport)
+    return FlowInfo(flow_id, Proto(proto), sel.gateway.name, Endpoint(ip(src), sport), Endpoint(ip(dst), dport),
+                    Endpoint(ip(s[0]), s[1]), NO_ENDPOINT, Endpoint(ip(sel.ag.addr), sel.ag.port))
 
 
 @dataclass(slots=True)

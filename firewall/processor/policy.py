@@ -14,7 +14,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from firewall.config import Config
+from firewall.config import Config, bucket_count
 from firewall.config.model import Gateway, PortForward, Traffic
 from firewall.flows import AgEndpoint
 from firewall.packet import TCP, UDP
@@ -78,6 +78,18 @@ class Policy:
         self._forwards: dict[tuple[str, int], list[tuple[PortForward, Nets]]] = {}
         for f in config.nat.forwards:
             self._forwards.setdefault((f.from_zone, PROTO[f.proto]), []).append((f, nets(f.saddr)))
+        self._pool = nets([config.processor.pools.firewall_side])
+        self._instances = len(config.processor.queues)
+        self._client_bits = bucket_count(self._instances) - 1  # the low bits steer_client_src reads
+
+    def client_instance(self, src: int) -> int:
+        """The instance whose queue a client's requests go to (``steer_client_src``, firewall.rules.build)."""
+        return (src & self._client_bits) % self._instances
+
+    def gateway_leg(self, orig: tuple[int, int, int, int], reply: tuple[int, int, int, int]) -> bool:
+        """Whether a connection is a leg of a binding, any instance's: leg A answers from a
+        gateway's G:g, leg B goes to the firewall-side pool."""
+        return (reply[0], reply[1]) in self.agents or inside(orig[2], self._pool)
 
     def selector(self, zone: str | None, proto: int, src: int, dst: int, dport: int) -> Selector | None:
         """The first selector of the ingress zone that names this packet (file order)."""
@@ -86,10 +98,11 @@ class Policy:
                 return candidate
         return None
 
-    def log_only_selectors(self, proto: int, src: int, dst: int, dport: int) -> list[Selector]:
-        """Every log-only selector, of any zone, that names this flow (adoption: the zone is not known)."""
-        return [s for (_, p), group in self.selectors.items() if p == proto
-                for s in group if s.log_only and s.matches(src, dst, dport)]
+    def log_only_selector(self, proto: int, src: int, dst: int, dport: int) -> Selector | None:
+        """The first log-only selector, of any zone, that names this flow (adoption: the zone is not known)."""
+        found = (s for (_, p), group in self.selectors.items() if p == proto
+                 for s in group if s.log_only and s.matches(src, dst, dport))
+        return next(found, None)
 
     def forward_target(self, zone: str, proto: int, src: int, dport: int) -> tuple[int, int] | None:
         """The port forward's S:s for a client that addressed the router, as the DNAT rule has it."""

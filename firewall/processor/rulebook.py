@@ -2,7 +2,7 @@
 
 Pure, like ``core``, and it knows nothing of the core: it is given plain
 values and look-ups (the config, its instance, the gateways' signalling
-ports, a binding by flow id), and each of its entry points returns commands
+ports, a binding by flow id, the router's addresses), and each of its entry points returns commands
 as data, in order: ``Send`` a message, a ``KernelOp`` adding or removing
 elements of the binding table's dynamic sets and maps (``firewall.rules.bind``;
 docs/datapath.md, "Dynamic rules"), ``Offloaded`` (end the flow's binding).
@@ -71,7 +71,6 @@ from firewall.packet import TCP, UDP
 from firewall.rules.bind import dyn_name
 from gateways.kinds import KINDS
 from firewall.signalling import (
-    FlowInfo,
     Message,
     OffloadRequest,
     Received,
@@ -204,7 +203,6 @@ class RuleBook:
         counters: Counter[str],
         gateway_peers: dict[str, tuple[str, int]],
         binding: Callable[[int], Binding | None],
-        flow_info: Callable[[int, Binding], FlowInfo],
         local_addresses: Callable[[], Iterable[IPv4Address]],
     ) -> None:
         proc = config.processor
@@ -213,7 +211,6 @@ class RuleBook:
         self.counters = counters  # the processor's, shared: one set of counters per instance
         self._peers = gateway_peers
         self._binding = binding
-        self._flow_info = flow_info
         self._local_addresses = local_addresses
         self.expect: dict[tuple[int, int, int, int], list[DynRule]] = {}
         self.spent: dict[tuple[int, int, int, int], list[Spent]] = {}
@@ -312,7 +309,7 @@ class RuleBook:
         if b is None:
             return RuleRefusal.UNKNOWN_FLOW
         local = list(self._local_addresses())
-        if names_third_party(req, self._flow_info(req.flow_id, b), local):
+        if names_third_party(req, b.info(req.flow_id), local):
             return RuleRefusal.THIRD_PARTY
         src, dst = int(req.src.address), int(req.dst.address)
         if req.mode is RuleMode.ALLOW:

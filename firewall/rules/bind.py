@@ -105,21 +105,17 @@ def render(marks: Marks, instances: int) -> str:
         "",
         f"table {FAMILY} {TABLE} {{",
     ]
-    for name, what in ((DNAT_MAP, "leg A: G:g, leg B: S:s"), (SNAT_MAP, "leg A: F:f, leg B: C:c or W:w")):
+    for name, key, what in (
+        (DNAT_MAP, _KEY_TYPE, "original tuple -> leg A: G:g, leg B: S:s"),
+        (SNAT_MAP, _KEY_TYPE, "original tuple -> leg A: F:f, leg B: C:c or W:w"),
+        (LEGB_DNAT_MAP, _LEGB_KEY_TYPE, "leg B, written with leg A: proto . G . F . f -> S:s"),
+        (LEGB_SNAT_MAP, _LEGB_KEY_TYPE, "leg B, written with leg A: proto . G . F . f -> C:c or W:w"),
+    ):
         lines += [
             f"\tmap {name} {{",
-            f"\t\ttype {_KEY_TYPE} : ipv4_addr . inet_service",
+            f"\t\ttype {key} : ipv4_addr . inet_service",
             "\t\tflags timeout",
-            f'\t\tcomment "original tuple -> {what}"',
-            "\t}",
-            "",
-        ]
-    for name, what in ((LEGB_DNAT_MAP, "S:s"), (LEGB_SNAT_MAP, "C:c or W:w")):
-        lines += [
-            f"\tmap {name} {{",
-            f"\t\ttype {_LEGB_KEY_TYPE} : ipv4_addr . inet_service",
-            "\t\tflags timeout",
-            f'\t\tcomment "leg B, written with leg A: proto . G . F . f -> {what}"',
+            f'\t\tcomment "{what}"',
             "\t}",
             "",
         ]

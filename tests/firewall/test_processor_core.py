@@ -41,7 +41,7 @@ from firewall.config.model import Processor
 from firewall.control import ControlError, ask
 from firewall.packet import TCP as TCP_PROTO
 from firewall.packet import UDP as UDP_PROTO
-from firewall.processor.core import DROP, PASS, ProcessorCore, Route
+from firewall.processor.core import DROP, PASS, Outputs, ProcessorCore, Route
 from firewall.processor.kernel import Connection
 from firewall.processor.rulebook import KernelOp, KernelRule
 from firewall.processor.runner import COMMANDS, CONTROL_MAX_REQUEST, FLOWS_LIMIT_MAX
@@ -231,38 +231,15 @@ class Rig:
         self.nat_ops: list[Any] = []  # the elements of the verdicts so far, until ``ops`` reads them
         # Leg B's elements written ahead with leg A's: (proto, G, F, f) -> (S:s, C:c or W:w)
         self.ahead: dict[tuple[int, ...], tuple[tuple[int, int], tuple[int, int]]] = {}
-        self._outbox: list[tuple[bytes, tuple[str, int]]] = []
-        self._kernel_ops: list[KernelOp] = []
-        self._unbind_ops: list[Any] = []
-        self._ct_deletes: list[Any] = []
-
-    def _take(self) -> None:
-        """What the core asked for since last time, into the rig's lists (the runner's part)."""
-        out = self.core.take()
-        self._outbox += out.datagrams
-        self._kernel_ops += out.kernel_ops
-        self._unbind_ops += out.unbind
-        self._ct_deletes += out.ct_deletes
+        self._out = Outputs()
 
     @property
-    def outbox(self) -> list[tuple[bytes, tuple[str, int]]]:
-        self._take()
-        return self._outbox
-
-    @property
-    def kernel_ops(self) -> list[KernelOp]:
-        self._take()
-        return self._kernel_ops
-
-    @property
-    def unbind_ops(self) -> list[Any]:
-        self._take()
-        return self._unbind_ops
-
-    @property
-    def ct_deletes(self) -> list[Any]:
-        self._take()
-        return self._ct_deletes
+    def out(self) -> Outputs:
+        """What the core asked for since the rig's lists were last cleared (the runner's part)."""
+        got = self.core.take()
+        for name in ("kernel_ops", "unbind", "ct_deletes", "datagrams"):
+            getattr(self._out, name).extend(getattr(got, name))
+        return self._out
 
     # ---- the fake kernel ----------------------------------------------------------------
 
@@ -322,18 +299,18 @@ class Rig:
         before = self.core.counters[why]
         assert self.send(pkt, indev) == (DROP, (), QOS), dict(self.core.counters)
         assert self.core.counters[why] == before + 1, dict(self.core.counters)
-        assert self.nat_ops == [] and self.outbox == []
+        assert self.nat_ops == [] and self.out.datagrams == []
 
     # ---- signalling ---------------------------------------------------------------------
 
     def received(self) -> list[tuple[Any, tuple[str, int]]]:
         """What the gateway layer got since last asked (duplicates folded by its Guard)."""
         out = []
-        for data, peer in self.outbox:
+        for data, peer in self.out.datagrams:
             got = self.gw_guard.check(data, self.now - T0 + WALL0)
             if isinstance(got, Received):
                 out.append((got.message, peer))
-        self.outbox.clear()
+        self.out.datagrams.clear()
         return out
 
     def messages(self) -> list[Any]:
@@ -346,8 +323,8 @@ class Rig:
 
     def kernel(self, ok: bool = True) -> list[KernelOp]:
         """Complete every queued kernel operation; return them."""
-        ops = list(self.kernel_ops)
-        self.kernel_ops.clear()
+        ops = list(self.out.kernel_ops)
+        self.out.kernel_ops.clear()
         for op in ops:
             self.core.kernel_done(op.token, ok, self.now)
         return ops
@@ -794,7 +771,7 @@ def test_adopt_without_leg_b_finds_the_port_forward_target() -> None:
     (rec,) = rig.core.flows(rig.now, 10)
     assert rec["server"] == f"{S}:443" and rec["ag_eport"] is None
     # Leg B after the restart: to the forward's target, as the client.
-    flow = rig.core.flow_info(rec["flow_id"], rig.core.binding(rec["flow_id"]))
+    flow = rig.core.binding(rec["flow_id"]).info(rec["flow_id"])
     assert leg_b(rig, flow, 51000) == Leg("tcp", (G, 51000, *F0), (S, 443), (C, 40000))
     # Adopting the same connection again (a second start) conflicts and changes nothing.
     assert rig.core.adopt([conn("tcp", (C, 40000, W, 8443), (G, 20000, *F0))], rig.now) == 0
@@ -819,7 +796,7 @@ def test_adopt_without_leg_b_of_a_masqueraded_flow_still_snats_leg_b() -> None:
     rig = Rig()
     assert rig.core.adopt([conn("tcp", (S, 5555, C, 9000), (G, 20000, *F0))], rig.now) == 1
     (rec,) = rig.core.flows(rig.now, 10)
-    flow = rig.core.flow_info(rec["flow_id"], rig.core.binding(rec["flow_id"]))
+    flow = rig.core.binding(rec["flow_id"]).info(rec["flow_id"])
     b = leg_b(rig, flow, 52000)
     assert b.dnat == (C, 9000) and b.snat[0] == W  # what a binding made before the restart gives leg B
 
@@ -931,7 +908,7 @@ def test_redirect_rule_is_acked_when_installed_and_takes_its_flow() -> None:
     # PASV through the port forward: the client will connect to W:50000, really S:50000.
     req = request(rig, ftp.flow_id, C, 0, W, 50000)
     assert rig.ask(req) == []  # no ACK before the kernel has the rule
-    (op,) = rig.kernel_ops
+    (op,) = rig.out.kernel_ops
     assert op.add and len(op.rules) == 1  # the expected flow's first packet only: conntrack carries its replies
     (rule,) = op.rules
     assert rule == KernelRule("expect_0_any", ("tcp", ip(C), ip(W), 50000))  # any source port
@@ -979,7 +956,7 @@ def test_rule_requests_refused_in_the_documented_order() -> None:
     ]
     for req, reason in cases:
         assert rig.ask(req) == [RuleRefused(req.request_id, reason)], reason
-    assert rig.kernel_ops == []
+    assert rig.out.kernel_ops == []
     for n in range(MAX_RULES_PER_FLOW):
         assert rig.ask(request(rig, ftp.flow_id, C, 0, W, 50000 + n, rid=100 + n)) == []
     assert rig.ask(request(rig, ftp.flow_id, C, 0, W, 51000, rid=200)) == [RuleRefused(200, RuleRefusal.LIMIT)]
@@ -1011,7 +988,7 @@ def test_tcp_allow_passes_its_first_syn_and_exactly_one_connection() -> None:
     assert accept == KernelRule("allow_0_any", ("tcp", ip(S), ip(C), 6000))
     (ack,) = rig.messages()
     rig.tick(1)
-    assert rig.kernel_ops == []  # no counter to poll: the SYN says when it is used
+    assert rig.out.kernel_ops == []  # no counter to poll: the SYN says when it is used
     # The first SYN passes unchanged (conntrack and the accept take it); the rule is used up.
     assert rig.send(tcp(S, 20, C, 6000, "S"), LAN0) == (PASS, (), QOS | PASSED)
     assert rig.nat_ops == []  # no binding: the kernel carries it
@@ -1020,7 +997,7 @@ def test_tcp_allow_passes_its_first_syn_and_exactly_one_connection() -> None:
     # Its retransmission passes too; any other connection's SYN is dropped while the rules remain.
     assert rig.send(tcp(S, 20, C, 6000, "S"), LAN0)[0] == PASS
     rig.dropped(tcp(S, 21, C, 6000, "S"), LAN0, "drop.rule_used")
-    assert rig.kernel_ops == []
+    assert rig.out.kernel_ops == []
     rig.tick(3)  # USED_GRACE: then the unit goes, all of it
     (removal,) = rig.kernel()
     assert not removal.add and removal.rules == op.rules
@@ -1062,7 +1039,7 @@ def test_udp_allow_passes_its_first_datagram_and_exactly_one_flow() -> None:
                         KernelRule("allow_0", ("udp", ip(C), 7000, ip(S), 7001)))
     (ack,) = rig.messages()
     rig.tick(1)
-    assert rig.kernel_ops == []  # nothing to poll
+    assert rig.out.kernel_ops == []  # nothing to poll
     assert rig.send(udp(C, 7000, S, 7001), WAN0) == (PASS, (), QOS | PASSED)
     assert rig.messages() == [RuleEnd(ack.rule_id, RuleEndReason.USED)]
     rig.tick(3)
@@ -1100,7 +1077,7 @@ def test_rules_die_with_a_flow_conntrack_never_confirmed() -> None:
 def allow_unit(rig: Rig, req: RuleRequest) -> tuple[KernelOp, RuleAck]:
     """Ask for a translated ALLOW; return its one kernel operation and the ACK that follows it."""
     assert rig.ask(req) == []  # no ACK before the kernel has both rules
-    (op,) = rig.kernel_ops
+    (op,) = rig.out.kernel_ops
     rig.kernel()
     (ack,) = rig.messages()
     assert isinstance(ack, RuleAck) and rig.core.counters["rules.translated"] == 1
@@ -1122,7 +1099,7 @@ def test_allow_to_the_port_forward_address_is_a_dnat_and_an_accept_in_one_unit()
     assert rig.send(tcp(C, 45000, W, 50000, "S"), WAN0) == (PASS, (), QOS | PASSED)
     assert rig.messages() == [RuleEnd(ack.rule_id, RuleEndReason.USED)]
     rig.dropped(tcp(C, 45001, W, 50000, "S"), WAN0, "drop.rule_used")
-    assert rig.kernel_ops == [] and len(rig.core.rules) == 0
+    assert rig.out.kernel_ops == [] and len(rig.core.rules) == 0
     rig.tick(3)
     (removal,) = rig.kernel()
     assert not removal.add and removal.rules == (watch, dnat, accept)
@@ -1163,11 +1140,11 @@ def test_allow_to_a_router_address_that_stands_for_no_party_is_refused() -> None
     ]
     for req in cases:
         assert rig.ask(req) == [RuleRefused(req.request_id, RuleRefusal.THIRD_PARTY)]
-    assert rig.kernel_ops == [] and len(rig.core.rules) == 0
+    assert rig.out.kernel_ops == [] and len(rig.core.rules) == 0
     # The same address asked the right way round is granted; REDIRECT keeps its own mapping.
     assert rig.ask(request(rig, outbound.flow_id, C, 0, W, 6000, rid=4, mode=RuleMode.ALLOW)) == []
     assert rig.ask(request(rig, outbound.flow_id, C, 0, W, 6001, rid=5)) == []
-    allow, redirect = rig.kernel_ops
+    allow, redirect = rig.out.kernel_ops
     assert [r.name for r in allow.rules] == ["expect_0_any", "dnat_0_any", "allow_dnat_0_any"]
     assert [r.name for r in redirect.rules] == ["expect_0_any"]
     # The redirected flow, when it comes, goes to the client the router's address stands for.

@@ -104,7 +104,7 @@ def test_an_offloaded_udp_flow_leaves_the_gateway_for_an_exact_allow() -> None:
     rig = Rig(extra=EXTRA)
     flow, leg_a, leg_b = udp_flow(rig)
     assert rig.ask(OffloadRequest(1, flow.flow_id), DNS) == []  # nothing before the kernel has the ALLOW
-    (op,) = rig.kernel_ops
+    (op,) = rig.out.kernel_ops
     # The client's own tuple, exactly (its source port too), as it addressed the router; the
     # DNAT to the port forward's S:s, and the accept for that translated tuple only.
     assert op.add and op.rules == (
@@ -112,14 +112,14 @@ def test_an_offloaded_udp_flow_leaves_the_gateway_for_an_exact_allow() -> None:
         KernelRule("dnat_0", ("udp", ip(C), 5000, ip(W), 5353), (ip(S), 53)),
         KernelRule("allow_dnat_0", ("udp", ip(C), 5000, ip(S), 53)),
     )
-    assert rig.core.flows(rig.now, 10) != [] and rig.ct_deletes == []  # the binding still carries it
+    assert rig.core.flows(rig.now, 10) != [] and rig.out.ct_deletes == []  # the binding still carries it
     rig.kernel()
     ack, end = rig.messages()
     assert isinstance(ack, RuleAck) and ack.request_id == 1
     assert end == FlowEnd(flow.flow_id, FlowEndReason.OFFLOADED)
     # Its NAT elements and both legs' connections go, in that order (the runner), and so does the binding.
     name = "udp"
-    assert rig.unbind_ops == [
+    assert rig.out.unbind == [
         (DNAT_MAP, name, ints(leg_a.key), (ip(leg_a.dnat[0]), leg_a.dnat[1])),
         (SNAT_MAP, name, ints(leg_a.key), (ip(leg_a.snat[0]), leg_a.snat[1])),
         (DNAT_MAP, name, ints(leg_b.key), (ip(leg_b.dnat[0]), leg_b.dnat[1])),
@@ -128,7 +128,7 @@ def test_an_offloaded_udp_flow_leaves_the_gateway_for_an_exact_allow() -> None:
         (LEGB_DNAT_MAP, name, (ip(G), *ints(leg_b.key)[2:]), (ip(leg_b.dnat[0]), leg_b.dnat[1])),
         (LEGB_SNAT_MAP, name, (ip(G), *ints(leg_b.key)[2:]), (ip(leg_b.snat[0]), leg_b.snat[1])),
     ]
-    assert rig.ct_deletes == [(17, *ints(leg_a.key)), (17, *ints(leg_b.key))]
+    assert rig.out.ct_deletes == [(17, *ints(leg_a.key)), (17, *ints(leg_b.key))]
     stats = rig.core.stats()
     assert stats["flows"] == 0 and stats["pools"]["firewall_side"]["used"] == 0
     assert stats["counters"]["flows.offloaded"] == 1
@@ -156,7 +156,7 @@ def test_offload_requests_refused_change_nothing(monkeypatch: pytest.MonkeyPatch
 
     def refused(req: OffloadRequest, source: tuple[str, int], reason: RuleRefusal) -> None:
         assert rig.ask(req, source) == [RuleRefused(req.request_id, reason)]
-        assert rig.kernel_ops == [] and rig.ct_deletes == [] and rig.core.stats()["flows"] == 2
+        assert rig.out.kernel_ops == [] and rig.out.ct_deletes == [] and rig.core.stats()["flows"] == 2
 
     refused(OffloadRequest(1, flow.flow_id + 1000), DNS, RuleRefusal.UNKNOWN_FLOW)
     refused(OffloadRequest(2, flow.flow_id), FTP, RuleRefusal.OTHER_GATEWAY)  # the ftp gateway asks for dns's flow
@@ -178,7 +178,7 @@ def test_offload_requests_refused_change_nothing(monkeypatch: pytest.MonkeyPatch
     assert [type(m) for m in rig.messages()] == [RuleAck, FlowEnd]
     # The same request id again gets the first reply; a new one finds no flow to offload.
     (again,) = rig.ask(OffloadRequest(5, flow.flow_id), DNS)
-    assert isinstance(again, RuleAck) and rig.kernel_ops == []
+    assert isinstance(again, RuleAck) and rig.out.kernel_ops == []
     assert rig.ask(OffloadRequest(6, flow.flow_id), DNS) == [RuleRefused(6, RuleRefusal.UNKNOWN_FLOW)]
     # While one offload's rule goes in, a second request for the flow is refused.
     other, _, _ = udp_flow(rig, sport=5002)
@@ -196,7 +196,7 @@ def test_an_offload_whose_flow_ended_meanwhile_is_refused() -> None:
     (op,) = rig.kernel()
     assert rig.messages() == [RuleRefused(1, RuleRefusal.UNKNOWN_FLOW)]
     (removal,) = rig.kernel()
-    assert not removal.add and removal.rules == op.rules and rig.ct_deletes == []
+    assert not removal.add and removal.rules == op.rules and rig.out.ct_deletes == []
 
 
 def test_log_only_flows_pass_unbound_and_end_with_conntracks_counters() -> None:
