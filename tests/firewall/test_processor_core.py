@@ -394,6 +394,49 @@ def test_port_forward_flow_through_both_legs() -> None:
     assert len(rig.core.table) == 1 and rig.core.stats()["counters"]["verdict.bound"] == 3
 
 
+def test_leg_bs_elements_go_in_with_leg_as_and_its_verdict_needs_no_transaction() -> None:
+    """Leg A's verdict carries leg B's pair too, keyed by (G, F, f); leg B's first packet then
+    comes with no element while those live (nat_element - 2 s: 8 s here), and with its exact
+    pair after that, or for a binding adopted after a restart (nothing was written ahead)."""
+    rig = Rig()
+    verdict, elements, _ = rig.send(tcp(C, 40000, W, 8443, "S"), WAN0)
+    g, f0 = ip(G), (ip(F0[0]), F0[1])
+    assert elements[2:] == ((LEGB_DNAT_MAP, "tcp", (g, *f0), (ip(S), 443)), (LEGB_SNAT_MAP, "tcp", (g, *f0), (ip(C), 40000)))
+    (push,) = rig.messages()
+    assert rig.send(tcp(G, 51000, *F0, "S"), BLIND)[1] == ()  # in time: no transaction
+    rig.nat_ops.clear()
+    late, a = open_inbound(rig, sport=40001)
+    rig.confirm(a)  # alive in conntrack: its confirmation check keeps it
+    rig.tick(8)
+    verdict, elements, _ = rig.send(tcp(G, 51001, *pair(late.firewall_side), "S"), BLIND)
+    assert verdict == PASS and legs(list(elements)) == [Leg("tcp", (G, 51001, *pair(late.firewall_side)), (S, 443), (C, 40001))]
+
+    restarted = Rig()
+    conn = [Connection(6, ints((C, 40000, W, 8443)), ints((G, 20000, *F0)))]
+    assert restarted.core.adopt(conn, restarted.now) == 1
+    verdict, elements, _ = restarted.send(tcp(G, 51000, *F0, "S"), BLIND)
+    assert legs(list(elements)) == [Leg("tcp", (G, 51000, *F0), (S, 443), (C, 40000))]
+
+
+def test_a_flow_the_router_terminates_gets_no_leg_b_elements() -> None:
+    rig = Rig(extra=TERMINATING)
+    verdict, elements, _ = rig.send(tcp(C, 40000, W, 7000, "S"), WAN0)
+    assert verdict == PASS and [op[0] for op in elements] == [DNAT_MAP, SNAT_MAP]
+
+
+TERMINATING = """
+[[gateway]]
+name = "term"
+kind = "tcp-relay"
+listen_port = 20070
+[[gateway.traffic]]
+from = "wan"
+to = "router"
+proto = "tcp"
+ports = 7000
+"""
+
+
 def test_the_mark_keeps_the_bits_outside_nfgates_mask() -> None:
     rig = Rig()
     verdict, _, mark = rig.send(tcp(C, 40000, W, 8443), WAN0, mark=0x12FF0007)
