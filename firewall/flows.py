@@ -55,9 +55,11 @@ from typing import Any, Iterator
 
 from firewall.config.model import Timeouts
 from firewall.pools import EndpointPool
+from firewall.signalling import Endpoint, FlowInfo, Proto
 
 M16 = 0xFFFF
 M32 = 0xFFFFFFFF
+_PROTO_NAME = {6: "tcp", 17: "udp"}
 
 
 def flow_key(proto: int, src: int, sport: int, dst: int, dport: int) -> int:
@@ -76,6 +78,7 @@ class FlowState(enum.IntFlag):
     A_ALIVE = 1  # leg A's connection is confirmed: its end comes as a destroy event
     A_GONE = 2  # conntrack destroyed leg A's connection
     B_GONE = 4  # conntrack destroyed leg B's connection
+    LEG_B_AHEAD = 8  # leg B's elements went into the kernel with leg A's (firewall.rules.bind, legb_*)
     SNAT = 128  # leg B uses W:w from the SNAT pool
 
 
@@ -201,6 +204,33 @@ class Binding:
         f = self.fw
         k = self.server_key
         return (self.gateway.addr, e, f >> 16 & M32, f & M16), (k >> 64 & M32, k >> 16 & M16), (k >> 32 & M32, k & M16)
+
+    def info(self, flow_id: int) -> FlowInfo:
+        """What the gateway layer is told about the flow (NEW_FLOW, ANSWER; docs/signalling.md)."""
+        def ep(pair: tuple[int, int]) -> Endpoint:
+            return Endpoint(ipaddress.IPv4Address(pair[0]), pair[1])
+
+        g = self.gateway
+        return FlowInfo(flow_id, Proto(self.proto), g.name, ep(self.client), ep(self.original_dst), ep(self.server),
+                        ep(self.firewall_side), ep((g.addr, g.port)), ep(self.visible_client) if self.snat else None)
+
+    def listing(self, now: float, wall: float, acct: dict[tuple[int, ...], tuple[int, int]] | None) -> dict[str, Any]:
+        """``record()`` as JSON values, for ``nfgate flows``: addresses as strings, the state's
+        names, age and creation (Unix seconds, ``wall`` being ``now``'s), and each leg's packets
+        and bytes from ``acct`` (conntrack's accounting, by original tuple) where given."""
+        rec = self.record()
+        for key in ("client", "original_dst", "server", "firewall_side", "ag", "snat"):
+            if rec[key] is not None:
+                rec[key] = f"{rec[key][0]}:{rec[key][1]}"
+        rec["proto"] = _PROTO_NAME.get(rec["proto"], str(rec["proto"]))
+        rec["state"] = [str(s.name).lower() for s in FlowState if rec["state"] & s and s is not FlowState.LEG_B_AHEAD]
+        rec["age"] = round(now - self.created, 1)
+        rec["created"] = round(wall - (now - self.created), 3)
+        if acct is not None:
+            legs = [(self.proto, *self.leg_a()[0])] + ([(self.proto, *self.leg_b()[0])] if self.ag_eport is not None else [])
+            for name, key in zip(("leg_a", "leg_b"), legs):
+                rec[f"{name}_packets"], rec[f"{name}_bytes"] = acct.get(key, (0, 0))
+        return rec
 
     def record(self) -> dict[str, Any]:
         """The binding as plain values: for logs, signalling, or installing as kernel NAT."""

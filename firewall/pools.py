@@ -37,6 +37,10 @@ Why it is built this way:
   firewall-side pool (its prefix has many addresses), the port for SNAT
   (usually one wan address).
 
+``SnatPools`` keeps one port-sliced SNAT pool per egress address, made on
+first use, so that a router with several wan addresses SNATs each flow to
+the address its route leaves by.
+
 Exhaustion is an outcome, not an error: ``allocate`` returns ``None`` and
 counts it in ``exhausted``; the caller drops the packet and counts it too.
 Releasing an endpoint that is not allocated is a local bug and raises
@@ -281,3 +285,56 @@ class EndpointPool:
             f"<EndpointPool instance {self.instance}/{self.instances}: "
             f"{self._a} addresses x {len(self._ports)} ports, {self._used} in use>"
         )
+
+
+class SnatPools:
+    """W:w for leg B through masquerade: one port-sliced pool per egress address.
+
+    ``FlowTable`` draws from one SNAT pool; this stands in for it so that a
+    router with several wan addresses SNATs each flow to the address its
+    route leaves by: ``prefer(W)`` before ``FlowTable.open`` picks it. A pool
+    appears on first use, so an address that changes (DHCP) gets a new one.
+    Slices are port slices, contiguous, as the kernel's ``steer_snat`` rules
+    cut them.
+    """
+
+    def __init__(self, ports: PortRange, instance: int, instances: int) -> None:
+        self._ports = ports
+        self._instance = instance
+        self._instances = instances
+        self._pools: dict[int, EndpointPool] = {}
+        self._want: EndpointPool | None = None
+
+    def prefer(self, addr: int) -> None:
+        pool = self._pools.get(addr)
+        if pool is None:
+            pool = self._pools[addr] = EndpointPool(
+                [ipaddress.IPv4Address(addr)], self._ports, instance=self._instance, instances=self._instances,
+                slice_by=SliceBy.PORT, slicing=Slicing.CONTIGUOUS,
+            )
+        self._want = pool
+
+    def allocate(self) -> tuple[int, int] | None:
+        if self._want is None:
+            raise ValueError("SnatPools.allocate before prefer(): no egress address chosen")
+        return self._want.allocate()
+
+    def release(self, addr: int, port: int) -> None:
+        self._pools[addr].release(addr, port)
+
+    def claim(self, addr: int, port: int) -> bool:
+        """Mark W:w in use (a binding adopted at start); False if it cannot be this instance's."""
+        self.prefer(addr)
+        pool = self._want
+        assert pool is not None
+        if not pool.owns(addr, port) or pool.in_use(addr, port):
+            return False
+        pool.claim(addr, port)
+        return True
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        return {str(ipaddress.IPv4Address(a)): pool_stats(p) for a, p in self._pools.items()}
+
+
+def pool_stats(pool: EndpointPool) -> dict[str, int]:
+    return {"used": len(pool), "capacity": pool.capacity, "exhausted": pool.exhausted}

@@ -12,12 +12,20 @@ the walk-through; docs/signalling.md the wire protocol.
 Modules:
 
 - ``core``: ``ProcessorCore``, the pure per-packet and per-message decisions:
-  bytes and times in, verdicts, NAT map elements, datagrams and kernel
-  operations out; conntrack's destroy events in, bindings ended. Route
-  lookups, interface names and conntrack look-ups are injected callables.
+  bytes and times in, verdicts with their NAT map elements out, and the
+  datagrams and kernel operations its entry points ask for (``Outputs``,
+  handed over by ``take``); conntrack's destroy events in, bindings ended.
+  Route lookups, interface names and conntrack look-ups are injected
+  callables.
+- ``policy``: the config's gateway selectors and port forwards, matched on
+  a first packet's ints.
+- ``logged``: the log-only gateways' flows (no binding; their end reported
+  with conntrack's counters), adopted again after a restart.
 - ``rulebook``: ``RuleBook``, the pure state of dynamic rules (gateway rule
-  requests, the processor's own adjacent-port expectations), and the
-  ``KernelRule``/``KernelOp`` values it asks the kernel for.
+  requests, the processor's own adjacent-port expectations). It knows
+  nothing of the core: it is given plain values and look-ups and returns
+  its commands as data (``Send``, ``KernelOp`` of ``KernelRule``s,
+  ``Offloaded``), which the core carries out.
 - ``kernel``: in-process kernel interfaces: ``NatWriter`` (binding and
   dynamic-rule elements through libnftables' JSON API), ``Conntrack`` (look-ups, filtered dumps,
   reaping, destroy events through pyroute2's ctnetlink messages) and the

@@ -4,12 +4,16 @@ Theory of operation (the seed's figs. 6a-6c, "Connection identification" and
 "Packet restoration"; docs/datapath.md walks one flow through it). Only the
 first packet of a connection reaches the processor (mangle prerouting, after
 conntrack, ``ct state new``); the kernel carries the rest (DESIGN invariant
-3). ``ProcessorCore.handle`` takes one such packet and returns a verdict;
-whatever else it wants done it appends to ``outbox`` (datagrams),
-``nat_ops`` (binding-table elements, written before the verdict) and
-``rules.kernel_ops`` (dynamic rules), and the runner carries that out.
-Route lookups, interface names, the router's own addresses and conntrack
-look-ups come in as plain callables, so tests drive the whole core with
+3). ``ProcessorCore.handle`` takes one such packet and returns its verdict
+with the binding-table elements to write before it. Whatever else an entry
+point wants done (datagrams, dynamic rules' kernel operations, an offloaded
+flow's elements and connections to delete) waits in the core's ``Outputs``
+until the runner takes it (``take``) and carries it out. The dynamic rules
+(``rulebook``) know nothing of the core: they return their commands as
+data, and the core carries them out.
+The config's selectors and port forwards are matched by ``policy``, the
+log-only flows tracked by ``logged``. Route lookups, interface names, the
+router's own addresses and conntrack look-ups come in as plain callables, so tests drive the whole core with
 crafted bytes (DESIGN invariant 9, applied to the processor).
 
 Per packet:
@@ -36,10 +40,10 @@ admits it; the binding table copies it to the connection's mark). A binding
 ends when conntrack has destroyed its connections (``conntrack_destroyed``,
 from ctnetlink events), or when a check finds them gone (``tick``), or when
 its gateway hands it to the kernel (``offloaded``, OFFLOAD_REQUEST): its NAT
-elements and both legs' connections go (``unbind_ops``, ``ct_deletes``,
-carried out by the runner), and a one-shot ALLOW takes the flow's next packet.
+elements and both legs' connections go (``Outputs.unbind``,
+``Outputs.ct_deletes``), and a one-shot ALLOW takes the flow's next packet.
 
-A log-only gateway's flow gets no binding (``_logged``): its first packet is
+A log-only gateway's flow gets no binding (``logged``): its first packet is
 accepted with the ``rewritten`` mark too, unchanged, so the forward chain
 admits it and conntrack marks it as nfgate's, and the kernel carries it to
 the server (the ruleset's port forward, masquerade). The gateway gets
@@ -53,26 +57,26 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
-from collections import Counter, deque
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, NamedTuple
 
 from firewall.config import Config
-from firewall.config.model import ROUTER, Gateway, PortForward, PortRange, Traffic
+from firewall.config.model import ROUTER
 from firewall.flows import AgEndpoint, Binding, FlowState, FlowTable
 from firewall.flows import Refusal as TableRefusal
 from firewall.flows import flow_key, fw_key
 from firewall.packet import SYN, TCP, UDP, ACK, FIN, RST, Drop, Packet, parse
-from firewall.pools import EndpointPool, SliceBy, Slicing
-from firewall.processor.rulebook import RuleBook
-from firewall.rules.bind import DNAT_MAP, SNAT_MAP
-from gateways.kinds import KINDS
+from firewall.pools import EndpointPool, SliceBy, Slicing, SnatPools, pool_stats
+from firewall.processor.logged import CtKey, Ending, LoggedFlows, flow_info
+from firewall.processor.policy import MARTIANS, Policy, Selector, inside
+from firewall.processor.rulebook import Command, KernelOp, Offloaded, RuleBook, Send
+from firewall.rules.bind import DNAT_MAP, LEGB_DNAT_MAP, LEGB_SNAT_MAP, SNAT_MAP
 from firewall.signalling import (
     NO_COUNTERS,
     Answer,
     Counters,
     Encoder,
-    Endpoint,
     FlowEnd,
     FlowEndReason,
     FlowInfo,
@@ -81,7 +85,6 @@ from firewall.signalling import (
     NewFlow,
     NotFound,
     OffloadRequest,
-    Proto,
     Query,
     Received,
     RuleMode,
@@ -96,10 +99,6 @@ PASS = 1  # NF_ACCEPT with the mark ``handle`` returns: ``passed`` or ``rewritte
 
 
 IFACE_CACHE_SECONDS = 10.0  # how long an ifindex -> zone answer is trusted
-# Log-only flows tracked at once (about 200 bytes each); beyond, a flow still
-# passes, and its gateway is not told (``flows.logged_untracked``).
-MAX_LOGGED_FLOWS = 1 << 20
-NO_ENDPOINT = Endpoint(ipaddress.IPv4Address(0), 0)  # NEW_FLOW's F:f of a flow without a binding
 
 _SYN_FLAGS = SYN | ACK | RST | FIN
 _BLIND = "\0blind"  # the class of the blind-track ifindex; no zone can have this name
@@ -108,17 +107,28 @@ _MALFORMED = {reason: f"drop.malformed.{reason.name.lower()}" for reason in Drop
 _A_GONE = int(FlowState.A_GONE)
 _B_GONE = int(FlowState.B_GONE)
 _A_ALIVE = int(FlowState.A_ALIVE)
-# Sources no packet may carry (RFC 1122 3.2.1.3, RFC 5735): "this network",
-# loopback, multicast and the reserved class E, which includes broadcast.
-MARTIANS = tuple((int(n.network_address), int(n.netmask)) for n in map(ipaddress.IPv4Network, ("0.0.0.0/8", "127.0.0.0/8", "224.0.0.0/3")))
-_PROTO = {"tcp": TCP, "udp": UDP}
+_AHEAD = int(FlowState.LEG_B_AHEAD)
 _PROTO_NAME = {TCP: "tcp", UDP: "udp"}
-_IP = ipaddress.IPv4Address
 
-Verdict = tuple[int, None, int]  # (DROP|PASS, unused, mark)
-NatOp = tuple[str, str, tuple[int, int, int, int], tuple[int, int]]  # (map, proto, key, value)
-CtKey = tuple[int, int, int, int, int]  # (proto, src, sport, dst, dport): a connection's original tuple
+NatOp = tuple[str, str, tuple[int, ...], tuple[int, int]]  # (map, proto, key, value)
+# (DROP|PASS, the binding-table elements to write before the verdict, mark)
+Verdict = tuple[int, tuple[NatOp, ...], int]
 CtLookup = Callable[[int, int, int, int, int], bool]  # (proto, src, sport, dst, dport) -> alive
+
+
+@dataclass(slots=True)
+class Outputs:
+    """What the core's entry points want done besides verdicts, in the order the runner
+    carries it out: kernel operations (each answered with ``kernel_done``), then the
+    binding elements and connections to delete, then the datagrams."""
+
+    kernel_ops: list[KernelOp] = field(default_factory=list)
+    unbind: list[NatOp] = field(default_factory=list)  # binding elements to delete (an offloaded flow's)
+    ct_deletes: list[CtKey] = field(default_factory=list)  # conntrack entries to delete, after ``unbind``
+    datagrams: list[tuple[bytes, tuple[str, int]]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.kernel_ops or self.unbind or self.ct_deletes or self.datagrams)
 
 
 class Route(NamedTuple):
@@ -127,89 +137,6 @@ class Route(NamedTuple):
     local: bool  # one of the router's own addresses
     ifname: str | None  # the output interface
     prefsrc: int | None  # the source the router would use: W, for SNAT
-
-
-class SnatPools:
-    """W:w for leg B through masquerade: one port-sliced pool per egress address.
-
-    ``FlowTable`` draws from one SNAT pool; this stands in for it so that a
-    router with several wan addresses SNATs each flow to the address its
-    route leaves by: ``prefer(W)`` before ``FlowTable.open`` picks it. A pool
-    appears on first use, so an address that changes (DHCP) gets a new one.
-    Slices are port slices, contiguous, as the kernel's ``steer_snat`` rules
-    cut them.
-    """
-
-    def __init__(self, ports: PortRange, instance: int, instances: int) -> None:
-        self._ports = ports
-        self._instance = instance
-        self._instances = instances
-        self._pools: dict[int, EndpointPool] = {}
-        self._want: EndpointPool | None = None
-
-    def prefer(self, addr: int) -> None:
-        pool = self._pools.get(addr)
-        if pool is None:
-            pool = self._pools[addr] = EndpointPool(
-                [_IP(addr)], self._ports, instance=self._instance, instances=self._instances,
-                slice_by=SliceBy.PORT, slicing=Slicing.CONTIGUOUS,
-            )
-        self._want = pool
-
-    def allocate(self) -> tuple[int, int] | None:
-        if self._want is None:
-            raise ValueError("SnatPools.allocate before prefer(): no egress address chosen")
-        return self._want.allocate()
-
-    def release(self, addr: int, port: int) -> None:
-        self._pools[addr].release(addr, port)
-
-    def claim(self, addr: int, port: int) -> bool:
-        """Mark W:w in use (a binding adopted at start); False if it cannot be this instance's."""
-        self.prefer(addr)
-        pool = self._want
-        assert pool is not None
-        if not pool.owns(addr, port) or pool.in_use(addr, port):
-            return False
-        pool.claim(addr, port)
-        return True
-
-    def stats(self) -> dict[str, dict[str, int]]:
-        return {str(_IP(a)): pool_stats(p) for a, p in self._pools.items()}
-
-
-def pool_stats(pool: EndpointPool) -> dict[str, int]:
-    return {"used": len(pool), "capacity": pool.capacity, "exhausted": pool.exhausted}
-
-
-def _nets(nets: Iterable[Any]) -> tuple[tuple[int, int], ...]:
-    return tuple((int(n.network_address), int(n.netmask)) for n in nets)
-
-
-def _in(addr: int, nets: tuple[tuple[int, int], ...]) -> bool:
-    return any(addr & mask == net for net, mask in nets)
-
-
-@dataclass(frozen=True, slots=True)
-class _Selector:
-    """A gateway traffic selector, precomputed to match ints."""
-
-    traffic: Traffic
-    gateway: Gateway
-    ag: AgEndpoint
-    ports: tuple[tuple[int, int], ...]
-    saddr: tuple[tuple[int, int], ...]
-    daddr: tuple[tuple[int, int], ...]
-    log_only: bool  # the gateway only logs its flows: the kernel carries them, unbound
-    adjacent: int | None  # the kind's adjacent-port step (RTP's RTCP): the processor opens it itself
-
-    def matches(self, src: int, dst: int, dport: int) -> bool:
-        # The same fields, and the same addresses, as the queue rule (rules.build._selector).
-        return (
-            any(first <= dport <= last for first, last in self.ports)
-            and (not self.saddr or _in(src, self.saddr))
-            and (not self.daddr or _in(dst, self.daddr))
-        )
 
 
 class ProcessorCore:
@@ -246,10 +173,11 @@ class ProcessorCore:
         self._alive = conntrack
         self._local: frozenset[int] = frozenset()
         self._local_until = now - 1.0
-        self.nat_ops: list[NatOp] = []
-        self.unbind_ops: list[NatOp] = []  # binding elements to delete (an offloaded flow's)
-        self.ct_deletes: list[CtKey] = []  # conntrack entries to delete, after ``unbind_ops``
-        self._nat_timeout = proc.timeouts.nat_element
+        self._out = Outputs()
+        # How long after its binding opened leg B's first packet still finds the
+        # elements written with leg A's (their timeout, less a second for the
+        # whole-second clock of ``Binding.created`` and one for the kernel's rounding).
+        self._ahead_for = proc.timeouts.nat_element - 2
         self._now = now  # the monotonic time of the event being handled
         self.wall_offset = wall - now
         self._keep = ~proc.marks.mask & 0xFFFFFFFF
@@ -270,35 +198,42 @@ class ProcessorCore:
         self._copies = config.signalling.copies
         self._masq = frozenset(config.nat.masquerade)
         self._zone_of_if = {i: z.name for z in config.zones.values() for i in z.interfaces}
-        self._selectors: dict[tuple[str, int], list[_Selector]] = {}
-        self._agents: dict[tuple[int, int], AgEndpoint] = {}
-        for gw in config.gateways:
-            ag = AgEndpoint.of(gw.name, link.gateway_address.ip, gw.listen_port)
-            self._agents[(ag.addr, ag.port)] = ag
-            for t in gw.traffic:
-                ports = tuple((r.first, r.last) for r in t.ports)
-                kind = KINDS[gw.kind]
-                sel = _Selector(t, gw, ag, ports, _nets(t.saddr), _nets(t.daddr),
-                                kind.log_only(gw.settings), kind.adjacent_port(gw.settings))
-                self._selectors.setdefault((t.from_zone, _PROTO[t.proto]), []).append(sel)
-        self._forwards: dict[tuple[str, int], list[tuple[PortForward, tuple[tuple[int, int], ...]]]] = {}
-        for f in config.nat.forwards:
-            self._forwards.setdefault((f.from_zone, _PROTO[f.proto]), []).append((f, _nets(f.saddr)))
+        self.policy = Policy(config)
         self._iface: dict[int, str | None] = {}
         self._iface_until = now + IFACE_CACHE_SECONDS
 
-        self.outbox: list[tuple[bytes, tuple[str, int]]] = []
         self.counters: Counter[str] = Counter()
         self.queued = 0  # the two hottest counters live outside the Counter
         self.bound = 0
         self._serial = itertools.count(1)
         self._flows: dict[int, Binding] = {}  # flow id -> binding
         self._flow_of: dict[int, int] = {}  # binding.client_key -> flow id
-        # Log-only flows: original tuple -> (flow id, gateway name); their first
-        # packets wait in ``_logged_due`` for the confirmation check.
-        self._logged: dict[CtKey, tuple[int, str]] = {}
-        self._logged_due: deque[tuple[float, CtKey, int]] = deque()
-        self.rules = RuleBook(self)
+        self.logged = LoggedFlows(proc.timeouts.confirm, self.counters)
+        self.rules = RuleBook(
+            config, instance, self.queue, counters=self.counters, gateway_peers=self.gateway_peers,
+            binding=self.binding, local_addresses=local_addresses,
+        )
+
+    def take(self) -> Outputs:
+        """What the entry points called since the last ``take`` want done (``Outputs``)."""
+        out, self._out = self._out, Outputs()
+        return out
+
+    def _carry(self, commands: list[Command]) -> None:
+        """Carry out the rulebook's commands, in order."""
+        for c in commands:
+            if type(c) is Send:
+                self.send(c.msg, c.to)
+            elif type(c) is KernelOp:
+                self._out.kernel_ops.append(c)
+            elif type(c) is Offloaded:
+                self.offloaded(c.flow_id)
+            else:
+                raise TypeError(f"not a rulebook command: {c!r}")
+
+    def _ended(self, endings: list[Ending]) -> None:
+        for msg, gateway in endings:
+            self.send(msg, self.gateway_peers[gateway])
 
     # ---- packets ----------------------------------------------------------------------
 
@@ -318,7 +253,7 @@ class ProcessorCore:
         if where == _BLIND:
             return self._leg_b(pkt, mark, now)
         src = pkt.src
-        if _in(src, MARTIANS) or src == 0xFFFFFFFF:
+        if inside(src, MARTIANS) or src == 0xFFFFFFFF:
             return self._drop("drop.martian", mark)
         if src in self._local_set(now):
             return self._drop("drop.own_address", mark)
@@ -330,15 +265,25 @@ class ProcessorCore:
             self._local_until = now + IFACE_CACHE_SECONDS
         return self._local
 
-    def _bound(self, mark: int) -> Verdict:
+    def _bound(self, mark: int, proto: int, leg: tuple[tuple[int, int, int, int], tuple[int, int], tuple[int, int]] | None) -> Verdict:
+        """PASS with the ``rewritten`` mark, and the leg's two elements (its DNAT and SNAT) to write first."""
         self.bound += 1
-        return PASS, None, (mark & self._keep) | self._rewritten
-
-    def _nat(self, proto: int, leg: tuple[tuple[int, int, int, int], tuple[int, int], tuple[int, int]]) -> None:
+        if leg is None:
+            return PASS, (), (mark & self._keep) | self._rewritten
         key, dnat, snat = leg
         name = _PROTO_NAME[proto]
-        self.nat_ops.append((DNAT_MAP, name, key, dnat))
-        self.nat_ops.append((SNAT_MAP, name, key, snat))
+        return PASS, ((DNAT_MAP, name, key, dnat), (SNAT_MAP, name, key, snat)), (mark & self._keep) | self._rewritten
+
+    def _bound_a(self, mark: int, b: Binding, route: Route) -> Verdict:
+        """Leg A's first packet bound: its elements, and leg B's keyed by (G, F, f) ahead of
+        it (``LEG_B_AHEAD``), in the same transaction; a flow the router terminates has no leg B."""
+        verdict = self._bound(mark, b.proto, b.leg_a())
+        if route.local:
+            return verdict
+        b.state |= _AHEAD
+        name = _PROTO_NAME[b.proto]
+        key = (b.gateway.addr, *b.firewall_side)
+        return PASS, (*verdict[1], (LEGB_DNAT_MAP, name, key, b.server), (LEGB_SNAT_MAP, name, key, b.visible_client)), verdict[2]
 
     def _leg_b(self, pkt: Packet, mark: int, now: float) -> Verdict:
         """A gateway's new connection to F:f: leg B of that binding (the seed's swap)."""
@@ -358,18 +303,19 @@ class ProcessorCore:
                 if self._alive(proto, src, e, f[0], f[1]):
                     return self._drop("drop.leg_b_busy", mark)  # one leg B at a time
             self.table.learn_ag_port(b, sport)
-        self._nat(proto, b.leg_b())
-        return self._bound(mark)
+        if b.state & _AHEAD and now - b.created < self._ahead_for:
+            return self._bound(mark, proto, None)  # its elements went in with leg A's: no transaction
+        return self._bound(mark, proto, b.leg_b())
 
     def _drop(self, why: str, mark: int) -> Verdict:
         self.counters[why] += 1
         self.counters["verdict.drop"] += 1
-        return DROP, None, mark
+        return DROP, (), mark
 
     def _pass(self, why: str, mark: int) -> Verdict:
         self.counters[why] += 1
         self.counters["verdict.pass"] += 1
-        return PASS, None, (mark & self._keep) | self._passed
+        return PASS, (), (mark & self._keep) | self._passed
 
     def _classify(self, indev: int) -> str | None:
         name = self._ifname(indev)
@@ -389,7 +335,7 @@ class ProcessorCore:
             # conntrack still calls new (the rules return confirmed connections,
             # so this is rare). It belongs to the binding it has.
             self.counters["passed.bound_again"] += 1
-            return self._bound(mark)
+            return self._bound(mark, proto, None)
         if old is not None:
             # A new connection on the tuple of a binding: the old connection is
             # gone (a SYN ended its TIME-WAIT, or its first packet never made it
@@ -404,7 +350,7 @@ class ProcessorCore:
             if rule is not None and rule.mode is RuleMode.ALLOW:
                 # A TCP ALLOW's SYN (rulebook, "watched"): the kernel carries the flow,
                 # through the rule's DNAT and accept; the processor only counts its use.
-                self.rules.allowed(rule, sport, now)
+                self._carry(self.rules.allowed(rule, sport, now))
                 return self._pass("passed.allowed", mark)
             if again is False:  # another connection on a used one-shot ALLOW
                 return self._drop("drop.rule_used", mark)
@@ -417,20 +363,15 @@ class ProcessorCore:
                 b = self._open(pkt, rule.gateway, rule.server, route, now)
                 if isinstance(b, str):
                     return self._drop(b, mark)
-                self.rules.redirected(rule, self._register(b), b)
-                self._nat(proto, b.leg_a())
-                return self._bound(mark)
-        sel = None
-        for candidate in self._selectors.get((zone, proto), ()):  # type: ignore[arg-type]
-            if candidate.matches(src, dst, dport):
-                sel = candidate
-                break
+                self._carry(self.rules.redirected(rule, self._register(b), b))
+                return self._bound_a(mark, b, route)
+        sel = self.policy.selector(zone, proto, src, dst, dport)
         if sel is None:
             return self._pass("passed.not_a_selector", mark)
         route = self._route(dst)
         server = None
         if route is not None and route.local:
-            server = self._forward_target(zone, proto, src, dport)  # type: ignore[arg-type]
+            server = self.policy.forward_target(zone, proto, src, dport)  # type: ignore[arg-type]
             if server is not None:
                 route = self._route(server[0])
         if route is None:
@@ -453,64 +394,35 @@ class ProcessorCore:
         step = sel.adjacent
         if step is not None:
             step = -step if dport % 2 else step
-            self.rules.adjacent(fid, b, step, now, self.config.processor.adjacent_ttl)
-        self._nat(proto, b.leg_a())
-        return self._bound(mark)
+            self._carry(self.rules.adjacent(fid, b, step, now, self._wall(), self.config.processor.adjacent_ttl))
+        return self._bound_a(mark, b, route)
 
-    def _log_only(self, pkt: Packet, sel: _Selector, server: tuple[int, int] | None, mark: int, now: float) -> Verdict:
+    def _log_only(self, pkt: Packet, sel: Selector, server: tuple[int, int] | None, mark: int, now: float) -> Verdict:
         """A log-only gateway's flow: no binding; the kernel carries it, and conntrack's end reports it."""
         proto, src, sport, dst, dport = pkt[:5]
         key = (proto, src, sport, dst, dport)
-        old = self._logged.pop(key, None)
-        if old is not None:
-            # A new connection on the tuple of a logged one (a SYN that ended its TIME-WAIT).
-            self._end_logged(key, old, NO_COUNTERS)
-            self.counters["flows.replaced"] += 1
+        self._ended(self.logged.replaced(key))
         self.counters["verdict.logged"] += 1
-        verdict = (PASS, None, (mark & self._keep) | self._rewritten)
-        if len(self._logged) >= MAX_LOGGED_FLOWS:
+        verdict = (PASS, (), (mark & self._keep) | self._rewritten)
+        if self.logged.full:
             self.counters["flows.logged_untracked"] += 1
             return verdict
-        fid = make_flow_id(self.queue, next(self._serial))
-        gw = sel.gateway
-        self._logged[key] = (fid, gw.name)
-        self._logged_due.append((now + self.config.processor.timeouts.confirm, key, fid))
-        self.counters["flows.logged"] += 1
-        s = server or (dst, dport)
-        info = FlowInfo(fid, Proto(proto), gw.name, Endpoint(_IP(src), sport), Endpoint(_IP(dst), dport),
-                        Endpoint(_IP(s[0]), s[1]), NO_ENDPOINT, Endpoint(_IP(sel.ag.addr), sel.ag.port))
-        self._push(info, gw.name)
+        info = flow_info(make_flow_id(self.queue, next(self._serial)), key, sel, server)
+        self.logged.add(key, info, now)
+        self._push(info, sel.gateway.name)
         return verdict
-
-    def _end_logged(self, key: CtKey, entry: tuple[int, str], counters: Counters) -> None:
-        fid, gateway = entry
-        self.counters["flows.ended.logged"] += 1
-        reason = FlowEndReason.FIN if key[0] == TCP else FlowEndReason.IDLE
-        self.send(FlowEnd(fid, reason, counters), self.gateway_peers[gateway])
 
     @property
     def watching(self) -> bool:
         """Whether conntrack holds connections whose end the processor waits for."""
-        return bool(len(self.table) or self._logged)
+        return bool(len(self.table) or len(self.logged))
 
     def _forward_target_any(self, proto: int, src: int, dst: int, dport: int) -> tuple[int, int] | None:
         """A port forward's S:s for a flow whose ingress zone is unknown (adoption)."""
         route = self._route(dst)
         if route is None or not route.local:
             return None
-        for zone, p in self._forwards:
-            if p == proto:
-                target = self._forward_target(zone, proto, src, dport)
-                if target is not None:
-                    return target
-        return None
-
-    def _forward_target(self, zone: str, proto: int, src: int, dport: int) -> tuple[int, int] | None:
-        """The port forward's S:s for a client that addressed the router, as the DNAT rule has it."""
-        for f, saddr in self._forwards.get((zone, proto), ()):
-            if f.ports.first <= dport <= f.ports.last and (not saddr or _in(src, saddr)):
-                return int(f.to_addr), dport if f.to_port is None else f.to_port
-        return None
+        return self.policy.forward_target_any(proto, src, dport)
 
     def _open(self, pkt: Packet, ag: AgEndpoint, server: tuple[int, int] | None, route: Route, now: float) -> Binding | str:
         """A binding for a new flow, or the counter name of why not."""
@@ -533,7 +445,7 @@ class ProcessorCore:
         if not push:
             return fid
         self.counters["flows.opened"] += 1
-        self._push(self.flow_info(fid, b), b.gateway.name)
+        self._push(b.info(fid), b.gateway.name)
         return fid
 
     def _push(self, info: FlowInfo, gateway: str) -> None:
@@ -541,7 +453,7 @@ class ProcessorCore:
             # Ahead of the verdict, so the push races ahead of the first packet.
             datagrams = self.encoder.encode_copies(NewFlow(info), self._wall(), self._copies)
             peer = self.gateway_peers[gateway]
-            self.outbox += [(d, peer) for d in datagrams]
+            self._out.datagrams += [(d, peer) for d in datagrams]
             self.counters["signalling.sent.new_flow"] += 1
             self.counters["signalling.copies"] += len(datagrams)
         else:
@@ -550,15 +462,6 @@ class ProcessorCore:
     def binding(self, fid: int) -> Binding | None:
         return self._flows.get(fid)
 
-    def flow_info(self, fid: int, b: Binding) -> FlowInfo:
-        """What the gateway layer is told about a flow (NEW_FLOW, ANSWER)."""
-        def ep(pair: tuple[int, int]) -> Endpoint:
-            return Endpoint(_IP(pair[0]), pair[1])
-
-        g = b.gateway
-        return FlowInfo(fid, Proto(b.proto), g.name, ep(b.client), ep(b.original_dst), ep(b.server),
-                        ep(b.firewall_side), ep((g.addr, g.port)), ep(b.visible_client) if b.snat else None)
-
     def _end(self, fid: int, reason: FlowEndReason) -> None:
         """Everything that goes with the end of a binding."""
         b = self._flows.pop(fid)
@@ -566,7 +469,7 @@ class ProcessorCore:
         self.table.remove(b)
         self.counters[f"flows.ended.{reason.name.lower()}"] += 1
         self.send(FlowEnd(fid, reason), self.gateway_peers[b.gateway.name])
-        self.rules.flow_ended(fid)
+        self._carry(self.rules.flow_ended(fid))
 
     def offloaded(self, fid: int) -> None:
         """The kernel has the offloaded flow's ALLOW (rulebook): the binding goes, and
@@ -579,8 +482,10 @@ class ProcessorCore:
         for key, dnat, snat in legs:
             # Deleted before the connections: an element still there would
             # bind the flow's next packet into the gateway again.
-            self.unbind_ops += [(DNAT_MAP, name, key, dnat), (SNAT_MAP, name, key, snat)]
-            self.ct_deletes.append((b.proto, *key))
+            self._out.unbind += [(DNAT_MAP, name, key, dnat), (SNAT_MAP, name, key, snat)]
+            self._out.ct_deletes.append((b.proto, *key))
+        ahead = (b.gateway.addr, *b.firewall_side)
+        self._out.unbind += [(LEGB_DNAT_MAP, name, ahead, b.server), (LEGB_SNAT_MAP, name, ahead, b.visible_client)]
         self.counters["flows.offloaded"] += 1
         self._end(fid, FlowEndReason.OFFLOADED)
 
@@ -600,15 +505,8 @@ class ProcessorCore:
                 # Its first packet never made it into conntrack: no event will come.
                 self.counters["conntrack.never_confirmed"] += 1
                 self.leg_gone(b, leg_a=True, now=now)
-        self.rules.tick(now)
-        due = self._logged_due
-        while due and due[0][0] <= now:
-            _, key, fid = due.popleft()
-            entry = self._logged.get(key)
-            if entry is not None and entry[0] == fid and not self._alive(*key):
-                # Its first packet never made it into conntrack: no event will come.
-                self.counters["conntrack.never_confirmed"] += 1
-                self._end_logged(key, self._logged.pop(key), NO_COUNTERS)
+        self._carry(self.rules.tick(now))
+        self._ended(self.logged.due(now, self._alive))
         if now >= self._iface_until:
             self._iface.clear()  # interfaces come and go: the blind track is recreated on restarts
             self._iface_until = now + IFACE_CACHE_SECONDS
@@ -624,9 +522,8 @@ class ProcessorCore:
         had the same client tuple (a replaced binding). ``counters`` are the
         connection's, for a logged flow's FLOW_END.
         """
-        logged = self._logged.pop((proto, *orig), None)
-        if logged is not None:
-            self._end_logged((proto, *orig), logged, counters)
+        if (proto, *orig) in self.logged:
+            self._ended(self.logged.end((proto, *orig), counters))
             return
         src, sport, dst, dport = orig
         b = self.table.by_client(proto, src, sport, dst, dport)
@@ -659,16 +556,22 @@ class ProcessorCore:
         (``kernel.Connection``): a leg A answers from G:g to an F:f of this
         instance's slice, a leg B goes from G:e to one. Their pool entries are
         claimed, so no new flow can be given an F:f or W:w that is still in use.
+        Any other is a log-only gateway's flow (``logged``), if a log-only
+        selector names it and its client is steered to this instance.
         """
-        agents = self._agents
+        agents = self.policy.agents
         legs_a: dict[tuple[int, int, int], Any] = {}
         legs_b: dict[tuple[int, int, int], Any] = {}
+        others = []
         for c in connections:
             rsrc, rsport, rdst, rdport = c.reply
             if self.fw_pool.owns(rdst, rdport) and (rsrc, rsport) in agents:
                 legs_a[(c.proto, rdst, rdport)] = c
             elif self.fw_pool.owns(c.orig[2], c.orig[3]):
                 legs_b[(c.proto, c.orig[2], c.orig[3])] = c
+            elif not self.policy.gateway_leg(c.orig, c.reply):
+                others.append(c)
+        self._adopt_logged(others, now)
         adopted = 0
         for (proto, f, fport), a in legs_a.items():
             src, sport, dst, dport = a.orig
@@ -713,11 +616,24 @@ class ProcessorCore:
         self.counters["flows.adopted"] += adopted
         return adopted
 
+    def _adopt_logged(self, connections: list[Any], now: float) -> None:
+        """Log-only flows the kernel carried across a restart: tracked and pushed again
+        under new flow ids (the only ones this instance can end)."""
+        for c in connections:
+            src, _, dst, dport = c.orig
+            sel = self.policy.log_only_selector(c.proto, src, dst, dport)
+            if sel is None or self.policy.client_instance(src) != self.instance:
+                continue  # not a log-only flow, or steered to another instance
+            key = (c.proto, *c.orig)
+            info = flow_info(make_flow_id(self.queue, next(self._serial)), key, sel, self._forward_target_any(c.proto, src, dst, dport))
+            if self.logged.adopt(key, info, now):
+                self.counters["flows.adopted_logged"] += 1
+                self._push(info, sel.gateway.name)
+
     def resync(self, connections: Iterable[Any], now: float) -> None:
         """Conntrack events were lost: end every binding whose connections are gone."""
         alive = {(c.proto, *c.orig) for c in connections}
-        for key in [k for k in self._logged if k not in alive]:
-            self._end_logged(key, self._logged.pop(key), NO_COUNTERS)
+        self._ended(self.logged.resync(alive))
         for b in list(self._flows.values()):
             if (b.proto, *b.leg_a()[0]) not in alive and b.state & _A_ALIVE:
                 self.leg_gone(b, leg_a=True, now=now)
@@ -726,9 +642,9 @@ class ProcessorCore:
         self.counters["conntrack.resyncs"] += 1
 
     def kernel_done(self, token: int, ok: bool, now: float) -> None:
-        """The runner finished ``rules.kernel_ops`` entry ``token``."""
+        """The runner carried out kernel operation ``token`` (``Outputs.kernel_ops``)."""
         self._now = now
-        self.rules.kernel_done(token, ok, now)
+        self._carry(self.rules.kernel_done(token, ok, now))
 
     # ---- signalling -------------------------------------------------------------------
 
@@ -747,23 +663,23 @@ class ProcessorCore:
         if isinstance(msg, Query):
             self._query(msg, source)
         elif isinstance(msg, RuleRequest):
-            self.rules.request(got, msg, source, now)
+            self._carry(self.rules.request(got, msg, source, now, self._wall()))
         elif isinstance(msg, OffloadRequest):
-            self.rules.offload(got, msg, source, now)
+            self._carry(self.rules.offload(got, msg, source, now, self._wall()))
 
     def _query(self, q: Query, source: tuple[str, int]) -> None:
         key = fw_key(q.proto, int(q.firewall_side.address), q.firewall_side.port)
         b = self.table.by_key(key)
         if b is not None and b.fw == key and (b.gateway.addr, b.gateway.port) == (int(q.ag.address), q.ag.port):
             self.counters["queries.answered"] += 1
-            self.send(Answer(q.query_id, self.flow_info(self._flow_of[b.client_key], b)), source)
+            self.send(Answer(q.query_id, b.info(self._flow_of[b.client_key])), source)
         else:
             self.counters["queries.not_found"] += 1
             self.send(NotFound(q.query_id, q.proto, q.firewall_side, q.ag), source)
 
     def send(self, msg: Message, to: tuple[str, int]) -> None:
         """Queue one message for ``to``: a request's source, or a gateway's signalling port."""
-        self.outbox.append((self.encoder.encode(msg, self._wall()), to))
+        self._out.datagrams.append((self.encoder.encode(msg, self._wall()), to))
         self.counters[f"signalling.sent.{msg.TYPE.name.lower()}"] += 1
 
     def _wall(self) -> float:
@@ -780,7 +696,7 @@ class ProcessorCore:
             "queue": self.queue,
             "counters": dict(sorted(counters.items())),
             "flows": len(self.table),
-            "logged_flows": len(self._logged),
+            "logged_flows": len(self.logged),
             "flows_per_gateway": self.table.per_gateway(),
             "rules": len(self.rules),
             "kernel_ops_in_flight": self.rules.in_flight,
@@ -788,26 +704,11 @@ class ProcessorCore:
         }
 
     def flows(self, now: float, limit: int, acct: dict[tuple[int, ...], tuple[int, int]] | None = None) -> list[dict[str, Any]]:
-        """Up to ``limit`` live bindings as JSON values: ``Binding.record()``, addresses as
-        strings, and each leg's packets and bytes from ``acct`` (conntrack's accounting,
-        by original tuple) where given."""
+        """Up to ``limit`` live flows as JSON values: the bindings (``Binding.listing``, with
+        ``acct``, conntrack's accounting by original tuple, where given), then the log-only
+        flows (``LoggedFlows.records``)."""
         out = []
         wall = now + self.wall_offset
         for fid, b in itertools.islice(self._flows.items(), limit):
-            rec = b.record()
-            for key in ("client", "original_dst", "server", "firewall_side", "ag", "snat"):
-                if rec[key] is not None:
-                    rec[key] = f"{rec[key][0]}:{rec[key][1]}"
-            rec["proto"] = _PROTO_NAME.get(rec["proto"], str(rec["proto"]))
-            rec["state"] = [str(s.name).lower() for s in FlowState if rec["state"] & s]
-            rec["flow_id"] = fid
-            rec["queue"] = self.queue
-            rec["age"] = round(now - b.created, 1)
-            rec["created"] = round(wall - (now - b.created), 3)  # Unix seconds
-            if acct is not None:
-                legs = [(b.proto, *b.leg_a()[0])] + ([(b.proto, *b.leg_b()[0])] if b.ag_eport is not None else [])
-                for name, key in zip(("leg_a", "leg_b"), legs):
-                    packets, count = acct.get(key, (0, 0))
-                    rec[f"{name}_packets"], rec[f"{name}_bytes"] = packets, count
-            out.append(rec)
-        return out
+            out.append({**b.listing(now, wall, acct), "flow_id": fid, "queue": self.queue})
+        return out + self.logged.records(now, wall, self.queue, limit - len(out), acct)

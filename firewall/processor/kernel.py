@@ -12,10 +12,9 @@
   the connections with nfgate's mark (a dump filtered in the kernel, at start
   and after a lost event), has the kernel reap expired connections (``reap``)
   and reads destroy events from a netlink socket of its own that the
-  processor's loop polls. Messages are decoded with
-  pyroute2's ctnetlink classes; an event's mark is read first with a cheap
-  walk over its attributes, so other connections' events cost almost
-  nothing.
+  processor's loop polls. Requests are built with pyroute2's ctnetlink
+  classes; answers and events are read with ``struct`` (``connection``), the
+  event's mark first, so other connections' events cost almost nothing.
 - ``queue_counters`` reads the kernel's per-queue drop counters from
   ``/proc/net/netfilter/nfnetlink_queue``.
 """
@@ -45,8 +44,15 @@ NETLINK_NETFILTER = 12
 NFNLGRP_CONNTRACK_DESTROY = 3
 IPCTNL_MSG_CT_GET = 1
 IPCTNL_MSG_CT_DELETE = 2  # the message type of a destroy event
-CTA_MARK = 8
+# Conntrack's netlink attributes (linux/netfilter/nfnetlink_conntrack.h), as read here.
+CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_MARK, CTA_COUNTERS_ORIG, CTA_COUNTERS_REPLY = 1, 2, 8, 9, 10
+CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
+CTA_IP_V4_SRC, CTA_IP_V4_DST = 1, 2
+CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
+CTA_COUNTERS_PACKETS, CTA_COUNTERS_BYTES = 1, 2
 NLA_TYPE_MASK = 0x3FFF
+_NLA = struct.Struct("=HH")
+_U8, _U16, _U32, _U64 = struct.Struct("!B"), struct.Struct("!H"), struct.Struct("!I"), struct.Struct("!Q")
 NAT_ATTEMPTS = 3  # tries for one element that collides with an ended binding's
 EVENT_BUFFER = 8 << 20  # bytes of kernel buffer for destroy events (SO_RCVBUFFORCE)
 REQUEST_TIMEOUT = 2.0  # seconds for conntrack to answer a look-up or a dump's next message
@@ -153,33 +159,60 @@ class Connection:
         return self.counters.bytes_up + self.counters.bytes_down
 
 
-def _tuple(msg: Any, attr: str) -> tuple[int, tuple[int, int, int, int]] | None:
-    t = msg.get_attr(attr)
-    if t is None:
+def _attrs(data: bytes, pos: int, end: int) -> dict[int, tuple[int, int]]:
+    """The netlink attributes in data[pos:end]: type -> (start, end) of each payload."""
+    out = {}
+    while pos + 4 <= end:
+        length, kind = _NLA.unpack_from(data, pos)
+        if length < 4 or pos + length > end:
+            break
+        out[kind & NLA_TYPE_MASK] = (pos + 4, pos + length)
+        pos += (length + 3) & ~3
+    return out
+
+
+def _tuple(data: bytes, where: tuple[int, int] | None) -> tuple[int, tuple[int, int, int, int]] | None:
+    """(proto, (src, sport, dst, dport)) of a CTA_TUPLE_* payload; None unless TCP/UDP over IPv4."""
+    if where is None:
         return None
-    ip = t.get_attr("CTA_TUPLE_IP")
-    pr = t.get_attr("CTA_TUPLE_PROTO")
+    t = _attrs(data, *where)
+    ip, pr = t.get(CTA_TUPLE_IP), t.get(CTA_TUPLE_PROTO)
     if ip is None or pr is None:
         return None
-    src, dst = ip.get_attr("CTA_IP_V4_SRC"), ip.get_attr("CTA_IP_V4_DST")
-    proto = pr.get_attr("CTA_PROTO_NUM")
-    if src is None or dst is None or proto not in _PROTO:
+    a, p = _attrs(data, *ip), _attrs(data, *pr)
+    src, dst = _value(data, a.get(CTA_IP_V4_SRC), _U32), _value(data, a.get(CTA_IP_V4_DST), _U32)
+    num = _value(data, p.get(CTA_PROTO_NUM), _U8)
+    if src is None or dst is None or num not in _PROTO:
         return None
-    a = struct.unpack("!I", socket.inet_aton(src))[0]
-    b = struct.unpack("!I", socket.inet_aton(dst))[0]
-    return proto, (a, pr.get_attr("CTA_PROTO_SRC_PORT") or 0, b, pr.get_attr("CTA_PROTO_DST_PORT") or 0)
+    sport, dport = _value(data, p.get(CTA_PROTO_SRC_PORT), _U16), _value(data, p.get(CTA_PROTO_DST_PORT), _U16)
+    return num, (src, sport or 0, dst, dport or 0)  # type: ignore[return-value]
 
 
-def connection(msg: Any) -> Connection | None:
-    """A decoded ctnetlink message as a ``Connection`` (TCP/UDP over IPv4 only)."""
-    orig = _tuple(msg, "CTA_TUPLE_ORIG")
-    reply = _tuple(msg, "CTA_TUPLE_REPLY")
+def _value(data: bytes, where: tuple[int, int] | None, fmt: struct.Struct) -> int | None:
+    """An attribute's integer payload; None if absent or too short."""
+    if where is None or where[1] - where[0] < fmt.size:
+        return None
+    return fmt.unpack_from(data, where[0])[0]
+
+
+def _counters(data: bytes, where: tuple[int, int] | None) -> list[int]:
+    if where is None:
+        return [0, 0]
+    c = _attrs(data, *where)
+    return [_value(data, c.get(k), _U64) or 0 for k in (CTA_COUNTERS_PACKETS, CTA_COUNTERS_BYTES)]
+
+
+def connection(data: bytes, off: int = 0, end: int | None = None) -> Connection | None:
+    """One ctnetlink message (a destroy event or a dump's entry) in data[off:end] as a
+    ``Connection``; None unless TCP/UDP over IPv4. Read with ``struct`` where the
+    attributes are: pyroute2's decoder costs over ten times more (0.4 ms against
+    0.03 ms in the lab router), and a relayed flow ends with two events."""
+    top = _attrs(data, off + 16 + 4, len(data) if end is None else end)  # after nlmsghdr, nfgenmsg
+    orig = _tuple(data, top.get(CTA_TUPLE_ORIG))
+    reply = _tuple(data, top.get(CTA_TUPLE_REPLY))
     if orig is None or reply is None:
         return None
-    values = []
-    for attr in ("CTA_COUNTERS_ORIG", "CTA_COUNTERS_REPLY"):
-        c = msg.get_attr(attr)
-        values += [0, 0] if c is None else [c.get_attr("CTA_COUNTERS_PACKETS") or 0, c.get_attr("CTA_COUNTERS_BYTES") or 0]
+    values = _counters(data, top.get(CTA_COUNTERS_ORIG)) + _counters(data, top.get(CTA_COUNTERS_REPLY))
     return Connection(orig[0], orig[1], reply[1], Counters(*values))
 
 
@@ -302,9 +335,7 @@ class Conntrack:
     def ours(self) -> Iterator[Connection]:
         """Every connection with nfgate's mark (the kernel filters the dump)."""
         for body in self._dump(self.mark):
-            msg = nfct_msg(body)
-            msg.decode()
-            conn = connection(msg)
+            conn = connection(body)
             if conn is not None:
                 yield conn
 
@@ -344,9 +375,7 @@ class Conntrack:
                 if kind & 0xFF == IPCTNL_MSG_CT_DELETE:
                     mark = _mark_of(data, off, end)
                     if mark is not None and mark & self.mask == self.mark:
-                        msg = nfct_msg(data[off:end])
-                        msg.decode()
-                        conn = connection(msg)
+                        conn = connection(data, off, end)
                         if conn is not None:
                             out.append(conn)
                 off += (length + 3) & ~3

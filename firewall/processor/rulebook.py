@@ -1,9 +1,13 @@
 """Dynamic rules: what a gateway asked for, what the processor expects, and the kernel elements behind them.
 
-Pure, like ``core``: the ``RuleBook`` decides and queues ``KernelOp``s, each
-adding or removing elements of the binding table's dynamic sets and maps
-(``firewall.rules.bind``; docs/datapath.md, "Dynamic rules"); the runner
-writes them in-process (``firewall.processor.kernel``) and reports back with
+Pure, like ``core``, and it knows nothing of the core: it is given plain
+values and look-ups (the config, its instance, the gateways' signalling
+ports, a binding by flow id, the router's addresses), and each of its entry points returns commands
+as data, in order: ``Send`` a message, a ``KernelOp`` adding or removing
+elements of the binding table's dynamic sets and maps (``firewall.rules.bind``;
+docs/datapath.md, "Dynamic rules"), ``Offloaded`` (end the flow's binding).
+The core carries them out; the runner writes the kernel operations
+in-process (``firewall.processor.kernel``) and reports back with
 ``kernel_done``. docs/signalling.md (RULE_REQUEST) is the contract; the
 seed's "Dynamic changes in packet processing" the requirement.
 
@@ -56,15 +60,18 @@ seed's "Dynamic changes in packet processing" the requirement.
 from __future__ import annotations
 
 import itertools
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from ipaddress import IPv4Address
+from typing import Any, Callable, Iterable, Union
 
+from firewall.config import Config
 from firewall.flows import AgEndpoint, Binding
 from firewall.packet import TCP, UDP
 from firewall.rules.bind import dyn_name
 from gateways.kinds import KINDS
 from firewall.signalling import (
+    Message,
     OffloadRequest,
     Received,
     RuleAck,
@@ -79,9 +86,6 @@ from firewall.signalling import (
     names_third_party,
     rule_request_problem,
 )
-
-if TYPE_CHECKING:
-    from firewall.processor.core import ProcessorCore
 
 # Which dynamic rules a gateway may ask for (the POLICY check), and whether it
 # may offload (OFFLOAD_REQUEST), is its kind's (gateways/kind.py: rule_modes,
@@ -129,6 +133,24 @@ class KernelOp:
     rules: tuple[KernelRule, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send ``msg`` to ``to``: a request's source, or a gateway's signalling port."""
+
+    msg: Message
+    to: tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Offloaded:
+    """The kernel has flow ``flow_id``'s offload ALLOW: its binding goes (``ProcessorCore.offloaded``)."""
+
+    flow_id: int
+
+
+Command = Union[Send, KernelOp, Offloaded]
+
+
 @dataclass(slots=True, eq=False)
 class DynRule:
     """A dynamic rule: a gateway's (``reply_to`` set) or the processor's own."""
@@ -172,20 +194,31 @@ NO_OWNER = 0  # flow ids start at serial 1: no flow has this id
 class RuleBook:
     """The dynamic rules of one processor instance (module docstring)."""
 
-    def __init__(self, core: ProcessorCore) -> None:
-        self.core = core
-        self.queue = core.queue
-        self.instance = core.instance
-        self.kernel_ops: list[KernelOp] = []
+    def __init__(
+        self,
+        config: Config,
+        instance: int,
+        queue: int,
+        *,
+        counters: Counter[str],
+        gateway_peers: dict[str, tuple[str, int]],
+        binding: Callable[[int], Binding | None],
+        local_addresses: Callable[[], Iterable[IPv4Address]],
+    ) -> None:
+        proc = config.processor
+        self.queue = queue
+        self.instance = instance
+        self.counters = counters  # the processor's, shared: one set of counters per instance
+        self._peers = gateway_peers
+        self._binding = binding
+        self._local_addresses = local_addresses
         self.expect: dict[tuple[int, int, int, int], list[DynRule]] = {}
         self.spent: dict[tuple[int, int, int, int], list[Spent]] = {}
-        self._bypass = core.config.processor.fail_mode == "open"
-        self._snat_ports = core.config.processor.pools.snat_ports
-        self._max_rules = core.config.processor.max_rules
-        self._max_per_flow = core.config.processor.max_rules_per_flow
-        self._kind = {g.name: KINDS[g.kind] for g in core.config.gateways}
+        self._max_rules = proc.max_rules
+        self._max_per_flow = proc.max_rules_per_flow
+        self._kind = {g.name: KINDS[g.kind] for g in config.gateways}
         # A gateway's requests come from its own signalling port (docs/datapath.md, "Signalling ports").
-        self._gateway_at = {peer: name for name, peer in core.gateway_peers.items()}
+        self._gateway_at = {peer: name for name, peer in gateway_peers.items()}
         self._rules: dict[int, DynRule] = {}  # rule id -> live rule
         self._rules_of: dict[int, list[DynRule]] = {}  # flow id -> its live rules
         self._ops: dict[int, tuple[Any, ...]] = {}  # token -> what its completion means
@@ -193,6 +226,11 @@ class RuleBook:
         self._serial = itertools.count(1)
         self._replies: OrderedDict[tuple[int, int], tuple[float, RuleAck | RuleRefused | None]] = OrderedDict()
         self._offloading: set[int] = set()  # flow ids whose offload's rule is being installed
+        self._out: list[Command] = []  # what the entry point being run returns
+
+    def _done(self) -> list[Command]:
+        out, self._out = self._out, []
+        return out
 
     @property
     def in_flight(self) -> int:
@@ -203,50 +241,50 @@ class RuleBook:
 
     # ---- requests ---------------------------------------------------------------------
 
-    def request(self, got: Received, req: RuleRequest, source: tuple[str, int], now: float) -> None:
-        core = self.core
+    def request(self, got: Received, req: RuleRequest, source: tuple[str, int], now: float, wall: float) -> list[Command]:
+        """RULE_REQUEST: the rule's kernel operation (its RULE_ACK follows ``kernel_done``), or the refusal."""
         key = (got.sender, req.request_id)
         cached = self._replies.get(key)
         if cached is not None:
-            core.counters["rules.repeated"] += 1
+            self.counters["rules.repeated"] += 1
             if cached[1] is not None:  # None: the first is still being installed
-                core.send(cached[1], source)
-            return
-        core.counters["rules.requests"] += 1
-        made = self._check(req, now)
+                self._out.append(Send(cached[1], source))
+            return self._done()
+        self.counters["rules.requests"] += 1
+        made = self._check(req, now, wall)
         if isinstance(made, RuleRefusal):
             self._reply(key, RuleRefused(req.request_id, made), source, now)
-            return
+            return self._done()
         made.reply_to = key
         self._replies[key] = (now, None)
         self._add(made)
         self._kernel(True, made.kernel, ("ack", made, source))
+        return self._done()
 
-    def offload(self, got: Received, req: OffloadRequest, source: tuple[str, int], now: float) -> None:
+    def offload(self, got: Received, req: OffloadRequest, source: tuple[str, int], now: float, wall: float) -> list[Command]:
         """OFFLOAD_REQUEST: an exact one-shot ALLOW for the flow; the binding goes once the kernel has it."""
-        core = self.core
         key = (got.sender, req.request_id)
         cached = self._replies.get(key)
         if cached is not None:
-            core.counters["offload.repeated"] += 1
+            self.counters["offload.repeated"] += 1
             if cached[1] is not None:
-                core.send(cached[1], source)
-            return
-        core.counters["offload.requests"] += 1
-        made = self._check_offload(req, source, now)
+                self._out.append(Send(cached[1], source))
+            return self._done()
+        self.counters["offload.requests"] += 1
+        made = self._check_offload(req, source, now, wall)
         if isinstance(made, RuleRefusal):
-            core.counters[f"offload.refused.{made.name.lower()}"] += 1
+            self.counters[f"offload.refused.{made.name.lower()}"] += 1
             self._reply(key, RuleRefused(req.request_id, made), source, now)
-            return
+            return self._done()
         made.reply_to = key
         self._replies[key] = (now, None)
         self._add(made)
         self._kernel(True, made.kernel, ("offload", made, source, req.flow_id))
+        return self._done()
 
-    def _check_offload(self, req: OffloadRequest, source: tuple[str, int], now: float) -> DynRule | RuleRefusal:
+    def _check_offload(self, req: OffloadRequest, source: tuple[str, int], now: float, wall: float) -> DynRule | RuleRefusal:
         """docs/signalling.md, "Offload", in its order: the rule, or the first refusal."""
-        core = self.core
-        b = core.binding(req.flow_id) if flow_id_queue(req.flow_id) == self.queue else None
+        b = self._binding(req.flow_id) if flow_id_queue(req.flow_id) == self.queue else None
         if b is None or req.flow_id in self._offloading:
             return RuleRefusal.UNKNOWN_FLOW
         if self._gateway_at.get(source) != b.gateway.name:
@@ -260,19 +298,18 @@ class RuleBook:
         (ca, cp), (oa, op) = b.client, b.original_dst
         self._offloading.add(req.flow_id)
         # The client's tuple exactly, as it addressed the server; the server it reaches.
-        return self._make(RuleMode.ALLOW, b.proto, ca, cp, oa, op, NO_OWNER, b, b.server, True, OFFLOAD_TTL, now)
+        return self._make(RuleMode.ALLOW, b.proto, ca, cp, oa, op, NO_OWNER, b, b.server, True, OFFLOAD_TTL, now, wall)
 
-    def _check(self, req: RuleRequest, now: float) -> DynRule | RuleRefusal:
+    def _check(self, req: RuleRequest, now: float, wall: float) -> DynRule | RuleRefusal:
         """The checks of docs/signalling.md, in its order: the rule, or the first refusal."""
         problem = rule_request_problem(req)
         if problem is not None:
             return problem
-        core = self.core
-        b = core.binding(req.flow_id) if flow_id_queue(req.flow_id) == self.queue else None
+        b = self._binding(req.flow_id) if flow_id_queue(req.flow_id) == self.queue else None
         if b is None:
             return RuleRefusal.UNKNOWN_FLOW
-        local = list(core.local_addresses())
-        if names_third_party(req, core.flow_info(req.flow_id, b), local):
+        local = list(self._local_addresses())
+        if names_third_party(req, b.info(req.flow_id), local):
             return RuleRefusal.THIRD_PARTY
         src, dst = int(req.src.address), int(req.dst.address)
         if req.mode is RuleMode.ALLOW:
@@ -294,7 +331,7 @@ class RuleBook:
         ):
             return RuleRefusal.LIMIT
         return self._make(req.mode, req.proto, src, req.src.port, dst, req.dst.port, req.flow_id, b,
-                          server, req.one_shot, req.ttl, now)
+                          server, req.one_shot, req.ttl, now, wall)
 
     @staticmethod
     def _server_for(b: Binding, dst: int, dport: int) -> tuple[int, int]:
@@ -329,9 +366,8 @@ class RuleBook:
 
     def _make(
         self, mode: RuleMode, proto: int, src: int, sport: int, dst: int, dport: int, owner: int,
-        b: Binding, server: tuple[int, int], one_shot: bool, ttl: int, now: float,
+        b: Binding, server: tuple[int, int], one_shot: bool, ttl: int, now: float, wall: float,
     ) -> DynRule:
-        core = self.core
         rule_id = make_flow_id(self.queue, next(self._serial))
         kernel: tuple[KernelRule, ...]
         if mode is RuleMode.ALLOW and server != (dst, dport):
@@ -348,7 +384,7 @@ class RuleBook:
         # bound into the gateway, an ALLOW's so that its use is seen, exactly.
         kernel = (self._element("expect", proto, src, sport, dst, dport), *kernel)
         watched = mode is RuleMode.ALLOW
-        expires_ms = round((now + core.wall_offset + ttl) * 1000)
+        expires_ms = round((wall + ttl) * 1000)
         return DynRule(rule_id, mode, proto, src, sport, dst, dport, owner, b.gateway, server,
                        one_shot, now + ttl, expires_ms, kernel, watched=watched)
 
@@ -365,7 +401,7 @@ class RuleBook:
             self.expect.setdefault((rule.proto, rule.src, rule.dst, rule.dport), []).append(rule)
 
     def _reply(self, key: tuple[int, int], msg: RuleAck | RuleRefused, to: tuple[str, int], now: float) -> None:
-        counters = self.core.counters
+        counters = self.counters
         if isinstance(msg, RuleRefused):
             counters[f"rules.refused.{msg.reason.name.lower()}"] += 1
         else:
@@ -374,24 +410,25 @@ class RuleBook:
         self._replies.move_to_end(key)
         while len(self._replies) > REPLY_CACHE_SIZE:
             self._replies.popitem(last=False)
-        self.core.send(msg, to)
+        self._out.append(Send(msg, to))
 
     # ---- expectations -----------------------------------------------------------------
 
-    def adjacent(self, fid: int, b: Binding, step: int, now: float, ttl: float) -> None:
+    def adjacent(self, fid: int, b: Binding, step: int, now: float, wall: float, ttl: float) -> list[Command]:
         """The processor's own one-shot REDIRECT for the port ``step`` beside this flow's (above or below)."""
         (ca, _), (oa, op), (sa, sp) = b.client, b.original_dst, b.server
         if not (0 < op + step <= 0xFFFF and 0 < sp + step <= 0xFFFF):
-            return
+            return []
         if len(self._rules) >= self._max_rules or self.in_flight >= MAX_KERNEL_OPS_IN_FLIGHT:
-            self.core.counters["rules.adjacent_skipped"] += 1
-            return
+            self.counters["rules.adjacent_skipped"] += 1
+            return []
         rule = self._make(RuleMode.REDIRECT, b.proto, ca, 0, oa, op + step, fid, b, (sa, sp + step),
-                          True, int(ttl), now)
+                          True, int(ttl), now, wall)
         rule.acked = True  # nobody waits for an ACK; the kernel applies the ops in order
         self._add(rule)
         self._kernel(True, rule.kernel)
-        self.core.counters["rules.adjacent"] += 1
+        self.counters["rules.adjacent"] += 1
+        return self._done()
 
     def expected(self, proto: int, src: int, sport: int, dst: int, dport: int, now: float) -> DynRule | None:
         for rule in self.expect.get((proto, src, dst, dport), ()):
@@ -399,15 +436,16 @@ class RuleBook:
                 return rule
         return None
 
-    def allowed(self, rule: DynRule, sport: int, now: float) -> None:
+    def allowed(self, rule: DynRule, sport: int, now: float) -> list[Command]:
         """The first SYN of a watched ALLOW's flow: it passes; a one-shot rule is used up (module docstring)."""
-        self.core.counters["rules.allowed_flows"] += 1
+        self.counters["rules.allowed_flows"] += 1
         if not rule.one_shot:
-            return
+            return []
         self._retire(rule, RuleEndReason.USED, keep_kernel=True)
         key = (rule.proto, rule.src, rule.dst, rule.dport)
         spent = Spent(key, sport, rule.sport == 0, rule.owner, rule.kernel, now + USED_GRACE)
         self.spent.setdefault(key, []).append(spent)
+        return self._done()
 
     def spent_verdict(self, proto: int, src: int, sport: int, dst: int, dport: int) -> bool | None:
         """For a first packet that a used one-shot ALLOW's rules name: True if it is its connection's
@@ -427,17 +465,20 @@ class RuleBook:
             spent.removing = True
             self._kernel(False, spent.kernel, ("unspent", spent))
 
-    def redirected(self, rule: DynRule, fid: int, b: Binding) -> None:
+    def redirected(self, rule: DynRule, fid: int, b: Binding) -> list[Command]:
         """An expected flow got binding ``b`` (the kernel carries it from here); end a one-shot."""
-        self.core.counters["rules.redirected_flows"] += 1
+        self.counters["rules.redirected_flows"] += 1
         if rule.one_shot:
             self._retire(rule, RuleEndReason.USED)
+        return self._done()
 
-    def flow_ended(self, fid: int) -> None:
+    def flow_ended(self, fid: int) -> list[Command]:
+        """Flow ``fid``'s binding is gone: its rules end with it (RULE_END FLOW_ENDED)."""
         for rule in self._rules_of.pop(fid, ()):
             self._retire(rule, RuleEndReason.FLOW_ENDED)
         for spent in [s for group in self.spent.values() for s in group if s.owner == fid]:
             self._unspend(spent)
+        return self._done()
 
     def _retire(self, rule: DynRule, reason: RuleEndReason | None, keep_kernel: bool = False) -> None:
         """End a live rule: out of the indexes and the kernel; RULE_END once acknowledged.
@@ -449,7 +490,7 @@ class RuleBook:
             return
         rule.ended = reason
         if reason is not None:
-            self.core.counters[f"rules.ended.{reason.name.lower()}"] += 1
+            self.counters[f"rules.ended.{reason.name.lower()}"] += 1
         siblings = self._rules_of.get(rule.owner)
         if siblings is not None and rule in siblings:
             siblings.remove(rule)
@@ -462,11 +503,12 @@ class RuleBook:
         if not keep_kernel:
             self._kernel(False, rule.kernel)
         if reason is not None and rule.acked and rule.reply_to is not None:
-            self.core.send(RuleEnd(rule.rule_id, reason), self.core.gateway_peers[rule.gateway.name])
+            self._out.append(Send(RuleEnd(rule.rule_id, reason), self._peers[rule.gateway.name]))
 
     # ---- time and the kernel ----------------------------------------------------------
 
-    def tick(self, now: float) -> None:
+    def tick(self, now: float) -> list[Command]:
+        """Expired rules end, used ALLOWs' elements go after their grace, old replies are forgotten."""
         for rule in [r for r in self._rules.values() if r.expires <= now]:
             self._retire(rule, RuleEndReason.EXPIRED)
         for spent in [s for group in self.spent.values() for s in group if s.remove_at <= now]:
@@ -476,18 +518,19 @@ class RuleBook:
             if at > now - REPLY_CACHE_SECONDS:
                 break
             del self._replies[key]
+        return self._done()
 
     def _kernel(self, add: bool, rules: tuple[KernelRule, ...], purpose: tuple[Any, ...] = ("rules",)) -> None:
         token = next(self._tokens)
         self._ops[token] = purpose
-        self.kernel_ops.append(KernelOp(token, add, rules))
+        self._out.append(KernelOp(token, add, rules))
 
-    def kernel_done(self, token: int, ok: bool, now: float) -> None:
+    def kernel_done(self, token: int, ok: bool, now: float) -> list[Command]:
         """A ``KernelOp`` finished."""
         purpose = self._ops.pop(token, None)
         if purpose is None:
-            return
-        counters = self.core.counters
+            return []
+        counters = self.counters
         counters["kernel.ops"] += 1
         if not ok:
             counters["kernel.failed"] += 1
@@ -507,16 +550,16 @@ class RuleBook:
                 counters["rules.install_failed"] += 1
                 self._retire(rule, None)
                 self._reply(key, RuleRefused(key[1], RuleRefusal.LIMIT), source, now)
-            elif self.core.binding(fid) is None:
+            elif self._binding(fid) is None:
                 # It ended while its rule went in: nothing left to offload.
                 self._retire(rule, None)
                 self._reply(key, RuleRefused(key[1], RuleRefusal.UNKNOWN_FLOW), source, now)
             else:
                 rule.acked = True
                 self._reply(key, RuleAck(key[1], rule.rule_id, rule.expires_ms), source, now)
-                self.core.offloaded(fid)
+                self._out.append(Offloaded(fid))
                 if rule.ended is not None:
-                    self.core.send(RuleEnd(rule.rule_id, rule.ended), self.core.gateway_peers[rule.gateway.name])
+                    self._out.append(Send(RuleEnd(rule.rule_id, rule.ended), self._peers[rule.gateway.name]))
         elif purpose[0] == "ack":
             rule, source = purpose[1], purpose[2]
             key = rule.reply_to
@@ -533,4 +576,5 @@ class RuleBook:
                     counters["rules.translated"] += 1  # an ALLOW with its DNAT
                 self._reply(key, RuleAck(key[1], rule.rule_id, rule.expires_ms), source, now)
                 if rule.ended is not None:  # used or expired while it was being installed
-                    self.core.send(RuleEnd(rule.rule_id, rule.ended), self.core.gateway_peers[rule.gateway.name])
+                    self._out.append(Send(RuleEnd(rule.rule_id, rule.ended), self._peers[rule.gateway.name]))
+        return self._done()

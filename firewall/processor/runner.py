@@ -7,11 +7,12 @@ other packets:
 
 - the queue's netlink socket is read in batches of ``processor.queue_batch``
   messages, so a flood cannot starve signalling, expiry or the control
-  socket; each packet goes through ``ProcessorCore.handle``; then, for the
-  whole batch, the binding elements the core made go into the kernel's NAT
-  maps in one transaction (``kernel.NatWriter``), the datagrams it queued
-  (the NEW_FLOW pushes) are sent, and only then the verdicts are given, so
-  conntrack NATs each first packet and the push races ahead of it;
+  socket; each packet goes through ``ProcessorCore.handle``, whose verdict
+  comes with the binding elements to write first; then, for the whole
+  batch, those elements go into the kernel's NAT maps in one transaction
+  (``kernel.NatWriter``), the datagrams the core asked for (the NEW_FLOW
+  pushes) are sent, and only then the verdicts are given, so conntrack NATs
+  each first packet and the push races ahead of it;
 - conntrack destroy events (``kernel.Conntrack``) end bindings; at start the
   processor adopts the bindings the kernel still carries (a restart cuts no
   established flow), and after lost events it compares with a dump;
@@ -51,7 +52,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from firewall.config import Config
 from firewall.control import BadRequest, Command, ControlServer, SelectorLoop
 from firewall.errors import KernelError, PrivilegeError
-from firewall.processor.core import DROP, PASS, ProcessorCore, Route
+from firewall.processor.core import DROP, PASS, NatOp, Outputs, ProcessorCore, Route
 from firewall.processor.kernel import Conntrack, NatWriter, queue_counters
 from firewall.signalling import MAX_DATAGRAM, Encoder, Guard, Role, load_or_create_key
 
@@ -263,7 +264,7 @@ class Runner:
         qsock.setblocking(False)
         self._qsock = qsock
         self._batch = _Batch(qsock, self._overflowed)
-        self._pending: list[tuple[Packet, int, int, int, int]] = []
+        self._pending: list[tuple[Packet, int, int, tuple[NatOp, ...]]] = []
         self._sel.register(qsock, selectors.EVENT_READ, self._on_queue)
         self._sel.register(self.ct.events, selectors.EVENT_READ, self._on_conntrack)
 
@@ -332,51 +333,52 @@ class Runner:
             self._flush()
 
     def _flush(self) -> None:
-        """Hand the core's kernel operations on, then send what it queued (replies
-        to those operations included: a RULE_ACK promises the rule is in place)."""
-        core = self.core
-        ops = core.rules.kernel_ops
-        while ops:
-            # In order, in-process: a transaction each, well under a millisecond.
-            op = ops.pop(0)
-            try:
-                ok = self.nat.apply(op)
-            except Exception:  # noqa: BLE001 - counted; the rule is refused or retired
-                self._internal("kernel.error", "a dynamic rule")
-                ok = False
-            core.kernel_done(op.token, ok, time.monotonic())
-        if core.unbind_ops or core.ct_deletes:
-            self._unbind()
-        if core.outbox:
-            self._send_outbox()
+        """Carry out what the core's entry points asked for since the last flush."""
+        self._carry(self.core.take())
 
-    def _unbind(self) -> None:
+    def _carry(self, out: Outputs) -> None:
+        """Kernel operations first (their completion may ask for more), then the
+        elements and connections to delete, then the datagrams (replies to those
+        operations included: a RULE_ACK promises the rule is in place); until the
+        core asks for nothing more."""
+        core = self.core
+        while out:
+            for op in out.kernel_ops:
+                # In order, in-process: a transaction each, about a millisecond.
+                try:
+                    ok = self.nat.apply(op)
+                except Exception:  # noqa: BLE001 - counted; the rule is refused or retired
+                    self._internal("kernel.error", "a dynamic rule")
+                    ok = False
+                core.kernel_done(op.token, ok, time.monotonic())
+            if out.unbind or out.ct_deletes:
+                self._unbind(out)
+            self._send(out.datagrams)
+            out = core.take()
+
+    def _unbind(self, out: Outputs) -> None:
         """An offloaded flow's binding elements, then its connections: from here its
         next packet is new to conntrack, and its ALLOW takes it."""
-        core = self.core
         try:
-            self.nat.delete(core.unbind_ops)
+            self.nat.delete(out.unbind)
         except Exception:  # noqa: BLE001 - the elements time out on their own
             self._internal("nat.delete_error", "binding elements")
-        core.unbind_ops.clear()
-        for key in core.ct_deletes:
+        for key in out.ct_deletes:
             try:
                 self.ct.delete(*key)
             except Exception:  # noqa: BLE001 - the connection then ends at conntrack's pace
                 self._internal("conntrack.delete_error", "a conntrack delete")
-        core.ct_deletes.clear()
 
-    def _send_outbox(self) -> None:
-        core = self.core
+    def _send(self, datagrams: list[tuple[bytes, tuple[str, int]]]) -> None:
+        counters = self.core.counters
         sendto = self.sig.sendto
-        for data, peer in core.outbox:
+        for data, peer in datagrams:
             try:
                 sendto(data, peer)
             except OSError as err:
                 # Never wait for a gateway: the pull (QUERY) covers a lost push.
                 reason = "buffer_full" if err.errno in _COUNTED_ERRORS else "error"
-                core.counters[f"signalling.send_failed.{reason}"] += 1
-        core.outbox.clear()
+                counters[f"signalling.send_failed.{reason}"] += 1
 
     def _on_queue(self, sock: socket.socket) -> None:
         # One clock read per batch: a batch takes milliseconds.
@@ -392,33 +394,32 @@ class Runner:
 
     def _on_packet(self, pkt: Packet) -> None:
         """Decide now, give the verdict in ``_settle``, after the batch's NAT elements are in."""
-        core = self.core
-        start = len(core.nat_ops)
         try:
-            verdict, _, mark = self._handle(pkt.get_payload(), pkt.get_mark(), pkt.indev, self._now)
+            verdict, ops, mark = self._handle(pkt.get_payload(), pkt.get_mark(), pkt.indev, self._now)
         except Exception:  # noqa: BLE001 - never raise out of the queue callback
             self._internal("drop.internal", "a packet")
-            verdict, mark = DROP, 0
-            del core.nat_ops[start:]
-        self._pending.append((pkt, verdict, mark, start, len(core.nat_ops)))
+            verdict, ops, mark = DROP, (), 0
+        self._pending.append((pkt, verdict, mark, ops))
 
     def _settle(self) -> None:
         pending = self._pending
         if not pending:
             return
         core = self.core
-        ops = core.nat_ops
+        ops = [op for p in pending for op in p[3]]
         try:
             written = self.nat.write(ops)
         except Exception:  # noqa: BLE001 - a packet without its NAT is dropped, never let through
             self._internal("nat.write_error", "binding elements")
             written = [False] * len(ops)
-        ops.clear()
-        if core.outbox:
-            self._send_outbox()  # the push goes out before the packet it describes
-        for pkt, verdict, mark, start, end in pending:
+        out = core.take()
+        self._send(out.datagrams)  # the push goes out before the packet it describes
+        out.datagrams = []
+        at = 0
+        for pkt, verdict, mark, mine in pending:
+            start, at = at, at + len(mine)
             try:
-                if verdict == PASS and all(written[start:end]):
+                if verdict == PASS and all(written[start:at]):
                     pkt.set_mark(mark)
                     pkt.accept()
                 else:
@@ -428,6 +429,7 @@ class Runner:
             except Exception:  # noqa: BLE001 - one packet's verdict must not lose the others'
                 self._internal("verdict.error", "a verdict")
         pending.clear()
+        self._carry(out)  # the rest (a flow's adjacent rule, a replaced flow's rules) after the verdicts
 
     def _reap(self) -> None:
         if self.core.watching:

@@ -10,7 +10,20 @@ and, before its verdict, writes the binding into two maps of this table:
 - ``leg_snat``: the same key to the new source: the firewall-side F:f for
   leg A, the client C:c (or the router's W:w through masquerade) for leg B.
 
-Both maps are keyed by the connection's *original* tuple (``ct original``):
+Leg B's pair is written with leg A's, in the same transaction, so that leg
+B's first packet needs no transaction of its own: its original tuple G:e ->
+F:f is not known yet (e is the gateway's ephemeral port), but F:f is unique
+to the binding, so
+
+- ``legb_dnat``: (proto, G, F, f) to the server S:s;
+- ``legb_snat``: the same key to the client C:c (or W:w),
+
+looked up only for a packet that carries the ``rewritten`` mark, which the
+processor gives leg B's first packet once it has checked it (from G, a SYN,
+the binding's, one leg B at a time): nothing else that reaches F:f, from
+any side, is translated by them.
+
+The maps are keyed by the connection's *original* tuple (``ct original``):
 at dstnat that is the packet's own tuple; at srcnat the packet already
 carries the DNAT's destination, and two flows of one client port to two
 servers would look alike. NAT statements run once per connection, on its
@@ -43,10 +56,14 @@ FAMILY = "ip"
 TABLE = "nfgate_bind"
 DNAT_MAP = "leg_dnat"
 SNAT_MAP = "leg_snat"
+LEGB_DNAT_MAP = "legb_dnat"  # leg B by (proto, G, F, f), written at leg A's time
+LEGB_SNAT_MAP = "legb_snat"
 PRIORITY_OFFSET = 10  # below the ruleset's own dstnat/srcnat chains
 
 _KEY_TYPE = "inet_proto . ipv4_addr . inet_service . ipv4_addr . inet_service"
 _ORIGINAL = "meta l4proto . ct original ip saddr . ct original proto-src . ct original ip daddr . ct original proto-dst"
+_LEGB_KEY_TYPE = "inet_proto . ipv4_addr . ipv4_addr . inet_service"
+_LEGB_ORIGINAL = "meta l4proto . ct original ip saddr . ct original ip daddr . ct original proto-dst"
 # nft derives the port fields' type from the protocol in the same rule, so
 # each protocol gets its own rule (both share the maps).
 _PROTOS = ("tcp", "udp")
@@ -88,12 +105,17 @@ def render(marks: Marks, instances: int) -> str:
         "",
         f"table {FAMILY} {TABLE} {{",
     ]
-    for name, what in ((DNAT_MAP, "leg A: G:g, leg B: S:s"), (SNAT_MAP, "leg A: F:f, leg B: C:c or W:w")):
+    for name, key, what in (
+        (DNAT_MAP, _KEY_TYPE, "original tuple -> leg A: G:g, leg B: S:s"),
+        (SNAT_MAP, _KEY_TYPE, "original tuple -> leg A: F:f, leg B: C:c or W:w"),
+        (LEGB_DNAT_MAP, _LEGB_KEY_TYPE, "leg B, written with leg A: proto . G . F . f -> S:s"),
+        (LEGB_SNAT_MAP, _LEGB_KEY_TYPE, "leg B, written with leg A: proto . G . F . f -> C:c or W:w"),
+    ):
         lines += [
             f"\tmap {name} {{",
-            f"\t\ttype {_KEY_TYPE} : ipv4_addr . inet_service",
+            f"\t\ttype {key} : ipv4_addr . inet_service",
             "\t\tflags timeout",
-            f'\t\tcomment "original tuple -> {what}"',
+            f'\t\tcomment "{what}"',
             "\t}",
             "",
         ]
@@ -127,6 +149,8 @@ def render(marks: Marks, instances: int) -> str:
     ]
     for proto in _PROTOS:
         lines.append(f"\t\tmeta l4proto {proto} dnat ip to {_ORIGINAL} map @{DNAT_MAP}")
+    for proto in _PROTOS:
+        lines.append(f"\t\tmeta mark & {mask:#010x} == {mark:#010x} meta l4proto {proto} dnat ip to {_LEGB_ORIGINAL} map @{LEGB_DNAT_MAP}")
     for _, key, name in _dynamic("dnat", instances):
         for proto in _PROTOS:  # a DNAT with a port needs the protocol in its rule
             lines.append(f"\t\tmeta l4proto {proto} dnat ip to {key} map @{name}")
@@ -138,6 +162,8 @@ def render(marks: Marks, instances: int) -> str:
     ]
     for proto in _PROTOS:
         lines.append(f"\t\tmeta l4proto {proto} snat ip to {_ORIGINAL} map @{SNAT_MAP}")
+    for proto in _PROTOS:
+        lines.append(f"\t\tmeta mark & {mask:#010x} == {mark:#010x} meta l4proto {proto} snat ip to {_LEGB_ORIGINAL} map @{LEGB_SNAT_MAP}")
     lines += [
         "\t}",
         "",

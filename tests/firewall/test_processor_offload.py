@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 
 from firewall.processor.core import DROP, PASS
+from firewall.processor.kernel import Connection
 from firewall.processor.rulebook import KernelRule
-from firewall.rules.bind import DNAT_MAP, SNAT_MAP
+from firewall.rules.bind import DNAT_MAP, LEGB_DNAT_MAP, LEGB_SNAT_MAP, SNAT_MAP
 from firewall.signalling import (
     Counters,
     FlowEnd,
@@ -95,15 +96,15 @@ def udp_flow(rig: Rig, sport: int = 5000) -> tuple[Any, Leg, Leg]:
 
 
 def passed(rig: Rig, pkt: Any) -> None:
-    assert rig.send(pkt, WAN0) == (PASS, None, (QOS & ~MASK) | PASSED), dict(rig.core.counters)
-    assert rig.core.nat_ops == []
+    assert rig.send(pkt, WAN0) == (PASS, (), (QOS & ~MASK) | PASSED), dict(rig.core.counters)
+    assert rig.nat_ops == []
 
 
 def test_an_offloaded_udp_flow_leaves_the_gateway_for_an_exact_allow() -> None:
     rig = Rig(extra=EXTRA)
     flow, leg_a, leg_b = udp_flow(rig)
     assert rig.ask(OffloadRequest(1, flow.flow_id), DNS) == []  # nothing before the kernel has the ALLOW
-    (op,) = rig.core.rules.kernel_ops
+    (op,) = rig.out.kernel_ops
     # The client's own tuple, exactly (its source port too), as it addressed the router; the
     # DNAT to the port forward's S:s, and the accept for that translated tuple only.
     assert op.add and op.rules == (
@@ -111,20 +112,23 @@ def test_an_offloaded_udp_flow_leaves_the_gateway_for_an_exact_allow() -> None:
         KernelRule("dnat_0", ("udp", ip(C), 5000, ip(W), 5353), (ip(S), 53)),
         KernelRule("allow_dnat_0", ("udp", ip(C), 5000, ip(S), 53)),
     )
-    assert rig.core.flows(rig.now, 10) != [] and rig.core.ct_deletes == []  # the binding still carries it
+    assert rig.core.flows(rig.now, 10) != [] and rig.out.ct_deletes == []  # the binding still carries it
     rig.kernel()
     ack, end = rig.messages()
     assert isinstance(ack, RuleAck) and ack.request_id == 1
     assert end == FlowEnd(flow.flow_id, FlowEndReason.OFFLOADED)
     # Its NAT elements and both legs' connections go, in that order (the runner), and so does the binding.
     name = "udp"
-    assert rig.core.unbind_ops == [
+    assert rig.out.unbind == [
         (DNAT_MAP, name, ints(leg_a.key), (ip(leg_a.dnat[0]), leg_a.dnat[1])),
         (SNAT_MAP, name, ints(leg_a.key), (ip(leg_a.snat[0]), leg_a.snat[1])),
         (DNAT_MAP, name, ints(leg_b.key), (ip(leg_b.dnat[0]), leg_b.dnat[1])),
         (SNAT_MAP, name, ints(leg_b.key), (ip(leg_b.snat[0]), leg_b.snat[1])),
+        # and leg B's elements written with leg A's, by (G, F, f), if they have not timed out yet
+        (LEGB_DNAT_MAP, name, (ip(G), *ints(leg_b.key)[2:]), (ip(leg_b.dnat[0]), leg_b.dnat[1])),
+        (LEGB_SNAT_MAP, name, (ip(G), *ints(leg_b.key)[2:]), (ip(leg_b.snat[0]), leg_b.snat[1])),
     ]
-    assert rig.core.ct_deletes == [(17, *ints(leg_a.key)), (17, *ints(leg_b.key))]
+    assert rig.out.ct_deletes == [(17, *ints(leg_a.key)), (17, *ints(leg_b.key))]
     stats = rig.core.stats()
     assert stats["flows"] == 0 and stats["pools"]["firewall_side"]["used"] == 0
     assert stats["counters"]["flows.offloaded"] == 1
@@ -152,7 +156,7 @@ def test_offload_requests_refused_change_nothing(monkeypatch: pytest.MonkeyPatch
 
     def refused(req: OffloadRequest, source: tuple[str, int], reason: RuleRefusal) -> None:
         assert rig.ask(req, source) == [RuleRefused(req.request_id, reason)]
-        assert rig.core.rules.kernel_ops == [] and rig.core.ct_deletes == [] and rig.core.stats()["flows"] == 2
+        assert rig.out.kernel_ops == [] and rig.out.ct_deletes == [] and rig.core.stats()["flows"] == 2
 
     refused(OffloadRequest(1, flow.flow_id + 1000), DNS, RuleRefusal.UNKNOWN_FLOW)
     refused(OffloadRequest(2, flow.flow_id), FTP, RuleRefusal.OTHER_GATEWAY)  # the ftp gateway asks for dns's flow
@@ -174,7 +178,7 @@ def test_offload_requests_refused_change_nothing(monkeypatch: pytest.MonkeyPatch
     assert [type(m) for m in rig.messages()] == [RuleAck, FlowEnd]
     # The same request id again gets the first reply; a new one finds no flow to offload.
     (again,) = rig.ask(OffloadRequest(5, flow.flow_id), DNS)
-    assert isinstance(again, RuleAck) and rig.core.rules.kernel_ops == []
+    assert isinstance(again, RuleAck) and rig.out.kernel_ops == []
     assert rig.ask(OffloadRequest(6, flow.flow_id), DNS) == [RuleRefused(6, RuleRefusal.UNKNOWN_FLOW)]
     # While one offload's rule goes in, a second request for the flow is refused.
     other, _, _ = udp_flow(rig, sport=5002)
@@ -192,7 +196,7 @@ def test_an_offload_whose_flow_ended_meanwhile_is_refused() -> None:
     (op,) = rig.kernel()
     assert rig.messages() == [RuleRefused(1, RuleRefusal.UNKNOWN_FLOW)]
     (removal,) = rig.kernel()
-    assert not removal.add and removal.rules == op.rules and rig.core.ct_deletes == []
+    assert not removal.add and removal.rules == op.rules and rig.out.ct_deletes == []
 
 
 def test_log_only_flows_pass_unbound_and_end_with_conntracks_counters() -> None:
@@ -200,8 +204,8 @@ def test_log_only_flows_pass_unbound_and_end_with_conntracks_counters() -> None:
     syn = tcp(C, 40000, W, 8080, "S")
     # Accepted with the rewritten mark (the forward chain admits it, conntrack marks it as
     # nfgate's), unchanged: no NAT element, no pool entry.
-    assert rig.send(syn, WAN0) == (PASS, None, (QOS & ~MASK) | MARK)
-    assert rig.core.nat_ops == []
+    assert rig.send(syn, WAN0) == (PASS, (), (QOS & ~MASK) | MARK)
+    assert rig.nat_ops == []
     ((push, peer),) = rig.received()
     assert peer == LOGGER and isinstance(push, NewFlow)
     flow = push.flow
@@ -234,3 +238,46 @@ def test_a_log_only_flow_replaced_on_its_tuple_ends_first() -> None:
     end, second = rig.messages()
     assert end == FlowEnd(first.flow.flow_id, FlowEndReason.FIN) and second.flow.flow_id != first.flow.flow_id
     assert rig.send(tcp(C, 40000, W, 8080, "S"), WAN0)[0] != DROP
+
+
+def test_log_only_flows_are_adopted_after_a_restart_listed_and_ended_with_counters() -> None:
+    """A new processor finds the log-only connections in conntrack's dump (nfgate's mark):
+    those a log-only selector names are tracked again, pushed under new flow ids, listed by
+    ``nfgate flows``; anything else with the mark that is no binding's leg is left alone."""
+    rig = Rig(extra=EXTRA)
+    inbound = Connection(6, ints((C, 40000, W, 8080)), ints((S, 80, C, 40000)))
+    outbound = Connection(6, ints((S, 41000, C, 9001)), ints((C, 9001, W, 41000)))
+    not_selected = Connection(6, ints((C, 40001, W, 8081)), ints((S, 81, C, 40001)))
+    assert rig.core.adopt([inbound, outbound, not_selected], rig.now) == 0  # no binding among them
+    pushes = rig.received()
+    assert [peer for _, peer in pushes] == [LOGGER, LOGGER] and all(isinstance(m, NewFlow) for m, _ in pushes)
+    first, second = (m.flow for m, _ in pushes)
+    assert (str(first.client), str(first.original_dst), str(first.server)) == (f"{C}:40000", f"{W}:8080", f"{S}:80")
+    assert (str(second.client), str(second.server)) == (f"{S}:41000", f"{C}:9001")
+    assert str(first.firewall_side) == "0.0.0.0:0" and first.flow_id != second.flow_id
+    stats = rig.core.stats()
+    assert stats["logged_flows"] == 2 and stats["counters"]["flows.adopted_logged"] == 2 and rig.core.watching
+    acct = {(6, *ints((C, 40000, W, 8080))): (30, 40_000)}
+    listed = rig.core.flows(rig.now, 10, acct)
+    assert [(r["flow_id"], r["state"], r["gateway"], r["firewall_side"]) for r in listed] == [
+        (first.flow_id, ["logged", "adopted"], "logger", None), (second.flow_id, ["logged", "adopted"], "logger", None)]
+    assert (listed[0]["client"], listed[0]["server"], listed[0]["leg_a_bytes"], listed[1]["leg_a_packets"]) == (
+        f"{C}:40000", f"{S}:80", 40_000, 0)
+    assert len(rig.core.flows(rig.now, 1)) == 1
+    # Confirmed already (conntrack had it): no check ends it; its destroy event does, with the counters.
+    rig.tick(30)
+    assert rig.messages() == []
+    counters = Counters(10, 600, 20, 1_050_000)
+    rig.destroyed("tcp", (C, 40000, W, 8080), (S, 80, C, 40000), counters)
+    assert rig.messages() == [FlowEnd(first.flow_id, FlowEndReason.FIN, counters)]
+
+
+def test_log_only_flows_of_another_instance_are_not_adopted() -> None:
+    """With two queues, the client's low address bit steers it (steer_client_src): instance 0
+    takes only even clients' connections back."""
+    rig = Rig(pools="[processor]\nqueues = [0, 1]", extra=EXTRA)
+    odd = Connection(6, ints(("203.0.113.11", 40000, W, 8080)), ints((S, 80, "203.0.113.11", 40000)))
+    even = Connection(6, ints(("203.0.113.10", 40000, W, 8080)), ints((S, 80, "203.0.113.10", 40000)))
+    rig.core.adopt([odd, even], rig.now)
+    ((push, _),) = rig.received()
+    assert str(push.flow.client) == "203.0.113.10:40000" and rig.core.stats()["logged_flows"] == 1

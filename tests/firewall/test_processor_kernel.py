@@ -1,0 +1,88 @@
+"""firewall.processor.kernel: ctnetlink messages read with ``struct``, checked against pyroute2's encoder.
+
+The processor reads every destroy event and dump entry of nfgate's
+connections itself (``connection``); pyroute2's ctnetlink classes build the
+messages here, as the kernel would send them, so the two must agree.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple, nfct_msg
+
+from firewall.processor.kernel import Connection, _mark_of, connection
+from firewall.signalling import Counters
+
+
+def message(proto: int, orig: tuple[str, int, str, int], reply: tuple[str, int, str, int], *,
+            mark: int | None = None, counters: tuple[int, int, int, int] | None = None, family: int = socket.AF_INET) -> bytes:
+    def tup(t: tuple[str, int, str, int]) -> NFCTAttrTuple:
+        return NFCTAttrTuple(saddr=t[0], daddr=t[2], proto=proto, sport=t[1], dport=t[3])
+
+    fields: dict[str, Any] = {"tuple_orig": tup(orig), "tuple_reply": tup(reply)}
+    if mark is not None:
+        fields["mark"] = mark
+    if counters is not None:
+        fields["counters_orig"] = {"attrs": [["CTA_COUNTERS_PACKETS", counters[0]], ["CTA_COUNTERS_BYTES", counters[1]]]}
+        fields["counters_reply"] = {"attrs": [["CTA_COUNTERS_PACKETS", counters[2]], ["CTA_COUNTERS_BYTES", counters[3]]]}
+    msg = nfct_msg.create_from(**fields)
+    msg["header"]["type"] = 1 << 8 | 2  # ctnetlink, IPCTNL_MSG_CT_DELETE: a destroy event
+    msg["nfgen_family"] = family
+    msg.encode()
+    return bytes(msg.data)
+
+
+def ints(t: tuple[str, int, str, int]) -> tuple[int, int, int, int]:
+    return int(ipaddress.IPv4Address(t[0])), t[1], int(ipaddress.IPv4Address(t[2])), t[3]
+
+
+C, W, G, F = "203.0.113.10", "203.0.113.1", "172.31.255.2", "172.31.254.0"
+
+
+def test_a_destroy_event_reads_as_its_connection_with_counters_and_mark() -> None:
+    orig, reply = (C, 40000, W, 8443), (G, 20000, F, 1024)
+    data = message(6, orig, reply, mark=0x00010007, counters=(10, 600, 20, 1_050_000))
+    assert connection(data) == Connection(6, ints(orig), ints(reply), Counters(10, 600, 20, 1_050_000))
+    assert _mark_of(data, 0, len(data)) == 0x00010007
+    # Without accounting (nf_conntrack_acct = 0) there are no counters: zeros.
+    assert connection(message(17, orig, reply)) == Connection(17, ints(orig), ints(reply), Counters(0, 0, 0, 0))
+
+
+def test_a_message_inside_a_buffer_is_read_between_its_bounds() -> None:
+    first = message(6, (C, 1, W, 2), (W, 2, C, 1))
+    second = message(17, (C, 3, W, 4), (W, 4, C, 3), counters=(1, 2, 3, 4))
+    pad = b"\0" * (-len(first) % 4)
+    data = first + pad + second
+    start = len(first) + len(pad)
+    assert connection(data, start, len(data)) == Connection(17, ints((C, 3, W, 4)), ints((W, 4, C, 3)), Counters(1, 2, 3, 4))
+    assert connection(data, 0, len(first)).proto == 6  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("proto", [1, 132])  # ICMP, SCTP: not the processor's
+def test_other_protocols_are_not_connections(proto: int) -> None:
+    assert connection(message(proto, (C, 0, W, 0), (W, 0, C, 0))) is None
+
+
+def test_truncated_or_empty_messages_are_not_connections() -> None:
+    data = message(6, (C, 40000, W, 8443), (W, 8443, C, 40000))
+    for cut in (0, 16, 20, 24, len(data) // 2, len(data) - 1):
+        assert connection(data[:cut], 0, cut) is None, cut
+    assert connection(data, 0, len(data)) is not None
+
+
+@given(st.binary(max_size=200), st.data())
+def test_no_bytes_make_it_raise(data: bytes, draw: Any) -> None:
+    """Garbage, and a real message cut or with bytes flipped: a Connection or None, never an exception."""
+    connection(data, 0, len(data))  # raises nothing
+    real = bytearray(message(6, (C, 40000, W, 8443), (W, 8443, C, 40000), counters=(1, 2, 3, 4)))
+    for _ in range(draw.draw(st.integers(0, 8))):
+        real[draw.draw(st.integers(0, len(real) - 1))] = draw.draw(st.integers(0, 255))
+    cut = draw.draw(st.integers(0, len(real)))
+    got = connection(bytes(real[:cut]), 0, cut)
+    assert got is None or isinstance(got, Connection)
