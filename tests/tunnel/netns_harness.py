@@ -30,6 +30,7 @@ NAT_WAN = "198.51.100.1"
 SERVICE_PORT = 7443
 TOKENS = {"m1": "token-of-m1-0123456789abcdef", "m2": "token-of-m2-0123456789abcdef"}
 START_TIMEOUT = 10.0
+READ_TAIL_TIMEOUT = 2.0  # seconds to read what an exited process left in its pipes
 
 
 class Proc:
@@ -41,9 +42,12 @@ class Proc:
         self.lines: list[dict[str, Any]] = []
         self.text: list[str] = []
         self._lock = threading.Lock()
-        for stream in (popen.stdout, popen.stderr):
-            if stream is not None:
-                threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+        self._readers = [
+            threading.Thread(target=self._read, args=(stream,), daemon=True)
+            for stream in (popen.stdout, popen.stderr) if stream is not None
+        ]
+        for reader in self._readers:
+            reader.start()
 
     def _read(self, stream: Any) -> None:
         for raw in iter(stream.readline, b""):
@@ -66,6 +70,10 @@ class Proc:
 
     def wait(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = START_TIMEOUT, what: str = "") -> dict[str, Any]:
         def found() -> dict[str, Any] | None:
+            if self.popen.poll() is not None:
+                # Exited: its last lines may still be in the pipes; read them before judging.
+                for reader in self._readers:
+                    reader.join(timeout=READ_TAIL_TIMEOUT)
             if self.popen.poll() is not None and not any(predicate(d) for d in self.snapshot()):
                 raise AssertionError(f"{self.name} exited {self.popen.returncode}: {self.output()}")
             return next((d for d in self.snapshot() if predicate(d)), None)
