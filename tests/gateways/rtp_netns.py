@@ -13,7 +13,7 @@ timeout of 2 s and 3 s rules:
 
 - ``rtp`` (ssrc_change "drop"): the pairs 5004, 5010, 5020 and 5030;
 - ``rtp-allow`` (ssrc_change "allow"): 5040;
-- ``rtp-off`` (offload "after-validation" after 50 RTP datagrams): 5050, 5052;
+- ``rtp-off`` (offload "after-validation" after 50 RTP datagrams): 5050, 5052, 5054;
 - ``rtp-out``: lan -> wan, 5060; ``rtp-out-off``: the same with offload, 5062
   (routed: no port forward's accept in the forward chain carries it);
 - ``rtp-proc`` (adjacent "processor"): 5070; the processor's own rules live
@@ -103,7 +103,7 @@ restart_initial = 0.2
 stop_timeout = 8
 """ + gateway("rtp", '["5004-5005", "5010-5011", "5020-5021", "5030-5031"]') \
     + gateway("rtp-allow", '["5040-5041"]', ssrc="allow") \
-    + gateway("rtp-off", '["5050-5053"]', extra=f'offload = "after-validation"\noffload_after_packets = {OFFLOAD_AFTER}') \
+    + gateway("rtp-off", '["5050-5055"]', extra=f'offload = "after-validation"\noffload_after_packets = {OFFLOAD_AFTER}') \
     + gateway("rtp-out", '["5060-5061"]', src="lan", dst="wan") \
     + gateway("rtp-out-off", '["5062-5063"]', src="lan", dst="wan",
               extra=f'offload = "after-validation"\noffload_after_packets = {OFFLOAD_AFTER}') \
