@@ -110,6 +110,9 @@ class UdpFlows:
         self._max_flows = max_flows
         self._transport: asyncio.DatagramTransport | None = None
         self._flows: dict[Endpoint, UdpFlow] = {}
+        # The same flows by the socket's own address tuple: a datagram of a
+        # known flow costs one dict look-up, no address object.
+        self._by_addr: dict[Any, UdpFlow] = {}
 
     @property
     def active(self) -> int:
@@ -170,8 +173,7 @@ class UdpFlows:
             return
         attached = flow.hold is not None
         flow.state = State.CLOSED
-        if self._flows.get(flow.fw) is flow:
-            del self._flows[flow.fw]
+        self._remove(flow)
         if flow.task is not None and flow.task is not asyncio.current_task() and not attached:
             flow.task.cancel()  # still looking up: nobody waits for the answer
         if flow.leg_b is not None:
@@ -186,6 +188,10 @@ class UdpFlows:
     # ---- datagrams ---------------------------------------------------------------------------
 
     def _from_client(self, data: bytes, addr: Any) -> None:
+        flow = self._by_addr.get(addr)
+        if flow is not None and (flow.state is State.OPEN or flow.state is State.ENDED):
+            self._up(flow, data)
+            return
         fw = endpoint_of(addr)
         if fw is None:
             self.counters["dropped.bad_source"] += 1
@@ -197,6 +203,7 @@ class UdpFlows:
                 return
             flow = self._new_flow(fw)
             self._flows[fw] = flow
+            self._by_addr[addr] = flow
             self.counters["flows.started"] += 1
             flow.task = asyncio.create_task(self._open(flow))
         state = flow.state
@@ -268,5 +275,11 @@ class UdpFlows:
         """Drop a flow that never opened (no open line, nothing to release)."""
         flow.state = State.CLOSED
         flow.queue.clear()
+        self._remove(flow)
+
+    def _remove(self, flow: UdpFlow) -> None:
         if self._flows.get(flow.fw) is flow:
             del self._flows[flow.fw]
+        addr = (str(flow.fw.address), flow.fw.port)
+        if self._by_addr.get(addr) is flow:
+            del self._by_addr[addr]
