@@ -5,7 +5,11 @@ binding of: every datagram from one F:f to G:g ("Connection
 identification": F:f is unique per flow). ``UdpFlows`` is the part of a
 datagram gateway that is the same whatever it does with the datagrams:
 
-- G:g, the listen socket (leg A), bound by ``start``.
+- G:g, the listen socket (leg A), bound by ``start``. It is read straight
+  from the event loop, up to ``READ_BATCH`` datagrams per readiness, and
+  written with ``sendto`` at once: a datagram that finds the kernel's
+  buffer full is dropped and counted (``dropped.send_buffer``), never
+  queued (late media is useless media; UDP has no backpressure).
 - The first datagram from a new F:f starts ``GatewayLayer.attach``;
   datagrams arriving meanwhile wait in the flow's queue (``max_queued``;
   beyond it they are dropped and counted ``dropped.queue_full``: UDP may
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import socket
 from collections import Counter, deque
 from typing import Any
 
@@ -41,6 +46,11 @@ from gateways.layer.endpoint import endpoint_of
 # second. A client sending faster than that during the lookup loses the
 # excess, as it would on a congested path.
 MAX_QUEUED_DATAGRAMS = 32
+
+# Datagrams read from G:g per readiness of its socket: one event loop turn
+# and one epoll_wait for many, and still a turn for leg B and signalling.
+READ_BATCH = 64
+MAX_DATAGRAM = 65535
 
 
 class State(enum.Enum):
@@ -70,17 +80,6 @@ class UdpFlow:
         return self.hold.flow
 
 
-class _ListenProtocol(asyncio.DatagramProtocol):
-    def __init__(self, gw: "UdpFlows") -> None:
-        self._gw = gw
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self._gw._from_client(data, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        self._gw.counters["socket_errors.leg_a"] += 1
-
-
 class _LegBProtocol(asyncio.DatagramProtocol):
     def __init__(self, gw: "UdpFlows", flow: UdpFlow) -> None:
         self._gw = gw
@@ -108,7 +107,7 @@ class UdpFlows:
         self.log = log
         self.counters = counters
         self._max_flows = max_flows
-        self._transport: asyncio.DatagramTransport | None = None
+        self._sock: socket.socket | None = None
         self._flows: dict[Endpoint, UdpFlow] = {}
         # The same flows by the socket's own address tuple: a datagram of a
         # known flow costs one dict look-up, no address object.
@@ -121,12 +120,16 @@ class UdpFlows:
 
     async def start(self) -> None:
         """Bind G:g. OSError if the address is not here."""
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _ListenProtocol(self), local_addr=(str(self.listen.address), self.listen.port)
-        )
-        self._transport = transport
-        self.listen = Endpoint(self.listen.address, transport.get_extra_info("sockname")[1])
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind((str(self.listen.address), self.listen.port))
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self.listen = Endpoint(self.listen.address, sock.getsockname()[1])
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._read)
 
     async def _close_all(self, reason: str) -> None:
         """Close every flow, wait for their lookups, and release G:g."""
@@ -136,9 +139,10 @@ class UdpFlows:
         tasks = [f.task for f in flows if f.task is not None]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
+        if self._sock is not None:
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
 
     # ---- hooks -------------------------------------------------------------------------------
 
@@ -187,6 +191,20 @@ class UdpFlows:
 
     # ---- datagrams ---------------------------------------------------------------------------
 
+    def _read(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        for _ in range(READ_BATCH):
+            try:
+                data, addr = sock.recvfrom(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # an ICMP error queued on the socket
+                self.counters["socket_errors.leg_a"] += 1
+                continue
+            self._from_client(data, addr)
+
     def _from_client(self, data: bytes, addr: Any) -> None:
         flow = self._by_addr.get(addr)
         if flow is not None and (flow.state is State.OPEN or flow.state is State.ENDED):
@@ -214,15 +232,19 @@ class UdpFlows:
         else:
             self.counters["dropped.queue_full"] += 1
 
-    def _send_down(self, flow: UdpFlow, data: bytes, limit: int) -> bool:
-        """To the client from G:g; False (counted) when asyncio already holds ``limit`` bytes."""
-        transport = self._transport
-        if transport is None:
+    def _send_down(self, flow: UdpFlow, data: bytes) -> bool:
+        """To the client from G:g; False (counted) when the socket's buffer is full."""
+        sock = self._sock
+        if sock is None:
             return False
-        if transport.get_write_buffer_size() > limit:
+        try:
+            sock.sendto(data, (str(flow.fw.address), flow.fw.port))
+        except (BlockingIOError, InterruptedError):
             self.counters["dropped.send_buffer"] += 1
             return False
-        transport.sendto(data, (str(flow.fw.address), flow.fw.port))
+        except OSError:
+            self.counters["socket_errors.leg_a"] += 1
+            return False
         return True
 
     def _send_up(self, flow: UdpFlow, data: bytes, limit: int) -> bool:

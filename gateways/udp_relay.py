@@ -117,7 +117,7 @@ class UdpRelay(UdpFlows):
     def _down(self, flow: UdpFlow, data: bytes) -> None:
         assert isinstance(flow, _Flow)
         flow.last = asyncio.get_running_loop().time()
-        if self._send_down(flow, data, MAX_SEND_BUFFER):
+        if self._send_down(flow, data):
             flow.down += len(data)
             flow.datagrams_down += 1
             self._maybe_offload(flow)

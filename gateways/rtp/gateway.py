@@ -100,7 +100,7 @@ class RtpGateway(UdpFlows):
     def _down(self, flow: UdpFlow, data: bytes) -> None:
         core = self.core
         if core.datagram(flow.fw, False, data, asyncio.get_running_loop().time()) is None:
-            self._send_down(flow, data, MAX_SEND_BUFFER)
+            self._send_down(flow, data)
         if core.outbox:
             self._drain()
 
