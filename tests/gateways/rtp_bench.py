@@ -229,8 +229,10 @@ def main(argv: list[str] | None = None) -> None:
                                    ("kernel", KERNEL + 100, steps[-1:])):  # the kernel: is the generator the limit?
                 capacity(lab, figures, name, base, ns)
                 # What the processor did meanwhile: where a collapse comes from.
-                counters = run.ask("status")["processors"]["processor-0"]["counters"]
-                figures[f"processor_{name}"] = {k: v for k, v in counters.items() if v and not k.startswith("control")}
+                status = run.ask("status")["processors"]["processor-0"]
+                counters = status.get("counters") or status  # a busy processor answers with its error
+                figures[f"processor_{name}"] = {k: v for k, v in counters.items()
+                                                if v and not str(k).startswith("control")}
             figures["gateway_stats"] = [line for line in run.text().splitlines() if " stats " in line]
         finally:
             run.stop()
