@@ -23,25 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from firewall.lab.wait import wait_for
-from tests.gateways.rtp_netns import EXT, PEERS, WAN, RtpRunning
+from tests.gateways.rtp_netns import EXT, PEERS, RUN, WAN, RtpRunning
 from tests.firewall.run_harness import Running
 
 OFFICE = Path(__file__).parents[2] / "examples" / "office.toml"
 PHONE = "192.168.20.10"
 RTP_PORT = 16384  # the first pair of the office's rtp range
 
-RUN = """
-[gateway_link]
-netns = "{gwns}"
-
-[signalling]
-key_file = "{tmp}/signalling.key"
-
-[supervisor]
-control_socket = "{tmp}/run/control.sock"
-restart_initial = 0.2
-stop_timeout = 8
-"""
 
 
 def office_config(fail_mode: str | None = None) -> str:

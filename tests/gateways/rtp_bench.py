@@ -52,6 +52,7 @@ from firewall.lab.netns import Lab
 from firewall.lab.topology import load_topology
 from firewall.lab.wait import wait_for
 from tests.firewall.run_harness import Running
+from tests.gateways.rtp_netns import base_config
 
 EXT = "203.0.113.10"
 WAN = "203.0.113.1"
@@ -85,40 +86,7 @@ offload_after_packets = {after}
 offload_hold = 1
 """
 
-CONFIG = """
-[zones.wan]
-interfaces = ["wan0"]
-
-[zones.lan]
-interfaces = ["lan0"]
-
-[policy]
-forward = "drop"
-input = "drop"
-
-[[nat.forward]]
-name = "rtp-in"
-from = "wan"
-proto = "udp"
-port = "19000-37999"
-to = "192.168.1.10"
-
-[processor]
-queues = [0]
-fail_mode = "closed"
-max_rules = 20000
-
-[gateway_link]
-netns = "{gwns}"
-
-[signalling]
-key_file = "{tmp}/signalling.key"
-
-[supervisor]
-control_socket = "{tmp}/run/control.sock"
-restart_initial = 0.2
-stop_timeout = 8
-""" + GATEWAY_CONFIG.format(name="rtp-bench", ports="20000-23999", offload="never", after=OFFLOAD_AFTER) \
+CONFIG = base_config("19000-37999", "max_rules = 20000\n") + GATEWAY_CONFIG.format(name="rtp-bench", ports="20000-23999", offload="never", after=OFFLOAD_AFTER) \
     + GATEWAY_CONFIG.format(name="rtp-bench-off", ports="24000-27999", offload="after-validation", after=OFFLOAD_AFTER)
 
 REDIRECT = f"""table ip bench {{

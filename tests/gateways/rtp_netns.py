@@ -66,7 +66,25 @@ def gateway(name: str, ports: str, ssrc: str = "drop", adjacent: str = "gateway"
 
 OFFLOAD_AFTER = 50  # RTP datagrams: 1 s of 20 ms audio
 
-CONFIG = """
+# What every `nfgate run` in a lab needs besides the ruleset: its own gateway
+# namespace, key and control socket (tests/gateways/office_netns.py too).
+RUN = """
+[gateway_link]
+netns = "{gwns}"
+
+[signalling]
+key_file = "{tmp}/signalling.key"
+
+[supervisor]
+control_socket = "{tmp}/run/control.sock"
+restart_initial = 0.2
+stop_timeout = 8
+"""
+
+
+def base_config(ports: str, processor: str = "") -> str:
+    """The lab router forwarding wan udp ``ports`` to lan, dropping the rest, one processor failing closed."""
+    return f"""
 [zones.wan]
 interfaces = ["wan0"]
 networks = ["203.0.113.0/24"]
@@ -83,25 +101,16 @@ input = "drop"
 name = "rtp-in"
 from = "wan"
 proto = "udp"
-port = "5004-5081"
+port = "{ports}"
 to = "192.168.1.10"
 
 [processor]
 queues = [0]
 fail_mode = "closed"
-adjacent_ttl = 1
+{processor}""" + RUN
 
-[gateway_link]
-netns = "{gwns}"
 
-[signalling]
-key_file = "{tmp}/signalling.key"
-
-[supervisor]
-control_socket = "{tmp}/run/control.sock"
-restart_initial = 0.2
-stop_timeout = 8
-""" + gateway("rtp", '["5004-5005", "5010-5011", "5020-5021", "5030-5031"]') \
+CONFIG = base_config("5004-5081", "adjacent_ttl = 1\n") + gateway("rtp", '["5004-5005", "5010-5011", "5020-5021", "5030-5031"]') \
     + gateway("rtp-allow", '["5040-5041"]', ssrc="allow") \
     + gateway("rtp-off", '["5050-5055"]', extra=f'offload = "after-validation"\noffload_after_packets = {OFFLOAD_AFTER}') \
     + gateway("rtp-out", '["5060-5061"]', src="lan", dst="wan") \

@@ -18,10 +18,10 @@ from firewall.signalling import (
     RuleRefusal, RuleRequest, load_or_create_key, make_flow_id,
 )
 from firewall.signalling.guard import Refusal
-from gateways.layer import EventLog, GatewayLayer
+from gateways.layer import EventLog
 from gateways.rtp.gateway import RtpGateway
 from gateways.rtp.settings import RtpSettings
-from tests.gateways.fake_processor import KEY, FakeProcessor
+from tests.gateways.fake_processor import FakeProcessor, rig
 from tests.gateways.loopback import GATEWAY, DatagramQueue, fw_socket, run, udp_client_at, wait_until
 from tests.gateways.process import events, next_event, start_gateway, write_config
 from tests.gateways.rtp_packets import rr, rtp
@@ -104,24 +104,8 @@ class OffloadingProcessor(FakeProcessor):
 
 
 @contextlib.asynccontextmanager
-async def offloading_rig() -> AsyncIterator[tuple[OffloadingProcessor, GatewayLayer]]:
-    """``fake_processor.rig`` with the offloading fake."""
-    fake = OffloadingProcessor()
-    await fake.start()
-    layer = GatewayLayer(KEY, listen=Endpoint(GATEWAY, 0), instances=fake.instances, gateway="rtp",
-                         query_timeout=5.0, replay_window=5.0)
-    try:
-        await layer.start()
-        fake.layer_address = layer.listen
-        yield fake, layer
-    finally:
-        await layer.close()
-        fake.close()
-
-
-@contextlib.asynccontextmanager
 async def world(settings: RtpSettings = RtpSettings()) -> AsyncIterator[World]:
-    async with offloading_rig() as (fake, layer):
+    async with rig(gateway="rtp", fake=OffloadingProcessor()) as (fake, layer):
         gw = RtpGateway(layer, listen=Endpoint(GATEWAY, 0), settings=settings, log=EventLog("rtp"))
         await gw.start()
         w = World(fake, gw)
