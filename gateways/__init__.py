@@ -28,8 +28,11 @@ by connecting back to F:f, where the processor restores it (docs/datapath.md).
 - ``tcp_relay``: the ``tcp-relay`` kind (its settings and ``KIND`` too):
   relays TCP both ways (``relay/``) and logs each connection's real
   addresses, or only logs them (``mode = "log-only"``).
-- ``udp_relay``: the ``udp-relay`` kind: the same for UDP flows, one leg B
-  socket per flow, handed to the kernel after ``offload_after`` datagrams.
+- ``udp_flows``: what every UDP gateway shares: G:g, a lookup per new F:f
+  with a bounded queue of early datagrams, one leg B socket per flow,
+  ``max_flows``, close.
+- ``udp_relay``: the ``udp-relay`` kind: the same for UDP flows (on
+  ``udp_flows``), handed to the kernel after ``offload_after`` datagrams.
 - ``ftp/``: the ``ftp`` kind (docs/ftp.md; ``kind``: its settings and
   declaration): a sans-IO control-channel core
   (``core``, ``commands``, ``parse``) that asks the processor for exact,
@@ -42,8 +45,8 @@ by connecting back to F:f, where the processor restores it (docs/datapath.md).
   and its asyncio adapter (``gateway``).
 - ``rtp/``: the ``rtp`` kind (docs/rtp.md): RTP/RTCP checks (``parse``),
   the kind's settings model and declaration (``settings``), a sans-IO core of streams,
-  latching, limits and adjacent-port rule requests (``core``) and its
-  asyncio adapter (``gateway``).
+  latching, limits, adjacent-port rule requests and offload (``core``) and its
+  asyncio adapter on ``udp_flows`` (``gateway``).
 - ``__main__``: ``python -m gateways --manifest PATH [--log-json]``, one
   gateway process, as the supervisor starts it: it runs the entry point its
   kind declares, the ``tunnel`` kind's included (``tunnel.service.run_gateway``).

@@ -32,6 +32,9 @@ in both directions, and un-NATs ICMP errors about it. An element is only
 needed until that first packet has passed both hooks: it carries a short
 timeout (``processor.timeouts.nat_element``) and the kernel drops it.
 
+The allow chain marks a flow that a dynamic rule allows (``allowed``) and
+copies that bit to its connection's mark, so the packets that follow before
+any reply are still accepted once a one-shot rule's elements are gone.
 The dstnat chain also copies the processor's ``rewritten`` packet mark to the
 connection's mark, so that ``nfgate`` finds its own connections in a
 conntrack dump (after a restart) and in destroy events, whatever the
@@ -172,10 +175,16 @@ def render(marks: Marks, instances: int) -> str:
         "\t\tct state != new return",
     ]
     allowed = f"meta mark set meta mark | {marks.allowed:#010x}"
+    # A UDP flow that no reply has answered yet (one-way media, an offloaded
+    # RTP stream) stays "new" to conntrack, and a one-shot rule's elements go
+    # soon after its first packet: the connection's mark keeps the accept.
+    lines.append(f"\t\tct mark & {marks.allowed:#010x} == {marks.allowed:#010x} {allowed} "
+                 'comment "later packets of an allowed flow before its first reply (one-way UDP)"')
+    remember = f"ct mark set ct mark | {marks.allowed:#010x}"
     for _, key, name in _dynamic("allow", instances):
-        lines.append(f"\t\t{key} @{name} {allowed}")
+        lines.append(f"\t\t{key} @{name} {allowed} {remember}")
     for _, key, name in _dynamic("allow_dnat", instances):
-        lines.append(f"\t\tct status dnat {key} @{name} {allowed}")
+        lines.append(f"\t\tct status dnat {key} @{name} {allowed} {remember}")
     lines += ["\t}", "}"]
     return "\n".join(lines) + "\n"
 

@@ -6,7 +6,9 @@
 - ``settings``: ``RtpSettings``, the kind's ``[gateway.settings]`` as a
   frozen pydantic model, and the ``Policy`` the core reads.
 - ``core``: ``RtpCore``, sans-IO: streams (a destination port pair), the
-  latch, SSRC, rate and no-media limits, adjacent-port rule requests.
-- ``gateway``: ``RtpGateway``, the asyncio adapter: G:g, one leg B per flow,
-  the layer's lookups and rule requests, the core's clock.
+  latch, SSRC, rate and no-media limits, adjacent-port rule requests, the
+  offload of validated streams and their kernel-carried end.
+- ``gateway``: ``RtpGateway``, the asyncio adapter on gateways/udp_flows.py
+  (G:g, one leg B per flow, the lookups): the layer's rule and offload
+  requests, the core's clock.
 """

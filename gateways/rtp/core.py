@@ -41,6 +41,21 @@ and the clock (``tick``). What it wants done beyond a verdict it appends to
   lives, it asks again; a refused rule is not asked again. The processor
   ends it with the owner flow (RULE_END FLOW_ENDED). With ``adjacent =
   "processor"`` the core asks for nothing.
+- **Offload** (``offload = "after-validation"``): a stream is validated
+  once it has relayed ``offload_after_packets`` valid RTP datagrams, or
+  ``offload_after_seconds`` after it opened with at least one; then each of
+  its flows, and each flow that joins it later after its first valid
+  datagram, is handed to the kernel (``Offload``: OFFLOAD_REQUEST, exact
+  5-tuple). The processor's FLOW_END OFFLOADED moves the flow from the
+  stream's flows to its ``kernel`` ones (``flow_gone(offloaded=True)``). A
+  stream that the kernel carries keeps its latch, asks for no rule and has
+  no no-media timeout of its own: the kernel's UDP timeout is its no-media
+  timeout. It ends when the processor reports the end of its kernel
+  connections with conntrack's counters (``kernel_ended``; their packets
+  and bytes join the stream's), when the latched client's flow comes back
+  through the gateway on the same tuple (the kernel's connection is gone,
+  so the flow takes its role again), or, unreported, ``offload_hold``
+  seconds after its offload.
 """
 
 from __future__ import annotations
@@ -52,7 +67,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from firewall.signalling import Endpoint, FlowInfo, RuleEndReason
+from firewall.signalling import Counters, Endpoint, FlowInfo, RuleEndReason
 from gateways.rtp.parse import Problem, is_rtcp, parse_rtcp, parse_rtp
 from gateways.rtp.settings import Policy
 
@@ -97,7 +112,18 @@ class Event:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
-Output = RequestRule | EndFlow | Event
+@dataclass(frozen=True, slots=True)
+class Offload:
+    """Ask the processor to hand the flow from F:f to the kernel (OFFLOAD_REQUEST)."""
+
+    fw: Endpoint
+
+
+Output = RequestRule | EndFlow | Event | Offload
+
+# An offloaded flow's conntrack bytes count its IPv4 and UDP headers, the
+# gateway's the datagram only (RFC 791, RFC 768: 20 + 8 bytes, no options).
+UDP_IP_HEADERS = 28
 
 
 class _Bucket:
@@ -123,7 +149,8 @@ class Stream:
     """The media of one destination port pair, latched to one client."""
 
     __slots__ = ("key", "client", "flows", "ports", "ssrc", "buckets", "mux", "started", "last_media",
-                 "rule", "rule_failed", "ended", "datagrams", "octets")
+                 "rule", "rule_failed", "ended", "datagrams", "octets", "media", "validated", "kernel",
+                 "offloaded_at")
 
     def __init__(self, key: StreamKey, client: ipaddress.IPv4Address, burst: int, now: float) -> None:
         self.key = key
@@ -140,10 +167,14 @@ class Stream:
         self.ended = False
         self.datagrams = [0, 0]
         self.octets = [0, 0]
+        self.media = 0  # valid RTP datagrams relayed, both ways
+        self.validated = False  # offload: its flows go to the kernel
+        self.kernel: dict[Role, FlowInfo] = {}  # the flows the kernel carries, until their end is reported
+        self.offloaded_at: float | None = None
 
 
 class _Flow:
-    __slots__ = ("info", "role", "stream", "ended", "refused")
+    __slots__ = ("info", "role", "stream", "ended", "refused", "offload")
 
     def __init__(self, info: FlowInfo, role: Role) -> None:
         self.info = info
@@ -151,6 +182,7 @@ class _Flow:
         self.stream: Stream | None = None
         self.ended: str | None = None  # why it relays no more
         self.refused = False  # a datagram of it was refused by the latch (logged once)
+        self.offload: str | None = None  # "asked", "refused": handed to the kernel once at most
 
 
 class RtpCore:
@@ -172,8 +204,9 @@ class RtpCore:
         role = Role.RTCP if info.original_dst.port & 1 else Role.RTP
         self.flows[info.firewall_side] = _Flow(info, role)
 
-    def flow_gone(self, fw: Endpoint, now: float) -> None:
-        """The processor ended the flow's binding (FLOW_END), or the gateway forgets it."""
+    def flow_gone(self, fw: Endpoint, now: float, offloaded: bool = False) -> None:
+        """The processor ended the flow's binding (FLOW_END; ``offloaded``: the kernel carries
+        it from now on), or the gateway forgets it."""
         flow = self.flows.pop(fw, None)
         if flow is None or flow.stream is None:
             return
@@ -182,6 +215,17 @@ class RtpCore:
             del stream.flows[flow.role]
         if stream.ended:
             return
+        if offloaded:
+            stream.kernel[flow.role] = flow.info
+            if stream.offloaded_at is None:
+                stream.offloaded_at = now
+                self.counters["streams.offloaded"] += 1
+            self.counters["offload.flows"] += 1
+            self._event("offloaded", stream, flow=f"{flow.info.flow_id:#x}", role=flow.role.value,
+                        datagrams_up=stream.datagrams[UP], datagrams_down=stream.datagrams[DOWN])
+            return
+        if stream.kernel:
+            return  # the kernel carries the rest: its reported end, or offload_hold, ends the stream
         if flow.role is Role.RTP or not stream.flows:
             self._end(stream, "flow_end", now)
         else:
@@ -226,6 +270,7 @@ class RtpCore:
                                 old=f"{known:#010x}", new=f"{ssrc:#010x}")
                 stream.ssrc[d] = ssrc
             stream.last_media = now
+            stream.media += 1
             self.counters["relayed.rtp"] += 1
         else:
             if flow.role is Role.RTP and not stream.mux:
@@ -239,6 +284,8 @@ class RtpCore:
             # Asked for once this datagram is judged: if it was RTCP on the
             # RTP port, the stream is multiplexed and needs no second rule.
             self._rule_step(stream)
+        if policy.offload and flow.offload is None:
+            self._offload_step(stream, now)
         return None
 
     def _drop(self, reason: str) -> str:
@@ -278,6 +325,13 @@ class RtpCore:
             return "other_address"
         if flow.role in stream.flows:
             return "role_taken"
+        carried = stream.kernel.get(flow.role)
+        if carried is not None:
+            if carried.client != info.client:
+                return "role_taken"
+            # Its tuple reached the gateway again, so the kernel's connection is gone: the flow is back.
+            del stream.kernel[flow.role]
+            self.counters["offload.returned"] += 1
         if self.policy.rtcp_plus_one:
             other = stream.ports.get(flow.role.other())
             step = 1 if flow.role is Role.RTCP else -1
@@ -296,7 +350,7 @@ class RtpCore:
     def _rule_step(self, stream: Stream) -> None:
         policy = self.policy
         if (not policy.adjacent_by_gateway or stream.ended or stream.mux or stream.rule is not None
-                or stream.rule_failed or len(stream.flows) != 1):
+                or stream.rule_failed or len(stream.flows) != 1 or stream.kernel):
             return
         (role, owner), = stream.flows.items()
         address, base = stream.key
@@ -343,13 +397,74 @@ class RtpCore:
             if reason is not RuleEndReason.USED:  # used: its flow is on its way
                 self._rule_step(stream)
 
+    # ---- offload ------------------------------------------------------------------------------
+
+    def _offload_step(self, stream: Stream, now: float) -> None:
+        """Validated now (or before): hand each of the stream's flows not yet asked for to the kernel."""
+        if not stream.validated:
+            policy = self.policy
+            if not (stream.media >= policy.offload_after_packets
+                    or (stream.media and now - stream.started >= policy.offload_after_seconds)):
+                return
+            stream.validated = True
+            self.counters["streams.validated"] += 1
+        for flow in stream.flows.values():
+            if flow.offload is None:
+                flow.offload = "asked"
+                self.counters["offload.requested"] += 1
+                self.outbox.append(Offload(flow.info.firewall_side))
+
+    def offload_answered(self, fw: Endpoint, granted: bool, why: str = "") -> None:
+        """The processor's answer to ``Offload``: granted (FLOW_END OFFLOADED follows), or
+        refused or unanswered: the flow goes on through the gateway and is not asked for again."""
+        flow = self.flows.get(fw)
+        if granted:
+            self.counters["offload.acked"] += 1
+            return
+        self.counters["offload.refused"] += 1
+        if flow is not None:
+            flow.offload = "refused"
+            if flow.stream is not None:
+                self._event("offload.refused", flow.stream, flow=f"{flow.info.flow_id:#x}", why=why)
+
+    def kernel_ended(self, client: Endpoint, original_dst: Endpoint, counters: Counters | None, now: float) -> bool:
+        """The processor reports the end of a connection the kernel carried for this gateway
+        (conntrack destroyed it: for UDP, its timeout after the last datagram). True if it was
+        one of an offloaded stream's; its counters join the stream's."""
+        stream = self.streams.get((original_dst.address, original_dst.port & ~1))
+        role = Role.RTCP if original_dst.port & 1 else Role.RTP
+        if stream is None or stream.kernel.get(role) is None or stream.kernel[role].client != client:
+            return False
+        del stream.kernel[role]
+        self.counters["offload.ended"] += 1
+        if counters is not None:
+            stream.datagrams[UP] += counters.packets_up
+            stream.datagrams[DOWN] += counters.packets_down
+            stream.octets[UP] += max(0, counters.bytes_up - UDP_IP_HEADERS * counters.packets_up)
+            stream.octets[DOWN] += max(0, counters.bytes_down - UDP_IP_HEADERS * counters.packets_down)
+        if role is Role.RTP or not (stream.kernel or stream.flows):
+            self._end(stream, "kernel_end", now)
+        return True
+
     # ---- time --------------------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
-        """End the streams whose media stopped ``no_media_timeout`` ago."""
-        limit = now - self.policy.no_media_timeout
-        for stream in [s for s in self.streams.values() if s.last_media <= limit]:
-            self._end(stream, "no_media", now)
+        """End the streams whose media stopped ``no_media_timeout`` ago (the kernel's timeout
+        for those whose RTP it carries), validate streams by age, and end offloaded streams
+        whose end was never reported ``offload_hold`` after their offload."""
+        policy = self.policy
+        limit = now - policy.no_media_timeout
+        for stream in list(self.streams.values()):
+            if stream.kernel:
+                assert stream.offloaded_at is not None
+                if Role.RTP in stream.kernel or not stream.flows:
+                    if now - stream.offloaded_at >= policy.offload_hold:
+                        self._end(stream, "offload_hold", now)
+                    continue
+            if stream.last_media <= limit:
+                self._end(stream, "no_media", now)
+            elif policy.offload and not stream.validated:
+                self._offload_step(stream, now)
 
     def shutdown(self, now: float) -> None:
         for stream in list(self.streams.values()):
@@ -367,7 +482,8 @@ class RtpCore:
         self.counters[f"streams.ended.{reason}"] += 1
         self._event("stream.close", stream, reason=reason, duration=round(now - stream.started, 3),
                     datagrams_up=stream.datagrams[UP], datagrams_down=stream.datagrams[DOWN],
-                    bytes_up=stream.octets[UP], bytes_down=stream.octets[DOWN], rtcp_mux=stream.mux)
+                    bytes_up=stream.octets[UP], bytes_down=stream.octets[DOWN], rtcp_mux=stream.mux,
+                    offloaded=stream.offloaded_at is not None)
 
     def _event(self, name: str, stream: Stream, **fields: Any) -> None:
         address, base = stream.key

@@ -39,6 +39,7 @@ PayloadTypes = Annotated[
 Adjacent = Choice("gateway", "processor")
 RtcpSourcePort = Choice("rtp-plus-one", "any")
 AllowDrop = Choice("allow", "drop")
+OffloadPolicy = Choice("never", "after-validation")
 
 
 class RtpSettings(Frozen):
@@ -81,6 +82,22 @@ class RtpSettings(Frozen):
         100,
         description="datagrams one stream may relay at once in one direction before the rate applies",
     )
+    offload: OffloadPolicy = Field(
+        "never",
+        description="never: every datagram crosses the gateway; after-validation: once validated, each flow of "
+                    "the stream is handed to the kernel, exact 5-tuple (OFFLOAD_REQUEST; docs/rtp.md, Offload)",
+    )
+    offload_after_packets: Int(1, 1_000_000) = Field(
+        500, description="valid RTP datagrams a stream relays before it is validated (500: 10 s of 20 ms audio)",
+    )
+    offload_after_seconds: Number(0.1, 86400) = Field(
+        10.0, description="or seconds after the stream opened, with at least one valid RTP datagram",
+    )
+    offload_hold: Number(1, 86400) = Field(
+        3600.0,
+        description="seconds an offloaded stream keeps its latch when the end of its kernel connections "
+                    "is not reported",
+    )
     max_flows: Int(1, 1_000_000) = Field(
         4096,
         description="UDP flows held at once (looked up, in a stream, or refused); a datagram that would start one more is dropped",
@@ -97,6 +114,10 @@ class RtpSettings(Frozen):
             no_media_timeout=self.no_media_timeout,
             max_packet_rate=self.max_packet_rate,
             max_packet_burst=self.max_packet_burst,
+            offload=self.offload == "after-validation",
+            offload_after_packets=self.offload_after_packets,
+            offload_after_seconds=self.offload_after_seconds,
+            offload_hold=self.offload_hold,
         )
 
 
@@ -113,6 +134,10 @@ class Policy:
     no_media_timeout: float = 60.0
     max_packet_rate: float = 500.0
     max_packet_burst: int = 100
+    offload: bool = False
+    offload_after_packets: int = 500
+    offload_after_seconds: float = 10.0
+    offload_hold: float = 3600.0
 
 
 def _adjacent_port(settings: Any) -> int | None:

@@ -266,10 +266,11 @@ async def rig(
     queues: tuple[int, ...] = (0,),
     query_timeout: float = 5.0,
     gateway: str | None = "relay",
+    fake: FakeProcessor | None = None,
     **layer_options: Any,
 ) -> AsyncIterator[tuple[FakeProcessor, GatewayLayer]]:
-    """A fake processor and a real layer on loopback, wired to each other."""
-    fake = FakeProcessor(queues=queues)
+    """A fake processor (``fake``, or a new one) and a real layer on loopback, wired to each other."""
+    fake = fake if fake is not None else FakeProcessor(queues=queues)
     await fake.start()
     layer = GatewayLayer(
         KEY,

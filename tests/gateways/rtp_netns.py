@@ -2,15 +2,22 @@
 
 ext (203.0.113.10, and 203.0.113.11 as a third host) - router (wan0
 203.0.113.1, lan0 192.168.1.1) - lan (192.168.1.10). The router forwards
-wan udp 5004-5041 to lan, keeping the ports, and every port of that range
-is a selector of one of two rtp gateways, so nothing reaches lan on it but
-through a gateway (a port forward alone is accepted by the kernel).
+wan udp 5004-5081 to lan, keeping the ports, and every port of that range
+that a test uses is a selector of an rtp gateway, so nothing reaches lan on
+it but through a gateway (a port forward alone is accepted by the kernel).
+ext routes 192.168.1.0/24 through the router (the rig adds it), and lan
+reaches ext's udp 5060-5063 only through ``rtp-out`` and ``rtp-out-off``.
 
-``rtp`` (ssrc_change "drop") has the pairs 5004, 5010, 5020 and 5030,
-``rtp-allow`` (ssrc_change "allow") 5040; each test its own pair. Both run
-with ``adjacent = "gateway"``, a no-media timeout of 2 s and 3 s rules. The
-processor adds a rule of its own for every flow of kind rtp today; it lives
-``adjacent_ttl`` = 1 s here, so what the tests see later is the gateway's.
+Each test has its own pair, each gateway a variant, all with a no-media
+timeout of 2 s and 3 s rules:
+
+- ``rtp`` (ssrc_change "drop"): the pairs 5004, 5010, 5020 and 5030;
+- ``rtp-allow`` (ssrc_change "allow"): 5040;
+- ``rtp-off`` (offload "after-validation" after 50 RTP datagrams): 5050, 5052, 5054;
+- ``rtp-out``: lan -> wan, 5060; ``rtp-out-off``: the same with offload, 5062
+  (routed: no port forward's accept in the forward chain carries it);
+- ``rtp-proc`` (adjacent "processor"): 5070; the processor's own rules live
+  ``adjacent_ttl`` = 1 s here.
 """
 
 from __future__ import annotations
@@ -38,19 +45,46 @@ name = "{name}"
 kind = "rtp"
 
 [[gateway.traffic]]
-from = "wan"
-to = "lan"
+from = "{src}"
+to = "{dst}"
 proto = "udp"
 ports = {ports}
 
 [gateway.settings]
-adjacent = "gateway"
+adjacent = "{adjacent}"
 no_media_timeout = 2
 adjacent_rule_ttl = 3
 ssrc_change = "{ssrc}"
+{extra}
 """
 
-CONFIG = """
+
+def gateway(name: str, ports: str, ssrc: str = "drop", adjacent: str = "gateway", src: str = "wan",
+            dst: str = "lan", extra: str = "") -> str:
+    return GATEWAY.format(name=name, ports=ports, ssrc=ssrc, adjacent=adjacent, src=src, dst=dst, extra=extra)
+
+
+OFFLOAD_AFTER = 50  # RTP datagrams: 1 s of 20 ms audio
+
+# What every `nfgate run` in a lab needs besides the ruleset: its own gateway
+# namespace, key and control socket (tests/gateways/office_netns.py too).
+RUN = """
+[gateway_link]
+netns = "{gwns}"
+
+[signalling]
+key_file = "{tmp}/signalling.key"
+
+[supervisor]
+control_socket = "{tmp}/run/control.sock"
+restart_initial = 0.2
+stop_timeout = 8
+"""
+
+
+def base_config(ports: str, processor: str = "") -> str:
+    """The lab router forwarding wan udp ``ports`` to lan, dropping the rest, one processor failing closed."""
+    return f"""
 [zones.wan]
 interfaces = ["wan0"]
 networks = ["203.0.113.0/24"]
@@ -67,26 +101,22 @@ input = "drop"
 name = "rtp-in"
 from = "wan"
 proto = "udp"
-port = "5004-5041"
+port = "{ports}"
 to = "192.168.1.10"
 
 [processor]
 queues = [0]
 fail_mode = "closed"
-adjacent_ttl = 1
+{processor}""" + RUN
 
-[gateway_link]
-netns = "{gwns}"
 
-[signalling]
-key_file = "{tmp}/signalling.key"
-
-[supervisor]
-control_socket = "{tmp}/run/control.sock"
-restart_initial = 0.2
-stop_timeout = 8
-""" + GATEWAY.format(name="rtp", ports='["5004-5005", "5010-5011", "5020-5021", "5030-5031"]', ssrc="drop") \
-    + GATEWAY.format(name="rtp-allow", ports='["5040-5041"]', ssrc="allow")
+CONFIG = base_config("5004-5081", "adjacent_ttl = 1\n") + gateway("rtp", '["5004-5005", "5010-5011", "5020-5021", "5030-5031"]') \
+    + gateway("rtp-allow", '["5040-5041"]', ssrc="allow") \
+    + gateway("rtp-off", '["5050-5055"]', extra=f'offload = "after-validation"\noffload_after_packets = {OFFLOAD_AFTER}') \
+    + gateway("rtp-out", '["5060-5061"]', src="lan", dst="wan") \
+    + gateway("rtp-out-off", '["5062-5063"]', src="lan", dst="wan",
+              extra=f'offload = "after-validation"\noffload_after_packets = {OFFLOAD_AFTER}') \
+    + gateway("rtp-proc", '["5070-5071"]', adjacent="processor")
 
 SDP = """v=0
 o=- 0 0 IN IP4 {sender}

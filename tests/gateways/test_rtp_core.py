@@ -8,8 +8,8 @@ import itertools
 
 import pytest
 
-from firewall.signalling import Endpoint, FlowInfo, Proto, RuleEndReason
-from gateways.rtp.core import EndFlow, Event, RequestRule, RtpCore
+from firewall.signalling import Counters, Endpoint, FlowInfo, Proto, RuleEndReason
+from gateways.rtp.core import EndFlow, Event, Offload, RequestRule, RtpCore
 from gateways.rtp.settings import Policy
 from tests.gateways.rtp_packets import bye, rr, rtp, sdes, sr
 
@@ -335,3 +335,150 @@ def test_the_rtcp_flow_ending_opens_its_port_again_the_rtp_flow_ending_ends_the_
 def test_unknown_flows_are_dropped_and_counted() -> None:
     r = Rig()
     assert r.core.datagram(Endpoint(IP("172.31.254.9"), 9), True, rtp(), 0.0) == "unknown_flow"
+
+
+# ---- offload ----------------------------------------------------------------------------------------
+
+
+def offloads(r: Rig) -> list[Endpoint]:
+    return [o.fw for o in r.take() if isinstance(o, Offload)]
+
+
+def test_never_offload_asks_for_nothing_however_long_the_stream() -> None:
+    r = Rig(offload=False, offload_after_packets=3, offload_after_seconds=1.0)
+    a = r.open(flow())
+    for i in range(10):
+        r.up(a, rtp(i))
+    r.now += 5
+    r.core.tick(r.now)
+    assert offloads(r) == [] and r.core.counters["offload.requested"] == 0
+
+
+def test_a_stream_is_validated_at_the_packet_count_and_both_its_flows_go_to_the_kernel() -> None:
+    r = Rig(offload=True, offload_after_packets=3, offload_after_seconds=60.0)
+    a = r.open(flow())
+    b = r.open(flow(cport=40001, dport=N + 1))
+    r.up(a, rtp(1))
+    r.up(b, rr())
+    assert r.up(a, rtp(2)) is None and offloads(r) == []  # 2 valid RTP datagrams: one short
+    assert r.down(a, rtp(1, ssrc=9)) is None  # media either way counts
+    assert offloads(r) == [a.firewall_side, b.firewall_side]
+    assert r.up(a, rtp(3)) is None and offloads(r) == []  # asked once per flow; relayed meanwhile
+    assert r.core.counters["streams.validated"] == 1 and r.core.counters["offload.requested"] == 2
+
+
+def test_a_stream_is_validated_by_age_on_the_tick_but_only_with_media() -> None:
+    r = Rig(offload=True, offload_after_packets=1000, offload_after_seconds=2.0)
+    b = r.open(flow(cport=40001, dport=N + 1))
+    r.up(b, rr())  # RTCP first: a stream without media
+    r.now += 3
+    r.core.tick(r.now)
+    assert offloads(r) == []
+    a = r.open(flow())
+    assert r.up(a, rtp(1)) is None  # old enough, and now with media: validated on the datagram
+    assert offloads(r) == [b.firewall_side, a.firewall_side]
+    r2 = Rig(offload=True, offload_after_packets=1000, offload_after_seconds=2.0)
+    c = r2.open(flow(dport=N + 2))
+    r2.up(c, rtp(1))
+    r2.core.tick(r2.now + 1.9)
+    assert offloads(r2) == []
+    r2.core.tick(r2.now + 2.0)  # no datagram since: the tick validates it
+    assert offloads(r2) == [c.firewall_side]
+
+
+def test_a_flow_that_joins_a_validated_stream_goes_to_the_kernel_after_its_first_datagram() -> None:
+    r = Rig(offload=True, offload_after_packets=2)
+    a = r.open(flow())
+    r.up(a, rtp(1))
+    r.up(a, rtp(2))
+    assert offloads(r) == [a.firewall_side]
+    b = r.open(flow(cport=40001, dport=N + 1))
+    assert r.up(b, rr()) is None
+    assert offloads(r) == [b.firewall_side]
+
+
+def test_an_offloaded_stream_keeps_its_latch_has_no_timeout_of_its_own_and_ends_with_the_kernels_report() -> None:
+    r = Rig(offload=True, offload_after_packets=2, no_media_timeout=5.0)
+    a = r.open(flow())
+    b = r.open(flow(cport=40001, dport=N + 1))
+    r.up(a, rtp(1))
+    r.up(b, rr())
+    r.up(a, rtp(2))
+    offloads(r)
+    r.core.offload_answered(a.firewall_side, True)
+    r.core.offload_answered(b.firewall_side, True)
+    r.core.flow_gone(a.firewall_side, r.now, offloaded=True)
+    r.core.flow_gone(b.firewall_side, r.now, offloaded=True)
+    assert [o.name for o in r.take() if isinstance(o, Event)] == ["offloaded", "offloaded"]
+    assert r.core.counters["streams.offloaded"] == 1 and r.core.counters["offload.flows"] == 2
+    r.now += 60
+    r.core.tick(r.now)  # far past no_media_timeout: the kernel carries the media, the gateway sees none
+    assert (N & ~1) in {port for _, port in r.core.streams} and r.take() == []
+    # A third host on the stream's ports (a new flow: the kernel carries only the exact 5-tuple).
+    t = r.open(flow(client=T, cport=40000))
+    assert r.up(t, rtp(1)) == "not_latched"
+    # RTCP's connection ends first: the stream lives on.
+    assert r.core.kernel_ended(Endpoint(C, 40001), Endpoint(S_, N + 1), Counters(3, 3 * 80, 0, 0), r.now)
+    assert r.core.streams
+    # The RTP connection's end, with conntrack's counters (IP and UDP headers counted: 28 bytes each).
+    assert r.core.kernel_ended(Endpoint(C, 40000), Endpoint(S_, N), Counters(100, 100 * 200, 0, 0), r.now)
+    (close,) = [o for o in r.take() if isinstance(o, Event) and o.name == "stream.close"]
+    assert close.fields["reason"] == "kernel_end" and close.fields["offloaded"] is True
+    assert close.fields["datagrams_up"] == 2 + 1 + 3 + 100
+    assert close.fields["bytes_up"] == 2 * 172 + len(rr()) + 3 * 52 + 100 * 172
+    assert not r.core.streams
+    # Not the stream's, or already reported: nothing.
+    assert not r.core.kernel_ended(Endpoint(C, 40000), Endpoint(S_, N), None, r.now)
+
+
+def test_the_latched_client_coming_back_through_the_gateway_takes_its_role_again() -> None:
+    r = Rig(offload=True, offload_after_packets=1)
+    a = r.open(flow())
+    r.up(a, rtp(1))
+    offloads(r)
+    r.core.flow_gone(a.firewall_side, r.now, offloaded=True)
+    other_port = r.open(flow(cport=41000))
+    assert r.up(other_port, rtp(1)) == "not_latched"  # the role is the kernel's flow's
+    again = r.open(flow())  # the same tuple: its kernel connection ended unreported
+    assert r.up(again, rtp(2)) is None
+    assert r.core.counters["offload.returned"] == 1
+    assert offloads(r) == [again.firewall_side]  # the stream was validated: straight back to the kernel
+
+
+def test_a_refused_offload_leaves_the_flow_in_the_gateway_and_is_not_asked_again() -> None:
+    r = Rig(offload=True, offload_after_packets=1, no_media_timeout=5.0)
+    a = r.open(flow())
+    r.up(a, rtp(1))
+    assert offloads(r) == [a.firewall_side]
+    r.core.offload_answered(a.firewall_side, False, "POLICY")
+    assert [o.name for o in r.take() if isinstance(o, Event)] == ["offload.refused"]
+    assert r.up(a, rtp(2)) is None and offloads(r) == []
+    r.now += 5
+    r.core.tick(r.now)  # still the gateway's: its own no-media timeout applies
+    assert r.core.counters["streams.ended.no_media"] == 1 and r.core.counters["offload.refused"] == 1
+
+
+def test_an_unreported_offloaded_stream_lets_its_latch_go_after_offload_hold() -> None:
+    r = Rig(offload=True, offload_after_packets=1, offload_hold=100.0)
+    a = r.open(flow())
+    r.up(a, rtp(1))
+    r.take()
+    r.core.flow_gone(a.firewall_side, r.now, offloaded=True)
+    r.core.tick(r.now + 99.9)
+    assert r.core.streams
+    r.core.tick(r.now + 100)
+    assert not r.core.streams and r.core.counters["streams.ended.offload_hold"] == 1
+    t = r.open(flow(client=T))
+    assert r.up(t, rtp(1)) is None  # the pair is free for a new stream
+
+
+def test_no_rule_is_asked_for_a_stream_the_kernel_carries() -> None:
+    r = Rig(offload=True, offload_after_packets=1)
+    a = r.open(flow())
+    r.up(a, rtp(1))
+    out = r.take()
+    (rule,) = [o for o in out if isinstance(o, RequestRule)]
+    r.core.rule_answered(rule.token, True)
+    r.core.flow_gone(a.firewall_side, r.now, offloaded=True)
+    r.core.rule_ended(rule.token, RuleEndReason.FLOW_ENDED)  # the owner's binding went with the offload
+    assert r.rules() == []

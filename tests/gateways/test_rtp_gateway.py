@@ -7,12 +7,17 @@ import contextlib
 import ipaddress
 import signal
 import socket
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 import pytest
 
-from firewall.signalling import Endpoint, FlowEndReason, FlowInfo, Proto, RuleAck, RuleMode, RuleRefusal, RuleRequest, load_or_create_key
+from firewall.signalling import (
+    Counters, Endpoint, FlowEnd, FlowEndReason, FlowInfo, MsgType, NewFlow, OffloadRequest, Proto, RuleAck, RuleMode,
+    RuleRefusal, RuleRequest, load_or_create_key, make_flow_id,
+)
+from firewall.signalling.guard import Refusal
 from gateways.layer import EventLog
 from gateways.rtp.gateway import RtpGateway
 from gateways.rtp.settings import RtpSettings
@@ -70,9 +75,37 @@ class World:
         return Leg(info, client_q, server)
 
 
+class OffloadingProcessor(FakeProcessor):
+    """The fake processor, answering OFFLOAD_REQUEST as the processor does: RULE_ACK, then FLOW_END
+    OFFLOADED; and reporting the end of a connection the kernel carried as a flow without a binding."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.offloads: list[OffloadRequest] = []
+
+    def _received(self, inst: Any, data: bytes, addr: tuple[str, int]) -> None:
+        if len(data) < 2 or data[1] != MsgType.OFFLOAD_REQUEST:
+            return super()._received(inst, data, addr)
+        result = inst.guard.check(data, time.time())
+        assert not isinstance(result, Refusal), result
+        req = result.message
+        self.offloads.append(req)
+        inst.send(inst.encoder.encode(RuleAck(req.request_id, 7, int((time.time() + 30) * 1000)), time.time()), addr)
+        self.end_flow(self.flows[req.flow_id], FlowEndReason.OFFLOADED)
+
+    def kernel_end(self, flow: FlowInfo, counters: Counters) -> None:
+        """The offloaded flow's kernel connection: pushed without F:f, then ended with conntrack's counters."""
+        carried = FlowInfo(make_flow_id(self.queues[0], 1 << 40), Proto.UDP, flow.gateway, flow.client,
+                           flow.original_dst, flow.server, Endpoint(IP(0), 0), flow.ag, None)
+        inst = self._owner(carried)
+        inst.send(inst.encoder.encode(NewFlow(carried), time.time()), self._layer())
+        inst.send(inst.encoder.encode(FlowEnd(carried.flow_id, FlowEndReason.IDLE, counters), time.time()),
+                  self._layer())
+
+
 @contextlib.asynccontextmanager
 async def world(settings: RtpSettings = RtpSettings()) -> AsyncIterator[World]:
-    async with rig(gateway="rtp", query_timeout=5.0) as (fake, layer):
+    async with rig(gateway="rtp", fake=OffloadingProcessor()) as (fake, layer):
         gw = RtpGateway(layer, listen=Endpoint(GATEWAY, 0), settings=settings, log=EventLog("rtp"))
         await gw.start()
         w = World(fake, gw)
@@ -220,5 +253,32 @@ def test_the_gateway_process_runs_kind_rtp(tmp_path: Path) -> None:
                 proc.kill()
                 await proc.wait()
             fake.close()
+
+    run(main())
+
+
+def test_a_validated_stream_goes_to_the_kernel_and_its_reported_end_closes_it(log: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        async with world(RtpSettings(offload="after-validation", offload_after_packets=3)) as w:
+            fake = w.fake
+            assert isinstance(fake, OffloadingProcessor)
+            a = await w.leg()
+            b = await w.leg(cport=40001, dport=N + 1)
+            b.send(rr())
+            assert await b.at_server() == rr()
+            for i in range(3):
+                a.send(rtp(i))
+                assert await a.at_server() == rtp(i)
+            await wait_until(lambda: w.gw.active == 0, what="both flows handed to the kernel")
+            assert sorted(r.flow_id for r in fake.offloads) == sorted((a.info.flow_id, b.info.flow_id))
+            assert [e["role"] for e in events(log, "offloaded")] in (["rtp", "rtcp"], ["rtcp", "rtp"])
+            assert w.gw.streams == 1 and w.gw.counters["offload.acked"] == 2
+            t = await w.leg(client=T)  # a third host on the stream's port, after the offload
+            t.send(rtp(1))
+            await wait_until(lambda: w.gw.counters["dropped.not_latched"] == 1, what="the third host's drop")
+            fake.kernel_end(a.info, Counters(250, 250 * 200, 0, 0))
+            await wait_until(lambda: bool(events(log, "stream.close")), what="the stream's end")
+            (closed,) = events(log, "stream.close")
+            assert (closed["reason"], closed["datagrams_up"], closed["offloaded"]) == ("kernel_end", 254, True)
 
     run(main())
