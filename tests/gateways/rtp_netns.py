@@ -104,6 +104,15 @@ proto = "udp"
 port = "{ports}"
 to = "192.168.1.10"
 
+# The filter decides what reaches a gateway (docs/datapath.md): lan's phones
+# may send media out on 5060-5063, through rtp-out and rtp-out-off.
+[[rule]]
+name = "media-out"
+from = "lan"
+to = "wan"
+proto = "udp"
+ports = "5060-5063"
+
 [processor]
 queues = [0]
 fail_mode = "closed"
