@@ -31,6 +31,7 @@ FLOW_END), and closes a flow with ``_close_flow``.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import enum
 import socket
@@ -95,7 +96,7 @@ class _LegBProtocol(asyncio.DatagramProtocol):
         self._gw.counters["socket_errors.leg_b"] += 1
 
 
-class UdpFlows:
+class UdpFlows(abc.ABC):
     """Leg A, the lookups and leg B of a datagram gateway (module docstring)."""
 
     max_queued = MAX_QUEUED_DATAGRAMS
@@ -149,13 +150,13 @@ class UdpFlows:
     def _new_flow(self, fw: Endpoint) -> UdpFlow:
         return UdpFlow(fw)
 
+    @abc.abstractmethod
     def _up(self, flow: UdpFlow, data: bytes) -> None:
         """A datagram from the client of an open (or ended) flow."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _down(self, flow: UdpFlow, data: bytes) -> None:
         """A datagram from the server on an open flow's leg B."""
-        raise NotImplementedError
 
     def _attached(self, flow: UdpFlow) -> None:
         """The flow's original tuple is known (``flow.info``); leg B is being opened."""
@@ -163,13 +164,13 @@ class UdpFlows:
     def _opened(self, flow: UdpFlow) -> None:
         """Leg B is open; the queued datagrams go to ``_up`` next."""
 
+    @abc.abstractmethod
     def _leg_b_failed(self, flow: UdpFlow, exc: OSError) -> None:
         """Leg B could not be opened: close the flow."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _ended(self, flow: UdpFlow, cause: EndCause) -> None:
         """The processor's FLOW_END (or the layer's, at shutdown): close the flow."""
-        raise NotImplementedError
 
     def _close_flow(self, flow: UdpFlow, reason: str, detail: str = "") -> None:
         """Close the flow and release what it holds (a subclass logs and counts, then calls this)."""
