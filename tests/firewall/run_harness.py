@@ -15,6 +15,7 @@ from pathlib import Path
 from tests.conntrack import fast_conntrack
 from firewall.control import ask
 from firewall.lab.wait import wait_for
+from tests.labconfig import RUN
 
 NETPROBE = str(Path(__file__).parents[1] / "netprobe.py")
 
@@ -61,17 +62,7 @@ to = "192.168.1.10"
 queues = {queues}
 fail_mode = "closed"
 
-[gateway_link]
-netns = "{gwns}"
-
-[signalling]
-key_file = "{tmp}/signalling.key"
-
-[supervisor]
-control_socket = "{tmp}/run/control.sock"
-restart_initial = 0.2
-stop_timeout = 8
-
+""" + RUN + """
 [[gateway]]
 name = "relay"
 kind = "tcp-relay"

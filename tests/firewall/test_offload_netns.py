@@ -22,6 +22,7 @@ import pytest
 
 from firewall.lab.wait import wait_for
 from tests.firewall.run_harness import Running, Server
+from tests.labconfig import RUN
 
 pytestmark = pytest.mark.netns
 
@@ -56,17 +57,7 @@ to = "192.168.1.10:443"
 [processor]
 queues = {queues}
 
-[gateway_link]
-netns = "{gwns}"
-
-[signalling]
-key_file = "{tmp}/signalling.key"
-
-[supervisor]
-control_socket = "{tmp}/run/control.sock"
-restart_initial = 0.2
-stop_timeout = 8
-
+""" + RUN + """
 [[gateway]]
 name = "dns"
 kind = "udp-relay"

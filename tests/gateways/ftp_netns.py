@@ -29,6 +29,7 @@ from typing import Any
 
 from tests.bindtable import dynamic_elements
 from tests.firewall.run_harness import Running
+from tests.labconfig import RUN, ZONES
 
 EXT = "203.0.113.10"
 EXT2 = "203.0.113.11"  # a third host on the wan side
@@ -36,19 +37,7 @@ WAN = "203.0.113.1"
 LAN = "192.168.1.10"
 LAN2 = "192.168.1.11"  # a third host on the lan side
 
-CONFIG = """
-[zones.wan]
-interfaces = ["wan0"]
-networks = ["203.0.113.0/24"]
-
-[zones.lan]
-interfaces = ["lan0"]
-networks = ["192.168.1.0/24"]
-
-[policy]
-forward = "drop"
-input = "drop"
-
+CONFIG = ZONES + """
 [nat]
 masquerade = ["wan"]
 
@@ -72,17 +61,7 @@ ports = 21
 queues = [0]
 fail_mode = "closed"
 
-[gateway_link]
-netns = "{gwns}"
-
-[signalling]
-key_file = "{tmp}/signalling.key"
-
-[supervisor]
-control_socket = "{tmp}/run/control.sock"
-restart_initial = 0.2
-stop_timeout = 8
-
+""" + RUN + """
 [[gateway]]
 name = "ftp"
 kind = "ftp"

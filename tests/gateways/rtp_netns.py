@@ -32,6 +32,7 @@ from typing import Any
 from firewall.lab.wait import wait_for
 from tests.bindtable import dynamic_elements
 from tests.firewall.run_harness import Running
+from tests.labconfig import RUN, ZONES
 
 EXT = "203.0.113.10"
 EXT2 = "203.0.113.11"  # a third host on the wan side
@@ -66,37 +67,12 @@ def gateway(name: str, ports: str, ssrc: str = "drop", adjacent: str = "gateway"
 
 OFFLOAD_AFTER = 50  # RTP datagrams: 1 s of 20 ms audio
 
-# What every `nfgate run` in a lab needs besides the ruleset: its own gateway
-# namespace, key and control socket (tests/gateways/office_netns.py too).
-RUN = """
-[gateway_link]
-netns = "{gwns}"
-
-[signalling]
-key_file = "{tmp}/signalling.key"
-
-[supervisor]
-control_socket = "{tmp}/run/control.sock"
-restart_initial = 0.2
-stop_timeout = 8
-"""
 
 
 def base_config(ports: str, processor: str = "") -> str:
     """The lab router forwarding wan udp ``ports`` to lan, dropping the rest, one processor failing closed."""
     return f"""
-[zones.wan]
-interfaces = ["wan0"]
-networks = ["203.0.113.0/24"]
-
-[zones.lan]
-interfaces = ["lan0"]
-networks = ["192.168.1.0/24"]
-
-[policy]
-forward = "drop"
-input = "drop"
-
+{ZONES}
 [[nat.forward]]
 name = "rtp-in"
 from = "wan"

@@ -31,24 +31,13 @@ from typing import Any
 
 from firewall.lab.wait import wait_for
 from tests.firewall.run_harness import Running
+from tests.labconfig import RUN, ZONES
 
 EXT = "203.0.113.10"
 WAN = "203.0.113.1"
 LAN = "192.168.1.10"
 
-CONFIG = """
-[zones.wan]
-interfaces = ["wan0"]
-networks = ["203.0.113.0/24"]
-
-[zones.lan]
-interfaces = ["lan0"]
-networks = ["192.168.1.0/24"]
-
-[policy]
-forward = "drop"
-input = "drop"
-
+CONFIG = ZONES + """
 [nat]
 masquerade = ["wan"]
 
@@ -72,17 +61,7 @@ ports = 25
 queues = [0]
 fail_mode = "closed"
 
-[gateway_link]
-netns = "{gwns}"
-
-[signalling]
-key_file = "{tmp}/signalling.key"
-
-[supervisor]
-control_socket = "{tmp}/run/control.sock"
-restart_initial = 0.2
-stop_timeout = 8
-
+""" + RUN + """
 [[gateway]]
 name = "smtp-in"
 kind = "smtp"
