@@ -10,6 +10,7 @@ by connecting back to F:f, where the processor restores it (docs/datapath.md).
 - ``kind``: what a gateway kind declares (``Kind``), and ``kinds``: the
   registry, one line per kind. The config, the processor, the supervisor and
   ``__main__`` read it; adding a kind is its module and one line there.
+- ``session``: the outputs every sans-IO session core shares (``Close``, ``Event``).
 - ``manifest``: the gateway's manifest, all a gateway process reads
   (docs/manifest.md).
 - ``layer/``: the deNAT/reNAT layer (the seed's "Signalling in general"):

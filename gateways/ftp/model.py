@@ -17,11 +17,12 @@ from __future__ import annotations
 import enum
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Union
 
 from firewall.signalling import Endpoint, RuleMode
 from gateways.ftp.commands import allowed_commands
 from gateways.ftp.kind import FtpSettings
+from gateways.session import Close, Event
 
 
 class DataChannel(enum.Enum):
@@ -113,19 +114,6 @@ class Opaque:
 
     to_server: bytes
     to_client: bytes
-
-
-@dataclass(frozen=True)
-class Close:
-    reason: str
-
-
-@dataclass(frozen=True)
-class Event:
-    """Something to count and log: ``name`` is the counter, ``fields`` the log line's details."""
-
-    name: str
-    fields: dict[str, Any] = field(default_factory=dict)
 
 
 Output = Union[ToClient, ToServer, RequestRule, Opaque, Close, Event]

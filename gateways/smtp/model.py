@@ -24,9 +24,10 @@ operator names the domains).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
+from gateways.session import Close, Event
 from gateways.smtp.settings import SmtpSettings
 
 _D = SmtpSettings.model_fields
@@ -94,19 +95,6 @@ class StartTls:
 @dataclass(frozen=True)
 class Opaque:
     """Passthrough mode: from now on relay bytes unchanged."""
-
-
-@dataclass(frozen=True)
-class Close:
-    reason: str
-
-
-@dataclass(frozen=True)
-class Event:
-    """Something to count and log: ``name`` is the counter, ``fields`` the log line's details."""
-
-    name: str
-    fields: dict[str, Any] = field(default_factory=dict)
 
 
 Output = Union[ToClient, ToServer, StartTls, Opaque, Close, Event]
