@@ -1,8 +1,8 @@
 """Lab topologies as data: load, validate and describe them.
 
 One topology file drives the netns lab (``firewall.lab.netns``), the pytest
-fixtures and, later, the Vagrant VMs. The files are JSON, not TOML, so that a
-Vagrantfile can read them with Ruby's standard library.
+fixtures and the Vagrant VMs (``firewall.lab.vagrant``, which the Vagrantfile
+runs with the host's python3). The files are JSON, which any tool reads.
 
 Schema (``vagrant/topologies/<name>.json``; the ``#`` notes are not part of it,
 JSON has no comments)::
@@ -11,6 +11,9 @@ JSON has no comments)::
       "name": "basic",                  # optional; defaults to the file's stem
       "description": "one line",        # optional
       "router": "router",               # the host that plays nfgate's router
+      "config": "examples/lab/basic.toml",  # optional: the nfgate config the
+                                        # router applies under Vagrant (a path
+                                        # inside the repository)
       "hosts": {                        # host name -> options (an empty {} is fine)
         "router": {
           "forwarding": true,           # net.ipv4.ip_forward and
@@ -48,6 +51,8 @@ Rules the loader enforces, each reported with its key path
   ``dev`` must be one of the host's interfaces.
 - A command is either a list of strings (argv) or a string split like a
   shell would (``shlex``); it never runs through a shell.
+- ``config`` is a relative path inside the repository, without ``..``, to a
+  file that exists: the Vagrant router VM reads it from the synced folder.
 """
 
 from __future__ import annotations
@@ -83,7 +88,7 @@ IFNAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,15}$")
 TOPOLOGY_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 SYSCTL_RE = re.compile(r"^net(\.[A-Za-z0-9_-]+)+$")
 
-_TOP_KEYS = {"name", "description", "router", "hosts", "links", "routes", "commands"}
+_TOP_KEYS = {"name", "description", "router", "config", "hosts", "links", "routes", "commands"}
 _HOST_KEYS = {"forwarding", "sysctls"}
 _ENDPOINT_KEYS = {"host", "ifname", "addresses"}
 _ROUTE_KEYS = {"host", "to", "via", "dev"}
@@ -158,6 +163,8 @@ class Topology:
     links: tuple[Link, ...]
     routes: tuple[Route, ...] = ()
     source: Path | None = None
+    # The nfgate config the router applies in the Vagrant lab, relative to the repository.
+    config: str | None = None
 
     @property
     def host_names(self) -> tuple[str, ...]:
@@ -293,6 +300,7 @@ class _Parser:
         description = ""
         if "description" in top:
             description = self.string(top["description"], "description") or ""
+        config = self.config(top["config"]) if "config" in top else None
 
         host_opts = self.hosts(top.get("hosts", {}))
         known = set(host_opts)
@@ -325,7 +333,21 @@ class _Parser:
             links=tuple(links),
             routes=tuple(routes),
             source=self.path,
+            config=config,
         )
+
+    def config(self, value: Any) -> str | None:
+        text = self.string(value, "config")
+        if text is None:
+            return None
+        path = Path(text)
+        if path.is_absolute() or ".." in path.parts or not text:
+            self.err("config", f"{text!r}: use a relative path inside the repository, like examples/lab/basic.toml")
+            return None
+        if not (REPO / path).is_file():
+            self.err("config", f"{text!r}: no such file in {REPO}")
+            return None
+        return path.as_posix()
 
     def hosts(self, value: Any) -> dict[str, tuple[bool, tuple[tuple[str, str], ...]]]:
         out: dict[str, tuple[bool, tuple[tuple[str, str], ...]]] = {}

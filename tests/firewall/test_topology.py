@@ -47,6 +47,7 @@ def test_basic_has_the_documented_shape():
     topo = load_topology("basic")
     assert topo.host_names == ("ext", "router", "lan")
     assert topo.router == "router"
+    assert topo.config == "examples/lab/basic.toml"  # what the Vagrant router applies, as scripts/demo does
     assert topo.host("router").forwarding is True
     assert topo.host("ext").forwarding is False
     assert topo.address("ext") == IPv4Interface("203.0.113.10/24")
@@ -160,6 +161,10 @@ MISTAKES = [
     (("commands",), {"ext": [["true", 1]]}, "commands.ext[0]: expected a string or a list of strings"),
     (("commands",), {"ext": ["echo 'unterminated"]}, "commands.ext[0]: cannot split"),
     (("commands",), {"ext": [[]]}, "commands.ext[0]: empty command"),
+    (("config",), "/etc/nfgate/nfgate.toml", "config: '/etc/nfgate/nfgate.toml': use a relative path"),
+    (("config",), "../outside.toml", "config: '../outside.toml': use a relative path"),
+    (("config",), "examples/lab/none.toml", "config: 'examples/lab/none.toml': no such file"),
+    (("config",), 7, "config: expected a string"),
 ]
 
 
@@ -240,7 +245,7 @@ _PLACES = [
     ("name",), ("router",), ("hosts",), ("hosts", "ext"), ("hosts", "router", "sysctls"), ("links",),
     ("links", 0), ("links", 0, "a"), ("links", 0, "a", "host"), ("links", 0, "a", "ifname"),
     ("links", 1, "b", "addresses"), ("routes",), ("routes", 0), ("routes", 0, "to"), ("routes", 0, "via"),
-    ("commands",),
+    ("commands",), ("config",),
 ]
 
 
