@@ -10,8 +10,13 @@
   (say ``nfgate lab up --prefix``), removed the same way.
 - At the end of the session, any ``nfgt*`` lab still present whose owner is
   this session or a dead one is removed. Engineers run suites side by side on
-  one machine, so a lab that belongs to another live pytest is left alone:
-  each prefix records its owner's pid in ``/run/nfgate-test-labs/<prefix>``.
+  one machine, so a lab that belongs to another live pytest is left alone.
+  The owner is the one ``lab up`` records in the lab's state file
+  (``firewall.lab.state``): this session sets ``$NFGATE_LAB_OWNER_PID`` to its
+  pid, so the labs its ``nfgate lab up`` calls build are its own too. Each
+  prefix is also claimed in ``/run/nfgate-test-labs/<prefix>``, for the
+  sessions of checkouts whose cleanup reads only that (and for a lab with no
+  state file yet).
 """
 
 from __future__ import annotations
@@ -24,11 +29,14 @@ from typing import Callable
 
 import pytest
 
+from firewall.lab import state as lab_state
 from firewall.lab.netns import Lab, cleanup, lab_namespaces, split_namespace
 from firewall.lab.topology import Topology, load_topology
 
 TEST_PREFIX = "nfgt"
 OWNERS = Path("/run/nfgate-test-labs")
+# Every lab this session builds, in process or through `nfgate lab up`, is owned by it.
+os.environ[lab_state.OWNER_PID_ENV] = str(os.getpid())
 
 
 def _netns_unavailable() -> str | None:
@@ -137,10 +145,18 @@ def module_lab_factory(request: pytest.FixtureRequest) -> Callable[..., Lab]:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if os.geteuid() != 0:
         return
+    # The labs found by their state files: their owner says whose they are.
+    for state in lab_state.all_states():
+        if state.prefix.startswith(TEST_PREFIX) and (state.owner.pid == os.getpid() or not state.owner.alive()):
+            try:
+                cleanup(state.prefix)
+            finally:
+                _release(state.prefix)
+    # Test labs without a state file (a crash before it was written, or an older checkout's).
     prefixes = set()
     for name in lab_namespaces():
         parts = split_namespace(name)
-        if parts and parts[0].startswith(TEST_PREFIX):
+        if parts and parts[0].startswith(TEST_PREFIX) and lab_state.read(parts[0]) is None:
             prefixes.add(parts[0])
     for prefix in sorted(prefixes):
         if _orphaned(prefix):

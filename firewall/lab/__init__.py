@@ -9,6 +9,8 @@
 - ``vagrant``: the plan ``vagrant/Vagrantfile`` hands Vagrant (one VM per
   host, a point-to-point private network per link, a provisioning script per
   host), from the same topology; ``python3 -m firewall.lab.vagrant plan NAME``.
+- ``state``: the file per lab that ``lab up`` writes (topology, prefix,
+  hosts, owner), by which status, exec, down and the tests' cleanup find labs.
 - ``wait``: ``wait_for()``, the bounded poll that replaces fixed sleeps.
 - ``cli``: the ``nfgate lab`` command group (up, down, status, exec, list).
 

@@ -8,6 +8,7 @@ checks for root, and prints. Errors are NfgateError subclasses, which
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 
@@ -15,6 +16,8 @@ import click
 
 from firewall.errors import KernelError, UsageError, require_root
 from firewall.lab import netns
+from firewall.lab import state as lab_state
+from firewall.lab.state import current_owner
 from firewall.lab.topology import list_topologies, load_topology, topologies_dir
 
 _PREFIX_HELP = "Namespace prefix; namespaces are PREFIX-HOST. Default: nfg-TOPOLOGY."
@@ -26,12 +29,15 @@ def lab() -> None:
 
     Each host of a topology (vagrant/topologies/*.json) becomes a namespace
     PREFIX-HOST, linked by veth pairs; nothing appears in the root namespace.
+    `lab up` records each lab (topology, prefix, owner) in
+    /run/nfgate/labs/PREFIX.json, which status, exec and down read.
 
     \b
     Example:
       nfgate lab up basic
       nfgate lab exec ext -- ping -c1 203.0.113.1
       nfgate lab down basic
+      nfgate lab up basic --prefix t1 && nfgate lab exec --prefix t1 ext -- ping -c1 203.0.113.1
     """
 
 
@@ -66,7 +72,8 @@ def up_cmd(topology: str, prefix: str | None) -> None:
     """
     require_root("lab up")
     topo = load_topology(topology)
-    built = netns.Lab(topo, prefix).up()
+    # The lab belongs to the shell (or script) that ran this command, not to this short-lived process.
+    built = netns.Lab(topo, prefix, owner=current_owner(os.getppid())).up()
     hosts = ", ".join(f"{h} ({built.ns(h)})" for h in topo.host_names)
     click.echo(f"lab {built.prefix} up: {hosts}")
     first = topo.host_names[0]
@@ -79,17 +86,19 @@ def up_cmd(topology: str, prefix: str | None) -> None:
 def down_cmd(topology: str, prefix: str | None) -> None:
     """Remove a lab: kill what runs inside it and delete its namespaces.
 
-    Removes every PREFIX-* namespace, so it also clears a half-built lab.
+    Removes every PREFIX-* namespace, so it also clears a half-built lab,
+    and the lab's state file. Without --prefix: the one lab of TOPOLOGY that
+    is up, whatever its prefix; else nfg-TOPOLOGY.
 
     \b
     Example:
-      nfgate lab down                # the basic lab, nfg-basic-*
+      nfgate lab down                # the basic lab that is up (default nfg-basic-*)
       nfgate lab down nat-tunnel
       nfgate lab down --prefix t1
     """
     require_root("lab down")
     if prefix is None:
-        prefix = netns.default_prefix(load_topology(topology))
+        prefix = _lab_of_topology(topology)
     removed = netns.cleanup(prefix)
     if removed:
         click.echo(f"lab {prefix} down: removed {', '.join(removed)}")
@@ -97,11 +106,23 @@ def down_cmd(topology: str, prefix: str | None) -> None:
         click.echo(f"lab {prefix}: nothing to remove")
 
 
+def _lab_of_topology(topology: str) -> str:
+    """The prefix of the one lab of ``topology`` that is up, else its default prefix."""
+    named = topology if "/" not in topology and not topology.endswith(".json") else load_topology(topology).name
+    up = [s.prefix for s in lab_state.all_states() if s.topology == named and netns.lab_namespaces(s.prefix)]
+    if len(up) > 1:
+        raise UsageError(f"several {named} labs are up ({', '.join(up)}): pick one with --prefix")
+    if up:
+        return up[0]
+    return netns.default_prefix(load_topology(topology))
+
+
 @lab.command("status")
-@click.option("--prefix", "-p", help="Show only this lab. Default: every lab (nfg*).")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON: {prefix: {host: {...}}}.")
+@click.option("--prefix", "-p", help="Show only this lab. Default: every lab that is up.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON: {prefix: {topology, owner, owner_alive, hosts: {host: {...}}}}.")
 def status_cmd(prefix: str | None, as_json: bool) -> None:
-    """Show the labs that are up: hosts, interfaces, addresses, routes.
+    """Show the labs that are up: topology, owner, hosts, interfaces, addresses, routes.
 
     \b
     Example:
@@ -118,10 +139,15 @@ def status_cmd(prefix: str | None, as_json: bool) -> None:
     if not labs:
         click.echo(f"no lab {prefix} is up" if prefix else "no lab is up")
         return
-    for lab_prefix, hosts in sorted(labs.items()):
-        click.echo(f"lab {lab_prefix}")
-        for host, info in sorted(hosts.items()):
-            click.echo(f"  {host} ({info['namespace']})")
+    for lab_prefix, lab_info in sorted(labs.items()):
+        owner = lab_info["owner"]
+        if owner is None:
+            click.echo(f"lab {lab_prefix} (no state file: built by an older nfgate, or not by nfgate)")
+        else:
+            gone = "" if lab_info["owner_alive"] else ", gone"
+            click.echo(f"lab {lab_prefix} (topology {lab_info['topology']}, owner {owner['user']} pid {owner['pid']}{gone})")
+        for host, info in sorted(lab_info["hosts"].items()):
+            click.echo(f"  {host} ({info['namespace']}{'' if info['present'] else ', missing'})")
             for iface in info["interfaces"]:
                 if iface["ifname"] == "lo":
                     continue
@@ -139,7 +165,7 @@ def status_cmd(prefix: str | None, as_json: bool) -> None:
 )
 @click.argument("host")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-@click.option("--prefix", "-p", help="The lab to use. Default: the only lab that has HOST.")
+@click.option("--prefix", "-p", help="The lab to use. Default: the only lab up that has HOST.")
 @click.pass_context
 def exec_cmd(ctx: click.Context, host: str, command: tuple[str, ...], prefix: str | None) -> None:
     """Run COMMAND inside HOST's namespace; exit with its exit code.
@@ -171,7 +197,7 @@ def exec_cmd(ctx: click.Context, host: str, command: tuple[str, ...], prefix: st
 
 
 def _find_namespace(host: str, prefix: str | None) -> str:
-    """The namespace of HOST: in the given lab, or in the only lab that has it."""
+    """The namespace of HOST: in the given lab, or in the only lab up that has it."""
     if prefix is not None:
         netns.check_prefix(prefix)
         name = netns.namespace_name(prefix, host)
@@ -180,7 +206,8 @@ def _find_namespace(host: str, prefix: str | None) -> str:
             hint = f"its hosts: {', '.join(up)}" if up else f"is it up? nfgate lab up --prefix {prefix}"
             raise UsageError(f"lab {prefix} has no host {host!r} ({hint})")
         return name
-    matches = [n for n in netns.lab_namespaces() if netns.split_namespace(n)[1] == host]  # type: ignore[index]
+    present = set(netns.pr_netns.listnetns())
+    matches = [n for p in netns.known_labs() if (n := netns.namespace_name(p, host)) in present]
     if not matches:
         raise UsageError(f"no lab has a host {host!r} (is a lab up? nfgate lab status)")
     if len(matches) > 1:

@@ -41,6 +41,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from firewall import namespaces
 from firewall.errors import KernelError, NfgateError, PrivilegeError, UsageError
+from firewall.lab import state as lab_state
+from firewall.lab.state import LabState, Owner, current_owner
 from firewall.lab.topology import HOST_RE, Host, Topology
 from firewall.lab.wait import wait_for
 
@@ -95,7 +97,7 @@ def split_namespace(name: str) -> tuple[str, str] | None:
 
 
 def lab_namespaces(prefix: str | None = None) -> list[str]:
-    """Namespaces of the lab with this prefix, or of every lab that looks like ours."""
+    """Namespaces of the lab with this prefix, or of every lab that looks like ours (``nfg*``)."""
     names = []
     for name in pr_netns.listnetns():
         parts = split_namespace(name)
@@ -109,7 +111,8 @@ def lab_namespaces(prefix: str | None = None) -> list[str]:
 
 
 def cleanup(prefix: str | None = None) -> list[str]:
-    """Kill what runs inside a lab's namespaces and remove them; return the names removed.
+    """Kill what runs inside a lab's namespaces and remove them and its state file;
+    return the names removed.
 
     With no prefix, removes every namespace that looks like ours (``nfg*``).
     Idempotent and best effort: it goes on past a failure and reports the
@@ -117,7 +120,20 @@ def cleanup(prefix: str | None = None) -> list[str]:
     """
     if prefix is not None:
         check_prefix(prefix)
-    return remove_namespaces(lab_namespaces(prefix))
+    names = lab_namespaces(prefix)
+    removed = remove_namespaces(names)
+    prefixes = {prefix} if prefix is not None else {split_namespace(n)[0] for n in names}  # type: ignore[index]
+    for p in prefixes:
+        lab_state.remove(p)
+    return removed
+
+
+def known_labs() -> dict[str, LabState | None]:
+    """Every lab: those with a state file, and ``nfg*`` namespaces without one (None)."""
+    labs: dict[str, LabState | None] = {s.prefix: s for s in lab_state.all_states()}
+    for name in lab_namespaces():
+        labs.setdefault(split_namespace(name)[0], None)  # type: ignore[index]
+    return labs
 
 
 def remove_namespaces(names: list[str]) -> list[str]:
@@ -144,7 +160,9 @@ def inspect_namespace(name: str) -> dict[str, Any]:
     """Interfaces (state, addresses) and main-table routes inside one namespace."""
     try:
         ipr = namespaces.netlink(name)
-    except FileNotFoundError:
+    except OSError:
+        # Gone (FileNotFoundError), or going while we looked: pyroute2 says
+        # EINVAL "failed to open netns" for a name whose namespace is being removed.
         return {"present": False, "interfaces": [], "routes": []}
     with ipr:
         links = {link["index"]: link for link in ipr.link("dump")}
@@ -182,15 +200,32 @@ def inspect_namespace(name: str) -> dict[str, Any]:
 
 
 def status(prefix: str | None = None) -> dict[str, Any]:
-    """What the kernel holds for one lab, or for every lab that looks like ours.
+    """What the kernel holds for one lab, or for every lab (``known_labs``).
 
-    Returns ``{prefix: {host: {"namespace", "present", "interfaces", "routes"}}}``;
-    it needs no topology, so it also shows a lab whose file has changed since.
+    Returns ``{prefix: {"topology", "owner", "owner_alive", "hosts": {host:
+    {"namespace", "present", "interfaces", "routes"}}}}``; ``topology`` and
+    ``owner`` are None for a lab without a state file. It reads no topology
+    file, so it also shows a lab whose file has changed since. A lab whose
+    state file names hosts without a namespace shows them as not present.
     """
-    labs: dict[str, dict[str, Any]] = {}
-    for name in lab_namespaces(prefix):
-        lab_prefix, host = split_namespace(name)  # type: ignore[misc]
-        labs.setdefault(lab_prefix, {})[host] = {"namespace": name, **inspect_namespace(name)}
+    prefixes = [prefix] if prefix is not None else sorted(known_labs())
+    labs: dict[str, Any] = {}
+    for p in prefixes:
+        st = lab_state.read(p)
+        names = set(lab_namespaces(p))
+        if st is None and not names:
+            continue
+        if st is not None:
+            names |= {namespace_name(p, h) for h in st.hosts}
+        hosts = {}
+        for name in sorted(names):
+            hosts[split_namespace(name)[1]] = {"namespace": name, **inspect_namespace(name)}  # type: ignore[index]
+        labs[p] = {
+            "topology": st.topology if st else None,
+            "owner": vars(st.owner) if st else None,
+            "owner_alive": st.owner.alive() if st else None,
+            "hosts": hosts,
+        }
     return labs
 
 
@@ -252,9 +287,10 @@ class Lab:
     removes on exit.
     """
 
-    def __init__(self, topology: Topology, prefix: str | None = None) -> None:
+    def __init__(self, topology: Topology, prefix: str | None = None, owner: Owner | None = None) -> None:
         self.topology = topology
         self.prefix = check_prefix(prefix if prefix is not None else default_prefix(topology))
+        self.owner = owner
         self._procs: list[subprocess.Popen] = []
         self._created: list[str] = []
         self._step = ""
@@ -294,7 +330,16 @@ class Lab:
                 f"remove it with: nfgate lab down --prefix {self.prefix}"
             )
         self._created = []
+        self._step = f"writing the lab's state file {lab_state.path_of(self.prefix)}"
         try:
+            # Before the first namespace, so that a crash half way leaves a record.
+            lab_state.write(LabState(
+                prefix=self.prefix,
+                topology=self.topology.name,
+                hosts=self.topology.host_names,
+                owner=self.owner or current_owner(),
+                source=str(self.topology.source) if self.topology.source else None,
+            ))
             self._build()
         except BaseException as err:
             try:
@@ -303,6 +348,7 @@ class Lab:
                 self._teardown(self._created)
             except NfgateError:
                 pass  # the build error is the one worth reporting
+            lab_state.remove(self.prefix)
             if isinstance(err, LabCommandError):
                 raise LabCommandError(
                     f"lab {self.prefix} up: {self._step}: {err}", err.argv, err.returncode, err.stdout, err.stderr
@@ -507,11 +553,13 @@ class Lab:
     # -- tearing down -------------------------------------------------------
 
     def down(self) -> list[str]:
-        """Stop our background processes and remove every ``<prefix>-*`` namespace.
+        """Stop our background processes, remove every ``<prefix>-*`` namespace, then the state file.
 
         Idempotent; returns the namespaces it removed.
         """
-        return self._teardown(lab_namespaces(self.prefix))
+        removed = self._teardown(lab_namespaces(self.prefix))
+        lab_state.remove(self.prefix)
+        return removed
 
     def _teardown(self, names: list[str]) -> list[str]:
         for proc in self._procs:

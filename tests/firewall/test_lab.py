@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import secrets
 import select
 import shutil
 import signal
@@ -25,6 +27,7 @@ from click.testing import CliRunner
 from firewall import namespaces
 from firewall.errors import KernelError, UsageError
 from firewall.lab import netns
+from firewall.lab import state as lab_state
 from firewall.lab.cli import lab as lab_group
 from firewall.lab.netns import Lab, LabCommandError, lab_namespaces
 from firewall.lab.topology import REPO, Route, load_topology, parse_topology
@@ -215,9 +218,11 @@ def test_down_kills_what_runs_inside_and_removes_everything(lab_factory, root_wa
 @pytest.mark.netns
 def test_cleanup_removes_a_lab_left_behind(lab_factory):
     lab = lab_factory("basic")
-    assert sorted(netns.status(lab.prefix)[lab.prefix]) == ["ext", "lan", "router"]
+    assert sorted(netns.status(lab.prefix)[lab.prefix]["hosts"]) == ["ext", "lan", "router"]
+    assert lab_state.read(lab.prefix) is not None
     assert netns.cleanup(lab.prefix) == sorted(lab.namespaces)
     assert netns.status(lab.prefix) == {}
+    assert lab_state.read(lab.prefix) is None
     assert netns.cleanup(lab.prefix) == []
 
 
@@ -336,6 +341,7 @@ def test_a_failed_up_leaves_nothing_behind(lab_factory, lab_prefix, root_watch, 
     message = str(info.value)
     assert "\n" not in message and where in message and prefix in message, message
     assert lab_namespaces(prefix) == []
+    assert lab_state.read(prefix) is None
     ours = {ep.ifname for link in topo.links for ep in link.endpoints}
     assert root_watch.new_interfaces_named(ours) == []
 
@@ -394,8 +400,9 @@ def test_cli_up_status_exec_down(lab_prefix):
     status = nfgate("lab", "status", "--json", "--prefix", p)
     assert status.returncode == 0, status.stderr
     labs = json.loads(status.stdout)
-    assert list(labs) == [p] and sorted(labs[p]) == ["ext", "lan", "router"]
-    wan0 = next(i for i in labs[p]["router"]["interfaces"] if i["ifname"] == "wan0")
+    assert list(labs) == [p] and sorted(labs[p]["hosts"]) == ["ext", "lan", "router"]
+    assert labs[p]["topology"] == "basic" and labs[p]["owner"]["pid"] == os.getpid() and labs[p]["owner_alive"]
+    wan0 = next(i for i in labs[p]["hosts"]["router"]["interfaces"] if i["ifname"] == "wan0")
     assert wan0["addresses"] == ["203.0.113.1/24"] and wan0["state"] == "UP"
     human = nfgate("lab", "status", "--prefix", p)
     assert "route default via 192.168.1.1 dev eth0" in human.stdout
@@ -416,6 +423,62 @@ def test_cli_up_status_exec_down(lab_prefix):
     assert lab_namespaces(p) == []
     assert json.loads(nfgate("lab", "status", "--json", "--prefix", p).stdout) == {}
     assert "nothing to remove" in nfgate("lab", "down", "--prefix", p).stdout
+
+
+@pytest.fixture
+def any_prefix(request):
+    """A prefix that does not look like nfgate's (``t`` + hex, as the README's ``t1``), removed at teardown."""
+    prefix = f"t{secrets.token_hex(3)}"
+    request.addfinalizer(lambda: netns.cleanup(prefix))
+    return prefix
+
+
+@pytest.mark.netns
+def test_a_lab_is_found_by_its_state_file_whatever_its_prefix(any_prefix, tmp_path):
+    p = any_prefix
+    # The README's own example, word for word but the prefix.
+    res = subprocess.run(f"{' '.join(_nfgate())} lab up basic --prefix {p} && "
+                         f"{' '.join(_nfgate())} lab exec --prefix {p} ext -- ping -c1 203.0.113.1",
+                         shell=True, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "1 received" in res.stdout
+    state = json.loads((lab_state.state_dir() / f"{p}.json").read_text())
+    assert (state["prefix"], state["topology"], state["hosts"]) == (p, "basic", ["ext", "router", "lan"])
+    assert state["owner"]["pid"] == os.getpid()  # this session's, through $NFGATE_LAB_OWNER_PID
+
+    listed = json.loads(nfgate("lab", "status", "--json").stdout)
+    assert listed[p]["topology"] == "basic" and sorted(listed[p]["hosts"]) == ["ext", "lan", "router"]
+    assert f"lab {p} (topology basic, owner " in nfgate("lab", "status").stdout
+
+    # A topology whose host no other lab has: exec finds it without --prefix, down without --prefix.
+    host = f"solo{secrets.token_hex(2)}"
+    doc = {"name": host, "router": host, "hosts": {host: {}, "peer": {}},
+           "links": [{"a": {"host": host, "ifname": "eth0", "addresses": ["10.99.0.1/24"]},
+                      "b": {"host": "peer", "ifname": "eth0", "addresses": ["10.99.0.2/24"]}}]}
+    path = tmp_path / f"{host}.json"
+    path.write_text(json.dumps(doc))
+    solo = f"{p}x"
+    try:
+        assert nfgate("lab", "up", str(path), "--prefix", solo).returncode == 0
+        got = nfgate("lab", "exec", host, "--", "ip", "-o", "-4", "address", "show", "dev", "eth0")
+        assert got.returncode == 0 and "10.99.0.1/24" in got.stdout, got.stderr
+        down = nfgate("lab", "down", str(path))
+        assert down.returncode == 0 and f"lab {solo} down: removed {', '.join(sorted([f'{solo}-{host}', f'{solo}-peer']))}" in down.stdout, down
+        assert lab_state.read(solo) is None
+    finally:
+        netns.cleanup(solo)
+
+    down = nfgate("lab", "down", "--prefix", p)
+    assert down.returncode == 0 and lab_state.read(p) is None and lab_namespaces(p) == []
+
+
+@pytest.mark.netns
+def test_down_without_prefix_refuses_to_guess_between_two_labs(lab_prefix, any_prefix):
+    for p in (lab_prefix, any_prefix):
+        assert nfgate("lab", "up", "nat-tunnel", "--prefix", p).returncode == 0
+    res = nfgate("lab", "down", "nat-tunnel")
+    assert res.returncode == 2 and "several nat-tunnel labs are up" in res.stderr and "pick one with --prefix" in res.stderr
+    assert lab_namespaces(lab_prefix) and lab_namespaces(any_prefix)
 
 
 @pytest.mark.netns
