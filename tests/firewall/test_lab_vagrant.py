@@ -128,7 +128,7 @@ def test_vagrant_validate_declares_the_plan(name: str, provider: str, vagrant_ho
     assert list(declared["hosts"]) == [h["name"] for h in p["hosts"]]
     for host in p["hosts"]:
         seen = declared["hosts"][host["name"]]
-        assert seen["networks"] == [nic["vagrant"] for nic in host["nics"]]
+        assert seen["networks"] == [{"type": "private_network", **nic["vagrant"]} for nic in host["nics"]]
         want = ([{"name": "setup", "inline": "/vagrant/scripts/setup"}] if host["setup"] else [])
         assert seen["provisioners"] == want + [{"name": "lab", "inline": host["script"]}]
         assert (seen["synced"] is not None) == host["setup"]
