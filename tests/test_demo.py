@@ -11,7 +11,8 @@ end empty.
 The whole demo takes about 70 s here, more than this suite's share of the CI
 budget, so the test runs the parts that are new with issue 15 and the
 filter: ``--only filter,ftp,tunnel`` (about 30 s). ``sudo scripts/demo`` runs
-them all (README).
+them all (README); ``NFGATE_DEMO_TEST_PARTS=filter,relay,smtp,ftp,rtp,tunnel``
+runs this test on the whole demo.
 """
 
 from __future__ import annotations
@@ -38,8 +39,7 @@ from tests.conftest import _release as release
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 DEMO = REPO / "scripts" / "demo"
-PARTS = ["filter", "ftp", "tunnel"]
-TEST_PREFIX = "nfgt"  # tests/conftest.py: other sessions' labs, which come and go meanwhile
+PARTS = os.environ.get("NFGATE_DEMO_TEST_PARTS", "filter,ftp,tunnel").split(",")
 
 # Runs argv as a subreaper; prints the demo's exit code and what it left running, as JSON.
 SUBREAPER = r"""
@@ -87,11 +87,14 @@ def root_rules() -> str:
 
 
 def snapshot(prefix: str) -> dict:
+    # Other sessions' labs and benches come and go on a shared machine meanwhile, so
+    # namespaces and lab states are the demo's own: every one it makes starts with PREFIX
+    # (PREFIX-host, PREFIX-gw, and the tunnel's PREFIXt-host).
     return {
-        "namespaces": {n for n in pr_netns.listnetns() if not n.startswith(TEST_PREFIX) or n.startswith(prefix)},
+        "namespaces": {n for n in pr_netns.listnetns() if n.startswith(prefix)},
         "rules": root_rules(),
         "interfaces": {name for _, name in socket.if_nameindex()},
-        "states": {s.prefix for s in lab_state.all_states() if not s.prefix.startswith(TEST_PREFIX) or s.prefix.startswith(prefix)},
+        "states": {s.prefix for s in lab_state.all_states() if s.prefix.startswith(prefix)},
         "files": repo_files(),
     }
 
@@ -117,6 +120,7 @@ def demo_prefix(lab_prefix: str, request: pytest.FixtureRequest) -> str:
 def short_tmp() -> Iterator[Path]:
     """An empty directory with a short path: the demo's control sockets live under it (108 bytes at most)."""
     path = Path(tempfile.mkdtemp(prefix="nfgd", dir="/tmp"))
+    path.chmod(0o755)  # the smtp part's Postfix daemons run as user postfix, under it
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -137,10 +141,12 @@ def test_the_demo_proves_each_part_and_leaves_nothing_behind(demo_prefix: str, s
     assert out.count("\n   ok (") == len(PARTS) and "FAILED" not in out and "UNEXPECTED" not in out, out
     assert f"== result: {len(PARTS)} of {len(PARTS)} parts ok" in out
     # What the issue asks of the ftp and tunnel parts, as the demo shows them.
-    assert "passive (PASV)" in out and "active (PORT)" in out and out.count("matches") == 2
-    assert "the gateway said '501 " in out and "refused.bounce" in out
-    assert "nfgate flows, during a download" in out and "nfgate status, during a download" in out
-    assert "the same URL answers again" in out
+    if "ftp" in PARTS:
+        assert "passive (PASV)" in out and "active (PORT)" in out and out.count("matches") == 2
+        assert "the gateway said '501 " in out and "refused.bounce" in out
+        assert "nfgate flows, during a download" in out and "nfgate status, during a download" in out
+    if "tunnel" in PARTS:
+        assert "the same URL answers again" in out
 
     assert report["left"] == [], "processes left running"
     assert list(temp.iterdir()) == [], "temporary files left"
