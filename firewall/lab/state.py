@@ -2,7 +2,8 @@
 
 A lab is found by what it is (its topology, its hosts, who built it), not by
 guessing from namespace names: ``nfgate lab status``, ``exec`` and ``down``
-and the test session's cleanup read ``<STATE_DIR>/<prefix>.json``::
+and the test session's cleanup read ``/run/nfgate/labs/<prefix>.json``
+(``$NFGATE_LAB_STATE_DIR`` elsewhere)::
 
     {"prefix": "t1", "topology": "basic", "source": ".../basic.json",
      "hosts": ["ext", "router", "lan"], "created": 1765000000.0,

@@ -20,6 +20,9 @@ Why it is built this way:
   Vagrant reaches the VM by would cut Vagrant off.
 - Vagrant does not configure the lab NICs (``auto_config: false``): the
   script sets the addresses, sysctls, routes and the topology's commands,
+  and removes a default route the topology does not give the host (the
+  management NIC's), so that, as in the netns lab, ext has no way to the LAN
+  but through the router,
   the same steps ``nfgate lab up`` takes for a namespace. That is what lets a
   test run each host's script for real inside a netns lab's host.
 - Links are point to point, as the netns lab's veth pairs are: under libvirt
@@ -205,8 +208,12 @@ def provision_script(topo: Topology, host: str) -> str:
             out.append(f"ip -{addr.version} address replace {addr} dev {dev}{extra}")
         out.append(f"ip link set dev {dev} up")
     routes = topo.routes_of(host)
-    if routes:
-        out.append("\n# Routes (replacing, say, the management NIC's default route where the topology sets one).")
+    out.append("\n# Routes. A default route the topology does not give this host (the management\n"
+               "# NIC's, from DHCP) goes: else traffic the lab must route, or drop, would leave by it.\n"
+               "# Vagrant's SSH reaches the VM on the management NIC's own network, without it.")
+    for version in (4, 6):
+        if not any(r.is_default and r.to.version == version for r in routes):
+            out.append(f"for _ in 1 2 3 4 5 6 7 8; do ip -{version} route del default 2>/dev/null || break; done")
     for route in routes:
         to = "default" if route.is_default else str(route.to)
         argv = f"ip -{route.to.version} route replace {to}"

@@ -153,8 +153,9 @@ VMHOST = "vmhost"
 
 def bare_topology(p: dict[str, Any]) -> Any:
     """A topology that is what Vagrant hands the scripts: VMs with a management NIC
-    ``eth0`` (to ``vmhost``, as libvirt's management network), and the lab's NICs
-    as ``eth1``... in plan order, joined as the plan's networks say, with no address."""
+    ``eth0`` (to ``vmhost``, as libvirt's management network) and a default route
+    by it, and the lab's NICs as ``eth1``... in plan order, joined as the plan's
+    networks say, with no address."""
     hosts = {h["name"]: {} for h in p["hosts"]}
     hosts[VMHOST] = {}
     links = []
@@ -171,7 +172,10 @@ def bare_topology(p: dict[str, Any]) -> Any:
     for link, (a, b) in sorted(ends.items()):
         links.append({"a": {"host": a, "ifname": kernel_name[(a, link)]},
                       "b": {"host": b, "ifname": kernel_name[(b, link)]}})
-    return parse_topology({"name": f"{p['topology']}-vm", "router": p["router"], "hosts": hosts, "links": links})
+    # Each VM's default route leaves by its management NIC, as DHCP sets it.
+    routes = [{"host": h["name"], "to": "default", "via": f"192.168.121.{4 * k + 1}"} for k, h in enumerate(p["hosts"])]
+    return parse_topology({"name": f"{p['topology']}-vm", "router": p["router"], "hosts": hosts, "links": links,
+                           "routes": routes})
 
 
 def by_mac(info: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -264,6 +268,8 @@ def test_each_hosts_script_makes_the_netns_labs_host_and_the_router_passes_the_s
         # The routes of the lab's NICs (not the management NIC's), by the topology's names.
         got_routes = [{**r, "dev": renamed[r["dev"]]} for r in got["routes"] if r["dev"] in renamed]
         assert sorted(got_routes, key=str) == sorted(want["routes"], key=str)
+        # The management NIC's default route is gone (replaced where the topology sets one).
+        assert not [r for r in got["routes"] if r["to"] == "default" and r["dev"] not in renamed], got["routes"]
         for key in ("net/ipv4/ip_forward", *(k.replace(".", "/") for k, _ in topo.host(host["name"]).sysctls)):
             read = ["cat", f"/proc/sys/{key}"]
             assert vm.run(host["name"], read).stdout == netns_lab.run(host["name"], read).stdout, key
