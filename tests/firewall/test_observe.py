@@ -21,9 +21,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from firewall import eventlog, sdnotify
 from firewall.cli import JSON_SCHEMA_VERSION, flow_lines, main
+from firewall.config import loads
 from firewall.control import Command
+from firewall.lab.wait import wait_for
 from firewall.metrics import Metrics, Process, Totals, parse_listen
+from firewall.supervisor import Child, Supervisor
 from tests.firewall.test_control import selector_server
+from tests.firewall.test_supervisor import CONFIG as SUPERVISED
 
 # ---- sd_notify ----------------------------------------------------------------------------
 
@@ -219,3 +223,51 @@ def test_json_outputs_carry_the_schema_version_and_errors_are_json(tmp_path: Pat
             continue
         doc = json.loads(result.stdout)
         assert result.exit_code == 1 and "nfgate is not running here" in doc["error"], result.output
+
+
+# ---- the supervisor's side of READY and the watchdog ------------------------------------------
+
+
+def test_ready_goes_to_systemd_once_every_child_says_it_serves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    systemd.bind(str(tmp_path / "systemd.sock"))
+    systemd.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "systemd.sock"))
+    monkeypatch.setenv("WATCHDOG_USEC", "4000000")
+    config = loads(SUPERVISED.format(gwns="x", tmp=tmp_path))
+    gate = tmp_path / "go"
+    # The "processor" says READY only when the test lets it; the "tunnel" never does (a standalone kind).
+    script = ("import os, time\nfrom firewall import sdnotify\n"
+              f"while not os.path.exists({str(gate)!r}): time.sleep(0.01)\n"
+              "sdnotify.notify('READY=1'); time.sleep(30)\n")
+    children = [Child("processor-0", "processor", [sys.executable, "-c", script]),
+                Child("gateway-tun", "gateway", ["sleep", "30"], notifies=False)]
+    lines: list[str] = []
+    sup = Supervisor(config, "c.toml", children=children, log=lines.append)
+    sup.notify = sdnotify.Listener(tmp_path / "notify.sock")
+    try:
+        for child in children:
+            sup._start(child, time.monotonic())
+        sup._check_ready()
+        assert not sup.announced and not children[0].ready and children[1].ready
+        with pytest.raises(BlockingIOError):
+            systemd.recv(100)
+        gate.touch()
+        wait_for(lambda: sup._on_notify() or sup.announced, timeout=10, interval=0.02, what="READY from the child")
+        assert systemd.recv(200).decode().startswith("READY=1\nSTATUS=serving: processor-0, gateway-tun")
+        assert "processor-0: serving" in lines
+        # The watchdog: one ping, then none before half the period is over.
+        sup._ping(100.0)
+        assert systemd.recv(100) == b"WATCHDOG=1"
+        sup._ping(101.0)
+        with pytest.raises(BlockingIOError):
+            systemd.recv(100)
+        sup._ping(102.0)
+        assert systemd.recv(100) == b"WATCHDOG=1"
+    finally:
+        for child in children:
+            if child.proc is not None:
+                child.proc.kill()
+                child.proc.wait()
+        sup.notify.close()
+        systemd.close()
