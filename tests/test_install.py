@@ -64,7 +64,8 @@ def test_nfgate_unit_keeps_what_run_needs() -> None:
     text = (REPO / "scripts" / "nfgate.service").read_text()
     caps = re.search(r"^CapabilityBoundingSet=(.*)$", text, re.M).group(1).split()
     assert {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_ADMIN"} <= set(caps)
-    for line in ("Type=notify", "RestartPreventExitStatus=2", "RuntimeDirectory=nfgate", "LimitNOFILE=1048576"):
+    for line in ("Type=notify", "RestartPreventExitStatus=2", "RuntimeDirectory=nfgate", "StateDirectory=nfgate",
+                 "LimitNOFILE=1048576"):
         assert re.search(rf"^{line}$", text, re.M), line
     assert re.search(r"^Conflicts=.*\bnftables\.service\b.*\bfirewalld\.service\b", text, re.M)
     assert re.search(r"^WatchdogSec=\d+", text, re.M) and re.search(r"^Documentation=", text, re.M)
