@@ -88,8 +88,12 @@ class Totals:
         base = self._base.setdefault(name, Counter())
         last = self._last.get(name)
         # Another pid, or a counter that went down (the same pid reused): a new instance.
-        if last is not None and (last[0] != pid or any(counters.get(k, 0) < v for k, v in last[1].items())):
+        if last is not None and (last[0] != pid or any(k in counters and counters[k] < v for k, v in last[1].items())):
             base.update(last[1])
+        elif last is not None:
+            # The same instance: a counter it did not report this time (the kernel's
+            # queue line, unreadable for a moment) keeps its last value.
+            counters = {**last[1], **counters}
         self._last[name] = (pid, dict(counters))
         return {k: base.get(k, 0) + counters.get(k, 0) for k in base.keys() | counters.keys()}
 

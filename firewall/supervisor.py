@@ -327,6 +327,9 @@ class Supervisor:
             self.control.attach(SelectorLoop(sel))
             self.notify = sdnotify.Listener(state.directory(self.config) / NOTIFY_SOCKET)
             sel.register(self.notify.sock, selectors.EVENT_READ, lambda sock: self._on_notify())
+            # The metrics' threads start after setup() and stop before the blind track
+            # goes: pyroute2's netns sockets fork, and a fork must not copy a lock that
+            # another thread holds.
             self._serve_metrics()
             now = time.monotonic()
             for child in self.children:

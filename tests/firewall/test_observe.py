@@ -78,6 +78,9 @@ def test_totals_carry_what_earlier_instances_counted() -> None:
     # The same pid, counting from zero again (a pid reused): a new instance too.
     assert totals.observe("processor-0", 11, {"queued": 1}) == {"queued": 10, "drop.x": 1}
     assert totals.observe("gateway-a", 11, {"relay.x": 1}) == {"relay.x": 1}
+    # A counter missing from one answer of the same instance keeps its value.
+    assert totals.observe("gateway-a", 11, {}) == {"relay.x": 1}
+    assert totals.observe("gateway-a", 11, {"relay.x": 2}) == {"relay.x": 2}
 
 
 def test_parse_listen() -> None:
