@@ -6,29 +6,47 @@ below the command line never import it back.
 
 Exit codes: 0 ok, 1 runtime failure (kernel refused, missing privilege or
 tool), 2 usage or config error. Errors are one line each, never a traceback.
+
+Every ``--json`` output is one JSON document that carries ``schema_version``
+(``JSON_SCHEMA_VERSION``, raised when a key changes meaning or goes away), and
+a ``--json`` command that fails prints ``{"schema_version", "error",
+"exit_code"}`` (with ``problems`` for a bad config) on stdout, so a script
+reads JSON either way.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
+import os
 import sys
+import sysconfig
 import time
+from pathlib import Path
+from typing import Any, Callable
 
 import click
 
 from firewall import backend as be
 from firewall import confirm as confirming
-from firewall import manifests, state
+from firewall import eventlog, manifests, state
 from firewall.config import Config, load
 from firewall.config import schema as config_schema
 from firewall.errors import EXIT_USAGE, NfgateError, UsageError, require_root
 from firewall.hazards import hazards
+from firewall.lab import topology
 from firewall.lab.cli import lab
+from firewall.problems import ConfigError
 from firewall.rules import build, iptables, nft
 from firewall.supervisor import Supervisor, children_for, query
 from tunnel.cli import tunnel
 
 DEFAULT_CONFIG = "/etc/nfgate/nfgate.toml"
+JSON_SCHEMA_VERSION = 1  # of every --json document (module docstring)
+# Where `pip install` puts the lab's topologies (pyproject's data-files): a
+# checkout has them in vagrant/topologies, an installed nfgate only here.
+INSTALLED_TOPOLOGIES = Path(sysconfig.get_path("data")) / "share" / "nfgate" / "topologies"
 
 
 class NfgateGroup(click.Group):
@@ -48,7 +66,35 @@ def main() -> None:
     """nfgate: a router firewall whose gateways check what packet filters cannot.
 
     Exit codes: 0 ok, 1 runtime failure, 2 usage or config error.
+    Shell completion (bash): eval "$(_NFGATE_COMPLETE=bash_source nfgate)".
     """
+    if topology.ENV_DIR not in os.environ and not topology.topologies_dir().is_dir():
+        os.environ[topology.ENV_DIR] = str(INSTALLED_TOPOLOGIES)
+
+
+def echo_json(doc: Any) -> None:
+    """One --json document, with its schema version; a list goes under ``items``."""
+    body = doc if isinstance(doc, dict) else {"items": doc}
+    click.echo(json.dumps({"schema_version": JSON_SCHEMA_VERSION, **body}, indent=2))
+
+
+def json_errors(command: Callable[..., None]) -> Callable[..., None]:
+    """With --json, a failure is a JSON document on stdout too (and the same exit code)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except NfgateError as err:
+            if not kwargs.get("as_json"):
+                raise
+            doc: dict[str, Any] = {"error": str(err), "exit_code": err.exit_code}
+            if isinstance(err, ConfigError):
+                doc["problems"] = [{"path": p.path, "reason": p.reason, "line": p.line} for p in err.problems]
+            echo_json(doc)
+            sys.exit(err.exit_code)
+
+    return wrapper
 
 
 config_option = click.option(
@@ -82,6 +128,7 @@ def _environment(config: Config, config_path: str) -> None:
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--strict", is_flag=True, help="Exit 2 on warnings too.")
+@json_errors
 def check(config_path: str, as_json: bool, strict: bool) -> None:
     """Validate the config and print a summary, with warnings for dangerous configs.
 
@@ -117,7 +164,7 @@ def check(config_path: str, as_json: bool, strict: bool) -> None:
         "warnings": warnings,
     }
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        echo_json(summary)
         if strict and warnings:
             sys.exit(EXIT_USAGE)
         return
@@ -306,7 +353,9 @@ def run(config_path: str, backend: str) -> None:
       sudo nfgate run -c /etc/nfgate/office.toml --backend iptables
     """
     require_root("run")
-    Supervisor(load(config_path), config_path, backend).run()
+    config = load(config_path)
+    eventlog.configure_process("nfgate run", config.log.format == "json", level=getattr(logging, config.log.level.upper()))
+    Supervisor(config, config_path, backend).run()
 
 
 @main.command()
@@ -340,6 +389,7 @@ def reload(config_path: str) -> None:
 @main.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@json_errors
 def status(config_path: str, as_json: bool) -> None:
     """Show the running firewall: processes, flows, pools, counters.
 
@@ -353,7 +403,7 @@ def status(config_path: str, as_json: bool) -> None:
     require_root("status")
     data = query(load(config_path), "status")
     if as_json:
-        click.echo(json.dumps(data, indent=2))
+        echo_json(data)
         return
     click.echo(f"backend: {data.get('backend')}")
     click.echo(f"{'process':<24} {'pid':>7} {'state':<11} {'restarts':>8} {'uptime':>9}")
@@ -376,9 +426,14 @@ def _flatten(obj, prefix: str = ""):
 
 @main.command()
 @config_option
-@click.option("--json", "as_json", is_flag=True, help="Print the bindings as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the bindings as JSON: {schema_version, items}.")
+@json_errors
 def flows(config_path: str, as_json: bool) -> None:
     """List the live gateway flows with their original and translated tuples.
+
+    Each flow takes two lines: the client, the address it asked for and the
+    server, with the gateway and the state; then the blind-track endpoints,
+    the SNAT address, when it started and each leg's counters.
 
     \b
     Examples:
@@ -388,13 +443,42 @@ def flows(config_path: str, as_json: bool) -> None:
     require_root("flows")
     data = query(load(config_path), "flows")
     if as_json:
-        click.echo(json.dumps(data, indent=2))
+        echo_json(data)
         return
     if not data:
         click.echo("no gateway flows")
         return
     for flow in data:
-        click.echo(" ".join(f"{k}={v}" for k, v in flow.items()))
+        for line in flow_lines(flow):
+            click.echo(line)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def flow_lines(flow: dict[str, Any]) -> list[str]:
+    """One flow of {"cmd": "flows"} for a person: two lines, local times, no Python reprs."""
+    def at(key: str) -> Any:
+        return "-" if flow.get(key) is None else flow[key]
+
+    state = ",".join(flow.get("state") or []) or "-"
+    head = f"{at('proto')} {at('client')} -> {at('original_dst')} (server {at('server')})  gateway {at('gateway')}  {state}"
+    created = flow.get("created")
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created)) if isinstance(created, (int, float)) else "-"
+    ag = at("ag") if flow.get("ag_eport") is None else f"{flow.get('ag')} (from port {flow['ag_eport']})"
+    detail = [f"firewall side {at('firewall_side')}", f"gateway {ag}", f"snat {at('snat')}", f"since {since}"]
+    if isinstance(flow.get("age"), (int, float)):
+        detail[-1] += f" ({flow['age']:.1f} s)"
+    detail.append(f"flow {at('flow_id')} on queue {at('queue')}")
+    for leg in ("leg_a", "leg_b"):
+        if f"{leg}_packets" in flow:
+            detail.append(f"{leg.replace('_', ' ')} {flow[f'{leg}_packets']} packets {_size(flow[f'{leg}_bytes'])}")
+    return [head, "  " + ", ".join(detail)]
 
 
 @main.group("config")

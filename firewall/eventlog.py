@@ -9,16 +9,32 @@ from the process's stderr: each record carries ``event`` (a short name),
 speaks (``gateway`` for a gateway process, ``role`` for the tunnel's server
 or mediator). The two formatters render the same record either way, so one
 tool reads every nfgate log.
+
+Every line starts with its time (text: ISO 8601 UTC; JSON: ``ts``, Unix
+seconds) and carries its level (JSON: ``level``). When stderr is the journal
+(systemd sets ``JOURNAL_STREAM`` to its device and inode), each line starts
+with the syslog priority as ``<N>`` (sd-daemon(3)), which journald takes as the
+entry's priority and strips, so ``journalctl -p warning`` works and a JSON line
+stays JSON. In JSON, an event that names a flow's original tuple (``client``
+and ``original_dst``, the gateways' open/close events) also carries it as
+``src_ip``, ``src_port``, ``dest_ip``, ``dest_port``, as Suricata's eve.json
+names them. ``configure_process`` sends every other record of a process (the
+supervisor's and processor's lines, a library's warning, an uncaught
+exception) the same way, so under ``[log] format = "json"`` every line a
+process writes parses.
 """
 
 from __future__ import annotations
 
+import abc
 import enum
 import ipaddress
 import json
 import logging
+import os
 import sys
 import time
+import traceback
 from collections.abc import Mapping
 from typing import Any
 
@@ -67,18 +83,68 @@ def _text_value(value: Any) -> str:
     return text
 
 
-class TextFormatter(logging.Formatter):
-    """``2024-01-02T03:04:05.678Z nas-log open client=... server=...``"""
+# sd-daemon(3) / syslog(3) priorities of Python's levels.
+_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
 
-    def __init__(self, source_key: str) -> None:
+
+def priority(levelno: int) -> int:
+    """The syslog priority of a logging level: the nearest named level at or above it."""
+    for level in sorted(_PRIORITY):
+        if levelno <= level:
+            return _PRIORITY[level]
+    return 2
+
+
+def to_journal(stream: Any) -> bool:
+    """Whether ``stream`` is the journal's stream that systemd connected (``JOURNAL_STREAM``)."""
+    want = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+    return want == f"{st.st_dev}:{st.st_ino}"
+
+
+def _stamp(record: logging.LogRecord) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+
+
+def _endpoint(text: Any) -> tuple[str, int] | None:
+    """``"192.0.2.1:25"`` as (address, port); None for anything else."""
+    if not isinstance(text, str) or ":" not in text:
+        return None
+    host, _, port = text.rpartition(":")
+    return (host, int(port)) if port.isdigit() else None
+
+
+class _Formatter(logging.Formatter, abc.ABC):
+    def __init__(self, source_key: str, name: str = "", journal: bool = False) -> None:
         super().__init__()
         self.source_key = source_key
+        self.name = name  # who speaks in records that are not events ("nfgate run")
+        self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        line = self.render(record)
+        return f"<{priority(record.levelno)}>{line}" if self.journal else line
+
+    @abc.abstractmethod
+    def render(self, record: logging.LogRecord) -> str:
+        """The line, without the journal's priority prefix."""
+
+
+class TextFormatter(_Formatter):
+    """``2024-01-02T03:04:05.678Z nas-log open client=... server=...``"""
+
+    def render(self, record: logging.LogRecord) -> str:
+        stamp = _stamp(record)
         event = getattr(record, "event", None)
         if event is None:
-            return f"{stamp} {record.getMessage()}"
+            level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+            text = f"{stamp} {self.name}: {level}{record.getMessage()}" if self.name else f"{stamp} {level}{record.getMessage()}"
+            if record.exc_info:
+                text += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
+            return text
         parts = [stamp, getattr(record, self.source_key, "-"), event]
         for key, value in getattr(record, "fields", {}).items():
             if isinstance(value, Mapping):
@@ -88,34 +154,68 @@ class TextFormatter(logging.Formatter):
         return " ".join(parts)
 
 
-class JsonFormatter(logging.Formatter):
+class JsonFormatter(_Formatter):
     """One JSON object per line: ``ts``, ``level``, the source, ``event``, then the fields."""
 
-    def __init__(self, source_key: str) -> None:
-        super().__init__()
-        self.source_key = source_key
-
-    def format(self, record: logging.LogRecord) -> str:
+    def render(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {"ts": round(record.created, 3), "level": record.levelname.lower()}
         event = getattr(record, "event", None)
         if event is None:
+            if self.name:
+                doc["process"] = self.name
             doc["message"] = record.getMessage()
         else:
             doc[self.source_key] = getattr(record, self.source_key, None)
             doc["event"] = event
-            for key, value in getattr(record, "fields", {}).items():
+            fields = getattr(record, "fields", {})
+            for key, value in fields.items():
                 doc.setdefault(key, value)
+            src, dst = _endpoint(fields.get("client")), _endpoint(fields.get("original_dst"))
+            if src is not None and dst is not None:
+                doc.setdefault("src_ip", src[0])
+                doc.setdefault("src_port", src[1])
+                doc.setdefault("dest_ip", dst[0])
+                doc.setdefault("dest_port", dst[1])
+        if record.exc_info:
+            doc["exception"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
         return json.dumps(doc, separators=(",", ":"))
+
+
+def formatter(source_key: str, json_lines: bool, stream: Any, name: str = "") -> logging.Formatter:
+    cls = JsonFormatter if json_lines else TextFormatter
+    return cls(source_key, name, journal=to_journal(stream))
 
 
 def configure(
     logger_name: str, source_key: str, json_lines: bool = False, stream: Any = None, level: int = logging.INFO
 ) -> logging.Handler:
     """Send one logger's events to stderr (or ``stream``), one line each."""
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(JsonFormatter(source_key) if json_lines else TextFormatter(source_key))
+    stream = stream if stream is not None else sys.stderr
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter(source_key, json_lines, stream))
     logger = logging.getLogger(logger_name)
     logger.handlers[:] = [handler]
     logger.setLevel(level)
     logger.propagate = False
+    return handler
+
+
+def configure_process(name: str, json_lines: bool = False, stream: Any = None, level: int = logging.INFO) -> logging.Handler:
+    """Every record of this process that no event logger takes (the root logger's), and any
+    uncaught exception, as one line each with ``name`` as the speaker (``nfgate run``)."""
+    stream = stream if stream is not None else sys.stderr
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter("source", json_lines, stream, name))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.captureWarnings(True)  # a library's warning is a line of this format too
+
+    def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if issubclass(kind, KeyboardInterrupt):
+            sys.__excepthook__(kind, value, tb)
+            return
+        logging.getLogger().critical("uncaught exception: %s", value, exc_info=(kind, value, tb))
+
+    sys.excepthook = excepthook
     return handler

@@ -38,6 +38,19 @@ restarts the processors only if what they read changed (their successors
 adopt the bindings from conntrack). Live flows of a gateway that is kept
 go on.
 
+Readiness and the watchdog (firewall/sdnotify.py). Each child says
+``READY=1`` on the supervisor's own notify socket once it serves (a
+processor bound to its queue, a gateway listening); when all have, ``nfgate
+run`` says ``READY=1`` to systemd (``Type=notify``), so nothing ordered after
+nfgate.service meets a router whose first SYN finds no processor. A kind that
+runs its whole process itself (the tunnel) counts as ready when started.
+Under ``WatchdogSec=`` the loop pings systemd every half period.
+
+Logs and metrics. Every line the supervisor writes goes through
+firewall/eventlog.py in the ``[log]`` format, which its children are given
+too; ``[metrics] listen`` serves Prometheus series (firewall/metrics.py) from
+a thread of their own, reading each child's counters over its control socket.
+
 On SIGTERM or SIGINT the processes are stopped and the blind track and the
 manifests removed; the static ruleset stays, with the steering stopped per
 ``processor.fail_mode`` (``rules.build(stopped=True)``): the router is
@@ -47,6 +60,7 @@ removes the rules.
 
 from __future__ import annotations
 
+import logging
 import os
 import selectors
 import signal
@@ -61,7 +75,9 @@ from typing import Any, Callable
 from firewall import backend as be
 from firewall import gwlink
 from firewall import manifests
+from firewall import sdnotify
 from firewall import state
+from firewall.metrics import Metrics, Process, parse_listen
 from firewall.config import Config, load
 from firewall.control import Command, ControlError, ControlServer, SelectorLoop, ask
 from firewall.errors import KernelError, NfgateError, UsageError
@@ -73,6 +89,8 @@ from gateways.kinds import KINDS
 CLIENT_TIMEOUT = 1.0  # seconds a control-socket client gets to send its request, and to read the answer
 PROCESSOR_TIMEOUT = 1.0  # seconds a processor's control socket gets to answer
 REQUEST_MAX = 4096  # bytes of one control request
+NOTIFY_SOCKET = "notify.sock"  # the children's NOTIFY_SOCKET, in the state directory
+LOG = logging.getLogger("nfgate.run")
 
 
 @dataclass
@@ -82,8 +100,10 @@ class Child:
     name: str
     kind: str  # "processor" or "gateway"
     argv: list[str]
-    control: Path | None = None  # the processor's own control socket
+    control: Path | None = None  # its own control socket (processors, gateways but standalone kinds)
+    notifies: bool = True  # says READY=1 once it serves
     proc: subprocess.Popen | None = None
+    ready: bool = False
     started: float = 0.0
     restarts: int = 0
     streak: int = 0  # crashes in a row without a stable run
@@ -112,7 +132,7 @@ def processor_view(config: Config) -> Any:
     Everything but the filter rules, the policy and the supervisor; of a
     gateway's settings only what its kind tells the processor (rules.build's
     filter decides what is queued, in the kernel)."""
-    data = config.model_dump(mode="json", exclude={"path", "rules", "policy", "supervisor", "gateways"})
+    data = config.model_dump(mode="json", exclude={"path", "rules", "policy", "supervisor", "gateways", "log", "metrics"})
     data["gateways"] = [
         {**g.model_dump(mode="json", exclude={"settings"}),
          "log_only": KINDS[g.kind].log_only(g.settings), "adjacent": KINDS[g.kind].adjacent_port(g.settings)}
@@ -133,11 +153,19 @@ def children_for(config: Config, config_path: str) -> list[Child]:
         argv = [py, "-m", "firewall.processor", "--config", config_path, "--instance", str(i), "--control", str(control)]
         out.append(Child(f"processor-{queue}", "processor", argv, control))
     run_dir = config.supervisor.control_socket.parent
+    log_args = ["--log-level", config.log.level] + (["--log-json"] if config.log.format == "json" else [])
     for gw in config.gateways:
         manifest = manifests.manifest_path(run_dir, gw.name)
-        argv = ["ip", "netns", "exec", config.gateway_link.netns, py, "-m", "gateways", "--manifest", str(manifest)]
-        out.append(Child(f"gateway-{gw.name}", "gateway", argv))
+        standalone = KINDS[gw.kind].standalone  # runs its whole process itself: no stats socket, no READY
+        control = None if standalone else gateway_control(config, gw.name)
+        argv = ["ip", "netns", "exec", config.gateway_link.netns, py, "-m", "gateways", *log_args,
+                *(["--control", str(control)] if control is not None else []), "--manifest", str(manifest)]
+        out.append(Child(f"gateway-{gw.name}", "gateway", argv, control, notifies=not standalone))
     return out
+
+
+def gateway_control(config: Config, name: str) -> Path:
+    return config.supervisor.control_socket.parent / f"gateway-{name}.sock"
 
 
 def _drain(wake: socket.socket) -> None:
@@ -163,13 +191,27 @@ class Supervisor:
         self.backend_wanted = backend
         self.backend: str | None = None
         self.children = children if children is not None else children_for(config, config_path)
-        self.log = log or (lambda line: print(f"nfgate run: {line}", file=sys.stderr, flush=True))
+        self._log = log
         self.started = time.time()
+        self.notify: sdnotify.Listener | None = None
+        self.announced = False  # READY=1 went to systemd
+        self.watchdog = sdnotify.watchdog_interval()
+        self.next_ping = 0.0
+        self.metrics: Metrics | None = None
         self.stopping = False
         self.reload_wanted = False
         self.control: ControlServer[Supervisor] | None = None
         self.lock = state.Lock(config)
         self._installed: list[str] = []
+
+    def log(self, line: str, level: int = logging.INFO) -> None:
+        if self._log is not None:
+            self._log(line)
+        else:
+            LOG.log(level, "%s", line)
+
+    def warn(self, line: str) -> None:
+        self.log(line, logging.WARNING)
 
     # -- bringing up --------------------------------------------------------
 
@@ -186,7 +228,7 @@ class Supervisor:
     def setup(self) -> None:
         cfg = self.config
         for hazard in hazards(cfg):
-            self.log(f"warning: {hazard}")
+            self.warn(str(hazard))
         load_or_create_key(cfg.signalling.key_file)
         run_dir = state.ensure(cfg)
         self._installed.append("manifests")
@@ -211,14 +253,22 @@ class Supervisor:
             try:
                 state.record_applied(self.config, Path(self.config.path).read_text(), self.backend)
             except OSError as err:
-                self.log(f"cannot record the applied config: {err}")
+                self.warn(f"cannot record the applied config: {err}")
+
+    def _child_env(self) -> dict[str, str]:
+        """The children's environment: their NOTIFY_SOCKET is ours, and systemd's watchdog is ours alone."""
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+        if self.notify is not None:
+            env["NOTIFY_SOCKET"] = str(self.notify.path)
+        return env
 
     def _start(self, child: Child, now: float) -> None:
         child.next_start = None
+        child.ready = not child.notifies
         try:
-            child.proc = subprocess.Popen(child.argv, stdin=subprocess.DEVNULL)
+            child.proc = subprocess.Popen(child.argv, stdin=subprocess.DEVNULL, env=self._child_env())
         except OSError as err:
-            self.log(f"{child.name}: cannot start: {err}")
+            self.warn(f"{child.name}: cannot start: {err}")
             self._schedule(child, now)
             return
         child.started = now
@@ -229,7 +279,7 @@ class Supervisor:
         try:
             state.record_children(self.config, [(c.name, c.proc.pid) for c in self.children if c.running])
         except OSError as err:
-            self.log(f"cannot record the children's pids: {err}")
+            self.warn(f"cannot record the children's pids: {err}")
 
     def _schedule(self, child: Child, now: float) -> None:
         sup = self.config.supervisor
@@ -249,7 +299,8 @@ class Supervisor:
                 continue
             child.last_exit = code
             child.restarts += 1
-            self.log(f"{child.name}: exited with {code}")
+            child.ready = False
+            self.log(f"{child.name}: exited with {code}", logging.ERROR)
             self._schedule(child, now)
 
     # -- the loop -------------------------------------------------------------
@@ -270,13 +321,20 @@ class Supervisor:
             self.setup()
             self.control = ControlServer(
                 self.config.supervisor.control_socket, COMMANDS, self, timeout=CLIENT_TIMEOUT, request_max=REQUEST_MAX,
-                warn=lambda event, **fields: self.log(" ".join([event, *(f"{k}={v}" for k, v in fields.items())])),
+                warn=lambda event, **fields: self.warn(" ".join([event, *(f"{k}={v}" for k, v in fields.items())])),
             )
             self.control.open()
             self.control.attach(SelectorLoop(sel))
+            self.notify = sdnotify.Listener(state.directory(self.config) / NOTIFY_SOCKET)
+            sel.register(self.notify.sock, selectors.EVENT_READ, lambda sock: self._on_notify())
+            # The metrics' threads start after setup() and stop before the blind track
+            # goes: pyroute2's netns sockets fork, and a fork must not copy a lock that
+            # another thread holds.
+            self._serve_metrics()
             now = time.monotonic()
             for child in self.children:
                 self._start(child, now)
+            self._check_ready()
             self._loop(sel)
         finally:
             signal.set_wakeup_fd(old_wakeup)
@@ -290,6 +348,47 @@ class Supervisor:
             rfd.close()
             wfd.close()
 
+    def _serve_metrics(self) -> None:
+        listen = parse_listen(self.config.metrics.listen)
+        if listen is None:
+            return
+        metrics = Metrics(self.processes, self.config.metrics.poll)
+        try:
+            metrics.start(listen)
+        except OSError as err:
+            raise KernelError(f"metrics.listen: cannot serve on {self.config.metrics.listen}: {err.strerror or err}") from None
+        self.metrics = metrics
+        self.log(f"metrics on http://{self.config.metrics.listen}/metrics")
+
+    def processes(self) -> list[Process]:
+        """The children as the metrics see them (called from the metrics' threads)."""
+        return [Process(c.name, c.kind, c.proc.pid if c.running else None, c.restarts, c.control)
+                for c in list(self.children)]
+
+    def _on_notify(self) -> None:
+        assert self.notify is not None
+        by_pid = {c.proc.pid: c for c in self.children if c.proc is not None}
+        for pid, fields in self.notify.receive():
+            child = by_pid.get(pid)
+            if child is not None and fields.get("READY") == "1" and not child.ready:
+                child.ready = True
+                self.log(f"{child.name}: serving")
+        self._check_ready()
+
+    def _check_ready(self) -> None:
+        """READY=1 to systemd once every child serves; once, for the life of nfgate run."""
+        if self.announced or not all(c.ready for c in self.children):
+            return
+        self.announced = True
+        names = ", ".join(c.name for c in self.children) or "no processes"
+        self.log(f"ready: every process serves ({names})")
+        sdnotify.notify(f"READY=1\nSTATUS=serving: {names}")
+
+    def _ping(self, now: float) -> None:
+        if self.watchdog is not None and now >= self.next_ping:
+            sdnotify.notify("WATCHDOG=1")
+            self.next_ping = now + self.watchdog
+
     def _on_signal(self, signum: int, frame: Any) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
             self.stopping = True
@@ -302,15 +401,16 @@ class Supervisor:
             now = time.monotonic()
             due = [c.next_start for c in self.children if c.next_start is not None]
             timeout = max(0.0, min(due) - now) if due else 1.0
+            self._ping(now)
             # Wake at least every CLIENT_TIMEOUT: the control socket's timeouts are swept here.
-            for key, _ in sel.select(min(timeout, CLIENT_TIMEOUT)):
+            for key, _ in sel.select(min(timeout, CLIENT_TIMEOUT, self.watchdog or CLIENT_TIMEOUT)):
                 key.data(key.fileobj)
             if self.reload_wanted and not self.stopping:
                 self.reload_wanted = False
                 try:
                     self.reload()
                 except NfgateError as err:
-                    self.log(f"reload refused: {err}")
+                    self.warn(f"reload refused: {err}")
             now = time.monotonic()
             self.control.expire(now)
             self._reap(now)
@@ -337,7 +437,10 @@ class Supervisor:
             raise UsageError("gateways added to a config that had none, or all removed: restart nfgate run")
         warnings = [str(h) for h in hazards(new)]
         for line in warnings:
-            self.log(f"warning: {line}")
+            self.warn(line)
+        for key in ("log", "metrics"):
+            if getattr(old, key) != getattr(new, key):
+                self.warn(f"[{key}] changed: it takes effect when nfgate run starts again")
         assert self.backend is not None
         processors_change = processor_view(old) != processor_view(new)
         report = be.apply(build(new), self.backend, keep_bind=not processors_change)
@@ -391,7 +494,7 @@ class Supervisor:
         try:
             return self.reload()
         except NfgateError as err:
-            self.log(f"reload refused, nothing changed: {err}")
+            self.warn(f"reload refused, nothing changed: {err}")
             raise ControlError(f"reload refused, nothing changed: {err}") from None
 
     def _terminate(self, child: Child) -> None:
@@ -400,11 +503,12 @@ class Supervisor:
         if not child.running:
             return
         timeout = self.config.supervisor.stop_timeout
+        self._ping(time.monotonic())  # a reload may stop many children, each taking up to stop_timeout
         child.proc.terminate()
         try:
             child.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.log(f"{child.name}: no exit {timeout:.0f}s after SIGTERM: killing")
+            self.warn(f"{child.name}: no exit {timeout:.0f}s after SIGTERM: killing")
             child.proc.kill()
             child.proc.wait(timeout=timeout)
 
@@ -414,7 +518,7 @@ class Supervisor:
         now = time.monotonic()
         processors = {}
         for child in self.children:
-            if child.control is not None:
+            if child.kind == "processor" and child.control is not None:
                 processors[child.name] = self._ask_processor(child, {"cmd": "stats"})
         return {
             "backend": self.backend,
@@ -427,7 +531,7 @@ class Supervisor:
     def flows(self) -> list[Any]:
         out: list[Any] = []
         for child in self.children:
-            if child.control is not None:
+            if child.kind == "processor" and child.control is not None:
                 answer = self._ask_processor(child, {"cmd": "flows"})
                 if isinstance(answer, list):
                     out += answer
@@ -447,6 +551,10 @@ class Supervisor:
 
     def stop(self) -> None:
         timeout = self.config.supervisor.stop_timeout
+        sdnotify.notify("STOPPING=1")
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         for child in self.children:
             child.next_start = None
             if child.running:
@@ -458,12 +566,15 @@ class Supervisor:
             try:
                 child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                self.log(f"{child.name}: no exit {timeout:.0f}s after SIGTERM: killing")
+                self.warn(f"{child.name}: no exit {timeout:.0f}s after SIGTERM: killing")
                 child.proc.kill()
                 child.proc.wait(timeout=timeout)
         if self.control is not None:
             self.control.close()
             self.control = None
+        if self.notify is not None:
+            self.notify.close()
+            self.notify = None
         if "rules" in self._installed and self.backend is not None:
             self._stop_steering()
         if "gwlink" in self._installed:
@@ -483,7 +594,7 @@ class Supervisor:
         try:
             be.apply(build(self.config, stopped=True), self.backend)
         except NfgateError as err:
-            self.log(f"cannot stop the steering ({err}): the running ruleset stays; without processors "
+            self.warn(f"cannot stop the steering ({err}): the running ruleset stays; without processors "
                      f"its queues {'pass' if mode == 'open' else 'drop'} gateway traffic")
             return
         if self.config.gateways:

@@ -1,4 +1,4 @@
-"""``python -m gateways --manifest PATH [--log-json]``: run one gateway.
+"""``python -m gateways --manifest PATH [--log-json] [--log-level L] [--control PATH]``: run one gateway.
 
 The supervisor starts one such process per configured gateway, inside the
 gateway network namespace, so that a crash takes down one gateway and
@@ -19,9 +19,14 @@ gateway's listener on the gateway address, logs ``ready``, and serves until
 SIGTERM or SIGINT. Then it stops accepting, lets live connections finish for
 up to ``SHUTDOWN_GRACE`` seconds, resets what is left, logs the counters in
 a ``stats`` line and exits 0. SIGUSR1 logs the same ``stats`` line at any
-time.
+time. With ``--control PATH`` it also answers ``{"cmd": "stats"}`` with the
+same counters on a root-only unix socket (firewall/control.py), which the
+supervisor reads for its Prometheus endpoint (firewall/metrics.py); and once
+it serves it says ``READY=1`` to ``NOTIFY_SOCKET`` (firewall/sdnotify.py),
+which is how ``nfgate run`` knows that the gateway serves.
 
-Every event is one line on stderr (``--log-json``: one JSON object per line).
+Every event is one line on stderr (``--log-json``: one JSON object per line),
+and so is any other line the process writes (firewall/eventlog.py).
 A problem the operator can fix is one line and an exit code, never a
 traceback (DESIGN invariant 10): 2 for a bad manifest or a kind that is not
 built yet; 1 for a runtime failure (an unsafe key file, an
@@ -32,12 +37,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import resource
 import signal
 import sys
 from collections import Counter
+from pathlib import Path
 from typing import Callable, Protocol
 
+from firewall import eventlog, sdnotify
+from firewall.control import Command, ControlServer
 from firewall.errors import EXIT_OK, NfgateError, UsageError
 from firewall.signalling import Endpoint, load_or_create_key
 from gateways import manifest as mf
@@ -79,6 +88,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=PROG, description="Run one nfgate gateway in the current network namespace.")
     parser.add_argument("--manifest", required=True, help="the gateway's manifest (nfgate run writes it; nfgate manifest NAME prints one)")
     parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                        help="the least severe level logged")
+    parser.add_argument("--control", type=Path, default=None,
+                        help="serve {\"cmd\": \"stats\"} on this root-only unix socket (nfgate run gives one)")
     return parser.parse_args(argv)
 
 
@@ -91,8 +104,9 @@ def _stats(layer: GatewayLayer, relay: Relay) -> dict[str, object]:
     return stats
 
 
-async def serve(manifest: Manifest, key: bytes, log: EventLog, factory: RelayFactory) -> None:
-    """Run the gateway ``manifest`` describes, made by ``factory``, until SIGTERM or SIGINT."""
+async def serve(manifest: Manifest, key: bytes, log: EventLog, factory: RelayFactory, control: Path | None = None) -> None:
+    """Run the gateway ``manifest`` describes, made by ``factory``, until SIGTERM or SIGINT;
+    with ``control``, answer ``stats`` there."""
     signalling = manifest.signalling.listen.endpoint
     listen = manifest.listen.endpoint
     layer = GatewayLayer.from_manifest(manifest, key, log)
@@ -113,6 +127,17 @@ async def serve(manifest: Manifest, key: bytes, log: EventLog, factory: RelayFac
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, lambda: log.emit("stats", **_stats(layer, relay)))
+    server = None
+    if control is not None:
+        commands = {"stats": Command(lambda target, args: _stats(layer, relay), help="the counters of the stats line")}
+        server = ControlServer(control, commands, None, warn=lambda event, **fields: log.warn(event, **fields))
+        try:
+            server.open()
+        except OSError as exc:
+            await layer.close()
+            raise RuntimeFailure(f"control socket {control}: {exc.strerror or exc}") from None
+        server.attach(loop)
+    sdnotify.notify("READY=1")
     log.emit(
         "ready",
         kind=manifest.kind,
@@ -126,6 +151,8 @@ async def serve(manifest: Manifest, key: bytes, log: EventLog, factory: RelayFac
         log.emit("stopping", active=relay.active, grace=SHUTDOWN_GRACE)
         await relay.close(SHUTDOWN_GRACE)
     finally:
+        if server is not None:
+            server.close()
         await layer.close()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
@@ -134,7 +161,9 @@ async def serve(manifest: Manifest, key: bytes, log: EventLog, factory: RelayFac
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    configure(json_lines=args.log_json)
+    level = getattr(logging, args.log_level.upper())
+    eventlog.configure_process(PROG, args.log_json, level=level)
+    configure(json_lines=args.log_json, level=level)
     raise_file_limit()
     try:
         manifest = mf.load(args.manifest)
@@ -147,9 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             kind.entry()(manifest, log_json=args.log_json)
             return EXIT_OK
         key = load_or_create_key(manifest.signalling.key_file)
-        asyncio.run(serve(manifest, key, EventLog(manifest.name), kind.entry()))
+        asyncio.run(serve(manifest, key, EventLog(manifest.name), kind.entry(), args.control))
     except NfgateError as err:
-        print(f"{PROG}: {err}", file=sys.stderr)
+        logging.getLogger("nfgate.gateway").error("%s", err)
         return err.exit_code
     return EXIT_OK
 

@@ -384,6 +384,42 @@ class Supervisor(Frozen):
     _restart = ordered("restart_initial", "restart_max", "supervisor")
 
 
+LogFormat = Choice("text", "json")
+LogLevel = Choice("debug", "info", "warning", "error")
+
+
+class Log(Frozen):
+    format: LogFormat = Field(
+        "text", description="text: one key=value line per event; json: one JSON object per line, for every process")
+    level: LogLevel = Field("info", description="the least severe level logged")
+
+
+def _listen(value: Any) -> str:
+    """``address:port`` (an IPv6 address in brackets), or "" for no endpoint."""
+    if not isinstance(value, str):
+        fail(f"expected a string, got {type(value).__name__}")
+    if value == "":
+        return value
+    host, _, port = value.rpartition(":")
+    try:
+        ipaddress.ip_address(host[1:-1] if host.startswith("[") and host.endswith("]") else host)
+    except ValueError:
+        fail(f"{value!r} is not address:port (e.g. 127.0.0.1:9469, [::1]:9469), or \"\"")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        fail(f"{value!r}: the port must be 1 to 65535")
+    return value
+
+
+Listen = typed(_listen, {"type": "string", "description": "address:port, or \"\" for none"}, str)
+
+
+class Metrics(Frozen):
+    listen: Listen = Field(
+        "127.0.0.1:9469", description="where nfgate run serves Prometheus metrics over HTTP (\"\": nowhere)")
+    poll: Number(0.5, 3600) = Field(
+        5.0, description="seconds between the supervisor's reads of its children's counters, whose totals outlive them")
+
+
 class Traffic(Frozen):
     """Which traffic a gateway takes: the seed's fig. 6a step 602 selector."""
 
@@ -490,6 +526,8 @@ class Config(Frozen):
     gateways: Gateways = Field(
         (), alias="gateway", description="[[gateway]]: the gateways")
     supervisor: Supervisor = Field(default_factory=Supervisor, description="[supervisor]")
+    log: Log = Field(default_factory=Log, description="[log]: the log format of nfgate run and its processes")
+    metrics: Metrics = Field(default_factory=Metrics, description="[metrics]: the Prometheus endpoint")
 
     def zone_of(self, ifname: str) -> str | None:
         for zone in self.zones.values():

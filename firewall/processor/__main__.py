@@ -7,7 +7,9 @@ The supervisor (``nfgate run``) starts one per entry of ``processor.queues``,
 in the router's network namespace, after ``nfgate apply`` and the blind
 track. Exit codes: 0 after SIGTERM/SIGINT, 1 runtime failure (privilege,
 kernel), 2 usage or config error; errors are one line, never a traceback
-(DESIGN invariant 10).
+(DESIGN invariant 10). Its lines, errors included, take the config's ``[log]``
+format (firewall/eventlog.py); once its queue is bound and its sockets serve it
+says ``READY=1`` to ``NOTIFY_SOCKET``, which ``nfgate run`` waits for.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ from pathlib import Path
 
 import click
 
+from firewall import eventlog
 from firewall.config import load
 from firewall.errors import NfgateError, UsageError
 from firewall.processor.runner import Runner
+
+NAME = "nfgate processor"  # who speaks in its log lines
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,9 +44,11 @@ from firewall.processor.runner import Runner
 )
 def main(config_path: str, instance: int, control: str | None, test_skip_pushes: bool) -> None:
     """Bind one NFQUEUE and double-NAT the gateway flows it carries (docs/datapath.md)."""
-    logging.basicConfig(level=logging.INFO, format="nfgate processor: %(message)s", stream=sys.stderr)
+    eventlog.configure_process(NAME)
+    log = logging.getLogger("nfgate.processor")
     try:
         config = load(config_path)
+        eventlog.configure_process(NAME, config.log.format == "json", level=getattr(logging, config.log.level.upper()))
         if not config.gateways:
             raise UsageError(f"{config_path}: no [[gateway]] configured: there is nothing to process")
         if not 0 <= instance < len(config.processor.queues):
@@ -49,10 +56,10 @@ def main(config_path: str, instance: int, control: str | None, test_skip_pushes:
         runner = Runner(config, instance, control_path=Path(control) if control else None, push=not test_skip_pushes)
         sys.exit(runner.run())
     except NfgateError as err:
-        click.echo(f"nfgate processor: {err}", err=True)
+        log.error("%s", err)
         sys.exit(err.exit_code)
     except OSError as err:
-        click.echo(f"nfgate processor: {err.strerror or err}" + (f": {err.filename}" if err.filename else ""), err=True)
+        log.error("%s", f"{err.strerror or err}" + (f": {err.filename}" if err.filename else ""))
         sys.exit(1)
 
 

@@ -49,6 +49,7 @@ from netfilterqueue import NetfilterQueue, Packet
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from firewall import sdnotify
 from firewall.config import Config
 from firewall.control import BadRequest, Command, ControlServer, SelectorLoop
 from firewall.errors import KernelError, PrivilegeError
@@ -233,6 +234,7 @@ class Runner:
                 self.control_path, adopted,
                 "" if self.push else ", TEST: NEW_FLOW pushes skipped",
             )
+            sdnotify.notify("READY=1")  # bound, and every socket serves: nfgate run waits for this
             self._loop()
         finally:
             self._close()

@@ -24,6 +24,6 @@ class EventLog(eventlog.EventLog):
         self.gateway = gateway
 
 
-def configure(json_lines: bool, stream: Any = None) -> logging.Handler:
+def configure(json_lines: bool, stream: Any = None, level: int = logging.INFO) -> logging.Handler:
     """Send the gateways' events to stderr (or ``stream``), one line each."""
-    return eventlog.configure(LOGGER_NAME, "gateway", json_lines, stream)
+    return eventlog.configure(LOGGER_NAME, "gateway", json_lines, stream, level)

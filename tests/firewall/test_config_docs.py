@@ -25,6 +25,8 @@ SECTIONS = {
     "[gateway_link]": model.GatewayLink,
     "[signalling]": model.Signalling,
     "[supervisor]": model.Supervisor,
+    "[log]": model.Log,
+    "[metrics]": model.Metrics,
 }
 
 

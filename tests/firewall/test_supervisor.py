@@ -116,7 +116,8 @@ def test_status_and_flows_gather_every_processors_answer(tmp_path: Path, monkeyp
             with pytest.raises(KernelError, match="unknown command 'nonsense'"):
                 query(config, "nonsense")
             shown = CliRunner().invoke(main, ["flows", "-c", str(path)])
-            assert shown.output == "gateway=relay proto=tcp client=203.0.113.10:40000\n"
+            assert shown.output == ("tcp 203.0.113.10:40000 -> - (server -)  gateway relay  -\n"
+                                    "  firewall side -, gateway -, snat -, since -, flow - on queue -\n")
             shown = CliRunner().invoke(main, ["status", "-c", str(path)])
             assert "processor-0:\n  counters.queued = 3\n  flows = 1\n" in shown.output
             assert "processor-3:\n  error = not running\n" in shown.output
