@@ -7,16 +7,13 @@ below the command line never import it back.
 Exit codes: 0 ok, 1 runtime failure (kernel refused, missing privilege or
 tool), 2 usage or config error. Errors are one line each, never a traceback.
 
-Every ``--json`` output is one JSON document that carries ``schema_version``
-(``JSON_SCHEMA_VERSION``, raised when a key changes meaning or goes away), and
-a ``--json`` command that fails prints ``{"schema_version", "error",
-"exit_code"}`` (with ``problems`` for a bad config) on stdout, so a script
-reads JSON either way.
+Every ``--json`` output, here and in the lab and tunnel groups, has the one
+shape firewall/jsondoc.py gives it: ``schema_version`` always, and a JSON
+error document when the command fails.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -24,7 +21,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
@@ -35,15 +32,14 @@ from firewall.config import Config, load
 from firewall.config import schema as config_schema
 from firewall.errors import EXIT_USAGE, NfgateError, UsageError, require_root
 from firewall.hazards import hazards
+from firewall.jsondoc import echo_json, json_errors
 from firewall.lab import topology
 from firewall.lab.cli import lab
-from firewall.problems import ConfigError
 from firewall.rules import build, iptables, nft
 from firewall.supervisor import Supervisor, children_for, query
 from tunnel.cli import tunnel
 
 DEFAULT_CONFIG = "/etc/nfgate/nfgate.toml"
-JSON_SCHEMA_VERSION = 1  # of every --json document (module docstring)
 # Where `pip install` puts the lab's topologies (pyproject's data-files): a
 # checkout has them in vagrant/topologies, an installed nfgate only here.
 INSTALLED_TOPOLOGIES = Path(sysconfig.get_path("data")) / "share" / "nfgate" / "topologies"
@@ -70,31 +66,6 @@ def main() -> None:
     """
     if topology.ENV_DIR not in os.environ and not topology.topologies_dir().is_dir():
         os.environ[topology.ENV_DIR] = str(INSTALLED_TOPOLOGIES)
-
-
-def echo_json(doc: Any) -> None:
-    """One --json document, with its schema version; a list goes under ``items``."""
-    body = doc if isinstance(doc, dict) else {"items": doc}
-    click.echo(json.dumps({"schema_version": JSON_SCHEMA_VERSION, **body}, indent=2))
-
-
-def json_errors(command: Callable[..., None]) -> Callable[..., None]:
-    """With --json, a failure is a JSON document on stdout too (and the same exit code)."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        try:
-            command(*args, **kwargs)
-        except NfgateError as err:
-            if not kwargs.get("as_json"):
-                raise
-            doc: dict[str, Any] = {"error": str(err), "exit_code": err.exit_code}
-            if isinstance(err, ConfigError):
-                doc["problems"] = [{"path": p.path, "reason": p.reason, "line": p.line} for p in err.problems]
-            echo_json(doc)
-            sys.exit(err.exit_code)
-
-    return wrapper
 
 
 config_option = click.option(

@@ -12,7 +12,6 @@ traceback (DESIGN.md invariant 10).
 
 from __future__ import annotations
 
-import json
 import secrets
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import click
 
 from firewall.control import ControlError, ask
 from firewall.errors import EXIT_USAGE, KernelError, NfgateError, PrivilegeError, UsageError, require_root
+from firewall.jsondoc import echo_json, json_errors
 from tunnel.config import load_mediator, load_server
 from tunnel.events import configure
 from tunnel.keygen import write_identity
@@ -153,7 +153,11 @@ socket_option = click.option(
     "--socket", "socket_path", default=DEFAULT_SOCKET, show_default=True, envvar=SOCKET_ENV,
     type=click.Path(dir_okay=False), help=f"The server's control socket (or ${SOCKET_ENV}).",
 )
-json_option = click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON.")
+
+
+def json_option(command: Any) -> Any:
+    """``--json``: the answer, or the failure, as one JSON document (firewall/jsondoc.py)."""
+    return click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON.")(json_errors(command))
 
 
 def _ask(socket_path: str, request: dict[str, Any]) -> Any:
@@ -179,7 +183,10 @@ def _endpoint(text: str) -> tuple[str, int]:
 
 
 def _print(result: Any, as_json: bool, text: str) -> None:
-    click.echo(json.dumps(result, indent=2) if as_json else text)
+    if as_json:
+        echo_json(result)
+    else:
+        click.echo(text)
 
 
 @tunnel.command("list")
@@ -195,7 +202,7 @@ def list_cmd(socket_path: str, as_json: bool) -> None:
     """
     data = _ask(socket_path, {"cmd": "list"})
     if as_json:
-        click.echo(json.dumps(data, indent=2))
+        echo_json(data)
         return
     click.echo(f"service {data['service']}, {data['channels']} channels, up {data['uptime']:.0f} s")
     frontend = data.get("frontend")

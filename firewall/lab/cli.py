@@ -7,7 +7,6 @@ checks for root, and prints. Errors are NfgateError subclasses, which
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,6 +14,7 @@ import subprocess
 import click
 
 from firewall.errors import KernelError, UsageError, require_root
+from firewall.jsondoc import echo_json, json_errors
 from firewall.lab import netns
 from firewall.lab import state as lab_state
 from firewall.lab.state import current_owner
@@ -120,7 +120,8 @@ def _lab_of_topology(topology: str) -> str:
 @lab.command("status")
 @click.option("--prefix", "-p", help="Show only this lab. Default: every lab that is up.")
 @click.option("--json", "as_json", is_flag=True,
-              help="Print JSON: {prefix: {topology, owner, owner_alive, hosts: {host: {...}}}}.")
+              help="Print JSON: {schema_version, labs: {prefix: {topology, owner, owner_alive, hosts: {host: {...}}}}}.")
+@json_errors
 def status_cmd(prefix: str | None, as_json: bool) -> None:
     """Show the labs that are up: topology, owner, hosts, interfaces, addresses, routes.
 
@@ -134,7 +135,7 @@ def status_cmd(prefix: str | None, as_json: bool) -> None:
         netns.check_prefix(prefix)
     labs = netns.status(prefix)
     if as_json:
-        click.echo(json.dumps(labs, indent=2, sort_keys=True))
+        echo_json({"labs": labs})
         return
     if not labs:
         click.echo(f"no lab {prefix} is up" if prefix else "no lab is up")

@@ -399,7 +399,7 @@ def test_cli_up_status_exec_down(lab_prefix):
 
     status = nfgate("lab", "status", "--json", "--prefix", p)
     assert status.returncode == 0, status.stderr
-    labs = json.loads(status.stdout)
+    labs = json.loads(status.stdout)["labs"]
     assert list(labs) == [p] and sorted(labs[p]["hosts"]) == ["ext", "lan", "router"]
     assert labs[p]["topology"] == "basic" and labs[p]["owner"]["pid"] == os.getpid() and labs[p]["owner_alive"]
     wan0 = next(i for i in labs[p]["hosts"]["router"]["interfaces"] if i["ifname"] == "wan0")
@@ -421,7 +421,7 @@ def test_cli_up_status_exec_down(lab_prefix):
     down = nfgate("lab", "down", "--prefix", p)
     assert down.returncode == 0 and f"lab {p} down: removed {p}-ext, {p}-lan, {p}-router" in down.stdout
     assert lab_namespaces(p) == []
-    assert json.loads(nfgate("lab", "status", "--json", "--prefix", p).stdout) == {}
+    assert json.loads(nfgate("lab", "status", "--json", "--prefix", p).stdout) == {"schema_version": 1, "labs": {}}
     assert "nothing to remove" in nfgate("lab", "down", "--prefix", p).stdout
 
 
@@ -446,7 +446,7 @@ def test_a_lab_is_found_by_its_state_file_whatever_its_prefix(any_prefix, tmp_pa
     assert (state["prefix"], state["topology"], state["hosts"]) == (p, "basic", ["ext", "router", "lan"])
     assert state["owner"]["pid"] == os.getpid()  # this session's, through $NFGATE_LAB_OWNER_PID
 
-    listed = json.loads(nfgate("lab", "status", "--json").stdout)
+    listed = json.loads(nfgate("lab", "status", "--json").stdout)["labs"]
     assert listed[p]["topology"] == "basic" and sorted(listed[p]["hosts"]) == ["ext", "lan", "router"]
     assert f"lab {p} (topology basic, owner " in nfgate("lab", "status").stdout
 

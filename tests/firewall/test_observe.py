@@ -20,7 +20,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from firewall import eventlog, sdnotify
-from firewall.cli import JSON_SCHEMA_VERSION, flow_lines, main
+from firewall.cli import flow_lines, main
+from firewall.jsondoc import JSON_SCHEMA_VERSION
 from firewall.config import loads
 from firewall.control import Command
 from firewall.lab.wait import wait_for
