@@ -46,7 +46,9 @@ seed's "Dynamic changes in packet processing" the requirement.
   connection are conntrack's. One packet per data connection crosses into
   user space.
 - Every rule ends on first use (one-shot), at its TTL, or with its flow
-  (RULE_END FLOW_ENDED).
+  (RULE_END FLOW_ENDED); a request flagged ``replaces`` ends the flow's
+  earlier requested rules that still wait (RULE_END SUPERSEDED): FTP's
+  latest PASV or PORT is the only one whose port is open.
 - Offload (OFFLOAD_REQUEST; docs/datapath.md, "Offload") is the same ALLOW,
   made by the processor for a flow the gateway has seen enough of: exact
   (the client's own source port) and one-shot, for the flow's original
@@ -255,11 +257,19 @@ class RuleBook:
         if isinstance(made, RuleRefusal):
             self._reply(key, RuleRefused(req.request_id, made), source, now)
             return self._done()
+        if req.replaces:
+            for earlier in self._superseded(req):
+                self._retire(earlier, RuleEndReason.SUPERSEDED)
         made.reply_to = key
         self._replies[key] = (now, None)
         self._add(made)
         self._kernel(True, made.kernel, ("ack", made, source))
         return self._done()
+
+    def _superseded(self, req: RuleRequest) -> list[DynRule]:
+        """The rules a ``replaces`` request ends: its flow's that a gateway asked for
+        (not the processor's own adjacent ones) and that still wait for their flow."""
+        return [r for r in self._rules_of.get(req.flow_id, ()) if r.reply_to is not None]
 
     def offload(self, got: Received, req: OffloadRequest, source: tuple[str, int], now: float, wall: float) -> list[Command]:
         """OFFLOAD_REQUEST: an exact one-shot ALLOW for the flow; the binding goes once the kernel has it."""
@@ -324,8 +334,9 @@ class RuleBook:
             server = self._server_for(b, dst, req.dst.port)
         if req.mode not in self._kind[b.gateway.name].rule_modes:
             return RuleRefusal.POLICY
+        kept = len(self._rules_of.get(req.flow_id, ())) - (len(self._superseded(req)) if req.replaces else 0)
         if (
-            len(self._rules_of.get(req.flow_id, ())) >= self._max_per_flow
+            kept >= self._max_per_flow
             or len(self._rules) >= self._max_rules
             or self.in_flight >= MAX_KERNEL_OPS_IN_FLIGHT
         ):

@@ -396,7 +396,10 @@ class _Session:
                 gw._unexpect(exp, reason.name.lower())
 
         try:
-            await gw.layer.request_rule(self.flow, Proto.TCP, rule.src, rule.dst, ttl, rule.mode, True, on_end=ended)
+            # replaces: only the latest data-port command's rule may exist (a second
+            # PASV withdraws the first one's port, RULE_END SUPERSEDED).
+            await gw.layer.request_rule(self.flow, Proto.TCP, rule.src, rule.dst, ttl, rule.mode, True, on_end=ended,
+                                        replaces=True)
             granted = True
         except RuleError as exc:
             granted = False

@@ -941,8 +941,9 @@ def ftp_session(rig: Rig) -> Any:
 
 
 def request(rig: Rig, flow_id: int, src: str, sport: int, dst: str, dport: int, *, rid: int = 1,
-            mode: RuleMode = RuleMode.REDIRECT, ttl: int = 30, one_shot: bool = True) -> RuleRequest:
-    return RuleRequest(rid, flow_id, Proto.TCP, ep(src, sport), ep(dst, dport), ttl, mode, one_shot)
+            mode: RuleMode = RuleMode.REDIRECT, ttl: int = 30, one_shot: bool = True,
+            replaces: bool = False) -> RuleRequest:
+    return RuleRequest(rid, flow_id, Proto.TCP, ep(src, sport), ep(dst, dport), ttl, mode, one_shot, replaces)
 
 
 def test_redirect_rule_is_acked_when_installed_and_takes_its_flow() -> None:
@@ -1104,6 +1105,31 @@ def test_rules_die_with_their_flow_and_at_their_ttl() -> None:
     rig.destroyed("tcp", (C, 41000, W, 21), (G, 20021, *F0))
     assert rig.messages() == [FlowEnd(ftp.flow_id, FlowEndReason.FIN), RuleEnd(acks[0].rule_id, RuleEndReason.FLOW_ENDED)]
     assert len(rig.core.rules) == 0
+
+
+def test_a_replacing_request_ends_the_flows_earlier_rules() -> None:
+    """RULE_REQUEST flagged replaces (FTP's second PASV): the flow's earlier rules end (RULE_END
+    SUPERSEDED) and leave the kernel; at the per-flow limit it still gets in, since they go."""
+    rig = Rig()
+    ftp = ftp_session(rig)
+    for n in range(MAX_RULES_PER_FLOW):
+        rig.ask(request(rig, ftp.flow_id, C, 0, W, 50000 + n, rid=1 + n, mode=RuleMode.ALLOW))
+    rig.kernel()
+    acks = rig.messages()
+    assert len(acks) == MAX_RULES_PER_FLOW and len(rig.core.rules) == MAX_RULES_PER_FLOW
+    assert rig.ask(request(rig, ftp.flow_id, C, 0, W, 51000, rid=99, mode=RuleMode.ALLOW)) == [
+        RuleRefused(99, RuleRefusal.LIMIT)]
+    assert rig.ask(request(rig, ftp.flow_id, C, 0, W, 51000, rid=100, mode=RuleMode.ALLOW, replaces=True)) == [
+        RuleEnd(a.rule_id, RuleEndReason.SUPERSEDED) for a in acks]
+    removals = [op for op in rig.out.kernel_ops if not op.add]
+    assert len(removals) == MAX_RULES_PER_FLOW
+    rig.kernel()
+    (ack,) = rig.messages()
+    assert isinstance(ack, RuleAck) and ack.request_id == 100
+    assert len(rig.core.rules) == 1 and rig.core.counters["rules.ended.superseded"] == MAX_RULES_PER_FLOW
+    # The superseded ports are closed: their SYN finds no rule; the latest one's passes.
+    assert rig.send(tcp(C, 45000, W, 50000, "S"), WAN0)[0] == PASS and rig.core.counters["passed.allowed"] == 0
+    assert rig.send(tcp(C, 45001, W, 51000, "S"), WAN0)[0] == PASS and rig.core.counters["passed.allowed"] == 1
 
 
 def test_rules_die_with_a_flow_conntrack_never_confirmed() -> None:
