@@ -63,6 +63,7 @@ a data-port reply) is bounded by ``MAX_BACKLOG``.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import itertools
 from collections import deque
 from dataclasses import dataclass
@@ -95,6 +96,7 @@ from gateways.ftp.parse import (
     parse_eprt,
     parse_port,
     reply_start,
+    rewrite_addresses,
     split_command,
     strip_telnet,
 )
@@ -118,6 +120,14 @@ MAX_HELD_REPLY_LINES = 16
 FIRST_DATA_PORT = 1024
 
 CRLF = b"\r\n"
+
+# What ``mask_private_addresses`` hides besides the server's own address: the
+# private ranges a protected network is numbered from (RFC 1918, RFC 6598,
+# link-local RFC 3927).
+PRIVATE_NETWORKS = tuple(
+    ipaddress.IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16")
+)
+MASKED = ipaddress.IPv4Address("0.0.0.0")
 
 
 # ---- state -----------------------------------------------------------------------------
@@ -170,6 +180,8 @@ class FtpControl:
         self._bad = 0
         self._login_failures = 0
         self._out: list[Output] = []
+        # A session through a port forward: the server S is hidden behind S'.
+        self._mask = policy.mask_private_addresses and parties.client_addressed != parties.server
 
     # ---- inputs -------------------------------------------------------------------------
 
@@ -304,7 +316,7 @@ class FtpControl:
             if verb not in COMMANDS:
                 self._bad_command(verb, 500, f"{verb}: command unrecognized.", "unknown_command")
             else:
-                self._bad_command(verb, 502, f"{verb}: command not allowed through this firewall.", "not_allowed")
+                self._refuse(verb, 502, f"{verb}: command not allowed through this firewall.", "not_allowed")
             return
         spec = spec_of(verb)
         if spec.arg is Arg.REQUIRED and arg is None:
@@ -342,7 +354,10 @@ class FtpControl:
         try:
             at = parse_port(arg) if verb == "PORT" else parse_eprt(arg)
         except Malformed as bad:
-            self._bad_command(verb, bad.code, bad.text, "malformed")
+            if bad.code == 522:  # a well-formed EPRT for IPv6: the session is IPv4, nothing malformed
+                self._refuse(verb, bad.code, bad.text, "family")
+            else:
+                self._bad_command(verb, bad.code, bad.text, "malformed")
             return
         p = self.parties
         if at.address != p.client:
@@ -374,7 +389,7 @@ class FtpControl:
                 self._forward(verb, b"ALL", Role.PLAIN)
                 return
             if word == b"2":
-                self._bad_command(verb, 522, "Network protocol not supported, use (1)", "family")
+                self._refuse(verb, 522, "Network protocol not supported, use (1)", "family")
                 return
             if word != b"1":
                 self._bad_command(verb, 501, "EPSV takes 1 or ALL.", "malformed")
@@ -482,7 +497,34 @@ class FtpControl:
         if self._reply_role is Role.FEAT and code == 211 and not first and not last and not self._feature_visible(line):
             self._event("feat.hidden", feature=line.strip().decode("latin-1")[:40])
             return
-        self._to_client(line + CRLF)
+        if not first and not last:
+            inner = reply_start(line)
+            if inner is not None and inner.code != code:
+                # A text line that reads as another reply ("227 Entering Passive
+                # Mode (...)" inside a 211): indented, as RFC 959 section 4.2
+                # asks, so no client takes it for the end of the reply.
+                self._event("reply.indented", code=code, inner=inner.code)
+                line = b" " + line
+        self._to_client(self._outward(line) + CRLF)
+
+    def _outward(self, line: bytes) -> bytes:
+        """A server's reply line as the client may see it: through a port forward
+        (``mask_private_addresses``), the server's address S becomes S', the one the
+        client connected to, and other private addresses 0.0.0.0."""
+        if not self._mask:
+            return line
+        masked = rewrite_addresses(line, self._hidden)
+        if masked != line:
+            self._event("reply.masked", code=self._reply[0] if self._reply is not None else 0)
+        return masked
+
+    def _hidden(self, address: ipaddress.IPv4Address) -> ipaddress.IPv4Address | None:
+        p = self.parties
+        if address == p.server:
+            return p.client_addressed
+        if address in (p.client_addressed, p.client):
+            return None
+        return MASKED if any(address in n for n in PRIVATE_NETWORKS) else None
 
     def _feature_visible(self, line: bytes) -> bool:
         """RFC 2389 section 3.2: one feature per line, after a space; hide what the gateway would refuse."""
@@ -515,7 +557,7 @@ class FtpControl:
                 return  # the reply waits for the rule
         elif role is Role.PORT and code == 200:
             assert pending.plan is not None
-            self._ask(pending.plan, b"".join(line + CRLF for line in held))
+            self._ask(pending.plan, b"".join(self._outward(line) + CRLF for line in held))
             return
         elif role is Role.AUTH and code == 234:
             # RFC 4217 section 4: TLS starts right after this reply.
@@ -536,9 +578,11 @@ class FtpControl:
         self._flush_local()
 
     def _unexpected(self, code: int) -> None:
-        """A 227 or 229 that answers no PASV/EPSV: never acted on, its address never passed on."""
+        """A 227 or 229 that answers no PASV/EPSV: never acted on, its address never passed on,
+        and not even its code: a client waiting for a PASV answer reads a 451 and gives up
+        on that data connection, whatever it parses out of a 227."""
         self._event("refused.unsolicited_reply", code=code)
-        self._to_client(b"%d Reply not expected here; dropped by the firewall.\r\n" % code)
+        self._to_client(b"451 Reply not expected here; dropped by the firewall.\r\n")
 
     def _passive_reply(self, pending: _Pending, code: int, held: list[bytes]) -> bool:
         """Act on a 227 to PASV or a 229 to EPSV; True if it now waits for the rule."""
@@ -610,6 +654,12 @@ class FtpControl:
     def _flush_local(self) -> None:
         while self._pending and self._pending[0].local is not None:
             self._to_client(self._pending.popleft().local)  # type: ignore[arg-type]
+
+    def _refuse(self, verb: str, code: int, text: str, why: str, **fields: Any) -> None:
+        """A command well formed but refused by policy (the allow-list, IPv6): answered, not
+        counted toward ``max_bad_commands``, which is for what no honest client sends."""
+        self._event(f"refused.{why}", verb=verb, code=code, **fields)
+        self._local(f"{code} {text}".encode("ascii"))
 
     def _bad_command(self, verb: str, code: int, text: str, why: str, **fields: Any) -> None:
         self._bad += 1

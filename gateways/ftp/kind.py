@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from firewall.fields import Choice, Frozen, Int, ListOf, Number, Removed, String
+from firewall.fields import Bool, Choice, Frozen, Int, ListOf, Number, Removed, String
 from firewall.signalling import RuleMode
 from gateways.kind import Kind
 
@@ -54,6 +54,9 @@ class FtpSettings(Frozen):
     idle_timeout: Number(1, 86400) = Field(
         900.0, description="seconds without traffic before a session is closed, or a relayed data connection reset")
     connect_timeout: Number(0.1, 300) = Field(10.0, description="seconds to open a connection to the server")
+    mask_private_addresses: Bool = Field(
+        True, description="sessions through a port forward: the server's address in a reply becomes the address "
+        "the client connected to, other private addresses (RFC 1918, RFC 6598, link-local) 0.0.0.0")
 
     masquerade_address: GoneMasquerade = Field(None, repr=False, exclude=True)
 

@@ -63,6 +63,7 @@ class Policy:
     max_password_length: int = _DEFAULTS.max_password_length
     max_bad_commands: int = _DEFAULTS.max_bad_commands
     max_login_failures: int = _DEFAULTS.max_login_failures
+    mask_private_addresses: bool = _DEFAULTS.mask_private_addresses
 
     @classmethod
     def of(cls, settings: FtpSettings) -> "Policy":
@@ -75,6 +76,7 @@ class Policy:
             max_password_length=settings.max_password_length,
             max_bad_commands=settings.max_bad_commands,
             max_login_failures=settings.max_login_failures,
+            mask_private_addresses=settings.mask_private_addresses,
         )
 
 
