@@ -247,6 +247,9 @@ def confirm_command(config_path: str) -> None:
 def manifest(config_path: str, gateway: str) -> None:
     """Print the manifest nfgate run gives gateway GATEWAY (docs/manifest.md).
 
+    A gateway of several workers has one per worker: NAME#0, NAME#1, ...
+    (NAME alone is worker 0).
+
     A gateway process reads only its manifest. To run one by hand, in the
     gateway namespace:
 
@@ -256,10 +259,11 @@ def manifest(config_path: str, gateway: str) -> None:
     """
     config = load(config_path)
     for gw in config.gateways:
-        if gw.name == gateway:
-            click.echo(manifests.manifest_for(config, gw).to_json(), nl=False)
-            return
-    known = ", ".join(g.name for g in config.gateways) or "none"
+        for worker, name in enumerate(manifests.process_names(gw)):
+            if gateway in (name, gw.name if worker == 0 else None):
+                click.echo(manifests.manifest_for(config, gw, worker).to_json(), nl=False)
+                return
+    known = ", ".join(n for g in config.gateways for n in manifests.process_names(g)) or "none"
     raise UsageError(f"no gateway named {gateway!r} in {config_path} (configured: {known})")
 
 

@@ -21,6 +21,12 @@ up to ``SHUTDOWN_GRACE`` seconds, resets what is left, logs the counters in
 a ``stats`` line and exits 0. SIGUSR1 logs the same ``stats`` line at any
 time.
 
+``--ready-fd N``: once both sockets are bound, the process writes
+``ready\n`` to descriptor N and keeps it open until it exits, so that the
+one who started it (the supervisor, for a gateway of several workers)
+learns of its readiness and of its death (end of file, also after SIGKILL)
+at once, without polling.
+
 Every event is one line on stderr (``--log-json``: one JSON object per line).
 A problem the operator can fix is one line and an exit code, never a
 traceback (DESIGN invariant 10): 2 for a bad manifest or a kind that is not
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import resource
 import signal
 import sys
@@ -79,6 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=PROG, description="Run one nfgate gateway in the current network namespace.")
     parser.add_argument("--manifest", required=True, help="the gateway's manifest (nfgate run writes it; nfgate manifest NAME prints one)")
     parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    parser.add_argument("--ready-fd", type=int, default=None,
+                        help="write 'ready' to this inherited descriptor once listening, and keep it open until exit")
     return parser.parse_args(argv)
 
 
@@ -91,7 +100,17 @@ def _stats(layer: GatewayLayer, relay: Relay) -> dict[str, object]:
     return stats
 
 
-async def serve(manifest: Manifest, key: bytes, log: EventLog, factory: RelayFactory) -> None:
+def announce_ready(fd: int | None) -> None:
+    """``--ready-fd``: say ``ready`` on the descriptor; it stays open, so its end of file is our exit."""
+    if fd is None:
+        return
+    try:
+        os.write(fd, b"ready\n")
+    except OSError:
+        pass  # nobody listens: the supervisor went away; serving goes on
+
+
+async def serve(manifest: Manifest, key: bytes, log: EventLog, factory: RelayFactory, ready_fd: int | None = None) -> None:
     """Run the gateway ``manifest`` describes, made by ``factory``, until SIGTERM or SIGINT."""
     signalling = manifest.signalling.listen.endpoint
     listen = manifest.listen.endpoint
@@ -121,6 +140,7 @@ async def serve(manifest: Manifest, key: bytes, log: EventLog, factory: RelayFac
         processor=",".join(str(layer.core.instances.endpoint(i)) for i in range(len(layer.core.instances))),
         open_files=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
     )
+    announce_ready(ready_fd)
     try:
         await stop.wait()
         log.emit("stopping", active=relay.active, grace=SHUTDOWN_GRACE)
@@ -147,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             kind.entry()(manifest, log_json=args.log_json)
             return EXIT_OK
         key = load_or_create_key(manifest.signalling.key_file)
-        asyncio.run(serve(manifest, key, EventLog(manifest.name), kind.entry()))
+        asyncio.run(serve(manifest, key, EventLog(manifest.process_name), kind.entry(), args.ready_fd))
     except NfgateError as err:
         print(f"{PROG}: {err}", file=sys.stderr)
         return err.exit_code

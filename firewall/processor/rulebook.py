@@ -205,6 +205,7 @@ class RuleBook:
         counters: Counter[str],
         gateway_peers: dict[str, tuple[str, int]],
         binding: Callable[[int], Binding | None],
+        gateway_at: dict[tuple[str, int], str] | None = None,
         local_addresses: Callable[[], Iterable[IPv4Address]],
     ) -> None:
         proc = config.processor
@@ -219,8 +220,9 @@ class RuleBook:
         self._max_rules = proc.max_rules
         self._max_per_flow = proc.max_rules_per_flow
         self._kind = {g.name: KINDS[g.kind] for g in config.gateways}
-        # A gateway's requests come from its own signalling port (docs/datapath.md, "Signalling ports").
-        self._gateway_at = {peer: name for name, peer in gateway_peers.items()}
+        # A gateway's requests come from its own signalling port (docs/datapath.md, "Signalling ports"),
+        # one per worker process (``gateway_at``: every worker's, when there are several).
+        self._gateway_at = {peer: name for name, peer in gateway_peers.items()} | dict(gateway_at or {})
         self._rules: dict[int, DynRule] = {}  # rule id -> live rule
         self._rules_of: dict[int, list[DynRule]] = {}  # flow id -> its live rules
         self._ops: dict[int, tuple[Any, ...]] = {}  # token -> what its completion means
@@ -229,6 +231,10 @@ class RuleBook:
         self._replies: OrderedDict[tuple[int, int], tuple[float, RuleAck | RuleRefused | None]] = OrderedDict()
         self._offloading: set[int] = set()  # flow ids whose offload's rule is being installed
         self._out: list[Command] = []  # what the entry point being run returns
+
+    def _peer(self, ag: AgEndpoint) -> tuple[str, int]:
+        """Where the gateway (worker) behind ``ag`` takes its signalling."""
+        return ag.peer or self._peers[ag.name]
 
     def _done(self) -> list[Command]:
         out, self._out = self._out, []
@@ -514,7 +520,7 @@ class RuleBook:
         if not keep_kernel:
             self._kernel(False, rule.kernel)
         if reason is not None and rule.acked and rule.reply_to is not None:
-            self._out.append(Send(RuleEnd(rule.rule_id, reason), self._peers[rule.gateway.name]))
+            self._out.append(Send(RuleEnd(rule.rule_id, reason), self._peer(rule.gateway)))
 
     # ---- time and the kernel ----------------------------------------------------------
 
@@ -570,7 +576,7 @@ class RuleBook:
                 self._reply(key, RuleAck(key[1], rule.rule_id, rule.expires_ms), source, now)
                 self._out.append(Offloaded(fid))
                 if rule.ended is not None:
-                    self._out.append(Send(RuleEnd(rule.rule_id, rule.ended), self._peers[rule.gateway.name]))
+                    self._out.append(Send(RuleEnd(rule.rule_id, rule.ended), self._peer(rule.gateway)))
         elif purpose[0] == "ack":
             rule, source = purpose[1], purpose[2]
             key = rule.reply_to
@@ -587,5 +593,5 @@ class RuleBook:
                     counters["rules.translated"] += 1  # an ALLOW with its DNAT
                 self._reply(key, RuleAck(key[1], rule.rule_id, rule.expires_ms), source, now)
                 if rule.ended is not None:  # used or expired while it was being installed
-                    self._out.append(Send(RuleEnd(rule.rule_id, rule.ended), self._peers[rule.gateway.name]))
+                    self._out.append(Send(RuleEnd(rule.rule_id, rule.ended), self._peer(rule.gateway)))
         return self._done()

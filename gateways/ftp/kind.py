@@ -65,4 +65,7 @@ KIND = Kind(
     "ftp", ("tcp",), FtpSettings, gateway="gateways.ftp.gateway:FtpGateway.for_gateway",
     # Its data connections: through the gateway (inspect) or the kernel (allow).
     rule_modes=frozenset({RuleMode.REDIRECT, RuleMode.ALLOW}),
+    # Sessions are independent (a REDIRECTed data connection comes back to
+    # the worker that asked for it): several workers, one crash cuts one's.
+    workers=True,
 )

@@ -192,6 +192,34 @@ def test_gateway_listen_ports_default_and_clash() -> None:
     assert path == "gateway[1].listen_port"
 
 
+def test_gateway_workers_take_consecutive_ports() -> None:
+    """workers = N: worker i listens on listen_port + i and signals on the next signalling port;
+    the defaults of the gateways after it move up past its workers."""
+    a = GATEWAY.format(name="a", zone="wan", ports="25").replace('kind = "tcp-relay"', 'kind = "tcp-relay"\nworkers = 3')
+    text = BASE + a + GATEWAY.format(name="b", zone="wan", ports="26")
+    config = loads(text)
+    assert [list(g.listen_ports) for g in config.gateways] == [[20000, 20001, 20002], [20003]]
+    assert list(config.gateway_signalling_ports("a")) == [7500, 7501, 7502]
+    assert config.gateway_signalling_port("a", 2) == 7502 and config.gateway_signalling_port("b") == 7503
+    path, reason, _ = only(text.replace('name = "b"', 'name = "b"\nlisten_port = 20002'))
+    assert (path, reason) == ("gateway[1].listen_port", "20002 is already used by gateway[0]")
+    path, reason, _ = only(text.replace('name = "b"', 'name = "b"\nlisten_port = 7502'))
+    assert (path, reason) == ("gateway[1].listen_port", "7502 is a gateway signalling port (7500-7503)")
+    path, reason, _ = only(text.replace("workers = 3", "workers = 65"))
+    assert path == "gateway[0].workers"
+    path, reason, _ = only(text.replace('name = "a"', 'name = "a"\nlisten_port = 65534'))
+    assert (path, reason) == ("gateway[0].listen_port", "3 workers need ports up to 65536")
+
+
+def test_workers_only_for_kinds_that_allow_them() -> None:
+    udp = GATEWAY.format(name="u", zone="wan", ports="53").replace('"tcp-relay"', '"udp-relay"\nworkers = 2')
+    path, reason, _ = only(BASE + udp.replace('proto = "tcp"', 'proto = "udp"'))
+    assert (path, reason) == ("gateway[0].workers", "a udp-relay gateway runs as one process")
+    logger = GATEWAY.format(name="l", zone="wan", ports="25").replace('"tcp-relay"', '"tcp-relay"\nworkers = 2')
+    path, reason, _ = only(BASE + logger + '[gateway.settings]\nmode = "log-only"\n')
+    assert (path, reason) == ("gateway[0].workers", "a log-only gateway carries no flow: one process logs them all")
+
+
 def test_port_forward_parsing_and_overlap() -> None:
     text = BASE + (
         "\n[[nat.forward]]\nfrom = 'wan'\nproto = 'tcp'\nport = 8080\nto = '192.168.1.10:80'\n"

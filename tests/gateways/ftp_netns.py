@@ -173,8 +173,10 @@ class Vsftpd:
 class FtpRunning(Running):
     """`nfgate run` with the ftp gateway in the lab router; its log and control socket."""
 
-    def __init__(self, lab: Any, tmp: Path, data_channel: str = "allow", queues: str = "[0]") -> None:
-        super().__init__(lab, tmp, config=CONFIG.replace("queues = [0]", f"queues = {queues}"), data_channel=data_channel)
+    def __init__(self, lab: Any, tmp: Path, data_channel: str = "allow", queues: str = "[0]", workers: int = 1) -> None:
+        config = CONFIG.replace("queues = [0]", f"queues = {queues}")
+        config = config.replace('kind = "ftp"\n', f'kind = "ftp"\nworkers = {workers}\n')
+        super().__init__(lab, tmp, config=config, data_channel=data_channel)
 
     def processor_rules(self) -> int:
         """Dynamic rules every processor instance holds."""
