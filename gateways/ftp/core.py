@@ -53,6 +53,12 @@ The dialogue, in order (RFC 959 section 5.4, lock-step with pipelining):
    and whether the next line needs a login depends on the login's reply.
 5. The lines that carry a data address are never passed through: they are
    parsed strictly (``parse``) and written anew.
+6. ``data_mode = "active"``: a client's PASV/EPSV goes to the server as a
+   PORT to the client's side; after its 200 two REDIRECTs (the server's
+   side, then the client's, sharing a ``pair``) and then the 227/229 for S'
+   (``_translate``): the adapter joins the two connections.
+7. Each rule request replaces the session's earlier rules (the processor
+   ends them, RULE_END SUPERSEDED): only the latest data command's port is open.
 
 Every input ends in a reply or a close: no exception escapes for any bytes
 (tests fuzz this with Hypothesis). Buffers are bounded: a line is at most
@@ -65,15 +71,17 @@ from __future__ import annotations
 import enum
 import ipaddress
 import itertools
+import random
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from firewall.signalling import Endpoint, RuleMode
 from gateways.ftp.commands import COMMANDS, SECURITY_FEATURES, Arg, Role, spec_of
 from gateways.ftp.model import (
     Close,
     DataChannel,
+    DataMode,
     Direction,
     Event,
     Opaque,
@@ -114,6 +122,12 @@ MAX_IN_FLIGHT = 32
 # Those replies are one line; a server that sends pages of them is refused.
 MAX_HELD_REPLY_LINES = 16
 
+# The ports the gateway announces for a translated data connection
+# (``data_mode = "active"``): the server connects to the client's side at one,
+# the client to the server's side at the same one.
+TRANSLATED_PORTS = (32768, 61000)
+_PORTS = random.SystemRandom()
+
 # Data ports below this are refused in PORT, EPRT, 227 and 229: RFC 2577
 # section 3 ("the server not open data connections to TCP ports less than
 # 1024"), so no data rule can reach a well-known service.
@@ -141,6 +155,7 @@ class _Plan:
     src: Endpoint
     dst: Endpoint
     mode: RuleMode
+    pair: int = 0  # a translated data connection: its two rules share this (``data_mode``)
 
 
 @dataclass
@@ -150,6 +165,7 @@ class _Pending:
     verb: str = ""
     role: Role = Role.PLAIN
     plan: _Plan | None = None  # PORT/EPRT: the rule the 200 will confirm
+    translated: Role | None = None  # a client's PASV/EPSV sent on as a PORT (``data_mode = "active"``)
     local: bytes | None = None  # a reply of the gateway's, sent when it reaches the head
 
 
@@ -163,7 +179,9 @@ class _Phase(enum.Enum):
 class FtpControl:
     """One FTP control connection between a client and its server (module docstring)."""
 
-    def __init__(self, parties: Parties, policy: Policy = Policy()) -> None:
+    def __init__(self, parties: Parties, policy: Policy = Policy(),
+                 data_port: Callable[[], int] = lambda: _PORTS.randrange(*TRANSLATED_PORTS)) -> None:
+        self._data_port = data_port  # the port of a translated data connection (``data_mode``)
         self.parties = parties
         self.policy = policy
         self._phase = _Phase.GREETING
@@ -174,8 +192,10 @@ class FtpControl:
         self._setups = 0  # commands of _SYNC_ROLES awaiting their reply: client lines wait
         self._reply: tuple[int, list[bytes]] | None = None  # a reply being read: code, held lines
         self._reply_role: Role | None = None  # the pending role the reply in progress answers
-        self._rule: tuple[int, _Plan, bytes] | None = None  # token, plan, the reply it releases
+        # The rule asked for: token, plan, the reply it releases, the plans to ask for after it.
+        self._rule: tuple[int, _Plan, bytes, list[_Plan]] | None = None
         self._tokens = itertools.count(1)
+        self._pairs = itertools.count(1)
         self._logged_in = False
         self._bad = 0
         self._login_failures = 0
@@ -247,10 +267,13 @@ class FtpControl:
         """The processor's answer to ``RequestRule(token)``: the held reply goes out, or a refusal."""
         if self._rule is None or self._rule[0] != token or self._phase is not _Phase.OPEN:
             return []
-        _, plan, reply = self._rule
+        _, plan, reply, rest = self._rule
         self._rule = None
         if granted:
             self._event("rule.granted", direction=plan.direction.value, src=plan.src, dst=plan.dst, mode=plan.mode.name)
+            if rest:  # a translated data connection: its other side's rule next
+                self._ask(rest, reply, replaces=False)
+                return self._flush()
             self._to_client(reply)
         else:
             self._event("rule.refused", direction=plan.direction.value, src=plan.src, dst=plan.dst)
@@ -381,6 +404,9 @@ class FtpControl:
         self._to_server(text.encode("ascii") + CRLF)
 
     def _passive(self, verb: str, arg: bytes | None) -> None:
+        if self.policy.data_mode is DataMode.ACTIVE and not (arg is not None and arg.upper() in (b"ALL", b"2")):
+            if self._translate(verb, arg):
+                return
         if verb == "EPSV" and arg is not None:
             word = arg.upper()
             if word == b"ALL":
@@ -397,6 +423,29 @@ class FtpControl:
         self._pending.append(_Pending(verb, Role.EPSV if verb == "EPSV" else Role.PASV))
         self._setups += 1
         self._to_server(verb.encode("ascii") + (b" " + arg if arg is not None else b"") + CRLF)
+
+    def _translate(self, verb: str, arg: bytes | None) -> bool:
+        """``data_mode = "active"``: the client's PASV/EPSV goes to the server as a PORT.
+
+        The server connects to the address it sees as the client (C, or the
+        router's W) at a port the gateway chose; the client connects to S'
+        (what it addressed) at the same port. Both connections are
+        REDIRECTed into the gateway, which joins them (seed, "Dynamic
+        changes": the gateway decides the data channel). False: not possible
+        here (the server's view of the client is unknown), left as it is.
+        """
+        p = self.parties
+        if p.client_seen_as is None or (verb == "EPSV" and arg is not None and arg != b"1"):
+            return False
+        port = self._data_port()
+        toward_server = Endpoint(p.client_seen_as, port)
+        pair = next(self._pairs)
+        server_side = _Plan(Direction.ACTIVE, Endpoint(p.server, 0), toward_server, RuleMode.REDIRECT, pair)
+        self._event("data.translated", verb=verb, port=port)
+        self._pending.append(_Pending("PORT", Role.PORT, server_side, translated=Role.EPSV if verb == "EPSV" else Role.PASV))
+        self._setups += 1
+        self._to_server(f"PORT {format_port(toward_server)}".encode("ascii") + CRLF)
+        return True
 
     def _auth(self, verb: str, arg: bytes | None) -> None:
         if not self.policy.auth_tls:
@@ -555,6 +604,15 @@ class FtpControl:
         if (role is Role.PASV and code == 227) or (role is Role.EPSV and code == 229):
             if self._passive_reply(pending, code, held):
                 return  # the reply waits for the rule
+        elif role is Role.PORT and code == 200 and pending.translated is not None:
+            assert pending.plan is not None
+            p, port = self.parties, pending.plan.dst.port
+            toward_client = Endpoint(p.client_addressed, port)
+            client_side = _Plan(Direction.PASSIVE, Endpoint(p.client, 0), toward_client, RuleMode.REDIRECT,
+                                pending.plan.pair)
+            reply = format_229(port) if pending.translated is Role.EPSV else format_227(toward_client)
+            self._ask([pending.plan, client_side], reply)
+            return
         elif role is Role.PORT and code == 200:
             assert pending.plan is not None
             self._ask(pending.plan, b"".join(self._outward(line) + CRLF for line in held))
@@ -616,13 +674,16 @@ class FtpControl:
         self._to_client(reply + CRLF)
         return False
 
-    def _ask(self, plan: _Plan, reply: bytes) -> None:
-        """Request the plan's rule; ``reply`` goes to the client once it is granted."""
+    def _ask(self, plans: _Plan | list[_Plan], reply: bytes, replaces: bool = True) -> None:
+        """Request the plan's rule (of several, one after the other); ``reply`` goes to the
+        client once all are granted. The first replaces the session's earlier rules: only the
+        latest data command's may exist (docs/ftp.md, "Rule life")."""
+        plan, *rest = plans if isinstance(plans, list) else [plans]
         token = next(self._tokens)
-        self._rule = (token, plan, reply)
+        self._rule = (token, plan, reply, rest)
         self._out.append(
             RequestRule(token, plan.direction, plan.src, plan.dst, plan.mode,
-                        self.policy.data_channel is DataChannel.INSPECT)
+                        self.policy.data_channel is DataChannel.INSPECT, replaces, plan.pair)
         )
 
     def _setup_done(self) -> None:

@@ -15,6 +15,7 @@ from gateways.kind import Kind
 
 FtpVerb = String(r"[A-Za-z]{3,4}", "an FTP command (3 or 4 letters, RFC 959 section 5.3.1)")
 DataChannel = Choice("allow", "inspect")
+DataMode = Choice("keep", "active")
 AuthTls = Choice("refuse", "allow")
 HookName = String(r"([A-Za-z_][\w.]*:[A-Za-z_]\w*)?", "module:function")
 GoneMasquerade = Removed(
@@ -32,6 +33,9 @@ class FtpSettings(Frozen):
     data_channel: DataChannel = Field(
         "allow", description="allow: the kernel carries every data connection (the processor translates "
         "the router's address); inspect: all through the gateway")
+    data_mode: DataMode = Field(
+        "keep", description="keep: the client's mode; active: a client's PASV/EPSV reaches the server as PORT "
+        "(an active-only server), both data connections through the gateway")
     data_rule_ttl: Int(1, 3600) = Field(15, description="seconds a data-port rule waits for its one connection")
     auth_tls: AuthTls = Field(
         "refuse", description="refuse: AUTH answered 534 and hidden from FEAT; allow: opaque after 234")

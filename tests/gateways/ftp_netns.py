@@ -140,7 +140,8 @@ def make_file(path: Path, size: int) -> str:
 class Vsftpd:
     """A private vsftpd in a lab host; anonymous, files in ``root/pub`` (writable by user ftp)."""
 
-    def __init__(self, lab: Any, host: str, tmp: Path, listen_address: str | None = None, banner: str = "") -> None:
+    def __init__(self, lab: Any, host: str, tmp: Path, listen_address: str | None = None, banner: str = "",
+                 options: str = "") -> None:
         self.root = tmp / f"ftp-{host}"
         self.pub = self.root / "pub"
         empty = tmp / f"ftp-{host}-empty"
@@ -150,7 +151,7 @@ class Vsftpd:
         os.chmod(self.root, 0o555)  # vsftpd refuses an anonymous root the ftp user can write
         os.chmod(self.pub, 0o777)
         conf = tmp / f"vsftpd-{host}.conf"
-        extra = f"listen_address={listen_address}\n" if listen_address else ""
+        extra = (f"listen_address={listen_address}\n" if listen_address else "") + options
         if banner:  # a multi-line greeting (vsftpd's banner_file), e.g. one that names private addresses
             (tmp / f"banner-{host}.txt").write_text(banner)
             extra += f"banner_file={tmp / f'banner-{host}.txt'}\n"
@@ -173,8 +174,9 @@ class Vsftpd:
 class FtpRunning(Running):
     """`nfgate run` with the ftp gateway in the lab router; its log and control socket."""
 
-    def __init__(self, lab: Any, tmp: Path, data_channel: str = "allow", queues: str = "[0]", workers: int = 1) -> None:
-        config = CONFIG.replace("queues = [0]", f"queues = {queues}")
+    def __init__(self, lab: Any, tmp: Path, data_channel: str = "allow", queues: str = "[0]", workers: int = 1,
+                 settings: str = "") -> None:
+        config = CONFIG.replace("queues = [0]", f"queues = {queues}") + settings
         config = config.replace('kind = "ftp"\n', f'kind = "ftp"\nworkers = {workers}\n')
         super().__init__(lab, tmp, config=config, data_channel=data_channel)
 

@@ -13,6 +13,7 @@ from gateways.ftp.commands import allowed_commands
 from gateways.ftp.core import (
     Close,
     DataChannel,
+    DataMode,
     Direction,
     Event,
     FtpControl,
@@ -467,6 +468,37 @@ def test_active_mode_without_a_known_client_address() -> None:
     d.client(b"PORT 192,168,1,10,195,81\r\nPASV\r\n")
     assert d.t.client_lines()[0].startswith(b"502 Active mode is not available")
     assert d.t.to_server == b"PASV\r\n"
+
+
+def test_playbook_data_mode_active_translates_pasv_into_port() -> None:
+    """data_mode = "active": the client's PASV reaches the server as a PORT to the client's address as
+    the server sees it; after the 200 two REDIRECTs, the server's side (replacing earlier rules) then the
+    client's, sharing one pair; then the client gets a 227 (or 229) for S' at the same port."""
+    for parties, verb, reply in (
+        (INBOUND, b"PASV", b"227 Entering Passive Mode (203,0,113,1,195,80).\r\n"),
+        (OUTBOUND, b"EPSV", b"229 Entering Extended Passive Mode (|||50000|)\r\n"),
+    ):
+        c = FtpControl(parties, Policy(data_mode=DataMode.ACTIVE), data_port=lambda: 50000)
+        for side, data in LOGIN:
+            (c.client_data if side == "client" else c.server_data)(data)
+        seen_as = parties.client_seen_as
+        assert no_events(c.client_data(verb + b"\r\n")) == [
+            ToServer(b"PORT %s,195,80\r\n" % str(seen_as).replace(".", ",").encode())]
+        first = no_events(c.server_data(b"200 PORT command successful.\r\n"))
+        assert first == [RequestRule(1, Direction.ACTIVE, ep(parties.server, 0), ep(seen_as, 50000), RuleMode.REDIRECT,
+                                     False, True, 1)]
+        second = no_events(c.rule_answered(1, True))
+        assert second == [RequestRule(2, Direction.PASSIVE, ep(parties.client, 0), ep(parties.client_addressed, 50000),
+                                      RuleMode.REDIRECT, False, False, 1)]
+        assert no_events(c.rule_answered(2, True)) == [ToClient(reply)]
+        assert c.client_data(b"RETR f\r\n") == [ToServer(b"RETR f\r\n")]
+    # A refused PORT is the PASV's answer; EPSV ALL and PORT pass as they are.
+    d = logged_in(INBOUND, Policy(data_mode=DataMode.ACTIVE))
+    d.client(b"PASV\r\n")
+    d.server(b"500 Illegal PORT command.\r\n")
+    assert d.t.rules == [] and d.t.client_lines() == [b"500 Illegal PORT command."]
+    d.client(b"PORT 203,0,113,10,195,80\r\n")
+    assert d.t.to_server.endswith(b"PORT 203,0,113,10,195,80\r\n")
 
 
 # ---- limits: at the limit and one past it ---------------------------------------------------------
