@@ -196,12 +196,12 @@ class ProcessorCore:
         # Each gateway is its own process on its own signalling port (docs/datapath.md,
         # "Signalling ports"): a flow's pushes go to the gateway it belongs to.
         self.gateway_peers = {g.name: (self.gateway_address, config.gateway_signalling_port(g.name)) for g in config.gateways}
-        # A gateway of several workers: which one takes a new flow (spread.py); a
-        # binding's own worker is its AgEndpoint, and that worker's ``peer`` its signalling.
         self._copies = config.signalling.copies
         self._masq = frozenset(config.nat.masquerade)
         self._zone_of_if = {i: z.name for z in config.zones.values() for i in z.interfaces}
         self.policy = Policy(config)
+        # A gateway of several workers: which one takes a new flow (spread.py); a
+        # binding's own worker is its AgEndpoint, and that worker's ``peer`` its signalling.
         self.spread = Spread(self.policy.workers)
         self._iface: dict[int, str | None] = {}
         self._iface_until = now + IFACE_CACHE_SECONDS
