@@ -122,10 +122,9 @@ MAX_IN_FLIGHT = 32
 # Those replies are one line; a server that sends pages of them is refused.
 MAX_HELD_REPLY_LINES = 16
 
-# The ports the gateway announces for a translated data connection
-# (``data_mode = "active"``): the server connects to the client's side at one,
+# Picks the port of a translated data connection (``data_mode = "active"``,
+# from ``translated_ports``): the server connects to the client's side at it,
 # the client to the server's side at the same one.
-TRANSLATED_PORTS = (32768, 61000)
 _PORTS = random.SystemRandom()
 
 # Data ports below this are refused in PORT, EPRT, 227 and 229: RFC 2577
@@ -179,9 +178,9 @@ class _Phase(enum.Enum):
 class FtpControl:
     """One FTP control connection between a client and its server (module docstring)."""
 
-    def __init__(self, parties: Parties, policy: Policy = Policy(),
-                 data_port: Callable[[], int] = lambda: _PORTS.randrange(*TRANSLATED_PORTS)) -> None:
-        self._data_port = data_port  # the port of a translated data connection (``data_mode``)
+    def __init__(self, parties: Parties, policy: Policy = Policy(), data_port: Callable[[], int] | None = None) -> None:
+        # The port of a translated data connection (``data_mode``): any of ``translated_ports``.
+        self._data_port = data_port or (lambda: _PORTS.randint(*policy.translated_ports))
         self.parties = parties
         self.policy = policy
         self._phase = _Phase.GREETING

@@ -7,9 +7,11 @@ takes its defaults from them.
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Annotated
 
-from firewall.fields import Bool, Choice, Frozen, Int, ListOf, Number, Removed, String
+from pydantic import AfterValidator, Field, PlainSerializer
+
+from firewall.fields import Bool, Choice, Frozen, Int, ListOf, Number, PortRange, Removed, SinglePortRange, String, fail
 from firewall.signalling import RuleMode
 from gateways.kind import Kind
 
@@ -18,6 +20,16 @@ DataChannel = Choice("allow", "inspect")
 DataMode = Choice("keep", "active")
 AuthTls = Choice("refuse", "allow")
 HookName = String(r"([A-Za-z_][\w.]*:[A-Za-z_]\w*)?", "module:function")
+
+
+def _data_ports(rng: PortRange) -> PortRange:
+    if rng.first < 1024:  # RFC 2577 section 3, as for the ports the peers name
+        fail(f"{rng} reaches below 1024: data connections stay off well-known ports")
+    return rng
+
+
+# Written as "first-last" in the manifest, which the gateway validates again.
+DataPorts = Annotated[SinglePortRange, AfterValidator(_data_ports), PlainSerializer(str, return_type=str)]
 GoneMasquerade = Removed(
     "no longer a setting: the processor tells the gateway the address it SNATs "
     "each session to (signalling's snat field); delete this line"
@@ -36,6 +48,9 @@ class FtpSettings(Frozen):
     data_mode: DataMode = Field(
         "keep", description="keep: the client's mode; active: a client's PASV/EPSV reaches the server as PORT "
         "(an active-only server), both data connections through the gateway")
+    translated_ports: DataPorts = Field(
+        PortRange(32768, 60999), description="data_mode active: the ports the gateway announces for a translated "
+        "data connection, to the server (at the client's side) and to the client (at S')")
     data_rule_ttl: Int(1, 3600) = Field(15, description="seconds a data-port rule waits for its one connection")
     auth_tls: AuthTls = Field(
         "refuse", description="refuse: AUTH answered 534 and hidden from FEAT; allow: opaque after 234")

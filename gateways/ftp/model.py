@@ -64,6 +64,7 @@ class Policy:
 
     data_channel: DataChannel = DataChannel(_DEFAULTS.data_channel)
     data_mode: DataMode = DataMode(_DEFAULTS.data_mode)
+    translated_ports: tuple[int, int] = (_DEFAULTS.translated_ports.first, _DEFAULTS.translated_ports.last)
     auth_tls: bool = _DEFAULTS.auth_tls == "allow"  # False: AUTH is refused (534) and hidden from FEAT
     allowed: frozenset[str] = field(default_factory=allowed_commands)
     max_line_length: int = _DEFAULTS.max_line_length
@@ -78,6 +79,7 @@ class Policy:
         return cls(
             data_channel=DataChannel(settings.data_channel),
             data_mode=DataMode(settings.data_mode),
+            translated_ports=(settings.translated_ports.first, settings.translated_ports.last),
             auth_tls=settings.auth_tls == "allow",
             allowed=allowed_commands(settings.allow_commands, settings.deny_commands),
             max_line_length=settings.max_line_length,

@@ -492,6 +492,10 @@ def test_playbook_data_mode_active_translates_pasv_into_port() -> None:
                                       RuleMode.REDIRECT, False, False, 1)]
         assert no_events(c.rule_answered(2, True)) == [ToClient(reply)]
         assert c.client_data(b"RETR f\r\n") == [ToServer(b"RETR f\r\n")]
+    # Without a chooser the port comes from translated_ports.
+    d = logged_in(INBOUND, Policy(data_mode=DataMode.ACTIVE, translated_ports=(40000, 40000)))
+    d.client(b"EPSV\r\n")
+    assert d.t.to_server == b"PORT 203,0,113,10,156,64\r\n"
     # A refused PORT is the PASV's answer; EPSV ALL and PORT pass as they are.
     d = logged_in(INBOUND, Policy(data_mode=DataMode.ACTIVE))
     d.client(b"PASV\r\n")
