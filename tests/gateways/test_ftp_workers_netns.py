@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from firewall.lab.wait import wait_for
-from tests.gateways.ftp_netns import MB, WAN, FtpRunning, Vsftpd, curl, make_file, sha256
+from tests.gateways.ftp_netns import EXT, MB, WAN, FtpRunning, Vsftpd, curl, make_file, sha256
 
 pytestmark = pytest.mark.netns
 
@@ -95,3 +95,29 @@ def test_a_killed_worker_cuts_only_its_own_sessions(lab_factory: Any, tmp_path: 
             client.wait()
         run.stop()
         ftpd.stop()
+
+
+def test_inspect_mode_data_connections_come_back_to_their_sessions_worker(lab_factory: Any, tmp_path: Path) -> None:
+    """Two workers in inspect mode: every data connection is REDIRECTed into the worker whose session
+    asked for it (the rule names the session's G:g, and its NEW_FLOW goes to that worker's port), in
+    both NAT directions and both modes; sessions alternate between the workers."""
+    lab = lab_factory("basic")
+    inbound = Vsftpd(lab, "lan", tmp_path)
+    outbound = Vsftpd(lab, "ext", tmp_path, listen_address=EXT)
+    run = FtpRunning(lab, tmp_path, "inspect", workers=2)
+    try:
+        wait_for(lambda: live(run) == [0, 1], timeout=15, interval=0.1, what="both workers live")
+        for direction, host, server, ftpd in (("in", "ext", WAN, inbound), ("out", "lan", EXT, outbound)):
+            digest = make_file(ftpd.pub / "small.bin", MB)
+            for mode in ("epsv", "port"):
+                out = tmp_path / f"{direction}-{mode}.bin"
+                res = curl(lab, host, server, mode, get="small.bin", out=out)
+                assert res.returncode == 0 and sha256(out) == digest, (direction, mode, res.stderr, run.text()[-2000:])
+        lines = run.text().splitlines()
+        relayed = {w: sum(1 for line in lines if f" ftp#{w} data reason=done " in line) for w in (0, 1)}
+        assert relayed == {0: 2, 1: 2}, (relayed, run.text()[-3000:])
+        assert sessions_of(run) == {"ftp#0": 2, "ftp#1": 2, "ftp#2": 0, "ftp#3": 0}
+    finally:
+        run.stop()
+        inbound.stop()
+        outbound.stop()
