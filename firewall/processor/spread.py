@@ -45,17 +45,16 @@ class Spread:
 
     def __init__(self, workers: Mapping[str, tuple[AgEndpoint, ...]]) -> None:
         self._workers = dict(workers)
-        # Keyed by worker 0, the endpoint a selector names: the rest of the gateway.
-        self._by_first = {group[0]: name for name, group in self._workers.items() if len(group) > 1}
-        self._live: dict[str, tuple[AgEndpoint, ...]] = {n: self._workers[n] for n in self._by_first.values()}
-        self._next: dict[str, int] = {n: 0 for n in self._by_first.values()}
+        # Only the gateways of several workers; by name (a str hashes once, an AgEndpoint every time).
+        self._live: dict[str, tuple[AgEndpoint, ...]] = {n: g for n, g in self._workers.items() if len(g) > 1}
+        self._next: dict[str, int] = {n: 0 for n in self._live}
 
     def pick(self, first: AgEndpoint) -> AgEndpoint:
         """The worker for a new flow whose selector names ``first`` (worker 0)."""
-        name = self._by_first.get(first)
-        if name is None:
+        live = self._live.get(first.name)
+        if live is None:
             return first  # one worker
-        live = self._live[name]
+        name = first.name
         i = self._next[name]
         self._next[name] = i + 1
         return live[i % len(live)]
