@@ -109,7 +109,8 @@ def check(config_path: str, as_json: bool, strict: bool) -> None:
         "queues": list(config.processor.queues),
         "fail_mode": config.processor.fail_mode,
         "gateways": [
-            {"name": g.name, "kind": g.kind, "listen_port": g.listen_port, "selectors": len(g.traffic)}
+            {"name": g.name, "kind": g.kind, "listen_port": g.listen_port, "workers": g.workers,
+             "selectors": len(g.traffic)}
             for g in config.gateways
         ],
         "chains": len(rs.chains),
@@ -131,7 +132,9 @@ def check(config_path: str, as_json: bool, strict: bool) -> None:
         f"masquerade on {', '.join(summary['masquerade']) or 'none'}"
     )
     for g in summary["gateways"]:
-        click.echo(f"  gateway {g['name']} ({g['kind']}), port {g['listen_port']}, {g['selectors']} selectors")
+        ports = (f"port {g['listen_port']}" if g["workers"] == 1
+                 else f"{g['workers']} workers, ports {g['listen_port']}-{g['listen_port'] + g['workers'] - 1}")
+        click.echo(f"  gateway {g['name']} ({g['kind']}), {ports}, {g['selectors']} selectors")
     if config.gateways:
         click.echo(f"  processor: queues {summary['queues']}, fail {summary['fail_mode']}")
     click.echo(f"  renders to {summary['kernel_rules']} rules in {summary['chains']} chains")

@@ -4,6 +4,7 @@ clear problem with its key path (and line); all problems come at once."""
 from __future__ import annotations
 
 import ipaddress
+import json
 from pathlib import Path
 
 import pytest
@@ -209,6 +210,25 @@ def test_gateway_workers_take_consecutive_ports() -> None:
     assert path == "gateway[0].workers"
     path, reason, _ = only(text.replace('name = "a"', 'name = "a"\nlisten_port = 65534'))
     assert (path, reason) == ("gateway[0].listen_port", "3 workers need ports up to 65536")
+
+
+def test_check_and_manifest_name_each_worker(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from firewall.cli import main
+
+    path = tmp_path / "nfgate.toml"
+    a = GATEWAY.format(name="a", zone="wan", ports="25").replace('kind = "tcp-relay"', 'kind = "tcp-relay"\nworkers = 2')
+    path.write_text(BASE + a + GATEWAY.format(name="b", zone="wan", ports="26"))
+    shown = CliRunner().invoke(main, ["check", "-c", str(path)]).output
+    assert "gateway a (tcp-relay), 2 workers, ports 20000-20001, 1 selectors" in shown
+    assert "gateway b (tcp-relay), port 20002, 1 selectors" in shown
+    second = json.loads(CliRunner().invoke(main, ["manifest", "-c", str(path), "a#1"]).output)
+    assert (second["worker"], second["workers"], second["listen"]["port"], second["signalling"]["listen"]["port"]) == (
+        1, 2, 20001, 7501)
+    assert json.loads(CliRunner().invoke(main, ["manifest", "-c", str(path), "a"]).output)["worker"] == 0
+    refused = CliRunner().invoke(main, ["manifest", "-c", str(path), "a#2"])
+    assert refused.exit_code == 2 and "(configured: a#0, a#1, b)" in refused.output
 
 
 def test_workers_only_for_kinds_that_allow_them() -> None:
