@@ -127,7 +127,8 @@ def check(config_path: str, as_json: bool, strict: bool) -> None:
         "queues": list(config.processor.queues),
         "fail_mode": config.processor.fail_mode,
         "gateways": [
-            {"name": g.name, "kind": g.kind, "listen_port": g.listen_port, "selectors": len(g.traffic)}
+            {"name": g.name, "kind": g.kind, "listen_port": g.listen_port, "workers": g.workers,
+             "selectors": len(g.traffic)}
             for g in config.gateways
         ],
         "chains": len(rs.chains),
@@ -149,7 +150,9 @@ def check(config_path: str, as_json: bool, strict: bool) -> None:
         f"masquerade on {', '.join(summary['masquerade']) or 'none'}"
     )
     for g in summary["gateways"]:
-        click.echo(f"  gateway {g['name']} ({g['kind']}), port {g['listen_port']}, {g['selectors']} selectors")
+        ports = (f"port {g['listen_port']}" if g["workers"] == 1
+                 else f"{g['workers']} workers, ports {g['listen_port']}-{g['listen_port'] + g['workers'] - 1}")
+        click.echo(f"  gateway {g['name']} ({g['kind']}), {ports}, {g['selectors']} selectors")
     if config.gateways:
         click.echo(f"  processor: queues {summary['queues']}, fail {summary['fail_mode']}")
     click.echo(f"  renders to {summary['kernel_rules']} rules in {summary['chains']} chains")
@@ -265,6 +268,9 @@ def confirm_command(config_path: str) -> None:
 def manifest(config_path: str, gateway: str) -> None:
     """Print the manifest nfgate run gives gateway GATEWAY (docs/manifest.md).
 
+    A gateway of several workers has one per worker: NAME#0, NAME#1, ...
+    (NAME alone is worker 0).
+
     A gateway process reads only its manifest. To run one by hand, in the
     gateway namespace:
 
@@ -274,10 +280,11 @@ def manifest(config_path: str, gateway: str) -> None:
     """
     config = load(config_path)
     for gw in config.gateways:
-        if gw.name == gateway:
-            click.echo(manifests.manifest_for(config, gw).to_json(), nl=False)
-            return
-    known = ", ".join(g.name for g in config.gateways) or "none"
+        for worker, name in enumerate(manifests.process_names(gw)):
+            if gateway in (name, gw.name if worker == 0 else None):
+                click.echo(manifests.manifest_for(config, gw, worker).to_json(), nl=False)
+                return
+    known = ", ".join(n for g in config.gateways for n in manifests.process_names(g)) or "none"
     raise UsageError(f"no gateway named {gateway!r} in {config_path} (configured: {known})")
 
 

@@ -99,15 +99,17 @@ _SNAT = 128
 
 @dataclass(frozen=True, slots=True)
 class AgEndpoint:
-    """An application gateway's listen endpoint G:g, shared by all its bindings."""
+    """An application gateway's listen endpoint G:g, shared by all its bindings; ``peer``:
+    where the gateway process listening there takes its signalling (one per worker)."""
 
     name: str
     addr: int
     port: int
+    peer: tuple[str, int] | None = None
 
     @classmethod
-    def of(cls, name: str, addr: ipaddress.IPv4Address, port: int) -> AgEndpoint:
-        return cls(name, int(addr), port)
+    def of(cls, name: str, addr: ipaddress.IPv4Address, port: int, peer: tuple[str, int] | None = None) -> AgEndpoint:
+        return cls(name, int(addr), port, peer)
 
     @property
     def address(self) -> ipaddress.IPv4Address:

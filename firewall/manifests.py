@@ -1,8 +1,10 @@
 """The gateways' manifests, written from the router's config (gateways/manifest.py is the format).
 
-``manifest_for(config, gateway)`` is everything gateway ``gateway`` is told;
-``write_all(config, directory)`` writes one root-only file per gateway,
-``gateway-<name>.json``, each replaced atomically, and returns their paths.
+``manifest_for(config, gateway, worker)`` is everything worker ``worker`` of
+gateway ``gateway`` is told; ``write_all(config, directory)`` writes one
+root-only file per worker process, ``gateway-<name>.json`` (or
+``gateway-<name>#<i>.json`` for each of several workers), each replaced
+atomically, and returns their paths.
 The supervisor calls it before it starts the gateways; ``nfgate manifest
 NAME`` prints one, for running a gateway by hand.
 """
@@ -29,7 +31,12 @@ from gateways.manifest import (
 DEFAULT_CONFIG_DIR = Path("/etc/nfgate")
 
 
-def manifest_for(config: Config, gateway: Gateway) -> Manifest:
+def process_names(gateway: Gateway) -> list[str]:
+    """The names of a gateway's processes: its name, or ``name#i`` for each of several workers."""
+    return [gateway.name] if gateway.workers == 1 else [f"{gateway.name}#{i}" for i in range(gateway.workers)]
+
+
+def manifest_for(config: Config, gateway: Gateway, worker: int = 0) -> Manifest:
     link, sig, proc = config.gateway_link, config.signalling, config.processor
     slices = address_slices(proc.pools.firewall_side, len(proc.queues))
     return Manifest(
@@ -37,10 +44,12 @@ def manifest_for(config: Config, gateway: Gateway) -> Manifest:
         name=gateway.name,
         kind=gateway.kind,
         source=gateway.source,
+        worker=worker,
+        workers=gateway.workers,
         netns=link.netns,
-        listen=Address(address=link.gateway_address.ip, port=gateway.listen_port),
+        listen=Address(address=link.gateway_address.ip, port=gateway.listen_ports[worker]),
         signalling=SignallingSpec(
-            listen=Address(address=link.gateway_address.ip, port=config.gateway_signalling_port(gateway.name)),
+            listen=Address(address=link.gateway_address.ip, port=config.gateway_signalling_port(gateway.name, worker)),
             key_file=sig.key_file,
             query_timeout=sig.query_timeout,
             replay_window=sig.replay_window,
@@ -84,9 +93,11 @@ def write(manifest: Manifest, path: Path) -> None:
 
 
 def write_all(config: Config, directory: Path) -> dict[str, Path]:
+    """One manifest per gateway process, by process name (``process_names``)."""
     paths = {}
     for gateway in config.gateways:
-        path = manifest_path(directory, gateway.name)
-        write(manifest_for(config, gateway), path)
-        paths[gateway.name] = path
+        for worker, name in enumerate(process_names(gateway)):
+            path = manifest_path(directory, name)
+            write(manifest_for(config, gateway, worker), path)
+            paths[name] = path
     return paths

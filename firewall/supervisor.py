@@ -11,6 +11,14 @@ Start-up, in this order, so that no packet is queued before someone listens
    each given its manifest (firewall.manifests, written root-only next to
    the control socket before any gateway starts): a gateway reads nothing else.
 
+A gateway with ``workers = N`` is N processes, one manifest each (seed
+fig. 5b). Each holds a pipe to the supervisor open (``--ready-fd``): it
+writes ``ready`` once it listens, and its end of file is its death, even by
+SIGKILL. The supervisor tells every processor at once which workers are
+live (their control socket's ``workers`` command, firewall/processor/spread.py),
+so new flows skip a dead worker within milliseconds, and retries a
+processor that could not be told (one starting) every ``LIVE_RETRY`` seconds.
+
 Each process is isolated (DESIGN invariant 6): when one dies, only it is
 restarted, after ``supervisor.restart_initial`` seconds, doubling with each
 crash in a row up to ``restart_max``; a process that ran ``stable_after``
@@ -87,6 +95,7 @@ from firewall.signalling import load_or_create_key
 from gateways.kinds import KINDS
 
 CLIENT_TIMEOUT = 1.0  # seconds a control-socket client gets to send its request, and to read the answer
+LIVE_RETRY = 0.05  # seconds between tries to tell a processor (one that is starting) which workers are live
 PROCESSOR_TIMEOUT = 1.0  # seconds a processor's control socket gets to answer
 REQUEST_MAX = 4096  # bytes of one control request
 NOTIFY_SOCKET = "notify.sock"  # the children's NOTIFY_SOCKET, in the state directory
@@ -102,6 +111,10 @@ class Child:
     argv: list[str]
     control: Path | None = None  # its own control socket (processors, gateways but standalone kinds)
     notifies: bool = True  # says READY=1 once it serves
+    gateway: str = ""  # a gateway process: its gateway's name
+    worker: int = 0  # and which of its workers
+    watched: bool = False  # one of several workers: readiness and death through a pipe (--ready-fd)
+    ready_fd: int | None = None  # the pipe's read end while it runs
     proc: subprocess.Popen | None = None
     ready: bool = False
     started: float = 0.0
@@ -123,6 +136,7 @@ class Child:
             "restarts": self.restarts,
             "uptime": round(now - self.started, 1) if self.running else 0.0,
             "last_exit": self.last_exit,
+            **({"ready": self.ready and self.running} if self.watched else {}),
         }
 
 
@@ -155,12 +169,14 @@ def children_for(config: Config, config_path: str) -> list[Child]:
     run_dir = config.supervisor.control_socket.parent
     log_args = ["--log-level", config.log.level] + (["--log-json"] if config.log.format == "json" else [])
     for gw in config.gateways:
-        manifest = manifests.manifest_path(run_dir, gw.name)
         standalone = KINDS[gw.kind].standalone  # runs its whole process itself: no stats socket, no READY
-        control = None if standalone else gateway_control(config, gw.name)
-        argv = ["ip", "netns", "exec", config.gateway_link.netns, py, "-m", "gateways", *log_args,
-                *(["--control", str(control)] if control is not None else []), "--manifest", str(manifest)]
-        out.append(Child(f"gateway-{gw.name}", "gateway", argv, control, notifies=not standalone))
+        for worker, name in enumerate(manifests.process_names(gw)):
+            manifest = manifests.manifest_path(run_dir, name)
+            control = None if standalone else gateway_control(config, name)
+            argv = ["ip", "netns", "exec", config.gateway_link.netns, py, "-m", "gateways", *log_args,
+                    *(["--control", str(control)] if control is not None else []), "--manifest", str(manifest)]
+            out.append(Child(f"gateway-{name}", "gateway", argv, control, notifies=not standalone,
+                             gateway=gw.name, worker=worker, watched=gw.workers > 1))
     return out
 
 
@@ -203,6 +219,8 @@ class Supervisor:
         self.control: ControlServer[Supervisor] | None = None
         self.lock = state.Lock(config)
         self._installed: list[str] = []
+        self._sel: selectors.BaseSelector | None = None
+        self._tell: set[str] = set()  # processors not yet told the live workers
 
     def log(self, line: str, level: int = logging.INFO) -> None:
         if self._log is not None:
@@ -265,15 +283,95 @@ class Supervisor:
     def _start(self, child: Child, now: float) -> None:
         child.next_start = None
         child.ready = not child.notifies
+        argv, keep = child.argv, ()
+        if child.watched and self._sel is not None:
+            self._unwatch(child)
+            child.ready_fd, write_end = os.pipe()
+            argv, keep = [*argv, "--ready-fd", str(write_end)], (write_end,)
         try:
-            child.proc = subprocess.Popen(child.argv, stdin=subprocess.DEVNULL, env=self._child_env())
+            child.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=self._child_env(), pass_fds=keep)
         except OSError as err:
             self.warn(f"{child.name}: cannot start: {err}")
+            self._unwatch(child)
             self._schedule(child, now)
             return
+        finally:
+            for fd in keep:
+                os.close(fd)  # the child's now: its exit closes the last write end
+        if child.ready_fd is not None and self._sel is not None:
+            os.set_blocking(child.ready_fd, False)
+            self._sel.register(child.ready_fd, selectors.EVENT_READ, lambda fd, c=child: self._on_ready(c))
+        if child.kind == "processor" and self._watched_workers():
+            self._tell.add(child.name)
         child.started = now
         self.log(f"{child.name}: started, pid {child.proc.pid}")
         self._record_children()
+
+    # -- workers: readiness, death, and telling the processors ----------------
+
+    def _watched_workers(self) -> list[Child]:
+        return [c for c in self.children if c.watched]
+
+    def _unwatch(self, child: Child) -> None:
+        if child.ready_fd is not None:
+            if self._sel is not None:
+                try:
+                    self._sel.unregister(child.ready_fd)
+                except (KeyError, ValueError):
+                    pass
+            os.close(child.ready_fd)
+            child.ready_fd = None
+        self._set_ready(child, False)
+
+    def _on_ready(self, child: Child) -> None:
+        """The worker's pipe: ``ready`` once it listens; end of file when it exits, however."""
+        assert child.ready_fd is not None
+        try:
+            data = os.read(child.ready_fd, 64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self._set_ready(child, b"ready" in data or child.ready)
+        else:
+            self._unwatch(child)
+
+    def _set_ready(self, child: Child, ready: bool) -> None:
+        if child.ready == ready:
+            return
+        child.ready = ready
+        self.log(f"{child.name}: {'ready: takes new flows' if ready else 'gone: new flows go to the other workers'}")
+        self._tell.update(c.name for c in self.children if c.kind == "processor")
+        self._tell_processors()
+
+    def _live_workers(self) -> dict[str, list[int]]:
+        live: dict[str, list[int]] = {}
+        for c in self._watched_workers():
+            live.setdefault(c.gateway, [])
+            if c.ready and c.running:
+                live[c.gateway].append(c.worker)
+        return live
+
+    def _tell_processors(self) -> None:
+        """Tell each processor not yet told which workers are live; a failure is retried."""
+        if not self._tell:
+            return
+        live = self._live_workers()
+        if not live:
+            self._tell.clear()
+            return
+        for child in self.children:
+            if child.name not in self._tell or child.control is None:
+                continue
+            if not child.running:
+                self._tell.discard(child.name)  # told when it starts again
+                continue
+            try:
+                ask(child.control, {"cmd": "workers", "live": live}, PROCESSOR_TIMEOUT)
+            except (ControlError, OSError, ValueError):
+                continue  # starting: its control socket is not there yet
+            self._tell.discard(child.name)
 
     def _record_children(self) -> None:
         try:
@@ -297,6 +395,7 @@ class Supervisor:
             code = child.proc.poll()
             if code is None:
                 continue
+            self._unwatch(child)
             child.last_exit = code
             child.restarts += 1
             child.ready = False
@@ -317,6 +416,7 @@ class Supervisor:
         handlers = {}
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
             handlers[sig] = signal.signal(sig, self._on_signal)
+        self._sel = sel
         try:
             self.setup()
             self.control = ControlServer(
@@ -371,8 +471,11 @@ class Supervisor:
         for pid, fields in self.notify.receive():
             child = by_pid.get(pid)
             if child is not None and fields.get("READY") == "1" and not child.ready:
-                child.ready = True
-                self.log(f"{child.name}: serving")
+                if child.watched:
+                    self._set_ready(child, True)  # the processors learn of a worker that serves
+                else:
+                    child.ready = True
+                    self.log(f"{child.name}: serving")
         self._check_ready()
 
     def _check_ready(self) -> None:
@@ -402,6 +505,8 @@ class Supervisor:
             due = [c.next_start for c in self.children if c.next_start is not None]
             timeout = max(0.0, min(due) - now) if due else 1.0
             self._ping(now)
+            if self._tell:
+                timeout = min(timeout, LIVE_RETRY)
             # Wake at least every CLIENT_TIMEOUT: the control socket's timeouts are swept here.
             for key, _ in sel.select(min(timeout, CLIENT_TIMEOUT, self.watchdog or CLIENT_TIMEOUT)):
                 key.data(key.fileobj)
@@ -414,6 +519,7 @@ class Supervisor:
             now = time.monotonic()
             self.control.expire(now)
             self._reap(now)
+            self._tell_processors()
             for child in self.children:
                 if child.next_start is not None and child.next_start <= now and not self.stopping:
                     self._start(child, now)
@@ -450,7 +556,8 @@ class Supervisor:
         self._record_applied()
         run_dir = state.directory(new)
         manifests.write_all(new, run_dir)
-        old_manifests = {g.name: manifests.manifest_for(old, g).to_json() for g in old.gateways}
+        old_manifests = {f"gateway-{name}": manifests.manifest_for(old, g, i).to_json()
+                         for g in old.gateways for i, name in enumerate(manifests.process_names(g))}
         wanted = children_for(new, self.config_path)
         by_name = {c.name: c for c in self.children}
         restarted, started, stopped = [], [], []
@@ -465,16 +572,18 @@ class Supervisor:
             if fresh.kind == "processor":
                 changed = processors_change
             else:
-                gw = next(g for g in new.gateways if f"gateway-{g.name}" == fresh.name)
-                changed = old_manifests.get(gw.name) != manifests.manifest_for(new, gw).to_json()
+                gw = next(g for g in new.gateways if g.name == fresh.gateway)
+                changed = old_manifests.get(fresh.name) != manifests.manifest_for(new, gw, fresh.worker).to_json()
             if changed:
                 self._terminate(current)
+                self._unwatch(current)
                 restarted.append(fresh.name)
                 keep.append(fresh)
             else:
                 keep.append(current)
         for gone in by_name.values():
             self._terminate(gone)
+            self._unwatch(gone)
             manifests.manifest_path(run_dir, gone.name.removeprefix("gateway-")).unlink(missing_ok=True)
             stopped.append(gone.name)
         self.children = keep
@@ -581,10 +690,15 @@ class Supervisor:
             gwlink.remove(self.config.gateway_link)
             state.release_netns(self.config)
             self.log("blind track removed")
+        for child in self.children:
+            if child.ready_fd is not None:
+                os.close(child.ready_fd)  # the selector closes with the loop
+                child.ready_fd = None
         if "manifests" in self._installed:
             run_dir = self.config.supervisor.control_socket.parent
             for gw in self.config.gateways:
-                manifests.manifest_path(run_dir, gw.name).unlink(missing_ok=True)
+                for name in manifests.process_names(gw):
+                    manifests.manifest_path(run_dir, name).unlink(missing_ok=True)
             state.forget_children(self.config)
         self._installed.clear()
 

@@ -25,6 +25,12 @@ supervisor reads for its Prometheus endpoint (firewall/metrics.py); and once
 it serves it says ``READY=1`` to ``NOTIFY_SOCKET`` (firewall/sdnotify.py),
 which is how ``nfgate run`` knows that the gateway serves.
 
+``--ready-fd N``: once both sockets are bound, the process writes
+``ready\n`` to descriptor N and keeps it open until it exits, so that the
+one who started it (the supervisor, for a gateway of several workers)
+learns of its readiness and of its death (end of file, also after SIGKILL)
+at once, without polling.
+
 Every event is one line on stderr (``--log-json``: one JSON object per line),
 and so is any other line the process writes (firewall/eventlog.py).
 A problem the operator can fix is one line and an exit code, never a
@@ -38,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import resource
 import signal
 import sys
@@ -92,6 +99,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the least severe level logged")
     parser.add_argument("--control", type=Path, default=None,
                         help="serve {\"cmd\": \"stats\"} on this root-only unix socket (nfgate run gives one)")
+    parser.add_argument("--ready-fd", type=int, default=None,
+                        help="write 'ready' to this inherited descriptor once listening, and keep it open until exit")
     return parser.parse_args(argv)
 
 
@@ -104,7 +113,18 @@ def _stats(layer: GatewayLayer, relay: Relay) -> dict[str, object]:
     return stats
 
 
-async def serve(manifest: Manifest, key: bytes, log: EventLog, factory: RelayFactory, control: Path | None = None) -> None:
+def announce_ready(fd: int | None) -> None:
+    """``--ready-fd``: say ``ready`` on the descriptor; it stays open, so its end of file is our exit."""
+    if fd is None:
+        return
+    try:
+        os.write(fd, b"ready\n")
+    except OSError:
+        pass  # nobody listens: the supervisor went away; serving goes on
+
+
+async def serve(manifest: Manifest, key: bytes, log: EventLog, factory: RelayFactory, control: Path | None = None,
+                ready_fd: int | None = None) -> None:
     """Run the gateway ``manifest`` describes, made by ``factory``, until SIGTERM or SIGINT;
     with ``control``, answer ``stats`` there."""
     signalling = manifest.signalling.listen.endpoint
@@ -146,6 +166,7 @@ async def serve(manifest: Manifest, key: bytes, log: EventLog, factory: RelayFac
         processor=",".join(str(layer.core.instances.endpoint(i)) for i in range(len(layer.core.instances))),
         open_files=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
     )
+    announce_ready(ready_fd)
     try:
         await stop.wait()
         log.emit("stopping", active=relay.active, grace=SHUTDOWN_GRACE)
@@ -176,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             kind.entry()(manifest, log_json=args.log_json)
             return EXIT_OK
         key = load_or_create_key(manifest.signalling.key_file)
-        asyncio.run(serve(manifest, key, EventLog(manifest.name), kind.entry(), args.control))
+        asyncio.run(serve(manifest, key, EventLog(manifest.process_name), kind.entry(), args.control, args.ready_fd))
     except NfgateError as err:
         logging.getLogger("nfgate.gateway").error("%s", err)
         return err.exit_code

@@ -18,6 +18,10 @@ A kind declares, in the module that implements it, one ``Kind``:
 - ``offload``: it may hand a verified UDP flow to the kernel (OFFLOAD_REQUEST);
 - ``log_only``: given its settings, whether the processor lets its flows
   pass unbound and only tells the gateway of them (tcp-relay ``mode = "log-only"``);
+- ``workers``: it may run as several worker processes (``[[gateway]] workers
+  = N``), each with its own G:g and signalling port, the processor spreading
+  new flows over the live ones (seed fig. 5b): its sessions are independent
+  of each other, so a crash cuts one worker's sessions only;
 - ``gateway``: its process entry point, ``"module:attribute"``, loaded only
   in the gateway process: a factory ``(layer, manifest, listen, log) ->
   relay`` run by ``python -m gateways`` on the shared deNAT/reNAT layer, or,
@@ -66,6 +70,7 @@ class Kind:
     adjacent_port: Callable[[Any], int | None] = _no_port
     offload: bool = False
     log_only: Callable[[Any], bool] = _never
+    workers: bool = False
 
     def __post_init__(self) -> None:
         if not self.protos or not set(self.protos) <= {"tcp", "udp"}:

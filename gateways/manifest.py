@@ -10,6 +10,8 @@ processor's internals (pool slicing, signalling ports) from it.
 It holds:
 
 - ``name``, ``kind``, ``source`` (the ``[[gateway]]``'s key path, for messages);
+- ``worker``, ``workers``: which of the gateway's worker processes this is
+  (each has its own manifest, ``listen`` and signalling port);
 - ``listen``: where the gateway accepts the flows the processor redirects to it;
 - ``signalling``: the layer's own endpoint, the key file, the query timeout
   and replay window;
@@ -38,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from firewall.errors import UsageError
 from firewall.signalling import Endpoint
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: worker, workers
 MAX_MANIFEST_BYTES = 1 << 20  # a manifest is a few KiB; anything larger is not one
 
 
@@ -109,6 +111,8 @@ class Manifest(_Frozen):
     name: str
     kind: str
     source: str
+    worker: int = 0  # this process: worker i of the gateway's ``workers``
+    workers: int = 1
     netns: str
     listen: Address
     signalling: SignallingSpec
@@ -117,6 +121,11 @@ class Manifest(_Frozen):
     config_dir: Path
     run_dir: Path
     settings: dict[str, Any]
+
+    @property
+    def process_name(self) -> str:
+        """The gateway's name, with ``#i`` for worker i of several (logs, the supervisor's children)."""
+        return self.name if self.workers == 1 else f"{self.name}#{self.worker}"
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2) + "\n"

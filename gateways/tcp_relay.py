@@ -73,6 +73,7 @@ class TcpRelaySettings(Frozen):
 KIND = Kind(
     "tcp-relay", ("tcp",), TcpRelaySettings, gateway="gateways.tcp_relay:TcpRelay.for_gateway",
     log_only=lambda settings: settings.mode == "log-only",
+    workers=True,  # independent connections: several worker processes may share the load
 )
 
 

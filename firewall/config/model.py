@@ -42,6 +42,7 @@ PROTOS = ("tcp", "udp", "icmp", "icmpv6", "any")
 ZONE_NAME = r"[a-z][a-z0-9]{0,7}"  # short: iptables chain names are NFGATE-FWD-<zone>-<zone>, max 28
 NETNS = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,31}"
 MAX_QUEUES = 64
+MAX_WORKERS = 64  # worker processes of one gateway: each holds a port and a process
 MAX_POOL_ADDRESSES = 65536  # firewall.pools indexes addresses in 16 bits
 
 
@@ -354,7 +355,8 @@ class GatewayLink(Frozen):
     gateway_if: IfName = Field("nfg-gw1", description="the gateways' end of the blind track")
     router_address: IPv4Iface = Field(ipaddress.IPv4Interface("172.31.255.1/30"), description="the router's address on it")
     gateway_address: IPv4Iface = Field(ipaddress.IPv4Interface("172.31.255.2/30"), description="the gateways' address on it")
-    port_base: Int(1024, 65000) = Field(20000, description="gateway k listens on port_base + k unless it sets listen_port")
+    port_base: Int(1024, 65000) = Field(20000, description="each gateway's workers listen on the next ports from port_base, "
+                                        "in file order, unless it sets listen_port")
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> "GatewayLink":
@@ -366,7 +368,7 @@ class GatewayLink(Frozen):
 
 
 class Signalling(Frozen):
-    port: Int(1, 65535) = Field(7500, description="processor instance i and gateway k listen on port + i / + k")
+    port: Int(1, 65535) = Field(7500, description="processor instance i listens on port + i, the gateways' worker processes on port, port + 1, ... in file order")
     key_file: AbsPath = Field(Path("/etc/nfgate/signalling.key"), description="the shared key (made if missing)")
     copies: Int(1, 10) = Field(3, description="copies of each message (UDP may lose one)")
     query_timeout: Number(0.01, 30) = Field(0.5, description="seconds a gateway waits for an answer before asking again")
@@ -452,7 +454,10 @@ class Gateway(Frozen):
     source: Source = ""
     name: Name = Field(description="the gateway's name (signalling carries it)")
     kind: str = Field(description="the kind of gateway")
-    listen_port: Int(1024, 65535) = Field(None, description="the gateway's port G:g (default: gateway_link.port_base + its index)")
+    listen_port: Int(1024, 65535) = Field(None, description="the gateway's port G:g, its worker i's listen_port + i "
+                                          "(default: the next ports from gateway_link.port_base)")
+    workers: Int(1, MAX_WORKERS) = Field(1, description="worker processes, each with its own G:g and signalling port; "
+                                         "the processor spreads new flows over the live ones (kinds that allow it)")
     traffic: Selectors = Field(
         (), description="the traffic the gateway takes ([[gateway.traffic]])")
     settings: Any = None
@@ -469,7 +474,20 @@ class Gateway(Frozen):
                 report(info, f"{item.source}.to", f"a {self.kind} gateway terminates its flows: 'to' must be \"router\"")
         for path, reason in kind.check(self) if kind.check is not None else ():
             report(info, path, reason)
+        if self.workers > 1 and not kind.workers:
+            report(info, f"{self.source}.workers", f"a {self.kind} gateway runs as one process")
+        elif self.workers > 1 and kind.log_only(self.settings):
+            report(info, f"{self.source}.workers", "a log-only gateway carries no flow: one process logs them all")
+        if self.listen_port is not None and self.listen_port + self.workers - 1 > 65535:
+            report(info, f"{self.source}.listen_port", f"{self.workers} workers need ports up to {self.listen_port + self.workers - 1}")
         return self
+
+    @property
+    def listen_ports(self) -> range:
+        """Worker i listens on listen_port + i."""
+        if self.listen_port is None:
+            return range(0)
+        return range(self.listen_port, self.listen_port + self.workers)
 
 
 def _kind_model(kind: str, settings: type) -> type[Gateway]:
@@ -543,28 +561,39 @@ class Config(Frozen):
         """Processor instance i listens on router_address:(signalling.port + i)."""
         return self.signalling.port + instance
 
-    def gateway_signalling_port(self, name: str) -> int:
-        """Gateway k (its index here) listens on gateway_address:(signalling.port + k):
-        each gateway is its own process, and a UDP port delivers to one socket."""
-        for index, gateway in enumerate(self.gateways):
+    def gateway_signalling_port(self, name: str, worker: int = 0) -> int:
+        """A gateway's worker listens on gateway_address:(signalling.port + n), n counting
+        the workers of every gateway in file order (gateway k with one worker each: + k):
+        each worker is its own process, and a UDP port delivers to one socket."""
+        return self.gateway_signalling_ports(name)[worker]
+
+    def gateway_signalling_ports(self, name: str) -> range:
+        """The signalling ports of a gateway's workers (``gateway_signalling_port``)."""
+        first = self.signalling.port
+        for gateway in self.gateways:
             if gateway.name == name:
-                return self.signalling.port + index
+                return range(first, first + gateway.workers)
+            first += gateway.workers
         raise KeyError(name)
 
     @model_validator(mode="before")
     @classmethod
     def _listen_ports(cls, data: Any) -> Any:
-        """A gateway's listen_port defaults to gateway_link.port_base + its index."""
+        """A gateway's listen_port defaults to the next free port from gateway_link.port_base:
+        port_base + its index when every gateway has one worker."""
         if not isinstance(data, dict) or not isinstance(data.get("gateway"), list):
             return data
         link = data.get("gateway_link")
         base = link.get("port_base") if isinstance(link, dict) else None
         if not isinstance(base, int) or isinstance(base, bool):
             base = GatewayLink.model_fields["port_base"].default  # or its problem is reported there
-        gateways = [
-            {**g, "listen_port": base + i} if isinstance(g, dict) and "listen_port" not in g else g
-            for i, g in enumerate(data["gateway"])
-        ]
+        gateways = []
+        for g in data["gateway"]:
+            if isinstance(g, dict) and "listen_port" not in g:
+                g = {**g, "listen_port": base}
+            gateways.append(g)
+            workers = g.get("workers", 1) if isinstance(g, dict) else 1
+            base += workers if isinstance(workers, int) and not isinstance(workers, bool) and 1 <= workers <= MAX_WORKERS else 1
         return {**data, "gateway": gateways}
 
     @model_validator(mode="after")
@@ -608,12 +637,13 @@ def _check_link(info: ValidationInfo, config: Config) -> None:
 def _check_signalling_ports(info: ValidationInfo, config: Config) -> None:
     """Processor instance i and gateway k listen on signalling.port + i / + k."""
     port, gateways = config.signalling.port, config.gateways
-    span = max(len(config.processor.queues), len(gateways), 1)
+    workers = sum(g.workers for g in gateways)
+    span = max(len(config.processor.queues), workers, 1)
     if port + span - 1 > 65535:
-        report(info, "signalling.port", f"{span} processors or gateways need ports {port} to {port + span - 1}")
-    taken = range(port, port + len(gateways))
+        report(info, "signalling.port", f"{span} processors or gateway workers need ports {port} to {port + span - 1}")
+    taken = range(port, port + workers)
     for g in gateways:
-        if g.listen_port in taken:
+        if any(p in taken for p in g.listen_ports):
             report(info, f"{g.source}.listen_port", f"{g.listen_port} is a gateway signalling port ({taken.start}-{taken.stop - 1})")
 
 
@@ -625,9 +655,11 @@ def _check_gateways(info: ValidationInfo, gateways: tuple[Gateway, ...]) -> None
         names.add(g.name)
     ports_seen: dict[int, str] = {}
     for g in gateways:
-        if g.listen_port in ports_seen:
-            report(info, f"{g.source}.listen_port", f"{g.listen_port} is already used by {ports_seen[g.listen_port]}")
-        ports_seen[g.listen_port] = g.source
+        clash = next((p for p in g.listen_ports if p in ports_seen), None)
+        if clash is not None:
+            report(info, f"{g.source}.listen_port", f"{clash} is already used by {ports_seen[clash]}")
+        for p in g.listen_ports:
+            ports_seen.setdefault(p, g.source)
     selectors = [s for g in gateways for s in g.traffic]
     for i, a in enumerate(selectors):
         for b in selectors[i + 1:]:

@@ -344,7 +344,9 @@ class _Parser:
         if path.is_absolute() or ".." in path.parts or not text:
             self.err("config", f"{text!r}: use a relative path inside the repository, like examples/lab/basic.toml")
             return None
-        if not (REPO / path).is_file():
+        # Only a checkout holds the configs (the Vagrant lab runs from one); an
+        # installed nfgate ships the topologies alone, and its labs never read the key.
+        if (REPO / "pyproject.toml").is_file() and not (REPO / path).is_file():
             self.err("config", f"{text!r}: no such file in {REPO}")
             return None
         return path.as_posix()

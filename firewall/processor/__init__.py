@@ -19,6 +19,8 @@ Modules:
   callables.
 - ``policy``: the config's gateway selectors and port forwards, matched on
   a first packet's ints.
+- ``spread``: which worker of a gateway of several (``workers = N``) takes
+  a new flow: round robin over the live ones, as the supervisor says.
 - ``logged``: the log-only gateways' flows (no binding; their end reported
   with conntrack's counters), adopted again after a restart.
 - ``rulebook``: ``RuleBook``, the pure state of dynamic rules (gateway rule
@@ -40,5 +42,6 @@ nfgate's one control socket (``firewall.control``, whose docstring gives the
 wire format): ``{"cmd": "stats"}`` (counters, pool use, flows per gateway)
 or ``{"cmd": "flows", "limit": N}`` (live bindings; N up to
 ``runner.FLOWS_LIMIT_MAX``, ``runner.FLOWS_LIMIT`` if not given). The
-supervisor asks it for ``nfgate status`` and ``nfgate flows``.
+supervisor asks it for ``nfgate status`` and ``nfgate flows``, and tells it
+``{"cmd": "workers", "live": {gateway: [i, ...]}}`` (``spread``).
 """

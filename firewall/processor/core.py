@@ -71,6 +71,7 @@ from firewall.pools import EndpointPool, SliceBy, Slicing, SnatPools, pool_stats
 from firewall.processor.logged import CtKey, Ending, LoggedFlows, flow_info
 from firewall.processor.policy import MARTIANS, Policy, Selector, inside
 from firewall.processor.rulebook import Command, KernelOp, Offloaded, RuleBook, Send
+from firewall.processor.spread import Spread
 from firewall.rules.bind import DNAT_MAP, LEGB_DNAT_MAP, LEGB_SNAT_MAP, SNAT_MAP
 from firewall.signalling import (
     NO_COUNTERS,
@@ -199,6 +200,9 @@ class ProcessorCore:
         self._masq = frozenset(config.nat.masquerade)
         self._zone_of_if = {i: z.name for z in config.zones.values() for i in z.interfaces}
         self.policy = Policy(config)
+        # A gateway of several workers: which one takes a new flow (spread.py); a
+        # binding's own worker is its AgEndpoint, and that worker's ``peer`` its signalling.
+        self.spread = Spread(self.policy.workers)
         self._iface: dict[int, str | None] = {}
         self._iface_until = now + IFACE_CACHE_SECONDS
 
@@ -211,7 +215,7 @@ class ProcessorCore:
         self.logged = LoggedFlows(proc.timeouts.confirm, self.counters)
         self.rules = RuleBook(
             config, instance, self.queue, counters=self.counters, gateway_peers=self.gateway_peers,
-            binding=self.binding, local_addresses=local_addresses,
+            binding=self.binding, local_addresses=local_addresses, gateway_at=self.spread.peers(),
         )
 
     def take(self) -> Outputs:
@@ -382,7 +386,7 @@ class ProcessorCore:
             return self._drop("drop.not_new_flow", mark)
         if sel.log_only:
             return self._log_only(pkt, sel, server, mark, now)
-        b = self._open(pkt, sel.ag, server, route, now)
+        b = self._open(pkt, self.spread.pick(sel.ag), server, route, now)
         if isinstance(b, str):
             return self._drop(b, mark)
         fid = self._register(b)
@@ -445,14 +449,14 @@ class ProcessorCore:
         if not push:
             return fid
         self.counters["flows.opened"] += 1
-        self._push(b.info(fid), b.gateway.name)
+        self._push(b.info(fid), b.gateway.name, b.gateway.peer)
         return fid
 
-    def _push(self, info: FlowInfo, gateway: str) -> None:
+    def _push(self, info: FlowInfo, gateway: str, peer: tuple[str, int] | None = None) -> None:
         if self.push:
             # Ahead of the verdict, so the push races ahead of the first packet.
             datagrams = self.encoder.encode_copies(NewFlow(info), self._wall(), self._copies)
-            peer = self.gateway_peers[gateway]
+            peer = peer or self.gateway_peers[gateway]
             self._out.datagrams += [(d, peer) for d in datagrams]
             self.counters["signalling.sent.new_flow"] += 1
             self.counters["signalling.copies"] += len(datagrams)
@@ -468,7 +472,7 @@ class ProcessorCore:
         del self._flow_of[b.client_key]
         self.table.remove(b)
         self.counters[f"flows.ended.{reason.name.lower()}"] += 1
-        self.send(FlowEnd(fid, reason), self.gateway_peers[b.gateway.name])
+        self.send(FlowEnd(fid, reason), b.gateway.peer or self.gateway_peers[b.gateway.name])
         self._carry(self.rules.flow_ended(fid))
 
     def offloaded(self, fid: int) -> None:

@@ -18,6 +18,7 @@ from firewall.config import Config, bucket_count
 from firewall.config.model import Gateway, PortForward, Traffic
 from firewall.flows import AgEndpoint
 from firewall.packet import TCP, UDP
+from firewall.processor.spread import worker_endpoints
 from gateways.kinds import KINDS
 
 Nets = tuple[tuple[int, int], ...]  # (network, netmask) pairs
@@ -63,12 +64,13 @@ class Policy:
     """Selectors by (from-zone, protocol), port forwards likewise, and the gateways' G:g."""
 
     def __init__(self, config: Config) -> None:
-        link = config.gateway_link
         self.selectors: dict[tuple[str, int], list[Selector]] = {}
-        self.agents: dict[tuple[int, int], AgEndpoint] = {}  # G:g -> the gateway listening there
+        self.agents: dict[tuple[int, int], AgEndpoint] = {}  # G:g -> the gateway (worker) listening there
+        self.workers = worker_endpoints(config)
         for gw in config.gateways:
-            ag = AgEndpoint.of(gw.name, link.gateway_address.ip, gw.listen_port)
-            self.agents[(ag.addr, ag.port)] = ag
+            for worker in self.workers[gw.name]:
+                self.agents[(worker.addr, worker.port)] = worker
+            ag = self.workers[gw.name][0]  # a selector names worker 0; ``spread`` picks the worker
             kind = KINDS[gw.kind]
             for t in gw.traffic:
                 ports = tuple((r.first, r.last) for r in t.ports)

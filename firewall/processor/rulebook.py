@@ -46,7 +46,9 @@ seed's "Dynamic changes in packet processing" the requirement.
   connection are conntrack's. One packet per data connection crosses into
   user space.
 - Every rule ends on first use (one-shot), at its TTL, or with its flow
-  (RULE_END FLOW_ENDED).
+  (RULE_END FLOW_ENDED); a request flagged ``replaces`` ends the flow's
+  earlier requested rules that still wait (RULE_END SUPERSEDED): FTP's
+  latest PASV or PORT is the only one whose port is open.
 - Offload (OFFLOAD_REQUEST; docs/datapath.md, "Offload") is the same ALLOW,
   made by the processor for a flow the gateway has seen enough of: exact
   (the client's own source port) and one-shot, for the flow's original
@@ -203,6 +205,7 @@ class RuleBook:
         counters: Counter[str],
         gateway_peers: dict[str, tuple[str, int]],
         binding: Callable[[int], Binding | None],
+        gateway_at: dict[tuple[str, int], str] | None = None,
         local_addresses: Callable[[], Iterable[IPv4Address]],
     ) -> None:
         proc = config.processor
@@ -217,8 +220,9 @@ class RuleBook:
         self._max_rules = proc.max_rules
         self._max_per_flow = proc.max_rules_per_flow
         self._kind = {g.name: KINDS[g.kind] for g in config.gateways}
-        # A gateway's requests come from its own signalling port (docs/datapath.md, "Signalling ports").
-        self._gateway_at = {peer: name for name, peer in gateway_peers.items()}
+        # A gateway's requests come from its own signalling port (docs/datapath.md, "Signalling ports"),
+        # one per worker process (``gateway_at``: every worker's, when there are several).
+        self._gateway_at = {peer: name for name, peer in gateway_peers.items()} | dict(gateway_at or {})
         self._rules: dict[int, DynRule] = {}  # rule id -> live rule
         self._rules_of: dict[int, list[DynRule]] = {}  # flow id -> its live rules
         self._ops: dict[int, tuple[Any, ...]] = {}  # token -> what its completion means
@@ -227,6 +231,10 @@ class RuleBook:
         self._replies: OrderedDict[tuple[int, int], tuple[float, RuleAck | RuleRefused | None]] = OrderedDict()
         self._offloading: set[int] = set()  # flow ids whose offload's rule is being installed
         self._out: list[Command] = []  # what the entry point being run returns
+
+    def _peer(self, ag: AgEndpoint) -> tuple[str, int]:
+        """Where the gateway (worker) behind ``ag`` takes its signalling."""
+        return ag.peer or self._peers[ag.name]
 
     def _done(self) -> list[Command]:
         out, self._out = self._out, []
@@ -255,11 +263,19 @@ class RuleBook:
         if isinstance(made, RuleRefusal):
             self._reply(key, RuleRefused(req.request_id, made), source, now)
             return self._done()
+        if req.replaces:
+            for earlier in self._superseded(req):
+                self._retire(earlier, RuleEndReason.SUPERSEDED)
         made.reply_to = key
         self._replies[key] = (now, None)
         self._add(made)
         self._kernel(True, made.kernel, ("ack", made, source))
         return self._done()
+
+    def _superseded(self, req: RuleRequest) -> list[DynRule]:
+        """The rules a ``replaces`` request ends: its flow's that a gateway asked for
+        (not the processor's own adjacent ones) and that still wait for their flow."""
+        return [r for r in self._rules_of.get(req.flow_id, ()) if r.reply_to is not None]
 
     def offload(self, got: Received, req: OffloadRequest, source: tuple[str, int], now: float, wall: float) -> list[Command]:
         """OFFLOAD_REQUEST: an exact one-shot ALLOW for the flow; the binding goes once the kernel has it."""
@@ -324,8 +340,9 @@ class RuleBook:
             server = self._server_for(b, dst, req.dst.port)
         if req.mode not in self._kind[b.gateway.name].rule_modes:
             return RuleRefusal.POLICY
+        kept = len(self._rules_of.get(req.flow_id, ())) - (len(self._superseded(req)) if req.replaces else 0)
         if (
-            len(self._rules_of.get(req.flow_id, ())) >= self._max_per_flow
+            kept >= self._max_per_flow
             or len(self._rules) >= self._max_rules
             or self.in_flight >= MAX_KERNEL_OPS_IN_FLIGHT
         ):
@@ -503,7 +520,7 @@ class RuleBook:
         if not keep_kernel:
             self._kernel(False, rule.kernel)
         if reason is not None and rule.acked and rule.reply_to is not None:
-            self._out.append(Send(RuleEnd(rule.rule_id, reason), self._peers[rule.gateway.name]))
+            self._out.append(Send(RuleEnd(rule.rule_id, reason), self._peer(rule.gateway)))
 
     # ---- time and the kernel ----------------------------------------------------------
 
@@ -559,7 +576,7 @@ class RuleBook:
                 self._reply(key, RuleAck(key[1], rule.rule_id, rule.expires_ms), source, now)
                 self._out.append(Offloaded(fid))
                 if rule.ended is not None:
-                    self._out.append(Send(RuleEnd(rule.rule_id, rule.ended), self._peers[rule.gateway.name]))
+                    self._out.append(Send(RuleEnd(rule.rule_id, rule.ended), self._peer(rule.gateway)))
         elif purpose[0] == "ack":
             rule, source = purpose[1], purpose[2]
             key = rule.reply_to
@@ -576,5 +593,5 @@ class RuleBook:
                     counters["rules.translated"] += 1  # an ALLOW with its DNAT
                 self._reply(key, RuleAck(key[1], rule.rule_id, rule.expires_ms), source, now)
                 if rule.ended is not None:  # used or expired while it was being installed
-                    self._out.append(Send(RuleEnd(rule.rule_id, rule.ended), self._peers[rule.gateway.name]))
+                    self._out.append(Send(RuleEnd(rule.rule_id, rule.ended), self._peer(rule.gateway)))
         return self._done()

@@ -166,10 +166,31 @@ def _limit(value: Any, name: str) -> int:
     return value
 
 
+def _live(value: Any, name: str) -> dict[str, list[int]]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+        for k, v in value.items()
+    ):
+        raise BadRequest(f"{name} must map gateway names to lists of worker numbers")
+    return value
+
+
+def _workers(r: "Runner", a: dict[str, Any]) -> dict[str, list[int]]:
+    """The supervisor's word on which gateway workers are live (firewall/processor/spread.py)."""
+    try:
+        live = r.core.spread.set_live(a["live"])
+    except ValueError as err:
+        raise BadRequest(f"live: {err}") from None
+    r.core.counters["control.workers"] += 1
+    return live
+
+
 COMMANDS: dict[str, Command[Runner]] = {
     "stats": Command(lambda r, a: r.stats(), help="counters, pool use, flows per gateway"),
     "flows": Command(lambda r, a: r.flows(a["limit"]), optional={"limit": (_limit, FLOWS_LIMIT)},
                      help="the live bindings, at most limit of them"),
+    "workers": Command(_workers, args={"live": _live},
+                       help="which workers of each gateway of several take new flows (the supervisor says)"),
 }
 
 
@@ -492,6 +513,7 @@ class Runner:
             "uptime": round(time.monotonic() - self.started, 1),
             "sender_id": f"{self.core.encoder.sender_id:#018x}",
             "push": self.push,
+            "workers": self.core.spread.live(),
         }
 
     def flows(self, limit: int) -> list[dict[str, Any]]:

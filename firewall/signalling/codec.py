@@ -153,7 +153,7 @@ BODY_FIELDS: dict[MsgType, tuple[Field, ...]] = {
         _PROTO,
         _FAMILY,
         Field("mode", "B", "1 REDIRECT into the gateway, 2 ALLOW through the kernel"),
-        Field("flags", "B", "bit 0: one-shot; other bits 0"),
+        Field("flags", "B", "bit 0: one-shot; bit 1: replaces the flow's earlier rules; other bits 0"),
         Field("ttl", "H", "seconds the rule waits for its flow, 1..max"),
         *_endpoint_fields("src", "the new flow's source address, exact", "its source port, 0 = any"),
         *_endpoint_fields("dst", "the new flow's destination address, exact", "its destination port, not 0"),
@@ -170,7 +170,7 @@ BODY_FIELDS: dict[MsgType, tuple[Field, ...]] = {
     ),
     MsgType.RULE_END: (
         _RULE_ID,
-        Field("reason", "B", "1 USED, 2 EXPIRED, 3 FLOW_ENDED"),
+        Field("reason", "B", "1 USED, 2 EXPIRED, 3 FLOW_ENDED, 4 SUPERSEDED"),
     ),
     MsgType.OFFLOAD_REQUEST: (
         _REQUEST_ID,
@@ -188,7 +188,8 @@ if MAX_MESSAGE_SIZE > MAX_DATAGRAM:  # not `assert`: it must hold under python -
     raise AssertionError(f"largest message {MAX_MESSAGE_SIZE} bytes exceeds one datagram ({MAX_DATAGRAM})")
 
 ONE_SHOT_FLAG = 0x01
-_KNOWN_FLAGS = ONE_SHOT_FLAG
+REPLACES_FLAG = 0x02  # the flow's earlier rules that still wait for their flow end (RULE_END SUPERSEDED)
+_KNOWN_FLAGS = ONE_SHOT_FLAG | REPLACES_FLAG
 
 # ---- body values <-> messages ------------------------------------------------------
 
@@ -258,7 +259,7 @@ def _not_found(v: tuple[Any, ...]) -> NotFound:
 
 
 def _rule_request_values(m: RuleRequest) -> tuple[Any, ...]:
-    flags = ONE_SHOT_FLAG if m.one_shot else 0
+    flags = (ONE_SHOT_FLAG if m.one_shot else 0) | (REPLACES_FLAG if m.replaces else 0)
     return (m.request_id, m.flow_id, m.proto, Family.IPV4, m.mode, flags, m.ttl, *_ep(m.src), *_ep(m.dst))
 
 
@@ -276,6 +277,7 @@ def _rule_request(v: tuple[Any, ...]) -> RuleRequest:
         ttl=v[6],
         mode=v[4],
         one_shot=bool(flags & ONE_SHOT_FLAG),
+        replaces=bool(flags & REPLACES_FLAG),
     )
 
 

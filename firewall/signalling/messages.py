@@ -137,6 +137,7 @@ class RuleEndReason(enum.IntEnum):
     USED = 1  # a one-shot rule matched its flow
     EXPIRED = 2  # the ttl ran out
     FLOW_ENDED = 3  # the requesting flow ended, and its rules with it
+    SUPERSEDED = 4  # a later request of the same flow, flagged ``replaces``, took its place
 
 
 def _check_u64(name: str, value: int) -> None:
@@ -341,6 +342,7 @@ class RuleRequest:
     ttl: int
     mode: RuleMode
     one_shot: bool
+    replaces: bool = False  # the flow's earlier rules still waiting for their flow end (SUPERSEDED)
 
     def __post_init__(self) -> None:
         _check_u64("request_id", self.request_id)
@@ -352,6 +354,8 @@ class RuleRequest:
             raise ValueError(f"ttl must be 0..{RULE_TTL_FIELD_MAX} seconds, got {self.ttl!r}")
         if not isinstance(self.one_shot, bool):
             raise TypeError(f"one_shot must be a bool, got {self.one_shot!r}")
+        if not isinstance(self.replaces, bool):
+            raise TypeError(f"replaces must be a bool, got {self.replaces!r}")
 
 
 @dataclass(frozen=True, slots=True)

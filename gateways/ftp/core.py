@@ -53,6 +53,12 @@ The dialogue, in order (RFC 959 section 5.4, lock-step with pipelining):
    and whether the next line needs a login depends on the login's reply.
 5. The lines that carry a data address are never passed through: they are
    parsed strictly (``parse``) and written anew.
+6. ``data_mode = "active"``: a client's PASV/EPSV goes to the server as a
+   PORT to the client's side; after its 200 two REDIRECTs (the server's
+   side, then the client's, sharing a ``pair``) and then the 227/229 for S'
+   (``_translate``): the adapter joins the two connections.
+7. Each rule request replaces the session's earlier rules (the processor
+   ends them, RULE_END SUPERSEDED): only the latest data command's port is open.
 
 Every input ends in a reply or a close: no exception escapes for any bytes
 (tests fuzz this with Hypothesis). Buffers are bounded: a line is at most
@@ -63,16 +69,19 @@ a data-port reply) is bounded by ``MAX_BACKLOG``.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import itertools
+import random
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from firewall.signalling import Endpoint, RuleMode
 from gateways.ftp.commands import COMMANDS, SECURITY_FEATURES, Arg, Role, spec_of
 from gateways.ftp.model import (
     Close,
     DataChannel,
+    DataMode,
     Direction,
     Event,
     Opaque,
@@ -95,6 +104,7 @@ from gateways.ftp.parse import (
     parse_eprt,
     parse_port,
     reply_start,
+    rewrite_addresses,
     split_command,
     strip_telnet,
 )
@@ -112,12 +122,25 @@ MAX_IN_FLIGHT = 32
 # Those replies are one line; a server that sends pages of them is refused.
 MAX_HELD_REPLY_LINES = 16
 
+# Picks the port of a translated data connection (``data_mode = "active"``,
+# from ``translated_ports``): the server connects to the client's side at it,
+# the client to the server's side at the same one.
+_PORTS = random.SystemRandom()
+
 # Data ports below this are refused in PORT, EPRT, 227 and 229: RFC 2577
 # section 3 ("the server not open data connections to TCP ports less than
 # 1024"), so no data rule can reach a well-known service.
 FIRST_DATA_PORT = 1024
 
 CRLF = b"\r\n"
+
+# What ``mask_private_addresses`` hides besides the server's own address: the
+# private ranges a protected network is numbered from (RFC 1918, RFC 6598,
+# link-local RFC 3927).
+PRIVATE_NETWORKS = tuple(
+    ipaddress.IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16")
+)
+MASKED = ipaddress.IPv4Address("0.0.0.0")
 
 
 # ---- state -----------------------------------------------------------------------------
@@ -131,6 +154,7 @@ class _Plan:
     src: Endpoint
     dst: Endpoint
     mode: RuleMode
+    pair: int = 0  # a translated data connection: its two rules share this (``data_mode``)
 
 
 @dataclass
@@ -140,6 +164,7 @@ class _Pending:
     verb: str = ""
     role: Role = Role.PLAIN
     plan: _Plan | None = None  # PORT/EPRT: the rule the 200 will confirm
+    translated: Role | None = None  # a client's PASV/EPSV sent on as a PORT (``data_mode = "active"``)
     local: bytes | None = None  # a reply of the gateway's, sent when it reaches the head
 
 
@@ -153,7 +178,9 @@ class _Phase(enum.Enum):
 class FtpControl:
     """One FTP control connection between a client and its server (module docstring)."""
 
-    def __init__(self, parties: Parties, policy: Policy = Policy()) -> None:
+    def __init__(self, parties: Parties, policy: Policy = Policy(), data_port: Callable[[], int] | None = None) -> None:
+        # The port of a translated data connection (``data_mode``): any of ``translated_ports``.
+        self._data_port = data_port or (lambda: _PORTS.randint(*policy.translated_ports))
         self.parties = parties
         self.policy = policy
         self._phase = _Phase.GREETING
@@ -164,12 +191,16 @@ class FtpControl:
         self._setups = 0  # commands of _SYNC_ROLES awaiting their reply: client lines wait
         self._reply: tuple[int, list[bytes]] | None = None  # a reply being read: code, held lines
         self._reply_role: Role | None = None  # the pending role the reply in progress answers
-        self._rule: tuple[int, _Plan, bytes] | None = None  # token, plan, the reply it releases
+        # The rule asked for: token, plan, the reply it releases, the plans to ask for after it.
+        self._rule: tuple[int, _Plan, bytes, list[_Plan]] | None = None
         self._tokens = itertools.count(1)
+        self._pairs = itertools.count(1)
         self._logged_in = False
         self._bad = 0
         self._login_failures = 0
         self._out: list[Output] = []
+        # A session through a port forward: the server S is hidden behind S'.
+        self._mask = policy.mask_private_addresses and parties.client_addressed != parties.server
 
     # ---- inputs -------------------------------------------------------------------------
 
@@ -235,10 +266,13 @@ class FtpControl:
         """The processor's answer to ``RequestRule(token)``: the held reply goes out, or a refusal."""
         if self._rule is None or self._rule[0] != token or self._phase is not _Phase.OPEN:
             return []
-        _, plan, reply = self._rule
+        _, plan, reply, rest = self._rule
         self._rule = None
         if granted:
             self._event("rule.granted", direction=plan.direction.value, src=plan.src, dst=plan.dst, mode=plan.mode.name)
+            if rest:  # a translated data connection: its other side's rule next
+                self._ask(rest, reply, replaces=False)
+                return self._flush()
             self._to_client(reply)
         else:
             self._event("rule.refused", direction=plan.direction.value, src=plan.src, dst=plan.dst)
@@ -304,7 +338,7 @@ class FtpControl:
             if verb not in COMMANDS:
                 self._bad_command(verb, 500, f"{verb}: command unrecognized.", "unknown_command")
             else:
-                self._bad_command(verb, 502, f"{verb}: command not allowed through this firewall.", "not_allowed")
+                self._refuse(verb, 502, f"{verb}: command not allowed through this firewall.", "not_allowed")
             return
         spec = spec_of(verb)
         if spec.arg is Arg.REQUIRED and arg is None:
@@ -342,7 +376,10 @@ class FtpControl:
         try:
             at = parse_port(arg) if verb == "PORT" else parse_eprt(arg)
         except Malformed as bad:
-            self._bad_command(verb, bad.code, bad.text, "malformed")
+            if bad.code == 522:  # a well-formed EPRT for IPv6: the session is IPv4, nothing malformed
+                self._refuse(verb, bad.code, bad.text, "family")
+            else:
+                self._bad_command(verb, bad.code, bad.text, "malformed")
             return
         p = self.parties
         if at.address != p.client:
@@ -366,6 +403,9 @@ class FtpControl:
         self._to_server(text.encode("ascii") + CRLF)
 
     def _passive(self, verb: str, arg: bytes | None) -> None:
+        if self.policy.data_mode is DataMode.ACTIVE and not (arg is not None and arg.upper() in (b"ALL", b"2")):
+            if self._translate(verb, arg):
+                return
         if verb == "EPSV" and arg is not None:
             word = arg.upper()
             if word == b"ALL":
@@ -374,7 +414,7 @@ class FtpControl:
                 self._forward(verb, b"ALL", Role.PLAIN)
                 return
             if word == b"2":
-                self._bad_command(verb, 522, "Network protocol not supported, use (1)", "family")
+                self._refuse(verb, 522, "Network protocol not supported, use (1)", "family")
                 return
             if word != b"1":
                 self._bad_command(verb, 501, "EPSV takes 1 or ALL.", "malformed")
@@ -382,6 +422,29 @@ class FtpControl:
         self._pending.append(_Pending(verb, Role.EPSV if verb == "EPSV" else Role.PASV))
         self._setups += 1
         self._to_server(verb.encode("ascii") + (b" " + arg if arg is not None else b"") + CRLF)
+
+    def _translate(self, verb: str, arg: bytes | None) -> bool:
+        """``data_mode = "active"``: the client's PASV/EPSV goes to the server as a PORT.
+
+        The server connects to the address it sees as the client (C, or the
+        router's W) at a port the gateway chose; the client connects to S'
+        (what it addressed) at the same port. Both connections are
+        REDIRECTed into the gateway, which joins them (seed, "Dynamic
+        changes": the gateway decides the data channel). False: not possible
+        here (the server's view of the client is unknown), left as it is.
+        """
+        p = self.parties
+        if p.client_seen_as is None or (verb == "EPSV" and arg is not None and arg != b"1"):
+            return False
+        port = self._data_port()
+        toward_server = Endpoint(p.client_seen_as, port)
+        pair = next(self._pairs)
+        server_side = _Plan(Direction.ACTIVE, Endpoint(p.server, 0), toward_server, RuleMode.REDIRECT, pair)
+        self._event("data.translated", verb=verb, port=port)
+        self._pending.append(_Pending("PORT", Role.PORT, server_side, translated=Role.EPSV if verb == "EPSV" else Role.PASV))
+        self._setups += 1
+        self._to_server(f"PORT {format_port(toward_server)}".encode("ascii") + CRLF)
+        return True
 
     def _auth(self, verb: str, arg: bytes | None) -> None:
         if not self.policy.auth_tls:
@@ -482,7 +545,34 @@ class FtpControl:
         if self._reply_role is Role.FEAT and code == 211 and not first and not last and not self._feature_visible(line):
             self._event("feat.hidden", feature=line.strip().decode("latin-1")[:40])
             return
-        self._to_client(line + CRLF)
+        if not first and not last:
+            inner = reply_start(line)
+            if inner is not None and inner.code != code:
+                # A text line that reads as another reply ("227 Entering Passive
+                # Mode (...)" inside a 211): indented, as RFC 959 section 4.2
+                # asks, so no client takes it for the end of the reply.
+                self._event("reply.indented", code=code, inner=inner.code)
+                line = b" " + line
+        self._to_client(self._outward(line) + CRLF)
+
+    def _outward(self, line: bytes) -> bytes:
+        """A server's reply line as the client may see it: through a port forward
+        (``mask_private_addresses``), the server's address S becomes S', the one the
+        client connected to, and other private addresses 0.0.0.0."""
+        if not self._mask:
+            return line
+        masked = rewrite_addresses(line, self._hidden)
+        if masked != line:
+            self._event("reply.masked", code=self._reply[0] if self._reply is not None else 0)
+        return masked
+
+    def _hidden(self, address: ipaddress.IPv4Address) -> ipaddress.IPv4Address | None:
+        p = self.parties
+        if address == p.server:
+            return p.client_addressed
+        if address in (p.client_addressed, p.client):
+            return None
+        return MASKED if any(address in n for n in PRIVATE_NETWORKS) else None
 
     def _feature_visible(self, line: bytes) -> bool:
         """RFC 2389 section 3.2: one feature per line, after a space; hide what the gateway would refuse."""
@@ -513,9 +603,18 @@ class FtpControl:
         if (role is Role.PASV and code == 227) or (role is Role.EPSV and code == 229):
             if self._passive_reply(pending, code, held):
                 return  # the reply waits for the rule
+        elif role is Role.PORT and code == 200 and pending.translated is not None:
+            assert pending.plan is not None
+            p, port = self.parties, pending.plan.dst.port
+            toward_client = Endpoint(p.client_addressed, port)
+            client_side = _Plan(Direction.PASSIVE, Endpoint(p.client, 0), toward_client, RuleMode.REDIRECT,
+                                pending.plan.pair)
+            reply = format_229(port) if pending.translated is Role.EPSV else format_227(toward_client)
+            self._ask([pending.plan, client_side], reply)
+            return
         elif role is Role.PORT and code == 200:
             assert pending.plan is not None
-            self._ask(pending.plan, b"".join(line + CRLF for line in held))
+            self._ask(pending.plan, b"".join(self._outward(line) + CRLF for line in held))
             return
         elif role is Role.AUTH and code == 234:
             # RFC 4217 section 4: TLS starts right after this reply.
@@ -536,9 +635,11 @@ class FtpControl:
         self._flush_local()
 
     def _unexpected(self, code: int) -> None:
-        """A 227 or 229 that answers no PASV/EPSV: never acted on, its address never passed on."""
+        """A 227 or 229 that answers no PASV/EPSV: never acted on, its address never passed on,
+        and not even its code: a client waiting for a PASV answer reads a 451 and gives up
+        on that data connection, whatever it parses out of a 227."""
         self._event("refused.unsolicited_reply", code=code)
-        self._to_client(b"%d Reply not expected here; dropped by the firewall.\r\n" % code)
+        self._to_client(b"451 Reply not expected here; dropped by the firewall.\r\n")
 
     def _passive_reply(self, pending: _Pending, code: int, held: list[bytes]) -> bool:
         """Act on a 227 to PASV or a 229 to EPSV; True if it now waits for the rule."""
@@ -572,13 +673,16 @@ class FtpControl:
         self._to_client(reply + CRLF)
         return False
 
-    def _ask(self, plan: _Plan, reply: bytes) -> None:
-        """Request the plan's rule; ``reply`` goes to the client once it is granted."""
+    def _ask(self, plans: _Plan | list[_Plan], reply: bytes, replaces: bool = True) -> None:
+        """Request the plan's rule (of several, one after the other); ``reply`` goes to the
+        client once all are granted. The first replaces the session's earlier rules: only the
+        latest data command's may exist (docs/ftp.md, "Rule life")."""
+        plan, *rest = plans if isinstance(plans, list) else [plans]
         token = next(self._tokens)
-        self._rule = (token, plan, reply)
+        self._rule = (token, plan, reply, rest)
         self._out.append(
             RequestRule(token, plan.direction, plan.src, plan.dst, plan.mode,
-                        self.policy.data_channel is DataChannel.INSPECT)
+                        self.policy.data_channel is DataChannel.INSPECT, replaces, plan.pair)
         )
 
     def _setup_done(self) -> None:
@@ -610,6 +714,12 @@ class FtpControl:
     def _flush_local(self) -> None:
         while self._pending and self._pending[0].local is not None:
             self._to_client(self._pending.popleft().local)  # type: ignore[arg-type]
+
+    def _refuse(self, verb: str, code: int, text: str, why: str, **fields: Any) -> None:
+        """A command well formed but refused by policy (the allow-list, IPv6): answered, not
+        counted toward ``max_bad_commands``, which is for what no honest client sends."""
+        self._event(f"refused.{why}", verb=verb, code=code, **fields)
+        self._local(f"{code} {text}".encode("ascii"))
 
     def _bad_command(self, verb: str, code: int, text: str, why: str, **fields: Any) -> None:
         self._bad += 1

@@ -29,6 +29,12 @@ In allow mode every data connection is an ALLOW rule: the kernel carries it,
 and no expectation is kept here; where the peer that connects was told the
 router's address, the processor installs the DNAT to the real party with
 the accept. In inspect mode it is a REDIRECT, expected here and relayed.
+
+A translated data connection (``data_mode = "active"``: the client passive,
+the server active) is two REDIRECTs that share a ``pair``: both peers
+connect to the gateway, the client to S':p, the server to C:p (or W:p), and
+the first to arrive waits (at most the rule's TTL) for the other; then the
+two accepted connections are relayed to each other, with no leg B.
 """
 
 from __future__ import annotations
@@ -92,6 +98,16 @@ class _Expectation:
         self.timer: asyncio.TimerHandle | None = None
 
 
+class _Meeting:
+    """The two connections of a translated data connection, meeting in the gateway."""
+
+    __slots__ = ("sides", "done")
+
+    def __init__(self) -> None:
+        self.sides: dict[Direction, tuple[Hold, socket.socket]] = {}
+        self.done = asyncio.Event()
+
+
 class FtpGateway(TcpGateway):
     """The ftp gateway: a listener on G:g in front of a ``GatewayLayer``."""
 
@@ -113,6 +129,7 @@ class FtpGateway(TcpGateway):
         self._sessions: set[_Session] = set()
         self._data = 0
         self._expected: dict[ExpectKey, _Expectation] = {}
+        self._meetings: dict[tuple[int, int], _Meeting] = {}  # (session flow id, pair) -> the first side
 
     @classmethod
     def for_gateway(cls, layer: GatewayLayer, gw: Manifest, listen: Endpoint, log: EventLog) -> "FtpGateway":
@@ -169,7 +186,9 @@ class FtpGateway(TcpGateway):
         with hold:
             flow = hold.flow
             exp = self._claim(flow)
-            if exp is not None:
+            if exp is not None and exp.rule.pair:
+                await self._meet(exp, hold, sock)
+            elif exp is not None:
                 await self._transfer(exp, hold, sock)
             elif self.control_ports is not None and flow.original_dst.port not in self.control_ports:
                 self.counters["refused.unexpected_flow"] += 1
@@ -193,7 +212,35 @@ class FtpGateway(TcpGateway):
                     for key in [k for k, e in self._expected.items() if e.session is session]:
                         self._unexpect(self._expected[key], "session_ended")
 
-    async def _transfer(self, exp: _Expectation, hold: Hold, a: socket.socket) -> None:
+    async def _meet(self, exp: _Expectation, hold: Hold, sock: socket.socket) -> None:
+        """One side of a translated data connection: wait for the other, or relay the two."""
+        key = (exp.session.flow.flow_id, exp.rule.pair)
+        meeting = self._meetings.setdefault(key, _Meeting())
+        meeting.sides[exp.rule.direction] = (hold, sock)
+        if len(meeting.sides) < 2:
+            try:
+                await asyncio.wait_for(meeting.done.wait(), self.settings.data_rule_ttl + EXPECT_GRACE)
+            except asyncio.CancelledError:
+                reset_socket(sock)
+                raise
+            except asyncio.TimeoutError:
+                self.counters["data.unmatched"] += 1
+                self.log.emit("data", reason="unmatched", session=f"{exp.session.flow.flow_id:#x}",
+                              waited=exp.rule.direction.value)
+                reset_socket(sock)
+            finally:
+                if self._meetings.get(key) is meeting and not meeting.done.is_set():
+                    del self._meetings[key]
+            return
+        del self._meetings[key]
+        try:
+            client_hold, a = meeting.sides[Direction.PASSIVE]  # the client connected (PASV)
+            _, b = meeting.sides[Direction.ACTIVE]  # the server connected (its PORT)
+            await self._transfer(exp, client_hold, a, b)
+        finally:
+            meeting.done.set()
+
+    async def _transfer(self, exp: _Expectation, hold: Hold, a: socket.socket, b: socket.socket | None = None) -> None:
         """One data connection of a session, redirected here by its rule."""
         flow, rule, session = hold.flow, exp.rule, exp.session
         self._data += 1
@@ -202,15 +249,19 @@ class FtpGateway(TcpGateway):
         started = loop.time()
         fields: dict[str, Any] = {"session": f"{session.flow.flow_id:#x}", "direction": rule.direction.value,
                                   "client": flow.client, "server": flow.server, "inspect": rule.inspect}
+        translated = b is not None  # both peers connected to the gateway: a is the client's
+        if translated:
+            fields["translated"] = True
         try:
-            try:
-                b = await self.layer.connect_tcp(flow, connect_timeout=self.settings.connect_timeout)
-            except (OSError, asyncio.TimeoutError) as exc:
-                self.counters["data.connect_failed"] += 1
-                self.log.emit("data", reason="connect_failed", detail=repr(exc), **fields)
-                reset_socket(a)
-                return
-            passive = rule.direction is Direction.PASSIVE
+            if b is None:
+                try:
+                    b = await self.layer.connect_tcp(flow, connect_timeout=self.settings.connect_timeout)
+                except (OSError, asyncio.TimeoutError) as exc:
+                    self.counters["data.connect_failed"] += 1
+                    self.log.emit("data", reason="connect_failed", detail=repr(exc), **fields)
+                    reset_socket(a)
+                    return
+            passive = translated or rule.direction is Direction.PASSIVE
             inspector = None
             if rule.inspect and self.hook is not None:
                 parties = session.parties
@@ -396,7 +447,10 @@ class _Session:
                 gw._unexpect(exp, reason.name.lower())
 
         try:
-            await gw.layer.request_rule(self.flow, Proto.TCP, rule.src, rule.dst, ttl, rule.mode, True, on_end=ended)
+            # replaces: only the latest data-port command's rule may exist (a second
+            # PASV withdraws the first one's port, RULE_END SUPERSEDED).
+            await gw.layer.request_rule(self.flow, Proto.TCP, rule.src, rule.dst, ttl, rule.mode, True, on_end=ended,
+                                        replaces=rule.replaces)
             granted = True
         except RuleError as exc:
             granted = False

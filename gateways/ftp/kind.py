@@ -7,16 +7,29 @@ takes its defaults from them.
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Annotated
 
-from firewall.fields import Choice, Frozen, Int, ListOf, Number, Removed, String
+from pydantic import AfterValidator, Field, PlainSerializer
+
+from firewall.fields import Bool, Choice, Frozen, Int, ListOf, Number, PortRange, Removed, SinglePortRange, String, fail
 from firewall.signalling import RuleMode
 from gateways.kind import Kind
 
 FtpVerb = String(r"[A-Za-z]{3,4}", "an FTP command (3 or 4 letters, RFC 959 section 5.3.1)")
 DataChannel = Choice("allow", "inspect")
+DataMode = Choice("keep", "active")
 AuthTls = Choice("refuse", "allow")
 HookName = String(r"([A-Za-z_][\w.]*:[A-Za-z_]\w*)?", "module:function")
+
+
+def _data_ports(rng: PortRange) -> PortRange:
+    if rng.first < 1024:  # RFC 2577 section 3, as for the ports the peers name
+        fail(f"{rng} reaches below 1024: data connections stay off well-known ports")
+    return rng
+
+
+# Written as "first-last" in the manifest, which the gateway validates again.
+DataPorts = Annotated[SinglePortRange, AfterValidator(_data_ports), PlainSerializer(str, return_type=str)]
 GoneMasquerade = Removed(
     "no longer a setting: the processor tells the gateway the address it SNATs "
     "each session to (signalling's snat field); delete this line"
@@ -32,6 +45,12 @@ class FtpSettings(Frozen):
     data_channel: DataChannel = Field(
         "allow", description="allow: the kernel carries every data connection (the processor translates "
         "the router's address); inspect: all through the gateway")
+    data_mode: DataMode = Field(
+        "keep", description="keep: the client's mode; active: a client's PASV/EPSV reaches the server as PORT "
+        "(an active-only server), both data connections through the gateway")
+    translated_ports: DataPorts = Field(
+        PortRange(32768, 60999), description="data_mode active: the ports the gateway announces for a translated "
+        "data connection, to the server (at the client's side) and to the client (at S')")
     data_rule_ttl: Int(1, 3600) = Field(15, description="seconds a data-port rule waits for its one connection")
     auth_tls: AuthTls = Field(
         "refuse", description="refuse: AUTH answered 534 and hidden from FEAT; allow: opaque after 234")
@@ -54,6 +73,9 @@ class FtpSettings(Frozen):
     idle_timeout: Number(1, 86400) = Field(
         900.0, description="seconds without traffic before a session is closed, or a relayed data connection reset")
     connect_timeout: Number(0.1, 300) = Field(10.0, description="seconds to open a connection to the server")
+    mask_private_addresses: Bool = Field(
+        True, description="sessions through a port forward: the server's address in a reply becomes the address "
+        "the client connected to, other private addresses (RFC 1918, RFC 6598, link-local) 0.0.0.0")
 
     masquerade_address: GoneMasquerade = Field(None, repr=False, exclude=True)
 
@@ -62,4 +84,7 @@ KIND = Kind(
     "ftp", ("tcp",), FtpSettings, gateway="gateways.ftp.gateway:FtpGateway.for_gateway",
     # Its data connections: through the gateway (inspect) or the kernel (allow).
     rule_modes=frozenset({RuleMode.REDIRECT, RuleMode.ALLOW}),
+    # Sessions are independent (a REDIRECTed data connection comes back to
+    # the worker that asked for it): several workers, one crash cuts one's.
+    workers=True,
 )

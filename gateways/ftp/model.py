@@ -32,6 +32,13 @@ class DataChannel(enum.Enum):
     INSPECT = "inspect"  # always through the gateway: size limit and content hook
 
 
+class DataMode(enum.Enum):
+    """Which mode the server side of a data connection uses (``data_mode`` setting)."""
+
+    KEEP = "keep"  # the client's choice, passed on
+    ACTIVE = "active"  # a client's PASV/EPSV goes to the server as PORT; the gateway joins the two connections
+
+
 class Direction(enum.Enum):
     PASSIVE = "passive"  # the client connects to the server (PASV, EPSV)
     ACTIVE = "active"  # the server connects to the client (PORT, EPRT)
@@ -56,6 +63,8 @@ class Policy:
     ``Policy()`` is what the default settings give."""
 
     data_channel: DataChannel = DataChannel(_DEFAULTS.data_channel)
+    data_mode: DataMode = DataMode(_DEFAULTS.data_mode)
+    translated_ports: tuple[int, int] = (_DEFAULTS.translated_ports.first, _DEFAULTS.translated_ports.last)
     auth_tls: bool = _DEFAULTS.auth_tls == "allow"  # False: AUTH is refused (534) and hidden from FEAT
     allowed: frozenset[str] = field(default_factory=allowed_commands)
     max_line_length: int = _DEFAULTS.max_line_length
@@ -63,11 +72,14 @@ class Policy:
     max_password_length: int = _DEFAULTS.max_password_length
     max_bad_commands: int = _DEFAULTS.max_bad_commands
     max_login_failures: int = _DEFAULTS.max_login_failures
+    mask_private_addresses: bool = _DEFAULTS.mask_private_addresses
 
     @classmethod
     def of(cls, settings: FtpSettings) -> "Policy":
         return cls(
             data_channel=DataChannel(settings.data_channel),
+            data_mode=DataMode(settings.data_mode),
+            translated_ports=(settings.translated_ports.first, settings.translated_ports.last),
             auth_tls=settings.auth_tls == "allow",
             allowed=allowed_commands(settings.allow_commands, settings.deny_commands),
             max_line_length=settings.max_line_length,
@@ -75,6 +87,7 @@ class Policy:
             max_password_length=settings.max_password_length,
             max_bad_commands=settings.max_bad_commands,
             max_login_failures=settings.max_login_failures,
+            mask_private_addresses=settings.mask_private_addresses,
         )
 
 
@@ -106,6 +119,8 @@ class RequestRule:
     dst: Endpoint  # also what the connecting peer is told (the PORT or 227 address and port)
     mode: RuleMode
     inspect: bool
+    replaces: bool = True  # ends the session's earlier rules (RULE_END SUPERSEDED): only the latest may exist
+    pair: int = 0  # a translated data connection's two rules share it: the gateway joins their connections
 
 
 @dataclass(frozen=True)

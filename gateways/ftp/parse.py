@@ -15,6 +15,9 @@ reply code the client should get.
 - 227 reply (RFC 959 section 4.2.2; RFC 1123 section 4.1.2.6: the numbers
   are found by scanning the text, whose wording varies between servers).
 - 229 reply (RFC 2428 section 3): "(<d><d><d>port<d>)".
+- Addresses in reply text (``rewrite_addresses``): dotted quads, and the
+  four address numbers of a 227-style "h1,h2,h3,h4,p1,p2", each put
+  through a function that keeps, replaces or masks it.
 
 Telnet (RFC 854) and the FTP command line (RFC 959 section 5.3): a line ends
 at LF (CR LF, or a bare LF from a lax peer); IAC sequences are removed
@@ -27,6 +30,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 from firewall.signalling import Endpoint
 
@@ -37,6 +41,13 @@ _DIGITS = re.compile(r"[0-9]{1,3}")
 _PORT_DIGITS = re.compile(r"[0-9]{1,5}")
 _H227 = re.compile(r"(\d+),(\d+),(\d+),(\d+),(\d+),(\d+)")
 _H229 = re.compile(r"\(([\x21-\x7e])\1\1([0-9]{1,5})\1\)")
+# An IPv4 address in text: a dotted quad that is not part of a longer run of
+# numbers and dots, or the first four numbers of six comma-separated ones
+# (a 227's h1,h2,h3,h4,p1,p2, RFC 959 section 4.1.2).
+_TEXT_ADDRESS = re.compile(
+    rb"(?<![0-9.])([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})(?![0-9]|\.[0-9])"
+    rb"|(?<![0-9,])([0-9]{1,3}),([0-9]{1,3}),([0-9]{1,3}),([0-9]{1,3})(?=,[0-9]{1,3},[0-9]{1,3}(?![0-9,]))"
+)
 
 
 class Malformed(ValueError):
@@ -197,3 +208,31 @@ def parse_229(text: bytes) -> int | None:
 
 def format_229(port: int) -> bytes:
     return f"229 Entering Extended Passive Mode (|||{port}|)\r\n".encode("ascii")
+
+
+# ---- addresses in reply text ------------------------------------------------------------
+
+
+def rewrite_addresses(
+    line: bytes, change: Callable[[ipaddress.IPv4Address], ipaddress.IPv4Address | None]
+) -> bytes:
+    """``line`` with each IPv4 address it names (``_TEXT_ADDRESS``) put through ``change``:
+    None keeps it, an address replaces it, written the same way (dots or commas)."""
+    if not _HAS_DIGIT.search(line):
+        return line
+
+    def one(m: re.Match[bytes]) -> bytes:
+        dotted = m.group(1) is not None
+        parts = m.groups()[:4] if dotted else m.groups()[4:]
+        values = [int(v) for v in parts]
+        if any(v > 255 for v in values):
+            return m.group(0)
+        new = change(ipaddress.IPv4Address(bytes(values)))
+        if new is None:
+            return m.group(0)
+        return str(new).encode("ascii") if dotted else str(new).replace(".", ",").encode("ascii")
+
+    return _TEXT_ADDRESS.sub(one, line)
+
+
+_HAS_DIGIT = re.compile(rb"[0-9]")

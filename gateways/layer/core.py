@@ -300,6 +300,7 @@ class LayerCore:
         mode: RuleMode,
         one_shot: bool,
         now: float,
+        replaces: bool = False,
     ) -> tuple[int, list[Output]]:
         """Ask for a dynamic rule; returns the request id and what to do now.
 
@@ -308,7 +309,7 @@ class LayerCore:
         would refuse on its own terms is refused here without asking.
         """
         request_id = self._new_id()
-        message = RuleRequest(request_id, flow.flow_id, proto, src, dst, ttl, mode, one_shot)
+        message = RuleRequest(request_id, flow.flow_id, proto, src, dst, ttl, mode, one_shot, replaces)
         problem = rule_request_problem(message)
         if problem is None and len(self._rule_waits) >= MAX_PENDING_RULES:
             problem = RuleRefusal.LIMIT

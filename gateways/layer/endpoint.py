@@ -371,13 +371,15 @@ class GatewayLayer:
         one_shot: bool,
         *,
         on_end: RuleEndCallback | None = None,
+        replaces: bool = False,
     ) -> RuleAck:
         """Ask the flow's processor instance for a dynamic rule (seed: "Dynamic changes in
-        packet processing"). Raises ``RuleRefusedError`` or ``RuleNoAnswer``."""
+        packet processing"); ``replaces``: the flow's earlier rules that still wait end
+        (RULE_END SUPERSEDED). Raises ``RuleRefusedError`` or ``RuleNoAnswer``."""
         if self._closed:
             raise RuleNoAnswer("the gateway is stopping")
-        return await self._answer(*self.core.request_rule(flow, proto, src, dst, ttl, mode, one_shot, self._clock()),
-                                  on_end)
+        return await self._answer(
+            *self.core.request_rule(flow, proto, src, dst, ttl, mode, one_shot, self._clock(), replaces), on_end)
 
     async def request_offload(self, flow: FlowInfo) -> RuleAck:
         """Ask the flow's processor instance to let the kernel carry the flow without the gateway;

@@ -4,6 +4,7 @@ clear problem with its key path (and line); all problems come at once."""
 from __future__ import annotations
 
 import ipaddress
+import json
 from pathlib import Path
 
 import pytest
@@ -190,6 +191,53 @@ def test_gateway_listen_ports_default_and_clash() -> None:
     clash = text.replace('name = "b"', 'name = "b"\nlisten_port = 20000')
     path, reason, _ = only(clash)
     assert path == "gateway[1].listen_port"
+
+
+def test_gateway_workers_take_consecutive_ports() -> None:
+    """workers = N: worker i listens on listen_port + i and signals on the next signalling port;
+    the defaults of the gateways after it move up past its workers."""
+    a = GATEWAY.format(name="a", zone="wan", ports="25").replace('kind = "tcp-relay"', 'kind = "tcp-relay"\nworkers = 3')
+    text = BASE + a + GATEWAY.format(name="b", zone="wan", ports="26")
+    config = loads(text)
+    assert [list(g.listen_ports) for g in config.gateways] == [[20000, 20001, 20002], [20003]]
+    assert list(config.gateway_signalling_ports("a")) == [7500, 7501, 7502]
+    assert config.gateway_signalling_port("a", 2) == 7502 and config.gateway_signalling_port("b") == 7503
+    path, reason, _ = only(text.replace('name = "b"', 'name = "b"\nlisten_port = 20002'))
+    assert (path, reason) == ("gateway[1].listen_port", "20002 is already used by gateway[0]")
+    path, reason, _ = only(text.replace('name = "b"', 'name = "b"\nlisten_port = 7502'))
+    assert (path, reason) == ("gateway[1].listen_port", "7502 is a gateway signalling port (7500-7503)")
+    path, reason, _ = only(text.replace("workers = 3", "workers = 65"))
+    assert path == "gateway[0].workers"
+    path, reason, _ = only(text.replace('name = "a"', 'name = "a"\nlisten_port = 65534'))
+    assert (path, reason) == ("gateway[0].listen_port", "3 workers need ports up to 65536")
+
+
+def test_check_and_manifest_name_each_worker(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from firewall.cli import main
+
+    path = tmp_path / "nfgate.toml"
+    a = GATEWAY.format(name="a", zone="wan", ports="25").replace('kind = "tcp-relay"', 'kind = "tcp-relay"\nworkers = 2')
+    path.write_text(BASE + a + GATEWAY.format(name="b", zone="wan", ports="26"))
+    shown = CliRunner().invoke(main, ["check", "-c", str(path)]).output
+    assert "gateway a (tcp-relay), 2 workers, ports 20000-20001, 1 selectors" in shown
+    assert "gateway b (tcp-relay), port 20002, 1 selectors" in shown
+    second = json.loads(CliRunner().invoke(main, ["manifest", "-c", str(path), "a#1"]).output)
+    assert (second["worker"], second["workers"], second["listen"]["port"], second["signalling"]["listen"]["port"]) == (
+        1, 2, 20001, 7501)
+    assert json.loads(CliRunner().invoke(main, ["manifest", "-c", str(path), "a"]).output)["worker"] == 0
+    refused = CliRunner().invoke(main, ["manifest", "-c", str(path), "a#2"])
+    assert refused.exit_code == 2 and "(configured: a#0, a#1, b)" in refused.output
+
+
+def test_workers_only_for_kinds_that_allow_them() -> None:
+    udp = GATEWAY.format(name="u", zone="wan", ports="53").replace('"tcp-relay"', '"udp-relay"\nworkers = 2')
+    path, reason, _ = only(BASE + udp.replace('proto = "tcp"', 'proto = "udp"'))
+    assert (path, reason) == ("gateway[0].workers", "a udp-relay gateway runs as one process")
+    logger = GATEWAY.format(name="l", zone="wan", ports="25").replace('"tcp-relay"', '"tcp-relay"\nworkers = 2')
+    path, reason, _ = only(BASE + logger + '[gateway.settings]\nmode = "log-only"\n')
+    assert (path, reason) == ("gateway[0].workers", "a log-only gateway carries no flow: one process logs them all")
 
 
 def test_port_forward_parsing_and_overlap() -> None:

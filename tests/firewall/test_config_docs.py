@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from firewall.config import model
+from firewall.fields import PortRange
 from gateways.kinds import KINDS
 
 DOC = (Path(__file__).parents[2] / "docs" / "config.md").read_text()
@@ -82,6 +83,8 @@ def test_gateway_settings_are_documented() -> None:
                 assert row.group(1) == str(default).lower(), (kind, key)
             elif isinstance(default, (str, tuple)):
                 assert row.group(1) == shown_as(default), (kind, key)
+            elif isinstance(default, PortRange):
+                assert row.group(1) == f'"{default}"', (kind, key)
             else:
                 assert float(row.group(1)) == float(default), (kind, key)
 

@@ -214,8 +214,8 @@ def legs(ops: list[Any]) -> list[Leg]:
 class Rig:
     """A core with a fake router and a fake conntrack around it, and the gateway layer's end of signalling."""
 
-    def __init__(self, pools: str = "", push: bool = True, extra: str = "") -> None:
-        self.config = loads(CONFIG.replace("{pools}", pools) + extra)
+    def __init__(self, pools: str = "", push: bool = True, extra: str = "", config: str = CONFIG) -> None:
+        self.config = loads(config.replace("{pools}", pools) + extra)
         self.alive: set[tuple[int, ...]] = set()  # (proto, src, sport, dst, dport): conntrack's original tuples
         self.lookups: list[tuple[int, ...]] = []
         self.local = [W, L, R, "10.0.0.1"]
@@ -930,6 +930,40 @@ def test_forged_replayed_and_misdirected_signalling_is_refused() -> None:
     assert len(rig.messages()) == 1
 
 
+# ---- a gateway of several workers (firewall/processor/spread.py) ----------------------
+
+
+def test_new_flows_go_round_robin_to_the_live_workers_each_told_on_its_own_port() -> None:
+    """workers = 3: worker i on G:(20000 + i), signalling on 7500 + i. Each new flow's binding and
+    NEW_FLOW go to one worker, round robin; the supervisor's live set narrows it at once (none
+    live: all); a binding's FLOW_END goes to its own worker, whatever the live set."""
+    rig = Rig(config=CONFIG.replace("listen_port = 20000\n", "listen_port = 20000\nworkers = 3\n"))
+
+    def new(sport: int) -> tuple[Leg, int]:
+        a = rig.bound(tcp(C, sport, W, 8443, "S"), WAN0)
+        ((msg, peer),) = rig.received()
+        assert isinstance(msg, NewFlow) and msg.flow.ag.port == a.dnat[1] and peer[0] == G
+        return a, peer[1]
+
+    got = [new(40000 + n) for n in range(4)]
+    assert [(a.dnat[1], port) for a, port in got] == [(20000, 7500), (20001, 7501), (20002, 7502), (20000, 7500)]
+    assert rig.core.spread.set_live({"relay": [2, 0]}) == {"relay": [0, 2]}
+    assert [new(40010 + n)[0].dnat[1] for n in range(3)] == [20000, 20002, 20000]
+    assert rig.core.spread.set_live({"relay": []}) == {"relay": [0, 1, 2]}  # none live: spread over all
+    with pytest.raises(ValueError, match="has workers 0..2"):
+        rig.core.spread.set_live({"relay": [3]})
+    with pytest.raises(ValueError, match="'ftp' is not a gateway of several workers"):
+        rig.core.spread.set_live({"ftp": [0]})
+    a, _ = got[1]  # on worker 1
+    rig.confirm(a)
+    rig.core.spread.set_live({"relay": [0]})
+    rig.destroyed("tcp", a.key, (*a.dnat, *a.snat))
+    ((end, peer),) = rig.received()
+    assert isinstance(end, FlowEnd) and peer == (G, 7501)
+    # The other gateways' signalling ports come after the relay's three workers.
+    assert rig.core.gateway_peers["ftp"] == (G, 7503)
+
+
 # ---- dynamic rules --------------------------------------------------------------------
 
 
@@ -941,8 +975,9 @@ def ftp_session(rig: Rig) -> Any:
 
 
 def request(rig: Rig, flow_id: int, src: str, sport: int, dst: str, dport: int, *, rid: int = 1,
-            mode: RuleMode = RuleMode.REDIRECT, ttl: int = 30, one_shot: bool = True) -> RuleRequest:
-    return RuleRequest(rid, flow_id, Proto.TCP, ep(src, sport), ep(dst, dport), ttl, mode, one_shot)
+            mode: RuleMode = RuleMode.REDIRECT, ttl: int = 30, one_shot: bool = True,
+            replaces: bool = False) -> RuleRequest:
+    return RuleRequest(rid, flow_id, Proto.TCP, ep(src, sport), ep(dst, dport), ttl, mode, one_shot, replaces)
 
 
 def test_redirect_rule_is_acked_when_installed_and_takes_its_flow() -> None:
@@ -1104,6 +1139,31 @@ def test_rules_die_with_their_flow_and_at_their_ttl() -> None:
     rig.destroyed("tcp", (C, 41000, W, 21), (G, 20021, *F0))
     assert rig.messages() == [FlowEnd(ftp.flow_id, FlowEndReason.FIN), RuleEnd(acks[0].rule_id, RuleEndReason.FLOW_ENDED)]
     assert len(rig.core.rules) == 0
+
+
+def test_a_replacing_request_ends_the_flows_earlier_rules() -> None:
+    """RULE_REQUEST flagged replaces (FTP's second PASV): the flow's earlier rules end (RULE_END
+    SUPERSEDED) and leave the kernel; at the per-flow limit it still gets in, since they go."""
+    rig = Rig()
+    ftp = ftp_session(rig)
+    for n in range(MAX_RULES_PER_FLOW):
+        rig.ask(request(rig, ftp.flow_id, C, 0, W, 50000 + n, rid=1 + n, mode=RuleMode.ALLOW))
+    rig.kernel()
+    acks = rig.messages()
+    assert len(acks) == MAX_RULES_PER_FLOW and len(rig.core.rules) == MAX_RULES_PER_FLOW
+    assert rig.ask(request(rig, ftp.flow_id, C, 0, W, 51000, rid=99, mode=RuleMode.ALLOW)) == [
+        RuleRefused(99, RuleRefusal.LIMIT)]
+    assert rig.ask(request(rig, ftp.flow_id, C, 0, W, 51000, rid=100, mode=RuleMode.ALLOW, replaces=True)) == [
+        RuleEnd(a.rule_id, RuleEndReason.SUPERSEDED) for a in acks]
+    removals = [op for op in rig.out.kernel_ops if not op.add]
+    assert len(removals) == MAX_RULES_PER_FLOW
+    rig.kernel()
+    (ack,) = rig.messages()
+    assert isinstance(ack, RuleAck) and ack.request_id == 100
+    assert len(rig.core.rules) == 1 and rig.core.counters["rules.ended.superseded"] == MAX_RULES_PER_FLOW
+    # The superseded ports are closed: their SYN finds no rule; the latest one's passes.
+    assert rig.send(tcp(C, 45000, W, 50000, "S"), WAN0)[0] == PASS and rig.core.counters["passed.allowed"] == 0
+    assert rig.send(tcp(C, 45001, W, 51000, "S"), WAN0)[0] == PASS and rig.core.counters["passed.allowed"] == 1
 
 
 def test_rules_die_with_a_flow_conntrack_never_confirmed() -> None:
@@ -1420,8 +1480,13 @@ def test_runner_answers_stats_and_flows_on_its_control_socket(tmp_path: Path) ->
         for limit in (-1, FLOWS_LIMIT_MAX + 1, True, "5"):
             with pytest.raises(ControlError, match=f"limit must be an integer 0..{FLOWS_LIMIT_MAX}"):
                 ask(path, {"cmd": "flows", "limit": limit})
-        with pytest.raises(ControlError, match="unknown command 'nope' \\(one of stats, flows\\)"):
+        with pytest.raises(ControlError, match="unknown command 'nope' \\(one of stats, flows, workers\\)"):
             ask(path, {"cmd": "nope"})
+        # This config's gateways have one worker each: there is nothing to say about them.
+        with pytest.raises(ControlError, match="'ftp' is not a gateway of several workers"):
+            ask(path, {"cmd": "workers", "live": {"ftp": [0]}})
+        with pytest.raises(ControlError, match="live must map gateway names"):
+            ask(path, {"cmd": "workers", "live": {"ftp": "0"}})
 
 
 def test_instance_must_name_a_queue() -> None:

@@ -443,10 +443,10 @@ def _body(message: Message) -> bytearray:
         (MsgType.FLOW_END, 8, 0),  # reason 0
         (MsgType.FLOW_END, 8, 6),  # reason 6: none yet
         (MsgType.RULE_REQUEST, 18, 3),  # mode 3
-        (MsgType.RULE_REQUEST, 19, 2),  # a reserved flag bit
+        (MsgType.RULE_REQUEST, 19, 4),  # a reserved flag bit (bit 2; 0 and 1 are one-shot and replaces)
         (MsgType.RULE_REFUSED, 8, 99),
         (MsgType.RULE_REFUSED, 8, 9),  # one past OTHER_GATEWAY
-        (MsgType.RULE_END, 8, 4),
+        (MsgType.RULE_END, 8, 5),  # one past SUPERSEDED
     ],
 )
 def test_authentic_but_malformed_body(msg_type: MsgType, offset: int, value: int) -> None:

@@ -7,9 +7,11 @@ The processes it supervises are stand-ins here; the end-to-end tests of
 from __future__ import annotations
 
 import os
+import selectors
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +128,52 @@ def test_status_and_flows_gather_every_processors_answer(tmp_path: Path, monkeyp
         sleeper.wait()
     with pytest.raises(KernelError, match="nfgate is not running here"):
         query(config, "status")
+
+
+WORKER = """
+import os, sys, time
+fd = int(sys.argv[sys.argv.index("--ready-fd") + 1])
+os.write(fd, b"ready\\n")
+time.sleep(60)
+"""
+
+
+def test_a_workers_readiness_and_death_reach_the_processors_at_once(tmp_path: Path) -> None:
+    """workers = 2: each worker says ready on its pipe and the processors are told the live set;
+    a SIGKILL ends the pipe, and they are told within milliseconds, before any reaping."""
+    config = loads(CONFIG.format(gwns="x", tmp=tmp_path).replace('kind = "tcp-relay"\n', 'kind = "tcp-relay"\nworkers = 2\n'))
+    told: list[Any] = []
+    table = {"workers": Command(lambda p, a: told.append(a["live"]) or a["live"], args={"live": runner._live})}
+    sleeper = subprocess.Popen(["sleep", "60"])
+    processor = Child("processor-0", "processor", [], tmp_path / "processor-0.sock", proc=sleeper)
+    workers = [Child(f"gateway-relay#{i}", "gateway", [sys.executable, "-c", WORKER], gateway="relay", worker=i,
+                     watched=True) for i in range(2)]
+    sup = Supervisor(config, "c.toml", children=[processor, *workers], log=lambda line: None)
+    sel = selectors.DefaultSelector()
+    sup._sel = sel
+
+    def pump() -> list[Any]:
+        for key, _ in sel.select(0.01):
+            key.data(key.fileobj)
+        return told
+
+    try:
+        with selector_server(tmp_path / "processor-0.sock", table, None):
+            for w in workers:
+                sup._start(w, 0.0)
+            wait_for(lambda: pump() and told[-1] == {"relay": [0, 1]}, timeout=10, interval=0.01, what="both ready")
+            assert all(w.describe(0.0)["ready"] for w in workers)
+            workers[1].proc.send_signal(signal.SIGKILL)
+            killed = time.monotonic()
+            wait_for(lambda: pump()[-1] == {"relay": [0]}, timeout=5, interval=0.001, what="worker 1 gone")
+            assert time.monotonic() - killed < 0.1
+            assert workers[1].ready is False and workers[1].ready_fd is None
+    finally:
+        for c in (*workers, processor):
+            if c.proc is not None and c.proc.poll() is None:
+                c.proc.kill()
+                c.proc.wait()
+        sel.close()
 
 
 @pytest.mark.netns

@@ -14,11 +14,16 @@ Client cases (anonymous login to vsftpd first, except ``before-greeting``):
   to the same port, then RETR over the first.
 - ``before-greeting MYADDR``: connect and send PORT at once, before any greeting.
 - ``pasv``: login and PASV against a fake server; the reply.
+- ``greeting``: every line of the greeting and of a STAT reply, and a PASV's reply.
+- ``two-pasv MYADDR``: PASV twice, then a connection to the first 227's port
+  (``refused``: the server reset it, so the router let it through;
+  ``dropped``: the router did) and one to the second's, and RETR over it.
 
 Server modes: ``hold-greeting`` waits for the client to speak or leave before
 greeting (so nothing it is sent can come before the greeting) and reports
 what it got; ``foreign-227`` greets, accepts any login, and answers PASV with
-a 227 that names another host.
+a 227 that names another host; ``noop-227`` answers NOOP with a 227 naming a
+private address.
 """
 
 from __future__ import annotations
@@ -65,6 +70,16 @@ class Control:
         self.sock.sendall(line.encode("latin-1") + b"\r\n")
         return self.reply()
 
+    def whole(self) -> list[str]:
+        """Every line of one reply."""
+        lines = [next(self.lines)]
+        if lines[0][3:4] == "-":
+            code = lines[0][:3]
+            while not ((line := next(self.lines))[:3] == code and line[3:4] in (" ", "")):
+                lines.append(line)
+            lines.append(line)
+        return lines
+
     def login(self) -> list[str]:
         return [self.reply(), self.send("USER anonymous"), self.send("PASS x"), self.send("TYPE I")]
 
@@ -73,6 +88,16 @@ def _pasv_endpoint(reply: str) -> tuple[str, int]:
     inner = reply[reply.index("(") + 1 : reply.index(")")]
     h = inner.split(",")
     return ".".join(h[:4]), int(h[4]) * 256 + int(h[5])
+
+
+def _connect_outcome(to: tuple[str, int], source: str) -> tuple[str, socket.socket | None]:
+    """("connected", sock), ("refused", None): a reset came back; ("dropped", None): nothing did."""
+    try:
+        return "connected", socket.create_connection(to, timeout=REFUSED_WITHIN, source_address=(source, 0))
+    except ConnectionRefusedError:
+        return "refused", None
+    except OSError:
+        return "dropped", None
 
 
 def _connect_or_not(to: tuple[str, int], source: str) -> socket.socket | None:
@@ -129,6 +154,27 @@ def client(case: str, server: str, args: list[str]) -> dict:
             out["sha256"] = hashlib.sha256(_read_all(first)).hexdigest()
             out["done"] = c.reply()
         return out
+    if case == "greeting":
+        c = Control(server)
+        greeting = c.whole()
+        for line in ("USER anonymous", "PASS x"):
+            c.send(line)
+        c.sock.sendall(b"STAT\r\n")
+        stat = c.whole()
+        return {"greeting": greeting, "stat": stat, "pasv": c.send("PASV")}
+    if case == "two-pasv":
+        me = args[0]
+        c = Control(server, me)
+        c.login()
+        first, second = c.send("PASV"), c.send("PASV")
+        old, _ = _connect_outcome(_pasv_endpoint(first), me)
+        outcome, sock = _connect_outcome(_pasv_endpoint(second), me)
+        out = {"first": first, "second": second, "old_port": old, "new_port": outcome}
+        if sock is not None:
+            out["retr"] = c.send("RETR pub/small.bin")
+            out["sha256"] = hashlib.sha256(_read_all(sock)).hexdigest()
+            out["done"] = c.reply()
+        return out
     if case == "before-greeting":
         me = args[0]
         sock = socket.create_connection((server, 21), timeout=TIMEOUT)
@@ -171,6 +217,8 @@ def server(mode: str, address: str) -> None:
             verb = line.split(" ", 1)[0].upper()
             if verb == "PASV":
                 conn.sendall(b"227 Entering Passive Mode (203,0,113,99,195,80).\r\n")
+            elif verb == "NOOP" and mode == "noop-227":
+                conn.sendall(b"227 Entering Passive Mode (192,168,1,10,195,80).\r\n")
             elif verb == "USER":
                 conn.sendall(b"331 any password\r\n")
             elif verb == "PASS":

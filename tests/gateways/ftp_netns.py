@@ -108,6 +108,13 @@ max_clients=0
 
 MB = 1 << 20
 
+# The lan server's greeting names its private address, a lan neighbour's, and
+# carries a 227 (RFC 959 section 4.2: text lines of a multi-line reply that
+# look like another reply are the leak of issue 16's item 1).
+LAN_BANNER = """Welcome to 192.168.1.10 (lan; printer at 10.20.30.40)
+227 Entering Passive Mode (192,168,1,10,195,80).
+"""
+
 
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -133,7 +140,8 @@ def make_file(path: Path, size: int) -> str:
 class Vsftpd:
     """A private vsftpd in a lab host; anonymous, files in ``root/pub`` (writable by user ftp)."""
 
-    def __init__(self, lab: Any, host: str, tmp: Path, listen_address: str | None = None) -> None:
+    def __init__(self, lab: Any, host: str, tmp: Path, listen_address: str | None = None, banner: str = "",
+                 options: str = "") -> None:
         self.root = tmp / f"ftp-{host}"
         self.pub = self.root / "pub"
         empty = tmp / f"ftp-{host}-empty"
@@ -143,7 +151,11 @@ class Vsftpd:
         os.chmod(self.root, 0o555)  # vsftpd refuses an anonymous root the ftp user can write
         os.chmod(self.pub, 0o777)
         conf = tmp / f"vsftpd-{host}.conf"
-        conf.write_text(VSFTPD.format(root=self.root, empty=empty) + (f"listen_address={listen_address}\n" if listen_address else ""))
+        extra = (f"listen_address={listen_address}\n" if listen_address else "") + options
+        if banner:  # a multi-line greeting (vsftpd's banner_file), e.g. one that names private addresses
+            (tmp / f"banner-{host}.txt").write_text(banner)
+            extra += f"banner_file={tmp / f'banner-{host}.txt'}\n"
+        conf.write_text(VSFTPD.format(root=self.root, empty=empty) + extra)
         self.log = open(tmp / f"vsftpd-{host}.log", "w")
         self.proc = lab.popen(host, ["vsftpd", str(conf)], stdout=self.log, stderr=subprocess.STDOUT)
         lab.wait_listening(host, 21)
@@ -162,8 +174,11 @@ class Vsftpd:
 class FtpRunning(Running):
     """`nfgate run` with the ftp gateway in the lab router; its log and control socket."""
 
-    def __init__(self, lab: Any, tmp: Path, data_channel: str = "allow", queues: str = "[0]") -> None:
-        super().__init__(lab, tmp, config=CONFIG.replace("queues = [0]", f"queues = {queues}"), data_channel=data_channel)
+    def __init__(self, lab: Any, tmp: Path, data_channel: str = "allow", queues: str = "[0]", workers: int = 1,
+                 settings: str = "") -> None:
+        config = CONFIG.replace("queues = [0]", f"queues = {queues}") + settings
+        config = config.replace('kind = "ftp"\n', f'kind = "ftp"\nworkers = {workers}\n')
+        super().__init__(lab, tmp, config=config, data_channel=data_channel)
 
     def processor_rules(self) -> int:
         """Dynamic rules every processor instance holds."""

@@ -13,6 +13,7 @@ from gateways.ftp.commands import allowed_commands
 from gateways.ftp.core import (
     Close,
     DataChannel,
+    DataMode,
     Direction,
     Event,
     FtpControl,
@@ -265,7 +266,7 @@ def test_whole_client_stream_pipelined_matches_lock_step() -> None:
         (b"PORT 203,0,113,10,256,1", 501, "refused.malformed"),
         (b"PORT 203,0,113,10,195", 501, "refused.malformed"),
         (b"PORT 203,0,113,10,195,80,1", 501, "refused.malformed"),
-        (b"EPRT |2|::1|50000|", 522, "refused.malformed"),  # family mismatch: the session is IPv4
+        (b"EPRT |2|::1|50000|", 522, "refused.family"),  # family mismatch: the session is IPv4
         (b"EPRT |1|203.0.113.10|50000", 501, "refused.malformed"),
         (b"EPSV 2", 522, "refused.family"),
         (b"PORT", 501, "refused.syntax"),
@@ -311,8 +312,9 @@ def test_227_and_229_are_acted_on_only_for_their_own_command() -> None:
     d.server(b"229 Entering Extended Passive Mode (|||50000|)\r\n")  # answering PASV with a 229
     assert d.t.rules == []
     assert b"192,168" not in d.t.to_client
-    assert d.t.client_lines() == [b"227 Reply not expected here; dropped by the firewall."] * 3 + [
-        b"229 Reply not expected here; dropped by the firewall."
+    # Not even the code stays: a client parsing any 227 for an address finds none.
+    assert d.t.client_lines() == [b"451 Reply not expected here; dropped by the firewall."] * 3 + [
+        b"451 Reply not expected here; dropped by the firewall."
     ]
 
 
@@ -468,6 +470,41 @@ def test_active_mode_without_a_known_client_address() -> None:
     assert d.t.to_server == b"PASV\r\n"
 
 
+def test_playbook_data_mode_active_translates_pasv_into_port() -> None:
+    """data_mode = "active": the client's PASV reaches the server as a PORT to the client's address as
+    the server sees it; after the 200 two REDIRECTs, the server's side (replacing earlier rules) then the
+    client's, sharing one pair; then the client gets a 227 (or 229) for S' at the same port."""
+    for parties, verb, reply in (
+        (INBOUND, b"PASV", b"227 Entering Passive Mode (203,0,113,1,195,80).\r\n"),
+        (OUTBOUND, b"EPSV", b"229 Entering Extended Passive Mode (|||50000|)\r\n"),
+    ):
+        c = FtpControl(parties, Policy(data_mode=DataMode.ACTIVE), data_port=lambda: 50000)
+        for side, data in LOGIN:
+            (c.client_data if side == "client" else c.server_data)(data)
+        seen_as = parties.client_seen_as
+        assert no_events(c.client_data(verb + b"\r\n")) == [
+            ToServer(b"PORT %s,195,80\r\n" % str(seen_as).replace(".", ",").encode())]
+        first = no_events(c.server_data(b"200 PORT command successful.\r\n"))
+        assert first == [RequestRule(1, Direction.ACTIVE, ep(parties.server, 0), ep(seen_as, 50000), RuleMode.REDIRECT,
+                                     False, True, 1)]
+        second = no_events(c.rule_answered(1, True))
+        assert second == [RequestRule(2, Direction.PASSIVE, ep(parties.client, 0), ep(parties.client_addressed, 50000),
+                                      RuleMode.REDIRECT, False, False, 1)]
+        assert no_events(c.rule_answered(2, True)) == [ToClient(reply)]
+        assert c.client_data(b"RETR f\r\n") == [ToServer(b"RETR f\r\n")]
+    # Without a chooser the port comes from translated_ports.
+    d = logged_in(INBOUND, Policy(data_mode=DataMode.ACTIVE, translated_ports=(40000, 40000)))
+    d.client(b"EPSV\r\n")
+    assert d.t.to_server == b"PORT 203,0,113,10,156,64\r\n"
+    # A refused PORT is the PASV's answer; EPSV ALL and PORT pass as they are.
+    d = logged_in(INBOUND, Policy(data_mode=DataMode.ACTIVE))
+    d.client(b"PASV\r\n")
+    d.server(b"500 Illegal PORT command.\r\n")
+    assert d.t.rules == [] and d.t.client_lines() == [b"500 Illegal PORT command."]
+    d.client(b"PORT 203,0,113,10,195,80\r\n")
+    assert d.t.to_server.endswith(b"PORT 203,0,113,10,195,80\r\n")
+
+
 # ---- limits: at the limit and one past it ---------------------------------------------------------
 
 
@@ -482,6 +519,48 @@ def test_max_bad_commands_at_and_past() -> None:
     d.client(b"FOOO\r\n")
     assert d.t.closes == ["too many bad commands"]
     assert d.t.client_lines()[-1] == b"421 Too many bad commands; closing."
+
+
+def test_commands_refused_by_policy_do_not_count_as_bad() -> None:
+    """SITE (not allowed), EPSV 2 and EPRT |2| (IPv6 on an IPv4 session) are policy: answered, never
+    counted; only unknown or malformed commands are, and the one past max_bad_commands closes."""
+    d = logged_in(INBOUND, Policy(max_bad_commands=2))
+    d.client(b"SITE CHMOD 600 f\r\n" * 5 + b"EPSV 2\r\n" * 3 + b"EPRT |2|::1|50000|\r\n" * 3)
+    assert not d.t.closes and len(d.t.client_lines()) == 11
+    assert d.t.to_server == b""
+    d.client(b"XYZZ\r\nPORT 1,2\r\n")  # unknown, malformed: 2, the limit
+    assert not d.t.closes
+    d.client(b"FOOO\r\n")
+    assert d.t.closes == ["too many bad commands"]
+
+
+def test_private_addresses_are_masked_in_replies_through_a_port_forward() -> None:
+    """mask_private_addresses (default): the lan server's address anywhere in a reply reads as the router's
+    address the client used, other private addresses as 0.0.0.0; a 227 inside a multi-line reply is
+    indented, so no client takes it for a final 227 line."""
+    d = logged_in(INBOUND)
+    d.client(b"STAT\r\n")
+    d.server(b"211-Status of 192.168.1.10\r\n"
+             b"227 Entering Passive Mode (192,168,1,10,195,80).\r\n"
+             b" peer 10.1.2.3, client 203.0.113.10, router 203.0.113.1, version 3.0.3\r\n"
+             b"211 End of status for 192.168.1.10\r\n")
+    assert d.t.client_lines() == [
+        b"211-Status of 203.0.113.1",
+        b" 227 Entering Passive Mode (203,0,113,1,195,80).",
+        b" peer 0.0.0.0, client 203.0.113.10, router 203.0.113.1, version 3.0.3",
+        b"211 End of status for 203.0.113.1",
+    ]
+    assert "reply.masked" in d.t.names() and "reply.indented" in d.t.names()
+    assert d.t.rules == []
+
+
+def test_private_addresses_kept_when_off_or_outbound() -> None:
+    line = b"211 hello 192.168.1.10 and 10.1.2.3\r\n"
+    for parties, policy in ((INBOUND, Policy(mask_private_addresses=False)), (OUTBOUND, Policy())):
+        d = logged_in(parties, policy)
+        d.client(b"STAT\r\n")
+        d.server(line)
+        assert d.t.to_client == line
 
 
 @pytest.mark.parametrize("limit", [64, 100])

@@ -216,6 +216,39 @@ def test_active_mode_upload_through_inspect_with_a_hook(log) -> None:
     assert sum(n for n, toward in seen if toward) == len(payload)  # from the server toward the FTP client
 
 
+def test_data_mode_active_joins_the_client_and_the_server_connection(log) -> None:
+    """data_mode = "active": EPSV reaches the server as PORT to the client's address; two REDIRECTs
+    (the server's side replacing earlier rules, then the client's); the client connects first and
+    waits, the server's connection joins it, and the bytes cross with no leg B."""
+    payload = os.urandom(MB + 3)
+
+    async def main() -> None:
+        async with world(FtpSettings(data_mode="active")) as w:
+            server = MiniFtp(S.address)
+            client, _ = await w.login(server)
+            reply = await client.send(b"EPSV")
+            assert reply.startswith(b"229 Entering Extended Passive Mode (|||"), reply
+            port = int(reply.split(b"|||")[1].split(b"|")[0])
+            assert server.lines[-1] == b"PORT 203,0,113,10,%d,%d" % (port >> 8, port & 255)
+            requests = [(r.src, r.dst, r.mode, r.replaces) for _, r in w.fake.rule_requests]
+            assert requests == [(Endpoint(S.address, 0), Endpoint(C.address, port), RuleMode.REDIRECT, True),
+                                (Endpoint(C.address, 0), Endpoint(W.address, port), RuleMode.REDIRECT, False)]
+
+            async def nobody(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                writer.close()  # leg B: never opened for a joined connection
+
+            cr, _ = await w.data(Endpoint(C.address, 40001), Endpoint(W.address, port), Endpoint(S.address, port), nobody)
+            await wait_until(lambda: w.gw.counters["expectations.ended.used"] == 1, what="the client's side")
+            _, sw = await w.data(Endpoint(S.address, 20), Endpoint(C.address, port), Endpoint(C.address, port), nobody)
+            sw.write(payload)
+            sw.write_eof()
+            assert await asyncio.wait_for(cr.read(), 20) == payload
+
+    run(main())
+    (data,) = events(log, "data")
+    assert data["translated"] is True and data["to_client"] == len(payload) and data["reason"] == "done"
+
+
 @pytest.mark.parametrize("what", ["limit", "hook"])
 def test_inspect_stops_a_transfer(what: str, log) -> None:
     payload = os.urandom(2 * MB)
@@ -334,7 +367,9 @@ def test_bounce_and_garbage_never_reach_the_server() -> None:
             assert await client.reply(b"FEAT") == b"211 End"
             assert server.lines == [b"USER ftp", b"PASS x", b"FEAT"]
             assert w.fake.rule_requests == []
-            for _ in range(2):  # bad commands 4 and 5 of max_bad_commands = 5 are answered
+            # The bounce and the privileged port were bad commands 1 and 2; EPRT |2| and AUTH are
+            # policy, not counted: bad commands 3 to 5 of max_bad_commands = 5 are answered.
+            for _ in range(3):
                 assert (await client.send(b"XYZ")).startswith(b"500 ")
             assert await client.send(b"XYZ") == b"421 Too many bad commands; closing."
             assert await asyncio.wait_for(client.reader.read(), 5) == b""

@@ -29,6 +29,7 @@ from tests.gateways.ftp_netns import (
     EXT,
     EXT2,
     LAN,
+    LAN_BANNER,
     MB,
     WAN,
     FtpRunning,
@@ -64,7 +65,7 @@ def clean(run: FtpRunning) -> None:
 
 def rig(lab: Any, tmp: Path, data_channel: str) -> SimpleNamespace:
     lab.run("ext", ["ip", "address", "add", f"{EXT2}/24", "dev", "eth0"])
-    inbound = Vsftpd(lab, "lan", tmp)
+    inbound = Vsftpd(lab, "lan", tmp, banner=LAN_BANNER)
     outbound = Vsftpd(lab, "ext", tmp, listen_address=EXT)  # EXT2:21 stays free for the fake servers
     up = tmp / "upload.bin"
     r = SimpleNamespace(lab=lab, tmp=tmp, inbound=inbound, outbound=outbound, up=up, run=None)
@@ -233,13 +234,54 @@ def test_bounce_privileged_and_malformed_ports_are_refused(allow: SimpleNamespac
                  "EPRT |1|192.168.1.10|50000|",  # the server itself
                  "PORT 203,0,113,10,0,25",  # a privileged port
                  "PORT 203,0,113,10,300,1",  # a value past 255
-                 "EPRT |2|::1|50000|",  # family mismatch
-                 "PORT 203,0,113,10,195")  # five fields: the 6th bad command, one past max_bad_commands
+                 "EPRT |2|::1|50000|",  # family mismatch: policy (the session is IPv4), not counted
+                 "PORT 203,0,113,10,195",  # five fields: the 5th bad command
+                 "PORT x")  # the 6th, one past max_bad_commands
     codes = [reply[:3] for reply in got["replies"]]
-    assert codes == ["501", "501", "501", "501", "522", "421"], got
+    assert codes == ["501", "501", "501", "501", "522", "501", "421"], got
     assert requests(run) == before
     assert "refused.bounce" in run.text() and "refused.privileged_port" in run.text()
     clean(run)
+
+
+def test_private_addresses_never_reach_the_wan_client(allow: SimpleNamespace) -> None:
+    """Item 1 of issue 16: vsftpd's multi-line greeting names the lan server, a lan neighbour and carries
+    a 227 with the server's address; the wan client reads the router's address, 0.0.0.0, and an
+    indented 227 that no client takes for a reply; nothing private, in the greeting, STAT or PASV."""
+    got = attack(allow.lab, "ext", "greeting", WAN)
+    text = "\n".join(got["greeting"] + got["stat"] + [got["pasv"]])
+    for private in ("192.168.1.10", "192,168,1,10", "10.20.30.40"):
+        assert private not in text, got
+    assert "10.20.30.40" in LAN_BANNER
+    assert got["greeting"][:2] == ["220-Welcome to 203.0.113.1 (lan; printer at 0.0.0.0)",
+                                   "220-227 Entering Passive Mode (203,0,113,1,195,80)."], got
+    assert got["pasv"].startswith("227 Entering Passive Mode (203,0,113,1,"), got
+    clean(allow.run)
+
+
+def test_a_second_pasv_withdraws_the_first_ones_rule(allow: SimpleNamespace) -> None:
+    """Item 2: after a second PASV only its port is open; the first one's rule is gone from the
+    processor and the kernel (RULE_END SUPERSEDED), so its SYN is dropped by the router, where
+    before it reached vsftpd (which had closed that port: a reset)."""
+    run = allow.run
+    digest = make_file(allow.inbound.pub / "small.bin", SMALL)
+    before = run.ask("status")["processors"]["processor-0"]["counters"].get("rules.ended.superseded", 0)
+    got = attack(allow.lab, "ext", "two-pasv", WAN, EXT)
+    assert got["first"].startswith("227 ") and got["second"].startswith("227 ") and got["first"] != got["second"], got
+    assert got["old_port"] == "dropped", got
+    assert got["new_port"] == "connected" and got["sha256"] == digest and got["done"].startswith("226"), got
+    counters = run.ask("status")["processors"]["processor-0"]["counters"]
+    assert counters.get("rules.ended.superseded", 0) == before + 1, counters
+    clean(run)
+
+
+def test_commands_refused_by_policy_are_not_bad_commands(allow: SimpleNamespace) -> None:
+    """Item 4: seven SITE commands (refused: not in the allow-list) leave the session open; six
+    unknown verbs close it at the one past max_bad_commands (5)."""
+    got = attack(allow.lab, "ext", "replies", WAN, *(["SITE CHMOD 600 pub/x"] * 7), "NOOP", *(["XYZZ"] * 6))
+    codes = [reply[:3] for reply in got["replies"]]
+    assert codes == ["502"] * 7 + ["200"] + ["500"] * 5 + ["421"], got
+    clean(allow.run)
 
 
 def test_a_port_line_split_across_segments_still_works(allow: SimpleNamespace) -> None:
@@ -283,6 +325,23 @@ def test_227_with_a_foreign_address_is_not_acted_on(allow: SimpleNamespace) -> N
         assert got["after"].startswith("200"), got  # the session goes on
         assert requests(run) == before
         assert "refused.foreign_227" in run.text()
+    finally:
+        proc.kill()
+        proc.wait()
+    clean(run)
+
+
+def test_a_227_that_answers_another_command_loses_its_code(allow: SimpleNamespace) -> None:
+    """Item 3: a server that answers NOOP with a 227 (naming a private address): the client reads a
+    451, which no client can take for a PASV answer, and no rule is asked for."""
+    run = allow.run
+    proc = fake_server(allow, "noop-227")
+    try:
+        before = requests(run)
+        got = attack(allow.lab, "lan", "replies", EXT2, "NOOP", "NOOP")
+        assert got["replies"] == ["451 Reply not expected here; dropped by the firewall."] * 2, got
+        assert requests(run) == before
+        assert "refused.unsolicited_reply" in run.text()
     finally:
         proc.kill()
         proc.wait()

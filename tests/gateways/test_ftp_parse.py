@@ -21,6 +21,7 @@ from gateways.ftp.parse import (
     parse_eprt,
     parse_port,
     reply_start,
+    rewrite_addresses,
     split_command,
     strip_telnet,
 )
@@ -240,3 +241,35 @@ def test_port_round_trip(at: Endpoint) -> None:
     if at.port:
         assert parse_eprt(format_eprt(at).encode()) == at
     assert parse_227(format_227(at)) == at
+
+
+# ---- addresses in reply text ---------------------------------------------------------------------
+
+S, W = A("192.168.1.10"), A("203.0.113.1")
+
+
+def to_router(address: ipaddress.IPv4Address) -> ipaddress.IPv4Address | None:
+    return W if address == S else None
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        (b"220 192.168.1.10 ready", b"220 203.0.113.1 ready"),
+        (b"227 Entering Passive Mode (192,168,1,10,195,80).", b"227 Entering Passive Mode (203,0,113,1,195,80)."),
+        (b"211-at 192.168.1.10:21, again 192.168.1.10.", b"211-at 203.0.113.1:21, again 203.0.113.1."),
+        (b"x 1192.168.1.10 192.168.1.100 192.168.1.10.5 2.192.168.1.10", None),  # longer runs: other numbers
+        (b"x 192,168,1,10 192,168,1,10,1 192,168,1,10,1,2,3", None),  # commas only as h1..h4 of six numbers
+        (b"x 192.168.1.256 vsFTPd 3.0.3", None),
+    ],
+)
+def test_rewrite_addresses(line: bytes, expected: bytes | None) -> None:
+    assert rewrite_addresses(line, to_router) == (line if expected is None else expected)
+
+
+@given(st.binary(max_size=200))
+def test_rewrite_addresses_never_raises_and_keeps_what_it_does_not_change(line: bytes) -> None:
+    assert rewrite_addresses(line, lambda a: None) == line
+    masked = rewrite_addresses(line, lambda a: A("0.0.0.0"))
+    assert rewrite_addresses(masked, lambda a: A("0.0.0.0")) == masked  # nothing left to mask
+    assert rewrite_addresses(masked, lambda a: None if a == A("0.0.0.0") else A("1.2.3.4")) == masked
