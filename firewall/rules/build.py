@@ -286,6 +286,7 @@ def _filter(config: Config, rs: Ruleset) -> None:
 
     inp.add([InIface("lo")], [Accept()], "loopback")
     out.add([OutIface("lo")], [Accept()], "loopback")
+    _ipv6_drops(config, rs, inp, fwd)
     if gateways:
         fwd.add(
             [Mark(marks.mask, marks.rewritten)],
@@ -351,6 +352,41 @@ def _filter(config: Config, rs: Ruleset) -> None:
     for chain, key in ((inp, "input"), (fwd, "forward"), (out, "output")):
         if chain.policy == "drop":
             chain.add([], [Drop()], f"policy.{key} = drop")
+
+
+IPV6_COUNTER = "ipv6_drop_g{g}_{i}"
+
+
+def ipv6_counter(g: int, i: int) -> str:
+    """The named counter of selector ``i`` of gateway ``g``'s dropped IPv6."""
+    return IPV6_COUNTER.format(g=g, i=i)
+
+
+def _ipv6_drops(config: Config, rs: Ruleset, inp: Chain, fwd: Chain) -> None:
+    """Drop the IPv6 a selector would bring to its gateway, counted by name.
+
+    The processor's double NAT is NAT44, so no gateway takes IPv6 yet. Left
+    to the filter, a rule that accepts the same traffic for both IP versions
+    would let its IPv6 part skip the gateway (issue 17). So every selector
+    drops the first packet of an IPv6 connection on its ports, first thing
+    in the chain that sees it: forward for a selector to a zone (after
+    routing, so the to-zone is known; the connection's original port, so a
+    port forward does not hide it), input for one to the router. A
+    selector's addresses are IPv4 and say nothing of IPv6 clients: all of
+    the zone pair's IPv6 on those ports is dropped.
+    """
+    for g, gw in enumerate(config.gateways):
+        for i, t in enumerate(gw.traffic):
+            name = ipv6_counter(g, i)
+            comment = f"{t.source} gateway {gw.name} ({gw.kind}): IPv6 dropped, gateways take IPv4 only"
+            rs.counters[name] = comment
+            matches: list = [InZone(t.from_zone)]
+            chain = inp
+            if t.to_zone != ROUTER:
+                matches.append(OutZone(t.to_zone))
+                chain = fwd
+            matches += [CtState(("new",)), Proto(t.proto), Port("dst", t.ports, original=True)]
+            chain.add(matches, [Drop()], comment, Family.V6, counter=name)
 
 
 def _stateful(chain: Chain, config: Config) -> None:

@@ -102,6 +102,9 @@ class AddrBits:
 class Port:
     direction: str  # 'src' or 'dst'
     ranges: tuple[PortRange, ...]
+    # The connection's original port (conntrack's, before any DNAT) rather
+    # than the packet's: what a selector names, seen after a port forward.
+    original: bool = False
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,9 @@ class Rule:
     statements: tuple[Statement, ...]
     comment: str
     family: Family = Family.BOTH
+    # A named counter (``Ruleset.counters``) instead of the rule's own
+    # anonymous one: what ``nfgate status`` reads back by name.
+    counter: str = ""
 
 
 @dataclass
@@ -216,8 +222,8 @@ class Chain:
     policy: str = "accept"  # base chains only
     rules: list[Rule] = field(default_factory=list)
 
-    def add(self, matches, statements, comment: str, family: Family = Family.BOTH) -> None:
-        self.rules.append(Rule(tuple(matches), tuple(statements), comment, family))
+    def add(self, matches, statements, comment: str, family: Family = Family.BOTH, counter: str = "") -> None:
+        self.rules.append(Rule(tuple(matches), tuple(statements), comment, family, counter))
 
 
 @dataclass
@@ -228,6 +234,9 @@ class Ruleset:
     # (marks, processor instances): with gateways, the binding table
     # (firewall.rules.bind) goes with the ruleset, whatever the backend.
     bind: tuple[Marks, int] | None = None
+    # Named counters (name -> what it counts), declared in nft's table; in
+    # iptables the counter is the rules whose comment starts with its name.
+    counters: dict[str, str] = field(default_factory=dict)
 
     def chain(self, name: str) -> Chain:
         for chain in self.chains:

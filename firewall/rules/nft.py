@@ -77,6 +77,8 @@ def render(rs: Ruleset) -> str:
             "\t}",
             "",
         ]
+    for name, comment in rs.counters.items():
+        out += [f"\tcounter {name} {{", f"\t\tcomment {_quote(comment[:127])}", "\t}", ""]
     for chain in rs.chains:
         out += _chain(chain)
         out.append("")
@@ -103,7 +105,7 @@ def _chain(chain: Chain) -> list[str]:
 
 def render_rule(rule: Rule) -> str:
     proto = next((m.name for m in rule.matches if isinstance(m, Proto)), None)
-    implied = any(isinstance(m, (Port, IcmpType)) for m in rule.matches)
+    implied = any(isinstance(m, IcmpType) or isinstance(m, Port) and not m.original for m in rule.matches)
     parts: list[str] = []
     if rule.family is not Family.BOTH and proto not in ("icmp", "icmpv6"):
         parts.append(f"meta nfproto {rule.family.value}")
@@ -111,7 +113,7 @@ def render_rule(rule: Rule) -> str:
         if isinstance(m, Proto) and implied:
             continue  # "tcp dport 25" and "icmp type ..." already say the protocol
         parts.append(_match(m, proto))
-    parts.append("counter")
+    parts.append(f"counter name {_quote(rule.counter)}" if rule.counter else "counter")
     for s in rule.statements:
         parts.append(_statement(s, proto))
     parts.append(f"comment {_quote(rule.comment[:127])}")
@@ -138,6 +140,8 @@ def _match(m, proto: str | None) -> str:
                 f"ip {direction[0]}addr & {ipaddress.IPv4Address(mask)}"
                 f" == {ipaddress.IPv4Address(value)}"
             )
+        case Port(direction, ranges, True):
+            return f"ct original proto-{direction} {_set([str(r) for r in ranges])}"
         case Port(direction, ranges):
             return f"{proto} {direction[0]}port {_set([str(r) for r in ranges])}"
         case CtConfirmed():
