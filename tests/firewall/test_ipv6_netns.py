@@ -1,0 +1,151 @@
+"""IPv6 in the dual lab: no IPv6 packet on a selector's port skips its gateway (issue 17).
+
+ext (203.0.113.10, 2001:db8:2::10) - router - lan (192.168.1.10,
+fd00:1::10). The router relays lan's outbound tcp 9000 and udp 5353
+through a tcp-relay and a udp-relay, and a rule accepts everything from
+lan to wan, for both IP versions: before issue 17 the IPv6 part of that
+rule carried lan's IPv6 to ext:9000 around the relay. A counter in ext's
+own namespace, before anything else there sees a packet, is the server
+side's capture.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from firewall.lab.wait import wait_for
+from tests.firewall.run_harness import Running, Server, probe
+from tests.labconfig import RUN
+
+pytestmark = pytest.mark.netns
+
+EXT6 = "2001:db8:2::10"
+
+CONFIG = """
+[zones.wan]
+interfaces = ["wan0"]
+
+[zones.lan]
+interfaces = ["lan0"]
+
+[policy]
+forward = "drop"
+input = "drop"
+
+[[rule]]
+name = "lan-out"
+from = "lan"
+to = "wan"
+
+[nat]
+masquerade = ["wan"]
+
+[processor]
+queues = [0]
+""" + RUN + """
+[[gateway]]
+name = "relay"
+kind = "tcp-relay"
+
+[[gateway.traffic]]
+from = "lan"
+to = "wan"
+proto = "tcp"
+ports = 9000
+
+[[gateway]]
+name = "dns"
+kind = "udp-relay"
+
+[[gateway.traffic]]
+from = "lan"
+to = "wan"
+proto = "udp"
+ports = 5353
+"""
+
+# ext counts every IPv6 packet that reaches it for the gated ports, and for
+# 9001, a port no selector names (the control: the capture sees IPv6).
+CAPTURE = """
+table inet seen {
+\tcounter gated { }
+\tcounter control { }
+\tchain pre {
+\t\ttype filter hook prerouting priority raw - 10; policy accept;
+\t\tmeta nfproto ipv6 tcp dport 9000 counter name "gated"
+\t\tmeta nfproto ipv6 udp dport 5353 counter name "gated"
+\t\tmeta nfproto ipv6 tcp dport 9001 counter name "control"
+\t}
+}
+"""
+
+# A bare ACK in the middle of nowhere, over IPv6: conntrack picks it up as a
+# new connection (nf_conntrack_tcp_loose), the way a mid-stream packet would.
+LONE_ACK = r"""
+import socket, struct, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_TCP)
+s.setsockopt(socket.IPPROTO_IPV6, 7, 16)  # IPV6_CHECKSUM: the kernel fills in TCP's at offset 16
+tcp = struct.pack("!HHIIBBHHH", 40000, int(sys.argv[2]), 1000, 2000, 5 << 4, 0x10, 65535, 0, 0)
+for _ in range(3):
+    s.sendto(tcp, (sys.argv[1], 0))
+"""
+
+
+def seen(lab, name: str) -> int:
+    out = json.loads(lab.run("ext", ["nft", "-j", "list", "counter", "inet", "seen", name]).stdout)
+    return next(item["counter"]["packets"] for item in out["nftables"] if "counter" in item)
+
+
+def no_tentative_addresses(lab) -> None:
+    """DAD is off in the lab; a tentative address would still say otherwise."""
+    for host in lab.topology.host_names:
+        wait_for(lambda: not lab.run(host, ["ip", "-6", "addr", "show", "tentative"]).stdout.strip(),
+                 timeout=5, interval=0.05, what=f"{host}'s IPv6 addresses to leave DAD")
+
+
+def test_no_ipv6_on_a_selectors_port_skips_the_gateway(lab_factory, tmp_path: Path) -> None:
+    lab = lab_factory("dual")
+    no_tentative_addresses(lab)
+    lab.run("ext", ["nft", "-f", "-"], input=CAPTURE)
+    outside = Server(lab, "ext", 9000, addr="::")
+    Server(lab, "ext", 5353, "udp", addr="::")
+    run = Running(lab, tmp_path, config=CONFIG)
+
+    # IPv4 goes through the relay, as before.
+    assert probe(lab, "lan", "203.0.113.10", 9000)
+    assert outside.next_peer() == "203.0.113.1"
+    assert wait_for(lambda: re.search(r"relay open .*client=192\.168\.1\.10:\d+ original_dst=203\.0\.113\.10:9000",
+                                      run.text()), timeout=5, what="the relay's log line")
+    assert probe(lab, "lan", "203.0.113.10", 5353, "udp")
+    queued = run.ask("status")["processors"]["processor-0"]["counters"]["queued"]
+
+    # IPv6 on the same ports: dropped on the router, none of it reaches ext.
+    assert not probe(lab, "lan", EXT6, 9000, timeout=1.0)
+    assert not probe(lab, "lan", EXT6, 5353, "udp", timeout=1.0)
+    lab.run("lan", [sys.executable, "-c", LONE_ACK, EXT6, "9000"])
+    # The control: IPv6 to a port no selector names does reach ext (ext has
+    # no route back to the ULA, so it only counts the SYN).
+    assert not probe(lab, "lan", EXT6, 9001, timeout=1.0)
+    assert wait_for(lambda: seen(lab, "control") > 0, timeout=5, what="lan's IPv6 to ext:9001 to arrive")
+    assert seen(lab, "gated") == 0
+
+    # Counted by name, in the kernel, and shown by nfgate status.
+    status = lab.run("router", [sys.executable, "-m", "firewall.cli", "status", "-c", str(run.path), "--json"])
+    dropped = json.loads(status.stdout)["ipv6_dropped"]
+    assert dropped["ipv6_drop_g0_0"]["packets"] >= 2, dropped  # the SYN (and its retry), the lone ACKs
+    assert dropped["ipv6_drop_g1_0"]["packets"] >= 1, dropped
+    assert "gateway relay (tcp-relay)" in dropped["ipv6_drop_g0_0"]["what"]
+    text = lab.run("router", [sys.executable, "-m", "firewall.cli", "status", "-c", str(run.path)]).stdout
+    assert re.search(r"ipv6_drop_g0_0 = [1-9]\d* packets", text), text
+    # Never queued: the processor saw none of it.
+    assert run.ask("status")["processors"]["processor-0"]["counters"]["queued"] == queued
+
+    # Stopped (fail closed), the static rules keep dropping it.
+    assert run.stop() == 0
+    assert not probe(lab, "lan", EXT6, 9000, timeout=1.0)
+    assert seen(lab, "gated") == 0
