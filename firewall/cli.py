@@ -107,8 +107,9 @@ def check(config_path: str, as_json: bool, strict: bool) -> None:
         "zones": {z.name: list(z.interfaces) for z in config.zones.values()},
         "policy": {"input": config.policy.input, "forward": config.policy.forward, "output": config.policy.output},
         "rules": len(config.rules),
-        "port_forwards": len(config.nat.forwards),
+        "port_forwards": len(config.nat.forward),
         "masquerade": list(config.nat.masquerade),
+        "masquerade6": list(config.nat.masquerade6),
         "queues": list(config.processor.queues),
         "fail_mode": config.processor.fail_mode,
         "gateways": [
@@ -133,6 +134,7 @@ def check(config_path: str, as_json: bool, strict: bool) -> None:
     click.echo(
         f"  {summary['rules']} rules, {summary['port_forwards']} port forwards, "
         f"masquerade on {', '.join(summary['masquerade']) or 'none'}"
+        + (f", IPv6 masquerade (NAT66) on {', '.join(summary['masquerade6'])}" if summary["masquerade6"] else "")
     )
     for g in summary["gateways"]:
         click.echo(f"  gateway {g['name']} ({g['kind']}), port {g['listen_port']}, {g['selectors']} selectors")

@@ -116,6 +116,11 @@ def _ipv6(config: Config, name: str, t: Traffic, counter: str) -> list[Hazard]:
     what = f"IPv6 {t.proto} {', '.join(map(str, t.ports))} from {t.from_zone} to {t.to_zone}"
     dropped = (f"gateways take IPv4 only, so nfgate drops {what} (counted as {counter}, shown by `nfgate status`) "
                f"rather than let it skip gateway {name}")
+    if t.to_zone != ROUTER:
+        for f in config.nat.forwards6:
+            if f.from_zone == t.from_zone and f.proto == t.proto and any(f.ports.overlaps(p) for p in t.ports):
+                return [Hazard(f.source, f"forwards IPv6 {f.proto} {f.ports} to {f.to_addr}, but {dropped} for "
+                               f"connections into {t.to_zone} ({t.source}): the forward only works into another zone")]
     for rule in config.rules:
         if not _matches(rule, t):
             continue

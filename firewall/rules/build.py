@@ -240,34 +240,43 @@ def _selector(t: Traffic) -> list:
 # ---- nat ---------------------------------------------------------------------------
 
 
+def _version(version: int) -> Family:
+    return Family.V4 if version == 4 else Family.V6
+
+
 def _nat(config: Config, rs: Ruleset) -> None:
-    if config.nat.forwards:
+    if config.nat.forward:
         dst = Chain("dstnat", Kind.NAT, Hook.PREROUTING)
         rs.chains.append(dst)
-        for f in config.nat.forwards:
+        for f in config.nat.forward:
             matches: list = [InZone(f.from_zone), DstLocal(), Proto(f.proto)]
             if f.saddr:
                 matches.append(Addr("src", f.saddr))
             matches.append(Port("dst", (f.ports,)))
             target = None if f.to_port is None else PortRange(f.to_port, f.to_port)
-            dst.add(matches, [Dnat(f.to_addr, target)], f"{f.source} forward {f.name}", Family.V4)
-    if config.nat.masquerade:
+            dst.add(matches, [Dnat(f.to_addr, target)], f"{f.source} forward {f.name}", _version(f.version))
+    if config.nat.masquerade or config.nat.masquerade6:
         src = Chain("srcnat", Kind.NAT, Hook.POSTROUTING)
         rs.chains.append(src)
-        snat = config.processor.pools.snat_ports
-        for zone in config.nat.masquerade:
-            tag = f"nat.masquerade {zone}"
-            if config.gateways:
-                # Keep the kernel's masquerade ports clear of the processor's SNAT pool.
-                below = PortRange(1024, snat.first - 1)
-                for proto in ("tcp", "udp"):
-                    src.add(
-                        [OutZone(zone), Proto(proto)],
-                        [Masquerade(below)],
-                        f"{tag}: {proto} below processor.pools.snat_ports",
-                        Family.V4,
-                    )
-            src.add([OutZone(zone)], [Masquerade()], tag, Family.V4)
+    snat = config.processor.pools.snat_ports
+    for zone in config.nat.masquerade:
+        tag = f"nat.masquerade {zone}"
+        if config.gateways:
+            # Keep the kernel's masquerade ports clear of the processor's SNAT pool.
+            below = PortRange(1024, snat.first - 1)
+            for proto in ("tcp", "udp"):
+                src.add(
+                    [OutZone(zone), Proto(proto)],
+                    [Masquerade(below)],
+                    f"{tag}: {proto} below processor.pools.snat_ports",
+                    Family.V4,
+                )
+        src.add([OutZone(zone)], [Masquerade()], tag, Family.V4)
+    # NAT66 only where the operator asks: IPv6 is routed untranslated
+    # otherwise. No gateway takes IPv6, so the processor's SNAT pool needs
+    # no room here.
+    for zone in config.nat.masquerade6:
+        src.add([OutZone(zone)], [Masquerade()], f"nat.masquerade6 {zone}", Family.V6)
 
 
 # ---- filter ------------------------------------------------------------------------
@@ -329,12 +338,12 @@ def _filter(config: Config, rs: Ruleset) -> None:
         )
         out.add([OutIface(link.router_if), Proto("udp")], [Accept()], "signalling to the gateways", Family.V4)
 
-    for f in config.nat.forwards:
+    for f in config.nat.forward:
         matches: list = [InZone(f.from_zone), CtDnat(), Addr("dst", (ipaddress.ip_network(f.to_addr),)), Proto(f.proto)]
         if f.saddr:
             matches.append(Addr("src", f.saddr))
         matches.append(Port("dst", (f.target_ports,)))
-        fwd.add(matches, [Accept()], f"{f.source} forward {f.name}", Family.V4)
+        fwd.add(matches, [Accept()], f"{f.source} forward {f.name}", _version(f.version))
 
     if gateways and config.processor.fail_mode == "open":
         # With the processor gone, the queue rules' bypass hands these packets

@@ -224,7 +224,7 @@ def _targets(rule: Rule, proto: str | None, version: int) -> list[str]:
             case Masquerade(ports):
                 out.append("MASQUERADE" + (f" --to-ports {ports.first}-{ports.last}" if ports else ""))
             case Dnat(addr, ports):
-                to = str(addr)
+                to = f"[{addr}]" if addr.version == 6 and ports else str(addr)
                 if ports:
                     to += f":{ports.first}" if ports.first == ports.last else f":{ports.first}-{ports.last}"
                 out.append(f"DNAT --to-destination {to}")

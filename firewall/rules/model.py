@@ -189,7 +189,7 @@ class Masquerade:
 
 @dataclass(frozen=True)
 class Dnat:
-    addr: ipaddress.IPv4Address
+    addr: ipaddress.IPv4Address | ipaddress.IPv6Address
     ports: PortRange | None = None
 
 

@@ -175,6 +175,8 @@ def _statement(s, proto: str | None) -> str:
             return "return"
         case Masquerade(ports):
             return "masquerade" if ports is None else f"masquerade to :{ports}"
+        case Dnat(addr, ports) if addr.version == 6:
+            return f"dnat ip6 to [{addr}]:{ports}" if ports else f"dnat ip6 to {addr}"
         case Dnat(addr, ports):
             return f"dnat ip to {addr}" + (f":{ports}" if ports else "")
         case Queue(num, bypass):

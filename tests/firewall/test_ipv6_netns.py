@@ -12,7 +12,9 @@ side's capture.
 from __future__ import annotations
 
 import json
+from ipaddress import ip_address
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -149,3 +151,80 @@ def test_no_ipv6_on_a_selectors_port_skips_the_gateway(lab_factory, tmp_path: Pa
     assert run.stop() == 0
     assert not probe(lab, "lan", EXT6, 9000, timeout=1.0)
     assert seen(lab, "gated") == 0
+
+
+NAT66 = """
+[zones.wan]
+interfaces = ["wan0"]
+
+[zones.lan]
+interfaces = ["lan0"]
+
+[policy]
+forward = "drop"
+input = "drop"
+
+[[rule]]
+name = "lan-out6"
+from = "lan"
+to = "wan"
+proto = "tcp"
+ports = 9000
+daddr = ["2001:db8:2::/64"]
+
+[[rule]]
+name = "ssh"
+from = "lan"
+to = "router"
+proto = "tcp"
+ports = 22
+
+[nat]
+masquerade6 = ["wan"]
+
+[[nat.forward]]
+name = "web6"
+from = "wan"
+proto = "tcp"
+port = 8080
+to = "[fd00:1::10]:80"
+
+[[nat.forward]]
+name = "web"
+from = "wan"
+proto = "tcp"
+port = 8080
+to = "192.168.1.10:80"
+"""
+
+
+@pytest.mark.parametrize("backend", ["nft", "iptables"])
+def test_dual_stack_port_forward_masquerade6_and_rules(lab_factory, tmp_path: Path, backend: str) -> None:
+    """DNAT66 to a lan host (the server sees the real client), NAT66 out of wan
+    (ext, with no route to the ULA, sees the router), an IPv6-only rule."""
+    lab = lab_factory("dual")
+    no_tentative_addresses(lab)
+    path = tmp_path / "nfgate.toml"
+    path.write_text(NAT66)
+    applied = lab.run("router", [sys.executable, "-m", "firewall.cli", "apply", "-c", str(path), "--backend", backend],
+                      check=False)
+    assert applied.returncode == 0, applied.stderr
+    web = lab.popen("lan", [sys.executable, "-m", "http.server", "80", "--bind", "::"], cwd=tmp_path,
+                    stderr=subprocess.PIPE, text=True)
+    lab.wait_listening("lan", 80)
+    echo = lab.popen("ext", ["socat", "TCP6-LISTEN:9000,reuseaddr,fork", "SYSTEM:echo $SOCAT_PEERADDR"])
+    lab.wait_listening("ext", 9000)
+
+    # One port, both versions: each forward DNATs its own.
+    for url in ("http://[2001:db8:2::1]:8080/", "http://203.0.113.1:8080/"):
+        got = lab.run("ext", ["curl", "-sS", "-g", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", url])
+        assert got.stdout == "200", got
+    seen = [wait_for(web.stderr.readline, timeout=5, what="the web server's log").split()[0] for _ in range(2)]
+    assert seen == ["2001:db8:2::10", "::ffff:203.0.113.10"], seen
+
+    # NAT66 out of wan: ext answers the router's address (it has no route to fd00:1::/64).
+    out = lab.run("lan", ["socat", "-T", "5", "-", "TCP6:[2001:db8:2::10]:9000"], input="")
+    assert ip_address(out.stdout.strip().strip("[]")) == ip_address("2001:db8:2::1"), out
+    # The rule is IPv6-only: IPv4 to the same port meets the forward policy.
+    assert not probe(lab, "lan", "203.0.113.10", 9000, timeout=1.0)
+    assert echo.poll() is None and web.poll() is None
