@@ -232,10 +232,44 @@ def _sources(where: str, nested: str | None = None) -> Any:
 Forwards = Annotated[Tables(PortForward, "nat.forward"), _sources("nat.forward")]
 
 
+def _ipv6_prefix(net: IPNetwork) -> ipaddress.IPv6Network:
+    if net.version != 6:
+        fail(f"{net} is not an IPv6 prefix: NPTv6 translates IPv6 prefixes")
+    return net
+
+
+Prefix6 = Annotated[Network, AfterValidator(_ipv6_prefix)]
+
+
+class Npt6(Frozen):
+    """One prefix translation (NPTv6) on a zone's border: ``inside`` leaves
+    through ``zone`` as ``outside``, and ``outside`` arriving in ``zone`` goes
+    to ``inside``; the host bits are kept."""
+
+    source: Source = ""
+    name: ForwardName = Field("", description="a name for the rules' comments")
+    zone: Zones = Field(description="the zone the outside prefix faces (usually wan)")
+    inside: Prefix6 = Field(description="the prefix the hosts have, e.g. a ULA fd00:1::/64")
+    outside: Prefix6 = Field(description="the prefix they have outside, routed to the router, of the same length")
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> "Npt6":
+        if self.inside.prefixlen != self.outside.prefixlen:
+            report(info, f"{self.source}.outside", f"/{self.outside.prefixlen} differs from inside's "
+                   f"/{self.inside.prefixlen}: a prefix translation maps one prefix onto another of its length")
+        elif self.inside.overlaps(self.outside):
+            report(info, f"{self.source}.outside", f"overlaps inside {self.inside}")
+        return self
+
+
+Npts = Annotated[Tables(Npt6, "nat.npt6"), _sources("nat.npt6")]
+
+
 class Nat(Frozen):
     masquerade: ListOf(Zones) = Field((), description="zones whose outgoing IPv4 traffic takes the router's address")
     masquerade6: ListOf(Zones) = Field((), description="zones whose outgoing IPv6 traffic takes the router's address (NAT66)")
     forward: Forwards = Field((), description="port forwards ([[nat.forward]]), IPv4 and IPv6")
+    npt6: Npts = Field((), description="IPv6 prefix translations ([[nat.npt6]])")
 
     @property
     def forwards(self) -> tuple[PortForward, ...]:

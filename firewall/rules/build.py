@@ -55,6 +55,7 @@ from firewall.rules.model import (
     Kind,
     Mark,
     Masquerade,
+    Netmap,
     OutIface,
     OutZone,
     Port,
@@ -245,7 +246,7 @@ def _version(version: int) -> Family:
 
 
 def _nat(config: Config, rs: Ruleset) -> None:
-    if config.nat.forward:
+    if config.nat.forward or config.nat.npt6:
         dst = Chain("dstnat", Kind.NAT, Hook.PREROUTING)
         rs.chains.append(dst)
         for f in config.nat.forward:
@@ -255,7 +256,11 @@ def _nat(config: Config, rs: Ruleset) -> None:
             matches.append(Port("dst", (f.ports,)))
             target = None if f.to_port is None else PortRange(f.to_port, f.to_port)
             dst.add(matches, [Dnat(f.to_addr, target)], f"{f.source} forward {f.name}", _version(f.version))
-    if config.nat.masquerade or config.nat.masquerade6:
+    # NPTv6 inbound: a port forward of the same address came first.
+    for n in config.nat.npt6:
+        dst.add([InZone(n.zone), Addr("dst", (n.outside,))], [Netmap("dst", n.outside, n.inside)],
+                f"{n.source} npt6 {n.name}".strip(), Family.V6)
+    if config.nat.masquerade or config.nat.masquerade6 or config.nat.npt6:
         src = Chain("srcnat", Kind.NAT, Hook.POSTROUTING)
         rs.chains.append(src)
     snat = config.processor.pools.snat_ports
@@ -272,6 +277,11 @@ def _nat(config: Config, rs: Ruleset) -> None:
                     Family.V4,
                 )
         src.add([OutZone(zone)], [Masquerade()], tag, Family.V4)
+    # The prefix translation before any masquerade of its zone, which would
+    # take its hosts' connections first.
+    for n in config.nat.npt6:
+        src.add([OutZone(n.zone), Addr("src", (n.inside,))], [Netmap("src", n.inside, n.outside)],
+                f"{n.source} npt6 {n.name}".strip(), Family.V6)
     # NAT66 only where the operator asks: IPv6 is routed untranslated
     # otherwise. No gateway takes IPv6, so the processor's SNAT pool needs
     # no room here.

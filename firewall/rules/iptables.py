@@ -37,6 +37,7 @@ from firewall.rules.model import (
     Kind,
     Mark,
     Masquerade,
+    Netmap,
     Return,
     OutIface,
     OutZone,
@@ -228,6 +229,8 @@ def _targets(rule: Rule, proto: str | None, version: int) -> list[str]:
                 if ports:
                     to += f":{ports.first}" if ports.first == ports.last else f":{ports.first}-{ports.last}"
                 out.append(f"DNAT --to-destination {to}")
+            case Netmap(_, _, to):
+                out.append(f"NETMAP --to {to}")
             case Queue(num, bypass):
                 out.append(f"NFQUEUE --queue-num {num}" + (" --queue-bypass" if bypass else ""))
             case _:

@@ -194,13 +194,24 @@ class Dnat:
 
 
 @dataclass(frozen=True)
+class Netmap:
+    """Prefix translation through conntrack (NPTv6, docs/config.md ``[[nat.npt6]]``):
+    the source (``direction`` 'src', in srcnat) or destination ('dst', in dstnat)
+    address in ``prefix`` gets ``to``'s prefix and keeps its host bits."""
+
+    direction: str
+    prefix: IPNetwork
+    to: IPNetwork
+
+
+@dataclass(frozen=True)
 class Queue:
     num: int
     bypass: bool
 
 
-Statement = Accept | Drop | Reject | Jump | Return | Masquerade | Dnat | Queue
-TERMINAL = (Accept, Drop, Reject, Jump, Return, Masquerade, Dnat, Queue)
+Statement = Accept | Drop | Reject | Jump | Return | Masquerade | Dnat | Netmap | Queue
+TERMINAL = (Accept, Drop, Reject, Jump, Return, Masquerade, Dnat, Netmap, Queue)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from firewall.rules.model import (
     Kind,
     Mark,
     Masquerade,
+    Netmap,
     Return,
     OutIface,
     OutZone,
@@ -179,6 +180,9 @@ def _statement(s, proto: str | None) -> str:
             return f"dnat ip6 to [{addr}]:{ports}" if ports else f"dnat ip6 to {addr}"
         case Dnat(addr, ports):
             return f"dnat ip to {addr}" + (f":{ports}" if ports else "")
+        case Netmap(direction, prefix, to):
+            nat, family = ("snat" if direction == "src" else "dnat"), ("ip" if prefix.version == 4 else "ip6")
+            return f"{nat} {family} prefix to {family} {direction[0]}addr map {{ {prefix} : {to} }}"
         case Queue(num, bypass):
             return f"queue num {num}" + (" bypass" if bypass else "")
     raise TypeError(f"nft renderer: unknown statement {s!r}")

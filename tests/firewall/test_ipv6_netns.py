@@ -228,3 +228,74 @@ def test_dual_stack_port_forward_masquerade6_and_rules(lab_factory, tmp_path: Pa
     # The rule is IPv6-only: IPv4 to the same port meets the forward policy.
     assert not probe(lab, "lan", "203.0.113.10", 9000, timeout=1.0)
     assert echo.poll() is None and web.poll() is None
+
+
+NPT6 = """
+[zones.wan]
+interfaces = ["wan0"]
+
+[zones.lan]
+interfaces = ["lan0"]
+
+[policy]
+forward = "drop"
+input = "drop"
+
+[[rule]]
+name = "lan-out"
+from = "lan"
+to = "wan"
+
+[[rule]]
+name = "web-in"
+from = "wan"
+to = "lan"
+proto = "tcp"
+ports = 80
+daddr = ["fd00:1::10/128"]
+
+[[rule]]
+name = "ssh"
+from = "lan"
+to = "router"
+proto = "tcp"
+ports = 22
+
+[nat]
+masquerade6 = ["wan"]
+
+[[nat.npt6]]
+name = "lan"
+zone = "wan"
+inside = "fd00:1::/64"
+outside = "2001:db8:3::/64"
+"""
+
+
+@pytest.mark.parametrize("backend", ["nft", "iptables"])
+def test_npt6_maps_the_ula_prefix_both_ways(lab_factory, tmp_path: Path, backend: str) -> None:
+    """[[nat.npt6]]: lan's ULA leaves as 2001:db8:3::/64 with its host bits (before the zone's
+    masquerade6), and that prefix, routed to the router, reaches lan; the filter still decides."""
+    lab = lab_factory("dual")
+    no_tentative_addresses(lab)
+    lab.run("ext", ["ip", "-6", "route", "add", "2001:db8:3::/64", "via", "2001:db8:2::1"])
+    path = tmp_path / "nfgate.toml"
+    path.write_text(NPT6)
+    applied = lab.run("router", [sys.executable, "-m", "firewall.cli", "apply", "-c", str(path), "--backend", backend],
+                      check=False)
+    assert applied.returncode == 0, applied.stderr
+    lab.popen("ext", ["socat", "TCP6-LISTEN:9000,reuseaddr,fork", "SYSTEM:echo $SOCAT_PEERADDR"])
+    lab.wait_listening("ext", 9000)
+    web = lab.popen("lan", [sys.executable, "-m", "http.server", "80", "--bind", "::"], cwd=tmp_path,
+                    stderr=subprocess.PIPE, text=True)
+    lab.wait_listening("lan", 80)
+
+    out = lab.run("lan", ["socat", "-T", "5", "-", "TCP6:[2001:db8:2::10]:9000"], input="")
+    assert ip_address(out.stdout.strip().strip("[]")) == ip_address("2001:db8:3::10"), out
+    got = lab.run("ext", ["curl", "-sS", "-g", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5",
+                          "http://[2001:db8:3::10]:80/"])
+    assert got.stdout == "200", got
+    assert wait_for(web.stderr.readline, timeout=5, what="the web server's log").split()[0] == "2001:db8:2::10"
+    # Only what a rule accepts comes in: port 81 of the same host does not.
+    refused = lab.run("ext", ["curl", "-sS", "-g", "--max-time", "1", "http://[2001:db8:3::10]:81/"], check=False)
+    assert refused.returncode == 28, refused  # timed out: dropped, not refused by lan

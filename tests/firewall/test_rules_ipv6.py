@@ -3,7 +3,9 @@ what a selector's IPv6 drop means for them."""
 
 from __future__ import annotations
 
-from firewall.config import loads
+import pytest
+
+from firewall.config import ConfigError, loads
 from firewall.hazards import hazards
 from firewall.rules import build, iptables, nft
 from firewall.rules.model import Family
@@ -88,3 +90,44 @@ def test_an_ipv6_forward_on_a_selectors_port_is_named_in_check() -> None:
     assert "counted as ipv6_drop_g0_0" in found[0].message
     # The IPv4 forward on the same port is the gateway's: it still admits the selector.
     assert not [h for h in hazards(config) if "no [[rule]] or port forward accepts" in h.message]
+
+
+NPT6 = """
+[nat]
+masquerade6 = ["wan"]
+
+[[nat.npt6]]
+name = "lan"
+zone = "wan"
+inside = "fd00:1::/64"
+outside = "2001:db8:3::/64"
+"""
+
+
+def test_npt6_maps_both_ways_before_the_zones_masquerade6() -> None:
+    rs = build(loads(BASE + NPT6))
+    (inbound,) = rs.chain("dstnat").rules
+    assert inbound.family is Family.V6 and inbound.comment == "nat.npt6[0] npt6 lan"
+    assert [r.comment for r in rs.chain("srcnat").rules] == ["nat.npt6[0] npt6 lan", "nat.masquerade6 wan"]
+    text = nft.render(rs)
+    assert ("meta nfproto ipv6 oifname @zone_wan ip6 saddr fd00:1::/64 counter snat ip6 prefix to ip6 saddr "
+            "map { fd00:1::/64 : 2001:db8:3::/64 }") in text
+    assert ("meta nfproto ipv6 iifname @zone_wan ip6 daddr 2001:db8:3::/64 counter dnat ip6 prefix to ip6 daddr "
+            "map { 2001:db8:3::/64 : fd00:1::/64 }") in text
+    v6 = iptables.render(rs, 6)
+    assert '-A NFGATE-SRCNAT -o wan0 -s fd00:1::/64 -m comment --comment "nat.npt6[0] npt6 lan" -j NETMAP --to 2001:db8:3::/64' in v6
+    assert '-A NFGATE-DSTNAT -i wan0 -d 2001:db8:3::/64 -m comment --comment "nat.npt6[0] npt6 lan" -j NETMAP --to fd00:1::/64' in v6
+    assert "NETMAP" not in iptables.render(rs, 4)
+
+
+@pytest.mark.parametrize("change, path, reason", [
+    (("2001:db8:3::/64", "2001:db8:3::/56"), "nat.npt6[0].outside", "/56 differs from inside's /64"),
+    (("2001:db8:3::/64", "fd00:1::/64"), "nat.npt6[0].outside", "overlaps inside fd00:1::/64"),
+    (("fd00:1::/64", "10.0.0.0/24"), "nat.npt6[0].inside", "10.0.0.0/24 is not an IPv6 prefix"),
+    (('zone = "wan"', 'zone = "dmz"'), "nat.npt6[0].zone", "zone 'dmz' does not exist"),
+])
+def test_npt6_errors(change: tuple[str, str], path: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        loads(BASE + NPT6.replace(*change))
+    (problem,) = info.value.problems
+    assert problem.path == path and reason in problem.reason, problem
