@@ -299,3 +299,70 @@ def test_npt6_maps_the_ula_prefix_both_ways(lab_factory, tmp_path: Path, backend
     # Only what a rule accepts comes in: port 81 of the same host does not.
     refused = lab.run("ext", ["curl", "-sS", "-g", "--max-time", "1", "http://[2001:db8:3::10]:81/"], check=False)
     assert refused.returncode == 28, refused  # timed out: dropped, not refused by lan
+
+
+TO_ROUTER = """
+[zones.wan]
+interfaces = ["wan0"]
+
+[zones.lan]
+interfaces = ["lan0"]
+
+[policy]
+forward = "drop"
+input = "drop"
+
+[[rule]]
+name = "ssh"
+from = "lan"
+to = "router"
+proto = "tcp"
+ports = 22
+
+[[rule]]
+name = "tunnel-in"
+from = "wan"
+to = "router"
+proto = "tcp"
+ports = [7443, 7444]
+
+[processor]
+queues = [0]
+""" + RUN + """
+[[gateway]]
+name = "tun"
+kind = "tunnel"
+
+[[gateway.traffic]]
+from = "wan"
+to = "router"
+proto = "tcp"
+ports = 7443
+
+[[gateway.traffic]]
+from = "wan"
+to = "router"
+proto = "udp"
+ports = 7443
+"""
+
+
+def test_ipv6_to_a_terminating_gateways_port_is_dropped_counted(lab_factory, tmp_path: Path) -> None:
+    """A to = "router" selector: IPv6 to the router's own port is dropped in input, by name,
+    even though a [[rule]] accepts that port for both versions; a port no selector names is not."""
+    lab = lab_factory("dual")
+    no_tentative_addresses(lab)
+    path = tmp_path / "nfgate.toml"
+    path.write_text(TO_ROUTER.format(gwns=f"{lab.prefix}-gw", tmp=tmp_path))
+    checked = lab.run("router", [sys.executable, "-m", "firewall.cli", "check", "-c", str(path)])
+    assert "IPv6 on its selectors' ports: dropped, counted as ipv6_drop_g0_0, ipv6_drop_g0_1" in checked.stdout
+    assert "rule[1] accepts this traffic over IPv6 too" in checked.stderr
+    lab.run("router", [sys.executable, "-m", "firewall.cli", "apply", "-c", str(path), "--backend", "iptables"])
+    # Something on the router's own stack listens on both ports, both versions.
+    Server(lab, "router", 7443, addr="::")
+    Server(lab, "router", 7444, addr="::")
+    assert not probe(lab, "ext", "2001:db8:2::1", 7443, timeout=1.0)
+    assert probe(lab, "ext", "2001:db8:2::1", 7444)
+    saved = lab.run("router", ["ip6tables-nft-save", "-c"]).stdout
+    (count,) = re.findall(r"^\[(\d+):\d+\] -A NFGATE-INPUT .*ipv6_drop_g0_0: ", saved, re.M)
+    assert int(count) >= 1, saved
