@@ -392,7 +392,11 @@ def _ipv6_drops(config: Config, rs: Ruleset, inp: Chain, fwd: Chain) -> None:
     routing, so the to-zone is known; the connection's original port, so a
     port forward does not hide it), input for one to the router. A
     selector's addresses are IPv4 and say nothing of IPv6 clients: all of
-    the zone pair's IPv6 on those ports is dropped.
+    the zone pair's IPv6 on those ports is dropped. Where an IPv4 port
+    forward of the selector's zone takes its ports, the same IPv6 to the
+    router's own address (no IPv6 forward there: the input chain's) is
+    dropped under the same counter, so that a client of the forwarded port
+    over IPv6 is counted, not left to time out unexplained.
     """
     for g, gw in enumerate(config.gateways):
         for i, t in enumerate(gw.traffic):
@@ -406,6 +410,10 @@ def _ipv6_drops(config: Config, rs: Ruleset, inp: Chain, fwd: Chain) -> None:
                 chain = fwd
             matches += [CtState(("new",)), Proto(t.proto), Port("dst", t.ports, original=True)]
             chain.add(matches, [Drop()], comment, Family.V6, counter=name)
+            if t.to_zone != ROUTER and any(f.from_zone == t.from_zone and f.proto == t.proto
+                                           and any(f.ports.overlaps(p) for p in t.ports) for f in config.nat.forwards):
+                inp.add([InZone(t.from_zone), DstLocal(), CtState(("new",)), Proto(t.proto), Port("dst", t.ports)],
+                        [Drop()], f"{comment} (to the router's port forward)", Family.V6, counter=name)
 
 
 def _stateful(chain: Chain, config: Config) -> None:

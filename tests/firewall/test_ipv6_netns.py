@@ -344,12 +344,31 @@ from = "wan"
 to = "router"
 proto = "udp"
 ports = 7443
+
+[[nat.forward]]
+name = "web"
+from = "wan"
+proto = "tcp"
+port = 8443
+to = "192.168.1.10:443"
+
+[[gateway]]
+name = "web"
+kind = "tcp-relay"
+
+[[gateway.traffic]]
+from = "wan"
+to = "lan"
+proto = "tcp"
+ports = 8443
 """
 
 
 def test_ipv6_to_a_terminating_gateways_port_is_dropped_counted(lab_factory, tmp_path: Path) -> None:
     """A to = "router" selector: IPv6 to the router's own port is dropped in input, by name,
-    even though a [[rule]] accepts that port for both versions; a port no selector names is not."""
+    even though a [[rule]] accepts that port for both versions; a port no selector names is not.
+    Likewise IPv6 to an IPv4 port forward's port that a selector takes (the issue's
+    "router:8443 silently times out")."""
     lab = lab_factory("dual")
     no_tentative_addresses(lab)
     path = tmp_path / "nfgate.toml"
@@ -365,4 +384,11 @@ def test_ipv6_to_a_terminating_gateways_port_is_dropped_counted(lab_factory, tmp
     assert probe(lab, "ext", "2001:db8:2::1", 7444)
     saved = lab.run("router", ["ip6tables-nft-save", "-c"]).stdout
     (count,) = re.findall(r"^\[(\d+):\d+\] -A NFGATE-INPUT .*ipv6_drop_g0_0: ", saved, re.M)
+    assert int(count) >= 1, saved
+    # The IPv4 port forward's port, over IPv6 to the router: dropped under the selector's counter,
+    # though something listens there.
+    Server(lab, "router", 8443, addr="::")
+    assert not probe(lab, "ext", "2001:db8:2::1", 8443, timeout=1.0)
+    saved = lab.run("router", ["ip6tables-nft-save", "-c"]).stdout
+    (count,) = re.findall(r"^\[(\d+):\d+\] -A NFGATE-INPUT .*ipv6_drop_g1_0: ", saved, re.M)
     assert int(count) >= 1, saved

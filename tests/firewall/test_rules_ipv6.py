@@ -8,7 +8,7 @@ import pytest
 from firewall.config import ConfigError, loads
 from firewall.hazards import hazards
 from firewall.rules import build, iptables, nft
-from firewall.rules.model import Family
+from firewall.rules.model import DstLocal, Family
 
 BASE = """
 [zones.wan]
@@ -131,3 +131,19 @@ def test_npt6_errors(change: tuple[str, str], path: str, reason: str) -> None:
         loads(BASE + NPT6.replace(*change))
     (problem,) = info.value.problems
     assert problem.path == path and reason in problem.reason, problem
+
+
+def test_ipv6_to_the_routers_forwarded_port_is_dropped_under_the_selectors_counter() -> None:
+    """The issue's "IPv6 to router:8443 silently times out": an IPv4 forward takes the selector's
+    port, IPv6 to the router's address on it is the input chain's, and is counted by name."""
+    gateway = ('[[gateway]]\nname = "web"\nkind = "tcp-relay"\n[[gateway.traffic]]\nfrom = "wan"\nto = "lan"\n'
+               'proto = "tcp"\nports = 8080\n')
+    rs = build(loads(BASE + FORWARDS + gateway))
+    named = [(c.name, r) for c in rs.chains for r in c.rules if r.counter == "ipv6_drop_g0_0"]
+    assert [c for c, _ in named] == ["input", "forward"]
+    (_, local), _ = named
+    assert DstLocal() in local.matches and local.family is Family.V6
+    assert 'fib daddr type local ct state new tcp dport 8080 counter name "ipv6_drop_g0_0" drop' in nft.render(rs)
+    # Without a forward on the port, the router's own port is not the selector's business.
+    plain = build(loads(BASE + gateway))
+    assert [c.name for c in plain.chains for r in c.rules if r.counter] == ["forward"]
