@@ -110,13 +110,14 @@ def no_tentative_addresses(lab) -> None:
                  timeout=5, interval=0.05, what=f"{host}'s IPv6 addresses to leave DAD")
 
 
-def test_no_ipv6_on_a_selectors_port_skips_the_gateway(lab_factory, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["iptables", "iptables-legacy"])
+def test_no_ipv6_on_a_selectors_port_skips_the_gateway(lab_factory, tmp_path: Path, backend: str) -> None:
     lab = lab_factory("dual")
     no_tentative_addresses(lab)
     lab.run("ext", ["nft", "-f", "-"], input=CAPTURE)
     outside = Server(lab, "ext", 9000, addr="::")
     Server(lab, "ext", 5353, "udp", addr="::")
-    run = Running(lab, tmp_path, config=CONFIG)
+    run = Running(lab, tmp_path, config=CONFIG, backend=backend)
 
     # IPv4 goes through the relay, as before.
     assert probe(lab, "lan", "203.0.113.10", 9000)
