@@ -26,11 +26,13 @@ Nothing else is touched.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Iterable
 
 from firewall.errors import KernelError, UsageError
 from firewall.rules import bind
@@ -190,6 +192,49 @@ def remove(backend: str) -> list[str]:
             tools.restore(text)
             actions.append(f"{tools.restore_tool}: removed NFGATE chains from {', '.join(n for n, t in state.items() if t.chains)}")
     return actions
+
+
+def named_counters(backend: str, names: Iterable[str]) -> dict[str, tuple[int, int]]:
+    """The kernel's (packets, bytes) of the ruleset's named counters (``Ruleset.counters``).
+
+    nft keeps them as objects of nfgate's table; in iptables a named counter
+    is every rule whose comment starts with its name (a zone of several
+    interfaces is several rules), summed, in the IPv6 tables where they
+    live. A name the kernel does not hold is left out."""
+    wanted = set(names)
+    if backend == "nft":
+        result = _run(["nft", "-j", "list", "counters", "table", "inet", nft.TABLE])
+        if result.returncode != 0:
+            return {}
+        out = {}
+        for item in json.loads(result.stdout).get("nftables", []):
+            c = item.get("counter")
+            if c and c.get("name") in wanted:
+                out[c["name"]] = (int(c["packets"]), int(c["bytes"]))
+        return out
+    if backend not in BACKENDS:
+        return {}
+    tools = _Tools(backend, 6)
+    if not tools.available():
+        return {}
+    result = _run([tools.save_tool, "-c"])
+    if result.returncode != 0:
+        raise KernelError(f"{tools.save_tool} -c failed: {result.stderr.strip()}")
+    return counted(result.stdout, wanted)
+
+
+_COUNTED = re.compile(r'^\[(\d+):(\d+)\] -A NFGATE-\S+ .*--comment "?([A-Za-z0-9_]+): ', re.M)
+
+
+def counted(saved: str, wanted: set[str]) -> dict[str, tuple[int, int]]:
+    """Sum ``*-save -c`` lines by the counter name their comment starts with."""
+    sums: dict[str, tuple[int, int]] = {}
+    for m in _COUNTED.finditer(saved):
+        name = m.group(3)
+        if name in wanted:
+            p, b = sums.get(name, (0, 0))
+            sums[name] = (p + int(m.group(1)), b + int(m.group(2)))
+    return sums
 
 
 # ---- iptables ---------------------------------------------------------------------------

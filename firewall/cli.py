@@ -36,6 +36,7 @@ from firewall.jsondoc import echo_json, json_errors
 from firewall.lab import topology
 from firewall.lab.cli import lab
 from firewall.rules import build, iptables, nft
+from firewall.rules.build import ipv6_counter
 from firewall.supervisor import Supervisor, children_for, query
 from tunnel.cli import tunnel
 
@@ -104,8 +105,10 @@ def check(config_path: str, as_json: bool, strict: bool) -> None:
     """Validate the config and print a summary, with warnings for dangerous configs.
 
     Every problem is reported at once, each with its key path and line.
-    Warnings (a lockout, a selector wider than its rules, IPv6 that would
-    skip a gateway) leave the exit code 0, unless --strict.
+    Warnings (a lockout, a selector wider than its rules, IPv6 a rule
+    accepts but no gateway takes: nfgate drops it, counted) leave the exit
+    code 0, unless --strict. Each gateway's line names the counters of the
+    IPv6 its selectors drop.
 
     \b
     Examples:
@@ -122,14 +125,15 @@ def check(config_path: str, as_json: bool, strict: bool) -> None:
         "zones": {z.name: list(z.interfaces) for z in config.zones.values()},
         "policy": {"input": config.policy.input, "forward": config.policy.forward, "output": config.policy.output},
         "rules": len(config.rules),
-        "port_forwards": len(config.nat.forwards),
+        "port_forwards": len(config.nat.forward),
         "masquerade": list(config.nat.masquerade),
+        "masquerade6": list(config.nat.masquerade6),
         "queues": list(config.processor.queues),
         "fail_mode": config.processor.fail_mode,
         "gateways": [
             {"name": g.name, "kind": g.kind, "listen_port": g.listen_port, "workers": g.workers,
-             "selectors": len(g.traffic)}
-            for g in config.gateways
+             "selectors": len(g.traffic), "ipv6_dropped": [ipv6_counter(k, i) for i in range(len(g.traffic))]}
+            for k, g in enumerate(config.gateways)
         ],
         "chains": len(rs.chains),
         "kernel_rules": sum(len(c.rules) for c in rs.chains),
@@ -148,11 +152,14 @@ def check(config_path: str, as_json: bool, strict: bool) -> None:
     click.echo(
         f"  {summary['rules']} rules, {summary['port_forwards']} port forwards, "
         f"masquerade on {', '.join(summary['masquerade']) or 'none'}"
+        + (f", IPv6 masquerade (NAT66) on {', '.join(summary['masquerade6'])}" if summary["masquerade6"] else "")
     )
     for g in summary["gateways"]:
         ports = (f"port {g['listen_port']}" if g["workers"] == 1
                  else f"{g['workers']} workers, ports {g['listen_port']}-{g['listen_port'] + g['workers'] - 1}")
         click.echo(f"  gateway {g['name']} ({g['kind']}), {ports}, {g['selectors']} selectors")
+        click.echo(f"    IPv6 on its selectors' ports: dropped, counted as {', '.join(g['ipv6_dropped'])} "
+                   "(gateways take IPv4 only)")
     if config.gateways:
         click.echo(f"  processor: queues {summary['queues']}, fail {summary['fail_mode']}")
     click.echo(f"  renders to {summary['kernel_rules']} rules in {summary['chains']} chains")
@@ -371,7 +378,8 @@ def reload(config_path: str) -> None:
 def status(config_path: str, as_json: bool) -> None:
     """Show the running firewall: processes, flows, pools, counters.
 
-    Reads the supervisor's root-only control socket (supervisor.control_socket).
+    Reads the supervisor's root-only control socket (supervisor.control_socket),
+    and the kernel's counters of the IPv6 each selector drops (ipv6_dropped).
 
     \b
     Examples:
@@ -379,7 +387,13 @@ def status(config_path: str, as_json: bool) -> None:
       sudo nfgate status --json | jq .processors
     """
     require_root("status")
-    data = query(load(config_path), "status")
+    config = load(config_path)
+    data = query(config, "status")
+    # The kernel's own counters of what the ruleset drops by name (the IPv6
+    # a gateway cannot take): read here, from the rules nfgate run applied.
+    named = build(config).counters
+    counts = be.named_counters(data.get("backend", ""), named) if named else {}
+    data["ipv6_dropped"] = {name: {"packets": p, "bytes": b, "what": named[name]} for name, (p, b) in counts.items()}
     if as_json:
         echo_json(data)
         return
@@ -392,6 +406,10 @@ def status(config_path: str, as_json: bool) -> None:
         click.echo(f"{name}:")
         for key, value in _flatten(stats):
             click.echo(f"  {key} = {value}")
+    if data["ipv6_dropped"]:
+        click.echo("ipv6_dropped (gateways take IPv4 only):")
+        for name, c in data["ipv6_dropped"].items():
+            click.echo(f"  {name} = {c['packets']} packets, {c['bytes']} bytes: {c['what']}")
 
 
 def _flatten(obj, prefix: str = ""):

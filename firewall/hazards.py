@@ -11,9 +11,11 @@ and ``apply`` print them and go on.
   gateway (rules.build, ``admit_*`` chains); a selector whose traffic no
   rule or port forward accepts in full brings the gateway only part of it,
   or nothing.
-- IPv6 that skips a gateway: selectors and the processor's double NAT are
-  IPv4; a rule that accepts the same traffic for both IP versions lets its
-  IPv6 part through the kernel alone.
+- IPv6 a gateway cannot take: selectors and the processor's double NAT are
+  IPv4, so the ruleset drops the IPv6 on every selector's ports, counted
+  (rules.build._ipv6_drops; never a bypass). A rule or policy that accepts
+  that IPv6 says the operator expects it to pass: the warning says it will
+  not, and where its drops are counted.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from firewall.config import Config
 from firewall.config.model import ROUTER, FilterRule, Traffic
 from firewall.fields import PortRange
+from firewall.rules.build import ipv6_counter
 
 
 @dataclass(frozen=True)
@@ -78,12 +81,11 @@ def _ipv6_only(rule: FilterRule) -> bool:
 
 def _selectors(config: Config) -> list[Hazard]:
     out: list[Hazard] = []
-    for gw in config.gateways:
-        for t in gw.traffic:
-            if t.allow:
-                continue
-            out += _admits(config, gw.name, t)
-            out += _ipv6(config, gw.name, t)
+    for g, gw in enumerate(config.gateways):
+        for i, t in enumerate(gw.traffic):
+            if not t.allow:
+                out += _admits(config, gw.name, t)
+            out += _ipv6(config, gw.name, t, ipv6_counter(g, i))
     return out
 
 
@@ -110,7 +112,15 @@ def _admits(config: Config, name: str, t: Traffic) -> list[Hazard]:
                    "(`nfgate rules` shows what it admits); add the rule, or allow = true to let the selector admit it")]
 
 
-def _ipv6(config: Config, name: str, t: Traffic) -> list[Hazard]:
+def _ipv6(config: Config, name: str, t: Traffic, counter: str) -> list[Hazard]:
+    what = f"IPv6 {t.proto} {', '.join(map(str, t.ports))} from {t.from_zone} to {t.to_zone}"
+    dropped = (f"gateways take IPv4 only, so nfgate drops {what} (counted as {counter}, shown by `nfgate status`) "
+               f"rather than let it skip gateway {name}")
+    if t.to_zone != ROUTER:
+        for f in config.nat.forwards6:
+            if f.from_zone == t.from_zone and f.proto == t.proto and any(f.ports.overlaps(p) for p in t.ports):
+                return [Hazard(f.source, f"forwards IPv6 {f.proto} {f.ports} to {f.to_addr}, but {dropped} for "
+                               f"connections into {t.to_zone} ({t.source}): the forward only works into another zone")]
     for rule in config.rules:
         if not _matches(rule, t):
             continue
@@ -121,12 +131,10 @@ def _ipv6(config: Config, name: str, t: Traffic) -> list[Hazard]:
             continue
         if rule.action != "accept":
             return []  # the IPv6 part is dropped or rejected first
-        return [Hazard(t.source, f"{rule.source} accepts this traffic over IPv6 too, and gateways take IPv4 only: "
-                       f"IPv6 {t.proto} to these ports skips gateway {name}; give {rule.source} IPv4 addresses, or "
-                       "drop the IPv6 part with a rule before it (saddr = [\"::/0\"], action = \"drop\")")]
+        return [Hazard(t.source, f"{rule.source} accepts this traffic over IPv6 too, but {dropped}; give "
+                       f"{rule.source} IPv4 addresses to say so")]
     policy = config.policy.input if t.to_zone == ROUTER else config.policy.forward
     if policy == "accept":
         key = "input" if t.to_zone == ROUTER else "forward"
-        return [Hazard(t.source, f"policy.{key} = accept lets IPv6 {t.proto} to these ports skip gateway {name} "
-                       "(gateways take IPv4 only)")]
+        return [Hazard(t.source, f"policy.{key} = accept would pass this traffic over IPv6 too, but {dropped}")]
     return []

@@ -82,15 +82,35 @@ Source = SkipJsonSchema[str]
 GONE_TIMEOUT = Removed("no longer a setting: the kernel carries gateway flows, and conntrack's own timeouts end them (docs/datapath.md)")
 
 
-def _target(value: Any) -> tuple[ipaddress.IPv4Address, int | None]:
-    """"192.168.1.10" or "192.168.1.10:80": port forwards are IPv4 (NAT44)."""
+def _target(value: Any) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int | None]:
+    """Where a port forward sends its connections: "192.168.1.10", "192.168.1.10:80",
+    "fd00:1::10" or "[fd00:1::10]:80" (RFC 3986 section 3.2.2's brackets: an IPv6
+    address with a port). The address's version is the forward's: NAT44 or NAT66."""
     if not isinstance(value, str):
         fail(f"expected 'address' or 'address:port', got {value!r}")
-    host, sep, port = value.partition(":")
-    try:
-        addr = ipaddress.IPv4Address(host)
-    except ValueError:
-        fail(f"{host!r} is not an IPv4 address")
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep:
+            fail(f"{value!r}: an IPv6 address in brackets needs its closing ']', as in '[fd00:1::10]:80'")
+        if rest and not rest.startswith(":"):
+            fail(f"{value!r}: after ']' comes ':port' or nothing, as in '[fd00:1::10]:80'")
+        port, sep = rest[1:], bool(rest)
+        try:
+            addr: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv6Address(host)
+        except ValueError:
+            fail(f"{host!r} in {value!r} is not an IPv6 address (brackets are for IPv6 with a port)")
+    elif value.count(":") > 1:
+        try:
+            return ipaddress.IPv6Address(value), None
+        except ValueError:
+            fail(f"{value!r} is not an IPv6 address; with a port, write it as '[fd00:1::10]:80'")
+    else:
+        host, colon, port = value.partition(":")
+        sep = bool(colon)
+        try:
+            addr = ipaddress.IPv4Address(host)
+        except ValueError:
+            fail(f"{host!r} is not an IPv4 address (an IPv6 one with a port is written '[fd00:1::10]:80')")
     if not sep:
         return addr, None
     if not port.isdigit() or not 1 <= int(port) <= 65535:
@@ -154,12 +174,18 @@ class PortForward(Frozen):
     from_zone: Zones = Field(alias="from", description="the zone the connections come from")
     proto: TcpUdp = Field(description="the protocol")
     ports: SinglePortRange = Field(alias="port", description="the router's port, or a range \"first-last\"")
-    to: Target = Field(description="\"address\" or \"address:port\" (IPv4); a range keeps its ports")
-    saddr: Addresses = Field((), description="source addresses or prefixes allowed")
+    to: Target = Field(description="\"address\", \"address:port\" or \"[IPv6 address]:port\"; its IP version is the "
+                       "forward's; a range keeps its ports")
+    saddr: Addresses = Field((), description="source addresses or prefixes allowed (of the forward's IP version)")
 
     @property
-    def to_addr(self) -> ipaddress.IPv4Address:
+    def to_addr(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
         return self.to[0]
+
+    @property
+    def version(self) -> int:
+        """4: NAT44; 6: NAT66, which no gateway stands in front of."""
+        return self.to[0].version
 
     @property
     def to_port(self) -> int | None:
@@ -176,6 +202,9 @@ class PortForward(Frozen):
     def _check(self, info: ValidationInfo) -> "PortForward":
         if self.to_port is not None and len(self.ports) > 1:
             report(info, f"{self.source}.to", "a port range forwards to the same ports: leave the port out of 'to'")
+        if any(n.version != self.version for n in self.saddr):
+            report(info, f"{self.source}.saddr", f"the forward is IPv{self.version} ('to' is {self.to_addr}): "
+                   f"give IPv{self.version} sources, and a second [[nat.forward]] for the other version")
         return self
 
 
@@ -204,10 +233,55 @@ def _sources(where: str, nested: str | None = None) -> Any:
 Forwards = Annotated[Tables(PortForward, "nat.forward"), _sources("nat.forward")]
 
 
+def _ipv6_prefix(net: IPNetwork) -> ipaddress.IPv6Network:
+    if net.version != 6:
+        fail(f"{net} is not an IPv6 prefix: NPTv6 translates IPv6 prefixes")
+    return net
+
+
+Prefix6 = Annotated[Network, AfterValidator(_ipv6_prefix)]
+
+
+class Npt6(Frozen):
+    """One prefix translation (NPTv6) on a zone's border: ``inside`` leaves
+    through ``zone`` as ``outside``, and ``outside`` arriving in ``zone`` goes
+    to ``inside``; the host bits are kept."""
+
+    source: Source = ""
+    name: ForwardName = Field("", description="a name for the rules' comments")
+    zone: Zones = Field(description="the zone the outside prefix faces (usually wan)")
+    inside: Prefix6 = Field(description="the prefix the hosts have, e.g. a ULA fd00:1::/64")
+    outside: Prefix6 = Field(description="the prefix they have outside, routed to the router, of the same length")
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> "Npt6":
+        if self.inside.prefixlen != self.outside.prefixlen:
+            report(info, f"{self.source}.outside", f"/{self.outside.prefixlen} differs from inside's "
+                   f"/{self.inside.prefixlen}: a prefix translation maps one prefix onto another of its length")
+        elif self.inside.overlaps(self.outside):
+            report(info, f"{self.source}.outside", f"overlaps inside {self.inside}")
+        return self
+
+
+Npts = Annotated[Tables(Npt6, "nat.npt6"), _sources("nat.npt6")]
+
+
 class Nat(Frozen):
-    masquerade: ListOf(Zones) = Field((), description="zones whose outgoing traffic takes the router's address")
-    forwards: Forwards = Field(
-        (), alias="forward", description="port forwards ([[nat.forward]])")
+    masquerade: ListOf(Zones) = Field((), description="zones whose outgoing IPv4 traffic takes the router's address")
+    masquerade6: ListOf(Zones) = Field((), description="zones whose outgoing IPv6 traffic takes the router's address (NAT66)")
+    forward: Forwards = Field((), description="port forwards ([[nat.forward]]), IPv4 and IPv6")
+    npt6: Npts = Field((), description="IPv6 prefix translations ([[nat.npt6]])")
+
+    @property
+    def forwards(self) -> tuple[PortForward, ...]:
+        """The IPv4 port forwards (NAT44): the only ones a gateway's selector
+        can stand in front of (the processor's double NAT is NAT44)."""
+        return tuple(f for f in self.forward if f.version == 4)
+
+    @property
+    def forwards6(self) -> tuple[PortForward, ...]:
+        """The IPv6 port forwards (NAT66): the kernel's alone."""
+        return tuple(f for f in self.forward if f.version == 6)
 
 
 class Marks(Frozen):
@@ -441,7 +515,8 @@ class Traffic(Frozen):
             report(info, self.source, "'from' and 'to' are the same zone: the router never sees that traffic")
         for nets, key in ((self.saddr, "saddr"), (self.daddr, "daddr")):
             if any(n.version != 4 for n in nets):
-                report(info, f"{self.source}.{key}", "gateway traffic is IPv4 (the processor's double NAT is NAT44)")
+                report(info, f"{self.source}.{key}", "a selector's addresses are IPv4: gateways take IPv4 only (the "
+                       "processor's double NAT is NAT44), and the IPv6 on a selector's ports is dropped")
         return self
 
 
@@ -601,7 +676,7 @@ class Config(Frozen):
         _check_zones(info, self)
         _check_link(info, self)
         _check_gateways(info, self.gateways)
-        _check_forwards(info, self.nat.forwards)
+        _check_forwards(info, self.nat.forward)
         _check_signalling_ports(info, self)
         _check_snat_ports(info, self)
         return self
@@ -686,6 +761,6 @@ def _selectors_overlap(a: Traffic, b: Traffic) -> bool:
 def _check_forwards(info: ValidationInfo, forwards: tuple[PortForward, ...]) -> None:
     for i, a in enumerate(forwards):
         for b in forwards[i + 1:]:
-            if a.from_zone == b.from_zone and a.proto == b.proto and a.ports.overlaps(b.ports):
+            if a.version == b.version and a.from_zone == b.from_zone and a.proto == b.proto and a.ports.overlaps(b.ports):
                 report(info, f"{b.source}.port", f"{b.proto} {b.ports} overlaps {a.source} ({a.ports})")
 

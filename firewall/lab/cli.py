@@ -68,6 +68,7 @@ def up_cmd(topology: str, prefix: str | None) -> None:
     Example:
       nfgate lab up                  # basic, as nfg-basic-ext, -router, -lan
       nfgate lab up nat-tunnel
+      nfgate lab up dual             # basic with IPv6 beside IPv4 on every link
       nfgate lab up basic --prefix t1
     """
     require_root("lab up")

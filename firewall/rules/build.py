@@ -55,6 +55,7 @@ from firewall.rules.model import (
     Kind,
     Mark,
     Masquerade,
+    Netmap,
     OutIface,
     OutZone,
     Port,
@@ -240,34 +241,52 @@ def _selector(t: Traffic) -> list:
 # ---- nat ---------------------------------------------------------------------------
 
 
+def _version(version: int) -> Family:
+    return Family.V4 if version == 4 else Family.V6
+
+
 def _nat(config: Config, rs: Ruleset) -> None:
-    if config.nat.forwards:
+    if config.nat.forward or config.nat.npt6:
         dst = Chain("dstnat", Kind.NAT, Hook.PREROUTING)
         rs.chains.append(dst)
-        for f in config.nat.forwards:
+        for f in config.nat.forward:
             matches: list = [InZone(f.from_zone), DstLocal(), Proto(f.proto)]
             if f.saddr:
                 matches.append(Addr("src", f.saddr))
             matches.append(Port("dst", (f.ports,)))
             target = None if f.to_port is None else PortRange(f.to_port, f.to_port)
-            dst.add(matches, [Dnat(f.to_addr, target)], f"{f.source} forward {f.name}", Family.V4)
-    if config.nat.masquerade:
+            dst.add(matches, [Dnat(f.to_addr, target)], f"{f.source} forward {f.name}", _version(f.version))
+    # NPTv6 inbound: a port forward of the same address came first.
+    for n in config.nat.npt6:
+        dst.add([InZone(n.zone), Addr("dst", (n.outside,))], [Netmap("dst", n.outside, n.inside)],
+                f"{n.source} npt6 {n.name}".strip(), Family.V6)
+    if config.nat.masquerade or config.nat.masquerade6 or config.nat.npt6:
         src = Chain("srcnat", Kind.NAT, Hook.POSTROUTING)
         rs.chains.append(src)
-        snat = config.processor.pools.snat_ports
-        for zone in config.nat.masquerade:
-            tag = f"nat.masquerade {zone}"
-            if config.gateways:
-                # Keep the kernel's masquerade ports clear of the processor's SNAT pool.
-                below = PortRange(1024, snat.first - 1)
-                for proto in ("tcp", "udp"):
-                    src.add(
-                        [OutZone(zone), Proto(proto)],
-                        [Masquerade(below)],
-                        f"{tag}: {proto} below processor.pools.snat_ports",
-                        Family.V4,
-                    )
-            src.add([OutZone(zone)], [Masquerade()], tag, Family.V4)
+    snat = config.processor.pools.snat_ports
+    for zone in config.nat.masquerade:
+        tag = f"nat.masquerade {zone}"
+        if config.gateways:
+            # Keep the kernel's masquerade ports clear of the processor's SNAT pool.
+            below = PortRange(1024, snat.first - 1)
+            for proto in ("tcp", "udp"):
+                src.add(
+                    [OutZone(zone), Proto(proto)],
+                    [Masquerade(below)],
+                    f"{tag}: {proto} below processor.pools.snat_ports",
+                    Family.V4,
+                )
+        src.add([OutZone(zone)], [Masquerade()], tag, Family.V4)
+    # The prefix translation before any masquerade of its zone, which would
+    # take its hosts' connections first.
+    for n in config.nat.npt6:
+        src.add([OutZone(n.zone), Addr("src", (n.inside,))], [Netmap("src", n.inside, n.outside)],
+                f"{n.source} npt6 {n.name}".strip(), Family.V6)
+    # NAT66 only where the operator asks: IPv6 is routed untranslated
+    # otherwise. No gateway takes IPv6, so the processor's SNAT pool needs
+    # no room here.
+    for zone in config.nat.masquerade6:
+        src.add([OutZone(zone)], [Masquerade()], f"nat.masquerade6 {zone}", Family.V6)
 
 
 # ---- filter ------------------------------------------------------------------------
@@ -286,6 +305,7 @@ def _filter(config: Config, rs: Ruleset) -> None:
 
     inp.add([InIface("lo")], [Accept()], "loopback")
     out.add([OutIface("lo")], [Accept()], "loopback")
+    _ipv6_drops(config, rs, inp, fwd)
     if gateways:
         fwd.add(
             [Mark(marks.mask, marks.rewritten)],
@@ -328,12 +348,12 @@ def _filter(config: Config, rs: Ruleset) -> None:
         )
         out.add([OutIface(link.router_if), Proto("udp")], [Accept()], "signalling to the gateways", Family.V4)
 
-    for f in config.nat.forwards:
+    for f in config.nat.forward:
         matches: list = [InZone(f.from_zone), CtDnat(), Addr("dst", (ipaddress.ip_network(f.to_addr),)), Proto(f.proto)]
         if f.saddr:
             matches.append(Addr("src", f.saddr))
         matches.append(Port("dst", (f.target_ports,)))
-        fwd.add(matches, [Accept()], f"{f.source} forward {f.name}", Family.V4)
+        fwd.add(matches, [Accept()], f"{f.source} forward {f.name}", _version(f.version))
 
     if gateways and config.processor.fail_mode == "open":
         # With the processor gone, the queue rules' bypass hands these packets
@@ -351,6 +371,49 @@ def _filter(config: Config, rs: Ruleset) -> None:
     for chain, key in ((inp, "input"), (fwd, "forward"), (out, "output")):
         if chain.policy == "drop":
             chain.add([], [Drop()], f"policy.{key} = drop")
+
+
+IPV6_COUNTER = "ipv6_drop_g{g}_{i}"
+
+
+def ipv6_counter(g: int, i: int) -> str:
+    """The named counter of selector ``i`` of gateway ``g``'s dropped IPv6."""
+    return IPV6_COUNTER.format(g=g, i=i)
+
+
+def _ipv6_drops(config: Config, rs: Ruleset, inp: Chain, fwd: Chain) -> None:
+    """Drop the IPv6 a selector would bring to its gateway, counted by name.
+
+    The processor's double NAT is NAT44, so no gateway takes IPv6 yet. Left
+    to the filter, a rule that accepts the same traffic for both IP versions
+    would let its IPv6 part skip the gateway (issue 17). So every selector
+    drops the first packet of an IPv6 connection on its ports, first thing
+    in the chain that sees it: forward for a selector to a zone (after
+    routing, so the to-zone is known; the connection's original port, so a
+    port forward does not hide it), input for one to the router. A
+    selector's addresses are IPv4 and say nothing of IPv6 clients: all of
+    the zone pair's IPv6 on those ports is dropped. Where an IPv4 port
+    forward of the selector's zone takes its ports, the same IPv6 to the
+    router's own address (no IPv6 forward there: the input chain's) is
+    dropped under the same counter, so that a client of the forwarded port
+    over IPv6 is counted, not left to time out unexplained.
+    """
+    for g, gw in enumerate(config.gateways):
+        for i, t in enumerate(gw.traffic):
+            name = ipv6_counter(g, i)
+            comment = f"{t.source} gateway {gw.name} ({gw.kind}): IPv6 dropped, gateways take IPv4 only"
+            rs.counters[name] = comment
+            matches: list = [InZone(t.from_zone)]
+            chain = inp
+            if t.to_zone != ROUTER:
+                matches.append(OutZone(t.to_zone))
+                chain = fwd
+            matches += [CtState(("new",)), Proto(t.proto), Port("dst", t.ports, original=True)]
+            chain.add(matches, [Drop()], comment, Family.V6, counter=name)
+            if t.to_zone != ROUTER and any(f.from_zone == t.from_zone and f.proto == t.proto
+                                           and any(f.ports.overlaps(p) for p in t.ports) for f in config.nat.forwards):
+                inp.add([InZone(t.from_zone), DstLocal(), CtState(("new",)), Proto(t.proto), Port("dst", t.ports)],
+                        [Drop()], f"{comment} (to the router's port forward)", Family.V6, counter=name)
 
 
 def _stateful(chain: Chain, config: Config) -> None:

@@ -37,6 +37,7 @@ from firewall.rules.model import (
     Kind,
     Mark,
     Masquerade,
+    Netmap,
     Return,
     OutIface,
     OutZone,
@@ -131,7 +132,8 @@ def _rule_lines(chain: str, rule: Rule, rs: Ruleset, version: int, kind: Kind) -
     options: list[list[str]] = []
     for m in rule.matches:
         options.append(_match(m, proto, rs, version))
-    comment = f'-m comment --comment "{rule.comment[:255]}"'
+    text = f"{rule.counter}: {rule.comment}" if rule.counter else rule.comment
+    comment = f'-m comment --comment "{text[:255]}"'
     targets = _targets(rule, proto, version)
     lines = []
     for combo in itertools.product(*options):
@@ -160,6 +162,10 @@ def _match(m, proto: str | None, rs: Ruleset, version: int) -> list[str]:
         case AddrBits(direction, mask, value):
             flag = "-s" if direction == "src" else "-d"
             return [f"{flag} {ipaddress.IPv4Address(value)}/{ipaddress.IPv4Address(mask)}"]
+        case Port(direction, ranges, True):
+            # conntrack's match takes one port or range at a time.
+            flag = "--ctorigdstport" if direction == "dst" else "--ctorigsrcport"
+            return [f"-m conntrack {flag} {r.first}" + (f":{r.last}" if r.last != r.first else "") for r in ranges]
         case Port(direction, ranges):
             return _ports(direction, ranges)
         case CtConfirmed():
@@ -219,10 +225,12 @@ def _targets(rule: Rule, proto: str | None, version: int) -> list[str]:
             case Masquerade(ports):
                 out.append("MASQUERADE" + (f" --to-ports {ports.first}-{ports.last}" if ports else ""))
             case Dnat(addr, ports):
-                to = str(addr)
+                to = f"[{addr}]" if addr.version == 6 and ports else str(addr)
                 if ports:
                     to += f":{ports.first}" if ports.first == ports.last else f":{ports.first}-{ports.last}"
                 out.append(f"DNAT --to-destination {to}")
+            case Netmap(_, _, to):
+                out.append(f"NETMAP --to {to}")
             case Queue(num, bypass):
                 out.append(f"NFQUEUE --queue-num {num}" + (" --queue-bypass" if bypass else ""))
             case _:

@@ -102,6 +102,9 @@ class AddrBits:
 class Port:
     direction: str  # 'src' or 'dst'
     ranges: tuple[PortRange, ...]
+    # The connection's original port (conntrack's, before any DNAT) rather
+    # than the packet's: what a selector names, seen after a port forward.
+    original: bool = False
 
 
 @dataclass(frozen=True)
@@ -186,8 +189,19 @@ class Masquerade:
 
 @dataclass(frozen=True)
 class Dnat:
-    addr: ipaddress.IPv4Address
+    addr: ipaddress.IPv4Address | ipaddress.IPv6Address
     ports: PortRange | None = None
+
+
+@dataclass(frozen=True)
+class Netmap:
+    """Prefix translation through conntrack (NPTv6, docs/config.md ``[[nat.npt6]]``):
+    the source (``direction`` 'src', in srcnat) or destination ('dst', in dstnat)
+    address in ``prefix`` gets ``to``'s prefix and keeps its host bits."""
+
+    direction: str
+    prefix: IPNetwork
+    to: IPNetwork
 
 
 @dataclass(frozen=True)
@@ -196,8 +210,8 @@ class Queue:
     bypass: bool
 
 
-Statement = Accept | Drop | Reject | Jump | Return | Masquerade | Dnat | Queue
-TERMINAL = (Accept, Drop, Reject, Jump, Return, Masquerade, Dnat, Queue)
+Statement = Accept | Drop | Reject | Jump | Return | Masquerade | Dnat | Netmap | Queue
+TERMINAL = (Accept, Drop, Reject, Jump, Return, Masquerade, Dnat, Netmap, Queue)
 
 
 @dataclass(frozen=True)
@@ -206,6 +220,9 @@ class Rule:
     statements: tuple[Statement, ...]
     comment: str
     family: Family = Family.BOTH
+    # A named counter (``Ruleset.counters``) instead of the rule's own
+    # anonymous one: what ``nfgate status`` reads back by name.
+    counter: str = ""
 
 
 @dataclass
@@ -216,8 +233,8 @@ class Chain:
     policy: str = "accept"  # base chains only
     rules: list[Rule] = field(default_factory=list)
 
-    def add(self, matches, statements, comment: str, family: Family = Family.BOTH) -> None:
-        self.rules.append(Rule(tuple(matches), tuple(statements), comment, family))
+    def add(self, matches, statements, comment: str, family: Family = Family.BOTH, counter: str = "") -> None:
+        self.rules.append(Rule(tuple(matches), tuple(statements), comment, family, counter))
 
 
 @dataclass
@@ -228,6 +245,9 @@ class Ruleset:
     # (marks, processor instances): with gateways, the binding table
     # (firewall.rules.bind) goes with the ruleset, whatever the backend.
     bind: tuple[Marks, int] | None = None
+    # Named counters (name -> what it counts), declared in nft's table; in
+    # iptables the counter is the rules whose comment starts with its name.
+    counters: dict[str, str] = field(default_factory=dict)
 
     def chain(self, name: str) -> Chain:
         for chain in self.chains:

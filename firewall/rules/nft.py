@@ -32,6 +32,7 @@ from firewall.rules.model import (
     Kind,
     Mark,
     Masquerade,
+    Netmap,
     Return,
     OutIface,
     OutZone,
@@ -77,6 +78,8 @@ def render(rs: Ruleset) -> str:
             "\t}",
             "",
         ]
+    for name, comment in rs.counters.items():
+        out += [f"\tcounter {name} {{", f"\t\tcomment {_quote(comment[:127])}", "\t}", ""]
     for chain in rs.chains:
         out += _chain(chain)
         out.append("")
@@ -103,7 +106,7 @@ def _chain(chain: Chain) -> list[str]:
 
 def render_rule(rule: Rule) -> str:
     proto = next((m.name for m in rule.matches if isinstance(m, Proto)), None)
-    implied = any(isinstance(m, (Port, IcmpType)) for m in rule.matches)
+    implied = any(isinstance(m, IcmpType) or isinstance(m, Port) and not m.original for m in rule.matches)
     parts: list[str] = []
     if rule.family is not Family.BOTH and proto not in ("icmp", "icmpv6"):
         parts.append(f"meta nfproto {rule.family.value}")
@@ -111,7 +114,7 @@ def render_rule(rule: Rule) -> str:
         if isinstance(m, Proto) and implied:
             continue  # "tcp dport 25" and "icmp type ..." already say the protocol
         parts.append(_match(m, proto))
-    parts.append("counter")
+    parts.append(f"counter name {_quote(rule.counter)}" if rule.counter else "counter")
     for s in rule.statements:
         parts.append(_statement(s, proto))
     parts.append(f"comment {_quote(rule.comment[:127])}")
@@ -138,6 +141,8 @@ def _match(m, proto: str | None) -> str:
                 f"ip {direction[0]}addr & {ipaddress.IPv4Address(mask)}"
                 f" == {ipaddress.IPv4Address(value)}"
             )
+        case Port(direction, ranges, True):
+            return f"ct original proto-{direction} {_set([str(r) for r in ranges])}"
         case Port(direction, ranges):
             return f"{proto} {direction[0]}port {_set([str(r) for r in ranges])}"
         case CtConfirmed():
@@ -171,8 +176,13 @@ def _statement(s, proto: str | None) -> str:
             return "return"
         case Masquerade(ports):
             return "masquerade" if ports is None else f"masquerade to :{ports}"
+        case Dnat(addr, ports) if addr.version == 6:
+            return f"dnat ip6 to [{addr}]:{ports}" if ports else f"dnat ip6 to {addr}"
         case Dnat(addr, ports):
             return f"dnat ip to {addr}" + (f":{ports}" if ports else "")
+        case Netmap(direction, prefix, to):
+            nat, family = ("snat" if direction == "src" else "dnat"), ("ip" if prefix.version == 4 else "ip6")
+            return f"{nat} {family} prefix to {family} {direction[0]}addr map {{ {prefix} : {to} }}"
         case Queue(num, bypass):
             return f"queue num {num}" + (" bypass" if bypass else "")
     raise TypeError(f"nft renderer: unknown statement {s!r}")

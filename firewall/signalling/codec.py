@@ -51,13 +51,16 @@ from firewall.signalling.messages import (
     RuleEnd,
     RuleRefused,
     RuleRequest,
+    family_of,
 )
 
 # 2: NEW_FLOW and ANSWER carry the flow's SNAT endpoint (``snat``). 3:
-# FLOW_END carries conntrack's counters; OFFLOAD_REQUEST is new. A body
-# layout changed, so the version did: a peer of an older version is refused
-# BAD_VERSION, which names the cause, instead of TOO_SHORT or MALFORMED.
-VERSION = 3
+# FLOW_END carries conntrack's counters; OFFLOAD_REQUEST is new. 4: every
+# address field is 16 bytes, IPv6 or IPv4-mapped (RFC 4291 section
+# 2.5.5.2) as the body's family byte says (issue 17). A body layout changed,
+# so the version did: a peer of an older version is refused BAD_VERSION,
+# which names the cause, instead of TOO_SHORT or MALFORMED.
+VERSION = 4
 KEY_SIZE = 32  # HMAC-SHA256's block-internal strength is 256 bits; a longer key adds nothing (RFC 2104 s.3)
 
 # HMAC-SHA256 truncated to 128 bits. RFC 2104 section 5 recommends keeping
@@ -104,11 +107,13 @@ HEADER_SIZE = HEADER.size
 COPY_OFFSET = 2  # the one header byte that differs between copies
 
 _PROTO = Field("proto", "B", "6 TCP, 17 UDP")
-_FAMILY = Field("family", "B", "4: every address in this body is IPv4, 4 bytes")
+_FAMILY = Field("family", "B", "4: every address in this body is IPv4, written IPv4-mapped "
+                "(::ffff:a.b.c.d); 6: every address is IPv6 (none IPv4-mapped)")
+ADDRESS_SIZE = 16  # one size for both families, so each type keeps one datagram size
 
 
 def _endpoint_fields(name: str, address: str, port: str) -> tuple[Field, Field]:
-    return Field(f"{name}_addr", "4s", address), Field(f"{name}_port", "H", port)
+    return Field(f"{name}_addr", f"{ADDRESS_SIZE}s", address), Field(f"{name}_port", "H", port)
 
 
 FLOW_FIELDS: tuple[Field, ...] = (
@@ -122,7 +127,7 @@ FLOW_FIELDS: tuple[Field, ...] = (
     *_endpoint_fields("firewall_side", "F, from the processor's pool: the source the gateway sees", "f"),
     *_endpoint_fields("ag", "G, the gateway's listen address", "g"),
     *_endpoint_fields("snat", "W, what the server sees as the client when the processor SNATs the flow "
-                      "(masquerade); 0.0.0.0: no SNAT, the server sees C", "w; 0 with no SNAT"),
+                      "(masquerade); all zeros: no SNAT, the server sees C", "w; 0 with no SNAT"),
 )
 _TUPLE_FIELDS: tuple[Field, ...] = (
     _PROTO,
@@ -193,21 +198,38 @@ _KNOWN_FLAGS = ONE_SHOT_FLAG | REPLACES_FLAG
 
 # ---- body values <-> messages ------------------------------------------------------
 
-_IPv4 = ipaddress.IPv4Address
+_MAPPED = bytes(10) + b"\xff\xff"  # the IPv4-mapped prefix, ::ffff:0:0/96
 
 
 def _ep(endpoint: Endpoint) -> tuple[bytes, int]:
-    return endpoint.address.packed, endpoint.port
+    packed = endpoint.address.packed
+    return (_MAPPED + packed if len(packed) == 4 else packed), endpoint.port
 
 
-_NO_ENDPOINT = (bytes(4), 0)  # an optional endpoint that is absent: 0.0.0.0:0
+_NO_ENDPOINT = (bytes(ADDRESS_SIZE), 0)  # an optional endpoint that is absent: all zeros, either family
+
+
+def _address(raw: bytes, family: Family) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """A body's address, as its family says; a field that is not of that family is MALFORMED."""
+    mapped = raw[:12] == _MAPPED
+    if family is Family.IPV4:
+        if not mapped:
+            raise ValueError("an address of a family 4 body is not IPv4-mapped")
+        return ipaddress.IPv4Address(raw[12:])
+    if mapped:
+        raise ValueError("an IPv4-mapped address in a family 6 body")
+    return ipaddress.IPv6Address(raw)
+
+
+def _point(raw: bytes, port: int, family: Family) -> Endpoint:
+    return Endpoint(_address(raw, family), port)
 
 
 def _flow_values(flow: FlowInfo) -> tuple[Any, ...]:
     return (
         flow.flow_id,
         flow.proto,
-        Family.IPV4,
+        flow.family,
         flow.gateway.encode("ascii"),  # struct NUL-pads a short "32s" value
         *_ep(flow.client),
         *_ep(flow.original_dst),
@@ -218,10 +240,6 @@ def _flow_values(flow: FlowInfo) -> tuple[Any, ...]:
     )
 
 
-def _family(value: int) -> None:
-    Family(value)  # ValueError (MALFORMED) for anything but 4
-
-
 def _name(raw: bytes) -> str:
     name = raw.rstrip(b"\0")
     # FlowInfo's pattern check then refuses a NUL inside the name, or non-ASCII.
@@ -229,42 +247,42 @@ def _name(raw: bytes) -> str:
 
 
 def _flow(v: tuple[Any, ...]) -> FlowInfo:
-    _family(v[2])
+    f = Family(v[2])  # ValueError (MALFORMED) for an unknown family
     return FlowInfo(
         flow_id=v[0],
         proto=v[1],
         gateway=_name(v[3]),
-        client=Endpoint(_IPv4(v[4]), v[5]),
-        original_dst=Endpoint(_IPv4(v[6]), v[7]),
-        server=Endpoint(_IPv4(v[8]), v[9]),
-        firewall_side=Endpoint(_IPv4(v[10]), v[11]),
-        ag=Endpoint(_IPv4(v[12]), v[13]),
+        client=_point(v[4], v[5], f),
+        original_dst=_point(v[6], v[7], f),
+        server=_point(v[8], v[9], f),
+        firewall_side=_point(v[10], v[11], f),
+        ag=_point(v[12], v[13], f),
         # All zeros: no SNAT. Anything else must be a whole W:w, or FlowInfo refuses it.
-        snat=None if (v[14], v[15]) == _NO_ENDPOINT else Endpoint(_IPv4(v[14]), v[15]),
+        snat=None if (v[14], v[15]) == _NO_ENDPOINT else _point(v[14], v[15], f),
     )
 
 
 def _tuple_values(m: Query | NotFound) -> tuple[Any, ...]:
-    return (m.query_id, m.proto, Family.IPV4, *_ep(m.firewall_side), *_ep(m.ag))
+    return (m.query_id, m.proto, family_of(m.firewall_side, m.ag), *_ep(m.firewall_side), *_ep(m.ag))
 
 
 def _query(v: tuple[Any, ...]) -> Query:
-    _family(v[2])
-    return Query(v[0], v[1], Endpoint(_IPv4(v[3]), v[4]), Endpoint(_IPv4(v[5]), v[6]))
+    f = Family(v[2])
+    return Query(v[0], v[1], _point(v[3], v[4], f), _point(v[5], v[6], f))
 
 
 def _not_found(v: tuple[Any, ...]) -> NotFound:
-    _family(v[2])
-    return NotFound(v[0], v[1], Endpoint(_IPv4(v[3]), v[4]), Endpoint(_IPv4(v[5]), v[6]))
+    f = Family(v[2])
+    return NotFound(v[0], v[1], _point(v[3], v[4], f), _point(v[5], v[6], f))
 
 
 def _rule_request_values(m: RuleRequest) -> tuple[Any, ...]:
     flags = (ONE_SHOT_FLAG if m.one_shot else 0) | (REPLACES_FLAG if m.replaces else 0)
-    return (m.request_id, m.flow_id, m.proto, Family.IPV4, m.mode, flags, m.ttl, *_ep(m.src), *_ep(m.dst))
+    return (m.request_id, m.flow_id, m.proto, family_of(m.src, m.dst), m.mode, flags, m.ttl, *_ep(m.src), *_ep(m.dst))
 
 
 def _rule_request(v: tuple[Any, ...]) -> RuleRequest:
-    _family(v[3])
+    f = Family(v[3])
     flags = v[5]
     if flags & ~_KNOWN_FLAGS:
         raise ValueError(f"unknown rule flags {flags:#x}")
@@ -272,8 +290,8 @@ def _rule_request(v: tuple[Any, ...]) -> RuleRequest:
         request_id=v[0],
         flow_id=v[1],
         proto=v[2],
-        src=Endpoint(_IPv4(v[7]), v[8]),
-        dst=Endpoint(_IPv4(v[9]), v[10]),
+        src=_point(v[7], v[8], f),
+        dst=_point(v[9], v[10], f),
         ttl=v[6],
         mode=v[4],
         one_shot=bool(flags & ONE_SHOT_FLAG),
@@ -319,7 +337,8 @@ def decode_body(msg_type: MsgType, body: bytes) -> Message | None:
         return _FROM_VALUES[msg_type](BODY[msg_type].unpack(body))
     except (ValueError, TypeError, struct.error):
         # ValueError covers unknown enum numbers, bad names (UnicodeDecodeError
-        # is one), a family other than 4 and unknown flags.
+        # is one), an unknown family, an address not of the body's family and
+        # unknown flags.
         return None
 
 

@@ -118,6 +118,26 @@ EXAMPLES: tuple[tuple[str, Message], ...] = (
 )
 
 
+_ip6 = ipaddress.IPv6Address
+
+# The same SMTP flow over IPv6, as a gateway that takes IPv6 will get it (no
+# processor sends family 6 yet: issue 17). The blind track's addresses are
+# a ULA, as the firewall-side pool may be.
+SMTP_FLOW6 = FlowInfo(
+    flow_id=make_flow_id(1, 10),
+    proto=Proto.TCP,
+    gateway="smtp-in",
+    client=Endpoint(_ip6("2001:db8:2::10"), 40000),
+    original_dst=Endpoint(_ip6("2001:db8:2::1"), 25),
+    server=Endpoint(_ip6("fd00:1::25"), 25),
+    firewall_side=Endpoint(_ip6("fd00:ffff:254::9"), 1024),
+    ag=Endpoint(_ip6("fd00:ffff:255::2"), 20000),
+)
+FAMILY6_EXAMPLES: tuple[tuple[str, Message], ...] = (
+    ("the SMTP flow over IPv6, family 6 (every address IPv6; none IPv4-mapped)", NewFlow(SMTP_FLOW6)),
+)
+
+
 def example_encoder(role: Role) -> Encoder:
     return Encoder(EXAMPLE_KEY, role, sender_id=EXAMPLE_SENDER[role], first_seq=EXAMPLE_SEQ)
 
@@ -166,8 +186,12 @@ def _show(msg_type: MsgType, field: Field, value: Any) -> str:
     kind = _ENUMS.get((msg_type, field.name)) or _ENUMS.get((None, field.name))
     if kind is not None:
         return f"{value} {kind(value).name}"
-    if field.fmt == "4s":
-        return str(ipaddress.IPv4Address(value))
+    if field.name.endswith("_addr"):
+        if value == bytes(len(value)):
+            return "(none)"
+        if value[:12] == bytes(10) + b"\xff\xff":
+            return f"{ipaddress.IPv4Address(value[12:])} (IPv4-mapped)"
+        return str(ipaddress.IPv6Address(value))
     if isinstance(value, bytes):
         return repr(value.rstrip(b"\0").decode("ascii"))
     if field.name in ("sender", "flow_id"):
@@ -239,6 +263,11 @@ def render() -> str:
                 "```",
                 "",
             ]
+        for what6, message6 in FAMILY6_EXAMPLES:
+            if message6.TYPE is msg_type:
+                (datagram,) = encode_example(message6)
+                out += [f"Example, family 6: {what6}.", "", "```text", *dump(datagram), "```", "",
+                        "```text", *hex_lines(datagram), "```", ""]
     out.append(END)
     return "\n".join(out) + "\n"
 

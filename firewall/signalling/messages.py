@@ -6,9 +6,12 @@ bug and raises ``ValueError`` or ``TypeError`` at construction (STYLE.md,
 "errors say whose fault they are"). The decoder builds messages through the
 same constructors and turns those exceptions into a ``MALFORMED`` refusal.
 
-Addresses are ``ipaddress.IPv4Address`` values: the double NAT is NAT44
-(DESIGN invariant 2). The wire keeps a family byte so that IPv6 can be added
-without a new header.
+Addresses are ``ipaddress`` values, IPv4 or IPv6; all the addresses of one
+message are of one family (the wire's family byte says which, for the
+whole body). Today's double NAT is NAT44 (DESIGN invariant 2), so the
+processor sends IPv4 only; the IPv6 layout is there for the gateways that
+will take IPv6 (issue 17). An IPv4 peer is an ``IPv4Address``, never an
+IPv4-mapped IPv6 one, so one peer has one spelling.
 
 Field names follow ``firewall.flows.Binding.record()``: ``client`` C:c,
 ``original_dst`` S':s' (what the client addressed: the router for a port
@@ -102,9 +105,22 @@ class Proto(enum.IntEnum):
 
 
 class Family(enum.IntEnum):
-    """Address family of every address in one body. Only IPv4 is defined."""
+    """Address family of every address in one body."""
 
     IPV4 = 4
+    IPV6 = 6
+
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+_ADDRESS_TYPES = (ipaddress.IPv4Address, ipaddress.IPv6Address)
+
+
+def family_of(*endpoints: "Endpoint | None") -> Family:
+    """The one family of these endpoints (None: absent, skipped); ValueError if they mix."""
+    versions = {e.address.version for e in endpoints if e is not None}
+    if len(versions) != 1:
+        raise ValueError(f"the addresses of one message must be of one family, got IPv{sorted(versions)}")
+    return Family(versions.pop())
 
 
 class FlowEndReason(enum.IntEnum):
@@ -170,18 +186,22 @@ def flow_id_queue(flow_id: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """An IPv4 address and a port."""
+    """An IPv4 or IPv6 address and a port."""
 
-    address: ipaddress.IPv4Address
+    address: Address
     port: int
 
     def __post_init__(self) -> None:
-        if type(self.address) is not ipaddress.IPv4Address:
-            raise TypeError(f"address must be an IPv4Address, got {self.address!r}")
+        if type(self.address) not in _ADDRESS_TYPES:
+            raise TypeError(f"address must be an IPv4Address or IPv6Address, got {self.address!r}")
+        if self.address.version == 6 and self.address.ipv4_mapped is not None:
+            raise ValueError(f"{self.address} is an IPv4 peer: give it as an IPv4Address")
         if not isinstance(self.port, int) or isinstance(self.port, bool) or not 0 <= self.port <= PORT_MAX:
             raise ValueError(f"port must be 0..65535, got {self.port!r}")
 
     def __str__(self) -> str:
+        if self.address.version == 6:
+            return f"[{self.address}]:{self.port}"
         return f"{self.address}:{self.port}"
 
 
@@ -221,6 +241,11 @@ class FlowInfo:
             # On the wire "none" is all zeros, so a real W:w has neither zero.
             if not _one_host(self.snat.address) or self.snat.port == 0:
                 raise ValueError(f"snat {self.snat} is not one host and port")
+        family_of(self.client, self.original_dst, self.server, self.firewall_side, self.ag, self.snat)
+
+    @property
+    def family(self) -> Family:
+        return Family(self.client.address.version)
 
 
 def _check_endpoints(obj: object, *names: str) -> None:
@@ -254,6 +279,7 @@ class _TupleQuestion:
         _check_u64("query_id", self.query_id)
         _coerce(self, "proto", Proto)
         _check_endpoints(self, "firewall_side", "ag")
+        family_of(self.firewall_side, self.ag)
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +376,7 @@ class RuleRequest:
         _coerce(self, "proto", Proto)
         _coerce(self, "mode", RuleMode)
         _check_endpoints(self, "src", "dst")
+        family_of(self.src, self.dst)
         if not isinstance(self.ttl, int) or isinstance(self.ttl, bool) or not 0 <= self.ttl <= RULE_TTL_FIELD_MAX:
             raise ValueError(f"ttl must be 0..{RULE_TTL_FIELD_MAX} seconds, got {self.ttl!r}")
         if not isinstance(self.one_shot, bool):
@@ -424,10 +451,13 @@ MESSAGE_CLASSES: dict[MsgType, type[Message]] = {
 }
 
 
-def _one_host(address: ipaddress.IPv4Address) -> bool:
-    # 0.0.0.0 means "any", 255.255.255.255 and multicast mean "many": none
-    # names one peer, so none may open a hole in the filter.
-    return not (address.is_unspecified or address.is_multicast or address == ipaddress.IPv4Address(0xFFFFFFFF))
+def _one_host(address: Address) -> bool:
+    # 0.0.0.0 and :: mean "any", 255.255.255.255 and multicast mean "many":
+    # none names one peer, so none may open a hole in the filter.
+    return not (address.is_unspecified or address.is_multicast or address == _BROADCAST)
+
+
+_BROADCAST = ipaddress.IPv4Address(0xFFFFFFFF)
 
 
 def rule_request_problem(request: RuleRequest, *, max_ttl: int = MAX_RULE_TTL) -> RuleRefusal | None:
@@ -448,7 +478,7 @@ def rule_request_problem(request: RuleRequest, *, max_ttl: int = MAX_RULE_TTL) -
 
 
 def names_third_party(
-    request: RuleRequest, flow: FlowInfo, local: Iterable[ipaddress.IPv4Address] = ()
+    request: RuleRequest, flow: FlowInfo, local: Iterable[Address] = ()
 ) -> bool:
     """Whether the request names a host that is not a party of ``flow``.
 

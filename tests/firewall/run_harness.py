@@ -94,8 +94,9 @@ ports = 5353
 class Server:
     """An echo server (tests/netprobe.py) in a lab host; ``next_peer()`` is who it saw."""
 
-    def __init__(self, lab, host: str, port: int, proto: str = "tcp"):
-        self.proc = lab.popen(host, [sys.executable, "-u", NETPROBE, "serve", proto, str(port)], stdout=subprocess.PIPE, text=True)
+    def __init__(self, lab, host: str, port: int, proto: str = "tcp", addr: str = "0.0.0.0"):
+        argv = [sys.executable, "-u", NETPROBE, "serve", proto, str(port), addr]
+        self.proc = lab.popen(host, argv, stdout=subprocess.PIPE, text=True)
         lab.wait_listening(host, port, proto)
 
     def next_peer(self, timeout: float = 5.0) -> str:

@@ -253,6 +253,54 @@ def test_port_forward_parsing_and_overlap() -> None:
     assert ok.nat.forwards[1].target_ports == PortRange(9000, 9100)
 
 
+FORWARD = "\n[[nat.forward]]\nfrom = 'wan'\nproto = 'tcp'\nport = 8080\nto = '{to}'\n"
+
+
+@pytest.mark.parametrize("to, addr, port", [
+    ("192.168.1.10", "192.168.1.10", None),
+    ("192.168.1.10:80", "192.168.1.10", 80),
+    ("fd00:1::10", "fd00:1::10", None),
+    ("[fd00:1::10]:80", "fd00:1::10", 80),
+    ("[fd00:1::10]", "fd00:1::10", None),
+])
+def test_port_forward_targets_of_both_versions(to: str, addr: str, port: int | None) -> None:
+    (f,) = loads(BASE + FORWARD.format(to=to)).nat.forward
+    assert (f.to_addr, f.to_port, f.version) == (ipaddress.ip_address(addr), port, ipaddress.ip_address(addr).version)
+
+
+@pytest.mark.parametrize("to, reason", [
+    ("[2001:db8::1]:80x", "'80x' is not a port"),
+    ("[2001:db8::1:80", "needs its closing ']'"),
+    ("[2001:db8::1]80", "after ']' comes ':port' or nothing"),
+    ("[192.168.1.10]:80", "is not an IPv6 address (brackets are for IPv6 with a port)"),
+    ("2001:db8::zz", "is not an IPv6 address; with a port, write it as '[fd00:1::10]:80'"),
+    ("host.example:80", "'host.example' is not an IPv4 address (an IPv6 one with a port is written"),
+])
+def test_port_forward_target_errors_say_how_to_write_it(to: str, reason: str) -> None:
+    path, got, _ = only(BASE + FORWARD.format(to=to))
+    assert path == "nat.forward[0].to" and reason in got, got
+    assert "'[2001' is not an IPv4 address" not in got
+
+
+def test_a_port_forward_per_ip_version_on_one_port() -> None:
+    both = BASE + FORWARD.format(to="192.168.1.10:80") + FORWARD.format(to="[fd00:1::10]:80")
+    config = loads(both)
+    assert [f.version for f in config.nat.forward] == [4, 6]
+    # The processor's double NAT stands only in front of IPv4 forwards.
+    assert [f.version for f in config.nat.forwards] == [4] and [f.version for f in config.nat.forwards6] == [6]
+    path, reason, _ = only(both + FORWARD.format(to="fd00:1::11"))
+    assert path == "nat.forward[2].port" and "overlaps nat.forward[1]" in reason
+    mixed = BASE + FORWARD.format(to="[fd00:1::10]:80") + "saddr = ['198.51.100.0/24']\n"
+    path, reason, _ = only(mixed)
+    assert path == "nat.forward[0].saddr" and "the forward is IPv6" in reason
+
+
+def test_masquerade6_names_zones() -> None:
+    assert loads(BASE + "[nat]\nmasquerade6 = ['wan']\n").nat.masquerade6 == ("wan",)
+    path, reason, _ = only(BASE + "[nat]\nmasquerade6 = ['dmz']\n")
+    assert path == "nat.masquerade6[0]" and "zone 'dmz' does not exist" in reason
+
+
 def test_pool_must_cover_every_queue() -> None:
     text = BASE + "\n[processor]\nqueues = [0, 1, 2]\n[processor.pools]\nfirewall_side = '172.31.254.0/31'\n"
     path, reason, _ = only(text)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,10 @@ from firewall.cli import main
 from firewall.config import ConfigError, loads
 from firewall.hazards import hazards
 from firewall.rules import build
-from firewall.rules.model import Drop, Queue, Return
+from firewall import backend as be
+from firewall.fields import PortRange
+from firewall.rules import iptables, nft
+from firewall.rules.model import CtState, Drop, Family, InZone, OutZone, Port, Queue, Return
 
 REPO = Path(__file__).parents[2]
 
@@ -72,6 +76,58 @@ def test_ipv6_that_skips_a_gateway_warns() -> None:
     assert "IPv6" in str(hazards(loads(BASE + SSH + everything + GATEWAY))[0])
     no_v6 = '[[rule]]\nfrom = "lan"\nto = "wan"\nproto = "tcp"\nports = 9000\nsaddr = ["::/0"]\naction = "drop"\n'
     assert paths(BASE + SSH + no_v6 + everything + GATEWAY) == []
+
+
+def test_every_selector_drops_ipv6_on_its_ports_counted_by_name(tmp_path: Path) -> None:
+    """Gateways take IPv4 only: the IPv6 a selector names is dropped, never let past the gateway (issue 17)."""
+    tunnel = ('[[gateway]]\nname = "tun"\nkind = "tunnel"\n[[gateway.traffic]]\nfrom = "wan"\nto = "router"\n'
+              'proto = "tcp"\nports = 7443\n[[gateway.traffic]]\nfrom = "wan"\nto = "router"\nproto = "udp"\nports = 7443\n')
+    config = loads(BASE + SSH + GATEWAY + tunnel)
+    rs = build(config)
+    assert sorted(rs.counters) == ["ipv6_drop_g0_0", "ipv6_drop_g1_0", "ipv6_drop_g1_1"]
+    drops = {r.counter: (c.name, r) for c in rs.chains for r in c.rules if r.counter}
+    chain, rule = drops["ipv6_drop_g0_0"]
+    assert chain == "forward" and rule.family is Family.V6 and rule.statements == (Drop(),)
+    assert InZone("lan") in rule.matches and OutZone("wan") in rule.matches and CtState(("new",)) in rule.matches
+    # The connection's original port: a port forward's DNAT does not hide it.
+    assert Port("dst", (PortRange(9000, 9000),), original=True) in rule.matches
+    # First in the chain: no [[rule]] decides before it.
+    assert rs.chain("forward").rules[0] is rule
+    assert drops["ipv6_drop_g1_0"][0] == drops["ipv6_drop_g1_1"][0] == "input"  # to = "router"
+    text = nft.render(rs)
+    assert "\tcounter ipv6_drop_g0_0 {" in text
+    assert re.search(r'meta nfproto ipv6 iifname @zone_lan oifname @zone_wan ct state new meta l4proto tcp '
+                     r'ct original proto-dst 9000 counter name "ipv6_drop_g0_0" drop', text), text
+    v6 = iptables.render(rs, 6)
+    assert '--ctorigdstport 9000 -m comment --comment "ipv6_drop_g0_0: gateway[0].traffic[0]' in v6
+    assert "ipv6_drop" not in iptables.render(rs, 4)
+
+    path = tmp_path / "nfgate.toml"
+    path.write_text(BASE + SSH + GATEWAY + tunnel)
+    checked = CliRunner().invoke(main, ["check", "-c", str(path)])
+    assert "IPv6 on its selectors' ports: dropped, counted as ipv6_drop_g1_0, ipv6_drop_g1_1" in checked.output
+
+
+def test_ipv6_a_rule_accepts_is_dropped_and_check_says_where_it_is_counted() -> None:
+    everything = '[[rule]]\nname = "out"\nfrom = "lan"\nto = "wan"\n'
+    (warning,) = hazards(loads(BASE + SSH + everything + GATEWAY))
+    assert "rule[1] accepts this traffic over IPv6 too" in warning.message
+    assert "drops IPv6 tcp 9000 from lan to wan (counted as ipv6_drop_g0_0" in warning.message
+    (warning,) = hazards(loads(BASE + SSH + '[policy]\nforward = "accept"\n' + GATEWAY))
+    assert warning.message.startswith("policy.forward = accept would pass this traffic over IPv6 too")
+
+
+def test_named_counters_are_read_from_ip6tables_save() -> None:
+    saved = (
+        "*filter\n:NFGATE-FORWARD - [0:0]\n"
+        '[3:240] -A NFGATE-FORWARD -i lan0 -o wan0 -p tcp -m conntrack --ctstate NEW -m conntrack --ctorigdstport 9000 '
+        '-m comment --comment "ipv6_drop_g0_0: gateway[0].traffic[0] gateway relay (tcp-relay): IPv6 dropped" -j DROP\n'
+        '[2:160] -A NFGATE-FORWARD -i lan1 -o wan0 -p tcp -m conntrack --ctstate NEW -m conntrack --ctorigdstport 9000 '
+        '-m comment --comment "ipv6_drop_g0_0: gateway[0].traffic[0] gateway relay (tcp-relay): IPv6 dropped" -j DROP\n'
+        '[7:700] -A NFGATE-FORWARD -m comment --comment "policy.forward = drop" -j DROP\nCOMMIT\n'
+    )
+    assert be.counted(saved, {"ipv6_drop_g0_0", "ipv6_drop_g1_0"}) == {"ipv6_drop_g0_0": (5, 400)}
+    assert be.counted(saved, set()) == {}
 
 
 def test_check_strict_exits_2_on_warnings(tmp_path: Path) -> None:

@@ -376,6 +376,28 @@ def test_run_popen_and_wait_listening(lab_factory):
 # -- the CLI -----------------------------------------------------------------
 
 
+@pytest.mark.netns
+def test_cli_builds_the_dual_lab(lab_prefix):
+    """`nfgate lab up dual`: basic with IPv6 beside IPv4 on every link, usable at once (no DAD wait)."""
+    p = lab_prefix
+    up = nfgate("lab", "up", "dual", "--prefix", p)
+    assert up.returncode == 0, up.stderr
+    labs = json.loads(nfgate("lab", "status", "--json", "--prefix", p).stdout)
+    ifaces = {(h, i["ifname"]): i["addresses"] for h, host in labs[p].items() for i in host["interfaces"]}
+    assert ifaces[("router", "wan0")] == ["203.0.113.1/24", "2001:db8:2::1/64"]
+    assert ifaces[("lan", "eth0")] == ["192.168.1.10/24", "fd00:1::10/64"]
+    assert {"to": "default", "via": "fd00:1::1", "dev": "eth0"} in labs[p]["lan"]["routes"]
+    lab = Lab(load_topology("dual"), p)
+    for host in ("ext", "router", "lan"):
+        assert lab.run(host, ["ip", "-6", "addr", "show", "tentative"]).stdout.strip() == "", host
+    assert lab.ping("lan", "fd00:1::1", count=1) and lab.ping("ext", "2001:db8:2::1", count=1)
+    assert lab.ping("router", "2001:db8:2::10", count=1) and lab.ping("router", "fd00:1::10", count=1)
+    # As with IPv4, ext has no route to the LAN's (ULA) prefix: only NAT66 gets there.
+    unreachable = lab.run("ext", ["ip", "-6", "route", "get", "fd00:1::10"], check=False)
+    assert unreachable.returncode != 0, unreachable.stdout
+    assert nfgate("lab", "down", "--prefix", p).returncode == 0
+
+
 def _nfgate() -> list[str]:
     script = Path(sys.executable).with_name("nfgate")
     if script.exists():
@@ -496,7 +518,7 @@ def test_cli_list_and_help_need_no_lab():
     runner = CliRunner()
     listed = runner.invoke(lab_group, ["list"])
     assert listed.exit_code == 0, listed.output
-    assert [line.split()[0] for line in listed.output.splitlines()][:2] == ["basic", "nat-tunnel"]
+    assert [line.split()[0] for line in listed.output.splitlines()][:3] == ["basic", "dual", "nat-tunnel"]
     for command in ("up", "down", "status", "exec", "list"):
         helped = runner.invoke(lab_group, [command, "--help"])
         assert helped.exit_code == 0 and "Example:" in helped.output, command

@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,5 +75,45 @@ def test_iptables_rendering_loads(router, example: str, variant: str) -> None:
             wanted = [line for line in text.splitlines() if line.startswith("-A ")]
             got = [line for line in saved.splitlines() if line.startswith("-A NFGATE-")]
             assert len(got) == len(wanted), (version, len(got), len(wanted))
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+# Run inside the namespace: the counters the kernel holds there, by name.
+_READ_COUNTERS = r"""
+import json, sys
+from firewall import backend as be
+from firewall.config import load
+from firewall.rules import build
+names = build(load(sys.argv[1])).counters
+print(json.dumps(be.named_counters(sys.argv[2], names)))
+"""
+
+
+@pytest.mark.parametrize("variant", ["nft", "iptables", "iptables-legacy"])
+def test_named_counters_read_back_from_each_backend(router, variant: str) -> None:
+    """The IPv6 a gateway cannot take is counted by name (rules.build._ipv6_drops), and
+    ``backend.named_counters`` reads every name back, whatever the backend."""
+    config = ROOT / "examples" / "office.toml"
+    rs = build(load(config))
+    ns = f"{router.prefix}-cnt{variant[-3:]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        if variant == "nft":
+            text = re.sub(r"queue num \d+( bypass)?", "accept", nft.render(rs))
+            loads = [(["nft", "-f", "-"], text)]
+        else:
+            tool = "legacy" if variant == "iptables-legacy" else "nft"
+            loads = [([f"ip6tables-{tool}-restore", "--noflush"], iptables.render(rs, 6))]
+        for argv, text in loads:
+            result = subprocess.run(["ip", "netns", "exec", ns, *argv], input=text, capture_output=True, text=True,
+                                    timeout=30)
+            assert result.returncode == 0, result.stderr
+        read = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", _READ_COUNTERS, str(config), variant],
+                              capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert read.returncode == 0, read.stderr
+        counts = json.loads(read.stdout)
+        assert sorted(counts) == sorted(rs.counters) and len(counts) >= 4, counts
+        assert all(c == [0, 0] for c in counts.values()), counts
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)

@@ -110,8 +110,8 @@ def test_largest_message_fits_one_datagram() -> None:
 def test_messages_check_their_fields() -> None:
     with pytest.raises(TypeError):
         Endpoint("10.0.0.1", 1)  # type: ignore[arg-type]
-    with pytest.raises(TypeError):
-        Endpoint(ipaddress.IPv6Address("::1"), 1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        Endpoint(ipaddress.IPv6Address("::ffff:10.0.0.1"), 1)  # an IPv4 peer has one spelling: IPv4Address
     with pytest.raises(ValueError):
         Endpoint(ip("10.0.0.1"), 65536)
     with pytest.raises(ValueError):
@@ -254,7 +254,7 @@ def test_header_checks() -> None:
     data = bytearray(encoder_for(NewFlow(FLOW)).encode(NewFlow(FLOW), T0))
     guard = guard_for(NewFlow(FLOW))
     assert guard.check(bytes(MIN_MESSAGE_SIZE - 1), T0) is Refusal.TOO_SHORT
-    assert VERSION == 3  # 3: FLOW_END carries counters, OFFLOAD_REQUEST (docs/signalling.md, "Versions")
+    assert VERSION == 4  # 4: 16-byte addresses, family 4 or 6 (docs/signalling.md, "Versions")
     for version in (VERSION - 1, VERSION + 1):
         assert guard.check(bytes([version]) + bytes(data[1:]), T0) is Refusal.BAD_VERSION
     assert guard.check(bytes(data[:1]) + bytes([0]) + bytes(data[2:]), T0) is Refusal.UNKNOWN_TYPE
@@ -432,14 +432,15 @@ def _body(message: Message) -> bytearray:
     "msg_type, offset, value",
     [
         (MsgType.NEW_FLOW, 8, 1),  # proto 1
-        (MsgType.NEW_FLOW, 9, 6),  # family 6: no layout yet
+        (MsgType.NEW_FLOW, 9, 6),  # family 6 with IPv4-mapped addresses
+        (MsgType.NEW_FLOW, 9, 5),  # no family 5
+        (MsgType.NEW_FLOW, 42 + 10, 0),  # the client ::ff:c633:6407 in a family 4 body: not IPv4-mapped
         (MsgType.NEW_FLOW, 10, ord(" ")),  # a space in the gateway name
         (MsgType.NEW_FLOW, 10, 0),  # empty gateway name
         (MsgType.NEW_FLOW, 10 + 31, ord("x")),  # "smtp-in", NULs, then x
         (MsgType.NEW_FLOW, 10 + 2, 0xE9),  # not ASCII
-        (MsgType.NEW_FLOW, 72 + 3, 1),  # snat 0.0.0.1:0: an address without a port
-        (MsgType.NEW_FLOW, 76 + 1, 1),  # snat 0.0.0.0:1: a port without an address
-        (MsgType.NEW_FLOW, 72, 0xE0),  # snat 224.0.0.0:0: multicast
+        (MsgType.NEW_FLOW, 132 + 15, 1),  # snat ::1:0 in a family 4 body: not IPv4-mapped
+        (MsgType.NEW_FLOW, 148 + 1, 1),  # snat (none):1: a port without an address
         (MsgType.FLOW_END, 8, 0),  # reason 0
         (MsgType.FLOW_END, 8, 6),  # reason 6: none yet
         (MsgType.RULE_REQUEST, 18, 3),  # mode 3
@@ -633,11 +634,66 @@ def test_doc_hex_decodes_to_the_examples() -> None:
     doc = (Path(__file__).parents[2] / "docs" / "signalling.md").read_text()
     blocks = re.findall(r"```text\n((?:[0-9a-f]+\n)+)```", doc)
     datagrams = [bytes.fromhex("".join(block.split())) for block in blocks]
-    assert len(datagrams) == len(MsgType) + examples.EXAMPLE_COPIES - 1
-    expected = {m.TYPE: m for m in MESSAGES}
+    assert len(datagrams) == len(MsgType) + examples.EXAMPLE_COPIES - 1 + len(examples.FAMILY6_EXAMPLES)
+    expected: dict[MsgType, list[Message]] = {}
+    for m in (*MESSAGES, *(m for _, m in examples.FAMILY6_EXAMPLES)):
+        expected.setdefault(m.TYPE, []).append(m)
     for data in datagrams:
         msg_type = MsgType(data[1])
-        guard = Guard(examples.EXAMPLE_KEY, receiver_of(expected[msg_type]), now=examples.EXAMPLE_NOW - 1)
+        guard = Guard(examples.EXAMPLE_KEY, receiver_of(expected[msg_type][0]), now=examples.EXAMPLE_NOW - 1)
         got = guard.check(data, examples.EXAMPLE_NOW)
-        assert isinstance(got, Received) and got.message == expected[msg_type]
+        assert isinstance(got, Received) and got.message in expected[msg_type]
         assert got.seq == examples.EXAMPLE_SEQ
+
+
+# ---- families (issue 17) ----------------------------------------------------------------
+
+V6 = examples.SMTP_FLOW6
+
+
+def test_family_6_round_trips_every_type_with_addresses() -> None:
+    six = [NewFlow(V6), Answer(3, V6), Query(4, Proto.TCP, V6.firewall_side, V6.ag),
+           NotFound(5, Proto.TCP, V6.firewall_side, V6.ag),
+           RuleRequest(6, V6.flow_id, Proto.UDP, Endpoint(V6.server.address, 0), V6.client, 10, RuleMode.ALLOW, True)]
+    for message in six:
+        data = encoder_for(message).encode(message, T0)
+        assert len(data) == DATAGRAM_SIZE[message.TYPE]  # one size per type, whatever the family
+        family_at = {MsgType.NEW_FLOW: 9, MsgType.QUERY: 9, MsgType.NOT_FOUND: 9, MsgType.ANSWER: 17,
+                     MsgType.RULE_REQUEST: 17}[message.TYPE]
+        assert data[HEADER_SIZE + family_at] == 6
+        got = guard_for(message).check(data, T0)
+        assert isinstance(got, Received) and got.message == message
+
+
+def test_ipv4_is_written_ipv4_mapped_in_a_family_4_body() -> None:
+    body = _body(NewFlow(examples.SMTP_FLOW))
+    assert body[9] == 4
+    assert bytes(body[42:58]) == bytes(10) + b"\xff\xff" + ipaddress.IPv4Address("198.51.100.7").packed
+    assert bytes(body[132:150]) == bytes(18)  # no SNAT: all zeros
+
+
+def test_one_message_one_family() -> None:
+    v4 = examples.SMTP_FLOW
+    with pytest.raises(ValueError, match="one family"):
+        FlowInfo(v4.flow_id, Proto.TCP, "g", V6.client, v4.original_dst, v4.server, v4.firewall_side, v4.ag)
+    with pytest.raises(ValueError, match="one family"):
+        Query(1, Proto.TCP, V6.firewall_side, v4.ag)
+    with pytest.raises(ValueError, match="one family"):
+        RuleRequest(1, 1, Proto.TCP, V6.client, v4.server, 5, RuleMode.ALLOW, True)
+    with pytest.raises(ValueError, match="one family"):
+        FlowInfo(v4.flow_id, Proto.TCP, "g", v4.client, v4.original_dst, v4.server, v4.firewall_side, v4.ag,
+                 snat=Endpoint(ipaddress.IPv6Address("2001:db8::1"), 1))
+
+
+def test_a_family_6_rule_for_any_or_many_is_not_exact() -> None:
+    for wildcard in ("::", "ff02::1"):
+        request = RuleRequest(1, V6.flow_id, Proto.UDP, Endpoint(ipaddress.IPv6Address(wildcard), 0), V6.client, 10,
+                              RuleMode.ALLOW, True)
+        assert rule_request_problem(request) is RuleRefusal.NOT_EXACT
+
+
+def test_a_mapped_multicast_snat_is_malformed() -> None:
+    body = _body(NewFlow(examples.FTP_FLOW))
+    body[132:148] = bytes(10) + b"\xff\xff" + ipaddress.IPv4Address("224.0.0.1").packed
+    guard = guard_for(NewFlow(examples.FTP_FLOW))
+    assert guard.check(forge(MsgType.NEW_FLOW, bytes(body)), T0) is Refusal.MALFORMED

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
-from ipaddress import IPv4Address, IPv4Interface, ip_interface, ip_network
+from ipaddress import IPv4Address, IPv4Interface, ip_address, ip_interface, ip_network
 
 import pytest
 from hypothesis import given, settings
@@ -35,7 +35,7 @@ def problems_of(doc: object) -> list[str]:
 
 def test_shipped_topologies_are_listed_and_load():
     names = list_topologies()
-    assert {"basic", "nat-tunnel"} <= set(names)
+    assert {"basic", "dual", "nat-tunnel"} <= set(names)
     for name in names:
         topo = load_topology(name)
         assert isinstance(topo, Topology)
@@ -60,6 +60,22 @@ def test_basic_has_the_documented_shape():
     assert topo.routes_of("ext") == ()
     lan_net = ip_network("192.168.1.0/24")
     assert not any(a.network.overlaps(lan_net) for ep in topo.endpoints("ext") for a in ep.addresses)
+
+
+def test_dual_is_basic_with_ipv6_beside_ipv4_on_every_link():
+    basic, dual = load_topology("basic"), load_topology("dual")
+    assert dual.host_names == basic.host_names and dual.router == basic.router
+    for b, d in zip(basic.links, dual.links):
+        for eb, ed in zip(b.endpoints, d.endpoints):
+            assert (ed.host, ed.ifname) == (eb.host, eb.ifname)
+            assert [a for a in ed.addresses if a.version == 4] == list(eb.addresses)
+            (six,) = [a for a in ed.addresses if a.version == 6]
+            # Documentation prefix outside (RFC 3849), a ULA inside (RFC 4193).
+            assert six.network.subnet_of(ip_network("2001:db8::/32")) or six.network.subnet_of(ip_network("fc00::/7"))
+    assert dual.address("lan", version=6).network.subnet_of(ip_network("fc00::/7"))
+    assert {r.via for r in dual.routes_of("lan")} == {IPv4Address("192.168.1.1"), ip_address("fd00:1::1")}
+    # As in basic: ext has no route to either of the LAN's prefixes, only NAT gets there.
+    assert dual.routes_of("ext") == ()
 
 
 def test_nat_tunnel_has_a_masquerading_nat_with_short_timeouts():
