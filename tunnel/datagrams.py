@@ -47,6 +47,16 @@ MIN_DATAGRAM_SIZE = DGRAM_HEADER_SIZE + TAG_SIZE
 FLAG_FROM_SERVER = 0x01
 DEFAULT_REPLAY_WINDOW = 1024  # sequence numbers per channel and direction
 MAX_SEQ = (1 << 64) - 1
+# The largest UDP payload over IPv4 (65535 - 20 - 8): a channel datagram
+# must fit in one, so a relayed datagram whose data and the channel's own
+# bytes do not fit goes as a DATA frame on the TCP channel instead (issue 14 F).
+MAX_CHANNEL_DATAGRAM = 65507
+
+
+def fits_channel(address: IPAddress, data: bytes) -> bool:
+    """Does a DATA datagram of ``data`` to or from ``address`` fit in one UDP datagram?"""
+    overhead = DGRAM_HEADER_SIZE + 1 + address.max_prefixlen // 8 + 2 + TAG_SIZE
+    return overhead + len(data) <= MAX_CHANNEL_DATAGRAM
 
 
 class DatagramType(enum.IntEnum):

@@ -40,7 +40,7 @@ from tunnel.commands import (
     UdpChannelDead, WriteStream,
 )
 from tunnel.datagrams import (
-    Datagram, DatagramError, DatagramType, DropReason, encode_datagram,
+    Datagram, DatagramError, DatagramType, DropReason, encode_datagram, fits_channel,
     verify_datagram,
 )
 from tunnel.errors import ErrorCode, LocalProtocolError, ProtocolError
@@ -549,7 +549,10 @@ class MediatorCore(ChannelCore[MediatorState]):
             return list(self._data_frames(port_id, address, port, data, stream=True))
         if record.state is PortState.OPEN and record.proto is Proto.UDP:
             return list(self._data_frames(port_id, address, port, data, stream=False))
-        if record.state is PortState.REDIRECTED and self._key is not None:
+        if record.state is PortState.REDIRECTED and self._key is not None and not fits_channel(address, data):
+            # Too large for the channel's own bytes around it: a DATA frame (section 11).
+            return list(self._data_frames(port_id, address, port, data, stream=False))
+        if record.state is PortState.REDIRECTED and self._key is not None and fits_channel(address, data):
             datagram = Datagram(
                 DatagramType.DATA, self._key.key_id, port_id, record.send_seq, False,
                 address, port, data,

@@ -53,7 +53,7 @@ from tunnel.commands import (
     ServerOutput, SessionReady,
 )
 from tunnel.datagrams import (
-    Datagram, DatagramError, DatagramType, DropReason, encode_datagram,
+    Datagram, DatagramError, DatagramType, DropReason, encode_datagram, fits_channel,
     verify_datagram,
 )
 from tunnel.errors import ErrorCode, LimitError, LocalProtocolError, ProtocolError
@@ -359,7 +359,8 @@ class ServerSession(ChannelCore[ServerState]):
         remote = self._remote(port_id, PortOp.DATA)
         if remote.proto is Proto.UDP and len(data) > MAX_UDP_PAYLOAD:
             raise LocalProtocolError(f"a {len(data)}-byte datagram is too large")
-        if remote.state is PortState.REDIRECTED and remote.source is not None and self._key is not None:
+        if (remote.state is PortState.REDIRECTED and remote.source is not None and self._key is not None
+                and fits_channel(address, data)):
             datagram = Datagram(
                 DatagramType.DATA, self.key_id, port_id, remote.send_seq, True, address, port, data
             )

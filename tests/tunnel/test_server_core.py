@@ -527,6 +527,27 @@ def test_both_cores_relay_udp_over_a_channel() -> None:
     assert pair.mediator.receive_datagram(down.data, 1.0) == [SendTo(1, PHONE, 40000, b"rtp back")]
 
 
+@pytest.mark.parametrize("size", [65507 - 43, 65507 - 42, 65507])
+def test_a_datagram_too_large_for_the_channel_goes_as_a_data_frame(size: int) -> None:
+    """A channel datagram is the data plus 43 bytes (IPv4): what does not fit
+    in 65507 crosses the TCP channel, both ways, whole (issue 14 F)."""
+    pair = Pair("voip")
+    pair.start()
+    request_id, commands = pair.server.redirect_port(ME, 5004, mandatory=True)
+    assert pair.up(pair.down(commands)) == [PortOpened(request_id, 1, 5004)]
+    [first_keepalive] = [c for c in pair.done if isinstance(c, SendChannel)]
+    [ack] = pair.server.receive_datagram(first_keepalive.data, (NAT, 40001), 1.0)
+    data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    up = pair.mediator.received(1, PHONE, 40000, data)
+    down = pair.server.send(1, PHONE, 40000, data)
+    if size <= 65507 - 43:
+        assert [type(c) for c in up] == [SendChannel] and len(up[0].data) == 65507
+        assert [type(c) for c in down] == [SendDatagram] and len(down[0].data) == 65507
+        return
+    assert pair.up(up) == [Received(1, PHONE, 40000, data)]
+    assert pair.down(down) == [SendTo(1, PHONE, 40000, data)]
+
+
 def test_both_cores_keep_the_channel_alive() -> None:
     pair = Pair()
     pair.start()
