@@ -64,6 +64,22 @@ class RelayFailed:
     message: str = ""
 
 
+@dataclass(frozen=True)
+class PauseReading:
+    """Version 3: stop reading TCP connection ``port_id``'s socket (its
+    window to the peer is used up); a command on the mediator, an event for
+    the port's owner on the server."""
+
+    port_id: int
+
+
+@dataclass(frozen=True)
+class ResumeReading:
+    """Version 3: read ``port_id``'s socket again (the peer gave credit back)."""
+
+    port_id: int
+
+
 # -- mediator: commands -------------------------------------------------------
 
 
@@ -279,10 +295,10 @@ class LimitExceeded:
 MediatorOutput = (
     SendFrame | CloseChannel | ChannelClosed | OpenSocket | ConnectSocket | ListenSocket
     | CloseSocket | ShutdownSocket | AbortSocket | WriteStream | SendTo | SendChannel
-    | Ready | Refused | UdpChannelDead | RelayFailed
+    | Ready | Refused | UdpChannelDead | RelayFailed | PauseReading | ResumeReading
 )
 ServerOutput = (
     SendFrame | CloseChannel | ChannelClosed | SendDatagram | SessionReady | PortOpened
     | RequestAcked | RequestFailed | RelayFailed | Received | ConnectionAccepted
-    | PeerFin | PeerReset | LimitExceeded
+    | PeerFin | PeerReset | LimitExceeded | PauseReading | ResumeReading
 )

@@ -101,8 +101,13 @@ class ServerConfig:
     channel_wait: float = 1.0
     """How long a new UDP flow waits for its UDP channel before it falls back
     to DATA frames on the TCP channel."""
-    udp_queue: int = 64
+    udp_queue: int = 4096
     """Datagrams a UDP flow holds while its redirect is being opened."""
+    udp_queue_bytes: int = 262144
+    """Bytes of datagrams it holds meanwhile: a redirect opened behind bulk
+    TCP on a busy channel can take a second or two, and at 1000 datagrams/s a
+    new flow must lose none of them (issue 14 D), yet a flood of spoofed
+    sources must not cost more than this per flow."""
     max_channels: int = 4096
     """TCP channels at once, authenticated or not (bounds a flood)."""
     tls_read_buffer: int = 65536
@@ -258,6 +263,7 @@ class _ServerTable(Frozen):
     udp_idle_timeout: Number(1, 86400) = _SERVER.udp_idle_timeout
     channel_wait: Number(0, 60) = _SERVER.channel_wait
     udp_queue: Int(1, 65536) = _SERVER.udp_queue
+    udp_queue_bytes: Int(1500, 1 << 26) = _SERVER.udp_queue_bytes
     max_channels: Int(1, 1_000_000) = _SERVER.max_channels
     tls_read_buffer: Int(16384, 1 << 20) = _SERVER.tls_read_buffer
     republish_initial: Number(0.01, 3600) = _SERVER.republish.initial
@@ -328,6 +334,7 @@ def load_server(path: str | Path) -> ServerConfig:
         publish_ports=f.limits.publish_ports,
         request_timeout=s.request_timeout, handshake_timeout=s.handshake_timeout,
         udp_idle_timeout=s.udp_idle_timeout, channel_wait=s.channel_wait, udp_queue=s.udp_queue,
+        udp_queue_bytes=s.udp_queue_bytes,
         max_channels=s.max_channels, tls_read_buffer=s.tls_read_buffer,
         republish=BackoffSettings(initial=s.republish_initial, maximum=s.republish_max),
     )

@@ -36,8 +36,8 @@ from firewall.replay import ReplayWindow
 from tunnel.channel import ChannelCore, IdAllocator
 from tunnel.commands import (
     AbortSocket, CloseSocket, ConnectSocket, ListenSocket, MediatorOutput,
-    OpenSocket, Ready, Refused, RelayFailed, SendChannel, SendTo, ShutdownSocket,
-    UdpChannelDead, WriteStream,
+    OpenSocket, PauseReading, Ready, Refused, RelayFailed, ResumeReading, SendChannel, SendTo,
+    ShutdownSocket, UdpChannelDead, WriteStream,
 )
 from tunnel.datagrams import (
     Datagram, DatagramError, DatagramType, DropReason, encode_datagram, fits_channel,
@@ -48,11 +48,12 @@ from tunnel.frames import (
     MIN_MAX_FRAME_SIZE, UDP_KEY_SIZE, Ack, ClosePort, ConnectPort, Data, Err, EventAccepted,
     EventFin, EventRst, Frame, FrameType, Hello, InitErr, InitOk, IPAddress, IPInterface,
     Keepalive, KeepaliveAck, ListenPort, Opened, OpenPort, Proto, RedirectPort, UdpKey,
-    CheckTarget, OpenConnect,
+    CheckTarget, OpenConnect, WindowUpdate,
 )
 from tunnel.policy import Op, Policy
 from tunnel.settings import MediatorSettings
 from tunnel.states import MEDIATOR_TRANSITIONS, Local, MediatorState, PortOp, PortState, port_op
+from tunnel.window import StreamWindow
 
 
 Out = list[MediatorOutput]
@@ -82,6 +83,7 @@ class _Port:
     peer: tuple[IPAddress, int] | None = None  # TCP: the connected private end
     shut: bool = False  # the server's FIN was relayed (no more DATA)
     connect_to: tuple[IPAddress, int] | None = None  # OPEN_CONNECT's target: OPENED comes once connected
+    credit: StreamWindow | None = None  # version 3: a connected TCP port's windows
     # UDP channel of a redirected port
     send_seq: int = 0
     window: ReplayWindow | None = None
@@ -144,6 +146,7 @@ class MediatorCore(ChannelCore[MediatorState]):
             FrameType.DATA: self._on_data,
             FrameType.EVENT_FIN: self._on_fin,
             FrameType.EVENT_RST: self._on_rst,
+            FrameType.WINDOW_UPDATE: self._on_window_update,
             FrameType.KEEPALIVE: self._on_keepalive,
             FrameType.KEEPALIVE_ACK: self._on_keepalive_ack,
             FrameType.ERR: self._on_err,
@@ -397,6 +400,8 @@ class MediatorCore(ChannelCore[MediatorState]):
             if port.peer != (frame.address, frame.port):
                 message = "not this connection's peer"
                 return self._err(frame, ErrorCode.BAD_REQUEST, message, port.port_id)
+            if port.credit is not None and not port.credit.received(len(frame.payload)):
+                raise ProtocolError(ErrorCode.BAD_REQUEST, f"DATA past port {port.port_id}'s window")
             return [WriteStream(port.port_id, frame.payload)]
         return self._send_to(port, frame.address, frame.port, frame.payload)
 
@@ -418,8 +423,42 @@ class MediatorCore(ChannelCore[MediatorState]):
         port, refusal = self._port_for(frame, frame.port_id, PortOp.RST)
         if port is None:
             return refusal
-        port.state = PortState.RESET
+        port.state, port.credit = PortState.RESET, None
         return [AbortSocket(port.port_id)]
+
+    def _on_window_update(self, frame: WindowUpdate, now: float) -> Out:
+        port = self._ports.get(frame.port_id)
+        if port is None or port.credit is None or port.state is not PortState.CONNECTED:
+            return []  # the port ended while the credit was in flight
+        sendable = port.credit.granted(frame.increment)
+        if sendable is None:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"WINDOW_UPDATE past port {port.port_id}'s window")
+        return self._stream(port, *sendable)
+
+    def _stream(self, port: _Port, data: bytes, changed: bool) -> Out:
+        """DATA for what the window lets go, then the reading switch and a FIN held behind it."""
+        assert port.peer is not None and port.credit is not None
+        out: Out = list(self._data_frames(port.port_id, *port.peer, data, stream=True))
+        if changed:
+            out.append(PauseReading(port.port_id) if port.credit.paused else ResumeReading(port.port_id))
+        if port.credit.fin_held and not port.credit.held:
+            port.credit.fin_held = False
+            out.append(self._send(EventFin(port.port_id)))
+        return out
+
+    def consumed(self, port_id: int, n: int) -> Out:
+        """Version 3: ``n`` bytes written to connection ``port_id`` left its
+        socket's buffer; the credit goes back to the server in pieces."""
+        record = self._live(port_id)
+        if record is None or self.closed or record.credit is None or record.state is not PortState.CONNECTED:
+            return []
+        grant = record.credit.consumed(n)
+        return [self._send(WindowUpdate(port_id, grant))] if grant else []
+
+    @property
+    def windowed(self) -> bool:
+        """Per-connection windows (version 3): a slow private host no longer holds the channel."""
+        return (self._version or 0) >= 3
 
     def _on_keepalive(self, frame: Keepalive, now: float) -> Out:
         return self._reply(KeepaliveAck(request_id=frame.request_id))
@@ -496,6 +535,8 @@ class MediatorCore(ChannelCore[MediatorState]):
         port = self._result_port(port_id, PortState.CONNECTING)
         if port is None:
             return [CloseSocket(port_id)]
+        if self.windowed:
+            port.credit = StreamWindow()
         if port.connect_to is not None:
             port.connect_to = None
             return [self._send(Opened(port_id, port.port, request_id=self._finish(port, PortState.CONNECTED)))]
@@ -546,6 +587,8 @@ class MediatorCore(ChannelCore[MediatorState]):
         if record is None or self.closed:
             return []
         if record.state is PortState.CONNECTED:
+            if record.credit is not None:
+                return self._stream(record, *record.credit.send(data))
             return list(self._data_frames(port_id, address, port, data, stream=True))
         if record.state is PortState.OPEN and record.proto is Proto.UDP:
             return list(self._data_frames(port_id, address, port, data, stream=False))
@@ -580,7 +623,7 @@ class MediatorCore(ChannelCore[MediatorState]):
         conn_id = self._port_ids.new(self._ports)
         self._ports[conn_id] = _Port(
             conn_id, Proto.TCP, PortState.CONNECTED, listener.address, listener.port,
-            peer=(address, port),
+            peer=(address, port), credit=StreamWindow() if self.windowed else None,
         )
         return conn_id, [self._send(EventAccepted(listen_id, conn_id, address, port))]
 
@@ -589,6 +632,9 @@ class MediatorCore(ChannelCore[MediatorState]):
         record = self._live(port_id)
         if record is None or self.closed or record.state is not PortState.CONNECTED:
             return []
+        if record.credit is not None and record.credit.held:
+            record.credit.fin_held = True  # after the bytes the window still holds
+            return []
         return [self._send(EventFin(port_id))]
 
     def reset(self, port_id: int) -> Out:
@@ -596,7 +642,7 @@ class MediatorCore(ChannelCore[MediatorState]):
         record = self._live(port_id)
         if record is None or self.closed or record.state is not PortState.CONNECTED:
             return []
-        record.state = PortState.RESET
+        record.state, record.credit = PortState.RESET, None
         return [self._send(EventRst(port_id))]
 
     # -- UDP channels -----------------------------------------------------------------

@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 from firewall.control import ControlError
 from tunnel import tls
-from tunnel.aio import address_pair, family_of
+from tunnel.aio import address_pair, family_of, grow_udp_buffer, limit_unsent
 from tunnel.commands import SessionReady
 from tunnel.config import MediatorEntry, ServerConfig
 from tunnel.datagrams import peek_key_id
@@ -79,6 +79,7 @@ class ChannelProtocol(asyncio.Protocol):
         if not self.server.accept_channel():
             transport.abort()
             return
+        limit_unsent(transport)
         self.session = self.server.new_session(transport, self.peer)
 
     def data_received(self, data: bytes) -> None:
@@ -528,6 +529,7 @@ class StandaloneFrontend:
         self.udp, _ = await loop.create_datagram_endpoint(
             lambda: _ServiceDatagrams(server), local_addr=(host, cfg.service_port), family=family_of(cfg.listen),
         )
+        grow_udp_buffer(self.udp)
 
     async def bind(self, publication: Publication) -> None:
         assert self.server is not None
@@ -545,6 +547,7 @@ class StandaloneFrontend:
                 lambda: _PublicDatagrams(publication), local_addr=(host, spec.public_port),
                 family=family_of(cfg.public_address),
             )
+            grow_udp_buffer(publication.listener)
 
     def send_datagram(self, data: bytes, address: IPAddress, port: int) -> None:
         if self.udp is not None:

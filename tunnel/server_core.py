@@ -48,8 +48,8 @@ from dataclasses import dataclass
 from firewall.replay import ReplayWindow
 from tunnel.channel import ChannelCore, IdAllocator
 from tunnel.commands import (
-    ConnectionAccepted, LimitExceeded, PeerFin, PeerReset,
-    PortOpened, Received, RelayFailed, RequestAcked, RequestFailed, SendDatagram,
+    ConnectionAccepted, LimitExceeded, PauseReading, PeerFin, PeerReset,
+    PortOpened, Received, RelayFailed, RequestAcked, RequestFailed, ResumeReading, SendDatagram,
     ServerOutput, SessionReady,
 )
 from tunnel.datagrams import (
@@ -61,11 +61,12 @@ from tunnel.frames import (
     MAX_UDP_PAYLOAD, MIN_MAX_FRAME_SIZE, UDP_KEY_SIZE, Ack, ClosePort, ConnectPort, Data,
     Err, EventAccepted, EventFin, EventRst, Frame, FrameType, Hello, InitErr, InitOk,
     IPAddress, Keepalive, KeepaliveAck, ListenPort, Opened, OpenPort, Proto, RedirectPort,
-    UdpKey, OpenConnect, CheckTarget,
+    UdpKey, OpenConnect, CheckTarget, WindowUpdate,
 )
 from tunnel.policy import Authenticator
 from tunnel.settings import MediatorLimits, ServerSettings
 from tunnel.states import SERVER_TRANSITIONS, Local, PortOp, PortState, ServerState, port_op
+from tunnel.window import StreamWindow
 
 
 Out = list[ServerOutput]
@@ -87,6 +88,7 @@ class _Remote:
     source: tuple[IPAddress, int] | None = None  # learnt from its datagrams
     window: ReplayWindow | None = None
     send_seq: int = 0
+    credit: StreamWindow | None = None  # version 3: a connection's windows
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,7 @@ class ServerSession(ChannelCore[ServerState]):
             FrameType.EVENT_ACCEPTED: self._on_accepted,
             FrameType.EVENT_FIN: self._on_fin,
             FrameType.EVENT_RST: self._on_rst,
+            FrameType.WINDOW_UPDATE: self._on_window_update,
             FrameType.KEEPALIVE: self._on_keepalive,
             FrameType.BYE: self._on_bye,
         }
@@ -264,6 +267,11 @@ class ServerSession(ChannelCore[ServerState]):
         )
 
     @property
+    def pending_full(self) -> bool:
+        """``max_pending`` requests are in flight: one more raises ``LimitError``."""
+        return len(self._pending) >= self.limits.max_pending
+
+    @property
     def pipelines_connect(self) -> bool:
         """OPEN_CONNECT and CHECK_TARGET exist in this session (version 2)."""
         return (self._version or 0) >= 2
@@ -366,18 +374,48 @@ class ServerSession(ChannelCore[ServerState]):
             )
             remote.send_seq += 1
             return [SendDatagram(*remote.source, encode_datagram(datagram, self._key))]
+        if remote.credit is not None:
+            return self._stream(remote, address, port, *remote.credit.send(data))
         return list(self._data_frames(port_id, address, port, data, stream=remote.proto is Proto.TCP))
+
+    def _stream(self, remote: _Remote, address: IPAddress, port: int, data: bytes, changed: bool) -> Out:
+        """DATA for what the window lets go, then the reading switch and a FIN held behind it."""
+        assert remote.credit is not None
+        out: Out = list(self._data_frames(remote.port_id, address, port, data, stream=True))
+        if changed:
+            out.append(PauseReading(remote.port_id) if remote.credit.paused else ResumeReading(remote.port_id))
+        if remote.credit.fin_held and not remote.credit.held:
+            remote.credit.fin_held = False
+            out.append(self._send(EventFin(remote.port_id)))
+        return out
 
     def fin(self, port_id: int) -> Out:
         """Half-close connection ``port_id`` towards the private host."""
-        self._remote(port_id, PortOp.FIN)
+        remote = self._remote(port_id, PortOp.FIN)
+        if remote.credit is not None and remote.credit.held:
+            remote.credit.fin_held = True  # after the bytes the window still holds
+            return []
         return [self._send(EventFin(port_id))]
 
     def reset(self, port_id: int) -> Out:
         """Reset connection ``port_id`` towards the private host."""
         remote = self._remote(port_id, PortOp.RST)
-        remote.state = PortState.RESET
+        remote.state, remote.credit = PortState.RESET, None
         return [self._send(EventRst(port_id))]
+
+    def consumed(self, port_id: int, n: int) -> Out:
+        """Version 3: ``n`` bytes relayed from connection ``port_id`` left the
+        public socket's buffer; the credit goes back to the mediator in pieces."""
+        remote = self._remotes.get(port_id)
+        if remote is None or remote.credit is None or remote.state is not PortState.CONNECTED or self.closed:
+            return []
+        grant = remote.credit.consumed(n)
+        return [self._send(WindowUpdate(port_id, grant))] if grant else []
+
+    @property
+    def windowed(self) -> bool:
+        """Per-connection windows (version 3): a slow public client no longer holds the channel."""
+        return (self._version or 0) >= 3
 
     # -- replies from the mediator ---------------------------------------------------
 
@@ -397,6 +435,7 @@ class ServerSession(ChannelCore[ServerState]):
         if pending.kind is FrameType.OPEN_CONNECT:
             self._remotes[frame.port_id] = _Remote(
                 frame.port_id, Proto.TCP, PortState.CONNECTED, is_port=True, connection=True, peer=pending.peer,
+                credit=StreamWindow() if self.windowed else None,
             )
             return [PortOpened(frame.request_id, frame.port_id, frame.port)]
         redirect = pending.kind is FrameType.REDIRECT_PORT
@@ -417,6 +456,7 @@ class ServerSession(ChannelCore[ServerState]):
             self._remotes.pop(pending.port_id, None)
         elif remote is not None and pending.kind is FrameType.CONNECT:
             remote.state = PortState.CONNECTED
+            remote.credit = StreamWindow() if self.windowed else None
         elif remote is not None:
             remote.state = PortState.LISTENING
         return [RequestAcked(frame.request_id, pending.port_id)]
@@ -454,6 +494,8 @@ class ServerSession(ChannelCore[ServerState]):
         remote, out = self._relayed(frame, frame.port_id)
         if remote is None:
             return out
+        if remote.credit is not None and not remote.credit.received(len(frame.payload)):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"DATA past port {remote.port_id}'s window")
         return [Received(frame.port_id, frame.address, frame.port, frame.payload)]
 
     def _on_accepted(self, frame: EventAccepted, now: float) -> Out:
@@ -464,7 +506,7 @@ class ServerSession(ChannelCore[ServerState]):
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"port {frame.port_id} is not listening")
         remote = _Remote(
             frame.conn_id, Proto.TCP, PortState.CONNECTED, is_port=False, connection=True,
-            peer=(frame.address, frame.port),
+            peer=(frame.address, frame.port), credit=StreamWindow() if self.windowed else None,
         )
         self._remotes[frame.conn_id] = remote
         over = self._connections_in_use() > self.limits.max_connections
@@ -485,8 +527,18 @@ class ServerSession(ChannelCore[ServerState]):
         remote, out = self._relayed(frame, frame.port_id)
         if remote is None:
             return out
-        remote.state = PortState.RESET
+        remote.state, remote.credit = PortState.RESET, None
         return [PeerReset(frame.port_id)]
+
+    def _on_window_update(self, frame: WindowUpdate, now: float) -> Out:
+        remote = self._remotes.get(frame.port_id)
+        if remote is None or remote.credit is None or remote.state is not PortState.CONNECTED or remote.closing:
+            return []  # the port ended while the credit was in flight
+        sendable = remote.credit.granted(frame.increment)
+        if sendable is None:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"WINDOW_UPDATE past port {remote.port_id}'s window")
+        assert remote.peer is not None
+        return self._stream(remote, *remote.peer, *sendable)
 
     def _on_keepalive(self, frame: Keepalive, now: float) -> Out:
         return [self._send(KeepaliveAck(request_id=frame.request_id))]

@@ -73,7 +73,7 @@ def connected(session: ServerSession, port_id: int) -> None:
 
 def refused_init(code: ErrorCode, message: str, request_id: int = 1) -> list[object]:
     return [
-        SendFrame(InitErr(code, message, (1, 2), request_id=request_id), 2),
+        SendFrame(InitErr(code, message, (1, 2, 3), request_id=request_id), 3),
         CloseChannel(), ChannelClosed(code, message, False),
     ]
 
@@ -121,13 +121,13 @@ def test_no_authenticator_refuses_everyone() -> None:
 
 
 def test_version_mismatch() -> None:
-    """A future mediator speaking only version 3 gets INIT_ERR, in a frame it can read."""
+    """A future mediator speaking only version 4 gets INIT_ERR, in a frame it can read."""
     session = new_session()
-    hello_v3 = Hello((3,), "mediator-7", b"secret", "web-help", (), 25000, 131072, request_id=1)
-    result = session.receive_data(encode_frame(hello_v3, version=3), 0.5)
-    assert result == refused_init(ErrorCode.UNSUPPORTED_VERSION, "no common version (offered 3)")
+    hello_v4 = Hello((4,), "mediator-7", b"secret", "web-help", (), 25000, 131072, request_id=1)
+    result = session.receive_data(encode_frame(hello_v4, version=4), 0.5)
+    assert result == refused_init(ErrorCode.UNSUPPORTED_VERSION, "no common version (offered 4)")
     first = result[0]
-    assert isinstance(first, SendFrame) and first.data[:2] == b"\x02\x03"
+    assert isinstance(first, SendFrame) and first.data[:2] == b"\x03\x03"
 
 
 def test_highest_common_version_is_chosen() -> None:
@@ -418,10 +418,10 @@ class Pair:
     for (or 40000 for "any"); other socket commands are recorded in ``done``.
     """
 
-    def __init__(self, service: str = "web-help") -> None:
+    def __init__(self, service: str = "web-help", versions: tuple[int, ...] = (1, 2, 3)) -> None:
         self.mediator = MediatorCore(
             MediatorIdentity("mediator-7", b"secret", service, IFACES),
-            MediatorSettings(keepalive_interval=25.0, dead_after=3),
+            MediatorSettings(versions=versions, keepalive_interval=25.0, dead_after=3),
             policy=AllowList([Rule(ip_network("192.168.1.0/24"))]),
         )
         self.server = new_session()
@@ -450,7 +450,7 @@ class Pair:
 
     def start(self) -> None:
         events = self.up(self.mediator.channel_up(self.now))
-        assert events[-1] == SessionReady(7, "mediator-7", self.mediator.identity.service, IFACES, 2)
+        assert events[-1] == SessionReady(7, "mediator-7", self.mediator.identity.service, IFACES, max(self.mediator.settings.versions))
         assert self.up(self.down(events)) == []  # INIT_OK, UDP_KEY -> ACK
         assert self.mediator.state.value == self.server.state.value == "READY"
 
