@@ -7,6 +7,9 @@
 - ``reset``: close a TCP transport with RST (SO_LINGER 0), which is how a
   relayed EVENT_RST is carried out (seed, "Event relay": "destruction
   (message TCP RST) of a TCP connection").
+- ``limit_unsent``, ``grow_udp_buffer``, ``grow_tls_read_buffer``: socket
+  sizes that keep a busy channel from delaying what is not bulk, and an
+  idle one cheap (docs/tunnel-protocol.md section 21).
 - ``bind_socket``: the mediator's OpenSocket, with the seed's "desired" and
   "mandatory" port numbers and the errors mapped to protocol codes.
 - ``until_signalled`` and ``run_main``: how both roles run in the foreground
@@ -16,6 +19,7 @@
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import errno
 import ipaddress
 import resource
@@ -144,6 +148,17 @@ def grow_udp_buffer(transport: asyncio.BaseTransport, size: int = UDP_BUFFER) ->
             return
         except OSError:
             continue
+
+
+def grow_tls_read_buffer(transport: asyncio.BaseTransport, size: int) -> bool:
+    """Let one TLS connection read ``size`` bytes at a time from now on
+    (asyncio's SSL protocol grows its buffer at the next read when its
+    ``max_size`` is above it). False if ``transport`` is not asyncio's TLS."""
+    protocol = getattr(transport, "_ssl_protocol", None)
+    if not isinstance(protocol, asyncio.sslproto.SSLProtocol):
+        return False
+    protocol.max_size = size
+    return True
 
 
 def peer_of(transport: asyncio.BaseTransport) -> tuple[IPAddress, int] | None:

@@ -157,6 +157,27 @@ class SendTo:
 
 
 @dataclass(frozen=True)
+class SendProbe:
+    """Send ``data`` (a PROBE datagram) from the spare probe socket to the
+    service port, opening that socket first if need be; what it receives
+    goes to ``receive_datagram``."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class KeepaliveLearned:
+    """Keepalive discovery is over: the UDP channels keep alive every
+    ``interval`` seconds (the mapping survived ``survived`` s idle, and was
+    lost after ``lost`` s, if ever)."""
+
+    interval: float
+    survived: float
+    lost: float | None
+    probes: int
+
+
+@dataclass(frozen=True)
 class SendChannel:
     """Send ``data`` (an authenticated datagram) on ``port_id``'s UDP channel."""
 
@@ -295,7 +316,8 @@ class LimitExceeded:
 MediatorOutput = (
     SendFrame | CloseChannel | ChannelClosed | OpenSocket | ConnectSocket | ListenSocket
     | CloseSocket | ShutdownSocket | AbortSocket | WriteStream | SendTo | SendChannel
-    | Ready | Refused | UdpChannelDead | RelayFailed | PauseReading | ResumeReading
+    | Ready | Refused | UdpChannelDead | RelayFailed | PauseReading | ResumeReading | SendProbe
+    | KeepaliveLearned
 )
 ServerOutput = (
     SendFrame | CloseChannel | ChannelClosed | SendDatagram | SessionReady | PortOpened

@@ -65,6 +65,11 @@ class DatagramType(enum.IntEnum):
     DATA = 1  # a relayed packet
     KEEPALIVE = 2  # mediator -> server: keeps the NAT mapping alive
     KEEPALIVE_ACK = 3  # server -> mediator: the channel still works
+    PROBE = 4  # version 3, mediator -> server, channel 0: answer after ``wait_ms`` (tunnel/lifetime.py)
+    PROBE_ACK = 5  # version 3, server -> mediator, channel 0: that answer, ``wait_ms`` later
+
+
+_PROBES = (DatagramType.PROBE, DatagramType.PROBE_ACK)
 
 
 class DropReason(enum.Enum):
@@ -99,6 +104,7 @@ class Datagram:
     address: IPAddress | None = None  # DATA only: the private end
     port: int = 0
     data: bytes = b""
+    wait_ms: int = 0  # PROBE and PROBE_ACK only
 
 
 def _tag(key: bytes, signed: bytes) -> bytes:
@@ -122,6 +128,8 @@ def encode_datagram(datagram: Datagram, key: bytes) -> bytes:
             raise ValueError("a DATA datagram needs an address")
         family = b"\x04" if isinstance(address, ipaddress.IPv4Address) else b"\x06"
         payload = family + address.packed + datagram.port.to_bytes(2, "big") + datagram.data
+    elif datagram.type in _PROBES:
+        payload = datagram.wait_ms.to_bytes(4, "big")
     else:
         payload = b""
     signed = header + payload
@@ -159,6 +167,10 @@ def verify_datagram(raw: bytes, key: bytes, key_id: int, *, from_server: bool) -
         raise DatagramError(DropReason.MALFORMED, f"type {type_value}")
     dtype = DatagramType(type_value)
     payload = signed[DGRAM_HEADER_SIZE:]
+    if dtype in _PROBES:
+        if len(payload) != 4:
+            raise DatagramError(DropReason.MALFORMED, "a probe carries its wait, 4 bytes")
+        return Datagram(dtype, got_key_id, channel, seq, from_server, wait_ms=int.from_bytes(payload, "big"))
     if dtype is not DatagramType.DATA:
         if payload:
             raise DatagramError(DropReason.MALFORMED, "keepalive with a payload")

@@ -48,8 +48,8 @@ from tunnel.aio import (
 )
 from tunnel.commands import (
     AbortSocket, ChannelClosed, CloseChannel, CloseSocket, ConnectSocket, ListenSocket,
-    OpenSocket, PauseReading, Ready, Refused, RelayFailed, ResumeReading, SendChannel, SendFrame, SendTo,
-    ShutdownSocket, UdpChannelDead, WriteStream,
+    KeepaliveLearned, OpenSocket, PauseReading, Ready, Refused, RelayFailed, ResumeReading, SendChannel,
+    SendFrame, SendProbe, SendTo, ShutdownSocket, UdpChannelDead, WriteStream,
 )
 from tunnel.config import MediatorConfig
 from tunnel.errors import ErrorCode
@@ -94,6 +94,7 @@ class Mediator:
         self.counters: Counter[str] = Counter()
         self.session: _Session | None = None
         self.session_id: int | None = None
+        self.learned: KeepaliveLearned | None = None  # the last keepalive discovery's result
 
     def stats(self) -> dict[str, Any]:
         dropped = self.session.core.dropped if self.session is not None else Counter()
@@ -101,6 +102,11 @@ class Mediator:
             "session": self.session_id,
             "counters": dict(sorted(self.counters.items())),
             "dropped": {r.value: n for r, n in dropped.items()},
+            "keepalive": {
+                "tcp": self.config.protocol.keepalive_interval,
+                "udp_channels": self.session.core.channel_interval if self.session is not None else None,
+                "learned": self.learned is not None,
+            },
         }
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -266,6 +272,8 @@ class _Session:
         self.channel_gate = ReadGate(transport)
         self._channel_full = False
         self.outbox: list[bytes] = []  # frames to write at the end of this loop iteration
+        self.probe: asyncio.DatagramTransport | None = None  # keepalive discovery's spare socket
+        self._probe_opening = False
         handlers = {
             SendFrame: self._send_frame, CloseChannel: self._close_channel,
             ChannelClosed: self._channel_closed, OpenSocket: self._open, ConnectSocket: self._connect,
@@ -274,6 +282,7 @@ class _Session:
             SendChannel: self._send_channel, Ready: self._ready, Refused: self._refused,
             UdpChannelDead: self._channel_dead, RelayFailed: self._relay_failed,
             PauseReading: self._pause_reading, ResumeReading: self._resume_reading,
+            SendProbe: self._send_probe, KeepaliveLearned: self._keepalive_learned,
         }
         core = self.core
         self.driver = CoreDriver(
@@ -305,6 +314,9 @@ class _Session:
         cancel_all(self.tasks)
         for port_id in list(self.ports):
             self._drop(port_id)
+        if self.probe is not None:
+            self.probe.close()
+            self.probe = None
         if not self.transport.is_closing():
             self.transport.abort()
 
@@ -588,6 +600,40 @@ class _Session:
         if io is not None and io.proto is Proto.UDP and io.transport is not None:
             self.counters["datagrams_to_private"] += 1
             io.transport.sendto(out.data, (str(out.address), out.port))  # type: ignore[attr-defined]
+
+    def _send_probe(self, out: SendProbe) -> None:
+        """Keepalive discovery: a PROBE from the spare socket (opened at first use)."""
+        self.counters["probes"] += 1
+        if self.probe is not None:
+            self.probe.sendto(out.data)
+            return
+        if self._probe_opening:
+            return  # the core counts it lost after its wait: a shorter one comes next
+
+        async def open_and_send() -> None:
+            self._probe_opening = True
+            try:
+                self.probe, _ = await self.loop.create_datagram_endpoint(
+                    lambda: _ChannelDatagrams(self, 0),
+                    remote_addr=(str(self.server), self.mediator.config.service_port),
+                    family=family_of(self.server),
+                )
+            except OSError as err:
+                self.log.warn("probe_failed", reason=str(err))
+                return
+            finally:
+                self._probe_opening = False
+            self.probe.sendto(out.data)
+
+        self._spawn(open_and_send())
+
+    def _keepalive_learned(self, out: KeepaliveLearned) -> None:
+        self.mediator.learned = out
+        self.log.emit("keepalive_learned", interval=round(out.interval, 2), survived=out.survived,
+                      lost=out.lost, probes=out.probes)
+        if self.probe is not None:
+            self.probe.close()
+            self.probe = None
 
     def _send_channel(self, out: SendChannel) -> None:
         # Frames first: a redirect's OPENED must leave before its channel's

@@ -36,8 +36,8 @@ from firewall.replay import ReplayWindow
 from tunnel.channel import ChannelCore, IdAllocator
 from tunnel.commands import (
     AbortSocket, CloseSocket, ConnectSocket, ListenSocket, MediatorOutput,
-    OpenSocket, PauseReading, Ready, Refused, RelayFailed, ResumeReading, SendChannel, SendTo,
-    ShutdownSocket, UdpChannelDead, WriteStream,
+    KeepaliveLearned, OpenSocket, PauseReading, Ready, Refused, RelayFailed, ResumeReading, SendChannel,
+    SendProbe, SendTo, ShutdownSocket, UdpChannelDead, WriteStream,
 )
 from tunnel.datagrams import (
     Datagram, DatagramError, DatagramType, DropReason, encode_datagram, fits_channel,
@@ -53,6 +53,7 @@ from tunnel.frames import (
 from tunnel.policy import Op, Policy
 from tunnel.settings import MediatorSettings
 from tunnel.states import MEDIATOR_TRANSITIONS, Local, MediatorState, PortOp, PortState, port_op
+from tunnel.lifetime import Probe
 from tunnel.window import StreamWindow
 
 
@@ -132,6 +133,13 @@ class MediatorCore(ChannelCore[MediatorState]):
         self._init_deadline = 0.0
         self._next_keepalive = 0.0
         self._key: _Key | None = None
+        # Keepalive discovery (version 3): the probe, its own sequence and
+        # replay window on channel 0, and the UDP channels' interval.
+        self._probe: Probe | None = None
+        self._probe_seq = 0
+        self._probe_window = ReplayWindow(self.settings.replay_window)
+        self.channel_interval = self.settings.keepalive_interval
+        """Seconds between a UDP channel's keepalives: learnt, or the configured interval."""
         self._handlers = {
             FrameType.INIT_OK: self._on_init_ok,
             FrameType.INIT_ERR: self._on_init_err,
@@ -199,13 +207,14 @@ class MediatorCore(ChannelCore[MediatorState]):
                 del self._keepalives[next(iter(self._keepalives))]
             self._next_keepalive = now + interval
             out.append(self._send(Keepalive(request_id=request_id)))
+        channel_silence = self.channel_interval * self.settings.dead_after
         for port in self._channels():
-            if now >= port.last_received + silence:
+            if now >= port.last_received + channel_silence:
                 port.last_received = now
                 out.append(UdpChannelDead(port.port_id))
             if now >= port.next_keepalive:
                 out.append(self._channel_keepalive(port, now))
-        return out
+        return out + self._probe_tick(now)
 
     def next_deadline(self) -> float | None:
         """When ``tick`` must be called next (None: no timer running)."""
@@ -215,9 +224,11 @@ class MediatorCore(ChannelCore[MediatorState]):
             return None
         silence = self.settings.keepalive_interval * self.settings.dead_after
         times = [self._next_keepalive, self._last_received + silence]
+        channel_silence = self.channel_interval * self.settings.dead_after
         for port in self._channels():
-            times += [port.next_keepalive, port.last_received + silence]
-        return min(times)
+            times += [port.next_keepalive, port.last_received + channel_silence]
+        probe_at = self._probe.deadline() if self._probe is not None else None
+        return min(times) if probe_at is None else min(*times, probe_at)
 
     # -- replies and refusals --------------------------------------------------
 
@@ -388,6 +399,9 @@ class MediatorCore(ChannelCore[MediatorState]):
         for port in self._channels():  # a new key starts every channel afresh
             port.send_seq = 0
             port.window = ReplayWindow(self.settings.replay_window)
+        self._probe_seq, self._probe_window = 0, ReplayWindow(self.settings.replay_window)
+        if self._probe is None and self.settings.keepalive_discovery and (self._version or 0) >= 3:
+            self._probe = Probe(self.settings.keepalive_floor, self.settings.keepalive_ceiling, now)
         return [self._send(Ack(request_id=frame.request_id))]
 
     # -- relay from the server (seed, "2. Packet and event relay") -------------
@@ -656,8 +670,47 @@ class MediatorCore(ChannelCore[MediatorState]):
             DatagramType.KEEPALIVE, self._key.key_id, port.port_id, port.send_seq, False
         )
         port.send_seq += 1
-        port.next_keepalive = now + self.settings.keepalive_interval
+        port.next_keepalive = now + self.channel_interval
         return SendChannel(port.port_id, encode_datagram(datagram, self._key.key))
+
+    # -- keepalive discovery (tunnel/lifetime.py) -------------------------------------
+
+    def _probe_tick(self, now: float) -> Out:
+        probe = self._probe
+        if probe is None or probe.result is not None or self._key is None:
+            return []
+        probe.tick(now)
+        if probe.result is not None:
+            return self._learned(probe)
+        wait_ms = probe.due(now)
+        if wait_ms is None:
+            return []
+        datagram = Datagram(DatagramType.PROBE, self._key.key_id, 0, self._probe_seq, False, wait_ms=wait_ms)
+        self._probe_seq += 1
+        return [SendProbe(encode_datagram(datagram, self._key.key))]
+
+    def _learned(self, probe: Probe) -> Out:
+        assert probe.result is not None
+        self.channel_interval = probe.result
+        return [KeepaliveLearned(probe.result, probe.survived, probe.lost, probe.probes)]
+
+    def _probe_answer(self, datagram: Datagram, now: float) -> Out:
+        probe = self._probe
+        if probe is None or datagram.type is not DatagramType.PROBE_ACK:
+            raise DatagramError(DropReason.UNEXPECTED_TYPE)
+        if not self._probe_window.accept(datagram.seq):
+            raise DatagramError(DropReason.REPLAY)
+        if probe.result is not None:
+            return []
+        probe.answered(datagram.wait_ms, now)
+        if probe.result is not None:
+            return self._learned(probe)
+        return self._probe_tick(now)
+
+    @property
+    def discovery(self) -> Probe | None:
+        """The keepalive discovery of this session, if one runs (or ran)."""
+        return self._probe
 
     def receive_datagram(self, raw: bytes, now: float) -> Out:
         """A datagram from the server on a UDP channel: check it, relay it.
@@ -674,6 +727,8 @@ class MediatorCore(ChannelCore[MediatorState]):
         if self._key is None or self._state is not MediatorState.READY:
             raise DatagramError(DropReason.UNKNOWN_KEY)
         datagram = verify_datagram(raw, self._key.key, self._key.key_id, from_server=True)
+        if datagram.channel_id == 0:
+            return self._probe_answer(datagram, now)
         port = self._ports.get(datagram.channel_id)
         if port is None or port.state is not PortState.REDIRECTED or port.window is None:
             raise DatagramError(DropReason.UNKNOWN_CHANNEL)

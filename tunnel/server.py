@@ -134,7 +134,7 @@ class TunnelServer:
     # -- life cycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        set_tls_read_buffer(self.config.tls_read_buffer)
+        set_tls_read_buffer(self.config.tls_idle_read_buffer)
         loop = asyncio.get_running_loop()
         for identity, entry in self.mediators.items():
             rate = entry.rate
@@ -450,15 +450,17 @@ class TunnelServer:
 
 
 def set_tls_read_buffer(size: int) -> None:
-    """Size the read buffer of every TLS connection this process makes from now on.
+    """Size the read buffer every TLS connection this process makes from now on starts with.
 
     asyncio's SSL protocol allocates ``max_size`` bytes per connection when
     it is made, and keeps them: 256 KiB by default, which was 90% of an idle
-    mediator's cost on the server (scripts/bench_tunnel.py). asyncio has no
-    per-connection knob, so this sets the class attribute; a tunnel server
-    process runs nothing else that uses TLS.
+    mediator's cost on the server (scripts/bench_tunnel.py). This sets the
+    class attribute (a tunnel server process runs nothing else that uses
+    TLS) to the idle size; ``grow_tls_read_buffer`` raises one busy
+    connection's.
     """
     asyncio.sslproto.SSLProtocol.max_size = size
+
 
 
 def _digest(der: bytes) -> bytes:

@@ -133,6 +133,10 @@ class ServerSession(ChannelCore[ServerState]):
         self._remotes: dict[int, _Remote] = {}
         self._pending: dict[int, _Pending] = {}
         self._request_ids = IdAllocator()
+        # Keepalive discovery (version 3): the one PROBE to answer, when and where.
+        self._probe: tuple[float, tuple[IPAddress, int], int] | None = None
+        self._probe_window = ReplayWindow(self.settings.replay_window)
+        self._probe_seq = 0
         self._handlers = {
             FrameType.HELLO: self._on_hello,
             FrameType.OPENED: self._on_opened,
@@ -176,6 +180,12 @@ class ServerSession(ChannelCore[ServerState]):
             silence = self._interval * self.settings.dead_after
             if now >= self._last_received + silence:
                 return self._fault(ErrorCode.TIMEOUT, f"nothing from the mediator for {silence:g} s")
+            if self._probe is not None and now >= self._probe[0] and self._key is not None:
+                _, source, wait_ms = self._probe
+                self._probe = None
+                ack = Datagram(DatagramType.PROBE_ACK, self.key_id, 0, self._probe_seq, True, wait_ms=wait_ms)
+                self._probe_seq += 1
+                return [SendDatagram(*source, encode_datagram(ack, self._key))]
         return []
 
     def next_deadline(self) -> float | None:
@@ -183,7 +193,8 @@ class ServerSession(ChannelCore[ServerState]):
         if self._state is ServerState.WAIT_HELLO:
             return self._hello_deadline
         if self._state is ServerState.READY:
-            return self._last_received + self._interval * self.settings.dead_after
+            dead = self._last_received + self._interval * self.settings.dead_after
+            return dead if self._probe is None else min(dead, self._probe[0])
         return None
 
     # -- handshake ---------------------------------------------------------------
@@ -555,15 +566,17 @@ class ServerSession(ChannelCore[ServerState]):
         moved it), and a KEEPALIVE is answered on the spot.
         """
         try:
-            return self._receive_datagram(raw, source)
+            return self._receive_datagram(raw, source, now)
         except DatagramError as err:
             self.dropped[err.reason] += 1
             return []
 
-    def _receive_datagram(self, raw: bytes, source: tuple[IPAddress, int]) -> Out:
+    def _receive_datagram(self, raw: bytes, source: tuple[IPAddress, int], now: float) -> Out:
         if self._key is None or self._state is not ServerState.READY:
             raise DatagramError(DropReason.UNKNOWN_KEY)
         datagram = verify_datagram(raw, self._key, self.key_id, from_server=False)
+        if datagram.channel_id == 0:
+            return self._on_probe(datagram, source, now)
         remote = self._remotes.get(datagram.channel_id)
         if remote is None or remote.window is None or remote.state is not PortState.REDIRECTED:
             raise DatagramError(DropReason.UNKNOWN_CHANNEL)
@@ -582,9 +595,24 @@ class ServerSession(ChannelCore[ServerState]):
             return []
         return [Received(remote.port_id, datagram.address, datagram.port, datagram.data)]
 
+    def _on_probe(self, datagram: Datagram, source: tuple[IPAddress, int], now: float) -> Out:
+        """Keepalive discovery (version 3): answer ``wait_ms`` later, to where
+        the PROBE came from. One at a time (a newer PROBE replaces the one
+        pending), and never later than ``max_keepalive_interval``: the
+        answer is the mediator's own, authenticated, and cannot be aimed."""
+        if (self._version or 0) < 3 or datagram.type is not DatagramType.PROBE:
+            raise DatagramError(DropReason.UNEXPECTED_TYPE)
+        if datagram.wait_ms > self.settings.max_keepalive_interval * 1000:
+            raise DatagramError(DropReason.MALFORMED, "probe wait past max_keepalive_interval")
+        if not self._probe_window.accept(datagram.seq):
+            raise DatagramError(DropReason.REPLAY)
+        self._probe = (now + datagram.wait_ms / 1000, source, datagram.wait_ms)
+        return []
+
     # -- closing ------------------------------------------------------------------------
 
     def _release(self) -> Out:
+        self._probe = None
         self._remotes.clear()
         self._pending.clear()
         self._key = None

@@ -25,13 +25,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from firewall.drive import CoreDriver
-from tunnel.aio import ReadGate
+from tunnel.aio import ReadGate, grow_tls_read_buffer
 from tunnel.commands import (
     ChannelClosed, CloseChannel, ConnectionAccepted, LimitExceeded, PauseReading, PeerFin, PeerReset, PortOpened,
     Received, RelayFailed, RequestAcked, RequestFailed, ResumeReading, SendDatagram, SendFrame, ServerOutput,
     SessionReady,
 )
 from tunnel.config import MediatorEntry, ServerConfig
+from tunnel.datagrams import DatagramType
 from tunnel.errors import ErrorCode, LocalProtocolError, RequestRefused
 from tunnel.events import EventLog
 from tunnel.frames import Data, Hello, IPAddress, Proto
@@ -133,6 +134,7 @@ class Session:
         self._channel_waiters: dict[int, asyncio.Future[None]] = {}
         self._room_waiters: list[asyncio.Future[None]] = []  # new relays waiting for a request slot
         self._outbox: list[bytes] = []  # frames to write at the end of this loop iteration
+        self._busy = False  # the TLS read buffer was grown (``on_data``)
         handlers = {
             SendFrame: self._send_frame, CloseChannel: self._close_channel, ChannelClosed: self._channel_closed,
             SendDatagram: self._send_datagram, SessionReady: self._ready, PortOpened: self._answer,
@@ -150,6 +152,10 @@ class Session:
     # -- driving the core ------------------------------------------------------------------
 
     def on_data(self, data: bytes) -> None:
+        if not self._busy and len(data) * 2 >= self.server.config.tls_idle_read_buffer:
+            # Bulk: larger reads from now on (an idle channel keeps the small buffer).
+            self._busy = True
+            grow_tls_read_buffer(self.transport, self.server.config.tls_read_buffer)
         self._count("bytes_from_mediator", len(data))
         self.driver.run(self.core.receive_data(data, self.loop.time()))
 
@@ -233,7 +239,9 @@ class Session:
 
     def _send_datagram(self, out: SendDatagram) -> None:
         self._count("channel_datagrams_out")
-        if not self._via_channel:
+        # Relayed data only: not a KEEPALIVE_ACK (sent while a datagram is
+        # handled) nor a PROBE_ACK (sent by the timer).
+        if not self._via_channel and out.data[1] == DatagramType.DATA:
             self._count("udp_via_channel_out")
         self.server.send_datagram(out.data, out.address, out.port)
 
