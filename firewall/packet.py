@@ -90,11 +90,17 @@ _udp_fields = Struct("!HHH").unpack_from
 _new_packet = tuple.__new__  # builds the NamedTuple without its Python-level __new__
 
 
-def parse(buf: bytes | bytearray) -> Packet | Drop:
+def parse(buf: bytes | bytearray, *, whole: bool = True) -> Packet | Drop:
     """Read an IPv4 TCP/UDP packet's headers, or say why it must be dropped.
 
     Never raises for any bytes-like input: every read is preceded by a
     length check. Bytes after the IPv4 total length are ignored.
+
+    ``whole=False``: ``buf`` may be the first bytes of a longer packet, as
+    NFQUEUE hands over a packet larger than the copy range (netfilterqueue
+    caps it at 4016 bytes). The headers must then lie within ``buf``, and the
+    total length is believed: the kernel checked it against the packet in
+    ``ip_rcv``, and a verdict without a payload reinjects the whole packet.
     """
     n = len(buf)
     if n < IPV4_MIN_HEADER:
@@ -107,7 +113,7 @@ def parse(buf: bytes | bytearray) -> Packet | Drop:
         return Drop.BAD_IHL
     if total < l4:
         return Drop.BAD_TOTAL_LENGTH
-    if total > n:
+    if total > n and (whole or n < l4 + (TCP_MIN_HEADER if proto == TCP else UDP_HEADER)):
         return Drop.TRUNCATED
     if frag & 0x1FFF:
         return Drop.FRAGMENT

@@ -17,6 +17,7 @@ out, and a thin asyncio layer carries the commands out.
 - ``policy``: verdict hooks: the mediator's allow-list, the server's login.
 - ``commands``: what the cores return: commands to carry out, events to note.
 - ``channel``: what both cores share (decoding, state moves, closing).
+- ``window``: per-connection credit windows (version 3), ``StreamWindow``.
 - ``mediator_core``: ``MediatorCore``, the mediation system's side.
 - ``server_core``: ``ServerSession``, the control server's side of one mediator.
 

@@ -64,6 +64,22 @@ class RelayFailed:
     message: str = ""
 
 
+@dataclass(frozen=True)
+class PauseReading:
+    """Version 3: stop reading TCP connection ``port_id``'s socket (its
+    window to the peer is used up); a command on the mediator, an event for
+    the port's owner on the server."""
+
+    port_id: int
+
+
+@dataclass(frozen=True)
+class ResumeReading:
+    """Version 3: read ``port_id``'s socket again (the peer gave credit back)."""
+
+    port_id: int
+
+
 # -- mediator: commands -------------------------------------------------------
 
 
@@ -138,6 +154,27 @@ class SendTo:
     address: IPAddress
     port: int
     data: bytes
+
+
+@dataclass(frozen=True)
+class SendProbe:
+    """Send ``data`` (a PROBE datagram) from the spare probe socket to the
+    service port, opening that socket first if need be; what it receives
+    goes to ``receive_datagram``."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class KeepaliveLearned:
+    """Keepalive discovery is over: the UDP channels keep alive every
+    ``interval`` seconds (the mapping survived ``survived`` s idle, and was
+    lost after ``lost`` s, if ever)."""
+
+    interval: float
+    survived: float
+    lost: float | None
+    probes: int
 
 
 @dataclass(frozen=True)
@@ -279,10 +316,11 @@ class LimitExceeded:
 MediatorOutput = (
     SendFrame | CloseChannel | ChannelClosed | OpenSocket | ConnectSocket | ListenSocket
     | CloseSocket | ShutdownSocket | AbortSocket | WriteStream | SendTo | SendChannel
-    | Ready | Refused | UdpChannelDead | RelayFailed
+    | Ready | Refused | UdpChannelDead | RelayFailed | PauseReading | ResumeReading | SendProbe
+    | KeepaliveLearned
 )
 ServerOutput = (
     SendFrame | CloseChannel | ChannelClosed | SendDatagram | SessionReady | PortOpened
     | RequestAcked | RequestFailed | RelayFailed | Received | ConnectionAccepted
-    | PeerFin | PeerReset | LimitExceeded
+    | PeerFin | PeerReset | LimitExceeded | PauseReading | ResumeReading
 )

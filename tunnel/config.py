@@ -101,15 +101,23 @@ class ServerConfig:
     channel_wait: float = 1.0
     """How long a new UDP flow waits for its UDP channel before it falls back
     to DATA frames on the TCP channel."""
-    udp_queue: int = 64
+    udp_queue: int = 4096
     """Datagrams a UDP flow holds while its redirect is being opened."""
+    udp_queue_bytes: int = 262144
+    """Bytes of datagrams it holds meanwhile: a redirect opened behind bulk
+    TCP on a busy channel can take a second or two, and at 1000 datagrams/s a
+    new flow must lose none of them (issue 14 D), yet a flood of spoofed
+    sources must not cost more than this per flow."""
     max_channels: int = 4096
     """TCP channels at once, authenticated or not (bounds a flood)."""
-    tls_read_buffer: int = 65536
-    """Bytes of the read buffer each TLS channel holds for its whole life.
-    asyncio's default is 256 KiB, most of an idle mediator's cost on the
-    server; 64 KiB costs about a fifth of the throughput of one busy
-    channel (docs/tunnel-protocol.md section 21)."""
+    tls_read_buffer: int = 262144
+    """Bytes of read buffer of a busy TLS channel (asyncio's default): large
+    reads, fewer trips through the loop (docs/tunnel-protocol.md section 21)."""
+    tls_idle_read_buffer: int = 4096
+    """Bytes of read buffer a TLS channel starts with and keeps while it is
+    idle (keepalives, requests): most of an idle mediator's cost on the
+    server was this buffer. A read of half of it or more makes the channel
+    busy, for good."""
     republish: BackoffSettings = field(default_factory=lambda: BackoffSettings(maximum=60.0))
     """Retries of a publish whose public port could not be bound."""
 
@@ -258,8 +266,10 @@ class _ServerTable(Frozen):
     udp_idle_timeout: Number(1, 86400) = _SERVER.udp_idle_timeout
     channel_wait: Number(0, 60) = _SERVER.channel_wait
     udp_queue: Int(1, 65536) = _SERVER.udp_queue
+    udp_queue_bytes: Int(1500, 1 << 26) = _SERVER.udp_queue_bytes
     max_channels: Int(1, 1_000_000) = _SERVER.max_channels
     tls_read_buffer: Int(16384, 1 << 20) = _SERVER.tls_read_buffer
+    tls_idle_read_buffer: Int(1024, 1 << 20) = _SERVER.tls_idle_read_buffer
     republish_initial: Number(0.01, 3600) = _SERVER.republish.initial
     republish_max: Number(0.01, 86400) = _SERVER.republish.maximum
 
@@ -328,7 +338,9 @@ def load_server(path: str | Path) -> ServerConfig:
         publish_ports=f.limits.publish_ports,
         request_timeout=s.request_timeout, handshake_timeout=s.handshake_timeout,
         udp_idle_timeout=s.udp_idle_timeout, channel_wait=s.channel_wait, udp_queue=s.udp_queue,
+        udp_queue_bytes=s.udp_queue_bytes,
         max_channels=s.max_channels, tls_read_buffer=s.tls_read_buffer,
+        tls_idle_read_buffer=s.tls_idle_read_buffer,
         republish=BackoffSettings(initial=s.republish_initial, maximum=s.republish_max),
     )
 
@@ -417,6 +429,9 @@ class _MediatorProtocol(Frozen):
     max_ports: Int(1, 1 << 20) = _MEDIATOR.max_ports
     max_pending: Int(1, 65535) = _MEDIATOR.max_pending
     replay_window: Int(1, 1 << 16) = _MEDIATOR.replay_window
+    keepalive_discovery: bool = _MEDIATOR.keepalive_discovery
+    keepalive_floor: Number(0.1, 3600) = _MEDIATOR.keepalive_floor
+    keepalive_ceiling: Number(0.1, 3600) = _MEDIATOR.keepalive_ceiling
 
 
 class _Allow(Frozen):

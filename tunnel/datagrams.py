@@ -47,6 +47,16 @@ MIN_DATAGRAM_SIZE = DGRAM_HEADER_SIZE + TAG_SIZE
 FLAG_FROM_SERVER = 0x01
 DEFAULT_REPLAY_WINDOW = 1024  # sequence numbers per channel and direction
 MAX_SEQ = (1 << 64) - 1
+# The largest UDP payload over IPv4 (65535 - 20 - 8): a channel datagram
+# must fit in one, so a relayed datagram whose data and the channel's own
+# bytes do not fit goes as a DATA frame on the TCP channel instead (issue 14 F).
+MAX_CHANNEL_DATAGRAM = 65507
+
+
+def fits_channel(address: IPAddress, data: bytes) -> bool:
+    """Does a DATA datagram of ``data`` to or from ``address`` fit in one UDP datagram?"""
+    overhead = DGRAM_HEADER_SIZE + 1 + address.max_prefixlen // 8 + 2 + TAG_SIZE
+    return overhead + len(data) <= MAX_CHANNEL_DATAGRAM
 
 
 class DatagramType(enum.IntEnum):
@@ -55,6 +65,11 @@ class DatagramType(enum.IntEnum):
     DATA = 1  # a relayed packet
     KEEPALIVE = 2  # mediator -> server: keeps the NAT mapping alive
     KEEPALIVE_ACK = 3  # server -> mediator: the channel still works
+    PROBE = 4  # version 3, mediator -> server, channel 0: answer after ``wait_ms`` (tunnel/lifetime.py)
+    PROBE_ACK = 5  # version 3, server -> mediator, channel 0: that answer, ``wait_ms`` later
+
+
+_PROBES = (DatagramType.PROBE, DatagramType.PROBE_ACK)
 
 
 class DropReason(enum.Enum):
@@ -89,6 +104,7 @@ class Datagram:
     address: IPAddress | None = None  # DATA only: the private end
     port: int = 0
     data: bytes = b""
+    wait_ms: int = 0  # PROBE and PROBE_ACK only
 
 
 def _tag(key: bytes, signed: bytes) -> bytes:
@@ -112,6 +128,8 @@ def encode_datagram(datagram: Datagram, key: bytes) -> bytes:
             raise ValueError("a DATA datagram needs an address")
         family = b"\x04" if isinstance(address, ipaddress.IPv4Address) else b"\x06"
         payload = family + address.packed + datagram.port.to_bytes(2, "big") + datagram.data
+    elif datagram.type in _PROBES:
+        payload = datagram.wait_ms.to_bytes(4, "big")
     else:
         payload = b""
     signed = header + payload
@@ -149,6 +167,10 @@ def verify_datagram(raw: bytes, key: bytes, key_id: int, *, from_server: bool) -
         raise DatagramError(DropReason.MALFORMED, f"type {type_value}")
     dtype = DatagramType(type_value)
     payload = signed[DGRAM_HEADER_SIZE:]
+    if dtype in _PROBES:
+        if len(payload) != 4:
+            raise DatagramError(DropReason.MALFORMED, "a probe carries its wait, 4 bytes")
+        return Datagram(dtype, got_key_id, channel, seq, from_server, wait_ms=int.from_bytes(payload, "big"))
     if dtype is not DatagramType.DATA:
         if payload:
             raise DatagramError(DropReason.MALFORMED, "keepalive with a payload")

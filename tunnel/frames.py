@@ -41,12 +41,12 @@ __all__ = [
     "FrameType", "Role", "Proto", "IPAddress", "IPInterface", "Frame", "Hello", "InitOk",
     "InitErr", "OpenPort", "RedirectPort", "ConnectPort", "ListenPort", "ClosePort",
     "BASE_VERSION", "UdpKey", "OpenConnect", "CheckTarget", "SINCE_VERSION", "Opened", "Ack", "Err", "Data", "EventAccepted", "EventFin", "EventRst",
-    "Keepalive", "KeepaliveAck", "Bye", "FRAME_CLASSES", "encode_frame",
+    "WindowUpdate", "Keepalive", "KeepaliveAck", "Bye", "FRAME_CLASSES", "encode_frame",
     "data_chunk_size", "FrameDecoder",
 ]
 
-PROTOCOL_VERSION = 2  # the highest this code speaks
-SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2)
+PROTOCOL_VERSION = 3  # the highest this code speaks
+SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2, 3)
 # The version a frame is encoded in when the caller names none: the cores
 # always name the negotiated one; the codec's tests and examples use this.
 BASE_VERSION = 1
@@ -65,7 +65,7 @@ UDP_KEY_SIZE = 32  # HMAC-SHA256 key for the UDP channels
 
 
 class FrameType(enum.IntEnum):
-    """The frame types of protocol versions 1 and 2 (``SINCE_VERSION``)."""
+    """The frame types of protocol versions 1 to 3 (``SINCE_VERSION``)."""
 
     HELLO = 0x01
     INIT_OK = 0x02
@@ -85,6 +85,7 @@ class FrameType(enum.IntEnum):
     EVENT_ACCEPTED = 0x31
     EVENT_FIN = 0x32
     EVENT_RST = 0x33
+    WINDOW_UPDATE = 0x34  # version 3
     KEEPALIVE = 0x40
     KEEPALIVE_ACK = 0x41
     BYE = 0x50
@@ -93,7 +94,7 @@ class FrameType(enum.IntEnum):
 # Readable whatever the header's version says: the negotiation frames.
 VERSION_INDEPENDENT = frozenset({FrameType.HELLO, FrameType.INIT_ERR})
 # Frame types that a version introduced; before it they are UNKNOWN_FRAME.
-SINCE_VERSION = {FrameType.OPEN_CONNECT: 2, FrameType.CHECK_TARGET: 2}
+SINCE_VERSION = {FrameType.OPEN_CONNECT: 2, FrameType.CHECK_TARGET: 2, FrameType.WINDOW_UPDATE: 3}
 
 
 class Role(enum.Enum):
@@ -515,6 +516,26 @@ class EventRst(_PortIdOnly):
 
 
 @dataclass(frozen=True)
+class WindowUpdate(Frame):
+    """Either way (version 3): the sender's side of TCP connection ``port_id``
+    has passed ``increment`` more bytes of DATA on to its socket: the peer may
+    send that many more (tunnel/window.py)."""
+
+    TYPE = FrameType.WINDOW_UPDATE
+    ROLE = Role.UNSOLICITED
+    port_id: int
+    increment: int
+
+    def _write(self, w: Writer) -> None:
+        w.u32(self.port_id, "port_id")
+        w.u32(self.increment, "increment")
+
+    @classmethod
+    def _read(cls, r: Reader, request_id: int) -> WindowUpdate:
+        return cls(r.u32(), r.u32(), request_id=request_id)
+
+
+@dataclass(frozen=True)
 class _Empty(Frame):
     def _write(self, w: Writer) -> None:
         return None
@@ -563,7 +584,7 @@ FRAME_CLASSES: dict[FrameType, type[Frame]] = {
     for cls in (
         Hello, InitOk, InitErr, OpenPort, RedirectPort, ConnectPort, ListenPort,
         ClosePort, UdpKey, OpenConnect, CheckTarget, Opened, Ack, Err, Data, EventAccepted, EventFin,
-        EventRst, Keepalive, KeepaliveAck, Bye,
+        EventRst, WindowUpdate, Keepalive, KeepaliveAck, Bye,
     )
 }
 

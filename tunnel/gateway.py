@@ -37,7 +37,7 @@ from gateways.layer import FlowUnknown, GatewayLayer
 from gateways.layer.endpoint import endpoint_of
 from gateways.manifest import Manifest
 from gateways.tcp_server import Acceptor, listen_socket
-from tunnel.aio import reset
+from tunnel.aio import grow_udp_buffer, reset
 from tunnel.frames import IPAddress, Proto
 from tunnel.server import ChannelProtocol
 
@@ -171,6 +171,7 @@ class GatewayFrontend:
         listener = listen_socket(Endpoint(self.address, port), LISTEN_BACKLOG)
         self.tcp = Acceptor(listener, lambda sock: self.spawn(self.route_tcp(sock)), server.log, self.counters)
         self.udp, _ = await loop.create_datagram_endpoint(lambda: _UdpIntake(self), local_addr=(str(self.address), port))
+        grow_udp_buffer(self.udp)
 
     async def bind(self, publication: Publication) -> None:
         """Nothing to bind: the processor brings the port's traffic here, if

@@ -19,11 +19,13 @@ at a time:
    closed, and the next attempt comes after a bounded exponential backoff
    with jitter (tunnel/pacing.py). The server re-issues what it publishes.
 
-Flow control: the TCP channel carries every relayed connection, and the
-protocol has no per-connection window. When the channel's send buffer is
-full, reading stops on every private connection; when one private host reads
-too slowly, reading stops on the channel. That is head-of-line blocking, the
-price of the seed's single TCP channel, and it never loses or reorders data.
+Flow control (docs/tunnel-protocol.md section 21): when the channel's send
+buffer is full, reading stops on every private connection. In version 3
+each connection has its own window: the core says when to stop and start
+reading one private socket (``PauseReading``, ``ResumeReading``), and this
+layer tells it how many written bytes have left each socket's buffer
+(``consumed``), so a slow private host holds up its own connection only.
+In versions 1 and 2 a slow private host stops the reading of the channel.
 """
 
 from __future__ import annotations
@@ -41,13 +43,13 @@ from pyroute2 import IPRoute
 from firewall.drive import CoreDriver
 from tunnel import tls
 from tunnel.aio import (
-    BindError, ReadGate, address_pair, bind_socket, cancel_all, family_of, reset, run_main, settle_pause,
-    until_signalled,
+    BindError, ReadGate, address_pair, bind_socket, cancel_all, family_of, grow_udp_buffer, limit_unsent, reset,
+    run_main, settle_pause, until_signalled,
 )
 from tunnel.commands import (
     AbortSocket, ChannelClosed, CloseChannel, CloseSocket, ConnectSocket, ListenSocket,
-    OpenSocket, Ready, Refused, RelayFailed, SendChannel, SendFrame, SendTo,
-    ShutdownSocket, UdpChannelDead, WriteStream,
+    KeepaliveLearned, OpenSocket, PauseReading, Ready, Refused, RelayFailed, ResumeReading, SendChannel,
+    SendFrame, SendProbe, SendTo, ShutdownSocket, UdpChannelDead, WriteStream,
 )
 from tunnel.config import MediatorConfig
 from tunnel.errors import ErrorCode
@@ -78,6 +80,8 @@ class _PortIO:
     channel: asyncio.DatagramTransport | None = None  # a redirect's UDP channel
     gate: ReadGate = field(default_factory=ReadGate)
     task: asyncio.Task[None] | None = None
+    written: int = 0  # bytes written to the private host (version 3's credit)
+    reported: int = 0  # of those, reported to the core as gone from the buffer
 
 
 class Mediator:
@@ -90,6 +94,7 @@ class Mediator:
         self.counters: Counter[str] = Counter()
         self.session: _Session | None = None
         self.session_id: int | None = None
+        self.learned: KeepaliveLearned | None = None  # the last keepalive discovery's result
 
     def stats(self) -> dict[str, Any]:
         dropped = self.session.core.dropped if self.session is not None else Counter()
@@ -97,6 +102,11 @@ class Mediator:
             "session": self.session_id,
             "counters": dict(sorted(self.counters.items())),
             "dropped": {r.value: n for r, n in dropped.items()},
+            "keepalive": {
+                "tcp": self.config.protocol.keepalive_interval,
+                "udp_channels": self.session.core.channel_interval if self.session is not None else None,
+                "learned": self.learned is not None,
+            },
         }
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -147,6 +157,7 @@ class Mediator:
             transport.abort()
             self.counters["pin_mismatch"] += 1
             raise ChannelFailure(str(err)) from None
+        limit_unsent(transport)
         local = address_pair(transport.get_extra_info("sockname"))
         remote = address_pair(transport.get_extra_info("peername"))
         assert local is not None and remote is not None
@@ -260,6 +271,9 @@ class _Session:
         self.ready = False
         self.channel_gate = ReadGate(transport)
         self._channel_full = False
+        self.outbox: list[bytes] = []  # frames to write at the end of this loop iteration
+        self.probe: asyncio.DatagramTransport | None = None  # keepalive discovery's spare socket
+        self._probe_opening = False
         handlers = {
             SendFrame: self._send_frame, CloseChannel: self._close_channel,
             ChannelClosed: self._channel_closed, OpenSocket: self._open, ConnectSocket: self._connect,
@@ -267,6 +281,8 @@ class _Session:
             AbortSocket: self._abort, WriteStream: self._write, SendTo: self._send_to,
             SendChannel: self._send_channel, Ready: self._ready, Refused: self._refused,
             UdpChannelDead: self._channel_dead, RelayFailed: self._relay_failed,
+            PauseReading: self._pause_reading, ResumeReading: self._resume_reading,
+            SendProbe: self._send_probe, KeepaliveLearned: self._keepalive_learned,
         }
         core = self.core
         self.driver = CoreDriver(
@@ -298,6 +314,9 @@ class _Session:
         cancel_all(self.tasks)
         for port_id in list(self.ports):
             self._drop(port_id)
+        if self.probe is not None:
+            self.probe.close()
+            self.probe = None
         if not self.transport.is_closing():
             self.transport.abort()
 
@@ -312,9 +331,20 @@ class _Session:
     def _send_frame(self, out: SendFrame) -> None:
         data = out.data
         self.counters["bytes_to_server"] += len(data)
-        self.transport.write(data)
+        # Coalesced: the frames of one loop iteration (many sockets' reads,
+        # a reply and its data) go as one TLS write, in fewer records.
+        if not self.outbox:
+            self.loop.call_soon(self.flush)
+        self.outbox.append(data)
+
+    def flush(self) -> None:
+        """Write the frames collected since the last flush, in order."""
+        if self.outbox and not self.transport.is_closing():
+            self.transport.write(b"".join(self.outbox))
+        self.outbox.clear()
 
     def _close_channel(self, out: CloseChannel) -> None:
+        self.flush()
         self.transport.close()
 
     def _channel_closed(self, out: ChannelClosed) -> None:
@@ -347,8 +377,34 @@ class _Session:
                 (io.gate.pause if full else io.gate.resume)("channel")
 
     def conn_full(self, port_id: int, full: bool) -> None:
-        """A private host reads slowly: stop reading the channel until it catches up."""
+        """A private host reads slowly. Version 3: its window bounds what comes
+        for it, and a drained buffer gives credit back; before: stop reading
+        the channel until it catches up."""
+        if self.core.windowed:
+            if not full:
+                self._flushed(port_id)
+            return
         (self.channel_gate.pause if full else self.channel_gate.resume)(f"port {port_id}")
+
+    def _flushed(self, port_id: int) -> None:
+        """Tell the core how many written bytes have left ``port_id``'s buffer."""
+        io = self.ports.get(port_id)
+        if io is None or not isinstance(io.transport, asyncio.Transport):
+            return
+        gone = io.written - io.transport.get_write_buffer_size() - io.reported
+        if gone > 0:
+            io.reported += gone
+            self.driver.run(self.core.consumed(port_id, gone))
+
+    def _pause_reading(self, out: PauseReading) -> None:
+        io = self.ports.get(out.port_id)
+        if io is not None:
+            io.gate.pause("window")
+
+    def _resume_reading(self, out: ResumeReading) -> None:
+        io = self.ports.get(out.port_id)
+        if io is not None:
+            io.gate.resume("window")
 
     # -- ports --------------------------------------------------------------------------
 
@@ -371,6 +427,7 @@ class _Session:
                 io.transport, _ = await self.loop.create_datagram_endpoint(
                     lambda: _UdpPort(self, io.port_id), sock=sock
                 )
+                grow_udp_buffer(io.transport)
             else:
                 io.sock = sock
             if out.redirect:
@@ -391,6 +448,7 @@ class _Session:
             remote_addr=(str(self.server), cfg.service_port),
             family=family_of(self.server),
         )
+        grow_udp_buffer(transport)
         return transport
 
     def _channel_dead(self, out: UdpChannelDead) -> None:
@@ -532,6 +590,10 @@ class _Session:
                 io.transport.write(out.data)
             except OSError:  # not raised by asyncio's transports today; contained all the same
                 self._socket_failed(out.port_id)
+                return
+            io.written += len(out.data)
+            if self.core.windowed:
+                self._flushed(out.port_id)
 
     def _send_to(self, out: SendTo) -> None:
         io = self.ports.get(out.port_id)
@@ -539,7 +601,44 @@ class _Session:
             self.counters["datagrams_to_private"] += 1
             io.transport.sendto(out.data, (str(out.address), out.port))  # type: ignore[attr-defined]
 
+    def _send_probe(self, out: SendProbe) -> None:
+        """Keepalive discovery: a PROBE from the spare socket (opened at first use)."""
+        self.counters["probes"] += 1
+        if self.probe is not None:
+            self.probe.sendto(out.data)
+            return
+        if self._probe_opening:
+            return  # the core counts it lost after its wait: a shorter one comes next
+
+        async def open_and_send() -> None:
+            self._probe_opening = True
+            try:
+                self.probe, _ = await self.loop.create_datagram_endpoint(
+                    lambda: _ChannelDatagrams(self, 0),
+                    remote_addr=(str(self.server), self.mediator.config.service_port),
+                    family=family_of(self.server),
+                )
+            except OSError as err:
+                self.log.warn("probe_failed", reason=str(err))
+                return
+            finally:
+                self._probe_opening = False
+            self.probe.sendto(out.data)
+
+        self._spawn(open_and_send())
+
+    def _keepalive_learned(self, out: KeepaliveLearned) -> None:
+        self.mediator.learned = out
+        self.log.emit("keepalive_learned", interval=round(out.interval, 2), survived=out.survived,
+                      lost=out.lost, probes=out.probes)
+        if self.probe is not None:
+            self.probe.close()
+            self.probe = None
+
     def _send_channel(self, out: SendChannel) -> None:
+        # Frames first: a redirect's OPENED must leave before its channel's
+        # first keepalive, or the server drops that as an unknown channel.
+        self.flush()
         io = self.ports.get(out.port_id)
         if io is not None and io.channel is not None:
             self.counters["channel_datagrams_out"] += 1

@@ -36,11 +36,11 @@ from firewall.replay import ReplayWindow
 from tunnel.channel import ChannelCore, IdAllocator
 from tunnel.commands import (
     AbortSocket, CloseSocket, ConnectSocket, ListenSocket, MediatorOutput,
-    OpenSocket, Ready, Refused, RelayFailed, SendChannel, SendTo, ShutdownSocket,
-    UdpChannelDead, WriteStream,
+    KeepaliveLearned, OpenSocket, PauseReading, Ready, Refused, RelayFailed, ResumeReading, SendChannel,
+    SendProbe, SendTo, ShutdownSocket, UdpChannelDead, WriteStream,
 )
 from tunnel.datagrams import (
-    Datagram, DatagramError, DatagramType, DropReason, encode_datagram,
+    Datagram, DatagramError, DatagramType, DropReason, encode_datagram, fits_channel,
     verify_datagram,
 )
 from tunnel.errors import ErrorCode, LocalProtocolError, ProtocolError
@@ -48,11 +48,13 @@ from tunnel.frames import (
     MIN_MAX_FRAME_SIZE, UDP_KEY_SIZE, Ack, ClosePort, ConnectPort, Data, Err, EventAccepted,
     EventFin, EventRst, Frame, FrameType, Hello, InitErr, InitOk, IPAddress, IPInterface,
     Keepalive, KeepaliveAck, ListenPort, Opened, OpenPort, Proto, RedirectPort, UdpKey,
-    CheckTarget, OpenConnect,
+    CheckTarget, OpenConnect, WindowUpdate,
 )
 from tunnel.policy import Op, Policy
 from tunnel.settings import MediatorSettings
 from tunnel.states import MEDIATOR_TRANSITIONS, Local, MediatorState, PortOp, PortState, port_op
+from tunnel.lifetime import Probe
+from tunnel.window import StreamWindow
 
 
 Out = list[MediatorOutput]
@@ -82,6 +84,7 @@ class _Port:
     peer: tuple[IPAddress, int] | None = None  # TCP: the connected private end
     shut: bool = False  # the server's FIN was relayed (no more DATA)
     connect_to: tuple[IPAddress, int] | None = None  # OPEN_CONNECT's target: OPENED comes once connected
+    credit: StreamWindow | None = None  # version 3: a connected TCP port's windows
     # UDP channel of a redirected port
     send_seq: int = 0
     window: ReplayWindow | None = None
@@ -130,6 +133,13 @@ class MediatorCore(ChannelCore[MediatorState]):
         self._init_deadline = 0.0
         self._next_keepalive = 0.0
         self._key: _Key | None = None
+        # Keepalive discovery (version 3): the probe, its own sequence and
+        # replay window on channel 0, and the UDP channels' interval.
+        self._probe: Probe | None = None
+        self._probe_seq = 0
+        self._probe_window = ReplayWindow(self.settings.replay_window)
+        self.channel_interval = self.settings.keepalive_interval
+        """Seconds between a UDP channel's keepalives: learnt, or the configured interval."""
         self._handlers = {
             FrameType.INIT_OK: self._on_init_ok,
             FrameType.INIT_ERR: self._on_init_err,
@@ -144,6 +154,7 @@ class MediatorCore(ChannelCore[MediatorState]):
             FrameType.DATA: self._on_data,
             FrameType.EVENT_FIN: self._on_fin,
             FrameType.EVENT_RST: self._on_rst,
+            FrameType.WINDOW_UPDATE: self._on_window_update,
             FrameType.KEEPALIVE: self._on_keepalive,
             FrameType.KEEPALIVE_ACK: self._on_keepalive_ack,
             FrameType.ERR: self._on_err,
@@ -196,13 +207,14 @@ class MediatorCore(ChannelCore[MediatorState]):
                 del self._keepalives[next(iter(self._keepalives))]
             self._next_keepalive = now + interval
             out.append(self._send(Keepalive(request_id=request_id)))
+        channel_silence = self.channel_interval * self.settings.dead_after
         for port in self._channels():
-            if now >= port.last_received + silence:
+            if now >= port.last_received + channel_silence:
                 port.last_received = now
                 out.append(UdpChannelDead(port.port_id))
             if now >= port.next_keepalive:
                 out.append(self._channel_keepalive(port, now))
-        return out
+        return out + self._probe_tick(now)
 
     def next_deadline(self) -> float | None:
         """When ``tick`` must be called next (None: no timer running)."""
@@ -212,9 +224,11 @@ class MediatorCore(ChannelCore[MediatorState]):
             return None
         silence = self.settings.keepalive_interval * self.settings.dead_after
         times = [self._next_keepalive, self._last_received + silence]
+        channel_silence = self.channel_interval * self.settings.dead_after
         for port in self._channels():
-            times += [port.next_keepalive, port.last_received + silence]
-        return min(times)
+            times += [port.next_keepalive, port.last_received + channel_silence]
+        probe_at = self._probe.deadline() if self._probe is not None else None
+        return min(times) if probe_at is None else min(*times, probe_at)
 
     # -- replies and refusals --------------------------------------------------
 
@@ -385,6 +399,9 @@ class MediatorCore(ChannelCore[MediatorState]):
         for port in self._channels():  # a new key starts every channel afresh
             port.send_seq = 0
             port.window = ReplayWindow(self.settings.replay_window)
+        self._probe_seq, self._probe_window = 0, ReplayWindow(self.settings.replay_window)
+        if self._probe is None and self.settings.keepalive_discovery and (self._version or 0) >= 3:
+            self._probe = Probe(self.settings.keepalive_floor, self.settings.keepalive_ceiling, now)
         return [self._send(Ack(request_id=frame.request_id))]
 
     # -- relay from the server (seed, "2. Packet and event relay") -------------
@@ -397,6 +414,8 @@ class MediatorCore(ChannelCore[MediatorState]):
             if port.peer != (frame.address, frame.port):
                 message = "not this connection's peer"
                 return self._err(frame, ErrorCode.BAD_REQUEST, message, port.port_id)
+            if port.credit is not None and not port.credit.received(len(frame.payload)):
+                raise ProtocolError(ErrorCode.BAD_REQUEST, f"DATA past port {port.port_id}'s window")
             return [WriteStream(port.port_id, frame.payload)]
         return self._send_to(port, frame.address, frame.port, frame.payload)
 
@@ -418,8 +437,42 @@ class MediatorCore(ChannelCore[MediatorState]):
         port, refusal = self._port_for(frame, frame.port_id, PortOp.RST)
         if port is None:
             return refusal
-        port.state = PortState.RESET
+        port.state, port.credit = PortState.RESET, None
         return [AbortSocket(port.port_id)]
+
+    def _on_window_update(self, frame: WindowUpdate, now: float) -> Out:
+        port = self._ports.get(frame.port_id)
+        if port is None or port.credit is None or port.state is not PortState.CONNECTED:
+            return []  # the port ended while the credit was in flight
+        sendable = port.credit.granted(frame.increment)
+        if sendable is None:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"WINDOW_UPDATE past port {port.port_id}'s window")
+        return self._stream(port, *sendable)
+
+    def _stream(self, port: _Port, data: bytes, changed: bool) -> Out:
+        """DATA for what the window lets go, then the reading switch and a FIN held behind it."""
+        assert port.peer is not None and port.credit is not None
+        out: Out = list(self._data_frames(port.port_id, *port.peer, data, stream=True))
+        if changed:
+            out.append(PauseReading(port.port_id) if port.credit.paused else ResumeReading(port.port_id))
+        if port.credit.fin_held and not port.credit.held:
+            port.credit.fin_held = False
+            out.append(self._send(EventFin(port.port_id)))
+        return out
+
+    def consumed(self, port_id: int, n: int) -> Out:
+        """Version 3: ``n`` bytes written to connection ``port_id`` left its
+        socket's buffer; the credit goes back to the server in pieces."""
+        record = self._live(port_id)
+        if record is None or self.closed or record.credit is None or record.state is not PortState.CONNECTED:
+            return []
+        grant = record.credit.consumed(n)
+        return [self._send(WindowUpdate(port_id, grant))] if grant else []
+
+    @property
+    def windowed(self) -> bool:
+        """Per-connection windows (version 3): a slow private host no longer holds the channel."""
+        return (self._version or 0) >= 3
 
     def _on_keepalive(self, frame: Keepalive, now: float) -> Out:
         return self._reply(KeepaliveAck(request_id=frame.request_id))
@@ -496,6 +549,8 @@ class MediatorCore(ChannelCore[MediatorState]):
         port = self._result_port(port_id, PortState.CONNECTING)
         if port is None:
             return [CloseSocket(port_id)]
+        if self.windowed:
+            port.credit = StreamWindow()
         if port.connect_to is not None:
             port.connect_to = None
             return [self._send(Opened(port_id, port.port, request_id=self._finish(port, PortState.CONNECTED)))]
@@ -546,10 +601,15 @@ class MediatorCore(ChannelCore[MediatorState]):
         if record is None or self.closed:
             return []
         if record.state is PortState.CONNECTED:
+            if record.credit is not None:
+                return self._stream(record, *record.credit.send(data))
             return list(self._data_frames(port_id, address, port, data, stream=True))
         if record.state is PortState.OPEN and record.proto is Proto.UDP:
             return list(self._data_frames(port_id, address, port, data, stream=False))
-        if record.state is PortState.REDIRECTED and self._key is not None:
+        if record.state is PortState.REDIRECTED and self._key is not None and not fits_channel(address, data):
+            # Too large for the channel's own bytes around it: a DATA frame (section 11).
+            return list(self._data_frames(port_id, address, port, data, stream=False))
+        if record.state is PortState.REDIRECTED and self._key is not None and fits_channel(address, data):
             datagram = Datagram(
                 DatagramType.DATA, self._key.key_id, port_id, record.send_seq, False,
                 address, port, data,
@@ -577,7 +637,7 @@ class MediatorCore(ChannelCore[MediatorState]):
         conn_id = self._port_ids.new(self._ports)
         self._ports[conn_id] = _Port(
             conn_id, Proto.TCP, PortState.CONNECTED, listener.address, listener.port,
-            peer=(address, port),
+            peer=(address, port), credit=StreamWindow() if self.windowed else None,
         )
         return conn_id, [self._send(EventAccepted(listen_id, conn_id, address, port))]
 
@@ -586,6 +646,9 @@ class MediatorCore(ChannelCore[MediatorState]):
         record = self._live(port_id)
         if record is None or self.closed or record.state is not PortState.CONNECTED:
             return []
+        if record.credit is not None and record.credit.held:
+            record.credit.fin_held = True  # after the bytes the window still holds
+            return []
         return [self._send(EventFin(port_id))]
 
     def reset(self, port_id: int) -> Out:
@@ -593,7 +656,7 @@ class MediatorCore(ChannelCore[MediatorState]):
         record = self._live(port_id)
         if record is None or self.closed or record.state is not PortState.CONNECTED:
             return []
-        record.state = PortState.RESET
+        record.state, record.credit = PortState.RESET, None
         return [self._send(EventRst(port_id))]
 
     # -- UDP channels -----------------------------------------------------------------
@@ -607,8 +670,47 @@ class MediatorCore(ChannelCore[MediatorState]):
             DatagramType.KEEPALIVE, self._key.key_id, port.port_id, port.send_seq, False
         )
         port.send_seq += 1
-        port.next_keepalive = now + self.settings.keepalive_interval
+        port.next_keepalive = now + self.channel_interval
         return SendChannel(port.port_id, encode_datagram(datagram, self._key.key))
+
+    # -- keepalive discovery (tunnel/lifetime.py) -------------------------------------
+
+    def _probe_tick(self, now: float) -> Out:
+        probe = self._probe
+        if probe is None or probe.result is not None or self._key is None:
+            return []
+        probe.tick(now)
+        if probe.result is not None:
+            return self._learned(probe)
+        wait_ms = probe.due(now)
+        if wait_ms is None:
+            return []
+        datagram = Datagram(DatagramType.PROBE, self._key.key_id, 0, self._probe_seq, False, wait_ms=wait_ms)
+        self._probe_seq += 1
+        return [SendProbe(encode_datagram(datagram, self._key.key))]
+
+    def _learned(self, probe: Probe) -> Out:
+        assert probe.result is not None
+        self.channel_interval = probe.result
+        return [KeepaliveLearned(probe.result, probe.survived, probe.lost, probe.probes)]
+
+    def _probe_answer(self, datagram: Datagram, now: float) -> Out:
+        probe = self._probe
+        if probe is None or datagram.type is not DatagramType.PROBE_ACK:
+            raise DatagramError(DropReason.UNEXPECTED_TYPE)
+        if not self._probe_window.accept(datagram.seq):
+            raise DatagramError(DropReason.REPLAY)
+        if probe.result is not None:
+            return []
+        probe.answered(datagram.wait_ms, now)
+        if probe.result is not None:
+            return self._learned(probe)
+        return self._probe_tick(now)
+
+    @property
+    def discovery(self) -> Probe | None:
+        """The keepalive discovery of this session, if one runs (or ran)."""
+        return self._probe
 
     def receive_datagram(self, raw: bytes, now: float) -> Out:
         """A datagram from the server on a UDP channel: check it, relay it.
@@ -625,6 +727,8 @@ class MediatorCore(ChannelCore[MediatorState]):
         if self._key is None or self._state is not MediatorState.READY:
             raise DatagramError(DropReason.UNKNOWN_KEY)
         datagram = verify_datagram(raw, self._key.key, self._key.key_id, from_server=True)
+        if datagram.channel_id == 0:
+            return self._probe_answer(datagram, now)
         port = self._ports.get(datagram.channel_id)
         if port is None or port.state is not PortState.REDIRECTED or port.window is None:
             raise DatagramError(DropReason.UNKNOWN_CHANNEL)

@@ -204,6 +204,8 @@ class PublicConnection(asyncio.Protocol):
         self.early: list[bytes] = []  # read before the tunnel side existed
         self.early_eof = False
         self.error = ""  # the client's socket error that ended the relay, if one did
+        self.written = 0  # bytes written to the client (version 3's credit)
+        self.reported = 0  # of those, reported to the session as gone from the buffer
 
     @property
     def bytes_in(self) -> int:
@@ -339,7 +341,19 @@ class PublicConnection(asyncio.Protocol):
         elif self._writable():
             self.pub.counters["bytes_out"] += len(command.data)
             self.transport.write(command.data)  # type: ignore[union-attr]
+            self.written += len(command.data)
+            if self.session is not None and self.session.windowed:
+                self._flushed()
         return DataSent(command.side, len(command.data))
+
+    def _flushed(self) -> None:
+        """Version 3: give the mediator credit for what left the client's buffer."""
+        if self.session is None or self.port_id is None or self.transport is None:
+            return
+        gone = self.written - self.transport.get_write_buffer_size() - self.reported
+        if gone > 0:
+            self.reported += gone
+            self.session.consumed(self.port_id, gone)
 
     def _writable(self) -> bool:
         return self.transport is not None and not self.transport.is_closing()
@@ -369,11 +383,15 @@ class PublicConnection(asyncio.Protocol):
             self._handle(ResetReceived(Side.A))
 
     def pause_writing(self) -> None:
-        if self.session is not None:
+        # Version 3: the window bounds what comes for this client; before,
+        # a slow client stops the reading of the whole channel.
+        if self.session is not None and not self.session.windowed:
             self.session.channel_gate.pause(f"public {id(self)}")
 
     def resume_writing(self) -> None:
-        if self.session is not None:
+        if self.session is not None and self.session.windowed:
+            self._flushed()
+        elif self.session is not None:
             self.session.channel_gate.resume(f"public {id(self)}")
 
     # -- from the tunnel -------------------------------------------------------------------
@@ -394,6 +412,10 @@ class PublicConnection(asyncio.Protocol):
     def on_opened(self, session: Session, port_id: int) -> None:
         """OPEN_CONNECT answered: ours from now on, before ``_attach`` resumes."""
         self.session, self.port_id = session, port_id
+
+    def on_window(self, paused: bool) -> None:
+        """Version 3: the window to the target is used up (or has credit again)."""
+        (self.gate.pause if paused else self.gate.resume)("window")
 
     def on_gone(self, why: str) -> None:
         self.abort(why)
@@ -418,6 +440,7 @@ class UdpFlow:
         self.ready = False
         self.opening: asyncio.Task[None] | None = None
         self.queue: deque[bytes] = deque()
+        self.queued = 0  # bytes in ``queue``
         self.last = pub.loop.time()
 
     def open(self) -> None:
@@ -446,13 +469,16 @@ class UdpFlow:
         self.pub.log.emit("flow", public=spec.public_port, client=_fmt(self.shown), port=self.port_id)
         while self.queue:
             self._send(self.queue.popleft())
+        self.queued = 0
 
     def to_target(self, data: bytes) -> None:
         self.last = self.pub.loop.time()
         if self.ready:
             self._send(data)
-        elif len(self.queue) < self.pub.server.config.udp_queue:
+        elif (len(self.queue) < self.pub.server.config.udp_queue
+              and self.queued + len(data) <= self.pub.server.config.udp_queue_bytes):
             self.queue.append(data)
+            self.queued += len(data)
         else:
             self.pub.counters["dropped_queue_full"] += 1
 
@@ -491,6 +517,9 @@ class UdpFlow:
     def on_opened(self, session: Session, port_id: int) -> None:
         return None  # a flow's port comes from REDIRECT_PORT
 
+    def on_window(self, paused: bool) -> None:
+        return None  # UDP has no window
+
     def on_gone(self, why: str) -> None:
         """The session ended: a new one re-issues the redirect (``session_ready``)."""
         self.session, self.port_id, self.ready = None, None, False
@@ -504,6 +533,7 @@ class UdpFlow:
             self.session.close_soon(self.port_id)
         self.session, self.port_id, self.ready = None, None, False
         self.queue.clear()
+        self.queued = 0
         self.pub.log.emit("flow_end", public=self.pub.spec.public_port, client=_fmt(self.shown), reason=why)
 
 

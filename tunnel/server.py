@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 from firewall.control import ControlError
 from tunnel import tls
-from tunnel.aio import address_pair, family_of
+from tunnel.aio import address_pair, family_of, grow_udp_buffer, limit_unsent
 from tunnel.commands import SessionReady
 from tunnel.config import MediatorEntry, ServerConfig
 from tunnel.datagrams import peek_key_id
@@ -79,6 +79,7 @@ class ChannelProtocol(asyncio.Protocol):
         if not self.server.accept_channel():
             transport.abort()
             return
+        limit_unsent(transport)
         self.session = self.server.new_session(transport, self.peer)
 
     def data_received(self, data: bytes) -> None:
@@ -133,7 +134,7 @@ class TunnelServer:
     # -- life cycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        set_tls_read_buffer(self.config.tls_read_buffer)
+        set_tls_read_buffer(self.config.tls_idle_read_buffer)
         loop = asyncio.get_running_loop()
         for identity, entry in self.mediators.items():
             rate = entry.rate
@@ -449,15 +450,17 @@ class TunnelServer:
 
 
 def set_tls_read_buffer(size: int) -> None:
-    """Size the read buffer of every TLS connection this process makes from now on.
+    """Size the read buffer every TLS connection this process makes from now on starts with.
 
     asyncio's SSL protocol allocates ``max_size`` bytes per connection when
     it is made, and keeps them: 256 KiB by default, which was 90% of an idle
-    mediator's cost on the server (scripts/bench_tunnel.py). asyncio has no
-    per-connection knob, so this sets the class attribute; a tunnel server
-    process runs nothing else that uses TLS.
+    mediator's cost on the server (scripts/bench_tunnel.py). This sets the
+    class attribute (a tunnel server process runs nothing else that uses
+    TLS) to the idle size; ``grow_tls_read_buffer`` raises one busy
+    connection's.
     """
     asyncio.sslproto.SSLProtocol.max_size = size
+
 
 
 def _digest(der: bytes) -> bytes:
@@ -528,6 +531,7 @@ class StandaloneFrontend:
         self.udp, _ = await loop.create_datagram_endpoint(
             lambda: _ServiceDatagrams(server), local_addr=(host, cfg.service_port), family=family_of(cfg.listen),
         )
+        grow_udp_buffer(self.udp)
 
     async def bind(self, publication: Publication) -> None:
         assert self.server is not None
@@ -545,6 +549,7 @@ class StandaloneFrontend:
                 lambda: _PublicDatagrams(publication), local_addr=(host, spec.public_port),
                 family=family_of(cfg.public_address),
             )
+            grow_udp_buffer(publication.listener)
 
     def send_datagram(self, data: bytes, address: IPAddress, port: int) -> None:
         if self.udp is not None:

@@ -48,12 +48,12 @@ from dataclasses import dataclass
 from firewall.replay import ReplayWindow
 from tunnel.channel import ChannelCore, IdAllocator
 from tunnel.commands import (
-    ConnectionAccepted, LimitExceeded, PeerFin, PeerReset,
-    PortOpened, Received, RelayFailed, RequestAcked, RequestFailed, SendDatagram,
+    ConnectionAccepted, LimitExceeded, PauseReading, PeerFin, PeerReset,
+    PortOpened, Received, RelayFailed, RequestAcked, RequestFailed, ResumeReading, SendDatagram,
     ServerOutput, SessionReady,
 )
 from tunnel.datagrams import (
-    Datagram, DatagramError, DatagramType, DropReason, encode_datagram,
+    Datagram, DatagramError, DatagramType, DropReason, encode_datagram, fits_channel,
     verify_datagram,
 )
 from tunnel.errors import ErrorCode, LimitError, LocalProtocolError, ProtocolError
@@ -61,11 +61,12 @@ from tunnel.frames import (
     MAX_UDP_PAYLOAD, MIN_MAX_FRAME_SIZE, UDP_KEY_SIZE, Ack, ClosePort, ConnectPort, Data,
     Err, EventAccepted, EventFin, EventRst, Frame, FrameType, Hello, InitErr, InitOk,
     IPAddress, Keepalive, KeepaliveAck, ListenPort, Opened, OpenPort, Proto, RedirectPort,
-    UdpKey, OpenConnect, CheckTarget,
+    UdpKey, OpenConnect, CheckTarget, WindowUpdate,
 )
 from tunnel.policy import Authenticator
 from tunnel.settings import MediatorLimits, ServerSettings
 from tunnel.states import SERVER_TRANSITIONS, Local, PortOp, PortState, ServerState, port_op
+from tunnel.window import StreamWindow
 
 
 Out = list[ServerOutput]
@@ -87,6 +88,7 @@ class _Remote:
     source: tuple[IPAddress, int] | None = None  # learnt from its datagrams
     window: ReplayWindow | None = None
     send_seq: int = 0
+    credit: StreamWindow | None = None  # version 3: a connection's windows
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,10 @@ class ServerSession(ChannelCore[ServerState]):
         self._remotes: dict[int, _Remote] = {}
         self._pending: dict[int, _Pending] = {}
         self._request_ids = IdAllocator()
+        # Keepalive discovery (version 3): the one PROBE to answer, when and where.
+        self._probe: tuple[float, tuple[IPAddress, int], int] | None = None
+        self._probe_window = ReplayWindow(self.settings.replay_window)
+        self._probe_seq = 0
         self._handlers = {
             FrameType.HELLO: self._on_hello,
             FrameType.OPENED: self._on_opened,
@@ -140,6 +146,7 @@ class ServerSession(ChannelCore[ServerState]):
             FrameType.EVENT_ACCEPTED: self._on_accepted,
             FrameType.EVENT_FIN: self._on_fin,
             FrameType.EVENT_RST: self._on_rst,
+            FrameType.WINDOW_UPDATE: self._on_window_update,
             FrameType.KEEPALIVE: self._on_keepalive,
             FrameType.BYE: self._on_bye,
         }
@@ -173,6 +180,12 @@ class ServerSession(ChannelCore[ServerState]):
             silence = self._interval * self.settings.dead_after
             if now >= self._last_received + silence:
                 return self._fault(ErrorCode.TIMEOUT, f"nothing from the mediator for {silence:g} s")
+            if self._probe is not None and now >= self._probe[0] and self._key is not None:
+                _, source, wait_ms = self._probe
+                self._probe = None
+                ack = Datagram(DatagramType.PROBE_ACK, self.key_id, 0, self._probe_seq, True, wait_ms=wait_ms)
+                self._probe_seq += 1
+                return [SendDatagram(*source, encode_datagram(ack, self._key))]
         return []
 
     def next_deadline(self) -> float | None:
@@ -180,7 +193,8 @@ class ServerSession(ChannelCore[ServerState]):
         if self._state is ServerState.WAIT_HELLO:
             return self._hello_deadline
         if self._state is ServerState.READY:
-            return self._last_received + self._interval * self.settings.dead_after
+            dead = self._last_received + self._interval * self.settings.dead_after
+            return dead if self._probe is None else min(dead, self._probe[0])
         return None
 
     # -- handshake ---------------------------------------------------------------
@@ -262,6 +276,11 @@ class ServerSession(ChannelCore[ServerState]):
         return self._issue(
             lambda rid: CheckTarget(proto, address, port, request_id=rid), _Pending(FrameType.CHECK_TARGET, proto=proto),
         )
+
+    @property
+    def pending_full(self) -> bool:
+        """``max_pending`` requests are in flight: one more raises ``LimitError``."""
+        return len(self._pending) >= self.limits.max_pending
 
     @property
     def pipelines_connect(self) -> bool:
@@ -359,24 +378,55 @@ class ServerSession(ChannelCore[ServerState]):
         remote = self._remote(port_id, PortOp.DATA)
         if remote.proto is Proto.UDP and len(data) > MAX_UDP_PAYLOAD:
             raise LocalProtocolError(f"a {len(data)}-byte datagram is too large")
-        if remote.state is PortState.REDIRECTED and remote.source is not None and self._key is not None:
+        if (remote.state is PortState.REDIRECTED and remote.source is not None and self._key is not None
+                and fits_channel(address, data)):
             datagram = Datagram(
                 DatagramType.DATA, self.key_id, port_id, remote.send_seq, True, address, port, data
             )
             remote.send_seq += 1
             return [SendDatagram(*remote.source, encode_datagram(datagram, self._key))]
+        if remote.credit is not None:
+            return self._stream(remote, address, port, *remote.credit.send(data))
         return list(self._data_frames(port_id, address, port, data, stream=remote.proto is Proto.TCP))
+
+    def _stream(self, remote: _Remote, address: IPAddress, port: int, data: bytes, changed: bool) -> Out:
+        """DATA for what the window lets go, then the reading switch and a FIN held behind it."""
+        assert remote.credit is not None
+        out: Out = list(self._data_frames(remote.port_id, address, port, data, stream=True))
+        if changed:
+            out.append(PauseReading(remote.port_id) if remote.credit.paused else ResumeReading(remote.port_id))
+        if remote.credit.fin_held and not remote.credit.held:
+            remote.credit.fin_held = False
+            out.append(self._send(EventFin(remote.port_id)))
+        return out
 
     def fin(self, port_id: int) -> Out:
         """Half-close connection ``port_id`` towards the private host."""
-        self._remote(port_id, PortOp.FIN)
+        remote = self._remote(port_id, PortOp.FIN)
+        if remote.credit is not None and remote.credit.held:
+            remote.credit.fin_held = True  # after the bytes the window still holds
+            return []
         return [self._send(EventFin(port_id))]
 
     def reset(self, port_id: int) -> Out:
         """Reset connection ``port_id`` towards the private host."""
         remote = self._remote(port_id, PortOp.RST)
-        remote.state = PortState.RESET
+        remote.state, remote.credit = PortState.RESET, None
         return [self._send(EventRst(port_id))]
+
+    def consumed(self, port_id: int, n: int) -> Out:
+        """Version 3: ``n`` bytes relayed from connection ``port_id`` left the
+        public socket's buffer; the credit goes back to the mediator in pieces."""
+        remote = self._remotes.get(port_id)
+        if remote is None or remote.credit is None or remote.state is not PortState.CONNECTED or self.closed:
+            return []
+        grant = remote.credit.consumed(n)
+        return [self._send(WindowUpdate(port_id, grant))] if grant else []
+
+    @property
+    def windowed(self) -> bool:
+        """Per-connection windows (version 3): a slow public client no longer holds the channel."""
+        return (self._version or 0) >= 3
 
     # -- replies from the mediator ---------------------------------------------------
 
@@ -396,6 +446,7 @@ class ServerSession(ChannelCore[ServerState]):
         if pending.kind is FrameType.OPEN_CONNECT:
             self._remotes[frame.port_id] = _Remote(
                 frame.port_id, Proto.TCP, PortState.CONNECTED, is_port=True, connection=True, peer=pending.peer,
+                credit=StreamWindow() if self.windowed else None,
             )
             return [PortOpened(frame.request_id, frame.port_id, frame.port)]
         redirect = pending.kind is FrameType.REDIRECT_PORT
@@ -416,6 +467,7 @@ class ServerSession(ChannelCore[ServerState]):
             self._remotes.pop(pending.port_id, None)
         elif remote is not None and pending.kind is FrameType.CONNECT:
             remote.state = PortState.CONNECTED
+            remote.credit = StreamWindow() if self.windowed else None
         elif remote is not None:
             remote.state = PortState.LISTENING
         return [RequestAcked(frame.request_id, pending.port_id)]
@@ -453,6 +505,8 @@ class ServerSession(ChannelCore[ServerState]):
         remote, out = self._relayed(frame, frame.port_id)
         if remote is None:
             return out
+        if remote.credit is not None and not remote.credit.received(len(frame.payload)):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"DATA past port {remote.port_id}'s window")
         return [Received(frame.port_id, frame.address, frame.port, frame.payload)]
 
     def _on_accepted(self, frame: EventAccepted, now: float) -> Out:
@@ -463,7 +517,7 @@ class ServerSession(ChannelCore[ServerState]):
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"port {frame.port_id} is not listening")
         remote = _Remote(
             frame.conn_id, Proto.TCP, PortState.CONNECTED, is_port=False, connection=True,
-            peer=(frame.address, frame.port),
+            peer=(frame.address, frame.port), credit=StreamWindow() if self.windowed else None,
         )
         self._remotes[frame.conn_id] = remote
         over = self._connections_in_use() > self.limits.max_connections
@@ -484,8 +538,18 @@ class ServerSession(ChannelCore[ServerState]):
         remote, out = self._relayed(frame, frame.port_id)
         if remote is None:
             return out
-        remote.state = PortState.RESET
+        remote.state, remote.credit = PortState.RESET, None
         return [PeerReset(frame.port_id)]
+
+    def _on_window_update(self, frame: WindowUpdate, now: float) -> Out:
+        remote = self._remotes.get(frame.port_id)
+        if remote is None or remote.credit is None or remote.state is not PortState.CONNECTED or remote.closing:
+            return []  # the port ended while the credit was in flight
+        sendable = remote.credit.granted(frame.increment)
+        if sendable is None:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"WINDOW_UPDATE past port {remote.port_id}'s window")
+        assert remote.peer is not None
+        return self._stream(remote, *remote.peer, *sendable)
 
     def _on_keepalive(self, frame: Keepalive, now: float) -> Out:
         return [self._send(KeepaliveAck(request_id=frame.request_id))]
@@ -502,15 +566,17 @@ class ServerSession(ChannelCore[ServerState]):
         moved it), and a KEEPALIVE is answered on the spot.
         """
         try:
-            return self._receive_datagram(raw, source)
+            return self._receive_datagram(raw, source, now)
         except DatagramError as err:
             self.dropped[err.reason] += 1
             return []
 
-    def _receive_datagram(self, raw: bytes, source: tuple[IPAddress, int]) -> Out:
+    def _receive_datagram(self, raw: bytes, source: tuple[IPAddress, int], now: float) -> Out:
         if self._key is None or self._state is not ServerState.READY:
             raise DatagramError(DropReason.UNKNOWN_KEY)
         datagram = verify_datagram(raw, self._key, self.key_id, from_server=False)
+        if datagram.channel_id == 0:
+            return self._on_probe(datagram, source, now)
         remote = self._remotes.get(datagram.channel_id)
         if remote is None or remote.window is None or remote.state is not PortState.REDIRECTED:
             raise DatagramError(DropReason.UNKNOWN_CHANNEL)
@@ -529,9 +595,24 @@ class ServerSession(ChannelCore[ServerState]):
             return []
         return [Received(remote.port_id, datagram.address, datagram.port, datagram.data)]
 
+    def _on_probe(self, datagram: Datagram, source: tuple[IPAddress, int], now: float) -> Out:
+        """Keepalive discovery (version 3): answer ``wait_ms`` later, to where
+        the PROBE came from. One at a time (a newer PROBE replaces the one
+        pending), and never later than ``max_keepalive_interval``: the
+        answer is the mediator's own, authenticated, and cannot be aimed."""
+        if (self._version or 0) < 3 or datagram.type is not DatagramType.PROBE:
+            raise DatagramError(DropReason.UNEXPECTED_TYPE)
+        if datagram.wait_ms > self.settings.max_keepalive_interval * 1000:
+            raise DatagramError(DropReason.MALFORMED, "probe wait past max_keepalive_interval")
+        if not self._probe_window.accept(datagram.seq):
+            raise DatagramError(DropReason.REPLAY)
+        self._probe = (now + datagram.wait_ms / 1000, source, datagram.wait_ms)
+        return []
+
     # -- closing ------------------------------------------------------------------------
 
     def _release(self) -> Out:
+        self._probe = None
         self._remotes.clear()
         self._pending.clear()
         self._key = None

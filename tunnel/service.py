@@ -187,6 +187,7 @@ def gateway_server_config(gateway: Manifest) -> ServerConfig:
         udp_idle_timeout=s.udp_idle_timeout,
         max_channels=s.max_channels,
         tls_read_buffer=s.tls_read_buffer,
+        tls_idle_read_buffer=s.tls_idle_read_buffer,
         republish=BackoffSettings(s.republish_initial, s.republish_max),
     )
 

@@ -25,12 +25,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from firewall.drive import CoreDriver
-from tunnel.aio import ReadGate
+from tunnel.aio import ReadGate, grow_tls_read_buffer
 from tunnel.commands import (
-    ChannelClosed, CloseChannel, ConnectionAccepted, LimitExceeded, PeerFin, PeerReset, PortOpened,
-    Received, RelayFailed, RequestAcked, RequestFailed, SendDatagram, SendFrame, ServerOutput, SessionReady,
+    ChannelClosed, CloseChannel, ConnectionAccepted, LimitExceeded, PauseReading, PeerFin, PeerReset, PortOpened,
+    Received, RelayFailed, RequestAcked, RequestFailed, ResumeReading, SendDatagram, SendFrame, ServerOutput,
+    SessionReady,
 )
 from tunnel.config import MediatorEntry, ServerConfig
+from tunnel.datagrams import DatagramType
 from tunnel.errors import ErrorCode, LocalProtocolError, RequestRefused
 from tunnel.events import EventLog
 from tunnel.frames import Data, Hello, IPAddress, Proto
@@ -75,6 +77,7 @@ class PortOwner(Protocol):
     def on_accepted(self, conn_id: int, address: IPAddress, port: int) -> None: ...
     def on_gone(self, why: str) -> None: ...
     def on_opened(self, session: Session, port_id: int) -> None: ...
+    def on_window(self, paused: bool) -> None: ...
 
 
 class SessionAuthenticator:
@@ -129,12 +132,16 @@ class Session:
         self._futures: dict[int, asyncio.Future[Any]] = {}
         self._owners_at_open: dict[int, PortOwner] = {}  # OPEN_CONNECT request id -> its port's owner
         self._channel_waiters: dict[int, asyncio.Future[None]] = {}
+        self._room_waiters: list[asyncio.Future[None]] = []  # new relays waiting for a request slot
+        self._outbox: list[bytes] = []  # frames to write at the end of this loop iteration
+        self._busy = False  # the TLS read buffer was grown (``on_data``)
         handlers = {
             SendFrame: self._send_frame, CloseChannel: self._close_channel, ChannelClosed: self._channel_closed,
             SendDatagram: self._send_datagram, SessionReady: self._ready, PortOpened: self._answer,
             RequestAcked: self._answer, RequestFailed: self._answer, Received: self._received,
             ConnectionAccepted: self._accepted, PeerFin: self._peer_fin, PeerReset: self._peer_reset,
             LimitExceeded: self._limit, RelayFailed: self._relay_failed,
+            PauseReading: self._window, ResumeReading: self._window,
         }
         core = self.core
         self.driver = CoreDriver(
@@ -145,6 +152,10 @@ class Session:
     # -- driving the core ------------------------------------------------------------------
 
     def on_data(self, data: bytes) -> None:
+        if not self._busy and len(data) * 2 >= self.server.config.tls_idle_read_buffer:
+            # Bulk: larger reads from now on (an idle channel keeps the small buffer).
+            self._busy = True
+            grow_tls_read_buffer(self.transport, self.server.config.tls_read_buffer)
         self._count("bytes_from_mediator", len(data))
         self.driver.run(self.core.receive_data(data, self.loop.time()))
 
@@ -184,10 +195,19 @@ class Session:
         if isinstance(out.frame, Data) and self._proto(out.frame.port_id) is Proto.UDP:
             self._count("udp_via_frames_out")
         self._count("bytes_to_mediator", len(data))
-        if not self.transport.is_closing():
-            self.transport.write(data)
+        # Coalesced: the frames of one loop iteration go as one TLS write.
+        if not self._outbox:
+            self.loop.call_soon(self.flush)
+        self._outbox.append(data)
+
+    def flush(self) -> None:
+        """Write the frames collected since the last flush, in order."""
+        if self._outbox and not self.transport.is_closing():
+            self.transport.write(b"".join(self._outbox))
+        self._outbox.clear()
 
     def _close_channel(self, out: CloseChannel) -> None:
+        self.flush()
         self.transport.close()
 
     def _channel_closed(self, out: ChannelClosed) -> None:
@@ -208,6 +228,10 @@ class Session:
                 future.set_exception(lost)
         self._futures.clear()
         self._channel_waiters.clear()
+        for waiter in self._room_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._room_waiters.clear()
         owners, self.owners = self.owners, {}
         for owner in owners.values():
             owner.on_gone("the mediator's channel closed")
@@ -215,7 +239,9 @@ class Session:
 
     def _send_datagram(self, out: SendDatagram) -> None:
         self._count("channel_datagrams_out")
-        if not self._via_channel:
+        # Relayed data only: not a KEEPALIVE_ACK (sent while a datagram is
+        # handled) nor a PROBE_ACK (sent by the timer).
+        if not self._via_channel and out.data[1] == DatagramType.DATA:
             self._count("udp_via_channel_out")
         self.server.send_datagram(out.data, out.address, out.port)
 
@@ -224,6 +250,7 @@ class Session:
         self.server.session_ready(self, out)
 
     def _answer(self, out: PortOpened | RequestAcked | RequestFailed) -> None:
+        self._wake_one()
         future = self._futures.pop(out.request_id, None)
         owner = self._owners_at_open.pop(out.request_id, None)
         if owner is not None and isinstance(out, PortOpened) and future is not None and not future.done():
@@ -289,6 +316,11 @@ class Session:
         if owner is not None:
             self._contained(out.port_id, owner, owner.on_reset)
 
+    def _window(self, out: PauseReading | ResumeReading) -> None:
+        owner = self.owners.get(out.port_id)
+        if owner is not None:
+            owner.on_window(isinstance(out, PauseReading))
+
     def _limit(self, out: LimitExceeded) -> None:
         self.log.warn("limit", mediator=self.identity, port=out.port_id, reason=out.message)
 
@@ -307,6 +339,16 @@ class Session:
         return entry[0] if entry is not None else None
 
     # -- flow control -------------------------------------------------------------------------
+
+    @property
+    def windowed(self) -> bool:
+        """Per-connection windows (version 3, docs/tunnel-protocol.md section 21)."""
+        return self.core.windowed
+
+    def consumed(self, port_id: int, n: int) -> None:
+        """Version 3: ``n`` bytes relayed from ``port_id`` left the public socket's buffer."""
+        if not self.closed:
+            self.driver.run(self.core.consumed(port_id, n))
 
     def channel_full(self, full: bool) -> None:
         """The TLS channel's send buffer crossed its high (low) water mark."""
@@ -343,7 +385,33 @@ class Session:
         except LocalProtocolError as err:
             raise RequestRefused("WRONG_STATE", err.message, local=True) from None
 
+    async def _room(self) -> None:
+        """Wait while ``max_pending`` requests are in flight (up to
+        ``request_timeout``): a burst of new public connections queues here,
+        first come first served, instead of being reset. After that the core
+        refuses with ``LimitError``."""
+        deadline = self.loop.time() + self.server.config.request_timeout
+        while self.core.pending_full and not self.closed and (left := deadline - self.loop.time()) > 0:
+            waiter: asyncio.Future[None] = self.loop.create_future()
+            self._room_waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, left)
+            except TimeoutError:
+                return
+            finally:
+                if waiter in self._room_waiters:
+                    self._room_waiters.remove(waiter)
+
+    def _wake_one(self) -> None:
+        """A request was answered: its slot goes to the longest waiter."""
+        while self._room_waiters:
+            waiter = self._room_waiters.pop(0)
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
     async def open_port(self, proto: Proto, address: IPAddress, port: int, mandatory: bool = False) -> PortOpened:
+        await self._room()
         issue = lambda: self.core.open_port(proto, address, port, mandatory=mandatory)  # noqa: E731
         opened: PortOpened = await self._request(self._checked(issue))
         return opened
@@ -352,6 +420,7 @@ class Session:
         if not self.server.config.protocol.udp_channels:
             why = "UDP channels are off on this server (protocol.udp_channels)"
             raise RequestRefused("WRONG_STATE", why, local=True)
+        await self._room()
         issue = lambda: self.core.redirect_port(address, port, mandatory=mandatory)  # noqa: E731
         opened: PortOpened = await self._request(self._checked(issue))
         return opened
@@ -366,6 +435,7 @@ class Session:
         ``owner`` owns the port from the OPENED on, before this coroutine
         resumes: the target's first bytes and its FIN may come in the same
         read as the OPENED, and must not find the port without an owner."""
+        await self._room()
         request_id, outputs = self._checked(lambda: self.core.open_connect(local, address, port))
         self._owners_at_open[request_id] = owner
         try:

@@ -71,9 +71,20 @@ class MediatorSettings:
     """Server requests waiting for a socket result at once (open, connect...)."""
     replay_window: int = DEFAULT_REPLAY_WINDOW
     """Width of the anti-replay window of each UDP channel."""
+    keepalive_discovery: bool = True
+    """Version 3: learn the NAT's idle UDP mapping lifetime on a spare socket
+    (tunnel/lifetime.py) and keep the UDP channels alive at 0.8 of it."""
+    keepalive_floor: float = 1.0
+    """Shortest UDP channel keepalive interval discovery may choose (the
+    server's ``min_keepalive_interval``)."""
+    keepalive_ceiling: float = 120.0
+    """Longest idle wait discovery probes (RFC 4787 REQ-5's 2 minutes); the
+    interval is at most 0.8 of it."""
 
     def __post_init__(self) -> None:
         _check_common(self.versions, self.max_frame_size, self.dead_after)
+        if not 0 < self.keepalive_floor <= self.keepalive_ceiling <= 3600:
+            raise ValueError("need 0 < keepalive_floor <= keepalive_ceiling <= 3600")
         if not 0 < self.keepalive_interval < 2**32 / 1000:
             raise ValueError("keepalive_interval must be positive and fit in u32 milliseconds")
         if self.init_timeout <= 0 or self.max_ports < 1 or self.max_pending < 1:
@@ -163,6 +174,8 @@ class TunnelGatewaySettings(Frozen):
     udp_idle_timeout: Number(1, 86400) = Field(
         60.0, description="seconds without a datagram before a published UDP flow ends")
     max_channels: Int(1, 1_000_000) = Field(4096, description="TCP channels at once, authenticated or not")
-    tls_read_buffer: Int(16384, 1 << 20) = Field(65536, description="bytes of read buffer each TLS channel keeps")
+    tls_read_buffer: Int(16384, 1 << 20) = Field(262144, description="bytes of read buffer of a busy TLS channel")
+    tls_idle_read_buffer: Int(1024, 1 << 20) = Field(
+        4096, description="bytes of read buffer a TLS channel keeps while idle")
     republish_initial: Number(0.01, 3600) = Field(1.0, description="first retry delay of a publication that could not start")
     republish_max: Number(0.01, 86400) = Field(60.0, description="longest retry delay of such a publication")

@@ -69,11 +69,13 @@ _MEDIATOR_READY_FRAMES = (
     FrameType.EVENT_RST, FrameType.KEEPALIVE, FrameType.KEEPALIVE_ACK,
     FrameType.ERR,  # request id 0 only: the server could not take a relayed frame
     FrameType.OPEN_CONNECT, FrameType.CHECK_TARGET,  # version 2 (the decoder refuses them in 1)
+    FrameType.WINDOW_UPDATE,  # version 3
 )
 _SERVER_READY_FRAMES = (
     FrameType.OPENED, FrameType.ACK, FrameType.ERR, FrameType.DATA,
     FrameType.EVENT_ACCEPTED, FrameType.EVENT_FIN, FrameType.EVENT_RST,
     FrameType.KEEPALIVE,  # the server sends no KEEPALIVE, so expects no ACK
+    FrameType.WINDOW_UPDATE,  # version 3
 )
 
 Trigger = FrameType | Local

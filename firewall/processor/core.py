@@ -244,7 +244,9 @@ class ProcessorCore:
     def handle(self, payload: bytes, mark: int, indev: int, now: float) -> Verdict:
         """The verdict for one queued packet; see the module docstring."""
         self.queued += 1
-        pkt = parse(payload)
+        # Headers only: the copy of a packet above the queue's copy range is
+        # cut short, and a verdict never changes a payload (issue 14 F).
+        pkt = parse(payload, whole=False)
         if type(pkt) is not Packet:
             return self._drop(_MALFORMED[pkt], mark)  # type: ignore[index]
         if pkt.more_fragments:

@@ -64,7 +64,10 @@ TICK = 1.0  # seconds between expiry runs; FlowTable counts whole seconds
 # (1024) is 15 ms at 69k pps; a burst of new flows (a route lookup each)
 # must not overflow it, since an overflow drops. 16384 queued skbs pin at
 # most about 40 MB of kernel memory with 1500-byte packets.
-QUEUE_COPY_RANGE = 0xFFFF  # whole packets (netfilterqueue caps this at its 4016-byte buffer)
+# Asked for whole packets, but netfilterqueue caps the copy at its 4016-byte
+# buffer: a larger first packet (a reassembled UDP datagram) comes cut short,
+# which is enough, since the core reads headers only (packet.parse, whole=False).
+QUEUE_COPY_RANGE = 0xFFFF
 SIGNALLING_BATCH = 256  # datagrams read before the loop moves on
 ROUTE_CACHE_SIZE = 65536  # entries, then the cache starts over
 LOCAL_ADDRESS_SECONDS = 5.0  # how long the router's address list is reused

@@ -92,6 +92,33 @@ def test_truncation_at_every_offset_gives_a_reason(packet: IP) -> None:
         assert got is (Drop.TOO_SHORT if cut < 20 else Drop.TRUNCATED), cut
 
 
+@settings(max_examples=50, deadline=None)
+@given(st.one_of(tcp_packets(), udp_packets()))
+def test_a_copy_cut_short_parses_once_its_headers_are_in(packet: IP) -> None:
+    """NFQUEUE's copy of a packet above the copy range is its first bytes
+    (issue 14 F): headers only are needed, and the total length is believed."""
+    raw = bytes(packet)
+    whole = parse(raw)
+    assert isinstance(whole, Packet)
+    headers = whole.l4 + (20 if whole.proto == pk.TCP else 8)
+    for cut in range(len(raw)):
+        got = parse(bytearray(raw[:cut]), whole=False)
+        if cut < 20:
+            assert got is Drop.TOO_SHORT
+        elif cut < headers:
+            assert got is Drop.TRUNCATED, cut
+        else:
+            assert got == whole, cut
+
+
+def test_a_65507_byte_datagram_cut_at_netfilterqueues_copy_size_parses() -> None:
+    big = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=4000, dport=53) / Raw(b"x" * 65507))
+    assert len(big) == 65535
+    assert parse(big[:4016]) is Drop.TRUNCATED
+    got = parse(big[:4016], whole=False)
+    assert isinstance(got, Packet) and (got.length, got.dport) == (65535, 53)
+
+
 @settings(max_examples=1000, deadline=None)
 @given(st.binary(max_size=120))
 def test_garbage_never_raises(raw: bytes) -> None:
@@ -99,6 +126,10 @@ def test_garbage_never_raises(raw: bytes) -> None:
     assert isinstance(got, (Packet, Drop))
     if isinstance(got, Packet):
         assert got.l4 + (20 if got.proto == pk.TCP else 8) <= got.length <= len(raw)
+    cut = parse(bytearray(raw), whole=False)
+    assert isinstance(cut, (Packet, Drop))
+    if isinstance(cut, Packet):
+        assert cut.l4 + (20 if cut.proto == pk.TCP else 8) <= min(cut.length, len(raw))
 
 
 @settings(max_examples=500, deadline=None)

@@ -542,7 +542,7 @@ GARBAGE = {
     "not_ipv4": bytes(IP(version=6, src=C, dst=W) / ScapyTCP(dport=8443)),
     "bad_ihl": bytes.fromhex("42000028") + bytes(36),
     "bad_total_length": bytes(IP(len=12, src=C, dst=W) / ScapyTCP(dport=8443)),
-    "truncated": bytes(IP(len=200, src=C, dst=W) / ScapyTCP(dport=8443)),
+    "truncated": bytes(IP(len=200, src=C, dst=W) / ScapyTCP(dport=8443))[:30],  # cut inside its TCP header
     "fragment": bytes(IP(frag=10, src=C, dst=W) / Raw(b"x" * 24)),
     "unsupported_protocol": bytes(IP(proto=47, src=C, dst=W) / Raw(b"x" * 24)),
     "l4_truncated": bytes(IP(src=C, dst=W, proto=6) / Raw(b"x" * 10)),
@@ -562,6 +562,16 @@ def test_garbage_is_dropped_and_counted_by_reason() -> None:
     assert rig.core.handle(first_fragment, 0, WAN0, T0)[0] == DROP
     assert rig.core.counters["drop.fragment"] == 1
     assert not rig.core.take() and len(rig.core.table) == 0
+
+
+def test_a_first_packet_above_the_copy_range_is_bound_from_its_headers() -> None:
+    """netfilterqueue hands over at most 4016 bytes of a packet: a 65507-byte
+    datagram's first 4016 bytes get the verdict its whole would (issue 14 F)."""
+    rig = Rig()
+    big = bytes(udp(S, 4000, C, 10050, b"x" * 65507))
+    verdict, elements, _ = rig.core.handle(big[:4016], QOS, LAN0, T0)
+    assert verdict == PASS and elements, dict(rig.core.counters)
+    assert not any(k.startswith("drop.") for k in rig.core.counters)
 
 
 @settings(max_examples=300, deadline=None)

@@ -12,9 +12,16 @@
     netpeer.py rst-flood HOST PORT SECONDS   connect, send a request, reset (RST),
                                              over and over, at every step of the
                                              answer; count the connections
+    netpeer.py udp-rate HOST PORT RATE SECONDS SIZE
+                                             send RATE datagrams/s for SECONDS from a
+                                             new port; count the echoes (1 s to drain)
+    netpeer.py slow-downloads HOST PORT N PATH SIZE CHUNK INTERVAL
+                                             N HTTP/1.0 GETs of PATH at once; each
+                                             reads CHUNK bytes every INTERVAL s until
+                                             EOF; count the bodies of SIZE bytes
 
 TCP steps: ``send:TEXT``, ``recv:N`` (exactly N bytes), ``recv-eof`` (until
-EOF or reset), ``shut`` (shutdown SHUT_WR: a FIN), ``rst`` (SO_LINGER 0 and
+EOF or reset), ``hold:SECONDS`` (read nothing for that long), ``shut`` (shutdown SHUT_WR: a FIN), ``rst`` (SO_LINGER 0 and
 close: an RST), ``close``. The script prints one JSON object at the end:
 ``{"got": "...", "end": "eof" | "reset" | "open", "ready": port}``; a
 server prints ``{"listening": port}`` first. Every wait is bounded.
@@ -54,6 +61,9 @@ def _steps(sock: socket.socket, steps: list[str]) -> dict[str, object]:
                         end = "eof"
                         break
                     got += chunk
+            elif verb == "hold":
+                time.sleep(float(arg))
+                print(json.dumps({"held": float(arg)}), flush=True)
             elif verb == "shut":
                 sock.shutdown(socket.SHUT_WR)
             elif verb == "rst":
@@ -194,6 +204,77 @@ def rst_flood(host: str, port: int, seconds: float) -> None:
     print(json.dumps({"connections": done, "errors": errors}), flush=True)
 
 
+def udp_rate(host: str, port: int, rate: float, seconds: float, size: int) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sock.connect((host, port))
+    sock.setblocking(False)
+    sent = received = 0
+    start = time.monotonic()
+    while (now := time.monotonic()) < start + seconds:
+        while sent < int((now - start) * rate) + 1:
+            payload = (b"%08d" % sent).ljust(size, b".")
+            try:
+                sock.send(payload)
+            except BlockingIOError:
+                break
+            sent += 1
+        while True:
+            try:
+                sock.recv(65535)
+                received += 1
+            except (BlockingIOError, ConnectionRefusedError):
+                break
+        time.sleep(0.0005)
+    sock.setblocking(True)
+    drain = time.monotonic() + 1.0
+    while received < sent and (left := drain - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            sock.recv(65535)
+            received += 1
+        except (TimeoutError, ConnectionRefusedError):
+            break
+    print(json.dumps({"sent": sent, "received": received}), flush=True)
+
+
+def slow_downloads(host: str, port: int, n: int, path: str, size: int, chunk: int, interval: float) -> None:
+    """Issue 14: many readers slower than the tunnel, all at once."""
+    started = time.monotonic()
+    socks, got = [], []
+    for _ in range(n):
+        sock = socket.create_connection((host, port), timeout=TIMEOUT)
+        sock.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        sock.setblocking(False)
+        socks.append(sock)
+        got.append(bytearray())
+    live = set(range(n))
+    errors = 0
+    deadline = started + 120.0
+    while live and time.monotonic() < deadline:
+        for i in list(live):
+            try:
+                data = socks[i].recv(chunk)
+            except BlockingIOError:
+                continue
+            except OSError:
+                errors += 1
+                live.discard(i)
+                continue
+            if not data:
+                live.discard(i)
+            got[i] += data
+        time.sleep(interval)
+    complete = 0
+    for sock, body in zip(socks, got):
+        sock.close()
+        head, _, rest = bytes(body).partition(b"\r\n\r\n")
+        if head.startswith(b"HTTP/1.0 200") and len(rest) == size:
+            complete += 1
+    print(json.dumps({"complete": complete, "errors": errors, "unfinished": len(live),
+                      "seconds": round(time.monotonic() - started, 2)}), flush=True)
+
+
 def main(argv: list[str]) -> None:
     mode, host, port = argv[0], argv[1], int(argv[2])
     if mode == "tcp-serve":
@@ -208,6 +289,10 @@ def main(argv: list[str]) -> None:
         udp_flood(host, port, float(argv[3]), int(argv[4]))
     elif mode == "rst-flood":
         rst_flood(host, port, float(argv[3]))
+    elif mode == "udp-rate":
+        udp_rate(host, port, float(argv[3]), float(argv[4]), int(argv[5]))
+    elif mode == "slow-downloads":
+        slow_downloads(host, port, int(argv[3]), argv[4], int(argv[5]), int(argv[6]), float(argv[7]))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

@@ -18,7 +18,7 @@ from tunnel.frames import (
     FRAME_CLASSES, HEADER_SIZE, MIN_MAX_FRAME_SIZE, Ack, Bye, ClosePort, ConnectPort, Data,
     Err, EventAccepted, EventFin, EventRst, Frame, FrameDecoder, FrameType, Hello, InitErr,
     InitOk, Keepalive, KeepaliveAck, ListenPort, Opened, OpenPort, Proto, RedirectPort,
-    SINCE_VERSION, CheckTarget, OpenConnect, UdpKey, data_chunk_size, encode_frame,
+    SINCE_VERSION, CheckTarget, OpenConnect, UdpKey, WindowUpdate, data_chunk_size, encode_frame,
 )
 
 V4 = IPv4Address("192.168.1.10")
@@ -57,6 +57,7 @@ SAMPLES: list[Frame] = [
     EventAccepted(1, 3, V6, 51001),
     EventFin(2),
     EventRst(2),
+    WindowUpdate(2, 65536),
     Keepalive(request_id=9),
     KeepaliveAck(request_id=9),
     Bye(ErrorCode.NORMAL, "bye"),
@@ -167,21 +168,23 @@ def test_unknown_frame_type() -> None:
 
 
 def test_unsupported_version() -> None:
-    assert refused(encode_frame(Keepalive(request_id=1), version=3)) is ErrorCode.UNSUPPORTED_VERSION
+    assert refused(encode_frame(Keepalive(request_id=1), version=4)) is ErrorCode.UNSUPPORTED_VERSION
 
 
 @pytest.mark.parametrize("frame", [f for f in SAMPLES if f.TYPE in SINCE_VERSION], ids=lambda f: type(f).__name__)
 def test_a_frame_type_does_not_exist_before_its_version(frame: Frame) -> None:
-    """Version 2's requests are UNKNOWN_FRAME in a version-1 session, and cannot be encoded in it."""
-    v2 = encode_frame(frame, 2)
+    """Version 2's requests (version 3's WINDOW_UPDATE) are UNKNOWN_FRAME in a
+    session of an older version, and cannot be encoded in it."""
+    since = SINCE_VERSION[frame.TYPE]
+    new = encode_frame(frame, since)
     decoder = FrameDecoder()
-    decoder.version = 1
-    decoder.feed(b"\x01" + v2[1:])
+    decoder.version = since - 1
+    decoder.feed(bytes([since - 1]) + new[1:])
     with pytest.raises(ProtocolError) as info:
         decoder.next_frame()
     assert info.value.code is ErrorCode.UNKNOWN_FRAME
     with pytest.raises(LocalProtocolError):
-        encode_frame(frame, 1)
+        encode_frame(frame, since - 1)
 
 
 def test_negotiation_frames_are_read_in_any_version() -> None:

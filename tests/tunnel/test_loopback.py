@@ -46,9 +46,14 @@ def test_tcp_publish_relays_both_ways_with_half_close(tmp_path: Path) -> None:
             result = await lb.ask(cmd="publish", mediator="m1", proto="tcp", public=(public := _free()),
                                   address="127.0.0.1", port=target)
             assert result["state"] == "published"
+            # An idle channel keeps a small TLS read buffer; bulk grows it (and it stays).
+            session = lb.server.records["m1"].session
+            ssl_protocol = session.transport._ssl_protocol
+            assert ssl_protocol.max_size == lb.server.config.tls_idle_read_buffer == 4096
             payload = os.urandom(3_000_000)
             got = await _fetch(public, payload)
             assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+            assert ssl_protocol.max_size == lb.server.config.tls_read_buffer == 262144
             # Both FINs relayed: the port is closed on both ends afterwards.
             await until(lambda: not lb.server.records["m1"].session.core.ports, what="the relay's port to close")
             listing = await lb.ask(cmd="list")

@@ -5,8 +5,10 @@
   echo loses nothing, and the mediator's session is the same one before
   and after (containment: no outsider can drop the channel).
 - With no keepalive setting at all, behind the lab's NAT (UDP mappings
-  forgotten after 5 s, established TCP after 10 s), a UDP redirect and a TCP
-  publication both answer after an idle period past both timeouts.
+  forgotten after 5 s, established TCP after 10 s), the mediator learns the
+  UDP mapping lifetime (keepalive discovery), and a UDP redirect and a TCP
+  publication both answer after an idle period past both timeouts, part of
+  it on the learnt interval.
 
 Bounded for CI: the flood lasts FLOOD seconds (the issue's 30 s reproduced
 the failure within about 74 aborted requests, a second or two), the idle
@@ -30,7 +32,7 @@ pytestmark = pytest.mark.netns
 
 FLOOD = 8.0  # seconds of request-then-RST clients
 FILE_SIZE = 100 * 1024 * 1024
-IDLE_BOUND = 40.0
+IDLE_BOUND = 90.0
 REPLY = re.compile(rf"^udp\s.*src=\S+ dst={re.escape(NAT_WAN)} sport={SERVICE_PORT} dport=(\d+)", re.M)
 
 
@@ -75,7 +77,7 @@ def test_rst_flood_neither_drops_the_channel_nor_a_download_nor_a_datagram(tl: T
 
 
 def test_no_keepalive_setting_survives_the_lab_nat_timeouts(tl: TunnelLab) -> None:
-    tl.start_mediator("m1", protocol={"keepalive_interval": None})
+    mediator = tl.start_mediator("m1", protocol={"keepalive_interval": None})
     tl.publish("m1", f"{PRIV}:8000", 8081)
     tl.publish("m1", f"{PRIV}:9000", 9001, udp=True)
     assert tl.run_peer("pub", "udp-client", PUB, 9001, 1, 2.0, 32, 40001)["received"] == 1
@@ -84,13 +86,21 @@ def test_no_keepalive_setting_survives_the_lab_nat_timeouts(tl: TunnelLab) -> No
     (channel,) = [p["channel"] for p in session["ports"] if p["state"] == "REDIRECTED"]
     nat_port = int(channel.rsplit(":", 1)[1])
     started = time.monotonic()
+    learned_at: list[float] = []
 
     def idle_long_enough() -> bool:
         live = {int(m.group(1)) for m in REPLY.finditer(conntrack(tl.lab, "-L"))}
         assert nat_port in live, "the UDP channel's mapping expired"
-        return time.monotonic() - started >= 12.0  # past the NAT's UDP (5 s) and TCP (10 s) timeouts
+        if not learned_at and mediator.events("keepalive_learned"):
+            learned_at.append(time.monotonic())
+        # Past the NAT's UDP (5 s) and TCP (10 s) timeouts, and 6 s past the
+        # switch to the learnt interval (keepalive discovery takes ~35 s here).
+        now = time.monotonic()
+        return now - started >= 12.0 and bool(learned_at) and now - learned_at[0] >= 6.0
 
     wait_for(idle_long_enough, timeout=IDLE_BOUND, interval=0.5, what="an idle period past the NAT's timeouts")
+    (learned,) = mediator.events("keepalive_learned")
+    assert 1.0 <= learned["interval"] < 5.0 and learned["survived"] < 5.0 <= (learned["lost"] or 99), learned
     assert tl.run_peer("pub", "udp-client", PUB, 9001, 1, 2.0, 32, 40001)["received"] == 1  # the first datagram
     assert curl(tl.lab, f"http://{PUB}:8081/index.html").stdout.startswith("hello from the private network")
     assert tl.mediator("m1")["connects"] == 1

@@ -2,7 +2,8 @@
 
 The nat host forgets a UDP mapping after 5 s and an established TCP one
 after 10 s (vagrant/topologies/nat-tunnel.json). Two mediators share the
-lab: m1 sends keepalives every 2 s, m2 every 600 s (in effect none). Both
+lab: m1 sends keepalives every 2 s, m2 every 600 s (in effect none, and it
+does not learn the NAT's lifetime: keepalive discovery is off). Both
 publish the same private HTTP and UDP echo services. After an idle period
 longer than both timeouts -- measured, not slept: the test polls the NAT's
 conntrack table until m2's mappings are gone, and checks at every poll that
@@ -38,7 +39,8 @@ def test_keepalives_keep_the_tunnel_and_its_udp_channel_through_an_idle_nat(lab_
         lab.wait_listening("priv", 8000)
         tl.udp_echo(9000)
         tl.start_mediator("m1", protocol={"keepalive_interval": 2.0})
-        tl.start_mediator("m2", protocol={"keepalive_interval": 600.0})
+        # No discovery for m2 either: it would find the NAT's 5 s and keep its UDP channel.
+        tl.start_mediator("m2", protocol={"keepalive_interval": 600.0, "keepalive_discovery": False})
         for identity, tcp, udp in (("m1", 8081, 9001), ("m2", 8082, 9002)):
             tl.publish(identity, f"{PRIV}:8000", tcp)
             tl.publish(identity, f"{PRIV}:9000", udp, udp=True)

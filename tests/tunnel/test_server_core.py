@@ -73,7 +73,7 @@ def connected(session: ServerSession, port_id: int) -> None:
 
 def refused_init(code: ErrorCode, message: str, request_id: int = 1) -> list[object]:
     return [
-        SendFrame(InitErr(code, message, (1, 2), request_id=request_id), 2),
+        SendFrame(InitErr(code, message, (1, 2, 3), request_id=request_id), 3),
         CloseChannel(), ChannelClosed(code, message, False),
     ]
 
@@ -121,13 +121,13 @@ def test_no_authenticator_refuses_everyone() -> None:
 
 
 def test_version_mismatch() -> None:
-    """A future mediator speaking only version 3 gets INIT_ERR, in a frame it can read."""
+    """A future mediator speaking only version 4 gets INIT_ERR, in a frame it can read."""
     session = new_session()
-    hello_v3 = Hello((3,), "mediator-7", b"secret", "web-help", (), 25000, 131072, request_id=1)
-    result = session.receive_data(encode_frame(hello_v3, version=3), 0.5)
-    assert result == refused_init(ErrorCode.UNSUPPORTED_VERSION, "no common version (offered 3)")
+    hello_v4 = Hello((4,), "mediator-7", b"secret", "web-help", (), 25000, 131072, request_id=1)
+    result = session.receive_data(encode_frame(hello_v4, version=4), 0.5)
+    assert result == refused_init(ErrorCode.UNSUPPORTED_VERSION, "no common version (offered 4)")
     first = result[0]
-    assert isinstance(first, SendFrame) and first.data[:2] == b"\x02\x03"
+    assert isinstance(first, SendFrame) and first.data[:2] == b"\x03\x03"
 
 
 def test_highest_common_version_is_chosen() -> None:
@@ -418,10 +418,10 @@ class Pair:
     for (or 40000 for "any"); other socket commands are recorded in ``done``.
     """
 
-    def __init__(self, service: str = "web-help") -> None:
+    def __init__(self, service: str = "web-help", versions: tuple[int, ...] = (1, 2, 3)) -> None:
         self.mediator = MediatorCore(
             MediatorIdentity("mediator-7", b"secret", service, IFACES),
-            MediatorSettings(keepalive_interval=25.0, dead_after=3),
+            MediatorSettings(versions=versions, keepalive_interval=25.0, dead_after=3),
             policy=AllowList([Rule(ip_network("192.168.1.0/24"))]),
         )
         self.server = new_session()
@@ -450,7 +450,7 @@ class Pair:
 
     def start(self) -> None:
         events = self.up(self.mediator.channel_up(self.now))
-        assert events[-1] == SessionReady(7, "mediator-7", self.mediator.identity.service, IFACES, 2)
+        assert events[-1] == SessionReady(7, "mediator-7", self.mediator.identity.service, IFACES, max(self.mediator.settings.versions))
         assert self.up(self.down(events)) == []  # INIT_OK, UDP_KEY -> ACK
         assert self.mediator.state.value == self.server.state.value == "READY"
 
@@ -525,6 +525,27 @@ def test_both_cores_relay_udp_over_a_channel() -> None:
     [down] = pair.server.send(1, PHONE, 40000, b"rtp back")
     assert isinstance(down, SendDatagram) and (down.address, down.port) == (NAT, 40001)
     assert pair.mediator.receive_datagram(down.data, 1.0) == [SendTo(1, PHONE, 40000, b"rtp back")]
+
+
+@pytest.mark.parametrize("size", [65507 - 43, 65507 - 42, 65507])
+def test_a_datagram_too_large_for_the_channel_goes_as_a_data_frame(size: int) -> None:
+    """A channel datagram is the data plus 43 bytes (IPv4): what does not fit
+    in 65507 crosses the TCP channel, both ways, whole (issue 14 F)."""
+    pair = Pair("voip")
+    pair.start()
+    request_id, commands = pair.server.redirect_port(ME, 5004, mandatory=True)
+    assert pair.up(pair.down(commands)) == [PortOpened(request_id, 1, 5004)]
+    [first_keepalive] = [c for c in pair.done if isinstance(c, SendChannel)]
+    [ack] = pair.server.receive_datagram(first_keepalive.data, (NAT, 40001), 1.0)
+    data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    up = pair.mediator.received(1, PHONE, 40000, data)
+    down = pair.server.send(1, PHONE, 40000, data)
+    if size <= 65507 - 43:
+        assert [type(c) for c in up] == [SendChannel] and len(up[0].data) == 65507
+        assert [type(c) for c in down] == [SendDatagram] and len(down[0].data) == 65507
+        return
+    assert pair.up(up) == [Received(1, PHONE, 40000, data)]
+    assert pair.down(down) == [SendTo(1, PHONE, 40000, data)]
 
 
 def test_both_cores_keep_the_channel_alive() -> None:

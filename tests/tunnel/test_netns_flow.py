@@ -1,0 +1,116 @@
+"""Issue 14 D on real peers: per-connection windows (protocol version 3).
+
+- A public client that requests a 100 MB file and never reads it while
+  another downloads 100 MB through the same mediator: the other download
+  completes, intact, while the stalled one is still stalled (without
+  windows the whole channel waited for the stalled reader), and a new UDP
+  flow started meanwhile loses nothing at 1000 datagrams/s. The solo and
+  shared download times are printed (speed is the bench's to judge).
+- 500 concurrent slow downloads through one mediator all complete, and the
+  server's memory stays bounded (each costs at most a window of buffer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from firewall.lab.netns import Lab
+from tests.tunnel.netns_harness import PRIV, PUB, TunnelLab, curl
+
+pytestmark = pytest.mark.netns
+
+BIG = 100 * 1024 * 1024
+SLOW_SIZE = 384 * 1024  # more than a window (256 KiB)
+SLOW_N = 500
+STALL = 40.0  # seconds the stalled reader holds: far longer than a download takes
+
+
+HTTP_SERVER = """
+import functools, http.server, sys
+http.server.ThreadingHTTPServer.request_queue_size = 1024
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[3])
+http.server.ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), handler).serve_forever()
+"""
+
+
+@pytest.fixture
+def tl(lab_factory) -> Iterator[TunnelLab]:
+    lab: Lab = lab_factory("nat-tunnel")
+    tl = TunnelLab(lab)
+    try:
+        tl.start_server(server={"request_timeout": 10.0})
+        www = tl.dir / "www"
+        www.mkdir()
+        # http.server with a listen backlog for 500 at once (its own is 5).
+        tl._start("priv", ["python3", "-c", HTTP_SERVER, PRIV, "8000", www], "http")
+        lab.wait_listening("priv", 8000)
+        yield tl
+    finally:
+        tl.cleanup()
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_a_stalled_reader_holds_up_only_its_own_connection(tl: TunnelLab) -> None:
+    blob = bytes(range(256)) * (BIG // 256)
+    (tl.dir / "www" / "big.bin").write_bytes(blob)
+    tl.udp_echo(9000)
+    tl.start_mediator("m1")
+    tl.publish("m1", f"{PRIV}:8000", 8080)
+    tl.publish("m1", f"{PRIV}:9000", 9000, udp=True)
+    assert tl.mediator("m1")["session"]["version"] == 3
+    out = tl.dir / "download.bin"
+    solo = curl(tl.lab, f"http://{PUB}:8080/big.bin", "-o", str(out), "-w", "%{time_total}", timeout=120)
+    assert solo.returncode == 0, solo.stderr
+
+    assert tl.server is not None
+    rss_before = rss_kib(tl.server.popen.pid)
+    stalled = tl.peer("pub", "tcp-client", PUB, 8080, "send:GET /big.bin HTTP/1.0\r\n\r\n", f"hold:{STALL}",
+                      name="stalled")
+    # The stalled client's window fills (its socket buffers first): wait until its relay has moved a window.
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        pubs = [p for p in tl.listing()["published"] if p["public"] == 8080]
+        if pubs and pubs[0]["counters"].get("bytes_out", 0) >= BIG + 256 * 1024:
+            break
+        time.sleep(0.1)
+    udp = tl.peer("pub", "udp-rate", PUB, 9000, 1000, 5.0, 64, name="udp")
+    shared = curl(tl.lab, f"http://{PUB}:8080/big.bin", "-o", str(out), "-w", "%{time_total}", timeout=60)
+    assert shared.returncode == 0, shared.stderr
+    assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(blob).digest()
+    # It finished while the stalled reader was still holding its connection.
+    assert stalled.popen.poll() is None and not stalled.snapshot(), stalled.output()
+    echo = udp.wait(lambda d: "sent" in d, timeout=30, what="the UDP flow to end")
+    assert echo["sent"] >= 4000 and echo["received"] == echo["sent"], echo
+    grown = rss_kib(tl.server.popen.pid) - rss_before
+    # A stalled reader costs the server at most its window (plus the other download's).
+    assert grown < 64 * 1024, f"server grew {grown} KiB"
+    print(f"100 MB solo {float(solo.stdout):.2f} s, beside a stalled reader {float(shared.stdout):.2f} s "
+          f"(ratio {float(solo.stdout) / float(shared.stdout):.2f}); UDP {echo}; server +{grown} KiB")
+    assert tl.mediator("m1")["connects"] == 1
+
+
+def test_500_concurrent_slow_downloads_all_complete(tl: TunnelLab) -> None:
+    (tl.dir / "www" / "slow.bin").write_bytes(b"s" * SLOW_SIZE)
+    tl.start_mediator("m1")
+    tl.publish("m1", f"{PRIV}:8000", 8080)
+    assert tl.server is not None
+    rss_before = rss_kib(tl.server.popen.pid)
+    result = tl.run_peer("pub", "slow-downloads", PUB, 8080, SLOW_N, "/slow.bin", SLOW_SIZE, 8192, 0.05,
+                         timeout=150)
+    grown = rss_kib(tl.server.popen.pid) - rss_before
+    print(f"{SLOW_N} slow downloads of {SLOW_SIZE >> 10} KiB: {result}; server +{grown} KiB")
+    assert result["complete"] == SLOW_N, result
+    (pub,) = [p for p in tl.listing()["published"] if p["public"] == 8080]
+    assert pub["counters"].get("refused", 0) == 0, pub
+    assert tl.mediator("m1")["connects"] == 1
