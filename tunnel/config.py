@@ -31,6 +31,7 @@ from firewall.fields import (
     String, Tables, absolute_path, fail, interface, ordered, port_range, report, typed,
 )
 from firewall.problems import ConfigError, Problem, kind_of, located, parse_toml, validate
+from tunnel.aio import CHANNEL_UNSENT, UDP_BUFFER
 from tunnel.frames import MIN_MAX_FRAME_SIZE, IPAddress, IPInterface, Proto
 from tunnel.pacing import BackoffSettings
 from tunnel.policy import Op, Rule
@@ -118,6 +119,13 @@ class ServerConfig:
     idle (keepalives, requests): most of an idle mediator's cost on the
     server was this buffer. A read of half of it or more makes the channel
     busy, for good."""
+    channel_unsent: int = CHANNEL_UNSENT
+    """Unsent bytes the kernel keeps queued on a TCP channel (tunnel/aio.py,
+    ``CHANNEL_UNSENT``): a bound keeps a request's answer from waiting behind
+    megabytes of bulk."""
+    udp_buffer: int = UDP_BUFFER
+    """Receive buffer of each UDP socket of the tunnel (tunnel/aio.py,
+    ``UDP_BUFFER``): room for a burst while the process is busy."""
     republish: BackoffSettings = field(default_factory=lambda: BackoffSettings(maximum=60.0))
     """Retries of a publish whose public port could not be bound."""
 
@@ -150,6 +158,10 @@ class MediatorConfig:
     """Seconds for the TCP connect and TLS handshake to the server."""
     max_port_probes: int = 1024
     """Ports tried upward from a "desired" number before NO_FREE_PORT."""
+    channel_unsent: int = CHANNEL_UNSENT
+    """Unsent bytes the kernel keeps queued on the TCP channel (as the server's)."""
+    udp_buffer: int = UDP_BUFFER
+    """Receive buffer of each UDP socket of the mediator (as the server's)."""
     reconnect: BackoffSettings = field(default_factory=BackoffSettings)
 
 
@@ -270,6 +282,8 @@ class _ServerTable(Frozen):
     max_channels: Int(1, 1_000_000) = _SERVER.max_channels
     tls_read_buffer: Int(16384, 1 << 20) = _SERVER.tls_read_buffer
     tls_idle_read_buffer: Int(1024, 1 << 20) = _SERVER.tls_idle_read_buffer
+    channel_unsent: Int(16384, 1 << 26) = _SERVER.channel_unsent
+    udp_buffer: Int(65536, 1 << 28) = _SERVER.udp_buffer
     republish_initial: Number(0.01, 3600) = _SERVER.republish.initial
     republish_max: Number(0.01, 86400) = _SERVER.republish.maximum
 
@@ -341,6 +355,7 @@ def load_server(path: str | Path) -> ServerConfig:
         udp_queue_bytes=s.udp_queue_bytes,
         max_channels=s.max_channels, tls_read_buffer=s.tls_read_buffer,
         tls_idle_read_buffer=s.tls_idle_read_buffer,
+        channel_unsent=s.channel_unsent, udp_buffer=s.udp_buffer,
         republish=BackoffSettings(initial=s.republish_initial, maximum=s.republish_max),
     )
 
@@ -401,6 +416,8 @@ class _MediatorTable(Frozen):
     connect_timeout: Number(0.1, 600) = 10.0
     channel_timeout: Number(0.1, 600) = 10.0
     max_port_probes: Int(1, 65535) = 1024
+    channel_unsent: Int(16384, 1 << 26) = CHANNEL_UNSENT
+    udp_buffer: Int(65536, 1 << 28) = UDP_BUFFER
     reconnect_initial: Number(0.01, 3600) = _BACKOFF.initial
     reconnect_max: Number(0.01, 86400) = _BACKOFF.maximum
     reconnect_stable: Number(0, 86400) = _BACKOFF.stable_after
@@ -497,5 +514,7 @@ def load_mediator(path: str | Path) -> MediatorConfig:
         connect_timeout=m.connect_timeout,
         channel_timeout=m.channel_timeout,
         max_port_probes=m.max_port_probes,
+        channel_unsent=m.channel_unsent,
+        udp_buffer=m.udp_buffer,
         reconnect=BackoffSettings(initial=m.reconnect_initial, maximum=m.reconnect_max, stable_after=m.reconnect_stable),
     )

@@ -171,7 +171,7 @@ class GatewayFrontend:
         listener = listen_socket(Endpoint(self.address, port), LISTEN_BACKLOG)
         self.tcp = Acceptor(listener, lambda sock: self.spawn(self.route_tcp(sock)), server.log, self.counters)
         self.udp, _ = await loop.create_datagram_endpoint(lambda: _UdpIntake(self), local_addr=(str(self.address), port))
-        grow_udp_buffer(self.udp)
+        grow_udp_buffer(self.udp, server.config.udp_buffer)
 
     async def bind(self, publication: Publication) -> None:
         """Nothing to bind: the processor brings the port's traffic here, if

@@ -157,7 +157,7 @@ class Mediator:
             transport.abort()
             self.counters["pin_mismatch"] += 1
             raise ChannelFailure(str(err)) from None
-        limit_unsent(transport)
+        limit_unsent(transport, cfg.channel_unsent)
         local = address_pair(transport.get_extra_info("sockname"))
         remote = address_pair(transport.get_extra_info("peername"))
         assert local is not None and remote is not None
@@ -427,7 +427,7 @@ class _Session:
                 io.transport, _ = await self.loop.create_datagram_endpoint(
                     lambda: _UdpPort(self, io.port_id), sock=sock
                 )
-                grow_udp_buffer(io.transport)
+                grow_udp_buffer(io.transport, cfg.udp_buffer)
             else:
                 io.sock = sock
             if out.redirect:

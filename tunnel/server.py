@@ -79,7 +79,7 @@ class ChannelProtocol(asyncio.Protocol):
         if not self.server.accept_channel():
             transport.abort()
             return
-        limit_unsent(transport)
+        limit_unsent(transport, self.server.config.channel_unsent)
         self.session = self.server.new_session(transport, self.peer)
 
     def data_received(self, data: bytes) -> None:
@@ -531,7 +531,7 @@ class StandaloneFrontend:
         self.udp, _ = await loop.create_datagram_endpoint(
             lambda: _ServiceDatagrams(server), local_addr=(host, cfg.service_port), family=family_of(cfg.listen),
         )
-        grow_udp_buffer(self.udp)
+        grow_udp_buffer(self.udp, cfg.udp_buffer)
 
     async def bind(self, publication: Publication) -> None:
         assert self.server is not None
@@ -549,7 +549,7 @@ class StandaloneFrontend:
                 lambda: _PublicDatagrams(publication), local_addr=(host, spec.public_port),
                 family=family_of(cfg.public_address),
             )
-            grow_udp_buffer(publication.listener)
+            grow_udp_buffer(publication.listener, cfg.udp_buffer)
 
     def send_datagram(self, data: bytes, address: IPAddress, port: int) -> None:
         if self.udp is not None:

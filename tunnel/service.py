@@ -188,6 +188,8 @@ def gateway_server_config(gateway: Manifest) -> ServerConfig:
         max_channels=s.max_channels,
         tls_read_buffer=s.tls_read_buffer,
         tls_idle_read_buffer=s.tls_idle_read_buffer,
+        channel_unsent=s.channel_unsent,
+        udp_buffer=s.udp_buffer,
         republish=BackoffSettings(s.republish_initial, s.republish_max),
     )
 

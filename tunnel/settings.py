@@ -177,5 +177,9 @@ class TunnelGatewaySettings(Frozen):
     tls_read_buffer: Int(16384, 1 << 20) = Field(262144, description="bytes of read buffer of a busy TLS channel")
     tls_idle_read_buffer: Int(1024, 1 << 20) = Field(
         4096, description="bytes of read buffer a TLS channel keeps while idle")
+    channel_unsent: Int(16384, 1 << 26) = Field(
+        131072, description="unsent bytes the kernel keeps queued on a TCP channel (a request's answer waits behind no more)")
+    udp_buffer: Int(65536, 1 << 28) = Field(
+        2 << 20, description="receive buffer of each UDP socket of the tunnel (a burst while the process is busy)")
     republish_initial: Number(0.01, 3600) = Field(1.0, description="first retry delay of a publication that could not start")
     republish_max: Number(0.01, 86400) = Field(60.0, description="longest retry delay of such a publication")

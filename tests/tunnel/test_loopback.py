@@ -363,3 +363,19 @@ def test_a_restored_publication_whose_port_is_taken_is_retried_with_backoff(tmp_
             squatter.close()
 
     run(main())
+
+
+def test_channel_unsent_and_udp_buffer_are_the_configs(tmp_path: Path) -> None:
+    """The two socket bounds of section 21 are settings: the server's channel and UDP socket carry the values given."""
+    unsent, udp_buffer = 65536, 1 << 20
+
+    async def main() -> None:
+        async with loopback(tmp_path, channel_unsent=unsent, udp_buffer=udp_buffer) as lb:
+            lb.start_mediator(channel_unsent=32768, udp_buffer=1 << 19)
+            session = await lb.session()
+            channel = session.transport.get_extra_info("socket")
+            assert channel.getsockopt(socket.IPPROTO_TCP, 25) == unsent  # TCP_NOTSENT_LOWAT
+            service = lb.server.frontend.udp.get_extra_info("socket")
+            assert service.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 * udp_buffer  # the kernel doubles it
+
+    asyncio.run(main())

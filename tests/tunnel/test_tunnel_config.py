@@ -68,7 +68,7 @@ def test_server_defaults_are_the_documented_ones() -> None:
     assert rows["cert"] == str(d.cert) and rows["key"] == str(d.key) and rows["mediators"] == str(d.mediators_file)
     assert rows["control_socket"] == str(d.control_socket) and rows["state_file"] == '""' and d.state_file is None
     for key in ("service_port", "request_timeout", "handshake_timeout", "udp_idle_timeout", "channel_wait",
-                "udp_queue", "max_channels", "tls_read_buffer"):
+                "udp_queue", "max_channels", "tls_read_buffer", "channel_unsent", "udp_buffer"):
         assert float(rows[key]) == float(getattr(d, key)), key
     assert float(rows["republish_initial"]) == d.republish.initial and float(rows["republish_max"]) == d.republish.maximum
     limits = _doc_table("`[limits]`: the defaults", "max_ports")
@@ -82,7 +82,7 @@ def test_mediator_defaults_are_the_documented_ones() -> None:
     rows = _doc_table("<!-- config: mediator -->", "identity")
     d = MediatorConfig(identity="x", token=b"", server="h", pin=b"")
     assert rows["client_ports"] == f"{DEFAULT_CLIENT_PORTS.first}-{DEFAULT_CLIENT_PORTS.last}"
-    for key in ("service_port", "connect_timeout", "channel_timeout", "max_port_probes"):
+    for key in ("service_port", "connect_timeout", "channel_timeout", "max_port_probes", "channel_unsent", "udp_buffer"):
         assert float(rows[key]) == float(getattr(d, key)), key
     assert float(rows["reconnect_initial"]) == d.reconnect.initial
     assert float(rows["reconnect_max"]) == d.reconnect.maximum
