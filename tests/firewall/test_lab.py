@@ -382,11 +382,12 @@ def test_cli_builds_the_dual_lab(lab_prefix):
     p = lab_prefix
     up = nfgate("lab", "up", "dual", "--prefix", p)
     assert up.returncode == 0, up.stderr
-    labs = json.loads(nfgate("lab", "status", "--json", "--prefix", p).stdout)
-    ifaces = {(h, i["ifname"]): i["addresses"] for h, host in labs[p].items() for i in host["interfaces"]}
+    labs = json.loads(nfgate("lab", "status", "--json", "--prefix", p).stdout)["labs"]
+    hosts = labs[p]["hosts"]
+    ifaces = {(h, i["ifname"]): i["addresses"] for h, host in hosts.items() for i in host["interfaces"]}
     assert ifaces[("router", "wan0")] == ["203.0.113.1/24", "2001:db8:2::1/64"]
     assert ifaces[("lan", "eth0")] == ["192.168.1.10/24", "fd00:1::10/64"]
-    assert {"to": "default", "via": "fd00:1::1", "dev": "eth0"} in labs[p]["lan"]["routes"]
+    assert {"to": "default", "via": "fd00:1::1", "dev": "eth0"} in hosts["lan"]["routes"]
     lab = Lab(load_topology("dual"), p)
     for host in ("ext", "router", "lan"):
         assert lab.run(host, ["ip", "-6", "addr", "show", "tentative"]).stdout.strip() == "", host

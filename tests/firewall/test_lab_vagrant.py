@@ -212,10 +212,22 @@ def nat_tunnel_traffic(lab: Lab) -> dict[str, Any]:
     return got
 
 
+def dual_traffic(lab: Lab) -> dict[str, Any]:
+    """The dual lab, no config: the router forwards both families; ext has no route to the LAN's prefixes."""
+    return {
+        "lan to the router's far side, IPv4": lab.ping("lan", "203.0.113.1", count=2, wait=1.0),
+        "lan to the router's far side, IPv6": lab.ping("lan", "2001:db8:2::1", count=2, wait=1.0),
+        "ext to the router, IPv6": lab.ping("ext", "2001:db8:2::1", count=2, wait=1.0),
+        "ext to lan's ULA": lab.ping("ext", "fd00:1::10", count=1, wait=0.5),
+    }
+
+
 TRAFFIC = {
     "basic": (basic_traffic, {"forward": "203.0.113.10", "masquerade": "203.0.113.1",
                               "ssh from wan": False, "ssh from lan": True}),
     "nat-tunnel": (nat_tunnel_traffic, {"masquerade": "198.51.100.1", "pub to priv": False}),
+    "dual": (dual_traffic, {"lan to the router's far side, IPv4": True, "lan to the router's far side, IPv6": True,
+                            "ext to the router, IPv6": True, "ext to lan's ULA": False}),
 }
 
 
