@@ -17,6 +17,7 @@ import enum
 import ipaddress
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Mapping
@@ -25,8 +26,14 @@ from typing import Any
 from firewall.signalling import Endpoint
 
 
+# Values that are plain already: most fields of a busy gateway's lines.
+_PLAIN = frozenset({str, int, bool, type(None)})
+
+
 def plain(value: Any) -> Any:
     """A JSON- and text-friendly form of a field value."""
+    if type(value) in _PLAIN:
+        return value
     if isinstance(value, (Endpoint, ipaddress.IPv4Address, ipaddress.IPv6Address)):
         return str(value)
     if isinstance(value, enum.Enum):
@@ -49,20 +56,30 @@ class EventLog:
         self.logger = logger
 
     def emit(self, event: str, level: int = logging.INFO, **fields: Any) -> None:
-        if not self.logger.isEnabledFor(level):
+        logger = self.logger
+        if not logger.isEnabledFor(level):
             return
         values = {k: plain(v) for k, v in fields.items()}
-        self.logger.log(level, "%s", event, extra={"event": event, self.source_key: self.source, "fields": values})
+        # Logger.log without its findCaller (a walk up the stack per line):
+        # no formatter of ours shows where a line came from, and a gateway
+        # logs two lines per connection.
+        record = logger.makeRecord(logger.name, level, "", 0, "%s", (event,), None,
+                                   extra={"event": event, self.source_key: self.source, "fields": values})
+        logger.handle(record)
 
     def warn(self, event: str, **fields: Any) -> None:
         self.emit(event, logging.WARNING, **fields)
 
 
+# What makes a text value need quotes: white space (as str.isspace has it), a quote or an equals sign.
+_NEEDS_QUOTES = re.compile(r'[\s"=]')
+
+
 def _text_value(value: Any) -> str:
     if isinstance(value, (list, dict)):
         return json.dumps(value, separators=(",", ":"))
-    text = str(value)
-    if not text or any(c.isspace() or c in '"=' for c in text):
+    text = value if type(value) is str else str(value)
+    if not text or _NEEDS_QUOTES.search(text) is not None:
         return json.dumps(text)
     return text
 
@@ -73,9 +90,14 @@ class TextFormatter(logging.Formatter):
     def __init__(self, source_key: str) -> None:
         super().__init__()
         self.source_key = source_key
+        self._second = -1  # the second whose date and time are in _prefix
+        self._prefix = ""
 
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        second = int(record.created)
+        if second != self._second:
+            self._second, self._prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        stamp = f"{self._prefix}.{int(record.msecs):03d}Z"
         event = getattr(record, "event", None)
         if event is None:
             return f"{stamp} {record.getMessage()}"

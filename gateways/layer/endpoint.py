@@ -7,8 +7,8 @@ a gateway four things:
 
 - ``attach(proto, F:f, G:g)``: the original tuple of the connection the
   gateway just accepted, held until the gateway releases it; ``Hold.ended``
-  is set (and ``on_end`` called) when the processor ends the flow, so the
-  gateway closes it. ``lookup`` is the same without holding.
+  is set (and ``on_end`` called, given to ``attach`` or later to
+  ``Hold.notify``) when the processor ends the flow, so the gateway closes it. ``lookup`` is the same without holding.
 - ``connect_tcp(flow)`` (a socket) / ``open_tcp(flow)`` (streams) /
   ``open_udp(flow, ...)``: leg B, the seed's "swap"
   ("Packet restoration"): a new socket on the gateway address connects to
@@ -37,7 +37,7 @@ import time
 from typing import Any, Callable, TypeVar
 
 from firewall.drive import CoreDriver
-from firewall.signalling import Endpoint, FlowInfo, Proto, RuleAck, RuleEndReason, RuleMode, RuleRefusal
+from firewall.signalling import MAX_DATAGRAM, Endpoint, FlowInfo, Proto, RuleAck, RuleEndReason, RuleMode, RuleRefusal
 from gateways.layer.core import LayerCore
 from gateways.layer.outputs import (
     EndCause,
@@ -65,6 +65,9 @@ from gateways.manifest import Manifest
 # rmem_max (SO_RCVBUFFORCE); otherwise the kernel caps it there.
 SIGNALLING_RCVBUF = 1 << 20
 
+# Datagrams read per wake-up of the loop, so that a burst of pushes does not
+# starve the connections; the rest wait for the next turn.
+READ_BATCH = 64
 # StreamReader's buffer on a leg B read as streams (FTP control): asyncio's
 # default 64 KiB.
 STREAM_LIMIT = 1 << 16
@@ -122,6 +125,13 @@ class Hold:
         if self._on_end is not None:
             self._on_end(cause)
 
+    def notify(self, on_end: FlowEndCallback) -> None:
+        """Call ``on_end`` when the processor ends the flow (at once if it has),
+        instead of a task waiting on ``ended``."""
+        self._on_end = on_end
+        if self.cause is not None:
+            on_end(self.cause)
+
     def release(self) -> None:
         if not self._released:
             self._released = True
@@ -143,17 +153,6 @@ class _Waiter:
         self.on_end = on_end
 
 
-class _Protocol(asyncio.DatagramProtocol):
-    def __init__(self, layer: "GatewayLayer") -> None:
-        self._layer = layer
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self._layer._on_datagram(data)
-
-    def error_received(self, exc: Exception) -> None:
-        self._layer.core.counters["signalling.socket_errors"] += 1
-
-
 class GatewayLayer:
     """The signalling endpoint of one gateway process (docs/signalling.md)."""
 
@@ -172,6 +171,7 @@ class GatewayLayer:
     ) -> None:
         self.listen = listen
         self.gateway_address = listen.address
+        self._bind_address = str(listen.address)
         self._clock = clock
         self._log = log
         # The core (and its Guard) exists before the socket is bound.
@@ -184,7 +184,7 @@ class GatewayLayer:
             replay_window=replay_window,
             **core_options,
         )
-        self._transport: asyncio.DatagramTransport | None = None
+        self._sock: socket.socket | None = None
         self._closed = False
         self._driver = CoreDriver(
             {
@@ -209,27 +209,27 @@ class GatewayLayer:
 
     async def start(self) -> None:
         """Bind the signalling socket. OSError if the address is not here (wrong netns)."""
-        loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             _grow_receive_buffer(sock)
             sock.bind((str(self.listen.address), self.listen.port))
             sock.setblocking(False)
-            transport, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), sock=sock)
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
         except BaseException:
             sock.close()
             raise
-        self._transport = transport
-        port = transport.get_extra_info("sockname")[1]
+        self._sock = sock
+        port = sock.getsockname()[1]
         self.listen = Endpoint(self.listen.address, port)  # the real port, if 0 was asked for
 
     async def close(self) -> None:
         """Stop: nothing more is sent or received; whoever still waits is told so."""
         self._closed = True
         self._driver.close()
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
+        if self._sock is not None:
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
         for key, waiters in list(self._waiters.items()):
             for w in waiters:
                 if not w.future.done():
@@ -331,9 +331,10 @@ class GatewayLayer:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
-            sock.bind((str(self.gateway_address), 0))
-            loop = asyncio.get_running_loop()
-            await asyncio.wait_for(loop.sock_connect(sock, (str(fw.address), fw.port)), connect_timeout)
+            sock.bind((self._bind_address, 0))
+            # asyncio.timeout, not wait_for: no task of its own per connection.
+            async with asyncio.timeout(connect_timeout):
+                await asyncio.get_running_loop().sock_connect(sock, (str(fw.address), fw.port))
         except BaseException:
             sock.close()
             raise
@@ -402,12 +403,37 @@ class GatewayLayer:
 
     # ---- the machinery ------------------------------------------------------------------------
 
-    def _on_datagram(self, data: bytes) -> None:
+    def _readable(self) -> None:
+        """The datagrams waiting, up to ``READ_BATCH``: the processor pushes its
+        copies back to back, and one wake-up of the loop takes them all. The
+        batch stops after a datagram that did something (resolved a lookup or a
+        rule, ended a flow): whoever that woke runs before the next datagram,
+        as it would with one datagram per wake-up (an offload's RULE_ACK is
+        seen before the FLOW_END OFFLOADED that follows it)."""
+        sock = self._sock
+        if sock is None:
+            return
+        for _ in range(READ_BATCH):
+            try:
+                data = sock.recv(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # an ICMP error queued on the socket (a processor that is not listening)
+                self.core.counters["signalling.socket_errors"] += 1
+                continue
+            if self._on_datagram(data):
+                return  # the socket is still readable: the rest come next turn
+
+    def _on_datagram(self, data: bytes) -> bool:
+        """Carry out what one datagram makes the core do; whether it did anything."""
         try:
-            self._driver.run(self.core.receive(data, self._clock()))
+            outputs = self.core.receive(data, self._clock())
+            self._driver.run(outputs)
         except Exception as exc:  # a bug here must not stop the signalling of every other flow
             self._internal_error("signalling", exc)
             self._driver.arm()
+            return True
+        return bool(outputs)
 
     def _internal_error(self, where: str, exc: Exception) -> None:
         self.core.counters["signalling.internal_errors"] += 1
@@ -415,11 +441,13 @@ class GatewayLayer:
             self._log.emit("internal_error", logging.ERROR, where=where, error=repr(exc))
 
     def _send(self, out: Send) -> None:
-        if self._transport is None:
+        if self._sock is None:
             self.core.counters["signalling.send_errors"] += 1
             return
         try:
-            self._transport.sendto(out.data, (str(out.to.address), out.to.port))
+            # Never queued: a full buffer drops it, and the core's resend (every
+            # query_timeout) stands in for it, as for a datagram lost on the way.
+            self._sock.sendto(out.data, (str(out.to.address), out.to.port))
         except OSError:
             self.core.counters["signalling.send_errors"] += 1
 

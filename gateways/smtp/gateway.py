@@ -193,8 +193,9 @@ class _Session:
         self._reset = False
         self._timers: list[asyncio.TimerHandle] = []
         self._tls: asyncio.Task[None] | None = None
-        self._tag = {"session": f"{self.flow.flow_id:#x}", "client": self.flow.client,
-                     "original_dst": self.flow.original_dst, "server": self.flow.server}
+        # Every line of the session carries these; rendered once, not per line.
+        self._tag = {"session": f"{self.flow.flow_id:#x}", "client": str(self.flow.client),
+                     "original_dst": str(self.flow.original_dst), "server": str(self.flow.server)}
 
     async def run(self) -> None:
         gw, loop = self.gw, asyncio.get_running_loop()
@@ -218,13 +219,9 @@ class _Session:
             self._last = loop.time()
             self._timers.append(loop.call_later(gw.settings.idle_timeout, self._idle))
             self._timers.append(loop.call_later(gw.settings.session_timeout, self._expired, "session"))
-            ended = asyncio.ensure_future(self.hold.ended.wait())
-            try:
-                await asyncio.wait({self.done, ended}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                ended.cancel()
-            if not self.done.done():
-                self._end("flow_end", reset=True)
+            # The processor ended the flow (its binding is gone): nothing more can pass.
+            self.hold.notify(lambda cause: self._end("flow_end", reset=True))
+            await self.done
             await self._flush_close()
         except asyncio.CancelledError:
             self.reason = self.reason or "shutdown"
