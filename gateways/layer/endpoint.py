@@ -29,6 +29,7 @@ fail is counted and dropped rather than taking the endpoint down.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import os
@@ -327,18 +328,48 @@ class GatewayLayer:
     async def connect_tcp(self, flow: FlowInfo, *, connect_timeout: float) -> socket.socket:
         """Leg B: a non-blocking socket on the gateway address, connected to F:f.
         TimeoutError or OSError on failure."""
+        sock = self.start_tcp(flow)
+        await self.connected(sock, connect_timeout=connect_timeout)
+        return sock
+
+    def start_tcp(self, flow: FlowInfo) -> socket.socket:
+        """Leg B begun: a non-blocking socket on the gateway address whose SYN to
+        F:f is on its way, so that a gateway can do its own set-up while the
+        processor and the server answer it (then ``connected``). OSError if
+        the connect cannot even start."""
         fw = flow.firewall_side
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
             sock.bind((self._bind_address, 0))
-            # asyncio.timeout, not wait_for: no task of its own per connection.
-            async with asyncio.timeout(connect_timeout):
-                await asyncio.get_running_loop().sock_connect(sock, (str(fw.address), fw.port))
+            err = sock.connect_ex((str(fw.address), fw.port))
+            if err not in (0, errno.EINPROGRESS):
+                raise OSError(err, os.strerror(err))
         except BaseException:
             sock.close()
             raise
         return sock
+
+    async def connected(self, sock: socket.socket, *, connect_timeout: float) -> None:
+        """Wait for ``start_tcp``'s connect. TimeoutError or OSError on failure,
+        and then (or when cancelled) the socket is closed."""
+        loop = asyncio.get_running_loop()
+        fd = sock.fileno()
+        writable: asyncio.Future[None] = loop.create_future()
+        loop.add_writer(fd, _resolve_once, writable)
+        try:
+            try:
+                # asyncio.timeout, not wait_for: no task of its own per connection.
+                async with asyncio.timeout(connect_timeout):
+                    await writable
+            finally:
+                loop.remove_writer(fd)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
+        except BaseException:
+            sock.close()
+            raise
 
     async def open_tcp(
         self, flow: FlowInfo, *, connect_timeout: float, limit: int = STREAM_LIMIT
@@ -501,6 +532,11 @@ class GatewayLayer:
             callback(out.reason)
         if self.on_rule_end is not None:
             self.on_rule_end(out.rule_id, out.reason)
+
+
+def _resolve_once(future: "asyncio.Future[None]") -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def endpoint_of(address: Any) -> Endpoint | None:

@@ -137,6 +137,12 @@ class SmtpRelay:
     def closed(self) -> bool:
         return self.state is State.CLOSED
 
+    @property
+    def buffered(self) -> int:
+        """Input held and not yet parsed: client and server bytes, an unfinished content line."""
+        content = len(self._content._tail) if self._content is not None else 0
+        return len(self._client_buf) + len(self._server_buf) + content
+
     def client_data(self, data: bytes) -> list[Output]:
         if self.state is State.CLOSED or not data:
             return []
