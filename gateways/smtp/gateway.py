@@ -22,9 +22,10 @@ command line leaves at once instead of waiting for the peer's delayed ACK
 stream or transport per leg, only the loop's readiness callbacks on the
 two sockets (an asyncio transport costs a leg about as much again in set-up
 and wake-ups); the content is handled a chunk at a time (``data``).
-Backpressure: when one leg has ``HIGH_WATER`` bytes the kernel has not
-taken, the other leg is not read until they drop below ``LOW_WATER``; so
-a peer that stops reading holds its session to about that much, until the
+Backpressure: when a leg has ``HIGH_WATER`` bytes the kernel has not
+taken, neither leg is read until they drop below ``LOW_WATER``; so a peer
+that stops reading holds its session to that much and what one read makes
+(the core's replies to up to ``READ_SIZE`` of pipelined commands), until the
 idle timeout ends it.
 
 Timeouts: ``idle_timeout`` (no byte from either peer) and
@@ -406,6 +407,7 @@ class _Session:
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._last = 0.0
         self._eofs: set[bool] = set()  # opaque: the legs that sent FIN
+        self._throttled: set[bool] = set()  # the legs with too much unsent (by leg.client)
         self._reset = False
         self._timers: list[asyncio.TimerHandle] = []
         self._tls: asyncio.Task[None] | None = None
@@ -445,8 +447,7 @@ class _Session:
             # The processor ended the flow (its binding is gone): nothing more can pass.
             self.hold.notify(lambda cause: self._end("flow_end", reset=True))
             if not self.done.done():
-                self.a.resume_reading()
-                self.b.resume_reading()
+                self.backpressure(self.a, False)  # both legs read
             await self.done
             await self._flush_close()
         except asyncio.CancelledError:
@@ -497,9 +498,15 @@ class _Session:
             self._end("client_reset" if leg is self.a else "server_reset", reset=True)
 
     def backpressure(self, leg: _Leg, paused: bool) -> None:
-        other = self._other(leg)
-        if other is not None:
-            (other.pause_reading if paused else other.resume_reading)()
+        """A leg has too much unsent (or has drained): read neither leg until
+        no leg has. Both, because either side's input can make output for
+        either (a server's replies go to the client, but so do the gateway's
+        own answers to the client's commands, and a reply frees pipelined
+        commands for the server)."""
+        (self._throttled.add if paused else self._throttled.discard)(leg.client)
+        for each in (self.a, self.b):
+            if each is not None:
+                (each.pause_reading if self._throttled else each.resume_reading)()
 
     # ---- the core's outputs ----------------------------------------------------------------
 
