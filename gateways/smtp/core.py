@@ -68,6 +68,13 @@ MAX_BACKLOG = 65536
 # Commands forwarded and not yet answered; past this the core reads no more
 # client lines until replies come. A 100-recipient group fits.
 MAX_IN_FLIGHT = 128
+# The gateway's own answers (refusals, 252 to VRFY, ...) given per input
+# before the rest of the pipelined commands wait for ``more``, which the
+# adapter calls once the client has taken what was written for it: a client
+# that sends commands and never reads makes the gateway hold about this many
+# answers beyond its write buffer (64 KiB of pipelined VRFYs would be 600 KB
+# of answers at once).
+MAX_ANSWERS_PER_TURN = 64
 # Lines of one server reply; an EHLO reply has a dozen or two.
 MAX_REPLY_LINES = 64
 # EHLO/HELO argument: a domain or an address literal (section 4.1.1.1), at most 255 octets.
@@ -129,6 +136,8 @@ class SmtpRelay:
         self.messages = 0  # MAILs of this session forwarded and not refused
         self.delivered = 0  # messages the server accepted (250 after end of data)
         self._bad = 0
+        self._answers = 0  # the gateway's own answers in this turn (MAX_ANSWERS_PER_TURN)
+        self._more = False  # pipelined commands left for ``more``
         self._out: list[Output] = []
 
     # ---- inputs -------------------------------------------------------------------------
@@ -136,6 +145,19 @@ class SmtpRelay:
     @property
     def closed(self) -> bool:
         return self.state is State.CLOSED
+
+    @property
+    def wants_more(self) -> bool:
+        """Commands were left unread for ``MAX_ANSWERS_PER_TURN``: call ``more`` once the client has its answers."""
+        return self._more and self.state is not State.CLOSED
+
+    def more(self) -> list[Output]:
+        """Read on: the pipelined commands the last turn left."""
+        self._answers = 0
+        self._more = False
+        if self.state is not State.CLOSED and self.state is not State.TLS and self._content is None:
+            self._read_commands()
+        return self._take()
 
     @property
     def buffered(self) -> int:
@@ -146,6 +168,7 @@ class SmtpRelay:
     def client_data(self, data: bytes) -> list[Output]:
         if self.state is State.CLOSED or not data:
             return []
+        self._answers = 0
         if self.state is State.TLS:
             # Passthrough after Opaque: the adapter relays by itself; anything
             # here came before the handshake and is refused (CVE-2011-0411).
@@ -165,6 +188,7 @@ class SmtpRelay:
     def server_data(self, data: bytes) -> list[Output]:
         if self.state is State.CLOSED or not data:
             return []
+        self._answers = 0
         self._server_buf += data
         self._read_replies()
         return self._take()
@@ -254,6 +278,7 @@ class SmtpRelay:
     def _answer(self, reply: Reply | bytes) -> None:
         """A reply of the gateway's, in its turn behind the replies still due."""
         wire = reply.wire() if isinstance(reply, Reply) else reply
+        self._answers += 1
         if self._pending:
             self._pending.append(_Pending("", local=wire))
         else:
@@ -281,8 +306,12 @@ class SmtpRelay:
     def _read_commands(self) -> None:
         buf = self._client_buf
         limit = self.policy.max_command_line
+        self._more = False
         while self.state is not State.CLOSED and self._content is None and self._held is None:
             if self._in_flight >= MAX_IN_FLIGHT:
+                break
+            if self._answers >= MAX_ANSWERS_PER_TURN:
+                self._more = b"\n" in buf
                 break
             lf = buf.find(b"\n")
             if lf < 0:

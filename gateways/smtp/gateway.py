@@ -408,6 +408,7 @@ class _Session:
         self._last = 0.0
         self._eofs: set[bool] = set()  # opaque: the legs that sent FIN
         self._throttled: set[bool] = set()  # the legs with too much unsent (by leg.client)
+        self._more_soon = False  # a call of the core's ``more`` is scheduled
         self._reset = False
         self._timers: list[asyncio.TimerHandle] = []
         self._tls: asyncio.Task[None] | None = None
@@ -507,6 +508,8 @@ class _Session:
         for each in (self.a, self.b):
             if each is not None:
                 (each.pause_reading if self._throttled else each.resume_reading)()
+        if not self._throttled and self.core.wants_more:
+            self._read_on()
 
     # ---- the core's outputs ----------------------------------------------------------------
 
@@ -532,6 +535,20 @@ class _Session:
                 self._tls = asyncio.ensure_future(self._start_tls(out.reply))  # type: ignore[attr-defined]
             elif kind is Close:
                 self._end(out.reason)  # type: ignore[attr-defined]
+        if self.core.wants_more and not self._throttled:
+            self._read_on()
+
+    def _read_on(self) -> None:
+        """The core left pipelined commands for later (``SmtpRelay.more``): a
+        turn of the loop later, once what it wrote has had a chance to go."""
+        if not self._more_soon:
+            self._more_soon = True
+            asyncio.get_running_loop().call_soon(self._more)
+
+    def _more(self) -> None:
+        self._more_soon = False
+        if not self.done.done() and not self._throttled:
+            self._do(self.core.more())
 
     async def _start_tls(self, reply: bytes) -> None:
         loop = asyncio.get_running_loop()
