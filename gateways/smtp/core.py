@@ -362,9 +362,9 @@ class SmtpRelay:
             self._violation(PIPELINED_AFTER_DATA if verb == "DATA" else PIPELINED_AFTER_STARTTLS,
                             f"refused.pipelined_after_{verb.lower()}")
             return
-        handler = getattr(self, f"_cmd_{verb.lower()}", None)
+        handler = _CMD.get(verb)
         if handler is not None:
-            handler(arg)
+            handler(self, arg)
         else:
             self._forward(verb, verb.encode())
 
@@ -553,7 +553,7 @@ class SmtpRelay:
         wire = format_reply(code, [ln.text for ln in lines])
         if ok:
             self.state = after(self.state, verb)
-        getattr(self, f"_reply_{verb.lower().strip('<>').replace('-', '_')}", self._reply_plain)(head, ok, code, lines, wire)
+        _REPLY.get(verb, SmtpRelay._reply_plain)(self, head, ok, code, lines, wire)
         if self.state is State.CLOSED:
             return
         self._expected = self.state
@@ -651,3 +651,14 @@ class SmtpRelay:
             self._out.append(Opaque())
         else:
             self._out.append(StartTls(START_TLS.wire()))
+
+
+# The handlers by verb, looked up once here rather than by name per command
+# and per reply: ``_cmd_<verb>`` for a command, ``_reply_<verb>`` (GREETING
+# and END_OF_DATA included) for its reply; a verb without one is forwarded
+# as it is, and its reply passed on.
+_CMD = {verb: getattr(SmtpRelay, f"_cmd_{verb.lower()}") for verb in COMMANDS
+        if hasattr(SmtpRelay, f"_cmd_{verb.lower()}")}
+_REPLY = {verb: getattr(SmtpRelay, f"_reply_{verb.lower().strip('<>').replace('-', '_')}")
+          for verb in (*COMMANDS, GREETING, END_OF_DATA)
+          if hasattr(SmtpRelay, f"_reply_{verb.lower().strip('<>').replace('-', '_')}")}

@@ -46,6 +46,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -470,7 +471,7 @@ class _Session:
         return self.b if leg is self.a else self.a  # type: ignore[return-value]
 
     def received(self, leg: _Leg, data: bytes) -> None:
-        self._last = asyncio.get_running_loop().time()
+        self._last = time.monotonic()  # the loop's clock (asyncio's loop.time), without the loop
         if self.opaque:
             self._other(leg).write(data)
             return
