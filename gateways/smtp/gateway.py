@@ -187,7 +187,7 @@ class _Leg:
         self.unsent = bytearray()
         self.reading = False
         self.writing = False
-        self.throttled = False  # unsent passed HIGH_WATER: the other leg is not read
+        self.throttled = False  # unsent passed HIGH_WATER: neither leg is read (_Session.backpressure)
         self.ended = False  # the peer's FIN (or an error) was read: nothing more to read
         self.open = True  # the socket is ours to use and close
         self.shut = False  # write_eof asked: shut the write side once unsent is out
@@ -426,6 +426,7 @@ class _Session:
         gw, loop = self.gw, asyncio.get_running_loop()
         started = loop.time()
         gw.counters["sessions.opened"] += 1
+        detail: dict[str, str] = {}
         try:
             try:
                 # Leg B's SYN goes out first: the open line and the rest are
@@ -435,8 +436,7 @@ class _Session:
                 _nodelay(self.sock)
                 await gw.layer.connected(b, connect_timeout=gw.settings.connect_timeout)
             except (OSError, asyncio.TimeoutError) as exc:
-                self.reason = "connect_failed"
-                gw.log.emit("close", logging.WARNING, reason=self.reason, detail=repr(exc), **self._tag)
+                self.reason, detail = "connect_failed", {"detail": repr(exc)}  # in the one close line below
                 with contextlib.suppress(OSError):
                     self.sock.send(NO_SERVER.wire())
                 self.sock.close()
@@ -462,8 +462,8 @@ class _Session:
             if self._tls is not None:
                 self._tls.cancel()
             gw.counters[f"sessions.closed.{self.reason or 'error'}"] += 1
-            gw.log.emit("close", reason=self.reason or "error", messages=self.core.delivered,
-                        duration=round(loop.time() - started, 3), **self._tag)
+            gw.log.emit("close", logging.WARNING if detail else logging.INFO, reason=self.reason or "error",
+                        messages=self.core.delivered, duration=round(loop.time() - started, 3), **detail, **self._tag)
 
     # ---- from the legs -------------------------------------------------------------------
 

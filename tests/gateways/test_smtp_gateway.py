@@ -172,3 +172,18 @@ def test_a_client_that_never_reads_its_answers_is_held_to_a_bound() -> None:
             server.close()
 
     run(main())
+
+
+def test_a_server_that_cannot_be_reached_gets_the_client_421_and_one_close_line(log) -> None:
+    async def main() -> None:
+        async with world(SmtpSettings()) as (fake, gw):
+            sock, fw = fw_socket(socket.SOCK_STREAM)  # nothing listens on F:f: leg B is refused
+            fake.new_flow(Proto.TCP, fw, gw.listen, gateway="smtp", client=C, original_dst=W, server=S)
+            reader, writer = await tcp_connect_from(sock, gw.listen)
+            assert await asyncio.wait_for(reader.read(), 5) == b"421 4.4.1 The mail server cannot be reached; try again later\r\n"
+            await wait_until(lambda: gw.active == 0, what="the session to end")
+            writer.close()
+
+    run(main())
+    closed, = events(log, "close")
+    assert closed["reason"] == "connect_failed" and "Connection refused" in closed["detail"] and closed["client"] == str(C)
