@@ -8,9 +8,11 @@ a gateway four things:
 - ``attach(proto, F:f, G:g)``: the original tuple of the connection the
   gateway just accepted, held until the gateway releases it; ``Hold.ended``
   is set (and ``on_end`` called, given to ``attach`` or later to
-  ``Hold.notify``) when the processor ends the flow, so the gateway closes it. ``lookup`` is the same without holding.
-- ``connect_tcp(flow)`` (a socket) / ``open_tcp(flow)`` (streams) /
-  ``open_udp(flow, ...)``: leg B, the seed's "swap"
+  ``Hold.notify``) when the processor ends the flow, so the gateway closes
+  it. ``lookup`` is the same without holding.
+- ``connect_tcp(flow)`` (a socket; or in two steps, ``start_tcp`` then
+  ``connected``, to do other work while the SYN is answered) /
+  ``open_tcp(flow)`` (streams) / ``open_udp(flow, ...)``: leg B, the seed's "swap"
   ("Packet restoration"): a new socket on the gateway address connects to
   F:f, and the processor restores it to C:c -> S:s. Every leg B has its own
   ephemeral port, because the processor tells the legs of one binding apart
