@@ -32,6 +32,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import sys
 import time
 import traceback
@@ -41,8 +42,14 @@ from typing import Any
 from firewall.signalling import Endpoint
 
 
+# Values that are plain already: most fields of a busy gateway's lines.
+_PLAIN = frozenset({str, int, bool, type(None)})
+
+
 def plain(value: Any) -> Any:
     """A JSON- and text-friendly form of a field value."""
+    if type(value) in _PLAIN:
+        return value
     if isinstance(value, (Endpoint, ipaddress.IPv4Address, ipaddress.IPv6Address)):
         return str(value)
     if isinstance(value, enum.Enum):
@@ -65,20 +72,30 @@ class EventLog:
         self.logger = logger
 
     def emit(self, event: str, level: int = logging.INFO, **fields: Any) -> None:
-        if not self.logger.isEnabledFor(level):
+        logger = self.logger
+        if not logger.isEnabledFor(level):
             return
         values = {k: plain(v) for k, v in fields.items()}
-        self.logger.log(level, "%s", event, extra={"event": event, self.source_key: self.source, "fields": values})
+        # Logger.log without its findCaller (a walk up the stack per line):
+        # no formatter of ours shows where a line came from, and a gateway
+        # logs two lines per connection.
+        record = logger.makeRecord(logger.name, level, "", 0, "%s", (event,), None,
+                                   extra={"event": event, self.source_key: self.source, "fields": values})
+        logger.handle(record)
 
     def warn(self, event: str, **fields: Any) -> None:
         self.emit(event, logging.WARNING, **fields)
 
 
+# What makes a text value need quotes: white space (as str.isspace has it), a quote or an equals sign.
+_NEEDS_QUOTES = re.compile(r'[\s"=]')
+
+
 def _text_value(value: Any) -> str:
     if isinstance(value, (list, dict)):
         return json.dumps(value, separators=(",", ":"))
-    text = str(value)
-    if not text or any(c.isspace() or c in '"=' for c in text):
+    text = value if type(value) is str else str(value)
+    if not text or _NEEDS_QUOTES.search(text) is not None:
         return json.dumps(text)
     return text
 
@@ -105,10 +122,6 @@ def to_journal(stream: Any) -> bool:
     return want == f"{st.st_dev}:{st.st_ino}"
 
 
-def _stamp(record: logging.LogRecord) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
-
-
 def _endpoint(text: Any) -> tuple[str, int] | None:
     """``"192.0.2.1:25"`` as (address, port); None for anything else."""
     if not isinstance(text, str) or ":" not in text:
@@ -123,6 +136,15 @@ class _Formatter(logging.Formatter, abc.ABC):
         self.source_key = source_key
         self.name = name  # who speaks in records that are not events ("nfgate run")
         self.journal = journal
+        self._second = -1  # the second whose date and time are in _prefix
+        self._prefix = ""
+
+    def stamp(self, record: logging.LogRecord) -> str:
+        """``2024-01-02T03:04:05.678Z``; the date and time formatted once a second."""
+        second = int(record.created)
+        if second != self._second:
+            self._second, self._prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._prefix}.{int(record.msecs):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
         line = self.render(record)
@@ -137,7 +159,7 @@ class TextFormatter(_Formatter):
     """``2024-01-02T03:04:05.678Z nas-log open client=... server=...``"""
 
     def render(self, record: logging.LogRecord) -> str:
-        stamp = _stamp(record)
+        stamp = self.stamp(record)
         event = getattr(record, "event", None)
         if event is None:
             level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "

@@ -7,10 +7,12 @@ a gateway four things:
 
 - ``attach(proto, F:f, G:g)``: the original tuple of the connection the
   gateway just accepted, held until the gateway releases it; ``Hold.ended``
-  is set (and ``on_end`` called) when the processor ends the flow, so the
-  gateway closes it. ``lookup`` is the same without holding.
-- ``connect_tcp(flow)`` (a socket) / ``open_tcp(flow)`` (streams) /
-  ``open_udp(flow, ...)``: leg B, the seed's "swap"
+  is set (and ``on_end`` called, given to ``attach`` or later to
+  ``Hold.notify``) when the processor ends the flow, so the gateway closes
+  it. ``lookup`` is the same without holding.
+- ``connect_tcp(flow)`` (a socket; or in two steps, ``start_tcp`` then
+  ``connected``, to do other work while the SYN is answered) /
+  ``open_tcp(flow)`` (streams) / ``open_udp(flow, ...)``: leg B, the seed's "swap"
   ("Packet restoration"): a new socket on the gateway address connects to
   F:f, and the processor restores it to C:c -> S:s. Every leg B has its own
   ephemeral port, because the processor tells the legs of one binding apart
@@ -29,6 +31,7 @@ fail is counted and dropped rather than taking the endpoint down.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import os
@@ -37,7 +40,7 @@ import time
 from typing import Any, Callable, TypeVar
 
 from firewall.drive import CoreDriver
-from firewall.signalling import Endpoint, FlowInfo, Proto, RuleAck, RuleEndReason, RuleMode, RuleRefusal
+from firewall.signalling import MAX_DATAGRAM, Endpoint, FlowInfo, Proto, RuleAck, RuleEndReason, RuleMode, RuleRefusal
 from gateways.layer.core import LayerCore
 from gateways.layer.outputs import (
     EndCause,
@@ -65,6 +68,9 @@ from gateways.manifest import Manifest
 # rmem_max (SO_RCVBUFFORCE); otherwise the kernel caps it there.
 SIGNALLING_RCVBUF = 1 << 20
 
+# Datagrams read per wake-up of the loop, so that a burst of pushes does not
+# starve the connections; the rest wait for the next turn.
+READ_BATCH = 64
 # StreamReader's buffer on a leg B read as streams (FTP control): asyncio's
 # default 64 KiB.
 STREAM_LIMIT = 1 << 16
@@ -122,6 +128,13 @@ class Hold:
         if self._on_end is not None:
             self._on_end(cause)
 
+    def notify(self, on_end: FlowEndCallback) -> None:
+        """Call ``on_end`` when the processor ends the flow (at once if it has),
+        instead of a task waiting on ``ended``."""
+        self._on_end = on_end
+        if self.cause is not None:
+            on_end(self.cause)
+
     def release(self) -> None:
         if not self._released:
             self._released = True
@@ -143,17 +156,6 @@ class _Waiter:
         self.on_end = on_end
 
 
-class _Protocol(asyncio.DatagramProtocol):
-    def __init__(self, layer: "GatewayLayer") -> None:
-        self._layer = layer
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self._layer._on_datagram(data)
-
-    def error_received(self, exc: Exception) -> None:
-        self._layer.core.counters["signalling.socket_errors"] += 1
-
-
 class GatewayLayer:
     """The signalling endpoint of one gateway process (docs/signalling.md)."""
 
@@ -172,6 +174,7 @@ class GatewayLayer:
     ) -> None:
         self.listen = listen
         self.gateway_address = listen.address
+        self._bind_address = str(listen.address)
         self._clock = clock
         self._log = log
         # The core (and its Guard) exists before the socket is bound.
@@ -184,7 +187,7 @@ class GatewayLayer:
             replay_window=replay_window,
             **core_options,
         )
-        self._transport: asyncio.DatagramTransport | None = None
+        self._sock: socket.socket | None = None
         self._closed = False
         self._driver = CoreDriver(
             {
@@ -209,27 +212,27 @@ class GatewayLayer:
 
     async def start(self) -> None:
         """Bind the signalling socket. OSError if the address is not here (wrong netns)."""
-        loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             _grow_receive_buffer(sock)
             sock.bind((str(self.listen.address), self.listen.port))
             sock.setblocking(False)
-            transport, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), sock=sock)
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
         except BaseException:
             sock.close()
             raise
-        self._transport = transport
-        port = transport.get_extra_info("sockname")[1]
+        self._sock = sock
+        port = sock.getsockname()[1]
         self.listen = Endpoint(self.listen.address, port)  # the real port, if 0 was asked for
 
     async def close(self) -> None:
         """Stop: nothing more is sent or received; whoever still waits is told so."""
         self._closed = True
         self._driver.close()
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
+        if self._sock is not None:
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
         for key, waiters in list(self._waiters.items()):
             for w in waiters:
                 if not w.future.done():
@@ -327,17 +330,48 @@ class GatewayLayer:
     async def connect_tcp(self, flow: FlowInfo, *, connect_timeout: float) -> socket.socket:
         """Leg B: a non-blocking socket on the gateway address, connected to F:f.
         TimeoutError or OSError on failure."""
+        sock = self.start_tcp(flow)
+        await self.connected(sock, connect_timeout=connect_timeout)
+        return sock
+
+    def start_tcp(self, flow: FlowInfo) -> socket.socket:
+        """Leg B begun: a non-blocking socket on the gateway address whose SYN to
+        F:f is on its way, so that a gateway can do its own set-up while the
+        processor and the server answer it (then ``connected``). OSError if
+        the connect cannot even start."""
         fw = flow.firewall_side
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
-            sock.bind((str(self.gateway_address), 0))
-            loop = asyncio.get_running_loop()
-            await asyncio.wait_for(loop.sock_connect(sock, (str(fw.address), fw.port)), connect_timeout)
+            sock.bind((self._bind_address, 0))
+            err = sock.connect_ex((str(fw.address), fw.port))
+            if err not in (0, errno.EINPROGRESS):
+                raise OSError(err, os.strerror(err))
         except BaseException:
             sock.close()
             raise
         return sock
+
+    async def connected(self, sock: socket.socket, *, connect_timeout: float) -> None:
+        """Wait for ``start_tcp``'s connect. TimeoutError or OSError on failure,
+        and then (or when cancelled) the socket is closed."""
+        loop = asyncio.get_running_loop()
+        fd = sock.fileno()
+        writable: asyncio.Future[None] = loop.create_future()
+        loop.add_writer(fd, _resolve_once, writable)
+        try:
+            try:
+                # asyncio.timeout, not wait_for: no task of its own per connection.
+                async with asyncio.timeout(connect_timeout):
+                    await writable
+            finally:
+                loop.remove_writer(fd)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
+        except BaseException:
+            sock.close()
+            raise
 
     async def open_tcp(
         self, flow: FlowInfo, *, connect_timeout: float, limit: int = STREAM_LIMIT
@@ -404,12 +438,37 @@ class GatewayLayer:
 
     # ---- the machinery ------------------------------------------------------------------------
 
-    def _on_datagram(self, data: bytes) -> None:
+    def _readable(self) -> None:
+        """The datagrams waiting, up to ``READ_BATCH``: the processor pushes its
+        copies back to back, and one wake-up of the loop takes them all. The
+        batch stops after a datagram that did something (resolved a lookup or a
+        rule, ended a flow): whoever that woke runs before the next datagram,
+        as it would with one datagram per wake-up (an offload's RULE_ACK is
+        seen before the FLOW_END OFFLOADED that follows it)."""
+        sock = self._sock
+        if sock is None:
+            return
+        for _ in range(READ_BATCH):
+            try:
+                data = sock.recv(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # an ICMP error queued on the socket (a processor that is not listening)
+                self.core.counters["signalling.socket_errors"] += 1
+                continue
+            if self._on_datagram(data):
+                return  # the socket is still readable: the rest come next turn
+
+    def _on_datagram(self, data: bytes) -> bool:
+        """Carry out what one datagram makes the core do; whether it did anything."""
         try:
-            self._driver.run(self.core.receive(data, self._clock()))
+            outputs = self.core.receive(data, self._clock())
+            self._driver.run(outputs)
         except Exception as exc:  # a bug here must not stop the signalling of every other flow
             self._internal_error("signalling", exc)
             self._driver.arm()
+            return True
+        return bool(outputs)
 
     def _internal_error(self, where: str, exc: Exception) -> None:
         self.core.counters["signalling.internal_errors"] += 1
@@ -417,11 +476,13 @@ class GatewayLayer:
             self._log.emit("internal_error", logging.ERROR, where=where, error=repr(exc))
 
     def _send(self, out: Send) -> None:
-        if self._transport is None:
+        if self._sock is None:
             self.core.counters["signalling.send_errors"] += 1
             return
         try:
-            self._transport.sendto(out.data, (str(out.to.address), out.to.port))
+            # Never queued: a full buffer drops it, and the core's resend (every
+            # query_timeout) stands in for it, as for a datagram lost on the way.
+            self._sock.sendto(out.data, (str(out.to.address), out.to.port))
         except OSError:
             self.core.counters["signalling.send_errors"] += 1
 
@@ -475,6 +536,11 @@ class GatewayLayer:
             callback(out.reason)
         if self.on_rule_end is not None:
             self.on_rule_end(out.rule_id, out.reason)
+
+
+def _resolve_once(future: "asyncio.Future[None]") -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def endpoint_of(address: Any) -> Endpoint | None:

@@ -68,6 +68,13 @@ MAX_BACKLOG = 65536
 # Commands forwarded and not yet answered; past this the core reads no more
 # client lines until replies come. A 100-recipient group fits.
 MAX_IN_FLIGHT = 128
+# The gateway's own answers (refusals, 252 to VRFY, ...) given per input
+# before the rest of the pipelined commands wait for ``more``, which the
+# adapter calls once the client has taken what was written for it: a client
+# that sends commands and never reads makes the gateway hold about this many
+# answers beyond its write buffer (64 KiB of pipelined VRFYs would be 600 KB
+# of answers at once).
+MAX_ANSWERS_PER_TURN = 64
 # Lines of one server reply; an EHLO reply has a dozen or two.
 MAX_REPLY_LINES = 64
 # EHLO/HELO argument: a domain or an address literal (section 4.1.1.1), at most 255 octets.
@@ -129,6 +136,8 @@ class SmtpRelay:
         self.messages = 0  # MAILs of this session forwarded and not refused
         self.delivered = 0  # messages the server accepted (250 after end of data)
         self._bad = 0
+        self._answers = 0  # the gateway's own answers in this turn (MAX_ANSWERS_PER_TURN)
+        self._more = False  # pipelined commands left for ``more``
         self._out: list[Output] = []
 
     # ---- inputs -------------------------------------------------------------------------
@@ -137,9 +146,29 @@ class SmtpRelay:
     def closed(self) -> bool:
         return self.state is State.CLOSED
 
+    @property
+    def wants_more(self) -> bool:
+        """Commands were left unread for ``MAX_ANSWERS_PER_TURN``: call ``more`` once the client has its answers."""
+        return self._more and self.state is not State.CLOSED
+
+    def more(self) -> list[Output]:
+        """Read on: the pipelined commands the last turn left."""
+        self._answers = 0
+        self._more = False
+        if self.state is not State.CLOSED and self.state is not State.TLS and self._content is None:
+            self._read_commands()
+        return self._take()
+
+    @property
+    def buffered(self) -> int:
+        """Input held and not yet parsed: client and server bytes, an unfinished content line."""
+        content = len(self._content._tail) if self._content is not None else 0
+        return len(self._client_buf) + len(self._server_buf) + content
+
     def client_data(self, data: bytes) -> list[Output]:
         if self.state is State.CLOSED or not data:
             return []
+        self._answers = 0
         if self.state is State.TLS:
             # Passthrough after Opaque: the adapter relays by itself; anything
             # here came before the handshake and is refused (CVE-2011-0411).
@@ -159,6 +188,7 @@ class SmtpRelay:
     def server_data(self, data: bytes) -> list[Output]:
         if self.state is State.CLOSED or not data:
             return []
+        self._answers = 0
         self._server_buf += data
         self._read_replies()
         return self._take()
@@ -248,6 +278,7 @@ class SmtpRelay:
     def _answer(self, reply: Reply | bytes) -> None:
         """A reply of the gateway's, in its turn behind the replies still due."""
         wire = reply.wire() if isinstance(reply, Reply) else reply
+        self._answers += 1
         if self._pending:
             self._pending.append(_Pending("", local=wire))
         else:
@@ -275,8 +306,12 @@ class SmtpRelay:
     def _read_commands(self) -> None:
         buf = self._client_buf
         limit = self.policy.max_command_line
+        self._more = False
         while self.state is not State.CLOSED and self._content is None and self._held is None:
             if self._in_flight >= MAX_IN_FLIGHT:
+                break
+            if self._answers >= MAX_ANSWERS_PER_TURN:
+                self._more = b"\n" in buf
                 break
             lf = buf.find(b"\n")
             if lf < 0:
@@ -327,9 +362,9 @@ class SmtpRelay:
             self._violation(PIPELINED_AFTER_DATA if verb == "DATA" else PIPELINED_AFTER_STARTTLS,
                             f"refused.pipelined_after_{verb.lower()}")
             return
-        handler = getattr(self, f"_cmd_{verb.lower()}", None)
+        handler = _CMD.get(verb)
         if handler is not None:
-            handler(arg)
+            handler(self, arg)
         else:
             self._forward(verb, verb.encode())
 
@@ -518,7 +553,7 @@ class SmtpRelay:
         wire = format_reply(code, [ln.text for ln in lines])
         if ok:
             self.state = after(self.state, verb)
-        getattr(self, f"_reply_{verb.lower().strip('<>').replace('-', '_')}", self._reply_plain)(head, ok, code, lines, wire)
+        _REPLY.get(verb, SmtpRelay._reply_plain)(self, head, ok, code, lines, wire)
         if self.state is State.CLOSED:
             return
         self._expected = self.state
@@ -616,3 +651,14 @@ class SmtpRelay:
             self._out.append(Opaque())
         else:
             self._out.append(StartTls(START_TLS.wire()))
+
+
+# The handlers by verb, looked up once here rather than by name per command
+# and per reply: ``_cmd_<verb>`` for a command, ``_reply_<verb>`` (GREETING
+# and END_OF_DATA included) for its reply; a verb without one is forwarded
+# as it is, and its reply passed on.
+_CMD = {verb: getattr(SmtpRelay, f"_cmd_{verb.lower()}") for verb in COMMANDS
+        if hasattr(SmtpRelay, f"_cmd_{verb.lower()}")}
+_REPLY = {verb: getattr(SmtpRelay, f"_reply_{verb.lower().strip('<>').replace('-', '_')}")
+          for verb in (*COMMANDS, GREETING, END_OF_DATA)
+          if hasattr(SmtpRelay, f"_reply_{verb.lower().strip('<>').replace('-', '_')}")}

@@ -42,6 +42,10 @@ class State(enum.Enum):
     TLS = "tls"  # STARTTLS answered 220: a handshake, or bytes only (RFC 3207 section 4.2)
     CLOSED = "closed"
 
+    # Members are singletons: the identity hash, in C, not Enum's hash of the
+    # name in Python, for the table look-ups of every command and reply.
+    __hash__ = object.__hash__
+
 
 GREETING = "<greeting>"
 END_OF_DATA = "<end-of-data>"

@@ -14,6 +14,19 @@
         and read to the end; prints {"received": ...}.
     smtp_client.py idle HOST COUNT SECONDS
         hold COUNT sessions open after their greeting for SECONDS, then QUIT.
+    smtp_client.py deaf HOST SECONDS COUNT HEX
+        a client that stops reading: a receive buffer of 4 KiB, the greeting
+        read, then COUNT times HEX sent and nothing more read; prints {"port", "sent"},
+        then waits up to SECONDS for the connection to end (a FIN or RST,
+        seen without reading) and prints {"ended", "after"}.
+    smtp_client.py flood HOST SECONDS SENDER RECIPIENT
+        MAIL, RCPT, DATA, then message lines until the gateway stops taking
+        them (no progress for 2 s; 64 MB at most); prints {"port", "sent",
+        "stalled"}, then reads until the end (SECONDS at most) and prints
+        {"received"}.
+    smtp_client.py rst-after-dot HOST SENDER RECIPIENT HEX
+        MAIL, RCPT, DATA, the message HEX and its end of data, then a reset
+        at once (SO_LINGER 0) before any reply is read; prints {"port"}.
 """
 
 from __future__ import annotations
@@ -21,9 +34,11 @@ from __future__ import annotations
 import json
 import re
 import resource
+import select
 import smtplib
 import socket
 import ssl
+import struct
 import sys
 import time
 
@@ -134,6 +149,96 @@ def idle(host: str, count: int, seconds: float) -> dict:
     return {"held": greeted}
 
 
+def _dialogue(host: str, sender: str, rcpt: str, rcvbuf: int = 0) -> socket.socket:
+    """Connected, greeted, EHLO said, and MAIL, RCPT, DATA answered 250, 250, 354."""
+    sock = socket.socket()
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: the window it offers
+    sock.settimeout(10)
+    sock.connect((host, 25))
+    f = sock.makefile("rb")
+
+    def reply() -> bytes:
+        while (line := f.readline())[3:4] == b"-":
+            pass
+        return line
+
+    assert reply().startswith(b"220")
+    for cmd, code in ((b"EHLO client.example.org", b"250"), (b"MAIL FROM:<%s>" % sender.encode(), b"250"),
+                      (b"RCPT TO:<%s>" % rcpt.encode(), b"250"), (b"DATA", b"354")):
+        sock.sendall(cmd + b"\r\n")
+        got = reply()
+        assert got.startswith(code), (cmd, got)
+    return sock
+
+
+def _ended(sock: socket.socket, seconds: float) -> tuple[bool, float]:
+    """Whether the peer ended the connection (FIN or RST) within ``seconds``, seen without reading."""
+    start = time.monotonic()
+    poller = select.poll()
+    poller.register(sock, select.POLLRDHUP | select.POLLERR | select.POLLHUP)
+    while (left := start + seconds - time.monotonic()) > 0:
+        if poller.poll(left * 1000):
+            return True, time.monotonic() - start
+    return False, seconds
+
+
+def deaf(host: str, seconds: float, data: bytes) -> dict:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect((host, 25))
+    assert sock.recv(512).startswith(b"220")
+    sock.sendall(data)
+    print(json.dumps({"port": sock.getsockname()[1], "sent": len(data)}), flush=True)
+    ended, after = _ended(sock, seconds)
+    sock.close()
+    return {"ended": ended, "after": round(after, 2)}
+
+
+def flood(host: str, seconds: float, sender: str, rcpt: str) -> dict:
+    sock = _dialogue(host, sender, rcpt)
+    sock.setblocking(False)
+    chunk = (b"x" * 78 + b"\r\n") * 800  # 64 KB of message lines
+    sent, last, stalled = 0, time.monotonic(), False
+    while sent < 64 << 20:
+        try:
+            sent += sock.send(chunk)
+            last = time.monotonic()
+        except BlockingIOError:
+            if time.monotonic() - last > 2.0:
+                stalled = True
+                break
+            select.select([], [sock], [], 0.1)
+        except OSError:
+            break
+    print(json.dumps({"port": sock.getsockname()[1], "sent": sent, "stalled": stalled}), flush=True)
+    sock.setblocking(True)
+    sock.settimeout(1)
+    got, deadline = bytearray(), time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            data = sock.recv(65536)
+        except socket.timeout:
+            continue
+        except OSError:
+            break
+        if not data:
+            break
+        got += data
+    sock.close()
+    return {"received": got.decode("latin-1")}
+
+
+def rst_after_dot(host: str, sender: str, rcpt: str, message: bytes) -> dict:
+    sock = _dialogue(host, sender, rcpt)
+    sock.sendall(message + (b"" if message.endswith(b"\r\n") else b"\r\n") + b".\r\n")
+    port = sock.getsockname()[1]
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    return {"port": port}
+
+
 def main(argv: list[str]) -> None:
     cmd, host, *rest = argv
     if cmd == "send":
@@ -149,6 +254,12 @@ def main(argv: list[str]) -> None:
         out = raw(host, [bytes.fromhex(h) for h in rest])
     elif cmd == "idle":
         out = idle(host, int(rest[0]), float(rest[1]))
+    elif cmd == "deaf":
+        out = deaf(host, float(rest[0]), bytes.fromhex(rest[2]) * int(rest[1]))
+    elif cmd == "flood":
+        out = flood(host, float(rest[0]), rest[1], rest[2])
+    elif cmd == "rst-after-dot":
+        out = rst_after_dot(host, rest[0], rest[1], bytes.fromhex(rest[2]))
     else:
         raise SystemExit(f"unknown command {cmd}")
     print(json.dumps(out))

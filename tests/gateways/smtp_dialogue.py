@@ -60,6 +60,8 @@ def play(steps: list[Step], policy: Policy = Policy(recipient=ANY), split: int |
         feed = core.client_data if side == "c" else core.server_data
         for piece in pieces(data, split):
             seen.take(feed(piece))
+            while core.wants_more:  # as the adapter does, once the client has its answers
+                seen.take(core.more())
     return seen
 
 

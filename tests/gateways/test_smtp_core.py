@@ -7,11 +7,11 @@ from pydantic import ValidationError
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from gateways.kinds import KINDS
-from gateways.smtp.core import MAX_BACKLOG, SmtpRelay
+from gateways.smtp.core import MAX_ANSWERS_PER_TURN, MAX_BACKLOG, SmtpRelay
 from gateways.smtp.model import Close, Policy, ToClient
 from gateways.smtp.policy import policy_of
 from gateways.smtp.settings import SmtpSettings
-from tests.gateways.smtp_dialogue import ANY, EHLO_REPLY, GREETING, play, session, strict_line_ends
+from tests.gateways.smtp_dialogue import ANY, EHLO_REPLY, GREETING, Seen, play, session, strict_line_ends
 
 OK = b"250 2.0.0 Ok\r\n"
 MAIL = b"MAIL FROM:<alice@example.org>\r\n"
@@ -324,6 +324,20 @@ def test_vrfy_and_expn_per_policy() -> None:
                                    b"502 5.5.1 EXPN not available"]
     allowed = play(session(("c", b"VRFY bob\r\n")), Policy(recipient=ANY, allow_vrfy=True))
     assert allowed.to_server.endswith(b"VRFY bob\r\n")
+
+
+def test_the_gateways_own_answers_come_a_turn_at_a_time() -> None:
+    """200 pipelined VRFYs: MAX_ANSWERS_PER_TURN answers per input, the rest on ``more``."""
+    core = SmtpRelay(Policy(recipient=ANY))
+    core.server_data(GREETING)
+    core.client_data(b"EHLO c\r\n")
+    core.server_data(EHLO_REPLY)
+    counts = [Seen().take(core.client_data(b"VRFY bob\r\n" * 200)).to_client.count(b"\r\n")]
+    while core.wants_more:
+        counts.append(Seen().take(core.more()).to_client.count(b"\r\n"))
+    assert counts == [MAX_ANSWERS_PER_TURN] * 3 + [200 - 3 * MAX_ANSWERS_PER_TURN]
+    seen = Seen().take(core.client_data(MAIL))
+    assert seen.to_server == MAIL and not core.wants_more  # forwarded commands are not counted
 
 
 def test_idle_expiry_says_421() -> None:

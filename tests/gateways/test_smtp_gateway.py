@@ -10,7 +10,8 @@ from typing import Any, AsyncIterator
 
 from firewall.signalling import Endpoint, Proto
 from gateways.layer import EventLog
-from gateways.smtp.gateway import SmtpGateway
+from gateways.smtp.core import MAX_ANSWERS_PER_TURN, MAX_BACKLOG
+from gateways.smtp.gateway import HIGH_WATER, SmtpGateway
 from gateways.smtp.settings import SmtpSettings
 from tests.gateways.fake_processor import rig
 from tests.gateways.process import events
@@ -138,3 +139,51 @@ def test_sessions_past_the_per_client_limit_get_421() -> None:
                 s.close()
 
     run(main())
+
+
+def test_a_client_that_never_reads_its_answers_is_held_to_a_bound() -> None:
+    """6000 pipelined VRFYs (48 KB; 450 KB of answers) into a 4 KiB window,
+    never read: the core answers them a turn at a time, every turn as the
+    last one's answers are written (on loopback the kernel takes them all),
+    the gateway holds no more than a turn beyond its write buffer, and the
+    idle timeout ends the session. (The netns tests show the write buffer
+    full and the reading stopped, with a server that floods.)"""
+    async def main() -> None:
+        async with world(SmtpSettings(idle_timeout=1)) as (fake, gw):
+            sock, fw = fw_socket(socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            server = await tcp_server_at(fw, MiniMta())
+            fake.new_flow(Proto.TCP, fw, gw.listen, gateway="smtp", client=C, original_dst=W, server=S)
+            await asyncio.get_running_loop().sock_connect(sock, (str(gw.listen.address), gw.listen.port))
+            assert (await asyncio.get_running_loop().sock_recv(sock, 512)).startswith(b"220")
+            sock.send(b"EHLO c\r\n" + b"VRFY bob\r\n" * 6000)
+            held = [0]
+            async def watch() -> bool:
+                held.append(gw.buffered)
+                return gw.counters["sessions.closed.idle_timeout"] == 1
+            deadline = asyncio.get_running_loop().time() + 15
+            while not await watch():
+                assert asyncio.get_running_loop().time() < deadline, held
+                await asyncio.sleep(0.01)
+            # 64 KiB unsent, a turn of answers and the unread commands at most.
+            assert 0 < max(held) <= HIGH_WATER + MAX_ANSWERS_PER_TURN * 100 + MAX_BACKLOG, max(held)
+            assert gw.counters["refused.vrfy"] == 6000
+            sock.close()
+            server.close()
+
+    run(main())
+
+
+def test_a_server_that_cannot_be_reached_gets_the_client_421_and_one_close_line(log) -> None:
+    async def main() -> None:
+        async with world(SmtpSettings()) as (fake, gw):
+            sock, fw = fw_socket(socket.SOCK_STREAM)  # nothing listens on F:f: leg B is refused
+            fake.new_flow(Proto.TCP, fw, gw.listen, gateway="smtp", client=C, original_dst=W, server=S)
+            reader, writer = await tcp_connect_from(sock, gw.listen)
+            assert await asyncio.wait_for(reader.read(), 5) == b"421 4.4.1 The mail server cannot be reached; try again later\r\n"
+            await wait_until(lambda: gw.active == 0, what="the session to end")
+            writer.close()
+
+    run(main())
+    closed, = events(log, "close")
+    assert closed["reason"] == "connect_failed" and "Connection refused" in closed["detail"] and closed["client"] == str(C)

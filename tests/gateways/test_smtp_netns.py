@@ -12,8 +12,13 @@ gateway's protection.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator
@@ -21,7 +26,7 @@ from typing import Any, Iterator
 import pytest
 
 from firewall.lab.wait import wait_for
-from tests.gateways.smtp_netns import EXT, LAN, WAN, Postfix, SmtpRunning, client, stored_body
+from tests.gateways.smtp_netns import EXT, LAN, SMTPLIB, WAN, Postfix, SmtpRunning, client, stored_body
 
 pytestmark = pytest.mark.netns
 
@@ -188,3 +193,173 @@ while True:
     c.recv(512)
     c.close()
 """
+
+
+# ---- hostile peers ------------------------------------------------------------------------
+# The module's gateway has idle_timeout = 3 s; a closing leg that does not
+# read gets CLOSE_FLUSH_TIMEOUT (5 s), then a reset.
+
+# What a session may hold however much its peers send: 64 KiB unsent on a
+# leg before the other is not read (gateways/smtp/gateway.py, HIGH_WATER),
+# one read of 64 KiB, the core's own input buffers (64 KiB of pipelined
+# commands at most); a quarter MiB with room to spare.
+BOUND = 256 * 1024
+
+
+def popen_client(mail: SimpleNamespace, host: str, *args: str) -> subprocess.Popen:
+    return mail.lab.popen(host, [sys.executable, SMTPLIB, *args], stdout=subprocess.PIPE, text=True)
+
+
+def line_of(proc: subprocess.Popen, timeout: float = 60) -> dict:
+    line = wait_for(proc.stdout.readline, timeout=timeout, what="the client's report")  # type: ignore[union-attr]
+    return json.loads(line)
+
+
+def buffered(mail: SimpleNamespace) -> int:
+    """What the smtp-in gateway holds now: its stats line (SIGUSR1), field ``buffered``."""
+    pid = mail.run.processes()["gateway-smtp-in"]["pid"]
+    seen = mail.run.text().count(" smtp-in stats ")
+    os.kill(pid, signal.SIGUSR1)
+    text = wait_for(lambda: (t := mail.run.text()).count(" smtp-in stats ") > seen and t, timeout=10,
+                    what="the stats line")
+    return int(re.findall(r" smtp-in stats .*?\bbuffered=(\d+)", text)[-1])
+
+
+def closed(mail: SimpleNamespace, port: int, timeout: float = 20) -> str:
+    """The reason in the smtp-in close line of the session from ext's ``port``."""
+    pattern = re.compile(rf" smtp-in close reason=(\S+) .*client={EXT}:{port}\b")
+    return wait_for(lambda: (m := pattern.search(mail.run.text())) and m.group(1), timeout=timeout,
+                    what=f"the close line of the session from port {port}")
+
+
+@contextlib.contextmanager
+def fake_server(mail: SimpleNamespace, script: str) -> Iterator[None]:
+    """``script`` (python, given the address) listening on lan:25 in Postfix's place."""
+    mail.inbound.stop()
+    try:
+        server = mail.lab.popen("lan", [sys.executable, "-c", script, LAN])
+        try:
+            mail.lab.wait_listening("lan", 25)
+            yield
+        finally:
+            server.kill()
+            server.wait()
+    finally:
+        mail.inbound = Postfix(mail.lab, "lan", mail.tmp, LAN, "example.com")
+
+
+# Postfix answers what it is asked and no more; a server that sends much
+# needs a script: each NOOP gets a reply of 60 lines of 480 bytes (29 KB).
+FLOODING_SERVER = r"""
+import socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 25)); s.listen(4)
+c, _ = s.accept()
+f = c.makefile("rb")
+c.sendall(b"220 flooding ESMTP\r\n")
+big = b"".join(b"250-" + b"%03d" % i + b"x" * 477 + b"\r\n" for i in range(59)) + b"250 end\r\n"
+while line := f.readline():
+    c.sendall(big if line.upper().startswith(b"NOOP") else b"250 flooding\r\n")
+time.sleep(60)
+"""
+
+
+def test_a_client_that_stops_reading_while_the_server_sends(mail: SimpleNamespace) -> None:
+    """100 NOOPs in one go into a 4 KiB window, each answered with 29 KB
+    (3 MB in all), and nothing read: the gateway stops reading both legs
+    with at most BOUND held, and the idle timeout ends the session (the
+    client's leg by a reset, since it never reads what waits for it)."""
+    with fake_server(mail, FLOODING_SERVER):
+        deaf = popen_client(mail, "ext", "deaf", WAN, "30", "100", b"NOOP\r\n".hex())
+        try:
+            port = line_of(deaf)["port"]
+            held: list[int] = []
+            wait_for(lambda: held.append(buffered(mail)) or held[-1] > 64 * 1024, timeout=10,
+                     what="the replies to back up in the gateway")
+            assert closed(mail, port) == "idle_timeout"
+            assert max(held) <= BOUND, held
+            end = line_of(deaf, timeout=30)
+            assert end["ended"] and end["after"] < 15, end
+        finally:
+            deaf.kill()
+            deaf.wait()
+    assert buffered(mail) == 0
+
+
+STALLING_SERVER = r"""
+import socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 25)); s.listen(4)
+c, _ = s.accept()
+f = c.makefile("rb")
+c.sendall(b"220 stalling ESMTP\r\n")
+while line := f.readline():
+    verb = line[:4].upper()
+    if verb == b"EHLO":
+        c.sendall(b"250-stalling\r\n250 PIPELINING\r\n")
+    elif verb == b"DATA":
+        c.sendall(b"354 go ahead\r\n")
+        time.sleep(120)  # and never read again
+    else:
+        c.sendall(b"250 ok\r\n")
+"""
+
+
+def test_a_server_that_stops_reading_mid_data(mail: SimpleNamespace) -> None:
+    """After 354 the server reads nothing more: the client's content backs up
+    to the gateway, which stops reading the client with at most BOUND held;
+    the idle timeout tells the client 421 and ends both legs (the server's by
+    a reset, since it never reads what waits for it)."""
+    with fake_server(mail, STALLING_SERVER):
+        flood = popen_client(mail, "ext", "flood", WAN, "30", "alice@example.org", "bob@example.com")
+        try:
+            report = line_of(flood)
+            assert report["stalled"], report  # the gateway stopped taking the content
+            assert buffered(mail) <= BOUND
+            assert closed(mail, report["port"]) == "idle_timeout"
+            received = line_of(flood, timeout=40)["received"]
+            assert received.endswith("421 4.4.2 Idle timeout; closing\r\n"), received[-200:]
+        finally:
+            flood.kill()
+            flood.wait()
+
+
+def test_a_client_that_resets_right_after_its_end_of_data(mail: SimpleNamespace) -> None:
+    """The message is stored whole or not at all (never cut short, never
+    twice), the session ends as a client reset, and the next one works."""
+    mail.inbound.clear()
+    body = b"Subject: reset after dot\r\n\r\n" + b"line of the message\r\n" * 500
+    result = client(mail.lab, "ext", "rst-after-dot", WAN, "alice@example.org", "bob@example.com", body.hex())
+    port = json.loads(result.stdout)["port"]
+    assert closed(mail, port) == "client_reset"
+    wait_for(lambda: mail.inbound.count() == 1 or "lost connection after DATA" in mail.inbound.log.read_text(),
+             timeout=15, what="Postfix to store the message or drop it")
+    stored = mail.inbound.messages()
+    assert len(stored) <= 1
+    if stored:
+        assert stored_body(stored[0]) == body
+    msg = message(mail.tmp, "after-reset", b"next\r\n")
+    sent_ok(client(mail.lab, "ext", "send", WAN, "alice@example.org", "bob@example.com", "each", str(msg)))
+
+
+def test_kill_9_of_the_gateway_with_sessions_open(mail: SimpleNamespace) -> None:
+    """The open session's client sees its connection end; the supervisor
+    starts the gateway again, and a new session carries a mail."""
+    deaf = popen_client(mail, "ext", "deaf", WAN, "20", "1", b"NOOP\r\n".hex())
+    try:
+        line_of(deaf)
+        before = mail.run.processes()["gateway-smtp-in"]["pid"]
+        os.kill(before, signal.SIGKILL)
+        end = line_of(deaf, timeout=30)
+        assert end["ended"] and end["after"] < 5, end
+    finally:
+        deaf.kill()
+        deaf.wait()
+    wait_for(lambda: (p := mail.run.processes()["gateway-smtp-in"])["state"] == "running" and p["pid"] != before,
+             timeout=10, interval=0.05, what="the gateway started again", ignore=(OSError, ValueError))
+    mail.inbound.clear()
+    msg = message(mail.tmp, "after-kill", b"the gateway was killed and came back\r\n")
+    wait_for(lambda: client(mail.lab, "ext", "send", WAN, "alice@example.org", "bob@example.com", "each",
+                            str(msg)).returncode == 0, timeout=20, what="a mail through the new gateway")
+    mail.inbound.wait_count(1)
+    assert stored_body(mail.inbound.messages()[0]) == msg.read_bytes()
