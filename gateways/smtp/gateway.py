@@ -22,8 +22,9 @@ command line leaves at once instead of waiting for the peer's delayed ACK
 stream or transport per leg, only the loop's readiness callbacks on the
 two sockets (an asyncio transport costs a leg about as much again in set-up
 and wake-ups); the content is handled a chunk at a time (``data``).
-Backpressure: when a leg has ``HIGH_WATER`` bytes the kernel has not
-taken, neither leg is read until they drop below ``LOW_WATER``; so a peer
+Backpressure: when a leg has ``buffer_high_water`` bytes (a setting) the
+kernel has not taken, neither leg is read until they drop below a quarter
+of it; so a peer
 that stops reading holds its session to that much and what one read makes
 (the core's replies to up to ``READ_SIZE`` of pipelined commands), until the
 idle timeout ends it.
@@ -159,11 +160,6 @@ class SmtpGateway(TcpGateway):
 # Bytes read from a leg at a time: a whole pipelined group, or a good piece
 # of a message's content for one pass of the content reader.
 READ_SIZE = 1 << 16
-# A leg's bytes the kernel has not taken yet past which the other leg is no
-# longer read (asyncio's own default high-water mark), and below which it is
-# read again: a peer that stops reading holds the session to about this much.
-HIGH_WATER = 1 << 16
-LOW_WATER = HIGH_WATER // 4
 
 
 class _Leg:
@@ -171,7 +167,7 @@ class _Leg:
 
     What it reads goes to the session; what the session writes is sent at
     once, and what the kernel does not take waits in ``unsent`` (past
-    ``HIGH_WATER`` the other leg is not read until it drains). No transport
+    the ``buffer_high_water`` setting the other leg is not read until it drains). No transport
     and no task: a session costs two sockets, two callbacks and the core.
     In terminate mode the leg hands its socket to an asyncio transport for
     TLS (``to_transport``) and goes on through ``_TlsProtocol``."""
@@ -187,7 +183,7 @@ class _Leg:
         self.unsent = bytearray()
         self.reading = False
         self.writing = False
-        self.throttled = False  # unsent passed HIGH_WATER: neither leg is read (_Session.backpressure)
+        self.throttled = False  # unsent passed buffer_high_water: neither leg is read (_Session.backpressure)
         self.ended = False  # the peer's FIN (or an error) was read: nothing more to read
         self.open = True  # the socket is ours to use and close
         self.shut = False  # write_eof asked: shut the write side once unsent is out
@@ -259,7 +255,7 @@ class _Leg:
             self.writing = True
             self._loop.add_writer(self.fd, self._writable)
         self.unsent += data
-        if not self.throttled and len(self.unsent) >= HIGH_WATER:
+        if not self.throttled and len(self.unsent) >= self.session.gw.settings.buffer_high_water:
             self.throttled = True
             self.session.backpressure(self, True)
 
@@ -276,7 +272,7 @@ class _Leg:
                 self.session.lost(self, exc)
             return
         del self.unsent[:sent]
-        if self.throttled and len(self.unsent) < LOW_WATER:
+        if self.throttled and len(self.unsent) < self.session.gw.settings.buffer_high_water // 4:
             self.throttled = False
             if not self.closing:
                 self.session.backpressure(self, False)

@@ -61,6 +61,9 @@ class SmtpSettings(Frozen):
     idle_timeout: Number(1, 86400) = Field(300.0, description="seconds without a byte from the client before 421 and close (RFC 5321 section 4.5.3.2.7)")
     session_timeout: Number(1, 604800) = Field(3600.0, description="seconds a session may last in all")
     connect_timeout: Number(0.1, 300) = Field(10.0, description="seconds to open the connection to the server")
+    buffer_high_water: Int(4096, 1 << 26) = Field(
+        65536, description="bytes a leg may have unsent before neither leg is read (read again below a quarter): "
+                           "what a peer that stops reading holds")
     max_sessions: Int(1, 1_000_000) = Field(1024, description="concurrent sessions; more are refused with 421")
     max_sessions_per_client: Int(1, 1_000_000) = Field(32, description="concurrent sessions from one client address; more are refused with 421")
     sender_domains: ListOf(Domain) = Field(("*",), description="domains MAIL FROM may name (\"*\": any; the null sender always passes)")

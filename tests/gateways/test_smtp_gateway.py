@@ -11,7 +11,7 @@ from typing import Any, AsyncIterator
 from firewall.signalling import Endpoint, Proto
 from gateways.layer import EventLog
 from gateways.smtp.core import MAX_ANSWERS_PER_TURN, MAX_BACKLOG
-from gateways.smtp.gateway import HIGH_WATER, SmtpGateway
+from gateways.smtp.gateway import SmtpGateway
 from gateways.smtp.settings import SmtpSettings
 from tests.gateways.fake_processor import rig
 from tests.gateways.process import events
@@ -149,7 +149,8 @@ def test_a_client_that_never_reads_its_answers_is_held_to_a_bound() -> None:
     idle timeout ends the session. (The netns tests show the write buffer
     full and the reading stopped, with a server that floods.)"""
     async def main() -> None:
-        async with world(SmtpSettings(idle_timeout=1)) as (fake, gw):
+        settings = SmtpSettings(idle_timeout=1, buffer_high_water=16384)
+        async with world(settings) as (fake, gw):
             sock, fw = fw_socket(socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             server = await tcp_server_at(fw, MiniMta())
@@ -165,8 +166,8 @@ def test_a_client_that_never_reads_its_answers_is_held_to_a_bound() -> None:
             while not await watch():
                 assert asyncio.get_running_loop().time() < deadline, held
                 await asyncio.sleep(0.01)
-            # 64 KiB unsent, a turn of answers and the unread commands at most.
-            assert 0 < max(held) <= HIGH_WATER + MAX_ANSWERS_PER_TURN * 100 + MAX_BACKLOG, max(held)
+            # buffer_high_water unsent, a turn of answers and the unread commands at most.
+            assert 0 < max(held) <= settings.buffer_high_water + MAX_ANSWERS_PER_TURN * 100 + MAX_BACKLOG, max(held)
             assert gw.counters["refused.vrfy"] == 6000
             sock.close()
             server.close()

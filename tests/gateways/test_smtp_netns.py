@@ -200,7 +200,7 @@ while True:
 # read gets CLOSE_FLUSH_TIMEOUT (5 s), then a reset.
 
 # What a session may hold however much its peers send: 64 KiB unsent on a
-# leg before the other is not read (gateways/smtp/gateway.py, HIGH_WATER),
+# leg before the other is not read (the buffer_high_water setting's default),
 # one read of 64 KiB, the core's own input buffers (64 KiB of pipelined
 # commands at most); a quarter MiB with room to spare.
 BOUND = 256 * 1024
