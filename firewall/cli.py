@@ -377,21 +377,24 @@ def _flatten(obj, prefix: str = ""):
 @main.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the bindings as JSON.")
-def flows(config_path: str, as_json: bool) -> None:
+@click.option("--rules", "rules", is_flag=True,
+              help="List the dynamic rules instead: gateways' requests (FTP data), adjacent ports (RTCP), offloads.")
+def flows(config_path: str, as_json: bool, rules: bool) -> None:
     """List the live gateway flows with their original and translated tuples.
 
     \b
     Examples:
       sudo nfgate flows
       sudo nfgate flows --json
+      sudo nfgate flows --rules
     """
     require_root("flows")
-    data = query(load(config_path), "flows")
+    data = query(load(config_path), "rules" if rules else "flows")
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
     if not data:
-        click.echo("no gateway flows")
+        click.echo("no dynamic rules" if rules else "no gateway flows")
         return
     for flow in data:
         click.echo(" ".join(f"{k}={v}" for k, v in flow.items()))

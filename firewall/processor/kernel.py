@@ -131,6 +131,20 @@ class NatWriter:
                 self._cmd([bind.elements("delete", name, [elem])])
         return True
 
+    def apply_all(self, ops: list[KernelOp]) -> list[bool]:
+        """``apply`` for many operations in one transaction, in order; True per op that is
+        done. If the kernel refuses the whole (one element clashes, or a removal finds one
+        gone), each op is tried alone, so one bad op fails only itself."""
+        if len(ops) == 1:
+            return [self.apply(ops[0])]
+        commands = []
+        for op in ops:
+            verb = "add" if op.add else "delete"
+            commands += [bind.elements(verb, r.name, [bind.element(r.key[0], r.key[1:], r.value, None)]) for r in op.rules]
+        if not commands or self._cmd(commands)[0]:
+            return [True] * len(ops)
+        return [self.apply(op) for op in ops]
+
     def flush_instance(self, instance: int) -> None:
         """Empty a processor instance's dynamic sets: what a predecessor left, or ours at exit."""
         self._cmd([{"flush": {"set" if kind != "dnat" else "map": {"family": bind.FAMILY, "table": bind.TABLE,
@@ -322,8 +336,8 @@ class Conntrack:
                 found = True
         return found
 
-    def _dump(self, mark: int) -> Iterator[bytes]:
-        msg = nfct_msg.create_from(mark=mark, mark_mask=self.mask)
+    def _dump(self, mark: int, mask: int) -> Iterator[bytes]:
+        msg = nfct_msg.create_from(mark=mark, mark_mask=mask)
         for kind, body in self._request(msg, NLM_F_DUMP):
             if kind == NLMSG_ERROR:
                 code = -struct.unpack("=i", body)[0]
@@ -333,8 +347,9 @@ class Conntrack:
                 yield body
 
     def ours(self) -> Iterator[Connection]:
-        """Every connection with nfgate's mark (the kernel filters the dump)."""
-        for body in self._dump(self.mark):
+        """Every connection with nfgate's mark (the kernel filters the dump): the ``rewritten``
+        bit, whatever else is set (an offloaded flow's connection also carries ``allowed``)."""
+        for body in self._dump(self.mark, self.mark):
             conn = connection(body)
             if conn is not None:
                 yield conn
@@ -349,7 +364,7 @@ class Conntrack:
         bits at once, which no connection of nfgate's carries) keeps the
         answer empty: the kernel walks the table, Python reads almost nothing.
         """
-        for _ in self._dump(self.mark | passed):
+        for _ in self._dump(self.mark | passed, self.mask):
             pass
 
     def destroyed(self) -> tuple[list[Connection], bool]:
@@ -374,7 +389,7 @@ class Conntrack:
                 end = off + length
                 if kind & 0xFF == IPCTNL_MSG_CT_DELETE:
                     mark = _mark_of(data, off, end)
-                    if mark is not None and mark & self.mask == self.mark:
+                    if mark is not None and mark & self.mark == self.mark:
                         conn = connection(data, off, end)
                         if conn is not None:
                             out.append(conn)

@@ -169,6 +169,8 @@ COMMANDS: dict[str, Command[Runner]] = {
     "stats": Command(lambda r, a: r.stats(), help="counters, pool use, flows per gateway"),
     "flows": Command(lambda r, a: r.flows(a["limit"]), optional={"limit": (_limit, FLOWS_LIMIT)},
                      help="the live bindings, at most limit of them"),
+    "rules": Command(lambda r, a: r.rules(a["limit"]), optional={"limit": (_limit, FLOWS_LIMIT)},
+                     help="the dynamic rules (gateways' requests, adjacent ports, offloads), at most limit of them"),
 }
 
 
@@ -343,14 +345,18 @@ class Runner:
         core asks for nothing more."""
         core = self.core
         while out:
-            for op in out.kernel_ops:
-                # In order, in-process: a transaction each, about a millisecond.
+            if out.kernel_ops:
+                # In order, in-process, all of them in one transaction (about a
+                # millisecond, whatever the number): a burst of offloads or rule
+                # requests costs one commit, not one each.
                 try:
-                    ok = self.nat.apply(op)
-                except Exception:  # noqa: BLE001 - counted; the rule is refused or retired
+                    done = self.nat.apply_all(out.kernel_ops)
+                except Exception:  # noqa: BLE001 - counted; the rules are refused or retired
                     self._internal("kernel.error", "a dynamic rule")
-                    ok = False
-                core.kernel_done(op.token, ok, time.monotonic())
+                    done = [False] * len(out.kernel_ops)
+                now = time.monotonic()
+                for op, ok in zip(out.kernel_ops, done):
+                    core.kernel_done(op.token, ok, now)
             if out.unbind or out.ct_deletes:
                 self._unbind(out)
             self._send(out.datagrams)
@@ -415,6 +421,11 @@ class Runner:
         out = core.take()
         self._send(out.datagrams)  # the push goes out before the packet it describes
         out.datagrams = []
+        if out.unbind or out.ct_deletes:
+            # An offloaded flow's held leg B goes before its direct connection's first
+            # packet is let through: they share a reply tuple.
+            self._unbind(out)
+            out.unbind, out.ct_deletes = [], []
         at = 0
         for pkt, verdict, mark, mine in pending:
             start, at = at, at + len(mine)
@@ -491,6 +502,9 @@ class Runner:
             "sender_id": f"{self.core.encoder.sender_id:#018x}",
             "push": self.push,
         }
+
+    def rules(self, limit: int) -> list[dict[str, Any]]:
+        return self.core.rules.listing(time.monotonic(), time.time(), limit)
 
     def flows(self, limit: int) -> list[dict[str, Any]]:
         acct = {(c.proto, *c.orig): (c.packets, c.bytes) for c in self.ct.ours()}

@@ -80,6 +80,9 @@ class Processor:
     def flows(self, limit: int) -> list[dict[str, Any]]:
         return self._flows[:limit]
 
+    def rules(self, limit: int) -> list[dict[str, Any]]:
+        return [{"kind": "offload", "src": "203.0.113.10:5000"}][:limit]
+
 
 BUSY = {"stats": Command(lambda p, a: _busy()), "flows": Command(lambda p, a: _busy())}
 
@@ -117,6 +120,8 @@ def test_status_and_flows_gather_every_processors_answer(tmp_path: Path, monkeyp
                 query(config, "nonsense")
             shown = CliRunner().invoke(main, ["flows", "-c", str(path)])
             assert shown.output == "gateway=relay proto=tcp client=203.0.113.10:40000\n"
+            shown = CliRunner().invoke(main, ["flows", "--rules", "-c", str(path)])  # the dynamic rules' view
+            assert shown.output == "kind=offload src=203.0.113.10:5000\n"
             shown = CliRunner().invoke(main, ["status", "-c", str(path)])
             assert "processor-0:\n  counters.queued = 3\n  flows = 1\n" in shown.output
             assert "processor-3:\n  error = not running\n" in shown.output
