@@ -75,14 +75,17 @@ class NatWriter:
         return rc == 0, err
 
     def write(self, ops: list[NatOp]) -> list[bool]:
-        """Write every element; True per op that is in the kernel now."""
+        """Write every element; True per op that is in the kernel now.
+
+        The batch goes in as nft's own syntax (``bind.add_text``), one
+        transaction: libnftables parses it for about 0.15 ms of CPU against
+        0.2 ms for the same elements in JSON (the per-flow commit, measured
+        in docs/benchmarks.md). A refusal (a key that an ended binding's element
+        still holds) is retried element by element in JSON (``_one``)."""
         if not ops:
             return []
-        by_map: dict[str, list[Any]] = {}
-        for name, proto, key, value in ops:
-            by_map.setdefault(name, []).append(bind.element(proto, key, value, self._timeout))
-        ok, _ = self._cmd([bind.add_elements(name, elems) for name, elems in by_map.items()])
-        if ok:
+        rc, _, _ = self._nft.cmd(bind.add_text(ops, self._timeout))
+        if rc == 0:
             return [True] * len(ops)
         return [self._one(op) for op in ops]
 
