@@ -111,6 +111,7 @@ _A_GONE = int(FlowState.A_GONE)
 _B_GONE = int(FlowState.B_GONE)
 _A_ALIVE = int(FlowState.A_ALIVE)
 _AHEAD = int(FlowState.LEG_B_AHEAD)
+_B_WRITTEN = int(FlowState.LEG_B_WRITTEN)
 _PROTO_NAME = {TCP: "tcp", UDP: "udp"}
 
 NatOp = tuple[str, str, tuple[int, ...], tuple[int, int]]  # (map, proto, key, value)
@@ -181,6 +182,7 @@ class ProcessorCore:
         # elements written with leg A's (their timeout, less a second for the
         # whole-second clock of ``Binding.created`` and one for the kernel's rounding).
         self._ahead_for = proc.timeouts.nat_element - 2
+        self._element_for = proc.timeouts.nat_element + 1  # a written element may still be in the kernel
         # How long a binding whose leg A conntrack has not shown yet is taken to be
         # waiting for its first packet's verdict or confirmation (``_new``).
         self._young_for = proc.timeouts.confirm
@@ -313,6 +315,7 @@ class ProcessorCore:
             self.table.learn_ag_port(b, sport)
         if b.state & _AHEAD and now - b.created < self._ahead_for:
             return self._bound(mark, proto, None)  # its elements went in with leg A's: no transaction
+        b.state |= _B_WRITTEN
         return self._bound(mark, proto, b.leg_b())
 
     def _drop(self, why: str, mark: int) -> Verdict:
@@ -524,21 +527,24 @@ class ProcessorCore:
         go before that packet's verdict: the direct connection's reply tuple is leg B's."""
         b = self._flows[fid]
         name = _PROTO_NAME[b.proto]
-        legs = [b.leg_a()]
-        if b.ag_eport is not None:
-            legs.append(b.leg_b())
-        for key, dnat, snat in legs:
-            # Deleted before the connection: an element still there would
-            # bind the flow's next packet into the gateway again.
+        key, dnat, snat = b.leg_a()
+        if self._now - b.created < self._element_for:
+            # Deleted before the connection: an element still there would bind
+            # the flow's next packet into the gateway again. (Past its timeout
+            # the kernel has dropped it: a delete would fail the transaction.)
             self._out.unbind += [(DNAT_MAP, name, key, dnat), (SNAT_MAP, name, key, snat)]
-        self._out.ct_deletes.append((b.proto, *legs[0][0]))
-        if len(legs) > 1:
+        self._out.ct_deletes.append((b.proto, *key))
+        if b.ag_eport is not None:
+            key_b, dnat_b, snat_b = b.leg_b()
+            if b.state & _B_WRITTEN:
+                self._out.unbind += [(DNAT_MAP, name, key_b, dnat_b), (SNAT_MAP, name, key_b, snat_b)]
             if rule.ended is None:
-                rule.hold = (b.proto, *legs[1][0])
+                rule.hold = (b.proto, *key_b)
             else:  # used (or expired) while it went in
-                self._out.ct_deletes.append((b.proto, *legs[1][0]))
-        ahead = (b.gateway.addr, *b.firewall_side)
-        self._out.unbind += [(LEGB_DNAT_MAP, name, ahead, b.server), (LEGB_SNAT_MAP, name, ahead, b.visible_client)]
+                self._out.ct_deletes.append((b.proto, *key_b))
+        # Leg B's elements written ahead (by G, F, f) are left to their timeout: only a
+        # packet the processor marks as leg B of a binding of F:f can use them, and a
+        # new binding of F:f (the pool hands it out last) writes its own over them.
         self.counters["flows.offloaded"] += 1
         self._end(fid, FlowEndReason.OFFLOADED)
 

@@ -17,7 +17,7 @@ import pytest
 from firewall.processor.core import DROP, PASS
 from firewall.processor.kernel import Connection
 from firewall.processor.rulebook import KernelRule
-from firewall.rules.bind import DNAT_MAP, LEGB_DNAT_MAP, LEGB_SNAT_MAP, SNAT_MAP
+from firewall.rules.bind import DNAT_MAP, SNAT_MAP
 from firewall.signalling import (
     Counters,
     FlowEnd,
@@ -113,16 +113,13 @@ def test_an_offloaded_udp_flow_leaves_the_gateway_for_an_exact_allow() -> None:
     ack, end = rig.messages()
     assert isinstance(ack, RuleAck) and ack.request_id == 1
     assert end == FlowEnd(flow.flow_id, FlowEndReason.OFFLOADED)
-    # Its NAT elements and leg A's connection go, in that order (the runner), and so does the binding.
+    # Leg A's NAT elements and connection go, in that order (the runner), and so does the binding.
+    # Leg B's elements went in ahead, by (G, F, f): left to their timeout (only the processor's
+    # mark for a leg B of a binding of F:f uses them); it wrote none of its own.
     name = "udp"
     assert rig.out.unbind == [
         (DNAT_MAP, name, ints(leg_a.key), (ip(leg_a.dnat[0]), leg_a.dnat[1])),
         (SNAT_MAP, name, ints(leg_a.key), (ip(leg_a.snat[0]), leg_a.snat[1])),
-        (DNAT_MAP, name, ints(leg_b.key), (ip(leg_b.dnat[0]), leg_b.dnat[1])),
-        (SNAT_MAP, name, ints(leg_b.key), (ip(leg_b.snat[0]), leg_b.snat[1])),
-        # and leg B's elements written with leg A's, by (G, F, f), if they have not timed out yet
-        (LEGB_DNAT_MAP, name, (ip(G), *ints(leg_b.key)[2:]), (ip(leg_b.dnat[0]), leg_b.dnat[1])),
-        (LEGB_SNAT_MAP, name, (ip(G), *ints(leg_b.key)[2:]), (ip(leg_b.snat[0]), leg_b.snat[1])),
     ]
     # Leg B's connection stays until the flow's next datagram takes the ALLOW: what the
     # gateway still relays before FLOW_END reaches it gets to the server.
@@ -160,6 +157,29 @@ def test_an_offloaded_udp_flow_leaves_the_gateway_for_an_exact_allow() -> None:
     # Nor does the gateway's leg B reach the server any more.
     F, f = pair(flow.firewall_side)
     rig.dropped(udp(G, 51000, F, f), BLIND, "drop.gateway_without_binding")
+
+
+def test_an_offload_deletes_only_the_elements_still_in_the_kernel() -> None:
+    """A leg B that came after the elements written ahead had timed out wrote its own;
+    elements past their timeout are gone from the kernel (a delete of one would fail the
+    transaction and send every element through one each)."""
+    rig = Rig(extra=EXTRA)
+    leg_a = rig.bound(udp(C, 5000, W, 5353), WAN0)
+    ((push, _),) = rig.received()
+    F, f = pair(push.flow.firewall_side)
+    rig.now += 9  # past nat_element - 2: leg B writes its own exact elements
+    leg_b = rig.bound(udp(G, 51000, F, f), BLIND)
+    assert len(rig.nat_ops) in (0, 2)
+    rig.confirm(leg_a)
+    rig.confirm(leg_b)
+    rig.now += 3  # leg A's are gone from the kernel now
+    assert rig.ask(OffloadRequest(1, push.flow.flow_id), DNS) == []
+    rig.kernel()
+    assert rig.out.unbind == [
+        (DNAT_MAP, "udp", ints(leg_b.key), (ip(leg_b.dnat[0]), leg_b.dnat[1])),
+        (SNAT_MAP, "udp", ints(leg_b.key), (ip(leg_b.snat[0]), leg_b.snat[1])),
+    ]
+    assert rig.out.ct_deletes == [(17, *ints(leg_a.key))]
 
 
 def test_an_offload_unused_deletes_the_held_leg_b_and_keeps_the_flows_rules() -> None:
