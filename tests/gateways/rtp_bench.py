@@ -211,7 +211,9 @@ def main(argv: list[str] | None = None) -> None:
             run.stop()
             figures["gateway_stats"] = [line[:2000] for line in run.text().splitlines() if " stats " in line]
         if shutil.which("rtpengine") is not None and "rtpengine" in paths:
-            # The anchor, with nfgate stopped (its input policy would drop what reaches the router itself).
+            # The anchor, with nfgate stopped and its rules flushed (`nfgate run` leaves the static
+            # rules in place when it stops, and their input policy drops what reaches the router itself).
+            lab.run("router", [sys.executable, "-m", "firewall.cli", "flush"], cwd=Path(__file__).parents[2])
             log = open(tmp / "rtpengine.log", "w")
             engine = lab.popen("router", RTPENGINE, stdout=log, stderr=subprocess.STDOUT)
             try:
