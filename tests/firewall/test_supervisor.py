@@ -164,7 +164,7 @@ def test_restart_isolation_and_clean_stop(lab_factory, tmp_path: Path) -> None:
     assert again["standin-1"] == first["standin-1"]  # the sibling never noticed
     described = {p["name"]: p for p in status()["processes"]}
     assert described["standin-0"]["restarts"] == 1 and described["standin-0"]["last_exit"] == -9
-    with pytest.raises(ControlError, match=r"unknown command 'nonsense' \(one of status, flows, reload\)"):
+    with pytest.raises(ControlError, match=r"unknown command 'nonsense' \(one of status, flows, rules, reload\)"):
         ask(control, {"cmd": "nonsense"})
 
     sup.terminate()
