@@ -422,9 +422,11 @@ def _flatten(obj, prefix: str = ""):
 
 @main.command()
 @config_option
-@click.option("--json", "as_json", is_flag=True, help="Print the bindings as JSON: {schema_version, items}.")
+@click.option("--json", "as_json", is_flag=True, help="Print the bindings (or rules) as JSON: {schema_version, items}.")
+@click.option("--rules", "rules", is_flag=True,
+              help="List the dynamic rules instead: gateways' requests (FTP data), adjacent ports (RTCP), offloads.")
 @json_errors
-def flows(config_path: str, as_json: bool) -> None:
+def flows(config_path: str, as_json: bool, rules: bool) -> None:
     """List the live gateway flows with their original and translated tuples.
 
     Each flow takes two lines: the client, the address it asked for and the
@@ -435,18 +437,37 @@ def flows(config_path: str, as_json: bool) -> None:
     Examples:
       sudo nfgate flows
       sudo nfgate flows --json
+      sudo nfgate flows --rules
     """
     require_root("flows")
-    data = query(load(config_path), "flows")
+    data = query(load(config_path), "rules" if rules else "flows")
     if as_json:
         echo_json(data)
         return
     if not data:
-        click.echo("no gateway flows")
+        click.echo("no dynamic rules" if rules else "no gateway flows")
         return
-    for flow in data:
-        for line in flow_lines(flow):
+    for item in data:
+        for line in (rule_lines(item) if rules else flow_lines(item)):
             click.echo(line)
+
+
+def rule_lines(rule: dict[str, Any]) -> list[str]:
+    """One dynamic rule of {"cmd": "rules"} for a person: what it lets in, for whom, until when."""
+    def at(key: str) -> Any:
+        return "-" if rule.get(key) is None else rule[key]
+
+    head = f"{at('kind')} {at('proto')} {at('src')} -> {at('dst')}"
+    if rule.get("to") is not None:
+        head += f" (to {rule['to']})"
+    head += f"  gateway {at('gateway')}  {at('state')}"
+    detail = [f"rule {at('rule_id')} on queue {at('queue')}", f"flow {at('flow_id')}",
+              "one-shot" if rule.get("one_shot") else "reusable"]
+    if isinstance(rule.get("expires_in"), (int, float)):
+        detail.append(f"expires in {rule['expires_in']:.1f} s")
+    if "holds_leg_b" in rule:
+        detail.append("holds leg b" if rule["holds_leg_b"] else "leg b released")
+    return [head, "  " + ", ".join(detail)]
 
 
 def _size(n: int) -> str:

@@ -79,6 +79,7 @@ class FlowState(enum.IntFlag):
     A_GONE = 2  # conntrack destroyed leg A's connection
     B_GONE = 4  # conntrack destroyed leg B's connection
     LEG_B_AHEAD = 8  # leg B's elements went into the kernel with leg A's (firewall.rules.bind, legb_*)
+    LEG_B_WRITTEN = 16  # leg B's own exact elements were written (it came after the ahead ones' time)
     SNAT = 128  # leg B uses W:w from the SNAT pool
 
 

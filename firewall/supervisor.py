@@ -637,11 +637,12 @@ class Supervisor:
             "processors": processors,
         }
 
-    def flows(self) -> list[Any]:
+    def flows(self, cmd: str = "flows") -> list[Any]:
+        """Every processor's answer to ``cmd`` (``flows`` or ``rules``), merged."""
         out: list[Any] = []
         for child in self.children:
             if child.kind == "processor" and child.control is not None:
-                answer = self._ask_processor(child, {"cmd": "flows"})
+                answer = self._ask_processor(child, {"cmd": cmd})
                 if isinstance(answer, list):
                     out += answer
         return out
@@ -721,6 +722,7 @@ class Supervisor:
 COMMANDS: dict[str, Command[Supervisor]] = {
     "status": Command(lambda s, a: s.status(), help="the processes, and each processor's stats"),
     "flows": Command(lambda s, a: s.flows(), help="every processor's live bindings"),
+    "rules": Command(lambda s, a: s.flows("rules"), help="every processor's dynamic rules"),
     "reload": Command(lambda s, a: s._reload_command(), help="apply the config file again; refuse a bad one"),
 }
 

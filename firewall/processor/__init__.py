@@ -41,7 +41,8 @@ The control socket (``/run/nfgate/processor-<queue>.sock``, mode 0600) is
 nfgate's one control socket (``firewall.control``, whose docstring gives the
 wire format): ``{"cmd": "stats"}`` (counters, pool use, flows per gateway)
 or ``{"cmd": "flows", "limit": N}`` (live bindings; N up to
-``runner.FLOWS_LIMIT_MAX``, ``runner.FLOWS_LIMIT`` if not given). The
+``runner.FLOWS_LIMIT_MAX``, ``runner.FLOWS_LIMIT`` if not given), or
+``{"cmd": "rules", "limit": N}`` (the dynamic rules, ``RuleBook.listing``). The
 supervisor asks it for ``nfgate status`` and ``nfgate flows``, and tells it
 ``{"cmd": "workers", "live": {gateway: [i, ...]}}`` (``spread``).
 """

@@ -40,8 +40,11 @@ admits it; the binding table copies it to the connection's mark). A binding
 ends when conntrack has destroyed its connections (``conntrack_destroyed``,
 from ctnetlink events), or when a check finds them gone (``tick``), or when
 its gateway hands it to the kernel (``offloaded``, OFFLOAD_REQUEST): its NAT
-elements and both legs' connections go (``Outputs.unbind``,
-``Outputs.ct_deletes``), and a one-shot ALLOW takes the flow's next packet.
+elements and leg A's connection go (``Outputs.unbind``,
+``Outputs.ct_deletes``), and a one-shot ALLOW takes the flow's next packet,
+whose verdict waits for leg B's connection to go (held till then, so what
+the gateway still relays reaches the server); the kernel then carries that
+connection for the gateway, reported like a log-only flow's.
 
 A log-only gateway's flow gets no binding (``logged``): its first packet is
 accepted with the ``rewritten`` mark too, unchanged, so the forward chain
@@ -68,9 +71,9 @@ from firewall.flows import Refusal as TableRefusal
 from firewall.flows import flow_key, fw_key
 from firewall.packet import SYN, TCP, UDP, ACK, FIN, RST, Drop, Packet, parse
 from firewall.pools import EndpointPool, SliceBy, Slicing, SnatPools, pool_stats
-from firewall.processor.logged import CtKey, Ending, LoggedFlows, flow_info
+from firewall.processor.logged import CtKey, Ending, LoggedFlows, flow_info, kernel_flow_info
 from firewall.processor.policy import MARTIANS, Policy, Selector, inside
-from firewall.processor.rulebook import Command, KernelOp, Offloaded, RuleBook, Send
+from firewall.processor.rulebook import Command, DeleteConnection, DynRule, KernelOp, Offloaded, RuleBook, Send
 from firewall.processor.spread import Spread
 from firewall.rules.bind import DNAT_MAP, LEGB_DNAT_MAP, LEGB_SNAT_MAP, SNAT_MAP
 from firewall.signalling import (
@@ -109,6 +112,7 @@ _A_GONE = int(FlowState.A_GONE)
 _B_GONE = int(FlowState.B_GONE)
 _A_ALIVE = int(FlowState.A_ALIVE)
 _AHEAD = int(FlowState.LEG_B_AHEAD)
+_B_WRITTEN = int(FlowState.LEG_B_WRITTEN)
 _PROTO_NAME = {TCP: "tcp", UDP: "udp"}
 
 NatOp = tuple[str, str, tuple[int, ...], tuple[int, int]]  # (map, proto, key, value)
@@ -179,6 +183,10 @@ class ProcessorCore:
         # elements written with leg A's (their timeout, less a second for the
         # whole-second clock of ``Binding.created`` and one for the kernel's rounding).
         self._ahead_for = proc.timeouts.nat_element - 2
+        self._element_for = proc.timeouts.nat_element + 1  # a written element may still be in the kernel
+        # How long a binding whose leg A conntrack has not shown yet is taken to be
+        # waiting for its first packet's verdict or confirmation (``_new``).
+        self._young_for = proc.timeouts.confirm
         self._now = now  # the monotonic time of the event being handled
         self.wall_offset = wall - now
         self._keep = ~proc.marks.mask & 0xFFFFFFFF
@@ -231,7 +239,9 @@ class ProcessorCore:
             elif type(c) is KernelOp:
                 self._out.kernel_ops.append(c)
             elif type(c) is Offloaded:
-                self.offloaded(c.flow_id)
+                self.offloaded(c.flow_id, c.rule)
+            elif type(c) is DeleteConnection:
+                self._out.ct_deletes.append(c.key)
             else:
                 raise TypeError(f"not a rulebook command: {c!r}")
 
@@ -311,6 +321,7 @@ class ProcessorCore:
             self.table.learn_ag_port(b, sport)
         if b.state & _AHEAD and now - b.created < self._ahead_for:
             return self._bound(mark, proto, None)  # its elements went in with leg A's: no transaction
+        b.state |= _B_WRITTEN
         return self._bound(mark, proto, b.leg_b())
 
     def _drop(self, why: str, mark: int) -> Verdict:
@@ -336,6 +347,18 @@ class ProcessorCore:
         proto, src, sport, dst, dport, flags = pkt[:6]
         first = proto != TCP or flags & _SYN_FLAGS == SYN
         old = self.table.by_client(proto, src, sport, dst, dport)
+        if old is not None and proto == UDP and not old.state & _A_ALIVE and now - old.created < self._young_for:
+            # A young UDP binding whose first datagram is still queued, or not
+            # yet confirmed: this datagram came before conntrack had the
+            # connection, so conntrack made it a connection of its own, which
+            # becomes the first one's at confirmation. The same binding, not a
+            # new one. (TCP: a SYN on a young binding's tuple is decided below,
+            # as before; the 10k-connections netns test counts one binding per
+            # connection, and a client may reuse a port within seconds.)
+            self.counters["passed.bound_young"] += 1
+            if now - old.created < self._ahead_for:
+                return self._bound(mark, proto, None)  # the elements are in, or in this batch's transaction
+            return self._bound(mark, proto, old.leg_a())
         if old is not None and self._alive(proto, src, sport, dst, dport):
             # Its connection is in conntrack, with its NAT: a packet of it that
             # conntrack still calls new (the rules return confirmed connections,
@@ -357,6 +380,8 @@ class ProcessorCore:
                 # A TCP ALLOW's SYN (rulebook, "watched"): the kernel carries the flow,
                 # through the rule's DNAT and accept; the processor only counts its use.
                 self._carry(self.rules.allowed(rule, sport, now))
+                if rule.offload:
+                    return self._offload_used(rule, sport, mark, now)
                 return self._pass("passed.allowed", mark)
             if again is False:  # another connection on a used one-shot ALLOW
                 return self._drop("drop.rule_used", mark)
@@ -418,6 +443,26 @@ class ProcessorCore:
         self._push(info, sel.gateway.name)
         return verdict
 
+    def _offload_used(self, rule: DynRule, sport: int, mark: int, now: float) -> Verdict:
+        """An offloaded flow's next packet, which its ALLOW lets through: the kernel carries
+        the connection from here, for the gateway, which learns of it as of a log-only
+        flow's (NEW_FLOW without F:f) and of its end with conntrack's counters (FLOW_END)."""
+        key = (rule.proto, rule.src, sport, rule.dst, rule.dport)
+        self._ended(self.logged.replaced(key))
+        self.counters["passed.offloaded"] += 1
+        self.counters["verdict.pass"] += 1
+        # The ``rewritten`` mark: the binding table marks the connection as nfgate's, so its
+        # destroy event comes (no binding element names it: no translation but the ALLOW's).
+        verdict = (PASS, (), (mark & self._keep) | self._rewritten)
+        if self.logged.full:
+            self.counters["flows.logged_untracked"] += 1
+            return verdict
+        server = rule.server if rule.server != (rule.dst, rule.dport) else None
+        info = kernel_flow_info(make_flow_id(self.queue, next(self._serial)), key, rule.gateway, server)
+        self.logged.add(key, info, now, "offloaded")
+        self._push(info, rule.gateway.name)
+        return verdict
+
     @property
     def watching(self) -> bool:
         """Whether conntrack holds connections whose end the processor waits for."""
@@ -475,23 +520,39 @@ class ProcessorCore:
         self.table.remove(b)
         self.counters[f"flows.ended.{reason.name.lower()}"] += 1
         self.send(FlowEnd(fid, reason), b.gateway.peer or self.gateway_peers[b.gateway.name])
-        self._carry(self.rules.flow_ended(fid))
+        if reason is FlowEndReason.OFFLOADED:
+            self._carry(self.rules.flow_offloaded(fid))
+        else:
+            self._carry(self.rules.flow_ended(fid))
 
-    def offloaded(self, fid: int) -> None:
-        """The kernel has the offloaded flow's ALLOW (rulebook): the binding goes, and
-        with it everything that still sends the flow into the gateway."""
+    def offloaded(self, fid: int, rule: DynRule) -> None:
+        """The kernel has the offloaded flow's ALLOW (``rule``): the binding goes, and with
+        it leg A's connection, which would take the flow's next packet into the gateway.
+
+        Leg B's connection stays, held by the rule, until that next packet takes the
+        ALLOW (or the rule ends unused): what the gateway relays meanwhile (the datagrams
+        it read before FLOW_END OFFLOADED reached it) still reaches the server. It must
+        go before that packet's verdict: the direct connection's reply tuple is leg B's."""
         b = self._flows[fid]
         name = _PROTO_NAME[b.proto]
-        legs = [b.leg_a()]
-        if b.ag_eport is not None:
-            legs.append(b.leg_b())
-        for key, dnat, snat in legs:
-            # Deleted before the connections: an element still there would
-            # bind the flow's next packet into the gateway again.
+        key, dnat, snat = b.leg_a()
+        if self._now - b.created < self._element_for:
+            # Deleted before the connection: an element still there would bind
+            # the flow's next packet into the gateway again. (Past its timeout
+            # the kernel has dropped it: a delete would fail the transaction.)
             self._out.unbind += [(DNAT_MAP, name, key, dnat), (SNAT_MAP, name, key, snat)]
-            self._out.ct_deletes.append((b.proto, *key))
-        ahead = (b.gateway.addr, *b.firewall_side)
-        self._out.unbind += [(LEGB_DNAT_MAP, name, ahead, b.server), (LEGB_SNAT_MAP, name, ahead, b.visible_client)]
+        self._out.ct_deletes.append((b.proto, *key))
+        if b.ag_eport is not None:
+            key_b, dnat_b, snat_b = b.leg_b()
+            if b.state & _B_WRITTEN:
+                self._out.unbind += [(DNAT_MAP, name, key_b, dnat_b), (SNAT_MAP, name, key_b, snat_b)]
+            if rule.ended is None:
+                rule.hold = (b.proto, *key_b)
+            else:  # used (or expired) while it went in
+                self._out.ct_deletes.append((b.proto, *key_b))
+        # Leg B's elements written ahead (by G, F, f) are left to their timeout: only a
+        # packet the processor marks as leg B of a binding of F:f can use them, and a
+        # new binding of F:f (the pool hands it out last) writes its own over them.
         self.counters["flows.offloaded"] += 1
         self._end(fid, FlowEndReason.OFFLOADED)
 

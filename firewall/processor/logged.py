@@ -1,4 +1,8 @@
-"""Log-only gateways' flows: no binding; the kernel carries them and the processor reports their end.
+"""Flows the kernel carries for a gateway without a binding; the processor reports their end.
+
+Two kinds: a log-only gateway's connections, and an offloaded flow's
+connection (its one-shot ALLOW used; docs/datapath.md, "Offload"), whose
+end the gateway needs to end its stream (docs/rtp.md).
 
 A gateway whose kind says ``log_only`` (tcp-relay ``mode = "log-only"``;
 docs/datapath.md, "Log-only gateways") never relays. The core accepts each
@@ -30,6 +34,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+from firewall.flows import AgEndpoint
 from firewall.packet import TCP
 from firewall.processor.policy import Selector
 from firewall.signalling import NO_COUNTERS, Counters, Endpoint, FlowEnd, FlowEndReason, FlowInfo, Proto
@@ -41,15 +46,24 @@ MAX_LOGGED_FLOWS = 1 << 20
 CtKey = tuple[int, int, int, int, int]  # (proto, src, sport, dst, dport): a connection's original tuple
 Ending = tuple[FlowEnd, str]  # FLOW_END and the gateway it goes to
 NO_ENDPOINT = Endpoint(ipaddress.IPv4Address(0), 0)  # NEW_FLOW's F:f of a flow without a binding
+# Counters by kind (``flows.offloaded`` and ``flows.ended.offloaded`` count the bindings handed over).
+_OPENED = {"logged": "flows.logged", "offloaded": "flows.kernel_carried"}
+_ENDED = {"logged": "flows.ended.logged", "offloaded": "flows.ended.kernel_carried"}
 
 
 def flow_info(flow_id: int, key: CtKey, sel: Selector, server: tuple[int, int] | None) -> FlowInfo:
     """NEW_FLOW's flow for a log-only connection: no F:f; the server is the port forward's, or its destination."""
+    return kernel_flow_info(flow_id, key, sel.ag, server)
+
+
+def kernel_flow_info(flow_id: int, key: CtKey, ag: AgEndpoint, server: tuple[int, int] | None) -> FlowInfo:
+    """NEW_FLOW's flow for a connection the kernel carries for gateway ``ag`` (log-only, or
+    offloaded): no F:f; the server is where it goes (a port forward's target), or its destination."""
     ip = ipaddress.IPv4Address
     proto, src, sport, dst, dport = key
     s = server or (dst, dport)
-    return FlowInfo(flow_id, Proto(proto), sel.gateway.name, Endpoint(ip(src), sport), Endpoint(ip(dst), dport),
-                    Endpoint(ip(s[0]), s[1]), NO_ENDPOINT, Endpoint(ip(sel.ag.addr), sel.ag.port))
+    return FlowInfo(flow_id, Proto(proto), ag.name, Endpoint(ip(src), sport), Endpoint(ip(dst), dport),
+                    Endpoint(ip(s[0]), s[1]), NO_ENDPOINT, Endpoint(ip(ag.addr), ag.port))
 
 
 @dataclass(slots=True)
@@ -57,6 +71,7 @@ class LoggedFlow:
     info: FlowInfo  # what NEW_FLOW said: flow id, gateway, client, original destination, server, G:g
     created: float  # monotonic seconds
     adopted: bool = False  # taken back from conntrack after a restart
+    kind: str = "logged"  # or "offloaded": an offloaded flow's connection, its ALLOW used
 
 
 class LoggedFlows:
@@ -90,11 +105,11 @@ class LoggedFlows:
         self.counters["flows.replaced"] += 1
         return [self._ending(key, old, NO_COUNTERS)]
 
-    def add(self, key: CtKey, info: FlowInfo, now: float) -> None:
+    def add(self, key: CtKey, info: FlowInfo, now: float, kind: str = "logged") -> None:
         """Track a flow the core just pushed; its confirmation check is due ``confirm`` seconds on."""
-        self._flows[key] = LoggedFlow(info, now)
+        self._flows[key] = LoggedFlow(info, now, kind=kind)
         self._due.append((now + self._confirm, key, info.flow_id))
-        self.counters["flows.logged"] += 1
+        self.counters[_OPENED[kind]] += 1
 
     def end(self, key: CtKey, counters: Counters) -> list[Ending]:
         """Conntrack destroyed the connection ``key``: FLOW_END with its counters, if it is ours."""
@@ -136,7 +151,7 @@ class LoggedFlows:
             rec: dict[str, Any] = {
                 "proto": i.proto.name.lower(), "client": str(i.client), "original_dst": str(i.original_dst),
                 "server": str(i.server), "firewall_side": None, "gateway": i.gateway, "ag": str(i.ag),
-                "ag_eport": None, "snat": None, "state": ["logged", "adopted"] if flow.adopted else ["logged"],
+                "ag_eport": None, "snat": None, "state": [flow.kind, "adopted"] if flow.adopted else [flow.kind],
                 "flow_id": i.flow_id, "queue": queue, "age": round(now - flow.created, 1),
                 "created": round(wall - (now - flow.created), 3),
             }
@@ -146,6 +161,6 @@ class LoggedFlows:
         return out
 
     def _ending(self, key: CtKey, flow: LoggedFlow, counters: Counters) -> Ending:
-        self.counters["flows.ended.logged"] += 1
+        self.counters[_ENDED[flow.kind]] += 1
         reason = FlowEndReason.FIN if key[0] == TCP else FlowEndReason.IDLE
         return FlowEnd(flow.info.flow_id, reason, counters), flow.info.gateway

@@ -55,12 +55,16 @@ seed's "Dynamic changes in packet processing" the requirement.
   tuple C:c -> S':s', with the DNAT to S:s where S' stands in for the
   server. It belongs to no flow (its binding goes as soon as the kernel
   has the rule: ``ProcessorCore.offloaded``), so it ends on use or at
-  ``OFFLOAD_TTL``. TCP is refused NOT_UDP: the gateway terminated both
+  ``OFFLOAD_TTL``; it holds the flow's leg B connection until then
+  (``DeleteConnection`` when it ends). The rules the offloaded flow owned
+  live on, owned by no flow (``flow_offloaded``); where one of them names
+  the same first packet, the offload's ALLOW wins (``expected``). TCP is refused NOT_UDP: the gateway terminated both
   connections, and two TCP connections cannot become one mid-stream.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
@@ -112,6 +116,11 @@ REPLY_CACHE_SECONDS = 60.0
 _PROTO_NAME = {TCP: "tcp", UDP: "udp"}
 
 
+def _endpoint(addr: int, port: int) -> str:
+    """An address and port as nfgate lists them; port 0 is "any"."""
+    return f"{ipaddress.IPv4Address(addr)}:{port if port else '*'}"
+
+
 @dataclass(frozen=True, slots=True)
 class KernelRule:
     """One element of a dynamic set or map of the binding table (firewall.rules.bind).
@@ -145,12 +154,22 @@ class Send:
 
 @dataclass(frozen=True, slots=True)
 class Offloaded:
-    """The kernel has flow ``flow_id``'s offload ALLOW: its binding goes (``ProcessorCore.offloaded``)."""
+    """The kernel has flow ``flow_id``'s offload ALLOW (``rule``): its binding goes
+    (``ProcessorCore.offloaded``), which gives the rule leg B's connection to hold."""
 
     flow_id: int
+    rule: "DynRule"
 
 
-Command = Union[Send, KernelOp, Offloaded]
+@dataclass(frozen=True, slots=True)
+class DeleteConnection:
+    """Delete the conntrack entry with this original tuple (proto, src, sport, dst, dport):
+    an offloaded flow's leg B, held until the flow's next packet takes the ALLOW."""
+
+    key: tuple[int, int, int, int, int]
+
+
+Command = Union[Send, KernelOp, Offloaded, DeleteConnection]
 
 
 @dataclass(slots=True, eq=False)
@@ -175,6 +194,10 @@ class DynRule:
     acked: bool = False
     ended: RuleEndReason | None = None
     watched: bool = False  # an ALLOW: its flows' first packets are queued to the processor (``allowed``)
+    offload: bool = False  # an offload's ALLOW: its use starts a connection the kernel carries for the gateway
+    # An offload's: the flow's leg B connection, kept until the ALLOW is used (or ends):
+    # what the gateway still relays on it meanwhile reaches the server.
+    hold: tuple[int, int, int, int, int] | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -314,7 +337,9 @@ class RuleBook:
         (ca, cp), (oa, op) = b.client, b.original_dst
         self._offloading.add(req.flow_id)
         # The client's tuple exactly, as it addressed the server; the server it reaches.
-        return self._make(RuleMode.ALLOW, b.proto, ca, cp, oa, op, NO_OWNER, b, b.server, True, OFFLOAD_TTL, now, wall)
+        rule = self._make(RuleMode.ALLOW, b.proto, ca, cp, oa, op, NO_OWNER, b, b.server, True, OFFLOAD_TTL, now, wall)
+        rule.offload = True
+        return rule
 
     def _check(self, req: RuleRequest, now: float, wall: float) -> DynRule | RuleRefusal:
         """The checks of docs/signalling.md, in its order: the rule, or the first refusal."""
@@ -448,16 +473,27 @@ class RuleBook:
         return self._done()
 
     def expected(self, proto: int, src: int, sport: int, dst: int, dport: int, now: float) -> DynRule | None:
+        """The live rule that expects this first packet; an offload's first. A flow the kernel
+        now carries may also be named by an older REDIRECT that outlived its owner's offload
+        (RTCP's flow asked for RTP's port, and RTP came by its selector): the offload wins."""
+        found = None
         for rule in self.expect.get((proto, src, dst, dport), ()):
             if (rule.sport == 0 or rule.sport == sport) and rule.expires > now:
-                return rule
-        return None
+                if rule.offload:
+                    return rule
+                if found is None:
+                    found = rule
+        return found
 
     def allowed(self, rule: DynRule, sport: int, now: float) -> list[Command]:
         """The first SYN of a watched ALLOW's flow: it passes; a one-shot rule is used up (module docstring)."""
         self.counters["rules.allowed_flows"] += 1
+        if rule.hold is not None:
+            # Before the verdict: the new connection's reply tuple (S:s -> C:c) is leg B's.
+            self._out.append(DeleteConnection(rule.hold))
+            rule.hold = None
         if not rule.one_shot:
-            return []
+            return self._done()
         self._retire(rule, RuleEndReason.USED, keep_kernel=True)
         key = (rule.proto, rule.src, rule.dst, rule.dport)
         spent = Spent(key, sport, rule.sport == 0, rule.owner, rule.kernel, now + USED_GRACE)
@@ -487,6 +523,17 @@ class RuleBook:
         self.counters["rules.redirected_flows"] += 1
         if rule.one_shot:
             self._retire(rule, RuleEndReason.USED)
+        return self._done()
+
+    def flow_offloaded(self, fid: int) -> list[Command]:
+        """Flow ``fid``'s binding went to the kernel: its rules live on, owned by no flow, to their
+        use or TTL (an RTP flow's adjacent rule still brings RTCP into the gateway)."""
+        kept = self._rules_of.pop(fid, [])
+        for rule in kept:
+            rule.owner = NO_OWNER
+        if kept:
+            self._rules_of.setdefault(NO_OWNER, []).extend(kept)
+            self.counters["rules.kept_through_offload"] += len(kept)
         return self._done()
 
     def flow_ended(self, fid: int) -> list[Command]:
@@ -519,8 +566,51 @@ class RuleBook:
                 del self.expect[key]
         if not keep_kernel:
             self._kernel(False, rule.kernel)
+        if rule.hold is not None:  # an offload's ALLOW that ends unused: leg B goes with it
+            self._out.append(DeleteConnection(rule.hold))
+            rule.hold = None
         if reason is not None and rule.acked and rule.reply_to is not None:
             self._out.append(Send(RuleEnd(rule.rule_id, reason), self._peer(rule.gateway)))
+
+    # ---- the listing -----------------------------------------------------------------
+
+    def listing(self, now: float, wall: float, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` dynamic rules as ``nfgate flows --rules`` lists them: the live ones
+        (a gateway's REDIRECT or ALLOW, such as FTP's data connections; the processor's own
+        adjacent-port rule; an offload's ALLOW, with the leg B it holds), then the used
+        one-shot ALLOWs whose elements wait out ``USED_GRACE``."""
+        out: list[dict[str, Any]] = []
+        for rule in itertools.islice(self._rules.values(), max(0, limit)):
+            if rule.offload:
+                kind = "offload"
+            elif rule.reply_to is None:
+                kind = "adjacent"  # the processor's own
+            else:
+                kind = rule.mode.name.lower()
+            rec: dict[str, Any] = {
+                "kind": kind, "rule_id": rule.rule_id, "queue": self.queue, "proto": _PROTO_NAME[rule.proto],
+                "src": _endpoint(rule.src, rule.sport), "dst": _endpoint(rule.dst, rule.dport),
+                "to": _endpoint(*rule.server), "gateway": rule.gateway.name,
+                "flow_id": rule.owner if rule.owner != NO_OWNER else None,
+                "one_shot": rule.one_shot, "state": "live" if rule.acked else "installing",
+                "expires": round(wall + rule.expires - now, 3), "expires_in": round(rule.expires - now, 1),
+            }
+            if rule.offload:
+                rec["holds_leg_b"] = rule.hold is not None
+            out.append(rec)
+        for group in self.spent.values():
+            for spent in group:
+                if len(out) >= limit:
+                    return out
+                proto, src, dst, dport = spent.key
+                out.append({
+                    "kind": "used", "rule_id": None, "queue": self.queue, "proto": _PROTO_NAME[proto],
+                    "src": _endpoint(src, spent.sport), "dst": _endpoint(dst, dport), "to": None, "gateway": None,
+                    "flow_id": spent.owner if spent.owner != NO_OWNER else None, "one_shot": True,
+                    "state": "used", "expires": round(wall + spent.remove_at - now, 3),
+                    "expires_in": round(spent.remove_at - now, 1),
+                })
+        return out
 
     # ---- time and the kernel ----------------------------------------------------------
 
@@ -574,7 +664,7 @@ class RuleBook:
             else:
                 rule.acked = True
                 self._reply(key, RuleAck(key[1], rule.rule_id, rule.expires_ms), source, now)
-                self._out.append(Offloaded(fid))
+                self._out.append(Offloaded(fid, rule))
                 if rule.ended is not None:
                     self._out.append(Send(RuleEnd(rule.rule_id, rule.ended), self._peer(rule.gateway)))
         elif purpose[0] == "ack":

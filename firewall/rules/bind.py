@@ -51,6 +51,8 @@ nf_tables' maps carry the NAT beside them (docs/datapath.md).
 from __future__ import annotations
 
 import ipaddress
+import socket
+import struct
 from typing import Any
 
 from firewall.config.model import Marks
@@ -203,6 +205,26 @@ def element(proto: str, key: tuple[int, ...], value: tuple[int, ...] | None, tim
     if value is None:
         return elem
     return [elem, {"concat": [str(ip(value[0])), value[1]]} if len(value) == 2 else str(ip(value[0]))]
+
+
+_ntoa = socket.inet_ntoa
+_PACK = struct.Struct("!I").pack
+
+
+def add_text(ops: list[tuple[str, str, tuple[int, ...], tuple[int, int]]], timeout: float) -> str:
+    """``nft`` commands adding binding elements (map, proto, key, (address, port)) with ``timeout``:
+    one ``add element`` per map. A key is (src, sport, dst, dport), or (G, F, f) in a leg B map."""
+    t = max(1, round(timeout))
+    by_map: dict[str, list[str]] = {}
+    for name, proto, key, (va, vp) in ops:
+        if len(key) == 4:
+            src, sport, dst, dport = key
+            k = f"{proto} . {_ntoa(_PACK(src))} . {sport} . {_ntoa(_PACK(dst))} . {dport}"
+        else:
+            g, f, fport = key
+            k = f"{proto} . {_ntoa(_PACK(g))} . {_ntoa(_PACK(f))} . {fport}"
+        by_map.setdefault(name, []).append(f"{k} timeout {t}s : {_ntoa(_PACK(va))} . {vp}")
+    return "\n".join(f"add element {FAMILY} {TABLE} {name} {{ {', '.join(elems)} }}" for name, elems in by_map.items())
 
 
 def elements(op: str, name: str, elems: list[Any]) -> dict[str, Any]:

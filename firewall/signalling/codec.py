@@ -147,7 +147,7 @@ BODY_FIELDS: dict[MsgType, tuple[Field, ...]] = {
     MsgType.FLOW_END: (
         Field("flow_id", "Q", "the flow that ended"),
         Field("reason", "B", "1 FIN, 2 RST, 3 IDLE, 4 POLICY, 5 OFFLOADED"),
-        Field("packets_up", "Q", "conntrack's packets from the client (a flow without a binding: log-only); else 0"),
+        Field("packets_up", "Q", "conntrack's packets from the client (a flow without a binding: log-only, or an offloaded flow's direct connection); else 0"),
         Field("bytes_up", "Q", "its bytes, IP headers included"),
         Field("packets_down", "Q", "packets to the client"),
         Field("bytes_down", "Q", "their bytes"),

@@ -633,6 +633,9 @@ def test_a_new_first_packet_on_a_bound_tuple_replaces_the_binding() -> None:
     rig = Rig()
     old, a = open_inbound(rig)
     assert a.snat == F0
+    rig.confirm(a)
+    rig.tick(6)  # its confirmation check found it in conntrack
+    rig.forget(a)  # and now it is gone (a SYN ended its TIME-WAIT)
     a2 = rig.bound(tcp(C, 40000, W, 8443, "S"), WAN0)  # the same client port again
     end, push = rig.messages()
     assert end == FlowEnd(old.flow_id, FlowEndReason.FIN)  # the old one's end goes first
@@ -652,12 +655,32 @@ def test_a_new_first_packet_on_a_bound_tuple_replaces_the_binding() -> None:
 
 def test_a_udp_flow_replaced_ends_idle() -> None:
     rig = Rig()
-    rig.bound(udp(S, 4000, C, 10050), LAN0)
+    a = rig.bound(udp(S, 4000, C, 10050), LAN0)
     (first,) = rig.messages()
+    rig.confirm(a)
+    rig.tick(6)
+    rig.forget(a)  # conntrack's UDP timeout ended it
     rig.bound(udp(S, 4000, C, 10050), LAN0)
     end, push = rig.messages()
     assert end == FlowEnd(first.flow.flow_id, FlowEndReason.IDLE) and isinstance(push, NewFlow)
     assert rig.core.stats()["pools"]["snat"][W]["used"] == 1  # the old W:w went back
+
+
+def test_a_datagram_queued_behind_a_young_bindings_first_keeps_its_binding() -> None:
+    """Conntrack confirms a connection when its first packet leaves the router; a datagram
+    that comes before that (queued in the same batch, or before the verdict) is a connection
+    of its own to conntrack, queued too, and merged into the first at confirmation. It is
+    the young binding's, not a new flow that replaces it (at 300 RTP streams, 700 were)."""
+    rig = Rig()
+    rig.bound(udp(S, 4000, C, 10050), LAN0)
+    (first,) = rig.messages()
+    for _ in range(3):  # not in conntrack yet, and no conntrack look-up asked
+        verdict, elements, mark = rig.send(udp(S, 4000, C, 10050), LAN0)
+        assert (verdict, elements, mark) == (PASS, (), QOS | MARK)
+    assert rig.messages() == [] and rig.lookups == []
+    counters = rig.core.stats()["counters"]
+    assert counters["passed.bound_young"] == 3 and "flows.replaced" not in counters
+    assert rig.core.stats()["flows"] == 1
 
 
 def test_a_retransmitted_first_packet_keeps_its_binding() -> None:
@@ -1490,7 +1513,8 @@ def test_runner_answers_stats_and_flows_on_its_control_socket(tmp_path: Path) ->
         for limit in (-1, FLOWS_LIMIT_MAX + 1, True, "5"):
             with pytest.raises(ControlError, match=f"limit must be an integer 0..{FLOWS_LIMIT_MAX}"):
                 ask(path, {"cmd": "flows", "limit": limit})
-        with pytest.raises(ControlError, match="unknown command 'nope' \\(one of stats, flows, workers\\)"):
+        assert ask(path, {"cmd": "rules"}) == []  # no dynamic rule yet (the core's tests list them)
+        with pytest.raises(ControlError, match="unknown command 'nope' \\(one of stats, flows, rules, workers\\)"):
             ask(path, {"cmd": "nope"})
         # This config's gateways have one worker each: there is nothing to say about them.
         with pytest.raises(ControlError, match="'ftp' is not a gateway of several workers"):

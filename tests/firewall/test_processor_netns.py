@@ -311,11 +311,25 @@ w = NatWriter(10)
 unit = (KernelRule("expect_1_any", ("tcp", ext, wan, 2122)),
         KernelRule("dnat_1_any", ("tcp", ext, wan, 2122), (lan, 2122)),
         KernelRule("allow_dnat_1_any", ("tcp", ext, lan, 2122)))
+other = (KernelRule("expect_1", ("udp", ext, 5000, wan, 5353)),)
 print(json.dumps([w.apply(KernelOp(1, True, unit)), w.apply(KernelOp(2, False, unit)), w.apply(KernelOp(3, False, unit)),
-                  w.apply(KernelOp(4, True, unit))]))
+                  w.apply(KernelOp(4, True, unit)),
+                  # In one transaction; a removal of what is not there fails it, and each goes alone.
+                  w.apply_all([KernelOp(5, True, other), KernelOp(6, False, other), KernelOp(7, True, other)]),
+                  w.apply_all([KernelOp(8, False, other), KernelOp(9, False, other)]),
+                  # Binding elements in nft's syntax; a key held with another value is replaced alone.
+                  w.write([("leg_dnat", "udp", (ext, 5000, wan, 5353), (lan, 53)),
+                           ("legb_snat", "udp", (lan, wan, 1024), (ext, 5000))]),
+                  w.write([("leg_dnat", "udp", (ext, 5000, wan, 5353), (lan, 54))])]))
 """
     got = lab.run("router", [sys.executable, "-c", script], cwd=repo)
-    assert json.loads(got.stdout) == [True, True, True, True]
+    assert json.loads(got.stdout) == [True, True, True, True, [True, True, True], [True, True], [True, True], [True]]
+    maps = json.loads(lab.run("router", ["nft", "-j", "list", "table", "ip", "nfgate_bind"]).stdout)["nftables"]
+    elems = {m["map"]["name"]: m["map"].get("elem", []) for m in maps if "map" in m}
+    ((key, value),) = elems["leg_dnat"]
+    assert key["elem"]["val"]["concat"] == ["udp", EXT, 5000, WAN, 5353] and key["elem"]["timeout"] == 10
+    assert value == {"concat": [LAN, 54]}
+    assert len(elems["legb_snat"]) == 1
     left = dynamic_elements(lab)
     assert sorted(r.split(":")[0] for r in left) == ["allow_dnat_1_any", "dnat_1_any", "expect_1_any"]
     lab.run("router", [sys.executable, "-c", "from firewall.processor.kernel import NatWriter; NatWriter(10).flush_instance(1)"],

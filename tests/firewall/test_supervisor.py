@@ -82,6 +82,9 @@ class Processor:
     def flows(self, limit: int) -> list[dict[str, Any]]:
         return self._flows[:limit]
 
+    def rules(self, limit: int) -> list[dict[str, Any]]:
+        return [{"kind": "offload", "src": "203.0.113.10:5000"}][:limit]
+
 
 BUSY = {"stats": Command(lambda p, a: _busy()), "flows": Command(lambda p, a: _busy())}
 
@@ -120,6 +123,9 @@ def test_status_and_flows_gather_every_processors_answer(tmp_path: Path, monkeyp
             shown = CliRunner().invoke(main, ["flows", "-c", str(path)])
             assert shown.output == ("tcp 203.0.113.10:40000 -> - (server -)  gateway relay  -\n"
                                     "  firewall side -, gateway -, snat -, since -, flow - on queue -\n")
+            shown = CliRunner().invoke(main, ["flows", "--rules", "-c", str(path)])  # the dynamic rules' view
+            assert shown.output == ("offload - 203.0.113.10:5000 -> -  gateway -  -\n"
+                                    "  rule - on queue -, flow -, reusable\n")
             shown = CliRunner().invoke(main, ["status", "-c", str(path)])
             assert "processor-0:\n  counters.queued = 3\n  flows = 1\n" in shown.output
             assert "processor-3:\n  error = not running\n" in shown.output
@@ -208,7 +214,7 @@ def test_restart_isolation_and_clean_stop(lab_factory, tmp_path: Path) -> None:
     assert again["standin-1"] == first["standin-1"]  # the sibling never noticed
     described = {p["name"]: p for p in status()["processes"]}
     assert described["standin-0"]["restarts"] == 1 and described["standin-0"]["last_exit"] == -9
-    with pytest.raises(ControlError, match=r"unknown command 'nonsense' \(one of status, flows, reload\)"):
+    with pytest.raises(ControlError, match=r"unknown command 'nonsense' \(one of status, flows, rules, reload\)"):
         ask(control, {"cmd": "nonsense"})
 
     sup.terminate()

@@ -172,8 +172,11 @@ def capacity(lab: Lab, figures: dict[str, Any], name: str, base: int, ns: list[i
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", default="250,500,1000,2000")
+    parser.add_argument("--paths", default="gateway,offload,kernel,rtpengine",
+                        help="the capacity steps' paths to run (the blast and latency figures always run)")
     args = parser.parse_args(argv)
     steps = [int(s) for s in args.steps.split(",")]
+    paths = set(args.paths.split(","))
     lab = Lab(load_topology("basic"), f"nfgr{int(time.time()) % 100000:05d}")
     tmp = Path(tempfile.mkdtemp(prefix="nfgate-rtp-bench-"))
     figures: dict[str, Any] = {}
@@ -195,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
             figures["added_ms_p99"] = round(g["latency_ms_p99"] - k["latency_ms_p99"], 4)
             for name, base, ns in (("gateway", GATEWAY + 100, steps), ("offload", OFFLOAD, steps),
                                    ("kernel", KERNEL + 100, steps[-1:])):  # the kernel: is the generator the limit?
+                if name not in paths:
+                    continue
                 capacity(lab, figures, name, base, ns)
                 # What the processor did meanwhile: where a collapse comes from.
                 status = run.ask("status")["processors"]["processor-0"]
@@ -205,8 +210,10 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             run.stop()
             figures["gateway_stats"] = [line[:2000] for line in run.text().splitlines() if " stats " in line]
-        if shutil.which("rtpengine") is not None:
-            # The anchor, with nfgate stopped (its input policy would drop what reaches the router itself).
+        if shutil.which("rtpengine") is not None and "rtpengine" in paths:
+            # The anchor, with nfgate stopped and its rules flushed (`nfgate run` leaves the static
+            # rules in place when it stops, and their input policy drops what reaches the router itself).
+            lab.run("router", [sys.executable, "-m", "firewall.cli", "flush"], cwd=Path(__file__).parents[2])
             log = open(tmp / "rtpengine.log", "w")
             engine = lab.popen("router", RTPENGINE, stdout=log, stderr=subprocess.STDOUT)
             try:
@@ -223,13 +230,15 @@ def main(argv: list[str] | None = None) -> None:
         lab.down()
     print(f"blast, one stream: kernel {figures['blast_pps_kernel']} pps, gateway {figures['blast_pps_gateway']} pps,"
           f" gateway/kernel {figures['blast_ratio']}")
-    paths = ("kernel", "gateway", "rtpengine") if "latency_rtpengine" in figures else ("kernel", "gateway")
-    for name in paths:
+    shown = ("kernel", "gateway", "rtpengine") if "latency_rtpengine" in figures else ("kernel", "gateway")
+    for name in shown:
         f = figures[f"latency_{name}"]
         print(f"50 pps stream, {name:8}: p50 {f['latency_ms_p50']:.3f} ms  p99 {f['latency_ms_p99']:.3f} ms"
               f"  jitter {f['jitter_ms']} ms  loss {f['loss_pct']} %")
     print(f"added by the gateway: p50 {figures['added_ms_p50']:.3f} ms, p99 {figures['added_ms_p99']:.3f} ms")
-    for name in ("gateway", "offload", "kernel", "rtpengine")[:len(paths) + 1]:
+    for name in ("gateway", "offload", "kernel", "rtpengine"):
+        if f"max_streams_{name}" not in figures:
+            continue
         print(f"largest N with < 0.1 % loss, {name:8}: {figures[f'max_streams_{name}']} "
               f"(steady state: {figures[f'max_streams_steady_{name}']}) of {steps}")
     print(f"new streams started at {NEW_STREAMS_PER_SECOND}/s; steady: {STEADY_SECONDS} s with every stream up")

@@ -246,8 +246,6 @@ def test_a_third_host_gets_nothing_through_after_the_offload_and_the_stream_goes
     assert after.get("relayed.rtp", 0) - before.get("relayed.rtp", 0) < OFFLOAD_AFTER + 10 + 50, after
 
 
-@pytest.mark.xfail(strict=True, reason="the processor does not yet report the end of an offloaded flow's kernel "
-                   "connection (NEW_FLOW without F:f, then FLOW_END with conntrack's counters): docs/rtp.md, Offload")
 def test_the_kernels_udp_timeout_ends_an_offloaded_stream_with_its_counters(rig: SimpleNamespace) -> None:
     lab, run = rig.lab, rig.run
     sink = Sink(lab, 5054)
