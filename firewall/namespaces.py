@@ -199,6 +199,17 @@ def configure(ipr: IPRoute, endpoint: Endpoint) -> None:
     ipr.link("set", index=index, state="up")
 
 
+def add_bridge(ipr: IPRoute, name: str, ports: Sequence[str]) -> None:
+    """A bridge joining ``ports``, up, that only switches: no STP, no forward delay
+    (a port forwards at once) and no multicast snooping (VRRP's and conntrackd's
+    multicast reach every port)."""
+    ipr.link("add", ifname=name, kind="bridge", br_stp_state=0, br_forward_delay=0, br_mcast_snooping=0)
+    index = ipr.link_lookup(ifname=name)[0]
+    for port in ports:
+        ipr.link("set", index=ipr.link_lookup(ifname=port)[0], master=index)
+    ipr.link("set", index=index, state="up")
+
+
 def add_route(ipr: IPRoute, route: Route) -> None:
     """Add a route of the main table (``route.host`` is the caller's business)."""
     spec: dict[str, Any] = {
