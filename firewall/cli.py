@@ -31,6 +31,7 @@ from firewall import eventlog, manifests, state
 from firewall.config import Config, load
 from firewall.config import schema as config_schema
 from firewall.errors import EXIT_USAGE, NfgateError, UsageError, require_root
+from firewall.ha_cli import ha_group
 from firewall.hazards import hazards
 from firewall.jsondoc import echo_json, json_errors
 from firewall.lab import topology
@@ -499,6 +500,7 @@ def schema() -> None:
 
 
 main.add_command(lab)
+main.add_command(ha_group)
 main.add_command(tunnel)
 
 if __name__ == "__main__":  # pragma: no cover

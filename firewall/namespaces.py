@@ -26,6 +26,7 @@ Why it is built this way:
 from __future__ import annotations
 
 import os
+from ipaddress import ip_address
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -197,6 +198,12 @@ def configure(ipr: IPRoute, endpoint: Endpoint) -> None:
         flags = IFA_F_NODAD if addr.version == 6 else 0
         ipr.addr("add", index=index, address=str(addr.ip), prefixlen=addr.network.prefixlen, flags=flags)
     ipr.link("set", index=index, state="up")
+
+
+def local_addresses(netns: str | None = None) -> set[Any]:
+    """Every address this namespace's interfaces hold, as ``ipaddress`` values."""
+    with netlink(netns) as ipr:
+        return {ip_address(a.get("address")) for a in ipr.addr("dump") if a.get("address")}
 
 
 def add_bridge(ipr: IPRoute, name: str, ports: Sequence[str]) -> None:
