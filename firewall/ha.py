@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
 import shlex
 import shutil
 import time
@@ -46,6 +48,8 @@ NOTIFY = "notify.sh"
 # The notify script's record of the node's state: one JSON object per line.
 STATE_FILE = "state-{node}.jsonl"
 STATES = ("primary", "backup", "fault")
+# How long `nfgate status` and a metrics scrape wait for conntrackd's statistics.
+STATS_TIMEOUT = 1.0
 # A notify's conntrackd commands each get this long (its commit is asynchronous, its resync quick).
 NOTIFY_COMMAND_TIMEOUT = 20
 
@@ -351,3 +355,46 @@ def age(at: float | None, now: float | None = None) -> str:
     if at is None:
         return "never"
     return f"{(now or time.time()) - at:.0f} s ago"
+
+
+# conntrackd -s: (key, pattern); the first match of each, in the order the sections come.
+_SYNC_STATS = (
+    ("entries", r"current active connections:\s+(\d+)"),
+    ("injected", r"external inject:\s*\nconnections created:\s+(\d+)"),
+    ("inject_failed", r"external inject:\s*\nconnections created:\s+\d+\s+failed:\s+(\d+)"),
+    ("bytes_sent", r"(\d+) Bytes sent"),
+    ("bytes_recv", r"(\d+) Bytes recv"),
+    ("packets_sent", r"(\d+) Pckts sent"),
+    ("packets_recv", r"(\d+) Pckts recv"),
+    ("errors_send", r"(\d+) Error send"),
+    ("errors_recv", r"(\d+) Error recv"),
+    ("lost", r"(\d+) Lost msgs"),
+)
+
+
+def parse_sync_stats(text: str) -> dict[str, int]:
+    """The numbers of ``conntrackd -s`` that say whether the sync keeps up (docs/ha.md, "Status")."""
+    out = {}
+    for key, pattern in _SYNC_STATS:
+        m = re.search(pattern, text)
+        if m:
+            out[key] = int(m.group(1))
+    return out
+
+
+def sync_stats(config: Config, node: str) -> dict[str, Any]:
+    """conntrackd's statistics for ``node`` (run in its namespace): ``{"running": False}`` if it does not answer."""
+    p = paths(_require(config), node)
+    try:
+        proc = subprocess.run([_tool("conntrackd"), "-C", str(p.conntrackd), "-s"], capture_output=True, text=True,
+                              timeout=STATS_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired):
+        return {"running": False}
+    if proc.returncode != 0:
+        return {"running": False}
+    return {"running": True, **parse_sync_stats(proc.stdout)}
+
+
+def node_status(config: Config, node: str) -> dict[str, Any]:
+    """What `nfgate status` and the metrics show of the pair: VRRP state, last failover, sync."""
+    return {**read_state(config, node), "peer": _require(config).peer_of(node), "sync": sync_stats(config, node)}

@@ -475,7 +475,7 @@ class Supervisor:
         listen = parse_listen(self.config.metrics.listen)
         if listen is None:
             return
-        metrics = Metrics(self.processes, self.config.metrics.poll)
+        metrics = Metrics(self.processes, self.config.metrics.poll, ha=self.ha_status)
         try:
             metrics.start(listen)
         except OSError as err:
@@ -662,7 +662,14 @@ class Supervisor:
             "pid": os.getpid(),
             "processes": [c.describe(now) for c in self.children],
             "processors": processors,
+            **({"ha": self.ha_status()} if self.config.ha is not None else {}),
         }
+
+    def ha_status(self) -> dict[str, Any] | None:
+        """The pair as this node sees it (firewall.ha.node_status); None without [ha]."""
+        if self.config.ha is None:
+            return None
+        return ha.node_status(self.config, ha.local_node(self.config, namespaces.local_addresses()))
 
     def flows(self) -> list[Any]:
         out: list[Any] = []

@@ -142,3 +142,42 @@ def test_the_rules_let_vrrp_and_the_sync_in(tmp_path: Path) -> None:
     assert 'iifname "lan0" meta l4proto vrrp ip saddr { 192.168.1.2, 192.168.1.3 } counter accept' in text
     assert 'iifname "sync0" ip saddr { 172.31.252.1, 172.31.252.2 } udp dport 3780 counter accept' in text
     assert "vrrp" not in nft.render(build(config.loads(BASE[: BASE.index("[ha]")])))
+
+
+STATS = """cache internal:
+current active connections:\t           3
+connections created:\t\t           7\tfailed:\t           0
+
+external inject:
+connections created:\t\t          12\tfailed:\t           1
+connections updated:\t\t           2\tfailed:\t           0
+
+UDP traffic (active device=sync0):
+                 116 Bytes sent                  2048 Bytes recv
+                   5 Pckts sent                    40 Pckts recv
+                   0 Error send                     2 Error recv
+
+message tracking:
+                   0 Malformed msgs                    4 Lost msgs
+"""
+
+
+def test_conntrackds_statistics_are_read_by_section() -> None:
+    assert ha.parse_sync_stats(STATS) == {
+        "entries": 3, "injected": 12, "inject_failed": 1, "bytes_sent": 116, "bytes_recv": 2048,
+        "packets_sent": 5, "packets_recv": 40, "errors_send": 0, "errors_recv": 2, "lost": 4,
+    }
+
+
+def test_the_metrics_show_the_state_the_last_failover_and_the_sync() -> None:
+    from firewall.metrics import ha_metrics
+
+    status = {"node": "r1", "vrrp": "backup", "transitions": 3, "last_failover": 1700000000.5,
+              "sync": {"running": True, **ha.parse_sync_stats(STATS)}}
+    got = {(m.name, tuple(sorted(s.labels.items()))): s.value for m in ha_metrics(status) for s in m.samples}
+    assert got[("nfgate_ha_state", (("node", "r1"), ("state", "backup")))] == 1
+    assert got[("nfgate_ha_state", (("node", "r1"), ("state", "primary")))] == 0
+    assert got[("nfgate_ha_last_failover_timestamp_seconds", (("node", "r1"),))] == 1700000000.5
+    assert got[("nfgate_ha_sync", (("counter", "lost"), ("node", "r1")))] == 4
+    assert got[("nfgate_ha_sync_up", (("node", "r1"),))] == 1
+    assert ha_metrics(None) == []

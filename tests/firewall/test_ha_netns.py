@@ -13,13 +13,14 @@ not here yet (docs/ha.md, "Not covered yet").
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from firewall.lab.wait import wait_for
-from tests.firewall.ha_harness import Pair, result, serve, stream, wait_master
+from tests.firewall.ha_harness import REPO, Pair, result, serve, stream, wait_master
 
 pytestmark = pytest.mark.netns
 
@@ -95,5 +96,16 @@ def test_a_flow_survives_failover_failback_and_kill9_of_keepalived(lab_factory, 
         # Both nodes' supervisors saw keepalived die once (r1) and restarted it.
         r1 = {p["name"]: p for p in pair.status("r1")["processes"]}
         assert r1["keepalived"]["restarts"] >= 1 and r1["conntrackd"]["state"] == "running"
+        # Status and metrics: each node's VRRP state, its last takeover, and the sync's counters.
+        st1, st2 = pair.status("r1")["ha"], pair.status("r2")["ha"]
+        assert (st1["vrrp"], st2["vrrp"], st1["peer"]) == ("primary", "backup", "r2")
+        assert st1["last_failover"] > st2["last_failover"] > 0 and st1["transitions"] >= 6
+        assert st1["sync"]["running"] and st2["sync"]["packets_recv"] > 0 and st2["sync"]["injected"] > 0
+        text = lab.run("r1", [sys.executable, "-m", "firewall.cli", "status", "-c", str(pair.paths["r1"])],
+                       cwd=str(REPO)).stdout
+        assert "ha: node r1 (peer r2): vrrp primary" in text and "ha sync: " in text, text
+        scraped = lab.run("r2", ["curl", "-s", "http://127.0.0.1:9469/metrics"]).stdout
+        assert 'nfgate_ha_state{node="r2",state="backup"} 1.0' in scraped
+        assert 'nfgate_ha_sync_up{node="r2"} 1.0' in scraped and "nfgate_ha_last_failover_timestamp_seconds" in scraped
     finally:
         pair.stop()
