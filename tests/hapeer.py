@@ -3,6 +3,8 @@
     python hapeer.py serve PORT                  # each connection: read "MB RATE\\n", send MB MiB at RATE MiB/s
     python hapeer.py get HOST PORT MB RATE       # receive, check the sha256, print one JSON line:
                                                  # {"ok", "bytes", "seconds", "stall", "stalls"}
+    python hapeer.py churn HOST PORT COUNT THREADS  # COUNT empty connections, THREADS at a time:
+                                                 # {"ok", "failed", "seconds"}
 
 ``stall`` is the longest time between two reads that returned data;
 ``stalls`` lists each gap over STALL_REPORT seconds as [seconds since the start, gap].
@@ -86,10 +88,39 @@ def get(host: str, port: int, mb: int, rate: float) -> int:
     return 0 if ok else 1
 
 
+def churn(host: str, port: int, count: int, threads: int) -> int:
+    left, failed, lock = [count], [0], threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if left[0] == 0:
+                    return
+                left[0] -= 1
+            try:
+                with socket.create_connection((host, port), timeout=10) as s:
+                    s.sendall(b"0 1\n")
+                    s.recv(1)  # the server closes: end of file
+            except OSError:
+                with lock:
+                    failed[0] += 1
+
+    start = time.monotonic()
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    print(json.dumps({"ok": count - failed[0], "failed": failed[0], "seconds": round(time.monotonic() - start, 3)}))
+    return 0
+
+
 if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "serve":
         serve(int(args[0]))
+    elif mode == "churn":
+        sys.exit(churn(args[0], int(args[1]), int(args[2]), int(args[3])))
     elif mode == "get":
         sys.exit(get(args[0], int(args[1]), int(args[2]), float(args[3])))
     else:
