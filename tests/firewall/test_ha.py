@@ -181,3 +181,13 @@ def test_the_metrics_show_the_state_the_last_failover_and_the_sync() -> None:
     assert got[("nfgate_ha_sync", (("counter", "lost"), ("node", "r1")))] == 4
     assert got[("nfgate_ha_sync_up", (("node", "r1"),))] == 1
     assert ha_metrics(None) == []
+
+
+def test_check_warns_of_flows_that_cannot_move(tmp_path: Path) -> None:
+    from firewall.hazards import hazards
+
+    assert hazards(load(tmp_path)) == [h for h in hazards(load(tmp_path)) if h.path == "policy.input"]
+    text = BASE.replace("[ha]\n", "[nat]\nmasquerade = [\"wan\"]\n[policy]\ndrop_invalid = false\n[ha]\n", 1)
+    found = {h.path: h.message for h in hazards(load(tmp_path, text))}
+    assert "cannot survive a failover" in found["nat.masquerade"]
+    assert "wrongly NATed" in found["policy.drop_invalid"]
