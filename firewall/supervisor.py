@@ -223,6 +223,7 @@ class Supervisor:
         self.backend_wanted = backend
         self.backend: str | None = None
         self.children = children if children is not None else children_for(config, config_path)
+        self.ha_node: str | None = None  # with [ha], this node (setup finds it by its sync address)
         self._log = log
         self.started = time.time()
         self.notify: sdnotify.Listener | None = None
@@ -268,7 +269,7 @@ class Supervisor:
         self._installed.append("manifests")
         manifests.write_all(cfg, run_dir)
         if cfg.ha is not None:
-            node = ha.local_node(cfg, namespaces.local_addresses())
+            node = self.ha_node = ha.local_node(cfg, namespaces.local_addresses())
             ha.write(cfg, nodes=(node,))
             cfg.ha.run_dir.mkdir(parents=True, exist_ok=True)
             self.log(f"ha: node {node} (peer {cfg.ha.peer_of(node)}), files in {ha.paths(cfg.ha, node).config_dir}")
@@ -667,9 +668,9 @@ class Supervisor:
 
     def ha_status(self) -> dict[str, Any] | None:
         """The pair as this node sees it (firewall.ha.node_status); None without [ha]."""
-        if self.config.ha is None:
+        if self.config.ha is None or self.ha_node is None:
             return None
-        return ha.node_status(self.config, ha.local_node(self.config, namespaces.local_addresses()))
+        return ha.node_status(self.config, self.ha_node)
 
     def flows(self) -> list[Any]:
         out: list[Any] = []
