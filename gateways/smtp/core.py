@@ -33,6 +33,14 @@ outputs (``model``) that a thin adapter carries out in order.
 5. After 354 the gateway reads the content itself (``data.Content``): the
    end is CRLF.CRLF and nothing else, lines are un-dotted and re-dotted,
    and the gateway writes its own end-of-data.
+6. CHUNKING (RFC 3030), when the policy lists it and the server offers it:
+   ``BDAT <size> [LAST]`` is forwarded like a command, then the next
+   <size> client bytes are the chunk, streamed to the server as they come
+   (never buffered whole), checked by ``data.Chunks`` and counted against
+   the message size before a byte of them is read (552 and close: the
+   gateway will not read a chunk it refuses). BDAT may be pipelined
+   (section 4.2); a BDAT out of sequence gets 503 and its chunk is read and
+   dropped, so chunk bytes are never taken for commands (section 2).
 
 Every input ends in a reply, a close or a wait for more bytes: no exception
 escapes for any bytes (tests fuzz both sides with Hypothesis). Buffers are
@@ -46,7 +54,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from gateways.smtp.commands import COMMANDS, EXTENSIONS, REFUSED, Arg
-from gateways.smtp.data import Content
+from gateways.smtp.data import Chunks, Content
 from gateways.smtp.lines import (
     Malformed,
     Path,
@@ -60,7 +68,7 @@ from gateways.smtp.lines import (
     split_command,
 )
 from gateways.smtp.model import Close, Event, Opaque, Output, Policy, Reply, StartTls, ToClient, ToServer
-from gateways.smtp.state import END_OF_DATA, GREETING, State, after, in_sequence
+from gateways.smtp.state import BDAT_LAST, END_OF_DATA, GREETING, State, after, in_sequence
 
 # Bytes a client may send while the core does not read its lines (a sync
 # command's reply is awaited). RFC 2920 clients send one group, a few KB.
@@ -103,6 +111,12 @@ SERVER_REFUSED = Reply(421, "4.4.0", "The server's reply was refused; closing")
 SERVER_GONE = Reply(421, "4.4.2", "The server closed the connection")
 TLS_FAILED = Reply(421, "4.7.0", "TLS towards the server failed; closing")
 START_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+NO_CHUNKING = Reply(502, "5.5.1", "CHUNKING is not offered (RFC 3030)")
+# Without a size the chunk's end is unknown, and a chunk past the limit is
+# not read: either way the client's next bytes cannot be told apart from
+# commands, so the session ends (RFC 3030 section 2).
+BAD_BDAT = Reply(501, "5.5.4", "Syntax: BDAT <size> [LAST]; closing")
+CHUNK_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size; closing")
 
 
 @dataclass
@@ -112,7 +126,7 @@ class _Pending:
     verb: str
     local: bytes | None = None
     path: Path | None = None
-    size: int = 0  # END_OF_DATA: the content's size, for the log
+    size: int = 0  # END_OF_DATA, BDAT_LAST: the content's size, for the log
 
 
 class SmtpRelay:
@@ -129,6 +143,11 @@ class SmtpRelay:
         self._held: str | None = None  # the sync command whose reply is awaited
         self._reply: list[ReplyLine] = []
         self._content: Content | None = None
+        self._chunk_left = 0  # bytes of the current BDAT chunk still to come
+        self._chunk_forward = False  # the current chunk goes to the server (else: dropped after a 503)
+        self._chunk_last = False  # the current chunk is the LAST one
+        self._chunked = 0  # this transaction's chunk bytes, the current chunk's included
+        self._chunks: Chunks | None = None  # this transaction's BDAT content check
         self.offered: frozenset[str] = frozenset()
         self.size_limit = policy.max_message_size
         self._in_flight = 1  # commands at the server, the greeting included
@@ -177,6 +196,12 @@ class SmtpRelay:
             self._violation(EARLY_TALKER, "refused.early_talker")
         elif self._content is not None:
             self._feed_content(data)
+        elif self._chunk_left and not self._client_buf:
+            n = self._chunk_left
+            self._chunk_piece(data[:n])  # the whole input, not a copy, when the chunk takes it all
+            if len(data) > n and self.state is not State.CLOSED:
+                self._client_buf += data[n:]
+                self._read_commands()
         elif self._held in ("DATA", "STARTTLS"):
             self._violation(PIPELINED_AFTER_DATA if self._held == "DATA" else PIPELINED_AFTER_STARTTLS,
                             f"refused.pipelined_after_{self._held.lower()}")
@@ -308,6 +333,13 @@ class SmtpRelay:
         limit = self.policy.max_command_line
         self._more = False
         while self.state is not State.CLOSED and self._content is None and self._held is None:
+            if self._chunk_left:  # a chunk's bytes: never lines, whatever the limits on commands
+                if not buf:
+                    break
+                piece = bytes(buf[: self._chunk_left])
+                del buf[: len(piece)]
+                self._chunk_piece(piece)
+                continue
             if self._in_flight >= MAX_IN_FLIGHT:
                 break
             if self._answers >= MAX_ANSWERS_PER_TURN:
@@ -348,6 +380,9 @@ class SmtpRelay:
             return
         if (spec.arg is Arg.NONE and arg) or (spec.arg is Arg.REQUIRED and not arg):
             self._bad_command(BAD_ARGUMENT, "refused.argument", verb=verb)
+            return
+        if verb == "BDAT":
+            self._bdat(arg)
             return
         if verb == "STARTTLS" and "STARTTLS" not in self.offered:
             if self._client_buf:
@@ -430,6 +465,8 @@ class SmtpRelay:
                 return
         self.messages += 1
         self._recipients = 0
+        self._chunked = 0
+        self._chunks = None
         self._forward("MAIL", b"MAIL FROM:" + path.wire + format_params(path.params), path)
 
     def _cmd_rcpt(self, arg: bytes) -> None:
@@ -473,6 +510,56 @@ class SmtpRelay:
 
     def _cmd_starttls(self, arg: bytes) -> None:
         self._forward("STARTTLS", b"STARTTLS")
+
+    def _bdat(self, arg: bytes) -> None:
+        """``BDAT <size> [LAST]`` (RFC 3030 section 2): its chunk follows the line at once."""
+        if "CHUNKING" not in self.offered:
+            self._bad_command(NO_CHUNKING, "refused.not_implemented", verb="BDAT")
+            return
+        words = arg.split(b" ")
+        if not (1 <= len(words) <= 2 and words[0].isdigit() and len(words[0]) <= 20
+                and (len(words) == 1 or words[1].upper() == b"LAST")):
+            self._violation(BAD_BDAT, "refused.bdat_argument")
+            return
+        size, last = int(words[0]), len(words) == 2
+        verb = BDAT_LAST if last else "BDAT"
+        if not in_sequence(self._expected, verb):
+            if size > self.size_limit:
+                self._violation(CHUNK_TOO_BIG, "refused.size", size=size, limit=self.size_limit)
+                return
+            self._refuse(BAD_SEQUENCE, "refused.sequence", verb="BDAT", state=self._expected.value)
+            self._chunk_left, self._chunk_forward = size, False  # read and dropped (section 2)
+            return
+        if self._chunked + size > self.size_limit:
+            self._violation(CHUNK_TOO_BIG, "refused.size", size=self._chunked + size, limit=self.size_limit)
+            return
+        self._chunked += size
+        if self._chunks is None:
+            self._chunks = Chunks(self.policy.max_text_line)
+        self._to_server(b"BDAT %d%s\r\n" % (size, b" LAST" if last else b""))
+        self._pending.append(_Pending(verb, size=self._chunked))
+        self._in_flight += 1
+        self._expected = after(self._expected, verb)
+        self._chunk_left, self._chunk_forward, self._chunk_last = size, True, last
+        if size == 0 and last:
+            self._chunk_piece(b"")
+
+    def _chunk_piece(self, piece: bytes) -> None:
+        """Bytes of the current chunk (at most what is left of it): to the server, checked, or dropped."""
+        self._chunk_left -= len(piece)
+        if not self._chunk_forward:
+            return
+        chunks = self._chunks
+        assert chunks is not None
+        problem = chunks.check(piece)
+        if problem is None and self._chunk_left == 0 and self._chunk_last:
+            problem = chunks.finish()
+        if problem is not None:
+            # Part of the chunk may be at the server: closing aborts its transaction.
+            self._violation(problem, "refused.content", reason=problem.text, size=self._chunked)
+            return
+        if piece:
+            self._to_server(piece)
 
     def _feed_content(self, data: bytes) -> None:
         content = self._content
@@ -632,6 +719,21 @@ class SmtpRelay:
             self._event("message.refused_by_server", size=head.size, code=code)
         self._to_client(wire)
 
+    def _reply_bdat(self, head: _Pending, ok: bool, code: int, lines: list[ReplyLine], wire: bytes) -> None:
+        if head.verb == BDAT_LAST:
+            # The reply to the whole message (RFC 3030 section 2): the transaction is over.
+            self.state = State.READY
+            self._recipients = 0
+            if ok:
+                self.delivered += 1
+                self._event("message.accepted", size=head.size, code=code, chunked=True)
+            else:
+                self._event("message.refused_by_server", size=head.size, code=code, chunked=True)
+        elif not ok:
+            self.state = State.BDAT_FAILED  # no more chunks: RSET first (section 2)
+            self._event("chunk.refused_by_server", size=head.size, code=code)
+        self._to_client(wire)
+
     def _reply_quit(self, head: _Pending, ok: bool, code: int, lines: list[ReplyLine], wire: bytes) -> None:
         self._to_client(wire)
         self._close("quit")
@@ -662,3 +764,4 @@ _CMD = {verb: getattr(SmtpRelay, f"_cmd_{verb.lower()}") for verb in COMMANDS
 _REPLY = {verb: getattr(SmtpRelay, f"_reply_{verb.lower().strip('<>').replace('-', '_')}")
           for verb in (*COMMANDS, GREETING, END_OF_DATA)
           if hasattr(SmtpRelay, f"_reply_{verb.lower().strip('<>').replace('-', '_')}")}
+_REPLY[BDAT_LAST] = SmtpRelay._reply_bdat

@@ -119,3 +119,51 @@ class Content:
             return Chunk(b"", True, buf[i + len(END):])
         self._tail, self._bol = buf[-4:], False
         return Chunk(b"", False, b"")
+
+
+class Chunks:
+    """One message's BDAT content (RFC 3030): ``check`` each piece as it streams to the server.
+
+    Chunk bytes are not dot-stuffed and have no end marker (the size says
+    where a chunk ends), so nothing is rewritten. The policy is the same as
+    for DATA content all the same: CRLF is the only line end (a CRLF may be
+    split between two pieces or two chunks: a CR that ends one piece must
+    meet an LF first in the next), no NUL, no line over ``max_line`` bytes
+    with its CRLF. 8-bit bytes pass, as after DATA: BODY= is the server's to
+    judge. A piece that breaks a rule may already have a part of its chunk
+    at the server, so the core closes both legs: the transaction the server
+    never saw end is aborted (RFC 5321 section 3.8). ``finish`` checks the
+    message's end after the LAST chunk (no CR left alone).
+    """
+
+    def __init__(self, max_line: int) -> None:
+        self.max_line = max_line  # with its CRLF
+        self._long = re.compile(rb"[^\n]{%d}" % max_line)
+        self._line = 0  # bytes of the current line so far (its CR included)
+        self._cr = False  # the last piece ended with a CR
+
+    def check(self, data: bytes) -> Reply | None:
+        if not data:
+            return None
+        if b"\x00" in data:
+            return NUL_IN_CONTENT
+        joined = b"\r" + data if self._cr else data
+        self._cr = joined.endswith(b"\r")
+        body = joined[:-1] if self._cr else joined
+        lf = body.count(b"\n")
+        if lf != body.count(b"\r") or lf != body.count(b"\r\n"):
+            return BARE_LINE_END
+        first = data.find(b"\n")
+        if first < 0:
+            self._line += len(data)
+        else:
+            last = data.rfind(b"\n")
+            if self._line + first >= self.max_line or self._long.search(data, first + 1, last) is not None:
+                return TEXT_LINE_TOO_LONG
+            self._line = len(data) - last - 1
+        if self._line >= self.max_line:
+            return TEXT_LINE_TOO_LONG
+        return None
+
+    def finish(self) -> Reply | None:
+        return BARE_LINE_END if self._cr else None
