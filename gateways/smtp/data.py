@@ -138,7 +138,6 @@ class Chunks:
 
     def __init__(self, max_line: int) -> None:
         self.max_line = max_line  # with its CRLF
-        self._long = re.compile(rb"[^\n]{%d}" % max_line)
         self._line = 0  # bytes of the current line so far (its CR included)
         self._cr = False  # the last piece ended with a CR
 
@@ -158,7 +157,10 @@ class Chunks:
             self._line += len(data)
         else:
             last = data.rfind(b"\n")
-            if self._line + first >= self.max_line or self._long.search(data, first + 1, last) is not None:
+            if self._line + first >= self.max_line:
+                return TEXT_LINE_TOO_LONG
+            # The longest whole line: split is ~50x faster than a [^\n]{n} search (2 ms per 64 KiB).
+            if last > first and max(map(len, data[first + 1:last].split(b"\n"))) >= self.max_line:
                 return TEXT_LINE_TOO_LONG
             self._line = len(data) - last - 1
         if self._line >= self.max_line:

@@ -223,3 +223,13 @@ def test_fuzz_bdat_both_sides(steps: list[tuple[str, bytes]]) -> None:
     for message in messages:
         assert len(message) <= 50 and b"\x00" not in message
         assert strict_line_ends(message[:-1] if message.endswith(b"\r") else message)
+
+
+@pytest.mark.parametrize("length, refused", [(1000, False), (1001, True)])
+def test_text_line_limit_for_a_line_inside_a_chunk(length: int, refused: bool) -> None:
+    policy = Policy(recipient=ANY, extensions=frozenset({"CHUNKING"}), max_text_line=1000)
+    chunk = b"short\r\n" + b"a" * (length - 2) + b"\r\nshort\r\n"
+    seen = play(session(("c", MAIL + RCPT), ("s", OK + OK), ("c", b"BDAT %d LAST\r\n" % len(chunk) + chunk),
+                        ("s", QUEUED)), policy)
+    assert (seen.closed == "content") is refused
+    assert seen.to_server.endswith(chunk) is not refused
