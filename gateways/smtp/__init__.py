@@ -17,6 +17,9 @@ out through masquerade (outbound).
   same line rules on BDAT chunks (RFC 3030), checked as they stream.
 - ``model``: the core's ``Policy`` and its outputs.
 - ``policy``: the config's domain lists as the core's hooks.
+- ``replies``: the gateway's own replies (code, enhanced code, text).
+- ``chunking``: CHUNKING (RFC 3030): BDAT's command, chunks and replies,
+  a mixin of ``SmtpRelay``.
 - ``core``: ``SmtpRelay``, the sans-IO session: bytes from each peer in,
   bytes, TLS steps, closes and events out.
 - ``gateway``: ``SmtpGateway``, the asyncio adapter on the shared layer.

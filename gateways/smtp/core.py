@@ -41,6 +41,8 @@ outputs (``model``) that a thin adapter carries out in order.
    gateway will not read a chunk it refuses). BDAT may be pipelined
    (section 4.2); a BDAT out of sequence gets 503 and its chunk is read and
    dropped, so chunk bytes are never taken for commands (section 2).
+   The BDAT handling is the ``chunking`` mixin's; the gateway's own replies
+   are in ``replies``.
 
 Every input ends in a reply, a close or a wait for more bytes: no exception
 escapes for any bytes (tests fuzz both sides with Hypothesis). Buffers are
@@ -53,6 +55,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from gateways.smtp.chunking import Chunking
 from gateways.smtp.commands import COMMANDS, EXTENSIONS, REFUSED, Arg
 from gateways.smtp.data import Chunks, Content
 from gateways.smtp.lines import (
@@ -68,6 +71,11 @@ from gateways.smtp.lines import (
     split_command,
 )
 from gateways.smtp.model import Close, Event, Opaque, Output, Policy, Reply, StartTls, ToClient, ToServer
+from gateways.smtp.replies import (
+    BAD_ARGUMENT, BAD_PARAMETER, BAD_SEQUENCE, BARE_LINE_END, EARLY_TALKER, LINE_TOO_LONG, NO_EXPN, NO_RELAY,
+    NO_STARTTLS, NO_VRFY, PIPELINED_AFTER_DATA, PIPELINED_AFTER_STARTTLS, SERVER_GONE, SERVER_REFUSED, START_TLS,
+    TLS_FAILED, TOO_BIG, TOO_MANY_ERRORS, TOO_MANY_MESSAGES, TOO_MANY_RECIPIENTS, TOO_MUCH_INPUT, UNRECOGNIZED,
+)
 from gateways.smtp.state import BDAT_LAST, END_OF_DATA, GREETING, State, after, in_sequence
 
 # Bytes a client may send while the core does not read its lines (a sync
@@ -88,36 +96,6 @@ MAX_REPLY_LINES = 64
 # EHLO/HELO argument: a domain or an address literal (section 4.1.1.1), at most 255 octets.
 MAX_HELO = 255
 
-# The gateway's own replies (RFC 5321 section 4.2, RFC 3463 enhanced codes).
-UNRECOGNIZED = Reply(500, "5.5.2", "Syntax error, command unrecognized")
-LINE_TOO_LONG = Reply(500, "5.5.6", "Line too long (RFC 5321 section 4.5.3.1.4)")
-BARE_LINE_END = Reply(500, "5.5.2", "Bare CR or LF in a command")
-BAD_ARGUMENT = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
-BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
-BAD_PARAMETER = Reply(555, "5.5.4", "MAIL FROM/RCPT TO parameters not recognized or not implemented")
-TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
-TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
-TOO_MANY_MESSAGES = Reply(452, "4.7.1", "Too many messages in this session")
-NO_RELAY = Reply(550, "5.7.1", "Relay access denied")
-NO_VRFY = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
-NO_EXPN = Reply(502, "5.5.1", "EXPN not available")
-NO_STARTTLS = Reply(502, "5.5.1", "STARTTLS not available")
-TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors; closing")
-EARLY_TALKER = Reply(554, "5.5.0", "Client spoke before the greeting; closing")
-PIPELINED_AFTER_DATA = Reply(554, "5.5.0", "Commands pipelined after DATA; closing")
-PIPELINED_AFTER_STARTTLS = Reply(554, "5.5.0", "Commands pipelined after STARTTLS; closing")
-TOO_MUCH_INPUT = Reply(421, "4.7.0", "Too much pipelined input; closing")
-SERVER_REFUSED = Reply(421, "4.4.0", "The server's reply was refused; closing")
-SERVER_GONE = Reply(421, "4.4.2", "The server closed the connection")
-TLS_FAILED = Reply(421, "4.7.0", "TLS towards the server failed; closing")
-START_TLS = Reply(220, "2.0.0", "Ready to start TLS")
-NO_CHUNKING = Reply(502, "5.5.1", "CHUNKING is not offered (RFC 3030)")
-# Without a size the chunk's end is unknown, and a chunk past the limit is
-# not read: either way the client's next bytes cannot be told apart from
-# commands, so the session ends (RFC 3030 section 2).
-BAD_BDAT = Reply(501, "5.5.4", "Syntax: BDAT <size> [LAST]; closing")
-CHUNK_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size; closing")
-
 
 @dataclass
 class _Pending:
@@ -129,7 +107,7 @@ class _Pending:
     size: int = 0  # END_OF_DATA, BDAT_LAST: the content's size, for the log
 
 
-class SmtpRelay:
+class SmtpRelay(Chunking):
     """One SMTP session between a client and its server (module docstring)."""
 
     def __init__(self, policy: Policy = Policy()) -> None:
@@ -403,12 +381,12 @@ class SmtpRelay:
         else:
             self._forward(verb, verb.encode())
 
-    def _forward(self, verb: str, line: bytes, path: Path | None = None) -> None:
+    def _forward(self, verb: str, line: bytes, path: Path | None = None, size: int = 0) -> None:
         self._to_server(line + b"\r\n")
-        self._pending.append(_Pending(verb, path=path))
+        self._pending.append(_Pending(verb, path=path, size=size))
         self._in_flight += 1
         self._expected = after(self._expected, verb)
-        if COMMANDS[verb].sync:
+        if verb in _SYNC:
             self._held = verb
 
     def _cmd_ehlo(self, arg: bytes) -> None:
@@ -510,56 +488,6 @@ class SmtpRelay:
 
     def _cmd_starttls(self, arg: bytes) -> None:
         self._forward("STARTTLS", b"STARTTLS")
-
-    def _bdat(self, arg: bytes) -> None:
-        """``BDAT <size> [LAST]`` (RFC 3030 section 2): its chunk follows the line at once."""
-        if "CHUNKING" not in self.offered:
-            self._bad_command(NO_CHUNKING, "refused.not_implemented", verb="BDAT")
-            return
-        words = arg.split(b" ")
-        if not (1 <= len(words) <= 2 and words[0].isdigit() and len(words[0]) <= 20
-                and (len(words) == 1 or words[1].upper() == b"LAST")):
-            self._violation(BAD_BDAT, "refused.bdat_argument")
-            return
-        size, last = int(words[0]), len(words) == 2
-        verb = BDAT_LAST if last else "BDAT"
-        if not in_sequence(self._expected, verb):
-            if size > self.size_limit:
-                self._violation(CHUNK_TOO_BIG, "refused.size", size=size, limit=self.size_limit)
-                return
-            self._refuse(BAD_SEQUENCE, "refused.sequence", verb="BDAT", state=self._expected.value)
-            self._chunk_left, self._chunk_forward = size, False  # read and dropped (section 2)
-            return
-        if self._chunked + size > self.size_limit:
-            self._violation(CHUNK_TOO_BIG, "refused.size", size=self._chunked + size, limit=self.size_limit)
-            return
-        self._chunked += size
-        if self._chunks is None:
-            self._chunks = Chunks(self.policy.max_text_line)
-        self._to_server(b"BDAT %d%s\r\n" % (size, b" LAST" if last else b""))
-        self._pending.append(_Pending(verb, size=self._chunked))
-        self._in_flight += 1
-        self._expected = after(self._expected, verb)
-        self._chunk_left, self._chunk_forward, self._chunk_last = size, True, last
-        if size == 0 and last:
-            self._chunk_piece(b"")
-
-    def _chunk_piece(self, piece: bytes) -> None:
-        """Bytes of the current chunk (at most what is left of it): to the server, checked, or dropped."""
-        self._chunk_left -= len(piece)
-        if not self._chunk_forward:
-            return
-        chunks = self._chunks
-        assert chunks is not None
-        problem = chunks.check(piece)
-        if problem is None and self._chunk_left == 0 and self._chunk_last:
-            problem = chunks.finish()
-        if problem is not None:
-            # Part of the chunk may be at the server: closing aborts its transaction.
-            self._violation(problem, "refused.content", reason=problem.text, size=self._chunked)
-            return
-        if piece:
-            self._to_server(piece)
 
     def _feed_content(self, data: bytes) -> None:
         content = self._content
@@ -719,21 +647,6 @@ class SmtpRelay:
             self._event("message.refused_by_server", size=head.size, code=code)
         self._to_client(wire)
 
-    def _reply_bdat(self, head: _Pending, ok: bool, code: int, lines: list[ReplyLine], wire: bytes) -> None:
-        if head.verb == BDAT_LAST:
-            # The reply to the whole message (RFC 3030 section 2): the transaction is over.
-            self.state = State.READY
-            self._recipients = 0
-            if ok:
-                self.delivered += 1
-                self._event("message.accepted", size=head.size, code=code, chunked=True)
-            else:
-                self._event("message.refused_by_server", size=head.size, code=code, chunked=True)
-        elif not ok:
-            self.state = State.BDAT_FAILED  # no more chunks: RSET first (section 2)
-            self._event("chunk.refused_by_server", size=head.size, code=code)
-        self._to_client(wire)
-
     def _reply_quit(self, head: _Pending, ok: bool, code: int, lines: list[ReplyLine], wire: bytes) -> None:
         self._to_client(wire)
         self._close("quit")
@@ -765,3 +678,4 @@ _REPLY = {verb: getattr(SmtpRelay, f"_reply_{verb.lower().strip('<>').replace('-
           for verb in (*COMMANDS, GREETING, END_OF_DATA)
           if hasattr(SmtpRelay, f"_reply_{verb.lower().strip('<>').replace('-', '_')}")}
 _REPLY[BDAT_LAST] = SmtpRelay._reply_bdat
+_SYNC = frozenset(verb for verb, spec in COMMANDS.items() if spec.sync)
