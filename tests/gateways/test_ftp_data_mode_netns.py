@@ -140,6 +140,10 @@ def test_active_clients_reach_passive_only_servers_in_both_directions(lab_factor
         assert codes[0] == "200" and codes[-1] == "425", codes
         assert "reason=connect_failed" in run.text() and f"client={EXT}:40000" in run.text(), run.text()[-2000:]
         assert "waited=client" in run.text(), run.text()[-2000:]
+        # Its SYN left the router from S' (W), what the client addressed: conntrack's reply tuple
+        # (the client's answer would come back to W) says so, and the gateway's own port was kept.
+        (entry,) = [line for line in run.conntrack(40000) if "src=172.31.255.2 " in line]
+        assert f"src={EXT} dst={WAN} sport=40000 " in entry, entry
         wait_for(run.clean, timeout=20, interval=0.2, what="no FTP rule left")
     finally:
         run.stop()
