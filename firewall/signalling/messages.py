@@ -134,6 +134,10 @@ class FlowEndReason(enum.IntEnum):
 class RuleMode(enum.IntEnum):
     REDIRECT = 1  # the processor redirects the new flow into the asking gateway
     ALLOW = 2  # the kernel carries the new flow; no gateway sees it
+    # The asking gateway opens the new flow itself, from its own address to dst,
+    # and the processor makes it leave the router from src (a stand-in the
+    # flow's binding names): FTP's data_mode "passive" (version 5)
+    ORIGINATE = 3
 
 
 class RuleRefusal(enum.IntEnum):

@@ -254,7 +254,7 @@ def test_header_checks() -> None:
     data = bytearray(encoder_for(NewFlow(FLOW)).encode(NewFlow(FLOW), T0))
     guard = guard_for(NewFlow(FLOW))
     assert guard.check(bytes(MIN_MESSAGE_SIZE - 1), T0) is Refusal.TOO_SHORT
-    assert VERSION == 4  # 4: 16-byte addresses, family 4 or 6 (docs/signalling.md, "Versions")
+    assert VERSION == 5  # 5: RULE_REQUEST mode 3, ORIGINATE (docs/signalling.md, "Versions")
     for version in (VERSION - 1, VERSION + 1):
         assert guard.check(bytes([version]) + bytes(data[1:]), T0) is Refusal.BAD_VERSION
     assert guard.check(bytes(data[:1]) + bytes([0]) + bytes(data[2:]), T0) is Refusal.UNKNOWN_TYPE
@@ -443,7 +443,7 @@ def _body(message: Message) -> bytearray:
         (MsgType.NEW_FLOW, 148 + 1, 1),  # snat (none):1: a port without an address
         (MsgType.FLOW_END, 8, 0),  # reason 0
         (MsgType.FLOW_END, 8, 6),  # reason 6: none yet
-        (MsgType.RULE_REQUEST, 18, 3),  # mode 3
+        (MsgType.RULE_REQUEST, 18, 4),  # mode 4 (3 is ORIGINATE, version 5)
         (MsgType.RULE_REQUEST, 19, 4),  # a reserved flag bit (bit 2; 0 and 1 are one-shot and replaces)
         (MsgType.RULE_REFUSED, 8, 99),
         (MsgType.RULE_REFUSED, 8, 9),  # one past OTHER_GATEWAY
