@@ -199,6 +199,14 @@ class Endpoint:
         if not isinstance(self.port, int) or isinstance(self.port, bool) or not 0 <= self.port <= PORT_MAX:
             raise ValueError(f"port must be 0..65535, got {self.port!r}")
 
+    def __hash__(self) -> int:
+        # Flow keys are hashed tens of times per connection. The generated
+        # hash would call IPv4Address.__hash__, which hashes the hex string
+        # of the address (three Python calls); the integer itself is as
+        # good a key (an IPv4 and an IPv6 address of one integer merely
+        # share a bucket: they are not equal).
+        return hash((self.address._ip, self.port))
+
     def __str__(self) -> str:
         if self.address.version == 6:
             return f"[{self.address}]:{self.port}"
