@@ -340,6 +340,39 @@ def test_the_most_copies_all_fold() -> None:
     assert results[1:] == [Refusal.DUPLICATE] * (MAX_COPIES - 1)
 
 
+def test_copies_after_the_first_skip_the_mac(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = NewFlow(FLOW)
+    copies = encoder_for(message).encode_copies(message, T0, 3)
+    guard = guard_for(message)
+    verified = []
+    real = Mac.verify
+    monkeypatch.setattr(Mac, "verify", lambda mac, data, tag: verified.append(data) or real(mac, data, tag))
+    assert isinstance(guard.check(copies[0], T0), Received)
+    assert guard.check(copies[1], T0) is Refusal.DUPLICATE
+    assert guard.check(copies[2], T0) is Refusal.DUPLICATE
+    assert len(verified) == 1
+
+
+def test_a_forged_copy_is_never_accepted() -> None:
+    message = NewFlow(FLOW)
+    first, second = encoder_for(message).encode_copies(message, T0, 2)
+    guard = guard_for(message)
+    assert isinstance(guard.check(first, T0), Received)
+    # The accepted content under another copy byte and a made-up MAC: folded
+    # as a copy, believed in nothing.
+    forged = bytearray(second)
+    forged[-MAC_SIZE:] = bytes(MAC_SIZE)
+    assert guard.check(bytes(forged), T0) is Refusal.DUPLICATE
+    assert guard.check(second, T0) is Refusal.REPLAY
+    # Other content under the accepted sequence number still needs the MAC.
+    altered = bytearray(second)
+    altered[HEADER_SIZE] ^= 1
+    assert guard.check(bytes(altered), T0) is Refusal.BAD_MAC
+    # A copy arriving after the replay window is stale, not folded.
+    third = encoder_for(message).encode_copies(message, T0, 3)[2]
+    assert guard.check(third, T0 + WINDOW + 1) is Refusal.STALE
+
+
 def test_buffers_other_than_bytes_are_accepted() -> None:
     message = NewFlow(FLOW)
     data = encoder_for(message).encode(message, T0)
