@@ -47,6 +47,13 @@ def main(prefix: str) -> int:
                 print(f"     {rule}")
             check(any("47001" in r for r in rules),
                   f"RTCP rule for exactly {EXT}:47001 -> {RTP_PORT + 1}")
+            listed = [r for r in run.ask("rules") if r["dst"] == f"{PHONE}:{RTP_PORT + 1}"]
+            print("   nfgate flows --rules:")
+            for r in listed:
+                print(f"     {r['kind']} {r['proto']} {r['src']} -> {r['dst']}  gateway {r['gateway']}  {r['state']}, "
+                      f"expires in {r['expires_in']:.1f} s")
+            check(any(r["src"] == f"{EXT}:47001" for r in listed),
+                  "nfgate flows --rules lists the RTCP rule with its exact source")
             send(lab, 47001, RTP_PORT + 1, "rr*2")
             flows = run.ask("flows")
             got = sink.result()
