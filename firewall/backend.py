@@ -114,8 +114,12 @@ def apply(rs: Ruleset, backend: str, dry_run: bool = False, keep_bind: bool = Fa
     dynamic rules) as it is, as ``nfgate reload`` does under running processors."""
     report = Report(backend)
     if keep_bind and rs.bind is not None and not dry_run and bind_present():
+        if _run(["nft", "list", "table", bind.FAMILY6, bind.TABLE6]).returncode != 0:
+            # The IPv4 table of a version without IPv6 flows: the IPv6 one goes in beside it.
+            _nft_load(bind.render6(rs.bind[0]), dry_run, report, f"nft: added table {bind.FAMILY6} {bind.TABLE6}")
         rs = replace(rs, bind=None)
-        report.actions.append(f"nft: kept table {bind.FAMILY} {bind.TABLE} (bindings and dynamic rules)")
+        report.actions.append(f"nft: kept tables {bind.FAMILY} {bind.TABLE} and {bind.FAMILY6} {bind.TABLE6} "
+                              "(bindings and dynamic rules)")
         keep = True
     else:
         keep = False

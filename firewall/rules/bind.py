@@ -203,6 +203,11 @@ def render(marks: Marks, instances: int) -> str:
     return "\n".join(lines + _render6(marks)) + "\n"
 
 
+def render6(marks: Marks) -> str:
+    """The IPv6 table alone, as ``nft -f`` input (a reload that keeps an older IPv4 table)."""
+    return "\n".join(_render6(marks)) + "\n"
+
+
 def _render6(marks: Marks) -> list[str]:
     """The IPv6 binding table: leg A's and leg B's exact elements, each written at its verdict."""
     mask, mark = marks.mask, marks.rewritten

@@ -417,6 +417,7 @@ ports = [9000, 25]
 
 [processor]
 queues = [0]
+fail_mode = "open"
 """ + RUN + """
 [[gateway]]
 name = "relay"
@@ -482,3 +483,13 @@ def test_tcp_relay_over_ipv6_on_the_kernel_maps(lab_factory, tmp_path: Path) -> 
     assert dropped["ipv6_drop_g1_0"]["packets"] >= 1, dropped
     assert dropped["ipv6_drop_g0_0"]["packets"] == 0, dropped  # nothing skipped the relay
     assert run.ask("status")["processors"]["processor-0"]["counters"]["queued"] == queued
+
+    # Stopped with fail_mode = "open": IPv4 passes to the server directly, as the filter allows,
+    # but the relay selector's IPv6 is dropped and counted: it never skips the gateway.
+    assert run.stop() == 0
+    assert probe(lab, "ext", "192.168.1.10", 9000)
+    assert server.next_peer() == "203.0.113.10"
+    assert not probe(lab, "ext", "fd00:1::10", 9000, timeout=1.0)
+    saved = lab.run("router", ["ip6tables-nft-save", "-c"]).stdout
+    (count,) = re.findall(r"^\[(\d+):\d+\] -A NFGATE-FORWARD .*ipv6_drop_g0_0: ", saved, re.M)
+    assert int(count) >= 1, saved
