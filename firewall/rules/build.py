@@ -371,6 +371,13 @@ def _filter(config: Config, rs: Ruleset) -> None:
             Family.V4,
         )
         out.add([OutIface(link.router_if), Proto("udp")], [Accept()], "signalling to the gateways", Family.V4)
+        if _any_ipv6(config):
+            # IPv6 gateway flows cross the link: its neighbours must resolve, whatever
+            # policy.icmp_essential says (IPv4's ARP is no business of the filter).
+            inp.add([InIface(link.router_if), Proto("icmpv6"), IcmpType(ICMPV6_ND)], [Accept()],
+                    "gateway_link: neighbour discovery for IPv6 gateway flows", Family.V6)
+            out.add([OutIface(link.router_if), Proto("icmpv6"), IcmpType(ICMPV6_ND)], [Accept()],
+                    "gateway_link: neighbour discovery for IPv6 gateway flows", Family.V6)
 
     for f in config.nat.forward:
         matches: list = [InZone(f.from_zone), CtDnat(), Addr("dst", (ipaddress.ip_network(f.to_addr),)), Proto(f.proto)]

@@ -110,3 +110,13 @@ def test_ipv6_blind_track_settings_are_checked(change: str, path: str, reason: s
     with pytest.raises(ConfigError) as err:
         loads(BASE + change)
     assert path in str(err.value) and reason in str(err.value)
+
+
+def test_the_blind_track_lets_neighbour_discovery_through_for_ipv6_flows() -> None:
+    nd = "gateway_link: neighbour discovery for IPv6 gateway flows"
+    rs = build(loads(BASE))
+    for chain in ("input", "output"):
+        (rule,) = [r for r in rs.chain(chain).rules if r.comment == nd]
+        assert rule.family is Family.V6
+    smtp_only = BASE[:BASE.index("[[gateway]]")] + BASE[BASE.index('[[gateway]]\nname = "mail"'):]
+    assert not [r for r in build(loads(smtp_only)).chain("input").rules if r.comment == nd]
