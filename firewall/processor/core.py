@@ -852,4 +852,6 @@ class ProcessorCore:
         wall = now + self.wall_offset
         for fid, b in itertools.islice(self._flows.items(), limit):
             out.append({**b.listing(now, wall, acct), "flow_id": fid, "queue": self.queue})
+        if self.six is not None:
+            out += self.six.records(now, wall, self.queue, limit - len(out))
         return out + self.logged.records(now, wall, self.queue, limit - len(out), acct)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import ipaddress
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from firewall.config import Config
 from firewall.config.model import ROUTER
@@ -173,6 +173,22 @@ class SixFlows:
         """NEW_FLOW's flow, family 6: every address IPv6."""
         return FlowInfo(b.fid, b.proto, b.ag.name, _ep(*b.client), _ep(*b.original_dst), _ep(*b.server),
                         _ep(*b.fw), _ep(self.g6, b.ag.port))
+
+    def records(self, now: float, wall: float, queue: int, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` IPv6 bindings as ``nfgate flows`` lists them (``Binding.listing``'s
+        keys, addresses as ``[a]:p``; state ``ipv6`` with the legs seen)."""
+        out = []
+        for b in list(self._by_fid.values())[:max(0, limit)]:
+            state = ["ipv6"] + (["a_alive"] if b.a_alive else []) + (["a_gone"] if b.a_gone else []) + \
+                (["b_gone"] if b.b_gone else [])
+            out.append({
+                "proto": _PROTO_NAME[b.proto], "client": str(_ep(*b.client)), "original_dst": str(_ep(*b.original_dst)),
+                "server": str(_ep(*b.server)), "firewall_side": str(_ep(*b.fw)), "gateway": b.ag.name,
+                "ag": str(_ep(self.g6, b.ag.port)), "ag_eport": b.eport, "snat": None, "state": state,
+                "age": round(now - b.created, 1), "created": round(wall - (now - b.created), 3),
+                "flow_id": b.fid, "queue": queue,
+            })
+        return out
 
     def by_firewall_side(self, proto: int, addr: int, port: int) -> Binding6 | None:
         return self._by_fw.get((proto, addr, port))

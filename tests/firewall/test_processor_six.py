@@ -111,6 +111,9 @@ def test_an_ipv6_tcp_relay_flow_is_bound_both_legs_and_ends_with_conntrack() -> 
     assert (verdict, mark) == (PASS, MARK)
     assert ops == ((DNAT6_MAP, "tcp", key_b, (i6(S6), 9000)), (SNAT6_MAP, "tcp", key_b, (i6(C6), 40000)))
     assert rig.core.stats()["flows_ipv6"] == 1
+    (listed,) = rig.core.flows(T0 + 1, 10)
+    assert (listed["client"], listed["server"], listed["ag_eport"]) == (f"[{C6}]:40000", f"[{S6}]:9000", 50000)
+    assert listed["state"] == ["ipv6", "a_alive"] and listed["flow_id"] == flow.flow_id
     # A second leg B while the first lives: refused.
     rig.alive.add((TCP, *key_b))
     assert rig.send(syn(G6, 50001, F6, 1024), BLIND)[0] == DROP
