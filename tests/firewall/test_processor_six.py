@@ -6,6 +6,8 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scapy.layers.inet import TCP as ScapyTCP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrRouting
 
@@ -77,7 +79,7 @@ class Rig6:
         self.gw = Guard(KEY, Role.GATEWAY, now=WALL0)
 
     def send(self, pkt: Any, indev: int, now: float = T0) -> tuple[int, tuple, int]:
-        return self.core.handle(bytes(pkt), 0, indev, now)
+        return self.core.handle(pkt if isinstance(pkt, bytes) else bytes(pkt), 0, indev, now)
 
     def messages(self, wall: float = WALL0) -> list[Any]:
         out = []
@@ -160,3 +162,13 @@ def test_what_the_ipv6_path_refuses() -> None:
     # Another direction than the selector's: handed back to the kernel, with the passed mark.
     assert rig.send(syn(S6, 40000, C6, 9000), LAN0) == (PASS, (), PASSED)
     assert rig.core.stats()["flows_ipv6"] == 0 and rig.messages() == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=120), st.sampled_from([WAN0, LAN0, BLIND, 99]))
+def test_ipv6_bytes_never_raise(data: bytes, indev: int) -> None:
+    rig = Rig6()
+    head = bytes(IPv6(src=C6, dst=S6, nh=6, plen=len(data)))[:40]
+    for payload in (b"\x60" + data, head + data):
+        verdict, ops, _ = rig.send(payload, indev)
+        assert verdict in (DROP, PASS) and len(ops) in (0, 2)
