@@ -31,6 +31,8 @@ from firewall import eventlog, manifests, state
 from firewall.config import Config, load
 from firewall.config import schema as config_schema
 from firewall.errors import EXIT_USAGE, NfgateError, UsageError, require_root
+from firewall.ha import age as ha_age
+from firewall.ha_cli import ha_group
 from firewall.hazards import hazards
 from firewall.jsondoc import echo_json, json_errors
 from firewall.lab import topology
@@ -412,6 +414,18 @@ def status(config_path: str, as_json: bool) -> None:
         click.echo(f"{name}:")
         for key, value in _flatten(stats):
             click.echo(f"  {key} = {value}")
+    if data.get("ha"):
+        h = data["ha"]
+        sync = h["sync"]
+        click.echo(f"ha: node {h['node']} (peer {h['peer']}): vrrp {h['vrrp']} since {ha_age(h['since'])}, "
+                   f"last became primary {ha_age(h['last_failover'])}, {h['transitions']} transitions")
+        if sync.get("running"):
+            click.echo(f"ha sync: {sync.get('entries', '?')} entries; sent {sync.get('packets_sent', '?')} "
+                       f"received {sync.get('packets_recv', '?')} messages; injected {sync.get('injected', '?')} "
+                       f"(failed {sync.get('inject_failed', '?')}); lost {sync.get('lost', '?')}, "
+                       f"errors {sync.get('errors_send', 0) + sync.get('errors_recv', 0)}")
+        else:
+            click.echo("ha sync: conntrackd does not answer")
     if data["ipv6_dropped"]:
         click.echo("ipv6_dropped (IPv6 on a selector's ports that did not pass its gateway):")
         for name, c in data["ipv6_dropped"].items():
@@ -526,6 +540,7 @@ def schema() -> None:
 
 
 main.add_command(lab)
+main.add_command(ha_group)
 main.add_command(tunnel)
 
 if __name__ == "__main__":  # pragma: no cover

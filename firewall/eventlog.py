@@ -169,7 +169,7 @@ class TextFormatter(_Formatter):
             return text
         parts = [stamp, getattr(record, self.source_key, "-"), event]
         for key, value in getattr(record, "fields", {}).items():
-            if isinstance(value, Mapping):
+            if isinstance(value, dict):  # what ``plain`` makes of a Mapping (dict: no abc check a field)
                 parts += [f"{key}.{k}={_text_value(v)}" for k, v in value.items()]
             else:
                 parts.append(f"{key}={_text_value(value)}")

@@ -17,6 +17,10 @@ and ``apply`` print them and go on.
   (rules.build._ipv6_drops; never a bypass). A rule or policy that accepts
   that IPv6 says the operator expects it to pass: the warning says it will
   not, and where its drops are counted.
+- an HA pair's flows that cannot move (docs/ha.md): with ``[ha]``,
+  ``nat.masquerade`` takes the node's own address, not the virtual one, so
+  its flows die at a failover; and without ``policy.drop_invalid`` a packet
+  that meets the new master before its entry would be NATed as a new flow.
 """
 
 from __future__ import annotations
@@ -39,7 +43,22 @@ class Hazard:
 
 
 def hazards(config: Config) -> list[Hazard]:
-    return [*_lockout(config), *_selectors(config)]
+    return [*_lockout(config), *_selectors(config), *_ha(config)]
+
+
+def _ha(config: Config) -> list[Hazard]:
+    if config.ha is None:
+        return []
+    out = []
+    for zone in config.nat.masquerade:
+        out.append(Hazard("nat.masquerade", f"{zone}: with [ha], masquerade takes the node's own address on "
+                          f"{zone}'s interface, not the pair's virtual one, so these flows cannot survive a failover "
+                          "(their replies go to the failed node): docs/ha.md, \"Addresses\""))
+    if not config.policy.drop_invalid:
+        out.append(Hazard("policy.drop_invalid", "false with [ha]: a packet that reaches the new master before its "
+                          "flow's copied entry would start a fresh, wrongly NATed entry and reset the flow "
+                          "(docs/ha.md, \"Traps the proof found\"); set it to true"))
+    return out
 
 
 def _lockout(config: Config) -> list[Hazard]:

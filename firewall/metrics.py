@@ -33,7 +33,16 @@ The series (labels in braces):
 - ``nfgate_gateway_events_total{gateway,counter}``: the gateway's ``stats``
   line (``layer.*``: signalling and lookups; ``relay.*``: connections, bytes,
   refusals, by kind), ``nfgate_gateway_active_connections``,
-  ``nfgate_gateway_buffered_bytes``.
+  ``nfgate_gateway_buffered_bytes``;
+- with ``[ha]`` (docs/ha.md): ``nfgate_ha_state{node,state}`` (1 for the
+  node's VRRP state: primary, backup, fault or unknown),
+  ``nfgate_ha_transitions_total{node}``,
+  ``nfgate_ha_last_failover_timestamp_seconds{node}`` (when it last became
+  primary), ``nfgate_ha_sync_up{node}`` (1 when conntrackd answers),
+  ``nfgate_ha_sync_entries{node}`` and
+  ``nfgate_ha_sync_total{node,counter}`` (conntrackd's ``injected``,
+  ``inject_failed``, ``packets_sent``, ``packets_recv``, ``bytes_sent``,
+  ``bytes_recv``, ``errors_send``, ``errors_recv``, ``lost``).
 """
 
 from __future__ import annotations
@@ -115,8 +124,10 @@ def _flat(prefix: str, values: Any) -> dict[str, int]:
 class Metrics(Collector):
     """The collector behind ``/metrics``, and its poller (module docstring)."""
 
-    def __init__(self, processes: Callable[[], list[Process]], poll: float) -> None:
+    def __init__(self, processes: Callable[[], list[Process]], poll: float,
+                 ha: Callable[[], dict[str, Any] | None] | None = None) -> None:
         self._processes = processes
+        self._ha = ha
         self._poll = poll
         # One read at a time (the poller's, a scrape's): the totals must see each
         # process's answers in the order they were given.
@@ -204,7 +215,7 @@ class Metrics(Collector):
                 overflow.add_metric([proc.name], sum(totals.get(k, 0) for k in OVERFLOW))
                 if stats is not None:
                     self._processor_gauges(proc.name, stats, waiting, flows, logged, rules, bindings, pool_used, pool_cap)
-            else:
+            elif proc.kind == "gateway":
                 for key, value in sorted(totals.items()):
                     g_events.add_metric([proc.name.removeprefix("gateway-"), key], value)
                 if stats is not None:
@@ -214,6 +225,8 @@ class Metrics(Collector):
                         buffered.add_metric([gw], stats["buffered"])
         yield from (up, restarts, ok, p_events, overflow, waiting, flows, logged, rules, bindings,
                     pool_used, pool_cap, pool_ex, g_events, active, buffered)
+        if self._ha is not None:
+            yield from ha_metrics(self._ha())
 
     @staticmethod
     def _processor_gauges(name: str, stats: dict[str, Any], waiting: GaugeMetricFamily, flows: GaugeMetricFamily,
@@ -259,3 +272,36 @@ class Metrics(Collector):
         for thread in self._threads:
             thread.join(timeout=PROCESS_TIMEOUT * 4)
         self._threads = []
+
+
+HA_STATES = ("primary", "backup", "fault", "unknown")
+HA_SYNC_COUNTERS = ("injected", "inject_failed", "packets_sent", "packets_recv", "bytes_sent", "bytes_recv",
+                    "errors_send", "errors_recv", "lost")
+
+
+def ha_metrics(status: dict[str, Any] | None) -> list[Metric]:
+    """The pair's series from ``firewall.ha.node_status`` (module docstring); none without [ha]."""
+    if status is None:
+        return []
+    node = status["node"]
+    state = GaugeMetricFamily("nfgate_ha_state", "1 for the node's VRRP state", labels=["node", "state"])
+    for name in HA_STATES:
+        state.add_metric([node, name], 1 if status.get("vrrp", "unknown") == name else 0)
+    transitions = CounterMetricFamily("nfgate_ha_transitions", "VRRP state changes the notify script recorded",
+                                      labels=["node"])
+    transitions.add_metric([node], status.get("transitions", 0))
+    last = GaugeMetricFamily("nfgate_ha_last_failover_timestamp_seconds", "when the node last became primary",
+                             labels=["node"])
+    if status.get("last_failover") is not None:
+        last.add_metric([node], status["last_failover"])
+    sync = status.get("sync") or {}
+    up = GaugeMetricFamily("nfgate_ha_sync_up", "1 when conntrackd answers", labels=["node"])
+    up.add_metric([node], 1 if sync.get("running") else 0)
+    entries = GaugeMetricFamily("nfgate_ha_sync_entries", "entries in conntrackd's internal cache", labels=["node"])
+    counters = CounterMetricFamily("nfgate_ha_sync", "conntrackd's counters", labels=["node", "counter"])
+    if "entries" in sync:
+        entries.add_metric([node], sync["entries"])
+    for key in HA_SYNC_COUNTERS:
+        if key in sync:
+            counters.add_metric([node, key], sync[key])
+    return [state, transitions, last, up, entries, counters]

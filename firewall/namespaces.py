@@ -26,6 +26,7 @@ Why it is built this way:
 from __future__ import annotations
 
 import os
+from ipaddress import ip_address
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -196,6 +197,23 @@ def configure(ipr: IPRoute, endpoint: Endpoint) -> None:
         # for a second or two; every address we set is ours.
         flags = IFA_F_NODAD if addr.version == 6 else 0
         ipr.addr("add", index=index, address=str(addr.ip), prefixlen=addr.network.prefixlen, flags=flags)
+    ipr.link("set", index=index, state="up")
+
+
+def local_addresses(netns: str | None = None) -> set[Any]:
+    """Every address this namespace's interfaces hold, as ``ipaddress`` values."""
+    with netlink(netns) as ipr:
+        return {ip_address(a.get("address")) for a in ipr.addr("dump") if a.get("address")}
+
+
+def add_bridge(ipr: IPRoute, name: str, ports: Sequence[str]) -> None:
+    """A bridge joining ``ports``, up, that only switches: no STP, no forward delay
+    (a port forwards at once) and no multicast snooping (VRRP's and conntrackd's
+    multicast reach every port)."""
+    ipr.link("add", ifname=name, kind="bridge", br_stp_state=0, br_forward_delay=0, br_mcast_snooping=0)
+    index = ipr.link_lookup(ifname=name)[0]
+    for port in ports:
+        ipr.link("set", index=ipr.link_lookup(ifname=port)[0], master=index)
     ipr.link("set", index=index, state="up")
 
 

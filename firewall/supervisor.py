@@ -82,7 +82,9 @@ from typing import Any, Callable
 
 from firewall import backend as be
 from firewall import gwlink
+from firewall import ha
 from firewall import manifests
+from firewall import namespaces
 from firewall import sdnotify
 from firewall import state
 from firewall.metrics import Metrics, Process, parse_listen
@@ -122,6 +124,7 @@ class Child:
     streak: int = 0  # crashes in a row without a stable run
     next_start: float | None = None
     last_exit: int | None = None
+    stale: tuple[Path, ...] = ()  # files a killed predecessor leaves that would stop it: removed before each start
 
     @property
     def running(self) -> bool:
@@ -146,7 +149,7 @@ def processor_view(config: Config) -> Any:
     Everything but the filter rules, the policy and the supervisor; of a
     gateway's settings only what its kind tells the processor (rules.build's
     filter decides what is queued, in the kernel)."""
-    data = config.model_dump(mode="json", exclude={"path", "rules", "policy", "supervisor", "gateways", "log", "metrics"})
+    data = config.model_dump(mode="json", exclude={"path", "rules", "policy", "supervisor", "gateways", "log", "metrics", "ha"})
     data["gateways"] = [
         {**g.model_dump(mode="json", exclude={"settings"}),
          "log_only": KINDS[g.kind].log_only(g.settings), "adjacent": KINDS[g.kind].adjacent_port(g.settings)}
@@ -159,9 +162,22 @@ def processor_control(config: Config, queue: int) -> Path:
     return config.supervisor.control_socket.parent / f"processor-{queue}.sock"
 
 
+def ha_children(config: Config) -> list[Child]:
+    """With [ha], this node's conntrackd then keepalived (docs/ha.md): started first, in the
+    foreground, restarted like any child; conntrackd's lock and socket left by a SIGKILL go first."""
+    if config.ha is None:
+        return []
+    node = ha.local_node(config, namespaces.local_addresses())
+    daemons = ha.daemons(config, node)
+    return [
+        Child("conntrackd", "ha", daemons["conntrackd"], notifies=False, stale=tuple(ha.stale_files(config, node))),
+        Child("keepalived", "ha", daemons["keepalived"], notifies=False),
+    ]
+
+
 def children_for(config: Config, config_path: str) -> list[Child]:
     py = sys.executable
-    out = []
+    out = ha_children(config)
     for i, queue in enumerate(config.processor.queues):
         control = processor_control(config, queue)
         argv = [py, "-m", "firewall.processor", "--config", config_path, "--instance", str(i), "--control", str(control)]
@@ -207,6 +223,7 @@ class Supervisor:
         self.backend_wanted = backend
         self.backend: str | None = None
         self.children = children if children is not None else children_for(config, config_path)
+        self.ha_node: str | None = None  # with [ha], this node (setup finds it by its sync address)
         self._log = log
         self.started = time.time()
         self.notify: sdnotify.Listener | None = None
@@ -251,6 +268,11 @@ class Supervisor:
         run_dir = state.ensure(cfg)
         self._installed.append("manifests")
         manifests.write_all(cfg, run_dir)
+        if cfg.ha is not None:
+            node = self.ha_node = ha.local_node(cfg, namespaces.local_addresses())
+            ha.write(cfg, nodes=(node,))
+            cfg.ha.run_dir.mkdir(parents=True, exist_ok=True)
+            self.log(f"ha: node {node} (peer {cfg.ha.peer_of(node)}), files in {ha.paths(cfg.ha, node).config_dir}")
         if cfg.gateways:
             state.claim_netns(cfg)
             gwlink.create(cfg.gateway_link)
@@ -283,6 +305,8 @@ class Supervisor:
     def _start(self, child: Child, now: float) -> None:
         child.next_start = None
         child.ready = not child.notifies
+        for path in child.stale:
+            path.unlink(missing_ok=True)
         argv, keep = child.argv, ()
         if child.watched and self._sel is not None:
             self._unwatch(child)
@@ -452,7 +476,7 @@ class Supervisor:
         listen = parse_listen(self.config.metrics.listen)
         if listen is None:
             return
-        metrics = Metrics(self.processes, self.config.metrics.poll)
+        metrics = Metrics(self.processes, self.config.metrics.poll, ha=self.ha_status)
         try:
             metrics.start(listen)
         except OSError as err:
@@ -571,6 +595,10 @@ class Supervisor:
                 continue
             if fresh.kind == "processor":
                 changed = processors_change
+            elif fresh.kind == "ha":
+                changed = old.ha != new.ha
+                if changed:
+                    ha.write(new, nodes=(ha.local_node(new, namespaces.local_addresses()),))
             else:
                 gw = next(g for g in new.gateways if g.name == fresh.gateway)
                 changed = old_manifests.get(fresh.name) != manifests.manifest_for(new, gw, fresh.worker).to_json()
@@ -635,7 +663,14 @@ class Supervisor:
             "pid": os.getpid(),
             "processes": [c.describe(now) for c in self.children],
             "processors": processors,
+            **({"ha": self.ha_status()} if self.config.ha is not None else {}),
         }
+
+    def ha_status(self) -> dict[str, Any] | None:
+        """The pair as this node sees it (firewall.ha.node_status); None without [ha]."""
+        if self.config.ha is None or self.ha_node is None:
+            return None
+        return ha.node_status(self.config, self.ha_node)
 
     def flows(self, cmd: str = "flows") -> list[Any]:
         """Every processor's answer to ``cmd`` (``flows`` or ``rules``), merged."""

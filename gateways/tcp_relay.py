@@ -159,6 +159,13 @@ class TcpRelay(TcpGateway):
         flow = hold.flow
         loop = asyncio.get_running_loop()
         core = RelayCore(Limits(idle_timeout=self.settings.idle_timeout), loop.time(), names=NAMES)
+        # Leg B's SYN leaves first; the open line is written while the
+        # processor and the server answer it.
+        b: socket.socket | OSError
+        try:
+            b = self.layer.start_tcp(flow)
+        except OSError as exc:
+            b = exc  # raised below, after the open line
         self.log.emit(
             "open",
             flow=f"{flow.flow_id:#x}",
@@ -170,7 +177,9 @@ class TcpRelay(TcpGateway):
         reason, detail = "error", ""
         try:
             try:
-                b = await self.layer.connect_tcp(flow, connect_timeout=self.settings.connect_timeout)
+                if isinstance(b, OSError):
+                    raise b
+                await self.layer.connected(b, connect_timeout=self.settings.connect_timeout)
             except asyncio.TimeoutError:
                 reason, detail = "connect_timeout", f"no answer within {self.settings.connect_timeout:g}s"
                 reset_socket(a)

@@ -31,6 +31,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, cre
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
+from firewall.config.ha import Ha, check_ha
 from firewall.signalling.guard import DEFAULT_REPLAY_WINDOW
 from gateways.kinds import KINDS
 from firewall.fields import (
@@ -656,6 +657,7 @@ class Config(Frozen):
     supervisor: Supervisor = Field(default_factory=Supervisor, description="[supervisor]")
     log: Log = Field(default_factory=Log, description="[log]: the log format of nfgate run and its processes")
     metrics: Metrics = Field(default_factory=Metrics, description="[metrics]: the Prometheus endpoint")
+    ha: Ha | None = Field(None, description="[ha]: the router pair (keepalived + conntrackd), docs/ha.md")
 
     def zone_of(self, ifname: str) -> str | None:
         for zone in self.zones.values():
@@ -714,6 +716,7 @@ class Config(Frozen):
         _check_forwards(info, self.nat.forward)
         _check_signalling_ports(info, self)
         _check_snat_ports(info, self)
+        check_ha(info, self.ha, self.zones, self.gateway_link.router_if)
         return self
 
 

@@ -43,7 +43,7 @@ from firewall import namespaces
 from firewall.errors import KernelError, NfgateError, PrivilegeError, UsageError
 from firewall.lab import state as lab_state
 from firewall.lab.state import LabState, Owner, current_owner
-from firewall.lab.topology import HOST_RE, Host, Topology
+from firewall.lab.topology import BRIDGE, HOST_RE, Host, Topology
 from firewall.lab.wait import wait_for
 
 # Namespaces whose name starts with this "look like ours" when no prefix is given.
@@ -398,6 +398,10 @@ class Lab:
                     namespaces.configure(ipr[ep.host], ep)
             for host in topo.hosts:
                 self._sysctls(host, early=False)
+            for host in topo.hosts:
+                if host.bridge:
+                    self._step = f"hosts.{host.name}.bridge: {BRIDGE} of its interfaces"
+                    namespaces.add_bridge(ipr[host.name], BRIDGE, [ep.ifname for ep in topo.endpoints(host.name)])
             for host in topo.host_names:
                 self._step = f"waiting for the links of {host} to come up"
                 self._wait_links_up(ipr[host], [ep.ifname for ep in topo.endpoints(host)])

@@ -19,7 +19,9 @@ JSON has no comments)::
           "forwarding": true,           # net.ipv4.ip_forward and
                                         # net.ipv6.conf.all.forwarding; default false
           "sysctls": {"net.netfilter.nf_conntrack_udp_timeout": 5}
-        }
+        },
+        "swlan": {"bridge": true}       # a switch: a bridge br0 joins all its
+                                        # interfaces, which hold no address
       },
       "links": [                        # one veth pair each
         {"a": {"host": "ext", "ifname": "eth0", "addresses": ["203.0.113.10/24"]},
@@ -51,6 +53,12 @@ Rules the loader enforces, each reported with its key path
   ``dev`` must be one of the host's interfaces.
 - A command is either a list of strings (argv) or a string split like a
   shell would (``shlex``); it never runs through a shell.
+- A bridge host (``"bridge": true``) is a switch for a shared segment: its
+  interfaces hold no address, it has no routes and does not forward (the
+  bridge does, at layer 2). ``nfgate lab up`` and the Vagrant provisioning
+  make a bridge ``br0`` of all its interfaces, after the links and before the
+  topology's commands. It is how two routers share the client's, the
+  server's and the gateways' segments (the ``ha`` topology).
 - ``config`` is a relative path inside the repository, without ``..``, to a
   file that exists: the Vagrant router VM reads it from the synced folder.
 """
@@ -89,7 +97,8 @@ TOPOLOGY_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 SYSCTL_RE = re.compile(r"^net(\.[A-Za-z0-9_-]+)+$")
 
 _TOP_KEYS = {"name", "description", "router", "config", "hosts", "links", "routes", "commands"}
-_HOST_KEYS = {"forwarding", "sysctls"}
+_HOST_KEYS = {"forwarding", "sysctls", "bridge"}
+BRIDGE = "br0"
 _ENDPOINT_KEYS = {"host", "ifname", "addresses"}
 _ROUTE_KEYS = {"host", "to", "via", "dev"}
 
@@ -149,6 +158,8 @@ class Host:
     name: str
     forwarding: bool = False
     sysctls: tuple[tuple[str, str], ...] = ()
+    # A switch: BRIDGE joins all its interfaces (which have no addresses).
+    bridge: bool = False
     commands: tuple[tuple[str, ...], ...] = ()
 
 
@@ -258,6 +269,7 @@ class _Parser:
         # that one mistake does not come back as a dozen.
         self.hosts_ok = True
         self.links_ok = True
+        self.bridge_hosts: set[str] = set()
 
     def err(self, where: str, msg: str) -> None:
         self.problems.append(f"{where}: {msg}" if where else msg)
@@ -318,11 +330,12 @@ class _Parser:
             networks[ep.host].extend(ep.addresses)
         routes = self.routes(top.get("routes", []), known, ifnames, networks)
         commands = self.commands(top.get("commands", {}), known)
+        self.bridges(host_opts, routes)
 
         if self.problems:
             raise TopologyError(self.problems, self.source)
         hosts = tuple(
-            Host(name=h, forwarding=fwd, sysctls=sysctls, commands=commands.get(h, ()))
+            Host(name=h, forwarding=fwd, sysctls=sysctls, bridge=h in self.bridge_hosts, commands=commands.get(h, ()))
             for h, (fwd, sysctls) in host_opts.items()
         )
         return Topology(
@@ -373,8 +386,24 @@ class _Parser:
             if not isinstance(forwarding, bool):
                 self.err(f"{where}.forwarding", "expected true or false")
                 forwarding = False
+            bridge = opts.get("bridge", False)
+            if not isinstance(bridge, bool):
+                self.err(f"{where}.bridge", "expected true or false")
+            elif bridge:
+                self.bridge_hosts.add(name)
+                if forwarding:
+                    self.err(f"{where}.forwarding", "a bridge host switches at layer 2: it does not forward")
             out[name] = (forwarding, self.sysctls(opts.get("sysctls", {}), f"{where}.sysctls"))
         return out
+
+    def bridges(self, host_opts: dict, routes: list[Route]) -> None:
+        """A bridge host's interfaces hold no address and it has no routes: it is a switch."""
+        for ep in self.seen_endpoints:
+            if ep.host in self.bridge_hosts and ep.addresses:
+                self.err(f"hosts.{ep.host}.bridge", f"{ep.ifname} has addresses: a bridge host's interfaces have none")
+        for route in routes:
+            if route.host in self.bridge_hosts:
+                self.err(f"hosts.{route.host}.bridge", "a bridge host has no routes")
 
     def sysctls(self, value: Any, where: str) -> tuple[tuple[str, str], ...]:
         if not isinstance(value, dict):

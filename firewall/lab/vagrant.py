@@ -47,7 +47,7 @@ from ipaddress import IPv4Interface
 from typing import Any
 
 from firewall.errors import UsageError
-from firewall.lab.topology import Endpoint, Topology, load_topology
+from firewall.lab.topology import BRIDGE, Endpoint, Topology, load_topology
 
 # Locally administered unicast MACs, "02:6e:66" ("nf"), then the link index
 # and 0a or 0b for the link's end; a topology has at most 256 links.
@@ -69,18 +69,9 @@ def mac(link: int, side: str) -> str:
 
 def _vagrant_network(topo: Topology, link: int, side: str, ep: Endpoint) -> dict[str, Any]:
     """The options of one ``config.vm.network :private_network`` call."""
-    if not ep.addresses:
-        raise UsageError(
-            f"topology {topo.name}: links[{link}].{side} ({ep.host}:{ep.ifname}) has no address, "
-            "and a Vagrant private network needs one"
-        )
-    first = next((a for a in ep.addresses if a.version == 4), ep.addresses[0])
     local = UDP_TUNNEL_BASE + 2 * link + (0 if side == "a" else 1)
     remote = UDP_TUNNEL_BASE + 2 * link + (1 if side == "a" else 0)
-    return {
-        "ip": str(first.ip),
-        # Vagrant takes a dotted mask for IPv4 and a prefix length for IPv6.
-        "netmask": str(first.netmask) if isinstance(first, IPv4Interface) else first.network.prefixlen,
+    tunnel = {
         "auto_config": False,
         # VirtualBox wants 12 hex digits; vagrant-libvirt puts the colons back.
         "mac": mac(link, side).replace(":", "").upper(),
@@ -90,6 +81,21 @@ def _vagrant_network(topo: Topology, link: int, side: str, ep: Endpoint) -> dict
         "libvirt__tunnel_ip": UDP_TUNNEL_IP,
         "libvirt__tunnel_port": remote,
         "virtualbox__intnet": f"nfgate-{topo.name}-{link}",
+    }
+    if topo.host(ep.host).bridge:
+        # A switch VM's port: unnumbered, as in the netns lab (the script bridges it).
+        return tunnel
+    if not ep.addresses:
+        raise UsageError(
+            f"topology {topo.name}: links[{link}].{side} ({ep.host}:{ep.ifname}) has no address, "
+            "and a Vagrant private network needs one"
+        )
+    first = next((a for a in ep.addresses if a.version == 4), ep.addresses[0])
+    return {
+        "ip": str(first.ip),
+        # Vagrant takes a dotted mask for IPv4 and a prefix length for IPv6.
+        "netmask": str(first.netmask) if isinstance(first, IPv4Interface) else first.network.prefixlen,
+        **tunnel,
     }
 
 
@@ -222,6 +228,12 @@ def provision_script(topo: Topology, host: str) -> str:
         if route.dev is not None:
             argv += ' dev "$' + _var(route.dev) + '"'
         out.append(argv)
+    if h.bridge:
+        out.append(f"\n# A switch: {BRIDGE} joins the lab's NICs (no STP, no forward delay, no snooping).")
+        out.append(f"ip link add {BRIDGE} type bridge stp_state 0 forward_delay 0 mcast_snooping 0")
+        for _, _, ep in eps:
+            out.append(f'ip link set dev "${_var(ep.ifname)}" master {BRIDGE}')
+        out.append(f"ip link set dev {BRIDGE} up")
     if h.commands:
         out.append("\n# The topology's commands.")
     for argv in h.commands:

@@ -359,6 +359,10 @@ class ProcessorCore:
         """A gateway's new connection to F:f: leg B of that binding (the seed's swap)."""
         proto, src, sport, dst, dport, flags = pkt[:6]
         b = self.table.by_firewall_side(proto, dst, dport)
+        if b is None and self.rules.expect:
+            rule = self.rules.expected(proto, src, sport, dst, dport, now)
+            if rule is not None and rule.mode is RuleMode.ORIGINATE:
+                return self._originate(rule, pkt, mark)
         if b is None or src != b.gateway.addr or sport == b.gateway.port:
             # G:g -> F:f is leg A's reply, which conntrack carries: never new.
             return self._drop("drop.gateway_without_binding", mark)
@@ -377,6 +381,16 @@ class ProcessorCore:
             return self._bound(mark, proto, None)  # its elements went in with leg A's: no transaction
         b.state |= _B_WRITTEN
         return self._bound(mark, proto, b.leg_b())
+
+    def _originate(self, rule: DynRule, pkt: Packet, mark: int) -> Verdict:
+        """The gateway's own connection G:e -> D:d that an ORIGINATE rule expects: it leaves
+        the router from the rule's source, keeping the port (docs/signalling.md, ORIGINATE).
+        No binding: conntrack carries it, with its NAT, from this first packet on."""
+        proto, src, sport, dst, dport, flags = pkt[:6]
+        if proto == TCP and flags & _SYN_FLAGS != SYN:
+            return self._drop("drop.not_new_flow", mark)
+        self._carry(self.rules.originated(rule))
+        return self._bound(mark, proto, ((src, sport, dst, dport), (dst, dport), (rule.source, sport)))
 
     def _drop(self, why: str, mark: int) -> Verdict:
         self.counters[why] += 1
@@ -430,6 +444,8 @@ class ProcessorCore:
             if again:  # a retransmitted SYN of the connection a one-shot ALLOW let through
                 return self._pass("passed.allowed", mark)
             rule = self.rules.expected(proto, src, sport, dst, dport, now)
+            if rule is not None and rule.mode is RuleMode.ORIGINATE:
+                return self._drop("drop.originate_not_from_gateway", mark)  # only the gateway opens it
             if rule is not None and rule.mode is RuleMode.ALLOW:
                 # A TCP ALLOW's SYN (rulebook, "watched"): the kernel carries the flow,
                 # through the rule's DNAT and accept; the processor only counts its use.

@@ -198,6 +198,8 @@ class DynRule:
     # An offload's: the flow's leg B connection, kept until the ALLOW is used (or ends):
     # what the gateway still relays on it meanwhile reaches the server.
     hold: tuple[int, int, int, int, int] | None = None
+    # An ORIGINATE's: the address its connection leaves the router from (the gateway's port kept).
+    source: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -353,6 +355,8 @@ class RuleBook:
         if names_third_party(req, b.info(req.flow_id), local):
             return RuleRefusal.THIRD_PARTY
         src, dst = int(req.src.address), int(req.dst.address)
+        if req.mode is RuleMode.ORIGINATE:
+            return self._check_originate(req, b, src, dst, now, wall)
         if req.mode is RuleMode.ALLOW:
             target = self._allow_target(b, src, dst)
             if target is None and any(int(a) == dst for a in local):
@@ -374,6 +378,34 @@ class RuleBook:
             return RuleRefusal.LIMIT
         return self._make(req.mode, req.proto, src, req.src.port, dst, req.dst.port, req.flow_id, b,
                           server, req.one_shot, req.ttl, now, wall)
+
+    def _check_originate(self, req: RuleRequest, b: Binding, src: int, dst: int, now: float, wall: float) -> DynRule | RuleRefusal:
+        """The rest of ORIGINATE's checks (docs/signalling.md): the connection the gateway opens
+        from G to dst leaves the router from src, which must be what dst knows the other
+        party as: S' for the client, C (or the binding's W) for the server."""
+        if req.src.port:
+            return RuleRefusal.NOT_EXACT  # the connection keeps the gateway's own port
+        (ca, _), (oa, _), (sa, _), (va, _) = b.client, b.original_dst, b.server, b.visible_client
+        if (src, dst) not in ((oa, ca), (va, sa)):
+            return RuleRefusal.THIRD_PARTY
+        if req.mode not in self._kind[b.gateway.name].rule_modes:
+            return RuleRefusal.POLICY
+        kept = len(self._rules_of.get(req.flow_id, ())) - (len(self._superseded(req)) if req.replaces else 0)
+        if kept >= self._max_per_flow or len(self._rules) >= self._max_rules or self.in_flight >= MAX_KERNEL_OPS_IN_FLIGHT:
+            return RuleRefusal.LIMIT
+        g, proto, dport = b.gateway.addr, req.proto, req.dst.port
+        rule_id = make_flow_id(self.queue, next(self._serial))
+        rule = DynRule(rule_id, RuleMode.ORIGINATE, proto, g, 0, dst, dport, req.flow_id, b.gateway, (dst, dport),
+                       req.one_shot, now + req.ttl, round((wall + req.ttl) * 1000),
+                       (self._element("expect", proto, g, 0, dst, dport),), source=src)
+        return rule
+
+    def originated(self, rule: DynRule) -> list[Command]:
+        """The first packet of an ORIGINATE's connection, from the gateway: a one-shot rule is used."""
+        self.counters["rules.originated_flows"] += 1
+        if rule.one_shot:
+            self._retire(rule, RuleEndReason.USED)
+        return self._done()
 
     @staticmethod
     def _server_for(b: Binding, dst: int, dport: int) -> tuple[int, int]:
@@ -439,7 +471,7 @@ class RuleBook:
     def _add(self, rule: DynRule) -> None:
         self._rules[rule.rule_id] = rule
         self._rules_of.setdefault(rule.owner, []).append(rule)
-        if rule.mode is RuleMode.REDIRECT or rule.watched:
+        if rule.mode is not RuleMode.ALLOW or rule.watched:
             self.expect.setdefault((rule.proto, rule.src, rule.dst, rule.dport), []).append(rule)
 
     def _reply(self, key: tuple[int, int], msg: RuleAck | RuleRefused, to: tuple[str, int], now: float) -> None:
@@ -558,7 +590,7 @@ class RuleBook:
         siblings = self._rules_of.get(rule.owner)
         if siblings is not None and rule in siblings:
             siblings.remove(rule)
-        if rule.mode is RuleMode.REDIRECT or rule.watched:
+        if rule.mode is not RuleMode.ALLOW or rule.watched:
             key = (rule.proto, rule.src, rule.dst, rule.dport)
             waiting = self.expect[key]
             waiting.remove(rule)

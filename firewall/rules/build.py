@@ -33,6 +33,7 @@ import ipaddress
 from typing import Iterable
 
 from firewall.config import Config, bucket_count
+from firewall.ha import interface_of
 from firewall.config.model import ROUTER, FilterRule, PortRange, Traffic
 from firewall.rules.model import (
     Accept,
@@ -359,6 +360,8 @@ def _filter(config: Config, rs: Ruleset) -> None:
     for zone in pol.ping_from:
         inp.add([InZone(zone), Proto("icmp"), IcmpType(("echo-request",))], [Accept()], f"policy.ping_from {zone}", Family.V4)
         inp.add([InZone(zone), Proto("icmpv6"), IcmpType(("echo-request",))], [Accept()], f"policy.ping_from {zone}", Family.V6)
+    if config.ha is not None:
+        _ha_input(config, inp)
 
     if gateways:
         # The blind track carries signalling to the processor and nothing else
@@ -453,6 +456,21 @@ def _ipv6_drops(config: Config, rs: Ruleset, inp: Chain, fwd: Chain) -> None:
                                            and any(f.ports.overlaps(p) for p in t.ports) for f in config.nat.forwards):
                 inp.add([InZone(t.from_zone), DstLocal(), CtState(("new",)), Proto(t.proto), Port("dst", t.ports)],
                         [Drop()], f"{comment} (to the router's port forward)", Family.V6, counter=name)
+
+
+def _ha_input(config: Config, inp: Chain) -> None:
+    """The pair's own traffic (docs/ha.md): VRRP adverts from either node on each
+    virtual address's interface, and conntrackd's sync on the sync link."""
+    ha = config.ha
+    assert ha is not None
+    for key in ha.virtual:
+        nodes = tuple(ipaddress.ip_network(n.addresses[key]) for n in ha.nodes.values())
+        inp.add([InIface(interface_of(config, key)), Proto("vrrp"), Addr("src", nodes)], [Accept()],
+                f"ha.virtual.{key}: VRRP adverts of the pair", Family.V4)
+    syncs = tuple(ipaddress.ip_network(n.sync_address) for n in ha.nodes.values())
+    inp.add([InIface(ha.sync_interface), Proto("udp"), Addr("src", syncs),
+             Port("dst", (PortRange(ha.sync_port, ha.sync_port),))], [Accept()],
+            "ha.sync_interface: conntrackd's sync", Family.V4)
 
 
 def _stateful(chain: Chain, config: Config) -> None:

@@ -60,7 +60,7 @@ from firewall.signalling.messages import (
 # 2.5.5.2) as the body's family byte says (issue 17). A body layout changed,
 # so the version did: a peer of an older version is refused BAD_VERSION,
 # which names the cause, instead of TOO_SHORT or MALFORMED.
-VERSION = 4
+VERSION = 5
 KEY_SIZE = 32  # HMAC-SHA256's block-internal strength is 256 bits; a longer key adds nothing (RFC 2104 s.3)
 
 # HMAC-SHA256 truncated to 128 bits. RFC 2104 section 5 recommends keeping
@@ -157,7 +157,7 @@ BODY_FIELDS: dict[MsgType, tuple[Field, ...]] = {
         Field("flow_id", "Q", "the requesting flow, whose parties the rule may name"),
         _PROTO,
         _FAMILY,
-        Field("mode", "B", "1 REDIRECT into the gateway, 2 ALLOW through the kernel"),
+        Field("mode", "B", "1 REDIRECT into the gateway, 2 ALLOW through the kernel, 3 ORIGINATE: the gateway opens it"),
         Field("flags", "B", "bit 0: one-shot; bit 1: replaces the flow's earlier rules; other bits 0"),
         Field("ttl", "H", "seconds the rule waits for its flow, 1..max"),
         *_endpoint_fields("src", "the new flow's source address, exact", "its source port, 0 = any"),

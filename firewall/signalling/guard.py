@@ -8,11 +8,12 @@ believed before the MAC has passed:
 1. size, version, type, direction: a type's size is fixed, so a truncated
    or padded datagram goes before any hashing (TOO_SHORT, MALFORMED,
    BAD_VERSION, UNKNOWN_TYPE, WRONG_DIRECTION);
-2. the MAC, compared in constant time (BAD_MAC);
-3. the timestamp, within +-``replay_window`` of ``now`` (STALE);
-4. the sequence number, against the sender's sliding window (REPLAY,
-   DUPLICATE);
-5. the body (MALFORMED).
+2. a fresh copy of a message already accepted, recognised by its content
+   (DUPLICATE; "Copies" below);
+3. the MAC, compared in constant time (BAD_MAC);
+4. the timestamp, within +-``replay_window`` of ``now`` (STALE);
+5. the sequence number, against the sender's sliding window (REPLAY);
+6. the body (MALFORMED).
 
 The Guard's state changes only when it accepts a datagram (or counts a
 copy), so a refused datagram can be refused again the same way.
@@ -44,7 +45,13 @@ and body and differ only in the copy byte (so also in the MAC). The first to
 arrive is accepted; another copy number of the same content is DUPLICATE,
 silently dropped; the same copy number again, or other content under a
 sequence number already used, is REPLAY: an honest sender never sends the
-same bytes twice.
+same bytes twice. A copy is recognised before its MAC is checked, by its
+content's digest against the accepted message's (which passed the MAC):
+the HMAC runs once per message, not once per copy. Nothing of a copy is
+believed: it is dropped either way, and the only state it touches is its
+copy bit, so a forged copy (the accepted content under another copy byte,
+any MAC) is counted DUPLICATE rather than BAD_MAC, and the genuine copy of
+that number after it REPLAY; neither is ever accepted.
 """
 
 from __future__ import annotations
@@ -190,10 +197,21 @@ class Guard:
         if size > expected or copy >= MAX_COPIES:
             return Refusal.MALFORMED
 
+        now_ms = timestamp_ms(now)
+        state = self._senders.get(sender)
+        if state is not None and state.window.seen(seq) and abs(ts - now_ms) <= self._window_ms:
+            # A later copy of a message already accepted: its content (all
+            # but the copy byte and the MAC) matches the verified one's, so
+            # it is folded without another MAC (module docstring, "Copies").
+            slot = seq % self._seq_window
+            seen = state.copies[slot]
+            if not seen >> copy & 1 and state.digests[slot] == _digest(data):
+                state.copies[slot] = seen | 1 << copy
+                return Refusal.DUPLICATE
+
         if not self._mac.verify(data[:-MAC_SIZE], data[-MAC_SIZE:]):
             return Refusal.BAD_MAC
 
-        now_ms = timestamp_ms(now)
         if abs(ts - now_ms) > self._window_ms:
             return Refusal.STALE
 
@@ -203,14 +221,8 @@ class Guard:
             if ts <= self._horizon:
                 return Refusal.REPLAY
         elif not state.window.check(seq):
-            if not state.window.seen(seq):
-                return Refusal.REPLAY  # beyond the window: it cannot be told from a replay
-            slot = seq % self._seq_window
-            seen = state.copies[slot]
-            digest = _digest(data)
-            if state.digests[slot] == digest and not seen >> copy & 1:
-                state.copies[slot] = seen | 1 << copy
-                return Refusal.DUPLICATE
+            # The same copy again, other content under a used seq, or beyond
+            # the window (where it cannot be told from a replay).
             return Refusal.REPLAY
 
         message = decode_body(msg_type, data[HEADER_SIZE:-MAC_SIZE])

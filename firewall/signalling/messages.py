@@ -134,6 +134,10 @@ class FlowEndReason(enum.IntEnum):
 class RuleMode(enum.IntEnum):
     REDIRECT = 1  # the processor redirects the new flow into the asking gateway
     ALLOW = 2  # the kernel carries the new flow; no gateway sees it
+    # The asking gateway opens the new flow itself, from its own address to dst,
+    # and the processor makes it leave the router from src (a stand-in the
+    # flow's binding names): FTP's data_mode "passive" (version 5)
+    ORIGINATE = 3
 
 
 class RuleRefusal(enum.IntEnum):
@@ -194,13 +198,22 @@ class Endpoint:
     def __post_init__(self) -> None:
         if type(self.address) not in _ADDRESS_TYPES:
             raise TypeError(f"address must be an IPv4Address or IPv6Address, got {self.address!r}")
-        if self.address.version == 6 and self.address.ipv4_mapped is not None:
+        # type(), not the .version property: Endpoints are made several times a connection.
+        if type(self.address) is ipaddress.IPv6Address and self.address.ipv4_mapped is not None:
             raise ValueError(f"{self.address} is an IPv4 peer: give it as an IPv4Address")
         if not isinstance(self.port, int) or isinstance(self.port, bool) or not 0 <= self.port <= PORT_MAX:
             raise ValueError(f"port must be 0..65535, got {self.port!r}")
 
+    def __hash__(self) -> int:
+        # Flow keys are hashed tens of times per connection. The generated
+        # hash would call IPv4Address.__hash__, which hashes the hex string
+        # of the address (three Python calls); the integer itself is as
+        # good a key (an IPv4 and an IPv6 address of one integer merely
+        # share a bucket: they are not equal).
+        return hash((self.address._ip, self.port))
+
     def __str__(self) -> str:
-        if self.address.version == 6:
+        if type(self.address) is ipaddress.IPv6Address:
             return f"[{self.address}]:{self.port}"
         return f"{self.address}:{self.port}"
 

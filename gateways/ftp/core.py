@@ -57,6 +57,9 @@ The dialogue, in order (RFC 959 section 5.4, lock-step with pipelining):
    PORT to the client's side; after its 200 two REDIRECTs (the server's
    side, then the client's, sharing a ``pair``) and then the 227/229 for S'
    (``_translate``): the adapter joins the two connections.
+   ``data_mode = "passive"``: the reverse, a client's PORT/EPRT goes to the
+   server as PASV; after its 227 two ORIGINATE rules (the gateway opens
+   both connections, ``_passivate``) and then the client's 200.
 7. Each rule request replaces the session's earlier rules (the processor
    ends them, RULE_END SUPERSEDED): only the latest data command's port is open.
 
@@ -164,7 +167,8 @@ class _Pending:
     verb: str = ""
     role: Role = Role.PLAIN
     plan: _Plan | None = None  # PORT/EPRT: the rule the 200 will confirm
-    translated: Role | None = None  # a client's PASV/EPSV sent on as a PORT (``data_mode = "active"``)
+    # A client's PASV/EPSV sent on as a PORT (``data_mode = "active"``), or its PORT/EPRT as a PASV ("passive")
+    translated: Role | None = None
     local: bytes | None = None  # a reply of the gateway's, sent when it reaches the head
 
 
@@ -389,6 +393,9 @@ class FtpControl:
         if at.port < FIRST_DATA_PORT:
             self._bad_command(verb, 501, f"{verb} port must be {FIRST_DATA_PORT} or above.", "privileged_port", port=at.port)
             return
+        if self.policy.data_mode is DataMode.PASSIVE and p.client_seen_as is not None:
+            self._passivate(verb, at)
+            return
         if p.client_seen_as is None:
             self._event("refused.active_unavailable", verb=verb)
             self._local(b"502 Active mode is not available through this firewall; use passive mode (PASV).")
@@ -445,6 +452,22 @@ class FtpControl:
         self._setups += 1
         self._to_server(f"PORT {format_port(toward_server)}".encode("ascii") + CRLF)
         return True
+
+    def _passivate(self, verb: str, at: Endpoint) -> None:
+        """``data_mode = "passive"``: the client's PORT/EPRT (checked) goes to the server as a PASV.
+
+        After the server's 227 the gateway opens both data connections itself
+        (two ORIGINATE rules sharing a ``pair``, ``_passive_reply``): one to
+        the server's port, leaving the router as the client the server knows
+        (C, or W), one to the client's port, leaving it as S', the address
+        the client addressed. Only then the client gets its 200.
+        """
+        p = self.parties
+        client_side = _Plan(Direction.ACTIVE, Endpoint(p.client_addressed, 0), at, RuleMode.ORIGINATE, next(self._pairs))
+        self._event("data.translated", verb=verb, port=at.port)
+        self._pending.append(_Pending("PASV", Role.PASV, client_side, translated=Role.PORT if verb == "PORT" else Role.EPRT))
+        self._setups += 1
+        self._to_server(b"PASV" + CRLF)
 
     def _auth(self, verb: str, arg: bytes | None) -> None:
         if not self.policy.auth_tls:
@@ -661,6 +684,12 @@ class FtpControl:
         if port < FIRST_DATA_PORT:
             self._event("refused.privileged_port", port=port, verb=pending.verb)
             return self._not_acted(code, "privileged passive port", b"425 The server named a port below 1024.")
+        if pending.translated is not None:  # data_mode passive: the gateway opens both (``_passivate``)
+            assert pending.plan is not None and p.client_seen_as is not None
+            server_side = _Plan(Direction.PASSIVE, Endpoint(p.client_seen_as, 0), Endpoint(p.server, port),
+                                RuleMode.ORIGINATE, pending.plan.pair)
+            self._ask([server_side, pending.plan], f"200 {pending.translated.name} command successful.".encode("ascii") + CRLF)
+            return True
         # The client connects to the address it already uses for the control
         # connection (S'); the processor maps it to the server, keeping the port.
         announce = Endpoint(p.client_addressed, port)

@@ -34,7 +34,12 @@ A translated data connection (``data_mode = "active"``: the client passive,
 the server active) is two REDIRECTs that share a ``pair``: both peers
 connect to the gateway, the client to S':p, the server to C:p (or W:p), and
 the first to arrive waits (at most the rule's TTL) for the other; then the
-two accepted connections are relayed to each other, with no leg B.
+two accepted connections are relayed to each other, with no leg B. The
+reverse (``data_mode = "passive"``: the client active, the server passive)
+is two ORIGINATE rules sharing a ``pair``: once both are granted the
+gateway connects to the client's C:q, then to the server's S:p
+(``open_pair``), and relays the two; the processor makes each leave the
+router as the address its peer expects.
 """
 
 from __future__ import annotations
@@ -130,6 +135,7 @@ class FtpGateway(TcpGateway):
         self._data = 0
         self._expected: dict[ExpectKey, _Expectation] = {}
         self._meetings: dict[tuple[int, int], _Meeting] = {}  # (session flow id, pair) -> the first side
+        self._opened: set[asyncio.Task[None]] = set()  # data_mode passive: pairs the gateway opened
 
     @classmethod
     def for_gateway(cls, layer: GatewayLayer, gw: Manifest, listen: Endpoint, log: EventLog) -> "FtpGateway":
@@ -294,6 +300,94 @@ class FtpGateway(TcpGateway):
             self._data -= 1
 
 
+    def open_pair(self, session: "_Session", server_rule: RequestRule, client_rule: RequestRule) -> None:
+        """``data_mode = "passive"``: both ORIGINATE rules of a pair are granted; open and join them."""
+        task = asyncio.create_task(self._open_pair(session, server_rule, client_rule))
+        self._opened.add(task)
+        task.add_done_callback(self._opened.discard)
+
+    async def _open_pair(self, session: "_Session", server_rule: RequestRule, client_rule: RequestRule) -> None:
+        """Connect to the client's PORT, then to the server's passive port, and relay the two.
+
+        The processor makes each leave the router as the address its peer
+        expects (ORIGINATE, docs/signalling.md). The client's side first: the
+        server sends a file as soon as its side is open, and would report it
+        delivered (226) with the bytes still in the gateway. A client that
+        does not accept within ``connect_timeout`` (at most half of
+        ``data_rule_ttl``, so the server's rule is still there) gets nothing,
+        and the server's side is never opened: the server sees what a
+        passive client that never connects shows it, and fails the transfer
+        after its own accept timeout (vsftpd: 425); the server's rule ends
+        at its TTL. Opening it to reset it would race the server's write:
+        a small file fits in the socket buffers and is reported delivered.
+        """
+        loop = asyncio.get_running_loop()
+        wait = min(self.settings.connect_timeout, self.settings.data_rule_ttl / 2)
+
+        async def connect(to: Endpoint) -> socket.socket:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await asyncio.wait_for(loop.sock_connect(sock, (str(to.address), to.port)), wait)
+            except BaseException:
+                reset_socket(sock)
+                raise
+            return sock
+
+        fields: dict[str, Any] = {"session": f"{session.flow.flow_id:#x}", "client": client_rule.dst,
+                                  "server": server_rule.dst, "inspect": client_rule.inspect, "opened": True}
+        try:
+            a = await connect(client_rule.dst)  # the client's
+        except (OSError, asyncio.TimeoutError) as exc:
+            self.counters["data.connect_failed"] += 1
+            self.log.emit("data", reason="connect_failed", detail=repr(exc), waited="client", **fields)
+            return
+        try:
+            b = await connect(server_rule.dst)  # the server's
+        except (OSError, asyncio.TimeoutError) as exc:
+            self.counters["data.connect_failed"] += 1
+            self.log.emit("data", reason="connect_failed", detail=repr(exc), waited="server", **fields)
+            reset_socket(a)
+            return
+        except BaseException:
+            reset_socket(a)
+            raise
+        self._data += 1
+        self.counters["data.accepted"] += 1
+        started = loop.time()
+        try:
+            inspector = None
+            if client_rule.inspect and self.hook is not None:
+                parties = session.parties
+                try:
+                    inspector = self.hook(Transfer(Direction.ACTIVE.value, parties.client, parties.server, session.flow))
+                except Exception as exc:  # a broken hook stops the transfer: nothing passes unchecked
+                    self.counters["data.hook_failed"] += 1
+                    self.log.emit("data", logging.ERROR, reason="hook_failed", detail=repr(exc), **fields)
+                    reset_socket(a)
+                    reset_socket(b)
+                    return
+            core = data_core(loop.time(), passive=True, inspector=inspector,
+                             max_bytes=self.settings.max_transfer_bytes if client_rule.inspect else 0,
+                             idle_timeout=self.settings.idle_timeout)
+            session.transfers.add(core)
+            try:
+                outcome = await self._relay_legs(core, a, b, None)  # type: ignore[arg-type]
+            finally:
+                session.transfers.discard(core)
+                session.touch()
+            to_client, to_server = transferred(core, True)
+            self.counters[f"data.closed.{outcome.reason}"] += 1
+            self.counters["bytes.data_to_client"] += to_client
+            self.counters["bytes.data_to_server"] += to_server
+            level = logging.WARNING if outcome.reason in ("limit", "hook") else logging.INFO
+            detail = {"detail": outcome.detail} if outcome.detail else {}
+            self.log.emit("data", level, reason=outcome.reason, to_client=to_client,
+                          to_server=to_server, duration=loop.time() - started, **detail, **fields)
+        finally:
+            self._data -= 1
+
+
 class _Session:
     """One control connection: two legs and the core between them."""
 
@@ -314,6 +408,8 @@ class _Session:
         # Its data connections now relayed: while bytes move on them, the
         # control connection is quiet but not idle.
         self.transfers: set[RelayCore] = set()
+        # data_mode passive: the granted ORIGINATE rule of each pair, until its other side's
+        self._originated: dict[int, RequestRule] = {}
 
     def touch(self) -> None:
         self._last = asyncio.get_running_loop().time()
@@ -459,6 +555,13 @@ class _Session:
                         src=rule.src, dst=rule.dst, why=str(exc))
             if exp is not None:
                 gw._unexpect(exp, "refused")
+        if granted and rule.mode is RuleMode.ORIGINATE:
+            other = self._originated.pop(rule.pair, None)
+            if other is None:
+                self._originated = {rule.pair: rule}  # only the latest pair: a newer PORT supersedes
+            elif not self._closing.is_set():
+                server_rule, client_rule = (other, rule) if other.direction is Direction.PASSIVE else (rule, other)
+                gw.open_pair(self, server_rule, client_rule)
         if not self._closing.is_set():
             await self._do(self.core.rule_answered(rule.token, granted))
 

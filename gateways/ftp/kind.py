@@ -17,7 +17,7 @@ from gateways.kind import Kind
 
 FtpVerb = String(r"[A-Za-z]{3,4}", "an FTP command (3 or 4 letters, RFC 959 section 5.3.1)")
 DataChannel = Choice("allow", "inspect")
-DataMode = Choice("keep", "active")
+DataMode = Choice("keep", "active", "passive")
 AuthTls = Choice("refuse", "allow")
 HookName = String(r"([A-Za-z_][\w.]*:[A-Za-z_]\w*)?", "module:function")
 
@@ -47,7 +47,8 @@ class FtpSettings(Frozen):
         "the router's address); inspect: all through the gateway")
     data_mode: DataMode = Field(
         "keep", description="keep: the client's mode; active: a client's PASV/EPSV reaches the server as PORT "
-        "(an active-only server), both data connections through the gateway")
+        "(an active-only server); passive: a client's PORT/EPRT reaches the server as PASV (a passive-only "
+        "server), the gateway opens both data connections; translated ones run through the gateway")
     translated_ports: DataPorts = Field(
         PortRange(32768, 60999), description="data_mode active: the ports the gateway announces for a translated "
         "data connection, to the server (at the client's side) and to the client (at S')")
@@ -72,7 +73,7 @@ class FtpSettings(Frozen):
     max_sessions: Int(1, 1_000_000) = Field(256, description="concurrent control sessions; more are refused (RST)")
     idle_timeout: Number(1, 86400) = Field(
         900.0, description="seconds without traffic before a session is closed, or a relayed data connection reset")
-    connect_timeout: Number(0.1, 300) = Field(10.0, description="seconds to open a connection to the server")
+    connect_timeout: Number(0.1, 300) = Field(10.0, description="seconds to open a connection to the server; data_mode passive: also each data connection the gateway opens, at most half of data_rule_ttl")
     mask_private_addresses: Bool = Field(
         True, description="sessions through a port forward: the server's address in a reply becomes the address "
         "the client connected to, other private addresses (RFC 1918, RFC 6598, link-local) 0.0.0.0")
@@ -83,7 +84,7 @@ class FtpSettings(Frozen):
 KIND = Kind(
     "ftp", ("tcp",), FtpSettings, gateway="gateways.ftp.gateway:FtpGateway.for_gateway",
     # Its data connections: through the gateway (inspect) or the kernel (allow).
-    rule_modes=frozenset({RuleMode.REDIRECT, RuleMode.ALLOW}),
+    rule_modes=frozenset({RuleMode.REDIRECT, RuleMode.ALLOW, RuleMode.ORIGINATE}),
     # Sessions are independent (a REDIRECTed data connection comes back to
     # the worker that asked for it): several workers, one crash cuts one's.
     workers=True,

@@ -37,6 +37,7 @@ class DataMode(enum.Enum):
 
     KEEP = "keep"  # the client's choice, passed on
     ACTIVE = "active"  # a client's PASV/EPSV goes to the server as PORT; the gateway joins the two connections
+    PASSIVE = "passive"  # a client's PORT/EPRT goes to the server as PASV; the gateway opens and joins the two
 
 
 class Direction(enum.Enum):

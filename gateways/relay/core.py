@@ -56,6 +56,11 @@ class Side(enum.Enum):
     A = "a"  # leg A: the connection the gateway accepted
     B = "b"  # leg B: the connection the gateway opened
 
+    # Sides key the relay's per-leg tables, several look-ups a chunk; a
+    # member is its own only instance, so identity is its hash (Enum's
+    # own hashes the name in Python).
+    __hash__ = object.__hash__
+
     @property
     def other(self) -> "Side":
         return _OTHER[self]

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from gateways.layer import Hold
+from gateways.layer.outputs import EndCause
 from gateways.relay.core import (
     TICK,
     Abort,
@@ -153,22 +154,25 @@ class Relay:
         return {side: leg.pipe_r >= 0 for side, leg in self._legs.items()}
 
     async def run(self, hold: Hold | None = None) -> Done:
-        """Relay until the core is done; ``hold.ended`` (the processor ended the flow) aborts it."""
-        watch: asyncio.Future[Any] | None = None
-        if hold is not None:
-            watch = asyncio.ensure_future(hold.ended.wait())
-            watch.add_done_callback(lambda t: t.cancelled() or self.abort("flow_end", _cause(hold)))
+        """Relay until the core is done; the processor ending ``hold``'s flow aborts it.
+
+        The end comes by ``hold.notify`` (no task per connection waiting on
+        ``hold.ended``), which replaces any ``on_end`` the hold had."""
         try:
             self._arm()
             self._feed_all()
+            if hold is not None:
+                hold.notify(self._flow_ended)
             return await self._done
         except asyncio.CancelledError:
             self.abort("shutdown")
             raise
         finally:
-            if watch is not None:
-                watch.cancel()
             self._release()
+
+    def _flow_ended(self, cause: EndCause) -> None:
+        if not self._done.done():  # a flow's end after the relay's is nothing to abort
+            self.abort("flow_end", cause.value)
 
     def abort(self, reason: str, detail: str = "") -> None:
         """End the relay from outside: both legs are reset."""
@@ -320,8 +324,3 @@ class Relay:
                 if fd >= 0:
                     os.close(fd)
             leg.pipe_r = leg.pipe_w = -1
-
-
-def _cause(hold: Hold) -> str:
-    return hold.cause.value if hold.cause is not None else ""
-

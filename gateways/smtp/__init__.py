@@ -13,9 +13,13 @@ out through masquerade (outbound).
 - ``lines``: command lines, paths, parameters and replies, parsed strictly
   and written anew; the EHLO reply rebuilt from the allow-list.
 - ``data``: the message content after 354: the strict end of data, dots,
-  line ends, size; what makes it immune to SMTP smuggling.
+  line ends, size; what makes it immune to SMTP smuggling. ``Chunks``: the
+  same line rules on BDAT chunks (RFC 3030), checked as they stream.
 - ``model``: the core's ``Policy`` and its outputs.
 - ``policy``: the config's domain lists as the core's hooks.
+- ``replies``: the gateway's own replies (code, enhanced code, text).
+- ``chunking``: CHUNKING (RFC 3030): BDAT's command, chunks and replies,
+  a mixin of ``SmtpRelay``.
 - ``core``: ``SmtpRelay``, the sans-IO session: bytes from each peer in,
   bytes, TLS steps, closes and events out.
 - ``gateway``: ``SmtpGateway``, the asyncio adapter on the shared layer.

@@ -50,6 +50,7 @@ COMMANDS: Mapping[str, Spec] = MappingProxyType({
     "MAIL": Spec(_R, False, False, "MAIL FROM:<reverse-path> [params]: start a transaction (4.1.1.2)"),
     "RCPT": Spec(_R, False, False, "RCPT TO:<forward-path> [params]: one recipient (4.1.1.3)"),
     "DATA": Spec(_N, True, True, "DATA: the content follows the 354 reply (4.1.1.4)"),
+    "BDAT": Spec(_R, False, False, "BDAT <size> [LAST]: <size> bytes of content follow (RFC 3030); with CHUNKING"),
     "RSET": Spec(_N, False, False, "RSET: abort the transaction (4.1.1.5)"),
     "VRFY": Spec(_R, False, False, "VRFY <string>: verify a user (4.1.1.6); per policy"),
     "EXPN": Spec(_R, False, False, "EXPN <string>: expand a list (4.1.1.7); per policy"),
@@ -61,7 +62,6 @@ COMMANDS: Mapping[str, Spec] = MappingProxyType({
 
 # Verbs of real SMTP extensions the gateway does not relay: 502, counted.
 REFUSED: Mapping[str, str] = MappingProxyType({
-    "BDAT": "CHUNKING is not offered (RFC 3030)",
     "AUTH": "AUTH is not offered (RFC 4954)",
     "TURN": "TURN is obsolete (RFC 5321 section F.1)",
     "ATRN": "ATRN is not offered (RFC 2645)",
@@ -94,4 +94,5 @@ EXTENSIONS: Mapping[str, Extension] = MappingProxyType({
     "SMTPUTF8": Extension(frozenset({"SMTPUTF8"}), frozenset(), "RFC 6531"),
     "DSN": Extension(frozenset({"RET", "ENVID"}), frozenset({"NOTIFY", "ORCPT"}), "RFC 3461"),
     "STARTTLS": Extension(frozenset(), frozenset(), "RFC 3207"),
+    "CHUNKING": Extension(frozenset(), frozenset(), "RFC 3030"),
 })

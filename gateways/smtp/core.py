@@ -33,6 +33,16 @@ outputs (``model``) that a thin adapter carries out in order.
 5. After 354 the gateway reads the content itself (``data.Content``): the
    end is CRLF.CRLF and nothing else, lines are un-dotted and re-dotted,
    and the gateway writes its own end-of-data.
+6. CHUNKING (RFC 3030), when the policy lists it and the server offers it:
+   ``BDAT <size> [LAST]`` is forwarded like a command, then the next
+   <size> client bytes are the chunk, streamed to the server as they come
+   (never buffered whole), checked by ``data.Chunks`` and counted against
+   the message size before a byte of them is read (552 and close: the
+   gateway will not read a chunk it refuses). BDAT may be pipelined
+   (section 4.2); a BDAT out of sequence gets 503 and its chunk is read and
+   dropped, so chunk bytes are never taken for commands (section 2).
+   The BDAT handling is the ``chunking`` mixin's; the gateway's own replies
+   are in ``replies``.
 
 Every input ends in a reply, a close or a wait for more bytes: no exception
 escapes for any bytes (tests fuzz both sides with Hypothesis). Buffers are
@@ -45,8 +55,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from gateways.smtp.chunking import Chunking
 from gateways.smtp.commands import COMMANDS, EXTENSIONS, REFUSED, Arg
-from gateways.smtp.data import Content
+from gateways.smtp.data import Chunks, Content
 from gateways.smtp.lines import (
     Malformed,
     Path,
@@ -60,7 +71,12 @@ from gateways.smtp.lines import (
     split_command,
 )
 from gateways.smtp.model import Close, Event, Opaque, Output, Policy, Reply, StartTls, ToClient, ToServer
-from gateways.smtp.state import END_OF_DATA, GREETING, State, after, in_sequence
+from gateways.smtp.replies import (
+    BAD_ARGUMENT, BAD_PARAMETER, BAD_SEQUENCE, BARE_LINE_END, EARLY_TALKER, LINE_TOO_LONG, NO_EXPN, NO_RELAY,
+    NO_STARTTLS, NO_VRFY, PIPELINED_AFTER_DATA, PIPELINED_AFTER_STARTTLS, SERVER_GONE, SERVER_REFUSED, START_TLS,
+    TLS_FAILED, TOO_BIG, TOO_MANY_ERRORS, TOO_MANY_MESSAGES, TOO_MANY_RECIPIENTS, TOO_MUCH_INPUT, UNRECOGNIZED,
+)
+from gateways.smtp.state import BDAT_LAST, END_OF_DATA, GREETING, State, after, in_sequence
 
 # Bytes a client may send while the core does not read its lines (a sync
 # command's reply is awaited). RFC 2920 clients send one group, a few KB.
@@ -80,30 +96,6 @@ MAX_REPLY_LINES = 64
 # EHLO/HELO argument: a domain or an address literal (section 4.1.1.1), at most 255 octets.
 MAX_HELO = 255
 
-# The gateway's own replies (RFC 5321 section 4.2, RFC 3463 enhanced codes).
-UNRECOGNIZED = Reply(500, "5.5.2", "Syntax error, command unrecognized")
-LINE_TOO_LONG = Reply(500, "5.5.6", "Line too long (RFC 5321 section 4.5.3.1.4)")
-BARE_LINE_END = Reply(500, "5.5.2", "Bare CR or LF in a command")
-BAD_ARGUMENT = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
-BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
-BAD_PARAMETER = Reply(555, "5.5.4", "MAIL FROM/RCPT TO parameters not recognized or not implemented")
-TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
-TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
-TOO_MANY_MESSAGES = Reply(452, "4.7.1", "Too many messages in this session")
-NO_RELAY = Reply(550, "5.7.1", "Relay access denied")
-NO_VRFY = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
-NO_EXPN = Reply(502, "5.5.1", "EXPN not available")
-NO_STARTTLS = Reply(502, "5.5.1", "STARTTLS not available")
-TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors; closing")
-EARLY_TALKER = Reply(554, "5.5.0", "Client spoke before the greeting; closing")
-PIPELINED_AFTER_DATA = Reply(554, "5.5.0", "Commands pipelined after DATA; closing")
-PIPELINED_AFTER_STARTTLS = Reply(554, "5.5.0", "Commands pipelined after STARTTLS; closing")
-TOO_MUCH_INPUT = Reply(421, "4.7.0", "Too much pipelined input; closing")
-SERVER_REFUSED = Reply(421, "4.4.0", "The server's reply was refused; closing")
-SERVER_GONE = Reply(421, "4.4.2", "The server closed the connection")
-TLS_FAILED = Reply(421, "4.7.0", "TLS towards the server failed; closing")
-START_TLS = Reply(220, "2.0.0", "Ready to start TLS")
-
 
 @dataclass
 class _Pending:
@@ -112,10 +104,10 @@ class _Pending:
     verb: str
     local: bytes | None = None
     path: Path | None = None
-    size: int = 0  # END_OF_DATA: the content's size, for the log
+    size: int = 0  # END_OF_DATA, BDAT_LAST: the content's size, for the log
 
 
-class SmtpRelay:
+class SmtpRelay(Chunking):
     """One SMTP session between a client and its server (module docstring)."""
 
     def __init__(self, policy: Policy = Policy()) -> None:
@@ -129,6 +121,11 @@ class SmtpRelay:
         self._held: str | None = None  # the sync command whose reply is awaited
         self._reply: list[ReplyLine] = []
         self._content: Content | None = None
+        self._chunk_left = 0  # bytes of the current BDAT chunk still to come
+        self._chunk_forward = False  # the current chunk goes to the server (else: dropped after a 503)
+        self._chunk_last = False  # the current chunk is the LAST one
+        self._chunked = 0  # this transaction's chunk bytes, the current chunk's included
+        self._chunks: Chunks | None = None  # this transaction's BDAT content check
         self.offered: frozenset[str] = frozenset()
         self.size_limit = policy.max_message_size
         self._in_flight = 1  # commands at the server, the greeting included
@@ -177,6 +174,12 @@ class SmtpRelay:
             self._violation(EARLY_TALKER, "refused.early_talker")
         elif self._content is not None:
             self._feed_content(data)
+        elif self._chunk_left and not self._client_buf:
+            n = self._chunk_left
+            self._chunk_piece(data[:n])  # the whole input, not a copy, when the chunk takes it all
+            if len(data) > n and self.state is not State.CLOSED:
+                self._client_buf += data[n:]
+                self._read_commands()
         elif self._held in ("DATA", "STARTTLS"):
             self._violation(PIPELINED_AFTER_DATA if self._held == "DATA" else PIPELINED_AFTER_STARTTLS,
                             f"refused.pipelined_after_{self._held.lower()}")
@@ -308,6 +311,13 @@ class SmtpRelay:
         limit = self.policy.max_command_line
         self._more = False
         while self.state is not State.CLOSED and self._content is None and self._held is None:
+            if self._chunk_left:  # a chunk's bytes: never lines, whatever the limits on commands
+                if not buf:
+                    break
+                piece = bytes(buf[: self._chunk_left])
+                del buf[: len(piece)]
+                self._chunk_piece(piece)
+                continue
             if self._in_flight >= MAX_IN_FLIGHT:
                 break
             if self._answers >= MAX_ANSWERS_PER_TURN:
@@ -349,6 +359,9 @@ class SmtpRelay:
         if (spec.arg is Arg.NONE and arg) or (spec.arg is Arg.REQUIRED and not arg):
             self._bad_command(BAD_ARGUMENT, "refused.argument", verb=verb)
             return
+        if verb == "BDAT":
+            self._bdat(arg)
+            return
         if verb == "STARTTLS" and "STARTTLS" not in self.offered:
             if self._client_buf:
                 self._violation(PIPELINED_AFTER_STARTTLS, "refused.pipelined_after_starttls")
@@ -368,12 +381,12 @@ class SmtpRelay:
         else:
             self._forward(verb, verb.encode())
 
-    def _forward(self, verb: str, line: bytes, path: Path | None = None) -> None:
+    def _forward(self, verb: str, line: bytes, path: Path | None = None, size: int = 0) -> None:
         self._to_server(line + b"\r\n")
-        self._pending.append(_Pending(verb, path=path))
+        self._pending.append(_Pending(verb, path=path, size=size))
         self._in_flight += 1
         self._expected = after(self._expected, verb)
-        if COMMANDS[verb].sync:
+        if verb in _SYNC:
             self._held = verb
 
     def _cmd_ehlo(self, arg: bytes) -> None:
@@ -430,6 +443,8 @@ class SmtpRelay:
                 return
         self.messages += 1
         self._recipients = 0
+        self._chunked = 0
+        self._chunks = None
         self._forward("MAIL", b"MAIL FROM:" + path.wire + format_params(path.params), path)
 
     def _cmd_rcpt(self, arg: bytes) -> None:
@@ -662,3 +677,5 @@ _CMD = {verb: getattr(SmtpRelay, f"_cmd_{verb.lower()}") for verb in COMMANDS
 _REPLY = {verb: getattr(SmtpRelay, f"_reply_{verb.lower().strip('<>').replace('-', '_')}")
           for verb in (*COMMANDS, GREETING, END_OF_DATA)
           if hasattr(SmtpRelay, f"_reply_{verb.lower().strip('<>').replace('-', '_')}")}
+_REPLY[BDAT_LAST] = SmtpRelay._reply_bdat
+_SYNC = frozenset(verb for verb, spec in COMMANDS.items() if spec.sync)

@@ -22,8 +22,8 @@ DOMAIN_PATTERN = r"\*|\.?[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-
 ADDRESS_PATTERN = r"[^@\s]{1,64}@(" + DOMAIN_PATTERN + r")|" + DOMAIN_PATTERN
 
 # The extensions the gateway can check (docs/smtp.md, "Extensions"); STARTTLS
-# has its own setting and CHUNKING needs BDAT, which the gateway does not relay.
-KNOWN_EXTENSIONS = ("SIZE", "8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES", "SMTPUTF8", "DSN")
+# has its own setting. CHUNKING brings BDAT (RFC 3030), relayed by the core.
+KNOWN_EXTENSIONS = ("SIZE", "8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES", "SMTPUTF8", "DSN", "CHUNKING")
 
 Domain = String(rf"(?=.{{1,255}}$)({DOMAIN_PATTERN})", 'a mail domain ("example.com", ".example.com" or "*")')
 Address = String(rf"(?=.{{1,320}}$)({ADDRESS_PATTERN})", "an address (local@domain) or a mail domain")
@@ -48,7 +48,7 @@ class SmtpSettings(Frozen):
     extensions: ListOf(Extension) = Field(
         ("SIZE", "8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES"),
         description="EHLO keywords passed on when the server offers them (SIZE, 8BITMIME, PIPELINING, "
-        "ENHANCEDSTATUSCODES, SMTPUTF8, DSN); every other is removed")
+        "ENHANCEDSTATUSCODES, SMTPUTF8, DSN, CHUNKING); every other is removed")
     allow_vrfy: Bool = Field(False, description="forward VRFY (RFC 5321 section 7.3); else the gateway answers 252")
     allow_expn: Bool = Field(False, description="forward EXPN (RFC 5321 section 7.3); else the gateway answers 502")
     max_command_line: Int(512, 65536) = Field(512, description="bytes of a command line with CRLF (RFC 5321 section 4.5.3.1.4)")

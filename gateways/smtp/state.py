@@ -25,6 +25,15 @@ leads to; a verb not in the row of ``expected`` is out of sequence (503).
 nothing, except RSET, which ends a transaction (its own row entries).
 ``GREETING`` and ``END_OF_DATA`` are the two events that are not commands:
 the server's greeting, and the reply to the end of a message's content.
+
+CHUNKING (RFC 3030): ``BDAT <size>`` is valid once a recipient is in
+(``RCPT``) and leads to ``BDAT``, where only more chunks, RSET and the
+ANYTIME verbs are in sequence: DATA, MAIL and RCPT get 503 (section 2, no
+mixing of BDAT and DATA). ``BDAT <size> LAST`` (the pseudo-verb
+``BDAT_LAST``) ends the transaction (``READY``). A chunk the server
+refuses leaves the session in ``BDAT_FAILED`` (the core sets it), where
+the client must RSET (or EHLO/HELO) before anything else of a transaction
+(section 2: "MUST NOT send any additional BDAT segments").
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ class State(enum.Enum):
     MAIL = "mail"  # MAIL accepted: RCPT next
     RCPT = "rcpt"  # at least one RCPT accepted: more RCPT, or DATA
     DATA = "data"  # 354 given: message content up to CRLF.CRLF (section 4.1.1.4)
+    BDAT = "bdat"  # chunks accepted, no LAST yet (RFC 3030 section 2)
+    BDAT_FAILED = "bdat_failed"  # the server refused a chunk: RSET first (RFC 3030 section 2)
     TLS = "tls"  # STARTTLS answered 220: a handshake, or bytes only (RFC 3207 section 4.2)
     CLOSED = "closed"
 
@@ -49,6 +60,7 @@ class State(enum.Enum):
 
 GREETING = "<greeting>"
 END_OF_DATA = "<end-of-data>"
+BDAT_LAST = "BDAT LAST"  # the last chunk's command: its reply ends the transaction
 
 S = State
 TRANSITIONS: dict[State, dict[str, State]] = {
@@ -56,8 +68,11 @@ TRANSITIONS: dict[State, dict[str, State]] = {
     S.INIT: {"EHLO": S.READY, "HELO": S.READY, "RSET": S.INIT},
     S.READY: {"EHLO": S.READY, "HELO": S.READY, "RSET": S.READY, "MAIL": S.MAIL, "STARTTLS": S.TLS},
     S.MAIL: {"EHLO": S.READY, "HELO": S.READY, "RSET": S.READY, "RCPT": S.RCPT},
-    S.RCPT: {"EHLO": S.READY, "HELO": S.READY, "RSET": S.READY, "RCPT": S.RCPT, "DATA": S.DATA},
+    S.RCPT: {"EHLO": S.READY, "HELO": S.READY, "RSET": S.READY, "RCPT": S.RCPT, "DATA": S.DATA,
+             "BDAT": S.BDAT, BDAT_LAST: S.READY},
     S.DATA: {END_OF_DATA: S.READY},
+    S.BDAT: {"EHLO": S.READY, "HELO": S.READY, "RSET": S.READY, "BDAT": S.BDAT, BDAT_LAST: S.READY},
+    S.BDAT_FAILED: {"EHLO": S.READY, "HELO": S.READY, "RSET": S.READY},
     S.TLS: {},
     S.CLOSED: {},
 }
@@ -67,7 +82,7 @@ ANYTIME = frozenset({"NOOP", "QUIT", "VRFY", "EXPN", "HELP", "RSET"})
 
 # States in which the core reads command lines (DATA reads content; TLS and
 # CLOSED read nothing of the client's as commands).
-COMMAND_STATES = frozenset({S.INIT, S.READY, S.MAIL, S.RCPT})
+COMMAND_STATES = frozenset({S.INIT, S.READY, S.MAIL, S.RCPT, S.BDAT, S.BDAT_FAILED})
 
 
 def after(state: State, verb: str) -> State:

@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from firewall.config import model
+from firewall.config.ha import Ha
 from firewall.fields import PortRange
 from gateways.kinds import KINDS
 
@@ -28,6 +29,7 @@ SECTIONS = {
     "[supervisor]": model.Supervisor,
     "[log]": model.Log,
     "[metrics]": model.Metrics,
+    "[ha]": Ha,
 }
 
 

@@ -80,7 +80,7 @@ def test_an_invalid_document_fails(validator: Draft202012Validator, change: tupl
 def test_it_names_the_toml_keys_with_their_meaning(validator: Draft202012Validator) -> None:
     schema = validator.schema
     assert {"zones", "policy", "rule", "nat", "processor", "gateway_link", "signalling", "gateway", "supervisor", "log",
-            "metrics"} == set(
+            "metrics", "ha"} == set(
         schema["properties"]
     )
     rule = schema["$defs"]["FilterRule"]["properties"]

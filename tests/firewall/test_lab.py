@@ -519,7 +519,7 @@ def test_cli_list_and_help_need_no_lab():
     runner = CliRunner()
     listed = runner.invoke(lab_group, ["list"])
     assert listed.exit_code == 0, listed.output
-    assert [line.split()[0] for line in listed.output.splitlines()][:3] == ["basic", "dual", "nat-tunnel"]
+    assert [line.split()[0] for line in listed.output.splitlines()][:3] == ["basic", "dual", "ha"]
     for command in ("up", "down", "status", "exec", "list"):
         helped = runner.invoke(lab_group, [command, "--help"])
         assert helped.exit_code == 0 and "Example:" in helped.output, command

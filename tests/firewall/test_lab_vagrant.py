@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from firewall.lab.netns import Lab, inspect_namespace
-from firewall.lab.topology import REPO, list_topologies, load_topology, parse_topology
+from firewall.lab.topology import BRIDGE, REPO, list_topologies, load_topology, parse_topology
 from firewall.lab.vagrant import UDP_TUNNEL_BASE, main, plan
 from tests.firewall.run_harness import Server, probe
 
@@ -69,7 +69,10 @@ def test_the_plan_has_the_topologys_hosts_links_and_addresses(name: str) -> None
         for nic in host["nics"]:
             v = nic["vagrant"]
             assert v["auto_config"] is False  # the script configures the NIC, as it does in the netns test
-            assert f"{v['ip']}/" in nic["addresses"][0]
+            if topo.host(host["name"]).bridge:
+                assert "ip" not in v and not nic["addresses"]  # a switch's port is unnumbered
+            else:
+                assert f"{v['ip']}/" in nic["addresses"][0]
             assert v["mac"] == nic["mac"].replace(":", "").upper()
         assert host["setup"] == (host["router"] and topo.config is not None)
 
@@ -179,7 +182,8 @@ def bare_topology(p: dict[str, Any]) -> Any:
 
 
 def by_mac(info: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {i["mac"]: i for i in info["interfaces"]}
+    # A switch's bridge takes its first port's MAC: the port is the lab's NIC.
+    return {i["mac"]: i for i in info["interfaces"] if i["ifname"] != BRIDGE}
 
 
 def basic_traffic(lab: Lab) -> dict[str, Any]:
@@ -222,7 +226,19 @@ def dual_traffic(lab: Lab) -> dict[str, Any]:
     }
 
 
+def ha_traffic(lab: Lab) -> dict[str, Any]:
+    """The ha lab's switches: each segment's host reaches both routers through its bridge,
+    and the sync link joins the routers (no router holds a virtual address yet)."""
+    return {
+        "client-r1": lab.ping("client", "192.168.1.2"), "client-r2": lab.ping("client", "192.168.1.3"),
+        "server-r2": lab.ping("server", "203.0.113.3"), "ag-r1": lab.ping("ag", "172.31.253.2"),
+        "sync": lab.ping("r1", "172.31.252.2"), "client-vip": lab.ping("client", "192.168.1.1", count=1),
+    }
+
+
 TRAFFIC = {
+    "ha": (ha_traffic, {"client-r1": True, "client-r2": True, "server-r2": True, "ag-r1": True, "sync": True,
+                        "client-vip": False}),
     "basic": (basic_traffic, {"forward": "203.0.113.10", "masquerade": "203.0.113.1",
                               "ssh from wan": False, "ssh from lan": True}),
     "nat-tunnel": (nat_tunnel_traffic, {"masquerade": "198.51.100.1", "pub to priv": False}),

@@ -254,7 +254,7 @@ def test_header_checks() -> None:
     data = bytearray(encoder_for(NewFlow(FLOW)).encode(NewFlow(FLOW), T0))
     guard = guard_for(NewFlow(FLOW))
     assert guard.check(bytes(MIN_MESSAGE_SIZE - 1), T0) is Refusal.TOO_SHORT
-    assert VERSION == 4  # 4: 16-byte addresses, family 4 or 6 (docs/signalling.md, "Versions")
+    assert VERSION == 5  # 5: RULE_REQUEST mode 3, ORIGINATE (docs/signalling.md, "Versions")
     for version in (VERSION - 1, VERSION + 1):
         assert guard.check(bytes([version]) + bytes(data[1:]), T0) is Refusal.BAD_VERSION
     assert guard.check(bytes(data[:1]) + bytes([0]) + bytes(data[2:]), T0) is Refusal.UNKNOWN_TYPE
@@ -338,6 +338,39 @@ def test_the_most_copies_all_fold() -> None:
     results = [guard.check(data, T0) for data in reversed(copies)]
     assert isinstance(results[0], Received)
     assert results[1:] == [Refusal.DUPLICATE] * (MAX_COPIES - 1)
+
+
+def test_copies_after_the_first_skip_the_mac(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = NewFlow(FLOW)
+    copies = encoder_for(message).encode_copies(message, T0, 3)
+    guard = guard_for(message)
+    verified = []
+    real = Mac.verify
+    monkeypatch.setattr(Mac, "verify", lambda mac, data, tag: verified.append(data) or real(mac, data, tag))
+    assert isinstance(guard.check(copies[0], T0), Received)
+    assert guard.check(copies[1], T0) is Refusal.DUPLICATE
+    assert guard.check(copies[2], T0) is Refusal.DUPLICATE
+    assert len(verified) == 1
+
+
+def test_a_forged_copy_is_never_accepted() -> None:
+    message = NewFlow(FLOW)
+    first, second = encoder_for(message).encode_copies(message, T0, 2)
+    guard = guard_for(message)
+    assert isinstance(guard.check(first, T0), Received)
+    # The accepted content under another copy byte and a made-up MAC: folded
+    # as a copy, believed in nothing.
+    forged = bytearray(second)
+    forged[-MAC_SIZE:] = bytes(MAC_SIZE)
+    assert guard.check(bytes(forged), T0) is Refusal.DUPLICATE
+    assert guard.check(second, T0) is Refusal.REPLAY
+    # Other content under the accepted sequence number still needs the MAC.
+    altered = bytearray(second)
+    altered[HEADER_SIZE] ^= 1
+    assert guard.check(bytes(altered), T0) is Refusal.BAD_MAC
+    # A copy arriving after the replay window is stale, not folded.
+    third = encoder_for(message).encode_copies(message, T0, 3)[2]
+    assert guard.check(third, T0 + WINDOW + 1) is Refusal.STALE
 
 
 def test_buffers_other_than_bytes_are_accepted() -> None:
@@ -443,7 +476,7 @@ def _body(message: Message) -> bytearray:
         (MsgType.NEW_FLOW, 148 + 1, 1),  # snat (none):1: a port without an address
         (MsgType.FLOW_END, 8, 0),  # reason 0
         (MsgType.FLOW_END, 8, 6),  # reason 6: none yet
-        (MsgType.RULE_REQUEST, 18, 3),  # mode 3
+        (MsgType.RULE_REQUEST, 18, 4),  # mode 4 (3 is ORIGINATE, version 5)
         (MsgType.RULE_REQUEST, 19, 4),  # a reserved flag bit (bit 2; 0 and 1 are one-shot and replaces)
         (MsgType.RULE_REFUSED, 8, 99),
         (MsgType.RULE_REFUSED, 8, 9),  # one past OTHER_GATEWAY

@@ -181,7 +181,19 @@ MISTAKES = [
     (("config",), "../outside.toml", "config: '../outside.toml': use a relative path"),
     (("config",), "examples/lab/none.toml", "config: 'examples/lab/none.toml': no such file"),
     (("config",), 7, "config: expected a string"),
+    (("hosts", "ext"), {"bridge": True}, "hosts.ext.bridge: eth0 has addresses"),
+    (("hosts", "ext"), {"bridge": "yes"}, "hosts.ext.bridge: expected true or false"),
 ]
+
+
+def test_a_bridge_host_neither_forwards_nor_routes():
+    doc = _set(basic_doc(), ("hosts", "lan"), {"bridge": True, "forwarding": True})
+    doc["links"][1]["b"]["addresses"] = []
+    doc["routes"] = [{"host": "lan", "to": "10.9.0.0/16", "dev": "eth0"}]
+    assert problems_of(doc) == [
+        "hosts.lan.forwarding: a bridge host switches at layer 2: it does not forward",
+        "hosts.lan.bridge: a bridge host has no routes",
+    ]
 
 
 @pytest.mark.parametrize(("path", "value", "expected"), MISTAKES, ids=[m[2].split(":")[0] for m in MISTAKES])

@@ -6,6 +6,8 @@
 Client cases (anonymous login to vsftpd first, except ``before-greeting``):
 
 - ``replies LINE...``: send each line, collect each reply's first line.
+- ``never-accept MYADDR PORT``: PORT for MYADDR:PORT (whose SYNs its host
+  drops), RETR of pub/probe.bin; the reply codes, up to the final one.
 - ``split-port MYADDR``: a PORT line in two TCP segments, then RETR of
   pub/small.bin through it; returns the reply codes and the bytes' sha256.
 - ``third-host MYADDR THIRD``: PASV, then a connection to the 227 address
@@ -120,6 +122,17 @@ def client(case: str, server: str, args: list[str]) -> dict:
         c = Control(server)
         c.login()
         return {"replies": [c.send(line) for line in args]}
+    if case == "never-accept":
+        # PORT for a port whose SYNs the host drops, then RETR: the replies until a final one.
+        me, port = args[0], int(args[1])
+        c = Control(server)
+        c.login()
+        codes = [c.send(f"PORT {me.replace('.', ',')},{port >> 8},{port & 255}")[:3]]
+        c.sock.settimeout(60)
+        codes.append(c.send("RETR pub/probe.bin")[:3])
+        while codes[-1].startswith("1"):
+            codes.append(c.reply()[:3])
+        return {"codes": codes}
     if case == "split-port":
         me = args[0]
         listener = socket.create_server((me, 0))

@@ -24,6 +24,14 @@
         them (no progress for 2 s; 64 MB at most); prints {"port", "sent",
         "stalled"}, then reads until the end (SECONDS at most) and prints
         {"received"}.
+    smtp_client.py bdat HOST SENDER RECIPIENT CHUNK FILE...
+        CHUNKING (RFC 3030): one session, EHLO (CHUNKING must be offered),
+        then per file MAIL, RCPT and its bytes as BDAT chunks of CHUNK bytes,
+        the last one LAST, all pipelined (section 4.2) before any reply is
+        read; every reply must be 250; prints {"sent": n, "seconds": s}.
+    smtp_client.py bdat-rst HOST SENDER RECIPIENT SIZE SENT
+        MAIL, RCPT, "BDAT SIZE LAST" and SENT bytes of it, then a reset
+        (SO_LINGER 0); prints {"port"}.
     smtp_client.py rst-after-dot HOST SENDER RECIPIENT HEX
         MAIL, RCPT, DATA, the message HEX and its end of data, then a reset
         at once (SO_LINGER 0) before any reply is read; prints {"port"}.
@@ -41,6 +49,7 @@ import ssl
 import struct
 import sys
 import time
+from typing import Callable
 
 
 def send(host: str, sender: str, rcpt: str, mode: str, messages: list[bytes], cafile: str | None = None) -> dict:
@@ -230,6 +239,53 @@ def flood(host: str, seconds: float, sender: str, rcpt: str) -> dict:
     return {"received": got.decode("latin-1")}
 
 
+def _bdat_session(host: str) -> tuple[socket.socket, Callable[[], bytes]]:
+    sock = socket.create_connection((host, 25), timeout=30)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    f = sock.makefile("rb")
+
+    def reply() -> bytes:
+        lines = b""
+        while (line := f.readline())[3:4] == b"-":
+            lines += line
+        return lines + line
+
+    assert reply().startswith(b"220")
+    sock.sendall(b"EHLO client.example.org\r\n")
+    ehlo = reply()
+    assert ehlo.startswith(b"250") and b"CHUNKING" in ehlo, ehlo
+    return sock, reply
+
+
+def bdat(host: str, sender: str, rcpt: str, chunk: int, messages: list[bytes]) -> dict:
+    start = time.monotonic()
+    sock, reply = _bdat_session(host)
+    for msg in messages:
+        parts = [msg[i:i + chunk] for i in range(0, len(msg), chunk)] or [b""]
+        out = [b"MAIL FROM:<%s>\r\nRCPT TO:<%s>\r\n" % (sender.encode(), rcpt.encode())]
+        for i, part in enumerate(parts):
+            out.append(b"BDAT %d%s\r\n" % (len(part), b" LAST" if i == len(parts) - 1 else b"") + part)
+        sock.sendall(b"".join(out))
+        for _ in range(2 + len(parts)):
+            got = reply()
+            assert got.startswith(b"250"), got
+    sock.sendall(b"QUIT\r\n")
+    assert reply().startswith(b"221")
+    sock.close()
+    return {"sent": len(messages), "seconds": round(time.monotonic() - start, 3)}
+
+
+def bdat_rst(host: str, sender: str, rcpt: str, size: int, sent: int) -> dict:
+    sock, reply = _bdat_session(host)
+    sock.sendall(b"MAIL FROM:<%s>\r\nRCPT TO:<%s>\r\n" % (sender.encode(), rcpt.encode()))
+    assert reply().startswith(b"250") and reply().startswith(b"250")
+    sock.sendall(b"BDAT %d LAST\r\n" % size + (b"x" * 78 + b"\r\n") * (sent // 80))
+    port = sock.getsockname()[1]
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    return {"port": port}
+
+
 def rst_after_dot(host: str, sender: str, rcpt: str, message: bytes) -> dict:
     sock = _dialogue(host, sender, rcpt)
     sock.sendall(message + (b"" if message.endswith(b"\r\n") else b"\r\n") + b".\r\n")
@@ -258,6 +314,11 @@ def main(argv: list[str]) -> None:
         out = deaf(host, float(rest[0]), bytes.fromhex(rest[2]) * int(rest[1]))
     elif cmd == "flood":
         out = flood(host, float(rest[0]), rest[1], rest[2])
+    elif cmd == "bdat":
+        sender, rcpt, chunk, *files = rest
+        out = bdat(host, sender, rcpt, int(chunk), [open(f, "rb").read() for f in files])
+    elif cmd == "bdat-rst":
+        out = bdat_rst(host, rest[0], rest[1], int(rest[2]), int(rest[3]))
     elif cmd == "rst-after-dot":
         out = rst_after_dot(host, rest[0], rest[1], bytes.fromhex(rest[2]))
     else:

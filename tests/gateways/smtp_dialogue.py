@@ -82,3 +82,27 @@ def session(*middle: Step) -> list[Step]:
 def strict_line_ends(data: bytes) -> bool:
     """Every LF is preceded by CR and every CR followed by LF."""
     return data.count(b"\n") == data.count(b"\r\n") == data.count(b"\r")
+
+
+def unchunk(stream: bytes) -> tuple[bytes, list[bytes]]:
+    """The server's stream without BDAT chunks, and the chunks' content per transaction (a MAIL starts one).
+
+    Only for dialogues without DATA content: a content line ``BDAT 5`` would read as a command."""
+    import re
+
+    lines: list[bytes] = []
+    messages: list[bytes] = []
+    i = 0
+    while i < len(stream):
+        lf = stream.find(b"\n", i)
+        line = stream[i:lf + 1] if lf >= 0 else stream[i:]
+        i += len(line)
+        lines.append(line)
+        if line.startswith(b"MAIL "):
+            messages.append(b"")
+        bdat = re.fullmatch(rb"BDAT (\d+)( LAST)?\r\n", line)
+        if bdat is not None:
+            n = int(bdat[1])
+            messages[-1] += stream[i:i + n]
+            i += n
+    return b"".join(lines), messages

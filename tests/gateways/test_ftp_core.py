@@ -505,6 +505,51 @@ def test_playbook_data_mode_active_translates_pasv_into_port() -> None:
     assert d.t.to_server.endswith(b"PORT 203,0,113,10,195,80\r\n")
 
 
+def test_playbook_data_mode_passive_translates_port_into_pasv() -> None:
+    """data_mode = "passive": the client's PORT or EPRT (checked as ever) reaches the server as a PASV;
+    after its 227 two ORIGINATEs sharing a pair, the server's side (from what the server knows the
+    client as, replacing earlier rules) then the client's (from S'); then the client gets its 200."""
+    for parties, line in (
+        (INBOUND, b"PORT 203,0,113,10,156,64\r\n"),
+        (OUTBOUND, b"EPRT |1|192.168.1.10|40000|\r\n"),
+    ):
+        c = FtpControl(parties, Policy(data_mode=DataMode.PASSIVE))
+        for side, data in LOGIN:
+            (c.client_data if side == "client" else c.server_data)(data)
+        assert no_events(c.client_data(line)) == [ToServer(b"PASV\r\n")]
+        assert c.client_data(b"RETR f\r\n") == []  # held until the PORT is answered
+        server = str(parties.server).replace(".", ",").encode()
+        first = no_events(c.server_data(b"227 Entering Passive Mode (%s,195,80).\r\n" % server))
+        assert first == [RequestRule(1, Direction.PASSIVE, ep(parties.client_seen_as, 0), ep(parties.server, 50000),
+                                     RuleMode.ORIGINATE, False, True, 1)]
+        second = no_events(c.rule_answered(1, True))
+        assert second == [RequestRule(2, Direction.ACTIVE, ep(parties.client_addressed, 0), ep(parties.client, 40000),
+                                      RuleMode.ORIGINATE, False, False, 1)]
+        verb = line.split()[0].decode()
+        assert no_events(c.rule_answered(2, True)) == [ToClient(f"200 {verb} command successful.\r\n".encode()),
+                                                       ToServer(b"RETR f\r\n")]
+    # Still refused before anything reaches the server: a third host, a low port.
+    d = logged_in(INBOUND, Policy(data_mode=DataMode.PASSIVE))
+    d.client(b"PORT 203,0,113,11,156,64\r\nPORT 203,0,113,10,0,21\r\n")
+    assert d.t.to_server == b"" and d.t.rules == []
+    assert [line[:4] for line in d.t.client_lines()] == [b"501 ", b"501 "]
+    # The server refuses PASV: its answer is the PORT's. A 227 for another host opens nothing.
+    d = logged_in(INBOUND, Policy(data_mode=DataMode.PASSIVE))
+    d.client(b"PORT 203,0,113,10,156,64\r\n")
+    d.server(b"500 PASV not understood.\r\n")
+    assert d.t.rules == [] and d.t.client_lines() == [b"500 PASV not understood."]
+    d.client(b"PORT 203,0,113,10,156,64\r\n")
+    d.server(b"227 Entering Passive Mode (192,168,1,11,195,80).\r\n")
+    assert d.t.rules == [] and d.t.client_lines()[-1].startswith(b"425 ")
+    # A refused rule: the client's PORT fails with 425.
+    d = Driver(OUTBOUND, Policy(data_mode=DataMode.PASSIVE), grant=lambda r: False)
+    for side, data in LOGIN:
+        (d.client if side == "client" else d.server)(data)
+    d.client(b"PORT 192,168,1,10,156,64\r\n")
+    d.server(b"227 Entering Passive Mode (203,0,113,10,195,80).\r\n")
+    assert len(d.t.rules) == 1 and d.t.client_lines()[-1].startswith(b"425 ")
+
+
 # ---- limits: at the limit and one past it ---------------------------------------------------------
 
 

@@ -31,6 +31,8 @@ from tests.gateways.smtp_netns import EXT, LAN, SMTPLIB, WAN, Postfix, SmtpRunni
 pytestmark = pytest.mark.netns
 
 MB = 1 << 20
+# smtp-in offers CHUNKING (not a default) for the BDAT tests; the others do not use it.
+CHUNKING = 'extensions = ["SIZE", "8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES", "CHUNKING"]'
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,7 @@ def mail(module_lab_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> I
     r = SimpleNamespace(lab=lab, tmp=tmp, inbound=inbound, outbound=None, run=None)
     try:
         r.outbound = Postfix(lab, "ext", tmp, EXT, "example.net")
-        r.run = SmtpRunning(lab, tmp, idle=3)
+        r.run = SmtpRunning(lab, tmp, idle=3, extra=CHUNKING)
         yield r
     finally:
         if r.run is not None:
@@ -363,3 +365,61 @@ def test_kill_9_of_the_gateway_with_sessions_open(mail: SimpleNamespace) -> None
                             str(msg)).returncode == 0, timeout=20, what="a mail through the new gateway")
     mail.inbound.wait_count(1)
     assert stored_body(mail.inbound.messages()[0]) == msg.read_bytes()
+
+
+# ---- CHUNKING (RFC 3030): BDAT through the gateway to Postfix --------------------------------------
+
+
+def test_bdat_messages_arrive_byte_identical(mail: SimpleNamespace) -> None:
+    """Pipelined BDAT chunks (the client checks that CHUNKING is offered and each BDAT gets 250): messages
+    in 11-byte chunks with dot lines, CRLFs split between chunks and 8-bit text; 10 MB in 1 MB chunks."""
+    mail.inbound.clear()
+    dots = message(mail.tmp, "bdat-dots", b".starts with a dot\r\n..two dots\r\n.\r\nend\r\n")
+    eight = message(mail.tmp, "bdat-eight", "Grüße, naïve café\r\n".encode() * 10)
+    line = os.urandom(36).hex().encode() + b"\r\n"
+    big = message(mail.tmp, "bdat-big", line * (10 * MB // len(line)))
+    small = sent_ok(client(mail.lab, "ext", "bdat", WAN, "alice@example.org", "bob@example.com", "11",
+                           str(dots), str(eight)))
+    large = sent_ok(client(mail.lab, "ext", "bdat", WAN, "alice@example.org", "bob@example.com", str(MB), str(big)))
+    assert small["sent"] == 2 and large["sent"] == 1
+    mail.inbound.wait_count(3)
+    stored = {m.split(b"Subject: ", 1)[1].split(b"\n", 1)[0]: m for m in mail.inbound.messages()}
+    for f in (dots, eight, big):
+        assert stored_body(stored[f.name.encode()]) == f.read_bytes(), f.name
+
+
+BDAT_ENVELOPE = b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.com>\r\n"
+
+
+def test_bdat_from_a_lying_or_mixing_client(mail: SimpleNamespace) -> None:
+    mail.inbound.clear()
+    # More bytes than the size: the rest is read as a command and refused; the message is the size's bytes.
+    body = b"Subject: bdat-more\r\n\r\nsized\r\n"
+    more = raw(mail, EHLO, BDAT_ENVELOPE + b"BDAT %d LAST\r\n" % len(body) + body + b"not a command\r\n")
+    assert re.search(r"250 2\.0\.0 Ok: \d+ bytes queued as \w+\r\n|250 2\.0\.0 Ok: queued as \w+\r\n", more), more
+    assert "500 5.5.2 Syntax error, command unrecognized\r\n" in more
+    mail.inbound.wait_count(1)
+    assert stored_body(mail.inbound.messages()[0]) == body
+    # BDAT then DATA in one transaction: 503 from the gateway; RSET puts it right.
+    mixed = raw(mail, EHLO, BDAT_ENVELOPE + b"BDAT 5\r\nhello", b"DATA\r\n", b"RSET\r\n")
+    assert "503 5.5.1 Bad sequence of commands\r\n" in mixed and mixed.count("250 2.0.0 Ok\r\n") >= 1
+    # A size beyond max_message_size (20 MiB here): 552 before a byte of it is read, and close.
+    huge = raw(mail, EHLO, BDAT_ENVELOPE + b"BDAT 20971521 LAST\r\n")
+    assert huge.endswith("552 5.3.4 Message size exceeds fixed maximum message size; closing\r\n"), huge
+    # Fewer bytes than the size, then silence: the idle timeout (3 s here), and no message.
+    short = raw(mail, EHLO, BDAT_ENVELOPE + b"BDAT 1000 LAST\r\nSubject: short\r\n", b"")
+    assert short.endswith("421 4.4.2 Idle timeout; closing\r\n"), short[-300:]
+    assert mail.inbound.count() == 1
+
+
+def test_a_client_that_resets_mid_chunk(mail: SimpleNamespace) -> None:
+    mail.inbound.clear()
+    result = client(mail.lab, "ext", "bdat-rst", WAN, "alice@example.org", "bob@example.com", str(MB), "65536")
+    port = json.loads(result.stdout)["port"]
+    assert closed(mail, port) == "client_reset"
+    wait_for(lambda: "lost connection after BDAT" in mail.inbound.log.read_text(), timeout=15,
+             what="Postfix to drop the cut transaction")
+    assert mail.inbound.count() == 0
+    msg = message(mail.tmp, "bdat-after-reset", b"next\r\n")
+    sent_ok(client(mail.lab, "ext", "bdat", WAN, "alice@example.org", "bob@example.com", "4096", str(msg)))
+    mail.inbound.wait_count(1)
