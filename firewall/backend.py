@@ -13,13 +13,14 @@ nft's ``queue`` expression (CONFIG_NFT_QUEUE off, as on our machines); then
 iptables-nft, whose xt NFQUEUE target works there. The probe is ``nft -c``,
 which asks the kernel without committing anything.
 
-With gateways, the binding table (``table ip nfgate_bind``, the NAT maps
+With gateways, the binding tables (``table ip nfgate_bind`` and ``table ip6
+nfgate_bind6``, the NAT maps
 through which the kernel carries gateway flows: ``firewall.rules.bind``) is
 native nftables with every backend: in the same ``nft -f`` transaction as
 the nft ruleset, or loaded by ``nft -f`` just before the iptables tables.
 
 Flush finds nfgate's objects by name (``table inet nfgate``, ``table ip
-nfgate_bind``, chains ``NFGATE-*`` and the jumps to them) in every backend,
+nfgate_bind``, ``table ip6 nfgate_bind6``, chains ``NFGATE-*`` and the jumps to them) in every backend,
 so it needs no state file and also cleans up after a backend switch.
 Nothing else is touched.
 """
@@ -113,8 +114,12 @@ def apply(rs: Ruleset, backend: str, dry_run: bool = False, keep_bind: bool = Fa
     dynamic rules) as it is, as ``nfgate reload`` does under running processors."""
     report = Report(backend)
     if keep_bind and rs.bind is not None and not dry_run and bind_present():
+        if _run(["nft", "list", "table", bind.FAMILY6, bind.TABLE6]).returncode != 0:
+            # The IPv4 table of a version without IPv6 flows: the IPv6 one goes in beside it.
+            _nft_load(bind.render6(rs.bind[0]), dry_run, report, f"nft: added table {bind.FAMILY6} {bind.TABLE6}")
         rs = replace(rs, bind=None)
-        report.actions.append(f"nft: kept table {bind.FAMILY} {bind.TABLE} (bindings and dynamic rules)")
+        report.actions.append(f"nft: kept tables {bind.FAMILY} {bind.TABLE} and {bind.FAMILY6} {bind.TABLE6} "
+                              "(bindings and dynamic rules)")
         keep = True
     else:
         keep = False
@@ -123,7 +128,7 @@ def apply(rs: Ruleset, backend: str, dry_run: bool = False, keep_bind: bool = Fa
     else:
         if rs.bind is not None:
             _nft_load(bind.render(*rs.bind), dry_run, report,
-                      f"nft: replaced table {bind.FAMILY} {bind.TABLE} (the gateway flows' NAT maps)")
+                      f"nft: replaced tables {bind.FAMILY} {bind.TABLE} and {bind.FAMILY6} {bind.TABLE6} (the gateway flows' NAT maps)")
         _apply_iptables(rs, backend, dry_run, report)
     if not dry_run and rs.bind is None and not keep:
         report.actions += _remove_bind()
@@ -162,13 +167,18 @@ def bind_present() -> bool:
 
 
 def _remove_bind() -> list[str]:
-    """The binding table belongs to every backend: only flush, or a ruleset without gateways, removes it."""
+    """The binding tables belong to every backend: only flush, or a ruleset without gateways, removes them."""
     if not bind_present():
         return []
-    result = _run(["nft", "delete", "table", bind.FAMILY, bind.TABLE])
-    if result.returncode != 0:
-        raise KernelError(f"nft refused to delete table {bind.FAMILY} {bind.TABLE}: {result.stderr.strip()}")
-    return [f"nft: deleted table {bind.FAMILY} {bind.TABLE}"]
+    actions = []
+    for family, table in ((bind.FAMILY, bind.TABLE), (bind.FAMILY6, bind.TABLE6)):
+        if _run(["nft", "list", "table", family, table]).returncode != 0:
+            continue  # the IPv6 table of an older version's ruleset
+        result = _run(["nft", "delete", "table", family, table])
+        if result.returncode != 0:
+            raise KernelError(f"nft refused to delete table {family} {table}: {result.stderr.strip()}")
+        actions.append(f"nft: deleted table {family} {table}")
+    return actions
 
 
 def remove(backend: str) -> list[str]:

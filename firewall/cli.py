@@ -39,6 +39,7 @@ from firewall.lab import topology
 from firewall.lab.cli import lab
 from firewall.rules import build, iptables, nft
 from firewall.rules.build import ipv6_counter
+from gateways.kinds import KINDS
 from firewall.supervisor import Supervisor, children_for, query
 from tunnel.cli import tunnel
 
@@ -134,7 +135,9 @@ def check(config_path: str, as_json: bool, strict: bool) -> None:
         "fail_mode": config.processor.fail_mode,
         "gateways": [
             {"name": g.name, "kind": g.kind, "listen_port": g.listen_port, "workers": g.workers,
-             "selectors": len(g.traffic), "ipv6_dropped": [ipv6_counter(k, i) for i in range(len(g.traffic))]}
+             "selectors": len(g.traffic),
+             "ipv6_dropped": [ipv6_counter(k, i) for i, t in enumerate(g.traffic) if not g.takes_ipv6(t)],
+             "ipv6_relayed": [t.source for t in g.traffic if g.takes_ipv6(t)]}
             for k, g in enumerate(config.gateways)
         ],
         "chains": len(rs.chains),
@@ -160,8 +163,11 @@ def check(config_path: str, as_json: bool, strict: bool) -> None:
         ports = (f"port {g['listen_port']}" if g["workers"] == 1
                  else f"{g['workers']} workers, ports {g['listen_port']}-{g['listen_port'] + g['workers'] - 1}")
         click.echo(f"  gateway {g['name']} ({g['kind']}), {ports}, {g['selectors']} selectors")
-        click.echo(f"    IPv6 on its selectors' ports: dropped, counted as {', '.join(g['ipv6_dropped'])} "
-                   "(gateways take IPv4 only)")
+        if g["ipv6_relayed"]:
+            click.echo(f"    IPv6 on its selectors' ports: through the gateway for {', '.join(g['ipv6_relayed'])}")
+        if g["ipv6_dropped"]:
+            click.echo(f"    IPv6 on its selectors' ports: dropped, counted as {', '.join(g['ipv6_dropped'])} "
+                       f"({'a log-only gateway, or a selector with addresses' if KINDS[g['kind']].ipv6 else 'a ' + g['kind'] + ' gateway takes IPv4 only'})")
     if config.gateways:
         click.echo(f"  processor: queues {summary['queues']}, fail {summary['fail_mode']}")
     click.echo(f"  renders to {summary['kernel_rules']} rules in {summary['chains']} chains")
@@ -421,7 +427,7 @@ def status(config_path: str, as_json: bool) -> None:
         else:
             click.echo("ha sync: conntrackd does not answer")
     if data["ipv6_dropped"]:
-        click.echo("ipv6_dropped (gateways take IPv4 only):")
+        click.echo("ipv6_dropped (IPv6 on a selector's ports that did not pass its gateway):")
         for name, c in data["ipv6_dropped"].items():
             click.echo(f"  {name} = {c['packets']} packets, {c['bytes']} bytes: {c['what']}")
 

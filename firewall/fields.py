@@ -187,6 +187,12 @@ IPv4Iface = typed(
     {"type": "string", "pattern": "/"},
     ipaddress.IPv4Interface,
 )
+IPv6Iface = typed(
+    interface(ipaddress.IPv6Interface, "an IPv6 address with prefix length like 'fd00::1/64'",
+              "an IPv6 address with prefix length"),
+    {"type": "string", "pattern": "/"},
+    ipaddress.IPv6Interface,
+)
 
 
 def bitmask(value: Any) -> int:

@@ -4,7 +4,11 @@ The gateways run in their own namespace at the end of a veth pair from the
 router (seed fig. 1, "blind track"; DESIGN invariant 6). The router's end
 belongs to no zone; the gateway end has the gateway address and a default
 route back to the router, so everything a gateway sends goes back through the
-processor.
+processor. Both ends also have an IPv6 ULA address (``router_address6``,
+``gateway_address6``) and the gateway end an IPv6 default route, for the
+IPv6 flows of the kinds that take them (issue 17); the router's end forwards
+IPv6 (its own ``forwarding`` sysctl; the router's ``all`` one is the
+operator's).
 
 Everything that enters the router on this link comes from the gateway
 address: conntrack translates it after the routing decision (to the client
@@ -28,7 +32,7 @@ import os
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 from pyroute2 import netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
@@ -48,14 +52,19 @@ ROUTER, GATEWAY = "router", "gateway"
 def endpoints(link: GatewayLink) -> tuple[Endpoint, Endpoint]:
     """The router's end and the gateway's end of the track, as topology data."""
     return (
-        Endpoint(ROUTER, link.router_if, (link.router_address,)),
-        Endpoint(GATEWAY, link.gateway_if, (link.gateway_address,)),
+        Endpoint(ROUTER, link.router_if, (link.router_address, link.router_address6)),
+        Endpoint(GATEWAY, link.gateway_if, (link.gateway_address, link.gateway_address6)),
     )
 
 
 def default_route(link: GatewayLink) -> Route:
     """The gateway namespace's only route: everything back through the router."""
     return Route(GATEWAY, IPv4Network("0.0.0.0/0"), via=link.router_address.ip)
+
+
+def default_route6(link: GatewayLink) -> Route:
+    """The same for IPv6 (the blind track's ULA, issue 17)."""
+    return Route(GATEWAY, IPv6Network("::/0"), via=link.router_address6.ip)
 
 
 @contextmanager
@@ -122,6 +131,7 @@ def _build(link: GatewayLink, router_netns: str | None) -> None:
             with _step(f"veth {link.router_if} <-> {link.netns}:{link.gateway_if}"):
                 namespaces.add_veth(router, link.router_if, link.gateway_if, link.netns)
             _sysctl(router_netns, f"net.ipv4.conf.{link.router_if}.forwarding", "1")
+            _sysctl(router_netns, f"net.ipv6.conf.{link.router_if}.forwarding", "1")
             with _step(f"address {link.router_address} on {link.router_if}"):
                 namespaces.configure(router, router_end)
             with _step(f"lo in {link.netns}"):
@@ -130,6 +140,8 @@ def _build(link: GatewayLink, router_netns: str | None) -> None:
                 namespaces.configure(gateway, gateway_end)
             with _step(f"default route via {link.router_address.ip} in {link.netns}"):
                 namespaces.add_route(gateway, default_route(link))
+            with _step(f"default IPv6 route via {link.router_address6.ip} in {link.netns}"):
+                namespaces.add_route(gateway, default_route6(link))
 
 
 def remove(link: GatewayLink, router_netns: str | None = None) -> None:

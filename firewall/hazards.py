@@ -11,8 +11,9 @@ and ``apply`` print them and go on.
   gateway (rules.build, ``admit_*`` chains); a selector whose traffic no
   rule or port forward accepts in full brings the gateway only part of it,
   or nothing.
-- IPv6 a gateway cannot take: selectors and the processor's double NAT are
-  IPv4, so the ruleset drops the IPv6 on every selector's ports, counted
+- IPv6 a gateway cannot take: a selector whose kind takes IPv4 only (every
+  kind but tcp-relay so far, ``Gateway.takes_ipv6``) has the IPv6 on its
+  ports dropped by the ruleset, counted
   (rules.build._ipv6_drops; never a bypass). A rule or policy that accepts
   that IPv6 says the operator expects it to pass: the warning says it will
   not, and where its drops are counted.
@@ -104,7 +105,7 @@ def _selectors(config: Config) -> list[Hazard]:
         for i, t in enumerate(gw.traffic):
             if not t.allow:
                 out += _admits(config, gw.name, t)
-            out += _ipv6(config, gw.name, t, ipv6_counter(g, i))
+            out += _ipv6(config, gw.name, t, ipv6_counter(g, i), gw.takes_ipv6(t))
     return out
 
 
@@ -131,15 +132,23 @@ def _admits(config: Config, name: str, t: Traffic) -> list[Hazard]:
                    "(`nfgate rules` shows what it admits); add the rule, or allow = true to let the selector admit it")]
 
 
-def _ipv6(config: Config, name: str, t: Traffic, counter: str) -> list[Hazard]:
+def _ipv6(config: Config, name: str, t: Traffic, counter: str, takes: bool) -> list[Hazard]:
+    """``takes``: the selector's IPv6 goes through its gateway (``Gateway.takes_ipv6``); only an
+    IPv6 port forward into it is still dropped (the processor takes no IPv6 forward yet)."""
     what = f"IPv6 {t.proto} {', '.join(map(str, t.ports))} from {t.from_zone} to {t.to_zone}"
-    dropped = (f"gateways take IPv4 only, so nfgate drops {what} (counted as {counter}, shown by `nfgate status`) "
-               f"rather than let it skip gateway {name}")
+    if takes:
+        dropped = (f"IPv6 port forwards into a gateway are not taken yet, so nfgate drops {what} through a forward "
+                   f"(counted as {counter}, shown by `nfgate status`) rather than let it skip gateway {name}")
+    else:
+        dropped = (f"gateways of this kind take IPv4 only, so nfgate drops {what} (counted as {counter}, shown by "
+                   f"`nfgate status`) rather than let it skip gateway {name}")
     if t.to_zone != ROUTER:
         for f in config.nat.forwards6:
             if f.from_zone == t.from_zone and f.proto == t.proto and any(f.ports.overlaps(p) for p in t.ports):
                 return [Hazard(f.source, f"forwards IPv6 {f.proto} {f.ports} to {f.to_addr}, but {dropped} for "
                                f"connections into {t.to_zone} ({t.source}): the forward only works into another zone")]
+    if takes:
+        return []  # the rules' IPv6 is relayed like their IPv4
     for rule in config.rules:
         if not _matches(rule, t):
             continue

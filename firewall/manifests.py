@@ -39,6 +39,7 @@ def process_names(gateway: Gateway) -> list[str]:
 def manifest_for(config: Config, gateway: Gateway, worker: int = 0) -> Manifest:
     link, sig, proc = config.gateway_link, config.signalling, config.processor
     slices = address_slices(proc.pools.firewall_side, len(proc.queues))
+    six = any(gateway.takes_ipv6(t) for t in gateway.traffic)
     return Manifest(
         version=MANIFEST_VERSION,
         name=gateway.name,
@@ -48,6 +49,7 @@ def manifest_for(config: Config, gateway: Gateway, worker: int = 0) -> Manifest:
         workers=gateway.workers,
         netns=link.netns,
         listen=Address(address=link.gateway_address.ip, port=gateway.listen_ports[worker]),
+        listen6=link.gateway_address6.ip if six else None,
         signalling=SignallingSpec(
             listen=Address(address=link.gateway_address.ip, port=config.gateway_signalling_port(gateway.name, worker)),
             key_file=sig.key_file,
@@ -57,6 +59,7 @@ def manifest_for(config: Config, gateway: Gateway, worker: int = 0) -> Manifest:
         processor=ProcessorSpec(
             address=link.router_address.ip,
             pool=proc.pools.firewall_side,
+            pool6=proc.pools.firewall_side6 if six else None,
             instances=tuple(
                 InstanceSpec(queue=q, port=config.processor_signalling_port(i), slices=slices[i])
                 for i, q in enumerate(proc.queues)

@@ -3,9 +3,9 @@
 What: ``parse6`` is ``firewall.packet.parse`` for IPv6. It reads the fixed
 header, walks the extension headers (RFC 8200 section 4) to the TCP or UDP
 header, and returns a ``Packet`` with the same fields (addresses as 128-bit
-ints) or a ``Drop6`` reason. Nothing calls it yet: the processor's double
-NAT is NAT44, so the ruleset drops IPv6 on every selector's ports (issue
-17, docs/datapath.md); this is the parsing half of taking it instead.
+ints) or a ``Drop6`` reason. The processor calls it for every queued IPv6
+packet: the first packets of the IPv6 flows of a gateway kind that takes
+IPv6 (``firewall.processor.six``, docs/datapath.md "IPv6 gateway flows").
 
 Why these rules:
 

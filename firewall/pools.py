@@ -138,7 +138,7 @@ class EndpointPool:
 
     def __init__(
         self,
-        addresses: ipaddress.IPv4Network | Iterable[ipaddress.IPv4Address],
+        addresses: ipaddress.IPv4Network | ipaddress.IPv6Network | Iterable[ipaddress.IPv4Address],
         ports: range | PortRange,
         *,
         instance: int = 0,
@@ -152,7 +152,7 @@ class EndpointPool:
             ports = range(ports.first, ports.last + 1)
         if ports.step != 1 or not ports or ports.start < 1 or ports.stop > 65536:
             raise ValueError(f"ports {ports}: need a non-empty range within 1-65535")
-        if isinstance(addresses, ipaddress.IPv4Network):
+        if isinstance(addresses, (ipaddress.IPv4Network, ipaddress.IPv6Network)):  # IPv6: the IPv6 pool
             if addresses.num_addresses > MAX_ADDRESSES:
                 raise ValueError(f"{addresses}: more than {MAX_ADDRESSES} addresses")
             first = int(addresses.network_address)

@@ -22,6 +22,10 @@ A kind declares, in the module that implements it, one ``Kind``:
   = N``), each with its own G:g and signalling port, the processor spreading
   new flows over the live ones (seed fig. 5b): its sessions are independent
   of each other, so a crash cuts one worker's sessions only;
+- ``ipv6``: it takes IPv6 flows: its selectors queue IPv6 first packets as
+  they do IPv4, the processor binds them on the IPv6 maps and sends family 6
+  NEW_FLOW, and it listens on the blind track's IPv6 address too; a kind
+  without it has its selectors' IPv6 dropped and counted (issue 17);
 - ``gateway``: its process entry point, ``"module:attribute"``, loaded only
   in the gateway process: a factory ``(layer, manifest, listen, log) ->
   relay`` run by ``python -m gateways`` on the shared deNAT/reNAT layer, or,
@@ -71,6 +75,7 @@ class Kind:
     offload: bool = False
     log_only: Callable[[Any], bool] = _never
     workers: bool = False
+    ipv6: bool = False
 
     def __post_init__(self) -> None:
         if not self.protos or not set(self.protos) <= {"tcp", "udp"}:

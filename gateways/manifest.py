@@ -81,6 +81,7 @@ class InstanceSpec(_Frozen):
 class ProcessorSpec(_Frozen):
     address: ipaddress.IPv4Address  # the router end of the blind track: every instance listens here
     pool: ipaddress.IPv4Network  # the whole firewall-side pool
+    pool6: ipaddress.IPv6Network | None = None  # the IPv6 pool, all instance 0's (a gateway that takes IPv6)
     instances: tuple[InstanceSpec, ...]
 
 
@@ -115,6 +116,7 @@ class Manifest(_Frozen):
     workers: int = 1
     netns: str
     listen: Address
+    listen6: ipaddress.IPv6Address | None = None  # a kind that takes IPv6 listens here too, on listen's port
     signalling: SignallingSpec
     processor: ProcessorSpec
     traffic: tuple[Selector, ...]

@@ -74,6 +74,7 @@ KIND = Kind(
     "tcp-relay", ("tcp",), TcpRelaySettings, gateway="gateways.tcp_relay:TcpRelay.for_gateway",
     log_only=lambda settings: settings.mode == "log-only",
     workers=True,  # independent connections: several worker processes may share the load
+    ipv6=True,  # a byte stream: nothing in it names an address
 )
 
 
@@ -87,8 +88,9 @@ class TcpRelay(TcpGateway):
         listen: Endpoint,
         settings: TcpRelaySettings,
         log: EventLog,
+        listen6: Endpoint | None = None,
     ) -> None:
-        super().__init__(layer, listen=listen, log=log)
+        super().__init__(layer, listen=listen, log=log, listen6=listen6)
         self.settings = settings
         self._active = 0
         if settings.mode == "log-only":
@@ -98,7 +100,8 @@ class TcpRelay(TcpGateway):
     @classmethod
     def for_gateway(cls, layer: GatewayLayer, manifest: Manifest, listen: Endpoint, log: EventLog) -> "TcpRelay":
         """The gateway as ``python -m gateways`` runs it: settings from its manifest."""
-        return cls(layer, listen=listen, settings=TcpRelaySettings.model_validate(manifest.settings), log=log)
+        listen6 = Endpoint(manifest.listen6, listen.port) if manifest.listen6 is not None else None
+        return cls(layer, listen=listen, settings=TcpRelaySettings.model_validate(manifest.settings), log=log, listen6=listen6)
 
     @property
     def active(self) -> int:

@@ -143,7 +143,7 @@ class Acceptor:
 
 def listen_socket(listen: Endpoint, backlog: int = socket.SOMAXCONN) -> socket.socket:
     """A non-blocking TCP listener on ``listen``. OSError if the address is not here."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET6 if listen.address.version == 6 else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((str(listen.address), listen.port))
@@ -158,12 +158,14 @@ def listen_socket(listen: Endpoint, backlog: int = socket.SOMAXCONN) -> socket.s
 class TcpGateway(abc.ABC):
     """A listener on G:g in front of a ``GatewayLayer``."""
 
-    def __init__(self, layer: GatewayLayer, *, listen: Endpoint, log: EventLog) -> None:
+    def __init__(self, layer: GatewayLayer, *, listen: Endpoint, log: EventLog, listen6: Endpoint | None = None) -> None:
         self.layer = layer
         self.listen = listen
+        self.listen6 = listen6  # a kind that takes IPv6: G6 on the same port (issue 17)
         self.log = log
         self.counters: Counter[str] = Counter()
         self._acceptor: Acceptor | None = None
+        self._acceptor6: Acceptor | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._relays: set[RelayCore] = set()
 
@@ -177,12 +179,23 @@ class TcpGateway(abc.ABC):
         listener = listen_socket(self.listen)
         self._acceptor = Acceptor(listener, self._on_socket, self.log, self.counters)
         self.listen = Endpoint(self.listen.address, listener.getsockname()[1])
+        if self.listen6 is not None:
+            try:
+                listener6 = listen_socket(Endpoint(self.listen6.address, self.listen.port))
+            except OSError:
+                self._acceptor.close()
+                self._acceptor = None
+                raise
+            self._acceptor6 = Acceptor(listener6, self._on_socket, self.log, self.counters)
 
     async def close(self, grace: float) -> None:
         """Stop accepting; let live connections finish for up to ``grace`` seconds, then reset them."""
         if self._acceptor is not None:
             self._acceptor.close()
             self._acceptor = None
+        if self._acceptor6 is not None:
+            self._acceptor6.close()
+            self._acceptor6 = None
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace)
         for task in list(self._tasks):

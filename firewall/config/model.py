@@ -35,7 +35,7 @@ from firewall.config.ha import Ha, check_ha
 from firewall.signalling.guard import DEFAULT_REPLAY_WINDOW
 from gateways.kinds import KINDS
 from firewall.fields import (
-    NAME, ROUTER, AbsPath, Bitmask, Bool, Choice, Frozen, IfName, Int, IPNetwork, IPv4Iface, ListOf, Name,
+    NAME, ROUTER, AbsPath, Bitmask, Bool, Choice, Frozen, IfName, Int, IPNetwork, IPv4Iface, IPv6Iface, ListOf, Name,
     Network, Number, PortRange, Ports, Removed, SinglePortRange, String, Tables, bitmask, fail, ordered, report, typed, unique,
 )
 
@@ -362,6 +362,23 @@ def _firewall_side(net: IPNetwork) -> ipaddress.IPv4Network:
     return net
 
 
+ULA = ipaddress.IPv6Network("fc00::/7")
+
+
+def _firewall_side6(net: IPNetwork) -> ipaddress.IPv6Network:
+    if net.version != 6 or not net.subnet_of(ULA):
+        fail("the IPv6 firewall-side pool is a ULA prefix (fc00::/7): it never leaves the router")
+    if net.num_addresses > MAX_POOL_ADDRESSES:
+        fail(f"{net} has more than {MAX_POOL_ADDRESSES} addresses (a /112 at most)")
+    return net
+
+
+def _ula_iface(iface: ipaddress.IPv6Interface) -> ipaddress.IPv6Interface:
+    if not iface.network.subnet_of(ULA):
+        fail(f"{iface} is not a ULA address (fc00::/7): the blind track is the router's own")
+    return iface
+
+
 def _above_well_known(rng: PortRange) -> PortRange:
     if rng.first < 1024:
         fail(f"{rng} reaches below 1024: keep the pools off well-known ports")
@@ -376,6 +393,9 @@ class Pools(Frozen):
         ipaddress.IPv4Network("172.31.254.0/28"), description="the addresses the processor translates gateway flows to (IPv4, at most /16)")
     ports: PoolPorts = Field(PortRange(1024, 65535), description="the ports of those addresses")
     snat_ports: PoolPorts = Field(PortRange(61000, 65535), description="the ports the processor's SNAT takes")
+    firewall_side6: Annotated[Network, AfterValidator(_firewall_side6)] = Field(
+        ipaddress.IPv6Network("fd6e:6667:6174:fe::/124"),
+        description="the IPv6 addresses the processor translates IPv6 gateway flows to (a ULA prefix, at most /112)")
 
 
 def _queues(queues: tuple[int, ...]) -> tuple[int, ...]:
@@ -430,6 +450,10 @@ class GatewayLink(Frozen):
     gateway_if: IfName = Field("nfg-gw1", description="the gateways' end of the blind track")
     router_address: IPv4Iface = Field(ipaddress.IPv4Interface("172.31.255.1/30"), description="the router's address on it")
     gateway_address: IPv4Iface = Field(ipaddress.IPv4Interface("172.31.255.2/30"), description="the gateways' address on it")
+    router_address6: Annotated[IPv6Iface, AfterValidator(_ula_iface)] = Field(
+        ipaddress.IPv6Interface("fd6e:6667:6174:ff::1/64"), description="the router's IPv6 address on it (ULA)")
+    gateway_address6: Annotated[IPv6Iface, AfterValidator(_ula_iface)] = Field(
+        ipaddress.IPv6Interface("fd6e:6667:6174:ff::2/64"), description="the gateways' IPv6 address on it (ULA)")
     port_base: Int(1024, 65000) = Field(20000, description="each gateway's workers listen on the next ports from port_base, "
                                         "in file order, unless it sets listen_port")
 
@@ -439,6 +463,10 @@ class GatewayLink(Frozen):
             report(info, "gateway_link.gateway_address", "must be in the same subnet as router_address")
         elif self.router_address.ip == self.gateway_address.ip:
             report(info, "gateway_link.gateway_address", "must differ from router_address")
+        if self.router_address6.network != self.gateway_address6.network:
+            report(info, "gateway_link.gateway_address6", "must be in the same subnet as router_address6")
+        elif self.router_address6.ip == self.gateway_address6.ip:
+            report(info, "gateway_link.gateway_address6", "must differ from router_address6")
         return self
 
 
@@ -557,6 +585,13 @@ class Gateway(Frozen):
         if self.listen_port is not None and self.listen_port + self.workers - 1 > 65535:
             report(info, f"{self.source}.listen_port", f"{self.workers} workers need ports up to {self.listen_port + self.workers - 1}")
         return self
+
+    def takes_ipv6(self, t: Traffic) -> bool:
+        """Whether selector ``t`` queues IPv6 to this gateway (issue 17): its kind takes IPv6
+        (``Kind.ipv6``), it relays (not log-only), and it names no addresses (a selector's
+        addresses are IPv4). Otherwise its IPv6 is dropped and counted."""
+        kind = KINDS[self.kind]
+        return kind.ipv6 and not kind.log_only(self.settings) and not t.saddr and not t.daddr
 
     @property
     def listen_ports(self) -> range:
@@ -710,6 +745,9 @@ def _check_link(info: ValidationInfo, config: Config) -> None:
             report(info, "gateway_link.router_if", f"{link.router_if!r} is in zone {zone.name!r}: the blind track is in no zone")
     if link.router_address.network.overlaps(pool):
         report(info, "gateway_link.router_address", f"overlaps processor.pools.firewall_side {pool}")
+    pool6 = config.processor.pools.firewall_side6
+    if link.router_address6.network.overlaps(pool6):
+        report(info, "gateway_link.router_address6", f"overlaps processor.pools.firewall_side6 {pool6}")
 
 
 def _check_signalling_ports(info: ValidationInfo, config: Config) -> None:

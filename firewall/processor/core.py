@@ -73,6 +73,8 @@ from firewall.packet import SYN, TCP, UDP, ACK, FIN, RST, Drop, Packet, parse
 from firewall.pools import EndpointPool, SliceBy, Slicing, SnatPools, pool_stats
 from firewall.processor.logged import CtKey, Ending, LoggedFlows, flow_info, kernel_flow_info
 from firewall.processor.policy import MARTIANS, Policy, Selector, inside
+from firewall.packet6 import parse6
+from firewall.processor.six import SixFlows, martian6
 from firewall.processor.rulebook import Command, DeleteConnection, DynRule, KernelOp, Offloaded, RuleBook, Send
 from firewall.processor.spread import Spread
 from firewall.rules.bind import DNAT_MAP, LEGB_DNAT_MAP, LEGB_SNAT_MAP, SNAT_MAP
@@ -161,6 +163,7 @@ class ProcessorCore:
         now: float,
         wall: float,
         push: bool = True,
+        local_addresses6: Callable[[], Iterable[ipaddress.IPv6Address]] = lambda: (),
     ) -> None:
         proc = config.processor
         queues = proc.queues
@@ -221,6 +224,9 @@ class ProcessorCore:
         self._flows: dict[int, Binding] = {}  # flow id -> binding
         self._flow_of: dict[int, int] = {}  # binding.client_key -> flow id
         self.logged = LoggedFlows(proc.timeouts.confirm, self.counters)
+        # IPv6 flows are instance 0's (firewall.rules.build steers them to its queue).
+        self.six = SixFlows(config, self.queue, self.policy, self.counters, local_addresses=local_addresses6) \
+            if instance == 0 and any(g.takes_ipv6(t) for g in config.gateways for t in g.traffic) else None
         self.rules = RuleBook(
             config, instance, self.queue, counters=self.counters, gateway_peers=self.gateway_peers,
             binding=self.binding, local_addresses=local_addresses, gateway_at=self.spread.peers(),
@@ -254,6 +260,8 @@ class ProcessorCore:
     def handle(self, payload: bytes, mark: int, indev: int, now: float) -> Verdict:
         """The verdict for one queued packet; see the module docstring."""
         self.queued += 1
+        if payload and payload[0] >> 4 == 6 and self.six is not None:
+            return self._handle6(payload, mark, indev, now)
         # Headers only: the copy of a packet above the queue's copy range is
         # cut short, and a verdict never changes a payload (issue 14 F).
         pkt = parse(payload, whole=False)
@@ -274,6 +282,52 @@ class ProcessorCore:
         if src in self._local_set(now):
             return self._drop("drop.own_address", mark)
         return self._new(pkt, mark, where, now)
+
+    def _handle6(self, payload: bytes, mark: int, indev: int, now: float) -> Verdict:
+        """An IPv6 first packet (``six``): leg B from the blind track, or a selector's request."""
+        six = self.six
+        assert six is not None
+        pkt = parse6(payload)
+        if type(pkt) is not Packet:
+            return self._drop(f"drop.malformed6.{pkt.name.lower()}", mark)  # type: ignore[union-attr]
+        if pkt.more_fragments:
+            return self._drop("drop.fragment", mark)
+        self._now = now
+        where = self._iface.get(indev, _UNKNOWN)
+        if where is _UNKNOWN:
+            where = self._classify(indev)
+        if where == _BLIND:
+            why, ops = six.leg_b(pkt, self._alive)
+            if why != "bound":
+                return self._drop(why, mark)
+            self.bound += 1
+            return PASS, ops, (mark & self._keep) | self._rewritten
+        proto, src, sport, dst, dport = pkt[:5]
+        if martian6(src) or martian6(dst):
+            return self._drop("drop.martian", mark)
+        if six.own(src):
+            return self._drop("drop.own_address", mark)
+        sel = self.policy.selector(where, proto, src, dst, dport)
+        if sel is None:
+            return self._pass("passed.not_a_selector", mark)
+        route = self._route(dst)
+        if route is None:
+            return self._pass("passed.no_route", mark)
+        why, b, ops = six.request(pkt, sel, where, self._zone(route), self.spread.pick(sel.ag), now, next(self._serial))
+        self._six_ended()
+        if b is None:
+            return self._pass(why, mark) if why.startswith("passed.") else self._drop(why, mark)
+        if why == "bound":
+            self._push(six.info(b), b.ag.name, b.ag.peer)
+        self.bound += 1
+        return PASS, ops, (mark & self._keep) | self._rewritten
+
+    def _six_ended(self) -> None:
+        six = self.six
+        if six is not None and six.endings:
+            for msg, ag in six.endings:
+                self.send(msg, ag.peer or self.gateway_peers[ag.name])
+            six.endings.clear()
 
     def _local_set(self, now: float) -> frozenset[int]:
         if now >= self._local_until:
@@ -482,7 +536,7 @@ class ProcessorCore:
     @property
     def watching(self) -> bool:
         """Whether conntrack holds connections whose end the processor waits for."""
-        return bool(len(self.table) or len(self.logged))
+        return bool(len(self.table) or len(self.logged) or (self.six is not None and len(self.six)))
 
     def _forward_target_any(self, proto: int, src: int, dst: int, dport: int) -> tuple[int, int] | None:
         """A port forward's S:s for a flow whose ingress zone is unknown (adoption)."""
@@ -590,6 +644,9 @@ class ProcessorCore:
                 self.leg_gone(b, leg_a=True, now=now)
         self._carry(self.rules.tick(now))
         self._ended(self.logged.due(now, self._alive))
+        if self.six is not None:
+            self.six.due(now, self._alive)
+            self._six_ended()
         if now >= self._iface_until:
             self._iface.clear()  # interfaces come and go: the blind track is recreated on restarts
             self._iface_until = now + IFACE_CACHE_SECONDS
@@ -609,6 +666,13 @@ class ProcessorCore:
             self._ended(self.logged.end((proto, *orig), counters))
             return
         src, sport, dst, dport = orig
+        if src > 0xFFFFFFFF or dst > 0xFFFFFFFF:  # an IPv6 connection (six keeps IPv6 addresses above 2**32)
+            if self.six is not None:
+                self.six.destroyed(proto, orig, reply)
+                self._six_ended()
+            else:
+                self.counters["conntrack.destroy_unknown"] += 1
+            return
         b = self.table.by_client(proto, src, sport, dst, dport)
         if b is not None:
             g = b.gateway
@@ -751,6 +815,15 @@ class ProcessorCore:
             self._carry(self.rules.offload(got, msg, source, now, self._wall()))
 
     def _query(self, q: Query, source: tuple[str, int]) -> None:
+        if q.firewall_side.address.version == 6:
+            b6 = self.six.by_firewall_side(q.proto, int(q.firewall_side.address), q.firewall_side.port) if self.six else None
+            if b6 is not None and (int(q.ag.address), q.ag.port) == (self.six.g6, b6.ag.port):  # type: ignore[union-attr]
+                self.counters["queries.answered"] += 1
+                self.send(Answer(q.query_id, self.six.info(b6)), source)  # type: ignore[union-attr]
+            else:
+                self.counters["queries.not_found"] += 1
+                self.send(NotFound(q.query_id, q.proto, q.firewall_side, q.ag), source)
+            return
         key = fw_key(q.proto, int(q.firewall_side.address), q.firewall_side.port)
         b = self.table.by_key(key)
         if b is not None and b.fw == key and (b.gateway.addr, b.gateway.port) == (int(q.ag.address), q.ag.port):
@@ -779,6 +852,7 @@ class ProcessorCore:
             "queue": self.queue,
             "counters": dict(sorted(counters.items())),
             "flows": len(self.table),
+            "flows_ipv6": len(self.six) if self.six is not None else 0,
             "logged_flows": len(self.logged),
             "flows_per_gateway": self.table.per_gateway(),
             "rules": len(self.rules),
@@ -794,4 +868,6 @@ class ProcessorCore:
         wall = now + self.wall_offset
         for fid, b in itertools.islice(self._flows.items(), limit):
             out.append({**b.listing(now, wall, acct), "flow_id": fid, "queue": self.queue})
+        if self.six is not None:
+            out += self.six.records(now, wall, self.queue, limit - len(out))
         return out + self.logged.records(now, wall, self.queue, limit - len(out), acct)

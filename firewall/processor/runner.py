@@ -106,6 +106,7 @@ class Routes:
         self._cache: dict[int, tuple[float, Route | None]] = {}
         self._names: dict[int, str | None] = {}
         self._local: tuple[float, list[ipaddress.IPv4Address]] = (0.0, [])
+        self._local6: tuple[float, list[ipaddress.IPv6Address]] = (0.0, [])
 
     def __call__(self, dst: int) -> Route | None:
         now = self._clock()
@@ -114,7 +115,9 @@ class Routes:
             return hit[1]
         route: Route | None
         try:
-            msg = self._ipr.route("get", dst=str(ipaddress.IPv4Address(dst)))[0]
+            # An IPv6 flow's addresses are above 2**32 (the core drops ::/8 sources).
+            where = ipaddress.IPv4Address(dst) if dst <= 0xFFFFFFFF else ipaddress.IPv6Address(dst)
+            msg = self._ipr.route("get", dst=str(where))[0]
         except (NetlinkError, IndexError):
             route = None
         else:
@@ -122,7 +125,7 @@ class Routes:
             route = Route(
                 msg["type"] == RTN_LOCAL,
                 self.ifname(msg.get("RTA_OIF")),
-                int(ipaddress.IPv4Address(prefsrc)) if prefsrc else None,
+                int(ipaddress.ip_address(prefsrc)) if prefsrc else None,
             )
         if len(self._cache) >= ROUTE_CACHE_SIZE:
             self._cache.clear()
@@ -143,6 +146,13 @@ class Routes:
             addrs = [ipaddress.IPv4Address(a.get("IFA_ADDRESS")) for a in self._ipr.get_addr(family=socket.AF_INET)]
             self._local = (now + LOCAL_ADDRESS_SECONDS, addrs)
         return self._local[1]
+
+    def local_addresses6(self) -> list[ipaddress.IPv6Address]:
+        now = self._clock()
+        if self._local6[0] <= now:
+            addrs = [ipaddress.IPv6Address(a.get("IFA_ADDRESS")) for a in self._ipr.get_addr(family=socket.AF_INET6)]
+            self._local6 = (now + LOCAL_ADDRESS_SECONDS, addrs)
+        return self._local6[1]
 
 
 class _Batch:
@@ -248,6 +258,7 @@ class Runner:
         self.core = ProcessorCore(
             cfg, self.instance, Encoder(key, Role.PROCESSOR), guard,
             route=self.routes, ifname=self.routes.ifname, local_addresses=self.routes.local_addresses,
+            local_addresses6=self.routes.local_addresses6,
             conntrack=self.ct.alive, now=time.monotonic(), wall=time.time(), push=self.push,
         )
         if cfg.processor.conntrack_accounting:

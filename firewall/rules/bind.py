@@ -43,6 +43,12 @@ steering backend. Both chains run just before the ruleset's own NAT
 take a bound connection first; a first packet without an element falls
 through to them.
 
+IPv6 flows (of a gateway kind that takes them, ``Kind.ipv6``) have their
+own table, ``table ip6 nfgate_bind6``, with the same two maps keyed by the
+IPv6 original tuple (``leg_dnat6``, ``leg_snat6``) and the same two chains;
+leg B's pair is written at leg B's own verdict there (no maps ahead), and
+there are no dynamic rules for IPv6 yet.
+
 The table is native nftables with every backend: iptables-nft and
 iptables-legacy steer the first packet with the xt NFQUEUE target, and
 nf_tables' maps carry the NAT beside them (docs/datapath.md).
@@ -63,10 +69,16 @@ DNAT_MAP = "leg_dnat"
 SNAT_MAP = "leg_snat"
 LEGB_DNAT_MAP = "legb_dnat"  # leg B by (proto, G, F, f), written at leg A's time
 LEGB_SNAT_MAP = "legb_snat"
+FAMILY6 = "ip6"
+TABLE6 = "nfgate_bind6"
+DNAT6_MAP = "leg_dnat6"  # the IPv6 table's maps, named apart so an op names its table
+SNAT6_MAP = "leg_snat6"
 PRIORITY_OFFSET = 10  # below the ruleset's own dstnat/srcnat chains
 
 _KEY_TYPE = "inet_proto . ipv4_addr . inet_service . ipv4_addr . inet_service"
 _ORIGINAL = "meta l4proto . ct original ip saddr . ct original proto-src . ct original ip daddr . ct original proto-dst"
+_KEY_TYPE6 = "inet_proto . ipv6_addr . inet_service . ipv6_addr . inet_service"
+_ORIGINAL6 = "meta l4proto . ct original ip6 saddr . ct original proto-src . ct original ip6 daddr . ct original proto-dst"
 _LEGB_KEY_TYPE = "inet_proto . ipv4_addr . ipv4_addr . inet_service"
 _LEGB_ORIGINAL = "meta l4proto . ct original ip saddr . ct original ip daddr . ct original proto-dst"
 # nft derives the port fields' type from the protocol in the same rule, so
@@ -188,13 +200,59 @@ def render(marks: Marks, instances: int) -> str:
     for _, key, name in _dynamic("allow_dnat", instances):
         lines.append(f"\t\tct status dnat {key} @{name} {allowed} {remember}")
     lines += ["\t}", "}"]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _render6(marks)) + "\n"
+
+
+def render6(marks: Marks) -> str:
+    """The IPv6 table alone, as ``nft -f`` input (a reload that keeps an older IPv4 table)."""
+    return "\n".join(_render6(marks)) + "\n"
+
+
+def _render6(marks: Marks) -> list[str]:
+    """The IPv6 binding table: leg A's and leg B's exact elements, each written at its verdict."""
+    mask, mark = marks.mask, marks.rewritten
+    keep = ~mask & 0xFFFFFFFF
+    lines = [
+        "",
+        f"table {FAMILY6} {TABLE6}",
+        f"delete table {FAMILY6} {TABLE6}",
+        "",
+        f"table {FAMILY6} {TABLE6} {{",
+    ]
+    for name, what in ((DNAT6_MAP, "original tuple -> leg A: G:g, leg B: S:s"),
+                       (SNAT6_MAP, "original tuple -> leg A: F:f, leg B: C:c")):
+        lines += [
+            f"\tmap {name} {{",
+            f"\t\ttype {_KEY_TYPE6} : ipv6_addr . inet_service",
+            "\t\tflags timeout",
+            f'\t\tcomment "{what}"',
+            "\t}",
+            "",
+        ]
+    lines += [
+        "\tchain dstnat {",
+        f"\t\ttype nat hook prerouting priority dstnat - {PRIORITY_OFFSET}; policy accept;",
+        f"\t\tmeta mark & {mask:#010x} == {mark:#010x} ct mark set ct mark & {keep:#010x} | {mark:#010x} "
+        'comment "a bound gateway flow: found again in conntrack by this mark"',
+    ]
+    for proto in _PROTOS:
+        lines.append(f"\t\tmeta l4proto {proto} dnat ip6 to {_ORIGINAL6} map @{DNAT6_MAP}")
+    lines += [
+        "\t}",
+        "",
+        "\tchain srcnat {",
+        f"\t\ttype nat hook postrouting priority srcnat - {PRIORITY_OFFSET}; policy accept;",
+    ]
+    for proto in _PROTOS:
+        lines.append(f"\t\tmeta l4proto {proto} snat ip6 to {_ORIGINAL6} map @{SNAT6_MAP}")
+    lines += ["\t}", "}"]
+    return lines
 
 
 def element(proto: str, key: tuple[int, ...], value: tuple[int, ...] | None, timeout: float | None) -> Any:
     """One set or map element in libnftables' JSON. ``key`` is (src, sport, dst, dport),
     or (src, dst, dport) for an any-port set; ``value`` an address, or an address and port."""
-    ip = ipaddress.IPv4Address
+    ip: Any = ipaddress.IPv4Address if key[0] <= 0xFFFFFFFF else ipaddress.IPv6Address  # an IPv6 flow's: above 2**32
     if len(key) == 4:
         src, sport, dst, dport = key
         val: Any = {"concat": [proto, str(ip(src)), sport, str(ip(dst)), dport]}
@@ -209,6 +267,11 @@ def element(proto: str, key: tuple[int, ...], value: tuple[int, ...] | None, tim
 
 _ntoa = socket.inet_ntoa
 _PACK = struct.Struct("!I").pack
+_V6 = frozenset((DNAT6_MAP, SNAT6_MAP))
+
+
+def _ntoa6(addr: int) -> str:
+    return socket.inet_ntop(socket.AF_INET6, addr.to_bytes(16, "big"))
 
 
 def add_text(ops: list[tuple[str, str, tuple[int, ...], tuple[int, int]]], timeout: float) -> str:
@@ -217,6 +280,11 @@ def add_text(ops: list[tuple[str, str, tuple[int, ...], tuple[int, int]]], timeo
     t = max(1, round(timeout))
     by_map: dict[str, list[str]] = {}
     for name, proto, key, (va, vp) in ops:
+        if name in _V6:  # a 128-bit key in the IPv6 table
+            src, sport, dst, dport = key
+            k = f"{proto} . {_ntoa6(src)} . {sport} . {_ntoa6(dst)} . {dport}"
+            by_map.setdefault(name, []).append(f"{k} timeout {t}s : {_ntoa6(va)} . {vp}")
+            continue
         if len(key) == 4:
             src, sport, dst, dport = key
             k = f"{proto} . {_ntoa(_PACK(src))} . {sport} . {_ntoa(_PACK(dst))} . {dport}"
@@ -224,12 +292,18 @@ def add_text(ops: list[tuple[str, str, tuple[int, ...], tuple[int, int]]], timeo
             g, f, fport = key
             k = f"{proto} . {_ntoa(_PACK(g))} . {_ntoa(_PACK(f))} . {fport}"
         by_map.setdefault(name, []).append(f"{k} timeout {t}s : {_ntoa(_PACK(va))} . {vp}")
-    return "\n".join(f"add element {FAMILY} {TABLE} {name} {{ {', '.join(elems)} }}" for name, elems in by_map.items())
+    return "\n".join(f"add element {table_of(name)} {name} {{ {', '.join(elems)} }}" for name, elems in by_map.items())
+
+
+def table_of(name: str) -> str:
+    """``family table`` of a binding map: the IPv6 maps are in their own table."""
+    return f"{FAMILY6} {TABLE6}" if name in _V6 else f"{FAMILY} {TABLE}"
 
 
 def elements(op: str, name: str, elems: list[Any]) -> dict[str, Any]:
     """A libnftables JSON command: ``op`` ("add" or "delete") ``elems`` in set or map ``name``."""
-    return {op: {"element": {"family": FAMILY, "table": TABLE, "name": name, "elem": elems}}}
+    family, table = (FAMILY6, TABLE6) if name in _V6 else (FAMILY, TABLE)
+    return {op: {"element": {"family": family, "table": table, "name": name, "elem": elems}}}
 
 
 def add_elements(name: str, elems: list[Any]) -> dict[str, Any]:

@@ -99,13 +99,15 @@ def _steer(config: Config, rs: Ruleset, stopped: bool) -> None:
     link = config.gateway_link
     chain = Chain("mangle_prerouting", Kind.MANGLE, Hook.PREROUTING)
     rs.chains.append(chain)
+    v6 = _any_ipv6(config)
+    head = Family.BOTH if v6 else Family.V4
     # Only a connection's first packet can open a binding; the kernel carries
     # the rest. A return, not an accept, leaves the operator's own rules in the
     # built-in chain (iptables) to run.
-    chain.add([CtState(("established", "related", "invalid", "untracked"))], [Return()], "conntrack carries established flows", Family.V4)
+    chain.add([CtState(("established", "related", "invalid", "untracked"))], [Return()], "conntrack carries established flows", head)
     # A retransmitted SYN, or a second datagram before any reply, is still
     # "new" to conntrack, but its connection already carries its NAT.
-    chain.add([CtConfirmed()], [Return()], "conntrack carries a connection after its first packet", Family.V4)
+    chain.add([CtConfirmed()], [Return()], "conntrack carries a connection after its first packet", head)
     bypass = proc.fail_mode == "open"
     queues = proc.queues
     # Stopped, nobody listens on the queues: say in the ruleset what the
@@ -158,6 +160,15 @@ def _steer(config: Config, rs: Ruleset, stopped: bool) -> None:
         "gateway_link: a gateway's new connection to the firewall-side pool (leg B)",
         Family.V4,
     )
+    if v6:
+        # IPv6 flows are all instance 0's: its queue takes every IPv6 request
+        # and the whole IPv6 pool (no slices), so leg B finds its binding.
+        chain.add(
+            [InIface(link.router_if), Addr("dst", (proc.pools.firewall_side6,))],
+            [send(queues[0])],
+            "gateway_link: a gateway's new IPv6 connection to the IPv6 firewall-side pool (leg B)",
+            Family.V6,
+        )
     for g, gw in enumerate(config.gateways):
         for i, t in enumerate(gw.traffic):
             tag = f"{t.source} gateway {gw.name} ({gw.kind})"
@@ -169,14 +180,23 @@ def _steer(config: Config, rs: Ruleset, stopped: bool) -> None:
                 # Routed traffic on these ports stays in the kernel.
                 matches.append(DstLocal())
                 what = "request to the router"
+            six = gw.takes_ipv6(t)
             if t.allow:
                 chain.add(matches, [by_src], f"{tag}: {what}, admitted by the selector (allow = true)", Family.V4)
+                if six:
+                    chain.add(matches, [send(queues[0])], f"{tag}: IPv6 {what}, admitted by the selector (allow = true)", Family.V6)
                 continue
-            admit = _admit(config, rs, t, f"admit_g{g}_{i}", by_src)
-            chain.add(matches, [Jump(admit)], f"{tag}: {what}, if the filter admits it", Family.V4)
+            admit = _admit(config, rs, t, f"admit_g{g}_{i}", by_src, send(queues[0]) if six else None)
+            chain.add(matches, [Jump(admit)], f"{tag}: {what}, if the filter admits it", head if six else Family.V4)
 
 
-def _admit(config: Config, rs: Ruleset, t: Traffic, name: str, to_queue: Jump | Queue | Drop | Return) -> str:
+def _any_ipv6(config: Config) -> bool:
+    """Whether any selector queues IPv6 (``Gateway.takes_ipv6``)."""
+    return any(gw.takes_ipv6(t) for gw in config.gateways for t in gw.traffic)
+
+
+def _admit(config: Config, rs: Ruleset, t: Traffic, name: str, to_queue: Jump | Queue | Drop | Return,
+           to_queue6: Queue | Drop | Return | None = None) -> str:
     """The filter's verdict on a selector's first packets, before they are queued.
 
     The seed's processor filters first and redirects what passes (fig. 6a):
@@ -203,17 +223,20 @@ def _admit(config: Config, rs: Ruleset, t: Traffic, name: str, to_queue: Jump | 
         if (rule.from_zone, rule.to_zone) != (t.from_zone, t.to_zone) or rule.proto not in ("any", t.proto):
             continue
         for family, matches in _rule_matches(rule):
-            if family is Family.V6:
-                continue  # gateway traffic is IPv4
             label = f"{rule.source} {rule.name}".strip()
-            if rule.action == "accept":
-                chain.add(matches, [to_queue], f"{t.source} admitted by {label}", Family.V4)
-            else:
-                chain.add(matches, [Return()], f"{t.source} refused by {label}: the filter {rule.action}s it", Family.V4)
+            for fam, queue in ((Family.V4, to_queue), (Family.V6, to_queue6)):
+                if queue is None or family not in (Family.BOTH, fam):
+                    continue  # IPv6 only for a selector that takes it
+                if rule.action == "accept":
+                    chain.add(matches, [queue], f"{t.source} admitted by {label}", fam)
+                else:
+                    chain.add(matches, [Return()], f"{t.source} refused by {label}: the filter {rule.action}s it", fam)
     policy = config.policy.input if t.to_zone == ROUTER else config.policy.forward
     key = "input" if t.to_zone == ROUTER else "forward"
     if policy == "accept":
         chain.add([], [to_queue], f"{t.source} admitted by policy.{key} = accept", Family.V4)
+        if to_queue6 is not None:
+            chain.add([], [to_queue6], f"{t.source} admitted by policy.{key} = accept", Family.V6)
     return name
 
 
@@ -307,12 +330,13 @@ def _filter(config: Config, rs: Ruleset) -> None:
     inp.add([InIface("lo")], [Accept()], "loopback")
     out.add([OutIface("lo")], [Accept()], "loopback")
     _ipv6_drops(config, rs, inp, fwd)
+    bound = Family.BOTH if _any_ipv6(config) else Family.V4
     if gateways:
         fwd.add(
             [Mark(marks.mask, marks.rewritten)],
             [Accept()],
             "first packet of a gateway flow: the processor checked the policy and bound it",
-            Family.V4,
+            bound,
         )
         # A UDP flow that no reply has answered yet (one-way media) stays
         # "new" to conntrack, so established does not cover its later packets.
@@ -320,7 +344,7 @@ def _filter(config: Config, rs: Ruleset) -> None:
             [CtMark(marks.rewritten, marks.rewritten)],
             [Accept()],
             "later packets of a gateway flow before its first reply (one-way UDP): the processor bound it",
-            Family.V4,
+            bound,
         )
     for chain in (inp, fwd, out):
         _stateful(chain, config)
@@ -350,6 +374,13 @@ def _filter(config: Config, rs: Ruleset) -> None:
             Family.V4,
         )
         out.add([OutIface(link.router_if), Proto("udp")], [Accept()], "signalling to the gateways", Family.V4)
+        if _any_ipv6(config):
+            # IPv6 gateway flows cross the link: its neighbours must resolve, whatever
+            # policy.icmp_essential says (IPv4's ARP is no business of the filter).
+            inp.add([InIface(link.router_if), Proto("icmpv6"), IcmpType(ICMPV6_ND)], [Accept()],
+                    "gateway_link: neighbour discovery for IPv6 gateway flows", Family.V6)
+            out.add([OutIface(link.router_if), Proto("icmpv6"), IcmpType(ICMPV6_ND)], [Accept()],
+                    "gateway_link: neighbour discovery for IPv6 gateway flows", Family.V6)
 
     for f in config.nat.forward:
         matches: list = [InZone(f.from_zone), CtDnat(), Addr("dst", (ipaddress.ip_network(f.to_addr),)), Proto(f.proto)]
@@ -385,10 +416,12 @@ def ipv6_counter(g: int, i: int) -> str:
 
 
 def _ipv6_drops(config: Config, rs: Ruleset, inp: Chain, fwd: Chain) -> None:
-    """Drop the IPv6 a selector would bring to its gateway, counted by name.
+    """Drop the IPv6 on a selector's ports that did not pass its gateway, counted by name.
 
-    The processor's double NAT is NAT44, so no gateway takes IPv6 yet. Left
-    to the filter, a rule that accepts the same traffic for both IP versions
+    Only a kind that takes IPv6 (``Gateway.takes_ipv6``) has its selectors'
+    IPv6 queued (``_steer``): bound, it leaves by the blind track, so this
+    rule sees only what skipped the gateway. Every other selector's IPv6
+    meets it first. Left to the filter, a rule that accepts the same traffic for both IP versions
     would let its IPv6 part skip the gateway (issue 17). So every selector
     drops the first packet of an IPv6 connection on its ports, first thing
     in the chain that sees it: forward for a selector to a zone (after
@@ -404,7 +437,13 @@ def _ipv6_drops(config: Config, rs: Ruleset, inp: Chain, fwd: Chain) -> None:
     for g, gw in enumerate(config.gateways):
         for i, t in enumerate(gw.traffic):
             name = ipv6_counter(g, i)
-            comment = f"{t.source} gateway {gw.name} ({gw.kind}): IPv6 dropped, gateways take IPv4 only"
+            if gw.takes_ipv6(t):
+                # Its IPv6 is queued and bound into the gateway: leg A leaves by the
+                # blind track, never to the to-zone. What still matches here did
+                # not pass the gateway (fail-open bypass, a passed packet): dropped.
+                comment = f"{t.source} gateway {gw.name} ({gw.kind}): IPv6 that skipped the gateway dropped"
+            else:
+                comment = f"{t.source} gateway {gw.name} ({gw.kind}): IPv6 dropped, gateways take IPv4 only"
             rs.counters[name] = comment
             matches: list = [InZone(t.from_zone)]
             chain = inp

@@ -120,21 +120,22 @@ EXAMPLES: tuple[tuple[str, Message], ...] = (
 
 _ip6 = ipaddress.IPv6Address
 
-# The same SMTP flow over IPv6, as a gateway that takes IPv6 will get it (no
-# processor sends family 6 yet: issue 17). The blind track's addresses are
-# a ULA, as the firewall-side pool may be.
-SMTP_FLOW6 = FlowInfo(
-    flow_id=make_flow_id(1, 10),
+# A tcp-relay flow over IPv6, as the processor sends it (issue 17: tcp-relay is
+# the kind that takes IPv6 so far): ext's client to lan's server, routed
+# (no port forward), through the blind track's default IPv6 addresses (a ULA:
+# gateway_link.gateway_address6, processor.pools.firewall_side6).
+RELAY_FLOW6 = FlowInfo(
+    flow_id=make_flow_id(0, 10),
     proto=Proto.TCP,
-    gateway="smtp-in",
+    gateway="relay",
     client=Endpoint(_ip6("2001:db8:2::10"), 40000),
-    original_dst=Endpoint(_ip6("2001:db8:2::1"), 25),
-    server=Endpoint(_ip6("fd00:1::25"), 25),
-    firewall_side=Endpoint(_ip6("fd00:ffff:254::9"), 1024),
-    ag=Endpoint(_ip6("fd00:ffff:255::2"), 20000),
+    original_dst=Endpoint(_ip6("fd00:1::10"), 9000),
+    server=Endpoint(_ip6("fd00:1::10"), 9000),
+    firewall_side=Endpoint(_ip6("fd6e:6667:6174:fe::"), 1024),
+    ag=Endpoint(_ip6("fd6e:6667:6174:ff::2"), 20000),
 )
 FAMILY6_EXAMPLES: tuple[tuple[str, Message], ...] = (
-    ("the SMTP flow over IPv6, family 6 (every address IPv6; none IPv4-mapped)", NewFlow(SMTP_FLOW6)),
+    ("a tcp-relay flow over IPv6, family 6 (every address IPv6; none IPv4-mapped)", NewFlow(RELAY_FLOW6)),
 )
 
 

@@ -340,10 +340,11 @@ class GatewayLayer:
         processor and the server answer it (then ``connected``). OSError if
         the connect cannot even start."""
         fw = flow.firewall_side
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        six = fw.address.version == 6  # a family 6 flow: leg B from G6 (its ``ag``) to F6:f
+        sock = socket.socket(socket.AF_INET6 if six else socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
-            sock.bind((self._bind_address, 0))
+            sock.bind((str(flow.ag.address) if six else self._bind_address, 0))
             err = sock.connect_ex((str(fw.address), fw.port))
             if err not in (0, errno.EINPROGRESS):
                 raise OSError(err, os.strerror(err))
@@ -544,9 +545,9 @@ def _resolve_once(future: "asyncio.Future[None]") -> None:
 
 
 def endpoint_of(address: Any) -> Endpoint | None:
-    """An ``Endpoint`` from a socket address tuple (peername, recvfrom), or None (not IPv4, or gone)."""
+    """An ``Endpoint`` from a socket address tuple (peername, recvfrom), or None (gone, or not an address)."""
     try:
-        return Endpoint(ipaddress.IPv4Address(address[0]), int(address[1]))
+        return Endpoint(ipaddress.ip_address(address[0]), int(address[1]))
     except (TypeError, ValueError, IndexError):
         return None
 

@@ -29,10 +29,10 @@ from gateways.manifest import InstanceSpec, ProcessorSpec
 class ProcessorInstances:
     """The signalling endpoints of the processor's instances, and the owner of each flow."""
 
-    __slots__ = ("router_address", "queues", "ports", "pool", "_slices", "_index_of_queue")
+    __slots__ = ("router_address", "queues", "ports", "pool", "pool6", "_slices", "_index_of_queue")
 
     def __init__(self, router_address: ipaddress.IPv4Address, pool: ipaddress.IPv4Network,
-                 instances: Sequence[InstanceSpec]) -> None:
+                 instances: Sequence[InstanceSpec], pool6: ipaddress.IPv6Network | None = None) -> None:
         if not instances:
             raise ValueError("the processor has at least one instance")
         owned = [(net, i) for i, inst in enumerate(instances) for net in inst.slices]
@@ -48,12 +48,13 @@ class ProcessorInstances:
         self.queues = tuple(inst.queue for inst in instances)
         self.ports = tuple(inst.port for inst in instances)
         self.pool = pool
+        self.pool6 = pool6  # IPv6 flows: all instance 0's (firewall.processor.six)
         self._slices = sorted(owned, key=lambda item: item[0])
         self._index_of_queue = {q: i for i, q in enumerate(self.queues)}
 
     @classmethod
     def from_spec(cls, spec: ProcessorSpec) -> "ProcessorInstances":
-        return cls(spec.address, spec.pool, spec.instances)
+        return cls(spec.address, spec.pool, spec.instances, spec.pool6)
 
     def __len__(self) -> int:
         return len(self.queues)
@@ -64,12 +65,16 @@ class ProcessorInstances:
             raise IndexError(f"no processor instance {index} (there are {len(self.queues)})")
         return Endpoint(self.router_address, self.ports[index])
 
-    def in_pool(self, address: ipaddress.IPv4Address) -> bool:
+    def in_pool(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         """Whether ``address`` can be a firewall-side address F at all."""
+        if address.version == 6:
+            return self.pool6 is not None and address in self.pool6
         return address in self.pool
 
     def index_for_firewall_side(self, address: ipaddress.IPv4Address) -> int:
         """The instance whose pool slice holds F; ValueError if no slice does."""
+        if address.version == 6 and self.pool6 is not None and address in self.pool6:
+            return 0  # the IPv6 pool is not sliced
         for net, index in self._slices:
             if address in net:
                 return index

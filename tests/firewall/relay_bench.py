@@ -25,6 +25,10 @@ its baseline back to back and printed with the ratio:
   ``connect-seconds``, through the relay and through the kernel; and the
   processor's CPU time (user + system, /proc) per relayed connection, a
   figure less at the mercy of a shared machine than the rate;
+- IPv6 beside IPv4 (issue 17): on the dual lab, ext's traffic routed (no
+  port forward) to lan's server through one tcp-relay selector, bulk and
+  new connections/s over IPv6 and over IPv4 through the same relay, and
+  the processor's CPU per relayed IPv6 connection;
 - installs/s: binding elements written by the processor's ``NatWriter``
   (libnftables, in-process), one transaction each and 100 per transaction,
   and dynamic rules (a translated ALLOW's three elements, one transaction)
@@ -130,8 +134,8 @@ def iperf(lab, client: str, server: str, port: int, seconds: float) -> float:
     return json.loads(out)["end"]["sum_received"]["bits_per_second"]
 
 
-def connections(lab, port: int, seconds: float) -> float:
-    out = lab.run("ext", [sys.executable, "-c", CONNECTOR, WAN, str(port), str(seconds)], timeout=seconds + 60)
+def connections(lab, port: int, seconds: float, host: str = WAN) -> float:
+    out = lab.run("ext", [sys.executable, "-c", CONNECTOR, host, str(port), str(seconds)], timeout=seconds + 60)
     return float(out.stdout)
 
 
@@ -211,11 +215,56 @@ def main() -> None:
         "new_conn_kernel_per_s": round(kernel_cps),
         "ratio_conn_relay_to_kernel": round(relay_cps / kernel_cps, 3),
         "processor_cpu_ms_per_relayed_conn": round(1000 * (cpu1 - cpu0) / max(1, flows1 - flows0), 3),
+        **ipv6_figures(args),
         "binding_elements_per_s_single": round(installs["elements_single"]),
         "binding_elements_per_s_batched_100": round(installs["elements_batched"]),
         "dynamic_rule_ops_per_s": round(installs["rule_ops"], 1),
     }
     print(json.dumps(out, indent=2))
+
+
+LAN6, EXT6 = "fd00:1::10", "2001:db8:2::10"
+ECHO6 = ECHO.replace('ThreadingTCPServer(("0.0.0.0"', 'ThreadingTCPServer(("::"').replace(
+    "socketserver.ThreadingTCPServer.request_queue_size = 512",
+    "socketserver.ThreadingTCPServer.request_queue_size = 512\nimport socket\nsocketserver.ThreadingTCPServer.address_family = socket.AF_INET6")
+
+
+def ipv6_figures(args: argparse.Namespace) -> dict[str, float]:
+    """The tcp-relay over IPv6 beside IPv4, routed ext -> lan on the dual lab, one relay for both."""
+    from tests.firewall.test_ipv6_netns import RELAY6
+    lab = Lab(load_topology("dual"), f"nfg6{int(time.time()) % 100000:05d}").up()
+    try:
+        lab.run("ext", ["ip", "-6", "route", "add", "fd00:1::/64", "via", "2001:db8:2::1"])
+        lab.run("ext", ["ip", "route", "add", "192.168.1.0/24", "via", WAN])
+        for host in ("ext", "router", "lan"):
+            wait_for(lambda: not lab.run(host, ["ip", "-6", "addr", "show", "tentative"]).stdout.strip(),
+                     timeout=5, what="DAD")
+        with tempfile.TemporaryDirectory() as tmp:
+            run = Running(lab, Path(tmp), config=RELAY6)
+            try:
+                servers = iperf_servers(lab, "lan", (9000,))
+                bulk6 = iperf(lab, "ext", LAN6, 9000, args.seconds)
+                bulk4 = iperf(lab, "ext", LAN, 9000, args.seconds)
+                stop(servers)
+                lab.popen("lan", [sys.executable, "-c", ECHO6, "9000"])
+                lab.wait_listening("lan", 9000)
+                cpu0, flows0 = processor_cpu(run)
+                cps6 = connections(lab, 9000, args.connect_seconds, LAN6)
+                cpu1, flows1 = processor_cpu(run)
+                cps4 = connections(lab, 9000, args.connect_seconds, LAN)
+            finally:
+                run.stop()
+    finally:
+        lab.down()
+    return {
+        "tcp_bulk_relay_ipv6_gbit": round(bulk6 / 1e9, 2),
+        "tcp_bulk_relay_ipv4_routed_gbit": round(bulk4 / 1e9, 2),
+        "ratio_bulk_relay_ipv6_to_ipv4": round(bulk6 / bulk4, 3),
+        "new_conn_relay_ipv6_per_s": round(cps6),
+        "new_conn_relay_ipv4_routed_per_s": round(cps4),
+        "ratio_conn_relay_ipv6_to_ipv4": round(cps6 / cps4, 3),
+        "processor_cpu_ms_per_relayed_ipv6_conn": round(1000 * (cpu1 - cpu0) / max(1, flows1 - flows0), 3),
+    }
 
 
 def socat_relay(lab, run: Running, seconds: float) -> float:

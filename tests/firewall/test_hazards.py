@@ -41,7 +41,7 @@ masquerade = ["wan"]
 
 [[gateway]]
 name = "relay"
-kind = "tcp-relay"
+kind = "smtp"  # a kind that takes IPv4 only
 
 [[gateway.traffic]]
 from = "lan"
@@ -115,6 +115,16 @@ def test_ipv6_a_rule_accepts_is_dropped_and_check_says_where_it_is_counted() -> 
     assert "drops IPv6 tcp 9000 from lan to wan (counted as ipv6_drop_g0_0" in warning.message
     (warning,) = hazards(loads(BASE + SSH + '[policy]\nforward = "accept"\n' + GATEWAY))
     assert warning.message.startswith("policy.forward = accept would pass this traffic over IPv6 too")
+
+
+def test_ipv6_a_rule_accepts_into_a_tcp_relay_is_relayed_no_warning() -> None:
+    """A tcp-relay selector takes IPv6 (issue 17): the rule's IPv6 goes through the relay, nothing to warn of."""
+    everything = '[[rule]]\nname = "out"\nfrom = "lan"\nto = "wan"\n'
+    relay = GATEWAY.replace('kind = "smtp"', 'kind = "tcp-relay"')
+    assert hazards(loads(BASE + SSH + everything + relay)) == []
+    log_only = relay.replace('kind = "tcp-relay"', 'kind = "tcp-relay"\nsettings = { mode = "log-only" }')
+    (warning,) = hazards(loads(BASE + SSH + everything + log_only))
+    assert "take IPv4 only" in warning.message
 
 
 def test_named_counters_are_read_from_ip6tables_save() -> None:

@@ -2,7 +2,8 @@
 
 ext (203.0.113.10, 2001:db8:2::10) - router - lan (192.168.1.10,
 fd00:1::10). The router relays lan's outbound tcp 9000 and udp 5353
-through a tcp-relay and a udp-relay, and a rule accepts everything from
+through a tcp-relay (whose selector names IPv4 addresses, so it takes
+IPv4 only) and a udp-relay, and a rule accepts everything from
 lan to wan, for both IP versions: before issue 17 the IPv6 part of that
 rule carried lan's IPv6 to ext:9000 around the relay. A counter in ext's
 own namespace, before anything else there sees a packet, is the server
@@ -59,6 +60,7 @@ from = "lan"
 to = "wan"
 proto = "tcp"
 ports = 9000
+daddr = ["203.0.113.0/24"]  # addresses: a tcp-relay selector that still takes IPv4 only
 
 [[gateway]]
 name = "dns"
@@ -392,4 +394,102 @@ def test_ipv6_to_a_terminating_gateways_port_is_dropped_counted(lab_factory, tmp
     assert not probe(lab, "ext", "2001:db8:2::1", 8443, timeout=1.0)
     saved = lab.run("router", ["ip6tables-nft-save", "-c"]).stdout
     (count,) = re.findall(r"^\[(\d+):\d+\] -A NFGATE-INPUT .*ipv6_drop_g1_0: ", saved, re.M)
+    assert int(count) >= 1, saved
+
+
+RELAY6 = """
+[zones.wan]
+interfaces = ["wan0"]
+
+[zones.lan]
+interfaces = ["lan0"]
+
+[policy]
+forward = "drop"
+input = "drop"
+
+[[rule]]
+name = "in"
+from = "wan"
+to = "lan"
+proto = "tcp"
+ports = [9000, 25]
+
+[processor]
+queues = [0]
+fail_mode = "open"
+""" + RUN + """
+[[gateway]]
+name = "relay"
+kind = "tcp-relay"
+
+[[gateway.traffic]]
+from = "wan"
+to = "lan"
+proto = "tcp"
+ports = 9000
+
+[[gateway]]
+name = "mail"
+kind = "smtp"
+
+[[gateway.traffic]]
+from = "wan"
+to = "lan"
+proto = "tcp"
+ports = 25
+"""
+
+
+def test_tcp_relay_over_ipv6_on_the_kernel_maps(lab_factory, tmp_path: Path) -> None:
+    """ext's IPv6 to lan's server through a tcp-relay: the processor binds it in the IPv6 maps, the
+    relay connects leg B over IPv6, the server sees the client's real IPv6 address. IPv4 goes
+    through the same relay; IPv6 on the smtp selector's port is still dropped and counted."""
+    lab = lab_factory("dual")
+    no_tentative_addresses(lab)
+    # ext routes to lan's prefixes through the router: no NAT66 in this config.
+    lab.run("ext", ["ip", "-6", "route", "add", "fd00:1::/64", "via", "2001:db8:2::1"])
+    lab.run("ext", ["ip", "route", "add", "192.168.1.0/24", "via", "203.0.113.1"])
+    server = Server(lab, "lan", 9000, addr="::")
+    Server(lab, "lan", 25, addr="::")
+    run = Running(lab, tmp_path, config=RELAY6)
+    checked = lab.run("router", [sys.executable, "-m", "firewall.cli", "check", "-c", str(run.path)]).stdout
+    assert "through the gateway for gateway[0].traffic[0]" in checked, checked
+    assert "dropped, counted as ipv6_drop_g1_0" in checked, checked
+
+    for _ in range(3):
+        assert probe(lab, "ext", "fd00:1::10", 9000)
+        assert server.next_peer() == "2001:db8:2::10"
+    assert wait_for(lambda: re.search(r"relay open .*client=\[?2001:db8:2::10\]?:\d+", run.text()), timeout=5,
+                    what="the relay's log line for the IPv6 flow")
+    assert probe(lab, "ext", "192.168.1.10", 9000)
+    assert server.next_peer() == "203.0.113.10"
+    counters = run.ask("status")["processors"]["processor-0"]["counters"]
+    assert counters["flows.ipv6.opened"] == 3, counters
+    # curl over IPv6 too (an HTTP request the echo server answers with what it saw).
+    curl = lab.run("ext", ["curl", "-s", "-m", "5", "--http0.9", "http://[fd00:1::10]:9000/"], check=False)
+    assert curl.returncode in (0, 52, 56), curl  # the echo server is no HTTP server: reached is what counts
+    assert server.next_peer() == "2001:db8:2::10"
+
+    # The binding ends with its connections: FLOW_END, the IPv6 pool entry back.
+    assert wait_for(lambda: run.ask("status")["processors"]["processor-0"].get("flows_ipv6", 1) == 0, timeout=20,
+                    interval=0.2, what="the IPv6 bindings to end")
+
+    # SMTP takes IPv4 only: its IPv6 is dropped by the ruleset, counted, never queued.
+    queued = run.ask("status")["processors"]["processor-0"]["counters"]["queued"]
+    assert not probe(lab, "ext", "fd00:1::10", 25, timeout=1.0)
+    status = lab.run("router", [sys.executable, "-m", "firewall.cli", "status", "-c", str(run.path), "--json"])
+    dropped = json.loads(status.stdout)["ipv6_dropped"]
+    assert dropped["ipv6_drop_g1_0"]["packets"] >= 1, dropped
+    assert dropped["ipv6_drop_g0_0"]["packets"] == 0, dropped  # nothing skipped the relay
+    assert run.ask("status")["processors"]["processor-0"]["counters"]["queued"] == queued
+
+    # Stopped with fail_mode = "open": IPv4 passes to the server directly, as the filter allows,
+    # but the relay selector's IPv6 is dropped and counted: it never skips the gateway.
+    assert run.stop() == 0
+    assert probe(lab, "ext", "192.168.1.10", 9000)
+    assert server.next_peer() == "203.0.113.10"
+    assert not probe(lab, "ext", "fd00:1::10", 9000, timeout=1.0)
+    saved = lab.run("router", ["ip6tables-nft-save", "-c"]).stdout
+    (count,) = re.findall(r"^\[(\d+):\d+\] -A NFGATE-FORWARD .*ipv6_drop_g0_0: ", saved, re.M)
     assert int(count) >= 1, saved

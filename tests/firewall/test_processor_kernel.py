@@ -23,7 +23,7 @@ from firewall.signalling import Counters
 def message(proto: int, orig: tuple[str, int, str, int], reply: tuple[str, int, str, int], *,
             mark: int | None = None, counters: tuple[int, int, int, int] | None = None, family: int = socket.AF_INET) -> bytes:
     def tup(t: tuple[str, int, str, int]) -> NFCTAttrTuple:
-        return NFCTAttrTuple(saddr=t[0], daddr=t[2], proto=proto, sport=t[1], dport=t[3])
+        return NFCTAttrTuple(family=family, saddr=t[0], daddr=t[2], proto=proto, sport=t[1], dport=t[3])
 
     fields: dict[str, Any] = {"tuple_orig": tup(orig), "tuple_reply": tup(reply)}
     if mark is not None:
@@ -52,6 +52,15 @@ def test_a_destroy_event_reads_as_its_connection_with_counters_and_mark() -> Non
     assert _mark_of(data, 0, len(data)) == 0x00010007
     # Without accounting (nf_conntrack_acct = 0) there are no counters: zeros.
     assert connection(message(17, orig, reply)) == Connection(17, ints(orig), ints(reply), Counters(0, 0, 0, 0))
+
+
+def test_an_ipv6_destroy_event_reads_with_128_bit_addresses() -> None:
+    """An IPv6 gateway flow's leg (issue 17): the same decoder, addresses above 2**32."""
+    c6, g6, f6 = "2001:db8:2::10", "fd6e:6667:6174:ff::2", "fd6e:6667:6174:fe::"
+    orig, reply = (c6, 40000, "fd00:1::10", 9000), (g6, 20000, f6, 1024)
+    data = message(6, orig, reply, mark=0x00010000, family=socket.AF_INET6)
+    i6 = lambda t: (int(ipaddress.IPv6Address(t[0])), t[1], int(ipaddress.IPv6Address(t[2])), t[3])  # noqa: E731
+    assert connection(data) == Connection(6, i6(orig), i6(reply), Counters(0, 0, 0, 0))
 
 
 def test_a_message_inside_a_buffer_is_read_between_its_bounds() -> None:

@@ -681,7 +681,7 @@ def test_doc_hex_decodes_to_the_examples() -> None:
 
 # ---- families (issue 17) ----------------------------------------------------------------
 
-V6 = examples.SMTP_FLOW6
+V6 = examples.RELAY_FLOW6
 
 
 def test_family_6_round_trips_every_type_with_addresses() -> None:

@@ -89,7 +89,8 @@ def write_manifest(config: Path, name: str) -> Path:
     cfg = load(config)
     gateway = next(g for g in cfg.gateways if g.name == name)
     path = manifests.manifest_path(config.parent, name)
-    manifests.write(manifests.manifest_for(cfg, gateway), path)
+    # On loopback, outside a gateway namespace: no blind-track IPv6 address to listen on.
+    manifests.write(manifests.manifest_for(cfg, gateway).model_copy(update={"listen6": None}), path)
     return path
 
 

@@ -1,0 +1,238 @@
+"""IPv6 gateway flows: the processor's first-packet path for IPv6 (issue 17).
+
+What: the same double NAT as for IPv4 (docs/datapath.md), for the
+selectors whose gateway kind takes IPv6 (``Gateway.takes_ipv6``): leg A
+C:c -> S:s becomes F6:f -> G6:g, leg B G6:e -> F6:f becomes C:c -> S:s, the
+elements written into ``table ip6 nfgate_bind6`` before the verdict, the
+gateway told by a family 6 NEW_FLOW. F6:f comes from
+``processor.pools.firewall_side6``, G6 is ``gateway_link.gateway_address6``.
+
+Why a table of its own beside ``firewall.flows.FlowTable``: that table's
+keys pack 32-bit addresses into one int for speed, and IPv6 is a small part
+of the traffic here. What this slice does not do yet, so the ruleset
+never sends it here: dynamic rules, offload and log-only over IPv6, IPv6
+port forwards into a gateway, SNAT of leg B (a server behind
+``nat.masquerade6``: dropped, ``drop.ipv6.masquerade6``), adoption after a
+restart (a processor that restarts forgets its IPv6 bindings; conntrack
+still carries their connections), several instances (IPv6 is instance 0's).
+
+Ends: conntrack's destroy events for either leg (the core hands over those
+with IPv6 addresses), and a check ``processor.timeouts.confirm`` seconds
+after a binding opened that leg A made it into conntrack.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from firewall.config import Config
+from firewall.config.model import ROUTER
+from firewall.flows import AgEndpoint
+from firewall.packet import ACK, FIN, RST, SYN, TCP, Packet
+from firewall.pools import EndpointPool, SliceBy
+from firewall.processor.policy import Policy, Selector
+from firewall.rules.bind import DNAT6_MAP, SNAT6_MAP
+from firewall.signalling import Endpoint, FlowEnd, FlowEndReason, FlowInfo, make_flow_id
+
+_SYN_FLAGS = SYN | ACK | RST | FIN
+_PROTO_NAME = {TCP: "tcp", 17: "udp"}
+# Sources no IPv6 packet to a gateway may carry: ::/8 (unspecified, loopback,
+# IPv4-compatible and IPv4-mapped; it also keeps every IPv6 address of a flow
+# above 2**32, which is how the kernel helpers tell the families apart) and
+# multicast ff00::/8; link-local fe80::/10 is never forwarded.
+_MARTIANS6 = tuple((int(n.network_address), int(n.netmask)) for n in
+                   map(ipaddress.IPv6Network, ("::/8", "ff00::/8", "fe80::/10")))
+
+NatOp = tuple[str, str, tuple[int, ...], tuple[int, int]]
+
+
+def martian6(addr: int) -> bool:
+    return any(addr & mask == net for net, mask in _MARTIANS6)
+
+
+def _ep(addr: int, port: int) -> Endpoint:
+    return Endpoint(ipaddress.IPv6Address(addr), port)
+
+
+@dataclass(slots=True)
+class Binding6:
+    """One IPv6 gateway flow's double NAT."""
+
+    fid: int
+    proto: int
+    client: tuple[int, int]
+    original_dst: tuple[int, int]
+    server: tuple[int, int]
+    fw: tuple[int, int]
+    ag: AgEndpoint  # the worker (its IPv4 G:g names it; its IPv6 G6 shares the port)
+    created: float
+    eport: int | None = None  # leg B's port on G6, once seen
+    a_alive: bool = False
+    a_gone: bool = False
+    b_gone: bool = False
+
+    def leg_a(self) -> tuple[int, int, int, int]:
+        return (*self.client, *self.original_dst)
+
+    def leg_b(self, g6: int) -> tuple[int, int, int, int]:
+        return (g6, self.eport or 0, *self.fw)
+
+    @property
+    def ended(self) -> bool:
+        return self.a_gone and (self.eport is None or self.b_gone)
+
+
+class SixFlows:
+    """The IPv6 bindings of processor instance 0, and their decisions."""
+
+    def __init__(self, config: Config, queue: int, policy: Policy, counters: Counter[str], *,
+                 local_addresses: Callable[[], Iterable[ipaddress.IPv6Address]]) -> None:
+        proc = config.processor
+        self.queue = queue
+        self.policy = policy
+        self.counters = counters
+        self.g6 = int(config.gateway_link.gateway_address6.ip)
+        self.pool = EndpointPool(proc.pools.firewall_side6, proc.pools.ports, slice_by=SliceBy.ADDRESS)
+        self._masq6 = frozenset(config.nat.masquerade6)
+        self._confirm = proc.timeouts.confirm
+        self._local_addresses = local_addresses
+        self._by_client: dict[tuple[int, ...], Binding6] = {}
+        self._by_fw: dict[tuple[int, int, int], Binding6] = {}
+        self._by_fid: dict[int, Binding6] = {}
+        self.endings: list[tuple[FlowEnd, AgEndpoint]] = []  # FLOW_END to send, and to which worker
+
+    def __len__(self) -> int:
+        return len(self._by_fid)
+
+    def own(self, addr: int) -> bool:
+        return addr in {int(a) for a in self._local_addresses()}
+
+    # ---- packets ------------------------------------------------------------------
+
+    def request(self, pkt: Packet, sel: Selector, zone: str | None, server_zone: str | None,
+                ag: AgEndpoint, now: float, serial: int) -> tuple[str, Binding6 | None, tuple[NatOp, ...]]:
+        """A selected IPv6 first packet: (counter, binding or None, elements). The counter
+        names the outcome: ``bound`` with a binding, else a ``passed.*`` or ``drop.*``."""
+        proto, src, sport, dst, dport, flags = pkt[:6]
+        if not sel.gateway.takes_ipv6(sel.traffic):
+            return "drop.ipv6.not_taken", None, ()  # the ruleset queues no such packet
+        if server_zone != sel.traffic.to_zone:
+            return "passed.other_zone", None, ()
+        if server_zone == ROUTER:
+            return "passed.ipv6.to_router", None, ()  # the input chain's counted drop takes it
+        if proto == TCP and flags & _SYN_FLAGS != SYN:
+            return "drop.not_new_flow", None, ()
+        if server_zone in self._masq6:
+            return "drop.ipv6.masquerade6", None, ()
+        old = self._by_client.get((proto, src, sport, dst, dport))
+        if old is not None:
+            if not old.a_alive and now - old.created < self._confirm:
+                # A retransmitted first packet before conntrack confirmed the first one's.
+                self.counters["passed.ipv6.bound_young"] += 1
+                return "bound_again", old, ()
+            self.counters["flows.replaced"] += 1
+            self.end(old, FlowEndReason.FIN if proto == TCP else FlowEndReason.IDLE)
+        fw = self.pool.allocate()
+        if fw is None:
+            return "drop.refused.pool_exhausted", None, ()
+        fid = make_flow_id(self.queue, serial)
+        b = Binding6(fid, proto, (src, sport), (dst, dport), (dst, dport), fw, ag, now)
+        self._by_client[(proto, src, sport, dst, dport)] = b
+        self._by_fw[(proto, *fw)] = b
+        self._by_fid[fid] = b
+        name = _PROTO_NAME[proto]
+        key = (src, sport, dst, dport)
+        ops = ((DNAT6_MAP, name, key, (self.g6, ag.port)), (SNAT6_MAP, name, key, fw))
+        self.counters["flows.opened"] += 1
+        self.counters["flows.ipv6.opened"] += 1
+        return "bound", b, ops
+
+    def leg_b(self, pkt: Packet, alive: Callable[..., bool]) -> tuple[str, tuple[NatOp, ...]]:
+        """A gateway's new IPv6 connection to F6:f: leg B of that binding (counter, elements)."""
+        proto, src, sport, dst, dport, flags = pkt[:6]
+        b = self._by_fw.get((proto, dst, dport))
+        if b is None or src != self.g6 or sport == b.ag.port:
+            return "drop.gateway_without_binding", ()
+        if proto == TCP and flags & _SYN_FLAGS != SYN:
+            return "drop.not_new_flow", ()
+        if b.eport != sport:
+            if b.a_gone:
+                return "drop.flow_ended", ()
+            if b.eport is not None and not b.b_gone and alive(proto, src, b.eport, dst, dport):
+                return "drop.leg_b_busy", ()
+            b.eport, b.b_gone = sport, False
+        b.a_alive = True  # leg B comes after leg A's connection answered the gateway
+        name = _PROTO_NAME[proto]
+        key = (src, sport, dst, dport)
+        return "bound", ((DNAT6_MAP, name, key, b.server), (SNAT6_MAP, name, key, b.client))
+
+    def info(self, b: Binding6) -> FlowInfo:
+        """NEW_FLOW's flow, family 6: every address IPv6."""
+        return FlowInfo(b.fid, b.proto, b.ag.name, _ep(*b.client), _ep(*b.original_dst), _ep(*b.server),
+                        _ep(*b.fw), _ep(self.g6, b.ag.port))
+
+    def records(self, now: float, wall: float, queue: int, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` IPv6 bindings as ``nfgate flows`` lists them (``Binding.listing``'s
+        keys, addresses as ``[a]:p``; state ``ipv6`` with the legs seen)."""
+        out = []
+        for b in list(self._by_fid.values())[:max(0, limit)]:
+            state = ["ipv6"] + (["a_alive"] if b.a_alive else []) + (["a_gone"] if b.a_gone else []) + \
+                (["b_gone"] if b.b_gone else [])
+            out.append({
+                "proto": _PROTO_NAME[b.proto], "client": str(_ep(*b.client)), "original_dst": str(_ep(*b.original_dst)),
+                "server": str(_ep(*b.server)), "firewall_side": str(_ep(*b.fw)), "gateway": b.ag.name,
+                "ag": str(_ep(self.g6, b.ag.port)), "ag_eport": b.eport, "snat": None, "state": state,
+                "age": round(now - b.created, 1), "created": round(wall - (now - b.created), 3),
+                "flow_id": b.fid, "queue": queue,
+            })
+        return out
+
+    def by_firewall_side(self, proto: int, addr: int, port: int) -> Binding6 | None:
+        return self._by_fw.get((proto, addr, port))
+
+    # ---- ends -----------------------------------------------------------------------
+
+    def destroyed(self, proto: int, orig: tuple[int, int, int, int], reply: tuple[int, int, int, int]) -> None:
+        """A conntrack destroy event with IPv6 addresses; a binding it ends goes to ``endings``."""
+        src, sport, dst, dport = orig
+        b = self._by_client.get((proto, src, sport, dst, dport))
+        if b is not None and reply[:2] == (self.g6, b.ag.port) and reply[2:] == b.fw:
+            b.a_gone = True
+        else:
+            b = self._by_fw.get((proto, dst, dport))
+            if b is None or (src, sport) != (self.g6, b.eport):
+                self.counters["conntrack.destroy_unknown"] += 1
+                return
+            b.b_gone = True
+        if b.ended:
+            self.end(b, FlowEndReason.FIN if proto == TCP else FlowEndReason.IDLE)
+
+    def due(self, now: float, alive: Callable[..., bool]) -> None:
+        """The confirmation check: a binding whose leg A never made it into conntrack ends."""
+        for b in list(self._by_fid.values()):
+            if b.a_alive or now - b.created < self._confirm:
+                continue
+            self.counters["conntrack.checks"] += 1
+            if alive(b.proto, *b.leg_a()):
+                b.a_alive = True
+                continue
+            self.counters["conntrack.never_confirmed"] += 1
+            b.a_gone = True
+            if b.eport is not None and not alive(b.proto, *b.leg_b(self.g6)):
+                b.b_gone = True
+            if b.ended:
+                self.end(b, FlowEndReason.FIN if b.proto == TCP else FlowEndReason.IDLE)
+
+    def end(self, b: Binding6, reason: FlowEndReason) -> None:
+        self._remove(b)
+        self.counters[f"flows.ended.{reason.name.lower()}"] += 1
+        self.endings.append((FlowEnd(b.fid, reason), b.ag))
+
+    def _remove(self, b: Binding6) -> None:
+        del self._by_client[(b.proto, *b.client, *b.original_dst)]
+        del self._by_fw[(b.proto, *b.fw)]
+        del self._by_fid[b.fid]
+        self.pool.release(*b.fw)

@@ -1,0 +1,122 @@
+"""IPv6 into a gateway whose kind takes it (issue 17, step 4): the queue rules, the IPv6 binding
+table, the blind track's IPv6 and the settings; every other kind's IPv6 stays dropped and counted."""
+
+from __future__ import annotations
+
+import pytest
+
+from firewall.config import ConfigError, loads
+from firewall.rules import bind, build, iptables, nft
+from firewall.rules.model import Family, Queue
+
+BASE = """
+[zones.ext]
+interfaces = ["ext0"]
+
+[zones.lan]
+interfaces = ["lan0"]
+
+[policy]
+forward = "accept"
+
+[[gateway]]
+name = "relay"
+kind = "tcp-relay"
+[[gateway.traffic]]
+from = "ext"
+to = "lan"
+proto = "tcp"
+ports = 9000
+
+[[gateway]]
+name = "mail"
+kind = "smtp"
+[[gateway.traffic]]
+from = "ext"
+to = "lan"
+proto = "tcp"
+ports = 25
+"""
+
+
+def test_only_the_tcp_relay_selector_queues_ipv6() -> None:
+    rs = build(loads(BASE))
+    mangle = rs.chain("mangle_prerouting").rules
+    by_comment = {r.comment: r for r in mangle}
+    relay = by_comment["gateway[0].traffic[0] gateway relay (tcp-relay): request, if the filter admits it"]
+    smtp = by_comment["gateway[1].traffic[0] gateway mail (smtp): request, if the filter admits it"]
+    assert relay.family is Family.BOTH and smtp.family is Family.V4
+    admit = [r for r in rs.chain("admit_g0_0").rules if r.family is Family.V6]
+    assert [r.comment for r in admit] == ["gateway[0].traffic[0] admitted by policy.forward = accept"]
+    assert not [r for r in rs.chain("admit_g1_0").rules if r.family is Family.V6]
+    leg_b = [r for r in mangle if r.family is Family.V6 and "IPv6 firewall-side pool" in r.comment]
+    assert len(leg_b) == 1 and "fd6e:6667:6174:fe::/124" in nft.render(rs)
+    # The smtp selector's IPv6 is still dropped under its counter, and so is the
+    # relay's that did not pass the gateway.
+    text = nft.render(rs)
+    assert 'counter name "ipv6_drop_g1_0" drop' in text and 'counter name "ipv6_drop_g0_0" drop' in text
+    assert "IPv6 dropped, gateways take IPv4 only" in rs.counters["ipv6_drop_g1_0"]
+    assert "skipped the gateway" in rs.counters["ipv6_drop_g0_0"]
+
+
+def test_ipv6_is_all_processor_instance_zeros() -> None:
+    rs = build(loads(BASE + '\n[processor]\nqueues = [4, 5]\n'))
+    v6 = [a for r in rs.chain("mangle_prerouting").rules + rs.chain("admit_g0_0").rules if r.family is Family.V6
+          for a in r.statements if isinstance(a, Queue)]
+    assert v6 and {q.num for q in v6} == {4}
+
+
+def test_log_only_and_addressed_selectors_keep_dropping_ipv6() -> None:
+    log_only = BASE.replace('kind = "tcp-relay"', 'kind = "tcp-relay"\nsettings = { mode = "log-only" }', 1)
+    for text in (log_only, BASE.replace("ports = 9000", 'ports = 9000\ndaddr = ["10.0.0.0/8"]', 1)):
+        config = loads(text)
+        assert not config.gateways[0].takes_ipv6(config.gateways[0].traffic[0])
+        rs = build(config)
+        assert not [r for r in rs.chain("admit_g0_0").rules if r.family is Family.V6]
+        assert "IPv6 firewall-side pool" not in nft.render(rs)
+
+
+def test_the_ipv6_binding_table_and_its_elements() -> None:
+    rs = build(loads(BASE))
+    text = nft.render(rs)
+    assert "table ip6 nfgate_bind6 {" in text
+    assert "dnat ip6 to meta l4proto . ct original ip6 saddr . ct original proto-src" in text
+    assert "snat ip6 to meta l4proto . ct original ip6 saddr" in text
+    c, g = 0x20010DB8000200000000000000000010, 0xFD6E66676174_00FF_0000_0000_0000_0002
+    ops = [(bind.DNAT6_MAP, "tcp", (c, 40000, 0x20010DB8000200000000000000000001, 9000), (g, 20000)),
+           (bind.DNAT_MAP, "tcp", (0x0A000001, 40000, 0x0A000002, 9000), (0xAC1FFF02, 20000))]
+    assert bind.add_text(ops, 5).splitlines() == [
+        "add element ip6 nfgate_bind6 leg_dnat6 { tcp . 2001:db8:2::10 . 40000 . 2001:db8:2::1 . 9000 timeout 5s "
+        ": fd6e:6667:6174:ff::2 . 20000 }",
+        "add element ip nfgate_bind leg_dnat { tcp . 10.0.0.1 . 40000 . 10.0.0.2 . 9000 timeout 5s : 172.31.255.2 . 20000 }",
+    ]
+
+
+def test_iptables_queues_ipv6_through_ip6tables() -> None:
+    text = iptables.render(build(loads(BASE)), 6)
+    assert "-A NFGATE-MANGLE-PREROUTING -i nfg-gw0 -d fd6e:6667:6174:fe::/124" in text
+    assert "-A NFGATE-ADMIT-G0-0 -m comment --comment \"gateway[0].traffic[0] admitted by policy.forward = accept\" -j NFQUEUE" in text
+
+
+@pytest.mark.parametrize("change, path, reason", [
+    ('[processor.pools]\nfirewall_side6 = "2001:db8::/120"\n', "processor.pools.firewall_side6", "ULA"),
+    ('[processor.pools]\nfirewall_side6 = "fd00::/96"\n', "processor.pools.firewall_side6", "a /112 at most"),
+    ('[gateway_link]\nrouter_address6 = "2001:db8::1/64"\n', "gateway_link.router_address6", "ULA"),
+    ('[gateway_link]\ngateway_address6 = "fd00:9::2/64"\n', "gateway_link.gateway_address6", "same subnet"),
+    ('[gateway_link]\nrouter_address6 = "fd6e:6667:6174:fe::1/64"\ngateway_address6 = "fd6e:6667:6174:fe::2/64"\n',
+     "gateway_link.router_address6", "overlaps processor.pools.firewall_side6"),
+])
+def test_ipv6_blind_track_settings_are_checked(change: str, path: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        loads(BASE + change)
+    assert path in str(err.value) and reason in str(err.value)
+
+
+def test_the_blind_track_lets_neighbour_discovery_through_for_ipv6_flows() -> None:
+    nd = "gateway_link: neighbour discovery for IPv6 gateway flows"
+    rs = build(loads(BASE))
+    for chain in ("input", "output"):
+        (rule,) = [r for r in rs.chain(chain).rules if r.comment == nd]
+        assert rule.family is Family.V6
+    smtp_only = BASE[:BASE.index("[[gateway]]")] + BASE[BASE.index('[[gateway]]\nname = "mail"'):]
+    assert not [r for r in build(loads(smtp_only)).chain("input").rules if r.comment == nd]
