@@ -58,8 +58,8 @@ def netlink(netns: str | None) -> IPRoute:
     return IPRoute(netns=netns, flags=0, groups=0)
 
 
-def namespace_pids(names: Iterable[str]) -> dict[str, list[int]]:
-    """The processes inside each named namespace (what ``ip netns pids`` reports)."""
+def _inodes(names: Iterable[str]) -> dict[tuple[int, int], str]:
+    """Each named namespace's (device, inode), by which /proc tells who is inside."""
     inodes: dict[tuple[int, int], str] = {}
     for name in names:
         try:
@@ -67,6 +67,10 @@ def namespace_pids(names: Iterable[str]) -> dict[str, list[int]]:
         except FileNotFoundError:
             continue
         inodes[(st.st_dev, st.st_ino)] = name
+    return inodes
+
+
+def _pids(inodes: dict[tuple[int, int], str]) -> dict[str, list[int]]:
     found: dict[str, list[int]] = {name: [] for name in inodes.values()}
     if not inodes:
         return found
@@ -84,10 +88,14 @@ def namespace_pids(names: Iterable[str]) -> dict[str, list[int]]:
     return found
 
 
-def signal_inside(names: Sequence[str], sig: int) -> int:
-    """Send ``sig`` to every process inside the named namespaces; return how many got it."""
+def namespace_pids(names: Iterable[str]) -> dict[str, list[int]]:
+    """The processes inside each named namespace (what ``ip netns pids`` reports)."""
+    return _pids(_inodes(names))
+
+
+def _signal(inodes: dict[tuple[int, int], str], sig: int) -> int:
     count = 0
-    for pids in namespace_pids(names).values():
+    for pids in _pids(inodes).values():
         for pid in pids:
             try:
                 os.kill(pid, sig)
@@ -97,26 +105,36 @@ def signal_inside(names: Sequence[str], sig: int) -> int:
     return count
 
 
+def signal_inside(names: Sequence[str], sig: int) -> int:
+    """Send ``sig`` to every process inside the named namespaces; return how many got it."""
+    return _signal(_inodes(names), sig)
+
+
 def stop_inside(names: Sequence[str], signals: Sequence[int], timeout: float) -> bool:
     """Stop what runs inside the namespaces: each signal in turn, until none is left.
 
-    Waits up to ``timeout`` after each signal. Returns False if a process is
-    still there after the last one (stuck in the kernel, D state): its
-    namespace then lives on until it dies, whatever happens to the name.
+    The namespaces are found by name once, at the start: a process inside
+    may remove a name meanwhile (``nfgate run`` removes its gateway
+    namespace as it stops), and what runs in that namespace must still get
+    the next signal. Waits up to ``timeout`` after each signal. Returns False
+    if a process is still there after the last one (stuck in the kernel, D
+    state): its namespace then lives on until it dies, whatever happens to
+    the name.
     """
+    inodes = _inodes(names)
     for sig in signals:
-        if not signal_inside(names, sig):
+        if not _signal(inodes, sig):
             return True
         try:
             wait_for(
-                lambda: not any(namespace_pids(names).values()),
+                lambda: not any(_pids(inodes).values()),
                 timeout=timeout,
                 what=f"the processes in {', '.join(names)} to exit",
             )
             return True
         except TimeoutError:
             continue
-    return not any(namespace_pids(names).values())
+    return not any(_pids(inodes).values())
 
 
 def remove_namespace(name: str) -> bool:

@@ -566,9 +566,10 @@ class Lab:
         return removed
 
     def _teardown(self, names: list[str]) -> list[str]:
-        for proc in self._procs:
-            if proc.poll() is None:
-                proc.terminate()
+        # Our background processes run inside the namespaces: remove_namespaces
+        # signals them with the rest, after it has found every namespace (one of
+        # them may remove another's name as it stops, as nfgate run does with its
+        # gateway namespace, and what runs there must still be stopped).
         try:
             return remove_namespaces(names)
         finally:

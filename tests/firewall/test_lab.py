@@ -186,6 +186,45 @@ def test_basic_lab_is_built_as_described(lab_factory, root_watch):
 
 
 @pytest.mark.netns
+def test_a_namespace_whose_name_goes_during_down_still_has_its_processes_killed(lab_factory, monkeypatch):
+    """As `nfgate run` does on SIGTERM: a process in one of the lab's namespaces removes
+    another lab namespace's name (its gateway namespace) and exits. What runs in that
+    namespace, deaf to SIGTERM, must still get the SIGKILL: it is found by the namespace
+    itself, not by the name, which is gone by then."""
+    monkeypatch.setattr(netns, "KILL_TIMEOUT", 0.5)
+    lab = lab_factory("basic")
+    gw = f"{lab.prefix}-gw"
+    subprocess.run(["ip", "netns", "add", gw], check=True)
+    remover = lab.popen("router", [sys.executable, "-c",
+                                   "import signal, subprocess, sys, time\n"
+                                   "def bye(*_):\n"
+                                   f"    subprocess.run(['ip', 'netns', 'delete', '{gw}'])\n"
+                                   "    sys.exit(0)\n"
+                                   "signal.signal(signal.SIGTERM, bye)\n"
+                                   "print('ready', flush=True)\n"
+                                   "time.sleep(60)\n"], stdout=subprocess.PIPE, text=True)
+    stubborn = subprocess.Popen(
+        ["ip", "netns", "exec", gw, sys.executable, "-c",
+         "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert read_line(remover) == "ready" and read_line(stubborn) == "ready"
+        assert gw in lab_namespaces(lab.prefix)
+        lab.down()
+        assert remover.wait(timeout=5) == 0  # it removed the name itself, on SIGTERM
+        assert stubborn.wait(timeout=5) == -signal.SIGKILL
+        assert lab_namespaces(lab.prefix) == []
+    finally:
+        for proc in (remover, stubborn):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        namespaces.remove_namespace(gw)
+
+
+@pytest.mark.netns
 def test_down_kills_what_runs_inside_and_removes_everything(lab_factory, root_watch, monkeypatch):
     monkeypatch.setattr(netns, "KILL_TIMEOUT", 0.5)
     lab = lab_factory("basic")
