@@ -268,36 +268,45 @@ class FtpGateway(TcpGateway):
                     reset_socket(a)
                     return
             passive = translated or rule.direction is Direction.PASSIVE
-            inspector = None
-            if rule.inspect and self.hook is not None:
-                parties = session.parties
-                try:
-                    inspector = self.hook(Transfer(rule.direction.value, parties.client, parties.server, flow))
-                except Exception as exc:  # a broken hook stops the transfer: nothing passes unchecked
-                    self.counters["data.hook_failed"] += 1
-                    self.log.emit("data", logging.ERROR, reason="hook_failed", detail=repr(exc), **fields)
-                    reset_socket(a)
-                    reset_socket(b)
-                    return
-            core = data_core(loop.time(), passive=passive, inspector=inspector,
-                             max_bytes=self.settings.max_transfer_bytes if rule.inspect else 0,
-                             idle_timeout=self.settings.idle_timeout)
-            session.transfers.add(core)
-            try:
-                outcome = await self._relay_legs(core, a, b, hold)
-            finally:
-                session.transfers.discard(core)
-                session.touch()  # the control session's idle time runs from the transfer's end
-            to_client, to_server = transferred(core, passive)
-            self.counters[f"data.closed.{outcome.reason}"] += 1
-            self.counters["bytes.data_to_client"] += to_client
-            self.counters["bytes.data_to_server"] += to_server
-            level = logging.WARNING if outcome.reason in ("limit", "hook") else logging.INFO
-            detail = {"detail": outcome.detail} if outcome.detail else {}
-            self.log.emit("data", level, reason=outcome.reason, to_client=to_client,
-                          to_server=to_server, duration=loop.time() - started, **detail, **fields)
+            await self._relay_data(session, a, b, hold, Transfer(rule.direction.value, session.parties.client,
+                                                                 session.parties.server, flow),
+                                   inspect=rule.inspect, passive=passive, started=started, fields=fields)
         finally:
             self._data -= 1
+
+    async def _relay_data(self, session: "_Session", a: socket.socket, b: socket.socket, hold: Hold | None,
+                          transfer: Transfer, *, inspect: bool, passive: bool, started: float,
+                          fields: dict[str, Any]) -> None:
+        """Relay one data connection's two legs (``a`` the client's), through the content
+        hook when the rule inspects, and count and log how it ended."""
+        loop = asyncio.get_running_loop()
+        inspector = None
+        if inspect and self.hook is not None:
+            try:
+                inspector = self.hook(transfer)
+            except Exception as exc:  # a broken hook stops the transfer: nothing passes unchecked
+                self.counters["data.hook_failed"] += 1
+                self.log.emit("data", logging.ERROR, reason="hook_failed", detail=repr(exc), **fields)
+                reset_socket(a)
+                reset_socket(b)
+                return
+        core = data_core(loop.time(), passive=passive, inspector=inspector,
+                         max_bytes=self.settings.max_transfer_bytes if inspect else 0,
+                         idle_timeout=self.settings.idle_timeout)
+        session.transfers.add(core)
+        try:
+            outcome = await self._relay_legs(core, a, b, hold)  # type: ignore[arg-type]
+        finally:
+            session.transfers.discard(core)
+            session.touch()  # the control session's idle time runs from the transfer's end
+        to_client, to_server = transferred(core, passive)
+        self.counters[f"data.closed.{outcome.reason}"] += 1
+        self.counters["bytes.data_to_client"] += to_client
+        self.counters["bytes.data_to_server"] += to_server
+        level = logging.WARNING if outcome.reason in ("limit", "hook") else logging.INFO
+        detail = {"detail": outcome.detail} if outcome.detail else {}
+        self.log.emit("data", level, reason=outcome.reason, to_client=to_client,
+                      to_server=to_server, duration=loop.time() - started, **detail, **fields)
 
 
     def open_pair(self, session: "_Session", server_rule: RequestRule, client_rule: RequestRule) -> None:
@@ -356,34 +365,9 @@ class FtpGateway(TcpGateway):
         self.counters["data.accepted"] += 1
         started = loop.time()
         try:
-            inspector = None
-            if client_rule.inspect and self.hook is not None:
-                parties = session.parties
-                try:
-                    inspector = self.hook(Transfer(Direction.ACTIVE.value, parties.client, parties.server, session.flow))
-                except Exception as exc:  # a broken hook stops the transfer: nothing passes unchecked
-                    self.counters["data.hook_failed"] += 1
-                    self.log.emit("data", logging.ERROR, reason="hook_failed", detail=repr(exc), **fields)
-                    reset_socket(a)
-                    reset_socket(b)
-                    return
-            core = data_core(loop.time(), passive=True, inspector=inspector,
-                             max_bytes=self.settings.max_transfer_bytes if client_rule.inspect else 0,
-                             idle_timeout=self.settings.idle_timeout)
-            session.transfers.add(core)
-            try:
-                outcome = await self._relay_legs(core, a, b, None)  # type: ignore[arg-type]
-            finally:
-                session.transfers.discard(core)
-                session.touch()
-            to_client, to_server = transferred(core, True)
-            self.counters[f"data.closed.{outcome.reason}"] += 1
-            self.counters["bytes.data_to_client"] += to_client
-            self.counters["bytes.data_to_server"] += to_server
-            level = logging.WARNING if outcome.reason in ("limit", "hook") else logging.INFO
-            detail = {"detail": outcome.detail} if outcome.detail else {}
-            self.log.emit("data", level, reason=outcome.reason, to_client=to_client,
-                          to_server=to_server, duration=loop.time() - started, **detail, **fields)
+            await self._relay_data(session, a, b, None, Transfer(Direction.ACTIVE.value, session.parties.client,
+                                                                 session.parties.server, session.flow),
+                                   inspect=client_rule.inspect, passive=True, started=started, fields=fields)
         finally:
             self._data -= 1
 
