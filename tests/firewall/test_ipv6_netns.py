@@ -29,7 +29,9 @@ pytestmark = pytest.mark.netns
 
 EXT6 = "2001:db8:2::10"
 
-CONFIG = """
+# The dual lab's two zones, by interface only (both families), and a router
+# that drops what no rule passes: the start of every config here.
+ZONES6 = """
 [zones.wan]
 interfaces = ["wan0"]
 
@@ -39,7 +41,9 @@ interfaces = ["lan0"]
 [policy]
 forward = "drop"
 input = "drop"
+"""
 
+CONFIG = ZONES6 + """
 [[rule]]
 name = "lan-out"
 from = "lan"
@@ -156,17 +160,7 @@ def test_no_ipv6_on_a_selectors_port_skips_the_gateway(lab_factory, tmp_path: Pa
     assert seen(lab, "gated") == 0
 
 
-NAT66 = """
-[zones.wan]
-interfaces = ["wan0"]
-
-[zones.lan]
-interfaces = ["lan0"]
-
-[policy]
-forward = "drop"
-input = "drop"
-
+NAT66 = ZONES6 + """
 [[rule]]
 name = "lan-out6"
 from = "lan"
@@ -233,17 +227,7 @@ def test_dual_stack_port_forward_masquerade6_and_rules(lab_factory, tmp_path: Pa
     assert echo.poll() is None and web.poll() is None
 
 
-NPT6 = """
-[zones.wan]
-interfaces = ["wan0"]
-
-[zones.lan]
-interfaces = ["lan0"]
-
-[policy]
-forward = "drop"
-input = "drop"
-
+NPT6 = ZONES6 + """
 [[rule]]
 name = "lan-out"
 from = "lan"
@@ -304,17 +288,7 @@ def test_npt6_maps_the_ula_prefix_both_ways(lab_factory, tmp_path: Path, backend
     assert refused.returncode == 28, refused  # timed out: dropped, not refused by lan
 
 
-TO_ROUTER = """
-[zones.wan]
-interfaces = ["wan0"]
-
-[zones.lan]
-interfaces = ["lan0"]
-
-[policy]
-forward = "drop"
-input = "drop"
-
+TO_ROUTER = ZONES6 + """
 [[rule]]
 name = "ssh"
 from = "lan"
@@ -397,17 +371,7 @@ def test_ipv6_to_a_terminating_gateways_port_is_dropped_counted(lab_factory, tmp
     assert int(count) >= 1, saved
 
 
-RELAY6 = """
-[zones.wan]
-interfaces = ["wan0"]
-
-[zones.lan]
-interfaces = ["lan0"]
-
-[policy]
-forward = "drop"
-input = "drop"
-
+RELAY6 = ZONES6 + """
 [[rule]]
 name = "in"
 from = "wan"
