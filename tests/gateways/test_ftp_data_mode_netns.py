@@ -35,6 +35,34 @@ ATTACKS = str(Path(__file__).with_name("ftp_attacks.py"))
 SIZE = 4 * MB
 
 
+def _matrix(lab: Any, tmp_path: Path, inbound: Vsftpd, outbound: Vsftpd, refused: tuple[str, ...],
+            modes: tuple[str, ...]) -> list[str]:
+    """The servers refuse the ``refused`` data modes: without the gateway's translation such a
+    client fails (here on the server's own host), one in the last of ``modes`` does not. Then
+    every mode in ``modes`` gets and puts SIZE bytes through the gateway, in and out (the last
+    mode is kept as it is); returns what failed."""
+    make_file(inbound.pub / "probe.bin", 1024)
+    for mode, works in [*((m, False) for m in refused), (modes[-1], True)]:
+        probe = curl(lab, "lan", LAN, mode, get="probe.bin", out=tmp_path / "probe.bin", timeout=10)
+        assert (probe.returncode == 0) is works, (mode, probe.stderr)
+    up = tmp_path / "up.bin"
+    up_digest = make_file(up, SIZE)
+    failures = []
+    for direction, host, server, ftpd in (("in", "ext", WAN, inbound), ("out", "lan", EXT, outbound)):
+        digest = make_file(ftpd.pub / "big.bin", SIZE)
+        for mode in modes:
+            got = tmp_path / f"{direction}-{mode}.bin"
+            res = curl(lab, host, server, mode, get="big.bin", out=got)
+            if res.returncode != 0 or sha256(got) != digest:
+                failures.append(f"{direction} {mode} get: {res.returncode} {res.stderr[-300:]}")
+            res = curl(lab, host, server, mode, put=up)
+            stored = ftpd.pub / up.name
+            if res.returncode != 0 or not stored.exists() or sha256(stored) != up_digest:
+                failures.append(f"{direction} {mode} put: {res.returncode} {res.stderr[-300:]}")
+            stored.unlink(missing_ok=True)
+    return failures
+
+
 def test_passive_clients_reach_active_only_servers_in_both_directions(lab_factory: Any, tmp_path: Path) -> None:
     lab = lab_factory("basic")
     inbound = Vsftpd(lab, "lan", tmp_path, options=ACTIVE_ONLY)
@@ -45,25 +73,7 @@ def test_passive_clients_reach_active_only_servers_in_both_directions(lab_factor
                  what="the processor to answer")
         # The servers refuse passive mode: without the gateway's translation a passive client fails
         # (here on the server's own host), an active one does not.
-        make_file(inbound.pub / "probe.bin", 1024)
-        for mode, works in (("epsv", False), ("pasv", False), ("port", True)):
-            probe = curl(lab, "lan", LAN, mode, get="probe.bin", out=tmp_path / "probe.bin", timeout=10)
-            assert (probe.returncode == 0) is works, (mode, probe.stderr)
-        up = tmp_path / "up.bin"
-        up_digest = make_file(up, SIZE)
-        failures = []
-        for direction, host, server, ftpd in (("in", "ext", WAN, inbound), ("out", "lan", EXT, outbound)):
-            digest = make_file(ftpd.pub / "big.bin", SIZE)
-            for mode in ("epsv", "pasv", "port"):  # the last: an active client, kept as it is
-                got = tmp_path / f"{direction}-{mode}.bin"
-                res = curl(lab, host, server, mode, get="big.bin", out=got)
-                if res.returncode != 0 or sha256(got) != digest:
-                    failures.append(f"{direction} {mode} get: {res.returncode} {res.stderr[-300:]}")
-                res = curl(lab, host, server, mode, put=up)
-                stored = ftpd.pub / up.name
-                if res.returncode != 0 or not stored.exists() or sha256(stored) != up_digest:
-                    failures.append(f"{direction} {mode} put: {res.returncode} {res.stderr[-300:]}")
-                stored.unlink(missing_ok=True)
+        failures = _matrix(lab, tmp_path, inbound, outbound, refused=("epsv", "pasv"), modes=("epsv", "pasv", "port"))
         text = run.text()
         assert not failures, "\n".join(failures) + "\n" + text[-3000:]
         # Four passive sessions translated (EPSV and PASV, get and put) in each direction, each data
@@ -93,25 +103,7 @@ def test_active_clients_reach_passive_only_servers_in_both_directions(lab_factor
                  what="the processor to answer")
         # The servers refuse active mode: without the gateway's translation an active client fails
         # (here on the server's own host), a passive one does not.
-        make_file(inbound.pub / "probe.bin", 1024)
-        for mode, works in (("port", False), ("eprt", False), ("epsv", True)):
-            probe = curl(lab, "lan", LAN, mode, get="probe.bin", out=tmp_path / "probe.bin", timeout=10)
-            assert (probe.returncode == 0) is works, (mode, probe.stderr)
-        up = tmp_path / "up.bin"
-        up_digest = make_file(up, SIZE)
-        failures = []
-        for direction, host, server, ftpd in (("in", "ext", WAN, inbound), ("out", "lan", EXT, outbound)):
-            digest = make_file(ftpd.pub / "big.bin", SIZE)
-            for mode in ("port", "eprt", "epsv"):  # the last: a passive client, kept as it is
-                got = tmp_path / f"{direction}-{mode}.bin"
-                res = curl(lab, host, server, mode, get="big.bin", out=got)
-                if res.returncode != 0 or sha256(got) != digest:
-                    failures.append(f"{direction} {mode} get: {res.returncode} {res.stderr[-300:]}")
-                res = curl(lab, host, server, mode, put=up)
-                stored = ftpd.pub / up.name
-                if res.returncode != 0 or not stored.exists() or sha256(stored) != up_digest:
-                    failures.append(f"{direction} {mode} put: {res.returncode} {res.stderr[-300:]}")
-                stored.unlink(missing_ok=True)
+        failures = _matrix(lab, tmp_path, inbound, outbound, refused=("port", "eprt"), modes=("port", "eprt", "epsv"))
         got = tmp_path / "lftp.bin"
         res = lftp(lab, "ext", WAN, f"get pub/big.bin -o {got}", passive=False)
         if res.returncode != 0 or sha256(got) != sha256(inbound.pub / "big.bin"):
