@@ -21,13 +21,13 @@ import asyncio
 import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from firewall.signalling import Endpoint, FlowEndReason, Proto
 from tests.gateways.fake_processor import KEY, FakeProcessor, instances_of
 from tests.gateways.loopback import GATEWAY, POOL, ROUTER, echo, fw_socket, tcp_server_at
 from tests.gateways.smtp_loop_bench import instructions
+from tests.scratch import scratch
 
 SIGNALLING, LISTEN, PROCESSOR = 24201, 24243, 24300
 
@@ -88,18 +88,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.gateway:
         asyncio.run(gateway(args.gateway))
         return
-    tmp = Path(tempfile.mkdtemp(prefix="nfgate-relay-loop-"))
-    out = tmp / "callgrind.out"
-    proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-m",
-                             "tests.gateways.relay_loop_bench", "--gateway", str(tmp / "gateway.log")],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        if proc.stdout is None or proc.stdout.readline().strip() != "ready":
-            raise RuntimeError("the gateway did not start")
-        print(f"instructions per relayed connection: {asyncio.run(drive(proc.pid, args.connections, out))}")
-    finally:
-        proc.terminate()
-        proc.wait()
+    with scratch("nfgate-relay-loop-") as tmp:
+        out = tmp / "callgrind.out"
+        proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-m",
+                                 "tests.gateways.relay_loop_bench", "--gateway", str(tmp / "gateway.log")],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            if proc.stdout is None or proc.stdout.readline().strip() != "ready":
+                raise RuntimeError("the gateway did not start")
+            print(f"instructions per relayed connection: {asyncio.run(drive(proc.pid, args.connections, out))}")
+        finally:
+            proc.terminate()
+            proc.wait()
 
 
 if __name__ == "__main__":

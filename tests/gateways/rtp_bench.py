@@ -43,7 +43,6 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -53,6 +52,7 @@ from firewall.lab.topology import load_topology
 from firewall.lab.wait import wait_for
 from tests.firewall.run_harness import Running
 from tests.gateways.rtp_netns import base_config
+from tests.scratch import scratch
 
 EXT = "203.0.113.10"
 WAN = "203.0.113.1"
@@ -178,56 +178,56 @@ def main(argv: list[str] | None = None) -> None:
     steps = [int(s) for s in args.steps.split(",")]
     paths = set(args.paths.split(","))
     lab = Lab(load_topology("basic"), f"nfgr{int(time.time()) % 100000:05d}")
-    tmp = Path(tempfile.mkdtemp(prefix="nfgate-rtp-bench-"))
-    figures: dict[str, Any] = {}
-    lab.up()
-    try:
-        lab.run("lan", ["nft", "-f", "-"], input=REDIRECT, text=True)
-        run = Running(lab, tmp, config=CONFIG)
+    with scratch("nfgate-rtp-bench-") as tmp:
+        figures: dict[str, Any] = {}
+        lab.up()
         try:
-            wait_for(lambda: run.text().count(" ready ") >= 2, timeout=30, what="the gateways")
-            figures["blast_pps_kernel"] = blast(lab, KERNEL)
-            figures["blast_pps_gateway"] = blast(lab, GATEWAY)
-            figures["blast_ratio"] = round(figures["blast_pps_gateway"] / figures["blast_pps_kernel"], 3)
-            for name, base in (("kernel", KERNEL + 2), ("gateway", GATEWAY + 2)):
-                got = stream(lab, base, 1, ramp=0, seconds=10)
-                figures[f"latency_{name}"] = {k: got[k] for k in ("latency_ms_p50", "latency_ms_p99", "jitter_ms",
-                                                                  "loss_pct")}
-            k, g = figures["latency_kernel"], figures["latency_gateway"]
-            figures["added_ms_p50"] = round(g["latency_ms_p50"] - k["latency_ms_p50"], 4)
-            figures["added_ms_p99"] = round(g["latency_ms_p99"] - k["latency_ms_p99"], 4)
-            for name, base, ns in (("gateway", GATEWAY + 100, steps), ("offload", OFFLOAD, steps),
-                                   ("kernel", KERNEL + 100, steps[-1:])):  # the kernel: is the generator the limit?
-                if name not in paths:
-                    continue
-                capacity(lab, figures, name, base, ns)
-                # What the processor did meanwhile: where a collapse comes from.
-                status = run.ask("status")["processors"]["processor-0"]
-                counters = status.get("counters") or status  # a busy processor answers with its error
-                figures[f"processor_{name}"] = {k: v for k, v in counters.items()
-                                                if v and not str(k).startswith("control")}
-            figures["gateway_stats"] = [line for line in run.text().splitlines() if " stats " in line]
-        finally:
-            run.stop()
-            figures["gateway_stats"] = [line[:2000] for line in run.text().splitlines() if " stats " in line]
-        if shutil.which("rtpengine") is not None and "rtpengine" in paths:
-            # The anchor, with nfgate stopped and its rules flushed (`nfgate run` leaves the static
-            # rules in place when it stops, and their input policy drops what reaches the router itself).
-            lab.run("router", [sys.executable, "-m", "firewall.cli", "flush"], cwd=Path(__file__).parents[2])
-            log = open(tmp / "rtpengine.log", "w")
-            engine = lab.popen("router", RTPENGINE, stdout=log, stderr=subprocess.STDOUT)
+            lab.run("lan", ["nft", "-f", "-"], input=REDIRECT, text=True)
+            run = Running(lab, tmp, config=CONFIG)
             try:
-                lab.wait_listening("router", 2223, "udp", timeout=10)
-                got = stream(lab, KERNEL + 2, 1, ramp=0, seconds=10, rtpengine=tmp)
-                figures["latency_rtpengine"] = {k: got[k] for k in ("latency_ms_p50", "latency_ms_p99", "jitter_ms",
-                                                                    "loss_pct")}
-                capacity(lab, figures, "rtpengine", KERNEL + 100, steps, rtpengine=tmp)
+                wait_for(lambda: run.text().count(" ready ") >= 2, timeout=30, what="the gateways")
+                figures["blast_pps_kernel"] = blast(lab, KERNEL)
+                figures["blast_pps_gateway"] = blast(lab, GATEWAY)
+                figures["blast_ratio"] = round(figures["blast_pps_gateway"] / figures["blast_pps_kernel"], 3)
+                for name, base in (("kernel", KERNEL + 2), ("gateway", GATEWAY + 2)):
+                    got = stream(lab, base, 1, ramp=0, seconds=10)
+                    figures[f"latency_{name}"] = {k: got[k] for k in ("latency_ms_p50", "latency_ms_p99", "jitter_ms",
+                                                                      "loss_pct")}
+                k, g = figures["latency_kernel"], figures["latency_gateway"]
+                figures["added_ms_p50"] = round(g["latency_ms_p50"] - k["latency_ms_p50"], 4)
+                figures["added_ms_p99"] = round(g["latency_ms_p99"] - k["latency_ms_p99"], 4)
+                for name, base, ns in (("gateway", GATEWAY + 100, steps), ("offload", OFFLOAD, steps),
+                                       ("kernel", KERNEL + 100, steps[-1:])):  # the kernel: is the generator the limit?
+                    if name not in paths:
+                        continue
+                    capacity(lab, figures, name, base, ns)
+                    # What the processor did meanwhile: where a collapse comes from.
+                    status = run.ask("status")["processors"]["processor-0"]
+                    counters = status.get("counters") or status  # a busy processor answers with its error
+                    figures[f"processor_{name}"] = {k: v for k, v in counters.items()
+                                                    if v and not str(k).startswith("control")}
+                figures["gateway_stats"] = [line for line in run.text().splitlines() if " stats " in line]
             finally:
-                engine.terminate()
-                engine.wait(timeout=10)
-                log.close()
-    finally:
-        lab.down()
+                run.stop()
+                figures["gateway_stats"] = [line[:2000] for line in run.text().splitlines() if " stats " in line]
+            if shutil.which("rtpengine") is not None and "rtpengine" in paths:
+                # The anchor, with nfgate stopped and its rules flushed (`nfgate run` leaves the static
+                # rules in place when it stops, and their input policy drops what reaches the router itself).
+                lab.run("router", [sys.executable, "-m", "firewall.cli", "flush"], cwd=Path(__file__).parents[2])
+                log = open(tmp / "rtpengine.log", "w")
+                engine = lab.popen("router", RTPENGINE, stdout=log, stderr=subprocess.STDOUT)
+                try:
+                    lab.wait_listening("router", 2223, "udp", timeout=10)
+                    got = stream(lab, KERNEL + 2, 1, ramp=0, seconds=10, rtpengine=tmp)
+                    figures["latency_rtpengine"] = {k: got[k] for k in ("latency_ms_p50", "latency_ms_p99", "jitter_ms",
+                                                                        "loss_pct")}
+                    capacity(lab, figures, "rtpengine", KERNEL + 100, steps, rtpengine=tmp)
+                finally:
+                    engine.terminate()
+                    engine.wait(timeout=10)
+                    log.close()
+        finally:
+            lab.down()
     print(f"blast, one stream: kernel {figures['blast_pps_kernel']} pps, gateway {figures['blast_pps_gateway']} pps,"
           f" gateway/kernel {figures['blast_ratio']}")
     shown = ("kernel", "gateway", "rtpengine") if "latency_rtpengine" in figures else ("kernel", "gateway")

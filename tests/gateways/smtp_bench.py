@@ -37,7 +37,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from firewall.lab.netns import Lab
 from firewall.lab.topology import load_topology
 from firewall.lab.wait import wait_for
 from tests.gateways.smtp_netns import LAN, WAN, Postfix, SmtpRunning, client
+from tests.scratch import scratch
 
 DIRECT = """*nat
 :PREROUTING ACCEPT [0:0]
@@ -137,67 +137,67 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--idle", type=int, default=1000)
     args = parser.parse_args(argv)
     lab = Lab(load_topology("basic"), f"nfgb{int(time.time()) % 100000:05d}")
-    tmp = Path(tempfile.mkdtemp(prefix="nfgate-smtp-bench-"))
-    figures: dict[str, Any] = {}
-    lab.up()
-    pf = None
-    try:
-        lab.run("router", ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
-        pf = Postfix(lab, "lan", tmp, LAN, "example.com")
-        for mode in ("each", "session"):
-            lab.run("router", ["iptables-restore"], input=DIRECT, text=True)
-            figures[f"direct_{mode}"] = load(lab, WAN, mode, args.count)
-            delivered(pf, args.count)
-            lab.run("router", ["iptables", "-t", "nat", "-F"])
-        conf = tmp / "proxsmtpd.conf"
-        conf.write_text(PROXSMTPD)
-        prox = lab.popen("router", ["proxsmtpd", "-d", "0", "-f", str(conf)], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.STDOUT)
+    with scratch("nfgate-smtp-bench-") as tmp:
+        figures: dict[str, Any] = {}
+        lab.up()
+        pf = None
         try:
-            lab.wait_listening("router", 10025)
+            lab.run("router", ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            pf = Postfix(lab, "lan", tmp, LAN, "example.com")
             for mode in ("each", "session"):
-                figures[f"proxsmtpd_{mode}"] = load(lab, WAN, mode, args.anchor_count, port=10025)
-                delivered(pf, args.anchor_count)
-        finally:
-            prox.terminate()
-            prox.wait()
-        lab.run("router", ["iptables", "-F"])
-        run = SmtpRunning(lab, tmp)
-        try:
-            wait_for(lambda: "smtp-in" in run.text() and " ready " in run.text(), timeout=30, what="the gateway")
-            gw_pid, proc_pid = gateway_pid(tmp), processor_pid(tmp)
-            for mode in ("each", "session"):
-                before = cpu_seconds(gw_pid), cpu_seconds(proc_pid)
-                figures[f"gateway_{mode}"] = load(lab, WAN, mode, args.count)
-                figures[f"gateway_cpu_ms_{mode}"] = round((cpu_seconds(gw_pid) - before[0]) * 1000 / args.count, 3)
-                figures[f"processor_cpu_ms_{mode}"] = round((cpu_seconds(proc_pid) - before[1]) * 1000 / args.count, 3)
+                lab.run("router", ["iptables-restore"], input=DIRECT, text=True)
+                figures[f"direct_{mode}"] = load(lab, WAN, mode, args.count)
                 delivered(pf, args.count)
-            pf.stop()
-            pf = None
-            greeter = lab.popen("lan", [sys.executable, "-c", GREETER, LAN])
+                lab.run("router", ["iptables", "-t", "nat", "-F"])
+            conf = tmp / "proxsmtpd.conf"
+            conf.write_text(PROXSMTPD)
+            prox = lab.popen("router", ["proxsmtpd", "-d", "0", "-f", str(conf)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.STDOUT)
             try:
-                lab.wait_listening("lan", 25)
-                pid = gateway_pid(tmp)
-                before = rss_kb(pid)
-                holder = lab.popen("ext", [sys.executable, str(Path(__file__).with_name("smtp_client.py")),
-                                           "idle", WAN, str(args.idle), "20"], stdout=subprocess.PIPE, text=True)
-                line = wait_for(holder.stdout.readline, timeout=120, what="the idle sessions")
-                greeted = json.loads(line)["greeted"]
-                held = rss_kb(pid)
-                holder.wait(timeout=60)
-                figures["idle_sessions"] = greeted
-                figures["gateway_rss_kb_before"] = before
-                figures["gateway_rss_kb_held"] = held
-                figures["kb_per_session"] = round((held - before) / max(greeted, 1), 2)
+                lab.wait_listening("router", 10025)
+                for mode in ("each", "session"):
+                    figures[f"proxsmtpd_{mode}"] = load(lab, WAN, mode, args.anchor_count, port=10025)
+                    delivered(pf, args.anchor_count)
             finally:
-                greeter.kill()
-                greeter.wait()
+                prox.terminate()
+                prox.wait()
+            lab.run("router", ["iptables", "-F"])
+            run = SmtpRunning(lab, tmp)
+            try:
+                wait_for(lambda: "smtp-in" in run.text() and " ready " in run.text(), timeout=30, what="the gateway")
+                gw_pid, proc_pid = gateway_pid(tmp), processor_pid(tmp)
+                for mode in ("each", "session"):
+                    before = cpu_seconds(gw_pid), cpu_seconds(proc_pid)
+                    figures[f"gateway_{mode}"] = load(lab, WAN, mode, args.count)
+                    figures[f"gateway_cpu_ms_{mode}"] = round((cpu_seconds(gw_pid) - before[0]) * 1000 / args.count, 3)
+                    figures[f"processor_cpu_ms_{mode}"] = round((cpu_seconds(proc_pid) - before[1]) * 1000 / args.count, 3)
+                    delivered(pf, args.count)
+                pf.stop()
+                pf = None
+                greeter = lab.popen("lan", [sys.executable, "-c", GREETER, LAN])
+                try:
+                    lab.wait_listening("lan", 25)
+                    pid = gateway_pid(tmp)
+                    before = rss_kb(pid)
+                    holder = lab.popen("ext", [sys.executable, str(Path(__file__).with_name("smtp_client.py")),
+                                               "idle", WAN, str(args.idle), "20"], stdout=subprocess.PIPE, text=True)
+                    line = wait_for(holder.stdout.readline, timeout=120, what="the idle sessions")
+                    greeted = json.loads(line)["greeted"]
+                    held = rss_kb(pid)
+                    holder.wait(timeout=60)
+                    figures["idle_sessions"] = greeted
+                    figures["gateway_rss_kb_before"] = before
+                    figures["gateway_rss_kb_held"] = held
+                    figures["kb_per_session"] = round((held - before) / max(greeted, 1), 2)
+                finally:
+                    greeter.kill()
+                    greeter.wait()
+            finally:
+                run.stop()
         finally:
-            run.stop()
-    finally:
-        if pf is not None:
-            pf.stop()
-        lab.down()
+            if pf is not None:
+                pf.stop()
+            lab.down()
     for mode in ("each", "session"):
         figures[f"ratio_gateway_direct_{mode}"] = round(figures[f"gateway_{mode}"] / figures[f"direct_{mode}"], 3)
         figures[f"ratio_proxsmtpd_direct_{mode}"] = round(figures[f"proxsmtpd_{mode}"] / figures[f"direct_{mode}"], 3)

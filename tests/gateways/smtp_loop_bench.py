@@ -30,7 +30,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from firewall.signalling import Endpoint, FlowEndReason, Proto
 from tests.gateways.fake_processor import KEY, FakeProcessor, instances_of
 from tests.gateways.loopback import GATEWAY, POOL, ROUTER, fw_socket, tcp_server_at
 from tests.gateways.test_smtp_gateway import MiniMta
+from tests.scratch import scratch
 
 C = Endpoint(ipaddress.IPv4Address("203.0.113.10"), 40000)
 W = Endpoint(ipaddress.IPv4Address("203.0.113.1"), 25)
@@ -147,18 +147,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.gateway:
         asyncio.run(gateway(args.gateway))
         return
-    tmp = Path(tempfile.mkdtemp(prefix="nfgate-smtp-loop-"))
-    out = tmp / "callgrind.out"
-    wrap = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"] if args.callgrind else []
-    proc = subprocess.Popen([*wrap, sys.executable, "-m", "tests.gateways.smtp_loop_bench", "--gateway", str(tmp / "gateway.log")],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        if proc.stdout is None or proc.stdout.readline().strip() != "ready":
-            raise RuntimeError("the gateway did not start")
-        figures = asyncio.run(drive(proc.pid, args.connections, args.messages, out if args.callgrind else None))
-    finally:
-        proc.terminate()
-        proc.wait()
+    with scratch("nfgate-smtp-loop-") as tmp:
+        out = tmp / "callgrind.out"
+        wrap = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"] if args.callgrind else []
+        proc = subprocess.Popen([*wrap, sys.executable, "-m", "tests.gateways.smtp_loop_bench", "--gateway", str(tmp / "gateway.log")],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            if proc.stdout is None or proc.stdout.readline().strip() != "ready":
+                raise RuntimeError("the gateway did not start")
+            figures = asyncio.run(drive(proc.pid, args.connections, args.messages, out if args.callgrind else None))
+        finally:
+            proc.terminate()
+            proc.wait()
     print(json.dumps(figures))
 
 
