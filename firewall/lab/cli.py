@@ -17,7 +17,7 @@ from firewall.errors import KernelError, UsageError, require_root
 from firewall.jsondoc import echo_json, json_errors
 from firewall.lab import netns
 from firewall.lab import state as lab_state
-from firewall.lab.state import current_owner
+from firewall.lab.state import current_owner, invoking_shell
 from firewall.lab.topology import list_topologies, load_topology, topologies_dir
 
 _PREFIX_HELP = "Namespace prefix; namespaces are PREFIX-HOST. Default: nfg-TOPOLOGY."
@@ -73,8 +73,9 @@ def up_cmd(topology: str, prefix: str | None) -> None:
     """
     require_root("lab up")
     topo = load_topology(topology)
-    # The lab belongs to the shell (or script) that ran this command, not to this short-lived process.
-    built = netns.Lab(topo, prefix, owner=current_owner(os.getppid())).up()
+    # The lab belongs to the shell (or script) that ran this command (through sudo, if so),
+    # not to this short-lived process.
+    built = netns.Lab(topo, prefix, owner=current_owner(invoking_shell(os.getppid()))).up()
     hosts = ", ".join(f"{h} ({built.ns(h)})" for h in topo.host_names)
     click.echo(f"lab {built.prefix} up: {hosts}")
     first = topo.host_names[0]

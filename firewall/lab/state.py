@@ -10,7 +10,8 @@ and the test session's cleanup read ``/run/nfgate/labs/<prefix>.json``
      "owner": {"user": "alice", "uid": 0, "pid": 4242}}
 
 ``owner.pid`` is the process the lab belongs to: the one that built it in
-Python, the shell that ran ``nfgate lab up``, or whatever
+Python, the shell that ran ``nfgate lab up`` (through sudo: the
+shell that ran sudo), or whatever
 ``$NFGATE_LAB_OWNER_PID`` names (the test session sets it, so that the labs
 its CLI calls build are its own). Nothing removes a lab because its owner is
 gone, except the test session's cleanup for its own ``nfgt*`` labs; ``lab
@@ -69,6 +70,29 @@ def current_owner(pid: int | None = None) -> Owner:
     uid = os.getuid()
     user = os.environ.get("SUDO_USER") or _user_name(uid)
     return Owner(user=user, uid=uid, pid=pid)
+
+
+# Commands that only run another as root: a lab built through them belongs to
+# the shell that ran them, which outlives them.
+_ELEVATORS = frozenset({"sudo", "doas", "su", "runuser", "pkexec"})
+
+
+def invoking_shell(pid: int) -> int:
+    """``pid``, or, when it is sudo (or doas, su...), the process that ran it: a lab
+    built by ``sudo nfgate lab up`` belongs to the shell, not to sudo, which exits at once."""
+    for _ in range(4):  # sudo may run under su: a few steps, never a walk to init
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return pid
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        if comm not in _ELEVATORS:
+            return pid
+        parent = int(stat[stat.rindex(")") + 2:].split()[1])
+        if parent <= 1:
+            return pid
+        pid = parent
+    return pid
 
 
 def _user_name(uid: int) -> str:

@@ -577,3 +577,17 @@ def test_netns_tests_are_skipped_with_a_reason_when_not_root():
     assert res.returncode == 0, res.stdout + res.stderr
     assert "1 skipped" in res.stdout
     assert "netns test: needs root to build network namespaces" in res.stdout
+
+
+def test_a_lab_built_through_sudo_belongs_to_the_shell_that_ran_sudo(tmp_path):
+    """`sudo nfgate lab up`: nfgate's parent is sudo, which exits at once; the owner is sudo's parent."""
+    fake_sudo = tmp_path / "sudo"
+    shutil.copy("/bin/sleep", fake_sudo)  # a process whose name is sudo, child of this one
+    proc = subprocess.Popen([str(fake_sudo), "30"])
+    try:
+        assert lab_state.invoking_shell(proc.pid) == os.getpid()
+        assert lab_state.invoking_shell(os.getpid()) == os.getpid()  # not an elevator: itself
+        assert lab_state.invoking_shell(2 ** 22 + 1) == 2 ** 22 + 1  # no such process: as given
+    finally:
+        proc.kill()
+        proc.wait()
