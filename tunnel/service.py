@@ -40,7 +40,7 @@ from tunnel.events import EventLog, configure
 from tunnel.gateway import GatewayFrontend, steered, unsteered
 from tunnel.operator import ControlSocket
 from tunnel.pacing import BackoffSettings
-from tunnel.server import StandaloneFrontend, TunnelServer
+from tunnel.server import StandaloneFrontend, TunnelServer, service_text
 from tunnel.settings import MediatorLimits, ServerSettings, TunnelGatewaySettings
 
 STATE_DIR = Path("/var/lib/nfgate")
@@ -54,7 +54,7 @@ async def serve(server: TunnelServer, log: EventLog) -> None:
     try:
         await server.start()
     except OSError as err:
-        where = f"{cfg.listen}:{cfg.service_port}"
+        where = service_text(cfg)
         raise KernelError(f"tunnel server: cannot listen on {where}: {err.strerror or err}") from None
     control = ControlSocket(server, cfg.control_socket)
     try:
@@ -63,7 +63,7 @@ async def serve(server: TunnelServer, log: EventLog) -> None:
         await server.close()
         raise KernelError(f"tunnel server: control socket {cfg.control_socket}: {err.strerror or err}") from None
     describe = getattr(server.frontend, "describe", None)
-    where = {"service": f"{cfg.listen}:{cfg.service_port}"}
+    where = {"service": service_text(cfg)}
     if describe:
         where.update((k, v) for k, v in describe().items() if k in ("service", "gateway", "listen"))
     log.emit(
