@@ -165,10 +165,12 @@ def gateway_server_config(gateway: Manifest) -> ServerConfig:
     first, last = s.publish_first, s.publish_last
     if first > last:
         raise UsageError(f"{gateway.source}.settings: publish_first {first} is above publish_last {last}")
+    # G:g, and G6:g when the kind's IPv6 flows come (the manifest's listen6).
+    addresses = (gateway.listen.address,) + ((gateway.listen6,) if gateway.listen6 is not None else ())
     return ServerConfig(
-        listen=gateway.listen.address,
+        listen=addresses,
         service_port=s.service_port,
-        public_address=gateway.listen.address,
+        public_address=addresses,
         cert=base / "server.crt",
         key=base / "server.key",
         mediators_file=base / "mediators.toml",
