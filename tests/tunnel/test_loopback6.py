@@ -141,6 +141,10 @@ def test_ipv6_refusals_are_clean(tmp_path: Path) -> None:
                 await lb.ask(cmd="publish", mediator="m1", proto="tcp", public=free_port_both(), address="::1", port=80)
             assert err.value.code == "NO_SUCH_ADDRESS"
             assert not lb.server.publications
+            # An IPv4-mapped address is the IPv4 host: published as such.
+            mapped = await lb.ask(cmd="publish", mediator="m1", proto="tcp", public=free_port_both(),
+                                  address="::ffff:127.0.0.1", port=80)
+            assert mapped["to"] == "127.0.0.1:80"
             # A raw CONNECT from an IPv4 port to an IPv6 host: BAD_REQUEST, the port stays.
             opened = await lb.ask(cmd="open", mediator="m1", proto="tcp", address="127.0.0.1", port=0)
             with pytest.raises(ControlError, match="cannot connect from IPv4 address 127.0.0.1 to IPv6") as err:
