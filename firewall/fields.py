@@ -146,6 +146,8 @@ def _network(value: Any) -> IPNetwork:
 
 
 def _address(value: Any) -> IPAddress:
+    if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        return value  # already checked: one bare item of a ListOf(Address, allow_scalar=True)
     if not isinstance(value, str):
         fail(f"expected an address string, got {kind_of(value)}")
     try:

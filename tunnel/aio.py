@@ -12,6 +12,9 @@
   idle one cheap (docs/tunnel-protocol.md section 21).
 - ``bind_socket``: the mediator's OpenSocket, with the seed's "desired" and
   "mandatory" port numbers and the errors mapped to protocol codes.
+- ``udp_socket``: a server's UDP socket on one address, IPv6 only on an IPv6
+  address, so that ``0.0.0.0`` and ``::`` can both hold one port.
+- ``address_pair``: a socket address as an address value and a port.
 - ``until_signalled`` and ``run_main``: how both roles run in the foreground
   until SIGTERM or SIGINT, with a ``stats`` line on SIGUSR1.
 """
@@ -33,6 +36,7 @@ from typing import Any
 from tunnel.errors import ErrorCode
 from tunnel.events import EventLog
 from tunnel.frames import IPAddress, Proto
+from tunnel.wire import endpoint_text
 
 # SO_LINGER on, 0 seconds: close() sends RST and drops unsent data.
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -183,6 +187,24 @@ def family_of(address: IPAddress) -> socket.AddressFamily:
     return socket.AF_INET6 if address.version == 6 else socket.AF_INET
 
 
+def udp_socket(address: IPAddress, port: int) -> socket.socket:
+    """A non-blocking UDP socket bound to address:port (OSError as it comes).
+
+    An IPv6 socket is IPv6 only (``IPV6_V6ONLY``), as asyncio makes its TCP
+    listeners: a server that listens on ``0.0.0.0`` and ``::`` has two
+    sockets on one port, and neither takes the other's family."""
+    sock = socket.socket(family_of(address), socket.SOCK_DGRAM)
+    try:
+        if address.version == 6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.setblocking(False)
+        sock.bind((str(address), port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def cancel_all(tasks: set[asyncio.Task[Any]]) -> None:
     for task in list(tasks):
         task.cancel()
@@ -223,10 +245,10 @@ class BindError(Exception):
     @classmethod
     def of(cls, err: OSError, address: IPAddress, port: int, mandatory: bool) -> BindError:
         if err.errno == errno.EADDRINUSE:
-            return cls(ErrorCode.PORT_IN_USE if mandatory else ErrorCode.NO_FREE_PORT, f"{address}:{port} is in use")
+            return cls(ErrorCode.PORT_IN_USE if mandatory else ErrorCode.NO_FREE_PORT, f"{endpoint_text(address, port)} is in use")
         if err.errno == errno.EADDRNOTAVAIL:
             return cls(ErrorCode.NO_SUCH_ADDRESS, f"{address} is not an address of the mediator")
-        return cls(ErrorCode.INTERNAL, f"bind {address}:{port}: {err.strerror or err}")
+        return cls(ErrorCode.INTERNAL, f"bind {endpoint_text(address, port)}: {err.strerror or err}")
 
 
 async def until_signalled(log: EventLog, stats: Callable[[], dict[str, Any]]) -> None:

@@ -12,6 +12,7 @@ traceback (DESIGN.md invariant 10).
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ from tunnel.keygen import write_identity
 from tunnel.mediator import run_mediator
 from tunnel.service import parse_endpoint, run_server
 from tunnel.tls import file_pin
+from tunnel.wire import endpoint_text
 
 DEFAULT_SOCKET = "/run/nfgate/tunnel.sock"
 SOCKET_ENV = "NFGATE_TUNNEL_SOCKET"
@@ -182,6 +184,10 @@ def _endpoint(text: str) -> tuple[str, int]:
     return str(address), port
 
 
+def _shown(address: str, port: int) -> str:
+    return endpoint_text(ipaddress.ip_address(address), port)
+
+
 def _print(result: Any, as_json: bool, text: str) -> None:
     if as_json:
         echo_json(result)
@@ -243,7 +249,7 @@ def open_cmd(mediator_id: str, where: str, udp: bool, mandatory: bool, socket_pa
     request = {"cmd": "open", "mediator": mediator_id, "proto": "udp" if udp else "tcp",
                "address": address, "port": port, "mandatory": mandatory}
     result = _ask(socket_path, request)
-    _print(result, as_json, f"port id {result['port_id']}: {address}:{result['port']}")
+    _print(result, as_json, f"port id {result['port_id']}: {_shown(address, result['port'])}")
 
 
 @tunnel.command("redirect")
@@ -262,7 +268,7 @@ def redirect_cmd(mediator_id: str, where: str, mandatory: bool, socket_path: str
     address, port = _endpoint(where)
     request = {"cmd": "redirect", "mediator": mediator_id, "address": address, "port": port, "mandatory": mandatory}
     result = _ask(socket_path, request)
-    _print(result, as_json, f"port id {result['port_id']}: {address}:{result['port']} (udp, redirected)")
+    _print(result, as_json, f"port id {result['port_id']}: {_shown(address, result['port'])} (udp, redirected)")
 
 
 @tunnel.command("connect")
@@ -281,7 +287,7 @@ def connect_cmd(mediator_id: str, port_id: int, target: str, socket_path: str, a
     address, port = _endpoint(target)
     result = _ask(socket_path, {"cmd": "connect", "mediator": mediator_id, "port_id": port_id,
                                 "address": address, "port": port})
-    _print(result, as_json, f"port id {port_id}: connected to {address}:{port}")
+    _print(result, as_json, f"port id {port_id}: connected to {_shown(address, port)}")
 
 
 @tunnel.command("listen")

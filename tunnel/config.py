@@ -77,13 +77,33 @@ class MediatorEntry:
         return any(r.first <= port <= r.last for r in self.publish_ports)
 
 
+def one_per_family(addresses: Any) -> tuple[IPAddress, ...]:
+    """An address, or a list of at most one IPv4 and one IPv6 address, as a
+    tuple; ValueError says why not. One per family: the server answers a UDP
+    channel from its one socket of the mediator's family."""
+    if not isinstance(addresses, (tuple, list)):
+        addresses = (addresses,)
+    addresses = tuple(addresses)
+    if not addresses:
+        raise ValueError("give at least one address")
+    for version in (4, 6):
+        same = [str(a) for a in addresses if a.version == version]
+        if len(same) > 1:
+            raise ValueError(f"at most one IPv{version} address, got {', '.join(same)}")
+    return addresses
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Everything the control server needs (standalone or as a gateway)."""
 
-    listen: IPAddress = ipaddress.IPv4Address("0.0.0.0")
+    listen: tuple[IPAddress, ...] = (ipaddress.IPv4Address("0.0.0.0"),)
+    """The service port's addresses: one, or one IPv4 and one IPv6 (each its
+    own sockets; an IPv6 one is IPv6 only). One address alone may be given
+    bare."""
     service_port: int = DEFAULT_SERVICE_PORT
-    public_address: IPAddress = ipaddress.IPv4Address("0.0.0.0")
+    public_address: tuple[IPAddress, ...] = (ipaddress.IPv4Address("0.0.0.0"),)
+    """Where publications listen, as ``listen``."""
     cert: Path = TUNNEL_DIR / "server.crt"
     key: Path = TUNNEL_DIR / "server.key"
     mediators_file: Path = TUNNEL_DIR / "mediators.toml"
@@ -128,6 +148,10 @@ class ServerConfig:
     ``UDP_BUFFER``): room for a burst while the process is busy."""
     republish: BackoffSettings = field(default_factory=lambda: BackoffSettings(maximum=60.0))
     """Retries of a publish whose public port could not be bound."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "listen", one_per_family(self.listen))
+        object.__setattr__(self, "public_address", one_per_family(self.public_address))
 
 
 # -- the mediator --------------------------------------------------------------------
@@ -256,6 +280,17 @@ ProtoName = Choice(*("tcp", "udp", "any"))
 OpNames = Annotated[ListOf(Choice(*OP_NAMES)), AfterValidator(lambda ops: ops or fail("list at least one of " + ", ".join(OP_NAMES)))]
 
 
+def _per_family(addresses: tuple[IPAddress, ...]) -> tuple[IPAddress, ...]:
+    try:
+        return one_per_family(addresses)
+    except ValueError as err:
+        fail(str(err))
+
+
+# ``listen``, ``public_address``: "0.0.0.0", or ["198.51.100.10", "2001:db8::10"].
+Addresses = Annotated[ListOf(Address, allow_scalar=True), AfterValidator(_per_family)]
+
+
 # ---- the server -----------------------------------------------------------------------
 
 _SERVER = ServerConfig()
@@ -265,9 +300,9 @@ _RATE = RateLimit()
 
 
 class _ServerTable(Frozen):
-    listen: Address = _SERVER.listen
+    listen: Addresses = _SERVER.listen
     service_port: Int(1, 65535) = _SERVER.service_port
-    public_address: Address = _SERVER.public_address
+    public_address: Addresses = _SERVER.public_address
     cert: AbsPath = _SERVER.cert
     key: AbsPath = _SERVER.key
     mediators: AbsPath = _SERVER.mediators_file

@@ -18,6 +18,11 @@ signalling) and routes it:
 Replies leave G:g towards F:f, where the processor restores the original
 addresses (the seed's "swap"). A flow that the processor ends (FLOW_END) is
 aborted here too.
+
+The kind takes IPv6 (``Kind.ipv6``, issue 17): the processor binds an IPv6
+flow to the router the same way, into G6:g (the manifest's ``listen6``, the
+blind track's IPv6 address, same port) from an IPv6 F6:f, so the frontend
+listens on both, and answers a UDP flow from the socket of its family.
 """
 
 from __future__ import annotations
@@ -37,9 +42,10 @@ from gateways.layer import FlowUnknown, GatewayLayer
 from gateways.layer.endpoint import endpoint_of
 from gateways.manifest import Manifest
 from gateways.tcp_server import Acceptor, listen_socket
-from tunnel.aio import grow_udp_buffer, reset
+from tunnel.aio import grow_udp_buffer, reset, udp_socket
 from tunnel.frames import IPAddress, Proto
 from tunnel.server import ChannelProtocol
+from tunnel.wire import endpoint_text
 
 if TYPE_CHECKING:
     from tunnel.publish import Publication
@@ -142,8 +148,8 @@ class GatewayFrontend:
         self.layer: Any = None
         self.server: TunnelServer | None = None
         self.counters: Counter[str] = Counter()
-        self.tcp: Acceptor | None = None
-        self.udp: asyncio.DatagramTransport | None = None
+        self.tcp: list[Acceptor] = []
+        self.udp: dict[int, asyncio.DatagramTransport] = {}  # by IP version
         self.routes: dict[tuple[str, int], _UdpRoute] = {}
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -153,6 +159,12 @@ class GatewayFrontend:
     @property
     def address(self) -> IPAddress:
         return self.gateway.listen.address
+
+    @property
+    def addresses(self) -> tuple[IPAddress, ...]:
+        """G, and G6 when the processor brings this gateway IPv6 flows."""
+        six = self.gateway.listen6
+        return (self.address,) if six is None else (self.address, six)
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -165,13 +177,15 @@ class GatewayFrontend:
         self.layer = self.layer_factory()
         await self.layer.start()
         port = self.gateway.listen.port
-        # Accepted by hand, not by create_server: not one byte may be read
-        # before the flow is routed, so a TLS ClientHello reaches TLS whole.
-        # The Acceptor pauses, with one log line, when out of descriptors.
-        listener = listen_socket(Endpoint(self.address, port), LISTEN_BACKLOG)
-        self.tcp = Acceptor(listener, lambda sock: self.spawn(self.route_tcp(sock)), server.log, self.counters)
-        self.udp, _ = await loop.create_datagram_endpoint(lambda: _UdpIntake(self), local_addr=(str(self.address), port))
-        grow_udp_buffer(self.udp, server.config.udp_buffer)
+        for address in self.addresses:
+            # Accepted by hand, not by create_server: not one byte may be read
+            # before the flow is routed, so a TLS ClientHello reaches TLS whole.
+            # The Acceptor pauses, with one log line, when out of descriptors.
+            listener = listen_socket(Endpoint(address, port), LISTEN_BACKLOG)
+            self.tcp.append(Acceptor(listener, lambda sock: self.spawn(self.route_tcp(sock)), server.log, self.counters))
+            udp, _ = await loop.create_datagram_endpoint(lambda: _UdpIntake(self), sock=udp_socket(address, port))
+            grow_udp_buffer(udp, server.config.udp_buffer)
+            self.udp[address.version] = udp
 
     async def bind(self, publication: Publication) -> None:
         """Nothing to bind: the processor brings the port's traffic here, if
@@ -185,8 +199,9 @@ class GatewayFrontend:
             )
 
     def send_datagram(self, data: bytes, address: IPAddress, port: int) -> None:
-        if self.udp is not None:
-            self.udp.sendto(data, (str(address), port))
+        udp = self.udp.get(address.version)
+        if udp is not None:
+            udp.sendto(data, (str(address), port))
 
     def describe(self) -> dict[str, Any]:
         """For ``tunnel list`` and the ``ready`` line: where the steered flows
@@ -196,7 +211,7 @@ class GatewayFrontend:
             # The service port on whichever router address a selector steers here.
             "service": f"*:{service}",
             "gateway": self.gateway.name,
-            "listen": f"{self.address}:{self.gateway.listen.port}",
+            "listen": ", ".join(endpoint_text(a, self.gateway.listen.port) for a in self.addresses),
             "udp_routes": len(self.routes),
             "counters": dict(sorted(self.counters.items())),
         }
@@ -204,10 +219,12 @@ class GatewayFrontend:
     async def close(self) -> None:
         for task in list(self.tasks):
             task.cancel()
-        if self.tcp is not None:
-            self.tcp.close()
-        if self.udp is not None:
-            self.udp.close()
+        for acceptor in self.tcp:
+            acceptor.close()
+        self.tcp.clear()
+        for udp in self.udp.values():
+            udp.close()
+        self.udp.clear()
         for route in self.routes.values():
             if route.hold is not None:
                 route.hold.release()
@@ -295,7 +312,7 @@ class GatewayFrontend:
         elif route.kind == "channel":
             server.service_datagram(data, (ipaddress.ip_address(key[0]), key[1]))
         elif route.kind == "publication" and route.publication is not None:
-            udp = self.udp
+            udp = self.udp.get(4 if ":" not in key[0] else 6)
             pub = route.publication
             client = route.hold.flow.client
             pub.datagram(data, (ipaddress.ip_address(key[0]), key[1]),
@@ -307,8 +324,13 @@ class GatewayFrontend:
     async def _lookup(self, key: tuple[str, int], route: _UdpRoute) -> None:
         server = self.server
         assert server is not None
-        fw = Endpoint(ipaddress.IPv4Address(key[0]), key[1])
-        ag = Endpoint(ipaddress.IPv4Address(str(self.address)), self.gateway.listen.port)
+        fw = Endpoint(ipaddress.ip_address(key[0]), key[1])
+        g = self.address if fw.address.version == 4 else self.gateway.listen6
+        if g is None:  # an IPv6 datagram with no IPv6 listener: cannot happen, counted if it does
+            self.counters["udp_unknown_flow"] += 1
+            self.routes.pop(key, None)
+            return
+        ag = Endpoint(g, self.gateway.listen.port)
         try:
             hold = await self.layer.attach(SignallingProto.UDP, fw, ag, on_end=lambda cause: self._ended(key, route))
         except FlowUnknown:

@@ -58,6 +58,7 @@ from tunnel.frames import IPAddress, IPInterface, Proto
 from tunnel.mediator_core import MediatorCore, MediatorIdentity
 from tunnel.pacing import Backoff
 from tunnel.policy import AllowList, Op, Rule
+from tunnel.wire import endpoint_text
 
 LISTEN_BACKLOG = 128  # what a small private service needs; the kernel caps it at somaxconn
 
@@ -150,7 +151,7 @@ class Mediator:
                 cfg.channel_timeout,
             )
         except (OSError, TimeoutError) as err:
-            raise ChannelFailure(f"connect {cfg.server}:{cfg.service_port}: {err}") from None
+            raise ChannelFailure(f"connect {server_text(cfg)}: {err}") from None
         try:
             tls.check_server_pin(transport.get_extra_info("ssl_object"), cfg.pin)
         except tls.PinMismatch as err:
@@ -181,6 +182,12 @@ class Mediator:
             stopping.cancel()
             session.shutdown()
         return session.ready
+
+
+def server_text(cfg: MediatorConfig) -> str:
+    """The server's name or address and service port (an IPv6 address in brackets)."""
+    host = f"[{cfg.server}]" if ":" in cfg.server else cfg.server
+    return f"{host}:{cfg.service_port}"
 
 
 def _interface_of(address: IPAddress) -> IPInterface:
@@ -498,11 +505,11 @@ class _Session:
                 io.sock = bind_socket(Proto.TCP, io.address, io.port, True, 1)
             except BindError:
                 io.sock = None  # rebound at the next CONNECT or LISTEN
-            self.driver.run(self.core.failed(io.port_id, ErrorCode.CONNECT_FAILED, f"{out.address}:{out.port}: {why}"))
+            self.driver.run(self.core.failed(io.port_id, ErrorCode.CONNECT_FAILED, f"{endpoint_text(out.address, out.port)}: {why}"))
             return
         if io.transport.is_closing():  # reset before the core even heard of it
             io.transport = None
-            self.driver.run(self.core.failed(io.port_id, ErrorCode.CONNECT_FAILED, f"{out.address}:{out.port}: reset"))
+            self.driver.run(self.core.failed(io.port_id, ErrorCode.CONNECT_FAILED, f"{endpoint_text(out.address, out.port)}: reset"))
             return
         self.counters["connects"] += 1
         self.driver.run(self.core.connected(io.port_id))
@@ -780,7 +787,7 @@ def run_mediator(config: MediatorConfig, log: EventLog | None = None) -> None:
         mediator = Mediator(config, log)
         stop = asyncio.Event()
         runner = asyncio.get_running_loop().create_task(mediator.run(stop))
-        log.emit("started", identity=config.identity, server=f"{config.server}:{config.service_port}")
+        log.emit("started", identity=config.identity, server=server_text(config))
         try:
             await until_signalled(log, mediator.stats)
         finally:

@@ -55,6 +55,7 @@ from tunnel.settings import MediatorSettings
 from tunnel.states import MEDIATOR_TRANSITIONS, Local, MediatorState, PortOp, PortState, port_op
 from tunnel.lifetime import Probe
 from tunnel.window import StreamWindow
+from tunnel.wire import endpoint_text
 
 
 Out = list[MediatorOutput]
@@ -68,6 +69,12 @@ class MediatorIdentity:
     token: bytes
     service: str
     interfaces: tuple[IPInterface, ...] = ()
+
+
+def _family_mismatch(local: IPAddress, target: IPAddress) -> str:
+    """A socket bound to one family cannot connect to the other (an IPv4-mapped
+    address is IPv6 on the wire, so it is refused too: send it as IPv4)."""
+    return f"cannot connect from IPv{local.version} address {local} to IPv{target.version} address {target}"
 
 
 @dataclass
@@ -244,7 +251,7 @@ class MediatorCore(ChannelCore[MediatorState]):
     def _refuse(
         self, request_id: int, op: Op, address: IPAddress, port: int, proto: Proto, port_id: int = 0
     ) -> Out:
-        message = f"{op.value} {proto.name} {address}:{port} is not allowed"
+        message = f"{op.value} {proto.name} {endpoint_text(address, port)} is not allowed"
         return [
             Refused(op, address, port, proto),
             self._send(Err(ErrorCode.NOT_ALLOWED, port_id, message, request_id=request_id)),
@@ -311,6 +318,8 @@ class MediatorCore(ChannelCore[MediatorState]):
         self._check_request_id(frame)
         if frame.port == 0:
             return self._err(frame, ErrorCode.BAD_REQUEST, "cannot connect to port 0")
+        if frame.local.version != frame.address.version:
+            return self._err(frame, ErrorCode.BAD_REQUEST, _family_mismatch(frame.local, frame.address))
         if len(self._ports) >= self.settings.max_ports:
             return self._err(frame, ErrorCode.LIMIT, f"max_ports {self.settings.max_ports} reached")
         if len(self._pending) >= self.settings.max_pending:
@@ -353,6 +362,8 @@ class MediatorCore(ChannelCore[MediatorState]):
             return refusal
         if frame.port == 0:
             return self._err(frame, ErrorCode.BAD_REQUEST, "cannot connect to port 0", port.port_id)
+        if port.address.version != frame.address.version:
+            return self._err(frame, ErrorCode.BAD_REQUEST, _family_mismatch(port.address, frame.address), port.port_id)
         if not self._allowed(Op.CONNECT, frame.address, frame.port, Proto.TCP):
             return self._refuse(
                 frame.request_id, Op.CONNECT, frame.address, frame.port, Proto.TCP, port.port_id

@@ -54,7 +54,11 @@ _ip = _checked(Annotated[str, AfterValidator(ipaddress.ip_address)], "{name}: {v
 
 
 def _address(value: Any, name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    return _ip(text(value, name), name)
+    """An address; an IPv4-mapped IPv6 one (``::ffff:10.0.0.1``) is that IPv4
+    host, which the mediator reaches from its IPv4 address (STYLE.md: values,
+    not strings)."""
+    address = _ip(text(value, name), name)
+    return address.ipv4_mapped or address if address.version == 6 else address
 
 
 def _proto(value: Any, name: str) -> Proto:

@@ -42,6 +42,7 @@ from tunnel.errors import LimitError, RequestRefused
 from tunnel.events import EventLog
 from tunnel.frames import IPAddress, Proto
 from tunnel.session import MediatorRecord, Session
+from tunnel.wire import endpoint_text
 
 Reply = Callable[[bytes], None]
 
@@ -74,7 +75,7 @@ class PublishSpec:
     def to_json(self) -> dict[str, Any]:
         return {
             "mediator": self.identity, "proto": self.proto.name.lower(), "public": self.public_port,
-            "to": f"{self.target}:{self.target_port}",
+            "to": endpoint_text(self.target, self.target_port),
         }
 
 
@@ -250,7 +251,7 @@ class PublicConnection(asyncio.Protocol):
         session.add_reader(self.gate)
         self.pub.log.emit(
             "connection", public=spec.public_port, client=_fmt(self.client),
-            to=f"{spec.target}:{spec.target_port}", mediator=spec.identity, port=self.port_id,
+            to=endpoint_text(spec.target, spec.target_port), mediator=spec.identity, port=self.port_id,
         )
         self.attached = True
         early, self.early = self.early, []
@@ -538,4 +539,4 @@ class UdpFlow:
 
 
 def _fmt(pair: tuple[IPAddress, int] | None) -> str:
-    return f"{pair[0]}:{pair[1]}" if pair else "-"
+    return endpoint_text(*pair) if pair else "-"

@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 from firewall.control import ControlError
 from tunnel import tls
-from tunnel.aio import address_pair, family_of, grow_udp_buffer, limit_unsent
+from tunnel.aio import address_pair, grow_udp_buffer, limit_unsent, udp_socket
 from tunnel.commands import SessionReady
 from tunnel.config import MediatorEntry, ServerConfig
 from tunnel.datagrams import peek_key_id
@@ -49,6 +49,7 @@ from tunnel.frames import IPAddress, Proto
 from tunnel.pacing import Backoff, TokenBucket
 from tunnel.publish import Publication, PublishSpec
 from tunnel.session import MediatorRecord, Session
+from tunnel.wire import endpoint_text
 
 MAX_SESSION_ID = (1 << 32) - 1
 
@@ -181,7 +182,7 @@ class TunnelServer:
     def new_session(self, transport: asyncio.Transport, peer: str | None) -> Session:
         if peer is None:
             pair = address_pair(transport.get_extra_info("peername"))
-            peer = f"{pair[0]}:{pair[1]}" if pair else "-"
+            peer = endpoint_text(*pair) if pair else "-"
         while True:
             session_id = secrets.randbelow(MAX_SESSION_ID) + 1
             if session_id not in self.sessions:
@@ -344,17 +345,24 @@ class TunnelServer:
         A mediator that is not connected is asked when it connects
         (``_recheck``)."""
         session = record.session
-        if session is None or session.closed or not session.core.pipelines_connect:
+        if session is None or session.closed:
+            return
+        try:
+            session.local_address_for(spec.target)  # an IPv6 target needs an IPv6 address on the mediator
+        except RequestRefused as err:
+            raise OperatorError(err.message, err.code) from None
+        if not session.core.pipelines_connect:
             return
         await self._ask(session.check_target(spec.proto, spec.target, spec.target_port))
 
     async def _recheck(self, pub: Publication, session: Session) -> None:
         """A publication made while its mediator was away: ask now, and say so if refused."""
         try:
+            session.local_address_for(pub.spec.target)
             await session.check_target(pub.spec.proto, pub.spec.target, pub.spec.target_port)
         except RequestRefused as err:
-            if not err.local:
-                pub.state = f"refused by the mediator: {err}"
+            if not err.local or err.code == "NO_SUCH_ADDRESS":
+                pub.state = f"refused: {err}" if err.local else f"refused by the mediator: {err}"
                 self.log.warn("publish_refused", **pub.spec.to_json(), reason=str(err))
                 return
         except (LimitError, TimeoutError):
@@ -439,7 +447,7 @@ class TunnelServer:
         frontend = getattr(self.frontend, "describe", None)
         described = frontend() if frontend else {}
         return {
-            "service": described.get("service", f"{self.config.listen}:{self.config.service_port}"),
+            "service": described.get("service", service_text(self.config)),
             "uptime": round(time.time() - self.started, 1),
             "channels": self.channels,
             "counters": dict(sorted(self.counters.items())),
@@ -447,6 +455,11 @@ class TunnelServer:
             "published": [p.describe() for p in sorted(self.publications.values(), key=lambda p: p.spec.key())],
             **({"frontend": described} if described else {}),
         }
+
+
+def service_text(config: ServerConfig) -> str:
+    """The service port on each listen address: ``198.51.100.10:7443, [2001:db8::10]:7443``."""
+    return ", ".join(endpoint_text(a, config.service_port) for a in config.listen)
 
 
 def set_tls_read_buffer(size: int) -> None:
@@ -509,55 +522,84 @@ class _PublicDatagrams(asyncio.DatagramProtocol):
         self.pub.counters["udp_errors"] += 1
 
 
+class _Sockets:
+    """A publication's UDP sockets, one per public address: closed together."""
+
+    def __init__(self, transports: list[asyncio.DatagramTransport]) -> None:
+        self.transports = transports
+
+    def close(self) -> None:
+        for transport in self.transports:
+            transport.close()
+
+
 class StandaloneFrontend:
-    """The server on its own: TLS + UDP on the service port, a listener per publication."""
+    """The server on its own: TLS + UDP on the service port, a listener per publication.
+
+    Each address of ``listen`` (``public_address``) has its own sockets: one
+    IPv4 and one IPv6 address make a dual-stack server, and a UDP channel is
+    answered from the socket of its family."""
 
     def __init__(self) -> None:
         self.server: TunnelServer | None = None
         self.listener: asyncio.AbstractServer | None = None
-        self.udp: asyncio.DatagramTransport | None = None
+        self.udp: dict[int, asyncio.DatagramTransport] = {}  # by IP version
 
     async def start(self, server: TunnelServer) -> None:
         self.server = server
         cfg = server.config
         loop = asyncio.get_running_loop()
         context = server.tls_context
-        host = str(cfg.listen)
+        # asyncio makes an IPv6 listener IPv6 only, so 0.0.0.0 and :: share the port.
         self.listener = await loop.create_server(
-            lambda: ChannelProtocol(server), host, cfg.service_port, ssl=context,
+            lambda: ChannelProtocol(server), [str(a) for a in cfg.listen], cfg.service_port, ssl=context,
             ssl_handshake_timeout=cfg.handshake_timeout, reuse_address=True,
-            family=family_of(cfg.listen),
         )
-        self.udp, _ = await loop.create_datagram_endpoint(
-            lambda: _ServiceDatagrams(server), local_addr=(host, cfg.service_port), family=family_of(cfg.listen),
-        )
-        grow_udp_buffer(self.udp, cfg.udp_buffer)
+        try:
+            for address in cfg.listen:
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: _ServiceDatagrams(server), sock=udp_socket(address, cfg.service_port),
+                )
+                grow_udp_buffer(transport, cfg.udp_buffer)
+                self.udp[address.version] = transport
+        except OSError:
+            await self.close()
+            raise
 
     async def bind(self, publication: Publication) -> None:
         assert self.server is not None
         cfg = self.server.config
         loop = asyncio.get_running_loop()
         spec = publication.spec
-        host = str(cfg.public_address)
         if spec.proto is Proto.TCP:
             publication.listener = await loop.create_server(
-                publication.tcp_protocol, host, spec.public_port, reuse_address=True,
-                family=family_of(cfg.public_address),
+                publication.tcp_protocol, [str(a) for a in cfg.public_address], spec.public_port,
+                reuse_address=True,
             )
-        else:
-            publication.listener, _ = await loop.create_datagram_endpoint(
-                lambda: _PublicDatagrams(publication), local_addr=(host, spec.public_port),
-                family=family_of(cfg.public_address),
-            )
-            grow_udp_buffer(publication.listener, cfg.udp_buffer)
+            return
+        sockets = _Sockets([])
+        try:
+            for address in cfg.public_address:
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: _PublicDatagrams(publication), sock=udp_socket(address, spec.public_port),
+                )
+                grow_udp_buffer(transport, cfg.udp_buffer)
+                sockets.transports.append(transport)
+        except OSError:
+            sockets.close()
+            raise
+        publication.listener = sockets
 
     def send_datagram(self, data: bytes, address: IPAddress, port: int) -> None:
-        if self.udp is not None:
-            self.udp.sendto(data, (str(address), port))
+        udp = self.udp.get(address.version)
+        if udp is not None:
+            udp.sendto(data, (str(address), port))
+        elif self.server is not None:
+            self.server.counters["datagrams_no_socket"] += 1
 
     async def close(self) -> None:
         if self.listener is not None:
             self.listener.close()
-        if self.udp is not None:
-            self.udp.close()
-
+        for udp in self.udp.values():
+            udp.close()
+        self.udp.clear()

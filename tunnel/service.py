@@ -40,7 +40,7 @@ from tunnel.events import EventLog, configure
 from tunnel.gateway import GatewayFrontend, steered, unsteered
 from tunnel.operator import ControlSocket
 from tunnel.pacing import BackoffSettings
-from tunnel.server import StandaloneFrontend, TunnelServer
+from tunnel.server import StandaloneFrontend, TunnelServer, service_text
 from tunnel.settings import MediatorLimits, ServerSettings, TunnelGatewaySettings
 
 STATE_DIR = Path("/var/lib/nfgate")
@@ -54,7 +54,7 @@ async def serve(server: TunnelServer, log: EventLog) -> None:
     try:
         await server.start()
     except OSError as err:
-        where = f"{cfg.listen}:{cfg.service_port}"
+        where = service_text(cfg)
         raise KernelError(f"tunnel server: cannot listen on {where}: {err.strerror or err}") from None
     control = ControlSocket(server, cfg.control_socket)
     try:
@@ -63,7 +63,7 @@ async def serve(server: TunnelServer, log: EventLog) -> None:
         await server.close()
         raise KernelError(f"tunnel server: control socket {cfg.control_socket}: {err.strerror or err}") from None
     describe = getattr(server.frontend, "describe", None)
-    where = {"service": f"{cfg.listen}:{cfg.service_port}"}
+    where = {"service": service_text(cfg)}
     if describe:
         where.update((k, v) for k, v in describe().items() if k in ("service", "gateway", "listen"))
     log.emit(
@@ -165,10 +165,12 @@ def gateway_server_config(gateway: Manifest) -> ServerConfig:
     first, last = s.publish_first, s.publish_last
     if first > last:
         raise UsageError(f"{gateway.source}.settings: publish_first {first} is above publish_last {last}")
+    # G:g, and G6:g when the kind's IPv6 flows come (the manifest's listen6).
+    addresses = (gateway.listen.address,) + ((gateway.listen6,) if gateway.listen6 is not None else ())
     return ServerConfig(
-        listen=gateway.listen.address,
+        listen=addresses,
         service_port=s.service_port,
-        public_address=gateway.listen.address,
+        public_address=addresses,
         cert=base / "server.crt",
         key=base / "server.key",
         mediators_file=base / "mediators.toml",

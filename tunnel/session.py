@@ -41,6 +41,7 @@ from tunnel.policy import TokenAuthenticator
 from tunnel.server_core import ServerSession
 from tunnel.states import PortState
 from tunnel.tls import pin_matches
+from tunnel.wire import endpoint_text
 
 class SessionHost(Protocol):
     """What a session needs of its server (``TunnelServer``, tunnel/server.py)."""
@@ -301,7 +302,7 @@ class Session:
         if owner is None:
             # A raw listener has no consumer for connections: say so, close it.
             self.log.emit("accepted_closed", mediator=self.identity, listener=out.listen_id, conn=out.conn_id,
-                          peer=f"{out.address}:{out.port}")
+                          peer=endpoint_text(out.address, out.port))
             self.close_soon(out.conn_id)
             return
         self._contained(out.listen_id, owner, lambda: owner.on_accepted(out.conn_id, out.address, out.port))
@@ -515,8 +516,12 @@ class Session:
         for iface in interfaces:
             if target.version == iface.version:
                 return iface.ip
+        announced = ", ".join(str(i) for i in interfaces) or "none"
         raise RequestRefused(
-            "NO_SUCH_ADDRESS", f"mediator {self.identity} announced no IPv{target.version} address", local=True
+            "NO_SUCH_ADDRESS",
+            f"mediator {self.identity} announced no IPv{target.version} address (it announced {announced}),"
+            f" so it cannot reach {target}: list one in its interfaces",
+            local=True,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -528,7 +533,7 @@ class Session:
             channel = self.core.channel_address(port_id)
             ports.append({
                 "id": port_id, "proto": proto.name.lower(), "state": state.value, "owner": kind,
-                **({"channel": f"{channel[0]}:{channel[1]}"} if channel else {}),
+                **({"channel": endpoint_text(*channel)} if channel else {}),
             })
         return {
             "session": self.session_id,

@@ -4,7 +4,8 @@ Integers are big-endian. An address is a family byte (4 or 6) and 4 or 16
 bytes; an interface is an address and a prefix length; text and byte strings
 are a u16 length and the bytes (text in UTF-8). A ``Reader`` raises only
 ``ProtocolError`` (the peer sent it); a ``Writer`` raises
-``LocalProtocolError`` (our caller built it).
+``LocalProtocolError`` (our caller built it). ``endpoint_text`` is an
+address and port as people read them (``[fd00::1]:80``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ class Proto(enum.IntEnum):
 
     TCP = 6
     UDP = 17
+
+
+def endpoint_text(address: IPAddress, port: int) -> str:
+    """``10.0.0.1:80``, ``[fd00::1]:80``: an IPv6 address in brackets (RFC 3986
+    section 3.2.2), so that the port is not read as one more group. For logs,
+    listings and messages; the wire carries the address's bytes."""
+    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
 
 
 class Reader:

@@ -2,7 +2,8 @@
 
 What: the same double NAT as for IPv4 (docs/datapath.md), for the
 selectors whose gateway kind takes IPv6 (``Gateway.takes_ipv6``): leg A
-C:c -> S:s becomes F6:f -> G6:g, leg B G6:e -> F6:f becomes C:c -> S:s, the
+C:c -> S:s becomes F6:f -> G6:g, leg B G6:e -> F6:f becomes C:c -> S:s (a
+selector ``to = "router"`` has leg A only: its gateway is the flow's end), the
 elements written into ``table ip6 nfgate_bind6`` before the verdict, the
 gateway told by a family 6 NEW_FLOW. F6:f comes from
 ``processor.pools.firewall_side6``, G6 is ``gateway_link.gateway_address6``.
@@ -29,7 +30,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from firewall.config import Config
-from firewall.config.model import ROUTER
 from firewall.flows import AgEndpoint
 from firewall.packet import ACK, FIN, RST, SYN, TCP, Packet
 from firewall.pools import EndpointPool, SliceBy
@@ -121,8 +121,8 @@ class SixFlows:
             return "drop.ipv6.not_taken", None, ()  # the ruleset queues no such packet
         if server_zone != sel.traffic.to_zone:
             return "passed.other_zone", None, ()
-        if server_zone == ROUTER:
-            return "passed.ipv6.to_router", None, ()  # the input chain's counted drop takes it
+        # server_zone ROUTER: a gateway that terminates the flow (the tunnel's
+        # server, docs/datapath.md): leg A alone, into G6:g; no leg B comes.
         if proto == TCP and flags & _SYN_FLAGS != SYN:
             return "drop.not_new_flow", None, ()
         if server_zone in self._masq6:

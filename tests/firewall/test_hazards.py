@@ -80,8 +80,10 @@ def test_ipv6_that_skips_a_gateway_warns() -> None:
 
 def test_every_selector_drops_ipv6_on_its_ports_counted_by_name(tmp_path: Path) -> None:
     """Gateways take IPv4 only: the IPv6 a selector names is dropped, never let past the gateway (issue 17)."""
+    # The tunnel takes IPv6, but not on a selector with addresses (they are IPv4): dropped, in input.
     tunnel = ('[[gateway]]\nname = "tun"\nkind = "tunnel"\n[[gateway.traffic]]\nfrom = "wan"\nto = "router"\n'
-              'proto = "tcp"\nports = 7443\n[[gateway.traffic]]\nfrom = "wan"\nto = "router"\nproto = "udp"\nports = 7443\n')
+              'proto = "tcp"\nports = 7443\nsaddr = "198.51.100.0/24"\n[[gateway.traffic]]\nfrom = "wan"\nto = "router"\n'
+              'proto = "udp"\nports = 7443\nsaddr = "198.51.100.0/24"\n')
     config = loads(BASE + SSH + GATEWAY + tunnel)
     rs = build(config)
     assert sorted(rs.counters) == ["ipv6_drop_g0_0", "ipv6_drop_g1_0", "ipv6_drop_g1_1"]
@@ -106,6 +108,13 @@ def test_every_selector_drops_ipv6_on_its_ports_counted_by_name(tmp_path: Path) 
     path.write_text(BASE + SSH + GATEWAY + tunnel)
     checked = CliRunner().invoke(main, ["check", "-c", str(path)])
     assert "IPv6 on its selectors' ports: dropped, counted as ipv6_drop_g1_0, ipv6_drop_g1_1" in checked.output
+
+    # Without addresses the tunnel's selectors take IPv6 into the gateway; the
+    # input chain's drop stays for IPv6 that would skip it.
+    path.write_text(BASE + SSH + GATEWAY + tunnel.replace('saddr = "198.51.100.0/24"\n', ""))
+    checked = CliRunner().invoke(main, ["check", "-c", str(path)])
+    assert "IPv6 on its selectors' ports: through the gateway for gateway[1].traffic[0], gateway[1].traffic[1]" \
+        in checked.output, checked.output
 
 
 def test_ipv6_a_rule_accepts_is_dropped_and_check_says_where_it_is_counted() -> None:

@@ -210,6 +210,8 @@ def nat_tunnel_traffic(lab: Lab) -> dict[str, Any]:
     got = {
         "masquerade": probe(lab, "priv", "198.51.100.10", 7007) and pub.next_peer(),
         "pub to priv": lab.ping("pub", "10.77.0.10", count=1, wait=0.5),
+        "priv to pub, IPv6": lab.ping("priv", "2001:db8:51::10", count=2, wait=1.0),
+        "pub to priv, IPv6": lab.ping("pub", "fd77::10", count=1, wait=0.5),
     }
     pub.proc.kill()
     pub.proc.wait()
@@ -241,7 +243,8 @@ TRAFFIC = {
                         "client-vip": False}),
     "basic": (basic_traffic, {"forward": "203.0.113.10", "masquerade": "203.0.113.1",
                               "ssh from wan": False, "ssh from lan": True}),
-    "nat-tunnel": (nat_tunnel_traffic, {"masquerade": "198.51.100.1", "pub to priv": False}),
+    "nat-tunnel": (nat_tunnel_traffic, {"masquerade": "198.51.100.1", "pub to priv": False,
+                                        "priv to pub, IPv6": True, "pub to priv, IPv6": False}),
     "dual": (dual_traffic, {"lan to the router's far side, IPv4": True, "lan to the router's far side, IPv6": True,
                             "ext to the router, IPv6": True, "ext to lan's ULA": False}),
 }

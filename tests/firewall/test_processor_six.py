@@ -9,6 +9,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import TCP as ScapyTCP
+from scapy.layers.inet import UDP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrRouting
 
 from firewall.config import loads
@@ -129,6 +130,50 @@ def test_an_ipv6_tcp_relay_flow_is_bound_both_legs_and_ends_with_conntrack() -> 
     assert isinstance(end, FlowEnd) and end.flow_id == flow.flow_id
     assert rig.core.stats()["flows_ipv6"] == 0
     assert not rig.core.six.pool.in_use(*f) and rig.core.six.pool.available == rig.core.six.pool.capacity
+
+
+TUNNEL = """
+[zones.wan]
+interfaces = ["wan0"]
+[[gateway]]
+name = "tunnel"
+kind = "tunnel"
+listen_port = 20443
+[[gateway.traffic]]
+from = "wan"
+to = "router"
+proto = "tcp"
+ports = 7443
+allow = true
+[[gateway.traffic]]
+from = "wan"
+to = "router"
+proto = "udp"
+ports = 7443
+allow = true
+"""
+
+
+def test_an_ipv6_flow_to_the_router_is_bound_into_a_terminating_gateway_with_no_leg_b() -> None:
+    """The tunnel kind takes IPv6: a mediator's channel to the router's W6:7443 goes into G6:g, from F6:f."""
+    rig = Rig6(TUNNEL)
+    for proto, pkt in (("tcp", syn(C6, 40000, W6, 7443)),
+                       ("udp", IPv6(src=C6, dst=W6) / UDP(sport=40001, dport=7443) / b"channel")):
+        verdict, ops, mark = rig.send(pkt, WAN0)
+        assert (verdict, mark) == (PASS, MARK), dict(rig.core.counters)
+        key = (i6(C6), 40000 if proto == "tcp" else 40001, i6(W6), 7443)
+        fw = ops[1][3]  # F6:f, from processor.pools.firewall_side6
+        assert ipaddress.IPv6Address(fw[0]) in ipaddress.IPv6Network(f"{F6}/124")
+        assert ops == ((DNAT6_MAP, proto, key, (i6(G6), 20443)), (SNAT6_MAP, proto, key, fw))
+        (msg,) = rig.messages()
+        flow = msg.flow
+        assert isinstance(msg, NewFlow) and flow.family == 6 and flow.gateway == "tunnel"
+        assert str(flow.original_dst) == str(flow.server) == f"[{W6}]:7443"  # the router is the flow's end
+        # Leg A's end alone ends it: no leg B comes for a terminating gateway.
+        rig.core.conntrack_destroyed(TCP if proto == "tcp" else 17, key, (i6(G6), 20443, *fw), T0 + 1)
+        (end,) = rig.messages()
+        assert isinstance(end, FlowEnd) and end.flow_id == flow.flow_id
+    assert rig.core.stats()["flows_ipv6"] == 0 and rig.core.counters["flows.ipv6.opened"] == 2
 
 
 def test_a_binding_whose_first_packet_never_reached_conntrack_ends_at_the_check() -> None:

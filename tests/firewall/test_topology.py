@@ -92,6 +92,13 @@ def test_nat_tunnel_has_a_masquerading_nat_with_short_timeouts():
     assert cmd[0] == "nft" and "masquerade" in cmd[1] and '"wan0"' in cmd[1]
     assert topo.address("priv").ip == IPv4Address("10.77.0.10")
     assert topo.routes_of("pub") == ()
+    # Dual-stack (issue 17): IPv6 beside IPv4 on both links, a ULA inside,
+    # masqueraded for both families (an inet table).
+    for link in topo.links:
+        for ep in link.endpoints:
+            assert sorted(a.version for a in ep.addresses) == [4, 6], ep
+    assert topo.address("priv", version=6).network.subnet_of(ip_network("fc00::/7"))
+    assert "inet labnat" in cmd[1]
 
 
 def test_load_by_path_and_by_env_dir(tmp_path, monkeypatch):

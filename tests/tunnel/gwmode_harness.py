@@ -1,6 +1,6 @@
 """The tunnel's control server as gateway kind ``tunnel`` under ``nfgate run``, in the nat-tunnel lab.
 
-``pub`` (198.51.100.10, eth0 = zone wan) is the router: it runs ``nfgate
+``pub`` (198.51.100.10 and 2001:db8:51::10, eth0 = zone wan) is the router: it runs ``nfgate
 run`` with one ``[[gateway]]`` of kind ``tunnel``, so the server lives in the
 gateway namespace ``<prefix>-gw`` and every packet of its service port and of
 its publishable ports is double-NATed into it by the processor. ``priv``
@@ -117,8 +117,10 @@ class GatewayModeLab:
         self.listen_port = load(self.config).gateways[0].listen_port
         mediators = self.files / "mediators.toml"
         # m1 may also publish UNSTEERED, which no selector brings: refused.
+        # m2 is the IPv6 mediator (test_ipv6_...).
         publish = [f"{PUBLISH_FIRST}-{PUBLISH_LAST}", str(UNSTEERED)]
-        mediators.write_text(_table("mediator.m1", {"token": TOKENS["m1"], "publish_ports": publish}))
+        mediators.write_text(_table("mediator.m1", {"token": TOKENS["m1"], "publish_ports": publish})
+                             + _table("mediator.m2", {"token": TOKENS["m2"], "publish_ports": publish}))
         os.chmod(mediators, 0o600)
 
     def start(self) -> None:
@@ -127,7 +129,7 @@ class GatewayModeLab:
         # The gateway lives in another namespace, so even a flow that ends "at
         # the router" is forwarded once rewritten: eth0 -> blind track, and its
         # answers back (docs/datapath.md, "Gateways that terminate a flow").
-        self.lab.run("pub", ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        self.lab.run("pub", ["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])
         fast_conntrack(self.lab, "pub")
         env = {**os.environ, "STATE_DIRECTORY": str(self.state)}
         argv = [sys.executable, "-m", "firewall.cli", "run", "-c", str(self.config), "--backend", "iptables"]

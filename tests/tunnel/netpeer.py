@@ -38,6 +38,15 @@ import time
 TIMEOUT = 15.0
 
 
+def _family(host: str) -> socket.AddressFamily:
+    """HOST is an address: an IPv6 one has colons."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _shown(addr: tuple) -> str:
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
 def _steps(sock: socket.socket, steps: list[str]) -> dict[str, object]:
     got = b""
     end = "open"
@@ -84,7 +93,7 @@ def _steps(sock: socket.socket, steps: list[str]) -> dict[str, object]:
 
 
 def tcp_serve(host: str, port: int, steps: list[str]) -> None:
-    listener = socket.socket()
+    listener = socket.socket(_family(host))
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((host, port))
     listener.listen(8)
@@ -102,7 +111,7 @@ def tcp_client(host: str, port: int, steps: list[str]) -> None:
 
 
 def udp_echo(host: str, port: int) -> None:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock = socket.socket(_family(host), socket.SOCK_DGRAM)
     sock.bind((host, port))
     print(json.dumps({"listening": sock.getsockname()[1]}), flush=True)
     count = 0
@@ -110,13 +119,13 @@ def udp_echo(host: str, port: int) -> None:
         data, addr = sock.recvfrom(65535)
         count += 1
         sock.sendto(data, addr)
-        print(json.dumps({"rx": count, "from": f"{addr[0]}:{addr[1]}", "size": len(data)}), flush=True)
+        print(json.dumps({"rx": count, "from": _shown(addr), "size": len(data)}), flush=True)
 
 
 def udp_client(host: str, port: int, count: int, wait: float, size: int = 32, lport: int = 0) -> None:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock = socket.socket(_family(host), socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("", lport))
+    sock.bind(("::" if ":" in host else "", lport))
     sock.connect((host, port))
     received = 0
     extra = 0
@@ -145,7 +154,7 @@ def udp_client(host: str, port: int, count: int, wait: float, size: int = 32, lp
 
 
 def udp_flood(host: str, port: int, seconds: float, size: int) -> None:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock = socket.socket(_family(host), socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     sock.connect((host, port))
     sock.setblocking(False)
@@ -184,7 +193,7 @@ def rst_flood(host: str, port: int, seconds: float) -> None:
     done = errors = 0
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        sock = socket.socket()
+        sock = socket.socket(_family(host))
         sock.settimeout(2.0)
         try:
             sock.connect((host, port))
@@ -205,7 +214,7 @@ def rst_flood(host: str, port: int, seconds: float) -> None:
 
 
 def udp_rate(host: str, port: int, rate: float, seconds: float, size: int) -> None:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock = socket.socket(_family(host), socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     sock.connect((host, port))
     sock.setblocking(False)

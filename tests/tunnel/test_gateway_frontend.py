@@ -111,25 +111,28 @@ def manifest_of(text: str, path: Path | None = None) -> Manifest:
 
 
 def _gateway_port() -> int:
+    """Free for TCP and UDP on G (127.0.0.2) and G6 (::1)."""
     for _ in range(100):
         tcp = socket.socket()
         tcp.bind(("127.0.0.2", 0))
         port = tcp.getsockname()[1]
-        udp = socket.socket(type=socket.SOCK_DGRAM)
+        others = [socket.socket(type=socket.SOCK_DGRAM), socket.socket(socket.AF_INET6),
+                  socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)]
         try:
-            udp.bind(("127.0.0.2", port))
+            for sock, host in zip(others, ("127.0.0.2", "::1", "::1")):
+                sock.bind((host, port))
             return port
         except OSError:
             continue
         finally:
-            tcp.close()
-            udp.close()
+            for sock in (tcp, *others):
+                sock.close()
     raise RuntimeError("no free port")
 
 
-def _bound_socket(kind: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, kind)
-    sock.bind(("127.0.0.1", 0))
+def _bound_socket(kind: int, six: bool = False) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if six else socket.AF_INET, kind)
+    sock.bind(("::1" if six else "127.0.0.1", 0))
     return sock
 
 
@@ -137,6 +140,10 @@ def test_flows_are_routed_by_their_original_destination(tmp_path: Path) -> None:
     listen = _gateway_port()
     gateway = manifest_of(CONFIG.format(port=listen))
     assert gateway.listen.port == listen
+    # The kind takes IPv6: the manifest names G6 (the blind track's, absent
+    # here), where the gateway listens too; ::1 stands in for it.
+    assert gateway.listen6 == ipaddress.ip_address("fd6e:6667:6174:ff::2")
+    gateway = gateway.model_copy(update={"listen6": ipaddress.ip_address("::1")})
     pin = write_files(tmp_path)
     server_config = dataclasses.replace(
         gateway_server_config(gateway), cert=tmp_path / "server.crt", key=tmp_path / "server.key",
@@ -187,6 +194,23 @@ def test_flows_are_routed_by_their_original_destination(tmp_path: Path) -> None:
             assert server.records["m1"].counters["udp_via_channel_out"] == 1
             datagrams.close()
 
+            # The same over IPv6, into G6:g: a public client and a UDP client.
+            client6 = _bound_socket(socket.SOCK_STREAM, six=True)
+            layer.routes[client6.getsockname()[1]] = 8080
+            client6.setblocking(False)
+            await loop.sock_connect(client6, ("::1", listen))
+            await loop.sock_sendall(client6, b"over six")
+            assert await asyncio.wait_for(loop.sock_recv(client6, 100), WAIT) == b"over six"
+            client6.close()
+            datagrams6 = _bound_socket(socket.SOCK_DGRAM, six=True)
+            layer.routes[datagrams6.getsockname()[1]] = 9000
+            datagrams6.setblocking(False)
+            datagrams6.connect(("::1", listen))
+            datagrams6.send(b"udp over six")
+            assert await asyncio.wait_for(loop.sock_recv(datagrams6, 100), WAIT) == b"udp over six"
+            datagrams6.close()
+            assert frontend.describe()["listen"] == f"127.0.0.2:{listen}, [::1]:{listen}"
+
             stray = _bound_socket(socket.SOCK_STREAM)
             layer.routes[stray.getsockname()[1]] = 8081  # steered, but not published
             stray.setblocking(False)
@@ -197,7 +221,7 @@ def test_flows_are_routed_by_their_original_destination(tmp_path: Path) -> None:
                 raise ConnectionResetError("closed")
             stray.close()
             await until(lambda: frontend.counters["tcp_not_routed"] == 1, what="the stray to be counted")
-            assert len(echo.received) == 1
+            assert len(echo.received) == 2
         finally:
             stop.set()
             await asyncio.wait_for(task, WAIT)
@@ -283,9 +307,10 @@ def test_the_rules_queue_only_packets_for_the_router_itself() -> None:
     rs = build(loads(CONFIG.format(port=20000)))
     mangle = rs.chain("mangle_prerouting")
     steered_rules = [r for r in mangle.rules if "gateway tun" in r.comment]
+    # The kind takes IPv6 (issue 17): each selector queues IPv6 to the router's own addresses too.
     assert [r.comment for r in steered_rules] == [
-        "gateway[0].traffic[0] gateway tun (tunnel): request to the router, admitted by the selector (allow = true)",
-        "gateway[0].traffic[1] gateway tun (tunnel): request to the router, admitted by the selector (allow = true)",
+        f"gateway[0].traffic[{i}] gateway tun (tunnel): {six}request to the router, admitted by the selector (allow = true)"
+        for i in (0, 1) for six in ("", "IPv6 ")
     ]
     for rule in steered_rules:
         assert DstLocal() in rule.matches and isinstance(rule.statements[0], Queue)
@@ -293,3 +318,4 @@ def test_the_rules_queue_only_packets_for_the_router_itself() -> None:
     assert "fib daddr type local counter queue num 0" in nft.render(rs)
     assert "ct status confirmed counter return" in nft.render(rs)
     assert "-m addrtype --dst-type LOCAL -m comment --comment \"gateway[0].traffic[0]" in iptables.render(rs, 4)
+    assert "-m addrtype --dst-type LOCAL -m comment --comment \"gateway[0].traffic[0]" in iptables.render(rs, 6)

@@ -375,7 +375,7 @@ def test_channel_unsent_and_udp_buffer_are_the_configs(tmp_path: Path) -> None:
             session = await lb.session()
             channel = session.transport.get_extra_info("socket")
             assert channel.getsockopt(socket.IPPROTO_TCP, 25) == unsent  # TCP_NOTSENT_LOWAT
-            service = lb.server.frontend.udp.get_extra_info("socket")
+            service = lb.server.frontend.udp[4].get_extra_info("socket")
             assert service.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 * udp_buffer  # the kernel doubles it
 
     asyncio.run(main())

@@ -280,6 +280,9 @@ def test_connect_failure_leaves_the_port_open() -> None:
     [
         (ConnectPort(9, WEB, 80, request_id=3), ErrorCode.NO_SUCH_ID, "no port 9"),
         (ConnectPort(1, WEB, 0, request_id=3), ErrorCode.BAD_REQUEST, "cannot connect to port 0"),
+        # A socket bound to an IPv4 address cannot reach an IPv6 host (issue 17).
+        (ConnectPort(1, IPv6Address("fd00::10"), 80, request_id=3), ErrorCode.BAD_REQUEST,
+         "cannot connect from IPv4 address 192.168.1.2 to IPv6 address fd00::10"),
         (ListenPort(9, request_id=3), ErrorCode.NO_SUCH_ID, "no port 9"),
         (ClosePort(9, request_id=3), ErrorCode.NO_SUCH_ID, "no port 9"),
     ],

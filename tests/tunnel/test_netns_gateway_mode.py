@@ -37,6 +37,9 @@ ELSEWHERE = "203.0.113.5/32"  # routed by pub, back out of eth0: not the router'
 UDP_CLIENT_PORT = 40053  # one public UDP client, before and after the restart
 FIREWALL_SIDE = ipaddress.ip_network("172.31.254.0/28")  # processor.pools.firewall_side (default)
 GATEWAY_ADDRESS = "172.31.255.2"  # gateway_link.gateway_address (default)
+GATEWAY_ADDRESS6 = "fd6e:6667:6174:ff::2"  # gateway_link.gateway_address6 (default)
+FIREWALL_SIDE6 = ipaddress.ip_network("fd6e:6667:6174:fe::/124")  # processor.pools.firewall_side6 (default)
+PUB6, PRIV6, NAT_WAN6 = "2001:db8:51::10", "fd77::10", "2001:db8:51::1"
 RECOVERY_BOUND = 10.0  # seconds from SIGKILL to a working publication again
 
 
@@ -74,10 +77,12 @@ def test_mediator_connects_through_the_processors_double_nat(gm: GatewayModeLab)
     # Addressed to the router itself, yet never delivered there (policy.input
     # is drop): rewritten in raw, it was forwarded into the gateway namespace.
     listing = gm.tl.listing()
-    assert listing["frontend"]["listen"] == f"{GATEWAY_ADDRESS}:{gm.listen_port}"
+    # The kind takes IPv6: G6:g too (the blind track's IPv6 address, the same port).
+    arrive = f"{GATEWAY_ADDRESS}:{gm.listen_port}, [{GATEWAY_ADDRESS6}]:{gm.listen_port}"
+    assert listing["frontend"]["listen"] == arrive
     assert listing["frontend"]["counters"] == {}  # nothing unknown, unrouted or failed
     shown = gm.tl.cli("list").stdout
-    assert f"gateway {GATEWAY}: steered flows arrive at {GATEWAY_ADDRESS}:{gm.listen_port}; nothing refused" in shown
+    assert f"gateway {GATEWAY}: steered flows arrive at {arrive}; nothing refused" in shown
 
 
 def test_published_http_download_is_intact(gm: GatewayModeLab) -> None:
@@ -150,6 +155,48 @@ def test_udp_datagrams_up_to_65507_bytes_cross_the_gateway(gm: GatewayModeLab) -
     for name, stats in gm.ask("status")["processors"].items():
         malformed = {k: v for k, v in stats["counters"].items() if k.startswith("drop.malformed")}
         assert malformed == {}, (name, malformed)
+
+
+def test_ipv6_mediator_and_public_clients_through_the_double_nat(gm: GatewayModeLab) -> None:
+    """Issue 17: the kind takes IPv6. m2 reaches the server at pub's IPv6
+    address through nat's NAT66 and the processor's IPv6 binding into G6:g;
+    an IPv6 public client (nat) gets an IPv6 private target, TCP and UDP."""
+    allow = [{"to": f"{PRIV6}/128", "ports": ["8001", "9001"], "proto": "any", "ops": ["connect", "send"]}]
+    m2 = gm.tl.start_mediator("m2", server=PUB6, interfaces=[f"{PRIV}/24", f"{PRIV6}/64"], allow=allow)
+    session = gm.tl.wait_connects("m2", 1, timeout=15)["session"]
+    assert session["peer"].startswith(f"[{NAT_WAN6}]:"), session  # the real client, from the layer
+    (flow,) = [f for f in gm.ask("flows") if f["proto"] == "tcp" and f["original_dst"] == f"[{PUB6}]:{SERVICE_PORT}"]
+    assert flow["client"] == session["peer"] and flow["state"][0] == "ipv6", flow
+    assert flow["ag"] == f"[{GATEWAY_ADDRESS6}]:{gm.listen_port}", flow
+    assert ipaddress.ip_address(flow["firewall_side"].rpartition(":")[0].strip("[]")) in FIREWALL_SIDE6
+
+    www = gm.dir / "www6"
+    www.mkdir()
+    blob = os.urandom(1 << 20)
+    (www / "six.bin").write_bytes(blob)
+    http = gm.tl._start("priv", ["python3", "-m", "http.server", "8001", "--bind", PRIV6, "--directory", www], "http6")
+    gm.lab.wait_listening("priv", 8001)
+    gm.tl.publish("m2", f"[{PRIV6}]:8001", 8081)
+    out = gm.dir / "six.bin"
+    result = gm.curl(f"http://[{PUB6}]:8081/six.bin", "-o", str(out))
+    assert result.returncode == 0, result.stderr + gm.text()[-2000:]
+    assert out.read_bytes() == blob
+    assert re.search(rf"connection public=8081 client=\[{re.escape(NAT_WAN6)}\]:\d+ to=\[{PRIV6}\]:8001 ", gm.text())
+
+    echo = gm.tl.peer("priv", "udp-echo", PRIV6, 9001, name="udp-echo6")
+    echo.wait(lambda d: "listening" in d, what="the IPv6 UDP echo to bind")
+    gm.tl.publish("m2", f"[{PRIV6}]:9001", 8054, udp=True)
+    assert gm.tl.run_peer("nat", "udp-client", PUB6, 8054, 10, 2.0) == {"sent": 10, "received": 10, "extra": 0}
+    counters = gm.tl.mediator("m2")["counters"]
+    assert counters["udp_via_channel_in"] == 10 and counters.get("udp_via_frames_in", 0) == 0, counters
+    for name, stats in gm.ask("status")["processors"].items():
+        assert not {k: v for k, v in stats["counters"].items() if "ipv6" in k and k.startswith(("drop", "passed"))}
+
+    # Leave the module as it was: m1's two publications, m1 alone.
+    for proto, public in (("tcp", 8081), ("udp", 8054)):
+        gm.tl.cli("unpublish", "m2", "--public", public, *(["--udp"] if proto == "udp" else []))
+    for proc in (m2, http, echo):
+        proc.stop()
 
 
 def test_nfgate_status_shows_the_tunnel_gateway(gm: GatewayModeLab) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from ipaddress import IPv4Address, IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address
 from pathlib import Path
 
 import pytest
@@ -13,7 +13,7 @@ from tunnel.datagrams import Datagram, DatagramType, encode_datagram
 from tunnel.errors import ErrorCode
 from tunnel.frames import (
     ConnectPort, Data, Err, EventAccepted, FrameType, Hello, InitErr, InitOk, Keepalive,
-    KeepaliveAck, Opened, OpenPort, Proto, encode_frame,
+    KeepaliveAck, OpenConnect, Opened, OpenPort, Proto, encode_frame,
 )
 from tunnel.settings import MediatorLimits, MediatorSettings, ServerSettings
 
@@ -37,6 +37,9 @@ EXAMPLES = {
     "opened": encode_frame(Opened(1, 8081, request_id=2)),
     "err": encode_frame(Err(ErrorCode.PORT_IN_USE, 0, "8080 is taken", request_id=3)),
     "connect": encode_frame(ConnectPort(1, WEB, 80, request_id=4)),
+    "open_connect6": encode_frame(
+        OpenConnect(IPv6Address("fd00:1::2"), IPv6Address("fd00:1::10"), 80, request_id=5), version=2
+    ),
     "data": encode_frame(Data(1, WEB, 80, b"GET / HTTP/1.0\r\n\r\n")),
     "event_accepted": encode_frame(EventAccepted(1, 2, PHONE, 51000)),
     "keepalive": encode_frame(Keepalive(request_id=9)),
