@@ -15,7 +15,7 @@
   flush exactly what nfgate installed.
 - ``packet``: parse IPv4 TCP/UDP headers from bytes (the processor's
   per-packet code; no scapy). ``packet6``: the same for IPv6, extension
-  headers walked (not called yet: no gateway takes IPv6, issue 17).
+  headers walked (the first packets of the IPv6 gateway flows).
 - ``pools``: O(1) allocation of the double NAT's endpoints, sliced per instance.
 - ``flows``: bindings and the binding table; a binding lives as long as its conntrack entries.
 - ``signalling``: the authenticated UDP protocol between the processor and

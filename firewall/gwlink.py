@@ -38,7 +38,7 @@ from pyroute2 import netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from firewall import namespaces
-from firewall.config.model import GatewayLink
+from firewall.config.model import Config, GatewayLink
 from firewall.errors import KernelError
 from firewall.lab.topology import Endpoint, Route
 
@@ -83,6 +83,26 @@ def _sysctl(netns: str | None, key: str, value: str | None = None) -> str:
     """Read ``key``, or write ``value`` to it, in a namespace (None: the current one)."""
     with _step(f"sysctl {key}"):
         return namespaces.sysctl(netns, key, value)
+
+
+def ipv6_forwarding_warning(config: Config, router_netns: str | None = None) -> str | None:
+    """What to tell the operator when gateways take IPv6 but the router does not forward it.
+
+    Not a refusal, as for IPv4: Debian's default is IPv6 forwarding off, and an
+    IPv4-only site must still start. Its IPv6 to those gateways is dropped (the
+    kernel's routing drops the rewritten packet; nothing skips the gateway), so
+    the warning names the gateways whose IPv6 goes nowhere. A kernel without
+    IPv6 (no such sysctl) has no IPv6 to warn about."""
+    takes = [g.name for g in config.gateways if any(g.takes_ipv6(t) for t in g.traffic)]
+    if not takes:
+        return None
+    try:
+        if namespaces.sysctl(router_netns, "net.ipv6.conf.all.forwarding") == "1":
+            return None
+    except FileNotFoundError:
+        return None
+    return (f"net.ipv6.conf.all.forwarding is 0: the IPv6 flows of {', '.join(takes)} are dropped; "
+            "set it to 1 to relay them (docs/datapath.md)")
 
 
 def exists(link: GatewayLink, router_netns: str | None = None) -> bool:

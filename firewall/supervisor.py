@@ -277,6 +277,8 @@ class Supervisor:
             state.claim_netns(cfg)
             gwlink.create(cfg.gateway_link)
             self._installed.append("gwlink")
+            if (warning := gwlink.ipv6_forwarding_warning(cfg)) is not None:
+                self.warn(warning)
             self.log(f"blind track up: {cfg.gateway_link.router_if} <-> {cfg.gateway_link.netns}")
         rs = build(cfg)
         choice = be.choose(self.backend_wanted, rs)

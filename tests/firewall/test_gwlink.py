@@ -143,3 +143,32 @@ def test_an_unknown_router_namespace_is_named() -> None:
         gwlink.create(link, "nfgt-absent-router")
     assert not gwlink.exists(link, "nfgt-absent-router")
     gwlink.remove(link, "nfgt-absent-router")  # nothing to remove, no error
+
+
+def test_gateways_that_take_ipv6_on_a_router_that_does_not_forward_it_are_named(lab_factory) -> None:
+    """Not refused like IPv4 (Debian's default is IPv6 forwarding off, and an IPv4-only site
+    must start), but said at start: that IPv6 is dropped, not relayed."""
+    from firewall.config import loads
+    relay = """
+[zones.wan]
+interfaces = ["wan0"]
+[zones.lan]
+interfaces = ["lan0"]
+[[gateway]]
+name = "relay"
+kind = "tcp-relay"
+[[gateway.traffic]]
+from = "wan"
+to = "lan"
+proto = "tcp"
+ports = 9000
+"""
+    lab = lab_factory("basic")
+    router = lab.ns("router")
+    lab.run("router", ["sysctl", "-qw", "net.ipv6.conf.all.forwarding=0"])
+    warning = gwlink.ipv6_forwarding_warning(loads(relay), router)
+    assert warning is not None and "forwarding is 0" in warning and "relay" in warning
+    # A selector with IPv4 addresses takes no IPv6: nothing to say.
+    assert gwlink.ipv6_forwarding_warning(loads(relay + 'saddr = ["192.0.2.0/24"]\n'), router) is None
+    lab.run("router", ["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
+    assert gwlink.ipv6_forwarding_warning(loads(relay), router) is None
