@@ -255,6 +255,12 @@ def test_inspect_mode_and_data_mode_translations_over_ipv6(lab_factory: Any, tmp
         assert text.count(" data reason=done ") == 8, text[-3000:]
         counters = r.run.ask("status")["processors"]["processor-0"]["counters"]
         assert counters["rules.redirected_flows"] >= 4 and counters["rules.originated_flows"] == 4, counters
+        # Each transfer vsftpd logged is the client's own address's; in passive mode vsftpd takes a
+        # data connection only from its control connection's peer (pasv_promiscuous is off), so the
+        # ones the gateway opened left the router as the client.
+        for host, client in (("lan", EXT6), ("ext", LAN6)):
+            log = (tmp_path / f"xfer-{host}.log").read_text()
+            assert len(re.findall(rf'OK (?:DOWNLOAD|UPLOAD): Client "{re.escape(client)}"', log)) == 4, log[-2000:]
         wait_for(r.run.clean, timeout=20, interval=0.2, what="no FTP rule left")
     finally:
         unrig6(r)
