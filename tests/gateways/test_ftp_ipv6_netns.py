@@ -120,7 +120,7 @@ def vsftpd6(lab: Any, host: str, tmp: Path) -> Vsftpd:
                                           f"vsftpd_log_file={tmp / f'xfer-{host}.log'}\n")
 
 
-def rig6(lab: Any, tmp: Path, config: str, data_channel: str) -> SimpleNamespace:
+def rig6(lab: Any, tmp: Path, config: str, data_channel: str, workers: int = 1) -> SimpleNamespace:
     no_tentative_addresses(lab)
     lab.run("ext", ["ip", "-6", "route", "add", "fd00:1::/64", "via", "2001:db8:2::1"])
     # A third host on the wan side; deprecated, so that ext never picks it as a source itself.
@@ -128,7 +128,7 @@ def rig6(lab: Any, tmp: Path, config: str, data_channel: str) -> SimpleNamespace
     r = SimpleNamespace(lab=lab, tmp=tmp, inbound=vsftpd6(lab, "lan", tmp), outbound=None, run=None)
     try:
         r.outbound = vsftpd6(lab, "ext", tmp)
-        r.run = FtpRunning(lab, tmp, data_channel, config=config)
+        r.run = FtpRunning(lab, tmp, data_channel, config=config, workers=workers)
         wait_for(lambda: "rules" in r.run.ask("status")["processors"]["processor-0"], timeout=10,
                  what="the processor to answer")
     except BaseException:
@@ -242,8 +242,9 @@ def test_inspect_mode_and_data_mode_translations_over_ipv6(lab_factory: Any, tmp
     """Inspect: every data connection through the gateway. Inbound (data_mode active): curl's EPSV
     reaches lan's vsftpd as EPRT |2| and the two connections meet in the gateway; curl's EPRT is a
     REDIRECT with its own leg B. Outbound (data_mode passive): curl's EPRT reaches ext's vsftpd as
-    EPSV and the gateway opens both connections (ORIGINATE from G6); curl's EPSV is a REDIRECT."""
-    r = rig6(lab_factory("dual"), tmp_path, MODES6, "inspect")
+    EPSV and the gateway opens both connections (ORIGINATE from G6); curl's EPSV is a REDIRECT.
+    Two workers each: a REDIRECT comes back to the worker (its G6 listener) that asked for it."""
+    r = rig6(lab_factory("dual"), tmp_path, MODES6, "inspect", workers=2)
     try:
         cases = [("curl", mode, op) for mode in ("epsv", "eprt") for op in ("get", "put")]
         failures = transfers(r, cases)
@@ -253,6 +254,8 @@ def test_inspect_mode_and_data_mode_translations_over_ipv6(lab_factory: Any, tmp
         assert text.count(" data.translated ") == 4, text[-3000:]  # inbound EPSV, outbound EPRT; get and put
         assert text.count(" translated=True") == 2 and text.count(" opened=True") == 2, text[-3000:]
         assert text.count(" data reason=done ") == 8, text[-3000:]
+        for worker in ("ftpin#0", "ftpin#1", "ftpout#0", "ftpout#1"):  # sessions spread over both workers
+            assert f"{worker} open session=" in text, text[-3000:]
         counters = r.run.ask("status")["processors"]["processor-0"]["counters"]
         assert counters["rules.redirected_flows"] >= 4 and counters["rules.originated_flows"] == 4, counters
         # Each transfer vsftpd logged is the client's own address's; in passive mode vsftpd takes a
