@@ -8,6 +8,10 @@ import ipaddress
 from collections import Counter
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scapy.layers.inet6 import IPv6
+
 from firewall.config import loads
 from firewall.flows import AgEndpoint
 from firewall.packet import TCP
@@ -260,3 +264,20 @@ def test_an_ipv6_allow_to_the_routers_stand_in_is_translated_in_the_ipv6_table()
     (send,) = book.kernel_done(op.token, True, T0)
     assert isinstance(send, Send) and isinstance(send.msg, RuleAck)
     assert book.counters["rules.translated"] == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=80), st.sampled_from([WAN0, BLIND]))
+def test_ipv6_bytes_never_raise_while_rules_wait(data: bytes, indev: int) -> None:
+    """With an ALLOW, a REDIRECT and an ORIGINATE waiting, any IPv6 bytes get a verdict."""
+    rig = Ftp6()
+    flow = rig.session()
+    for rid, (mode, src, dst) in enumerate(((RuleMode.ALLOW, C6, S6), (RuleMode.REDIRECT, S6, C6),
+                                            (RuleMode.ORIGINATE, S6, C6)), 1):
+        rig.ask(request(flow.flow_id, src, 0, dst, 50000 + rid, rid=rid, mode=mode))
+    rig.kernel()
+    assert len(rig.core.rules) == 3
+    head = bytes(IPv6(src=C6, dst=S6, nh=6, plen=len(data)))[:40]
+    for payload in (b"\x60" + data, head + data, bytes(syn(C6, 40000, S6, 50001)) + data):
+        verdict, ops, _ = rig.send(payload, indev)
+        assert verdict in (DROP, PASS) and len(ops) in (0, 2)
