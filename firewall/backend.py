@@ -114,8 +114,9 @@ def apply(rs: Ruleset, backend: str, dry_run: bool = False, keep_bind: bool = Fa
     dynamic rules) as it is, as ``nfgate reload`` does under running processors."""
     report = Report(backend)
     if keep_bind and rs.bind is not None and not dry_run and bind_present():
-        if _run(["nft", "list", "table", bind.FAMILY6, bind.TABLE6]).returncode != 0:
-            # The IPv4 table of a version without IPv6 flows: the IPv6 one goes in beside it.
+        if _run(["nft", "list", "set", bind.FAMILY6, bind.TABLE6, bind.dyn_name("expect", 0, False, True)]).returncode != 0:
+            # The IPv4 table of a version without IPv6 flows, or an IPv6 one without IPv6
+            # dynamic rules: the IPv6 one (its bindings' first packets long passed) goes in anew.
             _nft_load(bind.render6(rs.bind[0]), dry_run, report, f"nft: added table {bind.FAMILY6} {bind.TABLE6}")
         rs = replace(rs, bind=None)
         report.actions.append(f"nft: kept tables {bind.FAMILY} {bind.TABLE} and {bind.FAMILY6} {bind.TABLE6} "

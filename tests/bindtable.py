@@ -14,14 +14,16 @@ from firewall.rules import bind
 
 
 def dynamic_elements(lab: Any, host: str = "router") -> list[str]:
-    out = lab.run(host, ["nft", "-j", "list", "table", bind.FAMILY, bind.TABLE], check=False).stdout
-    if not out:
-        return []
+    """Every dynamic rule's element, in the IPv4 table and the IPv6 one."""
     found = []
-    for item in json.loads(out)["nftables"]:
-        obj = item.get("set") or item.get("map")
-        if obj is None or not obj["name"].startswith(bind.DYN_KINDS):
+    for family, table in ((bind.FAMILY, bind.TABLE), (bind.FAMILY6, bind.TABLE6)):
+        out = lab.run(host, ["nft", "-j", "list", "table", family, table], check=False).stdout
+        if not out:
             continue
-        for elem in obj.get("elem", []):
-            found.append(f"{obj['name']}: {json.dumps(elem, sort_keys=True)}")
+        for item in json.loads(out)["nftables"]:
+            obj = item.get("set") or item.get("map")
+            if obj is None or not obj["name"].startswith(bind.DYN_KINDS):
+                continue
+            for elem in obj.get("elem", []):
+                found.append(f"{obj['name']}: {json.dumps(elem, sort_keys=True)}")
     return found

@@ -74,10 +74,10 @@ from firewall.pools import EndpointPool, SliceBy, Slicing, SnatPools, pool_stats
 from firewall.processor.logged import CtKey, Ending, LoggedFlows, flow_info, kernel_flow_info
 from firewall.processor.policy import MARTIANS, Policy, Selector, inside
 from firewall.packet6 import parse6
-from firewall.processor.six import SixFlows, martian6
+from firewall.processor.six import Binding6, SixFlows, martian6
 from firewall.processor.rulebook import Command, DeleteConnection, DynRule, KernelOp, Offloaded, RuleBook, Send
 from firewall.processor.spread import Spread
-from firewall.rules.bind import DNAT_MAP, LEGB_DNAT_MAP, LEGB_SNAT_MAP, SNAT_MAP
+from firewall.rules.bind import DNAT6_MAP, DNAT_MAP, LEGB_DNAT_MAP, LEGB_SNAT_MAP, SNAT6_MAP, SNAT_MAP
 from firewall.signalling import (
     NO_COUNTERS,
     Answer,
@@ -230,6 +230,7 @@ class ProcessorCore:
         self.rules = RuleBook(
             config, instance, self.queue, counters=self.counters, gateway_peers=self.gateway_peers,
             binding=self.binding, local_addresses=local_addresses, gateway_at=self.spread.peers(),
+            local_addresses6=local_addresses6,
         )
 
     def take(self) -> Outputs:
@@ -284,7 +285,9 @@ class ProcessorCore:
         return self._new(pkt, mark, where, now)
 
     def _handle6(self, payload: bytes, mark: int, indev: int, now: float) -> Verdict:
-        """An IPv6 first packet (``six``): leg B from the blind track, or a selector's request."""
+        """An IPv6 first packet (``six``): from the blind track leg B (or the gateway's own
+        connection an ORIGINATE expects); from a zone, what a dynamic rule names, else a
+        selector's request."""
         six = self.six
         assert six is not None
         pkt = parse6(payload)
@@ -297,6 +300,10 @@ class ProcessorCore:
         if where is _UNKNOWN:
             where = self._classify(indev)
         if where == _BLIND:
+            if self.rules.expect and six.by_firewall_side(pkt.proto, pkt.dst, pkt.dport) is None:
+                rule = self.rules.expected(*pkt[:5], now)
+                if rule is not None and rule.mode is RuleMode.ORIGINATE:
+                    return self._originate(rule, pkt, mark)
             why, ops = six.leg_b(pkt, self._alive)
             if why != "bound":
                 return self._drop(why, mark)
@@ -307,6 +314,10 @@ class ProcessorCore:
             return self._drop("drop.martian", mark)
         if six.own(src):
             return self._drop("drop.own_address", mark)
+        if (self.rules.expect or self.rules.spent) and (proto != TCP or pkt.flags & _SYN_FLAGS == SYN):
+            verdict = self._by_rule(pkt, mark, now)
+            if verdict is not None:
+                return verdict
         sel = self.policy.selector(where, proto, src, dst, dport)
         if sel is None:
             return self._pass("passed.not_a_selector", mark)
@@ -322,12 +333,27 @@ class ProcessorCore:
         self.bound += 1
         return PASS, ops, (mark & self._keep) | self._rewritten
 
+    def _redirect6(self, rule: DynRule, pkt: Packet, mark: int, route: Route, now: float) -> Verdict:
+        """An IPv6 first packet that a REDIRECT expects: a binding into the rule's gateway worker."""
+        six = self.six
+        assert six is not None
+        why, b, ops = six.redirect(pkt, rule.server, self._zone(route), rule.gateway, now, next(self._serial))
+        self._six_ended()
+        if b is None:
+            return self._drop(why, mark)
+        if why == "bound":
+            self._push(b.info(), b.ag.name, b.ag.peer)
+            self._carry(self.rules.redirected(rule, b.fid, b))
+        self.bound += 1
+        return PASS, ops, (mark & self._keep) | self._rewritten
+
     def _six_ended(self) -> None:
         six = self.six
         if six is not None and six.endings:
-            for msg, ag in six.endings:
+            endings, six.endings = six.endings, []
+            for msg, ag in endings:
                 self.send(msg, ag.peer or self.gateway_peers[ag.name])
-            six.endings.clear()
+                self._carry(self.rules.flow_ended(msg.flow_id))
 
     def _local_set(self, now: float) -> frozenset[int]:
         if now >= self._local_until:
@@ -390,7 +416,13 @@ class ProcessorCore:
         if proto == TCP and flags & _SYN_FLAGS != SYN:
             return self._drop("drop.not_new_flow", mark)
         self._carry(self.rules.originated(rule))
-        return self._bound(mark, proto, ((src, sport, dst, dport), (dst, dport), (rule.source, sport)))
+        key = (src, sport, dst, dport)
+        if src > 0xFFFFFFFF:  # from G6: the IPv6 table's maps
+            self.bound += 1
+            name = _PROTO_NAME[proto]
+            ops = ((DNAT6_MAP, name, key, (dst, dport)), (SNAT6_MAP, name, key, (rule.source, sport)))
+            return PASS, ops, (mark & self._keep) | self._rewritten
+        return self._bound(mark, proto, (key, (dst, dport), (rule.source, sport)))
 
     def _drop(self, why: str, mark: int) -> Verdict:
         self.counters[why] += 1
@@ -440,32 +472,9 @@ class ProcessorCore:
             self._end(self._flow_of[old.client_key], FlowEndReason.FIN if proto == TCP else FlowEndReason.IDLE)
             self.counters["flows.replaced"] += 1
         if first and (self.rules.expect or self.rules.spent):
-            again = self.rules.spent_verdict(proto, src, sport, dst, dport)
-            if again:  # a retransmitted SYN of the connection a one-shot ALLOW let through
-                return self._pass("passed.allowed", mark)
-            rule = self.rules.expected(proto, src, sport, dst, dport, now)
-            if rule is not None and rule.mode is RuleMode.ORIGINATE:
-                return self._drop("drop.originate_not_from_gateway", mark)  # only the gateway opens it
-            if rule is not None and rule.mode is RuleMode.ALLOW:
-                # A TCP ALLOW's SYN (rulebook, "watched"): the kernel carries the flow,
-                # through the rule's DNAT and accept; the processor only counts its use.
-                self._carry(self.rules.allowed(rule, sport, now))
-                if rule.offload:
-                    return self._offload_used(rule, sport, mark, now)
-                return self._pass("passed.allowed", mark)
-            if again is False:  # another connection on a used one-shot ALLOW
-                return self._drop("drop.rule_used", mark)
-            if rule is None and self.rules.watched(proto, src, sport, dst, dport):
-                return self._drop("drop.rule_expired", mark)  # its TTL ran out; the tick retires it
-            if rule is not None:
-                route = self._route(rule.server[0])
-                if route is None:
-                    return self._drop("drop.no_route", mark)
-                b = self._open(pkt, rule.gateway, rule.server, route, now)
-                if isinstance(b, str):
-                    return self._drop(b, mark)
-                self._carry(self.rules.redirected(rule, self._register(b), b))
-                return self._bound_a(mark, b, route)
+            verdict = self._by_rule(pkt, mark, now)
+            if verdict is not None:
+                return verdict
         sel = self.policy.selector(zone, proto, src, dst, dport)
         if sel is None:
             return self._pass("passed.not_a_selector", mark)
@@ -496,6 +505,40 @@ class ProcessorCore:
         if step is not None:
             step = -step if dport % 2 else step
             self._carry(self.rules.adjacent(fid, b, step, now, self._wall(), self.config.processor.adjacent_ttl))
+        return self._bound_a(mark, b, route)
+
+    def _by_rule(self, pkt: Packet, mark: int, now: float) -> Verdict | None:
+        """The verdict on a first packet (for TCP its SYN) that a dynamic rule names, of either
+        family (an IPv6 one's addresses are above 2**32); None if no rule names it."""
+        proto, src, sport, dst, dport = pkt[:5]
+        again = self.rules.spent_verdict(proto, src, sport, dst, dport)
+        if again:  # a retransmitted SYN of the connection a one-shot ALLOW let through
+            return self._pass("passed.allowed", mark)
+        rule = self.rules.expected(proto, src, sport, dst, dport, now)
+        if rule is not None and rule.mode is RuleMode.ORIGINATE:
+            return self._drop("drop.originate_not_from_gateway", mark)  # only the gateway opens it
+        if rule is not None and rule.mode is RuleMode.ALLOW:
+            # A TCP ALLOW's SYN (rulebook, "watched"): the kernel carries the flow,
+            # through the rule's DNAT and accept; the processor only counts its use.
+            self._carry(self.rules.allowed(rule, sport, now))
+            if rule.offload:
+                return self._offload_used(rule, sport, mark, now)
+            return self._pass("passed.allowed", mark)
+        if again is False:  # another connection on a used one-shot ALLOW
+            return self._drop("drop.rule_used", mark)
+        if rule is None:
+            if self.rules.watched(proto, src, sport, dst, dport):
+                return self._drop("drop.rule_expired", mark)  # its TTL ran out; the tick retires it
+            return None
+        route = self._route(rule.server[0])
+        if route is None:
+            return self._drop("drop.no_route", mark)
+        if src > 0xFFFFFFFF:
+            return self._redirect6(rule, pkt, mark, route, now)
+        b = self._open(pkt, rule.gateway, rule.server, route, now)
+        if isinstance(b, str):
+            return self._drop(b, mark)
+        self._carry(self.rules.redirected(rule, self._register(b), b))
         return self._bound_a(mark, b, route)
 
     def _log_only(self, pkt: Packet, sel: Selector, server: tuple[int, int] | None, mark: int, now: float) -> Verdict:
@@ -580,8 +623,12 @@ class ProcessorCore:
         else:
             self.counters["signalling.push_skipped"] += 1
 
-    def binding(self, fid: int) -> Binding | None:
-        return self._flows.get(fid)
+    def binding(self, fid: int) -> Binding | Binding6 | None:
+        """Flow ``fid``'s binding, of either family (the dynamic rules' look-up)."""
+        b = self._flows.get(fid)
+        if b is None and self.six is not None:
+            return self.six.binding(fid)
+        return b
 
     def _end(self, fid: int, reason: FlowEndReason) -> None:
         """Everything that goes with the end of a binding."""

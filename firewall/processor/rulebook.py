@@ -60,6 +60,12 @@ seed's "Dynamic changes in packet processing" the requirement.
   live on, owned by no flow (``flow_offloaded``); where one of them names
   the same first packet, the offload's ALLOW wins (``expected``). TCP is refused NOT_UDP: the gateway terminated both
   connections, and two TCP connections cannot become one mid-stream.
+- IPv6: a request whose flow is an IPv6 binding (``six.Binding6``, all of
+  instance 0's) names IPv6 addresses, is checked the same way (the router's
+  IPv6 addresses stand in for parties, the gateway's ORIGINATE leaves from
+  G6), and its elements go in the IPv6 table's sets (``dyn_name(..., six=True)``);
+  the processor sees its use on its IPv6 path. Offload is IPv4's only yet
+  (POLICY).
 """
 
 from __future__ import annotations
@@ -68,11 +74,12 @@ import ipaddress
 import itertools
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from typing import Any, Callable, Iterable, Union
 
 from firewall.config import Config
 from firewall.flows import AgEndpoint, Binding
+from firewall.processor.six import Binding6
 from firewall.packet import TCP, UDP
 from firewall.rules.bind import dyn_name
 from gateways.kinds import KINDS
@@ -117,8 +124,14 @@ _PROTO_NAME = {TCP: "tcp", UDP: "udp"}
 
 
 def _endpoint(addr: int, port: int) -> str:
-    """An address and port as nfgate lists them; port 0 is "any"."""
-    return f"{ipaddress.IPv4Address(addr)}:{port if port else '*'}"
+    """An address and port as nfgate lists them ("[a]:p" for IPv6); port 0 is "any"."""
+    text = f"{ipaddress.IPv4Address(addr)}" if addr <= 0xFFFFFFFF else f"[{ipaddress.IPv6Address(addr)}]"
+    return f"{text}:{port if port else '*'}"
+
+
+def _six(addr: int) -> bool:
+    """An IPv6 flow's address: above 2**32 (``six`` refuses ::/8)."""
+    return addr > 0xFFFFFFFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,9 +242,10 @@ class RuleBook:
         *,
         counters: Counter[str],
         gateway_peers: dict[str, tuple[str, int]],
-        binding: Callable[[int], Binding | None],
+        binding: Callable[[int], Binding | Binding6 | None],
         gateway_at: dict[tuple[str, int], str] | None = None,
         local_addresses: Callable[[], Iterable[IPv4Address]],
+        local_addresses6: Callable[[], Iterable[IPv6Address]] = lambda: (),
     ) -> None:
         proc = config.processor
         self.queue = queue
@@ -240,6 +254,8 @@ class RuleBook:
         self._peers = gateway_peers
         self._binding = binding
         self._local_addresses = local_addresses
+        self._local_addresses6 = local_addresses6
+        self._g6 = int(config.gateway_link.gateway_address6.ip)  # where an IPv6 ORIGINATE's connection starts
         self.expect: dict[tuple[int, int, int, int], list[DynRule]] = {}
         self.spent: dict[tuple[int, int, int, int], list[Spent]] = {}
         self._max_rules = proc.max_rules
@@ -332,7 +348,7 @@ class RuleBook:
             return RuleRefusal.OTHER_GATEWAY
         if b.proto != UDP:
             return RuleRefusal.NOT_UDP
-        if not self._kind[b.gateway.name].offload:
+        if not self._kind[b.gateway.name].offload or isinstance(b, Binding6):
             return RuleRefusal.POLICY
         if len(self._rules) >= self._max_rules or self.in_flight >= MAX_KERNEL_OPS_IN_FLIGHT:
             return RuleRefusal.LIMIT
@@ -351,7 +367,7 @@ class RuleBook:
         b = self._binding(req.flow_id) if flow_id_queue(req.flow_id) == self.queue else None
         if b is None:
             return RuleRefusal.UNKNOWN_FLOW
-        local = list(self._local_addresses())
+        local = list(self._local_addresses6() if isinstance(b, Binding6) else self._local_addresses())
         if names_third_party(req, b.info(req.flow_id), local):
             return RuleRefusal.THIRD_PARTY
         src, dst = int(req.src.address), int(req.dst.address)
@@ -379,7 +395,7 @@ class RuleBook:
         return self._make(req.mode, req.proto, src, req.src.port, dst, req.dst.port, req.flow_id, b,
                           server, req.one_shot, req.ttl, now, wall)
 
-    def _check_originate(self, req: RuleRequest, b: Binding, src: int, dst: int, now: float, wall: float) -> DynRule | RuleRefusal:
+    def _check_originate(self, req: RuleRequest, b: Binding | Binding6, src: int, dst: int, now: float, wall: float) -> DynRule | RuleRefusal:
         """The rest of ORIGINATE's checks (docs/signalling.md): the connection the gateway opens
         from G to dst leaves the router from src, which must be what dst knows the other
         party as: S' for the client, C (or the binding's W) for the server."""
@@ -393,7 +409,7 @@ class RuleBook:
         kept = len(self._rules_of.get(req.flow_id, ())) - (len(self._superseded(req)) if req.replaces else 0)
         if kept >= self._max_per_flow or len(self._rules) >= self._max_rules or self.in_flight >= MAX_KERNEL_OPS_IN_FLIGHT:
             return RuleRefusal.LIMIT
-        g, proto, dport = b.gateway.addr, req.proto, req.dst.port
+        g, proto, dport = self._g6 if isinstance(b, Binding6) else b.gateway.addr, req.proto, req.dst.port
         rule_id = make_flow_id(self.queue, next(self._serial))
         rule = DynRule(rule_id, RuleMode.ORIGINATE, proto, g, 0, dst, dport, req.flow_id, b.gateway, (dst, dport),
                        req.one_shot, now + req.ttl, round((wall + req.ttl) * 1000),
@@ -408,7 +424,7 @@ class RuleBook:
         return self._done()
 
     @staticmethod
-    def _server_for(b: Binding, dst: int, dport: int) -> tuple[int, int]:
+    def _server_for(b: Binding | Binding6, dst: int, dport: int) -> tuple[int, int]:
         """Where a redirected flow to dst:dport really goes.
 
         The router's address may stand in for a party: the port forward's
@@ -422,7 +438,7 @@ class RuleBook:
         return dst, dport
 
     @staticmethod
-    def _allow_target(b: Binding, src: int, dst: int) -> int | None:
+    def _allow_target(b: Binding | Binding6, src: int, dst: int) -> int | None:
         """The party of ``b`` that the router's address ``dst`` stands for, for a flow from ``src``; else None.
 
         Only the two stand-ins the binding itself made: the port forward's
@@ -440,7 +456,7 @@ class RuleBook:
 
     def _make(
         self, mode: RuleMode, proto: int, src: int, sport: int, dst: int, dport: int, owner: int,
-        b: Binding, server: tuple[int, int], one_shot: bool, ttl: int, now: float, wall: float,
+        b: Binding | Binding6, server: tuple[int, int], one_shot: bool, ttl: int, now: float, wall: float,
     ) -> DynRule:
         rule_id = make_flow_id(self.queue, next(self._serial))
         kernel: tuple[KernelRule, ...]
@@ -464,7 +480,7 @@ class RuleBook:
 
     def _element(self, kind: str, proto: int, src: int, sport: int, dst: int, dport: int,
                  value: tuple[int, int] | None = None) -> KernelRule:
-        name = dyn_name(kind, self.instance, not sport)
+        name = dyn_name(kind, self.instance, not sport, _six(src))
         key = (_PROTO_NAME[proto], src, sport, dst, dport) if sport else (_PROTO_NAME[proto], src, dst, dport)
         return KernelRule(name, key, value)
 
@@ -550,7 +566,7 @@ class RuleBook:
             spent.removing = True
             self._kernel(False, spent.kernel, ("unspent", spent))
 
-    def redirected(self, rule: DynRule, fid: int, b: Binding) -> list[Command]:
+    def redirected(self, rule: DynRule, fid: int, b: Binding | Binding6) -> list[Command]:
         """An expected flow got binding ``b`` (the kernel carries it from here); end a one-shot."""
         self.counters["rules.redirected_flows"] += 1
         if rule.one_shot:

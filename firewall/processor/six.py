@@ -10,9 +10,12 @@ gateway told by a family 6 NEW_FLOW. F6:f comes from
 
 Why a table of its own beside ``firewall.flows.FlowTable``: that table's
 keys pack 32-bit addresses into one int for speed, and IPv6 is a small part
-of the traffic here. What this slice does not do yet, so the ruleset
-never sends it here: dynamic rules, offload and log-only over IPv6, IPv6
-port forwards into a gateway, SNAT of leg B (a server behind
+of the traffic here. A ``Binding6`` answers what the dynamic rules read of
+a binding (``gateway``, ``visible_client``, ``snat``, ``info``), so the
+rulebook checks an IPv6 flow's requests as an IPv4 one's; ``redirect``
+binds the first packet a REDIRECT expects. What this slice does not do
+yet, so the ruleset never sends it here: offload and log-only over IPv6,
+IPv6 port forwards into a gateway, SNAT of leg B (a server behind
 ``nat.masquerade6``: dropped, ``drop.ipv6.masquerade6``), adoption after a
 restart (a processor that restarts forgets its IPv6 bindings; conntrack
 still carries their connections), several instances (IPv6 is instance 0's).
@@ -27,7 +30,7 @@ from __future__ import annotations
 import ipaddress
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 from firewall.config import Config
 from firewall.flows import AgEndpoint
@@ -73,6 +76,24 @@ class Binding6:
     a_alive: bool = False
     a_gone: bool = False
     b_gone: bool = False
+    g6: int = 0  # G6, where leg A goes (``gateway_link.gateway_address6``)
+
+    # What the dynamic rules read of a binding (``firewall.flows.Binding``'s names): no
+    # SNAT over IPv6 (a server behind masquerade6 is refused), so the server sees C.
+    snat: ClassVar[bool] = False
+
+    @property
+    def gateway(self) -> AgEndpoint:
+        return self.ag
+
+    @property
+    def visible_client(self) -> tuple[int, int]:
+        return self.client
+
+    def info(self, fid: int | None = None) -> FlowInfo:
+        """NEW_FLOW's flow, family 6: every address IPv6."""
+        return FlowInfo(self.fid, self.proto, self.ag.name, _ep(*self.client), _ep(*self.original_dst),
+                        _ep(*self.server), _ep(*self.fw), _ep(self.g6, self.ag.port))
 
     def leg_a(self) -> tuple[int, int, int, int]:
         return (*self.client, *self.original_dst)
@@ -127,6 +148,19 @@ class SixFlows:
             return "drop.not_new_flow", None, ()
         if server_zone in self._masq6:
             return "drop.ipv6.masquerade6", None, ()
+        return self._bind(pkt, (dst, dport), ag, now, serial)
+
+    def redirect(self, pkt: Packet, server: tuple[int, int], server_zone: str | None, ag: AgEndpoint, now: float,
+                 serial: int) -> tuple[str, Binding6 | None, tuple[NatOp, ...]]:
+        """A first packet that a REDIRECT rule expects (``rulebook``), into the rule's gateway
+        worker ``ag``, its leg B to ``server``: as ``request``, without a selector."""
+        if server_zone in self._masq6:
+            return "drop.ipv6.masquerade6", None, ()
+        return self._bind(pkt, server, ag, now, serial)
+
+    def _bind(self, pkt: Packet, server: tuple[int, int], ag: AgEndpoint, now: float,
+              serial: int) -> tuple[str, Binding6 | None, tuple[NatOp, ...]]:
+        proto, src, sport, dst, dport = pkt[:5]
         old = self._by_client.get((proto, src, sport, dst, dport))
         if old is not None:
             if not old.a_alive and now - old.created < self._confirm:
@@ -139,7 +173,7 @@ class SixFlows:
         if fw is None:
             return "drop.refused.pool_exhausted", None, ()
         fid = make_flow_id(self.queue, serial)
-        b = Binding6(fid, proto, (src, sport), (dst, dport), (dst, dport), fw, ag, now)
+        b = Binding6(fid, proto, (src, sport), (dst, dport), server, fw, ag, now, g6=self.g6)
         self._by_client[(proto, src, sport, dst, dport)] = b
         self._by_fw[(proto, *fw)] = b
         self._by_fid[fid] = b
@@ -170,9 +204,7 @@ class SixFlows:
         return "bound", ((DNAT6_MAP, name, key, b.server), (SNAT6_MAP, name, key, b.client))
 
     def info(self, b: Binding6) -> FlowInfo:
-        """NEW_FLOW's flow, family 6: every address IPv6."""
-        return FlowInfo(b.fid, b.proto, b.ag.name, _ep(*b.client), _ep(*b.original_dst), _ep(*b.server),
-                        _ep(*b.fw), _ep(self.g6, b.ag.port))
+        return b.info()
 
     def records(self, now: float, wall: float, queue: int, limit: int) -> list[dict[str, Any]]:
         """Up to ``limit`` IPv6 bindings as ``nfgate flows`` lists them (``Binding.listing``'s
@@ -192,6 +224,9 @@ class SixFlows:
 
     def by_firewall_side(self, proto: int, addr: int, port: int) -> Binding6 | None:
         return self._by_fw.get((proto, addr, port))
+
+    def binding(self, fid: int) -> Binding6 | None:
+        return self._by_fid.get(fid)
 
     # ---- ends -----------------------------------------------------------------------
 

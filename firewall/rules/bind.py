@@ -93,22 +93,95 @@ _PROTOS = ("tcp", "udp")
 # dnat_i: the router's address to the party it stands for (ALLOW: FTP keeps
 #   the port; an offloaded flow goes to its port forward's S:s);
 # allow_i / allow_dnat_i: the flow the kernel carries (after that DNAT).
+# The IPv6 table has the same, for instance 0 (every IPv6 flow is its own):
+# expect6_0, dnat6_0, allow6_0, allow_dnat6_0, each with its "_any".
 _EXACT = "inet_proto . ipv4_addr . inet_service . ipv4_addr . inet_service"
 _ANY = "inet_proto . ipv4_addr . ipv4_addr . inet_service"
 _PACKET = "meta l4proto . ip saddr . th sport . ip daddr . th dport"
 _PACKET_ANY = "meta l4proto . ip saddr . ip daddr . th dport"
+_EXACT6 = "inet_proto . ipv6_addr . inet_service . ipv6_addr . inet_service"
+_ANY6 = "inet_proto . ipv6_addr . ipv6_addr . inet_service"
+_PACKET6 = "meta l4proto . ip6 saddr . th sport . ip6 daddr . th dport"
+_PACKET6_ANY = "meta l4proto . ip6 saddr . ip6 daddr . th dport"
 DYN_KINDS = ("expect", "dnat", "allow", "allow_dnat")
 
 
-def dyn_name(kind: str, instance: int, any_port: bool) -> str:
-    return f"{kind}_{instance}" + ("_any" if any_port else "")
+def dyn_name(kind: str, instance: int, any_port: bool, six: bool = False) -> str:
+    """A dynamic set's (or map's) name; ``six``: the IPv6 table's."""
+    return f"{kind}{'6' if six else ''}_{instance}" + ("_any" if any_port else "")
 
 
-def _dynamic(kind: str, instances: int):
+# The IPv6 table's dynamic sets and maps: instance 0's.
+DYN6_NAMES = frozenset(dyn_name(k, 0, a, True) for k in DYN_KINDS for a in (False, True))
+
+
+def _dynamic(kind: str, instances: int, six: bool = False):
     """(instance, packet key expression, set name) of every ``kind`` set, exact and ``_any``."""
+    exact, any_port = (_PACKET6, _PACKET6_ANY) if six else (_PACKET, _PACKET_ANY)
     for i in range(instances):
-        for any_port in (False, True):
-            yield i, _PACKET_ANY if any_port else _PACKET, dyn_name(kind, i, any_port)
+        for wild in (False, True):
+            yield i, any_port if wild else exact, dyn_name(kind, i, wild, six)
+
+
+def _dynamic_sets(instances: int, six: bool) -> list[str]:
+    """The declarations of every instance's dynamic sets and maps."""
+    exact, any_port, addr = (_EXACT6, _ANY6, "ipv6_addr") if six else (_EXACT, _ANY, "ipv4_addr")
+    lines = []
+    for i in range(instances):
+        for kind in DYN_KINDS:
+            for wild in (False, True):
+                value = f" : {addr} . inet_service" if kind == "dnat" else ""
+                lines += [
+                    f"\t{'map' if value else 'set'} {dyn_name(kind, i, wild, six)} {{",
+                    f"\t\ttype {any_port if wild else exact}{value}",
+                    f'\t\tcomment "dynamic rules of processor instance {i}"',
+                    "\t}",
+                    "",
+                ]
+    return lines
+
+
+def _expect_chain(marks: Marks, instances: int, six: bool) -> list[str]:
+    """The chain that gives a dynamic rule's first packet the ``expect`` bits of its instance."""
+    lines = [
+        "\tchain expect {",
+        "\t\ttype filter hook prerouting priority mangle - 5; policy accept;",
+        "\t\tct state established,related,invalid,untracked return",
+        "\t\tct status confirmed return",
+        '\t\tmeta l4proto tcp tcp flags & (fin | syn | rst | ack) != syn return comment "a TCP flow begins with a SYN"',
+    ]
+    for i, key, name in _dynamic("expect", instances, six):
+        lines.append(f"\t\t{key} @{name} meta mark set meta mark & {~marks.expect & 0xFFFFFFFF:#010x} | {marks.expect_value(i):#010x}")
+    return lines + ["\t}", ""]
+
+
+def _dnat_rules(instances: int, six: bool) -> list[str]:
+    """The dstnat chain's DNAT through every ``dnat`` map: the router's address to the party."""
+    family = "ip6" if six else "ip"
+    # A DNAT with a port needs the protocol in its rule.
+    return [f"\t\tmeta l4proto {proto} dnat {family} to {key} map @{name}"
+            for _, key, name in _dynamic("dnat", instances, six) for proto in _PROTOS]
+
+
+def _allow_chain(marks: Marks, instances: int, six: bool) -> list[str]:
+    """The chain that marks a new connection a dynamic rule lets the kernel carry ``allowed``."""
+    lines = [
+        "\tchain allow {",
+        "\t\ttype filter hook forward priority filter - 5; policy accept;",
+        "\t\tct state != new return",
+    ]
+    allowed = f"meta mark set meta mark | {marks.allowed:#010x}"
+    # A UDP flow that no reply has answered yet (one-way media, an offloaded
+    # RTP stream) stays "new" to conntrack, and a one-shot rule's elements go
+    # soon after its first packet: the connection's mark keeps the accept.
+    lines.append(f"\t\tct mark & {marks.allowed:#010x} == {marks.allowed:#010x} {allowed} "
+                 'comment "later packets of an allowed flow before its first reply (one-way UDP)"')
+    remember = f"ct mark set ct mark | {marks.allowed:#010x}"
+    for _, key, name in _dynamic("allow", instances, six):
+        lines.append(f"\t\t{key} @{name} {allowed} {remember}")
+    for _, key, name in _dynamic("allow_dnat", instances, six):
+        lines.append(f"\t\tct status dnat {key} @{name} {allowed} {remember}")
+    return lines + ["\t}"]
 
 
 def render(marks: Marks, instances: int) -> str:
@@ -136,29 +209,9 @@ def render(marks: Marks, instances: int) -> str:
             "\t}",
             "",
         ]
-    for i in range(instances):
-        for kind in DYN_KINDS:
-            for any_port in (False, True):
-                value = " : ipv4_addr . inet_service" if kind == "dnat" else ""
-                lines += [
-                    f"\t{'map' if value else 'set'} {dyn_name(kind, i, any_port)} {{",
-                    f"\t\ttype {_ANY if any_port else _EXACT}{value}",
-                    f'\t\tcomment "dynamic rules of processor instance {i}"',
-                    "\t}",
-                    "",
-                ]
+    lines += _dynamic_sets(instances, False)
+    lines += _expect_chain(marks, instances, False)
     lines += [
-        "\tchain expect {",
-        "\t\ttype filter hook prerouting priority mangle - 5; policy accept;",
-        "\t\tct state established,related,invalid,untracked return",
-        "\t\tct status confirmed return",
-        '\t\tmeta l4proto tcp tcp flags & (fin | syn | rst | ack) != syn return comment "a TCP flow begins with a SYN"',
-    ]
-    for i, key, name in _dynamic("expect", instances):
-        lines.append(f"\t\t{key} @{name} meta mark set meta mark & {~marks.expect & 0xFFFFFFFF:#010x} | {marks.expect_value(i):#010x}")
-    lines += [
-        "\t}",
-        "",
         "\tchain dstnat {",
         f"\t\ttype nat hook prerouting priority dstnat - {PRIORITY_OFFSET}; policy accept;",
         f"\t\tmeta mark & {mask:#010x} == {mark:#010x} ct mark set ct mark & {keep:#010x} | {mark:#010x} "
@@ -168,9 +221,7 @@ def render(marks: Marks, instances: int) -> str:
         lines.append(f"\t\tmeta l4proto {proto} dnat ip to {_ORIGINAL} map @{DNAT_MAP}")
     for proto in _PROTOS:
         lines.append(f"\t\tmeta mark & {mask:#010x} == {mark:#010x} meta l4proto {proto} dnat ip to {_LEGB_ORIGINAL} map @{LEGB_DNAT_MAP}")
-    for _, key, name in _dynamic("dnat", instances):
-        for proto in _PROTOS:  # a DNAT with a port needs the protocol in its rule
-            lines.append(f"\t\tmeta l4proto {proto} dnat ip to {key} map @{name}")
+    lines += _dnat_rules(instances, False)
     lines += [
         "\t}",
         "",
@@ -181,25 +232,7 @@ def render(marks: Marks, instances: int) -> str:
         lines.append(f"\t\tmeta l4proto {proto} snat ip to {_ORIGINAL} map @{SNAT_MAP}")
     for proto in _PROTOS:
         lines.append(f"\t\tmeta mark & {mask:#010x} == {mark:#010x} meta l4proto {proto} snat ip to {_LEGB_ORIGINAL} map @{LEGB_SNAT_MAP}")
-    lines += [
-        "\t}",
-        "",
-        "\tchain allow {",
-        "\t\ttype filter hook forward priority filter - 5; policy accept;",
-        "\t\tct state != new return",
-    ]
-    allowed = f"meta mark set meta mark | {marks.allowed:#010x}"
-    # A UDP flow that no reply has answered yet (one-way media, an offloaded
-    # RTP stream) stays "new" to conntrack, and a one-shot rule's elements go
-    # soon after its first packet: the connection's mark keeps the accept.
-    lines.append(f"\t\tct mark & {marks.allowed:#010x} == {marks.allowed:#010x} {allowed} "
-                 'comment "later packets of an allowed flow before its first reply (one-way UDP)"')
-    remember = f"ct mark set ct mark | {marks.allowed:#010x}"
-    for _, key, name in _dynamic("allow", instances):
-        lines.append(f"\t\t{key} @{name} {allowed} {remember}")
-    for _, key, name in _dynamic("allow_dnat", instances):
-        lines.append(f"\t\tct status dnat {key} @{name} {allowed} {remember}")
-    lines += ["\t}", "}"]
+    lines += ["\t}", ""] + _allow_chain(marks, instances, False) + ["}"]
     return "\n".join(lines + _render6(marks)) + "\n"
 
 
@@ -209,7 +242,8 @@ def render6(marks: Marks) -> str:
 
 
 def _render6(marks: Marks) -> list[str]:
-    """The IPv6 binding table: leg A's and leg B's exact elements, each written at its verdict."""
+    """The IPv6 binding table: leg A's and leg B's exact elements, each written at its verdict,
+    and instance 0's dynamic rules."""
     mask, mark = marks.mask, marks.rewritten
     keep = ~mask & 0xFFFFFFFF
     lines = [
@@ -229,6 +263,8 @@ def _render6(marks: Marks) -> list[str]:
             "\t}",
             "",
         ]
+    lines += _dynamic_sets(1, True)
+    lines += _expect_chain(marks, 1, True)
     lines += [
         "\tchain dstnat {",
         f"\t\ttype nat hook prerouting priority dstnat - {PRIORITY_OFFSET}; policy accept;",
@@ -237,6 +273,7 @@ def _render6(marks: Marks) -> list[str]:
     ]
     for proto in _PROTOS:
         lines.append(f"\t\tmeta l4proto {proto} dnat ip6 to {_ORIGINAL6} map @{DNAT6_MAP}")
+    lines += _dnat_rules(1, True)
     lines += [
         "\t}",
         "",
@@ -245,7 +282,7 @@ def _render6(marks: Marks) -> list[str]:
     ]
     for proto in _PROTOS:
         lines.append(f"\t\tmeta l4proto {proto} snat ip6 to {_ORIGINAL6} map @{SNAT6_MAP}")
-    lines += ["\t}", "}"]
+    lines += ["\t}", ""] + _allow_chain(marks, 1, True) + ["}"]
     return lines
 
 
@@ -302,7 +339,7 @@ def table_of(name: str) -> str:
 
 def elements(op: str, name: str, elems: list[Any]) -> dict[str, Any]:
     """A libnftables JSON command: ``op`` ("add" or "delete") ``elems`` in set or map ``name``."""
-    family, table = (FAMILY6, TABLE6) if name in _V6 else (FAMILY, TABLE)
+    family, table = (FAMILY6, TABLE6) if name in _V6 or name in DYN6_NAMES else (FAMILY, TABLE)
     return {op: {"element": {"family": family, "table": table, "name": name, "elem": elems}}}
 
 

@@ -123,8 +123,9 @@ def _steer(config: Config, rs: Ruleset, stopped: bool) -> None:
     # the instance that holds the rule.
     marks = proc.marks
     for i, q in enumerate(queues):
+        # IPv6 dynamic rules are instance 0's, as every IPv6 flow.
         chain.add([Mark(marks.expect, marks.expect_value(i))], [send(q)],
-                  f"dynamic rules: a flow a gateway asked for, to processor instance {i}", Family.V4)
+                  f"dynamic rules: a flow a gateway asked for, to processor instance {i}", head if i == 0 else Family.V4)
     buckets = bucket_count(len(queues))
 
     def steer(name: str, comment: str, slices: list[list]) -> Jump | Queue | Drop | Return:
@@ -350,7 +351,7 @@ def _filter(config: Config, rs: Ruleset) -> None:
         _stateful(chain, config)
     if gateways:
         fwd.add([Mark(marks.allowed, marks.allowed), CtState(("new",))], [Accept()],
-                "dynamic rules: a flow a gateway asked the kernel to carry", Family.V4)
+                "dynamic rules: a flow a gateway asked the kernel to carry", bound)
     if pol.icmp_essential:
         for chain in (inp, fwd, out):
             chain.add([Proto("icmp"), IcmpType(ICMP_ERRORS)], [Accept()], "policy.icmp_essential", Family.V4)

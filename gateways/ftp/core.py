@@ -62,6 +62,12 @@ The dialogue, in order (RFC 959 section 5.4, lock-step with pipelining):
    both connections, ``_passivate``) and then the client's 200.
 7. Each rule request replaces the session's earlier rules (the processor
    ends them, RULE_END SUPERSEDED): only the latest data command's port is open.
+8. A session over IPv6 (its ``Parties`` are IPv6) speaks RFC 2428 only:
+   EPRT |2| and EPSV (2); PORT and PASV, which cannot carry an IPv6
+   address, and the IPv4 network protocol (1) are answered 522 by the
+   gateway and never forwarded, and no 227 can answer anything. Where the
+   gateway itself sends a data command (``data_mode``) it sends EPRT or
+   EPSV.
 
 Every input ends in a reply or a close: no exception escapes for any bytes
 (tests fuzz this with Hypothesis). Buffers are bounded: a line is at most
@@ -108,6 +114,7 @@ from gateways.ftp.parse import (
     parse_port,
     reply_start,
     rewrite_addresses,
+    rewrite_addresses6,
     split_command,
     strip_telnet,
 )
@@ -144,6 +151,9 @@ PRIVATE_NETWORKS = tuple(
     ipaddress.IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16")
 )
 MASKED = ipaddress.IPv4Address("0.0.0.0")
+# The same for IPv6: unique local (RFC 4193) and link-local (RFC 4291 section 2.5.6).
+PRIVATE_NETWORKS6 = tuple(ipaddress.IPv6Network(n) for n in ("fc00::/7", "fe80::/10"))
+MASKED6 = ipaddress.IPv6Address("::")
 
 
 # ---- state -----------------------------------------------------------------------------
@@ -205,6 +215,8 @@ class FtpControl:
         self._out: list[Output] = []
         # A session through a port forward: the server S is hidden behind S'.
         self._mask = policy.mask_private_addresses and parties.client_addressed != parties.server
+        # RFC 2428's network protocol of the session: 1 IPv4, 2 IPv6 (step 8).
+        self._net = 2 if parties.client.version == 6 else 1
 
     # ---- inputs -------------------------------------------------------------------------
 
@@ -377,10 +389,13 @@ class FtpControl:
 
     def _active(self, verb: str, arg: bytes | None) -> None:
         assert arg is not None
+        if verb == "PORT" and self._net == 2:
+            self._refuse(verb, 522, "Network protocol not supported, use EPRT (2)", "family")
+            return
         try:
-            at = parse_port(arg) if verb == "PORT" else parse_eprt(arg)
+            at = parse_port(arg) if verb == "PORT" else parse_eprt(arg, self._net)
         except Malformed as bad:
-            if bad.code == 522:  # a well-formed EPRT for IPv6: the session is IPv4, nothing malformed
+            if bad.code == 522:  # a well-formed EPRT of the other family: policy, nothing malformed
                 self._refuse(verb, bad.code, bad.text, "family")
             else:
                 self._bad_command(verb, bad.code, bad.text, "malformed")
@@ -410,7 +425,11 @@ class FtpControl:
         self._to_server(text.encode("ascii") + CRLF)
 
     def _passive(self, verb: str, arg: bytes | None) -> None:
-        if self.policy.data_mode is DataMode.ACTIVE and not (arg is not None and arg.upper() in (b"ALL", b"2")):
+        own, other = (b"2", b"1") if self._net == 2 else (b"1", b"2")
+        if verb == "PASV" and self._net == 2:
+            self._refuse(verb, 522, "Network protocol not supported, use EPSV (2)", "family")
+            return
+        if self.policy.data_mode is DataMode.ACTIVE and not (arg is not None and arg.upper() in (b"ALL", other)):
             if self._translate(verb, arg):
                 return
         if verb == "EPSV" and arg is not None:
@@ -420,11 +439,11 @@ class FtpControl:
                 # PORT, EPRT and PASV from now on itself.
                 self._forward(verb, b"ALL", Role.PLAIN)
                 return
-            if word == b"2":
-                self._refuse(verb, 522, "Network protocol not supported, use (1)", "family")
+            if word == other:
+                self._refuse(verb, 522, f"Network protocol not supported, use ({self._net})", "family")
                 return
-            if word != b"1":
-                self._bad_command(verb, 501, "EPSV takes 1 or ALL.", "malformed")
+            if word != own:
+                self._bad_command(verb, 501, f"EPSV takes {self._net} or ALL.", "malformed")
                 return
         self._pending.append(_Pending(verb, Role.EPSV if verb == "EPSV" else Role.PASV))
         self._setups += 1
@@ -441,7 +460,7 @@ class FtpControl:
         here (the server's view of the client is unknown), left as it is.
         """
         p = self.parties
-        if p.client_seen_as is None or (verb == "EPSV" and arg is not None and arg != b"1"):
+        if p.client_seen_as is None or (verb == "EPSV" and arg is not None and arg != str(self._net).encode()):
             return False
         port = self._data_port()
         toward_server = Endpoint(p.client_seen_as, port)
@@ -450,7 +469,8 @@ class FtpControl:
         self._event("data.translated", verb=verb, port=port)
         self._pending.append(_Pending("PORT", Role.PORT, server_side, translated=Role.EPSV if verb == "EPSV" else Role.PASV))
         self._setups += 1
-        self._to_server(f"PORT {format_port(toward_server)}".encode("ascii") + CRLF)
+        text = f"EPRT {format_eprt(toward_server)}" if self._net == 2 else f"PORT {format_port(toward_server)}"
+        self._to_server(text.encode("ascii") + CRLF)
         return True
 
     def _passivate(self, verb: str, at: Endpoint) -> None:
@@ -465,9 +485,11 @@ class FtpControl:
         p = self.parties
         client_side = _Plan(Direction.ACTIVE, Endpoint(p.client_addressed, 0), at, RuleMode.ORIGINATE, next(self._pairs))
         self._event("data.translated", verb=verb, port=at.port)
-        self._pending.append(_Pending("PASV", Role.PASV, client_side, translated=Role.PORT if verb == "PORT" else Role.EPRT))
+        # Over IPv6 the server is asked EPSV: PASV's 227 cannot name an IPv6 address.
+        ask, role = ("EPSV", Role.EPSV) if self._net == 2 else ("PASV", Role.PASV)
+        self._pending.append(_Pending(ask, role, client_side, translated=Role.PORT if verb == "PORT" else Role.EPRT))
         self._setups += 1
-        self._to_server(b"PASV" + CRLF)
+        self._to_server(ask.encode("ascii") + CRLF)
 
     def _auth(self, verb: str, arg: bytes | None) -> None:
         if not self.policy.auth_tls:
@@ -581,20 +603,24 @@ class FtpControl:
     def _outward(self, line: bytes) -> bytes:
         """A server's reply line as the client may see it: through a port forward
         (``mask_private_addresses``), the server's address S becomes S', the one the
-        client connected to, and other private addresses 0.0.0.0."""
+        client connected to, and other private addresses 0.0.0.0 (IPv6: ``::``)."""
         if not self._mask:
             return line
-        masked = rewrite_addresses(line, self._hidden)
+        masked = rewrite_addresses(rewrite_addresses6(line, self._hidden), self._hidden)  # type: ignore[arg-type]
         if masked != line:
             self._event("reply.masked", code=self._reply[0] if self._reply is not None else 0)
         return masked
 
-    def _hidden(self, address: ipaddress.IPv4Address) -> ipaddress.IPv4Address | None:
+    def _hidden(self, address: Any) -> Any:
+        """What an address in a reply becomes (module docstring of ``parse``): S is S',
+        the client's and S' are kept, other private addresses of either family masked."""
         p = self.parties
         if address == p.server:
             return p.client_addressed
         if address in (p.client_addressed, p.client):
             return None
+        if address.version == 6:
+            return MASKED6 if any(address in n for n in PRIVATE_NETWORKS6) else None
         return MASKED if any(address in n for n in PRIVATE_NETWORKS) else None
 
     def _feature_visible(self, line: bytes) -> bool:

@@ -125,8 +125,9 @@ class FtpGateway(TcpGateway):
         log: EventLog,
         control_ports: frozenset[int] | None = None,
         hook: ContentHook | None = None,
+        listen6: Endpoint | None = None,
     ) -> None:
-        super().__init__(layer, listen=listen, log=log)
+        super().__init__(layer, listen=listen, log=log, listen6=listen6)
         self.settings = settings
         self.policy = Policy.of(settings)
         self.control_ports = control_ports  # None: every port is a control port (tests)
@@ -139,11 +140,13 @@ class FtpGateway(TcpGateway):
 
     @classmethod
     def for_gateway(cls, layer: GatewayLayer, gw: Manifest, listen: Endpoint, log: EventLog) -> "FtpGateway":
-        """The gateway as ``python -m gateways`` runs it: settings and selector ports from its manifest."""
+        """The gateway as ``python -m gateways`` runs it: settings and selector ports from its manifest,
+        and G6 on the same port when its selectors take IPv6."""
         settings = FtpSettings.model_validate(gw.settings)
         ports = frozenset(p for t in gw.traffic for r in t.ports for p in range(r.first, r.last + 1))
+        listen6 = Endpoint(gw.listen6, listen.port) if gw.listen6 is not None else None
         return cls(layer, listen=listen, settings=settings, log=log, control_ports=ports,
-                   hook=load_hook(settings.content_hook))
+                   hook=load_hook(settings.content_hook), listen6=listen6)
 
     @property
     def active(self) -> int:
@@ -334,7 +337,8 @@ class FtpGateway(TcpGateway):
         wait = min(self.settings.connect_timeout, self.settings.data_rule_ttl / 2)
 
         async def connect(to: Endpoint) -> socket.socket:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            # An IPv6 session's from G6, by the gateway namespace's IPv6 default route.
+            sock = socket.socket(socket.AF_INET6 if to.address.version == 6 else socket.AF_INET, socket.SOCK_STREAM)
             sock.setblocking(False)
             try:
                 await asyncio.wait_for(loop.sock_connect(sock, (str(to.address), to.port)), wait)

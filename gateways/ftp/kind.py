@@ -76,7 +76,8 @@ class FtpSettings(Frozen):
     connect_timeout: Number(0.1, 300) = Field(10.0, description="seconds to open a connection to the server; data_mode passive: also each data connection the gateway opens, at most half of data_rule_ttl")
     mask_private_addresses: Bool = Field(
         True, description="sessions through a port forward: the server's address in a reply becomes the address "
-        "the client connected to, other private addresses (RFC 1918, RFC 6598, link-local) 0.0.0.0")
+        "the client connected to, other private addresses (RFC 1918, RFC 6598, link-local) 0.0.0.0, IPv6 ones "
+        "(unique local, link-local) ::")
 
     masquerade_address: GoneMasquerade = Field(None, repr=False, exclude=True)
 
@@ -88,4 +89,7 @@ KIND = Kind(
     # Sessions are independent (a REDIRECTed data connection comes back to
     # the worker that asked for it): several workers, one crash cuts one's.
     workers=True,
+    # Over IPv6: EPRT/EPSV with |2| addresses (RFC 2428), PORT and PASV refused;
+    # its data rules in the IPv6 binding table (docs/ftp.md, "IPv6").
+    ipv6=True,
 )

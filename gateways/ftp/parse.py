@@ -8,16 +8,19 @@ reply code the client should get.
 
 - PORT h1,h2,h3,h4,p1,p2 (RFC 959 section 4.1.2): exactly six decimal fields,
   each 0-255.
-- EPRT <d>1<d>addr<d>port<d> (RFC 2428 section 2): the delimiter is any
-  printable ASCII character but a digit; family 1 is IPv4, family 2 (IPv6)
-  is answered 522 as RFC 2428 section 2 asks of a server that does not
-  support the family, since every nfgate gateway flow is IPv4.
+- EPRT <d>net<d>addr<d>port<d> (RFC 2428 section 2): the delimiter is any
+  printable ASCII character but a digit; net 1 is IPv4 (dotted decimal), 2
+  IPv6 (RFC 4291 section 2.2 text). The session's own family is the only
+  one taken (its control connection's: a data connection never changes
+  family through the gateway); the other is answered 522 naming it, as RFC
+  2428 section 2 asks of a server that does not support a family.
 - 227 reply (RFC 959 section 4.2.2; RFC 1123 section 4.1.2.6: the numbers
   are found by scanning the text, whose wording varies between servers).
 - 229 reply (RFC 2428 section 3): "(<d><d><d>port<d>)".
 - Addresses in reply text (``rewrite_addresses``): dotted quads, and the
   four address numbers of a 227-style "h1,h2,h3,h4,p1,p2", each put
-  through a function that keeps, replaces or masks it.
+  through a function that keeps, replaces or masks it; IPv6 addresses in
+  RFC 4291 section 2.2 text likewise (``rewrite_addresses6``).
 
 Telnet (RFC 854) and the FTP command line (RFC 959 section 5.3): a line ends
 at LF (CR LF, or a bare LF from a lax peer); IAC sequences are removed
@@ -149,34 +152,41 @@ def format_port(at: Endpoint) -> str:
     return f"{h},{at.port >> 8},{at.port & 0xFF}"
 
 
-def parse_eprt(arg: bytes) -> Endpoint:
-    """EPRT's <d>proto<d>addr<d>port<d> (RFC 2428 section 2). Raises ``Malformed`` (501 or 522)."""
+def parse_eprt(arg: bytes, net: int = 1) -> Endpoint:
+    """EPRT's <d>net<d>addr<d>port<d> (RFC 2428 section 2), for a session of network protocol
+    ``net`` (1 IPv4, 2 IPv6). Raises ``Malformed`` (501, or 522 for the other family)."""
+    usage = f"EPRT takes |{net}|address|port|"
     try:
         text = arg.decode("ascii")
     except UnicodeDecodeError:
-        raise Malformed(501, "EPRT takes |1|address|port|") from None
+        raise Malformed(501, usage) from None
     if len(text) < 2 or not "\x21" <= text[0] <= "\x7e" or text[0].isdigit():
-        raise Malformed(501, "EPRT takes |1|address|port|")
+        raise Malformed(501, usage)
     d = text[0]
     fields = text[1:].split(d)
     if len(fields) != 4 or fields[3] != "":
-        raise Malformed(501, "EPRT takes |1|address|port|")
+        raise Malformed(501, usage)
     family, host, port = fields[:3]
-    if family == "2":
-        raise Malformed(522, "Network protocol not supported, use (1)")
-    if family != "1":
+    if family not in ("1", "2"):
         raise Malformed(501, "EPRT network protocol must be 1 (IPv4) or 2 (IPv6)")
+    if family != str(net):
+        raise Malformed(522, f"Network protocol not supported, use ({net})")
     try:
-        address = ipaddress.IPv4Address(host)
+        # No zone index ("%eth0"): a link-local data address names no host beyond a link.
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address = (
+            ipaddress.IPv4Address(host) if net == 1 else ipaddress.IPv6Address(host))
+        if net == 2 and ("%" in host or address.ipv4_mapped is not None):  # type: ignore[union-attr]
+            raise ValueError(host)
     except ValueError:
-        raise Malformed(501, "EPRT address is not an IPv4 address in dotted decimal") from None
+        kind = "an IPv4 address in dotted decimal" if net == 1 else "an IPv6 address (RFC 4291 text, no zone, not IPv4-mapped)"
+        raise Malformed(501, f"EPRT address is not {kind}") from None
     if not _PORT_DIGITS.fullmatch(port) or not 1 <= int(port) <= 65535:
         raise Malformed(501, "EPRT port must be 1 to 65535")
     return Endpoint(address, int(port))
 
 
 def format_eprt(at: Endpoint) -> str:
-    return f"|1|{at.address}|{at.port}|"
+    return f"|{1 if at.address.version == 4 else 2}|{at.address}|{at.port}|"
 
 
 # ---- 227 / 229 ------------------------------------------------------------------------------
@@ -236,3 +246,30 @@ def rewrite_addresses(
 
 
 _HAS_DIGIT = re.compile(rb"[0-9]")
+
+# An IPv6 address in text (RFC 4291 section 2.2, embedded IPv4 included): a
+# run of hex digits, colons and dots with two colons at least, not part of a
+# longer word. Times ("22:13") have one colon; "12:30:45" is no address.
+_TEXT_ADDRESS6 = re.compile(rb"(?<![0-9A-Za-z:.])[0-9A-Fa-f]*:[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*(?![0-9A-Za-z:])")
+
+
+def rewrite_addresses6(
+    line: bytes, change: Callable[[ipaddress.IPv6Address], ipaddress.IPv6Address | None]
+) -> bytes:
+    """``line`` with each IPv6 address it names (``_TEXT_ADDRESS6``) put through ``change``:
+    None keeps it, an address replaces it (compressed, RFC 5952). A full stop after an
+    address ends a sentence: it is kept, not read as part of the address."""
+    if b":" not in line:
+        return line
+
+    def one(m: re.Match[bytes]) -> bytes:
+        text = m.group(0)
+        stop = len(text.rstrip(b"."))
+        try:
+            address = ipaddress.IPv6Address(text[:stop].decode("ascii"))
+        except ValueError:
+            return text
+        new = change(address)
+        return text if new is None else str(new).encode("ascii") + text[stop:]
+
+    return _TEXT_ADDRESS6.sub(one, line)

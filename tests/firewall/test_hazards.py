@@ -126,11 +126,19 @@ def test_ipv6_a_rule_accepts_is_dropped_and_check_says_where_it_is_counted() -> 
     assert warning.message.startswith("policy.forward = accept would pass this traffic over IPv6 too")
 
 
-def test_ipv6_a_rule_accepts_into_a_tcp_relay_is_relayed_no_warning() -> None:
-    """A tcp-relay selector takes IPv6 (issue 17): the rule's IPv6 goes through the relay, nothing to warn of."""
+def test_ipv6_a_rule_accepts_into_a_tcp_relay_is_relayed_no_warning(tmp_path: Path) -> None:
+    """A tcp-relay or ftp selector takes IPv6 (issue 17): the rule's IPv6 goes through the gateway,
+    nothing to warn of, and `nfgate check` says so."""
     everything = '[[rule]]\nname = "out"\nfrom = "lan"\nto = "wan"\n'
+    for kind in ("tcp-relay", "ftp"):
+        config = BASE + SSH + everything + GATEWAY.replace('kind = "smtp"', f'kind = "{kind}"')
+        assert hazards(loads(config)) == [], kind
+        path = tmp_path / f"{kind}.toml"
+        path.write_text(config)
+        checked = CliRunner().invoke(main, ["check", "-c", str(path)])
+        assert "IPv6 on its selectors' ports: through the gateway for gateway[0].traffic[0]" in checked.stdout, checked.stdout
+        assert "IPv6 on its selectors' ports: dropped" not in checked.stdout
     relay = GATEWAY.replace('kind = "smtp"', 'kind = "tcp-relay"')
-    assert hazards(loads(BASE + SSH + everything + relay)) == []
     log_only = relay.replace('kind = "tcp-relay"', 'kind = "tcp-relay"\nsettings = { mode = "log-only" }')
     (warning,) = hazards(loads(BASE + SSH + everything + log_only))
     assert "take IPv4 only" in warning.message

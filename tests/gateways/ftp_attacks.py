@@ -10,10 +10,11 @@ Client cases (anonymous login to vsftpd first, except ``before-greeting``):
   drops), RETR of pub/probe.bin; the reply codes, up to the final one.
 - ``split-port MYADDR``: a PORT line in two TCP segments, then RETR of
   pub/small.bin through it; returns the reply codes and the bytes' sha256.
-- ``third-host MYADDR THIRD``: PASV, then a connection to the 227 address
-  from THIRD (another address of this host), then from MYADDR; RETR.
-- ``second-connection MYADDR``: PASV, a first data connection, a second one
-  to the same port, then RETR over the first.
+- ``third-host MYADDR THIRD``: PASV (EPSV to an IPv6 server), then a
+  connection to the 227 address from THIRD (another address of this host),
+  then from MYADDR; RETR.
+- ``second-connection MYADDR``: PASV (EPSV to an IPv6 server), a first data
+  connection, a second one to the same port, then RETR over the first.
 - ``before-greeting MYADDR``: connect and send PORT at once, before any greeting.
 - ``pasv``: login and PASV against a fake server; the reply.
 - ``greeting``: every line of the greeting and of a STAT reply, and a PASV's reply.
@@ -92,6 +93,15 @@ def _pasv_endpoint(reply: str) -> tuple[str, int]:
     return ".".join(h[:4]), int(h[4]) * 256 + int(h[5])
 
 
+def _passive(c: "Control", server: str) -> tuple[str, tuple[str, int]]:
+    """PASV's reply and data endpoint; over IPv6 EPSV's (RFC 2428: the control connection's address)."""
+    if ":" not in server:
+        reply = c.send("PASV")
+        return reply, _pasv_endpoint(reply)
+    reply = c.send("EPSV")
+    return reply, (server, int(reply[reply.index("(") + 1 : reply.index(")")].strip("|")))
+
+
 def _connect_outcome(to: tuple[str, int], source: str) -> tuple[str, socket.socket | None]:
     """("connected", sock), ("refused", None): a reset came back; ("dropped", None): nothing did."""
     try:
@@ -154,8 +164,7 @@ def client(case: str, server: str, args: list[str]) -> dict:
         me = args[0]
         c = Control(server, me)
         c.login()
-        pasv = c.send("PASV")
-        to = _pasv_endpoint(pasv)
+        pasv, to = _passive(c, server)
         other = args[1] if case == "third-host" else me
         first = _connect_or_not(to, me) if case == "second-connection" else None
         intruder = _connect_or_not(to, other)

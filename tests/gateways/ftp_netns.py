@@ -175,8 +175,8 @@ class FtpRunning(Running):
     """`nfgate run` with the ftp gateway in the lab router; its log and control socket."""
 
     def __init__(self, lab: Any, tmp: Path, data_channel: str = "allow", queues: str = "[0]", workers: int = 1,
-                 settings: str = "") -> None:
-        config = CONFIG.replace("queues = [0]", f"queues = {queues}") + settings
+                 settings: str = "", config: str = CONFIG) -> None:
+        config = config.replace("queues = [0]", f"queues = {queues}") + settings
         config = config.replace('kind = "ftp"\n', f'kind = "ftp"\nworkers = {workers}\n')
         super().__init__(lab, tmp, config=config, data_channel=data_channel)
 
@@ -222,7 +222,8 @@ CURL_MODES = {
 
 def curl(lab: Any, host: str, server: str, mode: str, *, get: str | None = None, out: Path | None = None,
          put: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    argv = ["curl", "-sS", "--max-time", str(int(timeout)), "--connect-timeout", "10", *CURL_MODES[mode]]
+    # -g: no URL globbing, so an IPv6 server's [address] is an address
+    argv = ["curl", "-sS", "-g", "--max-time", str(int(timeout)), "--connect-timeout", "10", *CURL_MODES[mode]]
     if get is not None:
         assert out is not None
         argv += ["-o", str(out), f"ftp://{server}/pub/{get}"]

@@ -14,6 +14,8 @@ from typing import Any, AsyncIterator
 
 import pytest
 
+from firewall import manifests
+from firewall.config import load
 from firewall.signalling import Endpoint, FlowInfo, Proto, RuleEndReason, RuleMode, RuleRefusal, load_or_create_key
 from gateways.ftp import FtpGateway, FtpSettings, Parties, Policy
 from gateways.ftp.gateway import parties_of
@@ -463,6 +465,17 @@ def test_settings_make_the_core_policy() -> None:
     s = FtpSettings(allow_commands=("site",), deny_commands=("DELE",), auth_tls="allow")
     policy = Policy.of(s)
     assert "SITE" in policy.allowed and "DELE" not in policy.allowed and policy.auth_tls
+
+
+def test_the_ftp_gateway_listens_on_g6_when_its_selectors_take_ipv6(tmp_path: Path) -> None:
+    """ftp takes IPv6 (issue 17): its manifest names G6, where it accepts on its G:g's port too."""
+    cfg = load(write_config(tmp_path, port=free_port(GATEWAY), kind="ftp", name="ftp"))
+    gateway = next(g for g in cfg.gateways if g.name == "ftp")
+    manifest = manifests.manifest_for(cfg, gateway)
+    assert manifest.listen6 == cfg.gateway_link.gateway_address6.ip
+    listen = Endpoint(GATEWAY, manifest.listen.port)
+    gw = FtpGateway.for_gateway(None, manifest, listen, EventLog("ftp"))  # type: ignore[arg-type]
+    assert gw.listen6 == Endpoint(manifest.listen6, listen.port)
 
 
 def test_parties_from_signalling() -> None:
