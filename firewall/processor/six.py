@@ -16,6 +16,9 @@ port forwards into a gateway, SNAT of leg B (a server behind
 restart (a processor that restarts forgets its IPv6 bindings; conntrack
 still carries their connections), several instances (IPv6 is instance 0's).
 
+UDP (udp-relay): a datagram on a young binding's tuple before conntrack
+confirmed the first is that binding's, as for IPv4 (core.py ``_new``).
+
 Ends: conntrack's destroy events for either leg (the core hands over those
 with IPv6 addresses), and a check ``processor.timeouts.confirm`` seconds
 after a binding opened that leg A made it into conntrack.
@@ -98,6 +101,9 @@ class SixFlows:
         self.pool = EndpointPool(proc.pools.firewall_side6, proc.pools.ports, slice_by=SliceBy.ADDRESS)
         self._masq6 = frozenset(config.nat.masquerade6)
         self._confirm = proc.timeouts.confirm
+        # How long the elements written at a binding's first verdict surely last
+        # (their timeout, less a second each for the clock and the kernel's rounding).
+        self._ahead_for = proc.timeouts.nat_element - 2
         self._local_addresses = local_addresses
         self._by_client: dict[tuple[int, ...], Binding6] = {}
         self._by_fw: dict[tuple[int, int, int], Binding6] = {}
@@ -130,9 +136,14 @@ class SixFlows:
         old = self._by_client.get((proto, src, sport, dst, dport))
         if old is not None:
             if not old.a_alive and now - old.created < self._confirm:
-                # A retransmitted first packet before conntrack confirmed the first one's.
+                # A retransmitted first packet before conntrack confirmed the first one's,
+                # or a UDP flow's next datagram: conntrack made it a connection of its own,
+                # which becomes the first one's at confirmation. The same binding; its
+                # elements again once those written with the first may have timed out.
                 self.counters["passed.ipv6.bound_young"] += 1
-                return "bound_again", old, ()
+                if now - old.created < self._ahead_for:
+                    return "bound_again", old, ()
+                return "bound_again", old, self._leg_a_ops(old)
             self.counters["flows.replaced"] += 1
             self.end(old, FlowEndReason.FIN if proto == TCP else FlowEndReason.IDLE)
         fw = self.pool.allocate()
@@ -143,12 +154,14 @@ class SixFlows:
         self._by_client[(proto, src, sport, dst, dport)] = b
         self._by_fw[(proto, *fw)] = b
         self._by_fid[fid] = b
-        name = _PROTO_NAME[proto]
-        key = (src, sport, dst, dport)
-        ops = ((DNAT6_MAP, name, key, (self.g6, ag.port)), (SNAT6_MAP, name, key, fw))
         self.counters["flows.opened"] += 1
         self.counters["flows.ipv6.opened"] += 1
-        return "bound", b, ops
+        return "bound", b, self._leg_a_ops(b)
+
+    def _leg_a_ops(self, b: Binding6) -> tuple[NatOp, ...]:
+        name = _PROTO_NAME[b.proto]
+        key = b.leg_a()
+        return (DNAT6_MAP, name, key, (self.g6, b.ag.port)), (SNAT6_MAP, name, key, b.fw)
 
     def leg_b(self, pkt: Packet, alive: Callable[..., bool]) -> tuple[str, tuple[NatOp, ...]]:
         """A gateway's new IPv6 connection to F6:f: leg B of that binding (counter, elements)."""

@@ -2,8 +2,8 @@
 
 ext (203.0.113.10, 2001:db8:2::10) - router - lan (192.168.1.10,
 fd00:1::10). The router relays lan's outbound tcp 9000 and udp 5353
-through a tcp-relay (whose selector names IPv4 addresses, so it takes
-IPv4 only) and a udp-relay, and a rule accepts everything from
+through a tcp-relay and a udp-relay (whose selectors name IPv4 addresses,
+so they take IPv4 only), and a rule accepts everything from
 lan to wan, for both IP versions: before issue 17 the IPv6 part of that
 rule carried lan's IPv6 to ext:9000 around the relay. A counter in ext's
 own namespace, before anything else there sees a packet, is the server
@@ -75,6 +75,7 @@ from = "lan"
 to = "wan"
 proto = "udp"
 ports = 5353
+daddr = ["203.0.113.0/24"]  # likewise a udp-relay selector that takes IPv4 only
 """
 
 # ext counts every IPv6 packet that reaches it for the gated ports, and for

@@ -9,13 +9,14 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import TCP as ScapyTCP
+from scapy.layers.inet import UDP as ScapyUDP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrRouting
 
 from firewall.config import loads
-from firewall.packet import TCP
+from firewall.packet import TCP, UDP
 from firewall.processor.core import DROP, PASS, ProcessorCore, Route
 from firewall.rules.bind import DNAT6_MAP, SNAT6_MAP
-from firewall.signalling import Encoder, FlowEnd, Guard, NewFlow, Received, Role
+from firewall.signalling import Encoder, FlowEnd, FlowEndReason, Guard, NewFlow, Received, Role
 
 KEY = bytes(range(32))
 T0, WALL0 = 1000.0, 1_700_000_000.0
@@ -172,3 +173,67 @@ def test_ipv6_bytes_never_raise(data: bytes, indev: int) -> None:
     for payload in (b"\x60" + data, head + data):
         verdict, ops, _ = rig.send(payload, indev)
         assert verdict in (DROP, PASS) and len(ops) in (0, 2)
+
+
+UDP_CONFIG = """
+[zones.wan]
+interfaces = ["wan0"]
+[zones.lan]
+interfaces = ["lan0"]
+[processor.timeouts]
+confirm = 5
+nat_element = 4
+[processor.pools]
+ports = "40000-40002"
+firewall_side6 = "fd6e:6667:6174:fe::/127"
+[[gateway]]
+name = "dns"
+kind = "udp-relay"
+listen_port = 20053
+[[gateway.traffic]]
+from = "wan"
+to = "lan"
+proto = "udp"
+ports = 5353
+"""
+
+
+def dgram(src: str, sport: int, dst: str = S6, dport: int = 5353) -> Any:
+    return IPv6(src=src, dst=dst) / ScapyUDP(sport=sport, dport=dport) / b"q"
+
+
+def test_an_ipv6_udp_relay_flow_keeps_its_young_binding_and_ends_with_conntrack() -> None:
+    rig = Rig6(UDP_CONFIG)
+    verdict, ops, _ = rig.send(dgram(C6, 40000), WAN0)
+    key = (i6(C6), 40000, i6(S6), 5353)
+    f = (i6(F6), 40000)
+    assert verdict == PASS and ops == ((DNAT6_MAP, "udp", key, (i6(G6), 20053)), (SNAT6_MAP, "udp", key, f))
+    (msg,) = rig.messages()
+    assert isinstance(msg, NewFlow) and msg.flow.proto == UDP and msg.flow.family == 6
+    # The next datagrams before conntrack confirmed the first: the same binding, no new flow;
+    # its elements again once those of the first verdict may have timed out (nat_element 4 s).
+    assert rig.send(dgram(C6, 40000), WAN0, T0 + 1) == (PASS, (), MARK)
+    assert rig.send(dgram(C6, 40000), WAN0, T0 + 2.5)[1] == ops
+    assert rig.messages() == [] and rig.core.counters["passed.ipv6.bound_young"] == 2
+    assert rig.core.stats()["flows_ipv6"] == 1
+    # Leg B from the gateway's own port e; conntrack's idle end of both legs ends the binding.
+    key_b = (i6(G6), 50000, *f)
+    verdict, ops_b, _ = rig.send(IPv6(src=G6, dst=F6) / ScapyUDP(sport=50000, dport=40000), BLIND, T0 + 3)
+    assert verdict == PASS and ops_b == ((DNAT6_MAP, "udp", key_b, (i6(S6), 5353)), (SNAT6_MAP, "udp", key_b, (i6(C6), 40000)))
+    rig.core.conntrack_destroyed(UDP, key, (i6(G6), 20053, *f), T0 + 40)
+    rig.core.conntrack_destroyed(UDP, key_b, (i6(S6), 5353, i6(C6), 40000), T0 + 40)
+    (end,) = rig.messages()
+    assert isinstance(end, FlowEnd) and end.reason is FlowEndReason.IDLE
+    assert rig.core.stats()["flows_ipv6"] == 0 and rig.core.counters["flows.ended.idle"] == 1
+
+
+def test_a_flood_of_new_ipv6_udp_sources_stops_at_the_pool_counted() -> None:
+    rig = Rig6(UDP_CONFIG)  # 2 addresses x 3 ports: 6 bindings at most
+    verdicts = [rig.send(dgram(C6, 1000 + n), WAN0)[0] for n in range(50)]
+    assert verdicts.count(PASS) == 6 and verdicts.count(DROP) == 44
+    assert rig.core.counters["drop.refused.pool_exhausted"] == 44
+    assert rig.core.stats()["flows_ipv6"] == 6
+    assert sum(isinstance(m, NewFlow) for m in rig.messages()) == 6
+    # A martian source gets nothing: no binding, no signalling.
+    assert rig.send(dgram("fe80::1", 1), WAN0)[0] == DROP and rig.core.counters["drop.martian"] == 1
+    assert rig.messages() == []
