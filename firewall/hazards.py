@@ -12,7 +12,7 @@ and ``apply`` print them and go on.
   rule or port forward accepts in full brings the gateway only part of it,
   or nothing.
 - IPv6 a gateway cannot take: a selector whose kind takes IPv4 only (every
-  kind but tcp-relay and udp-relay so far, ``Gateway.takes_ipv6``) has the IPv6 on its
+  kind but tcp-relay, udp-relay and smtp so far, ``Gateway.takes_ipv6``) has the IPv6 on its
   ports dropped by the ruleset, counted
   (rules.build._ipv6_drops; never a bypass). A rule or policy that accepts
   that IPv6 says the operator expects it to pass: the warning says it will

@@ -403,13 +403,15 @@ from = "wan"
 to = "lan"
 proto = "tcp"
 ports = 25
+daddr = ["192.168.1.0/24"]  # IPv4 addresses: this selector takes IPv4 only
 """
 
 
 def test_tcp_relay_over_ipv6_on_the_kernel_maps(lab_factory, tmp_path: Path) -> None:
     """ext's IPv6 to lan's server through a tcp-relay: the processor binds it in the IPv6 maps, the
     relay connects leg B over IPv6, the server sees the client's real IPv6 address. IPv4 goes
-    through the same relay; IPv6 on the smtp selector's port is still dropped and counted."""
+    through the same relay; IPv6 on the port of the smtp selector, which names IPv4 addresses,
+    is still dropped and counted."""
     lab = lab_factory("dual")
     no_tentative_addresses(lab)
     # ext routes to lan's prefixes through the router: no NAT66 in this config.
@@ -440,7 +442,7 @@ def test_tcp_relay_over_ipv6_on_the_kernel_maps(lab_factory, tmp_path: Path) -> 
     assert wait_for(lambda: run.ask("status")["processors"]["processor-0"].get("flows_ipv6", 1) == 0, timeout=20,
                     interval=0.2, what="the IPv6 bindings to end")
 
-    # SMTP takes IPv4 only: its IPv6 is dropped by the ruleset, counted, never queued.
+    # The smtp selector takes IPv4 only: its IPv6 is dropped by the ruleset, counted, never queued.
     queued = run.ask("status")["processors"]["processor-0"]["counters"]["queued"]
     assert not probe(lab, "ext", "fd00:1::10", 25, timeout=1.0)
     status = lab.run("router", [sys.executable, "-m", "firewall.cli", "status", "-c", str(run.path), "--json"])
