@@ -275,13 +275,12 @@ class Nat(Frozen):
 
     @property
     def forwards(self) -> tuple[PortForward, ...]:
-        """The IPv4 port forwards (NAT44): the only ones a gateway's selector
-        can stand in front of (the processor's double NAT is NAT44)."""
+        """The IPv4 port forwards (NAT44)."""
         return tuple(f for f in self.forward if f.version == 4)
 
     @property
     def forwards6(self) -> tuple[PortForward, ...]:
-        """The IPv6 port forwards (NAT66): the kernel's alone."""
+        """The IPv6 port forwards (DNAT66): into a gateway only where its selector takes IPv6."""
         return tuple(f for f in self.forward if f.version == 6)
 
 

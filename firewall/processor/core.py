@@ -311,9 +311,16 @@ class ProcessorCore:
         if sel is None:
             return self._pass("passed.not_a_selector", mark)
         route = self._route(dst)
+        server = None
+        if route is not None and route.local:
+            # An IPv6 port forward (DNAT66) into the gateway: its target is the server.
+            server = self.policy.forward_target(where, proto, src, dport, six=True)  # type: ignore[arg-type]
+            if server is not None:
+                route = self._route(server[0])
         if route is None:
             return self._pass("passed.no_route", mark)
-        why, b, ops = six.request(pkt, sel, where, self._zone(route), self.spread.pick(sel.ag), now, next(self._serial))
+        why, b, ops = six.request(pkt, sel, where, self._zone(route), self.spread.pick(sel.ag), now, next(self._serial),
+                                  server)
         self._six_ended()
         if b is None:
             return self._pass(why, mark) if why.startswith("passed.") else self._drop(why, mark)

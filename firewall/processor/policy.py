@@ -4,7 +4,7 @@ The same fields, and the same addresses, as the queue rules that sent the
 packet here (``firewall.rules.build``): a selector is the gateway's
 ``[[gateway.traffic]]`` entry (from-zone, protocol, ports, addresses); a
 port forward's target S:s is what the client meant when it addressed the
-router. The to-zone, which prerouting cannot match, is the core's (a route
+router (an IPv4 client's by the IPv4 forwards, an IPv6 one's by the IPv6 ones). The to-zone, which prerouting cannot match, is the core's (a route
 lookup). Pure: built once from the config, no I/O.
 """
 
@@ -78,8 +78,10 @@ class Policy:
                                kind.log_only(gw.settings), kind.adjacent_port(gw.settings))
                 self.selectors.setdefault((t.from_zone, PROTO[t.proto]), []).append(sel)
         self._forwards: dict[tuple[str, int], list[tuple[PortForward, Nets]]] = {}
-        for f in config.nat.forwards:
-            self._forwards.setdefault((f.from_zone, PROTO[f.proto]), []).append((f, nets(f.saddr)))
+        self._forwards6: dict[tuple[str, int], list[tuple[PortForward, Nets]]] = {}
+        for f in config.nat.forward:
+            by_zone = self._forwards if f.version == 4 else self._forwards6
+            by_zone.setdefault((f.from_zone, PROTO[f.proto]), []).append((f, nets(f.saddr)))
         self._pool = nets([config.processor.pools.firewall_side])
         self._instances = len(config.processor.queues)
         self._client_bits = bucket_count(self._instances) - 1  # the low bits steer_client_src reads
@@ -106,9 +108,10 @@ class Policy:
                  for s in group if s.log_only and s.matches(src, dst, dport))
         return next(found, None)
 
-    def forward_target(self, zone: str, proto: int, src: int, dport: int) -> tuple[int, int] | None:
-        """The port forward's S:s for a client that addressed the router, as the DNAT rule has it."""
-        for f, saddr in self._forwards.get((zone, proto), ()):
+    def forward_target(self, zone: str, proto: int, src: int, dport: int, six: bool = False) -> tuple[int, int] | None:
+        """The port forward's S:s for a client that addressed the router, as the DNAT rule has it
+        (``six``: an IPv6 client and the IPv6 forwards, DNAT66)."""
+        for f, saddr in (self._forwards6 if six else self._forwards).get((zone, proto), ()):
             if f.ports.first <= dport <= f.ports.last and (not saddr or inside(src, saddr)):
                 return int(f.to_addr), dport if f.to_port is None else f.to_port
         return None

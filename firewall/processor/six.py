@@ -10,11 +10,14 @@ gateway told by a family 6 NEW_FLOW. F6:f comes from
 Why a table of its own beside ``firewall.flows.FlowTable``: that table's
 keys pack 32-bit addresses into one int for speed, and IPv6 is a small part
 of the traffic here. What this slice does not do yet, so the ruleset
-never sends it here: dynamic rules, offload and log-only over IPv6, IPv6
-port forwards into a gateway, SNAT of leg B (a server behind
+never sends it here: dynamic rules, offload and log-only over IPv6, SNAT of leg B (a server behind
 ``nat.masquerade6``: dropped, ``drop.ipv6.masquerade6``), adoption after a
 restart (a processor that restarts forgets its IPv6 bindings; conntrack
 still carries their connections), several instances (IPv6 is instance 0's).
+
+An IPv6 port forward (DNAT66) into the gateway: the client addressed the
+router, and the forward's target is the binding's server (leg B's S:s), as
+for IPv4.
 
 UDP (udp-relay): a datagram on a young binding's tuple before conntrack
 confirmed the first is that binding's, as for IPv4 (core.py ``_new``).
@@ -119,9 +122,11 @@ class SixFlows:
     # ---- packets ------------------------------------------------------------------
 
     def request(self, pkt: Packet, sel: Selector, zone: str | None, server_zone: str | None,
-                ag: AgEndpoint, now: float, serial: int) -> tuple[str, Binding6 | None, tuple[NatOp, ...]]:
+                ag: AgEndpoint, now: float, serial: int,
+                server: tuple[int, int] | None = None) -> tuple[str, Binding6 | None, tuple[NatOp, ...]]:
         """A selected IPv6 first packet: (counter, binding or None, elements). The counter
-        names the outcome: ``bound`` with a binding, else a ``passed.*`` or ``drop.*``."""
+        names the outcome: ``bound`` with a binding, else a ``passed.*`` or ``drop.*``.
+        ``server``: an IPv6 port forward's target, when the client addressed the router."""
         proto, src, sport, dst, dport, flags = pkt[:6]
         if not sel.gateway.takes_ipv6(sel.traffic):
             return "drop.ipv6.not_taken", None, ()  # the ruleset queues no such packet
@@ -150,7 +155,7 @@ class SixFlows:
         if fw is None:
             return "drop.refused.pool_exhausted", None, ()
         fid = make_flow_id(self.queue, serial)
-        b = Binding6(fid, proto, (src, sport), (dst, dport), (dst, dport), fw, ag, now)
+        b = Binding6(fid, proto, (src, sport), (dst, dport), server or (dst, dport), fw, ag, now)
         self._by_client[(proto, src, sport, dst, dport)] = b
         self._by_fw[(proto, *fw)] = b
         self._by_fid[fid] = b

@@ -211,14 +211,17 @@ def _admit(config: Config, rs: Ruleset, t: Traffic, name: str, to_queue: Jump | 
     chain = Chain(name, Kind.MANGLE)
     rs.chains.append(chain)
     if t.to_zone != ROUTER:
-        for f in config.nat.forwards:
+        for f in config.nat.forward:
             if f.from_zone != t.from_zone or f.proto != t.proto or not any(f.ports.overlaps(p) for p in t.ports):
                 continue
+            queue = to_queue if f.version == 4 else to_queue6
+            if queue is None:
+                continue  # an IPv6 forward into a selector that takes IPv4 only: _ipv6_drops takes it
             matches: list = [DstLocal(), Proto(f.proto)]
             if f.saddr:
                 matches.append(Addr("src", f.saddr))
             matches.append(Port("dst", (f.ports,)))
-            chain.add(matches, [to_queue], f"{t.source} admitted by {f.source} forward {f.name}", Family.V4)
+            chain.add(matches, [queue], f"{t.source} admitted by {f.source} forward {f.name}", _version(f.version))
     for rule in config.rules:
         if (rule.from_zone, rule.to_zone) != (t.from_zone, t.to_zone) or rule.proto not in ("any", t.proto):
             continue

@@ -125,7 +125,7 @@ def test_ipv6_a_rule_accepts_into_a_tcp_relay_is_relayed_no_warning() -> None:
     assert hazards(loads(BASE + SSH + everything + relay)) == []
     log_only = relay.replace('kind = "tcp-relay"', 'kind = "tcp-relay"\nsettings = { mode = "log-only" }')
     (warning,) = hazards(loads(BASE + SSH + everything + log_only))
-    assert "take IPv4 only" in warning.message
+    assert "takes IPv4 only (its kind, log-only, or IPv4 addresses)" in warning.message
 
 
 def test_named_counters_are_read_from_ip6tables_save() -> None:

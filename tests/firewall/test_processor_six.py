@@ -238,3 +238,39 @@ def test_a_flood_of_new_ipv6_udp_sources_stops_at_the_pool_counted() -> None:
     # A martian source gets nothing: no binding, no signalling.
     assert rig.send(dgram("fe80::1", 1), WAN0)[0] == DROP and rig.core.counters["drop.martian"] == 1
     assert rig.messages() == []
+
+
+FORWARD6 = CONFIG + """
+[[nat.forward]]
+name = "relay6"
+from = "wan"
+proto = "tcp"
+port = 9000
+to = "[fd00:1::10]:9001"
+
+[[nat.forward]]
+name = "relay"
+from = "wan"
+proto = "tcp"
+port = 9000
+to = "192.168.1.10:9002"
+"""
+
+
+def test_an_ipv6_port_forward_into_the_gateway_binds_to_its_target() -> None:
+    """ext addresses the router's IPv6 address: the server is the IPv6 forward's target (never the IPv4 one's)."""
+    rig = Rig6(FORWARD6)
+    verdict, ops, _ = rig.send(syn(C6, 40000, W6, 9000), WAN0)
+    assert verdict == PASS, dict(rig.core.counters)
+    key = (i6(C6), 40000, i6(W6), 9000)
+    assert ops[0] == (DNAT6_MAP, "tcp", key, (i6(G6), 20000))
+    (msg,) = rig.messages()
+    flow = msg.flow
+    assert (str(flow.original_dst.address), flow.original_dst.port) == (W6, 9000)
+    assert (str(flow.server.address), flow.server.port) == (S6, 9001)
+    verdict, ops_b, _ = rig.send(syn(G6, 50000, F6, 1024), BLIND)
+    assert ops_b[0] == (DNAT6_MAP, "tcp", (i6(G6), 50000, i6(F6), 1024), (i6(S6), 9001))
+    # Without an IPv6 forward the router's own port is the input chain's (its counted drop).
+    bare = Rig6()
+    assert bare.send(syn(C6, 40001, W6, 9000), WAN0) == (PASS, (), PASSED)
+    assert bare.core.counters["passed.other_zone"] == 1 and bare.messages() == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from firewall.config import ConfigError, loads
+from firewall.hazards import hazards
 from firewall.rules import bind, build, iptables, nft
 from firewall.rules.model import Family, Queue
 from gateways.kinds import KINDS
@@ -126,3 +127,37 @@ def test_the_blind_track_lets_neighbour_discovery_through_for_ipv6_flows() -> No
 def test_which_kinds_take_ipv6() -> None:
     assert {k.name for k in KINDS if k.ipv6} >= {"tcp-relay", "udp-relay", "smtp"}
     assert not KINDS["rtp"].ipv6 and not KINDS["tunnel"].ipv6
+
+
+FORWARDS = """
+[[nat.forward]]
+name = "relay6"
+from = "ext"
+proto = "tcp"
+port = 9000
+to = "[fd00:1::10]:9001"
+
+[[nat.forward]]
+name = "media6"
+from = "ext"
+proto = "udp"
+port = 5004
+to = "fd00:1::10"
+"""
+
+
+def test_an_ipv6_forward_into_a_selector_that_takes_ipv6_is_admitted_to_its_queue() -> None:
+    rs = build(loads(BASE.replace('forward = "accept"', 'forward = "drop"') + FORWARDS))
+    (relay,) = [r for r in rs.chain("admit_g0_0").rules if "forward relay6" in r.comment]
+    assert relay.family is Family.V6 and isinstance(relay.statements[0], Queue)
+    # The rtp selector takes IPv4 only: its IPv6 forward is not queued (the counted drop takes it).
+    assert not [r for r in rs.chain("admit_g1_0").rules if "forward media6" in r.comment]
+    text = nft.render(rs)
+    assert ('meta nfproto ipv6 fib daddr type local tcp dport 9000 counter queue num 0 comment '
+            '"gateway[0].traffic[0] admitted by nat.forward[0] forward relay6"') in text, text
+
+
+def test_check_warns_of_an_ipv6_forward_only_into_a_selector_that_takes_ipv4_only() -> None:
+    config = loads(BASE + FORWARDS)
+    (warning,) = [h for h in hazards(config) if "forwards IPv6" in h.message]
+    assert warning.path == "nat.forward[1]" and "this selector takes IPv4 only" in warning.message

@@ -4,13 +4,16 @@ ext (2001:db8:2::10, and ::11 of the same /64) routes lan's ULA through the
 router; a private Postfix in lan (tests/gateways/smtp_netns.py) listens on
 both families. The router takes wan -> lan tcp 25 through an smtp gateway:
 swaks's message arrives intact and Postfix logs the client's real IPv6
-address; a smuggling attempt is refused as over IPv4; and two clients of
-one /64 are one client to ``max_sessions_per_client``.
+address; so does a message to the router's own IPv6 address through an
+IPv6 port forward into the gateway; a smuggling attempt is refused as over
+IPv4; and two clients of one /64 are one client to
+``max_sessions_per_client``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from types import SimpleNamespace
 from typing import Any, Iterator
@@ -34,6 +37,15 @@ from = "wan"
 to = "lan"
 proto = "tcp"
 ports = 25
+
+# The classic inbound deployment over IPv6: ext addresses the router, whose
+# forward takes port 25 to the mail server, through the gateway.
+[[nat.forward]]
+name = "smtp6"
+from = "wan"
+proto = "tcp"
+port = 25
+to = "[fd00:1::10]:25"
 
 [processor]
 queues = [0]
@@ -122,3 +134,20 @@ def test_two_addresses_of_one_prefix_are_one_client(mail6: SimpleNamespace) -> N
     first, second = json.loads(out.stdout)
     assert first.startswith("220") and second.startswith("421 4.7.0 Too many sessions from your address"), (first, second)
     assert wait_for(lambda: "counted_as=2001:db8:2::/64" in mail6.run.text(), timeout=5, what="the refusal's log line")
+
+
+def test_an_ipv6_port_forward_into_the_gateway(mail6: SimpleNamespace) -> None:
+    """ext -> the router's 2001:db8:2::1:25 -> [fd00:1::10]:25: the binding's server is the forward's target."""
+    mail6.inbound.clear()
+    seen = mail6.inbound.log.read_text().count("client=unknown[2001:db8:2::10]")
+    swaks = mail6.lab.run("ext", ["swaks", "-6", "--server", "2001:db8:2::1", "--local-interface", "2001:db8:2::10",
+                                  "--from", "carol@example.org", "--to", "bob@example.com", "--header", "Subject: fwd6"],
+                          check=False, timeout=60)
+    assert swaks.returncode == 0, swaks.stdout + swaks.stderr
+    mail6.inbound.wait_count(1)
+    assert b"Subject: fwd6" in mail6.inbound.messages()[0]
+    log = mail6.inbound.log.read_text()
+    assert log.count("client=unknown[2001:db8:2::10]") == seen + 1, log  # the real client, not the router
+    assert wait_for(lambda: re.search(r"smtp-in open .*client=\[2001:db8:2::10\]:\d+ original_dst=\[2001:db8:2::1\]:25 "
+                                      r"server=\[fd00:1::10\]:25", mail6.run.text()), timeout=5,
+                    what="the gateway's open line with the forward's target as the server")
