@@ -307,7 +307,7 @@ class ProcessorCore:
             return self._drop("drop.martian", mark)
         if six.own(src):
             return self._drop("drop.own_address", mark)
-        sel = self.policy.selector(where, proto, src, dst, dport)
+        sel = self.policy.selector(where, proto, src, dst, dport, six=True)
         if sel is None:
             return self._pass("passed.not_a_selector", mark)
         route = self._route(dst)

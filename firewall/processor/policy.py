@@ -46,17 +46,22 @@ class Selector:
     gateway: Gateway
     ag: AgEndpoint
     ports: tuple[tuple[int, int], ...]
-    saddr: Nets
+    saddr: Nets  # the IPv4 prefixes of t.saddr
     daddr: Nets
     log_only: bool  # the gateway only logs its flows: the kernel carries them, unbound
     adjacent: int | None  # the kind's adjacent-port step (RTP's RTCP): the processor opens it itself
+    saddr6: Nets = ()  # the IPv6 prefixes of t.saddr
+    daddr6: Nets = ()
 
-    def matches(self, src: int, dst: int, dport: int) -> bool:
-        # The same fields, and the same addresses, as the queue rule (rules.build._selector).
+    def matches(self, src: int, dst: int, dport: int, six: bool = False) -> bool:
+        # The same fields, and the same addresses, as the queue rule (rules.build._selector):
+        # a side with addresses names only its own version's (an IPv4 int is never inside
+        # an IPv6 prefix such as ::/0, and the reverse).
+        t = self.traffic
         return (
             any(first <= dport <= last for first, last in self.ports)
-            and (not self.saddr or inside(src, self.saddr))
-            and (not self.daddr or inside(dst, self.daddr))
+            and (not t.saddr or inside(src, self.saddr6 if six else self.saddr))
+            and (not t.daddr or inside(dst, self.daddr6 if six else self.daddr))
         )
 
 
@@ -74,8 +79,10 @@ class Policy:
             kind = KINDS[gw.kind]
             for t in gw.traffic:
                 ports = tuple((r.first, r.last) for r in t.ports)
-                sel = Selector(t, gw, ag, ports, nets(t.saddr), nets(t.daddr),
-                               kind.log_only(gw.settings), kind.adjacent_port(gw.settings))
+                sel = Selector(t, gw, ag, ports, nets(n for n in t.saddr if n.version == 4),
+                               nets(n for n in t.daddr if n.version == 4),
+                               kind.log_only(gw.settings), kind.adjacent_port(gw.settings),
+                               nets(n for n in t.saddr if n.version == 6), nets(n for n in t.daddr if n.version == 6))
                 self.selectors.setdefault((t.from_zone, PROTO[t.proto]), []).append(sel)
         self._forwards: dict[tuple[str, int], list[tuple[PortForward, Nets]]] = {}
         self._forwards6: dict[tuple[str, int], list[tuple[PortForward, Nets]]] = {}
@@ -95,10 +102,12 @@ class Policy:
         gateway's G:g, leg B goes to the firewall-side pool."""
         return (reply[0], reply[1]) in self.agents or inside(orig[2], self._pool)
 
-    def selector(self, zone: str | None, proto: int, src: int, dst: int, dport: int) -> Selector | None:
-        """The first selector of the ingress zone that names this packet (file order)."""
+    def selector(self, zone: str | None, proto: int, src: int, dst: int, dport: int,
+                 six: bool = False) -> Selector | None:
+        """The first selector of the ingress zone that names this packet (file order); ``six``:
+        an IPv6 packet."""
         for candidate in self.selectors.get((zone, proto), ()):  # type: ignore[arg-type]
-            if candidate.matches(src, dst, dport):
+            if candidate.matches(src, dst, dport, six):
                 return candidate
         return None
 

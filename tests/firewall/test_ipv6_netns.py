@@ -460,3 +460,52 @@ def test_tcp_relay_over_ipv6_on_the_kernel_maps(lab_factory, tmp_path: Path) -> 
     saved = lab.run("router", ["ip6tables-nft-save", "-c"]).stdout
     (count,) = re.findall(r"^\[(\d+):\d+\] -A NFGATE-FORWARD .*ipv6_drop_g0_0: ", saved, re.M)
     assert int(count) >= 1, saved
+
+
+SELECTOR6 = ZONES6 + """
+[[rule]]
+name = "in"
+from = "wan"
+to = "lan"
+proto = "tcp"
+ports = 9000
+
+[processor]
+queues = [0]
+""" + RUN + """
+[[gateway]]
+name = "relay"
+kind = "tcp-relay"
+
+[[gateway.traffic]]
+from = "wan"
+to = "lan"
+proto = "tcp"
+ports = 9000
+daddr = ["192.168.1.10", "fd00:1::10"]
+"""
+
+
+def test_a_selector_with_ipv6_addresses_takes_only_the_ipv6_it_names(lab_factory, tmp_path: Path) -> None:
+    """daddr names fd00:1::10: IPv6 to it goes through the relay; IPv6 to lan's other address on the
+    same port is the filter's (its rule accepts it), neither relayed nor dropped."""
+    lab = lab_factory("dual")
+    no_tentative_addresses(lab)
+    lab.run("lan", ["ip", "-6", "addr", "add", "fd00:1::20/64", "dev", "eth0", "nodad"])
+    lab.run("ext", ["ip", "-6", "route", "add", "fd00:1::/64", "via", "2001:db8:2::1"])
+    server = Server(lab, "lan", 9000, addr="::")
+    run = Running(lab, tmp_path, config=SELECTOR6)
+
+    def opened() -> int:
+        return run.ask("status")["processors"]["processor-0"]["counters"].get("flows.ipv6.opened", 0)
+
+    assert probe(lab, "ext", "fd00:1::10", 9000)
+    assert server.next_peer() == "2001:db8:2::10"
+    assert opened() == 1
+    assert wait_for(lambda: re.search(r"relay open .*original_dst=\[fd00:1::10\]:9000", run.text()), timeout=5,
+                    what="the relay's log line")
+    assert probe(lab, "ext", "fd00:1::20", 9000)
+    assert server.next_peer() == "2001:db8:2::10"
+    assert opened() == 1 and "fd00:1::20" not in run.text()
+    status = lab.run("router", [sys.executable, "-m", "firewall.cli", "status", "-c", str(run.path), "--json"])
+    assert json.loads(status.stdout)["ipv6_dropped"]["ipv6_drop_g0_0"]["packets"] == 0
