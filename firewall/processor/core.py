@@ -770,6 +770,21 @@ class ProcessorCore:
         self.counters["flows.adopted"] += adopted
         return adopted
 
+    def adopt6(self, connections: Iterable[Any], now: float) -> int:
+        """``adopt`` for the IPv6 bindings (``six.adopt``), instance 0's; how many."""
+        if self.six is None:
+            return 0
+
+        def target(proto: int, src: int, dst: int, dport: int) -> tuple[int, int] | None:
+            route = self._route(dst)
+            if route is None or not route.local:
+                return None
+            return self.policy.forward_target_any(proto, src, dport, six=True)
+
+        adopted = len(self.six.adopt(connections, now, lambda: next(self._serial), target))
+        self.counters["flows.adopted"] += adopted
+        return adopted
+
     def _adopt_logged(self, connections: list[Any], now: float) -> None:
         """Log-only flows the kernel carried across a restart: tracked and pushed again
         under new flow ids (the only ones this instance can end)."""
@@ -794,6 +809,12 @@ class ProcessorCore:
             elif b.ag_eport is not None and (b.proto, *b.leg_b()[0]) not in alive and b.state & _A_GONE:
                 self.leg_gone(b, leg_a=False, now=now)
         self.counters["conntrack.resyncs"] += 1
+
+    def resync6(self, connections: Iterable[Any]) -> None:
+        """``resync`` for the IPv6 bindings, from a dump of the IPv6 connections."""
+        if self.six is not None:
+            self.six.resync({(c.proto, *c.orig) for c in connections})
+            self._six_ended()
 
     def kernel_done(self, token: int, ok: bool, now: float) -> None:
         """The runner carried out kernel operation ``token`` (``Outputs.kernel_ops``)."""

@@ -125,11 +125,11 @@ class Policy:
                 return int(f.to_addr), dport if f.to_port is None else f.to_port
         return None
 
-    def forward_target_any(self, proto: int, src: int, dport: int) -> tuple[int, int] | None:
+    def forward_target_any(self, proto: int, src: int, dport: int, six: bool = False) -> tuple[int, int] | None:
         """A port forward's S:s from any zone (adoption: the ingress zone is not known)."""
-        for zone, p in self._forwards:
+        for zone, p in self._forwards6 if six else self._forwards:
             if p == proto:
-                target = self.forward_target(zone, proto, src, dport)
+                target = self.forward_target(zone, proto, src, dport, six)
                 if target is not None:
                     return target
         return None

@@ -11,9 +11,9 @@ Why a table of its own beside ``firewall.flows.FlowTable``: that table's
 keys pack 32-bit addresses into one int for speed, and IPv6 is a small part
 of the traffic here. What this slice does not do yet, so the ruleset
 never sends it here: dynamic rules, offload and log-only over IPv6, SNAT of leg B (a server behind
-``nat.masquerade6``: dropped, ``drop.ipv6.masquerade6``), adoption after a
-restart (a processor that restarts forgets its IPv6 bindings; conntrack
-still carries their connections), several instances (IPv6 is instance 0's).
+``nat.masquerade6``: dropped, ``drop.ipv6.masquerade6``), several
+instances (IPv6 is instance 0's). A processor that restarts adopts its
+IPv6 bindings from conntrack (``adopt``), as it does its IPv4 ones.
 
 An IPv6 port forward (DNAT66) into the gateway: the client addressed the
 router, and the forward's target is the binding's server (leg B's S:s), as
@@ -111,6 +111,8 @@ class SixFlows:
         self._by_client: dict[tuple[int, ...], Binding6] = {}
         self._by_fw: dict[tuple[int, int, int], Binding6] = {}
         self._by_fid: dict[int, Binding6] = {}
+        # Each worker by its port: G6 is the workers' one address, each on its G:g's port.
+        self._agents = {ag.port: ag for workers in policy.workers.values() for ag in workers}
         self.endings: list[tuple[FlowEnd, AgEndpoint]] = []  # FLOW_END to send, and to which worker
 
     def __len__(self) -> int:
@@ -208,6 +210,42 @@ class SixFlows:
             })
         return out
 
+    def adopt(self, connections: Iterable[Any], now: float, serial: Callable[[], int],
+              forward_target: Callable[[int, int, int, int], tuple[int, int] | None]) -> list[Binding6]:
+        """Rebuild the IPv6 bindings the kernel carried across a restart (``core.adopt``'s twin):
+        a leg A answers from G6:g (a worker's port) to an F6:f of the pool, a leg B goes from
+        G6:e to one. Their F6:f are claimed; the server is leg B's, or else, for a flow that
+        addressed the router, the IPv6 forward's target (``forward_target(proto, src, dst,
+        dport)``). Returns the bindings, which no NEW_FLOW announces (the gateway has them)."""
+        legs_a: dict[tuple[int, int, int], Any] = {}
+        legs_b: dict[tuple[int, int, int], Any] = {}
+        for c in connections:
+            rsrc, rsport, rdst, rdport = c.reply
+            if rsrc == self.g6 and rsport in self._agents and self.pool.owns(rdst, rdport):
+                legs_a[(c.proto, rdst, rdport)] = c
+            elif c.orig[0] == self.g6 and self.pool.owns(c.orig[2], c.orig[3]):
+                legs_b[(c.proto, c.orig[2], c.orig[3])] = c
+        adopted = []
+        for (proto, f, fport), a in legs_a.items():
+            src, sport, dst, dport = a.orig
+            leg_b = legs_b.get((proto, f, fport))
+            if leg_b is not None and leg_b.reply[2:] == (src, sport):
+                server, eport = leg_b.reply[:2], leg_b.orig[1]
+            else:
+                server, eport = forward_target(proto, src, dst, dport) or (dst, dport), None
+            if (proto, src, sport, dst, dport) in self._by_client or self.pool.in_use(f, fport):
+                self.counters["conntrack.adopt_conflict"] += 1
+                continue
+            self.pool.claim(f, fport)
+            b = Binding6(make_flow_id(self.queue, serial()), proto, (src, sport), (dst, dport), server, (f, fport),
+                         self._agents[a.reply[1]], now, eport, a_alive=True)
+            self._by_client[(proto, *b.client, *b.original_dst)] = b
+            self._by_fw[(proto, f, fport)] = b
+            self._by_fid[b.fid] = b
+            adopted.append(b)
+        self.counters["flows.ipv6.adopted"] += len(adopted)
+        return adopted
+
     def by_firewall_side(self, proto: int, addr: int, port: int) -> Binding6 | None:
         return self._by_fw.get((proto, addr, port))
 
@@ -243,6 +281,18 @@ class SixFlows:
                 b.b_gone = True
             if b.ended:
                 self.end(b, FlowEndReason.FIN if b.proto == TCP else FlowEndReason.IDLE)
+
+    def resync(self, alive: set[tuple[int, ...]]) -> None:
+        """Conntrack events were lost: end every binding whose connections are not in ``alive``
+        (the (proto, *orig) of the IPv6 connections with nfgate's mark)."""
+        for b in list(self._by_fid.values()):
+            if b.a_alive and (b.proto, *b.leg_a()) not in alive:
+                b.a_gone = True
+            if b.a_gone and b.eport is not None and (b.proto, *b.leg_b(self.g6)) not in alive:
+                b.b_gone = True
+            if b.ended:
+                self.end(b, FlowEndReason.FIN if b.proto == TCP else FlowEndReason.IDLE)
+        self.counters["conntrack.resyncs6"] += 1
 
     def end(self, b: Binding6, reason: FlowEndReason) -> None:
         self._remove(b)

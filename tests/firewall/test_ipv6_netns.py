@@ -13,6 +13,8 @@ side's capture.
 from __future__ import annotations
 
 import json
+import os
+import signal
 from ipaddress import ip_address
 import re
 import subprocess
@@ -509,3 +511,50 @@ def test_a_selector_with_ipv6_addresses_takes_only_the_ipv6_it_names(lab_factory
     assert opened() == 1 and "fd00:1::20" not in run.text()
     status = lab.run("router", [sys.executable, "-m", "firewall.cli", "status", "-c", str(run.path), "--json"])
     assert json.loads(status.stdout)["ipv6_dropped"]["ipv6_drop_g0_0"]["packets"] == 0
+
+
+# One IPv6 connection through the relay, held open across whatever the test does on "go".
+HELD = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], 9000), timeout=10)
+s.sendall(b"before\n")
+print(s.recv(100).decode().strip(), flush=True)
+sys.stdin.readline()
+s.sendall(b"after\n")
+print(s.recv(100).decode().strip(), flush=True)
+s.close()
+"""
+
+
+def test_kill_9_of_the_processor_keeps_an_ipv6_relay_flow_and_adopts_it(lab_factory, tmp_path: Path) -> None:
+    """The kernel carries the IPv6 flow while the processor is gone; the new one adopts its binding
+    from conntrack (same tuples, same F6:f), and it ends with its connections (FLOW_END, pool)."""
+    lab = lab_factory("dual")
+    no_tentative_addresses(lab)
+    lab.run("ext", ["ip", "-6", "route", "add", "fd00:1::/64", "via", "2001:db8:2::1"])
+    lab.popen("lan", ["socat", "TCP6-LISTEN:9000,reuseaddr,fork", "EXEC:cat"])
+    lab.wait_listening("lan", 9000)
+    run = Running(lab, tmp_path, config=RELAY6)
+
+    def proc() -> dict:
+        return run.ask("status")["processors"]["processor-0"]
+
+    client = lab.popen("ext", [sys.executable, "-u", "-c", HELD, "fd00:1::10"], stdin=subprocess.PIPE,
+                       stdout=subprocess.PIPE, text=True)
+    assert wait_for(client.stdout.readline, timeout=10, what="the first echo").strip() == "before"
+    (flow,) = [f for f in run.ask("flows") if "ipv6" in f["state"]]
+    old = proc()["pid"]
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: proc().get("pid") not in (None, old), timeout=10, interval=0.1,
+             what="the supervisor to restart the processor", ignore=(KeyError, OSError))
+    assert proc()["counters"]["flows.ipv6.adopted"] == 1
+    (adopted,) = [f for f in run.ask("flows") if "ipv6" in f["state"]]
+    for key in ("client", "original_dst", "server", "firewall_side", "ag", "ag_eport"):
+        assert adopted[key] == flow[key], (key, adopted, flow)
+    client.stdin.write("go\n")
+    client.stdin.flush()
+    assert wait_for(client.stdout.readline, timeout=10, what="the echo after the restart").strip() == "after"
+    assert client.wait(timeout=10) == 0
+    assert proc()["counters"].get("queued", 0) == 0  # the new processor saw nothing of it
+    wait_for(lambda: proc()["flows_ipv6"] == 0, timeout=20, interval=0.2, what="the adopted IPv6 binding to end")
+    assert proc()["counters"]["signalling.sent.flow_end"] >= 1

@@ -15,6 +15,7 @@ from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrRouting
 from firewall.config import loads
 from firewall.packet import TCP, UDP
 from firewall.processor.core import DROP, PASS, ProcessorCore, Route
+from firewall.processor.kernel import Connection
 from firewall.rules.bind import DNAT6_MAP, SNAT6_MAP
 from firewall.signalling import Encoder, FlowEnd, FlowEndReason, Guard, NewFlow, Received, Role
 
@@ -274,3 +275,51 @@ def test_an_ipv6_port_forward_into_the_gateway_binds_to_its_target() -> None:
     bare = Rig6()
     assert bare.send(syn(C6, 40001, W6, 9000), WAN0) == (PASS, (), PASSED)
     assert bare.core.counters["passed.other_zone"] == 1 and bare.messages() == []
+
+
+def test_a_restarted_processor_adopts_its_ipv6_bindings_from_conntrack() -> None:
+    """Bind a flow with both legs, then hand its two connections to a fresh core: the same
+    binding (F6:f claimed, leg B's server and port), ended by conntrack like any other."""
+    rig = Rig6(FORWARD6)
+    rig.send(syn(C6, 40000, W6, 9000), WAN0)
+    rig.send(syn(G6, 50000, F6, 1024), BLIND)
+    (before,) = rig.core.flows(T0 + 1, 10)
+    f = (i6(F6), 1024)
+    leg_a = Connection(TCP, (i6(C6), 40000, i6(W6), 9000), (i6(G6), 20000, *f))
+    leg_b = Connection(TCP, (i6(G6), 50000, *f), (i6(S6), 9001, i6(C6), 40000))
+    other = Connection(TCP, (i6(C6), 40001, i6(S6), 22), (i6(S6), 22, i6(C6), 40001))  # not a leg
+
+    fresh = Rig6(FORWARD6)
+    assert fresh.core.adopt6([other, leg_b, leg_a], T0 + 2) == 1
+    (after,) = fresh.core.flows(T0 + 3, 10)
+    for key in ("proto", "client", "original_dst", "server", "firewall_side", "ag", "ag_eport"):
+        assert after[key] == before[key], key
+    assert fresh.messages() == []  # the gateway has the flow: no NEW_FLOW
+    assert fresh.core.six.pool.in_use(*f)
+    # A new flow gets another F6:f; the adopted one ends with its connections.
+    assert fresh.send(syn(C6, 40002, W6, 9000), WAN0)[1][1][3] != f
+    fresh.messages()
+    fresh.core.conntrack_destroyed(TCP, leg_a.orig, leg_a.reply, T0 + 5)
+    fresh.core.conntrack_destroyed(TCP, leg_b.orig, leg_b.reply, T0 + 5)
+    (end,) = fresh.messages()
+    assert isinstance(end, FlowEnd) and end.flow_id == after["flow_id"]
+    assert not fresh.core.six.pool.in_use(*f)
+    # Without leg B (not started yet), the server is the IPv6 forward's target.
+    again = Rig6(FORWARD6)
+    assert again.core.adopt6([leg_a], T0 + 2) == 1
+    (only_a,) = again.core.flows(T0 + 3, 10)
+    assert only_a["server"] == f"[{S6}]:9001" and only_a["ag_eport"] is None
+
+
+def test_lost_events_are_made_good_by_a_dump_of_the_ipv6_connections() -> None:
+    rig = Rig6()
+    rig.send(syn(C6, 40000, S6, 9000), WAN0)
+    rig.send(syn(G6, 50000, F6, 1024), BLIND)
+    rig.messages()
+    leg_a = (TCP, i6(C6), 40000, i6(S6), 9000)
+    leg_b = (TCP, i6(G6), 50000, i6(F6), 1024)
+    rig.core.resync6([Connection(TCP, leg_a[1:], (0, 0, 0, 0)), Connection(TCP, leg_b[1:], (0, 0, 0, 0))])
+    assert rig.messages() == [] and rig.core.stats()["flows_ipv6"] == 1
+    rig.core.resync6([])  # both gone, their destroy events lost
+    (end,) = rig.messages()
+    assert isinstance(end, FlowEnd) and rig.core.stats()["flows_ipv6"] == 0
