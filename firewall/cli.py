@@ -167,7 +167,7 @@ def check(config_path: str, as_json: bool, strict: bool) -> None:
             click.echo(f"    IPv6 on its selectors' ports: through the gateway for {', '.join(g['ipv6_relayed'])}")
         if g["ipv6_dropped"]:
             click.echo(f"    IPv6 on its selectors' ports: dropped, counted as {', '.join(g['ipv6_dropped'])} "
-                       f"({'a log-only gateway, or a selector with addresses' if KINDS[g['kind']].ipv6 else 'a ' + g['kind'] + ' gateway takes IPv4 only'})")
+                       f"({'a log-only gateway, or a selector whose addresses are IPv4 only' if KINDS[g['kind']].ipv6 else 'a ' + g['kind'] + ' gateway takes IPv4 only'})")
     if config.gateways:
         click.echo(f"  processor: queues {summary['queues']}, fail {summary['fail_mode']}")
     click.echo(f"  renders to {summary['kernel_rules']} rules in {summary['chains']} chains")

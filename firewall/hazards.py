@@ -12,7 +12,7 @@ and ``apply`` print them and go on.
   rule or port forward accepts in full brings the gateway only part of it,
   or nothing.
 - IPv6 a gateway cannot take: a selector whose kind takes IPv4 only (every
-  kind but tcp-relay, ftp and tunnel so far, ``Gateway.takes_ipv6``) has the IPv6 on its
+  kind but tcp-relay, udp-relay, smtp, ftp and tunnel so far, ``Gateway.takes_ipv6``) has the IPv6 on its
   ports dropped by the ruleset, counted
   (rules.build._ipv6_drops; never a bypass). A rule or policy that accepts
   that IPv6 says the operator expects it to pass: the warning says it will
@@ -133,22 +133,18 @@ def _admits(config: Config, name: str, t: Traffic) -> list[Hazard]:
 
 
 def _ipv6(config: Config, name: str, t: Traffic, counter: str, takes: bool) -> list[Hazard]:
-    """``takes``: the selector's IPv6 goes through its gateway (``Gateway.takes_ipv6``); only an
-    IPv6 port forward into it is still dropped (the processor takes no IPv6 forward yet)."""
-    what = f"IPv6 {t.proto} {', '.join(map(str, t.ports))} from {t.from_zone} to {t.to_zone}"
+    """``takes``: the selector's IPv6 goes through its gateway (``Gateway.takes_ipv6``), an IPv6
+    port forward into it included: nothing to warn of."""
     if takes:
-        dropped = (f"IPv6 port forwards into a gateway are not taken yet, so nfgate drops {what} through a forward "
-                   f"(counted as {counter}, shown by `nfgate status`) rather than let it skip gateway {name}")
-    else:
-        dropped = (f"gateways of this kind take IPv4 only, so nfgate drops {what} (counted as {counter}, shown by "
-                   f"`nfgate status`) rather than let it skip gateway {name}")
+        return []  # the rules' and the forwards' IPv6 is relayed like their IPv4
+    what = f"IPv6 {t.proto} {', '.join(map(str, t.ports))} from {t.from_zone} to {t.to_zone}"
+    dropped = (f"this selector takes IPv4 only (its kind, log-only, or IPv4 addresses), so nfgate drops {what} "
+               f"(counted as {counter}, shown by `nfgate status`) rather than let it skip gateway {name}")
     if t.to_zone != ROUTER:
         for f in config.nat.forwards6:
             if f.from_zone == t.from_zone and f.proto == t.proto and any(f.ports.overlaps(p) for p in t.ports):
                 return [Hazard(f.source, f"forwards IPv6 {f.proto} {f.ports} to {f.to_addr}, but {dropped} for "
                                f"connections into {t.to_zone} ({t.source}): the forward only works into another zone")]
-    if takes:
-        return []  # the rules' IPv6 is relayed like their IPv4
     for rule in config.rules:
         if not _matches(rule, t):
             continue

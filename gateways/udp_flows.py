@@ -5,7 +5,9 @@ binding of: every datagram from one F:f to G:g ("Connection
 identification": F:f is unique per flow). ``UdpFlows`` is the part of a
 datagram gateway that is the same whatever it does with the datagrams:
 
-- G:g, the listen socket (leg A), bound by ``start``. It is read straight
+- G:g, the listen socket (leg A), bound by ``start``; a kind that takes
+  IPv6 (``listen6``) binds G6 on the same port too, and a family 6 flow's
+  datagrams come in, and its replies leave, there. It is read straight
   from the event loop, up to ``READ_BATCH`` datagrams per readiness, and
   written with ``sendto`` at once: a datagram that finds the kernel's
   buffer full is dropped and counted (``dropped.send_buffer``), never
@@ -65,10 +67,11 @@ class State(enum.Enum):
 class UdpFlow:
     """One binding as a datagram gateway holds it; a subclass adds its own fields."""
 
-    __slots__ = ("fw", "state", "queue", "hold", "leg_b", "task")
+    __slots__ = ("fw", "addr", "state", "queue", "hold", "leg_b", "task")
 
     def __init__(self, fw: Endpoint) -> None:
         self.fw = fw
+        self.addr: Any = None  # F:f as recvfrom gave it (IPv6: a 4-tuple), the ``_by_addr`` key
         self.state = State.LOOKUP
         self.queue: deque[bytes] = deque()
         self.hold: Hold | None = None
@@ -102,13 +105,15 @@ class UdpFlows(abc.ABC):
     max_queued = MAX_QUEUED_DATAGRAMS
 
     def __init__(self, layer: GatewayLayer, listen: Endpoint, max_flows: int, log: EventLog,
-                 counters: Counter[str]) -> None:
+                 counters: Counter[str], listen6: Endpoint | None = None) -> None:
         self.layer = layer
         self.listen = listen
+        self.listen6 = listen6  # a kind that takes IPv6: G6 on listen's port (issue 17)
         self.log = log
         self.counters = counters
         self._max_flows = max_flows
         self._sock: socket.socket | None = None
+        self._sock6: socket.socket | None = None
         self._flows: dict[Endpoint, UdpFlow] = {}
         # The same flows by the socket's own address tuple: a datagram of a
         # known flow costs one dict look-up, no address object.
@@ -120,17 +125,20 @@ class UdpFlows(abc.ABC):
         return len(self._flows)
 
     async def start(self) -> None:
-        """Bind G:g. OSError if the address is not here."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            sock.setblocking(False)
-            sock.bind((str(self.listen.address), self.listen.port))
-        except BaseException:
-            sock.close()
-            raise
-        self._sock = sock
+        """Bind G:g (and G6 on its port). OSError if an address is not here."""
+        sock = _bind(self.listen)
         self.listen = Endpoint(self.listen.address, sock.getsockname()[1])
-        asyncio.get_running_loop().add_reader(sock.fileno(), self._read)
+        if self.listen6 is not None:
+            try:
+                sock6 = _bind(Endpoint(self.listen6.address, self.listen.port))
+            except BaseException:
+                sock.close()
+                raise
+            self.listen6 = Endpoint(self.listen6.address, self.listen.port)
+            self._sock6 = sock6
+            asyncio.get_running_loop().add_reader(sock6.fileno(), self._read, sock6)
+        self._sock = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._read, sock)
 
     async def _close_all(self, reason: str) -> None:
         """Close every flow, wait for their lookups, and release G:g."""
@@ -140,10 +148,11 @@ class UdpFlows(abc.ABC):
         tasks = [f.task for f in flows if f.task is not None]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        if self._sock is not None:
-            asyncio.get_running_loop().remove_reader(self._sock.fileno())
-            self._sock.close()
-            self._sock = None
+        for sock in (self._sock, self._sock6):
+            if sock is not None:
+                asyncio.get_running_loop().remove_reader(sock.fileno())
+                sock.close()
+        self._sock = self._sock6 = None
 
     # ---- hooks -------------------------------------------------------------------------------
 
@@ -192,9 +201,8 @@ class UdpFlows(abc.ABC):
 
     # ---- datagrams ---------------------------------------------------------------------------
 
-    def _read(self) -> None:
-        sock = self._sock
-        if sock is None:
+    def _read(self, sock: socket.socket) -> None:
+        if sock.fileno() < 0:
             return
         for _ in range(READ_BATCH):
             try:
@@ -221,6 +229,7 @@ class UdpFlows(abc.ABC):
                 self.counters["dropped.max_flows"] += 1
                 return
             flow = self._new_flow(fw)
+            flow.addr = addr
             self._flows[fw] = flow
             self._by_addr[addr] = flow
             self.counters["flows.started"] += 1
@@ -234,8 +243,8 @@ class UdpFlows(abc.ABC):
             self.counters["dropped.queue_full"] += 1
 
     def _send_down(self, flow: UdpFlow, data: bytes) -> bool:
-        """To the client from G:g; False (counted) when the socket's buffer is full."""
-        sock = self._sock
+        """To the client from G:g (G6:g for IPv6); False (counted) when the socket's buffer is full."""
+        sock = self._sock6 if flow.fw.address.version == 6 else self._sock
         if sock is None:
             return False
         try:
@@ -263,7 +272,8 @@ class UdpFlows(abc.ABC):
 
     async def _open(self, flow: UdpFlow) -> None:
         try:
-            hold = await self.layer.attach(Proto.UDP, flow.fw, self.listen, on_end=lambda cause: self._ended(flow, cause))
+            ag = self.listen6 if flow.fw.address.version == 6 and self.listen6 is not None else self.listen
+            hold = await self.layer.attach(Proto.UDP, flow.fw, ag, on_end=lambda cause: self._ended(flow, cause))
         except FlowUnknown as exc:
             self.counters["flows.unknown"] += 1
             self.counters["dropped.unknown_flow"] += len(flow.queue)
@@ -303,6 +313,17 @@ class UdpFlows(abc.ABC):
     def _remove(self, flow: UdpFlow) -> None:
         if self._flows.get(flow.fw) is flow:
             del self._flows[flow.fw]
-        addr = (str(flow.fw.address), flow.fw.port)
-        if self._by_addr.get(addr) is flow:
-            del self._by_addr[addr]
+        if self._by_addr.get(flow.addr) is flow:
+            del self._by_addr[flow.addr]
+
+
+def _bind(listen: Endpoint) -> socket.socket:
+    """A non-blocking datagram socket on ``listen``. OSError if the address is not here."""
+    sock = socket.socket(socket.AF_INET6 if listen.address.version == 6 else socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        sock.bind((str(listen.address), listen.port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -15,7 +15,8 @@ identification": F:f is unique per flow).
   (``GatewayLayer.request_offload``, docs/datapath.md "Offload"); the
   processor's FLOW_END OFFLOADED then closes it (reason ``offloaded``), and
   its later datagrams never reach the gateway. A refusal is logged
-  (``offload_refused``) and the flow goes on through the relay.
+  (``offload_refused``) and the flow goes on through the relay. An IPv6
+  flow is never offloaded (dynamic rules are IPv4's, docs/datapath.md).
 """
 
 from __future__ import annotations
@@ -50,7 +51,10 @@ class UdpRelaySettings(Frozen):
         0, description="datagrams relayed each way before the flow is handed to the kernel (0: never)")
 
 
-KIND = Kind("udp-relay", ("udp",), UdpRelaySettings, gateway="gateways.udp_relay:UdpRelay.for_gateway", offload=True)
+KIND = Kind(
+    "udp-relay", ("udp",), UdpRelaySettings, gateway="gateways.udp_relay:UdpRelay.for_gateway", offload=True,
+    ipv6=True,  # datagrams pass unchanged: nothing in them names an address
+)
 
 
 class _Flow(UdpFlow):
@@ -76,14 +80,17 @@ class UdpRelay(UdpFlows):
         listen: Endpoint,
         settings: UdpRelaySettings,
         log: EventLog,
+        listen6: Endpoint | None = None,
     ) -> None:
-        super().__init__(layer, listen, settings.max_flows, log, Counter())
+        super().__init__(layer, listen, settings.max_flows, log, Counter(), listen6)
         self.settings = settings
 
     @classmethod
     def for_gateway(cls, layer: GatewayLayer, manifest: Manifest, listen: Endpoint, log: EventLog) -> "UdpRelay":
         """The gateway as ``python -m gateways`` runs it: settings from its manifest."""
-        return cls(layer, listen=listen, settings=UdpRelaySettings.model_validate(manifest.settings), log=log)
+        listen6 = Endpoint(manifest.listen6, listen.port) if manifest.listen6 is not None else None
+        return cls(layer, listen=listen, settings=UdpRelaySettings.model_validate(manifest.settings), log=log,
+                   listen6=listen6)
 
     def leg_b_port(self, fw: Endpoint) -> int | None:
         """The local port of the leg B socket of the flow from ``fw``, if it is open."""
@@ -124,7 +131,9 @@ class UdpRelay(UdpFlows):
 
     def _maybe_offload(self, flow: _Flow) -> None:
         after = self.settings.offload_after
-        if after and flow.offload is None and min(flow.datagrams_up, flow.datagrams_down) >= after:
+        # Offload is IPv4's (dynamic rules are): an IPv6 flow stays in the relay.
+        if after and flow.offload is None and min(flow.datagrams_up, flow.datagrams_down) >= after \
+                and flow.fw.address.version == 4:
             flow.offload = asyncio.create_task(self._offload(flow))
 
     async def _offload(self, flow: _Flow) -> None:

@@ -275,13 +275,12 @@ class Nat(Frozen):
 
     @property
     def forwards(self) -> tuple[PortForward, ...]:
-        """The IPv4 port forwards (NAT44): the only ones a gateway's selector
-        can stand in front of (the processor's double NAT is NAT44)."""
+        """The IPv4 port forwards (NAT44)."""
         return tuple(f for f in self.forward if f.version == 4)
 
     @property
     def forwards6(self) -> tuple[PortForward, ...]:
-        """The IPv6 port forwards (NAT66): the kernel's alone."""
+        """The IPv6 port forwards (DNAT66): into a gateway only where its selector takes IPv6."""
         return tuple(f for f in self.forward if f.version == 6)
 
 
@@ -533,8 +532,8 @@ class Traffic(Frozen):
     to_zone: ZonesOrRouter = Field(alias="to", description="the zone it goes to, or router")
     proto: TcpUdp = Field(description="the protocol (the kind says which it takes)")
     ports: Ports = Field(description="destination ports: 25, \"1000-2000\", or an array of those")
-    saddr: Addresses = Field((), description="source addresses or prefixes (IPv4)")
-    daddr: Addresses = Field((), description="destination addresses or prefixes (IPv4)")
+    saddr: Addresses = Field((), description="source addresses or prefixes (IPv6 ones where the kind takes IPv6)")
+    daddr: Addresses = Field((), description="destination addresses or prefixes (likewise)")
     allow: Bool = Field(False, description="the selector admits its traffic itself, as an accept [[rule]] would; "
                         "false: the filter's rules decide what reaches the gateway")
 
@@ -542,11 +541,14 @@ class Traffic(Frozen):
     def _check(self, info: ValidationInfo) -> "Traffic":
         if self.from_zone == self.to_zone:
             report(info, self.source, "'from' and 'to' are the same zone: the router never sees that traffic")
-        for nets, key in ((self.saddr, "saddr"), (self.daddr, "daddr")):
-            if any(n.version != 4 for n in nets):
-                report(info, f"{self.source}.{key}", "a selector's addresses are IPv4: gateways take IPv4 only (the "
-                       "processor's double NAT is NAT44), and the IPv6 on a selector's ports is dropped")
+        if not self.names(4) and not self.names(6):
+            report(info, self.source, "saddr and daddr share no IP version: the selector names no traffic")
         return self
+
+    def names(self, version: int) -> bool:
+        """Whether the selector can name traffic of IP ``version``: each of ``saddr`` and
+        ``daddr`` is empty or has a prefix of that version."""
+        return all(not nets or any(n.version == version for n in nets) for nets in (self.saddr, self.daddr))
 
 
 Selectors = Tables(Traffic, "gateway.traffic")
@@ -572,6 +574,14 @@ class Gateway(Frozen):
         if not self.traffic:
             report(info, f"{self.source}.traffic", "a gateway needs at least one [[gateway.traffic]] selector")
         for item in self.traffic:
+            v6 = [n for n in item.saddr + item.daddr if n.version == 6]
+            if v6 and not (kind.ipv6 and not kind.log_only(self.settings)):
+                report(info, item.source, f"IPv6 addresses ({v6[0]}), but a {'log-only ' if kind.log_only(self.settings) else ''}"
+                       f"{self.kind} gateway takes IPv4 only (kinds that take IPv6: "
+                       f"{', '.join(k.name for k in KINDS if k.ipv6)})")
+            elif v6 and not item.names(6) and item.names(4):
+                report(info, item.source, "IPv6 addresses on one side only (saddr or daddr): the selector names no "
+                       "IPv6 traffic; give IPv6 prefixes on both sides, or none")
             if item.proto not in kind.protos:
                 report(info, f"{item.source}.proto", f"a {self.kind} gateway takes {' or '.join(kind.protos)}, not {item.proto}")
             if kind.terminates and item.to_zone != ROUTER:
@@ -588,10 +598,10 @@ class Gateway(Frozen):
 
     def takes_ipv6(self, t: Traffic) -> bool:
         """Whether selector ``t`` queues IPv6 to this gateway (issue 17): its kind takes IPv6
-        (``Kind.ipv6``), it relays (not log-only), and it names no addresses (a selector's
-        addresses are IPv4). Otherwise its IPv6 is dropped and counted."""
+        (``Kind.ipv6``), it relays (not log-only), and its addresses, if any, name IPv6
+        (``Traffic.names``). Otherwise the IPv6 on its ports is dropped and counted."""
         kind = KINDS[self.kind]
-        return kind.ipv6 and not kind.log_only(self.settings) and not t.saddr and not t.daddr
+        return kind.ipv6 and not kind.log_only(self.settings) and t.names(6)
 
     @property
     def listen_ports(self) -> range:

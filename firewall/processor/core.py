@@ -318,13 +318,20 @@ class ProcessorCore:
             verdict = self._by_rule(pkt, mark, now)
             if verdict is not None:
                 return verdict
-        sel = self.policy.selector(where, proto, src, dst, dport)
+        sel = self.policy.selector(where, proto, src, dst, dport, six=True)
         if sel is None:
             return self._pass("passed.not_a_selector", mark)
         route = self._route(dst)
+        server = None
+        if route is not None and route.local:
+            # An IPv6 port forward (DNAT66) into the gateway: its target is the server.
+            server = self.policy.forward_target(where, proto, src, dport, six=True)  # type: ignore[arg-type]
+            if server is not None:
+                route = self._route(server[0])
         if route is None:
             return self._pass("passed.no_route", mark)
-        why, b, ops = six.request(pkt, sel, where, self._zone(route), self.spread.pick(sel.ag), now, next(self._serial))
+        why, b, ops = six.request(pkt, sel, where, self._zone(route), self.spread.pick(sel.ag), now, next(self._serial),
+                                  server)
         self._six_ended()
         if b is None:
             return self._pass(why, mark) if why.startswith("passed.") else self._drop(why, mark)
@@ -810,6 +817,21 @@ class ProcessorCore:
         self.counters["flows.adopted"] += adopted
         return adopted
 
+    def adopt6(self, connections: Iterable[Any], now: float) -> int:
+        """``adopt`` for the IPv6 bindings (``six.adopt``), instance 0's; how many."""
+        if self.six is None:
+            return 0
+
+        def target(proto: int, src: int, dst: int, dport: int) -> tuple[int, int] | None:
+            route = self._route(dst)
+            if route is None or not route.local:
+                return None
+            return self.policy.forward_target_any(proto, src, dport, six=True)
+
+        adopted = len(self.six.adopt(connections, now, lambda: next(self._serial), target))
+        self.counters["flows.adopted"] += adopted
+        return adopted
+
     def _adopt_logged(self, connections: list[Any], now: float) -> None:
         """Log-only flows the kernel carried across a restart: tracked and pushed again
         under new flow ids (the only ones this instance can end)."""
@@ -834,6 +856,12 @@ class ProcessorCore:
             elif b.ag_eport is not None and (b.proto, *b.leg_b()[0]) not in alive and b.state & _A_GONE:
                 self.leg_gone(b, leg_a=False, now=now)
         self.counters["conntrack.resyncs"] += 1
+
+    def resync6(self, connections: Iterable[Any]) -> None:
+        """``resync`` for the IPv6 bindings, from a dump of the IPv6 connections."""
+        if self.six is not None:
+            self.six.resync({(c.proto, *c.orig) for c in connections})
+            self._six_ended()
 
     def kernel_done(self, token: int, ok: bool, now: float) -> None:
         """The runner carried out kernel operation ``token`` (``Outputs.kernel_ops``)."""

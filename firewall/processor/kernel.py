@@ -365,9 +365,9 @@ class Conntrack:
                 found = True
         return found
 
-    def _dump(self, mark: int, mask: int) -> Iterator[bytes]:
+    def _dump(self, mark: int, mask: int, family: int = socket.AF_INET) -> Iterator[bytes]:
         msg = nfct_msg.create_from(mark=mark, mark_mask=mask)
-        for kind, body in self._request(msg, NLM_F_DUMP):
+        for kind, body in self._request(msg, NLM_F_DUMP, family=family):
             if kind == NLMSG_ERROR:
                 code = -struct.unpack("=i", body)[0]
                 if code:
@@ -375,10 +375,11 @@ class Conntrack:
             else:
                 yield body
 
-    def ours(self) -> Iterator[Connection]:
-        """Every connection with nfgate's mark (the kernel filters the dump): the ``rewritten``
-        bit, whatever else is set (an offloaded flow's connection also carries ``allowed``)."""
-        for body in self._dump(self.mark, self.mark):
+    def ours(self, family: int = socket.AF_INET) -> Iterator[Connection]:
+        """Every connection of ``family`` (the dump's, which the kernel filters by) with
+        nfgate's mark (likewise): the ``rewritten`` bit, whatever else is set (an offloaded
+        flow's connection also carries ``allowed``)."""
+        for body in self._dump(self.mark, self.mark, family):
             conn = connection(body)
             if conn is not None:
                 yield conn

@@ -4,7 +4,7 @@ The same fields, and the same addresses, as the queue rules that sent the
 packet here (``firewall.rules.build``): a selector is the gateway's
 ``[[gateway.traffic]]`` entry (from-zone, protocol, ports, addresses); a
 port forward's target S:s is what the client meant when it addressed the
-router. The to-zone, which prerouting cannot match, is the core's (a route
+router (an IPv4 client's by the IPv4 forwards, an IPv6 one's by the IPv6 ones). The to-zone, which prerouting cannot match, is the core's (a route
 lookup). Pure: built once from the config, no I/O.
 """
 
@@ -46,17 +46,22 @@ class Selector:
     gateway: Gateway
     ag: AgEndpoint
     ports: tuple[tuple[int, int], ...]
-    saddr: Nets
+    saddr: Nets  # the IPv4 prefixes of t.saddr
     daddr: Nets
     log_only: bool  # the gateway only logs its flows: the kernel carries them, unbound
     adjacent: int | None  # the kind's adjacent-port step (RTP's RTCP): the processor opens it itself
+    saddr6: Nets = ()  # the IPv6 prefixes of t.saddr
+    daddr6: Nets = ()
 
-    def matches(self, src: int, dst: int, dport: int) -> bool:
-        # The same fields, and the same addresses, as the queue rule (rules.build._selector).
+    def matches(self, src: int, dst: int, dport: int, six: bool = False) -> bool:
+        # The same fields, and the same addresses, as the queue rule (rules.build._selector):
+        # a side with addresses names only its own version's (an IPv4 int is never inside
+        # an IPv6 prefix such as ::/0, and the reverse).
+        t = self.traffic
         return (
             any(first <= dport <= last for first, last in self.ports)
-            and (not self.saddr or inside(src, self.saddr))
-            and (not self.daddr or inside(dst, self.daddr))
+            and (not t.saddr or inside(src, self.saddr6 if six else self.saddr))
+            and (not t.daddr or inside(dst, self.daddr6 if six else self.daddr))
         )
 
 
@@ -74,12 +79,16 @@ class Policy:
             kind = KINDS[gw.kind]
             for t in gw.traffic:
                 ports = tuple((r.first, r.last) for r in t.ports)
-                sel = Selector(t, gw, ag, ports, nets(t.saddr), nets(t.daddr),
-                               kind.log_only(gw.settings), kind.adjacent_port(gw.settings))
+                sel = Selector(t, gw, ag, ports, nets(n for n in t.saddr if n.version == 4),
+                               nets(n for n in t.daddr if n.version == 4),
+                               kind.log_only(gw.settings), kind.adjacent_port(gw.settings),
+                               nets(n for n in t.saddr if n.version == 6), nets(n for n in t.daddr if n.version == 6))
                 self.selectors.setdefault((t.from_zone, PROTO[t.proto]), []).append(sel)
         self._forwards: dict[tuple[str, int], list[tuple[PortForward, Nets]]] = {}
-        for f in config.nat.forwards:
-            self._forwards.setdefault((f.from_zone, PROTO[f.proto]), []).append((f, nets(f.saddr)))
+        self._forwards6: dict[tuple[str, int], list[tuple[PortForward, Nets]]] = {}
+        for f in config.nat.forward:
+            by_zone = self._forwards if f.version == 4 else self._forwards6
+            by_zone.setdefault((f.from_zone, PROTO[f.proto]), []).append((f, nets(f.saddr)))
         self._pool = nets([config.processor.pools.firewall_side])
         self._instances = len(config.processor.queues)
         self._client_bits = bucket_count(self._instances) - 1  # the low bits steer_client_src reads
@@ -93,10 +102,12 @@ class Policy:
         gateway's G:g, leg B goes to the firewall-side pool."""
         return (reply[0], reply[1]) in self.agents or inside(orig[2], self._pool)
 
-    def selector(self, zone: str | None, proto: int, src: int, dst: int, dport: int) -> Selector | None:
-        """The first selector of the ingress zone that names this packet (file order)."""
+    def selector(self, zone: str | None, proto: int, src: int, dst: int, dport: int,
+                 six: bool = False) -> Selector | None:
+        """The first selector of the ingress zone that names this packet (file order); ``six``:
+        an IPv6 packet."""
         for candidate in self.selectors.get((zone, proto), ()):  # type: ignore[arg-type]
-            if candidate.matches(src, dst, dport):
+            if candidate.matches(src, dst, dport, six):
                 return candidate
         return None
 
@@ -106,18 +117,19 @@ class Policy:
                  for s in group if s.log_only and s.matches(src, dst, dport))
         return next(found, None)
 
-    def forward_target(self, zone: str, proto: int, src: int, dport: int) -> tuple[int, int] | None:
-        """The port forward's S:s for a client that addressed the router, as the DNAT rule has it."""
-        for f, saddr in self._forwards.get((zone, proto), ()):
+    def forward_target(self, zone: str, proto: int, src: int, dport: int, six: bool = False) -> tuple[int, int] | None:
+        """The port forward's S:s for a client that addressed the router, as the DNAT rule has it
+        (``six``: an IPv6 client and the IPv6 forwards, DNAT66)."""
+        for f, saddr in (self._forwards6 if six else self._forwards).get((zone, proto), ()):
             if f.ports.first <= dport <= f.ports.last and (not saddr or inside(src, saddr)):
                 return int(f.to_addr), dport if f.to_port is None else f.to_port
         return None
 
-    def forward_target_any(self, proto: int, src: int, dport: int) -> tuple[int, int] | None:
+    def forward_target_any(self, proto: int, src: int, dport: int, six: bool = False) -> tuple[int, int] | None:
         """A port forward's S:s from any zone (adoption: the ingress zone is not known)."""
-        for zone, p in self._forwards:
+        for zone, p in self._forwards6 if six else self._forwards:
             if p == proto:
-                target = self.forward_target(zone, proto, src, dport)
+                target = self.forward_target(zone, proto, src, dport, six)
                 if target is not None:
                     return target
         return None

@@ -265,6 +265,8 @@ class Runner:
             self._accounting_on()
         # Before the queue is read: no new flow may be given an F:f still in use.
         adopted = self.core.adopt(self.ct.ours(), time.monotonic())
+        if self.core.six is not None:
+            adopted += self.core.adopt6(self.ct.ours(socket.AF_INET6), time.monotonic())
         self._handle = self.core.handle
         self._now = time.monotonic()
         try:
@@ -508,6 +510,8 @@ class Runner:
         if lost:
             core.counters["conntrack.events_lost"] += 1
             core.resync(self.ct.ours(), now)
+            if core.six is not None:
+                core.resync6(self.ct.ours(socket.AF_INET6))
 
     def _internal(self, counter: str, what: str) -> None:
         """Count a bug's hit; log its traceback at most every ``ERROR_LOG_INTERVAL``

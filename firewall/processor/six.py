@@ -15,10 +15,17 @@ a binding (``gateway``, ``visible_client``, ``snat``, ``info``), so the
 rulebook checks an IPv6 flow's requests as an IPv4 one's; ``redirect``
 binds the first packet a REDIRECT expects. What this slice does not do
 yet, so the ruleset never sends it here: offload and log-only over IPv6,
-IPv6 port forwards into a gateway, SNAT of leg B (a server behind
-``nat.masquerade6``: dropped, ``drop.ipv6.masquerade6``), adoption after a
-restart (a processor that restarts forgets its IPv6 bindings; conntrack
-still carries their connections), several instances (IPv6 is instance 0's).
+SNAT of leg B (a server behind ``nat.masquerade6``: dropped,
+``drop.ipv6.masquerade6``), several instances (IPv6 is instance 0's). A
+processor that restarts adopts its IPv6 bindings from conntrack
+(``adopt``), as it does its IPv4 ones (their dynamic rules are not kept).
+
+An IPv6 port forward (DNAT66) into the gateway: the client addressed the
+router, and the forward's target is the binding's server (leg B's S:s), as
+for IPv4.
+
+UDP (udp-relay): a datagram on a young binding's tuple before conntrack
+confirmed the first is that binding's, as for IPv4 (core.py ``_new``).
 
 Ends: conntrack's destroy events for either leg (the core hands over those
 with IPv6 addresses), and a check ``processor.timeouts.confirm`` seconds
@@ -119,10 +126,15 @@ class SixFlows:
         self.pool = EndpointPool(proc.pools.firewall_side6, proc.pools.ports, slice_by=SliceBy.ADDRESS)
         self._masq6 = frozenset(config.nat.masquerade6)
         self._confirm = proc.timeouts.confirm
+        # How long the elements written at a binding's first verdict surely last
+        # (their timeout, less a second each for the clock and the kernel's rounding).
+        self._ahead_for = proc.timeouts.nat_element - 2
         self._local_addresses = local_addresses
         self._by_client: dict[tuple[int, ...], Binding6] = {}
         self._by_fw: dict[tuple[int, int, int], Binding6] = {}
         self._by_fid: dict[int, Binding6] = {}
+        # Each worker by its port: G6 is the workers' one address, each on its G:g's port.
+        self._agents = {ag.port: ag for workers in policy.workers.values() for ag in workers}
         self.endings: list[tuple[FlowEnd, AgEndpoint]] = []  # FLOW_END to send, and to which worker
 
     def __len__(self) -> int:
@@ -134,9 +146,11 @@ class SixFlows:
     # ---- packets ------------------------------------------------------------------
 
     def request(self, pkt: Packet, sel: Selector, zone: str | None, server_zone: str | None,
-                ag: AgEndpoint, now: float, serial: int) -> tuple[str, Binding6 | None, tuple[NatOp, ...]]:
+                ag: AgEndpoint, now: float, serial: int,
+                server: tuple[int, int] | None = None) -> tuple[str, Binding6 | None, tuple[NatOp, ...]]:
         """A selected IPv6 first packet: (counter, binding or None, elements). The counter
-        names the outcome: ``bound`` with a binding, else a ``passed.*`` or ``drop.*``."""
+        names the outcome: ``bound`` with a binding, else a ``passed.*`` or ``drop.*``.
+        ``server``: an IPv6 port forward's target, when the client addressed the router."""
         proto, src, sport, dst, dport, flags = pkt[:6]
         if not sel.gateway.takes_ipv6(sel.traffic):
             return "drop.ipv6.not_taken", None, ()  # the ruleset queues no such packet
@@ -148,7 +162,7 @@ class SixFlows:
             return "drop.not_new_flow", None, ()
         if server_zone in self._masq6:
             return "drop.ipv6.masquerade6", None, ()
-        return self._bind(pkt, (dst, dport), ag, now, serial)
+        return self._bind(pkt, server or (dst, dport), ag, now, serial)
 
     def redirect(self, pkt: Packet, server: tuple[int, int], server_zone: str | None, ag: AgEndpoint, now: float,
                  serial: int) -> tuple[str, Binding6 | None, tuple[NatOp, ...]]:
@@ -164,9 +178,14 @@ class SixFlows:
         old = self._by_client.get((proto, src, sport, dst, dport))
         if old is not None:
             if not old.a_alive and now - old.created < self._confirm:
-                # A retransmitted first packet before conntrack confirmed the first one's.
+                # A retransmitted first packet before conntrack confirmed the first one's,
+                # or a UDP flow's next datagram: conntrack made it a connection of its own,
+                # which becomes the first one's at confirmation. The same binding; its
+                # elements again once those written with the first may have timed out.
                 self.counters["passed.ipv6.bound_young"] += 1
-                return "bound_again", old, ()
+                if now - old.created < self._ahead_for:
+                    return "bound_again", old, ()
+                return "bound_again", old, self._leg_a_ops(old)
             self.counters["flows.replaced"] += 1
             self.end(old, FlowEndReason.FIN if proto == TCP else FlowEndReason.IDLE)
         fw = self.pool.allocate()
@@ -177,12 +196,14 @@ class SixFlows:
         self._by_client[(proto, src, sport, dst, dport)] = b
         self._by_fw[(proto, *fw)] = b
         self._by_fid[fid] = b
-        name = _PROTO_NAME[proto]
-        key = (src, sport, dst, dport)
-        ops = ((DNAT6_MAP, name, key, (self.g6, ag.port)), (SNAT6_MAP, name, key, fw))
         self.counters["flows.opened"] += 1
         self.counters["flows.ipv6.opened"] += 1
-        return "bound", b, ops
+        return "bound", b, self._leg_a_ops(b)
+
+    def _leg_a_ops(self, b: Binding6) -> tuple[NatOp, ...]:
+        name = _PROTO_NAME[b.proto]
+        key = b.leg_a()
+        return (DNAT6_MAP, name, key, (self.g6, b.ag.port)), (SNAT6_MAP, name, key, b.fw)
 
     def leg_b(self, pkt: Packet, alive: Callable[..., bool]) -> tuple[str, tuple[NatOp, ...]]:
         """A gateway's new IPv6 connection to F6:f: leg B of that binding (counter, elements)."""
@@ -222,6 +243,42 @@ class SixFlows:
             })
         return out
 
+    def adopt(self, connections: Iterable[Any], now: float, serial: Callable[[], int],
+              forward_target: Callable[[int, int, int, int], tuple[int, int] | None]) -> list[Binding6]:
+        """Rebuild the IPv6 bindings the kernel carried across a restart (``core.adopt``'s twin):
+        a leg A answers from G6:g (a worker's port) to an F6:f of the pool, a leg B goes from
+        G6:e to one. Their F6:f are claimed; the server is leg B's, or else, for a flow that
+        addressed the router, the IPv6 forward's target (``forward_target(proto, src, dst,
+        dport)``). Returns the bindings, which no NEW_FLOW announces (the gateway has them)."""
+        legs_a: dict[tuple[int, int, int], Any] = {}
+        legs_b: dict[tuple[int, int, int], Any] = {}
+        for c in connections:
+            rsrc, rsport, rdst, rdport = c.reply
+            if rsrc == self.g6 and rsport in self._agents and self.pool.owns(rdst, rdport):
+                legs_a[(c.proto, rdst, rdport)] = c
+            elif c.orig[0] == self.g6 and self.pool.owns(c.orig[2], c.orig[3]):
+                legs_b[(c.proto, c.orig[2], c.orig[3])] = c
+        adopted = []
+        for (proto, f, fport), a in legs_a.items():
+            src, sport, dst, dport = a.orig
+            leg_b = legs_b.get((proto, f, fport))
+            if leg_b is not None and leg_b.reply[2:] == (src, sport):
+                server, eport = leg_b.reply[:2], leg_b.orig[1]
+            else:
+                server, eport = forward_target(proto, src, dst, dport) or (dst, dport), None
+            if (proto, src, sport, dst, dport) in self._by_client or self.pool.in_use(f, fport):
+                self.counters["conntrack.adopt_conflict"] += 1
+                continue
+            self.pool.claim(f, fport)
+            b = Binding6(make_flow_id(self.queue, serial()), proto, (src, sport), (dst, dport), server, (f, fport),
+                         self._agents[a.reply[1]], now, eport, a_alive=True, g6=self.g6)
+            self._by_client[(proto, *b.client, *b.original_dst)] = b
+            self._by_fw[(proto, f, fport)] = b
+            self._by_fid[b.fid] = b
+            adopted.append(b)
+        self.counters["flows.ipv6.adopted"] += len(adopted)
+        return adopted
+
     def by_firewall_side(self, proto: int, addr: int, port: int) -> Binding6 | None:
         return self._by_fw.get((proto, addr, port))
 
@@ -260,6 +317,18 @@ class SixFlows:
                 b.b_gone = True
             if b.ended:
                 self.end(b, FlowEndReason.FIN if b.proto == TCP else FlowEndReason.IDLE)
+
+    def resync(self, alive: set[tuple[int, ...]]) -> None:
+        """Conntrack events were lost: end every binding whose connections are not in ``alive``
+        (the (proto, *orig) of the IPv6 connections with nfgate's mark)."""
+        for b in list(self._by_fid.values()):
+            if b.a_alive and (b.proto, *b.leg_a()) not in alive:
+                b.a_gone = True
+            if b.a_gone and b.eport is not None and (b.proto, *b.leg_b(self.g6)) not in alive:
+                b.b_gone = True
+            if b.ended:
+                self.end(b, FlowEndReason.FIN if b.proto == TCP else FlowEndReason.IDLE)
+        self.counters["conntrack.resyncs6"] += 1
 
     def end(self, b: Binding6, reason: FlowEndReason) -> None:
         self._remove(b)

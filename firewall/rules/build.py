@@ -173,22 +173,28 @@ def _steer(config: Config, rs: Ruleset, stopped: bool) -> None:
     for g, gw in enumerate(config.gateways):
         for i, t in enumerate(gw.traffic):
             tag = f"{t.source} gateway {gw.name} ({gw.kind})"
-            matches = _selector(t)
             what = "request"
             if t.to_zone == ROUTER:
                 # The gateway terminates the flow (the tunnel's server): only a
                 # packet for one of the router's own addresses can be its.
                 # Routed traffic on these ports stays in the kernel.
-                matches.append(DstLocal())
                 what = "request to the router"
-            six = gw.takes_ipv6(t)
+            four, six = t.names(4), gw.takes_ipv6(t)
             if t.allow:
-                chain.add(matches, [by_src], f"{tag}: {what}, admitted by the selector (allow = true)", Family.V4)
+                if four:
+                    chain.add(_selector(t, 4), [by_src], f"{tag}: {what}, admitted by the selector (allow = true)", Family.V4)
                 if six:
-                    chain.add(matches, [send(queues[0])], f"{tag}: IPv6 {what}, admitted by the selector (allow = true)", Family.V6)
+                    chain.add(_selector(t, 6), [send(queues[0])], f"{tag}: IPv6 {what}, admitted by the selector (allow = true)",
+                              Family.V6)
                 continue
-            admit = _admit(config, rs, t, f"admit_g{g}_{i}", by_src, send(queues[0]) if six else None)
-            chain.add(matches, [Jump(admit)], f"{tag}: {what}, if the filter admits it", head if six else Family.V4)
+            admit = _admit(config, rs, t, f"admit_g{g}_{i}", by_src if four else None, send(queues[0]) if six else None)
+            if four and six and not t.saddr and not t.daddr:
+                chain.add(_selector(t), [Jump(admit)], f"{tag}: {what}, if the filter admits it", head)
+                continue
+            # Addresses of each version in a rule of their own (a selector's IPv6 prefixes, issue 17).
+            for version, family, ok in ((4, Family.V4, four), (6, Family.V6, six)):
+                if ok:
+                    chain.add(_selector(t, version), [Jump(admit)], f"{tag}: {what}, if the filter admits it", family)
 
 
 def _any_ipv6(config: Config) -> bool:
@@ -196,7 +202,7 @@ def _any_ipv6(config: Config) -> bool:
     return any(gw.takes_ipv6(t) for gw in config.gateways for t in gw.traffic)
 
 
-def _admit(config: Config, rs: Ruleset, t: Traffic, name: str, to_queue: Jump | Queue | Drop | Return,
+def _admit(config: Config, rs: Ruleset, t: Traffic, name: str, to_queue: Jump | Queue | Drop | Return | None,
            to_queue6: Queue | Drop | Return | None = None) -> str:
     """The filter's verdict on a selector's first packets, before they are queued.
 
@@ -212,14 +218,17 @@ def _admit(config: Config, rs: Ruleset, t: Traffic, name: str, to_queue: Jump | 
     chain = Chain(name, Kind.MANGLE)
     rs.chains.append(chain)
     if t.to_zone != ROUTER:
-        for f in config.nat.forwards:
+        for f in config.nat.forward:
             if f.from_zone != t.from_zone or f.proto != t.proto or not any(f.ports.overlaps(p) for p in t.ports):
                 continue
+            queue = to_queue if f.version == 4 else to_queue6
+            if queue is None:
+                continue  # an IPv6 forward into a selector that takes IPv4 only: _ipv6_drops takes it
             matches: list = [DstLocal(), Proto(f.proto)]
             if f.saddr:
                 matches.append(Addr("src", f.saddr))
             matches.append(Port("dst", (f.ports,)))
-            chain.add(matches, [to_queue], f"{t.source} admitted by {f.source} forward {f.name}", Family.V4)
+            chain.add(matches, [queue], f"{t.source} admitted by {f.source} forward {f.name}", _version(f.version))
     for rule in config.rules:
         if (rule.from_zone, rule.to_zone) != (t.from_zone, t.to_zone) or rule.proto not in ("any", t.proto):
             continue
@@ -235,7 +244,8 @@ def _admit(config: Config, rs: Ruleset, t: Traffic, name: str, to_queue: Jump | 
     policy = config.policy.input if t.to_zone == ROUTER else config.policy.forward
     key = "input" if t.to_zone == ROUTER else "forward"
     if policy == "accept":
-        chain.add([], [to_queue], f"{t.source} admitted by policy.{key} = accept", Family.V4)
+        if to_queue is not None:
+            chain.add([], [to_queue], f"{t.source} admitted by policy.{key} = accept", Family.V4)
         if to_queue6 is not None:
             chain.add([], [to_queue6], f"{t.source} admitted by policy.{key} = accept", Family.V6)
     return name
@@ -247,20 +257,33 @@ def signalling_ports(config: Config) -> PortRange:
     return PortRange(first, config.processor_signalling_port(len(config.processor.queues) - 1))
 
 
-def _selector(t: Traffic) -> list:
-    """The prerouting match for a gateway selector's requests: ingress zone, protocol, port.
+def _selector(t: Traffic, version: int | None = None) -> list:
+    """The prerouting match for a gateway selector's requests: ingress zone, protocol, port,
+    and the addresses of IP ``version`` (None: a selector without addresses).
 
     Prerouting runs before routing, so the 'to' zone cannot be matched here;
     the processor checks it (seed fig. 6a step 602) and passes what does not
     belong to the gateway back to the kernel.
     """
     matches: list = [InZone(t.from_zone), Proto(t.proto)]
-    if t.saddr:
-        matches.append(Addr("src", t.saddr))
-    if t.daddr:
-        matches.append(Addr("dst", t.daddr))
+    matches += _selector_addrs(t, version)
     matches.append(Port("dst", t.ports))
+    if t.to_zone == ROUTER:
+        matches.append(DstLocal())
     return matches
+
+
+def _selector_addrs(t: Traffic, version: int | None, original: bool = False) -> list:
+    """A selector's source and destination prefixes of one IP version, as matches
+    (``original``: the connection's original destination, before any DNAT)."""
+    out: list = []
+    saddr = tuple(n for n in t.saddr if n.version == version)
+    daddr = tuple(n for n in t.daddr if n.version == version)
+    if saddr:
+        out.append(Addr("src", saddr))
+    if daddr:
+        out.append(Addr("dst", daddr, original))
+    return out
 
 
 # ---- nat ---------------------------------------------------------------------------
@@ -398,7 +421,9 @@ def _filter(config: Config, rs: Ruleset) -> None:
             for t in gw.traffic:
                 if t.to_zone == ROUTER or not t.allow:
                     continue  # without allow, the filter's own rules already decide
-                matches = [InZone(t.from_zone), OutZone(t.to_zone)] + _selector(t)[1:]
+                if not t.names(4):
+                    continue
+                matches = [InZone(t.from_zone), OutZone(t.to_zone)] + _selector(t, 4)[1:]
                 fwd.add(matches, [Accept()], f"{t.source} gateway {gw.name}: fail open", Family.V4)
 
     _zone_chains(config, rs, inp, fwd, out)
@@ -428,8 +453,9 @@ def _ipv6_drops(config: Config, rs: Ruleset, inp: Chain, fwd: Chain) -> None:
     in the chain that sees it: forward for a selector to a zone (after
     routing, so the to-zone is known; the connection's original port, so a
     port forward does not hide it), input for one to the router. A
-    selector's addresses are IPv4 and say nothing of IPv6 clients: all of
-    the zone pair's IPv6 on those ports is dropped. Where an IPv4 port
+    selector whose addresses are IPv4 only says nothing of IPv6 clients: all
+    of the zone pair's IPv6 on those ports is dropped; one that takes IPv6
+    drops only the IPv6 its prefixes name, if it has any. Where an IPv4 port
     forward of the selector's zone takes its ports, the same IPv6 to the
     router's own address (no IPv6 forward there: the input chain's) is
     dropped under the same counter, so that a client of the forwarded port
@@ -451,11 +477,14 @@ def _ipv6_drops(config: Config, rs: Ruleset, inp: Chain, fwd: Chain) -> None:
             if t.to_zone != ROUTER:
                 matches.append(OutZone(t.to_zone))
                 chain = fwd
-            matches += [CtState(("new",)), Proto(t.proto), Port("dst", t.ports, original=True)]
+            # A selector that takes IPv6 names its IPv6 by its prefixes, if it has any: IPv6
+            # it does not name is the filter's, as IPv4 it does not name is.
+            named = _selector_addrs(t, 6, original=True) if gw.takes_ipv6(t) else []
+            matches += [*named, CtState(("new",)), Proto(t.proto), Port("dst", t.ports, original=True)]
             chain.add(matches, [Drop()], comment, Family.V6, counter=name)
             if t.to_zone != ROUTER and any(f.from_zone == t.from_zone and f.proto == t.proto
                                            and any(f.ports.overlaps(p) for p in t.ports) for f in config.nat.forwards):
-                inp.add([InZone(t.from_zone), DstLocal(), CtState(("new",)), Proto(t.proto), Port("dst", t.ports)],
+                inp.add([InZone(t.from_zone), *named, DstLocal(), CtState(("new",)), Proto(t.proto), Port("dst", t.ports)],
                         [Drop()], f"{comment} (to the router's port forward)", Family.V6, counter=name)
 
 

@@ -156,6 +156,10 @@ def _match(m, proto: str | None, rs: Ruleset, version: int) -> list[str]:
             return [f"-o {name}"]
         case Proto():
             return [f"-p {p}"]
+        case Addr(direction, nets, True):
+            # conntrack's match takes one address or prefix at a time.
+            flag = "--ctorigdst" if direction == "dst" else "--ctorigsrc"
+            return [f"-m conntrack {flag} {_net(n)}" for n in nets]
         case Addr(direction, nets):
             flag = "-s" if direction == "src" else "-d"
             return [f"{flag} {_net(n)}" for n in nets]

@@ -86,6 +86,9 @@ class Addr:
 
     direction: str
     nets: tuple[IPNetwork, ...]
+    # The connection's original address (conntrack's, before any DNAT) rather
+    # than the packet's: what a selector names, seen after a port forward.
+    original: bool = False
 
 
 @dataclass(frozen=True)

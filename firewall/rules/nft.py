@@ -133,9 +133,10 @@ def _match(m, proto: str | None) -> str:
             return f"oifname {_quote(name)}"
         case Proto(name):
             return f"meta l4proto {name}"
-        case Addr(direction, nets):
+        case Addr(direction, nets, original):
             family = "ip" if nets[0].version == 4 else "ip6"
-            return f"{family} {direction[0]}addr {_set([_net(n) for n in nets])}"
+            ct = "ct original " if original else ""
+            return f"{ct}{family} {direction[0]}addr {_set([_net(n) for n in nets])}"
         case AddrBits(direction, mask, value):
             return (
                 f"ip {direction[0]}addr & {ipaddress.IPv4Address(mask)}"

@@ -384,12 +384,14 @@ class GatewayLayer:
     async def open_udp(
         self, flow: FlowInfo, protocol_factory: Callable[[], P]
     ) -> tuple[asyncio.DatagramTransport, P]:
-        """Leg B for one UDP flow: a fresh socket on the gateway address, connected to F:f."""
+        """Leg B for one UDP flow: a fresh socket on the gateway address (a family 6 flow's:
+        G6, its ``ag``), connected to F:f."""
         fw = flow.firewall_side
+        local = str(flow.ag.address) if fw.address.version == 6 else str(self.gateway_address)
         loop = asyncio.get_running_loop()
         return await loop.create_datagram_endpoint(
             protocol_factory,
-            local_addr=(str(self.gateway_address), 0),
+            local_addr=(local, 0),
             remote_addr=(str(fw.address), fw.port),
         )
 

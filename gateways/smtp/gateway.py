@@ -8,7 +8,8 @@ says. Per accepted connection F:f -> G:g:
    session carries it (issue 10: "every decision logged with the original
    tuple").
 2. ``max_sessions`` and ``max_sessions_per_client`` (by the client's real
-   address, from signalling): past either, the client gets 421 and the
+   address, from signalling; an IPv6 client by its ``client_prefix6``
+   prefix, ``client_group``): past either, the client gets 421 and the
    server is never contacted.
 3. Leg B to the server through F:f: its SYN leaves before anything else
    is done (``GatewayLayer.start_tcp``), and the ``open`` line is written
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import ssl
@@ -102,8 +104,8 @@ class SmtpGateway(TcpGateway):
     """The smtp gateway: a listener on G:g in front of a ``GatewayLayer``."""
 
     def __init__(self, layer: GatewayLayer, *, listen: Endpoint, settings: SmtpSettings, log: EventLog,
-                 config_dir: Path | None = None) -> None:
-        super().__init__(layer, listen=listen, log=log)
+                 config_dir: Path | None = None, listen6: Endpoint | None = None) -> None:
+        super().__init__(layer, listen=listen, log=log, listen6=listen6)
         self.settings = settings
         self.tls_to_clients, self.tls_to_server = tls_contexts(settings, config_dir)
         self.policy = policy_of(settings, tls_available=self.tls_to_clients is not None)
@@ -114,7 +116,8 @@ class SmtpGateway(TcpGateway):
     def for_gateway(cls, layer: GatewayLayer, gw: Manifest, listen: Endpoint, log: EventLog) -> "SmtpGateway":
         """The gateway as ``python -m gateways`` runs it: its settings from its manifest."""
         settings = SmtpSettings.model_validate(dict(gw.settings))
-        return cls(layer, listen=listen, settings=settings, log=log, config_dir=Path(gw.config_dir))
+        listen6 = Endpoint(gw.listen6, listen.port) if gw.listen6 is not None else None
+        return cls(layer, listen=listen, settings=settings, log=log, config_dir=Path(gw.config_dir), listen6=listen6)
 
     @property
     def active(self) -> int:
@@ -131,7 +134,7 @@ class SmtpGateway(TcpGateway):
             return
         with hold:
             flow = hold.flow
-            address = flow.client.address
+            address = client_group(flow.client.address, self.settings.client_prefix6)
             refusal = None
             if len(self._sessions) >= self.settings.max_sessions:
                 refusal, why, limit = TOO_MANY_SESSIONS, "max_sessions", self.settings.max_sessions
@@ -140,7 +143,7 @@ class SmtpGateway(TcpGateway):
             if refusal is not None:
                 self.counters[f"refused.{why}"] += 1
                 self.log.emit("refused", logging.WARNING, reason=why, limit=limit, client=flow.client,
-                              original_dst=flow.original_dst, server=flow.server)
+                              original_dst=flow.original_dst, server=flow.server, counted_as=address)
                 with contextlib.suppress(OSError):
                     sock.send(refusal.wire())
                 sock.close()
@@ -155,6 +158,14 @@ class SmtpGateway(TcpGateway):
                 self._per_client[address] -= 1
                 if not self._per_client[address]:
                     del self._per_client[address]
+
+
+def client_group(address: ipaddress.IPv4Address | ipaddress.IPv6Address, prefix6: int) -> Any:
+    """What ``max_sessions_per_client`` counts a client as: an IPv4 address itself; an IPv6
+    address by its ``prefix6`` prefix, since one host may hold a whole /64 (RFC 4941, RFC 8981)."""
+    if address.version == 4:
+        return address
+    return ipaddress.IPv6Network((address, prefix6), strict=False)
 
 
 # Bytes read from a leg at a time: a whole pipelined group, or a good piece

@@ -66,10 +66,16 @@ class SmtpSettings(Frozen):
                            "what a peer that stops reading holds")
     max_sessions: Int(1, 1_000_000) = Field(1024, description="concurrent sessions; more are refused with 421")
     max_sessions_per_client: Int(1, 1_000_000) = Field(32, description="concurrent sessions from one client address; more are refused with 421")
+    client_prefix6: Int(32, 128) = Field(
+        64, description="an IPv6 client's address counts for max_sessions_per_client as its prefix of this length "
+                        "(64: one site's subnet, which a host may fill with addresses at will; RFC 4291 section 2.5.1)")
     sender_domains: ListOf(Domain) = Field(("*",), description="domains MAIL FROM may name (\"*\": any; the null sender always passes)")
     recipient_domains: ListOf(Domain) = Field((), description="domains RCPT TO may name, i.e. what may be relayed (empty: none; \"*\": any)")
     reject_senders: ListOf(Address) = Field((), description="senders refused with 550: addresses or domains")
     reject_recipients: ListOf(Address) = Field((), description="recipients refused with 550: addresses or domains")
 
 
-KIND = Kind("smtp", ("tcp",), SmtpSettings, gateway="gateways.smtp.gateway:SmtpGateway.for_gateway")
+KIND = Kind(
+    "smtp", ("tcp",), SmtpSettings, gateway="gateways.smtp.gateway:SmtpGateway.for_gateway",
+    ipv6=True,  # the dialogue names no address of the connection (EHLO's literal is the client's own word)
+)

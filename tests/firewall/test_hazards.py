@@ -41,13 +41,14 @@ masquerade = ["wan"]
 
 [[gateway]]
 name = "relay"
-kind = "smtp"  # a kind that takes IPv4 only
+kind = "smtp"
 
 [[gateway.traffic]]
 from = "lan"
 to = "wan"
 proto = "tcp"
 ports = 9000
+daddr = ["0.0.0.0/0"]  # IPv4 addresses: the selector takes IPv4 only
 """
 
 
@@ -130,18 +131,18 @@ def test_ipv6_a_rule_accepts_into_a_tcp_relay_is_relayed_no_warning(tmp_path: Pa
     """A tcp-relay or ftp selector takes IPv6 (issue 17): the rule's IPv6 goes through the gateway,
     nothing to warn of, and `nfgate check` says so."""
     everything = '[[rule]]\nname = "out"\nfrom = "lan"\nto = "wan"\n'
-    for kind in ("tcp-relay", "ftp"):
-        config = BASE + SSH + everything + GATEWAY.replace('kind = "smtp"', f'kind = "{kind}"')
+    for kind in ("tcp-relay", "ftp", "smtp"):
+        config = BASE + SSH + everything + GATEWAY.replace('kind = "smtp"', f'kind = "{kind}"').replace('daddr = ["0.0.0.0/0"]', "")
         assert hazards(loads(config)) == [], kind
         path = tmp_path / f"{kind}.toml"
         path.write_text(config)
         checked = CliRunner().invoke(main, ["check", "-c", str(path)])
         assert "IPv6 on its selectors' ports: through the gateway for gateway[0].traffic[0]" in checked.stdout, checked.stdout
         assert "IPv6 on its selectors' ports: dropped" not in checked.stdout
-    relay = GATEWAY.replace('kind = "smtp"', 'kind = "tcp-relay"')
+    relay = GATEWAY.replace('kind = "smtp"', 'kind = "tcp-relay"').replace('daddr = ["0.0.0.0/0"]', "")
     log_only = relay.replace('kind = "tcp-relay"', 'kind = "tcp-relay"\nsettings = { mode = "log-only" }')
     (warning,) = hazards(loads(BASE + SSH + everything + log_only))
-    assert "take IPv4 only" in warning.message
+    assert "takes IPv4 only (its kind, log-only, or IPv4 addresses)" in warning.message
 
 
 def test_named_counters_are_read_from_ip6tables_save() -> None:

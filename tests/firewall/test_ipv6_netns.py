@@ -2,8 +2,8 @@
 
 ext (203.0.113.10, 2001:db8:2::10) - router - lan (192.168.1.10,
 fd00:1::10). The router relays lan's outbound tcp 9000 and udp 5353
-through a tcp-relay (whose selector names IPv4 addresses, so it takes
-IPv4 only) and a udp-relay, and a rule accepts everything from
+through a tcp-relay and a udp-relay (whose selectors name IPv4 addresses,
+so they take IPv4 only), and a rule accepts everything from
 lan to wan, for both IP versions: before issue 17 the IPv6 part of that
 rule carried lan's IPv6 to ext:9000 around the relay. A counter in ext's
 own namespace, before anything else there sees a packet, is the server
@@ -13,6 +13,8 @@ side's capture.
 from __future__ import annotations
 
 import json
+import os
+import signal
 from ipaddress import ip_address
 import re
 import subprocess
@@ -75,6 +77,7 @@ from = "lan"
 to = "wan"
 proto = "udp"
 ports = 5353
+daddr = ["203.0.113.0/24"]  # likewise a udp-relay selector that takes IPv4 only
 """
 
 # ext counts every IPv6 packet that reaches it for the gated ports, and for
@@ -402,13 +405,15 @@ from = "wan"
 to = "lan"
 proto = "tcp"
 ports = 25
+daddr = ["192.168.1.0/24"]  # IPv4 addresses: this selector takes IPv4 only
 """
 
 
 def test_tcp_relay_over_ipv6_on_the_kernel_maps(lab_factory, tmp_path: Path) -> None:
     """ext's IPv6 to lan's server through a tcp-relay: the processor binds it in the IPv6 maps, the
     relay connects leg B over IPv6, the server sees the client's real IPv6 address. IPv4 goes
-    through the same relay; IPv6 on the smtp selector's port is still dropped and counted."""
+    through the same relay; IPv6 on the port of the smtp selector, which names IPv4 addresses,
+    is still dropped and counted."""
     lab = lab_factory("dual")
     no_tentative_addresses(lab)
     # ext routes to lan's prefixes through the router: no NAT66 in this config.
@@ -439,7 +444,7 @@ def test_tcp_relay_over_ipv6_on_the_kernel_maps(lab_factory, tmp_path: Path) -> 
     assert wait_for(lambda: run.ask("status")["processors"]["processor-0"].get("flows_ipv6", 1) == 0, timeout=20,
                     interval=0.2, what="the IPv6 bindings to end")
 
-    # SMTP takes IPv4 only: its IPv6 is dropped by the ruleset, counted, never queued.
+    # The smtp selector takes IPv4 only: its IPv6 is dropped by the ruleset, counted, never queued.
     queued = run.ask("status")["processors"]["processor-0"]["counters"]["queued"]
     assert not probe(lab, "ext", "fd00:1::10", 25, timeout=1.0)
     status = lab.run("router", [sys.executable, "-m", "firewall.cli", "status", "-c", str(run.path), "--json"])
@@ -457,3 +462,99 @@ def test_tcp_relay_over_ipv6_on_the_kernel_maps(lab_factory, tmp_path: Path) -> 
     saved = lab.run("router", ["ip6tables-nft-save", "-c"]).stdout
     (count,) = re.findall(r"^\[(\d+):\d+\] -A NFGATE-FORWARD .*ipv6_drop_g0_0: ", saved, re.M)
     assert int(count) >= 1, saved
+
+
+SELECTOR6 = ZONES6 + """
+[[rule]]
+name = "in"
+from = "wan"
+to = "lan"
+proto = "tcp"
+ports = 9000
+
+[processor]
+queues = [0]
+""" + RUN + """
+[[gateway]]
+name = "relay"
+kind = "tcp-relay"
+
+[[gateway.traffic]]
+from = "wan"
+to = "lan"
+proto = "tcp"
+ports = 9000
+daddr = ["192.168.1.10", "fd00:1::10"]
+"""
+
+
+def test_a_selector_with_ipv6_addresses_takes_only_the_ipv6_it_names(lab_factory, tmp_path: Path) -> None:
+    """daddr names fd00:1::10: IPv6 to it goes through the relay; IPv6 to lan's other address on the
+    same port is the filter's (its rule accepts it), neither relayed nor dropped."""
+    lab = lab_factory("dual")
+    no_tentative_addresses(lab)
+    lab.run("lan", ["ip", "-6", "addr", "add", "fd00:1::20/64", "dev", "eth0", "nodad"])
+    lab.run("ext", ["ip", "-6", "route", "add", "fd00:1::/64", "via", "2001:db8:2::1"])
+    server = Server(lab, "lan", 9000, addr="::")
+    run = Running(lab, tmp_path, config=SELECTOR6)
+
+    def opened() -> int:
+        return run.ask("status")["processors"]["processor-0"]["counters"].get("flows.ipv6.opened", 0)
+
+    assert probe(lab, "ext", "fd00:1::10", 9000)
+    assert server.next_peer() == "2001:db8:2::10"
+    assert opened() == 1
+    assert wait_for(lambda: re.search(r"relay open .*original_dst=\[fd00:1::10\]:9000", run.text()), timeout=5,
+                    what="the relay's log line")
+    assert probe(lab, "ext", "fd00:1::20", 9000)
+    assert server.next_peer() == "2001:db8:2::10"
+    assert opened() == 1 and "fd00:1::20" not in run.text()
+    status = lab.run("router", [sys.executable, "-m", "firewall.cli", "status", "-c", str(run.path), "--json"])
+    assert json.loads(status.stdout)["ipv6_dropped"]["ipv6_drop_g0_0"]["packets"] == 0
+
+
+# One IPv6 connection through the relay, held open across whatever the test does on "go".
+HELD = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], 9000), timeout=10)
+s.sendall(b"before\n")
+print(s.recv(100).decode().strip(), flush=True)
+sys.stdin.readline()
+s.sendall(b"after\n")
+print(s.recv(100).decode().strip(), flush=True)
+s.close()
+"""
+
+
+def test_kill_9_of_the_processor_keeps_an_ipv6_relay_flow_and_adopts_it(lab_factory, tmp_path: Path) -> None:
+    """The kernel carries the IPv6 flow while the processor is gone; the new one adopts its binding
+    from conntrack (same tuples, same F6:f), and it ends with its connections (FLOW_END, pool)."""
+    lab = lab_factory("dual")
+    no_tentative_addresses(lab)
+    lab.run("ext", ["ip", "-6", "route", "add", "fd00:1::/64", "via", "2001:db8:2::1"])
+    lab.popen("lan", ["socat", "TCP6-LISTEN:9000,reuseaddr,fork", "EXEC:cat"])
+    lab.wait_listening("lan", 9000)
+    run = Running(lab, tmp_path, config=RELAY6)
+
+    def proc() -> dict:
+        return run.ask("status")["processors"]["processor-0"]
+
+    client = lab.popen("ext", [sys.executable, "-u", "-c", HELD, "fd00:1::10"], stdin=subprocess.PIPE,
+                       stdout=subprocess.PIPE, text=True)
+    assert wait_for(client.stdout.readline, timeout=10, what="the first echo").strip() == "before"
+    (flow,) = [f for f in run.ask("flows") if "ipv6" in f["state"]]
+    old = proc()["pid"]
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: proc().get("pid") not in (None, old), timeout=10, interval=0.1,
+             what="the supervisor to restart the processor", ignore=(KeyError, OSError))
+    assert proc()["counters"]["flows.ipv6.adopted"] == 1
+    (adopted,) = [f for f in run.ask("flows") if "ipv6" in f["state"]]
+    for key in ("client", "original_dst", "server", "firewall_side", "ag", "ag_eport"):
+        assert adopted[key] == flow[key], (key, adopted, flow)
+    client.stdin.write("go\n")
+    client.stdin.flush()
+    assert wait_for(client.stdout.readline, timeout=10, what="the echo after the restart").strip() == "after"
+    assert client.wait(timeout=10) == 0
+    assert proc()["counters"].get("queued", 0) == 0  # the new processor saw nothing of it
+    wait_for(lambda: proc()["flows_ipv6"] == 0, timeout=20, interval=0.2, what="the adopted IPv6 binding to end")
+    assert proc()["counters"]["signalling.sent.flow_end"] >= 1

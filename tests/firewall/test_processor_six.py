@@ -9,14 +9,15 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import TCP as ScapyTCP
-from scapy.layers.inet import UDP
+from scapy.layers.inet import UDP as ScapyUDP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrRouting
 
 from firewall.config import loads
-from firewall.packet import TCP
+from firewall.packet import TCP, UDP
 from firewall.processor.core import DROP, PASS, ProcessorCore, Route
+from firewall.processor.kernel import Connection
 from firewall.rules.bind import DNAT6_MAP, SNAT6_MAP
-from firewall.signalling import Encoder, FlowEnd, Guard, NewFlow, Received, Role
+from firewall.signalling import Encoder, FlowEnd, FlowEndReason, Guard, NewFlow, Received, Role
 
 KEY = bytes(range(32))
 T0, WALL0 = 1000.0, 1_700_000_000.0
@@ -44,14 +45,14 @@ to = "lan"
 proto = "tcp"
 ports = 9000
 [[gateway]]
-name = "mail"
-kind = "smtp"
+name = "media"
+kind = "rtp"
 listen_port = 20025
 [[gateway.traffic]]
 from = "wan"
 to = "lan"
-proto = "tcp"
-ports = 25
+proto = "udp"
+ports = 5004
 """
 
 
@@ -158,7 +159,7 @@ def test_an_ipv6_flow_to_the_router_is_bound_into_a_terminating_gateway_with_no_
     """The tunnel kind takes IPv6: a mediator's channel to the router's W6:7443 goes into G6:g, from F6:f."""
     rig = Rig6(TUNNEL)
     for proto, pkt in (("tcp", syn(C6, 40000, W6, 7443)),
-                       ("udp", IPv6(src=C6, dst=W6) / UDP(sport=40001, dport=7443) / b"channel")):
+                       ("udp", IPv6(src=C6, dst=W6) / ScapyUDP(sport=40001, dport=7443) / b"channel")):
         verdict, ops, mark = rig.send(pkt, WAN0)
         assert (verdict, mark) == (PASS, MARK), dict(rig.core.counters)
         key = (i6(C6), 40000 if proto == "tcp" else 40001, i6(W6), 7443)
@@ -194,7 +195,8 @@ def test_what_the_ipv6_path_refuses() -> None:
         (syn("ff02::1", 40000, S6, 9000), WAN0, "drop.martian"),
         (syn(W6, 40000, S6, 9000), WAN0, "drop.own_address"),
         (IPv6(src=C6, dst=S6) / ScapyTCP(sport=40000, dport=9000, flags="A"), WAN0, "drop.not_new_flow"),
-        (syn(C6, 40000, "fd00:1::99", 25), WAN0, "drop.ipv6.not_taken"),  # smtp: the ruleset never queues it
+        (IPv6(src=C6, dst="fd00:1::99") / ScapyUDP(sport=40000, dport=5004), WAN0,
+         "drop.ipv6.not_taken"),  # rtp: the ruleset never queues it
         (syn(G6, 50000, F6, 1024), BLIND, "drop.gateway_without_binding"),
         (IPv6(src=C6, dst=S6) / IPv6ExtHdrRouting(addresses=["2001:db8::5"], segleft=1) / ScapyTCP(dport=9000, flags="S"),
          WAN0, "drop.malformed6.routing_header"),
@@ -217,3 +219,151 @@ def test_ipv6_bytes_never_raise(data: bytes, indev: int) -> None:
     for payload in (b"\x60" + data, head + data):
         verdict, ops, _ = rig.send(payload, indev)
         assert verdict in (DROP, PASS) and len(ops) in (0, 2)
+
+
+UDP_CONFIG = """
+[zones.wan]
+interfaces = ["wan0"]
+[zones.lan]
+interfaces = ["lan0"]
+[processor.timeouts]
+confirm = 5
+nat_element = 4
+[processor.pools]
+ports = "40000-40002"
+firewall_side6 = "fd6e:6667:6174:fe::/127"
+[[gateway]]
+name = "dns"
+kind = "udp-relay"
+listen_port = 20053
+[[gateway.traffic]]
+from = "wan"
+to = "lan"
+proto = "udp"
+ports = 5353
+"""
+
+
+def dgram(src: str, sport: int, dst: str = S6, dport: int = 5353) -> Any:
+    return IPv6(src=src, dst=dst) / ScapyUDP(sport=sport, dport=dport) / b"q"
+
+
+def test_an_ipv6_udp_relay_flow_keeps_its_young_binding_and_ends_with_conntrack() -> None:
+    rig = Rig6(UDP_CONFIG)
+    verdict, ops, _ = rig.send(dgram(C6, 40000), WAN0)
+    key = (i6(C6), 40000, i6(S6), 5353)
+    f = (i6(F6), 40000)
+    assert verdict == PASS and ops == ((DNAT6_MAP, "udp", key, (i6(G6), 20053)), (SNAT6_MAP, "udp", key, f))
+    (msg,) = rig.messages()
+    assert isinstance(msg, NewFlow) and msg.flow.proto == UDP and msg.flow.family == 6
+    # The next datagrams before conntrack confirmed the first: the same binding, no new flow;
+    # its elements again once those of the first verdict may have timed out (nat_element 4 s).
+    assert rig.send(dgram(C6, 40000), WAN0, T0 + 1) == (PASS, (), MARK)
+    assert rig.send(dgram(C6, 40000), WAN0, T0 + 2.5)[1] == ops
+    assert rig.messages() == [] and rig.core.counters["passed.ipv6.bound_young"] == 2
+    assert rig.core.stats()["flows_ipv6"] == 1
+    # Leg B from the gateway's own port e; conntrack's idle end of both legs ends the binding.
+    key_b = (i6(G6), 50000, *f)
+    verdict, ops_b, _ = rig.send(IPv6(src=G6, dst=F6) / ScapyUDP(sport=50000, dport=40000), BLIND, T0 + 3)
+    assert verdict == PASS and ops_b == ((DNAT6_MAP, "udp", key_b, (i6(S6), 5353)), (SNAT6_MAP, "udp", key_b, (i6(C6), 40000)))
+    rig.core.conntrack_destroyed(UDP, key, (i6(G6), 20053, *f), T0 + 40)
+    rig.core.conntrack_destroyed(UDP, key_b, (i6(S6), 5353, i6(C6), 40000), T0 + 40)
+    (end,) = rig.messages()
+    assert isinstance(end, FlowEnd) and end.reason is FlowEndReason.IDLE
+    assert rig.core.stats()["flows_ipv6"] == 0 and rig.core.counters["flows.ended.idle"] == 1
+
+
+def test_a_flood_of_new_ipv6_udp_sources_stops_at_the_pool_counted() -> None:
+    rig = Rig6(UDP_CONFIG)  # 2 addresses x 3 ports: 6 bindings at most
+    verdicts = [rig.send(dgram(C6, 1000 + n), WAN0)[0] for n in range(50)]
+    assert verdicts.count(PASS) == 6 and verdicts.count(DROP) == 44
+    assert rig.core.counters["drop.refused.pool_exhausted"] == 44
+    assert rig.core.stats()["flows_ipv6"] == 6
+    assert sum(isinstance(m, NewFlow) for m in rig.messages()) == 6
+    # A martian source gets nothing: no binding, no signalling.
+    assert rig.send(dgram("fe80::1", 1), WAN0)[0] == DROP and rig.core.counters["drop.martian"] == 1
+    assert rig.messages() == []
+
+
+FORWARD6 = CONFIG + """
+[[nat.forward]]
+name = "relay6"
+from = "wan"
+proto = "tcp"
+port = 9000
+to = "[fd00:1::10]:9001"
+
+[[nat.forward]]
+name = "relay"
+from = "wan"
+proto = "tcp"
+port = 9000
+to = "192.168.1.10:9002"
+"""
+
+
+def test_an_ipv6_port_forward_into_the_gateway_binds_to_its_target() -> None:
+    """ext addresses the router's IPv6 address: the server is the IPv6 forward's target (never the IPv4 one's)."""
+    rig = Rig6(FORWARD6)
+    verdict, ops, _ = rig.send(syn(C6, 40000, W6, 9000), WAN0)
+    assert verdict == PASS, dict(rig.core.counters)
+    key = (i6(C6), 40000, i6(W6), 9000)
+    assert ops[0] == (DNAT6_MAP, "tcp", key, (i6(G6), 20000))
+    (msg,) = rig.messages()
+    flow = msg.flow
+    assert (str(flow.original_dst.address), flow.original_dst.port) == (W6, 9000)
+    assert (str(flow.server.address), flow.server.port) == (S6, 9001)
+    verdict, ops_b, _ = rig.send(syn(G6, 50000, F6, 1024), BLIND)
+    assert ops_b[0] == (DNAT6_MAP, "tcp", (i6(G6), 50000, i6(F6), 1024), (i6(S6), 9001))
+    # Without an IPv6 forward the router's own port is the input chain's (its counted drop).
+    bare = Rig6()
+    assert bare.send(syn(C6, 40001, W6, 9000), WAN0) == (PASS, (), PASSED)
+    assert bare.core.counters["passed.other_zone"] == 1 and bare.messages() == []
+
+
+def test_a_restarted_processor_adopts_its_ipv6_bindings_from_conntrack() -> None:
+    """Bind a flow with both legs, then hand its two connections to a fresh core: the same
+    binding (F6:f claimed, leg B's server and port), ended by conntrack like any other."""
+    rig = Rig6(FORWARD6)
+    rig.send(syn(C6, 40000, W6, 9000), WAN0)
+    rig.send(syn(G6, 50000, F6, 1024), BLIND)
+    (before,) = rig.core.flows(T0 + 1, 10)
+    f = (i6(F6), 1024)
+    leg_a = Connection(TCP, (i6(C6), 40000, i6(W6), 9000), (i6(G6), 20000, *f))
+    leg_b = Connection(TCP, (i6(G6), 50000, *f), (i6(S6), 9001, i6(C6), 40000))
+    other = Connection(TCP, (i6(C6), 40001, i6(S6), 22), (i6(S6), 22, i6(C6), 40001))  # not a leg
+
+    fresh = Rig6(FORWARD6)
+    assert fresh.core.adopt6([other, leg_b, leg_a], T0 + 2) == 1
+    (after,) = fresh.core.flows(T0 + 3, 10)
+    for key in ("proto", "client", "original_dst", "server", "firewall_side", "ag", "ag_eport"):
+        assert after[key] == before[key], key
+    assert fresh.messages() == []  # the gateway has the flow: no NEW_FLOW
+    assert fresh.core.six.pool.in_use(*f)
+    # A new flow gets another F6:f; the adopted one ends with its connections.
+    assert fresh.send(syn(C6, 40002, W6, 9000), WAN0)[1][1][3] != f
+    fresh.messages()
+    fresh.core.conntrack_destroyed(TCP, leg_a.orig, leg_a.reply, T0 + 5)
+    fresh.core.conntrack_destroyed(TCP, leg_b.orig, leg_b.reply, T0 + 5)
+    (end,) = fresh.messages()
+    assert isinstance(end, FlowEnd) and end.flow_id == after["flow_id"]
+    assert not fresh.core.six.pool.in_use(*f)
+    # Without leg B (not started yet), the server is the IPv6 forward's target.
+    again = Rig6(FORWARD6)
+    assert again.core.adopt6([leg_a], T0 + 2) == 1
+    (only_a,) = again.core.flows(T0 + 3, 10)
+    assert only_a["server"] == f"[{S6}]:9001" and only_a["ag_eport"] is None
+
+
+def test_lost_events_are_made_good_by_a_dump_of_the_ipv6_connections() -> None:
+    rig = Rig6()
+    rig.send(syn(C6, 40000, S6, 9000), WAN0)
+    rig.send(syn(G6, 50000, F6, 1024), BLIND)
+    rig.messages()
+    leg_a = (TCP, i6(C6), 40000, i6(S6), 9000)
+    leg_b = (TCP, i6(G6), 50000, i6(F6), 1024)
+    rig.core.resync6([Connection(TCP, leg_a[1:], (0, 0, 0, 0)), Connection(TCP, leg_b[1:], (0, 0, 0, 0))])
+    assert rig.messages() == [] and rig.core.stats()["flows_ipv6"] == 1
+    rig.core.resync6([])  # both gone, their destroy events lost
+    (end,) = rig.messages()
+    assert isinstance(end, FlowEnd) and rig.core.stats()["flows_ipv6"] == 0

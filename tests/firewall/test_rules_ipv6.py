@@ -80,12 +80,17 @@ def test_without_masquerade6_ipv6_is_routed_untranslated() -> None:
 
 
 def test_an_ipv6_forward_on_a_selectors_port_is_named_in_check() -> None:
-    gateway = ('[[gateway]]\nname = "web"\nkind = "tcp-relay"\n[[gateway.traffic]]\nfrom = "wan"\nto = "lan"\n'
+    """Only where the selector takes IPv4 only (here, a log-only tcp-relay): into one that
+    takes IPv6 the forward's IPv6 goes through the gateway (test_rules_ipv6_gateway.py)."""
+    gateway = ('[[gateway]]\nname = "web"\nkind = "tcp-relay"\nsettings = { mode = "log-only" }\n'
+               '[[gateway.traffic]]\nfrom = "wan"\nto = "lan"\n'
                'proto = "tcp"\nports = 8080\n[[rule]]\nfrom = "wan"\nto = "lan"\nproto = "tcp"\nports = 80\n'
                'daddr = ["192.168.1.10/32"]\n')
     config = loads(BASE + FORWARDS + gateway)
     found = [h for h in hazards(config) if h.path == "nat.forward[1]"]
     assert len(found) == 1, hazards(config)
+    relayed = loads(BASE + FORWARDS + gateway.replace('settings = { mode = "log-only" }\n', ""))
+    assert not [h for h in hazards(relayed) if h.path == "nat.forward[1]"]
     assert "forwards IPv6 tcp 8080 to fd00:1::10" in found[0].message
     assert "counted as ipv6_drop_g0_0" in found[0].message
     # The IPv4 forward on the same port is the gateway's: it still admits the selector.

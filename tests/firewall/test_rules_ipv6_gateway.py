@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 
 from firewall.config import ConfigError, loads
+from firewall.hazards import hazards
 from firewall.rules import bind, build, iptables, nft
 from firewall.rules.model import Family, Queue
+from gateways.kinds import KINDS
 
 BASE = """
 [zones.ext]
@@ -29,29 +31,29 @@ proto = "tcp"
 ports = 9000
 
 [[gateway]]
-name = "mail"
-kind = "smtp"
+name = "media"
+kind = "rtp"
 [[gateway.traffic]]
 from = "ext"
 to = "lan"
-proto = "tcp"
-ports = 25
+proto = "udp"
+ports = 5004
 """
 
 
-def test_only_the_tcp_relay_selector_queues_ipv6() -> None:
+def test_only_a_selector_whose_kind_takes_ipv6_queues_it() -> None:
     rs = build(loads(BASE))
     mangle = rs.chain("mangle_prerouting").rules
     by_comment = {r.comment: r for r in mangle}
     relay = by_comment["gateway[0].traffic[0] gateway relay (tcp-relay): request, if the filter admits it"]
-    smtp = by_comment["gateway[1].traffic[0] gateway mail (smtp): request, if the filter admits it"]
-    assert relay.family is Family.BOTH and smtp.family is Family.V4
+    rtp = by_comment["gateway[1].traffic[0] gateway media (rtp): request, if the filter admits it"]
+    assert relay.family is Family.BOTH and rtp.family is Family.V4
     admit = [r for r in rs.chain("admit_g0_0").rules if r.family is Family.V6]
     assert [r.comment for r in admit] == ["gateway[0].traffic[0] admitted by policy.forward = accept"]
     assert not [r for r in rs.chain("admit_g1_0").rules if r.family is Family.V6]
     leg_b = [r for r in mangle if r.family is Family.V6 and "IPv6 firewall-side pool" in r.comment]
     assert len(leg_b) == 1 and "fd6e:6667:6174:fe::/124" in nft.render(rs)
-    # The smtp selector's IPv6 is still dropped under its counter, and so is the
+    # The rtp selector's IPv6 is still dropped under its counter, and so is the
     # relay's that did not pass the gateway.
     text = nft.render(rs)
     assert 'counter name "ipv6_drop_g1_0" drop' in text and 'counter name "ipv6_drop_g0_0" drop' in text
@@ -118,5 +120,44 @@ def test_the_blind_track_lets_neighbour_discovery_through_for_ipv6_flows() -> No
     for chain in ("input", "output"):
         (rule,) = [r for r in rs.chain(chain).rules if r.comment == nd]
         assert rule.family is Family.V6
-    smtp_only = BASE[:BASE.index("[[gateway]]")] + BASE[BASE.index('[[gateway]]\nname = "mail"'):]
-    assert not [r for r in build(loads(smtp_only)).chain("input").rules if r.comment == nd]
+    rtp_only = BASE[:BASE.index("[[gateway]]")] + BASE[BASE.index('[[gateway]]\nname = "media"'):]
+    assert not [r for r in build(loads(rtp_only)).chain("input").rules if r.comment == nd]
+
+
+def test_which_kinds_take_ipv6() -> None:
+    assert {k.name for k in KINDS if k.ipv6} == {"tcp-relay", "udp-relay", "smtp", "ftp", "tunnel"}
+    assert not KINDS["rtp"].ipv6
+
+
+FORWARDS = """
+[[nat.forward]]
+name = "relay6"
+from = "ext"
+proto = "tcp"
+port = 9000
+to = "[fd00:1::10]:9001"
+
+[[nat.forward]]
+name = "media6"
+from = "ext"
+proto = "udp"
+port = 5004
+to = "fd00:1::10"
+"""
+
+
+def test_an_ipv6_forward_into_a_selector_that_takes_ipv6_is_admitted_to_its_queue() -> None:
+    rs = build(loads(BASE.replace('forward = "accept"', 'forward = "drop"') + FORWARDS))
+    (relay,) = [r for r in rs.chain("admit_g0_0").rules if "forward relay6" in r.comment]
+    assert relay.family is Family.V6 and isinstance(relay.statements[0], Queue)
+    # The rtp selector takes IPv4 only: its IPv6 forward is not queued (the counted drop takes it).
+    assert not [r for r in rs.chain("admit_g1_0").rules if "forward media6" in r.comment]
+    text = nft.render(rs)
+    assert ('meta nfproto ipv6 fib daddr type local tcp dport 9000 counter queue num 0 comment '
+            '"gateway[0].traffic[0] admitted by nat.forward[0] forward relay6"') in text, text
+
+
+def test_check_warns_of_an_ipv6_forward_only_into_a_selector_that_takes_ipv4_only() -> None:
+    config = loads(BASE + FORWARDS)
+    (warning,) = [h for h in hazards(config) if "forwards IPv6" in h.message]
+    assert warning.path == "nat.forward[1]" and "this selector takes IPv4 only" in warning.message

@@ -9,7 +9,8 @@ lan (192.168.1.10). The router's policy drops what no rule passes.
   in example.com, any recipient); a private Postfix runs in ext for
   example.net.
 
-``Postfix`` is a private instance (PEERS.md): its own config, queue, data
+``Postfix`` is a private instance (PEERS.md; ``protocols = "all"`` and an
+``address`` such as ``"192.168.1.10, [fd00:1::10]"`` for IPv6 too): its own config, queue, data
 and mail directories under the test's tmp, ``chroot = n``, the master in
 the foreground under ``lab.popen`` (so the lab's teardown stops it even if
 the test fails), log to a file, mail into a Maildir through the virtual
@@ -110,7 +111,7 @@ mydomain = {domain}
 myorigin = $mydomain
 mydestination =
 inet_interfaces = {address}
-inet_protocols = ipv4
+inet_protocols = {protocols}
 mynetworks = 127.0.0.0/8
 smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
 virtual_mailbox_domains = {domain}
@@ -140,7 +141,8 @@ smtpd_peername_lookup = no
 class Postfix:
     """A private Postfix in a lab host, receiving ``domain`` into ``inbox`` (a Maildir)."""
 
-    def __init__(self, lab: Any, host: str, tmp: Path, address: str, domain: str, extra: str = "") -> None:
+    def __init__(self, lab: Any, host: str, tmp: Path, address: str, domain: str, extra: str = "",
+                 protocols: str = "ipv4") -> None:
         self.lab, self.host = lab, host
         # Postfix's daemons run as user postfix and must reach these
         # directories: pytest's tmp (mode 0700 up the tree) will not do.
@@ -155,7 +157,7 @@ class Postfix:
         self.inbox = mail / "inbox"
         self.log = root / "maillog"
         (self.conf / "main.cf").write_text(MAIN_CF.format(
-            queue=queue, data=data, mail=mail, hostname=f"mx.{domain}", domain=domain, address=address,
+            queue=queue, data=data, mail=mail, hostname=f"mx.{domain}", domain=domain, address=address, protocols=protocols,
             uid=pw.pw_uid, gid=pw.pw_gid, log=self.log, root=root) + extra.format(root=root))
         master = []
         for line in Path("/etc/postfix/master.cf").read_text().splitlines():

@@ -11,7 +11,7 @@ from typing import Any, AsyncIterator
 from firewall.signalling import Endpoint, Proto
 from gateways.layer import EventLog
 from gateways.smtp.core import MAX_ANSWERS_PER_TURN, MAX_BACKLOG
-from gateways.smtp.gateway import SmtpGateway
+from gateways.smtp.gateway import SmtpGateway, client_group
 from gateways.smtp.settings import SmtpSettings
 from tests.gateways.fake_processor import rig
 from tests.gateways.process import events
@@ -188,3 +188,14 @@ def test_a_server_that_cannot_be_reached_gets_the_client_421_and_one_close_line(
     run(main())
     closed, = events(log, "close")
     assert closed["reason"] == "connect_failed" and "Connection refused" in closed["detail"] and closed["client"] == str(C)
+
+
+def test_ipv6_clients_count_for_the_per_client_limit_by_their_prefix() -> None:
+    v6 = ipaddress.IPv6Address
+    same = [client_group(v6(a), 64) for a in ("2001:db8:2::10", "2001:db8:2::11", "2001:db8:2:0:ffff::1")]
+    assert len(set(same)) == 1 and str(same[0]) == "2001:db8:2::/64"
+    assert client_group(v6("2001:db8:2:1::10"), 64) != same[0]
+    assert client_group(v6("2001:db8:2::10"), 128) != client_group(v6("2001:db8:2::11"), 128)
+    assert client_group(v6("2001:db8:2:1::10"), 48) == client_group(v6("2001:db8:2::10"), 48)
+    assert client_group(A("203.0.113.10"), 64) == A("203.0.113.10")  # IPv4: the address itself
+    assert SmtpSettings().client_prefix6 == 64
