@@ -318,12 +318,14 @@ from = "wan"
 to = "router"
 proto = "tcp"
 ports = 7443
+saddr = ["0.0.0.0/0"]  # IPv4 addresses: the selector takes IPv4 only (the tunnel kind takes both)
 
 [[gateway.traffic]]
 from = "wan"
 to = "router"
 proto = "udp"
 ports = 7443
+saddr = ["0.0.0.0/0"]
 
 [[nat.forward]]
 name = "web"
