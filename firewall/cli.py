@@ -40,7 +40,7 @@ from firewall.lab.cli import lab
 from firewall.rules import build, iptables, nft
 from firewall.rules.build import ipv6_counter
 from gateways.kinds import KINDS
-from firewall.supervisor import Supervisor, children_for, query
+from firewall.supervisor import GATEWAYS, Supervisor, query
 from tunnel.cli import tunnel
 
 DEFAULT_CONFIG = "/etc/nfgate/nfgate.toml"
@@ -353,6 +353,35 @@ def run(config_path: str, backend: str) -> None:
 
 @main.command()
 @config_option
+def gateways(config_path: str) -> None:
+    """Run the gateways on their own host (the AG host), in the foreground.
+
+    For gateway_link.mode = "host" (docs/ha.md, "The AG host"): the routers'
+    nfgate run starts no gateway; this command, on the host at
+    gateway_address, writes each gateway's manifest from the same config and
+    starts one process per gateway worker, restarts any that dies, says
+    READY=1 to systemd once all listen, and answers nfgate status and
+    nfgate reload on its own supervisor.control_socket. It touches no rule
+    and no link. Route processor.pools.firewall_side via the router's
+    address on the link (a pair's virtual address) before starting it.
+
+    \b
+    Examples:
+      sudo nfgate gateways -c /etc/nfgate/nfgate.toml
+    """
+    require_root("gateways")
+    config = load(config_path)
+    if config.gateway_link.mode != "host":
+        raise UsageError(f"{config_path}: gateway_link.mode is \"namespace\": nfgate run starts the gateways in "
+                         "the router's own namespace; nfgate gateways is for mode = \"host\"")
+    if not config.gateways:
+        raise UsageError(f"{config_path}: no [[gateway]] configured")
+    eventlog.configure_process("nfgate gateways", config.log.format == "json", level=getattr(logging, config.log.level.upper()))
+    Supervisor(config, config_path, role=GATEWAYS).run()
+
+
+@main.command()
+@config_option
 def reload(config_path: str) -> None:
     """Apply the config file again under the running nfgate run, without cuts.
 
@@ -371,7 +400,9 @@ def reload(config_path: str) -> None:
     for line in hazards(config):
         click.echo(f"warning: {line}", err=True)
     # Each child may take stop_timeout to stop, twice (SIGTERM, SIGKILL), and each tool call its own.
-    timeout = config.supervisor.stop_timeout * 2 * (len(children_for(config, config_path)) + 1) + 4 * be.TOOL_TIMEOUT
+    # At most: the pair's two daemons, the processors, every gateway worker (on a router or the AG host).
+    children = 2 + len(config.processor.queues) + sum(g.workers for g in config.gateways)
+    timeout = config.supervisor.stop_timeout * 2 * (children + 1) + 4 * be.TOOL_TIMEOUT
     result = query(config, "reload", timeout, refused=UsageError)
     for line in result.get("actions", []):
         click.echo(line)
