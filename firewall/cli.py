@@ -32,11 +32,13 @@ from firewall.config import Config, load
 from firewall.config import schema as config_schema
 from firewall.errors import EXIT_USAGE, NfgateError, UsageError, require_root
 from firewall.ha import age as ha_age
+from firewall.ha import local_node as ha_local_node
 from firewall.ha_cli import ha_group
 from firewall.hazards import hazards
 from firewall.jsondoc import echo_json, json_errors
 from firewall.lab import topology
 from firewall.lab.cli import lab
+from firewall.namespaces import local_addresses
 from firewall.rules import build, iptables, nft
 from firewall.rules.build import ipv6_counter
 from gateways.kinds import KINDS
@@ -189,19 +191,24 @@ def check(config_path: str, as_json: bool, strict: bool) -> None:
     show_default=True,
     help="nft: for nft -f; iptables / ip6tables: for *tables-restore --noflush.",
 )
-def rules(config_path: str, fmt: str) -> None:
+@click.option("--node", default=None, help="With [ha]: the ruleset of this node (default: the node this host is).")
+def rules(config_path: str, fmt: str, node: str | None) -> None:
     """Print the ruleset nfgate would install, for review.
 
     The nft text replaces nfgate's table atomically when loaded with nft -f;
     the iptables text is for iptables-restore --noflush on a router that has
-    no nfgate chains yet (nfgate apply handles re-applying).
+    no nfgate chains yet (nfgate apply handles re-applying). With [ha] each
+    node's differs (its half of the pool, its address on a host gateway
+    link): --node picks one; on a host that is neither node, the pair's
+    whole pool is shown.
 
     \b
     Examples:
       nfgate rules -c examples/home.toml
       nfgate rules -c examples/mail.toml --format iptables > mail.rules
+      nfgate rules -c pair.toml --node r2
     """
-    rs = build(load(config_path))
+    rs = build(node_view(load(config_path), node, strict=False))
     if fmt == "nft":
         click.echo(nft.render(rs), nl=False)
     else:
@@ -235,7 +242,7 @@ def apply(config_path: str, backend: str, dry_run: bool, confirm_after: float | 
     config = load(config_path)
     for line in hazards(config):
         click.echo(f"warning: {line}", err=True)
-    rs = build(config)
+    rs = build(node_view(config, strict=not dry_run))
     choice = be.choose(backend, rs)
     click.echo(f"backend: {choice.backend} ({choice.reason})")
     if dry_run:
@@ -349,6 +356,24 @@ def run(config_path: str, backend: str) -> None:
     config = load(config_path)
     eventlog.configure_process("nfgate run", config.log.format == "json", level=getattr(logging, config.log.level.upper()))
     Supervisor(config, config_path, backend).run()
+
+
+def node_view(config: Config, node: str | None = None, strict: bool = True) -> Config:
+    """With [ha], the config as ``node`` (by default this host's node) runs it (``Config.for_node``).
+
+    Not strict (review, a dry run), a host that is neither node gets the config as a whole."""
+    if config.ha is None:
+        return config
+    if node is not None:
+        if node not in config.ha.nodes:
+            raise UsageError(f"--node {node}: [ha] has nodes {', '.join(sorted(config.ha.nodes))}")
+        return config.for_node(node)
+    try:
+        return config.for_node(ha_local_node(config, local_addresses()))
+    except UsageError:
+        if strict:
+            raise
+        return config
 
 
 @main.command()

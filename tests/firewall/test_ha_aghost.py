@@ -8,8 +8,10 @@ import ipaddress
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from firewall import config, manifests, supervisor
+from firewall.cli import main
 from firewall.rules import build, nft
 from firewall.signalling import (
     Encoder, Endpoint, FlowEnd, FlowEndReason, FlowInfo, NewFlow, Proto, Role, first_serial, flow_id_node, flow_id_queue,
@@ -162,3 +164,18 @@ def test_a_router_starts_no_gateway_and_the_ag_host_starts_them_outside_any_name
     host = supervisor.children_for(cfg, "x.toml", supervisor.GATEWAYS)
     assert [c.name for c in host] == ["gateway-relay"] and host[0].argv[:3] != ["ip", "netns", "exec"]
     assert "gateways" in host[0].argv
+
+
+def test_rules_shows_a_nodes_ruleset_and_gateways_refuses_a_namespace_link(tmp_path: Path) -> None:
+    path = tmp_path / "nfgate.toml"
+    path.write_text(AG.format(tmp=tmp_path))
+    out = CliRunner().invoke(main, ["rules", "-c", str(path), "--node", "r1"])
+    assert out.exit_code == 0 and "172.31.254.0/29 counter jump steer_pool" in out.output, out.output
+    out = CliRunner().invoke(main, ["rules", "-c", str(path), "--node", "r3"])
+    assert out.exit_code == 2 and "--node r3: [ha] has nodes r1, r2" in out.output
+    # This host is neither node: the review shows the pair's whole pool.
+    out = CliRunner().invoke(main, ["rules", "-c", str(path)])
+    assert out.exit_code == 0 and "172.31.254.0/28 counter jump steer_pool" in out.output, out.output
+    path.write_text(AG.format(tmp=tmp_path).replace('mode = "host"\n', "").replace('gateway_address = "172.31.253.10/24"', ""))
+    out = CliRunner().invoke(main, ["gateways", "-c", str(path)])
+    assert out.exit_code == 2 and 'gateway_link.mode is "namespace"' in out.output, out.output

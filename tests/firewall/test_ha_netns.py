@@ -12,6 +12,8 @@ tcp-relay flow through the gateways' own host (docs/ha.md, "The AG host").
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from firewall.lab.wait import wait_for
-from tests.firewall.ha_harness import RELAYED_PORT, REPO, Pair, result, serve, stream, wait_master
+from tests.firewall.ha_harness import AG_PORTS, RELAYED_PORT, REPO, Pair, result, serve, stream, wait_master
 from tests.gateways.ftp_netns import Vsftpd, make_file, sha256
 
 pytestmark = pytest.mark.netns
@@ -279,6 +281,17 @@ def test_gateway_flows_through_the_ag_host_survive_failover_kill9_and_failback(l
         assert all(p["restarts"] == 0 for p in on_ag), on_ag
         assert not any(p["kind"] == "gateway" for p in pair.status("r1")["processes"])
         assert "r2 172.31.253.3" in pair.log("ag"), pair.log("ag")[-2000:]
+        # On the AG host: a second nfgate gateways is refused, and a gateway killed -9 is restarted.
+        second = lab.run("ag", [sys.executable, "-m", "firewall.cli", "gateways", "-c", str(pair.paths["ag"])],
+                         check=False, cwd=str(REPO), timeout=30)
+        assert second.returncode == 1 and "already running" in second.stderr, second
+        relay = next(p for p in on_ag if p["name"] == "gateway-relay")
+        os.kill(relay["pid"], signal.SIGKILL)
+        wait_for(lambda: next(p for p in pair.status("ag")["processes"] if p["name"] == "gateway-relay")["restarts"] == 1,
+                 timeout=15, interval=0.1, what="nfgate gateways to restart the relay")
+        lab.wait_listening("ag", AG_PORTS[0], timeout=15)
+        again = result(stream(lab, 2, 50.0, port=RELAYED_PORT), timeout=90)
+        assert again["ok"], f"a relayed flow after the relay's restart: {again}"
     finally:
         if ftpd is not None:
             ftpd.stop()
