@@ -292,7 +292,7 @@ class Supervisor:
 
     def setup(self) -> None:
         cfg = self.config
-        for hazard in hazards(cfg):
+        for hazard in hazards(cfg) if self.role == ROUTER else ():  # the AG host applies no rule
             self.warn(str(hazard))
         load_or_create_key(cfg.signalling.key_file)
         run_dir = state.ensure(cfg)
@@ -609,7 +609,7 @@ class Supervisor:
                 raise UsageError(f"{key} changed: a running nfgate cannot move it; restart nfgate run to use the new one")
         if bool(old.gateways) != bool(new.gateways):
             raise UsageError("gateways added to a config that had none, or all removed: restart nfgate run")
-        warnings = [str(h) for h in hazards(new)]
+        warnings = [str(h) for h in hazards(new)] if self.role == ROUTER else []
         for line in warnings:
             self.warn(line)
         for key in ("log", "metrics"):

@@ -31,11 +31,12 @@ pytestmark = pytest.mark.netns
 MB, RATE = 100, 6.0
 
 
-def capture(lab, tmp: Path) -> tuple[subprocess.Popen, Path]:
-    """tcpdump on the server's segment for the client's own address: any packet is half-NATed."""
+def capture(lab, tmp: Path, also: tuple[str, ...] = ()) -> tuple[subprocess.Popen, Path]:
+    """tcpdump on the server's segment for the client's own address (and ``also``, more
+    tcpdump terms): any packet is half-NATed."""
     path = tmp / "server-seg.pcap"
     err = open(tmp / "tcpdump.err", "w")
-    proc = lab.popen("server", ["tcpdump", "-i", "eth0", "-n", "-U", "-w", str(path), "host", "192.168.1.10"],
+    proc = lab.popen("server", ["tcpdump", "-i", "eth0", "-n", "-U", "-w", str(path), "host", "192.168.1.10", *also],
                      stdout=subprocess.DEVNULL, stderr=err)
     wait_for(lambda: "listening on" in (tmp / "tcpdump.err").read_text(), timeout=10, interval=0.05,
              what="tcpdump to listen")
@@ -216,7 +217,8 @@ def test_gateway_flows_through_the_ag_host_survive_failover_kill9_and_failback(l
         ftpd = Vsftpd(lab, "client", tmp_path)
         big = make_file(ftpd.pub / "big.bin", MB << 20)
         small = make_file(ftpd.pub / "small.bin", 1 << 20)
-        dump, pcap = capture(lab, tmp_path)
+        # A gateway flow half NATed would show the AG host's address or the pool's.
+        dump, pcap = capture(lab, tmp_path, ("or", "net", "172.31.253.0/24", "or", "net", "172.31.254.0/28"))
         start = time.monotonic()
         flow = stream(lab, MB, RATE, port=RELAYED_PORT)
         download = ftp_get(lab, tmp_path, "big.bin", tmp_path / "big.got", rate=f"{int(RATE)}M")
@@ -237,9 +239,11 @@ def test_gateway_flows_through_the_ag_host_survive_failover_kill9_and_failback(l
         time.sleep(2.0)
         at("r1: all links down")
         pair.links("r1", "down")
+        window = stream(lab, 1, 50.0, port=RELAYED_PORT)  # set up in the failover window: carried or refused
         took = wait_master(pair, "r2", timeout=15)
         at(f"r2 master after {took:.2f} s")
         new_flows("after the failover (bound by r2)")
+        window_result = result(window, timeout=90)
 
         at("r1: links up")
         pair.links("r1", "up")
@@ -264,7 +268,9 @@ def test_gateway_flows_through_the_ag_host_survive_failover_kill9_and_failback(l
             print(f"  {t:7.2f} s  {name}")
         for t, gap in got["stalls"]:
             print(f"  relay stall of {gap:.3f} s at {t:.2f} s")
+        print(f"  relayed flow started in the failover window: {window_result}")
         assert got["ok"], got
+        assert window_result["ok"] or window_result["bytes"] < (1 << 20), window_result
         assert got["stall"] < 10, got
         assert download.returncode == 0 and sha256(tmp_path / "big.got") == big, text
         dump.terminate()
@@ -281,9 +287,14 @@ def test_gateway_flows_through_the_ag_host_survive_failover_kill9_and_failback(l
         assert all(p["restarts"] == 0 for p in on_ag), on_ag
         assert not any(p["kind"] == "gateway" for p in pair.status("r1")["processes"])
         assert "r2 172.31.253.3" in pair.log("ag"), pair.log("ag")[-2000:]
-        # On the AG host: a second nfgate gateways is refused, and a gateway killed -9 is restarted.
-        second = lab.run("ag", [sys.executable, "-m", "firewall.cli", "gateways", "-c", str(pair.paths["ag"])],
-                         check=False, cwd=str(REPO), timeout=30)
+        # On the AG host: nfgate status and reload answer, a second nfgate gateways is refused,
+        # and a gateway killed -9 is restarted.
+        cli = [sys.executable, "-m", "firewall.cli"]
+        shown = lab.run("ag", [*cli, "status", "-c", str(pair.paths["ag"])], cwd=str(REPO), timeout=30).stdout
+        assert "gateway-relay" in shown and "gateway-ftp" in shown, shown
+        reloaded = lab.run("ag", [*cli, "reload", "-c", str(pair.paths["ag"])], cwd=str(REPO), timeout=60).stdout
+        assert "restarted: nothing" in reloaded, reloaded
+        second = lab.run("ag", [*cli, "gateways", "-c", str(pair.paths["ag"])], check=False, cwd=str(REPO), timeout=30)
         assert second.returncode == 1 and "already running" in second.stderr, second
         relay = next(p for p in on_ag if p["name"] == "gateway-relay")
         os.kill(relay["pid"], signal.SIGKILL)
