@@ -161,6 +161,7 @@ def check(config_path: str, as_json: bool, strict: bool) -> None:
         f"masquerade on {', '.join(summary['masquerade']) or 'none'}"
         + (f", IPv6 masquerade (NAT66) on {', '.join(summary['masquerade6'])}" if summary["masquerade6"] else "")
     )
+    host = config.gateway_link.mode == "host"
     for g in summary["gateways"]:
         ports = (f"port {g['listen_port']}" if g["workers"] == 1
                  else f"{g['workers']} workers, ports {g['listen_port']}-{g['listen_port'] + g['workers'] - 1}")
@@ -169,9 +170,15 @@ def check(config_path: str, as_json: bool, strict: bool) -> None:
             click.echo(f"    IPv6 on its selectors' ports: through the gateway for {', '.join(g['ipv6_relayed'])}")
         if g["ipv6_dropped"]:
             click.echo(f"    IPv6 on its selectors' ports: dropped, counted as {', '.join(g['ipv6_dropped'])} "
-                       f"({'a log-only gateway, or a selector with addresses' if KINDS[g['kind']].ipv6 else 'a ' + g['kind'] + ' gateway takes IPv4 only'})")
+                       f"({_ipv6_why(g['kind'], host)})")
     if config.gateways:
         click.echo(f"  processor: queues {summary['queues']}, fail {summary['fail_mode']}")
+    if config.gateways and host:
+        link = config.gateway_link
+        click.echo(f"  gateways on their own host {link.gateway_address.ip} over {link.router_if} (nfgate gateways there)")
+    if config.ha is not None and config.gateways:
+        halves = ", ".join(f"{n} {config.for_node(n).own_pool}" for n in sorted(config.ha.nodes))
+        click.echo(f"  firewall-side pool by node: {halves}")
     click.echo(f"  renders to {summary['kernel_rules']} rules in {summary['chains']} chains")
     for line in warnings:
         click.echo(f"warning: {line}", err=True)
@@ -356,6 +363,15 @@ def run(config_path: str, backend: str) -> None:
     config = load(config_path)
     eventlog.configure_process("nfgate run", config.log.format == "json", level=getattr(logging, config.log.level.upper()))
     Supervisor(config, config_path, backend).run()
+
+
+def _ipv6_why(kind: str, host: bool) -> str:
+    """Why a gateway's selectors drop their IPv6 (``Gateway.takes_ipv6``), for nfgate check."""
+    if not KINDS[kind].ipv6:
+        return f"a {kind} gateway takes IPv4 only"
+    if host:
+        return "the gateways' own host takes IPv4 only"
+    return "a log-only gateway, or a selector with addresses"
 
 
 def node_view(config: Config, node: str | None = None, strict: bool = True) -> Config:

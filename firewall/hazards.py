@@ -140,7 +140,8 @@ def _ipv6(config: Config, name: str, t: Traffic, counter: str, takes: bool) -> l
         dropped = (f"IPv6 port forwards into a gateway are not taken yet, so nfgate drops {what} through a forward "
                    f"(counted as {counter}, shown by `nfgate status`) rather than let it skip gateway {name}")
     else:
-        dropped = (f"gateways of this kind take IPv4 only, so nfgate drops {what} (counted as {counter}, shown by "
+        only = "the gateways' own host takes" if config.gateway_link.mode == "host" else "gateways of this kind take"
+        dropped = (f"{only} IPv4 only, so nfgate drops {what} (counted as {counter}, shown by "
                    f"`nfgate status`) rather than let it skip gateway {name}")
     if t.to_zone != ROUTER:
         for f in config.nat.forwards6:

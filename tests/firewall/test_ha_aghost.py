@@ -179,3 +179,13 @@ def test_rules_shows_a_nodes_ruleset_and_gateways_refuses_a_namespace_link(tmp_p
     path.write_text(AG.format(tmp=tmp_path).replace('mode = "host"\n', "").replace('gateway_address = "172.31.253.10/24"', ""))
     out = CliRunner().invoke(main, ["gateways", "-c", str(path)])
     assert out.exit_code == 2 and 'gateway_link.mode is "namespace"' in out.output, out.output
+
+
+def test_check_names_the_ag_host_and_each_nodes_half(tmp_path: Path) -> None:
+    path = tmp_path / "nfgate.toml"
+    path.write_text(AG.format(tmp=tmp_path))
+    out = CliRunner().invoke(main, ["check", "-c", str(path)])
+    assert out.exit_code == 0, out.output
+    assert "gateways on their own host 172.31.253.10 over ag0 (nfgate gateways there)" in out.output
+    assert "firewall-side pool by node: r1 172.31.254.0/29, r2 172.31.254.8/29" in out.output
+    assert "(the gateways' own host takes IPv4 only)" in out.output
