@@ -32,15 +32,17 @@ from firewall.config import Config, load
 from firewall.config import schema as config_schema
 from firewall.errors import EXIT_USAGE, NfgateError, UsageError, require_root
 from firewall.ha import age as ha_age
+from firewall.ha import local_node as ha_local_node
 from firewall.ha_cli import ha_group
 from firewall.hazards import hazards
 from firewall.jsondoc import echo_json, json_errors
 from firewall.lab import topology
 from firewall.lab.cli import lab
+from firewall.namespaces import local_addresses
 from firewall.rules import build, iptables, nft
 from firewall.rules.build import ipv6_counter
 from gateways.kinds import KINDS
-from firewall.supervisor import Supervisor, children_for, query
+from firewall.supervisor import GATEWAYS, Supervisor, query
 from tunnel.cli import tunnel
 
 DEFAULT_CONFIG = "/etc/nfgate/nfgate.toml"
@@ -159,6 +161,7 @@ def check(config_path: str, as_json: bool, strict: bool) -> None:
         f"masquerade on {', '.join(summary['masquerade']) or 'none'}"
         + (f", IPv6 masquerade (NAT66) on {', '.join(summary['masquerade6'])}" if summary["masquerade6"] else "")
     )
+    host = config.gateway_link.mode == "host"
     for g in summary["gateways"]:
         ports = (f"port {g['listen_port']}" if g["workers"] == 1
                  else f"{g['workers']} workers, ports {g['listen_port']}-{g['listen_port'] + g['workers'] - 1}")
@@ -167,9 +170,15 @@ def check(config_path: str, as_json: bool, strict: bool) -> None:
             click.echo(f"    IPv6 on its selectors' ports: through the gateway for {', '.join(g['ipv6_relayed'])}")
         if g["ipv6_dropped"]:
             click.echo(f"    IPv6 on its selectors' ports: dropped, counted as {', '.join(g['ipv6_dropped'])} "
-                       f"({'a log-only gateway, or a selector whose addresses are IPv4 only' if KINDS[g['kind']].ipv6 else 'a ' + g['kind'] + ' gateway takes IPv4 only'})")
+                       f"({_ipv6_why(g['kind'], host)})")
     if config.gateways:
         click.echo(f"  processor: queues {summary['queues']}, fail {summary['fail_mode']}")
+    if config.gateways and host:
+        link = config.gateway_link
+        click.echo(f"  gateways on their own host {link.gateway_address.ip} over {link.router_if} (nfgate gateways there)")
+    if config.ha is not None and config.gateways:
+        halves = ", ".join(f"{n} {config.for_node(n).own_pool}" for n in sorted(config.ha.nodes))
+        click.echo(f"  firewall-side pool by node: {halves}")
     click.echo(f"  renders to {summary['kernel_rules']} rules in {summary['chains']} chains")
     for line in warnings:
         click.echo(f"warning: {line}", err=True)
@@ -189,19 +198,24 @@ def check(config_path: str, as_json: bool, strict: bool) -> None:
     show_default=True,
     help="nft: for nft -f; iptables / ip6tables: for *tables-restore --noflush.",
 )
-def rules(config_path: str, fmt: str) -> None:
+@click.option("--node", default=None, help="With [ha]: the ruleset of this node (default: the node this host is).")
+def rules(config_path: str, fmt: str, node: str | None) -> None:
     """Print the ruleset nfgate would install, for review.
 
     The nft text replaces nfgate's table atomically when loaded with nft -f;
     the iptables text is for iptables-restore --noflush on a router that has
-    no nfgate chains yet (nfgate apply handles re-applying).
+    no nfgate chains yet (nfgate apply handles re-applying). With [ha] each
+    node's differs (its half of the pool, its address on a host gateway
+    link): --node picks one; on a host that is neither node, the pair's
+    whole pool is shown.
 
     \b
     Examples:
       nfgate rules -c examples/home.toml
       nfgate rules -c examples/mail.toml --format iptables > mail.rules
+      nfgate rules -c pair.toml --node r2
     """
-    rs = build(load(config_path))
+    rs = build(node_view(load(config_path), node, strict=False))
     if fmt == "nft":
         click.echo(nft.render(rs), nl=False)
     else:
@@ -235,7 +249,7 @@ def apply(config_path: str, backend: str, dry_run: bool, confirm_after: float | 
     config = load(config_path)
     for line in hazards(config):
         click.echo(f"warning: {line}", err=True)
-    rs = build(config)
+    rs = build(node_view(config, strict=not dry_run))
     choice = be.choose(backend, rs)
     click.echo(f"backend: {choice.backend} ({choice.reason})")
     if dry_run:
@@ -351,6 +365,62 @@ def run(config_path: str, backend: str) -> None:
     Supervisor(config, config_path, backend).run()
 
 
+def _ipv6_why(kind: str, host: bool) -> str:
+    """Why a gateway's selectors drop their IPv6 (``Gateway.takes_ipv6``), for nfgate check."""
+    if not KINDS[kind].ipv6:
+        return f"a {kind} gateway takes IPv4 only"
+    if host:
+        return "the gateways' own host takes IPv4 only"
+    return "a log-only gateway, or a selector whose addresses are IPv4 only"
+
+
+def node_view(config: Config, node: str | None = None, strict: bool = True) -> Config:
+    """With [ha], the config as ``node`` (by default this host's node) runs it (``Config.for_node``).
+
+    Not strict (review, a dry run), a host that is neither node gets the config as a whole."""
+    if config.ha is None:
+        return config
+    if node is not None:
+        if node not in config.ha.nodes:
+            raise UsageError(f"--node {node}: [ha] has nodes {', '.join(sorted(config.ha.nodes))}")
+        return config.for_node(node)
+    try:
+        return config.for_node(ha_local_node(config, local_addresses()))
+    except UsageError:
+        if strict:
+            raise
+        return config
+
+
+@main.command()
+@config_option
+def gateways(config_path: str) -> None:
+    """Run the gateways on their own host (the AG host), in the foreground.
+
+    For gateway_link.mode = "host" (docs/ha.md, "The AG host"): the routers'
+    nfgate run starts no gateway; this command, on the host at
+    gateway_address, writes each gateway's manifest from the same config and
+    starts one process per gateway worker, restarts any that dies, says
+    READY=1 to systemd once all listen, and answers nfgate status and
+    nfgate reload on its own supervisor.control_socket. It touches no rule
+    and no link. Route processor.pools.firewall_side via the router's
+    address on the link (a pair's virtual address) before starting it.
+
+    \b
+    Examples:
+      sudo nfgate gateways -c /etc/nfgate/nfgate.toml
+    """
+    require_root("gateways")
+    config = load(config_path)
+    if config.gateway_link.mode != "host":
+        raise UsageError(f"{config_path}: gateway_link.mode is \"namespace\": nfgate run starts the gateways in "
+                         "the router's own namespace; nfgate gateways is for mode = \"host\"")
+    if not config.gateways:
+        raise UsageError(f"{config_path}: no [[gateway]] configured")
+    eventlog.configure_process("nfgate gateways", config.log.format == "json", level=getattr(logging, config.log.level.upper()))
+    Supervisor(config, config_path, role=GATEWAYS).run()
+
+
 @main.command()
 @config_option
 def reload(config_path: str) -> None:
@@ -371,7 +441,9 @@ def reload(config_path: str) -> None:
     for line in hazards(config):
         click.echo(f"warning: {line}", err=True)
     # Each child may take stop_timeout to stop, twice (SIGTERM, SIGKILL), and each tool call its own.
-    timeout = config.supervisor.stop_timeout * 2 * (len(children_for(config, config_path)) + 1) + 4 * be.TOOL_TIMEOUT
+    # At most: the pair's two daemons, the processors, every gateway worker (on a router or the AG host).
+    children = 2 + len(config.processor.queues) + sum(g.workers for g in config.gateways)
+    timeout = config.supervisor.stop_timeout * 2 * (children + 1) + 4 * be.TOOL_TIMEOUT
     result = query(config, "reload", timeout, refused=UsageError)
     for line in result.get("actions", []):
         click.echo(line)

@@ -1,5 +1,9 @@
 """The blind track: the gateway network namespace and the veth link to it.
 
+With ``mode = "host"`` the gateways run on their own host (docs/ha.md, "The
+AG host") and the link is an interface of the operator's: ``check_host``
+only checks it; nothing here creates or removes it.
+
 The gateways run in their own namespace at the end of a veth pair from the
 router (seed fig. 1, "blind track"; DESIGN invariant 6). The router's end
 belongs to no zone; the gateway end has the gateway address and a default
@@ -162,6 +166,23 @@ def _build(link: GatewayLink, router_netns: str | None) -> None:
                 namespaces.add_route(gateway, default_route(link))
             with _step(f"default IPv6 route via {link.router_address6.ip} in {link.netns}"):
                 namespaces.add_route(gateway, default_route6(link))
+
+
+def check_host(link: GatewayLink, router_netns: str | None = None) -> None:
+    """``mode = "host"``: the interface towards the AG host is the operator's; it must be here,
+    hold ``router_address``, and the router must forward IPv4. Nothing is created or changed."""
+    if _sysctl(router_netns, "net.ipv4.ip_forward") != "1":
+        raise KernelError("gateway link: net.ipv4.ip_forward is 0; the gateways' flows are forwarded to "
+                          "the AG host, so the router must forward IPv4: set it to 1")
+    with _step(f"opening netlink in {router_netns or 'the router namespace'}"):
+        router = namespaces.netlink(router_netns)
+    with router:
+        if not namespaces.has_link(router, link.router_if):
+            raise KernelError(f"gateway link: no interface {link.router_if} towards the AG host "
+                              "(gateway_link.router_if, mode = \"host\")")
+    if link.router_address.ip not in namespaces.local_addresses(router_netns):
+        raise KernelError(f"gateway link: this router does not hold {link.router_address.ip}, its address towards "
+                          f"the AG host (gateway_link.router_address, or ha.nodes.NODE.addresses.gateway_link)")
 
 
 def remove(link: GatewayLink, router_netns: str | None = None) -> None:

@@ -229,6 +229,9 @@ ctd() {{
   echo "$(now) conntrackd $* rc=$rc $(echo "$out" | head -c 300 | tr '\n' ' ')" >> "$LOG"
 }}
 echo "$(now) -> $STATE" >> "$LOG"
+# Recorded first: nfgate's processors read it to know, before the flush below destroys
+# this node's entries, that the peer carries those flows on (docs/ha.md, "The AG host").
+printf '{{"state": "%s", "at": %s}}\n' "$STATE" "$(date +%s.%N)" >> "$STATEFILE"
 case "$STATE" in
   primary)
     ctd -f      # forget the internal cache: it may hold entries of an older mastership
@@ -244,7 +247,6 @@ case "$STATE" in
     ctd -f
     ;;
 esac
-printf '{{"state": "%s", "at": %s}}\n' "$STATE" "$(date +%s.%N)" >> "$STATEFILE"
 echo "$(now) <- $STATE done" >> "$LOG"
 exit 0
 """

@@ -138,7 +138,9 @@ def _ipv6(config: Config, name: str, t: Traffic, counter: str, takes: bool) -> l
     if takes:
         return []  # the rules' and the forwards' IPv6 is relayed like their IPv4
     what = f"IPv6 {t.proto} {', '.join(map(str, t.ports))} from {t.from_zone} to {t.to_zone}"
-    dropped = (f"this selector takes IPv4 only (its kind, log-only, or IPv4 addresses), so nfgate drops {what} "
+    why = ("the gateways' own host takes IPv4 only" if config.gateway_link.mode == "host"
+           else "this selector takes IPv4 only (its kind, log-only, or IPv4 addresses)")
+    dropped = (f"{why}, so nfgate drops {what} "
                f"(counted as {counter}, shown by `nfgate status`) rather than let it skip gateway {name}")
     if t.to_zone != ROUTER:
         for f in config.nat.forwards6:

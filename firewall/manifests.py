@@ -22,6 +22,7 @@ from gateways.manifest import (
     Address,
     InstanceSpec,
     Manifest,
+    NodeSpec,
     PortSpan,
     ProcessorSpec,
     Selector,
@@ -36,9 +37,27 @@ def process_names(gateway: Gateway) -> list[str]:
     return [gateway.name] if gateway.workers == 1 else [f"{gateway.name}#{i}" for i in range(gateway.workers)]
 
 
+def nodes(config: Config) -> tuple[NodeSpec, ...]:
+    """Each router's processor: the router alone, or with [ha] both nodes in node order, each
+    with its address on the gateway link and its instances' slices of its half of the pool."""
+    proc = config.processor
+    views = [config] if config.ha is None else sorted((config.for_node(n) for n in config.ha.nodes), key=lambda v: v.node_index)
+    out = []
+    for view in views:
+        slices = address_slices(view.own_pool, len(proc.queues))
+        out.append(NodeSpec(
+            name=view.node or "router",
+            address=view.gateway_link.router_address.ip,
+            instances=tuple(
+                InstanceSpec(queue=q, port=config.processor_signalling_port(i), slices=slices[i])
+                for i, q in enumerate(proc.queues)
+            ),
+        ))
+    return tuple(out)
+
+
 def manifest_for(config: Config, gateway: Gateway, worker: int = 0) -> Manifest:
     link, sig, proc = config.gateway_link, config.signalling, config.processor
-    slices = address_slices(proc.pools.firewall_side, len(proc.queues))
     six = any(gateway.takes_ipv6(t) for t in gateway.traffic)
     return Manifest(
         version=MANIFEST_VERSION,
@@ -47,7 +66,7 @@ def manifest_for(config: Config, gateway: Gateway, worker: int = 0) -> Manifest:
         source=gateway.source,
         worker=worker,
         workers=gateway.workers,
-        netns=link.netns,
+        netns=link.netns if link.mode == "namespace" else None,
         listen=Address(address=link.gateway_address.ip, port=gateway.listen_ports[worker]),
         listen6=link.gateway_address6.ip if six else None,
         signalling=SignallingSpec(
@@ -57,13 +76,9 @@ def manifest_for(config: Config, gateway: Gateway, worker: int = 0) -> Manifest:
             replay_window=sig.replay_window,
         ),
         processor=ProcessorSpec(
-            address=link.router_address.ip,
             pool=proc.pools.firewall_side,
             pool6=proc.pools.firewall_side6 if six else None,
-            instances=tuple(
-                InstanceSpec(queue=q, port=config.processor_signalling_port(i), slices=slices[i])
-                for i, q in enumerate(proc.queues)
-            ),
+            nodes=nodes(config),
         ),
         traffic=tuple(
             Selector(

@@ -64,7 +64,7 @@ class AlreadyRunning(KernelError):
     def __init__(self, pid: int | None, path: Path):
         self.pid = pid
         who = f"pid {pid}" if pid else "another process"
-        super().__init__(f"nfgate run is already running here ({who}, lock {path}): stop it, or use nfgate reload")
+        super().__init__(f"nfgate (run or gateways) is already running here ({who}, lock {path}): stop it, or use nfgate reload")
 
 
 def _pid_in(path: Path) -> int | None:

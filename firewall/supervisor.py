@@ -25,6 +25,12 @@ crash in a row up to ``restart_max``; a process that ran ``stable_after``
 seconds starts again from the shortest wait. The processor and the other
 gateways never notice.
 
+With ``gateway_link.mode = "host"`` the gateways run on their own host
+(docs/ha.md, "The AG host"): a router's ``nfgate run`` starts none (step 5)
+and builds no blind track (step 2 only checks the interface), and ``nfgate
+gateways`` on the AG host is this supervisor with ``role = GATEWAYS``: the
+key, the manifests and step 5 alone, no rules, no link, no daemons of the pair.
+
 Before all of it, the run lock (``firewall.state``): a second ``run``
 refuses and names the first one's pid; a predecessor killed with SIGKILL
 left its processors and gateways running, and they are stopped (found by
@@ -162,12 +168,12 @@ def processor_control(config: Config, queue: int) -> Path:
     return config.supervisor.control_socket.parent / f"processor-{queue}.sock"
 
 
-def ha_children(config: Config) -> list[Child]:
+ROUTER, GATEWAYS = "router", "gateways"  # what a supervisor runs: nfgate run, nfgate gateways (the AG host)
+
+
+def ha_children(config: Config, node: str) -> list[Child]:
     """With [ha], this node's conntrackd then keepalived (docs/ha.md): started first, in the
     foreground, restarted like any child; conntrackd's lock and socket left by a SIGKILL go first."""
-    if config.ha is None:
-        return []
-    node = ha.local_node(config, namespaces.local_addresses())
     daemons = ha.daemons(config, node)
     return [
         Child("conntrackd", "ha", daemons["conntrackd"], notifies=False, stale=tuple(ha.stale_files(config, node))),
@@ -175,21 +181,41 @@ def ha_children(config: Config) -> list[Child]:
     ]
 
 
-def children_for(config: Config, config_path: str) -> list[Child]:
+def local_node(config: Config) -> str | None:
+    """With [ha], the node this host is (by its sync address); None without."""
+    return None if config.ha is None else ha.local_node(config, namespaces.local_addresses())
+
+
+def runs_gateways(config: Config, role: str) -> bool:
+    """Whether this supervisor starts the gateways: a router with its own gateway namespace,
+    or the AG host (gateway_link.mode = "host": the routers start none)."""
+    return role == GATEWAYS or config.gateway_link.mode == "namespace"
+
+
+def children_for(config: Config, config_path: str, role: str = ROUTER) -> list[Child]:
     py = sys.executable
-    out = ha_children(config)
-    for i, queue in enumerate(config.processor.queues):
-        control = processor_control(config, queue)
-        argv = [py, "-m", "firewall.processor", "--config", config_path, "--instance", str(i), "--control", str(control)]
-        out.append(Child(f"processor-{queue}", "processor", argv, control))
+    out: list[Child] = []
+    if role == ROUTER:
+        node = local_node(config)
+        if node is not None:
+            out += ha_children(config, node)
+        for i, queue in enumerate(config.processor.queues):
+            control = processor_control(config, queue)
+            argv = [py, "-m", "firewall.processor", "--config", config_path, "--instance", str(i), "--control", str(control),
+                    *(["--node", node] if node is not None else [])]
+            out.append(Child(f"processor-{queue}", "processor", argv, control))
+    if not runs_gateways(config, role):
+        return out
     run_dir = config.supervisor.control_socket.parent
     log_args = ["--log-level", config.log.level] + (["--log-json"] if config.log.format == "json" else [])
+    # In the router's gateway namespace; on the AG host, where they are started.
+    enter = ["ip", "netns", "exec", config.gateway_link.netns] if config.gateway_link.mode == "namespace" else []
     for gw in config.gateways:
         standalone = KINDS[gw.kind].standalone  # runs its whole process itself: no stats socket, no READY
         for worker, name in enumerate(manifests.process_names(gw)):
             manifest = manifests.manifest_path(run_dir, name)
             control = None if standalone else gateway_control(config, name)
-            argv = ["ip", "netns", "exec", config.gateway_link.netns, py, "-m", "gateways", *log_args,
+            argv = [*enter, py, "-m", "gateways", *log_args,
                     *(["--control", str(control)] if control is not None else []), "--manifest", str(manifest)]
             out.append(Child(f"gateway-{name}", "gateway", argv, control, notifies=not standalone,
                              gateway=gw.name, worker=worker, watched=gw.workers > 1))
@@ -217,13 +243,17 @@ class Supervisor:
         backend: str = "auto",
         children: list[Child] | None = None,
         log: Callable[[str], None] | None = None,
+        role: str = ROUTER,
     ):
-        self.config = config
+        self.role = role
+        # With [ha], a router runs the config as its node does (Config.for_node): its half of the
+        # pool, its address on a host gateway link. The AG host runs the config as a whole.
+        self.ha_node = local_node(config) if role == ROUTER else None
+        self.config = config if self.ha_node is None else config.for_node(self.ha_node)
         self.config_path = config_path
         self.backend_wanted = backend
         self.backend: str | None = None
-        self.children = children if children is not None else children_for(config, config_path)
-        self.ha_node: str | None = None  # with [ha], this node (setup finds it by its sync address)
+        self.children = children if children is not None else children_for(config, config_path, role)
         self._log = log
         self.started = time.time()
         self.notify: sdnotify.Listener | None = None
@@ -254,7 +284,7 @@ class Supervisor:
         """Take the run lock; stop what a killed predecessor left. Changes nothing else."""
         cfg = self.config
         self.lock.acquire()
-        foreign = state.foreign_netns(cfg)
+        foreign = state.foreign_netns(cfg) if self.role == ROUTER else None
         if foreign is not None:
             self.lock.release()
             raise UsageError(f"gateway_link.netns: {foreign}")
@@ -262,24 +292,34 @@ class Supervisor:
 
     def setup(self) -> None:
         cfg = self.config
-        for hazard in hazards(cfg):
+        for hazard in hazards(cfg) if self.role == ROUTER else ():  # the AG host applies no rule
             self.warn(str(hazard))
         load_or_create_key(cfg.signalling.key_file)
         run_dir = state.ensure(cfg)
-        self._installed.append("manifests")
-        manifests.write_all(cfg, run_dir)
-        if cfg.ha is not None:
-            node = self.ha_node = ha.local_node(cfg, namespaces.local_addresses())
+        if runs_gateways(cfg, self.role):
+            self._installed.append("manifests")
+            manifests.write_all(cfg, run_dir)
+        if self.role == GATEWAYS:
+            self.log(f"gateways of {self.config_path}: {len(cfg.gateways)}, for the processors at "
+                     + ", ".join(f"{n.name} {n.address}" for n in manifests.nodes(cfg)))
+            return  # the AG host: no rules, no link, no daemons of the pair
+        node = self.ha_node
+        if cfg.ha is not None and node is not None:
             ha.write(cfg, nodes=(node,))
             cfg.ha.run_dir.mkdir(parents=True, exist_ok=True)
-            self.log(f"ha: node {node} (peer {cfg.ha.peer_of(node)}), files in {ha.paths(cfg.ha, node).config_dir}")
-        if cfg.gateways:
+            self.log(f"ha: node {node} (peer {cfg.ha.peer_of(node)}), files in {ha.paths(cfg.ha, node).config_dir}"
+                     f"; firewall-side pool half {cfg.own_pool}")
+        if cfg.gateways and cfg.gateway_link.mode == "namespace":
             state.claim_netns(cfg)
             gwlink.create(cfg.gateway_link)
             self._installed.append("gwlink")
             if (warning := gwlink.ipv6_forwarding_warning(cfg)) is not None:
                 self.warn(warning)
             self.log(f"blind track up: {cfg.gateway_link.router_if} <-> {cfg.gateway_link.netns}")
+        elif cfg.gateways:
+            gwlink.check_host(cfg.gateway_link)
+            self.log(f"gateway link: {cfg.gateway_link.router_if} ({cfg.gateway_link.router_address}) to the AG host "
+                     f"{cfg.gateway_link.gateway_address.ip}")
         rs = build(cfg)
         choice = be.choose(self.backend_wanted, rs)
         report = be.apply(rs, choice.backend)
@@ -559,6 +599,10 @@ class Supervisor:
         rules and processes untouched."""
         old = self.config
         new = load(self.config_path)
+        if self.ha_node is not None:
+            if new.ha is None or self.ha_node not in new.ha.nodes:
+                raise UsageError(f"[ha] no longer names this node {self.ha_node}: restart nfgate run")
+            new = new.for_node(self.ha_node)
         for key in ("gateway_link", "supervisor.control_socket"):
             before, after = old, new
             for part in key.split("."):
@@ -567,24 +611,27 @@ class Supervisor:
                 raise UsageError(f"{key} changed: a running nfgate cannot move it; restart nfgate run to use the new one")
         if bool(old.gateways) != bool(new.gateways):
             raise UsageError("gateways added to a config that had none, or all removed: restart nfgate run")
-        warnings = [str(h) for h in hazards(new)]
+        warnings = [str(h) for h in hazards(new)] if self.role == ROUTER else []
         for line in warnings:
             self.warn(line)
         for key in ("log", "metrics"):
             if getattr(old, key) != getattr(new, key):
                 self.warn(f"[{key}] changed: it takes effect when nfgate run starts again")
-        assert self.backend is not None
         processors_change = processor_view(old) != processor_view(new)
-        report = be.apply(build(new), self.backend, keep_bind=not processors_change)
-        for line in report.actions:
+        actions: list[str] = []
+        if self.role == ROUTER:
+            assert self.backend is not None
+            actions = be.apply(build(new), self.backend, keep_bind=not processors_change).actions
+        for line in actions:
             self.log(line)
         self.config = new
         self._record_applied()
         run_dir = state.directory(new)
-        manifests.write_all(new, run_dir)
+        if runs_gateways(new, self.role):
+            manifests.write_all(new, run_dir)
         old_manifests = {f"gateway-{name}": manifests.manifest_for(old, g, i).to_json()
                          for g in old.gateways for i, name in enumerate(manifests.process_names(g))}
-        wanted = children_for(new, self.config_path)
+        wanted = children_for(new, self.config_path, self.role)
         by_name = {c.name: c for c in self.children}
         restarted, started, stopped = [], [], []
         now = time.monotonic()
@@ -599,8 +646,8 @@ class Supervisor:
                 changed = processors_change
             elif fresh.kind == "ha":
                 changed = old.ha != new.ha
-                if changed:
-                    ha.write(new, nodes=(ha.local_node(new, namespaces.local_addresses()),))
+                if changed and self.ha_node is not None:
+                    ha.write(new, nodes=(self.ha_node,))
             else:
                 gw = next(g for g in new.gateways if g.name == fresh.gateway)
                 changed = old_manifests.get(fresh.name) != manifests.manifest_for(new, gw, fresh.worker).to_json()
@@ -627,7 +674,7 @@ class Supervisor:
         self.log(f"reloaded {self.config_path}: rules applied; restarted {', '.join(restarted) or 'nothing'}; "
                  f"started {', '.join(started) or 'nothing'}; stopped {', '.join(stopped) or 'nothing'}")
         return {"restarted": restarted, "started": started, "stopped": stopped, "warnings": warnings,
-                "actions": report.actions}
+                "actions": actions}
 
     def _reload_command(self) -> dict[str, Any]:
         try:

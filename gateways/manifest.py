@@ -15,9 +15,11 @@ It holds:
 - ``listen``: where the gateway accepts the flows the processor redirects to it;
 - ``signalling``: the layer's own endpoint, the key file, the query timeout
   and replay window;
-- ``processor``: the router-side address, and per instance its NFQUEUE
-  number, its signalling port and its slices of the firewall-side pool (the
-  addresses it allocates F from, so that F alone names the owner of a flow);
+- ``processor``: the whole firewall-side pool and, per router (one, or the
+  two nodes of an HA pair), its address on the gateway link and per instance
+  its NFQUEUE number, its signalling port and its slices of the pool (the
+  addresses it allocates F from, so that F alone names the router and the
+  instance that own a flow);
 - ``traffic``: the gateway's selectors (what the kernel steers to it);
 - ``netns``, ``config_dir`` (where kind-specific files live, e.g. the
   tunnel's certificates), ``run_dir`` (where it may put sockets);
@@ -40,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from firewall.errors import UsageError
 from firewall.signalling import Endpoint
 
-MANIFEST_VERSION = 2  # 2: worker, workers
+MANIFEST_VERSION = 3  # 2: worker, workers; 3: processor.nodes (a router pair, gateways on their own host)
 MAX_MANIFEST_BYTES = 1 << 20  # a manifest is a few KiB; anything larger is not one
 
 
@@ -78,11 +80,18 @@ class InstanceSpec(_Frozen):
     slices: tuple[ipaddress.IPv4Network, ...]
 
 
-class ProcessorSpec(_Frozen):
-    address: ipaddress.IPv4Address  # the router end of the blind track: every instance listens here
-    pool: ipaddress.IPv4Network  # the whole firewall-side pool
-    pool6: ipaddress.IPv6Network | None = None  # the IPv6 pool, all instance 0's (a gateway that takes IPv6)
+class NodeSpec(_Frozen):
+    """One router's processor: where its instances listen, and their slices of the pool."""
+
+    name: str  # the [ha] node's name, or "router" for a router alone
+    address: ipaddress.IPv4Address  # the router's address on the gateway link: every instance listens here
     instances: tuple[InstanceSpec, ...]
+
+
+class ProcessorSpec(_Frozen):
+    pool: ipaddress.IPv4Network  # the whole firewall-side pool (both nodes' halves with [ha])
+    pool6: ipaddress.IPv6Network | None = None  # the IPv6 pool, all instance 0's (a gateway that takes IPv6)
+    nodes: tuple[NodeSpec, ...]  # one router, or the pair's two nodes in node order (flow ids' node bit)
 
 
 class PortSpan(_Frozen):
@@ -114,7 +123,7 @@ class Manifest(_Frozen):
     source: str
     worker: int = 0  # this process: worker i of the gateway's ``workers``
     workers: int = 1
-    netns: str
+    netns: str | None  # None: the gateways run on their own host (gateway_link.mode = "host")
     listen: Address
     listen6: ipaddress.IPv6Address | None = None  # a kind that takes IPv6 listens here too, on listen's port
     signalling: SignallingSpec

@@ -126,3 +126,22 @@ def check_ha(info: ValidationInfo, ha: Ha | None, zones: dict[str, Any], router_
             report(info, "ha.sync_interface", f"{ha.sync_interface!r} is in zone {zone.name!r}: the sync link is in no zone")
     if ha.sync_interface == router_if:
         report(info, "ha.sync_interface", f"{ha.sync_interface!r} is gateway_link.router_if")
+
+
+def node_index(ha: Ha, node: str) -> int:
+    """A node's place in the pair, by name (both nodes agree whatever order their files list them)."""
+    return sorted(ha.nodes).index(node)
+
+
+def node_pool(pool: ipaddress.IPv4Network, ha: Ha, node: str) -> ipaddress.IPv4Network:
+    """The half of the firewall-side pool node ``node`` allocates F from: the two nodes'
+    bindings never collide, and F alone names the node that made a flow (docs/ha.md)."""
+    return list(pool.subnets(prefixlen_diff=1))[node_index(ha, node)]
+
+
+def node_link_address(ha: Ha, node: str) -> ipaddress.IPv4Interface | None:
+    """The node's own address on the gateway link, with the prefix of the pair's address there."""
+    virtual, own = ha.virtual.get(GATEWAY_LINK), ha.nodes[node].addresses.get(GATEWAY_LINK)
+    if virtual is None or own is None:
+        return None
+    return ipaddress.IPv4Interface(f"{own}/{virtual.address.network.prefixlen}")

@@ -27,11 +27,11 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, create_model, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, PrivateAttr, ValidationInfo, create_model, model_validator
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
-from firewall.config.ha import Ha, check_ha
+from firewall.config.ha import GATEWAY_LINK, Ha, check_ha, node_index, node_link_address, node_pool
 from firewall.signalling.guard import DEFAULT_REPLAY_WINDOW
 from gateways.kinds import KINDS
 from firewall.fields import (
@@ -76,6 +76,7 @@ Proto = Choice(*PROTOS)
 TcpUdp = Choice("tcp", "udp")
 Action = Choice("accept", "drop", "reject")
 FailMode = Choice("open", "closed")
+LinkMode = Choice("namespace", "host")
 Netns = String(NETNS, "a namespace name")
 ForwardName = String(NAME, "a name")
 Addresses = ListOf(Network, allow_scalar=True)
@@ -444,6 +445,9 @@ class Processor(Frozen):
 
 
 class GatewayLink(Frozen):
+    mode: LinkMode = Field("namespace", description="namespace: the gateways run in a namespace of this router behind a "
+                           "veth (the blind track); host: on their own host (the AG host, seed fig. 8b) reached over "
+                           "router_if, an existing interface, and run there by nfgate gateways")
     netns: Netns = Field("nfgate-gw", description="the gateways' network namespace")
     router_if: IfName = Field("nfg-gw0", description="the router's end of the blind track")
     gateway_if: IfName = Field("nfg-gw1", description="the gateways' end of the blind track")
@@ -458,6 +462,8 @@ class GatewayLink(Frozen):
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> "GatewayLink":
+        if self.mode == "host":
+            return self  # the addresses are checked with [ha] (the node's own address), in Config
         if self.router_address.network != self.gateway_address.network:
             report(info, "gateway_link.gateway_address", "must be in the same subnet as router_address")
         elif self.router_address.ip == self.gateway_address.ip:
@@ -567,6 +573,8 @@ class Gateway(Frozen):
     traffic: Selectors = Field(
         (), description="the traffic the gateway takes ([[gateway.traffic]])")
     settings: Any = None
+    # False when the gateways sit on an AG host (gateway_link.mode = "host"): no IPv6 crosses to them.
+    _ipv6_link: bool = PrivateAttr(True)
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> "Gateway":
@@ -601,7 +609,7 @@ class Gateway(Frozen):
         (``Kind.ipv6``), it relays (not log-only), and its addresses, if any, name IPv6
         (``Traffic.names``). Otherwise the IPv6 on its ports is dropped and counted."""
         kind = KINDS[self.kind]
-        return kind.ipv6 and not kind.log_only(self.settings) and t.names(6)
+        return self._ipv6_link and kind.ipv6 and not kind.log_only(self.settings) and t.names(6)
 
     @property
     def listen_ports(self) -> range:
@@ -668,6 +676,37 @@ class Config(Frozen):
     log: Log = Field(default_factory=Log, description="[log]: the log format of nfgate run and its processes")
     metrics: Metrics = Field(default_factory=Metrics, description="[metrics]: the Prometheus endpoint")
     ha: Ha | None = Field(None, description="[ha]: the router pair (keepalived + conntrackd), docs/ha.md")
+    # With [ha]: the node this process runs for (``for_node``); None for the config as a whole.
+    _node: str | None = PrivateAttr(None)
+
+    def for_node(self, node: str) -> "Config":
+        """The config as node ``node`` of the pair runs it (docs/ha.md, "The AG host"): its half of
+        the firewall-side pool (``own_pool``), its flow ids (``node_index``) and, with the gateways on
+        their own host, its own address on the gateway link as ``gateway_link.router_address``."""
+        if self.ha is None or node not in self.ha.nodes:
+            raise ValueError(f"no node {node!r} in [ha]")
+        update = {}
+        address = node_link_address(self.ha, node) if self.gateway_link.mode == "host" else None
+        if address is not None:
+            update["gateway_link"] = self.gateway_link.model_copy(update={"router_address": address})
+        view = self.model_copy(update=update)
+        view._node = node
+        return view
+
+    @property
+    def node(self) -> str | None:
+        return self._node
+
+    @property
+    def node_index(self) -> int:
+        """0 or 1: this node's place in the pair (its half of the pool, the node bit of its flow ids); 0 alone."""
+        return 0 if self.ha is None or self._node is None else node_index(self.ha, self._node)
+
+    @property
+    def own_pool(self) -> ipaddress.IPv4Network:
+        """The firewall-side addresses this router allocates F from: the whole pool, or its node's half."""
+        pool = self.processor.pools.firewall_side
+        return pool if self.ha is None or self._node is None else node_pool(pool, self.ha, self._node)
 
     def zone_of(self, ifname: str) -> str | None:
         for zone in self.zones.values():
@@ -727,7 +766,35 @@ class Config(Frozen):
         _check_signalling_ports(info, self)
         _check_snat_ports(info, self)
         check_ha(info, self.ha, self.zones, self.gateway_link.router_if)
+        _check_host_link(info, self)
         return self
+
+
+def _check_host_link(info: ValidationInfo, config: Config) -> None:
+    """With [ha] the pool is halved; ``gateway_link.mode = "host"``: whose address is the router's,
+    and what the link cannot carry."""
+    link, ha = config.gateway_link, config.ha
+    buckets = bucket_count(len(config.processor.queues))
+    if ha is not None and config.processor.pools.firewall_side.num_addresses < 2 * buckets:
+        report(info, "processor.pools.firewall_side", "with [ha] each node owns half of the pool: it needs at least "
+               f"{2 * buckets} addresses for {len(config.processor.queues)} queues")
+    if link.mode != "host":
+        return
+    if ha is None:
+        if link.router_address.network != link.gateway_address.network:
+            report(info, "gateway_link.gateway_address", "must be in the same subnet as router_address (the AG host is on-link)")
+        elif link.router_address.ip == link.gateway_address.ip:
+            report(info, "gateway_link.gateway_address", "must differ from router_address")
+    elif GATEWAY_LINK not in ha.virtual:
+        report(info, "ha.virtual", "gateway_link.mode = \"host\" with [ha] needs [ha.virtual.gateway_link]: "
+               "the AG host routes the firewall-side pool by the pair's address on its segment")
+    elif link.gateway_address.ip not in ha.virtual[GATEWAY_LINK].address.network:
+        report(info, "gateway_link.gateway_address",
+               f"{link.gateway_address.ip} is not in ha.virtual.gateway_link's {ha.virtual[GATEWAY_LINK].address.network}")
+    for gw in config.gateways:
+        # The AG host has no address of the blind track's ULA, and the pair moves IPv4 only:
+        # a selector's IPv6 is dropped and counted, as for a kind that takes none.
+        gw._ipv6_link = False
 
 
 def _check_snat_ports(info: ValidationInfo, config: Config) -> None:

@@ -1,7 +1,7 @@
 """``python -m firewall.processor``: run one packet processor instance.
 
     python -m firewall.processor --config /etc/nfgate/nfgate.toml --instance 0 \\
-        [--control /run/nfgate/processor-0.sock] [--test-skip-pushes]
+        [--control /run/nfgate/processor-0.sock] [--node NODE] [--test-skip-pushes]
 
 The supervisor (``nfgate run``) starts one per entry of ``processor.queues``,
 in the router's network namespace, after ``nfgate apply`` and the blind
@@ -37,12 +37,13 @@ NAME = "nfgate processor"  # who speaks in its log lines
     default=None,
     help="Control socket path (default /run/nfgate/processor-<queue>.sock).",
 )
+@click.option("--node", default=None, help="With [ha]: the node of the pair this router is (nfgate run finds it).")
 @click.option(
     "--test-skip-pushes",
     is_flag=True,
     help="TEST ONLY: send no NEW_FLOW pushes, so gateways must learn every flow by QUERY. Never in production.",
 )
-def main(config_path: str, instance: int, control: str | None, test_skip_pushes: bool) -> None:
+def main(config_path: str, instance: int, control: str | None, node: str | None, test_skip_pushes: bool) -> None:
     """Bind one NFQUEUE and double-NAT the gateway flows it carries (docs/datapath.md)."""
     eventlog.configure_process(NAME)
     log = logging.getLogger("nfgate.processor")
@@ -51,6 +52,10 @@ def main(config_path: str, instance: int, control: str | None, test_skip_pushes:
         eventlog.configure_process(NAME, config.log.format == "json", level=getattr(logging, config.log.level.upper()))
         if not config.gateways:
             raise UsageError(f"{config_path}: no [[gateway]] configured: there is nothing to process")
+        if config.ha is not None:
+            if node not in config.ha.nodes:
+                raise UsageError(f"--node {node}: [ha] has nodes {', '.join(sorted(config.ha.nodes))}")
+            config = config.for_node(node)  # its half of the pool, its address on a host gateway link
         if not 0 <= instance < len(config.processor.queues):
             raise UsageError(f"--instance {instance}: processor.queues has {len(config.processor.queues)} entries")
         runner = Runner(config, instance, control_path=Path(control) if control else None, push=not test_skip_pushes)

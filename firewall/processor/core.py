@@ -80,6 +80,7 @@ from firewall.processor.spread import Spread
 from firewall.rules.bind import DNAT6_MAP, DNAT_MAP, LEGB_DNAT_MAP, LEGB_SNAT_MAP, SNAT6_MAP, SNAT_MAP
 from firewall.signalling import (
     NO_COUNTERS,
+    first_serial,
     Answer,
     Counters,
     Encoder,
@@ -175,6 +176,10 @@ class ProcessorCore:
         self.encoder = encoder
         self.guard = guard
         self.push = push  # False only in tests: the gateway layer must then pull
+        # With [ha], True while this node is backup or in fault (the runner reads the notify
+        # script's state file): the bindings the node loses then (its table flushed as it
+        # steps back) go on at the peer, so their gateways are not told they ended (docs/ha.md).
+        self.standby = False
         self._route = route
         self._ifname = ifname
         self.local_addresses = local_addresses
@@ -195,8 +200,9 @@ class ProcessorCore:
         self._keep = ~proc.marks.mask & 0xFFFFFFFF
         self._rewritten = proc.marks.rewritten
         self._passed = proc.marks.passed
+        # With [ha], this node's half of the pool (``Config.own_pool``), then this instance's slices of it.
         self.fw_pool = EndpointPool(
-            proc.pools.firewall_side, proc.pools.ports, instance=instance, instances=len(queues),
+            config.own_pool, proc.pools.ports, instance=instance, instances=len(queues),
             slice_by=SliceBy.ADDRESS, slicing=Slicing.CONTIGUOUS,
         )
         self.snat_pools = SnatPools(proc.pools.snat_ports, instance, len(queues))
@@ -220,7 +226,7 @@ class ProcessorCore:
         self.counters: Counter[str] = Counter()
         self.queued = 0  # the two hottest counters live outside the Counter
         self.bound = 0
-        self._serial = itertools.count(1)
+        self._serial = itertools.count(first_serial(config.node_index))  # a pair's two nodes' ids never collide
         self._flows: dict[int, Binding] = {}  # flow id -> binding
         self._flow_of: dict[int, int] = {}  # binding.client_key -> flow id
         self.logged = LoggedFlows(proc.timeouts.confirm, self.counters)
@@ -910,6 +916,9 @@ class ProcessorCore:
 
     def send(self, msg: Message, to: tuple[str, int]) -> None:
         """Queue one message for ``to``: a request's source, or a gateway's signalling port."""
+        if self.standby and isinstance(msg, FlowEnd):
+            self.counters["signalling.held.flow_end_standby"] += 1
+            return
         self._out.datagrams.append((self.encoder.encode(msg, self._wall()), to))
         self.counters[f"signalling.sent.{msg.TYPE.name.lower()}"] += 1
 

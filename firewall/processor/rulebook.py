@@ -85,6 +85,7 @@ from firewall.rules.bind import dyn_name
 from gateways.kinds import KINDS
 from firewall.signalling import (
     Message,
+    first_serial,
     OffloadRequest,
     Received,
     RuleAck,
@@ -268,7 +269,7 @@ class RuleBook:
         self._rules_of: dict[int, list[DynRule]] = {}  # flow id -> its live rules
         self._ops: dict[int, tuple[Any, ...]] = {}  # token -> what its completion means
         self._tokens = itertools.count(1)
-        self._serial = itertools.count(1)
+        self._serial = itertools.count(first_serial(config.node_index))
         self._replies: OrderedDict[tuple[int, int], tuple[float, RuleAck | RuleRefused | None]] = OrderedDict()
         self._offloading: set[int] = set()  # flow ids whose offload's rule is being installed
         self._out: list[Command] = []  # what the entry point being run returns

@@ -49,7 +49,7 @@ from netfilterqueue import NetfilterQueue, Packet
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from firewall import sdnotify
+from firewall import ha, sdnotify
 from firewall.config import Config
 from firewall.control import BadRequest, Command, ControlServer, SelectorLoop
 from firewall.errors import KernelError, PrivilegeError
@@ -222,6 +222,9 @@ class Runner:
         self.queue = config.processor.queues[instance]
         self.control_path = control_path or default_control_path(self.queue)
         self.push = push
+        # With [ha], the node's VRRP state file (``_check_standby``) and the (mtime, size) last read.
+        self._ha_state = ha.paths(config.ha, config.node).state if config.ha is not None and config.node else None
+        self._ha_seen: tuple[int, int] | None = None
         self._stop = False
         self._sel = selectors.DefaultSelector()
         self.control = ControlServer(self.control_path, COMMANDS, self, timeout=CONTROL_TIMEOUT,
@@ -499,8 +502,31 @@ class Runner:
             except Exception:  # noqa: BLE001 - bindings then end at the kernel's own pace
                 self._internal("conntrack.reap_error", "a conntrack reap")
 
+    def _check_standby(self) -> None:
+        """With [ha]: whether this node is backup or in fault now, from its notify script's state
+        file (written before the script flushes the table), read again only when it changed."""
+        path = self._ha_state
+        if path is None:
+            return
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return  # keepalived has not decided yet: no flow can have been bound
+        seen = (st.st_mtime_ns, st.st_size)
+        if seen == self._ha_seen:
+            return
+        self._ha_seen = seen
+        state = ha.read_state(self.config, self.config.node or "")["vrrp"]
+        standby = state in ("backup", "fault")
+        if standby != self.core.standby:
+            log.info("queue %d: node %s is %s: %s", self.queue, self.config.node, state,
+                     "bindings it loses go on at the peer: their gateways are not told they ended" if standby
+                     else "gateways are told when its bindings end")
+        self.core.standby = standby
+
     def _on_conntrack(self, sock: socket.socket) -> None:
         now = time.monotonic()
+        self._check_standby()
         gone, lost = self.ct.destroyed()
         if gone:
             self._events_seen = True

@@ -148,7 +148,7 @@ def _steer(config: Config, rs: Ruleset, stopped: bool) -> None:
         "request, by the client's address",
         [[AddrBits("src", low_bits, b)] for b in range(buckets)],
     )
-    pool = proc.pools.firewall_side
+    pool = config.own_pool  # with [ha], this node's half (docs/ha.md)
     sub_prefix = pool.prefixlen + (buckets - 1).bit_length()
     by_pool = steer(
         "steer_pool",
@@ -161,6 +161,15 @@ def _steer(config: Config, rs: Ruleset, stopped: bool) -> None:
         "gateway_link: a gateway's new connection to the firewall-side pool (leg B)",
         Family.V4,
     )
+    if pool != proc.pools.firewall_side:
+        # The peer's half: a leg B whose leg A the peer bound (a failover between the two legs)
+        # has no binding here, and forwarded as it is it would leave with the gateway's address.
+        chain.add(
+            [InIface(link.router_if), Addr("dst", (proc.pools.firewall_side,))],
+            [Drop()],
+            "gateway_link: a new connection to the pair's other node's half of the pool: its binding is not here",
+            Family.V4,
+        )
     if v6:
         # IPv6 flows are all instance 0's: its queue takes every IPv6 request
         # and the whole IPv6 pool (no slices), so leg B finds its binding.

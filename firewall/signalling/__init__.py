@@ -83,6 +83,8 @@ from firewall.signalling.messages import (
     RuleRefusal,
     RuleRefused,
     RuleRequest,
+    first_serial,
+    flow_id_node,
     flow_id_queue,
     make_flow_id,
     names_third_party,
@@ -96,5 +98,5 @@ __all__ = [
     "NO_COUNTERS", "Answer", "Counters", "Endpoint", "FlowEnd", "FlowEndReason", "FlowInfo", "Message", "MsgType", "NewFlow",
     "NotFound", "OffloadRequest", "Proto", "Query", "Role", "RuleAck", "RuleEnd", "RuleEndReason", "RuleMode",
     "RuleRefusal", "RuleRefused", "RuleRequest",
-    "flow_id_queue", "make_flow_id", "names_third_party", "rule_request_problem",
+    "first_serial", "flow_id_node", "flow_id_queue", "make_flow_id", "names_third_party", "rule_request_problem",
 ]

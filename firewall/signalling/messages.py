@@ -43,6 +43,10 @@ _GATEWAY_NAME = re.compile(GATEWAY_NAME_PATTERN)
 FLOW_ID_QUEUE_BITS = 16
 FLOW_ID_SERIAL_BITS = 48
 FLOW_ID_SERIAL_MAX = (1 << FLOW_ID_SERIAL_BITS) - 1
+# A router pair's two nodes bind the same queue numbers: node k of the pair
+# ([ha], docs/ha.md) counts its serials from k << FLOW_ID_NODE_BIT, so the top
+# bit of the serial names the node and the two nodes' ids never collide either.
+FLOW_ID_NODE_BIT = FLOW_ID_SERIAL_BITS - 1
 
 # The longest a dynamic rule may wait for its flow. A rule is an opening in
 # the filter; one that outlives the session that asked for it is a hole.
@@ -186,6 +190,16 @@ def make_flow_id(queue: int, serial: int) -> int:
 def flow_id_queue(flow_id: int) -> int:
     """The NFQUEUE number of the processor instance that made ``flow_id``."""
     return flow_id >> FLOW_ID_SERIAL_BITS
+
+
+def flow_id_node(flow_id: int) -> int:
+    """Which node of a router pair made ``flow_id`` (0 for a router alone)."""
+    return flow_id >> FLOW_ID_NODE_BIT & 1
+
+
+def first_serial(node: int) -> int:
+    """Where node ``node``'s processor instances start counting serials (``FLOW_ID_NODE_BIT``)."""
+    return 1 + (node << FLOW_ID_NODE_BIT)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,8 +15,9 @@ Modules:
   lookups, rule requests and their retries, FLOW_END and RULE_END, counters.
 - ``outputs``: what the core asks its caller to do, as data (``Send``,
   ``FlowKnown``, ``FlowGone``, ...), and ``EndCause``.
-- ``instances``: ``ProcessorInstances``: where each processor instance
-  listens, and which one owns a flow (pool slice of F, or the flow id).
+- ``instances``: ``ProcessorInstances``: where each processor instance of
+  each router (one, or a pair's two nodes) listens, and which one owns a
+  flow (pool slice of F, or the flow id's queue and node).
 - ``endpoint``: ``GatewayLayer``, the asyncio adapter: the signalling
   socket, timers, ``attach``/``lookup``, leg B (``connect_tcp``,
   ``open_tcp``, ``open_udp``), ``request_rule``; the errors a gateway

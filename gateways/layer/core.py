@@ -59,8 +59,9 @@ pending rule requests by ``MAX_PENDING_RULES``; acknowledged rules by
 ``MAX_TRACKED_RULES``.
 
 A processor instance that restarts gets a new sender id, and its flow ids
-start again: when flows of an instance's queue arrive from a new sender, at
-a newer timestamp than anything from the old one, every flow of that queue
+start again: when flows of an instance's queue (on a router pair, of that
+node's queue: the flow id's node bit) arrive from a new sender, at a newer
+timestamp than anything from the old one, every flow of that instance
 from the old sender is dropped (its binding died with the process), and
 messages the old sender sent later are ignored (docs/signalling.md, "Flow
 ids").
@@ -99,6 +100,7 @@ from firewall.signalling import (
     RuleRefusal,
     RuleRefused,
     RuleRequest,
+    flow_id_node,
     flow_id_queue,
     rule_request_problem,
 )
@@ -195,6 +197,11 @@ _LOOKUP = 0
 _RULE = 1
 
 
+def _instance_of(flow_id: int) -> tuple[int, int]:
+    """The processor instance that made ``flow_id``: its queue and its router's node bit."""
+    return flow_id_queue(flow_id), flow_id_node(flow_id)
+
+
 class LayerCore:
     """The flow table, the pulls and the rule requests of one gateway process."""
 
@@ -227,7 +234,7 @@ class LayerCore:
         self._flows: dict[FlowKey, _Entry] = {}
         self._by_id: dict[int, FlowKey] = {}
         self._unclaimed: OrderedDict[FlowKey, float] = OrderedDict()  # key -> expiry, oldest first
-        self._queue_sender: dict[int, tuple[int, int]] = {}  # queue -> (sender, newest timestamp ms)
+        self._queue_sender: dict[tuple[int, int], tuple[int, int]] = {}  # (queue, node) -> (sender, newest timestamp ms)
         self._logged: OrderedDict[int, _Entry] = OrderedDict()  # flow id -> a flow without a binding
 
         self._lookups: dict[FlowKey, _Lookup] = {}
@@ -576,8 +583,9 @@ class LayerCore:
         return rule is not None and rule.forget_at == item[0]
 
     def _note_sender(self, received: Received, flow_id: int) -> list[Output] | None:
-        """Track which sender speaks for each queue; None if ``received`` is from a dead instance."""
-        queue = flow_id_queue(flow_id)
+        """Track which sender speaks for each instance (a router's queue); None if ``received``
+        is from a dead instance. A pair's two nodes bind the same queues: the node bit tells them apart."""
+        queue = _instance_of(flow_id)
         known = self._queue_sender.get(queue)
         if known is None or known[0] == received.sender:
             newest = received.timestamp_ms if known is None else max(known[1], received.timestamp_ms)
@@ -591,11 +599,11 @@ class LayerCore:
         self.counters["instances.restarted"] += 1
         out: list[Output] = []
         for key, entry in list(self._flows.items()):
-            if entry.sender != received.sender and flow_id_queue(entry.flow.flow_id) == queue:
+            if entry.sender != received.sender and _instance_of(entry.flow.flow_id) == queue:
                 self.counters["flows.restarted"] += 1
                 out += self._remove(key, EndCause.RESTARTED)
         for flow_id, entry in list(self._logged.items()):
-            if entry.sender != received.sender and flow_id_queue(flow_id) == queue:
+            if entry.sender != received.sender and _instance_of(flow_id) == queue:
                 # The kernel still carries it; nobody will report its end.
                 del self._logged[flow_id]
                 self.counters["flows.restarted"] += 1

@@ -5,6 +5,13 @@ not share (the control socket, the signalling key): ``{node}`` in the
 template. The [ha] table is the same for both. The pair forwards wan's tcp
 8080 on the virtual address to lan's client:80 through the kernel, so a
 stream from the server to 203.0.113.1:8080 crosses whichever node is master.
+
+With ``ag``, the gateways run on the AG host (docs/ha.md, "The AG host"):
+``gateway_link.mode = "host"`` over each router's ag0, the pair's virtual
+address 172.31.253.1 on that segment, and ``nfgate gateways`` on ag running
+a tcp-relay for wan's tcp 8081 (forwarded like 8080) and the ftp gateway in
+allow mode for wan's tcp 21 (forwarded to lan's client). Then the three
+share one signalling key.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from typing import Any
 
 from firewall.control import ask
 from firewall.lab.wait import wait_for
+from firewall.signalling import load_or_create_key
 from tests.conntrack import fast_conntrack
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,11 +53,9 @@ proto = "tcp"
 port = 8080
 to = "192.168.1.10:80"
 
-[gateway_link]
-netns = "{prefix}-gw{node}"
-
+{gateway_link}
 [signalling]
-key_file = "{tmp}/{node}/signalling.key"
+key_file = "{key_file}"
 
 [supervisor]
 control_socket = "{tmp}/{node}/run/control.sock"
@@ -66,12 +72,12 @@ run_dir = "{tmp}/ha/run"
 [ha.nodes.r1]
 priority = 150
 sync_address = "172.31.252.1"
-addresses = {{ lan = "192.168.1.2", wan = "203.0.113.2" }}
+addresses = {{ lan = "192.168.1.2", wan = "203.0.113.2"{r1_link} }}
 
 [ha.nodes.r2]
 priority = 100
 sync_address = "172.31.252.2"
-addresses = {{ lan = "192.168.1.3", wan = "203.0.113.3" }}
+addresses = {{ lan = "192.168.1.3", wan = "203.0.113.3"{r2_link} }}
 
 [ha.virtual.lan]
 address = "192.168.1.1/24"
@@ -82,36 +88,116 @@ address = "203.0.113.1/24"
 vrid = 52
 """
 
+# Without the AG host: no gateway, the gateway namespace named by node.
+NO_GATEWAYS = """
+[gateway_link]
+netns = "{prefix}-gw{node}"
+"""
+
+# The gateways on the AG host (docs/ha.md, "The AG host"): tcp-relay takes wan's tcp 8081,
+# forwarded on the virtual address to lan's client:80 like 8080, which stays in the kernel;
+# the ftp gateway (allow mode: the kernel carries the data connections) takes wan's tcp 21,
+# forwarded to a vsftpd on lan's client.
+AG_HOST = """
+[[nat.forward]]
+name = "relayed"
+from = "wan"
+proto = "tcp"
+port = 8081
+to = "192.168.1.10:80"
+
+[[nat.forward]]
+name = "ftp"
+from = "wan"
+proto = "tcp"
+port = 21
+to = "192.168.1.10:21"
+
+[gateway_link]
+mode = "host"
+router_if = "ag0"
+gateway_address = "172.31.253.10/24"
+
+[[gateway]]
+name = "relay"
+kind = "tcp-relay"
+
+[[gateway.traffic]]
+from = "wan"
+to = "lan"
+proto = "tcp"
+ports = 8081
+
+[[gateway]]
+name = "ftp"
+kind = "ftp"
+
+[[gateway.traffic]]
+from = "wan"
+to = "lan"
+proto = "tcp"
+ports = 21
+
+[gateway.settings]
+data_channel = "allow"
+
+[ha.virtual.gateway_link]
+address = "172.31.253.1/24"
+vrid = 53
+"""
+AG_ADDRESSES = {"r1": ', gateway_link = "172.31.253.2"', "r2": ', gateway_link = "172.31.253.3"'}
+AG = "ag"
+RELAYED_PORT = 8081
+AG_PORTS = (20000, 20001)  # the relay's and the ftp gateway's G:g on the AG host (gateway_link.port_base)
+
 VIP = {"lan": ("lan0", "192.168.1.1"), "wan": ("wan0", "203.0.113.1")}
+AG_VIP = ("ag0", "172.31.253.1")
 LINKS = ("lan0", "wan0", "sync0")
+AG_LINKS = LINKS + ("ag0",)
 
 
 class Pair:
     """Both nodes under `nfgate run`, their logs, and the failures a test makes."""
 
-    def __init__(self, lab: Any, tmp: Path, advert: float = 0.3, preempt: float = 4.0) -> None:
-        self.lab, self.tmp = lab, tmp
+    def __init__(self, lab: Any, tmp: Path, advert: float = 0.3, preempt: float = 4.0, ag: bool = False) -> None:
+        """``ag``: the tcp-relay gateway on the AG host, started there by ``nfgate gateways``
+        (after both routers, which signal to it); one signalling key for the three."""
+        self.lab, self.tmp, self.ag = lab, tmp, ag
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Any] = {}
         self.paths = {}
-        for node in NODES:
+        self.vips = {**VIP, "gateway_link": AG_VIP} if ag else dict(VIP)
+        if ag:
+            load_or_create_key(tmp / "signalling.key")
+        for node in (*NODES, AG) if ag else NODES:
             (tmp / node).mkdir(parents=True, exist_ok=True)
             path = tmp / node / "nfgate.toml"
-            path.write_text(CONFIG.format(node=node, tmp=tmp, prefix=lab.prefix, advert=advert, preempt=preempt))
+            path.write_text(CONFIG.format(
+                node=node, tmp=tmp, advert=advert, preempt=preempt,
+                gateway_link=AG_HOST if ag else NO_GATEWAYS.format(prefix=lab.prefix, node=node),
+                key_file=tmp / "signalling.key" if ag else tmp / node / "signalling.key",
+                r1_link=AG_ADDRESSES["r1"] if ag else "", r2_link=AG_ADDRESSES["r2"] if ag else ""))
             self.paths[node] = path
-            fast_conntrack(lab, node)
+            if node != AG:
+                fast_conntrack(lab, node)
         try:
             self.start("r1")
             wait_for(lambda: self.master() == "r1", timeout=30, interval=0.1, what="r1 to become master")
             self.start("r2")
             wait_for(lambda: self.vrrp("r2") == "backup", timeout=30, interval=0.1, what="r2 to become backup")
+            if ag:
+                self.start(AG, "gateways")
+                for port in AG_PORTS:
+                    lab.wait_listening(AG, port, timeout=10)
         except BaseException:
             self.stop()
             raise
 
-    def start(self, node: str) -> None:
+    def start(self, node: str, command: str = "run") -> None:
         log = self.logs[node] = open(self.tmp / f"run-{node}.log", "a")
-        argv = [sys.executable, "-m", "firewall.cli", "run", "-c", str(self.paths[node]), "--backend", "iptables"]
+        argv = [sys.executable, "-m", "firewall.cli", command, "-c", str(self.paths[node])]
+        if command == "run":
+            argv += ["--backend", "iptables"]
         self.procs[node] = self.lab.popen(node, argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         wait_for(lambda: self._serving(node), timeout=30, interval=0.1, what=f"nfgate run on {node}")
 
@@ -132,7 +218,7 @@ class Pair:
 
     def holds_vips(self, node: str) -> bool:
         out = self.lab.run(node, ["ip", "-4", "-o", "addr", "show"]).stdout
-        return all(f" {addr}/" in out for _, addr in VIP.values())
+        return all(f" {addr}/" in out for _, addr in self.vips.values())
 
     def master(self) -> str | None:
         """The one node that holds every virtual address and says it is primary, else None."""
@@ -151,7 +237,7 @@ class Pair:
 
     def links(self, node: str, state: str) -> None:
         """All of a node's links down (a hard failure) or up again."""
-        for ifname in LINKS:
+        for ifname in AG_LINKS if self.ag else LINKS:
             self.lab.run(node, ["ip", "link", "set", ifname, state])
 
     def kill_keepalived(self, node: str) -> int:
@@ -172,9 +258,10 @@ class Pair:
             self.logs[node].close()
 
 
-def stream(lab: Any, mb: int, rate: float) -> subprocess.Popen:
-    """The server's download of MB MiB at RATE MiB/s from lan's client, through the pair's wan address."""
-    argv = [sys.executable, "-m", "tests.hapeer", "get", VIP["wan"][1], "8080", str(mb), str(rate)]
+def stream(lab: Any, mb: int, rate: float, port: int = 8080) -> subprocess.Popen:
+    """The server's download of MB MiB at RATE MiB/s from lan's client, through the pair's wan address
+    (port 8080: in the kernel; RELAYED_PORT: through the relay on the AG host)."""
+    argv = [sys.executable, "-m", "tests.hapeer", "get", VIP["wan"][1], str(port), str(mb), str(rate)]
     return lab.popen("server", argv, stdout=subprocess.PIPE, text=True, cwd=REPO)
 
 

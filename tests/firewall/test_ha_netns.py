@@ -6,12 +6,14 @@ What is proved here: the rendered files and the notify script carry a live
 double-direction NAT flow (a port forward on the virtual address) intact across
 each event, with the stall printed; new flows work after each; the pair's rules
 let VRRP and the sync in; and the server's segment never sees the client's own
-address (a packet NATed on one leg only). Gateway flows through an AG host are
-not here yet (docs/ha.md, "Not covered yet").
+address (a packet NATed on one leg only). The last test does the same with a
+tcp-relay flow through the gateways' own host (docs/ha.md, "The AG host").
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from firewall.lab.wait import wait_for
-from tests.firewall.ha_harness import REPO, Pair, result, serve, stream, wait_master
+from tests.firewall.ha_harness import AG_PORTS, RELAYED_PORT, REPO, Pair, result, serve, stream, wait_master
+from tests.gateways.ftp_netns import Vsftpd, make_file, sha256
 
 pytestmark = pytest.mark.netns
 
@@ -28,11 +31,12 @@ pytestmark = pytest.mark.netns
 MB, RATE = 100, 6.0
 
 
-def capture(lab, tmp: Path) -> tuple[subprocess.Popen, Path]:
-    """tcpdump on the server's segment for the client's own address: any packet is half-NATed."""
+def capture(lab, tmp: Path, also: tuple[str, ...] = ()) -> tuple[subprocess.Popen, Path]:
+    """tcpdump on the server's segment for the client's own address (and ``also``, more
+    tcpdump terms): any packet is half-NATed."""
     path = tmp / "server-seg.pcap"
     err = open(tmp / "tcpdump.err", "w")
-    proc = lab.popen("server", ["tcpdump", "-i", "eth0", "-n", "-U", "-w", str(path), "host", "192.168.1.10"],
+    proc = lab.popen("server", ["tcpdump", "-i", "eth0", "-n", "-U", "-w", str(path), "host", "192.168.1.10", *also],
                      stdout=subprocess.DEVNULL, stderr=err)
     wait_for(lambda: "listening on" in (tmp / "tcpdump.err").read_text(), timeout=10, interval=0.05,
              what="tcpdump to listen")
@@ -185,4 +189,121 @@ def test_split_brain_with_the_sync_link_up_keeps_flows_and_heals(lab_factory, tm
         leaked = subprocess.run(["tcpdump", "-n", "-r", str(pcap)], capture_output=True, text=True).stdout
         assert leaked == "", leaked[:2000]
     finally:
+        pair.stop()
+
+
+def ftp_get(lab, tmp: Path, name: str, out: Path, rate: str = "") -> subprocess.Popen:
+    """curl on the server downloads pub/NAME from the vsftpd on lan, through the ftp gateway on ag (EPSV)."""
+    argv = ["curl", "-sS", "--max-time", "120", "--connect-timeout", "10", *(["--limit-rate", rate] if rate else []),
+            "-o", str(out), f"ftp://203.0.113.1/pub/{name}"]
+    return lab.popen("server", argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_gateway_flows_through_the_ag_host_survive_failover_kill9_and_failback(lab_factory, tmp_path: Path) -> None:
+    """docs/ha.md, "The AG host": tcp-relay and the ftp gateway (allow mode) run on ag under
+    `nfgate gateways`; r1 and r2 run processors only, each binding from its half of the pool.
+    A 100 MiB relayed stream (both legs double-NATed by r1) and a 100 MiB FTP download (its
+    control connection through the gateway, its data connection in the kernel by the rule the
+    gateway asked r1 for) arrive intact across a hard failure of r1, the failback, and a
+    kill -9 of r1's keepalived: the other node carries the legs and the data connection on the
+    copied conntrack entries, and the gateways on ag never notice. New relayed flows and FTP
+    sessions after each event are bound by the master of the moment, from its own half, and
+    the gateways ask that node about them and for their data rules."""
+    lab = lab_factory("ha")
+    pair = Pair(lab, tmp_path, advert=0.3, preempt=3.0, ag=True)
+    ftpd = None
+    try:
+        serve(lab)
+        ftpd = Vsftpd(lab, "client", tmp_path)
+        big = make_file(ftpd.pub / "big.bin", MB << 20)
+        small = make_file(ftpd.pub / "small.bin", 1 << 20)
+        # A gateway flow half NATed would show the AG host's address or the pool's.
+        dump, pcap = capture(lab, tmp_path, ("or", "net", "172.31.253.0/24", "or", "net", "172.31.254.0/28"))
+        start = time.monotonic()
+        flow = stream(lab, MB, RATE, port=RELAYED_PORT)
+        download = ftp_get(lab, tmp_path, "big.bin", tmp_path / "big.got", rate=f"{int(RATE)}M")
+        events = []
+
+        def at(name: str) -> None:
+            events.append((round(time.monotonic() - start, 2), name))
+
+        def new_flows(when: str) -> None:
+            got = result(stream(lab, 2, 50.0, port=RELAYED_PORT), timeout=90)
+            assert got["ok"], f"a new relayed flow {when}: {got}"
+            out = tmp_path / "small.got"
+            out.unlink(missing_ok=True)
+            session = ftp_get(lab, tmp_path, "small.bin", out)
+            text, _ = session.communicate(timeout=60)
+            assert session.returncode == 0 and sha256(out) == small, f"a new FTP session {when}: {text}"
+
+        time.sleep(2.0)
+        at("r1: all links down")
+        pair.links("r1", "down")
+        window = stream(lab, 1, 50.0, port=RELAYED_PORT)  # set up in the failover window: carried or refused
+        took = wait_master(pair, "r2", timeout=15)
+        at(f"r2 master after {took:.2f} s")
+        new_flows("after the failover (bound by r2)")
+        window_result = result(window, timeout=90)
+
+        at("r1: links up")
+        pair.links("r1", "up")
+        took = wait_master(pair, "r1", timeout=30)
+        at(f"failback: r1 master after {took:.2f} s")
+        new_flows("after the failback")
+
+        killed = pair.kill_keepalived("r1")
+        at(f"kill -9 keepalived on r1 (pid {killed})")
+        took = wait_master(pair, "r2", timeout=15)
+        at(f"r2 master after {took:.2f} s")
+        took = wait_master(pair, "r1", timeout=30)
+        at(f"r1 master again after {took:.2f} s")
+
+        got = result(flow, timeout=120)
+        text, _ = download.communicate(timeout=120)
+        fetched = time.monotonic() - start
+        print(f"\nha, AG host: {MB} MiB through tcp-relay at {RATE} MiB/s: ok={got['ok']} in {got.get('seconds')} s, "
+              f"longest stall {got['stall']} s; {MB} MiB by FTP (allow mode) at {RATE} MiB/s: curl exit "
+              f"{download.returncode}, done {fetched:.1f} s after the start")
+        for t, name in events:
+            print(f"  {t:7.2f} s  {name}")
+        for t, gap in got["stalls"]:
+            print(f"  relay stall of {gap:.3f} s at {t:.2f} s")
+        print(f"  relayed flow started in the failover window: {window_result}")
+        assert got["ok"], got
+        assert window_result["ok"] or window_result["bytes"] < (1 << 20), window_result
+        assert got["stall"] < 10, got
+        assert download.returncode == 0 and sha256(tmp_path / "big.got") == big, text
+        dump.terminate()
+        dump.wait(timeout=10)
+        leaked = subprocess.run(["tcpdump", "-n", "-r", str(pcap)], capture_output=True, text=True).stdout
+        assert leaked == "", f"half-NATed packets on the server's segment:\n{leaked[:2000]}"
+        # Each node bound flows from its own half only, and the gateways asked each node about its own.
+        r1, r2 = pair.status("r1")["processors"]["processor-0"], pair.status("r2")["processors"]["processor-0"]
+        half = 8 * (65535 - 1024 + 1)  # a /29 of the default /28 pool, times its ports
+        assert r1["pools"]["firewall_side"]["capacity"] == r2["pools"]["firewall_side"]["capacity"] == half
+        assert r2["counters"]["verdict.bound"] >= 2, r2  # the flows after the failover
+        on_ag = pair.status("ag")["processes"]
+        assert sorted(p["name"] for p in on_ag) == ["gateway-ftp", "gateway-relay"], on_ag
+        assert all(p["restarts"] == 0 for p in on_ag), on_ag
+        assert not any(p["kind"] == "gateway" for p in pair.status("r1")["processes"])
+        assert "r2 172.31.253.3" in pair.log("ag"), pair.log("ag")[-2000:]
+        # On the AG host: nfgate status and reload answer, a second nfgate gateways is refused,
+        # and a gateway killed -9 is restarted.
+        cli = [sys.executable, "-m", "firewall.cli"]
+        shown = lab.run("ag", [*cli, "status", "-c", str(pair.paths["ag"])], cwd=str(REPO), timeout=30).stdout
+        assert "gateway-relay" in shown and "gateway-ftp" in shown, shown
+        reloaded = lab.run("ag", [*cli, "reload", "-c", str(pair.paths["ag"])], cwd=str(REPO), timeout=60).stdout
+        assert "restarted: nothing" in reloaded, reloaded
+        second = lab.run("ag", [*cli, "gateways", "-c", str(pair.paths["ag"])], check=False, cwd=str(REPO), timeout=30)
+        assert second.returncode == 1 and "already running" in second.stderr, second
+        relay = next(p for p in on_ag if p["name"] == "gateway-relay")
+        os.kill(relay["pid"], signal.SIGKILL)
+        wait_for(lambda: next(p for p in pair.status("ag")["processes"] if p["name"] == "gateway-relay")["restarts"] == 1,
+                 timeout=15, interval=0.1, what="nfgate gateways to restart the relay")
+        lab.wait_listening("ag", AG_PORTS[0], timeout=15)
+        again = result(stream(lab, 2, 50.0, port=RELAYED_PORT), timeout=90)
+        assert again["ok"], f"a relayed flow after the relay's restart: {again}"
+    finally:
+        if ftpd is not None:
+            ftpd.stop()
         pair.stop()

@@ -1531,3 +1531,15 @@ def test_instance_must_name_a_queue() -> None:
         ProcessorCore(config, 1, Encoder(KEY, Role.PROCESSOR), Guard(KEY, Role.PROCESSOR, now=WALL0),
                       route=route, ifname=IF.get, local_addresses=list, conntrack=lambda *t: False,
                       now=T0, wall=WALL0)
+
+
+def test_a_standby_node_ends_its_bindings_without_telling_the_gateway() -> None:
+    """docs/ha.md, "The AG host": as a node steps back its table is flushed; the peer carries
+    those flows on, so their gateway on the AG host must not be told they ended."""
+    rig = Rig()
+    flow, a = open_inbound(rig)
+    rig.confirm(a)
+    rig.core.standby = True
+    rig.destroyed("tcp", a.key, reply_a(flow))
+    assert rig.received() == [] and rig.core.counters["signalling.held.flow_end_standby"] == 1
+    assert len(rig.core.table) == 0 and len(rig.core.fw_pool) == 0  # released here all the same

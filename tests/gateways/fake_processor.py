@@ -46,7 +46,7 @@ from firewall.signalling import (
 )
 from firewall.pools import address_slices
 from gateways.layer import GatewayLayer, ProcessorInstances
-from gateways.manifest import InstanceSpec
+from gateways.manifest import InstanceSpec, NodeSpec
 from tests.gateways.loopback import GATEWAY, POOL, ROUTER
 
 KEY = bytes(range(32))
@@ -85,8 +85,8 @@ def instances_of(
     """What a manifest tells a gateway of processor instances on ``base_port + i``
     that own ``pool``'s contiguous slices, as the supervisor writes them."""
     slices = address_slices(pool, len(queues))
-    specs = [InstanceSpec(queue=q, port=base_port + i, slices=slices[i]) for i, q in enumerate(queues)]
-    return ProcessorInstances(router, pool, specs)
+    specs = tuple(InstanceSpec(queue=q, port=base_port + i, slices=slices[i]) for i, q in enumerate(queues))
+    return ProcessorInstances(pool, [NodeSpec(name="router", address=router, instances=specs)])
 
 
 class FakeProcessor:

@@ -470,7 +470,7 @@ def test_out_of_descriptors_the_gateway_pauses_accepting_with_one_line_and_recov
     ("spoil", "message"),
     [
         (lambda doc: None, "cannot read the gateway manifest"),
-        (lambda doc: doc.update(version=99), "manifest version 99, this gateway reads version 2"),
+        (lambda doc: doc.update(version=99), "manifest version 99, this gateway reads version 3"),
         (lambda doc: doc.pop("processor"), "processor: Field required"),
         (lambda doc: doc["listen"].update(port="eighty"), "listen.port:"),
         (lambda doc: doc.update(extra=1), "extra: Extra inputs are not permitted"),
