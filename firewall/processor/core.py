@@ -297,7 +297,7 @@ class ProcessorCore:
         if where is _UNKNOWN:
             where = self._classify(indev)
         if where == _BLIND:
-            why, ops = six.leg_b(pkt, self._alive)
+            why, ops = six.leg_b(pkt, self._alive, now)
             if why != "bound":
                 return self._drop(why, mark)
             self.bound += 1

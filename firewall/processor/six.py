@@ -40,7 +40,7 @@ from firewall.flows import AgEndpoint
 from firewall.packet import ACK, FIN, RST, SYN, TCP, Packet
 from firewall.pools import EndpointPool, SliceBy
 from firewall.processor.policy import Policy, Selector
-from firewall.rules.bind import DNAT6_MAP, SNAT6_MAP
+from firewall.rules.bind import DNAT6_MAP, LEGB_DNAT6_MAP, LEGB_SNAT6_MAP, SNAT6_MAP
 from firewall.signalling import Endpoint, FlowEnd, FlowEndReason, FlowInfo, make_flow_id
 
 _SYN_FLAGS = SYN | ACK | RST | FIN
@@ -76,6 +76,7 @@ class Binding6:
     ag: AgEndpoint  # the worker (its IPv4 G:g names it; its IPv6 G6 shares the port)
     created: float
     eport: int | None = None  # leg B's port on G6, once seen
+    ahead: bool = False  # leg B's elements (by G6, F6, f) went in with leg A's
     a_alive: bool = False
     a_gone: bool = False
     b_gone: bool = False
@@ -163,15 +164,22 @@ class SixFlows:
         self._by_fid[fid] = b
         self.counters["flows.opened"] += 1
         self.counters["flows.ipv6.opened"] += 1
-        return "bound", b, self._leg_a_ops(b)
+        # Leg B's pair ahead, keyed by (G6, F6, f), in the same transaction: its first
+        # packet then needs none of its own (bind.py; F6:f is the binding's alone).
+        b.ahead = True
+        name = _PROTO_NAME[proto]
+        key_b = (self.g6, *fw)
+        return "bound", b, (*self._leg_a_ops(b), (LEGB_DNAT6_MAP, name, key_b, b.server),
+                            (LEGB_SNAT6_MAP, name, key_b, b.client))
 
     def _leg_a_ops(self, b: Binding6) -> tuple[NatOp, ...]:
         name = _PROTO_NAME[b.proto]
         key = b.leg_a()
         return (DNAT6_MAP, name, key, (self.g6, b.ag.port)), (SNAT6_MAP, name, key, b.fw)
 
-    def leg_b(self, pkt: Packet, alive: Callable[..., bool]) -> tuple[str, tuple[NatOp, ...]]:
-        """A gateway's new IPv6 connection to F6:f: leg B of that binding (counter, elements)."""
+    def leg_b(self, pkt: Packet, alive: Callable[..., bool], now: float) -> tuple[str, tuple[NatOp, ...]]:
+        """A gateway's new IPv6 connection to F6:f: leg B of that binding (counter, elements:
+        none while those written ahead with leg A's surely last)."""
         proto, src, sport, dst, dport, flags = pkt[:6]
         b = self._by_fw.get((proto, dst, dport))
         if b is None or src != self.g6 or sport == b.ag.port:
@@ -185,6 +193,8 @@ class SixFlows:
                 return "drop.leg_b_busy", ()
             b.eport, b.b_gone = sport, False
         b.a_alive = True  # leg B comes after leg A's connection answered the gateway
+        if b.ahead and now - b.created < self._ahead_for:
+            return "bound", ()
         name = _PROTO_NAME[proto]
         key = (src, sport, dst, dport)
         return "bound", ((DNAT6_MAP, name, key, b.server), (SNAT6_MAP, name, key, b.client))
