@@ -40,6 +40,7 @@ def manifest_for(config: Config, gateway: Gateway, worker: int = 0) -> Manifest:
     link, sig, proc = config.gateway_link, config.signalling, config.processor
     slices = address_slices(proc.pools.firewall_side, len(proc.queues))
     six = any(gateway.takes_ipv6(t) for t in gateway.traffic)
+    slices6 = address_slices(proc.pools.firewall_side6, len(proc.queues)) if six else [()] * len(proc.queues)
     return Manifest(
         version=MANIFEST_VERSION,
         name=gateway.name,
@@ -61,7 +62,7 @@ def manifest_for(config: Config, gateway: Gateway, worker: int = 0) -> Manifest:
             pool=proc.pools.firewall_side,
             pool6=proc.pools.firewall_side6 if six else None,
             instances=tuple(
-                InstanceSpec(queue=q, port=config.processor_signalling_port(i), slices=slices[i])
+                InstanceSpec(queue=q, port=config.processor_signalling_port(i), slices=slices[i], slices6=slices6[i])
                 for i, q in enumerate(proc.queues)
             ),
         ),

@@ -76,12 +76,13 @@ class InstanceSpec(_Frozen):
     queue: int
     port: int
     slices: tuple[ipaddress.IPv4Network, ...]
+    slices6: tuple[ipaddress.IPv6Network, ...] = ()  # its slices of pool6 (a gateway that takes IPv6)
 
 
 class ProcessorSpec(_Frozen):
     address: ipaddress.IPv4Address  # the router end of the blind track: every instance listens here
     pool: ipaddress.IPv4Network  # the whole firewall-side pool
-    pool6: ipaddress.IPv6Network | None = None  # the IPv6 pool, all instance 0's (a gateway that takes IPv6)
+    pool6: ipaddress.IPv6Network | None = None  # the IPv6 pool (a gateway that takes IPv6), sliced as pool is
     instances: tuple[InstanceSpec, ...]
 
 

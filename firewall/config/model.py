@@ -726,8 +726,18 @@ class Config(Frozen):
         _check_forwards(info, self.nat.forward)
         _check_signalling_ports(info, self)
         _check_snat_ports(info, self)
+        _check_pool6(info, self)
         check_ha(info, self.ha, self.zones, self.gateway_link.router_if)
         return self
+
+
+def _check_pool6(info: ValidationInfo, config: Config) -> None:
+    """Each processor instance owns a slice of the IPv6 pool, as of the IPv4 one, once IPv6 is taken."""
+    pool6, queues = config.processor.pools.firewall_side6, config.processor.queues
+    buckets = bucket_count(len(queues))
+    if pool6.num_addresses < buckets and any(g.takes_ipv6(t) for g in config.gateways for t in g.traffic):
+        report(info, "processor.pools.firewall_side6",
+               f"{pool6} has fewer than {buckets} addresses for {len(queues)} queues")
 
 
 def _check_snat_ports(info: ValidationInfo, config: Config) -> None:

@@ -11,9 +11,11 @@ Why a table of its own beside ``firewall.flows.FlowTable``: that table's
 keys pack 32-bit addresses into one int for speed, and IPv6 is a small part
 of the traffic here. What this slice does not do yet, so the ruleset
 never sends it here: dynamic rules, offload and log-only over IPv6, SNAT of leg B (a server behind
-``nat.masquerade6``: dropped, ``drop.ipv6.masquerade6``), several
-instances (IPv6 is instance 0's). A processor that restarts adopts its
-IPv6 bindings from conntrack (``adopt``), as it does its IPv4 ones.
+``nat.masquerade6``: dropped, ``drop.ipv6.masquerade6``). Several
+instances share IPv6 as they share IPv4: each one's requests by the low
+bits of the client's address, and its own slice of the IPv6 pool. A
+processor that restarts adopts its IPv6 bindings from conntrack
+(``adopt``), as it does its IPv4 ones.
 
 An IPv6 port forward (DNAT66) into the gateway: the client addressed the
 router, and the forward's target is the binding's server (leg B's S:s), as
@@ -38,7 +40,7 @@ from firewall.config import Config
 from firewall.config.model import ROUTER
 from firewall.flows import AgEndpoint
 from firewall.packet import ACK, FIN, RST, SYN, TCP, Packet
-from firewall.pools import EndpointPool, SliceBy
+from firewall.pools import EndpointPool, SliceBy, Slicing
 from firewall.processor.policy import Policy, Selector
 from firewall.rules.bind import DNAT6_MAP, LEGB_DNAT6_MAP, LEGB_SNAT6_MAP, SNAT6_MAP
 from firewall.signalling import Endpoint, FlowEnd, FlowEndReason, FlowInfo, make_flow_id
@@ -93,16 +95,19 @@ class Binding6:
 
 
 class SixFlows:
-    """The IPv6 bindings of processor instance 0, and their decisions."""
+    """The IPv6 bindings of one processor instance, and their decisions."""
 
-    def __init__(self, config: Config, queue: int, policy: Policy, counters: Counter[str], *,
+    def __init__(self, config: Config, instance: int, policy: Policy, counters: Counter[str], *,
                  local_addresses: Callable[[], Iterable[ipaddress.IPv6Address]]) -> None:
         proc = config.processor
-        self.queue = queue
+        self.queue = proc.queues[instance]
         self.policy = policy
         self.counters = counters
         self.g6 = int(config.gateway_link.gateway_address6.ip)
-        self.pool = EndpointPool(proc.pools.firewall_side6, proc.pools.ports, slice_by=SliceBy.ADDRESS)
+        # This instance's slice of the IPv6 pool, cut as the IPv4 one is (and as the ruleset's
+        # steer_pool6 and the manifest's slices6 have it).
+        self.pool = EndpointPool(proc.pools.firewall_side6, proc.pools.ports, instance=instance,
+                                 instances=len(proc.queues), slice_by=SliceBy.ADDRESS, slicing=Slicing.CONTIGUOUS)
         self._masq6 = frozenset(config.nat.masquerade6)
         self._confirm = proc.timeouts.confirm
         # How long the elements written at a binding's first verdict surely last

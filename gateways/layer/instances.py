@@ -29,7 +29,7 @@ from gateways.manifest import InstanceSpec, ProcessorSpec
 class ProcessorInstances:
     """The signalling endpoints of the processor's instances, and the owner of each flow."""
 
-    __slots__ = ("router_address", "queues", "ports", "pool", "pool6", "_slices", "_index_of_queue")
+    __slots__ = ("router_address", "queues", "ports", "pool", "pool6", "_slices", "_slices6", "_index_of_queue")
 
     def __init__(self, router_address: ipaddress.IPv4Address, pool: ipaddress.IPv4Network,
                  instances: Sequence[InstanceSpec], pool6: ipaddress.IPv6Network | None = None) -> None:
@@ -48,8 +48,9 @@ class ProcessorInstances:
         self.queues = tuple(inst.queue for inst in instances)
         self.ports = tuple(inst.port for inst in instances)
         self.pool = pool
-        self.pool6 = pool6  # IPv6 flows: all instance 0's (firewall.processor.six)
+        self.pool6 = pool6  # IPv6 flows: each instance's from its slices6 of it (firewall.processor.six)
         self._slices = sorted(owned, key=lambda item: item[0])
+        self._slices6 = [(net, i) for i, inst in enumerate(instances) for net in inst.slices6]
         self._index_of_queue = {q: i for i, q in enumerate(self.queues)}
 
     @classmethod
@@ -74,7 +75,8 @@ class ProcessorInstances:
     def index_for_firewall_side(self, address: ipaddress.IPv4Address) -> int:
         """The instance whose pool slice holds F; ValueError if no slice does."""
         if address.version == 6 and self.pool6 is not None and address in self.pool6:
-            return 0  # the IPv6 pool is not sliced
+            # A manifest without IPv6 slices (one instance, or an older supervisor): instance 0's.
+            return next((index for net, index in self._slices6 if address in net), 0)
         for net, index in self._slices:
             if address in net:
                 return index

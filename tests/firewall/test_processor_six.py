@@ -70,10 +70,10 @@ def route(dst: int) -> Route | None:
 
 
 class Rig6:
-    def __init__(self, config: str = CONFIG) -> None:
+    def __init__(self, config: str = CONFIG, instance: int = 0) -> None:
         self.alive: set[tuple[int, ...]] = set()
         self.core = ProcessorCore(
-            loads(config), 0, Encoder(KEY, Role.PROCESSOR), Guard(KEY, Role.PROCESSOR, now=WALL0),
+            loads(config), instance, Encoder(KEY, Role.PROCESSOR), Guard(KEY, Role.PROCESSOR, now=WALL0),
             route=route, ifname=IF.get, local_addresses=lambda: [ipaddress.IPv4Address("203.0.113.1")],
             local_addresses6=lambda: [ipaddress.IPv6Address(W6), ipaddress.IPv6Address(L6)],
             conntrack=lambda *t: t in self.alive, now=T0, wall=WALL0,
@@ -331,3 +331,19 @@ def test_lost_events_are_made_good_by_a_dump_of_the_ipv6_connections() -> None:
     rig.core.resync6([])  # both gone, their destroy events lost
     (end,) = rig.messages()
     assert isinstance(end, FlowEnd) and rig.core.stats()["flows_ipv6"] == 0
+
+
+def test_each_instance_binds_ipv6_from_its_own_slice_of_the_pool() -> None:
+    """Two queues: instance 1 allocates F6 from the pool's second /125 (the ruleset's steer_pool6
+    sends leg B there), and flow ids carry its queue."""
+    two = CONFIG + "\n[processor]\nqueues = [0, 1]\n"
+    rig = Rig6(two, instance=1)
+    verdict, ops, _ = rig.send(syn("2001:db8:2::11", 40000, S6, 9000), WAN0)
+    assert verdict == PASS
+    f = ops[1][3]
+    assert ipaddress.IPv6Address(f[0]) in ipaddress.IPv6Network("fd6e:6667:6174:fe::8/125")
+    (msg,) = rig.messages()
+    assert msg.flow.flow_id >> 48 == 1  # the queue in the flow id's top 16 bits
+    zero = Rig6(two, instance=0)
+    assert ipaddress.IPv6Address(zero.send(syn(C6, 40000, S6, 9000), WAN0)[1][1][3][0]) in \
+        ipaddress.IPv6Network("fd6e:6667:6174:fe::/125")
