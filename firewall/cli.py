@@ -133,6 +133,7 @@ def check(config_path: str, as_json: bool, strict: bool) -> None:
         "masquerade6": list(config.nat.masquerade6),
         "queues": list(config.processor.queues),
         "fail_mode": config.processor.fail_mode,
+        "ipv6_kinds": [k.name for k in KINDS if k.ipv6],
         "gateways": [
             {"name": g.name, "kind": g.kind, "listen_port": g.listen_port, "workers": g.workers,
              "selectors": len(g.traffic),
@@ -166,8 +167,9 @@ def check(config_path: str, as_json: bool, strict: bool) -> None:
         if g["ipv6_relayed"]:
             click.echo(f"    IPv6 on its selectors' ports: through the gateway for {', '.join(g['ipv6_relayed'])}")
         if g["ipv6_dropped"]:
-            click.echo(f"    IPv6 on its selectors' ports: dropped, counted as {', '.join(g['ipv6_dropped'])} "
-                       f"({'a log-only gateway, or a selector whose addresses are IPv4 only' if KINDS[g['kind']].ipv6 else 'a ' + g['kind'] + ' gateway takes IPv4 only'})")
+            why = ("a log-only gateway, or a selector whose addresses are IPv4 only" if KINDS[g["kind"]].ipv6 else
+                   f"a {g['kind']} gateway takes IPv4 only; kinds that take IPv6: {', '.join(summary['ipv6_kinds'])}")
+            click.echo(f"    IPv6 on its selectors' ports: dropped, counted as {', '.join(g['ipv6_dropped'])} ({why})")
     if config.gateways:
         click.echo(f"  processor: queues {summary['queues']}, fail {summary['fail_mode']}")
     click.echo(f"  renders to {summary['kernel_rules']} rules in {summary['chains']} chains")

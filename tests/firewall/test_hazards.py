@@ -107,6 +107,8 @@ def test_every_selector_drops_ipv6_on_its_ports_counted_by_name(tmp_path: Path) 
     path.write_text(BASE + SSH + GATEWAY + tunnel)
     checked = CliRunner().invoke(main, ["check", "-c", str(path)])
     assert "IPv6 on its selectors' ports: dropped, counted as ipv6_drop_g1_0, ipv6_drop_g1_1" in checked.output
+    (kinds,) = re.findall(r"a tunnel gateway takes IPv4 only; kinds that take IPv6: ([a-z, -]+)\)", checked.output)
+    assert {"tcp-relay", "udp-relay", "smtp"} <= set(kinds.split(", ")) and "tunnel" not in kinds
 
 
 def test_ipv6_a_rule_accepts_is_dropped_and_check_says_where_it_is_counted() -> None:
