@@ -117,7 +117,7 @@ def apply(rs: Ruleset, backend: str, dry_run: bool = False, keep_bind: bool = Fa
         if _run(["nft", "list", "set", bind.FAMILY6, bind.TABLE6, bind.dyn_name("expect", 0, False, True)]).returncode != 0:
             # The IPv4 table of a version without IPv6 flows, or an IPv6 one without IPv6
             # dynamic rules: the IPv6 one (its bindings' first packets long passed) goes in anew.
-            _nft_load(bind.render6(rs.bind[0]), dry_run, report, f"nft: added table {bind.FAMILY6} {bind.TABLE6}")
+            _nft_load(bind.render6(*rs.bind), dry_run, report, f"nft: added table {bind.FAMILY6} {bind.TABLE6}")
         rs = replace(rs, bind=None)
         report.actions.append(f"nft: kept tables {bind.FAMILY} {bind.TABLE} and {bind.FAMILY6} {bind.TABLE6} "
                               "(bindings and dynamic rules)")

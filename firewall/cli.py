@@ -135,6 +135,7 @@ def check(config_path: str, as_json: bool, strict: bool) -> None:
         "masquerade6": list(config.nat.masquerade6),
         "queues": list(config.processor.queues),
         "fail_mode": config.processor.fail_mode,
+        "ipv6_kinds": [k.name for k in KINDS if k.ipv6],
         "gateways": [
             {"name": g.name, "kind": g.kind, "listen_port": g.listen_port, "workers": g.workers,
              "selectors": len(g.traffic),
@@ -170,7 +171,7 @@ def check(config_path: str, as_json: bool, strict: bool) -> None:
             click.echo(f"    IPv6 on its selectors' ports: through the gateway for {', '.join(g['ipv6_relayed'])}")
         if g["ipv6_dropped"]:
             click.echo(f"    IPv6 on its selectors' ports: dropped, counted as {', '.join(g['ipv6_dropped'])} "
-                       f"({_ipv6_why(g['kind'], host)})")
+                       f"({_ipv6_why(g['kind'], host, summary['ipv6_kinds'])})")
     if config.gateways:
         click.echo(f"  processor: queues {summary['queues']}, fail {summary['fail_mode']}")
     if config.gateways and host:
@@ -365,10 +366,10 @@ def run(config_path: str, backend: str) -> None:
     Supervisor(config, config_path, backend).run()
 
 
-def _ipv6_why(kind: str, host: bool) -> str:
+def _ipv6_why(kind: str, host: bool, ipv6_kinds: list[str]) -> str:
     """Why a gateway's selectors drop their IPv6 (``Gateway.takes_ipv6``), for nfgate check."""
     if not KINDS[kind].ipv6:
-        return f"a {kind} gateway takes IPv4 only"
+        return f"a {kind} gateway takes IPv4 only; kinds that take IPv6: {', '.join(ipv6_kinds)}"
     if host:
         return "the gateways' own host takes IPv4 only"
     return "a log-only gateway, or a selector whose addresses are IPv4 only"

@@ -37,10 +37,13 @@ def process_names(gateway: Gateway) -> list[str]:
     return [gateway.name] if gateway.workers == 1 else [f"{gateway.name}#{i}" for i in range(gateway.workers)]
 
 
-def nodes(config: Config) -> tuple[NodeSpec, ...]:
+def nodes(config: Config, six: bool = False) -> tuple[NodeSpec, ...]:
     """Each router's processor: the router alone, or with [ha] both nodes in node order, each
-    with its address on the gateway link and its instances' slices of its half of the pool."""
+    with its address on the gateway link and its instances' slices of its half of the pool;
+    ``six`` (the gateway takes IPv6, which never crosses to an AG host): their slices of the
+    IPv6 pool too."""
     proc = config.processor
+    slices6 = address_slices(proc.pools.firewall_side6, len(proc.queues)) if six else [()] * len(proc.queues)
     views = [config] if config.ha is None else sorted((config.for_node(n) for n in config.ha.nodes), key=lambda v: v.node_index)
     out = []
     for view in views:
@@ -49,7 +52,7 @@ def nodes(config: Config) -> tuple[NodeSpec, ...]:
             name=view.node or "router",
             address=view.gateway_link.router_address.ip,
             instances=tuple(
-                InstanceSpec(queue=q, port=config.processor_signalling_port(i), slices=slices[i])
+                InstanceSpec(queue=q, port=config.processor_signalling_port(i), slices=slices[i], slices6=slices6[i])
                 for i, q in enumerate(proc.queues)
             ),
         ))
@@ -78,7 +81,7 @@ def manifest_for(config: Config, gateway: Gateway, worker: int = 0) -> Manifest:
         processor=ProcessorSpec(
             pool=proc.pools.firewall_side,
             pool6=proc.pools.firewall_side6 if six else None,
-            nodes=nodes(config),
+            nodes=nodes(config, six),
         ),
         traffic=tuple(
             Selector(

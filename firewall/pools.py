@@ -52,7 +52,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 from array import array
-from typing import Iterable
+from typing import Any, Iterable
 
 from firewall.config import bucket_count
 from firewall.config.model import PortRange
@@ -94,7 +94,7 @@ def _buckets_of(count: int, values: list[int], buckets: int, slicing: Slicing) -
     return [min(i // size, buckets - 1) for i in range(count)]
 
 
-def address_slices(pool: ipaddress.IPv4Network, instances: int) -> list[tuple[ipaddress.IPv4Network, ...]]:
+def address_slices(pool: ipaddress.IPv4Network | ipaddress.IPv6Network, instances: int) -> list[tuple[Any, ...]]:
     """The subnets of ``pool`` each instance allocates F from, by ``Slicing.CONTIGUOUS``.
 
     The pool is a network (a power of two of addresses) and ``bucket_count``

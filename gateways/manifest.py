@@ -78,6 +78,7 @@ class InstanceSpec(_Frozen):
     queue: int
     port: int
     slices: tuple[ipaddress.IPv4Network, ...]
+    slices6: tuple[ipaddress.IPv6Network, ...] = ()  # its slices of pool6 (a gateway that takes IPv6)
 
 
 class NodeSpec(_Frozen):
@@ -90,7 +91,7 @@ class NodeSpec(_Frozen):
 
 class ProcessorSpec(_Frozen):
     pool: ipaddress.IPv4Network  # the whole firewall-side pool (both nodes' halves with [ha])
-    pool6: ipaddress.IPv6Network | None = None  # the IPv6 pool, all instance 0's (a gateway that takes IPv6)
+    pool6: ipaddress.IPv6Network | None = None  # the IPv6 pool (a gateway that takes IPv6), sliced as pool is
     nodes: tuple[NodeSpec, ...]  # one router, or the pair's two nodes in node order (flow ids' node bit)
 
 

@@ -767,6 +767,7 @@ class Config(Frozen):
         _check_snat_ports(info, self)
         check_ha(info, self.ha, self.zones, self.gateway_link.router_if)
         _check_host_link(info, self)
+        _check_pool6(info, self)  # after the host link, which may take IPv6 from every selector
         return self
 
 
@@ -795,6 +796,15 @@ def _check_host_link(info: ValidationInfo, config: Config) -> None:
         # The AG host has no address of the blind track's ULA, and the pair moves IPv4 only:
         # a selector's IPv6 is dropped and counted, as for a kind that takes none.
         gw._ipv6_link = False
+
+
+def _check_pool6(info: ValidationInfo, config: Config) -> None:
+    """Each processor instance owns a slice of the IPv6 pool, as of the IPv4 one, once IPv6 is taken."""
+    pool6, queues = config.processor.pools.firewall_side6, config.processor.queues
+    buckets = bucket_count(len(queues))
+    if pool6.num_addresses < buckets and any(g.takes_ipv6(t) for g in config.gateways for t in g.traffic):
+        report(info, "processor.pools.firewall_side6",
+               f"{pool6} has fewer than {buckets} addresses for {len(queues)} queues")
 
 
 def _check_snat_ports(info: ValidationInfo, config: Config) -> None:

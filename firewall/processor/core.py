@@ -230,9 +230,9 @@ class ProcessorCore:
         self._flows: dict[int, Binding] = {}  # flow id -> binding
         self._flow_of: dict[int, int] = {}  # binding.client_key -> flow id
         self.logged = LoggedFlows(proc.timeouts.confirm, self.counters)
-        # IPv6 flows are instance 0's (firewall.rules.build steers them to its queue).
-        self.six = SixFlows(config, self.queue, self.policy, self.counters, local_addresses=local_addresses6) \
-            if instance == 0 and any(g.takes_ipv6(t) for g in config.gateways for t in g.traffic) else None
+        # IPv6 flows are steered as IPv4 ones (firewall.rules.build): each instance has its own.
+        self.six = SixFlows(config, instance, self.policy, self.counters, local_addresses=local_addresses6) \
+            if any(g.takes_ipv6(t) for g in config.gateways for t in g.traffic) else None
         self.rules = RuleBook(
             config, instance, self.queue, counters=self.counters, gateway_peers=self.gateway_peers,
             binding=self.binding, local_addresses=local_addresses, gateway_at=self.spread.peers(),
@@ -310,7 +310,7 @@ class ProcessorCore:
                 rule = self.rules.expected(*pkt[:5], now)
                 if rule is not None and rule.mode is RuleMode.ORIGINATE:
                     return self._originate(rule, pkt, mark)
-            why, ops = six.leg_b(pkt, self._alive)
+            why, ops = six.leg_b(pkt, self._alive, now)
             if why != "bound":
                 return self._drop(why, mark)
             self.bound += 1
@@ -824,7 +824,7 @@ class ProcessorCore:
         return adopted
 
     def adopt6(self, connections: Iterable[Any], now: float) -> int:
-        """``adopt`` for the IPv6 bindings (``six.adopt``), instance 0's; how many."""
+        """``adopt`` for the IPv6 bindings (``six.adopt``) of this instance's slice; how many."""
         if self.six is None:
             return 0
 

@@ -150,15 +150,14 @@ class NatWriter:
 
     def flush_instance(self, instance: int) -> None:
         """Empty a processor instance's dynamic sets: what a predecessor left, or ours at exit
-        (instance 0's in the IPv6 table too; a table without them, of an older version, is
-        flushed in IPv4 alone)."""
+        (in the IPv6 table too; a table without them, of an older version, is flushed in IPv4
+        alone)."""
         def flush(family: str, table: str, six: bool) -> list[dict[str, Any]]:
             return [{"flush": {"set" if kind != "dnat" else "map": {"family": family, "table": table,
                                                                    "name": bind.dyn_name(kind, instance, wild, six)}}}
                     for kind in bind.DYN_KINDS for wild in (False, True)]
         self._cmd(flush(bind.FAMILY, bind.TABLE, False))
-        if instance == 0:
-            self._cmd(flush(bind.FAMILY6, bind.TABLE6, True))
+        self._cmd(flush(bind.FAMILY6, bind.TABLE6, True))
 
     def table_present(self) -> bool:
         return self._cmd([{"list": {"table": {"family": bind.FAMILY, "name": bind.TABLE}}}])[0]

@@ -60,8 +60,8 @@ seed's "Dynamic changes in packet processing" the requirement.
   live on, owned by no flow (``flow_offloaded``); where one of them names
   the same first packet, the offload's ALLOW wins (``expected``). TCP is refused NOT_UDP: the gateway terminated both
   connections, and two TCP connections cannot become one mid-stream.
-- IPv6: a request whose flow is an IPv6 binding (``six.Binding6``, all of
-  instance 0's) names IPv6 addresses, is checked the same way (the router's
+- IPv6: a request whose flow is an IPv6 binding (``six.Binding6``, of
+  this instance) names IPv6 addresses, is checked the same way (the router's
   IPv6 addresses stand in for parties, the gateway's ORIGINATE leaves from
   G6), and its elements go in the IPv6 table's sets (``dyn_name(..., six=True)``);
   the processor sees its use on its IPv6 path. Offload is IPv4's only yet

@@ -16,7 +16,9 @@ rulebook checks an IPv6 flow's requests as an IPv4 one's; ``redirect``
 binds the first packet a REDIRECT expects. What this slice does not do
 yet, so the ruleset never sends it here: offload and log-only over IPv6,
 SNAT of leg B (a server behind ``nat.masquerade6``: dropped,
-``drop.ipv6.masquerade6``), several instances (IPv6 is instance 0's). A
+``drop.ipv6.masquerade6``). Several instances share IPv6 as they share
+IPv4: each one's requests by the low bits of the client's address, and
+its own slice of the IPv6 pool, and its flows' dynamic rules are its own. A
 processor that restarts adopts its IPv6 bindings from conntrack
 (``adopt``), as it does its IPv4 ones (their dynamic rules are not kept).
 
@@ -40,11 +42,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable
 
 from firewall.config import Config
+from firewall.config.model import ROUTER
 from firewall.flows import AgEndpoint
 from firewall.packet import ACK, FIN, RST, SYN, TCP, Packet
-from firewall.pools import EndpointPool, SliceBy
+from firewall.pools import EndpointPool, SliceBy, Slicing
 from firewall.processor.policy import Policy, Selector
-from firewall.rules.bind import DNAT6_MAP, SNAT6_MAP
+from firewall.rules.bind import DNAT6_MAP, LEGB_DNAT6_MAP, LEGB_SNAT6_MAP, SNAT6_MAP
 from firewall.signalling import Endpoint, FlowEnd, FlowEndReason, FlowInfo, make_flow_id
 
 _SYN_FLAGS = SYN | ACK | RST | FIN
@@ -80,6 +83,7 @@ class Binding6:
     ag: AgEndpoint  # the worker (its IPv4 G:g names it; its IPv6 G6 shares the port)
     created: float
     eport: int | None = None  # leg B's port on G6, once seen
+    ahead: bool = False  # leg B's elements (by G6, F6, f) went in with leg A's
     a_alive: bool = False
     a_gone: bool = False
     b_gone: bool = False
@@ -114,16 +118,19 @@ class Binding6:
 
 
 class SixFlows:
-    """The IPv6 bindings of processor instance 0, and their decisions."""
+    """The IPv6 bindings of one processor instance, and their decisions."""
 
-    def __init__(self, config: Config, queue: int, policy: Policy, counters: Counter[str], *,
+    def __init__(self, config: Config, instance: int, policy: Policy, counters: Counter[str], *,
                  local_addresses: Callable[[], Iterable[ipaddress.IPv6Address]]) -> None:
         proc = config.processor
-        self.queue = queue
+        self.queue = proc.queues[instance]
         self.policy = policy
         self.counters = counters
         self.g6 = int(config.gateway_link.gateway_address6.ip)
-        self.pool = EndpointPool(proc.pools.firewall_side6, proc.pools.ports, slice_by=SliceBy.ADDRESS)
+        # This instance's slice of the IPv6 pool, cut as the IPv4 one is (and as the ruleset's
+        # steer_pool6 and the manifest's slices6 have it).
+        self.pool = EndpointPool(proc.pools.firewall_side6, proc.pools.ports, instance=instance,
+                                 instances=len(proc.queues), slice_by=SliceBy.ADDRESS, slicing=Slicing.CONTIGUOUS)
         self._masq6 = frozenset(config.nat.masquerade6)
         self._confirm = proc.timeouts.confirm
         # How long the elements written at a binding's first verdict surely last
@@ -162,7 +169,7 @@ class SixFlows:
             return "drop.not_new_flow", None, ()
         if server_zone in self._masq6:
             return "drop.ipv6.masquerade6", None, ()
-        return self._bind(pkt, server or (dst, dport), ag, now, serial)
+        return self._bind(pkt, server or (dst, dport), ag, now, serial, leg_b=server_zone != ROUTER)
 
     def redirect(self, pkt: Packet, server: tuple[int, int], server_zone: str | None, ag: AgEndpoint, now: float,
                  serial: int) -> tuple[str, Binding6 | None, tuple[NatOp, ...]]:
@@ -173,7 +180,8 @@ class SixFlows:
         return self._bind(pkt, server, ag, now, serial)
 
     def _bind(self, pkt: Packet, server: tuple[int, int], ag: AgEndpoint, now: float,
-              serial: int) -> tuple[str, Binding6 | None, tuple[NatOp, ...]]:
+              serial: int, leg_b: bool = True) -> tuple[str, Binding6 | None, tuple[NatOp, ...]]:
+        """The binding and its elements; ``leg_b`` False: a gateway that ends the flow, no leg B's."""
         proto, src, sport, dst, dport = pkt[:5]
         old = self._by_client.get((proto, src, sport, dst, dport))
         if old is not None:
@@ -198,15 +206,24 @@ class SixFlows:
         self._by_fid[fid] = b
         self.counters["flows.opened"] += 1
         self.counters["flows.ipv6.opened"] += 1
-        return "bound", b, self._leg_a_ops(b)
+        if not leg_b:
+            return "bound", b, self._leg_a_ops(b)
+        # Leg B's pair ahead, keyed by (G6, F6, f), in the same transaction: its first
+        # packet then needs none of its own (bind.py; F6:f is the binding's alone).
+        b.ahead = True
+        name = _PROTO_NAME[proto]
+        key_b = (self.g6, *fw)
+        return "bound", b, (*self._leg_a_ops(b), (LEGB_DNAT6_MAP, name, key_b, b.server),
+                            (LEGB_SNAT6_MAP, name, key_b, b.client))
 
     def _leg_a_ops(self, b: Binding6) -> tuple[NatOp, ...]:
         name = _PROTO_NAME[b.proto]
         key = b.leg_a()
         return (DNAT6_MAP, name, key, (self.g6, b.ag.port)), (SNAT6_MAP, name, key, b.fw)
 
-    def leg_b(self, pkt: Packet, alive: Callable[..., bool]) -> tuple[str, tuple[NatOp, ...]]:
-        """A gateway's new IPv6 connection to F6:f: leg B of that binding (counter, elements)."""
+    def leg_b(self, pkt: Packet, alive: Callable[..., bool], now: float) -> tuple[str, tuple[NatOp, ...]]:
+        """A gateway's new IPv6 connection to F6:f: leg B of that binding (counter, elements:
+        none while those written ahead with leg A's surely last)."""
         proto, src, sport, dst, dport, flags = pkt[:6]
         b = self._by_fw.get((proto, dst, dport))
         if b is None or src != self.g6 or sport == b.ag.port:
@@ -220,6 +237,8 @@ class SixFlows:
                 return "drop.leg_b_busy", ()
             b.eport, b.b_gone = sport, False
         b.a_alive = True  # leg B comes after leg A's connection answered the gateway
+        if b.ahead and now - b.created < self._ahead_for:
+            return "bound", ()
         name = _PROTO_NAME[proto]
         key = (src, sport, dst, dport)
         return "bound", ((DNAT6_MAP, name, key, b.server), (SNAT6_MAP, name, key, b.client))

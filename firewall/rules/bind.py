@@ -44,10 +44,10 @@ take a bound connection first; a first packet without an element falls
 through to them.
 
 IPv6 flows (of a gateway kind that takes them, ``Kind.ipv6``) have their
-own table, ``table ip6 nfgate_bind6``, with the same two maps keyed by the
-IPv6 original tuple (``leg_dnat6``, ``leg_snat6``) and the same two chains;
-leg B's pair is written at leg B's own verdict there (no maps ahead), and
-there are no dynamic rules for IPv6 yet.
+own table, ``table ip6 nfgate_bind6``, with the same maps keyed by the
+IPv6 original tuple (``leg_dnat6``, ``leg_snat6``) and by (proto, G6, F6,
+f) for leg B ahead (``legb_dnat6``, ``legb_snat6``), and the same two
+chains; there are no dynamic rules for IPv6 yet.
 
 The table is native nftables with every backend: iptables-nft and
 iptables-legacy steer the first packet with the xt NFQUEUE target, and
@@ -73,6 +73,8 @@ FAMILY6 = "ip6"
 TABLE6 = "nfgate_bind6"
 DNAT6_MAP = "leg_dnat6"  # the IPv6 table's maps, named apart so an op names its table
 SNAT6_MAP = "leg_snat6"
+LEGB_DNAT6_MAP = "legb_dnat6"  # leg B by (proto, G6, F6, f), written at leg A's time
+LEGB_SNAT6_MAP = "legb_snat6"
 PRIORITY_OFFSET = 10  # below the ruleset's own dstnat/srcnat chains
 
 _KEY_TYPE = "inet_proto . ipv4_addr . inet_service . ipv4_addr . inet_service"
@@ -81,6 +83,8 @@ _KEY_TYPE6 = "inet_proto . ipv6_addr . inet_service . ipv6_addr . inet_service"
 _ORIGINAL6 = "meta l4proto . ct original ip6 saddr . ct original proto-src . ct original ip6 daddr . ct original proto-dst"
 _LEGB_KEY_TYPE = "inet_proto . ipv4_addr . ipv4_addr . inet_service"
 _LEGB_ORIGINAL = "meta l4proto . ct original ip saddr . ct original ip daddr . ct original proto-dst"
+_LEGB_KEY_TYPE6 = "inet_proto . ipv6_addr . ipv6_addr . inet_service"
+_LEGB_ORIGINAL6 = "meta l4proto . ct original ip6 saddr . ct original ip6 daddr . ct original proto-dst"
 # nft derives the port fields' type from the protocol in the same rule, so
 # each protocol gets its own rule (both share the maps).
 _PROTOS = ("tcp", "udp")
@@ -111,8 +115,9 @@ def dyn_name(kind: str, instance: int, any_port: bool, six: bool = False) -> str
     return f"{kind}{'6' if six else ''}_{instance}" + ("_any" if any_port else "")
 
 
-# The IPv6 table's dynamic sets and maps: instance 0's.
-DYN6_NAMES = frozenset(dyn_name(k, 0, a, True) for k in DYN_KINDS for a in (False, True))
+def _dyn6(name: str) -> bool:
+    """Whether ``name`` is one of the IPv6 table's dynamic sets or maps (any instance's)."""
+    return any(name.startswith(f"{k}6_") for k in DYN_KINDS)
 
 
 def _dynamic(kind: str, instances: int, six: bool = False):
@@ -233,17 +238,18 @@ def render(marks: Marks, instances: int) -> str:
     for proto in _PROTOS:
         lines.append(f"\t\tmeta mark & {mask:#010x} == {mark:#010x} meta l4proto {proto} snat ip to {_LEGB_ORIGINAL} map @{LEGB_SNAT_MAP}")
     lines += ["\t}", ""] + _allow_chain(marks, instances, False) + ["}"]
-    return "\n".join(lines + _render6(marks)) + "\n"
+    return "\n".join(lines + _render6(marks, instances)) + "\n"
 
 
-def render6(marks: Marks) -> str:
+def render6(marks: Marks, instances: int) -> str:
     """The IPv6 table alone, as ``nft -f`` input (a reload that keeps an older IPv4 table)."""
-    return "\n".join(_render6(marks)) + "\n"
+    return "\n".join(_render6(marks, instances)) + "\n"
 
 
-def _render6(marks: Marks) -> list[str]:
-    """The IPv6 binding table: leg A's and leg B's exact elements, each written at its verdict,
-    and instance 0's dynamic rules."""
+def _render6(marks: Marks, instances: int) -> list[str]:
+    """The IPv6 binding table: leg A's exact elements and leg B's ahead (by G6, F6, f), written at
+    leg A's verdict; leg B's exact ones at its own verdict once those ahead may be gone; and
+    every instance's dynamic rules (an IPv6 flow's are the instance's that bound it)."""
     mask, mark = marks.mask, marks.rewritten
     keep = ~mask & 0xFFFFFFFF
     lines = [
@@ -253,18 +259,20 @@ def _render6(marks: Marks) -> list[str]:
         "",
         f"table {FAMILY6} {TABLE6} {{",
     ]
-    for name, what in ((DNAT6_MAP, "original tuple -> leg A: G:g, leg B: S:s"),
-                       (SNAT6_MAP, "original tuple -> leg A: F:f, leg B: C:c")):
+    for name, key, what in ((DNAT6_MAP, _KEY_TYPE6, "original tuple -> leg A: G:g, leg B: S:s"),
+                            (SNAT6_MAP, _KEY_TYPE6, "original tuple -> leg A: F:f, leg B: C:c"),
+                            (LEGB_DNAT6_MAP, _LEGB_KEY_TYPE6, "leg B, written with leg A: proto . G . F . f -> S:s"),
+                            (LEGB_SNAT6_MAP, _LEGB_KEY_TYPE6, "leg B, written with leg A: proto . G . F . f -> C:c")):
         lines += [
             f"\tmap {name} {{",
-            f"\t\ttype {_KEY_TYPE6} : ipv6_addr . inet_service",
+            f"\t\ttype {key} : ipv6_addr . inet_service",
             "\t\tflags timeout",
             f'\t\tcomment "{what}"',
             "\t}",
             "",
         ]
-    lines += _dynamic_sets(1, True)
-    lines += _expect_chain(marks, 1, True)
+    lines += _dynamic_sets(instances, True)
+    lines += _expect_chain(marks, instances, True)
     lines += [
         "\tchain dstnat {",
         f"\t\ttype nat hook prerouting priority dstnat - {PRIORITY_OFFSET}; policy accept;",
@@ -273,7 +281,10 @@ def _render6(marks: Marks) -> list[str]:
     ]
     for proto in _PROTOS:
         lines.append(f"\t\tmeta l4proto {proto} dnat ip6 to {_ORIGINAL6} map @{DNAT6_MAP}")
-    lines += _dnat_rules(1, True)
+    for proto in _PROTOS:
+        lines.append(f"\t\tmeta mark & {mask:#010x} == {mark:#010x} meta l4proto {proto} dnat ip6 to {_LEGB_ORIGINAL6} "
+                     f"map @{LEGB_DNAT6_MAP}")
+    lines += _dnat_rules(instances, True)
     lines += [
         "\t}",
         "",
@@ -282,7 +293,10 @@ def _render6(marks: Marks) -> list[str]:
     ]
     for proto in _PROTOS:
         lines.append(f"\t\tmeta l4proto {proto} snat ip6 to {_ORIGINAL6} map @{SNAT6_MAP}")
-    lines += ["\t}", ""] + _allow_chain(marks, 1, True) + ["}"]
+    for proto in _PROTOS:
+        lines.append(f"\t\tmeta mark & {mask:#010x} == {mark:#010x} meta l4proto {proto} snat ip6 to {_LEGB_ORIGINAL6} "
+                     f"map @{LEGB_SNAT6_MAP}")
+    lines += ["\t}", ""] + _allow_chain(marks, instances, True) + ["}"]
     return lines
 
 
@@ -304,7 +318,7 @@ def element(proto: str, key: tuple[int, ...], value: tuple[int, ...] | None, tim
 
 _ntoa = socket.inet_ntoa
 _PACK = struct.Struct("!I").pack
-_V6 = frozenset((DNAT6_MAP, SNAT6_MAP))
+_V6 = frozenset((DNAT6_MAP, SNAT6_MAP, LEGB_DNAT6_MAP, LEGB_SNAT6_MAP))
 
 
 def _ntoa6(addr: int) -> str:
@@ -318,8 +332,12 @@ def add_text(ops: list[tuple[str, str, tuple[int, ...], tuple[int, int]]], timeo
     by_map: dict[str, list[str]] = {}
     for name, proto, key, (va, vp) in ops:
         if name in _V6:  # a 128-bit key in the IPv6 table
-            src, sport, dst, dport = key
-            k = f"{proto} . {_ntoa6(src)} . {sport} . {_ntoa6(dst)} . {dport}"
+            if len(key) == 4:
+                src, sport, dst, dport = key
+                k = f"{proto} . {_ntoa6(src)} . {sport} . {_ntoa6(dst)} . {dport}"
+            else:
+                g, f, fport = key
+                k = f"{proto} . {_ntoa6(g)} . {_ntoa6(f)} . {fport}"
             by_map.setdefault(name, []).append(f"{k} timeout {t}s : {_ntoa6(va)} . {vp}")
             continue
         if len(key) == 4:
@@ -339,7 +357,7 @@ def table_of(name: str) -> str:
 
 def elements(op: str, name: str, elems: list[Any]) -> dict[str, Any]:
     """A libnftables JSON command: ``op`` ("add" or "delete") ``elems`` in set or map ``name``."""
-    family, table = (FAMILY6, TABLE6) if name in _V6 or name in DYN6_NAMES else (FAMILY, TABLE)
+    family, table = (FAMILY6, TABLE6) if name in _V6 or _dyn6(name) else (FAMILY, TABLE)
     return {op: {"element": {"family": family, "table": table, "name": name, "elem": elems}}}
 
 

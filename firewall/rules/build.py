@@ -123,12 +123,12 @@ def _steer(config: Config, rs: Ruleset, stopped: bool) -> None:
     # the instance that holds the rule.
     marks = proc.marks
     for i, q in enumerate(queues):
-        # IPv6 dynamic rules are instance 0's, as every IPv6 flow.
+        # An IPv6 flow's dynamic rules are the instance's that bound it, as an IPv4 one's.
         chain.add([Mark(marks.expect, marks.expect_value(i))], [send(q)],
-                  f"dynamic rules: a flow a gateway asked for, to processor instance {i}", head if i == 0 else Family.V4)
+                  f"dynamic rules: a flow a gateway asked for, to processor instance {i}", head)
     buckets = bucket_count(len(queues))
 
-    def steer(name: str, comment: str, slices: list[list]) -> Jump | Queue | Drop | Return:
+    def steer(name: str, comment: str, slices: list[list], family: Family = Family.V4) -> Jump | Queue | Drop | Return:
         """One queue (or stopped): queue directly. Several: a chain of rules, ``len(slices) // buckets``
         consecutive rules for each slice; slice b goes to queue b % instances."""
         if len(queues) == 1 or stopped:
@@ -139,7 +139,7 @@ def _steer(config: Config, rs: Ruleset, stopped: bool) -> None:
         for i, matches in enumerate(slices):
             b = i // per_slice
             q = queues[b % len(queues)]
-            sub.add(matches, [send(q)], f"{comment}: slice {b} -> queue {q}", Family.V4)
+            sub.add(matches, [send(q)], f"{comment}: slice {b} -> queue {q}", family)
         return Jump(name)
 
     low_bits = buckets - 1
@@ -170,12 +170,19 @@ def _steer(config: Config, rs: Ruleset, stopped: bool) -> None:
             "gateway_link: a new connection to the pair's other node's half of the pool: its binding is not here",
             Family.V4,
         )
+    by_src6: Jump | Queue | Drop | Return = send(queues[0])
     if v6:
-        # IPv6 flows are all instance 0's: its queue takes every IPv6 request
-        # and the whole IPv6 pool (no slices), so leg B finds its binding.
+        # IPv6 flows are steered as IPv4's: a request by the low bits of the client's
+        # address, leg B by the slice of the IPv6 pool that holds F6 (the instance's).
+        by_src6 = steer("steer_client_src6", "IPv6 request, by the client's address",
+                        [[AddrBits("src", low_bits, b, 6)] for b in range(buckets)], Family.V6)
+        pool6 = proc.pools.firewall_side6
+        by_pool6 = steer("steer_pool6", "from the blind track, by IPv6 firewall-side pool slice",
+                         [[Addr("dst", (net,))] for net in pool6.subnets(new_prefix=pool6.prefixlen + (buckets - 1).bit_length())],
+                         Family.V6)
         chain.add(
-            [InIface(link.router_if), Addr("dst", (proc.pools.firewall_side6,))],
-            [send(queues[0])],
+            [InIface(link.router_if), Addr("dst", (pool6,))],
+            [by_pool6],
             "gateway_link: a gateway's new IPv6 connection to the IPv6 firewall-side pool (leg B)",
             Family.V6,
         )
@@ -193,10 +200,10 @@ def _steer(config: Config, rs: Ruleset, stopped: bool) -> None:
                 if four:
                     chain.add(_selector(t, 4), [by_src], f"{tag}: {what}, admitted by the selector (allow = true)", Family.V4)
                 if six:
-                    chain.add(_selector(t, 6), [send(queues[0])], f"{tag}: IPv6 {what}, admitted by the selector (allow = true)",
+                    chain.add(_selector(t, 6), [by_src6], f"{tag}: IPv6 {what}, admitted by the selector (allow = true)",
                               Family.V6)
                 continue
-            admit = _admit(config, rs, t, f"admit_g{g}_{i}", by_src if four else None, send(queues[0]) if six else None)
+            admit = _admit(config, rs, t, f"admit_g{g}_{i}", by_src if four else None, by_src6 if six else None)
             if four and six and not t.saddr and not t.daddr:
                 chain.add(_selector(t), [Jump(admit)], f"{tag}: {what}, if the filter admits it", head)
                 continue
@@ -212,7 +219,7 @@ def _any_ipv6(config: Config) -> bool:
 
 
 def _admit(config: Config, rs: Ruleset, t: Traffic, name: str, to_queue: Jump | Queue | Drop | Return | None,
-           to_queue6: Queue | Drop | Return | None = None) -> str:
+           to_queue6: Jump | Queue | Drop | Return | None = None) -> str:
     """The filter's verdict on a selector's first packets, before they are queued.
 
     The seed's processor filters first and redirects what passes (fig. 6a):

@@ -163,9 +163,10 @@ def _match(m, proto: str | None, rs: Ruleset, version: int) -> list[str]:
         case Addr(direction, nets):
             flag = "-s" if direction == "src" else "-d"
             return [f"{flag} {_net(n)}" for n in nets]
-        case AddrBits(direction, mask, value):
+        case AddrBits(direction, mask, value, version):
             flag = "-s" if direction == "src" else "-d"
-            return [f"{flag} {ipaddress.IPv4Address(value)}/{ipaddress.IPv4Address(mask)}"]
+            ip = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
+            return [f"{flag} {ip(value)}/{ip(mask)}"]
         case Port(direction, ranges, True):
             # conntrack's match takes one port or range at a time.
             flag = "--ctorigdstport" if direction == "dst" else "--ctorigsrcport"

@@ -99,6 +99,7 @@ class AddrBits:
     direction: str
     mask: int
     value: int
+    version: int = 4  # an IPv6 flow's: the low bits of its 128-bit address
 
 
 @dataclass(frozen=True)

@@ -137,6 +137,11 @@ def _match(m, proto: str | None) -> str:
             family = "ip" if nets[0].version == 4 else "ip6"
             ct = "ct original " if original else ""
             return f"{ct}{family} {direction[0]}addr {_set([_net(n) for n in nets])}"
+        case AddrBits(direction, mask, value, 6):
+            return (
+                f"ip6 {direction[0]}addr & {ipaddress.IPv6Address(mask)}"
+                f" == {ipaddress.IPv6Address(value)}"
+            )
         case AddrBits(direction, mask, value):
             return (
                 f"ip {direction[0]}addr & {ipaddress.IPv4Address(mask)}"

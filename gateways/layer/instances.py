@@ -34,7 +34,7 @@ from gateways.manifest import NodeSpec, ProcessorSpec
 class ProcessorInstances:
     """The signalling endpoints of every router's processor instances, and the owner of each flow."""
 
-    __slots__ = ("endpoints", "pool", "pool6", "_slices", "_index_of")
+    __slots__ = ("endpoints", "pool", "pool6", "_slices", "_slices6", "_index_of")
 
     def __init__(self, pool: ipaddress.IPv4Network, nodes: Sequence[NodeSpec],
                  pool6: ipaddress.IPv6Network | None = None) -> None:
@@ -43,12 +43,14 @@ class ProcessorInstances:
         endpoints: list[Endpoint] = []
         index_of: dict[tuple[int, int], int] = {}
         owned: list[tuple[ipaddress.IPv4Network, int]] = []
+        owned6: list[tuple[ipaddress.IPv6Network, int]] = []
         for n, node in enumerate(nodes):
             for inst in node.instances:
                 index = len(endpoints)
                 endpoints.append(Endpoint(node.address, inst.port))
                 index_of[(n, inst.queue)] = index
                 owned += [(net, index) for net in inst.slices]
+                owned6 += [(net, index) for net in inst.slices6]
                 if not inst.slices:
                     # firewall.config refuses a pool too small for its instances: an
                     # instance with no slice could allocate nothing.
@@ -59,8 +61,9 @@ class ProcessorInstances:
             raise ValueError("two instances' pool slices overlap")
         self.endpoints = tuple(endpoints)
         self.pool = pool
-        self.pool6 = pool6  # IPv6 flows: all the first router's instance 0's (firewall.processor.six)
+        self.pool6 = pool6  # IPv6 flows: each instance's from its slices6 of it (firewall.processor.six)
         self._slices = sorted(owned, key=lambda item: item[0])
+        self._slices6 = owned6
         self._index_of = index_of
 
     @classmethod
@@ -85,7 +88,8 @@ class ProcessorInstances:
     def index_for_firewall_side(self, address: ipaddress.IPv4Address) -> int:
         """The instance whose pool slice holds F; ValueError if no slice does."""
         if address.version == 6 and self.pool6 is not None and address in self.pool6:
-            return 0  # the IPv6 pool is not sliced
+            # A manifest without IPv6 slices (one instance, or an older supervisor): instance 0's.
+            return next((index for net, index in self._slices6 if address in net), 0)
         for net, index in self._slices:
             if address in net:
                 return index

@@ -560,3 +560,53 @@ def test_kill_9_of_the_processor_keeps_an_ipv6_relay_flow_and_adopts_it(lab_fact
     assert proc()["counters"].get("queued", 0) == 0  # the new processor saw nothing of it
     wait_for(lambda: proc()["flows_ipv6"] == 0, timeout=20, interval=0.2, what="the adopted IPv6 binding to end")
     assert proc()["counters"]["signalling.sent.flow_end"] >= 1
+
+
+TWO_QUEUES = ZONES6 + """
+[[rule]]
+name = "in"
+from = "wan"
+to = "lan"
+proto = "tcp"
+ports = 9000
+
+[processor]
+queues = [0, 1]
+""" + RUN + """
+[[gateway]]
+name = "relay"
+kind = "tcp-relay"
+
+[[gateway.traffic]]
+from = "wan"
+to = "lan"
+proto = "tcp"
+ports = 9000
+"""
+
+# One echo exchange from a given source address: what the server answered.
+FROM_SOURCE = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[2], 9000), timeout=5, source_address=(sys.argv[1], 0))
+s.sendall(b"ping")
+print(s.recv(100).decode())
+"""
+
+
+def test_two_processor_instances_share_ipv6_by_the_clients_address(lab_factory, tmp_path: Path) -> None:
+    """queues = [0, 1]: a client whose address ends in an even bit goes to instance 0, an odd one to
+    instance 1, each binding from its own slice of the IPv6 pool; the gateway asks the right one."""
+    lab = lab_factory("dual")
+    no_tentative_addresses(lab)
+    lab.run("ext", ["ip", "-6", "addr", "add", "2001:db8:2::11/64", "dev", "eth0", "nodad"])
+    lab.run("ext", ["ip", "-6", "route", "add", "fd00:1::/64", "via", "2001:db8:2::1"])
+    server = Server(lab, "lan", 9000, addr="::")
+    run = Running(lab, tmp_path, config=TWO_QUEUES)
+    for source in ("2001:db8:2::10", "2001:db8:2::11"):
+        out = lab.run("ext", [sys.executable, "-c", FROM_SOURCE, source, "fd00:1::10"], timeout=20)
+        assert out.stdout.strip() == "echo:ping", out
+        assert server.next_peer() == source
+    procs = run.ask("status")["processors"]
+    assert [procs[f"processor-{i}"]["counters"].get("flows.ipv6.opened") for i in (0, 1)] == [1, 1], procs
+    sides = {f["firewall_side"].rsplit(":", 1)[0] for f in run.ask("flows") if "ipv6" in f["state"]}
+    assert sides == {"[fd6e:6667:6174:fe::]", "[fd6e:6667:6174:fe::8]"}, sides  # each instance's own slice

@@ -16,7 +16,7 @@ from firewall.config import loads
 from firewall.packet import TCP, UDP
 from firewall.processor.core import DROP, PASS, ProcessorCore, Route
 from firewall.processor.kernel import Connection
-from firewall.rules.bind import DNAT6_MAP, SNAT6_MAP
+from firewall.rules.bind import DNAT6_MAP, LEGB_DNAT6_MAP, LEGB_SNAT6_MAP, SNAT6_MAP
 from firewall.signalling import Encoder, FlowEnd, FlowEndReason, Guard, NewFlow, Received, Role
 
 KEY = bytes(range(32))
@@ -70,10 +70,10 @@ def route(dst: int) -> Route | None:
 
 
 class Rig6:
-    def __init__(self, config: str = CONFIG) -> None:
+    def __init__(self, config: str = CONFIG, instance: int = 0) -> None:
         self.alive: set[tuple[int, ...]] = set()
         self.core = ProcessorCore(
-            loads(config), 0, Encoder(KEY, Role.PROCESSOR), Guard(KEY, Role.PROCESSOR, now=WALL0),
+            loads(config), instance, Encoder(KEY, Role.PROCESSOR), Guard(KEY, Role.PROCESSOR, now=WALL0),
             route=route, ifname=IF.get, local_addresses=lambda: [ipaddress.IPv4Address("203.0.113.1")],
             local_addresses6=lambda: [ipaddress.IPv6Address(W6), ipaddress.IPv6Address(L6)],
             conntrack=lambda *t: t in self.alive, now=T0, wall=WALL0,
@@ -102,16 +102,23 @@ def test_an_ipv6_tcp_relay_flow_is_bound_both_legs_and_ends_with_conntrack() -> 
     assert (verdict, mark) == (PASS, MARK), dict(rig.core.counters)
     key = (i6(C6), 40000, i6(S6), 9000)
     f = (i6(F6), 1024)
-    assert ops == ((DNAT6_MAP, "tcp", key, (i6(G6), 20000)), (SNAT6_MAP, "tcp", key, f))
+    ahead = (i6(G6), *f)  # leg B's pair by (G6, F6, f), in leg A's transaction
+    assert ops == ((DNAT6_MAP, "tcp", key, (i6(G6), 20000)), (SNAT6_MAP, "tcp", key, f),
+                   (LEGB_DNAT6_MAP, "tcp", ahead, (i6(S6), 9000)), (LEGB_SNAT6_MAP, "tcp", ahead, (i6(C6), 40000)))
     (msg,) = rig.messages()
     assert isinstance(msg, NewFlow) and msg.flow.family == 6
     flow = msg.flow
     assert (str(flow.client.address), flow.client.port) == (C6, 40000)
     assert (str(flow.server.address), str(flow.firewall_side.address), str(flow.ag.address)) == (S6, F6, G6)
 
-    # Leg B: G6:e -> F6:f from the blind track, translated to C:c -> S:s.
+    # Leg B: G6:e -> F6:f from the blind track, translated to C:c -> S:s by the elements
+    # written ahead (no transaction of its own); past their life, by its exact ones.
     verdict, ops, mark = rig.send(syn(G6, 50000, F6, 1024), BLIND)
     key_b = (i6(G6), 50000, *f)
+    assert (verdict, ops, mark) == (PASS, (), MARK)
+    late = Rig6()
+    late.send(syn(C6, 40000, S6, 9000), WAN0)
+    verdict, ops, mark = late.send(syn(G6, 50000, F6, 1024), BLIND, T0 + 9)
     assert (verdict, mark) == (PASS, MARK)
     assert ops == ((DNAT6_MAP, "tcp", key_b, (i6(S6), 9000)), (SNAT6_MAP, "tcp", key_b, (i6(C6), 40000)))
     assert rig.core.stats()["flows_ipv6"] == 1
@@ -253,18 +260,19 @@ def test_an_ipv6_udp_relay_flow_keeps_its_young_binding_and_ends_with_conntrack(
     verdict, ops, _ = rig.send(dgram(C6, 40000), WAN0)
     key = (i6(C6), 40000, i6(S6), 5353)
     f = (i6(F6), 40000)
-    assert verdict == PASS and ops == ((DNAT6_MAP, "udp", key, (i6(G6), 20053)), (SNAT6_MAP, "udp", key, f))
+    assert verdict == PASS and ops[:2] == ((DNAT6_MAP, "udp", key, (i6(G6), 20053)), (SNAT6_MAP, "udp", key, f))
+    assert ops[2] == (LEGB_DNAT6_MAP, "udp", (i6(G6), *f), (i6(S6), 5353))
     (msg,) = rig.messages()
     assert isinstance(msg, NewFlow) and msg.flow.proto == UDP and msg.flow.family == 6
     # The next datagrams before conntrack confirmed the first: the same binding, no new flow;
     # its elements again once those of the first verdict may have timed out (nat_element 4 s).
     assert rig.send(dgram(C6, 40000), WAN0, T0 + 1) == (PASS, (), MARK)
-    assert rig.send(dgram(C6, 40000), WAN0, T0 + 2.5)[1] == ops
+    assert rig.send(dgram(C6, 40000), WAN0, T0 + 2.5)[1] == ops[:2]
     assert rig.messages() == [] and rig.core.counters["passed.ipv6.bound_young"] == 2
     assert rig.core.stats()["flows_ipv6"] == 1
     # Leg B from the gateway's own port e; conntrack's idle end of both legs ends the binding.
     key_b = (i6(G6), 50000, *f)
-    verdict, ops_b, _ = rig.send(IPv6(src=G6, dst=F6) / ScapyUDP(sport=50000, dport=40000), BLIND, T0 + 3)
+    verdict, ops_b, _ = rig.send(IPv6(src=G6, dst=F6) / ScapyUDP(sport=50000, dport=40000), BLIND, T0 + 3)  # ahead's gone
     assert verdict == PASS and ops_b == ((DNAT6_MAP, "udp", key_b, (i6(S6), 5353)), (SNAT6_MAP, "udp", key_b, (i6(C6), 40000)))
     rig.core.conntrack_destroyed(UDP, key, (i6(G6), 20053, *f), T0 + 40)
     rig.core.conntrack_destroyed(UDP, key_b, (i6(S6), 5353, i6(C6), 40000), T0 + 40)
@@ -313,8 +321,8 @@ def test_an_ipv6_port_forward_into_the_gateway_binds_to_its_target() -> None:
     flow = msg.flow
     assert (str(flow.original_dst.address), flow.original_dst.port) == (W6, 9000)
     assert (str(flow.server.address), flow.server.port) == (S6, 9001)
-    verdict, ops_b, _ = rig.send(syn(G6, 50000, F6, 1024), BLIND)
-    assert ops_b[0] == (DNAT6_MAP, "tcp", (i6(G6), 50000, i6(F6), 1024), (i6(S6), 9001))
+    assert ops[2] == (LEGB_DNAT6_MAP, "tcp", (i6(G6), i6(F6), 1024), (i6(S6), 9001))  # leg B to the target
+    assert rig.send(syn(G6, 50000, F6, 1024), BLIND)[0] == PASS
     # Without an IPv6 forward the router's own port is the input chain's (its counted drop).
     bare = Rig6()
     assert bare.send(syn(C6, 40001, W6, 9000), WAN0) == (PASS, (), PASSED)
@@ -367,3 +375,19 @@ def test_lost_events_are_made_good_by_a_dump_of_the_ipv6_connections() -> None:
     rig.core.resync6([])  # both gone, their destroy events lost
     (end,) = rig.messages()
     assert isinstance(end, FlowEnd) and rig.core.stats()["flows_ipv6"] == 0
+
+
+def test_each_instance_binds_ipv6_from_its_own_slice_of_the_pool() -> None:
+    """Two queues: instance 1 allocates F6 from the pool's second /125 (the ruleset's steer_pool6
+    sends leg B there), and flow ids carry its queue."""
+    two = CONFIG + "\n[processor]\nqueues = [0, 1]\n"
+    rig = Rig6(two, instance=1)
+    verdict, ops, _ = rig.send(syn("2001:db8:2::11", 40000, S6, 9000), WAN0)
+    assert verdict == PASS
+    f = ops[1][3]
+    assert ipaddress.IPv6Address(f[0]) in ipaddress.IPv6Network("fd6e:6667:6174:fe::8/125")
+    (msg,) = rig.messages()
+    assert msg.flow.flow_id >> 48 == 1  # the queue in the flow id's top 16 bits
+    zero = Rig6(two, instance=0)
+    assert ipaddress.IPv6Address(zero.send(syn(C6, 40000, S6, 9000), WAN0)[1][1][3][0]) in \
+        ipaddress.IPv6Network("fd6e:6667:6174:fe::/125")

@@ -18,7 +18,7 @@ from firewall.packet import TCP
 from firewall.processor.core import DROP, PASS
 from firewall.processor.rulebook import KernelOp, KernelRule, RuleBook, Send
 from firewall.processor.six import Binding6
-from firewall.rules.bind import DNAT6_MAP, SNAT6_MAP
+from firewall.rules.bind import DNAT6_MAP, LEGB_DNAT6_MAP, SNAT6_MAP
 from firewall.signalling import (
     Encoder,
     Endpoint,
@@ -158,14 +158,16 @@ def test_a_redirect_over_ipv6_binds_its_flow_into_the_asking_gateway() -> None:
     assert (verdict, mark) == (PASS, MARK)
     key = (i6(C6), 45000, i6(S6), 50000)
     assert ops[0] == (DNAT6_MAP, "tcp", key, (i6(G6), 20021)) and ops[1][:3] == (SNAT6_MAP, "tcp", key)
+    legb = ops[2]
     new, end = rig.kernel()
     assert isinstance(new, NewFlow) and new.flow.family == 6 and new.flow.gateway == "ftp"
     assert (str(new.flow.server.address), new.flow.server.port) == (S6, 50000)
     assert end == RuleEnd(ack.rule_id, RuleEndReason.USED)
-    # Its leg B from G6 to the firewall side goes to the server.
+    # Its leg B from G6 to the firewall side goes to the server: written ahead with leg A's.
     fw = (int(new.flow.firewall_side.address), new.flow.firewall_side.port)
+    assert legb == (LEGB_DNAT6_MAP, "tcp", (i6(G6), *fw), (i6(S6), 50000))
     verdict, ops, _ = rig.send(syn(G6, 46000, str(new.flow.firewall_side.address), fw[1]), BLIND)
-    assert verdict == PASS and ops[0] == (DNAT6_MAP, "tcp", (i6(G6), 46000, *fw), (i6(S6), 50000))
+    assert verdict == PASS and ops == ()
 
 
 def test_an_originate_over_ipv6_leaves_from_the_address_its_peer_expects() -> None:

@@ -8,6 +8,7 @@ import pytest
 from firewall.config import ConfigError, loads
 from firewall.hazards import hazards
 from firewall.rules import bind, build, iptables, nft
+from firewall.manifests import manifest_for
 from firewall.rules.model import Family, Queue
 from gateways.kinds import KINDS
 
@@ -61,11 +62,20 @@ def test_only_a_selector_whose_kind_takes_ipv6_queues_it() -> None:
     assert "skipped the gateway" in rs.counters["ipv6_drop_g0_0"]
 
 
-def test_ipv6_is_all_processor_instance_zeros() -> None:
-    rs = build(loads(BASE + '\n[processor]\nqueues = [4, 5]\n'))
-    v6 = [a for r in rs.chain("mangle_prerouting").rules + rs.chain("admit_g0_0").rules if r.family is Family.V6
-          for a in r.statements if isinstance(a, Queue)]
-    assert v6 and {q.num for q in v6} == {4}
+def test_ipv6_is_steered_over_the_instances_as_ipv4_is() -> None:
+    """By the low bits of the client's address (requests) and by the IPv6 pool's slices (leg B),
+    the same slices the processor's pools and the gateways' manifests have."""
+    config = loads(BASE + '\n[processor]\nqueues = [4, 5]\n')
+    rs = build(config)
+    text = nft.render(rs)
+    assert 'ip6 saddr & ::1 == ::1 counter queue num 5 comment "IPv6 request, by the client\'s address: slice 1 -> queue 5"' in text
+    assert "ip6 daddr fd6e:6667:6174:fe::8/125 counter queue num 5" in text
+    assert "ip6 daddr fd6e:6667:6174:fe::/125 counter queue num 4" in text
+    assert 'meta nfproto ipv6 counter jump steer_client_src6 comment "gateway[0].traffic[0] admitted by policy.forward = accept"' in text
+    slices6 = [manifest_for(config, config.gateways[0]).processor.nodes[0].instances[i].slices6 for i in (0, 1)]
+    assert [list(map(str, s)) for s in slices6] == [["fd6e:6667:6174:fe::/125"], ["fd6e:6667:6174:fe::8/125"]]
+    assert "-s ::1/::1 -m comment --comment \"IPv6 request, by the client's address: slice 1 -> queue 5\" -j NFQUEUE --queue-num 5" \
+        in iptables.render(rs, 6)
 
 
 def test_log_only_and_addressed_selectors_keep_dropping_ipv6() -> None:

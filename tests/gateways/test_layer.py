@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from firewall.config import load
-from firewall.pools import EndpointPool, SliceBy, Slicing
+from firewall.pools import EndpointPool, SliceBy, Slicing, address_slices
 from firewall.signalling import (
     MAX_QUERY_ATTEMPTS,
     VERSION,
@@ -42,6 +42,7 @@ from firewall.signalling import (
 )
 from gateways.layer import EndCause, FlowUnknown, ProcessorInstances, RuleNoAnswer, RuleRefusedError, flow_key
 from gateways.layer.core import MAX_RULE_ATTEMPTS, RULE_END_GRACE, LayerCore
+from gateways.manifest import InstanceSpec, NodeSpec
 from gateways.layer.outputs import (
     FlowGone, FlowKnown, FlowNotKnown, LoggedFlowEnded, RuleAnswered, RuleGone, RuleUnanswered, Send,
 )
@@ -132,6 +133,19 @@ def test_owner_of_f_is_the_instance_whose_contiguous_pool_slice_holds_it(n: int)
         owners = [i for i, p in enumerate(pools) if p.owns(int(address), 1024)]
         assert owners == [inst.index_for_firewall_side(address)]
         assert inst.for_firewall_side(address) == Endpoint(ROUTER, 7500 + owners[0])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_owner_of_an_ipv6_f_is_the_instance_whose_ipv6_slice_holds_it(n: int) -> None:
+    pool, pool6 = ipaddress.IPv4Network("10.9.0.0/27"), ipaddress.IPv6Network("fd6e:6667:6174:fe::/124")
+    slices, slices6 = address_slices(pool, n), address_slices(pool6, n)
+    specs = [InstanceSpec(queue=10 + i, port=7500 + i, slices=slices[i], slices6=slices6[i]) for i in range(n)]
+    inst = ProcessorInstances(pool, [NodeSpec(name="router", address=ROUTER, instances=tuple(specs))], pool6)
+    pools = [EndpointPool(pool6, range(1024, 1026), instance=i, instances=n, slice_by=SliceBy.ADDRESS,
+                          slicing=Slicing.CONTIGUOUS) for i in range(n)]
+    for address in pool6:
+        owners = [i for i, p in enumerate(pools) if p.owns(int(address), 1024)]
+        assert owners == [inst.index_for_firewall_side(address)], address
 
 
 def test_rule_requests_go_to_the_instance_in_the_flow_id() -> None:
