@@ -30,13 +30,14 @@ import asyncio
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 from gateways.relay.core import (
     Abort, Close, DataReceived, DataSent, Done, Event, FinReceived, HalfClose, Limits, RelayCore, Reset,
     ResetReceived, SendData, Side,
 )
-from tunnel.aio import ReadGate, address_pair, reset, settle_pause
+from tunnel.aio import ReadGate, address_pair, reset, stream
 from tunnel.config import ServerConfig
 from tunnel.errors import LimitError, RequestRefused
 from tunnel.events import EventLog
@@ -218,11 +219,12 @@ class PublicConnection(asyncio.Protocol):
         return self.relay.received(Side.B)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = stream(transport)
+        assert self.transport is not None
         self.gate.attach(transport)
-        self.gate.pause("attach")  # nothing more is read before the tunnel side exists
-        settle_pause(transport)
+        # Reading goes on until the client's first bytes (a request sent
+        # with the handshake): they are kept and leave with the OPENED's
+        # answer, in the same write, instead of one loop trip after it.
         self.client = self.origin or address_pair(transport.get_extra_info("peername"))
         self.pub.connections.add(self)
         self.pub.counters["connections"] += 1
@@ -247,11 +249,14 @@ class PublicConnection(asyncio.Protocol):
         except (RequestRefused, LimitError, TimeoutError) as err:
             self._refuse("refused", str(err) or "no answer from the mediator in time")
             return
+        self._attached(session)
+
+    def _attached(self, session: Session) -> None:
+        """The port to the target is connected: relay from now on (once)."""
+        if self.attached or self.done:
+            return
+        spec = self.pub.spec
         session.add_reader(self.gate)
-        self.pub.log.emit(
-            "connection", public=spec.public_port, client=_fmt(self.client),
-            to=f"{spec.target}:{spec.target_port}", mediator=spec.identity, port=self.port_id,
-        )
         self.attached = True
         early, self.early = self.early, []
         for data in early:
@@ -259,6 +264,11 @@ class PublicConnection(asyncio.Protocol):
         if self.early_eof:
             self.eof_received()
         self.gate.resume("attach")
+        # The log line after the frames of this iteration have left, not before.
+        self.pub.loop.call_soon(partial(
+            self.pub.log.emit, "connection", public=spec.public_port, client=_fmt(self.client),
+            to=f"{spec.target}:{spec.target_port}", mediator=spec.identity, port=self.port_id,
+        ))
 
     def _refuse(self, event: str, why: str) -> None:
         self.pub.counters["refused"] += 1
@@ -360,7 +370,9 @@ class PublicConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if not self.attached:
+            # Kept until the tunnel side exists; one read at most.
             self.early.append(data)
+            self.gate.pause("attach")
             return
         if self.session is None or self.port_id is None or self.done:
             return
@@ -410,8 +422,11 @@ class PublicConnection(asyncio.Protocol):
         raise AssertionError("a client port never accepts")
 
     def on_opened(self, session: Session, port_id: int) -> None:
-        """OPEN_CONNECT answered: ours from now on, before ``_attach`` resumes."""
+        """OPEN_CONNECT answered: ours from now on, and relayed at once (the
+        client's first bytes go out with this read's frames), not when
+        ``_attach`` resumes a loop trip later."""
         self.session, self.port_id = session, port_id
+        self._attached(session)
 
     def on_window(self, paused: bool) -> None:
         """Version 3: the window to the target is used up (or has credit again)."""

@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 from firewall.control import ControlError
 from tunnel import tls
-from tunnel.aio import address_pair, family_of, grow_udp_buffer, limit_unsent
+from tunnel.aio import address_pair, family_of, grow_udp_buffer, limit_unsent, stream
 from tunnel.commands import SessionReady
 from tunnel.config import MediatorEntry, ServerConfig
 from tunnel.datagrams import peek_key_id
@@ -75,7 +75,7 @@ class ChannelProtocol(asyncio.Protocol):
         self.session: Session | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        assert stream(transport) is not None
         if not self.server.accept_channel():
             transport.abort()
             return
