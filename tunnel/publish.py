@@ -228,10 +228,35 @@ class PublicConnection(asyncio.Protocol):
         self.client = self.origin or address_pair(transport.get_extra_info("peername"))
         self.pub.connections.add(self)
         self.pub.counters["connections"] += 1
-        self.task = self.pub.spawn(self._attach())
+        self.task = self.pub.spawn(self._attach(self._open_now()))
 
-    async def _attach(self) -> None:
+    def _open_now(self) -> tuple[Session, tuple[int, asyncio.Future[Any]]] | None:
+        """The common case -- the mediator connected, version 2 or later, a
+        request slot free -- issues OPEN_CONNECT here, in the accept's own
+        loop iteration, not one later from the task. Anything else (or a
+        refusal) is left to ``_attach``, which waits or refuses as it must."""
+        record = self.pub.server.records.get(self.pub.spec.identity)
+        session = record.session if record is not None else None
+        if session is None or session.closed or not session.core.pipelines_connect or session.core.pending_full:
+            return None
         spec = self.pub.spec
+        try:
+            local = session.local_address_for(spec.target)
+            return session, session.open_connect_now(local, spec.target, spec.target_port, self)
+        except (RequestRefused, LimitError):
+            return None
+
+    async def _attach(self, issued: tuple[Session, tuple[int, asyncio.Future[Any]]] | None) -> None:
+        spec = self.pub.spec
+        if issued is not None:
+            session = issued[0]
+            try:
+                await session.opened(issued[1])
+            except (RequestRefused, TimeoutError) as err:
+                self._refuse("refused", str(err) or "no answer from the mediator in time")
+                return
+            self._attached(session)
+            return
         session = await self.pub.session()
         if session is None:
             self._refuse("no_mediator", f"mediator {spec.identity} is not connected")

@@ -39,7 +39,7 @@ BIG = 100 * 1024 * 1024
 SLOW_SIZE = 384 * 1024  # more than a window (256 KiB)
 SLOW_N = 500
 STALL = 40.0  # seconds the stalled reader holds at most: far longer than a download takes
-REPS = 3  # solo and shared downloads, alternated
+REPS = 5  # solo and shared downloads, alternated
 FAIR = 0.8  # the "within 20 % of its solo figure": shared throughput / solo throughput
 WINDOW = 256 * 1024
 
