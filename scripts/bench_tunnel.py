@@ -264,6 +264,10 @@ class Bench:
     def iperf(self, host: str, port: int) -> float:
         doc = self.run_json("pub", ["iperf3", "-c", host, "-p", port, "-t", self.seconds, "-J"],
                             timeout=self.seconds + 30)
+        if "error" in doc:
+            # One failed run (seen through ssh -R under load) must not lose the run's other figures.
+            self.results.setdefault("errors", []).append(f"iperf3 to {host}:{port}: {doc['error']}")
+            return float("nan")
         return doc["end"]["sum_received"]["bits_per_second"] / 1e9
 
     def throughput(self) -> None:
@@ -344,6 +348,7 @@ def report(results: dict[str, Any]) -> str:
         f"{m['server_rss_before_mib']:.1f} -> {m['server_rss_after_mib']:.1f} MiB "
         f"({m['per_mediator_kib']:.1f} KiB per mediator); mediators' process {m['mediators_process_rss_mib']:.1f} MiB"
     )
+    lines += [f"Error: {e}" for e in results.get("errors", [])]
     return "\n".join(lines)
 
 

@@ -32,6 +32,8 @@ The asyncio layers around the cores, and how they are run:
 - ``config``: the standalone TOML files (server, mediators, mediator).
 - ``mediator``: ``Mediator``, the mediation system: channel, sockets, reconnects;
   ``run_mediator``.
+- ``warm``: the mediator's ``WarmPool``, connections made to a publication's
+  target ahead of its next public client.
 - ``session``: ``Session``, the server's side of one channel, with awaitable requests.
 - ``publish``: publications: public TCP connections and UDP flows relayed
   through the tunnel.

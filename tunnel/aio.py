@@ -16,7 +16,8 @@
   address, so that ``0.0.0.0`` and ``::`` can both hold one port.
 - ``address_pair``: a socket address as an address value and a port.
 - ``until_signalled`` and ``run_main``: how both roles run in the foreground
-  until SIGTERM or SIGINT, with a ``stats`` line on SIGUSR1.
+  until SIGTERM or SIGINT, with a ``stats`` line on SIGUSR1, on uvloop or
+  asyncio's own loop (``stream`` accepts both loops' transports).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from tunnel.errors import ErrorCode
 from tunnel.events import EventLog
 from tunnel.frames import IPAddress, Proto
 from tunnel.wire import endpoint_text
+from tunnel.settings import EventLoop
 
 # SO_LINGER on, 0 seconds: close() sends RST and drops unsent data.
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -114,6 +116,16 @@ def settle_pause(transport: asyncio.BaseTransport) -> None:
         transport.pause_reading()  # type: ignore[attr-defined]
 
     asyncio.get_running_loop().call_soon(settle)
+
+
+def stream(transport: asyncio.BaseTransport | None) -> asyncio.Transport | None:
+    """``transport`` as a stream transport, or None (no transport, or a datagram one).
+
+    By what it can do, not by class: uvloop's transports (``run_main``) are
+    not subclasses of asyncio's."""
+    if transport is None or not hasattr(transport, "write_eof"):
+        return None
+    return transport  # type: ignore[return-value]
 
 
 def reset(transport: asyncio.BaseTransport | None) -> None:
@@ -227,6 +239,11 @@ def bind_socket(proto: Proto, address: IPAddress, port: int, mandatory: bool, pr
         sock = socket.socket(family_of(address), kind)
         try:
             sock.setblocking(False)
+            if proto is Proto.TCP:
+                # Relayed bytes leave at once, as on every other socket of the
+                # tunnel: asyncio sets TCP_NODELAY only on sockets it creates
+                # with proto IPPROTO_TCP, not on this one (proto 0).
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.bind((str(address), number))
             return sock
         except OSError as err:
@@ -280,11 +297,23 @@ def raise_nofile() -> int:
     return hard
 
 
-def run_main(coro: Coroutine[Any, Any, None]) -> None:
-    """``asyncio.run(coro)``, quiet about a second Ctrl-C while stopping,
-    with the soft limit on open files raised first (``raise_nofile``)."""
+def run_main(coro: Coroutine[Any, Any, None], event_loop: EventLoop = "uvloop") -> None:
+    """Run ``coro`` on ``event_loop``, quiet about a second Ctrl-C while
+    stopping, with the soft limit on open files raised first (``raise_nofile``).
+
+    uvloop by default: a relayed connection crosses the server's and the
+    mediator's loops several times, and libuv's loop and TLS take about a
+    third less time per crossing than asyncio's (docs/benchmarks.md, issue
+    14). The layers above use only what both loops' transports offer
+    (``stream``; ``grow_tls_read_buffer`` is asyncio's alone, uvloop sizes
+    its TLS reads itself)."""
     raise_nofile()
     try:
-        asyncio.run(coro)
+        if event_loop == "uvloop":
+            import uvloop  # only when chosen: event_loop = "asyncio" runs without it
+
+            uvloop.run(coro)
+        else:
+            asyncio.run(coro)
     except KeyboardInterrupt:  # a second Ctrl-C while stopping
         pass

@@ -91,6 +91,8 @@ class OpenSocket:
     any port), as the seed's "desired" number. ``redirect``: a UDP port whose
     datagrams go over a UDP channel; also open that channel's socket to the
     server's service port, and report success only when both are up.
+    ``connect_to``: an OPEN_CONNECT's target, which a ConnectSocket follows
+    (the I/O layer may take a connection it made to it ahead, tunnel/warm.py).
     """
 
     port_id: int
@@ -99,6 +101,7 @@ class OpenSocket:
     port: int
     mandatory: bool
     redirect: bool = False
+    connect_to: tuple[IPAddress, int] | None = None
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from tunnel.aio import CHANNEL_UNSENT, UDP_BUFFER
 from tunnel.frames import MIN_MAX_FRAME_SIZE, IPAddress, IPInterface, Proto
 from tunnel.pacing import BackoffSettings
 from tunnel.policy import Op, Rule
-from tunnel.settings import MediatorLimits, MediatorSettings, ServerSettings
+from tunnel.settings import EventLoop, MediatorLimits, MediatorSettings, ServerSettings
 from tunnel.tls import parse_pin
 
 TUNNEL_DIR = Path("/etc/nfgate/tunnel")
@@ -146,6 +146,10 @@ class ServerConfig:
     udp_buffer: int = UDP_BUFFER
     """Receive buffer of each UDP socket of the tunnel (tunnel/aio.py,
     ``UDP_BUFFER``): room for a burst while the process is busy."""
+    event_loop: EventLoop = "uvloop"
+    """The event loop the process runs on (tunnel/aio.py, ``run_main``):
+    uvloop (libuv, its own TLS) takes about a third less time per relayed
+    event than asyncio's own; ``asyncio`` is the standard library's."""
     republish: BackoffSettings = field(default_factory=lambda: BackoffSettings(maximum=60.0))
     """Retries of a publish whose public port could not be bound."""
 
@@ -186,6 +190,13 @@ class MediatorConfig:
     """Unsent bytes the kernel keeps queued on the TCP channel (as the server's)."""
     udp_buffer: int = UDP_BUFFER
     """Receive buffer of each UDP socket of the mediator (as the server's)."""
+    warm_connections: int = 1
+    """Connections made ahead to each target of an OPEN_CONNECT, for the next
+    public client (tunnel/warm.py); 0: none."""
+    warm_idle: float = 5.0
+    """Seconds such a connection waits before it is closed unused."""
+    event_loop: EventLoop = "uvloop"
+    """The event loop the process runs on (as the server's)."""
     reconnect: BackoffSettings = field(default_factory=BackoffSettings)
 
 
@@ -319,6 +330,7 @@ class _ServerTable(Frozen):
     tls_idle_read_buffer: Int(1024, 1 << 20) = _SERVER.tls_idle_read_buffer
     channel_unsent: Int(16384, 1 << 26) = _SERVER.channel_unsent
     udp_buffer: Int(65536, 1 << 28) = _SERVER.udp_buffer
+    event_loop: EventLoop = _SERVER.event_loop
     republish_initial: Number(0.01, 3600) = _SERVER.republish.initial
     republish_max: Number(0.01, 86400) = _SERVER.republish.maximum
 
@@ -390,7 +402,7 @@ def load_server(path: str | Path) -> ServerConfig:
         udp_queue_bytes=s.udp_queue_bytes,
         max_channels=s.max_channels, tls_read_buffer=s.tls_read_buffer,
         tls_idle_read_buffer=s.tls_idle_read_buffer,
-        channel_unsent=s.channel_unsent, udp_buffer=s.udp_buffer,
+        channel_unsent=s.channel_unsent, udp_buffer=s.udp_buffer, event_loop=s.event_loop,
         republish=BackoffSettings(initial=s.republish_initial, maximum=s.republish_max),
     )
 
@@ -453,6 +465,9 @@ class _MediatorTable(Frozen):
     max_port_probes: Int(1, 65535) = 1024
     channel_unsent: Int(16384, 1 << 26) = CHANNEL_UNSENT
     udp_buffer: Int(65536, 1 << 28) = UDP_BUFFER
+    warm_connections: Int(0, 64) = 1
+    warm_idle: Number(0.1, 600) = 5.0
+    event_loop: EventLoop = "uvloop"
     reconnect_initial: Number(0.01, 3600) = _BACKOFF.initial
     reconnect_max: Number(0.01, 86400) = _BACKOFF.maximum
     reconnect_stable: Number(0, 86400) = _BACKOFF.stable_after
@@ -551,5 +566,8 @@ def load_mediator(path: str | Path) -> MediatorConfig:
         max_port_probes=m.max_port_probes,
         channel_unsent=m.channel_unsent,
         udp_buffer=m.udp_buffer,
+        warm_connections=m.warm_connections,
+        warm_idle=m.warm_idle,
+        event_loop=m.event_loop,
         reconnect=BackoffSettings(initial=m.reconnect_initial, maximum=m.reconnect_max, stable_after=m.reconnect_stable),
     )

@@ -44,7 +44,7 @@ from firewall.drive import CoreDriver
 from tunnel import tls
 from tunnel.aio import (
     BindError, ReadGate, address_pair, bind_socket, cancel_all, family_of, grow_udp_buffer, limit_unsent, reset,
-    run_main, settle_pause, until_signalled,
+    run_main, settle_pause, stream, until_signalled,
 )
 from tunnel.commands import (
     AbortSocket, ChannelClosed, CloseChannel, CloseSocket, ConnectSocket, ListenSocket,
@@ -59,6 +59,7 @@ from tunnel.mediator_core import MediatorCore, MediatorIdentity
 from tunnel.pacing import Backoff
 from tunnel.policy import AllowList, Op, Rule
 from tunnel.wire import endpoint_text
+from tunnel.warm import WarmPool
 
 LISTEN_BACKLOG = 128  # what a small private service needs; the kernel caps it at somaxconn
 
@@ -81,6 +82,8 @@ class _PortIO:
     channel: asyncio.DatagramTransport | None = None  # a redirect's UDP channel
     gate: ReadGate = field(default_factory=ReadGate)
     task: asyncio.Task[None] | None = None
+    warm: asyncio.Transport | None = None  # a connection from the warm pool, until ConnectSocket takes it
+    open_connect: bool = False  # born of OPEN_CONNECT: its target gets warm connections
     written: int = 0  # bytes written to the private host (version 3's credit)
     reported: int = 0  # of those, reported to the core as gone from the buffer
 
@@ -280,6 +283,7 @@ class _Session:
         self._channel_full = False
         self.outbox: list[bytes] = []  # frames to write at the end of this loop iteration
         self.probe: asyncio.DatagramTransport | None = None  # keepalive discovery's spare socket
+        self.warm = WarmPool(cfg.warm_connections, cfg.warm_idle, cfg.connect_timeout, self.counters)
         self._probe_opening = False
         handlers = {
             SendFrame: self._send_frame, CloseChannel: self._close_channel,
@@ -319,6 +323,7 @@ class _Session:
         """Whatever the way out, no socket or timer of this session survives it."""
         self.driver.close()
         cancel_all(self.tasks)
+        self.warm.close()
         for port_id in list(self.ports):
             self._drop(port_id)
         if self.probe is not None:
@@ -396,9 +401,10 @@ class _Session:
     def _flushed(self, port_id: int) -> None:
         """Tell the core how many written bytes have left ``port_id``'s buffer."""
         io = self.ports.get(port_id)
-        if io is None or not isinstance(io.transport, asyncio.Transport):
+        transport = stream(io.transport) if io is not None else None
+        if io is None or transport is None:
             return
-        gone = io.written - io.transport.get_write_buffer_size() - io.reported
+        gone = io.written - transport.get_write_buffer_size() - io.reported
         if gone > 0:
             io.reported += gone
             self.driver.run(self.core.consumed(port_id, gone))
@@ -416,9 +422,30 @@ class _Session:
     # -- ports --------------------------------------------------------------------------
 
     def _open(self, out: OpenSocket) -> None:
-        io = _PortIO(out.port_id, out.proto, out.address)
+        io = _PortIO(out.port_id, out.proto, out.address, open_connect=out.connect_to is not None)
         self.ports[out.port_id] = io
-        io.task = self._spawn(self._open_task(io, out))
+        if out.proto is Proto.TCP and not out.redirect:
+            self._open_tcp(io, out)
+        else:
+            io.task = self._spawn(self._open_task(io, out))
+
+    def _open_tcp(self, io: _PortIO, out: OpenSocket) -> None:
+        """A TCP port is bound at once: nothing to wait for, so no task and no
+        loop trip per new connection. An OPEN_CONNECT's port is a waiting
+        connection to its target if the warm pool has one (tunnel/warm.py)."""
+        warm = self.warm.take((out.address, *out.connect_to)) if out.connect_to is not None else None
+        if warm is not None:
+            sock, io.warm = warm
+        else:
+            try:
+                sock = bind_socket(Proto.TCP, out.address, out.port, out.mandatory, self.mediator.config.max_port_probes)
+            except BindError as err:
+                self.ports.pop(io.port_id, None)
+                self.driver.run(self.core.failed(io.port_id, err.code, err.message))
+                return
+            io.sock = sock
+        io.port = sock.getsockname()[1]
+        self.driver.run(self.core.opened(io.port_id, io.port, self.loop.time()))
 
     async def _open_task(self, io: _PortIO, out: OpenSocket) -> None:
         cfg = self.mediator.config
@@ -482,7 +509,23 @@ class _Session:
 
     def _connect(self, out: ConnectSocket) -> None:
         io = self.ports[out.port_id]
+        transport, io.warm = io.warm, None
+        if transport is not None:
+            # Taken from the warm pool (just now, by _open_tcp): connected already.
+            conn = _TcpConn(self, io.port_id)
+            transport.set_protocol(conn)
+            conn.connection_made(transport)  # as a fresh one's: no reading until start()
+            io.transport = transport
+            self._connected(io, out, conn)
+            return
         io.task = self._spawn(self._connect_task(io, out))
+
+    def _connected(self, io: _PortIO, out: ConnectSocket, conn: _TcpConn) -> None:
+        self.counters["connects"] += 1
+        self.driver.run(self.core.connected(io.port_id))
+        conn.start()
+        if io.open_connect:
+            self.warm.refill((io.address, out.address, out.port))
 
     async def _connect_task(self, io: _PortIO, out: ConnectSocket) -> None:
         cfg = self.mediator.config
@@ -511,9 +554,7 @@ class _Session:
             io.transport = None
             self.driver.run(self.core.failed(io.port_id, ErrorCode.CONNECT_FAILED, f"{endpoint_text(out.address, out.port)}: reset"))
             return
-        self.counters["connects"] += 1
-        self.driver.run(self.core.connected(io.port_id))
-        conn.start()
+        self._connected(io, out, conn)
 
     def _listen(self, out: ListenSocket) -> None:
         io = self.ports[out.port_id]
@@ -553,7 +594,7 @@ class _Session:
             return
         if io.task is not None and not io.task.done():
             io.task.cancel()
-        for closable in (io.transport, io.channel, io.server, io.sock):
+        for closable in (io.transport, io.channel, io.server, io.sock, io.warm):
             if closable is not None:
                 closable.close()
         self.channel_gate.resume(f"port {port_id}")
@@ -563,11 +604,12 @@ class _Session:
 
     def _shutdown(self, out: ShutdownSocket) -> None:
         io = self.ports.get(out.port_id)
-        if io is None or not isinstance(io.transport, asyncio.Transport) or io.transport.is_closing():
+        transport = stream(io.transport) if io is not None else None
+        if transport is None or transport.is_closing():
             return
         try:
-            if io.transport.can_write_eof():
-                io.transport.write_eof()
+            if transport.can_write_eof():
+                transport.write_eof()
         except OSError:
             # The private host reset it meanwhile (ENOTCONN): that
             # connection's reset, never the channel's (issue 14 A).
@@ -591,10 +633,11 @@ class _Session:
 
     def _write(self, out: WriteStream) -> None:
         io = self.ports.get(out.port_id)
-        if io is not None and isinstance(io.transport, asyncio.Transport) and not io.transport.is_closing():
+        transport = stream(io.transport) if io is not None else None
+        if io is not None and transport is not None and not transport.is_closing():
             self.counters["bytes_to_private"] += len(out.data)
             try:
-                io.transport.write(out.data)
+                transport.write(out.data)
             except OSError:  # not raised by asyncio's transports today; contained all the same
                 self._socket_failed(out.port_id)
                 return
@@ -689,8 +732,8 @@ class _TcpConn(asyncio.Protocol):
         self.early_eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = stream(transport)
+        assert self.transport is not None
         self.peer = address_pair(transport.get_extra_info("peername"))
         if self.listen_id is not None:
             self.port_id = self.session.accepted(self.listen_id, self, transport)
@@ -795,4 +838,4 @@ def run_mediator(config: MediatorConfig, log: EventLog | None = None) -> None:
             await runner
             log.emit("stats", **mediator.stats())
 
-    run_main(main())
+    run_main(main(), config.event_loop)

@@ -332,7 +332,7 @@ class MediatorCore(ChannelCore[MediatorState]):
             connect_to=(frame.address, frame.port),
         )
         self._pending[frame.request_id] = port_id
-        return [OpenSocket(port_id, Proto.TCP, frame.local, 0, False, False)]
+        return [OpenSocket(port_id, Proto.TCP, frame.local, 0, False, False, connect_to=(frame.address, frame.port))]
 
     def _on_check_target(self, frame: CheckTarget, now: float) -> Out:
         """Version 2: the allow-list's verdict on a target, nothing opened."""

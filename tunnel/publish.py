@@ -30,13 +30,14 @@ import asyncio
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 from gateways.relay.core import (
     Abort, Close, DataReceived, DataSent, Done, Event, FinReceived, HalfClose, Limits, RelayCore, Reset,
     ResetReceived, SendData, Side,
 )
-from tunnel.aio import ReadGate, address_pair, reset, settle_pause
+from tunnel.aio import ReadGate, address_pair, reset, stream
 from tunnel.config import ServerConfig
 from tunnel.errors import LimitError, RequestRefused
 from tunnel.events import EventLog
@@ -219,18 +220,44 @@ class PublicConnection(asyncio.Protocol):
         return self.relay.received(Side.B)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = stream(transport)
+        assert self.transport is not None
         self.gate.attach(transport)
-        self.gate.pause("attach")  # nothing more is read before the tunnel side exists
-        settle_pause(transport)
+        # Reading goes on until the client's first bytes (a request sent
+        # with the handshake): they are kept and leave with the OPENED's
+        # answer, in the same write, instead of one loop trip after it.
         self.client = self.origin or address_pair(transport.get_extra_info("peername"))
         self.pub.connections.add(self)
         self.pub.counters["connections"] += 1
-        self.task = self.pub.spawn(self._attach())
+        self.task = self.pub.spawn(self._attach(self._open_now()))
 
-    async def _attach(self) -> None:
+    def _open_now(self) -> tuple[Session, tuple[int, asyncio.Future[Any]]] | None:
+        """The common case -- the mediator connected, version 2 or later, a
+        request slot free -- issues OPEN_CONNECT here, in the accept's own
+        loop iteration, not one later from the task. Anything else (or a
+        refusal) is left to ``_attach``, which waits or refuses as it must."""
+        record = self.pub.server.records.get(self.pub.spec.identity)
+        session = record.session if record is not None else None
+        if session is None or session.closed or not session.core.pipelines_connect or session.core.pending_full:
+            return None
         spec = self.pub.spec
+        try:
+            local = session.local_address_for(spec.target)
+            return session, session.open_connect_now(local, spec.target, spec.target_port, self)
+        except (RequestRefused, LimitError):
+            return None
+
+    async def _attach(self, issued: tuple[Session, tuple[int, asyncio.Future[Any]]] | None) -> None:
+        spec = self.pub.spec
+        if issued is not None:
+            session = issued[0]
+            try:
+                await session.opened(issued[1])
+            except (RequestRefused, TimeoutError) as err:
+                self._refuse("refused", str(err) or "no answer from the mediator in time")
+                return
+            self._attached(session)
+            return
         session = await self.pub.session()
         if session is None:
             self._refuse("no_mediator", f"mediator {spec.identity} is not connected")
@@ -248,11 +275,14 @@ class PublicConnection(asyncio.Protocol):
         except (RequestRefused, LimitError, TimeoutError) as err:
             self._refuse("refused", str(err) or "no answer from the mediator in time")
             return
+        self._attached(session)
+
+    def _attached(self, session: Session) -> None:
+        """The port to the target is connected: relay from now on (once)."""
+        if self.attached or self.done:
+            return
+        spec = self.pub.spec
         session.add_reader(self.gate)
-        self.pub.log.emit(
-            "connection", public=spec.public_port, client=_fmt(self.client),
-            to=endpoint_text(spec.target, spec.target_port), mediator=spec.identity, port=self.port_id,
-        )
         self.attached = True
         early, self.early = self.early, []
         for data in early:
@@ -260,6 +290,11 @@ class PublicConnection(asyncio.Protocol):
         if self.early_eof:
             self.eof_received()
         self.gate.resume("attach")
+        # The log line after the frames of this iteration have left, not before.
+        self.pub.loop.call_soon(partial(
+            self.pub.log.emit, "connection", public=spec.public_port, client=_fmt(self.client),
+            to=endpoint_text(spec.target, spec.target_port), mediator=spec.identity, port=self.port_id,
+        ))
 
     def _refuse(self, event: str, why: str) -> None:
         self.pub.counters["refused"] += 1
@@ -361,7 +396,9 @@ class PublicConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if not self.attached:
+            # Kept until the tunnel side exists; one read at most.
             self.early.append(data)
+            self.gate.pause("attach")
             return
         if self.session is None or self.port_id is None or self.done:
             return
@@ -411,8 +448,11 @@ class PublicConnection(asyncio.Protocol):
         raise AssertionError("a client port never accepts")
 
     def on_opened(self, session: Session, port_id: int) -> None:
-        """OPEN_CONNECT answered: ours from now on, before ``_attach`` resumes."""
+        """OPEN_CONNECT answered: ours from now on, and relayed at once (the
+        client's first bytes go out with this read's frames), not when
+        ``_attach`` resumes a loop trip later."""
         self.session, self.port_id = session, port_id
+        self._attached(session)
 
     def on_window(self, paused: bool) -> None:
         """Version 3: the window to the target is used up (or has credit again)."""

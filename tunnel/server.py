@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 from firewall.control import ControlError
 from tunnel import tls
-from tunnel.aio import address_pair, grow_udp_buffer, limit_unsent, udp_socket
+from tunnel.aio import address_pair, grow_udp_buffer, limit_unsent, stream, udp_socket
 from tunnel.commands import SessionReady
 from tunnel.config import MediatorEntry, ServerConfig
 from tunnel.datagrams import peek_key_id
@@ -76,7 +76,7 @@ class ChannelProtocol(asyncio.Protocol):
         self.session: Session | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        assert stream(transport) is not None
         if not self.server.accept_channel():
             transport.abort()
             return

@@ -89,7 +89,7 @@ def run_server(config: ServerConfig, log: EventLog | None = None) -> None:
     """``nfgate tunnel server``: the standalone control server, in the foreground."""
     log = log or EventLog("server")
     mediators = load_mediators(config.mediators_file, config)
-    run_main(serve(TunnelServer(config, mediators, StandaloneFrontend(), log), log))
+    run_main(serve(TunnelServer(config, mediators, StandaloneFrontend(), log), log), config.event_loop)
 
 
 # -- the gateway kind ---------------------------------------------------------------------
@@ -192,6 +192,7 @@ def gateway_server_config(gateway: Manifest) -> ServerConfig:
         tls_idle_read_buffer=s.tls_idle_read_buffer,
         channel_unsent=s.channel_unsent,
         udp_buffer=s.udp_buffer,
+        event_loop=s.event_loop,
         republish=BackoffSettings(s.republish_initial, s.republish_max),
     )
 
@@ -216,7 +217,7 @@ def run_gateway(gateway: Manifest, *, log_json: bool = False, log: EventLog | No
     warn_unsteered(gateway, server_config, mediators, log)
     key = load_or_create_key(gateway.signalling.key_file)
     frontend = GatewayFrontend(gateway, key)
-    run_main(serve(TunnelServer(server_config, mediators, frontend, log), log))
+    run_main(serve(TunnelServer(server_config, mediators, frontend, log), log), server_config.event_loop)
 
 
 def parse_endpoint(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:

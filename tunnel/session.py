@@ -437,11 +437,28 @@ class Session:
         resumes: the target's first bytes and its FIN may come in the same
         read as the OPENED, and must not find the port without an owner."""
         await self._room()
+        return await self.opened(self.open_connect_now(local, address, port, owner))
+
+    def open_connect_now(
+        self, local: IPAddress, address: IPAddress, port: int, owner: PortOwner,
+    ) -> tuple[int, asyncio.Future[Any]]:
+        """``open_connect``'s request, issued now (no wait for a slot: the
+        caller saw one free), so that it leaves in this loop iteration's write;
+        ``opened`` awaits its answer. Raises ``RequestRefused``, ``LimitError``."""
         request_id, outputs = self._checked(lambda: self.core.open_connect(local, address, port))
         self._owners_at_open[request_id] = owner
+        future: asyncio.Future[Any] = self.loop.create_future()
+        self._futures[request_id] = future
+        self.driver.run(outputs)
+        return request_id, future
+
+    async def opened(self, issued: tuple[int, asyncio.Future[Any]]) -> PortOpened:
+        """The answer to ``open_connect_now``'s request (up to ``request_timeout``)."""
+        request_id, future = issued
         try:
-            opened: PortOpened = await self._request((request_id, outputs))
+            opened: PortOpened = await asyncio.wait_for(future, self.server.config.request_timeout)
         finally:
+            self._futures.pop(request_id, None)
             self._owners_at_open.pop(request_id, None)
         return opened
 

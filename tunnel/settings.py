@@ -10,6 +10,7 @@ separate").
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import Field
 
@@ -36,6 +37,8 @@ DEFAULT_DEAD_AFTER = 5
 # plus the kernel's socket buffers; docs/benchmarks.md) and by the mediator's
 # file descriptors, whose soft limit both roles raise to the hard one.
 DEFAULT_MAX_PORTS = 1024
+# The event loops a tunnel process may run on (tunnel/aio.py, ``run_main``).
+EventLoop = Literal["uvloop", "asyncio"]
 
 
 def _check_common(versions: tuple[int, ...], max_frame_size: int, dead_after: int) -> None:
@@ -181,5 +184,7 @@ class TunnelGatewaySettings(Frozen):
         131072, description="unsent bytes the kernel keeps queued on a TCP channel (a request's answer waits behind no more)")
     udp_buffer: Int(65536, 1 << 28) = Field(
         2 << 20, description="receive buffer of each UDP socket of the tunnel (a burst while the process is busy)")
+    event_loop: EventLoop = Field(
+        "uvloop", description="the event loop the gateway runs on: uvloop (faster per relayed event) or asyncio")
     republish_initial: Number(0.01, 3600) = Field(1.0, description="first retry delay of a publication that could not start")
     republish_max: Number(0.01, 86400) = Field(60.0, description="longest retry delay of such a publication")

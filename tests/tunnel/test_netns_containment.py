@@ -6,13 +6,15 @@
   and after (containment: no outsider can drop the channel).
 - With no keepalive setting at all, behind the lab's NAT (UDP mappings
   forgotten after 5 s, established TCP after 10 s), the mediator learns the
-  UDP mapping lifetime (keepalive discovery), and a UDP redirect and a TCP
-  publication both answer after an idle period past both timeouts, part of
-  it on the learnt interval.
+  UDP mapping lifetime (keepalive discovery), and after the issue's 60 s of
+  idleness (IDLE, part of it on the learnt interval) a UDP redirect answers
+  its first datagram and a TCP publication its next request. One test holds
+  both idle in the same 60 s.
 
 Bounded for CI: the flood lasts FLOOD seconds (the issue's 30 s reproduced
-the failure within about 74 aborted requests, a second or two), the idle
-period is measured on the NAT's conntrack table, not slept.
+the failure within about 74 aborted requests, a second or two); the idle
+period is polled on the NAT's conntrack table (the UDP channel's mapping
+must stay at every poll), and the test ends as soon as it is over.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ pytestmark = pytest.mark.netns
 
 FLOOD = 8.0  # seconds of request-then-RST clients
 FILE_SIZE = 100 * 1024 * 1024
+IDLE = 60.0  # seconds idle: the issue's figure for both the UDP redirect and the TCP publication
 IDLE_BOUND = 90.0
 REPLY = re.compile(rf"^udp\s.*src=\S+ dst={re.escape(NAT_WAN)} sport={SERVICE_PORT} dport=(\d+)", re.M)
 
@@ -41,7 +44,10 @@ def tl(lab_factory) -> Iterator[TunnelLab]:
     lab: Lab = lab_factory("nat-tunnel")
     tl = TunnelLab(lab)
     try:
-        tl.start_server()
+        # The publication's own idle timeout for a UDP flow (60 s by default,
+        # the issue's idle figure) is raised past the idle period: what is
+        # tested is that the NAT's mapping is kept, on the same flow.
+        tl.start_server(server={"udp_idle_timeout": 2 * IDLE})
         www = tl.dir / "www"
         www.mkdir()
         (www / "index.html").write_text("hello from the private network\n" * 200)
@@ -80,6 +86,7 @@ def test_no_keepalive_setting_survives_the_lab_nat_timeouts(tl: TunnelLab) -> No
     mediator = tl.start_mediator("m1", protocol={"keepalive_interval": None})
     tl.publish("m1", f"{PRIV}:8000", 8081)
     tl.publish("m1", f"{PRIV}:9000", 9001, udp=True)
+    assert curl(tl.lab, f"http://{PUB}:8081/index.html").stdout.startswith("hello from the private network")
     assert tl.run_peer("pub", "udp-client", PUB, 9001, 1, 2.0, 32, 40001)["received"] == 1
     session = tl.mediator("m1")["session"]
     assert session["keepalive"] <= 4.0  # the default, not a test's setting
@@ -93,14 +100,21 @@ def test_no_keepalive_setting_survives_the_lab_nat_timeouts(tl: TunnelLab) -> No
         assert nat_port in live, "the UDP channel's mapping expired"
         if not learned_at and mediator.events("keepalive_learned"):
             learned_at.append(time.monotonic())
-        # Past the NAT's UDP (5 s) and TCP (10 s) timeouts, and 6 s past the
-        # switch to the learnt interval (keepalive discovery takes ~35 s here).
+        # The issue's 60 s, far past the NAT's UDP (5 s) and TCP (10 s)
+        # timeouts, and at least 6 s past the switch to the learnt interval
+        # (keepalive discovery takes ~35 s here).
         now = time.monotonic()
-        return now - started >= 12.0 and bool(learned_at) and now - learned_at[0] >= 6.0
+        return now - started >= IDLE and bool(learned_at) and now - learned_at[0] >= 6.0
 
     wait_for(idle_long_enough, timeout=IDLE_BOUND, interval=0.5, what="an idle period past the NAT's timeouts")
     (learned,) = mediator.events("keepalive_learned")
     assert 1.0 <= learned["interval"] < 5.0 and learned["survived"] < 5.0 <= (learned["lost"] or 99), learned
-    assert tl.run_peer("pub", "udp-client", PUB, 9001, 1, 2.0, 32, 40001)["received"] == 1  # the first datagram
+    idle = time.monotonic() - started
+    # The first datagram after the idle period is answered: the same client
+    # port, so the same flow on the same UDP channel, which was kept.
+    assert tl.run_peer("pub", "udp-client", PUB, 9001, 1, 2.0, 32, 40001)["received"] == 1
     assert curl(tl.lab, f"http://{PUB}:8081/index.html").stdout.startswith("hello from the private network")
+    (flow,) = [p for p in tl.listing()["published"] if p["public"] == 9001]
+    assert flow["counters"]["flows"] == 1, flow
     assert tl.mediator("m1")["connects"] == 1
+    print(f"idle {idle:.1f} s; keepalive learned {learned['interval']:.1f} s")

@@ -4,8 +4,19 @@
   another downloads 100 MB through the same mediator: the other download
   completes, intact, while the stalled one is still stalled (without
   windows the whole channel waited for the stalled reader), and a new UDP
-  flow started meanwhile loses nothing at 1000 datagrams/s. The solo and
-  shared download times are printed (speed is the bench's to judge).
+  flow started meanwhile loses nothing at 1000 datagrams/s.
+- The issue's fairness figure, "the other's throughput is within 20 % of its
+  solo figure", as a ratio of one run's own figures: REPS solo downloads
+  alternate with REPS downloads beside a stalled reader, and the fastest
+  shared one takes at most 1/0.8 of the fastest solo one's time. Why the
+  fastest of each and not one pair: the machine is shared (CI, other
+  tests), and its load only ever adds time to a download, never takes it
+  away, so the fastest of a few runs is the least disturbed figure of each
+  kind (timeit's rule), and alternating the two kinds exposes both to the
+  same load. A single pair, or a figure from another run, moves by tens of
+  percent here for reasons that are not the tunnel's. A shared download
+  faster than the solo one is no unfairness, so only the lower bound is
+  asserted. The download's speed itself is never asserted (the bench's).
 - 500 concurrent slow downloads through one mediator all complete, and the
   server's memory stays bounded (each costs at most a window of buffer).
 """
@@ -13,13 +24,13 @@
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from firewall.lab.netns import Lab
+from firewall.lab.wait import wait_for
 from tests.tunnel.netns_harness import PRIV, PUB, TunnelLab, curl
 
 pytestmark = pytest.mark.netns
@@ -27,7 +38,10 @@ pytestmark = pytest.mark.netns
 BIG = 100 * 1024 * 1024
 SLOW_SIZE = 384 * 1024  # more than a window (256 KiB)
 SLOW_N = 500
-STALL = 40.0  # seconds the stalled reader holds: far longer than a download takes
+STALL = 40.0  # seconds the stalled reader holds at most: far longer than a download takes
+REPS = 5  # solo and shared downloads, alternated
+FAIR = 0.8  # the issue's "within 20 % of its solo figure": shared throughput / solo throughput
+WINDOW = 256 * 1024
 
 
 HTTP_SERVER = """
@@ -63,6 +77,7 @@ def rss_kib(pid: int) -> int:
 
 def test_a_stalled_reader_holds_up_only_its_own_connection(tl: TunnelLab) -> None:
     blob = bytes(range(256)) * (BIG // 256)
+    digest = hashlib.sha256(blob).digest()
     (tl.dir / "www" / "big.bin").write_bytes(blob)
     tl.udp_echo(9000)
     tl.start_mediator("m1")
@@ -70,33 +85,47 @@ def test_a_stalled_reader_holds_up_only_its_own_connection(tl: TunnelLab) -> Non
     tl.publish("m1", f"{PRIV}:9000", 9000, udp=True)
     assert tl.mediator("m1")["session"]["version"] == 3
     out = tl.dir / "download.bin"
-    solo = curl(tl.lab, f"http://{PUB}:8080/big.bin", "-o", str(out), "-w", "%{time_total}", timeout=120)
-    assert solo.returncode == 0, solo.stderr
+
+    def publication() -> dict:
+        (pub,) = [p for p in tl.listing()["published"] if p["public"] == 8080]
+        return pub
+
+    def download() -> float:
+        """One 100 MB download, intact; its time in seconds (curl's own)."""
+        run = curl(tl.lab, f"http://{PUB}:8080/big.bin", "-o", str(out), "-w", "%{time_total}", timeout=120)
+        assert run.returncode == 0, run.stderr
+        assert hashlib.sha256(out.read_bytes()).digest() == digest
+        return float(run.stdout)
 
     assert tl.server is not None
     rss_before = rss_kib(tl.server.popen.pid)
-    stalled = tl.peer("pub", "tcp-client", PUB, 8080, "send:GET /big.bin HTTP/1.0\r\n\r\n", f"hold:{STALL}",
-                      name="stalled")
-    # The stalled client's window fills (its socket buffers first): wait until its relay has moved a window.
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        pubs = [p for p in tl.listing()["published"] if p["public"] == 8080]
-        if pubs and pubs[0]["counters"].get("bytes_out", 0) >= BIG + 256 * 1024:
-            break
-        time.sleep(0.1)
-    udp = tl.peer("pub", "udp-rate", PUB, 9000, 1000, 5.0, 64, name="udp")
-    shared = curl(tl.lab, f"http://{PUB}:8080/big.bin", "-o", str(out), "-w", "%{time_total}", timeout=60)
-    assert shared.returncode == 0, shared.stderr
-    assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(blob).digest()
-    # It finished while the stalled reader was still holding its connection.
-    assert stalled.popen.poll() is None and not stalled.snapshot(), stalled.output()
-    echo = udp.wait(lambda d: "sent" in d, timeout=30, what="the UDP flow to end")
-    assert echo["sent"] >= 4000 and echo["received"] == echo["sent"], echo
+    solo: list[float] = []
+    shared: list[float] = []
+    echo: dict = {}
+    for rep in range(REPS):
+        wait_for(lambda: publication()["active"] == 0, timeout=15, interval=0.1, what="the last connection to end")
+        solo.append(download())
+        moved = publication()["counters"].get("bytes_out", 0)
+        stalled = tl.peer("pub", "tcp-client", PUB, 8080, "send:GET /big.bin HTTP/1.0\r\n\r\n", f"hold:{STALL}",
+                          name=f"stalled{rep}")
+        # The stalled client's window fills (its socket buffers first): wait until its relay has moved a window.
+        wait_for(lambda: publication()["counters"].get("bytes_out", 0) >= moved + WINDOW, timeout=15, interval=0.1,
+                 what="the stalled reader's window to fill")
+        udp = tl.peer("pub", "udp-rate", PUB, 9000, 1000, 5.0, 64, name="udp") if rep == 0 else None
+        shared.append(download())
+        # It finished while the stalled reader was still holding its connection.
+        assert stalled.popen.poll() is None and not stalled.snapshot(), stalled.output()
+        if udp is not None:
+            echo = udp.wait(lambda d: "sent" in d, timeout=30, what="the UDP flow to end")
+            assert echo["sent"] >= 4000 and echo["received"] == echo["sent"], echo
+        stalled.stop()
     grown = rss_kib(tl.server.popen.pid) - rss_before
     # A stalled reader costs the server at most its window (plus the other download's).
     assert grown < 64 * 1024, f"server grew {grown} KiB"
-    print(f"100 MB solo {float(solo.stdout):.2f} s, beside a stalled reader {float(shared.stdout):.2f} s "
-          f"(ratio {float(solo.stdout) / float(shared.stdout):.2f}); UDP {echo}; server +{grown} KiB")
+    ratio = min(solo) / min(shared)  # throughput beside the stalled reader / throughput alone
+    print(f"100 MB solo {', '.join(f'{t:.2f}' for t in solo)} s, beside a stalled reader "
+          f"{', '.join(f'{t:.2f}' for t in shared)} s (fastest: ratio {ratio:.2f}); UDP {echo}; server +{grown} KiB")
+    assert ratio >= FAIR, f"beside a stalled reader {ratio:.2f} of the solo throughput (solo {solo}, shared {shared})"
     assert tl.mediator("m1")["connects"] == 1
 
 

@@ -1,0 +1,179 @@
+"""The mediator's warm pool: private connections made ahead of the next public client.
+
+A new public connection costs the mediator a bind, a connect to the private
+host and the asyncio plumbing around them, several event-loop trips before
+its OPENED can leave (issue 14, latency). So after each OPEN_CONNECT to a
+target, the mediator connects up to ``warm_connections`` more sockets to that
+same target, from the same local address, and the next OPEN_CONNECT to it
+takes one of those and answers at once.
+
+A pre-connected connection must behave exactly as a fresh one would, so the
+pool keeps only connections on which nothing has happened:
+
+- **The target speaks first** (a greeting: SMTP, FTP, SSH): the first byte
+  that arrives on a waiting connection closes it, and the pool stops
+  pre-connecting to that target for the rest of the session. A client then
+  gets a fresh connection and the greeting as fresh as ever.
+- **The target closes idle connections** (EOF or reset while waiting): the
+  connection leaves the pool; it is not replaced until the next
+  OPEN_CONNECT, so a target that closes at once costs at most one extra
+  connection per client, never a loop of reconnects.
+- **Stale**: a connection waits at most ``warm_idle`` seconds, then it is
+  closed (below the idle timeouts servers usually give a connection that
+  has sent nothing).
+
+What is bounded: at most ``warm_connections`` waiting per target (local
+address, host, port), made only after the server asked for that target and
+the allow-list let it (the core checked the OPEN_CONNECT), each for at most
+``warm_idle`` seconds; all are closed with the session. The pool is I/O, not
+protocol: the core sees the same OpenSocket, ``opened``, ConnectSocket,
+``connected`` as for a fresh socket, and the server cannot tell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections import Counter, deque
+
+from tunnel.aio import BindError, bind_socket, stream
+from tunnel.frames import IPAddress, Proto
+
+Key = tuple[IPAddress, IPAddress, int]  # local address, target address, target port
+
+
+class _Waiting(asyncio.Protocol):
+    """A pre-connected connection in the pool: it reads only to see the target speak or close."""
+
+    def __init__(self, pool: WarmPool, key: Key) -> None:
+        self.pool = pool
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.gone = False  # taken or discarded: the pool has nothing more to do with it
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = stream(transport)
+        assert self.transport is not None
+
+    def data_received(self, data: bytes) -> None:
+        self.pool.spoke(self)
+
+    def eof_received(self) -> bool:
+        self.pool.discard(self, "closed")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pool.discard(self, "closed")
+
+
+class WarmPool:
+    """Pre-connected TCP connections per target, for one session of the mediator."""
+
+    def __init__(self, size: int, idle: float, connect_timeout: float, counters: Counter[str]) -> None:
+        self.size = size
+        self.idle = idle
+        self.connect_timeout = connect_timeout
+        self.counters = counters
+        self.loop = asyncio.get_running_loop()
+        self.waiting: dict[Key, deque[_Waiting]] = {}
+        self.connecting: Counter[Key] = Counter()
+        self.speaks_first: set[Key] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.closed = False
+
+    def take(self, key: Key) -> tuple[socket.socket, asyncio.Transport] | None:
+        """A waiting connection to ``key``'s target, out of the pool (None: connect afresh).
+
+        Returns its socket (for the bound port) and its transport, still
+        reading: the caller sets its own protocol on it."""
+        queue = self.waiting.get(key)
+        while queue:
+            entry = queue.popleft()
+            transport = entry.transport
+            if entry.timer is not None:
+                entry.timer.cancel()
+            if entry.gone or transport is None or transport.is_closing():
+                continue
+            entry.gone = True
+            self.counters["warm_taken"] += 1
+            return transport.get_extra_info("socket"), transport
+        return None
+
+    def refill(self, key: Key) -> None:
+        """After an OPEN_CONNECT to ``key``: connect in the background up to ``size`` waiting."""
+        if self.closed or self.size <= 0 or key in self.speaks_first:
+            return
+        missing = self.size - len(self.waiting.get(key, ())) - self.connecting[key]
+        if missing > 0:
+            self.connecting[key] += missing
+            # After the next iteration's reads (a timer runs after them): the
+            # client's first bytes, often there by then, go out first.
+            self.loop.call_later(0, self._start, key, missing)
+
+    def _start(self, key: Key, count: int) -> None:
+        for _ in range(count):
+            task = self.loop.create_task(self._connect(key))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _connect(self, key: Key) -> None:
+        local, address, port = key
+        entry = _Waiting(self, key)
+        try:
+            if self.closed:
+                return
+            sock = bind_socket(Proto.TCP, local, 0, False, 1)
+            try:
+                await asyncio.wait_for(self.loop.sock_connect(sock, (str(address), port)), self.connect_timeout)
+                await self.loop.create_connection(lambda: entry, sock=sock)
+            except BaseException:
+                sock.close()
+                raise
+        except (BindError, OSError, TimeoutError):
+            self.counters["warm_failed"] += 1  # the next client connects afresh and reports it
+            return
+        finally:
+            self.connecting[key] -= 1
+        self.counters["warm_connected"] += 1
+        if entry.gone:
+            return  # the target spoke or closed already (it may, before we get here)
+        if self.closed or key in self.speaks_first:
+            self.discard(entry, "ended")
+            return
+        entry.timer = self.loop.call_later(self.idle, self.discard, entry, "stale")
+        self.waiting.setdefault(key, deque()).append(entry)
+
+    def spoke(self, entry: _Waiting) -> None:
+        """The target sent bytes to a connection nobody uses yet: it speaks first."""
+        self.speaks_first.add(entry.key)
+        self.discard(entry, "speaks_first")
+        for other in list(self.waiting.pop(entry.key, ())):
+            self.discard(other, "speaks_first")
+
+    def discard(self, entry: _Waiting, why: str) -> None:
+        """Close a waiting connection (once), counted by why: ``speaks_first``,
+        ``closed`` (by the target), ``stale``, ``ended`` (the session)."""
+        if entry.gone:
+            return
+        entry.gone = True
+        self.counters[f"warm_{why}"] += 1
+        queue = self.waiting.get(entry.key)
+        if queue is not None and entry in queue:
+            queue.remove(entry)
+        if entry.timer is not None:
+            entry.timer.cancel()
+            entry.timer = None
+        if entry.transport is not None and not entry.transport.is_closing():
+            entry.transport.close()
+
+    def close(self) -> None:
+        """The session ends: nothing of the pool survives it."""
+        self.closed = True
+        for task in list(self.tasks):
+            task.cancel()
+        for queue in list(self.waiting.values()):
+            for entry in list(queue):
+                self.discard(entry, "ended")
+        self.waiting.clear()
+
