@@ -96,7 +96,8 @@ def test_dual_stack_server_mediator_over_ipv6_and_ipv6_targets(tmp_path: Path) -
             assert result["to"] == f"[::1]:{target}"
             assert await roundtrip("::1", public, b"over six") == b"over six"
             assert await roundtrip("127.0.0.1", public, b"over four") == b"over four"
-            assert peers == ["::1", "::1"]  # the mediator reached it from its IPv6 address
+            # The mediator reached it from its IPv6 address (and keeps a warm connection ahead: warm.py).
+            assert len(peers) >= 2 and set(peers) == {"::1"}, peers
             server.close()
 
             # UDP: an IPv6 target on a redirect, answered over the IPv6 UDP channel.
