@@ -47,7 +47,8 @@ IPv6 flows (of a gateway kind that takes them, ``Kind.ipv6``) have their
 own table, ``table ip6 nfgate_bind6``, with the same two maps keyed by the
 IPv6 original tuple (``leg_dnat6``, ``leg_snat6``) and the same two chains;
 leg B's pair is written at leg B's own verdict there (no maps ahead), and
-there are no dynamic rules for IPv6 yet.
+the dynamic rules' sets and maps of processor instance 0 (IPv6 REDIRECT,
+ALLOW, ORIGINATE, an offloaded IPv6 flow's ALLOW, the adjacent-port rule).
 
 The table is native nftables with every backend: iptables-nft and
 iptables-legacy steer the first packet with the xt NFQUEUE target, and
