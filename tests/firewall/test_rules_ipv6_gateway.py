@@ -132,11 +132,14 @@ def test_which_kinds_take_ipv6() -> None:
 
 
 def test_an_rtp_selector_without_addresses_queues_ipv6() -> None:
-    rs = build(loads(BASE.replace('daddr = ["192.168.1.0/24"]  # addresses: an rtp selector that takes IPv4 only\n', "")))
+    plain = BASE.replace('daddr = ["192.168.1.0/24"]  # addresses: an rtp selector that takes IPv4 only\n', "")
+    rs = build(loads(plain))
     (rtp,) = [r for r in rs.chain("mangle_prerouting").rules
               if r.comment == "gateway[1].traffic[0] gateway media (rtp): request, if the filter admits it"]
     assert rtp.family is Family.BOTH
     assert "skipped the gateway" in rs.counters["ipv6_drop_g1_0"]
+    # An IPv6 forward into it is the gateway's too: `nfgate check` has nothing to warn of.
+    assert not [h for h in hazards(loads(plain + FORWARDS)) if "forwards IPv6" in h.message]
 
 
 FORWARDS = """
