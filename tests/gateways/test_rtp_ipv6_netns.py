@@ -9,6 +9,7 @@ gateway validates the stream, then the kernel carries it (offload over
 IPv6): the processor's queue stays still while the stream goes on. Hostile:
 the client from another source port to the offloaded tuple's port, and a
 flood of new sources, which stops at the IPv6 pool (2 addresses x 5 ports).
+A second gateway (``adjacent = "gateway"``) asks for RTCP's port itself.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ name = "media-in"
 from = "wan"
 to = "lan"
 proto = "udp"
-ports = 5004
+ports = ["5004", "5010"]
 
 [processor]
 queues = [0]
@@ -51,7 +52,8 @@ adjacent_ttl = 10
 ports = "40000-40004"
 firewall_side6 = "fd6e:6667:6174:fe::/127"
 """ + RUN + gateway("rtp6", '"5004"', adjacent="processor",
-                    extra=f'offload = "after-validation"\noffload_after_packets = {OFFLOAD_AFTER}')
+                    extra=f'offload = "after-validation"\noffload_after_packets = {OFFLOAD_AFTER}') \
+    + gateway("rtp6-gw", '"5010"')
 
 # lan counts what reaches it: the media port, and anything from the hostile source port.
 CAPTURE = f"""
@@ -117,6 +119,16 @@ def test_ffmpeg_over_ipv6_with_rtcp_by_the_adjacent_rule_offloaded_and_hostile_p
     assert seen(lab, "hostile", "lan") == 0
     assert gw.get("dropped.not_latched", 0) >= 1, gw
     assert any("reason=role_taken" in line for line in run.events("refused", "rtp6")), run.events("refused", "rtp6")
+
+    # The gateway's own adjacent rule over IPv6 (adjacent = "gateway", RULE_REQUEST family 6):
+    # RTCP from the next port reaches rtp6-gw's 5011, which neither the filter nor a selector names.
+    send(lab, EXT6, 43000, 5010, "rtp*3", dst=LAN6)
+    wait_for(lambda: run.events("rule.granted", "rtp6-gw"), timeout=5, interval=0.05, what="the gateway's RTCP rule")
+    granted = run.events("rule.granted", "rtp6-gw")
+    assert any(f"src=[{EXT6}]:43001" in line and f"dst=[{LAN6}]:5011" in line for line in granted), granted
+    send(lab, EXT6, 43001, 5011, "rr*1", dst=LAN6)
+    wait_for(lambda: run.counters("rtp6-gw").get("relayed.rtcp", 0) >= 1, timeout=5, interval=0.1,
+             what="RTCP through the gateway's rule")
 
     # A flood of new sources on the RTP port: never more bindings than the IPv6 pool has.
     before = processor()
