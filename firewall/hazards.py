@@ -11,8 +11,9 @@ and ``apply`` print them and go on.
   gateway (rules.build, ``admit_*`` chains); a selector whose traffic no
   rule or port forward accepts in full brings the gateway only part of it,
   or nothing.
-- IPv6 a gateway cannot take: a selector whose kind takes IPv4 only (every
-  kind but tcp-relay, udp-relay, smtp, ftp and tunnel so far, ``Gateway.takes_ipv6``) has the IPv6 on its
+- IPv6 a gateway cannot take: a selector that takes IPv4 only (a log-only
+  tcp-relay's, or one whose addresses are IPv4 only; every kind takes IPv6,
+  ``Gateway.takes_ipv6``) has the IPv6 on its
   ports dropped by the ruleset, counted
   (rules.build._ipv6_drops; never a bypass). A rule or policy that accepts
   that IPv6 says the operator expects it to pass: the warning says it will

@@ -343,6 +343,7 @@ class ProcessorCore:
             return self._pass(why, mark) if why.startswith("passed.") else self._drop(why, mark)
         if why == "bound":
             self._push(six.info(b), b.ag.name, b.ag.peer)
+            self._adjacent(sel, dport, b.fid, b, now)
         self.bound += 1
         return PASS, ops, (mark & self._keep) | self._rewritten
 
@@ -366,7 +367,7 @@ class ProcessorCore:
             endings, six.endings = six.endings, []
             for msg, ag in endings:
                 self.send(msg, ag.peer or self.gateway_peers[ag.name])
-                self._carry(self.rules.flow_ended(msg.flow_id))
+                self._rules_after(msg.flow_id, msg.reason)
 
     def _local_set(self, now: float) -> frozenset[int]:
         if now >= self._local_until:
@@ -509,16 +510,19 @@ class ProcessorCore:
         if isinstance(b, str):
             return self._drop(b, mark)
         fid = self._register(b)
-        # A kind whose protocol also uses the port ``step`` beside the selected
-        # one: the processor expects that flow itself (seed, "Dynamic changes":
-        # "the packet processor part may by itself deduce the other port
-        # number(s)"): RTP data on even N, RTCP on N+1 (RFC 3550 section 11);
-        # a flow on the odd port (RTCP seen first) gets N below it.
+        self._adjacent(sel, dport, fid, b, now)
+        return self._bound_a(mark, b, route)
+
+    def _adjacent(self, sel: Selector, dport: int, fid: int, b: Binding | Binding6, now: float) -> None:
+        """A kind whose protocol also uses the port ``step`` beside the selected
+        one: the processor expects that flow itself (seed, "Dynamic changes":
+        "the packet processor part may by itself deduce the other port
+        number(s)"): RTP data on even N, RTCP on N+1 (RFC 3550 section 11);
+        a flow on the odd port (RTCP seen first) gets N below it. Either family."""
         step = sel.adjacent
         if step is not None:
             step = -step if dport % 2 else step
             self._carry(self.rules.adjacent(fid, b, step, now, self._wall(), self.config.processor.adjacent_ttl))
-        return self._bound_a(mark, b, route)
 
     def _by_rule(self, pkt: Packet, mark: int, now: float) -> Verdict | None:
         """The verdict on a first packet (for TCP its SYN) that a dynamic rule names, of either
@@ -584,7 +588,8 @@ class ProcessorCore:
             self.counters["flows.logged_untracked"] += 1
             return verdict
         server = rule.server if rule.server != (rule.dst, rule.dport) else None
-        info = kernel_flow_info(make_flow_id(self.queue, next(self._serial)), key, rule.gateway, server)
+        g6 = self.six.g6 if self.six is not None else 0
+        info = kernel_flow_info(make_flow_id(self.queue, next(self._serial)), key, rule.gateway, server, g6)
         self.logged.add(key, info, now, "offloaded")
         self._push(info, rule.gateway.name)
         return verdict
@@ -650,6 +655,10 @@ class ProcessorCore:
         self.table.remove(b)
         self.counters[f"flows.ended.{reason.name.lower()}"] += 1
         self.send(FlowEnd(fid, reason), b.gateway.peer or self.gateway_peers[b.gateway.name])
+        self._rules_after(fid, reason)
+
+    def _rules_after(self, fid: int, reason: FlowEndReason) -> None:
+        """A binding of either family ended: its dynamic rules end with it, or, offloaded, live on."""
         if reason is FlowEndReason.OFFLOADED:
             self._carry(self.rules.flow_offloaded(fid))
         else:
@@ -662,8 +671,12 @@ class ProcessorCore:
         Leg B's connection stays, held by the rule, until that next packet takes the
         ALLOW (or the rule ends unused): what the gateway relays meanwhile (the datagrams
         it read before FLOW_END OFFLOADED reached it) still reaches the server. It must
-        go before that packet's verdict: the direct connection's reply tuple is leg B's."""
-        b = self._flows[fid]
+        go before that packet's verdict: the direct connection's reply tuple is leg B's.
+        An IPv6 binding's are in ``six`` (``SixFlows.offload``), the same steps."""
+        b = self._flows.get(fid)
+        if b is None:
+            self._offloaded6(fid, rule)
+            return
         name = _PROTO_NAME[b.proto]
         key, dnat, snat = b.leg_a()
         if self._now - b.created < self._element_for:
@@ -685,6 +698,22 @@ class ProcessorCore:
         # new binding of F:f (the pool hands it out last) writes its own over them.
         self.counters["flows.offloaded"] += 1
         self._end(fid, FlowEndReason.OFFLOADED)
+
+    def _offloaded6(self, fid: int, rule: DynRule) -> None:
+        six = self.six
+        b = six.binding(fid) if six is not None else None
+        if six is None or b is None:
+            raise KeyError(fid)  # the rulebook offloads only a flow it found a binding for
+        unbind, leg_a, leg_b = six.offload(b, self._now)
+        self._out.unbind += unbind
+        self._out.ct_deletes.append(leg_a)  # type: ignore[arg-type]
+        if leg_b is not None:
+            if rule.ended is None:
+                rule.hold = leg_b  # type: ignore[assignment]
+            else:  # used (or expired) while it went in
+                self._out.ct_deletes.append(leg_b)  # type: ignore[arg-type]
+        self.counters["flows.offloaded"] += 1
+        self._six_ended()
 
     # ---- time -------------------------------------------------------------------------
 
@@ -855,7 +884,7 @@ class ProcessorCore:
     def resync(self, connections: Iterable[Any], now: float) -> None:
         """Conntrack events were lost: end every binding whose connections are gone."""
         alive = {(c.proto, *c.orig) for c in connections}
-        self._ended(self.logged.resync(alive))
+        self._ended(self.logged.resync(alive, six=False))
         for b in list(self._flows.values()):
             if (b.proto, *b.leg_a()[0]) not in alive and b.state & _A_ALIVE:
                 self.leg_gone(b, leg_a=True, now=now)
@@ -865,8 +894,10 @@ class ProcessorCore:
 
     def resync6(self, connections: Iterable[Any]) -> None:
         """``resync`` for the IPv6 bindings, from a dump of the IPv6 connections."""
+        alive = {(c.proto, *c.orig) for c in connections}
+        self._ended(self.logged.resync(alive, six=True))  # offloaded IPv6 flows' connections
         if self.six is not None:
-            self.six.resync({(c.proto, *c.orig) for c in connections})
+            self.six.resync(alive)
             self._six_ended()
 
     def kernel_done(self, token: int, ok: bool, now: float) -> None:

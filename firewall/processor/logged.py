@@ -46,6 +46,7 @@ MAX_LOGGED_FLOWS = 1 << 20
 CtKey = tuple[int, int, int, int, int]  # (proto, src, sport, dst, dport): a connection's original tuple
 Ending = tuple[FlowEnd, str]  # FLOW_END and the gateway it goes to
 NO_ENDPOINT = Endpoint(ipaddress.IPv4Address(0), 0)  # NEW_FLOW's F:f of a flow without a binding
+NO_ENDPOINT6 = Endpoint(ipaddress.IPv6Address(0), 0)  # the same, family 6
 # Counters by kind (``flows.offloaded`` and ``flows.ended.offloaded`` count the bindings handed over).
 _OPENED = {"logged": "flows.logged", "offloaded": "flows.kernel_carried"}
 _ENDED = {"logged": "flows.ended.logged", "offloaded": "flows.ended.kernel_carried"}
@@ -56,14 +57,25 @@ def flow_info(flow_id: int, key: CtKey, sel: Selector, server: tuple[int, int] |
     return kernel_flow_info(flow_id, key, sel.ag, server)
 
 
-def kernel_flow_info(flow_id: int, key: CtKey, ag: AgEndpoint, server: tuple[int, int] | None) -> FlowInfo:
+def kernel_flow_info(flow_id: int, key: CtKey, ag: AgEndpoint, server: tuple[int, int] | None,
+                     g6: int = 0) -> FlowInfo:
     """NEW_FLOW's flow for a connection the kernel carries for gateway ``ag`` (log-only, or
-    offloaded): no F:f; the server is where it goes (a port forward's target), or its destination."""
-    ip = ipaddress.IPv4Address
+    offloaded): no F:f; the server is where it goes (a port forward's target), or its destination.
+    An IPv6 connection's (addresses above 2**32: an offloaded IPv6 flow) is family 6: G is ``g6``."""
     proto, src, sport, dst, dport = key
     s = server or (dst, dport)
+    if _six(key):
+        ip6 = ipaddress.IPv6Address
+        return FlowInfo(flow_id, Proto(proto), ag.name, Endpoint(ip6(src), sport), Endpoint(ip6(dst), dport),
+                        Endpoint(ip6(s[0]), s[1]), NO_ENDPOINT6, Endpoint(ip6(g6), ag.port))
+    ip = ipaddress.IPv4Address
     return FlowInfo(flow_id, Proto(proto), ag.name, Endpoint(ip(src), sport), Endpoint(ip(dst), dport),
                     Endpoint(ip(s[0]), s[1]), NO_ENDPOINT, Endpoint(ip(ag.addr), ag.port))
+
+
+def _six(key: CtKey) -> bool:
+    """An IPv6 connection's key: the processor keeps IPv6 addresses above 2**32 (``six``)."""
+    return key[1] > 0xFFFFFFFF or key[3] > 0xFFFFFFFF
 
 
 @dataclass(slots=True)
@@ -129,9 +141,11 @@ class LoggedFlows:
                 out.append(self._ending(key, self._flows.pop(key), NO_COUNTERS))
         return out
 
-    def resync(self, alive: set[CtKey]) -> list[Ending]:
-        """Events were lost: every flow whose connection is not in ``alive`` (a dump) ends."""
-        return [self._ending(key, self._flows.pop(key), NO_COUNTERS) for key in [k for k in self._flows if k not in alive]]
+    def resync(self, alive: set[CtKey], six: bool = False) -> list[Ending]:
+        """Events were lost: every flow of the dump's family (``six``: the IPv6 dump) whose
+        connection is not in ``alive`` ends; the other family's are another dump's."""
+        gone = [k for k in self._flows if _six(k) is six and k not in alive]
+        return [self._ending(key, self._flows.pop(key), NO_COUNTERS) for key in gone]
 
     def adopt(self, key: CtKey, info: FlowInfo, now: float) -> bool:
         """Take back a connection conntrack carried across a restart; False if there is no room.

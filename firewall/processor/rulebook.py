@@ -64,8 +64,9 @@ seed's "Dynamic changes in packet processing" the requirement.
   this instance) names IPv6 addresses, is checked the same way (the router's
   IPv6 addresses stand in for parties, the gateway's ORIGINATE leaves from
   G6), and its elements go in the IPv6 table's sets (``dyn_name(..., six=True)``);
-  the processor sees its use on its IPv6 path. Offload is IPv4's only yet
-  (POLICY).
+  the processor sees its use on its IPv6 path. Offload and the adjacent
+  rule too: the same elements in the IPv6 sets, DNAT where the router's
+  IPv6 address stands in for the server.
 """
 
 from __future__ import annotations
@@ -349,7 +350,7 @@ class RuleBook:
             return RuleRefusal.OTHER_GATEWAY
         if b.proto != UDP:
             return RuleRefusal.NOT_UDP
-        if not self._kind[b.gateway.name].offload or isinstance(b, Binding6):
+        if not self._kind[b.gateway.name].offload:
             return RuleRefusal.POLICY
         if len(self._rules) >= self._max_rules or self.in_flight >= MAX_KERNEL_OPS_IN_FLIGHT:
             return RuleRefusal.LIMIT
@@ -505,7 +506,7 @@ class RuleBook:
 
     # ---- expectations -----------------------------------------------------------------
 
-    def adjacent(self, fid: int, b: Binding, step: int, now: float, wall: float, ttl: float) -> list[Command]:
+    def adjacent(self, fid: int, b: Binding | Binding6, step: int, now: float, wall: float, ttl: float) -> list[Command]:
         """The processor's own one-shot REDIRECT for the port ``step`` beside this flow's (above or below)."""
         (ca, _), (oa, op), (sa, sp) = b.client, b.original_dst, b.server
         if not (0 < op + step <= 0xFFFF and 0 < sp + step <= 0xFFFF):

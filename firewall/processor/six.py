@@ -13,8 +13,10 @@ keys pack 32-bit addresses into one int for speed, and IPv6 is a small part
 of the traffic here. A ``Binding6`` answers what the dynamic rules read of
 a binding (``gateway``, ``visible_client``, ``snat``, ``info``), so the
 rulebook checks an IPv6 flow's requests as an IPv4 one's; ``redirect``
-binds the first packet a REDIRECT expects. What this slice does not do
-yet, so the ruleset never sends it here: offload and log-only over IPv6,
+binds the first packet a REDIRECT expects, ``offload`` hands a binding to
+the kernel (OFFLOAD_REQUEST: its elements and leg A's connection go, leg
+B's is the offload's ALLOW's to hold). What this slice does not do
+yet, so the ruleset never sends it here: log-only over IPv6,
 SNAT of leg B (a server behind ``nat.masquerade6``: dropped,
 ``drop.ipv6.masquerade6``). Several instances share IPv6 as they share
 IPv4: each one's requests by the low bits of the client's address, and
@@ -136,6 +138,7 @@ class SixFlows:
         # How long the elements written at a binding's first verdict surely last
         # (their timeout, less a second each for the clock and the kernel's rounding).
         self._ahead_for = proc.timeouts.nat_element - 2
+        self._element_for = proc.timeouts.nat_element + 1  # a written element may still be in the kernel
         self._local_addresses = local_addresses
         self._by_client: dict[tuple[int, ...], Binding6] = {}
         self._by_fw: dict[tuple[int, int, int], Binding6] = {}
@@ -242,6 +245,22 @@ class SixFlows:
         name = _PROTO_NAME[proto]
         key = (src, sport, dst, dport)
         return "bound", ((DNAT6_MAP, name, key, b.server), (SNAT6_MAP, name, key, b.client))
+
+    def offload(self, b: Binding6, now: float) -> tuple[list[NatOp], tuple[int, ...], tuple[int, ...] | None]:
+        """The kernel has ``b``'s offload ALLOW (``core.offloaded``'s IPv6 twin): the binding ends
+        OFFLOADED (F6:f back to the pool). Returns its elements to delete (leg A's while they may
+        still be in the kernel: one left would bind the flow's next packet into the gateway again;
+        leg B's, written at its verdict, whose absence the delete tolerates), leg A's connection
+        (proto, *tuple) to delete, and leg B's, which the ALLOW holds till its use (None: no leg B)."""
+        name = _PROTO_NAME[b.proto]
+        unbind = list(self._leg_a_ops(b)) if now - b.created < self._element_for else []
+        leg_b = None
+        if b.eport is not None:
+            key = b.leg_b(self.g6)
+            unbind += [(DNAT6_MAP, name, key, b.server), (SNAT6_MAP, name, key, b.client)]
+            leg_b = (b.proto, *key)
+        self.end(b, FlowEndReason.OFFLOADED)
+        return unbind, (b.proto, *b.leg_a()), leg_b
 
     def info(self, b: Binding6) -> FlowInfo:
         return b.info()

@@ -46,8 +46,9 @@ through to them.
 IPv6 flows (of a gateway kind that takes them, ``Kind.ipv6``) have their
 own table, ``table ip6 nfgate_bind6``, with the same maps keyed by the
 IPv6 original tuple (``leg_dnat6``, ``leg_snat6``) and by (proto, G6, F6,
-f) for leg B ahead (``legb_dnat6``, ``legb_snat6``), and the same two
-chains; there are no dynamic rules for IPv6 yet.
+f) for leg B ahead (``legb_dnat6``, ``legb_snat6``), the same two chains,
+and every processor instance's dynamic rules' sets and maps (IPv6 REDIRECT,
+ALLOW, ORIGINATE, an offloaded IPv6 flow's ALLOW, the adjacent-port rule).
 
 The table is native nftables with every backend: iptables-nft and
 iptables-legacy steer the first packet with the xt NFQUEUE target, and

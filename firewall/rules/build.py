@@ -496,7 +496,11 @@ def _ipv6_drops(config: Config, rs: Ruleset, inp: Chain, fwd: Chain) -> None:
             # A selector that takes IPv6 names its IPv6 by its prefixes, if it has any: IPv6
             # it does not name is the filter's, as IPv4 it does not name is.
             named = _selector_addrs(t, 6, original=True) if gw.takes_ipv6(t) else []
-            matches += [*named, CtState(("new",)), Proto(t.proto), Port("dst", t.ports, original=True)]
+            # An offloaded flow's direct connection (docs/datapath.md, "Offload") skips the
+            # gateway because the gateway asked: the ``allowed`` mark of its one-shot ALLOW,
+            # set by the binding table's allow chain before this one, is no bypass.
+            asked = [Mark(config.processor.marks.allowed, 0)] if gw.takes_ipv6(t) and chain is fwd else []
+            matches += [*named, *asked, CtState(("new",)), Proto(t.proto), Port("dst", t.ports, original=True)]
             chain.add(matches, [Drop()], comment, Family.V6, counter=name)
             if t.to_zone != ROUTER and any(f.from_zone == t.from_zone and f.proto == t.proto
                                            and any(f.ports.overlaps(p) for p in t.ports) for f in config.nat.forwards):

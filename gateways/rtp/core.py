@@ -56,6 +56,10 @@ and the clock (``tick``). What it wants done beyond a verdict it appends to
   through the gateway on the same tuple (the kernel's connection is gone,
   so the flow takes its role again), or, unreported, ``offload_hold``
   seconds after its offload.
+- **IPv6**: a family 6 flow is the same (its addresses are values of its
+  family; a stream's key is S' and N either way); only the headers that
+  conntrack's bytes count differ (``UDP_IP_HEADERS``), and the log names
+  an IPv6 stream ``[S']:N``.
 """
 
 from __future__ import annotations
@@ -74,7 +78,8 @@ from gateways.rtp.settings import Policy
 UP, DOWN = 0, 1  # client -> server (leg A in), server -> client (leg B in)
 MAX_PORT = 0xFFFF
 
-StreamKey = tuple[ipaddress.IPv4Address, int]  # (S', N even)
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address  # a flow's family: IPv6 flows are family 6 (issue 17)
+StreamKey = tuple[Address, int]  # (S', N even)
 
 
 class Role(enum.Enum):
@@ -121,9 +126,10 @@ class Offload:
 
 Output = RequestRule | EndFlow | Event | Offload
 
-# An offloaded flow's conntrack bytes count its IPv4 and UDP headers, the
-# gateway's the datagram only (RFC 791, RFC 768: 20 + 8 bytes, no options).
-UDP_IP_HEADERS = 28
+# An offloaded flow's conntrack bytes count its IP and UDP headers, the
+# gateway's the datagram only: RFC 791 and RFC 768, 20 + 8 bytes (no options);
+# over IPv6, RFC 8200's fixed 40 + 8 (no extension headers).
+UDP_IP_HEADERS = {4: 28, 6: 48}
 
 
 class _Bucket:
@@ -152,7 +158,7 @@ class Stream:
                  "rule", "rule_failed", "ended", "datagrams", "octets", "media", "validated", "kernel",
                  "offloaded_at")
 
-    def __init__(self, key: StreamKey, client: ipaddress.IPv4Address, burst: int, now: float) -> None:
+    def __init__(self, key: StreamKey, client: Address, burst: int, now: float) -> None:
         self.key = key
         self.client = client
         self.flows: dict[Role, _Flow] = {}
@@ -438,10 +444,11 @@ class RtpCore:
         del stream.kernel[role]
         self.counters["offload.ended"] += 1
         if counters is not None:
+            headers = UDP_IP_HEADERS[client.address.version]
             stream.datagrams[UP] += counters.packets_up
             stream.datagrams[DOWN] += counters.packets_down
-            stream.octets[UP] += max(0, counters.bytes_up - UDP_IP_HEADERS * counters.packets_up)
-            stream.octets[DOWN] += max(0, counters.bytes_down - UDP_IP_HEADERS * counters.packets_down)
+            stream.octets[UP] += max(0, counters.bytes_up - headers * counters.packets_up)
+            stream.octets[DOWN] += max(0, counters.bytes_down - headers * counters.packets_down)
         if role is Role.RTP or not (stream.kernel or stream.flows):
             self._end(stream, "kernel_end", now)
         return True
@@ -487,4 +494,5 @@ class RtpCore:
 
     def _event(self, name: str, stream: Stream, **fields: Any) -> None:
         address, base = stream.key
-        self.outbox.append(Event(name, {"stream": f"{address}:{base}", **fields}))
+        where = f"[{address}]" if address.version == 6 else f"{address}"
+        self.outbox.append(Event(name, {"stream": f"{where}:{base}", **fields}))

@@ -4,7 +4,8 @@ It makes no protocol decision (STYLE.md): it moves datagrams, asks the core
 about each one, and carries out the core's outputs. Like udp-relay, a flow
 is one binding of the processor, every datagram from one F:f to G:g; the
 lookups, the early datagrams' queue, leg B and ``max_flows`` are every UDP
-gateway's (gateways/udp_flows.py):
+gateway's (gateways/udp_flows.py), and so is IPv6: a second socket on G6
+(``listen6``), each IPv6 flow's leg B from G6 (issue 17):
 
 - Once leg B is open, the core learns the flow (``flow_opened``). Every
   datagram, queued or new, from the client (leg A) or the
@@ -52,10 +53,11 @@ _WARN = ("refused", "rule.not_granted", "ssrc.changed", "offload.refused")
 class RtpGateway(UdpFlows):
     """The rtp gateway: a datagram endpoint on G:g in front of a ``GatewayLayer``."""
 
-    def __init__(self, layer: GatewayLayer, *, listen: Endpoint, settings: RtpSettings, log: EventLog) -> None:
+    def __init__(self, layer: GatewayLayer, *, listen: Endpoint, settings: RtpSettings, log: EventLog,
+                 listen6: Endpoint | None = None) -> None:
         self.core = RtpCore(settings.policy())
         # One set of counters for the stats line: the core's.
-        super().__init__(layer, listen, settings.max_flows, log, self.core.counters)
+        super().__init__(layer, listen, settings.max_flows, log, self.core.counters, listen6)
         self.settings = settings
         self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -63,8 +65,10 @@ class RtpGateway(UdpFlows):
 
     @classmethod
     def for_gateway(cls, layer: GatewayLayer, gw: Manifest, listen: Endpoint, log: EventLog) -> "RtpGateway":
-        """The gateway as ``python -m gateways`` runs it: its settings from its manifest."""
-        return cls(layer, listen=listen, settings=RtpSettings.model_validate(gw.settings), log=log)
+        """The gateway as ``python -m gateways`` runs it: its settings from its manifest, and
+        G6 on listen's port too when it takes IPv6 (the manifest's ``listen6``)."""
+        listen6 = Endpoint(gw.listen6, listen.port) if gw.listen6 is not None else None
+        return cls(layer, listen=listen, settings=RtpSettings.model_validate(gw.settings), log=log, listen6=listen6)
 
     @property
     def streams(self) -> int:

@@ -149,4 +149,5 @@ KIND = Kind(
     "rtp", ("udp",), RtpSettings, gateway="gateways.rtp.gateway:RtpGateway.for_gateway",
     # REDIRECT: the adjacent port's flow comes through the gateway too, so RTCP is validated.
     rule_modes=frozenset({RuleMode.REDIRECT}), adjacent_port=_adjacent_port, offload=True,
+    ipv6=True,  # RTP and RTCP name no address of the flow (SDP does, and is not this gateway's)
 )

@@ -107,8 +107,9 @@ for _ in range(3):
 """
 
 
-def seen(lab, name: str) -> int:
-    out = json.loads(lab.run("ext", ["nft", "-j", "list", "counter", "inet", "seen", name]).stdout)
+def seen(lab, name: str, host: str = "ext") -> int:
+    """Packets of ``host``'s capture counter ``name`` (table inet seen)."""
+    out = json.loads(lab.run(host, ["nft", "-j", "list", "counter", "inet", "seen", name]).stdout)
     return next(item["counter"]["packets"] for item in out["nftables"] if "counter" in item)
 
 

@@ -45,14 +45,16 @@ to = "lan"
 proto = "tcp"
 ports = 9000
 [[gateway]]
-name = "media"
-kind = "rtp"
+name = "logger"
+kind = "tcp-relay"
 listen_port = 20025
+[gateway.settings]
+mode = "log-only"
 [[gateway.traffic]]
 from = "wan"
 to = "lan"
-proto = "udp"
-ports = 5004
+proto = "tcp"
+ports = 8080
 """
 
 
@@ -202,8 +204,8 @@ def test_what_the_ipv6_path_refuses() -> None:
         (syn("ff02::1", 40000, S6, 9000), WAN0, "drop.martian"),
         (syn(W6, 40000, S6, 9000), WAN0, "drop.own_address"),
         (IPv6(src=C6, dst=S6) / ScapyTCP(sport=40000, dport=9000, flags="A"), WAN0, "drop.not_new_flow"),
-        (IPv6(src=C6, dst="fd00:1::99") / ScapyUDP(sport=40000, dport=5004), WAN0,
-         "drop.ipv6.not_taken"),  # rtp: the ruleset never queues it
+        (syn(C6, 40000, "fd00:1::99", 8080), WAN0,
+         "drop.ipv6.not_taken"),  # log-only: the ruleset never queues it
         (syn(G6, 50000, F6, 1024), BLIND, "drop.gateway_without_binding"),
         (IPv6(src=C6, dst=S6) / IPv6ExtHdrRouting(addresses=["2001:db8::5"], segleft=1) / ScapyTCP(dport=9000, flags="S"),
          WAN0, "drop.malformed6.routing_header"),

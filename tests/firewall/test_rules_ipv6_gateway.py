@@ -39,6 +39,7 @@ from = "ext"
 to = "lan"
 proto = "udp"
 ports = 5004
+daddr = ["192.168.1.0/24"]  # addresses: an rtp selector that takes IPv4 only
 """
 
 
@@ -135,8 +136,20 @@ def test_the_blind_track_lets_neighbour_discovery_through_for_ipv6_flows() -> No
 
 
 def test_which_kinds_take_ipv6() -> None:
-    assert {k.name for k in KINDS if k.ipv6} == {"tcp-relay", "udp-relay", "smtp", "ftp", "tunnel"}
-    assert not KINDS["rtp"].ipv6
+    assert {k.name for k in KINDS if k.ipv6} == {"tcp-relay", "udp-relay", "smtp", "ftp", "tunnel", "rtp"}
+    # Every kind: what still takes IPv4 only is a log-only tcp-relay or a selector with IPv4 addresses.
+    assert {k.name for k in KINDS} == {k.name for k in KINDS if k.ipv6}
+
+
+def test_an_rtp_selector_without_addresses_queues_ipv6() -> None:
+    plain = BASE.replace('daddr = ["192.168.1.0/24"]  # addresses: an rtp selector that takes IPv4 only\n', "")
+    rs = build(loads(plain))
+    (rtp,) = [r for r in rs.chain("mangle_prerouting").rules
+              if r.comment == "gateway[1].traffic[0] gateway media (rtp): request, if the filter admits it"]
+    assert rtp.family is Family.BOTH
+    assert "skipped the gateway" in rs.counters["ipv6_drop_g1_0"]
+    # An IPv6 forward into it is the gateway's too: `nfgate check` has nothing to warn of.
+    assert not [h for h in hazards(loads(plain + FORWARDS)) if "forwards IPv6" in h.message]
 
 
 FORWARDS = """
@@ -160,7 +173,7 @@ def test_an_ipv6_forward_into_a_selector_that_takes_ipv6_is_admitted_to_its_queu
     rs = build(loads(BASE.replace('forward = "accept"', 'forward = "drop"') + FORWARDS))
     (relay,) = [r for r in rs.chain("admit_g0_0").rules if "forward relay6" in r.comment]
     assert relay.family is Family.V6 and isinstance(relay.statements[0], Queue)
-    # The rtp selector takes IPv4 only: its IPv6 forward is not queued (the counted drop takes it).
+    # The rtp selector (IPv4 addresses) takes IPv4 only: its IPv6 forward is not queued (the counted drop takes it).
     assert not [r for r in rs.chain("admit_g1_0").rules if "forward media6" in r.comment]
     text = nft.render(rs)
     assert ('meta nfproto ipv6 fib daddr type local tcp dport 9000 counter queue num 0 comment '

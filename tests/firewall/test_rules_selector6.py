@@ -48,11 +48,12 @@ def test_each_versions_prefixes_are_a_queue_rule_of_their_own() -> None:
         'meta nfproto ipv6 iifname @zone_wan ip6 saddr 2001:db8:2::/64 ip6 daddr fd00:1::10 tcp dport 25 '
         'counter jump admit_g0_0 comment "gateway[0].traffic[0] gateway mail (smtp): request, if the filter admits it"',
     ]
-    # What skipped the gateway is dropped only where the selector names it: by its IPv6
+    # What skipped the gateway is dropped only where the selector names it (and no ALLOW, such
+    # as an offload's, marked it ``allowed``): by its IPv6
     # sources and its original IPv6 destination (before any port forward).
     assert lines(text, 'name "ipv6_drop_g0_0"') == [
         'meta nfproto ipv6 iifname @zone_wan oifname @zone_lan ip6 saddr 2001:db8:2::/64 ct original ip6 daddr fd00:1::10 '
-        'ct state new meta l4proto tcp ct original proto-dst 25 counter name "ipv6_drop_g0_0" drop comment '
+        'meta mark & 0x00040000 == 0x00000000 ct state new meta l4proto tcp ct original proto-dst 25 counter name "ipv6_drop_g0_0" drop comment '
         '"gateway[0].traffic[0] gateway mail (smtp): IPv6 that skipped the gateway dropped"',
     ]
     v6 = iptables.render(rs, 6)
@@ -61,8 +62,8 @@ def test_each_versions_prefixes_are_a_queue_rule_of_their_own() -> None:
         '--comment "gateway[0].traffic[0] gateway mail (smtp): request, if the filter admits it" -j NFGATE-ADMIT-G0-0',
     ]
     assert lines(v6, "ipv6_drop_g0_0:") == [
-        '-A NFGATE-FORWARD -i wan0 -o lan0 -s 2001:db8:2::/64 -m conntrack --ctorigdst fd00:1::10 -m conntrack '
-        '--ctstate NEW -p tcp -m conntrack --ctorigdstport 25 -m comment --comment "ipv6_drop_g0_0: gateway[0].traffic[0] gateway '
+        '-A NFGATE-FORWARD -i wan0 -o lan0 -s 2001:db8:2::/64 -m conntrack --ctorigdst fd00:1::10 -m mark --mark 0x0/0x40000 '
+        '-m conntrack --ctstate NEW -p tcp -m conntrack --ctorigdstport 25 -m comment --comment "ipv6_drop_g0_0: gateway[0].traffic[0] gateway '
         'mail (smtp): IPv6 that skipped the gateway dropped" -j DROP',
     ]
     assert "2001:db8" not in iptables.render(rs, 4) and "fd00:1::10" not in iptables.render(rs, 4)
@@ -86,13 +87,13 @@ def test_the_processor_matches_each_version_by_its_own_prefixes() -> None:
 
 
 @pytest.mark.parametrize("change, reason", [
-    ('kind = "smtp"', "a rtp gateway takes IPv4 only"),
+    ('kind = "smtp"', "a log-only tcp-relay gateway takes IPv4 only"),
     ('saddr = ["0.0.0.0/0", "2001:db8:2::/64"]', "IPv6 addresses on one side only"),
 ])
 def test_ipv6_addresses_a_selector_cannot_use_are_refused(change: str, reason: str) -> None:
     text = BASE.replace('saddr = ["0.0.0.0/0", "2001:db8:2::/64"]', 'saddr = ["0.0.0.0/0"]') \
         if reason.startswith("IPv6 addresses on") else \
-        BASE.replace(change, 'kind = "rtp"').replace('proto = "tcp"', 'proto = "udp"')
+        BASE.replace(change, 'kind = "tcp-relay"\nsettings = { mode = "log-only" }')
     with pytest.raises(ConfigError) as err:
         loads(text)
     assert reason in str(err.value) and "gateway[0].traffic[0]" in str(err.value)

@@ -18,6 +18,10 @@ timeout of 2 s and 3 s rules:
   (routed: no port forward's accept in the forward chain carries it);
 - ``rtp-proc`` (adjacent "processor"): 5070; the processor's own rules live
   ``adjacent_ttl`` = 1 s here.
+
+``ffmpeg_stream``, ``gateway``, ``send`` and ``RtpRunning`` (with another
+config) serve the IPv6 test too (tests/gateways/test_rtp_ipv6_netns.py, the
+dual lab): an IPv6 sender and receiver make an IPv6 stream.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ import json
 import re
 import subprocess
 import sys
+from ipaddress import ip_address
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from firewall.lab.wait import wait_for
 from tests.bindtable import dynamic_elements
@@ -104,20 +109,76 @@ CONFIG = base_config("5004-5081", "adjacent_ttl = 1\n") + gateway("rtp", '["5004
     + gateway("rtp-proc", '["5070-5071"]', adjacent="processor")
 
 SDP = """v=0
-o=- 0 0 IN IP4 {sender}
+o=- 0 0 IN IP{version} {sender}
 s=nfgate rtp test
-c=IN IP4 {sender}
+c=IN IP{version} {sender}
 t=0 0
 m=audio {port} RTP/AVP 0
 a=rtpmap:0 PCMU/8000
 """
 
 
-class RtpRunning(Running):
-    """`nfgate run` with the two rtp gateways in the lab router; their log, counters and rules."""
+def ffmpeg_stream(lab: Any, tmp: Path, port: int, *, sender: str, receiver: str, src: str, dst: str, seconds: int,
+                  during: Callable[[], None] | None = None) -> None:
+    """ffmpeg in ``sender`` (address ``src``) streams ``seconds`` of PCMU with RTCP on port + 1 to ``dst``,
+    where an ffmpeg in ``receiver`` reads an SDP; the receiver decodes all of it (its duration and size
+    are checked). Either family: an IPv6 ``src`` and ``dst`` make an IPv6 stream. ``during`` runs
+    while the sender streams."""
+    version = ip_address(src).version
+    sdp = tmp / f"stream-{port}.sdp"
+    sdp.write_text(SDP.format(sender=src, port=port, version=version))
+    out = tmp / f"received-{port}.wav"
+    log_path = tmp / f"ffmpeg-receiver-{port}.log"
+    log = open(log_path, "w")
+    recv = lab.popen(receiver, ["ffmpeg", "-nostdin", "-hide_banner", "-y", "-protocol_whitelist", "file,udp,rtp",
+                                "-i", str(sdp), "-c:a", "pcm_s16le", str(out)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        lab.wait_listening(receiver, port, "udp", timeout=10)
+        host = f"[{dst}]" if version == 6 else dst
+        send = lab.popen(sender, [
+            "ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-re", "-f", "lavfi",
+            "-i", f"sine=frequency=440:duration={seconds}",
+            "-c:a", "pcm_mulaw", "-ar", "8000", "-ac", "1", "-frame_size", "160", "-f", "rtp",
+            f"rtp://{host}:{port}?pkt_size=172",
+        ], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            if during is not None:
+                during()
+            _, err = send.communicate(timeout=60)
+        finally:
+            if send.poll() is None:
+                send.kill()
+                send.wait()
+        assert send.returncode == 0, err
+        # The receiver has everything once the stream is over; wait until the file stops growing.
+        sizes: list[int] = []
 
-    def __init__(self, lab: Any, tmp: Path) -> None:
-        super().__init__(lab, tmp, config=CONFIG)
+        def settled() -> bool:
+            sizes.append(out.stat().st_size if out.exists() else -1)
+            return len(sizes) > 3 and sizes[-1] > 0 and len(set(sizes[-4:])) == 1
+
+        wait_for(settled, timeout=20, interval=0.25, what="the receiver to write everything")
+    finally:
+        if recv.poll() is None:
+            recv.terminate()  # ffmpeg finishes the file (the WAV header's sizes) on SIGTERM
+            try:
+                recv.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                recv.kill()
+                recv.wait()
+        log.close()
+    probe = lab.run(receiver, ["ffprobe", "-v", "error", "-show_entries", "format=duration", "-of", "csv=p=0", str(out)])
+    duration = float(probe.stdout)
+    assert seconds - 0.1 <= duration <= seconds + 0.1, (duration, log_path.read_text())
+    samples = out.stat().st_size - 44  # a canonical WAV header
+    assert abs(samples - seconds * 8000 * 2) <= 2 * 160 * 2, samples  # within two 20 ms packets
+
+
+class RtpRunning(Running):
+    """`nfgate run` with the rtp gateways of ``config`` in the lab router; their log, counters and rules."""
+
+    def __init__(self, lab: Any, tmp: Path, config: str = CONFIG) -> None:
+        super().__init__(lab, tmp, config=config)
 
     def counters(self, gateway: str = "rtp") -> dict[str, int]:
         """The gateway's counters now: SIGUSR1 makes it log a ``stats`` line."""
@@ -142,8 +203,9 @@ class RtpRunning(Running):
         return [e for e in dynamic_elements(self.lab) if re.search(rf"\b{port}\b", e.split(":", 1)[1])]
 
 
-def send(lab: Any, src: str, sport: int, dport: int, plan: str) -> int:
-    result = lab.run("ext", [sys.executable, PEERS, "send", src, str(sport), WAN, str(dport), plan], check=False,
+def send(lab: Any, src: str, sport: int, dport: int, plan: str, dst: str = WAN) -> int:
+    """rtp_peers.py send in ext, from src:sport to dst:dport (the router's wan address by default)."""
+    result = lab.run("ext", [sys.executable, PEERS, "send", src, str(sport), dst, str(dport), plan], check=False,
                      timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     return int(json.loads(result.stdout)["sent"])

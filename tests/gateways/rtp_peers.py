@@ -2,6 +2,7 @@
 
     rtp_peers.py send SRC SPORT DST DPORT PLAN   # prints {"sent": n}
     rtp_peers.py sink SECONDS IDLE PORT...       # prints {port: [[source, kind, ssrc], ...]}
+    rtp_peers.py flood DST DPORT N               # prints {"sent": n}: one RTP datagram from each of N fresh ports
 
 PLAN is a sequence of ``KIND*COUNT[@SSRC]`` steps, sent in order at 50
 datagrams a second (20 ms audio), from SRC:SPORT:
@@ -14,6 +15,8 @@ datagrams a second (20 ms audio), from SRC:SPORT:
 The sink binds every PORT on all addresses and records each datagram's
 source, whether it is RTCP (RFC 5761's test) and its SSRC, until SECONDS
 have passed or IDLE seconds went by without one after the first.
+
+Addresses of either family: an IPv6 SRC or DST makes an IPv6 socket.
 """
 
 from __future__ import annotations
@@ -33,8 +36,12 @@ from tests.gateways.rtp_packets import rr, rtp, sdes  # noqa: E402
 INTERVAL = 0.02
 
 
+def _family(addr: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+
 def send(src: str, sport: int, dst: str, dport: int, plan: str) -> int:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock = socket.socket(_family(src), socket.SOCK_DGRAM)
     sock.bind((src, sport))
     seq = sent = 0
     for step in plan.split():
@@ -57,6 +64,14 @@ def send(src: str, sport: int, dst: str, dport: int, plan: str) -> int:
             sent += 1
             time.sleep(INTERVAL)
     return sent
+
+
+def flood(dst: str, dport: int, count: int) -> int:
+    """A flood of new sources: one valid RTP datagram from each of ``count`` fresh ports."""
+    for seq in range(count):
+        with socket.socket(_family(dst), socket.SOCK_DGRAM) as sock:
+            sock.sendto(rtp(seq + 1, ssrc=0x5EED0000 + seq), (dst, dport))
+    return count
 
 
 def sink(seconds: float, idle: float, ports: list[int]) -> dict[int, list[list[object]]]:
@@ -83,6 +98,8 @@ def sink(seconds: float, idle: float, ports: list[int]) -> dict[int, list[list[o
 def main(argv: list[str]) -> None:
     if argv[0] == "send":
         print(json.dumps({"sent": send(argv[1], int(argv[2]), argv[3], int(argv[4]), argv[5])}))
+    elif argv[0] == "flood":
+        print(json.dumps({"sent": flood(argv[1], int(argv[2]), int(argv[3]))}))
     elif argv[0] == "sink":
         print(json.dumps(sink(float(argv[1]), float(argv[2]), [int(p) for p in argv[3:]])))
     else:

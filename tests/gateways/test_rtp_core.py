@@ -482,3 +482,37 @@ def test_no_rule_is_asked_for_a_stream_the_kernel_carries() -> None:
     r.core.flow_gone(a.firewall_side, r.now, offloaded=True)
     r.core.rule_ended(rule.token, RuleEndReason.FLOW_ENDED)  # the owner's binding went with the offload
     assert r.rules() == []
+
+
+# ---- IPv6 (issue 17) -------------------------------------------------------------------------------
+
+IP6 = ipaddress.IPv6Address
+C6, T6, S6 = IP6("2001:db8:2::10"), IP6("2001:db8:2::66"), IP6("fd00:1::10")
+G6 = Endpoint(IP6("fd6e:6667:6174:ff::2"), 20001)
+
+
+def flow6(client: ipaddress.IPv6Address = C6, cport: int = 40000, dport: int = N) -> FlowInfo:
+    """A family 6 flow: every address IPv6, the server's own address as S' (no port forward)."""
+    fw = Endpoint(IP6("fd6e:6667:6174:fe::") + next(_fws) % 250, 1024 + next(_fws))
+    return FlowInfo(next(_fids), Proto.UDP, "rtp", Endpoint(client, cport), Endpoint(S6, dport),
+                    Endpoint(S6, dport), fw, G6, None)
+
+
+def test_an_ipv6_stream_latches_asks_for_rtcp_and_counts_ipv6_headers_after_its_offload() -> None:
+    r = Rig(offload=True, offload_after_packets=2)
+    a = r.open(flow6())
+    assert r.up(a, rtp(1)) is None
+    out = r.take()
+    (rule,) = [o for o in out if isinstance(o, RequestRule)]
+    assert (rule.src, rule.dst) == (Endpoint(C6, 40001), Endpoint(S6, N + 1))
+    (opened,) = [o for o in out if isinstance(o, Event)]
+    assert opened.fields["stream"] == f"[{S6}]:{N}"
+    t = r.open(flow6(client=T6, cport=40001, dport=N + 1))
+    assert r.up(t, rr()) == "not_latched"  # another IPv6 host: refused, other_address
+    assert r.up(a, rtp(2)) is None and offloads(r) == [a.firewall_side]
+    r.core.offload_answered(a.firewall_side, True)
+    r.core.flow_gone(a.firewall_side, r.now, offloaded=True)
+    # conntrack's bytes count IPv6's fixed header and UDP's: 48 bytes a datagram.
+    assert r.core.kernel_ended(Endpoint(C6, 40000), Endpoint(S6, N), Counters(10, 10 * (48 + 172), 0, 0), r.now)
+    (close,) = [o for o in r.take() if isinstance(o, Event) and o.name == "stream.close"]
+    assert close.fields["bytes_up"] == 2 * 172 + 10 * 172 and close.fields["stream"] == f"[{S6}]:{N}"

@@ -9,10 +9,13 @@ import signal
 import socket
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, AsyncIterator
 
 import pytest
 
+from firewall import manifests
+from firewall.config import load
 from firewall.signalling import (
     Counters, Endpoint, FlowEnd, FlowEndReason, FlowInfo, MsgType, NewFlow, OffloadRequest, Proto, RuleAck, RuleMode,
     RuleRefusal, RuleRequest, load_or_create_key, make_flow_id,
@@ -23,7 +26,7 @@ from gateways.rtp.gateway import RtpGateway
 from gateways.rtp.settings import RtpSettings
 from tests.gateways.fake_processor import FakeProcessor, rig
 from tests.gateways.loopback import GATEWAY, DatagramQueue, fw_socket, run, udp_client_at, wait_until
-from tests.gateways.process import events, next_event, start_gateway, write_config
+from tests.gateways.process import events, free_port, next_event, start_gateway, write_config
 from tests.gateways.rtp_packets import rr, rtp
 
 IP = ipaddress.IPv4Address
@@ -282,3 +285,14 @@ def test_a_validated_stream_goes_to_the_kernel_and_its_reported_end_closes_it(lo
             assert (closed["reason"], closed["datagrams_up"], closed["offloaded"]) == ("kernel_end", 254, True)
 
     run(main())
+
+
+def test_the_rtp_gateway_listens_on_g6_when_its_selectors_take_ipv6(tmp_path: Path) -> None:
+    """rtp takes IPv6 (issue 17): its manifest names G6, where it takes datagrams on its G:g's port too."""
+    cfg = load(write_config(tmp_path, port=free_port(GATEWAY), kind="rtp", name="rtp"))
+    gateway = next(g for g in cfg.gateways if g.name == "rtp")
+    manifest = manifests.manifest_for(cfg, gateway)
+    assert manifest.listen6 == cfg.gateway_link.gateway_address6.ip
+    listen = Endpoint(GATEWAY, manifest.listen.port)
+    gw = RtpGateway.for_gateway(SimpleNamespace(), manifest, listen, EventLog("rtp"))  # type: ignore[arg-type]
+    assert gw.listen6 == Endpoint(manifest.listen6, listen.port)

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 import pytest
 
 from firewall.lab.wait import wait_for
-from tests.gateways.rtp_netns import EXT, EXT2, LAN, OFFLOAD_AFTER, SDP, WAN, RtpRunning, Sink, send
+from tests.gateways.rtp_netns import EXT, EXT2, LAN, OFFLOAD_AFTER, WAN, RtpRunning, Sink, send
+from tests.gateways.rtp_netns import ffmpeg_stream as rtp_ffmpeg
 
 pytestmark = [
     pytest.mark.netns,
@@ -50,46 +50,9 @@ def sources(got: list[list[Any]]) -> set[str]:
 def ffmpeg_stream(rig: SimpleNamespace, port: int, *, sender: str = "ext", receiver: str = "lan",
                   seconds: int = SECONDS) -> None:
     """ffmpeg in ``sender`` streams ``seconds`` of PCMU with RTCP on port + 1 to an ffmpeg in ``receiver``
-    that reads an SDP; the receiver decodes all of it (its duration and size are checked)."""
-    lab, tmp = rig.lab, rig.tmp
+    (rtp_netns.ffmpeg_stream: the receiver decodes all of it)."""
     src, dst = (EXT, WAN) if sender == "ext" else (LAN, EXT)
-    sdp = tmp / f"stream-{port}.sdp"
-    sdp.write_text(SDP.format(sender=src, port=port))
-    out = tmp / f"received-{port}.wav"
-    log_path = tmp / f"ffmpeg-receiver-{port}.log"
-    log = open(log_path, "w")
-    recv = lab.popen(receiver, ["ffmpeg", "-nostdin", "-hide_banner", "-y", "-protocol_whitelist", "file,udp,rtp",
-                                "-i", str(sdp), "-c:a", "pcm_s16le", str(out)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        lab.wait_listening(receiver, port, "udp", timeout=10)
-        sent = lab.run(sender, [
-            "ffmpeg", "-nostdin", "-hide_banner", "-re", "-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}",
-            "-c:a", "pcm_mulaw", "-ar", "8000", "-ac", "1", "-frame_size", "160", "-f", "rtp",
-            f"rtp://{dst}:{port}?pkt_size=172",
-        ], check=False, timeout=60)
-        assert sent.returncode == 0, sent.stderr
-        # The receiver has everything once the stream is over; wait until the file stops growing.
-        sizes: list[int] = []
-
-        def settled() -> bool:
-            sizes.append(out.stat().st_size if out.exists() else -1)
-            return len(sizes) > 3 and sizes[-1] > 0 and len(set(sizes[-4:])) == 1
-
-        wait_for(settled, timeout=20, interval=0.25, what="the receiver to write everything")
-    finally:
-        if recv.poll() is None:
-            recv.terminate()  # ffmpeg finishes the file (the WAV header's sizes) on SIGTERM
-            try:
-                recv.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                recv.kill()
-                recv.wait()
-        log.close()
-    probe = lab.run(receiver, ["ffprobe", "-v", "error", "-show_entries", "format=duration", "-of", "csv=p=0", str(out)])
-    duration = float(probe.stdout)
-    assert seconds - 0.1 <= duration <= seconds + 0.1, (duration, log_path.read_text())
-    samples = out.stat().st_size - 44  # a canonical WAV header
-    assert abs(samples - seconds * 8000 * 2) <= 2 * 160 * 2, samples  # within two 20 ms packets
+    rtp_ffmpeg(rig.lab, rig.tmp, port, sender=sender, receiver=receiver, src=src, dst=dst, seconds=seconds)
 
 
 def clean(counters: dict[str, int]) -> bool:
