@@ -5,6 +5,9 @@
                                                  # {"ok", "bytes", "seconds", "stall", "stalls"}
     python hapeer.py churn HOST PORT COUNT THREADS  # COUNT empty connections, THREADS at a time:
                                                  # {"ok", "failed", "seconds"}
+    python hapeer.py ftp HOST                    # one anonymous FTP session (ftplib, passive) kept open:
+                                                 # each NAME read on stdin, pub/NAME downloaded, one JSON
+                                                 # line: {"name", "ok", "bytes", "sha256", "seconds"}
 
 ``stall`` is the longest time between two reads that returned data;
 ``stalls`` lists each gap over STALL_REPORT seconds as [seconds since the start, gap].
@@ -14,6 +17,8 @@ Every socket has a timeout: nothing waits forever.
 
 from __future__ import annotations
 
+import ftplib
+import hashlib
 import json
 import socket
 import sys
@@ -115,12 +120,36 @@ def churn(host: str, port: int, count: int, threads: int) -> int:
     return 0
 
 
+def ftp(host: str) -> int:
+    """One FTP control connection across a pair's failovers; a download for each name on stdin."""
+    session = ftplib.FTP(host, timeout=TIMEOUT)
+    session.login()
+    for line in sys.stdin:
+        name = line.strip()
+        h, got, start = hashlib.sha256(), [0], time.monotonic()
+
+        def take(block: bytes) -> None:
+            h.update(block)
+            got[0] += len(block)
+        try:
+            session.retrbinary(f"RETR pub/{name}", take)
+            result = {"ok": True}
+        except (OSError, EOFError, ftplib.Error) as err:
+            result = {"ok": False, "error": repr(err)}
+        print(json.dumps({"name": name, **result, "bytes": got[0], "sha256": h.hexdigest(),
+                          "seconds": round(time.monotonic() - start, 3)}), flush=True)
+    session.quit()
+    return 0
+
+
 if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "serve":
         serve(int(args[0]))
     elif mode == "churn":
         sys.exit(churn(args[0], int(args[1]), int(args[2]), int(args[3])))
+    elif mode == "ftp":
+        sys.exit(ftp(args[0]))
     elif mode == "get":
         sys.exit(get(args[0], int(args[1]), int(args[2]), float(args[3])))
     else:

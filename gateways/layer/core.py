@@ -58,6 +58,16 @@ pulls it again). Pending queries are bounded by the connections waiting;
 pending rule requests by ``MAX_PENDING_RULES``; acknowledged rules by
 ``MAX_TRACKED_RULES``.
 
+Takeover (docs/ha.md): when a router pair's node becomes master it takes
+over the bindings of the flows it now carries and pushes each (NEW_FLOW)
+under its own flow id. A NEW_FLOW or ANSWER for a known tuple that differs
+from the known flow only in its flow id, and whose flow id is the other
+node's (the node bit), moves the flow: the entry keeps its claims, takes the
+new flow id and sender, and remembers up to ``MAX_MOVED_FROM`` earlier ids,
+so that a connection holding the flow under an earlier id still claims,
+releases, and sends rule requests (to the new owner, under the new id; a
+pending request is re-aimed at its next resend) and sees its end.
+
 A processor instance that restarts gets a new sender id, and its flow ids
 start again: when flows of an instance's queue (on a router pair, of that
 node's queue: the flow id's node bit) arrive from a new sender, at a newer
@@ -76,6 +86,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter, OrderedDict
+from dataclasses import replace
 
 from firewall.signalling import (
     MAX_QUERY_ATTEMPTS,
@@ -152,17 +163,31 @@ RULE_END_GRACE = 5.0
 
 _U64 = 1 << 64
 
+# Earlier flow ids a moved flow keeps (module docstring, "Takeover"): one per
+# failover or failback it lived through, the oldest forgotten beyond this.
+MAX_MOVED_FROM = 8
+
 
 # ---- state ----------------------------------------------------------------------------
 
 
 class _Entry:
-    __slots__ = ("flow", "sender", "claims")
+    __slots__ = ("flow", "sender", "claims", "moved_from")
 
     def __init__(self, flow: FlowInfo, sender: int) -> None:
         self.flow = flow
         self.sender = sender
         self.claims = 0
+        self.moved_from: tuple[int, ...] = ()
+
+    def holds(self, flow: FlowInfo) -> bool:
+        """Whether ``flow`` is this entry's flow, under its flow id now or an earlier one."""
+        return flow.flow_id == self.flow.flow_id or flow.flow_id in self.moved_from
+
+
+def _moved(old: FlowInfo, new: FlowInfo) -> bool:
+    """Whether ``new`` is ``old`` taken over by the other node of a pair (module docstring)."""
+    return flow_id_node(old.flow_id) != flow_id_node(new.flow_id) and replace(old, flow_id=new.flow_id) == new
 
 
 class _Lookup:
@@ -233,6 +258,7 @@ class LayerCore:
 
         self._flows: dict[FlowKey, _Entry] = {}
         self._by_id: dict[int, FlowKey] = {}
+        self._by_moved: dict[int, FlowKey] = {}  # an earlier flow id of a moved flow -> its key
         self._unclaimed: OrderedDict[FlowKey, float] = OrderedDict()  # key -> expiry, oldest first
         self._queue_sender: dict[tuple[int, int], tuple[int, int]] = {}  # (queue, node) -> (sender, newest timestamp ms)
         self._logged: OrderedDict[int, _Entry] = OrderedDict()  # flow id -> a flow without a binding
@@ -281,7 +307,7 @@ class LayerCore:
         """A connection holds ``flow``: keep it until released. False if it is gone already."""
         key = flow_key(flow)
         entry = self._flows.get(key)
-        if entry is None or entry.flow.flow_id != flow.flow_id:
+        if entry is None or not entry.holds(flow):
             return False
         entry.claims += 1
         self._unclaimed.pop(key, None)
@@ -291,7 +317,7 @@ class LayerCore:
         """A connection no longer holds ``flow``; the last release starts its expiry."""
         key = flow_key(flow)
         entry = self._flows.get(key)
-        if entry is None or entry.flow.flow_id != flow.flow_id or entry.claims == 0:
+        if entry is None or not entry.holds(flow) or entry.claims == 0:
             return
         entry.claims -= 1
         if entry.claims == 0:
@@ -316,6 +342,7 @@ class LayerCore:
         would refuse on its own terms is refused here without asking.
         """
         request_id = self._new_id()
+        flow = self._current(flow)
         message = RuleRequest(request_id, flow.flow_id, proto, src, dst, ttl, mode, one_shot, replaces)
         problem = rule_request_problem(message)
         if problem is None and len(self._rule_waits) >= MAX_PENDING_RULES:
@@ -332,6 +359,7 @@ class LayerCore:
     def request_offload(self, flow: FlowInfo, now: float) -> tuple[int, list[Output]]:
         """Ask the flow's processor instance to hand the flow to the kernel; the request id and what to do now."""
         request_id = self._new_id()
+        flow = self._current(flow)
         message = OffloadRequest(request_id, flow.flow_id)
         if len(self._rule_waits) >= MAX_PENDING_RULES:
             self.counters["offload.refused_local.LIMIT"] += 1
@@ -550,6 +578,13 @@ class LayerCore:
             del self._rule_waits[request_id]
             self.counters["rules.unanswered"] += 1
             return [RuleUnanswered(request_id)]
+        key = self._by_moved.get(wait.message.flow_id)
+        entry = self._flows.get(key) if key is not None else None
+        if entry is not None and wait.message.flow_id in entry.moved_from:
+            # Its flow moved to the other node since it was sent: ask that one.
+            wait.message = replace(wait.message, flow_id=entry.flow.flow_id)
+            wait.to = self.instances.for_flow(entry.flow)
+            self.counters["rules.moved"] += 1
         wait.attempts += 1
         wait.deadline = now + self.query_timeout
         self._arm(wait.deadline, _RULE, request_id)
@@ -610,6 +645,11 @@ class LayerCore:
                 out.append(LoggedFlowEnded(entry.flow, EndCause.RESTARTED, None))
         return out
 
+    def _current(self, flow: FlowInfo) -> FlowInfo:
+        """``flow`` as its owner knows it now: under its newest flow id if it moved."""
+        entry = self._flows.get(flow_key(flow))
+        return entry.flow if entry is not None and flow.flow_id in entry.moved_from else flow
+
     def _learn(self, flow: FlowInfo, sender: int, now: float, via: str) -> list[Output]:
         key = flow_key(flow)
         out: list[Output] = []
@@ -617,6 +657,22 @@ class LayerCore:
         if old is not None:
             if old.flow == flow and old.sender == sender:
                 self.counters["pushes.repeated" if via == "push" else "answers.repeated"] += 1
+                return out
+            if _moved(old.flow, flow) and flow.flow_id not in self._by_id:
+                self.counters["flows.moved"] += 1
+                if self._by_id.get(old.flow.flow_id) == key:
+                    del self._by_id[old.flow.flow_id]
+                for fid in old.moved_from:
+                    if self._by_moved.get(fid) == key:
+                        del self._by_moved[fid]
+                # Back to an earlier id (a node that never let go of it takes it back): current again.
+                old.moved_from = tuple(f for f in (*old.moved_from, old.flow.flow_id) if f != flow.flow_id)[-MAX_MOVED_FROM:]
+                for fid in old.moved_from:
+                    self._by_moved[fid] = key
+                old.flow, old.sender = flow, sender
+                self._by_id[flow.flow_id] = key
+                if not old.claims:
+                    self._park(key, now)
                 return out
             self.counters["flows.replaced"] += 1
             out += self._remove(key, EndCause.REPLACED)
@@ -654,7 +710,10 @@ class LayerCore:
         self._unclaimed.pop(key, None)
         if self._by_id.get(entry.flow.flow_id) == key:
             del self._by_id[entry.flow.flow_id]
-        return [FlowGone(entry.flow, cause)] if entry.claims else []
+        for fid in entry.moved_from:
+            if self._by_moved.get(fid) == key:
+                del self._by_moved[fid]
+        return [FlowGone(entry.flow, cause, entry.moved_from)] if entry.claims else []
 
     # ---- introspection --------------------------------------------------------------------
 

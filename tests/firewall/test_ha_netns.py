@@ -12,6 +12,7 @@ tcp-relay flow through the gateways' own host (docs/ha.md, "The AG host").
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from firewall.lab.wait import wait_for
-from tests.firewall.ha_harness import AG_PORTS, RELAYED_PORT, REPO, Pair, result, serve, stream, wait_master
+from tests.firewall.ha_harness import AG_PORTS, RELAYED_PORT, REPO, VIP, Pair, result, serve, stream, wait_master
 from tests.gateways.ftp_netns import Vsftpd, make_file, sha256
 
 pytestmark = pytest.mark.netns
@@ -199,6 +200,33 @@ def ftp_get(lab, tmp: Path, name: str, out: Path, rate: str = "") -> subprocess.
     return lab.popen("server", argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+class FtpSession:
+    """One FTP control connection (ftplib on the server, tests/hapeer.py) through the ftp gateway on ag,
+    kept open across the pair's events: each ``get`` is a new data connection, whose rule the
+    gateway asks the control flow's owner of the moment for."""
+
+    def __init__(self, lab) -> None:
+        self.proc = lab.popen("server", [sys.executable, "-m", "tests.hapeer", "ftp", VIP["wan"][1]],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+
+    def get(self, name: str) -> dict:
+        """Download pub/NAME on the open session (ftplib's own 60 s socket timeouts bound the wait)."""
+        self.proc.stdin.write(name + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, f"the FTP session ended (exit {self.proc.poll()})"
+        return json.loads(line)
+
+    def close(self) -> int:
+        self.proc.stdin.close()
+        return self.proc.wait(timeout=30)
+
+
+def taken_over(pair: Pair, node: str, counter: str = "flows.taken_over") -> int:
+    """How many bindings the node's processor took over as it became master (``takeovers``: how many times)."""
+    return pair.status(node)["processors"]["processor-0"]["counters"].get(counter, 0)
+
+
 def test_gateway_flows_through_the_ag_host_survive_failover_kill9_and_failback(lab_factory, tmp_path: Path) -> None:
     """docs/ha.md, "The AG host": tcp-relay and the ftp gateway (allow mode) run on ag under
     `nfgate gateways`; r1 and r2 run processors only, each binding from its half of the pool.
@@ -208,7 +236,12 @@ def test_gateway_flows_through_the_ag_host_survive_failover_kill9_and_failback(l
     kill -9 of r1's keepalived: the other node carries the legs and the data connection on the
     copied conntrack entries, and the gateways on ag never notice. New relayed flows and FTP
     sessions after each event are bound by the master of the moment, from its own half, and
-    the gateways ask that node about them and for their data rules."""
+    the gateways ask that node about them and for their data rules.
+
+    The node that becomes master takes over the bindings of the flows it now carries (docs/ha.md,
+    "Takeover"): an FTP session whose control connection r1 bound downloads a file before the
+    hard failure of r1, another on the same control connection after it (its data rule granted
+    by r2, which took the session over), and a third after the failback (granted by r1 again)."""
     lab = lab_factory("ha")
     pair = Pair(lab, tmp_path, advert=0.3, preempt=3.0, ag=True)
     ftpd = None
@@ -222,6 +255,8 @@ def test_gateway_flows_through_the_ag_host_survive_failover_kill9_and_failback(l
         start = time.monotonic()
         flow = stream(lab, MB, RATE, port=RELAYED_PORT)
         download = ftp_get(lab, tmp_path, "big.bin", tmp_path / "big.got", rate=f"{int(RATE)}M")
+        session = FtpSession(lab)
+        transfers = [session.get("small.bin")]  # its data rule granted by r1
         events = []
 
         def at(name: str) -> None:
@@ -242,6 +277,10 @@ def test_gateway_flows_through_the_ag_host_survive_failover_kill9_and_failback(l
         window = stream(lab, 1, 50.0, port=RELAYED_PORT)  # set up in the failover window: carried or refused
         took = wait_master(pair, "r2", timeout=15)
         at(f"r2 master after {took:.2f} s")
+        wait_for(lambda: taken_over(pair, "r2") >= 3, timeout=10, interval=0.1,
+                 what="r2 to take over r1's bindings (the relayed stream, the download's and the session's control)")
+        at(f"r2 took over {taken_over(pair, 'r2')} bindings")
+        transfers.append(session.get("small.bin"))  # the same session, after the failover: r2's rule
         new_flows("after the failover (bound by r2)")
         window_result = result(window, timeout=90)
 
@@ -249,6 +288,11 @@ def test_gateway_flows_through_the_ag_host_survive_failover_kill9_and_failback(l
         pair.links("r1", "up")
         took = wait_master(pair, "r1", timeout=30)
         at(f"failback: r1 master after {took:.2f} s")
+        # Its second takeover (the first at the start): it takes the flows r2 bound and, unless it
+        # kept them (its bindings outlive a flush whose entries the resync brings back), its own.
+        wait_for(lambda: taken_over(pair, "r1", "takeovers") >= 2, timeout=10, interval=0.1, what="r1 to take over")
+        at(f"r1 took over {taken_over(pair, 'r1')} bindings")
+        transfers.append(session.get("small.bin"))  # and after the failback: r1's again
         new_flows("after the failback")
 
         killed = pair.kill_keepalived("r1")
@@ -269,6 +313,9 @@ def test_gateway_flows_through_the_ag_host_survive_failover_kill9_and_failback(l
         for t, gap in got["stalls"]:
             print(f"  relay stall of {gap:.3f} s at {t:.2f} s")
         print(f"  relayed flow started in the failover window: {window_result}")
+        print(f"  one FTP session's downloads before the failure, after the failover, after the failback: {transfers}")
+        assert [(t["ok"], t["sha256"]) for t in transfers] == [(True, small)] * 3, transfers
+        assert session.close() == 0
         assert got["ok"], got
         assert window_result["ok"] or window_result["bytes"] < (1 << 20), window_result
         assert got["stall"] < 10, got
