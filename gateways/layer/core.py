@@ -66,7 +66,10 @@ node's (the node bit), moves the flow: the entry keeps its claims, takes the
 new flow id and sender, and remembers up to ``MAX_MOVED_FROM`` earlier ids,
 so that a connection holding the flow under an earlier id still claims,
 releases, and sends rule requests (to the new owner, under the new id; a
-pending request is re-aimed at its next resend) and sees its end.
+pending request is re-aimed at its next resend) and sees its end. The
+rules the node it left granted for it end at once (``RuleGone`` EXPIRED):
+no RULE_END may come for them, and a gateway that keeps a rule (the rtp
+gateway's adjacent rule) then asks the new owner at once.
 
 A processor instance that restarts gets a new sender id, and its flow ids
 start again: when flows of an instance's queue (on a router pair, of that
@@ -211,11 +214,12 @@ class _RuleWait:
 
 
 class _Rule:
-    __slots__ = ("request_id", "forget_at")
+    __slots__ = ("request_id", "forget_at", "flow_id")
 
-    def __init__(self, request_id: int, forget_at: float) -> None:
+    def __init__(self, request_id: int, forget_at: float, flow_id: int) -> None:
         self.request_id = request_id
         self.forget_at = forget_at
+        self.flow_id = flow_id  # the flow it was asked for on behalf of (the id it was asked under)
 
 
 _LOOKUP = 0
@@ -267,6 +271,7 @@ class LayerCore:
         self._query_keys: dict[int, FlowKey] = {}
         self._rule_waits: dict[int, _RuleWait] = {}
         self._rules: dict[tuple[int, int], _Rule] = {}  # (sender, rule id)
+        self._rules_of: dict[int, set[tuple[int, int]]] = {}  # flow id -> its acknowledged rules' (sender, rule id)
         self._rule_forget: list[tuple[float, int, int]] = []  # (forget_at, sender, rule id)
         self._timers: list[tuple[float, int, int, object]] = []  # (deadline, tiebreak, kind, ident)
         self._tiebreak = 0
@@ -477,7 +482,8 @@ class LayerCore:
         return out + self._remove(key, EndCause.of(message.reason))
 
     def _on_rule_ack(self, received: Received, message: RuleAck, now: float) -> list[Output]:
-        if self._rule_waits.pop(message.request_id, None) is None:
+        wait = self._rule_waits.pop(message.request_id, None)
+        if wait is None:
             self.counters["rules.reply_ignored"] += 1  # an answer to a resend, or too late
             return []
         self.counters["rules.acked"] += 1
@@ -486,9 +492,34 @@ class LayerCore:
             self.counters["rules.untracked"] += 1  # its RULE_END will be counted unknown
         else:
             forget_at = max(message.expires_ms / 1000.0, now) + RULE_END_GRACE
-            self._rules[ident] = _Rule(message.request_id, forget_at)
+            self._drop_rule(ident)
+            self._rules[ident] = _Rule(message.request_id, forget_at, wait.message.flow_id)
+            self._rules_of.setdefault(wait.message.flow_id, set()).add(ident)
             heapq.heappush(self._rule_forget, (forget_at, *ident))
         return [RuleAnswered(message.request_id, message)]
+
+    def _drop_rule(self, ident: tuple[int, int]) -> _Rule | None:
+        """Stop tracking an acknowledged rule; it, or None if it was not tracked."""
+        rule = self._rules.pop(ident, None)
+        if rule is not None:
+            idents = self._rules_of.get(rule.flow_id)
+            if idents is not None:
+                idents.discard(ident)
+                if not idents:
+                    del self._rules_of[rule.flow_id]
+        return rule
+
+    def _rules_left_behind(self, flow_id: int, sender: int) -> list[Output]:
+        """A flow moved to the other node: the rules the node it left granted for it are no use
+        (the failed node's died with it; the one that stepped back carries no traffic), and no
+        RULE_END may ever come for them: they end now, so that a gateway asks the new owner."""
+        out: list[Output] = []
+        for ident in [i for i in self._rules_of.get(flow_id, ()) if i[0] == sender]:
+            rule = self._drop_rule(ident)
+            if rule is not None:
+                self.counters["rules.left_behind"] += 1
+                out.append(RuleGone(rule.request_id, ident[1], RuleEndReason.EXPIRED))
+        return out
 
     def _on_rule_refused(self, message: RuleRefused) -> list[Output]:
         if self._rule_waits.pop(message.request_id, None) is None:
@@ -498,7 +529,7 @@ class LayerCore:
         return [RuleAnswered(message.request_id, message)]
 
     def _on_rule_end(self, received: Received, message: RuleEnd) -> list[Output]:
-        rule = self._rules.pop((received.sender, message.rule_id), None)
+        rule = self._drop_rule((received.sender, message.rule_id))
         if rule is None:
             self.counters["rules.end_unknown"] += 1
             return []
@@ -551,7 +582,7 @@ class LayerCore:
             _, sender, rule_id = heapq.heappop(self._rule_forget)
             rule = self._rules.get((sender, rule_id))
             if rule is not None and rule.forget_at <= now:
-                del self._rules[(sender, rule_id)]
+                self._drop_rule((sender, rule_id))
                 self.counters["rules.forgotten"] += 1
                 out.append(RuleGone(rule.request_id, rule_id, RuleEndReason.EXPIRED))
         return out
@@ -660,6 +691,7 @@ class LayerCore:
                 return out
             if _moved(old.flow, flow) and flow.flow_id not in self._by_id:
                 self.counters["flows.moved"] += 1
+                out += self._rules_left_behind(old.flow.flow_id, old.sender)
                 if self._by_id.get(old.flow.flow_id) == key:
                     del self._by_id[old.flow.flow_id]
                 for fid in old.moved_from:

@@ -17,12 +17,12 @@ from firewall.rules import build, nft
 from firewall.processor.core import ProcessorCore
 from firewall.processor.kernel import Connection
 from firewall.signalling import (
-    Counters, Encoder, Endpoint, FlowEnd, FlowEndReason, FlowInfo, Guard, NewFlow, Proto, Role, RuleMode, first_serial,
-    flow_id_node, flow_id_queue, make_flow_id,
+    Counters, Encoder, Endpoint, FlowEnd, FlowEndReason, FlowInfo, Guard, NewFlow, Proto, Role, RuleAck, RuleEnd,
+    RuleEndReason, RuleMode, first_serial, flow_id_node, flow_id_queue, make_flow_id,
 )
 from gateways.layer import ProcessorInstances, flow_key
 from gateways.layer.core import LayerCore
-from gateways.layer.outputs import EndCause, FlowGone
+from gateways.layer.outputs import EndCause, FlowGone, RuleAnswered, RuleGone
 from tests.firewall.test_ha import BASE
 
 IP = ipaddress.IPv4Address
@@ -310,3 +310,24 @@ def test_a_moved_flow_ends_for_the_connection_that_holds_it_under_its_first_id(t
     layer.receive(r1.encode(NewFlow(a), T0 + 1.0), T0 + 1.0)
     assert layer.claim(a)
     assert layer.receive(r1.encode(NewFlow(b), T0 + 1.1), T0 + 1.1) == [FlowGone(a, EndCause.REPLACED)]
+
+
+def test_the_rules_the_node_left_granted_end_when_the_flow_moves(tmp_path: Path) -> None:
+    """The failed node sends no RULE_END: an rtp gateway waiting for one to ask its adjacent rule
+    again would wait out the rule's ttl and grace. The move ends them at once."""
+    inst = ProcessorInstances.from_spec(manifests.manifest_for(load(tmp_path), load(tmp_path).gateways[0]).processor)
+    layer = LayerCore(KEY, inst, now=T0 - 1, gateway="relay", query_timeout=0.5, replay_window=5.0)
+    r1, r2 = Encoder(KEY, Role.PROCESSOR, sender_id=1), Encoder(KEY, Role.PROCESSOR, sender_id=2)
+    old = flow("172.31.254.1", 3, 0)
+    new = replace(old, flow_id=make_flow_id(3, first_serial(1) + 5))
+    layer.receive(r1.encode(NewFlow(old), T0), T0)
+    assert layer.claim(old)
+    request_id, _ = layer.request_rule(old, Proto.UDP, Endpoint(IP(C), 40001), Endpoint(IP(V), 5005), 30,
+                                       RuleMode.REDIRECT, True, T0 + 0.1)
+    (answered,) = layer.receive(r1.encode(RuleAck(request_id, 77, int((T0 + 30) * 1000)), T0 + 0.2), T0 + 0.2)
+    assert isinstance(answered, RuleAnswered)
+    out = layer.receive(r2.encode(NewFlow(new), T0 + 1.0), T0 + 1.0)
+    assert out == [RuleGone(request_id, 77, RuleEndReason.EXPIRED)] and layer.counters["rules.left_behind"] == 1
+    # Its late RULE_END (r1 came back) is unknown now, and nothing is forgotten twice.
+    assert layer.receive(r1.encode(RuleEnd(77, RuleEndReason.EXPIRED), T0 + 1.1), T0 + 1.1) == []
+    assert layer.tick(T0 + 40) == [] and layer.counters["rules.forgotten"] == 0

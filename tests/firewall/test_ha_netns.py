@@ -364,8 +364,8 @@ def test_an_rtp_stream_through_the_ag_host_survives_a_failover_and_its_rtcp_foll
     """docs/ha.md, "Takeover": 20 ms RTP from the server to 203.0.113.1:5004 (forwarded to lan's client,
     through the rtp gateway on ag) for 20 s, across a hard failure of r1 and the failback. Its RTCP
     (5005) starts only after the failover and crosses only by the adjacent rule the gateway asks
-    for on behalf of the RTP flow: r1's first rule died with r1, and the gateway, which the takeover
-    told that r2 carries the flow now, asks r2 when it expires. The stall is printed.
+    for on behalf of the RTP flow: r1's rule died with r1, and the gateway, which the takeover
+    told that r2 carries the flow now, drops r1's rule and asks r2 at once. The stall is printed.
 
     The UDP timeouts are the kernel's defaults here, not the lab's fast 5 s: a UDP entry's copy
     on the backup is not refreshed by the traffic the master carries (docs/ha.md, "Not covered")
@@ -413,7 +413,8 @@ def test_an_rtp_stream_through_the_ag_host_survives_a_failover_and_its_rtcp_foll
         # Lost: what the stall at the failover held up (the sender does not retransmit), no more.
         assert got["counts"]["5004"] >= sent_n - 50 * (got["stall"] + 1), got
         assert got["stall"] < 5, got
-        assert got["counts"]["5005"] > 0, f"no RTCP after the failover: {got}"
+        # The move ended r1's rule at the gateway, which asked r2 at once: (nearly) all of it crossed.
+        assert got["counts"]["5005"] >= 300, f"RTCP after the failover: {got}"
         # It crossed the rtp gateway (5005 is not forwarded): the RTCP flow joined the RTP flow's stream.
         joined = [line for line in pair.log("ag").splitlines() if " rtp stream.join " in line]
         assert any("role=rtcp" in line for line in joined), pair.log("ag")[-3000:]
