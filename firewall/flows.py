@@ -268,7 +268,10 @@ class FlowTable:
     """Bindings by key, their pool entries, and their confirmation checks.
 
     ``fw_pool`` supplies F:f (and should be this instance's slice);
-    ``snat_pool``, if given, supplies W:w for ``open(..., snat=True)``.
+    ``snat_pool``, if given, supplies W:w for ``open(..., snat=True)``;
+    ``peer_pool``, on a router pair's node, is the peer's matching slice: it
+    allocates nothing, and holds the F:f of the peer's bindings this node
+    took over (``claim``; docs/ha.md).
     Times are seconds of a monotonic clock; they only move forward.
     """
 
@@ -279,9 +282,11 @@ class FlowTable:
         snat_pool: EndpointPool | None = None,
         *,
         now: float = 0.0,
+        peer_pool: EndpointPool | None = None,
     ) -> None:
         self._t_confirm = _ticks(timeouts.confirm)
         self._fw_pool = fw_pool
+        self._peer_pool = peer_pool
         self._snat_pool = snat_pool
         self._index: dict[int, Binding] = {}
         self._wheel: dict[int, _Ring] = {}
@@ -403,18 +408,26 @@ class FlowTable:
         return True
 
     def claim(self, b: Binding) -> bool:
-        """Register a binding found alive in conntrack (after a restart): its F:f
-        becomes in use again. False if it, or one of its keys, is taken. Its
-        W:w, with SNAT, the caller has in use already (``remove`` releases it).
+        """Register a binding found alive in conntrack (after a restart, or at a pair's
+        takeover): its F:f, of this instance's slice or the peer's, becomes in use again.
+        False if it, or one of its keys, is taken. Its W:w, with SNAT, the caller has in
+        use already (``remove`` releases it).
         """
         f = b.fw
         fw_ep = (f >> 16 & M32, f & M16)
-        if not self._fw_pool.owns(*fw_ep) or self._fw_pool.in_use(*fw_ep):
+        pool = self._pool_of(*fw_ep)
+        if pool is None or pool.in_use(*fw_ep):
             return False
         if not self.create(b, check=False):
             return False
-        self._fw_pool.claim(*fw_ep)
+        pool.reclaim(*fw_ep)
         return True
+
+    def _pool_of(self, addr: int, port: int) -> EndpointPool | None:
+        if self._fw_pool.owns(addr, port):
+            return self._fw_pool
+        peer = self._peer_pool
+        return peer if peer is not None and peer.owns(addr, port) else None
 
     def remove(self, b: Binding) -> bool:
         """Drop a binding and give its pool entries back; False if it was not in the table."""
@@ -426,7 +439,10 @@ class FlowTable:
         del index[b.server_key]
         self._unlink(b)
         f = b.fw
-        self._fw_pool.release(f >> 16 & M32, f & M16)
+        if self._peer_pool is None:
+            self._fw_pool.release(f >> 16 & M32, f & M16)
+        else:
+            self._pool_of(f >> 16 & M32, f & M16).release(f >> 16 & M32, f & M16)  # type: ignore[union-attr]
         if b.state & _SNAT:
             k = b.server_key
             self._snat_pool.release(k >> 32 & M32, k & M16)  # type: ignore[union-attr]

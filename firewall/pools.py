@@ -205,11 +205,15 @@ class EndpointPool:
         else:
             free = self._free
             head = self._head
-            if head >= len(free):
-                self.exhausted += 1
-                return None
-            i = free[head]
-            head += 1
+            while True:
+                if head >= len(free):
+                    self._head = head
+                    self.exhausted += 1
+                    return None
+                i = free[head]
+                head += 1
+                if not bits[i >> 3] & (1 << (i & 7)):
+                    break  # else reclaimed since its release: in use again
             if head >= _COMPACT_AT and head << 1 >= len(free):
                 del free[:head]
                 head = 0
@@ -230,6 +234,19 @@ class EndpointPool:
             raise ValueError(f"{ipaddress.IPv4Address(addr)}:{port} is not a never-used endpoint of this pool")
         self._bits[i >> 3] |= 1 << (i & 7)
         self._used += 1
+
+    def reclaim(self, addr: int, port: int) -> bool:
+        """Mark one endpoint of this slice in use again without ``allocate``, whether or not it
+        was handed out and released before: a binding the kernel carries that this pool let go
+        of (a router pair's node that takes over again, docs/ha.md). False if it is in use or
+        not of this slice. A released endpoint stays in the free list, and ``allocate`` skips
+        it there while it is in use."""
+        i = self._index(addr, port)
+        if i < 0 or self._bits[i >> 3] & (1 << (i & 7)):
+            return False
+        self._bits[i >> 3] |= 1 << (i & 7)
+        self._used += 1
+        return True
 
     def release(self, addr: int, port: int) -> None:
         """Give back an endpoint that ``allocate`` handed out; ValueError if it is not in use."""

@@ -708,6 +708,16 @@ class Config(Frozen):
         pool = self.processor.pools.firewall_side
         return pool if self.ha is None or self._node is None else node_pool(pool, self.ha, self._node)
 
+    @property
+    def peer_pool(self) -> ipaddress.IPv4Network | None:
+        """With [ha] and the gateways on their own host, the peer's half of the firewall-side pool:
+        this node takes over the peer's bindings from there when it becomes master (docs/ha.md,
+        "Takeover"); else None (without a shared gateway nobody would ask about them)."""
+        if self.ha is None or self._node is None or self.gateway_link.mode != "host":
+            return None
+        peer = next(n for n in self.ha.nodes if n != self._node)
+        return node_pool(self.processor.pools.firewall_side, self.ha, peer)
+
     def zone_of(self, ifname: str) -> str | None:
         for zone in self.zones.values():
             if ifname in zone.interfaces:

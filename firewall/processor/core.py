@@ -106,6 +106,9 @@ PASS = 1  # NF_ACCEPT with the mark ``handle`` returns: ``passed`` or ``rewritte
 
 
 IFACE_CACHE_SECONDS = 10.0  # how long an ifindex -> zone answer is trusted
+# On a pair's node that takes bindings over: how long after a leg's destroy event it is looked up
+# again (``_leg_destroyed``); the look-up runs at the first tick (a second apart) after that.
+HA_DESTROY_RECHECK = 0.5
 
 _SYN_FLAGS = SYN | ACK | RST | FIN
 _BLIND = "\0blind"  # the class of the blind-track ifindex; no zone can have this name
@@ -205,9 +208,18 @@ class ProcessorCore:
             config.own_pool, proc.pools.ports, instance=instance, instances=len(queues),
             slice_by=SliceBy.ADDRESS, slicing=Slicing.CONTIGUOUS,
         )
+        # With [ha] and the gateways on their own host, the peer's matching slice of its half: the
+        # F:f of the peer's bindings this node takes over when it becomes master (``adopt``).
+        peer = config.peer_pool
+        self.peer_pool = None if peer is None else EndpointPool(
+            peer, proc.pools.ports, instance=instance, instances=len(queues),
+            slice_by=SliceBy.ADDRESS, slicing=Slicing.CONTIGUOUS,
+        )
         self.snat_pools = SnatPools(proc.pools.snat_ports, instance, len(queues))
         # SnatPools has the two methods FlowTable uses of its SNAT pool.
-        self.table = FlowTable(proc.timeouts, self.fw_pool, self.snat_pools, now=now)  # type: ignore[arg-type]
+        self.table = FlowTable(proc.timeouts, self.fw_pool, self.snat_pools, now=now,  # type: ignore[arg-type]
+                               peer_pool=self.peer_pool)
+        self._rechecks: list[tuple[float, Binding, bool, tuple[int, ...]]] = []  # ``_leg_destroyed``
         link = config.gateway_link
         self.gateway_address = str(link.gateway_address.ip)
         # Each gateway is its own process on its own signalling port (docs/datapath.md,
@@ -731,6 +743,8 @@ class ProcessorCore:
                 # Its first packet never made it into conntrack: no event will come.
                 self.counters["conntrack.never_confirmed"] += 1
                 self.leg_gone(b, leg_a=True, now=now)
+        if self._rechecks:
+            self._recheck(now)
         self._carry(self.rules.tick(now))
         self._ended(self.logged.due(now, self._alive))
         if self.six is not None:
@@ -766,13 +780,38 @@ class ProcessorCore:
         if b is not None:
             g = b.gateway
             if reply[:2] == (g.addr, g.port) and reply[2:] == b.firewall_side:
-                self.leg_gone(b, leg_a=True, now=now)
+                self._leg_destroyed(b, True, (proto, *orig), now)
                 return
         b = self.table.by_firewall_side(proto, dst, dport)
         if b is not None and (src, sport) == (b.gateway.addr, b.ag_eport):
-            self.leg_gone(b, leg_a=False, now=now)
+            self._leg_destroyed(b, False, (proto, *orig), now)
             return
         self.counters["conntrack.destroy_unknown"] += 1
+
+    def _leg_destroyed(self, b: Binding, leg_a: bool, key: tuple[int, ...], now: float) -> None:
+        """A destroy event for one of ``b``'s legs. On a pair's node that takes bindings over
+        (``peer_pool``) it may be conntrackd replacing the entry with the peer's copy (its
+        injection destroys and re-creates an entry it cannot update): the leg is looked up
+        again ``HA_DESTROY_RECHECK`` seconds later (``tick``), and is gone only if it is
+        still missing then."""
+        if self.peer_pool is None:
+            self.leg_gone(b, leg_a=leg_a, now=now)
+        else:
+            self._rechecks.append((now + HA_DESTROY_RECHECK, b, leg_a, key))
+
+    def _recheck(self, now: float) -> None:
+        """The destroyed legs whose look-up is due (``_leg_destroyed``)."""
+        due = [r for r in self._rechecks if r[0] <= now]
+        if not due:
+            return
+        self._rechecks = [r for r in self._rechecks if r[0] > now]
+        for _, b, leg_a, key in due:
+            if self._flows.get(self._flow_of.get(b.client_key, -1)) is not b or b.ended:
+                continue  # ended meanwhile
+            if self._alive(*key):
+                self.counters["conntrack.destroy_recreated"] += 1
+            else:
+                self.leg_gone(b, leg_a=leg_a, now=now)
 
     def leg_gone(self, b: Binding, *, leg_a: bool, now: float) -> None:
         """One leg of ``b`` is gone from conntrack; the binding ends with its last one."""
@@ -785,7 +824,7 @@ class ProcessorCore:
         if b.ended:
             self._end(self._flow_of[b.client_key], FlowEndReason.FIN if b.proto == TCP else FlowEndReason.IDLE)
 
-    def adopt(self, connections: Iterable[Any], now: float) -> int:
+    def adopt(self, connections: Iterable[Any], now: float, takeover: bool = False) -> int:
         """Rebuild the bindings the kernel carried across a restart; how many.
 
         ``connections`` are conntrack's entries with nfgate's mark
@@ -794,23 +833,40 @@ class ProcessorCore:
         claimed, so no new flow can be given an F:f or W:w that is still in use.
         Any other is a log-only gateway's flow (``logged``), if a log-only
         selector names it and its client is steered to this instance.
+
+        ``takeover``: this node of a pair just became master (docs/ha.md,
+        "Takeover"): the bindings of the peer's matching slice too (conntrackd
+        copied their entries), and of this node's own that it let go of when it
+        stepped back; then every binding it holds is pushed (NEW_FLOW) under its
+        flow id here, so that the gateways ask this node about them from now on.
+        Log-only flows are not taken over.
         """
         agents = self.policy.agents
+        peer = self.peer_pool if takeover else None
+        fw_pool = self.fw_pool
+
+        def owns(addr: int, port: int) -> bool:
+            return fw_pool.owns(addr, port) or (peer is not None and peer.owns(addr, port))
+
         legs_a: dict[tuple[int, int, int], Any] = {}
         legs_b: dict[tuple[int, int, int], Any] = {}
         others = []
         for c in connections:
             rsrc, rsport, rdst, rdport = c.reply
-            if self.fw_pool.owns(rdst, rdport) and (rsrc, rsport) in agents:
+            if owns(rdst, rdport) and (rsrc, rsport) in agents:
                 legs_a[(c.proto, rdst, rdport)] = c
-            elif self.fw_pool.owns(c.orig[2], c.orig[3]):
+            elif owns(c.orig[2], c.orig[3]):
                 legs_b[(c.proto, c.orig[2], c.orig[3])] = c
-            elif not self.policy.gateway_leg(c.orig, c.reply):
+            elif not takeover and not self.policy.gateway_leg(c.orig, c.reply):
                 others.append(c)
         self._adopt_logged(others, now)
         adopted = 0
         for (proto, f, fport), a in legs_a.items():
             src, sport, dst, dport = a.orig
+            if takeover:
+                held = self.table.by_key(fw_key(proto, f, fport))
+                if held is not None and held.client_key == flow_key(proto, src, sport, dst, dport):
+                    continue  # never let go of: its flow id stays
             ag = agents[(a.reply[0], a.reply[1])]
             leg_b = legs_b.get((proto, f, fport))
             if leg_b is not None and leg_b.orig[0] == ag.addr:
@@ -849,7 +905,13 @@ class ProcessorCore:
                 continue
             self._register(b, push=False)
             adopted += 1
-        self.counters["flows.adopted"] += adopted
+        if not takeover:
+            self.counters["flows.adopted"] += adopted
+            return adopted
+        self.counters["flows.taken_over"] += adopted
+        self.counters["takeovers"] += 1
+        for fid, b in self._flows.items():
+            self._push(b.info(fid), b.gateway.name, b.gateway.peer)
         return adopted
 
     def adopt6(self, connections: Iterable[Any], now: float) -> int:
@@ -972,7 +1034,9 @@ class ProcessorCore:
             "flows_per_gateway": self.table.per_gateway(),
             "rules": len(self.rules),
             "kernel_ops_in_flight": self.rules.in_flight,
-            "pools": {"firewall_side": pool_stats(self.fw_pool), "snat": self.snat_pools.stats()},
+            "pools": {"firewall_side": pool_stats(self.fw_pool), "snat": self.snat_pools.stats(),
+                      # With [ha] and the AG host: the peer's bindings this node took over (``adopt``).
+                      **({"firewall_side_peer": pool_stats(self.peer_pool)} if self.peer_pool is not None else {})},
         }
 
     def flows(self, now: float, limit: int, acct: dict[tuple[int, ...], tuple[int, int]] | None = None) -> list[dict[str, Any]]:

@@ -225,6 +225,7 @@ class Runner:
         # With [ha], the node's VRRP state file (``_check_standby``) and the (mtime, size) last read.
         self._ha_state = ha.paths(config.ha, config.node).state if config.ha is not None and config.node else None
         self._ha_seen: tuple[int, int] | None = None
+        self._ha_vrrp: str | None = None  # the state last read from it
         self._stop = False
         self._sel = selectors.DefaultSelector()
         self.control = ControlServer(self.control_path, COMMANDS, self, timeout=CONTROL_TIMEOUT,
@@ -382,6 +383,7 @@ class Runner:
                 self._events_seen = False
                 next_reap = now + self.config.processor.timeouts.reap
             if now >= next_tick:
+                self._check_standby()  # a takeover as soon as the node became master, event or not
                 self.core.tick(now, time.time())
                 self.control.expire(now)
                 next_tick = now + TICK
@@ -517,12 +519,27 @@ class Runner:
             return
         self._ha_seen = seen
         state = ha.read_state(self.config, self.config.node or "")["vrrp"]
+        became, self._ha_vrrp = state != self._ha_vrrp, state
+        if became and state == "primary" and self.core.peer_pool is not None:
+            self._take_over()
         standby = state in ("backup", "fault")
         if standby != self.core.standby:
             log.info("queue %d: node %s is %s: %s", self.queue, self.config.node, state,
                      "bindings it loses go on at the peer: their gateways are not told they ended" if standby
                      else "gateways are told when its bindings end")
         self.core.standby = standby
+
+    def _take_over(self) -> None:
+        """This node became master: take over the bindings conntrackd copied from the peer, and
+        those this node let go of when it stepped back (``ProcessorCore.adopt``, docs/ha.md)."""
+        try:
+            taken = self.core.adopt(self.ct.ours(), time.monotonic(), takeover=True)
+        except Exception:  # noqa: BLE001 - the flows go on in the kernel; only their signalling is lost
+            self._internal("takeover.error", "a takeover")
+            return
+        log.info("queue %d: node %s is master: took over %d bindings from conntrack; its %d bindings pushed to "
+                 "their gateways", self.queue, self.config.node, taken, len(self.core.table))
+        self._flush()
 
     def _on_conntrack(self, sock: socket.socket) -> None:
         now = time.monotonic()

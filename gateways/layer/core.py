@@ -58,6 +58,19 @@ pulls it again). Pending queries are bounded by the connections waiting;
 pending rule requests by ``MAX_PENDING_RULES``; acknowledged rules by
 ``MAX_TRACKED_RULES``.
 
+Takeover (docs/ha.md): when a router pair's node becomes master it takes
+over the bindings of the flows it now carries and pushes each (NEW_FLOW)
+under its own flow id. A NEW_FLOW or ANSWER for a known tuple that differs
+from the known flow only in its flow id, and whose flow id is the other
+node's (the node bit), moves the flow: the entry keeps its claims, takes the
+new flow id and sender, and remembers up to ``MAX_MOVED_FROM`` earlier ids,
+so that a connection holding the flow under an earlier id still claims,
+releases, and sends rule requests (to the new owner, under the new id; a
+pending request is re-aimed at its next resend) and sees its end. The
+rules the node it left granted for it end at once (``RuleGone`` EXPIRED):
+no RULE_END may come for them, and a gateway that keeps a rule (the rtp
+gateway's adjacent rule) then asks the new owner at once.
+
 A processor instance that restarts gets a new sender id, and its flow ids
 start again: when flows of an instance's queue (on a router pair, of that
 node's queue: the flow id's node bit) arrive from a new sender, at a newer
@@ -76,6 +89,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter, OrderedDict
+from dataclasses import replace
 
 from firewall.signalling import (
     MAX_QUERY_ATTEMPTS,
@@ -152,17 +166,31 @@ RULE_END_GRACE = 5.0
 
 _U64 = 1 << 64
 
+# Earlier flow ids a moved flow keeps (module docstring, "Takeover"): one per
+# failover or failback it lived through, the oldest forgotten beyond this.
+MAX_MOVED_FROM = 8
+
 
 # ---- state ----------------------------------------------------------------------------
 
 
 class _Entry:
-    __slots__ = ("flow", "sender", "claims")
+    __slots__ = ("flow", "sender", "claims", "moved_from")
 
     def __init__(self, flow: FlowInfo, sender: int) -> None:
         self.flow = flow
         self.sender = sender
         self.claims = 0
+        self.moved_from: tuple[int, ...] = ()
+
+    def holds(self, flow: FlowInfo) -> bool:
+        """Whether ``flow`` is this entry's flow, under its flow id now or an earlier one."""
+        return flow.flow_id == self.flow.flow_id or flow.flow_id in self.moved_from
+
+
+def _moved(old: FlowInfo, new: FlowInfo) -> bool:
+    """Whether ``new`` is ``old`` taken over by the other node of a pair (module docstring)."""
+    return flow_id_node(old.flow_id) != flow_id_node(new.flow_id) and replace(old, flow_id=new.flow_id) == new
 
 
 class _Lookup:
@@ -186,11 +214,12 @@ class _RuleWait:
 
 
 class _Rule:
-    __slots__ = ("request_id", "forget_at")
+    __slots__ = ("request_id", "forget_at", "flow_id")
 
-    def __init__(self, request_id: int, forget_at: float) -> None:
+    def __init__(self, request_id: int, forget_at: float, flow_id: int) -> None:
         self.request_id = request_id
         self.forget_at = forget_at
+        self.flow_id = flow_id  # the flow it was asked for on behalf of (the id it was asked under)
 
 
 _LOOKUP = 0
@@ -233,6 +262,7 @@ class LayerCore:
 
         self._flows: dict[FlowKey, _Entry] = {}
         self._by_id: dict[int, FlowKey] = {}
+        self._by_moved: dict[int, FlowKey] = {}  # an earlier flow id of a moved flow -> its key
         self._unclaimed: OrderedDict[FlowKey, float] = OrderedDict()  # key -> expiry, oldest first
         self._queue_sender: dict[tuple[int, int], tuple[int, int]] = {}  # (queue, node) -> (sender, newest timestamp ms)
         self._logged: OrderedDict[int, _Entry] = OrderedDict()  # flow id -> a flow without a binding
@@ -241,6 +271,7 @@ class LayerCore:
         self._query_keys: dict[int, FlowKey] = {}
         self._rule_waits: dict[int, _RuleWait] = {}
         self._rules: dict[tuple[int, int], _Rule] = {}  # (sender, rule id)
+        self._rules_of: dict[int, set[tuple[int, int]]] = {}  # flow id -> its acknowledged rules' (sender, rule id)
         self._rule_forget: list[tuple[float, int, int]] = []  # (forget_at, sender, rule id)
         self._timers: list[tuple[float, int, int, object]] = []  # (deadline, tiebreak, kind, ident)
         self._tiebreak = 0
@@ -281,7 +312,7 @@ class LayerCore:
         """A connection holds ``flow``: keep it until released. False if it is gone already."""
         key = flow_key(flow)
         entry = self._flows.get(key)
-        if entry is None or entry.flow.flow_id != flow.flow_id:
+        if entry is None or not entry.holds(flow):
             return False
         entry.claims += 1
         self._unclaimed.pop(key, None)
@@ -291,7 +322,7 @@ class LayerCore:
         """A connection no longer holds ``flow``; the last release starts its expiry."""
         key = flow_key(flow)
         entry = self._flows.get(key)
-        if entry is None or entry.flow.flow_id != flow.flow_id or entry.claims == 0:
+        if entry is None or not entry.holds(flow) or entry.claims == 0:
             return
         entry.claims -= 1
         if entry.claims == 0:
@@ -316,6 +347,7 @@ class LayerCore:
         would refuse on its own terms is refused here without asking.
         """
         request_id = self._new_id()
+        flow = self._current(flow)
         message = RuleRequest(request_id, flow.flow_id, proto, src, dst, ttl, mode, one_shot, replaces)
         problem = rule_request_problem(message)
         if problem is None and len(self._rule_waits) >= MAX_PENDING_RULES:
@@ -332,6 +364,7 @@ class LayerCore:
     def request_offload(self, flow: FlowInfo, now: float) -> tuple[int, list[Output]]:
         """Ask the flow's processor instance to hand the flow to the kernel; the request id and what to do now."""
         request_id = self._new_id()
+        flow = self._current(flow)
         message = OffloadRequest(request_id, flow.flow_id)
         if len(self._rule_waits) >= MAX_PENDING_RULES:
             self.counters["offload.refused_local.LIMIT"] += 1
@@ -449,7 +482,8 @@ class LayerCore:
         return out + self._remove(key, EndCause.of(message.reason))
 
     def _on_rule_ack(self, received: Received, message: RuleAck, now: float) -> list[Output]:
-        if self._rule_waits.pop(message.request_id, None) is None:
+        wait = self._rule_waits.pop(message.request_id, None)
+        if wait is None:
             self.counters["rules.reply_ignored"] += 1  # an answer to a resend, or too late
             return []
         self.counters["rules.acked"] += 1
@@ -458,9 +492,34 @@ class LayerCore:
             self.counters["rules.untracked"] += 1  # its RULE_END will be counted unknown
         else:
             forget_at = max(message.expires_ms / 1000.0, now) + RULE_END_GRACE
-            self._rules[ident] = _Rule(message.request_id, forget_at)
+            self._drop_rule(ident)
+            self._rules[ident] = _Rule(message.request_id, forget_at, wait.message.flow_id)
+            self._rules_of.setdefault(wait.message.flow_id, set()).add(ident)
             heapq.heappush(self._rule_forget, (forget_at, *ident))
         return [RuleAnswered(message.request_id, message)]
+
+    def _drop_rule(self, ident: tuple[int, int]) -> _Rule | None:
+        """Stop tracking an acknowledged rule; it, or None if it was not tracked."""
+        rule = self._rules.pop(ident, None)
+        if rule is not None:
+            idents = self._rules_of.get(rule.flow_id)
+            if idents is not None:
+                idents.discard(ident)
+                if not idents:
+                    del self._rules_of[rule.flow_id]
+        return rule
+
+    def _rules_left_behind(self, flow_id: int, sender: int) -> list[Output]:
+        """A flow moved to the other node: the rules the node it left granted for it are no use
+        (the failed node's died with it; the one that stepped back carries no traffic), and no
+        RULE_END may ever come for them: they end now, so that a gateway asks the new owner."""
+        out: list[Output] = []
+        for ident in [i for i in self._rules_of.get(flow_id, ()) if i[0] == sender]:
+            rule = self._drop_rule(ident)
+            if rule is not None:
+                self.counters["rules.left_behind"] += 1
+                out.append(RuleGone(rule.request_id, ident[1], RuleEndReason.EXPIRED))
+        return out
 
     def _on_rule_refused(self, message: RuleRefused) -> list[Output]:
         if self._rule_waits.pop(message.request_id, None) is None:
@@ -470,7 +529,7 @@ class LayerCore:
         return [RuleAnswered(message.request_id, message)]
 
     def _on_rule_end(self, received: Received, message: RuleEnd) -> list[Output]:
-        rule = self._rules.pop((received.sender, message.rule_id), None)
+        rule = self._drop_rule((received.sender, message.rule_id))
         if rule is None:
             self.counters["rules.end_unknown"] += 1
             return []
@@ -523,7 +582,7 @@ class LayerCore:
             _, sender, rule_id = heapq.heappop(self._rule_forget)
             rule = self._rules.get((sender, rule_id))
             if rule is not None and rule.forget_at <= now:
-                del self._rules[(sender, rule_id)]
+                self._drop_rule((sender, rule_id))
                 self.counters["rules.forgotten"] += 1
                 out.append(RuleGone(rule.request_id, rule_id, RuleEndReason.EXPIRED))
         return out
@@ -550,6 +609,13 @@ class LayerCore:
             del self._rule_waits[request_id]
             self.counters["rules.unanswered"] += 1
             return [RuleUnanswered(request_id)]
+        key = self._by_moved.get(wait.message.flow_id)
+        entry = self._flows.get(key) if key is not None else None
+        if entry is not None and wait.message.flow_id in entry.moved_from:
+            # Its flow moved to the other node since it was sent: ask that one.
+            wait.message = replace(wait.message, flow_id=entry.flow.flow_id)
+            wait.to = self.instances.for_flow(entry.flow)
+            self.counters["rules.moved"] += 1
         wait.attempts += 1
         wait.deadline = now + self.query_timeout
         self._arm(wait.deadline, _RULE, request_id)
@@ -610,6 +676,11 @@ class LayerCore:
                 out.append(LoggedFlowEnded(entry.flow, EndCause.RESTARTED, None))
         return out
 
+    def _current(self, flow: FlowInfo) -> FlowInfo:
+        """``flow`` as its owner knows it now: under its newest flow id if it moved."""
+        entry = self._flows.get(flow_key(flow))
+        return entry.flow if entry is not None and flow.flow_id in entry.moved_from else flow
+
     def _learn(self, flow: FlowInfo, sender: int, now: float, via: str) -> list[Output]:
         key = flow_key(flow)
         out: list[Output] = []
@@ -617,6 +688,23 @@ class LayerCore:
         if old is not None:
             if old.flow == flow and old.sender == sender:
                 self.counters["pushes.repeated" if via == "push" else "answers.repeated"] += 1
+                return out
+            if _moved(old.flow, flow) and flow.flow_id not in self._by_id:
+                self.counters["flows.moved"] += 1
+                out += self._rules_left_behind(old.flow.flow_id, old.sender)
+                if self._by_id.get(old.flow.flow_id) == key:
+                    del self._by_id[old.flow.flow_id]
+                for fid in old.moved_from:
+                    if self._by_moved.get(fid) == key:
+                        del self._by_moved[fid]
+                # Back to an earlier id (a node that never let go of it takes it back): current again.
+                old.moved_from = tuple(f for f in (*old.moved_from, old.flow.flow_id) if f != flow.flow_id)[-MAX_MOVED_FROM:]
+                for fid in old.moved_from:
+                    self._by_moved[fid] = key
+                old.flow, old.sender = flow, sender
+                self._by_id[flow.flow_id] = key
+                if not old.claims:
+                    self._park(key, now)
                 return out
             self.counters["flows.replaced"] += 1
             out += self._remove(key, EndCause.REPLACED)
@@ -654,7 +742,10 @@ class LayerCore:
         self._unclaimed.pop(key, None)
         if self._by_id.get(entry.flow.flow_id) == key:
             del self._by_id[entry.flow.flow_id]
-        return [FlowGone(entry.flow, cause)] if entry.claims else []
+        for fid in entry.moved_from:
+            if self._by_moved.get(fid) == key:
+                del self._by_moved[fid]
+        return [FlowGone(entry.flow, cause, entry.moved_from)] if entry.claims else []
 
     # ---- introspection --------------------------------------------------------------------
 

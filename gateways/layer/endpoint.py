@@ -496,7 +496,7 @@ class GatewayLayer:
 
     def _gone(self, out: FlowGone) -> None:
         for hold in list(self._holds.get(flow_key(out.flow), ())):
-            if hold.flow.flow_id == out.flow.flow_id:
+            if hold.flow.flow_id == out.flow.flow_id or hold.flow.flow_id in out.moved_from:
                 hold._end(out.cause)
 
     def _resolve(self, out: FlowKnown) -> None:

@@ -19,7 +19,8 @@ layer must address the owner:
   sent it.
 - A flow the layer already knows also carries its instance in its flow id:
   the NFQUEUE number in the top 16 bits (``flow_id_queue``), the node of a
-  pair in the serial's top bit (``flow_id_node``).
+  pair in the serial's top bit (``flow_id_node``). After a takeover the
+  flow has the new owner's flow id (gateways.layer.core, "Takeover").
 """
 
 from __future__ import annotations

@@ -65,10 +65,13 @@ class FlowNotKnown:
 
 @dataclass(frozen=True, slots=True)
 class FlowGone:
-    """A flow that a connection holds is over: close that connection."""
+    """A flow that a connection holds is over: close that connection. ``moved_from``: the
+    flow ids it had before a router pair's takeovers moved it (a connection may hold it
+    under any of them; ``LayerCore``, "Takeover")."""
 
     flow: FlowInfo
     cause: EndCause
+    moved_from: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

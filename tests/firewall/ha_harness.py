@@ -10,8 +10,9 @@ With ``ag``, the gateways run on the AG host (docs/ha.md, "The AG host"):
 ``gateway_link.mode = "host"`` over each router's ag0, the pair's virtual
 address 172.31.253.1 on that segment, and ``nfgate gateways`` on ag running
 a tcp-relay for wan's tcp 8081 (forwarded like 8080) and the ftp gateway in
-allow mode for wan's tcp 21 (forwarded to lan's client). Then the three
-share one signalling key.
+allow mode for wan's tcp 21 (forwarded to lan's client), and the rtp gateway for
+wan's udp 5004 (forwarded to lan's client; 5005, RTCP, is not forwarded: it
+crosses only by the gateway's adjacent rule). Then the three share one signalling key.
 """
 
 from __future__ import annotations
@@ -113,6 +114,13 @@ proto = "tcp"
 port = 21
 to = "192.168.1.10:21"
 
+[[nat.forward]]
+name = "media"
+from = "wan"
+proto = "udp"
+port = 5004
+to = "192.168.1.10"
+
 [gateway_link]
 mode = "host"
 router_if = "ag0"
@@ -141,6 +149,21 @@ ports = 21
 [gateway.settings]
 data_channel = "allow"
 
+[[gateway]]
+name = "rtp"
+kind = "rtp"
+
+[[gateway.traffic]]
+from = "wan"
+to = "lan"
+proto = "udp"
+ports = 5004
+
+[gateway.settings]
+adjacent = "gateway"
+adjacent_rule_ttl = 2
+no_media_timeout = 10
+
 [ha.virtual.gateway_link]
 address = "172.31.253.1/24"
 vrid = 53
@@ -149,6 +172,7 @@ AG_ADDRESSES = {"r1": ', gateway_link = "172.31.253.2"', "r2": ', gateway_link =
 AG = "ag"
 RELAYED_PORT = 8081
 AG_PORTS = (20000, 20001)  # the relay's and the ftp gateway's G:g on the AG host (gateway_link.port_base)
+RTP_PORT = 20002  # the rtp gateway's (udp)
 
 VIP = {"lan": ("lan0", "192.168.1.1"), "wan": ("wan0", "203.0.113.1")}
 AG_VIP = ("ag0", "172.31.253.1")
@@ -159,9 +183,11 @@ AG_LINKS = LINKS + ("ag0",)
 class Pair:
     """Both nodes under `nfgate run`, their logs, and the failures a test makes."""
 
-    def __init__(self, lab: Any, tmp: Path, advert: float = 0.3, preempt: float = 4.0, ag: bool = False) -> None:
+    def __init__(self, lab: Any, tmp: Path, advert: float = 0.3, preempt: float = 4.0, ag: bool = False,
+                 conntrack: dict[str, int] | None = None) -> None:
         """``ag``: the tcp-relay gateway on the AG host, started there by ``nfgate gateways``
-        (after both routers, which signal to it); one signalling key for the three."""
+        (after both routers, which signal to it); one signalling key for the three.
+        ``conntrack``: timeouts (sysctl names) over ``tests.conntrack.FAST``'s on both nodes."""
         self.lab, self.tmp, self.ag = lab, tmp, ag
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Any] = {}
@@ -179,7 +205,7 @@ class Pair:
                 r1_link=AG_ADDRESSES["r1"] if ag else "", r2_link=AG_ADDRESSES["r2"] if ag else ""))
             self.paths[node] = path
             if node != AG:
-                fast_conntrack(lab, node)
+                fast_conntrack(lab, node, **(conntrack or {}))
         try:
             self.start("r1")
             wait_for(lambda: self.master() == "r1", timeout=30, interval=0.1, what="r1 to become master")
@@ -189,6 +215,7 @@ class Pair:
                 self.start(AG, "gateways")
                 for port in AG_PORTS:
                     lab.wait_listening(AG, port, timeout=10)
+                lab.wait_listening(AG, RTP_PORT, "udp", timeout=10)
         except BaseException:
             self.stop()
             raise

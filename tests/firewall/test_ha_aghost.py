@@ -1,10 +1,11 @@
 """The gateways on their own host (docs/ha.md, "The AG host"): each node's half of the pool, its
 address on the link, the manifest's nodes, the gateway layer's routing to the node that owns a flow,
-and which processes each side starts."""
+which processes each side starts, and the takeover of the peer's bindings by a new master."""
 
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,12 +14,15 @@ from click.testing import CliRunner
 from firewall import config, manifests, supervisor
 from firewall.cli import main
 from firewall.rules import build, nft
+from firewall.processor.core import ProcessorCore
+from firewall.processor.kernel import Connection
 from firewall.signalling import (
-    Encoder, Endpoint, FlowEnd, FlowEndReason, FlowInfo, NewFlow, Proto, Role, first_serial, flow_id_node, flow_id_queue,
-    make_flow_id,
+    Counters, Encoder, Endpoint, FlowEnd, FlowEndReason, FlowInfo, Guard, NewFlow, Proto, Role, RuleAck, RuleEnd,
+    RuleEndReason, RuleMode, first_serial, flow_id_node, flow_id_queue, make_flow_id,
 )
 from gateways.layer import ProcessorInstances, flow_key
 from gateways.layer.core import LayerCore
+from gateways.layer.outputs import EndCause, FlowGone, RuleAnswered, RuleGone
 from tests.firewall.test_ha import BASE
 
 IP = ipaddress.IPv4Address
@@ -189,3 +193,141 @@ def test_check_names_the_ag_host_and_each_nodes_half(tmp_path: Path) -> None:
     assert "gateways on their own host 172.31.253.10 over ag0 (nfgate gateways there)" in out.output
     assert "firewall-side pool by node: r1 172.31.254.0/29, r2 172.31.254.8/29" in out.output
     assert "(the gateways' own host takes IPv4 only)" in out.output
+
+
+# ---- takeover: the master adopts the peer's bindings and the gateways move their flows to it ------------
+
+C, V, S, AGH = "203.0.113.10", "203.0.113.1", "192.168.1.10", "172.31.253.10"
+
+
+def ints(t: tuple[str, int, str, int]) -> tuple[int, int, int, int]:
+    return int(IP(t[0])), t[1], int(IP(t[2])), t[3]
+
+
+def carried(f: str, sport: int = 40000, eport: int = 51000) -> list[Connection]:
+    """Both legs of a relayed flow bound at F:1024 (leg A answered by the relay's G:g, leg B from G:e)."""
+    return [Connection(6, ints((C, sport, V, 8081)), ints((AGH, 20000, f, 1024)), Counters(0, 0)),
+            Connection(6, ints((AGH, eport, f, 1024)), ints((S, 80, C, sport)), Counters(0, 0))]
+
+
+def node_core(tmp: Path, node: str, alive: set[tuple[int, ...]] | None = None) -> ProcessorCore:
+    """Node ``node``'s instance 0; ``alive``: conntrack's original tuples (proto first)."""
+    cfg = load(tmp).for_node(node)
+    return ProcessorCore(cfg, 0, Encoder(KEY, Role.PROCESSOR, sender_id=7), Guard(KEY, Role.PROCESSOR, now=T0 - 1),
+                         route=lambda dst: None, ifname=lambda i: None, local_addresses=lambda: [],
+                         conntrack=lambda *t: alive is None or t in alive, now=100.0, wall=T0)
+
+
+def test_a_new_master_takes_over_the_peers_bindings_and_the_gateway_moves_its_flows(tmp_path: Path) -> None:
+    """docs/ha.md, "Takeover": r2 (master now) adopts r1's relayed flow from the copied conntrack
+    entries and pushes it under r2's flow id; the gateway, which knew it from r1, keeps the
+    connection's claim and sends its rule requests to r2 under the new id. r2 ends it without a
+    FLOW_END when it steps back, and takes it over again (its F:f claimed once more) later."""
+    legs = carried("172.31.254.1")  # r1's half, r1's queue 3 slice: r2's instance 0 takes it over
+    alive = {(6, *c.orig) for c in legs}
+    r2 = node_core(tmp_path, "r2", alive)
+    assert r2.adopt(legs, 100.0) == 0  # a start adopts its own half only
+    assert r2.adopt(legs, 100.0, takeover=True) == 1
+    pools = r2.stats()["pools"]
+    assert r2.counters["flows.taken_over"] == 1 and pools["firewall_side"]["used"] == 0
+    assert pools["firewall_side_peer"]["used"] == 1
+    pushes = r2.take().datagrams  # signalling.copies of one NEW_FLOW, to the relay on the AG host
+    assert pushes and {to[0] for _, to in pushes} == {AGH}
+    inst = ProcessorInstances.from_spec(manifests.manifest_for(load(tmp_path), load(tmp_path).gateways[0]).processor)
+    layer = LayerCore(KEY, inst, now=T0 - 1, gateway="relay", query_timeout=0.5, replay_window=5.0)
+    old = flow("172.31.254.1", 3, 0)
+    for d in Encoder(KEY, Role.PROCESSOR, sender_id=1).encode_copies(NewFlow(old), T0, 1):
+        layer.receive(d, T0)
+    assert layer.claim(old)
+    for push, _ in pushes:
+        layer.receive(push, T0 + 0.1)
+    moved = layer.known(flow_key(old))
+    assert moved is not None and layer.counters["flows.moved"] == 1
+    assert flow_id_node(moved.flow_id) == 1 and replace(moved, flow_id=old.flow_id) == old
+    layer.release(old, T0 + 0.2)
+    assert layer.claim(old)  # the connection holds it under its first id still
+    _, out = layer.request_rule(old, Proto.TCP, Endpoint(IP(C), 0), Endpoint(IP(S), 2000), 30, RuleMode.ALLOW, True, T0 + 0.3)
+    (send,) = out
+    assert send.to == Endpoint(IP("172.31.253.3"), 7500)
+    got = Guard(KEY, Role.PROCESSOR, now=T0 - 1).check(send.data, T0 + 0.3)
+    assert got.message.flow_id == moved.flow_id
+    # conntrackd replaces an entry with the peer's copy (destroyed, then created again): nothing ends.
+    r2.conntrack_destroyed(6, legs[0].orig, legs[0].reply, 100.5)
+    r2.tick(100.8, T0 + 0.8)
+    assert len(r2.table) == 1  # not looked up again yet
+    r2.tick(101.1, T0 + 1.1)
+    assert len(r2.table) == 1 and r2.counters["conntrack.destroy_recreated"] == 1 and r2.take().datagrams == []
+    # r2 steps back: its table is flushed, the binding goes without a FLOW_END, and its F:f back.
+    r2.standby = True
+    alive.clear()
+    r2.conntrack_destroyed(6, legs[0].orig, legs[0].reply, 101.2)
+    r2.conntrack_destroyed(6, legs[1].orig, legs[1].reply, 101.2)
+    r2.tick(101.8, T0 + 1.8)
+    assert r2.take().datagrams == [] and len(r2.table) == 0 and r2.stats()["pools"]["firewall_side_peer"]["used"] == 0
+    assert r2.counters["signalling.held.flow_end_standby"] == 1
+    # Master again later: the same F:f is taken over again (the pool let it go once).
+    r2.standby = False
+    assert r2.adopt(legs, 102.0, takeover=True) == 1 and len(r2.take().datagrams) == len(pushes)
+
+
+def test_a_takeover_keeps_what_the_node_never_let_go_of_and_pushes_it_again(tmp_path: Path) -> None:
+    """r1 took its own flow, kept its binding (in fault, its table was not flushed), and takes over
+    again: the binding stays under its flow id, and the push under it moves the gateway's flow back."""
+    r1 = node_core(tmp_path, "r1")
+    legs = carried("172.31.254.1")
+    assert r1.adopt(legs, 100.0) == 1  # its own half, at start
+    fid = next(iter(r1.flows(100.0, 10)))["flow_id"]
+    r1.take()
+    assert r1.adopt(legs, 101.0, takeover=True) == 0 and r1.counters["conntrack.adopt_conflict"] == 0
+    push = r1.take().datagrams[0][0]
+    got = Guard(KEY, Role.GATEWAY, now=T0 - 1).check(push, T0)
+    assert got.message.flow.flow_id == fid and len(r1.table) == 1
+
+
+def test_a_moved_flow_ends_for_the_connection_that_holds_it_under_its_first_id(tmp_path: Path) -> None:
+    inst = ProcessorInstances.from_spec(manifests.manifest_for(load(tmp_path), load(tmp_path).gateways[0]).processor)
+    layer = LayerCore(KEY, inst, now=T0 - 1, gateway="relay", query_timeout=0.5, replay_window=5.0)
+    r1, r2 = Encoder(KEY, Role.PROCESSOR, sender_id=1), Encoder(KEY, Role.PROCESSOR, sender_id=2)
+    old = flow("172.31.254.1", 3, 0)
+    new = replace(old, flow_id=make_flow_id(3, first_serial(1) + 5))
+    layer.receive(r1.encode(NewFlow(old), T0), T0)
+    assert layer.claim(old)
+    # A pending rule request follows the flow: its resend goes to r2, under the new id.
+    request_id, (first,) = layer.request_rule(old, Proto.TCP, Endpoint(IP(C), 0), Endpoint(IP(S), 2000), 30,
+                                              RuleMode.ALLOW, True, T0 + 0.1)
+    assert first.to == Endpoint(IP("172.31.253.2"), 7500)
+    assert layer.receive(r2.encode(NewFlow(new), T0 + 0.2), T0 + 0.2) == []  # moved: nothing closes
+    (again,) = layer.tick(T0 + 0.7)
+    assert again.to == Endpoint(IP("172.31.253.3"), 7500) and layer.counters["rules.moved"] == 1
+    assert Guard(KEY, Role.PROCESSOR, now=T0 - 1).check(again.data, T0 + 0.7).message.flow_id == new.flow_id
+    # r1's late FLOW_END (its old id) ends nothing; r2's does, for the holder of the old id.
+    assert layer.receive(r1.encode(FlowEnd(old.flow_id, FlowEndReason.FIN), T0 + 0.8), T0 + 0.8) == []
+    out = layer.receive(r2.encode(FlowEnd(new.flow_id, FlowEndReason.FIN), T0 + 0.9), T0 + 0.9)
+    assert out == [FlowGone(new, EndCause.FIN, (old.flow_id,))]
+    # Within one node, a new flow id for the tuple is a new binding: the old one is replaced (closed).
+    a = replace(old, flow_id=make_flow_id(3, first_serial(0) + 9))
+    b = replace(old, flow_id=make_flow_id(3, first_serial(0) + 10))
+    layer.receive(r1.encode(NewFlow(a), T0 + 1.0), T0 + 1.0)
+    assert layer.claim(a)
+    assert layer.receive(r1.encode(NewFlow(b), T0 + 1.1), T0 + 1.1) == [FlowGone(a, EndCause.REPLACED)]
+
+
+def test_the_rules_the_node_left_granted_end_when_the_flow_moves(tmp_path: Path) -> None:
+    """The failed node sends no RULE_END: an rtp gateway waiting for one to ask its adjacent rule
+    again would wait out the rule's ttl and grace. The move ends them at once."""
+    inst = ProcessorInstances.from_spec(manifests.manifest_for(load(tmp_path), load(tmp_path).gateways[0]).processor)
+    layer = LayerCore(KEY, inst, now=T0 - 1, gateway="relay", query_timeout=0.5, replay_window=5.0)
+    r1, r2 = Encoder(KEY, Role.PROCESSOR, sender_id=1), Encoder(KEY, Role.PROCESSOR, sender_id=2)
+    old = flow("172.31.254.1", 3, 0)
+    new = replace(old, flow_id=make_flow_id(3, first_serial(1) + 5))
+    layer.receive(r1.encode(NewFlow(old), T0), T0)
+    assert layer.claim(old)
+    request_id, _ = layer.request_rule(old, Proto.UDP, Endpoint(IP(C), 40001), Endpoint(IP(V), 5005), 30,
+                                       RuleMode.REDIRECT, True, T0 + 0.1)
+    (answered,) = layer.receive(r1.encode(RuleAck(request_id, 77, int((T0 + 30) * 1000)), T0 + 0.2), T0 + 0.2)
+    assert isinstance(answered, RuleAnswered)
+    out = layer.receive(r2.encode(NewFlow(new), T0 + 1.0), T0 + 1.0)
+    assert out == [RuleGone(request_id, 77, RuleEndReason.EXPIRED)] and layer.counters["rules.left_behind"] == 1
+    # Its late RULE_END (r1 came back) is unknown now, and nothing is forgotten twice.
+    assert layer.receive(r1.encode(RuleEnd(77, RuleEndReason.EXPIRED), T0 + 1.1), T0 + 1.1) == []
+    assert layer.tick(T0 + 40) == [] and layer.counters["rules.forgotten"] == 0

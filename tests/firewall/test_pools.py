@@ -57,6 +57,28 @@ def test_reuse_is_never_used_first_then_longest_released() -> None:
     assert pool.allocate() is None
 
 
+def test_a_released_endpoint_reclaimed_is_skipped_until_released_again() -> None:
+    """A pair's node that takes its own flows back (docs/ha.md, "Takeover") reclaims endpoints it
+    released: the free list still names them, and allocate passes them by while they are in use."""
+    pool = EndpointPool(WAN, range(3000, 3003), slice_by=SliceBy.PORT)
+    a, b, c = pool.allocate(), pool.allocate(), pool.allocate()
+    assert a and b and c
+    pool.release(*a)
+    pool.release(*b)
+    assert pool.reclaim(*a) and not pool.reclaim(*a) and not pool.reclaim(*c)  # in use: refused
+    assert not pool.reclaim(int(WAN[0]), 4000)  # not of this pool
+    assert len(pool) == 2
+    assert pool.allocate() == b  # a is passed by
+    assert pool.allocate() is None
+    pool.release(*a)
+    pool.reclaim(*a)
+    pool.release(*a)  # in the free list twice now: handed out once
+    assert pool.allocate() == a and pool.allocate() is None and len(pool) == 3
+    # An endpoint never handed out is reclaimed as claim would.
+    fresh = EndpointPool(WAN, range(3000, 3002), slice_by=SliceBy.PORT)
+    assert fresh.reclaim(int(WAN[0]), 3000) and fresh.allocate() == (int(WAN[0]), 3001) and fresh.allocate() is None
+
+
 def test_fifo_order_survives_compaction() -> None:
     pool = EndpointPool(WAN, range(1024, 1024 + 20000), slice_by=SliceBy.PORT)
     eps = _drain(pool)
