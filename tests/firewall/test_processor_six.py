@@ -514,3 +514,26 @@ def test_a_restarted_processor_adopts_its_ipv6_log_only_flows() -> None:
     fresh.core.conntrack_destroyed(TCP, logged.orig, logged.reply, T0 + 1, Counters(1, 60, 1, 60))
     (end,) = fresh.messages()
     assert isinstance(end, FlowEnd) and end.flow_id == msg.flow.flow_id and end.counters.bytes_up == 60
+
+
+MASQ6_RTP = MASQ6.replace('name = "relay"\nkind = "tcp-relay"', 'name = "media"\nkind = "rtp"').replace(
+    'proto = "tcp"\nports = 9000', 'proto = "udp"\nports = "5004-5005"') + '[gateway.settings]\nadjacent = "processor"\n'
+
+
+def test_the_adjacent_rules_flow_into_a_masquerade6_zone_leaves_from_w6_too() -> None:
+    """An outbound RTP flow behind masquerade6: its leg B leaves from W6:w; RTCP beside it, bound by
+    the processor's adjacent REDIRECT, gets its own W6:w' (as IPv4's redirected flows do)."""
+    rig = Rig6(MASQ6_RTP, routes=masq_route)
+    rtp = IPv6(src=LANC, dst=EXTS) / ScapyUDP(sport=40000, dport=5004) / b"\x80\x00\x00\x01"
+    assert rig.send(rtp, LAN0)[0] == PASS, dict(rig.core.counters)
+    (new,) = rig.messages()
+    assert str(new.flow.snat) == f"[{W6}]:61000"
+    out = rig.core.take()
+    for op in out.kernel_ops:  # the adjacent rule into the kernel
+        rig.core.kernel_done(op.token, True, T0)
+    rtcp = IPv6(src=LANC, dst=EXTS) / ScapyUDP(sport=40001, dport=5005) / b"\x80\xc8\x00\x01"
+    verdict, ops, _ = rig.send(rtcp, LAN0)
+    assert verdict == PASS and rig.core.counters["rules.redirected_flows"] == 1, dict(rig.core.counters)
+    assert ops[-1][0] == LEGB_SNAT6_MAP and ops[-1][3] == (i6(W6), 61001)
+    (new,) = [m for m in rig.messages() if isinstance(m, NewFlow)]
+    assert new.flow.original_dst.port == 5005 and str(new.flow.snat) == f"[{W6}]:61001"

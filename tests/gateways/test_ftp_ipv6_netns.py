@@ -1,8 +1,8 @@
 """The ftp gateway over IPv6 in the dual lab, with real peers (issue 17; RFC 2428).
 
 ext (2001:db8:2::10) - router - lan (fd00:1::10), IPv6 routed both ways (ext
-is given a route to lan's ULA through the router: no NAT66, which a gateway
-flow cannot cross yet). vsftpd listens on IPv6 in lan (inbound sessions)
+is given a route to lan's ULA through the router: no NAT66, but for the last
+test, where an outbound session crosses nat.masquerade6). vsftpd listens on IPv6 in lan (inbound sessions)
 and in ext (outbound); curl and lftp in both data modes RFC 2428 has (EPSV,
 EPRT), get and put, through the gateway; the router drops what no rule
 passes, so every data connection crossed by the dynamic rule the gateway
