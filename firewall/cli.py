@@ -372,7 +372,7 @@ def _ipv6_why(kind: str, host: bool, ipv6_kinds: list[str]) -> str:
         return f"a {kind} gateway takes IPv4 only; kinds that take IPv6: {', '.join(ipv6_kinds)}"
     if host:
         return "the gateways' own host takes IPv4 only"
-    return "a log-only gateway, or a selector whose addresses are IPv4 only"
+    return "a selector whose addresses are IPv4 only"
 
 
 def node_view(config: Config, node: str | None = None, strict: bool = True) -> Config:

@@ -11,8 +11,8 @@ and ``apply`` print them and go on.
   gateway (rules.build, ``admit_*`` chains); a selector whose traffic no
   rule or port forward accepts in full brings the gateway only part of it,
   or nothing.
-- IPv6 a gateway cannot take: a selector that takes IPv4 only (a log-only
-  tcp-relay's, or one whose addresses are IPv4 only; every kind takes IPv6,
+- IPv6 a gateway cannot take: a selector that takes IPv4 only (one whose
+  addresses are IPv4 only; every kind takes IPv6, log-only too,
   ``Gateway.takes_ipv6``) has the IPv6 on its
   ports dropped by the ruleset, counted
   (rules.build._ipv6_drops; never a bypass). A rule or policy that accepts
@@ -140,7 +140,7 @@ def _ipv6(config: Config, name: str, t: Traffic, counter: str, takes: bool) -> l
         return []  # the rules' and the forwards' IPv6 is relayed like their IPv4
     what = f"IPv6 {t.proto} {', '.join(map(str, t.ports))} from {t.from_zone} to {t.to_zone}"
     why = ("the gateways' own host takes IPv4 only" if config.gateway_link.mode == "host"
-           else "this selector takes IPv4 only (its kind, log-only, or IPv4 addresses)")
+           else "this selector takes IPv4 only (its kind, or IPv4 addresses)")
     dropped = (f"{why}, so nfgate drops {what} "
                f"(counted as {counter}, shown by `nfgate status`) rather than let it skip gateway {name}")
     if t.to_zone != ROUTER:

@@ -305,7 +305,8 @@ class EndpointPool:
 
 
 class SnatPools:
-    """W:w for leg B through masquerade: one port-sliced pool per egress address.
+    """W:w for leg B through masquerade: one port-sliced pool per egress address
+    (IPv4, or an IPv6 W6 for ``nat.masquerade6``: addresses above 2**32 are IPv6's).
 
     ``FlowTable`` draws from one SNAT pool; this stands in for it so that a
     router with several wan addresses SNATs each flow to the address its
@@ -326,7 +327,7 @@ class SnatPools:
         pool = self._pools.get(addr)
         if pool is None:
             pool = self._pools[addr] = EndpointPool(
-                [ipaddress.IPv4Address(addr)], self._ports, instance=self._instance, instances=self._instances,
+                ipaddress.ip_network(addr), self._ports, instance=self._instance, instances=self._instances,
                 slice_by=SliceBy.PORT, slicing=Slicing.CONTIGUOUS,
             )
         self._want = pool
@@ -350,7 +351,7 @@ class SnatPools:
         return True
 
     def stats(self) -> dict[str, dict[str, int]]:
-        return {str(ipaddress.IPv4Address(a)): pool_stats(p) for a, p in self._pools.items()}
+        return {str(ipaddress.ip_address(a)): pool_stats(p) for a, p in self._pools.items()}
 
 
 def pool_stats(pool: EndpointPool) -> dict[str, int]:

@@ -1,6 +1,7 @@
 """Bulk TCP peers for the datapath tests: a known byte stream, checked by sha256.
 
-    python bulkpeer.py serve PORT                 # each connection: read a command line, then act
+    python bulkpeer.py serve PORT [ADDR]          # each connection: read a command line, then act
+                                                  # (ADDR "::": IPv6 too; default 0.0.0.0)
     python bulkpeer.py get HOST PORT MB [PAUSE]   # download MB MiB; with PAUSE MiB, stop there
                                                   # and wait for a line on stdin before the rest
     python bulkpeer.py put HOST PORT MB           # upload MB MiB; the server answers its digest
@@ -53,8 +54,9 @@ def _serve_one(conn: socket.socket) -> None:
             conn.sendall(h.hexdigest().encode() + b"\n")
 
 
-def serve(port: int) -> None:
-    srv = socket.create_server(("0.0.0.0", port), reuse_port=True, backlog=128)
+def serve(port: int, addr: str = "0.0.0.0") -> None:
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    srv = socket.create_server((addr, port), family=family, reuse_port=True, backlog=128)
     print("listening", flush=True)
     while True:
         conn, _ = srv.accept()
@@ -116,7 +118,7 @@ def churn(host: str, port: int, count: int, threads: int) -> int:
 if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "serve":
-        serve(int(args[0]))
+        serve(int(args[0]), *args[1:2])
     elif mode == "get":
         sys.exit(get(args[0], int(args[1]), int(args[2]), int(args[3]) if len(args) > 3 else None))
     elif mode == "put":

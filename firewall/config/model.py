@@ -583,8 +583,8 @@ class Gateway(Frozen):
             report(info, f"{self.source}.traffic", "a gateway needs at least one [[gateway.traffic]] selector")
         for item in self.traffic:
             v6 = [n for n in item.saddr + item.daddr if n.version == 6]
-            if v6 and not (kind.ipv6 and not kind.log_only(self.settings)):
-                report(info, item.source, f"IPv6 addresses ({v6[0]}), but a {'log-only ' if kind.log_only(self.settings) else ''}"
+            if v6 and not kind.ipv6:
+                report(info, item.source, f"IPv6 addresses ({v6[0]}), but a "
                        f"{self.kind} gateway takes IPv4 only (kinds that take IPv6: "
                        f"{', '.join(k.name for k in KINDS if k.ipv6)})")
             elif v6 and not item.names(6) and item.names(4):
@@ -606,10 +606,15 @@ class Gateway(Frozen):
 
     def takes_ipv6(self, t: Traffic) -> bool:
         """Whether selector ``t`` queues IPv6 to this gateway (issue 17): its kind takes IPv6
-        (``Kind.ipv6``), it relays (not log-only), and its addresses, if any, name IPv6
-        (``Traffic.names``). Otherwise the IPv6 on its ports is dropped and counted."""
-        kind = KINDS[self.kind]
-        return self._ipv6_link and kind.ipv6 and not kind.log_only(self.settings) and t.names(6)
+        (``Kind.ipv6``; a log-only tcp-relay's too, its flows carried by the kernel), and its
+        addresses, if any, name IPv6 (``Traffic.names``). Otherwise the IPv6 on its ports is
+        dropped and counted."""
+        return self._ipv6_link and KINDS[self.kind].ipv6 and t.names(6)
+
+    @property
+    def log_only(self) -> bool:
+        """Whether the processor lets its flows pass unbound (``Kind.log_only``)."""
+        return KINDS[self.kind].log_only(self.settings)
 
     @property
     def listen_ports(self) -> range:
@@ -820,7 +825,7 @@ def _check_pool6(info: ValidationInfo, config: Config) -> None:
 def _check_snat_ports(info: ValidationInfo, config: Config) -> None:
     """The kernel's masquerade takes the ports below the processor's SNAT pool (rules.build)."""
     snat = config.processor.pools.snat_ports
-    if config.gateways and config.nat.masquerade and snat.first <= 1024:
+    if config.gateways and (config.nat.masquerade or config.nat.masquerade6) and snat.first <= 1024:
         report(info, "processor.pools.snat_ports",
                f"{snat} leaves nat.masquerade no ports below it (masquerade takes 1024 to {snat.first - 1}): "
                "start the pool higher, e.g. \"61000-65535\"")

@@ -227,6 +227,7 @@ class ProcessorCore:
         self.gateway_peers = {g.name: (self.gateway_address, config.gateway_signalling_port(g.name)) for g in config.gateways}
         self._copies = config.signalling.copies
         self._masq = frozenset(config.nat.masquerade)
+        self._masq6 = frozenset(config.nat.masquerade6)
         self._zone_of_if = {i: z.name for z in config.zones.values() for i in z.interfaces}
         self.policy = Policy(config)
         # A gateway of several workers: which one takes a new flow (spread.py); a
@@ -243,7 +244,8 @@ class ProcessorCore:
         self._flow_of: dict[int, int] = {}  # binding.client_key -> flow id
         self.logged = LoggedFlows(proc.timeouts.confirm, self.counters)
         # IPv6 flows are steered as IPv4 ones (firewall.rules.build): each instance has its own.
-        self.six = SixFlows(config, instance, self.policy, self.counters, local_addresses=local_addresses6) \
+        self.six = SixFlows(config, instance, self.policy, self.counters, local_addresses=local_addresses6,
+                            snat_pools=self.snat_pools) \
             if any(g.takes_ipv6(t) for g in config.gateways for t in g.traffic) else None
         self.rules = RuleBook(
             config, instance, self.queue, counters=self.counters, gateway_peers=self.gateway_peers,
@@ -348,8 +350,15 @@ class ProcessorCore:
                 route = self._route(server[0])
         if route is None:
             return self._pass("passed.no_route", mark)
+        if sel.log_only and sel.gateway.takes_ipv6(sel.traffic):
+            # As for IPv4 (``_new``): no binding, the kernel carries it.
+            if self._zone(route) != sel.traffic.to_zone:
+                return self._pass("passed.other_zone", mark)
+            if proto == TCP and pkt.flags & _SYN_FLAGS != SYN:
+                return self._drop("drop.not_new_flow", mark)
+            return self._log_only(pkt, sel, server, mark, now)
         why, b, ops = six.request(pkt, sel, where, self._zone(route), self.spread.pick(sel.ag), now, next(self._serial),
-                                  server)
+                                  server, route.prefsrc)
         self._six_ended()
         if b is None:
             return self._pass(why, mark) if why.startswith("passed.") else self._drop(why, mark)
@@ -363,7 +372,8 @@ class ProcessorCore:
         """An IPv6 first packet that a REDIRECT expects: a binding into the rule's gateway worker."""
         six = self.six
         assert six is not None
-        why, b, ops = six.redirect(pkt, rule.server, self._zone(route), rule.gateway, now, next(self._serial))
+        why, b, ops = six.redirect(pkt, rule.server, self._zone(route), rule.gateway, now, next(self._serial),
+                                   route.prefsrc)
         self._six_ended()
         if b is None:
             return self._drop(why, mark)
@@ -580,7 +590,8 @@ class ProcessorCore:
         if self.logged.full:
             self.counters["flows.logged_untracked"] += 1
             return verdict
-        info = flow_info(make_flow_id(self.queue, next(self._serial)), key, sel, server)
+        info = flow_info(make_flow_id(self.queue, next(self._serial)), key, sel, server,
+                         self.six.g6 if self.six is not None else 0)
         self.logged.add(key, info, now)
         self._push(info, sel.gateway.name)
         return verdict
@@ -611,12 +622,12 @@ class ProcessorCore:
         """Whether conntrack holds connections whose end the processor waits for."""
         return bool(len(self.table) or len(self.logged) or (self.six is not None and len(self.six)))
 
-    def _forward_target_any(self, proto: int, src: int, dst: int, dport: int) -> tuple[int, int] | None:
-        """A port forward's S:s for a flow whose ingress zone is unknown (adoption)."""
+    def _forward_target_any(self, proto: int, src: int, dst: int, dport: int, six: bool = False) -> tuple[int, int] | None:
+        """A port forward's S:s for a flow whose ingress zone is unknown (adoption); ``six``: IPv6's."""
         route = self._route(dst)
         if route is None or not route.local:
             return None
-        return self.policy.forward_target_any(proto, src, dport)
+        return self.policy.forward_target_any(proto, src, dport, six)
 
     def _open(self, pkt: Packet, ag: AgEndpoint, server: tuple[int, int] | None, route: Route, now: float) -> Binding | str:
         """A binding for a new flow, or the counter name of why not."""
@@ -920,25 +931,31 @@ class ProcessorCore:
             return 0
 
         def target(proto: int, src: int, dst: int, dport: int) -> tuple[int, int] | None:
-            route = self._route(dst)
-            if route is None or not route.local:
-                return None
-            return self.policy.forward_target_any(proto, src, dport, six=True)
+            return self._forward_target_any(proto, src, dst, dport, six=True)
 
-        adopted = len(self.six.adopt(connections, now, lambda: next(self._serial), target))
+        def masq_source(server: int) -> int | None:
+            route = self._route(server)
+            return route.prefsrc if route is not None and self._zone(route) in self._masq6 else None
+
+        connections = list(connections)
+        six = self.six
+        self._adopt_logged([c for c in connections if not six.leg(c)], now, six=True)
+        adopted = len(six.adopt(connections, now, lambda: next(self._serial), target, masq_source))
         self.counters["flows.adopted"] += adopted
         return adopted
 
-    def _adopt_logged(self, connections: list[Any], now: float) -> None:
+    def _adopt_logged(self, connections: list[Any], now: float, six: bool = False) -> None:
         """Log-only flows the kernel carried across a restart: tracked and pushed again
-        under new flow ids (the only ones this instance can end)."""
+        under new flow ids (the only ones this instance can end). ``six``: IPv6 connections."""
+        g6 = self.six.g6 if self.six is not None else 0
         for c in connections:
             src, _, dst, dport = c.orig
-            sel = self.policy.log_only_selector(c.proto, src, dst, dport)
+            sel = self.policy.log_only_selector(c.proto, src, dst, dport, six)
             if sel is None or self.policy.client_instance(src) != self.instance:
                 continue  # not a log-only flow, or steered to another instance
             key = (c.proto, *c.orig)
-            info = flow_info(make_flow_id(self.queue, next(self._serial)), key, sel, self._forward_target_any(c.proto, src, dst, dport))
+            info = flow_info(make_flow_id(self.queue, next(self._serial)), key, sel,
+                             self._forward_target_any(c.proto, src, dst, dport, six), g6)
             if self.logged.adopt(key, info, now):
                 self.counters["flows.adopted_logged"] += 1
                 self._push(info, sel.gateway.name)

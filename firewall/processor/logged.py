@@ -52,9 +52,10 @@ _OPENED = {"logged": "flows.logged", "offloaded": "flows.kernel_carried"}
 _ENDED = {"logged": "flows.ended.logged", "offloaded": "flows.ended.kernel_carried"}
 
 
-def flow_info(flow_id: int, key: CtKey, sel: Selector, server: tuple[int, int] | None) -> FlowInfo:
-    """NEW_FLOW's flow for a log-only connection: no F:f; the server is the port forward's, or its destination."""
-    return kernel_flow_info(flow_id, key, sel.ag, server)
+def flow_info(flow_id: int, key: CtKey, sel: Selector, server: tuple[int, int] | None, g6: int = 0) -> FlowInfo:
+    """NEW_FLOW's flow for a log-only connection: no F:f; the server is the port forward's, or its
+    destination; an IPv6 one's G is ``g6``."""
+    return kernel_flow_info(flow_id, key, sel.ag, server, g6)
 
 
 def kernel_flow_info(flow_id: int, key: CtKey, ag: AgEndpoint, server: tuple[int, int] | None,

@@ -111,10 +111,12 @@ class Policy:
                 return candidate
         return None
 
-    def log_only_selector(self, proto: int, src: int, dst: int, dport: int) -> Selector | None:
-        """The first log-only selector, of any zone, that names this flow (adoption: the zone is not known)."""
+    def log_only_selector(self, proto: int, src: int, dst: int, dport: int, six: bool = False) -> Selector | None:
+        """The first log-only selector, of any zone, that names this flow (adoption: the zone is not
+        known); ``six``: an IPv6 flow, which only a selector that takes IPv6 names."""
         found = (s for (_, p), group in self.selectors.items() if p == proto
-                 for s in group if s.log_only and s.matches(src, dst, dport))
+                 for s in group if s.log_only and s.matches(src, dst, dport, six)
+                 and (not six or s.gateway.takes_ipv6(s.traffic)))
         return next(found, None)
 
     def forward_target(self, zone: str, proto: int, src: int, dport: int, six: bool = False) -> tuple[int, int] | None:

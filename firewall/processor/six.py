@@ -16,9 +16,11 @@ rulebook checks an IPv6 flow's requests as an IPv4 one's; ``redirect``
 binds the first packet a REDIRECT expects, ``offload`` hands a binding to
 the kernel (OFFLOAD_REQUEST: its elements and leg A's connection go, leg
 B's is the offload's ALLOW's to hold). What this slice does not do
-yet, so the ruleset never sends it here: log-only over IPv6,
-SNAT of leg B (a server behind ``nat.masquerade6``: dropped,
-``drop.ipv6.masquerade6``). Several instances share IPv6 as they share
+yet, so the ruleset never sends it here: a selector whose addresses are
+IPv4 only. A server behind ``nat.masquerade6`` sees leg B from the router's
+W6:w as IPv4's sees W:w (``Binding6.seen_as``): W6 is the route's source to
+the server (the address the kernel's masquerade would take), w from the
+SNAT pools shared with IPv4 (``SnatPools``, one per address). Several instances share IPv6 as they share
 IPv4: each one's requests by the low bits of the client's address, and
 its own slice of the IPv6 pool, and its flows' dynamic rules are its own. A
 processor that restarts adopts its IPv6 bindings from conntrack
@@ -41,13 +43,13 @@ from __future__ import annotations
 import ipaddress
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, Callable, Iterable
 
 from firewall.config import Config
 from firewall.config.model import ROUTER
 from firewall.flows import AgEndpoint
 from firewall.packet import ACK, FIN, RST, SYN, TCP, Packet
-from firewall.pools import EndpointPool, SliceBy, Slicing
+from firewall.pools import EndpointPool, SliceBy, Slicing, SnatPools
 from firewall.processor.policy import Policy, Selector
 from firewall.rules.bind import DNAT6_MAP, LEGB_DNAT6_MAP, LEGB_SNAT6_MAP, SNAT6_MAP
 from firewall.signalling import Endpoint, FlowEnd, FlowEndReason, FlowInfo, make_flow_id
@@ -90,10 +92,13 @@ class Binding6:
     a_gone: bool = False
     b_gone: bool = False
     g6: int = 0  # G6, where leg A goes (``gateway_link.gateway_address6``)
+    seen_as: tuple[int, int] | None = None  # W6:w, leg B's source for a server behind masquerade6
 
-    # What the dynamic rules read of a binding (``firewall.flows.Binding``'s names): no
-    # SNAT over IPv6 (a server behind masquerade6 is refused), so the server sees C.
-    snat: ClassVar[bool] = False
+    # What the dynamic rules read of a binding (``firewall.flows.Binding``'s names): the
+    # server sees C, or W6:w for a server behind masquerade6.
+    @property
+    def snat(self) -> bool:
+        return self.seen_as is not None
 
     @property
     def gateway(self) -> AgEndpoint:
@@ -101,12 +106,13 @@ class Binding6:
 
     @property
     def visible_client(self) -> tuple[int, int]:
-        return self.client
+        return self.seen_as or self.client
 
     def info(self, fid: int | None = None) -> FlowInfo:
         """NEW_FLOW's flow, family 6: every address IPv6."""
         return FlowInfo(self.fid, self.proto, self.ag.name, _ep(*self.client), _ep(*self.original_dst),
-                        _ep(*self.server), _ep(*self.fw), _ep(self.g6, self.ag.port))
+                        _ep(*self.server), _ep(*self.fw), _ep(self.g6, self.ag.port),
+                        _ep(*self.seen_as) if self.seen_as is not None else None)
 
     def leg_a(self) -> tuple[int, int, int, int]:
         return (*self.client, *self.original_dst)
@@ -123,7 +129,8 @@ class SixFlows:
     """The IPv6 bindings of one processor instance, and their decisions."""
 
     def __init__(self, config: Config, instance: int, policy: Policy, counters: Counter[str], *,
-                 local_addresses: Callable[[], Iterable[ipaddress.IPv6Address]]) -> None:
+                 local_addresses: Callable[[], Iterable[ipaddress.IPv6Address]],
+                 snat_pools: SnatPools | None = None) -> None:
         proc = config.processor
         self.queue = proc.queues[instance]
         self.policy = policy
@@ -134,6 +141,8 @@ class SixFlows:
         self.pool = EndpointPool(proc.pools.firewall_side6, proc.pools.ports, instance=instance,
                                  instances=len(proc.queues), slice_by=SliceBy.ADDRESS, slicing=Slicing.CONTIGUOUS)
         self._masq6 = frozenset(config.nat.masquerade6)
+        # W6:w (the processor's, IPv4's W:w beside them when shared)
+        self.snat_pools = snat_pools or SnatPools(proc.pools.snat_ports, instance, len(proc.queues))
         self._confirm = proc.timeouts.confirm
         # How long the elements written at a binding's first verdict surely last
         # (their timeout, less a second each for the clock and the kernel's rounding).
@@ -157,10 +166,12 @@ class SixFlows:
 
     def request(self, pkt: Packet, sel: Selector, zone: str | None, server_zone: str | None,
                 ag: AgEndpoint, now: float, serial: int,
-                server: tuple[int, int] | None = None) -> tuple[str, Binding6 | None, tuple[NatOp, ...]]:
+                server: tuple[int, int] | None = None,
+                source: int | None = None) -> tuple[str, Binding6 | None, tuple[NatOp, ...]]:
         """A selected IPv6 first packet: (counter, binding or None, elements). The counter
         names the outcome: ``bound`` with a binding, else a ``passed.*`` or ``drop.*``.
-        ``server``: an IPv6 port forward's target, when the client addressed the router."""
+        ``server``: an IPv6 port forward's target, when the client addressed the router;
+        ``source``: the route's source address to the server (W6 behind masquerade6)."""
         proto, src, sport, dst, dport, flags = pkt[:6]
         if not sel.gateway.takes_ipv6(sel.traffic):
             return "drop.ipv6.not_taken", None, ()  # the ruleset queues no such packet
@@ -170,21 +181,25 @@ class SixFlows:
         # server, docs/datapath.md): leg A alone, into G6:g; no leg B comes.
         if proto == TCP and flags & _SYN_FLAGS != SYN:
             return "drop.not_new_flow", None, ()
-        if server_zone in self._masq6:
-            return "drop.ipv6.masquerade6", None, ()
-        return self._bind(pkt, server or (dst, dport), ag, now, serial, leg_b=server_zone != ROUTER)
+        return self._bind(pkt, server or (dst, dport), ag, now, serial, leg_b=server_zone != ROUTER,
+                          masq=self._masq_source(server_zone, source))
 
     def redirect(self, pkt: Packet, server: tuple[int, int], server_zone: str | None, ag: AgEndpoint, now: float,
-                 serial: int) -> tuple[str, Binding6 | None, tuple[NatOp, ...]]:
+                 serial: int, source: int | None = None) -> tuple[str, Binding6 | None, tuple[NatOp, ...]]:
         """A first packet that a REDIRECT rule expects (``rulebook``), into the rule's gateway
         worker ``ag``, its leg B to ``server``: as ``request``, without a selector."""
-        if server_zone in self._masq6:
-            return "drop.ipv6.masquerade6", None, ()
-        return self._bind(pkt, server, ag, now, serial)
+        return self._bind(pkt, server, ag, now, serial, masq=self._masq_source(server_zone, source))
+
+    def _masq_source(self, server_zone: str | None, source: int | None) -> int | None:
+        """W6 for a server behind masquerade6 (0: such a server, but no source address); else None."""
+        if server_zone not in self._masq6:
+            return None
+        return source or 0
 
     def _bind(self, pkt: Packet, server: tuple[int, int], ag: AgEndpoint, now: float,
-              serial: int, leg_b: bool = True) -> tuple[str, Binding6 | None, tuple[NatOp, ...]]:
-        """The binding and its elements; ``leg_b`` False: a gateway that ends the flow, no leg B's."""
+              serial: int, leg_b: bool = True, masq: int | None = None) -> tuple[str, Binding6 | None, tuple[NatOp, ...]]:
+        """The binding and its elements; ``leg_b`` False: a gateway that ends the flow, no leg B's;
+        ``masq``: W6 (0 for none known) that leg B leaves from, with a port of the SNAT pool."""
         proto, src, sport, dst, dport = pkt[:5]
         old = self._by_client.get((proto, src, sport, dst, dport))
         if old is not None:
@@ -199,11 +214,20 @@ class SixFlows:
                 return "bound_again", old, self._leg_a_ops(old)
             self.counters["flows.replaced"] += 1
             self.end(old, FlowEndReason.FIN if proto == TCP else FlowEndReason.IDLE)
+        if masq == 0:
+            return "drop.no_source_address", None, ()
         fw = self.pool.allocate()
         if fw is None:
             return "drop.refused.pool_exhausted", None, ()
+        seen_as = None
+        if masq is not None:
+            self.snat_pools.prefer(masq)
+            seen_as = self.snat_pools.allocate()
+            if seen_as is None:
+                self.pool.release(*fw)
+                return "drop.refused.snat_pool_exhausted", None, ()
         fid = make_flow_id(self.queue, serial)
-        b = Binding6(fid, proto, (src, sport), (dst, dport), server, fw, ag, now, g6=self.g6)
+        b = Binding6(fid, proto, (src, sport), (dst, dport), server, fw, ag, now, g6=self.g6, seen_as=seen_as)
         self._by_client[(proto, src, sport, dst, dport)] = b
         self._by_fw[(proto, *fw)] = b
         self._by_fid[fid] = b
@@ -217,7 +241,7 @@ class SixFlows:
         name = _PROTO_NAME[proto]
         key_b = (self.g6, *fw)
         return "bound", b, (*self._leg_a_ops(b), (LEGB_DNAT6_MAP, name, key_b, b.server),
-                            (LEGB_SNAT6_MAP, name, key_b, b.client))
+                            (LEGB_SNAT6_MAP, name, key_b, b.visible_client))
 
     def _leg_a_ops(self, b: Binding6) -> tuple[NatOp, ...]:
         name = _PROTO_NAME[b.proto]
@@ -244,7 +268,7 @@ class SixFlows:
             return "bound", ()
         name = _PROTO_NAME[proto]
         key = (src, sport, dst, dport)
-        return "bound", ((DNAT6_MAP, name, key, b.server), (SNAT6_MAP, name, key, b.client))
+        return "bound", ((DNAT6_MAP, name, key, b.server), (SNAT6_MAP, name, key, b.visible_client))
 
     def offload(self, b: Binding6, now: float) -> tuple[list[NatOp], tuple[int, ...], tuple[int, ...] | None]:
         """The kernel has ``b``'s offload ALLOW (``core.offloaded``'s IPv6 twin): the binding ends
@@ -257,7 +281,7 @@ class SixFlows:
         leg_b = None
         if b.eport is not None:
             key = b.leg_b(self.g6)
-            unbind += [(DNAT6_MAP, name, key, b.server), (SNAT6_MAP, name, key, b.client)]
+            unbind += [(DNAT6_MAP, name, key, b.server), (SNAT6_MAP, name, key, b.visible_client)]
             leg_b = (b.proto, *key)
         self.end(b, FlowEndReason.OFFLOADED)
         return unbind, (b.proto, *b.leg_a()), leg_b
@@ -275,19 +299,23 @@ class SixFlows:
             out.append({
                 "proto": _PROTO_NAME[b.proto], "client": str(_ep(*b.client)), "original_dst": str(_ep(*b.original_dst)),
                 "server": str(_ep(*b.server)), "firewall_side": str(_ep(*b.fw)), "gateway": b.ag.name,
-                "ag": str(_ep(self.g6, b.ag.port)), "ag_eport": b.eport, "snat": None, "state": state,
+                "ag": str(_ep(self.g6, b.ag.port)), "ag_eport": b.eport,
+                "snat": str(_ep(*b.seen_as)) if b.seen_as is not None else None, "state": state,
                 "age": round(now - b.created, 1), "created": round(wall - (now - b.created), 3),
                 "flow_id": b.fid, "queue": queue,
             })
         return out
 
     def adopt(self, connections: Iterable[Any], now: float, serial: Callable[[], int],
-              forward_target: Callable[[int, int, int, int], tuple[int, int] | None]) -> list[Binding6]:
+              forward_target: Callable[[int, int, int, int], tuple[int, int] | None],
+              masq_source: Callable[[int], int | None] = lambda server: None) -> list[Binding6]:
         """Rebuild the IPv6 bindings the kernel carried across a restart (``core.adopt``'s twin):
         a leg A answers from G6:g (a worker's port) to an F6:f of the pool, a leg B goes from
         G6:e to one. Their F6:f are claimed; the server is leg B's, or else, for a flow that
         addressed the router, the IPv6 forward's target (``forward_target(proto, src, dst,
-        dport)``). Returns the bindings, which no NEW_FLOW announces (the gateway has them)."""
+        dport)``). Leg B's W6:w (its reply's destination, if not the client) is claimed too; a
+        binding without leg B whose server is behind masquerade6 (``masq_source(server)``: its
+        W6) gets a new one. Returns the bindings, which no NEW_FLOW announces (the gateway has them)."""
         legs_a: dict[tuple[int, int, int], Any] = {}
         legs_b: dict[tuple[int, int, int], Any] = {}
         for c in connections:
@@ -300,22 +328,40 @@ class SixFlows:
         for (proto, f, fport), a in legs_a.items():
             src, sport, dst, dport = a.orig
             leg_b = legs_b.get((proto, f, fport))
-            if leg_b is not None and leg_b.reply[2:] == (src, sport):
+            seen_as: tuple[int, int] | None = None
+            if leg_b is not None:
                 server, eport = leg_b.reply[:2], leg_b.orig[1]
+                if leg_b.reply[2:] != (src, sport):
+                    seen_as = leg_b.reply[2:]
             else:
                 server, eport = forward_target(proto, src, dst, dport) or (dst, dport), None
             if (proto, src, sport, dst, dport) in self._by_client or self.pool.in_use(f, fport):
                 self.counters["conntrack.adopt_conflict"] += 1
                 continue
+            if seen_as is not None:
+                if not self.snat_pools.claim(*seen_as):
+                    self.counters["conntrack.adopt_conflict"] += 1
+                    continue
+            elif leg_b is None and (w6 := masq_source(server[0])):
+                self.snat_pools.prefer(w6)
+                seen_as = self.snat_pools.allocate()
+                if seen_as is None:
+                    self.counters["conntrack.adopt_conflict"] += 1
+                    continue
             self.pool.claim(f, fport)
             b = Binding6(make_flow_id(self.queue, serial()), proto, (src, sport), (dst, dport), server, (f, fport),
-                         self._agents[a.reply[1]], now, eport, a_alive=True, g6=self.g6)
+                         self._agents[a.reply[1]], now, eport, a_alive=True, g6=self.g6, seen_as=seen_as)
             self._by_client[(proto, *b.client, *b.original_dst)] = b
             self._by_fw[(proto, f, fport)] = b
             self._by_fid[b.fid] = b
             adopted.append(b)
         self.counters["flows.ipv6.adopted"] += len(adopted)
         return adopted
+
+    def leg(self, c: Any) -> bool:
+        """Whether connection ``c`` is a leg of an IPv6 binding, any instance's (``adopt``'s test
+        of the whole pool): the rest of a dump may be log-only flows."""
+        return (c.reply[0] == self.g6 and c.reply[1] in self._agents) or c.orig[0] == self.g6
 
     def by_firewall_side(self, proto: int, addr: int, port: int) -> Binding6 | None:
         return self._by_fw.get((proto, addr, port))
@@ -378,3 +424,5 @@ class SixFlows:
         del self._by_fw[(b.proto, *b.fw)]
         del self._by_fid[b.fid]
         self.pool.release(*b.fw)
+        if b.seen_as is not None:
+            self.snat_pools.release(*b.seen_as)

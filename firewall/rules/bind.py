@@ -261,9 +261,9 @@ def _render6(marks: Marks, instances: int) -> list[str]:
         f"table {FAMILY6} {TABLE6} {{",
     ]
     for name, key, what in ((DNAT6_MAP, _KEY_TYPE6, "original tuple -> leg A: G:g, leg B: S:s"),
-                            (SNAT6_MAP, _KEY_TYPE6, "original tuple -> leg A: F:f, leg B: C:c"),
+                            (SNAT6_MAP, _KEY_TYPE6, "original tuple -> leg A: F:f, leg B: C:c or W6:w"),
                             (LEGB_DNAT6_MAP, _LEGB_KEY_TYPE6, "leg B, written with leg A: proto . G . F . f -> S:s"),
-                            (LEGB_SNAT6_MAP, _LEGB_KEY_TYPE6, "leg B, written with leg A: proto . G . F . f -> C:c")):
+                            (LEGB_SNAT6_MAP, _LEGB_KEY_TYPE6, "leg B, written with leg A: proto . G . F . f -> C:c or W6:w")):
         lines += [
             f"\tmap {name} {{",
             f"\t\ttype {key} : ipv6_addr . inet_service",

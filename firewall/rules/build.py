@@ -347,10 +347,17 @@ def _nat(config: Config, rs: Ruleset) -> None:
         src.add([OutZone(n.zone), Addr("src", (n.inside,))], [Netmap("src", n.inside, n.outside)],
                 f"{n.source} npt6 {n.name}".strip(), Family.V6)
     # NAT66 only where the operator asks: IPv6 is routed untranslated
-    # otherwise. No gateway takes IPv6, so the processor's SNAT pool needs
-    # no room here.
+    # otherwise. A gateway flow's leg B into the zone takes W6:w of the
+    # processor's SNAT pool (processor/six.py), so the kernel's masquerade
+    # keeps below it, as for IPv4.
     for zone in config.nat.masquerade6:
-        src.add([OutZone(zone)], [Masquerade()], f"nat.masquerade6 {zone}", Family.V6)
+        tag = f"nat.masquerade6 {zone}"
+        if any(gw.takes_ipv6(t) for gw in config.gateways for t in gw.traffic):
+            below = PortRange(1024, snat.first - 1)
+            for proto in ("tcp", "udp"):
+                src.add([OutZone(zone), Proto(proto)], [Masquerade(below)],
+                        f"{tag}: {proto} below processor.pools.snat_ports", Family.V6)
+        src.add([OutZone(zone)], [Masquerade()], tag, Family.V6)
 
 
 # ---- filter ------------------------------------------------------------------------
@@ -500,6 +507,10 @@ def _ipv6_drops(config: Config, rs: Ruleset, inp: Chain, fwd: Chain) -> None:
             # gateway because the gateway asked: the ``allowed`` mark of its one-shot ALLOW,
             # set by the binding table's allow chain before this one, is no bypass.
             asked = [Mark(config.processor.marks.allowed, 0)] if gw.takes_ipv6(t) and chain is fwd else []
+            if gw.takes_ipv6(t) and gw.log_only:
+                # A log-only flow's first packet leaves to the to-zone unchanged, with the
+                # processor's ``rewritten`` mark (docs/datapath.md, "Log-only gateways").
+                asked.append(Mark(config.processor.marks.rewritten, 0))
             matches += [*named, *asked, CtState(("new",)), Proto(t.proto), Port("dst", t.ports, original=True)]
             chain.add(matches, [Drop()], comment, Family.V6, counter=name)
             if t.to_zone != ROUTER and any(f.from_zone == t.from_zone and f.proto == t.proto

@@ -25,11 +25,13 @@ import pytest
 
 from firewall.lab.wait import wait_for
 from tests.firewall.run_harness import Running, Server, probe
+from tests.firewall.test_offload_netns import BULK, lines
 from tests.labconfig import RUN
 
 pytestmark = pytest.mark.netns
 
 EXT6 = "2001:db8:2::10"
+W6_ROUTER = "2001:db8:2::1"  # the router's address on wan
 
 # The dual lab's two zones, by interface only (both families), and a router
 # that drops what no rule passes: the start of every config here.
@@ -611,3 +613,79 @@ def test_two_processor_instances_share_ipv6_by_the_clients_address(lab_factory, 
     assert [procs[f"processor-{i}"]["counters"].get("flows.ipv6.opened") for i in (0, 1)] == [1, 1], procs
     sides = {f["firewall_side"].rsplit(":", 1)[0] for f in run.ask("flows") if "ipv6" in f["state"]}
     assert sides == {"[fd6e:6667:6174:fe::]", "[fd6e:6667:6174:fe::8]"}, sides  # each instance's own slice
+
+
+MASQ6 = ZONES6 + """
+[[rule]]
+name = "lan-out"
+from = "lan"
+to = "wan"
+
+[nat]
+masquerade6 = ["wan"]
+
+[processor]
+queues = [0]
+""" + RUN + """
+[[gateway]]
+name = "relay"
+kind = "tcp-relay"
+
+[[gateway.traffic]]
+from = "lan"
+to = "wan"
+proto = "tcp"
+ports = [9000, 9001]
+
+[[gateway]]
+name = "logger"
+kind = "tcp-relay"
+[gateway.settings]
+mode = "log-only"
+
+[[gateway.traffic]]
+from = "lan"
+to = "wan"
+proto = "tcp"
+ports = 9002
+"""
+
+
+def test_ipv6_into_a_masquerade6_zone_through_a_relay_and_a_log_only_relay(lab_factory, tmp_path: Path) -> None:
+    """ext has no route to lan's ULA fd00:1::/64: only the router's W6 can be answered. Through the
+    tcp-relay, leg B leaves from W6:w (the server sees the router, a download arrives intact); through
+    the log-only tcp-relay the kernel carries the flow (one packet queued, its masquerade6 applies) and
+    the gateway logs conntrack's bytes."""
+    lab = lab_factory("dual")
+    no_tentative_addresses(lab)
+    server = Server(lab, "ext", 9000, addr="::")
+    for port in (9001, 9002):
+        lab.popen("ext", [sys.executable, "-u", BULK, "serve", str(port), "::"], stdout=subprocess.DEVNULL)
+        lab.wait_listening("ext", port, "tcp")
+    run = Running(lab, tmp_path, config=MASQ6)
+
+    def processor() -> dict:
+        return run.ask("status")["processors"]["processor-0"]
+
+    assert probe(lab, "lan", EXT6, 9000)
+    assert server.next_peer() == W6_ROUTER
+    got = lab.run("lan", [sys.executable, BULK, "get", EXT6, "9001", "8"], check=False, timeout=60)
+    assert got.returncode == 0 and "intact" in got.stdout, got.stdout + got.stderr
+    proc = processor()
+    assert proc["counters"]["flows.ipv6.opened"] == 2 and "drop.ipv6.masquerade6" not in proc["counters"], proc
+    assert proc["pools"]["snat"][W6_ROUTER]["used"] <= 2, proc["pools"]
+    assert wait_for(lambda: len(re.findall(r"relay open .*client=\[fd00:1::10\]:\d+", run.text())) == 2, timeout=5,
+                    what="the relay's two open lines")
+
+    queued = processor()["counters"]["queued"]
+    got = lab.run("lan", [sys.executable, BULK, "get", EXT6, "9002", "8"], check=False, timeout=60)
+    assert got.returncode == 0 and "intact" in got.stdout, got.stdout + got.stderr
+    counters = processor()["counters"]
+    assert counters["queued"] == queued + 1 and counters["verdict.logged"] == 1, counters  # the SYN, then the kernel's
+    (flow,) = wait_for(lambda: lines(run, "logger", "flow"), timeout=20, interval=0.2, what="the log-only flow line")
+    assert flow["client"].startswith("[fd00:1::10]:") and flow["server"] == f"[{EXT6}]:9002", flow
+    assert 8 << 20 < int(flow["bytes_down"]) < (8 << 20) * 1.05 and int(flow["bytes_up"]) > 0, flow
+    assert processor()["counters"]["queued"] == queued + 1
+    status = lab.run("router", [sys.executable, "-m", "firewall.cli", "status", "-c", str(run.path), "--json"])
+    dropped = json.loads(status.stdout)["ipv6_dropped"]
+    assert all(d["packets"] == 0 for d in dropped.values()), dropped  # nothing skipped a gateway

@@ -4,7 +4,7 @@ bound on the IPv6 maps, family 6 NEW_FLOW, leg B, the end by conntrack's events,
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from typing import Any, Callable
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,7 +17,7 @@ from firewall.packet import TCP, UDP
 from firewall.processor.core import DROP, PASS, ProcessorCore, Route
 from firewall.processor.kernel import Connection
 from firewall.rules.bind import DNAT6_MAP, LEGB_DNAT6_MAP, LEGB_SNAT6_MAP, SNAT6_MAP
-from firewall.signalling import Encoder, FlowEnd, FlowEndReason, Guard, NewFlow, Received, Role
+from firewall.signalling import Counters, Encoder, FlowEnd, FlowEndReason, Guard, NewFlow, Received, Role
 
 KEY = bytes(range(32))
 T0, WALL0 = 1000.0, 1_700_000_000.0
@@ -72,11 +72,11 @@ def route(dst: int) -> Route | None:
 
 
 class Rig6:
-    def __init__(self, config: str = CONFIG, instance: int = 0) -> None:
+    def __init__(self, config: str = CONFIG, instance: int = 0, routes: Callable[[int], Route | None] = route) -> None:
         self.alive: set[tuple[int, ...]] = set()
         self.core = ProcessorCore(
             loads(config), instance, Encoder(KEY, Role.PROCESSOR), Guard(KEY, Role.PROCESSOR, now=WALL0),
-            route=route, ifname=IF.get, local_addresses=lambda: [ipaddress.IPv4Address("203.0.113.1")],
+            route=routes, ifname=IF.get, local_addresses=lambda: [ipaddress.IPv4Address("203.0.113.1")],
             local_addresses6=lambda: [ipaddress.IPv6Address(W6), ipaddress.IPv6Address(L6)],
             conntrack=lambda *t: t in self.alive, now=T0, wall=WALL0,
         )
@@ -204,8 +204,6 @@ def test_what_the_ipv6_path_refuses() -> None:
         (syn("ff02::1", 40000, S6, 9000), WAN0, "drop.martian"),
         (syn(W6, 40000, S6, 9000), WAN0, "drop.own_address"),
         (IPv6(src=C6, dst=S6) / ScapyTCP(sport=40000, dport=9000, flags="A"), WAN0, "drop.not_new_flow"),
-        (syn(C6, 40000, "fd00:1::99", 8080), WAN0,
-         "drop.ipv6.not_taken"),  # log-only: the ruleset never queues it
         (syn(G6, 50000, F6, 1024), BLIND, "drop.gateway_without_binding"),
         (IPv6(src=C6, dst=S6) / IPv6ExtHdrRouting(addresses=["2001:db8::5"], segleft=1) / ScapyTCP(dport=9000, flags="S"),
          WAN0, "drop.malformed6.routing_header"),
@@ -393,3 +391,149 @@ def test_each_instance_binds_ipv6_from_its_own_slice_of_the_pool() -> None:
     zero = Rig6(two, instance=0)
     assert ipaddress.IPv6Address(zero.send(syn(C6, 40000, S6, 9000), WAN0)[1][1][3][0]) in \
         ipaddress.IPv6Network("fd6e:6667:6174:fe::/125")
+
+
+def test_an_ipv6_log_only_flow_passes_unbound_and_ends_with_conntracks_counters() -> None:
+    """A log-only tcp-relay over IPv6, as over IPv4: the first packet passes unchanged with the
+    ``rewritten`` mark, no binding; NEW_FLOW family 6 without F6:f; conntrack's end is FLOW_END
+    with the kernel's counters."""
+    rig = Rig6()
+    key = (i6(C6), 40000, i6(S6), 8080)
+    assert rig.send(syn(C6, 40000, S6, 8080), WAN0) == (PASS, (), MARK)
+    (msg,) = rig.messages()
+    flow = msg.flow
+    assert isinstance(msg, NewFlow) and flow.family == 6 and flow.gateway == "logger"
+    assert str(flow.firewall_side) == "[::]:0" and str(flow.ag) == f"[{G6}]:20025"
+    assert str(flow.server) == f"[{S6}]:8080"
+    assert rig.core.stats()["flows_ipv6"] == 0 and rig.core.stats()["logged_flows"] == 1
+    # Not a bare SYN, or another direction than the selector's: as for IPv4.
+    assert rig.send(IPv6(src=C6, dst=S6) / ScapyTCP(sport=40001, dport=8080, flags="A"), WAN0)[0] == DROP
+    assert rig.send(syn(S6, 40002, C6, 8080), LAN0) == (PASS, (), PASSED)
+    counters = Counters(3, 300, 2, 4000)
+    rig.core.conntrack_destroyed(TCP, key, (i6(S6), 8080, i6(C6), 40000), T0 + 2, counters)
+    (end,) = rig.messages()
+    assert isinstance(end, FlowEnd) and end.flow_id == flow.flow_id and end.counters == counters
+    assert rig.core.stats()["logged_flows"] == 0
+
+
+MASQ6 = """
+[zones.wan]
+interfaces = ["wan0"]
+[zones.lan]
+interfaces = ["lan0"]
+[nat]
+masquerade6 = ["wan"]
+[processor.timeouts]
+confirm = 5
+[processor.pools]
+snat_ports = "61000-61001"
+[[gateway]]
+name = "relay"
+kind = "tcp-relay"
+listen_port = 20000
+[[gateway.traffic]]
+from = "lan"
+to = "wan"
+proto = "tcp"
+ports = 9000
+"""
+LANC, EXTS = S6, C6  # outbound: the lan client, the ext server
+
+
+def masq_route(dst: int) -> Route | None:
+    """wan leaves from the router's W6 (the kernel's source address selection)."""
+    got = route(dst)
+    return Route(False, "wan0", i6(W6)) if got is not None and got.ifname == "wan0" else got
+
+
+def test_an_ipv6_flow_into_a_masquerade6_zone_leaves_from_the_routers_w6() -> None:
+    """Leg B's source is W6:w of the SNAT pool (IPv4's W:w twin): NEW_FLOW says it, the
+    listing shows it, its elements name it, and it goes back to the pool with the binding."""
+    rig = Rig6(MASQ6, routes=masq_route)
+    verdict, ops, _ = rig.send(syn(LANC, 40000, EXTS, 9000), LAN0)
+    assert verdict == PASS, dict(rig.core.counters)
+    f, w = (i6(F6), 1024), (i6(W6), 61000)
+    assert ops[2:] == ((LEGB_DNAT6_MAP, "tcp", (i6(G6), *f), (i6(EXTS), 9000)), (LEGB_SNAT6_MAP, "tcp", (i6(G6), *f), w))
+    (msg,) = rig.messages()
+    assert msg.flow.family == 6 and str(msg.flow.snat) == f"[{W6}]:61000"
+    (listed,) = rig.core.flows(T0 + 1, 10)
+    assert listed["snat"] == f"[{W6}]:61000"
+    assert rig.core.stats()["pools"]["snat"][W6]["used"] == 1
+    late = Rig6(MASQ6, routes=masq_route)
+    late.send(syn(LANC, 40000, EXTS, 9000), LAN0)
+    key_b = (i6(G6), 50000, *f)
+    assert late.send(syn(G6, 50000, F6, 1024), BLIND, T0 + 9)[1] == (
+        (DNAT6_MAP, "tcp", key_b, (i6(EXTS), 9000)), (SNAT6_MAP, "tcp", key_b, w))
+    # A second flow, then the pool (2 ports) is spent: counted, nothing bound.
+    assert rig.send(syn(LANC, 40001, EXTS, 9000), LAN0)[0] == PASS
+    assert rig.send(syn(LANC, 40002, EXTS, 9000), LAN0)[0] == DROP
+    assert rig.core.counters["drop.refused.snat_pool_exhausted"] == 1
+    assert rig.core.six.pool.available == rig.core.six.pool.capacity - 2  # F6:f given back
+    # The first flow ends: W6:w is free again.
+    rig.core.conntrack_destroyed(TCP, (i6(LANC), 40000, i6(EXTS), 9000), (i6(G6), 20000, *f), T0 + 2)
+    assert rig.core.stats()["pools"]["snat"][W6]["used"] == 1
+    assert rig.send(syn(LANC, 40003, EXTS, 9000), LAN0)[0] == PASS
+    # No source address on the route: dropped, counted, never leg B from the client's.
+    bare = Rig6(MASQ6)
+    assert bare.send(syn(LANC, 40000, EXTS, 9000), LAN0)[0] == DROP
+    assert bare.core.counters["drop.no_source_address"] == 1 and bare.messages() == []
+
+
+def test_a_restarted_processor_keeps_the_w6_of_its_masqueraded_ipv6_bindings() -> None:
+    rig = Rig6(MASQ6, routes=masq_route)
+    rig.send(syn(LANC, 40000, EXTS, 9000), LAN0)
+    rig.send(syn(G6, 50000, F6, 1024), BLIND)
+    f, w = (i6(F6), 1024), (i6(W6), 61000)
+    leg_a = Connection(TCP, (i6(LANC), 40000, i6(EXTS), 9000), (i6(G6), 20000, *f))
+    leg_b = Connection(TCP, (i6(G6), 50000, *f), (i6(EXTS), 9000, *w))
+    fresh = Rig6(MASQ6, routes=masq_route)
+    assert fresh.core.adopt6([leg_b, leg_a], T0 + 2) == 1
+    (after,) = fresh.core.flows(T0 + 3, 10)
+    assert after["snat"] == f"[{W6}]:61000" and after["server"] == f"[{EXTS}]:9000"
+    assert fresh.core.snat_pools.claim(*w) is False  # claimed
+    fresh.core.conntrack_destroyed(TCP, leg_a.orig, leg_a.reply, T0 + 5)
+    fresh.core.conntrack_destroyed(TCP, leg_b.orig, leg_b.reply, T0 + 5)
+    assert isinstance(fresh.messages()[-1], FlowEnd) and fresh.core.stats()["pools"]["snat"][W6]["used"] == 0
+    # Leg B not started yet: a new W6:w, as for IPv4.
+    again = Rig6(MASQ6, routes=masq_route)
+    assert again.core.adopt6([leg_a], T0 + 2) == 1
+    (only_a,) = again.core.flows(T0 + 3, 10)
+    assert only_a["snat"] == f"[{W6}]:61000" and only_a["ag_eport"] is None
+
+
+def test_a_restarted_processor_adopts_its_ipv6_log_only_flows() -> None:
+    """As IPv4's: a connection of the dump that is no leg and that a log-only selector names is
+    tracked again under a new flow id, pushed, and ended with conntrack's counters."""
+    logged = Connection(TCP, (i6(C6), 40000, i6(S6), 8080), (i6(S6), 8080, i6(C6), 40000))
+    other = Connection(TCP, (i6(C6), 40001, i6(S6), 22), (i6(S6), 22, i6(C6), 40001))
+    fresh = Rig6()
+    assert fresh.core.adopt6([other, logged], T0) == 0  # no binding
+    (msg,) = fresh.messages()
+    assert isinstance(msg, NewFlow) and msg.flow.gateway == "logger" and msg.flow.family == 6
+    assert fresh.core.counters["flows.adopted_logged"] == 1 and fresh.core.stats()["logged_flows"] == 1
+    fresh.core.conntrack_destroyed(TCP, logged.orig, logged.reply, T0 + 1, Counters(1, 60, 1, 60))
+    (end,) = fresh.messages()
+    assert isinstance(end, FlowEnd) and end.flow_id == msg.flow.flow_id and end.counters.bytes_up == 60
+
+
+MASQ6_RTP = MASQ6.replace('name = "relay"\nkind = "tcp-relay"', 'name = "media"\nkind = "rtp"').replace(
+    'proto = "tcp"\nports = 9000', 'proto = "udp"\nports = "5004-5005"') + '[gateway.settings]\nadjacent = "processor"\n'
+
+
+def test_the_adjacent_rules_flow_into_a_masquerade6_zone_leaves_from_w6_too() -> None:
+    """An outbound RTP flow behind masquerade6: its leg B leaves from W6:w; RTCP beside it, bound by
+    the processor's adjacent REDIRECT, gets its own W6:w' (as IPv4's redirected flows do)."""
+    rig = Rig6(MASQ6_RTP, routes=masq_route)
+    rtp = IPv6(src=LANC, dst=EXTS) / ScapyUDP(sport=40000, dport=5004) / b"\x80\x00\x00\x01"
+    assert rig.send(rtp, LAN0)[0] == PASS, dict(rig.core.counters)
+    (new,) = rig.messages()
+    assert str(new.flow.snat) == f"[{W6}]:61000"
+    out = rig.core.take()
+    for op in out.kernel_ops:  # the adjacent rule into the kernel
+        rig.core.kernel_done(op.token, True, T0)
+    rtcp = IPv6(src=LANC, dst=EXTS) / ScapyUDP(sport=40001, dport=5005) / b"\x80\xc8\x00\x01"
+    verdict, ops, _ = rig.send(rtcp, LAN0)
+    assert verdict == PASS and rig.core.counters["rules.redirected_flows"] == 1, dict(rig.core.counters)
+    assert ops[-1][0] == LEGB_SNAT6_MAP and ops[-1][3] == (i6(W6), 61001)
+    (new,) = [m for m in rig.messages() if isinstance(m, NewFlow)]
+    assert new.flow.original_dst.port == 5005 and str(new.flow.snat) == f"[{W6}]:61001"

@@ -283,3 +283,36 @@ def test_ipv6_bytes_never_raise_while_rules_wait(data: bytes, indev: int) -> Non
     for payload in (b"\x60" + data, head + data, bytes(syn(C6, 40000, S6, 50001)) + data):
         verdict, ops, _ = rig.send(payload, indev)
         assert verdict in (DROP, PASS) and len(ops) in (0, 2)
+
+
+def test_an_ipv6_allow_to_the_masquerade6_w6_is_translated_to_the_client() -> None:
+    """Outbound active FTP behind masquerade6 (IPv4's W:w twin): the binding's leg B leaves from
+    W6:w, so the server connects to W6:p, which stands for the client: a dnat6 element W6:p -> C:p
+    and the accept for the translated tuple; the router's W6 asked by the client is a third party."""
+    config = loads(CONFIG)
+    ag = AgEndpoint("ftp", int(ipaddress.IPv4Address("172.31.255.2")), 20021)
+    fid = (0 << 48) | 7
+    lan, ext = S6, C6  # the lan client, the ext server
+    b = Binding6(fid, TCP, (i6(lan), 41000), (i6(ext), 21), (i6(ext), 21), (i6(F6), 1024), ag, T0, g6=i6(G6),
+                 seen_as=(i6(W6), 61000))
+    assert b.snat and b.visible_client == (i6(W6), 61000) and str(b.info().snat) == f"[{W6}]:61000"
+    book = RuleBook(config, 0, 0, counters=Counter(), gateway_peers={"ftp": ("172.31.255.2", 7500)},
+                    binding={fid: b}.get, local_addresses=lambda: (),
+                    local_addresses6=lambda: [ipaddress.IPv6Address(W6)])
+    enc, guard = Encoder(KEY, Role.GATEWAY), Guard(KEY, Role.PROCESSOR, now=WALL0)
+
+    def ask(req: RuleRequest) -> Any:
+        return book.request(guard.check(enc.encode(req, WALL0), WALL0), req, ("172.31.255.2", 7500), T0, WALL0)
+
+    (op,) = ask(request(fid, ext, 20, W6, 50000))
+    assert op.rules == (
+        KernelRule("expect6_0", ("tcp", i6(ext), 20, i6(W6), 50000)),
+        KernelRule("dnat6_0", ("tcp", i6(ext), 20, i6(W6), 50000), (i6(lan), 50000)),
+        KernelRule("allow_dnat6_0", ("tcp", i6(ext), 20, i6(lan), 50000)),
+    )
+    # W6 stands for the client toward the server only.
+    (refused,) = ask(request(fid, lan, 0, W6, 50001, rid=2))
+    assert isinstance(refused, Send) and refused.msg == RuleRefused(2, RuleRefusal.THIRD_PARTY)
+    # An ORIGINATE to the server leaves from W6, what the server knows the client as.
+    (orig,) = ask(request(fid, W6, 0, ext, 20, rid=3, mode=RuleMode.ORIGINATE))
+    assert not isinstance(orig, Send)

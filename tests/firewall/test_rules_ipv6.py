@@ -80,16 +80,16 @@ def test_without_masquerade6_ipv6_is_routed_untranslated() -> None:
 
 
 def test_an_ipv6_forward_on_a_selectors_port_is_named_in_check() -> None:
-    """Only where the selector takes IPv4 only (here, a log-only tcp-relay): into one that
+    """Only where the selector takes IPv4 only (here, its addresses are IPv4): into one that
     takes IPv6 the forward's IPv6 goes through the gateway (test_rules_ipv6_gateway.py)."""
-    gateway = ('[[gateway]]\nname = "web"\nkind = "tcp-relay"\nsettings = { mode = "log-only" }\n'
+    gateway = ('[[gateway]]\nname = "web"\nkind = "tcp-relay"\n'
                '[[gateway.traffic]]\nfrom = "wan"\nto = "lan"\n'
-               'proto = "tcp"\nports = 8080\n[[rule]]\nfrom = "wan"\nto = "lan"\nproto = "tcp"\nports = 80\n'
+               'proto = "tcp"\nports = 8080\nsaddr = ["0.0.0.0/0"]\ndaddr = ["0.0.0.0/0"]\n[[rule]]\nfrom = "wan"\nto = "lan"\nproto = "tcp"\nports = 80\n'
                'daddr = ["192.168.1.10/32"]\n')
     config = loads(BASE + FORWARDS + gateway)
     found = [h for h in hazards(config) if h.path == "nat.forward[1]"]
     assert len(found) == 1, hazards(config)
-    relayed = loads(BASE + FORWARDS + gateway.replace('settings = { mode = "log-only" }\n', ""))
+    relayed = loads(BASE + FORWARDS + gateway.replace('saddr = ["0.0.0.0/0"]\ndaddr = ["0.0.0.0/0"]\n', ""))
     assert not [h for h in hazards(relayed) if h.path == "nat.forward[1]"]
     assert "forwards IPv6 tcp 8080 to fd00:1::10" in found[0].message
     assert "counted as ipv6_drop_g0_0" in found[0].message

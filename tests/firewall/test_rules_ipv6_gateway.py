@@ -3,13 +3,15 @@ table, the blind track's IPv6 and the settings; every other kind's IPv6 stays dr
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from firewall.config import ConfigError, loads
 from firewall.hazards import hazards
 from firewall.rules import bind, build, iptables, nft
 from firewall.manifests import manifest_for
-from firewall.rules.model import Family, Queue
+from firewall.rules.model import Family, Mark, Queue
 from gateways.kinds import KINDS
 
 BASE = """
@@ -79,14 +81,26 @@ def test_ipv6_is_steered_over_the_instances_as_ipv4_is() -> None:
         in iptables.render(rs, 6)
 
 
-def test_log_only_and_addressed_selectors_keep_dropping_ipv6() -> None:
-    log_only = BASE.replace('kind = "tcp-relay"', 'kind = "tcp-relay"\nsettings = { mode = "log-only" }', 1)
-    for text in (log_only, BASE.replace("ports = 9000", 'ports = 9000\ndaddr = ["10.0.0.0/8"]', 1)):
-        config = loads(text)
-        assert not config.gateways[0].takes_ipv6(config.gateways[0].traffic[0])
-        rs = build(config)
-        assert not [r for r in rs.chain("admit_g0_0").rules if r.family is Family.V6]
-        assert "IPv6 firewall-side pool" not in nft.render(rs)
+def test_addressed_selectors_keep_dropping_ipv6() -> None:
+    config = loads(BASE.replace("ports = 9000", 'ports = 9000\ndaddr = ["10.0.0.0/8"]', 1))
+    assert not config.gateways[0].takes_ipv6(config.gateways[0].traffic[0])
+    rs = build(config)
+    assert not [r for r in rs.chain("admit_g0_0").rules if r.family is Family.V6]
+    assert "IPv6 firewall-side pool" not in nft.render(rs)
+
+
+def test_a_log_only_selector_takes_ipv6_its_drop_sparing_the_processors_flows() -> None:
+    """Log-only over IPv6 (issue 17): queued as IPv4 is; the first packet the processor passes
+    (``rewritten``) leaves to the to-zone unchanged, so its drop spares that mark."""
+    config = loads(BASE.replace('kind = "tcp-relay"', 'kind = "tcp-relay"\nsettings = { mode = "log-only" }', 1))
+    assert config.gateways[0].takes_ipv6(config.gateways[0].traffic[0])
+    rs = build(config)
+    assert [r for r in rs.chain("admit_g0_0").rules if r.family is not Family.V4]
+    drop = next(r for c in rs.chains for r in c.rules if r.counter == "ipv6_drop_g0_0")
+    marks = config.processor.marks
+    assert Mark(marks.rewritten, 0) in drop.matches and Mark(marks.allowed, 0) in drop.matches
+    relayed = next(r for c in build(loads(BASE)).chains for r in c.rules if r.counter == "ipv6_drop_g0_0")
+    assert Mark(marks.rewritten, 0) not in relayed.matches  # a relayed flow's first packet never leaves to the zone
 
 
 def test_the_ipv6_binding_table_and_its_elements() -> None:
@@ -137,7 +151,7 @@ def test_the_blind_track_lets_neighbour_discovery_through_for_ipv6_flows() -> No
 
 def test_which_kinds_take_ipv6() -> None:
     assert {k.name for k in KINDS if k.ipv6} == {"tcp-relay", "udp-relay", "smtp", "ftp", "tunnel", "rtp"}
-    # Every kind: what still takes IPv4 only is a log-only tcp-relay or a selector with IPv4 addresses.
+    # Every kind: what still takes IPv4 only is a selector with IPv4 addresses.
     assert {k.name for k in KINDS} == {k.name for k in KINDS if k.ipv6}
 
 
@@ -184,3 +198,17 @@ def test_check_warns_of_an_ipv6_forward_only_into_a_selector_that_takes_ipv4_onl
     config = loads(BASE + FORWARDS)
     (warning,) = [h for h in hazards(config) if "forwards IPv6" in h.message]
     assert warning.path == "nat.forward[1]" and "this selector takes IPv4 only" in warning.message
+
+
+def test_masquerade6_keeps_below_the_processors_snat_pool_once_a_selector_takes_ipv6() -> None:
+    """Leg B into a masquerade6 zone takes W6:w of processor.pools.snat_ports (processor/six.py):
+    the kernel's NAT66 keeps below that range, as IPv4's masquerade does; a pool from 1024 is refused."""
+    config = loads(BASE + '\n[nat]\nmasquerade6 = ["lan"]\n')
+    text = nft.render(build(config))
+    assert re.search(r'oifname @zone_lan meta l4proto tcp counter masquerade to :1024-60999 comment '
+                     r'"nat.masquerade6 lan: tcp below processor.pools.snat_ports"', text), text
+    assert ('-A NFGATE-SRCNAT -o lan0 -p udp -m comment --comment "nat.masquerade6 lan: udp below '
+            'processor.pools.snat_ports" -j MASQUERADE --to-ports 1024-60999') in iptables.render(build(config), 6)
+    with pytest.raises(ConfigError) as err:
+        loads(BASE + '\n[nat]\nmasquerade6 = ["lan"]\n[processor.pools]\nsnat_ports = "1024-2047"\n')
+    assert "processor.pools.snat_ports" in str(err.value)

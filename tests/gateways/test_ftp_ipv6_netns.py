@@ -1,8 +1,8 @@
 """The ftp gateway over IPv6 in the dual lab, with real peers (issue 17; RFC 2428).
 
 ext (2001:db8:2::10) - router - lan (fd00:1::10), IPv6 routed both ways (ext
-is given a route to lan's ULA through the router: no NAT66, which a gateway
-flow cannot cross yet). vsftpd listens on IPv6 in lan (inbound sessions)
+is given a route to lan's ULA through the router: no NAT66, but for the last
+test, where an outbound session crosses nat.masquerade6). vsftpd listens on IPv6 in lan (inbound sessions)
 and in ext (outbound); curl and lftp in both data modes RFC 2428 has (EPSV,
 EPRT), get and put, through the gateway; the router drops what no rule
 passes, so every data connection crossed by the dynamic rule the gateway
@@ -265,5 +265,29 @@ def test_inspect_mode_and_data_mode_translations_over_ipv6(lab_factory: Any, tmp
             log = (tmp_path / f"xfer-{host}.log").read_text()
             assert len(re.findall(rf'OK (?:DOWNLOAD|UPLOAD): Client "{re.escape(client)}"', log)) == 4, log[-2000:]
         wait_for(r.run.clean, timeout=20, interval=0.2, what="no FTP rule left")
+    finally:
+        unrig6(r)
+
+
+def test_outbound_ftp_over_ipv6_behind_masquerade6(lab_factory: Any, tmp_path: Path) -> None:
+    """nat.masquerade6 on wan, and ext has no route to lan's ULA: the session's leg B leaves from
+    the router's W6, so ext's vsftpd sees W6; lftp's EPSV download is an ALLOW to ext, curl's EPRT
+    reaches vsftpd naming W6, and its data connection to W6:p is an ALLOW translated to the client."""
+    r = rig6(lab_factory("dual"), tmp_path, CONFIG6 + '\n[nat]\nmasquerade6 = ["wan"]\n', "allow")
+    try:
+        r.lab.run("ext", ["ip", "-6", "route", "del", "fd00:1::/64", "via", "2001:db8:2::1"])
+        digest = make_file(r.outbound.pub / "big.bin", SIZE)
+        got = tmp_path / "got.bin"
+        for tool in ("lftp", "curl"):
+            res = lftp(r.lab, "lan", f"[{EXT6}]", f"get pub/big.bin -o {got}") if tool == "lftp" else \
+                curl(r.lab, "lan", f"[{EXT6}]", "eprt", get="big.bin", out=got)
+            assert res.returncode == 0 and sha256(got) == digest, f"{tool}: {res.stdout[-300:]} {res.stderr[-300:]}"
+            got.unlink()
+        log = (tmp_path / "xfer-ext.log").read_text()
+        assert 'CONNECT: Client "2001:db8:2::1"' in log and LAN6 not in log, log[-2000:]
+        granted = r.run.granted()
+        assert any(g["direction"] == "active" and g["dst"].startswith("[2001:db8:2::1]:") for g in granted), granted
+        counters = r.run.ask("status")["processors"]["processor-0"]["counters"]
+        assert counters["rules.translated"] >= 1 and counters["rules.allowed_flows"] == 2, counters
     finally:
         unrig6(r)
