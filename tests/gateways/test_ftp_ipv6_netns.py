@@ -2,8 +2,8 @@
 
 ext (2001:db8:2::10) - router - lan (fd00:1::10), IPv6 routed both ways (ext
 is given a route to lan's ULA through the router: no NAT66, but for the last
-test, where an outbound session crosses nat.masquerade6). vsftpd listens on IPv6 in lan (inbound sessions)
-and in ext (outbound); curl and lftp in both data modes RFC 2428 has (EPSV,
+two tests, which have nat.masquerade6 and no such route). vsftpd listens on
+IPv6 in lan (inbound sessions) and in ext (outbound); curl and lftp in both data modes RFC 2428 has (EPSV,
 EPRT), get and put, through the gateway; the router drops what no rule
 passes, so every data connection crossed by the dynamic rule the gateway
 asked for, in the IPv6 binding table. vsftpd's log shows the client's own
@@ -11,7 +11,10 @@ IPv6 address. Then the hostile cases: PORT, PASV and an EPRT of the other
 family refused by the gateway, an EPRT naming a third host refused, a data
 connection from another address or a second one from another port dropped.
 A second `nfgate run` covers inspect mode (REDIRECT) with both data_mode
-translations (paired REDIRECTs, ORIGINATEs).
+translations (paired REDIRECTs, ORIGINATEs). Then an outbound session behind
+masquerade6, and an inbound one through an IPv6 port forward (ext -> the
+router's 2001:db8:2::1:21 -> lan's fd00:1::10:21) into the gateway, with
+mask_private_addresses on lan's greeting.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from tests.labconfig import RUN
 
 pytestmark = pytest.mark.netns
 
-EXT6, EXT6_2, LAN6 = "2001:db8:2::10", "2001:db8:2::11", "fd00:1::10"
+EXT6, EXT6_2, LAN6, ROUTER6 = "2001:db8:2::10", "2001:db8:2::11", "fd00:1::10", "2001:db8:2::1"
 ATTACKS = str(Path(__file__).with_name("ftp_attacks.py"))
 SIZE = 2 * MB
 
@@ -114,18 +117,18 @@ data_rule_ttl = 10
 """
 
 
-def vsftpd6(lab: Any, host: str, tmp: Path) -> Vsftpd:
+def vsftpd6(lab: Any, host: str, tmp: Path, banner: str = "") -> Vsftpd:
     """vsftpd on IPv6 (listen_ipv6 takes the place of listen), logging each client's address."""
-    return Vsftpd(lab, host, tmp, options=f"listen=NO\nlisten_ipv6=YES\nxferlog_enable=YES\n"
+    return Vsftpd(lab, host, tmp, banner=banner, options=f"listen=NO\nlisten_ipv6=YES\nxferlog_enable=YES\n"
                                           f"vsftpd_log_file={tmp / f'xfer-{host}.log'}\n")
 
 
-def rig6(lab: Any, tmp: Path, config: str, data_channel: str, workers: int = 1) -> SimpleNamespace:
+def rig6(lab: Any, tmp: Path, config: str, data_channel: str, workers: int = 1, banner: str = "") -> SimpleNamespace:
     no_tentative_addresses(lab)
     lab.run("ext", ["ip", "-6", "route", "add", "fd00:1::/64", "via", "2001:db8:2::1"])
     # A third host on the wan side; deprecated, so that ext never picks it as a source itself.
     lab.run("ext", ["ip", "-6", "address", "add", f"{EXT6_2}/64", "dev", "eth0", "nodad", "preferred_lft", "0"])
-    r = SimpleNamespace(lab=lab, tmp=tmp, inbound=vsftpd6(lab, "lan", tmp), outbound=None, run=None)
+    r = SimpleNamespace(lab=lab, tmp=tmp, inbound=vsftpd6(lab, "lan", tmp, banner), outbound=None, run=None)
     try:
         r.outbound = vsftpd6(lab, "ext", tmp)
         r.run = FtpRunning(lab, tmp, data_channel, config=config, workers=workers)
@@ -152,12 +155,15 @@ def allow6(module_lab_factory: Any, tmp_path_factory: pytest.TempPathFactory) ->
         unrig6(r)
 
 
-def transfers(r: SimpleNamespace, cases: list[tuple[str, str, str]]) -> list[str]:
-    """(tool, mode, get|put) in both directions over IPv6, SIZE bytes each; what failed."""
+def transfers(r: SimpleNamespace, cases: list[tuple[str, str, str]], inbound_server: str = LAN6,
+              outbound: bool = True) -> list[str]:
+    """(tool, mode, get|put) in both directions over IPv6 (or inbound only), SIZE bytes each; what failed.
+    ``inbound_server``: the address ext's clients connect to (the router's, through a forward)."""
     up = r.tmp / "up.bin"
     up_digest = make_file(up, SIZE)
     failures = []
-    for direction, host, server, ftpd in (("in", "ext", LAN6, r.inbound), ("out", "lan", EXT6, r.outbound)):
+    directions = [("in", "ext", inbound_server, r.inbound)] + ([("out", "lan", EXT6, r.outbound)] if outbound else [])
+    for direction, host, server, ftpd in directions:
         digest = make_file(ftpd.pub / "big.bin", SIZE)
         for tool, mode, op in cases:
             tag = f"{direction}-{tool}-{mode}-{op}"
@@ -289,5 +295,61 @@ def test_outbound_ftp_over_ipv6_behind_masquerade6(lab_factory: Any, tmp_path: P
         assert any(g["direction"] == "active" and g["dst"].startswith("[2001:db8:2::1]:") for g in granted), granted
         counters = r.run.ask("status")["processors"]["processor-0"]["counters"]
         assert counters["rules.translated"] >= 1 and counters["rules.allowed_flows"] == 2, counters
+    finally:
+        unrig6(r)
+
+
+# The classic inbound deployment over IPv6: ext addresses the router, whose forward takes port 21 to
+# lan's vsftpd, through the gateway; lan's ULA leaves as the router's W6 (so does an active data
+# connection, as IPv4's behind masquerade). lan's greeting names its ULA and a lan neighbour's.
+FORWARD6 = """
+[nat]
+masquerade6 = ["wan"]
+
+[[nat.forward]]
+name = "ftp6"
+from = "wan"
+proto = "tcp"
+port = 21
+to = "[fd00:1::10]:21"
+"""
+LAN_BANNER6 = "Welcome to fd00:1::10 (lan; printer at fd00:1::99, fe80::1)\n"
+
+
+def test_an_ipv6_port_forward_into_the_gateway(lab_factory: Any, tmp_path: Path) -> None:
+    """ext -> the router's 2001:db8:2::1:21 -> [fd00:1::10]:21, and ext has no route to lan's ULA: curl
+    (EPSV, EPRT) and lftp (passive) get and put intact; vsftpd logs ext's own address; an EPSV's data
+    connection goes to the router's address and is the ALLOW's, translated to lan (one-shot); an EPRT's
+    comes from the router's W6 (masquerade6); the
+    greeting the client reads names the router and ``::`` where lan wrote its private addresses."""
+    r = rig6(lab_factory("dual"), tmp_path, CONFIG6 + FORWARD6, "allow", banner=LAN_BANNER6)
+    try:
+        r.lab.run("ext", ["ip", "-6", "route", "del", "fd00:1::/64", "via", ROUTER6])
+        cases = [("curl", mode, op) for mode in ("epsv", "eprt") for op in ("get", "put")] + \
+            [("lftp", mode, op) for mode in ("passive", "active") for op in ("get", "put")]
+        failures = transfers(r, cases, inbound_server=ROUTER6, outbound=False)
+        assert not failures, "\n".join(failures) + "\n" + r.run.text()[-3000:]
+        log = (tmp_path / "xfer-lan.log").read_text()
+        assert f'CONNECT: Client "{EXT6}"' in log and f'Client "{ROUTER6}"' not in log, log[-2000:]
+        assert len(re.findall(rf'OK (?:DOWNLOAD|UPLOAD): Client "{re.escape(EXT6)}"', log)) == len(cases), log[-2000:]
+        # EPSV names a port only: the client connects to the router's address, which the ALLOW takes to lan.
+        digest = make_file(r.inbound.pub / "small.bin", 256 * 1024)
+        got = attack(r, "ext", "second-connection", ROUTER6, EXT6)
+        assert got["pasv"].startswith("229 ") and got["client_connected"] is True, got
+        assert got["intruder_connected"] is False and got["sha256"] == digest, got
+        granted = r.run.granted()
+        assert {g["mode"] for g in granted} == {"ALLOW"} and len(granted) == len(cases) + 1, granted
+        port = got["pasv"][got["pasv"].index("(") + 1 : got["pasv"].index(")")].strip("|")
+        assert granted[-1]["dst"] == f"[{ROUTER6}]:{port}", granted  # the port the 229 named, on the router
+        assert all(g["dst"].startswith(f"[{ROUTER6}]:") for g in granted if g["direction"] == "passive"), granted
+        counters = r.run.ask("status")["processors"]["processor-0"]["counters"]
+        assert counters["rules.allowed_flows"] == len(cases) + 1 and counters["rules.translated"] == 5, counters
+        # mask_private_addresses (on by default): nothing of lan's addressing reaches the wan client.
+        got = attack(r, "ext", "greeting", ROUTER6)
+        text = "\n".join(got["greeting"] + got["stat"])
+        assert got["greeting"][0] == f"220-Welcome to {ROUTER6} (lan; printer at ::, ::)", got
+        assert "fd00:" not in text and "fe80:" not in text, got
+        assert got["pasv"].startswith("522 "), got
+        wait_for(r.run.clean, timeout=20, interval=0.2, what="no FTP rule left")
     finally:
         unrig6(r)
