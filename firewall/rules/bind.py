@@ -192,113 +192,50 @@ def _allow_chain(marks: Marks, instances: int, six: bool) -> list[str]:
 
 def render(marks: Marks, instances: int) -> str:
     """The table as ``nft -f`` input that replaces any previous one atomically."""
-    mask, mark = marks.mask, marks.rewritten
-    keep = ~mask & 0xFFFFFFFF
-    lines = [
-        "# nfgate binding table: the kernel carries gateway flows (firewall/rules/bind.py).",
-        f"table {FAMILY} {TABLE}",
-        f"delete table {FAMILY} {TABLE}",
-        "",
-        f"table {FAMILY} {TABLE} {{",
-    ]
-    for name, key, what in (
-        (DNAT_MAP, _KEY_TYPE, "original tuple -> leg A: G:g, leg B: S:s"),
-        (SNAT_MAP, _KEY_TYPE, "original tuple -> leg A: F:f, leg B: C:c or W:w"),
-        (LEGB_DNAT_MAP, _LEGB_KEY_TYPE, "leg B, written with leg A: proto . G . F . f -> S:s"),
-        (LEGB_SNAT_MAP, _LEGB_KEY_TYPE, "leg B, written with leg A: proto . G . F . f -> C:c or W:w"),
-    ):
-        lines += [
-            f"\tmap {name} {{",
-            f"\t\ttype {key} : ipv4_addr . inet_service",
-            "\t\tflags timeout",
-            f'\t\tcomment "{what}"',
-            "\t}",
-            "",
-        ]
-    lines += _dynamic_sets(instances, False)
-    lines += _expect_chain(marks, instances, False)
-    lines += [
-        "\tchain dstnat {",
-        f"\t\ttype nat hook prerouting priority dstnat - {PRIORITY_OFFSET}; policy accept;",
-        f"\t\tmeta mark & {mask:#010x} == {mark:#010x} ct mark set ct mark & {keep:#010x} | {mark:#010x} "
-        'comment "a bound gateway flow: found again in conntrack by this mark"',
-    ]
-    for proto in _PROTOS:
-        lines.append(f"\t\tmeta l4proto {proto} dnat ip to {_ORIGINAL} map @{DNAT_MAP}")
-    for proto in _PROTOS:
-        lines.append(f"\t\tmeta mark & {mask:#010x} == {mark:#010x} meta l4proto {proto} dnat ip to {_LEGB_ORIGINAL} map @{LEGB_DNAT_MAP}")
-    lines += _dnat_rules(instances, False)
-    lines += [
-        "\t}",
-        "",
-        "\tchain srcnat {",
-        f"\t\ttype nat hook postrouting priority srcnat - {PRIORITY_OFFSET}; policy accept;",
-    ]
-    for proto in _PROTOS:
-        lines.append(f"\t\tmeta l4proto {proto} snat ip to {_ORIGINAL} map @{SNAT_MAP}")
-    for proto in _PROTOS:
-        lines.append(f"\t\tmeta mark & {mask:#010x} == {mark:#010x} meta l4proto {proto} snat ip to {_LEGB_ORIGINAL} map @{LEGB_SNAT_MAP}")
-    lines += ["\t}", ""] + _allow_chain(marks, instances, False) + ["}"]
-    return "\n".join(lines + _render6(marks, instances)) + "\n"
+    header = ["# nfgate binding table: the kernel carries gateway flows (firewall/rules/bind.py)."]
+    return "\n".join(header + _table(marks, instances, False) + [""] + _table(marks, instances, True)) + "\n"
 
 
 def render6(marks: Marks, instances: int) -> str:
     """The IPv6 table alone, as ``nft -f`` input (a reload that keeps an older IPv4 table)."""
-    return "\n".join(_render6(marks, instances)) + "\n"
+    return "\n".join([""] + _table(marks, instances, True)) + "\n"
 
 
-def _render6(marks: Marks, instances: int) -> list[str]:
-    """The IPv6 binding table: leg A's exact elements and leg B's ahead (by G6, F6, f), written at
-    leg A's verdict; leg B's exact ones at its own verdict once those ahead may be gone; and
-    every instance's dynamic rules (an IPv6 flow's are the instance's that bound it)."""
+def _table(marks: Marks, instances: int, six: bool) -> list[str]:
+    """One family's binding table: leg A's exact elements and leg B's ahead (by G, F, f), written
+    at leg A's verdict (IPv6: leg B's exact ones at its own verdict once those ahead may be gone);
+    and every instance's dynamic rules (a flow's are the instance's that bound it)."""
     mask, mark = marks.mask, marks.rewritten
     keep = ~mask & 0xFFFFFFFF
-    lines = [
-        "",
-        f"table {FAMILY6} {TABLE6}",
-        f"delete table {FAMILY6} {TABLE6}",
-        "",
-        f"table {FAMILY6} {TABLE6} {{",
-    ]
-    for name, key, what in ((DNAT6_MAP, _KEY_TYPE6, "original tuple -> leg A: G:g, leg B: S:s"),
-                            (SNAT6_MAP, _KEY_TYPE6, "original tuple -> leg A: F:f, leg B: C:c or W6:w"),
-                            (LEGB_DNAT6_MAP, _LEGB_KEY_TYPE6, "leg B, written with leg A: proto . G . F . f -> S:s"),
-                            (LEGB_SNAT6_MAP, _LEGB_KEY_TYPE6, "leg B, written with leg A: proto . G . F . f -> C:c or W6:w")):
-        lines += [
-            f"\tmap {name} {{",
-            f"\t\ttype {key} : ipv6_addr . inet_service",
-            "\t\tflags timeout",
-            f'\t\tcomment "{what}"',
-            "\t}",
-            "",
-        ]
-    lines += _dynamic_sets(instances, True)
-    lines += _expect_chain(marks, instances, True)
+    family, table, ip, addr, w = (FAMILY6, TABLE6, "ip6", "ipv6_addr", "W6:w") if six else (FAMILY, TABLE, "ip", "ipv4_addr", "W:w")
+    dnat, snat, legb_dnat, legb_snat = (DNAT6_MAP, SNAT6_MAP, LEGB_DNAT6_MAP, LEGB_SNAT6_MAP) if six else \
+        (DNAT_MAP, SNAT_MAP, LEGB_DNAT_MAP, LEGB_SNAT_MAP)
+    key, legb_key = (_KEY_TYPE6, _LEGB_KEY_TYPE6) if six else (_KEY_TYPE, _LEGB_KEY_TYPE)
+    original, legb_original = (_ORIGINAL6, _LEGB_ORIGINAL6) if six else (_ORIGINAL, _LEGB_ORIGINAL)
+    lines = [f"table {family} {table}", f"delete table {family} {table}", "", f"table {family} {table} {{"]
+    for name, key_type, what in ((dnat, key, "original tuple -> leg A: G:g, leg B: S:s"),
+                                 (snat, key, f"original tuple -> leg A: F:f, leg B: C:c or {w}"),
+                                 (legb_dnat, legb_key, "leg B, written with leg A: proto . G . F . f -> S:s"),
+                                 (legb_snat, legb_key, f"leg B, written with leg A: proto . G . F . f -> C:c or {w}")):
+        lines += [f"\tmap {name} {{", f"\t\ttype {key_type} : {addr} . inet_service", "\t\tflags timeout",
+                  f'\t\tcomment "{what}"', "\t}", ""]
+    lines += _dynamic_sets(instances, six)
+    lines += _expect_chain(marks, instances, six)
+    bound = f"meta mark & {mask:#010x} == {mark:#010x}"
     lines += [
         "\tchain dstnat {",
         f"\t\ttype nat hook prerouting priority dstnat - {PRIORITY_OFFSET}; policy accept;",
-        f"\t\tmeta mark & {mask:#010x} == {mark:#010x} ct mark set ct mark & {keep:#010x} | {mark:#010x} "
+        f"\t\t{bound} ct mark set ct mark & {keep:#010x} | {mark:#010x} "
         'comment "a bound gateway flow: found again in conntrack by this mark"',
     ]
-    for proto in _PROTOS:
-        lines.append(f"\t\tmeta l4proto {proto} dnat ip6 to {_ORIGINAL6} map @{DNAT6_MAP}")
-    for proto in _PROTOS:
-        lines.append(f"\t\tmeta mark & {mask:#010x} == {mark:#010x} meta l4proto {proto} dnat ip6 to {_LEGB_ORIGINAL6} "
-                     f"map @{LEGB_DNAT6_MAP}")
-    lines += _dnat_rules(instances, True)
-    lines += [
-        "\t}",
-        "",
-        "\tchain srcnat {",
-        f"\t\ttype nat hook postrouting priority srcnat - {PRIORITY_OFFSET}; policy accept;",
-    ]
-    for proto in _PROTOS:
-        lines.append(f"\t\tmeta l4proto {proto} snat ip6 to {_ORIGINAL6} map @{SNAT6_MAP}")
-    for proto in _PROTOS:
-        lines.append(f"\t\tmeta mark & {mask:#010x} == {mark:#010x} meta l4proto {proto} snat ip6 to {_LEGB_ORIGINAL6} "
-                     f"map @{LEGB_SNAT6_MAP}")
-    lines += ["\t}", ""] + _allow_chain(marks, instances, True) + ["}"]
-    return lines
+    lines += [f"\t\tmeta l4proto {proto} dnat {ip} to {original} map @{dnat}" for proto in _PROTOS]
+    lines += [f"\t\t{bound} meta l4proto {proto} dnat {ip} to {legb_original} map @{legb_dnat}" for proto in _PROTOS]
+    lines += _dnat_rules(instances, six)
+    lines += ["\t}", "", "\tchain srcnat {",
+              f"\t\ttype nat hook postrouting priority srcnat - {PRIORITY_OFFSET}; policy accept;"]
+    lines += [f"\t\tmeta l4proto {proto} snat {ip} to {original} map @{snat}" for proto in _PROTOS]
+    lines += [f"\t\t{bound} meta l4proto {proto} snat {ip} to {legb_original} map @{legb_snat}" for proto in _PROTOS]
+    return lines + ["\t}", ""] + _allow_chain(marks, instances, six) + ["}"]
 
 
 def element(proto: str, key: tuple[int, ...], value: tuple[int, ...] | None, timeout: float | None) -> Any:
