@@ -149,6 +149,8 @@ class SixFlows:
         self._ahead_for = proc.timeouts.nat_element - 2
         self._element_for = proc.timeouts.nat_element + 1  # a written element may still be in the kernel
         self._local_addresses = local_addresses
+        self._local_list: Iterable[ipaddress.IPv6Address] | None = None  # ``own``'s cache
+        self._local: frozenset[int] = frozenset()
         self._by_client: dict[tuple[int, ...], Binding6] = {}
         self._by_fw: dict[tuple[int, int, int], Binding6] = {}
         self._by_fid: dict[int, Binding6] = {}
@@ -160,7 +162,13 @@ class SixFlows:
         return len(self._by_fid)
 
     def own(self, addr: int) -> bool:
-        return addr in {int(a) for a in self._local_addresses()}
+        """Whether ``addr`` is one of the router's IPv6 addresses. The look-up's list is cached by
+        its giver (the runner's, refreshed every few seconds): its set is made again only when
+        the list itself changes, not per first packet."""
+        addrs = self._local_addresses()
+        if addrs is not self._local_list:
+            self._local_list, self._local = addrs, frozenset(int(a) for a in addrs)
+        return addr in self._local
 
     # ---- packets ------------------------------------------------------------------
 

@@ -218,6 +218,18 @@ def test_what_the_ipv6_path_refuses() -> None:
     assert rig.core.stats()["flows_ipv6"] == 0 and rig.messages() == []
 
 
+def test_an_address_the_router_gains_is_its_own_once_the_look_up_says_so() -> None:
+    """The router's IPv6 addresses come from a cached look-up (the runner's): the same list, the
+    same set; a new list (an address added) is taken at the next first packet."""
+    rig = Rig6()
+    owned = [ipaddress.IPv6Address(W6)]
+    rig.core.six._local_addresses = lambda: owned
+    assert rig.send(syn("2001:db8:2::77", 40000, S6, 9000), WAN0)[0] == PASS
+    owned = [ipaddress.IPv6Address(W6), ipaddress.IPv6Address("2001:db8:2::78")]
+    assert rig.send(syn("2001:db8:2::78", 40000, S6, 9000), WAN0)[0] == DROP
+    assert rig.core.counters["drop.own_address"] == 1
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=120), st.sampled_from([WAN0, LAN0, BLIND, 99]))
 def test_ipv6_bytes_never_raise(data: bytes, indev: int) -> None:
