@@ -479,10 +479,11 @@ def status(config_path: str, as_json: bool) -> None:
         echo_json(data)
         return
     click.echo(f"backend: {data.get('backend')}")
-    click.echo(f"{'process':<24} {'pid':>7} {'state':<11} {'restarts':>8} {'uptime':>9}")
+    click.echo(f"{'process':<24} {'pid':>7} {'state':<11} {'serving':<7} {'restarts':>8} {'uptime':>9}")
     for p in data.get("processes", []):
         pid = p["pid"] if p["pid"] is not None else "-"
-        click.echo(f"{p['name']:<24} {pid:>7} {p['state']:<11} {p['restarts']:>8} {p['uptime']:>8.1f}s")
+        serving = "yes" if p.get("ready") else "no"  # READY=1 given: a processor has bound its queues
+        click.echo(f"{p['name']:<24} {pid:>7} {p['state']:<11} {serving:<7} {p['restarts']:>8} {p['uptime']:>8.1f}s")
     for name, stats in sorted(data.get("processors", {}).items()):
         click.echo(f"{name}:")
         for key, value in _flatten(stats):

@@ -145,7 +145,7 @@ class Child:
             "restarts": self.restarts,
             "uptime": round(now - self.started, 1) if self.running else 0.0,
             "last_exit": self.last_exit,
-            **({"ready": self.ready and self.running} if self.watched else {}),
+            "ready": self.ready and self.running,  # it said READY=1 (a processor: serving its queues)
         }
 
 

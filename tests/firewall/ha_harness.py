@@ -235,7 +235,7 @@ class Pair:
             procs = ask(self.tmp / node / "run" / "control.sock", {"cmd": "status"})["processes"]
         except (OSError, ValueError):
             return False
-        return all(p["state"] == "running" for p in procs)
+        return all(p["state"] == "running" and p["ready"] for p in procs)
 
     def status(self, node: str) -> dict[str, Any]:
         return ask(self.tmp / node / "run" / "control.sock", {"cmd": "status"})

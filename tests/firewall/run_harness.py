@@ -145,7 +145,9 @@ class Running:
             procs = self.processes()
         except (OSError, ValueError):
             return False
-        return all(p["state"] == "running" for p in procs.values()) and "ready" in self.log_path.read_text()
+        # Every process serves (READY=1): a processor "running" may not have bound its queue yet, and
+        # a packet meanwhile is dropped (fail_mode closed) or passes unseen (open).
+        return all(p["state"] == "running" and p["ready"] for p in procs.values())
 
     def text(self) -> str:
         return self.log_path.read_text()

@@ -149,7 +149,7 @@ class GatewayModeLab:
                 raise RuntimeError(f"nfgate run exited {self.proc.returncode}:\n{self.text()[-3000:]}")
             procs = self.processes()
             gw = procs.get(f"gateway-{GATEWAY}")
-            if not gw or any(p["state"] != "running" for p in procs.values()) or gw["pid"] == not_pid:
+            if not gw or any(p["state"] != "running" or not p["ready"] for p in procs.values()) or gw["pid"] == not_pid:
                 return None
             self.tl.listing()
             return procs
