@@ -221,7 +221,7 @@ class Refresher:
         try:
             self.sock.send(dump_request(family, mark, mask, self._seq))
         except OSError:
-            self.counters["refresh.error"] += 1
+            self.counters["refresh.error.dump_request"] += 1
             self._start(at + 1)
 
     def step(self) -> None:
