@@ -229,6 +229,11 @@ def taken_over(pair: Pair, node: str, counter: str = "flows.taken_over") -> int:
     return pair.status(node)["processors"]["processor-0"]["counters"].get(counter, 0)
 
 
+def counter(pair: Pair, node: str, name: str) -> int:
+    """One counter of the node's first processor."""
+    return pair.status(node)["processors"]["processor-0"]["counters"].get(name, 0)
+
+
 def test_gateway_flows_through_the_ag_host_survive_failover_kill9_and_failback(lab_factory, tmp_path: Path) -> None:
     """docs/ha.md, "The AG host": tcp-relay and the ftp gateway (allow mode) run on ag under
     `nfgate gateways`; r1 and r2 run processors only, each binding from its half of the pool.
@@ -403,6 +408,8 @@ def test_an_rtp_stream_through_the_ag_host_survives_failover_failback_and_kill9_
         left = copies()
         at(f"r2's copies of the stream's legs: {left} s left")
         assert len(left) == 2 and min(left) > 5, f"r2's copies of the RTP flow's legs: {left}"
+        # The backup refreshed nothing (it would copy its own entries back); the master did.
+        assert counter(pair, "r2", "refresh.passes") == 0 and counter(pair, "r1", "refresh.updated") >= 2
         at("r1: all links down")
         pair.links("r1", "down")
         took = wait_master(pair, "r2", timeout=15)
@@ -422,7 +429,7 @@ def test_an_rtp_stream_through_the_ag_host_survives_failover_failback_and_kill9_
         at(f"r2 master after {took:.2f} s")
         took = wait_master(pair, "r1", timeout=30)
         at(f"r1's keepalived restarted by nfgate run; r1 master again after {took:.2f} s")
-        refreshed = pair.status("r1")["processors"]["processor-0"]["counters"].get("refresh.updated", 0)
+        refreshed = counter(pair, "r1", "refresh.updated")
         sent, _ = media.communicate(timeout=90)
         got = json.loads(sink.communicate(timeout=90)[0])
         print(f"\nha, AG host: RTP at 50 datagrams/s through the rtp gateway: sent {sent.strip()}, received "
