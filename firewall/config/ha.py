@@ -37,7 +37,7 @@ from typing import Any
 
 from pydantic import Field, ValidationInfo, model_validator
 
-from firewall.fields import AbsPath, Address, Frozen, IfName, Int, IPv4Iface, Number, fail, report
+from firewall.fields import AbsPath, Address, Bool, Frozen, IfName, Int, IPv4Iface, Number, fail, report
 
 GATEWAY_LINK = "gateway_link"
 NODE_NAME = r"[a-z][a-z0-9]{0,14}"
@@ -82,9 +82,15 @@ class Ha(Frozen):
                              "script's state file; each named by node")
     socket_buffer: Int(1 << 16, 1 << 30) = Field(1249280, description="bytes of conntrackd's sync socket buffers")
     hash_limit: Int(1024, 1 << 24) = Field(262144, description="conntrack entries conntrackd's caches hold")
+    udp_refresh: Number(0, 3600) = Field(10.0, description="seconds between the master's refreshes of its UDP "
+                                         "connections' copies on the backup (docs/ha.md, \"UDP refresh\"); 0: none")
+    udp_refresh_all: Bool = Field(False, description="refresh every UDP connection's copy, not only nfgate's")
 
     @model_validator(mode="after")
     def _pair(self, info: ValidationInfo) -> "Ha":
+        if 0 < self.udp_refresh < 1:
+            report(info, "ha.udp_refresh", f"{self.udp_refresh} s is below 1 s: each refresh lists every UDP "
+                   "connection of nfgate's (0 turns it off)")
         if len(self.nodes) != 2:
             report(info, "ha.nodes", f"an HA pair has two nodes, not {len(self.nodes)}")
         for name, node in self.nodes.items():

@@ -32,6 +32,10 @@ Modules:
   dynamic-rule elements through libnftables' JSON API), ``Conntrack`` (look-ups, filtered dumps,
   reaping, destroy events through pyroute2's ctnetlink messages) and the
   kernel's queue counters.
+- ``refresh``: with ``[ha]``, the master's refresh of its UDP connections'
+  copies on the backup (docs/ha.md, "UDP refresh"): a filtered dump, each
+  entry's own timeout written back as an update conntrackd copies, a chunk
+  per wake-up of the loop.
 - ``runner``: ``Runner``, the single-threaded ``selectors`` loop over the
   NFQUEUE, conntrack's destroy events, the signalling socket, the control
   socket and a 1 s tick.

@@ -25,6 +25,9 @@ other packets:
   in-process by the same ``kernel.NatWriter``, one transaction each;
 - the control socket (``firewall.control``: unix, mode 0600) answers
   ``stats`` and ``flows`` on the same selector, without blocking.
+- with ``[ha]``, instance 0 refreshes the backup's copies of the node's UDP
+  connections while the node is master (``refresh``): a pass starts at the
+  tick, and its dump is read a chunk per wake-up on the same selector.
 
 Nothing raised while handling a packet leaves the callback (netfilterqueue
 would lose the verdict): it is counted as ``drop.internal`` and the packet
@@ -55,6 +58,7 @@ from firewall.control import BadRequest, Command, ControlServer, SelectorLoop
 from firewall.errors import KernelError, PrivilegeError
 from firewall.processor.core import DROP, PASS, NatOp, Outputs, ProcessorCore, Route
 from firewall.processor.kernel import Conntrack, NatWriter, queue_counters
+from firewall.processor.refresh import Refresher, Schedule, interval, selection, udp_timeout
 from firewall.signalling import MAX_DATAGRAM, Encoder, Guard, Role, load_or_create_key
 
 log = logging.getLogger("nfgate.processor")
@@ -226,6 +230,10 @@ class Runner:
         self._ha_state = ha.paths(config.ha, config.node).state if config.ha is not None and config.node else None
         self._ha_seen: tuple[int, int] | None = None
         self._ha_vrrp: str | None = None  # the state last read from it
+        # With [ha], the node's first processor refreshes the backup's copies of nfgate's UDP
+        # connections while the node is master (``refresh``, docs/ha.md "UDP refresh").
+        self.refresher: Refresher | None = None
+        self._schedule = Schedule(0.0)
         self._stop = False
         self._sel = selectors.DefaultSelector()
         self.control = ControlServer(self.control_path, COMMANDS, self, timeout=CONTROL_TIMEOUT,
@@ -273,6 +281,7 @@ class Runner:
             adopted += self.core.adopt6(self.ct.ours(socket.AF_INET6), time.monotonic())
         self._handle = self.core.handle
         self._now = time.monotonic()
+        self._open_refresher()
         try:
             self._open_sockets()
             log.info(
@@ -286,6 +295,26 @@ class Runner:
         finally:
             self._close()
         return 0
+
+    def _open_refresher(self) -> None:
+        ha_cfg = self.config.ha
+        if ha_cfg is None or self._ha_state is None or self.instance != 0 or ha_cfg.udp_refresh <= 0:
+            return
+        marks = self.config.processor.marks
+        kernel = udp_timeout()
+        every = interval(ha_cfg.udp_refresh, kernel)
+        if every < ha_cfg.udp_refresh:
+            log.warning("queue %d: ha.udp_refresh %g s is more than a third of nf_conntrack_udp_timeout (%s s): "
+                        "refreshing every %g s", self.queue, ha_cfg.udp_refresh, kernel, every)
+        self._schedule = Schedule(every)
+        # Each dump walks the whole table: IPv6's only if the node has IPv6 gateway flows or all are asked for.
+        families = (socket.AF_INET, socket.AF_INET6) if self.core.six is not None or ha_cfg.udp_refresh_all \
+            else (socket.AF_INET,)
+        self.refresher = Refresher(selection(marks.rewritten, marks.allowed, ha_cfg.udp_refresh_all), self.core.counters,
+                                   families)
+        log.info("queue %d: while node %s is master, the copies on the peer of %s are refreshed every %g s",
+                 self.queue, self.config.node, "every UDP connection" if ha_cfg.udp_refresh_all else
+                 "nfgate's UDP connections", every)
 
     def _accounting_on(self) -> None:
         """Conntrack's per-connection counters, for ``nfgate flows`` (processor.conntrack_accounting)."""
@@ -316,6 +345,8 @@ class Runner:
         self._pending: list[tuple[Packet, int, int, tuple[NatOp, ...]]] = []
         self._sel.register(qsock, selectors.EVENT_READ, self._on_queue)
         self._sel.register(self.ct.events, selectors.EVENT_READ, self._on_conntrack)
+        if self.refresher is not None:
+            self._sel.register(self.refresher.sock, selectors.EVENT_READ, self._on_refresh)
 
         sig = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sig.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
@@ -356,6 +387,8 @@ class Runner:
             if sock is not None:
                 sock.close()
         self.ct.close()
+        if self.refresher is not None:
+            self.refresher.close()
         self.ipr.close()
         self._sel.close()
 
@@ -384,6 +417,7 @@ class Runner:
                 next_reap = now + self.config.processor.timeouts.reap
             if now >= next_tick:
                 self._check_standby()  # a takeover as soon as the node became master, event or not
+                self._refresh(now)
                 self.core.tick(now, time.time())
                 self.control.expire(now)
                 next_tick = now + TICK
@@ -528,6 +562,22 @@ class Runner:
                      "bindings it loses go on at the peer: their gateways are not told they ended" if standby
                      else "gateways are told when its bindings end")
         self.core.standby = standby
+
+    def _refresh(self, now: float) -> None:
+        """A pass of the UDP refresh when ``Schedule`` says (only while the node is master)."""
+        refresher = self.refresher
+        if refresher is None:
+            return
+        refresher.answers()  # the kernel's refusals of the last chunk's updates
+        act = self._schedule.decide(now, self._ha_vrrp == "primary")
+        if act is False:
+            refresher.stop()
+        elif act and not refresher.begin():
+            self.core.counters["refresh.overrun"] += 1  # the last pass is still being read
+
+    def _on_refresh(self, sock: socket.socket) -> None:
+        assert self.refresher is not None
+        self.refresher.step()
 
     def _take_over(self) -> None:
         """This node became master: take over the bindings conntrackd copied from the peer, and

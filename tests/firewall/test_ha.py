@@ -63,10 +63,19 @@ def problems(tmp: Path, old: str, new: str) -> list[str]:
     ('sync_address = "172.31.252.2"', 'sync_address = "fd00::2"', "fd00::2 is not an IPv4 address"),
     ("advert_interval = 0.3", "advert_interval = 0", "ha.advert_interval: 0 is out of range"),
     ("[ha.nodes.r2]", "[ha.nodes.R2]", "ha.nodes.R2: node names are"),
+    ("preempt_delay = 5", "preempt_delay = 5\nudp_refresh = 0.5", "ha.udp_refresh: 0.5 s is below 1 s"),
+    ("preempt_delay = 5", "preempt_delay = 5\nudp_refresh = 3601", "ha.udp_refresh: 3601 is out of range"),
 ])
 def test_each_mistake_is_named(tmp_path: Path, old: str, new: str, expected: str) -> None:
     found = problems(tmp_path, old, new)
     assert any(expected in p for p in found), found
+
+
+def test_the_udp_refresh_is_on_by_default_and_0_or_1_turn_it_off_or_on(tmp_path: Path) -> None:
+    assert load(tmp_path).ha.udp_refresh == 10.0  # type: ignore[union-attr]
+    for text, value in (("0", 0.0), ("1", 1.0)):
+        cfg = load(tmp_path, BASE.replace("preempt_delay = 5", f"preempt_delay = 5\nudp_refresh = {text}", 1))
+        assert cfg.ha.udp_refresh == value  # type: ignore[union-attr]
 
 
 def test_a_pair_has_two_nodes(tmp_path: Path) -> None:

@@ -6,8 +6,10 @@ What is proved here: the rendered files and the notify script carry a live
 double-direction NAT flow (a port forward on the virtual address) intact across
 each event, with the stall printed; new flows work after each; the pair's rules
 let VRRP and the sync in; and the server's segment never sees the client's own
-address (a packet NATed on one leg only). The last test does the same with a
-tcp-relay flow through the gateways' own host (docs/ha.md, "The AG host").
+address (a packet NATed on one leg only). The AG host tests do the same with
+tcp-relay and FTP flows through the gateways' own host (docs/ha.md, "The AG
+host"), and with a 60 s RTP stream whose copies on the backup only the
+master's UDP refresh keeps alive past 30 s (docs/ha.md, "UDP refresh").
 """
 
 from __future__ import annotations
@@ -227,6 +229,11 @@ def taken_over(pair: Pair, node: str, counter: str = "flows.taken_over") -> int:
     return pair.status(node)["processors"]["processor-0"]["counters"].get(counter, 0)
 
 
+def counter(pair: Pair, node: str, name: str) -> int:
+    """One counter of the node's first processor."""
+    return pair.status(node)["processors"]["processor-0"]["counters"].get(name, 0)
+
+
 def test_gateway_flows_through_the_ag_host_survive_failover_kill9_and_failback(lab_factory, tmp_path: Path) -> None:
     """docs/ha.md, "The AG host": tcp-relay and the ftp gateway (allow mode) run on ag under
     `nfgate gateways`; r1 and r2 run processors only, each binding from its half of the pool.
@@ -359,35 +366,50 @@ def test_gateway_flows_through_the_ag_host_survive_failover_kill9_and_failback(l
 RTP_PEERS = str(REPO / "tests" / "gateways" / "rtp_peers.py")
 
 
-def test_an_rtp_stream_through_the_ag_host_survives_a_failover_and_its_rtcp_follows_the_takeover(
+def test_an_rtp_stream_through_the_ag_host_survives_failover_failback_and_kill9_with_its_rtcp(
         lab_factory, tmp_path: Path) -> None:
-    """docs/ha.md, "Takeover": 20 ms RTP from the server to 203.0.113.1:5004 (forwarded to lan's client,
-    through the rtp gateway on ag) for 20 s, across a hard failure of r1 and the failback. Its RTCP
-    (5005) starts only after the failover and crosses only by the adjacent rule the gateway asks
-    for on behalf of the RTP flow: r1's rule died with r1, and the gateway, which the takeover
-    told that r2 carries the flow now, drops r1's rule and asks r2 at once. The stall is printed.
+    """docs/ha.md, "Takeover" and "UDP refresh": 20 ms RTP from the server to 203.0.113.1:5004
+    (forwarded to lan's client, through the rtp gateway on ag) for 60 s, across a hard failure of
+    r1, the failback and a kill -9 of r1's keepalived. Its RTCP (5005) starts only after the
+    failover and crosses only by the adjacent rule the gateway asks for on behalf of the RTP
+    flow: r1's rule died with r1, and the gateway, which the takeover told that r2 carries the
+    flow now, drops r1's rule and asks r2 at once. The stall is printed.
 
-    The UDP timeouts are the kernel's defaults here, not the lab's fast 5 s: a UDP entry's copy
-    on the backup is not refreshed by the traffic the master carries (docs/ha.md, "Not covered")
-    and would be gone at the failback."""
+    The UDP timeouts are the kernel's defaults here (30 s for an unreplied flow), not the lab's
+    fast 5 s, and the hard failure comes more than 30 s after the stream started: r2's copies of
+    the stream's two legs, made when it started, live on only because r1 refreshed them
+    (``ha.udp_refresh``). The failback and the kill -9 find copies the resync at the last
+    takeover made, younger than 30 s: they need no refresh."""
     lab = lab_factory("ha")
     pair = Pair(lab, tmp_path, advert=0.3, preempt=3.0, ag=True,
                 conntrack={"nf_conntrack_udp_timeout": 30, "nf_conntrack_udp_timeout_stream": 120})
     sink = None
     try:
-        sink = lab.popen("client", [sys.executable, "-m", "tests.hapeer", "udpsink", "30", "3", "5004", "5005"],
+        sink = lab.popen("client", [sys.executable, "-m", "tests.hapeer", "udpsink", "90", "3", "5004", "5005"],
                          stdout=subprocess.PIPE, text=True, cwd=REPO)
         assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
         dump, pcap = capture(lab, tmp_path, ("or", "net", "172.31.253.0/24", "or", "net", "172.31.254.0/28"))
         start = time.monotonic()
         media = lab.popen("server", [sys.executable, RTP_PEERS, "send", "203.0.113.10", "40000", VIP["wan"][1], "5004",
-                                     "rtp*1000"], stdout=subprocess.PIPE, text=True)
+                                     "rtp*3000"], stdout=subprocess.PIPE, text=True)
         events = []
 
         def at(name: str) -> None:
             events.append((round(time.monotonic() - start, 2), name))
 
-        time.sleep(2.0)
+        def copies() -> list[int]:
+            """The timeouts of r2's copies of nfgate's UDP entries: the stream's two legs (no RTCP yet)."""
+            out = lab.run("r2", ["conntrack", "-L", "-p", "udp", "--mark", "0x10000/0x10000"], check=False).stdout
+            return [int(line.split()[2]) for line in out.splitlines() if line.startswith("udp")]
+
+        # The copies conntrackd made when the stream started would be gone 30 s after it; refreshed, never.
+        wait_for(lambda: time.monotonic() - start >= 31.0 and media.poll() is None, timeout=40, interval=0.5,
+                 what="the stream to run 31 s")
+        left = copies()
+        at(f"r2's copies of the stream's legs: {left} s left")
+        assert len(left) == 2 and min(left) > 5, f"r2's copies of the RTP flow's legs: {left}"
+        # The backup refreshed nothing (it would copy its own entries back); the master did.
+        assert counter(pair, "r2", "refresh.passes") == 0 and counter(pair, "r1", "refresh.updated") >= 2
         at("r1: all links down")
         pair.links("r1", "down")
         took = wait_master(pair, "r2", timeout=15)
@@ -395,26 +417,33 @@ def test_an_rtp_stream_through_the_ag_host_survives_a_failover_and_its_rtcp_foll
         wait_for(lambda: taken_over(pair, "r2") >= 1, timeout=10, interval=0.1, what="r2 to take the RTP flow over")
         at(f"r2 took over {taken_over(pair, 'r2')} bindings; RTCP starts")
         rtcp = lab.run("server", [sys.executable, RTP_PEERS, "send", "203.0.113.10", "40001", VIP["wan"][1], "5005",
-                                  "rr*400"], timeout=60)  # 8 s: the rule the gateway asks r2 for lets it through
+                                  "rr*250"], timeout=60)  # 5 s: the rule the gateway asks r2 for lets it through
         at(f"RTCP sent: {rtcp.stdout.strip()}")
         at("r1: links up")
         pair.links("r1", "up")
         took = wait_master(pair, "r1", timeout=30)
         at(f"failback: r1 master after {took:.2f} s")
-        sent, _ = media.communicate(timeout=60)
-        got = json.loads(sink.communicate(timeout=60)[0])
+        killed = pair.kill_keepalived("r1")
+        at(f"kill -9 keepalived on r1 (pid {killed})")
+        took = wait_master(pair, "r2", timeout=15)
+        at(f"r2 master after {took:.2f} s")
+        took = wait_master(pair, "r1", timeout=30)
+        at(f"r1's keepalived restarted by nfgate run; r1 master again after {took:.2f} s")
+        refreshed = counter(pair, "r1", "refresh.updated")
+        sent, _ = media.communicate(timeout=90)
+        got = json.loads(sink.communicate(timeout=90)[0])
         print(f"\nha, AG host: RTP at 50 datagrams/s through the rtp gateway: sent {sent.strip()}, received "
-              f"{got['counts']}, longest stall {got['stall']} s")
+              f"{got['counts']}, longest stall {got['stall']} s; r1's processor refreshed {refreshed} entries")
         for t, name in events:
             print(f"  {t:7.2f} s  {name}")
         for t, gap in got["stalls"]:
             print(f"  RTP stall of {gap:.3f} s at {t:.2f} s")
         sent_n = json.loads(sent)["sent"]
-        # Lost: what the stall at the failover held up (the sender does not retransmit), no more.
-        assert got["counts"]["5004"] >= sent_n - 50 * (got["stall"] + 1), got
+        # Lost: what the stalls at the failovers held up (the sender does not retransmit), no more.
+        assert got["counts"]["5004"] >= sent_n - 50 * (sum(gap for _, gap in got["stalls"]) + 1), got
         assert got["stall"] < 5, got
         # The move ended r1's rule at the gateway, which asked r2 at once: (nearly) all of it crossed.
-        assert got["counts"]["5005"] >= 300, f"RTCP after the failover: {got}"
+        assert got["counts"]["5005"] >= 200, f"RTCP after the failover: {got}"
         # It crossed the rtp gateway (5005 is not forwarded): the RTCP flow joined the RTP flow's stream.
         joined = [line for line in pair.log("ag").splitlines() if " rtp stream.join " in line]
         assert any("role=rtcp" in line for line in joined), pair.log("ag")[-3000:]
