@@ -59,6 +59,10 @@ def _ha(config: Config) -> list[Hazard]:
         out.append(Hazard("policy.drop_invalid", "false with [ha]: a packet that reaches the new master before its "
                           "flow's copied entry would start a fresh, wrongly NATed entry and reset the flow "
                           "(docs/ha.md, \"Traps the proof found\"); set it to true"))
+    if config.ha.udp_refresh_all and config.ha.udp_refresh > 0 and not config.gateways:
+        out.append(Hazard("ha.udp_refresh_all", "true, and no [[gateway]]: a pair without gateways runs no processor, "
+                          "and so nothing refreshes the UDP copies; raise nf_conntrack_udp_timeout and "
+                          "nf_conntrack_udp_timeout_stream on both nodes instead (docs/ha.md, \"UDP refresh\")"))
     return out
 
 

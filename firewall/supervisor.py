@@ -199,7 +199,8 @@ def children_for(config: Config, config_path: str, role: str = ROUTER) -> list[C
         node = local_node(config)
         if node is not None:
             out += ha_children(config, node)
-        for i, queue in enumerate(config.processor.queues):
+        # No [[gateway]]: nothing is queued, so no processor (it would refuse to start).
+        for i, queue in enumerate(config.processor.queues if config.gateways else ()):
             control = processor_control(config, queue)
             argv = [py, "-m", "firewall.processor", "--config", config_path, "--instance", str(i), "--control", str(control),
                     *(["--node", node] if node is not None else [])]

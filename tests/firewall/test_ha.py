@@ -78,6 +78,21 @@ def test_the_udp_refresh_is_on_by_default_and_0_or_1_turn_it_off_or_on(tmp_path:
         assert cfg.ha.udp_refresh == value  # type: ignore[union-attr]
 
 
+def test_a_pair_without_gateways_starts_its_daemons_and_no_processor(tmp_path: Path, monkeypatch) -> None:
+    """Nothing is queued without a [[gateway]], and a processor would refuse to start (and be restarted forever)."""
+    from firewall import supervisor
+    monkeypatch.setattr(supervisor, "local_node", lambda c: "r1")
+    assert [c.name for c in supervisor.children_for(load(tmp_path), "x.toml")] == ["conntrackd", "keepalived"]
+
+
+def test_refreshing_every_udp_copy_without_gateways_is_a_hazard(tmp_path: Path) -> None:
+    from firewall.hazards import hazards
+    cfg = load(tmp_path, BASE.replace("preempt_delay = 5", "preempt_delay = 5\nudp_refresh_all = true", 1))
+    found = [h for h in hazards(cfg) if h.path == "ha.udp_refresh_all"]
+    assert len(found) == 1 and "runs no processor" in str(found[0]), hazards(cfg)
+    assert not [h for h in hazards(load(tmp_path)) if h.path == "ha.udp_refresh_all"]
+
+
 def test_a_pair_has_two_nodes(tmp_path: Path) -> None:
     text = BASE[: BASE.index("[ha.nodes.r2]")] + BASE[BASE.index("[ha.virtual.lan]"):]
     with pytest.raises(config.ConfigError) as info:
