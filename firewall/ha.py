@@ -333,6 +333,14 @@ def local_node(config: Config, addresses: set[Any]) -> str:
     return mine[0]
 
 
+def record_state(config: Config, node: str, state: str) -> None:
+    """Append ``state`` to the node's state file, as its notify script does (one JSON line)."""
+    p = paths(_require(config), node)
+    p.state.parent.mkdir(parents=True, exist_ok=True)
+    with open(p.state, "a") as f:
+        f.write(json.dumps({"state": state, "at": time.time()}) + "\n")
+
+
 def read_state(config: Config, node: str) -> dict[str, Any]:
     """This node's VRRP state as its notify script last recorded it, and when it last became primary."""
     p = paths(_require(config), node)

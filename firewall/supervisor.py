@@ -467,6 +467,12 @@ class Supervisor:
             child.restarts += 1
             child.ready = False
             self.log(f"{child.name}: exited with {code}", logging.ERROR)
+            if child.name == "keepalived" and self.ha_node is not None and self.config.ha is not None:
+                # Killed, keepalived runs no notify script: its state file would still say primary
+                # while its dying VRRP process gives the addresses up, and the processors would act as
+                # master beside the peer. A node without keepalived is not master (docs/ha.md).
+                ha.record_state(self.config, self.ha_node, "fault")
+                self.log("keepalived: gone: node recorded as fault until its next transition")
             self._schedule(child, now)
 
     # -- the loop -------------------------------------------------------------

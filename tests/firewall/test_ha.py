@@ -85,6 +85,29 @@ def test_a_pair_without_gateways_starts_its_daemons_and_no_processor(tmp_path: P
     assert [c.name for c in supervisor.children_for(load(tmp_path), "x.toml")] == ["conntrackd", "keepalived"]
 
 
+def test_a_killed_keepalived_leaves_the_node_recorded_as_fault_not_primary(tmp_path: Path, monkeypatch) -> None:
+    """kill -9 of keepalived runs no notify script while its VRRP process gives the addresses up: the
+    supervisor records fault, so the processors stop acting as master until the next transition."""
+    import subprocess as sp
+
+    from firewall import supervisor
+    monkeypatch.setattr(supervisor, "local_node", lambda c: "r1")
+    cfg = load(tmp_path)
+    ha.record_state(cfg, "r1", "primary")
+    assert ha.read_state(cfg, "r1")["vrrp"] == "primary"
+    children = [supervisor.Child("keepalived", "ha", ["true"]), supervisor.Child("conntrackd", "ha", ["true"])]
+    sup = supervisor.Supervisor(cfg, "x.toml", children=children, log=lambda line: None)
+    children[1].proc = sp.Popen(["true"])
+    children[1].proc.wait()
+    sup._reap(now=1.0)
+    assert ha.read_state(cfg, "r1")["vrrp"] == "primary"  # conntrackd's death changes nothing of VRRP
+    children[0].proc = sp.Popen(["true"])
+    children[0].proc.wait()
+    sup._reap(now=2.0)
+    state = ha.read_state(cfg, "r1")
+    assert state["vrrp"] == "fault" and state["transitions"] == 2, state
+
+
 def test_refreshing_every_udp_copy_without_gateways_is_a_hazard(tmp_path: Path) -> None:
     from firewall.hazards import hazards
     cfg = load(tmp_path, BASE.replace("preempt_delay = 5", "preempt_delay = 5\nudp_refresh_all = true", 1))
