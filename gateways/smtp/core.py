@@ -192,6 +192,12 @@ class SmtpRelay(Chunking):
         if self.state is State.CLOSED or not data:
             return []
         self._answers = 0
+        if (not self._server_buf and not self._reply and len(data) <= self.policy.max_reply_line
+                and data.find(b"\n") == len(data) - 1 and data[3:4] != b"-" and GOOD_REPLY_LINE.fullmatch(data) is not None):
+            # One whole single-line reply and nothing held: most replies.
+            # ``_read_replies`` would take it the same way, through its buffer.
+            self._on_reply(int(data[:3]), [data], data if len(data) > 5 else data[:3] + b" \r\n")
+            return self._take()
         self._server_buf += data
         self._read_replies()
         return self._take()
