@@ -50,7 +50,7 @@ import signal
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Coroutine, Protocol, TypeVar
 
 from firewall import eventlog, sdnotify
 from firewall.control import Command, ControlServer
@@ -68,6 +68,8 @@ PROG = "python -m gateways"
 # How long live connections may take to finish after SIGTERM before they are
 # reset. The supervisor should wait longer than this before it sends SIGKILL.
 SHUTDOWN_GRACE = 5.0
+
+T = TypeVar("T")
 
 
 class Relay(Protocol):
@@ -180,6 +182,15 @@ async def serve(manifest: Manifest, key: bytes, log: EventLog, factory: RelayFac
         log.emit("stats", **_stats(layer, relay))
 
 
+def run_on(event_loop: str, coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on the kind's event loop (``Kind.event_loop``): ``asyncio`` or ``uvloop``."""
+    if event_loop == "uvloop":
+        import uvloop  # only when a kind asks for it
+
+        return uvloop.run(coro)
+    return asyncio.run(coro)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     level = getattr(logging, args.log_level.upper())
@@ -197,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             kind.entry()(manifest, log_json=args.log_json)
             return EXIT_OK
         key = load_or_create_key(manifest.signalling.key_file)
-        asyncio.run(serve(manifest, key, EventLog(manifest.process_name), kind.entry(), args.control, args.ready_fd))
+        run_on(kind.event_loop(kind.settings.model_validate(dict(manifest.settings))),
+               serve(manifest, key, EventLog(manifest.process_name), kind.entry(), args.control, args.ready_fd))
     except NfgateError as err:
         logging.getLogger("nfgate.gateway").error("%s", err)
         return err.exit_code

@@ -59,11 +59,11 @@ from gateways.smtp.chunking import Chunking
 from gateways.smtp.commands import COMMANDS, EXTENSIONS, REFUSED, Arg
 from gateways.smtp.data import Chunks, Content
 from gateways.smtp.lines import (
+    GOOD_REPLY_LINE,
     Malformed,
     Path,
-    ReplyLine,
     format_params,
-    format_reply,
+    good_command,
     param_problem,
     parse_path,
     parse_reply_line,
@@ -119,7 +119,7 @@ class SmtpRelay(Chunking):
         self._server_buf = bytearray()
         self._skipping = False  # inside an over-long client line: drop up to its LF
         self._held: str | None = None  # the sync command whose reply is awaited
-        self._reply: list[ReplyLine] = []
+        self._reply: list[bytes] = []  # the lines of a reply so far, with their CRLF
         self._content: Content | None = None
         self._chunk_left = 0  # bytes of the current BDAT chunk still to come
         self._chunk_forward = False  # the current chunk goes to the server (else: dropped after a 503)
@@ -192,6 +192,12 @@ class SmtpRelay(Chunking):
         if self.state is State.CLOSED or not data:
             return []
         self._answers = 0
+        if (not self._server_buf and not self._reply and len(data) <= self.policy.max_reply_line
+                and data.find(b"\n") == len(data) - 1 and data[3:4] != b"-" and GOOD_REPLY_LINE.fullmatch(data) is not None):
+            # One whole single-line reply and nothing held: most replies.
+            # ``_read_replies`` would take it the same way, through its buffer.
+            self._on_reply(int(data[:3]), [data], data if len(data) > 5 else data[:3] + b" \r\n")
+            return self._take()
         self._server_buf += data
         self._read_replies()
         return self._take()
@@ -321,7 +327,7 @@ class SmtpRelay(Chunking):
             if self._in_flight >= MAX_IN_FLIGHT:
                 break
             if self._answers >= MAX_ANSWERS_PER_TURN:
-                self._more = b"\n" in buf
+                self._more = buf.find(b"\n") >= 0
                 break
             lf = buf.find(b"\n")
             if lf < 0:
@@ -336,6 +342,8 @@ class SmtpRelay(Chunking):
                 self._bad_command(LINE_TOO_LONG, "refused.line_too_long", limit=limit)
             elif len(line) > limit:
                 self._bad_command(LINE_TOO_LONG, "refused.line_too_long", limit=limit)
+            elif (parsed := None if "SMTPUTF8" in self.offered else good_command(line)) is not None:
+                self._dispatch(*parsed)
             elif not line.endswith(b"\r\n") or b"\r" in line[:-2]:
                 self._bad_command(BARE_LINE_END, "refused.bare_line_end")
             else:
@@ -349,6 +357,10 @@ class SmtpRelay(Chunking):
         except Malformed as exc:
             self._bad_command(UNRECOGNIZED, "refused.malformed", detail=str(exc))
             return
+        self._dispatch(verb, arg)
+
+    def _dispatch(self, verb: str, arg: bytes) -> None:
+        """A command line split and checked: the command table, the sequence, the verb's own checks."""
         spec = COMMANDS.get(verb)
         if spec is None:
             if verb in REFUSED:
@@ -427,9 +439,9 @@ class SmtpRelay(Chunking):
         except Malformed as exc:
             self._bad_command(BAD_ARGUMENT, "refused.argument", verb="MAIL", detail=str(exc))
             return
-        if not self._params_ok("MAIL", path):
+        if path.params and not self._params_ok("MAIL", path):
             return
-        size = next((int(v) for k, v in path.params if k == "SIZE" and v is not None), 0)
+        size = next((int(v) for k, v in path.params if k == "SIZE" and v is not None), 0) if path.params else 0
         if size > self.size_limit:
             self._refuse(TOO_BIG, "refused.size", sender=path.mailbox, size=size, limit=self.size_limit)
             return
@@ -454,7 +466,7 @@ class SmtpRelay(Chunking):
         except Malformed as exc:
             self._bad_command(BAD_ARGUMENT, "refused.argument", verb="RCPT", detail=str(exc))
             return
-        if not self._params_ok("RCPT", path):
+        if path.params and not self._params_ok("RCPT", path):
             return
         if self._recipients >= self.policy.max_recipients:
             self._refuse(TOO_MANY_RECIPIENTS, "refused.too_many_recipients", limit=self.policy.max_recipients)
@@ -519,6 +531,7 @@ class SmtpRelay(Chunking):
     def _read_replies(self) -> None:
         buf = self._server_buf
         limit = self.policy.max_reply_line
+        good = GOOD_REPLY_LINE.fullmatch
         while self.state is not State.CLOSED:
             lf = buf.find(b"\n")
             if lf < 0:
@@ -530,56 +543,61 @@ class SmtpRelay(Chunking):
                 break
             line = bytes(buf[: lf + 1])
             del buf[: lf + 1]
-            if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
-                self._server_violation("bare CR or LF in a reply")
+            if good(line) is None:
+                self._server_violation(_reply_problem(line))
                 break
-            try:
-                parsed = parse_reply_line(line[:-2])
-            except Malformed as exc:
-                self._server_violation(str(exc))
-                break
-            if self._reply and parsed.code != self._reply[0].code:
+            reply = self._reply
+            if reply and line[:3] != reply[0][:3]:
                 self._server_violation("codes differ within a multiline reply")
                 break
-            self._reply.append(parsed)
-            if len(self._reply) > MAX_REPLY_LINES:
+            reply.append(line)
+            if len(reply) > MAX_REPLY_LINES:
                 self._server_violation(f"reply of more than {MAX_REPLY_LINES} lines")
                 break
-            if parsed.last:
-                lines, self._reply = self._reply, []
-                self._on_reply(lines)
+            if line[3:4] != b"-":  # "ddd text" or "ddd": the reply's last line (section 4.2.1)
+                self._reply = []
+                if len(line) == 5:  # "ddd" alone is sent on as "ddd " and an empty text
+                    wire = b"".join(reply[:-1]) + line[:3] + b" \r\n"
+                else:
+                    wire = line if len(reply) == 1 else b"".join(reply)
+                self._on_reply(int(line[:3]), reply, wire)
 
-    def _on_reply(self, lines: list[ReplyLine]) -> None:
-        code = lines[0].code
-        head = self._pending[0] if self._pending else None
+    def _on_reply(self, code: int, lines: list[bytes], wire: bytes) -> None:
+        """A whole reply: ``lines`` with their CRLF, ``wire`` as the client gets it."""
+        pending = self._pending
+        head = pending[0] if pending else None
         if head is None or head.local is not None:
             if code == 421:  # the server may close at any time (section 3.8)
-                self._to_client(format_reply(code, [ln.text for ln in lines]))
+                self._to_client(wire)
                 self._close("server_421")
             else:
                 self._server_violation("reply without a command")
             return
-        self._pending.popleft()
+        pending.popleft()
         self._in_flight -= 1
         verb = head.verb
-        ok = 200 <= code < 300 if verb not in ("DATA",) else code == 354
+        ok = 200 <= code < 300 if verb != "DATA" else code == 354
         if verb == "STARTTLS" and ok and code != 220:
             ok = False
-        wire = format_reply(code, [ln.text for ln in lines])
         if ok:
             self.state = after(self.state, verb)
         _REPLY.get(verb, SmtpRelay._reply_plain)(self, head, ok, code, lines, wire)
         if self.state is State.CLOSED:
             return
-        self._expected = self.state
-        for p in self._pending:
+        expected = self.state
+        for p in pending:
             if p.local is None:
-                self._expected = after(self._expected, p.verb)
+                expected = after(expected, p.verb)
+        self._expected = expected
         if self._held == verb:
             self._held = None
-        self._release()
+        if pending and pending[0].local is not None:
+            self._release()
         if self._content is None and self.state is not State.TLS:
-            self._read_commands()
+            if self._client_buf:
+                self._read_commands()
+            else:
+                self._more = False  # what reading an empty buffer would do
         if code == 421:
             self._close("server_421")
 
@@ -588,17 +606,17 @@ class SmtpRelay(Chunking):
         while self._pending and self._pending[0].local is not None:
             self._to_client(self._pending.popleft().local)  # type: ignore[arg-type]
 
-    def _reply_plain(self, head: _Pending, ok: bool, code: int, lines: list[ReplyLine], wire: bytes) -> None:
+    def _reply_plain(self, head: _Pending, ok: bool, code: int, lines: list[bytes], wire: bytes) -> None:
         self._to_client(wire)
 
-    def _reply_greeting(self, head: _Pending, ok: bool, code: int, lines: list[ReplyLine], wire: bytes) -> None:
+    def _reply_greeting(self, head: _Pending, ok: bool, code: int, lines: list[bytes], wire: bytes) -> None:
         if code not in (220, 421, 554):  # section 4.3.2: the only greetings
             self._server_violation(f"greeting {code}")
             return
         self.state = State.INIT  # after 554 the server answers 503 to all but QUIT (section 3.1)
         self._to_client(wire)
 
-    def _reply_ehlo(self, head: _Pending, ok: bool, code: int, lines: list[ReplyLine], wire: bytes) -> None:
+    def _reply_ehlo(self, head: _Pending, ok: bool, code: int, lines: list[bytes], wire: bytes) -> None:
         if not ok:
             self._to_client(wire)
             return
@@ -609,34 +627,34 @@ class SmtpRelay(Chunking):
         self._recipients = 0
         self._to_client(reply)
 
-    def _reply_helo(self, head: _Pending, ok: bool, code: int, lines: list[ReplyLine], wire: bytes) -> None:
+    def _reply_helo(self, head: _Pending, ok: bool, code: int, lines: list[bytes], wire: bytes) -> None:
         if ok:
             self.offered = frozenset()
             self.size_limit = self.policy.max_message_size
             self._recipients = 0
         self._to_client(wire)
 
-    def _reply_mail(self, head: _Pending, ok: bool, code: int, lines: list[ReplyLine], wire: bytes) -> None:
+    def _reply_mail(self, head: _Pending, ok: bool, code: int, lines: list[bytes], wire: bytes) -> None:
         if not ok:
             self.messages -= 1
         self._to_client(wire)
 
-    def _reply_rcpt(self, head: _Pending, ok: bool, code: int, lines: list[ReplyLine], wire: bytes) -> None:
+    def _reply_rcpt(self, head: _Pending, ok: bool, code: int, lines: list[bytes], wire: bytes) -> None:
         if not ok:
             self._recipients -= 1
         self._to_client(wire)
 
-    def _reply_rset(self, head: _Pending, ok: bool, code: int, lines: list[ReplyLine], wire: bytes) -> None:
+    def _reply_rset(self, head: _Pending, ok: bool, code: int, lines: list[bytes], wire: bytes) -> None:
         if ok:
             self._recipients = 0
         self._to_client(wire)
 
-    def _reply_data(self, head: _Pending, ok: bool, code: int, lines: list[ReplyLine], wire: bytes) -> None:
+    def _reply_data(self, head: _Pending, ok: bool, code: int, lines: list[bytes], wire: bytes) -> None:
         if ok:
             self._content = Content(self.policy.max_text_line, self.size_limit)
         self._to_client(wire)
 
-    def _reply_end_of_data(self, head: _Pending, ok: bool, code: int, lines: list[ReplyLine], wire: bytes) -> None:
+    def _reply_end_of_data(self, head: _Pending, ok: bool, code: int, lines: list[bytes], wire: bytes) -> None:
         # Whatever the reply, the transaction is over (section 4.1.1.4).
         self.state = State.READY
         self._recipients = 0
@@ -647,11 +665,11 @@ class SmtpRelay(Chunking):
             self._event("message.refused_by_server", size=head.size, code=code)
         self._to_client(wire)
 
-    def _reply_quit(self, head: _Pending, ok: bool, code: int, lines: list[ReplyLine], wire: bytes) -> None:
+    def _reply_quit(self, head: _Pending, ok: bool, code: int, lines: list[bytes], wire: bytes) -> None:
         self._to_client(wire)
         self._close("quit")
 
-    def _reply_starttls(self, head: _Pending, ok: bool, code: int, lines: list[ReplyLine], wire: bytes) -> None:
+    def _reply_starttls(self, head: _Pending, ok: bool, code: int, lines: list[bytes], wire: bytes) -> None:
         if not ok:
             self._to_client(wire)
             return
@@ -666,6 +684,17 @@ class SmtpRelay(Chunking):
             self._out.append(Opaque())
         else:
             self._out.append(StartTls(START_TLS.wire()))
+
+
+def _reply_problem(line: bytes) -> str:
+    """Why a reply line (with its LF) that ``GOOD_REPLY_LINE`` does not match is refused, for the log."""
+    if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+        return "bare CR or LF in a reply"
+    try:
+        parse_reply_line(line[:-2])
+    except Malformed as exc:
+        return str(exc)
+    raise AssertionError(f"a reply line both good and refused: {line!r}")  # GOOD_REPLY_LINE is parse_reply_line's rule
 
 
 # The handlers by verb, looked up once here rather than by name per command

@@ -10,9 +10,9 @@ itself. What the server receives is therefore one message with the end
 the gateway saw, whatever its own parser accepts as an end.
 
 It works on whole chunks, not bytes (issue 10, item 3: no per-byte Python
-on the hot path): the counts of CR, LF and CRLF in a chunk's complete
-lines must agree, one split finds an over-long line, and only
-the rare lines that start with a dot are touched.
+on the hot path): a chunk's complete lines are split at CRLF once, a CR or
+LF left in their texts is a bare one, the longest text finds an over-long
+line, and only the rare lines that start with a dot are touched.
 
 When a chunk breaks a rule, the content is spoilt: nothing more of it is
 forwarded, the rest is read up to the strict end and dropped, and the core
@@ -29,6 +29,10 @@ from gateways.smtp.model import Reply
 
 END = b"\r\n.\r\n"
 FIRST_LINE_END = b".\r\n"  # the end of an empty message, right after 354
+# Single bytes are looked for as ints (``_CR in data``): ``b"\r" in data``
+# first tries its operand as an int, and raises and clears a TypeError each
+# time (about 1 µs, more than the search in a 2 KB message).
+_CR, _LF, _NUL = 0x0D, 0x0A, 0x00
 # A line that begins with one dot (a line that begins with two keeps both:
 # un-dotting takes one, re-dotting puts it back).
 _UNSTUFFED = re.compile(rb"(?m)^\.(?!\.)")
@@ -80,7 +84,7 @@ class Content:
                 return Chunk(b"", True, buf[after:])
             self._tail, self._bol = buf[-4:], False
             return Chunk(b"", False, b"")
-        if content.startswith(b".") or b"\n." in content:
+        if content.startswith(b".") or content.find(b"\n.") >= 0:
             content = _UNSTUFFED.sub(b"", content)
         self.size += len(content)
         if self.size > self.max_size:
@@ -96,16 +100,22 @@ class Content:
         return Chunk(content, False, b"")
 
     def _check(self, content: bytes, tail: bytes) -> Reply | None:
-        lf = content.count(b"\n")
-        if lf != content.count(b"\r") or lf != content.count(b"\r\n"):
+        # ``content`` is whole lines. Split at CRLF, its lines' texts: a CR or
+        # LF left in them is a bare one (CRLF cannot overlap itself, so every
+        # pair is cut out), and the longest text is the longest line less its
+        # CRLF. One split, one join and three searches in C: about 3x faster
+        # than counting CR, LF and CRLF apart and splitting at LF (the lines'
+        # longest by split is ~50x faster than a [^\n]{n} search).
+        texts = content.split(b"\r\n")
+        joined = b"".join(texts)
+        if _CR in joined or _LF in joined:
             return BARE_LINE_END
         cr = tail.find(b"\r")
-        if cr >= 0 and cr != len(tail) - 1 or b"\n" in tail:
+        if cr >= 0 and cr != len(tail) - 1 or _LF in tail:
             return BARE_LINE_END
-        # The longest line by split: ~50x faster than a [^\n]{n} search (2 ms per 64 KiB).
-        if len(tail) >= self.max_line or (content and max(map(len, content.split(b"\n"))) >= self.max_line):
+        if len(tail) >= self.max_line or (content and max(map(len, texts)) + 1 >= self.max_line):
             return TEXT_LINE_TOO_LONG
-        if b"\x00" in content or b"\x00" in tail:
+        if _NUL in joined or _NUL in tail:
             return NUL_IN_CONTENT
         return None
 
@@ -144,7 +154,7 @@ class Chunks:
     def check(self, data: bytes) -> Reply | None:
         if not data:
             return None
-        if b"\x00" in data:
+        if _NUL in data:
             return NUL_IN_CONTENT
         joined = b"\r" + data if self._cr else data
         self._cr = joined.endswith(b"\r")

@@ -34,28 +34,53 @@ def domain_of(mailbox: str) -> str:
     return mailbox.rpartition("@")[2].lower()
 
 
+class Domains:
+    """A domain list (``example.com``, ``.example.com``, ``*``), lower-cased and sorted once:
+    every MAIL and RCPT asks one, and each asking is then a set look-up and a suffix test."""
+
+    __slots__ = ("any", "names", "suffixes")
+
+    def __init__(self, entries: Iterable[str]) -> None:
+        lowered = [entry.lower() for entry in entries]
+        self.any = "*" in lowered
+        self.names = frozenset(lowered)
+        self.suffixes = tuple(entry for entry in lowered if entry.startswith("."))
+
+    def __contains__(self, domain: str) -> bool:
+        domain = domain.lower().rstrip(".")
+        return self.any or domain in self.names or domain.endswith(self.suffixes)
+
+
+class RejectList:
+    """A reject list: addresses (compared without case) and domains as in ``Domains``."""
+
+    __slots__ = ("addresses", "domains")
+
+    def __init__(self, entries: Iterable[str]) -> None:
+        entries = tuple(entries)
+        self.addresses = frozenset(entry.lower() for entry in entries if "@" in entry)
+        self.domains = Domains(entry for entry in entries if "@" not in entry)
+
+    def __contains__(self, mailbox: str) -> bool:
+        return mailbox.lower() in self.addresses or domain_of(mailbox) in self.domains
+
+
 def domain_matches(domain: str, entries: Iterable[str]) -> bool:
-    domain = domain.lower().rstrip(".")
-    for entry in entries:
-        entry = entry.lower()
-        if entry == "*" or domain == entry or (entry.startswith(".") and domain.endswith(entry)):
-            return True
-    return False
+    return domain in Domains(entries)
 
 
 def listed(mailbox: str, entries: Iterable[str]) -> bool:
     """Whether a reject list names ``mailbox`` or its domain."""
-    entries = tuple(entries)
-    addresses = {e.lower() for e in entries if "@" in e}
-    domains = [e for e in entries if "@" not in e]
-    return mailbox.lower() in addresses or domain_matches(domain_of(mailbox), domains)
+    return mailbox in RejectList(entries)
 
 
 def sender_hook(allowed: tuple[str, ...], rejected: tuple[str, ...]) -> Hook:
+    allowed_domains, reject_list = Domains(allowed), RejectList(rejected)
+
     def check(mailbox: str) -> Reply | None:
-        if listed(mailbox, rejected):
+        if mailbox in reject_list:
             return SENDER_REFUSED
-        if not domain_matches(domain_of(mailbox), allowed):
+        if domain_of(mailbox) not in allowed_domains:
             return SENDER_DOMAIN_REFUSED
         return None
 
@@ -63,10 +88,12 @@ def sender_hook(allowed: tuple[str, ...], rejected: tuple[str, ...]) -> Hook:
 
 
 def recipient_hook(allowed: tuple[str, ...], rejected: tuple[str, ...]) -> Hook:
+    allowed_domains, reject_list = Domains(allowed), RejectList(rejected)
+
     def check(mailbox: str) -> Reply | None:
-        if listed(mailbox, rejected):
+        if mailbox in reject_list:
             return RECIPIENT_REFUSED
-        if not domain_matches(domain_of(mailbox), allowed):
+        if domain_of(mailbox) not in allowed_domains:
             return RELAY_DENIED
         return None
 

@@ -31,13 +31,15 @@ T = TypeVar("T")
 _fw_hosts = itertools.cycle(range(1, 255))
 
 
-def run(coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
-    """Run a test coroutine with a hard bound, so no test can hang the suite."""
+def run(coro: Coroutine[Any, Any, T], timeout: float = 60.0, event_loop: str = "asyncio") -> T:
+    """Run a test coroutine with a hard bound, so no test can hang the suite; on
+    ``event_loop`` as ``python -m gateways`` runs a kind on it (``run_on``)."""
+    from gateways.__main__ import run_on
 
     async def bounded() -> T:
         return await asyncio.wait_for(coro, timeout)
 
-    return asyncio.run(bounded())
+    return run_on(event_loop, bounded())
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:

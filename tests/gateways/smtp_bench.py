@@ -1,12 +1,12 @@
 """SMTP through the smtp gateway against the kernel alone and Debian's proxsmtpd, in one run.
 
-    sudo .venv/bin/python -m tests.gateways.smtp_bench [--count 1000] [--anchor-count 1000] [--idle 1000]
+    sudo .venv/bin/python -m tests.gateways.smtp_bench [--count 1000] [--anchor-count 1000] [--idle 1000] [--no-relay]
 
 Not a test (nothing is asserted): figures for ``scripts/bench smtp`` and
 docs/benchmarks.md. One basic lab, a private Postfix in lan (as the netns
 tests run it), smtplib in ext sending ``count`` messages of about 2 KB to
 bob@example.com, one connection per message (``each``) and all in one
-session (``session``). Three paths, set up one after the other on the
+session (``session``). Four paths, set up one after the other on the
 router:
 
 - ``direct``: no nfgate; iptables DNAT of wan:25 to lan:25, masquerade,
@@ -16,6 +16,11 @@ router:
   transparent mode crashes on this kernel), ``anchor-count`` messages.
 - ``gateway``: ``nfgate run`` with the smtp gateway (tests/gateways/
   smtp_netns.py's config).
+- ``relay``: ``nfgate run`` with a ``tcp-relay`` gateway in its place (the
+  same selector, processor and double NAT; bytes spliced in the kernel, no
+  SMTP read): what any user-mode gateway of this datapath could reach at
+  best with the same dialogue, the bound the smtp gateway is measured
+  against beside the kernel alone (``--no-relay`` leaves it out).
 
 Then ``idle`` sessions are opened through the gateway and held; the
 gateway's resident memory before and while they are held gives its memory
@@ -44,7 +49,8 @@ from typing import Any
 from firewall.lab.netns import Lab
 from firewall.lab.topology import load_topology
 from firewall.lab.wait import wait_for
-from tests.gateways.smtp_netns import LAN, WAN, Postfix, SmtpRunning, client
+from tests.firewall.run_harness import Running
+from tests.gateways.smtp_netns import CONFIG, LAN, WAN, Postfix, SmtpRunning, client
 from tests.scratch import scratch
 
 DIRECT = """*nat
@@ -63,6 +69,21 @@ OutAddress: 192.168.1.10:25
 MaxConnections: 2000
 TimeOut: 180
 User: nobody
+"""
+
+# smtp_netns's config with smtp-in a tcp-relay: the same traffic selector, nothing of SMTP.
+RELAY_CONFIG = CONFIG[:CONFIG.index('[[gateway]]\nname = "smtp-in"')] + """[[gateway]]
+name = "smtp-in"
+kind = "tcp-relay"
+
+[[gateway.traffic]]
+from = "wan"
+to = "lan"
+proto = "tcp"
+ports = 25
+
+[gateway.settings]
+max_connections = 2000
 """
 
 GREETER = r"""
@@ -135,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--anchor-count", type=int, default=1000, help="messages through proxsmtpd (about 85 ms each)")
     parser.add_argument("--idle", type=int, default=1000)
+    parser.add_argument("--no-relay", action="store_true", help="leave out the tcp-relay path (the bound)")
     args = parser.parse_args(argv)
     lab = Lab(load_topology("basic"), f"nfgb{int(time.time()) % 100000:05d}")
     with scratch("nfgate-smtp-bench-") as tmp:
@@ -162,6 +184,20 @@ def main(argv: list[str] | None = None) -> None:
                 prox.terminate()
                 prox.wait()
             lab.run("router", ["iptables", "-F"])
+            if not args.no_relay:
+                (tmp / "relay").mkdir()
+                relay = Running(lab, tmp / "relay", config=RELAY_CONFIG)
+                try:
+                    wait_for(lambda: "smtp-in" in relay.text() and " ready " in relay.text(), timeout=30, what="the relay")
+                    gw_pid, proc_pid = gateway_pid(tmp / "relay"), processor_pid(tmp / "relay")
+                    for mode in ("each", "session"):
+                        before = cpu_seconds(gw_pid), cpu_seconds(proc_pid)
+                        figures[f"relay_{mode}"] = load(lab, WAN, mode, args.count)
+                        figures[f"relay_cpu_ms_{mode}"] = round((cpu_seconds(gw_pid) - before[0]) * 1000 / args.count, 3)
+                        figures[f"relay_processor_cpu_ms_{mode}"] = round((cpu_seconds(proc_pid) - before[1]) * 1000 / args.count, 3)
+                        delivered(pf, args.count)
+                finally:
+                    relay.stop()
             run = SmtpRunning(lab, tmp)
             try:
                 wait_for(lambda: "smtp-in" in run.text() and " ready " in run.text(), timeout=30, what="the gateway")
@@ -206,6 +242,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {mode:8} direct {figures[f'direct_{mode}']:8.1f}  gateway {figures[f'gateway_{mode}']:8.1f}"
               f"  proxsmtpd {figures[f'proxsmtpd_{mode}']:8.1f}  gateway/direct {figures[f'ratio_gateway_direct_{mode}']:.2f}"
               f"  proxsmtpd/direct {figures[f'ratio_proxsmtpd_direct_{mode}']:.2f}")
+    if not args.no_relay:
+        for mode in ("each", "session"):
+            figures[f"ratio_relay_direct_{mode}"] = round(figures[f"relay_{mode}"] / figures[f"direct_{mode}"], 3)
+            figures[f"ratio_gateway_relay_{mode}"] = round(figures[f"gateway_{mode}"] / figures[f"relay_{mode}"], 3)
+            print(f"  {mode:8} tcp-relay {figures[f'relay_{mode}']:8.1f}  relay/direct {figures[f'ratio_relay_direct_{mode}']:.2f}"
+                  f"  gateway/relay {figures[f'ratio_gateway_relay_{mode}']:.2f}  CPU per message: relay"
+                  f" {figures[f'relay_cpu_ms_{mode}']:.2f} ms, processor {figures[f'relay_processor_cpu_ms_{mode}']:.2f} ms")
     for mode in ("each", "session"):
         added = 1000 / figures[f"gateway_{mode}"] - 1000 / figures[f"direct_{mode}"]
         print(f"  {mode:8} added {added:6.2f} ms per message; CPU per message: gateway {figures[f'gateway_cpu_ms_{mode}']:.2f} ms,"

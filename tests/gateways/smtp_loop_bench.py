@@ -1,6 +1,7 @@
 """The smtp gateway's own cost, without a lab: one gateway process on loopback.
 
-    .venv/bin/python -m tests.gateways.smtp_loop_bench [--connections 1000] [--messages 1000] [--callgrind]
+    .venv/bin/python -m tests.gateways.smtp_loop_bench [--connections 1000] [--messages 1000] [--callgrind [--keep DIR]]
+        [--event-loop uvloop|asyncio] [--profile FILE]
 
 Not a test (nothing is asserted): figures for docs/benchmarks.md ("smtp",
 second pass). The gateway runs in a process of its own (a ``GatewayLayer``
@@ -17,7 +18,13 @@ With ``--callgrind`` the gateway runs under valgrind's callgrind, and the
 figures are the instructions it executed in user space per connection and
 per message: slow (fewer connections will do: 200), but the same from run
 to run whatever else the machine is doing, so two versions can be compared
-on a shared machine.
+on a shared machine. ``--keep DIR`` keeps callgrind's files there (for
+``callgrind_annotate``).
+
+The gateway runs on the event loop its settings name (``event_loop``, by
+default uvloop, as ``python -m gateways`` runs it); ``--event-loop asyncio``
+measures the other. ``--profile FILE`` runs it under cProfile instead and
+writes the statistics to FILE when it ends (``python -m pstats FILE``).
 """
 
 from __future__ import annotations
@@ -27,11 +34,14 @@ import asyncio
 import ipaddress
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from firewall.signalling import Endpoint, FlowEndReason, Proto
 from tests.gateways.fake_processor import KEY, FakeProcessor, instances_of
@@ -46,17 +56,45 @@ SIGNALLING, LISTEN, PROCESSOR = 24001, 24025, 24100
 BODY = b"Subject: x\r\n\r\n" + (b"x" * 70 + b"\r\n") * 28
 
 
-async def gateway(log: str) -> None:
+def settings(event_loop: str | None) -> Any:
+    from gateways.smtp.settings import SmtpSettings
+
+    loop = {"event_loop": event_loop} if event_loop else {}
+    return SmtpSettings(recipient_domains=("example.com",), max_sessions=5000, max_sessions_per_client=5000, **loop)
+
+
+def run_gateway(log: str, event_loop: str | None, profile: str | None) -> None:
+    """The gateway process: on the loop its settings name (``gateways.__main__.run_on``)."""
+    from gateways.__main__ import run_on
+    from gateways.smtp.settings import KIND
+
+    chosen = settings(event_loop)
+    if profile is None:
+        run_on(KIND.event_loop(chosen), gateway(log, chosen))
+        return
+    import cProfile
+
+    profiler = cProfile.Profile()
+
+    def stop(*_: object) -> None:
+        profiler.disable()
+        profiler.dump_stats(profile)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    profiler.enable()
+    run_on(KIND.event_loop(chosen), gateway(log, chosen))
+
+
+async def gateway(log: str, settings: Any) -> None:
     from gateways.layer import EventLog, GatewayLayer
     from gateways.layer.events import configure
     from gateways.smtp.gateway import SmtpGateway
-    from gateways.smtp.settings import SmtpSettings
 
     configure(json_lines=False, stream=open(log, "a"))
     layer = GatewayLayer(KEY, listen=Endpoint(GATEWAY, SIGNALLING), instances=instances_of(ROUTER, PROCESSOR, (0,), POOL),
                          gateway="smtp", query_timeout=0.5, replay_window=5.0)
     await layer.start()
-    settings = SmtpSettings(recipient_domains=("example.com",), max_sessions=5000, max_sessions_per_client=5000)
     gw = SmtpGateway(layer, listen=Endpoint(GATEWAY, LISTEN), settings=settings, log=EventLog("smtp-in"))
     await gw.start()
     print("ready", flush=True)
@@ -142,16 +180,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--connections", type=int, default=1000)
     parser.add_argument("--messages", type=int, default=1000, help="in one session (the gateway's max_messages is 1000)")
     parser.add_argument("--callgrind", action="store_true")
+    parser.add_argument("--keep", type=Path, help="with --callgrind: keep callgrind's files in this folder")
+    parser.add_argument("--event-loop", choices=("uvloop", "asyncio"), help="default: the smtp settings' event_loop")
+    parser.add_argument("--profile", help="run the gateway under cProfile; its statistics to this file")
     parser.add_argument("--gateway", help=argparse.SUPPRESS)  # the gateway process: its log file
     args = parser.parse_args(argv)
     if args.gateway:
-        asyncio.run(gateway(args.gateway))
+        run_gateway(args.gateway, args.event_loop, args.profile)
         return
     with scratch("nfgate-smtp-loop-") as tmp:
         out = tmp / "callgrind.out"
         wrap = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"] if args.callgrind else []
-        proc = subprocess.Popen([*wrap, sys.executable, "-m", "tests.gateways.smtp_loop_bench", "--gateway", str(tmp / "gateway.log")],
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        options = [*(["--event-loop", args.event_loop] if args.event_loop else []),
+                   *(["--profile", str(Path(args.profile).resolve())] if args.profile else [])]
+        proc = subprocess.Popen([*wrap, sys.executable, "-m", "tests.gateways.smtp_loop_bench", "--gateway", str(tmp / "gateway.log"),
+                                 *options], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         try:
             if proc.stdout is None or proc.stdout.readline().strip() != "ready":
                 raise RuntimeError("the gateway did not start")
@@ -159,6 +202,11 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             proc.terminate()
             proc.wait()
+        if args.keep is not None:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            for dump in tmp.glob("callgrind.out*"):
+                shutil.copy(dump, args.keep / dump.name)
+    figures["event_loop"] = settings(args.event_loop).event_loop
     print(json.dumps(figures))
 
 

@@ -8,6 +8,8 @@ import ipaddress
 import socket
 from typing import Any, AsyncIterator
 
+import pytest
+
 from firewall.signalling import Endpoint, Proto
 from gateways.layer import EventLog
 from gateways.smtp.core import MAX_ANSWERS_PER_TURN, MAX_BACKLOG
@@ -18,6 +20,14 @@ from tests.gateways.process import events
 from tests.gateways.loopback import GATEWAY, fw_socket, run, tcp_connect_from, tcp_server_at, wait_until
 
 A = ipaddress.IPv4Address
+
+
+@pytest.fixture(params=["uvloop", "asyncio"])
+def loop_name(request: pytest.FixtureRequest) -> str:
+    """Every test on both loops the smtp kind can run on (its ``event_loop`` setting)."""
+    return request.param
+
+
 C = Endpoint(A("203.0.113.10"), 40000)
 W = Endpoint(A("203.0.113.1"), 25)
 S = Endpoint(A("192.168.1.10"), 25)
@@ -85,7 +95,7 @@ async def reply(reader: asyncio.StreamReader) -> bytes:
             return line
 
 
-def test_a_message_passes_with_the_original_tuple_logged(log) -> None:
+def test_a_message_passes_with_the_original_tuple_logged(log, loop_name: str) -> None:
     async def main() -> None:
         async with world(SmtpSettings(recipient_domains=("example.com",))) as (fake, gw):
             mta = MiniMta()
@@ -104,12 +114,12 @@ def test_a_message_passes_with_the_original_tuple_logged(log) -> None:
             writer.close()
             server.close()
 
-    run(main())
+    run(main(), event_loop=loop_name)
     opened, = events(log, "open")
     assert (opened["client"], opened["original_dst"], opened["server"]) == (str(C), str(W), str(S))
 
 
-def test_the_idle_timeout_says_421_and_closes(log) -> None:
+def test_the_idle_timeout_says_421_and_closes(log, loop_name: str) -> None:
     async def main() -> None:
         async with world(SmtpSettings(idle_timeout=1)) as (fake, gw):
             reader, writer, server = await connect(fake, gw, MiniMta())
@@ -121,10 +131,10 @@ def test_the_idle_timeout_says_421_and_closes(log) -> None:
             writer.close()
             server.close()
 
-    run(main())
+    run(main(), event_loop=loop_name)
 
 
-def test_sessions_past_the_per_client_limit_get_421() -> None:
+def test_sessions_past_the_per_client_limit_get_421(loop_name: str) -> None:
     async def main() -> None:
         async with world(SmtpSettings(max_sessions_per_client=1)) as (fake, gw):
             mta = MiniMta()
@@ -138,10 +148,10 @@ def test_sessions_past_the_per_client_limit_get_421() -> None:
             for s in (s1, s2):
                 s.close()
 
-    run(main())
+    run(main(), event_loop=loop_name)
 
 
-def test_a_client_that_never_reads_its_answers_is_held_to_a_bound() -> None:
+def test_a_client_that_never_reads_its_answers_is_held_to_a_bound(loop_name: str) -> None:
     """6000 pipelined VRFYs (48 KB; 450 KB of answers) into a 4 KiB window,
     never read: the core answers them a turn at a time, every turn as the
     last one's answers are written (on loopback the kernel takes them all),
@@ -172,10 +182,10 @@ def test_a_client_that_never_reads_its_answers_is_held_to_a_bound() -> None:
             sock.close()
             server.close()
 
-    run(main())
+    run(main(), event_loop=loop_name)
 
 
-def test_a_server_that_cannot_be_reached_gets_the_client_421_and_one_close_line(log) -> None:
+def test_a_server_that_cannot_be_reached_gets_the_client_421_and_one_close_line(log, loop_name: str) -> None:
     async def main() -> None:
         async with world(SmtpSettings()) as (fake, gw):
             sock, fw = fw_socket(socket.SOCK_STREAM)  # nothing listens on F:f: leg B is refused
@@ -185,7 +195,7 @@ def test_a_server_that_cannot_be_reached_gets_the_client_421_and_one_close_line(
             await wait_until(lambda: gw.active == 0, what="the session to end")
             writer.close()
 
-    run(main())
+    run(main(), event_loop=loop_name)
     closed, = events(log, "close")
     assert closed["reason"] == "connect_failed" and "Connection refused" in closed["detail"] and closed["client"] == str(C)
 
