@@ -57,6 +57,7 @@ NAMES = {Side.A: "client", Side.B: "server"}
 
 
 RelayMode = Choice("relay", "log-only")
+EventLoop = Choice("uvloop", "asyncio")
 
 
 class TcpRelaySettings(Frozen):
@@ -68,6 +69,9 @@ class TcpRelaySettings(Frozen):
     mode: RelayMode = Field(
         "relay", description="relay: every connection through the gateway; log-only: the kernel carries it, "
         "the gateway logs it (docs/datapath.md, \"Log-only gateways\")")
+    event_loop: EventLoop = Field(
+        "uvloop", description="the event loop the gateway process runs on: uvloop (libuv: fewer instructions per "
+                              "relayed connection, docs/benchmarks.md) or asyncio")
 
 
 KIND = Kind(
@@ -75,6 +79,7 @@ KIND = Kind(
     log_only=lambda settings: settings.mode == "log-only",
     workers=True,  # independent connections: several worker processes may share the load
     ipv6=True,  # a byte stream: nothing in it names an address
+    event_loop=lambda settings: settings.event_loop,
 )
 
 

@@ -1,6 +1,6 @@
 """tcp-relay's own cost per connection, without a lab: the gateway process alone on loopback, under callgrind.
 
-    .venv/bin/python -m tests.gateways.relay_loop_bench [--connections 200]
+    .venv/bin/python -m tests.gateways.relay_loop_bench [--connections 200] [--event-loop uvloop|asyncio]
 
 Not a test (nothing is asserted): a figure for docs/benchmarks.md. The
 tcp-relay gateway runs in a process of its own under valgrind's callgrind;
@@ -83,15 +83,20 @@ async def drive(pid: int, count: int, out: Path) -> int | None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--connections", type=int, default=200)
+    parser.add_argument("--event-loop", choices=("uvloop", "asyncio"), help="default: the tcp-relay settings' event_loop")
     parser.add_argument("--gateway", help=argparse.SUPPRESS)  # the gateway process: its log file
     args = parser.parse_args(argv)
     if args.gateway:
-        asyncio.run(gateway(args.gateway))
+        from gateways.__main__ import run_on
+        from gateways.tcp_relay import TcpRelaySettings
+
+        run_on(args.event_loop or TcpRelaySettings().event_loop, gateway(args.gateway))
         return
     with scratch("nfgate-relay-loop-") as tmp:
         out = tmp / "callgrind.out"
         proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-m",
-                                 "tests.gateways.relay_loop_bench", "--gateway", str(tmp / "gateway.log")],
+                                 "tests.gateways.relay_loop_bench", "--gateway", str(tmp / "gateway.log"),
+                                 *(["--event-loop", args.event_loop] if args.event_loop else [])],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         try:
             if proc.stdout is None or proc.stdout.readline().strip() != "ready":
