@@ -30,7 +30,6 @@ import asyncio
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Protocol
 
 from gateways.relay.core import (
@@ -243,9 +242,21 @@ class PublicConnection(asyncio.Protocol):
         spec = self.pub.spec
         try:
             local = session.local_address_for(spec.target)
+            if session.core.opens_streams:
+                return session, self._open_stream(session, local)
             return session, session.open_connect_now(local, spec.target, spec.target_port, self)
         except (RequestRefused, LimitError):
             return None
+
+    def _open_stream(self, session: Session, local: IPAddress) -> tuple[int, asyncio.Future[Any]]:
+        """Version 4: the stream is ours from the request on, so the relay
+        starts now and the client's bytes follow the OPEN_STREAM without
+        waiting for its OPENED."""
+        spec = self.pub.spec
+        request_id, port_id, future = session.open_stream_now(local, spec.target, spec.target_port, self)
+        self.session, self.port_id = session, port_id
+        self._attached(session)
+        return request_id, future
 
     async def _attach(self, issued: tuple[Session, tuple[int, asyncio.Future[Any]]] | None) -> None:
         spec = self.pub.spec
@@ -257,6 +268,8 @@ class PublicConnection(asyncio.Protocol):
                 self._refuse("refused", str(err) or "no answer from the mediator in time")
                 return
             self._attached(session)
+            if session.core.opens_streams:
+                self._log_connection()
             return
         session = await self.pub.session()
         if session is None:
@@ -264,7 +277,10 @@ class PublicConnection(asyncio.Protocol):
             return
         try:
             local = session.local_address_for(spec.target)
-            if session.core.pipelines_connect:
+            if session.core.opens_streams:
+                await session.opened(self._open_stream(session, local))
+                self._log_connection()
+            elif session.core.pipelines_connect:
                 # Version 2: OPEN_CONNECT, one round trip (issue 14, latency).
                 await session.open_connect(local, spec.target, spec.target_port, self)
             else:
@@ -281,7 +297,6 @@ class PublicConnection(asyncio.Protocol):
         """The port to the target is connected: relay from now on (once)."""
         if self.attached or self.done:
             return
-        spec = self.pub.spec
         session.add_reader(self.gate)
         self.attached = True
         early, self.early = self.early, []
@@ -290,17 +305,26 @@ class PublicConnection(asyncio.Protocol):
         if self.early_eof:
             self.eof_received()
         self.gate.resume("attach")
-        # The log line after the frames of this iteration have left, not before.
-        self.pub.loop.call_soon(partial(
-            self.pub.log.emit, "connection", public=spec.public_port, client=_fmt(self.client),
+        if not session.core.opens_streams:
+            # The log line after the frames of this iteration have left, not
+            # before (version 4: once the OPENED has come, ``_attach``).
+            self.pub.loop.call_soon(self._log_connection)
+
+    def _log_connection(self) -> None:
+        if self.done:
+            return
+        spec = self.pub.spec
+        self.pub.log.emit(
+            "connection", public=spec.public_port, client=_fmt(self.client),
             to=endpoint_text(spec.target, spec.target_port), mediator=spec.identity, port=self.port_id,
-        ))
+        )
 
     def _refuse(self, event: str, why: str) -> None:
         self.pub.counters["refused"] += 1
         self.pub.log.warn(event, public=self.pub.spec.public_port, client=_fmt(self.client), reason=why)
         self.done = True
         if self.session is not None and self.port_id is not None:
+            self.session.remove_reader(self.gate)
             self.session.close_soon(self.port_id)
         reset(self.transport)
 
