@@ -367,6 +367,9 @@ class MediatorCore(ChannelCore[MediatorState]):
         reply_id = request.request_id
         port = self._ports.get(port_id)
         if port is not None and port.stream and port.connect_to is not None and op in EARLY_STREAM_OPS:
+            if op is PortOp.DATA and port.shut:
+                message = f"cannot {op.value} stream {port_id} after its FIN"
+                return None, [self._send(Err(ErrorCode.WRONG_STATE, port_id, message, request_id=reply_id))]
             return port, []  # version 4: the server's stream exists from its request on
         if port is None or port.state is PortState.OPENING or port.connect_to is not None:
             message = f"no port {port_id}"  # not announced yet (OPENED not sent)

@@ -7,9 +7,12 @@ the customer "personally creating a route" (seed, on the help service).
 the server listen on public port 8080 and relay each connection through the
 tunnel:
 
-- **TCP**: per public connection, OPEN_CONNECT (version 2: a client port on
-  the mediator's address facing the target, connected, in one round trip;
-  version 1: OPEN_PORT then CONNECT); bytes go
+- **TCP**: per public connection, OPEN_STREAM (version 4: a client port on
+  the mediator's address facing the target, on a stream id the server
+  chooses, so the client's bytes follow at once, without waiting for the
+  OPENED; both FINs or an RST free the id); OPEN_CONNECT with a version-2
+  or 3 mediator (the same, in one round trip before the first bytes);
+  version 1: OPEN_PORT then CONNECT. Bytes go
   as DATA frames, FIN and RST as events, both ways (seed, "Packet and event
   relay").
 - **UDP** (``--udp``): per public client, REDIRECT_PORT, so that the

@@ -112,6 +112,14 @@ def test_the_window_counts_bytes_sent_before_the_opened() -> None:
     assert pair.mediator.consumed(S1, GRANT_AT - 1) == []
 
 
+def test_data_after_the_servers_fin_is_refused_before_the_opened_too() -> None:
+    pair = pair4()
+    open_stream(pair)
+    out = pair.mediator.receive_data(wire(EventFin(S1), Data(S1, *PEER, b"late")), 1.0)
+    assert frames(out) == [Err(ErrorCode.WRONG_STATE, S1, f"cannot data stream {S1} after its FIN")]
+    assert pair.mediator.connected(S1)[1:] == [ShutdownSocket(S1)] and channel_up(pair)
+
+
 def test_more_than_a_window_before_the_opened_is_a_protocol_error() -> None:
     pair = pair4()
     open_stream(pair)
