@@ -21,7 +21,8 @@ compare only figures of one run -- PEERS.md, "Anchor figures"):
 
 The server's bytes/s limit is raised out of the way. Needs root (network
 namespaces), iperf3, socat, OpenSSH. Run:
-``sudo .venv/bin/python scripts/bench_tunnel.py [--seconds 5] [--mediators 1000] [--json]``.
+``sudo .venv/bin/python scripts/bench_tunnel.py [--seconds 5] [--mediators 1000] [--json]
+[--only tcp,http,udp,memory] [--requests 500]``.
 """
 
 from __future__ import annotations
@@ -331,23 +332,28 @@ class Bench:
 
 
 def report(results: dict[str, Any]) -> str:
-    lines = ["TCP throughput, iperf3, one stream (Gbit/s):"]
-    lines += [f"  {k:<12} {v:6.2f}" for k, v in results["tcp_gbit_s"].items()]
-    lines.append("HTTP request latency, new connection each (ms):")
-    lines += [f"  {k:<12} p50 {v['p50']:6.2f}  p99 {v['p99']:6.2f}  max {v['max']:6.2f}  (n={v['n']})"
-              for k, v in results["http_ms"].items()]
-    lines.append("UDP through redirect, 64-byte datagrams echoed:")
-    for k, v in results["udp_redirect"].items():
-        if k == "carried":
-            lines.append(f"  carried: {v}")
-        else:
-            lines.append(f"  {k:<10} sent {v['sent_pps']:8.0f}/s  echoed {v['echoed_pps']:8.0f}/s  loss {v['loss_pct']:5.1f}%")
-    m = results["idle_mediators"]
-    lines.append(
-        f"Idle mediators: {m['connected']}/{m['mediators']} connected in {m['connect_all_s']:.1f} s; server RSS "
-        f"{m['server_rss_before_mib']:.1f} -> {m['server_rss_after_mib']:.1f} MiB "
-        f"({m['per_mediator_kib']:.1f} KiB per mediator); mediators' process {m['mediators_process_rss_mib']:.1f} MiB"
-    )
+    lines: list[str] = []
+    if "tcp_gbit_s" in results:
+        lines.append("TCP throughput, iperf3, one stream (Gbit/s):")
+        lines += [f"  {k:<12} {v:6.2f}" for k, v in results["tcp_gbit_s"].items()]
+    if "http_ms" in results:
+        lines.append("HTTP request latency, new connection each (ms):")
+        lines += [f"  {k:<12} p50 {v['p50']:6.2f}  p99 {v['p99']:6.2f}  max {v['max']:6.2f}  (n={v['n']})"
+                  for k, v in results["http_ms"].items()]
+    if "udp_redirect" in results:
+        lines.append("UDP through redirect, 64-byte datagrams echoed:")
+        for k, v in results["udp_redirect"].items():
+            if k == "carried":
+                lines.append(f"  carried: {v}")
+            else:
+                lines.append(f"  {k:<10} sent {v['sent_pps']:8.0f}/s  echoed {v['echoed_pps']:8.0f}/s  loss {v['loss_pct']:5.1f}%")
+    if "idle_mediators" in results:
+        m = results["idle_mediators"]
+        lines.append(
+            f"Idle mediators: {m['connected']}/{m['mediators']} connected in {m['connect_all_s']:.1f} s; server RSS "
+            f"{m['server_rss_before_mib']:.1f} -> {m['server_rss_after_mib']:.1f} MiB "
+            f"({m['per_mediator_kib']:.1f} KiB per mediator); mediators' process {m['mediators_process_rss_mib']:.1f} MiB"
+        )
     lines += [f"Error: {e}" for e in results.get("errors", [])]
     return "\n".join(lines)
 
@@ -357,7 +363,13 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each iperf3 run")
     parser.add_argument("--mediators", type=int, default=1000, help="idle mediators for the memory figure")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--only", default="tcp,http,udp,memory",
+                        help="comma-separated parts to run: tcp, http, udp, memory (default: all)")
+    parser.add_argument("--requests", type=int, default=500, help="HTTP requests per path")
     args = parser.parse_args()
+    parts = set(args.only.split(","))
+    if not parts <= {"tcp", "http", "udp", "memory"}:
+        parser.error(f"--only: unknown part in {args.only!r}")
     if os.geteuid() != 0:
         print("bench_tunnel: needs root (network namespaces)", file=sys.stderr)
         return 1
@@ -368,10 +380,10 @@ def main() -> int:
     bench = Bench(args.seconds, args.mediators)
     try:
         bench.setup()
-        bench.throughput()
-        bench.latency()
-        bench.udp()
-        bench.memory()
+        for part, run in (("tcp", bench.throughput), ("http", lambda: bench.latency(args.requests)),
+                          ("udp", bench.udp), ("memory", bench.memory)):
+            if part in parts:
+                run()
     finally:
         bench.teardown()
     print(json.dumps(bench.results, indent=2) if args.json else report(bench.results))

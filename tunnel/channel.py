@@ -27,24 +27,27 @@ MAX_ID = (1 << 32) - 1
 
 
 class IdAllocator:
-    """u32 ids from 1 up, never 0, never one still in use after wrapping."""
+    """u32 ids from ``first`` up to ``last``, never 0, never one still in use after wrapping."""
 
-    def __init__(self) -> None:
-        self._next = 1
+    def __init__(self, first: int = 1, last: int = MAX_ID) -> None:
+        self._first, self._last = first, last
+        self._next = first
         self.wrapped = False
 
     def new(self, in_use: Container[int]) -> int:
         while True:
             candidate = self._next
-            self._next = candidate + 1 if candidate < MAX_ID else 1
-            if candidate == MAX_ID:
+            self._next = candidate + 1 if candidate < self._last else self._first
+            if candidate == self._last:
                 self.wrapped = True
             if candidate not in in_use:
                 return candidate
 
     def issued(self, value: int) -> bool:
         """Could ``value`` have come from this allocator?"""
-        return self.wrapped or 1 <= value < self._next
+        if not self._first <= value <= self._last:
+            return False
+        return self.wrapped or value < self._next
 
 
 class ChannelCore(abc.ABC, Generic[S]):

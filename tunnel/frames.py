@@ -40,13 +40,13 @@ __all__ = [
     "MIN_MAX_FRAME_SIZE", "DEFAULT_MAX_FRAME_SIZE", "UDP_KEY_SIZE", "VERSION_INDEPENDENT",
     "FrameType", "Role", "Proto", "IPAddress", "IPInterface", "Frame", "Hello", "InitOk",
     "InitErr", "OpenPort", "RedirectPort", "ConnectPort", "ListenPort", "ClosePort",
-    "BASE_VERSION", "UdpKey", "OpenConnect", "CheckTarget", "SINCE_VERSION", "Opened", "Ack", "Err", "Data", "EventAccepted", "EventFin", "EventRst",
+    "BASE_VERSION", "UdpKey", "OpenConnect", "OpenStream", "CheckTarget", "STREAM_ID_BASE", "SINCE_VERSION", "Opened", "Ack", "Err", "Data", "EventAccepted", "EventFin", "EventRst",
     "WindowUpdate", "Keepalive", "KeepaliveAck", "Bye", "FRAME_CLASSES", "encode_frame",
     "data_chunk_size", "FrameDecoder",
 ]
 
-PROTOCOL_VERSION = 3  # the highest this code speaks
-SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2, 3)
+PROTOCOL_VERSION = 4  # the highest this code speaks
+SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2, 3, 4)
 # The version a frame is encoded in when the caller names none: the cores
 # always name the negotiated one; the codec's tests and examples use this.
 BASE_VERSION = 1
@@ -63,9 +63,15 @@ DEFAULT_MAX_FRAME_SIZE = 131072
 
 UDP_KEY_SIZE = 32  # HMAC-SHA256 key for the UDP channels
 
+# Version 4: the server names the streams it opens (OPEN_STREAM) from the
+# upper half of the u32 ids, the mediator its ports and accepted
+# connections from the lower half, so neither can take the other's id
+# (as HTTP/2's odd and even stream ids, RFC 9113 section 5.1.1).
+STREAM_ID_BASE = 1 << 31
+
 
 class FrameType(enum.IntEnum):
-    """The frame types of protocol versions 1 to 3 (``SINCE_VERSION``)."""
+    """The frame types of protocol versions 1 to 4 (``SINCE_VERSION``)."""
 
     HELLO = 0x01
     INIT_OK = 0x02
@@ -78,6 +84,7 @@ class FrameType(enum.IntEnum):
     UDP_KEY = 0x15
     OPEN_CONNECT = 0x16  # version 2
     CHECK_TARGET = 0x17  # version 2
+    OPEN_STREAM = 0x18  # version 4
     OPENED = 0x20
     ACK = 0x21
     ERR = 0x22
@@ -94,7 +101,9 @@ class FrameType(enum.IntEnum):
 # Readable whatever the header's version says: the negotiation frames.
 VERSION_INDEPENDENT = frozenset({FrameType.HELLO, FrameType.INIT_ERR})
 # Frame types that a version introduced; before it they are UNKNOWN_FRAME.
-SINCE_VERSION = {FrameType.OPEN_CONNECT: 2, FrameType.CHECK_TARGET: 2, FrameType.WINDOW_UPDATE: 3}
+SINCE_VERSION = {
+    FrameType.OPEN_CONNECT: 2, FrameType.CHECK_TARGET: 2, FrameType.WINDOW_UPDATE: 3, FrameType.OPEN_STREAM: 4,
+}
 
 
 class Role(enum.Enum):
@@ -314,6 +323,33 @@ class OpenConnect(Frame):
     @classmethod
     def _read(cls, r: Reader, request_id: int) -> OpenConnect:
         return cls(r.address(), r.address(), r.u16(), request_id=request_id)
+
+
+@dataclass(frozen=True)
+class OpenStream(Frame):
+    """Server -> mediator (version 4): OPEN_CONNECT with the id the server
+    chose (``port_id``, at least ``STREAM_ID_BASE``). The stream exists
+    from this frame on: the server may send DATA, EVENT_FIN and EVENT_RST on
+    it at once, before the OPENED that answers it, so that a public
+    client's first bytes cross the channel with the request instead of a
+    round trip after it."""
+
+    TYPE = FrameType.OPEN_STREAM
+    ROLE = Role.REQUEST
+    port_id: int
+    local: IPAddress
+    address: IPAddress
+    port: int
+
+    def _write(self, w: Writer) -> None:
+        w.u32(self.port_id, "port_id")
+        w.address(self.local)
+        w.address(self.address)
+        w.u16(self.port, "port")
+
+    @classmethod
+    def _read(cls, r: Reader, request_id: int) -> OpenStream:
+        return cls(r.u32(), r.address(), r.address(), r.u16(), request_id=request_id)
 
 
 @dataclass(frozen=True)
@@ -583,7 +619,7 @@ FRAME_CLASSES: dict[FrameType, type[Frame]] = {
     cls.TYPE: cls
     for cls in (
         Hello, InitOk, InitErr, OpenPort, RedirectPort, ConnectPort, ListenPort,
-        ClosePort, UdpKey, OpenConnect, CheckTarget, Opened, Ack, Err, Data, EventAccepted, EventFin,
+        ClosePort, UdpKey, OpenConnect, OpenStream, CheckTarget, Opened, Ack, Err, Data, EventAccepted, EventFin,
         EventRst, WindowUpdate, Keepalive, KeepaliveAck, Bye,
     )
 }

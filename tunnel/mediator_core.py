@@ -48,11 +48,11 @@ from tunnel.frames import (
     MIN_MAX_FRAME_SIZE, UDP_KEY_SIZE, Ack, ClosePort, ConnectPort, Data, Err, EventAccepted,
     EventFin, EventRst, Frame, FrameType, Hello, InitErr, InitOk, IPAddress, IPInterface,
     Keepalive, KeepaliveAck, ListenPort, Opened, OpenPort, Proto, RedirectPort, UdpKey,
-    CheckTarget, OpenConnect, WindowUpdate,
+    CheckTarget, OpenConnect, OpenStream, STREAM_ID_BASE, WindowUpdate,
 )
 from tunnel.policy import Op, Policy
 from tunnel.settings import MediatorSettings
-from tunnel.states import MEDIATOR_TRANSITIONS, Local, MediatorState, PortOp, PortState, port_op
+from tunnel.states import EARLY_STREAM_OPS, MEDIATOR_TRANSITIONS, Local, MediatorState, PortOp, PortState, port_op
 from tunnel.lifetime import Probe
 from tunnel.window import StreamWindow
 from tunnel.wire import endpoint_text
@@ -92,6 +92,9 @@ class _Port:
     shut: bool = False  # the server's FIN was relayed (no more DATA)
     connect_to: tuple[IPAddress, int] | None = None  # OPEN_CONNECT's target: OPENED comes once connected
     credit: StreamWindow | None = None  # version 3: a connected TCP port's windows
+    stream: bool = False  # version 4: opened by OPEN_STREAM, with the server's id
+    early: list[bytes] = field(default_factory=list)  # version 4: the server's bytes before we connected
+    fin_sent: bool = False  # our EVENT_FIN left (version 4: with ``shut``, the id is released)
     # UDP channel of a redirected port
     send_seq: int = 0
     window: ReplayWindow | None = None
@@ -129,7 +132,8 @@ class MediatorCore(ChannelCore[MediatorState]):
         """Answers to keepalives older than the last ``dead_after`` (ignored)."""
         """Accepted connections closed because ``max_ports`` was reached."""
         self._ports: dict[int, _Port] = {}
-        self._port_ids = IdAllocator()
+        # The lower half of the ids: the upper is the server's (OPEN_STREAM).
+        self._port_ids = IdAllocator(1, STREAM_ID_BASE - 1)
         self._request_ids = IdAllocator()
         self._pending: dict[int, int] = {}  # server request id -> port id
         # Our KEEPALIVE ids not yet answered, oldest first; only the last
@@ -157,6 +161,7 @@ class MediatorCore(ChannelCore[MediatorState]):
             FrameType.CLOSE: self._on_close,
             FrameType.UDP_KEY: self._on_udp_key,
             FrameType.OPEN_CONNECT: self._on_open_connect,
+            FrameType.OPEN_STREAM: self._on_open_stream,
             FrameType.CHECK_TARGET: self._on_check_target,
             FrameType.DATA: self._on_data,
             FrameType.EVENT_FIN: self._on_fin,
@@ -315,21 +320,35 @@ class MediatorCore(ChannelCore[MediatorState]):
 
     def _on_open_connect(self, frame: OpenConnect, now: float) -> Out:
         """Version 2: OPEN_PORT (TCP, any port) and CONNECT in one request."""
+        return self._open_connect(frame, 0)
+
+    def _on_open_stream(self, frame: OpenStream, now: float) -> Out:
+        """Version 4: OPEN_CONNECT on the id the server chose; its DATA, FIN or
+        RST may follow at once, before we have connected (``_early``)."""
+        if frame.port_id < STREAM_ID_BASE or frame.port_id in self._ports:
+            self._check_request_id(frame)
+            return self._err(frame, ErrorCode.BAD_REQUEST, f"stream id {frame.port_id} is not the server's or is taken")
+        return self._open_connect(frame, frame.port_id)
+
+    def _open_connect(self, frame: OpenConnect | OpenStream, stream_id: int) -> Out:
         self._check_request_id(frame)
         if frame.port == 0:
-            return self._err(frame, ErrorCode.BAD_REQUEST, "cannot connect to port 0")
+            return self._err(frame, ErrorCode.BAD_REQUEST, "cannot connect to port 0", stream_id)
         if frame.local.version != frame.address.version:
-            return self._err(frame, ErrorCode.BAD_REQUEST, _family_mismatch(frame.local, frame.address))
+            return self._err(frame, ErrorCode.BAD_REQUEST, _family_mismatch(frame.local, frame.address), stream_id)
         if len(self._ports) >= self.settings.max_ports:
-            return self._err(frame, ErrorCode.LIMIT, f"max_ports {self.settings.max_ports} reached")
+            return self._err(frame, ErrorCode.LIMIT, f"max_ports {self.settings.max_ports} reached", stream_id)
         if len(self._pending) >= self.settings.max_pending:
-            return self._err(frame, ErrorCode.LIMIT, f"max_pending {self.settings.max_pending} reached")
+            return self._err(frame, ErrorCode.LIMIT, f"max_pending {self.settings.max_pending} reached", stream_id)
         if not self._allowed(Op.CONNECT, frame.address, frame.port, Proto.TCP):
-            return self._refuse(frame.request_id, Op.CONNECT, frame.address, frame.port, Proto.TCP)
-        port_id = self._port_ids.new(self._ports)
+            return self._refuse(frame.request_id, Op.CONNECT, frame.address, frame.port, Proto.TCP, stream_id)
+        port_id = stream_id or self._port_ids.new(self._ports)
         self._ports[port_id] = _Port(
             port_id, Proto.TCP, PortState.OPENING, frame.local, 0, pending=frame.request_id,
-            connect_to=(frame.address, frame.port),
+            connect_to=(frame.address, frame.port), stream=stream_id != 0,
+            # A stream's window runs from the request on: the server's first
+            # bytes may come before OPENED, and count against it.
+            credit=StreamWindow() if stream_id else None,
         )
         self._pending[frame.request_id] = port_id
         return [OpenSocket(port_id, Proto.TCP, frame.local, 0, False, False, connect_to=(frame.address, frame.port))]
@@ -347,6 +366,11 @@ class MediatorCore(ChannelCore[MediatorState]):
         """The port ``op`` applies to, or the ERR that refuses it."""
         reply_id = request.request_id
         port = self._ports.get(port_id)
+        if port is not None and port.stream and port.connect_to is not None and op in EARLY_STREAM_OPS:
+            if op is PortOp.DATA and port.shut:
+                message = f"cannot {op.value} stream {port_id} after its FIN"
+                return None, [self._send(Err(ErrorCode.WRONG_STATE, port_id, message, request_id=reply_id))]
+            return port, []  # version 4: the server's stream exists from its request on
         if port is None or port.state is PortState.OPENING or port.connect_to is not None:
             message = f"no port {port_id}"  # not announced yet (OPENED not sent)
             return None, [self._send(Err(ErrorCode.NO_SUCH_ID, port_id, message, request_id=reply_id))]
@@ -422,11 +446,16 @@ class MediatorCore(ChannelCore[MediatorState]):
         if port is None:
             return refusal
         if port.proto is Proto.TCP:
-            if port.peer != (frame.address, frame.port):
+            if (port.connect_to or port.peer) != (frame.address, frame.port):
                 message = "not this connection's peer"
                 return self._err(frame, ErrorCode.BAD_REQUEST, message, port.port_id)
             if port.credit is not None and not port.credit.received(len(frame.payload)):
                 raise ProtocolError(ErrorCode.BAD_REQUEST, f"DATA past port {port.port_id}'s window")
+            if port.connect_to is not None:
+                # Version 4: before we connected; written once we have (the
+                # window bounds it, and the credit goes back as it leaves).
+                port.early.append(frame.payload)
+                return []
             return [WriteStream(port.port_id, frame.payload)]
         return self._send_to(port, frame.address, frame.port, frame.payload)
 
@@ -442,14 +471,46 @@ class MediatorCore(ChannelCore[MediatorState]):
         if port.shut:
             return self._err(frame, ErrorCode.WRONG_STATE, "FIN already relayed", port.port_id)
         port.shut = True
-        return [ShutdownSocket(port.port_id)]
+        if port.connect_to is not None:
+            return []  # version 4, before we connected: shut down once we have
+        return [ShutdownSocket(port.port_id), *self._both_fins(port)]
 
     def _on_rst(self, frame: EventRst, now: float) -> Out:
+        if self.streams_release and frame.port_id not in self._ports:
+            return []  # version 4: an RST that crossed our own release (or our RST)
         port, refusal = self._port_for(frame, frame.port_id, PortOp.RST)
         if port is None:
             return refusal
+        if port.connect_to is not None:
+            return self._cancel(port, "reset by the server")
+        if self.streams_release:
+            # Version 4: the id is released by the RST itself, no CLOSE.
+            del self._ports[port.port_id]
+            return [AbortSocket(port.port_id), CloseSocket(port.port_id)]
         port.state, port.credit = PortState.RESET, None
         return [AbortSocket(port.port_id)]
+
+    def _cancel(self, port: _Port, why: str) -> Out:
+        """Version 4: the server ended a stream before we connected it: its
+        request is answered ERR CANCELLED, the socket and the id go."""
+        del self._pending[port.pending]
+        del self._ports[port.port_id]
+        cancelled = Err(ErrorCode.CANCELLED, port.port_id, why, request_id=port.pending)
+        return [CloseSocket(port.port_id), self._send(cancelled)]
+
+    def _both_fins(self, port: _Port) -> Out:
+        """Version 4: once both FINs have crossed, the id is released without
+        CLOSE (the server does the same on its side): the socket closes
+        after what is left of its writes."""
+        if not (self.streams_release and port.shut and port.fin_sent):
+            return []
+        del self._ports[port.port_id]
+        return [CloseSocket(port.port_id)]
+
+    @property
+    def streams_release(self) -> bool:
+        """Version 4: both FINs, or an RST, release a connection's id (no CLOSE and ACK)."""
+        return (self._version or 0) >= 4
 
     def _on_window_update(self, frame: WindowUpdate, now: float) -> Out:
         port = self._ports.get(frame.port_id)
@@ -468,7 +529,9 @@ class MediatorCore(ChannelCore[MediatorState]):
             out.append(PauseReading(port.port_id) if port.credit.paused else ResumeReading(port.port_id))
         if port.credit.fin_held and not port.credit.held:
             port.credit.fin_held = False
+            port.fin_sent = True
             out.append(self._send(EventFin(port.port_id)))
+            out += self._both_fins(port)
         return out
 
     def consumed(self, port_id: int, n: int) -> Out:
@@ -510,9 +573,13 @@ class MediatorCore(ChannelCore[MediatorState]):
 
     # -- results of commands -------------------------------------------------------
 
+    def _issued(self, port_id: int) -> bool:
+        """Ours from the allocator, or (upper half) a stream id the server chose."""
+        return port_id >= STREAM_ID_BASE or self._port_ids.issued(port_id)
+
     def _result_port(self, port_id: int, *states: PortState) -> _Port | None:
         """The port a socket result is about; None if it was closed since."""
-        if not self._port_ids.issued(port_id):
+        if not self._issued(port_id):
             raise LocalProtocolError(f"port id {port_id} was never issued")
         port = self._ports.get(port_id)
         if port is not None and port.state not in states:
@@ -560,11 +627,18 @@ class MediatorCore(ChannelCore[MediatorState]):
         port = self._result_port(port_id, PortState.CONNECTING)
         if port is None:
             return [CloseSocket(port_id)]
-        if self.windowed:
+        if self.windowed and port.credit is None:
             port.credit = StreamWindow()
         if port.connect_to is not None:
             port.connect_to = None
-            return [self._send(Opened(port_id, port.port, request_id=self._finish(port, PortState.CONNECTED)))]
+            out: Out = [self._send(Opened(port_id, port.port, request_id=self._finish(port, PortState.CONNECTED)))]
+            if port.early:
+                # Version 4: what the server sent before OPENED.
+                out.append(WriteStream(port_id, b"".join(port.early)))
+                port.early = []
+            if port.shut:
+                out.append(ShutdownSocket(port_id))
+            return out
         return [self._send(Ack(request_id=self._finish(port, PortState.CONNECTED)))]
 
     def listening(self, port_id: int) -> Out:
@@ -602,7 +676,7 @@ class MediatorCore(ChannelCore[MediatorState]):
     # -- what the sockets see --------------------------------------------------------
 
     def _live(self, port_id: int) -> _Port | None:
-        if not self._port_ids.issued(port_id):
+        if not self._issued(port_id):
             raise LocalProtocolError(f"port id {port_id} was never issued")
         return self._ports.get(port_id)
 
@@ -660,13 +734,17 @@ class MediatorCore(ChannelCore[MediatorState]):
         if record.credit is not None and record.credit.held:
             record.credit.fin_held = True  # after the bytes the window still holds
             return []
-        return [self._send(EventFin(port_id))]
+        record.fin_sent = True
+        return [self._send(EventFin(port_id)), *self._both_fins(record)]
 
     def reset(self, port_id: int) -> Out:
         """Connection ``port_id`` was reset (RST) or failed."""
         record = self._live(port_id)
         if record is None or self.closed or record.state is not PortState.CONNECTED:
             return []
+        if self.streams_release:
+            del self._ports[port_id]  # version 4: the RST releases the id
+            return [self._send(EventRst(port_id)), CloseSocket(port_id)]
         record.state, record.credit = PortState.RESET, None
         return [self._send(EventRst(port_id))]
 

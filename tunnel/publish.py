@@ -7,9 +7,12 @@ the customer "personally creating a route" (seed, on the help service).
 the server listen on public port 8080 and relay each connection through the
 tunnel:
 
-- **TCP**: per public connection, OPEN_CONNECT (version 2: a client port on
-  the mediator's address facing the target, connected, in one round trip;
-  version 1: OPEN_PORT then CONNECT); bytes go
+- **TCP**: per public connection, OPEN_STREAM (version 4: a client port on
+  the mediator's address facing the target, on a stream id the server
+  chooses, so the client's bytes follow at once, without waiting for the
+  OPENED; both FINs or an RST free the id); OPEN_CONNECT with a version-2
+  or 3 mediator (the same, in one round trip before the first bytes);
+  version 1: OPEN_PORT then CONNECT. Bytes go
   as DATA frames, FIN and RST as events, both ways (seed, "Packet and event
   relay").
 - **UDP** (``--udp``): per public client, REDIRECT_PORT, so that the
@@ -30,7 +33,6 @@ import asyncio
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Protocol
 
 from gateways.relay.core import (
@@ -243,9 +245,21 @@ class PublicConnection(asyncio.Protocol):
         spec = self.pub.spec
         try:
             local = session.local_address_for(spec.target)
+            if session.core.opens_streams:
+                return session, self._open_stream(session, local)
             return session, session.open_connect_now(local, spec.target, spec.target_port, self)
         except (RequestRefused, LimitError):
             return None
+
+    def _open_stream(self, session: Session, local: IPAddress) -> tuple[int, asyncio.Future[Any]]:
+        """Version 4: the stream is ours from the request on, so the relay
+        starts now and the client's bytes follow the OPEN_STREAM without
+        waiting for its OPENED."""
+        spec = self.pub.spec
+        request_id, port_id, future = session.open_stream_now(local, spec.target, spec.target_port, self)
+        self.session, self.port_id = session, port_id
+        self._attached(session)
+        return request_id, future
 
     async def _attach(self, issued: tuple[Session, tuple[int, asyncio.Future[Any]]] | None) -> None:
         spec = self.pub.spec
@@ -257,6 +271,8 @@ class PublicConnection(asyncio.Protocol):
                 self._refuse("refused", str(err) or "no answer from the mediator in time")
                 return
             self._attached(session)
+            if session.core.opens_streams:
+                self._log_connection()
             return
         session = await self.pub.session()
         if session is None:
@@ -264,7 +280,10 @@ class PublicConnection(asyncio.Protocol):
             return
         try:
             local = session.local_address_for(spec.target)
-            if session.core.pipelines_connect:
+            if session.core.opens_streams:
+                await session.opened(self._open_stream(session, local))
+                self._log_connection()
+            elif session.core.pipelines_connect:
                 # Version 2: OPEN_CONNECT, one round trip (issue 14, latency).
                 await session.open_connect(local, spec.target, spec.target_port, self)
             else:
@@ -281,7 +300,6 @@ class PublicConnection(asyncio.Protocol):
         """The port to the target is connected: relay from now on (once)."""
         if self.attached or self.done:
             return
-        spec = self.pub.spec
         session.add_reader(self.gate)
         self.attached = True
         early, self.early = self.early, []
@@ -290,17 +308,26 @@ class PublicConnection(asyncio.Protocol):
         if self.early_eof:
             self.eof_received()
         self.gate.resume("attach")
-        # The log line after the frames of this iteration have left, not before.
-        self.pub.loop.call_soon(partial(
-            self.pub.log.emit, "connection", public=spec.public_port, client=_fmt(self.client),
+        if not session.core.opens_streams:
+            # The log line after the frames of this iteration have left, not
+            # before (version 4: once the OPENED has come, ``_attach``).
+            self.pub.loop.call_soon(self._log_connection)
+
+    def _log_connection(self) -> None:
+        if self.done:
+            return
+        spec = self.pub.spec
+        self.pub.log.emit(
+            "connection", public=spec.public_port, client=_fmt(self.client),
             to=endpoint_text(spec.target, spec.target_port), mediator=spec.identity, port=self.port_id,
-        ))
+        )
 
     def _refuse(self, event: str, why: str) -> None:
         self.pub.counters["refused"] += 1
         self.pub.log.warn(event, public=self.pub.spec.public_port, client=_fmt(self.client), reason=why)
         self.done = True
         if self.session is not None and self.port_id is not None:
+            self.session.remove_reader(self.gate)
             self.session.close_soon(self.port_id)
         reset(self.transport)
 

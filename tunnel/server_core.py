@@ -46,9 +46,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from firewall.replay import ReplayWindow
-from tunnel.channel import ChannelCore, IdAllocator
+from tunnel.channel import MAX_ID, ChannelCore, IdAllocator
 from tunnel.commands import (
-    ConnectionAccepted, LimitExceeded, PauseReading, PeerFin, PeerReset,
+    SendFrame, ConnectionAccepted, LimitExceeded, PauseReading, PeerFin, PeerReset,
     PortOpened, Received, RelayFailed, RequestAcked, RequestFailed, ResumeReading, SendDatagram,
     ServerOutput, SessionReady,
 )
@@ -61,7 +61,7 @@ from tunnel.frames import (
     MAX_UDP_PAYLOAD, MIN_MAX_FRAME_SIZE, UDP_KEY_SIZE, Ack, ClosePort, ConnectPort, Data,
     Err, EventAccepted, EventFin, EventRst, Frame, FrameType, Hello, InitErr, InitOk,
     IPAddress, Keepalive, KeepaliveAck, ListenPort, Opened, OpenPort, Proto, RedirectPort,
-    UdpKey, OpenConnect, CheckTarget, WindowUpdate,
+    UdpKey, OpenConnect, OpenStream, CheckTarget, STREAM_ID_BASE, WindowUpdate,
 )
 from tunnel.policy import Authenticator
 from tunnel.settings import MediatorLimits, ServerSettings
@@ -89,6 +89,9 @@ class _Remote:
     window: ReplayWindow | None = None
     send_seq: int = 0
     credit: StreamWindow | None = None  # version 3: a connection's windows
+    opening: bool = False  # version 4: OPEN_STREAM sent, OPENED not yet come
+    fin_sent: bool = False  # our EVENT_FIN left
+    fin_received: bool = False  # the mediator's EVENT_FIN came
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,7 @@ class ServerSession(ChannelCore[ServerState]):
         self._remotes: dict[int, _Remote] = {}
         self._pending: dict[int, _Pending] = {}
         self._request_ids = IdAllocator()
+        self._stream_ids = IdAllocator(STREAM_ID_BASE, MAX_ID)  # version 4: the ids we choose
         # Keepalive discovery (version 3): the one PROBE to answer, when and where.
         self._probe: tuple[float, tuple[IPAddress, int], int] | None = None
         self._probe_window = ReplayWindow(self.settings.replay_window)
@@ -282,6 +286,33 @@ class ServerSession(ChannelCore[ServerState]):
         """``max_pending`` requests are in flight: one more raises ``LimitError``."""
         return len(self._pending) >= self.limits.max_pending
 
+    def open_stream(self, local: IPAddress, address: IPAddress, port: int) -> tuple[int, int, Out]:
+        """Version 4: OPEN_CONNECT on an id we choose, returned with the
+        request id and the frames: the stream is CONNECTED on our side at
+        once, so ``send``, ``fin`` and ``reset`` may follow before its
+        OPENED (``PortOpened``) or ``RequestFailed`` comes back."""
+        self._needs_version(4, "OPEN_STREAM")
+        if self._state is ServerState.READY:
+            self._check_ports()
+            if self._connections_in_use() >= self.limits.max_connections:
+                raise LimitError(f"max_connections {self.limits.max_connections} reached")
+        port_id = self._stream_ids.new(self._remotes)
+        request_id, out = self._issue(
+            lambda rid: OpenStream(port_id, local, address, port, request_id=rid),
+            _Pending(FrameType.OPEN_STREAM, port_id, peer=(address, port)),
+        )
+        self._remotes[port_id] = _Remote(
+            port_id, Proto.TCP, PortState.CONNECTED, is_port=True, connection=True, peer=(address, port),
+            credit=StreamWindow(), opening=True,
+        )
+        return request_id, port_id, out
+
+    @property
+    def opens_streams(self) -> bool:
+        """OPEN_STREAM exists in this session (version 4): the client's first
+        bytes go before the OPENED, and both FINs or an RST release an id."""
+        return (self._version or 0) >= 4
+
     @property
     def pipelines_connect(self) -> bool:
         """OPEN_CONNECT and CHECK_TARGET exist in this session (version 2)."""
@@ -397,7 +428,7 @@ class ServerSession(ChannelCore[ServerState]):
             out.append(PauseReading(remote.port_id) if remote.credit.paused else ResumeReading(remote.port_id))
         if remote.credit.fin_held and not remote.credit.held:
             remote.credit.fin_held = False
-            out.append(self._send(EventFin(remote.port_id)))
+            out.append(self._fin_sent(remote))
         return out
 
     def fin(self, port_id: int) -> Out:
@@ -406,12 +437,26 @@ class ServerSession(ChannelCore[ServerState]):
         if remote.credit is not None and remote.credit.held:
             remote.credit.fin_held = True  # after the bytes the window still holds
             return []
-        return [self._send(EventFin(port_id))]
+        return [self._fin_sent(remote)]
+
+    def _fin_sent(self, remote: _Remote) -> SendFrame:
+        remote.fin_sent = True
+        frame = self._send(EventFin(remote.port_id))
+        self._both_fins(remote)
+        return frame
+
+    def _both_fins(self, remote: _Remote) -> None:
+        """Version 4: once both FINs have crossed, the id is released without
+        CLOSE (the mediator does the same on its side)."""
+        if self.opens_streams and remote.fin_sent and remote.fin_received and not remote.opening:
+            self._remotes.pop(remote.port_id, None)
 
     def reset(self, port_id: int) -> Out:
         """Reset connection ``port_id`` towards the private host."""
         remote = self._remote(port_id, PortOp.RST)
         remote.state, remote.credit = PortState.RESET, None
+        if self.opens_streams and not remote.opening:
+            del self._remotes[port_id]  # version 4: the RST releases the id
         return [self._send(EventRst(port_id))]
 
     def consumed(self, port_id: int, n: int) -> Out:
@@ -439,7 +484,11 @@ class ServerSession(ChannelCore[ServerState]):
         return pending
 
     def _on_opened(self, frame: Opened, now: float) -> Out:
-        pending = self._answered(frame, FrameType.OPEN_PORT, FrameType.REDIRECT_PORT, FrameType.OPEN_CONNECT)
+        pending = self._answered(
+            frame, FrameType.OPEN_PORT, FrameType.REDIRECT_PORT, FrameType.OPEN_CONNECT, FrameType.OPEN_STREAM,
+        )
+        if pending.kind is FrameType.OPEN_STREAM:
+            return self._stream_opened(frame, pending)
         if frame.port_id == 0 or frame.port_id in self._remotes or frame.port == 0:
             message = f"OPENED with port id {frame.port_id} port {frame.port}"
             raise ProtocolError(ErrorCode.BAD_REQUEST, message)
@@ -454,6 +503,17 @@ class ServerSession(ChannelCore[ServerState]):
             frame.port_id, pending.proto, PortState.REDIRECTED if redirect else PortState.OPEN,
             is_port=True, window=ReplayWindow(self.settings.replay_window) if redirect else None,
         )
+        return [PortOpened(frame.request_id, frame.port_id, frame.port)]
+
+    def _stream_opened(self, frame: Opened, pending: _Pending) -> Out:
+        if frame.port_id != pending.port_id or frame.port == 0:
+            message = f"OPENED with port id {frame.port_id} port {frame.port} for stream {pending.port_id}"
+            raise ProtocolError(ErrorCode.BAD_REQUEST, message)
+        remote = self._remotes.get(frame.port_id)
+        if remote is not None:
+            remote.opening = False
+            if remote.state is PortState.RESET:
+                del self._remotes[frame.port_id]  # our RST crossed the OPENED: released by it
         return [PortOpened(frame.request_id, frame.port_id, frame.port)]
 
     def _on_ack(self, frame: Ack, now: float) -> Out:
@@ -478,9 +538,12 @@ class ServerSession(ChannelCore[ServerState]):
         pending = self._answered(
             frame, FrameType.OPEN_PORT, FrameType.REDIRECT_PORT, FrameType.CONNECT,
             FrameType.LISTEN, FrameType.CLOSE, FrameType.UDP_KEY, FrameType.OPEN_CONNECT, FrameType.CHECK_TARGET,
+            FrameType.OPEN_STREAM,
         )
         remote = self._remotes.get(pending.port_id)
-        if pending.kind is FrameType.UDP_KEY:
+        if pending.kind is FrameType.OPEN_STREAM:
+            self._remotes.pop(pending.port_id, None)  # refused, failed or cancelled: the id is free
+        elif pending.kind is FrameType.UDP_KEY:
             self._key = None
         elif remote is not None and pending.kind in (FrameType.CONNECT, FrameType.LISTEN):
             remote.state, remote.connection, remote.peer = PortState.OPEN, False, None
@@ -532,13 +595,21 @@ class ServerSession(ChannelCore[ServerState]):
 
     def _on_fin(self, frame: EventFin, now: float) -> Out:
         remote, out = self._relayed(frame, frame.port_id)
-        return out if remote is None else [PeerFin(frame.port_id)]
+        if remote is None:
+            return out
+        remote.fin_received = True
+        self._both_fins(remote)
+        return [PeerFin(frame.port_id)]
 
     def _on_rst(self, frame: EventRst, now: float) -> Out:
+        if self.opens_streams and frame.port_id not in self._remotes:
+            return []  # version 4: an RST that crossed our own (or our release)
         remote, out = self._relayed(frame, frame.port_id)
         if remote is None:
             return out
         remote.state, remote.credit = PortState.RESET, None
+        if self.opens_streams and not remote.opening:
+            del self._remotes[frame.port_id]  # version 4: the RST releases the id
         return [PeerReset(frame.port_id)]
 
     def _on_window_update(self, frame: WindowUpdate, now: float) -> Out:

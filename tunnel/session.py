@@ -257,6 +257,8 @@ class Session:
         if owner is not None and isinstance(out, PortOpened) and future is not None and not future.done():
             self.owners[out.port_id] = owner
             owner.on_opened(self, out.port_id)
+        if isinstance(out, RequestFailed) and out.port_id not in self.core.ports:
+            self.owners.pop(out.port_id, None)  # a stream refused (version 4): its id is free again
         if future is not None and not future.done():
             if isinstance(out, RequestFailed):
                 future.set_exception(RequestRefused(out.code.name, out.message))
@@ -452,6 +454,24 @@ class Session:
         self.driver.run(outputs)
         return request_id, future
 
+    def open_stream_now(
+        self, local: IPAddress, address: IPAddress, port: int, owner: PortOwner,
+    ) -> tuple[int, int, asyncio.Future[Any]]:
+        """Version 4: OPEN_STREAM, issued now: the request id, the stream's id
+        (``owner`` owns it at once and may send on it before the OPENED) and
+        the future ``opened`` awaits. Raises ``RequestRefused``, ``LimitError``."""
+        if self.closed:
+            raise RequestRefused("CHANNEL_LOST", "the mediator's channel is closed", local=True)
+        try:
+            request_id, port_id, outputs = self.core.open_stream(local, address, port)
+        except LocalProtocolError as err:
+            raise RequestRefused("WRONG_STATE", err.message, local=True) from None
+        self.owners[port_id] = owner
+        future: asyncio.Future[Any] = self.loop.create_future()
+        self._futures[request_id] = future
+        self.driver.run(outputs)
+        return request_id, port_id, future
+
     async def opened(self, issued: tuple[int, asyncio.Future[Any]]) -> PortOpened:
         """The answer to ``open_connect_now``'s request (up to ``request_timeout``)."""
         request_id, future = issued
@@ -483,6 +503,8 @@ class Session:
         self.raw_ports.discard(port_id)
         if self.closed or port_id not in self.core.ports:
             return
+        if self.core.opens_streams and self.core.ports[port_id][1] is PortState.RESET:
+            return  # version 4: our RST ends it (a stream reset before its OPENED waits for that)
         try:
             _, outputs = self.core.close_port(port_id)
         except LocalProtocolError:

@@ -70,6 +70,7 @@ _MEDIATOR_READY_FRAMES = (
     FrameType.ERR,  # request id 0 only: the server could not take a relayed frame
     FrameType.OPEN_CONNECT, FrameType.CHECK_TARGET,  # version 2 (the decoder refuses them in 1)
     FrameType.WINDOW_UPDATE,  # version 3
+    FrameType.OPEN_STREAM,  # version 4
 )
 _SERVER_READY_FRAMES = (
     FrameType.OPENED, FrameType.ACK, FrameType.ERR, FrameType.DATA,
@@ -168,6 +169,12 @@ PORT_OPS: dict[tuple[Proto, PortState], dict[PortOp, PortState]] = {
         PortOp.CLOSE: PortState.CLOSED,
     },
 }
+
+
+# Version 4: a stream the server opened (OPEN_STREAM) exists from the
+# request on, before the mediator has connected it (OPENING, CONNECTING):
+# the server may already send its bytes, its FIN, its RST, or close it.
+EARLY_STREAM_OPS = frozenset({PortOp.DATA, PortOp.FIN, PortOp.RST, PortOp.CLOSE})
 
 
 def port_op(proto: Proto, state: PortState, op: PortOp) -> PortState | None:

@@ -91,8 +91,13 @@ def test_clients_that_reset_at_every_step_never_end_the_channel(tmp_path: Path) 
             assert hashlib.sha256(await fetch(checked, payload)).digest() == hashlib.sha256(payload).digest()
             assert lb.server.records["m1"].session is session and not session.closed
             assert lb.server.records["m1"].connects == 1
-            # Every relay ended and gave its port back.
+            # Every relay ended and gave its port back, on both ends (version 4:
+            # released by the FINs or the RSTs alone, without CLOSE).
             await until(lambda: not session.core.ports, what="every relay's port to close")
+            mediator = lb.mediators[0][0]
+            assert session.core.version == 4
+            await until(lambda: not mediator.session.core.ports, what="the mediator's ports to close")
+            await until(lambda: not mediator.session.ports, what="the mediator's sockets to close")
 
     asyncio.run(asyncio.wait_for(main(), 60))
 

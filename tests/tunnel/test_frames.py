@@ -18,7 +18,7 @@ from tunnel.frames import (
     FRAME_CLASSES, HEADER_SIZE, MIN_MAX_FRAME_SIZE, Ack, Bye, ClosePort, ConnectPort, Data,
     Err, EventAccepted, EventFin, EventRst, Frame, FrameDecoder, FrameType, Hello, InitErr,
     InitOk, Keepalive, KeepaliveAck, ListenPort, Opened, OpenPort, Proto, RedirectPort,
-    SINCE_VERSION, CheckTarget, OpenConnect, UdpKey, WindowUpdate, data_chunk_size, encode_frame,
+    SINCE_VERSION, STREAM_ID_BASE, CheckTarget, OpenConnect, OpenStream, UdpKey, WindowUpdate, data_chunk_size, encode_frame,
 )
 
 V4 = IPv4Address("192.168.1.10")
@@ -45,6 +45,7 @@ SAMPLES: list[Frame] = [
     UdpKey(7, KEY, request_id=8),
     OpenConnect(IPv4Address("192.168.1.2"), V4, 80, request_id=10),
     OpenConnect(IPv6Address("fd00::2"), V6, 443, request_id=11),
+    OpenStream(STREAM_ID_BASE + 5, IPv4Address("192.168.1.2"), V4, 80, request_id=12),
     CheckTarget(Proto.TCP, V4, 80, request_id=12),
     CheckTarget(Proto.UDP, V6, 5060, request_id=13),
     Opened(1, 8080, request_id=2),
@@ -168,7 +169,7 @@ def test_unknown_frame_type() -> None:
 
 
 def test_unsupported_version() -> None:
-    assert refused(encode_frame(Keepalive(request_id=1), version=4)) is ErrorCode.UNSUPPORTED_VERSION
+    assert refused(encode_frame(Keepalive(request_id=1), version=5)) is ErrorCode.UNSUPPORTED_VERSION
 
 
 @pytest.mark.parametrize("frame", [f for f in SAMPLES if f.TYPE in SINCE_VERSION], ids=lambda f: type(f).__name__)

@@ -13,7 +13,7 @@ from tunnel.datagrams import Datagram, DatagramType, encode_datagram
 from tunnel.errors import ErrorCode
 from tunnel.frames import (
     ConnectPort, Data, Err, EventAccepted, FrameType, Hello, InitErr, InitOk, Keepalive,
-    KeepaliveAck, OpenConnect, Opened, OpenPort, Proto, encode_frame,
+    KeepaliveAck, OpenConnect, Opened, OpenPort, OpenStream, Proto, STREAM_ID_BASE, encode_frame,
 )
 from tunnel.settings import MediatorLimits, MediatorSettings, ServerSettings
 
@@ -40,6 +40,7 @@ EXAMPLES = {
     "open_connect6": encode_frame(
         OpenConnect(IPv6Address("fd00:1::2"), IPv6Address("fd00:1::10"), 80, request_id=5), version=2
     ),
+    "open_stream": encode_frame(OpenStream(STREAM_ID_BASE + 3, ME, WEB, 80, request_id=12), version=4),
     "data": encode_frame(Data(1, WEB, 80, b"GET / HTTP/1.0\r\n\r\n")),
     "event_accepted": encode_frame(EventAccepted(1, 2, PHONE, 51000)),
     "keepalive": encode_frame(Keepalive(request_id=9)),

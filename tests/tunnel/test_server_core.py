@@ -73,7 +73,7 @@ def connected(session: ServerSession, port_id: int) -> None:
 
 def refused_init(code: ErrorCode, message: str, request_id: int = 1) -> list[object]:
     return [
-        SendFrame(InitErr(code, message, (1, 2, 3), request_id=request_id), 3),
+        SendFrame(InitErr(code, message, (1, 2, 3, 4), request_id=request_id), 4),
         CloseChannel(), ChannelClosed(code, message, False),
     ]
 
@@ -121,13 +121,13 @@ def test_no_authenticator_refuses_everyone() -> None:
 
 
 def test_version_mismatch() -> None:
-    """A future mediator speaking only version 4 gets INIT_ERR, in a frame it can read."""
+    """A future mediator speaking only version 5 gets INIT_ERR, in a frame it can read."""
     session = new_session()
-    hello_v4 = Hello((4,), "mediator-7", b"secret", "web-help", (), 25000, 131072, request_id=1)
-    result = session.receive_data(encode_frame(hello_v4, version=4), 0.5)
-    assert result == refused_init(ErrorCode.UNSUPPORTED_VERSION, "no common version (offered 4)")
+    hello_v5 = Hello((5,), "mediator-7", b"secret", "web-help", (), 25000, 131072, request_id=1)
+    result = session.receive_data(encode_frame(hello_v5, version=5), 0.5)
+    assert result == refused_init(ErrorCode.UNSUPPORTED_VERSION, "no common version (offered 5)")
     first = result[0]
-    assert isinstance(first, SendFrame) and first.data[:2] == b"\x03\x03"
+    assert isinstance(first, SendFrame) and first.data[:2] == b"\x04\x03"
 
 
 def test_highest_common_version_is_chosen() -> None:
