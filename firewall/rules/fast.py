@@ -46,6 +46,7 @@ def render(fast: FastPath, devices: tuple[str, ...] | None = None) -> str:
         exclude = f"ct mark & {fast.exclude:#010x} == 0x00000000 "
     lines = [
         "# nfgate fast path (policy.fast_path): established gateway-free flows skip the forward chain.",
+        "# nfgate apply loads it with the interfaces that exist; nft -f of this text needs them all.",
         f"table {FAMILY} {TABLE}",
         f"delete table {FAMILY} {TABLE}",
         "",
