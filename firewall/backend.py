@@ -19,8 +19,14 @@ through which the kernel carries gateway flows: ``firewall.rules.bind``) is
 native nftables with every backend: in the same ``nft -f`` transaction as
 the nft ruleset, or loaded by ``nft -f`` just before the iptables tables.
 
+With ``policy.fast_path``, the flowtable's table (``table inet nfgate_fast``,
+``firewall.rules.fast``) is loaded by ``nft -f`` after the filter, with
+every backend but iptables-legacy, and only with the zone interfaces that
+exist; a kernel that refuses it leaves the apply without a fast path, said
+in the report.
+
 Flush finds nfgate's objects by name (``table inet nfgate``, ``table ip
-nfgate_bind``, ``table ip6 nfgate_bind6``, chains ``NFGATE-*`` and the jumps to them) in every backend,
+nfgate_bind``, ``table ip6 nfgate_bind6``, ``table inet nfgate_fast``, chains ``NFGATE-*`` and the jumps to them) in every backend,
 so it needs no state file and also cleans up after a backend switch.
 Nothing else is touched.
 """
@@ -30,13 +36,14 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
 
 from firewall.errors import KernelError, UsageError
-from firewall.rules import bind
+from firewall.rules import bind, fast
 from firewall.rules import iptables as ipt
 from firewall.rules import nft
 from firewall.rules.model import Ruleset
@@ -125,12 +132,13 @@ def apply(rs: Ruleset, backend: str, dry_run: bool = False, keep_bind: bool = Fa
     else:
         keep = False
     if backend == "nft":
-        _nft_load(nft.render(rs), dry_run, report, f"nft: replaced table inet {nft.TABLE} ({_count(rs)})")
+        _nft_load(nft.render(replace(rs, fast=None)), dry_run, report, f"nft: replaced table inet {nft.TABLE} ({_count(rs)})")
     else:
         if rs.bind is not None:
             _nft_load(bind.render(*rs.bind), dry_run, report,
                       f"nft: replaced tables {bind.FAMILY} {bind.TABLE} and {bind.FAMILY6} {bind.TABLE6} (the gateway flows' NAT maps)")
         _apply_iptables(rs, backend, dry_run, report)
+    _apply_fast(rs, backend, dry_run, report)
     if not dry_run and rs.bind is None and not keep:
         report.actions += _remove_bind()
     if not dry_run:
@@ -141,9 +149,69 @@ def apply(rs: Ruleset, backend: str, dry_run: bool = False, keep_bind: bool = Fa
     return report
 
 
+def _apply_fast(rs: Ruleset, backend: str, dry_run: bool, report: Report) -> None:
+    """``policy.fast_path``'s table with the zone interfaces that exist now, or its removal.
+
+    The fast path is a speed-up, never a condition of the firewall: what keeps it
+    from loading is said in the report, and the apply goes on without it."""
+    wanted = rs.fast
+    if wanted is not None and backend == "iptables-legacy":
+        report.actions.append("fast path: off: the iptables-legacy backend keeps to the legacy tables, "
+                              "and a flowtable is nftables' (policy.fast_path, docs/config.md)")
+        wanted = None
+    if wanted is not None:
+        present = tuple(d for d in wanted.devices if _interface_exists(d))
+        missing = [d for d in wanted.devices if d not in present]
+        if missing:
+            them = "them" if len(missing) > 1 else "it"
+            report.actions.append(f"fast path: {'interfaces' if len(missing) > 1 else 'interface'} {', '.join(missing)} "
+                                  f"absent: flows through {them} take the forward chain until an apply or reload "
+                                  f"finds {them}")
+        if not present:
+            report.actions.append("fast path: off: none of the zones' interfaces exists")
+            wanted = None
+    if wanted is None:
+        if not dry_run:
+            report.actions += _remove_table(fast.FAMILY, fast.TABLE)
+        return
+    text = fast.render(wanted, present)
+    if dry_run:
+        report.actions.append("would run: nft -f - <<EOF\n" + text + "EOF")
+        return
+    result = _run(["nft", "-f", "-"], text)
+    if result.returncode != 0:
+        why = _first_lines(result.stderr)
+        if "No such file or directory" in result.stderr:
+            why += " -- this kernel lacks nftables flowtables (CONFIG_NF_FLOW_TABLE, CONFIG_NFT_FLOW_OFFLOAD)"
+        report.actions.append(f"fast path: off: the kernel refused the flowtable: {why}")
+        report.actions += _remove_table(fast.FAMILY, fast.TABLE)
+        return
+    report.actions.append(f"nft: replaced table {fast.FAMILY} {fast.TABLE} (flowtable on {', '.join(present)})")
+
+
+def _interface_exists(name: str) -> bool:
+    """In this process's network namespace (the router's)."""
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
+
+
+def _remove_table(family: str, table: str) -> list[str]:
+    if shutil.which("nft") is None or _run(["nft", "list", "table", family, table]).returncode != 0:
+        return []
+    result = _run(["nft", "delete", "table", family, table])
+    if result.returncode != 0:
+        raise KernelError(f"nft refused to delete table {family} {table}: {result.stderr.strip()}")
+    return [f"nft: deleted table {family} {table}"]
+
+
 def installed() -> bool:
     """Whether any of nfgate's rules are in the kernel, in any backend."""
     if bind_present():
+        return True
+    if shutil.which("nft") is not None and _run(["nft", "list", "table", fast.FAMILY, fast.TABLE]).returncode == 0:
         return True
     if shutil.which("nft") is not None and _run(["nft", "list", "table", "inet", nft.TABLE]).returncode == 0:
         return True
@@ -160,6 +228,7 @@ def flush() -> list[str]:
     for backend in BACKENDS:
         actions += remove(backend)
     actions += _remove_bind()
+    actions += _remove_table(fast.FAMILY, fast.TABLE)
     return actions or ["nothing of nfgate's was installed"]
 
 

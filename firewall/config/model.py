@@ -138,6 +138,17 @@ class Policy(Frozen):
     drop_invalid: Bool = Field(True, description="drop packets conntrack calls invalid")
     icmp_essential: Bool = Field(True, description="accept the ICMP errors path MTU discovery and others need")
     ping_from: ListOf(Zones) = Field((), description="zones that may ping the router")
+    fast_path: Bool = Field(False, description="carry established gateway-free TCP and UDP flows through an nftables "
+                            "flowtable: their later packets skip the forward chain")
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> "Policy":
+        if self.fast_path and not self.established_related:
+            # An offloaded flow's packets skip the filter, so they would pass unjudged: the
+            # promise established_related = false makes (every packet judged by the rules) breaks.
+            report(info, "policy.fast_path", "needs established_related = true: an offloaded flow's packets "
+                   "skip the forward chain, where established_related = false judges every packet")
+        return self
 
 
 def _check_proto_fields(info: ValidationInfo, where: str, proto: str, ports: tuple, nets: tuple) -> None:

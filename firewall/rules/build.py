@@ -20,6 +20,8 @@ The layout (docs/datapath.md explains it, hook by hook):
   a new connection in forward.
 - ``input``, ``forward``, ``output``: the stateful filter, with one regular
   chain per zone pair holding the config's ``[[rule]]`` entries in order.
+- With ``policy.fast_path``, the flowtable of ``firewall.rules.fast`` (a
+  table of its own) after the forward chain.
 
 With several queues, each flow must reach the one processor instance that
 holds its binding. Requests are steered by the low bits of the client's
@@ -48,6 +50,7 @@ from firewall.rules.model import (
     Drop,
     DstLocal,
     Family,
+    FastPath,
     Hook,
     IcmpType,
     InIface,
@@ -88,6 +91,12 @@ def build(config: Config, stopped: bool = False) -> Ruleset:
         _steer(config, rs, stopped)
     _nat(config, rs)
     _filter(config, rs)
+    if config.policy.fast_path:
+        # nfgate's own flows carry these connection-mark bits (docs/datapath.md, "Marks"):
+        # they stay off the flowtable, so the processor sees them as it does without it.
+        marks = config.processor.marks
+        exclude = marks.rewritten | marks.allowed if config.gateways else 0
+        rs.fast = FastPath(tuple(i for z in config.zones.values() for i in z.interfaces), exclude)
     return rs
 
 

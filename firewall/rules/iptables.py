@@ -18,6 +18,7 @@ import ipaddress
 import itertools
 from dataclasses import dataclass, field
 
+from firewall.rules import fast
 from firewall.rules.model import (
     Accept,
     Addr,
@@ -123,6 +124,9 @@ def render(rs: Ruleset, version: int = 4) -> str:
         f"# nfgate ruleset for {tool} --noflush{' from ' + rs.source if rs.source else ''}.",
         "# Generated: change the config and run `nfgate apply`, do not edit.",
     ]
+    if rs.fast is not None:
+        head.append(f"# policy.fast_path: nft's table {fast.FAMILY} {fast.TABLE} goes beside these "
+                    "(nfgate rules --format nft shows it; none with iptables-legacy).")
     return "\n".join(head) + "\n" + "".join(t.text() for t in render_tables(rs, version))
 
 

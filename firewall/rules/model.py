@@ -241,6 +241,17 @@ class Chain:
         self.rules.append(Rule(tuple(matches), tuple(statements), comment, family, counter))
 
 
+@dataclass(frozen=True)
+class FastPath:
+    """``policy.fast_path``: the flowtable that carries established gateway-free flows
+    (``firewall.rules.fast``), its own nft table with every backend but iptables-legacy."""
+
+    devices: tuple[str, ...]  # the zones' interfaces; the backend loads those that exist
+    # Connection-mark bits of nfgate's own flows (gateway flows, log-only, offloaded, dynamic
+    # rules), which stay off the fast path: 0 without gateways.
+    exclude: int = 0
+
+
 @dataclass
 class Ruleset:
     zones: dict[str, tuple[str, ...]]  # zone -> interfaces (nft named sets)
@@ -252,6 +263,7 @@ class Ruleset:
     # Named counters (name -> what it counts), declared in nft's table; in
     # iptables the counter is the rules whose comment starts with its name.
     counters: dict[str, str] = field(default_factory=dict)
+    fast: FastPath | None = None
 
     def chain(self, name: str) -> Chain:
         for chain in self.chains:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from firewall.rules import bind
+from firewall.rules import bind, fast
 from firewall.rules.model import (
     Accept,
     Addr,
@@ -89,6 +89,8 @@ def render(rs: Ruleset) -> str:
     text = "\n".join(out) + "\n"
     if rs.bind is not None:
         text += "\n" + bind.render(*rs.bind)
+    if rs.fast is not None:
+        text += "\n" + fast.render(rs.fast)
     return text
 
 

@@ -1,6 +1,7 @@
 """The datapath against its baselines, in one run on the basic lab.
 
     sudo .venv/bin/python -m tests.firewall.relay_bench [--seconds 5] [--connect-seconds 3] [--pairs 5] [--installs 200]
+        [--fast-path]
 
 Not a test (nothing is asserted): the figures for ``scripts/bench processor``
 and docs/benchmarks.md. The basic lab (ext - router - lan) runs nfgate with
@@ -34,6 +35,9 @@ its baseline back to back and printed with the ratio:
   port forward) to lan's server through one tcp-relay selector, bulk and
   new connections/s over IPv6 and over IPv4 through the same relay, and
   the processor's CPU per relayed IPv6 connection;
+- ``--fast-path``: the same with ``policy.fast_path = true``; ``fast_path_loaded``
+  says whether the kernel took the flowtable (ours has none: then the
+  figures are those without it);
 - installs/s: binding elements written by the processor's ``NatWriter``
   (libnftables, in-process), one transaction each and 100 per transaction,
   and dynamic rules (a translated ALLOW's three elements, one transaction)
@@ -56,7 +60,7 @@ from firewall.lab.netns import Lab
 from firewall.lab.topology import load_topology
 from firewall.lab.wait import wait_for
 from firewall.processor.rulebook import KernelRule
-from tests.firewall.run_harness import Running
+from tests.firewall.run_harness import CONFIG, Running
 
 WAN, EXT, LAN, GW = "203.0.113.1", "203.0.113.10", "192.168.1.10", "172.31.255.2"
 SOCAT_PORT, SOCAT_PUBLIC = 7000, 8081
@@ -207,6 +211,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=5,
                         help="alternated measurements of gateway-free traffic and its baseline (and of new connections)")
     parser.add_argument("--installs", type=int, default=200, help="dynamic rules added and removed")
+    parser.add_argument("--fast-path", action="store_true",
+                        help="run nfgate with policy.fast_path = true (a flowtable, where the kernel has them)")
     args = parser.parse_args()
     lab = Lab(load_topology("basic"), f"nfgr{int(time.time()) % 100000:05d}").up()
     twin = None
@@ -230,8 +236,10 @@ def main() -> None:
         stateful = in_lab()
         lab.run("router", ["nft", "delete", "table", "inet", "nfbench"])
         with tempfile.TemporaryDirectory() as tmp:
-            run = Running(lab, Path(tmp))
+            config = CONFIG.replace('ping_from = ["lan"]', 'ping_from = ["lan"]\nfast_path = true') if args.fast_path else CONFIG
+            run = Running(lab, Path(tmp), config=config)
             try:
+                fast_path = lab.run("router", ["nft", "list", "table", "inet", "nfgate_fast"], check=False).returncode == 0
                 no_gateway = alternated(in_lab, in_twin, args.pairs)
                 stop(servers + twin_servers)
                 twin.down()
@@ -264,6 +272,10 @@ def main() -> None:
             twin.down()
         lab.down()
     out = {
+        # Asked for, and loaded: a kernel without flowtables (ours) leaves nfgate without one.
+        "fast_path_asked": args.fast_path,
+        "fast_path_loaded": fast_path,
+        "load_average": os.getloadavg(),
         "no_gateway_with_nfgate_gbit": round(median([a for a, _ in no_gateway]) / 1e9, 2),
         "no_gateway_no_rules_gbit": round(median([b for _, b in no_gateway]) / 1e9, 2),
         "ratio_no_gateway": ratios(no_gateway),

@@ -100,7 +100,7 @@ CHECK = harness.register(harness.GuestCheck(
 @pytest.fixture(scope="module")
 def guest() -> dict:
     """The guest's result.json for this check, after asserting the guest ran it to the end."""
-    res = harness.batch(timeout=240)[CHECK.name]
+    res = harness.batch(timeout=harness.BATCH_TIMEOUT)[CHECK.name]
     result_path = res.out / "result.json"
     result = json.loads(result_path.read_text()) if result_path.exists() else {}
     print(f"\nnft_queue: guest kernel {result.get('kernel', '?')}, VM run {res.vm.seconds:.1f}s")
