@@ -15,6 +15,7 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,9 @@ def router(module_lab_factory):
 @pytest.mark.parametrize("example", EXAMPLES)
 def test_nft_rendering_passes_kernel_check(router, example: str) -> None:
     rs = build(load(ROOT / "examples" / f"{example}.toml"))
-    text = nft.render(rs)
+    # What `nfgate apply` loads first; policy.fast_path's table it loads apart, and only on a kernel
+    # with flowtables (ours has none): tests/vm/test_fast_path.py loads it on Debian's.
+    text = nft.render(replace(rs, fast=None))
     checked = re.sub(r"queue num \d+( bypass)?", "accept", text)
     assert ("queue num" in text) == rs.has_queue()
     result = router.run("router", ["nft", "-c", "-f", "-"], input=checked, check=False, text=True)
