@@ -62,7 +62,10 @@ Takeover (docs/ha.md): when a router pair's node becomes master it takes
 over the bindings of the flows it now carries and pushes each (NEW_FLOW)
 under its own flow id. A NEW_FLOW or ANSWER for a known tuple that differs
 from the known flow only in its flow id, and whose flow id is the other
-node's (the node bit), moves the flow: the entry keeps its claims, takes the
+node's (the node bit), moves the flow; so does one from the same node for a
+flow that has moved before (that node took it over, let go of it when it
+stepped back, and took it over again under a new id: the stepping back may
+be too short for the peer to push it). The entry keeps its claims, takes the
 new flow id and sender, and remembers up to ``MAX_MOVED_FROM`` earlier ids,
 so that a connection holding the flow under an earlier id still claims,
 releases, and sends rule requests (to the new owner, under the new id; a
@@ -188,9 +191,12 @@ class _Entry:
         return flow.flow_id == self.flow.flow_id or flow.flow_id in self.moved_from
 
 
-def _moved(old: FlowInfo, new: FlowInfo) -> bool:
-    """Whether ``new`` is ``old`` taken over by the other node of a pair (module docstring)."""
-    return flow_id_node(old.flow_id) != flow_id_node(new.flow_id) and replace(old, flow_id=new.flow_id) == new
+def _moved(old: _Entry, new: FlowInfo) -> bool:
+    """Whether ``new`` is ``old``'s flow taken over: by the other node of a pair, or again by a node
+    that had taken it over before (module docstring, "Takeover")."""
+    if replace(old.flow, flow_id=new.flow_id) != new:
+        return False
+    return flow_id_node(old.flow.flow_id) != flow_id_node(new.flow_id) or bool(old.moved_from)
 
 
 class _Lookup:
@@ -689,7 +695,7 @@ class LayerCore:
             if old.flow == flow and old.sender == sender:
                 self.counters["pushes.repeated" if via == "push" else "answers.repeated"] += 1
                 return out
-            if _moved(old.flow, flow) and flow.flow_id not in self._by_id:
+            if _moved(old, flow) and flow.flow_id not in self._by_id:
                 self.counters["flows.moved"] += 1
                 out += self._rules_left_behind(old.flow.flow_id, old.sender)
                 if self._by_id.get(old.flow.flow_id) == key:

@@ -284,6 +284,27 @@ def test_a_takeover_keeps_what_the_node_never_let_go_of_and_pushes_it_again(tmp_
     assert got.message.flow.flow_id == fid and len(r1.table) == 1
 
 
+def test_a_node_that_takes_a_moved_flow_over_again_under_a_new_id_moves_it_and_closes_nothing(tmp_path: Path) -> None:
+    """r2 took r1's flow over; r1 took it back, let go of it when it stepped back (its table flushed)
+    and takes it over again under a new id of its own, with r2 never pushing in between (a flap, or
+    r1's keepalived killed right after the failback): the gateway moves the flow, it does not close
+    it (a replacement would open a new leg B that clashes with the live one)."""
+    inst = ProcessorInstances.from_spec(manifests.manifest_for(load(tmp_path), load(tmp_path).gateways[0]).processor)
+    layer = LayerCore(KEY, inst, now=T0 - 1, gateway="relay", query_timeout=0.5, replay_window=5.0)
+    r1, r2 = Encoder(KEY, Role.PROCESSOR, sender_id=1), Encoder(KEY, Role.PROCESSOR, sender_id=2)
+    first = flow("172.31.254.1", 3, 0)
+    at_r2 = replace(first, flow_id=make_flow_id(3, first_serial(1) + 5))
+    back = replace(first, flow_id=make_flow_id(3, first_serial(0) + 7))
+    again = replace(first, flow_id=make_flow_id(3, first_serial(0) + 8))
+    layer.receive(r1.encode(NewFlow(first), T0), T0)
+    assert layer.claim(first)
+    for t, enc, f in ((0.1, r2, at_r2), (0.2, r1, back), (0.3, r1, again)):
+        assert layer.receive(enc.encode(NewFlow(f), T0 + t), T0 + t) == [], f
+    assert layer.counters["flows.moved"] == 3 and "flows.replaced" not in layer.counters
+    out = layer.receive(r1.encode(FlowEnd(again.flow_id, FlowEndReason.FIN), T0 + 0.4), T0 + 0.4)
+    assert out == [FlowGone(again, EndCause.FIN, (first.flow_id, at_r2.flow_id, back.flow_id))]
+
+
 def test_a_moved_flow_ends_for_the_connection_that_holds_it_under_its_first_id(tmp_path: Path) -> None:
     inst = ProcessorInstances.from_spec(manifests.manifest_for(load(tmp_path), load(tmp_path).gateways[0]).processor)
     layer = LayerCore(KEY, inst, now=T0 - 1, gateway="relay", query_timeout=0.5, replay_window=5.0)
