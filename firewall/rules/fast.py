@@ -29,6 +29,7 @@ interfaces that exist at apply time; the rendering here names them all.
 from __future__ import annotations
 
 from firewall.rules.model import FastPath
+from firewall.rules.text import quote
 
 TABLE = "nfgate_fast"
 FAMILY = "inet"
@@ -53,7 +54,7 @@ def render(fast: FastPath, devices: tuple[str, ...] | None = None) -> str:
         f"table {FAMILY} {TABLE} {{",
         f"\tflowtable {FLOWTABLE} {{",
         "\t\thook ingress priority filter",
-        f"\t\tdevices = {{ {', '.join(_quote(d) for d in names)} }}",
+        f"\t\tdevices = {{ {', '.join(quote(d) for d in names)} }}",
         "\t\tcounter",
         "\t}",
         "",
@@ -65,8 +66,3 @@ def render(fast: FastPath, devices: tuple[str, ...] | None = None) -> str:
         "}",
     ]
     return "\n".join(lines) + "\n"
-
-
-def _quote(name: str) -> str:
-    # Interface names are restricted to [A-Za-z0-9_.-] (firewall.fields.IfName).
-    return f'"{name}"'

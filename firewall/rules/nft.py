@@ -43,6 +43,7 @@ from firewall.rules.model import (
     Rule,
     Ruleset,
 )
+from firewall.rules.text import quote
 
 TABLE = "nfgate"
 FAMILY = "inet"
@@ -69,7 +70,7 @@ def render(rs: Ruleset) -> str:
         f"table {FAMILY} {TABLE} {{",
     ]
     for zone, interfaces in rs.zones.items():
-        elements = ", ".join(_quote(i) for i in interfaces)
+        elements = ", ".join(quote(i) for i in interfaces)
         out += [
             f"\tset zone_{zone} {{",
             "\t\ttype ifname",
@@ -79,7 +80,7 @@ def render(rs: Ruleset) -> str:
             "",
         ]
     for name, comment in rs.counters.items():
-        out += [f"\tcounter {name} {{", f"\t\tcomment {_quote(comment[:127])}", "\t}", ""]
+        out += [f"\tcounter {name} {{", f"\t\tcomment {quote(comment[:127])}", "\t}", ""]
     for chain in rs.chains:
         out += _chain(chain)
         out.append("")
@@ -116,10 +117,10 @@ def render_rule(rule: Rule) -> str:
         if isinstance(m, Proto) and implied:
             continue  # "tcp dport 25" and "icmp type ..." already say the protocol
         parts.append(_match(m, proto))
-    parts.append(f"counter name {_quote(rule.counter)}" if rule.counter else "counter")
+    parts.append(f"counter name {quote(rule.counter)}" if rule.counter else "counter")
     for s in rule.statements:
         parts.append(_statement(s, proto))
-    parts.append(f"comment {_quote(rule.comment[:127])}")
+    parts.append(f"comment {quote(rule.comment[:127])}")
     return " ".join(parts)
 
 
@@ -130,9 +131,9 @@ def _match(m, proto: str | None) -> str:
         case OutZone(zone):
             return f"oifname @zone_{zone}"
         case InIface(name):
-            return f"iifname {_quote(name)}"
+            return f"iifname {quote(name)}"
         case OutIface(name):
-            return f"oifname {_quote(name)}"
+            return f"oifname {quote(name)}"
         case Proto(name):
             return f"meta l4proto {name}"
         case Addr(direction, nets, original):
@@ -202,8 +203,3 @@ def _set(items: list[str]) -> str:
 
 def _net(n) -> str:
     return str(n.network_address) if n.prefixlen == n.max_prefixlen else str(n)
-
-
-def _quote(text: str) -> str:
-    # Config names are restricted to [A-Za-z0-9_.-]; this keeps comments safe too.
-    return '"' + text.replace('"', "'") + '"'
