@@ -150,10 +150,15 @@ def test_udp_relay_offloads_a_flow_and_the_kernel_carries_exactly_it(running: Ru
     run, lab = running, running.lab
     server = Server(lab, "lan", 5354, "udp")
     # Through the relay until it has seen enough each way; then it hands the flow to the kernel.
-    assert datagrams(lab, "ext", 40000, OFFLOAD_AFTER + 2) == OFFLOAD_AFTER + 2
+    # The client waits for each echo, so the relay asks after the last one went down, with nothing
+    # in flight, and the client sends nothing more until the hand-over is done: a datagram sent
+    # during it may go through the relay and lose its echo (docs/datapath.md, "Offload": what the
+    # hand-over can lose), which is not what this test is about.
+    assert datagrams(lab, "ext", 40000, OFFLOAD_AFTER) == OFFLOAD_AFTER
     wait_for(lambda: counter(run, "flows.offloaded") == 1, timeout=10, interval=0.1, what="the offload")
     (closed,) = wait_for(lambda: lines(run, "dns", "close"), timeout=5, interval=0.1, what="the relay's close line")
-    assert closed["reason"] == "offloaded" and int(closed["datagrams_up"]) >= OFFLOAD_AFTER, closed
+    assert closed["reason"] == "offloaded", closed
+    assert int(closed["datagrams_up"]) == int(closed["datagrams_down"]) == OFFLOAD_AFTER, closed
     stats = processor(run)
     assert stats["flows"] == 0 and stats["pools"]["firewall_side"]["used"] == 0  # binding and pool slot gone
     def legs() -> list[str]:
@@ -161,34 +166,30 @@ def test_udp_relay_offloads_a_flow_and_the_kernel_carries_exactly_it(running: Ru
                 if "172.31.254." in t or "dport=5353" in t]
 
     # Leg A's connection deleted; leg B's held until the client's next datagram takes the ALLOW
-    # (what the relay still sends on it meanwhile reaches the server). The last of those five
-    # datagrams may have come after the hand-over: then it took the ALLOW, and leg B is gone.
-    tracked = legs()
-    held = [t for t in tracked if "dst=172.31.254." in t]
-    direct = [t for t in tracked if "dport=5353" in t and f"src={LAN} " in t]
-    assert len(tracked) == 1 and len(held) + len(direct) == 1, tracked
+    # (what the relay still sends on it meanwhile reaches the server).
+    (held,) = legs()
+    assert "dst=172.31.254." in held, held
 
-    if not direct:
-        # The reply direction alone is not the flow: the server's datagram to the client, before the
-        # client sends again, is dropped (nothing routes lan -> wan here).
-        server.proc.terminate()
-        server.proc.wait(timeout=10)
-        listener = lab.popen("ext", [sys.executable, "-u", "-c", LISTEN, "40000", "2"], stdout=subprocess.PIPE, text=True)
-        lab.run("lan", [sys.executable, "-c", "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
-                        f"s.bind(('', 5354)); s.sendto(b'reverse', ('{EXT}', 40000))"])
-        out, _ = listener.communicate(timeout=20)
-        assert out.strip() == "nothing", out
-        server = Server(lab, "lan", 5354, "udp")
+    # The reply direction alone is not the flow: the server's datagram to the client, before the
+    # client sends again, is dropped (nothing routes lan -> wan here).
+    server.proc.terminate()
+    server.proc.wait(timeout=10)
+    listener = lab.popen("ext", [sys.executable, "-u", "-c", LISTEN, "40000", "2"], stdout=subprocess.PIPE, text=True)
+    lab.run("lan", [sys.executable, "-c", "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+                    f"s.bind(('', 5354)); s.sendto(b'reverse', ('{EXT}', 40000))"])
+    out, _ = listener.communicate(timeout=20)
+    assert out.strip() == "nothing", out
+    server = Server(lab, "lan", 5354, "udp")
 
     # The client's next datagram: new to conntrack, its ALLOW hands it to the kernel (one packet
     # queued), and from there the kernel carries the flow both ways; nothing more is queued.
     queued = counter(run, "queued")
     assert datagrams(lab, "ext", 40000, 1) == 1
     assert server.next_peer() == EXT  # the server sees the real client, on the forward's port
-    assert counter(run, "queued") == queued + (0 if direct else 1) and counter(run, "passed.offloaded") == 1
+    assert counter(run, "queued") == queued + 1 and counter(run, "passed.offloaded") == 1
     assert not any("172.31.254." in t for t in legs())  # leg B went before that datagram's verdict
     assert datagrams(lab, "ext", 40000, 20) == 20
-    assert counter(run, "queued") == queued + (0 if direct else 1)
+    assert counter(run, "queued") == queued + 1
     tracked = [t for t in lab.run("router", ["conntrack", "-L", "-p", "udp"], check=False).stdout.splitlines()
                if "sport=40000" in t]
     assert len(tracked) == 1 and f"src={EXT} dst={WAN}" in tracked[0] and f"src={LAN} dst={EXT} sport=5354" in tracked[0], tracked
