@@ -16,7 +16,7 @@ identification": F:f is unique per flow).
   processor's FLOW_END OFFLOADED then closes it (reason ``offloaded``), and
   its later datagrams never reach the gateway. A refusal is logged
   (``offload_refused``) and the flow goes on through the relay. An IPv6
-  flow is never offloaded (dynamic rules are IPv4's, docs/datapath.md).
+  flow is offloaded the same way, on the IPv6 table (docs/datapath.md).
 """
 
 from __future__ import annotations
@@ -131,9 +131,7 @@ class UdpRelay(UdpFlows):
 
     def _maybe_offload(self, flow: _Flow) -> None:
         after = self.settings.offload_after
-        # Offload is IPv4's (dynamic rules are): an IPv6 flow stays in the relay.
-        if after and flow.offload is None and min(flow.datagrams_up, flow.datagrams_down) >= after \
-                and flow.fw.address.version == 4:
+        if after and flow.offload is None and min(flow.datagrams_up, flow.datagrams_down) >= after:
             flow.offload = asyncio.create_task(self._offload(flow))
 
     async def _offload(self, flow: _Flow) -> None:
