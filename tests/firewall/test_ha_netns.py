@@ -118,6 +118,57 @@ def test_a_flow_survives_failover_failback_and_kill9_of_keepalived(lab_factory, 
         pair.stop()
 
 
+def test_keepalived_killed_with_sigkill_restarts_at_the_first_try_and_never_runs_twice(lab_factory, tmp_path: Path) -> None:
+    """docs/ha.md, "nfgate run supervises both daemons": a kill -9 of keepalived's parent leaves its
+    VRRP child giving the addresses up for about a second, holding its pid file; nfgate run's restart
+    waits for it and holds at the first try (no "already running" exit). A kill -9 of the VRRP child
+    is keepalived's to respawn. A second nfgate run for the node is refused, with the same config or a
+    copy that has its own state directory. After each, one keepalived tree runs r1's config (a parent
+    and its VRRP child, in r1's namespace), and r1 is master again."""
+    lab = lab_factory("ha")
+    pair = Pair(lab, tmp_path, advert=0.3, preempt=1.0)
+    vrrp_pid_file = tmp_path / "ha" / "run" / "keepalived-vrrp-r1.pid"
+
+    def one_tree() -> tuple[int, int]:
+        """(parent, VRRP child) of the one keepalived tree of r1, as its supervisor and pid file name them."""
+        tree = pair.keepalived_tree("r1")
+        parent = next(p for p in pair.status("r1")["processes"] if p["name"] == "keepalived")["pid"]
+        child = int(vrrp_pid_file.read_text())
+        assert tree == {parent: tree.get(parent), child: parent}, (tree, parent, child)
+        return parent, child
+
+    try:
+        parent, child = one_tree()
+        pair.kill_keepalived("r1")
+        wait_master(pair, "r2", timeout=15)  # the VRRP child sent priority 0
+        wait_master(pair, "r1", timeout=30)
+        log = pair.log("r1")
+        assert log.count("keepalived: exited with") == 1 and "keepalived: exited with -9" in log, log[-3000:]
+        assert "already running" not in log, log[-3000:]
+        r1 = next(p for p in pair.status("r1")["processes"] if p["name"] == "keepalived")
+        assert (r1["state"], r1["restarts"]) == ("running", 1), r1
+        new_parent, new_child = one_tree()
+        assert new_parent != parent and new_child != child
+
+        transitions = len((tmp_path / "ha" / "run" / "state-r1.jsonl").read_text().splitlines())
+        os.kill(new_child, signal.SIGKILL)  # keepalived respawns its VRRP child: backup (notified), then primary
+        wait_for(lambda: pair.vrrp("r1") == "primary" and pair.master() == "r1" and len(
+            (tmp_path / "ha" / "run" / "state-r1.jsonl").read_text().splitlines()) >= transitions + 2,
+            timeout=30, interval=0.05, what="r1 master again after its VRRP child was killed")
+        assert one_tree()[0] == new_parent
+        assert next(p for p in pair.status("r1")["processes"] if p["name"] == "keepalived")["restarts"] == 1
+
+        copy = tmp_path / "r1-copy.toml"  # the same node from another state directory
+        copy.write_text(pair.paths["r1"].read_text().replace(f"{tmp_path}/r1/run/", f"{tmp_path}/r1-copy/run/"))
+        for config, refusal in ((pair.paths["r1"], "already running"), (copy, "one nfgate run per node")):
+            second = lab.run("r1", [sys.executable, "-m", "firewall.cli", "run", "-c", str(config), "--backend", "iptables"],
+                             cwd=str(REPO), check=False, timeout=60)
+            assert second.returncode != 0 and refusal in second.stderr, (second.returncode, second.stderr)
+        assert one_tree() == (new_parent, int(vrrp_pid_file.read_text())) and pair.master() == "r1"
+    finally:
+        pair.stop()
+
+
 def test_a_sync_link_failure_loses_only_the_flows_made_while_it_was_down(lab_factory, tmp_path: Path) -> None:
     """docs/ha.md, "Not covered": with the sync link down VRRP goes on, so the master stays;
     a flow made meanwhile has no copy on the backup and dies at a failover (dropped: no
