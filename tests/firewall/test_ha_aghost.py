@@ -301,6 +301,7 @@ def test_a_node_that_takes_a_moved_flow_over_again_under_a_new_id_moves_it_and_c
     for t, enc, f in ((0.1, r2, at_r2), (0.2, r1, back), (0.3, r1, again)):
         assert layer.receive(enc.encode(NewFlow(f), T0 + t), T0 + t) == [], f
     assert layer.counters["flows.moved"] == 3 and "flows.replaced" not in layer.counters
+    assert layer.counters["flows.moved.same_node"] == 1  # r1 → r1 again
     out = layer.receive(r1.encode(FlowEnd(again.flow_id, FlowEndReason.FIN), T0 + 0.4), T0 + 0.4)
     assert out == [FlowGone(again, EndCause.FIN, (first.flow_id, at_r2.flow_id, back.flow_id))]
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from firewall.control import ask
 from firewall.lab.wait import wait_for
 from tests.firewall.ha_harness import AG_PORTS, RELAYED_PORT, REPO, VIP, Pair, result, serve, stream, wait_master
 from tests.gateways.ftp_netns import Vsftpd, make_file, sha256
@@ -483,8 +484,11 @@ def test_an_rtp_stream_through_the_ag_host_survives_failover_failback_and_kill9_
         refreshed = counter(pair, "r1", "refresh.updated")
         sent, _ = media.communicate(timeout=90)
         got = json.loads(sink.communicate(timeout=90)[0])
+        layer = ask(tmp_path / "ag" / "run" / "gateway-rtp.sock", {"cmd": "stats"})["layer"]
         print(f"\nha, AG host: RTP at 50 datagrams/s through the rtp gateway: sent {sent.strip()}, received "
-              f"{got['counts']}, longest stall {got['stall']} s; r1's processor refreshed {refreshed} entries")
+              f"{got['counts']}, longest stall {got['stall']} s; r1's processor refreshed {refreshed} entries; "
+              f"the gateway moved its flows {layer.get('flows.moved', 0)} times, "
+              f"{layer.get('flows.moved.same_node', 0)} of them taken over again by the node that held them")
         for t, name in events:
             print(f"  {t:7.2f} s  {name}")
         for t, gap in got["stalls"]:
@@ -495,6 +499,10 @@ def test_an_rtp_stream_through_the_ag_host_survives_failover_failback_and_kill9_
         assert got["stall"] < 5, got
         # The move ended r1's rule at the gateway, which asked r2 at once: (nearly) all of it crossed.
         assert got["counts"]["5005"] >= 200, f"RTCP after the failover: {got}"
+        # Each takeover moved the stream's flow at the gateway (at least r2's after the failure and r1's at
+        # the end), none replaced it: a replacement closes the stream and opens a second leg B that the
+        # live one's conntrack entry refuses (the same-node double takeover, docs/ha.md "Takeover").
+        assert layer.get("flows.replaced", 0) == 0 and layer.get("flows.moved", 0) >= 2, layer
         # It crossed the rtp gateway (5005 is not forwarded): the RTCP flow joined the RTP flow's stream.
         joined = [line for line in pair.log("ag").splitlines() if " rtp stream.join " in line]
         assert any("role=rtcp" in line for line in joined), pair.log("ag")[-3000:]
