@@ -339,9 +339,9 @@ def keepalived_stale_files(config: Config, node: str) -> list[Path]:
 
 
 def runs_keepalived(cmdline: bytes, conf: Path) -> bool:
-    """Whether ``/proc/PID/cmdline`` is a keepalived reading ``conf`` (its children keep the parent's)."""
+    """Whether ``/proc/PID/cmdline`` is a keepalived reading ``conf`` (2.2's children keep the parent's)."""
     argv = cmdline.rstrip(b"\0").split(b"\0")
-    return os.path.basename(argv[0]) == b"keepalived" and any(
+    return os.path.basename(argv[0]).startswith(b"keepalived") and any(
         flag == b"-f" and value == os.fsencode(conf) for flag, value in zip(argv, argv[1:]))
 
 

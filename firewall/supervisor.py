@@ -36,8 +36,8 @@ refuses and names the first one's pid (with [ha], a second one for the same
 node from another state directory too: the node lock, ``ha.node_lock``); a
 predecessor killed with SIGKILL left its processors and gateways running,
 and they are stopped (found by the pid file); the blind track it left is
-replaced. A gateway namespace
-nfgate did not create is refused, never entered.
+replaced. A gateway namespace nfgate did not create is refused, never
+entered.
 
 The loop is single-threaded: signals (SIGCHLD, SIGTERM, SIGINT, SIGHUP)
 wake it through ``signal.set_wakeup_fd``; the control socket
@@ -302,7 +302,7 @@ class Supervisor:
     # -- bringing up --------------------------------------------------------
 
     def claim(self) -> None:
-        """Take the run lock; stop what a killed predecessor left. Changes nothing else."""
+        """Take the run lock (with [ha], the node's too); stop what a killed predecessor left. Changes nothing else."""
         cfg = self.config
         self.lock.acquire()
         try:
@@ -666,6 +666,9 @@ class Supervisor:
             if new.ha is None or self.ha_node not in new.ha.nodes:
                 raise UsageError(f"[ha] no longer names this node {self.ha_node}: restart nfgate run")
             new = new.for_node(self.ha_node)
+            if old.ha is not None and new.ha.run_dir != old.ha.run_dir:
+                raise UsageError("ha.run_dir changed: a running nfgate cannot move it (its node lock and its daemons' "
+                                 "pid files are there); restart nfgate run to use the new one")
         for key in ("gateway_link", "supervisor.control_socket"):
             before, after = old, new
             for part in key.split("."):

@@ -184,6 +184,17 @@ def test_a_second_nfgate_run_for_the_same_node_is_refused_whatever_its_state_dir
     assert ha.node_lock(cfg, "r1") == tmp_path / "run" / "nfgate-r1.lock"
 
 
+def test_a_reload_cannot_move_the_run_dir_that_holds_the_node_lock(tmp_path: Path, monkeypatch) -> None:
+    from firewall import supervisor
+    monkeypatch.setattr(supervisor, "local_node", lambda c: "r1")
+    path = tmp_path / "nfgate.toml"
+    path.write_text(BASE.format(tmp=tmp_path))
+    sup = supervisor.Supervisor(config.load(str(path)), str(path), children=[], log=lambda line: None)
+    path.write_text(BASE.format(tmp=tmp_path).replace(f'run_dir = "{tmp_path}/run"', f'run_dir = "{tmp_path}/run2"'))
+    with pytest.raises(UsageError, match="ha.run_dir changed"):
+        sup.reload()
+
+
 def test_refreshing_every_udp_copy_without_gateways_is_a_hazard(tmp_path: Path) -> None:
     from firewall.hazards import hazards
     cfg = load(tmp_path, BASE.replace("preempt_delay = 5", "preempt_delay = 5\nudp_refresh_all = true", 1))
