@@ -10,6 +10,9 @@ address (a packet NATed on one leg only). The AG host tests do the same with
 tcp-relay and FTP flows through the gateways' own host (docs/ha.md, "The AG
 host"), and with a 60 s RTP stream whose copies on the backup only the
 master's UDP refresh keeps alive past 30 s (docs/ha.md, "UDP refresh").
+Two more: keepalived killed with SIGKILL restarts at the first try and never
+runs twice, and a node that takes a moved flow over again under a new id
+of its own (its peer's processor stopped) moves it at the gateway.
 """
 
 from __future__ import annotations
@@ -412,6 +415,78 @@ def test_gateway_flows_through_the_ag_host_survive_failover_kill9_and_failback(l
     finally:
         if ftpd is not None:
             ftpd.stop()
+        pair.stop()
+
+
+def test_a_node_that_takes_a_moved_flow_over_again_under_a_new_id_moves_it_at_the_gateway(
+        lab_factory, tmp_path: Path) -> None:
+    """docs/ha.md, "Takeover": the same-node double takeover. A relayed stream bound by r1 moves to r2
+    (hard failure) and back (failback). Then r2's processor and conntrackd are stopped (SIGSTOP) and
+    r1's keepalived killed: r2 becomes master but its processor pushes nothing; r1's new keepalived
+    enters backup, its notify flushes r1's table and its resync finds no answer, so r1's processor
+    lets the flow's binding go. r2's conntrackd goes on (its bulk send gives r1 the entries back),
+    and r1, master again after the preempt delay, takes the flow over under a new id of its own with
+    r2 never having pushed it: the gateway moves the flow (r1 to r1), it does not replace it, and the
+    stream arrives intact."""
+    lab = lab_factory("ha")
+    pair = Pair(lab, tmp_path, advert=0.3, preempt=3.0, ag=True)
+    stopped: list[int] = []
+    relay_sock = tmp_path / "ag" / "run" / "gateway-relay.sock"
+
+    def bindings(node: str) -> int:
+        return pair.status(node)["processors"]["processor-0"]["flows"]
+
+    def legs(node: str) -> int:
+        out = lab.run(node, ["conntrack", "-L", "-p", "tcp", "--mark", "0x10000/0x10000"], check=False).stdout
+        return sum(1 for line in out.splitlines() if line.startswith("tcp") and "ESTABLISHED" in line)
+
+    try:
+        serve(lab)
+        start = time.monotonic()
+        flow = stream(lab, 60, 4.0, port=RELAYED_PORT)
+        events = []
+
+        def at(name: str) -> None:
+            events.append((round(time.monotonic() - start, 2), name))
+
+        wait_for(lambda: bindings("r1") == 1, timeout=10, interval=0.05, what="r1 to bind the relayed stream")
+        pair.links("r1", "down")
+        wait_master(pair, "r2", timeout=15)
+        wait_for(lambda: taken_over(pair, "r2") >= 1, timeout=10, interval=0.1, what="r2 to take the stream over")
+        at("r2 took the stream over")
+        pair.links("r1", "up")
+        wait_master(pair, "r1", timeout=30)
+        wait_for(lambda: taken_over(pair, "r1", "takeovers") >= 2, timeout=10, interval=0.1, what="r1 to take over")
+        at("failback: r1 took the stream over")
+        r2 = {p["name"]: p["pid"] for p in pair.status("r2")["processes"]}
+        for name in ("processor-0", "conntrackd"):
+            os.kill(r2[name], signal.SIGSTOP)
+            stopped.append(r2[name])
+        pair.kill_keepalived("r1")
+        at("r2's processor and conntrackd stopped; kill -9 keepalived on r1")
+        wait_for(lambda: pair.vrrp("r1") == "backup" and bindings("r1") == 0, timeout=15, interval=0.05,
+                 what="r1 in backup to let the stream's binding go")
+        at("r1 backup, the binding let go")
+        os.kill(r2["conntrackd"], signal.SIGCONT)
+        stopped.remove(r2["conntrackd"])
+        wait_for(lambda: legs("r1") >= 2, timeout=10, interval=0.05, what="r2's bulk send to give r1 the legs back")
+        at("r1 has the legs again")
+        wait_master(pair, "r1", timeout=30)
+        wait_for(lambda: taken_over(pair, "r1", "takeovers") >= 3 and bindings("r1") == 1, timeout=10,
+                 interval=0.05, what="r1 to take the stream over again")
+        at("r1 master, took the stream over again")
+        os.kill(r2["processor-0"], signal.SIGCONT)
+        stopped.remove(r2["processor-0"])
+        got = result(flow, timeout=120)
+        layer = ask(relay_sock, {"cmd": "stats"})["layer"]
+        print(f"\nha, same-node double takeover: ok={got['ok']}, longest stall {got['stall']} s; gateway {layer}")
+        for t, name in events:
+            print(f"  {t:7.2f} s  {name}")
+        assert got["ok"], got
+        assert layer.get("flows.moved.same_node", 0) >= 1 and layer.get("flows.replaced", 0) == 0, layer
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
         pair.stop()
 
 
