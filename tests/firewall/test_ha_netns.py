@@ -11,8 +11,8 @@ tcp-relay and FTP flows through the gateways' own host (docs/ha.md, "The AG
 host"), and with a 60 s RTP stream whose copies on the backup only the
 master's UDP refresh keeps alive past 30 s (docs/ha.md, "UDP refresh").
 Two more: keepalived killed with SIGKILL restarts at the first try and never
-runs twice, and a node that takes a moved flow over again under a new id
-of its own (its peer's processor stopped) moves it at the gateway.
+runs twice, and a node that takes its flows over again before its peer
+(its processor stopped) pushed them keeps them at the gateway.
 """
 
 from __future__ import annotations
@@ -418,16 +418,18 @@ def test_gateway_flows_through_the_ag_host_survive_failover_kill9_and_failback(l
         pair.stop()
 
 
-def test_a_node_that_takes_a_moved_flow_over_again_under_a_new_id_moves_it_at_the_gateway(
+def test_a_node_that_takes_its_flows_over_again_before_the_peer_pushed_them_keeps_them(
         lab_factory, tmp_path: Path) -> None:
-    """docs/ha.md, "Takeover": the same-node double takeover. A relayed stream bound by r1 moves to r2
-    (hard failure) and back (failback). Then r2's processor and conntrackd are stopped (SIGSTOP) and
-    r1's keepalived killed: r2 becomes master but its processor pushes nothing; r1's new keepalived
-    enters backup, its notify flushes r1's table and its resync finds no answer, so r1's processor
-    lets the flow's binding go. r2's conntrackd goes on (its bulk send gives r1 the entries back),
-    and r1, master again after the preempt delay, takes the flow over under a new id of its own with
-    r2 never having pushed it: the gateway moves the flow (r1 to r1), it does not replace it, and the
-    stream arrives intact."""
+    """docs/ha.md, "Takeover": a node that lets go of its flows as it steps back and takes them over
+    again before the peer pushed them. A relayed stream bound by r1 moves to r2 (hard failure) and
+    back (failback); a second one starts after the failback (r1's, never moved). Then r2's processor
+    and conntrackd are stopped (SIGSTOP) and r1's keepalived killed: r2 becomes master but its
+    processor pushes nothing; r1's new keepalived enters backup, its notify flushes r1's table and
+    its resync finds no answer, so r1's processor lets both bindings go. r2's conntrackd goes on (its
+    bulk send gives r1 the legs back), and r1, master again after the preempt delay, takes both over
+    under the flow ids it had: the gateway replaces neither, and both streams arrive intact. Under
+    new ids the gateway replaced the never-moved one (its connection reset: seen before the
+    processor kept the ids) and moved the other (0ee3ed0; before it, that one was reset too)."""
     lab = lab_factory("ha")
     pair = Pair(lab, tmp_path, advert=0.3, preempt=3.0, ag=True)
     stopped: list[int] = []
@@ -443,7 +445,7 @@ def test_a_node_that_takes_a_moved_flow_over_again_under_a_new_id_moves_it_at_th
     try:
         serve(lab)
         start = time.monotonic()
-        flow = stream(lab, 60, 4.0, port=RELAYED_PORT)
+        moved = stream(lab, 60, 4.0, port=RELAYED_PORT)
         events = []
 
         def at(name: str) -> None:
@@ -458,32 +460,35 @@ def test_a_node_that_takes_a_moved_flow_over_again_under_a_new_id_moves_it_at_th
         wait_master(pair, "r1", timeout=30)
         wait_for(lambda: taken_over(pair, "r1", "takeovers") >= 2, timeout=10, interval=0.1, what="r1 to take over")
         at("failback: r1 took the stream over")
+        fresh = stream(lab, 32, 4.0, port=RELAYED_PORT)  # r1's own, never moved
+        wait_for(lambda: bindings("r1") == 2, timeout=10, interval=0.05, what="r1 to bind the second stream")
         r2 = {p["name"]: p["pid"] for p in pair.status("r2")["processes"]}
         for name in ("processor-0", "conntrackd"):
             os.kill(r2[name], signal.SIGSTOP)
             stopped.append(r2[name])
         pair.kill_keepalived("r1")
-        at("r2's processor and conntrackd stopped; kill -9 keepalived on r1")
+        at("second stream bound by r1; r2's processor and conntrackd stopped; kill -9 keepalived on r1")
         wait_for(lambda: pair.vrrp("r1") == "backup" and bindings("r1") == 0, timeout=15, interval=0.05,
-                 what="r1 in backup to let the stream's binding go")
-        at("r1 backup, the binding let go")
+                 what="r1 in backup to let both bindings go")
+        at("r1 backup, both bindings let go")
         os.kill(r2["conntrackd"], signal.SIGCONT)
         stopped.remove(r2["conntrackd"])
-        wait_for(lambda: legs("r1") >= 2, timeout=10, interval=0.05, what="r2's bulk send to give r1 the legs back")
+        wait_for(lambda: legs("r1") >= 4, timeout=10, interval=0.05, what="r2's bulk send to give r1 the legs back")
         at("r1 has the legs again")
         wait_master(pair, "r1", timeout=30)
-        wait_for(lambda: taken_over(pair, "r1", "takeovers") >= 3 and bindings("r1") == 1, timeout=10,
-                 interval=0.05, what="r1 to take the stream over again")
-        at("r1 master, took the stream over again")
+        wait_for(lambda: taken_over(pair, "r1", "takeovers") >= 3 and bindings("r1") == 2, timeout=10,
+                 interval=0.05, what="r1 to take both streams over again")
+        at("r1 master, took both over again")
         os.kill(r2["processor-0"], signal.SIGCONT)
         stopped.remove(r2["processor-0"])
-        got = result(flow, timeout=120)
+        got = [result(s, timeout=120) for s in (moved, fresh)]
         layer = ask(relay_sock, {"cmd": "stats"})["layer"]
-        print(f"\nha, same-node double takeover: ok={got['ok']}, longest stall {got['stall']} s; gateway {layer}")
+        print(f"\nha, a node takes its flows over again before the peer pushed them: "
+              f"{[(g['ok'], g['stall']) for g in got]}; gateway {layer}")
         for t, name in events:
             print(f"  {t:7.2f} s  {name}")
-        assert got["ok"], got
-        assert layer.get("flows.moved.same_node", 0) >= 1 and layer.get("flows.replaced", 0) == 0, layer
+        assert all(g["ok"] for g in got), got
+        assert layer.get("flows.replaced", 0) == 0, layer
     finally:
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
