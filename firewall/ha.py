@@ -23,6 +23,10 @@ in the shared poc (ha-conntrackd), seen on this kernel:
   node, so the two nodes of a netns lab run side by side.
 - keepalived's sync group moves all virtual addresses together, and each
   instance advertises by unicast to the peer's own address.
+- A killed keepalived's VRRP child outlives it by about a second, holding
+  its pid file: ``nfgate run`` starts keepalived again only once
+  ``keepalived_leftovers`` is empty, and one ``nfgate run`` runs a node
+  (``node_lock``).
 """
 
 from __future__ import annotations
@@ -312,15 +316,65 @@ def daemons(config: Config, node: str, config_dir: Path | None = None) -> dict[s
         "conntrackd": [_tool("conntrackd"), "-C", str(p.conntrackd)],
         # -n: stay in the foreground; -P: VRRP alone; -l -D: log to the console, with details.
         "keepalived": [_tool("keepalived"), "-n", "-l", "-D", "-P", "-f", str(p.keepalived),
-                       "-p", f"{p.run('keepalived')}.pid", "-r", f"{p.run('keepalived-vrrp')}.pid",
-                       "-c", f"{p.run('keepalived-checkers')}.pid"],
+                       *(arg for flag, path in zip(("-p", "-r", "-c"), pid_files(p)) for arg in (flag, str(path)))],
     }
 
 
+def pid_files(p: Paths) -> tuple[Path, ...]:
+    """keepalived's pid files: its parent's, its VRRP child's and its checker child's (-p, -r, -c)."""
+    return tuple(Path(f"{p.run(name)}.pid") for name in ("keepalived", "keepalived-vrrp", "keepalived-checkers"))
+
+
 def stale_files(config: Config, node: str) -> list[Path]:
-    """What a daemon killed by SIGKILL leaves that would stop its successor (conntrackd's lock and socket)."""
+    """What conntrackd killed by SIGKILL leaves that would stop its successor (its lock and socket)."""
     p = paths(_require(config), node)
     return [Path(f"{p.run('conntrackd')}.lock"), Path(f"{p.run('conntrackd')}.ctl")]
+
+
+def keepalived_stale_files(config: Config, node: str) -> list[Path]:
+    """keepalived's pid files, removed before each start once ``keepalived_leftovers`` is empty: a
+    start refuses ("daemon is already running", exit 0) while a file names a pid that exists, and a
+    pid that exists may be a zombie (a VRRP child killed with its parent) or another process's now."""
+    return list(pid_files(paths(_require(config), node)))
+
+
+def runs_keepalived(cmdline: bytes, conf: Path) -> bool:
+    """Whether ``/proc/PID/cmdline`` is a keepalived reading ``conf`` (2.2's children keep the parent's)."""
+    argv = cmdline.rstrip(b"\0").split(b"\0")
+    return os.path.basename(argv[0]).startswith(b"keepalived") and any(
+        flag == b"-f" and value == os.fsencode(conf) for flag, value in zip(argv, argv[1:]))
+
+
+def _live(pid: int) -> bytes | None:
+    """The cmdline of ``pid`` if it runs (a zombie does not: its cmdline is empty), else None."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes() or None
+    except OSError:
+        return None
+
+
+def keepalived_leftovers(config: Config, node: str) -> list[int]:
+    """The live keepalived processes of this node that its pid files name: what an earlier keepalived
+    left. A parent killed with SIGKILL leaves its VRRP child, which its death signal tells to stop: it
+    sends priority 0, removes the addresses and exits about a second later, holding its pid file till
+    then, so a successor started meanwhile would refuse. Only this node's nfgate run starts them (its
+    node lock, ``node_lock``), so what runs this node's keepalived.conf from these files is a leftover."""
+    p = paths(_require(config), node)
+    found: list[int] = []
+    for path in pid_files(p):
+        try:
+            pid = int(path.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        cmdline = _live(pid) if pid > 0 and pid not in found else None
+        if cmdline is not None and runs_keepalived(cmdline, p.keepalived):
+            found.append(pid)
+    return found
+
+
+def node_lock(config: Config, node: str) -> Path:
+    """The lock an ``nfgate run`` holds for its node: one runs a node's daemons, whatever its state directory."""
+    return Path(f"{paths(_require(config), node).run('nfgate')}.lock")
 
 
 def local_node(config: Config, addresses: set[Any]) -> str:

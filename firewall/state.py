@@ -67,6 +67,16 @@ class AlreadyRunning(KernelError):
         super().__init__(f"nfgate (run or gateways) is already running here ({who}, lock {path}): stop it, or use nfgate reload")
 
 
+class NodeTaken(AlreadyRunning):
+    """[ha]: another ``nfgate run`` (another config copy, another state directory) runs this node's daemons."""
+
+    def __init__(self, pid: int | None, path: Path):
+        KernelError.__init__(self, f"this node's keepalived and conntrackd are run by another nfgate run "
+                                   f"({f'pid {pid}' if pid else 'another process'}, lock {path}): "
+                                   "one nfgate run per node of the pair")
+        self.pid = pid
+
+
 def _pid_in(path: Path) -> int | None:
     try:
         return int(path.read_text().strip() or 0) or None
@@ -75,10 +85,13 @@ def _pid_in(path: Path) -> int | None:
 
 
 class Lock:
-    """The run lock, held for the life of the supervisor (the file descriptor is not inherited)."""
+    """An ``flock`` held for the life of the supervisor (the file descriptor is not inherited): the run
+    lock (``run_lock``), and with [ha] the node's (``firewall.ha.node_lock``). ``refusal`` is raised,
+    with the holder's pid, when another process holds it."""
 
-    def __init__(self, config: Config):
-        self.path = ensure(config) / LOCK
+    def __init__(self, path: Path, refusal: Callable[[int | None, Path], KernelError] = AlreadyRunning):
+        self.path = path
+        self.refusal = refusal
         self.fd: int | None = None
 
     def acquire(self) -> None:
@@ -87,7 +100,7 @@ class Lock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise AlreadyRunning(_pid_in(self.path), self.path) from None
+            raise self.refusal(_pid_in(self.path), self.path) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
@@ -97,6 +110,10 @@ class Lock:
             os.ftruncate(self.fd, 0)
             os.close(self.fd)
             self.fd = None
+
+
+def run_lock(config: Config) -> Lock:
+    return Lock(ensure(config) / LOCK)
 
 
 def running_pid(config: Config) -> int | None:

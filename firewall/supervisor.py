@@ -32,10 +32,12 @@ gateways`` on the AG host is this supervisor with ``role = GATEWAYS``: the
 key, the manifests and step 5 alone, no rules, no link, no daemons of the pair.
 
 Before all of it, the run lock (``firewall.state``): a second ``run``
-refuses and names the first one's pid; a predecessor killed with SIGKILL
-left its processors and gateways running, and they are stopped (found by
-the pid file); the blind track it left is replaced. A gateway namespace
-nfgate did not create is refused, never entered.
+refuses and names the first one's pid (with [ha], a second one for the same
+node from another state directory too: the node lock, ``ha.node_lock``); a
+predecessor killed with SIGKILL left its processors and gateways running,
+and they are stopped (found by the pid file); the blind track it left is
+replaced. A gateway namespace nfgate did not create is refused, never
+entered.
 
 The loop is single-threaded: signals (SIGCHLD, SIGTERM, SIGINT, SIGHUP)
 wake it through ``signal.set_wakeup_fd``; the control socket
@@ -104,6 +106,7 @@ from gateways.kinds import KINDS
 
 CLIENT_TIMEOUT = 1.0  # seconds a control-socket client gets to send its request, and to read the answer
 LIVE_RETRY = 0.05  # seconds between tries to tell a processor (one that is starting) which workers are live
+HOLD_POLL = 0.05  # seconds between looks at what a child's earlier run left, before it starts again
 PROCESSOR_TIMEOUT = 1.0  # seconds a processor's control socket gets to answer
 REQUEST_MAX = 4096  # bytes of one control request
 NOTIFY_SOCKET = "notify.sock"  # the children's NOTIFY_SOCKET, in the state directory
@@ -131,6 +134,12 @@ class Child:
     next_start: float | None = None
     last_exit: int | None = None
     stale: tuple[Path, ...] = ()  # files a killed predecessor leaves that would stop it: removed before each start
+    # The live processes an earlier run of it left (keepalived's VRRP child, shutting down after its parent
+    # was killed): each start waits for them to exit, and kills them after supervisor.stop_timeout.
+    leftovers: Callable[[], list[int]] | None = None
+    held_until: float | None = None  # waiting for leftovers: when they are killed
+    # Run after each exit, however it died (keepalived's records the node as fault); returns what it did.
+    on_exit: Callable[[], str] | None = None
 
     @property
     def running(self) -> bool:
@@ -173,11 +182,21 @@ ROUTER, GATEWAYS = "router", "gateways"  # what a supervisor runs: nfgate run, n
 
 def ha_children(config: Config, node: str) -> list[Child]:
     """With [ha], this node's conntrackd then keepalived (docs/ha.md): started first, in the
-    foreground, restarted like any child; conntrackd's lock and socket left by a SIGKILL go first."""
+    foreground, restarted like any child; conntrackd's lock and socket left by a SIGKILL go first,
+    and keepalived's pid files once no process of an earlier keepalived runs."""
     daemons = ha.daemons(config, node)
+
+    def keepalived_gone() -> str:
+        # Killed, keepalived runs no notify script: its state file would still say primary while
+        # its dying VRRP process gives the addresses up, and the processors would act as master
+        # beside the peer. A node without keepalived is not master (docs/ha.md).
+        ha.record_state(config, node, "fault")
+        return "node recorded as fault until its next transition"
+
     return [
         Child("conntrackd", "ha", daemons["conntrackd"], notifies=False, stale=tuple(ha.stale_files(config, node))),
-        Child("keepalived", "ha", daemons["keepalived"], notifies=False),
+        Child("keepalived", "ha", daemons["keepalived"], notifies=False, stale=tuple(ha.keepalived_stale_files(config, node)),
+              leftovers=lambda: ha.keepalived_leftovers(config, node), on_exit=keepalived_gone),
     ]
 
 
@@ -265,7 +284,8 @@ class Supervisor:
         self.stopping = False
         self.reload_wanted = False
         self.control: ControlServer[Supervisor] | None = None
-        self.lock = state.Lock(config)
+        self.lock = state.run_lock(config)
+        self.node_lock = None if self.ha_node is None else state.Lock(ha.node_lock(config, self.ha_node), state.NodeTaken)
         self._installed: list[str] = []
         self._sel: selectors.BaseSelector | None = None
         self._tell: set[str] = set()  # processors not yet told the live workers
@@ -282,14 +302,25 @@ class Supervisor:
     # -- bringing up --------------------------------------------------------
 
     def claim(self) -> None:
-        """Take the run lock; stop what a killed predecessor left. Changes nothing else."""
+        """Take the run lock (with [ha], the node's too); stop what a killed predecessor left. Changes nothing else."""
         cfg = self.config
         self.lock.acquire()
-        foreign = state.foreign_netns(cfg) if self.role == ROUTER else None
-        if foreign is not None:
-            self.lock.release()
-            raise UsageError(f"gateway_link.netns: {foreign}")
+        try:
+            if self.node_lock is not None:
+                self.node_lock.path.parent.mkdir(parents=True, exist_ok=True)
+                self.node_lock.acquire()  # another config's nfgate run for this node: no second keepalived
+            foreign = state.foreign_netns(cfg) if self.role == ROUTER else None
+            if foreign is not None:
+                raise UsageError(f"gateway_link.netns: {foreign}")
+        except BaseException:
+            self._release()
+            raise
         state.stop_orphans(cfg, cfg.supervisor.stop_timeout, self.log)
+
+    def _release(self) -> None:
+        if self.node_lock is not None:
+            self.node_lock.release()
+        self.lock.release()
 
     def setup(self) -> None:
         cfg = self.config
@@ -346,6 +377,8 @@ class Supervisor:
         return env
 
     def _start(self, child: Child, now: float) -> None:
+        if self._held(child, now):
+            return
         child.next_start = None
         child.ready = not child.notifies
         for path in child.stale:
@@ -374,6 +407,30 @@ class Supervisor:
         self.log(f"{child.name}: started, pid {child.proc.pid}")
         self._record_children()
 
+    def _held(self, child: Child, now: float) -> bool:
+        """Whether the child's start waits for what its earlier run left (``Child.leftovers``): it
+        would refuse to start beside them, or run twice. Polled every HOLD_POLL; after
+        ``supervisor.stop_timeout`` they are killed."""
+        pids = child.leftovers() if child.leftovers is not None else []
+        if not pids:
+            child.held_until = None
+            return False
+        timeout = self.config.supervisor.stop_timeout
+        if child.held_until is None:
+            child.held_until = now + timeout
+            self.log(f"{child.name}: waiting for pid {', '.join(map(str, pids))} of its earlier run to exit")
+        elif now >= child.held_until:
+            self.warn(f"{child.name}: pid {', '.join(map(str, pids))} of its earlier run still there "
+                      f"{timeout:.0f}s on: killing")
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            child.held_until = now + timeout
+        child.next_start = now + HOLD_POLL
+        return True
+
     # -- workers: readiness, death, and telling the processors ----------------
 
     def _watched_workers(self) -> list[Child]:
@@ -388,7 +445,10 @@ class Supervisor:
                     pass
             os.close(child.ready_fd)
             child.ready_fd = None
-        self._set_ready(child, False)
+        if child.watched:
+            self._set_ready(child, False)  # the processors learn of it
+        else:
+            child.ready = False
 
     def _on_ready(self, child: Child) -> None:
         """The worker's pipe: ``ready`` once it listens; end of file when it exits, however."""
@@ -467,12 +527,8 @@ class Supervisor:
             child.restarts += 1
             child.ready = False
             self.log(f"{child.name}: exited with {code}", logging.ERROR)
-            if child.name == "keepalived" and self.ha_node is not None and self.config.ha is not None:
-                # Killed, keepalived runs no notify script: its state file would still say primary
-                # while its dying VRRP process gives the addresses up, and the processors would act as
-                # master beside the peer. A node without keepalived is not master (docs/ha.md).
-                ha.record_state(self.config, self.ha_node, "fault")
-                self.log("keepalived: gone: node recorded as fault until its next transition")
+            if child.on_exit is not None:
+                self.log(f"{child.name}: gone: {child.on_exit()}")
             self._schedule(child, now)
 
     # -- the loop -------------------------------------------------------------
@@ -516,7 +572,7 @@ class Supervisor:
             try:
                 self.stop()
             finally:
-                self.lock.release()
+                self._release()
             sel.close()
             rfd.close()
             wfd.close()
@@ -610,6 +666,9 @@ class Supervisor:
             if new.ha is None or self.ha_node not in new.ha.nodes:
                 raise UsageError(f"[ha] no longer names this node {self.ha_node}: restart nfgate run")
             new = new.for_node(self.ha_node)
+            if old.ha is not None and new.ha.run_dir != old.ha.run_dir:
+                raise UsageError("ha.run_dir changed: a running nfgate cannot move it (its node lock and its daemons' "
+                                 "pid files are there); restart nfgate run to use the new one")
         for key in ("gateway_link", "supervisor.control_socket"):
             before, after = old, new
             for part in key.split("."):

@@ -183,6 +183,10 @@ class ProcessorCore:
         # script's state file): the bindings the node loses then (its table flushed as it
         # steps back) go on at the peer, so their gateways are not told they ended (docs/ha.md).
         self.standby = False
+        # The flow ids of the bindings it lost meanwhile, by client tuple: should it take one over
+        # again (``adopt``), it is the same flow under the same id to its gateway, not a new one
+        # that would replace it (and close its connection). Cleared at each takeover.
+        self._let_go: dict[int, int] = {}
         self._route = route
         self._ifname = ifname
         self.local_addresses = local_addresses
@@ -643,8 +647,9 @@ class ProcessorCore:
             return f"drop.refused.{b.name.lower()}"
         return b
 
-    def _register(self, b: Binding, push: bool = True) -> int:
-        fid = make_flow_id(self.queue, next(self._serial))
+    def _register(self, b: Binding, push: bool = True, fid: int | None = None) -> int:
+        if fid is None:
+            fid = make_flow_id(self.queue, next(self._serial))
         self._flows[fid] = b
         self._flow_of[b.client_key] = fid
         if not push:
@@ -677,6 +682,8 @@ class ProcessorCore:
         del self._flow_of[b.client_key]
         self.table.remove(b)
         self.counters[f"flows.ended.{reason.name.lower()}"] += 1
+        if self.standby and self.peer_pool is not None:
+            self._let_go[b.client_key] = fid  # the peer carries it on (docs/ha.md, "Takeover")
         self.send(FlowEnd(fid, reason), b.gateway.peer or self.gateway_peers[b.gateway.name])
         self._rules_after(fid, reason)
 
@@ -850,6 +857,10 @@ class ProcessorCore:
         copied their entries), and of this node's own that it let go of when it
         stepped back; then every binding it holds is pushed (NEW_FLOW) under its
         flow id here, so that the gateways ask this node about them from now on.
+        A binding it let go of while standby gets the flow id it had (``_let_go``):
+        its gateway knows the flow by it, and a new id would make it a new flow
+        on the tuple there (replaced, its connection closed) unless the peer had
+        pushed it meanwhile.
         Log-only flows are not taken over.
         """
         agents = self.policy.agents
@@ -914,13 +925,15 @@ class ProcessorCore:
                     self.snat_pools.release(*seen_as)
                 self.counters["conntrack.adopt_conflict"] += 1
                 continue
-            self._register(b, push=False)
+            # One it let go of keeps its flow id (``_let_go``).
+            self._register(b, push=False, fid=self._let_go.pop(b.client_key, None) if takeover else None)
             adopted += 1
         if not takeover:
             self.counters["flows.adopted"] += adopted
             return adopted
         self.counters["flows.taken_over"] += adopted
         self.counters["takeovers"] += 1
+        self._let_go.clear()  # what it did not find again ended at the peer
         for fid, b in self._flows.items():
             self._push(b.info(fid), b.gateway.name, b.gateway.peer)
         return adopted

@@ -697,6 +697,8 @@ class LayerCore:
                 return out
             if _moved(old, flow) and flow.flow_id not in self._by_id:
                 self.counters["flows.moved"] += 1
+                if flow_id_node(old.flow.flow_id) == flow_id_node(flow.flow_id):
+                    self.counters["flows.moved.same_node"] += 1  # taken over again by the node that held it
                 out += self._rules_left_behind(old.flow.flow_id, old.sender)
                 if self._by_id.get(old.flow.flow_id) == key:
                     del self._by_id[old.flow.flow_id]

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from firewall import ha
 from firewall.control import ask
 from firewall.lab.wait import wait_for
 from firewall.signalling import load_or_create_key
@@ -272,6 +273,21 @@ class Pair:
         child = next(p for p in self.status(node)["processes"] if p["name"] == "keepalived")
         os.kill(child["pid"], signal.SIGKILL)
         return child["pid"]
+
+    def keepalived_tree(self, node: str) -> dict[int, int]:
+        """pid -> parent pid of every process running the node's keepalived.conf, anywhere on the host;
+        each must be in the node's namespace."""
+        conf = self.tmp / "ha" / node / "keepalived.conf"
+        netns = os.stat(f"/run/netns/{self.lab.ns(node)}").st_ino
+        tree = {}
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and ha.runs_keepalived((entry / "cmdline").read_bytes(), conf):
+                    assert os.stat(entry / "ns" / "net").st_ino == netns, f"keepalived pid {entry.name} outside {node}"
+                    tree[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # gone meanwhile
+        return tree
 
     def stop(self) -> None:
         for node, proc in self.procs.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from ipaddress import ip_address
 from pathlib import Path
@@ -87,7 +88,8 @@ def test_a_pair_without_gateways_starts_its_daemons_and_no_processor(tmp_path: P
 
 def test_a_killed_keepalived_leaves_the_node_recorded_as_fault_not_primary(tmp_path: Path, monkeypatch) -> None:
     """kill -9 of keepalived runs no notify script while its VRRP process gives the addresses up: the
-    supervisor records fault, so the processors stop acting as master until the next transition."""
+    supervisor records fault (keepalived's exit hook), so the processors stop acting as master until
+    the next transition."""
     import subprocess as sp
 
     from firewall import supervisor
@@ -95,17 +97,102 @@ def test_a_killed_keepalived_leaves_the_node_recorded_as_fault_not_primary(tmp_p
     cfg = load(tmp_path)
     ha.record_state(cfg, "r1", "primary")
     assert ha.read_state(cfg, "r1")["vrrp"] == "primary"
-    children = [supervisor.Child("keepalived", "ha", ["true"]), supervisor.Child("conntrackd", "ha", ["true"])]
-    sup = supervisor.Supervisor(cfg, "x.toml", children=children, log=lambda line: None)
-    children[1].proc = sp.Popen(["true"])
-    children[1].proc.wait()
-    sup._reap(now=1.0)
-    assert ha.read_state(cfg, "r1")["vrrp"] == "primary"  # conntrackd's death changes nothing of VRRP
+    children = supervisor.ha_children(cfg, "r1")
+    assert [c.name for c in children] == ["conntrackd", "keepalived"] and children[0].on_exit is None
+    lines: list[str] = []
+    sup = supervisor.Supervisor(cfg, "x.toml", children=children, log=lines.append)
     children[0].proc = sp.Popen(["true"])
     children[0].proc.wait()
+    sup._reap(now=1.0)
+    assert ha.read_state(cfg, "r1")["vrrp"] == "primary"  # conntrackd's death changes nothing of VRRP
+    children[1].proc = sp.Popen(["true"])
+    children[1].proc.wait()
     sup._reap(now=2.0)
     state = ha.read_state(cfg, "r1")
     assert state["vrrp"] == "fault" and state["transitions"] == 2, state
+    assert "keepalived: gone: node recorded as fault until its next transition" in lines
+
+
+def test_keepalived_is_known_by_its_name_and_its_config_file() -> None:
+    conf = Path("/run/ha/r1/keepalived.conf")
+    argv = [b"/usr/sbin/keepalived", b"-n", b"-P", b"-f", bytes(conf), b"-p", b"/run/x.pid"]
+    assert ha.runs_keepalived(b"\0".join(argv) + b"\0", conf)
+    assert not ha.runs_keepalived(b"\0".join(argv) + b"\0", Path("/run/ha/r2/keepalived.conf"))  # the other node's
+    assert not ha.runs_keepalived(b"\0".join([b"/usr/bin/python3", *argv[1:]]) + b"\0", conf)  # a reused pid
+    assert not ha.runs_keepalived(b"\0".join([argv[0], bytes(conf)]) + b"\0", conf)  # no -f before it
+    assert not ha.runs_keepalived(b"", conf)
+
+
+def test_keepalived_leftovers_are_the_live_processes_its_pid_files_name_that_run_the_nodes_config(tmp_path: Path) -> None:
+    """What a killed keepalived left (its VRRP child) holds the start of the next back; a pid file
+    naming a zombie, a process that reused the pid, or the other node's keepalived does not."""
+    import subprocess as sp
+    import sys
+
+    cfg = load(tmp_path)
+    p = ha.paths(cfg.ha, "r1")  # type: ignore[arg-type]
+    parent, vrrp, checkers = ha.pid_files(p)
+    assert ha.daemons(cfg, "r1")["keepalived"][-6:] == ["-p", str(parent), "-r", str(vrrp), "-c", str(checkers)]
+    assert ha.keepalived_stale_files(cfg, "r1") == [parent, vrrp, checkers]
+    p.run_dir.mkdir(parents=True)
+    fake = tmp_path / "bin" / "keepalived"  # a process whose argv[0] is keepalived, as its children's are
+    fake.parent.mkdir()
+    fake.symlink_to(sys.executable)
+    sleep = "import time; time.sleep(60)"
+    mine = sp.Popen([str(fake), "-c", sleep, "-f", str(p.keepalived)])
+    other = sp.Popen([str(fake), "-c", sleep, "-f", str(ha.paths(cfg.ha, "r2").keepalived)])  # type: ignore[arg-type]
+    zombie = sp.Popen([str(fake), "-c", "pass", "-f", str(p.keepalived)])
+    try:
+        assert ha.keepalived_leftovers(cfg, "r1") == []  # no pid file
+        parent.write_text("garbage\n")
+        vrrp.write_text(f"{mine.pid}\n")
+        checkers.write_text(f"{mine.pid}\n")  # named twice, counted once
+        assert ha.keepalived_leftovers(cfg, "r1") == [mine.pid]
+        os.waitid(os.P_PID, zombie.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped: a zombie
+        for pid in (other.pid, os.getpid(), zombie.pid):
+            parent.write_text(f"{pid}\n")
+            assert ha.keepalived_leftovers(cfg, "r1") == [mine.pid], pid
+        mine.kill()
+        mine.wait()
+        assert ha.keepalived_leftovers(cfg, "r1") == []
+    finally:
+        for proc in (mine, other, zombie):
+            proc.kill()
+            proc.wait()
+
+
+def test_a_second_nfgate_run_for_the_same_node_is_refused_whatever_its_state_directory(tmp_path: Path, monkeypatch) -> None:
+    """Two supervisors of one node would each start keepalived and conntrackd (and remove the
+    other's pid files and lock as stale): the node lock in ``ha.run_dir`` refuses the second."""
+    from firewall import state, supervisor
+    cfg = load(tmp_path)
+    second = cfg.model_copy(update={"supervisor": cfg.supervisor.model_copy(
+        update={"control_socket": tmp_path / "elsewhere" / "control.sock"})})
+    monkeypatch.setattr(supervisor, "local_node", lambda c: "r1")
+    first = supervisor.Supervisor(cfg, "x.toml", children=[], log=lambda line: None)
+    first.claim()
+    try:
+        with pytest.raises(state.NodeTaken, match=f"pid {os.getpid()}.*one nfgate run per node"):
+            supervisor.Supervisor(second, "y.toml", children=[], log=lambda line: None).claim()
+        assert state.running_pid(second) is None  # the refused one let its own run lock go
+        monkeypatch.setattr(supervisor, "local_node", lambda c: "r2")
+        other = supervisor.Supervisor(second, "y.toml", children=[], log=lambda line: None)
+        other.claim()  # the other node, as in the lab: both on one host
+        other._release()
+    finally:
+        first._release()
+    assert ha.node_lock(cfg, "r1") == tmp_path / "run" / "nfgate-r1.lock"
+
+
+def test_a_reload_cannot_move_the_run_dir_that_holds_the_node_lock(tmp_path: Path, monkeypatch) -> None:
+    from firewall import supervisor
+    monkeypatch.setattr(supervisor, "local_node", lambda c: "r1")
+    path = tmp_path / "nfgate.toml"
+    path.write_text(BASE.format(tmp=tmp_path))
+    sup = supervisor.Supervisor(config.load(str(path)), str(path), children=[], log=lambda line: None)
+    path.write_text(BASE.format(tmp=tmp_path).replace(f'run_dir = "{tmp_path}/run"', f'run_dir = "{tmp_path}/run2"'))
+    with pytest.raises(UsageError, match="ha.run_dir changed"):
+        sup.reload()
 
 
 def test_refreshing_every_udp_copy_without_gateways_is_a_hazard(tmp_path: Path) -> None:

@@ -284,6 +284,48 @@ def test_a_takeover_keeps_what_the_node_never_let_go_of_and_pushes_it_again(tmp_
     assert got.message.flow.flow_id == fid and len(r1.table) == 1
 
 
+def test_a_node_that_lets_go_of_its_own_flow_and_takes_it_over_again_keeps_its_flow_id(tmp_path: Path) -> None:
+    """r1 bound a flow (never moved), stepped back (its table flushed: the binding goes, without a
+    FLOW_END) and is master again before r2 pushed the flow: it takes it over under the flow id it
+    had, so the gateway sees the same flow again; under a new id it would take it for a new flow on
+    the tuple and close the connection (seen in the lab with r2's processor stopped). What it let go
+    of and did not find again is forgotten at the takeover."""
+    legs = carried("172.31.254.1")
+    alive = {(6, *c.orig) for c in legs}
+    r1 = node_core(tmp_path, "r1", alive)
+    assert r1.adopt(legs, 100.0) == 1  # its own half, at start
+    fid = next(iter(r1.flows(100.0, 10)))["flow_id"]
+    inst = ProcessorInstances.from_spec(manifests.manifest_for(load(tmp_path), load(tmp_path).gateways[0]).processor)
+    layer = LayerCore(KEY, inst, now=T0 - 1, gateway="relay", query_timeout=0.5, replay_window=5.0)
+    first = replace(flow("172.31.254.1", 3, 0), flow_id=fid)
+    for d in Encoder(KEY, Role.PROCESSOR, sender_id=7).encode_copies(NewFlow(first), T0, 1):
+        layer.receive(d, T0)
+    assert layer.claim(first)
+    r1.take()
+    r1.standby = True
+    alive.clear()
+    for leg in legs:
+        r1.conntrack_destroyed(6, leg.orig, leg.reply, 101.0)
+    r1.tick(101.6, T0 + 1.6)
+    assert len(r1.table) == 0 and r1.take().datagrams == [] and r1.counters["signalling.held.flow_end_standby"] == 1
+    r1.standby = False
+    alive.update((6, *c.orig) for c in legs)  # the resync brought the entries back
+    assert r1.adopt(legs, 102.0, takeover=True) == 1
+    pushes = r1.take().datagrams
+    for push, _ in pushes:
+        assert Guard(KEY, Role.GATEWAY, now=T0 - 1).check(push, T0 + 2).message.flow.flow_id == fid
+        layer.receive(push, T0 + 2)
+    assert "flows.replaced" not in layer.counters and layer.known(flow_key(first)) == first
+    # Let go of again, and not found at the next takeover (it ended at the peer): forgotten.
+    r1.standby = True
+    alive.clear()
+    for leg in legs:
+        r1.conntrack_destroyed(6, leg.orig, leg.reply, 103.0)
+    r1.tick(103.6, T0 + 3.6)
+    r1.standby = False
+    assert r1.adopt([], 104.0, takeover=True) == 0 and r1._let_go == {}
+
+
 def test_a_node_that_takes_a_moved_flow_over_again_under_a_new_id_moves_it_and_closes_nothing(tmp_path: Path) -> None:
     """r2 took r1's flow over; r1 took it back, let go of it when it stepped back (its table flushed)
     and takes it over again under a new id of its own, with r2 never pushing in between (a flap, or
@@ -301,6 +343,7 @@ def test_a_node_that_takes_a_moved_flow_over_again_under_a_new_id_moves_it_and_c
     for t, enc, f in ((0.1, r2, at_r2), (0.2, r1, back), (0.3, r1, again)):
         assert layer.receive(enc.encode(NewFlow(f), T0 + t), T0 + t) == [], f
     assert layer.counters["flows.moved"] == 3 and "flows.replaced" not in layer.counters
+    assert layer.counters["flows.moved.same_node"] == 1  # r1 → r1 again
     out = layer.receive(r1.encode(FlowEnd(again.flow_id, FlowEndReason.FIN), T0 + 0.4), T0 + 0.4)
     assert out == [FlowGone(again, EndCause.FIN, (first.flow_id, at_r2.flow_id, back.flow_id))]
 

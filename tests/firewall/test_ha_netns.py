@@ -10,6 +10,9 @@ address (a packet NATed on one leg only). The AG host tests do the same with
 tcp-relay and FTP flows through the gateways' own host (docs/ha.md, "The AG
 host"), and with a 60 s RTP stream whose copies on the backup only the
 master's UDP refresh keeps alive past 30 s (docs/ha.md, "UDP refresh").
+Two more: keepalived killed with SIGKILL restarts at the first try and never
+runs twice, and a node that takes its flows over again before its peer
+(its processor stopped) pushed them keeps them at the gateway.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from firewall.control import ask
 from firewall.lab.wait import wait_for
 from tests.firewall.ha_harness import AG_PORTS, RELAYED_PORT, REPO, VIP, Pair, result, serve, stream, wait_master
 from tests.gateways.ftp_netns import Vsftpd, make_file, sha256
@@ -114,6 +118,57 @@ def test_a_flow_survives_failover_failback_and_kill9_of_keepalived(lab_factory, 
         scraped = lab.run("r2", ["curl", "-s", "http://127.0.0.1:9469/metrics"]).stdout
         assert 'nfgate_ha_state{node="r2",state="backup"} 1.0' in scraped
         assert 'nfgate_ha_sync_up{node="r2"} 1.0' in scraped and "nfgate_ha_last_failover_timestamp_seconds" in scraped
+    finally:
+        pair.stop()
+
+
+def test_keepalived_killed_with_sigkill_restarts_at_the_first_try_and_never_runs_twice(lab_factory, tmp_path: Path) -> None:
+    """docs/ha.md, "nfgate run supervises both daemons": a kill -9 of keepalived's parent leaves its
+    VRRP child giving the addresses up for about a second, holding its pid file; nfgate run's restart
+    waits for it and holds at the first try (no "already running" exit). A kill -9 of the VRRP child
+    is keepalived's to respawn. A second nfgate run for the node is refused, with the same config or a
+    copy that has its own state directory. After each, one keepalived tree runs r1's config (a parent
+    and its VRRP child, in r1's namespace), and r1 is master again."""
+    lab = lab_factory("ha")
+    pair = Pair(lab, tmp_path, advert=0.3, preempt=1.0)
+    vrrp_pid_file = tmp_path / "ha" / "run" / "keepalived-vrrp-r1.pid"
+
+    def one_tree() -> tuple[int, int]:
+        """(parent, VRRP child) of the one keepalived tree of r1, as its supervisor and pid file name them."""
+        tree = pair.keepalived_tree("r1")
+        parent = next(p for p in pair.status("r1")["processes"] if p["name"] == "keepalived")["pid"]
+        child = int(vrrp_pid_file.read_text())
+        assert tree == {parent: tree.get(parent), child: parent}, (tree, parent, child)
+        return parent, child
+
+    try:
+        parent, child = one_tree()
+        pair.kill_keepalived("r1")
+        wait_master(pair, "r2", timeout=15)  # the VRRP child sent priority 0
+        wait_master(pair, "r1", timeout=30)
+        log = pair.log("r1")
+        assert log.count("keepalived: exited with") == 1 and "keepalived: exited with -9" in log, log[-3000:]
+        assert "already running" not in log, log[-3000:]
+        r1 = next(p for p in pair.status("r1")["processes"] if p["name"] == "keepalived")
+        assert (r1["state"], r1["restarts"]) == ("running", 1), r1
+        new_parent, new_child = one_tree()
+        assert new_parent != parent and new_child != child
+
+        transitions = len((tmp_path / "ha" / "run" / "state-r1.jsonl").read_text().splitlines())
+        os.kill(new_child, signal.SIGKILL)  # keepalived respawns its VRRP child: backup (notified), then primary
+        wait_for(lambda: pair.vrrp("r1") == "primary" and pair.master() == "r1" and len(
+            (tmp_path / "ha" / "run" / "state-r1.jsonl").read_text().splitlines()) >= transitions + 2,
+            timeout=30, interval=0.05, what="r1 master again after its VRRP child was killed")
+        assert one_tree()[0] == new_parent
+        assert next(p for p in pair.status("r1")["processes"] if p["name"] == "keepalived")["restarts"] == 1
+
+        copy = tmp_path / "r1-copy.toml"  # the same node from another state directory
+        copy.write_text(pair.paths["r1"].read_text().replace(f"{tmp_path}/r1/run/", f"{tmp_path}/r1-copy/run/"))
+        for config, refusal in ((pair.paths["r1"], "already running"), (copy, "one nfgate run per node")):
+            second = lab.run("r1", [sys.executable, "-m", "firewall.cli", "run", "-c", str(config), "--backend", "iptables"],
+                             cwd=str(REPO), check=False, timeout=60)
+            assert second.returncode != 0 and refusal in second.stderr, (second.returncode, second.stderr)
+        assert one_tree() == (new_parent, int(vrrp_pid_file.read_text())) and pair.master() == "r1"
     finally:
         pair.stop()
 
@@ -363,6 +418,83 @@ def test_gateway_flows_through_the_ag_host_survive_failover_kill9_and_failback(l
         pair.stop()
 
 
+def test_a_node_that_takes_its_flows_over_again_before_the_peer_pushed_them_keeps_them(
+        lab_factory, tmp_path: Path) -> None:
+    """docs/ha.md, "Takeover": a node that lets go of its flows as it steps back and takes them over
+    again before the peer pushed them. A relayed stream bound by r1 moves to r2 (hard failure) and
+    back (failback); a second one starts after the failback (r1's, never moved). Then r2's processor
+    and conntrackd are stopped (SIGSTOP) and r1's keepalived killed: r2 becomes master but its
+    processor pushes nothing; r1's new keepalived enters backup, its notify flushes r1's table and
+    its resync finds no answer, so r1's processor lets both bindings go. r2's conntrackd goes on (its
+    bulk send gives r1 the legs back), and r1, master again after the preempt delay, takes both over
+    under the flow ids it had: the gateway replaces neither, and both streams arrive intact. Under
+    new ids the gateway replaced the never-moved one (its connection reset: seen before the
+    processor kept the ids) and moved the other (0ee3ed0; before it, that one was reset too)."""
+    lab = lab_factory("ha")
+    pair = Pair(lab, tmp_path, advert=0.3, preempt=3.0, ag=True)
+    stopped: list[int] = []
+    relay_sock = tmp_path / "ag" / "run" / "gateway-relay.sock"
+
+    def bindings(node: str) -> int:
+        return pair.status(node)["processors"]["processor-0"]["flows"]
+
+    def legs(node: str) -> int:
+        out = lab.run(node, ["conntrack", "-L", "-p", "tcp", "--mark", "0x10000/0x10000"], check=False).stdout
+        return sum(1 for line in out.splitlines() if line.startswith("tcp") and "ESTABLISHED" in line)
+
+    try:
+        serve(lab)
+        start = time.monotonic()
+        moved = stream(lab, 60, 4.0, port=RELAYED_PORT)
+        events = []
+
+        def at(name: str) -> None:
+            events.append((round(time.monotonic() - start, 2), name))
+
+        wait_for(lambda: bindings("r1") == 1, timeout=10, interval=0.05, what="r1 to bind the relayed stream")
+        pair.links("r1", "down")
+        wait_master(pair, "r2", timeout=15)
+        wait_for(lambda: taken_over(pair, "r2") >= 1, timeout=10, interval=0.1, what="r2 to take the stream over")
+        at("r2 took the stream over")
+        pair.links("r1", "up")
+        wait_master(pair, "r1", timeout=30)
+        wait_for(lambda: taken_over(pair, "r1", "takeovers") >= 2, timeout=10, interval=0.1, what="r1 to take over")
+        at("failback: r1 took the stream over")
+        fresh = stream(lab, 32, 4.0, port=RELAYED_PORT)  # r1's own, never moved
+        wait_for(lambda: bindings("r1") == 2, timeout=10, interval=0.05, what="r1 to bind the second stream")
+        r2 = {p["name"]: p["pid"] for p in pair.status("r2")["processes"]}
+        for name in ("processor-0", "conntrackd"):
+            os.kill(r2[name], signal.SIGSTOP)
+            stopped.append(r2[name])
+        pair.kill_keepalived("r1")
+        at("second stream bound by r1; r2's processor and conntrackd stopped; kill -9 keepalived on r1")
+        wait_for(lambda: pair.vrrp("r1") == "backup" and bindings("r1") == 0, timeout=15, interval=0.05,
+                 what="r1 in backup to let both bindings go")
+        at("r1 backup, both bindings let go")
+        os.kill(r2["conntrackd"], signal.SIGCONT)
+        stopped.remove(r2["conntrackd"])
+        wait_for(lambda: legs("r1") >= 4, timeout=10, interval=0.05, what="r2's bulk send to give r1 the legs back")
+        at("r1 has the legs again")
+        wait_master(pair, "r1", timeout=30)
+        wait_for(lambda: taken_over(pair, "r1", "takeovers") >= 3 and bindings("r1") == 2, timeout=10,
+                 interval=0.05, what="r1 to take both streams over again")
+        at("r1 master, took both over again")
+        os.kill(r2["processor-0"], signal.SIGCONT)
+        stopped.remove(r2["processor-0"])
+        got = [result(s, timeout=120) for s in (moved, fresh)]
+        layer = ask(relay_sock, {"cmd": "stats"})["layer"]
+        print(f"\nha, a node takes its flows over again before the peer pushed them: "
+              f"{[(g['ok'], g['stall']) for g in got]}; gateway {layer}")
+        for t, name in events:
+            print(f"  {t:7.2f} s  {name}")
+        assert all(g["ok"] for g in got), got
+        assert layer.get("flows.replaced", 0) == 0, layer
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        pair.stop()
+
+
 RTP_PEERS = str(REPO / "tests" / "gateways" / "rtp_peers.py")
 
 
@@ -432,8 +564,11 @@ def test_an_rtp_stream_through_the_ag_host_survives_failover_failback_and_kill9_
         refreshed = counter(pair, "r1", "refresh.updated")
         sent, _ = media.communicate(timeout=90)
         got = json.loads(sink.communicate(timeout=90)[0])
+        layer = ask(tmp_path / "ag" / "run" / "gateway-rtp.sock", {"cmd": "stats"})["layer"]
         print(f"\nha, AG host: RTP at 50 datagrams/s through the rtp gateway: sent {sent.strip()}, received "
-              f"{got['counts']}, longest stall {got['stall']} s; r1's processor refreshed {refreshed} entries")
+              f"{got['counts']}, longest stall {got['stall']} s; r1's processor refreshed {refreshed} entries; "
+              f"the gateway moved its flows {layer.get('flows.moved', 0)} times, "
+              f"{layer.get('flows.moved.same_node', 0)} of them taken over again by the node that held them")
         for t, name in events:
             print(f"  {t:7.2f} s  {name}")
         for t, gap in got["stalls"]:
@@ -444,6 +579,10 @@ def test_an_rtp_stream_through_the_ag_host_survives_failover_failback_and_kill9_
         assert got["stall"] < 5, got
         # The move ended r1's rule at the gateway, which asked r2 at once: (nearly) all of it crossed.
         assert got["counts"]["5005"] >= 200, f"RTCP after the failover: {got}"
+        # Each takeover moved the stream's flow at the gateway (at least r2's after the failure and r1's at
+        # the end), none replaced it: a replacement closes the stream and opens a second leg B that the
+        # live one's conntrack entry refuses (the same-node double takeover, docs/ha.md "Takeover").
+        assert layer.get("flows.replaced", 0) == 0 and layer.get("flows.moved", 0) >= 2, layer
         # It crossed the rtp gateway (5005 is not forwarded): the RTCP flow joined the RTP flow's stream.
         joined = [line for line in pair.log("ag").splitlines() if " rtp stream.join " in line]
         assert any("role=rtcp" in line for line in joined), pair.log("ag")[-3000:]

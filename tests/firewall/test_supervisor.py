@@ -70,6 +70,45 @@ def test_backoff_doubles_and_resets() -> None:
     assert round(child.next_start - 100.0, 2) == 0.2
 
 
+def test_a_start_waits_for_what_the_childs_earlier_run_left_then_kills_it_after_stop_timeout(tmp_path: Path) -> None:
+    """keepalived's VRRP child outlives its killed parent by about a second and holds its pid file:
+    the next start waits for such leftovers (not counted as a crash), polling, kills them after
+    ``stop_timeout`` (2 s here), then removes the stale files and starts."""
+    config = loads(CONFIG.format(gwns="x", tmp=tmp_path))
+    stale = tmp_path / "old.pid"
+    left = subprocess.Popen(["sleep", "60"])
+    child = Child("daemon", "ha", ["sleep", "60"], notifies=False, stale=(stale,),
+                  leftovers=lambda: [left.pid] if left.poll() is None else [])
+    lines: list[str] = []
+    sup = Supervisor(config, "c.toml", children=[child], log=lines.append)
+    try:
+        stale.write_text(f"{left.pid}\n")
+        sup._start(child, 10.0)
+        assert child.proc is None and child.next_start == pytest.approx(10.0 + supervisor.HOLD_POLL)
+        assert stale.exists() and child.restarts == 0
+        assert lines == [f"daemon: waiting for pid {left.pid} of its earlier run to exit"]
+        sup._start(child, 11.9)  # not yet stop_timeout: still waiting, nothing killed, nothing logged again
+        assert child.proc is None and left.poll() is None and len(lines) == 1
+        sup._start(child, 12.0)
+        assert "still there 2s on: killing" in lines[-1]
+        assert left.wait(timeout=5) == -signal.SIGKILL
+        sup._start(child, 12.05)
+        assert child.running and child.next_start is None and child.held_until is None and not stale.exists()
+    finally:
+        for proc in (left, child.proc):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_a_start_goes_on_at_once_when_the_earlier_run_left_nothing(tmp_path: Path) -> None:
+    config = loads(CONFIG.format(gwns="x", tmp=tmp_path))
+    child = Child("daemon", "ha", ["true"], notifies=False, leftovers=lambda: [])
+    sup = Supervisor(config, "c.toml", children=[child], log=lambda line: None)
+    sup._start(child, 10.0)
+    assert child.proc is not None and child.proc.wait(timeout=5) == 0
+
+
 class Processor:
     """What the processor's command table calls on its ``Runner``."""
 
