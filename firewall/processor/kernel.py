@@ -1,12 +1,14 @@
 """The processor's in-process kernel interfaces: NAT map elements, conntrack, queue counters.
 
 - ``NatWriter`` writes binding elements into the binding table's maps
-  (``firewall.rules.bind``) through libnftables' JSON API (Debian's
-  python3-nftables), in-process: one netlink transaction for all the
-  elements of a batch of queued packets, before their verdicts. ``add``
-  refuses a key that is already there with another value (EEXIST), which a
-  replaced binding's element can be until its timeout: then that element is
-  deleted and added again, alone.
+  (``firewall.rules.bind``), and dynamic rules' elements into its sets,
+  in-process, as nf_tables netlink messages of its own (``setelem``): one
+  transaction, one ``sendmsg``, for all the elements of a batch of queued
+  packets, before their verdicts. ``add`` refuses a key that is already
+  there with another value (EEXIST), which a replaced binding's element can
+  be until its timeout: then that element is deleted and added again,
+  alone. libnftables' JSON API (Debian's python3-nftables) does what is not
+  per flow: flushing an instance's sets, checking the table is there.
 - ``Conntrack`` answers "is this connection alive?" (a ctnetlink GET),
   deletes a connection (an offloaded flow's legs), lists
   the connections with nfgate's mark (a dump filtered in the kernel, at start
@@ -35,6 +37,7 @@ from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_CTNETLINK
 from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple, nfct_msg
 
 from firewall.errors import KernelError
+from firewall.processor import setelem
 from firewall.processor.core import NatOp
 from firewall.processor.rulebook import KernelOp
 from firewall.rules import bind
@@ -65,55 +68,81 @@ _PROTO = {6: "tcp", 17: "udp"}
 
 
 class NatWriter:
-    """Adds binding elements, and dynamic rules' elements, to the binding table, in-process."""
+    """Adds binding elements, and dynamic rules' elements, to the binding table, in-process.
+
+    The elements go in as nf_tables netlink messages of our own
+    (``setelem``): one ``sendmsg`` a transaction. libnftables stays for what
+    is not per flow (flushing an instance's sets, the table check).
+    """
 
     def __init__(self, timeout: float) -> None:
         self._nft = nftables.Nftables()
-        self._timeout = timeout
+        self._sock = setelem.ElementSocket()
+        # Whole seconds, as ``nft add element ... timeout Ns`` (bind.add_text) wrote them.
+        self._timeout_ms = max(1, round(timeout)) * 1000
 
     def _cmd(self, commands: list[dict[str, Any]]) -> tuple[bool, str]:
         rc, _, err = self._nft.json_cmd({"nftables": commands})
         return rc == 0, err
 
+    def _commit(self, changes: list[setelem.Change]) -> bool:
+        return not any(self._sock.commit(changes))
+
+    def _nat_change(self, add: bool, ops: list[NatOp]) -> setelem.Change:
+        """Binding elements of one map (``ops[0]``'s), with the timeout if added."""
+        name = ops[0][0]
+        six = bind.in_table6(name)
+        timeout = self._timeout_ms if add else None
+        elems = tuple(setelem.element(setelem.key_bytes(proto, key, six), setelem.value_bytes(value, six) if add else None,
+                                      timeout) for _, proto, key, value in ops)
+        return _change(add, name, elems)
+
+    def _by_map(self, add: bool, ops: list[NatOp]) -> list[setelem.Change]:
+        by_name: dict[str, list[NatOp]] = {}
+        for op in ops:
+            by_name.setdefault(op[0], []).append(op)
+        return [self._nat_change(add, group) for group in by_name.values()]
+
     def write(self, ops: list[NatOp]) -> list[bool]:
         """Write every element; True per op that is in the kernel now.
 
-        The batch goes in as nft's own syntax (``bind.add_text``), one
-        transaction: libnftables parses it for about 0.15 ms of CPU against
-        0.2 ms for the same elements in JSON (the per-flow commit, measured
-        in docs/benchmarks.md). A refusal (a key that an ended binding's element
-        still holds) is retried element by element in JSON (``_one``)."""
+        The batch goes in as one transaction, a message per map. A refusal
+        (a key that an ended binding's element still holds) is retried
+        element by element (``_one``)."""
         if not ops:
             return []
-        rc, _, _ = self._nft.cmd(bind.add_text(ops, self._timeout))
-        if rc == 0:
+        if self._commit(self._by_map(True, ops)):
             return [True] * len(ops)
         return [self._one(op) for op in ops]
 
     def _one(self, op: NatOp) -> bool:
-        name, proto, key, value = op
-        elem = bind.element(proto, key, value, self._timeout)
-        add = bind.add_elements(name, [elem])
+        add = self._nat_change(True, [op])
         for attempt in range(NAT_ATTEMPTS):
-            if self._cmd([add])[0]:
+            if self._commit([add]):
                 return True
             # Another value under this key: an ended binding's element, not yet
             # timed out. An element that is just expiring can refuse both the
             # add (EEXIST) and the delete (ENOENT) for a moment: try again.
-            delete = bind.elements("delete", name, [elem[0]["elem"]["val"]])
-            if self._cmd([delete, add])[0]:
+            if self._commit([self._nat_change(False, [op]), add]):
                 return True
         return False
 
     def delete(self, ops: list[NatOp]) -> None:
         """Delete binding elements; one that is gone already (timed out) is no error."""
-        if not ops:
+        if not ops or self._commit(self._by_map(False, ops)):
             return
-        elems = [(name, bind.element(proto, key, None, None)) for name, proto, key, _ in ops]
-        if self._cmd([bind.elements("delete", name, [e]) for name, e in elems])[0]:
-            return
-        for name, e in elems:
-            self._cmd([bind.elements("delete", name, [e])])
+        for op in ops:
+            self._commit([self._nat_change(False, [op])])
+
+    @staticmethod
+    def _rule_changes(op: KernelOp) -> list[setelem.Change]:
+        """A dynamic rule's elements, a message per set (no timeout: the rulebook removes them)."""
+        by_name: dict[str, list[bytes]] = {}
+        for r in op.rules:
+            six = bind.in_table6(r.name)
+            value = setelem.value_bytes(r.value, six) if op.add and r.value is not None else None
+            by_name.setdefault(r.name, []).append(setelem.element(setelem.key_bytes(r.key[0], r.key[1:], six), value))
+        return [_change(op.add, name, tuple(elems)) for name, elems in by_name.items()]
 
     def apply(self, op: KernelOp) -> bool:
         """Add or remove a dynamic rule's elements (``rulebook.KernelOp``) in one transaction.
@@ -122,16 +151,13 @@ class NatWriter:
         again, which empties the sets) is done element by element, and what
         is missing is not an error.
         """
-        by_name: dict[str, list[Any]] = {}
-        for r in op.rules:
-            by_name.setdefault(r.name, []).append(bind.element(r.key[0], r.key[1:], r.value, None))
-        verb = "add" if op.add else "delete"
-        ok, _ = self._cmd([bind.elements(verb, name, elems) for name, elems in by_name.items()])
+        changes = self._rule_changes(op)
+        ok = self._commit(changes)
         if ok or op.add:
             return ok
-        for name, elems in by_name.items():
-            for elem in elems:
-                self._cmd([bind.elements("delete", name, [elem])])
+        for change in changes:
+            for elem in change.elements:
+                self._commit([_change(False, change.name, (elem,))])
         return True
 
     def apply_all(self, ops: list[KernelOp]) -> list[bool]:
@@ -140,11 +166,8 @@ class NatWriter:
         gone), each op is tried alone, so one bad op fails only itself."""
         if len(ops) == 1:
             return [self.apply(ops[0])]
-        commands = []
-        for op in ops:
-            verb = "add" if op.add else "delete"
-            commands += [bind.elements(verb, r.name, [bind.element(r.key[0], r.key[1:], r.value, None)]) for r in op.rules]
-        if not commands or self._cmd(commands)[0]:
+        changes = [change for op in ops for change in self._rule_changes(op)]
+        if self._commit(changes):
             return [True] * len(ops)
         return [self.apply(op) for op in ops]
 
@@ -161,6 +184,13 @@ class NatWriter:
 
     def table_present(self) -> bool:
         return self._cmd([{"list": {"table": {"family": bind.FAMILY, "name": bind.TABLE}}}])[0]
+
+
+def _change(add: bool, name: str, elems: tuple[bytes, ...]) -> setelem.Change:
+    """A change of set or map ``name`` of the binding tables (the IPv6 one's if it is there)."""
+    if bind.in_table6(name):
+        return setelem.Change(add, setelem.NFPROTO_IPV6, bind.TABLE6, name, elems)
+    return setelem.Change(add, setelem.NFPROTO_IPV4, bind.TABLE, name, elems)
 
 
 @dataclass(frozen=True, slots=True)
