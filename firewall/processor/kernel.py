@@ -14,15 +14,18 @@
   the connections with nfgate's mark (a dump filtered in the kernel, at start
   and after a lost event), has the kernel reap expired connections (``reap``)
   and reads destroy events from a netlink socket of its own that the
-  processor's loop polls. Requests are built with pyroute2's ctnetlink
-  classes; answers and events are read with ``struct`` (``connection``), the
-  event's mark first, so other connections' events cost almost nothing.
+  processor's loop polls. A classic BPF filter on that socket
+  (``destroy_filter``) keeps other connections' events in the kernel: the
+  processor is not woken by the end of a gateway-free connection. Requests
+  are built with pyroute2's ctnetlink classes; answers and events are read
+  with ``struct`` (``connection``), the event's mark checked again first.
 - ``queue_counters`` reads the kernel's per-queue drop counters from
   ``/proc/net/netfilter/nfnetlink_queue``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import socket
@@ -64,6 +67,7 @@ REQUEST_MAX_READS = 1 << 20  # recv() calls for one request: a dump of a million
 EVENT_READ_BATCH = 64  # recv() calls per wake-up, so a storm of events cannot starve packets
 QUEUE_PROC = Path("/proc/net/netfilter/nfnetlink_queue")
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
 _PROTO = {6: "tcp", 17: "udp"}
 
 
@@ -184,6 +188,53 @@ class NatWriter:
 
     def table_present(self) -> bool:
         return self._cmd([{"list": {"table": {"family": bind.FAMILY, "name": bind.TABLE}}}])[0]
+
+
+# Classic BPF (linux/filter.h), for the destroy-event socket's filter.
+_BPF_LD, _BPF_LDX, _BPF_ALU, _BPF_JMP, _BPF_RET, _BPF_MISC = 0x00, 0x01, 0x04, 0x05, 0x06, 0x07
+_BPF_W, _BPF_B = 0x00, 0x10
+_BPF_IMM, _BPF_ABS, _BPF_IND = 0x00, 0x20, 0x40
+_BPF_AND, _BPF_JEQ, _BPF_K, _BPF_TAX = 0x50, 0x10, 0x00, 0x00
+_SKF_AD_NLATTR = -0x1000 + 12  # A = offset of attribute X at or after offset A (0: none)
+_INSN = struct.Struct("=HBBI")
+_ACCEPT_ALL = 0x40000  # bytes of the message to keep: all of it
+
+
+def destroy_filter(mark: int) -> bytes:
+    """The destroy-event socket's filter (classic BPF): a destroy event of a connection whose
+    mark carries every bit of ``mark`` (nfgate's) passes whole, the kernel keeps the rest.
+
+    The group carries the destroy event of every connection on the router; without
+    the filter each woke the processor and was read and dropped in Python, and a
+    storm of gateway-free connections filled the socket's buffer (ENOBUFS, then a
+    dump). Each event is a message of its own; CTA_MARK is found with the kernel's
+    netlink helper (SKF_AD_NLATTR), wherever it is among the attributes, and a
+    connection without a mark has none.
+    """
+    # The message type's low byte (the ctnetlink command), in host order.
+    type_low = 4 if struct.pack("=H", 1)[0] == 1 else 5
+    prog = [
+        (_BPF_LD | _BPF_B | _BPF_ABS, 0, 0, type_low),
+        (_BPF_JMP | _BPF_JEQ | _BPF_K, 0, 9, IPCTNL_MSG_CT_DELETE),  # else refuse (jumps count from the next)
+        (_BPF_LD | _BPF_IMM, 0, 0, 16 + 4),  # after nlmsghdr and nfgenmsg
+        (_BPF_LDX | _BPF_IMM, 0, 0, CTA_MARK),
+        (_BPF_LD | _BPF_W | _BPF_ABS, 0, 0, _SKF_AD_NLATTR & 0xFFFFFFFF),
+        (_BPF_JMP | _BPF_JEQ | _BPF_K, 5, 0, 0),  # no mark: refuse
+        (_BPF_MISC | _BPF_TAX, 0, 0, 0),
+        (_BPF_LD | _BPF_W | _BPF_IND, 0, 0, 4),  # the mark, network order
+        (_BPF_ALU | _BPF_AND | _BPF_K, 0, 0, mark),
+        (_BPF_JMP | _BPF_JEQ | _BPF_K, 0, 1, mark),  # accept, else refuse
+        (_BPF_RET | _BPF_K, 0, 0, _ACCEPT_ALL),
+        (_BPF_RET | _BPF_K, 0, 0, 0),
+    ]
+    return b"".join(_INSN.pack(*insn) for insn in prog)
+
+
+def _attach(sock: socket.socket, prog: bytes) -> None:
+    """SO_ATTACH_FILTER: a ``struct sock_fprog`` pointing at the instructions."""
+    buf = ctypes.create_string_buffer(prog, len(prog))
+    fprog = struct.pack("HL", len(prog) // _INSN.size, ctypes.addressof(buf))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)  # the kernel copies the program
 
 
 def _change(add: bool, name: str, elems: tuple[bytes, ...]) -> setelem.Change:
@@ -313,6 +364,7 @@ class Conntrack:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, EVENT_BUFFER)
+            _attach(sock, destroy_filter(self.mark))  # before the group: no event slips past it
             sock.bind((0, 1 << (NFNLGRP_CONNTRACK_DESTROY - 1)))
         except OSError as err:
             sock.close()
