@@ -206,7 +206,7 @@ def destroy_filter(mark: int) -> bytes:
 
     The group carries the destroy event of every connection on the router; without
     the filter each woke the processor and was read and dropped in Python, and a
-    storm of gateway-free connections filled the socket's buffer (ENOBUFS, then a
+    storm of gateway-free connections could fill the socket's buffer (ENOBUFS, then a
     dump). Each event is a message of its own; CTA_MARK is found with the kernel's
     netlink helper (SKF_AD_NLATTR), wherever it is among the attributes, and a
     connection without a mark has none.
