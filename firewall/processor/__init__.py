@@ -29,9 +29,11 @@ Modules:
   its commands as data (``Send``, ``KernelOp`` of ``KernelRule``s,
   ``Offloaded``), which the core carries out.
 - ``kernel``: in-process kernel interfaces: ``NatWriter`` (binding and
-  dynamic-rule elements through libnftables' JSON API), ``Conntrack`` (look-ups, filtered dumps,
+  dynamic-rule elements as nf_tables netlink messages of ``setelem``), ``Conntrack`` (look-ups, filtered dumps,
   reaping, destroy events through pyroute2's ctnetlink messages) and the
   kernel's queue counters.
+- ``setelem``: nf_tables set and map elements as netlink messages packed with
+  ``struct`` (a transaction is one ``sendmsg``), what ``NatWriter`` sends.
 - ``refresh``: with ``[ha]``, the master's refresh of its UDP connections'
   copies on the backup (docs/ha.md, "UDP refresh"): a filtered dump, each
   entry's own timeout written back as an update conntrackd copies, a chunk

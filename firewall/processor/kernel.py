@@ -1,26 +1,31 @@
 """The processor's in-process kernel interfaces: NAT map elements, conntrack, queue counters.
 
 - ``NatWriter`` writes binding elements into the binding table's maps
-  (``firewall.rules.bind``) through libnftables' JSON API (Debian's
-  python3-nftables), in-process: one netlink transaction for all the
-  elements of a batch of queued packets, before their verdicts. ``add``
-  refuses a key that is already there with another value (EEXIST), which a
-  replaced binding's element can be until its timeout: then that element is
-  deleted and added again, alone.
+  (``firewall.rules.bind``), and dynamic rules' elements into its sets,
+  in-process, as nf_tables netlink messages of its own (``setelem``): one
+  transaction, one ``sendmsg``, for all the elements of a batch of queued
+  packets, before their verdicts. ``add`` refuses a key that is already
+  there with another value (EEXIST), which a replaced binding's element can
+  be until its timeout: then that element is deleted and added again,
+  alone. libnftables' JSON API (Debian's python3-nftables) does what is not
+  per flow: flushing an instance's sets, checking the table is there.
 - ``Conntrack`` answers "is this connection alive?" (a ctnetlink GET),
   deletes a connection (an offloaded flow's legs), lists
   the connections with nfgate's mark (a dump filtered in the kernel, at start
   and after a lost event), has the kernel reap expired connections (``reap``)
   and reads destroy events from a netlink socket of its own that the
-  processor's loop polls. Requests are built with pyroute2's ctnetlink
-  classes; answers and events are read with ``struct`` (``connection``), the
-  event's mark first, so other connections' events cost almost nothing.
+  processor's loop polls. A classic BPF filter on that socket
+  (``destroy_filter``) keeps other connections' events in the kernel: the
+  processor is not woken by the end of a gateway-free connection. Requests
+  are built with pyroute2's ctnetlink classes; answers and events are read
+  with ``struct`` (``connection``), the event's mark checked again first.
 - ``queue_counters`` reads the kernel's per-queue drop counters from
   ``/proc/net/netfilter/nfnetlink_queue``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import socket
@@ -35,6 +40,7 @@ from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_CTNETLINK
 from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple, nfct_msg
 
 from firewall.errors import KernelError
+from firewall.processor import setelem
 from firewall.processor.core import NatOp
 from firewall.processor.rulebook import KernelOp
 from firewall.rules import bind
@@ -61,59 +67,86 @@ REQUEST_MAX_READS = 1 << 20  # recv() calls for one request: a dump of a million
 EVENT_READ_BATCH = 64  # recv() calls per wake-up, so a storm of events cannot starve packets
 QUEUE_PROC = Path("/proc/net/netfilter/nfnetlink_queue")
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
 _PROTO = {6: "tcp", 17: "udp"}
 
 
 class NatWriter:
-    """Adds binding elements, and dynamic rules' elements, to the binding table, in-process."""
+    """Adds binding elements, and dynamic rules' elements, to the binding table, in-process.
+
+    The elements go in as nf_tables netlink messages of our own
+    (``setelem``): one ``sendmsg`` a transaction. libnftables stays for what
+    is not per flow (flushing an instance's sets, the table check).
+    """
 
     def __init__(self, timeout: float) -> None:
         self._nft = nftables.Nftables()
-        self._timeout = timeout
+        self._sock = setelem.ElementSocket()
+        # Whole seconds, as ``nft add element ... timeout Ns`` (bind.add_text) wrote them.
+        self._timeout_ms = max(1, round(timeout)) * 1000
 
     def _cmd(self, commands: list[dict[str, Any]]) -> tuple[bool, str]:
         rc, _, err = self._nft.json_cmd({"nftables": commands})
         return rc == 0, err
 
+    def _commit(self, changes: list[setelem.Change]) -> bool:
+        return not any(self._sock.commit(changes))
+
+    def _nat_change(self, add: bool, ops: list[NatOp]) -> setelem.Change:
+        """Binding elements of one map (``ops[0]``'s), with the timeout if added."""
+        name = ops[0][0]
+        six = bind.in_table6(name)
+        timeout = self._timeout_ms if add else None
+        elems = tuple(setelem.element(setelem.key_bytes(proto, key, six), setelem.value_bytes(value, six) if add else None,
+                                      timeout) for _, proto, key, value in ops)
+        return _change(add, name, elems)
+
+    def _by_map(self, add: bool, ops: list[NatOp]) -> list[setelem.Change]:
+        by_name: dict[str, list[NatOp]] = {}
+        for op in ops:
+            by_name.setdefault(op[0], []).append(op)
+        return [self._nat_change(add, group) for group in by_name.values()]
+
     def write(self, ops: list[NatOp]) -> list[bool]:
         """Write every element; True per op that is in the kernel now.
 
-        The batch goes in as nft's own syntax (``bind.add_text``), one
-        transaction: libnftables parses it for about 0.15 ms of CPU against
-        0.2 ms for the same elements in JSON (the per-flow commit, measured
-        in docs/benchmarks.md). A refusal (a key that an ended binding's element
-        still holds) is retried element by element in JSON (``_one``)."""
+        The batch goes in as one transaction, a message per map. A refusal
+        (a key that an ended binding's element still holds) is retried
+        element by element (``_one``)."""
         if not ops:
             return []
-        rc, _, _ = self._nft.cmd(bind.add_text(ops, self._timeout))
-        if rc == 0:
+        if self._commit(self._by_map(True, ops)):
             return [True] * len(ops)
         return [self._one(op) for op in ops]
 
     def _one(self, op: NatOp) -> bool:
-        name, proto, key, value = op
-        elem = bind.element(proto, key, value, self._timeout)
-        add = bind.add_elements(name, [elem])
+        add = self._nat_change(True, [op])
         for attempt in range(NAT_ATTEMPTS):
-            if self._cmd([add])[0]:
+            if self._commit([add]):
                 return True
             # Another value under this key: an ended binding's element, not yet
             # timed out. An element that is just expiring can refuse both the
             # add (EEXIST) and the delete (ENOENT) for a moment: try again.
-            delete = bind.elements("delete", name, [elem[0]["elem"]["val"]])
-            if self._cmd([delete, add])[0]:
+            if self._commit([self._nat_change(False, [op]), add]):
                 return True
         return False
 
     def delete(self, ops: list[NatOp]) -> None:
         """Delete binding elements; one that is gone already (timed out) is no error."""
-        if not ops:
+        if not ops or self._commit(self._by_map(False, ops)):
             return
-        elems = [(name, bind.element(proto, key, None, None)) for name, proto, key, _ in ops]
-        if self._cmd([bind.elements("delete", name, [e]) for name, e in elems])[0]:
-            return
-        for name, e in elems:
-            self._cmd([bind.elements("delete", name, [e])])
+        for op in ops:
+            self._commit([self._nat_change(False, [op])])
+
+    @staticmethod
+    def _rule_changes(op: KernelOp) -> list[setelem.Change]:
+        """A dynamic rule's elements, a message per set (no timeout: the rulebook removes them)."""
+        by_name: dict[str, list[bytes]] = {}
+        for r in op.rules:
+            six = bind.in_table6(r.name)
+            value = setelem.value_bytes(r.value, six) if op.add and r.value is not None else None
+            by_name.setdefault(r.name, []).append(setelem.element(setelem.key_bytes(r.key[0], r.key[1:], six), value))
+        return [_change(op.add, name, tuple(elems)) for name, elems in by_name.items()]
 
     def apply(self, op: KernelOp) -> bool:
         """Add or remove a dynamic rule's elements (``rulebook.KernelOp``) in one transaction.
@@ -122,16 +155,13 @@ class NatWriter:
         again, which empties the sets) is done element by element, and what
         is missing is not an error.
         """
-        by_name: dict[str, list[Any]] = {}
-        for r in op.rules:
-            by_name.setdefault(r.name, []).append(bind.element(r.key[0], r.key[1:], r.value, None))
-        verb = "add" if op.add else "delete"
-        ok, _ = self._cmd([bind.elements(verb, name, elems) for name, elems in by_name.items()])
+        changes = self._rule_changes(op)
+        ok = self._commit(changes)
         if ok or op.add:
             return ok
-        for name, elems in by_name.items():
-            for elem in elems:
-                self._cmd([bind.elements("delete", name, [elem])])
+        for change in changes:
+            for elem in change.elements:
+                self._commit([_change(False, change.name, (elem,))])
         return True
 
     def apply_all(self, ops: list[KernelOp]) -> list[bool]:
@@ -140,11 +170,8 @@ class NatWriter:
         gone), each op is tried alone, so one bad op fails only itself."""
         if len(ops) == 1:
             return [self.apply(ops[0])]
-        commands = []
-        for op in ops:
-            verb = "add" if op.add else "delete"
-            commands += [bind.elements(verb, r.name, [bind.element(r.key[0], r.key[1:], r.value, None)]) for r in op.rules]
-        if not commands or self._cmd(commands)[0]:
+        changes = [change for op in ops for change in self._rule_changes(op)]
+        if self._commit(changes):
             return [True] * len(ops)
         return [self.apply(op) for op in ops]
 
@@ -161,6 +188,60 @@ class NatWriter:
 
     def table_present(self) -> bool:
         return self._cmd([{"list": {"table": {"family": bind.FAMILY, "name": bind.TABLE}}}])[0]
+
+
+# Classic BPF (linux/filter.h), for the destroy-event socket's filter.
+_BPF_LD, _BPF_LDX, _BPF_ALU, _BPF_JMP, _BPF_RET, _BPF_MISC = 0x00, 0x01, 0x04, 0x05, 0x06, 0x07
+_BPF_W, _BPF_B = 0x00, 0x10
+_BPF_IMM, _BPF_ABS, _BPF_IND = 0x00, 0x20, 0x40
+_BPF_AND, _BPF_JEQ, _BPF_K, _BPF_TAX = 0x50, 0x10, 0x00, 0x00
+_SKF_AD_NLATTR = -0x1000 + 12  # A = offset of attribute X at or after offset A (0: none)
+_INSN = struct.Struct("=HBBI")
+_ACCEPT_ALL = 0x40000  # bytes of the message to keep: all of it
+
+
+def destroy_filter(mark: int) -> bytes:
+    """The destroy-event socket's filter (classic BPF): a destroy event of a connection whose
+    mark carries every bit of ``mark`` (nfgate's) passes whole, the kernel keeps the rest.
+
+    The group carries the destroy event of every connection on the router; without
+    the filter each woke the processor and was read and dropped in Python, and a
+    storm of gateway-free connections could fill the socket's buffer (ENOBUFS, then a
+    dump). Each event is a message of its own; CTA_MARK is found with the kernel's
+    netlink helper (SKF_AD_NLATTR), wherever it is among the attributes, and a
+    connection without a mark has none.
+    """
+    # The message type's low byte (the ctnetlink command), in host order.
+    type_low = 4 if struct.pack("=H", 1)[0] == 1 else 5
+    prog = [
+        (_BPF_LD | _BPF_B | _BPF_ABS, 0, 0, type_low),
+        (_BPF_JMP | _BPF_JEQ | _BPF_K, 0, 9, IPCTNL_MSG_CT_DELETE),  # else refuse (jumps count from the next)
+        (_BPF_LD | _BPF_IMM, 0, 0, 16 + 4),  # after nlmsghdr and nfgenmsg
+        (_BPF_LDX | _BPF_IMM, 0, 0, CTA_MARK),
+        (_BPF_LD | _BPF_W | _BPF_ABS, 0, 0, _SKF_AD_NLATTR & 0xFFFFFFFF),
+        (_BPF_JMP | _BPF_JEQ | _BPF_K, 5, 0, 0),  # no mark: refuse
+        (_BPF_MISC | _BPF_TAX, 0, 0, 0),
+        (_BPF_LD | _BPF_W | _BPF_IND, 0, 0, 4),  # the mark, network order
+        (_BPF_ALU | _BPF_AND | _BPF_K, 0, 0, mark),
+        (_BPF_JMP | _BPF_JEQ | _BPF_K, 0, 1, mark),  # accept, else refuse
+        (_BPF_RET | _BPF_K, 0, 0, _ACCEPT_ALL),
+        (_BPF_RET | _BPF_K, 0, 0, 0),
+    ]
+    return b"".join(_INSN.pack(*insn) for insn in prog)
+
+
+def _attach(sock: socket.socket, prog: bytes) -> None:
+    """SO_ATTACH_FILTER: a ``struct sock_fprog`` pointing at the instructions."""
+    buf = ctypes.create_string_buffer(prog, len(prog))
+    fprog = struct.pack("HL", len(prog) // _INSN.size, ctypes.addressof(buf))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)  # the kernel copies the program
+
+
+def _change(add: bool, name: str, elems: tuple[bytes, ...]) -> setelem.Change:
+    """A change of set or map ``name`` of the binding tables (the IPv6 one's if it is there)."""
+    if bind.in_table6(name):
+        return setelem.Change(add, setelem.NFPROTO_IPV6, bind.TABLE6, name, elems)
+    return setelem.Change(add, setelem.NFPROTO_IPV4, bind.TABLE, name, elems)
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +364,7 @@ class Conntrack:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, EVENT_BUFFER)
+            _attach(sock, destroy_filter(self.mark))  # before the group: no event slips past it
             sock.bind((0, 1 << (NFNLGRP_CONNTRACK_DESTROY - 1)))
         except OSError as err:
             sock.close()

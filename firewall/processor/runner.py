@@ -435,9 +435,9 @@ class Runner:
         core = self.core
         while out:
             if out.kernel_ops:
-                # In order, in-process, all of them in one transaction (about a
-                # millisecond, whatever the number): a burst of offloads or rule
-                # requests costs one commit, not one each.
+                # In order, in-process, all of them in one transaction (one
+                # sendmsg): a burst of offloads or rule requests costs one
+                # commit, not one each.
                 try:
                     done = self.nat.apply_all(out.kernel_ops)
                 except Exception:  # noqa: BLE001 - counted; the rules are refused or retired

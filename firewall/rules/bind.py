@@ -239,7 +239,8 @@ def _table(marks: Marks, instances: int, six: bool) -> list[str]:
 
 
 def element(proto: str, key: tuple[int, ...], value: tuple[int, ...] | None, timeout: float | None) -> Any:
-    """One set or map element in libnftables' JSON. ``key`` is (src, sport, dst, dport),
+    """One set or map element in libnftables' JSON (the reference for the processor's own
+    messages, as ``add_text``). ``key`` is (src, sport, dst, dport),
     or (src, dst, dport) for an any-port set; ``value`` an address, or an address and port."""
     ip: Any = ipaddress.IPv4Address if key[0] <= 0xFFFFFFFF else ipaddress.IPv6Address  # an IPv6 flow's: above 2**32
     if len(key) == 4:
@@ -265,7 +266,11 @@ def _ntoa6(addr: int) -> str:
 
 def add_text(ops: list[tuple[str, str, tuple[int, ...], tuple[int, int]]], timeout: float) -> str:
     """``nft`` commands adding binding elements (map, proto, key, (address, port)) with ``timeout``:
-    one ``add element`` per map. A key is (src, sport, dst, dport), or (G, F, f) in a leg B map."""
+    one ``add element`` per map. A key is (src, sport, dst, dport), or (G, F, f) in a leg B map.
+
+    The processor writes them as netlink messages (``firewall.processor.setelem``); this is
+    what it wrote before, kept as the reference its elements are compared with (nft must
+    list both alike, tests/firewall/test_processor_setelem.py) and timed against (the bench)."""
     t = max(1, round(timeout))
     by_map: dict[str, list[str]] = {}
     for name, proto, key, (va, vp) in ops:
@@ -293,11 +298,12 @@ def table_of(name: str) -> str:
     return f"{FAMILY6} {TABLE6}" if name in _V6 else f"{FAMILY} {TABLE}"
 
 
+def in_table6(name: str) -> bool:
+    """Whether set or map ``name`` (a binding map or a dynamic rules' set) is in the IPv6 table."""
+    return name in _V6 or _dyn6(name)
+
+
 def elements(op: str, name: str, elems: list[Any]) -> dict[str, Any]:
     """A libnftables JSON command: ``op`` ("add" or "delete") ``elems`` in set or map ``name``."""
-    family, table = (FAMILY6, TABLE6) if name in _V6 or _dyn6(name) else (FAMILY, TABLE)
+    family, table = (FAMILY6, TABLE6) if in_table6(name) else (FAMILY, TABLE)
     return {op: {"element": {"family": family, "table": table, "name": name, "elem": elems}}}
-
-
-def add_elements(name: str, elems: list[Any]) -> dict[str, Any]:
-    return elements("add", name, elems)

@@ -1,6 +1,6 @@
 """New connections through tcp-relay with two versions of nfgate in one lab, alternated.
 
-    sudo .venv/bin/python -m tests.firewall.relay_ab BEFORE_TREE AFTER_TREE [--rounds 6] [--seconds 5]
+    sudo .venv/bin/python -m tests.firewall.relay_ab BEFORE_TREE AFTER_TREE [--rounds 6] [--seconds 5] [--events]
 
 Not a test (nothing is asserted): a before/after comparison for
 docs/benchmarks.md, less at the mercy of a shared machine than two runs of
@@ -16,6 +16,11 @@ order, and each time measures:
 - the processor's CPU per relayed connection;
 - the CPU (user + system) of every process in the lab's namespaces, and of
   the clients, per relayed and per kernel-forwarded connection;
+- with ``--events``: the processor's CPU per kernel-forwarded connection,
+  from its start until conntrack has destroyed it (a gateway-free
+  connection's cost to it is its destroy event). The router's TIME-WAIT and
+  CLOSE timeouts are 1 s then, so connections end within the run, and the
+  relayed phase's are gone before the kernel phase starts;
 - the single-thread latency of 300 relayed (and kernel-forwarded)
   connections, median and 90th percentile;
 - the packets the processor's queue delivered per relayed flow.
@@ -37,6 +42,7 @@ from pathlib import Path
 
 from firewall.lab.netns import Lab
 from firewall.lab.topology import load_topology
+from firewall.lab.wait import wait_for
 from tests.firewall.relay_bench import ECHO, WAN, connections, processor_cpu
 from tests.firewall.run_harness import Running
 
@@ -55,7 +61,7 @@ print(round(1000 * out[len(out) // 2], 3), round(1000 * out[len(out) * 9 // 10],
 """
 LATENCY_CONNECTIONS = 300
 # Lower is better for these; higher for the rest.
-LOWER_BETTER = ("cpu_ms", "all_cpu_ms_relay", "lat_ms_p50")
+LOWER_BETTER = ("cpu_ms", "all_cpu_ms_relay", "lat_ms_p50", "cpu_us_per_kernel_conn")
 
 
 def latency(lab: Lab, port: int) -> tuple[float, float]:
@@ -87,7 +93,20 @@ def lab_cpu(lab: Lab) -> float:
     return ticks / os.sysconf("SC_CLK_TCK") + t.children_user + t.children_system
 
 
-def one(lab: Lab, name: str, tree: str, seconds: float) -> dict[str, object]:
+SETTLED = 50  # conntrack entries left that count as "the phase's connections are gone"
+SETTLE_SECONDS = 60.0
+
+
+def settle(lab: Lab) -> None:
+    """Wait until the router's conntrack has destroyed nearly every connection: a dump evicts
+    the expired ones as it walks past them, so each poll also hastens the end."""
+    def left() -> bool:
+        listed = lab.run("router", ["conntrack", "-L"], check=False).stdout
+        return listed.count("\n") <= SETTLED
+    wait_for(left, timeout=SETTLE_SECONDS, what="the router's connections to end")
+
+
+def one(lab: Lab, name: str, tree: str, seconds: float, events: bool = False) -> dict[str, object]:
     # Both: `python -m` looks in the working directory before PYTHONPATH.
     os.environ["PYTHONPATH"] = tree
     os.chdir(tree)
@@ -102,8 +121,15 @@ def one(lab: Lab, name: str, tree: str, seconds: float) -> dict[str, object]:
             relay = connections(lab, 8443, seconds)
             a1 = lab_cpu(lab)
             c1, f1 = processor_cpu(run)
+            k0 = k1 = 0.0
+            if events:
+                settle(lab)
+                k0, _ = processor_cpu(run)
             kernel = connections(lab, 8080, seconds)
             a2 = lab_cpu(lab)
+            if events:
+                settle(lab)
+                k1, _ = processor_cpu(run)
             lat, lat90 = latency(lab, 8443)
             klat, klat90 = latency(lab, 8080)
             counters = run.ask("status")["processors"]["processor-0"]["counters"]
@@ -114,6 +140,8 @@ def one(lab: Lab, name: str, tree: str, seconds: float) -> dict[str, object]:
         "cpu_ms": round(1000 * (c1 - c0) / max(1, f1 - f0), 3),
         "all_cpu_ms_relay": round(1000 * (a1 - a0) / max(1.0, relay * seconds), 3),
         "all_cpu_ms_kernel": round(1000 * (a2 - a1) / max(1.0, kernel * seconds), 3),
+        # With --events: the processor's CPU for gateway-free connections, from their start to their end.
+        **({"cpu_us_per_kernel_conn": round(1e6 * (k1 - k0) / max(1.0, kernel * seconds), 2)} if events else {}),
         "lat_ms_p50": lat, "lat_ms_p90": lat90, "kernel_lat_ms_p50": klat, "kernel_lat_ms_p90": klat90,
         "queued_per_flow": round(counters.get("queued", 0) / max(1, counters.get("flows.opened", 1)), 2),
     }
@@ -125,6 +153,8 @@ def main() -> None:
     parser.add_argument("after", help="the source tree of the version under test")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--events", action="store_true",
+                        help="also the processor's CPU per gateway-free connection, until its destroy event")
     args = parser.parse_args()
     trees = {"before": str(Path(args.before).resolve()), "after": str(Path(args.after).resolve())}
     order = []
@@ -137,17 +167,22 @@ def main() -> None:
         # TIME-WAIT would run out and slow whichever phase comes next (seen as a kernel
         # path at a fifth of its rate). The client's own namespace only.
         lab.run("ext", ["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=1024 65000"])
+        if args.events:
+            lab.run("router", ["sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_timeout_time_wait=1",
+                               "net.netfilter.nf_conntrack_tcp_timeout_close=1"])
         for port in (443, 80):
             lab.popen("lan", [sys.executable, "-c", ECHO, str(port)])
             lab.wait_listening("lan", port)
         for name in order:
-            rows.append(one(lab, name, trees[name], args.seconds))
+            rows.append(one(lab, name, trees[name], args.seconds, args.events))
             print(json.dumps(rows[-1]), flush=True)
     finally:
         lab.down()
     pairs = [(a, b) if a["tree"] == "before" else (b, a) for a, b in zip(rows[::2], rows[1::2])]
-    for key in ("ratio", "relay", "cpu_ms", "all_cpu_ms_relay", "lat_ms_p50"):
-        r = [after[key] / before[key] for before, after in pairs if before[key]]
+    for key in ("ratio", "relay", "cpu_ms", "all_cpu_ms_relay", "lat_ms_p50", "cpu_us_per_kernel_conn"):
+        r = [after[key] / before[key] for before, after in pairs if before.get(key)]
+        if not r:
+            continue
         better = sum(x < 1 if key in LOWER_BETTER else x > 1 for x in r)
         print(json.dumps({"figure": key, "after_over_before_median": round(statistics.median(r), 3),
                           "pairs_favouring_after": better, "pairs": len(r)}))

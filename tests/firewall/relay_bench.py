@@ -39,9 +39,11 @@ its baseline back to back and printed with the ratio:
   says whether the kernel took the flowtable (ours has none: then the
   figures are those without it);
 - installs/s: binding elements written by the processor's ``NatWriter``
-  (libnftables, in-process), one transaction each and 100 per transaction,
-  and dynamic rules (a translated ALLOW's three elements, one transaction)
-  added and removed, in the lab router.
+  (nf_tables netlink messages of its own, in-process), one transaction each
+  and 100 per transaction, and dynamic rules (a translated ALLOW's three
+  elements, one transaction) added and removed, in the lab router; and the
+  CPU of one binding's transaction (four elements) through it and through
+  libnftables' text commands (``bind.add_text``, the writer before).
 """
 
 from __future__ import annotations
@@ -50,16 +52,20 @@ import argparse
 import ipaddress
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import nftables
+
 from firewall.lab.netns import Lab
 from firewall.lab.topology import load_topology
 from firewall.lab.wait import wait_for
 from firewall.processor.rulebook import KernelRule
+from firewall.rules import bind
 from tests.firewall.run_harness import CONFIG, Running
 
 WAN, EXT, LAN, GW = "203.0.113.1", "203.0.113.10", "192.168.1.10", "172.31.255.2"
@@ -107,7 +113,7 @@ INSTALLS = r"""
 import json, sys, time
 from firewall.processor.kernel import NatWriter
 from firewall.processor.rulebook import KernelOp
-from tests.firewall.relay_bench import kernel_rule
+from tests.firewall.relay_bench import binding_cpu, kernel_rule
 n = int(sys.argv[1])
 w = NatWriter(10)
 ops = [("leg_dnat", "tcp", (0x0A000001, 1024 + i, 0x0A000002, 80), (0xAC1FFF02, 20000)) for i in range(2000)]
@@ -125,8 +131,40 @@ for i in range(n):
     unit = kernel_rule(i)
     assert w.apply(KernelOp(2 * i, True, unit)) and w.apply(KernelOp(2 * i + 1, False, unit))
 rules_per_s = 2 * n / (time.perf_counter() - t)
-print(json.dumps({"elements_single": single, "elements_batched": batched, "rule_ops": rules_per_s}))
+print(json.dumps({"elements_single": single, "elements_batched": batched, "rule_ops": rules_per_s,
+                  **binding_cpu(w, 2000)}))
 """
+
+
+def binding_cpu(writer, n: int) -> dict[str, float]:
+    """CPU ms (user, system) per transaction of one binding's four elements (leg A's and leg B's
+    ahead, as the processor writes them): through ``writer`` (``NatWriter``, netlink messages of
+    its own) and through libnftables' text commands (``bind.add_text``, the writer before)."""
+    def ops(i: int, base: int) -> list:
+        c, s, g, f = base + i, 0x0B000001, base - 1, 0x0D000001  # each run its own keys
+        sport, fport = 1024 + i % 60000, 30000 + i % 30000
+        return [(bind.DNAT_MAP, "tcp", (c, sport, s, 80), (g, 20000)), (bind.SNAT_MAP, "tcp", (c, sport, s, 80), (f, fport)),
+                (bind.LEGB_DNAT_MAP, "tcp", (g, f, fport), (s, 80)), (bind.LEGB_SNAT_MAP, "tcp", (g, f, fport), (c, sport))]
+
+    def cpu(write, base: int) -> tuple[float, float]:
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        for i in range(n):
+            write(ops(i, base))
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        return 1e3 * (r1.ru_utime - r0.ru_utime) / n, 1e3 * (r1.ru_stime - r0.ru_stime) / n
+
+    nft = nftables.Nftables()
+
+    def old(o: list) -> None:
+        assert nft.cmd(bind.add_text(o, 10))[0] == 0
+
+    def new(o: list) -> None:
+        assert all(writer.write(o))
+
+    user, system = cpu(new, 0x0A100000)
+    old_user, old_system = cpu(old, 0x0A200000)
+    return {"binding_tx_user_ms": user, "binding_tx_sys_ms": system,
+            "binding_tx_user_ms_libnftables": old_user, "binding_tx_sys_ms_libnftables": old_system}
 
 
 def kernel_rule(i: int) -> tuple[KernelRule, ...]:
@@ -297,6 +335,10 @@ def main() -> None:
         "binding_elements_per_s_single": round(installs["elements_single"]),
         "binding_elements_per_s_batched_100": round(installs["elements_batched"]),
         "dynamic_rule_ops_per_s": round(installs["rule_ops"], 1),
+        # One binding's four elements in one transaction: CPU ms (user + system), the writer against libnftables.
+        "binding_tx_cpu_ms": round(installs["binding_tx_user_ms"] + installs["binding_tx_sys_ms"], 4),
+        "binding_tx_cpu_ms_libnftables": round(installs["binding_tx_user_ms_libnftables"]
+                                               + installs["binding_tx_sys_ms_libnftables"], 4),
     }
     print(json.dumps(out, indent=2))
 

@@ -2,13 +2,19 @@
 
 The processor reads every destroy event and dump entry of nfgate's
 connections itself (``connection``); pyroute2's ctnetlink classes build the
-messages here, as the kernel would send them, so the two must agree.
+messages here, as the kernel would send them, so the two must agree. The
+destroy-event socket's BPF filter (``destroy_filter``) runs in this
+kernel on the same messages sent through a datagram socket pair, and in a
+netns on conntrack's own events.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import socket
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +22,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple, nfct_msg
 
-from firewall.processor.kernel import Connection, _mark_of, connection
+from firewall.config.model import Marks
+from firewall.lab.topology import parse_topology
+from firewall.processor.kernel import Connection, _attach, _mark_of, connection, destroy_filter
 from firewall.signalling import Counters
 
 
@@ -95,3 +103,92 @@ def test_no_bytes_make_it_raise(data: bytes, draw: Any) -> None:
     cut = draw.draw(st.integers(0, len(real)))
     got = connection(bytes(real[:cut]), 0, cut)
     assert got is None or isinstance(got, Connection)
+
+
+# -- the destroy-event socket's filter ------------------------------------------------------------
+
+MARKS = Marks()
+
+
+def passes(prog: bytes, data: bytes) -> bool:
+    """Whether ``data`` gets through ``prog`` attached to the receiving end of a datagram pair:
+    the kernel runs the filter on the datagram as it would on a netlink event."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with a, b:
+        _attach(b, prog)
+        b.setblocking(False)
+        a.send(data)
+        try:
+            return b.recv(1 << 16) == data
+        except BlockingIOError:
+            return False
+
+
+@pytest.mark.parametrize("mark, kind, passed", [
+    (MARKS.rewritten, 2, True),
+    (MARKS.rewritten | MARKS.allowed | 0x01000005, 2, True),  # other bits do not matter
+    (MARKS.rewritten, 0, False),  # a new event, not a destroy
+    (MARKS.passed, 2, False),
+    (MARKS.allowed, 2, False),
+    (0x01000000, 2, False),
+    (None, 2, False),  # a connection without a mark: the kernel sends no CTA_MARK
+])
+def test_the_filter_passes_the_destroy_events_of_nfgates_connections_only(mark: int | None, kind: int, passed: bool) -> None:
+    data = bytearray(message(6, (C, 40000, W, 443), (G, 20000, F, 30000), mark=mark, counters=(1, 2, 3, 4)))
+    data[4] = kind  # the message type's low byte (host order): the ctnetlink command
+    assert passes(destroy_filter(MARKS.rewritten), bytes(data)) is passed
+
+
+@given(st.integers(0, 2**32 - 1), st.booleans(), st.booleans())
+def test_the_filter_agrees_with_the_python_check(mark: int, six: bool, counters: bool) -> None:
+    """Whatever the mark and wherever CTA_MARK falls (IPv6 tuples, counters before or not),
+    the kernel's filter and ``destroyed``'s own check take the same events."""
+    if six:
+        data = message(17, ("2001:db8::1", 5000, "2001:db8::2", 53), ("2001:db8::2", 53, "2001:db8::1", 5000),
+                       mark=mark, counters=(1, 2, 3, 4) if counters else None, family=socket.AF_INET6)
+    else:
+        data = message(6, (C, 40000, W, 443), (G, 20000, F, 30000), mark=mark, counters=(1, 2, 3, 4) if counters else None)
+    ours = mark & MARKS.rewritten == MARKS.rewritten
+    assert _mark_of(data, 0, len(data)) == mark
+    assert passes(destroy_filter(MARKS.rewritten), data) is ours
+
+
+ONE_HOST = parse_topology({"name": "one", "router": "router", "hosts": {"router": {}}, "links": []})
+
+# Runs in the router: four conntrack entries, nfgate's mark on two, all flushed; the events that
+# reach the processor's socket, and those a socket without the filter sees.
+EVENTS = r"""
+import json, socket, subprocess
+from firewall.config.model import Marks
+from firewall.processor.kernel import Conntrack, connection
+
+m = Marks()
+ours = Conntrack(m.mask, m.rewritten).open_events()
+plain = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)
+plain.bind((0, 1 << 2))  # the destroy group, unfiltered
+plain.setblocking(False)
+for src, mark in (("10.0.0.1", m.rewritten), ("10.0.0.2", 0), ("10.0.0.3", m.rewritten | m.allowed), ("10.0.0.4", m.passed)):
+    subprocess.run(["conntrack", "-I", "-p", "tcp", "-s", src, "-d", "10.9.9.9", "--sport", "1000", "--dport", "80",
+                    "--state", "ESTABLISHED", "-t", "100", "-u", "SEEN_REPLY", "--mark", str(mark)], check=True, capture_output=True)
+subprocess.run(["conntrack", "-F"], check=True, capture_output=True)  # the events are queued when it returns
+
+def sources(sock):
+    out = []
+    while True:
+        try:
+            data = sock.recv(1 << 16)
+        except BlockingIOError:
+            return out
+        out.append(str(connection(data).orig[0]))
+
+print(json.dumps({"plain": sources(plain), "ours": sources(ours)}))
+"""
+
+
+@pytest.mark.netns
+def test_conntrack_s_destroy_events_reach_the_processor_for_nfgate_s_connections_only(lab_factory: Any) -> None:
+    lab = lab_factory(ONE_HOST)
+    got = json.loads(lab.run("router", [sys.executable, "-c", EVENTS], cwd=Path(__file__).parents[2]).stdout)
+    ip = {str(int(ipaddress.IPv4Address(f"10.0.0.{i}"))): i for i in range(1, 5)}
+    assert sorted(ip[a] for a in got["plain"]) == [1, 2, 3, 4]  # all four ended, each with its event
+    assert sorted(ip[a] for a in got["ours"]) == [1, 3]
