@@ -195,6 +195,11 @@ class MediatorCore(ChannelCore[MediatorState]):
             raise LocalProtocolError("receive_data before channel_up")
         return self._receive(data, now)
 
+    def receive_into(self, nbytes: int, now: float) -> Out:
+        if self._state is MediatorState.CONNECTING:
+            raise LocalProtocolError("receive_into before channel_up")
+        return super().receive_into(nbytes, now)
+
     def close(
         self, code: ErrorCode = ErrorCode.NORMAL, message: str = ""
     ) -> Out:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from firewall.drive import CoreDriver
-from tunnel.aio import ReadGate, grow_tls_read_buffer
+from tunnel.aio import ChannelWriter, ReadGate, grow_tls_read_buffer
 from tunnel.commands import (
     ChannelClosed, CloseChannel, ConnectionAccepted, LimitExceeded, PauseReading, PeerFin, PeerReset, PortOpened,
     Received, RelayFailed, RequestAcked, RequestFailed, ResumeReading, SendDatagram, SendFrame, ServerOutput,
@@ -134,8 +134,8 @@ class Session:
         self._owners_at_open: dict[int, PortOwner] = {}  # OPEN_CONNECT request id -> its port's owner
         self._channel_waiters: dict[int, asyncio.Future[None]] = {}
         self._room_waiters: list[asyncio.Future[None]] = []  # new relays waiting for a request slot
-        self._outbox: list[bytes] = []  # frames to write at the end of this loop iteration
-        self._busy = False  # the TLS read buffer was grown (``on_data``)
+        self.writer = ChannelWriter(transport, self.loop)  # frames to write at the end of this loop iteration
+        self._busy = False  # the TLS read buffer was grown (``_took``)
         handlers = {
             SendFrame: self._send_frame, CloseChannel: self._close_channel, ChannelClosed: self._channel_closed,
             SendDatagram: self._send_datagram, SessionReady: self._ready, PortOpened: self._answer,
@@ -153,12 +153,24 @@ class Session:
     # -- driving the core ------------------------------------------------------------------
 
     def on_data(self, data: bytes) -> None:
-        if not self._busy and len(data) * 2 >= self.server.config.tls_idle_read_buffer:
+        self._took(len(data))
+        self.driver.run(self.core.receive_data(data, self.loop.time()))
+
+    def read_buffer(self, sizehint: int) -> memoryview:
+        """Where TLS writes the channel's next bytes (``ChannelProtocol.get_buffer``)."""
+        return self.core.read_buffer(sizehint)
+
+    def on_buffer(self, nbytes: int) -> None:
+        """``nbytes`` were written into ``read_buffer``'s view."""
+        self._took(nbytes)
+        self.driver.run(self.core.receive_into(nbytes, self.loop.time()))
+
+    def _took(self, nbytes: int) -> None:
+        if not self._busy and nbytes * 2 >= self.server.config.tls_idle_read_buffer:
             # Bulk: larger reads from now on (an idle channel keeps the small buffer).
             self._busy = True
             grow_tls_read_buffer(self.transport, self.server.config.tls_read_buffer)
-        self._count("bytes_from_mediator", len(data))
-        self.driver.run(self.core.receive_data(data, self.loop.time()))
+        self._count("bytes_from_mediator", nbytes)
 
     def on_datagram(self, raw: bytes, source: tuple[IPAddress, int]) -> None:
         self._via_channel = True
@@ -192,20 +204,16 @@ class Session:
     # -- outputs ---------------------------------------------------------------------------
 
     def _send_frame(self, out: SendFrame) -> None:
-        data = out.data
+        parts = out.parts
         if isinstance(out.frame, Data) and self._proto(out.frame.port_id) is Proto.UDP:
             self._count("udp_via_frames_out")
-        self._count("bytes_to_mediator", len(data))
+        self._count("bytes_to_mediator", sum(map(len, parts)))
         # Coalesced: the frames of one loop iteration go as one TLS write.
-        if not self._outbox:
-            self.loop.call_soon(self.flush)
-        self._outbox.append(data)
+        self.writer.add(parts)
 
     def flush(self) -> None:
         """Write the frames collected since the last flush, in order."""
-        if self._outbox and not self.transport.is_closing():
-            self.transport.write(b"".join(self._outbox))
-        self._outbox.clear()
+        self.writer.flush()
 
     def _close_channel(self, out: CloseChannel) -> None:
         self.flush()

@@ -1,6 +1,7 @@
 """A new public connection's cost through the tunnel, without a lab: event-loop iterations, channel writes, p50.
 
     PYTHONPATH=. .venv/bin/python -m tests.tunnel.loop_bench [--exchanges 500] [--loop asyncio|uvloop] [--http] [--warm 1]
+    PYTHONPATH=. .venv/bin/python -m tests.tunnel.loop_bench --bulk 256 [--down] [--loop uvloop]
 
 Not a test (nothing is asserted): a figure for docs/benchmarks.md. The
 control server, one mediator (its warm pool on, as by default), an echo
@@ -18,6 +19,14 @@ records) and the frames they carried, the process's CPU time per exchange
 machine's load than wall time, not unmoved), and the exchange's p50 and p99
 in milliseconds and how many took over 5 and 20 ms (which the machine's
 load moves).
+
+``--bulk MB`` measures bulk instead: one public connection carries MB
+megabytes from the client to a target that only counts them (``--down``:
+from the target to the client), and it prints the process's CPU seconds
+per GB and the channel's writes, frames and TLS records per MB. Run under
+callgrind (``valgrind --tool=callgrind --callgrind-out-file=F python -m
+tests.tunnel.loop_bench --bulk MB``) at two sizes, the difference of the
+two instruction counts per MB is the bulk's own cost whatever the load.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.tunnel.loopback import echo_server, free_port, loopback
+from tunnel import aio as aio_module
 from tunnel import mediator as mediator_module
 from tunnel import session as session_module
 
@@ -41,16 +51,25 @@ PAYLOAD = b"x" * 100
 
 def _count_writes(counts: Counter[str]) -> None:
     """Count the channel's writes (one per loop iteration with frames) and their frames, both ends."""
+    names: dict[int, str] = {}
     for name, cls in (("server", session_module.Session), ("mediator", mediator_module._Session)):
-        flush = cls.flush
+        init = cls.__init__
 
-        def counted(self: Any, _flush: Any = flush, _name: str = name) -> None:
-            if self.outbox if _name == "mediator" else self._outbox:
-                counts[f"{_name}_writes"] += 1
-                counts[f"{_name}_frames"] += len(self.outbox if _name == "mediator" else self._outbox)
-            _flush(self)
+        def tagged(self: Any, *args: Any, _init: Any = init, _name: str = name, **kw: Any) -> None:
+            _init(self, *args, **kw)
+            names[id(self.writer)] = _name
 
-        cls.flush = counted  # type: ignore[method-assign]
+        cls.__init__ = tagged  # type: ignore[method-assign]
+    flush = aio_module.ChannelWriter.flush
+
+    def counted(self: Any) -> None:
+        if self.frames:
+            name = names.get(id(self), "other")
+            counts[f"{name}_writes"] += 1
+            counts[f"{name}_frames"] += self.frames
+        flush(self)
+
+    aio_module.ChannelWriter.flush = counted  # type: ignore[method-assign]
 
 
 HTTP_REQUEST = b"GET /small.txt HTTP/1.0\r\n\r\n"
@@ -70,6 +89,98 @@ async def exchange(port: int, http: bool = False) -> float:
     writer.close()
     assert got.endswith(b"ok\n") if http else got == PAYLOAD, got
     return time.perf_counter() - started
+
+
+CHUNK = b"b" * (1 << 18)
+
+
+class _Sink(asyncio.Protocol):
+    """The bulk target (or, ``--down``, its client): counts what it reads;
+    sends ``send`` bytes (in ``CHUNK``s, as its writes drain), then
+    half-closes; done once the peer's EOF has come and its own is out."""
+
+    def __init__(self, send: int = 0) -> None:
+        self.send = send
+        self.received = 0
+        self.transport: asyncio.Transport | None = None
+        self.paused = False
+        self.eof_sent = self.eof_received_ = False
+        self.done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._pump()
+
+    def _pump(self) -> None:
+        assert self.transport is not None
+        while self.send > 0 and not self.paused:
+            n = min(self.send, len(CHUNK))
+            self.transport.write(CHUNK if n == len(CHUNK) else CHUNK[:n])
+            self.send -= n
+        if self.send == 0 and not self.eof_sent:
+            self.eof_sent = True
+            self.transport.write_eof()
+            self._check()
+
+    def _check(self) -> None:
+        if self.eof_sent and self.eof_received_ and not self.done.done():
+            self.done.set_result(self.received)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._pump()
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+
+    def eof_received(self) -> bool:
+        self.eof_received_ = True
+        self._check()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(self.received)
+
+
+async def bulk(megabytes: int, loop_name: str, down: bool) -> dict[str, Any]:
+    counts: Counter[str] = Counter()
+    _count_writes(counts)
+    size = megabytes << 20
+    loop = asyncio.get_running_loop()
+    targets: list[_Sink] = []
+
+    def target() -> _Sink:
+        targets.append(_Sink(size if down else 0))
+        return targets[-1]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        async with loopback(Path(tmp)) as lb:
+            lb.start_mediator()
+            session = await lb.session()
+            server = await loop.create_server(target, "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+            public = free_port()
+            await lb.ask(cmd="publish", mediator="m1", proto="tcp", public=public, address="127.0.0.1", port=port)
+            cpu, started = time.process_time(), time.perf_counter()
+            _, client = await loop.create_connection(lambda: _Sink(0 if down else size), "127.0.0.1", public)
+            got = await asyncio.wait_for(client.done, 600)
+            await asyncio.wait_for(targets[0].done, 60)
+            cpu, wall = time.process_time() - cpu, time.perf_counter() - started
+            client.transport.close()  # type: ignore[union-attr]
+            server.close()
+            version = session.core.version
+    moved = got if down else targets[0].received
+    assert moved == size, (moved, size)
+    per_mb = {k: round(v / megabytes, 2) for k, v in sorted(counts.items())}
+    return {
+        "loop": loop_name, "version": version, "direction": "down" if down else "up", "megabytes": megabytes,
+        "cpu_s_per_gb": round(cpu * 1024 / megabytes, 3), "gbit_s": round(size * 8 / wall / 1e9, 3),
+        "per_mb": per_mb,
+    }
 
 
 async def http_target(directory: Path) -> tuple[asyncio.subprocess.Process, int]:
@@ -138,11 +249,15 @@ async def main(exchanges: int, loop_name: str, http: bool = False, warm: int = 1
 
 
 def run(exchanges: int, loop_name: str, http: bool = False, warm: int = 1) -> dict[str, Any]:
+    return _run(main(exchanges, loop_name, http, warm), loop_name)
+
+
+def _run(coro: Any, loop_name: str) -> dict[str, Any]:
     if loop_name == "uvloop":
         import uvloop
 
-        return uvloop.run(main(exchanges, loop_name, http, warm))
-    return asyncio.run(main(exchanges, loop_name, http, warm))
+        return uvloop.run(coro)  # type: ignore[no-any-return]
+    return asyncio.run(coro)
 
 
 if __name__ == "__main__":
@@ -151,5 +266,10 @@ if __name__ == "__main__":
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     parser.add_argument("--http", action="store_true", help="the target is python -m http.server, as in the lab bench")
     parser.add_argument("--warm", type=int, default=1, help="the mediator's warm_connections")
+    parser.add_argument("--bulk", type=int, metavar="MB", help="one connection carrying MB megabytes instead")
+    parser.add_argument("--down", action="store_true", help="--bulk: from the target to the client")
     args = parser.parse_args()
-    print(run(args.exchanges, args.loop, args.http, args.warm))
+    if args.bulk:
+        print(_run(bulk(args.bulk, args.loop, args.down), args.loop))
+    else:
+        print(run(args.exchanges, args.loop, args.http, args.warm))
