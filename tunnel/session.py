@@ -265,7 +265,7 @@ class Session:
         if owner is not None and isinstance(out, PortOpened) and future is not None and not future.done():
             self.owners[out.port_id] = owner
             owner.on_opened(self, out.port_id)
-        if isinstance(out, RequestFailed) and out.port_id not in self.core.ports:
+        if isinstance(out, RequestFailed) and self.core.port(out.port_id) is None:
             self.owners.pop(out.port_id, None)  # a stream refused (version 4): its id is free again
         if future is not None and not future.done():
             if isinstance(out, RequestFailed):
@@ -346,7 +346,7 @@ class Session:
         owner.on_gone(f"{out.code.name}: {out.message}")
 
     def _proto(self, port_id: int) -> Proto | None:
-        entry = self.core.ports.get(port_id)
+        entry = self.core.port(port_id)
         return entry[0] if entry is not None else None
 
     # -- flow control -------------------------------------------------------------------------
@@ -509,9 +509,10 @@ class Session:
         """Close ``port_id`` without waiting for the answer (a relay ended)."""
         self.owners.pop(port_id, None)
         self.raw_ports.discard(port_id)
-        if self.closed or port_id not in self.core.ports:
+        entry = None if self.closed else self.core.port(port_id)
+        if entry is None:
             return
-        if self.core.opens_streams and self.core.ports[port_id][1] is PortState.RESET:
+        if self.core.opens_streams and entry[1] is PortState.RESET:
             return  # version 4: our RST ends it (a stream reset before its OPENED waits for that)
         try:
             _, outputs = self.core.close_port(port_id)
@@ -537,7 +538,7 @@ class Session:
     # -- relay ---------------------------------------------------------------------------------
 
     def send(self, port_id: int, address: IPAddress, port: int, data: bytes) -> None:
-        if self.closed or self.core.ports.get(port_id, (None, None))[1] not in (
+        if self.closed or (self.core.port(port_id) or (None, None))[1] not in (
             PortState.CONNECTED, PortState.OPEN, PortState.REDIRECTED,
         ):
             self._count("dropped_port_gone")
@@ -545,11 +546,11 @@ class Session:
         self.driver.run(self.core.send(port_id, address, port, data))
 
     def fin(self, port_id: int) -> None:
-        if not self.closed and self.core.ports.get(port_id, (None, None))[1] is PortState.CONNECTED:
+        if not self.closed and (self.core.port(port_id) or (None, None))[1] is PortState.CONNECTED:
             self.driver.run(self.core.fin(port_id))
 
     def reset(self, port_id: int) -> None:
-        if not self.closed and self.core.ports.get(port_id, (None, None))[1] is PortState.CONNECTED:
+        if not self.closed and (self.core.port(port_id) or (None, None))[1] is PortState.CONNECTED:
             self.driver.run(self.core.reset(port_id))
 
     def local_address_for(self, target: IPAddress) -> IPAddress:

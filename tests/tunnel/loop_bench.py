@@ -2,6 +2,7 @@
 
     PYTHONPATH=. .venv/bin/python -m tests.tunnel.loop_bench [--exchanges 500] [--loop asyncio|uvloop] [--http] [--warm 1]
     PYTHONPATH=. .venv/bin/python -m tests.tunnel.loop_bench --bulk 256 [--down] [--loop uvloop]
+    PYTHONPATH=. .venv/bin/python -m tests.tunnel.loop_bench --streams 500 [--exchanges 500]
 
 Not a test (nothing is asserted): a figure for docs/benchmarks.md. The
 control server, one mediator (its warm pool on, as by default), an echo
@@ -19,6 +20,10 @@ records) and the frames they carried, the process's CPU time per exchange
 machine's load than wall time, not unmoved), and the exchange's p50 and p99
 in milliseconds and how many took over 5 and 20 ms (which the machine's
 load moves).
+
+``--streams N`` holds N more connections open through the tunnel, silent,
+while the exchanges run: a cost per event that grows with the number of
+connections shows there.
 
 ``--bulk MB`` measures bulk instead: one public connection carries MB
 megabytes from the client to a target that only counts them (``--down``:
@@ -202,7 +207,7 @@ async def http_target(directory: Path) -> tuple[asyncio.subprocess.Process, int]
     raise RuntimeError("http.server did not start")
 
 
-async def main(exchanges: int, loop_name: str, http: bool = False, warm: int = 1) -> dict[str, Any]:
+async def main(exchanges: int, loop_name: str, http: bool = False, warm: int = 1, streams: int = 0) -> dict[str, Any]:
     counts: Counter[str] = Counter()
     _count_writes(counts)
     loop = asyncio.get_running_loop()
@@ -228,11 +233,19 @@ async def main(exchanges: int, loop_name: str, http: bool = False, warm: int = 1
                 await lb.ask(cmd="publish", mediator="m1", proto="tcp", public=public, address="127.0.0.1", port=target)
                 for _ in range(20):  # warm up: the pool, the TLS buffers, the allocators
                     await exchange(public, http)
+                idle = []  # ``streams`` connections open through the tunnel all along, silent
+                for _ in range(streams):
+                    reader, writer = await asyncio.open_connection("127.0.0.1", public)
+                    idle.append(writer)
+                while streams and len(lb.mediators[0][0].session.ports) < streams:  # type: ignore[union-attr]
+                    await asyncio.sleep(0.01)
                 counts.clear()
                 cpu = time.process_time()
                 times = [await exchange(public, http) for _ in range(exchanges)]
                 cpu = time.process_time() - cpu
                 version = session.core.version
+                for writer in idle:
+                    writer.close()
             finally:
                 if proc is not None:
                     proc.kill()
@@ -240,7 +253,8 @@ async def main(exchanges: int, loop_name: str, http: bool = False, warm: int = 1
     per = {k: round(v / exchanges, 2) for k, v in sorted(counts.items())}
     times.sort()
     return {
-        "loop": loop_name, "target": "http.server" if http else "echo", "warm": warm, "version": version, "exchanges": exchanges, "per_exchange": per,
+        "loop": loop_name, "target": "http.server" if http else "echo", "warm": warm, "version": version,
+        "streams": streams, "exchanges": exchanges, "per_exchange": per,
         "cpu_ms": round(cpu * 1000 / exchanges, 3),
         "p50_ms": round(statistics.median(times) * 1000, 3),
         "p99_ms": round(times[int(len(times) * 0.99) - 1] * 1000, 3),
@@ -248,8 +262,8 @@ async def main(exchanges: int, loop_name: str, http: bool = False, warm: int = 1
     }
 
 
-def run(exchanges: int, loop_name: str, http: bool = False, warm: int = 1) -> dict[str, Any]:
-    return _run(main(exchanges, loop_name, http, warm), loop_name)
+def run(exchanges: int, loop_name: str, http: bool = False, warm: int = 1, streams: int = 0) -> dict[str, Any]:
+    return _run(main(exchanges, loop_name, http, warm, streams), loop_name)
 
 
 def _run(coro: Any, loop_name: str) -> dict[str, Any]:
@@ -266,10 +280,12 @@ if __name__ == "__main__":
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     parser.add_argument("--http", action="store_true", help="the target is python -m http.server, as in the lab bench")
     parser.add_argument("--warm", type=int, default=1, help="the mediator's warm_connections")
+    parser.add_argument("--streams", type=int, default=0,
+                        help="connections held open (silent) through the tunnel while the exchanges run")
     parser.add_argument("--bulk", type=int, metavar="MB", help="one connection carrying MB megabytes instead")
     parser.add_argument("--down", action="store_true", help="--bulk: from the target to the client")
     args = parser.parse_args()
     if args.bulk:
         print(_run(bulk(args.bulk, args.loop, args.down), args.loop))
     else:
-        print(run(args.exchanges, args.loop, args.http, args.warm))
+        print(run(args.exchanges, args.loop, args.http, args.warm, args.streams))
