@@ -685,7 +685,7 @@ def data_chunk_size(max_frame_size: int, address: IPAddress) -> int:
 # The decoder's buffer (``FrameDecoder.get_buffer``): an idle channel's stays
 # this small, and a buffer past ``SHRINK_ABOVE`` is given back when it is empty
 # and the next read is small.
-IDLE_BUFFER = 4096
+IDLE_BUFFER = 1024
 SHRINK_ABOVE = 1 << 16
 # A DATA body longer than this is read field by field and its payload copied
 # once, out of the buffer; a shorter one (and every other frame) is copied

@@ -188,13 +188,20 @@ async def bulk(megabytes: int, loop_name: str, down: bool) -> dict[str, Any]:
     }
 
 
-async def http_target(directory: Path) -> tuple[asyncio.subprocess.Process, int]:
+async def http_target(directory: Path, switch_interval: float | None = None) -> tuple[asyncio.subprocess.Process, int]:
     """``python -m http.server``, scripts/bench_tunnel.py's target: a process of
-    its own, a thread per connection."""
+    its own, a thread per connection (``switch_interval``: its threads' GIL
+    switch interval, ``sys.setswitchinterval``, instead of Python's 5 ms)."""
     (directory / "small.txt").write_text("ok\n" * 100)
     port = free_port()
+    python = [sys.executable]
+    if switch_interval is not None:
+        python += ["-c", f"import runpy, sys; sys.setswitchinterval({switch_interval}); sys.argv[0] = 'http.server'; "
+                   "runpy.run_module('http.server', run_name='__main__')"]
+    else:
+        python += ["-m", "http.server"]
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(directory),
+        *python, str(port), "--bind", "127.0.0.1", "--directory", str(directory),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )
     for _ in range(200):
@@ -207,7 +214,10 @@ async def http_target(directory: Path) -> tuple[asyncio.subprocess.Process, int]
     raise RuntimeError("http.server did not start")
 
 
-async def main(exchanges: int, loop_name: str, http: bool = False, warm: int = 1, streams: int = 0) -> dict[str, Any]:
+async def main(
+    exchanges: int, loop_name: str, http: bool = False, warm: int = 1, streams: int = 0,
+    switch_interval: float | None = None,
+) -> dict[str, Any]:
     counts: Counter[str] = Counter()
     _count_writes(counts)
     loop = asyncio.get_running_loop()
@@ -225,7 +235,7 @@ async def main(exchanges: int, loop_name: str, http: bool = False, warm: int = 1
             session = await lb.session()
             proc = None
             if http:
-                proc, target = await http_target(Path(tmp))
+                proc, target = await http_target(Path(tmp), switch_interval)
             else:
                 _, target = await echo_server()
             try:
@@ -262,8 +272,11 @@ async def main(exchanges: int, loop_name: str, http: bool = False, warm: int = 1
     }
 
 
-def run(exchanges: int, loop_name: str, http: bool = False, warm: int = 1, streams: int = 0) -> dict[str, Any]:
-    return _run(main(exchanges, loop_name, http, warm, streams), loop_name)
+def run(
+    exchanges: int, loop_name: str, http: bool = False, warm: int = 1, streams: int = 0,
+    switch_interval: float | None = None,
+) -> dict[str, Any]:
+    return _run(main(exchanges, loop_name, http, warm, streams, switch_interval), loop_name)
 
 
 def _run(coro: Any, loop_name: str) -> dict[str, Any]:
@@ -282,10 +295,12 @@ if __name__ == "__main__":
     parser.add_argument("--warm", type=int, default=1, help="the mediator's warm_connections")
     parser.add_argument("--streams", type=int, default=0,
                         help="connections held open (silent) through the tunnel while the exchanges run")
+    parser.add_argument("--switch-interval", type=float, metavar="S",
+                        help="--http: the target's GIL switch interval in seconds (Python's default 0.005)")
     parser.add_argument("--bulk", type=int, metavar="MB", help="one connection carrying MB megabytes instead")
     parser.add_argument("--down", action="store_true", help="--bulk: from the target to the client")
     args = parser.parse_args()
     if args.bulk:
         print(_run(bulk(args.bulk, args.loop, args.down), args.loop))
     else:
-        print(run(args.exchanges, args.loop, args.http, args.warm, args.streams))
+        print(run(args.exchanges, args.loop, args.http, args.warm, args.streams, args.switch_interval))
