@@ -8,7 +8,9 @@ compare only figures of one run -- PEERS.md, "Anchor figures"):
   in ``priv``: through the tunnel (``nfgate tunnel publish``), through
   OpenSSH's ``ssh -R`` (the usual way to reach into a NATed network), and
   through a plain ``socat`` relay on the NAT host (a user-space relay with
-  no tunnel, the floor of relaying cost).
+  no tunnel, the floor of relaying cost); and the CPU seconds each relay's
+  processes spent per GB carried (from /proc: server and mediator; sshd
+  with its children and ssh; socat with its children).
 - **HTTP request latency**, p50 and p99 over sequential requests, each on a
   new connection (so each one costs the tunnel an OPEN_PORT and a CONNECT),
   through the same three paths, to ``python -m http.server`` in ``priv``.
@@ -141,6 +143,36 @@ asyncio.run(main())
 """
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU time of ``pids`` so far, with their children that
+    have ended (those gone count 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(f) for f in fields[11:15])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def with_children(root: int) -> list[int]:
+    """``root`` and every process below it."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found, grew = {root}, True
+    while grew:
+        below = {pid for pid, parent in parents.items() if parent in found} - found
+        found |= below
+        grew = bool(below)
+    return sorted(found)
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -217,7 +249,7 @@ class Bench:
         )
         self.server = self.popen("pub", [PY, "-m", "tunnel.cli", "server", "-c", d / "server.toml"])
         wait_for(lambda: (d / "control.sock").exists(), timeout=START, what="the tunnel server")
-        self.popen("priv", [PY, "-m", "tunnel.cli", "mediator", "-c", d / "mediator.toml"])
+        self.mediator = self.popen("priv", [PY, "-m", "tunnel.cli", "mediator", "-c", d / "mediator.toml"])
         wait_for(lambda: self.m1()["state"] == "connected", timeout=START, interval=0.1, what="m1 to connect")
         www = d / "www"
         www.mkdir()
@@ -233,8 +265,9 @@ class Bench:
         self.cli("publish", "m1", "--to", f"{PRIV}:8000", "--public", 8301)
         self.cli("publish", "m1", "--to", f"{PRIV}:9000", "--public", 9001, "--udp")
         # socat on the NAT host: a plain user-space relay, no tunnel.
+        self.socat = []
         for public, target in ((8203, 5201), (8303, 8000)):
-            self.popen("nat", ["socat", f"TCP-LISTEN:{public},bind={NAT_WAN},fork,reuseaddr", f"TCP:{PRIV}:{target}"])
+            self.socat.append(self.popen("nat", ["socat", f"TCP-LISTEN:{public},bind={NAT_WAN},fork,reuseaddr", f"TCP:{PRIV}:{target}"]))
             self.listening("nat", public)
         self.setup_ssh()
 
@@ -250,9 +283,9 @@ class Bench:
             "PermitRootLogin prohibit-password\nGatewayPorts clientspecified\nAllowTcpForwarding yes\n"
         )
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
-        self.popen("pub", ["/usr/sbin/sshd", "-D", "-e", "-f", d / "sshd_config"])
+        self.sshd = self.popen("pub", ["/usr/sbin/sshd", "-D", "-e", "-f", d / "sshd_config"])
         self.listening("pub", 2222)
-        self.popen("priv", [
+        self.ssh = self.popen("priv", [
             "ssh", "-N", "-i", d / "id", "-p", 2222, "-o", "StrictHostKeyChecking=no",
             "-o", "UserKnownHostsFile=/dev/null", "-o", "ExitOnForwardFailure=yes", "-o", "LogLevel=ERROR",
             "-R", f"{PUB}:8202:{PRIV}:5201", "-R", f"{PUB}:8302:{PRIV}:8000", f"root@{PUB}",
@@ -262,21 +295,30 @@ class Bench:
 
     # -- measurements ---------------------------------------------------------------------
 
-    def iperf(self, host: str, port: int) -> float:
+    def iperf(self, host: str, port: int, relay: Any) -> tuple[float, float]:
+        """Gbit/s through host:port, and the CPU seconds per GB of the processes
+        ``relay()`` names (asked before and after: a relay may fork for the connection)."""
+        before = relay()
+        cpu = cpu_seconds(before)
         doc = self.run_json("pub", ["iperf3", "-c", host, "-p", port, "-t", self.seconds, "-J"],
                             timeout=self.seconds + 30)
+        cpu = cpu_seconds(sorted(set(before) | set(relay()))) - cpu
         if "error" in doc:
             # One failed run (seen through ssh -R under load) must not lose the run's other figures.
             self.results.setdefault("errors", []).append(f"iperf3 to {host}:{port}: {doc['error']}")
-            return float("nan")
-        return doc["end"]["sum_received"]["bits_per_second"] / 1e9
+            return float("nan"), float("nan")
+        received = doc["end"]["sum_received"]
+        return received["bits_per_second"] / 1e9, cpu / (received["bytes"] / 1e9)
 
     def throughput(self) -> None:
-        self.results["tcp_gbit_s"] = {
-            "tunnel": self.iperf(PUB, 8201),
-            "ssh -R": self.iperf(PUB, 8202),
-            "socat relay": self.iperf(NAT_WAN, 8203),
+        paths = {
+            "tunnel": (PUB, 8201, lambda: [self.server.pid, self.mediator.pid]),
+            "ssh -R": (PUB, 8202, lambda: [*with_children(self.sshd.pid), self.ssh.pid]),
+            "socat relay": (NAT_WAN, 8203, lambda: with_children(self.socat[0].pid)),
         }
+        results = {name: self.iperf(host, port, pids) for name, (host, port, pids) in paths.items()}
+        self.results["tcp_gbit_s"] = {name: r[0] for name, r in results.items()}
+        self.results["tcp_cpu_s_per_gb"] = {name: r[1] for name, r in results.items()}
 
     def latency(self, n: int = 500) -> None:
         self.results["http_ms"] = {
@@ -335,7 +377,9 @@ def report(results: dict[str, Any]) -> str:
     lines: list[str] = []
     if "tcp_gbit_s" in results:
         lines.append("TCP throughput, iperf3, one stream (Gbit/s):")
-        lines += [f"  {k:<12} {v:6.2f}" for k, v in results["tcp_gbit_s"].items()]
+        cpu = results.get("tcp_cpu_s_per_gb", {})
+        lines += [f"  {k:<12} {v:6.2f}   relay CPU {cpu.get(k, float('nan')):5.2f} s/GB"
+                  for k, v in results["tcp_gbit_s"].items()]
     if "http_ms" in results:
         lines.append("HTTP request latency, new connection each (ms):")
         lines += [f"  {k:<12} p50 {v['p50']:6.2f}  p99 {v['p99']:6.2f}  max {v['max']:6.2f}  (n={v['n']})"

@@ -15,6 +15,8 @@
 - ``udp_socket``: a server's UDP socket on one address, IPv6 only on an IPv6
   address, so that ``0.0.0.0`` and ``::`` can both hold one port.
 - ``address_pair``: a socket address as an address value and a port.
+- ``ChannelWriter``: the frames of one loop iteration as one write on a
+  TLS channel, bulk payloads passed on without a copy.
 - ``until_signalled`` and ``run_main``: how both roles run in the foreground
   until SIGTERM or SIGINT, with a ``stats`` line on SIGUSR1, on uvloop or
   asyncio's own loop (``stream`` accepts both loops' transports).
@@ -36,7 +38,7 @@ from typing import Any
 
 from tunnel.errors import ErrorCode
 from tunnel.events import EventLog
-from tunnel.frames import IPAddress, Proto
+from tunnel.frames import Bytes, IPAddress, Proto
 from tunnel.wire import endpoint_text
 from tunnel.settings import EventLoop
 
@@ -96,6 +98,62 @@ class ReadGate:
                 transport.resume_reading()  # type: ignore[attr-defined]
         except (AttributeError, RuntimeError):
             pass  # closed meanwhile, or a transport that cannot pause
+
+
+# A payload at least this long is handed to TLS as it is, in its own TLS
+# records (the largest is 16 KiB, RFC 8446 section 5.1); shorter pieces
+# (headers, requests, window updates) are joined into one.
+OWN_RECORDS = 16384
+
+
+class ChannelWriter:
+    """The frames of one loop iteration as one write on a TLS channel.
+
+    Frames come as pieces (``SendFrame.parts``: a DATA frame's header, then
+    its payload as the socket read it). At the end of the iteration the
+    short pieces are joined and every long payload follows as it is, all
+    in one ``writelines``: TLS encrypts a payload from the read it came in,
+    and Python copies none of it (docs/tunnel-protocol.md section 21,
+    "Copies")."""
+
+    __slots__ = ("transport", "loop", "parts", "frames")
+
+    def __init__(self, transport: asyncio.WriteTransport, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport = transport
+        self.loop = loop
+        self.parts: list[Bytes] = []
+        self.frames = 0  # frames in ``parts``
+
+    def add(self, parts: tuple[Bytes, ...]) -> None:
+        if not self.parts:
+            self.loop.call_soon(self.flush)
+        self.parts.extend(parts)
+        self.frames += 1
+
+    def flush(self) -> None:
+        """Write what was added since the last flush, in order."""
+        parts, self.parts, self.frames = self.parts, [], 0
+        if not parts or self.transport.is_closing():
+            return
+        if len(parts) == 1:
+            self.transport.write(parts[0])
+            return
+        pieces: list[Bytes] = []
+        short: list[Bytes] = []
+        for part in parts:
+            if len(part) < OWN_RECORDS:
+                short.append(part)
+                continue
+            if short:
+                pieces.append(b"".join(short))
+                short = []
+            pieces.append(part)
+        if short:
+            pieces.append(b"".join(short))
+        if len(pieces) == 1:
+            self.transport.write(pieces[0])
+        else:
+            self.transport.writelines(pieces)
 
 
 def settle_pause(transport: asyncio.BaseTransport) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Generic, TypeVar
 from tunnel.commands import ChannelClosed, CloseChannel, SendFrame
 from tunnel.errors import ErrorCode, LocalProtocolError, ProtocolError
 from tunnel.frames import (
-    MIN_MAX_FRAME_SIZE, Bye, Data, Frame, FrameDecoder, FrameType, IPAddress,
+    MIN_MAX_FRAME_SIZE, Bye, Bytes, Data, Frame, FrameDecoder, FrameType, IPAddress,
     data_chunk_size,
 )
 from tunnel.states import Local, Trigger
@@ -104,10 +104,11 @@ class ChannelCore(abc.ABC, Generic[S]):
         return SendFrame(frame, self._version if self._version is not None else max(self._versions))
 
     def _data_frames(
-        self, port_id: int, address: IPAddress, port: int, data: bytes, *, stream: bool
+        self, port_id: int, address: IPAddress, port: int, data: Bytes, *, stream: bool
     ) -> list[SendFrame]:
         """DATA frames for ``data``: a stream is cut to the peer's max frame
-        size, a datagram must fit in one frame (it cannot be split)."""
+        size (views of ``data``, not copies), a datagram must fit in one
+        frame (it cannot be split)."""
         chunk = data_chunk_size(self._peer_max_frame, address)
         if stream and not data:
             return []
@@ -115,15 +116,31 @@ class ChannelCore(abc.ABC, Generic[S]):
             return [self._send(Data(port_id, address, port, data))]
         if not stream:
             raise LocalProtocolError(f"a {len(data)}-byte datagram does not fit in a frame")
+        data = memoryview(data)
         return [
             self._send(Data(port_id, address, port, data[i : i + chunk]))
             for i in range(0, len(data), chunk)
         ]
 
+    def read_buffer(self, sizehint: int) -> memoryview:
+        """Where the I/O layer may write the channel's next bytes (about
+        ``sizehint`` of them: ``BufferedProtocol.get_buffer``); then
+        ``receive_into``. No copy of them is made before their frames."""
+        return self._decoder.get_buffer(sizehint)
+
+    def receive_into(self, nbytes: int, now: float) -> list[Any]:
+        """``nbytes`` were written into ``read_buffer``'s view: as ``receive_data``."""
+        self._decoder.buffer_updated(nbytes)
+        return self._drain(now)
+
     def _receive(self, data: bytes, now: float) -> list[Any]:
         if self.closed:
             return []
         self._decoder.feed(data)
+        return self._drain(now)
+
+    def _drain(self, now: float) -> list[Any]:
+        """The frames buffered so far, handled in order."""
         out: list[Any] = []
         while not self.closed:
             try:

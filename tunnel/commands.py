@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tunnel.errors import ErrorCode
-from tunnel.frames import BASE_VERSION, Frame, IPAddress, IPInterface, Proto, encode_frame
+from tunnel.frames import BASE_VERSION, Bytes, Frame, IPAddress, IPInterface, Proto, encode_frame, encode_frame_parts
 from tunnel.policy import Op
 
 # -- both sides ---------------------------------------------------------------
@@ -38,6 +38,11 @@ class SendFrame:
     @property
     def data(self) -> bytes:
         return encode_frame(self.frame, self.version)
+
+    @property
+    def parts(self) -> tuple[Bytes, ...]:
+        """``data`` in pieces, a DATA frame's payload not copied (``encode_frame_parts``)."""
+        return encode_frame_parts(self.frame, self.version)
 
 
 @dataclass(frozen=True)

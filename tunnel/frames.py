@@ -42,7 +42,7 @@ __all__ = [
     "InitErr", "OpenPort", "RedirectPort", "ConnectPort", "ListenPort", "ClosePort",
     "BASE_VERSION", "UdpKey", "OpenConnect", "OpenStream", "CheckTarget", "STREAM_ID_BASE", "SINCE_VERSION", "Opened", "Ack", "Err", "Data", "EventAccepted", "EventFin", "EventRst",
     "WindowUpdate", "Keepalive", "KeepaliveAck", "Bye", "FRAME_CLASSES", "encode_frame",
-    "data_chunk_size", "FrameDecoder",
+    "data_chunk_size", "FrameDecoder", "encode_frame_parts", "Bytes",
 ]
 
 PROTOCOL_VERSION = 4  # the highest this code speaks
@@ -62,6 +62,11 @@ MIN_MAX_FRAME_SIZE = HEADER_SIZE + DATA_OVERHEAD + MAX_UDP_PAYLOAD  # 65570
 DEFAULT_MAX_FRAME_SIZE = 131072
 
 UDP_KEY_SIZE = 32  # HMAC-SHA256 key for the UDP channels
+
+# A payload as the I/O layers hand it over: a socket's read, or a view into
+# one (a window or the frame size cut it), so that bulk is not copied on
+# its way to the channel (docs/tunnel-protocol.md section 21, "Copies").
+Bytes = bytes | memoryview
 
 # Version 4: the server names the streams it opens (OPEN_STREAM) from the
 # upper half of the u32 ids, the mediator its ports and accepted
@@ -496,13 +501,16 @@ class Data(Frame):
     port_id: int
     address: IPAddress
     port: int
-    payload: bytes
+    payload: Bytes
 
     def _write(self, w: Writer) -> None:
+        self._write_fields(w)
+        w.raw(self.payload)
+
+    def _write_fields(self, w: Writer) -> None:
         w.u32(self.port_id, "port_id")
         w.address(self.address)
         w.u16(self.port, "port")
-        w.raw(self.payload)
 
     @classmethod
     def _read(cls, r: Reader, request_id: int) -> Data:
@@ -650,9 +658,39 @@ def encode_frame(frame: Frame, version: int = BASE_VERSION) -> bytes:
     return HEADER.pack(version, frame.TYPE, 0, frame.request_id, len(body)) + body
 
 
+def encode_frame_parts(frame: Frame, version: int = BASE_VERSION) -> tuple[Bytes, ...]:
+    """``encode_frame``'s bytes as pieces to write in order: a DATA frame is
+    its header and fields, then its payload as it came (not copied); any
+    other frame is one piece."""
+    if type(frame) is not Data:
+        return (encode_frame(frame, version),)
+    assert isinstance(frame, Data)
+    problem = _check_request_id(frame.ROLE, frame.request_id)
+    if problem is not None:
+        raise LocalProtocolError(f"DATA: {problem}")
+    w = Writer()
+    frame._write_fields(w)
+    fields = b"".join(w.parts)
+    length = len(fields) + len(frame.payload)
+    check_range("version", version, 8)
+    check_range("length", length, 32)
+    return (HEADER.pack(version, FrameType.DATA, 0, 0, length) + fields, frame.payload)
+
+
 def data_chunk_size(max_frame_size: int, address: IPAddress) -> int:
     """The largest DATA payload that fits a frame of ``max_frame_size``."""
     return max_frame_size - HEADER_SIZE - (4 + 1 + address.max_prefixlen // 8 + 2)
+
+
+# The decoder's buffer (``FrameDecoder.get_buffer``): an idle channel's stays
+# this small, and a buffer past ``SHRINK_ABOVE`` is given back when it is empty
+# and the next read is small.
+IDLE_BUFFER = 1024
+SHRINK_ABOVE = 1 << 16
+# A DATA body longer than this is read field by field and its payload copied
+# once, out of the buffer; a shorter one (and every other frame) is copied
+# whole and read with a ``Reader``.
+_DATA_FIELDS_MAX = 4 + 1 + 16 + 2
 
 
 class FrameDecoder:
@@ -663,6 +701,13 @@ class FrameDecoder:
     must carry exactly it. ``max_frame_size`` bounds header plus body, and a
     header announcing more is refused at once, before its body is buffered.
     After a ``ProtocolError`` the decoder keeps raising it: framing is lost.
+
+    Bytes come in by ``feed`` (a copy), or are written straight into the
+    decoder's buffer: ``get_buffer`` lends the free end of it and
+    ``buffer_updated`` says how much was written there (asyncio's
+    ``BufferedProtocol``, through which TLS decrypts into it). A DATA
+    frame's payload is then the only copy Python makes of relayed bytes
+    on their way in (docs/tunnel-protocol.md section 21, "Copies").
     """
 
     def __init__(
@@ -676,16 +721,55 @@ class FrameDecoder:
         self.versions = frozenset(versions)
         self.version: int | None = None
         self._buffer = bytearray()
+        self._start = 0  # first byte not yet part of a returned frame
+        self._end = 0  # end of the bytes received
         self._error: ProtocolError | None = None
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet part of a returned frame."""
+        return self._end - self._start
+
+    @property
+    def capacity(self) -> int:
+        """The buffer's size (what a channel costs in memory for it)."""
         return len(self._buffer)
 
     def feed(self, data: bytes) -> None:
         """Buffer ``data``; frames come out of ``next_frame``."""
-        self._buffer += data
+        if data:
+            self._room(len(data))
+            self._buffer[self._end : self._end + len(data)] = data
+            self._end += len(data)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """The free end of the buffer, at least ``min(sizehint, 1)`` bytes,
+        to write received bytes into; then ``buffer_updated``. The view must
+        be let go before the next ``get_buffer`` or ``feed``."""
+        self._room(max(1, sizehint))
+        return memoryview(self._buffer)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of ``get_buffer``'s view."""
+        if not 0 <= nbytes <= len(self._buffer) - self._end:
+            raise ValueError(f"{nbytes} bytes do not fit the buffer lent")
+        self._end += nbytes
+
+    def _room(self, wanted: int) -> None:
+        """Make ``wanted`` bytes free at the end of the buffer (never while a
+        view of it is out: that is ``get_buffer``'s caller's promise)."""
+        if self._start == self._end:
+            self._start = self._end = 0
+            if len(self._buffer) > SHRINK_ABOVE and wanted < IDLE_BUFFER:
+                self._buffer = bytearray(IDLE_BUFFER)  # bulk is over: give the memory back
+        if len(self._buffer) - self._end >= wanted:
+            return
+        if self._start:
+            held = self._end - self._start
+            self._buffer[:held] = self._buffer[self._start : self._end]
+            self._start, self._end = 0, held
+        if len(self._buffer) - self._end < wanted:
+            self._buffer.extend(bytes(self._end + max(wanted, IDLE_BUFFER) - len(self._buffer)))
 
     def next_frame(self) -> Frame | None:
         """The next whole frame, or None until more bytes arrive."""
@@ -702,9 +786,10 @@ class FrameDecoder:
             yield frame
 
     def _next_frame(self) -> Frame | None:
-        if len(self._buffer) < HEADER_SIZE:
+        start = self._start
+        if self._end - start < HEADER_SIZE:
             return None
-        version, type_value, flags, request_id, length = HEADER.unpack_from(self._buffer)
+        version, type_value, flags, request_id, length = HEADER.unpack_from(self._buffer, start)
         if type_value not in VERSION_INDEPENDENT:
             wanted = self.versions if self.version is None else {self.version}
             if version not in wanted:
@@ -726,11 +811,17 @@ class FrameDecoder:
         problem = _check_request_id(cls.ROLE, request_id)
         if problem is not None:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"{cls.TYPE.name}: {problem}")
-        if len(self._buffer) < HEADER_SIZE + length:
+        end = start + HEADER_SIZE + length
+        if self._end < end:
             return None
-        body = bytes(self._buffer[HEADER_SIZE : HEADER_SIZE + length])
-        del self._buffer[: HEADER_SIZE + length]
-        reader = Reader(body)
+        self._start = end
+        with memoryview(self._buffer) as view:
+            if cls is Data and length > _DATA_FIELDS_MAX:
+                fields = Reader(bytes(view[start + HEADER_SIZE : start + HEADER_SIZE + _DATA_FIELDS_MAX]))
+                port_id, address, port = fields.u32(), fields.address(), fields.u16()
+                payload = bytes(view[start + HEADER_SIZE + fields.position : end])
+                return Data(port_id, address, port, payload, request_id=request_id)
+            reader = Reader(bytes(view[start + HEADER_SIZE : end]))
         frame = cls._read(reader, request_id)
         reader.end()
         return frame

@@ -89,7 +89,7 @@ def unsteered(gateway: Manifest, proto: str, first: int, last: int) -> list[str]
 class _Held(asyncio.Protocol):
     """Delegates to ``inner``; releases the layer's hold when the connection ends."""
 
-    def __init__(self, inner: asyncio.Protocol, hold: Any) -> None:
+    def __init__(self, inner: Any, hold: Any) -> None:
         self.inner = inner
         self.hold = hold
 
@@ -113,6 +113,16 @@ class _Held(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.inner.resume_writing()
+
+
+class _HeldBuffered(_Held, asyncio.BufferedProtocol):
+    """``_Held`` for a buffered ``inner`` (the TLS channel: ``ChannelProtocol``)."""
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.inner.get_buffer(sizehint)  # type: ignore[attr-defined,no-any-return]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.inner.buffer_updated(nbytes)  # type: ignore[attr-defined]
 
 
 class _UdpRoute:
@@ -267,7 +277,7 @@ class GatewayFrontend:
         port = hold.flow.original_dst.port
         publication = server.publications.get((Proto.TCP, port))
         if port == server.config.service_port:
-            inner: asyncio.Protocol = ChannelProtocol(server, peer=str(hold.flow.client))
+            inner: asyncio.BaseProtocol = ChannelProtocol(server, peer=str(hold.flow.client))
             ssl_args: dict[str, Any] = {
                 "ssl": server.tls_context, "ssl_handshake_timeout": server.config.handshake_timeout,
             }
@@ -280,7 +290,8 @@ class GatewayFrontend:
             sock.close()
             return
         try:
-            box["transport"], _ = await loop.connect_accepted_socket(lambda: _Held(inner, hold), sock, **ssl_args)
+            held = _HeldBuffered if isinstance(inner, asyncio.BufferedProtocol) else _Held
+            box["transport"], _ = await loop.connect_accepted_socket(lambda: held(inner, hold), sock, **ssl_args)
         except (OSError, TimeoutError) as err:
             # A failed TLS handshake: the mediator (or a scanner) never got in.
             self.counters["tls_failed"] += 1

@@ -43,7 +43,7 @@ from pyroute2 import IPRoute
 from firewall.drive import CoreDriver
 from tunnel import tls
 from tunnel.aio import (
-    BindError, ReadGate, address_pair, bind_socket, cancel_all, family_of, grow_udp_buffer, limit_unsent, reset,
+    BindError, ChannelWriter, ReadGate, address_pair, bind_socket, cancel_all, family_of, grow_udp_buffer, limit_unsent, reset,
     run_main, settle_pause, stream, until_signalled,
 )
 from tunnel.commands import (
@@ -205,12 +205,17 @@ def _interface_of(address: IPAddress) -> IPInterface:
     return ipaddress.ip_interface(f"{address}/{address.max_prefixlen}")
 
 
-class _ChannelProtocol(asyncio.Protocol):
-    """The TLS channel's byte stream, handed to the session once it exists."""
+class _ChannelProtocol(asyncio.BufferedProtocol):
+    """The TLS channel's byte stream, handed to the session once it exists.
+
+    Buffered, as the server's (``tunnel.server.ChannelProtocol``): TLS
+    decrypts straight into the core's frame decoder. Before the session
+    exists, what comes is kept and fed to it when it does."""
 
     def __init__(self) -> None:
         self.session: _Session | None = None
         self._early: list[bytes] = []
+        self._scratch: bytearray | None = None
         self._lost: str | None = None
 
     def attach(self, session: _Session) -> None:
@@ -220,6 +225,20 @@ class _ChannelProtocol(asyncio.Protocol):
         self._early.clear()
         if self._lost is not None:
             session.on_lost(self._lost)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.session is None:
+            self._scratch = bytearray(max(1, min(sizehint, 65536)))
+            return memoryview(self._scratch)
+        return self.session.read_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.session is None:
+            assert self._scratch is not None
+            self._early.append(bytes(self._scratch[:nbytes]))
+            self._scratch = None
+        else:
+            self.session.on_buffer(nbytes)
 
     def data_received(self, data: bytes) -> None:
         if self.session is None:
@@ -281,7 +300,7 @@ class _Session:
         self.ready = False
         self.channel_gate = ReadGate(transport)
         self._channel_full = False
-        self.outbox: list[bytes] = []  # frames to write at the end of this loop iteration
+        self.writer = ChannelWriter(transport, self.loop)  # frames to write at the end of this loop iteration
         self.probe: asyncio.DatagramTransport | None = None  # keepalive discovery's spare socket
         self.warm = WarmPool(cfg.warm_connections, cfg.warm_idle, cfg.connect_timeout, self.counters)
         self._probe_opening = False
@@ -307,8 +326,20 @@ class _Session:
 
     def on_data(self, data: bytes) -> None:
         self.counters["bytes_from_server"] += len(data)
+        self._contain(lambda: self.core.receive_data(data, self.loop.time()))
+
+    def read_buffer(self, sizehint: int) -> memoryview:
+        """Where TLS writes the channel's next bytes (``_ChannelProtocol.get_buffer``)."""
+        return self.core.read_buffer(sizehint)
+
+    def on_buffer(self, nbytes: int) -> None:
+        """``nbytes`` were written into ``read_buffer``'s view."""
+        self.counters["bytes_from_server"] += nbytes
+        self._contain(lambda: self.core.receive_into(nbytes, self.loop.time()))
+
+    def _contain(self, receive: Any) -> None:
         try:
-            self.driver.run(self.core.receive_data(data, self.loop.time()))
+            self.driver.run(receive())
         except Exception as err:  # noqa: BLE001 - ours, not the server's: say so, and end the channel cleanly
             self.counters["internal_errors"] += 1
             self.log.emit("internal_error", logging.ERROR, error=repr(err))
@@ -341,19 +372,15 @@ class _Session:
     # -- channel ------------------------------------------------------------------------
 
     def _send_frame(self, out: SendFrame) -> None:
-        data = out.data
-        self.counters["bytes_to_server"] += len(data)
+        parts = out.parts
+        self.counters["bytes_to_server"] += sum(map(len, parts))
         # Coalesced: the frames of one loop iteration (many sockets' reads,
         # a reply and its data) go as one TLS write, in fewer records.
-        if not self.outbox:
-            self.loop.call_soon(self.flush)
-        self.outbox.append(data)
+        self.writer.add(parts)
 
     def flush(self) -> None:
         """Write the frames collected since the last flush, in order."""
-        if self.outbox and not self.transport.is_closing():
-            self.transport.write(b"".join(self.outbox))
-        self.outbox.clear()
+        self.writer.flush()
 
     def _close_channel(self, out: CloseChannel) -> None:
         self.flush()

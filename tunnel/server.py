@@ -67,8 +67,13 @@ class Frontend(Protocol):
     async def close(self) -> None: ...
 
 
-class ChannelProtocol(asyncio.Protocol):
-    """A TLS channel from a mediator (after the handshake)."""
+class ChannelProtocol(asyncio.BufferedProtocol):
+    """A TLS channel from a mediator (after the handshake).
+
+    Buffered: TLS decrypts straight into the session's frame decoder
+    (``get_buffer``), so relayed bytes are not copied before their frames
+    are cut out (docs/tunnel-protocol.md section 21, "Copies");
+    ``data_received`` serves a transport that only delivers bytes."""
 
     def __init__(self, server: TunnelServer, peer: str | None = None) -> None:
         self.server = server
@@ -83,13 +88,26 @@ class ChannelProtocol(asyncio.Protocol):
         limit_unsent(transport, self.server.config.channel_unsent)
         self.session = self.server.new_session(transport, self.peer)
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.session is None:
+            return memoryview(bytearray(max(1, min(sizehint, 4096))))  # closing: read and dropped
+        return self.session.read_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.session is not None:
+            self._contain(self.session.on_buffer, nbytes)
+
     def data_received(self, data: bytes) -> None:
         if self.session is not None:
-            try:
-                self.session.on_data(data)
-            except Exception as err:  # noqa: BLE001 - ours, not the mediator's: say so, and end the channel cleanly
-                self.server.counters["internal_errors"] += 1
-                self.session.close(ErrorCode.INTERNAL, f"server error: {err!r}")
+            self._contain(self.session.on_data, data)
+
+    def _contain(self, call: Any, arg: Any) -> None:
+        assert self.session is not None
+        try:
+            call(arg)
+        except Exception as err:  # noqa: BLE001 - ours, not the mediator's: say so, and end the channel cleanly
+            self.server.counters["internal_errors"] += 1
+            self.session.close(ErrorCode.INTERNAL, f"server error: {err!r}")
 
     def eof_received(self) -> bool:
         if self.session is not None:

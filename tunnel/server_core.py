@@ -44,6 +44,7 @@ import secrets
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from firewall.replay import ReplayWindow
 from tunnel.channel import MAX_ID, ChannelCore, IdAllocator
@@ -94,6 +95,49 @@ class _Remote:
     fin_received: bool = False  # the mediator's EVENT_FIN came
 
 
+class _Remotes(dict[int, _Remote]):
+    """The remotes by id, counting those that take a port and those that
+    take a connection (``max_ports``, ``max_connections``) as they come and
+    go, so that a new connection's limit check does not go through every
+    connection (``loop_bench --streams``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.port_count = 0
+        self.connection_count = 0
+
+    def _count(self, remote: _Remote, sign: int) -> None:
+        self.port_count += sign * remote.is_port
+        self.connection_count += sign * remote.connection
+
+    def __setitem__(self, port_id: int, remote: _Remote) -> None:
+        old = self.get(port_id)
+        if old is not None:
+            self._count(old, -1)
+        super().__setitem__(port_id, remote)
+        self._count(remote, 1)
+
+    def __delitem__(self, port_id: int) -> None:
+        self._count(self[port_id], -1)
+        super().__delitem__(port_id)
+
+    def pop(self, port_id: int, default: Any = None) -> Any:  # type: ignore[override]
+        remote = super().pop(port_id, None)
+        if remote is None:
+            return default
+        self._count(remote, -1)
+        return remote
+
+    def clear(self) -> None:
+        super().clear()
+        self.port_count = self.connection_count = 0
+
+    def set_connection(self, remote: _Remote, connection: bool) -> None:
+        if self.get(remote.port_id) is remote:
+            self.connection_count += connection - remote.connection
+        remote.connection = connection
+
+
 @dataclass(frozen=True)
 class _Pending:
     kind: FrameType
@@ -133,7 +177,7 @@ class ServerSession(ChannelCore[ServerState]):
         self._hello_deadline = now + self.settings.hello_timeout
         self._interval = 0.0  # the mediator's keepalive interval
         self._key: bytes | None = None
-        self._remotes: dict[int, _Remote] = {}
+        self._remotes = _Remotes()
         self._pending: dict[int, _Pending] = {}
         self._request_ids = IdAllocator()
         self._stream_ids = IdAllocator(STREAM_ID_BASE, MAX_ID)  # version 4: the ids we choose
@@ -248,11 +292,11 @@ class ServerSession(ChannelCore[ServerState]):
     def _ports_in_use(self) -> int:
         opens = (FrameType.OPEN_PORT, FrameType.REDIRECT_PORT, FrameType.OPEN_CONNECT)
         opening = sum(p.kind in opens for p in self._pending.values())
-        return opening + sum(r.is_port for r in self._remotes.values())
+        return opening + self._remotes.port_count
 
     def _connections_in_use(self) -> int:
         opening = sum(p.kind is FrameType.OPEN_CONNECT for p in self._pending.values())
-        return opening + sum(r.connection for r in self._remotes.values())
+        return opening + self._remotes.connection_count
 
     def _needs_version(self, version: int, what: str) -> None:
         if self._state is ServerState.READY and (self._version or 0) < version:
@@ -380,7 +424,8 @@ class ServerSession(ChannelCore[ServerState]):
             lambda rid: ConnectPort(port_id, address, port, request_id=rid),
             _Pending(FrameType.CONNECT, port_id),
         )
-        remote.state, remote.connection, remote.peer = PortState.CONNECTING, True, (address, port)
+        remote.state, remote.peer = PortState.CONNECTING, (address, port)
+        self._remotes.set_connection(remote, True)
         return request_id, out
 
     def listen(self, port_id: int) -> Issued:
@@ -546,7 +591,8 @@ class ServerSession(ChannelCore[ServerState]):
         elif pending.kind is FrameType.UDP_KEY:
             self._key = None
         elif remote is not None and pending.kind in (FrameType.CONNECT, FrameType.LISTEN):
-            remote.state, remote.connection, remote.peer = PortState.OPEN, False, None
+            remote.state, remote.peer = PortState.OPEN, None
+            self._remotes.set_connection(remote, False)
         elif remote is not None and pending.kind is FrameType.CLOSE:
             if frame.code is ErrorCode.NO_SUCH_ID:
                 del self._remotes[pending.port_id]
@@ -699,4 +745,11 @@ class ServerSession(ChannelCore[ServerState]):
     def ports(self) -> dict[int, tuple[Proto, PortState]]:
         """The mirror of the mediator's usable ids (not those being closed)."""
         return {r.port_id: (r.proto, r.state) for r in self._remotes.values() if not r.closing}
+
+    def port(self, port_id: int) -> tuple[Proto, PortState] | None:
+        """``ports.get(port_id)`` without building ``ports`` (the I/O layer
+        asks for every relayed chunk: constant time, whatever the number of
+        connections)."""
+        remote = self._remotes.get(port_id)
+        return None if remote is None or remote.closing else (remote.proto, remote.state)
 

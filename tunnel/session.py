@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from firewall.drive import CoreDriver
-from tunnel.aio import ReadGate, grow_tls_read_buffer
+from tunnel.aio import ChannelWriter, ReadGate, grow_tls_read_buffer
 from tunnel.commands import (
     ChannelClosed, CloseChannel, ConnectionAccepted, LimitExceeded, PauseReading, PeerFin, PeerReset, PortOpened,
     Received, RelayFailed, RequestAcked, RequestFailed, ResumeReading, SendDatagram, SendFrame, ServerOutput,
@@ -134,8 +134,8 @@ class Session:
         self._owners_at_open: dict[int, PortOwner] = {}  # OPEN_CONNECT request id -> its port's owner
         self._channel_waiters: dict[int, asyncio.Future[None]] = {}
         self._room_waiters: list[asyncio.Future[None]] = []  # new relays waiting for a request slot
-        self._outbox: list[bytes] = []  # frames to write at the end of this loop iteration
-        self._busy = False  # the TLS read buffer was grown (``on_data``)
+        self.writer = ChannelWriter(transport, self.loop)  # frames to write at the end of this loop iteration
+        self._busy = False  # the TLS read buffer was grown (``_took``)
         handlers = {
             SendFrame: self._send_frame, CloseChannel: self._close_channel, ChannelClosed: self._channel_closed,
             SendDatagram: self._send_datagram, SessionReady: self._ready, PortOpened: self._answer,
@@ -153,12 +153,24 @@ class Session:
     # -- driving the core ------------------------------------------------------------------
 
     def on_data(self, data: bytes) -> None:
-        if not self._busy and len(data) * 2 >= self.server.config.tls_idle_read_buffer:
+        self._took(len(data))
+        self.driver.run(self.core.receive_data(data, self.loop.time()))
+
+    def read_buffer(self, sizehint: int) -> memoryview:
+        """Where TLS writes the channel's next bytes (``ChannelProtocol.get_buffer``)."""
+        return self.core.read_buffer(sizehint)
+
+    def on_buffer(self, nbytes: int) -> None:
+        """``nbytes`` were written into ``read_buffer``'s view."""
+        self._took(nbytes)
+        self.driver.run(self.core.receive_into(nbytes, self.loop.time()))
+
+    def _took(self, nbytes: int) -> None:
+        if not self._busy and nbytes * 2 >= self.server.config.tls_idle_read_buffer:
             # Bulk: larger reads from now on (an idle channel keeps the small buffer).
             self._busy = True
             grow_tls_read_buffer(self.transport, self.server.config.tls_read_buffer)
-        self._count("bytes_from_mediator", len(data))
-        self.driver.run(self.core.receive_data(data, self.loop.time()))
+        self._count("bytes_from_mediator", nbytes)
 
     def on_datagram(self, raw: bytes, source: tuple[IPAddress, int]) -> None:
         self._via_channel = True
@@ -192,20 +204,16 @@ class Session:
     # -- outputs ---------------------------------------------------------------------------
 
     def _send_frame(self, out: SendFrame) -> None:
-        data = out.data
+        parts = out.parts
         if isinstance(out.frame, Data) and self._proto(out.frame.port_id) is Proto.UDP:
             self._count("udp_via_frames_out")
-        self._count("bytes_to_mediator", len(data))
+        self._count("bytes_to_mediator", sum(map(len, parts)))
         # Coalesced: the frames of one loop iteration go as one TLS write.
-        if not self._outbox:
-            self.loop.call_soon(self.flush)
-        self._outbox.append(data)
+        self.writer.add(parts)
 
     def flush(self) -> None:
         """Write the frames collected since the last flush, in order."""
-        if self._outbox and not self.transport.is_closing():
-            self.transport.write(b"".join(self._outbox))
-        self._outbox.clear()
+        self.writer.flush()
 
     def _close_channel(self, out: CloseChannel) -> None:
         self.flush()
@@ -257,7 +265,7 @@ class Session:
         if owner is not None and isinstance(out, PortOpened) and future is not None and not future.done():
             self.owners[out.port_id] = owner
             owner.on_opened(self, out.port_id)
-        if isinstance(out, RequestFailed) and out.port_id not in self.core.ports:
+        if isinstance(out, RequestFailed) and self.core.port(out.port_id) is None:
             self.owners.pop(out.port_id, None)  # a stream refused (version 4): its id is free again
         if future is not None and not future.done():
             if isinstance(out, RequestFailed):
@@ -338,7 +346,7 @@ class Session:
         owner.on_gone(f"{out.code.name}: {out.message}")
 
     def _proto(self, port_id: int) -> Proto | None:
-        entry = self.core.ports.get(port_id)
+        entry = self.core.port(port_id)
         return entry[0] if entry is not None else None
 
     # -- flow control -------------------------------------------------------------------------
@@ -501,9 +509,10 @@ class Session:
         """Close ``port_id`` without waiting for the answer (a relay ended)."""
         self.owners.pop(port_id, None)
         self.raw_ports.discard(port_id)
-        if self.closed or port_id not in self.core.ports:
+        entry = None if self.closed else self.core.port(port_id)
+        if entry is None:
             return
-        if self.core.opens_streams and self.core.ports[port_id][1] is PortState.RESET:
+        if self.core.opens_streams and entry[1] is PortState.RESET:
             return  # version 4: our RST ends it (a stream reset before its OPENED waits for that)
         try:
             _, outputs = self.core.close_port(port_id)
@@ -529,7 +538,7 @@ class Session:
     # -- relay ---------------------------------------------------------------------------------
 
     def send(self, port_id: int, address: IPAddress, port: int, data: bytes) -> None:
-        if self.closed or self.core.ports.get(port_id, (None, None))[1] not in (
+        if self.closed or (self.core.port(port_id) or (None, None))[1] not in (
             PortState.CONNECTED, PortState.OPEN, PortState.REDIRECTED,
         ):
             self._count("dropped_port_gone")
@@ -537,11 +546,11 @@ class Session:
         self.driver.run(self.core.send(port_id, address, port, data))
 
     def fin(self, port_id: int) -> None:
-        if not self.closed and self.core.ports.get(port_id, (None, None))[1] is PortState.CONNECTED:
+        if not self.closed and (self.core.port(port_id) or (None, None))[1] is PortState.CONNECTED:
             self.driver.run(self.core.fin(port_id))
 
     def reset(self, port_id: int) -> None:
-        if not self.closed and self.core.ports.get(port_id, (None, None))[1] is PortState.CONNECTED:
+        if not self.closed and (self.core.port(port_id) or (None, None))[1] is PortState.CONNECTED:
             self.driver.run(self.core.reset(port_id))
 
     def local_address_for(self, target: IPAddress) -> IPAddress:

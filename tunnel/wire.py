@@ -42,6 +42,11 @@ class Reader:
         self._data = data
         self._pos = 0
 
+    @property
+    def position(self) -> int:
+        """Bytes read so far."""
+        return self._pos
+
     def take(self, n: int) -> bytes:
         end = self._pos + n
         if end > len(self._data):

@@ -19,6 +19,7 @@ from tunnel.frames import (
     Err, EventAccepted, EventFin, EventRst, Frame, FrameDecoder, FrameType, Hello, InitErr,
     InitOk, Keepalive, KeepaliveAck, ListenPort, Opened, OpenPort, Proto, RedirectPort,
     SINCE_VERSION, STREAM_ID_BASE, CheckTarget, OpenConnect, OpenStream, UdpKey, WindowUpdate, data_chunk_size, encode_frame,
+    encode_frame_parts,
 )
 
 V4 = IPv4Address("192.168.1.10")
@@ -396,3 +397,56 @@ def test_fuzz_authenticated_bodies(body: bytes, type_: DatagramType, from_server
 def test_addresses_are_ipaddress_values() -> None:
     frame = decode_all(encode_frame(Data(1, ip_address("::ffff:10.0.0.1"), 1, b"")))[0]
     assert isinstance(frame, Data) and frame.address == IPv6Address("::ffff:10.0.0.1")
+
+
+# -- writing into the decoder's buffer (BufferedProtocol), and frames in pieces --
+
+
+def into(decoder: FrameDecoder, data: bytes, sizehint: int | None = None) -> None:
+    """What TLS does through ``get_buffer``: write as much as the view takes, ask again."""
+    while data:
+        view = decoder.get_buffer(len(data) if sizehint is None else sizehint)
+        n = min(len(view), len(data))
+        view[:n] = data[:n]
+        view.release()
+        decoder.buffer_updated(n)
+        data = data[n:]
+
+
+BULK = [Data(7, V6, 9, bytes(range(256)) * 400), Data(8, V4, 80, b"y" * 40), Data(9, V4, 80, b"z" * 70000)]
+BULK_STREAM = b"".join(encode_frame(f, 4) for f in BULK) + STREAM
+
+
+def test_decoder_written_into_at_every_offset() -> None:
+    expected = BULK + SAMPLES
+    for cut in range(0, len(BULK_STREAM) + 1, 97):
+        decoder = FrameDecoder(versions=(1, 2, 3, 4))
+        into(decoder, BULK_STREAM[:cut])
+        frames = list(decoder)
+        into(decoder, BULK_STREAM[cut:], sizehint=5000)
+        frames += list(decoder)
+        assert frames == expected, cut
+        assert decoder.buffered == 0
+
+
+def test_decoder_mixes_feed_and_buffer_and_gives_memory_back() -> None:
+    decoder = FrameDecoder()
+    raw = encode_frame(BULK[0], 4)
+    into(decoder, raw[:1000])
+    decoder.feed(raw[1000:])
+    assert list(decoder) == [BULK[0]]
+    assert decoder.capacity >= len(raw) - 1000
+    decoder.get_buffer(100)  # empty, and a small read: the bulk buffer goes
+    assert decoder.capacity <= 1024
+    with pytest.raises(ValueError):
+        decoder.buffer_updated(decoder.capacity + 1)
+
+
+def test_data_frame_in_pieces_is_its_encoding_without_a_copy() -> None:
+    payload = memoryview(b"p" * 100000)[10:]
+    frame = Data(3, V4, 443, payload)
+    head, body = encode_frame_parts(frame, 4)
+    assert head + bytes(body) == encode_frame(frame, 4)
+    assert body is payload
+    for other in SAMPLES:
+        assert b"".join(encode_frame_parts(other, version_of(other))) == encode_frame(other, version_of(other))

@@ -23,7 +23,7 @@ from tunnel.frames import (
 )
 from tunnel.mediator_core import MediatorCore, MediatorIdentity
 from tunnel.policy import AllowList, Rule, TokenAuthenticator
-from tunnel.server_core import ServerSession
+from tunnel.server_core import ServerSession, _Remote, _Remotes
 from tunnel.settings import MediatorLimits, MediatorSettings, ServerSettings
 from tunnel.states import PortState, ServerState
 
@@ -606,3 +606,22 @@ def test_fuzz_mediator_frames(script: list[Frame | bytes], port_id: int) -> None
         elif state is not None and state[1] in (PortState.CONNECTED, PortState.REDIRECTED):
             session.send(port_id, WEB, 1, b"x")
         session.tick(1.0 + step)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["set", "del", "pop", "conn", "clear"]), st.integers(1, 6),
+                          st.booleans(), st.booleans()), max_size=60))
+def test_the_remotes_count_ports_and_connections_as_a_sum_would(steps: list[tuple[str, int, bool, bool]]) -> None:
+    remotes = _Remotes()
+    for op, port_id, a, b in steps:
+        if op == "set":
+            remotes[port_id] = _Remote(port_id, Proto.TCP, PortState.OPEN, is_port=a, connection=b)
+        elif op == "del" and port_id in remotes:
+            del remotes[port_id]
+        elif op == "pop":
+            remotes.pop(port_id, None)
+        elif op == "conn" and port_id in remotes:
+            remotes.set_connection(remotes[port_id], a)
+        elif op == "clear":
+            remotes.clear()
+        assert remotes.port_count == sum(r.is_port for r in remotes.values())
+        assert remotes.connection_count == sum(r.connection for r in remotes.values())

@@ -151,3 +151,16 @@ def test_credit_goes_back_in_pieces(n: int) -> None:
     assert window.received(STREAM_WINDOW)
     assert window.consumed(n) == (n if n >= GRANT_AT else 0)
     assert not window.received(STREAM_WINDOW - window.outstanding + 1)
+
+
+def test_a_read_cut_by_the_credit_is_sent_and_held_as_views_of_it() -> None:
+    window = StreamWindow()
+    read = bytes(range(256)) * 2048  # 512 KiB: two windows
+    sent, changed = window.send(read)
+    assert changed and isinstance(sent, memoryview) and sent.obj is read and len(sent) == STREAM_WINDOW
+    assert isinstance(window.held, memoryview) and window.held.obj is read
+    granted = window.granted(GRANT_AT)
+    assert granted is not None and granted[0].obj is read  # type: ignore[union-attr]
+    late, _ = window.send(b"late")  # the one read that lands while bytes are held: joined behind them
+    assert late == b"" and bytes(window.held).endswith(b"late")
+    assert bytes(sent) + bytes(granted[0]) + bytes(window.held) == read + b"late"

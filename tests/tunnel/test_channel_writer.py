@@ -1,0 +1,51 @@
+"""The channel's writer: one write per loop iteration, bulk passed on uncopied (tunnel/aio.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from tunnel.aio import OWN_RECORDS, ChannelWriter
+
+
+class Transport:
+    def __init__(self) -> None:
+        self.writes: list[list[Any]] = []
+        self.closing = False
+
+    def write(self, data: Any) -> None:
+        self.writes.append([data])
+
+    def writelines(self, pieces: list[Any]) -> None:
+        self.writes.append(list(pieces))
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+
+def test_frames_of_an_iteration_leave_in_one_write_short_ones_joined_bulk_as_it_came() -> None:
+    asyncio.run(_frames_of_an_iteration())
+
+
+async def _frames_of_an_iteration() -> None:
+    transport = Transport()
+    writer = ChannelWriter(transport, asyncio.get_running_loop())  # type: ignore[arg-type]
+    bulk = memoryview(b"b" * (OWN_RECORDS * 3))
+    writer.add((b"keepalive",))
+    writer.add((b"head1", bulk))
+    writer.add((b"ack",))
+    writer.add((b"head2", bulk[:OWN_RECORDS]))
+    assert transport.writes == [] and writer.frames == 4
+    await asyncio.sleep(0)
+    assert len(transport.writes) == 1
+    pieces = transport.writes[0]
+    assert pieces[0] == b"keepalivehead1" and pieces[1] is bulk
+    assert pieces[2] == b"ackhead2" and pieces[3].obj is bulk.obj
+    assert b"".join(pieces) == b"keepalivehead1" + bytes(bulk) + b"ackhead2" + bytes(bulk[:OWN_RECORDS])
+    writer.add((b"one",))
+    writer.flush()
+    assert transport.writes[1] == [b"one"] and writer.frames == 0
+    transport.closing = True
+    writer.add((b"lost",))
+    writer.flush()
+    assert len(transport.writes) == 2
