@@ -389,6 +389,9 @@ class ProcessorCore:
 
     def _six_ended(self) -> None:
         six = self.six
+        if six is not None and six.closing_legs:
+            self._out.ct_deletes += six.closing_legs  # type: ignore[arg-type]
+            six.closing_legs = []
         if six is not None and six.endings:
             endings, six.endings = six.endings, []
             for msg, ag in endings:
@@ -509,6 +512,14 @@ class ProcessorCore:
             # A new connection on the tuple of a binding: the old connection is
             # gone (a SYN ended its TIME-WAIT, or its first packet never made it
             # into conntrack). Its binding goes with it; this one gets a fresh F:f.
+            # The old leg B's connection goes too, before this packet's verdict: it
+            # may still be in TIME-WAIT (120 s), and its reply tuple, S:s -> C:c, is
+            # the one the new leg B needs; conntrack would refuse the new leg B
+            # (insert_failed) until it timed out (docs/datapath.md, "A client that
+            # reuses its port").
+            if old.ag_eport is not None:
+                self._out.ct_deletes.append((proto, *old.leg_b()[0]))
+                self.counters["conntrack.closing_leg_b_deleted"] += 1
             self._end(self._flow_of[old.client_key], FlowEndReason.FIN if proto == TCP else FlowEndReason.IDLE)
             self.counters["flows.replaced"] += 1
         if first and (self.rules.expect or self.rules.spent):

@@ -157,6 +157,9 @@ class SixFlows:
         # Each worker by its port: G6 is the workers' one address, each on its G:g's port.
         self._agents = {ag.port: ag for workers in policy.workers.values() for ag in workers}
         self.endings: list[tuple[FlowEnd, AgEndpoint]] = []  # FLOW_END to send, and to which worker
+        # Leg B connections of replaced bindings, (proto, *orig tuple), for the core to delete
+        # before the new binding's verdict (a closing leg B's reply tuple is the new one's).
+        self.closing_legs: list[tuple[int, ...]] = []
 
     def __len__(self) -> int:
         return len(self._by_fid)
@@ -221,6 +224,9 @@ class SixFlows:
                     return "bound_again", old, ()
                 return "bound_again", old, self._leg_a_ops(old)
             self.counters["flows.replaced"] += 1
+            if old.eport is not None:  # its leg B's connection goes before the new leg B clashes with it (core._new)
+                self.closing_legs.append((proto, *old.leg_b(self.g6)))
+                self.counters["conntrack.closing_leg_b_deleted"] += 1
             self.end(old, FlowEndReason.FIN if proto == TCP else FlowEndReason.IDLE)
         if masq == 0:
             return "drop.no_source_address", None, ()

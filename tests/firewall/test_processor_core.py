@@ -630,6 +630,22 @@ def test_no_new_leg_b_once_leg_a_is_gone() -> None:
 # ---- a new connection on a bound client tuple -------------------------------------------
 
 
+def test_a_replaced_binding_s_closing_leg_b_goes_before_the_new_one_s_verdict() -> None:
+    """The old leg B may sit in TIME-WAIT for conntrack's 120 s; its reply tuple, S:s -> C:c, is
+    the new leg B's, and conntrack refused the new one (insert_failed) until it timed out: the
+    client's connection was accepted by the gateway and then hung."""
+    rig = Rig()
+    old, a = open_inbound(rig)
+    rig.confirm(a)
+    b = leg_b(rig, old, 51000)
+    rig.confirm(b)
+    rig.out.ct_deletes.clear()
+    rig.forget(a)  # a SYN ended leg A's TIME-WAIT; leg B's lives on
+    rig.bound(tcp(C, 40000, W, 8443, "S"), WAN0)  # the same client port again
+    assert rig.out.ct_deletes == [(6, *ints(b.key))]
+    assert rig.core.counters["conntrack.closing_leg_b_deleted"] == 1 and rig.core.counters["flows.replaced"] == 1
+
+
 def test_a_new_first_packet_on_a_bound_tuple_replaces_the_binding() -> None:
     """RFC 9293 3.10.7.4: a client may reuse its port; the old connection is gone from conntrack."""
     rig = Rig()

@@ -549,3 +549,18 @@ def test_the_adjacent_rules_flow_into_a_masquerade6_zone_leaves_from_w6_too() ->
     assert ops[-1][0] == LEGB_SNAT6_MAP and ops[-1][3] == (i6(W6), 61001)
     (new,) = [m for m in rig.messages() if isinstance(m, NewFlow)]
     assert new.flow.original_dst.port == 5005 and str(new.flow.snat) == f"[{W6}]:61001"
+
+
+def test_a_replaced_ipv6_binding_s_closing_leg_b_goes_before_the_new_one_s_verdict() -> None:
+    """As over IPv4 (test_processor_core): the old leg B's reply tuple is the new leg B's."""
+    rig = Rig6()
+    rig.send(syn(C6, 40000, S6, 9000), WAN0)
+    rig.send(syn(G6, 50000, F6, 1024), BLIND)  # leg B, from G6:50000
+    rig.core.take()
+    # Later, the same client port again; the old leg A is gone from conntrack (a SYN ended its
+    # TIME-WAIT), its leg B still there.
+    rig.alive.add((TCP, i6(G6), 50000, i6(F6), 1024))
+    verdict, _, _ = rig.send(syn(C6, 40000, S6, 9000), WAN0, T0 + 10)
+    assert verdict == PASS and rig.core.counters["flows.replaced"] == 1
+    assert rig.core.take().ct_deletes == [(TCP, i6(G6), 50000, i6(F6), 1024)]
+    assert rig.core.counters["conntrack.closing_leg_b_deleted"] == 1
