@@ -168,6 +168,7 @@ class ProcessorCore:
         wall: float,
         push: bool = True,
         local_addresses6: Callable[[], Iterable[ipaddress.IPv6Address]] = lambda: (),
+        closing: CtLookup = lambda *_: False,
     ) -> None:
         proc = config.processor
         queues = proc.queues
@@ -191,6 +192,7 @@ class ProcessorCore:
         self._ifname = ifname
         self.local_addresses = local_addresses
         self._alive = conntrack
+        self._closing = closing  # a TCP connection of this original tuple past ESTABLISHED
         self._local: frozenset[int] = frozenset()
         self._local_until = now - 1.0
         self._out = Outputs()
@@ -328,7 +330,8 @@ class ProcessorCore:
                 rule = self.rules.expected(*pkt[:5], now)
                 if rule is not None and rule.mode is RuleMode.ORIGINATE:
                     return self._originate(rule, pkt, mark)
-            why, ops = six.leg_b(pkt, self._alive, now)
+            why, ops = six.leg_b(pkt, self._alive, now, self._closing)
+            self._six_ended()  # a closing leg B it let go of (``closing_legs``)
             if why != "bound":
                 return self._drop(why, mark)
             self.bound += 1
@@ -444,8 +447,21 @@ class ProcessorCore:
             if e is not None and not b.state & _B_GONE:
                 f = b.firewall_side
                 if self._alive(proto, src, e, f[0], f[1]):
-                    return self._drop("drop.leg_b_busy", mark)  # one leg B at a time
+                    if proto != TCP or not self._closing(proto, src, e, f[0], f[1]):
+                        return self._drop("drop.leg_b_busy", mark)  # one leg B at a time
+                    # The old leg B is closing: conntrack reopened leg A after an RST (its
+                    # entry in CLOSE keeps its NAT), so the gateway's new connection came on
+                    # this binding. The old leg goes before this one's verdict: its reply
+                    # tuple, S:s -> C:c, is the new one's.
+                    self._out.ct_deletes.append((proto, src, e, f[0], f[1]))
+                    self.counters["conntrack.closing_leg_b_deleted"] += 1
             self.table.learn_ag_port(b, sport)
+        elif b.state & _B_GONE:
+            # Its first packet again after its connection was destroyed (the server's
+            # TIME-WAIT answered the SYN, the gateway reset it and sent the SYN again):
+            # the leg is in conntrack again, and the binding must wait for its end, or
+            # it ends with leg A while this leg B lives on (and holds S:s -> C:c).
+            b.state &= ~_B_GONE
         if b.state & _AHEAD and now - b.created < self._ahead_for:
             return self._bound(mark, proto, None)  # its elements went in with leg A's: no transaction
         b.state |= _B_WRITTEN

@@ -57,6 +57,8 @@ CTA_IP_V4_SRC, CTA_IP_V4_DST = 1, 2
 CTA_IP_V6_SRC, CTA_IP_V6_DST = 3, 4
 CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
 CTA_COUNTERS_PACKETS, CTA_COUNTERS_BYTES = 1, 2
+CTA_PROTOINFO, CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_STATE = 4, 1, 1
+TCP_CONNTRACK_ESTABLISHED = 3  # enum tcp_conntrack: the states after it are a connection's closing
 NLA_TYPE_MASK = 0x3FFF
 _NLA = struct.Struct("=HH")
 _U8, _U16, _U32, _U64 = struct.Struct("!B"), struct.Struct("!H"), struct.Struct("!I"), struct.Struct("!Q")
@@ -328,6 +330,15 @@ def connection(data: bytes, off: int = 0, end: int | None = None) -> Connection 
     return Connection(orig[0], orig[1], reply[1], Counters(*values))
 
 
+def tcp_state(data: bytes) -> int | None:
+    """The TCP state (CTA_PROTOINFO_TCP_STATE) of one ctnetlink message; None if it has none."""
+    top = _attrs(data, 16 + 4, len(data))  # after nlmsghdr, nfgenmsg
+    info = top.get(CTA_PROTOINFO)
+    tcp = _attrs(data, *info).get(CTA_PROTOINFO_TCP) if info else None
+    state = _attrs(data, *tcp).get(CTA_PROTOINFO_TCP_STATE) if tcp else None
+    return data[state[0]] if state and state[1] > state[0] else None
+
+
 def _mark_of(data: bytes, off: int, end: int) -> int | None:
     """CTA_MARK of one ctnetlink message, by walking its top-level attributes."""
     pos = off + 16 + 4  # nlmsghdr, nfgenmsg
@@ -445,6 +456,20 @@ class Conntrack:
             else:
                 found = True
         return found
+
+    def closing(self, proto: int, src: int, sport: int, dst: int, dport: int) -> bool:
+        """Whether conntrack has a TCP connection with this original tuple that is closing
+        or closed (past ESTABLISHED: FIN_WAIT, CLOSE_WAIT, LAST_ACK, TIME_WAIT, CLOSE)."""
+        msg, family = self._tuple_msg(proto, src, sport, dst, dport)
+        state = None
+        for kind, body in self._request(msg, NLM_F_ACK, IPCTNL_MSG_CT_GET, family):
+            if kind == NLMSG_ERROR:
+                code = -struct.unpack("=i", body)[0]
+                if code not in (0, errno.ENOENT):
+                    raise KernelError(f"processor: conntrack look-up failed ({os.strerror(code)})")
+            else:
+                state = tcp_state(body)
+        return state is not None and state > TCP_CONNTRACK_ESTABLISHED
 
     def _dump(self, mark: int, mask: int, family: int = socket.AF_INET) -> Iterator[bytes]:
         msg = nfct_msg.create_from(mark=mark, mark_mask=mask)

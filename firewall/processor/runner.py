@@ -271,7 +271,7 @@ class Runner:
             cfg, self.instance, Encoder(key, Role.PROCESSOR), guard,
             route=self.routes, ifname=self.routes.ifname, local_addresses=self.routes.local_addresses,
             local_addresses6=self.routes.local_addresses6,
-            conntrack=self.ct.alive, now=time.monotonic(), wall=time.time(), push=self.push,
+            conntrack=self.ct.alive, closing=self.ct.closing, now=time.monotonic(), wall=time.time(), push=self.push,
         )
         if cfg.processor.conntrack_accounting:
             self._accounting_on()

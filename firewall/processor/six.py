@@ -262,7 +262,8 @@ class SixFlows:
         key = b.leg_a()
         return (DNAT6_MAP, name, key, (self.g6, b.ag.port)), (SNAT6_MAP, name, key, b.fw)
 
-    def leg_b(self, pkt: Packet, alive: Callable[..., bool], now: float) -> tuple[str, tuple[NatOp, ...]]:
+    def leg_b(self, pkt: Packet, alive: Callable[..., bool], now: float,
+              closing: Callable[..., bool] = lambda *_: False) -> tuple[str, tuple[NatOp, ...]]:
         """A gateway's new IPv6 connection to F6:f: leg B of that binding (counter, elements:
         none while those written ahead with leg A's surely last)."""
         proto, src, sport, dst, dport, flags = pkt[:6]
@@ -275,8 +276,14 @@ class SixFlows:
             if b.a_gone:
                 return "drop.flow_ended", ()
             if b.eport is not None and not b.b_gone and alive(proto, src, b.eport, dst, dport):
-                return "drop.leg_b_busy", ()
-            b.eport, b.b_gone = sport, False
+                if proto != TCP or not closing(proto, src, b.eport, dst, dport):
+                    return "drop.leg_b_busy", ()
+                # Closing: conntrack reopened leg A after an RST; the old leg goes first (core._leg_b).
+                self.closing_legs.append((proto, src, b.eport, dst, dport))
+                self.counters["conntrack.closing_leg_b_deleted"] += 1
+        # A first packet of G:e again, after its connection was destroyed (the gateway's SYN
+        # retransmitted after an RST): the leg is in conntrack again (core._leg_b).
+        b.eport, b.b_gone = sport, False
         b.a_alive = True  # leg B comes after leg A's connection answered the gateway
         if b.ahead and now - b.created < self._ahead_for:
             return "bound", ()

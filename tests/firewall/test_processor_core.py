@@ -219,13 +219,14 @@ class Rig:
     def __init__(self, pools: str = "", push: bool = True, extra: str = "", config: str = CONFIG) -> None:
         self.config = loads(config.replace("{pools}", pools) + extra)
         self.alive: set[tuple[int, ...]] = set()  # (proto, src, sport, dst, dport): conntrack's original tuples
+        self.closing: set[tuple[int, ...]] = set()  # those of them past ESTABLISHED (TCP)
         self.lookups: list[tuple[int, ...]] = []
         self.local = [W, L, R, "10.0.0.1"]
         self.core = ProcessorCore(
             self.config, 0, Encoder(KEY, Role.PROCESSOR), Guard(KEY, Role.PROCESSOR, now=WALL0),
             route=route, ifname=IF.get,
             local_addresses=lambda: [ipaddress.IPv4Address(a) for a in self.local],
-            conntrack=self.conntrack, now=T0, wall=WALL0, push=push,
+            conntrack=self.conntrack, closing=lambda *t: t in self.closing, now=T0, wall=WALL0, push=push,
         )
         self.gw_guard = Guard(KEY, Role.GATEWAY, now=WALL0)
         self.gw_encoder = Encoder(KEY, Role.GATEWAY)
@@ -628,6 +629,41 @@ def test_no_new_leg_b_once_leg_a_is_gone() -> None:
 
 
 # ---- a new connection on a bound client tuple -------------------------------------------
+
+
+def test_a_leg_b_made_again_after_its_connection_was_destroyed_keeps_the_binding() -> None:
+    """The server's TIME-WAIT answered leg B's SYN with an ACK, the gateway reset it (conntrack
+    destroyed the leg) and sent its SYN again from the same G:e: the leg lives again, so leg A's
+    end does not end the binding (it ended it, and the live leg B then blocked the client's
+    next connection on its port)."""
+    rig = Rig()
+    flow, a = open_inbound(rig)
+    rig.confirm(a)
+    b = leg_b(rig, flow, 51000)
+    rig.destroyed("tcp", b.key, (S, 443, C, 40000))  # reset before it was established
+    assert leg_b(rig, flow, 51000) == b
+    rig.confirm(b)
+    rig.destroyed("tcp", a.key, reply_a(flow))
+    assert rig.messages() == [] and len(rig.core.table) == 1  # leg B lives: no end yet
+    rig.destroyed("tcp", b.key, (S, 443, C, 40000))
+    assert rig.messages() == [FlowEnd(flow.flow_id, FlowEndReason.FIN)]
+
+
+def test_a_second_leg_b_while_the_first_is_closing_takes_its_place() -> None:
+    """Conntrack reopens leg A in CLOSE after an RST, NAT and all, so the client's next
+    connection from the same port reaches the gateway on the same binding; the old leg B,
+    closing, goes before the new one's verdict. A live one still refuses it."""
+    rig = Rig()
+    flow, a = open_inbound(rig)
+    rig.confirm(a)
+    b = leg_b(rig, flow, 51000)
+    rig.confirm(b)
+    rig.out.ct_deletes.clear()
+    rig.dropped(tcp(G, 51001, *pair(flow.firewall_side), "S"), BLIND, "drop.leg_b_busy")  # established: refused
+    rig.closing.add((6, *ints(b.key)))
+    leg_b(rig, flow, 51002)
+    assert rig.out.ct_deletes == [(6, *ints(b.key))]
+    assert rig.core.counters["conntrack.closing_leg_b_deleted"] == 1
 
 
 def test_a_replaced_binding_s_closing_leg_b_goes_before_the_new_one_s_verdict() -> None:

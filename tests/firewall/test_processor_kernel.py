@@ -24,7 +24,7 @@ from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple, nfct_msg
 
 from firewall.config.model import Marks
 from firewall.lab.topology import parse_topology
-from firewall.processor.kernel import Connection, _attach, _mark_of, connection, destroy_filter
+from firewall.processor.kernel import Connection, _attach, _mark_of, connection, destroy_filter, tcp_state
 from firewall.signalling import Counters
 
 
@@ -192,3 +192,15 @@ def test_conntrack_s_destroy_events_reach_the_processor_for_nfgate_s_connections
     ip = {str(int(ipaddress.IPv4Address(f"10.0.0.{i}"))): i for i in range(1, 5)}
     assert sorted(ip[a] for a in got["plain"]) == [1, 2, 3, 4]  # all four ended, each with its event
     assert sorted(ip[a] for a in got["ours"]) == [1, 3]
+
+
+@pytest.mark.parametrize("state", [None, 1, 3, 4, 7, 8])
+def test_a_connection_s_tcp_state_is_read_from_its_protoinfo(state: int | None) -> None:
+    msg = nfct_msg.create_from(tuple_orig=NFCTAttrTuple(saddr=G, daddr=F, proto=6, sport=51000, dport=1024))
+    if state is not None:
+        msg["attrs"].append(("CTA_PROTOINFO", {"attrs": [("CTA_PROTOINFO_TCP", {"attrs": [
+            ("CTA_PROTOINFO_TCP_WSCALE_ORIGINAL", 7), ("CTA_PROTOINFO_TCP_STATE", state)]})]}))
+    msg["header"]["type"] = 1 << 8
+    msg["nfgen_family"] = socket.AF_INET
+    msg.encode()
+    assert tcp_state(bytes(msg.data)) == state

@@ -564,3 +564,22 @@ def test_a_replaced_ipv6_binding_s_closing_leg_b_goes_before_the_new_one_s_verdi
     assert verdict == PASS and rig.core.counters["flows.replaced"] == 1
     assert rig.core.take().ct_deletes == [(TCP, i6(G6), 50000, i6(F6), 1024)]
     assert rig.core.counters["conntrack.closing_leg_b_deleted"] == 1
+
+
+def test_an_ipv6_leg_b_made_again_after_its_connection_was_destroyed_keeps_the_binding() -> None:
+    """As over IPv4 (test_processor_core): leg A's end does not end a binding whose leg B lives again."""
+    rig = Rig6()
+    rig.send(syn(C6, 40000, S6, 9000), WAN0)
+    key = (i6(C6), 40000, i6(S6), 9000)
+    key_b = (i6(G6), 50000, i6(F6), 1024)
+    reply_b = (i6(S6), 9000, i6(C6), 40000)
+    rig.send(syn(G6, 50000, F6, 1024), BLIND)
+    rig.core.conntrack_destroyed(TCP, key_b, reply_b, T0 + 1)  # reset before it was established
+    assert rig.send(syn(G6, 50000, F6, 1024), BLIND, T0 + 1)[0] == PASS
+    rig.alive.add((TCP, *key_b))
+    rig.messages()
+    rig.core.conntrack_destroyed(TCP, key, (i6(G6), 20000, i6(F6), 1024), T0 + 2)
+    assert rig.messages() == [] and rig.core.stats()["flows_ipv6"] == 1
+    rig.core.conntrack_destroyed(TCP, key_b, reply_b, T0 + 2)
+    (end,) = rig.messages()
+    assert isinstance(end, FlowEnd)

@@ -1,0 +1,103 @@
+"""A client that reuses its source port through tcp-relay, with conntrack's default timeouts.
+
+The labs shorten the router's conntrack timeouts (tests/conntrack.py), which hid
+this: a client whose server closed first keeps no TIME-WAIT and may connect from
+the same port at once, while conntrack still holds the old connection's legs,
+leg B in TIME-WAIT (120 s) or, after an RST, CLOSE (10 s). The new leg B's reply
+tuple, S:s -> C:c, is the old one's; the processor deletes the closing old leg B
+before the new one's verdict (docs/datapath.md, "A client that reuses its
+port"). Before it did, about half of such connections were accepted by the
+gateway and then hung.
+
+basic lab: ext 203.0.113.10 -> router 203.0.113.1:8443 -> tcp-relay -> lan
+192.168.1.10:443. Either the server answers and closes first (the old legs in
+TIME-WAIT), or the client resets as soon as it has the answer (the old legs in
+CLOSE: conntrack reopens leg A with its NAT, and the next connection comes to the
+gateway on the same binding).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conntrack import fast_conntrack
+from tests.firewall.run_harness import Running
+
+pytestmark = pytest.mark.netns
+
+# The kernel's own values (Documentation/networking/nf_conntrack-sysctl.rst).
+KERNEL_DEFAULTS = {
+    "nf_conntrack_tcp_timeout_time_wait": 120,
+    "nf_conntrack_tcp_timeout_close": 10,
+    "nf_conntrack_tcp_timeout_close_wait": 60,
+    "nf_conntrack_tcp_timeout_fin_wait": 120,
+    "nf_conntrack_tcp_timeout_last_ack": 30,
+}
+REUSES = 6  # connections from one client port, one after the other
+ANSWER_TIMEOUT = 2.0  # seconds a connection gets to answer (a hung one never does)
+
+# Answers one line per connection, then closes.
+SERVER = r"""
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("", 443))
+s.listen(64)
+while True:
+    c, _ = s.accept()
+    c.recv(64)
+    c.sendall(b"answer")
+    c.close()
+"""
+
+# Connects from one port COUNT times, the next as soon as the last one has ended; prints how
+# many answered in time. "server": waits for the server's close (so keeps no TIME-WAIT);
+# "reset": resets at once after the answer (SO_LINGER 0). argv: COUNT PORT TIMEOUT HOW
+CLIENT = r"""
+import socket, struct, sys
+count, port, timeout, how = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+answered = 0
+for _ in range(count):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("", port))
+    s.settimeout(timeout)
+    try:
+        s.connect(("203.0.113.1", 8443))
+        s.sendall(b"ask")
+        got = s.recv(64)
+        if how == "server":
+            while s.recv(64):
+                pass
+        else:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        answered += got == b"answer"
+    except OSError:
+        pass
+    s.close()
+print(answered, flush=True)
+"""
+
+
+@pytest.mark.parametrize("close", ["server", "reset"])
+def test_a_client_reusing_its_port_is_answered_every_time(lab_factory: Any, tmp_path: Path, close: str) -> None:
+    lab = lab_factory("basic")
+    server = lab.popen("lan", [sys.executable, "-c", SERVER])
+    lab.wait_listening("lan", 443)
+    run = Running(lab, tmp_path)
+    fast_conntrack(lab, **KERNEL_DEFAULTS)  # after the harness shortened them
+    try:
+        got = lab.run("ext", [sys.executable, "-c", CLIENT, str(REUSES), "45000", str(ANSWER_TIMEOUT), close], timeout=60)
+        counters = run.ask("status")["processors"]["processor-0"]["counters"]
+        assert int(got.stdout) == REUSES, counters
+        # Each later connection met its predecessor's leg B, closing, and it went first.
+        assert counters.get("conntrack.closing_leg_b_deleted", 0) >= REUSES - 1, counters
+        assert counters.get("drop.leg_b_busy", 0) == 0, counters
+    finally:
+        run.stop()
+        server.send_signal(signal.SIGTERM)
