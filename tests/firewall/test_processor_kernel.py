@@ -24,7 +24,7 @@ from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple, nfct_msg
 
 from firewall.config.model import Marks
 from firewall.lab.topology import parse_topology
-from firewall.processor.kernel import Connection, _attach, _mark_of, connection, destroy_filter, tcp_state
+from firewall.processor.kernel import Connection, _attach, _mark_of, connection, destroy_filter, tcp_state, tuple_request
 from firewall.signalling import Counters
 
 
@@ -204,3 +204,29 @@ def test_a_connection_s_tcp_state_is_read_from_its_protoinfo(state: int | None) 
     msg["nfgen_family"] = socket.AF_INET
     msg.encode()
     assert tcp_state(bytes(msg.data)) == state
+
+
+def _pyroute2_request(kind: int, seq: int, proto: int, src: int, sport: int, dst: int, dport: int) -> bytes:
+    six = src > 0xFFFFFFFF or dst > 0xFFFFFFFF
+    family = socket.AF_INET6 if six else socket.AF_INET
+    ip = ipaddress.IPv6Address if six else ipaddress.IPv4Address
+    tup = NFCTAttrTuple(family=family, saddr=str(ip(src)), daddr=str(ip(dst)), proto=proto, sport=sport, dport=dport)
+    msg = nfct_msg.create_from(tuple_orig=tup)
+    msg["header"]["type"] = 1 << 8 | kind
+    msg["header"]["flags"] = 1 | 4  # NLM_F_REQUEST | NLM_F_ACK
+    msg["header"]["sequence_number"] = seq
+    msg["nfgen_family"] = family
+    msg.encode()
+    return bytes(msg.data)
+
+
+@given(kind=st.sampled_from([1, 2]), seq=st.integers(0, 2**32 - 1), proto=st.sampled_from([6, 17]),
+       six=st.booleans(), src=st.integers(0, 2**128 - 1), dst=st.integers(0, 2**128 - 1),
+       sport=st.integers(0, 65535), dport=st.integers(0, 65535))
+def test_a_tuple_request_is_the_bytes_pyroute2_encodes(kind: int, seq: int, proto: int, six: bool, src: int,
+                                                      dst: int, sport: int, dport: int) -> None:
+    if six:
+        src, dst = src | 1 << 127, dst | 1 << 127  # above 2**32: IPv6
+    else:
+        src, dst = src & 0xFFFFFFFF, dst & 0xFFFFFFFF
+    assert tuple_request(kind, 5, seq, proto, src, sport, dst, dport) == _pyroute2_request(kind, seq, proto, src, sport, dst, dport)
