@@ -28,7 +28,12 @@ A direction is named by the leg its bytes come from. For each:
 - Reset. A read or write that fails on a leg (``ResetReceived``) means its
   peer reset, or the connection broke: both legs are reset (SO_LINGER 0, so
   the other peer sees an RST too, RFC 9293 section 3.5.2) and the reason is
-  ``<name>_reset``, with the leg's name given at construction.
+  ``<name>_reset``, with the leg's name given at construction. A reset is
+  seen after the bytes its peer sent before it (the kernel returns them
+  first), and carried at once: the other peer gets what reached its
+  socket's buffer and was sent before the RST; what the relay still holds
+  for it, or its socket has not sent, is dropped (an RST discards the send
+  queue), so a reset never passes off a truncated stream as complete.
 - Idle. ``Tick`` at ``deadline()``: with no byte moved either way for
   ``idle_timeout``, both legs are closed, reason ``idle``: with a FIN, unless
   bytes for that leg are still unsent (a FIN would pass off a truncated

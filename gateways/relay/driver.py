@@ -7,7 +7,10 @@ of its own (STYLE.md, "Relays are sans-IO too"): it reads when
 ``core.wants_read`` says so, writes what the core says, and reports back
 what the kernel did. Everything runs from the event loop's readiness
 callbacks (``add_reader``/``add_writer``): no task per direction, no
-StreamReader buffer.
+StreamReader buffer. A readable leg is read until the kernel says EAGAIN
+(or the core wants no more): uvloop wakes a reader only once for a socket
+in error, so the ECONNRESET behind a peer's last bytes must be read in the
+same wake-up as those bytes.
 
 Two byte paths, chosen per direction:
 
@@ -71,6 +74,12 @@ CHUNK = 1 << 18
 # reading. The pages are the socket buffers' own, taken by reference.
 PIPE_SIZE = 1 << 20
 PIPE_MAX_SIZE = Path("/proc/sys/fs/pipe-max-size")
+
+# Reads of one leg per readiness callback before the others' turn: enough
+# that a wake-up ends with the kernel's EAGAIN (or the core saying stop),
+# which a wake-up must (Relay._on_readable), few enough that one fast
+# sender does not hold the loop.
+READS_PER_WAKE = 16
 
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _LINGER_RESET = struct.pack("ii", 1, 0)  # l_onoff=1, l_linger=0: close() sends RST
@@ -226,19 +235,35 @@ class Relay:
                 self._done.set_result(command)
 
     def _on_readable(self, leg: _Leg) -> None:
-        event: Event
+        """Read ``leg`` until the kernel has nothing more, or the core wants no more from it.
+
+        Not one read per wake-up: libuv (uvloop) stops polling a socket
+        after the first wake-up that carries EPOLLERR, so a peer's data and
+        RST that are both queued before the first read give one callback;
+        read once, the RST's ECONNRESET would wait forever for a second one.
+        Past ``READS_PER_WAKE`` the rest waits its turn behind the other
+        connections (``call_soon``), not behind epoll."""
+        for _ in range(READS_PER_WAKE):
+            if not (leg.open and leg.reading):
+                return  # the core wants no more now; add_reader polls the socket afresh when it does
+            event = self._read(leg)
+            if event is None:
+                return  # nothing more; epoll says when there is
+            self._feed(event)
+        self.loop.call_soon(self._on_readable, leg)
+
+    def _read(self, leg: _Leg) -> Event | None:
+        """One read of ``leg``, as the core's event; None when the kernel has nothing."""
         try:
             if leg.pipe_w >= 0:
                 size = os.splice(leg.fd, leg.pipe_w, leg.capacity, flags=_SPLICE_FLAGS)
-                event = Spliced(leg.side, size) if size else FinReceived(leg.side)
-            else:
-                data = leg.sock.recv(leg.capacity)
-                event = DataReceived(leg.side, data) if data else FinReceived(leg.side)
+                return Spliced(leg.side, size) if size else FinReceived(leg.side)
+            data = leg.sock.recv(leg.capacity)
+            return DataReceived(leg.side, data) if data else FinReceived(leg.side)
         except (BlockingIOError, InterruptedError):
-            return  # woken for nothing; epoll says so again when there is something
+            return None
         except OSError:
-            event = ResetReceived(leg.side)
-        self._feed(event)
+            return ResetReceived(leg.side)
 
     def _on_writable(self, leg: _Leg) -> None:
         self._flush(leg)

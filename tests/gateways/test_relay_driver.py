@@ -167,6 +167,67 @@ def test_a_server_reset_mid_response_reaches_the_client(mode: str) -> None:
     run(main())
 
 
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("mode", MODES)
+def test_a_server_answer_and_reset_queued_before_the_first_read_both_reach_the_client(mode: str, event_loop: str) -> None:
+    # The answer and the RST are both at leg B when the relay first looks:
+    # uvloop wakes a reader once for a socket in error, so a relay that read
+    # once per wake-up passed the answer and never saw the reset.
+    async def main() -> None:
+        client, a = await pair()
+        b, server = await pair()
+        server.send(b"answer")
+        set_reset_on_close(server)
+        server.close()
+        await wait_until(lambda: _closed(b), what="the RST at leg B")
+        inspectors = {side: (lambda chunk: Verdict.PASS) for side in Side} if mode == "inspect" else None
+        core = RelayCore(Limits(), asyncio.get_running_loop().time(), names=NAMES, inspectors=inspectors)
+        relay = Relay(core, a, b, splice=mode == "splice")
+        task = asyncio.create_task(relay.run())
+        try:
+            loop = asyncio.get_running_loop()
+            assert await asyncio.wait_for(loop.sock_recv(client, 100), 10) == b"answer"
+            await expect_reset(client)
+            assert (await asyncio.wait_for(task, 10)).reason == "server_reset"
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            client.close()
+
+    run(main(), event_loop=event_loop)
+
+
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("mode", MODES)
+def test_a_server_reset_behind_data_the_client_is_not_reading_yet_still_reaches_it(mode: str, event_loop: str) -> None:
+    # The reset is seen only once the client has taken the bytes before it;
+    # the relay holds one chunk, so the rest sits at leg B with the RST.
+    async def main() -> None:
+        async with rig(mode) as r:
+            await send_all(r.client, b"GET")
+            chunk = os.urandom(MB)
+
+            def fill() -> bool:  # the server sends until every buffer between is full
+                with contextlib.suppress(BlockingIOError):
+                    while True:
+                        r.server.send(chunk)
+                return r.core.buffered > 0
+
+            await wait_until(fill, what="bytes held for the client")
+            set_reset_on_close(r.server)
+            r.server.close()
+            await expect_reset(r.client)  # the bytes the relay holds when it sees the RST are not sent
+            assert (await asyncio.wait_for(r.task, 10)).reason == "server_reset"
+
+    run(main(), event_loop=event_loop)
+
+
+def _closed(sock: socket.socket) -> bool:
+    """Whether ``sock``'s connection is over (TCP_INFO's state is TCP_CLOSE), its error still pending."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == 7
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_a_reader_that_stops_reading_stops_the_sender_and_the_relay_holds_one_chunk(mode: str) -> None:
     """The server reads nothing: the client's sends block, the relay holds at most one
