@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ipaddress
 import socket
+import struct
 from typing import Any, AsyncIterator
 
 import pytest
@@ -209,3 +210,26 @@ def test_ipv6_clients_count_for_the_per_client_limit_by_their_prefix() -> None:
     assert client_group(v6("2001:db8:2:1::10"), 48) == client_group(v6("2001:db8:2::10"), 48)
     assert client_group(A("203.0.113.10"), 64) == A("203.0.113.10")  # IPv4: the address itself
     assert SmtpSettings().client_prefix6 == 64
+
+
+def test_a_server_that_greets_and_resets_at_once_ends_the_session(loop_name: str) -> None:
+    """The greeting and the RST both wait at leg B before the gateway's first read. The
+    relay driver, which read once per wake-up, hung in that case on uvloop (a socket in
+    error wakes its reader once: gateways/relay/driver.py); the smtp gateway's reader,
+    which also reads once a wake-up, is woken again here on both loops."""
+    async def greet_and_reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 mini ESMTP\r\n")  # sent at once (an empty buffer), and the RST behind it
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    async def main() -> None:
+        async with world(SmtpSettings(idle_timeout=30)) as (fake, gw):
+            sock, fw = fw_socket(socket.SOCK_STREAM)
+            server = await tcp_server_at(fw, greet_and_reset)
+            fake.new_flow(Proto.TCP, fw, gw.listen, gateway="smtp", client=C, original_dst=W, server=S)
+            reader, writer = await tcp_connect_from(sock, gw.listen)
+            await wait_until(lambda: gw.active == 0, timeout=5, what="the session to end with the server's reset")
+            writer.close()
+            server.close()
+
+    run(main(), event_loop=loop_name)
