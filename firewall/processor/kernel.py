@@ -464,29 +464,27 @@ class Conntrack:
                     raise KernelError(f"processor: conntrack delete failed ({os.strerror(code)})")
         return True
 
-    def alive(self, proto: int, src: int, sport: int, dst: int, dport: int) -> bool:
-        """Whether conntrack has a connection with this original tuple."""
-        found = False
+    def _get(self, proto: int, src: int, sport: int, dst: int, dport: int) -> bytes | None:
+        """Conntrack's answer about the connection with this original tuple; None if it has none."""
+        found = None
         for kind, body in self._tuple_request(IPCTNL_MSG_CT_GET, proto, src, sport, dst, dport):
             if kind == NLMSG_ERROR:
                 code = -struct.unpack("=i", body)[0]
                 if code not in (0, errno.ENOENT):
                     raise KernelError(f"processor: conntrack look-up failed ({os.strerror(code)})")
             else:
-                found = True
+                found = body
         return found
+
+    def alive(self, proto: int, src: int, sport: int, dst: int, dport: int) -> bool:
+        """Whether conntrack has a connection with this original tuple."""
+        return self._get(proto, src, sport, dst, dport) is not None
 
     def closing(self, proto: int, src: int, sport: int, dst: int, dport: int) -> bool:
         """Whether conntrack has a TCP connection with this original tuple that is closing
         or closed (past ESTABLISHED: FIN_WAIT, CLOSE_WAIT, LAST_ACK, TIME_WAIT, CLOSE)."""
-        state = None
-        for kind, body in self._tuple_request(IPCTNL_MSG_CT_GET, proto, src, sport, dst, dport):
-            if kind == NLMSG_ERROR:
-                code = -struct.unpack("=i", body)[0]
-                if code not in (0, errno.ENOENT):
-                    raise KernelError(f"processor: conntrack look-up failed ({os.strerror(code)})")
-            else:
-                state = tcp_state(body)
+        body = self._get(proto, src, sport, dst, dport)
+        state = tcp_state(body) if body is not None else None
         return state is not None and state > TCP_CONNTRACK_ESTABLISHED
 
     def _dump(self, mark: int, mask: int, family: int = socket.AF_INET) -> Iterator[bytes]:
