@@ -30,7 +30,7 @@ Modules:
   ``Offloaded``), which the core carries out.
 - ``kernel``: in-process kernel interfaces: ``NatWriter`` (binding and
   dynamic-rule elements as nf_tables netlink messages of ``setelem``), ``Conntrack`` (look-ups, filtered dumps,
-  reaping, destroy events through pyroute2's ctnetlink messages) and the
+  reaping, destroy events over ctnetlink, read and mostly built with ``struct``) and the
   kernel's queue counters.
 - ``setelem``: nf_tables set and map elements as netlink messages packed with
   ``struct`` (a transaction is one ``sendmsg``), what ``NatWriter`` sends.

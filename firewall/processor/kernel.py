@@ -334,6 +334,18 @@ def connection(data: bytes, off: int = 0, end: int | None = None) -> Connection 
     return Connection(orig[0], orig[1], reply[1], Counters(*values))
 
 
+def nla(kind: int, payload: bytes) -> bytes:
+    """One netlink attribute, padded to 4 bytes."""
+    size = 4 + len(payload)
+    return _NLA.pack(size, kind) + payload + b"\0" * (-size % 4)
+
+
+def ct_message(kind: int, flags: int, family: int, seq: int, body: bytes) -> bytes:
+    """A ctnetlink request (NLM_F_REQUEST and ``flags``) of message type ``kind`` for ``family``."""
+    data = _NFGEN.pack(family, 0, 0) + body
+    return _NLMSG.pack(16 + len(data), NFNL_SUBSYS_CTNETLINK << 8 | kind, NLM_F_REQUEST | flags, seq, 0) + data
+
+
 def tuple_request(kind: int, flags: int, seq: int, proto: int, src: int, sport: int, dst: int, dport: int) -> bytes:
     """A ctnetlink request (IPCTNL_MSG_CT_GET, _DELETE) for the connection with this original
     tuple, as pyroute2's ``nfct_msg`` encodes it (tests/firewall/test_processor_kernel.py
@@ -342,16 +354,12 @@ def tuple_request(kind: int, flags: int, seq: int, proto: int, src: int, sport: 
     is an IPv6 one."""
     if src > 0xFFFFFFFF or dst > 0xFFFFFFFF:
         family = socket.AF_INET6
-        ip = _NLA.pack(20, CTA_IP_V6_SRC) + src.to_bytes(16, "big") + _NLA.pack(20, CTA_IP_V6_DST) + dst.to_bytes(16, "big")
+        ip = nla(CTA_IP_V6_SRC, src.to_bytes(16, "big")) + nla(CTA_IP_V6_DST, dst.to_bytes(16, "big"))
     else:
         family = socket.AF_INET
-        ip = _NLA.pack(8, CTA_IP_V4_SRC) + _U32.pack(src) + _NLA.pack(8, CTA_IP_V4_DST) + _U32.pack(dst)
-    ports = (_NLA.pack(5, CTA_PROTO_NUM) + _U8.pack(proto) + b"\0\0\0"
-             + _NLA.pack(6, CTA_PROTO_SRC_PORT) + _U16.pack(sport) + b"\0\0"
-             + _NLA.pack(6, CTA_PROTO_DST_PORT) + _U16.pack(dport) + b"\0\0")
-    body = _NLA.pack(4 + len(ip), CTA_TUPLE_IP) + ip + _NLA.pack(4 + len(ports), CTA_TUPLE_PROTO) + ports
-    body = _NLA.pack(4 + len(body), CTA_TUPLE_ORIG) + body
-    return _NLMSG.pack(20 + len(body), NFNL_SUBSYS_CTNETLINK << 8 | kind, flags, seq, 0) + _NFGEN.pack(family, 0, 0) + body
+        ip = nla(CTA_IP_V4_SRC, _U32.pack(src)) + nla(CTA_IP_V4_DST, _U32.pack(dst))
+    ports = nla(CTA_PROTO_NUM, _U8.pack(proto)) + nla(CTA_PROTO_SRC_PORT, _U16.pack(sport)) + nla(CTA_PROTO_DST_PORT, _U16.pack(dport))
+    return ct_message(kind, flags, family, seq, nla(CTA_TUPLE_ORIG, nla(CTA_TUPLE_IP, ip) + nla(CTA_TUPLE_PROTO, ports)))
 
 
 def tcp_state(data: bytes) -> int | None:
@@ -425,7 +433,7 @@ class Conntrack:
     def _tuple_request(self, kind: int, proto: int, src: int, sport: int, dst: int, dport: int) -> Iterator[tuple[int, bytes]]:
         """One request (with an ack) about the connection with this original tuple (``tuple_request``)."""
         self._seq += 1
-        self._req.send(tuple_request(kind, NLM_F_REQUEST | NLM_F_ACK, self._seq, proto, src, sport, dst, dport))
+        self._req.send(tuple_request(kind, NLM_F_ACK, self._seq, proto, src, sport, dst, dport))
         return self._answers(self._seq)
 
     def _answers(self, seq: int) -> Iterator[tuple[int, bytes]]:

@@ -43,10 +43,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
-from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
-from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_CTNETLINK
+from pyroute2.netlink import NLM_F_DUMP, NLMSG_DONE, NLMSG_ERROR
 
-from firewall.processor.kernel import NETLINK_NETFILTER, _attrs
+from firewall.processor.kernel import NETLINK_NETFILTER, _attrs, ct_message, nla
 
 IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET = 0, 1
 CTA_TUPLE_ORIG, CTA_TIMEOUT, CTA_MARK, CTA_ZONE, CTA_MARK_MASK, CTA_FILTER = 1, 7, 8, 18, 21, 25
@@ -56,7 +55,6 @@ CTA_FILTER_F_CTA_PROTO_NUM = 1 << 3
 NLA_F_NESTED = 0x8000
 UDP = 17
 _HDR = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, seq, pid
-_NLA = struct.Struct("=HH")
 _BE32 = struct.Struct("!I")
 UDP_TIMEOUT_SYSCTL = Path("/proc/sys/net/netfilter/nf_conntrack_udp_timeout")
 SOCKET_BUFFER = 4 << 20  # bytes each way: one chunk's updates, and the error answers to them
@@ -64,24 +62,14 @@ READS_PER_WAKE = 1  # dump chunks read per wake-up of the loop (about a hundred 
 ERROR_READS = 64  # error answers drained per wake-up at most
 
 
-def _nla(kind: int, payload: bytes) -> bytes:
-    size = 4 + len(payload)
-    return _NLA.pack(size, kind) + payload + b"\0" * (-size % 4)
-
-
-def _message(kind: int, flags: int, family: int, seq: int, body: bytes) -> bytes:
-    data = struct.pack("=BBH", family, 0, 0) + body
-    return _HDR.pack(16 + len(data), NFNL_SUBSYS_CTNETLINK << 8 | kind, NLM_F_REQUEST | flags, seq, 0) + data
-
-
 def dump_request(family: int, mark: int, mask: int, seq: int) -> bytes:
     """A dump of the UDP connections of ``family`` whose mark & ``mask`` == ``mark``, filtered
     in the kernel (CTA_MARK/CTA_MARK_MASK, and CTA_FILTER on the original tuple's protocol)."""
-    proto = _nla(CTA_TUPLE_ORIG | NLA_F_NESTED, _nla(CTA_TUPLE_PROTO | NLA_F_NESTED, _nla(CTA_PROTO_NUM, bytes([UDP]))))
-    only_udp = _nla(CTA_FILTER | NLA_F_NESTED, _nla(CTA_FILTER_ORIG_FLAGS, struct.pack("=I", CTA_FILTER_F_CTA_PROTO_NUM))
-                    + _nla(CTA_FILTER_REPLY_FLAGS, struct.pack("=I", 0)))
-    body = _nla(CTA_MARK, _BE32.pack(mark)) + _nla(CTA_MARK_MASK, _BE32.pack(mask)) + proto + only_udp
-    return _message(IPCTNL_MSG_CT_GET, NLM_F_DUMP, family, seq, body)
+    proto = nla(CTA_TUPLE_ORIG | NLA_F_NESTED, nla(CTA_TUPLE_PROTO | NLA_F_NESTED, nla(CTA_PROTO_NUM, bytes([UDP]))))
+    only_udp = nla(CTA_FILTER | NLA_F_NESTED, nla(CTA_FILTER_ORIG_FLAGS, struct.pack("=I", CTA_FILTER_F_CTA_PROTO_NUM))
+                    + nla(CTA_FILTER_REPLY_FLAGS, struct.pack("=I", 0)))
+    body = nla(CTA_MARK, _BE32.pack(mark)) + nla(CTA_MARK_MASK, _BE32.pack(mask)) + proto + only_udp
+    return ct_message(IPCTNL_MSG_CT_GET, NLM_F_DUMP, family, seq, body)
 
 
 def _proto(data: bytes, where: tuple[int, int]) -> int | None:
@@ -108,7 +96,7 @@ def update_for(data: bytes, off: int, end: int, seq: int) -> bytes | None:
     zone = top.get(CTA_ZONE)
     if zone is not None:
         body += data[zone[0] - 4:zone[1]] + b"\0" * (-(zone[1] - zone[0]) % 4)
-    return _message(IPCTNL_MSG_CT_NEW, 0, data[off + 16], seq, body + _nla(CTA_TIMEOUT, _BE32.pack(seconds)))
+    return ct_message(IPCTNL_MSG_CT_NEW, 0, data[off + 16], seq, body + nla(CTA_TIMEOUT, _BE32.pack(seconds)))
 
 
 def messages(data: bytes) -> Iterator[tuple[int, int, int, int]]:

@@ -229,4 +229,4 @@ def test_a_tuple_request_is_the_bytes_pyroute2_encodes(kind: int, seq: int, prot
         src, dst = src | 1 << 127, dst | 1 << 127  # above 2**32: IPv6
     else:
         src, dst = src & 0xFFFFFFFF, dst & 0xFFFFFFFF
-    assert tuple_request(kind, 5, seq, proto, src, sport, dst, dport) == _pyroute2_request(kind, seq, proto, src, sport, dst, dport)
+    assert tuple_request(kind, 4, seq, proto, src, sport, dst, dport) == _pyroute2_request(kind, seq, proto, src, sport, dst, dport)
