@@ -91,6 +91,25 @@ ports = 5353
 """
 
 
+# A lan server on 443 that answers each connection once (b"answer") and closes it: with a FIN,
+# or with an RST (SO_LINGER 0) if argv[1] is "reset". For the relay's close and reuse tests.
+ANSWER_SERVER = r"""
+import socket, struct, sys
+reset = sys.argv[1:] == ["reset"]
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("", 443))
+s.listen(64)
+while True:
+    c, _ = s.accept()
+    c.recv(64)
+    c.sendall(b"answer")
+    if reset:
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.close()
+"""
+
+
 class Server:
     """An echo server (tests/netprobe.py) in a lab host; ``next_peer()`` is who it saw."""
 

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from tests.conntrack import fast_conntrack
-from tests.firewall.run_harness import Running
+from tests.firewall.run_harness import ANSWER_SERVER, Running
 
 pytestmark = pytest.mark.netns
 
@@ -40,20 +40,6 @@ KERNEL_DEFAULTS = {
 }
 REUSES = 6  # connections from one client port, one after the other
 ANSWER_TIMEOUT = 2.0  # seconds a connection gets to answer (a hung one never does)
-
-# Answers one line per connection, then closes.
-SERVER = r"""
-import socket
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("", 443))
-s.listen(64)
-while True:
-    c, _ = s.accept()
-    c.recv(64)
-    c.sendall(b"answer")
-    c.close()
-"""
 
 # Connects from one port COUNT times, the next as soon as the last one has ended; prints how
 # many answered in time. "server": waits for the server's close (so keeps no TIME-WAIT);
@@ -87,7 +73,7 @@ print(answered, flush=True)
 @pytest.mark.parametrize("close", ["server", "reset"])
 def test_a_client_reusing_its_port_is_answered_every_time(lab_factory: Any, tmp_path: Path, close: str) -> None:
     lab = lab_factory("basic")
-    server = lab.popen("lan", [sys.executable, "-c", SERVER])
+    server = lab.popen("lan", [sys.executable, "-c", ANSWER_SERVER])
     lab.wait_listening("lan", 443)
     run = Running(lab, tmp_path)
     fast_conntrack(lab, **KERNEL_DEFAULTS)  # after the harness shortened them

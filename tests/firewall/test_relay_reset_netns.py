@@ -17,27 +17,12 @@ from typing import Any
 
 import pytest
 
-from tests.firewall.run_harness import Running
+from tests.firewall.run_harness import ANSWER_SERVER, Running
 
 pytestmark = pytest.mark.netns
 
 CONNECTIONS = 20
 END_TIMEOUT = 2.0  # seconds a connection gets to end after its answer (a hung one never does)
-
-# Answers each connection, then resets it (SO_LINGER 0).
-SERVER = r"""
-import socket, struct
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("", 443))
-s.listen(64)
-while True:
-    c, _ = s.accept()
-    c.recv(64)
-    c.sendall(b"answer")
-    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    c.close()
-"""
 
 # Connects COUNT times; prints how many got the answer and then the reset. argv: COUNT TIMEOUT
 CLIENT = r"""
@@ -61,7 +46,7 @@ print(ended, flush=True)
 
 def test_a_server_answer_then_reset_reaches_the_client_as_both(lab_factory: Any, tmp_path: Path) -> None:
     lab = lab_factory("basic")
-    server = lab.popen("lan", [sys.executable, "-c", SERVER])
+    server = lab.popen("lan", [sys.executable, "-c", ANSWER_SERVER, "reset"])
     lab.wait_listening("lan", 443)
     run = Running(lab, tmp_path)
     try:
