@@ -649,16 +649,22 @@ def test_a_leg_b_made_again_after_its_connection_was_destroyed_keeps_the_binding
     assert rig.messages() == [FlowEnd(flow.flow_id, FlowEndReason.FIN)]
 
 
-def test_a_second_leg_b_while_the_first_is_closing_takes_its_place() -> None:
-    """Conntrack reopens leg A in CLOSE after an RST, NAT and all, so the client's next
-    connection from the same port reaches the gateway on the same binding; the old leg B,
-    closing, goes before the new one's verdict. A live one still refuses it."""
-    rig = Rig()
+def both_legs(rig: Rig) -> tuple[Any, Leg, Leg]:
+    """An inbound flow with both legs in conntrack, and nothing asked of the kernel yet: (flow, leg A, leg B)."""
     flow, a = open_inbound(rig)
     rig.confirm(a)
     b = leg_b(rig, flow, 51000)
     rig.confirm(b)
     rig.out.ct_deletes.clear()
+    return flow, a, b
+
+
+def test_a_second_leg_b_while_the_first_is_closing_takes_its_place() -> None:
+    """Conntrack reopens leg A in CLOSE after an RST, NAT and all, so the client's next
+    connection from the same port reaches the gateway on the same binding; the old leg B,
+    closing, goes before the new one's verdict. A live one still refuses it."""
+    rig = Rig()
+    flow, a, b = both_legs(rig)
     rig.dropped(tcp(G, 51001, *pair(flow.firewall_side), "S"), BLIND, "drop.leg_b_busy")  # established: refused
     rig.closing.add((6, *ints(b.key)))
     leg_b(rig, flow, 51002)
@@ -671,11 +677,7 @@ def test_a_replaced_binding_s_closing_leg_b_goes_before_the_new_one_s_verdict() 
     the new leg B's, and conntrack refused the new one (insert_failed) until it timed out: the
     client's connection was accepted by the gateway and then hung."""
     rig = Rig()
-    old, a = open_inbound(rig)
-    rig.confirm(a)
-    b = leg_b(rig, old, 51000)
-    rig.confirm(b)
-    rig.out.ct_deletes.clear()
+    old, a, b = both_legs(rig)
     rig.forget(a)  # a SYN ended leg A's TIME-WAIT; leg B's lives on
     rig.bound(tcp(C, 40000, W, 8443, "S"), WAN0)  # the same client port again
     assert rig.out.ct_deletes == [(6, *ints(b.key))]
