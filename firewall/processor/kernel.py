@@ -9,6 +9,12 @@
   be until its timeout: then that element is deleted and added again,
   alone. libnftables' JSON API (Debian's python3-nftables) does what is not
   per flow: flushing an instance's sets, checking the table is there.
+  The kernel refuses a transaction whole, and a refused one costs an RCU
+  grace period inside ``sendmsg`` (6-30 ms here, the processor handling
+  nothing meanwhile), so the writer remembers the elements it added
+  (``_Held``) and deletes, in the same transaction, one that an ended
+  binding left under a key a new one needs: a client that reuses its port
+  within ``nat_element``, a reused pool slot.
 - ``Conntrack`` answers "is this connection alive?" (a ctnetlink GET),
   deletes a connection (an offloaded flow's legs), lists
   the connections with nfgate's mark (a dump filtered in the kernel, at start
@@ -32,9 +38,11 @@ import errno
 import os
 import socket
 import struct
+import time
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import nftables
 from pyroute2.netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
@@ -67,6 +75,7 @@ _U8, _U16, _U32, _U64 = struct.Struct("!B"), struct.Struct("!H"), struct.Struct(
 _NLMSG = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, seq, pid
 _NFGEN = struct.Struct("=BBH")  # nfgenmsg: family, version, res_id
 NAT_ATTEMPTS = 3  # tries for one element that collides with an ended binding's
+HELD_MARGIN = 0.1  # seconds: our clock against the kernel's on when an element times out (a tick is 4-10 ms)
 EVENT_BUFFER = 8 << 20  # bytes of kernel buffer for destroy events (SO_RCVBUFFORCE)
 REQUEST_TIMEOUT = 2.0  # seconds for conntrack to answer a look-up or a dump's next message
 REQUEST_MAX_READS = 1 << 20  # recv() calls for one request: a dump of a million entries fits
@@ -77,19 +86,64 @@ SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
 _PROTO = {6: "tcp", 17: "udp"}
 
 
+class _Held:
+    """The binding elements this writer added that are surely still in the kernel.
+
+    (set, key) -> (value, when it times out), on our clock, read before the
+    transaction that added it (the kernel's timeout starts later, less up
+    to a tick). A key held with another value is deleted in the adding
+    transaction; one that may have timed out is not (its delete would fail
+    the transaction as surely as its add would).
+    """
+
+    def __init__(self) -> None:
+        self._at: dict[tuple[str, bytes], tuple[bytes, float]] = {}
+        self._order: deque[tuple[float, str, bytes]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+    def clashes(self, name: str, key: bytes, value: bytes, now: float) -> bool:
+        held = self._at.get((name, key))
+        return held is not None and held[0] != value and now < held[1] - HELD_MARGIN
+
+    def add(self, name: str, key: bytes, value: bytes, until: float) -> None:
+        self._at[(name, key)] = (value, until)
+        self._order.append((until, name, key))
+
+    def forget(self, name: str, key: bytes) -> None:
+        self._at.pop((name, key), None)
+
+    def prune(self, now: float) -> None:
+        """Drop what has timed out (the oldest first; a key added again keeps its newer time)."""
+        order, at = self._order, self._at
+        while order and order[0][0] <= now:
+            until, name, key = order.popleft()
+            held = at.get((name, key))
+            if held is not None and held[1] == until:
+                del at[(name, key)]
+
+
 class NatWriter:
     """Adds binding elements, and dynamic rules' elements, to the binding table, in-process.
 
     The elements go in as nf_tables netlink messages of our own
     (``setelem``): one ``sendmsg`` a transaction. libnftables stays for what
     is not per flow (flushing an instance's sets, the table check).
+    ``counters``: ``clash_removed`` (an ended binding's element deleted in
+    the transaction of the one that replaces it), ``refused`` (a transaction
+    of binding elements the kernel refused whole, then written element by
+    element).
     """
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._nft = nftables.Nftables()
         self._sock = setelem.ElementSocket()
         # Whole seconds, as ``nft add element ... timeout Ns`` (bind.add_text) wrote them.
         self._timeout_ms = max(1, round(timeout)) * 1000
+        self._clock = clock
+        self._held = _Held()
+        self.counters: Counter[str] = Counter()
 
     def _cmd(self, commands: list[dict[str, Any]]) -> tuple[bool, str]:
         rc, _, err = self._nft.json_cmd({"nftables": commands})
@@ -98,51 +152,74 @@ class NatWriter:
     def _commit(self, changes: list[setelem.Change]) -> bool:
         return not any(self._sock.commit(changes))
 
-    def _nat_change(self, add: bool, ops: list[NatOp]) -> setelem.Change:
-        """Binding elements of one map (``ops[0]``'s), with the timeout if added."""
-        name = ops[0][0]
+    @staticmethod
+    def _bytes(op: NatOp) -> tuple[str, bytes, bytes]:
+        """(map, key, value) of an op as the messages carry them."""
+        name, proto, key, value = op
         six = bind.in_table6(name)
-        timeout = self._timeout_ms if add else None
-        elems = tuple(setelem.element(setelem.key_bytes(proto, key, six), setelem.value_bytes(value, six) if add else None,
-                                      timeout) for _, proto, key, value in ops)
-        return _change(add, name, elems)
-
-    def _by_map(self, add: bool, ops: list[NatOp]) -> list[setelem.Change]:
-        by_name: dict[str, list[NatOp]] = {}
-        for op in ops:
-            by_name.setdefault(op[0], []).append(op)
-        return [self._nat_change(add, group) for group in by_name.values()]
+        return name, setelem.key_bytes(proto, key, six), setelem.value_bytes(value, six)
 
     def write(self, ops: list[NatOp]) -> list[bool]:
         """Write every element; True per op that is in the kernel now.
 
-        The batch goes in as one transaction, a message per map. A refusal
-        (a key that an ended binding's element still holds) is retried
-        element by element (``_one``)."""
+        The batch goes in as one transaction, a message per map, after the
+        deletes of what ended bindings still hold under its keys (``_Held``).
+        A refusal (a key held by an element this writer does not know of, or
+        no longer surely) is retried element by element (``_one``)."""
         if not ops:
             return []
-        if self._commit(self._by_map(True, ops)):
+        now = self._clock()
+        held = self._held
+        held.prune(now)
+        adds: dict[str, list[bytes]] = {}
+        gone: dict[str, list[bytes]] = {}
+        written = [self._bytes(op) for op in ops]
+        for name, key, value in written:
+            if held.clashes(name, key, value, now):
+                gone.setdefault(name, []).append(setelem.element(key))
+            adds.setdefault(name, []).append(setelem.element(key, value, self._timeout_ms))
+        changes = [_change(False, name, tuple(elems)) for name, elems in gone.items()]
+        changes += [_change(True, name, tuple(elems)) for name, elems in adds.items()]
+        if self._commit(changes):
+            until = now + self._timeout_ms / 1000
+            for name, key, value in written:
+                held.add(name, key, value, until)
+            if gone:
+                self.counters["clash_removed"] += sum(len(elems) for elems in gone.values())
             return [True] * len(ops)
+        self.counters["refused"] += 1
         return [self._one(op) for op in ops]
 
     def _one(self, op: NatOp) -> bool:
-        add = self._nat_change(True, [op])
-        for attempt in range(NAT_ATTEMPTS):
-            if self._commit([add]):
-                return True
+        name, key, value = self._bytes(op)
+        add = _change(True, name, (setelem.element(key, value, self._timeout_ms),))
+        for _ in range(NAT_ATTEMPTS):
+            now = self._clock()
             # Another value under this key: an ended binding's element, not yet
             # timed out. An element that is just expiring can refuse both the
             # add (EEXIST) and the delete (ENOENT) for a moment: try again.
-            if self._commit([self._nat_change(False, [op]), add]):
+            if self._commit([add]) or self._commit([_change(False, name, (setelem.element(key),)), add]):
+                self._held.add(name, key, value, now + self._timeout_ms / 1000)
                 return True
         return False
 
     def delete(self, ops: list[NatOp]) -> None:
         """Delete binding elements; one that is gone already (timed out) is no error."""
-        if not ops or self._commit(self._by_map(False, ops)):
+        if not ops:
+            return
+        for name, key, _ in map(self._bytes, ops):
+            self._held.forget(name, key)
+        if self._commit(self._by_map(ops)):
             return
         for op in ops:
-            self._commit([self._nat_change(False, [op])])
+            self._commit(self._by_map([op]))
+
+    def _by_map(self, ops: list[NatOp]) -> list[setelem.Change]:
+        """Deletes of ``ops``' elements, a message per map."""
+        by_name: dict[str, list[bytes]] = {}
+        for name, key, _ in map(self._bytes, ops):
+            by_name.setdefault(name, []).append(setelem.element(key))
+        return [_change(False, name, tuple(elems)) for name, elems in by_name.items()]
 
     @staticmethod
     def _rule_changes(op: KernelOp) -> list[setelem.Change]:

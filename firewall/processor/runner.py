@@ -641,6 +641,7 @@ class Runner:
         stats = self.core.stats()
         stats["counters"].update(queue_counters(self.queue))
         stats["counters"].update({f"control.{name}": n for name, n in self.control.counters.items()})
+        stats["counters"].update({f"nat.{name}": n for name, n in self.nat.counters.items()})
         return {
             **stats,
             "instance": self.instance,

@@ -22,9 +22,9 @@ The firewall-side pool is 172.31.254.0/28 x 1024-65535 and hands out
 from __future__ import annotations
 
 import dataclasses
-
 import ipaddress
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -1441,6 +1441,7 @@ class FakePacket:
 class FakeNat:
     def __init__(self, log: list[Any], result: Any = None) -> None:
         self.log, self.result = log, result
+        self.counters: Counter[str] = Counter({"clash_removed": 2})
 
     def write(self, ops: list[Any]) -> list[bool]:
         self.log.append(("nat", legs([op for op in ops if op[0] in (DNAT_MAP, SNAT_MAP)])))
@@ -1563,6 +1564,7 @@ def test_runner_answers_stats_and_flows_on_its_control_socket(tmp_path: Path) ->
         stats = ask(path, {"cmd": "stats"})
         assert (stats["instance"], stats["push"], stats["flows"]) == (0, True, 1)
         assert stats["counters"]["control.requests"] == 1 and stats["counters"]["verdict.bound"] == 1
+        assert stats["counters"]["nat.clash_removed"] == 2  # the writer's own counters, named apart
         (flow,) = ask(path, {"cmd": "flows"})
         assert (flow["client"], flow["original_dst"], flow["proto"]) == (f"{C}:40000", f"{W}:8443", "tcp")
         assert ask(path, {"cmd": "flows", "limit": 0}) == []

@@ -236,3 +236,71 @@ def test_the_writer_s_elements_list_as_nft_s_and_the_kernel_refuses_as_for_nft(l
     after = got["after"]
     assert [e[1] for e in after["leg_snat"]] == [{"concat": ["172.31.254.1", 30999]}]
     assert [e[0]["elem"]["val"]["concat"][0] for e in after["leg_dnat"]] == ["udp"] and after["legb_dnat"] == []
+
+
+# Runs in the router: a key that an ended binding's element still holds with another value.
+CLASH_IN_ROUTER = r"""
+import ipaddress, json, time
+import nftables
+from firewall.config.model import Marks
+from firewall.processor.kernel import NatWriter
+from firewall.rules import bind
+
+ip = lambda a: int(ipaddress.ip_address(a))
+nft = nftables.Nftables()
+assert nft.cmd(bind.render(Marks(), 1))[0] == 0
+C, S, F = ip("192.0.2.10"), ip("198.51.100.20"), ip("172.31.254.1")
+snat = lambda f: ("leg_snat", "tcp", (C, 40000, S, 443), (F, f))
+skew = [0.0]
+w = NatWriter(10, clock=lambda: time.monotonic() + skew[0])
+out = {}
+def step(name, ops, writer=w):
+    t = time.perf_counter()
+    ok = writer.write(ops)
+    out[name] = {"ok": ok, "counters": dict(w.counters), "ms": round(1e3 * (time.perf_counter() - t), 3)}
+step("first", [snat(30000)])
+step("reused", [snat(30001)])       # the same client port again, a new F:f: deleted and added in one transaction
+skew[0] = 9.95                      # within HELD_MARGIN of its timeout: not vouched for
+step("near_timeout", [snat(30002)])
+w.delete([snat(30002)])
+step("after_delete", [snat(30003)])  # gone: a delete first would fail the transaction
+other = NatWriter(10)               # a successor that did not write it
+step("successor", [snat(30004)], other)
+out["successor"]["counters"] = dict(other.counters)
+rc, text, _ = nft.cmd("list map ip nfgate_bind leg_snat")
+out["listed"] = text
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.netns
+def test_a_key_an_ended_binding_still_holds_is_replaced_in_one_transaction(lab_factory: Any) -> None:
+    """nf_tables refuses a transaction whole when one add meets its key with another value, and a
+    refused transaction costs an RCU grace period in ``sendmsg`` (the processor stalls): the
+    writer deletes what it knows it left under the key in the same transaction. What it cannot
+    vouch for (near its timeout, deleted, a predecessor's) still goes through the fallback."""
+    lab = lab_factory(ONE_HOST)
+    got = json.loads(lab.run("router", [sys.executable, "-c", CLASH_IN_ROUTER], cwd=Path(__file__).parents[2]).stdout)
+    assert got["first"]["ok"] == [True] and got["first"]["counters"] == {}
+    assert got["reused"]["ok"] == [True] and got["reused"]["counters"] == {"clash_removed": 1}
+    assert got["near_timeout"]["ok"] == [True] and got["near_timeout"]["counters"] == {"clash_removed": 1, "refused": 1}
+    assert got["after_delete"]["ok"] == [True] and got["after_delete"]["counters"] == {"clash_removed": 1, "refused": 1}
+    assert got["successor"]["ok"] == [True] and got["successor"]["counters"] == {"refused": 1}
+    assert "172.31.254.1 . 30004" in got["listed"] and got["listed"].count("192.0.2.10") == 1
+
+
+def test_held_vouches_only_for_what_it_added_until_its_timeout_less_the_margin() -> None:
+    from firewall.processor.kernel import HELD_MARGIN, _Held
+    held = _Held()
+    held.add("leg_snat", b"k", b"v1", 10.0)
+    assert held.clashes("leg_snat", b"k", b"v2", 5.0)
+    assert not held.clashes("leg_snat", b"k", b"v1", 5.0)  # the same value: the kernel takes it again
+    assert not held.clashes("leg_dnat", b"k", b"v2", 5.0) and not held.clashes("leg_snat", b"x", b"v2", 5.0)
+    assert not held.clashes("leg_snat", b"k", b"v2", 10.0 - HELD_MARGIN)
+    held.add("leg_snat", b"k", b"v2", 20.0)  # added again: the newer time stands when the older is pruned
+    held.prune(15.0)
+    assert len(held) == 1 and held.clashes("leg_snat", b"k", b"v1", 15.0)
+    held.forget("leg_snat", b"k")
+    assert not held.clashes("leg_snat", b"k", b"v1", 15.0) and len(held) == 0
+    held.prune(25.0)
+    assert len(held) == 0
