@@ -38,6 +38,7 @@ import errno
 import os
 import socket
 import struct
+import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -637,6 +638,54 @@ class Conntrack:
         if self.events is not None:
             self.events.close()
         self._req.close()
+
+
+class Reaper:
+    """``Conntrack.reap`` on a thread of its own, asked for by the processor's loop (``kick``).
+
+    The reap's dump walks the whole conntrack table inside one socket call
+    (all of the machine's namespaces share it): about 10 ms for the 262,144
+    empty buckets here, 33 ms with 100k connections, growing about 0.23 µs
+    a connection. On the loop's thread no packet was handled meanwhile; the
+    call holds no GIL, so here the loop goes on. A kick while a reap runs
+    asks for one more after it. Its own netlink socket: the loop's requests
+    never read its answers.
+    """
+
+    def __init__(self, mask: int, mark: int, passed: int, counters: Counter[str]) -> None:
+        self._ct = Conntrack(mask, mark)
+        self._passed = passed
+        self._counters = counters
+        for name in ("conntrack.reaps", "conntrack.reap_error"):
+            counters[name] += 0  # there before the thread counts: the loop may be iterating the counters
+        self._want = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="reap", daemon=True)
+        self._thread.start()
+
+    def kick(self) -> None:
+        self._want.set()
+
+    def _run(self) -> None:
+        while True:
+            self._want.wait()
+            self._want.clear()
+            if self._stopping:
+                return
+            try:
+                self._ct.reap(self._passed)
+            except Exception:  # noqa: BLE001 - bindings then end at the kernel's own pace
+                self._counters["conntrack.reap_error"] += 1  # only this thread counts this one
+            else:
+                self._counters["conntrack.reaps"] += 1
+
+    def close(self, timeout: float = REQUEST_TIMEOUT + 1) -> None:
+        """Stop the thread (after the reap it is in, if any) and close its socket."""
+        self._stopping = True
+        self._want.set()
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._ct.close()
 
 
 def queue_counters(queue: int) -> dict[str, int]:

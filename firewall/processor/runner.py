@@ -3,7 +3,9 @@
 One thread and one ``selectors`` loop (the seed's packet processor part, one
 per queue; docs/datapath.md, "Queue numbers and steering"). Everything it
 does is short and non-blocking, so packets never wait behind anything but
-other packets:
+other packets. The one exception, the reap's walk of the whole conntrack
+table (tens of milliseconds or more inside one socket call), runs on a
+thread of its own that does nothing else (``kernel.Reaper``):
 
 - the queue's netlink socket is read in batches of ``processor.queue_batch``
   messages, so a flood cannot starve signalling, expiry or the control
@@ -57,7 +59,7 @@ from firewall.config import Config
 from firewall.control import BadRequest, Command, ControlServer, SelectorLoop
 from firewall.errors import KernelError, PrivilegeError
 from firewall.processor.core import DROP, PASS, NatOp, Outputs, ProcessorCore, Route
-from firewall.processor.kernel import Conntrack, NatWriter, queue_counters
+from firewall.processor.kernel import Conntrack, NatWriter, Reaper, queue_counters
 from firewall.processor.refresh import Refresher, Schedule, interval, selection, udp_timeout
 from firewall.signalling import MAX_DATAGRAM, Encoder, Guard, Role, load_or_create_key
 
@@ -273,6 +275,7 @@ class Runner:
             local_addresses6=self.routes.local_addresses6,
             conntrack=self.ct.alive, closing=self.ct.closing, now=time.monotonic(), wall=time.time(), push=self.push,
         )
+        self.reaper = Reaper(marks.mask, marks.rewritten, marks.passed, self.core.counters)
         if cfg.processor.conntrack_accounting:
             self._accounting_on()
         # Before the queue is read: no new flow may be given an F:f still in use.
@@ -387,6 +390,9 @@ class Runner:
             if sock is not None:
                 sock.close()
         self.ct.close()
+        reaper = getattr(self, "reaper", None)
+        if reaper is not None:
+            reaper.close()
         if self.refresher is not None:
             self.refresher.close()
         self.ipr.close()
@@ -533,10 +539,7 @@ class Runner:
 
     def _reap(self) -> None:
         if self.core.watching:
-            try:
-                self.ct.reap(self.config.processor.marks.passed)
-            except Exception:  # noqa: BLE001 - bindings then end at the kernel's own pace
-                self._internal("conntrack.reap_error", "a conntrack reap")
+            self.reaper.kick()  # its dump walks the whole table: on the reaper's thread
 
     def _check_standby(self) -> None:
         """With [ha]: whether this node is backup or in fault now, from its notify script's state

@@ -230,3 +230,58 @@ def test_a_tuple_request_is_the_bytes_pyroute2_encodes(kind: int, seq: int, prot
     else:
         src, dst = src & 0xFFFFFFFF, dst & 0xFFFFFFFF
     assert tuple_request(kind, 4, seq, proto, src, sport, dst, dport) == _pyroute2_request(kind, seq, proto, src, sport, dst, dport)
+
+
+class BlockingReap:
+    """A conntrack whose reap waits until released, as the kernel's walk of a large table does."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.entered = threading.Semaphore(0)
+        self.release = threading.Semaphore(0)
+        self.threads: list[str] = []
+        self.closed = False
+
+    def reap(self, passed: int) -> None:
+        import threading
+
+        self.threads.append(threading.current_thread().name)
+        self.entered.release()
+        assert self.release.acquire(timeout=5)
+        if len(self.threads) == 3:
+            raise OSError("ENOBUFS")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_the_reap_runs_on_its_own_thread_and_a_kick_meanwhile_asks_for_one_more() -> None:
+    """The processor's loop only kicks: the table's walk (tens of ms or more) never blocks it."""
+    from collections import Counter
+
+    from firewall.processor.kernel import Reaper
+
+    counters: Counter[str] = Counter()
+    reaper = Reaper(0xFFFF0000, 0x10000, 0x20000, counters)
+    fake = BlockingReap()
+    reaper._ct.close()
+    reaper._ct = fake  # type: ignore[assignment]
+    assert counters == {"conntrack.reaps": 0, "conntrack.reap_error": 0}
+    reaper.kick()  # returns at once, though the reap below blocks
+    assert fake.entered.acquire(timeout=5)
+    reaper.kick()
+    reaper.kick()  # two kicks during a reap: one more reap after it, not two
+    fake.release.release()
+    assert fake.entered.acquire(timeout=5)
+    fake.release.release()
+    assert not fake.entered.acquire(timeout=0.3)  # bounded wait: no third reap was asked for
+    reaper.kick()  # the third fails: counted, and the thread goes on
+    assert fake.entered.acquire(timeout=5)
+    fake.release.release()
+    reaper.kick()
+    assert fake.entered.acquire(timeout=5)
+    fake.release.release()
+    reaper.close()
+    assert fake.closed and fake.threads == ["reap"] * 4
+    assert counters == {"conntrack.reaps": 3, "conntrack.reap_error": 1}
