@@ -119,6 +119,7 @@ def one(lab: Lab, name: str, tree: str, seconds: float, events: bool = False) ->
             c0, f0 = processor_cpu(run)
             a0 = lab_cpu(lab)
             relay = connections(lab, 8443, seconds)
+            run.settled()  # the relayed connections' ends: theirs, not the kernel phase's
             a1 = lab_cpu(lab)
             c1, f1 = processor_cpu(run)
             k0 = k1 = 0.0

@@ -171,6 +171,14 @@ class Running:
     def text(self) -> str:
         return self.log_path.read_text()
 
+    def settled(self, timeout: float = 60.0) -> None:
+        """Wait until no processor holds a binding: every gateway flow has ended (its destroy
+        events, FLOW_ENDs and the gateway's closes are done). A bench waits for this between
+        a relayed phase and its baseline, which would otherwise pay for those ends."""
+        def idle() -> bool:
+            return all(p.get("flows", 0) == 0 for p in self.ask("status")["processors"].values())
+        wait_for(idle, timeout=timeout, interval=0.1, what="the gateway flows to end")
+
     def stop(self) -> int | None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
