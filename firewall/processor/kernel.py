@@ -77,6 +77,7 @@ _NLMSG = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, seq, pid
 _NFGEN = struct.Struct("=BBH")  # nfgenmsg: family, version, res_id
 NAT_ATTEMPTS = 3  # tries for one element that collides with an ended binding's
 HELD_MARGIN = 0.1  # seconds: our clock against the kernel's on when an element times out (a tick is 4-10 ms)
+HELD_SLICE = 1.0  # seconds of adds the writer's record keeps in one dict (it drops a slice whole)
 EVENT_BUFFER = 8 << 20  # bytes of kernel buffer for destroy events (SO_RCVBUFFORCE)
 REQUEST_TIMEOUT = 2.0  # seconds for conntrack to answer a look-up or a dump's next message
 REQUEST_MAX_READS = 1 << 20  # recv() calls for one request: a dump of a million entries fits
@@ -90,39 +91,51 @@ _PROTO = {6: "tcp", 17: "udp"}
 class _Held:
     """The binding elements this writer added that are surely still in the kernel.
 
-    (set, key) -> (value, when it times out), on our clock, read before the
-    transaction that added it (the kernel's timeout starts later, less up
-    to a tick). A key held with another value is deleted in the adding
+    Kept small (a busy router adds thousands a second, each living
+    ``nat_element`` seconds): one dict per ``HELD_SLICE`` of adds, from
+    ``hash((set, key))`` to ``hash(value)``. An element added in a slice
+    that began at t times out in the kernel at t + ``life`` or later (our
+    clock is read before the transaction; the kernel's timeout starts after
+    it, less up to a tick), so it is vouched for until t + ``life`` -
+    ``HELD_MARGIN``. A key held with another value is deleted in the adding
     transaction; one that may have timed out is not (its delete would fail
-    the transaction as surely as its add would).
+    the transaction as surely as its add would). Two keys or values with
+    one hash would at worst cost a refused transaction, which the writer's
+    fallback serves.
     """
 
-    def __init__(self) -> None:
-        self._at: dict[tuple[str, bytes], tuple[bytes, float]] = {}
-        self._order: deque[tuple[float, str, bytes]] = deque()
+    def __init__(self, life: float) -> None:
+        self._life = life
+        self._slices: deque[tuple[float, dict[int, int]]] = deque()
 
     def __len__(self) -> int:
-        return len(self._at)
+        return sum(len(held) for _, held in self._slices)
 
     def clashes(self, name: str, key: bytes, value: bytes, now: float) -> bool:
-        held = self._at.get((name, key))
-        return held is not None and held[0] != value and now < held[1] - HELD_MARGIN
+        k = hash((name, key))
+        for start, held in reversed(self._slices):  # the latest add of a key decides
+            v = held.get(k)
+            if v is not None:
+                return v != hash(value) and now < start + self._life - HELD_MARGIN
+        return False
 
-    def add(self, name: str, key: bytes, value: bytes, until: float) -> None:
-        self._at[(name, key)] = (value, until)
-        self._order.append((until, name, key))
+    def add(self, name: str, key: bytes, value: bytes, now: float) -> None:
+        """Record an element added by a transaction that began at ``now``."""
+        slices = self._slices
+        if not slices or now >= slices[-1][0] + HELD_SLICE:
+            slices.append((now, {}))
+        slices[-1][1][hash((name, key))] = hash(value)
 
     def forget(self, name: str, key: bytes) -> None:
-        self._at.pop((name, key), None)
+        k = hash((name, key))
+        for _, held in self._slices:
+            held.pop(k, None)
 
     def prune(self, now: float) -> None:
-        """Drop what has timed out (the oldest first; a key added again keeps its newer time)."""
-        order, at = self._order, self._at
-        while order and order[0][0] <= now:
-            until, name, key = order.popleft()
-            held = at.get((name, key))
-            if held is not None and held[1] == until:
-                del at[(name, key)]
+        """Drop the slices whose every element has timed out."""
+        slices = self._slices
+        while slices and slices[0][0] + HELD_SLICE + self._life <= now:
+            slices.popleft()
 
 
 class NatWriter:
@@ -143,7 +156,7 @@ class NatWriter:
         # Whole seconds, as ``nft add element ... timeout Ns`` (bind.add_text) wrote them.
         self._timeout_ms = max(1, round(timeout)) * 1000
         self._clock = clock
-        self._held = _Held()
+        self._held = _Held(self._timeout_ms / 1000)
         self.counters: Counter[str] = Counter()
 
     def _cmd(self, commands: list[dict[str, Any]]) -> tuple[bool, str]:
@@ -182,9 +195,8 @@ class NatWriter:
         changes = [_change(False, name, tuple(elems)) for name, elems in gone.items()]
         changes += [_change(True, name, tuple(elems)) for name, elems in adds.items()]
         if self._commit(changes):
-            until = now + self._timeout_ms / 1000
             for name, key, value in written:
-                held.add(name, key, value, until)
+                held.add(name, key, value, now)
             if gone:
                 self.counters["clash_removed"] += sum(len(elems) for elems in gone.values())
             return [True] * len(ops)
@@ -200,7 +212,7 @@ class NatWriter:
             # timed out. An element that is just expiring can refuse both the
             # add (EEXIST) and the delete (ENOENT) for a moment: try again.
             if self._commit([add]) or self._commit([_change(False, name, (setelem.element(key),)), add]):
-                self._held.add(name, key, value, now + self._timeout_ms / 1000)
+                self._held.add(name, key, value, now)
                 return True
         return False
 

@@ -290,17 +290,39 @@ def test_a_key_an_ended_binding_still_holds_is_replaced_in_one_transaction(lab_f
 
 
 def test_held_vouches_only_for_what_it_added_until_its_timeout_less_the_margin() -> None:
-    from firewall.processor.kernel import HELD_MARGIN, _Held
-    held = _Held()
-    held.add("leg_snat", b"k", b"v1", 10.0)
+    from firewall.processor.kernel import HELD_MARGIN, HELD_SLICE, _Held
+    held = _Held(10.0)
+    held.add("leg_snat", b"k", b"v1", 0.0)
     assert held.clashes("leg_snat", b"k", b"v2", 5.0)
     assert not held.clashes("leg_snat", b"k", b"v1", 5.0)  # the same value: the kernel takes it again
     assert not held.clashes("leg_dnat", b"k", b"v2", 5.0) and not held.clashes("leg_snat", b"x", b"v2", 5.0)
     assert not held.clashes("leg_snat", b"k", b"v2", 10.0 - HELD_MARGIN)
-    held.add("leg_snat", b"k", b"v2", 20.0)  # added again: the newer time stands when the older is pruned
-    held.prune(15.0)
-    assert len(held) == 1 and held.clashes("leg_snat", b"k", b"v1", 15.0)
+    # Added later in the same slice: vouched for from the slice's start, the safe side.
+    held.add("leg_snat", b"j", b"v1", HELD_SLICE / 2)
+    assert held.clashes("leg_snat", b"j", b"v2", 9.0) and not held.clashes("leg_snat", b"j", b"v2", 10.0 - HELD_MARGIN)
+    held.add("leg_snat", b"k", b"v2", 12.0)  # added again, in a later slice: the latest add decides
+    assert held.clashes("leg_snat", b"k", b"v1", 12.5) and not held.clashes("leg_snat", b"k", b"v2", 12.5)
+    held.prune(12.5)
+    assert len(held) == 1  # the first slice timed out whole
     held.forget("leg_snat", b"k")
-    assert not held.clashes("leg_snat", b"k", b"v1", 15.0) and len(held) == 0
-    held.prune(25.0)
+    assert not held.clashes("leg_snat", b"k", b"v1", 12.5) and len(held) == 0
+    held.prune(30.0)
     assert len(held) == 0
+
+
+def test_held_is_small_per_element() -> None:
+    """A busy router adds thousands of elements a second, each held for ``nat_element`` seconds."""
+    import tracemalloc
+
+    from firewall.processor.kernel import _Held
+    held = _Held(10.0)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(20000):
+            held.add("leg_snat", setelem.key_bytes("tcp", (i, 40000, 2, 443), False),
+                     setelem.value_bytes((3, 20000 + i % 40000), False), i / 2000)
+        per_element = (tracemalloc.get_traced_memory()[0] - before) / 20000
+    finally:
+        tracemalloc.stop()
+    assert per_element < 200, per_element
