@@ -664,10 +664,13 @@ class Reaper:
     never read its answers.
     """
 
-    def __init__(self, mask: int, mark: int, passed: int, counters: Counter[str]) -> None:
+    def __init__(self, mask: int, mark: int, passed: int, counters: Counter[str],
+                 on_error: Callable[[], None]) -> None:
+        """``on_error`` is called inside the ``except`` of a failed reap (to count and log it)."""
         self._ct = Conntrack(mask, mark)
         self._passed = passed
         self._counters = counters
+        self._on_error = on_error
         for name in ("conntrack.reaps", "conntrack.reap_error"):
             counters[name] += 0  # there before the thread counts: the loop may be iterating the counters
         self._want = threading.Event()
@@ -687,7 +690,7 @@ class Reaper:
             try:
                 self._ct.reap(self._passed)
             except Exception:  # noqa: BLE001 - bindings then end at the kernel's own pace
-                self._counters["conntrack.reap_error"] += 1  # only this thread counts this one
+                self._on_error()
             else:
                 self._counters["conntrack.reaps"] += 1
 

@@ -275,7 +275,8 @@ class Runner:
             local_addresses6=self.routes.local_addresses6,
             conntrack=self.ct.alive, closing=self.ct.closing, now=time.monotonic(), wall=time.time(), push=self.push,
         )
-        self.reaper = Reaper(marks.mask, marks.rewritten, marks.passed, self.core.counters)
+        self.reaper = Reaper(marks.mask, marks.rewritten, marks.passed, self.core.counters,
+                             on_error=lambda: self._internal("conntrack.reap_error", "a conntrack reap"))
         if cfg.processor.conntrack_accounting:
             self._accounting_on()
         # Before the queue is read: no new flow may be given an F:f still in use.

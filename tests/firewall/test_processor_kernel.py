@@ -263,7 +263,15 @@ def test_the_reap_runs_on_its_own_thread_and_a_kick_meanwhile_asks_for_one_more(
     from firewall.processor.kernel import Reaper
 
     counters: Counter[str] = Counter()
-    reaper = Reaper(0xFFFF0000, 0x10000, 0x20000, counters)
+    errors: list[str] = []
+
+    def on_error() -> None:
+        import sys
+
+        counters["conntrack.reap_error"] += 1
+        errors.append(repr(sys.exc_info()[1]))
+
+    reaper = Reaper(0xFFFF0000, 0x10000, 0x20000, counters, on_error)
     fake = BlockingReap()
     reaper._ct.close()
     reaper._ct = fake  # type: ignore[assignment]
@@ -284,4 +292,4 @@ def test_the_reap_runs_on_its_own_thread_and_a_kick_meanwhile_asks_for_one_more(
     fake.release.release()
     reaper.close()
     assert fake.closed and fake.threads == ["reap"] * 4
-    assert counters == {"conntrack.reaps": 3, "conntrack.reap_error": 1}
+    assert counters == {"conntrack.reaps": 3, "conntrack.reap_error": 1} and errors == ["OSError('ENOBUFS')"]
