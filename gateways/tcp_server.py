@@ -6,7 +6,8 @@ A subclass implements ``_serve(sock)`` for one accepted connection (leg A
 from the firewall-side endpoint F:f, a non-blocking socket it owns) and
 relays it (``gateways.relay``) or wraps it in streams.
 
-Descriptors: a spliced relay holds six (two sockets, two pipes), so a
+Descriptors: a spliced relay holds up to six (two sockets, and a pipe for
+each direction that carried bulk: gateways/relay/driver.py), so a
 gateway raises its soft ``RLIMIT_NOFILE`` to the hard limit when it starts
 (``raise_file_limit``; ``LimitNOFILE=`` in scripts/nfgate.service sets the
 hard one). When accept fails for want of descriptors or memory anyway, the
