@@ -162,7 +162,7 @@ class TcpRelay(TcpGateway):
 
     async def _relay(self, hold: Hold, a: socket.socket) -> None:
         flow = hold.flow
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         core = RelayCore(Limits(idle_timeout=self.settings.idle_timeout), loop.time(), names=NAMES)
         # Leg B's SYN leaves first; the open line is written while the
         # processor and the server answer it.

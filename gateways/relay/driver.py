@@ -173,7 +173,8 @@ class Relay:
         self.loop = asyncio.get_running_loop()
         legs = {}
         for side, sock in ((Side.A, a), (Side.B, b)):
-            sock.setblocking(False)
+            if sock.gettimeout() != 0.0:  # the gateways' sockets are non-blocking already: no FIONBIO ioctl
+                sock.setblocking(False)
             # Whatever the peer sends is passed on at once, as asyncio's transports did.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
