@@ -21,14 +21,15 @@ Two byte paths, chosen per direction:
   fills that: most relayed connections carry a request and an answer of
   a few KiB, for which a pipe is four system calls a direction (pipe2,
   F_SETPIPE_SZ, two closes) and the kernel's work behind them, and saves
-  nothing (a small read costs one call either way); a direction that fills
-  its reads is bulk, where a pipeful a call pays. From then on the direction's own pipe, grown with
-  ``F_SETPIPE_SZ`` to ``PIPE_SIZE`` (capped at /proc/sys/fs/pipe-max-size),
-  carries it; if the kernel refuses the size the pipe keeps its default
-  (64 KiB), and if no pipe can be had (out of descriptors) the direction
-  stays on the copy path. The bytes already read when the pipe is opened
-  are written before any from the pipe (``_flush``), and the core reads a
-  leg only once they are sent, so the switch keeps the order.
+  nothing (a small read costs one call either way); a direction that
+  fills its reads is bulk, where a pipeful a call pays. From then on the
+  direction's own pipe, grown with ``F_SETPIPE_SZ`` to ``PIPE_SIZE``
+  (capped at /proc/sys/fs/pipe-max-size), carries it; if the kernel
+  refuses the size the pipe keeps its default (64 KiB), and if no pipe can
+  be had (out of descriptors) the direction stays on the copy path. The
+  bytes already read when the pipe is opened are written before any from
+  the pipe (``_flush``), and the core reads a leg only once they are sent,
+  so the switch keeps the order.
 - copy, where an inspector must see the bytes: ``recv`` of up to
   ``CHUNK`` bytes, the inspector, ``send``. Nothing else runs per chunk.
 
