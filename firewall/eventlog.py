@@ -208,10 +208,21 @@ def formatter(source_key: str, json_lines: bool, stream: Any, name: str = "") ->
     return cls(source_key, name, journal=to_journal(stream))
 
 
+def _lean_records() -> None:
+    """No formatter here shows a record's process, thread or multiprocessing
+    name: let logging not look them up for each record (the logging HOWTO,
+    "Optimization"). The process id alone is a getpid system call a line,
+    and a gateway writes two lines a connection."""
+    logging.logProcesses = False
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+
+
 def configure(
     logger_name: str, source_key: str, json_lines: bool = False, stream: Any = None, level: int = logging.INFO
 ) -> logging.Handler:
     """Send one logger's events to stderr (or ``stream``), one line each."""
+    _lean_records()
     stream = stream if stream is not None else sys.stderr
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter(source_key, json_lines, stream))
@@ -225,6 +236,7 @@ def configure(
 def configure_process(name: str, json_lines: bool = False, stream: Any = None, level: int = logging.INFO) -> logging.Handler:
     """Every record of this process that no event logger takes (the root logger's), and any
     uncaught exception, as one line each with ``name`` as the speaker (``nfgate run``)."""
+    _lean_records()
     stream = stream if stream is not None else sys.stderr
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter("source", json_lines, stream, name))

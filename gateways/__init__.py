@@ -22,7 +22,7 @@ by connecting back to F:f, where the processor restores it (docs/datapath.md).
 - ``relay/``: relaying a TCP stream between leg A and leg B: a sans-IO
   ``core`` (data, backpressure, half-close, resets, idle, byte limits, the
   inspection hook) and the one asyncio ``driver`` that carries it out, with
-  ``os.splice`` where nothing inspects the bytes.
+  ``os.splice`` where nothing inspects the bytes, once a direction carries bulk.
 - ``tcp_server``: what every TCP gateway shares: listening on G:g (pausing
   when out of descriptors), a task per connection, errors contained,
   bounded close, ``reset``.

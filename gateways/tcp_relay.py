@@ -15,8 +15,8 @@ Per connection (leg A accepted on G:g from F:f):
    ("a flow whose original tuple never arrives is closed and counted").
 3. One ``open`` line with the tuple; leg B to F:f within ``connect_timeout``
    (refused or timed out: reset leg A, as the server's own refusal would).
-4. The bytes, relayed by ``gateways.relay`` (spliced in the kernel: nothing
-   here inspects them): FIN carried across as a half-close in each
+4. The bytes, relayed by ``gateways.relay`` (spliced in the kernel once a
+   direction carries bulk: nothing here inspects them): FIN carried across as a half-close in each
    direction, a reset on either leg carried as a reset to the other
    (SO_LINGER 0), ``idle_timeout`` without data either way closes both,
    and the processor's FLOW_END resets both (its binding is gone, so
@@ -162,7 +162,7 @@ class TcpRelay(TcpGateway):
 
     async def _relay(self, hold: Hold, a: socket.socket) -> None:
         flow = hold.flow
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         core = RelayCore(Limits(idle_timeout=self.settings.idle_timeout), loop.time(), names=NAMES)
         # Leg B's SYN leaves first; the open line is written while the
         # processor and the server answer it.

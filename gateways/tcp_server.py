@@ -6,7 +6,8 @@ A subclass implements ``_serve(sock)`` for one accepted connection (leg A
 from the firewall-side endpoint F:f, a non-blocking socket it owns) and
 relays it (``gateways.relay``) or wraps it in streams.
 
-Descriptors: a spliced relay holds six (two sockets, two pipes), so a
+Descriptors: a spliced relay holds up to six (two sockets, and a pipe for
+each direction that carried bulk: gateways/relay/driver.py), so a
 gateway raises its soft ``RLIMIT_NOFILE`` to the hard limit when it starts
 (``raise_file_limit``; ``LimitNOFILE=`` in scripts/nfgate.service sets the
 hard one). When accept fails for want of descriptors or memory anyway, the
@@ -158,6 +159,8 @@ def listen_socket(listen: Endpoint, backlog: int = socket.SOMAXCONN) -> socket.s
 class TcpGateway(abc.ABC):
     """A listener on G:g in front of a ``GatewayLayer``."""
 
+    _loop: asyncio.AbstractEventLoop  # the one start() ran on
+
     def __init__(self, layer: GatewayLayer, *, listen: Endpoint, log: EventLog, listen6: Endpoint | None = None) -> None:
         self.layer = layer
         self.listen = listen
@@ -176,6 +179,7 @@ class TcpGateway(abc.ABC):
 
     async def start(self) -> None:
         """Listen on G:g. OSError if the address is not here."""
+        self._loop = asyncio.get_running_loop()  # each accepted socket's task, without a look-up (a getpid) each
         listener = listen_socket(self.listen)
         self._acceptor = Acceptor(listener, self._on_socket, self.log, self.counters)
         self.listen = Endpoint(self.listen.address, listener.getsockname()[1])
@@ -204,7 +208,7 @@ class TcpGateway(abc.ABC):
             await asyncio.wait(set(self._tasks), timeout=CLOSE_FLUSH_TIMEOUT)
 
     def _on_socket(self, sock: socket.socket) -> None:
-        task = asyncio.get_running_loop().create_task(self._contain(sock))
+        task = self._loop.create_task(self._contain(sock))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -11,7 +11,8 @@ relay a process of its own listening on 127.0.0.1 and connecting on to the
 server:
 
 - ``splice``: ``gateways.relay`` as tcp-relay runs it (no inspector:
-  os.splice through a pipe per direction);
+  os.splice through a pipe per direction, opened once the direction's
+  first read fills ``SPLICE_AFTER``);
 - ``inspect``: the same with an inspector on both directions that passes
   every chunk, as FTP inspect mode runs with a content hook (recv, hook,
   send, 256 KiB reads);

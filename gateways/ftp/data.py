@@ -4,8 +4,8 @@ A data connection reaches the gateway when its rule was a REDIRECT: always
 in ``inspect`` mode, and in ``allow`` mode when the kernel cannot carry it as
 it is (its destination is the router's address standing in for a party, so
 it needs the double NAT of the processor). It is relayed by
-``gateways.relay`` like any TCP stream (spliced in the kernel when no hook
-looks at it), with two checks in inspect mode (the seed's "Dynamic
+``gateways.relay`` like any TCP stream (spliced in the kernel, once it
+carries bulk, when no hook looks at it), with two checks in inspect mode (the seed's "Dynamic
 changes": "for example in order to check for viruses that might come
 embedded in a file transferred over the ftp data channel"):
 

@@ -360,12 +360,15 @@ class GatewayLayer:
         fd = sock.fileno()
         writable: asyncio.Future[None] = loop.create_future()
         loop.add_writer(fd, _resolve_once, writable)
+        # A timer on the future, not wait_for (a task of its own per
+        # connection) nor asyncio.timeout (a context manager that looks up
+        # the loop and the task three times, each a getpid in Python 3.11).
+        timer = loop.call_later(connect_timeout, _expire, writable)
         try:
             try:
-                # asyncio.timeout, not wait_for: no task of its own per connection.
-                async with asyncio.timeout(connect_timeout):
-                    await writable
+                await writable
             finally:
+                timer.cancel()
                 loop.remove_writer(fd)
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
@@ -544,6 +547,11 @@ class GatewayLayer:
 def _resolve_once(future: "asyncio.Future[None]") -> None:
     if not future.done():
         future.set_result(None)
+
+
+def _expire(future: "asyncio.Future[None]") -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
 
 
 def endpoint_of(address: Any) -> Endpoint | None:

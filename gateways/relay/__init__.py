@@ -14,7 +14,8 @@ socket the driver could splice into.
   ``Replace``. Its docstring is the theory of operation.
 - ``driver``: ``Relay(core, a, b).run(hold)``: the one loop that carries
   the commands out on two non-blocking sockets, with ``os.splice`` through
-  a pipe where nothing inspects the bytes; ``reset_socket``.
+  a pipe where nothing inspects the bytes and a direction carries bulk
+  (``SPLICE_AFTER``); ``reset_socket``.
 """
 
 from __future__ import annotations

@@ -16,16 +16,26 @@ Two byte paths, chosen per direction:
 
 - splice, where the core inspects nothing: ``os.splice`` moves the bytes
   socket -> pipe -> socket inside the kernel, never copied into Python.
-  Each direction has its own pipe, grown with ``F_SETPIPE_SZ`` to
-  ``PIPE_SIZE`` (capped at /proc/sys/fs/pipe-max-size); if the kernel
+  A spliced direction starts on the copy path all the same, reading
+  ``SPLICE_AFTER`` bytes at a time, and takes its pipe only when a read
+  fills that: most relayed connections carry a request and an answer of
+  a few KiB, for which a pipe is four system calls a direction (pipe2,
+  F_SETPIPE_SZ, two closes) and the kernel's work behind them, and saves
+  nothing (a small read costs one call either way); a direction that
+  fills its reads is bulk, where a pipeful a call pays. From then on the
+  direction's own pipe, grown with ``F_SETPIPE_SZ`` to ``PIPE_SIZE``
+  (capped at /proc/sys/fs/pipe-max-size), carries it; if the kernel
   refuses the size the pipe keeps its default (64 KiB), and if no pipe can
-  be had (out of descriptors) the direction is copied instead.
+  be had (out of descriptors) the direction stays on the copy path. The
+  bytes already read when the pipe is opened are written before any from
+  the pipe (``_flush``), and the core reads a leg only once they are sent,
+  so the switch keeps the order.
 - copy, where an inspector must see the bytes: ``recv`` of up to
   ``CHUNK`` bytes, the inspector, ``send``. Nothing else runs per chunk.
 
 Backpressure comes from the core: a leg is read only while nothing read
 from it is unsent, so a peer that stops reading leaves at most one pipeful
-(or one chunk) per direction in the relay, and the kernel's full buffers
+(or one read) per direction in the relay, and the kernel's full buffers
 push back on the sender (a full pipe is what stops splice).
 """
 
@@ -67,6 +77,12 @@ from gateways.relay.core import (
 # One read of an inspected direction: a quarter MiB keeps the per-chunk
 # Python cost (the inspector's call) small against the bytes moved.
 CHUNK = 1 << 18
+
+# A spliced direction reads this much at a time before it has a pipe, and
+# a read that fills it opens the pipe (the module docstring): the kernel's
+# default pipe size, the most one splice would move without F_SETPIPE_SZ,
+# so a direction whose reads stay under it gains nothing from a pipe.
+SPLICE_AFTER = 1 << 16
 
 # Each spliced direction's pipe: 1 MiB, the kernel's default pipe-max-size.
 # A pipeful is what one splice moves, so larger means fewer wake-ups per
@@ -121,20 +137,33 @@ def open_pipe() -> tuple[int, int, int] | None:
 
 
 class _Leg:
-    """One socket, and the pipe that bytes read from it go through (if spliced)."""
+    """One socket, and the pipe that bytes read from it go through (once spliced)."""
 
-    __slots__ = ("side", "sock", "fd", "pipe_r", "pipe_w", "capacity", "unsent", "spliced", "reading", "writing", "open")
+    __slots__ = ("side", "sock", "fd", "splice", "piped", "pipe_r", "pipe_w", "capacity", "unsent", "spliced",
+                 "reading", "writing", "open")
 
-    def __init__(self, side: Side, sock: socket.socket, pipe: tuple[int, int, int] | None) -> None:
+    def __init__(self, side: Side, sock: socket.socket, splice: bool) -> None:
         self.side = side
         self.sock = sock
         self.fd = sock.fileno()
-        self.pipe_r, self.pipe_w, self.capacity = pipe if pipe is not None else (-1, -1, CHUNK)
+        self.splice = splice  # bytes from this leg go by splice once a read fills SPLICE_AFTER
+        self.piped = False  # it carried bulk: it has had its pipe
+        self.pipe_r = self.pipe_w = -1  # the pipe, while open
+        self.capacity = SPLICE_AFTER if splice else CHUNK  # the most one read takes
         self.unsent: memoryview | None = None  # bytes for this leg not yet written (copy path)
         self.spliced = 0  # bytes for this leg waiting in the other leg's pipe
         self.reading = False
         self.writing = False
         self.open = True
+
+    def open_pipe(self) -> None:
+        """Splice from now on; without a pipe to be had, copy for good."""
+        pipe = open_pipe()
+        if pipe is None:
+            self.splice, self.capacity = False, CHUNK
+        else:
+            self.pipe_r, self.pipe_w, self.capacity = pipe
+            self.piped = True
 
 
 class Relay:
@@ -145,12 +174,12 @@ class Relay:
         self.loop = asyncio.get_running_loop()
         legs = {}
         for side, sock in ((Side.A, a), (Side.B, b)):
-            sock.setblocking(False)
+            if sock.gettimeout() != 0.0:  # the gateways' sockets are non-blocking already: no FIONBIO ioctl
+                sock.setblocking(False)
             # Whatever the peer sends is passed on at once, as asyncio's transports did.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            pipe = open_pipe() if splice and not core.inspects(side) else None
-            legs[side] = _Leg(side, sock, pipe)
+            legs[side] = _Leg(side, sock, splice and not core.inspects(side))
         self._legs = legs
         self._queue: deque[Event] = deque()
         self._busy = False
@@ -159,8 +188,13 @@ class Relay:
 
     @property
     def spliced(self) -> dict[Side, bool]:
-        """Which directions (by the leg they come from) move by splice."""
-        return {side: leg.pipe_r >= 0 for side, leg in self._legs.items()}
+        """Which directions (by the leg they come from) move, or will move once bulk, by splice."""
+        return {side: leg.splice for side, leg in self._legs.items()}
+
+    @property
+    def piped(self) -> dict[Side, bool]:
+        """Which directions (by the leg they come from) have their pipe: they carried bulk."""
+        return {side: leg.piped for side, leg in self._legs.items()}
 
     async def run(self, hold: Hold | None = None) -> Done:
         """Relay until the core is done; the processor ending ``hold``'s flow aborts it.
@@ -259,7 +293,11 @@ class Relay:
                 size = os.splice(leg.fd, leg.pipe_w, leg.capacity, flags=_SPLICE_FLAGS)
                 return Spliced(leg.side, size) if size else FinReceived(leg.side)
             data = leg.sock.recv(leg.capacity)
-            return DataReceived(leg.side, data) if data else FinReceived(leg.side)
+            if not data:
+                return FinReceived(leg.side)
+            if leg.splice and len(data) == SPLICE_AFTER:
+                leg.open_pipe()  # bulk: the next read splices, after these bytes are sent
+            return DataReceived(leg.side, data)
         except (BlockingIOError, InterruptedError):
             return None
         except OSError:
@@ -273,6 +311,12 @@ class Relay:
         """Write what is due to ``leg`` until the kernel takes no more; report what it took."""
         sent = 0
         try:
+            # Copied bytes first: a direction's last read before its pipe opened
+            # came before everything in the pipe (the module docstring).
+            while leg.unsent:
+                n = leg.sock.send(leg.unsent)
+                leg.unsent = leg.unsent[n:]
+                sent += n
             if leg.spliced:
                 source = self._legs[leg.side.other].pipe_r
                 while leg.spliced:
@@ -280,11 +324,6 @@ class Relay:
                     if not n:
                         break  # cannot happen while the pipe holds bytes; never spin on it
                     leg.spliced -= n
-                    sent += n
-            elif leg.unsent:
-                while leg.unsent:
-                    n = leg.sock.send(leg.unsent)
-                    leg.unsent = leg.unsent[n:]
                     sent += n
         except (BlockingIOError, InterruptedError):
             pass  # the socket's buffer is full: add_writer below

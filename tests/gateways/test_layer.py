@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import socket
 import time
 from pathlib import Path
 
@@ -625,3 +626,27 @@ def test_request_rule_ack_refusal_resend_and_silence() -> None:
             assert info.value.local and info.value.reason is RuleRefusal.NOT_EXACT
 
     run(main())
+
+
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+def test_a_leg_b_whose_syn_goes_unanswered_times_out_and_is_closed(event_loop: str) -> None:
+    """``connected``'s bound (tcp-relay's ``connect_timeout``): TimeoutError at
+    the bound, not before, and the socket closed; the listener's full accept
+    queue drops the SYN, as a server that is gone would leave it unanswered."""
+
+    async def main() -> None:
+        async with rig() as (_, layer):
+            with socket.socket() as listener:
+                listener.bind(("127.0.0.1", 0))
+                listener.listen(0)
+                with socket.create_connection(listener.getsockname()):  # the accept queue's one place
+                    sock = socket.socket()
+                    sock.setblocking(False)
+                    sock.connect_ex(listener.getsockname())
+                    started = time.monotonic()
+                    with pytest.raises(TimeoutError):
+                        await layer.connected(sock, connect_timeout=0.3)
+                    assert 0.25 <= time.monotonic() - started < 5
+                    assert sock.fileno() == -1
+
+    run(main(), event_loop=event_loop)

@@ -2,8 +2,9 @@
 
 Each test joins a client and a server through ``Relay`` on 127.0.0.1: the
 client's connection is leg A, the server's is leg B. ``MODES``: ``splice``
-(no inspector: os.splice through a pipe), ``copy`` (no pipe could be had)
-and ``inspect`` (an inspector that passes everything: recv, hook, send).
+(no inspector: copied until a read fills ``driver.SPLICE_AFTER``, then
+os.splice through a pipe), ``copy`` (no pipe could be had) and ``inspect``
+(an inspector that passes everything: recv, hook, send).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import hashlib
 import os
 import socket
 import struct
+import termios
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,19 +33,29 @@ MODES = ["splice", "copy", "inspect"]
 NAMES = {Side.A: "client", Side.B: "server"}
 
 
-async def pair() -> tuple[socket.socket, socket.socket]:
-    """A connected TCP pair on loopback, both non-blocking: (the connecting end, the accepted end)."""
+async def pair(near_buffers: tuple[int, int] = (0, 0), far_buffers: tuple[int, int] = (0, 0)
+               ) -> tuple[socket.socket, socket.socket]:
+    """A connected TCP pair on loopback, both non-blocking: (the connecting end, the accepted end).
+    ``*_buffers``: (SO_RCVBUF, SO_SNDBUF) set before the handshake, 0 for the kernel's."""
     loop = asyncio.get_running_loop()
     with socket.socket() as listener:
+        _buffers(listener, far_buffers)
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
         listener.setblocking(False)
         near = socket.socket()
+        _buffers(near, near_buffers)
         near.setblocking(False)
         await loop.sock_connect(near, listener.getsockname())
         far, _ = await loop.sock_accept(listener)
     far.setblocking(False)
     return near, far
+
+
+def _buffers(sock: socket.socket, sizes: tuple[int, int]) -> None:
+    for option, size in zip((socket.SO_RCVBUF, socket.SO_SNDBUF), sizes):
+        if size:
+            sock.setsockopt(socket.SOL_SOCKET, option, size)
 
 
 @dataclass
@@ -115,8 +127,77 @@ def test_5_mb_each_way_arrive_intact_with_exact_counts(mode: str) -> None:
             done = await asyncio.wait_for(r.task, 10)
             assert done.reason == "done"
             assert (r.core.received(Side.A), r.core.received(Side.B)) == (len(up), len(down))
+            assert r.relay.piped == {Side.A: mode == "splice", Side.B: mode == "splice"}  # bulk took the pipes
 
     run(main())
+
+
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+def test_a_spliced_direction_is_copied_until_bulk_then_spliced_in_order(event_loop: str) -> None:
+    """A request and its answer go without a pipe; the first read that fills
+    SPLICE_AFTER opens the pipe of its direction alone, and the bytes read
+    before, at and after the switch arrive intact and in order."""
+    bulk = os.urandom(3 * MB)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with rig("splice") as r:
+            await send_all(r.client, b"GET /big", eof=False)
+            assert await asyncio.wait_for(loop.sock_recv(r.server, 100), 10) == b"GET /big"
+            await send_all(r.server, b"200 OK, here it comes\n", eof=False)
+            assert await asyncio.wait_for(loop.sock_recv(r.client, 100), 10) == b"200 OK, here it comes\n"
+            assert r.relay.piped == {Side.A: False, Side.B: False}  # no pipe for a few bytes
+            _, got = await asyncio.gather(send_all(r.server, bulk), read_all(r.client))
+            assert hashlib.sha256(got).digest() == hashlib.sha256(bulk).digest()
+            assert r.relay.piped == {Side.A: False, Side.B: True}
+            r.client.shutdown(socket.SHUT_WR)
+            assert await asyncio.wait_for(read_all(r.server), 10) == b""
+            assert (await asyncio.wait_for(r.task, 10)).reason == "done"
+            assert r.core.received(Side.B) == len(bulk) + 22
+
+    run(main(), event_loop=event_loop)
+
+
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+def test_the_switch_to_splice_with_copied_bytes_unsent_keeps_their_order(event_loop: str) -> None:
+    """The read that opens the pipe cannot all be sent (the server reads
+    nothing, its buffers are small): the relay holds that copied chunk alone,
+    with the pipe open and empty, and the copied bytes go out before any
+    spliced after them."""
+    block = bytes(range(256)) * 4096  # 1 MiB, a pattern: the reader checks every byte cheaply
+    total = 4 * MB
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        client, a = await pair()
+        b, server = await pair(near_buffers=(0, 4096), far_buffers=(4096, 0))
+        core = RelayCore(Limits(), loop.time(), names=NAMES)
+        relay = Relay(core, a, b)
+        client.send(block)  # queued at leg A before the relay's first read: that read fills
+        task = asyncio.create_task(relay.run())
+        try:
+            leg_b = relay._legs[Side.B]
+            await wait_until(lambda: relay.piped[Side.A] and bool(leg_b.unsent) and not core.wants_read(Side.A),
+                             10, "the switch with copied bytes unsent")
+            assert leg_b.spliced == 0 and 0 < core.buffered <= driver.SPLICE_AFTER
+            sending = asyncio.create_task(send_all(client, block[len(block) // 2:] + block * 3
+                                                   + block[: len(block) // 2]))
+            received = 0
+            while chunk := await asyncio.wait_for(loop.sock_recv(server, MB), 20):
+                assert chunk == (block * 2)[received % len(block):][: len(chunk)]
+                received += len(chunk)
+            await asyncio.wait_for(sending, 20)
+            assert received == len(block) + 4 * MB == total + MB
+            server.shutdown(socket.SHUT_WR)
+            assert (await asyncio.wait_for(task, 10)).reason == "done"
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            client.close()
+            server.close()
+
+    run(main(), timeout=60, event_loop=event_loop)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -169,14 +250,22 @@ def test_a_server_reset_mid_response_reaches_the_client(mode: str) -> None:
 
 @pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
 @pytest.mark.parametrize("mode", MODES)
-def test_a_server_answer_and_reset_queued_before_the_first_read_both_reach_the_client(mode: str, event_loop: str) -> None:
+@pytest.mark.parametrize("size", ["small", "bulk"])
+def test_a_server_answer_and_reset_queued_before_the_first_read_both_reach_the_client(
+        mode: str, event_loop: str, size: str) -> None:
     # The answer and the RST are both at leg B when the relay first looks:
     # uvloop wakes a reader once for a socket in error, so a relay that read
-    # once per wake-up passed the answer and never saw the reset.
+    # once per wake-up passed the answer and never saw the reset. In bulk,
+    # a spliced direction opens its pipe on the way (the first read fills
+    # SPLICE_AFTER) and the rest and the RST come through it.
+    answer = b"answer" if size == "small" else os.urandom(3 * driver.SPLICE_AFTER + 1)
+    roomy = (4 * MB, 0)  # every byte of the answer fits in the receivers' windows
+
     async def main() -> None:
-        client, a = await pair()
-        b, server = await pair()
-        server.send(b"answer")
+        client, a = await pair(near_buffers=roomy)
+        b, server = await pair(near_buffers=roomy)
+        await asyncio.get_running_loop().sock_sendall(server, answer)
+        await wait_until(lambda: _unsent(server) == 0, what="the answer at leg B")
         set_reset_on_close(server)
         server.close()
         await wait_until(lambda: _closed(b), what="the RST at leg B")
@@ -186,8 +275,12 @@ def test_a_server_answer_and_reset_queued_before_the_first_read_both_reach_the_c
         task = asyncio.create_task(relay.run())
         try:
             loop = asyncio.get_running_loop()
-            assert await asyncio.wait_for(loop.sock_recv(client, 100), 10) == b"answer"
+            got = b""
+            while len(got) < len(answer):
+                got += await asyncio.wait_for(loop.sock_recv(client, MB), 10)
+            assert got == answer
             await expect_reset(client)
+            assert relay.piped[Side.B] == (mode == "splice" and size == "bulk")
             assert (await asyncio.wait_for(task, 10)).reason == "server_reset"
         finally:
             task.cancel()
@@ -221,6 +314,11 @@ def test_a_server_reset_behind_data_the_client_is_not_reading_yet_still_reaches_
             assert (await asyncio.wait_for(r.task, 10)).reason == "server_reset"
 
     run(main(), event_loop=event_loop)
+
+
+def _unsent(sock: socket.socket) -> int:
+    """Bytes in ``sock``'s send queue, sent or not, not yet acknowledged (SIOCOUTQ)."""
+    return struct.unpack("i", fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0" * 4))[0]
 
 
 def _closed(sock: socket.socket) -> bool:
@@ -259,6 +357,7 @@ def test_a_reader_that_stops_reading_stops_the_sender_and_the_relay_holds_one_ch
             assert (sent, r.core.buffered) == (blocked_at, held) and not sending.done()
             capacity = driver.pipe_size() if mode == "splice" else driver.CHUNK
             assert 0 < held <= capacity
+            assert r.relay.piped[Side.A] == (mode == "splice")
             assert blocked_at < 64 * MB, "the client could send without limit"
 
             received = 0
@@ -343,9 +442,9 @@ def test_a_pipe_the_kernel_will_not_grow_keeps_its_default_size(monkeypatch: pyt
 
     async def main() -> None:
         async with rig("splice") as r:
-            assert {leg.capacity for leg in r.relay._legs.values()} == {65536}
             _, got = await asyncio.gather(send_all(r.client, payload), read_all(r.server))
             assert got == payload
+            assert r.relay.piped[Side.A] and r.relay._legs[Side.A].capacity == 65536
 
     run(main())
 
@@ -362,11 +461,12 @@ def test_without_a_pipe_the_direction_is_copied(monkeypatch: pytest.MonkeyPatch)
         b, server = await pair()
         core = RelayCore(Limits(), 0.0, names=NAMES)
         relay = Relay(core, a, b)
-        assert relay.spliced == {Side.A: False, Side.B: False}
+        assert relay.spliced == {Side.A: True, Side.B: True}  # the pipe is asked for only with bulk
         task = asyncio.create_task(relay.run())
         _, got = await asyncio.gather(send_all(client, payload), read_all(server))
         server.shutdown(socket.SHUT_WR)
         assert got == payload and (await asyncio.wait_for(task, 10)).reason == "done"
+        assert relay.spliced == {Side.A: False, Side.B: True} and relay.piped == {Side.A: False, Side.B: False}
         client.close()
         server.close()
 
