@@ -111,12 +111,14 @@ class _Held:
     def __len__(self) -> int:
         return sum(len(held) for _, held in self._slices)
 
-    def clashes(self, name: str, key: bytes, value: bytes, now: float) -> bool:
+    def clashes(self, name: str, key: bytes, value: bytes, now: float, sure: bool = True) -> bool:
+        """Whether ``key`` is held with another value: surely (``sure``: its delete cannot fail),
+        or maybe (it has not been pruned: for a destroy, which finds nothing without an error)."""
         k = hash((name, key))
         for start, held in reversed(self._slices):  # the latest add of a key decides
             v = held.get(k)
             if v is not None:
-                return v != hash(value) and now < start + self._life - HELD_MARGIN
+                return v != hash(value) and (not sure or now < start + self._life - HELD_MARGIN)
         return False
 
     def add(self, name: str, key: bytes, value: bytes, now: float) -> None:
@@ -158,6 +160,9 @@ class NatWriter:
         self._clock = clock
         self._held = _Held(self._timeout_ms / 1000)
         self.counters: Counter[str] = Counter()
+        # Removals as NFT_MSG_DESTROYSETELEM (``probe_destroy``): none can then refuse a
+        # transaction for an element that timed out meanwhile.
+        self.destroys = False
 
     def _cmd(self, commands: list[dict[str, Any]]) -> tuple[bool, str]:
         rc, _, err = self._nft.json_cmd({"nftables": commands})
@@ -165,6 +170,16 @@ class NatWriter:
 
     def _commit(self, changes: list[setelem.Change]) -> bool:
         return not any(self._sock.commit(changes))
+
+    def probe_destroy(self) -> bool:
+        """Whether this kernel takes NFT_MSG_DESTROYSETELEM (Linux 6.3+): a destroy of a key
+        that cannot be there, in the binding table (which must be loaded). From then on every
+        removal is one; an older kernel refuses it (once, at start) and removals stay deletes."""
+        self.destroys = self._commit([_change(False, bind.DNAT_MAP, (setelem.element(bytes(20)),), destroy=True)])
+        return self.destroys
+
+    def _remove(self, name: str, elems: tuple[bytes, ...]) -> setelem.Change:
+        return _change(False, name, elems, destroy=self.destroys)
 
     @staticmethod
     def _bytes(op: NatOp) -> tuple[str, bytes, bytes]:
@@ -189,10 +204,10 @@ class NatWriter:
         gone: dict[str, list[bytes]] = {}
         written = [self._bytes(op) for op in ops]
         for name, key, value in written:
-            if held.clashes(name, key, value, now):
+            if held.clashes(name, key, value, now, sure=not self.destroys):
                 gone.setdefault(name, []).append(setelem.element(key))
             adds.setdefault(name, []).append(setelem.element(key, value, self._timeout_ms))
-        changes = [_change(False, name, tuple(elems)) for name, elems in gone.items()]
+        changes = [self._remove(name, tuple(elems)) for name, elems in gone.items()]
         changes += [_change(True, name, tuple(elems)) for name, elems in adds.items()]
         if self._commit(changes):
             for name, key, value in written:
@@ -211,7 +226,7 @@ class NatWriter:
             # Another value under this key: an ended binding's element, not yet
             # timed out. An element that is just expiring can refuse both the
             # add (EEXIST) and the delete (ENOENT) for a moment: try again.
-            if self._commit([add]) or self._commit([_change(False, name, (setelem.element(key),)), add]):
+            if self._commit([add]) or self._commit([self._remove(name, (setelem.element(key),)), add]):
                 self._held.add(name, key, value, now)
                 return True
         return False
@@ -232,17 +247,16 @@ class NatWriter:
         by_name: dict[str, list[bytes]] = {}
         for name, key, _ in map(self._bytes, ops):
             by_name.setdefault(name, []).append(setelem.element(key))
-        return [_change(False, name, tuple(elems)) for name, elems in by_name.items()]
+        return [self._remove(name, tuple(elems)) for name, elems in by_name.items()]
 
-    @staticmethod
-    def _rule_changes(op: KernelOp) -> list[setelem.Change]:
+    def _rule_changes(self, op: KernelOp) -> list[setelem.Change]:
         """A dynamic rule's elements, a message per set (no timeout: the rulebook removes them)."""
         by_name: dict[str, list[bytes]] = {}
         for r in op.rules:
             six = bind.in_table6(r.name)
             value = setelem.value_bytes(r.value, six) if op.add and r.value is not None else None
             by_name.setdefault(r.name, []).append(setelem.element(setelem.key_bytes(r.key[0], r.key[1:], six), value))
-        return [_change(op.add, name, tuple(elems)) for name, elems in by_name.items()]
+        return [_change(op.add, name, tuple(elems), destroy=self.destroys) for name, elems in by_name.items()]
 
     def apply(self, op: KernelOp) -> bool:
         """Add or remove a dynamic rule's elements (``rulebook.KernelOp``) in one transaction.
@@ -257,7 +271,7 @@ class NatWriter:
             return ok
         for change in changes:
             for elem in change.elements:
-                self._commit([_change(False, change.name, (elem,))])
+                self._commit([self._remove(change.name, (elem,))])
         return True
 
     def apply_all(self, ops: list[KernelOp]) -> list[bool]:
@@ -333,11 +347,12 @@ def _attach(sock: socket.socket, prog: bytes) -> None:
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)  # the kernel copies the program
 
 
-def _change(add: bool, name: str, elems: tuple[bytes, ...]) -> setelem.Change:
-    """A change of set or map ``name`` of the binding tables (the IPv6 one's if it is there)."""
+def _change(add: bool, name: str, elems: tuple[bytes, ...], destroy: bool = False) -> setelem.Change:
+    """A change of set or map ``name`` of the binding tables (the IPv6 one's if it is there);
+    a removal as a destroy if ``destroy``."""
     if bind.in_table6(name):
-        return setelem.Change(add, setelem.NFPROTO_IPV6, bind.TABLE6, name, elems)
-    return setelem.Change(add, setelem.NFPROTO_IPV4, bind.TABLE, name, elems)
+        return setelem.Change(add, setelem.NFPROTO_IPV6, bind.TABLE6, name, elems, destroy)
+    return setelem.Change(add, setelem.NFPROTO_IPV4, bind.TABLE, name, elems, destroy)
 
 
 @dataclass(frozen=True, slots=True)

@@ -267,6 +267,7 @@ class Runner:
         if not self.nat.table_present():
             raise KernelError("processor: the binding table (table ip nfgate_bind) is not loaded: run `nfgate apply` first")
         self.nat.flush_instance(self.instance)  # a predecessor's dynamic rules: nobody answers for them now
+        self.nat.probe_destroy()  # Linux 6.3+: an element that timed out meanwhile refuses no removal
         self.ipr = IPRoute()
         self.routes = Routes(self.ipr, self.config.processor.route_cache)
         self.core = ProcessorCore(

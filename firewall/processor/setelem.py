@@ -17,7 +17,8 @@ sends, and nothing else:
   non-blocking read right after finds them all, or nothing (done);
 - the flags are nft's ``add element`` (NLM_F_CREATE, without NLM_F_EXCL):
   a key that is there with the same value is no error, with another value
-  it is EEXIST; a delete of a key that is not there is ENOENT.
+  it is EEXIST; a delete of a key that is not there is ENOENT, a destroy
+  (NFT_MSG_DESTROYSETELEM, Linux 6.3 and later) of one is no error.
 
 The encoding. pyroute2's message classes (``nft_set_elem_list_msg``)
 encode a binding's four elements in about 0.36 ms, more than libnftables'
@@ -56,6 +57,7 @@ SOL_NETLINK = 270
 NETLINK_CAP_ACK = 10  # an error carries the refused message's header only, not its elements
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
+NFT_MSG_DESTROYSETELEM = 30  # a delete that finds nothing is no error (Linux 6.3+)
 NFPROTO_IPV4, NFPROTO_IPV6 = 2, 10
 NLA_F_NESTED = 0x8000
 NFTA_SET_ELEM_LIST_ELEMENTS = 3
@@ -123,6 +125,7 @@ class Change:
     table: str
     name: str
     elements: tuple[bytes, ...]
+    destroy: bool = False  # a removal as NFT_MSG_DESTROYSETELEM: what is not there is no error
 
 
 class _Head:
@@ -145,11 +148,14 @@ class _Head:
 
 
 def message(change: Change, seq: int) -> bytes:
-    """One NFT_MSG_NEWSETELEM (or _DELSETELEM) with sequence number ``seq``."""
+    """One NFT_MSG_NEWSETELEM (or _DELSETELEM, _DESTROYSETELEM) with sequence number ``seq``."""
     elems = b"".join(change.elements)
     head = _Head.of(change.family, change.table, change.name)
     size = _HDR.size + len(head) + _NLA.size + len(elems)
-    kind, flags = (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE) if change.add else (NFT_MSG_DELSETELEM, NLM_F_REQUEST)
+    if change.add:
+        kind, flags = NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE
+    else:
+        kind, flags = (NFT_MSG_DESTROYSETELEM if change.destroy else NFT_MSG_DELSETELEM), NLM_F_REQUEST
     return b"".join((_HDR.pack(size, NFNL_SUBSYS_NFTABLES << 8 | kind, flags, seq, 0), head,
                      _NLA.pack(_NLA.size + len(elems), NLA_F_NESTED | NFTA_SET_ELEM_LIST_ELEMENTS), elems))
 

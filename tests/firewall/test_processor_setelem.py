@@ -326,3 +326,56 @@ def test_held_is_small_per_element() -> None:
     finally:
         tracemalloc.stop()
     assert per_element < 200, per_element
+
+
+def test_a_destroy_is_a_removal_of_its_own_type() -> None:
+    gone = setelem.element(setelem.key_bytes("tcp", (1, 2, 3, 4), False))
+    data = setelem.batch([setelem.Change(False, setelem.NFPROTO_IPV4, "nfgate_bind", "leg_dnat", (gone,), destroy=True)], 7)
+    assert [(kind, flags) for kind, flags, _, _ in messages(data)] == [(0x10, 0x001), (0x0A1E, 0x001), (0x11, 0x001)]
+
+
+# Runs in the router: removals of what is not there, with destroys (this kernel) and without.
+DESTROY_IN_ROUTER = r"""
+import ipaddress, json, time
+import nftables
+from firewall.config.model import Marks
+from firewall.processor.kernel import NatWriter
+from firewall.processor.rulebook import KernelOp, KernelRule
+from firewall.rules import bind
+
+ip = lambda a: int(ipaddress.ip_address(a))
+nft = nftables.Nftables()
+assert nft.cmd(bind.render(Marks(), 1))[0] == 0
+C, S, F, G = ip("192.0.2.10"), ip("198.51.100.20"), ip("172.31.254.1"), ip("172.31.255.2")
+out = {}
+for destroys in (True, False):
+    skew = [0.0]
+    w = NatWriter(10, clock=lambda: time.monotonic() + skew[0])
+    out[f"probe_{destroys}"] = w.probe_destroy()
+    w.destroys = destroys
+    snat = lambda f, c=40000 + destroys: ("leg_snat", "tcp", (C, c, S, 443), (F, f))
+    assert w.write([snat(30000)]) == [True]
+    skew[0] = 9.95  # near its timeout: not vouched for
+    assert w.write([snat(30001)]) == [True]
+    w.delete([snat(30001), ("legb_dnat", "tcp", (G, F, 39999), (S, 443))])  # the second was never there
+    rule = (KernelRule("expect_0", ("udp", C, 5000 + destroys, S, 5353)),)
+    removed = [w.apply(KernelOp(1, False, rule))]  # not there either
+    out[f"counters_{destroys}"] = dict(w.counters)
+    out[f"removed_{destroys}"] = removed
+    out[f"left_{destroys}"] = nft.cmd("list map ip nfgate_bind leg_snat")[1].count("192.0.2.10")
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.netns
+def test_with_destroys_no_removal_of_what_timed_out_refuses_a_transaction(lab_factory: Any) -> None:
+    """This kernel (6.3+) takes NFT_MSG_DESTROYSETELEM: a key near its timeout is replaced in one
+    transaction, and removals of what is gone refuse nothing. Without (Linux 6.1), the same
+    calls still succeed, through the fallback."""
+    lab = lab_factory(ONE_HOST)
+    got = json.loads(lab.run("router", [sys.executable, "-c", DESTROY_IN_ROUTER], cwd=Path(__file__).parents[2]).stdout)
+    assert got["probe_True"] is True and got["probe_False"] is True
+    assert got["counters_True"] == {"clash_removed": 1}
+    assert got["counters_False"] == {"refused": 1}
+    assert got["removed_True"] == got["removed_False"] == [True]
+    assert got["left_True"] == got["left_False"] == 0
