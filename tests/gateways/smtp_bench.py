@@ -164,6 +164,16 @@ def in_run(lab: Lab, run: Running, pf: Postfix, mode: str, count: int, pairs: in
             "cpu_ms": round(cpu[0] * 1000 / (count * pairs), 3), "processor_cpu_ms": round(cpu[1] * 1000 / (count * pairs), 3)}
 
 
+def keep(figures: dict[str, Any], path: str, mode: str, got: dict[str, Any]) -> None:
+    """``in_run``'s figures for ``path`` (``gateway`` or ``relay``) in ``mode``, under the names printed."""
+    figures[f"{path}_{mode}"] = got["gateway"]
+    figures[f"{path}_kernel_{mode}"] = got["kernel"]
+    figures[f"ratio_{path}_kernel_{mode}"] = got["ratio"]
+    figures[f"ratio_{path}_kernel_{mode}_range"] = [got["ratio_min"], got["ratio_max"]]
+    figures[f"{path}_cpu_ms_{mode}"] = got["cpu_ms"]
+    figures[f"{'relay_' if path == 'relay' else ''}processor_cpu_ms_{mode}"] = got["processor_cpu_ms"]
+
+
 def pid_of(tmp: Path, *words: bytes) -> int:
     """The one process of this run (its command line names ``tmp``) whose command line has all ``words``."""
     for proc in Path("/proc").iterdir():
@@ -240,13 +250,7 @@ def main(argv: list[str] | None = None) -> None:
                     wait_for(lambda: "smtp-in" in relay.text() and " ready " in relay.text(), timeout=30, what="the relay")
                     pids = gateway_pid(tmp / "relay"), processor_pid(tmp / "relay")
                     for mode in ("each", "session"):
-                        got = in_run(lab, relay, pf, mode, args.count, args.pairs, pids)
-                        figures[f"relay_{mode}"] = got["gateway"]
-                        figures[f"relay_kernel_{mode}"] = got["kernel"]
-                        figures[f"ratio_relay_kernel_{mode}"] = got["ratio"]
-                        figures[f"ratio_relay_kernel_{mode}_range"] = [got["ratio_min"], got["ratio_max"]]
-                        figures[f"relay_cpu_ms_{mode}"] = got["cpu_ms"]
-                        figures[f"relay_processor_cpu_ms_{mode}"] = got["processor_cpu_ms"]
+                        keep(figures, "relay", mode, in_run(lab, relay, pf, mode, args.count, args.pairs, pids))
                 finally:
                     relay.stop()
             run = Running(lab, tmp, config=GATEWAY_CONFIG, idle="300", extra="")
@@ -254,13 +258,7 @@ def main(argv: list[str] | None = None) -> None:
                 wait_for(lambda: "smtp-in" in run.text() and " ready " in run.text(), timeout=30, what="the gateway")
                 pids = gateway_pid(tmp), processor_pid(tmp)
                 for mode in ("each", "session"):
-                    got = in_run(lab, run, pf, mode, args.count, args.pairs, pids)
-                    figures[f"gateway_{mode}"] = got["gateway"]
-                    figures[f"gateway_kernel_{mode}"] = got["kernel"]
-                    figures[f"ratio_gateway_kernel_{mode}"] = got["ratio"]
-                    figures[f"ratio_gateway_kernel_{mode}_range"] = [got["ratio_min"], got["ratio_max"]]
-                    figures[f"gateway_cpu_ms_{mode}"] = got["cpu_ms"]
-                    figures[f"processor_cpu_ms_{mode}"] = got["processor_cpu_ms"]
+                    keep(figures, "gateway", mode, in_run(lab, run, pf, mode, args.count, args.pairs, pids))
                 pf.stop()
                 pf = None
                 greeter = lab.popen("lan", [sys.executable, "-c", GREETER, LAN])
