@@ -80,11 +80,16 @@ async def rig(mode: str, limits: Limits = Limits(), **core_kw: Any) -> AsyncIter
     try:
         yield Rig(client, server, core, relay, task)
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        client.close()
-        server.close()
+        await stop(task, client, server)
+
+
+async def stop(task: asyncio.Task[Any], *socks: socket.socket) -> None:
+    """Cancel a relay's task (its legs are reset and closed), then close the peers' sockets."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    for sock in socks:
+        sock.close()
 
 
 async def read_all(sock: socket.socket) -> bytes:
@@ -191,11 +196,7 @@ def test_the_switch_to_splice_with_copied_bytes_unsent_keeps_their_order(event_l
             server.shutdown(socket.SHUT_WR)
             assert (await asyncio.wait_for(task, 10)).reason == "done"
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            client.close()
-            server.close()
+            await stop(task, client, server)
 
     run(main(), timeout=60, event_loop=event_loop)
 
@@ -283,10 +284,7 @@ def test_a_server_answer_and_reset_queued_before_the_first_read_both_reach_the_c
             assert relay.piped[Side.B] == (mode == "splice" and size == "bulk")
             assert (await asyncio.wait_for(task, 10)).reason == "server_reset"
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            client.close()
+            await stop(task, client)
 
     run(main(), event_loop=event_loop)
 
