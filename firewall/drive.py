@@ -14,7 +14,10 @@ channel (``ServerSession``, tunnel/session.py). An adapter gives it:
   tunnel.
 
 After every batch of outputs the driver asks for the next deadline and keeps
-exactly one timer for it, so a core never has to say "call me later". It
+one timer at or before it, so a core never has to say "call me later": a
+deadline that moves earlier moves the timer; one that moves later leaves it,
+and the early tick (which finds nothing due: a core's ``tick`` may be called
+at any time) arms it again at the new deadline. It
 makes no decision of its own (DESIGN.md invariant 9).
 
 Only the standard library: the gateways and the tunnel import it.
@@ -61,12 +64,18 @@ class CoreDriver:
             self.arm()
 
     def arm(self) -> None:
-        """Keep one timer at the core's next deadline (none if it has none, or once closed)."""
+        """Keep one timer at or before the core's next deadline (none if it has none, or once closed)."""
         if self.closed:
             return
         now = self.clock()
         deadline = self._deadline(now)
         if deadline == self._timer_at:
+            return
+        if deadline is not None and self._timer is not None and self._timer_at is not None and self._timer_at < deadline:
+            # Moved later (a tunnel's silence deadline does at every frame):
+            # the armed timer fires early, the tick finds nothing due, and the
+            # timer is armed at the new deadline then -- one timer call per
+            # deadline instead of one per event.
             return
         if self._timer is not None:
             self._timer.cancel()

@@ -116,22 +116,36 @@ class ChannelWriter:
     and Python copies none of it (docs/tunnel-protocol.md section 21,
     "Copies")."""
 
-    __slots__ = ("transport", "loop", "parts", "frames")
+    __slots__ = ("transport", "loop", "hold", "parts", "frames", "_soon", "_timer")
 
-    def __init__(self, transport: asyncio.WriteTransport, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, transport: asyncio.WriteTransport, loop: asyncio.AbstractEventLoop, hold: float = 0.0) -> None:
         self.transport = transport
         self.loop = loop
+        self.hold = hold  # seconds a held frame may wait for the next write
         self.parts: list[Bytes] = []
         self.frames = 0  # frames in ``parts``
+        self._soon = False  # a flush is due at the end of this iteration
+        self._timer: asyncio.TimerHandle | None = None  # the held frames' flush
 
-    def add(self, parts: tuple[Bytes, ...]) -> None:
-        if not self.parts:
+    def add(self, parts: tuple[Bytes, ...], hold: bool = False) -> None:
+        """``hold``: the frame may wait up to ``self.hold`` seconds for the
+        next frame not held, and leave in its write (one TLS record, one
+        wake-up of the peer, instead of two)."""
+        if hold and self.hold > 0:
+            if not self._soon and self._timer is None:
+                self._timer = self.loop.call_later(self.hold, self.flush)
+        elif not self._soon:
+            self._soon = True
             self.loop.call_soon(self.flush)
         self.parts.extend(parts)
         self.frames += 1
 
     def flush(self) -> None:
         """Write what was added since the last flush, in order."""
+        self._soon = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         parts, self.parts, self.frames = self.parts, [], 0
         if not parts or self.transport.is_closing():
             return

@@ -34,6 +34,9 @@ class SendFrame:
 
     frame: Frame
     version: int = BASE_VERSION
+    hold: bool = False
+    """May wait for the channel's next write (a stream's OPENED: the server
+    relays without it), up to the adapter's ``opened_hold``."""
 
     @property
     def data(self) -> bytes:

@@ -195,6 +195,9 @@ class MediatorConfig:
     public client (tunnel/warm.py); 0: none."""
     warm_idle: float = 5.0
     """Seconds such a connection waits before it is closed unused."""
+    opened_hold: float = 0.005
+    """Seconds a stream's OPENED (version 4) may wait for the channel's next
+    write, usually the target's first bytes, to leave in the same TLS record; 0: at once."""
     event_loop: EventLoop = "uvloop"
     """The event loop the process runs on (as the server's)."""
     reconnect: BackoffSettings = field(default_factory=BackoffSettings)
@@ -467,6 +470,7 @@ class _MediatorTable(Frozen):
     udp_buffer: Int(65536, 1 << 28) = UDP_BUFFER
     warm_connections: Int(0, 64) = 1
     warm_idle: Number(0.1, 600) = 5.0
+    opened_hold: Number(0, 1) = 0.005
     event_loop: EventLoop = "uvloop"
     reconnect_initial: Number(0.01, 3600) = _BACKOFF.initial
     reconnect_max: Number(0.01, 86400) = _BACKOFF.maximum
@@ -568,6 +572,7 @@ def load_mediator(path: str | Path) -> MediatorConfig:
         udp_buffer=m.udp_buffer,
         warm_connections=m.warm_connections,
         warm_idle=m.warm_idle,
+        opened_hold=m.opened_hold,
         event_loop=m.event_loop,
         reconnect=BackoffSettings(initial=m.reconnect_initial, maximum=m.reconnect_max, stable_after=m.reconnect_stable),
     )

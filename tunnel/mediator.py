@@ -300,7 +300,8 @@ class _Session:
         self.ready = False
         self.channel_gate = ReadGate(transport)
         self._channel_full = False
-        self.writer = ChannelWriter(transport, self.loop)  # frames to write at the end of this loop iteration
+        # Frames to write at the end of this loop iteration (a stream's OPENED: with the next ones).
+        self.writer = ChannelWriter(transport, self.loop, cfg.opened_hold)
         self.probe: asyncio.DatagramTransport | None = None  # keepalive discovery's spare socket
         self.warm = WarmPool(cfg.warm_connections, cfg.warm_idle, cfg.connect_timeout, self.counters)
         self._probe_opening = False
@@ -376,7 +377,7 @@ class _Session:
         self.counters["bytes_to_server"] += sum(map(len, parts))
         # Coalesced: the frames of one loop iteration (many sockets' reads,
         # a reply and its data) go as one TLS write, in fewer records.
-        self.writer.add(parts)
+        self.writer.add(parts, out.hold)
 
     def flush(self) -> None:
         """Write the frames collected since the last flush, in order."""
@@ -462,7 +463,7 @@ class _Session:
         connection to its target if the warm pool has one (tunnel/warm.py)."""
         warm = self.warm.take((out.address, *out.connect_to)) if out.connect_to is not None else None
         if warm is not None:
-            sock, io.warm = warm
+            io.port, io.warm = warm
         else:
             try:
                 sock = bind_socket(Proto.TCP, out.address, out.port, out.mandatory, self.mediator.config.max_port_probes)
@@ -471,7 +472,7 @@ class _Session:
                 self.driver.run(self.core.failed(io.port_id, err.code, err.message))
                 return
             io.sock = sock
-        io.port = sock.getsockname()[1]
+            io.port = sock.getsockname()[1]
         self.driver.run(self.core.opened(io.port_id, io.port, self.loop.time()))
 
     async def _open_task(self, io: _PortIO, out: OpenSocket) -> None:

@@ -30,7 +30,7 @@ A missing ``policy`` refuses everything: the server gets NOT_ALLOWED.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from firewall.replay import ReplayWindow
 from tunnel.channel import ChannelCore, IdAllocator
@@ -240,13 +240,18 @@ class MediatorCore(ChannelCore[MediatorState]):
             return self._init_deadline
         if self._state is not MediatorState.READY:
             return None
-        silence = self.settings.keepalive_interval * self.settings.dead_after
-        times = [self._next_keepalive, self._last_received + silence]
-        channel_silence = self.channel_interval * self.settings.dead_after
-        for port in self._channels():
-            times += [port.next_keepalive, port.last_received + channel_silence]
-        probe_at = self._probe.deadline() if self._probe is not None else None
-        return min(times) if probe_at is None else min(*times, probe_at)
+        # After every event: no list unless a UDP channel is there.
+        settings = self.settings
+        at = min(self._next_keepalive, self._last_received + settings.keepalive_interval * settings.dead_after)
+        if self._redirected:
+            channel_silence = self.channel_interval * settings.dead_after
+            for port in self._channels():
+                at = min(at, port.next_keepalive, port.last_received + channel_silence)
+        if self._probe is not None:
+            probe_at = self._probe.deadline()
+            if probe_at is not None and probe_at < at:
+                return probe_at
+        return at
 
     # -- replies and refusals --------------------------------------------------
 
@@ -638,7 +643,12 @@ class MediatorCore(ChannelCore[MediatorState]):
             port.credit = StreamWindow()
         if port.connect_to is not None:
             port.connect_to = None
-            out: Out = [self._send(Opened(port_id, port.port, request_id=self._finish(port, PortState.CONNECTED)))]
+            opened = self._send(Opened(port_id, port.port, request_id=self._finish(port, PortState.CONNECTED)))
+            if port.stream:
+                # Version 4's server relays a stream without waiting for its
+                # OPENED: it may leave with the target's first bytes.
+                opened = replace(opened, hold=True)
+            out: Out = [opened]
             if port.early:
                 # Version 4: what the server sent before OPENED.
                 out.append(WriteStream(port_id, b"".join(port.early)))

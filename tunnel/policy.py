@@ -75,15 +75,32 @@ class Rule:
         )
 
 
+# Verdicts an allow-list remembers (each about 200 bytes); all are forgotten when full.
+VERDICTS = 4096
+
+
 class AllowList:
-    """A ``Policy`` from rules: allowed if any rule matches, else refused."""
+    """A ``Policy`` from rules: allowed if any rule matches, else refused.
+
+    The rules never change, so each verdict is remembered (up to
+    ``VERDICTS``): a new public connection to a target asks twice, a
+    redirected UDP flow once per datagram, and a remembered verdict is one
+    dictionary look-up instead of every rule's network test."""
 
     def __init__(self, rules: Iterable[Rule]) -> None:
         self.rules = tuple(rules)
+        self._verdicts: dict[tuple[Op, IPAddress, int, Proto], bool] = {}
 
     def check(self, op: Op, address: IPAddress, port: int, proto: Proto) -> bool:
-        address = _plain(address)
-        return any(rule.matches(op, address, port, proto) for rule in self.rules)
+        key = (op, address, port, proto)
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            plain = _plain(address)
+            verdict = any(rule.matches(op, plain, port, proto) for rule in self.rules)
+            if len(self._verdicts) >= VERDICTS:
+                self._verdicts.clear()
+            self._verdicts[key] = verdict
+        return verdict
 
 
 class TokenAuthenticator:

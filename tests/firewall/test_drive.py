@@ -80,6 +80,39 @@ def test_an_unchanged_deadline_keeps_the_timer() -> None:
     asyncio.run(main())
 
 
+def test_a_later_deadline_keeps_the_timer_which_ticks_early_and_arms_at_it() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        core = ToyCore([t0 + 0.01])
+        said: list[str] = []
+        driver = driver_for(core, said)
+        driver.arm()
+        timer = driver._timer
+        core.due[0] = t0 + 0.05  # moved later, as a silence deadline does at every frame
+        driver.run([])
+        assert driver._timer is timer  # not re-armed: it fires early instead
+        for _ in range(100):
+            if driver._timer is not timer:
+                break
+            await asyncio.sleep(0.005)
+        assert said == [] and driver._timer_at == t0 + 0.05  # the early tick said nothing, armed at the new one
+        for _ in range(100):
+            if said:
+                break
+            await asyncio.sleep(0.01)
+        assert said == [f"tick {t0 + 0.05:.2f}"] and loop.time() >= t0 + 0.05
+        core.due.append(loop.time() + 60)
+        driver.arm()
+        timer = driver._timer
+        core.due[0] = loop.time() + 0.01  # moved earlier: the timer moves with it
+        driver.run([])
+        assert driver._timer is not timer and driver._timer_at == core.due[0]
+        driver.close()
+
+    asyncio.run(main())
+
+
 def test_close_cancels_the_timer_and_arms_nothing_again() -> None:
     async def main() -> None:
         t0 = asyncio.get_running_loop().time()

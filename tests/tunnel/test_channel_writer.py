@@ -49,3 +49,34 @@ async def _frames_of_an_iteration() -> None:
     writer.add((b"lost",))
     writer.flush()
     assert len(transport.writes) == 2
+
+
+def test_a_held_frame_leaves_with_the_next_one_or_alone_after_the_hold() -> None:
+    asyncio.run(_held())
+
+
+async def _held() -> None:
+    loop = asyncio.get_running_loop()
+    transport = Transport()
+    writer = ChannelWriter(transport, loop, hold=0.05)  # type: ignore[arg-type]
+    writer.add((b"opened1",), hold=True)
+    await asyncio.sleep(0)
+    assert transport.writes == []  # held: no write of its own at the end of the iteration
+    writer.add((b"data1",))
+    await asyncio.sleep(0)
+    assert transport.writes == [[b"opened1data1"]]  # one write, in order
+    started = loop.time()
+    writer.add((b"opened2",), hold=True)
+    for _ in range(100):  # bounded poll: it leaves alone once the hold is over
+        if len(transport.writes) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert transport.writes[1] == [b"opened2"] and loop.time() - started >= 0.05
+    writer.add((b"data2",))  # not held, then held: the end of the iteration takes both
+    writer.add((b"opened3",), hold=True)
+    await asyncio.sleep(0)
+    assert transport.writes[2] == [b"data2opened3"] and writer._timer is None
+    unheld = ChannelWriter(transport, loop)  # type: ignore[arg-type]
+    unheld.add((b"opened4",), hold=True)  # no hold set: at the end of the iteration as any frame
+    await asyncio.sleep(0)
+    assert transport.writes[3] == [b"opened4"]

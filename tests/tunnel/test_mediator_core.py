@@ -185,6 +185,28 @@ def test_open_refused_by_allow_list() -> None:
     ]
 
 
+def test_remembered_verdicts_are_the_rules_verdicts_and_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tunnel.policy
+
+    monkeypatch.setattr(tunnel.policy, "VERDICTS", 8)
+    rules = [Rule(LAN, 1, 21, ops=frozenset({Op.CONNECT})), Rule(ip_network("fd00::/64"), protos=frozenset({Proto.UDP}))]
+    remembering = AllowList(rules)
+    asked = [
+        (op, address, port, proto)
+        for op in (Op.CONNECT, Op.SEND)
+        for address in (ME, IPv6Address("::ffff:192.168.1.2"), IPv4Address("10.0.0.1"), IPv6Address("fd00::5"))
+        for port in (21, 22)
+        for proto in (Proto.TCP, Proto.UDP)
+    ]
+    for _ in range(2):  # the second round from what it remembers, where it still does
+        for question in asked:
+            assert remembering.check(*question) == any(
+                r.matches(question[0], tunnel.policy._plain(question[1]), *question[2:]) for r in rules
+            ), question
+            assert len(remembering._verdicts) <= 8
+    assert remembering.check(Op.CONNECT, IPv6Address("::ffff:192.168.1.2"), 21, Proto.TCP)  # mapped: as the IPv4 address
+
+
 def test_open_any_port_checks_the_assigned_one() -> None:
     core = ready()
     assert feed(core, OpenPort(Proto.TCP, ME, 0, False, request_id=2)) == [
