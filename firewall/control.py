@@ -27,7 +27,10 @@ asyncio event loop as it is (and then a handler may return an awaitable:
 the tunnel's requests wait for the mediator), or ``SelectorLoop`` around the
 ``selectors`` selector of a loop that calls ``key.data(key.fileobj)`` for
 each ready key (the processor's, the supervisor's); such a loop calls
-``expire(now)`` at least every ``timeout`` seconds. Nothing blocks: a client
+``expire(now)`` at least every ``timeout`` seconds, and a handler there may
+return a ``Later``, settled on the loop's thread when its work is done (the
+processor's flows, listed on a thread of its own: a conntrack dump walks
+the whole table). Nothing blocks: a client
 that connects and says nothing, or does not read its answer, is dropped
 after ``timeout`` seconds, and at most ``max_clients`` are served at once.
 
@@ -167,6 +170,40 @@ class SelectorLoop:
             pass
 
 
+class Later:
+    """A command's answer to come (a selector loop's; an asyncio loop's handler returns
+    an awaitable instead). The handler returns it; whoever does the work settles it
+    with ``done(result)`` or ``failed(exc)``, on the loop's thread. The client's usual
+    ``timeout`` still bounds the wait: one settled after it was dropped is forgotten."""
+
+    __slots__ = ("outcome", "_then")
+
+    def __init__(self) -> None:
+        self.outcome: tuple[bool, Any] | None = None  # (ok, the result or the exception)
+        self._then: Callable[[tuple[bool, Any]], None] | None = None
+
+    def done(self, result: Any) -> None:
+        self._settle((True, result))
+
+    def failed(self, exc: BaseException) -> None:
+        self._settle((False, exc))
+
+    def then(self, callback: Callable[[tuple[bool, Any]], None]) -> None:
+        """``callback(outcome)`` once settled (now, if it is)."""
+        if self.outcome is not None:
+            callback(self.outcome)
+        else:
+            self._then = callback
+
+    def _settle(self, outcome: tuple[bool, Any]) -> None:
+        if self.outcome is not None:
+            return  # once
+        self.outcome = outcome
+        callback, self._then = self._then, None
+        if callback is not None:
+            callback(outcome)
+
+
 class _Client:
     __slots__ = ("sock", "deadline", "inbox", "outbox", "task", "refusal")
 
@@ -265,7 +302,8 @@ class ControlServer(Generic[T]):
             self._drop(client)
 
     def answer(self, line: bytes) -> Any:
-        """The answer to one request line: a dict, or an awaitable of one (an async handler)."""
+        """The answer to one request line: a dict, an awaitable of one (an async handler)
+        or a ``Later`` (its result, or exception, still to come)."""
         self.counters["requests"] += 1
         try:
             command, args = parse_request(self.commands, json.loads(line or b"null"))
@@ -281,6 +319,8 @@ class ControlServer(Generic[T]):
             return _failed(err)
         except Exception as exc:  # noqa: BLE001 - a bug in one command must not take the server down
             return self._internal(exc)
+        if isinstance(result, Later):
+            return result
         if inspect.isawaitable(result):
             return self._finish(result)
         return {"ok": True, "result": result}
@@ -350,9 +390,23 @@ class ControlServer(Generic[T]):
         if isinstance(answer, dict):
             self._reply(client, answer)
             return
+        if isinstance(answer, Later):
+            answer.then(lambda outcome: self._later(client, outcome))  # its deadline still runs
+            return
         client.deadline = None  # the command's own timeouts bound it
         client.task = asyncio.ensure_future(answer)
         client.task.add_done_callback(lambda task: self._answered(client, task))
+
+    def _later(self, client: _Client, outcome: tuple[bool, Any]) -> None:
+        if self._clients.get(client.sock.fileno()) is not client:
+            return  # dropped meanwhile (timed out, or the server closed)
+        ok, value = outcome
+        if ok:
+            self._reply(client, {"ok": True, "result": value})
+        elif isinstance(value, ControlError):
+            self._reply(client, _failed(value))
+        else:
+            self._reply(client, self._internal(value))
 
     def _answered(self, client: _Client, task: asyncio.Future[Any]) -> None:
         if task.cancelled() or self._clients.get(client.sock.fileno()) is not client:

@@ -3,9 +3,11 @@
 One thread and one ``selectors`` loop (the seed's packet processor part, one
 per queue; docs/datapath.md, "Queue numbers and steering"). Everything it
 does is short and non-blocking, so packets never wait behind anything but
-other packets. The one exception, the reap's walk of the whole conntrack
-table (tens of milliseconds or more inside one socket call), runs on a
-thread of its own that does nothing else (``kernel.Reaper``):
+other packets. The two exceptions, walks of the whole conntrack table
+(tens of milliseconds or more inside one socket call), run on threads of
+their own that do nothing else: the reap's (``kernel.Reaper``) and the dump
+behind ``{"cmd": "flows"}`` (``kernel.Lister``, which hands its list back
+through the loop's wake-up socket):
 
 - the queue's netlink socket is read in batches of ``processor.queue_batch``
   messages, so a flood cannot starve signalling, expiry or the control
@@ -26,7 +28,8 @@ thread of its own that does nothing else (``kernel.Reaper``):
 - dynamic rules are elements of the binding table's sets, written
   in-process by the same ``kernel.NatWriter``, one transaction each;
 - the control socket (``firewall.control``: unix, mode 0600) answers
-  ``stats`` and ``flows`` on the same selector, without blocking.
+  ``stats`` and ``flows`` on the same selector, without blocking (``flows``
+  once the lister's dump is in: ``control.Later``).
 - with ``[ha]``, instance 0 refreshes the backup's copies of the node's UDP
   connections while the node is master (``refresh``): a pass starts at the
   tick, and its dump is read a chunk per wake-up on the same selector.
@@ -56,10 +59,10 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from firewall import ha, sdnotify
 from firewall.config import Config
-from firewall.control import BadRequest, Command, ControlServer, SelectorLoop
+from firewall.control import BadRequest, Command, ControlServer, Later, SelectorLoop
 from firewall.errors import KernelError, PrivilegeError
 from firewall.processor.core import DROP, PASS, NatOp, Outputs, ProcessorCore, Route
-from firewall.processor.kernel import Conntrack, NatWriter, Reaper, queue_counters
+from firewall.processor.kernel import Connection, Conntrack, Lister, NatWriter, Reaper, queue_counters
 from firewall.processor.refresh import Refresher, Schedule, interval, selection, udp_timeout
 from firewall.signalling import MAX_DATAGRAM, Encoder, Guard, Role, load_or_create_key
 
@@ -371,11 +374,20 @@ class Runner:
             s.setblocking(False)
         self._sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        marks = cfg.processor.marks
+        self.lister = Lister(marks.mask, marks.rewritten, wake=self._poke)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._stop = True
+
+    def _poke(self) -> None:
+        """From another thread: wake the loop (the lister has an answer)."""
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass  # full: a wake-up is pending anyway; closed: stopping
 
     def _close(self) -> None:
         self.nfq.unbind()  # with fail_mode open the kernel now bypasses us; closed drops
@@ -392,9 +404,10 @@ class Runner:
             if sock is not None:
                 sock.close()
         self.ct.close()
-        reaper = getattr(self, "reaper", None)
-        if reaper is not None:
-            reaper.close()
+        for name in ("reaper", "lister"):
+            worker = getattr(self, name, None)
+            if worker is not None:
+                worker.close()
         if self.refresher is not None:
             self.refresher.close()
         self.ipr.close()
@@ -414,6 +427,10 @@ class Runner:
                     key.data(key.fileobj)
                 except Exception:  # noqa: BLE001 - one bad event must not stop the processor
                     self._internal("internal.loop", "an event")
+            try:
+                self.lister.finish()  # the flows listed meanwhile, if any (woken by ``_poke``)
+            except Exception:  # noqa: BLE001 - as any handler's
+                self._internal("internal.loop", "a flows listing")
             now = time.monotonic()
             if now >= next_reap:
                 if self._events_seen and self._reaps_skipped < REAP_MAX_SKIPS:
@@ -660,6 +677,20 @@ class Runner:
     def rules(self, limit: int) -> list[dict[str, Any]]:
         return self.core.rules.listing(time.monotonic(), time.time(), limit)
 
-    def flows(self, limit: int) -> list[dict[str, Any]]:
-        acct = {(c.proto, *c.orig): (c.packets, c.bytes) for c in self.ct.ours()}
-        return self.core.flows(time.monotonic(), limit, acct)  # a list, as the supervisor merges them
+    def flows(self, limit: int) -> Later:
+        """The live bindings with their connections' counters: a list, as the supervisor
+        merges them, once the lister's dump is in (off this thread: ``Lister``)."""
+        later = Later()
+
+        def listed(connections: list[Connection] | None, error: BaseException | None) -> None:
+            if connections is None:
+                later.failed(error or KernelError("conntrack: no answer"))
+                return
+            try:
+                acct = {(c.proto, *c.orig): (c.packets, c.bytes) for c in connections}
+                later.done(self.core.flows(time.monotonic(), limit, acct))
+            except Exception as err:  # noqa: BLE001 - reported as the command's internal error
+                later.failed(err)
+
+        self.lister.ask(socket.AF_INET, listed)
+        return later

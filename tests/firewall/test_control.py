@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from firewall.control import (
-    BadRequest, Command, ControlError, ControlServer, SelectorLoop, ask, flag, parse_request, text,
+    BadRequest, Command, ControlError, ControlServer, Later, SelectorLoop, ask, flag, parse_request, text,
 )
 
 
@@ -130,6 +130,73 @@ def test_answers_and_errors_on_a_selector_loop(tmp_path: Path) -> None:
         too_long = raw(path, b"x" * 100)
         assert too_long == {"ok": False, "error": "bad request: longer than 64 bytes"}
         assert server.counters == {"requests": 8, "bad_request": 3, "internal_errors": 1}
+
+
+def test_a_later_answer_comes_when_settled_on_the_loop_and_others_are_answered_meanwhile(tmp_path: Path) -> None:
+    """A selector loop's handler returns a ``Later`` (the processor's flows: a dump on a
+    thread of its own); the loop settles it some iterations on, and meanwhile serves others."""
+    pending: list[tuple[Later, str, int]] = []  # (answer to come, how it ends, the iteration it was asked in)
+
+    def later(target: Target, args: dict[str, Any]) -> Later:
+        answer = Later()
+        pending.append((answer, args["what"], iterations[0]))
+        return answer
+
+    commands: dict[str, Command[Target]] = {**COMMANDS, "slow": Command(later, {"what": text})}
+    path = tmp_path / "control.sock"
+    selector = selectors.DefaultSelector()
+    server = ControlServer(path, commands, Target(), timeout=0.5)
+    server.open()
+    server.attach(SelectorLoop(selector))
+    stop = threading.Event()
+    iterations = [0]
+    settled_after_drop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            for key, _ in selector.select(0.02):
+                key.data(key.fileobj)
+            iterations[0] += 1
+            for item in [p for p in pending if iterations[0] - p[2] >= 3]:  # a few iterations later
+                answer, how, _ = item
+                if how == "never" and server.counters["timed_out"] == 0:
+                    continue  # settled only once its client has been dropped
+                pending.remove(item)
+                if how == "fine":
+                    answer.done({"listed": 3})
+                elif how == "refuse":
+                    answer.failed(ControlError("busy", "BUSY"))
+                elif how == "bug":
+                    answer.failed(RuntimeError("a dump failed"))
+                else:
+                    answer.done("too late")
+                    settled_after_drop.set()
+            server.expire()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        never = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        never.connect(str(path))
+        never.sendall(b'{"cmd": "slow", "what": "never"}\n')
+        assert ask(path, {"cmd": "count"}) == 1  # answered while "never" waits
+        assert ask(path, {"cmd": "slow", "what": "fine"}) == {"listed": 3}
+        with pytest.raises(ControlError, match="busy") as refused:
+            ask(path, {"cmd": "slow", "what": "refuse"})
+        assert refused.value.code == "BUSY"
+        with pytest.raises(ControlError, match="internal error"):
+            ask(path, {"cmd": "slow", "what": "bug"})
+        never.settimeout(5)
+        assert never.recv(100) == b""  # dropped at its deadline, unanswered
+        never.close()
+        assert settled_after_drop.wait(5)  # and settling it then was harmless
+        assert ask(path, {"cmd": "count"}) == 2
+        assert server.counters["timed_out"] == 1 and server.counters["internal_errors"] == 1
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+        selector.close()
 
 
 def test_a_silent_client_is_dropped_and_the_count_of_clients_is_bounded(tmp_path: Path) -> None:

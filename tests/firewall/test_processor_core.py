@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import socket
 from collections import Counter
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -1546,8 +1547,19 @@ def test_runner_one_failing_verdict_does_not_lose_the_others() -> None:
 
 
 class NoConntrack:
-    def ours(self) -> list[Connection]:
+    def ours(self, family: int = socket.AF_INET) -> list[Connection]:
         return []
+
+
+class ListedAtOnce:
+    """``kernel.Lister``'s contract, its dump done at once on the asker's thread
+    (tests/firewall/test_processor_kernel.py holds the threaded one to it)."""
+
+    def __init__(self, ct: NoConntrack) -> None:
+        self.ct = ct
+
+    def ask(self, family: int, then: Any) -> None:
+        then(list(self.ct.ours(family)), None)
 
 
 def test_runner_answers_stats_and_flows_on_its_control_socket(tmp_path: Path) -> None:
@@ -1556,6 +1568,7 @@ def test_runner_answers_stats_and_flows_on_its_control_socket(tmp_path: Path) ->
     runner = runner_for(rig, log)
 
     runner.ct = NoConntrack()
+    runner.lister = ListedAtOnce(runner.ct)  # type: ignore[assignment]
     runner._on_packet(FakePacket(bytes(tcp(C, 40000, W, 8443, "S")), log))
     runner._settle()
     path = tmp_path / "processor-0.sock"

@@ -14,6 +14,7 @@ import ipaddress
 import json
 import socket
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -293,3 +294,61 @@ def test_the_reap_runs_on_its_own_thread_and_a_kick_meanwhile_asks_for_one_more(
     reaper.close()
     assert fake.closed and fake.threads == ["reap"] * 4
     assert counters == {"conntrack.reaps": 3, "conntrack.reap_error": 1} and errors == ["OSError('ENOBUFS')"]
+
+
+class BlockingList:
+    """A Conntrack whose dump blocks until released (a million connections' walk), then
+    lists ``conns`` or fails."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Semaphore(0)
+        self.release = threading.Semaphore(0)
+        self.threads: list[str] = []
+        self.fail = False
+        self.closed = False
+
+    def ours(self, family: int = socket.AF_INET):  # type: ignore[no-untyped-def]
+        self.threads.append(threading.current_thread().name)
+        self.entered.release()
+        assert self.release.acquire(timeout=5)
+        if self.fail:
+            raise OSError("EINTR")
+        return iter([f"conn-{family}"])
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_flows_are_listed_off_the_loop_and_handed_over_on_it() -> None:
+    """``nfgate flows``: the dump (the whole table's walk) runs on the lister's thread; the
+    loop's thread asks, goes on, and gets the list from ``finish`` after a wake-up."""
+    from firewall.processor.kernel import Lister
+
+    woken = threading.Semaphore(0)
+    lister = Lister(0xFFFF0000, 0x10000, wake=woken.release)
+    fake = BlockingList()
+    lister._ct.close()
+    lister._ct = fake  # type: ignore[assignment]
+    got: list[tuple[object, object, str]] = []
+
+    def then(conns: object, error: object) -> None:
+        got.append((conns, error, threading.current_thread().name))
+
+    lister.ask(socket.AF_INET, then)  # returns at once, though the dump blocks
+    assert fake.entered.acquire(timeout=5)
+    lister.finish()
+    assert got == []  # nothing yet: the loop goes on meanwhile
+    fake.release.release()
+    assert woken.acquire(timeout=5)
+    lister.finish()
+    me = threading.current_thread().name
+    assert got == [([f"conn-{socket.AF_INET}"], None, me)]  # on the asker's thread
+    fake.fail = True
+    lister.ask(socket.AF_INET6, then)
+    assert fake.entered.acquire(timeout=5)
+    fake.release.release()
+    assert woken.acquire(timeout=5)
+    lister.finish()
+    assert got[1][0] is None and repr(got[1][1]) == "OSError('EINTR')" and got[1][2] == me
+    lister.close()
+    assert fake.closed and fake.threads == ["conntrack-list"] * 2
