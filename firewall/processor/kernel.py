@@ -747,20 +747,32 @@ class Lister:
     returns at once and the list comes back through ``finish``, which the
     loop calls on its own thread; ``wake`` (from this thread) tells the loop
     to look. Its own netlink socket, as the reaper's.
+
+    Asks of one family while a dump of it waits to start share that dump:
+    however fast clients ask (or give up and ask again), at most one dump
+    per family runs and one more waits.
     """
 
     def __init__(self, mask: int, mark: int, wake: Callable[[], None]) -> None:
         self._ct = Conntrack(mask, mark)
         self._wake = wake
-        self._jobs: queue.SimpleQueue[tuple[int, Listed] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._waiting: dict[int, list[Listed]] = {}  # family -> who asked since its last dump began
+        self._jobs: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._done: deque[tuple[Listed, list[Connection] | None, BaseException | None]] = deque()
+        self.dumps = 0  # dumps begun
         self._thread = threading.Thread(target=self._run, name="conntrack-list", daemon=True)
         self._thread.start()
 
     def ask(self, family: int, then: Listed) -> None:
         """List nfgate's connections of ``family``; ``then(connections, None)`` or
         ``then(None, error)`` is called from ``finish``."""
-        self._jobs.put((family, then))
+        with self._lock:
+            asked = self._waiting.setdefault(family, [])
+            asked.append(then)
+            if len(asked) > 1:
+                return  # its dump is queued already
+        self._jobs.put(family)
 
     def finish(self) -> None:
         """On the loop's thread: hand over what has been listed."""
@@ -770,15 +782,17 @@ class Lister:
 
     def _run(self) -> None:
         while True:
-            job = self._jobs.get()
-            if job is None:
+            family = self._jobs.get()
+            if family is None:
                 return
-            family, then = job
+            with self._lock:
+                asked = self._waiting.pop(family, [])  # who asks from now on gets the next dump
+            self.dumps += 1
             try:
                 listed: tuple[list[Connection] | None, BaseException | None] = (list(self._ct.ours(family)), None)
-            except Exception as err:  # noqa: BLE001 - the asker's to report
+            except Exception as err:  # noqa: BLE001 - the askers' to report
                 listed = (None, err)
-            self._done.append((then, *listed))
+            self._done.extend((then, *listed) for then in asked)
             self._wake()
 
     def close(self, timeout: float = REQUEST_TIMEOUT + 1) -> None:

@@ -350,5 +350,22 @@ def test_flows_are_listed_off_the_loop_and_handed_over_on_it() -> None:
     assert woken.acquire(timeout=5)
     lister.finish()
     assert got[1][0] is None and repr(got[1][1]) == "OSError('EINTR')" and got[1][2] == me
+    # A flood of asks (clients that ask, give up, ask again) while a dump runs: they share
+    # one more dump, not one each.
+    fake.fail = False
+    lister.ask(socket.AF_INET, then)
+    assert fake.entered.acquire(timeout=5)  # the third dump runs, blocked
+    for _ in range(50):
+        lister.ask(socket.AF_INET, then)
+    fake.release.release()
+    assert fake.entered.acquire(timeout=5)  # the fourth, for all fifty
+    fake.release.release()
+    for _ in range(100):  # bounded poll
+        lister.finish()
+        if len(got) == 53:
+            break
+        woken.acquire(timeout=0.05)
+    assert len(got) == 53 and all(g[0] == [f"conn-{socket.AF_INET}"] for g in got[2:])
+    assert not fake.entered.acquire(timeout=0.2) and lister.dumps == 4
     lister.close()
-    assert fake.closed and fake.threads == ["conntrack-list"] * 2
+    assert fake.closed and fake.threads == ["conntrack-list"] * 4
