@@ -10,7 +10,9 @@
   (say ``nfgate lab up --prefix``), removed the same way.
 - At the end of the session, any ``nfgt*`` lab still present whose owner is
   this session or a dead one is removed. Engineers run suites side by side on
-  one machine, so a lab that belongs to another live pytest is left alone.
+  one machine, and ``scripts/test`` runs two pytest-xdist workers (each its
+  own session here, with its own pid), so a lab that belongs to another live
+  pytest is left alone.
   The owner is the one ``lab up`` records in the lab's state file
   (``firewall.lab.state``): this session sets ``$NFGATE_LAB_OWNER_PID`` to its
   pid, so the labs its ``nfgate lab up`` calls build are its own too. Each
