@@ -48,6 +48,14 @@ from firewall.lab.topology import Endpoint, Route
 
 # How long the gateway namespace's processes get to die after SIGKILL.
 KILL_TIMEOUT = 3.0
+# gateway_link.tcp_timestamps: the value of the sysctl in the gateway namespace.
+# 2 is timestamps from one clock (no random offset); 1 the kernel's default, an
+# offset per address pair. A leg B's address pair (G, F) changes with each F of
+# the pool, so with 1 its timestamps jump at random between connections, and a
+# server's TIME-WAIT for the client's port refuses about half of those from a
+# reused port (docs/datapath.md, "A client that reuses its port").
+TCP_TIMESTAMPS_SYSCTL = "net.ipv4.tcp_timestamps"
+TCP_TIMESTAMPS = {"monotonic": "2", "random": "1"}
 # The hosts of the track's two ends in the topology data; their namespaces are
 # ``router_netns`` and ``link.netns``.
 ROUTER, GATEWAY = "router", "gateway"
@@ -158,6 +166,7 @@ def _build(link: GatewayLink, router_netns: str | None) -> None:
             _sysctl(router_netns, f"net.ipv6.conf.{link.router_if}.forwarding", "1")
             with _step(f"address {link.router_address} on {link.router_if}"):
                 namespaces.configure(router, router_end)
+            _sysctl(link.netns, TCP_TIMESTAMPS_SYSCTL, TCP_TIMESTAMPS[link.tcp_timestamps])
             with _step(f"lo in {link.netns}"):
                 namespaces.set_up(gateway, "lo")
             with _step(f"address {link.gateway_address} on {link.netns}:{link.gateway_if}"):
@@ -183,6 +192,22 @@ def check_host(link: GatewayLink, router_netns: str | None = None) -> None:
     if link.router_address.ip not in namespaces.local_addresses(router_netns):
         raise KernelError(f"gateway link: this router does not hold {link.router_address.ip}, its address towards "
                           f"the AG host (gateway_link.router_address, or ha.nodes.NODE.addresses.gateway_link)")
+
+
+def host_timestamps_warning(link: GatewayLink) -> str | None:
+    """On the AG host (``mode = "host"``): what to tell the operator when the host's own
+    ``net.ipv4.tcp_timestamps`` is not what ``tcp_timestamps`` asks. The host's sysctl is
+    the operator's (it is the whole host's), so nfgate says so and changes nothing."""
+    want = TCP_TIMESTAMPS[link.tcp_timestamps]
+    try:
+        have = namespaces.sysctl(None, TCP_TIMESTAMPS_SYSCTL)
+    except OSError:
+        return None
+    if have == want:
+        return None
+    return (f"{TCP_TIMESTAMPS_SYSCTL} is {have} on this host, gateway_link.tcp_timestamps = "
+            f"\"{link.tcp_timestamps}\" asks {want}: set it (sysctl -w {TCP_TIMESTAMPS_SYSCTL}={want}, and in "
+            "/etc/sysctl.d) or change the key (docs/datapath.md, \"A client that reuses its port\")")
 
 
 def remove(link: GatewayLink, router_netns: str | None = None) -> None:

@@ -334,6 +334,8 @@ class Supervisor:
         if self.role == GATEWAYS:
             self.log(f"gateways of {self.config_path}: {len(cfg.gateways)}, for the processors at "
                      + ", ".join(f"{n.name} {n.address}" for n in manifests.nodes(cfg)))
+            if (warning := gwlink.host_timestamps_warning(cfg.gateway_link)) is not None:
+                self.warn(warning)
             return  # the AG host: no rules, no link, no daemons of the pair
         node = self.ha_node
         if cfg.ha is not None and node is not None:

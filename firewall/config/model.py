@@ -77,6 +77,7 @@ TcpUdp = Choice("tcp", "udp")
 Action = Choice("accept", "drop", "reject")
 FailMode = Choice("open", "closed")
 LinkMode = Choice("namespace", "host")
+TcpTimestamps = Choice("monotonic", "random")
 Netns = String(NETNS, "a namespace name")
 ForwardName = String(NAME, "a name")
 Addresses = ListOf(Network, allow_scalar=True)
@@ -470,6 +471,12 @@ class GatewayLink(Frozen):
         ipaddress.IPv6Interface("fd6e:6667:6174:ff::2/64"), description="the gateways' IPv6 address on it (ULA)")
     port_base: Int(1024, 65000) = Field(20000, description="each gateway's workers listen on the next ports from port_base, "
                                         "in file order, unless it sets listen_port")
+    tcp_timestamps: TcpTimestamps = Field(
+        "monotonic", description="the TCP timestamps of the gateways' connections (net.ipv4.tcp_timestamps in their "
+        "namespace): monotonic (2): one clock for all, so a server's TIME-WAIT takes a leg B from a client's reused "
+        "port as a new connection, as it would the client's own; random (1, the kernel's default): an offset per "
+        "address pair, hiding the router's uptime, and about half of those leg Bs wait 10-20 ms for a retry "
+        "(docs/datapath.md, \"A client that reuses its port\")")
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> "GatewayLink":

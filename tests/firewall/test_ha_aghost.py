@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from firewall import config, manifests, supervisor
+from firewall import config, gwlink, manifests, supervisor
 from firewall.cli import main
 from firewall.rules import build, nft
 from firewall.processor.core import ProcessorCore
@@ -183,6 +183,28 @@ def test_rules_shows_a_nodes_ruleset_and_gateways_refuses_a_namespace_link(tmp_p
     path.write_text(AG.format(tmp=tmp_path).replace('mode = "host"\n', "").replace('gateway_address = "172.31.253.10/24"', ""))
     out = CliRunner().invoke(main, ["gateways", "-c", str(path)])
     assert out.exit_code == 2 and 'gateway_link.mode is "namespace"' in out.output, out.output
+
+
+@pytest.mark.parametrize("key, host, warned", [
+    ("monotonic", "1", True), ("monotonic", "2", False), ("random", "1", False), ("random", "2", True)])
+def test_the_ag_host_is_warned_when_its_tcp_timestamps_differ_from_the_key_and_never_changed(
+        tmp_path: Path, monkeypatch, key: str, host: str, warned: bool) -> None:
+    link = load(tmp_path).gateway_link.model_copy(update={"tcp_timestamps": key})
+    calls = []
+
+    def sysctl(netns, name, value=None):
+        calls.append((netns, name, value))
+        return host
+
+    monkeypatch.setattr(gwlink.namespaces, "sysctl", sysctl)
+    warning = gwlink.host_timestamps_warning(link)
+    assert calls == [(None, "net.ipv4.tcp_timestamps", None)]  # read, never written
+    if warned:
+        want = gwlink.TCP_TIMESTAMPS[key]
+        assert warning is not None and f"net.ipv4.tcp_timestamps is {host} on this host" in warning
+        assert f"sysctl -w net.ipv4.tcp_timestamps={want}" in warning
+    else:
+        assert warning is None
 
 
 def test_check_names_the_ag_host_and_each_nodes_half(tmp_path: Path) -> None:

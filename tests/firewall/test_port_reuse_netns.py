@@ -14,6 +14,19 @@ basic lab: ext 203.0.113.10 -> router 203.0.113.1:8443 -> tcp-relay -> lan
 TIME-WAIT), or the client resets as soon as it has the answer (the old legs in
 CLOSE: conntrack reopens leg A with its NAT, and the next connection comes to the
 gateway on the same binding).
+
+When the server closed first, it holds a TIME-WAIT for the client's port too,
+which takes the next leg B's SYN as a new connection only if its timestamp is
+newer than the last leg B's: the gateway namespace's timestamps come from one
+clock (``gateway_link.tcp_timestamps = "monotonic"``), so it never answers one
+as an old duplicate, which the gateway's kernel would reset and send again
+10-20 ms later (docs/datapath.md, "The server's own TIME-WAIT"). With the
+kernel's random offsets each later connection had about even odds of that.
+That test starts each connection once the server holds the last one's
+TIME-WAIT: a client that connects again within a millisecond of its close
+can meet the server before the gateway's FIN on the old leg B has (the
+processor deletes that closing leg B first), which that FIN_WAIT2 answers the
+same way (docs/datapath.md).
 """
 
 from __future__ import annotations
@@ -25,6 +38,7 @@ from typing import Any
 
 import pytest
 
+from firewall.lab.wait import wait_for
 from tests.conntrack import fast_conntrack
 from tests.firewall.run_harness import ANSWER_SERVER, Running
 
@@ -70,6 +84,12 @@ print(answered, flush=True)
 """
 
 
+def out_resets(pid: int) -> int:
+    """The RSTs the TCP of ``pid``'s network namespace has sent (``Tcp: OutRsts``)."""
+    lines = [line.split() for line in Path(f"/proc/{pid}/net/snmp").read_text().splitlines() if line.startswith("Tcp:")]
+    return int(dict(zip(lines[0], lines[1]))["OutRsts"])
+
+
 @pytest.mark.parametrize("close", ["server", "reset"])
 def test_a_client_reusing_its_port_is_answered_every_time(lab_factory: Any, tmp_path: Path, close: str) -> None:
     lab = lab_factory("basic")
@@ -84,6 +104,30 @@ def test_a_client_reusing_its_port_is_answered_every_time(lab_factory: Any, tmp_
         # Each later connection met its predecessor's leg B, closing, and it went first.
         assert counters.get("conntrack.closing_leg_b_deleted", 0) >= REUSES - 1, counters
         assert counters.get("drop.leg_b_busy", 0) == 0, counters
+    finally:
+        run.stop()
+        server.send_signal(signal.SIGTERM)
+
+
+TIME_WAITS = 10  # connections from one port, each once the server holds the last one's TIME-WAIT
+
+
+def test_the_servers_time_wait_takes_the_gateways_next_connection_from_the_port(lab_factory: Any, tmp_path: Path) -> None:
+    lab = lab_factory("basic")
+    server = lab.popen("lan", [sys.executable, "-c", ANSWER_SERVER])
+    lab.wait_listening("lan", 443)
+    run = Running(lab, tmp_path)
+    time_wait = ["ss", "-Htn", "state", "time-wait", "( sport = :443 and dport = :45000 )"]
+    try:
+        gateway = run.processes()["gateway-relay"]["pid"]
+        resets = out_resets(gateway)
+        for i in range(TIME_WAITS):
+            got = lab.run("ext", [sys.executable, "-c", CLIENT, "1", "45000", str(ANSWER_TIMEOUT), "server"], timeout=30)
+            assert got.stdout.strip() == "1", (i, got)
+            wait_for(lambda: "203.0.113.10:45000" in lab.run("lan", time_wait).stdout, timeout=5,
+                     what="the server's TIME-WAIT for the client's port")
+        # No leg B's SYN was answered as an old duplicate (the gateway's kernel would have reset it).
+        assert out_resets(gateway) == resets
     finally:
         run.stop()
         server.send_signal(signal.SIGTERM)
