@@ -395,24 +395,41 @@ def record_state(config: Config, node: str, state: str) -> None:
         f.write(json.dumps({"state": state, "at": time.time()}) + "\n")
 
 
-def read_state(config: Config, node: str) -> dict[str, Any]:
-    """This node's VRRP state as its notify script last recorded it, and when it last became primary."""
+def read_events(config: Config, node: str) -> list[dict[str, Any]]:
+    """Every transition the node's notify script recorded, oldest first (a line cut by a crash left out)."""
     p = paths(_require(config), node)
-    state: dict[str, Any] = {"node": node, "vrrp": "unknown", "since": None, "last_failover": None, "transitions": 0}
     try:
         lines = p.state.read_text().splitlines()
     except FileNotFoundError:
-        return state
+        return []
+    events = []
     for line in lines:
         try:
-            event = json.loads(line)
+            events.append(json.loads(line))
         except json.JSONDecodeError:
             continue  # a line cut by a crash
+    return events
+
+
+def read_state(config: Config, node: str) -> dict[str, Any]:
+    """This node's VRRP state as its notify script last recorded it, and when it last became primary."""
+    state: dict[str, Any] = {"node": node, "vrrp": "unknown", "since": None, "last_failover": None, "transitions": 0}
+    for event in read_events(config, node):
         state["transitions"] += 1
         state["vrrp"], state["since"] = event.get("state", "unknown"), event.get("at")
         if event.get("state") == "primary":
             state["last_failover"] = event.get("at")
     return state
+
+
+def became_primary(before: str | None, new: list[str]) -> bool:
+    """Whether a node whose last known state was ``before`` has become primary again, given the
+    states recorded since (oldest first): it is primary now and was not at some point since
+    ``before``. A failover and a failback between two reads are a takeover too (the node
+    flushed its table when it stepped back), though its first and last states are the same."""
+    if not new or new[-1] != "primary":
+        return False
+    return before != "primary" or any(state != "primary" for state in new[:-1])
 
 
 def age(at: float | None, now: float | None = None) -> str:

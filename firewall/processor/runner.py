@@ -235,6 +235,7 @@ class Runner:
         self._ha_state = ha.paths(config.ha, config.node).state if config.ha is not None and config.node else None
         self._ha_seen: tuple[int, int] | None = None
         self._ha_vrrp: str | None = None  # the state last read from it
+        self._ha_read = 0  # its transitions read so far
         # With [ha], the node's first processor refreshes the backup's copies of nfgate's UDP
         # connections while the node is master (``refresh``, docs/ha.md "UDP refresh").
         self.refresher: Refresher | None = None
@@ -574,9 +575,14 @@ class Runner:
         if seen == self._ha_seen:
             return
         self._ha_seen = seen
-        state = ha.read_state(self.config, self.config.node or "")["vrrp"]
-        became, self._ha_vrrp = state != self._ha_vrrp, state
-        if became and state == "primary" and self.core.peer_pool is not None:
+        states = [e.get("state", "unknown") for e in ha.read_events(self.config, self.config.node or "")]
+        # Every transition since the last read (the file only grows; a new file is read whole).
+        new = states[self._ha_read:] if len(states) >= self._ha_read else states
+        self._ha_read = len(states)
+        if not new:
+            return
+        state, before, self._ha_vrrp = new[-1], self._ha_vrrp, new[-1]
+        if ha.became_primary(before, new) and self.core.peer_pool is not None:
             self._take_over()
         standby = state in ("backup", "fault")
         if standby != self.core.standby:

@@ -325,3 +325,27 @@ def test_check_warns_of_flows_that_cannot_move(tmp_path: Path) -> None:
     found = {h.path: h.message for h in hazards(load(tmp_path, text))}
     assert "cannot survive a failover" in found["nat.masquerade"]
     assert "wrongly NATed" in found["policy.drop_invalid"]
+
+
+@pytest.mark.parametrize("before, new, became", [
+    (None, ["primary"], True),  # the first read: master from the start
+    ("backup", ["primary"], True),
+    ("primary", ["backup", "primary"], True),  # a failover and a failback between two reads
+    ("primary", ["fault", "backup", "primary"], True),
+    ("primary", ["primary"], False),  # recorded again, never left
+    ("primary", [], False),
+    ("backup", ["primary", "backup"], False),  # master for a moment, backup now: nothing to take over
+    ("primary", ["backup"], False),
+])
+def test_a_takeover_is_seen_even_when_the_node_left_and_came_back_between_two_reads(before, new, became) -> None:
+    assert ha.became_primary(before, new) is became
+
+
+def test_read_events_keeps_every_transition_and_skips_a_cut_line(tmp_path: Path) -> None:
+    cfg = load(tmp_path)
+    for state in ("backup", "primary", "backup", "primary"):
+        ha.record_state(cfg, "r1", state)
+    with open(ha.paths(cfg.ha, "r1").state, "a") as f:
+        f.write('{"state": "fau')  # a crash in the middle of a line
+    assert [e["state"] for e in ha.read_events(cfg, "r1")] == ["backup", "primary", "backup", "primary"]
+    assert ha.read_events(cfg, "r2") == []
