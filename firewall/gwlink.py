@@ -53,7 +53,7 @@ KILL_TIMEOUT = 3.0
 # offset per address pair. A leg B's address pair (G, F) changes with each F of
 # the pool, so with 1 its timestamps jump at random between connections, and a
 # server's TIME-WAIT for the client's port refuses about half of those from a
-# reused port (docs/datapath.md, "A client that reuses its port").
+# reused port (docs/datapath.md, "The server's own TIME-WAIT").
 TCP_TIMESTAMPS_SYSCTL = "net.ipv4.tcp_timestamps"
 TCP_TIMESTAMPS = {"monotonic": "2", "random": "1"}
 # The hosts of the track's two ends in the topology data; their namespaces are
@@ -207,7 +207,7 @@ def host_timestamps_warning(link: GatewayLink) -> str | None:
         return None
     return (f"{TCP_TIMESTAMPS_SYSCTL} is {have} on this host, gateway_link.tcp_timestamps = "
             f"\"{link.tcp_timestamps}\" asks {want}: set it (sysctl -w {TCP_TIMESTAMPS_SYSCTL}={want}, and in "
-            "/etc/sysctl.d) or change the key (docs/datapath.md, \"A client that reuses its port\")")
+            "/etc/sysctl.d) or change the key (docs/datapath.md, \"The server's own TIME-WAIT\")")
 
 
 def remove(link: GatewayLink, router_netns: str | None = None) -> None:

@@ -476,7 +476,7 @@ class GatewayLink(Frozen):
         "namespace): monotonic (2): one clock for all, so a server's TIME-WAIT takes a leg B from a client's reused "
         "port as a new connection, as it would the client's own; random (1, the kernel's default): an offset per "
         "address pair, hiding the router's uptime, and about half of those leg Bs wait 10-20 ms for a retry "
-        "(docs/datapath.md, \"A client that reuses its port\")")
+        "(docs/datapath.md, \"The server's own TIME-WAIT\")")
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> "GatewayLink":
