@@ -213,8 +213,6 @@ class Pair:
             self.start("r2")
             wait_for(lambda: self.vrrp("r2") == "backup", timeout=30, interval=0.1, what="r2 to become backup")
             if ag:
-                # As docs/ha.md asks of an AG host, for gateway_link.tcp_timestamps' default.
-                lab.run(AG, ["sysctl", "-qw", "net.ipv4.tcp_timestamps=2"])
                 self.start(AG, "gateways")
                 for port in AG_PORTS:
                     lab.wait_listening(AG, port, timeout=10)

@@ -306,6 +306,8 @@ def test_gateway_flows_through_the_ag_host_survive_failover_kill9_and_failback(l
     by r2, which took the session over), and a third after the failback (granted by r1 again)."""
     lab = lab_factory("ha")
     pair = Pair(lab, tmp_path, advert=0.3, preempt=3.0, ag=True)
+    # The topology's AG host has the TCP timestamps gateway_link.tcp_timestamps asks (docs/ha.md).
+    assert "tcp_timestamps" not in (tmp_path / "run-ag.log").read_text()
     ftpd = None
     try:
         serve(lab)
