@@ -30,7 +30,7 @@ from firewall import confirm as confirming
 from firewall import eventlog, manifests, state
 from firewall.config import Config, load
 from firewall.config import schema as config_schema
-from firewall.errors import EXIT_USAGE, NfgateError, UsageError, require_root
+from firewall.errors import EXIT_USAGE, KernelError, NfgateError, UsageError, require_root
 from firewall.ha import age as ha_age
 from firewall.ha import local_node as ha_local_node
 from firewall.ha_cli import ha_group
@@ -306,7 +306,7 @@ def manifest(config_path: str, gateway: str) -> None:
 
     \b
       nfgate manifest -c /etc/nfgate/nfgate.toml nas-log > /run/nfgate/gateway-nas-log.json
-      ip netns exec nfgate-gw python -m gateways --manifest /run/nfgate/gateway-nas-log.json
+      nfgate exec -- python -m gateways --manifest /run/nfgate/gateway-nas-log.json
     """
     config = load(config_path)
     for gw in config.gateways:
@@ -450,6 +450,55 @@ def reload(config_path: str) -> None:
         click.echo(line)
     for key in ("restarted", "started", "stopped"):
         click.echo(f"{key}: {', '.join(result.get(key) or []) or 'nothing'}")
+
+
+@main.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@config_option
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_command(config_path: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND in the gateway namespace of the running nfgate run.
+
+    Exits with COMMAND's exit code. Put `--` before COMMAND so that its
+    options stay its own. nfgate run mounts the gateway namespace
+    (gateway_link.netns) in its own mount namespace (under systemd, the
+    unit's), so `ip netns list` names it but `ip netns exec` cannot enter it
+    from a shell; this enters it through a running gateway process, as
+    `nsenter -t PID -n` with a pid from nfgate status would.
+
+    \b
+    Examples:
+      sudo nfgate exec -- ss -tnp
+      sudo nfgate exec -- tcpdump -ni nfg-gw1
+    """
+    require_root("exec")
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise UsageError("exec: no command (e.g. nfgate exec -- ss -tn)")
+    config = load(config_path)
+    if config.gateway_link.mode == "host":
+        raise UsageError(f"{config_path}: gateway_link.mode is \"host\": the gateways run on the AG host "
+                         f"({config.gateway_link.gateway_address.ip}) in its own namespace; run the command there")
+    if not config.gateways:
+        raise UsageError(f"{config_path}: no [[gateway]] configured, so no gateway namespace")
+    names = {f"gateway-{n}" for g in config.gateways for n in manifests.process_names(g)}
+    pids = [p["pid"] for p in query(config, "status").get("processes", [])
+            if p["name"] in names and p.get("pid") and p.get("state") == "running"]
+    own = os.stat("/proc/self/ns/net").st_ino
+    for pid in pids:
+        try:
+            if os.stat(f"/proc/{pid}/ns/net").st_ino != own:
+                path = f"/proc/{pid}/ns/net"
+                break
+        except OSError:
+            continue  # gone meanwhile: the next one
+    else:
+        raise KernelError(f"exec: no gateway of nfgate run is running in {config.gateway_link.netns} now "
+                          "(nfgate status shows them)")
+    try:
+        os.execvp("nsenter", ["nsenter", f"--net={path}", "--", *command])
+    except FileNotFoundError:
+        raise KernelError("exec: util-linux's nsenter is missing (apt-get install util-linux)") from None
 
 
 @main.command()

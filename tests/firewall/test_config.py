@@ -405,3 +405,20 @@ def test_gateway_settings_travel_as_json_and_back() -> None:
     assert "masquerade_address" not in settings.model_dump(mode="json")
     for value in [kind.settings() for kind in KINDS] + [settings]:
         assert type(value).model_validate(value.model_dump(mode="json")) == value
+
+
+def test_exec_refuses_what_has_no_gateway_namespace_to_enter(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from firewall.cli import main
+
+    path = tmp_path / "nfgate.toml"
+    path.write_text(BASE + f'\n[supervisor]\ncontrol_socket = "{tmp_path}/control.sock"\n')
+    got = CliRunner().invoke(main, ["exec", "-c", str(path), "--", "ss", "-tn"])
+    assert got.exit_code == 2 and "no [[gateway]] configured, so no gateway namespace" in got.output, got.output
+    path.write_text(BASE + GATEWAY.format(name="a", zone="wan", ports="25")
+                    + f'\n[supervisor]\ncontrol_socket = "{tmp_path}/control.sock"\n')
+    got = CliRunner().invoke(main, ["exec", "-c", str(path), "--"])
+    assert got.exit_code == 2 and "Missing argument 'COMMAND...'" in got.output, got.output
+    got = CliRunner().invoke(main, ["exec", "-c", str(path), "--", "ss", "-tn"])  # nothing runs there
+    assert got.exit_code == 1 and f"nfgate is not running here (no control socket {tmp_path}/control.sock)" in got.output

@@ -294,3 +294,23 @@ def test_apply_confirm_rolls_back_unless_confirmed(lab_factory, tmp_path: Path, 
     assert nfgate(lab, "confirm", "-c", str(new)).returncode == 2
     assert "web-new" in saved(lab)
     nfgate(lab, "flush", check=True)
+
+
+def test_exec_enters_the_gateway_namespace_that_ip_netns_exec_cannot(lab_factory, tmp_path: Path) -> None:
+    """nfgate run mounts the gateway namespace in its own mount namespace (here ``ip netns exec
+    router``'s, under systemd the unit's): a shell elsewhere cannot enter it by name, nfgate exec
+    enters it through a running gateway."""
+    lab = lab_factory("basic")
+    run = Running(lab, tmp_path)
+    try:
+        by_name = subprocess.run(["ip", "netns", "exec", run.gwns, "true"], capture_output=True, text=True, timeout=10)
+        assert by_name.returncode != 0, "the gateway namespace's mount is visible here: this test shows nothing"
+        got = nfgate(lab, "exec", "-c", str(run.path), "--", "ip", "-br", "-4", "address", "show", "dev", "nfg-gw1")
+        assert got.returncode == 0 and "172.31.255.2/30" in got.stdout, got
+        listening = nfgate(lab, "exec", "-c", str(run.path), "--", "ss", "-Htln")
+        assert listening.returncode == 0 and "172.31.255.2:20000 " in listening.stdout, listening  # the relay
+        assert nfgate(lab, "exec", "-c", str(run.path), "--", "sh", "-c", "exit 3").returncode == 3
+    finally:
+        assert run.stop() == 0
+    after = nfgate(lab, "exec", "-c", str(run.path), "--", "true")
+    assert after.returncode == 1 and "nfgate is not running here" in after.stderr, after
