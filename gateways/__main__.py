@@ -141,7 +141,8 @@ async def serve(manifest: Manifest, key: bytes, log: EventLog, factory: RelayFac
             await layer.close()
             raise RuntimeFailure(
                 f"{what}: cannot bind {where}: {exc.strerror or exc} "
-                f"(run it in the gateway namespace: ip netns exec {netns} {PROG} ...)"
+                f"(run it in the gateway namespace: nfgate exec -- {PROG} ... beside nfgate run, "
+                f"or ip netns exec {netns} {PROG} ... where its mount is visible)"
             ) from None
 
     loop = asyncio.get_running_loop()

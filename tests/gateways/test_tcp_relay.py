@@ -499,4 +499,4 @@ def test_outside_the_gateway_namespace_the_process_says_so(tmp_path: Path) -> No
     returncode, lines = run(exit_of(config))
     assert returncode == 1
     (line,) = lines
-    assert f"cannot bind {gateway}:7500" in line and "ip netns exec nfgate-gw" in line
+    assert f"cannot bind {gateway}:7500" in line and "ip netns exec nfgate-gw" in line and "nfgate exec -- " in line
