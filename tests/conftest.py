@@ -49,10 +49,7 @@ def _netns_unavailable() -> str | None:
     return None
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.pluginmanager.hasplugin("xdist"):
-        _group(items)
     reason = _netns_unavailable()
     if reason is None:
         return
@@ -60,17 +57,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "netns" in item.keywords:
             item.add_marker(skip)
-
-
-def _group(items: list[pytest.Item]) -> None:
-    """scripts/test's workers (pytest-xdist, ``--dist loadgroup``) take a group at a time: a test
-    file is one, so its module's shared lab is built once, and the VM tests' files are one
-    together, so only one worker boots the qemu guest (tests/vm/harness.py: a boot runs every
-    registered check, about 2 minutes on both CPUs). A test's id then ends in ``@GROUP``."""
-    for item in items:
-        if not any(item.iter_markers("xdist_group")):
-            group = "vm" if "vm" in item.keywords else item.path.stem
-            item.add_marker(pytest.mark.xdist_group(group))
 
 
 def _claim(prefix: str) -> None:
