@@ -59,6 +59,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.hookimpl(optionalhook=True, tryfirst=True)  # before xdist's own, which would answer first
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """scripts/test's ``--dist loadfile``, with the VM tests' files as one scope: each worker that
+    holds one of them boots the qemu guest, which runs every registered check (tests/vm/harness.py,
+    about 2 minutes on both CPUs), so they go to one worker together."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FilesAndTheVm(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "tests/vm/" if path.startswith("tests/vm/") else path
+
+    return FilesAndTheVm(config, log)  # type: ignore[arg-type]
+
+
 def _claim(prefix: str) -> None:
     OWNERS.mkdir(mode=0o700, exist_ok=True)
     (OWNERS / prefix).write_text(f"{os.getpid()}\n")
