@@ -186,13 +186,15 @@ class RtpRunning(Running):
         before = len(self.events("stats", gateway))
         self.lab.run("router", ["kill", "-USR1", str(proc["pid"])])
 
-        def stats() -> dict[str, int] | None:
+        def stats() -> tuple[dict[str, int]] | None:
             lines = self.events("stats", gateway)
             if len(lines) == before:
                 return None
-            return {k[len("relay."):]: int(v) for k, v in re.findall(r" (relay\.\S+)=(\d+)", lines[-1])}
+            # A gateway that has relayed nothing yet logs no relay counter: an empty dict, in a
+            # tuple so that wait_for takes it as an answer.
+            return ({k[len("relay."):]: int(v) for k, v in re.findall(r" (relay\.\S+)=(\d+)", lines[-1])},)
 
-        return wait_for(stats, timeout=10, interval=0.05, what=f"{gateway}'s stats line")
+        return wait_for(stats, timeout=10, interval=0.05, what=f"{gateway}'s stats line")[0]
 
     def events(self, name: str, gateway: str = "rtp") -> list[str]:
         """The gateway's log lines of event ``name``."""
