@@ -31,6 +31,11 @@ its baseline back to back and printed with the ratio:
   ``--pairs`` / 2 times (median and spread of the ratios); and the
   processor's CPU time (user + system, /proc) per relayed connection, a
   figure less at the mercy of a shared machine than the rate;
+- the same new connections/s through tcp-relay's two stand-ins on its own
+  socket (tests/firewall/floor.py): a minimal Python relay (the floor of a
+  relay in Python) and a compiled one (the floor of any user-mode relay on
+  this datapath), in turn with tcp-relay, each against the kernel after it,
+  with each relay's own CPU per connection;
 - IPv6 beside IPv4 (issue 17): on the dual lab, ext's traffic routed (no
   port forward) to lan's server through one tcp-relay selector, bulk and
   new connections/s over IPv6 and over IPv4 through the same relay, and
@@ -66,6 +71,7 @@ from firewall.lab.topology import load_topology
 from firewall.lab.wait import wait_for
 from firewall.processor.rulebook import KernelRule
 from firewall.rules import bind
+from tests.firewall.floor import NAMES as STAND_INS, StandIns
 from tests.firewall.run_harness import CONFIG, Running
 
 WAN, EXT, LAN, GW = "203.0.113.1", "203.0.113.10", "192.168.1.10", "172.31.255.2"
@@ -259,6 +265,10 @@ def main() -> None:
         twin_servers = iperf_servers(twin, "ext", (5201,))
         # Plain forwarding, no rules: ext needs a route back to lan, which the lab leaves out on purpose.
         lab.run("ext", ["ip", "route", "add", "192.168.1.0/24", "via", WAN])
+        # Tens of thousands of connections a minute from one client address: its ports in TIME-WAIT
+        # would run out and slow whichever phase comes next (relay_ab.py found it). The client's
+        # own namespace only.
+        lab.run("ext", ["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=1024 65000"])
         servers = iperf_servers(lab, "ext", (5201,))
 
         def in_lab() -> float:
@@ -304,6 +314,7 @@ def main() -> None:
                     return rate
 
                 conns = alternated(relayed, lambda: connections(lab, 8080, args.connect_seconds), max(1, args.pairs // 2))
+                floors = stand_in_figures(lab, run, Path(tmp), args.connect_seconds, max(2, args.pairs // 2))
                 installs = json.loads(lab.run("router", [sys.executable, "-c", INSTALLS, str(args.installs)], timeout=600,
                                               cwd=str(Path(__file__).parents[2])).stdout)
             finally:
@@ -334,6 +345,7 @@ def main() -> None:
         "new_conn_kernel_per_s": round(median([b for _, b in conns])),
         "ratio_conn_relay_to_kernel": ratios(conns),
         "processor_cpu_ms_per_relayed_conn": round(1000 * cpu[0] / max(1, cpu[1]), 3),
+        **floors,
         **ipv6_figures(args),
         "binding_elements_per_s_single": round(installs["elements_single"]),
         "binding_elements_per_s_batched_100": round(installs["elements_batched"]),
@@ -388,6 +400,36 @@ def ipv6_figures(args: argparse.Namespace) -> dict[str, float]:
         "ratio_conn_relay_ipv6_to_ipv4": round(cps6 / cps4, 3),
         "processor_cpu_ms_per_relayed_ipv6_conn": round(1000 * (cpu1 - cpu0) / max(1, flows1 - flows0), 3),
     }
+
+
+def stand_in_figures(lab, run: Running, tmp: Path, seconds: float, rounds: int) -> dict[str, object]:
+    """New connections/s through tcp-relay and through its two stand-ins (tests/firewall/floor.py:
+    a minimal Python relay and a compiled one, on its socket), each against the kernel right
+    after it, the three in turn for ``rounds`` rounds (ABC, CBA, ...); and each one's own CPU
+    (user + system) per connection. What separates the gateway from the Python stand-in is its
+    own work; the compiled stand-in's ratio is what any user-mode relay could reach here."""
+    stand_ins = StandIns(run.processes()["gateway-relay"]["pid"], tmp)
+    pairs: dict[str, list[tuple[float, float]]] = {name: [] for name in STAND_INS}
+    cpu = {name: [0.0, 0.0] for name in STAND_INS}  # CPU seconds, connections
+    try:
+        for i in range(rounds):
+            for name in STAND_INS if i % 2 == 0 else STAND_INS[::-1]:
+                stand_ins.use(name)
+                run.settled()  # the last one's ends, and the gateway's backlog of messages, before the count
+                before = stand_ins.cpu(name)
+                rate = connections(lab, 8443, seconds)
+                run.settled()
+                cpu[name][0] += stand_ins.cpu(name) - before
+                cpu[name][1] += rate * seconds
+                pairs[name].append((rate, connections(lab, 8080, seconds)))
+    finally:
+        stand_ins.close()
+    out: dict[str, object] = {}
+    for name in STAND_INS:
+        label = {"gateway": "tcp_relay", "python": "python_stand_in", "compiled": "compiled_stand_in"}[name]
+        out[f"ratio_conn_{label}_to_kernel"] = ratios(pairs[name])
+        out[f"{label}_cpu_ms_per_conn"] = round(1000 * cpu[name][0] / max(1.0, cpu[name][1]), 3)
+    return out
 
 
 def socat_relay(lab, run: Running, seconds: float) -> float:

@@ -20,7 +20,10 @@ router:
   same selector, processor and double NAT; bytes spliced in the kernel, no
   SMTP read): what any user-mode gateway of this datapath could reach at
   best with the same dialogue, the bound the smtp gateway is measured
-  against beside the kernel alone (``--no-relay`` leaves it out).
+  against beside the kernel alone (``--no-relay`` leaves it out); and, in
+  the same run, the two stand-ins in the tcp-relay's place on its socket
+  (tests/firewall/floor.py): a minimal Python relay (the floor of a relay
+  in Python) and a compiled one (the floor of any user-mode relay here).
 
 Then ``idle`` sessions are opened through the gateway and held; the
 gateway's resident memory before and while they are held gives its memory
@@ -54,6 +57,7 @@ from typing import Any
 from firewall.lab.netns import Lab
 from firewall.lab.topology import load_topology
 from firewall.lab.wait import wait_for
+from tests.firewall.floor import StandIns
 from tests.firewall.relay_bench import alternated, median
 from tests.firewall.run_harness import Running
 from tests.gateways.smtp_netns import CONFIG, LAN, WAN, Postfix, client
@@ -171,7 +175,7 @@ def keep(figures: dict[str, Any], path: str, mode: str, got: dict[str, Any]) -> 
     figures[f"ratio_{path}_kernel_{mode}"] = got["ratio"]
     figures[f"ratio_{path}_kernel_{mode}_range"] = [got["ratio_min"], got["ratio_max"]]
     figures[f"{path}_cpu_ms_{mode}"] = got["cpu_ms"]
-    figures[f"{'relay_' if path == 'relay' else ''}processor_cpu_ms_{mode}"] = got["processor_cpu_ms"]
+    figures[f"{'' if path == 'gateway' else path + '_'}processor_cpu_ms_{mode}"] = got["processor_cpu_ms"]
 
 
 def pid_of(tmp: Path, *words: bytes) -> int:
@@ -251,6 +255,18 @@ def main(argv: list[str] | None = None) -> None:
                     pids = gateway_pid(tmp / "relay"), processor_pid(tmp / "relay")
                     for mode in ("each", "session"):
                         keep(figures, "relay", mode, in_run(lab, relay, pf, mode, args.count, args.pairs, pids))
+                    # The stand-ins on the relay's socket (tests/firewall/floor.py): the floor of a
+                    # relay in Python and of any user-mode relay on this datapath, same dialogue.
+                    stand_ins = StandIns(pids[0], tmp / "relay")
+                    try:
+                        for name in ("python", "compiled"):
+                            stand_ins.use(name)
+                            relay.settled()
+                            for mode in ("each", "session"):
+                                keep(figures, name, mode, in_run(lab, relay, pf, mode, args.count, args.pairs,
+                                                                 (stand_ins.pids[name], pids[1])))
+                    finally:
+                        stand_ins.close()
                 finally:
                     relay.stop()
             run = Running(lab, tmp, config=GATEWAY_CONFIG, idle="300", extra="")
@@ -305,6 +321,13 @@ def main(argv: list[str] | None = None) -> None:
                   f"  relay/kernel in its run {figures[f'ratio_relay_kernel_{mode}']:.2f}"
                   f"  gateway/relay {figures[f'ratio_gateway_relay_{mode}']:.2f}  CPU per message: relay"
                   f" {figures[f'relay_cpu_ms_{mode}']:.2f} ms, processor {figures[f'relay_processor_cpu_ms_{mode}']:.2f} ms")
+        for name in ("python", "compiled"):
+            for mode in ("each", "session"):
+                print(f"  {mode:8} {name} stand-in {figures[f'{name}_{mode}']:8.1f}  {name}/kernel in its run"
+                      f" {figures[f'ratio_{name}_kernel_{mode}']:.2f}"
+                      f" ({figures[f'ratio_{name}_kernel_{mode}_range'][0]:.2f}-{figures[f'ratio_{name}_kernel_{mode}_range'][1]:.2f})"
+                      f"  CPU per message: stand-in {figures[f'{name}_cpu_ms_{mode}']:.2f} ms,"
+                      f" processor {figures[f'{name}_processor_cpu_ms_{mode}']:.2f} ms")
     for mode in ("each", "session"):
         added = 1000 / figures[f"gateway_{mode}"] - 1000 / figures[f"direct_{mode}"]
         print(f"  {mode:8} added {added:6.2f} ms per message; CPU per message: gateway {figures[f'gateway_cpu_ms_{mode}']:.2f} ms,"
