@@ -1,7 +1,8 @@
 """What any user-mode relay could reach on nfgate's datapath: stand-ins put in a running gateway's place.
 
 For the benches (``relay_bench``'s new connections/s, ``smtp_bench``'s
-`each` and `session`), never for a test. A gateway's cost per connection
+`each` and `session`; tests/firewall/test_floor_netns.py checks that the
+stand-ins carry connections, never a figure). A gateway's cost per connection
 is its own work (signalling, the log lines, limits, a relay core) plus
 what any relay pays (accept, connect, reads and writes, closes), and the
 datapath around it (the processor's two first packets, two TCP
@@ -12,8 +13,8 @@ and bindings:
 
 - ``compiled``: tests/firewall/floor_relay.c (epoll, one thread), built
   with gcc (scripts/setup installs it): the floor of a user-mode relay;
-- ``python``: tests/firewall/floor_pyrelay.py (uvloop's transports): the
-  floor of a relay written in Python.
+- ``python``: tests/firewall/floor_pyrelay.py (uvloop, readiness
+  callbacks on the sockets): the floor of a relay written in Python.
 
 Each takes the gateway's listening socket with pidfd_getfd(2) and
 connects leg B to leg A's peer, as the gateway does. ``use(name)`` stops
@@ -104,6 +105,9 @@ class StandIns:
 
     def use(self, name: str) -> None:
         """Let only ``name`` (gateway, python or compiled) run: it takes every new connection."""
+        for proc in self._procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"a stand-in ({proc.args[-3]}) has ended: {proc.returncode}")
         others = [pid for other, pid in self.pids.items() if other != name]
         for pid in others:
             os.kill(pid, signal.SIGSTOP)
