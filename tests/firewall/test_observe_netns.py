@@ -90,7 +90,12 @@ def test_ready_metrics_and_json_logs(lab_factory, tmp_path: Path) -> None:
         again = scrape(lab)
         assert value(again, "nfgate_process_restarts_total", process="processor-0", kind="processor") == 1
         opened = dict(processor="processor-0", counter="flows.opened")
-        assert value(again, events, **opened) == value(after, events, **opened) + 1
+        # The new instance's own count on top of the last one's. Not simply one more: a probe
+        # that timed out while the processor came back may have had its SYN bound too (seen
+        # in a CI run on a loaded machine: 3 against 2).
+        own = run.ask("status")["processors"]["processor-0"]["counters"].get("flows.opened", 0)
+        assert own >= 1
+        assert value(again, events, **opened) == value(after, events, **opened) + own
     finally:
         assert run.stop() == 0
         systemd.close()
