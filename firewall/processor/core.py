@@ -248,6 +248,11 @@ class ProcessorCore:
         self._serial = itertools.count(first_serial(config.node_index))  # a pair's two nodes' ids never collide
         self._flows: dict[int, Binding] = {}  # flow id -> binding
         self._flow_of: dict[int, int] = {}  # binding.client_key -> flow id
+        # A replaced binding's leg B connection, deleted at the new binding's leg B (or at its
+        # end, if that never comes): (proto, F, f) of the new binding -> the old leg B's tuple.
+        # ``_replacing`` carries it from the replacement to the new binding's ``_register``.
+        self._stale_legs: dict[tuple[int, int, int], tuple[int, int, int, int, int]] = {}
+        self._replacing: tuple[int, int, int, int, int] | None = None
         self.logged = LoggedFlows(proc.timeouts.confirm, self.counters)
         # IPv6 flows are steered as IPv4 ones (firewall.rules.build): each instance has its own.
         self.six = SixFlows(config, instance, self.policy, self.counters, local_addresses=local_addresses6,
@@ -308,7 +313,15 @@ class ProcessorCore:
             return self._drop("drop.martian", mark)
         if src in self._local_set(now):
             return self._drop("drop.own_address", mark)
-        return self._new(pkt, mark, where, now)
+        try:
+            return self._new(pkt, mark, where, now)
+        finally:
+            stale = self._replacing
+            if stale is not None:
+                # No new binding took the replaced one's leg B (the new connection went
+                # elsewhere, or was refused): it goes now, before this packet's verdict.
+                self._replacing = None
+                self._delete_stale(stale)
 
     def _handle6(self, payload: bytes, mark: int, indev: int, now: float) -> Verdict:
         """An IPv6 first packet (``six``): from the blind track leg B (or the gateway's own
@@ -442,6 +455,9 @@ class ProcessorCore:
             return self._drop("drop.not_new_flow", mark)
         e = b.ag_eport
         if e != sport:
+            stale = self._stale_legs.pop((proto, dst, dport), None) if self._stale_legs else None
+            if stale is not None:
+                self._delete_stale(stale)  # the replaced binding's leg B, before this one's verdict
             if b.state & _A_GONE:
                 return self._drop("drop.flow_ended", mark)  # the client has gone
             if e is not None and not b.state & _B_GONE:
@@ -528,14 +544,16 @@ class ProcessorCore:
             # A new connection on the tuple of a binding: the old connection is
             # gone (a SYN ended its TIME-WAIT, or its first packet never made it
             # into conntrack). Its binding goes with it; this one gets a fresh F:f.
-            # The old leg B's connection goes too, before this packet's verdict: it
-            # may still be in TIME-WAIT (120 s), and its reply tuple, S:s -> C:c, is
-            # the one the new leg B needs; conntrack would refuse the new leg B
-            # (insert_failed) until it timed out (docs/datapath.md, "A client that
-            # reuses its port").
+            # The old leg B's connection goes too: it may still be in TIME-WAIT
+            # (120 s), and its reply tuple, S:s -> C:c, is the one the new leg B
+            # needs; conntrack would refuse the new leg B (insert_failed) until it
+            # timed out. It goes before the new leg B's verdict, not this packet's:
+            # a client that connects again at once may be here before the gateway
+            # has passed the old connection's last FIN (or its reset) on to the
+            # server, which must not find that leg gone (docs/datapath.md, "A
+            # client that reuses its port").
             if old.ag_eport is not None:
-                self._out.ct_deletes.append((proto, *old.leg_b()[0]))
-                self.counters["conntrack.closing_leg_b_deleted"] += 1
+                self._replacing = (proto, *old.leg_b()[0])
             self._end(self._flow_of[old.client_key], FlowEndReason.FIN if proto == TCP else FlowEndReason.IDLE)
             self.counters["flows.replaced"] += 1
         if first and (self.rules.expect or self.rules.spent):
@@ -675,6 +693,10 @@ class ProcessorCore:
         return b
 
     def _register(self, b: Binding, push: bool = True, fid: int | None = None) -> int:
+        if self._replacing is not None:
+            # The binding this one replaced has a leg B: it goes at this one's (``_new``).
+            self._stale_legs[(b.proto, *b.firewall_side)] = self._replacing
+            self._replacing = None
         if fid is None:
             fid = make_flow_id(self.queue, next(self._serial))
         self._flows[fid] = b
@@ -703,10 +725,18 @@ class ProcessorCore:
             return self.six.binding(fid)
         return b
 
+    def _delete_stale(self, key: tuple[int, int, int, int, int]) -> None:
+        self._out.ct_deletes.append(key)
+        self.counters["conntrack.closing_leg_b_deleted"] += 1
+
     def _end(self, fid: int, reason: FlowEndReason) -> None:
         """Everything that goes with the end of a binding."""
         b = self._flows.pop(fid)
         del self._flow_of[b.client_key]
+        if self._stale_legs:
+            stale = self._stale_legs.pop((b.proto, *b.firewall_side), None)
+            if stale is not None:
+                self._delete_stale(stale)  # it ended before its leg B came: the one it replaced goes now
         self.table.remove(b)
         self.counters[f"flows.ended.{reason.name.lower()}"] += 1
         if self.standby and self.peer_pool is not None:

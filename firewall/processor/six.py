@@ -93,6 +93,7 @@ class Binding6:
     b_gone: bool = False
     g6: int = 0  # G6, where leg A goes (``gateway_link.gateway_address6``)
     seen_as: tuple[int, int] | None = None  # W6:w, leg B's source for a server behind masquerade6
+    stale: tuple[int, ...] | None = None  # the leg B of the binding this one replaced, deleted at this one's (core._new)
 
     # What the dynamic rules read of a binding (``firewall.flows.Binding``'s names): the
     # server sees C, or W6:w for a server behind masquerade6.
@@ -224,10 +225,23 @@ class SixFlows:
                     return "bound_again", old, ()
                 return "bound_again", old, self._leg_a_ops(old)
             self.counters["flows.replaced"] += 1
-            if old.eport is not None:  # its leg B's connection goes before the new leg B clashes with it (core._new)
-                self.closing_legs.append((proto, *old.leg_b(self.g6)))
-                self.counters["conntrack.closing_leg_b_deleted"] += 1
+            # Its leg B's connection goes before the new leg B's verdict (core._new); at once
+            # if no new binding comes of this packet.
+            stale = (proto, *old.leg_b(self.g6)) if old.eport is not None else None
             self.end(old, FlowEndReason.FIN if proto == TCP else FlowEndReason.IDLE)
+            verdict, b, ops = self._bind_new(pkt, server, ag, now, serial, leg_b, masq)
+            if stale is not None:
+                if b is None:
+                    self._delete_stale(stale)
+                else:
+                    b.stale = stale
+            return verdict, b, ops
+        return self._bind_new(pkt, server, ag, now, serial, leg_b, masq)
+
+    def _bind_new(self, pkt: Packet, server: tuple[int, int], ag: AgEndpoint, now: float,
+                  serial: int, leg_b: bool, masq: int | None) -> tuple[str, Binding6 | None, tuple[NatOp, ...]]:
+        """``_bind``'s new binding, its tuple free."""
+        proto, src, sport, dst, dport = pkt[:5]
         if masq == 0:
             return "drop.no_source_address", None, ()
         fw = self.pool.allocate()
@@ -273,6 +287,9 @@ class SixFlows:
         if proto == TCP and flags & _SYN_FLAGS != SYN:
             return "drop.not_new_flow", ()
         if b.eport != sport:
+            if b.stale is not None:
+                self._delete_stale(b.stale)  # the replaced binding's leg B, before this one's verdict
+                b.stale = None
             if b.a_gone:
                 return "drop.flow_ended", ()
             if b.eport is not None and not b.b_gone and alive(proto, src, b.eport, dst, dport):
@@ -435,7 +452,14 @@ class SixFlows:
                 self.end(b, FlowEndReason.FIN if b.proto == TCP else FlowEndReason.IDLE)
         self.counters["conntrack.resyncs6"] += 1
 
+    def _delete_stale(self, key: tuple[int, ...]) -> None:
+        self.closing_legs.append(key)
+        self.counters["conntrack.closing_leg_b_deleted"] += 1
+
     def end(self, b: Binding6, reason: FlowEndReason) -> None:
+        if b.stale is not None:
+            self._delete_stale(b.stale)  # it ended before its leg B came: the one it replaced goes now
+            b.stale = None
         self._remove(b)
         self.counters[f"flows.ended.{reason.name.lower()}"] += 1
         self.endings.append((FlowEnd(b.fid, reason), b.ag))

@@ -673,16 +673,54 @@ def test_a_second_leg_b_while_the_first_is_closing_takes_its_place() -> None:
     assert rig.core.counters["conntrack.closing_leg_b_deleted"] == 1
 
 
-def test_a_replaced_binding_s_closing_leg_b_goes_before_the_new_one_s_verdict() -> None:
+def test_a_replaced_binding_s_closing_leg_b_goes_before_the_new_one_s_leg_b() -> None:
     """The old leg B may sit in TIME-WAIT for conntrack's 120 s; its reply tuple, S:s -> C:c, is
     the new leg B's, and conntrack refused the new one (insert_failed) until it timed out: the
-    client's connection was accepted by the gateway and then hung."""
+    client's connection was accepted by the gateway and then hung. It goes at the new leg B's
+    verdict, not the new leg A's: a client that connects again at once may come before the
+    gateway has passed the old connection's last FIN on to the server, which must find its leg."""
     rig = Rig()
     old, a, b = both_legs(rig)
     rig.forget(a)  # a SYN ended leg A's TIME-WAIT; leg B's lives on
     rig.bound(tcp(C, 40000, W, 8443, "S"), WAN0)  # the same client port again
+    assert rig.out.ct_deletes == []  # the gateway may still be closing the old leg B
+    end, push = rig.messages()
+    assert end == FlowEnd(old.flow_id, FlowEndReason.FIN)
+    leg_b(rig, push.flow, 51001)
     assert rig.out.ct_deletes == [(6, *ints(b.key))]
     assert rig.core.counters["conntrack.closing_leg_b_deleted"] == 1 and rig.core.counters["flows.replaced"] == 1
+    rig.out.ct_deletes.clear()
+    leg_b(rig, push.flow, 51001)  # its SYN again: nothing more to delete
+    assert rig.out.ct_deletes == []
+
+
+def test_a_replacing_binding_that_ends_before_its_leg_b_takes_the_old_leg_b_with_it() -> None:
+    """The new connection's leg B never came (the client gave up): the old leg B goes with the
+    new binding's end, so that the client's next connection from the port does not meet it."""
+    rig = Rig()
+    old, a, b = both_legs(rig)
+    rig.forget(a)
+    a2 = rig.bound(tcp(C, 40000, W, 8443, "S"), WAN0)
+    rig.messages()
+    rig.confirm(a2)
+    assert rig.out.ct_deletes == []
+    rig.destroyed("tcp", (C, 40000, W, 8443), (G, 20000, *F1))  # its leg A ends; no leg B ever
+    assert rig.out.ct_deletes == [(6, *ints(b.key))]
+    assert rig.core.counters["conntrack.closing_leg_b_deleted"] == 1
+
+
+def test_a_replacement_that_makes_no_binding_deletes_the_old_leg_b_at_once() -> None:
+    """A packet that replaces the binding but gets none of its own (not a first packet here):
+    nothing will take the old leg B later, and a connection the kernel carries on that tuple
+    would clash with it as a new leg B would."""
+    rig = Rig()
+    old, a, b = both_legs(rig)
+    rig.forget(a)
+    assert rig.send(tcp(C, 40000, W, 8443, "A"), WAN0)[0] == DROP
+    assert rig.core.counters["drop.not_new_flow"] == 1
+    assert rig.messages() == [FlowEnd(old.flow_id, FlowEndReason.FIN)]
+    assert rig.out.ct_deletes == [(6, *ints(b.key))]
+    assert rig.core.counters["conntrack.closing_leg_b_deleted"] == 1
 
 
 def test_a_new_first_packet_on_a_bound_tuple_replaces_the_binding() -> None:

@@ -551,8 +551,9 @@ def test_the_adjacent_rules_flow_into_a_masquerade6_zone_leaves_from_w6_too() ->
     assert new.flow.original_dst.port == 5005 and str(new.flow.snat) == f"[{W6}]:61001"
 
 
-def test_a_replaced_ipv6_binding_s_closing_leg_b_goes_before_the_new_one_s_verdict() -> None:
-    """As over IPv4 (test_processor_core): the old leg B's reply tuple is the new leg B's."""
+def test_a_replaced_ipv6_binding_s_closing_leg_b_goes_before_the_new_one_s_leg_b() -> None:
+    """As over IPv4 (test_processor_core): the old leg B's reply tuple is the new leg B's, and
+    it goes at the new leg B's verdict (or at once when the packet makes no binding)."""
     rig = Rig6()
     rig.send(syn(C6, 40000, S6, 9000), WAN0)
     rig.send(syn(G6, 50000, F6, 1024), BLIND)  # leg B, from G6:50000
@@ -562,8 +563,20 @@ def test_a_replaced_ipv6_binding_s_closing_leg_b_goes_before_the_new_one_s_verdi
     rig.alive.add((TCP, i6(G6), 50000, i6(F6), 1024))
     verdict, _, _ = rig.send(syn(C6, 40000, S6, 9000), WAN0, T0 + 10)
     assert verdict == PASS and rig.core.counters["flows.replaced"] == 1
+    assert rig.core.take().ct_deletes == []  # the gateway may still be closing the old leg B
+    f6b = str(ipaddress.IPv6Address(i6(F6) + 1))  # the new binding's F6:f
+    assert rig.send(syn(G6, 50001, f6b, 1024), BLIND, T0 + 10)[0] == PASS  # the new binding's leg B
     assert rig.core.take().ct_deletes == [(TCP, i6(G6), 50000, i6(F6), 1024)]
     assert rig.core.counters["conntrack.closing_leg_b_deleted"] == 1
+    # Once more from the port, its leg B seen; this time the new binding never gets a leg B
+    # and ends: the one it replaced goes with it.
+    rig.alive.add((TCP, i6(G6), 50001, i6(f6b), 1024))
+    rig.send(syn(C6, 40000, S6, 9000), WAN0, T0 + 20)
+    assert rig.core.take().ct_deletes == []
+    (f6c, fc), = [k[1:] for k in rig.core.six._by_fw]  # the third binding's F6:f
+    rig.core.conntrack_destroyed(TCP, (i6(C6), 40000, i6(S6), 9000), (i6(G6), 20000, f6c, fc), T0 + 21)
+    assert rig.core.take().ct_deletes == [(TCP, i6(G6), 50001, i6(f6b), 1024)]
+    assert rig.core.counters["conntrack.closing_leg_b_deleted"] == 2
 
 
 def test_an_ipv6_leg_b_made_again_after_its_connection_was_destroyed_keeps_the_binding() -> None:
