@@ -28,7 +28,10 @@ TIME-WAIT. A client that connects again within a millisecond of its close
 leg B had, while the processor deleted that closing leg B at the new leg A's
 verdict, and that FIN_WAIT2 answered the same way; the delete now waits for
 the new leg B's verdict (docs/datapath.md). Not asserted here: a few such
-answers remain (0-2 in 19, against 0-10 before), not yet explained.
+answers remain (0-2 in 19, against 0-10 before), a new leg B's SYN in the
+same millisecond as the old leg's last segment, whose equal timestamp leaves
+the server to judge it by a sequence number the gateway drew at random
+(docs/datapath.md, "The server's own TIME-WAIT").
 """
 
 from __future__ import annotations
