@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -57,7 +56,7 @@ from typing import Any
 from firewall.lab.netns import Lab
 from firewall.lab.topology import load_topology
 from firewall.lab.wait import wait_for
-from tests.firewall.floor import StandIns
+from tests.firewall.floor import StandIns, cpu_seconds
 from tests.firewall.relay_bench import alternated, median
 from tests.firewall.run_harness import Running
 from tests.gateways.smtp_netns import CONFIG, LAN, WAN, Postfix, client
@@ -198,12 +197,6 @@ def gateway_pid(tmp: Path) -> int:
 
 def processor_pid(tmp: Path) -> int:
     return pid_of(tmp, b"--instance", b"processor-0.sock")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kb(pid: int) -> int:
