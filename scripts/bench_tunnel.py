@@ -12,8 +12,15 @@ compare only figures of one run -- PEERS.md, "Anchor figures"):
   processes spent per GB carried (from /proc: server and mediator; sshd
   with its children and ssh; socat with its children).
 - **HTTP request latency**, p50 and p99 over sequential requests, each on a
-  new connection (so each one costs the tunnel an OPEN_PORT and a CONNECT),
-  through the same three paths, to ``python -m http.server`` in ``priv``.
+  new connection (so each one costs the tunnel an OPEN_STREAM), through the
+  same paths, to ``python -m http.server`` in ``priv``, with the CPU
+  milliseconds each relay's processes spent per request.
+- Both of the above also through **two Python floors**
+  (tests/tunnel/floor_tunnel.py): a tunnel that only relays (one TLS 1.3
+  channel, a 7-byte frame header, no flow control, limits, logging or
+  policy), once on a bare epoll loop and once on asyncio's protocols and
+  uvloop as the tunnel is built. What the tunnel costs above them is its
+  own work; what they cost above ``ssh -R`` is Python's.
 - **UDP through redirect** (``publish --udp``, datagrams over the UDP
   channel): echoed datagrams per second and loss at paced send rates, and
   flat out.
@@ -270,6 +277,25 @@ class Bench:
             self.socat.append(self.popen("nat", ["socat", f"TCP-LISTEN:{public},bind={NAT_WAN},fork,reuseaddr", f"TCP:{PRIV}:{target}"]))
             self.listening("nat", public)
         self.setup_ssh()
+        self.setup_floor()
+
+    def setup_floor(self) -> None:
+        """The Python floors (tests/tunnel/floor_tunnel.py): one channel per target, no tunnel logic;
+        one on a bare epoll loop, one on asyncio's protocols and uvloop as the tunnel is."""
+        d = self.dir
+        self.floor: dict[int, list[subprocess.Popen[Any]]] = {}
+        for loop, channel, public, target in (("epoll", 7445, 8204, 5201), ("epoll", 7446, 8304, 8000),
+                                              ("uvloop", 7447, 8205, 5201), ("uvloop", 7448, 8305, 8000)):
+            floor = [PY, "-m", "tests.tunnel.floor_tunnel", "--loop", loop]
+            server = self.popen("pub", [*floor, "server", "--channel", f"{PUB}:{channel}", "--public", f"{PUB}:{public}",
+                                        "--cert", d / "server.crt", "--key", d / "server.key"])
+            self.listening("pub", channel)
+            mediator = self.popen("priv", [*floor, "mediator", "--server", f"{PUB}:{channel}",
+                                           "--target", f"{PRIV}:{target}"])
+            wait_for(lambda: self.lab.run("pub", ["ss", "-Htn", "state", "established", f"sport = :{channel}"],
+                                          check=False).stdout.strip() != "",
+                     timeout=START, interval=0.1, what=f"the {loop} floor's channel")
+            self.floor[public] = [server, mediator]
 
     def setup_ssh(self) -> None:
         d = self.dir / "ssh"
@@ -288,6 +314,8 @@ class Bench:
         self.ssh = self.popen("priv", [
             "ssh", "-N", "-i", d / "id", "-p", 2222, "-o", "StrictHostKeyChecking=no",
             "-o", "UserKnownHostsFile=/dev/null", "-o", "ExitOnForwardFailure=yes", "-o", "LogLevel=ERROR",
+            # Below the lab NAT's 10 s TCP mapping timeout, as the tunnel's keepalive_interval is.
+            "-o", "ServerAliveInterval=2",
             "-R", f"{PUB}:8202:{PRIV}:5201", "-R", f"{PUB}:8302:{PRIV}:8000", f"root@{PUB}",
         ])
         for port in (8202, 8302):
@@ -311,20 +339,37 @@ class Bench:
         return received["bits_per_second"] / 1e9, cpu / (received["bytes"] / 1e9)
 
     def throughput(self) -> None:
-        paths = {
-            "tunnel": (PUB, 8201, lambda: [self.server.pid, self.mediator.pid]),
-            "ssh -R": (PUB, 8202, lambda: [*with_children(self.sshd.pid), self.ssh.pid]),
-            "socat relay": (NAT_WAN, 8203, lambda: with_children(self.socat[0].pid)),
-        }
+        paths = {name: (host, port, lambda pids=pids, port=port: pids(port))
+                 for name, (host, port, _, pids) in self.relays().items()}
         results = {name: self.iperf(host, port, pids) for name, (host, port, pids) in paths.items()}
         self.results["tcp_gbit_s"] = {name: r[0] for name, r in results.items()}
         self.results["tcp_cpu_s_per_gb"] = {name: r[1] for name, r in results.items()}
 
-    def latency(self, n: int = 500) -> None:
-        self.results["http_ms"] = {
-            name: self.run_json("pub", [PY, "-c", HTTP_CLIENT, host, port, n], timeout=120)
-            for name, host, port in (("tunnel", PUB, 8301), ("ssh -R", PUB, 8302), ("socat relay", NAT_WAN, 8303))
+    def relays(self) -> dict[str, tuple[str, int, int, Any]]:
+        """Each path's host, iperf3 port, HTTP port, and the processes relaying a port."""
+        return {
+            "tunnel": (PUB, 8201, 8301, lambda port: [self.server.pid, self.mediator.pid]),
+            "ssh -R": (PUB, 8202, 8302, lambda port: [*with_children(self.sshd.pid), self.ssh.pid]),
+            "socat relay": (NAT_WAN, 8203, 8303,
+                            lambda port: with_children(self.socat[0 if port == 8203 else 1].pid)),
+            "floor epoll": (PUB, 8204, 8304, lambda port: [p.pid for p in self.floor[port]]),
+            "floor uvloop": (PUB, 8205, 8305, lambda port: [p.pid for p in self.floor[port]]),
         }
+
+    def latency(self, n: int = 500) -> None:
+        results = {}
+        for name, (host, _, port, pids) in self.relays().items():
+            relay = lambda: pids(port)  # noqa: E731
+            before = relay()
+            cpu = cpu_seconds(before)
+            try:
+                results[name] = self.run_json("pub", [PY, "-c", HTTP_CLIENT, host, port, n], timeout=120)
+            except RuntimeError as e:
+                # One failed path must not lose the run's other figures.
+                self.results.setdefault("errors", []).append(f"HTTP through {name}: {e}")
+                continue
+            results[name]["relay_cpu_ms"] = (cpu_seconds(sorted(set(before) | set(relay()))) - cpu) * 1000 / n
+        self.results["http_ms"] = results
 
     def udp(self) -> None:
         rows = {}
@@ -382,8 +427,21 @@ def report(results: dict[str, Any]) -> str:
                   for k, v in results["tcp_gbit_s"].items()]
     if "http_ms" in results:
         lines.append("HTTP request latency, new connection each (ms):")
-        lines += [f"  {k:<12} p50 {v['p50']:6.2f}  p99 {v['p99']:6.2f}  max {v['max']:6.2f}  (n={v['n']})"
-                  for k, v in results["http_ms"].items()]
+        lines += [f"  {k:<12} p50 {v['p50']:6.2f}  p99 {v['p99']:6.2f}  max {v['max']:6.2f}  (n={v['n']})  "
+                  f"relay CPU {v['relay_cpu_ms']:.2f} ms a request" for k, v in results["http_ms"].items()]
+    ratios = []
+    for name in ("tunnel", "floor epoll", "floor uvloop"):
+        tcp, http = results.get("tcp_gbit_s", {}), results.get("http_ms", {})
+        parts = []
+        if name in tcp and "ssh -R" in tcp:
+            parts.append(f"TCP {tcp[name] / tcp['ssh -R']:.2f} (goal >= 1.2)" if name == "tunnel"
+                         else f"TCP {tcp[name] / tcp['ssh -R']:.2f}")
+        if name in http and "ssh -R" in http:
+            parts.append(f"HTTP p50 {http[name]['p50'] / http['ssh -R']['p50']:.2f}" + (" (goal <= 1.0)" if name == "tunnel" else ""))
+        if parts:
+            ratios.append(f"  {name:<12} " + ", ".join(parts))
+    if ratios:
+        lines += ["Against ssh -R in this run:", *ratios]
     if "udp_redirect" in results:
         lines.append("UDP through redirect, 64-byte datagrams echoed:")
         for k, v in results["udp_redirect"].items():
