@@ -295,6 +295,7 @@ class Bench:
             wait_for(lambda: self.lab.run("pub", ["ss", "-Htn", "state", "established", f"sport = :{channel}"],
                                           check=False).stdout.strip() != "",
                      timeout=START, interval=0.1, what=f"the {loop} floor's channel")
+            self.listening("pub", public)
             self.floor[public] = [server, mediator]
 
     def setup_ssh(self) -> None:

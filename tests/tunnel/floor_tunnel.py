@@ -274,9 +274,12 @@ class _Channel(asyncio.Protocol):
         self.inbox = bytearray()
         self.transport: asyncio.Transport | None = None
         self.closed = asyncio.get_running_loop().create_future()
+        self.up = asyncio.get_running_loop().create_future()  # the TLS handshake is done
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's TLS transport is no asyncio.Transport
+        if not self.up.done():
+            self.up.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed.done():
@@ -418,10 +421,11 @@ async def serve_aio(args: argparse.Namespace) -> None:
             channel.send(OPEN, next_sid)
         return local
 
-    host, port = address(args.public)
-    await loop.create_server(public_factory, host, port, backlog=1024)
     print("ready", flush=True)
     channel = await accepted
+    await channel.up  # public clients only once frames can go
+    host, port = address(args.public)
+    await loop.create_server(public_factory, host, port, backlog=1024)
     await channel.closed
 
 

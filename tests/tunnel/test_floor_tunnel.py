@@ -66,6 +66,14 @@ def _exchange(port: int, payload: bytes) -> bytes:
         return bytes(got)
 
 
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=WAIT).close()
+        return True
+    except ConnectionRefusedError:
+        return False
+
+
 @pytest.fixture(params=["epoll", "uvloop"])
 def floor(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[int, Echo, list[subprocess.Popen[str]]]]:
     """(the floor's public port, its echo target, its two processes)."""
@@ -83,6 +91,7 @@ def floor(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[int,
                                        "--target", f"127.0.0.1:{echo.port}"], cwd=TOP, env=env,
                                       stdout=subprocess.PIPE, text=True))
         assert procs[1].stdout is not None and procs[1].stdout.readline().strip() == "connected"
+        wait_for(lambda: _listening(public), timeout=WAIT, what="the floor's public port")
         yield public, echo, procs
     finally:
         for proc in procs:
