@@ -1,6 +1,6 @@
 """A new public connection's cost through the tunnel, without a lab: event-loop iterations, channel writes, p50.
 
-    PYTHONPATH=. .venv/bin/python -m tests.tunnel.loop_bench [--exchanges 500] [--loop asyncio|uvloop] [--http] [--warm 1]
+    PYTHONPATH=. .venv/bin/python -m tests.tunnel.loop_bench [--exchanges 500] [--loop asyncio|uvloop] [--http] [--warm 1] [--held]
     PYTHONPATH=. .venv/bin/python -m tests.tunnel.loop_bench --bulk 256 [--down] [--loop uvloop]
     PYTHONPATH=. .venv/bin/python -m tests.tunnel.loop_bench --streams 500 [--exchanges 500]
 
@@ -21,6 +21,11 @@ machine's load than wall time, not unmoved), and the exchange's p50 and p99
 in milliseconds and how many took over 5 and 20 ms (which the machine's
 load moves).
 
+``--held``: each client connects and sends from the loop's thread, blocking,
+so its bytes are queued before the server's accept runs (in the lab the
+request comes with the handshake's last ACK; in one loop it would come a
+loop trip after the accept).
+
 ``--streams N`` holds N more connections open through the tunnel, silent,
 while the exchanges run: a cost per event that grows with the number of
 connections shows there.
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import statistics
 import sys
 import tempfile
@@ -78,14 +84,23 @@ def _count_writes(counts: Counter[str]) -> None:
 
 
 HTTP_REQUEST = b"GET /small.txt HTTP/1.0\r\n\r\n"
+HELD = False  # --held
 
 
 async def exchange(port: int, http: bool = False) -> float:
     """One new public connection: 100 bytes, a half-close and their echo; or
     (``http``) scripts/bench_tunnel.py's request, answered and closed by the target."""
     started = time.perf_counter()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(HTTP_REQUEST if http else PAYLOAD)
+    if HELD:
+        # Connect and send before the loop can run the accept, as in the lab,
+        # where the request comes with the handshake's last ACK.
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(HTTP_REQUEST if http else PAYLOAD)
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=sock)
+    else:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(HTTP_REQUEST if http else PAYLOAD)
     if not http:
         writer.write_eof()
     got = b""
@@ -297,9 +312,12 @@ if __name__ == "__main__":
                         help="connections held open (silent) through the tunnel while the exchanges run")
     parser.add_argument("--switch-interval", type=float, metavar="S",
                         help="--http: the target's GIL switch interval in seconds (Python's default 0.005)")
+    parser.add_argument("--held", action="store_true",
+                        help="each client connects and sends before the loop runs the accept (as in the lab)")
     parser.add_argument("--bulk", type=int, metavar="MB", help="one connection carrying MB megabytes instead")
     parser.add_argument("--down", action="store_true", help="--bulk: from the target to the client")
     args = parser.parse_args()
+    HELD = args.held
     if args.bulk:
         print(_run(bulk(args.bulk, args.loop, args.down), args.loop))
     else:

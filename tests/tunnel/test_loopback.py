@@ -8,7 +8,9 @@ import ipaddress
 import logging
 import os
 import socket
+import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -408,3 +410,53 @@ def test_channel_unsent_and_udp_buffer_are_the_configs(tmp_path: Path) -> None:
             assert service.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 * udp_buffer  # the kernel doubles it
 
     asyncio.run(main())
+
+
+async def _echo_published(lb: Any) -> tuple[Any, int]:
+    """m1's session, and a public port published to an echo target through it."""
+    lb.start_mediator()
+    session = await lb.session()
+    _, target = await echo_server()
+    public = _free()
+    await lb.ask(cmd="publish", mediator="m1", proto="tcp", public=public, address="127.0.0.1", port=target)
+    return session, public
+
+
+def _held_connect(port: int, payload: bytes) -> socket.socket:
+    """Connect and send from the loop's own thread, blocking: the kernel
+    completes the handshake and queues the bytes before the server's
+    accept can run, as when a request comes with the handshake's last ACK."""
+    client = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    client.sendall(payload)
+    return client
+
+
+def test_a_client_that_resets_before_the_accept_ends_its_connection_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Clients that connect, send a request (or nothing) and reset, all
+    before the server's loop has accepted them (the kernel completed the
+    handshakes): each connection ends alone as reset, its mediator port is
+    freed, and the channel and the next client are served."""
+
+    async def main() -> None:
+        async with loopback(tmp_path) as lb:
+            session, public = await _echo_published(lb)
+            for i in range(20):  # half with a request, half with nothing before the RST
+                client = _held_connect(public, b"GET / HTTP/1.0\r\n\r\n" if i % 2 else b"")
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()  # RST, before the server's loop accepts
+            await until(lambda: not session.core.ports, what="every reset client's port to close")
+            assert await _fetch(public, b"after") == b"after"
+            assert lb.server.records["m1"].session is session
+            listing = await lb.ask(cmd="list")
+            (pub,) = listing["published"]
+            assert pub["counters"]["connections"] == 21
+
+    with caplog.at_level(logging.INFO, logger="nfgate.tunnel"):
+        run(main())
+    ends = [r for r in caplog.records if getattr(r, "event", None) == "connection_end"]
+    assert len(ends) == 21
+    reasons = sorted(r.fields["reason"] for r in ends)  # type: ignore[attr-defined]
+    assert reasons == ["client_reset"] * 20 + ["done"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
