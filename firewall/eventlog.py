@@ -8,7 +8,11 @@ from the process's stderr: each record carries ``event`` (a short name),
 ``fields`` (a dict of plain values) and one "source" attribute naming who
 speaks (``gateway`` for a gateway process, ``role`` for the tunnel's server
 or mediator). The two formatters render the same record either way, so one
-tool reads every nfgate log.
+tool reads every nfgate log. While the handler ``configure`` gave an event
+logger is its only way out (no other handler, no filter, no propagation),
+``EventLog.emit`` writes that handler's very line itself, without a
+``LogRecord`` and the module's dispatch: less than half the cost of a line,
+and a gateway writes two a connection.
 
 Every line starts with its time (text: ISO 8601 UTC; JSON: ``ts``, Unix
 seconds) and carries its level (JSON: ``level``). When stderr is the journal
@@ -37,7 +41,7 @@ import sys
 import time
 import traceback
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from firewall.signalling import Endpoint
 
@@ -74,6 +78,10 @@ class EventLog:
     def emit(self, event: str, level: int = logging.INFO, **fields: Any) -> None:
         logger = self.logger
         if not logger.isEnabledFor(level):
+            return
+        handler = _DIRECT.get(logger.name)
+        if handler is not None and _direct_ok(logger, handler, level):
+            _write_direct(handler, self, event, level, fields)
             return
         values = {k: plain(v) for k, v in fields.items()}
         # Logger.log without its findCaller (a walk up the stack per line):
@@ -140,36 +148,66 @@ class _Formatter(logging.Formatter, abc.ABC):
         self._prefix = ""
 
     def stamp(self, record: logging.LogRecord) -> str:
+        return self.stamp_at(record.created)
+
+    def stamp_at(self, created: float) -> str:
         """``2024-01-02T03:04:05.678Z``; the date and time formatted once a second."""
-        second = int(record.created)
+        second = int(created)
         if second != self._second:
             self._second, self._prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._prefix}.{int(record.msecs):03d}Z"
+        return f"{self._prefix}.{int((created - second) * 1000):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
+        event = getattr(record, "event", None)
+        if event is not None and not record.exc_info:
+            return self.event_line(record.created, record.levelno, getattr(record, self.source_key, None), event,
+                                   getattr(record, "fields", {}))
         line = self.render(record)
         return f"<{priority(record.levelno)}>{line}" if self.journal else line
 
+    def event_line(self, created: float, levelno: int, source: Any, event: str, fields: Mapping[str, Any]) -> str:
+        """An event's whole line, the journal's priority prefix included; ``fields`` as given to ``emit``."""
+        line = self.render_event(created, levelno, source, event, fields)
+        return f"<{priority(levelno)}>{line}" if self.journal else line
+
     @abc.abstractmethod
     def render(self, record: logging.LogRecord) -> str:
-        """The line, without the journal's priority prefix."""
+        """The line of a record that is not an event (or has an exception), without the journal's prefix."""
+
+    @abc.abstractmethod
+    def render_event(self, created: float, levelno: int, source: Any, event: str, fields: Mapping[str, Any]) -> str:
+        """An event's line, without the journal's priority prefix."""
 
 
 class TextFormatter(_Formatter):
     """``2024-01-02T03:04:05.678Z nas-log open client=... server=...``"""
 
     def render(self, record: logging.LogRecord) -> str:
-        stamp = self.stamp(record)
         event = getattr(record, "event", None)
         if event is None:
+            stamp = self.stamp(record)
             level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
             text = f"{stamp} {self.name}: {level}{record.getMessage()}" if self.name else f"{stamp} {level}{record.getMessage()}"
-            if record.exc_info:
-                text += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
-            return text
-        parts = [stamp, getattr(record, self.source_key, "-"), event]
-        for key, value in getattr(record, "fields", {}).items():
-            if isinstance(value, dict):  # what ``plain`` makes of a Mapping (dict: no abc check a field)
+        else:
+            text = self.render_event(record.created, record.levelno, getattr(record, self.source_key, "-"), event,
+                                     getattr(record, "fields", {}))
+        if record.exc_info:
+            text += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
+        return text
+
+    def render_event(self, created: float, levelno: int, source: Any, event: str, fields: Mapping[str, Any]) -> str:
+        parts = [self.stamp_at(created), "-" if source is None else source, event]
+        for key, value in fields.items():
+            kind = type(value)
+            if kind is int:  # most fields of a busy process's lines: no quoting to decide
+                parts.append(f"{key}={value}")
+                continue
+            if kind is str:
+                parts.append(f"{key}={value}" if value and _NEEDS_QUOTES.search(value) is None
+                             else f"{key}={json.dumps(value)}")
+                continue
+            value = plain(value)
+            if isinstance(value, dict):  # what ``plain`` makes of a Mapping
                 parts += [f"{key}.{k}={_text_value(v)}" for k, v in value.items()]
             else:
                 parts.append(f"{key}={_text_value(value)}")
@@ -180,27 +218,35 @@ class JsonFormatter(_Formatter):
     """One JSON object per line: ``ts``, ``level``, the source, ``event``, then the fields."""
 
     def render(self, record: logging.LogRecord) -> str:
-        doc: dict[str, Any] = {"ts": round(record.created, 3), "level": record.levelname.lower()}
         event = getattr(record, "event", None)
         if event is None:
+            doc: dict[str, Any] = {"ts": round(record.created, 3), "level": record.levelname.lower()}
             if self.name:
                 doc["process"] = self.name
             doc["message"] = record.getMessage()
         else:
-            doc[self.source_key] = getattr(record, self.source_key, None)
-            doc["event"] = event
-            fields = getattr(record, "fields", {})
-            for key, value in fields.items():
-                doc.setdefault(key, value)
-            src, dst = _endpoint(fields.get("client")), _endpoint(fields.get("original_dst"))
-            if src is not None and dst is not None:
-                doc.setdefault("src_ip", src[0])
-                doc.setdefault("src_port", src[1])
-                doc.setdefault("dest_ip", dst[0])
-                doc.setdefault("dest_port", dst[1])
+            doc = self._event_doc(record.created, record.levelno, getattr(record, self.source_key, None), event,
+                                  getattr(record, "fields", {}))
         if record.exc_info:
             doc["exception"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
         return json.dumps(doc, separators=(",", ":"))
+
+    def render_event(self, created: float, levelno: int, source: Any, event: str, fields: Mapping[str, Any]) -> str:
+        return json.dumps(self._event_doc(created, levelno, source, event, fields), separators=(",", ":"))
+
+    def _event_doc(self, created: float, levelno: int, source: Any, event: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+        doc: dict[str, Any] = {"ts": round(created, 3), "level": logging.getLevelName(levelno).lower(),
+                               self.source_key: source, "event": event}
+        values = {key: value if type(value) in _PLAIN else plain(value) for key, value in fields.items()}
+        for key, value in values.items():
+            doc.setdefault(key, value)
+        src, dst = _endpoint(values.get("client")), _endpoint(values.get("original_dst"))
+        if src is not None and dst is not None:
+            doc.setdefault("src_ip", src[0])
+            doc.setdefault("src_port", src[1])
+            doc.setdefault("dest_ip", dst[0])
+            doc.setdefault("dest_port", dst[1])
+        return doc
 
 
 def formatter(source_key: str, json_lines: bool, stream: Any, name: str = "") -> logging.Formatter:
@@ -218,6 +264,39 @@ def _lean_records() -> None:
     logging.logMultiprocessing = False
 
 
+# The handler ``configure`` gave each event logger: while it is that
+# logger's only way out, ``EventLog.emit`` writes the line to its stream
+# itself (``_write_direct``).
+_DIRECT: dict[str, logging.StreamHandler[Any]] = {}
+
+
+def _direct_ok(logger: logging.Logger, handler: logging.StreamHandler[Any], level: int) -> bool:
+    """Whether a record of ``level`` would reach ``handler`` alone, unfiltered, and nothing else."""
+    handlers = logger.handlers
+    return (len(handlers) == 1 and handlers[0] is handler and not logger.propagate and not logger.filters
+            and not handler.filters and level >= handler.level)
+
+
+def _write_direct(handler: logging.StreamHandler[Any], log: EventLog, event: str, level: int, fields: Mapping[str, Any]) -> None:
+    """The line ``handler`` would write for this event, written without a
+    ``LogRecord`` and the logging module's dispatch: half of a line's cost,
+    and a process writes two a connection (docs/benchmarks.md, issue 14)."""
+    form = cast(_Formatter, handler.formatter)  # configure's
+    line = form.event_line(time.time(), level, log.source, event, fields)
+    handler.acquire()
+    try:
+        stream = handler.stream
+        stream.write(line + handler.terminator)
+        stream.flush()
+    except Exception:
+        values = {k: plain(v) for k, v in fields.items()}
+        record = log.logger.makeRecord(log.logger.name, level, "", 0, "%s", (event,), None,
+                                       extra={"event": event, log.source_key: log.source, "fields": values})
+        handler.handleError(record)  # as logging's own emit does: a broken stderr is not the caller's error
+    finally:
+        handler.release()
+
+
 def configure(
     logger_name: str, source_key: str, json_lines: bool = False, stream: Any = None, level: int = logging.INFO
 ) -> logging.Handler:
@@ -230,6 +309,7 @@ def configure(
     logger.handlers[:] = [handler]
     logger.setLevel(level)
     logger.propagate = False
+    _DIRECT[logger_name] = handler
     return handler
 
 

@@ -4,6 +4,7 @@ the log formats (journald priority, JSON), and the CLI's readable and --json out
 from __future__ import annotations
 
 import io
+import ipaddress
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from firewall import eventlog, sdnotify
 from firewall.cli import flow_lines, main
 from firewall.jsondoc import JSON_SCHEMA_VERSION
+from firewall.signalling import Endpoint, Proto
 from firewall.config import loads
 from firewall.control import Command
 from firewall.lab.wait import wait_for
@@ -166,6 +168,87 @@ def test_the_journal_gets_each_lines_priority(tmp_path: Path, monkeypatch: pytes
     doc = json.loads(line[3:])
     assert doc["level"] == "warning" and isinstance(doc["ts"], float)
     assert (doc["src_ip"], doc["src_port"], doc["dest_ip"], doc["dest_port"]) == ("203.0.113.10", 40000, "203.0.113.1", 8443)
+
+
+_FIELDS: dict[str, Any] = {
+    "public": 8301, "client": Endpoint(ipaddress.ip_address("203.0.113.10"), 40000),  # as the gateways give it
+    "original_dst": "203.0.113.1:8443", "reason": "a b",
+    "quote": 'x"y', "eq": "a=b", "empty": "", "none": None, "flag": True, "ratio": 1.23456, "tab": "a\tb",
+    "list": [1, "a b", ipaddress.ip_address("10.0.0.1")], "map": {"x": 1, "y": "a b"},
+    "ip": ipaddress.ip_address("2001:db8::1"), "proto": Proto.TCP, "big": 2**70,
+}
+
+
+_GOLDEN = {
+    False: '2025-12-06T05:46:40.122Z relay close public=8301 client=203.0.113.10:40000 original_dst=203.0.113.1:8443 '
+           'reason="a b" quote="x\\"y" eq="a=b" empty="" none=None flag=True ratio=1.235 tab="a\\tb" '
+           'list=[1,"a b","10.0.0.1"] map.x=1 map.y="a b" ip=2001:db8::1 proto=TCP big=1180591620717411303424\n',
+    True: '{"ts":1765000000.123,"level":"warning","gateway":"relay","event":"close","public":8301,'
+          '"client":"203.0.113.10:40000","original_dst":"203.0.113.1:8443","reason":"a b","quote":"x\\"y",'
+          '"eq":"a=b","empty":"","none":null,"flag":true,"ratio":1.235,"tab":"a\\tb","list":[1,"a b","10.0.0.1"],'
+          '"map":{"x":1,"y":"a b"},"ip":"2001:db8::1","proto":"TCP","big":1180591620717411303424,'
+          '"src_ip":"203.0.113.10","src_port":40000,"dest_ip":"203.0.113.1","dest_port":8443}\n',
+}
+
+
+@pytest.mark.parametrize("json_lines", [False, True])
+@pytest.mark.parametrize("level", [logging.INFO, logging.WARNING])
+def test_an_event_written_directly_is_the_line_logging_writes(
+    json_lines: bool, level: int, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A configured event logger's lines skip the logging module (half their
+    cost); each must be the very line its handler writes for the record."""
+    monkeypatch.setattr(eventlog.time, "time", lambda: 1765000000.123)
+    direct, through = io.StringIO(), io.StringIO()
+    handler = eventlog.configure("nfgate.test.direct", "gateway", json_lines, direct)
+    logger = logging.getLogger("nfgate.test.direct")
+    eventlog.EventLog("gateway", "relay", logger).emit("close", level, **_FIELDS)
+    record = logger.makeRecord(logger.name, level, "", 0, "%s", ("close",), None, extra={
+        "event": "close", "gateway": "relay", "fields": {k: eventlog.plain(v) for k, v in _FIELDS.items()}})
+    record.created = 1765000000.123
+    through.write(handler.format(record) + "\n")
+    assert direct.getvalue() == through.getvalue()
+    if level == logging.WARNING:
+        assert direct.getvalue() == _GOLDEN[json_lines]  # as every nfgate line has been written so far
+
+
+def test_another_handler_or_a_filter_on_an_event_logger_sees_every_record() -> None:
+    """The direct write is for a logger whose only way out is the handler
+    ``configure`` gave it: a handler added beside it (a test's, an
+    operator's) gets the records, and a filter is obeyed."""
+    stream = io.StringIO()
+    eventlog.configure("nfgate.test.beside", "gateway", False, stream)
+    logger = logging.getLogger("nfgate.test.beside")
+    log = eventlog.EventLog("gateway", "relay", logger)
+    seen: list[logging.LogRecord] = []
+    beside = logging.Handler()
+    beside.emit = seen.append  # type: ignore[method-assign]
+    logger.addHandler(beside)
+    try:
+        log.emit("open", client="203.0.113.10:40000")
+    finally:
+        logger.removeHandler(beside)
+    assert [r.event for r in seen] == ["open"] and " relay open client=203.0.113.10:40000" in stream.getvalue()  # type: ignore[attr-defined]
+    quiet = logging.Filter("nothing.of.ours")
+    logger.addFilter(quiet)
+    try:
+        log.emit("dropped")
+    finally:
+        logger.removeFilter(quiet)
+    log.emit("kept")
+    assert "dropped" not in stream.getvalue() and stream.getvalue().count("\n") == 2
+
+
+def test_a_broken_log_stream_is_not_the_callers_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """stderr gone (EPIPE): as logging's own emit, the line is reported as a logging error, not raised."""
+
+    class Broken(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    eventlog.configure("nfgate.test.broken", "gateway", False, Broken())
+    eventlog.EventLog("gateway", "relay", logging.getLogger("nfgate.test.broken")).emit("open", port=1)
+    assert "--- Logging error ---" in capsys.readouterr().err
 
 
 def test_every_line_of_a_process_is_json_even_an_uncaught_exception() -> None:
