@@ -100,8 +100,8 @@ class ChannelCore(abc.ABC, Generic[S]):
         self._decoder.version = version
         self._peer_max_frame = peer_max_frame
 
-    def _send(self, frame: Frame) -> SendFrame:
-        return SendFrame(frame, self._version if self._version is not None else max(self._versions))
+    def _send(self, frame: Frame, hold: bool = False) -> SendFrame:
+        return SendFrame(frame, self._version if self._version is not None else max(self._versions), hold)
 
     def _data_frames(
         self, port_id: int, address: IPAddress, port: int, data: Bytes, *, stream: bool

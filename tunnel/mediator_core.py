@@ -30,7 +30,7 @@ A missing ``policy`` refuses everything: the server gets NOT_ALLOWED.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from firewall.replay import ReplayWindow
 from tunnel.channel import ChannelCore, IdAllocator
@@ -643,12 +643,10 @@ class MediatorCore(ChannelCore[MediatorState]):
             port.credit = StreamWindow()
         if port.connect_to is not None:
             port.connect_to = None
-            opened = self._send(Opened(port_id, port.port, request_id=self._finish(port, PortState.CONNECTED)))
-            if port.stream:
-                # Version 4's server relays a stream without waiting for its
-                # OPENED: it may leave with the target's first bytes.
-                opened = replace(opened, hold=True)
-            out: Out = [opened]
+            # Version 4's server relays a stream without waiting for its
+            # OPENED: it may leave with the target's first bytes (``hold``).
+            out: Out = [self._send(Opened(port_id, port.port, request_id=self._finish(port, PortState.CONNECTED)),
+                                   hold=port.stream)]
             if port.early:
                 # Version 4: what the server sent before OPENED.
                 out.append(WriteStream(port_id, b"".join(port.early)))

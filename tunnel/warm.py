@@ -39,14 +39,23 @@ from tunnel.aio import stream
 from tunnel.frames import IPAddress
 
 Key = tuple[IPAddress, IPAddress, int]  # local address, target address, target port
+# A key as numbers, as the pool's dicts hold it: a tuple of ints hashes in C,
+# where an address object's hash is Python code (about 20 of them a new
+# connection, when the pool's dicts were keyed by ``Key``).
+Slot = tuple[int, int, int, int]
+
+
+def _slot(key: Key) -> Slot:
+    local, address, port = key
+    return (int(local), int(address), port, address.version)
 
 
 class _Waiting(asyncio.Protocol):
     """A pre-connected connection in the pool: it reads only to see the target speak or close."""
 
-    def __init__(self, pool: WarmPool, key: Key) -> None:
+    def __init__(self, pool: WarmPool, slot: Slot) -> None:
         self.pool = pool
-        self.key = key
+        self.slot = slot  # its target's, as the pool's dicts hold it
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.gone = False  # taken or discarded: the pool has nothing more to do with it
@@ -77,9 +86,9 @@ class WarmPool:
         self.connect_timeout = connect_timeout
         self.counters = counters
         self.loop = asyncio.get_running_loop()
-        self.waiting: dict[Key, deque[_Waiting]] = {}
-        self.connecting: Counter[Key] = Counter()
-        self.speaks_first: set[Key] = set()
+        self.waiting: dict[Slot, deque[_Waiting]] = {}
+        self.connecting: Counter[Slot] = Counter()
+        self.speaks_first: set[Slot] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.closed = False
 
@@ -88,7 +97,7 @@ class WarmPool:
 
         Returns its local port and its transport, still reading: the
         caller sets its own protocol on it."""
-        queue = self.waiting.get(key)
+        queue = self.waiting.get(_slot(key))
         while queue:
             entry = queue.popleft()
             transport = entry.transport
@@ -103,24 +112,27 @@ class WarmPool:
 
     def refill(self, key: Key) -> None:
         """After an OPEN_CONNECT to ``key``: connect in the background up to ``size`` waiting."""
-        if self.closed or self.size <= 0 or key in self.speaks_first:
+        if self.closed or self.size <= 0:
             return
-        missing = self.size - len(self.waiting.get(key, ())) - self.connecting[key]
+        slot = _slot(key)
+        if slot in self.speaks_first:
+            return
+        missing = self.size - len(self.waiting.get(slot, ())) - self.connecting[slot]
         if missing > 0:
-            self.connecting[key] += missing
+            self.connecting[slot] += missing
             # After the next iteration's reads (a timer runs after them): the
             # client's first bytes, often there by then, go out first.
-            self.loop.call_later(0, self._start, key, missing)
+            self.loop.call_later(0, self._start, key, slot, missing)
 
-    def _start(self, key: Key, count: int) -> None:
+    def _start(self, key: Key, slot: Slot, count: int) -> None:
         for _ in range(count):
-            task = self.loop.create_task(self._connect(key))
+            task = self.loop.create_task(self._connect(key, slot))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
-    async def _connect(self, key: Key) -> None:
+    async def _connect(self, key: Key, slot: Slot) -> None:
         local, address, port = key
-        entry = _Waiting(self, key)
+        entry = _Waiting(self, slot)
         try:
             if self.closed:
                 return
@@ -134,21 +146,21 @@ class WarmPool:
             self.counters["warm_failed"] += 1  # the next client connects afresh and reports it
             return
         finally:
-            self.connecting[key] -= 1
+            self.connecting[slot] -= 1
         self.counters["warm_connected"] += 1
         if entry.gone:
             return  # the target spoke or closed already (it may, before we get here)
-        if self.closed or key in self.speaks_first:
+        if self.closed or slot in self.speaks_first:
             self.discard(entry, "ended")
             return
         entry.timer = self.loop.call_later(self.idle, self.discard, entry, "stale")
-        self.waiting.setdefault(key, deque()).append(entry)
+        self.waiting.setdefault(slot, deque()).append(entry)
 
     def spoke(self, entry: _Waiting) -> None:
         """The target sent bytes to a connection nobody uses yet: it speaks first."""
-        self.speaks_first.add(entry.key)
+        self.speaks_first.add(entry.slot)
         self.discard(entry, "speaks_first")
-        for other in list(self.waiting.pop(entry.key, ())):
+        for other in list(self.waiting.pop(entry.slot, ())):
             self.discard(other, "speaks_first")
 
     def discard(self, entry: _Waiting, why: str) -> None:
@@ -158,7 +170,7 @@ class WarmPool:
             return
         entry.gone = True
         self.counters[f"warm_{why}"] += 1
-        queue = self.waiting.get(entry.key)
+        queue = self.waiting.get(entry.slot)
         if queue is not None and entry in queue:
             queue.remove(entry)
         if entry.timer is not None:
