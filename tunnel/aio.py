@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import asyncio.sslproto
 import errno
+import functools
 import ipaddress
 import resource
 import signal
@@ -58,6 +59,9 @@ CHANNEL_UNSENT = 131072
 # (issue 14 D). Memory is used only while datagrams wait.
 UDP_BUFFER = 2 << 20
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+# Socket address texts remembered as address values (``address_pair``): at
+# most this many, about 200 bytes each.
+ADDRESS_CACHE = 1024
 
 
 class ReadGate:
@@ -258,13 +262,22 @@ def address_pair(sockaddr: Any) -> tuple[IPAddress, int] | None:
     """``("10.0.0.1", 80)`` (or a 4-tuple for IPv6) as (address, port)."""
     if not sockaddr or not isinstance(sockaddr, tuple) or len(sockaddr) < 2:
         return None
+    address = _address(sockaddr[0])
+    return None if address is None else (address, int(sockaddr[1]))
+
+
+@functools.lru_cache(maxsize=ADDRESS_CACHE)
+def _address(text: str) -> IPAddress | None:
+    """A socket's address text as a value (``::ffff:a.b.c.d`` is a.b.c.d).
+    Remembered: parsing costs a few thousand instructions, and the same
+    addresses come back at every connection (the clients, the targets)."""
     try:
-        address: IPAddress = ipaddress.ip_address(sockaddr[0].split("%", 1)[0])
+        address: IPAddress = ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
         return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
-    return address, int(sockaddr[1])
+    return address
 
 
 def family_of(address: IPAddress) -> socket.AddressFamily:
