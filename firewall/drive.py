@@ -53,15 +53,22 @@ class CoreDriver:
         self._on_error = on_error
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._depth = 0  # runs under way: a handler's own ``run`` is nested in its caller's
         self.closed = False
 
     def run(self, outputs: Iterable[Any]) -> None:
-        """Carry out ``outputs`` in order, then re-arm the timer (also when a handler raises)."""
+        """Carry out ``outputs`` in order, then re-arm the timer (also when a
+        handler raises). A run nested in a handler (the adapter feeds the
+        core an I/O result at once) leaves the timer to the outermost run:
+        no timer fires before that returns."""
+        self._depth += 1
         try:
             for out in outputs:
                 self._handlers[type(out)](out)
         finally:
-            self.arm()
+            self._depth -= 1
+            if not self._depth:
+                self.arm()
 
     def arm(self) -> None:
         """Keep one timer at or before the core's next deadline (none if it has none, or once closed)."""

@@ -152,3 +152,38 @@ def test_on_error_takes_a_failing_tick_and_the_timer_stays_armed() -> None:
         driver.close()
 
     asyncio.run(main())
+
+
+def test_a_run_nested_in_a_handler_leaves_the_timer_to_the_outer_run() -> None:
+    """An adapter feeds the core an I/O result from inside a handler (the
+    mediator's warm connection: opened, then connected): the deadline is
+    asked once, after the outermost run, even when the nested run raises."""
+
+    async def main() -> None:
+        t0 = asyncio.get_running_loop().time()
+        core = ToyCore([t0 + 0.02])
+        said: list[str] = []
+        driver: CoreDriver
+
+        def nested(out: Say) -> None:
+            said.append(out.text)
+            if out.text == "outer":
+                driver.run([Say("inner")])
+            elif out.text == "failing":
+                try:
+                    driver.run([Unknown()])
+                except KeyError:
+                    said.append("caught")
+
+        loop = asyncio.get_running_loop()
+        driver = CoreDriver({Say: nested}, tick=core.tick, deadline=core.next_deadline, clock=loop.time)
+        driver.run([Say("outer"), Say("failing"), Say("last")])
+        assert said == ["outer", "inner", "failing", "caught", "last"]
+        assert len(core.asked) == 1
+        for _ in range(100):
+            if "tick" in " ".join(said):
+                break
+            await asyncio.sleep(0.01)
+        assert said[-1] == f"tick {t0 + 0.02:.2f}"
+
+    asyncio.run(main())
