@@ -274,14 +274,14 @@ def _direct_ok(logger: logging.Logger, handler: logging.StreamHandler[Any], leve
     """Whether a record of ``level`` would reach ``handler`` alone, unfiltered, and nothing else."""
     handlers = logger.handlers
     return (len(handlers) == 1 and handlers[0] is handler and not logger.propagate and not logger.filters
-            and not handler.filters and level >= handler.level)
+            and not handler.filters and level >= handler.level and isinstance(handler.formatter, _Formatter))
 
 
 def _write_direct(handler: logging.StreamHandler[Any], log: EventLog, event: str, level: int, fields: Mapping[str, Any]) -> None:
     """The line ``handler`` would write for this event, written without a
     ``LogRecord`` and the logging module's dispatch: half of a line's cost,
     and a process writes two a connection (docs/benchmarks.md, issue 14)."""
-    form = cast(_Formatter, handler.formatter)  # configure's
+    form = cast(_Formatter, handler.formatter)  # ``_direct_ok`` checked it
     line = form.event_line(time.time(), level, log.source, event, fields)
     handler.acquire()
     try:

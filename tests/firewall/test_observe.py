@@ -214,8 +214,9 @@ def test_an_event_written_directly_is_the_line_logging_writes(
 
 def test_another_handler_or_a_filter_on_an_event_logger_sees_every_record() -> None:
     """The direct write is for a logger whose only way out is the handler
-    ``configure`` gave it: a handler added beside it (a test's, an
-    operator's) gets the records, and a filter is obeyed."""
+    ``configure`` gave it, with its formatter: a handler added beside it (a
+    test's, an operator's) gets the records, a filter is obeyed, and
+    another formatter writes its own lines."""
     stream = io.StringIO()
     eventlog.configure("nfgate.test.beside", "gateway", False, stream)
     logger = logging.getLogger("nfgate.test.beside")
@@ -237,6 +238,9 @@ def test_another_handler_or_a_filter_on_an_event_logger_sees_every_record() -> N
         logger.removeFilter(quiet)
     log.emit("kept")
     assert "dropped" not in stream.getvalue() and stream.getvalue().count("\n") == 2
+    logger.handlers[0].setFormatter(logging.Formatter("plain %(message)s"))  # an operator's own format
+    log.emit("formatted")
+    assert stream.getvalue().endswith("\nplain formatted\n")
 
 
 def test_a_broken_log_stream_is_not_the_callers_error(capsys: pytest.CaptureFixture[str]) -> None:
