@@ -220,10 +220,15 @@ def test_negotiated_version_is_enforced() -> None:
         header(FrameType.BYE, 4) + b"\x03\xe7\x00\x00",  # unknown error code 999
         header(FrameType.HELLO, 1 + 1 + 4 + 4 + 6 + 1, request_id=1)
         + b"\x01\x00" + bytes(8) + bytes(6) + b"\x00",  # version 0
+        header(FrameType.DATA, 10) + b"\x00\x00\x00\x01\x04\x0a\x00\x00\x01\x00",  # DATA: no room for its port
+        header(FrameType.DATA, 22) + b"\x00\x00\x00\x01\x06" + bytes(15) + b"\x00\x50",  # DATA: short IPv6 address
+        header(FrameType.DATA, 11) + b"\x00\x00\x00\x01\x05\x0a\x00\x00\x01\x00\x50",  # DATA: family 5
+        header(FrameType.DATA, 4) + b"\x00\x00\x00\x01",  # DATA: no address at all
     ],
     ids=[
         "flags", "trailing", "request-no-id", "reply-no-id", "unsolicited-id", "truncated",
         "bad-proto", "bad-flag", "bad-family", "utf8", "error-code", "version-0",
+        "data-no-port", "data-short-v6", "data-family", "data-no-address",
     ],
 )
 def test_bad_request(raw: bytes) -> None:
