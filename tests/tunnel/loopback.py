@@ -11,6 +11,7 @@ import dataclasses
 import ipaddress
 import os
 import socket
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -191,3 +192,35 @@ async def until(predicate: Any, timeout: float = WAIT, what: str = "a condition"
             raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.1)
+
+
+class ThreadedEcho:
+    """An echo target on 127.0.0.1 in threads (for relays in other processes
+    than this loop): echoes until EOF, then closes; ``timeout`` bounds each
+    connection's silence."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.port: int = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    def _echo(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(self.timeout)
+            try:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+            except OSError:
+                pass

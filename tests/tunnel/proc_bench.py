@@ -28,11 +28,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from tests.tunnel.loopback import ThreadedEcho
 
 TOP = Path(__file__).resolve().parents[2]
 TOKEN = "proc-bench-token-0123456789"
@@ -61,31 +62,6 @@ def accepts(port: int) -> bool:
         return True
     except OSError:
         return False
-
-
-class Echo:
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=128)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(START)
-            try:
-                while data := conn.recv(65536):
-                    conn.sendall(data)
-            except OSError:
-                pass
 
 
 class Run:
@@ -202,7 +178,7 @@ def main() -> int:
     parser.add_argument("--exchanges", default="100,400", help="the two runs' counts of exchanges")
     args = parser.parse_args()
     low, high = sorted(int(n) for n in args.exchanges.split(","))
-    echo = Echo()
+    echo = ThreadedEcho(START)
     with ThreadPoolExecutor(2) as pool:
         first, second = pool.map(lambda n: one(args.relay, n, echo.port), (low, high))
     per = {name: round((second[name] - first[name]) / (high - low)) for name in first}

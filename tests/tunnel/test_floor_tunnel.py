@@ -15,45 +15,18 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from firewall.lab.wait import wait_for
-from tests.tunnel.loopback import free_port
+from tests.tunnel.loopback import ThreadedEcho, free_port
 from tunnel import keygen
 
 TOP = Path(__file__).resolve().parents[2]
 WAIT = 10.0
-
-
-class Echo:
-    """A threaded echo target on 127.0.0.1: echoes until EOF, then closes."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=128)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(WAIT)
-            try:
-                while data := conn.recv(65536):
-                    conn.sendall(data)
-            except OSError:
-                pass
+Floor = tuple[int, ThreadedEcho, list[subprocess.Popen[str]]]  # the public port, the target, the two processes
 
 
 def _exchange(port: int, payload: bytes) -> bytes:
@@ -75,10 +48,10 @@ def _listening(port: int) -> bool:
 
 
 @pytest.fixture(params=["epoll", "uvloop"])
-def floor(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[int, Echo, list[subprocess.Popen[str]]]]:
+def floor(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Floor]:
     """(the floor's public port, its echo target, its two processes)."""
     keygen.write_identity(tmp_path / "c.crt", tmp_path / "c.key", "floor")
-    echo = Echo()
+    echo = ThreadedEcho(WAIT)
     channel, public = free_port(), free_port()
     run = [sys.executable, "-m", "tests.tunnel.floor_tunnel", "--loop", request.param]
     env = {**os.environ, "PYTHONPATH": str(TOP)}
@@ -97,10 +70,10 @@ def floor(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[int,
         for proc in procs:
             proc.kill()
             proc.wait(WAIT)
-        echo.sock.close()
+        echo.close()
 
 
-def test_a_floor_carries_many_connections_both_ways_with_half_close(floor: tuple[int, Echo, list[subprocess.Popen[str]]]) -> None:
+def test_a_floor_carries_many_connections_both_ways_with_half_close(floor: Floor) -> None:
     public, _, procs = floor
     for i in range(50):
         payload = os.urandom(1 + i * 997)
@@ -110,7 +83,7 @@ def test_a_floor_carries_many_connections_both_ways_with_half_close(floor: tuple
     assert all(proc.poll() is None for proc in procs)
 
 
-def test_a_floor_survives_clients_that_reset(floor: tuple[int, Echo, list[subprocess.Popen[str]]]) -> None:
+def test_a_floor_survives_clients_that_reset(floor: Floor) -> None:
     public, _, procs = floor
     for i in range(50):
         client = socket.create_connection(("127.0.0.1", public), timeout=WAIT)
