@@ -38,7 +38,6 @@ OPEN, DATA, FIN = 1, 2, 3
 READ = 262144
 CHUNK = 65535  # a frame's bytes at most (the header's length field)
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
-EAGER = True
 
 
 def address(text: str) -> tuple[str, int]:
@@ -159,15 +158,13 @@ class Relay:
             except BlockingIOError:
                 return
             sock.setblocking(False)
-            first = b""
-            if EAGER:
-                try:
-                    first = sock.recv(READ)  # the request often came with the handshake's last ACK
-                except BlockingIOError:
-                    pass
-                except OSError:
-                    sock.close()  # reset already: no stream
-                    continue
+            try:
+                first = sock.recv(READ)  # the request often came with the handshake's last ACK
+            except BlockingIOError:
+                first = b""
+            except OSError:
+                sock.close()  # reset already: no stream
+                continue
             sid = self.next_sid
             self.next_sid += 1
             stream = Stream(sid, sock)
@@ -344,7 +341,7 @@ class _Local(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's TLS transport is no asyncio.Transport
-        if EAGER and self.channel.target is None:
+        if self.channel.target is None:  # a public connection: its first bytes ride in the OPEN
             first = b""
             try:
                 first = os.read(transport.get_extra_info("socket").fileno(), READ)
@@ -418,8 +415,6 @@ async def serve_aio(args: argparse.Namespace) -> None:
         next_sid += 1
         local = _Local(channel, next_sid)
         channel.streams[next_sid] = local
-        if not EAGER:
-            channel.send(OPEN, next_sid)
         return local
 
     print("ready", flush=True)
@@ -476,12 +471,9 @@ def main() -> int:
     m.add_argument("--target", required=True)
     parser.add_argument("--loop", choices=("epoll", "uvloop"), default="epoll",
                         help="a bare epoll loop (default) or asyncio's protocols on uvloop, as the tunnel")
-    parser.add_argument("--eager", type=int, default=1, help="read a public connection's first bytes at its accept")
     args = parser.parse_args()
     # SIGTERM ends it as an exit (a profiler under which it runs writes its figures).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    global EAGER
-    EAGER = bool(args.eager)
     if args.loop == "epoll":
         (serve if args.mode == "server" else mediate)(args)
     else:
