@@ -35,10 +35,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gateways.relay.core import (
-    Abort, Close, DataReceived, DataSent, Done, Event, FinReceived, HalfClose, Limits, RelayCore, Reset,
-    ResetReceived, SendData, Side,
-)
 from tunnel.aio import ReadGate, address_pair, reset, stream
 from tunnel.config import ServerConfig
 from tunnel.errors import LimitError, RequestRefused
@@ -49,7 +45,6 @@ from tunnel.wire import endpoint_text
 
 Reply = Callable[[bytes], None]
 
-NAMES = {Side.A: "client", Side.B: "target"}  # leg A: the public client; leg B: the mediator's port
 
 
 class PublishHost(Protocol):
@@ -184,13 +179,27 @@ class Publication:
 class PublicConnection(asyncio.Protocol):
     """One public TCP connection, relayed to the target through the tunnel.
 
-    Half-close and resets are decided by the relay core every TCP gateway
-    shares (``gateways.relay.core``): leg A is the public client's
-    connection, leg B the mediator's port to the target. Only the core is
-    shared, not its socket driver: leg B is not a socket but a port
-    multiplexed on the TLS channel, written as DATA frames and paced by the
-    channel's gate and the mediator's rate, so each chunk is "sent" once
-    framed, and its FIN and RST are EVENT_FIN and EVENT_RST.
+    Two legs: the public client's connection, and the mediator's port to
+    the target, which is not a socket but a port multiplexed on the TLS
+    channel: its bytes are DATA frames, paced by the channel's gate, the
+    port's window and the mediator's rate, and its FIN and RST are
+    EVENT_FIN and EVENT_RST. Every chunk is taken at once by the leg it goes
+    to (framed, or written to the client's transport), so the relay holds
+    no bytes, and its rules are those of ``gateways.relay.core`` with
+    nothing ever unsent:
+
+    - a FIN from one leg is passed on to the other at once (half-close,
+      RFC 9293 section 3.6); once both have crossed, the client's
+      connection closes: reason ``done``;
+    - a reset, or a failed socket call, on either leg resets both: reason
+      ``client_reset`` or ``target_reset`` (a write or shutdown that fails
+      on a client that has reset is that client's reset, never the
+      channel's: issue 14 A);
+    - ``abort(why)`` (unpublished, the channel ended, a relay error) resets both.
+
+    The relay core's own events and commands are not used here: a new
+    public connection is the tunnel's hot path, and with no byte ever held
+    they decide nothing a flag does not.
     """
 
     def __init__(self, publication: Publication, origin: tuple[IPAddress, int] | None = None) -> None:
@@ -201,8 +210,11 @@ class PublicConnection(asyncio.Protocol):
         self.client: tuple[IPAddress, int] | None = None
         self.session: Session | None = None
         self.port_id: int | None = None
-        self.relay = RelayCore(Limits(), publication.loop.time(), names=NAMES)
         self.done = False
+        self.bytes_in = 0  # from the public client to the target
+        self.bytes_out = 0  # from the target to the public client
+        self.fin_in = False  # the client's FIN, passed on to the target
+        self.fin_out = False  # the target's FIN, passed on to the client
         self.task: asyncio.Task[None] | None = None
         self.attached = False
         self.early: list[bytes] = []  # read before the tunnel side existed
@@ -210,16 +222,6 @@ class PublicConnection(asyncio.Protocol):
         self.error = ""  # the client's socket error that ended the relay, if one did
         self.written = 0  # bytes written to the client (version 3's credit)
         self.reported = 0  # of those, reported to the session as gone from the buffer
-
-    @property
-    def bytes_in(self) -> int:
-        """From the public client to the target."""
-        return self.relay.received(Side.A)
-
-    @property
-    def bytes_out(self) -> int:
-        """From the target to the public client."""
-        return self.relay.received(Side.B)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = stream(transport)
@@ -331,7 +333,7 @@ class PublicConnection(asyncio.Protocol):
             self.session.close_soon(self.port_id)
         reset(self.transport)
 
-    def _release(self, outcome: Done) -> None:
+    def _release(self, reason: str, detail: str = "") -> None:
         """The relay is over (once): free the mediator's port, say why."""
         if self.done:
             return
@@ -341,73 +343,34 @@ class PublicConnection(asyncio.Protocol):
             # A slow client that had paused the channel must not keep it paused.
             self.session.channel_gate.resume(f"public {id(self)}")
             self.session.close_soon(self.port_id)
-        detail = {"detail": outcome.detail or self.error} if outcome.detail or self.error else {}
+        detail = detail or self.error
         self.pub.log.emit(
             "connection_end", public=self.pub.spec.public_port, client=_fmt(self.client), port=self.port_id,
-            reason=outcome.reason, bytes_in=self.bytes_in, bytes_out=self.bytes_out, **detail,
+            reason=reason, bytes_in=self.bytes_in, bytes_out=self.bytes_out, **({"detail": detail} if detail else {}),
         )
 
-    def _handle(self, event: Event) -> None:
-        """Carry out the relay core's commands for ``event``, in order.
+    def _client_failed(self, err: OSError) -> None:
+        """Containment: a socket call that fails on the client's connection (a
+        write or shutdown on one the client has reset: ENOTCONN, EPIPE) is
+        that client's reset, and ends this relay only. Nothing of it reaches
+        the channel that called us."""
+        self.pub.counters["client_errors"] += 1
+        self.error = err.strerror or str(err)
+        self._reset_both("client_reset")
 
-        Containment: a socket call that fails on the client's leg (a write
-        or shutdown on a connection the client has reset: ENOTCONN, EPIPE)
-        is that leg's reset, fed back to the core, so it ends this relay
-        only. Nothing of it reaches the channel that called us."""
-        pending = [event]
-        while pending:
-            for command in self.relay.handle(pending.pop(0), self.pub.loop.time()):
-                try:
-                    follow = self._carry_out(command)
-                except OSError as err:
-                    self.pub.counters["client_errors"] += 1
-                    self.error = err.strerror or str(err)
-                    follow = ResetReceived(Side.A)
-                if follow is not None:
-                    pending.append(follow)
+    def _reset_both(self, reason: str, detail: str = "") -> None:
+        """RST to the client, EVENT_RST to the target (a no-op where the
+        target's own RST or the session's end came first)."""
+        reset(self.transport)
+        if self.session is not None and self.port_id is not None:
+            self.session.reset(self.port_id)
+        self._release(reason, detail)
 
-    def _carry_out(self, command: Any) -> Event | None:
-        if isinstance(command, SendData):
-            return self._send(command)
-        if isinstance(command, HalfClose):
-            if command.side is Side.B:
-                if self.session is not None and self.port_id is not None:
-                    self.session.fin(self.port_id)
-            elif self._writable() and self.transport.can_write_eof():  # type: ignore[union-attr]
-                self.transport.write_eof()  # type: ignore[union-attr]
-        elif isinstance(command, Reset):
-            if command.side is Side.A:
-                reset(self.transport)
-            elif self.session is not None and self.port_id is not None:
-                # A no-op where the target's own RST or the session's end came first.
-                self.session.reset(self.port_id)
-        elif isinstance(command, Close):
-            if command.side is Side.A and self.transport is not None:
-                self.transport.close()
-        elif isinstance(command, Done):
-            self._release(command)
-        return None
-
-    def _send(self, command: SendData) -> DataSent:
-        """Leg A's bytes become DATA frames on the port; leg B's go to the client's transport.
-        Either is taken at once: backpressure is the channel's gate, not the core's."""
-        if command.side is Side.B:
-            assert self.session is not None and self.port_id is not None
-            spec = self.pub.spec
-            self.pub.counters["bytes_in"] += len(command.data)
-            self.session.send(self.port_id, spec.target, spec.target_port, command.data)
-            delay = self.session.bucket.take(len(command.data), self.pub.loop.time())
-            if delay > 0:
-                # Over the mediator's bytes/s: stop reading until the debt is paid.
-                self.gate.pause("rate")
-                self.pub.loop.call_later(delay, self.gate.resume, "rate")
-        elif self._writable():
-            self.pub.counters["bytes_out"] += len(command.data)
-            self.transport.write(command.data)  # type: ignore[union-attr]
-            self.written += len(command.data)
-            if self.session is not None and self.session.windowed:
-                self._flushed()
-        return DataSent(command.side, len(command.data))
+    def _both_fins(self) -> None:
+        """Both FINs have crossed: the client's connection closes, the relay is done."""
+        if self.transport is not None:
+            self.transport.close()
+        self._release("done")
 
     def _flushed(self) -> None:
         """Version 3: give the mediator credit for what left the client's buffer."""
@@ -427,16 +390,29 @@ class PublicConnection(asyncio.Protocol):
             self.early.append(data)
             self.gate.pause("attach")
             return
-        if self.session is None or self.port_id is None or self.done:
+        session, port_id = self.session, self.port_id
+        if session is None or port_id is None or self.done:
             return
-        self._handle(DataReceived(Side.A, data))
+        n = len(data)
+        self.bytes_in += n
+        self.pub.counters["bytes_in"] += n
+        spec = self.pub.spec
+        session.send(port_id, spec.target, spec.target_port, data)
+        delay = session.bucket.take(n, self.pub.loop.time())
+        if delay > 0:
+            # Over the mediator's bytes/s: stop reading until the debt is paid.
+            self.gate.pause("rate")
+            self.pub.loop.call_later(delay, self.gate.resume, "rate")
 
     def eof_received(self) -> bool:
         if not self.attached:
             self.early_eof = True
             return True
         if self.session is not None and self.port_id is not None and not self.done:
-            self._handle(FinReceived(Side.A))
+            self.fin_in = True
+            self.session.fin(self.port_id)
+            if self.fin_out:
+                self._both_fins()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -445,7 +421,7 @@ class PublicConnection(asyncio.Protocol):
             self.task.cancel()
         if not self.done:
             # Gone without both FINs: the target must not wait for more.
-            self._handle(ResetReceived(Side.A))
+            self._reset_both("client_reset")
 
     def pause_writing(self) -> None:
         # Version 3: the window bounds what comes for this client; before,
@@ -462,14 +438,38 @@ class PublicConnection(asyncio.Protocol):
     # -- from the tunnel -------------------------------------------------------------------
 
     def on_received(self, address: IPAddress, port: int, data: bytes) -> None:
-        self._handle(DataReceived(Side.B, data))
+        if self.done:
+            return
+        self.bytes_out += len(data)
+        if not self._writable():
+            return
+        self.pub.counters["bytes_out"] += len(data)
+        try:
+            self.transport.write(data)  # type: ignore[union-attr]
+        except OSError as err:  # not raised by asyncio's transports today; contained all the same
+            self._client_failed(err)
+            return
+        self.written += len(data)
+        if self.session is not None and self.session.windowed:
+            self._flushed()
 
     def on_fin(self) -> None:
-        self._handle(FinReceived(Side.B))
+        if self.done:
+            return
+        self.fin_out = True
+        if self._writable() and self.transport.can_write_eof():  # type: ignore[union-attr]
+            try:
+                self.transport.write_eof()  # type: ignore[union-attr]
+            except OSError as err:
+                self._client_failed(err)
+                return
+        if self.fin_in:
+            self._both_fins()
 
     def on_reset(self) -> None:
         self.pub.counters["resets_from_target"] += 1
-        self._handle(ResetReceived(Side.B))
+        if not self.done:
+            self._reset_both("target_reset")
 
     def on_accepted(self, conn_id: int, address: IPAddress, port: int) -> None:
         raise AssertionError("a client port never accepts")
@@ -489,7 +489,8 @@ class PublicConnection(asyncio.Protocol):
         self.abort(why)
 
     def abort(self, why: str) -> None:
-        self._handle(Abort(why))
+        if not self.done:
+            self._reset_both(why)
 
 
 class UdpFlow:
