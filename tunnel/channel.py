@@ -16,8 +16,8 @@ from typing import Any, Generic, TypeVar
 from tunnel.commands import ChannelClosed, CloseChannel, SendFrame
 from tunnel.errors import ErrorCode, LocalProtocolError, ProtocolError
 from tunnel.frames import (
-    MIN_MAX_FRAME_SIZE, Bye, Bytes, Data, Frame, FrameDecoder, FrameType, IPAddress,
-    data_chunk_size,
+    MIN_MAX_FRAME_SIZE, Bye, Bytes, Frame, FrameDecoder, FrameType, IPAddress,
+    data_chunk_size, encode_data_parts,
 )
 from tunnel.states import Local, Trigger
 
@@ -108,17 +108,19 @@ class ChannelCore(abc.ABC, Generic[S]):
     ) -> list[SendFrame]:
         """DATA frames for ``data``: a stream is cut to the peer's max frame
         size (views of ``data``, not copies), a datagram must fit in one
-        frame (it cannot be split)."""
+        frame (it cannot be split). Encoded here, from the fields: no
+        ``Data`` is built for a relayed chunk."""
+        version = self._version if self._version is not None else max(self._versions)
         chunk = data_chunk_size(self._peer_max_frame, address)
         if stream and not data:
             return []
         if len(data) <= chunk:
-            return [self._send(Data(port_id, address, port, data))]
+            return [SendFrame.encoded(encode_data_parts(port_id, address, port, data, version), datagram=not stream)]
         if not stream:
             raise LocalProtocolError(f"a {len(data)}-byte datagram does not fit in a frame")
         data = memoryview(data)
         return [
-            self._send(Data(port_id, address, port, data[i : i + chunk]))
+            SendFrame.encoded(encode_data_parts(port_id, address, port, data[i : i + chunk], version))
             for i in range(0, len(data), chunk)
         ]
 

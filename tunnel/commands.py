@@ -22,30 +22,70 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tunnel.errors import ErrorCode
-from tunnel.frames import BASE_VERSION, Bytes, Frame, IPAddress, IPInterface, Proto, encode_frame, encode_frame_parts
+from tunnel.frames import (
+    BASE_VERSION, HEADER_SIZE, Bytes, Frame, FrameDecoder, IPAddress, IPInterface, Proto, encode_frame_parts,
+)
 from tunnel.policy import Op
 
 # -- both sides ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
 class SendFrame:
-    """Write ``frame`` on the TCP (TLS) channel; ``data`` is its encoding."""
+    """Write a frame on the TCP (TLS) channel: its encoding, made by the core.
 
-    frame: Frame
-    version: int = BASE_VERSION
-    hold: bool = False
-    """May wait for the channel's next write (a stream's OPENED: the server
-    relays without it), up to the adapter's ``opened_hold``."""
+    ``parts`` are its bytes in pieces to write in order
+    (``encode_frame_parts``: a DATA frame's header and fields, then its
+    payload as it came, not copied); ``data`` joins them. ``frame`` is the
+    frame itself, decoded again from ``parts`` when the core built them
+    straight from a frame's fields (``encoded``: the DATA frames of a
+    stream, the tunnel's hot path), for tests and logs. Two are equal when
+    their bytes and ``hold`` are.
+    """
+
+    __slots__ = ("parts", "hold", "datagram", "_frame")
+
+    def __init__(self, frame: Frame, version: int = BASE_VERSION, hold: bool = False) -> None:
+        self.parts: tuple[Bytes, ...] = encode_frame_parts(frame, version)
+        self.hold = hold
+        """May wait for the channel's next write (a stream's OPENED: the server
+        relays without it), up to the adapter's ``opened_hold``."""
+        self.datagram = False
+        """A UDP datagram in a DATA frame (counted apart by the server)."""
+        self._frame: Frame | None = frame
+
+    @classmethod
+    def encoded(cls, parts: tuple[Bytes, ...], *, datagram: bool = False) -> SendFrame:
+        """A frame the core encoded itself (``encode_data_parts``)."""
+        out = cls.__new__(cls)
+        out.parts, out.hold, out.datagram, out._frame = parts, False, datagram, None
+        return out
 
     @property
     def data(self) -> bytes:
-        return encode_frame(self.frame, self.version)
+        return b"".join(self.parts)
 
     @property
-    def parts(self) -> tuple[Bytes, ...]:
-        """``data`` in pieces, a DATA frame's payload not copied (``encode_frame_parts``)."""
-        return encode_frame_parts(self.frame, self.version)
+    def version(self) -> int:
+        return self.parts[0][0]
+
+    @property
+    def frame(self) -> Frame:
+        if self._frame is None:
+            decoder = FrameDecoder(max(len(self.data), HEADER_SIZE))
+            decoder.feed(self.data)
+            self._frame = decoder.next_frame()
+            assert self._frame is not None
+        return self._frame
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SendFrame):
+            return NotImplemented
+        return self.data == other.data and self.hold == other.hold
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"SendFrame({self.frame!r}, {self.version}{', hold=True' if self.hold else ''})"
 
 
 @dataclass(frozen=True)

@@ -669,19 +669,25 @@ def encode_frame_parts(frame: Frame, version: int = BASE_VERSION) -> tuple[Bytes
     problem = _check_request_id(frame.ROLE, frame.request_id)
     if problem is not None:
         raise LocalProtocolError(f"DATA: {problem}")
-    address = frame.address
+    return encode_data_parts(frame.port_id, frame.address, frame.port, frame.payload, version)
+
+
+def encode_data_parts(port_id: int, address: IPAddress, port: int, payload: Bytes, version: int) -> tuple[Bytes, Bytes]:
+    """A DATA frame's pieces, built from its fields without a ``Data``
+    (the frame every relayed byte rides in): header and fields, then
+    ``payload`` as it came."""
     fields_of = _DATA_FIELDS[4] if type(address) is ipaddress.IPv4Address else (
         _DATA_FIELDS[6] if type(address) is ipaddress.IPv6Address else None)
-    if fields_of is not None and 0 <= frame.port_id < 1 << 32 and 0 <= frame.port < 1 << 16:
-        fields = fields_of.pack(frame.port_id, address.version, address.packed, frame.port)
+    if fields_of is not None and 0 <= port_id < 1 << 32 and 0 <= port < 1 << 16:
+        fields = fields_of.pack(port_id, address.version, address.packed, port)
     else:  # the field by field writing says what is wrong
         w = Writer()
-        frame._write_fields(w)
+        Data(port_id, address, port, payload)._write_fields(w)
         fields = b"".join(w.parts)
-    length = len(fields) + len(frame.payload)
+    length = len(fields) + len(payload)
     check_range("version", version, 8)
     check_range("length", length, 32)
-    return (HEADER.pack(version, FrameType.DATA, 0, 0, length) + fields, frame.payload)
+    return (HEADER.pack(version, FrameType.DATA, 0, 0, length) + fields, payload)
 
 
 def data_chunk_size(max_frame_size: int, address: IPAddress) -> int:

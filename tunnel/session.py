@@ -35,7 +35,7 @@ from tunnel.config import MediatorEntry, ServerConfig
 from tunnel.datagrams import DatagramType
 from tunnel.errors import ErrorCode, LocalProtocolError, RequestRefused
 from tunnel.events import EventLog
-from tunnel.frames import Data, Hello, IPAddress, Proto
+from tunnel.frames import Hello, IPAddress, Proto
 from tunnel.pacing import TokenBucket
 from tunnel.policy import TokenAuthenticator
 from tunnel.server_core import ServerSession
@@ -205,7 +205,7 @@ class Session:
 
     def _send_frame(self, out: SendFrame) -> None:
         parts = out.parts
-        if isinstance(out.frame, Data) and self._proto(out.frame.port_id) is Proto.UDP:
+        if out.datagram:
             self._count("udp_via_frames_out")
         self._count("bytes_to_mediator", sum(map(len, parts)))
         # Coalesced: the frames of one loop iteration go as one TLS write.
