@@ -15,6 +15,11 @@ Events (something happened, decide or log): ``ChannelClosed`` and
 ``SessionReady``, ``PortOpened``, ``RequestAcked``, ``RequestFailed``,
 ``Received``, ``ConnectionAccepted``, ``PeerFin``,
 ``PeerReset``, ``LimitExceeded``.
+
+They are values: made once, never changed. Not frozen dataclasses, though:
+a frozen one costs over twice a plain one's making (a Python-level
+``__setattr__`` per field), and a new public connection makes about a
+dozen on each side.
 """
 
 from __future__ import annotations
@@ -88,12 +93,12 @@ class SendFrame:
         return f"SendFrame({self.frame!r}, {self.version}{', hold=True' if self.hold else ''})"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class CloseChannel:
     """Close the TCP channel (after flushing what was sent before)."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ChannelClosed:
     """The channel is over. ``code`` is None when it was lost without a BYE."""
 
@@ -102,7 +107,7 @@ class ChannelClosed:
     by_peer: bool
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RelayFailed:
     """The peer could not take a DATA/FIN/RST/ACCEPTED for ``port_id``
     (an ERR with request id 0): log it; the port may have just closed."""
@@ -112,7 +117,7 @@ class RelayFailed:
     message: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class PauseReading:
     """Version 3: stop reading TCP connection ``port_id``'s socket (its
     window to the peer is used up); a command on the mediator, an event for
@@ -121,7 +126,7 @@ class PauseReading:
     port_id: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ResumeReading:
     """Version 3: read ``port_id``'s socket again (the peer gave credit back)."""
 
@@ -131,7 +136,7 @@ class ResumeReading:
 # -- mediator: commands -------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class OpenSocket:
     """Bind a ``proto`` socket on address:port and report ``opened``/``failed``.
 
@@ -152,7 +157,7 @@ class OpenSocket:
     connect_to: tuple[IPAddress, int] | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ConnectSocket:
     """Connect TCP port ``port_id`` to address:port; ``connected``/``failed``."""
 
@@ -161,35 +166,35 @@ class ConnectSocket:
     port: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ListenSocket:
     """Make TCP port ``port_id`` listen; ``listening``/``failed``."""
 
     port_id: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class CloseSocket:
     """Close ``port_id`` (and its UDP channel socket); no result expected."""
 
     port_id: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ShutdownSocket:
     """Half-close TCP connection ``port_id`` (shutdown SHUT_WR): relays FIN."""
 
     port_id: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class AbortSocket:
     """Reset TCP connection ``port_id`` (SO_LINGER 0, then close): relays RST."""
 
     port_id: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WriteStream:
     """Write ``data`` to TCP connection ``port_id``."""
 
@@ -197,7 +202,7 @@ class WriteStream:
     data: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SendTo:
     """Send a datagram from UDP port ``port_id`` to a private address:port."""
 
@@ -207,7 +212,7 @@ class SendTo:
     data: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SendProbe:
     """Send ``data`` (a PROBE datagram) from the spare probe socket to the
     service port, opening that socket first if need be; what it receives
@@ -216,7 +221,7 @@ class SendProbe:
     data: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class KeepaliveLearned:
     """Keepalive discovery is over: the UDP channels keep alive every
     ``interval`` seconds (the mapping survived ``survived`` s idle, and was
@@ -228,7 +233,7 @@ class KeepaliveLearned:
     probes: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SendChannel:
     """Send ``data`` (an authenticated datagram) on ``port_id``'s UDP channel."""
 
@@ -239,7 +244,7 @@ class SendChannel:
 # -- mediator: events ---------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Ready:
     """INIT_OK received: the channel is up in ``version``."""
 
@@ -247,7 +252,7 @@ class Ready:
     version: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Refused:
     """The owner's allow-list refused a request: log it (ERR NOT_ALLOWED sent)."""
 
@@ -257,7 +262,7 @@ class Refused:
     proto: Proto
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class UdpChannelDead:
     """No datagram on ``port_id``'s channel for the dead-peer time.
 
@@ -272,7 +277,7 @@ class UdpChannelDead:
 # -- server: commands ---------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SendDatagram:
     """Send ``data`` from the service port to a mediator's channel address."""
 
@@ -284,7 +289,7 @@ class SendDatagram:
 # -- server: events -----------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SessionReady:
     """HELLO accepted: the mediator, its environment and the version."""
 
@@ -295,7 +300,7 @@ class SessionReady:
     version: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class PortOpened:
     """OPEN_PORT/REDIRECT_PORT ``request_id`` succeeded."""
 
@@ -304,7 +309,7 @@ class PortOpened:
     port: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RequestAcked:
     """CONNECT/LISTEN/CLOSE ``request_id`` on ``port_id`` succeeded."""
 
@@ -312,7 +317,7 @@ class RequestAcked:
     port_id: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RequestFailed:
     """Request ``request_id`` failed with ``code``."""
 
@@ -322,7 +327,7 @@ class RequestFailed:
     message: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Received:
     """A packet (or stream bytes) from address:port arrived at ``port_id``."""
 
@@ -332,7 +337,7 @@ class Received:
     data: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ConnectionAccepted:
     """A private host connected to listening ``listen_id``; it is ``conn_id``."""
 
@@ -342,21 +347,21 @@ class ConnectionAccepted:
     port: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class PeerFin:
     """The private end of connection ``port_id`` sent FIN."""
 
     port_id: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class PeerReset:
     """Connection ``port_id`` was reset on the private side."""
 
     port_id: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class LimitExceeded:
     """The mediator pushed past a limit; ``port_id`` is being closed."""
 

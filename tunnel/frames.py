@@ -634,6 +634,15 @@ FRAME_CLASSES: dict[FrameType, type[Frame]] = {
 }
 
 
+# What the decoder needs of a frame type, by its value, looked up once a
+# frame: the class, the version it came in, and whether its request id must
+# be non-zero (True), zero (False) or either (None), as ``Role`` says.
+_DECODING: dict[int, tuple[type[Frame], int, bool | None]] = {
+    int(t): (cls, SINCE_VERSION.get(t, 0), {Role.REQUEST: True, Role.REPLY: True, Role.UNSOLICITED: False}.get(cls.ROLE))
+    for t, cls in FRAME_CLASSES.items()
+}
+
+
 def _check_request_id(role: Role, request_id: int) -> str | None:
     """Why ``request_id`` is wrong for a frame of ``role``, or None."""
     if role in (Role.REQUEST, Role.REPLY) and request_id == 0:
@@ -707,6 +716,11 @@ _DATA_FIELDS = {4: struct.Struct("!IB4sH"), 6: struct.Struct("!IB16sH")}
 # once, out of the buffer; a shorter one (and every other frame) is copied
 # whole and read with a ``Reader``.
 _DATA_FIELDS_MAX = 4 + 1 + 16 + 2
+# A DATA frame's address, by its bytes (4 or 16, so a family's never
+# passes for the other's): a channel relays for a few peers, and an address
+# object takes Python code to build. At most this many, process-wide.
+ADDRESSES_KEPT = 1024
+_ADDRESSES: dict[bytes, IPAddress] = {}
 
 
 class FrameDecoder:
@@ -806,16 +820,16 @@ class FrameDecoder:
         if self._end - start < HEADER_SIZE:
             return None
         version, type_value, flags, request_id, length = HEADER.unpack_from(self._buffer, start)
-        if type_value not in VERSION_INDEPENDENT:
-            wanted = self.versions if self.version is None else {self.version}
-            if version not in wanted:
+        if version != self.version and type_value not in VERSION_INDEPENDENT:
+            if self.version is not None or version not in self.versions:
                 raise ProtocolError(
                     ErrorCode.UNSUPPORTED_VERSION, f"frame in version {version}"
                 )
-        if type_value not in FrameType._value2member_map_:
+        decoding = _DECODING.get(type_value)
+        if decoding is None:
             raise ProtocolError(ErrorCode.UNKNOWN_FRAME, f"frame type {type_value:#04x}")
-        cls = FRAME_CLASSES[FrameType(type_value)]
-        if version < SINCE_VERSION.get(cls.TYPE, 0):
+        cls, since, wants_id = decoding
+        if version < since:
             raise ProtocolError(ErrorCode.UNKNOWN_FRAME, f"frame type {type_value:#04x} in version {version}")
         if flags != 0:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"reserved flags {flags:#06x} set")
@@ -824,9 +838,8 @@ class FrameDecoder:
                 ErrorCode.FRAME_TOO_LARGE,
                 f"{HEADER_SIZE + length} bytes > max frame size {self.max_frame_size}",
             )
-        problem = _check_request_id(cls.ROLE, request_id)
-        if problem is not None:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{cls.TYPE.name}: {problem}")
+        if wants_id is not None and (request_id != 0) is not wants_id:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{cls.TYPE.name}: {_check_request_id(cls.ROLE, request_id)}")
         end = start + HEADER_SIZE + length
         if self._end < end:
             return None
@@ -837,7 +850,12 @@ class FrameDecoder:
                 fields_of = _DATA_FIELDS.get(self._buffer[body + 4]) if length > 4 else None
                 if fields_of is not None and length >= fields_of.size:
                     port_id, family, raw, port = fields_of.unpack_from(self._buffer, body)
-                    address = ipaddress.IPv4Address(raw) if family == 4 else ipaddress.IPv6Address(raw)
+                    address = _ADDRESSES.get(raw)
+                    if address is None:
+                        address = ipaddress.IPv4Address(raw) if family == 4 else ipaddress.IPv6Address(raw)
+                        if len(_ADDRESSES) >= ADDRESSES_KEPT:
+                            _ADDRESSES.clear()
+                        _ADDRESSES[raw] = address
                     return Data(port_id, address, port, bytes(view[body + fields_of.size : end]))
                 # Anything else is a bad body: the field by field reading below says how.
             if cls is Data and length > _DATA_FIELDS_MAX:

@@ -31,6 +31,9 @@ class Op(enum.Enum):
     LISTEN = "listen"  # accept connections on a local port
     SEND = "send"  # send a UDP datagram to a private host
 
+    # A verdict cache key: identity is a member's hash (Enum's own is Python code).
+    __hash__ = object.__hash__
+
 
 class Policy(Protocol):
     """The mediator's allow-list hook."""

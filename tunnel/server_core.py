@@ -746,6 +746,11 @@ class ServerSession(ChannelCore[ServerState]):
         """The mirror of the mediator's usable ids (not those being closed)."""
         return {r.port_id: (r.proto, r.state) for r in self._remotes.values() if not r.closing}
 
+    def port_state(self, port_id: int) -> PortState | None:
+        """``port(port_id)``'s state alone, without a tuple (every relayed chunk asks)."""
+        remote = self._remotes.get(port_id)
+        return None if remote is None or remote.closing else remote.state
+
     def port(self, port_id: int) -> tuple[Proto, PortState] | None:
         """``ports.get(port_id)`` without building ``ports`` (the I/O layer
         asks for every relayed chunk: constant time, whatever the number of

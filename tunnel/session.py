@@ -43,6 +43,9 @@ from tunnel.states import PortState
 from tunnel.tls import pin_matches
 from tunnel.wire import endpoint_text
 
+_SENDABLE = frozenset({PortState.CONNECTED, PortState.OPEN, PortState.REDIRECTED})
+
+
 class SessionHost(Protocol):
     """What a session needs of its server (``TunnelServer``, tunnel/server.py)."""
 
@@ -277,18 +280,23 @@ class Session:
             self.close_soon(out.port_id)
 
     def _received(self, out: Received) -> None:
-        if self._proto(out.port_id) is Proto.UDP:
+        port_id = out.port_id
+        proto = self._proto(port_id)
+        if proto is Proto.UDP:
             self._count("udp_via_channel_in" if self._via_channel else "udp_via_frames_in")
-        owner = self.owners.get(out.port_id)
+        owner = self.owners.get(port_id)
         if owner is None:
             self._count("dropped_no_owner")
             return
-        if self.record is not None and self._proto(out.port_id) is Proto.TCP:
+        if self.record is not None and proto is Proto.TCP:
             delay = self.record.bucket.take(len(out.data), self.loop.time())
             if delay > 0:
                 self.channel_gate.pause("rate")
                 self.loop.call_later(delay, self.channel_gate.resume, "rate")
-        self._contained(out.port_id, owner, lambda: owner.on_received(out.address, out.port, out.data))
+        try:
+            owner.on_received(out.address, out.port, out.data)
+        except Exception as err:  # noqa: BLE001 - one connection's failure is not the channel's
+            self._failed(port_id, owner, err)
 
     def _contained(self, port_id: int, owner: PortOwner, call: Callable[[], None]) -> None:
         """Hand one relayed event to its port's owner. Containment: whatever
@@ -297,15 +305,19 @@ class Session:
         try:
             call()
         except Exception as err:  # noqa: BLE001 - one connection's failure is not the channel's
-            self._count("relay_errors")
-            self.log.warn("relay_error", mediator=self.identity, port=port_id, error=repr(err))
-            if self.owners.get(port_id) is owner:
-                self.reset(port_id)
-                self.close_soon(port_id)
-            try:
-                owner.on_gone(f"relay error: {err!r}")
-            except Exception:  # noqa: BLE001 - it already failed once; the port is closed either way
-                pass
+            self._failed(port_id, owner, err)
+
+    def _failed(self, port_id: int, owner: PortOwner, err: Exception) -> None:
+        """``owner`` raised ``err`` on a relayed event (``_contained``): that relay ends, alone."""
+        self._count("relay_errors")
+        self.log.warn("relay_error", mediator=self.identity, port=port_id, error=repr(err))
+        if self.owners.get(port_id) is owner:
+            self.reset(port_id)
+            self.close_soon(port_id)
+        try:
+            owner.on_gone(f"relay error: {err!r}")
+        except Exception:  # noqa: BLE001 - it already failed once; the port is closed either way
+            pass
 
     def _accepted(self, out: ConnectionAccepted) -> None:
         owner = self.owners.get(out.listen_id)
@@ -359,7 +371,7 @@ class Session:
     def consumed(self, port_id: int, n: int) -> None:
         """Version 3: ``n`` bytes relayed from ``port_id`` left the public socket's buffer."""
         if not self.closed:
-            self.driver.run(self.core.consumed(port_id, n))
+            self._relay(self.core.consumed(port_id, n))
 
     def channel_full(self, full: bool) -> None:
         """The TLS channel's send buffer crossed its high (low) water mark."""
@@ -538,20 +550,27 @@ class Session:
     # -- relay ---------------------------------------------------------------------------------
 
     def send(self, port_id: int, address: IPAddress, port: int, data: bytes) -> None:
-        if self.closed or (self.core.port(port_id) or (None, None))[1] not in (
-            PortState.CONNECTED, PortState.OPEN, PortState.REDIRECTED,
-        ):
+        if self.closed or self.core.port_state(port_id) not in _SENDABLE:
             self._count("dropped_port_gone")
             return
-        self.driver.run(self.core.send(port_id, address, port, data))
+        self._relay(self.core.send(port_id, address, port, data))
 
     def fin(self, port_id: int) -> None:
-        if not self.closed and (self.core.port(port_id) or (None, None))[1] is PortState.CONNECTED:
-            self.driver.run(self.core.fin(port_id))
+        if not self.closed and self.core.port_state(port_id) is PortState.CONNECTED:
+            self._relay(self.core.fin(port_id))
 
     def reset(self, port_id: int) -> None:
-        if not self.closed and (self.core.port(port_id) or (None, None))[1] is PortState.CONNECTED:
-            self.driver.run(self.core.reset(port_id))
+        if not self.closed and self.core.port_state(port_id) is PortState.CONNECTED:
+            self._relay(self.core.reset(port_id))
+
+    def _relay(self, outputs: list[ServerOutput]) -> None:
+        """Carry out what the core answered to one relayed chunk, FIN, RST
+        or credit: frames and reading switches, which leave its deadline
+        where it was, so the driver's re-arm is spared when there is
+        nothing (a credit too small to give back yet, a FIN held behind
+        the window)."""
+        if outputs:
+            self.driver.run(outputs)
 
     def local_address_for(self, target: IPAddress) -> IPAddress:
         """The mediator address facing ``target``: the interface whose network

@@ -40,20 +40,28 @@ from tunnel.frames import FrameType
 from tunnel.wire import Proto
 
 
-class MediatorState(enum.Enum):
+class _Keyed(enum.Enum):
+    """The states and triggers key the tables below, a look-up or more a
+    frame. A member is its own only instance, so identity is its hash
+    (Enum's own hashes its name in Python code)."""
+
+    __hash__ = object.__hash__
+
+
+class MediatorState(_Keyed):
     CONNECTING = "CONNECTING"  # no TCP/TLS channel yet
     INIT_SENT = "INIT_SENT"  # HELLO sent, waiting for INIT_OK/INIT_ERR
     READY = "READY"  # serving the server's requests
     CLOSED = "CLOSED"  # final
 
 
-class ServerState(enum.Enum):
+class ServerState(_Keyed):
     WAIT_HELLO = "WAIT_HELLO"  # channel accepted, HELLO not yet received
     READY = "READY"  # INIT_OK sent; requests may flow
     CLOSED = "CLOSED"  # final
 
 
-class Local(enum.Enum):
+class Local(_Keyed):
     """Triggers that are not received frames."""
 
     CHANNEL_UP = "channel up"  # the I/O layer connected (and did TLS)
@@ -121,7 +129,7 @@ SERVER_TRANSITIONS: dict[ServerState, dict[Trigger, ServerState]] = {
 }
 
 
-class PortState(enum.Enum):
+class PortState(_Keyed):
     """A mediator port's state (the server keeps a mirror of it)."""
 
     OPENING = "OPENING"  # OpenSocket issued, result pending
@@ -135,7 +143,7 @@ class PortState(enum.Enum):
     CLOSED = "CLOSED"  # the id is released (never stored)
 
 
-class PortOp(enum.Enum):
+class PortOp(_Keyed):
     """What the server can ask of an existing port id."""
 
     CONNECT = "connect"
