@@ -216,6 +216,8 @@ class PublicConnection(asyncio.Protocol):
         self.fin_in = False  # the client's FIN, passed on to the target
         self.fin_out = False  # the target's FIN, passed on to the client
         self.task: asyncio.Task[None] | None = None
+        self.request_id = 0  # version 4: our OPEN_STREAM's, until its answer comes
+        self.timer: asyncio.TimerHandle | None = None  # version 4: the deadline for that answer
         self.attached = False
         self.early: list[bytes] = []  # read before the tunnel side existed
         self.early_eof = False
@@ -233,49 +235,66 @@ class PublicConnection(asyncio.Protocol):
         self.client = self.origin or address_pair(transport.get_extra_info("peername"))
         self.pub.connections.add(self)
         self.pub.counters["connections"] += 1
-        self.task = self.pub.spawn(self._attach(self._open_now()))
+        if not self._open_now():
+            self.task = self.pub.spawn(self._attach())
 
-    def _open_now(self) -> tuple[Session, tuple[int, asyncio.Future[Any]]] | None:
+    def _open_now(self) -> bool:
         """The common case -- the mediator connected, version 2 or later, a
-        request slot free -- issues OPEN_CONNECT here, in the accept's own
-        loop iteration, not one later from the task. Anything else (or a
+        request slot free -- issues the request here, in the accept's own
+        loop iteration, not one later from a task: OPEN_STREAM (version 4,
+        answered to ``on_opened`` or ``on_refused``: no task at all) or
+        OPEN_CONNECT (answered to ``_opened``). Anything else (or a
         refusal) is left to ``_attach``, which waits or refuses as it must."""
         record = self.pub.server.records.get(self.pub.spec.identity)
         session = record.session if record is not None else None
         if session is None or session.closed or not session.core.pipelines_connect or session.core.pending_full:
-            return None
+            return False
         spec = self.pub.spec
         try:
             local = session.local_address_for(spec.target)
             if session.core.opens_streams:
-                return session, self._open_stream(session, local)
-            return session, session.open_connect_now(local, spec.target, spec.target_port, self)
+                self._open_stream(session, local)
+            else:
+                issued = session.open_connect_now(local, spec.target, spec.target_port, self)
+                self.task = self.pub.spawn(self._opened(session, issued))
         except (RequestRefused, LimitError):
-            return None
+            return False
+        return True
 
-    def _open_stream(self, session: Session, local: IPAddress) -> tuple[int, asyncio.Future[Any]]:
+    def _open_stream(self, session: Session, local: IPAddress) -> None:
         """Version 4: the stream is ours from the request on, so the relay
         starts now and the client's bytes follow the OPEN_STREAM without
-        waiting for its OPENED."""
+        waiting for its OPENED, which must come within ``request_timeout``."""
         spec = self.pub.spec
-        request_id, port_id, future = session.open_stream_now(local, spec.target, spec.target_port, self)
-        self.session, self.port_id = session, port_id
+        self.request_id, self.port_id = session.open_stream(local, spec.target, spec.target_port, self)
+        self.session = session
+        self.timer = self.pub.loop.call_later(self.pub.server.config.request_timeout, self._unanswered)
         self._attached(session)
-        return request_id, future
 
-    async def _attach(self, issued: tuple[Session, tuple[int, asyncio.Future[Any]]] | None) -> None:
-        spec = self.pub.spec
-        if issued is not None:
-            session = issued[0]
-            try:
-                await session.opened(issued[1])
-            except (RequestRefused, TimeoutError) as err:
-                self._refuse("refused", str(err) or "no answer from the mediator in time")
-                return
-            self._attached(session)
-            if session.core.opens_streams:
-                self._log_connection()
+    def _unanswered(self) -> None:
+        self.timer = None
+        self._refuse("refused", "no answer from the mediator in time")
+
+    def _stop_waiting(self) -> None:
+        """No answer to our OPEN_STREAM is wanted any more (it came, or the relay is over)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.request_id and self.session is not None:
+            self.session.forget_stream(self.request_id)
+        self.request_id = 0
+
+    async def _opened(self, session: Session, issued: tuple[int, asyncio.Future[Any]]) -> None:
+        """Version 2 or 3: the answer to the OPEN_CONNECT ``_open_now`` issued."""
+        try:
+            await session.opened(issued)
+        except (RequestRefused, TimeoutError) as err:
+            self._refuse("refused", str(err) or "no answer from the mediator in time")
             return
+        self._attached(session)
+
+    async def _attach(self) -> None:
+        spec = self.pub.spec
         session = await self.pub.session()
         if session is None:
             self._refuse("no_mediator", f"mediator {spec.identity} is not connected")
@@ -283,9 +302,10 @@ class PublicConnection(asyncio.Protocol):
         try:
             local = session.local_address_for(spec.target)
             if session.core.opens_streams:
-                await session.opened(self._open_stream(session, local))
-                self._log_connection()
-            elif session.core.pipelines_connect:
+                await session.room()
+                self._open_stream(session, local)
+                return
+            if session.core.pipelines_connect:
                 # Version 2: OPEN_CONNECT, one round trip (issue 14, latency).
                 await session.open_connect(local, spec.target, spec.target_port, self)
             else:
@@ -312,7 +332,7 @@ class PublicConnection(asyncio.Protocol):
         self.gate.resume("attach")
         if not session.core.opens_streams:
             # The log line after the frames of this iteration have left, not
-            # before (version 4: once the OPENED has come, ``_attach``).
+            # before (version 4: once the OPENED has come, ``on_opened``).
             self.pub.loop.call_soon(self._log_connection)
 
     def _log_connection(self) -> None:
@@ -325,6 +345,9 @@ class PublicConnection(asyncio.Protocol):
         )
 
     def _refuse(self, event: str, why: str) -> None:
+        if self.done:
+            return
+        self._stop_waiting()
         self.pub.counters["refused"] += 1
         self.pub.log.warn(event, public=self.pub.spec.public_port, client=_fmt(self.client), reason=why)
         self.done = True
@@ -338,6 +361,7 @@ class PublicConnection(asyncio.Protocol):
         if self.done:
             return
         self.done = True
+        self._stop_waiting()
         if self.session is not None and self.port_id is not None:
             self.session.remove_reader(self.gate)
             # A slow client that had paused the channel must not keep it paused.
@@ -475,11 +499,22 @@ class PublicConnection(asyncio.Protocol):
         raise AssertionError("a client port never accepts")
 
     def on_opened(self, session: Session, port_id: int) -> None:
-        """OPEN_CONNECT answered: ours from now on, and relayed at once (the
-        client's first bytes go out with this read's frames), not when
-        ``_attach`` resumes a loop trip later."""
+        """Version 4: the OPENED of our stream, which is ours since the
+        request: the target is connected too, and the connection is logged.
+        Version 2 or 3: OPEN_CONNECT answered: ours from now on, and relayed
+        at once (the client's first bytes go out with this read's frames),
+        not when ``_opened`` resumes a loop trip later."""
+        if self.request_id:
+            self._stop_waiting()
+            self._log_connection()
+            return
         self.session, self.port_id = session, port_id
         self._attached(session)
+
+    def on_refused(self, why: str) -> None:
+        """Version 4: the mediator refused our stream, or could not connect it."""
+        self.request_id = 0  # answered: nothing to forget
+        self._refuse("refused", why)
 
     def on_window(self, paused: bool) -> None:
         """Version 3: the window to the target is used up (or has credit again)."""

@@ -84,6 +84,13 @@ class PortOwner(Protocol):
     def on_window(self, paused: bool) -> None: ...
 
 
+class StreamOwner(PortOwner, Protocol):
+    """The owner of a version 4 stream (``Session.open_stream``): its
+    request's answer comes to it, ``on_opened`` or this."""
+
+    def on_refused(self, why: str) -> None: ...
+
+
 class SessionAuthenticator:
     """Token (constant time) and, if the mediators file names one, client certificate."""
 
@@ -135,6 +142,7 @@ class Session:
         self._full = False
         self._futures: dict[int, asyncio.Future[Any]] = {}
         self._owners_at_open: dict[int, PortOwner] = {}  # OPEN_CONNECT request id -> its port's owner
+        self._stream_owners: dict[int, StreamOwner] = {}  # OPEN_STREAM request id -> its stream's owner
         self._channel_waiters: dict[int, asyncio.Future[None]] = {}
         self._room_waiters: list[asyncio.Future[None]] = []  # new relays waiting for a request slot
         self.writer = ChannelWriter(transport, self.loop)  # frames to write at the end of this loop iteration
@@ -240,6 +248,7 @@ class Session:
                 future.set_exception(lost)
         self._futures.clear()
         self._channel_waiters.clear()
+        self._stream_owners.clear()  # their streams are among ``owners``: told below
         for waiter in self._room_waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -263,6 +272,16 @@ class Session:
 
     def _answer(self, out: PortOpened | RequestAcked | RequestFailed) -> None:
         self._wake_one()
+        stream_owner = self._stream_owners.pop(out.request_id, None)
+        if stream_owner is not None:
+            if isinstance(out, RequestFailed):
+                if self.core.port(out.port_id) is None:
+                    self.owners.pop(out.port_id, None)  # refused: its id is free again
+                why = f"{out.code.name}: {out.message}" if out.message else out.code.name
+                self._contained(out.port_id, stream_owner, lambda: stream_owner.on_refused(why))
+            else:
+                self._contained(out.port_id, stream_owner, lambda: stream_owner.on_opened(self, out.port_id))
+            return
         future = self._futures.pop(out.request_id, None)
         owner = self._owners_at_open.pop(out.request_id, None)
         if owner is not None and isinstance(out, PortOpened) and future is not None and not future.done():
@@ -474,12 +493,13 @@ class Session:
         self.driver.run(outputs)
         return request_id, future
 
-    def open_stream_now(
-        self, local: IPAddress, address: IPAddress, port: int, owner: PortOwner,
-    ) -> tuple[int, int, asyncio.Future[Any]]:
-        """Version 4: OPEN_STREAM, issued now: the request id, the stream's id
-        (``owner`` owns it at once and may send on it before the OPENED) and
-        the future ``opened`` awaits. Raises ``RequestRefused``, ``LimitError``."""
+    def open_stream(self, local: IPAddress, address: IPAddress, port: int, owner: StreamOwner) -> tuple[int, int]:
+        """Version 4: OPEN_STREAM, issued now: the request id and the stream's
+        id. ``owner`` owns the stream at once and may send on it before the
+        OPENED; the answer comes to it (``on_opened``, ``on_refused``), with
+        no future and no task: a new public connection's hot path. The owner
+        keeps its own deadline for the answer, and ``forget_stream`` when it
+        no longer wants it. Raises ``RequestRefused``, ``LimitError``."""
         if self.closed:
             raise RequestRefused("CHANNEL_LOST", "the mediator's channel is closed", local=True)
         try:
@@ -487,10 +507,19 @@ class Session:
         except LocalProtocolError as err:
             raise RequestRefused("WRONG_STATE", err.message, local=True) from None
         self.owners[port_id] = owner
-        future: asyncio.Future[Any] = self.loop.create_future()
-        self._futures[request_id] = future
+        self._stream_owners[request_id] = owner
         self.driver.run(outputs)
-        return request_id, port_id, future
+        return request_id, port_id
+
+    def forget_stream(self, request_id: int) -> None:
+        """The owner of ``open_stream``'s ``request_id`` wants no answer any
+        more (it gave up waiting, or its relay ended): a late one is handled
+        as nobody's (a late OPENED's stream is closed)."""
+        self._stream_owners.pop(request_id, None)
+
+    async def room(self) -> None:
+        """Wait, up to ``request_timeout``, while ``max_pending`` requests are in flight."""
+        await self._room()
 
     async def opened(self, issued: tuple[int, asyncio.Future[Any]]) -> PortOpened:
         """The answer to ``open_connect_now``'s request (up to ``request_timeout``)."""

@@ -460,3 +460,79 @@ def test_a_client_that_resets_before_the_accept_ends_its_connection_only(
     reasons = sorted(r.fields["reason"] for r in ends)  # type: ignore[attr-defined]
     assert reasons == ["client_reset"] * 20 + ["done"]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def _refusals(caplog: pytest.LogCaptureFixture) -> dict[str, str]:
+    """The server's "refused" lines: client -> reason."""
+    return {
+        r.fields["client"]: r.fields["reason"]  # type: ignore[attr-defined]
+        for r in caplog.records if getattr(r, "event", None) == "refused" and "public" in getattr(r, "fields", {})
+    }
+
+
+def test_a_stream_the_mediator_cannot_connect_resets_its_client_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Version 4: nothing listens at the target. The client's request went
+    with the OPEN_STREAM; the mediator's ERR comes back as that client's
+    reset and a "refused" line with the mediator's reason, the stream's id
+    is free on both ends, and the channel serves the next client."""
+
+    async def main() -> None:
+        async with loopback(tmp_path) as lb:
+            session, public = await _echo_published(lb)
+            closed = _free()
+            await lb.ask(cmd="publish", mediator="m1", proto="tcp", public=(dead := _free()),
+                         address="127.0.0.1", port=closed)
+            client = _held_connect(dead, b"GET / HTTP/1.0\r\n\r\n")
+            name = "127.0.0.1:%d" % client.getsockname()[1]
+            await until(lambda: name in _refusals(caplog), what="the refusal")
+            assert "CONNECT_FAILED" in _refusals(caplog)[name]
+            client.settimeout(WAIT)
+            with pytest.raises(ConnectionResetError):
+                assert client.recv(100) == b""  # an RST, not an orderly end
+            client.close()
+            await until(lambda: not session.core.ports, what="the stream's id to be free")
+            assert lb.server.publications[(Proto.TCP, dead)].counters["refused"] == 1
+            assert await _fetch(public, b"after") == b"after"
+            assert lb.server.records["m1"].session is session
+
+    with caplog.at_level(logging.INFO, logger="nfgate.tunnel"):
+        run(main())
+
+
+def test_a_stream_whose_opened_never_comes_is_refused_at_request_timeout(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Version 4: a mediator that never connects the target (nor answers).
+    The client is reset after ``request_timeout`` with "no answer"; a client
+    that reset before that deadline ended as ``client_reset`` and gets no
+    late refusal; both streams are closed on the channel, which stays up."""
+    from tunnel import mediator as mediator_module
+
+    monkeypatch.setattr(mediator_module._Session, "_connect", lambda self, out: None)
+
+    async def main() -> None:
+        async with loopback(tmp_path, request_timeout=0.5) as lb:
+            session, public = await _echo_published(lb)
+            gone = _held_connect(public, b"first")
+            gone_name = "127.0.0.1:%d" % gone.getsockname()[1]
+            await until(lambda: len(session.core.ports) == 1, what="the first stream")
+            gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            gone.close()
+            waiting = _held_connect(public, b"second")
+            name = "127.0.0.1:%d" % waiting.getsockname()[1]
+            await until(lambda: name in _refusals(caplog), what="the refusal at request_timeout")
+            assert _refusals(caplog) == {name: "no answer from the mediator in time"}
+            waiting.settimeout(WAIT)
+            with pytest.raises(ConnectionResetError):
+                waiting.recv(100)
+            waiting.close()
+            await until(lambda: not session.core.ports, what="both streams to be closed")
+            assert lb.server.records["m1"].session is session
+            ends = {r.fields["client"]: r.fields["reason"]  # type: ignore[attr-defined]
+                    for r in caplog.records if getattr(r, "event", None) == "connection_end"}
+            assert ends[gone_name] == "client_reset"
+
+    with caplog.at_level(logging.INFO, logger="nfgate.tunnel"):
+        run(main())
