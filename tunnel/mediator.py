@@ -430,12 +430,14 @@ class _Session:
         """Tell the core how many written bytes have left ``port_id``'s buffer."""
         io = self.ports.get(port_id)
         transport = stream(io.transport) if io is not None else None
-        if io is None or transport is None:
-            return
+        if io is not None and transport is not None:
+            self._gone(io, transport)
+
+    def _gone(self, io: _PortIO, transport: asyncio.Transport) -> None:
         gone = io.written - transport.get_write_buffer_size() - io.reported
         if gone > 0:
             io.reported += gone
-            self.driver.run(self.core.consumed(port_id, gone))
+            self._relay(self.core.consumed(io.port_id, gone))
 
     def _pause_reading(self, out: PauseReading) -> None:
         io = self.ports.get(out.port_id)
@@ -539,10 +541,13 @@ class _Session:
         io = self.ports[out.port_id]
         transport, io.warm = io.warm, None
         if transport is not None:
-            # Taken from the warm pool (just now, by _open_tcp): connected already.
+            # Taken from the warm pool (just now, by _open_tcp): connected
+            # already, to this very target, and still reading: nothing is
+            # read before ``_connected`` returns (no loop trip in between),
+            # and the pool let go of none that had bytes (tunnel/warm.py).
             conn = _TcpConn(self, io.port_id)
             transport.set_protocol(conn)
-            conn.connection_made(transport)  # as a fresh one's: no reading until start()
+            conn.transport, conn.peer = transport, (out.address, out.port)
             io.transport = transport
             self._connected(io, out, conn)
             return
@@ -671,7 +676,7 @@ class _Session:
                 return
             io.written += len(out.data)
             if self.core.windowed:
-                self._flushed(out.port_id)
+                self._gone(io, transport)
 
     def _send_to(self, out: SendTo) -> None:
         io = self.ports.get(out.port_id)
@@ -726,7 +731,15 @@ class _Session:
 
     def received(self, port_id: int, peer: tuple[IPAddress, int], data: bytes) -> None:
         if port_id in self.ports:
-            self.driver.run(self.core.received(port_id, peer[0], peer[1], data))
+            self._relay(self.core.received(port_id, peer[0], peer[1], data))
+
+    def _relay(self, outputs: list[Any]) -> None:
+        """Carry out what the core answered to one relayed chunk, FIN, RST
+        or credit, which leaves its deadline where it was: the driver's
+        re-arm is spared when there is nothing to carry out (a FIN or bytes
+        held behind the window, a credit too small to give back yet)."""
+        if outputs:
+            self.driver.run(outputs)
 
     def channel_datagram(self, data: bytes) -> None:
         self.counters["channel_datagrams_in"] += 1
@@ -734,7 +747,7 @@ class _Session:
 
     def fin(self, port_id: int) -> None:
         if port_id in self.ports:
-            self.driver.run(self.core.fin(port_id))
+            self._relay(self.core.fin(port_id))
 
     def lost(self, port_id: int, exc: Exception | None) -> None:
         io = self.ports.get(port_id)
@@ -756,6 +769,7 @@ class _TcpConn(asyncio.Protocol):
         self.peer: tuple[IPAddress, int] | None = None
         self.transport: asyncio.Transport | None = None
         self.started = listen_id is not None
+        self.paused = False  # by connection_made, until start()
         self.early: list[bytes] = []  # read before the core knew the connection
         self.early_eof = False
 
@@ -771,6 +785,7 @@ class _TcpConn(asyncio.Protocol):
             # A client port reads only once the core knows it is connected.
             transport.pause_reading()
             settle_pause(transport)
+            self.paused = True
 
     def start(self) -> None:
         io = self.session.ports.get(self.port_id or 0)
@@ -785,7 +800,8 @@ class _TcpConn(asyncio.Protocol):
         io.gate.attach(self.transport)
         if self.session._channel_full:
             io.gate.pause("channel")
-        if not io.gate.reasons:
+        if self.paused and not io.gate.reasons:
+            self.paused = False
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:

@@ -69,41 +69,50 @@ class Rule:
     ops: frozenset[Op] = frozenset(Op)
 
     def matches(self, op: Op, address: IPAddress, port: int, proto: Proto) -> bool:
+        return self.first_port <= port <= self.last_port and self.covers(op, address, proto)
+
+    def covers(self, op: Op, address: IPAddress, proto: Proto) -> bool:
+        """``matches`` for some port (then its ports are ``first_port``..``last_port``)."""
         return (
             op in self.ops
             and proto in self.protos
-            and self.first_port <= port <= self.last_port
             and address.version == self.network.version
             and address in self.network
         )
 
 
-# Verdicts an allow-list remembers (each about 200 bytes); all are forgotten when full.
+# (op, address, proto) an allow-list remembers the port ranges of (each about
+# 200 bytes); all are forgotten when full.
 VERDICTS = 4096
 
 
 class AllowList:
     """A ``Policy`` from rules: allowed if any rule matches, else refused.
 
-    The rules never change, so each verdict is remembered (up to
-    ``VERDICTS``): a new public connection to a target asks twice, a
-    redirected UDP flow once per datagram, and a remembered verdict is one
-    dictionary look-up instead of every rule's network test."""
+    The rules never change, so for each op, address and protocol asked
+    about, the port ranges the rules allow there are remembered (up to
+    ``VERDICTS`` of them): a new public connection asks twice (its target,
+    and the client port it binds, a new one each time), a redirected UDP
+    flow once per datagram, and a remembered answer is one dictionary
+    look-up and a range test instead of every rule's network test."""
 
     def __init__(self, rules: Iterable[Rule]) -> None:
         self.rules = tuple(rules)
-        self._verdicts: dict[tuple[Op, IPAddress, int, Proto], bool] = {}
+        self._ranges: dict[tuple[Op, IPAddress, Proto], tuple[tuple[int, int], ...]] = {}
 
     def check(self, op: Op, address: IPAddress, port: int, proto: Proto) -> bool:
-        key = (op, address, port, proto)
-        verdict = self._verdicts.get(key)
-        if verdict is None:
+        key = (op, address, proto)
+        ranges = self._ranges.get(key)
+        if ranges is None:
             plain = _plain(address)
-            verdict = any(rule.matches(op, plain, port, proto) for rule in self.rules)
-            if len(self._verdicts) >= VERDICTS:
-                self._verdicts.clear()
-            self._verdicts[key] = verdict
-        return verdict
+            ranges = tuple((rule.first_port, rule.last_port) for rule in self.rules if rule.covers(op, plain, proto))
+            if len(self._ranges) >= VERDICTS:
+                self._ranges.clear()
+            self._ranges[key] = ranges
+        for first, last in ranges:
+            if first <= port <= last:
+                return True
+        return False
 
 
 class TokenAuthenticator:

@@ -203,7 +203,7 @@ def test_remembered_verdicts_are_the_rules_verdicts_and_are_bounded(monkeypatch:
             assert remembering.check(*question) == any(
                 r.matches(question[0], tunnel.policy._plain(question[1]), *question[2:]) for r in rules
             ), question
-            assert len(remembering._verdicts) <= 8
+            assert len(remembering._ranges) <= 8
     assert remembering.check(Op.CONNECT, IPv6Address("::ffff:192.168.1.2"), 21, Proto.TCP)  # mapped: as the IPv4 address
 
 
