@@ -64,6 +64,8 @@ class ChannelCore(abc.ABC, Generic[S]):
         self._state = state
         self._transitions = transitions
         self._closed = closed
+        self.closed = state == closed
+        """Whether the channel is over (the closed state): kept by ``_move``, read for every event."""
         self._versions = versions
         self._decoder = FrameDecoder(max_frame_size, versions)
         self._version: int | None = None
@@ -81,10 +83,6 @@ class ChannelCore(abc.ABC, Generic[S]):
         """The negotiated protocol version, once there is one."""
         return self._version
 
-    @property
-    def closed(self) -> bool:
-        return self._state == self._closed
-
     def _move(self, trigger: Trigger) -> None:
         target = self._transitions[self._state].get(trigger)
         if target is None:
@@ -94,6 +92,7 @@ class ChannelCore(abc.ABC, Generic[S]):
                 )
             raise LocalProtocolError(f"{trigger.value} not allowed in {self._state.value}")
         self._state = target
+        self.closed = target == self._closed
 
     def _negotiated(self, version: int, peer_max_frame: int) -> None:
         self._version = version
@@ -144,14 +143,17 @@ class ChannelCore(abc.ABC, Generic[S]):
     def _drain(self, now: float) -> list[Any]:
         """The frames buffered so far, handled in order."""
         out: list[Any] = []
+        decoder, handlers = self._decoder, self._handlers
         while not self.closed:
             try:
-                frame = self._decoder.next_frame()
+                frame = decoder.next_frame()
                 if frame is None:
                     break
                 self._last_received = now
-                self._move(frame.TYPE)
-                out += self._handlers[frame.TYPE](frame, now)
+                kind = frame.TYPE
+                if self._transitions[self._state].get(kind) is not self._state:
+                    self._move(kind)  # a change of state, or the frame's refusal
+                out += handlers[kind](frame, now)
             except ProtocolError as err:
                 out += self._fault(err.code, err.message)
                 break

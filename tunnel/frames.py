@@ -654,18 +654,20 @@ def _check_request_id(role: Role, request_id: int) -> str | None:
 
 def encode_frame(frame: Frame, version: int = BASE_VERSION) -> bytes:
     """The bytes of ``frame``, header included, in protocol ``version``."""
-    problem = _check_request_id(frame.ROLE, frame.request_id)
-    if problem is not None:
-        raise LocalProtocolError(f"{frame.TYPE.name}: {problem}")
-    if version < SINCE_VERSION.get(frame.TYPE, 0):
+    cls, since, wants_id = _DECODING[frame.TYPE]
+    request_id = frame.request_id
+    if wants_id is not None and (request_id != 0) is not wants_id:
+        raise LocalProtocolError(f"{frame.TYPE.name}: {_check_request_id(frame.ROLE, request_id)}")
+    if version < since:
         raise LocalProtocolError(f"{frame.TYPE.name} does not exist in version {version}")
     w = Writer()
     frame._write(w)
     body = b"".join(w.parts)
-    check_range("version", version, 8)
-    check_range("request_id", frame.request_id, 32)
-    check_range("length", len(body), 32)
-    return HEADER.pack(version, frame.TYPE, 0, frame.request_id, len(body)) + body
+    if not (0 <= version < 0x100 and 0 <= request_id < 0x100000000 and len(body) < 0x100000000):
+        check_range("version", version, 8)  # the one that does not fit says so
+        check_range("request_id", request_id, 32)
+        check_range("length", len(body), 32)
+    return HEADER.pack(version, frame.TYPE, 0, request_id, len(body)) + body
 
 
 def encode_frame_parts(frame: Frame, version: int = BASE_VERSION) -> tuple[Bytes, ...]:
@@ -806,7 +808,57 @@ class FrameDecoder:
         if self._error is not None:
             raise self._error
         try:
-            return self._next_frame()
+            start = self._start
+            if self._end - start < HEADER_SIZE:
+                return None
+            version, type_value, flags, request_id, length = HEADER.unpack_from(self._buffer, start)
+            if version != self.version and type_value not in VERSION_INDEPENDENT:
+                if self.version is not None or version not in self.versions:
+                    raise ProtocolError(
+                        ErrorCode.UNSUPPORTED_VERSION, f"frame in version {version}"
+                    )
+            decoding = _DECODING.get(type_value)
+            if decoding is None:
+                raise ProtocolError(ErrorCode.UNKNOWN_FRAME, f"frame type {type_value:#04x}")
+            cls, since, wants_id = decoding
+            if version < since:
+                raise ProtocolError(ErrorCode.UNKNOWN_FRAME, f"frame type {type_value:#04x} in version {version}")
+            if flags != 0:
+                raise ProtocolError(ErrorCode.BAD_REQUEST, f"reserved flags {flags:#06x} set")
+            if HEADER_SIZE + length > self.max_frame_size:
+                raise ProtocolError(
+                    ErrorCode.FRAME_TOO_LARGE,
+                    f"{HEADER_SIZE + length} bytes > max frame size {self.max_frame_size}",
+                )
+            if wants_id is not None and (request_id != 0) is not wants_id:
+                raise ProtocolError(ErrorCode.BAD_REQUEST, f"{cls.TYPE.name}: {_check_request_id(cls.ROLE, request_id)}")
+            end = start + HEADER_SIZE + length
+            if self._end < end:
+                return None
+            self._start = end
+            with memoryview(self._buffer) as view:
+                if cls is Data:
+                    body = start + HEADER_SIZE
+                    fields_of = _DATA_FIELDS.get(self._buffer[body + 4]) if length > 4 else None
+                    if fields_of is not None and length >= fields_of.size:
+                        port_id, family, raw, port = fields_of.unpack_from(self._buffer, body)
+                        address = _ADDRESSES.get(raw)
+                        if address is None:
+                            address = ipaddress.IPv4Address(raw) if family == 4 else ipaddress.IPv6Address(raw)
+                            if len(_ADDRESSES) >= ADDRESSES_KEPT:
+                                _ADDRESSES.clear()
+                            _ADDRESSES[raw] = address
+                        return Data(port_id, address, port, bytes(view[body + fields_of.size : end]))
+                    # Anything else is a bad body: the field by field reading below says how.
+                if cls is Data and length > _DATA_FIELDS_MAX:
+                    fields = Reader(bytes(view[start + HEADER_SIZE : start + HEADER_SIZE + _DATA_FIELDS_MAX]))
+                    port_id, address, port = fields.u32(), fields.address(), fields.u16()
+                    payload = bytes(view[start + HEADER_SIZE + fields.position : end])
+                    return Data(port_id, address, port, payload, request_id=request_id)
+                reader = Reader(bytes(view[start + HEADER_SIZE : end]))
+            frame = cls._read(reader, request_id)
+            reader.end()
+            return frame
         except ProtocolError as err:
             self._error = err
             raise
@@ -815,55 +867,3 @@ class FrameDecoder:
         while (frame := self.next_frame()) is not None:
             yield frame
 
-    def _next_frame(self) -> Frame | None:
-        start = self._start
-        if self._end - start < HEADER_SIZE:
-            return None
-        version, type_value, flags, request_id, length = HEADER.unpack_from(self._buffer, start)
-        if version != self.version and type_value not in VERSION_INDEPENDENT:
-            if self.version is not None or version not in self.versions:
-                raise ProtocolError(
-                    ErrorCode.UNSUPPORTED_VERSION, f"frame in version {version}"
-                )
-        decoding = _DECODING.get(type_value)
-        if decoding is None:
-            raise ProtocolError(ErrorCode.UNKNOWN_FRAME, f"frame type {type_value:#04x}")
-        cls, since, wants_id = decoding
-        if version < since:
-            raise ProtocolError(ErrorCode.UNKNOWN_FRAME, f"frame type {type_value:#04x} in version {version}")
-        if flags != 0:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"reserved flags {flags:#06x} set")
-        if HEADER_SIZE + length > self.max_frame_size:
-            raise ProtocolError(
-                ErrorCode.FRAME_TOO_LARGE,
-                f"{HEADER_SIZE + length} bytes > max frame size {self.max_frame_size}",
-            )
-        if wants_id is not None and (request_id != 0) is not wants_id:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{cls.TYPE.name}: {_check_request_id(cls.ROLE, request_id)}")
-        end = start + HEADER_SIZE + length
-        if self._end < end:
-            return None
-        self._start = end
-        with memoryview(self._buffer) as view:
-            if cls is Data:
-                body = start + HEADER_SIZE
-                fields_of = _DATA_FIELDS.get(self._buffer[body + 4]) if length > 4 else None
-                if fields_of is not None and length >= fields_of.size:
-                    port_id, family, raw, port = fields_of.unpack_from(self._buffer, body)
-                    address = _ADDRESSES.get(raw)
-                    if address is None:
-                        address = ipaddress.IPv4Address(raw) if family == 4 else ipaddress.IPv6Address(raw)
-                        if len(_ADDRESSES) >= ADDRESSES_KEPT:
-                            _ADDRESSES.clear()
-                        _ADDRESSES[raw] = address
-                    return Data(port_id, address, port, bytes(view[body + fields_of.size : end]))
-                # Anything else is a bad body: the field by field reading below says how.
-            if cls is Data and length > _DATA_FIELDS_MAX:
-                fields = Reader(bytes(view[start + HEADER_SIZE : start + HEADER_SIZE + _DATA_FIELDS_MAX]))
-                port_id, address, port = fields.u32(), fields.address(), fields.u16()
-                payload = bytes(view[start + HEADER_SIZE + fields.position : end])
-                return Data(port_id, address, port, payload, request_id=request_id)
-            reader = Reader(bytes(view[start + HEADER_SIZE : end]))
-        frame = cls._read(reader, request_id)
-        reader.end()
-        return frame

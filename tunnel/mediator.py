@@ -317,7 +317,7 @@ class _Session:
         }
         core = self.core
         self.driver = CoreDriver(
-            handlers, tick=core.tick, deadline=lambda now: core.next_deadline(), clock=self.loop.time
+            handlers, tick=core.tick, deadline=core.next_deadline, clock=self.loop.time
         )
 
     # -- driving the core ---------------------------------------------------------------

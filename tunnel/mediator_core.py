@@ -234,8 +234,9 @@ class MediatorCore(ChannelCore[MediatorState]):
                 out.append(self._channel_keepalive(port, now))
         return out + self._probe_tick(now)
 
-    def next_deadline(self) -> float | None:
-        """When ``tick`` must be called next (None: no timer running)."""
+    def next_deadline(self, now: float = 0.0) -> float | None:
+        """When ``tick`` must be called next (None: no timer running). ``now``
+        is not needed: the driver's ``deadline`` is this method itself."""
         if self._state is MediatorState.INIT_SENT:
             return self._init_deadline
         if self._state is not MediatorState.READY:

@@ -83,6 +83,7 @@ class Publication:
     def __init__(self, server: PublishHost, spec: PublishSpec) -> None:
         self.server = server
         self.spec = spec
+        self.target_text = endpoint_text(spec.target, spec.target_port)  # for the lines of its connections
         self.log = server.log
         self.loop = asyncio.get_running_loop()
         self.counters: Counter[str] = Counter()
@@ -208,6 +209,7 @@ class PublicConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.gate = ReadGate()
         self.client: tuple[IPAddress, int] | None = None
+        self.client_text = "-"
         self.session: Session | None = None
         self.port_id: int | None = None
         self.done = False
@@ -233,6 +235,7 @@ class PublicConnection(asyncio.Protocol):
         # with the handshake): they are kept and leave with the OPENED's
         # answer, in the same write, instead of one loop trip after it.
         self.client = self.origin or address_pair(transport.get_extra_info("peername"))
+        self.client_text = _fmt(self.client)  # for its lines: the same text in each
         self.pub.connections.add(self)
         self.pub.counters["connections"] += 1
         if not self._open_now():
@@ -340,8 +343,8 @@ class PublicConnection(asyncio.Protocol):
             return
         spec = self.pub.spec
         self.pub.log.emit(
-            "connection", public=spec.public_port, client=_fmt(self.client),
-            to=endpoint_text(spec.target, spec.target_port), mediator=spec.identity, port=self.port_id,
+            "connection", public=spec.public_port, client=self.client_text,
+            to=self.pub.target_text, mediator=spec.identity, port=self.port_id,
         )
 
     def _refuse(self, event: str, why: str) -> None:
@@ -349,7 +352,7 @@ class PublicConnection(asyncio.Protocol):
             return
         self._stop_waiting()
         self.pub.counters["refused"] += 1
-        self.pub.log.warn(event, public=self.pub.spec.public_port, client=_fmt(self.client), reason=why)
+        self.pub.log.warn(event, public=self.pub.spec.public_port, client=self.client_text, reason=why)
         self.done = True
         if self.session is not None and self.port_id is not None:
             self.session.remove_reader(self.gate)
@@ -369,7 +372,7 @@ class PublicConnection(asyncio.Protocol):
             self.session.close_soon(self.port_id)
         detail = detail or self.error
         self.pub.log.emit(
-            "connection_end", public=self.pub.spec.public_port, client=_fmt(self.client), port=self.port_id,
+            "connection_end", public=self.pub.spec.public_port, client=self.client_text, port=self.port_id,
             reason=reason, bytes_in=self.bytes_in, bytes_out=self.bytes_out, **({"detail": detail} if detail else {}),
         )
 

@@ -236,8 +236,9 @@ class ServerSession(ChannelCore[ServerState]):
                 return [SendDatagram(*source, encode_datagram(ack, self._key))]
         return []
 
-    def next_deadline(self) -> float | None:
-        """When ``tick`` must be called next (None: no timer running)."""
+    def next_deadline(self, now: float = 0.0) -> float | None:
+        """When ``tick`` must be called next (None: no timer running). ``now``
+        is not needed: the driver's ``deadline`` is this method itself."""
         if self._state is ServerState.WAIT_HELLO:
             return self._hello_deadline
         if self._state is ServerState.READY:

@@ -157,7 +157,7 @@ class Session:
         }
         core = self.core
         self.driver = CoreDriver(
-            handlers, tick=core.tick, deadline=lambda now: core.next_deadline(), clock=self.loop.time
+            handlers, tick=core.tick, deadline=core.next_deadline, clock=self.loop.time
         )
         self._via_channel = False
 

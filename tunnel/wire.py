@@ -62,7 +62,13 @@ class Reader:
         return int.from_bytes(self.take(2), "big")
 
     def u32(self) -> int:
-        return int.from_bytes(self.take(4), "big")
+        # ``take``'s work in place: the field of nearly every frame.
+        pos = self._pos
+        end = pos + 4
+        if end > len(self._data):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "truncated frame body")
+        self._pos = end
+        return int.from_bytes(self._data[pos:end], "big")
 
     def flag(self) -> bool:
         value = self.u8()
@@ -139,14 +145,23 @@ class Writer:
     def __init__(self) -> None:
         self.parts: list[bytes] = []
 
+    # The range checks are ``check_range``'s, written out: these run for
+    # every field of every frame but DATA's.
+
     def u8(self, value: int, name: str = "u8") -> None:
-        self.parts.append(check_range(name, value, 8).to_bytes(1, "big"))
+        if not 0 <= value < 0x100:
+            check_range(name, value, 8)
+        self.parts.append(value.to_bytes(1, "big"))
 
     def u16(self, value: int, name: str = "u16") -> None:
-        self.parts.append(check_range(name, value, 16).to_bytes(2, "big"))
+        if not 0 <= value < 0x10000:
+            check_range(name, value, 16)
+        self.parts.append(value.to_bytes(2, "big"))
 
     def u32(self, value: int, name: str = "u32") -> None:
-        self.parts.append(check_range(name, value, 32).to_bytes(4, "big"))
+        if not 0 <= value < 0x100000000:
+            check_range(name, value, 32)
+        self.parts.append(value.to_bytes(4, "big"))
 
     def address(self, address: IPAddress) -> None:
         if isinstance(address, ipaddress.IPv4Address):
