@@ -120,7 +120,7 @@ class ChannelWriter:
     and Python copies none of it (docs/tunnel-protocol.md section 21,
     "Copies")."""
 
-    __slots__ = ("transport", "loop", "hold", "parts", "frames", "_soon", "_timer")
+    __slots__ = ("transport", "loop", "hold", "parts", "frames", "_soon", "_timer", "_after")
 
     def __init__(self, transport: asyncio.WriteTransport, loop: asyncio.AbstractEventLoop, hold: float = 0.0) -> None:
         self.transport = transport
@@ -130,6 +130,7 @@ class ChannelWriter:
         self.frames = 0  # frames in ``parts``
         self._soon = False  # a flush is due at the end of this iteration
         self._timer: asyncio.TimerHandle | None = None  # the held frames' flush
+        self._after: list[tuple[Callable[..., object], tuple[Any, ...]]] = []  # ``after``'s, until the flush
 
     def add(self, parts: tuple[Bytes, ...], hold: bool = False) -> None:
         """``hold``: the frame may wait up to ``self.hold`` seconds for the
@@ -144,6 +145,15 @@ class ChannelWriter:
         self.parts.extend(parts)
         self.frames += 1
 
+    def after(self, callback: Callable[..., object], *args: Any) -> None:
+        """Call ``callback(*args)`` once the frames added so far have been
+        written (soon, if none wait): work that is on no peer's path (the
+        warm pool's next connects) does not go before them."""
+        if self.parts:
+            self._after.append((callback, args))
+        else:
+            self.loop.call_soon(callback, *args)
+
     def flush(self) -> None:
         """Write what was added since the last flush, in order."""
         self._soon = False
@@ -151,6 +161,10 @@ class ChannelWriter:
             self._timer.cancel()
             self._timer = None
         parts, self.parts, self.frames = self.parts, [], 0
+        if self._after:
+            after, self._after = self._after, []
+            for callback, args in after:
+                self.loop.call_soon(callback, *args)
         if not parts or self.transport.is_closing():
             return
         if len(parts) == 1:

@@ -558,7 +558,9 @@ class _Session:
         self.driver.run(self.core.connected(io.port_id))
         conn.start()
         if io.open_connect:
-            self.warm.refill((io.address, out.address, out.port))
+            # Once this iteration's frames have left (the OPENED, the
+            # target's first bytes): the next connects are on no one's path.
+            self.writer.after(self.warm.refill, (io.address, out.address, out.port))
 
     async def _connect_task(self, io: _PortIO, out: ConnectSocket) -> None:
         cfg = self.mediator.config

@@ -220,6 +220,7 @@ class PublicConnection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.request_id = 0  # version 4: our OPEN_STREAM's, until its answer comes
         self.timer: asyncio.TimerHandle | None = None  # version 4: the deadline for that answer
+        self.line_due = False  # version 4: opened, its "connection" line not yet written
         self.attached = False
         self.early: list[bytes] = []  # read before the tunnel side existed
         self.early_eof = False
@@ -338,9 +339,16 @@ class PublicConnection(asyncio.Protocol):
             # before (version 4: once the OPENED has come, ``on_opened``).
             self.pub.loop.call_soon(self._log_connection)
 
+    def _due_line(self) -> None:
+        if self.line_due:
+            self.line_due = False
+            self._log_connection()
+
     def _log_connection(self) -> None:
-        if self.done:
-            return
+        if not self.done:
+            self._connection_line()
+
+    def _connection_line(self) -> None:
         spec = self.pub.spec
         self.pub.log.emit(
             "connection", public=spec.public_port, client=self.client_text,
@@ -370,6 +378,9 @@ class PublicConnection(asyncio.Protocol):
             # A slow client that had paused the channel must not keep it paused.
             self.session.channel_gate.resume(f"public {id(self)}")
             self.session.close_soon(self.port_id)
+        if self.line_due:  # opened, and over within the same loop iteration
+            self.line_due = False
+            self._connection_line()
         detail = detail or self.error
         self.pub.log.emit(
             "connection_end", public=self.pub.spec.public_port, client=self.client_text, port=self.port_id,
@@ -509,7 +520,11 @@ class PublicConnection(asyncio.Protocol):
         not when ``_opened`` resumes a loop trip later."""
         if self.request_id:
             self._stop_waiting()
-            self._log_connection()
+            # Its line after what came with the OPENED (the target's first
+            # bytes, in this same read) has gone to the client, and before
+            # the connection's end line.
+            self.line_due = True
+            self.pub.loop.call_soon(self._due_line)
             return
         self.session, self.port_id = session, port_id
         self._attached(session)

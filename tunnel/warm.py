@@ -119,16 +119,14 @@ class WarmPool:
             return
         missing = self.size - len(self.waiting.get(slot, ())) - self.connecting[slot]
         if missing > 0:
+            # The caller chose the moment (the mediator: once the frames of
+            # the connection that took one have left); the connects run from
+            # the tasks' first steps, after this callback.
             self.connecting[slot] += missing
-            # After the next iteration's reads (a timer runs after them): the
-            # client's first bytes, often there by then, go out first.
-            self.loop.call_later(0, self._start, key, slot, missing)
-
-    def _start(self, key: Key, slot: Slot, count: int) -> None:
-        for _ in range(count):
-            task = self.loop.create_task(self._connect(key, slot))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            for _ in range(missing):
+                task = self.loop.create_task(self._connect(key, slot))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
 
     async def _connect(self, key: Key, slot: Slot) -> None:
         local, address, port = key

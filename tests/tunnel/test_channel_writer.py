@@ -80,3 +80,27 @@ async def _held() -> None:
     unheld.add((b"opened4",), hold=True)  # no hold set: at the end of the iteration as any frame
     await asyncio.sleep(0)
     assert transport.writes[3] == [b"opened4"]
+
+
+def test_work_after_the_frames_runs_once_they_are_written() -> None:
+    asyncio.run(_after())
+
+
+async def _after() -> None:
+    loop = asyncio.get_running_loop()
+    transport = Transport()
+    writer = ChannelWriter(transport, loop, hold=0.05)  # type: ignore[arg-type]
+    seen: list[int] = []
+    writer.after(lambda: seen.append(len(transport.writes)))  # nothing waits: soon
+    await asyncio.sleep(0)
+    assert seen == [0]
+    writer.add((b"opened",), hold=True)
+    writer.after(lambda: seen.append(len(transport.writes)))  # waits for the held frame to leave
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert seen == [0]
+    writer.add((b"data",))
+    loop.call_soon(lambda: seen.append(-1))  # scheduled before the flush runs: still before the work
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert transport.writes == [[b"openeddata"]] and seen == [0, -1, 1]

@@ -536,3 +536,25 @@ def test_a_stream_whose_opened_never_comes_is_refused_at_request_timeout(
 
     with caplog.at_level(logging.INFO, logger="nfgate.tunnel"):
         run(main())
+
+
+def test_each_connection_has_its_line_before_its_end_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Version 4: a connection's "connection" line waits until what came
+    with its OPENED has gone to the client, yet every relayed connection has
+    one, before its "connection_end", also one that is over within the
+    read its OPENED came in (the echo's bytes and FIN with it)."""
+
+    async def main() -> None:
+        async with loopback(tmp_path) as lb:
+            _, public = await _echo_published(lb)
+            for i in range(20):
+                assert await _fetch(public, b"x%d" % i) == b"x%d" % i
+
+    with caplog.at_level(logging.INFO, logger="nfgate.tunnel"):
+        run(main())
+    lines: dict[str, list[str]] = {}
+    for r in caplog.records:
+        if getattr(r, "event", None) in ("connection", "connection_end") and "public" in r.fields:  # type: ignore[attr-defined]
+            lines.setdefault(r.fields["client"], []).append(r.event)  # type: ignore[attr-defined]
+    assert len(lines) == 20
+    assert all(events == ["connection", "connection_end"] for events in lines.values()), lines
