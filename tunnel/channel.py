@@ -69,6 +69,15 @@ class ChannelCore(abc.ABC, Generic[S]):
         self._versions = versions
         self._decoder = FrameDecoder(max_frame_size, versions)
         self._version: int | None = None
+        # What the negotiated version has (nothing until then); attributes,
+        # not properties: the I/O layers ask for every relayed event.
+        self.pipelines_connect = False
+        """Version 2: OPEN_CONNECT and CHECK_TARGET (one round trip per new connection)."""
+        self.windowed = False
+        """Version 3: per-connection windows (a slow reader holds no longer the channel)."""
+        self.opens_streams = False
+        """Version 4: OPEN_STREAM (a connection's first bytes before its OPENED), and
+        both FINs or an RST release a connection's id, without CLOSE and ACK."""
         self._peer_max_frame = MIN_MAX_FRAME_SIZE
         self._last_received = 0.0
         self._handlers: dict[FrameType, Callable[[Any, float], list[Any]]] = {}
@@ -98,6 +107,7 @@ class ChannelCore(abc.ABC, Generic[S]):
         self._version = version
         self._decoder.version = version
         self._peer_max_frame = peer_max_frame
+        self.pipelines_connect, self.windowed, self.opens_streams = version >= 2, version >= 3, version >= 4
 
     def _send(self, frame: Frame, hold: bool = False) -> SendFrame:
         return SendFrame(frame, self._version if self._version is not None else max(self._versions), hold)

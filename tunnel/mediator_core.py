@@ -488,14 +488,14 @@ class MediatorCore(ChannelCore[MediatorState]):
         return [ShutdownSocket(port.port_id), *self._both_fins(port)]
 
     def _on_rst(self, frame: EventRst, now: float) -> Out:
-        if self.streams_release and frame.port_id not in self._ports:
+        if self.opens_streams and frame.port_id not in self._ports:
             return []  # version 4: an RST that crossed our own release (or our RST)
         port, refusal = self._port_for(frame, frame.port_id, PortOp.RST)
         if port is None:
             return refusal
         if port.connect_to is not None:
             return self._cancel(port, "reset by the server")
-        if self.streams_release:
+        if self.opens_streams:
             # Version 4: the id is released by the RST itself, no CLOSE.
             del self._ports[port.port_id]
             return [AbortSocket(port.port_id), CloseSocket(port.port_id)]
@@ -514,15 +514,10 @@ class MediatorCore(ChannelCore[MediatorState]):
         """Version 4: once both FINs have crossed, the id is released without
         CLOSE (the server does the same on its side): the socket closes
         after what is left of its writes."""
-        if not (self.streams_release and port.shut and port.fin_sent):
+        if not (self.opens_streams and port.shut and port.fin_sent):
             return []
         del self._ports[port.port_id]
         return [CloseSocket(port.port_id)]
-
-    @property
-    def streams_release(self) -> bool:
-        """Version 4: both FINs, or an RST, release a connection's id (no CLOSE and ACK)."""
-        return (self._version or 0) >= 4
 
     def _on_window_update(self, frame: WindowUpdate, now: float) -> Out:
         port = self._ports.get(frame.port_id)
@@ -554,11 +549,6 @@ class MediatorCore(ChannelCore[MediatorState]):
             return []
         grant = record.credit.consumed(n)
         return [self._send(WindowUpdate(port_id, grant))] if grant else []
-
-    @property
-    def windowed(self) -> bool:
-        """Per-connection windows (version 3): a slow private host no longer holds the channel."""
-        return (self._version or 0) >= 3
 
     def _on_keepalive(self, frame: Keepalive, now: float) -> Out:
         return self._reply(KeepaliveAck(request_id=frame.request_id))
@@ -758,7 +748,7 @@ class MediatorCore(ChannelCore[MediatorState]):
         record = self._live(port_id)
         if record is None or self.closed or record.state is not PortState.CONNECTED:
             return []
-        if self.streams_release:
+        if self.opens_streams:
             del self._ports[port_id]  # version 4: the RST releases the id
             return [self._send(EventRst(port_id)), CloseSocket(port_id)]
         record.state, record.credit = PortState.RESET, None

@@ -146,6 +146,47 @@ class _Pending:
     peer: tuple[IPAddress, int] | None = None  # OPEN_CONNECT's target
 
 
+_OPENS_PORT = frozenset({FrameType.OPEN_PORT, FrameType.REDIRECT_PORT, FrameType.OPEN_CONNECT})
+
+
+class _PendingRequests(dict[int, _Pending]):
+    """The requests in flight by id, counting those that will take a port
+    and those that will take a connection when answered, as ``_Remotes``
+    counts the ids held (a new connection's limit check, without going
+    through the requests)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.port_count = 0
+        self.connection_count = 0
+
+    def _count(self, pending: _Pending, sign: int) -> None:
+        self.port_count += sign * (pending.kind in _OPENS_PORT)
+        self.connection_count += sign * (pending.kind is FrameType.OPEN_CONNECT)
+
+    def __setitem__(self, request_id: int, pending: _Pending) -> None:
+        old = self.get(request_id)
+        if old is not None:
+            self._count(old, -1)
+        super().__setitem__(request_id, pending)
+        self._count(pending, 1)
+
+    def __delitem__(self, request_id: int) -> None:
+        self._count(self[request_id], -1)
+        super().__delitem__(request_id)
+
+    def pop(self, request_id: int, default: Any = None) -> Any:  # type: ignore[override]
+        pending = super().pop(request_id, None)
+        if pending is None:
+            return default
+        self._count(pending, -1)
+        return pending
+
+    def clear(self) -> None:
+        super().clear()
+        self.port_count = self.connection_count = 0
+
+
 class ServerSession(ChannelCore[ServerState]):
     """The control server's protocol state machine for one mediator."""
 
@@ -178,7 +219,7 @@ class ServerSession(ChannelCore[ServerState]):
         self._interval = 0.0  # the mediator's keepalive interval
         self._key: bytes | None = None
         self._remotes = _Remotes()
-        self._pending: dict[int, _Pending] = {}
+        self._pending = _PendingRequests()
         self._request_ids = IdAllocator()
         self._stream_ids = IdAllocator(STREAM_ID_BASE, MAX_ID)  # version 4: the ids we choose
         # Keepalive discovery (version 3): the one PROBE to answer, when and where.
@@ -291,13 +332,10 @@ class ServerSession(ChannelCore[ServerState]):
     # -- requests ------------------------------------------------------------------
 
     def _ports_in_use(self) -> int:
-        opens = (FrameType.OPEN_PORT, FrameType.REDIRECT_PORT, FrameType.OPEN_CONNECT)
-        opening = sum(p.kind in opens for p in self._pending.values())
-        return opening + self._remotes.port_count
+        return self._pending.port_count + self._remotes.port_count
 
     def _connections_in_use(self) -> int:
-        opening = sum(p.kind is FrameType.OPEN_CONNECT for p in self._pending.values())
-        return opening + self._remotes.connection_count
+        return self._pending.connection_count + self._remotes.connection_count
 
     def _needs_version(self, version: int, what: str) -> None:
         if self._state is ServerState.READY and (self._version or 0) < version:
@@ -351,17 +389,6 @@ class ServerSession(ChannelCore[ServerState]):
             credit=StreamWindow(), opening=True,
         )
         return request_id, port_id, out
-
-    @property
-    def opens_streams(self) -> bool:
-        """OPEN_STREAM exists in this session (version 4): the client's first
-        bytes go before the OPENED, and both FINs or an RST release an id."""
-        return (self._version or 0) >= 4
-
-    @property
-    def pipelines_connect(self) -> bool:
-        """OPEN_CONNECT and CHECK_TARGET exist in this session (version 2)."""
-        return (self._version or 0) >= 2
 
     def _issue(
         self, frame_for: Callable[[int], Frame], pending: _Pending, *, limited: bool = True
@@ -513,11 +540,6 @@ class ServerSession(ChannelCore[ServerState]):
             return []
         grant = remote.credit.consumed(n)
         return [self._send(WindowUpdate(port_id, grant))] if grant else []
-
-    @property
-    def windowed(self) -> bool:
-        """Per-connection windows (version 3): a slow public client no longer holds the channel."""
-        return (self._version or 0) >= 3
 
     # -- replies from the mediator ---------------------------------------------------
 

@@ -160,6 +160,7 @@ class Session:
             handlers, tick=core.tick, deadline=core.next_deadline, clock=self.loop.time
         )
         self._via_channel = False
+        self._last_local: tuple[IPAddress, IPAddress] | None = None  # ``local_address_for``'s last
 
     # -- driving the core ------------------------------------------------------------------
 
@@ -603,7 +604,17 @@ class Session:
 
     def local_address_for(self, target: IPAddress) -> IPAddress:
         """The mediator address facing ``target``: the interface whose network
-        holds it, else its first address of the same family (HELLO's list)."""
+        holds it, else its first address of the same family (HELLO's list).
+        The last answer is kept: a publication asks for its one target at
+        every new connection."""
+        last = self._last_local
+        if last is not None and last[0] is target:
+            return last[1]
+        local = self._local_address_for(target)
+        self._last_local = (target, local)
+        return local
+
+    def _local_address_for(self, target: IPAddress) -> IPAddress:
         hello = self.core.hello
         interfaces = hello.interfaces if hello is not None else ()
         for iface in interfaces:
