@@ -121,9 +121,13 @@ class Role(enum.Enum):
     ANY = "any"  # ERR, INIT_ERR: a reply, or 0 when they answer no request
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Frame(abc.ABC):
-    """One frame. ``request_id`` is the header's request id (see ``Role``)."""
+    """One frame. ``request_id`` is the header's request id (see ``Role``).
+
+    A frame is a value, never changed once made; slotted, not frozen: a
+    frozen dataclass costs twice as much to make, and every frame received
+    or sent (a few per relayed connection) is one."""
 
     TYPE: ClassVar[FrameType]
     ROLE: ClassVar[Role]
@@ -139,7 +143,7 @@ class Frame(abc.ABC):
         """Parse the body's fields (the caller checks for trailing bytes)."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Hello(Frame):
     """Mediator -> server, first frame: who it is and what it has.
 
@@ -187,7 +191,7 @@ class Hello(Frame):
         )
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class InitOk(Frame):
     """Server -> mediator: HELLO accepted; ``version`` is used from now on."""
 
@@ -207,7 +211,7 @@ class InitOk(Frame):
         return cls(r.u8(), r.u32(), r.u32(), request_id=request_id)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class InitErr(Frame):
     """Server -> mediator: HELLO refused; ``versions`` are the server's own.
 
@@ -234,7 +238,7 @@ class InitErr(Frame):
         return cls(code, r.text(), versions, request_id=request_id)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class OpenPort(Frame):
     """Server -> mediator: open ``proto`` port ``port`` on ``address``.
 
@@ -262,7 +266,7 @@ class OpenPort(Frame):
         return cls(proto, r.address(), r.u16(), mandatory, request_id=request_id)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RedirectPort(Frame):
     """Server -> mediator: open UDP ``port`` and relay it over a UDP channel.
 
@@ -288,7 +292,7 @@ class RedirectPort(Frame):
         return cls(r.address(), r.u16(), mandatory, request_id=request_id)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ConnectPort(Frame):
     """Server -> mediator: connect opened TCP port ``port_id`` to address:port."""
 
@@ -308,7 +312,7 @@ class ConnectPort(Frame):
         return cls(r.u32(), r.address(), r.u16(), request_id=request_id)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class OpenConnect(Frame):
     """Server -> mediator (version 2): open a TCP client port on ``local``
     (any port) and connect it to target:port, in one request. Answered by
@@ -331,7 +335,7 @@ class OpenConnect(Frame):
         return cls(r.address(), r.address(), r.u16(), request_id=request_id)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class OpenStream(Frame):
     """Server -> mediator (version 4): OPEN_CONNECT with the id the server
     chose (``port_id``, at least ``STREAM_ID_BASE``). The stream exists
@@ -358,7 +362,7 @@ class OpenStream(Frame):
         return cls(r.u32(), r.address(), r.address(), r.u16(), request_id=request_id)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class CheckTarget(Frame):
     """Server -> mediator (version 2): would the owner's allow-list let the
     server relay to target:port (TCP: connect, UDP: send)? ACK or ERR
@@ -381,7 +385,7 @@ class CheckTarget(Frame):
         return cls(r.proto(), r.address(), r.u16(), request_id=request_id)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _PortIdOnly(Frame):
     port_id: int
 
@@ -393,7 +397,7 @@ class _PortIdOnly(Frame):
         return cls(r.u32(), request_id=request_id)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ListenPort(_PortIdOnly):
     """Server -> mediator: make opened TCP port ``port_id`` a server port."""
 
@@ -401,7 +405,7 @@ class ListenPort(_PortIdOnly):
     ROLE = Role.REQUEST
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ClosePort(_PortIdOnly):
     """Server -> mediator: close port or connection ``port_id``."""
 
@@ -409,7 +413,7 @@ class ClosePort(_PortIdOnly):
     ROLE = Role.REQUEST
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class UdpKey(Frame):
     """Server -> mediator: the key that authenticates the UDP channels.
 
@@ -431,7 +435,7 @@ class UdpKey(Frame):
         return cls(r.u32(), r.blob(), request_id=request_id)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Opened(Frame):
     """Mediator -> server: reply to OPEN_PORT/REDIRECT_PORT (id, port given)."""
 
@@ -449,7 +453,7 @@ class Opened(Frame):
         return cls(r.u32(), r.u16(), request_id=request_id)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Ack(Frame):
     """Reply: the request succeeded (the seed's "acknowledgement code")."""
 
@@ -464,7 +468,7 @@ class Ack(Frame):
         return cls(request_id=request_id)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Err(Frame):
     """Reply: the request failed with ``code`` ("or an error code").
 
@@ -488,7 +492,7 @@ class Err(Frame):
         return cls(r.code(), r.u32(), r.text(), request_id=request_id)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Data(Frame):
     """Either way: one packet (UDP) or a piece of the stream (TCP).
 
@@ -518,7 +522,7 @@ class Data(Frame):
         return cls(r.u32(), r.address(), r.u16(), r.rest(), request_id=request_id)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class EventAccepted(Frame):
     """Mediator -> server: a private host connected to listening ``port_id``.
 
@@ -544,7 +548,7 @@ class EventAccepted(Frame):
         return cls(r.u32(), r.u32(), r.address(), r.u16(), request_id=request_id)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class EventFin(_PortIdOnly):
     """Either way: the sender's side of TCP connection ``port_id`` sent FIN."""
 
@@ -552,7 +556,7 @@ class EventFin(_PortIdOnly):
     ROLE = Role.UNSOLICITED
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class EventRst(_PortIdOnly):
     """Either way: TCP connection ``port_id`` was reset (RST)."""
 
@@ -560,7 +564,7 @@ class EventRst(_PortIdOnly):
     ROLE = Role.UNSOLICITED
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WindowUpdate(Frame):
     """Either way (version 3): the sender's side of TCP connection ``port_id``
     has passed ``increment`` more bytes of DATA on to its socket: the peer may
@@ -580,7 +584,7 @@ class WindowUpdate(Frame):
         return cls(r.u32(), r.u32(), request_id=request_id)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Empty(Frame):
     def _write(self, w: Writer) -> None:
         return None
@@ -590,7 +594,7 @@ class _Empty(Frame):
         return cls(request_id=request_id)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Keepalive(_Empty):
     """The seed's "maintain channel packet"; the receiver answers at once."""
 
@@ -598,7 +602,7 @@ class Keepalive(_Empty):
     ROLE = Role.REQUEST
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class KeepaliveAck(_Empty):
     """Answer to KEEPALIVE; proves the peer alive (dead-peer detection)."""
 
@@ -606,7 +610,7 @@ class KeepaliveAck(_Empty):
     ROLE = Role.REPLY
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Bye(Frame):
     """Either way, last frame: why the sender closes the channel."""
 

@@ -68,7 +68,7 @@ class ChannelFailure(Exception):
     """One attempt to bring the channel up failed (logged, then retried)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _PortIO:
     """The sockets behind one port id."""
 

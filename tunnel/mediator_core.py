@@ -77,7 +77,7 @@ def _family_mismatch(local: IPAddress, target: IPAddress) -> str:
     return f"cannot connect from IPv{local.version} address {local} to IPv{target.version} address {target}"
 
 
-@dataclass
+@dataclass(slots=True)
 class _Port:
     """One port or connection id, as the mediator sees it."""
 

@@ -74,7 +74,7 @@ Out = list[ServerOutput]
 Issued = tuple[int, Out]  # (request id, outputs)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Remote:
     """The server's mirror of one mediator port or connection."""
 
@@ -138,7 +138,7 @@ class _Remotes(dict[int, _Remote]):
         remote.connection = connection
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Pending:
     kind: FrameType
     port_id: int = 0
