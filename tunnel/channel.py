@@ -68,6 +68,12 @@ class ChannelCore(abc.ABC, Generic[S]):
         """Whether the channel is over (the closed state): kept by ``_move``, read for every event."""
         self._versions = versions
         self._decoder = FrameDecoder(max_frame_size, versions)
+        self.read_buffer: Callable[[int], memoryview] = self._decoder.get_buffer
+        """``read_buffer(sizehint)``: where the I/O layer may write the
+        channel's next bytes (about ``sizehint`` of them:
+        ``BufferedProtocol.get_buffer``); then ``receive_into``. No copy of
+        them is made before their frames. The decoder's own method: the
+        TLS layer asks for every read."""
         self._version: int | None = None
         # What the negotiated version has (nothing until then); attributes,
         # not properties: the I/O layers ask for every relayed event.
@@ -132,12 +138,6 @@ class ChannelCore(abc.ABC, Generic[S]):
             SendFrame.encoded(encode_data_parts(port_id, address, port, data[i : i + chunk], version))
             for i in range(0, len(data), chunk)
         ]
-
-    def read_buffer(self, sizehint: int) -> memoryview:
-        """Where the I/O layer may write the channel's next bytes (about
-        ``sizehint`` of them: ``BufferedProtocol.get_buffer``); then
-        ``receive_into``. No copy of them is made before their frames."""
-        return self._decoder.get_buffer(sizehint)
 
     def receive_into(self, nbytes: int, now: float) -> list[Any]:
         """``nbytes`` were written into ``read_buffer``'s view: as ``receive_data``."""

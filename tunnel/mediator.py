@@ -316,6 +316,8 @@ class _Session:
             SendProbe: self._send_probe, KeepaliveLearned: self._keepalive_learned,
         }
         core = self.core
+        # Where TLS writes the channel's next bytes (``_ChannelProtocol.get_buffer``).
+        self.read_buffer = core.read_buffer
         self.driver = CoreDriver(
             handlers, tick=core.tick, deadline=core.next_deadline, clock=self.loop.time
         )
@@ -327,20 +329,16 @@ class _Session:
 
     def on_data(self, data: bytes) -> None:
         self.counters["bytes_from_server"] += len(data)
-        self._contain(lambda: self.core.receive_data(data, self.loop.time()))
-
-    def read_buffer(self, sizehint: int) -> memoryview:
-        """Where TLS writes the channel's next bytes (``_ChannelProtocol.get_buffer``)."""
-        return self.core.read_buffer(sizehint)
+        self._contain(self.core.receive_data, data)
 
     def on_buffer(self, nbytes: int) -> None:
         """``nbytes`` were written into ``read_buffer``'s view."""
         self.counters["bytes_from_server"] += nbytes
-        self._contain(lambda: self.core.receive_into(nbytes, self.loop.time()))
+        self._contain(self.core.receive_into, nbytes)
 
-    def _contain(self, receive: Any) -> None:
+    def _contain(self, receive: Any, arg: Any) -> None:
         try:
-            self.driver.run(receive())
+            self.driver.run(receive(arg, self.loop.time()))
         except Exception as err:  # noqa: BLE001 - ours, not the server's: say so, and end the channel cleanly
             self.counters["internal_errors"] += 1
             self.log.emit("internal_error", logging.ERROR, error=repr(err))

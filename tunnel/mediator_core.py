@@ -248,7 +248,7 @@ class MediatorCore(ChannelCore[MediatorState]):
             channel_silence = self.channel_interval * settings.dead_after
             for port in self._channels():
                 at = min(at, port.next_keepalive, port.last_received + channel_silence)
-        if self._probe is not None:
+        if self._probe is not None and self._probe.result is None:  # discovery under way
             probe_at = self._probe.deadline()
             if probe_at is not None and probe_at < at:
                 return probe_at

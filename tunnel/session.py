@@ -160,6 +160,8 @@ class Session:
             handlers, tick=core.tick, deadline=core.next_deadline, clock=self.loop.time
         )
         self._via_channel = False
+        # Where TLS writes the channel's next bytes (``ChannelProtocol.get_buffer``).
+        self.read_buffer = self.core.read_buffer
         self._last_local: tuple[IPAddress, IPAddress] | None = None  # ``local_address_for``'s last
 
     # -- driving the core ------------------------------------------------------------------
@@ -167,10 +169,6 @@ class Session:
     def on_data(self, data: bytes) -> None:
         self._took(len(data))
         self.driver.run(self.core.receive_data(data, self.loop.time()))
-
-    def read_buffer(self, sizehint: int) -> memoryview:
-        """Where TLS writes the channel's next bytes (``ChannelProtocol.get_buffer``)."""
-        return self.core.read_buffer(sizehint)
 
     def on_buffer(self, nbytes: int) -> None:
         """``nbytes`` were written into ``read_buffer``'s view."""
