@@ -446,7 +446,7 @@ class PublicConnection(asyncio.Protocol):
         if not self.attached:
             self.early_eof = True
             return True
-        if self.session is not None and self.port_id is not None and not self.done:
+        if self.session is not None and self.port_id is not None and not self.done and not self.fin_in:
             self.fin_in = True
             self.session.fin(self.port_id)
             if self.fin_out:
@@ -492,7 +492,7 @@ class PublicConnection(asyncio.Protocol):
             self._flushed()
 
     def on_fin(self) -> None:
-        if self.done:
+        if self.done or self.fin_out:
             return
         self.fin_out = True
         if self._writable() and self.transport.can_write_eof():  # type: ignore[union-attr]
