@@ -44,7 +44,7 @@ import secrets
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from firewall.replay import ReplayWindow
 from tunnel.channel import MAX_ID, ChannelCore, IdAllocator
@@ -95,42 +95,57 @@ class _Remote:
     fin_received: bool = False  # the mediator's EVENT_FIN came
 
 
-class _Remotes(dict[int, _Remote]):
-    """The remotes by id, counting those that take a port and those that
-    take a connection (``max_ports``, ``max_connections``) as they come and
-    go, so that a new connection's limit check does not go through every
-    connection (``loop_bench --streams``)."""
+V = TypeVar("V")
+
+
+class _Counted(dict[int, V]):
+    """Values by id, counting those that take a port and those that take a
+    connection (``max_ports``, ``max_connections``) as they come and go, so
+    that a new connection's limit check goes through none of them
+    (``loop_bench --streams``). ``_takes`` says what one value takes."""
 
     def __init__(self) -> None:
         super().__init__()
         self.port_count = 0
         self.connection_count = 0
 
-    def _count(self, remote: _Remote, sign: int) -> None:
-        self.port_count += sign * remote.is_port
-        self.connection_count += sign * remote.connection
+    def _takes(self, value: V) -> tuple[bool, bool]:
+        """(takes a port, takes a connection)."""
+        raise NotImplementedError
 
-    def __setitem__(self, port_id: int, remote: _Remote) -> None:
-        old = self.get(port_id)
+    def _count(self, value: V, sign: int) -> None:
+        port, connection = self._takes(value)
+        self.port_count += sign * port
+        self.connection_count += sign * connection
+
+    def __setitem__(self, key: int, value: V) -> None:
+        old = self.get(key)
         if old is not None:
             self._count(old, -1)
-        super().__setitem__(port_id, remote)
-        self._count(remote, 1)
+        super().__setitem__(key, value)
+        self._count(value, 1)
 
-    def __delitem__(self, port_id: int) -> None:
-        self._count(self[port_id], -1)
-        super().__delitem__(port_id)
+    def __delitem__(self, key: int) -> None:
+        self._count(self[key], -1)
+        super().__delitem__(key)
 
-    def pop(self, port_id: int, default: Any = None) -> Any:  # type: ignore[override]
-        remote = super().pop(port_id, None)
-        if remote is None:
+    def pop(self, key: int, default: Any = None) -> Any:  # type: ignore[override]
+        value = super().pop(key, None)
+        if value is None:
             return default
-        self._count(remote, -1)
-        return remote
+        self._count(value, -1)
+        return value
 
     def clear(self) -> None:
         super().clear()
         self.port_count = self.connection_count = 0
+
+
+class _Remotes(_Counted[_Remote]):
+    """The remotes by id: the ids held."""
+
+    def _takes(self, remote: _Remote) -> tuple[bool, bool]:
+        return remote.is_port, remote.connection
 
     def set_connection(self, remote: _Remote, connection: bool) -> None:
         if self.get(remote.port_id) is remote:
@@ -149,42 +164,11 @@ class _Pending:
 _OPENS_PORT = frozenset({FrameType.OPEN_PORT, FrameType.REDIRECT_PORT, FrameType.OPEN_CONNECT})
 
 
-class _PendingRequests(dict[int, _Pending]):
-    """The requests in flight by id, counting those that will take a port
-    and those that will take a connection when answered, as ``_Remotes``
-    counts the ids held (a new connection's limit check, without going
-    through the requests)."""
+class _PendingRequests(_Counted[_Pending]):
+    """The requests in flight by id: what they will take when answered."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.port_count = 0
-        self.connection_count = 0
-
-    def _count(self, pending: _Pending, sign: int) -> None:
-        self.port_count += sign * (pending.kind in _OPENS_PORT)
-        self.connection_count += sign * (pending.kind is FrameType.OPEN_CONNECT)
-
-    def __setitem__(self, request_id: int, pending: _Pending) -> None:
-        old = self.get(request_id)
-        if old is not None:
-            self._count(old, -1)
-        super().__setitem__(request_id, pending)
-        self._count(pending, 1)
-
-    def __delitem__(self, request_id: int) -> None:
-        self._count(self[request_id], -1)
-        super().__delitem__(request_id)
-
-    def pop(self, request_id: int, default: Any = None) -> Any:  # type: ignore[override]
-        pending = super().pop(request_id, None)
-        if pending is None:
-            return default
-        self._count(pending, -1)
-        return pending
-
-    def clear(self) -> None:
-        super().clear()
-        self.port_count = self.connection_count = 0
+    def _takes(self, pending: _Pending) -> tuple[bool, bool]:
+        return pending.kind in _OPENS_PORT, pending.kind is FrameType.OPEN_CONNECT
 
 
 class ServerSession(ChannelCore[ServerState]):
