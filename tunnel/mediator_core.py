@@ -634,16 +634,18 @@ class MediatorCore(ChannelCore[MediatorState]):
             port.credit = StreamWindow()
         if port.connect_to is not None:
             port.connect_to = None
-            # Version 4's server relays a stream without waiting for its
-            # OPENED: it may leave with the target's first bytes (``hold``).
-            out: Out = [self._send(Opened(port_id, port.port, request_id=self._finish(port, PortState.CONNECTED)),
-                                   hold=port.stream)]
+            out: Out = []
             if port.early:
-                # Version 4: what the server sent before OPENED.
+                # Version 4: what the server sent before OPENED, to the target
+                # first: the OPENED below may wait anyway.
                 out.append(WriteStream(port_id, b"".join(port.early)))
                 port.early = []
             if port.shut:
                 out.append(ShutdownSocket(port_id))
+            # Version 4's server relays a stream without waiting for its
+            # OPENED: it may leave with the target's first bytes (``hold``).
+            out.append(self._send(Opened(port_id, port.port, request_id=self._finish(port, PortState.CONNECTED)),
+                                  hold=port.stream))
             return out
         return [self._send(Ack(request_id=self._finish(port, PortState.CONNECTED)))]
 
