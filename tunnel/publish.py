@@ -209,7 +209,7 @@ class PublicConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.gate = ReadGate()
         self.client: tuple[IPAddress, int] | None = None
-        self.client_text = "-"
+        self._client_text: str | None = None
         self.session: Session | None = None
         self.port_id: int | None = None
         self.done = False
@@ -228,6 +228,13 @@ class PublicConnection(asyncio.Protocol):
         self.written = 0  # bytes written to the client (version 3's credit)
         self.reported = 0  # of those, reported to the session as gone from the buffer
 
+    @property
+    def client_text(self) -> str:
+        """The client's address for this connection's lines, made once, off the request's path."""
+        if self._client_text is None:
+            self._client_text = _fmt(self.client)
+        return self._client_text
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = stream(transport)
         assert self.transport is not None
@@ -236,7 +243,6 @@ class PublicConnection(asyncio.Protocol):
         # with the handshake): they are kept and leave with the OPENED's
         # answer, in the same write, instead of one loop trip after it.
         self.client = self.origin or address_pair(transport.get_extra_info("peername"))
-        self.client_text = _fmt(self.client)  # for its lines: the same text in each
         self.pub.connections.add(self)
         self.pub.counters["connections"] += 1
         if not self._open_now():
