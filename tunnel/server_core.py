@@ -43,7 +43,7 @@ from __future__ import annotations
 import secrets
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from firewall.replay import ReplayWindow
@@ -102,21 +102,17 @@ class _Counted(dict[int, V]):
     """Values by id, counting those that take a port and those that take a
     connection (``max_ports``, ``max_connections``) as they come and go, so
     that a new connection's limit check goes through none of them
-    (``loop_bench --streams``). ``_takes`` says what one value takes."""
+    (``loop_bench --streams``). A value says what it takes: ``is_port``,
+    ``connection``."""
 
     def __init__(self) -> None:
         super().__init__()
         self.port_count = 0
         self.connection_count = 0
 
-    def _takes(self, value: V) -> tuple[bool, bool]:
-        """(takes a port, takes a connection)."""
-        raise NotImplementedError
-
-    def _count(self, value: V, sign: int) -> None:
-        port, connection = self._takes(value)
-        self.port_count += sign * port
-        self.connection_count += sign * connection
+    def _count(self, value: Any, sign: int) -> None:
+        self.port_count += sign * value.is_port
+        self.connection_count += sign * value.connection
 
     def __setitem__(self, key: int, value: V) -> None:
         old = self.get(key)
@@ -144,13 +140,13 @@ class _Counted(dict[int, V]):
 class _Remotes(_Counted[_Remote]):
     """The remotes by id: the ids held."""
 
-    def _takes(self, remote: _Remote) -> tuple[bool, bool]:
-        return remote.is_port, remote.connection
-
     def set_connection(self, remote: _Remote, connection: bool) -> None:
         if self.get(remote.port_id) is remote:
             self.connection_count += connection - remote.connection
         remote.connection = connection
+
+
+_OPENS_PORT = frozenset({FrameType.OPEN_PORT, FrameType.REDIRECT_PORT, FrameType.OPEN_CONNECT})
 
 
 @dataclass(slots=True)
@@ -159,16 +155,16 @@ class _Pending:
     port_id: int = 0
     proto: Proto = Proto.TCP
     peer: tuple[IPAddress, int] | None = None  # OPEN_CONNECT's target
+    is_port: bool = field(init=False)  # will take a port when answered (``max_ports``)
+    connection: bool = field(init=False)  # will take a connection (``max_connections``)
 
-
-_OPENS_PORT = frozenset({FrameType.OPEN_PORT, FrameType.REDIRECT_PORT, FrameType.OPEN_CONNECT})
+    def __post_init__(self) -> None:
+        self.is_port = self.kind in _OPENS_PORT
+        self.connection = self.kind is FrameType.OPEN_CONNECT
 
 
 class _PendingRequests(_Counted[_Pending]):
     """The requests in flight by id: what they will take when answered."""
-
-    def _takes(self, pending: _Pending) -> tuple[bool, bool]:
-        return pending.kind in _OPENS_PORT, pending.kind is FrameType.OPEN_CONNECT
 
 
 class ServerSession(ChannelCore[ServerState]):

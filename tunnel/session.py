@@ -180,7 +180,8 @@ class Session:
             # Bulk: larger reads from now on (an idle channel keeps the small buffer).
             self._busy = True
             grow_tls_read_buffer(self.transport, self.server.config.tls_read_buffer)
-        self._count("bytes_from_mediator", nbytes)
+        if self.record is not None:  # ``_count``, written out: every read
+            self.record.counters["bytes_from_mediator"] += nbytes
 
     def on_datagram(self, raw: bytes, source: tuple[IPAddress, int]) -> None:
         self._via_channel = True
@@ -217,7 +218,8 @@ class Session:
         parts = out.parts
         if out.datagram:
             self._count("udp_via_frames_out")
-        self._count("bytes_to_mediator", sum(map(len, parts)))
+        if self.record is not None:  # ``_count``, written out: every frame
+            self.record.counters["bytes_to_mediator"] += sum(map(len, parts))
         # Coalesced: the frames of one loop iteration go as one TLS write.
         self.writer.add(parts)
 
