@@ -39,6 +39,7 @@ TOP = Path(__file__).resolve().parents[2]
 TOKEN = "proc-bench-token-0123456789"
 START = 300.0  # seconds a process may take to be ready under valgrind
 PAYLOAD = b"x" * 100
+PUBLISH_TRIES = 5  # public ports tried, each free a moment before
 
 
 def free_port() -> int:
@@ -128,10 +129,16 @@ class Run:
             return listing.returncode == 0 and any(m["state"] == "connected" for m in json.loads(listing.stdout)["mediators"])
 
         wait(connected, "the mediator to connect")
-        published = self.cli("publish", "m1", "--to", f"127.0.0.1:{target}", "--public", public)
-        if published.returncode != 0:
-            raise RuntimeError(f"publish: {published.stderr.strip()}")
-        return public
+        for _ in range(PUBLISH_TRIES):
+            published = self.cli("publish", "m1", "--to", f"127.0.0.1:{target}", "--public", public)
+            if published.returncode == 0:
+                return public
+            if "address already in use" not in published.stderr:
+                break
+            # ``free_port`` gave an ephemeral port, and a connection of
+            # something else on this machine took it since: another one.
+            public = free_port()
+        raise RuntimeError(f"publish: {published.stderr.strip()}")
 
     def measure(self, public: int) -> dict[str, int]:
         wait(lambda: accepts(public), "the public port")
