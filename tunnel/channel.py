@@ -80,7 +80,7 @@ class ChannelCore(abc.ABC, Generic[S]):
         self.pipelines_connect = False
         """Version 2: OPEN_CONNECT and CHECK_TARGET (one round trip per new connection)."""
         self.windowed = False
-        """Version 3: per-connection windows (a slow reader holds no longer the channel)."""
+        """Version 3: per-connection windows (a slow reader no longer holds the channel)."""
         self.opens_streams = False
         """Version 4: OPEN_STREAM (a connection's first bytes before its OPENED), and
         both FINs or an RST release a connection's id, without CLOSE and ACK."""
