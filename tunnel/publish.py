@@ -220,7 +220,7 @@ class PublicConnection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.request_id = 0  # version 4: our OPEN_STREAM's, until its answer comes
         self.timer: asyncio.TimerHandle | None = None  # version 4: the deadline for that answer
-        self.line_due = False  # version 4: opened, its "connection" line not yet written
+        self.line_due = False  # attached (opened), its "connection" line not yet written
         self.attached = False
         self.early: list[bytes] = []  # read before the tunnel side existed
         self.early_eof = False
@@ -343,15 +343,20 @@ class PublicConnection(asyncio.Protocol):
         if not session.core.opens_streams:
             # The log line after the frames of this iteration have left, not
             # before (version 4: once the OPENED has come, ``on_opened``).
-            self.pub.loop.call_soon(self._log_connection)
+            self._line_soon()
+
+    def _line_soon(self) -> None:
+        """The "connection" line at the end of this loop iteration, once what
+        this read brought has gone on; or first thing in ``_release`` if the
+        connection is over by then: always before its end line."""
+        if self.done:
+            return
+        self.line_due = True
+        self.pub.loop.call_soon(self._due_line)
 
     def _due_line(self) -> None:
         if self.line_due:
             self.line_due = False
-            self._log_connection()
-
-    def _log_connection(self) -> None:
-        if not self.done:
             self._connection_line()
 
     def _connection_line(self) -> None:
@@ -529,8 +534,7 @@ class PublicConnection(asyncio.Protocol):
             # Its line after what came with the OPENED (the target's first
             # bytes, in this same read) has gone to the client, and before
             # the connection's end line.
-            self.line_due = True
-            self.pub.loop.call_soon(self._due_line)
+            self._line_soon()
             return
         self.session, self.port_id = session, port_id
         self._attached(session)
