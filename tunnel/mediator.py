@@ -43,8 +43,8 @@ from pyroute2 import IPRoute
 from firewall.drive import CoreDriver
 from tunnel import tls
 from tunnel.aio import (
-    BindError, ChannelWriter, ReadGate, address_pair, bind_socket, cancel_all, family_of, grow_udp_buffer, limit_unsent, reset,
-    run_main, settle_pause, stream, until_signalled,
+    BindError, ChannelWriter, ReadGate, address_pair, bind_socket, cancel_all, connect_socket, family_of, grow_udp_buffer,
+    limit_unsent, reset, run_main, settle_pause, stream, until_signalled,
 )
 from tunnel.commands import (
     AbortSocket, ChannelClosed, CloseChannel, CloseSocket, ConnectSocket, ListenSocket,
@@ -571,7 +571,7 @@ class _Session:
                 return
         io.sock = None
         try:
-            await asyncio.wait_for(self.loop.sock_connect(sock, (str(out.address), out.port)), cfg.connect_timeout)
+            await asyncio.wait_for(connect_socket(sock, out.address, out.port), cfg.connect_timeout)
             conn = _TcpConn(self, io.port_id)
             io.transport, _ = await self.loop.create_connection(lambda: conn, sock=sock)
         except (OSError, TimeoutError) as err:

@@ -58,6 +58,7 @@ class _Waiting(asyncio.Protocol):
         self.slot = slot  # its target's, as the pool's dicts hold it
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.deadline: asyncio.Timeout | None = None  # the connect's, while connecting
         self.gone = False  # taken or discarded: the pool has nothing more to do with it
         self.port = 0  # the local port, learned here, off the path of the client it will serve
 
@@ -65,6 +66,7 @@ class _Waiting(asyncio.Protocol):
         self.transport = stream(transport)
         assert self.transport is not None
         self.port = transport.get_extra_info("sockname")[1]
+        self.pool.connected(self)
 
     def data_received(self, data: bytes) -> None:
         self.pool.spoke(self)
@@ -138,21 +140,29 @@ class WarmPool:
             # set by the loop): on uvloop one libuv handle from the start,
             # half the system calls of a connect on a socket of ours and its
             # transport made after (``sock_connect``, ``create_connection(sock=)``).
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout(self.connect_timeout) as entry.deadline:
                 await self.loop.create_connection(lambda: entry, str(address), port, local_addr=(str(local), 0))
         except (OSError, TimeoutError):
             self.counters["warm_failed"] += 1  # the next client connects afresh and reports it
-            return
         finally:
             self.connecting[slot] -= 1
+
+    def connected(self, entry: _Waiting) -> None:
+        """A connection is up: it waits from now on, not from its task's next
+        step, which comes a loop iteration later. A client whose request
+        arrives in that iteration (the next request of a client that
+        reconnects at once: every other one) would connect afresh."""
+        if entry.deadline is not None:
+            if entry.deadline.expired():
+                entry.gone = True  # timed out in this same iteration: create_connection closes it
+                return
+            entry.deadline.reschedule(None)  # up: no time-out may close it under a client
         self.counters["warm_connected"] += 1
-        if entry.gone:
-            return  # the target spoke or closed already (it may, before we get here)
-        if self.closed or slot in self.speaks_first:
+        if self.closed or entry.slot in self.speaks_first:
             self.discard(entry, "ended")
             return
         entry.timer = self.loop.call_later(self.idle, self.discard, entry, "stale")
-        self.waiting.setdefault(slot, deque()).append(entry)
+        self.waiting.setdefault(entry.slot, deque()).append(entry)
 
     def spoke(self, entry: _Waiting) -> None:
         """The target sent bytes to a connection nobody uses yet: it speaks first."""

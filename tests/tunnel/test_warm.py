@@ -10,9 +10,17 @@ the pool did to it.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
+from ipaddress import ip_address
 from pathlib import Path
 
+import pytest
+import uvloop
+
 from tests.tunnel.loopback import WAIT, free_port, loopback, until
+from tunnel.warm import Key, WarmPool, _slot, _Waiting
+
+LOCALHOST = ip_address("127.0.0.1")
 
 
 def run(coro: object) -> None:
@@ -158,3 +166,37 @@ def test_warm_connections_0_makes_none(tmp_path: Path) -> None:
             assert target.accepted == 3 and mediator.counters["warm_connected"] == 0
 
     run(main())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_warm_connection_can_be_taken_as_soon_as_it_is_up(loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In the very callback that says it is connected, not a loop iteration
+    later: a client that reconnects at once (HTTP/1.0, one request a
+    connection) sends its next request about then, and every other one got
+    a fresh connect, the pool's connection unused beside it."""
+    taken: list[object] = []
+    keys: list[Key] = []
+    made = _Waiting.connection_made
+
+    def made_then_taken(entry: _Waiting, transport: asyncio.BaseTransport) -> None:
+        made(entry, transport)
+        taken.append(entry.pool.take(keys[0]))
+
+    monkeypatch.setattr(_Waiting, "connection_made", made_then_taken)
+
+    async def main() -> None:
+        target = Target()
+        server = await target.start()
+        keys.append((LOCALHOST, LOCALHOST, target.port))
+        pool = WarmPool(1, 30.0, 10.0, Counter())
+        pool.refill(keys[0])
+        await until(lambda: taken, what="the warm connection")
+        assert taken[0] is not None
+        port, transport = taken[0]  # type: ignore[misc]
+        assert transport.get_extra_info("sockname") == ("127.0.0.1", port)
+        assert pool.counters["warm_taken"] == 1 and not pool.waiting[_slot(keys[0])]
+        transport.close()
+        pool.close()
+        server.close()
+
+    {"asyncio": asyncio.run, "uvloop": uvloop.run}[loop](asyncio.wait_for(main(), 60))

@@ -1,0 +1,77 @@
+"""Socket helpers of tunnel/aio.py that the relay tests do not reach on their own."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import subprocess
+import sys
+from ipaddress import ip_address
+
+import pytest
+import uvloop
+
+from tunnel.aio import connect_socket
+
+LOCALHOST = ip_address("127.0.0.1")
+LOOPS = {"asyncio": asyncio.run, "uvloop": uvloop.run}
+
+
+def _nonblocking() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    return sock
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_connect_socket_connects_or_raises_what_the_kernel_said(loop: str) -> None:
+    async def main() -> None:
+        accepted: list[int] = []
+        server = await asyncio.start_server(lambda r, w: accepted.append(1) or w.close(), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        with _nonblocking() as sock:
+            await asyncio.wait_for(connect_socket(sock, LOCALHOST, port), 10)
+            assert sock.getpeername() == ("127.0.0.1", port)
+        server.close()
+        await server.wait_closed()
+        with _nonblocking() as sock:  # nothing listens there any more
+            with pytest.raises(OSError) as raised:
+                await asyncio.wait_for(connect_socket(sock, LOCALHOST, port), 10)
+        assert raised.value.errno == errno.ECONNREFUSED and raised.value.strerror == "Connection refused"
+
+    LOOPS[loop](main())
+
+
+THREADS = r"""
+import asyncio, os, socket, sys, uvloop
+from ipaddress import ip_address
+from tunnel.aio import connect_socket
+
+async def main():
+    listening = socket.create_server(("127.0.0.1", 0))  # not by name: that may start them too
+    before = len(os.listdir("/proc/self/task"))
+    server = await asyncio.start_server(lambda r, w: w.close(), sock=listening)
+    port = listening.getsockname()[1]
+    for _ in range(3):
+        with socket.socket() as sock:
+            sock.setblocking(False)
+            if sys.argv[1] == "ours":
+                await connect_socket(sock, ip_address("127.0.0.1"), port)
+            else:
+                await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    print(len(os.listdir("/proc/self/task")) - before)
+
+uvloop.run(main())
+"""
+
+
+def test_connect_socket_on_uvloop_needs_no_resolver_thread() -> None:
+    """uvloop's own ``sock_connect`` starts its resolver's threads for a
+    numeric address (the reason for ``connect_socket``); ours starts none."""
+    def new_threads(way: str) -> int:
+        done = subprocess.run([sys.executable, "-c", THREADS, way], capture_output=True, text=True, timeout=60, check=True)
+        return int(done.stdout)
+
+    assert new_threads("uvloop") > 0  # the cost, seen: else this test proves nothing
+    assert new_threads("ours") == 0
