@@ -75,3 +75,40 @@ def test_connect_socket_on_uvloop_needs_no_resolver_thread() -> None:
 
     assert new_threads("uvloop") > 0  # the cost, seen: else this test proves nothing
     assert new_threads("ours") == 0
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_a_connect_that_times_out_leaves_no_watcher_on_its_descriptor(loop: str) -> None:
+    """A target that answers no SYN (a listener whose accept queue is full):
+    the connect is cancelled at its time-out, and its socket closed. The
+    next socket, likely on the same descriptor, connects and carries bytes:
+    nothing of the first is left in the loop."""
+    async def main() -> None:
+        silent = socket.create_server(("127.0.0.1", 0), backlog=0)
+        filler = socket.create_connection(silent.getsockname(), timeout=10)
+        server = await asyncio.start_server(_echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            for _ in range(3):
+                sock = _nonblocking()
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(connect_socket(sock, LOCALHOST, silent.getsockname()[1]), 0.2)
+                sock.close()
+                sock = _nonblocking()
+                await asyncio.wait_for(connect_socket(sock, LOCALHOST, port), 10)
+                reader, writer = await asyncio.open_connection(sock=sock)
+                writer.write(b"ping")
+                assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+                writer.close()
+        finally:
+            server.close()
+            filler.close()
+            silent.close()
+
+    LOOPS[loop](main())
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(await reader.read(100))
+    await writer.drain()
+    writer.close()

@@ -501,6 +501,55 @@ def test_a_stream_the_mediator_cannot_connect_resets_its_client_only(
         run(main())
 
 
+def _silent_target() -> tuple[socket.socket, list[socket.socket]]:
+    """A listener that answers no SYN: its accept queue (backlog 0) is full
+    with one connection never accepted, so the kernel drops the SYNs of the
+    rest, as a firewall that drops would. Returns it and what fills it."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    filler = socket.create_connection(listener.getsockname(), timeout=WAIT)
+    return listener, [filler]
+
+
+def test_a_target_that_never_answers_the_syn_is_refused_at_connect_timeout(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The mediator's connect gives up after ``connect_timeout``: the client
+    is reset with a "refused" line that says the connect timed out, the
+    stream's id is free, and the channel serves the next client. The socket
+    that waited is gone from the loop: the mediator keeps serving fresh
+    connects on a loop whose descriptors are reused."""
+
+    async def main() -> None:
+        async with loopback(tmp_path) as lb:
+            lb.start_mediator(connect_timeout=0.3, warm_connections=0)
+            session = await lb.session()
+            _, target = await echo_server()
+            await lb.ask(cmd="publish", mediator="m1", proto="tcp", public=(public := _free()),
+                         address="127.0.0.1", port=target)
+            listener, fillers = _silent_target()
+            try:
+                await lb.ask(cmd="publish", mediator="m1", proto="tcp", public=(dead := _free()),
+                             address="127.0.0.1", port=listener.getsockname()[1])
+                for n in range(3):
+                    client = _held_connect(dead, b"GET / HTTP/1.0\r\n\r\n")
+                    name = "127.0.0.1:%d" % client.getsockname()[1]
+                    await until(lambda: name in _refusals(caplog), what="the refusal")
+                    assert "CONNECT_FAILED" in _refusals(caplog)[name] and "timed out" in _refusals(caplog)[name]
+                    client.close()
+                    await until(lambda: not session.core.ports, what="the stream's id to be free")
+                    # A fresh connect after each: the loop has no watcher left on a closed socket.
+                    assert await _fetch(public, b"after %d" % n) == b"after %d" % n
+            finally:
+                listener.close()
+                for filler in fillers:
+                    filler.close()
+            assert lb.server.publications[(Proto.TCP, dead)].counters["refused"] == 3
+            assert lb.server.records["m1"].session is session
+
+    with caplog.at_level(logging.INFO, logger="nfgate.tunnel"):
+        run(main())
+
+
 def test_a_stream_whose_opened_never_comes_is_refused_at_request_timeout(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
