@@ -12,7 +12,8 @@
   idle one cheap (docs/tunnel-protocol.md section 21).
 - ``bind_socket``: the mediator's OpenSocket, with the seed's "desired" and
   "mandatory" port numbers and the errors mapped to protocol codes;
-  ``connect_socket``, its ConnectSocket on a numeric address.
+  ``client_socket``, a socket for a connect whose port is any;
+  ``connect_socket``, a ConnectSocket on a numeric address.
 - ``udp_socket``: a server's UDP socket on one address, IPv6 only on an IPv6
   address, so that ``0.0.0.0`` and ``::`` can both hold one port.
 - ``address_pair``: a socket address as an address value and a port.
@@ -61,9 +62,13 @@ CHANNEL_UNSENT = 131072
 # (issue 14 D). Memory is used only while datagrams wait.
 UDP_BUFFER = 2 << 20
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 # Socket address texts remembered as address values (``address_pair``): at
 # most this many, about 200 bytes each.
 ADDRESS_CACHE = 1024
+# (local address, target) pairs whose route source is remembered
+# (``SourceRoutes``): at most this many a session, about 250 bytes each.
+ROUTE_SOURCES_KEPT = 1024
 
 
 class ReadGate:
@@ -353,6 +358,82 @@ def bind_socket(proto: Proto, address: IPAddress, port: int, mandatory: bool, pr
                 continue
             raise BindError.of(err, address, number, mandatory) from None
     raise BindError(ErrorCode.NO_FREE_PORT, f"no free {proto.name} port on {address} from {port} ({probes} tried)")
+
+
+class SourceRoutes:
+    """Whether a connect from a named local address to a target must bind
+    that address, or may leave the source to the kernel's routes (which
+    give that very address): asked once per pair, with a UDP socket's
+    connect, which sends nothing.
+
+    A connect without a bind is the cheapest (the loop's own connect) and
+    takes its port for its 4-tuple. A bound one (``client_socket``) needs
+    a socket of ours handed to the loop: about 35 us more of Python a
+    connect. The answer may go stale if the routes change: a connection
+    whose source is not the named address is then not used
+    (``matches``), and the pair is asked again (``moved``).
+    """
+
+    def __init__(self) -> None:
+        self._bind: dict[tuple[int, int, int], bool] = {}
+
+    def must_bind(self, local: IPAddress, target: IPAddress) -> bool:
+        key = (int(local), int(target), local.version)
+        bind = self._bind.get(key)
+        if bind is None:
+            if len(self._bind) >= ROUTE_SOURCES_KEPT:
+                self._bind.clear()
+            bind = self._bind[key] = route_source(target) != local
+        return bind
+
+    def moved(self, local: IPAddress, target: IPAddress) -> None:
+        self._bind.pop((int(local), int(target), local.version), None)
+
+    @staticmethod
+    def matches(transport: asyncio.BaseTransport, local: IPAddress) -> bool:
+        """Whether a connected transport's source is ``local``."""
+        sockname = transport.get_extra_info("sockname")
+        if not sockname:
+            return False
+        text = sockname[0]
+        return text == local.compressed or _address(text) == local
+
+
+def route_source(target: IPAddress) -> IPAddress | None:
+    """The source address the routes give a connection to ``target`` (None: no route)."""
+    try:
+        with socket.socket(family_of(target), socket.SOCK_DGRAM) as probe:
+            probe.connect((str(target), 9))
+            return _address(probe.getsockname()[0])
+    except OSError:
+        return None
+
+
+def client_socket(address: IPAddress) -> socket.socket:
+    """A non-blocking TCP socket bound to ``address``, its port left to the
+    connect (``IP_BIND_ADDRESS_NO_PORT``, Linux 4.2): an OPEN_CONNECT's or
+    a warm connection's, whose port is any.
+
+    A bind to port 0 alone takes a port for every destination at once, from
+    the ports no socket holds, those in TIME_WAIT included. Once a few
+    thousand are in TIME_WAIT (a mediator whose clients close first), each
+    such bind searches the range for milliseconds of system time: 1-6 ms a
+    connect from about 8,000 TIME_WAIT sockets with SO_REUSEADDR, from
+    about 14,000 without, against 50-80 us for this one
+    (docs/benchmarks.md, issue 14, ninth pass). The connect chooses a port
+    for its own 4-tuple, as a connect without a bind does.
+    Raises ``BindError`` with the protocol's code.
+    """
+    sock = socket.socket(family_of(address), socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((str(address), 0))
+    except OSError as err:
+        sock.close()
+        raise BindError.of(err, address, 0, False) from None
+    return sock
 
 
 async def connect_socket(sock: socket.socket, address: IPAddress, port: int) -> None:

@@ -43,8 +43,8 @@ from pyroute2 import IPRoute
 from firewall.drive import CoreDriver
 from tunnel import tls
 from tunnel.aio import (
-    BindError, ChannelWriter, ReadGate, address_pair, bind_socket, cancel_all, connect_socket, family_of, grow_udp_buffer,
-    limit_unsent, reset, run_main, settle_pause, stream, until_signalled,
+    BindError, ChannelWriter, ReadGate, SourceRoutes, address_pair, bind_socket, cancel_all, client_socket, connect_socket,
+    family_of, grow_udp_buffer, limit_unsent, reset, run_main, settle_pause, stream, until_signalled,
 )
 from tunnel.commands import (
     AbortSocket, ChannelClosed, CloseChannel, CloseSocket, ConnectSocket, ListenSocket,
@@ -82,7 +82,7 @@ class _PortIO:
     channel: asyncio.DatagramTransport | None = None  # a redirect's UDP channel
     gate: ReadGate = field(default_factory=ReadGate)
     task: asyncio.Task[None] | None = None
-    warm: asyncio.Transport | None = None  # a connection from the warm pool, until ConnectSocket takes it
+    warm: asyncio.Transport | None = None  # connected before its ConnectSocket (warm pool, _open_connected), until that takes it
     open_connect: bool = False  # born of OPEN_CONNECT: its target gets warm connections
     written: int = 0  # bytes written to the private host (version 3's credit)
     reported: int = 0  # of those, reported to the core as gone from the buffer
@@ -303,7 +303,7 @@ class _Session:
         # Frames to write at the end of this loop iteration (a stream's OPENED: with the next ones).
         self.writer = ChannelWriter(transport, self.loop, cfg.opened_hold)
         self.probe: asyncio.DatagramTransport | None = None  # keepalive discovery's spare socket
-        self.warm = WarmPool(cfg.warm_connections, cfg.warm_idle, cfg.connect_timeout, self.counters)
+        self.warm = WarmPool(cfg.warm_connections, cfg.warm_idle, cfg.connect_timeout, self.counters, SourceRoutes())
         self._probe_opening = False
         handlers = {
             SendFrame: self._send_frame, CloseChannel: self._close_channel,
@@ -460,9 +460,13 @@ class _Session:
     def _open_tcp(self, io: _PortIO, out: OpenSocket) -> None:
         """A TCP port is bound at once: nothing to wait for, so no task and no
         loop trip per new connection. An OPEN_CONNECT's port is a waiting
-        connection to its target if the warm pool has one (tunnel/warm.py)."""
-        warm = self.warm.take((out.address, *out.connect_to)) if out.connect_to is not None else None
-        if warm is not None:
+        connection to its target if the warm pool has one (tunnel/warm.py),
+        else one connected now (``_open_connected``)."""
+        if out.connect_to is not None:
+            warm = self.warm.take((out.address, *out.connect_to))
+            if warm is None:
+                io.task = self._spawn(self._open_connected(io, out.connect_to))
+                return
             io.port, io.warm = warm
         else:
             try:
@@ -474,6 +478,48 @@ class _Session:
             io.sock = sock
             io.port = sock.getsockname()[1]
         self.driver.run(self.core.opened(io.port_id, io.port, self.loop.time()))
+
+    async def _open_connected(self, io: _PortIO, target: tuple[IPAddress, int]) -> None:
+        """An OPEN_CONNECT's port without a warm connection: connected first,
+        then announced (``opened``, whose ConnectSocket finds it connected),
+        as a warm one is. Its port is any, so the connect chooses it, for its
+        4-tuple (``_connect_from``). Until the core knows it, the connection
+        reads nothing and its end reaches nobody (``_TcpConn`` without a
+        port id)."""
+        address, port = target
+        try:
+            transport = await asyncio.wait_for(self._connect_from(io.address, address, port), self.mediator.config.connect_timeout)
+        except BindError as err:
+            self.ports.pop(io.port_id, None)
+            self.driver.run(self.core.failed(io.port_id, err.code, err.message))
+            return
+        except (OSError, TimeoutError) as err:
+            self.ports.pop(io.port_id, None)
+            why = "timed out" if isinstance(err, TimeoutError) else (err.strerror or str(err))
+            self.driver.run(self.core.failed(io.port_id, ErrorCode.CONNECT_FAILED, f"{endpoint_text(address, port)}: {why}"))
+            return
+        io.port, io.warm = transport.get_extra_info("sockname")[1], transport
+        self.driver.run(self.core.opened(io.port_id, io.port, self.loop.time()))
+
+    async def _connect_from(self, local: IPAddress, address: IPAddress, port: int) -> asyncio.BaseTransport:
+        """A connection from ``local`` to address:port, not reading yet: the
+        loop's own connect where the routes give ``local`` (once more, bound,
+        if they no longer do), else a socket of ours (``SourceRoutes``)."""
+        routes = self.warm.routes
+        if not routes.must_bind(local, address):
+            transport, _ = await self.loop.create_connection(lambda: _TcpConn(self, None), str(address), port)
+            if SourceRoutes.matches(transport, local):
+                return transport
+            transport.abort()
+            routes.moved(local, address)
+        sock = client_socket(local)
+        try:
+            await connect_socket(sock, address, port)
+        except BaseException:
+            sock.close()
+            raise
+        transport, _ = await self.loop.create_connection(lambda: _TcpConn(self, None), sock=sock)
+        return transport
 
     async def _open_task(self, io: _PortIO, out: OpenSocket) -> None:
         cfg = self.mediator.config
@@ -538,18 +584,25 @@ class _Session:
     def _connect(self, out: ConnectSocket) -> None:
         io = self.ports[out.port_id]
         transport, io.warm = io.warm, None
-        if transport is not None:
-            # Taken from the warm pool (just now, by _open_tcp): connected
-            # already, to this very target, and still reading: nothing is
-            # read before ``_connected`` returns (no loop trip in between),
-            # and the pool let go of none that had bytes (tunnel/warm.py).
+        if transport is None:
+            io.task = self._spawn(self._connect_task(io, out))
+            return
+        # Connected already, to this very target, by _open_tcp (from the
+        # warm pool: still reading, and the pool let go of none that had
+        # bytes, tunnel/warm.py; nothing is read before ``_connected``
+        # returns, no loop trip in between) or by _open_connected (not
+        # reading, its early bytes kept).
+        if transport.is_closing():  # the target reset it before the core knew of it
+            self.driver.run(self.core.failed(io.port_id, ErrorCode.CONNECT_FAILED, f"{endpoint_text(out.address, out.port)}: reset"))
+            return
+        conn = transport.get_protocol()
+        if not isinstance(conn, _TcpConn):
             conn = _TcpConn(self, io.port_id)
             transport.set_protocol(conn)
-            conn.transport, conn.peer = transport, (out.address, out.port)
-            io.transport = transport
-            self._connected(io, out, conn)
-            return
-        io.task = self._spawn(self._connect_task(io, out))
+            conn.transport = stream(transport)
+        conn.port_id, conn.peer = io.port_id, (out.address, out.port)
+        io.transport = transport
+        self._connected(io, out, conn)
 
     def _connected(self, io: _PortIO, out: ConnectSocket, conn: _TcpConn) -> None:
         self.counters["connects"] += 1

@@ -33,9 +33,10 @@ protocol: the core sees the same OpenSocket, ``opened``, ConnectSocket,
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import Counter, deque
 
-from tunnel.aio import stream
+from tunnel.aio import BindError, SourceRoutes, client_socket, connect_socket, stream
 from tunnel.frames import IPAddress
 
 Key = tuple[IPAddress, IPAddress, int]  # local address, target address, target port
@@ -53,8 +54,9 @@ def _slot(key: Key) -> Slot:
 class _Waiting(asyncio.Protocol):
     """A pre-connected connection in the pool: it reads only to see the target speak or close."""
 
-    def __init__(self, pool: WarmPool, slot: Slot) -> None:
+    def __init__(self, pool: WarmPool, key: Key, slot: Slot) -> None:
         self.pool = pool
+        self.local, self.target = key[0], key[1]
         self.slot = slot  # its target's, as the pool's dicts hold it
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -82,8 +84,11 @@ class _Waiting(asyncio.Protocol):
 class WarmPool:
     """Pre-connected TCP connections per target, for one session of the mediator."""
 
-    def __init__(self, size: int, idle: float, connect_timeout: float, counters: Counter[str]) -> None:
+    def __init__(
+        self, size: int, idle: float, connect_timeout: float, counters: Counter[str], routes: SourceRoutes | None = None,
+    ) -> None:
         self.size = size
+        self.routes = routes or SourceRoutes()
         self.idle = idle
         self.connect_timeout = connect_timeout
         self.counters = counters
@@ -132,19 +137,30 @@ class WarmPool:
 
     async def _connect(self, key: Key, slot: Slot) -> None:
         local, address, port = key
-        entry = _Waiting(self, slot)
+        entry = _Waiting(self, key, slot)
+        sock: socket.socket | None = None
         try:
             if self.closed:
                 return
-            # The loop's own connect (a socket bound to ``local``, TCP_NODELAY
-            # set by the loop): on uvloop one libuv handle from the start,
-            # half the system calls of a connect on a socket of ours and its
-            # transport made after (``sock_connect``, ``create_connection(sock=)``).
+            # Never the loop's connect from ``local_addr``: that binds with
+            # SO_REUSEADDR and takes its port at the bind, which costs
+            # milliseconds once thousands of the mediator's ports are in
+            # TIME_WAIT. The loop's connect without a bind where the routes
+            # give ``local`` anyway, else a socket of ours (``client_socket``).
+            if self.routes.must_bind(local, address):
+                sock = client_socket(local)
             async with asyncio.timeout(self.connect_timeout) as entry.deadline:
-                await self.loop.create_connection(lambda: entry, str(address), port, local_addr=(str(local), 0))
-        except (OSError, TimeoutError):
+                if sock is None:
+                    await self.loop.create_connection(lambda: entry, str(address), port)
+                else:
+                    await connect_socket(sock, address, port)
+                    handed, sock = sock, None  # the transport's from here, closed with it
+                    await self.loop.create_connection(lambda: entry, sock=handed)
+        except (OSError, TimeoutError, BindError):
             self.counters["warm_failed"] += 1  # the next client connects afresh and reports it
         finally:
+            if sock is not None:
+                sock.close()
             self.connecting[slot] -= 1
 
     def connected(self, entry: _Waiting) -> None:
@@ -161,6 +177,13 @@ class WarmPool:
         if self.closed or entry.slot in self.speaks_first:
             self.discard(entry, "ended")
             return
+        assert entry.transport is not None
+        if not SourceRoutes.matches(entry.transport, entry.local):
+            # Unbound, and the routes now give another source: the pair is
+            # asked again at the next refill, which binds if it must.
+            self.routes.moved(entry.local, entry.target)
+            self.discard(entry, "moved")
+            return
         entry.timer = self.loop.call_later(self.idle, self.discard, entry, "stale")
         self.waiting.setdefault(entry.slot, deque()).append(entry)
 
@@ -173,7 +196,8 @@ class WarmPool:
 
     def discard(self, entry: _Waiting, why: str) -> None:
         """Close a waiting connection (once), counted by why: ``speaks_first``,
-        ``closed`` (by the target), ``stale``, ``ended`` (the session)."""
+        ``closed`` (by the target), ``stale``, ``ended`` (the session),
+        ``moved`` (not from the local address: the routes changed)."""
         if entry.gone:
             return
         entry.gone = True

@@ -12,7 +12,8 @@ from ipaddress import ip_address
 import pytest
 import uvloop
 
-from tunnel.aio import connect_socket
+from tunnel.aio import BindError, SourceRoutes, client_socket, connect_socket, route_source
+from tunnel.errors import ErrorCode
 
 LOCALHOST = ip_address("127.0.0.1")
 LOOPS = {"asyncio": asyncio.run, "uvloop": uvloop.run}
@@ -46,7 +47,8 @@ def test_connect_socket_connects_or_raises_what_the_kernel_said(loop: str) -> No
 THREADS = r"""
 import asyncio, os, socket, sys, uvloop
 from ipaddress import ip_address
-from tunnel.aio import connect_socket
+from tunnel.aio import BindError, SourceRoutes, client_socket, connect_socket, route_source
+from tunnel.errors import ErrorCode
 
 async def main():
     listening = socket.create_server(("127.0.0.1", 0))  # not by name: that may start them too
@@ -112,3 +114,39 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     writer.write(await reader.read(100))
     await writer.drain()
     writer.close()
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "::1"])
+def test_a_client_socket_takes_its_port_at_the_connect(address: str) -> None:
+    """Bound to the address the server named, but its port chosen by the
+    connect, for the 4-tuple (IP_BIND_ADDRESS_NO_PORT): a bind to port 0
+    alone would take a port at once, from those no socket holds, a search
+    that costs milliseconds once thousands are in TIME_WAIT."""
+    local = ip_address(address)
+
+    async def main() -> None:
+        family = socket.AF_INET6 if local.version == 6 else socket.AF_INET
+        listening = socket.create_server((address, 0), family=family)
+        server = await asyncio.start_server(lambda r, w: w.close(), sock=listening)
+        with client_socket(local) as sock:
+            assert sock.getsockname()[:2] == (address, 0)  # bound, no port yet
+            await asyncio.wait_for(connect_socket(sock, local, listening.getsockname()[1]), 10)
+            assert sock.getsockname()[0] == address and sock.getsockname()[1] != 0
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        server.close()
+
+    uvloop.run(main())
+
+
+def test_a_client_socket_on_an_address_the_host_lacks_is_refused_with_its_code() -> None:
+    with pytest.raises(BindError) as raised:
+        client_socket(ip_address("192.0.2.123"))
+    assert raised.value.code is ErrorCode.NO_SUCH_ADDRESS
+
+
+def test_source_routes_bind_only_where_the_routes_give_another_address() -> None:
+    routes = SourceRoutes()
+    assert route_source(LOCALHOST) == LOCALHOST
+    assert not routes.must_bind(LOCALHOST, LOCALHOST)  # the routes give 127.0.0.1 anyway
+    assert routes.must_bind(ip_address("127.0.0.2"), LOCALHOST)  # they give 127.0.0.1, not .2
+    assert route_source(ip_address("::1")) == ip_address("::1")

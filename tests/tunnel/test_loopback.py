@@ -412,9 +412,9 @@ def test_channel_unsent_and_udp_buffer_are_the_configs(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
-async def _echo_published(lb: Any) -> tuple[Any, int]:
-    """m1's session, and a public port published to an echo target through it."""
-    lb.start_mediator()
+async def _echo_published(lb: Any, **changes: Any) -> tuple[Any, int]:
+    """m1's session (its config with ``changes``), and a public port published to an echo target through it."""
+    lb.start_mediator(**changes)
     session = await lb.session()
     _, target = await echo_server()
     public = _free()
@@ -521,11 +521,7 @@ def test_a_target_that_never_answers_the_syn_is_refused_at_connect_timeout(
 
     async def main() -> None:
         async with loopback(tmp_path) as lb:
-            lb.start_mediator(connect_timeout=0.3, warm_connections=0)
-            session = await lb.session()
-            _, target = await echo_server()
-            await lb.ask(cmd="publish", mediator="m1", proto="tcp", public=(public := _free()),
-                         address="127.0.0.1", port=target)
+            session, public = await _echo_published(lb, connect_timeout=0.3, warm_connections=0)
             listener, fillers = _silent_target()
             try:
                 await lb.ask(cmd="publish", mediator="m1", proto="tcp", public=(dead := _free()),
@@ -548,6 +544,45 @@ def test_a_target_that_never_answers_the_syn_is_refused_at_connect_timeout(
 
     with caplog.at_level(logging.INFO, logger="nfgate.tunnel"):
         run(main())
+
+
+def test_clients_that_reset_while_the_mediator_connects_leave_no_socket_behind(tmp_path: Path) -> None:
+    """The target answers no SYN, and each client resets right after its
+    request, while the mediator's connect for it is still pending: the
+    stream's RST cancels that connect, its socket is closed (the process
+    has no descriptor more than before), and the channel serves the next
+    client."""
+
+    def descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async def main() -> None:
+        async with loopback(tmp_path) as lb:
+            session, public = await _echo_published(lb, connect_timeout=60, warm_connections=0)
+            assert await _fetch(public, b"before") == b"before"
+            listener, fillers = _silent_target()
+            try:
+                await lb.ask(cmd="publish", mediator="m1", proto="tcp", public=(dead := _free()),
+                             address="127.0.0.1", port=listener.getsockname()[1])
+                before = descriptors()
+                mediator = lb.mediators[0][0]
+                for _ in range(5):
+                    client = _held_connect(dead, b"GET / HTTP/1.0\r\n\r\n")
+                    await until(lambda: mediator.session is not None and len(mediator.session.ports) == 1,
+                                what="the mediator's connect to start")
+                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    client.close()
+                    await until(lambda: not mediator.session.ports and not session.core.ports,
+                                what="the stream to close on both ends")
+                await until(lambda: descriptors() <= before, what="the connects' sockets to close")
+                assert await _fetch(public, b"after") == b"after"
+                assert lb.server.records["m1"].session is session
+            finally:
+                listener.close()
+                for filler in fillers:
+                    filler.close()
+
+    run(main())
 
 
 def test_a_stream_whose_opened_never_comes_is_refused_at_request_timeout(

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from ipaddress import ip_address
+from ipaddress import ip_address, ip_interface
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvloop
@@ -200,3 +201,67 @@ def test_a_warm_connection_can_be_taken_as_soon_as_it_is_up(loop: str, monkeypat
         server.close()
 
     {"asyncio": asyncio.run, "uvloop": uvloop.run}[loop](asyncio.wait_for(main(), 60))
+
+
+class PeerTarget(Target):
+    """A Target that notes each connection's source address."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sources: list[str] = []
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.sources.append(writer.get_extra_info("peername")[0])
+        await super()._serve(reader, writer)
+
+
+async def _published_from_127_0_0_2(lb: Any) -> tuple[Any, PeerTarget, int]:
+    """A mediator whose one address is 127.0.0.2, and a public port to a target through it."""
+    mediator = lb.start_mediator(interfaces=(ip_interface("127.0.0.2/8"),))
+    await lb.session()
+    target = PeerTarget()
+    await target.start()
+    return mediator, target, await publish(lb, target)
+
+
+def test_a_local_address_the_routes_do_not_give_is_bound(tmp_path: Path) -> None:
+    """The server names 127.0.0.2 (the mediator's only announced address);
+    the routes give 127.0.0.1 for 127.0.0.1: both the first connection
+    (fresh) and the warm ones come from 127.0.0.2, as named."""
+    async def main() -> None:
+        async with loopback(tmp_path) as lb:
+            mediator, target, public = await _published_from_127_0_0_2(lb)
+            for n in range(3):
+                assert await exchange(public, b"hi %d" % n) == b"answer to hi %d" % n
+                await until(lambda: mediator.counters["warm_connected"] == n + 1, what="the pool to refill")
+            assert mediator.counters["warm_taken"] == 2
+            # No connection more than that: none made unbound and closed for its source.
+            await until(lambda: target.accepted == 4, what="the last warm connection's accept")
+            assert set(target.sources) == {"127.0.0.2"} and mediator.counters["warm_moved"] == 0
+
+    run(main())
+
+
+def test_a_connection_from_another_source_than_named_is_never_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The routes' answer gone stale (here: a route lookup that says 127.0.0.2
+    where the kernel uses 127.0.0.1): the unbound connection comes from the
+    wrong source, so it is closed unused, a warm one as a fresh one, and
+    the client is served from a bound one, as named."""
+    import tunnel.aio
+
+    monkeypatch.setattr(tunnel.aio, "route_source", lambda target: ip_address("127.0.0.2"))
+
+    async def main() -> None:
+        async with loopback(tmp_path) as lb:
+            mediator, target, public = await _published_from_127_0_0_2(lb)
+            for n in range(3):
+                assert await exchange(public, b"hi %d" % n) == b"answer to hi %d" % n
+                await until(lambda: mediator.counters["warm_moved"] == n + 1, what="the unbound warm one to go")
+            assert mediator.counters["warm_taken"] == 0
+            # Each client's own connection: one unbound from 127.0.0.1, closed unused, then one bound.
+            await until(lambda: target.accepted == 3 * 3, what="every connection to be accepted")
+            assert target.sources.count("127.0.0.2") == 3
+
+    run(main())
