@@ -38,6 +38,7 @@ import socket
 import struct
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tunnel.errors import ErrorCode
@@ -407,6 +408,16 @@ def route_source(target: IPAddress) -> IPAddress | None:
             return _address(probe.getsockname()[0])
     except OSError:
         return None
+
+
+def ephemeral_ports(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> tuple[int, int] | None:
+    """The ports the kernel gives a connect (this network namespace's
+    ``ip_local_port_range``; IPv6 uses the same); None if it cannot be read."""
+    try:
+        first, last = (int(field) for field in path.read_text().split())
+    except (OSError, ValueError):
+        return None
+    return first, last
 
 
 def client_socket(address: IPAddress) -> socket.socket:

@@ -44,7 +44,7 @@ from firewall.drive import CoreDriver
 from tunnel import tls
 from tunnel.aio import (
     BindError, ChannelWriter, ReadGate, SourceRoutes, address_pair, bind_socket, cancel_all, client_socket, connect_socket,
-    family_of, grow_udp_buffer, limit_unsent, reset, run_main, settle_pause, stream, until_signalled,
+    ephemeral_ports, family_of, grow_udp_buffer, limit_unsent, reset, run_main, settle_pause, stream, until_signalled,
 )
 from tunnel.commands import (
     AbortSocket, ChannelClosed, CloseChannel, CloseSocket, ConnectSocket, ListenSocket,
@@ -293,7 +293,11 @@ class _Session:
                 for i in interfaces
             ]
         identity = MediatorIdentity(cfg.identity, cfg.token, cfg.service, interfaces)
-        self.core = MediatorCore(identity, cfg.protocol, AllowList(rules))
+        self.allow = AllowList(rules)
+        self.core = MediatorCore(identity, cfg.protocol, self.allow)
+        # Per local address: may any port the kernel gives a connect be opened there?
+        self._any_client_port: dict[IPAddress, bool] = {}
+        self._kernel_ports = ephemeral_ports()
         self.ports: dict[int, _PortIO] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.done: asyncio.Future[None] = self.loop.create_future()
@@ -462,12 +466,12 @@ class _Session:
         loop trip per new connection. An OPEN_CONNECT's port is a waiting
         connection to its target if the warm pool has one (tunnel/warm.py),
         else one connected now (``_open_connected``)."""
-        if out.connect_to is not None:
-            warm = self.warm.take((out.address, *out.connect_to))
-            if warm is None:
-                io.task = self._spawn(self._open_connected(io, out.connect_to))
-                return
+        warm = self.warm.take((out.address, *out.connect_to)) if out.connect_to is not None else None
+        if warm is not None:
             io.port, io.warm = warm
+        elif out.connect_to is not None and self._any_client_port_at(out.address):
+            io.task = self._spawn(self._open_connected(io, out.connect_to))
+            return
         else:
             try:
                 sock = bind_socket(Proto.TCP, out.address, out.port, out.mandatory, self.mediator.config.max_port_probes)
@@ -478,6 +482,19 @@ class _Session:
             io.sock = sock
             io.port = sock.getsockname()[1]
         self.driver.run(self.core.opened(io.port_id, io.port, self.loop.time()))
+
+    def _any_client_port_at(self, local: IPAddress) -> bool:
+        """Whether the allow-list lets the server open every port the kernel
+        may give a connect from ``local`` (``client_ports`` covers its
+        ephemeral range, as by default): then a connect may come before the
+        check of its port, which cannot fail. Else the port is bound and
+        checked first, and a refused one reaches nobody."""
+        ok = self._any_client_port.get(local)
+        if ok is None:
+            kernel = self._kernel_ports
+            ok = kernel is not None and self.allow.allows_all(Op.OPEN, local, kernel[0], kernel[1], Proto.TCP)
+            self._any_client_port[local] = ok
+        return ok
 
     async def _open_connected(self, io: _PortIO, target: tuple[IPAddress, int]) -> None:
         """An OPEN_CONNECT's port without a warm connection: connected first,

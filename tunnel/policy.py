@@ -101,6 +101,22 @@ class AllowList:
         self._ranges: dict[tuple[Op, IPAddress, Proto], tuple[tuple[int, int], ...]] = {}
 
     def check(self, op: Op, address: IPAddress, port: int, proto: Proto) -> bool:
+        for first, last in self._ranges_of(op, address, proto):
+            if first <= port <= last:
+                return True
+        return False
+
+    def allows_all(self, op: Op, address: IPAddress, first: int, last: int, proto: Proto) -> bool:
+        """Whether ``check`` allows every port from ``first`` to ``last``."""
+        for low, high in sorted(self._ranges_of(op, address, proto)):
+            if low > first:
+                return False
+            first = max(first, high + 1)
+            if first > last:
+                return True
+        return False
+
+    def _ranges_of(self, op: Op, address: IPAddress, proto: Proto) -> tuple[tuple[int, int], ...]:
         key = (op, address, proto)
         ranges = self._ranges.get(key)
         if ranges is None:
@@ -109,10 +125,7 @@ class AllowList:
             if len(self._ranges) >= VERDICTS:
                 self._ranges.clear()
             self._ranges[key] = ranges
-        for first, last in ranges:
-            if first <= port <= last:
-                return True
-        return False
+        return ranges
 
 
 class TokenAuthenticator:

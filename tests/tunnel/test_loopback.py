@@ -585,6 +585,37 @@ def test_clients_that_reset_while_the_mediator_connects_leave_no_socket_behind(t
     run(main())
 
 
+def test_a_client_port_the_allow_list_refuses_reaches_no_target(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``client_ports = ""`` and no rule to open ports: every stream's client
+    port is refused (NOT_ALLOWED), and the target never sees a connection
+    for it. Where the allow-list covers the kernel's ephemeral range (by
+    default) the mediator connects before the port is checked; here it must
+    bind and check first."""
+    accepted: list[object] = []
+
+    async def main() -> None:
+        async with loopback(tmp_path) as lb:
+            lb.start_mediator(client_ports=None, warm_connections=0)
+            session = await lb.session()
+            target = await asyncio.start_server(lambda r, w: accepted.append(w) or w.close(), "127.0.0.1", 0)
+            await lb.ask(cmd="publish", mediator="m1", proto="tcp", public=(public := _free()),
+                         address="127.0.0.1", port=target.sockets[0].getsockname()[1])
+            for _ in range(3):
+                client = _held_connect(public, b"GET / HTTP/1.0\r\n\r\n")
+                name = "127.0.0.1:%d" % client.getsockname()[1]
+                await until(lambda: name in _refusals(caplog), what="the refusal")
+                assert "NOT_ALLOWED" in _refusals(caplog)[name]
+                client.close()
+            await until(lambda: not session.core.ports, what="the streams' ids to be free")
+            assert accepted == []
+            target.close()
+
+    with caplog.at_level(logging.INFO, logger="nfgate.tunnel"):
+        run(main())
+
+
 def test_a_stream_whose_opened_never_comes_is_refused_at_request_timeout(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

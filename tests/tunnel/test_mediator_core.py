@@ -207,6 +207,21 @@ def test_remembered_verdicts_are_the_rules_verdicts_and_are_bounded(monkeypatch:
     assert remembering.check(Op.CONNECT, IPv6Address("::ffff:192.168.1.2"), 21, Proto.TCP)  # mapped: as the IPv4 address
 
 
+def test_allows_all_is_every_port_checked_one_by_one() -> None:
+    """``allows_all`` (may a connect take any port of a range?) against
+    ``check`` of each port, for overlapping, adjacent and gapped rules."""
+    open_only = frozenset({Op.OPEN})
+    rules = [Rule(LAN, 10, 20, ops=open_only), Rule(LAN, 15, 30, ops=open_only), Rule(LAN, 31, 40, ops=open_only),
+             Rule(LAN, 45, 50, ops=open_only)]
+    allow = AllowList(rules)
+    for first in range(5, 52, 3):
+        for last in range(first, 55, 4):
+            every = all(allow.check(Op.OPEN, ME, port, Proto.TCP) for port in range(first, last + 1))
+            assert allow.allows_all(Op.OPEN, ME, first, last, Proto.TCP) == every, (first, last)
+    assert not allow.allows_all(Op.CONNECT, ME, 10, 20, Proto.TCP)
+    assert not AllowList([]).allows_all(Op.OPEN, ME, 1, 1, Proto.TCP)
+
+
 def test_open_any_port_checks_the_assigned_one() -> None:
     core = ready()
     assert feed(core, OpenPort(Proto.TCP, ME, 0, False, request_id=2)) == [
