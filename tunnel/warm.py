@@ -165,9 +165,9 @@ class WarmPool:
 
     def connected(self, entry: _Waiting) -> None:
         """A connection is up: it waits from now on, not from its task's next
-        step, which comes a loop iteration later. A client whose request
-        arrives in that iteration (the next request of a client that
-        reconnects at once: every other one) would connect afresh."""
+        step, which comes a loop iteration later: a request that arrives in
+        that iteration (a client that reconnects at once: every other
+        request of the lab's HTTP client, under strace) would connect afresh."""
         if entry.deadline is not None:
             if entry.deadline.expired():
                 entry.gone = True  # timed out in this same iteration: create_connection closes it

@@ -74,6 +74,7 @@ READ_BATCH = 64
 # StreamReader's buffer on a leg B read as streams (FTP control): asyncio's
 # default 64 KiB.
 STREAM_LIMIT = 1 << 16
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 
 class FlowUnknown(Exception):
@@ -344,6 +345,12 @@ class GatewayLayer:
         sock = socket.socket(socket.AF_INET6 if six else socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
+            # The port is chosen by the connect, for leg B's 4-tuple, not by
+            # the bind among the ports no socket holds: once thousands of leg
+            # Bs are in TIME_WAIT (their clients close first), such a bind
+            # costs milliseconds of system time (docs/benchmarks.md, issue
+            # 14, ninth pass).
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((str(flow.ag.address) if six else self._bind_address, 0))
             err = sock.connect_ex((str(fw.address), fw.port))
             if err not in (0, errno.EINPROGRESS):

@@ -43,6 +43,7 @@ from firewall.signalling import (
 )
 from gateways.layer import EndCause, FlowUnknown, ProcessorInstances, RuleNoAnswer, RuleRefusedError, flow_key
 from gateways.layer.core import MAX_RULE_ATTEMPTS, RULE_END_GRACE, LayerCore
+from gateways.layer.endpoint import IP_BIND_ADDRESS_NO_PORT
 from gateways.manifest import InstanceSpec, NodeSpec
 from gateways.layer.outputs import (
     FlowGone, FlowKnown, FlowNotKnown, LoggedFlowEnded, RuleAnswered, RuleGone, RuleUnanswered, Send,
@@ -650,3 +651,27 @@ def test_a_leg_b_whose_syn_goes_unanswered_times_out_and_is_closed(event_loop: s
                     assert sock.fileno() == -1
 
     run(main(), event_loop=event_loop)
+
+
+def test_leg_b_takes_its_port_at_the_connect() -> None:
+    """Leg B is bound to the gateway address with its port left to the
+    connect (IP_BIND_ADDRESS_NO_PORT): a bind to port 0 would search the
+    ports no socket holds, milliseconds of system time a connect once
+    thousands of leg Bs are in TIME_WAIT (docs/benchmarks.md, issue 14,
+    ninth pass)."""
+    async def main() -> None:
+        async with rig() as (fake, layer):
+            listener = socket.create_server(("127.0.1.5", 0))
+            server = await asyncio.start_server(lambda r, w: w.close(), sock=listener)
+            f = fake.new_flow(Proto.TCP, Endpoint(IP("127.0.1.5"), listener.getsockname()[1]), G)
+            sock = layer.start_tcp(f)
+            try:
+                assert sock.getsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT) == 1
+                await layer.connected(sock, connect_timeout=10)
+                address, port = sock.getsockname()
+                assert address == str(GATEWAY) and port != 0
+            finally:
+                sock.close()
+                server.close()
+
+    run(main())
