@@ -101,7 +101,10 @@ class AllowList:
         self._ranges: dict[tuple[Op, IPAddress, Proto], tuple[tuple[int, int], ...]] = {}
 
     def check(self, op: Op, address: IPAddress, port: int, proto: Proto) -> bool:
-        for first, last in self._ranges_of(op, address, proto):
+        ranges = self._ranges.get((op, address, proto))  # a redirected flow asks once a datagram
+        if ranges is None:
+            ranges = self._ranges_of(op, address, proto)
+        for first, last in ranges:
             if first <= port <= last:
                 return True
         return False
