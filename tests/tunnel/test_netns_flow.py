@@ -121,7 +121,11 @@ def test_a_stalled_reader_holds_up_only_its_own_connection(tl: TunnelLab) -> Non
         assert stalled.popen.poll() is None and not stalled.snapshot(), stalled.output()
         if udp is not None:
             echo = udp.wait(lambda d: "sent" in d, timeout=30, what="the UDP flow to end")
-            assert echo["sent"] >= 4000 and echo["received"] == echo["sent"], echo
+            if not (echo["sent"] >= 4000 and echo["received"] == echo["sent"]):
+                # Where they went, for whoever reads the failure: the server's
+                # drops by cause, and the mediator's counters.
+                (flows,) = [p for p in tl.listing()["published"] if p["public"] == 9000]
+                raise AssertionError(f"UDP echo {echo}; publication {flows['counters']}; mediator {tl.mediator('m1')}")
         stalled.stop()
         if rep + 1 >= MIN_REPS and min(solo) / min(shared) >= FAIR:
             break
