@@ -31,7 +31,6 @@ import asyncio.sslproto
 import errno
 import functools
 import ipaddress
-import os
 import resource
 import signal
 import socket
@@ -41,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from firewall.connect import IP_BIND_ADDRESS_NO_PORT, wait_connected
 from tunnel.errors import ErrorCode
 from tunnel.events import EventLog
 from tunnel.frames import Bytes, IPAddress, Proto
@@ -63,7 +63,6 @@ CHANNEL_UNSENT = 131072
 # (issue 14 D). Memory is used only while datagrams wait.
 UDP_BUFFER = 2 << 20
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
-IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 # Socket address texts remembered as address values (``address_pair``): at
 # most this many, about 200 bytes each.
 ADDRESS_CACHE = 1024
@@ -461,24 +460,7 @@ async def connect_socket(sock: socket.socket, address: IPAddress, port: int) -> 
         return
     except (BlockingIOError, InterruptedError):
         pass
-    loop = asyncio.get_running_loop()
-    done = loop.create_future()
-    fd = sock.fileno()
-
-    def writable() -> None:
-        if done.done():
-            return
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            done.set_exception(OSError(err, os.strerror(err)))
-        else:
-            done.set_result(None)
-
-    loop.add_writer(fd, writable)
-    try:
-        await done
-    finally:
-        loop.remove_writer(fd)
+    await wait_connected(sock)
 
 
 @dataclass

@@ -39,6 +39,7 @@ import socket
 import time
 from typing import Any, Callable, TypeVar
 
+from firewall.connect import IP_BIND_ADDRESS_NO_PORT, wait_connected
 from firewall.drive import CoreDriver
 from firewall.signalling import MAX_DATAGRAM, Endpoint, FlowInfo, Proto, RuleAck, RuleEndReason, RuleMode, RuleRefusal
 from gateways.layer.core import LayerCore
@@ -74,7 +75,6 @@ READ_BATCH = 64
 # StreamReader's buffer on a leg B read as streams (FTP control): asyncio's
 # default 64 KiB.
 STREAM_LIMIT = 1 << 16
-IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 
 class FlowUnknown(Exception):
@@ -363,23 +363,8 @@ class GatewayLayer:
     async def connected(self, sock: socket.socket, *, connect_timeout: float) -> None:
         """Wait for ``start_tcp``'s connect. TimeoutError or OSError on failure,
         and then (or when cancelled) the socket is closed."""
-        loop = asyncio.get_running_loop()
-        fd = sock.fileno()
-        writable: asyncio.Future[None] = loop.create_future()
-        loop.add_writer(fd, _resolve_once, writable)
-        # A timer on the future, not wait_for (a task of its own per
-        # connection) nor asyncio.timeout (a context manager that looks up
-        # the loop and the task three times, each a getpid in Python 3.11).
-        timer = loop.call_later(connect_timeout, _expire, writable)
         try:
-            try:
-                await writable
-            finally:
-                timer.cancel()
-                loop.remove_writer(fd)
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                raise OSError(err, os.strerror(err))
+            await wait_connected(sock, connect_timeout)
         except BaseException:
             sock.close()
             raise
@@ -549,16 +534,6 @@ class GatewayLayer:
             callback(out.reason)
         if self.on_rule_end is not None:
             self.on_rule_end(out.rule_id, out.reason)
-
-
-def _resolve_once(future: "asyncio.Future[None]") -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-def _expire(future: "asyncio.Future[None]") -> None:
-    if not future.done():
-        future.set_exception(TimeoutError())
 
 
 def endpoint_of(address: Any) -> Endpoint | None:

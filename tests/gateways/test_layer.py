@@ -43,7 +43,7 @@ from firewall.signalling import (
 )
 from gateways.layer import EndCause, FlowUnknown, ProcessorInstances, RuleNoAnswer, RuleRefusedError, flow_key
 from gateways.layer.core import MAX_RULE_ATTEMPTS, RULE_END_GRACE, LayerCore
-from gateways.layer.endpoint import IP_BIND_ADDRESS_NO_PORT
+from firewall.connect import IP_BIND_ADDRESS_NO_PORT
 from gateways.manifest import InstanceSpec, NodeSpec
 from gateways.layer.outputs import (
     FlowGone, FlowKnown, FlowNotKnown, LoggedFlowEnded, RuleAnswered, RuleGone, RuleUnanswered, Send,

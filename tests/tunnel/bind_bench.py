@@ -34,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-from tunnel.aio import IP_BIND_ADDRESS_NO_PORT
+from firewall.connect import IP_BIND_ADDRESS_NO_PORT
 
 TOP = Path(__file__).resolve().parents[2]
 WAYS = ("connect", "bind", "reuse", "noport")
