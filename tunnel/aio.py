@@ -139,10 +139,18 @@ class ChannelWriter:
         self._timer: asyncio.TimerHandle | None = None  # the held frames' flush
         self._after: list[tuple[Callable[..., object], tuple[Any, ...]]] = []  # ``after``'s, until the flush
 
-    def add(self, parts: tuple[Bytes, ...], hold: bool = False) -> None:
+    def add(self, parts: tuple[Bytes, ...], hold: bool = False, now: bool = False) -> None:
         """``hold``: the frame may wait up to ``self.hold`` seconds for the
         next frame not held, and leave in its write (one TLS record, one
-        wake-up of the peer, instead of two)."""
+        wake-up of the peer, instead of two). ``now``: it is written at
+        once, with the frames before it (a WINDOW_UPDATE: the loop may be
+        in a long run of reads, up to 32 of one socket on uvloop, and the
+        peer's sender waits for the credit)."""
+        if now:
+            self.parts.extend(parts)
+            self.frames += 1
+            self.flush()
+            return
         if hold and self.hold > 0:
             if not self._soon and self._timer is None:
                 self._timer = self.loop.call_later(self.hold, self.flush)

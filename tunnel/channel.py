@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Iterable
 from typing import Any, Generic, TypeVar
 
 from tunnel.commands import ChannelClosed, CloseChannel, SendFrame
 from tunnel.errors import ErrorCode, LocalProtocolError, ProtocolError
 from tunnel.frames import (
-    MIN_MAX_FRAME_SIZE, Bye, Bytes, Frame, FrameDecoder, FrameType, IPAddress,
+    MIN_MAX_FRAME_SIZE, Bye, Bytes, Frame, FrameDecoder, FrameType, IPAddress, WindowUpdate,
     data_chunk_size, encode_data_parts,
 )
 from tunnel.states import Local, Trigger
+from tunnel.window import MAX_STREAM_WINDOW, STREAM_WINDOW, StreamWindow
 
 S = TypeVar("S", bound=enum.Enum)
 
@@ -84,6 +85,13 @@ class ChannelCore(abc.ABC, Generic[S]):
         self.opens_streams = False
         """Version 4: OPEN_STREAM (a connection's first bytes before its OPENED), and
         both FINs or an RST release a connection's id, without CLOSE and ACK."""
+        self.grows_windows = False
+        """Version 5: a receiver may grow a connection's window past ``STREAM_WINDOW``."""
+        self.window_max = STREAM_WINDOW
+        """The largest window this end gives a connection (version 5; the
+        settings' ``stream_window_max``)."""
+        self.window_budget = 0
+        """What this end's grown windows may add up to (the settings' ``stream_window_budget``)."""
         self._peer_max_frame = MIN_MAX_FRAME_SIZE
         self._last_received = 0.0
         self._handlers: dict[FrameType, Callable[[Any, float], list[Any]]] = {}
@@ -114,6 +122,30 @@ class ChannelCore(abc.ABC, Generic[S]):
         self._decoder.version = version
         self._peer_max_frame = peer_max_frame
         self.pipelines_connect, self.windowed, self.opens_streams = version >= 2, version >= 3, version >= 4
+        self.grows_windows = version >= 5
+
+    def _window(self) -> StreamWindow | None:
+        """A new connection's windows: none before version 3, fixed before 5."""
+        if self.grows_windows:
+            return StreamWindow(MAX_STREAM_WINDOW, self.window_max)
+        return StreamWindow() if self.windowed else None
+
+    def _windows(self) -> Iterable[StreamWindow]:
+        """The live connections' windows (for the budget)."""
+        return ()
+
+    def _grant(self, port_id: int, credit: StreamWindow, n: int) -> list[SendFrame]:
+        """``n`` bytes of a connection left our socket's buffer: its WINDOW_UPDATE,
+        if one is due, with what its window grows by (version 5). Sent at once:
+        the peer's sender may be waiting for it."""
+        grant = credit.consumed(n)
+        if not grant:
+            return []
+        if credit.ripe:
+            grant += credit.grow(self.window_budget - sum(w.grown for w in self._windows()))
+        out = self._send(WindowUpdate(port_id, grant))
+        out.prompt = True
+        return [out]
 
     def _send(self, frame: Frame, hold: bool = False) -> SendFrame:
         return SendFrame(frame, self._version if self._version is not None else max(self._versions), hold)

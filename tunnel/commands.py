@@ -47,7 +47,7 @@ class SendFrame:
     their bytes and ``hold`` are.
     """
 
-    __slots__ = ("parts", "hold", "datagram", "_frame")
+    __slots__ = ("parts", "hold", "datagram", "prompt", "_frame")
 
     def __init__(self, frame: Frame, version: int = BASE_VERSION, hold: bool = False) -> None:
         self.parts: tuple[Bytes, ...] = encode_frame_parts(frame, version)
@@ -56,13 +56,17 @@ class SendFrame:
         relays without it), up to the adapter's ``opened_hold``."""
         self.datagram = False
         """A UDP datagram in a DATA frame (counted apart by the server)."""
+        self.prompt = False
+        """To be written at once, not at the end of the loop's iteration (a
+        WINDOW_UPDATE: the peer's sender may be waiting for it, while this
+        end goes on with a long run of reads)."""
         self._frame: Frame | None = frame
 
     @classmethod
     def encoded(cls, parts: tuple[Bytes, ...], *, datagram: bool = False) -> SendFrame:
         """A frame the core encoded itself (``encode_data_parts``)."""
         out = cls.__new__(cls)
-        out.parts, out.hold, out.datagram, out._frame = parts, False, datagram, None
+        out.parts, out.hold, out.datagram, out.prompt, out._frame = parts, False, datagram, False, None
         return out
 
     @property

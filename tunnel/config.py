@@ -36,6 +36,7 @@ from tunnel.frames import MIN_MAX_FRAME_SIZE, IPAddress, IPInterface, Proto
 from tunnel.pacing import BackoffSettings
 from tunnel.policy import Op, Rule
 from tunnel.settings import EventLoop, MediatorLimits, MediatorSettings, ServerSettings
+from tunnel.window import MAX_STREAM_WINDOW, STREAM_WINDOW
 from tunnel.tls import parse_pin
 
 TUNNEL_DIR = Path("/etc/nfgate/tunnel")
@@ -348,6 +349,8 @@ class _ServerProtocol(Frozen):
     max_frame_size: Int(MIN_MAX_FRAME_SIZE, 16 << 20) = _PROTOCOL.max_frame_size
     replay_window: Int(1, 1 << 16) = _PROTOCOL.replay_window
     udp_channels: Bool = _PROTOCOL.udp_channels
+    stream_window_max: Int(STREAM_WINDOW, MAX_STREAM_WINDOW) = _PROTOCOL.stream_window_max
+    stream_window_budget: Int(0, 1 << 34) = _PROTOCOL.stream_window_budget
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> "_ServerProtocol":
@@ -503,6 +506,8 @@ class _MediatorProtocol(Frozen):
     keepalive_discovery: bool = _MEDIATOR.keepalive_discovery
     keepalive_floor: Number(0.1, 3600) = _MEDIATOR.keepalive_floor
     keepalive_ceiling: Number(0.1, 3600) = _MEDIATOR.keepalive_ceiling
+    stream_window_max: Int(STREAM_WINDOW, MAX_STREAM_WINDOW) = _MEDIATOR.stream_window_max
+    stream_window_budget: Int(0, 1 << 34) = _MEDIATOR.stream_window_budget
 
 
 class _Allow(Frozen):

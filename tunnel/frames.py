@@ -46,8 +46,8 @@ __all__ = [
     "data_chunk_size", "FrameDecoder", "encode_frame_parts", "Bytes",
 ]
 
-PROTOCOL_VERSION = 4  # the highest this code speaks
-SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2, 3, 4)
+PROTOCOL_VERSION = 5  # the highest this code speaks
+SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2, 3, 4, 5)
 # The version a frame is encoded in when the caller names none: the cores
 # always name the negotiated one; the codec's tests and examples use this.
 BASE_VERSION = 1

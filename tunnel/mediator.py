@@ -378,8 +378,9 @@ class _Session:
         parts = out.parts
         self.counters["bytes_to_server"] += sum(map(len, parts))
         # Coalesced: the frames of one loop iteration (many sockets' reads,
-        # a reply and its data) go as one TLS write, in fewer records.
-        self.writer.add(parts, out.hold)
+        # a reply and its data) go as one TLS write, in fewer records (a
+        # prompt one takes those before it along, at once).
+        self.writer.add(parts, out.hold, now=out.prompt)
 
     def flush(self) -> None:
         """Write the frames collected since the last flush, in order."""

@@ -30,6 +30,7 @@ A missing ``policy`` refuses everything: the server gets NOT_ALLOWED.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from firewall.replay import ReplayWindow
@@ -122,6 +123,7 @@ class MediatorCore(ChannelCore[MediatorState]):
             MediatorState.CONNECTING, MEDIATOR_TRANSITIONS, MediatorState.CLOSED,
             self.settings.versions, self.settings.max_frame_size,
         )
+        self.window_max, self.window_budget = self.settings.stream_window_max, self.settings.stream_window_budget
         self.identity = identity
         self.policy = policy
         self.session_id: int | None = None
@@ -360,7 +362,7 @@ class MediatorCore(ChannelCore[MediatorState]):
             connect_to=(frame.address, frame.port), stream=stream_id != 0,
             # A stream's window runs from the request on: the server's first
             # bytes may come before OPENED, and count against it.
-            credit=StreamWindow() if stream_id else None,
+            credit=self._window() if stream_id else None,
         )
         self._pending[frame.request_id] = port_id
         return [OpenSocket(port_id, Proto.TCP, frame.local, 0, False, False, connect_to=(frame.address, frame.port))]
@@ -547,8 +549,7 @@ class MediatorCore(ChannelCore[MediatorState]):
         record = self._live(port_id)
         if record is None or self.closed or record.credit is None or record.state is not PortState.CONNECTED:
             return []
-        grant = record.credit.consumed(n)
-        return [self._send(WindowUpdate(port_id, grant))] if grant else []
+        return self._grant(port_id, record.credit, n)
 
     def _on_keepalive(self, frame: Keepalive, now: float) -> Out:
         return self._reply(KeepaliveAck(request_id=frame.request_id))
@@ -631,7 +632,7 @@ class MediatorCore(ChannelCore[MediatorState]):
         if port is None:
             return [CloseSocket(port_id)]
         if self.windowed and port.credit is None:
-            port.credit = StreamWindow()
+            port.credit = self._window()
         if port.connect_to is not None:
             port.connect_to = None
             out: Out = []
@@ -683,6 +684,9 @@ class MediatorCore(ChannelCore[MediatorState]):
 
     # -- what the sockets see --------------------------------------------------------
 
+    def _windows(self) -> Iterable[StreamWindow]:
+        return (port.credit for port in self._ports.values() if port.credit is not None)
+
     def _live(self, port_id: int) -> _Port | None:
         if not self._issued(port_id):
             raise LocalProtocolError(f"port id {port_id} was never issued")
@@ -730,7 +734,7 @@ class MediatorCore(ChannelCore[MediatorState]):
         conn_id = self._port_ids.new(self._ports)
         self._ports[conn_id] = _Port(
             conn_id, Proto.TCP, PortState.CONNECTED, listener.address, listener.port,
-            peer=(address, port), credit=StreamWindow() if self.windowed else None,
+            peer=(address, port), credit=self._window(),
         )
         return conn_id, [self._send(EventAccepted(listen_id, conn_id, address, port))]
 

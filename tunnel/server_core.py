@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import secrets
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -185,6 +185,7 @@ class ServerSession(ChannelCore[ServerState]):
             ServerState.WAIT_HELLO, SERVER_TRANSITIONS, ServerState.CLOSED,
             self.settings.versions, self.settings.max_frame_size,
         )
+        self.window_max, self.window_budget = self.settings.stream_window_max, self.settings.stream_window_budget
         if not 0 < session_id < 2**32:
             raise ValueError(f"session id {session_id} must be a non-zero u32")
         self.session_id = session_id
@@ -366,7 +367,7 @@ class ServerSession(ChannelCore[ServerState]):
         )
         self._remotes[port_id] = _Remote(
             port_id, Proto.TCP, PortState.CONNECTED, is_port=True, connection=True, peer=(address, port),
-            credit=StreamWindow(), opening=True,
+            credit=self._window(), opening=True,
         )
         return request_id, port_id, out
 
@@ -512,14 +513,16 @@ class ServerSession(ChannelCore[ServerState]):
             del self._remotes[port_id]  # version 4: the RST releases the id
         return [self._send(EventRst(port_id))]
 
+    def _windows(self) -> Iterable[StreamWindow]:
+        return (remote.credit for remote in self._remotes.values() if remote.credit is not None)
+
     def consumed(self, port_id: int, n: int) -> Out:
         """Version 3: ``n`` bytes relayed from connection ``port_id`` left the
         public socket's buffer; the credit goes back to the mediator in pieces."""
         remote = self._remotes.get(port_id)
         if remote is None or remote.credit is None or remote.state is not PortState.CONNECTED or self.closed:
             return []
-        grant = remote.credit.consumed(n)
-        return [self._send(WindowUpdate(port_id, grant))] if grant else []
+        return self._grant(port_id, remote.credit, n)
 
     # -- replies from the mediator ---------------------------------------------------
 
@@ -543,7 +546,7 @@ class ServerSession(ChannelCore[ServerState]):
         if pending.kind is FrameType.OPEN_CONNECT:
             self._remotes[frame.port_id] = _Remote(
                 frame.port_id, Proto.TCP, PortState.CONNECTED, is_port=True, connection=True, peer=pending.peer,
-                credit=StreamWindow() if self.windowed else None,
+                credit=self._window(),
             )
             return [PortOpened(frame.request_id, frame.port_id, frame.port)]
         redirect = pending.kind is FrameType.REDIRECT_PORT
@@ -575,7 +578,7 @@ class ServerSession(ChannelCore[ServerState]):
             self._remotes.pop(pending.port_id, None)
         elif remote is not None and pending.kind is FrameType.CONNECT:
             remote.state = PortState.CONNECTED
-            remote.credit = StreamWindow() if self.windowed else None
+            remote.credit = self._window()
         elif remote is not None:
             remote.state = PortState.LISTENING
         return [RequestAcked(frame.request_id, pending.port_id)]
@@ -629,7 +632,7 @@ class ServerSession(ChannelCore[ServerState]):
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"port {frame.port_id} is not listening")
         remote = _Remote(
             frame.conn_id, Proto.TCP, PortState.CONNECTED, is_port=False, connection=True,
-            peer=(frame.address, frame.port), credit=StreamWindow() if self.windowed else None,
+            peer=(frame.address, frame.port), credit=self._window(),
         )
         self._remotes[frame.conn_id] = remote
         over = self._connections_in_use() > self.limits.max_connections

@@ -181,6 +181,8 @@ def gateway_server_config(gateway: Manifest) -> ServerConfig:
             dead_after=s.dead_after,
             min_keepalive_interval=s.min_keepalive_interval,
             max_keepalive_interval=s.max_keepalive_interval,
+            stream_window_max=s.stream_window_max,
+            stream_window_budget=s.stream_window_budget,
         ),
         limits=MediatorLimits(max_ports=s.max_ports, max_connections=s.max_connections, max_pending=s.max_pending),
         rate=RateLimit(s.bytes_per_second, s.burst_bytes),

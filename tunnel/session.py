@@ -220,8 +220,9 @@ class Session:
             self._count("udp_via_frames_out")
         if self.record is not None:  # ``_count``, written out: every frame
             self.record.counters["bytes_to_mediator"] += sum(map(len, parts))
-        # Coalesced: the frames of one loop iteration go as one TLS write.
-        self.writer.add(parts)
+        # Coalesced: the frames of one loop iteration go as one TLS write
+        # (a prompt one takes those before it along, at once).
+        self.writer.add(parts, now=out.prompt)
 
     def flush(self) -> None:
         """Write the frames collected since the last flush, in order."""

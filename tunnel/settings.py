@@ -17,6 +17,7 @@ from pydantic import Field
 from firewall.fields import Frozen, Int, Number
 from tunnel.datagrams import DEFAULT_REPLAY_WINDOW
 from tunnel.frames import DEFAULT_MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE, SUPPORTED_VERSIONS
+from tunnel.window import MAX_STREAM_WINDOW, STREAM_WINDOW
 
 # Seed, "3. Maintain channel": the client sends a maintain channel packet
 # "before the end of the TTL of the channel in question". RFC 4787 REQ-5 asks
@@ -39,6 +40,22 @@ DEFAULT_DEAD_AFTER = 5
 DEFAULT_MAX_PORTS = 1024
 # The event loops a tunnel process may run on (tunnel/aio.py, ``run_main``).
 EventLoop = Literal["uvloop", "asyncio"]
+# Version 5: how far a receiver grows one connection's window (tunnel/window.py)
+# and what one channel's grown windows may add up to. 4 MiB carries one
+# connection at about 670 Mbit/s across a 50 ms path (256 KiB: 42 Mbit/s),
+# as OpenSSH's 2 MiB channel windows and browsers' HTTP/2 stream windows
+# (6 MiB) do; the budget lets 8 connections of a channel grow that far at
+# once, and bounds what slow readers can make one end hold to
+# connections x 256 KiB + 32 MiB.
+DEFAULT_STREAM_WINDOW_MAX = 4 << 20
+DEFAULT_STREAM_WINDOW_BUDGET = 32 << 20
+
+
+def _check_windows(stream_window_max: int, stream_window_budget: int) -> None:
+    if not STREAM_WINDOW <= stream_window_max <= MAX_STREAM_WINDOW:
+        raise ValueError(f"stream_window_max must be {STREAM_WINDOW} to {MAX_STREAM_WINDOW} bytes")
+    if stream_window_budget < 0:
+        raise ValueError("stream_window_budget must not be negative")
 
 
 def _check_common(versions: tuple[int, ...], max_frame_size: int, dead_after: int) -> None:
@@ -83,6 +100,13 @@ class MediatorSettings:
     keepalive_ceiling: float = 120.0
     """Longest idle wait discovery probes (RFC 4787 REQ-5's 2 minutes); the
     interval is at most 0.8 of it."""
+    stream_window_max: int = DEFAULT_STREAM_WINDOW_MAX
+    """Version 5: the largest window the mediator grows a connection's to
+    (what the server may have in flight towards one private host);
+    ``STREAM_WINDOW`` keeps every window at 256 KiB."""
+    stream_window_budget: int = DEFAULT_STREAM_WINDOW_BUDGET
+    """Version 5: what the channel's grown windows may add up to, beyond
+    256 KiB each: bounds what slow private hosts make the mediator hold."""
 
     def __post_init__(self) -> None:
         _check_common(self.versions, self.max_frame_size, self.dead_after)
@@ -94,6 +118,7 @@ class MediatorSettings:
             raise ValueError("init_timeout, max_ports and max_pending must be positive")
         if self.replay_window < 1:
             raise ValueError("replay_window must be at least 1")
+        _check_windows(self.stream_window_max, self.stream_window_budget)
 
 
 @dataclass(frozen=True)
@@ -117,6 +142,13 @@ class ServerSettings:
     """Width of the anti-replay window of each UDP channel."""
     udp_channels: bool = True
     """Send UDP_KEY on READY, so that REDIRECT_PORT can be used."""
+    stream_window_max: int = DEFAULT_STREAM_WINDOW_MAX
+    """Version 5: the largest window the server grows a connection's to
+    (what a mediator may have in flight towards one public client);
+    ``STREAM_WINDOW`` keeps every window at 256 KiB."""
+    stream_window_budget: int = DEFAULT_STREAM_WINDOW_BUDGET
+    """Version 5: what one mediator's grown windows may add up to, beyond
+    256 KiB each: bounds what slow public clients make the server hold."""
 
     def __post_init__(self) -> None:
         _check_common(self.versions, self.max_frame_size, self.dead_after)
@@ -124,6 +156,7 @@ class ServerSettings:
             raise ValueError("need 0 < min_keepalive_interval <= max_keepalive_interval")
         if self.hello_timeout <= 0 or self.replay_window < 1:
             raise ValueError("hello_timeout and replay_window must be positive")
+        _check_windows(self.stream_window_max, self.stream_window_budget)
 
 
 @dataclass(frozen=True)
@@ -188,3 +221,7 @@ class TunnelGatewaySettings(Frozen):
         "uvloop", description="the event loop the gateway runs on: uvloop (faster per relayed event) or asyncio")
     republish_initial: Number(0.01, 3600) = Field(1.0, description="first retry delay of a publication that could not start")
     republish_max: Number(0.01, 86400) = Field(60.0, description="longest retry delay of such a publication")
+    stream_window_max: Int(STREAM_WINDOW, MAX_STREAM_WINDOW) = Field(
+        DEFAULT_STREAM_WINDOW_MAX, description="largest window a relayed connection's may grow to (protocol version 5)")
+    stream_window_budget: Int(0, 1 << 34) = Field(
+        DEFAULT_STREAM_WINDOW_BUDGET, description="what one mediator's grown windows may add up to, beyond 256 KiB each")

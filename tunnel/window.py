@@ -18,10 +18,22 @@ payload, as SSH's channel windows and HTTP/2's stream windows do:
   of at least ``GRANT_AT`` bytes. So the receiver never holds more than a
   window per connection, and never needs to stop reading the channel.
 
-``GRANT_AT`` is at most the window less asyncio's write-buffer high-water
-mark (64 KiB): a receiver whose buffer drains below that mark without a
-``resume_writing`` then still holds enough flushed, ungranted bytes to have
-granted them at its last write, so a sender is never left without credit.
+A grant is a quarter of the window (``GRANT_AT`` for the first one), at
+most the window less asyncio's write-buffer high-water mark (64 KiB): a
+receiver whose buffer drains below that mark without a ``resume_writing``
+then still holds enough flushed, ungranted bytes to have granted them at
+its last write, so a sender is never left without credit.
+
+**Growing windows (version 5).** Every window starts at ``STREAM_WINDOW``.
+A fixed 256 KiB caps one connection at a window per round trip of the
+credit: 2 Gbit/s at 1 ms, 42 Mbit/s across a 50 ms path. From version 5 a
+receiver may give more credit than was consumed, up to ``MAX_STREAM_WINDOW``:
+its window doubles, up to its own ``stream_window_max``, each time a whole
+window's worth has gone on to a reader that kept up (nothing of the
+connection waiting in our socket's buffer when the credit went back). A
+reader that falls behind never grows its window, so it still holds at most
+a window; what the grown windows of one channel add up to is bounded by its
+``stream_window_budget`` (the core asks ``grow`` with the room that leaves).
 """
 
 from __future__ import annotations
@@ -29,24 +41,37 @@ from __future__ import annotations
 from tunnel.frames import Bytes
 
 STREAM_WINDOW = 256 * 1024
-"""Bytes of DATA payload in flight per connection and direction (version 3).
-A protocol constant: 256 KiB keeps one stream near 2 Gbit/s at a 1 ms round
-trip, and 500 stalled readers under 128 MiB of buffers."""
+"""Bytes of DATA payload in flight per connection and direction (version 3):
+where every window starts, and all it is before version 5. A protocol
+constant: 256 KiB keeps one stream near 2 Gbit/s at a 1 ms round trip, and
+500 stalled readers under 128 MiB of buffers."""
 GRANT_AT = STREAM_WINDOW // 4
+MAX_STREAM_WINDOW = 16 << 20
+"""Version 5: the most credit a receiver may give one connection; more is
+the peer's protocol error."""
 
 
 class StreamWindow:
-    """Both directions of one connection's credit."""
+    """Both directions of one connection's credit.
 
-    __slots__ = ("credit", "held", "fin_held", "paused", "outstanding", "flushed")
+    ``limit``: the most credit the peer may give us (``STREAM_WINDOW``
+    before version 5, ``MAX_STREAM_WINDOW`` from it). ``grow_to``: the
+    largest window we give the peer (``STREAM_WINDOW``: it never grows)."""
 
-    def __init__(self) -> None:
+    __slots__ = ("credit", "held", "fin_held", "paused", "outstanding", "flushed", "limit", "size", "grow_to",
+                 "moved")
+
+    def __init__(self, limit: int = STREAM_WINDOW, grow_to: int = STREAM_WINDOW) -> None:
         self.credit = STREAM_WINDOW  # bytes we may still send
         self.held: Bytes = b""  # read from our socket, not yet sendable (a view into that read)
         self.fin_held = False  # our socket's FIN, waiting behind ``held``
         self.paused = False  # the I/O layer was told to stop reading our socket
         self.outstanding = 0  # bytes received and not yet given back
         self.flushed = 0  # of those, bytes that left our socket's buffer
+        self.limit = limit
+        self.size = STREAM_WINDOW  # the window we give the peer
+        self.grow_to = grow_to
+        self.moved = 0  # bytes given back, with our reader keeping up, since the window last grew
 
     # -- sending ---------------------------------------------------------------
 
@@ -71,8 +96,8 @@ class StreamWindow:
 
     def granted(self, increment: int) -> tuple[Bytes, bool] | None:
         """The peer gave ``increment`` bytes back: as ``send``; None if that
-        is more than it was ever sent (the peer's protocol error)."""
-        if increment == 0 or self.credit + increment > STREAM_WINDOW:
+        is more than it may give (the peer's protocol error)."""
+        if increment == 0 or self.credit + increment > self.limit:
             return None
         self.credit += increment
         return self.send(b"")
@@ -82,13 +107,35 @@ class StreamWindow:
     def received(self, n: int) -> bool:
         """``n`` bytes of DATA arrived; False if that overruns the window."""
         self.outstanding += n
-        return self.outstanding <= STREAM_WINDOW
+        return self.outstanding <= self.size
 
     def consumed(self, n: int) -> int:
         """``n`` received bytes left our socket's buffer; the credit to give back now (0: not yet)."""
         self.flushed = min(self.outstanding, self.flushed + n)
-        if self.flushed < GRANT_AT:
+        if self.flushed < self.size // 4:
             return 0
         grant, self.flushed = self.flushed, 0
+        if grant == self.outstanding and self.size < self.grow_to:
+            self.moved += grant  # nothing waits in our buffer: the reader keeps up
         self.outstanding -= grant
         return grant
+
+    @property
+    def ripe(self) -> bool:
+        """A window's worth went on to a reader that kept up, and the window may still grow."""
+        return self.moved >= self.size and self.size < self.grow_to
+
+    @property
+    def grown(self) -> int:
+        """Bytes of window given beyond ``STREAM_WINDOW`` (what counts against the budget)."""
+        return self.size - STREAM_WINDOW
+
+    def grow(self, room: int) -> int:
+        """Double the window, within ``grow_to`` and ``room`` bytes; the
+        extra credit to give with the next grant (0: none)."""
+        extra = min(self.size, self.grow_to - self.size, room)
+        if extra <= 0:
+            return 0
+        self.size += extra
+        self.moved = 0
+        return extra

@@ -104,3 +104,21 @@ async def _after() -> None:
     await asyncio.sleep(0)
     await asyncio.sleep(0)
     assert transport.writes == [[b"openeddata"]] and seen == [0, -1, 1]
+
+
+def test_a_prompt_frame_leaves_at_once_with_the_frames_before_it() -> None:
+    asyncio.run(_prompt())
+
+
+async def _prompt() -> None:
+    """A WINDOW_UPDATE (``now``) is written in the call, behind what the
+    iteration added before it; what comes after waits for the iteration's end."""
+    transport = Transport()
+    writer = ChannelWriter(transport, asyncio.get_running_loop())  # type: ignore[arg-type]
+    writer.add((b"data1",))
+    writer.add((b"update",), now=True)
+    assert transport.writes == [[b"data1update"]] and writer.frames == 0
+    writer.add((b"data2",))
+    assert len(transport.writes) == 1
+    await asyncio.sleep(0)
+    assert transport.writes == [[b"data1update"], [b"data2"]]

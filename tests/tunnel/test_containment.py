@@ -113,7 +113,7 @@ def test_clients_that_reset_at_every_step_never_end_the_channel(tmp_path: Path, 
             # released by the FINs or the RSTs alone, without CLOSE).
             await until(lambda: not session.core.ports, what="every relay's port to close")
             mediator = lb.mediators[0][0]
-            assert session.core.version == 4
+            assert session.core.version == 5
             await until(lambda: not mediator.session.core.ports, what="the mediator's ports to close")
             await until(lambda: not mediator.session.ports, what="the mediator's sockets to close")
 

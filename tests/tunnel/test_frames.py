@@ -170,7 +170,7 @@ def test_unknown_frame_type() -> None:
 
 
 def test_unsupported_version() -> None:
-    assert refused(encode_frame(Keepalive(request_id=1), version=5)) is ErrorCode.UNSUPPORTED_VERSION
+    assert refused(encode_frame(Keepalive(request_id=1), version=6)) is ErrorCode.UNSUPPORTED_VERSION
 
 
 @pytest.mark.parametrize("frame", [f for f in SAMPLES if f.TYPE in SINCE_VERSION], ids=lambda f: type(f).__name__)

@@ -80,12 +80,12 @@ def test_init() -> None:
     core = MediatorCore(IDENTITY, S25, POLICY)
     assert core.state is MediatorState.CONNECTING
     hello = Hello(
-        (1, 2, 3, 4), "mediator-7", b"secret", "web-help", (IPv4Interface("192.168.1.2/24"),),
+        (1, 2, 3, 4, 5), "mediator-7", b"secret", "web-help", (IPv4Interface("192.168.1.2/24"),),
         25000, 131072, request_id=1,
     )
     [send] = core.channel_up(0.0)
     # Before negotiation, in the highest version it speaks.
-    assert send == SendFrame(hello, 4) and send.data == encode_frame(hello, 4)
+    assert send == SendFrame(hello, 5) and send.data == encode_frame(hello, 5)
     assert core.state is MediatorState.INIT_SENT and core.next_deadline() == 10.0
     assert feed(core, InitOk(1, 7, 131072, request_id=1), now=0.5) == [Ready(7, 1)]
     assert core.state is MediatorState.READY and core.session_id == 7 and core.version == 1
@@ -107,7 +107,7 @@ def test_init_timeout() -> None:
     core.channel_up(0.0)
     assert core.tick(9.99) == []
     [bye, *rest] = core.tick(10.0)
-    assert bye == SendFrame(Bye(ErrorCode.TIMEOUT, "no INIT_OK in time"), 4)
+    assert bye == SendFrame(Bye(ErrorCode.TIMEOUT, "no INIT_OK in time"), 5)
     assert rest == closed_by_us(ErrorCode.TIMEOUT, "no INIT_OK in time")[1:]
 
 
@@ -143,7 +143,7 @@ def test_request_before_init_ok_is_unexpected() -> None:
     core = MediatorCore(IDENTITY, S25, POLICY)
     core.channel_up(0.0)
     [bye, *_] = feed(core, OpenPort(Proto.TCP, ME, 80, False, request_id=2))
-    assert bye == SendFrame(Bye(ErrorCode.UNEXPECTED_FRAME, "OPEN_PORT not allowed in INIT_SENT"), 4)
+    assert bye == SendFrame(Bye(ErrorCode.UNEXPECTED_FRAME, "OPEN_PORT not allowed in INIT_SENT"), 5)
 
 
 # -- open port (seed, "Open port") ------------------------------------------------

@@ -87,7 +87,7 @@ def test_a_stalled_reader_holds_up_only_its_own_connection(tl: TunnelLab) -> Non
     tl.start_mediator("m1")
     tl.publish("m1", f"{PRIV}:8000", 8080)
     tl.publish("m1", f"{PRIV}:9000", 9000, udp=True)
-    assert tl.mediator("m1")["session"]["version"] == 4  # windows (version 3 on), streams (4)
+    assert tl.mediator("m1")["session"]["version"] == 5  # windows (version 3 on), streams (4), growing (5)
     out = tl.dir / "download.bin"
 
     def publication() -> dict:

@@ -73,7 +73,7 @@ def connected(session: ServerSession, port_id: int) -> None:
 
 def refused_init(code: ErrorCode, message: str, request_id: int = 1) -> list[object]:
     return [
-        SendFrame(InitErr(code, message, (1, 2, 3, 4), request_id=request_id), 4),
+        SendFrame(InitErr(code, message, (1, 2, 3, 4, 5), request_id=request_id), 5),
         CloseChannel(), ChannelClosed(code, message, False),
     ]
 
@@ -121,13 +121,13 @@ def test_no_authenticator_refuses_everyone() -> None:
 
 
 def test_version_mismatch() -> None:
-    """A future mediator speaking only version 5 gets INIT_ERR, in a frame it can read."""
+    """A future mediator speaking only version 6 gets INIT_ERR, in a frame it can read."""
     session = new_session()
-    hello_v5 = Hello((5,), "mediator-7", b"secret", "web-help", (), 25000, 131072, request_id=1)
-    result = session.receive_data(encode_frame(hello_v5, version=5), 0.5)
-    assert result == refused_init(ErrorCode.UNSUPPORTED_VERSION, "no common version (offered 5)")
+    hello_v6 = Hello((6,), "mediator-7", b"secret", "web-help", (), 25000, 131072, request_id=1)
+    result = session.receive_data(encode_frame(hello_v6, version=6), 0.5)
+    assert result == refused_init(ErrorCode.UNSUPPORTED_VERSION, "no common version (offered 6)")
     first = result[0]
-    assert isinstance(first, SendFrame) and first.data[:2] == b"\x04\x03"
+    assert isinstance(first, SendFrame) and first.data[:2] == b"\x05\x03"
 
 
 def test_highest_common_version_is_chosen() -> None:
@@ -418,13 +418,16 @@ class Pair:
     for (or 40000 for "any"); other socket commands are recorded in ``done``.
     """
 
-    def __init__(self, service: str = "web-help", versions: tuple[int, ...] = (1, 2, 3)) -> None:
+    def __init__(
+        self, service: str = "web-help", versions: tuple[int, ...] = (1, 2, 3), **server: object
+    ) -> None:
         self.mediator = MediatorCore(
             MediatorIdentity("mediator-7", b"secret", service, IFACES),
             MediatorSettings(versions=versions, keepalive_interval=25.0, dead_after=3),
             policy=AllowList([Rule(ip_network("192.168.1.0/24"))]),
         )
-        self.server = new_session()
+        # ``server``: more of the server's ``ServerSettings``.
+        self.server = new_session(settings=ServerSettings(dead_after=3, **server))  # type: ignore[arg-type]
         self.done: list[object] = []
         self.now = 0.0
 

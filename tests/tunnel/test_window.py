@@ -2,7 +2,8 @@
 
 Playbooks: the exact frames and commands each step gives, with a private
 host that sends more than the window, one that closes behind held bytes,
-and peers that break the window's rules (issue 14 D).
+and peers that break the window's rules (issue 14 D); from version 5,
+windows that grow for readers that keep up, within the channel's budget.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ from tunnel.commands import (
     ChannelClosed, PauseReading, PeerFin, PortOpened, Received, ResumeReading, SendFrame, WriteStream,
 )
 from tunnel.errors import ErrorCode
-from tunnel.frames import Bye, Data, EventFin, WindowUpdate, encode_frame
-from tunnel.window import GRANT_AT, STREAM_WINDOW, StreamWindow
+from tunnel.frames import Bye, Bytes, Data, EventFin, WindowUpdate, encode_frame
+from tunnel.window import GRANT_AT, MAX_STREAM_WINDOW, STREAM_WINDOW, StreamWindow
 
 PEER = (WEB, 80)
 
 
-def connected_pair(versions: tuple[int, ...] = (1, 2, 3)) -> Pair:
-    """Both cores, with port 1 a client port connected to WEB:80 (OPEN_CONNECT)."""
-    pair = Pair(versions=versions)
+def connected_pair(versions: tuple[int, ...] = (1, 2, 3), **server: object) -> Pair:
+    """Both cores, with port 1 a client port connected to WEB:80 (OPEN_CONNECT);
+    ``server``: more of the server's settings."""
+    pair = Pair(versions=versions, **server)
     pair.start()
     request_id, commands = pair.server.open_connect(ME, *PEER)
     assert pair.up(pair.down(commands)) == []
@@ -164,3 +166,129 @@ def test_a_read_cut_by_the_credit_is_sent_and_held_as_views_of_it() -> None:
     late, _ = window.send(b"late")  # the one read that lands while bytes are held: joined behind them
     assert late == b"" and bytes(window.held).endswith(b"late")
     assert bytes(sent) + bytes(granted[0]) + bytes(window.held) == read + b"late"
+
+
+# -- version 5: windows that grow --------------------------------------------------------
+
+V5 = (1, 2, 3, 4, 5)
+
+
+def more(pair: Pair, port_id: int) -> None:
+    """Client port ``port_id`` (the mediator's next id), connected to WEB:80 as port 1 is."""
+    request_id, commands = pair.server.open_connect(ME, *PEER)
+    assert pair.up(pair.down(commands)) == []
+    assert pair.up(pair.mediator.connected(port_id)) == [PortOpened(request_id, port_id, 40000)]
+
+
+def keep_up(pair: Pair, port_id: int, out: Sequence[object]) -> list[int]:
+    """The server's public client takes everything the mediator sends for
+    ``port_id`` at once; the increments of the WINDOW_UPDATEs that gives."""
+    increments = []
+    while True:
+        got = payload(pair.up(out))
+        if not got:
+            return increments
+        updates = pair.server.consumed(port_id, len(got))
+        for update in updates:
+            assert update.prompt  # written at once, not at the end of the iteration
+            increments.append(update.frame.increment)
+        out = pair.down(updates)
+
+
+def test_a_reader_that_keeps_up_doubles_its_window_up_to_stream_window_max() -> None:
+    pair = connected_pair(versions=V5)
+    window = pair.server._remotes[1].credit
+    assert window.grow_to == 4 << 20 and window.size == STREAM_WINDOW
+    out = pair.mediator.received(1, *PEER, b"d" * (16 << 20))  # a private host with 16 MiB at once
+    increments = keep_up(pair, 1, out)
+    # Each window's worth taken at once: credit back, and the window doubled with it.
+    assert increments[:3] == [2 * STREAM_WINDOW, 4 * STREAM_WINDOW, 8 * STREAM_WINDOW]
+    assert window.size == 4 << 20 and pair.mediator._ports[1].credit.limit == MAX_STREAM_WINDOW
+    # All of it but the last 256 KiB (less than a quarter of 4 MiB: no grant yet), plus the growth.
+    assert sum(increments) == (16 << 20) - STREAM_WINDOW + (4 << 20) - STREAM_WINDOW
+
+
+def test_a_reader_that_falls_behind_keeps_a_256_kib_window() -> None:
+    pair = connected_pair(versions=V5)
+    out = pair.mediator.received(1, *PEER, b"s" * (4 << 20))
+    waiting = 0  # in the public client's socket buffer: it reads slowly, a grant's worth at a time
+    for _ in range(48):  # 256 KiB, then 47 grants' worth: the mediator still has more
+        waiting += len(payload(pair.up(out)))
+        updates = pair.server.consumed(1, GRANT_AT)
+        waiting -= GRANT_AT
+        assert [u.frame.increment for u in updates] == [GRANT_AT]
+        out = pair.down(updates)
+        assert waiting > 0 and pair.server._remotes[1].credit.size == STREAM_WINDOW
+
+
+def test_grown_windows_stay_within_the_channels_budget_and_free_it_when_they_end() -> None:
+    pair = connected_pair(versions=V5, stream_window_budget=STREAM_WINDOW)  # one doubling
+    second = 2
+    more(pair, second)
+    first, other = pair.server._remotes[1].credit, pair.server._remotes[second].credit
+    keep_up(pair, 1, pair.mediator.received(1, *PEER, b"a" * (2 << 20)))
+    assert first.size == 2 * STREAM_WINDOW
+    keep_up(pair, second, pair.mediator.received(second, *PEER, b"b" * (2 << 20)))
+    assert other.size == STREAM_WINDOW  # the budget is spent
+    pair.up(pair.mediator.reset(1))  # the grown one ends
+    keep_up(pair, second, pair.mediator.received(second, *PEER, b"c" * (2 << 20)))
+    assert other.size == 2 * STREAM_WINDOW
+
+
+def test_version_4_windows_never_grow_and_credit_past_them_is_still_an_error() -> None:
+    pair = connected_pair(versions=(1, 2, 3, 4))
+    increments = keep_up(pair, 1, pair.mediator.received(1, *PEER, b"f" * (2 << 20)))
+    assert sum(increments) == 2 << 20 and max(increments) <= STREAM_WINDOW
+    assert pair.server._remotes[1].credit.size == STREAM_WINDOW
+    out = pair.mediator.receive_data(encode_frame(WindowUpdate(1, STREAM_WINDOW), 4), 1.0)
+    assert SendFrame(Bye(ErrorCode.BAD_REQUEST, "WINDOW_UPDATE past port 1's window"), 4) in out
+
+
+def test_in_version_5_credit_past_16_mib_is_a_protocol_error() -> None:
+    pair = connected_pair(versions=V5)
+    assert pair.mediator.receive_data(encode_frame(WindowUpdate(1, MAX_STREAM_WINDOW - STREAM_WINDOW), 5), 1.0) == []
+    out = pair.mediator.receive_data(encode_frame(WindowUpdate(1, 1), 5), 1.0)
+    assert SendFrame(Bye(ErrorCode.BAD_REQUEST, "WINDOW_UPDATE past port 1's window"), 5) in out
+
+
+def test_data_past_a_grown_window_is_a_protocol_error() -> None:
+    pair = connected_pair(versions=V5)
+    keep_up(pair, 1, pair.mediator.received(1, *PEER, b"g" * STREAM_WINDOW))  # grown to 512 KiB
+    assert pair.server._remotes[1].credit.size == 2 * STREAM_WINDOW
+    chunk = b"z" * 65000
+    wire = b"".join(encode_frame(Data(1, *PEER, chunk), 5) for _ in range(9))  # 585000 > 524288
+    out = pair.server.receive_data(wire, 1.0)
+    assert len([o for o in out if isinstance(o, Received)]) == 8
+    assert ChannelClosed(ErrorCode.BAD_REQUEST, "DATA past port 1's window", False) in out
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["read", "consume", "drain"]), st.integers(1, 300000)), max_size=60))
+def test_a_growing_window_never_has_more_in_flight_than_its_size(steps: list[tuple[str, int]]) -> None:
+    """As the fixed window's property, with growth (version 5, a budget of
+    1 MiB): in flight stays within the receiver's window, which stays within
+    ``grow_to``; nothing is lost or reordered."""
+    sender, receiver = StreamWindow(MAX_STREAM_WINDOW), StreamWindow(MAX_STREAM_WINDOW, 2 << 20)
+    sent, source = bytearray(), bytearray()
+    buffered = 0  # at the receiver, not yet consumed
+    for kind, n in steps:
+        out: Bytes = b""
+        if kind == "read":
+            data = bytes([len(source) % 251]) * n
+            source += data
+            out, _ = sender.send(data)
+        else:
+            n = buffered if kind == "drain" else min(n, buffered)
+            buffered -= n
+            grant = receiver.consumed(n)
+            if grant and receiver.ripe:
+                grant += receiver.grow((1 << 20) - receiver.grown)
+            got = sender.granted(grant) if grant else None
+            assert got is not None or not grant
+            out = got[0] if got else b""
+        assert receiver.received(len(out))
+        buffered += len(out)
+        sent += out
+        assert receiver.outstanding <= receiver.size <= 2 << 20 and receiver.grown <= 1 << 20
+        assert sender.paused == (bool(sender.held) or sender.credit == 0)
+    assert bytes(sent) + sender.held == bytes(source)
