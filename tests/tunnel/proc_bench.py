@@ -1,6 +1,6 @@
 """A new connection's cost in each relay process, without a lab: instructions under callgrind.
 
-    PYTHONPATH=. .venv/bin/python -m tests.tunnel.proc_bench [--relay tunnel|epoll|uvloop] [--exchanges 100,400]
+    PYTHONPATH=. .venv/bin/python -m tests.tunnel.proc_bench [--relay tunnel|epoll|uvloop] [--exchanges 100,400] [--calls]
 
 Not a test (nothing is asserted): a figure for docs/benchmarks.md. The
 relay's two processes (``tunnel``: ``nfgate tunnel server`` and
@@ -16,6 +16,11 @@ machine does, so two versions can be compared on a shared machine (the
 two runs are in parallel, one a core). Unlike tests/tunnel/loop_bench.py,
 the client is another process, as in the lab: a request comes with the
 handshake's last ACK.
+
+``--calls``: the processes run under cProfile instead, and the figure is
+their function calls per connection (Python functions and the C functions
+they call, as cProfile counts them), with each process's most frequent
+ones: where a connection's work is, by name, in a few seconds.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pstats
 import signal
 import socket
 import subprocess
@@ -40,6 +46,7 @@ TOKEN = "proc-bench-token-0123456789"
 START = 300.0  # seconds a process may take to be ready under valgrind
 PAYLOAD = b"x" * 100
 PUBLISH_TRIES = 5  # public ports tried, each free a moment before
+TOP_CALLS = 12  # ``--calls``: the most frequent functions shown per process
 
 
 def free_port() -> int:
@@ -66,17 +73,21 @@ def accepts(port: int) -> bool:
 
 
 class Run:
-    """One relay's two processes under callgrind, for ``exchanges`` connections."""
+    """One relay's two processes under callgrind (or cProfile: ``calls``), for ``exchanges`` connections."""
 
-    def __init__(self, relay: str, exchanges: int, directory: Path) -> None:
-        self.relay, self.exchanges, self.dir = relay, exchanges, directory
+    def __init__(self, relay: str, exchanges: int, directory: Path, calls: bool = False) -> None:
+        self.relay, self.exchanges, self.dir, self.calls = relay, exchanges, directory, calls
         self.env = {**os.environ, "PYTHONPATH": str(TOP)}
         self.procs: dict[str, subprocess.Popen[str]] = {}
 
     def start(self, name: str, argv: list[Any]) -> subprocess.Popen[str]:
+        python, *rest = map(str, argv)
+        if self.calls:
+            command = [python, "-m", "cProfile", "-o", str(self.dir / f"{name}.prof"), *rest]
+        else:
+            command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={self.dir / name}.out", python, *rest]
         proc = subprocess.Popen(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={self.dir / name}.out", *map(str, argv)],
-            cwd=TOP, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            command, cwd=TOP, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )
         self.procs[name] = proc
         return proc
@@ -140,7 +151,7 @@ class Run:
             public = free_port()
         raise RuntimeError(f"publish: {published.stderr.strip()}")
 
-    def measure(self, public: int) -> dict[str, int]:
+    def measure(self, public: int) -> dict[str, Any]:
         wait(lambda: accepts(public), "the public port")
         for _ in range(20 + self.exchanges):
             with socket.create_connection(("127.0.0.1", public), timeout=START) as client:
@@ -152,8 +163,13 @@ class Run:
             if got != PAYLOAD:
                 raise RuntimeError(f"echo through the {self.relay} relay: {got[:40]!r}")
         self.stop()
-        totals = {}
+        totals: dict[str, Any] = {}
         for name in ("server", "mediator"):
+            if self.calls:
+                # Each function's calls, by file:line(name): the totals, and what to rank.
+                stats = pstats.Stats(str(self.dir / f"{name}.prof")).stats  # type: ignore[attr-defined]
+                totals[name] = {f"{Path(k[0]).name}:{k[1]}({k[2]})": v[1] for k, v in stats.items()}
+                continue
             lines = (self.dir / f"{name}.out").read_text().splitlines()
             totals[name] = int([line for line in lines if line.startswith(("summary", "totals"))][-1].split()[1])
         return totals
@@ -170,9 +186,9 @@ class Run:
                 proc.wait()
 
 
-def one(relay: str, exchanges: int, target: int) -> dict[str, int]:
+def one(relay: str, exchanges: int, target: int, calls: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="nfgate-procbench-") as tmp:
-        run = Run(relay, exchanges, Path(tmp))
+        run = Run(relay, exchanges, Path(tmp), calls)
         try:
             return run.measure(run.up(target))
         finally:
@@ -183,11 +199,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--relay", choices=("tunnel", "epoll", "uvloop"), default="tunnel")
     parser.add_argument("--exchanges", default="100,400", help="the two runs' counts of exchanges")
+    parser.add_argument("--calls", action="store_true", help="function calls under cProfile, not instructions")
     args = parser.parse_args()
     low, high = sorted(int(n) for n in args.exchanges.split(","))
     echo = ThreadedEcho(START)
     with ThreadPoolExecutor(2) as pool:
-        first, second = pool.map(lambda n: one(args.relay, n, echo.port), (low, high))
+        first, second = pool.map(lambda n: one(args.relay, n, echo.port, args.calls), (low, high))
+    if args.calls:
+        per = {}
+        top = {}
+        for name in first:
+            each = {f: (n - first[name].get(f, 0)) / (high - low) for f, n in second[name].items()}
+            per[name] = round(sum(each.values()))
+            top[name] = {f: round(n, 2) for f, n in sorted(each.items(), key=lambda i: -i[1])[:TOP_CALLS]}
+        print(json.dumps({"relay": args.relay, "exchanges": [low, high], "calls_per_connection": per,
+                          "both": sum(per.values()), "most_called": top}, indent=1))
+        return 0
     per = {name: round((second[name] - first[name]) / (high - low)) for name in first}
     print(json.dumps({"relay": args.relay, "exchanges": [low, high], "instructions_per_connection": per,
                       "both": sum(per.values())}))
