@@ -92,6 +92,8 @@ class ChannelCore(abc.ABC, Generic[S]):
         settings' ``stream_window_max``)."""
         self.window_budget = 0
         """What this end's grown windows may add up to (the settings' ``stream_window_budget``)."""
+        self.windows_grown = 0
+        """Times this end grew a connection's window (version 5)."""
         self._peer_max_frame = MIN_MAX_FRAME_SIZE
         self._last_received = 0.0
         self._handlers: dict[FrameType, Callable[[Any, float], list[Any]]] = {}
@@ -134,6 +136,10 @@ class ChannelCore(abc.ABC, Generic[S]):
         """The live connections' windows (for the budget)."""
         return ()
 
+    def grown_bytes(self) -> int:
+        """What the live connections' windows have grown by, in all (against ``window_budget``)."""
+        return sum(w.grown for w in self._windows())
+
     def _grant(self, port_id: int, credit: StreamWindow, n: int) -> list[SendFrame]:
         """``n`` bytes of a connection left our socket's buffer: its WINDOW_UPDATE,
         if one is due, with what its window grows by (version 5). Sent at once:
@@ -142,7 +148,10 @@ class ChannelCore(abc.ABC, Generic[S]):
         if not grant:
             return []
         if credit.ripe:
-            grant += credit.grow(self.window_budget - sum(w.grown for w in self._windows()))
+            extra = credit.grow(self.window_budget - self.grown_bytes())
+            if extra:
+                self.windows_grown += 1
+                grant += extra
         out = self._send(WindowUpdate(port_id, grant))
         out.prompt = True
         return [out]

@@ -218,7 +218,9 @@ def list_cmd(socket_path: str, as_json: bool) -> None:
     for m in data["mediators"]:
         session = m["session"]
         where = f"session {session['session']} from {session['peer']}" if session else "-"
-        click.echo(f"mediator {m['identity']}: {m['state']}, {where}, connects {m['connects']}")
+        grown = session.get("windows", {}) if session else {}
+        windows = f", windows grown {grown['grown']} ({grown['grown_bytes'] >> 10} KiB held)" if grown.get("grown") else ""
+        click.echo(f"mediator {m['identity']}: {m['state']}, {where}, connects {m['connects']}{windows}")
         for port in session["ports"] if session else []:
             channel = f" channel {port['channel']}" if "channel" in port else ""
             click.echo(f"  port {port['id']}: {port['proto']} {port['state']} ({port['owner']}){channel}")

@@ -106,6 +106,12 @@ class Mediator:
             "session": self.session_id,
             "counters": dict(sorted(self.counters.items())),
             "dropped": {r.value: n for r, n in dropped.items()},
+            # Version 5: windows grown towards the private hosts, and the budget they hold now.
+            "windows": {
+                "grown": self.session.core.windows_grown if self.session is not None else 0,
+                "grown_bytes": self.session.core.grown_bytes() if self.session is not None else 0,
+                "budget": self.config.protocol.stream_window_budget,
+            },
             "keepalive": {
                 "tcp": self.config.protocol.keepalive_interval,
                 "udp_channels": self.session.core.channel_interval if self.session is not None else None,

@@ -654,4 +654,7 @@ class Session:
             "uptime": round(self.loop.time() - self.started, 1),
             "ports": ports,
             "dropped": {r.value: n for r, n in self.core.dropped.items()},
+            # Version 5: windows grown towards the public clients, and the budget they hold now.
+            "windows": {"grown": self.core.windows_grown, "grown_bytes": self.core.grown_bytes(),
+                        "budget": self.core.window_budget},
         }

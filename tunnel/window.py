@@ -132,10 +132,12 @@ class StreamWindow:
 
     def grow(self, room: int) -> int:
         """Double the window, within ``grow_to`` and ``room`` bytes; the
-        extra credit to give with the next grant (0: none)."""
+        extra credit to give with the next grant (0: none). Either way the
+        next try waits for another window's worth: with the budget spent, a
+        busy channel does not add up its windows at every grant."""
         extra = min(self.size, self.grow_to - self.size, room)
+        self.moved = 0
         if extra <= 0:
             return 0
         self.size += extra
-        self.moved = 0
         return extra

@@ -208,6 +208,21 @@ def test_a_reader_that_keeps_up_doubles_its_window_up_to_stream_window_max() -> 
     assert sum(increments) == (16 << 20) - STREAM_WINDOW + (4 << 20) - STREAM_WINDOW
 
 
+def test_the_mediator_grows_the_windows_towards_its_private_hosts_too() -> None:
+    pair = connected_pair(versions=V5)
+    out = pair.server.send(1, *PEER, b"u" * (2 << 20))  # a public client uploading 2 MiB at once
+    increments = []
+    for _ in range(16):
+        written = sum(len(w.data) for w in pair.down(out) if isinstance(w, WriteStream))
+        if not written:
+            break
+        updates = pair.mediator.consumed(1, written)  # the private host takes it all at once
+        increments += [u.frame.increment for u in updates]
+        out = pair.up(updates)
+    assert increments[:2] == [2 * STREAM_WINDOW, 4 * STREAM_WINDOW]
+    assert pair.mediator._ports[1].credit.size > STREAM_WINDOW and pair.mediator.windows_grown >= 2
+
+
 def test_a_reader_that_falls_behind_keeps_a_256_kib_window() -> None:
     pair = connected_pair(versions=V5)
     out = pair.mediator.received(1, *PEER, b"s" * (4 << 20))
@@ -230,6 +245,7 @@ def test_grown_windows_stay_within_the_channels_budget_and_free_it_when_they_end
     assert first.size == 2 * STREAM_WINDOW
     keep_up(pair, second, pair.mediator.received(second, *PEER, b"b" * (2 << 20)))
     assert other.size == STREAM_WINDOW  # the budget is spent
+    assert other.moved < STREAM_WINDOW  # and the next try waits for another window's worth
     pair.up(pair.mediator.reset(1))  # the grown one ends
     keep_up(pair, second, pair.mediator.received(second, *PEER, b"c" * (2 << 20)))
     assert other.size == 2 * STREAM_WINDOW
