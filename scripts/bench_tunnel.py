@@ -5,7 +5,7 @@ What it prints (medians are not taken: one run of each, side by side, so
 compare only figures of one run -- PEERS.md, "Anchor figures"):
 
 - **TCP throughput** (iperf3, one stream) from ``pub`` to an iperf3 server
-  in ``priv``: through the tunnel (``nfgate tunnel publish``), through
+  in ``priv`` (``--reverse``: from that server to ``pub``, a download): through the tunnel (``nfgate tunnel publish``), through
   OpenSSH's ``ssh -R`` (the usual way to reach into a NATed network), and
   through a plain ``socat`` relay on the NAT host (a user-space relay with
   no tunnel, the floor of relaying cost); and the CPU seconds each relay's
@@ -31,7 +31,7 @@ compare only figures of one run -- PEERS.md, "Anchor figures"):
 The server's bytes/s limit is raised out of the way. Needs root (network
 namespaces), iperf3, socat, OpenSSH. Run:
 ``sudo .venv/bin/python scripts/bench_tunnel.py [--seconds 5] [--mediators 1000] [--json]
-[--only tcp,http,udp,memory] [--requests 500]``.
+[--only tcp,http,udp,memory] [--requests 500] [--reverse]``.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from typing import Any
 TOP = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TOP))
 
-from firewall.lab.netns import Lab  # noqa: E402
+from firewall.lab.netns import Lab, LabCommandError  # noqa: E402
 from firewall.lab.topology import load_topology  # noqa: E402
 from firewall.lab.wait import wait_for  # noqa: E402
 
@@ -191,8 +191,9 @@ IPERF_BUSY_TRIES = 10  # runs of a path whose iperf3 server is still busy with t
 
 
 class Bench:
-    def __init__(self, seconds: float, mediators: int) -> None:
+    def __init__(self, seconds: float, mediators: int, reverse: bool = False) -> None:
         self.seconds = seconds
+        self.reverse = reverse  # iperf3 -R: the target sends, the public client receives
         self.idle = mediators
         self.dir = Path(tempfile.mkdtemp(prefix="nfgbench-"))
         self.lab = Lab(load_topology("nat-tunnel"), f"nfgbt{secrets.token_hex(2)}")
@@ -333,8 +334,14 @@ class Bench:
         for _ in range(IPERF_BUSY_TRIES):
             before = relay()
             cpu = cpu_seconds(before)
-            doc = self.run_json("pub", ["iperf3", "-c", host, "-p", port, "-t", self.seconds, "-J"],
-                                timeout=self.seconds + 30)
+            try:
+                doc = self.run_json("pub", ["iperf3", "-c", host, "-p", port, "-t", self.seconds, "-J",
+                                            *(["-R"] if self.reverse else [])],
+                                    timeout=self.seconds + 30)
+            except (LabCommandError, RuntimeError) as err:
+                # A path that stalls (a floor's download has no flow control) must not
+                # lose the others' figures.
+                doc = {"error": str(err)}
             cpu = cpu_seconds(sorted(set(before) | set(relay()))) - cpu
             if "busy" not in doc.get("error", ""):
                 break
@@ -352,6 +359,7 @@ class Bench:
         paths = {name: (host, port, lambda pids=pids, port=port: pids(port))
                  for name, (host, port, _, pids) in self.relays().items()}
         results = {name: self.iperf(host, port, pids) for name, (host, port, pids) in paths.items()}
+        self.results["tcp_reverse"] = self.reverse
         self.results["tcp_gbit_s"] = {name: r[0] for name, r in results.items()}
         self.results["tcp_cpu_s_per_gb"] = {name: r[1] for name, r in results.items()}
 
@@ -431,7 +439,8 @@ class Bench:
 def report(results: dict[str, Any]) -> str:
     lines: list[str] = []
     if "tcp_gbit_s" in results:
-        lines.append("TCP throughput, iperf3, one stream (Gbit/s):")
+        direction = "downloads, iperf3 -R" if results.get("tcp_reverse") else "uploads"
+        lines.append(f"TCP throughput, iperf3, one stream, {direction} (Gbit/s):")
         cpu = results.get("tcp_cpu_s_per_gb", {})
         lines += [f"  {k:<12} {v:6.2f}   relay CPU {cpu.get(k, float('nan')):5.2f} s/GB"
                   for k, v in results["tcp_gbit_s"].items()]
@@ -478,6 +487,7 @@ def main() -> int:
     parser.add_argument("--only", default="tcp,http,udp,memory",
                         help="comma-separated parts to run: tcp, http, udp, memory (default: all)")
     parser.add_argument("--requests", type=int, default=500, help="HTTP requests per path")
+    parser.add_argument("--reverse", action="store_true", help="TCP: downloads (iperf3 -R), not uploads")
     args = parser.parse_args()
     parts = set(args.only.split(","))
     if not parts <= {"tcp", "http", "udp", "memory"}:
@@ -489,7 +499,7 @@ def main() -> int:
         if shutil.which(tool) is None:
             print(f"bench_tunnel: {tool} is missing (scripts/setup installs it)", file=sys.stderr)
             return 1
-    bench = Bench(args.seconds, args.mediators)
+    bench = Bench(args.seconds, args.mediators, args.reverse)
     try:
         bench.setup()
         for part, run in (("tcp", bench.throughput), ("http", lambda: bench.latency(args.requests)),
