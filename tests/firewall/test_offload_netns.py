@@ -218,9 +218,11 @@ def test_log_only_tcp_relay_logs_what_the_kernel_carried(running: Running) -> No
     (flow,) = wait_for(lambda: lines(run, "logger", "flow"), timeout=20, interval=0.2, what="the flow line")
     assert flow["client"].startswith(f"{EXT}:") and flow["original_dst"] == f"{WAN}:8443"
     assert flow["server"] == f"{LAN}:443" and flow["reason"] == "fin"
-    # conntrack's counters: the 20 MiB down plus IP and TCP headers (under 5 % at this MSS).
+    # conntrack's counters: the 20 MiB down plus IP and TCP headers (under 5 % at this MSS),
+    # plus what TCP sent again: conntrack counts retransmissions too (5.04 % once, in a loaded
+    # CI run). A tenth over still tells the flow's own bytes from a double count.
     down, up = int(flow["bytes_down"]), int(flow["bytes_up"])
-    assert 20 << 20 < down < (20 << 20) * 1.05, flow
+    assert 20 << 20 < down < (20 << 20) * 1.10, flow
     assert 0 < up < 1 << 20 and int(flow["packets_down"]) > 20 << 20 >> 16, flow
     assert lines(run, "logger", "open") == [] and lines(run, "logger", "unknown_flow") == []
 
